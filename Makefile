@@ -1,0 +1,30 @@
+# Everything runs from a local virtual environment, created on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test install install-test clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e .
+	touch $@
+
+# torch first, pinned to the CPU build, so nothing else pulls a CUDA wheel.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(VENV)/bin/llama-jax demo
+
+test: install-test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

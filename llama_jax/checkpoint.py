@@ -1,0 +1,114 @@
+"""Self-describing model directories: `save_model` / `load_model`.
+
+Layout of a model directory:
+    model_config.json   the LLaMAConfig (architecture and numerics)
+    params/             an Orbax checkpoint of the parameters (scanned layout)
+    tokenizer.model ... tokenizer and generation files, when the model has them
+The directory is written beside its destination and renamed into place when complete, so a
+failed save never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+
+from llama_jax.config import LLaMAConfig
+from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error it is removed."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer_dir: str | os.PathLike | None = None,
+               overwrite: bool = False) -> Path:
+    """Write config, parameters and (from `tokenizer_dir`, if given) tokenizer files to `path`."""
+    if "layers" not in params:
+        params = stack_layers(dict(params), config.n_layers)
+    params = nn.meta.unbox(params)
+    check_params(config.replace(scan_layers=True), params)
+    with atomic_directory(path, overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(config.to_json())
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.StandardSave(params))
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return Path(path)
+
+
+def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copyfile(Path(src_dir) / name, Path(dst_dir) / name)
+            copied.append(name)
+    return copied
+
+
+def load_config(path: str | os.PathLike) -> LLaMAConfig:
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not a llama_jax model directory: {CONFIG_FILE} not found")
+    try:
+        return LLaMAConfig.from_dict(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+
+
+def load_model(path: str | os.PathLike, shardings=None, **config_overrides) -> tuple[LLaMAConfig, dict]:
+    """(config, params) from a model directory.
+
+    shardings: optional tree of `jax.sharding.Sharding` (scanned layout) to restore directly onto
+    a mesh; by default parameters land on the first local device. `config_overrides` change
+    numerics fields such as `dtype` or `scan_layers` (not the architecture).
+    """
+    config = load_config(path)
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    abstract = nn.meta.unbox(abstract_params(config.replace(scan_layers=True)))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    params_dir = Path(path).absolute() / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise ValueError(f"{path}: parameter checkpoint {PARAMS_DIR}/ not found")
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(params_dir, target)
+    if not config.scan_layers:
+        params = unstack_layers(params, config.n_layers)
+    return config, params

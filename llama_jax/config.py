@@ -1,0 +1,300 @@
+"""Model configuration: `LLaMAConfig`, named presets and Hugging Face config.json translation.
+
+Field names follow Meta's `params.json` (`dim`, `n_layers`, `n_heads`, ...). Everything a
+converter, a sharding rule or a FLOPs formula needs to know about the model's shape lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+ROPE_TYPES = ("llama3", "linear")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+ATTENTION_IMPLS = ("xla", "dot_product")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling.
+
+    `llama3`: LLaMA-3.1+ wavelength-dependent scaling (uses all fields).
+    `linear`: every inverse frequency divided by `factor` (position interpolation).
+    """
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling.rope_type: unknown rope type {self.rope_type!r}; valid: {', '.join(ROPE_TYPES)}"
+            )
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling.factor must be positive, got {self.factor}")
+        if self.rope_type == "llama3":
+            if not self.high_freq_factor > self.low_freq_factor > 0:
+                raise ValueError(
+                    "rope_scaling: need high_freq_factor > low_freq_factor > 0, got "
+                    f"{self.high_freq_factor} and {self.low_freq_factor}"
+                )
+            if self.original_max_position_embeddings <= 0:
+                raise ValueError("rope_scaling.original_max_position_embeddings must be positive")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RopeScaling":
+        d = dict(d)
+        rope_type = d.pop("rope_type", d.pop("type", None))
+        if rope_type is None:
+            raise ValueError("rope_scaling: missing 'rope_type'; valid: " + ", ".join(ROPE_TYPES))
+        d.pop("rope_theta", None)  # transformers-5 keeps theta beside the scaling keys
+        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
+        unknown = sorted(set(d) - fields)
+        if unknown and rope_type in ROPE_TYPES:
+            raise ValueError(f"rope_scaling: unknown key(s) {unknown}; valid: {sorted(fields)}")
+        return cls(rope_type=rope_type, **{k: v for k, v in d.items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.rope_type == "linear":
+            return {"rope_type": "linear", "factor": self.factor}
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaMAConfig:
+    """Shape and numerics of a LLaMA model.
+
+    The first block of fields is the architecture (what a checkpoint fixes); the second block is
+    how it is computed (free to change between training and inference).
+    """
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters (master weights)
+    remat_policy: str = "none"  # which activations to keep for the backward pass
+    scan_layers: bool = True  # one compiled layer applied with nn.scan
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling must be a RopeScaling, a dict or None, got {self.rope_scaling!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def replace(self, **changes) -> "LLaMAConfig":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown LLaMAConfig field(s) {unknown}; valid: {field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = self.rope_scaling.to_dict() if self.rope_scaling else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LLaMAConfig":
+        unknown = sorted(set(d) - set(field_names()))
+        if unknown:
+            raise ValueError(f"unknown LLaMAConfig field(s) {unknown}; valid: {field_names()}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "LLaMAConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+        return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+    # ---- Hugging Face config.json ----------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "LLaMAConfig":
+        """Read a `LlamaForCausalLM` config.json dict (transformers 4.x/Hub or 5.x style)."""
+        return from_hf_config(hf, **overrides)
+
+    def to_hf(self, style: str = "v4") -> dict[str, Any]:
+        """A config.json dict; `style="v4"` (Hub / transformers 4.x keys) or `"v5"` (rope_parameters)."""
+        return to_hf_config(self, style)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(LLaMAConfig)]
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}: unknown value {value!r}; valid: {', '.join(valid)}")
+
+
+# ---- Hugging Face translation ----------------------------------------------------------------
+
+_HF_DEFAULT_ROPE_TYPES = ("default", None)
+
+
+def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
+    model_type = hf.get("model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(f"config.json: model_type {model_type!r} is not supported; valid: 'llama'")
+    for key, fine in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if key in hf and hf[key] != fine:
+            raise ValueError(f"config.json: {key}={hf[key]!r} is not supported; LLaMA uses {key}={fine!r}")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in hf:
+            raise ValueError(f"config.json: missing required key {key!r}")
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * n_heads != hf["hidden_size"]:
+        raise ValueError(
+            f"config.json: head_dim={head_dim} with num_attention_heads={n_heads} does not give "
+            f"hidden_size={hf['hidden_size']}; only head_dim = hidden_size / num_attention_heads is supported"
+        )
+
+    # transformers 5.x: rope_parameters holds theta and scaling; 4.x: top-level rope_theta + rope_scaling.
+    rope = hf.get("rope_parameters")
+    if rope is not None:
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = rope
+    else:
+        rope_theta = hf.get("rope_theta", 10000.0)
+        scaling = hf.get("rope_scaling")
+    rope_scaling = None
+    if scaling:
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+        if rope_type not in _HF_DEFAULT_ROPE_TYPES:
+            rope_scaling = RopeScaling.from_dict(scaling)
+
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        ffn_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    fields.update(overrides)
+    return LLaMAConfig(**fields)
+
+
+def to_hf_config(cfg: LLaMAConfig, style: str = "v4") -> dict[str, Any]:
+    if style not in ("v4", "v5"):
+        raise ValueError(f"style: unknown config.json style {style!r}; valid: v4, v5")
+    out: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    scaling = cfg.rope_scaling.to_dict() if cfg.rope_scaling else None
+    if style == "v4":
+        out["rope_theta"] = cfg.rope_theta
+        out["rope_scaling"] = scaling
+        out["torch_dtype"] = cfg.param_dtype
+    else:
+        out["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
+        out["dtype"] = cfg.param_dtype
+    return out
+
+
+# ---- presets ---------------------------------------------------------------------------------
+
+_LLAMA31_SCALING = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+_LLAMA32_SCALING = RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+
+
+def _llama1(dim, n_layers, n_heads, ffn_dim):
+    return LLaMAConfig(32000, dim, n_layers, n_heads, n_heads, ffn_dim, 1e-6, 10000.0, None, 2048)
+
+
+def _llama2(dim, n_layers, n_heads, n_kv_heads, ffn_dim):
+    return LLaMAConfig(32000, dim, n_layers, n_heads, n_kv_heads, ffn_dim, 1e-5, 10000.0, None, 4096)
+
+
+def _llama3(dim, n_layers, n_heads, ffn_dim, scaling=None, max_seq_len=8192, tie=False):
+    return LLaMAConfig(128256, dim, n_layers, n_heads, 8, ffn_dim, 1e-5, 500000.0, scaling, max_seq_len, tie)
+
+
+PRESETS: dict[str, LLaMAConfig] = {
+    "llama1-7b": _llama1(4096, 32, 32, 11008),
+    "llama1-13b": _llama1(5120, 40, 40, 13824),
+    "llama1-33b": _llama1(6656, 60, 52, 17920),
+    "llama1-65b": _llama1(8192, 80, 64, 22016),
+    "llama2-7b": _llama2(4096, 32, 32, 32, 11008),
+    "llama2-13b": _llama2(5120, 40, 40, 40, 13824),
+    "llama2-70b": _llama2(8192, 80, 64, 8, 28672),
+    "codellama-7b": _llama2(4096, 32, 32, 32, 11008).replace(vocab_size=32016, rope_theta=1e6, max_seq_len=16384),
+    "codellama-34b": _llama2(8192, 48, 64, 8, 22016).replace(rope_theta=1e6, max_seq_len=16384),
+    "llama3-8b": _llama3(4096, 32, 32, 14336),
+    "llama3-70b": _llama3(8192, 80, 64, 28672),
+    "llama3.1-8b": _llama3(4096, 32, 32, 14336, _LLAMA31_SCALING, 131072),
+    "llama3.1-70b": _llama3(8192, 80, 64, 28672, _LLAMA31_SCALING, 131072),
+    "llama3.1-405b": _llama3(16384, 126, 128, 53248, _LLAMA31_SCALING, 131072),
+    "llama3.2-1b": _llama3(2048, 16, 32, 8192, _LLAMA32_SCALING, 131072, tie=True),
+    "llama3.2-3b": _llama3(3072, 28, 24, 8192, _LLAMA32_SCALING, 131072, tie=True),
+    "tinyllama-1.1b": LLaMAConfig(32000, 2048, 22, 32, 4, 5632, 1e-5, 10000.0, None, 2048),
+    # Small shapes for tests, debugging and CPU demos.
+    "debug": LLaMAConfig(512, 64, 2, 4, 2, 172, 1e-5, 10000.0, None, 256),
+    "tiny": LLaMAConfig(4096, 256, 4, 8, 4, 688, 1e-5, 10000.0, None, 512),
+    "small": LLaMAConfig(8192, 512, 8, 8, 8, 1376, 1e-5, 10000.0, None, 1024),
+    # The llama2.c "stories260K" model shape (TinyStories, tied output).
+    "stories260k": LLaMAConfig(512, 64, 5, 8, 4, 172, 1e-5, 10000.0, None, 512, True),
+}

@@ -1,0 +1,173 @@
+"""Hugging Face `LlamaForCausalLM` weights <-> llama_jax parameters, in memory.
+
+The one place that knows Hugging Face tensor names and how each maps onto a Flax parameter.
+PyTorch `nn.Linear` stores [out, in]; a Flax kernel is [in..., out...]: a linear weight maps as
+`w.T.reshape(kernel_shape)` and back as `kernel.reshape(hf_shape[::-1]).T`. Both use the
+rotate-half rotary layout, so no permutation is needed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from llama_jax.config import LLaMAConfig
+
+# Buffers some PyTorch checkpoints carry that are derived, not learned.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One Hugging Face tensor and where it lives in the (scanned) llama_jax parameter tree."""
+
+    hf_name: str
+    path: tuple[str, ...]  # path in the params tree; layer tensors live under ("layers", ...)
+    layer: int | None  # index along the stacked layer axis, None for top-level tensors
+    hf_shape: tuple[int, ...]
+    jax_shape: tuple[int, ...]  # per layer
+    linear: bool  # True: transpose between [out, in] and [in..., out...]
+
+    def to_jax(self, w: np.ndarray) -> np.ndarray:
+        return w.T.reshape(self.jax_shape) if self.linear else w.reshape(self.jax_shape)
+
+    def to_hf(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.reshape(self.hf_shape[::-1]).T if self.linear else a.reshape(self.hf_shape))
+
+
+def tensor_specs(cfg: LLaMAConfig) -> list[TensorSpec]:
+    """Every Hugging Face tensor of the model, in checkpoint order (embedding, layers, norm, head)."""
+    D, F, V, H, K, Dh = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    specs = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), None, (V, D), (V, D), False)]
+    per_layer = [
+        ("input_layernorm.weight", ("attn_norm", "scale"), (D,), (D,), False),
+        ("self_attn.q_proj.weight", ("attn", "q", "kernel"), (H * Dh, D), (D, H, Dh), True),
+        ("self_attn.k_proj.weight", ("attn", "k", "kernel"), (K * Dh, D), (D, K, Dh), True),
+        ("self_attn.v_proj.weight", ("attn", "v", "kernel"), (K * Dh, D), (D, K, Dh), True),
+        ("self_attn.o_proj.weight", ("attn", "o", "kernel"), (D, H * Dh), (H, Dh, D), True),
+        ("post_attention_layernorm.weight", ("mlp_norm", "scale"), (D,), (D,), False),
+        ("mlp.gate_proj.weight", ("mlp", "gate", "kernel"), (F, D), (D, F), True),
+        ("mlp.up_proj.weight", ("mlp", "up", "kernel"), (F, D), (D, F), True),
+        ("mlp.down_proj.weight", ("mlp", "down", "kernel"), (D, F), (F, D), True),
+    ]
+    for i in range(cfg.n_layers):
+        for suffix, path, hf_shape, jax_shape, linear in per_layer:
+            specs.append(TensorSpec(f"model.layers.{i}.{suffix}", ("layers", *path), i, hf_shape, jax_shape, linear))
+    specs.append(TensorSpec("model.norm.weight", ("final_norm", "scale"), None, (D,), (D,), False))
+    if not cfg.tie_embeddings:
+        specs.append(TensorSpec("lm_head.weight", ("lm_head",), None, (V, D), (D, V), True))
+    return specs
+
+
+def is_ignored(name: str) -> bool:
+    return name.endswith(IGNORED_SUFFIXES)
+
+
+def check_names(cfg: LLaMAConfig, names: set[str]) -> None:
+    """Raise ValueError for a missing or unexpected tensor name."""
+    expected = {s.hf_name for s in tensor_specs(cfg)}
+    missing = sorted(expected - names, key=_natural)
+    if missing:
+        raise ValueError(f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    allowed = expected | ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    extra = sorted(n for n in names - allowed if not is_ignored(n))
+    if extra:
+        raise ValueError(f"unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                         + " for a LLaMA model of this config")
+
+
+def check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    if tuple(shape) != spec.hf_shape:
+        raise ValueError(f"tensor {spec.hf_name} has shape {tuple(shape)}, config expects {spec.hf_shape}")
+
+
+def _natural(name: str):
+    return [int(t) if t.isdigit() else t for t in name.split(".")]
+
+
+def empty_params(cfg: LLaMAConfig, dtype) -> dict:
+    """A scanned parameter tree of uninitialised numpy arrays, to be filled tensor by tensor."""
+    params: dict = {}
+    for spec in tensor_specs(cfg):
+        shape = ((cfg.n_layers,) if spec.layer is not None else ()) + spec.jax_shape
+        if spec.layer is None or spec.layer == 0:
+            _set(params, spec.path, np.empty(shape, dtype))
+    return params
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def put_tensor(params: dict, spec: TensorSpec, hf_array: np.ndarray) -> None:
+    """Write one Hugging Face tensor into a tree made by `empty_params` (cast to its dtype)."""
+    check_shape(spec, hf_array.shape)
+    dest = _get(params, spec.path)
+    value = spec.to_jax(np.asarray(hf_array)).astype(dest.dtype, copy=False)
+    if spec.layer is None:
+        dest[...] = value
+    else:
+        dest[spec.layer] = value
+
+
+def iter_hf_tensors(cfg: LLaMAConfig, params: Mapping) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+    """Yield (spec, [out, in] numpy array) for every Hugging Face tensor, one at a time."""
+    from llama_jax.model import stack_layers
+
+    if "layers" not in params:
+        params = stack_layers(dict(params), cfg.n_layers)
+    for spec in tensor_specs(cfg):
+        a = _get(params, spec.path)
+        a = a[spec.layer] if spec.layer is not None else a
+        yield spec, spec.to_hf(np.asarray(a))
+
+
+def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any],
+                       param_dtype: str = "float32", **config_overrides) -> tuple[LLaMAConfig, dict]:
+    """(LLaMAConfig, scanned params of numpy arrays) from a Hugging Face state dict and config.json dict.
+
+    For tied models `lm_head.weight` may be present (as in `model.state_dict()`) or absent (Hub files).
+    """
+    cfg = LLaMAConfig.from_hf(hf_config, param_dtype=param_dtype, **config_overrides)
+    check_names(cfg, set(state_dict))
+    params = empty_params(cfg, np.dtype(_numpy_dtype(param_dtype)))
+    for spec in tensor_specs(cfg):
+        put_tensor(params, spec, _to_numpy(state_dict[spec.hf_name]))
+    if cfg.tie_embeddings and "lm_head.weight" in state_dict:
+        check_shape(tensor_specs(cfg)[0], tuple(state_dict["lm_head.weight"].shape))
+    return cfg, params
+
+
+def to_hf_state_dict(cfg: LLaMAConfig, params: Mapping) -> dict[str, np.ndarray]:
+    """Hugging Face state dict (numpy, [out, in] layout) from llama_jax params (scanned or not).
+
+    Tied models carry no `lm_head.weight`, as in Hub files.
+    """
+    return {spec.hf_name: a for spec, a in iter_hf_tensors(cfg, params)}
+
+
+def _numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor; bfloat16 has no numpy dtype, so go through float32
+        import torch
+
+        x = x.detach().cpu()
+        return x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy()
+    return np.asarray(x)

@@ -1,0 +1,320 @@
+"""The LLaMA model in Flax linen, top to bottom.
+
+Conventions used throughout:
+- Shapes in names: B batch, S query length, T key/value length, D model dim, H query heads,
+  K key/value heads, G = H / K query heads per K/V head, Dh head dim, F FFN dim, V vocab, L layers.
+- Rotary layout is "rotate-half" (Hugging Face): dimension i of a head pairs with i + Dh/2.
+  Meta's checkpoints pair (2i, 2i+1); the Meta converter permutes `wq`/`wk` rows once at load.
+- Every parameter carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, norm
+  and, for the scanned stack, layers); `llama_jax.sharding` maps them to mesh axes.
+- Decoding uses the same modules: pass a `KVCache` and the model writes the new keys/values into
+  it and returns it beside the logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from llama_jax.config import LLaMAConfig
+
+Array = jax.Array
+_INIT = nn.initializers.normal(stddev=0.02)
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names("q_proj", "k_proj", "v_proj"),
+}
+
+
+def _param(init, *axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+# ---- rotary embeddings -----------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: LLaMAConfig) -> np.ndarray:
+    """Inverse frequencies [Dh/2] in float32, with LLaMA-3 or linear scaling applied."""
+    dh = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float32) / dh))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    # LLaMA-3.1: keep short wavelengths, divide long ones by `factor`, interpolate in between.
+    f, lo, hi, ctx = (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
+                      scaling.original_max_position_embeddings)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * inv_freq / f + smooth * inv_freq
+    scaled = np.where(wavelen > ctx / lo, inv_freq / f, smoothed)
+    return np.where(wavelen < ctx / hi, inv_freq, scaled).astype(np.float32)
+
+
+def rotary_sin_cos(positions_BxS: Array, cfg: LLaMAConfig) -> tuple[Array, Array]:
+    """sin and cos tables [B, S, Dh] (float32) for the given positions."""
+    freqs_BxSxHalf = positions_BxS[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
+    angles = jnp.concatenate([freqs_BxSxHalf, freqs_BxSxHalf], axis=-1)
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rotary(x_BxSxNxDh: Array, sin_BxSxDh: Array, cos_BxSxDh: Array) -> Array:
+    x = x_BxSxNxDh
+    sin = sin_BxSxDh[:, :, None, :].astype(x.dtype)
+    cos = cos_BxSxDh[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+
+def attention_mask(q_slot_BxS: Array, q_seg_BxS: Array, kv_seg_BxT: Array) -> Array:
+    """[B, S, T] boolean: key slot t is visible to a query iff t <= query slot and same segment."""
+    kv_slot_T = jnp.arange(kv_seg_BxT.shape[1])
+    causal = kv_slot_T[None, None, :] <= q_slot_BxS[:, :, None]
+    return causal & (q_seg_BxS[:, :, None] == kv_seg_BxT[:, None, :])
+
+
+def dot_product_attention(q_BxSxHxDh: Array, k_BxTxKxDh: Array, v_BxTxKxDh: Array,
+                          mask_BxSxT: Array, impl: str = "xla") -> Array:
+    """Grouped-query attention without repeating K/V; softmax in float32. Returns [B, S, H, Dh]."""
+    if impl == "dot_product":
+        return jax.nn.dot_product_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=mask_BxSxT[:, None])
+    B, S, H, Dh = q_BxSxHxDh.shape
+    K = k_BxTxKxDh.shape[2]
+    q_BxSxKxGxDh = q_BxSxHxDh.reshape(B, S, K, H // K, Dh)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxDh, k_BxTxKxDh,
+                        preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    scores = jnp.where(mask_BxSxT[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxTxKxDh.dtype)
+    out_BxSxKxGxDh = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxTxKxDh)
+    return out_BxSxKxGxDh.reshape(B, S, H, Dh)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    k, v: [L, B, T, K, Dh]; segment_ids: [B, T] (0 marks an empty slot); index: slots filled so far.
+    """
+
+    k: Array
+    v: Array
+    segment_ids: Array
+    index: Array
+
+    @classmethod
+    def create(cls, cfg: LLaMAConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+# ---- layers ----------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, result in the compute dtype."""
+
+    cfg: LLaMAConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", _param(nn.initializers.ones, "norm"), (x.shape[-1],),
+                           jnp.dtype(self.cfg.param_dtype))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        dtype = jnp.dtype(self.cfg.dtype)
+        return scale.astype(dtype) * normed.astype(dtype)
+
+
+def _dense(cfg: LLaMAConfig, features, axes, name, axis=-1):
+    return nn.DenseGeneral(features, axis=axis, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                           param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=_param(_INIT, *axes), name=name)
+
+
+class Attention(nn.Module):
+    cfg: LLaMAConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxD, sin, cos, mask_BxSxT, cache_index, layer_kv):
+        cfg = self.cfg
+        H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q = _dense(cfg, (H, Dh), ("embed", "heads", "head_dim"), "q")(x_BxSxD)
+        k = _dense(cfg, (K, Dh), ("embed", "kv_heads", "head_dim"), "k")(x_BxSxD)
+        v = _dense(cfg, (K, Dh), ("embed", "kv_heads", "head_dim"), "v")(x_BxSxD)
+        q = checkpoint_name(apply_rotary(q, sin, cos), "q_proj")
+        k = checkpoint_name(apply_rotary(k, sin, cos), "k_proj")
+        v = checkpoint_name(v, "v_proj")
+        if layer_kv is not None:  # decoding: write this chunk into the cache, attend over all of it
+            cache_k, cache_v = layer_kv
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+            layer_kv = (k, v)
+        out_BxSxHxDh = dot_product_attention(q, k, v, mask_BxSxT, cfg.attention_impl)
+        out = _dense(cfg, cfg.dim, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out_BxSxHxDh)
+        return out, layer_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    cfg: LLaMAConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxD):
+        cfg = self.cfg
+        gate = _dense(cfg, cfg.ffn_dim, ("embed", "mlp"), "gate")(x_BxSxD)
+        up = _dense(cfg, cfg.ffn_dim, ("embed", "mlp"), "up")(x_BxSxD)
+        h_BxSxF = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return _dense(cfg, cfg.dim, ("mlp", "embed"), "down")(h_BxSxF)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer. Signature fits `nn.scan`: (carry, *broadcast, scanned)."""
+
+    cfg: LLaMAConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxD, sin, cos, mask_BxSxT, cache_index, layer_kv):
+        attn_out, layer_kv = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x_BxSxD), sin, cos, mask_BxSxT, cache_index, layer_kv)
+        x_BxSxD = x_BxSxD + attn_out
+        x_BxSxD = x_BxSxD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxSxD))
+        return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed")), layer_kv
+
+
+class LLaMA(nn.Module):
+    """LLaMA decoder. `apply({"params": p}, tokens)` -> float32 logits [B, S, V].
+
+    positions: [B, S] rotary positions (default 0..S-1, or continuing the cache).
+    segment_ids: [B, S] document ids of packed rows; tokens attend only within their segment.
+    cache: a `KVCache`; when given, returns `(logits, updated_cache)`.
+    """
+
+    config: LLaMAConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxS: Array, positions: Array | None = None,
+                 segment_ids: Array | None = None, cache: KVCache | None = None):
+        cfg = self.config
+        B, S = tokens_BxS.shape
+        start = cache.index if cache is not None else 0
+        slots_BxS = jnp.broadcast_to(start + jnp.arange(S, dtype=jnp.int32), (B, S))
+        positions = slots_BxS if positions is None else positions
+        segment_ids = jnp.ones((B, S), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+
+        if cache is None:
+            kv, kv_seg_BxT = None, segment_ids
+        else:
+            kv = (cache.k, cache.v)
+            kv_seg_BxT = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start))
+        mask = attention_mask(slots_BxS, segment_ids, kv_seg_BxT)
+        sin, cos = rotary_sin_cos(positions, cfg)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.dim, dtype=jnp.dtype(cfg.dtype),
+                         param_dtype=jnp.dtype(cfg.param_dtype),
+                         embedding_init=_param(_INIT, "vocab", "embed"), name="embed")
+        x = nn.with_logical_constraint(embed(tokens_BxS), ("batch", "length", "embed"))
+
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                            length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, kv = stack(cfg, name="layers")(x, sin, cos, mask, start, kv)
+        else:
+            new_kv = []
+            for i in range(cfg.n_layers):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, sin, cos, mask, start, layer_kv)
+                new_kv.append(layer_kv)
+            if kv is not None:
+                kv = tuple(jnp.stack(t) for t in zip(*new_kv))
+
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            out_VxD = embed.embedding
+            logits = jnp.einsum("bsd,vd->bsv", x, out_VxD.astype(x.dtype), preferred_element_type=jnp.float32)
+        else:
+            out_DxV = self.param("lm_head", _param(_INIT, "embed", "vocab"), (cfg.dim, cfg.vocab_size),
+                                 jnp.dtype(cfg.param_dtype))
+            logits = jnp.einsum("bsd,dv->bsv", x, out_DxV.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        return logits, KVCache(kv[0], kv[1], kv_seg_BxT, start + S)
+
+
+# ---- parameters ------------------------------------------------------------------------------
+
+
+def _init_fn(cfg: LLaMAConfig):
+    return lambda rng: LLaMA(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def abstract_params(cfg: LLaMAConfig):
+    """Parameter tree of ShapeDtypeStructs (boxed with logical axis names), nothing allocated."""
+    return jax.eval_shape(_init_fn(cfg), jax.random.key(0))
+
+
+def init_params(cfg: LLaMAConfig, rng: Array | int = 0):
+    """Randomly initialised parameters (unboxed) on the default device."""
+    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    return nn.meta.unbox(jax.jit(_init_fn(cfg))(rng))
+
+
+def param_count(cfg: LLaMAConfig) -> int:
+    """Exact number of parameters, computed from shapes only."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract_params(cfg))))
+
+
+def check_params(cfg: LLaMAConfig, params) -> None:
+    """Raise ValueError naming the first parameter whose path or shape does not fit `cfg`."""
+    expected = nn.meta.unbox(abstract_params(cfg))
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(k): getattr(v, "shape", None)
+           for k, v in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))}
+    for key in sorted(want.keys() | got.keys()):
+        if key not in got:
+            raise ValueError(f"parameter {key} is missing (expected shape {want[key]})")
+        if key not in want:
+            raise ValueError(f"parameter {key} is not part of this model")
+        if tuple(got[key] or ()) != want[key] or got[key] is None:
+            raise ValueError(f"parameter {key} has shape {got[key]}, config expects {want[key]}")
+
+
+def logical_axes(cfg: LLaMAConfig):
+    """Tree of logical-axis-name tuples, one per parameter."""
+    return nn.get_partition_spec(abstract_params(cfg))
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """Scanned layout (`layers` with a leading layer axis) -> unscanned (`layers_0`, `layers_1`, ...)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+    return out
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """Unscanned layout -> scanned layout; inverse of `unstack_layers`."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    per_layer = [params[f"layers_{i}"] for i in range(n_layers)]
+    out["layers"] = jax.tree.map(lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs),
+                                 *per_layer)
+    return out

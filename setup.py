@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llama_jax",
+    version="0.1.0",
+    description="LLaMA models in JAX/Flax: exact against PyTorch, sharded, trainable, convertible.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llama_jax", "llama_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "numpy>=1.26",
+        "ml_dtypes",
+        "ml_collections>=1.0",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tqdm",
+    ],
+    extras_require={
+        # PyTorch is pinned to the CPU wheel; transformers is only the reference oracle in tests.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6"],
+    },
+    entry_points={"console_scripts": ["llama-jax=llama_jax.cli:main"]},
+)

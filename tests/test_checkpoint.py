@@ -1,0 +1,78 @@
+"""save_model / load_model: a self-describing Orbax model directory."""
+
+import jax
+import numpy as np
+import pytest
+
+from llama_jax import LLaMA, LLaMAConfig, init_params, load_model, save_model
+from llama_jax.model import unstack_layers
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = LLaMAConfig.from_preset("debug", rope_scaling=dict(rope_type="llama3", factor=8.0,
+                                                              original_max_position_embeddings=64))
+    return cfg, init_params(cfg, 0)
+
+
+def test_save_load_round_trip(tmp_path, model):
+    cfg, params = model
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(b"\x00sentencepiece bytes")
+    save_model(tmp_path / "m", cfg, params, tokenizer_dir=tmp_path / "tok")
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == b"\x00sentencepiece bytes"
+    cfg2, params2 = load_model(tmp_path / "m")
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    tokens = np.arange(12, dtype=np.int32)[None]
+    np.testing.assert_array_equal(LLaMA(cfg2).apply({"params": params2}, tokens),
+                                  LLaMA(cfg).apply({"params": params}, tokens))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_unscanned_params_saved_in_scanned_layout(tmp_path, model):
+    cfg, params = model
+    unscanned_cfg = cfg.replace(scan_layers=False)
+    save_model(tmp_path / "m", unscanned_cfg, unstack_layers(params, cfg.n_layers))
+    cfg2, params2 = load_model(tmp_path / "m")
+    assert not cfg2.scan_layers and "layers_0" in params2
+    _, scanned = load_model(tmp_path / "m", scan_layers=True)
+    jax.tree.map(np.testing.assert_array_equal, scanned, params)
+
+
+def test_load_onto_a_mesh(tmp_path, model):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    cfg, params = model
+    save_model(tmp_path / "m", cfg, params)
+    mesh = Mesh(np.array(jax.devices()[:4]), ("fsdp",))
+    shardings = jax.tree.map(
+        lambda a: NamedSharding(mesh, PartitionSpec("fsdp") if a.shape[0] % 4 == 0 else PartitionSpec()), params)
+    _, restored = load_model(tmp_path / "m", shardings=shardings)
+    emb = restored["embed"]["embedding"]
+    assert emb.sharding == shardings["embed"]["embedding"] and len(emb.addressable_shards) == 4
+    np.testing.assert_array_equal(emb, params["embed"]["embedding"])
+
+
+def test_existing_destination_is_refused_then_overwritten(tmp_path, model):
+    cfg, params = model
+    save_model(tmp_path / "m", cfg, params)
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_model(tmp_path / "m", cfg.replace(dtype="bfloat16"), params)
+    assert load_model(tmp_path / "m")[0] == cfg
+    save_model(tmp_path / "m", cfg.replace(dtype="bfloat16"), params, overwrite=True)
+    assert load_model(tmp_path / "m")[0].dtype == "bfloat16"
+
+
+def test_params_that_do_not_fit_the_config_are_refused_before_writing(tmp_path, model):
+    cfg, params = model
+    with pytest.raises(ValueError, match=r"\['lm_head'\] has shape \(64, 100\), config expects \(64, 512\)"):
+        save_model(tmp_path / "m", cfg, dict(params, lm_head=np.zeros((64, 100), np.float32)))
+    with pytest.raises(ValueError, match=r"\['lm_head'\] is missing"):
+        save_model(tmp_path / "m", cfg, {k: v for k, v in params.items() if k != "lm_head"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(ValueError, match="not a llama_jax model directory"):
+        load_model(tmp_path)

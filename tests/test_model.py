@@ -1,0 +1,172 @@
+"""The Flax model against transformers.LlamaForCausalLM, and its own invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import KVCache, LLaMA, LLaMAConfig, from_hf_state_dict, init_params
+from llama_jax.model import stack_layers, unstack_layers
+from tests.reference import VARIANTS, hf_config_dict, hf_logits, make_hf_model, state_dict_numpy
+
+PARITY_TOL = 1e-4
+
+
+def _tokens(vocab, batch=2, seq=24, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int32)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_transformers(variant):
+    v4, v5 = hf_config_dict(variant, "v4"), hf_config_dict(variant, "v5")
+    hf_model = make_hf_model(v5)
+    tokens = _tokens(256)
+    expected = hf_logits(hf_model, tokens)
+    state = state_dict_numpy(hf_model)
+    for hf_config in (v4, v5):
+        cfg, params = from_hf_state_dict(state, hf_config)
+        logits = np.asarray(LLaMA(cfg).apply({"params": params}, tokens))
+        assert logits.dtype == np.float32
+        np.testing.assert_allclose(logits, expected, atol=PARITY_TOL, rtol=0)
+    assert LLaMAConfig.from_hf(v4) == LLaMAConfig.from_hf(v5)
+
+
+def test_positions_offset_matches_transformers():
+    """Explicit rotary positions (as in decoding past position 0) agree with the reference."""
+    import torch
+
+    hf_config = hf_config_dict("gqa_llama3")
+    hf_model = make_hf_model(hf_config, seed=1)
+    tokens = _tokens(256, batch=1, seq=16)
+    positions = np.arange(100, 116, dtype=np.int32)[None]
+    with torch.no_grad():
+        expected = hf_model(torch.as_tensor(tokens, dtype=torch.long),
+                            position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+    cfg, params = from_hf_state_dict(state_dict_numpy(hf_model), hf_config)
+    logits = LLaMA(cfg).apply({"params": params}, tokens, positions=positions)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=PARITY_TOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def gqa():
+    cfg = LLaMAConfig.from_hf(hf_config_dict("gqa_llama3"))
+    return cfg, init_params(cfg, 0)
+
+
+def test_bf16_compute_agrees_with_fp32(gqa):
+    cfg, params = gqa
+    tokens = _tokens(cfg.vocab_size, batch=4, seq=64, seed=3)
+    ref = np.asarray(LLaMA(cfg).apply({"params": params}, tokens))
+    bf16 = LLaMA(cfg.replace(dtype="bfloat16")).apply({"params": params}, tokens)
+    assert bf16.dtype == jnp.float32  # logits stay float32 for the loss
+    agreement = np.mean(np.argmax(np.asarray(bf16), -1) == np.argmax(ref, -1))
+    assert agreement >= 0.99, agreement
+    # Same for bf16 parameters: the model runs on them directly.
+    bf16_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    logits = LLaMA(cfg.replace(dtype="bfloat16", param_dtype="bfloat16")).apply({"params": bf16_params}, tokens)
+    assert np.mean(np.argmax(np.asarray(logits), -1) == np.argmax(ref, -1)) >= 0.99
+
+
+def test_causality(gqa):
+    cfg, params = gqa
+    tokens = _tokens(cfg.vocab_size, batch=1, seq=20, seed=4)
+    changed = tokens.copy()
+    changed[0, 12:] = (changed[0, 12:] + 7) % cfg.vocab_size
+    a = np.asarray(LLaMA(cfg).apply({"params": params}, tokens))
+    b = np.asarray(LLaMA(cfg).apply({"params": params}, changed))
+    np.testing.assert_array_equal(a[:, :12], b[:, :12])
+    assert np.abs(a[:, 12:] - b[:, 12:]).max() > 1e-3
+
+
+def test_packed_documents_do_not_attend_across(gqa):
+    cfg, params = gqa
+    model = LLaMA(cfg)
+    doc_a, doc_b = _tokens(cfg.vocab_size, 1, 9, seed=5), _tokens(cfg.vocab_size, 1, 15, seed=6)
+    packed = np.concatenate([doc_a, doc_b], axis=1)
+    segment_ids = np.array([[1] * 9 + [2] * 15], np.int32)
+    positions = np.array([list(range(9)) + list(range(15))], np.int32)
+    out = np.asarray(model.apply({"params": params}, packed, positions=positions, segment_ids=segment_ids))
+    alone_a = np.asarray(model.apply({"params": params}, doc_a))
+    alone_b = np.asarray(model.apply({"params": params}, doc_b))
+    np.testing.assert_allclose(out[:, :9], alone_a, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out[:, 9:], alone_b, atol=1e-5, rtol=0)
+
+
+def test_scan_equals_unscanned(gqa):
+    cfg, params = gqa
+    tokens = _tokens(cfg.vocab_size, seed=7)
+    unscanned = unstack_layers(params, cfg.n_layers)
+    assert "layers" not in unscanned and "layers_1" in unscanned
+    a = LLaMA(cfg).apply({"params": params}, tokens)
+    b = LLaMA(cfg.replace(scan_layers=False)).apply({"params": unscanned}, tokens)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+    restacked = stack_layers(unscanned, cfg.n_layers)
+    jax.tree.map(np.testing.assert_array_equal, restacked, params)
+    # Initialising unscanned gives the per-layer tree directly.
+    init_unscanned = init_params(cfg.replace(scan_layers=False), 0)
+    assert jax.tree.structure(init_unscanned) == jax.tree.structure(unscanned)
+
+
+def _loss_and_grads(cfg, params, tokens):
+    def loss_fn(p):
+        logits = LLaMA(cfg).apply({"params": p}, tokens[:, :-1])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "qkv_proj"])
+def test_remat_leaves_outputs_and_gradients_unchanged(gqa, policy):
+    cfg, params = gqa
+    tokens = jnp.asarray(_tokens(cfg.vocab_size, seed=8))
+    loss, grads = _loss_and_grads(cfg, params, tokens)
+    loss_r, grads_r = _loss_and_grads(cfg.replace(remat_policy=policy), params, tokens)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads_r, grads)
+    # The unscanned stack with remat too.
+    unscanned_cfg = cfg.replace(remat_policy=policy, scan_layers=False)
+    loss_u, _ = _loss_and_grads(unscanned_cfg, unstack_layers(params, cfg.n_layers), tokens)
+    np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
+
+
+def test_dot_product_attention_impl_matches_xla(gqa):
+    cfg, params = gqa
+    tokens = _tokens(cfg.vocab_size, seed=9)
+    segment_ids = np.repeat(np.array([[1] * 10 + [2] * 14]), 2, axis=0)
+    a = LLaMA(cfg).apply({"params": params}, tokens, segment_ids=segment_ids)
+    b = LLaMA(cfg.replace(attention_impl="dot_product")).apply({"params": params}, tokens, segment_ids=segment_ids)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_kv_cache_decoding_matches_full_forward(gqa, scan):
+    cfg, params = gqa
+    cfg = cfg.replace(scan_layers=scan)
+    params = params if scan else unstack_layers(params, cfg.n_layers)
+    model = LLaMA(cfg)
+    tokens = _tokens(cfg.vocab_size, batch=2, seq=16, seed=10)
+    full = np.asarray(model.apply({"params": params}, tokens))
+    cache = KVCache.create(cfg, batch=2, max_len=32)
+    step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+    logits, cache = step(params, tokens[:, :10], cache)  # prefill
+    pieces = [logits]
+    for i in range(10, 16):
+        logits, cache = step(params, tokens[:, i:i + 1], cache)
+        pieces.append(logits)
+    assert int(cache.index) == 16
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
+
+
+def test_parameters_carry_logical_axis_names():
+    from llama_jax.model import logical_axes
+
+    cfg = LLaMAConfig.from_preset("debug")
+    specs = logical_axes(cfg)
+    assert tuple(specs["layers"]["attn"]["q"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
+    assert tuple(specs["layers"]["attn"]["k"]["kernel"]) == ("layers", "embed", "kv_heads", "head_dim")
+    assert tuple(specs["layers"]["mlp"]["down"]["kernel"]) == ("layers", "mlp", "embed")
+    assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
+    assert tuple(specs["lm_head"]) == ("embed", "vocab")
+    for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
+        assert all(name is not None for name in spec)
