@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from llama_jax.config import LLaMAConfig
+from llama_jax.convert.source import numpy_dtype
 
 # Buffers some PyTorch checkpoints carry that are derived, not learned.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -140,9 +141,9 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, An
     """
     cfg = LLaMAConfig.from_hf(hf_config, param_dtype=param_dtype, **config_overrides)
     check_names(cfg, set(state_dict))
-    params = empty_params(cfg, np.dtype(_numpy_dtype(param_dtype)))
+    params = empty_params(cfg, numpy_dtype(param_dtype))
     for spec in tensor_specs(cfg):
-        put_tensor(params, spec, _to_numpy(state_dict[spec.hf_name]))
+        put_tensor(params, spec, _as_numpy(state_dict[spec.hf_name]))
     if cfg.tie_embeddings and "lm_head.weight" in state_dict:
         check_shape(tensor_specs(cfg)[0], tuple(state_dict["lm_head.weight"].shape))
     return cfg, params
@@ -156,18 +157,9 @@ def to_hf_state_dict(cfg: LLaMAConfig, params: Mapping) -> dict[str, np.ndarray]
     return {spec.hf_name: a for spec, a in iter_hf_tensors(cfg, params)}
 
 
-def _numpy_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        from llama_jax.convert.torch_io import tensor_to_numpy
 
-        return ml_dtypes.bfloat16
-    return np.dtype(name)
-
-
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor; bfloat16 has no numpy dtype, so go through float32
-        import torch
-
-        x = x.detach().cpu()
-        return x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy()
+        return tensor_to_numpy(x)
     return np.asarray(x)

@@ -1,0 +1,67 @@
+"""PyTorch `.pth` / `.bin` files, read without executing pickled code.
+
+`torch.load(weights_only=True)` unpickles only tensors, storages and plain containers; a pickle
+that references any other global (the classic `os.system` payload) is refused before anything
+runs. `mmap=True` maps tensor storage from the file, so tensors are read when touched.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax.convert.source import ConversionError
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError("reading or writing PyTorch .pth/.bin files needs PyTorch: pip install torch") from None
+    return torch
+
+
+def load_torch_file(path: str | os.PathLike) -> dict:
+    """The state dict stored in `path` (tensors memory-mapped), refusing anything but weights."""
+    torch = _torch()
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        raise ConversionError(f"{path}: refused to load, the pickle references code, not only weights ({detail})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {msg}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path}: expected a dict of tensors (a state dict)")
+    return state
+
+
+def tensor_to_numpy(t) -> np.ndarray:
+    """A CPU copy of a torch tensor as numpy; bfloat16 keeps its bits (via ml_dtypes)."""
+    torch = _torch()
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.numpy().copy()
+
+
+def numpy_to_tensor(a: np.ndarray):
+    torch = _torch()
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def save_torch_file(state: dict, path: str | os.PathLike) -> None:
+    _torch().save(state, path)
