@@ -20,6 +20,7 @@ from typing import Iterator
 
 import flax.linen as nn
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from llama_jax.config import LLaMAConfig
@@ -62,15 +63,32 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer_d
     params = nn.meta.unbox(params)
     check_params(config.replace(scan_layers=True), params)
     with atomic_directory(path, overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(config.to_json())
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.StandardSave(params))
+        write_model_dir(tmp, config, params)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
     return Path(path)
 
 
+def write_model_dir(directory: Path, config: LLaMAConfig, params) -> None:
+    """Config and (scanned, unboxed) parameters into an existing empty directory.
+
+    The save is synchronous, so host arrays are written in place rather than first copied (Orbax's
+    default for numpy leaves), and uncompressed: compression buffers cost about the model's size
+    again in memory and gain little on float weights. Converting a checkpoint therefore needs
+    one copy of the model in memory, not three.
+    """
+    (directory / CONFIG_FILE).write_text(config.to_json())
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(directory / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+
+
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer and generation files present in `src_dir`; return their names."""
     copied = []
     for name in TOKENIZER_FILES:
         if (Path(src_dir) / name).is_file():
@@ -89,26 +107,32 @@ def load_config(path: str | os.PathLike) -> LLaMAConfig:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
 
 
-def load_model(path: str | os.PathLike, shardings=None, **config_overrides) -> tuple[LLaMAConfig, dict]:
+def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False,
+               **config_overrides) -> tuple[LLaMAConfig, dict]:
     """(config, params) from a model directory.
 
     shardings: optional tree of `jax.sharding.Sharding` (scanned layout) to restore directly onto
-    a mesh; by default parameters land on the first local device. `config_overrides` change
+    a mesh; by default parameters land on the first local device. as_numpy: restore host numpy
+    arrays instead (for conversion and inspection; no device involved). `config_overrides` change
     numerics fields such as `dtype` or `scan_layers` (not the architecture).
     """
     config = load_config(path)
     if config_overrides:
         config = config.replace(**config_overrides)
-    abstract = nn.meta.unbox(abstract_params(config.replace(scan_layers=True)))
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     params_dir = Path(path).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
         raise ValueError(f"{path}: parameter checkpoint {PARAMS_DIR}/ not found")
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(params_dir, target)
+    abstract = nn.meta.unbox(abstract_params(config.replace(scan_layers=True)))
+    if as_numpy:
+        restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), abstract)
+    else:
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, abstract)
+        restore_args = jax.tree.map(lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
+                                    abstract, shardings)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
     return config, params

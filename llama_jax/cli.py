@@ -43,12 +43,63 @@ def cmd_demo(args) -> None:
           f"(uniform: {-np.log(cfg.vocab_size):.3f})")
 
 
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1.5GiB' or a plain byte count -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.strip().upper().rstrip("IB").rstrip("KMG")
+    unit = text.strip().upper()[len(number):]
+    try:
+        size = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
+def cmd_convert(args) -> None:
+    from llama_jax.convert.pipeline import convert
+
+    summary = convert(args.src_format, args.src, args.dst_format, args.dst, dtype=args.dtype,
+                      overwrite=args.overwrite, shards=args.shards, max_shard_bytes=args.max_shard_size,
+                      rope_scaling_factor=args.rope_scaling_factor, verify=args.verify)
+    if summary.verify is not None:
+        print(summary.verify.line())
+    print(summary.line(args.src_format, args.dst_format, args.dst))
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    from llama_jax.convert.pipeline import FORMATS
+
+    p.add_argument("--from", dest="src_format", required=True, choices=FORMATS,
+                   help="hf: config.json + safetensors/.bin; meta: params.json + consolidated.NN.pth; "
+                        "jax: a llama_jax model directory")
+    p.add_argument("--to", dest="dst_format", required=True, choices=FORMATS)
+    p.add_argument("src", help="source directory")
+    p.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the written weights (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--verify", action="store_true",
+                   help="compare source and converted logits on a probe batch; fail beyond tolerance")
+    p.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files for --to meta")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                   help="largest safetensors file for --to hf (default 5GB)")
+    p.add_argument("--rope-scaling-factor", type=float, default=None,
+                   help="LLaMA-3 rope scaling factor for Meta checkpoints with use_scaled_rope "
+                        "(default: params.json's rope_scaling_factor, else 8; LLaMA-3.2 1B/3B use 32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-jax", description="LLaMA models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("presets", help="list model presets with their parameter counts")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("convert", help="convert weights between hf, meta and jax checkpoints")
+    add_convert_arguments(p)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="the project's main job on a small model")
     p.add_argument("--preset", default="tiny")

@@ -121,6 +121,12 @@ def put_tensor(params: dict, spec: TensorSpec, hf_array: np.ndarray) -> None:
         dest[spec.layer] = value
 
 
+def hf_tensor(params: Mapping, spec: TensorSpec) -> np.ndarray:
+    """One Hugging Face tensor ([out, in] numpy) from a scanned parameter tree."""
+    a = _get(params, spec.path)
+    return spec.to_hf(np.asarray(a[spec.layer] if spec.layer is not None else a))
+
+
 def iter_hf_tensors(cfg: LLaMAConfig, params: Mapping) -> Iterator[tuple[TensorSpec, np.ndarray]]:
     """Yield (spec, [out, in] numpy array) for every Hugging Face tensor, one at a time."""
     from llama_jax.model import stack_layers
@@ -128,9 +134,7 @@ def iter_hf_tensors(cfg: LLaMAConfig, params: Mapping) -> Iterator[tuple[TensorS
     if "layers" not in params:
         params = stack_layers(dict(params), cfg.n_layers)
     for spec in tensor_specs(cfg):
-        a = _get(params, spec.path)
-        a = a[spec.layer] if spec.layer is not None else a
-        yield spec, spec.to_hf(np.asarray(a))
+        yield spec, hf_tensor(params, spec)
 
 
 def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any],

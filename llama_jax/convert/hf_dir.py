@@ -1,0 +1,128 @@
+"""Hugging Face model directories on disk: config.json plus safetensors or PyTorch .bin weights.
+
+Reads `model.safetensors`, sharded safetensors with `model.safetensors.index.json`,
+`pytorch_model.bin` and sharded `.bin` with `pytorch_model.bin.index.json`; writes config.json
+and sharded safetensors with an index, as `transformers.LlamaForCausalLM.from_pretrained` expects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from llama_jax.config import LLaMAConfig
+from llama_jax.convert.hf import check_names, check_shape, tensor_specs
+from llama_jax.convert.safetensors_io import SafetensorsFile, write_shards
+from llama_jax.convert.source import ConversionError, Source, dtype_name
+from llama_jax.convert.torch_io import load_torch_file, tensor_to_numpy
+
+WEIGHT_LAYOUTS = (  # (single file, index file), in order of preference
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def _weight_map(src: Path) -> dict[str, str]:
+    """Tensor name -> file name, from an index or from the single weights file."""
+    for single, index in WEIGHT_LAYOUTS:
+        if (src / index).is_file():
+            weight_map = read_json(src / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{src / index}: no 'weight_map'")
+            for file_name in sorted(set(weight_map.values())):
+                if not (src / file_name).is_file():
+                    raise ConversionError(f"{src / file_name}: shard named in {index} is absent")
+            return weight_map
+        if (src / single).is_file():
+            return {name: single for name in _open(src / single).keys()}
+    raise ConversionError(f"{src}: no weights found; expected one of "
+                          + ", ".join(name for pair in WEIGHT_LAYOUTS for name in pair))
+
+
+class _TorchFile:
+    """A .bin state dict with the SafetensorsFile reading interface."""
+
+    def __init__(self, path: Path):
+        self.path, self._state = path, load_torch_file(path)
+
+    def keys(self):
+        return list(self._state)
+
+    def shape(self, name):
+        return tuple(self._state[name].shape)
+
+    def dtype(self, name):
+        return dtype_name(tensor_to_numpy(self._state[name].reshape(-1)[:1]).dtype)
+
+    def read(self, name):
+        return tensor_to_numpy(self._state[name])
+
+    def close(self):
+        self._state = {}
+
+
+def _open(path: Path):
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else _TorchFile(path)
+
+
+def read_hf_dir(src: str | Path) -> Source:
+    src = Path(src)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{src}: config.json not found; a Hugging Face model directory needs one")
+    try:
+        config = LLaMAConfig.from_hf(read_json(config_path))
+    except ConversionError:
+        raise
+    except ValueError as e:
+        raise ConversionError(f"{config_path}: {e}") from None
+    weight_map = _weight_map(src)
+    try:
+        check_names(config, set(weight_map))
+    except ValueError as e:
+        raise ConversionError(f"{src}: {e}") from None
+
+    files = {name: _open(src / name) for name in sorted(set(weight_map.values()))}
+    specs = {spec.hf_name: spec for spec in tensor_specs(config)}
+    for name, spec in specs.items():  # every shape checked before anything is written
+        f = files[weight_map[name]]
+        if name not in f.keys():
+            raise ConversionError(f"{f.path}: tensor {name} named in the index is absent from this file")
+        try:
+            check_shape(spec, f.shape(name))
+        except ValueError as e:
+            raise ConversionError(f"{f.path}: {e}") from None
+
+    def load(name: str) -> np.ndarray:
+        return files[weight_map[name]].read(name)
+
+    def close():
+        for f in files.values():
+            f.close()
+
+    dtype = files[weight_map["model.embed_tokens.weight"]].dtype("model.embed_tokens.weight")
+    return Source(config, load, dtype, src, close)
+
+
+def write_hf_dir(dst: Path, config: LLaMAConfig, load: Callable[[str], np.ndarray],
+                 max_shard_bytes: int = 5 * 2**30) -> int:
+    """config.json + (sharded) safetensors + index into `dst`; returns bytes of weights written.
+
+    Weights are written in `config.param_dtype`; tied models carry no `lm_head.weight`.
+    """
+    specs = tensor_specs(config)
+    index = write_shards(dst, [(s.hf_name, s.hf_shape, config.param_dtype) for s in specs], load, max_shard_bytes)
+    (dst / "config.json").write_text(json.dumps(config.to_hf("v4"), indent=2) + "\n")
+    return index["metadata"]["total_size"]

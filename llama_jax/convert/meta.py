@@ -1,0 +1,402 @@
+"""Meta's original LLaMA checkpoint layout: `params.json` + `consolidated.NN.pth` + `tokenizer.model`.
+
+This is the layout of Meta's own releases (LLaMA 1, 2, 3, 3.1, 3.2). Each `consolidated.NN.pth`
+holds one model-parallel shard: column-parallel weights (wq, wk, wv, w1, w3, output) are split
+along their output rows, row-parallel ones (wo, w2) along their input columns, norms are copied
+to every shard. The embedding is split along the model dim in LLaMA-1/2 and along the vocabulary
+in LLaMA-3. When there are fewer K/V heads than shards, consecutive shards carry copies of the
+same K/V heads.
+
+Meta rotates interleaved pairs (dims 2i, 2i+1 of a head); Hugging Face rotates halves (dims i,
+i + Dh/2). Converting reorders the rows of wq and wk within each head; nothing else changes.
+
+`params.json` does not store everything a LLaMAConfig holds, so reading fills gaps:
+- `vocab_size: -1` (LLaMA-1/2): taken from the embedding's shape.
+- the FFN width is computed with Meta's formula from `multiple_of` / `ffn_dim_multiplier`.
+- `use_scaled_rope: true` means LLaMA-3.1 scaling with low/high frequency factors 1/4 and an
+  original context of 8192; the factor (8 for 3.1, 32 for 3.2) is not in Meta's files, so it
+  comes from the caller, else a `rope_scaling_factor` key (written by `write_meta`), else 8.
+- `max_seq_len`, when absent, is guessed from the release's fingerprint: a 128K vocabulary means
+  LLaMA-3 (131072 with scaled rope, else 8192); norm_eps 1e-6 means LLaMA-1 (2048); anything
+  else is taken as LLaMA-2 (4096). Code Llama (16384) is guessed wrong; pass the length on.
+- tied embeddings: a checkpoint without `output.weight` is read as tied.
+
+`write_meta` writes the same keys Meta does plus `rope_scaling_factor` (when scaled) and
+`max_seq_len`, so that reading back gives an equal config. Tied models are written without
+`output.weight` (Meta's files always have one), which is how `read_meta` recognises them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+
+from llama_jax.config import LLaMAConfig, RopeScaling
+from llama_jax.convert.hf import TensorSpec, tensor_specs
+from llama_jax.convert.source import ConversionError, Source
+from llama_jax.convert.torch_io import load_torch_file, numpy_to_tensor, save_torch_file, tensor_to_numpy
+
+PARAMS_FILE = "params.json"
+_SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
+_EMBED = "tok_embeddings.weight"
+_IGNORED = ("rope.freqs",)  # precomputed rotary table old checkpoints carry; derived, not learned
+_META_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_DEFAULT_ROPE_FACTOR = 8.0
+_DTYPES = ("float32", "bfloat16", "float16")
+_VOCAB_SPLIT_FROM = 128000  # LLaMA-3's 128K vocabulary: embedding split on the vocab, not the model dim
+
+# (Hugging Face name, or suffix after "model.layers.N."; Meta name or suffix after "layers.N.";
+#  model-parallel split axis of the [out, in] weight, None: replicated on every shard)
+_NAMES = (
+    ("model.embed_tokens.weight", _EMBED, None),  # axis depends on the release, see _tensors
+    ("input_layernorm.weight", "attention_norm.weight", None),
+    ("self_attn.q_proj.weight", "attention.wq.weight", 0),
+    ("self_attn.k_proj.weight", "attention.wk.weight", 0),
+    ("self_attn.v_proj.weight", "attention.wv.weight", 0),
+    ("self_attn.o_proj.weight", "attention.wo.weight", 1),
+    ("post_attention_layernorm.weight", "ffn_norm.weight", None),
+    ("mlp.gate_proj.weight", "feed_forward.w1.weight", 0),
+    ("mlp.up_proj.weight", "feed_forward.w3.weight", 0),
+    ("mlp.down_proj.weight", "feed_forward.w2.weight", 1),
+    ("model.norm.weight", "norm.weight", None),
+    ("lm_head.weight", "output.weight", 0),
+)
+_BY_HF = {hf: (meta, axis) for hf, meta, axis in _NAMES}
+_KV = ("attention.wk.weight", "attention.wv.weight")
+
+
+class _MetaTensor(NamedTuple):
+    spec: TensorSpec
+    name: str  # Meta name
+    axis: int | None  # model-parallel split axis; None: replicated on every shard
+    rotary_heads: int | None  # wq / wk: heads whose rows are reordered between rotary layouts
+    kv: bool  # wk / wv: copied across shards when n_kv_heads < shards
+
+
+def _tensors(cfg: LLaMAConfig, embed_axis: int) -> dict[str, _MetaTensor]:
+    """Every tensor of the model by Hugging Face name, with its Meta name and shard layout."""
+    out = {}
+    for spec in tensor_specs(cfg):
+        if spec.layer is None:
+            suffix, axis = _BY_HF[spec.hf_name]
+            name = suffix
+        else:
+            suffix, axis = _BY_HF[spec.hf_name.split(".", 3)[3]]
+            name = f"layers.{spec.layer}.{suffix}"
+        if name == _EMBED:
+            axis = embed_axis
+        heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}.get(suffix)
+        out[spec.hf_name] = _MetaTensor(spec, name, axis, heads, suffix in _KV)
+    return out
+
+
+# ---- rotary row order ------------------------------------------------------------------------
+
+
+def _meta_to_hf_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of each head from interleaved pairs (0,1,2,3,...) to halves (0,2,4,...,1,3,5,...)."""
+    rows, cols = w.shape
+    return np.ascontiguousarray(w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols))
+
+
+def _hf_to_meta_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of `_meta_to_hf_rotary`."""
+    rows, cols = w.shape
+    return np.ascontiguousarray(w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols))
+
+
+# ---- FFN width -------------------------------------------------------------------------------
+
+
+def _meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """FFN width exactly as Meta's FeedForward computes it."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _ffn_params(dim: int, ffn_dim: int) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) for which Meta's formula gives `ffn_dim`, preferring round numbers."""
+    multiple_of = ffn_dim & -ffn_dim  # largest power of two dividing ffn_dim
+    ratio = ffn_dim / _meta_ffn_dim(dim, 1, None)
+    for multiplier in (None, round(ratio, 1), round(ratio, 2), round(ratio, 3), ratio, math.nextafter(ratio, math.inf)):
+        if (multiplier is None or multiplier > 0) and _meta_ffn_dim(dim, multiple_of, multiplier) == ffn_dim:
+            return multiple_of, multiplier
+    raise ConversionError(f"ffn_dim={ffn_dim}: no multiple_of / ffn_dim_multiplier reproduces it for dim={dim}")
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+
+def read_meta(src_dir: Path, rope_scaling_factor: float | None = None) -> Source:
+    """A lazy Source over a Meta checkpoint directory; `load` merges shards into HF layout.
+
+    `rope_scaling_factor`: the LLaMA-3.1-style scaling factor when params.json says
+    `use_scaled_rope` (8 for LLaMA-3.1, 32 for LLaMA-3.2); Meta's files do not record it.
+    Ignored for checkpoints without scaled rope.
+    """
+    src_dir = Path(src_dir)
+    params_path = src_dir / PARAMS_FILE
+    params = _read_params(params_path)
+    paths = _shard_paths(src_dir)
+    shards = [load_torch_file(p) for p in paths]
+
+    def pieces(name: str) -> list:
+        for path, shard in zip(paths, shards):
+            if name not in shard:
+                raise ConversionError(f"{path}: missing tensor {name}")
+        return [shard[name] for shard in shards]
+
+    def same_shape(name: str, ndim: int) -> tuple[int, ...]:
+        """The shape every shard's piece of `name` has."""
+        ps = pieces(name)
+        first = tuple(ps[0].shape)
+        for path, p in zip(paths, ps):
+            if tuple(p.shape) != first:
+                raise ConversionError(f"{path}: {name} has shape {tuple(p.shape)} but {paths[0].name} has {first}; "
+                                      "model-parallel shards must hold equal pieces")
+        if len(first) != ndim:
+            raise ConversionError(f"{paths[0]}: {name} has shape {first}, expected a {ndim}-D tensor")
+        return first
+
+    # LLaMA-1/2 split the embedding along the model dim, LLaMA-3 along the vocabulary.
+    emb_shape = same_shape(_EMBED, 2)
+    embed_axis = 0 if len(shards) == 1 or emb_shape[1] == params.get("dim") else 1
+    vocab = emb_shape[0] * (len(shards) if embed_axis == 0 else 1)
+    ffn_rows = same_shape("layers.0.feed_forward.w1.weight", 2)[0] * len(shards)
+    cfg = _config(params, params_path, vocab, ffn_rows, "output.weight" not in shards[0], rope_scaling_factor)
+    tensors = _tensors(cfg, embed_axis)
+
+    expected = {t.name for t in tensors.values()}
+    for path, shard in zip(paths, shards):
+        missing = sorted(expected - set(shard))
+        if missing:
+            raise ConversionError(f"{path}: missing tensor {missing[0]}")
+        extra = sorted(set(shard) - expected - set(_IGNORED))
+        if extra:
+            raise ConversionError(f"{path}: unexpected tensor {extra[0]}; expected only the {len(expected)} tensors "
+                                  f"of a {cfg.n_layers}-layer LLaMA as described by {PARAMS_FILE}")
+    where = paths[0] if len(paths) == 1 else src_dir / "consolidated.*.pth"
+    for t in tensors.values():
+        _, shape = _merge_plan(t, same_shape(t.name, len(t.spec.hf_shape)), len(shards), cfg)
+        if shape != t.spec.hf_shape:
+            raise ConversionError(f"{where}: {t.name} has merged shape {shape}, "
+                                  f"{PARAMS_FILE} implies {t.spec.hf_shape}")
+
+    def load(hf_name: str) -> np.ndarray:
+        t = tensors.get(hf_name)
+        if t is None:
+            raise ConversionError(f"{src_dir}: this model has no tensor {hf_name}")
+        ps = pieces(t.name)
+        keep, _ = _merge_plan(t, tuple(ps[0].shape), len(ps), cfg)
+        replicas = len(ps) // len(keep)
+        if t.axis is not None and replicas > 1:  # K/V heads copied onto consecutive shards
+            for i, p in enumerate(ps):
+                first = i - i % replicas
+                if not p.equal(ps[first]):
+                    raise ConversionError(f"{paths[i]}: {t.name} should repeat the K/V heads of {paths[first].name} "
+                                          f"(n_kv_heads={cfg.n_kv_heads} < {len(ps)} shards) but differs")
+        if len(keep) == 1:
+            w = tensor_to_numpy(ps[keep[0]])
+        else:
+            w = np.concatenate([tensor_to_numpy(ps[i]) for i in keep], axis=t.axis)
+        return _meta_to_hf_rotary(w, t.rotary_heads) if t.rotary_heads else w
+
+    dtype = str(shards[0][_EMBED].dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise ConversionError(f"{paths[0]}: {_EMBED} is stored as {dtype}; valid: {', '.join(_DTYPES)}")
+    return Source(config=cfg, load=load, dtype=dtype, files_dir=src_dir, close=shards.clear)
+
+
+def meta_layout_tensors(source: Source) -> Iterator[tuple[str, np.ndarray]]:
+    """(Meta name, full tensor in Meta's layout) for every tensor of any Source, one at a time."""
+    for hf_name, t in _tensors(source.config, 0).items():
+        w = source.load(hf_name)
+        yield t.name, _hf_to_meta_rotary(w, t.rotary_heads) if t.rotary_heads else w
+
+
+def _merge_plan(t: _MetaTensor, piece_shape: tuple[int, ...], n_shards: int,
+                cfg: LLaMAConfig) -> tuple[list[int], tuple[int, ...]]:
+    """Which shards' pieces make up the full tensor (in order) and the full tensor's shape."""
+    if t.axis is None:
+        return [0], piece_shape
+    keep = list(range(n_shards))
+    kv_rows = cfg.n_kv_heads * cfg.head_dim
+    rows = piece_shape[0] * n_shards
+    if t.kv and rows > kv_rows and rows % kv_rows == 0 and n_shards % (rows // kv_rows) == 0:
+        keep = keep[:: rows // kv_rows]  # one copy of each K/V head
+    shape = list(piece_shape)
+    shape[t.axis] *= len(keep)
+    return keep, tuple(shape)
+
+
+def _read_params(path: Path) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{path}: not found; a Meta checkpoint directory holds {PARAMS_FILE} "
+                              "and consolidated.NN.pth shards")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ConversionError(f"{path}: expected a JSON object of model parameters")
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in params:
+            raise ConversionError(f"{path}: missing required key {key!r}")
+    return params
+
+
+def _shard_paths(src_dir: Path) -> list[Path]:
+    found = {}
+    for path in src_dir.glob("consolidated.*.pth"):
+        match = _SHARD_NAME.fullmatch(path.name)
+        if match is None:
+            raise ConversionError(f"{path}: unexpected shard file name; valid: consolidated.NN.pth")
+        found[int(match.group(1))] = path
+    if not found:
+        raise ConversionError(f"{src_dir}: no consolidated.NN.pth shards found")
+    for i in range(len(found)):
+        if i not in found:
+            raise ConversionError(f"{src_dir}: consolidated.{i:02d}.pth is missing; shards must be numbered 00 "
+                                  f"to {len(found) - 1:02d} without gaps")
+    return [found[i] for i in range(len(found))]
+
+
+def _config(params: dict, path: Path, vocab: int, ffn_rows: int, tied: bool,
+            rope_scaling_factor: float | None) -> LLaMAConfig:
+    """LLaMAConfig from params.json, with the embedding / w1 shapes to fill and check what it omits."""
+    multiple_of = params.get("multiple_of", 256)  # Meta's ModelArgs default
+    multiplier = params.get("ffn_dim_multiplier")
+    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of <= 0:
+        raise ConversionError(f"{path}: multiple_of must be a positive integer, got {multiple_of!r}")
+    if multiplier is not None and (not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool)
+                                   or multiplier <= 0):
+        raise ConversionError(f"{path}: ffn_dim_multiplier must be a positive number or null, got {multiplier!r}")
+    dim = params["dim"]
+    try:
+        ffn_dim = _meta_ffn_dim(dim, multiple_of, multiplier)
+    except TypeError:
+        raise ConversionError(f"{path}: dim must be a positive integer, got {dim!r}") from None
+    if ffn_dim != ffn_rows:
+        raise ConversionError(f"{path}: multiple_of={multiple_of}, ffn_dim_multiplier={multiplier} give an FFN width "
+                              f"of {ffn_dim}, but layers.0.feed_forward.w1.weight has {ffn_rows} rows")
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size not in (-1, None, vocab):
+        raise ConversionError(f"{path}: vocab_size={vocab_size}, but {_EMBED} has {vocab} rows")
+
+    scaled = bool(params.get("use_scaled_rope", False))
+    rope_scaling = None
+    if scaled:
+        factor = rope_scaling_factor
+        if factor is None:
+            factor = params.get("rope_scaling_factor", _DEFAULT_ROPE_FACTOR)
+        try:
+            rope_scaling = RopeScaling("llama3", float(factor), **_META_ROPE)
+        except (ValueError, TypeError):
+            raise ConversionError(f"{path}: rope scaling factor must be a positive number, got {factor!r}") from None
+    norm_eps = params.get("norm_eps", 1e-5)
+    if "max_seq_len" in params:
+        max_seq_len = params["max_seq_len"]
+    elif vocab >= _VOCAB_SPLIT_FROM:
+        max_seq_len = 131072 if scaled else 8192  # LLaMA-3.1+ / LLaMA-3
+    else:
+        max_seq_len = 2048 if norm_eps == 1e-6 else 4096  # LLaMA-1 / LLaMA-2
+    try:
+        return LLaMAConfig(
+            vocab_size=vocab, dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
+            n_kv_heads=params.get("n_kv_heads") or params["n_heads"], ffn_dim=ffn_dim, norm_eps=norm_eps,
+            rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=rope_scaling,
+            max_seq_len=max_seq_len, tie_embeddings=tied,
+        )
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"{path}: {e}") from None
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def write_meta(dst_dir: Path, config: LLaMAConfig, load: Callable[[str], np.ndarray], n_shards: int = 1) -> int:
+    """Write `params.json` and `n_shards` consolidated.NN.pth files; returns the bytes written.
+
+    `load(hf_name)` gives HF-layout arrays in the output dtype. Shards are written one at a time
+    (each tensor is loaded once per shard), so only one shard's pieces are held at once.
+    Tokenizer files are the caller's business.
+    """
+    dst_dir = Path(dst_dir)
+    params = _params_json(config)
+    tensors = _tensors(config, 1 if config.vocab_size < _VOCAB_SPLIT_FROM else 0)
+    problem = _split_problem(config, tensors, n_shards)
+    if problem:
+        valid = [n for n in range(1, config.n_heads + 1) if _split_problem(config, tensors, n) is None]
+        raise ConversionError(f"n_shards={n_shards}: {problem}; valid shard counts for this model: "
+                              + ", ".join(map(str, valid)))
+    stale = sorted(dst_dir.glob("consolidated.*.pth"))
+    if stale:
+        raise ConversionError(f"{stale[0]}: already exists; write a Meta checkpoint into a directory without shards")
+
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    params_path = dst_dir / PARAMS_FILE
+    params_path.write_text(json.dumps(params, indent=2) + "\n")
+    total = params_path.stat().st_size
+    for shard in range(n_shards):
+        state = {}
+        for t in tensors.values():
+            w = np.asarray(load(t.spec.hf_name))
+            if w.shape != t.spec.hf_shape:
+                raise ConversionError(f"tensor {t.spec.hf_name} has shape {w.shape}, config expects {t.spec.hf_shape}")
+            if t.rotary_heads:
+                w = _hf_to_meta_rotary(w, t.rotary_heads)
+            state[t.name] = numpy_to_tensor(_shard_piece(t, w, shard, n_shards, config.n_kv_heads))
+        path = dst_dir / f"consolidated.{shard:02d}.pth"
+        save_torch_file(state, path)
+        del state
+        total += path.stat().st_size
+    return total
+
+
+def _shard_piece(t: _MetaTensor, w: np.ndarray, shard: int, n_shards: int, n_kv_heads: int) -> np.ndarray:
+    """Shard `shard`'s own copy of its piece of `w` (a copy, so the full tensor can be freed)."""
+    if t.axis is None:
+        return w.copy()
+    if t.kv and n_kv_heads < n_shards:  # each K/V head goes to n_shards / n_kv_heads consecutive shards
+        return np.split(w, n_kv_heads, axis=t.axis)[shard * n_kv_heads // n_shards].copy()
+    return np.split(w, n_shards, axis=t.axis)[shard].copy()
+
+
+def _split_problem(cfg: LLaMAConfig, tensors: dict[str, _MetaTensor], n_shards: int) -> str | None:
+    """Why the model cannot be cut into `n_shards` model-parallel shards, or None."""
+    if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
+        return "the shard count must be a positive integer"
+    if cfg.n_heads % n_shards:
+        return f"n_heads={cfg.n_heads} is not divisible by it (each shard holds whole query heads)"
+    if cfg.n_kv_heads % n_shards and n_shards % cfg.n_kv_heads:
+        return f"n_kv_heads={cfg.n_kv_heads} neither divides nor is divisible by it"
+    for t in tensors.values():
+        if t.axis is not None and not t.kv and t.spec.hf_shape[t.axis] % n_shards:
+            return f"{t.name} has {t.spec.hf_shape[t.axis]} along dim {t.axis}, not divisible by it"
+    return None
+
+
+def _params_json(cfg: LLaMAConfig) -> dict:
+    """Meta's params.json for `cfg`, plus the rope factor and context length Meta's files leave out."""
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling != RopeScaling("llama3", scaling.factor, **_META_ROPE):
+        raise ConversionError(f"rope_scaling={scaling.to_dict()} cannot be written to {PARAMS_FILE}; Meta's format "
+                              "only has llama3 scaling with low_freq_factor=1, high_freq_factor=4, "
+                              "original_max_position_embeddings=8192")
+    multiple_of, multiplier = _ffn_params(cfg.dim, cfg.ffn_dim)
+    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+              "vocab_size": cfg.vocab_size, "multiple_of": multiple_of}
+    if multiplier is not None:
+        params["ffn_dim_multiplier"] = multiplier
+    params.update(norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, use_scaled_rope=scaling is not None)
+    if scaling is not None:
+        params["rope_scaling_factor"] = scaling.factor
+    params["max_seq_len"] = cfg.max_seq_len
+    return params

@@ -1,0 +1,125 @@
+"""`convert`: any supported checkpoint format to any other, one tensor at a time.
+
+A reader turns SRC into a `Source` (config + lazily loaded tensors in Hugging Face layout); a
+writer streams those tensors into a temporary directory beside DST, which is renamed into place
+only when the conversion (and, if asked, its verification) has succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from llama_jax.checkpoint import atomic_directory, copy_tokenizer_files, load_config, load_model, write_model_dir
+from llama_jax.config import LLaMAConfig
+from llama_jax.convert import hf_dir, meta
+from llama_jax.convert.hf import empty_params, hf_tensor, put_tensor, tensor_specs
+from llama_jax.convert.source import ConversionError, Source, dtype_name, numpy_dtype
+
+FORMATS = ("hf", "meta", "jax")
+
+
+def read_jax_dir(src: Path) -> Source:
+    try:
+        config = load_config(src)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    _, params = load_model(src, as_numpy=True, scan_layers=True)
+    specs = {spec.hf_name: spec for spec in tensor_specs(config)}
+    return Source(config, lambda name: hf_tensor(params, specs[name]), config.param_dtype, src)
+
+
+def write_jax_dir(dst: Path, config: LLaMAConfig, load: Callable[[str], np.ndarray]) -> int:
+    params = empty_params(config, numpy_dtype(config.param_dtype))
+    for spec in tensor_specs(config):
+        put_tensor(params, spec, load(spec.hf_name))
+    write_model_dir(dst, config.replace(scan_layers=True), params)
+    return sum(a.nbytes for a in _leaves(params))
+
+
+def _leaves(tree):
+    for v in tree.values():
+        yield from (_leaves(v) if isinstance(v, dict) else [v])
+
+
+def read_checkpoint(fmt: str, src: str | Path, rope_scaling_factor: float | None = None) -> Source:
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such directory")
+    if fmt == "hf":
+        return hf_dir.read_hf_dir(src)
+    if fmt == "meta":
+        return meta.read_meta(src, rope_scaling_factor)
+    if fmt == "jax":
+        return read_jax_dir(src)
+    raise ConversionError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+@dataclasses.dataclass
+class Summary:
+    config: LLaMAConfig
+    n_params: int
+    dtype: str
+    bytes_written: int
+    seconds: float
+    verify: "object | None" = None
+
+    def line(self, src_fmt: str, dst_fmt: str, dst: Path) -> str:
+        c = self.config
+        return (f"{src_fmt} -> {dst_fmt}: {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, "
+                f"ffn {c.ffn_dim}, vocab {c.vocab_size}{', tied' if c.tie_embeddings else ''} | "
+                f"{self.n_params:,} params | {self.dtype} | {self.bytes_written / 2**20:,.1f} MiB written | "
+                f"{self.seconds:.1f}s -> {dst}")
+
+
+def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype: str | None = None,
+            overwrite: bool = False, shards: int = 1, max_shard_bytes: int = 5 * 2**30,
+            rope_scaling_factor: float | None = None, verify: bool = False, progress: bool = True) -> Summary:
+    """Convert SRC (format `src_fmt`) to DST (format `dst_fmt`); see `llama-jax convert --help`."""
+    from tqdm import tqdm
+
+    if dst_fmt not in FORMATS:
+        raise ConversionError(f"unknown output format {dst_fmt!r}; valid: {', '.join(FORMATS)}")
+    if Path(dst).exists() and not overwrite:
+        raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    source = read_checkpoint(src_fmt, src, rope_scaling_factor)
+    try:
+        dtype = dtype or source.dtype
+        out_dtype = numpy_dtype(dtype)
+        config = source.config.replace(param_dtype=dtype_name(out_dtype))
+        specs = tensor_specs(config)
+        passes = shards if dst_fmt == "meta" else 1  # the Meta writer reads every tensor once per shard
+        with atomic_directory(dst, overwrite) as tmp, \
+                tqdm(total=len(specs) * passes, unit="tensor", desc=f"{src_fmt} -> {dst_fmt}",
+                     disable=None if progress else True, leave=False) as bar:
+
+            def load(name: str) -> np.ndarray:
+                bar.update(1)
+                return source.load(name).astype(out_dtype, copy=False)
+
+            if dst_fmt == "hf":
+                written = hf_dir.write_hf_dir(tmp, config, load, max_shard_bytes)
+            elif dst_fmt == "meta":
+                written = meta.write_meta(tmp, config, load, shards)
+            else:
+                written = write_jax_dir(tmp, config, load)
+            if source.files_dir is not None:
+                copy_tokenizer_files(source.files_dir, tmp)
+            report = None
+            if verify:
+                from llama_jax.convert.verify import verify_conversion
+
+                bar.close()
+                lossless = out_dtype in (numpy_dtype(source.dtype), np.dtype(np.float32))
+                report = verify_conversion(src_fmt, Path(src), dst_fmt, tmp, lossless, rope_scaling_factor)
+                if not report.ok:
+                    raise ConversionError(f"verification failed, nothing written: {report.line()}")
+    finally:
+        source.close()
+    n_params = sum(int(np.prod(s.hf_shape)) for s in specs)
+    return Summary(config, n_params, dtype_name(out_dtype), written, time.perf_counter() - t0, report)

@@ -1,0 +1,243 @@
+"""`llama-jax convert` with Hugging Face directories: every input layout, output loadable by transformers."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+from llama_jax import LLaMA, load_model
+from llama_jax.cli import main
+from tests.reference import hf_config_dict, hf_logits, make_hf_model
+
+TOL = 1e-4
+TOKENS = np.random.default_rng(0).integers(0, 256, (2, 20)).astype(np.int32)
+
+
+def write_hf_dir(path: Path, model, config_dict: dict, layout: str, drop_lm_head: bool = False) -> Path:
+    """A Hugging Face directory in one of the layouts found in the wild, written without llama_jax."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config_dict))
+    (path / "tokenizer.model").write_bytes(b"tokenizer bytes")
+    (path / "generation_config.json").write_text('{"bos_token_id": 1}')
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if drop_lm_head:
+        state.pop("lm_head.weight")
+    single, index_name, save = {
+        "safetensors": ("model.safetensors", "model.safetensors.index.json", safetensors.torch.save_file),
+        "bin": ("pytorch_model.bin", "pytorch_model.bin.index.json", torch.save),
+    }[layout.split("-")[0]]
+    if not layout.endswith("sharded"):
+        save(state, path / single)
+        return path
+    names = sorted(state)
+    parts = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(parts):
+        file_name = single.replace(".", f"-{i + 1:05d}-of-00002.", 1)
+        save({n: state[n].clone() for n in part}, path / file_name)
+        weight_map.update({n: file_name for n in part})
+    (path / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+CASES = [  # (variant, config.json style, weights layout, drop tied lm_head as Hub files do)
+    ("mha", "v4", "safetensors", False),
+    ("gqa_llama3", "v5", "safetensors-sharded", False),
+    ("mqa_tied", "v4", "bin", True),
+    ("gqa_llama3", "v4", "bin-sharded", False),
+    ("mqa_tied", "v5", "safetensors", False),
+]
+
+
+@pytest.mark.parametrize("variant, style, layout, drop_lm_head", CASES)
+def test_hf_to_jax_matches_transformers(tmp_path, variant, style, layout, drop_lm_head):
+    config_dict = hf_config_dict(variant, style)
+    model = make_hf_model(config_dict, seed=3)
+    src = write_hf_dir(tmp_path / "hf", model, config_dict, layout, drop_lm_head)
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "jax")]) == 0
+    cfg, params = load_model(tmp_path / "jax")
+    logits = np.asarray(LLaMA(cfg).apply({"params": params}, TOKENS))
+    np.testing.assert_allclose(logits, hf_logits(model, TOKENS), atol=TOL, rtol=0)
+    assert (tmp_path / "jax" / "tokenizer.model").read_bytes() == b"tokenizer bytes"
+    assert (tmp_path / "jax" / "generation_config.json").is_file()
+
+
+@pytest.mark.parametrize("variant", ["gqa_llama3", "mqa_tied"])
+def test_jax_to_hf_loads_in_transformers(tmp_path, variant, capsys):
+    config_dict = hf_config_dict(variant, "v5")
+    model = make_hf_model(config_dict, seed=4)
+    src = write_hf_dir(tmp_path / "hf", model, config_dict, "safetensors")
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "jax")]) == 0
+    # A small shard limit forces several safetensors files and an index.
+    assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "out"),
+                 "--max-shard-size", "100KB"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    n_layers = config_dict["num_hidden_layers"]
+    assert summary.startswith(f"jax -> hf: {n_layers} layers") and "float32" in summary and "MiB written" in summary
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert ("lm_head.weight" in index["weight_map"]) == (not config_dict["tie_word_embeddings"])
+    loaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True,
+                                                                 attn_implementation="eager")
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    np.testing.assert_allclose(hf_logits(loaded, TOKENS), hf_logits(model, TOKENS), atol=1e-5, rtol=0)
+    assert (out / "tokenizer.model").is_file()
+
+
+def test_bfloat16_output_and_verify(tmp_path, capsys):
+    config_dict = hf_config_dict("gqa_llama3", "v4")
+    src = write_hf_dir(tmp_path / "hf", make_hf_model(config_dict), config_dict, "safetensors")
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "jax"),
+                 "--dtype", "bfloat16", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verify hf (transformers) vs jax (llama_jax)" in out and "(ok;" in out
+    cfg, params = load_model(tmp_path / "jax")
+    assert cfg.param_dtype == "bfloat16" and str(params["embed"]["embedding"].dtype) == "bfloat16"
+    assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "hf2"),
+                 "--verify"]) == 0
+    assert "verify jax (llama_jax) vs hf (transformers)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_failed_verification_exits_nonzero_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from llama_jax.convert import hf
+
+    config_dict = hf_config_dict("mha", "v4")
+    src = write_hf_dir(tmp_path / "hf", make_hf_model(config_dict), config_dict, "safetensors")
+    original = hf.TensorSpec.to_jax
+
+    def wrong_layout(self, w):  # a converter bug: q rows taken in the wrong order
+        out = original(self, w)
+        return out[..., ::-1] if self.hf_name.endswith("q_proj.weight") else out
+
+    monkeypatch.setattr(hf.TensorSpec, "to_jax", wrong_layout)
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "jax"), "--verify"]) == 2
+    err = _error_line(capsys)
+    assert "verification failed" in err and "FAILED" in err
+    assert not (tmp_path / "jax").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+# ---- bad input: one line, exit 2, nothing at DST ---------------------------------------------
+
+
+@pytest.fixture
+def good_src(tmp_path):
+    config_dict = hf_config_dict("mha", "v4")
+    return write_hf_dir(tmp_path / "src", make_hf_model(config_dict), config_dict, "safetensors-sharded")
+
+
+def _error_line(capsys) -> str:
+    """The one error line of a failed command (progress bars aside), checked to be the only one."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("llama-jax")]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]), err
+    return lines[0]
+
+
+def _fails(tmp_path, capsys, src, expected, fmt="hf"):
+    dst = tmp_path / "dst"
+    assert main(["convert", "--from", fmt, "--to", "jax", str(src), str(dst)]) == 2
+    err = _error_line(capsys)
+    assert expected in err, err
+    assert not dst.exists() and not any(p.name.startswith(".dst") for p in tmp_path.iterdir())
+
+
+def test_missing_config_json(tmp_path, capsys, good_src):
+    (good_src / "config.json").unlink()
+    _fails(tmp_path, capsys, good_src, "config.json not found")
+
+
+def test_shard_named_in_index_but_absent(tmp_path, capsys, good_src):
+    (good_src / "model-00002-of-00002.safetensors").unlink()
+    _fails(tmp_path, capsys, good_src, "model-00002-of-00002.safetensors: shard named in "
+                                       "model.safetensors.index.json is absent")
+
+
+def test_truncated_shard(tmp_path, capsys, good_src):
+    shard = good_src / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    _fails(tmp_path, capsys, good_src, "model-00001-of-00002.safetensors: truncated")
+
+
+def test_corrupt_shard(tmp_path, capsys, good_src):
+    (good_src / "model-00001-of-00002.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    _fails(tmp_path, capsys, good_src, "corrupt safetensors header")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda s: s.pop("model.layers.1.mlp.up_proj.weight"), "missing tensor model.layers.1.mlp.up_proj.weight"),
+    (lambda s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}),
+     "unexpected tensor model.layers.0.self_attn.q_proj.bias"),
+    (lambda s: s.update({"model.norm.weight": torch.ones(32)}),
+     "model.norm.weight has shape (32,), config expects (64,)"),
+])
+def test_tensor_problems_are_named(tmp_path, capsys, edit, expected):
+    config_dict = hf_config_dict("mha", "v4")
+    src = write_hf_dir(tmp_path / "src", make_hf_model(config_dict), config_dict, "safetensors")
+    state = safetensors.torch.load_file(src / "model.safetensors")
+    edit(state)
+    safetensors.torch.save_file(state, src / "model.safetensors")
+    _fails(tmp_path, capsys, src, expected)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(model_type="mistral"), "model_type 'mistral' is not supported"),
+    (dict(attention_bias=True), "attention_bias=True is not supported"),
+])
+def test_unsupported_architecture(tmp_path, capsys, good_src, change, expected):
+    config = json.loads((good_src / "config.json").read_text())
+    (good_src / "config.json").write_text(json.dumps({**config, **change}))
+    _fails(tmp_path, capsys, good_src, expected)
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    config_dict = hf_config_dict("mha", "v4")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config_dict))
+    torch.save({"model.embed_tokens.weight": Payload()}, src / "pytorch_model.bin")
+    assert not marker.exists()
+    _fails(tmp_path, capsys, src, "refused to load")
+    assert not marker.exists()
+
+
+def test_existing_destination_needs_overwrite(tmp_path, capsys, good_src):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert main(["convert", "--from", "hf", "--to", "jax", str(good_src), str(dst)]) == 2
+    assert "already exists; pass --overwrite" in _error_line(capsys)
+    assert (dst / "keep.txt").read_text() == "mine"
+    assert main(["convert", "--from", "hf", "--to", "jax", str(good_src), str(dst), "--overwrite"]) == 0
+    assert not (dst / "keep.txt").exists() and (dst / "model_config.json").is_file()
+
+
+def test_tools_script_is_the_same_command(tmp_path, good_src):
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "tools" / "convert_weights.py"
+    run = subprocess.run([sys.executable, str(script), "--from", "hf", "--to", "jax", str(good_src),
+                          str(tmp_path / "j")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "hf -> jax: 2 layers" in run.stdout
+    bad = subprocess.run([sys.executable, str(script), "--from", "hf", "--to", "jax", str(tmp_path / "nope"),
+                          str(tmp_path / "k")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("no such directory")
+    assert "Traceback" not in bad.stderr

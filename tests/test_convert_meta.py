@@ -1,0 +1,418 @@
+"""Meta's checkpoint layout (params.json + consolidated.NN.pth): parity with transformers, round trips, bad input.
+
+Fixtures are Meta-format directories this file builds itself from tiny transformers models, with
+its own name table, rotary reordering and shard splitting, so that `llama_jax.convert.meta` is
+checked against an independent statement of the layout rather than against itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from llama_jax import LLaMA, LLaMAConfig, RopeScaling, from_hf_state_dict
+from llama_jax.convert.hf import tensor_specs
+from llama_jax.convert.meta import read_meta, write_meta
+from llama_jax.convert.source import ConversionError
+from tests.reference import hf_config_dict, hf_logits, make_hf_model, state_dict_numpy
+
+PARITY_TOL = 1e-4
+TOKENS = np.random.default_rng(0).integers(0, 256, (2, 20)).astype(np.int32)
+
+# Each case: (reference variant, HF config overrides, params.json keys, embedding split axis).
+# FFN widths are ones Meta's formula produces: dim 64 gives int(2*256/3) = 170, dim 128 gives 341.
+CASES = {
+    # LLaMA-2: multi-head attention, embedding split along the model dim. 170 -> multiple of 32 -> 192.
+    "llama2": ("mha", dict(intermediate_size=192),
+               dict(multiple_of=32, norm_eps=1e-5, vocab_size=256), 1),
+    # LLaMA-1: vocab_size -1, norm_eps 1e-6, no n_kv_heads key.
+    "llama1": ("mha", dict(intermediate_size=192, rms_norm_eps=1e-6),
+               dict(multiple_of=64, norm_eps=1e-6, vocab_size=-1), 1),
+    # LLaMA-3.1: GQA, vocabulary split, theta 500000, scaled rope. int(341 * 1.3) = 443 -> multiple of 64 -> 448.
+    "llama3": ("gqa_llama3", dict(intermediate_size=448),
+               dict(multiple_of=64, ffn_dim_multiplier=1.3, n_kv_heads=2, norm_eps=1e-5, rope_theta=500000.0,
+                    use_scaled_rope=True, vocab_size=256), 0),
+    # Multi-query attention, tied embeddings (no output.weight). int(170 * 0.75) = 127 -> multiple of 32 -> 128.
+    "mqa_tied": ("mqa_tied", dict(intermediate_size=128),
+                 dict(multiple_of=32, ffn_dim_multiplier=0.75, n_kv_heads=1, norm_eps=1e-6, vocab_size=256), 1),
+}
+# Meta's params.json has no field for it: LLaMA-3.1 scaling always uses an original context of 8192.
+LLAMA3_ROPE = dict(rope_type="llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+
+
+@functools.cache
+def reference(case: str):
+    """(HF config dict, transformers model, HF state dict) for a case."""
+    variant, overrides, _, _ = CASES[case]
+    hf_config = {**hf_config_dict(variant, "v5"), **overrides}
+    if case == "llama3":
+        hf_config["rope_parameters"] = {**LLAMA3_ROPE, "rope_theta": 500000.0}
+    model = make_hf_model(hf_config)
+    return hf_config, model, state_dict_numpy(model)
+
+
+# ---- the test's own statement of Meta's layout ------------------------------------------------
+
+HF_TO_META = [  # substring replacements, applied in order
+    ("model.embed_tokens.", "tok_embeddings."), ("model.norm.", "norm."), ("lm_head.", "output."),
+    ("model.layers.", "layers."), ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
+    ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"), ("mlp.gate_proj", "feed_forward.w1"),
+    ("mlp.up_proj", "feed_forward.w3"), ("mlp.down_proj", "feed_forward.w2"),
+    ("post_attention_layernorm", "ffn_norm"), ("input_layernorm", "attention_norm"),
+]
+SPLIT_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+
+
+def meta_name(hf_name: str) -> str:
+    for old, new in HF_TO_META:
+        hf_name = hf_name.replace(old, new)
+    return hf_name
+
+
+def rotate_half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Meta row 2i of a head is HF row i, Meta row 2i+1 is HF row i + Dh/2."""
+    head_dim = w.shape[0] // n_heads
+    half = head_dim // 2
+    order = np.empty(head_dim, int)
+    order[0::2], order[1::2] = np.arange(half), np.arange(half) + half
+    return w.reshape(n_heads, head_dim, -1)[:, order].reshape(w.shape)
+
+
+def meta_shards(state: dict, hf_config: dict, n_shards: int, embed_axis: int) -> list[dict[str, np.ndarray]]:
+    """Model-parallel pieces of an HF state dict, as Meta's code would have saved them."""
+    n_heads, n_kv = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    shards = [{} for _ in range(n_shards)]
+    for hf_name, w in state.items():
+        if hf_name == "lm_head.weight" and hf_config["tie_word_embeddings"]:
+            continue
+        name = meta_name(hf_name)
+        kind = name.split(".")[-2]
+        if kind in ("wq", "wk"):
+            w = rotate_half_to_interleaved(w, n_heads if kind == "wq" else n_kv)
+        axis = embed_axis if kind == "tok_embeddings" else SPLIT_AXIS.get(kind)
+        if axis is None:
+            pieces = [w] * n_shards
+        elif kind in ("wk", "wv") and n_kv < n_shards:  # each K/V head copied onto consecutive shards
+            heads = np.split(w, n_kv)
+            pieces = [heads[s * n_kv // n_shards] for s in range(n_shards)]
+        else:
+            pieces = np.split(w, n_shards, axis=axis)
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece
+    return shards
+
+
+def save_shards(directory, shards, params: dict, dtype=torch.float32) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.json").write_text(json.dumps(params))
+    for i, shard in enumerate(shards):
+        torch.save({k: torch.from_numpy(np.array(v)).to(dtype) for k, v in shard.items()},
+                   directory / f"consolidated.{i:02d}.pth")
+
+
+def meta_params(case: str) -> dict:
+    hf_config = reference(case)[0]
+    return dict(dim=hf_config["hidden_size"], n_layers=hf_config["num_hidden_layers"],
+                n_heads=hf_config["num_attention_heads"], **CASES[case][2])
+
+
+def make_meta_dir(directory, case: str, n_shards: int, extra: dict | None = None):
+    hf_config, _, state = reference(case)
+    shards = meta_shards(state, hf_config, n_shards, CASES[case][3])
+    if case == "llama1":  # LLaMA-1 files carry a precomputed rotary table
+        for shard in shards:
+            shard["rope.freqs"] = np.ones(hf_config["hidden_size"] // hf_config["num_attention_heads"] // 2, np.float32)
+    save_shards(directory, shards, {**meta_params(case), **(extra or {})})
+    return directory
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, multiplier: float | None = None) -> int:
+    hidden = int(8 * dim / 3)
+    hidden = int(hidden * multiplier) if multiplier is not None else hidden
+    return -(-hidden // multiple_of) * multiple_of
+
+
+def test_fixture_reordering_turns_rotate_half_into_interleaved_pairs():
+    """Pins the fixtures to Meta's rotary: complex rotation of pairs (2i, 2i+1), against HF's rotate_half."""
+    rng = np.random.default_rng(1)
+    n_heads, head_dim, dim, pos = 2, 8, 16, 5
+    half = head_dim // 2
+    w_hf, x = rng.normal(size=(n_heads * head_dim, dim)), rng.normal(size=dim)
+    theta = pos * 10000.0 ** (-np.arange(half) * 2 / head_dim)
+    q = (w_hf @ x).reshape(n_heads, head_dim)
+    hf = q * np.cos(np.tile(theta, 2)) + np.concatenate([-q[:, half:], q[:, :half]], -1) * np.sin(np.tile(theta, 2))
+    q_meta = (rotate_half_to_interleaved(w_hf, n_heads) @ x).reshape(n_heads, half, 2)
+    meta = (q_meta[..., 0] + 1j * q_meta[..., 1]) * np.exp(1j * theta)
+    np.testing.assert_allclose(meta.real, hf[:, :half], atol=1e-12)
+    np.testing.assert_allclose(meta.imag, hf[:, half:], atol=1e-12)
+
+
+# ---- reading: parity with transformers --------------------------------------------------------
+
+
+def load_all(source) -> dict[str, np.ndarray]:
+    return {spec.hf_name: source.load(spec.hf_name) for spec in tensor_specs(source.config)}
+
+
+@pytest.mark.parametrize("case,n_shards", [("llama2", 1), ("llama2", 2), ("llama2", 4), ("llama1", 2),
+                                           ("llama3", 1), ("llama3", 2), ("llama3", 4),
+                                           ("mqa_tied", 2), ("mqa_tied", 4)])
+def test_logits_match_transformers(tmp_path, case, n_shards):
+    hf_config, model, state = reference(case)
+    source = read_meta(make_meta_dir(tmp_path, case, n_shards), rope_scaling_factor=16 if case == "llama3" else None)
+    guessed_len = 2048 if case in ("llama1", "mqa_tied") else 4096  # norm_eps 1e-6 reads as LLaMA-1
+    assert source.config == LLaMAConfig.from_hf(hf_config, max_seq_len=guessed_len)
+    assert source.dtype == "float32" and source.files_dir == tmp_path
+
+    tensors = load_all(source)
+    for name, w in tensors.items():
+        np.testing.assert_array_equal(w, state[name], err_msg=name)
+    cfg, params = from_hf_state_dict(tensors, source.config.to_hf())
+    logits = np.asarray(LLaMA(cfg).apply({"params": params}, TOKENS))
+    np.testing.assert_allclose(logits, hf_logits(model, TOKENS), atol=PARITY_TOL, rtol=0)
+    source.close()
+
+
+def test_bfloat16_shards_keep_their_bits(tmp_path):
+    hf_config, _, state = reference("llama3")
+    save_shards(tmp_path, meta_shards(state, hf_config, 2, 0), meta_params("llama3"), torch.bfloat16)
+    source = read_meta(tmp_path)
+    assert source.dtype == "bfloat16"
+    for name, w in load_all(source).items():
+        assert w.dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(w, state[name].astype(ml_dtypes.bfloat16), err_msg=name)
+
+
+def tiny_state(cfg: LLaMAConfig, dtype=np.float16) -> dict[str, np.ndarray]:
+    return {s.hf_name: np.zeros(s.hf_shape, dtype) for s in tensor_specs(cfg)}
+
+
+@pytest.mark.parametrize("vocab,extra,expected", [
+    (128256, dict(use_scaled_rope=True), 131072),  # LLaMA-3.1
+    (128256, dict(), 8192),  # LLaMA-3
+    (-1, dict(norm_eps=1e-6), 2048),  # LLaMA-1
+    (-1, dict(norm_eps=1e-5), 4096),  # LLaMA-2
+    (128256, dict(max_seq_len=1000), 1000),
+])
+def test_max_seq_len_guess(tmp_path, vocab, extra, expected):
+    cfg = LLaMAConfig(vocab_size=32000 if vocab == -1 else vocab, dim=16, n_layers=1, n_heads=2, ffn_dim=48)
+    hf = dict(num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    save_shards(tmp_path, meta_shards(tiny_state(cfg), hf, 1, 0),
+                dict(dim=16, n_layers=1, n_heads=2, multiple_of=16, vocab_size=vocab, **extra), torch.float16)
+    source = read_meta(tmp_path)
+    assert source.config.max_seq_len == expected and source.dtype == "float16"
+
+
+@pytest.mark.parametrize("in_params,argument,expected", [(None, None, 8.0), (32.0, None, 32.0), (32.0, 16.0, 16.0)])
+def test_rope_scaling_factor_precedence(tmp_path, in_params, argument, expected):
+    extra = {} if in_params is None else {"rope_scaling_factor": in_params}
+    source = read_meta(make_meta_dir(tmp_path, "llama3", 1, extra), rope_scaling_factor=argument)
+    assert source.config.rope_scaling == RopeScaling("llama3", expected, 1.0, 4.0, 8192)
+    assert source.config.rope_theta == 500000.0
+
+
+def test_rope_scaling_factor_is_ignored_without_scaled_rope(tmp_path):
+    assert read_meta(make_meta_dir(tmp_path, "llama2", 1), rope_scaling_factor=32).config.rope_scaling is None
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def hf_source(case: str, dtype: str):
+    hf_config, _, state = reference(case)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    return LLaMAConfig.from_hf(hf_config), lambda name: state[name].astype(np_dtype)
+
+
+@pytest.mark.parametrize("case,n_shards,dtype", [("llama3", 1, "float32"), ("llama3", 2, "bfloat16"),
+                                                 ("llama3", 4, "float32"), ("llama2", 4, "bfloat16"),
+                                                 ("mqa_tied", 1, "bfloat16"), ("mqa_tied", 4, "float32")])
+def test_write_read_round_trip_is_bit_exact(tmp_path, case, n_shards, dtype):
+    cfg, load = hf_source(case, dtype)
+    written = write_meta(tmp_path / "out", cfg, load, n_shards)
+    assert written == sum(p.stat().st_size for p in (tmp_path / "out").iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        [f"consolidated.{i:02d}.pth" for i in range(n_shards)] + ["params.json"]
+    source = read_meta(tmp_path / "out")
+    assert source.config == cfg and source.dtype == dtype
+    for spec in tensor_specs(cfg):
+        a, b = source.load(spec.hf_name), load(spec.hf_name)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), spec.hf_name
+
+
+def test_llama3_sized_vocabulary_is_split_along_the_vocabulary(tmp_path):
+    cfg = LLaMAConfig(vocab_size=128256, dim=16, n_layers=1, n_heads=2, ffn_dim=48)
+    rng = np.random.default_rng(0)
+    state = {name: rng.normal(size=w.shape).astype(np.float16) for name, w in tiny_state(cfg).items()}
+    write_meta(tmp_path, cfg, state.__getitem__, 2)
+    shard = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
+    np.testing.assert_array_equal(shard["tok_embeddings.weight"].numpy(), state["model.embed_tokens.weight"][64128:])
+    source = read_meta(tmp_path)
+    assert source.config == cfg
+    for name, w in state.items():
+        np.testing.assert_array_equal(source.load(name), w, err_msg=name)
+
+
+@pytest.mark.parametrize("case,n_shards", [("llama2", 2), ("llama2", 4), ("mqa_tied", 4)])
+def test_written_shards_match_metas_layout(tmp_path, case, n_shards):
+    """Shard by shard, write_meta produces what the fixtures (Meta's layout, stated independently) hold."""
+    cfg, load = hf_source(case, "float32")
+    write_meta(tmp_path, cfg, load, n_shards)
+    hf_config, _, state = reference(case)
+    for i, expected in enumerate(meta_shards(state, hf_config, n_shards, CASES[case][3])):
+        got = torch.load(tmp_path / f"consolidated.{i:02d}.pth", weights_only=True)
+        assert sorted(got) == sorted(expected)
+        for name, w in expected.items():
+            np.testing.assert_array_equal(got[name].numpy(), w, err_msg=f"shard {i} {name}")
+    params = json.loads((tmp_path / "params.json").read_text())
+    assert meta_ffn_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")) == cfg.ffn_dim
+
+
+@pytest.mark.parametrize("ffn_dim", [171, 100, 1000, 192])
+def test_written_ffn_keys_reproduce_ffn_dim(tmp_path, ffn_dim):
+    cfg = LLaMAConfig(vocab_size=8, dim=64, n_layers=1, n_heads=4, ffn_dim=ffn_dim)
+    write_meta(tmp_path, cfg, tiny_state(cfg).__getitem__)
+    params = json.loads((tmp_path / "params.json").read_text())
+    assert meta_ffn_dim(64, params["multiple_of"], params.get("ffn_dim_multiplier")) == ffn_dim
+    assert read_meta(tmp_path).config == cfg
+
+
+@pytest.mark.parametrize("name", ["llama1-33b", "llama2-7b", "llama2-70b", "llama3-8b", "llama3.1-405b",
+                                  "llama3.2-1b", "tinyllama-1.1b", "debug"])
+def test_ffn_keys_for_real_widths(name):
+    """The (multiple_of, ffn_dim_multiplier) choice for full-size models, too big to write here."""
+    from llama_jax.convert.meta import _ffn_params
+
+    cfg = LLaMAConfig.from_preset(name)
+    multiple_of, multiplier = _ffn_params(cfg.dim, cfg.ffn_dim)
+    assert meta_ffn_dim(cfg.dim, multiple_of, multiplier) == cfg.ffn_dim
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def rewrite_shard(path, change) -> None:
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+def test_missing_params_json(tmp_path):
+    make_meta_dir(tmp_path, "llama2", 1)
+    (tmp_path / "params.json").unlink()
+    with pytest.raises(ConversionError, match=r"params\.json: not found"):
+        read_meta(tmp_path)
+
+
+def test_no_shards(tmp_path):
+    (tmp_path / "params.json").write_text(json.dumps(meta_params("llama2")))
+    with pytest.raises(ConversionError, match=r"no consolidated\.NN\.pth shards"):
+        read_meta(tmp_path)
+
+
+def test_gap_in_shard_numbers(tmp_path):
+    make_meta_dir(tmp_path, "llama2", 4)
+    (tmp_path / "consolidated.02.pth").unlink()
+    with pytest.raises(ConversionError, match=r"consolidated\.02\.pth is missing"):
+        read_meta(tmp_path)
+
+
+def test_shard_with_misshaped_tensor(tmp_path):
+    make_meta_dir(tmp_path, "llama2", 2)
+    rewrite_shard(tmp_path / "consolidated.01.pth",
+                  lambda s: s.update({"layers.1.attention.wq.weight": torch.zeros(40, 64)}))
+    with pytest.raises(ConversionError, match=r"consolidated\.01\.pth: layers\.1\.attention\.wq\.weight has shape "
+                                              r"\(40, 64\) but consolidated\.00\.pth has \(32, 64\)"):
+        read_meta(tmp_path)
+
+
+def test_shapes_disagreeing_with_params_json(tmp_path):
+    make_meta_dir(tmp_path, "llama3", 1, dict(n_kv_heads=4))  # the shards hold 2 K/V heads
+    with pytest.raises(ConversionError, match=r"consolidated\.00\.pth: layers\.0\.attention\.wk\.weight has merged "
+                                              r"shape \(32, 128\), params\.json implies \(64, 128\)"):
+        read_meta(tmp_path)
+
+
+def test_missing_tensor(tmp_path):
+    make_meta_dir(tmp_path, "llama2", 2)
+    rewrite_shard(tmp_path / "consolidated.01.pth", lambda s: s.pop("layers.1.feed_forward.w3.weight"))
+    with pytest.raises(ConversionError, match=r"consolidated\.01\.pth: missing tensor layers\.1\.feed_forward\.w3"):
+        read_meta(tmp_path)
+
+
+def test_unexpected_tensor(tmp_path):
+    make_meta_dir(tmp_path, "llama2", 1)
+    rewrite_shard(tmp_path / "consolidated.00.pth", lambda s: s.update({"layers.0.attention.wq.bias": torch.zeros(64)}))
+    with pytest.raises(ConversionError, match=r"unexpected tensor layers\.0\.attention\.wq\.bias"):
+        read_meta(tmp_path)
+
+
+def test_ffn_keys_disagreeing_with_w1(tmp_path):
+    make_meta_dir(tmp_path, "llama2", 1, dict(multiple_of=256))
+    with pytest.raises(ConversionError, match=r"multiple_of=256, ffn_dim_multiplier=None give an FFN width of 256, "
+                                              r"but layers\.0\.feed_forward\.w1\.weight has 192 rows"):
+        read_meta(tmp_path)
+
+
+def test_kv_replicas_that_differ(tmp_path):
+    make_meta_dir(tmp_path, "mqa_tied", 2)
+    rewrite_shard(tmp_path / "consolidated.01.pth", lambda s: s["layers.0.attention.wv.weight"].add_(1.0))
+    source = read_meta(tmp_path)
+    with pytest.raises(ConversionError, match=r"consolidated\.01\.pth: layers\.0\.attention\.wv\.weight should repeat"):
+        source.load("model.layers.0.self_attn.v_proj.weight")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "MARKER"
+    (tmp_path / "params.json").write_text(json.dumps(meta_params("llama2")))
+    torch.save({"tok_embeddings.weight": _RunsCode(marker)}, tmp_path / "consolidated.00.pth")
+    with pytest.raises(ConversionError, match=r"consolidated\.00\.pth: refused"):
+        read_meta(tmp_path)
+    assert not marker.exists()
+
+
+def test_write_rejects_uneven_splits(tmp_path):
+    cfg, load = hf_source("llama2", "float32")
+    with pytest.raises(ConversionError, match=r"n_shards=3: n_heads=4 is not divisible .* valid shard counts "
+                                              r"for this model: 1, 2, 4$"):
+        write_meta(tmp_path, cfg, load, 3)
+    odd_kv = LLaMAConfig(vocab_size=48, dim=96, n_layers=1, n_heads=6, n_kv_heads=2, ffn_dim=288)
+    with pytest.raises(ConversionError, match=r"n_kv_heads=2 neither divides nor is divisible by it; .*: 1, 2, 6$"):
+        write_meta(tmp_path, odd_kv, load, 3)
+    odd_vocab = cfg.replace(vocab_size=128002)  # LLaMA-3-sized vocabularies are split along the vocabulary
+    with pytest.raises(ConversionError, match=r"tok_embeddings\.weight has 128002 along dim 0, not divisible by it"):
+        write_meta(tmp_path, odd_vocab, load, 4)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_write_rejects_what_params_json_cannot_say(tmp_path):
+    cfg, load = hf_source("llama2", "float32")
+    with pytest.raises(ConversionError, match=r"rope_scaling=.*linear.* cannot be written to params\.json"):
+        write_meta(tmp_path, cfg.replace(rope_scaling=RopeScaling("linear", 2.0)), load)
+    with pytest.raises(ConversionError, match=r"cannot be written"):
+        write_meta(tmp_path, cfg.replace(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64)), load)
+
+
+def test_write_refuses_stale_shards_and_bad_tensors(tmp_path):
+    cfg, load = hf_source("llama2", "float32")
+    with pytest.raises(ConversionError, match=r"tensor model\.layers\.0\.self_attn\.q_proj\.weight has shape "
+                                              r"\(2, 2\), config expects \(64, 64\)"):
+        write_meta(tmp_path, cfg, lambda n: np.zeros((2, 2), np.float32) if "q_proj" in n else load(n))
+    write_meta(tmp_path / "out", cfg, load, 2)
+    with pytest.raises(ConversionError, match=r"consolidated\.00\.pth: already exists"):
+        write_meta(tmp_path / "out", cfg, load, 1)
