@@ -2,10 +2,11 @@
 
 Builds a random Hugging Face checkpoint (default ~1.6 GB, float32, sharded safetensors), then
 measures in separate processes, one after another on the same files:
-  read      reading every input file once (the floor for any converter),
+  read      reading every input file once,
+  copy      copying the input directory (read + write the same bytes: the floor for a converter),
   hf->jax   `llama-jax convert --from hf --to jax`,
   jax->hf   `llama-jax convert --from jax --to hf`,
-and reports wall time as a ratio to the read and peak RSS against the target
+and reports wall time as ratios to the read and to the copy, and peak RSS against the target
 1.3 x checkpoint size + 512 MiB. The page cache is dropped before every step when the benchmark
 may (root on Linux), so each step reads from disk; otherwise all reads are warm and it says so.
 
@@ -114,9 +115,13 @@ def main() -> None:
     cli = [sys.executable, "-m", "llama_jax.cli", "convert"]
     runs = {
         "read hf files": [sys.executable, "-c", READ_ALL, str(work / "hf")],
+        "copy hf files": [sys.executable, "-c", "import shutil,sys; shutil.copytree(sys.argv[1], sys.argv[2])",
+                          str(work / "hf"), str(work / "hf-copy")],
         "hf -> jax": cli + ["--from", "hf", "--to", "jax", str(work / "hf"), str(work / "jax")],
         "read jax files": [sys.executable, "-c", "import os,sys\nfor r,_,fs in os.walk(sys.argv[1]):\n"
                            "  for f in fs: open(os.path.join(r,f),'rb').read()", str(work / "jax")],
+        "copy jax files": [sys.executable, "-c", "import shutil,sys; shutil.copytree(sys.argv[1], sys.argv[2])",
+                           str(work / "jax"), str(work / "jax-copy")],
         "jax -> hf": cli + ["--from", "jax", "--to", "hf", str(work / "jax"), str(work / "hf-out")],
     }
     results, cold = {}, True
@@ -126,13 +131,13 @@ def main() -> None:
         results[label] = measure(cmd)
     print(f"\npage cache: {'dropped before each step (cold reads)' if cold else 'not dropped (warm reads)'}")
     target = 1.3 * size + 512 * MiB
-    print(f"| step | wall s | x read | peak RSS MiB | RSS / target ({target / MiB:,.0f} MiB) |")
-    print("|---|---|---|---|---|")
-    for label, read_label in (("hf -> jax", "read hf files"), ("jax -> hf", "read jax files")):
-        (sec, rss), (read_sec, _) = results[label], results[read_label]
-        print(f"| {label} | {sec:.1f} | {sec / read_sec:.2f} | {rss / MiB:,.0f} | {rss / target:.2f} |")
-    for label in ("read hf files", "read jax files"):
-        print(f"| {label} | {results[label][0]:.1f} | 1.00 | {results[label][1] / MiB:,.0f} | |")
+    print(f"| step | wall s | x read | x copy | peak RSS MiB | RSS / target ({target / MiB:,.0f} MiB) |")
+    print("|---|---|---|---|---|---|")
+    for label, fmt in (("hf -> jax", "hf"), ("jax -> hf", "jax")):
+        (sec, rss), read_sec, copy_sec = results[label], results[f"read {fmt} files"][0], results[f"copy {fmt} files"][0]
+        print(f"| {label} | {sec:.1f} | {sec / read_sec:.1f} | {sec / copy_sec:.2f} | {rss / MiB:,.0f} | {rss / target:.2f} |")
+    for label in ("read hf files", "copy hf files", "read jax files", "copy jax files"):
+        print(f"| {label} | {results[label][0]:.1f} | | | {results[label][1] / MiB:,.0f} | |")
     shutil.rmtree(work, ignore_errors=True)
 
 

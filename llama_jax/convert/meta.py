@@ -32,7 +32,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -134,8 +134,10 @@ def _ffn_params(dim: int, ffn_dim: int) -> tuple[int, float | None]:
 # ---- reading ---------------------------------------------------------------------------------
 
 
-def read_meta(src_dir: Path, rope_scaling_factor: float | None = None) -> Source:
+def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary: bool = True) -> Source:
     """A lazy Source over a Meta checkpoint directory; `load` merges shards into HF layout.
+
+    `hf_rotary=False` leaves wq/wk rows in Meta's interleaved order (see `read_meta_layout`).
 
     `rope_scaling_factor`: the LLaMA-3.1-style scaling factor when params.json says
     `use_scaled_rope` (8 for LLaMA-3.1, 32 for LLaMA-3.2); Meta's files do not record it.
@@ -206,7 +208,7 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None) -> Source
             w = tensor_to_numpy(ps[keep[0]])
         else:
             w = np.concatenate([tensor_to_numpy(ps[i]) for i in keep], axis=t.axis)
-        return _meta_to_hf_rotary(w, t.rotary_heads) if t.rotary_heads else w
+        return _meta_to_hf_rotary(w, t.rotary_heads) if t.rotary_heads and hf_rotary else w
 
     dtype = str(shards[0][_EMBED].dtype).removeprefix("torch.")
     if dtype not in _DTYPES:
@@ -214,11 +216,14 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None) -> Source
     return Source(config=cfg, load=load, dtype=dtype, files_dir=src_dir, close=shards.clear)
 
 
-def meta_layout_tensors(source: Source) -> Iterator[tuple[str, np.ndarray]]:
-    """(Meta name, full tensor in Meta's layout) for every tensor of any Source, one at a time."""
-    for hf_name, t in _tensors(source.config, 0).items():
-        w = source.load(hf_name)
-        yield t.name, _hf_to_meta_rotary(w, t.rotary_heads) if t.rotary_heads else w
+def read_meta_layout(src_dir: Path, rope_scaling_factor: float | None = None) -> tuple[LLaMAConfig, dict]:
+    """Config and every tensor of a Meta checkpoint by Meta name, merged across shards, with wq/wk
+    rows left in Meta's interleaved order: the input for checks that run Meta's own layout."""
+    source = read_meta(src_dir, rope_scaling_factor, hf_rotary=False)
+    try:
+        return source.config, {t.name: source.load(hf_name) for hf_name, t in _tensors(source.config, 0).items()}
+    finally:
+        source.close()
 
 
 def _merge_plan(t: _MetaTensor, piece_shape: tuple[int, ...], n_shards: int,

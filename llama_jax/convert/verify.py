@@ -2,8 +2,8 @@
 
 Each side runs in its own framework where possible, in float32 compute:
 - hf: `transformers.LlamaForCausalLM.from_pretrained` (falls back to llama_jax without transformers);
-- meta: a PyTorch forward pass written in Meta's own layout (interleaved rotary pairs), so a
-  wrong rotary permutation in the converter shows up as a mismatch;
+- meta: a PyTorch forward pass in Meta's own layout (interleaved rotary pairs) on the merged
+  shards as stored, so a wrong rotary reordering in the converter shows up as a mismatch;
 - jax: the llama_jax model.
 """
 
@@ -91,13 +91,8 @@ def meta_logits(path: Path, tokens: np.ndarray, rope_scaling_factor: float | Non
     from llama_jax.convert import meta
     from llama_jax.model import rope_inv_freq
 
-    source = meta.read_meta(path, rope_scaling_factor)
-    try:
-        cfg = source.config
-        weights = {meta_name: torch.from_numpy(np.asarray(array, np.float32))
-                   for meta_name, array in meta.meta_layout_tensors(source)}
-    finally:
-        source.close()
+    cfg, arrays = meta.read_meta_layout(path, rope_scaling_factor)  # no rotary reordering involved
+    weights = {name: torch.from_numpy(np.asarray(a, np.float32)) for name, a in arrays.items()}
     H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     B, S = tokens.shape
     angles = torch.outer(torch.arange(S, dtype=torch.float32), torch.from_numpy(rope_inv_freq(cfg)))
