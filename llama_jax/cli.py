@@ -90,6 +90,66 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: params.json's rope_scaling_factor, else 8; LLaMA-3.2 1B/3B use 32)")
 
 
+def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config.a.b=v` (or `--config.a.b v`) overrides from the other arguments."""
+    rest, overrides = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("--config."):
+            item = arg[len("--config."):]
+            if "=" not in item:
+                value = next(it, None)
+                if value is None:
+                    raise UserError(f"{arg}: missing value")
+                item = f"{item}={value}"
+            overrides.append(item)
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def _init_distributed(args) -> None:
+    """Join a multi-process run: explicitly from flags, or automatically on TPU VMs and SLURM."""
+    import os
+
+    import jax
+
+    if args.num_processes and args.num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID") and \
+            int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+
+
+def cmd_train(args) -> None:
+    from llama_jax.experiment import load_config
+    from llama_jax.train import train_and_evaluate
+
+    config = load_config(args.config, args.overrides)
+    _init_distributed(args)
+    logged = train_and_evaluate(config, args.workdir)
+    if logged:
+        last = logged[-1]
+        print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_second']:,.0f} tokens/s, "
+              f"MFU {last['mfu']:.1%}; metrics in {args.workdir}/metrics.jsonl")
+
+
+def cmd_plan(args) -> None:
+    import os
+
+    if args.devices:  # virtual CPU devices; must be set before JAX initialises its backends
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    from llama_jax.experiment import load_config
+    from llama_jax.plan import plan, format_plan
+
+    config = load_config(args.config, args.overrides)
+    print(format_plan(plan(config)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-jax", description="LLaMA models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(p)
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("train", help="train a model from an experiment config")
+    p.add_argument("--config", required=True, help="Python config file with get_config(); "
+                   "override any key as --config.section.key=value")
+    p.add_argument("--workdir", required=True, help="run directory (metrics.jsonl, config.json)")
+    p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="compile the train step ahead of time; report per-device memory and FLOPs")
+    p.add_argument("--config", required=True)
+    p.add_argument("--devices", type=int, default=None, help="plan for N virtual CPU devices")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("demo", help="the project's main job on a small model")
     p.add_argument("--preset", default="tiny")
     p.set_defaults(func=cmd_demo)
@@ -108,7 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        rest, overrides = _split_config_overrides(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"llama-jax: error: {e}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(rest)
+    args.overrides = overrides
     try:
         args.func(args)
     except (UserError, ValueError, FileExistsError, FileNotFoundError) as e:

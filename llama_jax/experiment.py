@@ -1,0 +1,99 @@
+"""Experiment configs: Python files whose `get_config()` returns an `ml_collections.ConfigDict`.
+
+Any key can be overridden on the command line as `--config.optimizer.lr=3e-4`; an unknown key or
+a value of the wrong type is an error naming the key. The `model` section holds `preset` plus
+any `LLaMAConfig` field by name (None: take the preset's value).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from pathlib import Path
+
+import ml_collections
+
+from llama_jax.config import LLaMAConfig, field_names
+
+
+def model_section(preset: str = "tiny", **fields) -> ml_collections.ConfigDict:
+    """A `model` config section: the preset and every LLaMAConfig field (None = preset's value)."""
+    section = {"preset": preset, **{name: None for name in field_names()}}
+    unknown = sorted(set(fields) - set(section))
+    if unknown:
+        raise ValueError(f"model: unknown field(s) {unknown}; valid: preset, {', '.join(field_names())}")
+    section.update(fields)
+    return ml_collections.ConfigDict(section)
+
+
+def model_config(section: ml_collections.ConfigDict) -> LLaMAConfig:
+    overrides = {k: v for k, v in section.items() if k != "preset" and v is not None}
+    if isinstance(overrides.get("rope_scaling"), ml_collections.ConfigDict):
+        overrides["rope_scaling"] = overrides["rope_scaling"].to_dict()
+    return LLaMAConfig.from_preset(section.preset, **overrides)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Run `get_config()` from a Python config file, then apply `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} not found")
+    spec = importlib.util.spec_from_file_location(f"llama_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: defines no get_config()")
+    config = module.get_config()
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    """Apply one `a.b.c=value` override in place, checking the key exists and the type fits."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r}: expected key=value, e.g. optimizer.lr=3e-4")
+    key, text = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in override {item!r})")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
+        raise ValueError(f"unknown config key {key!r}; valid keys there: {valid}")
+    current = node[leaf]
+    value = _parse(text)
+    if current is not None and value is not None:
+        if isinstance(current, bool) != isinstance(value, bool) or not isinstance(value, _compatible(current)):
+            raise ValueError(f"config key {key!r} is {type(current).__name__}, got {text!r} "
+                             f"({type(value).__name__})")
+        if isinstance(current, float):
+            value = float(value)
+        if isinstance(current, tuple):
+            value = tuple(value)
+    with node.ignore_type():
+        node[leaf] = value
+
+
+def _parse(text: str):
+    """Python literal if it parses as one (numbers, True/False/None, tuples, lists), else the string."""
+    lowered = {"true": True, "false": False, "none": None, "null": None}.get(text.strip().lower(), text)
+    if lowered is not text:
+        return lowered
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _compatible(current) -> tuple[type, ...]:
+    if isinstance(current, bool):
+        return (bool,)
+    if isinstance(current, float):
+        return (float, int)
+    if isinstance(current, (tuple, list)):
+        return (tuple, list)
+    return (type(current),)

@@ -1,0 +1,68 @@
+"""`llama-jax plan`: compile the train step ahead of time and report what one device will hold.
+
+Nothing is allocated: the state and batch are abstract arrays carrying their shardings, and the
+step is lowered and compiled for the mesh the config asks for (virtual CPU devices will do), so
+a config that will not fit is caught before paying for accelerators.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama_jax import metrics as metrics_lib
+from llama_jax.sharding import batch_sharding
+from llama_jax.train import build_trainer
+
+
+def _per_device_bytes(abstract_tree) -> int:
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_tree))
+
+
+def plan(config, devices=None) -> dict:
+    trainer = build_trainer(config, devices)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         nn.meta.unbox(trainer.abstract_state), trainer.state_shardings)
+    B, S = config.train.batch_size, config.train.seq_len
+    batch = {k: jax.ShapeDtypeStruct((B, S), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=batch_sharding(trainer.mesh))
+             for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
+    with trainer.mesh:
+        compiled = trainer.jit_train_step.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    cfg = trainer.model_config
+    return {
+        "mesh": dict(trainer.mesh.shape),
+        "devices": trainer.mesh.size,
+        "platform": trainer.mesh.devices.flat[0].platform,
+        "params": _per_device_bytes(state.params),
+        "opt_state": _per_device_bytes(state.opt_state),
+        "arguments": memory.argument_size_in_bytes,
+        "outputs": memory.output_size_in_bytes,
+        "temporaries": memory.temp_size_in_bytes,
+        "aliased": memory.alias_size_in_bytes,
+        "flops_per_step": metrics_lib.flops_per_token(cfg, S) * B * S,
+        "param_count": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+        "tokens_per_step": B * S,
+    }
+
+
+def format_plan(p: dict) -> str:
+    gib = 2**30
+    peak = p["arguments"] + p["outputs"] - p["aliased"] + p["temporaries"]
+    mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    return "\n".join([
+        f"mesh {mesh} ({p['devices']} {p['platform']} devices); {p['param_count']:,} parameters; "
+        f"{p['tokens_per_step']:,} tokens per step",
+        "per device:",
+        f"  parameters        {p['params'] / gib:10.3f} GiB",
+        f"  optimizer state   {p['opt_state'] / gib:10.3f} GiB",
+        f"  activations/temp  {p['temporaries'] / gib:10.3f} GiB  (compiled temporaries)",
+        f"  step arguments    {p['arguments'] / gib:10.3f} GiB  (state + batch)",
+        f"  estimated peak    {peak / gib:10.3f} GiB  (arguments + outputs - donated + temporaries)",
+        f"model FLOPs per step {p['flops_per_step']:.3e} ({p['flops_per_step'] / p['devices']:.3e} per device; "
+        "training = 3x forward, causal attention counted as half)",
+    ])

@@ -1,0 +1,136 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Mesh axes: `data` (pure data parallel: replicas of the parameters), `fsdp` (data parallel with
+parameters, gradients and optimizer state sharded over it, ZeRO-3 style) and `tensor`
+(Megatron-style tensor parallel over heads, FFN width and vocabulary). The batch is split over
+data x fsdp. Strategies are mesh shapes, not separate rule sets:
+    pure data parallel    data=-1, fsdp=1,  tensor=1
+    FSDP                  data=1,  fsdp=-1, tensor=1
+    FSDP + tensor         data=1,  fsdp=-1, tensor=T
+A rule whose mesh axis has size 1 costs nothing, and a mesh axis already used by an earlier
+dimension of the same array is skipped (so activations [batch, length, embed] shard only the
+batch, while an `embed` weight dimension shards over fsdp).
+
+Meshes use Auto axes (`jax.sharding.Mesh`), where jit shardings propagate as in classic pjit and
+`shard_map` reshards its inputs as needed; Flax's logical partitioning helpers expect them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import LLaMAConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+# Which config field a logical axis measures, for error messages.
+_AXIS_FIELDS = {"embed": "dim", "vocab": "vocab_size", "heads": "n_heads", "kv_heads": "n_kv_heads",
+                "mlp": "ffn_dim", "head_dim": "head_dim", "layers": "n_layers"}
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+    """Mesh sizes with a single -1 replaced by the remaining devices; ValueError if they don't fit."""
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size == 0 or size < -1:
+            raise ValueError(f"mesh.{name}={size!r}: must be a positive integer or -1 (all remaining devices)")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: only one of data, fsdp, tensor may be -1, got {', '.join(free)}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if n_devices % fixed:
+            raise ValueError(f"mesh: {n_devices} devices are not divisible by the fixed mesh sizes "
+                             f"({' x '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)} = {fixed})")
+        sizes[free[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        raise ValueError(f"mesh: data x fsdp x tensor = {data} x {fsdp} x {tensor} = {fixed}, "
+                         f"but there are {n_devices} devices; the product must equal the device count "
+                         "(use -1 for one axis to take the rest)")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all).
+
+    On multi-slice TPU the data axis spans slices (DCN) and fsdp x tensor stay within a slice (ICI).
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    n_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    from jax.experimental import mesh_utils
+
+    if n_slices > 1:
+        if shape[0] % n_slices:
+            raise ValueError(f"mesh.data={shape[0]} must be a multiple of the {n_slices} TPU slices")
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            (shape[0] // n_slices, shape[1], shape[2]), (n_slices, 1, 1), devices)
+    elif devices[0].platform == "cpu":
+        device_array = np.array(devices).reshape(shape)
+    else:
+        device_array = mesh_utils.create_device_mesh(shape, devices)
+    return Mesh(device_array, MESH_AXES)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: tuple[str | None, ...], rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, rules))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of [batch, ...] inputs: rows split over data x fsdp."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def tree_shardings(mesh: Mesh, boxed_tree, rules=LOGICAL_AXIS_RULES):
+    """NamedShardings for a tree of logically partitioned values (e.g. `jax.eval_shape(init)`),
+    with the structure of the unboxed tree.
+
+    Optimizer states built by mapping over boxed parameters inherit the boxes; a box whose value
+    no longer has one dimension per name (Adafactor's factored moments, step counters) is
+    replicated.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def sharding(x):
+        if not isinstance(x, nn.LogicallyPartitioned):
+            return replicated
+        if getattr(x.value, "ndim", None) == len(x.names):
+            return logical_sharding(mesh, x.names, rules)
+        return jax.tree.map(lambda _: replicated, x.value)
+
+    return jax.tree.map(sharding, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def check_divisible(config: LLaMAConfig, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> None:
+    """ValueError naming the config field and mesh axis when a sharded dimension does not divide."""
+    mesh_sizes = dict(mesh.shape)
+    rule_map = dict(rules)
+    for logical, field in _AXIS_FIELDS.items():
+        axes = rule_map.get(logical)
+        if axes is None:
+            continue
+        axes = (axes,) if isinstance(axes, str) else axes
+        ways = math.prod(mesh_sizes[a] for a in axes)
+        size = getattr(config, field)
+        if size % ways:
+            raise ValueError(f"model.{field}={size} is not divisible by mesh.{'x'.join(axes)}={ways}; "
+                             f"choose a mesh whose {'x'.join(axes)} size divides it")

@@ -1,0 +1,248 @@
+"""Training: sharded state, the jitted train step, and the loop.
+
+The state is created directly sharded: `jax.eval_shape` of the initialiser gives the abstract
+(logically partitioned) state, the rules table turns it into shardings, and `jit(init,
+out_shardings=...)` materialises each shard on its device. The train step is one `jax.jit` with
+explicit in/out shardings and the state donated; one step consumes one global batch, split
+into `grad_accum` micro-batches accumulated with `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax import loss as loss_lib
+from llama_jax.config import LLaMAConfig
+from llama_jax.model import LLaMA
+from llama_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, batch_sharding, tree_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# A batch is a dict of [global_batch, seq_len] int32 arrays.
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Everything the step needs that is not an array: model, optimizer, mesh and settings."""
+
+    model_config: LLaMAConfig
+    optimizer: optax.GradientTransformation
+    schedule: Callable[[jax.Array], jax.Array]
+    mesh: Mesh
+    grad_accum: int = 1
+    z_loss: float = 0.0
+    rules: tuple = LOGICAL_AXIS_RULES
+
+    # ---- state -----------------------------------------------------------------------------
+    def _init(self, rng):
+        params = LLaMA(self.model_config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
+
+    @functools.cached_property
+    def abstract_state(self):
+        """The boxed (logically partitioned) abstract state; nothing is allocated."""
+        return jax.eval_shape(self._init, jax.random.key(0))
+
+    @functools.cached_property
+    def state_shardings(self):
+        return tree_shardings(self.mesh, self.abstract_state, self.rules)
+
+    def init_state(self, seed: int) -> TrainState:
+        """A freshly initialised state, created shard by shard on its devices."""
+        init = jax.jit(lambda rng: nn.meta.unbox(self._init(rng)), out_shardings=self.state_shardings)
+        with self.mesh:
+            return init(jax.random.key(seed))
+
+    # ---- step ------------------------------------------------------------------------------
+    def loss_and_grads(self, params, batch, total_tokens):
+        """Summed over micro-batches: grads of (sum of token losses / total_tokens)."""
+        model = LLaMA(self.model_config)
+
+        def micro_loss(p, micro):
+            with nn.logical_axis_rules(self.rules):
+                logits = model.apply({"params": p}, micro["tokens"], positions=micro["positions"],
+                                     segment_ids=micro["segment_ids"])
+            mean_loss, aux = loss_lib.vocab_parallel_cross_entropy(
+                logits, micro["targets"], micro["loss_mask"], self.mesh, z_loss=self.z_loss)
+            weight = aux["tokens"] / total_tokens  # micro-batch mean -> its share of the global mean
+            return mean_loss * weight, {k: v if k == "tokens" else v * weight for k, v in aux.items()}
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        if self.grad_accum == 1:
+            (loss, aux), grads = grad_fn(params, batch)
+            return loss, aux, grads
+
+        k = self.grad_accum
+        micro_batches = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+        micro_batches = jax.lax.with_sharding_constraint(
+            micro_batches, NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES)))
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+        def body(carry, micro):
+            loss_sum, aux_sum, grad_sum = carry
+            (loss, aux), grads = grad_fn(params, micro)
+            return (loss_sum + loss, jax.tree.map(jnp.add, aux_sum, aux),
+                    jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)), None
+
+        aux_zeros = {"nll": 0.0, "z_loss": 0.0, "tokens": 0.0, "accuracy": 0.0}
+        aux_zeros = jax.tree.map(lambda x: jnp.zeros((), jnp.float32), aux_zeros)
+        (loss, aux, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), aux_zeros, zeros), micro_batches)
+        return loss, aux, grads
+
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        total_tokens = jnp.maximum(batch["loss_mask"].sum(), 1).astype(jnp.float32)
+        loss, aux, grads = self.loss_and_grads(state.params, batch, total_tokens)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "nll": aux["nll"], "z_loss": aux["z_loss"], "accuracy": aux["accuracy"],
+                   "tokens": aux["tokens"], "grad_norm": optax.global_norm(grads),
+                   "learning_rate": self.schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    @functools.cached_property
+    def jit_train_step(self):
+        """`train_step` under jit with explicit shardings and the state donated (pjit)."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(self.train_step,
+                       in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
+                       out_shardings=(self.state_shardings, replicated),
+                       donate_argnums=0)
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with self.mesh:
+            return self.jit_train_step(state, batch)
+
+    def eval_loss(self, params, batch: dict) -> dict:
+        """Mean loss and accuracy on one batch, without updating anything."""
+        with self.mesh:
+            return self._jit_eval(params, batch)
+
+    @functools.cached_property
+    def _jit_eval(self):
+        def evaluate(params, batch):
+            total = jnp.maximum(batch["loss_mask"].sum(), 1).astype(jnp.float32)
+            loss, aux, _ = self.loss_and_grads(params, batch, total)
+            return {"loss": loss, **aux}
+
+        return jax.jit(evaluate, in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)))
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows of the batch (all rows when single-process)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def validate_config(config, n_devices: int) -> None:
+    """Every user-facing check that can fail, before anything is compiled."""
+    from llama_jax import optim
+    from llama_jax.experiment import model_config
+    from llama_jax.sharding import resolve_mesh_shape
+
+    t = config.train
+    for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+        if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
+            raise ValueError(f"train.{key} must be a positive integer, got {t[key]!r}")
+    data, fsdp, tensor = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_devices)
+    if t.batch_size % t.grad_accum:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    micro = t.batch_size // t.grad_accum
+    if micro % (data * fsdp):
+        raise ValueError(f"micro-batch train.batch_size / train.grad_accum = {micro} is not divisible by "
+                         f"mesh.data x mesh.fsdp = {data * fsdp} (each data-parallel shard needs whole rows)")
+    model = model_config(config.model)
+    if t.seq_len > model.max_seq_len:
+        raise ValueError(f"train.seq_len={t.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
+    optim.validate(config.optimizer, t.steps)
+
+
+def build_trainer(config, devices=None) -> Trainer:
+    from llama_jax import optim
+    from llama_jax.experiment import model_config
+    from llama_jax.sharding import check_divisible, make_mesh
+
+    devices = jax.devices() if devices is None else devices
+    validate_config(config, len(devices))
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    model = model_config(config.model)
+    check_divisible(model, mesh)
+    return Trainer(model, optim.make_optimizer(config.optimizer, config.train.steps),
+                   optim.make_schedule(config.optimizer, config.train.steps), mesh,
+                   grad_accum=config.train.grad_accum, z_loss=config.train.z_loss)
+
+
+def local_batch(config, step: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch of `step`."""
+    from llama_jax import data
+
+    rows = data.rows_for_process(config.train.batch_size, jax.process_index(), jax.process_count())
+    if config.data.source != "synthetic":
+        raise ValueError(f"data.source={config.data.source!r} is not supported; valid: synthetic")
+    return data.synthetic_batch(config.train.seed, step, rows, config.train.seq_len, vocab_size)
+
+
+def train_and_evaluate(config, workdir: str, progress: bool = True) -> list[dict]:
+    """Train for `config.train.steps` steps; log to `workdir/metrics.jsonl`. Returns the logged metrics."""
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from llama_jax import metrics as metrics_lib
+
+    trainer = build_trainer(config)
+    workdir = Path(workdir)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    cfg, t = trainer.model_config, config.train
+    peak = metrics_lib.peak_flops_per_device()
+    n_devices = trainer.mesh.size
+    state = trainer.init_state(t.seed)
+    writer = metrics_lib.MetricsWriter(workdir)
+    logged: list[dict] = []
+    bar = tqdm(total=t.steps, unit="step", disable=None if progress and jax.process_index() == 0 else True)
+    window_start, window_tokens = time.perf_counter(), 0
+    try:
+        for step in range(t.steps):
+            batch = global_batch(trainer.mesh, local_batch(config, step, cfg.vocab_size))
+            state, step_metrics = trainer.step(state, batch)
+            window_tokens += t.batch_size * t.seq_len
+            bar.update(1)
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                per_device = window_tokens / elapsed / n_devices
+                values.update(tokens_per_second=window_tokens / elapsed,
+                              tflops_per_device=metrics_lib.tflops_per_device(per_device, cfg, t.seq_len),
+                              mfu=metrics_lib.mfu(per_device, cfg, t.seq_len, peak))
+                writer.write(step + 1, values)
+                logged.append({"step": step + 1, **values})
+                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:,.0f}",
+                                mfu=f"{values['mfu']:.1%}")
+                window_start, window_tokens = time.perf_counter(), 0
+    finally:
+        bar.close()
+        writer.close()
+    return logged
