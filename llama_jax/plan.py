@@ -30,7 +30,7 @@ def plan(config, devices=None) -> dict:
     batch = {k: jax.ShapeDtypeStruct((B, S), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=batch_sharding(trainer.mesh))
              for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
-    with trainer.mesh:
+    with trainer.context():
         compiled = trainer.jit_train_step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
     cfg = trainer.model_config

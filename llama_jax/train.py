@@ -9,6 +9,7 @@ into `grad_accum` micro-batches accumulated with `lax.scan`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -50,6 +51,16 @@ class Trainer:
     z_loss: float = 0.0
     rules: tuple = LOGICAL_AXIS_RULES
 
+    @contextlib.contextmanager
+    def context(self):
+        """The mesh and logical-axis rules that tracing the model needs (activation constraints).
+
+        The classic `with mesh:` rather than `jax.set_mesh`: under the latter, Flax 0.12's
+        DenseGeneral re-applies its kernel's 3-name constraint to the flattened 2-D kernel.
+        """
+        with self.mesh, nn.logical_axis_rules(self.rules):
+            yield
+
     # ---- state -----------------------------------------------------------------------------
     def _init(self, rng):
         params = LLaMA(self.model_config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
@@ -67,7 +78,7 @@ class Trainer:
     def init_state(self, seed: int) -> TrainState:
         """A freshly initialised state, created shard by shard on its devices."""
         init = jax.jit(lambda rng: nn.meta.unbox(self._init(rng)), out_shardings=self.state_shardings)
-        with self.mesh:
+        with self.context():
             return init(jax.random.key(seed))
 
     # ---- step ------------------------------------------------------------------------------
@@ -76,9 +87,8 @@ class Trainer:
         model = LLaMA(self.model_config)
 
         def micro_loss(p, micro):
-            with nn.logical_axis_rules(self.rules):
-                logits = model.apply({"params": p}, micro["tokens"], positions=micro["positions"],
-                                     segment_ids=micro["segment_ids"])
+            logits = model.apply({"params": p}, micro["tokens"], positions=micro["positions"],
+                                 segment_ids=micro["segment_ids"])
             mean_loss, aux = loss_lib.vocab_parallel_cross_entropy(
                 logits, micro["targets"], micro["loss_mask"], self.mesh, z_loss=self.z_loss)
             weight = aux["tokens"] / total_tokens  # micro-batch mean -> its share of the global mean
@@ -113,7 +123,7 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "nll": aux["nll"], "z_loss": aux["z_loss"], "accuracy": aux["accuracy"],
-                   "tokens": aux["tokens"], "grad_norm": optax.global_norm(grads),
+                   "tokens": aux["tokens"], "grad_norm": optax.tree.norm(grads),
                    "learning_rate": self.schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -127,12 +137,12 @@ class Trainer:
                        donate_argnums=0)
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        with self.mesh:
+        with self.context():
             return self.jit_train_step(state, batch)
 
     def eval_loss(self, params, batch: dict) -> dict:
         """Mean loss and accuracy on one batch, without updating anything."""
-        with self.mesh:
+        with self.context():
             return self._jit_eval(params, batch)
 
     @functools.cached_property

@@ -1,0 +1,25 @@
+"""LLaMA-3 8B continued pre-training on a TPU v5p-64 (32 chips): FSDP x tensor parallel 2.
+
+Starts from converted weights (`llama-jax convert --from hf --to jax ...`), short warmup,
+warmup-stable-decay schedule at a continued-pre-training learning rate, z-loss for stability.
+
+    llama-jax plan --config configs/llama3_8b_v5p.py --devices 32
+"""
+
+from ml_collections import ConfigDict
+
+from llama_jax import optim
+from llama_jax.experiment import model_section
+
+
+def get_config() -> ConfigDict:
+    config = ConfigDict()
+    config.model = model_section("llama3-8b", dtype="bfloat16", param_dtype="float32", remat_policy="full")
+    config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=2))
+    config.optimizer = optim.default_config()
+    config.optimizer.update(lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+                            schedule="wsd", warmup_steps=200, min_lr_ratio=0.1, decay_fraction=0.2)
+    config.train = ConfigDict(dict(steps=20_000, batch_size=128, seq_len=8192, grad_accum=1, seed=0,
+                                   log_every=10, z_loss=1e-4))
+    config.data = ConfigDict(dict(source="synthetic"))
+    return config

@@ -1,0 +1,26 @@
+"""TinyLlama-1.1B pre-training on one 8-GPU host: data parallel x FSDP with gradient accumulation.
+
+TinyLlama's recipe: global batch 1024 x 2048 tokens (2M tokens/step), lr 4e-4 cosine to 4e-5,
+2000 warmup steps, weight decay 0.1. Here 2 replicas x 4-way FSDP, 8 micro-batches per step.
+
+    llama-jax plan --config configs/tinyllama_1b_8gpu.py --devices 8
+"""
+
+from ml_collections import ConfigDict
+
+from llama_jax import optim
+from llama_jax.experiment import model_section
+
+
+def get_config() -> ConfigDict:
+    config = ConfigDict()
+    config.model = model_section("tinyllama-1.1b", dtype="bfloat16", param_dtype="float32",
+                                 remat_policy="dots_no_batch")
+    config.mesh = ConfigDict(dict(data=2, fsdp=-1, tensor=1))
+    config.optimizer = optim.default_config()
+    config.optimizer.update(lr=4e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+                            schedule="cosine", warmup_steps=2000, min_lr_ratio=0.1)
+    config.train = ConfigDict(dict(steps=1_430_000, batch_size=1024, seq_len=2048, grad_accum=8, seed=0,
+                                   log_every=10, z_loss=0.0))
+    config.data = ConfigDict(dict(source="synthetic"))
+    return config

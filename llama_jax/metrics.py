@@ -1,0 +1,163 @@
+"""Training throughput accounting (model FLOPs, MFU, peak FLOP/s per chip) and a metrics writer.
+
+MFU here is model FLOPs utilisation: the FLOPs the model needs per token (matmuls only, no
+rematerialisation) times tokens per second, over the chip's dense bf16 peak. On CPU, and on any
+chip not in `PEAK_TFLOPS`, the peak is a float32 matmul measured once on the device, so CPU MFU is
+relative to that measurement, not to a datasheet number.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import LLaMAConfig
+
+# Dense bf16 peak TFLOP/s per chip (datasheets; H100 is the SXM part).
+PEAK_TFLOPS: dict[str, float] = {
+    "TPU v4": 275.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6e": 918.0,
+    "A100": 312.0,
+    "H100": 989.0,
+    "H200": 989.0,
+}
+
+# Substrings of `device.device_kind` (lower-cased) -> PEAK_TFLOPS key. Order matters: "TPU v5 lite"
+# (v5e) also contains "v5", which alone means v5p.
+_KIND_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("v5 lite", "v5e"), "TPU v5e"),
+    (("v5p", "v5"), "TPU v5p"),
+    (("v6",), "TPU v6e"),
+    (("v4",), "TPU v4"),
+    (("a100",), "A100"),
+    (("h100",), "H100"),
+    (("h200",), "H200"),
+)
+
+
+def flops_per_token(cfg: LLaMAConfig, seq_len: int, causal: bool = True, training: bool = True) -> float:
+    """Model FLOPs per token of a sequence of `seq_len` tokens (forward, or forward + backward).
+
+    Counts matmuls only (2 FLOPs per multiply-add): Q/K/V/O projections, the SwiGLU MLP, the output
+    layer and the two attention products QK^T and AV. Training is 3x forward (backward computes
+    gradients for both operands of every matmul).
+    """
+    D, L, H, K, Dh, F, V = (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                            cfg.ffn_dim, cfg.vocab_size)
+    projections = 2 * D * (H + 2 * K) * Dh + 2 * H * Dh * D + 3 * 2 * D * F
+    # Convention (as MaxText, unlike Levanter): with a causal mask each query sees on average half
+    # the sequence, so QK^T and AV are counted as half of the full S x S products.
+    attention = 2 * 2 * seq_len * H * Dh
+    if causal:
+        attention /= 2
+    forward = L * (projections + attention) + 2 * D * V
+    return float(3 * forward if training else forward)
+
+
+def tflops_per_device(tokens_per_second_per_device: float, cfg: LLaMAConfig, seq_len: int) -> float:
+    """Achieved model TFLOP/s per device in training (causal attention convention)."""
+    return tokens_per_second_per_device * flops_per_token(cfg, seq_len) / 1e12
+
+
+def mfu(tokens_per_second_per_device: float, cfg: LLaMAConfig, seq_len: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation in [0, 1]: achieved model FLOP/s per device over `peak_flops` (FLOP/s)."""
+    return tflops_per_device(tokens_per_second_per_device, cfg, seq_len) * 1e12 / peak_flops
+
+
+def peak_flops_for_kind(device_kind: str) -> float | None:
+    """Datasheet peak FLOP/s for a `device_kind` string such as "TPU v5 lite", or None if unknown."""
+    kind = device_kind.lower()
+    for patterns, name in _KIND_PATTERNS:
+        if any(p in kind for p in patterns):
+            return PEAK_TFLOPS[name] * 1e12
+    return None
+
+
+def peak_flops_per_device(device: Any = None) -> float:
+    """Peak FLOP/s of `device` (default: the first device): datasheet, else measured (see module doc)."""
+    device = device if device is not None else jax.devices()[0]
+    known = peak_flops_for_kind(device.device_kind)
+    return known if known is not None else measured_matmul_flops(device)
+
+
+@functools.cache
+def measured_matmul_flops(device: Any, size: int = 1024, repeats: int = 10) -> float:
+    """Best achieved FLOP/s of a jitted float32 [size, size] matmul on `device`; measured once."""
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (size, size), jnp.float32), device)
+    b = jax.device_put(jax.random.normal(jax.random.key(1), (size, size), jnp.float32), device)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()  # compile and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _plain(value: Any) -> Any:
+    """A metric value as a JSON-ready Python scalar (jax/numpy scalars are pulled to the host)."""
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"metric values must be scalars, got an array of shape {array.shape}")
+    return array.item()
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to `<logdir>/metrics.jsonl` and, when tensorboardX is
+    installed, the numeric values as TensorBoard scalars in `logdir`. Only process 0 writes.
+
+    Non-finite floats are written as NaN/Infinity, which Python's `json` reads back.
+    """
+
+    def __init__(self, logdir: str | os.PathLike):
+        self.active = jax.process_index() == 0
+        self._file = None
+        self._tb = None
+        if not self.active:
+            return
+        os.makedirs(logdir, exist_ok=True)
+        self._file = open(os.path.join(logdir, "metrics.jsonl"), "a")
+        try:
+            self._tb = importlib.import_module("tensorboardX").SummaryWriter(os.fspath(logdir))
+        except ImportError:
+            pass
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record `metrics` for `step` (one line, flushed at once)."""
+        if self._file is None:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

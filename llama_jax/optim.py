@@ -1,0 +1,165 @@
+"""Optimizers and learning-rate schedules for training, built from an `ml_collections` config.
+
+The `optimizer` section of an experiment config starts from `default_config()`. `validate` checks it
+before anything is compiled; `make_optimizer` turns it into one optax transformation:
+global-norm clipping first (so a norm measured on the raw gradients is the pre-clipping norm), then
+AdamW, Adafactor or Lion with the schedule and decoupled weight decay on the masked parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NoReturn
+
+import jax
+import optax
+from ml_collections import ConfigDict
+
+OPTIMIZERS = ("adamw", "adafactor", "lion")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+
+def default_config() -> ConfigDict:
+    """Defaults of the `optimizer` config section (AdamW, cosine decay, LLaMA-paper betas)."""
+    return ConfigDict(dict(
+        name="adamw",
+        lr=3e-4,  # peak learning rate, reached at the end of warmup
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        decay_embeddings=False,  # also decay `embed` and `lm_head`; norm scales are never decayed
+        clip_norm=1.0,  # global-norm clipping threshold; 0 or None disables
+        schedule="cosine",
+        warmup_steps=100,
+        min_lr_ratio=0.1,  # final lr = lr * min_lr_ratio (cosine, linear, wsd)
+        decay_fraction=0.2,  # wsd: fraction of all steps spent in the final linear decay
+    ))
+
+
+def _fail(key: str, message: str) -> NoReturn:
+    raise ValueError(f"optimizer.{key}: {message}")
+
+
+def _check_range(cfg: ConfigDict, key: str, lo: float, hi: float, lo_open: bool = False,
+                 hi_open: bool = False) -> None:
+    value = cfg[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        _fail(key, f"got {value!r}; valid: a number in {interval}")
+
+
+def validate(cfg: ConfigDict, total_steps: int) -> None:
+    """Raise a one-line ValueError naming the first bad key of `cfg` and what would be valid."""
+    expected = set(default_config().keys())
+    unknown, missing = sorted(set(cfg.keys()) - expected), sorted(expected - set(cfg.keys()))
+    if unknown or missing:
+        raise ValueError(f"optimizer: unknown key(s) {unknown}, missing key(s) {missing}; "
+                         f"valid keys: {', '.join(sorted(expected))}")
+    if cfg.name not in OPTIMIZERS:
+        _fail("name", f"unknown optimizer {cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        _fail("schedule", f"unknown schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if not isinstance(total_steps, int) or total_steps <= 0:
+        raise ValueError(f"total_steps: got {total_steps!r}; valid: a positive integer")
+    _check_range(cfg, "lr", 0, math.inf, hi_open=True)
+    _check_range(cfg, "b1", 0, 1, hi_open=True)
+    _check_range(cfg, "b2", 0, 1, hi_open=True)
+    _check_range(cfg, "eps", 0, math.inf, lo_open=True, hi_open=True)  # 0 gives 0/0 on zero gradients
+    _check_range(cfg, "weight_decay", 0, math.inf, hi_open=True)
+    _check_range(cfg, "min_lr_ratio", 0, 1)
+    _check_range(cfg, "decay_fraction", 0, 1)
+    if cfg.clip_norm is not None:
+        _check_range(cfg, "clip_norm", 0, math.inf, hi_open=True)
+    if not isinstance(cfg.decay_embeddings, bool):
+        _fail("decay_embeddings", f"got {cfg.decay_embeddings!r}; valid: True, False")
+    warmup = cfg.warmup_steps
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup <= total_steps:
+        _fail("warmup_steps", f"got {warmup!r}; valid: an integer in [0, total_steps={total_steps}]")
+    if cfg.schedule == "wsd" and warmup + _wsd_decay_steps(cfg, total_steps) > total_steps:
+        _fail("decay_fraction", f"{cfg.decay_fraction} of {total_steps} steps overlaps the {warmup} "
+              f"warmup steps; valid: at most {(total_steps - warmup) / total_steps:g}")
+
+
+def _wsd_decay_steps(cfg: ConfigDict, total_steps: int) -> int:
+    return round(cfg.decay_fraction * total_steps)
+
+
+def make_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then the configured decay.
+
+    Decays reach `lr * min_lr_ratio` at `total_steps` and stay there; `wsd` holds `lr` until the last
+    `decay_fraction` of all steps and decays linearly over those.
+    """
+    validate(cfg, total_steps)
+    lr, warmup = cfg.lr, cfg.warmup_steps
+    final_lr = lr * cfg.min_lr_ratio
+    after = max(total_steps - warmup, 1)  # optax decays need at least one step
+    if cfg.schedule == "cosine":
+        rest = optax.cosine_decay_schedule(lr, after, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        rest = optax.linear_schedule(lr, final_lr, after)
+    elif cfg.schedule == "constant":
+        rest = optax.constant_schedule(lr)
+    else:  # wsd
+        decay = _wsd_decay_steps(cfg, total_steps)
+        rest = optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, final_lr, max(decay, 1))],
+            [total_steps - warmup - decay])
+    if warmup == 0:
+        return rest
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), rest], [warmup])
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
+    """Tree of bools shaped like `params`: True where decoupled weight decay applies.
+
+    Decided by the parameter path, so scanned (`layers`) and unscanned (`layers_N`) trees both work:
+    norm scales (any path component containing "norm") never decay, `embed` and `lm_head` decay only
+    with `decay_embeddings`, everything else (attention and MLP kernels) decays.
+    """
+    def decays(path, _leaf) -> bool:
+        names = [_key_name(k) for k in path]
+        if any("norm" in name for name in names):
+            return False
+        if any(name in ("embed", "lm_head") for name in names):
+            return decay_embeddings
+        return True
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """Validated config -> `clip_by_global_norm` (if enabled) chained with the optimizer.
+
+    Adafactor: factored second moments with optax's own decay schedule (b1, b2 and eps are not used,
+    no first moment), `multiply_by_parameter_scale=False` so `lr` is an absolute step size as for
+    AdamW and Lion, and weight decay multiplied by the schedule so it is decoupled decay
+    `lr(t) * weight_decay * param` like the other two (optax adds Adafactor's decay after the lr).
+    """
+    validate(cfg, total_steps)
+    schedule = make_schedule(cfg, total_steps)
+    wd = cfg.weight_decay
+
+    def mask(params):
+        return decay_mask(params, cfg.decay_embeddings)
+
+    if cfg.name == "adamw":
+        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=mask)
+    elif cfg.name == "lion":
+        opt = optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=mask)
+    else:
+        opt = optax.adafactor(schedule, multiply_by_parameter_scale=False,
+                              weight_decay_rate=lambda step: wd * schedule(step), weight_decay_mask=mask)
+    if cfg.clip_norm:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+    return opt

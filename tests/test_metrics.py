@@ -1,0 +1,154 @@
+"""FLOPs accounting against XLA's own count and a published model, peak lookup, metrics files."""
+
+import json
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from llama_jax import LLaMA, LLaMAConfig, init_params
+from llama_jax.metrics import (MetricsWriter, flops_per_token, mfu, peak_flops_for_kind, peak_flops_per_device,
+                               tflops_per_device)
+
+# Matmuls dominate this shape; GQA (4 query heads on 2 K/V heads) exercises the K term. Unscanned
+# layers because XLA's cost analysis counts a while-loop (scan) body once, not once per layer.
+SMALL = LLaMAConfig(vocab_size=1024, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=1024,
+                    max_seq_len=128, scan_layers=False)
+B, S = 2, 128
+
+
+def xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of dicts in older jax
+    return float(cost["flops"])
+
+
+@pytest.fixture(scope="module")
+def small_params():
+    return init_params(SMALL, 0)
+
+
+def forward(params, tokens):
+    return LLaMA(SMALL).apply({"params": params}, tokens)
+
+
+def test_forward_flops_match_xla_cost_analysis(small_params):
+    """XLA computes the full S x S attention (the mask is applied, not skipped), so compare with the
+    non-causal count. XLA also counts softmax, norms, SiLU and rotary; they add about 0.6% here."""
+    tokens = jnp.zeros((B, S), jnp.int32)
+    ours = flops_per_token(SMALL, S, causal=False, training=False) * B * S
+    assert xla_flops(forward, small_params, tokens) == pytest.approx(ours, rel=0.02)
+
+
+def test_training_flops_match_xla_cost_analysis(small_params):
+    """Forward + backward of a loss is about 3x forward (XLA's count is ~3% below it here)."""
+    tokens = jnp.zeros((B, S), jnp.int32)
+
+    def loss_grad(params, tokens):
+        return jax.grad(lambda p: forward(p, tokens).mean())(params)
+
+    ours = flops_per_token(SMALL, S, causal=False, training=True) * B * S
+    assert xla_flops(loss_grad, small_params, tokens) == pytest.approx(ours, rel=0.05)
+
+
+def test_causal_halves_only_attention():
+    full = flops_per_token(SMALL, S, causal=False, training=False)
+    causal = flops_per_token(SMALL, S, causal=True, training=False)
+    H, Dh, L = 4, 64, 2
+    assert full - causal == 2 * S * H * Dh * L  # half of 2 products x 2 FLOPs x S x H x Dh per layer
+
+
+def test_llama2_7b_training_flops_by_hand():
+    """Kaplan et al.'s C = 6N + 6 L S D (their attention term is our causal-halved one), with N the
+    matmul weights: per layer 4 D^2 (Q, K, V, O; no GQA in llama2-7b) + 3 D F, plus the D x V output."""
+    D, L, F, V, S7 = 4096, 32, 11008, 32000, 4096
+    n_matmul = L * (4 * D * D + 3 * D * F) + D * V
+    assert n_matmul == 6_607_077_376
+    expected = 6 * n_matmul + 6 * L * S7 * D
+    assert expected == 42_863_689_728
+    assert flops_per_token(LLaMAConfig.from_preset("llama2-7b"), S7) == expected
+    # The familiar "6 x parameters" estimate with the published 6.74B parameters is within 6%.
+    assert expected == pytest.approx(6 * 6_738_415_616, rel=0.07)
+
+
+def test_mfu_and_tflops():
+    cfg = LLaMAConfig.from_preset("llama2-7b")
+    # 3000 tokens/s per chip on an A100 at 42.86 GFLOP/token: 128.6 TFLOP/s, 41.2% MFU.
+    assert tflops_per_device(3000, cfg, 4096) == pytest.approx(3000 * 42_863_689_728 / 1e12)
+    assert mfu(3000, cfg, 4096, 312e12) == pytest.approx(3000 * 42_863_689_728 / 312e12)
+    assert mfu(3000, cfg, 4096, 312e12) == pytest.approx(0.412, abs=1e-3)
+
+
+# ---- peak FLOP/s -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, tflops", [
+    ("TPU v4", 275), ("TPU v5 lite", 197), ("TPU v5e", 197), ("TPU v5p", 459), ("TPU v5", 459),
+    ("TPU v6 lite", 918), ("TPU v6e", 918), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 80GB HBM3", 989),
+    ("NVIDIA H200", 989),
+])
+def test_peak_by_device_kind(kind, tflops):
+    assert peak_flops_for_kind(kind) == tflops * 1e12
+    assert peak_flops_per_device(types.SimpleNamespace(device_kind=kind)) == tflops * 1e12
+
+
+def test_cpu_peak_is_measured_once():
+    device = jax.devices()[0]
+    assert peak_flops_for_kind(device.device_kind) is None  # "cpu"
+    first = peak_flops_per_device()
+    assert 1e8 < first < 1e14  # between a slow laptop core and far beyond any CPU
+    assert peak_flops_per_device(device) == first  # cached, not re-measured
+
+
+# ---- metrics files ---------------------------------------------------------------------------
+
+
+def test_metrics_writer_writes_one_json_line_per_call(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        writer.write(1, {"loss": jnp.float32(2.5), "tokens": jnp.int32(4096), "lr": 3e-4})
+        writer.write(2, {"loss": jnp.array(2.25)})
+    with MetricsWriter(tmp_path) as writer:  # appends, does not truncate
+        writer.write(3, {"loss": float("nan")})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0] == {"step": 1, "loss": 2.5, "tokens": 4096, "lr": 3e-4}
+    assert type(records[0]["tokens"]) is int
+    assert records[1] == {"step": 2, "loss": 2.25}
+    assert records[2]["loss"] != records[2]["loss"]  # NaN survives the round trip
+
+
+def test_metrics_writer_rejects_arrays(tmp_path):
+    with MetricsWriter(tmp_path) as writer, pytest.raises(ValueError, match="scalars"):
+        writer.write(1, {"loss": jnp.ones(3)})
+
+
+def test_metrics_writer_sends_scalars_to_tensorboard_when_available(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeSummaryWriter:
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    with MetricsWriter(tmp_path) as writer:
+        writer.write(7, {"loss": jnp.float32(1.5), "phase": "eval"})
+    assert calls == [("init", str(tmp_path)), ("loss", 1.5, 7), ("close",)]
+
+
+def test_metrics_writer_is_silent_off_process_zero(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with MetricsWriter(tmp_path / "run") as writer:
+        writer.write(1, {"loss": 1.0})
+    assert not (tmp_path / "run").exists()

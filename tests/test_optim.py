@@ -1,0 +1,188 @@
+"""Optimizer config: schedules against closed forms, weight-decay masks, clipping, bad configs."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from llama_jax import LLaMAConfig, init_params
+from llama_jax.optim import decay_mask, default_config, make_optimizer, make_schedule, validate
+
+LR, WARMUP, TOTAL, RATIO = 1e-3, 10, 110, 0.1  # 100 steps after warmup
+
+
+def config(**changes):
+    cfg = default_config()
+    cfg.update({"lr": LR, "warmup_steps": WARMUP, "min_lr_ratio": RATIO, **changes})
+    return cfg
+
+
+# Expected values written out by hand: warmup is shared (0 at step 0, lr/2 at step 5, lr at 10);
+# `t` below is the number of steps after warmup (100 in all).
+def cosine(t):
+    return LR * (RATIO + (1 - RATIO) * 0.5 * (1 + math.cos(math.pi * t / 100)))
+
+
+EXPECTED = {
+    "cosine": {0: 0.0, 5: LR / 2, 10: LR, 35: cosine(25), 60: LR * (1 + RATIO) / 2, 110: LR * RATIO,
+               200: LR * RATIO},
+    "linear": {0: 0.0, 5: LR / 2, 10: LR, 35: LR * (1 - 0.9 * 25 / 100), 60: LR * 0.55, 110: LR * RATIO,
+               200: LR * RATIO},
+    "constant": {0: 0.0, 5: LR / 2, 10: LR, 60: LR, 110: LR},
+    # decay_fraction 0.2: stable until step 110 - 22 = 88, then linear to lr * ratio over 22 steps.
+    "wsd": {0: 0.0, 5: LR / 2, 10: LR, 60: LR, 88: LR, 99: LR * (1 - 0.9 * 11 / 22), 110: LR * RATIO},
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(EXPECTED))
+def test_schedule_values(schedule):
+    sched = make_schedule(config(schedule=schedule, decay_fraction=0.2), TOTAL)
+    for step, want in EXPECTED[schedule].items():
+        assert float(sched(step)) == pytest.approx(want, rel=1e-5, abs=1e-12), f"step {step}"
+
+
+def test_cosine_curve_after_warmup():
+    sched = make_schedule(config(schedule="cosine"), TOTAL)
+    steps = np.arange(WARMUP, TOTAL + 1)
+    want = [cosine(s - WARMUP) for s in steps]
+    np.testing.assert_allclose([float(sched(s)) for s in steps], want, rtol=1e-5)
+
+
+def test_no_warmup_starts_at_peak():
+    sched = make_schedule(config(schedule="linear", warmup_steps=0), 100)
+    assert float(sched(0)) == pytest.approx(LR)
+    assert float(sched(50)) == pytest.approx(LR * (1 - 0.9 * 0.5))
+
+
+# ---- weight-decay mask ---------------------------------------------------------------------
+
+
+@functools.cache
+def debug_params(scan_layers: bool = True):
+    return init_params(LLaMAConfig.from_preset("debug", scan_layers=scan_layers), 0)
+
+
+def _paths(tree):
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_decay_mask_on_model_params(scan_layers, decay_embeddings):
+    params = debug_params(scan_layers)
+    mask = decay_mask(params, decay_embeddings)
+    assert jax.tree.structure(mask) == jax.tree.structure(params)
+    by_path = _paths(mask)
+    layer = "['layers']" if scan_layers else "['layers_1']"
+    for name in ("q", "k", "v", "o"):
+        assert by_path[f"{layer}['attn']['{name}']['kernel']"] is True
+    for name in ("gate", "up", "down"):
+        assert by_path[f"{layer}['mlp']['{name}']['kernel']"] is True
+    for norm in (f"{layer}['attn_norm']['scale']", f"{layer}['mlp_norm']['scale']", "['final_norm']['scale']"):
+        assert by_path[norm] is False
+    assert by_path["['embed']['embedding']"] is decay_embeddings
+    assert by_path["['lm_head']"] is decay_embeddings
+    # 2 embedding leaves, 3 norms per layer + final, 7 kernels per layer; nothing else.
+    n_layer_copies = 1 if scan_layers else 2
+    assert sum(by_path.values()) == 7 * n_layer_copies + (2 if decay_embeddings else 0)
+    assert len(by_path) == 9 * n_layer_copies + 3
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion"])
+def test_weight_decay_is_decoupled_and_skips_norms(name):
+    """Zero gradients: the only change is p <- p - lr * wd * p = 0.75 p, on decayed leaves only.
+
+    lr is not 1 so that a decay not multiplied by the learning rate (optax's raw Adafactor) shows.
+    """
+    cfg = config(name=name, lr=0.5, weight_decay=0.5, warmup_steps=0, schedule="constant")
+    params = debug_params()
+    opt = make_optimizer(cfg, 10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(opt.update)(zeros, opt.init(params), params)
+    new = _paths(optax.apply_updates(params, updates))
+    old = _paths(params)
+    kernel = "['layers']['mlp']['up']['kernel']"
+    np.testing.assert_allclose(new[kernel], 0.75 * old[kernel], rtol=1e-6)
+    np.testing.assert_array_equal(new["['layers']['attn_norm']['scale']"], 1.0)
+    np.testing.assert_array_equal(new["['final_norm']['scale']"], 1.0)
+    np.testing.assert_array_equal(new["['embed']['embedding']"], old["['embed']['embedding']"])
+    np.testing.assert_array_equal(new["['lm_head']"], old["['lm_head']"])
+
+
+# ---- clipping ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip_norm, scale", [(1.0, 0.1), (20.0, 1.0), (0.0, 1.0), (None, 1.0)])
+def test_global_norm_clipping_precedes_adamw(clip_norm, scale):
+    """First AdamW step has m_hat = g, v_hat = g^2, so the update is -lr * g / (|g| + eps).
+
+    With eps = 1 that depends on the size of g, so it shows whether g was clipped: the gradient
+    (6, 8) has global norm 10, and clip_norm = 1 scales it by 0.1; 20, 0 and None leave it alone.
+    """
+    cfg = config(lr=1.0, eps=1.0, weight_decay=0.0, warmup_steps=0, schedule="constant", clip_norm=clip_norm)
+    params = {"a": jnp.zeros(1), "b": jnp.zeros(1)}
+    grads = {"a": jnp.array([6.0]), "b": jnp.array([8.0])}
+    opt = make_optimizer(cfg, 10)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    g_a, g_b = 6.0 * scale, 8.0 * scale
+    assert float(updates["a"][0]) == pytest.approx(-g_a / (g_a + 1.0), rel=1e-5)
+    assert float(updates["b"][0]) == pytest.approx(-g_b / (g_b + 1.0), rel=1e-5)
+
+
+# ---- every optimizer trains ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion"])
+def test_each_optimizer_minimises_a_quadratic(name):
+    target = {"w": jnp.array([[1.0, -0.5], [0.25, 0.75]]), "norm": {"scale": jnp.array([0.5, -1.0])}}
+    params = jax.tree.map(jnp.zeros_like, target)
+
+    def loss(p):
+        return sum(jnp.sum((x - t) ** 2) for x, t in zip(jax.tree.leaves(p), jax.tree.leaves(target)))
+
+    opt = make_optimizer(config(name=name, lr=0.05, weight_decay=0.0, warmup_steps=5, schedule="cosine"), 60)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = opt.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    start = float(loss(params))
+    for _ in range(60):
+        params, state = step(params, state)
+    assert float(loss(params)) < 0.05 * start
+
+
+# ---- bad configs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes, total, key, valid", [
+    ({"name": "sgd"}, 100, "optimizer.name", "adamw, adafactor, lion"),
+    ({"schedule": "step"}, 100, "optimizer.schedule", "cosine, linear, constant, wsd"),
+    ({"lr": -1e-3}, 100, "optimizer.lr", "[0, inf)"),
+    ({"warmup_steps": 200}, 100, "optimizer.warmup_steps", "[0, total_steps=100]"),
+    ({"min_lr_ratio": 1.5}, 100, "optimizer.min_lr_ratio", "[0, 1]"),
+    ({"min_lr_ratio": -0.1}, 100, "optimizer.min_lr_ratio", "[0, 1]"),
+    ({"schedule": "wsd", "decay_fraction": 0.95}, 1000, "optimizer.decay_fraction", "at most 0.9"),
+    ({"b2": 1.0}, 100, "optimizer.b2", "[0, 1)"),
+    ({}, 0, "total_steps", "positive integer"),
+])
+def test_bad_config_names_the_key(changes, total, key, valid):
+    cfg = default_config()
+    cfg.update(changes)
+    with pytest.raises(ValueError) as err:
+        make_optimizer(cfg, total)
+    message = str(err.value)
+    assert message.startswith(key + ":") and valid in message and "\n" not in message
+
+
+def test_unknown_key_is_reported():
+    cfg = default_config()
+    cfg.learning_rate = 1e-3  # a typo for `lr` must not pass silently
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        validate(cfg, 100)

@@ -1,0 +1,175 @@
+"""The sharded training engine on 8 virtual CPU devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from llama_jax.cli import main
+from llama_jax.experiment import load_config
+from llama_jax.train import build_trainer, global_batch, local_batch
+
+ROOT = Path(__file__).parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def tiny_config(*overrides):
+    return load_config(TINY, ["train.steps=4", "optimizer.warmup_steps=1", *overrides])
+
+
+def run_steps(config, devices=None, steps=4):
+    trainer = build_trainer(config, devices)
+    state = trainer.init_state(config.train.seed)
+    losses = []
+    for step in range(steps):
+        batch = global_batch(trainer.mesh, local_batch(config, step, trainer.model_config.vocab_size))
+        state, metrics = trainer.step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params), trainer
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    return run_steps(tiny_config("mesh.fsdp=1"), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)])
+def test_meshes_give_the_same_training(single_device_run, mesh):
+    ref_losses, ref_params, _ = single_device_run
+    data, fsdp, tensor = mesh
+    losses, params, trainer = run_steps(tiny_config(f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+                                                    f"mesh.tensor={tensor}"))
+    assert trainer.mesh.size == 8
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    assert losses[-1] < losses[0]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
+
+
+def test_shardings_follow_the_rules():
+    trainer = build_trainer(tiny_config("mesh.fsdp=4", "mesh.tensor=2"))
+    state = trainer.init_state(0)
+    specs = jax.tree.map(lambda x: x.sharding.spec, state)
+    layers = specs.params["layers"]
+    assert layers["attn"]["q"]["kernel"] == P(None, "fsdp", "tensor", None)
+    assert layers["attn"]["k"]["kernel"] == P(None, "fsdp", "tensor", None)
+    assert layers["attn"]["o"]["kernel"] == P(None, "tensor", None, "fsdp")
+    assert layers["mlp"]["down"]["kernel"] == P(None, "tensor", "fsdp")
+    assert layers["attn_norm"]["scale"] == P(None, None)
+    assert specs.params["embed"]["embedding"] == P("tensor", "fsdp")
+    assert specs.params["lm_head"] == P("fsdp", "tensor")
+    # AdamW moments are sharded exactly like their parameters; the step counter is replicated.
+    adam = [s for s in jax.tree.leaves(specs.opt_state, is_leaf=lambda x: isinstance(x, P))]
+    assert adam.count(P(None, "fsdp", "tensor", None)) == 6  # q, k and v kernels; mu and nu each
+    assert specs.step == P()
+    shard = state.params["layers"]["attn"]["q"]["kernel"].addressable_shards[0].data
+    assert shard.shape == (2, 64 // 4, 4 // 2, 16)
+
+
+def _argument_bytes(config, devices):
+    from llama_jax.plan import plan
+
+    return plan(config, devices)["arguments"]
+
+
+def test_fsdp_divides_per_device_memory_by_eight():
+    config = tiny_config("train.batch_size=8")
+    one = _argument_bytes(load_config(TINY, ["mesh.fsdp=1", "train.batch_size=8"]), jax.devices()[:1])
+    eight = _argument_bytes(config, jax.devices())
+    assert eight == pytest.approx(one / 8, rel=0.15)
+
+
+def test_gradient_accumulation_equals_one_big_step():
+    mesh = ("mesh.fsdp=4", "mesh.tensor=2")  # 16 rows / 4 micro-batches = 4 rows, one per fsdp shard
+    losses, params, _ = run_steps(tiny_config(*mesh), steps=2)
+    losses_acc, params_acc, _ = run_steps(tiny_config("train.grad_accum=4", *mesh), steps=2)
+    np.testing.assert_allclose(losses_acc, losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_acc, params)
+
+
+def test_z_loss_and_clipping_change_what_they_claim():
+    config = tiny_config("train.z_loss=0.01")
+    trainer = build_trainer(config)
+    state = trainer.init_state(0)
+    batch = global_batch(trainer.mesh, local_batch(config, 0, trainer.model_config.vocab_size))
+    _, metrics = trainer.step(state, batch)
+    # loss = nll + z term, and the z term is 0.01 x mean(logsumexp^2) > 0.
+    assert float(metrics["z_loss"]) > 0
+    np.testing.assert_allclose(float(metrics["loss"]), float(metrics["nll"] + metrics["z_loss"]), rtol=1e-6)
+
+    # Clipping rescales the whole gradient: the reported grad norm is the raw (pre-clipping) one,
+    # and Lion, whose update is the sign of the (rescaled) gradient, moves the same either way.
+    def first_update(*overrides):
+        cfg = tiny_config("optimizer.name=lion", "optimizer.weight_decay=0.0", *overrides)
+        tr = build_trainer(cfg)
+        st = tr.init_state(0)
+        before = jax.device_get(st.params)
+        b = global_batch(tr.mesh, local_batch(cfg, 0, tr.model_config.vocab_size))
+        st, m = tr.step(st, b)
+        return jax.tree.map(lambda a, b: a - b, jax.device_get(st.params), before), float(m["grad_norm"])
+
+    moved, norm = first_update("optimizer.clip_norm=0.0")
+    moved_clipped, norm_clipped = first_update("optimizer.clip_norm=1e-3")
+    assert norm == pytest.approx(norm_clipped, rel=1e-6) and norm > 1e-3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), moved, moved_clipped)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.mesh.data=3", "--config.mesh.fsdp=1"], "mesh: data x fsdp x tensor = 3 x 1 x 1 = 3, but there are 8"),
+    (["--config.train.batch_size=12"], "train.batch_size / train.grad_accum = 12 is not divisible by mesh.data x mesh.fsdp = 8"),
+    (["--config.mesh.tensor=8", "--config.mesh.fsdp=1"], "model.n_heads=4 is not divisible by mesh.tensor=8"),
+    (["--config.optimizer.name=sgdd"], "optimizer.name"),
+    (["--config.optimizer.schedule=triangle"], "optimizer.schedule"),
+    (["--config.train.seq_len=1024"], "train.seq_len=1024 exceeds the model's max_seq_len=128"),
+    (["--config.train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["--config.train.steps=abc"], "config key 'train.steps' is int"),
+])
+def test_bad_config_is_one_line_before_compiling(tmp_path, capsys, overrides, message):
+    assert main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_train_command_writes_metrics(tmp_path, capsys):
+    assert main(["train", "--config", TINY, "--workdir", str(tmp_path), "--config.train.steps=6",
+                 "--config.optimizer.warmup_steps=2",
+                 "--config.train.log_every=2"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6]
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_second", "tflops_per_device", "mfu"):
+        assert all(np.isfinite(r[key]) for r in lines), key
+    assert "step 6: loss" in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    """Two local processes x 4 CPU devices (gloo) train like one process with 8 devices."""
+    args = ["--config", TINY, "--config.train.steps=4", "--config.optimizer.warmup_steps=1",
+            "--config.train.log_every=1", "--config.mesh.fsdp=4",
+            "--config.mesh.data=2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llama_jax.cli", "train", *args, "--workdir", str(tmp_path / "multi"),
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert main(["train", *args, "--workdir", str(tmp_path / "single")]) == 0
+    multi = [json.loads(line)["loss"] for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    single = [json.loads(line)["loss"] for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert len(multi) == 4
+    np.testing.assert_allclose(multi, single, rtol=1e-5)
