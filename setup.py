@@ -18,6 +18,11 @@ setup(
         "ml_collections>=1.0",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
+        "tiktoken>=0.7",
+        "tensorflow-datasets>=4.9",
+        "array_record>=0.5",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
         "tqdm",
     ],
     extras_require={

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 ROPE_TYPES = ("llama3", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
-ATTENTION_IMPLS = ("xla", "dot_product")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,24 @@ A batch is a dict of [batch, seq_len] arrays: `tokens` (inputs), `targets` (next
 a packed row; tokens attend only within their document) and `loss_mask` (1 where the target
 counts). The global batch of step s is a pure function of (source, seed, s), and each process
 builds only its own rows of it.
+
+Documents come from a source with random access (`len(source)`, `source[i] -> str`): the
+corpus embedded in CPython, local .txt/.jsonl files, or a TFDS dataset in ArrayRecord format.
+`TextDataset` tokenizes and packs them; `Prefetcher` builds the next batches in the background.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import json
+import math
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -62,3 +77,323 @@ def synthetic_batch(seed: int, step: int, rows: range, seq_len: int, vocab_size:
             length += n - 1
         out.append(pack_row(docs, seq_len))
     return stack_rows(out)
+
+
+# ---- document sources ----------------------------------------------------------------------
+# A source is anything with len(source) and source[i] -> str. Batches read documents by index.
+
+
+class DocumentList:
+    """Documents held in memory (for corpora that fit; large ones go through TFDS)."""
+
+    def __init__(self, documents: list[str], origin: str):
+        if not any(documents):
+            raise ValueError(f"{origin} holds no non-empty document; give a corpus with text in it")
+        self._documents = documents
+
+    def __len__(self) -> int:
+        return len(self._documents)
+
+    def __getitem__(self, i: int) -> str:
+        return self._documents[i]
+
+
+class EmbeddedCorpus(DocumentList):
+    """The English help texts that ship with every CPython (`pydoc_data.topics`): about 80
+    documents, 0.5 MB, one per help topic, in the order of their sorted topic names."""
+
+    def __init__(self):
+        from pydoc_data.topics import topics
+
+        super().__init__([topics[name] for name in sorted(topics)], "pydoc_data.topics")
+
+
+class TextFiles(DocumentList):
+    """Documents from local files (paths or glob patterns): each `.txt` file is one document,
+    each non-blank line of a `.jsonl` file is one (its `text_key` field)."""
+
+    def __init__(self, paths: Sequence[str] | str, text_key: str = "text"):
+        super().__init__(list(read_documents(paths, text_key)), f"files {paths!r}")
+
+
+def expand_files(patterns: Sequence[str] | str) -> list[str]:
+    """Paths matching each pattern, sorted within a pattern, patterns in the order given."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise ValueError("no files given; data.files needs paths or glob patterns of .txt/.jsonl files")
+    files = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matched:
+            raise ValueError(f"no file matches {pattern!r}; give existing paths or glob patterns")
+        files += matched
+    return files
+
+
+def read_documents(paths: Sequence[str] | str, text_key: str = "text") -> Iterator[str]:
+    """Stream the documents of `TextFiles(paths, text_key)` without holding them."""
+    for path in expand_files(paths):
+        if path.endswith(".txt"):
+            yield Path(path).read_text(encoding="utf-8")
+        elif path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        yield _jsonl_text(line, text_key, f"{path}:{number}")
+        else:
+            raise ValueError(f"{path}: unsupported file type; valid: .txt (a document per file), "
+                             f".jsonl (a document per line)")
+
+
+def _jsonl_text(line: str, text_key: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be a JSON object") from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+        raise ValueError(f"{where}: no string field {text_key!r}; set data.text_key to the field holding the text")
+    return record[text_key]
+
+
+class TfdsSource:
+    """One split of a TFDS dataset prepared in ArrayRecord format, read by random access through
+    `tfds.data_source` (no TensorFlow). Reads only: the dataset must already be built."""
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None, text_key: str = "text"):
+        import tensorflow_datasets as tfds
+
+        try:
+            self._records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise ValueError(f"TFDS dataset {name!r} not found in data_dir={data_dir!r}; build it first "
+                             f"(llama_jax.text_dataset.build_text_dataset) or fix data.tfds_name") from None
+        features = self._records.dataset_info.features
+        if text_key not in features:
+            raise ValueError(f"TFDS dataset {name!r} has no feature {text_key!r}; valid: {sorted(features)}")
+        self._text_key = text_key
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i: int) -> str:
+        return self._records[i][self._text_key].decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+
+SOURCES = ("embedded", "text", "jsonl", "tfds", "synthetic")
+
+
+def make_source(data_config) -> tuple[Sequence[str] | None, Sequence[str] | None]:
+    """(train source, eval source or None) from the `data` config section. `text` and `jsonl`
+    both read `files` (the suffix decides how); `synthetic` has no documents: (None, None)."""
+    source = data_config.get("source")
+    text_key = data_config.get("text_key", "text")
+    if source == "embedded":
+        return EmbeddedCorpus(), None
+    if source in ("text", "jsonl"):
+        return TextFiles(data_config.get("files") or [], text_key), None
+    if source == "tfds":
+        name, data_dir = data_config.get("tfds_name"), data_config.get("data_dir")
+        if not name:
+            raise ValueError("data.tfds_name is empty; give the TFDS dataset name for source=tfds")
+        train = TfdsSource(name, data_config.get("tfds_split") or "train", data_dir, text_key)
+        eval_split = data_config.get("tfds_eval_split")
+        return train, TfdsSource(name, eval_split, data_dir, text_key) if eval_split else None
+    if source == "synthetic":
+        return None, None
+    raise ValueError(f"data.source={source!r} is not supported; valid: {', '.join(SOURCES)}")
+
+
+# ---- held-out split ------------------------------------------------------------------------
+
+
+def held_out(hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """Mask of the documents held out for evaluation: the ceil(fraction * n) smallest hashes.
+
+    Ranking rather than comparing each hash with `fraction` guarantees a small corpus at least
+    one eval document; a document's assignment depends only on its hash and the corpus size."""
+    if fraction == 0 or len(hashes) == 0:
+        return np.zeros(len(hashes), bool)
+    k = math.ceil(fraction * len(hashes))
+    return hashes <= np.partition(hashes, k - 1)[k - 1]
+
+
+def index_hashes(n: int) -> np.ndarray:
+    """A salted 64-bit hash (splitmix64) of each document index 0..n-1."""
+    z = np.arange(n, dtype=np.uint64) + np.uint64(_SPLIT_SALT)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+_SPLIT_SALT = 0x9E3779B97F4A7C15
+_EVAL_STREAM = 0xE7A1  # appended to eval seeds; nonzero, as SeedSequence([..., 0]) == SeedSequence([...])
+CACHE_DOCS = 4096  # tokenized documents kept per split
+
+
+# ---- batches -------------------------------------------------------------------------------
+
+
+class _Split:
+    """The documents of one split: their source and indices, and their tokens (LRU-cached)."""
+
+    def __init__(self, source: Sequence[str], indices: Sequence[int], tokenizer, stream: tuple[int, ...]):
+        self.source, self.indices, self.stream = source, indices, stream
+        self.tokens = functools.lru_cache(maxsize=CACHE_DOCS)(
+            lambda i: np.asarray(tokenizer.encode(source[i], bos=True, eos=True), np.int32))
+
+
+class TextDataset:
+    """Packed batches of tokenized documents, each a pure function of (source, seed, step, row).
+
+    Row r of step s draws documents from the train split with `np.random.default_rng([seed, s,
+    r])`, with replacement, until its seq_len (input, target) pairs are filled; a document longer
+    than the room left contributes a random window of it. Sampling with replacement is what makes
+    a row depend on nothing but (seed, step, row): batches are bitwise reproducible, each process
+    builds only its own rows, and resuming needs only the step. So there is no iterator state to
+    checkpoint, and Grain's checkpointable iterators are not used. The cost: within an epoch's
+    worth of steps some documents repeat and others are missed (as with any i.i.d. sampling).
+
+    Eval batch k is built the same way from the held-out documents on a separate seed stream,
+    so it is the same every time. The held-out documents come from `eval_source` when given
+    (e.g. a TFDS validation split), else they are `held_out(index_hashes(n), eval_fraction)`.
+    Tokenized documents are kept in an LRU cache (CACHE_DOCS per split).
+    """
+
+    def __init__(self, source: Sequence[str], tokenizer, seq_len: int, seed: int,
+                 eval_fraction: float = 0.01, eval_source: Sequence[str] | None = None):
+        if seq_len < 2:
+            raise ValueError(f"seq_len={seq_len} is too short; it must be at least 2")
+        if not 0 <= eval_fraction < 1:
+            raise ValueError(f"eval_fraction={eval_fraction} is out of range; valid: 0 <= eval_fraction < 1")
+        for what, docs in (("the dataset", source), ("the eval dataset", eval_source)):
+            if docs is not None and len(docs) == 0:
+                raise ValueError(f"{what} has no documents; give a non-empty source")
+        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
+        if eval_source is None:
+            eval_mask = held_out(index_hashes(len(source)), eval_fraction)
+            train = _Split(source, np.flatnonzero(~eval_mask), tokenizer, ())
+            eval_ = _Split(source, np.flatnonzero(eval_mask), tokenizer, (_EVAL_STREAM,))
+            if not len(train.indices):
+                raise ValueError(f"eval_fraction={eval_fraction} holds out all {len(source)} documents; "
+                                 f"lower it or add documents")
+        else:
+            train = _Split(source, range(len(source)), tokenizer, ())
+            eval_ = _Split(eval_source, range(len(eval_source)), tokenizer, (_EVAL_STREAM,))
+        self._splits = {"train": train, "eval": eval_}
+
+    @property
+    def train_indices(self) -> Sequence[int]:
+        return self._splits["train"].indices
+
+    @property
+    def eval_indices(self) -> Sequence[int]:
+        """Indices into `eval_source` when one was given, else into `source`."""
+        return self._splits["eval"].indices
+
+    def batch(self, step: int, rows: range) -> dict[str, np.ndarray]:
+        """Those global rows of the training batch of `step`."""
+        return self._batch("train", step, rows)
+
+    def eval_batch(self, k: int, rows: range) -> dict[str, np.ndarray]:
+        """Those global rows of the k-th fixed eval batch."""
+        return self._batch("eval", k, rows)
+
+    def documents(self, step: int, row: int, split: str = "train") -> list[int]:
+        """The document indices, in order, packed into one row (split "train" or "eval")."""
+        return [i for i, _ in self._pieces(split, step, row)]
+
+    def train_token_counts(self, max_docs: int | None = None) -> np.ndarray:
+        """How often each token id occurs as a target (every token but BOS) in the first
+        `max_docs` train documents: the training data of a unigram baseline."""
+        train = self._splits["train"]
+        counts = np.zeros(self.tokenizer.vocab_size, np.int64)
+        for i in train.indices[:max_docs]:
+            counts += np.bincount(train.tokens(int(i))[1:], minlength=len(counts))
+        return counts
+
+    def _batch(self, split: str, step: int, rows: range) -> dict[str, np.ndarray]:
+        return stack_rows([pack_row([t for _, t in self._pieces(split, step, r)], self.seq_len) for r in rows])
+
+    def _pieces(self, split: str, step: int, row: int) -> list[tuple[int, np.ndarray]]:
+        """(document index, tokens) pieces that fill one row with exactly seq_len pairs."""
+        docs = self._splits[split]
+        if not len(docs.indices):
+            raise ValueError(f"no {split} documents; use eval_fraction > 0 or give an eval source")
+        rng = np.random.default_rng([self.seed, step, row, *docs.stream])
+        pieces, room = [], self.seq_len
+        while room > 0:
+            i = int(docs.indices[rng.integers(len(docs.indices))])
+            tokens = docs.tokens(i)
+            if len(tokens) - 1 > room:
+                start = rng.integers(len(tokens) - room)
+                tokens = tokens[start:start + room + 1]
+            pieces.append((i, tokens))
+            room -= len(tokens) - 1
+        return pieces
+
+
+def unigram_perplexity(train_counts: np.ndarray, eval_batch_list: list[dict[str, np.ndarray]]) -> float:
+    """Perplexity of an add-one smoothed unigram model on the masked targets of the eval batches:
+    the baseline a language model has to beat."""
+    log_probs = np.log((train_counts + 1.0) / (train_counts.sum() + len(train_counts)))
+    nll = sum(-(log_probs[b["targets"]] * b["loss_mask"]).sum() for b in eval_batch_list)
+    n = sum(b["loss_mask"].sum() for b in eval_batch_list)
+    if n == 0:
+        raise ValueError("the eval batches have no target with loss_mask 1")
+    return float(np.exp(nll / n))
+
+
+# ---- prefetch ------------------------------------------------------------------------------
+
+
+class Prefetcher:
+    """Builds the batches of steps start, start + 1, ... in a background thread, `depth` ahead,
+    so the accelerator does not wait on input. One thread calling `fn` in step order keeps the
+    sequence the same as direct calls; `next(step)` must follow that order."""
+
+    def __init__(self, fn: Callable[[int], dict], start: int, depth: int = 2):
+        self._fn, self._expected = fn, start
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(start,), daemon=True)
+        self._thread.start()
+
+    def _produce(self, step: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (self._fn(step), None)
+            except Exception as e:  # handed to the consumer, which raises it
+                item = (None, e)
+            self._queue.put(item)
+            if item[1] is not None:
+                return
+            step += 1
+
+    def next(self, step: int) -> dict:
+        if self._stop.is_set():
+            raise RuntimeError("the Prefetcher is closed")
+        if step != self._expected:
+            raise ValueError(f"Prefetcher.next({step}): the next prefetched step is {self._expected}")
+        batch, error = self._queue.get()
+        if error is not None:
+            self.close()  # the thread has stopped; later calls say so instead of waiting
+            raise error
+        self._expected += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the thread: it finishes the batch it is building, then exits."""
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):  # emptying the queue unblocks a pending put
+            while True:
+                self._queue.get_nowait()
+        self._thread.join()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from llama_jax.attention import attention, attention_mask
 from llama_jax.config import LLaMAConfig
 
 Array = jax.Array
@@ -76,30 +77,7 @@ def apply_rotary(x_BxSxNxDh: Array, sin_BxSxDh: Array, cos_BxSxDh: Array) -> Arr
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-# ---- attention -------------------------------------------------------------------------------
-
-
-def attention_mask(q_slot_BxS: Array, q_seg_BxS: Array, kv_seg_BxT: Array) -> Array:
-    """[B, S, T] boolean: key slot t is visible to a query iff t <= query slot and same segment."""
-    kv_slot_T = jnp.arange(kv_seg_BxT.shape[1])
-    causal = kv_slot_T[None, None, :] <= q_slot_BxS[:, :, None]
-    return causal & (q_seg_BxS[:, :, None] == kv_seg_BxT[:, None, :])
-
-
-def dot_product_attention(q_BxSxHxDh: Array, k_BxTxKxDh: Array, v_BxTxKxDh: Array,
-                          mask_BxSxT: Array, impl: str = "xla") -> Array:
-    """Grouped-query attention without repeating K/V; softmax in float32. Returns [B, S, H, Dh]."""
-    if impl == "dot_product":
-        return jax.nn.dot_product_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=mask_BxSxT[:, None])
-    B, S, H, Dh = q_BxSxHxDh.shape
-    K = k_BxTxKxDh.shape[2]
-    q_BxSxKxGxDh = q_BxSxHxDh.reshape(B, S, K, H // K, Dh)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxDh, k_BxTxKxDh,
-                        preferred_element_type=jnp.float32) / math.sqrt(Dh)
-    scores = jnp.where(mask_BxSxT[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxTxKxDh.dtype)
-    out_BxSxKxGxDh = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxTxKxDh)
-    return out_BxSxKxGxDh.reshape(B, S, H, Dh)
+# ---- attention (kernels live in llama_jax.attention) ------------------------------------------
 
 
 @flax.struct.dataclass
@@ -149,7 +127,7 @@ class Attention(nn.Module):
     cfg: LLaMAConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, sin, cos, mask_BxSxT, cache_index, layer_kv):
+    def __call__(self, x_BxSxD, sin, cos, mask_BxSxT, segment_ids, cache_index, layer_kv):
         cfg = self.cfg
         H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q = _dense(cfg, (H, Dh), ("embed", "heads", "head_dim"), "q")(x_BxSxD)
@@ -163,7 +141,7 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
             layer_kv = (k, v)
-        out_BxSxHxDh = dot_product_attention(q, k, v, mask_BxSxT, cfg.attention_impl)
+        out_BxSxHxDh = attention(q, k, v, mask_BxSxT, segment_ids, cfg.attention_impl, decoding=layer_kv is not None)
         out = _dense(cfg, cfg.dim, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out_BxSxHxDh)
         return out, layer_kv
 
@@ -188,9 +166,9 @@ class Block(nn.Module):
     cfg: LLaMAConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, sin, cos, mask_BxSxT, cache_index, layer_kv):
+    def __call__(self, x_BxSxD, sin, cos, mask_BxSxT, segment_ids, cache_index, layer_kv):
         attn_out, layer_kv = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BxSxD), sin, cos, mask_BxSxT, cache_index, layer_kv)
+            RMSNorm(self.cfg, name="attn_norm")(x_BxSxD), sin, cos, mask_BxSxT, segment_ids, cache_index, layer_kv)
         x_BxSxD = x_BxSxD + attn_out
         x_BxSxD = x_BxSxD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxSxD))
         return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed")), layer_kv
@@ -234,14 +212,14 @@ class LLaMA(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                            in_axes=(nn.broadcast,) * 5 + (0,),
                             length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, kv = stack(cfg, name="layers")(x, sin, cos, mask, start, kv)
+            x, kv = stack(cfg, name="layers")(x, sin, cos, mask, segment_ids, start, kv)
         else:
             new_kv = []
             for i in range(cfg.n_layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x, layer_kv = block(cfg, name=f"layers_{i}")(x, sin, cos, mask, start, layer_kv)
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, sin, cos, mask, segment_ids, start, layer_kv)
                 new_kv.append(layer_kv)
             if kv is not None:
                 kv = tuple(jnp.stack(t) for t in zip(*new_kv))

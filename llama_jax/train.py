@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import loss as loss_lib
+from llama_jax.attention import sharded_attention
 from llama_jax.config import LLaMAConfig
 from llama_jax.model import LLaMA
 from llama_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, batch_sharding, tree_shardings
@@ -52,14 +53,19 @@ class Trainer:
     rules: tuple = LOGICAL_AXIS_RULES
 
     @contextlib.contextmanager
-    def context(self):
-        """The mesh and logical-axis rules that tracing the model needs (activation constraints).
+    def context(self, per_device_attention: bool = True):
+        """The mesh and logical-axis rules that tracing the model needs (activation constraints),
+        and attention kernels run per device under shard_map.
 
         The classic `with mesh:` rather than `jax.set_mesh`: under the latter, Flax 0.12's
         DenseGeneral re-applies its kernel's 3-name constraint to the flattened 2-D kernel.
         """
         with self.mesh, nn.logical_axis_rules(self.rules):
-            yield
+            if per_device_attention:
+                with sharded_attention(self.mesh):
+                    yield
+            else:
+                yield
 
     # ---- state -----------------------------------------------------------------------------
     def _init(self, rng):
@@ -78,7 +84,7 @@ class Trainer:
     def init_state(self, seed: int) -> TrainState:
         """A freshly initialised state, created shard by shard on its devices."""
         init = jax.jit(lambda rng: nn.meta.unbox(self._init(rng)), out_shardings=self.state_shardings)
-        with self.context():
+        with self.context(per_device_attention=False):  # initialised on a 1-token dummy batch
             return init(jax.random.key(seed))
 
     # ---- step ------------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Attention kernels, and their per-device dispatch with `shard_map`.
+
+Every kernel computes causal, segment-masked grouped-query attention on
+q [B, S, H, Dh], k and v [B, T, K, Dh] -> [B, S, H, Dh], softmax in float32:
+- `xla`: einsums written here (any backend; the reference the others are tested against);
+- `dot_product`: `jax.nn.dot_product_attention` with XLA's implementation;
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention (GPU);
+- `splash`: Pallas splash attention (TPU; on other backends it runs in Pallas' interpreter,
+  which is how it is tested, slowly);
+- `auto`: `cudnn` on GPU, `splash` on TPU, `xla` elsewhere.
+`cudnn` and `splash` take the causal structure from the kernel and documents from segment ids,
+so they serve training and prefill; decoding with a KV cache always uses `xla`.
+
+Inside `sharded_attention(mesh)` (the trainer enters it), the kernel runs under `shard_map`:
+each device attends over its own batch rows and heads (batch over data x fsdp, heads over
+tensor), which is what fused kernels need: they cannot be partitioned by XLA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+Array = jax.Array
+_MESH: contextvars.ContextVar = contextvars.ContextVar("llama_jax_attention_mesh", default=None)
+BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
+
+
+@contextlib.contextmanager
+def sharded_attention(mesh):
+    """Run attention kernels per device over `mesh` while the context is active."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def attention_mask(q_slot_BxS: Array, q_seg_BxS: Array, kv_seg_BxT: Array) -> Array:
+    """[B, S, T] boolean: key slot t is visible to a query iff t <= query slot and same segment."""
+    kv_slot_T = jnp.arange(kv_seg_BxT.shape[1])
+    causal = kv_slot_T[None, None, :] <= q_slot_BxS[:, :, None]
+    return causal & (q_seg_BxS[:, :, None] == kv_seg_BxT[:, None, :])
+
+
+def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT) -> Array:
+    """Grouped-query attention without repeating K/V; softmax in float32."""
+    B, S, H, Dh = q_BxSxHxDh.shape
+    K = k_BxTxKxDh.shape[2]
+    q_BxSxKxGxDh = q_BxSxHxDh.reshape(B, S, K, H // K, Dh)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxDh, k_BxTxKxDh,
+                        preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    scores = jnp.where(mask_BxSxT[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxTxKxDh.dtype)
+    out_BxSxKxGxDh = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxTxKxDh)
+    return out_BxSxKxGxDh.reshape(B, S, H, Dh)
+
+
+def _jax_nn_attention(implementation, q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+
+
+def splash_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS) -> Array:
+    """Pallas splash attention, causal within segments: one MQA kernel per K/V head group."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, S, H, Dh = q_BxSxHxDh.shape
+    K = k_BxSxKxDh.shape[2]
+    G = H // K
+    block = min(512, S)
+    if S % block:
+        raise ValueError(f"splash attention needs the sequence length ({S}) to be a multiple of {block}")
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = sm.MultiHeadMask([sm.CausalMask((S, S)) for _ in range(G)])
+    kernel = sk.make_splash_mha(mask, block_sizes=sizes, is_mqa=True, head_shards=1, q_seq_shards=1,
+                                interpret=jax.default_backend() != "tpu")
+
+    def one_row(q_SxHxDh, k_SxKxDh, v_SxKxDh, seg_S):
+        q_KxGxSxDh = (q_SxHxDh / math.sqrt(Dh)).reshape(S, K, G, Dh).transpose(1, 2, 0, 3)
+        segments = sk.SegmentIds(q=seg_S, kv=seg_S)
+        out = jax.vmap(lambda q_, k_, v_: kernel(q_, k_, v_, segment_ids=segments))(
+            q_KxGxSxDh, k_SxKxDh.transpose(1, 0, 2), v_SxKxDh.transpose(1, 0, 2))
+        return out.transpose(2, 0, 1, 3).reshape(S, H, Dh)
+
+    return jax.vmap(one_row)(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS)
+
+
+KERNELS = {  # impl -> (kernel, takes segment ids instead of a dense mask)
+    "xla": (xla_attention, False),
+    "dot_product": (functools.partial(_jax_nn_attention, "xla"), False),
+    "cudnn": (functools.partial(_jax_nn_attention, "cudnn"), False),
+    "splash": (splash_attention, True),
+}
+
+
+def resolve(impl: str) -> str:
+    if impl == "auto":
+        return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
+    return impl
+
+
+def attention(q, k, v, mask_BxSxT, segment_ids_BxS, impl: str, decoding: bool) -> Array:
+    """Dispatch to a kernel; per device under `shard_map` inside `sharded_attention`."""
+    impl = "xla" if decoding else resolve(impl)
+    kernel, wants_segments = KERNELS[impl]
+    extra = segment_ids_BxS if wants_segments else mask_BxSxT
+    mesh = _MESH.get()
+    if mesh is None or mesh.size == 1:
+        return kernel(q, k, v, extra)
+    heads = P(BATCH_AXES, None, HEAD_AXIS, None)
+    extra_spec = P(BATCH_AXES, None) if wants_segments else P(BATCH_AXES, None, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, extra_spec), out_specs=heads,
+                         check_vma=False)(q, k, v, extra)

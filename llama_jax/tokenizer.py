@@ -1,0 +1,271 @@
+"""Tokenizers of the LLaMA family behind one small interface.
+
+LLaMA 1/2, TinyLlama and Code Llama ship a SentencePiece `tokenizer.model` (a protobuf);
+LLaMA 3 ships a tiktoken rank file under the same name (lines of `base64(token bytes) rank`).
+`load_tokenizer` tells them apart by content and returns a `Tokenizer` whose `encode(text)`
+gives the ids Meta's reference code gives (BOS first by default, no EOS). `train_sentencepiece`
+makes a new SentencePiece model with LLaMA 2's settings, for small experiments.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import sentencepiece as spm
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the rest of the project needs from a tokenizer."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int  # -1 when the model has none
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of `text`, with BOS in front and/or EOS at the end when asked."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; BOS, EOS and pad ids are dropped wherever they occur."""
+        ...
+
+
+def _checked_ids(ids: Sequence[int], vocab_size: int, drop: set[int]) -> list[int]:
+    out = [int(i) for i in ids]
+    bad = [i for i in out if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return [i for i in out if i not in drop]
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model (LLaMA 1/2, TinyLlama, Code Llama)."""
+
+    def __init__(self, model_proto: bytes):
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size: int = self.sp.get_piece_size()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        self.pad_id: int = self.sp.pad_id()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Ids of `text`; same as Meta's `Tokenizer.encode(text, bos, eos)`."""
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids` without BOS/EOS/pad; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.sp.decode(_checked_ids(ids, self.vocab_size, {self.bos_id, self.eos_id, self.pad_id}))
+
+
+# LLaMA 3's pre-tokenizer regex, as published with Meta's llama3 tokenizer.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# LLaMA 3's 256 special tokens in Meta's order; their ids follow the last rank.
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>",
+    "<|reserved_special_token_3|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_special_token_4|>",
+    "<|eot_id|>",
+    *(f"<|reserved_special_token_{i}|>" for i in range(5, 251)),
+]
+
+# Meta encodes long text piecewise: tiktoken gets at most 400k characters at a time, and runs of
+# whitespace or non-whitespace are cut every 25k characters (BPE on one huge piece is very slow).
+_MAX_CHUNK = 400_000
+_MAX_RUN = 25_000
+_LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (_MAX_RUN + 1, _MAX_RUN + 1))
+
+
+def _pieces(text: str) -> Iterator[str]:
+    for start in range(0, len(text), _MAX_CHUNK):
+        chunk = text[start:start + _MAX_CHUNK]
+        cut = 0
+        for run in _LONG_RUN.finditer(chunk):
+            for at in range(run.start() + _MAX_RUN, run.end(), _MAX_RUN):
+                yield chunk[cut:at]
+                cut = at
+        yield chunk[cut:]
+
+
+class TiktokenTokenizer:
+    """LLaMA 3's byte-level BPE: tiktoken ranks plus the 256 special tokens after them."""
+
+    def __init__(self, mergeable_ranks: dict[bytes, int]):
+        import tiktoken  # only LLaMA 3 files need it
+
+        n = len(mergeable_ranks)
+        self.special_tokens: dict[str, int] = {tok: n + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.encoding = tiktoken.Encoding(
+            name="llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens
+        )
+        self.vocab_size: int = n + len(LLAMA3_SPECIAL_TOKENS)
+        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
+        self.pad_id: int = -1
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Ids of `text`; special-token text in it is encoded as ordinary text, as Meta's default."""
+        ids = [self.bos_id] if bos else []
+        for piece in _pieces(text):
+            ids += self.encoding.encode_ordinary(piece)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids` without BOS/EOS; other special tokens come out as their text."""
+        return self.encoding.decode(_checked_ids(ids, self.vocab_size, {self.bos_id, self.eos_id}))
+
+
+def _parse_tiktoken(data: bytes) -> dict[bytes, int] | None:
+    """The ranks of a tiktoken file, or None when `data` is not one."""
+    ranks = {}
+    try:
+        for line in data.splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except (ValueError, binascii.Error):
+        return None
+    return ranks
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a SentencePiece or tiktoken `tokenizer.model` (or a directory holding one).
+
+    Bad input raises ValueError with a one-line message naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    if not data.strip():
+        raise ValueError(f"{path}: empty file, not a tokenizer model")
+
+    ranks = _parse_tiktoken(data)
+    if ranks is not None:
+        if set(ranks.values()) != set(range(len(ranks))):
+            raise ValueError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1}, each once")
+        if any(bytes([b]) not in ranks for b in range(256)):
+            raise ValueError(f"{path}: tiktoken file lacks some of the 256 single-byte tokens")
+        return TiktokenTokenizer(ranks)
+    try:
+        return SentencePieceTokenizer(data)
+    except RuntimeError:
+        raise ValueError(f"{path}: neither a SentencePiece model nor a tiktoken rank file (corrupt?)") from None
+
+
+class _Lines:
+    """The non-empty lines of `texts`, for sentencepiece's trainer.
+
+    The trainer turns an exception from the iterator into a RuntimeError holding only its
+    text; keeping the original lets `train_sentencepiece` raise it as it was.
+    """
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts = iter(texts)
+        self.error: BaseException | None = None
+        self.count = 0
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for text in self.texts:
+                for line in text.split("\n"):
+                    if line:
+                        self.count += 1
+                        yield line
+        except Exception as e:
+            self.error = e
+            raise
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    output_path: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    character_coverage: float = 0.99995,
+    num_threads: int = 2,
+    **options: Any,
+) -> Path:
+    """Train a SentencePiece model on `texts` with LLaMA 2's settings; write it to `output_path`.
+
+    Each text is split into lines and every non-empty line is one training sentence, so no piece
+    holds a newline (newlines go through byte fallback, as in LLaMA). Lines longer than
+    `max_sentence_length` bytes (4192, LLaMA's value) are skipped by sentencepiece. All lines are
+    used (no sampling), so the same texts give the same model; the bytes also record
+    `num_threads`, which does not change the pieces. `options` are further trainer flags
+    (e.g. `input_sentence_size`, `user_defined_symbols`, `minloglevel=0` for the trainer's log).
+    The file is written atomically. Returns its path.
+    """
+    flags: dict[str, Any] = dict(
+        model_type=model_type,
+        vocab_size=vocab_size,
+        byte_fallback=byte_fallback,
+        character_coverage=character_coverage,
+        num_threads=num_threads,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=4192,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,  # a small corpus may not support vocab_size pieces
+        minloglevel=2,
+    )
+    flags.update(options)
+    lines = _Lines(texts)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **flags)
+    except RuntimeError as e:
+        if lines.error is not None:
+            raise lines.error from None
+        if lines.count == 0:
+            raise ValueError("no text to train the tokenizer on") from None
+        # Drop the "INTERNAL: src/file.cc(123) [condition]" prefix of sentencepiece's messages.
+        reason = re.sub(r"^.*?\] ", "", str(e).strip().splitlines()[0]) or str(e).strip()
+        raise ValueError(f"sentencepiece training failed: {reason}") from None
+
+    output = Path(output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output

@@ -1,0 +1,239 @@
+"""Document sources, packed batches, held-out split, TFDS round trip, prefetch and the unigram baseline."""
+
+import io
+import json
+import math
+import sys
+import threading
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import tensorflow_datasets as tfds
+from ml_collections import ConfigDict
+from numpy.lib.stride_tricks import sliding_window_view
+
+from llama_jax import data
+from llama_jax.data import EmbeddedCorpus, Prefetcher, TextDataset, TextFiles, make_source
+from llama_jax.text_dataset import build_text_dataset
+
+
+class SentencePieceTokenizer:
+    """The tokenizer interface the data pipeline expects, over a SentencePiece model."""
+
+    def __init__(self, model: bytes):
+        self.sp = spm.SentencePieceProcessor(model_proto=model)
+        self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return EmbeddedCorpus()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    lines = [line for i in range(len(corpus)) for line in corpus[i].splitlines() if line.strip()]
+    model = io.BytesIO()
+    # 512, not less: byte fallback alone takes 256 ids, and the corpus has ~90 distinct characters.
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=512,
+                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
+                                   pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    return SentencePieceTokenizer(model.getvalue())
+
+
+@pytest.fixture(scope="module")
+def dataset(corpus, tokenizer):
+    return TextDataset(corpus, tokenizer, seq_len=128, seed=0, eval_fraction=0.2)
+
+
+def test_embedded_corpus_is_real_english_in_a_fixed_order(corpus):
+    from pydoc_data.topics import topics
+
+    docs = [corpus[i] for i in range(len(corpus))]
+    assert len(docs) == len(topics) > 50
+    assert docs == [topics[k] for k in sorted(topics)] == [EmbeddedCorpus()[i] for i in range(len(corpus))]
+    text = " ".join(docs)
+    assert len(text) > 100_000 and text.count(" the ") > 2000
+
+
+def test_packing_never_crosses_documents(dataset, corpus, tokenizer):
+    windows_not_at_start = 0
+    for step in range(3):
+        batch = dataset.batch(step, range(8))
+        assert all(v.shape == (8, 128) for v in batch.values())
+        for r in range(8):
+            doc_ids = dataset.documents(step, r)
+            seg = batch["segment_ids"][r]
+            assert seg.min() == 1 and np.all(np.diff(seg) >= 0) and seg.max() == len(doc_ids)  # full, in order
+            np.testing.assert_array_equal(batch["loss_mask"][r], 1.0)
+            for j, i in enumerate(doc_ids, start=1):
+                at = seg == j
+                tokens, targets = batch["tokens"][r][at], batch["targets"][r][at]
+                np.testing.assert_array_equal(batch["positions"][r][at], np.arange(at.sum()))
+                np.testing.assert_array_equal(targets[:-1], tokens[1:])  # next token of the same document
+                piece = np.append(tokens, targets[-1])
+                doc = np.asarray(tokenizer.encode(corpus[i], bos=True, eos=True))
+                starts = np.flatnonzero((sliding_window_view(doc, len(piece)) == piece).all(axis=1))
+                assert len(starts), f"row {r} segment {j} is not a contiguous piece of document {i}"
+                windows_not_at_start += starts.min() > 0
+    assert windows_not_at_start > 0  # long documents contribute random windows, not only their starts
+
+
+def test_pack_row_masks_padding():
+    row = data.pack_row([np.array([5, 6, 7]), np.array([8, 9])], seq_len=5)
+    np.testing.assert_array_equal(row["segment_ids"], [1, 1, 2, 0, 0])
+    np.testing.assert_array_equal(row["positions"], [0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(row["targets"][:3], [6, 7, 9])
+    np.testing.assert_array_equal(row["loss_mask"], [1, 1, 1, 0, 0])
+
+
+def test_batches_are_a_function_of_seed_and_step(corpus, tokenizer):
+    a, b = (TextDataset(corpus, tokenizer, seq_len=64, seed=7) for _ in range(2))
+    first = a.batch(5, range(4))
+    for k, v in b.batch(5, range(4)).items():
+        np.testing.assert_array_equal(first[k], v)
+    assert not np.array_equal(first["tokens"], a.batch(6, range(4))["tokens"])
+    other_seed = TextDataset(corpus, tokenizer, seq_len=64, seed=8).batch(5, range(4))
+    assert not np.array_equal(first["tokens"], other_seed["tokens"])
+
+
+def test_two_hosts_read_disjoint_rows_of_the_global_batch(corpus, tokenizer):
+    shares = [data.rows_for_process(8, index, 2) for index in range(2)]
+    assert set(shares[0]).isdisjoint(shares[1])
+    local = [TextDataset(corpus, tokenizer, seq_len=64, seed=3).batch(11, rows) for rows in shares]
+    whole = TextDataset(corpus, tokenizer, seq_len=64, seed=3).batch(11, range(8))
+    for k, v in whole.items():
+        np.testing.assert_array_equal(np.concatenate([local[0][k], local[1][k]]), v)
+
+
+def test_held_out_documents_never_reach_training(dataset, corpus, tokenizer):
+    train, held = set(dataset.train_indices), set(dataset.eval_indices)
+    assert train.isdisjoint(held) and train | held == set(range(len(corpus)))
+    assert len(held) == math.ceil(0.2 * len(corpus))
+    used = {i for step in range(30) for r in range(8) for i in dataset.documents(step, r)}
+    assert used <= train and len(used) > len(train) // 2
+    assert {i for k in range(3) for r in range(8) for i in dataset.documents(k, r, "eval")} <= held
+    fresh = TextDataset(corpus, tokenizer, seq_len=128, seed=0, eval_fraction=0.2)
+    np.testing.assert_array_equal(dataset.eval_batch(1, range(4))["tokens"], fresh.eval_batch(1, range(4))["tokens"])
+    assert len(TextDataset(corpus, tokenizer, seq_len=128, seed=0).eval_indices) == 1  # 1% of ~80 still gives one
+
+
+def write_corpus(tmp_path):
+    records = [{"text": f"Document number {i} is about {word}.", "id": i}
+               for i, word in enumerate(["apples", "boats", "clouds", "dunes", "eels", "ferns", "gulls", "hills"])]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records[:5]) + "\n\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in records[5:]) + "\n")
+    (tmp_path / "c.txt").write_text("A whole file is one document.\nEven with two lines.\n")
+    return [r["text"] for r in records] + ["A whole file is one document.\nEven with two lines.\n"]
+
+
+def test_text_files_and_tfds_round_trip(tmp_path, tokenizer):
+    docs = write_corpus(tmp_path)
+    assert list(TextFiles([str(tmp_path / "*.jsonl"), str(tmp_path / "c.txt")])) == docs
+    data_dir = str(tmp_path / "tfds")
+    files = [str(tmp_path / "*.jsonl"), str(tmp_path / "*.txt")]
+    name = build_text_dataset(files, data_dir, validation_fraction=0.25)
+    assert build_text_dataset(files, data_dir, validation_fraction=0.25) == name  # built once, then reused
+    splits = {s: [r["text"].decode() for r in tfds.data_source(name, data_dir=data_dir, split=s)]
+              for s in ("train", "validation")}
+    assert len(splits["validation"]) == math.ceil(0.25 * len(docs))
+    assert sorted(splits["train"] + splits["validation"]) == sorted(docs)
+    assert splits["train"] == [d for d in docs if d in splits["train"]]  # file order kept
+
+    config = ConfigDict(dict(source="tfds", tfds_name=name, data_dir=data_dir, tfds_eval_split="validation"))
+    train, held = make_source(config)
+    assert list(train) == splits["train"] and list(held) == splits["validation"]
+    ds = TextDataset(train, tokenizer, seq_len=32, seed=0, eval_source=held)
+    assert ds.batch(0, range(2))["tokens"].shape == (2, 32) and ds.eval_batch(0, range(2))["loss_mask"].all()
+    assert list(make_source(ConfigDict(dict(source="jsonl", files=[str(tmp_path / "*.jsonl")])))[0]) == docs[:8]
+    assert make_source(ConfigDict(dict(source="synthetic"))) == (None, None)
+    assert "tensorflow" not in sys.modules  # built and read without TensorFlow
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown source", r"data.source='parquet' is not supported; valid: embedded, text"),
+    ("no match", r"no file matches '.*missing\*.txt'"),
+    ("all empty", r"holds no non-empty document"),
+    ("missing key", r"a.jsonl:2: no string field 'text'"),
+    ("not json", r"bad.jsonl:1: not valid JSON"),
+    ("file type", r"\.csv: unsupported file type; valid: .txt"),
+    ("short seq_len", r"seq_len=1 is too short"),
+    ("eval_fraction", r"eval_fraction=1.0 is out of range"),
+    ("no documents", r"the dataset has no documents"),
+])
+def test_bad_input_is_named(case, message, tmp_path, tokenizer):
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text key"}\n')
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    make = {
+        "unknown source": lambda: make_source(ConfigDict(dict(source="parquet"))),
+        "no match": lambda: TextFiles([str(tmp_path / "missing*.txt")]),
+        "all empty": lambda: TextFiles(str(tmp_path / "empty.txt")),
+        "missing key": lambda: TextFiles(str(tmp_path / "a.jsonl")),
+        "not json": lambda: TextFiles(str(tmp_path / "bad.jsonl")),
+        "file type": lambda: TextFiles(str(tmp_path / "x.csv")),
+        "short seq_len": lambda: TextDataset(["text"], tokenizer, seq_len=1, seed=0),
+        "eval_fraction": lambda: TextDataset(["text"], tokenizer, seq_len=8, seed=0, eval_fraction=1.0),
+        "no documents": lambda: TextDataset([], tokenizer, seq_len=8, seed=0),
+    }[case]
+    with pytest.raises(ValueError, match=message) as error:
+        make()
+    assert "\n" not in str(error.value)
+
+
+def test_prefetcher_matches_direct_calls_and_closes(dataset):
+    before = set(threading.enumerate())
+    calls = []
+
+    def fn(step):
+        calls.append(step)
+        return dataset.batch(step, range(2))
+
+    with Prefetcher(fn, start=3) as prefetcher:
+        for step in range(3, 8):
+            got, want = prefetcher.next(step), dataset.batch(step, range(2))
+            assert all(np.array_equal(got[k], want[k]) for k in want)
+        with pytest.raises(ValueError, match="next prefetched step is 8"):
+            prefetcher.next(9)
+    assert set(threading.enumerate()) == before
+    assert calls == list(range(3, 3 + len(calls))) and len(calls) <= 5 + 2 + 1  # consumed, queued, in hand
+    with pytest.raises(RuntimeError, match="closed"):
+        prefetcher.next(8)
+
+    def failing(step):
+        if step == 1:
+            raise KeyError("broken step")
+        return {}
+
+    with Prefetcher(failing, start=0) as prefetcher:
+        assert prefetcher.next(0) == {}
+        with pytest.raises(KeyError, match="broken step"):
+            prefetcher.next(1)
+        with pytest.raises(RuntimeError, match="closed"):
+            prefetcher.next(2)
+
+
+def test_unigram_perplexity_by_hand():
+    # Add-one smoothing over 3 ids with counts 3, 1, 0: p = 4/7, 2/7, 1/7. Targets 0, 1, 2 count,
+    # the last is masked: perplexity = (7/4 * 7/2 * 7/1) ** (1/3) = 7/2.
+    batch = {"targets": np.array([[0, 1], [2, 0]]), "loss_mask": np.array([[1.0, 1.0], [1.0, 0.0]])}
+    assert data.unigram_perplexity(np.array([3, 1, 0]), [batch]) == pytest.approx(3.5)
+    halves = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]
+    assert data.unigram_perplexity(np.array([3, 1, 0]), halves) == pytest.approx(3.5)
+
+
+def test_unigram_baseline_on_the_embedded_corpus(dataset, corpus, tokenizer):
+    counts = dataset.train_token_counts()
+    train_docs = [corpus[i] for i in dataset.train_indices]
+    assert counts.sum() == sum(len(tokenizer.encode(d, bos=True, eos=True)) - 1 for d in train_docs)
+    assert counts[tokenizer.bos_id] == 0 and counts[tokenizer.eos_id] == len(train_docs)
+    perplexity = data.unigram_perplexity(counts, [dataset.eval_batch(k, range(8)) for k in range(2)])
+    assert 30 < perplexity < 0.5 * tokenizer.vocab_size  # far better than uniform, far from a real model

@@ -1,0 +1,215 @@
+"""Tokenizers: a small SentencePiece model trained here on Python's own help texts, checked
+against sentencepiece and transformers; a toy LLaMA-3 (tiktoken) file checked against tiktoken;
+bad files; and the training CLI."""
+
+import base64
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+from pydoc_data.topics import topics
+from sentencepiece import sentencepiece_model_pb2
+
+from llama_jax.tokenizer import (
+    LLAMA3_SPECIAL_TOKENS, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, _pieces, load_tokenizer,
+    train_sentencepiece,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = [topics[k] for k in sorted(topics)]
+VOCAB = 500
+TEXTS = [
+    "The cat sits on the mat.",
+    "Numbers 1234567890 and 3.14159; dates 2024-05-17.",
+    "  two leading spaces, a  double   gap, trailing  ",
+    " one leading space",
+    "Unicode: naïve café, Ελληνικά, 日本語, emoji 😀🚀",
+    "tabs\tand\nnewlines\n\n\nand a\r\ncarriage return",
+    "def f(x):\n    return x ** 2  # code",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> Path:
+    return train_sentencepiece(CORPUS, tmp_path_factory.mktemp("sp") / "tokenizer.model", VOCAB)
+
+
+def test_trained_model_has_llama_settings(sp_model):
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_model.read_bytes())
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    assert spec.model_type == spec.BPE and spec.byte_fallback and spec.split_digits
+    assert (spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id) == (0, 1, 2, -1)
+    assert spec.allow_whitespace_only_pieces and spec.max_sentence_length == 4192
+    assert norm.name == "identity" and norm.add_dummy_prefix and not norm.remove_extra_whitespaces
+    assert len(proto.pieces) == VOCAB
+    assert not any("\n" in p.piece for p in proto.pieces)
+    assert list(sp_model.parent.iterdir()) == [sp_model]  # no temporary files left behind
+
+
+def test_sentencepiece_round_trip_and_special_ids(sp_model):
+    tok = load_tokenizer(sp_model)
+    assert isinstance(tok, SentencePieceTokenizer) and isinstance(tok, Tokenizer)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (VOCAB, 1, 2, -1)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids[0] == tok.bos_id and tok.eos_id not in ids
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text
+        assert tok.encode(text, bos=False, eos=True) == ids[1:] + [tok.eos_id]
+        assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.eos_id]) == text
+    # Characters outside the training text become UTF-8 byte pieces <0x..> (ids 3..258), not <unk>.
+    emoji = tok.encode("😀", bos=False)
+    assert 0 not in emoji and all(3 <= i < 259 for i in emoji[1:]) and len(emoji[1:]) == 4
+    assert tok.encode("2024", bos=False)[-4:] == [tok.sp.piece_to_id(d) for d in "2024"]  # split_digits
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([VOCAB])
+
+
+def test_sentencepiece_training_is_deterministic(sp_model, tmp_path):
+    again = train_sentencepiece(iter(CORPUS), tmp_path / "again.model", VOCAB)
+    assert again.read_bytes() == sp_model.read_bytes()
+
+
+def test_sentencepiece_matches_references(sp_model, tmp_path):
+    """Meta's rule is `[bos] + sp.encode(text)`. transformers 5 builds its fast tokenizer from the
+    .model file; `LlamaTokenizer` there pre-splits on spaces and disagrees with sentencepiece on
+    leading or repeated spaces, while the generic `PreTrainedTokenizerFast` keeps sentencepiece's
+    behaviour. Built from a bare .model it adds BOS only when asked, as Llama's config does."""
+    import transformers
+
+    tok = load_tokenizer(sp_model)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path, add_bos_token=True)
+    texts = TEXTS + [para for text in CORPUS[:20] for para in text.split("\n\n")]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == [sp.bos_id()] + sp.encode(text)
+        reference = hf.encode(text)
+        assert reference[0] == hf.bos_token_id == 1
+        assert ids == reference, text
+
+
+def test_tokenizers_pickle(sp_model, tmp_path):
+    (tmp_path / "toy3.model").write_bytes(_tiktoken_file(_toy_ranks()))
+    for tok in (load_tokenizer(sp_model), load_tokenizer(tmp_path / "toy3.model")):
+        assert pickle.loads(pickle.dumps(tok)).encode(TEXTS[4]) == tok.encode(TEXTS[4])
+
+
+# LLaMA 3: tiktoken ranks with Meta's split regex (written out here again on purpose).
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+MERGES = [b"th", b"the", b" t", b" the", b"in", b"ing", b" th", b"er", b"\n\n", b"12", b"123", b"45", b"'s"]
+
+
+def _toy_ranks() -> dict[bytes, int]:
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in MERGES:
+        ranks[merge] = len(ranks)
+    return ranks
+
+
+def _tiktoken_file(ranks: dict[bytes, int]) -> bytes:
+    return b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in ranks.items())
+
+
+def test_llama3_tiktoken_format(tmp_path):
+    import tiktoken
+
+    ranks = _toy_ranks()
+    n = len(ranks)
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(_tiktoken_file(ranks))
+    tok = load_tokenizer(path)
+    assert isinstance(tok, TiktokenTokenizer) and isinstance(tok, Tokenizer)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (n + 256, n, n + 1, -1)
+    assert len(set(LLAMA3_SPECIAL_TOKENS)) == 256
+    assert tok.special_tokens["<|start_header_id|>"] == n + 6 and tok.special_tokens["<|eot_id|>"] == n + 9
+    assert tok.special_tokens["<|reserved_special_token_250|>"] == n + 255
+
+    reference = tiktoken.Encoding("toy", pat_str=LLAMA3_REGEX, mergeable_ranks=ranks, special_tokens={})
+    texts = TEXTS + ["the theme: the thing's 12345 inner\n\nthere", "<|begin_of_text|>hi<|eot_id|>"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == [n] + reference.encode_ordinary(text)
+        assert all(i < n for i in ids[1:])  # special-token text stays text
+        assert tok.decode(ids) == text
+        assert tok.encode(text, bos=False, eos=True) == ids[1:] + [n + 1]
+    assert tok.encode(" the", bos=False) == [ranks[b" the"]]
+    assert tok.decode([n, tok.special_tokens["<|eot_id|>"], n + 1]) == "<|eot_id|>"
+
+
+def test_long_runs_are_cut_like_meta():
+    text = "x" * 60_000 + " " * 30_000 + "end"
+    pieces = list(_pieces(text))
+    assert "".join(pieces) == text
+    assert [len(p) for p in pieces] == [25_000, 25_000, 35_000, 5_003]
+
+
+def test_bad_files_raise_one_line_value_error(sp_model, tmp_path):
+    model = sp_model.read_bytes()
+    files = {
+        "missing.model": None,
+        "empty.model": b"",
+        "text.model": b"hello world\n",
+        "truncated.model": model[: len(model) // 2],
+        "binary.model": bytes(range(256)) * 8,
+        "gap.model": _tiktoken_file({bytes([b]): b + (b > 9) for b in range(256)}),
+    }
+    for name, data in files.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as err:
+            load_tokenizer(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value) and "\n" not in str(err.value), name
+
+
+def test_training_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="no text"):
+        train_sentencepiece(["", "\n\n"], tmp_path / "x.model", VOCAB)
+    with pytest.raises(ValueError, match="Vocabulary size is smaller"):
+        train_sentencepiece(CORPUS, tmp_path / "x.model", 50)
+
+    def failing():
+        yield "some text"
+        raise KeyError("the reader's own error")
+
+    with pytest.raises(KeyError, match="own error"):
+        train_sentencepiece(failing(), tmp_path / "x.model", VOCAB)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "tools" / "train_tokenizer.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_train_tokenizer_cli(sp_model, tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(CORPUS[:30]), encoding="utf-8")
+    with open(tmp_path / "b.jsonl", "w", encoding="utf-8") as f:
+        for text in CORPUS[30:]:
+            f.write(json.dumps({"body": text, "n": 1}) + "\n")
+    out = tmp_path / "out" / "tokenizer.model"
+    run = _cli("--input", str(tmp_path / "*.txt"), "--input", str(tmp_path / "b.jsonl"), "--jsonl-key", "body",
+               "--vocab-size", str(VOCAB), "--output", str(out))
+    assert run.returncode == 0, run.stderr
+    assert f"{VOCAB} pieces from {1 + len(CORPUS) - 30} documents" in run.stdout
+    assert load_tokenizer(out).vocab_size == VOCAB
+    assert out.read_bytes() == sp_model.read_bytes()  # same lines as the library call, same model
+
+    for args, message in [
+        (["--input", str(tmp_path / "nothing.txt")], "nothing.txt: no such file"),
+        (["--input", str(tmp_path / "b.jsonl")], "b.jsonl:1: no string field 'text'"),
+    ]:
+        run = _cli(*args, "--vocab-size", str(VOCAB), "--output", str(tmp_path / "bad.model"))
+        assert run.returncode == 2
+        assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+        assert not (tmp_path / "bad.model").exists()
