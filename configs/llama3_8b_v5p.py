@@ -6,20 +6,18 @@ warmup-stable-decay schedule at a continued-pre-training learning rate, z-loss f
     llama-jax plan --config configs/llama3_8b_v5p.py --devices 32
 """
 
-from ml_collections import ConfigDict
-
-from llama_jax import optim
-from llama_jax.experiment import model_section
+from llama_jax.experiment import base_config
 
 
-def get_config() -> ConfigDict:
-    config = ConfigDict()
-    config.model = model_section("llama3-8b", dtype="bfloat16", param_dtype="float32", remat_policy="full")
-    config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=2))
-    config.optimizer = optim.default_config()
+def get_config():
+    config = base_config("llama3-8b", dtype="bfloat16", param_dtype="float32", remat_policy="full")
+    config.mesh.update(data=1, fsdp=-1, tensor=2)
     config.optimizer.update(lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                             schedule="wsd", warmup_steps=200, min_lr_ratio=0.1, decay_fraction=0.2)
-    config.train = ConfigDict(dict(steps=20_000, batch_size=128, seq_len=8192, grad_accum=1, seed=0,
-                                   log_every=10, z_loss=1e-4))
-    config.data = ConfigDict(dict(source="synthetic"))
+    config.train.update(steps=20_000, batch_size=128, seq_len=8192, grad_accum=1, seed=0,
+                        log_every=10, z_loss=1e-4)
+    config.data.update(source="tfds", tfds_name="c4/en:3.1.0", tfds_eval_split="validation",
+                       data_dir="gs://YOUR_BUCKET/tensorflow_datasets", tokenizer="gs://YOUR_BUCKET/llama3/tokenizer.model")
+    config.train.update(eval_every=500, eval_batches=20)
+    config.checkpoint.update(every=500, max_to_keep=3, init_from="gs://YOUR_BUCKET/llama3-8b-jax")
     return config

@@ -6,21 +6,19 @@ TinyLlama's recipe: global batch 1024 x 2048 tokens (2M tokens/step), lr 4e-4 co
     llama-jax plan --config configs/tinyllama_1b_8gpu.py --devices 8
 """
 
-from ml_collections import ConfigDict
-
-from llama_jax import optim
-from llama_jax.experiment import model_section
+from llama_jax.experiment import base_config
 
 
-def get_config() -> ConfigDict:
-    config = ConfigDict()
-    config.model = model_section("tinyllama-1.1b", dtype="bfloat16", param_dtype="float32",
+def get_config():
+    config = base_config("tinyllama-1.1b", dtype="bfloat16", param_dtype="float32",
                                  remat_policy="dots_no_batch")
-    config.mesh = ConfigDict(dict(data=2, fsdp=-1, tensor=1))
-    config.optimizer = optim.default_config()
+    config.mesh.update(data=2, fsdp=-1, tensor=1)
     config.optimizer.update(lr=4e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                             schedule="cosine", warmup_steps=2000, min_lr_ratio=0.1)
-    config.train = ConfigDict(dict(steps=1_430_000, batch_size=1024, seq_len=2048, grad_accum=8, seed=0,
-                                   log_every=10, z_loss=0.0))
-    config.data = ConfigDict(dict(source="synthetic"))
+    config.train.update(steps=1_430_000, batch_size=1024, seq_len=2048, grad_accum=8, seed=0,
+                        log_every=10, z_loss=0.0)
+    config.data.update(source="jsonl", files=["/data/slimpajama/*.jsonl"], text_key="text",
+                       tokenizer="/data/tinyllama/tokenizer.model", eval_fraction=0.001)
+    config.train.update(eval_every=2000, eval_batches=20)
+    config.checkpoint.update(every=2000, max_to_keep=3, keep_every=50_000)
     return config

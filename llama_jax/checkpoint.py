@@ -136,3 +136,64 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False,
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
     return config, params
+
+
+# ---- training-run checkpoints ----------------------------------------------------------------
+
+ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
+
+
+class RunCheckpoints:
+    """Checkpoints of a training run: Orbax `CheckpointManager` with async saves and retention.
+
+    Each step directory holds `state` (params, optimizer state, step) and `run` (JSON: the
+    resolved config, the model config and the data position). Saves are written to a temporary
+    directory and committed by rename, so a run killed mid-save leaves the previous checkpoint
+    as the latest one; only committed steps are ever listed or restored.
+    """
+
+    def __init__(self, directory: str | os.PathLike, every: int, max_to_keep: int | None = 3,
+                 keep_every: int | None = None, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every, max_to_keep=max_to_keep, keep_period=keep_every or None,
+            enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                             item_names=("state", "run"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, run_info: dict, force: bool = False) -> bool:
+        """Start saving `state` at `step` if the interval says so (or `force`); True if started."""
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run_info)), force=force)
+
+    def run_info(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+
+    def restore_state(self, step: int, abstract_state):
+        """The state of `step` laid out as `abstract_state` (ShapeDtypeStructs with shardings):
+        restoring onto another mesh or device count is a matter of passing its shardings."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def check_same_architecture(saved: dict, config: LLaMAConfig, where: str) -> None:
+    """ValueError naming the first architecture field where a saved model differs from `config`."""
+    for field in ARCHITECTURE_FIELDS:
+        if saved.get(field) != getattr(config, field):
+            raise ValueError(f"{where} holds a model with {field}={saved.get(field)}, but the config asks for "
+                             f"{field}={getattr(config, field)}; use another --workdir or the matching config")

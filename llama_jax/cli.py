@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 class UserError(Exception):
@@ -24,23 +23,9 @@ def cmd_presets(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    import jax
-    import numpy as np
+    from llama_jax.demo import run_demo
 
-    from llama_jax import LLaMA, LLaMAConfig, init_params, param_count
-
-    cfg = LLaMAConfig.from_preset(args.preset)
-    print(f"preset {args.preset}: {param_count(cfg):,} parameters "
-          f"(dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads)")
-    t0 = time.perf_counter()
-    params = init_params(cfg, 0)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 64)).astype(np.int32)
-    logits = jax.jit(LLaMA(cfg).apply)({"params": params}, tokens)
-    logits.block_until_ready()
-    print(f"forward pass on {tokens.shape} tokens -> logits {tuple(logits.shape)} {logits.dtype} "
-          f"in {time.perf_counter() - t0:.1f}s on {jax.devices()[0].platform}; "
-          f"mean log-prob of a random token {float(jax.nn.log_softmax(logits).mean()):.3f} "
-          f"(uniform: {-np.log(cfg.vocab_size):.3f})")
+    run_demo(args.workdir, args.overrides)
 
 
 def parse_size(text: str) -> int:
@@ -125,13 +110,13 @@ def _init_distributed(args) -> None:
 
 def cmd_train(args) -> None:
     from llama_jax.experiment import load_config
-    from llama_jax.train import train_and_evaluate
+    from llama_jax.run import train_and_evaluate
 
     config = load_config(args.config, args.overrides)
     _init_distributed(args)
-    logged = train_and_evaluate(config, args.workdir)
-    if logged:
-        last = logged[-1]
+    result = train_and_evaluate(config, args.workdir)
+    last = next((r for r in reversed(result.logged) if "loss" in r), None)
+    if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_second']:,.0f} tokens/s, "
               f"MFU {last['mfu']:.1%}; metrics in {args.workdir}/metrics.jsonl")
 
@@ -175,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=None, help="plan for N virtual CPU devices")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("demo", help="the project's main job on a small model")
-    p.add_argument("--preset", default="tiny")
+    p = sub.add_parser("demo", help="train, checkpoint, evaluate and sample a small LLaMA on a built-in corpus")
+    p.add_argument("--workdir", default="runs/demo", help="run directory (resumes if it holds checkpoints)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -27,6 +27,37 @@ def model_section(preset: str = "tiny", **fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(section)
 
 
+def base_config(preset: str = "tiny", **model_fields) -> ml_collections.ConfigDict:
+    """Every config section with its defaults; experiment configs start here and change what they need."""
+    from llama_jax import optim
+
+    return ml_collections.ConfigDict(dict(
+        model=model_section(preset, **model_fields),
+        mesh=dict(data=1, fsdp=-1, tensor=1),
+        optimizer=optim.default_config(),
+        train=dict(
+            steps=1000, batch_size=8, seq_len=512, grad_accum=1, seed=0, z_loss=0.0,
+            log_every=10,
+            eval_every=0, eval_batches=4,  # steps between evaluations on held-out batches (0: never)
+            sample_every=0, sample_prompt="The", sample_tokens=48,  # steps between text samples (0: never)
+            on_nonfinite="stop",  # or "skip": a step with a NaN/Inf loss or gradient is not applied either way
+        ),
+        data=dict(
+            source="synthetic",  # embedded | text | jsonl | tfds | synthetic
+            files=[], text_key="text",  # text/jsonl: paths or globs
+            tfds_name="", tfds_split="train", tfds_eval_split="", data_dir="",  # tfds: data_dir may be gs://
+            eval_fraction=0.01,  # documents held out for evaluation when the source has no eval split
+            tokenizer="",  # tokenizer.model path, or "train": SentencePiece trained on the training documents
+            tokenizer_vocab_size=8000,
+        ),
+        checkpoint=dict(
+            every=1000, max_to_keep=3, keep_every=0,  # keep_every k: also keep every k-th step forever
+            async_save=True,
+            init_from="",  # a model directory (llama-jax convert / save_model) to start from, params only
+        ),
+    ))
+
+
 def model_config(section: ml_collections.ConfigDict) -> LLaMAConfig:
     overrides = {k: v for k, v in section.items() if k != "preset" and v is not None}
     if isinstance(overrides.get("rope_scaling"), ml_collections.ConfigDict):

@@ -34,6 +34,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    skipped: jax.Array  # steps whose loss or gradient was not finite (their update was not applied)
 
 
 # A batch is a dict of [global_batch, seq_len] int32 arrays.
@@ -70,7 +71,7 @@ class Trainer:
     # ---- state -----------------------------------------------------------------------------
     def _init(self, rng):
         params = LLaMA(self.model_config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-        return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
+        return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
 
     @functools.cached_property
     def abstract_state(self):
@@ -88,21 +89,21 @@ class Trainer:
             return init(jax.random.key(seed))
 
     # ---- step ------------------------------------------------------------------------------
+    def micro_loss(self, params, micro, total_tokens):
+        """(share of the global mean loss, aux) of one micro-batch: its mean loss weighted by its
+        share of the batch's tokens, so that summing over micro-batches gives the global mean."""
+        logits = LLaMA(self.model_config).apply({"params": params}, micro["tokens"], positions=micro["positions"],
+                                                segment_ids=micro["segment_ids"])
+        mean_loss, aux = loss_lib.vocab_parallel_cross_entropy(
+            logits, micro["targets"], micro["loss_mask"], self.mesh, z_loss=self.z_loss)
+        weight = aux["tokens"] / total_tokens
+        return mean_loss * weight, {k: v if k == "tokens" else v * weight for k, v in aux.items()}
+
     def loss_and_grads(self, params, batch, total_tokens):
         """Summed over micro-batches: grads of (sum of token losses / total_tokens)."""
-        model = LLaMA(self.model_config)
-
-        def micro_loss(p, micro):
-            logits = model.apply({"params": p}, micro["tokens"], positions=micro["positions"],
-                                 segment_ids=micro["segment_ids"])
-            mean_loss, aux = loss_lib.vocab_parallel_cross_entropy(
-                logits, micro["targets"], micro["loss_mask"], self.mesh, z_loss=self.z_loss)
-            weight = aux["tokens"] / total_tokens  # micro-batch mean -> its share of the global mean
-            return mean_loss * weight, {k: v if k == "tokens" else v * weight for k, v in aux.items()}
-
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        grad_fn = jax.value_and_grad(self.micro_loss, has_aux=True)
         if self.grad_accum == 1:
-            (loss, aux), grads = grad_fn(params, batch)
+            (loss, aux), grads = grad_fn(params, batch, total_tokens)
             return loss, aux, grads
 
         k = self.grad_accum
@@ -113,12 +114,11 @@ class Trainer:
 
         def body(carry, micro):
             loss_sum, aux_sum, grad_sum = carry
-            (loss, aux), grads = grad_fn(params, micro)
+            (loss, aux), grads = grad_fn(params, micro, total_tokens)
             return (loss_sum + loss, jax.tree.map(jnp.add, aux_sum, aux),
                     jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)), None
 
-        aux_zeros = {"nll": 0.0, "z_loss": 0.0, "tokens": 0.0, "accuracy": 0.0}
-        aux_zeros = jax.tree.map(lambda x: jnp.zeros((), jnp.float32), aux_zeros)
+        aux_zeros = {k: jnp.zeros((), jnp.float32) for k in ("nll", "z_loss", "tokens", "accuracy")}
         (loss, aux, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), aux_zeros, zeros), micro_batches)
         return loss, aux, grads
 
@@ -126,12 +126,17 @@ class Trainer:
         total_tokens = jnp.maximum(batch["loss_mask"].sum(), 1).astype(jnp.float32)
         loss, aux, grads = self.loss_and_grads(state.params, batch, total_tokens)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were, so the
+        # state (and every checkpoint of it) stays finite; the run loop decides to stop or go on.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         metrics = {"loss": loss, "nll": aux["nll"], "z_loss": aux["z_loss"], "accuracy": aux["accuracy"],
-                   "tokens": aux["tokens"], "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": self.schedule(state.step)}
-        return TrainState(state.step + 1, params, opt_state), metrics
+                   "tokens": aux["tokens"], "grad_norm": grad_norm, "learning_rate": self.schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32)), metrics
 
     @functools.cached_property
     def jit_train_step(self):
@@ -146,8 +151,8 @@ class Trainer:
         with self.context():
             return self.jit_train_step(state, batch)
 
-    def eval_loss(self, params, batch: dict) -> dict:
-        """Mean loss and accuracy on one batch, without updating anything."""
+    def eval_metrics(self, params, batch: dict) -> dict:
+        """Mean loss, nll, accuracy and token count of one batch, without updating anything."""
         with self.context():
             return self._jit_eval(params, batch)
 
@@ -155,7 +160,7 @@ class Trainer:
     def _jit_eval(self):
         def evaluate(params, batch):
             total = jnp.maximum(batch["loss_mask"].sum(), 1).astype(jnp.float32)
-            loss, aux, _ = self.loss_and_grads(params, batch, total)
+            loss, aux = self.micro_loss(params, batch, total)
             return {"loss": loss, **aux}
 
         return jax.jit(evaluate, in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)))
@@ -206,59 +211,3 @@ def build_trainer(config, devices=None) -> Trainer:
     return Trainer(model, optim.make_optimizer(config.optimizer, config.train.steps),
                    optim.make_schedule(config.optimizer, config.train.steps), mesh,
                    grad_accum=config.train.grad_accum, z_loss=config.train.z_loss)
-
-
-def local_batch(config, step: int, vocab_size: int) -> dict[str, np.ndarray]:
-    """This process's rows of the global batch of `step`."""
-    from llama_jax import data
-
-    rows = data.rows_for_process(config.train.batch_size, jax.process_index(), jax.process_count())
-    if config.data.source != "synthetic":
-        raise ValueError(f"data.source={config.data.source!r} is not supported; valid: synthetic")
-    return data.synthetic_batch(config.train.seed, step, rows, config.train.seq_len, vocab_size)
-
-
-def train_and_evaluate(config, workdir: str, progress: bool = True) -> list[dict]:
-    """Train for `config.train.steps` steps; log to `workdir/metrics.jsonl`. Returns the logged metrics."""
-    import time
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from llama_jax import metrics as metrics_lib
-
-    trainer = build_trainer(config)
-    workdir = Path(workdir)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    cfg, t = trainer.model_config, config.train
-    peak = metrics_lib.peak_flops_per_device()
-    n_devices = trainer.mesh.size
-    state = trainer.init_state(t.seed)
-    writer = metrics_lib.MetricsWriter(workdir)
-    logged: list[dict] = []
-    bar = tqdm(total=t.steps, unit="step", disable=None if progress and jax.process_index() == 0 else True)
-    window_start, window_tokens = time.perf_counter(), 0
-    try:
-        for step in range(t.steps):
-            batch = global_batch(trainer.mesh, local_batch(config, step, cfg.vocab_size))
-            state, step_metrics = trainer.step(state, batch)
-            window_tokens += t.batch_size * t.seq_len
-            bar.update(1)
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                elapsed = time.perf_counter() - window_start
-                per_device = window_tokens / elapsed / n_devices
-                values.update(tokens_per_second=window_tokens / elapsed,
-                              tflops_per_device=metrics_lib.tflops_per_device(per_device, cfg, t.seq_len),
-                              mfu=metrics_lib.mfu(per_device, cfg, t.seq_len, peak))
-                writer.write(step + 1, values)
-                logged.append({"step": step + 1, **values})
-                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:,.0f}",
-                                mfu=f"{values['mfu']:.1%}")
-                window_start, window_tokens = time.perf_counter(), 0
-    finally:
-        bar.close()
-        writer.close()
-    return logged

@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax.cli import main
 from llama_jax.experiment import load_config
-from llama_jax.train import build_trainer, global_batch, local_batch
+from llama_jax.run import build_data
+from llama_jax.train import build_trainer, global_batch
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -24,12 +25,16 @@ def tiny_config(*overrides):
     return load_config(TINY, ["train.steps=4", "optimizer.warmup_steps=1", *overrides])
 
 
+def local_batch(config, step, model_config):
+    return build_data(config, model_config, Path("/nonexistent")).train_rows(step)
+
+
 def run_steps(config, devices=None, steps=4):
     trainer = build_trainer(config, devices)
     state = trainer.init_state(config.train.seed)
     losses = []
     for step in range(steps):
-        batch = global_batch(trainer.mesh, local_batch(config, step, trainer.model_config.vocab_size))
+        batch = global_batch(trainer.mesh, local_batch(config, step, trainer.model_config))
         state, metrics = trainer.step(state, batch)
         losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params), trainer
@@ -97,7 +102,7 @@ def test_z_loss_and_clipping_change_what_they_claim():
     config = tiny_config("train.z_loss=0.01")
     trainer = build_trainer(config)
     state = trainer.init_state(0)
-    batch = global_batch(trainer.mesh, local_batch(config, 0, trainer.model_config.vocab_size))
+    batch = global_batch(trainer.mesh, local_batch(config, 0, trainer.model_config))
     _, metrics = trainer.step(state, batch)
     # loss = nll + z term, and the z term is 0.01 x mean(logsumexp^2) > 0.
     assert float(metrics["z_loss"]) > 0
@@ -110,7 +115,7 @@ def test_z_loss_and_clipping_change_what_they_claim():
         tr = build_trainer(cfg)
         st = tr.init_state(0)
         before = jax.device_get(st.params)
-        b = global_batch(tr.mesh, local_batch(cfg, 0, tr.model_config.vocab_size))
+        b = global_batch(tr.mesh, local_batch(cfg, 0, tr.model_config))
         st, m = tr.step(st, b)
         return jax.tree.map(lambda a, b: a - b, jax.device_get(st.params), before), float(m["grad_norm"])
 

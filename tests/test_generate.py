@@ -1,0 +1,203 @@
+"""Generation: greedy against transformers and against a cache-free loop, sampling statistics, EOS,
+text in and out with a real SentencePiece model, and input checks."""
+
+import functools
+from io import BytesIO
+
+import jax
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from pydoc_data.topics import topics
+
+from llama_jax import LLaMA, LLaMAConfig, from_hf_state_dict, init_params
+from llama_jax.generate import generate, generate_text
+from llama_jax.model import unstack_layers
+from llama_jax.tokenizer import SentencePieceTokenizer
+from tests.reference import hf_config_dict, make_hf_model, state_dict_numpy
+
+STEPS = 16
+EOS = 2  # the reference configs' eos_token_id
+# Prompt tokens avoid BOS/EOS; two lengths so the batch needs left padding.
+PROMPTS = [np.random.default_rng(0).integers(3, 256, n).tolist() for n in (5, 11)]
+
+
+@functools.cache
+def _hf_pair(variant: str):
+    # initializer_range 0.2 (not 0.02) gives logits with real gaps, so greedy continuations vary
+    # from step to step instead of repeating one token, and float noise cannot flip an argmax.
+    hf_config = dict(hf_config_dict(variant, "v5"), initializer_range=0.2)
+    model = make_hf_model(hf_config, seed=0)
+    cfg, params = from_hf_state_dict(state_dict_numpy(model), hf_config)
+    return model, cfg, params
+
+
+@pytest.fixture(scope="module")
+def gqa():
+    _, cfg, params = _hf_pair("gqa_llama3")
+    return cfg, params
+
+
+def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """transformers' greedy continuation of one unpadded prompt (stops at its EOS, like ours)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("variant", ["gqa_llama3", "mqa_tied"])
+def test_greedy_matches_transformers(variant):
+    model, cfg, params = _hf_pair(variant)
+    expected = [hf_greedy(model, p, STEPS) for p in PROMPTS]
+    assert all(len(set(e)) > 4 for e in expected)  # the comparison is not over a repeated token
+    assert generate(cfg, params, PROMPTS[:1], STEPS, eos_id=EOS) == expected[:1]
+    assert generate(cfg, params, PROMPTS, STEPS, eos_id=EOS) == expected
+
+
+@functools.cache
+def full_forward(cfg: LLaMAConfig):
+    """The jitted model without a cache: (params, tokens) -> logits."""
+    return jax.jit(lambda p, t: LLaMA(cfg).apply({"params": p}, t))
+
+
+def naive_greedy(cfg: LLaMAConfig, params, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy decoding by re-running the whole forward pass (no cache) for every new token.
+
+    Rows are right-padded into one buffer; causal attention keeps the padding after a row's last
+    token from touching the logits read there.
+    """
+    forward = full_forward(cfg)
+    lengths = [len(p) for p in prompts]
+    buf = np.zeros((len(prompts), max(lengths) + steps), np.int32)
+    for row, p in enumerate(prompts):
+        buf[row, :len(p)] = p
+    for step in range(steps):
+        logits = np.asarray(forward(params, buf))
+        for row, n in enumerate(lengths):
+            buf[row, n + step] = logits[row, n + step - 1].argmax()
+    return [buf[row, n:n + steps].tolist() for row, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("layout", ["scanned", "unscanned", "bf16"])
+def test_greedy_matches_cache_free_loop(gqa, layout):
+    cfg, params = gqa
+    if layout == "unscanned":
+        cfg = cfg.replace(scan_layers=False)
+        params = unstack_layers(params, cfg.n_layers)
+    elif layout == "bf16":
+        cfg = cfg.replace(dtype="bfloat16")
+    expected = naive_greedy(cfg, params, PROMPTS, STEPS)
+    assert all(len(set(e)) > 4 for e in expected)
+    assert generate(cfg, params, PROMPTS, STEPS) == expected
+
+
+def test_params_are_relaid_out_to_match_scan_layers(gqa):
+    cfg, params = gqa
+    unscanned = cfg.replace(scan_layers=False)
+    assert generate(unscanned, params, PROMPTS, STEPS) == generate(cfg, unstack_layers(params, cfg.n_layers),
+                                                                   PROMPTS, STEPS)
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(gqa):
+    cfg, params = gqa
+    a = generate(cfg, params, PROMPTS, STEPS, temperature=1.0, seed=3)
+    assert a == generate(cfg, params, PROMPTS, STEPS, temperature=1.0, seed=3)
+    assert a != generate(cfg, params, PROMPTS, STEPS, temperature=1.0, seed=4)
+    greedy = generate(cfg, params, PROMPTS, STEPS)
+    assert a != greedy
+    assert generate(cfg, params, PROMPTS, STEPS, temperature=1.0, top_k=1, seed=3) == greedy
+
+
+def filtered_probs(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
+    """softmax(logits / T), cut to the top k, then to the nucleus of mass top_p, renormalised."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros_like(p, bool)
+    keep[order[:top_k or len(p)]] = True
+    p = np.where(keep, p, 0.0) / p[keep].sum()
+    if top_p is not None:
+        sorted_p = p[order]
+        n_keep = int(np.searchsorted(np.cumsum(sorted_p), top_p) + 1)
+        keep = np.zeros_like(p, bool)
+        keep[order[:n_keep]] = True
+        p = np.where(keep, p, 0.0) / p[keep].sum()
+    return p
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (4, None), (None, 0.7)])
+def test_first_token_distribution(gqa, top_k, top_p):
+    """N identical prompts in one batch are N independent draws of the first token.
+
+    Tolerance: every token's frequency is within 5 binomial standard deviations (+1/N) of its
+    probability, and tokens the filters remove never appear.
+    """
+    cfg, params = gqa
+    n, temperature = 4000, 2.0
+    prompt = PROMPTS[1]
+    logits = np.asarray(full_forward(cfg)(params, np.array([prompt])))[0, -1]
+    p = filtered_probs(logits, temperature, top_k, top_p)
+    assert p.max() < 0.6 and (p > 0.01).sum() >= 3  # the test has a real distribution to check
+    draws = np.array(generate(cfg, params, [prompt] * n, 1, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=11))[:, 0]
+    freq = np.bincount(draws, minlength=cfg.vocab_size) / n
+    assert np.all(freq[p == 0] == 0)
+    np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1 / n)
+
+
+def test_stops_after_eos(gqa):
+    cfg, params = gqa
+    greedy = generate(cfg, params, PROMPTS, STEPS)
+    eos = greedy[0][3]
+    assert eos not in greedy[0][:3]
+    out = generate(cfg, params, PROMPTS, STEPS, eos_id=eos)
+    assert out[0] == greedy[0][:4]
+    other = greedy[1]  # the other row is not cut short by the first row's EOS
+    assert out[1] == (other[:other.index(eos) + 1] if eos in other else other)
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer() -> SentencePieceTokenizer:
+    model = BytesIO()
+    lines = (line for key in sorted(topics) for line in topics[key].split("\n") if line.strip())
+    spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model, vocab_size=512, model_type="bpe",
+                                   byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    return SentencePieceTokenizer(model.getvalue())
+
+
+def test_generate_text(sp_tokenizer):
+    tok = sp_tokenizer
+    cfg = LLaMAConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                      max_seq_len=128)
+    params = init_params(cfg, 0)
+    params = jax.tree.map(lambda a: a * 10 if a.ndim > 1 else a, params)  # sharper, less repetitive output
+    prompts = ["The for statement", "Class definitions"]
+    texts = generate_text(cfg, params, tok, prompts, max_new_tokens=12, temperature=0.8, seed=1)
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    ids = generate(cfg, params, [tok.encode(p) for p in prompts], 12, temperature=0.8, seed=1, eos_id=tok.eos_id)
+    assert texts == [tok.decode(i) for i in ids]
+    single = generate_text(cfg, params, tok, prompts[0], max_new_tokens=12, temperature=0.0)
+    assert isinstance(single, str) and single
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts=[[5, 6], []]), "prompt 1 is empty"),
+    (dict(prompts=[[5, 300]]), "outside the vocabulary"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(max_new_tokens=251), r"\(6\) \+ max_new_tokens \(251\).*max_seq_len \(256\)"),
+])
+def test_bad_input(gqa, kwargs, message):
+    cfg, params = gqa
+    args = dict(prompts=[[5, 6, 7, 8, 9, 10]], max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=message) as err:
+        generate(cfg, params, **args)
+    assert "\n" not in str(err.value)
