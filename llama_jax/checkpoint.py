@@ -154,8 +154,9 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | os.PathLike, every: int, max_to_keep: int | None = 3,
                  keep_every: int | None = None, async_save: bool = True):
+        self.every = every
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=max_to_keep, keep_period=keep_every or None,
+            max_to_keep=max_to_keep, keep_period=keep_every or None,
             enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
@@ -167,10 +168,16 @@ class RunCheckpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def due(self, step: int) -> bool:
+        """Whether `step` is one of the run's regular checkpoint steps (multiples of `every`)."""
+        return step % self.every == 0
+
     def save(self, step: int, state, run_info: dict, force: bool = False) -> bool:
-        """Start saving `state` at `step` if the interval says so (or `force`); True if started."""
+        """Start saving `state` at `step` if it is due (or `force`); True if a save started."""
+        if not (force or self.due(step)):
+            return False
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run_info)), force=force)
+            state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run_info)), force=True)
 
     def run_info(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]

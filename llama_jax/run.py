@@ -124,8 +124,10 @@ def state_from_model(path: str, trainer: Trainer) -> TrainState:
     init_opt = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings.opt_state)
     with trainer.context():
         opt_state = init_opt(params)
-    zero = jax.device_put(np.zeros((), np.int32), trainer.state_shardings.step)
-    return TrainState(zero, params, opt_state, zero)
+    def zero():  # step and skipped need buffers of their own: the train step donates both
+        return jax.device_put(np.zeros((), np.int32), trainer.state_shardings.step)
+
+    return TrainState(zero(), params, opt_state, zero())
 
 
 # ---- evaluation and samples ------------------------------------------------------------------
@@ -146,7 +148,7 @@ def evaluate(trainer: Trainer, params, data: RunData, n_batches: int) -> dict[st
 def sample(config, trainer: Trainer, params, tokenizer, seed: int) -> str:
     from llama_jax.generate import generate_text
 
-    with trainer.mesh:
+    with trainer.context(per_device_attention=False):
         return generate_text(trainer.model_config, params, tokenizer, config.train.sample_prompt,
                              max_new_tokens=config.train.sample_tokens, temperature=0.8, top_k=40, seed=seed)
 
@@ -268,7 +270,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
             if record:
                 writer.write(step, record)
                 logged.append({"step": step, **record})
-            if record or checkpoints.manager.should_save(step):
+            if record or checkpoints.due(step):
                 skipped_seen = _check_finite(state, skipped_seen, step, t.on_nonfinite, checkpoints, bar)
             if checkpoints.save(step, state, {**run_info, "step": step}):
                 saved_step = step

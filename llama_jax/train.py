@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -61,12 +62,18 @@ class Trainer:
         The classic `with mesh:` rather than `jax.set_mesh`: under the latter, Flax 0.12's
         DenseGeneral re-applies its kernel's 3-name constraint to the flattened 2-D kernel.
         """
-        with self.mesh, nn.logical_axis_rules(self.rules):
-            if per_device_attention:
-                with sharded_attention(self.mesh):
+        with warnings.catch_warnings():  # entering a Mesh warns that it is deprecated
+            warnings.filterwarnings("ignore", "`with mesh:`", DeprecationWarning)
+            self.mesh.__enter__()
+        try:
+            with nn.logical_axis_rules(self.rules):
+                if per_device_attention:
+                    with sharded_attention(self.mesh):
+                        yield
+                else:
                     yield
-            else:
-                yield
+        finally:
+            self.mesh.__exit__(None, None, None)
 
     # ---- state -----------------------------------------------------------------------------
     def _init(self, rng):

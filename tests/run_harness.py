@@ -1,0 +1,63 @@
+"""`llama-jax train` in a process that dies where a test tells it to, as a preempted VM would.
+
+    python -m tests.run_harness train --config ... --workdir ...
+
+Environment:
+    KILL_AFTER_STEP=s    SIGKILL right after step s is logged, once a checkpoint is committed
+    KILL_DURING_SAVE=s   SIGKILL right after the (asynchronous) save of step s has started
+Without either it is exactly `llama-jax`.
+"""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def committed_steps(checkpoint_dir: Path) -> list[int]:
+    """Step directories Orbax has committed (temporary ones carry a suffix and are not listed)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit())
+
+
+def _kill_after_step(step_to_kill: int) -> None:
+    from llama_jax import metrics
+
+    original = metrics.MetricsWriter.write
+
+    def write(self, step, record):
+        original(self, step, record)
+        if step == step_to_kill:
+            workdir = Path(self._file.name).parent
+            deadline = time.monotonic() + 120
+            while not committed_steps(workdir / "checkpoints") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    metrics.MetricsWriter.write = write
+
+
+def _kill_during_save(step_to_kill: int) -> None:
+    from llama_jax import checkpoint
+
+    original = checkpoint.RunCheckpoints.save
+
+    def save(self, step, *args, **kwargs):
+        started = original(self, step, *args, **kwargs)
+        if started and step == step_to_kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return started
+
+    checkpoint.RunCheckpoints.save = save
+
+
+if __name__ == "__main__":
+    if os.environ.get("KILL_AFTER_STEP"):
+        _kill_after_step(int(os.environ["KILL_AFTER_STEP"]))
+    if os.environ.get("KILL_DURING_SAVE"):
+        _kill_during_save(int(os.environ["KILL_DURING_SAVE"]))
+    from llama_jax.cli import main
+
+    sys.exit(main(sys.argv[1:]))

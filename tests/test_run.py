@@ -1,0 +1,281 @@
+"""Experiment runs end to end: exact resume after SIGKILL, a kill during an asynchronous save,
+preemption by SIGTERM, restoring onto another device count, NaN/Inf handling, init_from, bad
+input that leaves the workdir as it was, and the demo."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from llama_jax import init_params, load_model, save_model
+from llama_jax import metrics as metrics_lib
+from llama_jax import run as run_lib
+from llama_jax.checkpoint import RunCheckpoints
+from llama_jax.cli import main
+from llama_jax.data import EmbeddedCorpus
+from llama_jax.experiment import load_config
+from llama_jax.tokenizer import train_sentencepiece
+from llama_jax.train import build_trainer, global_batch
+from tests.run_harness import committed_steps
+
+ROOT = Path(__file__).parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+STEPS, EVERY = 12, 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> Path:
+    corpus = EmbeddedCorpus()
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    return train_sentencepiece((corpus[i] for i in range(len(corpus))), path, 512)
+
+
+def run_overrides(tokenizer_path, *extra) -> list[str]:
+    """The tiny model on the embedded corpus: 12 steps, every step logged, a checkpoint every 4."""
+    return ["data.source=embedded", f"data.tokenizer={tokenizer_path}", "model.vocab_size=512",
+            f"train.steps={STEPS}", "train.batch_size=8", "train.log_every=1", "optimizer.warmup_steps=2",
+            f"checkpoint.every={EVERY}", "checkpoint.max_to_keep=3", *extra]
+
+
+def train_args(workdir, overrides) -> list[str]:
+    return ["train", "--config", TINY, "--workdir", str(workdir), *[f"--config.{o}" for o in overrides]]
+
+
+def logged_losses(workdir: Path, from_line: int = 0) -> dict[int, float]:
+    """{step: loss} of the metrics.jsonl records from line `from_line` on."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()[from_line:]
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def n_lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tokenizer_path):
+    """12 uninterrupted steps: (workdir, {step: loss})."""
+    workdir = tmp_path_factory.mktemp("straight")
+    assert main(train_args(workdir, run_overrides(tokenizer_path))) == 0
+    losses = logged_losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1]
+    return workdir, losses
+
+
+def harness(workdir, overrides, **kill) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **{k: str(v) for k, v in kill.items()})
+    return subprocess.run([sys.executable, "-m", "tests.run_harness", *train_args(workdir, overrides)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_resume_after_sigkill_is_bitwise(tmp_path, tokenizer_path, straight_run):
+    _, expected = straight_run
+    workdir, overrides = tmp_path / "run", run_overrides(tokenizer_path)
+    checkpoints = workdir / "checkpoints"
+
+    first = harness(workdir, overrides, KILL_AFTER_STEP=6)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert committed_steps(checkpoints) == [4]
+    assert logged_losses(workdir) == {s: expected[s] for s in range(1, 7)}
+
+    # Killed again, this time while the step-8 checkpoint is being written in the background.
+    seen = n_lines(workdir / "metrics.jsonl")
+    second = harness(workdir, overrides, KILL_DURING_SAVE=8)
+    assert second.returncode == -signal.SIGKILL, second.stderr
+    assert committed_steps(checkpoints) == [4], "the interrupted save must not count as a checkpoint"
+    resumed = logged_losses(workdir, seen)
+    assert resumed == {s: expected[s] for s in range(5, 9)}  # resumed from 4, bit for bit
+
+    seen = n_lines(workdir / "metrics.jsonl")
+    third = harness(workdir, overrides)
+    assert third.returncode == 0, third.stderr
+    resumed = logged_losses(workdir, seen)
+    assert resumed == {s: expected[s] for s in range(5, STEPS + 1)}
+    assert committed_steps(checkpoints) == [4, 8, 12]
+    assert sorted(p.name for p in checkpoints.iterdir() if not p.name.isdigit()) == []  # no leftovers
+
+
+def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer_path, straight_run, monkeypatch,
+                                                             capsys):
+    _, expected = straight_run
+    workdir, overrides = tmp_path / "run", run_overrides(tokenizer_path)
+    original = metrics_lib.MetricsWriter.write
+
+    def write_then_preempt(self, step, record):  # the preemption notice arrives during step 6
+        original(self, step, record)
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(metrics_lib.MetricsWriter, "write", write_then_preempt)
+        assert main(train_args(workdir, overrides)) == 0
+    assert "preempted: checkpoint saved at step 6" in capsys.readouterr().out
+    assert committed_steps(workdir / "checkpoints") == [4, 6]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
+
+    seen = n_lines(workdir / "metrics.jsonl")
+    assert main(train_args(workdir, overrides)) == 0
+    assert logged_losses(workdir, seen) == {s: expected[s] for s in range(7, STEPS + 1)}
+
+
+def next_batch_loss(config, workdir: Path, step: int, devices) -> tuple[float, object]:
+    """Restore `step` from `workdir` onto a mesh of `devices`; the loss on the batch of the step after."""
+    trainer = build_trainer(config, devices)
+    checkpoints = RunCheckpoints(workdir / "checkpoints", EVERY, async_save=False)
+    state = checkpoints.restore_state(step, run_lib.abstract_state(trainer))
+    checkpoints.close()
+    data = run_lib.build_data(config, trainer.model_config, workdir)
+    metrics = trainer.eval_metrics(state.params, global_batch(trainer.mesh, data.train_rows(step)))
+    return float(metrics["loss"]), state
+
+
+@pytest.mark.parametrize("saved_on, restored_on", [(8, 1), (1, 8)])
+def test_restore_onto_another_device_count(tmp_path, tokenizer_path, straight_run, saved_on, restored_on):
+    config = load_config(TINY, run_overrides(tokenizer_path))
+    if saved_on == 8:
+        workdir, losses = straight_run
+    else:
+        workdir = tmp_path / "one-device"
+        run_lib.train_and_evaluate(config, workdir, progress=False, devices=jax.devices()[:1])
+        losses = logged_losses(workdir)
+    loss, state = next_batch_loss(config, workdir, 4, jax.devices()[:restored_on])
+    assert {d for leaf in jax.tree.leaves(state.params) for d in leaf.sharding.device_set} == \
+        set(jax.devices()[:restored_on])
+    assert int(state.step) == 4
+    # The train loss logged at step 5 is the loss of the step-4 parameters on batch 4.
+    np.testing.assert_allclose(loss, losses[5], rtol=1e-5)
+
+
+def poisoned_data(step_index: int):
+    """build_data whose training batch `step_index` holds a token id outside the vocabulary,
+    which the embedding lookup turns into NaN (as corrupted data would)."""
+    build = run_lib.build_data
+
+    def build_data(config, model, workdir):
+        data = build(config, model, workdir)
+        clean = data.train_rows
+
+        def train_rows(step):
+            rows = clean(step)
+            if step == step_index:
+                rows = dict(rows, tokens=rows["tokens"].copy())
+                rows["tokens"][0, 0] = model.vocab_size
+            return rows
+
+        data.train_rows = train_rows
+        return data
+
+    return build_data
+
+
+def test_nonfinite_loss_stops_with_the_last_checkpoint_intact(tmp_path, tokenizer_path, straight_run, monkeypatch,
+                                                               capsys):
+    workdir = tmp_path / "run"
+    monkeypatch.setattr(run_lib, "build_data", poisoned_data(5))  # the batch of step 6
+    assert main(train_args(workdir, run_overrides(tokenizer_path))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "NaN/Inf by step 6" in err and "latest checkpoint: 4" in err and "\n" not in err
+    assert committed_steps(workdir / "checkpoints") == [4]
+    config = load_config(TINY, run_overrides(tokenizer_path))
+    loss, state = next_batch_loss(config, workdir, 4, jax.devices())
+    assert loss == pytest.approx(straight_run[1][5], rel=1e-5)
+
+
+def test_nonfinite_step_is_skipped_when_configured(tmp_path, tokenizer_path, monkeypatch, capsys):
+    workdir = tmp_path / "run"
+    monkeypatch.setattr(run_lib, "build_data", poisoned_data(5))
+    config = load_config(TINY, run_overrides(tokenizer_path, "train.on_nonfinite=skip"))
+    result = run_lib.train_and_evaluate(config, workdir, progress=False)
+    assert "step 6: skipped 1 step(s)" in capsys.readouterr().out
+    losses = logged_losses(workdir)
+    assert np.isnan(losses[6]) and all(np.isfinite(losses[s]) for s in losses if s != 6)
+    assert result.final_step == STEPS and committed_steps(workdir / "checkpoints") == [4, 8, 12]
+    _, state = next_batch_loss(config, workdir, STEPS, jax.devices()[:1])
+    assert int(state.skipped) == 1
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
+
+
+def test_init_from_a_model_directory(tmp_path, tokenizer_path):
+    config = load_config(TINY, run_overrides(tokenizer_path, "train.steps=1", "optimizer.warmup_steps=0"))
+    trainer = build_trainer(config, jax.devices()[:1])
+    model_dir = save_model(tmp_path / "model", trainer.model_config, init_params(trainer.model_config, 123))
+    data = run_lib.build_data(config, trainer.model_config, tmp_path)
+    _, params = load_model(model_dir)
+    expected = float(trainer.eval_metrics(params, global_batch(trainer.mesh, data.train_rows(0)))["loss"])
+
+    config.checkpoint.init_from = str(model_dir)
+    run_lib.train_and_evaluate(config, tmp_path / "run", progress=False, devices=jax.devices()[:1])
+    assert logged_losses(tmp_path / "run")[1] == pytest.approx(expected, rel=1e-5)
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*"))}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing tokenizer", "no such file"),
+    ("corrupt tokenizer", "neither a SentencePiece model nor a tiktoken rank file"),
+    ("empty dataset", "holds no non-empty document"),
+    ("seq_len too long", "train.seq_len=256 exceeds the model's max_seq_len=128"),
+    ("other model shape", "holds a model with dim=64, but the config asks for dim=96"),
+    ("missing init_from", "checkpoint.init_from: .* is not a llama_jax model directory"),
+    ("init_from of another shape", "checkpoint.init_from=.* holds a model with n_layers=3"),
+])
+def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_path, straight_run, capsys,
+                                                            case, message):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    corrupt = tmp_path / "corrupt.model"
+    corrupt.write_bytes(os.urandom(2000))
+    (tmp_path / "empty.txt").write_text("")
+    other = tmp_path / "other-model"
+    if case == "init_from of another shape":
+        cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, "model.n_layers=3"))).model_config
+        save_model(other, cfg, init_params(cfg, 0))
+    extra = {
+        "missing tokenizer": [f"data.tokenizer={tmp_path / 'nope.model'}"],
+        "corrupt tokenizer": [f"data.tokenizer={corrupt}"],
+        "empty dataset": ["data.source=text", f"data.files=['{tmp_path / 'empty.txt'}']"],
+        "seq_len too long": ["train.seq_len=256"],
+        "other model shape": ["model.dim=96", "model.ffn_dim=256"],
+        "missing init_from": [f"checkpoint.init_from={tmp_path / 'nope'}"],
+        "init_from of another shape": [f"checkpoint.init_from={other}"],
+    }[case]
+    if "init_from" in case:  # init_from only matters to a run that has no checkpoint yet
+        workdir = tmp_path / "fresh"
+        workdir.mkdir()
+    before = snapshot(workdir)
+    capsys.readouterr()
+    assert main(train_args(workdir, run_overrides(tokenizer_path, *extra))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("llama-jax train: error:")
+    assert re.search(message, err), err
+    assert snapshot(workdir) == before
+
+
+def test_demo_runs_resumes_and_reports(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    args = ["demo", "--workdir", str(workdir), "--config.train.steps=60", "--config.train.eval_every=30",
+            "--config.train.sample_every=0", "--config.optimizer.warmup_steps=5", "--config.data.tokenizer_vocab_size=512",
+            "--config.model.vocab_size=512", "--config.checkpoint.every=30", "--config.train.batch_size=8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("held-out perplexity"))
+    model_ppl, unigram_ppl = (float(w) for w in re.findall(r"(?:model|baseline) ([\d.]+)", line))
+    assert model_ppl < unigram_ppl
+    for name in ("tokenizer.model", "config.json", "metrics.jsonl", "loss.png"):
+        assert (workdir / name).is_file(), name
+    assert list(workdir.glob("events.out.tfevents.*"))
+    assert committed_steps(workdir / "checkpoints") == [30, 60]
+    assert "sample: The " in out
+
+    assert main(args) == 0  # the finished run resumes at its last step and reports the same evaluation
+    assert line in capsys.readouterr().out.splitlines()
