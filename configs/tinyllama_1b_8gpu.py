@@ -11,7 +11,7 @@ from llama_jax.experiment import base_config
 
 def get_config():
     config = base_config("tinyllama-1.1b", dtype="bfloat16", param_dtype="float32",
-                                 remat_policy="dots_no_batch")
+                         remat_policy="dots_no_batch")
     config.mesh.update(data=2, fsdp=-1, tensor=1)
     config.optimizer.update(lr=4e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                             schedule="cosine", warmup_steps=2000, min_lr_ratio=0.1)

@@ -188,6 +188,16 @@ class RunCheckpoints:
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
 
+    def restore_params(self, step: int, config: LLaMAConfig):
+        """Only the parameters of `step` (scanned layout), on the first local device: what a model
+        export needs, without reading the optimizer state."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = {"params": nn.meta.unbox(abstract_params(config.replace(scan_layers=True)))}
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=device, global_shape=a.shape, dtype=a.dtype), abstract)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=True)))["state"]["params"]
+
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 

@@ -103,9 +103,17 @@ def _init_distributed(args) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID") and \
-            int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
+    elif _on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()  # JAX reads the topology from the TPU metadata server or SLURM
+
+
+def _on_tpu_vm() -> bool:
+    """A Cloud TPU VM, told by its TPU device files (checked without starting a JAX backend)."""
+    import glob
+    import os
+
+    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or glob.glob("/dev/accel[0-9]*")
+                or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def cmd_train(args) -> None:
@@ -119,6 +127,15 @@ def cmd_train(args) -> None:
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_second']:,.0f} tokens/s, "
               f"MFU {last['mfu']:.1%}; metrics in {args.workdir}/metrics.jsonl")
+
+
+def cmd_export(args) -> None:
+    from llama_jax import param_count
+    from llama_jax.run import export_model
+
+    path, step, model = export_model(args.workdir, args.dst, args.step, args.overwrite)
+    print(f"exported step {step} of {args.workdir} ({param_count(model):,} parameters) to {path}; "
+          f"llama-jax convert --from jax --to hf {path} DST makes a Hugging Face checkpoint of it")
 
 
 def cmd_plan(args) -> None:
@@ -154,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a training run's checkpoint as a model directory (--from jax)")
+    p.add_argument("--workdir", required=True, help="the run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("dst", help="model directory to write (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", help="compile the train step ahead of time; report per-device memory and FLOPs")
     p.add_argument("--config", required=True)

@@ -58,11 +58,26 @@ def base_config(preset: str = "tiny", **model_fields) -> ml_collections.ConfigDi
     ))
 
 
-def model_config(section: ml_collections.ConfigDict) -> LLaMAConfig:
+INIT_FROM_PRESET = "init_from"
+
+
+def model_config(section: ml_collections.ConfigDict, init_from: str = "") -> LLaMAConfig:
+    """The LLaMAConfig of a `model` section. `preset="init_from"` takes the model of the
+    `checkpoint.init_from` directory (`init_from`), e.g. a converted checkpoint to fine-tune;
+    the section's other fields override the preset's values either way."""
     overrides = {k: v for k, v in section.items() if k != "preset" and v is not None}
     if isinstance(overrides.get("rope_scaling"), ml_collections.ConfigDict):
         overrides["rope_scaling"] = overrides["rope_scaling"].to_dict()
-    return LLaMAConfig.from_preset(section.preset, **overrides)
+    if section.preset != INIT_FROM_PRESET:
+        return LLaMAConfig.from_preset(section.preset, **overrides)
+    if not init_from:
+        raise ValueError("model.preset=init_from needs checkpoint.init_from (a model directory)")
+    from llama_jax.checkpoint import load_config
+
+    try:
+        return load_config(init_from).replace(**overrides)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"checkpoint.init_from: {e}") from None
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:

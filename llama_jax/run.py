@@ -130,6 +130,33 @@ def state_from_model(path: str, trainer: Trainer) -> TrainState:
     return TrainState(zero(), params, opt_state, zero())
 
 
+def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, overwrite: bool = False) -> tuple:
+    """Write the parameters of a run's checkpoint (default: the latest) as a model directory
+    (`save_model`), with the run's tokenizer when it has one; `llama-jax convert --from jax`
+    takes it on to Hugging Face or Meta format. Returns (path, step, config)."""
+    from llama_jax.checkpoint import save_model
+
+    workdir = Path(workdir).absolute()
+    if not _has_checkpoints(workdir / "checkpoints"):
+        raise RunError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
+    checkpoints = RunCheckpoints(workdir / "checkpoints", every=1, async_save=False)
+    try:
+        steps = checkpoints.all_steps()
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise RunError(f"{workdir} has no checkpoint of step {step}; valid: {', '.join(map(str, steps))}")
+        info = checkpoints.run_info(step)
+        model = LLaMAConfig.from_dict(info["model"])
+        params = checkpoints.restore_params(step, model)
+    finally:
+        checkpoints.close()
+    tokenizer = info["config"]["data"].get("tokenizer")
+    tokenizer_dir = workdir if tokenizer == "train" else Path(tokenizer).parent if tokenizer else None
+    if tokenizer_dir is not None and not (tokenizer_dir / "tokenizer.model").is_file():
+        tokenizer_dir = None
+    return save_model(dst, model, params, tokenizer_dir=tokenizer_dir, overwrite=overwrite), step, model
+
+
 # ---- evaluation and samples ------------------------------------------------------------------
 
 

@@ -199,7 +199,7 @@ def validate_config(config, n_devices: int) -> None:
     if micro % (data * fsdp):
         raise ValueError(f"micro-batch train.batch_size / train.grad_accum = {micro} is not divisible by "
                          f"mesh.data x mesh.fsdp = {data * fsdp} (each data-parallel shard needs whole rows)")
-    model = model_config(config.model)
+    model = model_config(config.model, config.checkpoint.init_from)
     if t.seq_len > model.max_seq_len:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
     optim.validate(config.optimizer, t.steps)
@@ -213,7 +213,7 @@ def build_trainer(config, devices=None) -> Trainer:
     devices = jax.devices() if devices is None else devices
     validate_config(config, len(devices))
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    model = model_config(config.model)
+    model = model_config(config.model, config.checkpoint.init_from)
     check_divisible(model, mesh)
     return Trainer(model, optim.make_optimizer(config.optimizer, config.train.steps),
                    optim.make_schedule(config.optimizer, config.train.steps), mesh,

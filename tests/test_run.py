@@ -279,3 +279,52 @@ def test_demo_runs_resumes_and_reports(tmp_path, capsys):
 
     assert main(args) == 0  # the finished run resumes at its last step and reports the same evaluation
     assert line in capsys.readouterr().out.splitlines()
+
+
+def test_export_writes_a_checkpoint_as_a_model_directory(tmp_path, tokenizer_path, straight_run, capsys):
+    workdir, _ = straight_run
+    dst = tmp_path / "model"
+    assert main(["export", "--workdir", str(workdir), "--step", "8", str(dst)]) == 0
+    config = load_config(TINY, run_overrides(tokenizer_path))
+    _, state = next_batch_loss(config, workdir, 8, jax.devices()[:1])
+    model_config, params = load_model(dst)
+    assert model_config.dim == 64 and (dst / "tokenizer.model").read_bytes() == tokenizer_path.read_bytes()
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state.params))
+
+    capsys.readouterr()
+    assert main(["export", "--workdir", str(workdir), "--step", "5", str(tmp_path / "other")]) == 2
+    assert "no checkpoint of step 5; valid: 4, 8, 12" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenizer_path):
+    """experiments/finetune_hf.sh: HF checkpoint -> fine-tuned run -> HF checkpoint that transformers loads."""
+    import torch
+    import transformers
+
+    from llama_jax import LLaMA
+    from tests.reference import hf_config_dict, make_hf_model
+
+    hf_in, run_dir = tmp_path / "hf-in", tmp_path / "run"
+    make_hf_model(hf_config_dict("gqa_llama3", vocab_size=512)).save_pretrained(hf_in)
+    shutil.copyfile(tokenizer_path, hf_in / "tokenizer.model")
+    corpus = EmbeddedCorpus()
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": corpus[i]}) + "\n" for i in range(20)))
+    env = dict(os.environ, LLAMA_JAX=str(Path(sys.executable).parent / "llama-jax"))
+    result = subprocess.run(
+        [str(ROOT / "experiments" / "finetune_hf.sh"), str(hf_in), str(tmp_path / "*.jsonl"), str(run_dir),
+         "--config.train.steps=4", "--config.train.batch_size=8", "--config.train.seq_len=64",
+         "--config.optimizer.warmup_steps=1", "--config.optimizer.lr=1e-3", "--config.train.sample_every=0",
+         "--config.checkpoint.every=2"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert committed_steps(run_dir / "checkpoints") == [2, 4]
+
+    tokens = np.array([[1, 17, 300, 42, 7, 99, 250, 3]])
+    with torch.no_grad():
+        before = transformers.LlamaForCausalLM.from_pretrained(hf_in).eval()(torch.tensor(tokens)).logits.numpy()
+        after = transformers.LlamaForCausalLM.from_pretrained(run_dir / "hf").eval()(torch.tensor(tokens)).logits
+    cfg, params = load_model(run_dir / "final")
+    ours = np.asarray(LLaMA(cfg.replace(dtype="float32")).apply({"params": params}, tokens))
+    np.testing.assert_allclose(after.numpy(), ours, atol=1e-4)
+    assert np.abs(after.numpy() - before).max() > 1e-2  # the fine-tuning changed the model

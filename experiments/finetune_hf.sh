@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Fine-tune a Hugging Face LLaMA checkpoint on local .jsonl/.txt files and export the result
+# back to Hugging Face format.
+#
+#   experiments/finetune_hf.sh HF_DIR 'data/*.jsonl' RUN_DIR [--config.key=value ...]
+#
+#   1. HF_DIR  -> RUN_DIR/init   llama-jax convert --from hf --to jax --verify
+#   2. RUN_DIR                   llama-jax train --config configs/finetune.py, starting from RUN_DIR/init
+#   3. RUN_DIR -> RUN_DIR/hf     llama-jax export (latest checkpoint), then convert --to hf --verify
+#
+# Rerunning the same command after a preemption skips the conversion if RUN_DIR/init exists and
+# resumes training from the latest checkpoint. Extra arguments go to `llama-jax train`.
+set -euo pipefail
+
+if [ $# -lt 3 ]; then
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+fi
+hf_dir=$1 data=$2 run=$3
+shift 3
+here=$(cd "$(dirname "$0")/.." && pwd)
+llama_jax=${LLAMA_JAX:-llama-jax}
+
+if [ ! -d "$run/init" ]; then
+    "$llama_jax" convert --from hf --to jax --verify "$hf_dir" "$run/init"
+fi
+"$llama_jax" train --config "$here/configs/finetune.py" --workdir "$run" \
+    --config.checkpoint.init_from="$run/init" \
+    --config.data.files="['$data']" \
+    --config.data.tokenizer="$run/init/tokenizer.model" "$@"
+"$llama_jax" export --workdir "$run" --overwrite "$run/final"
+"$llama_jax" convert --from jax --to hf --verify --overwrite "$run/final" "$run/hf"
