@@ -16,20 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from llama_jax import data
 from llama_jax.data import EmbeddedCorpus, Prefetcher, TextDataset, TextFiles, make_source
 from llama_jax.text_dataset import build_text_dataset
-
-
-class SentencePieceTokenizer:
-    """The tokenizer interface the data pipeline expects, over a SentencePiece model."""
-
-    def __init__(self, model: bytes):
-        self.sp = spm.SentencePieceProcessor(model_proto=model)
-        self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+from llama_jax.tokenizer import SentencePieceTokenizer
 
 
 @pytest.fixture(scope="module")
