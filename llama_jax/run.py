@@ -208,17 +208,25 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGTERM into a flag the loop checks after each step.
+
+    Single-process runs only: in a multi-process run the processes must agree on the step to
+    save, which JAX's preemption sync manager (started by `jax.distributed.initialize`, which
+    handles SIGTERM itself) does through `CheckpointManager.reached_preemption`.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclasses.dataclass

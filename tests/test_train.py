@@ -1,5 +1,6 @@
 """The sharded training engine on 8 virtual CPU devices."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -178,3 +179,28 @@ def test_two_processes_match_one(tmp_path):
     single = [json.loads(line)["loss"] for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert len(multi) == 4
     np.testing.assert_allclose(multi, single, rtol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpuChip:
+    """What jax's mesh_utils reads of a multi-slice TPU device (no TPU needed to lay out a mesh)."""
+
+    id: int
+    slice_index: int
+    coords: tuple
+    platform: str = "tpu"
+    device_kind: str = "TPU test"
+    process_index: int = 0
+    core_on_chip: int = 0
+
+
+def test_multi_slice_mesh_puts_the_data_axis_across_slices():
+    from llama_jax.sharding import make_mesh
+
+    chips = [FakeTpuChip(i, i // 4, (i % 2, i % 4 // 2, 0)) for i in range(8)]  # 2 slices of 2x2 chips
+    mesh = make_mesh(2, -1, 2, chips)
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert mesh.devices.shape == (2, 2, 2)
+    assert (slices[0] == 0).all() and (slices[1] == 1).all()  # fsdp x tensor stay inside a slice (ICI)
+    with pytest.raises(ValueError, match="mesh.data=1 must be a multiple of the 2 TPU slices"):
+        make_mesh(1, -1, 2, chips)
