@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from an experiment config")
     p.add_argument("--config", required=True, help="Python config file with get_config(); "
                    "override any key as --config.section.key=value")
-    p.add_argument("--workdir", required=True, help="run directory (metrics.jsonl, config.json)")
+    p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, logs; "
+                   "rerunning with the same one resumes from its latest checkpoint")
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)

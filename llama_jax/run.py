@@ -188,8 +188,9 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    # A resumed run logs again the steps after its checkpoint: keep the latest value per step.
+    train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
+    evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
