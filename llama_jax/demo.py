@@ -38,14 +38,19 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
     print(f"llama-jax demo: {config.train.steps} steps of a small LLaMA on pydoc_data.topics "
           f"({jax.device_count()} {jax.devices()[0].platform} device(s)); workdir {workdir}")
     result = train_and_evaluate(config, workdir)
-    trainer = build_trainer(config)
-    data = build_data(config, trainer.model_config, workdir)
-    eval_batches = [data.eval_rows(k) for k in range(config.train.eval_batches)]
-    baseline = data_lib.unigram_perplexity(data.dataset.train_token_counts(), eval_batches)
-    ev = result.eval
+    if result.preempted:
+        print(f"stopped at step {result.final_step} of {config.train.steps}; run `make demo` again to resume")
+        return
     print()
-    print(f"held-out perplexity: model {ev['eval_perplexity']:.1f} vs unigram baseline {baseline:.1f} "
-          f"(loss {ev['eval_loss']:.3f} nats/token, next-token accuracy {ev['eval_accuracy']:.1%})")
+    ev = result.eval
+    if ev is None:
+        print("no held-out evaluation (train.eval_batches=0)")
+    else:
+        data = build_data(config, build_trainer(config).model_config, workdir)
+        eval_batches = [data.eval_rows(k) for k in range(config.train.eval_batches)]
+        baseline = data_lib.unigram_perplexity(data.dataset.train_token_counts(), eval_batches)
+        print(f"held-out perplexity: model {ev['eval_perplexity']:.1f} vs unigram baseline {baseline:.1f} "
+              f"(loss {ev['eval_loss']:.3f} nats/token, next-token accuracy {ev['eval_accuracy']:.1%})")
     print(f"sample: {config.train.sample_prompt}{result.sample}")
     print(f"workdir:     {workdir}")
     print(f"checkpoints: {workdir / 'checkpoints'}")
