@@ -189,10 +189,10 @@ class RunCheckpoints:
             state=ocp.args.StandardRestore(abstract_state)))["state"]
 
     def restore_params(self, step: int, config: LLaMAConfig):
-        """Only the parameters of `step` (scanned layout), on the first local device: what a model
-        export needs, without reading the optimizer state."""
+        """Only the parameters of `step` (in the layer layout of the run's `config`), on the first
+        local device: what a model export needs, without reading the optimizer state."""
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = {"params": nn.meta.unbox(abstract_params(config.replace(scan_layers=True)))}
+        abstract = {"params": nn.meta.unbox(abstract_params(config))}
         restore_args = jax.tree.map(
             lambda a: ocp.ArrayRestoreArgs(sharding=device, global_shape=a.shape, dtype=a.dtype), abstract)
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

@@ -328,3 +328,17 @@ def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenize
     ours = np.asarray(LLaMA(cfg.replace(dtype="float32")).apply({"params": params}, tokens))
     np.testing.assert_allclose(after.numpy(), ours, atol=1e-4)
     assert np.abs(after.numpy() - before).max() > 1e-2  # the fine-tuning changed the model
+
+
+def test_export_of_an_unscanned_run(tmp_path):
+    overrides = ["model.scan_layers=False", "train.steps=2", "optimizer.warmup_steps=1", "checkpoint.every=2"]
+    config = load_config(TINY, overrides)
+    run_lib.train_and_evaluate(config, tmp_path / "run", progress=False, devices=jax.devices()[:1])
+    assert main(["export", "--workdir", str(tmp_path / "run"), str(tmp_path / "model")]) == 0
+    model_config, params = load_model(tmp_path / "model")
+    trainer = build_trainer(config, jax.devices()[:1])
+    checkpoints = RunCheckpoints(tmp_path / "run" / "checkpoints", 2, async_save=False)
+    state = checkpoints.restore_state(2, run_lib.abstract_state(trainer))
+    checkpoints.close()
+    assert not model_config.scan_layers and "layers_0" in params
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state.params))
