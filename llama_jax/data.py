@@ -220,6 +220,16 @@ def held_out(hashes: np.ndarray, fraction: float) -> np.ndarray:
     return hashes <= np.partition(hashes, k - 1)[k - 1]
 
 
+def split_indices(n: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) document indices of a source of n documents with no eval split of its own."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction={eval_fraction} is out of range; valid: 0 <= eval_fraction < 1")
+    mask = held_out(index_hashes(n), eval_fraction)
+    if mask.all():
+        raise ValueError(f"eval_fraction={eval_fraction} holds out all {n} documents; lower it or add documents")
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
 def index_hashes(n: int) -> np.ndarray:
     """A salted 64-bit hash (splitmix64) of each document index 0..n-1."""
     z = np.arange(n, dtype=np.uint64) + np.uint64(_SPLIT_SALT)
@@ -258,7 +268,7 @@ class TextDataset:
 
     Eval batch k is built the same way from the held-out documents on a separate seed stream,
     so it is the same every time. The held-out documents come from `eval_source` when given
-    (e.g. a TFDS validation split), else they are `held_out(index_hashes(n), eval_fraction)`.
+    (e.g. a TFDS validation split), else they are `split_indices(n, eval_fraction)[1]`.
     Tokenized documents are kept in an LRU cache (CACHE_DOCS per split).
     """
 
@@ -273,12 +283,9 @@ class TextDataset:
                 raise ValueError(f"{what} has no documents; give a non-empty source")
         self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
         if eval_source is None:
-            eval_mask = held_out(index_hashes(len(source)), eval_fraction)
-            train = _Split(source, np.flatnonzero(~eval_mask), tokenizer, ())
-            eval_ = _Split(source, np.flatnonzero(eval_mask), tokenizer, (_EVAL_STREAM,))
-            if not len(train.indices):
-                raise ValueError(f"eval_fraction={eval_fraction} holds out all {len(source)} documents; "
-                                 f"lower it or add documents")
+            train_indices, eval_indices = split_indices(len(source), eval_fraction)
+            train = _Split(source, train_indices, tokenizer, ())
+            eval_ = _Split(source, eval_indices, tokenizer, (_EVAL_STREAM,))
         else:
             train = _Split(source, range(len(source)), tokenizer, ())
             eval_ = _Split(eval_source, range(len(eval_source)), tokenizer, (_EVAL_STREAM,))

@@ -54,7 +54,7 @@ def build_data(config, model: LLaMAConfig, workdir: Path) -> RunData:
         return RunData(lambda s: data_lib.synthetic_batch(t.seed, s, rows, t.seq_len, model.vocab_size),
                        None, None, None)
     train_docs, eval_docs = data_lib.make_source(d)
-    tokenizer = _tokenizer(d, train_docs, workdir)
+    tokenizer = _tokenizer(d, train_docs, eval_docs is None, workdir)
     if tokenizer.vocab_size > model.vocab_size:
         raise RunError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={model.vocab_size}; "
                        "set model.vocab_size to at least the tokenizer's")
@@ -63,17 +63,20 @@ def build_data(config, model: LLaMAConfig, workdir: Path) -> RunData:
     return RunData(lambda s: dataset.batch(s, rows), lambda k: dataset.eval_batch(k, eval_rows), tokenizer, dataset)
 
 
-def _tokenizer(d, train_docs, workdir: Path):
+def _tokenizer(d, docs, holds_eval_documents: bool, workdir: Path):
     from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
-    if d.tokenizer == "train":  # a SentencePiece model trained on the run's own training documents
+    if d.tokenizer == "train":  # a SentencePiece model trained on the run's training documents only
         path = workdir / "tokenizer.model"
         if not path.exists():
             if jax.process_count() > 1:
                 raise RunError("data.tokenizer=train needs a single process; train it once with "
                                "tools/train_tokenizer.py and pass its path")
-            print(f"training a {d.tokenizer_vocab_size}-piece SentencePiece tokenizer on {len(train_docs)} documents")
-            train_sentencepiece((train_docs[i] for i in range(len(train_docs))), path, d.tokenizer_vocab_size)
+            indices = data_lib.split_indices(len(docs), d.eval_fraction)[0] if holds_eval_documents \
+                else range(len(docs))
+            print(f"training a {d.tokenizer_vocab_size}-piece SentencePiece tokenizer on the {len(indices)} "
+                  f"training documents")
+            train_sentencepiece((docs[int(i)] for i in indices), path, d.tokenizer_vocab_size)
         return load_tokenizer(path)
     if not d.tokenizer:
         raise RunError(f"data.tokenizer is empty; give a tokenizer.model path (or 'train') for data.source={d.source}")
@@ -306,6 +309,9 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
             if record:
                 writer.write(step, record)
                 logged.append({"step": step, **record})
+            if step == start + 1 and not record:  # leave compilation out of the throughput figures
+                jax.block_until_ready(state.step)
+                window_start, window_tokens = time.perf_counter(), 0
             if record or checkpoints.due(step):
                 skipped_seen = _check_finite(state, skipped_seen, step, t.on_nonfinite, checkpoints, bar)
             if checkpoints.save(step, state, {**run_info, "step": step}):
