@@ -28,6 +28,27 @@ def cmd_demo(args) -> None:
     run_demo(args.workdir, args.overrides)
 
 
+def cmd_generate(args) -> None:
+    from pathlib import Path
+
+    from llama_jax.checkpoint import load_config, load_model
+    from llama_jax.generate import generate_text
+    from llama_jax.tokenizer import load_tokenizer
+
+    config = load_config(args.model)  # fails fast on a directory that is not a model
+    tokenizer_path = Path(args.tokenizer or Path(args.model) / "tokenizer.model")
+    if not args.tokenizer and not tokenizer_path.is_file():
+        raise UserError(f"{args.model} has no tokenizer.model; pass --tokenizer PATH")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
+                        "is it the model's tokenizer?")
+    config, params = load_model(args.model)
+    texts = generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print("\n\n-----\n\n".join(prompt + text for prompt, text in zip(args.prompt, texts)))
+
+
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '1.5GiB' or a plain byte count -> bytes."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -172,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="continue prompts with a model directory (KV-cache decoding)")
+    p.add_argument("model", help="a llama_jax model directory (convert --to jax, or export)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="text to continue; repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in the model directory)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a training run's checkpoint as a model directory (--from jax)")
     p.add_argument("--workdir", required=True, help="the run directory")

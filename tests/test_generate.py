@@ -11,7 +11,8 @@ import sentencepiece as spm
 import torch
 from pydoc_data.topics import topics
 
-from llama_jax import LLaMA, LLaMAConfig, from_hf_state_dict, init_params
+from llama_jax import LLaMA, LLaMAConfig, from_hf_state_dict, init_params, save_model
+from llama_jax.cli import main
 from llama_jax.generate import generate, generate_text
 from llama_jax.model import unstack_layers
 from llama_jax.tokenizer import SentencePieceTokenizer
@@ -201,3 +202,23 @@ def test_bad_input(gqa, kwargs, message):
     with pytest.raises(ValueError, match=message) as err:
         generate(cfg, params, **args)
     assert "\n" not in str(err.value)
+
+
+def test_generate_command(sp_tokenizer, tmp_path, capsys):
+    tok = sp_tokenizer
+    cfg = LLaMAConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                      max_seq_len=128)
+    params = jax.tree.map(lambda a: a * 10 if a.ndim > 1 else a, init_params(cfg, 0))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+    save_model(tmp_path / "model", cfg, params, tokenizer_dir=tmp_path / "tok")
+    prompts = ["The for statement", "Class definitions"]
+    args = ["generate", str(tmp_path / "model"), "--prompt", prompts[0], "--prompt", prompts[1],
+            "--max-new-tokens", "12", "--temperature", "0.8", "--top-k", "50", "--seed", "1"]
+    assert main(args) == 0
+    expected = generate_text(cfg, params, tok, prompts, max_new_tokens=12, temperature=0.8, top_k=50, seed=1)
+    assert capsys.readouterr().out == "\n\n-----\n\n".join(p + t for p, t in zip(prompts, expected)) + "\n"
+
+    save_model(tmp_path / "bare", cfg, params)
+    assert main(["generate", str(tmp_path / "bare"), "--prompt", "x"]) == 2
+    assert "has no tokenizer.model; pass --tokenizer PATH" in capsys.readouterr().err
