@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -261,6 +262,21 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
     assert snapshot(workdir) == before
 
 
+def tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} read back from a TensorBoard event file (TFRecord framing:
+    8-byte length, 4-byte CRC, an `Event` protobuf, 4-byte CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, pos, scalars = path.read_bytes(), 0, {}
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 12 + length + 4
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 def test_demo_runs_resumes_and_reports(tmp_path, capsys):
     workdir = tmp_path / "demo"
     args = ["demo", "--workdir", str(workdir), "--config.train.steps=60", "--config.train.eval_every=30",
@@ -273,7 +289,10 @@ def test_demo_runs_resumes_and_reports(tmp_path, capsys):
     assert model_ppl < unigram_ppl
     for name in ("tokenizer.model", "config.json", "metrics.jsonl", "loss.png"):
         assert (workdir / name).is_file(), name
-    assert list(workdir.glob("events.out.tfevents.*"))
+    scalars = tensorboard_scalars(next(workdir.glob("events.out.tfevents.*")))
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    for tag in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "eval_loss", "eval_perplexity"):
+        assert scalars[tag] == [(r["step"], pytest.approx(r[tag])) for r in metrics if tag in r], tag
     assert committed_steps(workdir / "checkpoints") == [30, 60]
     assert "sample: The " in out
 
