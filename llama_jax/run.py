@@ -98,7 +98,14 @@ def initial_state(config, trainer: Trainer, checkpoints: RunCheckpoints, workdir
     if latest is not None:
         info = checkpoints.run_info(latest)
         check_same_architecture(info["model"], trainer.model_config, f"{workdir} (checkpoint {latest})")
-        return checkpoints.restore_state(latest, abstract_state(trainer)), latest
+        try:
+            return checkpoints.restore_state(latest, abstract_state(trainer)), latest
+        except ValueError:  # Orbax: the saved tree does not have the structure of this state
+            saved = info["config"].get("optimizer", {})
+            changed = [f"optimizer.{k}" for k, v in config.optimizer.items() if saved.get(k) != v]
+            raise RunError(f"{workdir} (checkpoint {latest}) holds an optimizer state that does not fit this "
+                           f"config's optimizer" + (f" (changed: {', '.join(changed)})" if changed else "") +
+                           "; resume with the run's optimizer settings or use another --workdir") from None
     if config.checkpoint.init_from:
         return state_from_model(config.checkpoint.init_from, trainer), 0
     return trainer.init_state(config.train.seed), 0

@@ -227,6 +227,7 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("empty dataset", "holds no non-empty document"),
     ("seq_len too long", "train.seq_len=256 exceeds the model's max_seq_len=128"),
     ("other model shape", "holds a model with dim=64, but the config asks for dim=96"),
+    ("other optimizer", r"holds an optimizer state that does not fit .* \(changed: optimizer.name\)"),
     ("missing init_from", "checkpoint.init_from: .* is not a llama_jax model directory"),
     ("init_from of another shape", "checkpoint.init_from=.* holds a model with n_layers=3"),
 ])
@@ -247,6 +248,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "empty dataset": ["data.source=text", f"data.files=['{tmp_path / 'empty.txt'}']"],
         "seq_len too long": ["train.seq_len=256"],
         "other model shape": ["model.dim=96", "model.ffn_dim=256"],
+        "other optimizer": ["optimizer.name=lion"],
         "missing init_from": [f"checkpoint.init_from={tmp_path / 'nope'}"],
         "init_from of another shape": [f"checkpoint.init_from={other}"],
     }[case]
