@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     try:
         args.func(args)
-    except (UserError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except (UserError, ValueError, OSError) as e:  # OSError: paths that cannot be read or written
         print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
