@@ -153,12 +153,14 @@ class RunCheckpoints:
     """
 
     def __init__(self, directory: str | os.PathLike, every: int, max_to_keep: int | None = 3,
-                 keep_every: int | None = None, async_save: bool = True):
+                 keep_every: int | None = None, async_save: bool = True, read_only: bool = False):
+        """read_only: for reading a run's checkpoints while it may still be writing them (export):
+        nothing is created, cleaned up or deleted."""
         self.every = every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None,
-            enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True)
+            enable_async_checkpointing=async_save, create=not read_only,
+            cleanup_tmp_directories=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                              item_names=("state", "run"))
 

@@ -134,6 +134,7 @@ def state_from_model(path: str, trainer: Trainer) -> TrainState:
     init_opt = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings.opt_state)
     with trainer.context():
         opt_state = init_opt(params)
+
     def zero():  # step and skipped need buffers of their own: the train step donates both
         return jax.device_put(np.zeros((), np.int32), trainer.state_shardings.step)
 
@@ -149,7 +150,7 @@ def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, 
     workdir = Path(workdir).absolute()
     if not _has_checkpoints(workdir / "checkpoints"):
         raise RunError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
-    checkpoints = RunCheckpoints(workdir / "checkpoints", every=1, async_save=False)
+    checkpoints = RunCheckpoints(workdir / "checkpoints", every=1, async_save=False, read_only=True)
     try:
         steps = checkpoints.all_steps()
         step = steps[-1] if step is None else step

@@ -303,9 +303,13 @@ def test_demo_runs_resumes_and_reports(tmp_path, capsys):
 
 
 def test_export_writes_a_checkpoint_as_a_model_directory(tmp_path, tokenizer_path, straight_run, capsys):
-    workdir, _ = straight_run
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    in_progress = workdir / "checkpoints" / "16.orbax-checkpoint-tmp-1"  # a save the run is still writing
+    in_progress.mkdir()
     dst = tmp_path / "model"
     assert main(["export", "--workdir", str(workdir), "--step", "8", str(dst)]) == 0
+    assert in_progress.is_dir()  # export only reads
     config = load_config(TINY, run_overrides(tokenizer_path))
     _, state = next_batch_loss(config, workdir, 8, jax.devices()[:1])
     model_config, params = load_model(dst)
