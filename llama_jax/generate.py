@@ -3,13 +3,12 @@
 Prompts of different lengths are left-padded to a common length P: pad slots get segment id 0,
 so no real token attends to them, and rotary positions count from 0 at each prompt's first real
 token. One compiled function runs the prefill over all P slots and then a `lax.while_loop`
-whose body feeds one token per row. The body is traced and compiled once, as a jitted step
-would be; one XLA compilation of prefill + loop took no longer than compiling a jitted prefill
-and a jitted step separately (about 3.4 s against 3.7 s for the test models on a CPU), and it
-runs with no per-step dispatch or device-to-host sync and stops early once every row has
-emitted EOS. A Python loop *inside* jit would unroll `max_new_tokens` copies of the model and
-compile that many times slower. Sampling settings are traced values, so changing temperature, top-k, top-p, seed or
-EOS reuses the compiled code; a new batch size, prompt length or `max_new_tokens` compiles again.
+whose body feeds one token per row. The body is traced and compiled once, as a separately
+jitted decode step would be, but runs with no per-step dispatch or device-to-host sync and
+stops early once every row has emitted EOS. (A Python loop *inside* jit would instead unroll
+`max_new_tokens` copies of the model.) Sampling settings are traced values, so changing
+temperature, top-k, top-p, seed or EOS reuses the compiled code; a new batch size, prompt
+length or `max_new_tokens` compiles again.
 """
 
 from __future__ import annotations
