@@ -4,7 +4,10 @@ Global batch 256 x 4096 tokens (1M tokens/step, as in the LLaMA-2 paper), AdamW 
 betas, cosine decay to 10% over 500k steps with 2000 warmup steps.
 
     llama-jax plan --config configs/llama2_7b_v4_32.py --devices 16
-    llama-jax train --config configs/llama2_7b_v4_32.py --workdir gs://bucket/runs/llama2-7b
+    llama-jax train --config configs/llama2_7b_v4_32.py --workdir /mnt/gcs/runs/llama2-7b
+
+Paths are on a bucket mounted with gcsfuse at /mnt/gcs on every worker (the workdir, tokenizer
+and init_from are read and written as local paths); c4/en must be prepared in ArrayRecord format.
 """
 
 from llama_jax.experiment import base_config
@@ -18,7 +21,7 @@ def get_config():
     config.train.update(steps=500_000, batch_size=256, seq_len=4096, grad_accum=1, seed=0,
                         log_every=10, z_loss=0.0)
     config.data.update(source="tfds", tfds_name="c4/en:3.1.0", tfds_eval_split="validation",
-                       data_dir="gs://YOUR_BUCKET/tensorflow_datasets", tokenizer="gs://YOUR_BUCKET/llama2/tokenizer.model")
+                       data_dir="/mnt/gcs/tensorflow_datasets", tokenizer="/mnt/gcs/llama2/tokenizer.model")
     config.train.update(eval_every=1000, eval_batches=20)
     config.checkpoint.update(every=1000, max_to_keep=3, keep_every=10_000)
     return config

@@ -4,6 +4,9 @@ Starts from converted weights (`llama-jax convert --from hf --to jax ...`), shor
 warmup-stable-decay schedule at a continued-pre-training learning rate, z-loss for stability.
 
     llama-jax plan --config configs/llama3_8b_v5p.py --devices 32
+
+Paths are on a bucket mounted with gcsfuse at /mnt/gcs on every worker; c4/en must be prepared
+in ArrayRecord format.
 """
 
 from llama_jax.experiment import base_config
@@ -17,7 +20,7 @@ def get_config():
     config.train.update(steps=20_000, batch_size=128, seq_len=8192, grad_accum=1, seed=0,
                         log_every=10, z_loss=1e-4)
     config.data.update(source="tfds", tfds_name="c4/en:3.1.0", tfds_eval_split="validation",
-                       data_dir="gs://YOUR_BUCKET/tensorflow_datasets", tokenizer="gs://YOUR_BUCKET/llama3/tokenizer.model")
+                       data_dir="/mnt/gcs/tensorflow_datasets", tokenizer="/mnt/gcs/llama3/tokenizer.model")
     config.train.update(eval_every=500, eval_batches=20)
-    config.checkpoint.update(every=500, max_to_keep=3, init_from="gs://YOUR_BUCKET/llama3-8b-jax")
+    config.checkpoint.update(every=500, max_to_keep=3, init_from="/mnt/gcs/llama3-8b-jax")
     return config

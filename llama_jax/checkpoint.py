@@ -126,16 +126,22 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False,
     if as_numpy:
         restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), abstract)
     else:
-        if shardings is None:
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            shardings = jax.tree.map(lambda _: device, abstract)
-        restore_args = jax.tree.map(lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
-                                    abstract, shardings)
+        restore_args = array_restore_args(abstract, shardings)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
         params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
     return config, params
+
+
+def array_restore_args(abstract, shardings=None):
+    """Orbax restore args placing each array of `abstract` on its sharding in `shardings`
+    (a matching tree; default: the first local device)."""
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    return jax.tree.map(lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
+                        abstract, shardings)
 
 
 # ---- training-run checkpoints ----------------------------------------------------------------
@@ -193,12 +199,9 @@ class RunCheckpoints:
     def restore_params(self, step: int, config: LLaMAConfig):
         """Only the parameters of `step` (in the layer layout of the run's `config`), on the first
         local device: what a model export needs, without reading the optimizer state."""
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = {"params": nn.meta.unbox(abstract_params(config))}
-        restore_args = jax.tree.map(
-            lambda a: ocp.ArrayRestoreArgs(sharding=device, global_shape=a.shape, dtype=a.dtype), abstract)
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=restore_args, partial_restore=True)))["state"]["params"]
+            item=abstract, restore_args=array_restore_args(abstract), partial_restore=True)))["state"]["params"]
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

@@ -33,16 +33,14 @@ def cmd_generate(args) -> None:
 
     from llama_jax.checkpoint import load_config, load_model
     from llama_jax.generate import generate_text
-    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.tokenizer import check_fits, load_tokenizer
 
     config = load_config(args.model)  # fails fast on a directory that is not a model
     tokenizer_path = Path(args.tokenizer or Path(args.model) / "tokenizer.model")
     if not args.tokenizer and not tokenizer_path.is_file():
         raise UserError(f"{args.model} has no tokenizer.model; pass --tokenizer PATH")
     tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
-                        "is it the model's tokenizer?")
+    check_fits(tokenizer, config.vocab_size)
     config, params = load_model(args.model)
     texts = generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

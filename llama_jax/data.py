@@ -276,8 +276,6 @@ class TextDataset:
                  eval_fraction: float = 0.01, eval_source: Sequence[str] | None = None):
         if seq_len < 2:
             raise ValueError(f"seq_len={seq_len} is too short; it must be at least 2")
-        if not 0 <= eval_fraction < 1:
-            raise ValueError(f"eval_fraction={eval_fraction} is out of range; valid: 0 <= eval_fraction < 1")
         for what, docs in (("the dataset", source), ("the eval dataset", eval_source)):
             if docs is not None and len(docs) == 0:
                 raise ValueError(f"{what} has no documents; give a non-empty source")

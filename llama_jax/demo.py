@@ -28,8 +28,7 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
 
     from llama_jax import data as data_lib
     from llama_jax.experiment import apply_override
-    from llama_jax.run import build_data, train_and_evaluate
-    from llama_jax.train import build_trainer
+    from llama_jax.run import train_and_evaluate
 
     config = get_config()
     for item in overrides:
@@ -46,7 +45,7 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
     if ev is None:
         print("no held-out evaluation (train.eval_batches=0)")
     else:
-        data = build_data(config, build_trainer(config).model_config, workdir)
+        data = result.data
         eval_batches = [data.eval_rows(k) for k in range(config.train.eval_batches)]
         baseline = data_lib.unigram_perplexity(data.dataset.train_token_counts(), eval_batches)
         print(f"held-out perplexity: model {ev['eval_perplexity']:.1f} vs unigram baseline {baseline:.1f} "

@@ -45,7 +45,7 @@ def base_config(preset: str = "tiny", **model_fields) -> ml_collections.ConfigDi
         data=dict(
             source="synthetic",  # embedded | text | jsonl | tfds | synthetic
             files=[], text_key="text",  # text/jsonl: paths or globs
-            tfds_name="", tfds_split="train", tfds_eval_split="", data_dir="",  # tfds: data_dir may be gs://
+            tfds_name="", tfds_split="train", tfds_eval_split="", data_dir="",  # tfds: gs:// needs gcsfs
             eval_fraction=0.01,  # documents held out for evaluation when the source has no eval split
             tokenizer="",  # tokenizer.model path, or "train": SentencePiece trained on the training documents
             tokenizer_vocab_size=8000,

@@ -27,6 +27,7 @@ from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax.checkpoint import RunCheckpoints, check_same_architecture, load_model
 from llama_jax.config import LLaMAConfig
+from llama_jax.tokenizer import check_fits
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch
 
 ON_NONFINITE = ("stop", "skip")
@@ -55,9 +56,7 @@ def build_data(config, model: LLaMAConfig, workdir: Path) -> RunData:
                        None, None, None)
     train_docs, eval_docs = data_lib.make_source(d)
     tokenizer = _tokenizer(d, train_docs, eval_docs is None, workdir)
-    if tokenizer.vocab_size > model.vocab_size:
-        raise RunError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={model.vocab_size}; "
-                       "set model.vocab_size to at least the tokenizer's")
+    check_fits(tokenizer, model.vocab_size)
     dataset = data_lib.TextDataset(train_docs, tokenizer, t.seq_len, t.seed, d.eval_fraction, eval_docs)
     eval_rows = data_lib.rows_for_process(t.batch_size // t.grad_accum, jax.process_index(), jax.process_count())
     return RunData(lambda s: dataset.batch(s, rows), lambda k: dataset.eval_batch(k, eval_rows), tokenizer, dataset)
@@ -248,6 +247,7 @@ class RunResult:
     preempted: bool
     eval: dict[str, float] | None
     sample: str | None
+    data: RunData
 
 
 def validate_run_config(config) -> None:
@@ -291,6 +291,8 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
                disable=None if progress and main_process else True)
     logged, eval_metrics, text, skipped_seen = [], None, None, int(state.skipped)
+    evaluates, samples = bool(data.eval_rows and t.eval_batches), bool(data.tokenizer and t.sample_tokens)
+    evaluated_at = sampled_at = None
     window_start, window_tokens, step, saved_step = time.perf_counter(), 0, start, start
     try:
         for step in range(start + 1, t.steps + 1):
@@ -308,11 +310,11 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:,.0f}",
                                 mfu=f"{values['mfu']:.1%}")
                 window_start, window_tokens = time.perf_counter(), 0
-            if data.eval_rows and t.eval_every and step % t.eval_every == 0:
-                eval_metrics = evaluate(trainer, state.params, data, t.eval_batches)
+            if evaluates and t.eval_every and step % t.eval_every == 0:
+                eval_metrics, evaluated_at = evaluate(trainer, state.params, data, t.eval_batches), step
                 record.update(eval_metrics)
-            if data.tokenizer and t.sample_every and step % t.sample_every == 0:
-                text = sample(config, trainer, state.params, data.tokenizer, seed=step)
+            if samples and t.sample_every and step % t.sample_every == 0:
+                text, sampled_at = sample(config, trainer, state.params, data.tokenizer, seed=step), step
                 bar.write(f"step {step} sample: {t.sample_prompt}{text}")
             if record:
                 writer.write(step, record)
@@ -329,18 +331,16 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
                     checkpoints.save(step, state, {**run_info, "step": step}, force=True)
                 checkpoints.wait()
                 bar.write(f"preempted: checkpoint saved at step {step}; run the same command again to resume")
-                return RunResult(logged, step, True, eval_metrics, text)
+                return RunResult(logged, step, True, eval_metrics, text, data)
         if saved_step != step:
             checkpoints.save(step, state, {**run_info, "step": step}, force=True)
-        final = {}
-        if data.eval_rows and t.eval_batches and not (t.eval_every and step % t.eval_every == 0 and step > start):
+        if evaluates and evaluated_at != step:  # the final parameters, unless just evaluated
             eval_metrics = evaluate(trainer, state.params, data, t.eval_batches)
-            final.update(eval_metrics)
-        if data.tokenizer and t.sample_tokens and not (t.sample_every and step % t.sample_every == 0 and step > start):
+            if step > start:
+                writer.write(step, eval_metrics)
+                logged.append({"step": step, **eval_metrics})
+        if samples and sampled_at != step:
             text = sample(config, trainer, state.params, data.tokenizer, seed=step)
-        if final and step > start:
-            writer.write(step, final)
-            logged.append({"step": step, **final})
         checkpoints.wait()
     finally:
         bar.close()
@@ -351,7 +351,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
         checkpoints.close()
     if main_process and (workdir / "metrics.jsonl").exists():
         plot_losses(workdir / "metrics.jsonl", workdir / "loss.png")
-    return RunResult(logged, step, False, eval_metrics, text)
+    return RunResult(logged, step, False, eval_metrics, text, data)
 
 
 def _check_finite(state: TrainState, skipped_seen: int, step: int, on_nonfinite: str, checkpoints, bar) -> int:
