@@ -10,13 +10,11 @@ failed save never leaves a half-written model behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -25,47 +23,33 @@ import orbax.checkpoint as ocp
 
 from llama_jax.config import LLaMAConfig
 from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
+from llama_jax.safe_io import OutputKind, atomic_directory, damage_reason
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
+MODEL_DIR = OutputKind("llama_jax model directory", (CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES))
 
 
-@contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error it is removed."""
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer_dir: str | os.PathLike | None = None,
+def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: str | os.PathLike | None = None,
                overwrite: bool = False) -> Path:
-    """Write config, parameters and (from `tokenizer_dir`, if given) tokenizer files to `path`."""
+    """Write config, parameters and tokenizer to `path`.
+
+    tokenizer: a directory (its tokenizer and generation files are copied) or one tokenizer file
+    (copied as tokenizer.model). `overwrite` replaces only an existing model directory.
+    """
     if "layers" not in params:
         params = stack_layers(dict(params), config.n_layers)
     params = nn.meta.unbox(params)
     check_params(config.replace(scan_layers=True), params)
-    with atomic_directory(path, overwrite) as tmp:
+    inputs = [] if tokenizer is None else [tokenizer]
+    with atomic_directory(path, MODEL_DIR, overwrite, inputs) as tmp:
         write_model_dir(tmp, config, params)
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
+        if tokenizer is not None and Path(tokenizer).is_dir():
+            copy_tokenizer_files(tokenizer, tmp)
+        elif tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
     return Path(path)
 
 
@@ -102,9 +86,15 @@ def load_config(path: str | os.PathLike) -> LLaMAConfig:
     if not config_file.is_file():
         raise ValueError(f"{path} is not a llama_jax model directory: {CONFIG_FILE} not found")
     try:
-        return LLaMAConfig.from_dict(json.loads(config_file.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        saved = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: damaged, not valid JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file}: damaged, expected a JSON object of LLaMAConfig fields")
+    try:
+        return LLaMAConfig.from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_file}: {e}") from None
 
 
 def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False,
@@ -127,8 +117,11 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False,
         restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), abstract)
     else:
         restore_args = array_restore_args(abstract, shardings)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+            params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+    except Exception as e:  # TensorStore, JSON and OS errors of a damaged or incomplete params/
+        raise ValueError(f"model directory {path} is damaged or incomplete: {damage_reason(e, params_dir)}") from None
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
     return config, params
@@ -145,6 +138,31 @@ def array_restore_args(abstract, shardings=None):
 
 
 # ---- training-run checkpoints ----------------------------------------------------------------
+
+class CheckpointDamaged(ValueError):
+    """A committed checkpoint step whose files cannot be read back."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def tree_paths(tree) -> set[tuple[str, ...]]:
+    """Leaf paths of a pytree as tuples of plain names, so dicts, dataclasses and namedtuples compare."""
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]  # empty nodes (Optax's EmptyState) have none
+    return {tuple(name(k) for k in path) for path, leaf in leaves if not _empty(leaf)}
+
+
+def _empty(leaf) -> bool:
+    """Orbax's metadata stands for an empty node with an empty container or None."""
+    return leaf is None or (isinstance(leaf, (dict, list, tuple)) and not leaf)
+
 
 ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
 
@@ -163,11 +181,12 @@ class RunCheckpoints:
         """read_only: for reading a run's checkpoints while it may still be writing them (export):
         nothing is created, cleaned up or deleted."""
         self.every = every
+        self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None,
             enable_async_checkpointing=async_save, create=not read_only,
             cleanup_tmp_directories=not read_only, read_only=read_only)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "run"))
 
     def latest_step(self) -> int | None:
@@ -187,21 +206,47 @@ class RunCheckpoints:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run_info)), force=True)
 
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def _read(self, step: int, what: str, read: Callable[[], Any]) -> Any:
+        try:
+            return read()
+        except Exception as e:  # TensorStore, JSON and OS errors of damaged or missing files
+            raise CheckpointDamaged(step, f"checkpoint {step} ({self.step_dir(step)}) is damaged: cannot read "
+                                          f"its {what}: {damage_reason(e, self.step_dir(step))}") from None
+
     def run_info(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+        info = self._read(step, "run info", lambda: self.manager.restore(
+            step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"])
+        if not isinstance(info, dict) or not {"config", "model"} <= set(info):
+            raise CheckpointDamaged(step, f"checkpoint {step} ({self.step_dir(step)}) is damaged: its run info "
+                                          f"lacks the config and model")
+        return info
+
+    def state_paths(self, step: int) -> set[tuple[str, ...]]:
+        """The leaf paths of the saved state, from its metadata alone (nothing is restored)."""
+        tree = self._read(step, "state metadata",
+                          lambda: ocp.PyTreeCheckpointHandler().metadata(self.step_dir(step) / "state").tree)
+        return tree_paths(tree)
 
     def restore_state(self, step: int, abstract_state):
         """The state of `step` laid out as `abstract_state` (ShapeDtypeStructs with shardings):
         restoring onto another mesh or device count is a matter of passing its shardings."""
-        return self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        return self._read(step, "state", lambda: self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"])
 
     def restore_params(self, step: int, config: LLaMAConfig):
         """Only the parameters of `step` (in the layer layout of the run's `config`), on the first
         local device: what a model export needs, without reading the optimizer state."""
         abstract = {"params": nn.meta.unbox(abstract_params(config))}
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=array_restore_args(abstract), partial_restore=True)))["state"]["params"]
+        return self._read(step, "parameters", lambda: self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=abstract, restore_args=array_restore_args(abstract),
+                                         partial_restore=True)))["state"]["params"])
+
+    def reload(self) -> None:
+        """Re-read the list of steps on disk (after step directories were moved)."""
+        self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

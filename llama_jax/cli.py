@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import sys
 
 
@@ -33,18 +35,34 @@ def cmd_generate(args) -> None:
 
     from llama_jax.checkpoint import load_config, load_model
     from llama_jax.generate import generate_text
+    from llama_jax.safe_io import sha256_file
     from llama_jax.tokenizer import check_fits, load_tokenizer
 
     config = load_config(args.model)  # fails fast on a directory that is not a model
-    tokenizer_path = Path(args.tokenizer or Path(args.model) / "tokenizer.model")
-    if not args.tokenizer and not tokenizer_path.is_file():
+    own = Path(args.model) / "tokenizer.model"
+    tokenizer_path = Path(args.tokenizer or own)
+    if not args.tokenizer and not own.is_file():
         raise UserError(f"{args.model} has no tokenizer.model; pass --tokenizer PATH")
+    if args.tokenizer and own.is_file() and tokenizer_path.is_file() and sha256_file(tokenizer_path) != sha256_file(own):
+        raise UserError(f"--tokenizer {args.tokenizer} differs from the model's own {own}; omit --tokenizer to "
+                        f"use the tokenizer the model was trained with")
     tokenizer = load_tokenizer(tokenizer_path)
     check_fits(tokenizer, config.vocab_size)
     config, params = load_model(args.model)
     texts = generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print("\n\n-----\n\n".join(prompt + text for prompt, text in zip(args.prompt, texts)))
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a number that is not NaN or infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def parse_size(text: str) -> int:
@@ -89,7 +107,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files for --to meta")
     p.add_argument("--max-shard-size", type=parse_size, default="5GB",
                    help="largest safetensors file for --to hf (default 5GB)")
-    p.add_argument("--rope-scaling-factor", type=float, default=None,
+    p.add_argument("--rope-scaling-factor", type=finite_float, default=None,
                    help="LLaMA-3 rope scaling factor for Meta checkpoints with use_scaled_rope "
                         "(default: params.json's rope_scaling_factor, else 8; LLaMA-3.2 1B/3B use 32)")
 
@@ -141,7 +159,7 @@ def cmd_train(args) -> None:
 
     config = load_config(args.config, args.overrides)
     _init_distributed(args)
-    result = train_and_evaluate(config, args.workdir)
+    result = train_and_evaluate(config, args.workdir, resume_from=args.resume_from)
     last = next((r for r in reversed(result.logged) if "loss" in r), None)
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_second']:,.0f} tokens/s, "
@@ -183,10 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train a model from an experiment config")
-    p.add_argument("--config", required=True, help="Python config file with get_config(); "
-                   "override any key as --config.section.key=value")
+    p.add_argument("--config", required=True, help="Python config file with get_config(), or a run's "
+                   "config.json; override any key as --config.section.key=value")
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, logs; "
                    "rerunning with the same one resumes from its latest checkpoint")
+    p.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                   help="continue from this committed checkpoint instead of the latest (e.g. the intact one "
+                        "before a damaged step); later checkpoints are moved to WORKDIR/checkpoints-set-aside/")
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -197,9 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True,
                    help="text to continue; repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-p", type=finite_float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in the model directory)")
     p.set_defaults(func=cmd_generate)
@@ -223,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notices are not for the command line
     try:
         rest, overrides = _split_config_overrides(sys.argv[1:] if argv is None else argv)
     except UserError as e:

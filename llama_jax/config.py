@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Any, Mapping
 
 ROPE_TYPES = ("llama3", "linear")
@@ -35,10 +37,11 @@ class RopeScaling:
             raise ValueError(
                 f"rope_scaling.rope_type: unknown rope type {self.rope_type!r}; valid: {', '.join(ROPE_TYPES)}"
             )
-        if self.factor <= 0:
-            raise ValueError(f"rope_scaling.factor must be positive, got {self.factor}")
+        _check_number("rope_scaling.factor", self.factor)
+        for name in ("low_freq_factor", "high_freq_factor"):
+            _check_number(f"rope_scaling.{name}", getattr(self, name), positive=self.rope_type == "llama3")
         if self.rope_type == "llama3":
-            if not self.high_freq_factor > self.low_freq_factor > 0:
+            if not self.high_freq_factor > self.low_freq_factor:
                 raise ValueError(
                     "rope_scaling: need high_freq_factor > low_freq_factor > 0, got "
                     f"{self.high_freq_factor} and {self.low_freq_factor}"
@@ -101,8 +104,7 @@ class LLaMAConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("norm_eps", "rope_theta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+            _check_number(name, getattr(self, name))
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
         if self.n_heads % self.n_kv_heads:
@@ -161,6 +163,14 @@ class LLaMAConfig:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(LLaMAConfig)]
+
+
+def _check_number(name: str, value: Any, positive: bool = True) -> None:
+    """ValueError naming `name` unless `value` is a finite real number (and positive, if `positive`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

@@ -134,15 +134,37 @@ def read_documents(paths: Sequence[str] | str, text_key: str = "text") -> Iterat
     """Stream the documents of `TextFiles(paths, text_key)` without holding them."""
     for path in expand_files(paths):
         if path.endswith(".txt"):
-            yield Path(path).read_text(encoding="utf-8")
+            yield _read_txt(path)
         elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, start=1):
+            with open(path, "rb") as f:  # bytes, so that a decoding error is placed on its line
+                for number, raw in enumerate(f, start=1):
+                    line = _utf8(raw, f"{path}:{number}")
                     if line.strip():
                         yield _jsonl_text(line, text_key, f"{path}:{number}")
         else:
             raise ValueError(f"{path}: unsupported file type; valid: .txt (a document per file), "
                              f".jsonl (a document per line)")
+
+
+def _read_txt(path: str) -> str:
+    """A .txt file's text (universal newlines, as `Path.read_text`); not UTF-8 is one line naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+
+
+def _utf8(data: bytes, where: str) -> str:
+    """`data` decoded as UTF-8; not UTF-8 is one line naming `where`."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(where, e) from None
+
+
+def _not_utf8(where: str, e: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: {e.reason}); "
+                      "data files must be UTF-8")
 
 
 def _jsonl_text(line: str, text_key: str, where: str) -> str:

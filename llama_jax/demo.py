@@ -27,12 +27,10 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
     import jax
 
     from llama_jax import data as data_lib
-    from llama_jax.experiment import apply_override
+    from llama_jax.experiment import apply_overrides
     from llama_jax.run import train_and_evaluate
 
-    config = get_config()
-    for item in overrides:
-        apply_override(config, item)
+    config = apply_overrides(get_config(), overrides)
     workdir = Path(workdir).absolute()
     print(f"llama-jax demo: {config.train.steps} steps of a small LLaMA on pydoc_data.topics "
           f"({jax.device_count()} {jax.devices()[0].platform} device(s)); workdir {workdir}")

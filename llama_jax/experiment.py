@@ -1,16 +1,21 @@
-"""Experiment configs: Python files whose `get_config()` returns an `ml_collections.ConfigDict`.
+"""Experiment configs: Python files whose `get_config()` returns an `ml_collections.ConfigDict`, or the
+resolved `config.json` a run writes in its workdir (to run it again).
 
-Any key can be overridden on the command line as `--config.optimizer.lr=3e-4`; an unknown key or
-a value of the wrong type is an error naming the key. The `model` section holds `preset` plus
-any `LLaMAConfig` field by name (None: take the preset's value).
+Any key can be overridden on the command line as `--config.optimizer.lr=3e-4`; an unknown key, a
+value of the wrong type or a NaN or infinite number anywhere is an error naming the key. The `model`
+section holds `preset` plus any `LLaMAConfig` field by name (None: take the preset's value).
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import math
+import numbers
 import os
 from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 
@@ -80,20 +85,108 @@ def model_config(section: ml_collections.ConfigDict, init_from: str = "") -> LLa
         raise ValueError(f"checkpoint.init_from: {e}") from None
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Run `get_config()` from a Python config file, then apply `key=value` overrides."""
-    path = Path(path)
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of a Python config file's `get_config()` (or of a run's config.json), with `key=value`
+    overrides applied and every number checked to be finite (see `apply_overrides`)."""
+    return apply_overrides(_read_config_file(Path(path)), overrides)
+
+
+def _read_config_file(path: Path) -> ml_collections.ConfigDict:
+    """A config from a `.py` file defining `get_config()`, or from a `.json` file a run wrote (config.json)."""
+    _check_file(path)
+    config = _json_config(path) if path.suffix == ".json" else _python_config(path)
+    missing = [name for name in base_config().keys() if name not in config]
+    if missing:
+        raise ValueError(f"{path}: the config has no {', '.join(missing)} section(s); start from "
+                         "llama_jax.experiment.base_config() (or pass a run's config.json)")
+    return config
+
+
+def _check_file(path: Path) -> None:
+    """ValueError unless `path` is an existing .py or .json file."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; expected a Python config file such as configs/tiny.py")
     if not path.is_file():
         raise ValueError(f"config file {path} not found")
+    if path.suffix not in (".py", ".json"):
+        raise ValueError(f"{path}: not a config file; expected a .py file defining get_config() "
+                         "(or the config.json of a run's workdir)")
+
+
+def _python_config(path: Path) -> ml_collections.ConfigDict:
+    """Run the file as a module and call its `get_config()`; any failure is one line naming the file."""
     spec = importlib.util.spec_from_file_location(f"llama_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(_failure(path, "running it", e)) from None
+    if not callable(getattr(module, "get_config", None)):
         raise ValueError(f"{path}: defines no get_config()")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except Exception as e:
+        raise ValueError(_failure(path, "calling get_config()", e)) from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"{path}: get_config() returned {_describe(config)}; expected an ml_collections.ConfigDict "
+                         "(start from llama_jax.experiment.base_config())")
+    return config
+
+
+def _failure(path: Path, stage: str, e: Exception) -> str:
+    """One line for an exception raised while loading a config file."""
+    if isinstance(e, SyntaxError) and e.filename == os.fspath(path):
+        return f"{path}, line {e.lineno}: syntax error: {e.msg}"
+    message = " ".join(str(e).split())
+    return f"{path}: {type(e).__name__} while {stage}" + (f": {message}" if message else "")
+
+
+def _describe(value: Any) -> str:
+    """A returned value as an error message names it: None, or its type and (when short) its repr."""
+    if value is None:
+        return "None"
+    name, text = type(value).__name__, repr(value)
+    short = len(text) <= 40 and "\n" not in text
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}" + (f" ({text})" if short else "")
+
+
+def _json_config(path: Path) -> ml_collections.ConfigDict:
+    """A ConfigDict of the JSON object in `path` (a run's config.json)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise ValueError(f"{path}: not valid JSON ({e}); expected a run's config.json") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds {_describe(data)}, not a JSON object of config sections "
+                         "(a run's config.json)")
+    return ml_collections.ConfigDict(data)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply `key=value` overrides in place, then check that every number in `config` is finite."""
     for item in overrides:
         apply_override(config, item)
+    check_finite(config)
     return config
+
+
+def check_finite(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the first key (dotted) whose value is a NaN or infinite number."""
+    for key, value in _leaves(config, ""):
+        if isinstance(value, numbers.Real) and not math.isfinite(value):
+            raise ValueError(f"config key {key}: {value} is not a finite number")
+
+
+def _leaves(node: Any, key: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf under `node`, descending into sections, dicts and sequences."""
+    if isinstance(node, (ml_collections.ConfigDict, dict)):
+        for name, value in node.items():
+            yield from _leaves(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{key}[{i}]")
+    else:
+        yield key, node
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
@@ -125,10 +218,12 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
 
 
 def _parse(text: str):
-    """Python literal if it parses as one (numbers, True/False/None, tuples, lists), else the string."""
+    """Python literal if it parses as one (numbers, nan/inf, True/False/None, tuples, lists), else the string."""
     lowered = {"true": True, "false": False, "none": None, "null": None}.get(text.strip().lower(), text)
     if lowered is not text:
         return lowered
+    if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(text)  # not literals, but meant as numbers: reported as non-finite, not as strings
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

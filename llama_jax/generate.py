@@ -14,6 +14,7 @@ length or `max_new_tokens` compiles again.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 
 import jax
@@ -51,8 +52,9 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def _generate_ids(params, tokens_BxP: Array, pad_B: Array, key: Array, temperature: Array, top_k: Array,
-                  top_p: Array, eos_id: Array, *, cfg: LLaMAConfig, max_new_tokens: int) -> Array:
-    """New tokens [B, max_new_tokens]; after a row's EOS its entries repeat EOS."""
+                  top_p: Array, eos_id: Array, n_tokens: Array, *, cfg: LLaMAConfig, max_new_tokens: int) -> Array:
+    """New tokens [B, max_new_tokens], drawn from ids below `n_tokens`; after a row's EOS its
+    entries repeat EOS."""
     B, P = tokens_BxP.shape
     model = LLaMA(cfg)
     slots_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -63,6 +65,7 @@ def _generate_ids(params, tokens_BxP: Array, pad_B: Array, key: Array, temperatu
                                 cache=cache)
 
     def pick(logits_BxV, step, done_B):
+        logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < n_tokens, logits_BxV, -jnp.inf)
         tok = sample_logits(logits_BxV, jax.random.fold_in(key, step), temperature, top_k, top_p)
         return jnp.where(done_B, eos_id, tok)
 
@@ -96,10 +99,11 @@ def _params_for(config: LLaMAConfig, params):
 
 def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, eos_id: int | None = None) -> list[list[int]]:
+             seed: int = 0, eos_id: int | None = None, n_tokens: int | None = None) -> list[list[int]]:
     """New token ids for each prompt (the prompt itself is not returned).
 
-    Temperature 0 is greedy. A row stops after emitting `eos_id`; its result ends with that EOS,
+    Temperature 0 is greedy. `n_tokens`: only ids below it are produced (a tokenizer smaller than
+    the model's padded vocabulary; default: the whole vocabulary). A row stops after emitting `eos_id`; its result ends with that EOS,
     as in transformers' `generate`.
     Params may be scanned or unscanned; they are re-laid out to match `config.scan_layers`.
     """
@@ -113,8 +117,8 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
             raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also false for NaN
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -131,7 +135,7 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     out = _generate_ids(_params_for(config, params), tokens, pad, jax.random.key(seed),
                         jnp.float32(temperature), jnp.int32(min(top_k or config.vocab_size, config.vocab_size)),
                         jnp.float32(top_p or 1.0), jnp.int32(-1 if eos_id is None else eos_id),
-                        cfg=config, max_new_tokens=max_new_tokens)
+                        jnp.int32(min(n_tokens or config.vocab_size, config.vocab_size)), cfg=config, max_new_tokens=max_new_tokens)
     results = []
     for row in np.asarray(out).tolist():
         if eos_id is not None and eos_id in row:
@@ -146,7 +150,8 @@ def generate_text(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, pr
     """Continuations of `prompt` (a string, or a list of them), stopping at the tokenizer's EOS."""
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [tokenizer.encode(t, bos=True, eos=False) for t in texts]
-    new = generate(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id)
+    new = generate(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id,
+                   n_tokens=tokenizer.vocab_size)
     decoded = [tokenizer.decode(ids) for ids in new]
     return decoded[0] if isinstance(prompt, str) else decoded
 

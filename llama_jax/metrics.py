@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import os
 import time
 from typing import Any
@@ -115,11 +116,17 @@ def _plain(value: Any) -> Any:
     return array.item()
 
 
+def _finite_or_none(value: Any) -> Any:
+    """`value`, or None (JSON null) when it is a NaN or infinite float."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 class MetricsWriter:
     """Appends one JSON object per step to `<logdir>/metrics.jsonl` and, when tensorboardX is
     installed, the numeric values as TensorBoard scalars in `logdir`. Only process 0 writes.
 
-    Non-finite floats are written as NaN/Infinity, which Python's `json` reads back.
+    The file is strict JSON: `null` marks a non-finite value (NaN or infinity); TensorBoard gets
+    the float itself.
     """
 
     def __init__(self, logdir: str | os.PathLike):
@@ -139,12 +146,13 @@ class MetricsWriter:
         """Record `metrics` for `step` (one line, flushed at once)."""
         if self._file is None:
             return
-        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        values = {k: _plain(v) for k, v in metrics.items()}
+        record = {"step": int(step), **{k: _finite_or_none(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
 

@@ -12,9 +12,13 @@ TensorBoard event files, tokenizer.model (when trained by the run), loss.png.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,15 +26,20 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import numpy as np
+from orbax.checkpoint import utils as ocp_utils
 
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
-from llama_jax.checkpoint import RunCheckpoints, check_same_architecture, load_model
+from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_architecture, load_model, tree_paths
 from llama_jax.config import LLaMAConfig
-from llama_jax.tokenizer import check_fits
+from llama_jax.safe_io import sha256_file, write_text_atomic
+from llama_jax.tokenizer import check_fits, load_tokenizer, train_sentencepiece
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch
 
 ON_NONFINITE = ("stop", "skip")
+RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
+PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
+SET_ASIDE_DIR = "checkpoints-set-aside"  # checkpoints after a --resume-from step
 
 
 class RunError(ValueError):
@@ -46,40 +55,65 @@ class RunData:
     eval_rows: Callable[[int], dict] | None  # k -> this process's rows of the k-th eval batch
     tokenizer: object | None
     dataset: data_lib.TextDataset | None
+    tokenizer_file: Path | None = None  # the tokenizer's bytes on disk, kept in the workdir once the run starts
+
+    def adopt_tokenizer(self, workdir: Path) -> str | None:
+        """Keep the run's tokenizer as WORKDIR/tokenizer.model (once); return its SHA-256."""
+        if self.tokenizer_file is None:
+            return None
+        kept = workdir / RUN_TOKENIZER
+        if not kept.exists():
+            shutil.copyfile(self.tokenizer_file, kept)
+        return sha256_file(kept)
 
 
 def build_data(config, model: LLaMAConfig, workdir: Path) -> RunData:
+    """The run's batches and tokenizer. Nothing is written: a tokenizer trained for the run waits
+    in a temporary file until `RunData.adopt_tokenizer`."""
     d, t = config.data, config.train
     rows = data_lib.rows_for_process(t.batch_size, jax.process_index(), jax.process_count())
     if d.source == "synthetic":
         return RunData(lambda s: data_lib.synthetic_batch(t.seed, s, rows, t.seq_len, model.vocab_size),
                        None, None, None)
     train_docs, eval_docs = data_lib.make_source(d)
-    tokenizer = _tokenizer(d, train_docs, eval_docs is None, workdir)
+    tokenizer_file = _tokenizer_file(d, train_docs, eval_docs is None, workdir)
+    tokenizer = load_tokenizer(tokenizer_file)
     check_fits(tokenizer, model.vocab_size)
     dataset = data_lib.TextDataset(train_docs, tokenizer, t.seq_len, t.seed, d.eval_fraction, eval_docs)
     eval_rows = data_lib.rows_for_process(t.batch_size // t.grad_accum, jax.process_index(), jax.process_count())
-    return RunData(lambda s: dataset.batch(s, rows), lambda k: dataset.eval_batch(k, eval_rows), tokenizer, dataset)
+    return RunData(lambda s: dataset.batch(s, rows), lambda k: dataset.eval_batch(k, eval_rows), tokenizer, dataset,
+                   tokenizer_file)
 
 
-def _tokenizer(d, docs, holds_eval_documents: bool, workdir: Path):
-    from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
-
-    if d.tokenizer == "train":  # a SentencePiece model trained on the run's training documents only
-        path = workdir / "tokenizer.model"
-        if not path.exists():
-            if jax.process_count() > 1:
-                raise RunError("data.tokenizer=train needs a single process; train it once with "
-                               "tools/train_tokenizer.py and pass its path")
-            indices = data_lib.split_indices(len(docs), d.eval_fraction)[0] if holds_eval_documents \
-                else range(len(docs))
-            print(f"training a {d.tokenizer_vocab_size}-piece SentencePiece tokenizer on the {len(indices)} "
-                  f"training documents")
-            train_sentencepiece((docs[int(i)] for i in indices), path, d.tokenizer_vocab_size)
-        return load_tokenizer(path)
+def _tokenizer_file(d, docs, holds_eval_documents: bool, workdir: Path) -> Path:
+    """The tokenizer file of the run: the one it started with (WORKDIR/tokenizer.model) when it has
+    one, which `data.tokenizer` must then match; else `data.tokenizer`, or one trained now."""
+    kept = workdir / RUN_TOKENIZER
+    if d.tokenizer == "train":
+        if kept.is_file():
+            pieces = load_tokenizer(kept).vocab_size
+            if pieces != d.tokenizer_vocab_size:
+                raise RunError(f"{kept} (trained when this run started) has {pieces} pieces but "
+                               f"data.tokenizer_vocab_size={d.tokenizer_vocab_size}; resume with "
+                               f"data.tokenizer_vocab_size={pieces} or use another --workdir")
+            return kept
+        if jax.process_count() > 1:
+            raise RunError("data.tokenizer=train needs a single process; train it once with "
+                           "tools/train_tokenizer.py and pass its path")
+        indices = data_lib.split_indices(len(docs), d.eval_fraction)[0] if holds_eval_documents \
+            else range(len(docs))
+        print(f"training a {d.tokenizer_vocab_size}-piece SentencePiece tokenizer on the {len(indices)} "
+              f"training documents")
+        path = Path(tempfile.mkdtemp(prefix="llama-jax-tokenizer-")) / RUN_TOKENIZER
+        return train_sentencepiece((docs[int(i)] for i in indices), path, d.tokenizer_vocab_size)
     if not d.tokenizer:
         raise RunError(f"data.tokenizer is empty; give a tokenizer.model path (or 'train') for data.source={d.source}")
-    return load_tokenizer(d.tokenizer)
+    given = Path(d.tokenizer)
+    given = given / RUN_TOKENIZER if given.is_dir() else given
+    if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
+        raise RunError(f"data.tokenizer={d.tokenizer} differs from the tokenizer this run started with ({kept}); "
+                       f"resume with that tokenizer or use another --workdir")
+    return given
 
 
 # ---- state -----------------------------------------------------------------------------------
@@ -91,27 +125,132 @@ def abstract_state(trainer: Trainer) -> TrainState:
                         nn.meta.unbox(trainer.abstract_state), trainer.state_shardings)
 
 
-def initial_state(config, trainer: Trainer, checkpoints: RunCheckpoints, workdir: Path) -> tuple[TrainState, int]:
-    """Resume from the latest committed checkpoint, else start from `checkpoint.init_from`, else fresh."""
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        info = checkpoints.run_info(latest)
-        check_same_architecture(info["model"], trainer.model_config, f"{workdir} (checkpoint {latest})")
+def initial_state(config, trainer: Trainer, workdir: Path, resume_from: int | None = None) -> tuple[TrainState, int]:
+    """Resume from the latest committed checkpoint (or `resume_from`), else start from
+    `checkpoint.init_from`, else fresh. Reads only: a damaged or missing checkpoint is an error
+    naming the newest intact one, never a silent fresh start."""
+    steps = committed_steps(workdir)
+    recorded = recorded_step(workdir)
+    if resume_from is not None:
+        if resume_from not in steps:
+            valid = ", ".join(map(str, steps)) or "none"
+            raise RunError(f"--resume-from {resume_from}: {workdir} has no committed checkpoint of that step; "
+                           f"valid: {valid}")
+        return _restore(config, trainer, workdir, resume_from), resume_from
+    if recorded is not None and (not steps or steps[-1] < recorded):
+        raise RunError(f"checkpoint {recorded} of {workdir} is missing (recorded in {PROGRESS_FILE} as the latest "
+                       f"committed step); " + _intact_hint(config, trainer, workdir, steps))
+    if steps:
         try:
-            return checkpoints.restore_state(latest, abstract_state(trainer)), latest
-        except ValueError:  # Orbax: the saved tree does not have the structure of this state
-            saved = info["config"].get("optimizer", {})
-            changed = [f"optimizer.{k}" for k, v in config.optimizer.items() if saved.get(k) != v]
-            raise RunError(f"{workdir} (checkpoint {latest}) holds an optimizer state that does not fit this "
-                           f"config's optimizer" + (f" (changed: {', '.join(changed)})" if changed else "") +
-                           "; resume with the run's optimizer settings or use another --workdir") from None
+            return _restore(config, trainer, workdir, steps[-1]), steps[-1]
+        except CheckpointDamaged as e:
+            raise RunError(f"{e}; " + _intact_hint(config, trainer, workdir, steps[:-1])) from None
     if config.checkpoint.init_from:
         return state_from_model(config.checkpoint.init_from, trainer), 0
     return trainer.init_state(config.train.seed), 0
 
 
-def _has_checkpoints(directory: Path) -> bool:
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+def _restore(config, trainer: Trainer, workdir: Path, step: int) -> TrainState:
+    """The state of checkpoint `step`, checked to be of this config's model and optimizer first."""
+    with _reader(workdir) as checkpoints:
+        info = checkpoints.run_info(step)
+        check_same_architecture(info["model"], trainer.model_config, f"{workdir} (checkpoint {step})")
+        target = abstract_state(trainer)
+        if checkpoints.state_paths(step) != tree_paths(target):
+            saved = info["config"].get("optimizer", {})
+            changed = [f"optimizer.{k}" for k, v in config.optimizer.items() if saved.get(k) != v]
+            raise RunError(f"{workdir} (checkpoint {step}) holds an optimizer state that does not fit this "
+                           f"config's optimizer" + (f" (changed: {', '.join(changed)})" if changed else "") +
+                           "; resume with the run's optimizer settings or use another --workdir")
+        return checkpoints.restore_state(step, target)
+
+
+def _intact_hint(config, trainer: Trainer, workdir: Path, candidates: list[int]) -> str:
+    """Which earlier checkpoint restores, and how to continue from it."""
+    for step in reversed(candidates):
+        try:
+            _restore(config, trainer, workdir, step)
+        except CheckpointDamaged:
+            continue
+        return (f"checkpoint {step} is intact: rerun with --resume-from {step} to continue from it (later "
+                f"checkpoints are moved to {workdir / SET_ASIDE_DIR})")
+    left = "no earlier checkpoint is intact" if candidates else "no other checkpoint is left"
+    return f"{left}; to start over, use a new --workdir"
+
+
+@contextlib.contextmanager
+def _reader(workdir: Path):
+    checkpoints = RunCheckpoints(workdir / "checkpoints", every=1, async_save=False, read_only=True)
+    try:
+        yield checkpoints
+    finally:
+        checkpoints.close()
+
+
+def committed_steps(workdir: Path) -> list[int]:
+    directory = workdir / "checkpoints"
+    return sorted(ocp_utils.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
+def recorded_step(workdir: Path) -> int | None:
+    """The latest step the run saw committed, from WORKDIR/progress.json (None: none yet)."""
+    path = workdir / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        step = json.loads(path.read_text())["committed_step"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise RunError(f"{path} is damaged (expected {{\"committed_step\": N}}); it records the run's latest "
+                       f"checkpoint: restore it or use a new --workdir") from None
+    return step if isinstance(step, int) else None
+
+
+def record_progress(workdir: Path, last_recorded: int | None) -> int | None:
+    """Write the newest committed step to WORKDIR/progress.json when it changed; return it."""
+    steps = committed_steps(workdir)
+    if jax.process_index() == 0 and steps and steps[-1] != last_recorded:
+        write_text_atomic(workdir / PROGRESS_FILE, json.dumps({"committed_step": steps[-1]}) + "\n")
+        return steps[-1]
+    return last_recorded
+
+
+def set_aside_after(workdir: Path, step: int) -> list[int]:
+    """Move the checkpoints after `step` into WORKDIR/checkpoints-set-aside/ (nothing is deleted)."""
+    later = [s for s in committed_steps(workdir) if s > step]
+    if later and jax.process_index() == 0:
+        aside = workdir / SET_ASIDE_DIR
+        aside.mkdir(exist_ok=True)
+        for s in later:
+            target = aside / str(s)
+            while target.exists():
+                target = target.with_name(target.name + "+")
+            os.replace(workdir / "checkpoints" / str(s), target)
+    return later
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE)
+
+
+def check_workdir(workdir: Path) -> None:
+    """RunError unless `workdir` is new, empty or a run's: a run never writes over what it did not make."""
+    blocking = next((p for p in [workdir, *workdir.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")
+    if not workdir.exists() or _holds_run(workdir):
+        return
+    clash = sorted(p.name for p in workdir.iterdir() if p.name in RUN_FILES or p.name == "model_config.json")
+    if clash:
+        raise RunError(f"--workdir {workdir} holds {clash[0]!r} but no llama-jax run (a run writes config.json, "
+                       f"checkpoints/, metrics.jsonl there); use a new or empty directory")
+
+
+def _holds_run(workdir: Path) -> bool:
+    """Whether WORKDIR/config.json is a run's resolved config (not, say, a Hugging Face config)."""
+    try:
+        saved = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"model", "train", "checkpoint"} <= set(saved)
 
 
 def check_init_from(path: str, model: LLaMAConfig) -> None:
@@ -142,29 +281,41 @@ def state_from_model(path: str, trainer: Trainer) -> TrainState:
 
 def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, overwrite: bool = False) -> tuple:
     """Write the parameters of a run's checkpoint (default: the latest) as a model directory
-    (`save_model`), with the run's tokenizer when it has one; `llama-jax convert --from jax`
-    takes it on to Hugging Face or Meta format. Returns (path, step, config)."""
-    from llama_jax.checkpoint import save_model
+    (`save_model`), with the tokenizer the run used; `llama-jax convert --from jax` takes it on
+    to Hugging Face or Meta format. Returns (path, step, config)."""
+    from llama_jax.checkpoint import MODEL_DIR, save_model
+    from llama_jax.safe_io import check_destination
 
     workdir = Path(workdir).absolute()
-    if not _has_checkpoints(workdir / "checkpoints"):
+    steps = committed_steps(workdir)
+    if not steps:
         raise RunError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
-    checkpoints = RunCheckpoints(workdir / "checkpoints", every=1, async_save=False, read_only=True)
-    try:
-        steps = checkpoints.all_steps()
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise RunError(f"{workdir} has no checkpoint of step {step}; valid: {', '.join(map(str, steps))}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise RunError(f"{workdir} has no checkpoint of step {step}; valid: {', '.join(map(str, steps))}")
+    check_destination(dst, MODEL_DIR, overwrite, [workdir])  # before reading gigabytes
+    with _reader(workdir) as checkpoints:
         info = checkpoints.run_info(step)
         model = LLaMAConfig.from_dict(info["model"])
         params = checkpoints.restore_params(step, model)
-    finally:
-        checkpoints.close()
-    tokenizer = info["config"]["data"].get("tokenizer")
-    tokenizer_dir = workdir if tokenizer == "train" else Path(tokenizer).parent if tokenizer else None
-    if tokenizer_dir is not None and not (tokenizer_dir / "tokenizer.model").is_file():
-        tokenizer_dir = None
-    return save_model(dst, model, params, tokenizer_dir=tokenizer_dir, overwrite=overwrite), step, model
+    tokenizer = _run_tokenizer(workdir, info)
+    return save_model(dst, model, params, tokenizer=tokenizer, overwrite=overwrite), step, model
+
+
+def _run_tokenizer(workdir: Path, info: dict) -> Path | None:
+    """The tokenizer file a run used: its kept copy, checked against the hash in the checkpoint.
+    Runs from before copies were kept fall back to the file `data.tokenizer` names."""
+    expected = info.get("tokenizer_sha256")
+    data = info["config"].get("data", {})
+    setting = data.get("tokenizer") if data.get("source") != "synthetic" else None
+    candidates = [workdir / RUN_TOKENIZER] + ([Path(setting)] if setting and setting != "train" else [])
+    for path in candidates:
+        if path.is_file() and (expected is None or sha256_file(path) == expected):
+            return path
+    if expected is not None:
+        raise RunError(f"{workdir / RUN_TOKENIZER} is missing or is not the tokenizer this run trained with "
+                       f"(SHA-256 {expected[:12]}...); put that tokenizer back before exporting")
+    return None
 
 
 # ---- evaluation and samples ------------------------------------------------------------------
@@ -199,8 +350,8 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     # A resumed run logs again the steps after its checkpoint: keep the latest value per step.
-    train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
-    evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
+    train = sorted({r["step"]: r["loss"] for r in records if r.get("loss") is not None}.items())
+    evals = sorted({r["step"]: r["eval_loss"] for r in records if r.get("eval_loss") is not None}.items())
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
@@ -255,35 +406,64 @@ def validate_run_config(config) -> None:
     if t.on_nonfinite not in ON_NONFINITE:
         raise RunError(f"train.on_nonfinite={t.on_nonfinite!r}; valid: {', '.join(ON_NONFINITE)}")
     for key in ("eval_every", "eval_batches", "sample_every", "sample_tokens"):
-        if not isinstance(t[key], int) or t[key] < 0:
+        if not _is_int(t[key]) or t[key] < 0:
             raise RunError(f"train.{key} must be a non-negative integer, got {t[key]!r}")
-    if not isinstance(c.every, int) or c.every < 1:
+    if not _is_int(c.every) or c.every < 1:
         raise RunError(f"checkpoint.every must be a positive integer, got {c.every!r}")
+    if c.max_to_keep is not None and (not _is_int(c.max_to_keep) or c.max_to_keep < 1):
+        raise RunError(f"checkpoint.max_to_keep must be a positive integer (the final step is always kept) "
+                       f"or None (keep every checkpoint), got {c.max_to_keep!r}")
+    if not _is_int(c.keep_every) or c.keep_every < 0:
+        raise RunError(f"checkpoint.keep_every must be a non-negative integer (0: none kept beyond max_to_keep), "
+                       f"got {c.keep_every!r}")
+    if c.keep_every and c.keep_every % c.every:
+        raise RunError(f"checkpoint.keep_every={c.keep_every} is not a multiple of checkpoint.every={c.every}, "
+                       f"so no checkpoint would be kept by it; use a multiple of {c.every}")
 
 
-def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devices=None) -> RunResult:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devices=None,
+                       resume_from: int | None = None) -> RunResult:
     """Train `config.train.steps` steps in `workdir`, resuming if it holds checkpoints.
 
     Ends with an evaluation of the final parameters (when the data has a held-out split) and a
     text sample (when it has a tokenizer), also when the workdir already holds the final step.
-    `devices`: the devices of the mesh (default: all).
+    Everything that can fail on bad input is decided before the first write to the workdir.
+    `devices`: the devices of the mesh (default: all). `resume_from`: continue from this
+    committed step instead of the latest; the later checkpoints are moved aside, not deleted.
     """
     from tqdm import tqdm
 
     validate_run_config(config)
-    trainer = build_trainer(config, devices)
     workdir = Path(workdir).absolute()
+    check_workdir(workdir)
+    trainer = build_trainer(config, devices)
     cfg, t = trainer.model_config, config.train
-    data = build_data(config, cfg, workdir)  # bad data or tokenizer fails here, before any write
-    if config.checkpoint.init_from and not _has_checkpoints(workdir / "checkpoints"):
-        check_init_from(config.checkpoint.init_from, cfg)  # also before anything is written
-    checkpoints = RunCheckpoints(workdir / "checkpoints", config.checkpoint.every, config.checkpoint.max_to_keep,
-                                 config.checkpoint.keep_every, config.checkpoint.async_save)
-    state, start = initial_state(config, trainer, checkpoints, workdir)
+    data = build_data(config, cfg, workdir)
+    if config.checkpoint.init_from and not committed_steps(workdir):
+        check_init_from(config.checkpoint.init_from, cfg)
+    state, start = initial_state(config, trainer, workdir, resume_from)
+    if start > t.steps:
+        raise RunError(f"{workdir} holds checkpoint {start}, past train.steps={t.steps}; raise train.steps to at "
+                       f"least {start} or use --resume-from an earlier step")
+    # ---- the first write: everything above only read ----
     main_process = jax.process_index() == 0
     if main_process:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    run_info = {"config": json.loads(config.to_json_best_effort()), "model": cfg.to_dict()}
+        workdir.mkdir(parents=True, exist_ok=True)
+        set_aside = set_aside_after(workdir, start) if resume_from is not None else []
+        if set_aside:
+            print(f"resuming from checkpoint {start}; checkpoints {', '.join(map(str, set_aside))} moved to "
+                  f"{workdir / SET_ASIDE_DIR}")
+        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    tokenizer_sha256 = data.adopt_tokenizer(workdir) if main_process else None
+    checkpoints = RunCheckpoints(workdir / "checkpoints", config.checkpoint.every, config.checkpoint.max_to_keep,
+                                 config.checkpoint.keep_every, config.checkpoint.async_save)
+    recorded = record_progress(workdir, recorded_step(workdir))
+    run_info = {"config": json.loads(config.to_json_best_effort()), "model": cfg.to_dict(),
+                "tokenizer_sha256": tokenizer_sha256}
     writer = metrics_lib.MetricsWriter(workdir)
     peak = metrics_lib.peak_flops_per_device()
     preemption = _Preemption()
@@ -326,10 +506,12 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
                 skipped_seen = _check_finite(state, skipped_seen, step, t.on_nonfinite, checkpoints, bar)
             if checkpoints.save(step, state, {**run_info, "step": step}):
                 saved_step = step
+                recorded = record_progress(workdir, recorded)
             if preemption.requested or checkpoints.reached_preemption(step):
                 if saved_step != step:
                     checkpoints.save(step, state, {**run_info, "step": step}, force=True)
                 checkpoints.wait()
+                record_progress(workdir, recorded)
                 bar.write(f"preempted: checkpoint saved at step {step}; run the same command again to resume")
                 return RunResult(logged, step, True, eval_metrics, text, data)
         if saved_step != step:
@@ -342,6 +524,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
         if samples and sampled_at != step:
             text = sample(config, trainer, state.params, data.tokenizer, seed=step)
         checkpoints.wait()
+        record_progress(workdir, recorded)
     finally:
         bar.close()
         prefetch.close()

@@ -163,6 +163,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """
     path = Path(path)
     if path.is_dir():
+        if not (path / "tokenizer.model").is_file():
+            raise ValueError(f"{path}: a directory without tokenizer.model; give a tokenizer.model file "
+                             "or a directory holding one")
         path = path / "tokenizer.model"
     try:
         data = path.read_bytes()

@@ -185,13 +185,16 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
 def validate_config(config, n_devices: int) -> None:
     """Every user-facing check that can fail, before anything is compiled."""
     from llama_jax import optim
-    from llama_jax.experiment import model_config
+    from llama_jax.experiment import check_finite, model_config
     from llama_jax.sharding import resolve_mesh_shape
 
+    check_finite(config)
     t = config.train
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
         if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {t[key]!r}")
+    if isinstance(t.z_loss, bool) or not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
+        raise ValueError(f"train.z_loss must be a number >= 0 (0: no z-loss), got {t.z_loss!r}")
     data, fsdp, tensor = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_devices)
     if t.batch_size % t.grad_accum:
         raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")

@@ -19,7 +19,7 @@ def test_save_load_round_trip(tmp_path, model):
     cfg, params = model
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.model").write_bytes(b"\x00sentencepiece bytes")
-    save_model(tmp_path / "m", cfg, params, tokenizer_dir=tmp_path / "tok")
+    save_model(tmp_path / "m", cfg, params, tokenizer=tmp_path / "tok")
     assert (tmp_path / "m" / "tokenizer.model").read_bytes() == b"\x00sentencepiece bytes"
     cfg2, params2 = load_model(tmp_path / "m")
     assert cfg2 == cfg

@@ -1,10 +1,19 @@
-"""LLaMAConfig: presets, validation and Hugging Face config.json translation."""
+"""LLaMAConfig: presets, validation and Hugging Face config.json translation; experiment config files."""
+
+from pathlib import Path
 
 import pytest
 import transformers
+from ml_collections import ConfigDict
 
 from llama_jax import PRESETS, LLaMAConfig, RopeScaling, param_count
+from llama_jax.cli import main
+from llama_jax.experiment import check_finite, load_config
+from llama_jax.train import build_trainer
 from tests.reference import hf_config_dict
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+NAN, INF = float("nan"), float("inf")
 
 # Parameter counts as published (model cards, papers, `sum(p.numel())` of the released weights).
 PUBLISHED_PARAM_COUNTS = {
@@ -64,6 +73,14 @@ def test_llama3_presets_carry_rope_scaling():
     (dict(dtype="float8"), "dtype"),
     (dict(remat_policy="sometimes"), "remat_policy"),
     (dict(attention_impl="magic"), "attention_impl"),
+    (dict(norm_eps=INF), "norm_eps must be a finite number, got inf"),
+    (dict(norm_eps=NAN), "norm_eps must be a finite number, got nan"),
+    (dict(rope_theta=-INF), "rope_theta must be a finite number, got -inf"),
+    (dict(rope_theta="1e4"), "rope_theta must be a finite number, got '1e4'"),
+    (dict(rope_scaling=dict(rope_type="llama3", factor=NAN)), "rope_scaling.factor must be a finite number, got nan"),
+    (dict(rope_scaling=dict(rope_type="linear", factor=INF)), "rope_scaling.factor must be a finite number, got inf"),
+    (dict(rope_scaling=dict(rope_type="llama3", low_freq_factor=NAN)), "rope_scaling.low_freq_factor must be a finite"),
+    (dict(rope_scaling=dict(rope_type="llama3", high_freq_factor=INF)), "rope_scaling.high_freq_factor must be a fin"),
 ])
 def test_invalid_config_names_the_field(changes, field):
     base = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, ffn_dim=128)
@@ -132,3 +149,106 @@ def test_hf_config_missing_key_is_named():
     del d["intermediate_size"]
     with pytest.raises(ValueError, match="intermediate_size"):
         LLaMAConfig.from_hf(d)
+
+
+@pytest.mark.parametrize("key, value", [("rms_norm_eps", INF), ("rope_theta", NAN)])
+def test_hf_config_nonfinite_is_named(key, value):
+    with pytest.raises(ValueError, match=f"(norm_eps|rope_theta) must be a finite number, got {value}"):
+        LLaMAConfig.from_hf({**hf_config_dict("mha"), key: value})
+
+
+# ---- experiment config files ------------------------------------------------------------------
+
+
+def one_line_error(capsys) -> str:
+    """The CLI's stderr, checked to be a single error line without a traceback."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+BAD_CONFIG_FILES = {
+    "syntax.py": ("x = 1\ndef get_config(:\n", "syntax.py, line 2: syntax error: "),
+    "imports.py": ("import no_such_module_xyz\n",
+                   "imports.py: ModuleNotFoundError while running it: No module named 'no_such_module_xyz'"),
+    "raises.py": ("def get_config():\n    raise KeyError('two\\nlines')\n",
+                  "raises.py: KeyError while calling get_config(): 'two\\nlines'"),
+    "none.py": ("def get_config():\n    return None\n",
+                "none.py: get_config() returned None; expected an ml_collections.ConfigDict"),
+    "plain.py": ("def get_config():\n    return {'train': {}}\n",
+                 "plain.py: get_config() returned a dict ({'train': {}}); expected an ml_collections.ConfigDict"),
+    "missing.py": ("x = 1\n", "missing.py: defines no get_config()"),
+    "broken.json": ("{not json", "broken.json: not valid JSON (Expecting property name"),
+    "array.json": ("[1, 2]", "array.json: holds a list ([1, 2]), not a JSON object of config sections"),
+    "hf.json": ('{"model_type": "llama", "hidden_size": 64}',
+                "hf.json: the config has no checkpoint, data, mesh, model, optimizer, train section(s)"),
+    "sectionless.py": ("import ml_collections\n\n\ndef get_config():\n    return ml_collections.ConfigDict()\n",
+                       "sectionless.py: the config has no checkpoint, data, mesh, model, optimizer, train section(s)"),
+    "config.yaml": ("train: {}", "config.yaml: not a config file; expected a .py file defining get_config() (or the config.json"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIG_FILES))
+def test_bad_config_file_is_one_line(name, tmp_path, capsys):
+    text, message = BAD_CONFIG_FILES[name]
+    (tmp_path / name).write_text(text)
+    assert main(["train", "--config", str(tmp_path / name), "--workdir", str(tmp_path / "w")]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"llama-jax train: error: {tmp_path / name}") and message in err, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_config_directory_is_named(tmp_path, capsys):
+    assert main(["plan", "--config", str(tmp_path)]) == 2
+    assert one_line_error(capsys) == (f"llama-jax plan: error: {tmp_path}: is a directory; "
+                                      "expected a Python config file such as configs/tiny.py")
+
+
+def test_run_config_json_loads_back_and_takes_overrides(tmp_path):
+    overrides = ["optimizer.lr=1", "data.files=['a.txt']", "mesh.fsdp=2", "model.rope_theta=5e5"]
+    config = load_config(TINY)
+    (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    assert load_config(tmp_path / "config.json").to_dict() == config.to_dict()
+    loaded = load_config(tmp_path / "config.json", overrides)
+    assert loaded.to_dict() == load_config(TINY, overrides).to_dict()
+    assert type(loaded.optimizer.lr) is float and loaded.data.files == ["a.txt"]
+    with pytest.raises(ValueError, match="config key 'train.steps' is int"):
+        load_config(tmp_path / "config.json", ["train.steps=abc"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.rope_theta=nan", "config key model.rope_theta: nan is not a finite number"),
+    ("optimizer.lr=inf", "config key optimizer.lr: inf is not a finite number"),
+    ("optimizer.b1=-Infinity", "config key optimizer.b1: -inf is not a finite number"),
+    ("train.z_loss=NaN", "config key train.z_loss: nan is not a finite number"),
+])
+def test_nonfinite_override_names_the_key(override, message, tmp_path, capsys):
+    with pytest.raises(ValueError) as err:
+        load_config(TINY, [override])
+    assert str(err.value) == message
+    assert main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), f"--config.{override}"]) == 2
+    assert one_line_error(capsys) == f"llama-jax train: error: {message}"
+
+
+def test_nonfinite_values_in_files_are_found_at_any_depth(tmp_path):
+    (tmp_path / "inf.py").write_text("from llama_jax.experiment import base_config\n\n\ndef get_config():\n"
+                                     "    config = base_config()\n    config.optimizer.eps = float('inf')\n"
+                                     "    return config\n")
+    with pytest.raises(ValueError, match=r"^config key optimizer.eps: inf is not a finite number$"):
+        load_config(tmp_path / "inf.py")
+    text = load_config(TINY).to_json_best_effort(indent=2)
+    (tmp_path / "config.json").write_text(text.replace('"z_loss": 0.0', '"z_loss": NaN'))
+    with pytest.raises(ValueError, match=r"^config key train.z_loss: nan is not a finite number$"):
+        load_config(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"^config key a.b\[1\].c: -inf is not a finite number$"):
+        check_finite(ConfigDict({"a": {"b": [1.0, {"c": -INF}]}, "d": "nan"}))
+
+
+def test_demo_and_trainer_check_the_same_way(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--config.optimizer.weight_decay=inf"]) == 2
+    assert one_line_error(capsys) == "llama-jax demo: error: config key optimizer.weight_decay: inf is not a finite number"
+    assert not (tmp_path / "demo").exists()
+    config = load_config(TINY)
+    config.optimizer.clip_norm = NAN  # built in Python, not loaded: the trainer checks it too
+    with pytest.raises(ValueError, match=r"^config key optimizer.clip_norm: nan is not a finite number$"):
+        build_trainer(config)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from llama_jax import LLaMA, LLaMAConfig, RopeScaling, from_hf_state_dict
+from llama_jax.cli import main
 from llama_jax.convert.hf import tensor_specs
 from llama_jax.convert.meta import read_meta, write_meta
 from llama_jax.convert.source import ConversionError
@@ -358,6 +359,28 @@ def test_ffn_keys_disagreeing_with_w1(tmp_path):
     make_meta_dir(tmp_path, "llama2", 1, dict(multiple_of=256))
     with pytest.raises(ConversionError, match=r"multiple_of=256, ffn_dim_multiplier=None give an FFN width of 256, "
                                               r"but layers\.0\.feed_forward\.w1\.weight has 192 rows"):
+        read_meta(tmp_path)
+
+
+@pytest.mark.parametrize("case, n_shards, dim, weights_dim", [
+    ("llama2", 1, 128, 64),  # gives a different FFN width, which used to take the blame
+    ("llama3", 2, 48, 128),  # embedding split on the vocabulary: its shape alone does not tell the dim
+    ("llama2", 2, 66, 64),  # not divisible by n_heads either
+])
+def test_dim_disagreeing_with_the_weights(tmp_path, capsys, case, n_shards, dim, weights_dim):
+    make_meta_dir(tmp_path / "src", case, n_shards, dict(dim=dim))
+    message = (f"{tmp_path / 'src' / 'params.json'}: dim={dim}, but the weights have model dim {weights_dim} "
+               f"(norm.weight has {weights_dim} entries); set dim to {weights_dim}")
+    with pytest.raises(ConversionError) as err:
+        read_meta(tmp_path / "src")
+    assert str(err.value) == message
+    assert main(["convert", "--from", "meta", "--to", "jax", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
+    assert capsys.readouterr().err == f"llama-jax convert: error: {message}\n"
+
+
+def test_dim_that_is_not_an_integer(tmp_path):
+    make_meta_dir(tmp_path, "llama2", 1, dict(dim="64"))
+    with pytest.raises(ConversionError, match=r"params\.json: dim must be a positive integer, got '64'$"):
         read_meta(tmp_path)
 
 

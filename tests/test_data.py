@@ -5,6 +5,7 @@ import json
 import math
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +15,12 @@ from ml_collections import ConfigDict
 from numpy.lib.stride_tricks import sliding_window_view
 
 from llama_jax import data
+from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus, Prefetcher, TextDataset, TextFiles, make_source
 from llama_jax.text_dataset import build_text_dataset
 from llama_jax.tokenizer import SentencePieceTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,9 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer):
     ("all empty", r"holds no non-empty document"),
     ("missing key", r"a.jsonl:2: no string field 'text'"),
     ("not json", r"bad.jsonl:1: not valid JSON"),
+    ("txt not utf-8", r"latin1.txt: not UTF-8 text \(byte 0xe9 at offset 3: invalid continuation byte\); "
+                      r"data files must be UTF-8$"),
+    ("jsonl not utf-8", r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 13"),
     ("file type", r"\.csv: unsupported file type; valid: .txt"),
     ("short seq_len", r"seq_len=1 is too short"),
     ("eval_fraction", r"eval_fraction=1.0 is out of range"),
@@ -160,12 +167,16 @@ def test_bad_input_is_named(case, message, tmp_path, tokenizer):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "fine"}\n{"text": "café"}\n'.encode("latin-1"))
     make = {
         "unknown source": lambda: make_source(ConfigDict(dict(source="parquet"))),
         "no match": lambda: TextFiles([str(tmp_path / "missing*.txt")]),
         "all empty": lambda: TextFiles(str(tmp_path / "empty.txt")),
         "missing key": lambda: TextFiles(str(tmp_path / "a.jsonl")),
         "not json": lambda: TextFiles(str(tmp_path / "bad.jsonl")),
+        "txt not utf-8": lambda: TextFiles(str(tmp_path / "latin1.txt")),
+        "jsonl not utf-8": lambda: TextFiles(str(tmp_path / "latin1.jsonl")),
         "file type": lambda: TextFiles(str(tmp_path / "x.csv")),
         "short seq_len": lambda: TextDataset(["text"], tokenizer, seq_len=1, seed=0),
         "eval_fraction": lambda: TextDataset(["text"], tokenizer, seq_len=8, seed=0, eval_fraction=1.0),
@@ -174,6 +185,17 @@ def test_bad_input_is_named(case, message, tmp_path, tokenizer):
     with pytest.raises(ValueError, match=message) as error:
         make()
     assert "\n" not in str(error.value)
+
+
+def test_train_command_names_a_data_file_that_is_not_utf8(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_bytes(b"fine\n\xff\xfe")
+    args = ["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path / "w"),
+            "--config.data.source=text", f"--config.data.files=['{tmp_path / 'notes.txt'}']",
+            "--config.data.tokenizer=train"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"llama-jax train: error: {tmp_path / 'notes.txt'}: not UTF-8 text (byte 0xff at offset 5: "
+                   "invalid start byte); data files must be UTF-8\n")
 
 
 def test_prefetcher_matches_direct_calls_and_closes(dataset):

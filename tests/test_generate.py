@@ -191,6 +191,9 @@ def test_generate_text(sp_tokenizer):
     (dict(prompts=[[5, 300]]), "outside the vocabulary"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), r"temperature must be a finite number >= 0 \(0 is greedy\), got nan"),
+    (dict(temperature=float("inf")), r"temperature must be a finite number >= 0 \(0 is greedy\), got inf"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\] or None, got nan"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=0), "top_k"),
@@ -211,7 +214,7 @@ def test_generate_command(sp_tokenizer, tmp_path, capsys):
     params = jax.tree.map(lambda a: a * 10 if a.ndim > 1 else a, init_params(cfg, 0))
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
-    save_model(tmp_path / "model", cfg, params, tokenizer_dir=tmp_path / "tok")
+    save_model(tmp_path / "model", cfg, params, tokenizer=tmp_path / "tok")
     prompts = ["The for statement", "Class definitions"]
     args = ["generate", str(tmp_path / "model"), "--prompt", prompts[0], "--prompt", prompts[1],
             "--max-new-tokens", "12", "--temperature", "0.8", "--top-k", "50", "--seed", "1"]
@@ -222,3 +225,16 @@ def test_generate_command(sp_tokenizer, tmp_path, capsys):
     save_model(tmp_path / "bare", cfg, params)
     assert main(["generate", str(tmp_path / "bare"), "--prompt", "x"]) == 2
     assert "has no tokenizer.model; pass --tokenizer PATH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, flag, value", [
+    (["generate", "model", "--prompt", "x", "--temperature", "nan"], "--temperature", "nan"),
+    (["generate", "model", "--prompt", "x", "--top-p", "inf"], "--top-p", "inf"),
+    (["convert", "--from", "meta", "--to", "jax", "a", "b", "--rope-scaling-factor=-inf"],
+     "--rope-scaling-factor", "-inf"),
+])
+def test_float_flags_reject_nonfinite_numbers(args, flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: '{value}' is not a finite number")

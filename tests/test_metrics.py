@@ -110,14 +110,19 @@ def test_metrics_writer_writes_one_json_line_per_call(tmp_path):
         writer.write(1, {"loss": jnp.float32(2.5), "tokens": jnp.int32(4096), "lr": 3e-4})
         writer.write(2, {"loss": jnp.array(2.25)})
     with MetricsWriter(tmp_path) as writer:  # appends, does not truncate
-        writer.write(3, {"loss": float("nan")})
+        writer.write(3, {"loss": float("nan"), "grad_norm": jnp.float32(-jnp.inf), "lr": 1e-4})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    records = [json.loads(line, parse_constant=strict_json) for line in lines]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0] == {"step": 1, "loss": 2.5, "tokens": 4096, "lr": 3e-4}
     assert type(records[0]["tokens"]) is int
     assert records[1] == {"step": 2, "loss": 2.25}
-    assert records[2]["loss"] != records[2]["loss"]  # NaN survives the round trip
+    assert records[2] == {"step": 3, "loss": None, "grad_norm": None, "lr": 1e-4}  # null: not finite
+    assert lines[2] == '{"step": 3, "loss": null, "grad_norm": null, "lr": 0.0001}'
+
+
+def strict_json(constant: str):
+    raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
 
 
 def test_metrics_writer_rejects_arrays(tmp_path):
@@ -144,7 +149,8 @@ def test_metrics_writer_sends_scalars_to_tensorboard_when_available(tmp_path, mo
     monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
     with MetricsWriter(tmp_path) as writer:
         writer.write(7, {"loss": jnp.float32(1.5), "phase": "eval"})
-    assert calls == [("init", str(tmp_path)), ("loss", 1.5, 7), ("close",)]
+        writer.write(8, {"grad_norm": float("inf")})  # null in metrics.jsonl, the float itself here
+    assert calls == [("init", str(tmp_path)), ("loss", 1.5, 7), ("grad_norm", float("inf"), 8), ("close",)]
 
 
 def test_metrics_writer_is_silent_off_process_zero(tmp_path, monkeypatch):

@@ -170,6 +170,12 @@ def test_each_optimizer_minimises_a_quadratic(name):
     ({"min_lr_ratio": -0.1}, 100, "optimizer.min_lr_ratio", "[0, 1]"),
     ({"schedule": "wsd", "decay_fraction": 0.95}, 1000, "optimizer.decay_fraction", "at most 0.9"),
     ({"b2": 1.0}, 100, "optimizer.b2", "[0, 1)"),
+    ({"b1": -0.1}, 100, "optimizer.b1", "[0, 1)"),
+    ({"lr": float("nan")}, 100, "optimizer.lr", "got nan; valid: a number in [0, inf)"),
+    ({"eps": float("inf")}, 100, "optimizer.eps", "got inf; valid: a number in (0, inf)"),
+    ({"clip_norm": float("inf")}, 100, "optimizer.clip_norm", "got inf; valid: a number in [0, inf)"),
+    ({"weight_decay": float("nan")}, 100, "optimizer.weight_decay", "got nan"),
+    ({"decay_fraction": float("nan")}, 100, "optimizer.decay_fraction", "got nan; valid: a number in [0, 1]"),
     ({}, 0, "total_steps", "positive integer"),
 ])
 def test_bad_config_names_the_key(changes, total, key, valid):

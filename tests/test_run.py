@@ -196,7 +196,7 @@ def test_nonfinite_step_is_skipped_when_configured(tmp_path, tokenizer_path, mon
     result = run_lib.train_and_evaluate(config, workdir, progress=False)
     assert "step 6: skipped 1 step(s)" in capsys.readouterr().out
     losses = logged_losses(workdir)
-    assert np.isnan(losses[6]) and all(np.isfinite(losses[s]) for s in losses if s != 6)
+    assert losses[6] is None and all(np.isfinite(losses[s]) for s in losses if s != 6)  # null: not finite
     assert result.final_step == STEPS and committed_steps(workdir / "checkpoints") == [4, 8, 12]
     _, state = next_batch_loss(config, workdir, STEPS, jax.devices()[:1])
     assert int(state.skipped) == 1
@@ -224,6 +224,7 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("case, message", [
     ("missing tokenizer", "no such file"),
     ("corrupt tokenizer", "neither a SentencePiece model nor a tiktoken rank file"),
+    ("another tokenizer on resume", "differs from the tokenizer this run started with"),
     ("empty dataset", "holds no non-empty document"),
     ("seq_len too long", "train.seq_len=256 exceeds the model's max_seq_len=128"),
     ("other model shape", "holds a model with dim=64, but the config asks for dim=96"),
@@ -245,6 +246,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
     extra = {
         "missing tokenizer": [f"data.tokenizer={tmp_path / 'nope.model'}"],
         "corrupt tokenizer": [f"data.tokenizer={corrupt}"],
+        "another tokenizer on resume": [f"data.tokenizer={corrupt}"],
         "empty dataset": ["data.source=text", f"data.files=['{tmp_path / 'empty.txt'}']"],
         "seq_len too long": ["train.seq_len=256"],
         "other model shape": ["model.dim=96", "model.ffn_dim=256"],
@@ -252,7 +254,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "missing init_from": [f"checkpoint.init_from={tmp_path / 'nope'}"],
         "init_from of another shape": [f"checkpoint.init_from={other}"],
     }[case]
-    if "init_from" in case:  # init_from only matters to a run that has no checkpoint yet
+    if case in ("corrupt tokenizer", "missing init_from", "init_from of another shape"):  # checked on a new run
         workdir = tmp_path / "fresh"
         workdir.mkdir()
     before = snapshot(workdir)

@@ -172,6 +172,13 @@ def test_bad_files_raise_one_line_value_error(sp_model, tmp_path):
         assert str(tmp_path / name) in str(err.value) and "\n" not in str(err.value), name
 
 
+def test_directory_without_tokenizer_model_is_named(tmp_path):
+    with pytest.raises(ValueError) as err:
+        load_tokenizer(tmp_path)
+    assert str(err.value) == (f"{tmp_path}: a directory without tokenizer.model; give a tokenizer.model file "
+                              "or a directory holding one")
+
+
 def test_training_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no text"):
         train_sentencepiece(["", "\n\n"], tmp_path / "x.model", VOCAB)

@@ -135,6 +135,7 @@ def test_z_loss_and_clipping_change_what_they_claim():
     (["--config.train.seq_len=1024"], "train.seq_len=1024 exceeds the model's max_seq_len=128"),
     (["--config.train.stepz=3"], "unknown config key 'train.stepz'"),
     (["--config.train.steps=abc"], "config key 'train.steps' is int"),
+    (["--config.train.z_loss=-0.5"], "train.z_loss must be a number >= 0 (0: no z-loss), got -0.5"),
 ])
 def test_bad_config_is_one_line_before_compiling(tmp_path, capsys, overrides, message):
     assert main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), *overrides]) == 2

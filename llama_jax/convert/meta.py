@@ -44,6 +44,7 @@ from llama_jax.convert.torch_io import load_torch_file, numpy_to_tensor, save_to
 PARAMS_FILE = "params.json"
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 _EMBED = "tok_embeddings.weight"
+_NORM = "norm.weight"  # [dim], whole on every shard: the model dim the weights have
 _IGNORED = ("rope.freqs",)  # precomputed rotary table old checkpoints carry; derived, not learned
 _META_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 _DEFAULT_ROPE_FACTOR = 8.0
@@ -167,9 +168,10 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
             raise ConversionError(f"{paths[0]}: {name} has shape {first}, expected a {ndim}-D tensor")
         return first
 
+    _check_dim(params["dim"], params_path, same_shape(_NORM, 1)[0])
     # LLaMA-1/2 split the embedding along the model dim, LLaMA-3 along the vocabulary.
     emb_shape = same_shape(_EMBED, 2)
-    embed_axis = 0 if len(shards) == 1 or emb_shape[1] == params.get("dim") else 1
+    embed_axis = 0 if len(shards) == 1 or emb_shape[1] == params["dim"] else 1
     vocab = emb_shape[0] * (len(shards) if embed_axis == 0 else 1)
     ffn_rows = same_shape("layers.0.feed_forward.w1.weight", 2)[0] * len(shards)
     cfg = _config(params, params_path, vocab, ffn_rows, "output.weight" not in shards[0], rope_scaling_factor)
@@ -257,6 +259,15 @@ def _read_params(path: Path) -> dict:
     return params
 
 
+def _check_dim(dim: object, path: Path, weights_dim: int) -> None:
+    """ConversionError unless params.json's `dim` is the model dim of the weights."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise ConversionError(f"{path}: dim must be a positive integer, got {dim!r}")
+    if dim != weights_dim:
+        raise ConversionError(f"{path}: dim={dim}, but the weights have model dim {weights_dim} "
+                              f"({_NORM} has {weights_dim} entries); set dim to {weights_dim}")
+
+
 def _shard_paths(src_dir: Path) -> list[Path]:
     found = {}
     for path in src_dir.glob("consolidated.*.pth"):
@@ -284,10 +295,7 @@ def _config(params: dict, path: Path, vocab: int, ffn_rows: int, tied: bool,
                                    or multiplier <= 0):
         raise ConversionError(f"{path}: ffn_dim_multiplier must be a positive number or null, got {multiplier!r}")
     dim = params["dim"]
-    try:
-        ffn_dim = _meta_ffn_dim(dim, multiple_of, multiplier)
-    except TypeError:
-        raise ConversionError(f"{path}: dim must be a positive integer, got {dim!r}") from None
+    ffn_dim = _meta_ffn_dim(dim, multiple_of, multiplier)
     if ffn_dim != ffn_rows:
         raise ConversionError(f"{path}: multiple_of={multiple_of}, ffn_dim_multiplier={multiplier} give an FFN width "
                               f"of {ffn_dim}, but layers.0.feed_forward.w1.weight has {ffn_rows} rows")

@@ -14,13 +14,21 @@ from typing import Callable
 
 import numpy as np
 
-from llama_jax.checkpoint import atomic_directory, copy_tokenizer_files, load_config, load_model, write_model_dir
+from llama_jax.checkpoint import (MODEL_DIR, TOKENIZER_FILES, copy_tokenizer_files, load_config, load_model,
+                                  write_model_dir)
 from llama_jax.config import LLaMAConfig
 from llama_jax.convert import hf_dir, meta
 from llama_jax.convert.hf import empty_params, hf_tensor, put_tensor, tensor_specs
 from llama_jax.convert.source import ConversionError, Source, dtype_name, numpy_dtype
+from llama_jax.safe_io import OutputKind, atomic_directory, check_destination
 
 FORMATS = ("hf", "meta", "jax")
+OUTPUT_KINDS = {  # what each writer puts in its directory: all that --overwrite may replace
+    "hf": OutputKind("Hugging Face model directory",
+                     ("config.json", "model*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)),
+    "meta": OutputKind("Meta checkpoint directory", ("params.json", "consolidated.*.pth", *TOKENIZER_FILES)),
+    "jax": MODEL_DIR,
+}
 
 
 def read_jax_dir(src: Path) -> Source:
@@ -84,8 +92,7 @@ def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype:
 
     if dst_fmt not in FORMATS:
         raise ConversionError(f"unknown output format {dst_fmt!r}; valid: {', '.join(FORMATS)}")
-    if Path(dst).exists() and not overwrite:
-        raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
+    check_destination(dst, OUTPUT_KINDS[dst_fmt], overwrite, [src])  # before reading the source
     t0 = time.perf_counter()
     source = read_checkpoint(src_fmt, src, rope_scaling_factor)
     try:
@@ -94,7 +101,7 @@ def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype:
         config = source.config.replace(param_dtype=dtype_name(out_dtype))
         specs = tensor_specs(config)
         passes = shards if dst_fmt == "meta" else 1  # the Meta writer reads every tensor once per shard
-        with atomic_directory(dst, overwrite) as tmp, \
+        with atomic_directory(dst, OUTPUT_KINDS[dst_fmt], overwrite, [src]) as tmp, \
                 tqdm(total=len(specs) * passes, unit="tensor", desc=f"{src_fmt} -> {dst_fmt}",
                      disable=None if progress else True, leave=False) as bar:
 

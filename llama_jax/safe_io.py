@@ -1,0 +1,117 @@
+"""Writing outputs without losing anything: destinations checked up front, written whole or not at all.
+
+Every command that writes a directory (`convert`, `export`, `save_model`) goes through
+`atomic_directory`: the destination may not be, or contain, one of the command's inputs, and
+`--overwrite` replaces only a directory holding nothing but what that command itself writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """A kind of directory a command writes: a name for messages and the entries it may hold."""
+
+    name: str
+    entries: tuple[str, ...]  # file or directory names, glob patterns allowed
+
+    def writes(self, entry: str) -> bool:
+        return any(fnmatch.fnmatchcase(entry, pattern) for pattern in self.entries)
+
+
+def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
+                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """The absolute `dst` if writing a `kind` there loses nothing; ValueError/FileExistsError otherwise."""
+    dst = Path(dst).absolute()
+    real = dst.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if real == source or real in source.parents:
+            relation = "is" if real == source else "contains"
+            raise ValueError(f"destination {dst} {relation} the input {source}; choose a destination outside it")
+    blocking = next((p for p in reversed(real.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"cannot create {dst}: {blocking} is a file, not a directory")
+    if not dst.exists() and not dst.is_symlink():
+        return dst
+    if not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    if not dst.is_dir() or dst.is_symlink():
+        raise ValueError(f"{dst} exists and is not a directory; --overwrite replaces only a {kind.name}")
+    foreign = sorted(p.name for p in dst.iterdir() if not kind.writes(p.name))
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ValueError(f"{dst} holds {foreign[0]!r}{more}, which is not part of a {kind.name}; --overwrite "
+                         f"replaces only a {kind.name}, so choose another destination")
+    return dst
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool = False,
+                     inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error it is removed.
+
+    `dst` is checked first (`check_destination`), so nothing is created when it is refused.
+    """
+    dst = check_destination(dst, kind, overwrite, inputs)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with `text` in one rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage_reason(error: BaseException, directory: str | os.PathLike | None = None) -> str:
+    """One line on why reading a checkpoint failed: the innermost error's first line (TensorStore,
+    JSON and OS errors name the key or file there), plus the empty files under `directory`."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:  # the chain a traceback would show
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    telling = [e for e in chain if str(e).strip() and not isinstance(e, (StopIteration, KeyError))]
+    innermost = telling[-1] if telling else chain[0]
+    first = str(innermost).strip().splitlines()[0] if str(innermost).strip() else ""
+    reason = f"{type(innermost).__name__}: {first}"[:400]
+    if directory is not None and Path(directory).is_dir():
+        empty = sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*")
+                       if p.is_file() and p.stat().st_size == 0)
+        if empty:
+            reason += f"; empty file(s): {', '.join(empty[:5])}"
+    return reason
