@@ -243,8 +243,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_noise() -> None:
+    """Keep stderr to the command's own lines.
+
+    Orbax's notices (absl logging) are not for the command line. When a damaged checkpoint fails
+    one read, Orbax gives up while TensorStore still completes the others on background threads,
+    which then hit a closed event loop and print tracebacks of their own; the failure itself is
+    reported once, as the command's error line.
+    """
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Future exception was never retrieved"
+
+    def orphaned(error: BaseException | None) -> bool:
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda kind, error, tb: None if orphaned(error) else excepthook(kind, error, tb)
+    sys.unraisablehook = lambda u: None if orphaned(u.exc_value) or type(u.object).__name__ == "coroutine" \
+        else unraisablehook(u)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notices are not for the command line
+    _quiet_library_noise()
     try:
         rest, overrides = _split_config_overrides(sys.argv[1:] if argv is None else argv)
     except UserError as e:

@@ -1,0 +1,336 @@
+"""Nothing a user does loses work: damaged checkpoints and model directories are reported in one
+line (and a run resumes from the intact step when asked), destinations never swallow their
+inputs, and a run keeps the tokenizer it started with."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from llama_jax import LLaMAConfig, init_params, load_model, save_model
+from llama_jax import run as run_lib
+from llama_jax.checkpoint import RunCheckpoints
+from llama_jax.cli import main
+from llama_jax.experiment import load_config
+from llama_jax.train import build_trainer
+from llama_jax.data import EmbeddedCorpus
+from llama_jax.tokenizer import train_sentencepiece
+
+ROOT = Path(__file__).parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+RUN = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.optimizer.warmup_steps=1",
+       "--config.train.batch_size=8", "--config.train.log_every=1", "--config.checkpoint.async_save=False"]
+
+
+def train(workdir, *extra) -> int:
+    return main(["train", "--config", TINY, "--workdir", str(workdir), *RUN, *extra])
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"llama-jax {command}: error: "), err
+    return err
+
+
+def files_under(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*"))}
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:max(1, path.stat().st_size // 2)])
+    else:
+        shutil.rmtree(path)
+
+
+@pytest.fixture(scope="module")
+def pristine_run(tmp_path_factory):
+    """A 4-step run with committed checkpoints 2 and 4, and its step-4 parameters exported."""
+    root = tmp_path_factory.mktemp("pristine")
+    assert train(root / "run") == 0
+    assert main(["export", "--workdir", str(root / "run"), str(root / "exported")]) == 0
+    return root / "run", load_model(root / "exported")[1]
+
+
+def saved_state(workdir: Path):
+    """The full train state of checkpoint 4 of `workdir`, on the host."""
+    trainer = build_trainer(load_config(TINY, [o[len("--config."):] for o in RUN]))
+    checkpoints = RunCheckpoints(workdir / "checkpoints", every=2, async_save=False, read_only=True)
+    try:
+        return jax.device_get(checkpoints.restore_state(4, run_lib.abstract_state(trainer)))
+    finally:
+        checkpoints.close()
+
+
+def step_entries(run: Path, step: int) -> list[str]:
+    step_dir = run / "checkpoints" / str(step)
+    return [str(p.relative_to(step_dir)) for p in sorted(step_dir.rglob("*"))]
+
+
+def test_damage_to_each_file_of_the_latest_checkpoint(tmp_path, pristine_run, capsys):
+    """Each file of checkpoint 4 emptied, truncated or removed (and each sub-directory removed):
+    resume reports one line naming checkpoint 4 and the intact checkpoint 2, or, when Orbax does
+    not need the damaged file, restores exactly the saved state. Never a traceback, never a fresh start."""
+    run, _ = pristine_run
+    pristine_state = saved_state(run)
+    entries = step_entries(run, 4)
+    assert len(entries) > 10
+    reported = 0
+    for entry in entries:
+        hows = ("empty", "truncated") if (run / "checkpoints" / "4" / entry).is_file() else ("removed",)
+        for how in hows:
+            if how == "truncated" and (run / "checkpoints" / "4" / entry).stat().st_size < 2:
+                continue
+            workdir = tmp_path / f"{how}-{entry.replace('/', '_')}"
+            shutil.copytree(run, workdir)
+            damage(workdir / "checkpoints" / "4" / entry, how)
+            capsys.readouterr()
+            code = train(workdir)
+            if code == 2:
+                err = one_line_error(capsys, "train")
+                assert re.search(r"checkpoint 4 .*(damaged|missing).*checkpoint 2 is intact: rerun with --resume-from 2",
+                                 err), (entry, how, err)
+                reported += 1
+            else:  # the damaged file is one this restore does not read: the whole state must be intact
+                assert code == 0, (entry, how)
+                jax.tree.map(np.testing.assert_array_equal, saved_state(workdir), pristine_state)
+            shutil.rmtree(workdir)
+    assert reported >= len(entries) // 2  # most damage is detected, not tolerated by luck
+
+
+def test_resume_from_the_intact_step_after_damage(tmp_path, pristine_run, capsys):
+    run, exported = pristine_run
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    data_files = [p for p in files_under(workdir / "checkpoints" / "4" / "state") if p.parent.name == "d"]
+    damage(data_files[0], "truncated")
+    assert train(workdir) == 2
+    one_line_error(capsys, "train")
+    assert train(workdir, "--resume-from", "2") == 0
+    assert "checkpoints 4 moved to" in capsys.readouterr().out
+    assert (workdir / "checkpoints-set-aside" / "4").is_dir()  # set aside, not deleted
+    assert json.loads((workdir / "progress.json").read_text()) == {"committed_step": 4}
+    assert main(["export", "--workdir", str(workdir), str(tmp_path / "model")]) == 0
+    # Steps 3 and 4 trained again from checkpoint 2 give the same parameters, bit for bit.
+    jax.tree.map(np.testing.assert_array_equal, load_model(tmp_path / "model")[1], exported)
+
+
+@pytest.mark.parametrize("removed", ["checkpoints/4", "checkpoints"])
+def test_a_run_whose_checkpoints_vanished_does_not_start_over(tmp_path, pristine_run, capsys, removed):
+    run, _ = pristine_run
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    shutil.rmtree(workdir / removed)
+    before = snapshot(workdir)
+    assert train(workdir) == 2
+    err = one_line_error(capsys, "train")
+    assert "checkpoint 4 of" in err and "is missing" in err
+    assert ("checkpoint 2 is intact" if removed == "checkpoints/4" else "to start over, use a new --workdir") in err
+    assert snapshot(workdir) == before
+
+
+def test_damaged_earlier_checkpoint_is_named_by_export(tmp_path, pristine_run, capsys):
+    run, _ = pristine_run
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    for path in files_under(workdir / "checkpoints" / "2" / "state"):
+        damage(path, "empty")
+    assert train(workdir) == 0  # the latest checkpoint is intact: resume is unaffected
+    capsys.readouterr()
+    assert main(["export", "--workdir", str(workdir), "--step", "2", str(tmp_path / "model")]) == 2
+    assert re.search(r"checkpoint 2 \(.*\) is damaged: cannot read its parameters", one_line_error(capsys, "export"))
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small model directory with its SentencePiece tokenizer, and its greedy continuation."""
+    root = tmp_path_factory.mktemp("model")
+    corpus = EmbeddedCorpus()
+    tokenizer = train_sentencepiece((corpus[i] for i in range(len(corpus))), root / "tok" / "tokenizer.model", 512)
+    cfg = LLaMAConfig.from_preset("debug")
+    path = save_model(root / "model", cfg, init_params(cfg, 0), tokenizer=tokenizer)
+    return path
+
+
+def generate_args(model: Path) -> list[str]:
+    return ["generate", str(model), "--prompt", "The", "--max-new-tokens", "4", "--temperature", "0"]
+
+
+def test_damage_to_each_file_of_a_model_directory(tmp_path, model_dir, capsys):
+    """generate and convert --from jax on a model directory with any file emptied or truncated (or
+    params/ sub-directories removed): one line, or the same output as the intact directory."""
+    assert main(generate_args(model_dir)) == 0
+    expected = capsys.readouterr().out
+    entries = [str(p.relative_to(model_dir)) for p in sorted(model_dir.rglob("*"))
+               if p.name != "tokenizer.model"]
+    for entry in entries:
+        for how in (("empty", "truncated") if (model_dir / entry).is_file() else ("removed",)):
+            damaged = tmp_path / "damaged"
+            shutil.copytree(model_dir, damaged)
+            damage(damaged / entry, how)
+            code = main(generate_args(damaged))
+            if code == 0:
+                assert capsys.readouterr().out == expected, (entry, how)
+            else:
+                assert code == 2
+                assert str(damaged) in one_line_error(capsys, "generate"), (entry, how)
+            code = main(["convert", "--from", "jax", "--to", "hf", str(damaged), str(tmp_path / "hf")])
+            if code == 2:
+                one_line_error(capsys, "convert")
+                assert not (tmp_path / "hf").exists()
+            else:
+                assert code == 0, (entry, how)
+                capsys.readouterr()
+                shutil.rmtree(tmp_path / "hf")
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]  # no temporary leftovers
+            shutil.rmtree(damaged)
+
+
+# ---- destinations -----------------------------------------------------------------------------
+
+
+def test_export_never_replaces_its_run_or_a_directory_holding_it(tmp_path, pristine_run, capsys):
+    run, _ = pristine_run
+    workdir = tmp_path / "runs" / "a"
+    shutil.copytree(run, workdir)
+    (tmp_path / "runs" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    for dst, message in [(workdir, "is the input"), (tmp_path / "runs", "contains the input"),
+                         (workdir / "checkpoints", "holds '2'"), (workdir / "checkpoints" / "4", "holds '_CHECKPOINT_METADATA'")]:
+        assert main(["export", "--workdir", str(workdir), "--overwrite", str(dst)]) == 2
+        assert message in one_line_error(capsys, "export"), dst
+    assert snapshot(tmp_path) == before
+    # Inside the run is fine for a new directory, and --overwrite then replaces that model directory.
+    for _ in range(2):
+        assert main(["export", "--workdir", str(workdir), "--overwrite", str(workdir / "final")]) == 0
+    assert load_model(workdir / "final")[0].dim == 64
+
+
+def test_convert_never_replaces_its_source_or_foreign_files(tmp_path, model_dir, capsys):
+    src = tmp_path / "models" / "m"
+    shutil.copytree(model_dir, src)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "README.md").write_text("not a checkpoint")
+    before = snapshot(tmp_path)
+    for dst, message in [(src, "is the input"), (tmp_path / "models", "contains the input"),
+                         (other, "holds 'README.md'"), (other / "README.md" / "x", "is a file, not a directory")]:
+        assert main(["convert", "--from", "jax", "--to", "hf", "--overwrite", str(src), str(dst)]) == 2
+        assert message in one_line_error(capsys, "convert"), dst
+    assert snapshot(tmp_path) == before
+    assert main(["convert", "--from", "jax", "--to", "hf", str(src), str(tmp_path / "hf")]) == 0
+    assert main(["convert", "--from", "jax", "--to", "meta", str(src), str(tmp_path / "hf")]) == 2
+    assert "already exists" in one_line_error(capsys, "convert")
+    assert main(["convert", "--from", "jax", "--to", "meta", "--overwrite", str(src), str(tmp_path / "hf")]) == 2
+    assert "holds 'config.json'" in one_line_error(capsys, "convert")  # an HF directory is not a Meta one
+    assert main(["convert", "--from", "jax", "--to", "hf", "--overwrite", str(src), str(tmp_path / "hf")]) == 0
+
+
+def test_save_model_never_replaces_its_tokenizer_source_or_a_run(tmp_path, model_dir, pristine_run):
+    cfg, params = load_model(model_dir)
+    tok = tmp_path / "tok"
+    shutil.copytree(model_dir.parent / "tok", tok)
+    with pytest.raises(ValueError, match="is the input"):
+        save_model(tok, cfg, params, tokenizer=tok, overwrite=True)
+    with pytest.raises(ValueError, match="contains the input"):
+        save_model(tmp_path, cfg, params, tokenizer=tok, overwrite=True)
+    run = tmp_path / "run"
+    shutil.copytree(pristine_run[0], run)
+    with pytest.raises(ValueError, match="holds 'checkpoints'"):
+        save_model(run, cfg, params, overwrite=True)
+    assert sorted(p.name for p in tok.iterdir()) == ["tokenizer.model"] and (run / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("where", ["model directory", "inside a file", "hf directory"])
+def test_a_run_never_writes_over_what_it_did_not_make(tmp_path, model_dir, capsys, where):
+    workdir = {"model directory": tmp_path / "model", "inside a file": tmp_path / "file" / "run",
+               "hf directory": tmp_path / "hf"}[where]
+    shutil.copytree(model_dir, tmp_path / "model")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    before = snapshot(tmp_path)
+    assert train(workdir) == 2
+    assert re.search("is a file, not a directory|holds '(config.json|model_config.json|tokenizer.model)' but no "
+                     "llama-jax run", one_line_error(capsys, "train"))
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_starting_inside_its_init_from_directory_leaves_the_model_alone(tmp_path, model_dir):
+    """finetune_hf.sh keeps the converted model in RUN/init: a run directory may hold models."""
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "init")
+    before = snapshot(run / "init")
+    assert train(run, "--config.model.preset=init_from", f"--config.checkpoint.init_from={run / 'init'}",
+                 "--config.model.vocab_size=None", "--config.model.ffn_dim=None", "--config.model.max_seq_len=None") == 0
+    assert snapshot(run / "init") == before
+
+
+# ---- the tokenizer a run used -----------------------------------------------------------------
+
+
+def test_export_and_resume_use_the_tokenizer_the_run_started_with(tmp_path, capsys):
+    corpus = EmbeddedCorpus()
+    docs = [corpus[i] for i in range(len(corpus))]
+    mine = train_sentencepiece(iter(docs), tmp_path / "tokdir" / "mytok.model", 512)
+    decoy = train_sentencepiece(iter(docs[:20]), tmp_path / "tokdir" / "tokenizer.model", 400)
+    overrides = ["--config.data.source=embedded", f"--config.data.tokenizer={mine}", "--config.model.vocab_size=512",
+                 "--config.train.sample_every=0"]
+    run = tmp_path / "run"
+    assert train(run, *overrides) == 0
+    assert (run / "tokenizer.model").read_bytes() == mine.read_bytes()
+    assert main(["export", "--workdir", str(run), str(tmp_path / "model")]) == 0
+    assert (tmp_path / "model" / "tokenizer.model").read_bytes() == mine.read_bytes()  # not the decoy beside it
+
+    mine.write_bytes(decoy.read_bytes())  # the file the config names changed since the run started
+    capsys.readouterr()
+    assert train(run, *overrides) == 2
+    assert "differs from the tokenizer this run started with" in one_line_error(capsys, "train")
+    (run / "tokenizer.model").write_bytes(decoy.read_bytes())  # and the run's own copy replaced
+    assert main(["export", "--workdir", str(run), "--overwrite", str(tmp_path / "model")]) == 2
+    assert "not the tokenizer this run trained with" in one_line_error(capsys, "export")
+
+    assert main([*generate_args(tmp_path / "model"), "--tokenizer", str(decoy)]) == 2
+    assert "differs from the model's own" in one_line_error(capsys, "generate")
+
+
+def test_trained_tokenizer_belongs_to_the_run_only_once_it_starts(tmp_path, capsys):
+    overrides = ["--config.data.source=embedded", "--config.data.tokenizer=train", "--config.model.vocab_size=512",
+                 "--config.data.tokenizer_vocab_size=512", "--config.train.sample_every=0"]
+    run = tmp_path / "run"
+    assert train(run, *overrides, "--config.train.seq_len=4096") == 2  # fails after training the tokenizer
+    assert "max_seq_len" in one_line_error(capsys, "train")
+    assert not run.exists()
+    assert train(run, *overrides) == 0
+    assert train(run, *overrides[:3], "--config.data.tokenizer_vocab_size=400", *overrides[4:]) == 2
+    assert "has 512 pieces but data.tokenizer_vocab_size=400" in one_line_error(capsys, "train")
+
+
+def test_model_vocabulary_larger_than_the_tokenizer_samples_only_real_tokens(tmp_path, capsys):
+    overrides = ["--config.data.source=embedded", "--config.data.tokenizer=train", "--config.model.vocab_size=1024",
+                 "--config.data.tokenizer_vocab_size=400", "--config.train.sample_every=2",
+                 "--config.train.sample_tokens=24"]
+    assert train(tmp_path / "run", *overrides) == 0
+    assert "step 4 sample:" in capsys.readouterr().out
+
+
+def test_retention_that_would_keep_no_checkpoint_is_refused(tmp_path, capsys):
+    for setting, message in [("max_to_keep=0", "checkpoint.max_to_keep must be a positive integer"),
+                             ("keep_every=-2", "checkpoint.keep_every must be a non-negative integer"),
+                             ("keep_every=3", "keep_every=3 is not a multiple of checkpoint.every=2")]:
+        assert train(tmp_path / "run", f"--config.checkpoint.{setting}") == 2
+        assert message in one_line_error(capsys, "train")
+    assert not (tmp_path / "run").exists()
