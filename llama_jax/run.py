@@ -26,6 +26,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from orbax.checkpoint import utils as ocp_utils
 
 from llama_jax import data as data_lib
@@ -58,13 +59,13 @@ class RunData:
     tokenizer_file: Path | None = None  # the tokenizer's bytes on disk, kept in the workdir once the run starts
 
     def adopt_tokenizer(self, workdir: Path) -> str | None:
-        """Keep the run's tokenizer as WORKDIR/tokenizer.model (once); return its SHA-256."""
+        """Keep the run's tokenizer as WORKDIR/tokenizer.model (once, by process 0); return its SHA-256."""
         if self.tokenizer_file is None:
             return None
         kept = workdir / RUN_TOKENIZER
-        if not kept.exists():
+        if jax.process_index() == 0 and not kept.exists():
             shutil.copyfile(self.tokenizer_file, kept)
-        return sha256_file(kept)
+        return sha256_file(self.tokenizer_file)
 
 
 def build_data(config, model: LLaMAConfig, workdir: Path) -> RunData:
@@ -458,7 +459,9 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
             print(f"resuming from checkpoint {start}; checkpoints {', '.join(map(str, set_aside))} moved to "
                   f"{workdir / SET_ASIDE_DIR}")
         write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
-    tokenizer_sha256 = data.adopt_tokenizer(workdir) if main_process else None
+    tokenizer_sha256 = data.adopt_tokenizer(workdir)
+    if jax.process_count() > 1:  # the others start saving only once process 0 has set the workdir up
+        multihost_utils.sync_global_devices("llama_jax: workdir ready")
     checkpoints = RunCheckpoints(workdir / "checkpoints", config.checkpoint.every, config.checkpoint.max_to_keep,
                                  config.checkpoint.keep_every, config.checkpoint.async_save)
     recorded = record_progress(workdir, recorded_step(workdir))
