@@ -65,6 +65,16 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '1.5GiB' or a plain byte count -> bytes."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -117,6 +127,9 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     rest, overrides = [], []
     it = iter(argv)
     for arg in it:
+        if arg == "--":  # what follows is another command line (launch): passed on untouched
+            rest += [arg, *it]
+            break
         if arg.startswith("--config."):
             item = arg[len("--config."):]
             if "=" not in item:
@@ -131,26 +144,22 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _init_distributed(args) -> None:
-    """Join a multi-process run: explicitly from flags, or automatically on TPU VMs and SLURM."""
+    """Join a multi-process run: explicitly from flags, or automatically on TPU VMs and SLURM
+    (unless LLAMA_JAX_SINGLE_PROCESS is set, as a sweep does for trials sharing one host)."""
     import os
 
     import jax
+
+    from llama_jax.devices import on_tpu_vm
 
     if args.num_processes and args.num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
-    elif _on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    elif os.environ.get("LLAMA_JAX_SINGLE_PROCESS"):
+        return
+    elif on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()  # JAX reads the topology from the TPU metadata server or SLURM
-
-
-def _on_tpu_vm() -> bool:
-    """A Cloud TPU VM, told by its TPU device files (checked without starting a JAX backend)."""
-    import glob
-    import os
-
-    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or glob.glob("/dev/accel[0-9]*")
-                or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def cmd_train(args) -> None:
@@ -173,6 +182,79 @@ def cmd_export(args) -> None:
     path, step, model = export_model(args.workdir, args.dst, args.step, args.overwrite)
     print(f"exported step {step} of {args.workdir} ({param_count(model):,} parameters) to {path}; "
           f"llama-jax convert --from jax --to hf {path} DST makes a Hugging Face checkpoint of it")
+
+
+def cmd_sweep(args) -> None:
+    from llama_jax import results, sweep
+
+    if args.report:
+        print(results.report(args.workdir), end="")
+        return
+    if not args.config:
+        raise UserError("--config is required (or --report to rebuild the results of an existing sweep)")
+    spec, axes, listed = sweep.prepare(args.config, args.workdir, args.sweep or [], args.overrides, args.search,
+                                       args.trials, args.seed)
+    if args.dry_run:
+        print("\n".join(sweep.describe(spec, axes, listed, args.workdir)))
+        return
+    sweep.run_sweep(spec, axes, listed, args.workdir, args.parallel, args.devices_per_run)
+    print(results.report(args.workdir), end="")
+    print(f"results: {args.workdir}/results.md, results.csv and *.png")
+
+
+def _launched_command(args) -> list[str]:
+    """The llama-jax command line given after `--` (a leading `llama-jax` dropped), checked to name a subcommand."""
+    if args.overrides:
+        raise UserError(f"--config.{args.overrides[0]}: put --config.* overrides after --, with the command")
+    command = list(args.launched)
+    if command[:1] != ["--"]:
+        raise UserError(f"give the llama-jax command to run after --, e.g. llama-jax launch {args.target} ... "
+                        f"-- train --config configs/tiny.py --workdir runs/tiny")
+    command = command[2:] if command[1:2] == ["llama-jax"] else command[1:]
+    names = [name for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)
+             for name in action.choices if name != "launch"]
+    if not command or command[0] not in names:
+        given = f"{command[0]!r} is not a llama-jax command" if command else "nothing given"
+        raise UserError(f"after --: {given}; expected one of {', '.join(names)}")
+    return command
+
+
+def cmd_launch_tpu(args) -> None:
+    from llama_jax.launch import check_config_file, tpu
+
+    command = _launched_command(args)
+    check_config_file(command, tpu.source_root())
+    spec = tpu.TpuLaunch(name=args.name, zone=args.zone, slice=tpu.tpu_slice(args.accelerator),
+                         command=tuple(command), runtime_version=args.runtime_version, spot=args.spot,
+                         project=args.project, setup=args.setup, copy_back=args.copy_back,
+                         delete_after=args.delete_after, max_restarts=args.max_restarts)
+    if args.dry_run:
+        print("\n".join(tpu.dry_run_lines(spec)))
+        return
+    status = tpu.launch(spec)
+    if status:
+        raise SystemExit(status)
+
+
+def cmd_launch_slurm(args) -> None:
+    from pathlib import Path
+
+    from llama_jax.launch import check_config_file, option_value, slurm
+
+    command = _launched_command(args)
+    check_config_file(command, Path.cwd())
+    workdir = option_value(command, "--workdir")
+    folder = args.folder or (str(Path(workdir) / "slurm") if workdir else None)
+    if folder is None:
+        raise UserError("--folder is required when the command has no --workdir")
+    submitted = slurm.submit(slurm.llama_jax_command(command), folder, nodes=args.nodes,
+                             gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
+                             account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name,
+                             dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"# {submitted} (not submitted)\n{Path(submitted).read_text()}", end="")
+    else:
+        print(f"submitted SLURM job {submitted}: {args.nodes} node(s) x {args.gpus_per_node} GPU(s); logs in {folder}")
 
 
 def cmd_plan(args) -> None:
@@ -237,10 +319,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=None, help="plan for N virtual CPU devices")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("sweep", help="run a hyperparameter sweep of a config: grid, random or Optuna search")
+    p.add_argument("--config", default=None, help="the experiment config (its get_sweep() may declare axes)")
+    p.add_argument("--workdir", required=True, help="sweep directory: one sub-directory per trial, results, plots; "
+                   "rerunning the same command skips finished trials and resumes the others")
+    p.add_argument("--sweep", action="append", metavar="KEY=SPACE",
+                   help="an axis: KEY=[v1,v2,...] or KEY=uniform(a,b) | loguniform(a,b) | int(a,b) | "
+                        "choice(v1,v2,...); repeat for more axes")
+    p.add_argument("--search", default="grid", choices=("grid", "random", "optuna"),
+                   help="grid: every combination of the lists; random: --trials draws; optuna: TPE with pruning")
+    p.add_argument("--trials", type=int, default=None, help="number of trials for random and optuna searches")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random and optuna searches")
+    p.add_argument("--parallel", type=positive_int, default=1, help="trials running at once on this host")
+    p.add_argument("--devices-per-run", type=positive_int, default=None, metavar="K",
+                   help="give each running trial its own K accelerators (K virtual devices on CPU)")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and their commands; run nothing")
+    p.add_argument("--report", action="store_true", help="only rebuild results.csv/.md and plots from the runs")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("launch", help="run a llama-jax command on a Cloud TPU slice (gcloud) or SLURM (submitit)")
+    add_launch_arguments(p)
+
     p = sub.add_parser("demo", help="train, checkpoint, evaluate and sample a small LLaMA on a built-in corpus")
     p.add_argument("--workdir", default="runs/demo", help="run directory (resumes if it holds checkpoints)")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    from llama_jax.launch.slurm import DEFAULT_TIME_MIN
+
+    targets = p.add_subparsers(dest="target", required=True)
+    example = "-- train --config configs/llama2_7b_v4_32.py --workdir /mnt/gcs/runs/llama2-7b"
+    t = targets.add_parser("tpu", help="create or reuse a TPU VM slice, ship this checkout, run the command on "
+                           "every worker", description="Example: llama-jax launch tpu --name llama2-7b "
+                           f"--zone us-central2-b --accelerator v4-32 {example}")
+    t.add_argument("--name", required=True, help="queued resource and TPU VM name; launching again with the same "
+                   "name reuses it, or re-creates it if it was preempted")
+    t.add_argument("--zone", required=True)
+    t.add_argument("--accelerator", required=True, metavar="TYPE",
+                   help="v4-N, v5p-N (N TensorCores), v5litepod-N, v6e-N (N chips), e.g. v4-32")
+    t.add_argument("--runtime-version", default=None, metavar="V", help="TPU VM image (default: the generation's)")
+    t.add_argument("--spot", action="store_true", help="Spot TPUs: cheaper, preemptible")
+    t.add_argument("--project", default=None, metavar="P", help="Google Cloud project (default: gcloud's)")
+    t.add_argument("--setup", default=None, metavar="SHELL",
+                   help="shell run on every worker after installing (e.g. mount the workdir's bucket)")
+    t.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="if the slice is preempted during the run, re-create it and run again, up to N times")
+    t.add_argument("--copy-back", default=None, metavar="DIR",
+                   help="afterwards, copy the command's --workdir from worker 0 to DIR")
+    t.add_argument("--delete-after", action="store_true", help="afterwards, delete the queued resource")
+    t.add_argument("--dry-run", action="store_true", help="print the gcloud commands in order; run nothing")
+    t.add_argument("launched", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help=f"the llama-jax command, e.g. {example}")
+    t.set_defaults(func=cmd_launch_tpu)
+
+    s = targets.add_parser("slurm", help="submit the command as a SLURM job, one task per node (submitit)")
+    s.add_argument("--nodes", type=int, default=1, metavar="N")
+    s.add_argument("--gpus-per-node", type=int, default=1, metavar="G")
+    s.add_argument("--cpus-per-node", type=int, default=None, metavar="C",
+                   help="CPUs of the task on each node (default: SLURM's)")
+    s.add_argument("--partition", default=None, metavar="P")
+    s.add_argument("--time-min", type=int, default=DEFAULT_TIME_MIN, metavar="M",
+                   help="time limit in minutes; at the limit the job is requeued and the run resumes")
+    s.add_argument("--account", default=None, metavar="A")
+    s.add_argument("--job-name", default="llama-jax", metavar="NAME")
+    s.add_argument("--folder", default=None, metavar="DIR",
+                   help="submitit's folder: sbatch script, logs (default: WORKDIR/slurm)")
+    s.add_argument("--dry-run", action="store_true", help="write and print the sbatch script; submit nothing")
+    s.add_argument("launched", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="the llama-jax command, e.g. -- train --config configs/tinyllama_1b_8gpu.py --workdir runs/x")
+    s.set_defaults(func=cmd_launch_slurm)
 
 
 def _quiet_library_noise() -> None:

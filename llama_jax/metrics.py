@@ -169,3 +169,28 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (empty if it does not exist). A line cut short by a process
+    killed mid-write is skipped; a resumed run logs the steps after its checkpoint again, so
+    readers that want one value per step keep the last."""
+    try:
+        lines = open(path).read().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def last_per_step(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """[(step, value)] of `key`, the latest record per step, sorted by step; nulls (NaN/Inf) left out."""
+    values = {r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float))}
+    return sorted(values.items())

@@ -349,10 +349,8 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    # A resumed run logs again the steps after its checkpoint: keep the latest value per step.
-    train = sorted({r["step"]: r["loss"] for r in records if r.get("loss") is not None}.items())
-    evals = sorted({r["step"]: r["eval_loss"] for r in records if r.get("eval_loss") is not None}.items())
+    records = metrics_lib.read_metrics(metrics_path)
+    train, evals = metrics_lib.last_per_step(records, "loss"), metrics_lib.last_per_step(records, "eval_loss")
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
@@ -466,7 +464,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
                                  config.checkpoint.keep_every, config.checkpoint.async_save)
     recorded = record_progress(workdir, recorded_step(workdir))
     run_info = {"config": json.loads(config.to_json_best_effort()), "model": cfg.to_dict(),
-                "tokenizer_sha256": tokenizer_sha256}
+                "tokenizer_sha256": tokenizer_sha256, "mesh": dict(trainer.mesh.shape)}
     writer = metrics_lib.MetricsWriter(workdir)
     peak = metrics_lib.peak_flops_per_device()
     preemption = _Preemption()

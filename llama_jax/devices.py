@@ -1,0 +1,58 @@
+"""The accelerators of this host, found without starting a JAX backend, and how to give a child
+process a subset of them (sweeps run several trials side by side on one host)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+# TPU_CHIPS_PER_PROCESS_BOUNDS for a process holding K chips of one host.
+_TPU_CHIP_BOUNDS = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1", 8: "2,4,1"}
+
+
+def on_tpu_vm() -> bool:
+    """A Cloud TPU VM, told by its TPU device files or the worker list its metadata sets."""
+    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or _tpu_chip_files())
+
+
+def _tpu_chip_files() -> list[str]:
+    return glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+
+
+def local_accelerators() -> tuple[str, int]:
+    """(platform, count) of this host's devices: TPU chips, NVIDIA GPUs, or CPU devices (the
+    virtual count XLA_FLAGS asks for, else the number of cores). No JAX backend is started, so a
+    child process can still claim the accelerators."""
+    if _tpu_chip_files():
+        return "tpu", len(_tpu_chip_files())
+    gpus = glob.glob("/dev/nvidia[0-9]*")
+    if gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return "gpu", len([v for v in visible.split(",") if v.strip()]) if visible is not None else len(gpus)
+    match = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return "cpu", int(match.group(1)) if match else (os.cpu_count() or 1)
+
+
+def subset_env(platform: str, ids: list[int], slot: int, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a child process that sees only devices `ids` of this host.
+
+    `slot` distinguishes processes running at the same time (TPU processes need their own port).
+    """
+    env = dict(os.environ if env is None else env)
+    if platform == "gpu":
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        physical = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(max(ids) + 1)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(physical[i] for i in ids)
+    elif platform == "tpu":
+        if len(ids) not in _TPU_CHIP_BOUNDS:
+            raise ValueError(f"{len(ids)} TPU chips per process is not a layout a TPU host can split into; "
+                             f"valid: {', '.join(map(str, _TPU_CHIP_BOUNDS))}")
+        env.update(TPU_VISIBLE_CHIPS=",".join(map(str, ids)), TPU_CHIPS_PER_PROCESS_BOUNDS=_TPU_CHIP_BOUNDS[len(ids)],
+                   TPU_PROCESS_BOUNDS="1,1,1", TPU_PROCESS_PORT=str(8476 + slot), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    else:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={len(ids)}".strip()
+        env["JAX_PLATFORMS"] = "cpu"
+    env["LLAMA_JAX_SINGLE_PROCESS"] = "1"  # a trial on part of one host never joins a multi-host job
+    return env

@@ -1,0 +1,167 @@
+"""A sweep's results, read back from the files its runs wrote: a table (CSV and Markdown) and plots.
+
+Nothing here depends on the sweep process being alive: `llama-jax sweep --workdir DIR --report`
+rebuilds everything from each trial's `trial.json`, `config.json`, `metrics.jsonl` and
+`progress.json`, also while trials are still running.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from llama_jax.metrics import last_per_step, read_metrics
+
+COLUMNS = ("status", "steps", "final_eval_loss", "best_eval_loss", "final_train_loss", "tokens_per_second")
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]:
+    """What a run's files say: steps done, losses, throughput, whether it reached train.steps, and
+    `final` (the last value of `objective`, what a sweep minimises)."""
+    records = read_metrics(directory / "metrics.jsonl")
+    train, evals = last_per_step(records, "loss"), last_per_step(records, "eval_loss")
+    speed = last_per_step(records, "tokens_per_second")
+    committed = _json(directory / "progress.json").get("committed_step")
+    target = _json(directory / "config.json").get("train", {}).get("steps")
+    steps = max([s for s, _ in train] + [committed or 0])
+    objective_values = evals if objective == "eval_loss" else train
+    return {
+        "steps": steps,
+        "complete": isinstance(target, int) and isinstance(committed, int) and committed >= target,
+        "final_eval_loss": evals[-1][1] if evals else None,
+        "best_eval_loss": min(v for _, v in evals) if evals else None,
+        "final_train_loss": train[-1][1] if train else None,
+        "tokens_per_second": speed[-1][1] if speed else None,
+        "final": objective_values[-1][1] if objective_values else None,
+    }
+
+
+def collect(workdir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """(swept keys, one row per trial), best first: finished trials by their final objective."""
+    from llama_jax.sweep import SPEC_FILE, TRIAL_FILE, objective_key
+    from llama_jax.experiment import load_config
+
+    spec = _json(workdir / SPEC_FILE)
+    keys = list(spec.get("axes", {}))
+    try:
+        objective = objective_key(load_config(spec["config"], spec.get("overrides", [])))
+    except (KeyError, ValueError):
+        objective = "eval_loss"
+    rows = []
+    for directory in sorted(p for p in workdir.iterdir() if (p / TRIAL_FILE).is_file()):
+        trial = _json(directory / TRIAL_FILE)
+        outcome = run_outcome(directory, objective)
+        status = trial.get("status", "unknown")
+        if status in ("running", "submitted") and outcome["complete"]:
+            status = "done"  # finished since the sweep last looked (or on a cluster)
+        row = {"run": directory.name, **{k: trial.get("overrides", {}).get(k) for k in keys}, "status": status}
+        row.update({k: outcome[k] for k in COLUMNS[1:]})
+        row["objective"] = outcome["final"]
+        row["error"] = trial.get("error", "")
+        row["curve"] = last_per_step(read_metrics(directory / "metrics.jsonl"), "loss")
+        rows.append(row)
+    rows.sort(key=_rank)
+    return keys, rows
+
+
+def _rank(row: dict) -> tuple:
+    value = row["objective"]
+    finite = isinstance(value, (int, float)) and math.isfinite(value)
+    return (row["status"] != "done", not finite, value if finite else 0.0, row["run"])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_tables(workdir: Path, keys: list[str], rows: list[dict]) -> str:
+    """DIR/results.csv and DIR/results.md; returns the Markdown table."""
+    header = ["run", *keys, *COLUMNS, "error"]
+    with open(workdir / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow(["" if row[h] is None else row[h] for h in header])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(row[h]).replace("|", "/") for h in header) + " |" for row in rows]
+    table = "\n".join(lines) + "\n"
+    (workdir / "results.md").write_text(table)
+    return table
+
+
+def plot(workdir: Path, keys: list[str], rows: list[dict], objective_label: str) -> list[Path]:
+    """Final objective against each swept key (one line per value of another key with few
+    values), and every run's training-loss curve; returns the PNG paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    finished = [r for r in rows if isinstance(r["objective"], (int, float)) and math.isfinite(r["objective"])]
+    for key in keys:
+        numeric = [r for r in finished if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
+        if not numeric:
+            continue
+        others = [k for k in keys if k != key and 1 < len({str(r[k]) for r in numeric}) <= 6]
+        group = others[0] if others else None
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label in sorted({str(r[group]) for r in numeric} if group else {""}):
+            points = sorted((r[key], r["objective"]) for r in numeric if not group or str(r[group]) == label)
+            ax.plot(*zip(*points), "o-", label=f"{group}={label}" if group else None)
+        values = [r[key] for r in numeric]
+        if min(values) > 0 and max(values) / min(values) >= 100:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(objective_label)
+        ax.grid(alpha=0.3)
+        if group:
+            ax.legend()
+        fig.tight_layout()
+        path = workdir / f"{objective_label.replace(' ', '_')}_vs_{key}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["curve"]:
+            ax.plot(*zip(*r["curve"]), label=r["run"], alpha=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if 0 < len(rows) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(workdir / "loss_curves.png", dpi=100)
+    plt.close(fig)
+    written.append(workdir / "loss_curves.png")
+    return written
+
+
+def report(workdir: str | Path) -> str:
+    """Rebuild results.csv, results.md and the plots from the runs' files; return the table."""
+    from llama_jax.sweep import SPEC_FILE, SweepError
+
+    workdir = Path(workdir).absolute()
+    if not (workdir / SPEC_FILE).is_file():
+        raise SweepError(f"{workdir} holds no sweep ({SPEC_FILE} not found); give the --workdir of a sweep")
+    keys, rows = collect(workdir)
+    table = write_tables(workdir, keys, rows)
+    objective = "final eval loss" if any(r["final_eval_loss"] is not None for r in rows) else "final train loss"
+    plot(workdir, keys, rows, objective)
+    return table

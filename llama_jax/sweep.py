@@ -1,0 +1,561 @@
+"""Hyperparameter sweeps: many `llama-jax train` runs of one config, with a results table and plots.
+
+A sweep is a config file plus axes (`--sweep optimizer.lr=[1e-3,3e-3]`, or `get_sweep()` in the
+config file) and a search: `grid` (the cartesian product of lists), `random` (`--trials N` draws
+from lists and distributions) or `optuna` (TPE, with a median pruner fed by the runs' losses).
+Every trial is a separate `llama-jax train` process in its own sub-directory of the sweep's
+workdir, so it resumes like any run; the sweep talks to it only through its command line and the
+files it writes (`config.json`, `metrics.jsonl`, `progress.json`). Results are always rebuilt
+from those files (`results.py`), so `--report` works at any time.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from llama_jax.experiment import _parse, load_config
+
+SEARCHES = ("grid", "random", "optuna")
+SPEC_FILE = "sweep.json"  # what the sweep is: a workdir holds one sweep
+TRIAL_FILE = "trial.json"  # in each trial's directory: its overrides and status
+LOG_FILE = "train.log"  # the trial process's output
+STUDY_FILE = "optuna.db"  # the Optuna study (SQLite), for resuming and for optuna-dashboard
+FINISHED = ("done", "pruned")  # statuses a re-run skips
+
+
+class SweepError(ValueError):
+    """A problem with the sweep's definition or workdir: one line, before anything runs."""
+
+
+# ---- search spaces -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Every value in turn (grid search); one drawn uniformly (random search)."""
+
+    values: tuple
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        return self.values[int(rng.integers(len(self.values)))]
+
+    def suggest(self, trial, key: str) -> Any:
+        return trial.suggest_categorical(key, list(self.values))
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform:
+    low: float
+    high: float
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(rng.uniform(self.low, self.high))
+
+    def suggest(self, trial, key: str) -> float:
+        return trial.suggest_float(key, self.low, self.high)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogUniform:
+    low: float
+    high: float
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
+
+    def suggest(self, trial, key: str) -> float:
+        return trial.suggest_float(key, self.low, self.high, log=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntRange:
+    """Integers from `low` to `high`, both included."""
+
+    low: int
+    high: int
+
+    def sample(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(self.low, self.high + 1))
+
+    def suggest(self, trial, key: str) -> int:
+        return trial.suggest_int(key, self.low, self.high)
+
+
+def grid(*values) -> Grid:
+    return _checked("grid", values)
+
+
+def choice(*values) -> Grid:
+    return _checked("choice", values)
+
+
+def uniform(low: float, high: float) -> Uniform:
+    return _checked("uniform", (low, high))
+
+
+def loguniform(low: float, high: float) -> LogUniform:
+    return _checked("loguniform", (low, high))
+
+
+def int_range(low: int, high: int) -> IntRange:
+    return _checked("int", (low, high))
+
+
+Space = Grid | Uniform | LogUniform | IntRange
+_DISTRIBUTIONS = {"uniform": Uniform, "loguniform": LogUniform, "int": IntRange, "choice": Grid}
+
+
+def _checked(kind: str, args: tuple) -> Space:
+    """The space of `kind(*args)`, or SweepError saying what would be valid."""
+    if kind in ("grid", "choice"):
+        if not args:
+            raise SweepError(f"{kind}: no values, so the sweep would be empty; give at least one value")
+        return Grid(tuple(args))
+    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        raise SweepError(f"{kind}{args}: needs two numbers, low and high")
+    low, high = args
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise SweepError(f"{kind}({low}, {high}): needs finite low < high")
+    if kind == "loguniform" and low <= 0:
+        raise SweepError(f"loguniform({low}, {high}): needs 0 < low")
+    if kind == "int":
+        if not (isinstance(low, int) and isinstance(high, int)):
+            raise SweepError(f"int({low}, {high}): needs integer bounds")
+        return IntRange(low, high)
+    return {"uniform": Uniform, "loguniform": LogUniform}[kind](float(low), float(high))
+
+
+def parse_axis(text: str) -> tuple[str, Space]:
+    """`key=[a,b,...]` (grid values) or `key=uniform(a,b)`, `loguniform(a,b)`, `int(a,b)`, `choice(a,b,...)`."""
+    if "=" not in text:
+        raise SweepError(f"--sweep {text!r}: expected key=[v1,v2,...] or key=uniform(a,b), loguniform(a,b), "
+                         "int(a,b), choice(v1,v2,...)")
+    key, spec = (part.strip() for part in text.split("=", 1))
+    for kind in _DISTRIBUTIONS:
+        if spec.startswith(f"{kind}(") and spec.endswith(")"):
+            return key, _checked(kind, _values(spec[len(kind) + 1:-1], text))
+    if spec.startswith("[") and spec.endswith("]"):
+        return key, _checked("grid", _values(spec[1:-1], text))
+    raise SweepError(f"--sweep {text!r}: cannot parse {spec!r}; expected [v1,v2,...], uniform(a,b), "
+                     "loguniform(a,b), int(a,b) or choice(v1,v2,...)")
+
+
+def _values(inner: str, text: str) -> tuple:
+    """Comma-separated values, each a Python literal or a bare word (`[adamw,lion]`)."""
+    if not inner.strip():
+        return ()
+    try:
+        values = ast.literal_eval(f"({inner},)")
+    except (ValueError, SyntaxError):
+        values = tuple(_parse(part.strip()) for part in inner.split(","))
+    if any(isinstance(v, str) and not v for v in values):
+        raise SweepError(f"--sweep {text!r}: an empty value in the list")
+    return tuple(values)
+
+
+def axes_from(config_path: str, texts: Sequence[str]) -> dict[str, Space]:
+    """The sweep's axes: the config file's `get_sweep()` (if any), then each `--sweep` (which wins)."""
+    axes = dict(_declared_axes(config_path))
+    for text in texts:
+        key, space = parse_axis(text)
+        axes[key] = space
+    if not axes:
+        raise SweepError(f"no axes: pass --sweep key=[v1,v2] or define get_sweep() in {config_path}")
+    return axes
+
+
+def _declared_axes(config_path: str) -> dict[str, Space]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llama_jax_sweep_config", config_path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)  # load_config has already reported any error in the file
+    except Exception:
+        return {}
+    if not hasattr(module, "get_sweep"):
+        return {}
+    declared = module.get_sweep()
+    if not isinstance(declared, dict):
+        raise SweepError(f"{config_path}: get_sweep() must return a dict of config key -> values or space")
+    axes = {}
+    for key, space in declared.items():
+        if isinstance(space, (list, tuple)):
+            space = grid(*space)
+        elif isinstance(space, str):
+            space = parse_axis(f"{key}={space}")[1]
+        elif not isinstance(space, (Grid, Uniform, LogUniform, IntRange)):
+            raise SweepError(f"{config_path}: get_sweep()[{key!r}] must be a list or a llama_jax.sweep space")
+        axes[key] = space
+    return axes
+
+
+# ---- the sweep and its trials ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep is; saved as DIR/sweep.json so a re-run continues the same sweep."""
+
+    config: str
+    overrides: tuple[str, ...]
+    axes: dict[str, str]  # key -> the space, written out
+    search: str
+    trials: int | None
+    seed: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    number: int
+    overrides: dict[str, Any]
+
+    def name(self, axes: Sequence[str], numbered: bool) -> str:
+        """The trial's directory: its swept values, e.g. `lr=0.003,seed=1` (numbered for random searches)."""
+        shorts = [key.rsplit(".", 1)[-1] for key in axes]
+        labels = [short if shorts.count(short) == 1 else key for key, short in zip(axes, shorts)]
+        parts = [f"{label}={_short(self.overrides[key])}" for label, key in zip(labels, axes)]
+        return ",".join(([f"t{self.number:03d}"] if numbered else []) + parts).replace("/", "_")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def override_text(key: str, value: Any) -> str:
+    """`key=value` as `--config.` takes it (floats written exactly)."""
+    return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
+
+
+def grid_trials(axes: dict[str, Space]) -> list[Trial]:
+    for key, space in axes.items():
+        if not isinstance(space, Grid):
+            raise SweepError(f"--search grid needs value lists, but {key} is {space}; use --search random or "
+                             f"optuna with --trials N")
+    product = itertools.product(*(space.values for space in axes.values()))
+    return [Trial(i, dict(zip(axes, values))) for i, values in enumerate(product)]
+
+
+def random_trials(axes: dict[str, Space], n: int, seed: int) -> list[Trial]:
+    """`n` trials, trial i drawn from a generator seeded by (seed, i): a re-run draws the same ones."""
+    trials = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        trials.append(Trial(i, {key: space.sample(rng) for key, space in axes.items()}))
+    return trials
+
+
+def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Space]) -> None:
+    """Every swept key exists in the config and takes the values given (one line naming it otherwise)."""
+    probes = trials or [Trial(0, {k: (s.values[0] if isinstance(s, Grid) else s.low) for k, s in axes.items()})]
+    for trial in probes:
+        try:
+            load_config(spec.config, [*spec.overrides, *(override_text(k, v) for k, v in trial.overrides.items())])
+        except ValueError as e:
+            raise SweepError(f"sweep axis: {e}") from None
+
+
+# ---- running trials ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Running:
+    trial: Trial
+    directory: Path
+    process: subprocess.Popen
+    slot: int
+    started: float
+    optuna_trial: Any = None
+    metrics_offset: int = 0
+    pruned: bool = False
+
+
+def trial_command(spec: SweepSpec, trial: Trial, directory: Path, program: Sequence[str] | None = None) -> list[str]:
+    """The `llama-jax train` command line of a trial (`program`: how to call llama-jax)."""
+    program = list(program or [sys.executable, "-m", "llama_jax.cli"])
+    return [*program, "train", "--config", spec.config, "--workdir", str(directory),
+            *(f"--config.{o}" for o in spec.overrides),
+            *(f"--config.{override_text(k, v)}" for k, v in trial.overrides.items())]
+
+
+def read_trial(directory: Path) -> dict:
+    try:
+        return json.loads((directory / TRIAL_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_trial(directory: Path, trial: Trial, status: str, **extra) -> None:
+    from llama_jax.safe_io import write_text_atomic
+
+    record = {"number": trial.number, "overrides": trial.overrides, "status": status, **extra}
+    write_text_atomic(directory / TRIAL_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when the sweep process dies, so a killed sweep leaves no
+    orphan trial running (it saves a checkpoint and exits; a re-run resumes it)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def objective_key(config) -> str:
+    """What a sweep minimises: held-out loss when the runs evaluate, else training loss."""
+    evaluates = config.data.source != "synthetic" and config.train.eval_every > 0 and config.train.eval_batches > 0
+    return "eval_loss" if evaluates else "loss"
+
+
+class Sweep:
+    """Runs trials `parallel` at a time, each on its own devices, recording each one's outcome."""
+
+    def __init__(self, spec: SweepSpec, workdir: Path, axes: dict[str, Space], parallel: int = 1,
+                 devices_per_run: int | None = None, out=print):
+        from llama_jax.devices import local_accelerators
+
+        self.spec, self.workdir, self.axes, self.out = spec, workdir, axes, out
+        self.platform, n_devices = local_accelerators()
+        if devices_per_run is not None:
+            if devices_per_run < 1 or devices_per_run > n_devices:
+                raise SweepError(f"--devices-per-run {devices_per_run}: this host has {n_devices} "
+                                 f"{self.platform} device(s); valid: 1 to {n_devices}")
+            if parallel * devices_per_run > n_devices:
+                raise SweepError(f"--parallel {parallel} x --devices-per-run {devices_per_run} needs "
+                                 f"{parallel * devices_per_run} {self.platform} devices; this host has {n_devices}")
+        elif parallel > 1 and self.platform != "cpu":
+            raise SweepError(f"--parallel {parallel} on a {self.platform} host needs --devices-per-run K, so trials "
+                             f"do not share accelerators")
+        self.parallel, self.devices_per_run = parallel, devices_per_run
+        self.objective = objective_key(load_config(spec.config, list(spec.overrides)))
+        self.numbered = spec.search != "grid"
+
+    def directory(self, trial: Trial) -> Path:
+        return self.workdir / trial.name(list(self.axes), self.numbered)
+
+    def run(self, trials: Iterator[Trial], study=None) -> None:
+        """Start trials as slots free up until `trials` is exhausted and all have finished."""
+        running: dict[int, Running] = {}
+        pending = iter(trials)
+        exhausted = False
+        try:
+            while running or not exhausted:
+                for slot in range(self.parallel):
+                    if slot in running or exhausted:
+                        continue
+                    trial = next(pending, None)
+                    if trial is None:
+                        exhausted = True
+                        break
+                    running[slot] = self._start(trial, slot, study)
+                for slot, active in list(running.items()):
+                    if study is not None:
+                        self._report(active)
+                    if active.process.poll() is not None:
+                        self._finish(active, study)
+                        del running[slot]
+                time.sleep(0.2)
+        finally:
+            for active in running.values():  # interrupted: the trials save a checkpoint and stop
+                active.process.send_signal(signal.SIGTERM)
+            for active in running.values():
+                active.process.wait()
+                write_trial(active.directory, active.trial, "interrupted")
+
+    def _start(self, trial: Trial, slot: int, study) -> Running:
+        from llama_jax.devices import subset_env
+
+        directory = self.directory(trial)
+        directory.mkdir(parents=True, exist_ok=True)
+        env = None
+        if self.devices_per_run is not None:
+            ids = list(range(slot * self.devices_per_run, (slot + 1) * self.devices_per_run))
+            env = subset_env(self.platform, ids, slot)
+        started = time.time()
+        write_trial(directory, trial, "running", started=started)
+        self.out(f"[{trial.number}] started {directory.name}")
+        with open(directory / LOG_FILE, "ab") as log:
+            process = subprocess.Popen(trial_command(self.spec, trial, directory), stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        optuna_trial = study_trial(study, trial) if study is not None else None
+        return Running(trial, directory, process, slot, started, optuna_trial)
+
+    def _report(self, active: Running) -> None:
+        """Feed the run's new losses to the Optuna pruner; stop the run if it says so."""
+        from llama_jax.metrics import read_metrics
+
+        records = read_metrics(active.directory / "metrics.jsonl")
+        for record in records[active.metrics_offset:]:
+            value = record.get(self.objective)
+            if isinstance(value, (int, float)):
+                active.optuna_trial.report(value, record["step"])
+        active.metrics_offset = len(records)
+        if not active.pruned and active.metrics_offset and active.optuna_trial.should_prune():
+            active.pruned = True
+            active.process.send_signal(signal.SIGTERM)  # the run saves its step and exits
+
+    def _finish(self, active: Running, study) -> None:
+        from llama_jax.results import run_outcome
+
+        outcome = run_outcome(active.directory, self.objective)
+        if active.pruned:
+            status = "pruned"
+        elif active.process.returncode == 0:
+            status = "done" if outcome["complete"] else "interrupted"
+        else:
+            status = "failed"
+        extra = {"started": active.started, "ended": time.time()}
+        if status == "failed":
+            extra["error"] = last_error_line(active.directory / LOG_FILE)
+        write_trial(active.directory, active.trial, status, **extra)
+        self.out(f"[{active.trial.number}] {status} {active.directory.name}"
+                 + (f": {extra['error']}" if status == "failed" else ""))
+        if study is not None:
+            tell(study, active.optuna_trial, status, outcome["final"])
+
+
+def last_error_line(log: Path) -> str:
+    """The run's one-line error (or the last line it printed)."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no output"
+    errors = [line for line in lines if ": error:" in line]
+    return (errors or lines or ["no output"])[-1]
+
+
+# ---- Optuna ------------------------------------------------------------------------------------
+
+
+def open_study(workdir: Path, seed: int, create: bool):
+    """The sweep's Optuna study in DIR/optuna.db: TPE sampler, median pruner."""
+    try:
+        import optuna
+    except ImportError:
+        raise SweepError("--search optuna needs Optuna: pip install -e '.[sweep]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{workdir / STUDY_FILE}"
+    return optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize", load_if_exists=True,
+                               sampler=optuna.samplers.TPESampler(seed=seed),
+                               pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+
+
+def optuna_trials(study, axes: dict[str, Space], n: int) -> Iterator[Trial]:
+    """Trials left running by an interrupted sweep first (same parameters, same directory), then
+    new ones asked of the sampler until the study holds `n`."""
+    import optuna
+
+    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        yield Trial(frozen.number, {key: frozen.params[key] for key in axes})
+    while len(study.trials) < n:
+        asked = study.ask()
+        yield Trial(asked.number, {key: space.suggest(asked, key) for key, space in axes.items()})
+
+
+def study_trial(study, trial: Trial):
+    import optuna
+
+    frozen = study.trials[trial.number]
+    return optuna.trial.Trial(study, frozen._trial_id)
+
+
+def tell(study, optuna_trial, status: str, final: float | None) -> None:
+    import optuna
+
+    states = optuna.trial.TrialState
+    if status == "pruned":
+        study.tell(optuna_trial, state=states.PRUNED)
+    elif status == "done" and final is not None and math.isfinite(final):
+        study.tell(optuna_trial, final)
+    elif status != "interrupted":  # an interrupted trial stays RUNNING and is resumed by the next run
+        study.tell(optuna_trial, state=states.FAIL)
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], overrides: Sequence[str],
+            search: str = "grid", trials: int | None = None, seed: int = 0) -> tuple[SweepSpec, dict, list]:
+    """Check everything about a sweep before anything runs: (spec, axes, trials; [] for optuna)."""
+    load_config(config, list(overrides))  # the config file and base overrides, one line if wrong
+    if search not in SEARCHES:
+        raise SweepError(f"--search {search!r}; valid: {', '.join(SEARCHES)}")
+    if search != "grid" and (trials is None or trials < 1):
+        raise SweepError(f"--search {search} needs --trials N (N >= 1)")
+    axes = axes_from(config, axis_texts)
+    spec = SweepSpec(str(Path(config).absolute()), tuple(overrides), {k: repr(v) for k, v in axes.items()},
+                     search, trials if search != "grid" else None, seed)
+    listed = grid_trials(axes) if search == "grid" else random_trials(axes, trials, seed) if search == "random" \
+        else []
+    check_overrides(spec, listed, axes)
+    check_workdir(Path(workdir).absolute(), spec)
+    return spec, axes, listed
+
+
+def check_workdir(workdir: Path, spec: SweepSpec) -> None:
+    """SweepError unless `workdir` is new, empty, or holds this same sweep."""
+    if workdir.exists() and not workdir.is_dir():
+        raise SweepError(f"--workdir {workdir} is a file, not a directory")
+    saved = workdir / SPEC_FILE
+    if saved.is_file():
+        try:
+            previous = json.loads(saved.read_text())
+        except ValueError:
+            raise SweepError(f"{saved} is damaged (not JSON); use another --workdir") from None
+        mine = json.loads(spec.to_json())
+        changed = sorted(k for k in mine if previous.get(k) != mine[k])
+        if changed:
+            raise SweepError(f"{workdir} holds a different sweep (its {', '.join(changed)} differ); re-run it with "
+                             f"the same arguments or use another --workdir")
+    elif workdir.is_dir() and any(workdir.iterdir()):
+        raise SweepError(f"--workdir {workdir} is not empty and holds no sweep ({SPEC_FILE}); use a new directory")
+
+
+def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os.PathLike, parallel: int = 1,
+              devices_per_run: int | None = None, out=print) -> None:
+    """Run the trials that are not finished yet (a re-run skips done and pruned ones and resumes the rest)."""
+    workdir = Path(workdir).absolute()
+    sweep = Sweep(spec, workdir, axes, parallel, devices_per_run, out)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / SPEC_FILE).write_text(spec.to_json())
+    if spec.search == "optuna":
+        study = open_study(workdir, spec.seed, create=True)
+        sweep.run(optuna_trials(study, axes, spec.trials), study)
+        return
+    todo = [t for t in listed if read_trial(sweep.directory(t)).get("status") not in FINISHED]
+    if len(todo) < len(listed):
+        out(f"{len(listed) - len(todo)} of {len(listed)} trials already finished; running the other {len(todo)}")
+    sweep.run(iter(todo))
+
+
+def describe(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os.PathLike) -> list[str]:
+    """What a sweep would run (`--dry-run`): one line per trial with its command."""
+    import shlex
+
+    workdir = Path(workdir).absolute()
+    numbered = spec.search != "grid"
+    if spec.search == "optuna":
+        space = ", ".join(f"{k}={v}" for k, v in spec.axes.items())
+        return [f"optuna: {spec.trials} trials chosen by TPE over {space}, pruned by the median rule; "
+                f"study in {workdir / STUDY_FILE}"]
+    return [f"{t.name(list(axes), numbered)}: "
+            f"{shlex.join(trial_command(spec, t, workdir / t.name(list(axes), numbered), ['llama-jax']))}"
+            for t in listed]

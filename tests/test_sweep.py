@@ -1,0 +1,187 @@
+"""Sweeps end to end: trials are real `llama-jax train` processes of configs/tiny.py (a few steps
+each); a killed sweep resumes only what is missing; failures, pruning and device sharing are
+recorded; bad sweeps are one line before anything runs."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llama_jax import sweep as sweep_lib
+from llama_jax.checkpoint import RunCheckpoints
+from llama_jax.cli import main
+
+ROOT = Path(__file__).parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+SHORT = ["--config.train.steps=4", "--config.optimizer.warmup_steps=1", "--config.checkpoint.every=2",
+         "--config.train.log_every=1", "--config.train.batch_size=8"]
+
+
+def sweep_args(workdir, *extra) -> list[str]:
+    return ["sweep", "--config", TINY, "--workdir", str(workdir), *SHORT, *extra]
+
+
+def rows(workdir: Path) -> list[dict]:
+    with open(workdir / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def trial(directory: Path) -> dict:
+    return json.loads((directory / "trial.json").read_text())
+
+
+def wait_for(condition, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path):
+    workdir = tmp_path / "sweep"
+    args = sweep_args(workdir, "--sweep", "optimizer.lr=[1e-3,3e-3]", "--sweep", "train.seed=[0,1]")
+    first_run, second_run = workdir / "lr=0.001,seed=0", workdir / "lr=0.001,seed=1"
+    driver = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (second_run / "progress.json").is_file())  # trial 0 done, trial 1 has a checkpoint
+    driver.kill()
+    driver.wait()
+    wait_for(lambda: trial(second_run)["status"] == "running" and not _alive(second_run))
+    assert trial(first_run)["status"] == "done"
+    first_metrics = (first_run / "metrics.jsonl").stat().st_mtime_ns
+    assert not (workdir / "lr=0.003,seed=0").exists()
+
+    committed = json.loads((second_run / "progress.json").read_text())["committed_step"]
+
+    assert main(args) == 0
+    assert (first_run / "metrics.jsonl").stat().st_mtime_ns == first_metrics  # finished: not run again
+    logged = [json.loads(line)["step"] for line in (second_run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(logged)) == [1, 2, 3, 4]
+    assert all(logged.count(step) == 1 for step in range(1, committed + 1))  # resumed, not restarted
+    table = rows(workdir)
+    assert len(table) == 4 and all(r["status"] == "done" and r["steps"] == "4" for r in table)
+    assert {(r["optimizer.lr"], r["train.seed"]) for r in table} == {("0.001", "0"), ("0.001", "1"),
+                                                                    ("0.003", "0"), ("0.003", "1")}
+    losses = [float(r["final_train_loss"]) for r in table]
+    assert all(math.isfinite(x) for x in losses) and losses == sorted(losses)  # best first
+    for png in ("loss_curves.png", "final_train_loss_vs_optimizer.lr.png", "final_train_loss_vs_train.seed.png"):
+        assert (workdir / png).stat().st_size > 1000, png
+    assert "| lr=" in (workdir / "results.md").read_text()
+
+
+def _alive(run: Path) -> bool:
+    """Whether a trial process still holds its log open (the sweep's children get SIGTERM on its death)."""
+    target = str(run / "train.log")
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
+    workdir = tmp_path / "sweep"
+    args = sweep_args(workdir, "--sweep", "train.batch_size=[8,7]", "--config.train.steps=2")
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "batch_size=8: llama-jax train --config" in out and "--config.train.batch_size=7" in out
+    assert not workdir.exists()  # a dry run launches and writes nothing
+
+    assert main(args) == 0
+    table = {r["run"]: r for r in rows(workdir)}
+    assert table["batch_size=8"]["status"] == "done"
+    assert table["batch_size=7"]["status"] == "failed"
+    assert "train.grad_accum = 7 is not divisible by mesh.data x mesh.fsdp = 8" in table["batch_size=7"]["error"]
+    assert list(table) == ["batch_size=8", "batch_size=7"]  # the finished trial first
+
+    (workdir / "results.md").unlink()
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0  # rebuilt from the runs' files
+    assert "batch_size=7" in (workdir / "results.md").read_text()
+
+
+def test_random_and_optuna_searches(tmp_path, capsys):
+    random_dir = tmp_path / "random"
+    assert main(sweep_args(random_dir, "--search", "random", "--trials", "2", "--seed", "3", "--config.train.steps=2",
+                           "--sweep", "optimizer.lr=loguniform(1e-4,1e-2)", "--sweep", "train.seed=int(0,100)")) == 0
+    table = rows(random_dir)
+    assert len(table) == 2 and all(r["status"] == "done" for r in table)
+    lrs = [float(r["optimizer.lr"]) for r in table]
+    assert len(set(lrs)) == 2 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    expected = sweep_lib.random_trials({"optimizer.lr": sweep_lib.loguniform(1e-4, 1e-2),
+                                        "train.seed": sweep_lib.int_range(0, 100)}, 2, 3)
+    assert sorted(lrs) == sorted(t.overrides["optimizer.lr"] for t in expected)  # a pure function of the seed
+
+    optuna_dir = tmp_path / "optuna"
+    args = sweep_args(optuna_dir, "--search", "optuna", "--trials", "3", "--config.train.steps=8",
+                      "--config.checkpoint.every=4", "--sweep", "optimizer.lr=choice(3e-3,1e-7)")
+    assert main(args) == 0
+    import optuna
+
+    study = optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{optuna_dir / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 3 and "PRUNED" in states and "COMPLETE" in states
+    statuses = {r["run"]: r["status"] for r in rows(optuna_dir)}
+    for t in study.trials:
+        name = f"t{t.number:03d},lr={t.params['optimizer.lr']:.4g}"
+        assert statuses[name] == {"PRUNED": "pruned", "COMPLETE": "done"}[t.state.name], name
+    capsys.readouterr()
+    assert main(args) == 0  # reloads the study from its SQLite file: nothing left to run
+    assert "started" not in capsys.readouterr().out
+    assert len(optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{optuna_dir / 'optuna.db'}").trials) == 3
+
+
+def test_parallel_trials_each_get_their_own_devices(tmp_path):
+    workdir = tmp_path / "sweep"
+    assert main(sweep_args(workdir, "--sweep", "train.seed=[0,1]", "--config.train.steps=2", "--parallel", "2",
+                           "--devices-per-run", "4")) == 0
+    runs = [workdir / "seed=0", workdir / "seed=1"]
+    spans = [(trial(r)["started"], trial(r)["ended"]) for r in runs]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # both ran at once
+    for run in runs:
+        checkpoints = RunCheckpoints(run / "checkpoints", every=2, async_save=False, read_only=True)
+        assert math.prod(checkpoints.run_info(2)["mesh"].values()) == 4
+        checkpoints.close()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sweep", "optimizer.nope=[1,2]"], "unknown config key 'optimizer.nope'"),
+    (["--sweep", "optimizer.lr=[1e-3,fast]"], "config key 'optimizer.lr' is float, got 'fast'"),
+    (["--sweep", "optimizer.lr=[1e-3"], "cannot parse '\\[1e-3'"),
+    (["--sweep", "optimizer.lr=loguniform(0,1)"], "loguniform\\(0, 1\\): needs 0 < low"),
+    (["--sweep", "optimizer.lr=uniform(1)"], "needs two numbers"),
+    (["--sweep", "train.seed=[]"], "no values, so the sweep would be empty"),
+    (["--sweep", "optimizer.lr=uniform(1e-4,1e-3)"], "--search grid needs value lists"),
+    (["--sweep", "train.seed=[0,1]", "--search", "random"], "--search random needs --trials N"),
+    (["--sweep", "train.seed=[0,1]", "--devices-per-run", "64"], "--devices-per-run 64: this host has 8 cpu"),
+    (["--sweep", "train.seed=[0,1]", "--parallel", "3", "--devices-per-run", "4"], "needs 12 cpu devices"),
+    ([], "no axes: pass --sweep"),
+])
+def test_bad_sweeps_are_one_line_and_run_nothing(tmp_path, capsys, extra, message):
+    import re
+
+    workdir = tmp_path / "sweep"
+    assert main(sweep_args(workdir, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("llama-jax sweep: error:") and re.search(message, err), err
+    assert not workdir.exists()
+
+
+def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
+    workdir = tmp_path / "sweep"
+    spec, axes, listed = sweep_lib.prepare(TINY, workdir, ["train.seed=[0,1]"], [])
+    workdir.mkdir()
+    (workdir / "sweep.json").write_text(spec.to_json())
+    before = sorted(workdir.rglob("*"))
+    assert main(sweep_args(workdir, "--sweep", "train.seed=[0,2]")) == 2
+    assert "holds a different sweep (its axes, overrides differ)" in capsys.readouterr().err
+    assert sorted(workdir.rglob("*")) == before
