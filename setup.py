@@ -27,7 +27,11 @@ setup(
     ],
     extras_require={
         # PyTorch is pinned to the CPU wheel; transformers is only the reference oracle in tests.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "optuna>=4", "submitit>=1.5"],
+        # Model-based sweeps (llama-jax sweep --search optuna); grid and random searches need nothing.
+        "sweep": ["optuna>=4"],
+        # Launching on SLURM (llama-jax launch slurm); TPU launching needs only the gcloud CLI.
+        "launch": ["submitit>=1.5"],
     },
     entry_points={"console_scripts": ["llama-jax=llama_jax.cli:main"]},
 )

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# TinyLlama-1.1B pre-training (configs/tinyllama_1b_8gpu.py) on SLURM: 2 nodes x 8 GPUs.
+#
+#   experiments/tinyllama_slurm.sh [launch flags ...] [--config.key=value ...]
+#
+# Submits one job with one task per node through `llama-jax launch slurm` (submitit); the two
+# processes join one JAX program (16 GPUs: the config's 2 data-parallel replicas become 8-way FSDP
+# each). At the time limit or on preemption the job is requeued and resumes from the latest
+# checkpoint in $WORKDIR. Run it from a login node, in an environment where llama-jax is
+# installed with its launch extra (pip install -e '.[launch]') on storage the nodes share.
+#
+# --config.* arguments go to `llama-jax train`; the others to `llama-jax launch slurm`, e.g.
+# --dry-run (write and print the sbatch script), --partition P, --account A, --time-min M.
+# Environment: WORKDIR (default runs/tinyllama), LLAMA_JAX.
+set -euo pipefail
+cd "$(dirname "$0")/.."  # the job runs where it was submitted: configs/ and relative paths resolve here
+
+WORKDIR=${WORKDIR:-runs/tinyllama}
+
+launch_args=() train_args=()
+for arg in "$@"; do
+    case $arg in
+        --config.*) train_args+=("$arg") ;;
+        *) launch_args+=("$arg") ;;
+    esac
+done
+
+exec "${LLAMA_JAX:-llama-jax}" launch slurm --nodes 2 --gpus-per-node 8 --time-min 1440 \
+    ${launch_args[@]+"${launch_args[@]}"} \
+    -- train --config configs/tinyllama_1b_8gpu.py --workdir "$WORKDIR" ${train_args[@]+"${train_args[@]}"}

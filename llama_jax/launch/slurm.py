@@ -1,0 +1,147 @@
+"""Submit llama-jax command lines to a SLURM cluster through submitit.
+
+A job runs one task per node; each task runs the whole command line (all of its node's GPUs in
+one process), and `llama-jax train` joins the tasks into one JAX program through JAX's SLURM
+detection (`jax.distributed.initialize()` when SLURM_NTASKS > 1). JAX's SLURM detection gives
+each process one GPU, its local task index, unless JAX_LOCAL_DEVICE_IDS says otherwise, so the
+sbatch script exports the node's GPU indices there.
+
+A job stopped by its time limit or by preemption is requeued by submitit with the same command
+line, and the run resumes from the checkpoints in its workdir. Dry runs write the sbatch script
+submitit would submit, rendered by submitit itself, and submit nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from llama_jax.launch import LaunchError
+
+DEFAULT_TIME_MIN = 60
+DRY_RUN_SCRIPT = "dry_run_submission.sh"
+INSTALL_HINT = "pip install -e '.[launch]'"
+
+
+def llama_jax_command(args: Sequence[str]) -> list[str]:
+    """A llama-jax command line (`train --config ...`) run with this Python, as submitit's own runner is."""
+    return [sys.executable, "-m", "llama_jax.cli", *args]
+
+
+@dataclasses.dataclass
+class JobCommand:
+    """One SLURM task's work: a command line. submitit requeues it unchanged after a timeout or a
+    preemption (it has `checkpoint`); a llama-jax run then resumes from its checkpoints."""
+
+    argv: list[str]
+
+    def __call__(self) -> None:
+        subprocess.run(self.argv, check=True, preexec_fn=_ignore_requeue_signal)
+
+    def checkpoint(self) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(JobCommand(list(self.argv)))
+
+
+def _ignore_requeue_signal() -> None:
+    """In the command's process: SLURM signals every process of the job before its time limit; that
+    signal is submitit's cue to requeue, and the command keeps running until the job is stopped."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def submit(command: Sequence[str], folder: str | Path, **options: Any) -> str:
+    """Submit one command line as one job (options as for `submit_array`); its job id, or with
+    dry_run the path of the sbatch script."""
+    return submit_array([command], folder, **options)[0]
+
+
+def submit_array(commands: list[list[str]], folder: str | Path, *, nodes: int = 1, gpus_per_node: int = 1,
+                 partition: str | None = None, time_min: int = DEFAULT_TIME_MIN, account: str | None = None,
+                 cpus_per_node: int | None = None, job_name: str = "llama-jax", dry_run: bool = False) -> list[str]:
+    """Submit one job per command line, as one job array (a plain job for a single command).
+
+    Returns the job ids; with dry_run, writes the sbatch script into `folder` instead and returns
+    its path as a one-element list. Commands are full argv lists, run as given on the nodes."""
+    _check(commands, nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, cpus_per_node=cpus_per_node)
+    submitit = _import_submitit()
+    if not dry_run and shutil.which("sbatch") is None:
+        raise LaunchError("sbatch not found on PATH: submit from a SLURM login node, or use --dry-run")
+    executor = _executor(submitit, folder, dry_run)
+    executor.update_parameters(
+        job_name=job_name, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node, time=time_min,
+        partition=partition, account=account, cpus_per_task=cpus_per_node,
+        setup=_setup_lines(commands, gpus_per_node))
+    if dry_run:
+        return [str(_write_dry_run(executor, len(commands)))]
+    jobs = []
+    try:
+        with executor.batch():
+            for argv in commands:
+                jobs.append(executor.submit(JobCommand(list(argv))))
+    except submitit.core.utils.FailedJobError as e:
+        raise LaunchError(f"sbatch failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}") from None
+    return [job.job_id for job in jobs]
+
+
+def _check(commands: list[list[str]], **counts: int | None) -> None:
+    if not commands or any(not list(argv) for argv in commands):
+        raise LaunchError("nothing to submit: give at least one non-empty command line")
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise LaunchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _import_submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise LaunchError(f"SLURM launching needs submitit: {INSTALL_HINT}") from None
+    return submitit
+
+
+def _executor(submitit, folder: str | Path, dry_run: bool):
+    """submitit's SlurmExecutor; for a dry run, one that renders scripts on a machine without SLURM."""
+    if not dry_run:
+        return submitit.SlurmExecutor(folder=folder)
+
+    class OfflineSlurmExecutor(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:  # SlurmExecutor refuses to start without srun on PATH
+            return 1
+
+    return OfflineSlurmExecutor(folder=folder)
+
+
+def _setup_lines(commands: list[list[str]], gpus_per_node: int) -> list[str]:
+    """Lines of the sbatch script before srun: what each task runs (as comments) and its GPUs for JAX."""
+    def shown(argv: Sequence[str]) -> str:
+        return shlex.join(argv).replace("\n", "\\n")  # a comment must stay one line
+
+    if len(commands) == 1:
+        lines = [f"# every task runs (through submitit's pickle): {shown(commands[0])}"]
+    else:
+        lines = [f"# array task {i} runs (through submitit's pickle): {shown(argv)}" for i, argv in enumerate(commands)]
+    return lines + [f"export JAX_LOCAL_DEVICE_IDS={','.join(str(i) for i in range(gpus_per_node))}"]
+
+
+def submission_script(executor, count: int) -> str:
+    """The sbatch script submitit writes for `count` submissions with this executor: a job array when
+    count > 1 (as SlurmExecutor._internal_process_submissions sets map_count), else a plain job."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    parameters = dict(executor.parameters, **({"map_count": count} if count > 1 else {}))
+    return _make_sbatch_string(command=executor._submitit_command_str, folder=executor.folder, **parameters)
+
+
+def _write_dry_run(executor, count: int) -> Path:
+    path = Path(executor.folder) / DRY_RUN_SCRIPT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(submission_script(executor, count))
+    return path

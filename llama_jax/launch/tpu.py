@@ -1,0 +1,328 @@
+"""Run a llama-jax command on every worker of a Cloud TPU VM slice, through the gcloud CLI.
+
+A launch: create the slice as a queued resource (or reuse it), wait until it is ACTIVE, ship
+this checkout to every worker and install it, run the command on all workers at once (output
+streams back through ssh), then optionally copy the workdir back and delete the slice. The
+training engine joins the workers into one JAX program by itself on TPU VMs.
+
+Launching again after a preemption is the same command: a queued resource that lost its TPUs
+(SUSPENDED, FAILED) is deleted and re-created, and `llama-jax train` resumes from the latest
+checkpoint in its workdir, which must therefore be on storage every worker sees and that outlives
+the VMs (a gcsfuse-mounted bucket).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from llama_jax.launch import LaunchError, option_value
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuFamily:
+    """What an accelerator type `<prefix>-N` means for one TPU generation."""
+
+    prefix: str  # as gcloud spells it: v4-32, v5p-128, v5litepod-16, v6e-8
+    counts: str  # what N counts: "cores" (TensorCores) or "chips"
+    cores_per_chip: int
+    chips_per_host: int  # in a multi-host slice
+    single_host_chips: int  # slices of at most this many chips are one host
+    runtime_version: str  # default TPU VM image
+
+
+# The one table of TPU facts.
+TPU_FAMILIES = (
+    TpuFamily("v4", "cores", cores_per_chip=2, chips_per_host=4, single_host_chips=4,
+              runtime_version="tpu-ubuntu2204-base"),
+    TpuFamily("v5p", "cores", cores_per_chip=2, chips_per_host=4, single_host_chips=4,
+              runtime_version="v2-alpha-tpuv5"),
+    TpuFamily("v5litepod", "chips", cores_per_chip=1, chips_per_host=4, single_host_chips=8,
+              runtime_version="v2-alpha-tpuv5-lite"),
+    TpuFamily("v6e", "chips", cores_per_chip=1, chips_per_host=4, single_host_chips=8,
+              runtime_version="v2-alpha-tpuv6e"),
+)
+
+# What a launch does with a queued resource in each state (the API's QueuedResource.State values,
+# plus PREEMPTED, a node state, in case it shows through).
+QUEUED_RESOURCE_STATES = {
+    "ACTIVE": "use",
+    "CREATING": "wait", "ACCEPTED": "wait", "PROVISIONING": "wait", "WAITING_FOR_RESOURCES": "wait",
+    "SUSPENDING": "wait", "DELETING": "wait",
+    "SUSPENDED": "recreate", "FAILED": "recreate", "PREEMPTED": "recreate",
+}
+POLL_SECONDS = 30
+REMOTE_DIR = "llama-jax"  # the checkout on every worker, relative to the ssh user's home
+REMOTE_TARBALL = "llama-jax.tar.gz"
+REMOTE_INSTALL = 'python3 -m pip install -q -e . "jax[tpu]"'
+REMOTE_PYTHON = "python3"
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    """An accelerator type resolved against the table: its chips and workers (hosts)."""
+
+    accelerator: str
+    family: TpuFamily
+    chips: int
+
+    @property
+    def workers(self) -> int:
+        if self.chips <= self.family.single_host_chips:
+            return 1
+        return self.chips // self.family.chips_per_host
+
+
+def tpu_slice(accelerator: str) -> TpuSlice:
+    """Resolve an accelerator type such as v4-32; one error line for anything the table does not know."""
+    prefix, _, size = accelerator.partition("-")
+    family = next((f for f in TPU_FAMILIES if f.prefix == prefix), None)
+    if family is None or not size.isdigit() or int(size) < 1:
+        known = ", ".join(f"{f.prefix}-N (N {'TensorCores' if f.counts == 'cores' else 'chips'})"
+                          for f in TPU_FAMILIES)
+        raise LaunchError(f"unknown accelerator type {accelerator!r}; expected one of {known}, e.g. v4-32")
+    n = int(size)
+    chips, rest = divmod(n, family.cores_per_chip) if family.counts == "cores" else (n, 0)
+    if rest:
+        raise LaunchError(f"{accelerator}: {n} TensorCores is not a whole number of chips "
+                          f"({family.cores_per_chip} per {family.prefix} chip)")
+    if chips > family.single_host_chips and chips % family.chips_per_host:
+        raise LaunchError(f"{accelerator}: {chips} chips is not a whole number of hosts "
+                          f"({family.chips_per_host} chips per {family.prefix} host)")
+    return TpuSlice(accelerator, family, chips)
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuLaunch:
+    """Everything one `llama-jax launch tpu` does."""
+
+    name: str  # the queued resource and its TPU VM node
+    zone: str
+    slice: TpuSlice
+    command: tuple[str, ...]  # llama-jax arguments run on every worker, e.g. ("train", "--config", ...)
+    runtime_version: str | None = None  # default: the family's
+    spot: bool = False
+    project: str | None = None
+    setup: str | None = None  # extra shell run on every worker after installing (e.g. mount a bucket)
+    copy_back: str | None = None  # local directory receiving worker 0's workdir
+    delete_after: bool = False
+    max_restarts: int = 0  # re-launches after a preemption during the run
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", self.name):
+            raise LaunchError(f"--name {self.name!r}: use lowercase letters, digits and hyphens, "
+                              f"starting with a letter")
+        if self.max_restarts < 0:
+            raise LaunchError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
+
+    @property
+    def runtime(self) -> str:
+        return self.runtime_version or self.slice.family.runtime_version
+
+    @property
+    def tarball(self) -> Path:
+        return Path(tempfile.gettempdir()) / f"llama-jax-{self.name}.tar.gz"
+
+
+# ---- gcloud command lines ---------------------------------------------------------------------
+
+
+def _gcloud(tpu: TpuLaunch, *args: str) -> list[str]:
+    project = ["--project", tpu.project] if tpu.project else []
+    return ["gcloud", "compute", "tpus", *args, "--zone", tpu.zone, *project]
+
+
+def create_command(tpu: TpuLaunch) -> list[str]:
+    spot = ["--spot"] if tpu.spot else []
+    return _gcloud(tpu, "queued-resources", "create", tpu.name, "--node-id", tpu.name,
+                   "--accelerator-type", tpu.slice.accelerator, "--runtime-version", tpu.runtime, *spot)
+
+
+def describe_command(tpu: TpuLaunch) -> list[str]:
+    return _gcloud(tpu, "queued-resources", "describe", tpu.name, "--format=value(state.state)")
+
+
+def delete_command(tpu: TpuLaunch) -> list[str]:
+    """Delete the queued resource and its TPU VMs (--force), without asking (--quiet)."""
+    return _gcloud(tpu, "queued-resources", "delete", tpu.name, "--force", "--quiet")
+
+
+def ssh_command(tpu: TpuLaunch, shell: str, worker: str = "all") -> list[str]:
+    return _gcloud(tpu, "tpu-vm", "ssh", tpu.name, f"--worker={worker}", "--command", shell)
+
+
+def upload_command(tpu: TpuLaunch) -> list[str]:
+    return _gcloud(tpu, "tpu-vm", "scp", str(tpu.tarball), f"{tpu.name}:{REMOTE_TARBALL}", "--worker=all")
+
+
+def copy_back_command(tpu: TpuLaunch) -> list[str]:
+    return _gcloud(tpu, "tpu-vm", "scp", "--recurse", f"{tpu.name}:{remote_workdir(tpu)}", str(tpu.copy_back),
+                   "--worker=0")
+
+
+def install_shell(tpu: TpuLaunch) -> str:
+    """Unpack the shipped checkout over the previous one (a relative workdir inside it survives) and install it."""
+    steps = [f"mkdir -p {REMOTE_DIR}", f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}", f"rm {REMOTE_TARBALL}",
+             f"cd {REMOTE_DIR}", REMOTE_INSTALL]
+    return "set -e; " + "; ".join(steps + ([tpu.setup] if tpu.setup else []))
+
+
+def run_shell(tpu: TpuLaunch) -> str:
+    return f"cd {REMOTE_DIR} && {REMOTE_PYTHON} -m llama_jax.cli {shlex.join(tpu.command)}"
+
+
+def remote_workdir(tpu: TpuLaunch) -> str:
+    """The command's --workdir as a path scp understands (relative paths are inside the remote checkout)."""
+    workdir = option_value(tpu.command, "--workdir")
+    if workdir is None:
+        raise LaunchError("--copy-back needs a command with --workdir")
+    return workdir if workdir.startswith("/") else f"{REMOTE_DIR}/{workdir}"
+
+
+# ---- dry run ----------------------------------------------------------------------------------
+
+
+def dry_run_lines(tpu: TpuLaunch) -> list[str]:
+    """The commands a launch runs on a fresh queued resource, in order, as shell lines with comments."""
+    s = tpu.slice
+    lines = [f"# {s.accelerator}: {s.chips} chips on {s.workers} worker{'s' if s.workers > 1 else ''}, "
+             f"runtime version {tpu.runtime}",
+             "# create the queued resource (skipped if it exists; deleted and re-created first if SUSPENDED, "
+             "FAILED or PREEMPTED)",
+             shlex.join(create_command(tpu)),
+             f"# poll every {POLL_SECONDS}s until ACTIVE",
+             shlex.join(describe_command(tpu)),
+             "# ship this checkout (git ls-files: tracked and untracked, not ignored) to every worker, install it",
+             shlex.join(upload_command(tpu)),
+             shlex.join(ssh_command(tpu, install_shell(tpu))),
+             f"# run on all {s.workers} workers; output streams here",
+             shlex.join(ssh_command(tpu, run_shell(tpu)))]
+    if tpu.max_restarts:
+        lines.append(f"# if the TPU was preempted during the run: up to {tpu.max_restarts} more times, "
+                     "re-create, ship and run again")
+    if tpu.copy_back:
+        lines += ["# copy the workdir back from worker 0", shlex.join(copy_back_command(tpu))]
+    if tpu.delete_after:
+        lines += ["# delete the queued resource and its TPU VMs", shlex.join(delete_command(tpu))]
+    return lines
+
+
+# ---- launching --------------------------------------------------------------------------------
+
+
+def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
+    """Run the launch; returns the exit status of the command on the workers."""
+    if shutil.which("gcloud") is None:
+        raise LaunchError("gcloud not found on PATH: install the Google Cloud CLI "
+                          "(https://cloud.google.com/sdk/docs/install), or use --dry-run")
+    if tpu.copy_back:
+        remote_workdir(tpu)  # fail before anything runs
+    for attempt in range(tpu.max_restarts + 1):
+        ensure_active(tpu, poll_seconds)
+        ship(tpu)
+        status = _run(ssh_command(tpu, run_shell(tpu)), check=False)
+        preempted = status != 0 and describe_state(tpu) != "ACTIVE"
+        if not preempted:
+            break
+        if attempt < tpu.max_restarts:
+            _note(f"the TPU was preempted during the run; re-launching ({attempt + 1} of {tpu.max_restarts})")
+    if preempted:
+        _note("the TPU was preempted during the run; launch again with the same command to resume")
+    elif status:
+        _note(f"the command exited with status {status} on the TPU")
+    if tpu.copy_back and not preempted:
+        _run(copy_back_command(tpu))
+    if tpu.delete_after:
+        _run(delete_command(tpu))
+    return status
+
+
+def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> None:
+    """Bring the queued resource to ACTIVE: create it, reuse it, or replace one that lost its TPUs."""
+    created, last = False, ""
+    while True:
+        state = describe_state(tpu)
+        if state != last:
+            _note(f"queued resource {tpu.name}: {state or 'does not exist'}")
+        last = state
+        action = "create" if state is None else QUEUED_RESOURCE_STATES.get(state)
+        if action == "use":
+            return
+        if action in ("create", "recreate") and created:
+            raise LaunchError(f"queued resource {tpu.name} is {state or 'gone'} right after its creation; "
+                              f"see `{shlex.join(describe_command(tpu)[:-1])}`")
+        if action == "create":
+            _run(create_command(tpu))
+            created = True
+        elif action == "recreate":
+            _note(f"deleting queued resource {tpu.name} ({state}) to create it again")
+            _run(delete_command(tpu))
+        elif action == "wait":
+            time.sleep(poll_seconds)
+        else:
+            raise LaunchError(f"queued resource {tpu.name} is in state {state!r}, which this launcher does not know")
+
+
+def describe_state(tpu: TpuLaunch) -> str | None:
+    """The queued resource's state, or None if it does not exist."""
+    done = subprocess.run(describe_command(tpu), capture_output=True, text=True)
+    if done.returncode == 0:
+        return done.stdout.strip()
+    if "NOT_FOUND" in done.stderr or "not found" in done.stderr.lower():
+        return None
+    lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+    raise LaunchError(f"gcloud could not describe queued resource {tpu.name}: {lines[-1]}")
+
+
+def ship(tpu: TpuLaunch) -> None:
+    """Copy this checkout to every worker and install it there."""
+    count = pack_checkout(source_root(), tpu.tarball)
+    _note(f"packed {count} files of {source_root()} ({tpu.tarball.stat().st_size / 1e6:.1f} MB)")
+    try:
+        _run(upload_command(tpu))
+    finally:
+        tpu.tarball.unlink(missing_ok=True)
+    _run(ssh_command(tpu, install_shell(tpu)))
+
+
+def source_root() -> Path:
+    """The checkout this package runs from (what is shipped to the workers)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "setup.py").is_file():
+        raise LaunchError(f"launching ships a source checkout of llama-jax; {root} is an installed copy")
+    return root
+
+
+def pack_checkout(root: Path, tarball: Path) -> int:
+    """Write root's tracked and untracked-but-not-ignored files (uncommitted edits included) as a .tar.gz."""
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, text=True)
+    if listed.returncode:
+        raise LaunchError(f"cannot list the files of {root} with git: {listed.stderr.strip()}")
+    files = [name for name in listed.stdout.split("\0") if name and (root / name).is_file()]
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name in files:
+            tar.add(root / name, arcname=name)
+    return len(files)
+
+
+def _run(argv: Sequence[str], check: bool = True) -> int:
+    """Run a command with the terminal as its stdout and stderr, after echoing it."""
+    _note("$ " + shlex.join(argv))
+    status = subprocess.run(list(argv)).returncode
+    if check and status:
+        raise LaunchError(f"`{shlex.join(argv[:5])} ...` failed with exit status {status}")
+    return status
+
+
+def _note(message: str) -> None:
+    print(f"llama-jax launch: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,444 @@
+"""Launchers without a cloud or a cluster: dry runs, and the real code paths against fake `gcloud`,
+`sbatch` and `srun` executables that log what they are asked to do. Nothing touches the network:
+every test that could reach gcloud puts a fake one first on PATH."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import submitit  # noqa: F401  (imported before any test captures output, see below)
+
+from llama_jax import cli
+from llama_jax.launch import LaunchError, slurm, tpu
+
+# submitit configures logging when first imported, which closes the handlers already there; absl's
+# handler then closes its stream if that is no longer sys.stderr, as under a test's capsys, and that
+# stream is pytest's own capture. Importing submitit at collection keeps the streams the same.
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_7B = ["train", "--config", "configs/llama2_7b_v4_32.py", "--workdir", "/mnt/gcs/runs/llama2-7b"]
+TRAIN_TINY = ["train", "--config", "configs/tiny.py", "--workdir", "/mnt/gcs/runs/tiny"]
+TRAIN_IN_TMP = ["train", "--config", "configs/tiny.py", "--workdir", "TMP_WORKDIR"]  # a test's tmp_path/run
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def dry_run(capsys, argv: list[str]) -> tuple[str, list[list[str]]]:
+    """Run a `launch tpu --dry-run`; its output and the gcloud commands in it, split as the shell would."""
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    return out, [shlex.split(line) for line in out.splitlines() if line.startswith("gcloud ")]
+
+
+# ---- TPU: the accelerator table and dry runs ----------------------------------------------------
+
+
+@pytest.mark.parametrize("accelerator, chips, workers, runtime", [
+    ("v4-8", 4, 1, "tpu-ubuntu2204-base"), ("v4-32", 16, 4, "tpu-ubuntu2204-base"),
+    ("v5p-8", 4, 1, "v2-alpha-tpuv5"), ("v5p-128", 64, 16, "v2-alpha-tpuv5"),
+    ("v5litepod-8", 8, 1, "v2-alpha-tpuv5-lite"), ("v5litepod-16", 16, 4, "v2-alpha-tpuv5-lite"),
+    ("v6e-4", 4, 1, "v2-alpha-tpuv6e"), ("v6e-64", 64, 16, "v2-alpha-tpuv6e"),
+])
+def test_accelerator_table(accelerator, chips, workers, runtime):
+    s = tpu.tpu_slice(accelerator)
+    assert (s.chips, s.workers, s.family.runtime_version) == (chips, workers, runtime)
+
+
+@pytest.mark.parametrize("accelerator", ["v9-8", "v4", "v4-x", "v5e-8", "v4-0", "v4-7", "v6e-10"])
+def test_unknown_or_impossible_accelerator(accelerator):
+    with pytest.raises(LaunchError, match="accelerator type|whole number"):
+        tpu.tpu_slice(accelerator)
+
+
+def test_tpu_dry_run_v4_32(capsys):
+    out, commands = dry_run(capsys, ["launch", "tpu", "--name", "llama2-7b", "--zone", "us-central2-b",
+                                     "--accelerator", "v4-32", "--dry-run", "--", *TRAIN_7B,
+                                     "--config.train.steps=10"])
+    assert "v4-32: 16 chips on 4 workers" in out
+    create, describe, upload, install, run = commands
+    assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "llama2-7b"]
+    assert flag(create, "--node-id") == "llama2-7b"
+    assert flag(create, "--accelerator-type") == "v4-32"
+    assert flag(create, "--runtime-version") == "tpu-ubuntu2204-base"
+    assert "--spot" not in create and "--project" not in create
+    assert describe[3:5] == ["queued-resources", "describe"] and "--format=value(state.state)" in describe
+    assert all(flag(c, "--zone") == "us-central2-b" for c in commands)
+    assert upload[3:5] == ["tpu-vm", "scp"] and "--worker=all" in upload
+    assert install[3:5] == ["tpu-vm", "ssh"] and "--worker=all" in install
+    assert "pip install -q -e ." in flag(install, "--command")
+    assert run[3:6] == ["tpu-vm", "ssh", "llama2-7b"] and "--worker=all" in run
+    assert flag(run, "--command") == ("cd llama-jax && python3 -m llama_jax.cli train --config "
+                                      "configs/llama2_7b_v4_32.py --workdir /mnt/gcs/runs/llama2-7b "
+                                      "--config.train.steps=10")  # overrides after -- belong to the command
+
+
+def test_tpu_dry_run_v5p_128_spot_copy_back_delete(capsys):
+    out, commands = dry_run(capsys, ["launch", "tpu", "--name", "cpt", "--zone", "us-east5-a", "--accelerator",
+                                     "v5p-128", "--spot", "--project", "my-proj", "--copy-back", "runs/back",
+                                     "--delete-after", "--max-restarts", "3", "--dry-run", "--", *TRAIN_7B])
+    assert "v5p-128: 64 chips on 16 workers" in out and "up to 3 more times" in out
+    create, describe, upload, install, run, copy_back, delete = commands
+    assert flag(create, "--accelerator-type") == "v5p-128"
+    assert flag(create, "--runtime-version") == "v2-alpha-tpuv5"
+    assert "--spot" in create
+    assert all(flag(c, "--zone") == "us-east5-a" and flag(c, "--project") == "my-proj" for c in commands)
+    assert "--worker=all" in run and "python3 -m llama_jax.cli train" in flag(run, "--command")
+    assert copy_back[3:6] == ["tpu-vm", "scp", "--recurse"] and "--worker=0" in copy_back
+    assert copy_back[6:8] == ["cpt:/mnt/gcs/runs/llama2-7b", "runs/back"]
+    assert delete[3:6] == ["queued-resources", "delete", "cpt"] and "--force" in delete and "--quiet" in delete
+
+
+def test_runtime_version_override(capsys):
+    _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", "--zone", "z", "--accelerator", "v6e-8",
+                                   "--runtime-version", "v2-custom", "--dry-run", "--", *TRAIN_TINY])
+    assert flag(commands[0], "--runtime-version") == "v2-custom"
+
+
+# ---- TPU: the real code path against a fake gcloud ----------------------------------------------
+
+FAKE_GCLOUD = """#!{python}
+# A stand-in for gcloud: logs its arguments; one queued resource whose state lives in a file.
+import json, os, sys, tarfile
+args, env = sys.argv[1:], os.environ
+state_file, log = env["FAKE_STATE"], env["FAKE_LOG"]
+group, verb = args[2], args[3]
+entry = [group, verb]
+if verb == "describe":
+    if not os.path.exists(state_file):
+        with open(log, "a") as f:
+            f.write(json.dumps(entry) + "\\n")
+        print("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Requested entity was not found.",
+              file=sys.stderr)
+        sys.exit(1)
+    states = open(state_file).read().split()
+    print(states[0])  # the first state; later describes see the next ones, if any
+    open(state_file, "w").write("\\n".join(states[1:] or states))
+    entry.append(states[0])
+elif verb == "create":
+    open(state_file, "w").write(env.get("FAKE_CREATED_STATE", "ACTIVE"))
+elif verb == "delete":
+    os.remove(state_file)
+elif verb == "scp" and args[4].endswith(".tar.gz"):
+    entry.append(sorted(tarfile.open(args[4]).getnames()))
+elif verb == "ssh":
+    command = args[args.index("--command") + 1]
+    entry.append(command)
+    if "llama_jax.cli" in command:
+        preempt = int(env.get("FAKE_PREEMPTIONS", "0"))
+        count_file = state_file + ".runs"
+        runs = int(open(count_file).read()) if os.path.exists(count_file) else 0
+        open(count_file, "w").write(str(runs + 1))
+        if runs < preempt:
+            open(state_file, "w").write("SUSPENDED")
+            with open(log, "a") as f:
+                f.write(json.dumps(entry) + "\\n")
+            sys.exit(255)
+        print("step 10: loss 1.2345 (from the workers)")
+with open(log, "a") as f:
+    f.write(json.dumps(entry) + "\\n")
+"""
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+    """A fake gcloud first on PATH; returns (set_state, logged_calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(FAKE_GCLOUD.format(python=sys.executable))
+    gcloud.chmod(0o755)
+    state, log = tmp_path / "state", tmp_path / "log.jsonl"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_STATE", str(state))
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the launch packs its tarball
+    assert Path(tpu.shutil.which("gcloud")) == gcloud  # never the real one
+
+    def set_state(*states):
+        state.write_text("\n".join(states))
+
+    def calls():
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return set_state, calls
+
+
+def launch_args(*extra):
+    return ["launch", "tpu", "--name", "run", "--zone", "us-central2-b", "--accelerator", "v4-32", *extra,
+            "--", *TRAIN_TINY]
+
+
+def verbs(calls):
+    return [" ".join(c[:2]) + (f" {c[2]}" if c[1] == "describe" and len(c) > 2 else "") for c in calls]
+
+
+SHIP_AND_RUN = ["tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh"]
+
+
+def test_existing_active_resource_is_reused(fake_gcloud, capfd, tmp_path):
+    set_state, calls = fake_gcloud
+    set_state("ACTIVE")
+    assert cli.main(launch_args()) == 0
+    assert verbs(calls()) == ["queued-resources describe ACTIVE", *SHIP_AND_RUN]
+    upload, install, run = calls()[1:]
+    assert "llama_jax/cli.py" in upload[2] and "configs/tiny.py" in upload[2] and ".venv" not in str(upload[2])
+    assert "pip install" in install[2]
+    assert run[2].endswith("python3 -m llama_jax.cli train --config configs/tiny.py --workdir /mnt/gcs/runs/tiny")
+    assert "step 10: loss 1.2345" in capfd.readouterr().out  # the workers' output streams through
+    assert not list(tmp_path.glob("llama-jax-*.tar.gz"))  # the shipped tarball is cleaned up
+
+
+def test_missing_resource_is_created(fake_gcloud):
+    set_state, calls = fake_gcloud
+    assert cli.main(launch_args("--spot")) == 0
+    assert verbs(calls()) == ["queued-resources describe", "queued-resources create",
+                              "queued-resources describe ACTIVE", *SHIP_AND_RUN]
+
+
+@pytest.mark.parametrize("state", ["SUSPENDED", "FAILED", "PREEMPTED"])
+def test_preempted_resource_is_deleted_and_recreated(fake_gcloud, state):
+    set_state, calls = fake_gcloud
+    set_state(state)
+    assert cli.main(launch_args()) == 0
+    assert verbs(calls()) == [f"queued-resources describe {state}", "queued-resources delete",
+                              "queued-resources describe", "queued-resources create",
+                              "queued-resources describe ACTIVE", *SHIP_AND_RUN]
+
+
+def test_pending_resource_is_waited_for(fake_gcloud):
+    set_state, calls = fake_gcloud
+    set_state("WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE")
+    spec = tpu.TpuLaunch(name="run", zone="z", slice=tpu.tpu_slice("v4-8"), command=tuple(TRAIN_TINY))
+    assert tpu.launch(spec, poll_seconds=0) == 0
+    assert verbs(calls()) == ["queued-resources describe WAITING_FOR_RESOURCES",
+                              "queued-resources describe PROVISIONING", "queued-resources describe ACTIVE",
+                              *SHIP_AND_RUN]
+
+
+def test_preemption_during_the_run_relaunches(fake_gcloud, monkeypatch):
+    set_state, calls = fake_gcloud
+    set_state("ACTIVE")
+    monkeypatch.setenv("FAKE_PREEMPTIONS", "1")
+    assert cli.main(launch_args("--max-restarts", "1", "--delete-after")) == 0
+    assert verbs(calls()) == ["queued-resources describe ACTIVE", *SHIP_AND_RUN,
+                              "queued-resources describe SUSPENDED",  # after the failed run: preempted?
+                              "queued-resources describe SUSPENDED", "queued-resources delete",
+                              "queued-resources describe", "queued-resources create",
+                              "queued-resources describe ACTIVE", *SHIP_AND_RUN, "queued-resources delete"]
+
+
+def test_preemption_without_restarts_reports_and_exits_with_the_status(fake_gcloud, monkeypatch, capfd):
+    set_state, calls = fake_gcloud
+    set_state("ACTIVE")
+    monkeypatch.setenv("FAKE_PREEMPTIONS", "1")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(launch_args("--copy-back", "back"))
+    assert exit_.value.code == 255
+    assert "launch again with the same command to resume" in capfd.readouterr().err
+    assert "tpu-vm scp" not in verbs(calls())[-1]  # nothing to copy back from a preempted slice
+
+
+def test_copy_back_and_delete_after_a_run(fake_gcloud):
+    set_state, calls = fake_gcloud
+    set_state("ACTIVE")
+    assert cli.main(launch_args("--copy-back", "back", "--delete-after")) == 0
+    *_, copy_back, delete = calls()
+    assert copy_back[:2] == ["tpu-vm", "scp"] and delete[:2] == ["queued-resources", "delete"]
+
+
+def test_resource_failing_right_after_creation_is_one_error(fake_gcloud, monkeypatch, capsys):
+    set_state, calls = fake_gcloud
+    monkeypatch.setenv("FAKE_CREATED_STATE", "FAILED")
+    assert cli.main(launch_args()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("llama-jax launch: error: queued resource run is FAILED right after its creation")
+    assert verbs(calls()) == ["queued-resources describe", "queued-resources create",
+                              "queued-resources describe FAILED"]  # no loop of re-creations
+
+
+# ---- SLURM --------------------------------------------------------------------------------------
+
+
+def test_slurm_dry_run_two_nodes_of_eight_gpus(capsys, tmp_path):
+    workdir = tmp_path / "run"
+    argv = ["launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time-min", "1440",
+            "--account", "proj", "--dry-run", "--", "train", "--config", "configs/tinyllama_1b_8gpu.py",
+            "--workdir", str(workdir), "--config.train.steps=5"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    script_path = workdir / "slurm" / slurm.DRY_RUN_SCRIPT
+    script = script_path.read_text()
+    assert out == f"# {script_path} (not submitted)\n{script}"
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=1440", "#SBATCH --account=proj",
+                 "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"]:
+        assert line in script.splitlines()
+    assert (f"-m llama_jax.cli train --config configs/tinyllama_1b_8gpu.py --workdir {workdir} "
+            f"--config.train.steps=5") in script
+    assert "srun" in script and "--array" not in script
+    assert sorted(os.listdir(workdir)) == ["slurm"] and os.listdir(workdir / "slurm") == [slurm.DRY_RUN_SCRIPT]
+
+
+def test_submit_array_dry_run(tmp_path):
+    commands = [["llama-jax", "train", "--config", "configs/tiny.py", "--workdir", f"sweep/{i}",
+                 f"--config.optimizer.lr={lr}"] for i, lr in enumerate([1e-3, 3e-3, 1e-2])]
+    [path] = slurm.submit_array(commands, tmp_path / "jobs", gpus_per_node=2, time_min=30, dry_run=True)
+    script = Path(path).read_text()
+    assert "#SBATCH --array=0-2%3" in script.splitlines()
+    assert "#SBATCH --time=30" in script and "#SBATCH --gpus-per-node=2" in script
+    for i, argv in enumerate(commands):
+        assert f"# array task {i} runs (through submitit's pickle): {shlex.join(argv)}" in script
+
+
+def write_fake(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """Fake sbatch (keeps a copy of the script, answers a job id) and srun (submitit wants it on PATH)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    submitted = tmp_path / "submitted.sh"
+    write_fake(bin_dir / "sbatch", f"#!/bin/sh\ncp \"$1\" {submitted}\necho 'Submitted batch job 4242'\n")
+    write_fake(bin_dir / "srun", "#!/bin/sh\nexit 1\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return submitted
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_dry_run_shows_exactly_what_is_submitted(fake_slurm, tmp_path, count):
+    commands = [[sys.executable, "-c", f"open({str(tmp_path / f'ran{i}')!r}, 'w').write('yes')"]
+                for i in range(count)]
+    options = dict(nodes=2, gpus_per_node=4, partition="gpu", account="proj", cpus_per_node=16)
+    ids = slurm.submit_array(commands, tmp_path / "jobs", **options)
+    assert ids == (["4242"] if count == 1 else [f"4242_{i}" for i in range(count)])
+    [dry] = slurm.submit_array(commands, tmp_path / "jobs", dry_run=True, **options)
+    assert Path(dry).read_text() == fake_slurm.read_text()
+
+    # On a node, submitit runs the pickled job: the command line itself.
+    from submitit.core.utils import DelayedSubmission
+
+    pickle = tmp_path / "jobs" / (f"{ids[-1]}_submitted.pkl")
+    job = DelayedSubmission.load(pickle)
+    assert isinstance(job.function, slurm.JobCommand) and job.function.argv == commands[-1]
+    job.result()
+    assert (tmp_path / f"ran{count - 1}").read_text() == "yes"
+    assert job.function.checkpoint().function.argv == commands[-1]  # requeued unchanged
+
+
+def test_job_command_outlives_the_requeue_signal():
+    """SLURM signals every process of a job before its time limit; only submitit acts on it."""
+    code = "import os, signal; os.kill(os.getpid(), signal.SIGUSR2); print('still running')"
+    slurm.JobCommand([sys.executable, "-c", code])()  # raises CalledProcessError if the signal killed it
+
+
+def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
+    argv = ["launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--folder", str(tmp_path / "jobs"), "--",
+            "llama-jax", "train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run")]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.startswith("submitted SLURM job 4242: 2 node(s) x 8 GPU(s)")
+    assert "#SBATCH --nodes=2" in fake_slurm.read_text()
+
+
+# ---- bad input: one line, exit 2, nothing written ------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v9-8", "--dry-run", "--", *TRAIN_TINY],
+     "unknown accelerator type 'v9-8'"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", *TRAIN_TINY],
+     "give the llama-jax command to run after --"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run"],
+     "give the llama-jax command to run after --"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "python", "train.py"],
+     "after --: 'python' is not a llama-jax command"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--"], "after --: nothing given"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "train", "--config",
+      "configs/missing.py", "--workdir", "w"], "--config configs/missing.py: no such file"),
+    (["tpu", "--name", "Bad_Name", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
+     "--name 'Bad_Name'"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--copy-back", "d", "--dry-run", "--",
+      "plan", "--config", "configs/tiny.py"], "--copy-back needs a command with --workdir"),
+    (["slurm", "--nodes", "0", "--dry-run", "--", *TRAIN_IN_TMP], "--nodes must be at least 1"),
+    (["slurm", "--gpus-per-node", "0", "--dry-run", "--", *TRAIN_IN_TMP], "--gpus-per-node must be at least 1"),
+    (["slurm", "--dry-run", *TRAIN_IN_TMP], "give the llama-jax command to run after --"),
+    (["slurm", "--dry-run", "--", "train", "--config", "configs/tiny.py"], "--folder is required"),
+])
+def test_bad_input(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    workdir = tmp_path / "run"
+    assert cli.main(["launch", *[str(workdir) if a == "TMP_WORKDIR" else a for a in argv]]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("llama-jax launch: error: ") and message in captured.err
+    assert not workdir.exists()
+
+
+def test_missing_tools_are_one_line(capsys, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no gcloud, no sbatch
+    assert cli.main(["launch", "tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--", *TRAIN_TINY]) == 2
+    assert capsys.readouterr().err == ("llama-jax launch: error: gcloud not found on PATH: install the Google "
+                                       "Cloud CLI (https://cloud.google.com/sdk/docs/install), or use --dry-run\n")
+    folder = tmp_path / "run"
+    argv = ["launch", "slurm", "--", "train", "--config", "configs/tiny.py", "--workdir", str(folder)]
+    assert cli.main(argv) == 2
+    assert "sbatch not found on PATH" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    assert cli.main([*argv[:2], "--dry-run", *argv[2:]]) == 2
+    assert capsys.readouterr().err == ("llama-jax launch: error: SLURM launching needs submitit: "
+                                       "pip install -e '.[launch]'\n")
+    assert not folder.exists() and not list(tmp_path.glob("llama-jax-*"))
+
+
+# ---- experiments scripts ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def script_env(tmp_path):
+    """Environment for the experiments scripts: this checkout's llama-jax, and a gcloud that must not be called."""
+    llama_jax = Path(sys.executable).parent / "llama-jax"
+    if not llama_jax.exists():
+        pytest.skip("llama-jax entry point not installed next to this Python")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_fake(bin_dir / "gcloud", f"#!/bin/sh\ntouch {tmp_path}/gcloud-was-called\nexit 99\n")
+    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", LLAMA_JAX=str(llama_jax),
+                WORKDIR=str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("script, accelerator, workers, config", [
+    ("llama2_7b_v4_32.sh", "v4-32", 4, "configs/llama2_7b_v4_32.py"),
+    ("llama3_8b_v5p.sh", "v5p-64", 8, "configs/llama3_8b_v5p.py"),
+])
+def test_tpu_experiment_scripts_dry_run(script, accelerator, workers, config, script_env, tmp_path):
+    done = subprocess.run([str(ROOT / "experiments" / script), "--dry-run", "--spot", "--config.train.steps=7"],
+                          env=script_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"{accelerator}: " in done.stdout and f"on {workers} workers" in done.stdout
+    commands = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("gcloud ")]
+    assert "--spot" in commands[0] and flag(commands[0], "--accelerator-type") == accelerator
+    run = flag(commands[-1], "--command")
+    assert f"train --config {config} --workdir {tmp_path / 'run'} --config.train.steps=7" in run
+    assert not (tmp_path / "gcloud-was-called").exists()
+
+
+def test_slurm_experiment_script_dry_run(script_env, tmp_path):
+    done = subprocess.run([str(ROOT / "experiments" / "tinyllama_slurm.sh"), "--dry-run", "--partition", "gpu",
+                           "--config.train.steps=7"], env=script_env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    script = (tmp_path / "run" / "slurm" / slurm.DRY_RUN_SCRIPT).read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
+    assert "#SBATCH --partition=gpu" in script
+    assert f"train --config configs/tinyllama_1b_8gpu.py --workdir {tmp_path / 'run'} --config.train.steps=7" in script
