@@ -194,6 +194,12 @@ def cmd_sweep(args) -> None:
         raise UserError("--config is required (or --report to rebuild the results of an existing sweep)")
     spec, axes, listed = sweep.prepare(args.config, args.workdir, args.sweep or [], args.overrides, args.search,
                                        args.trials, args.seed)
+    if args.on == "slurm":
+        job = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
+                   time_min=args.time_min, account=args.account, cpus_per_node=args.cpus_per_node,
+                   job_name=args.job_name)
+        print(sweep.submit_to_slurm(spec, axes, listed, args.workdir, job, dry_run=args.dry_run))
+        return
     if args.dry_run:
         print("\n".join(sweep.describe(spec, axes, listed, args.workdir)))
         return
@@ -335,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give each running trial its own K accelerators (K virtual devices on CPU)")
     p.add_argument("--dry-run", action="store_true", help="print the trials and their commands; run nothing")
     p.add_argument("--report", action="store_true", help="only rebuild results.csv/.md and plots from the runs")
+    p.add_argument("--on", default="local", choices=("local", "slurm"),
+                   help="local: trials run here; slurm: one job array, a job per trial (grid and random searches; "
+                        "--report collects the results later)")
+    add_slurm_job_arguments(p.add_argument_group("SLURM jobs (with --on slurm)"))
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("launch", help="run a llama-jax command on a Cloud TPU slice (gcloud) or SLURM (submitit)")
@@ -347,8 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
-    from llama_jax.launch.slurm import DEFAULT_TIME_MIN
-
     targets = p.add_subparsers(dest="target", required=True)
     example = "-- train --config configs/llama2_7b_v4_32.py --workdir /mnt/gcs/runs/llama2-7b"
     t = targets.add_parser("tpu", help="create or reuse a TPU VM slice, ship this checkout, run the command on "
@@ -375,21 +383,28 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     t.set_defaults(func=cmd_launch_tpu)
 
     s = targets.add_parser("slurm", help="submit the command as a SLURM job, one task per node (submitit)")
-    s.add_argument("--nodes", type=int, default=1, metavar="N")
-    s.add_argument("--gpus-per-node", type=int, default=1, metavar="G")
-    s.add_argument("--cpus-per-node", type=int, default=None, metavar="C",
-                   help="CPUs of the task on each node (default: SLURM's)")
-    s.add_argument("--partition", default=None, metavar="P")
-    s.add_argument("--time-min", type=int, default=DEFAULT_TIME_MIN, metavar="M",
-                   help="time limit in minutes; at the limit the job is requeued and the run resumes")
-    s.add_argument("--account", default=None, metavar="A")
-    s.add_argument("--job-name", default="llama-jax", metavar="NAME")
+    add_slurm_job_arguments(s)
     s.add_argument("--folder", default=None, metavar="DIR",
                    help="submitit's folder: sbatch script, logs (default: WORKDIR/slurm)")
     s.add_argument("--dry-run", action="store_true", help="write and print the sbatch script; submit nothing")
     s.add_argument("launched", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="the llama-jax command, e.g. -- train --config configs/tinyllama_1b_8gpu.py --workdir runs/x")
     s.set_defaults(func=cmd_launch_slurm)
+
+
+def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The shape of a SLURM job: for `launch slurm` and for sweeps run as a job array."""
+    from llama_jax.launch.slurm import DEFAULT_TIME_MIN
+
+    p.add_argument("--nodes", type=int, default=1, metavar="N")
+    p.add_argument("--gpus-per-node", type=int, default=1, metavar="G")
+    p.add_argument("--cpus-per-node", type=int, default=None, metavar="C",
+                   help="CPUs of the task on each node (default: SLURM's)")
+    p.add_argument("--partition", default=None, metavar="P")
+    p.add_argument("--time-min", type=int, default=DEFAULT_TIME_MIN, metavar="M",
+                   help="time limit in minutes; at the limit the job is requeued and the run resumes")
+    p.add_argument("--account", default=None, metavar="A")
+    p.add_argument("--job-name", default="llama-jax", metavar="NAME")
 
 
 def _quiet_library_noise() -> None:

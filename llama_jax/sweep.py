@@ -559,3 +559,37 @@ def describe(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os
     return [f"{t.name(list(axes), numbered)}: "
             f"{shlex.join(trial_command(spec, t, workdir / t.name(list(axes), numbered), ['llama-jax']))}"
             for t in listed]
+
+
+def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os.PathLike, job: dict,
+                    dry_run: bool = False) -> str:
+    """Submit the unfinished trials as one SLURM job array (a job per trial); returns what to tell the
+    user. `job`: the keywords of `launch.slurm.submit_array` (nodes, gpus_per_node, ...). A dry run
+    prints the array's sbatch script and writes nothing."""
+    import tempfile
+
+    from llama_jax.launch import slurm
+
+    if spec.search == "optuna":
+        raise SweepError("--on slurm runs grid and random searches (an Optuna search decides each trial from the "
+                         "ones before it, so it runs trials itself: use --on local)")
+    workdir = Path(workdir).absolute()
+    numbered = spec.search != "grid"
+    todo = [t for t in listed if read_trial(workdir / t.name(list(axes), numbered)).get("status") not in FINISHED]
+    if not todo:
+        return f"every trial of {workdir} has finished; llama-jax sweep --workdir {workdir} --report"
+    commands = [trial_command(spec, t, workdir / t.name(list(axes), numbered)) for t in todo]
+    if dry_run:  # rendered in a scratch folder, shown with the folder a submission would use
+        with tempfile.TemporaryDirectory() as folder:
+            script = Path(slurm.submit_array(commands, folder, dry_run=True, **job)[0]).read_text()
+        script = script.replace(folder, str(workdir / "slurm"))
+        return f"# the sbatch script of {len(commands)} trial(s) (not submitted)\n{script}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / SPEC_FILE).write_text(spec.to_json())
+    job_ids = slurm.submit_array(commands, workdir / "slurm", **job)
+    for trial, job_id in zip(todo, job_ids):
+        directory = workdir / trial.name(list(axes), numbered)
+        directory.mkdir(exist_ok=True)
+        write_trial(directory, trial, "submitted", job=job_id)
+    return (f"submitted {len(job_ids)} trial(s) as SLURM job array {job_ids[0].split('_')[0]}; "
+            f"llama-jax sweep --workdir {workdir} --report collects the results")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit  # noqa: F401  (imported here, not under a test's output capture: it reconfigures logging)
 
 from llama_jax import sweep as sweep_lib
 from llama_jax.checkpoint import RunCheckpoints
@@ -185,3 +186,26 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     assert main(sweep_args(workdir, "--sweep", "train.seed=[0,2]")) == 2
     assert "holds a different sweep (its axes, overrides differ)" in capsys.readouterr().err
     assert sorted(workdir.rglob("*")) == before
+
+
+def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "sweep"
+    args = sweep_args(workdir, "--sweep", "train.seed=[0,1,2]", "--on", "slurm", "--gpus-per-node", "4",
+                      "--partition", "gpu")
+    assert main([*args, "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --array=0-2%3" in script and "#SBATCH --gpus-per-node=4" in script
+    assert f"--workdir {workdir / 'seed=2'} " in script and f"{workdir / 'slurm'}/%A_%a_0_log.out" in script
+    assert not workdir.exists()
+
+    bin_dir = tmp_path / "bin"  # a fake sbatch answering a job id (submitit also wants srun on PATH)
+    bin_dir.mkdir()
+    for name, text in (("sbatch", "#!/bin/sh\necho 'Submitted batch job 77'\n"), ("srun", "#!/bin/sh\nexit 1\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert main(args) == 0
+    assert "submitted 3 trial(s) as SLURM job array 77" in capsys.readouterr().out
+    assert [trial(workdir / f"seed={i}")["job"] for i in range(3)] == ["77_0", "77_1", "77_2"]
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
+    assert [r["status"] for r in rows(workdir)] == ["submitted"] * 3
