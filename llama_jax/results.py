@@ -125,7 +125,7 @@ def plot(workdir: Path, keys: list[str], rows: list[dict], objective_label: str)
             points = sorted((r[key], r["objective"]) for r in numeric if not group or str(r[group]) == label)
             ax.plot(*zip(*points), "o-", label=f"{group}={label}" if group else None)
         values = [r[key] for r in numeric]
-        if min(values) > 0 and max(values) / min(values) >= 100:
+        if min(values) > 0 and max(values) / min(values) >= 10:  # a decade or more
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(objective_label)
