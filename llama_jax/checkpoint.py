@@ -84,7 +84,9 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
 def load_config(path: str | os.PathLike) -> LLaMAConfig:
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
-        raise ValueError(f"{path} is not a llama_jax model directory: {CONFIG_FILE} not found")
+        hint = (f"; it holds a training run: llama-jax export --workdir {path} DST writes a model directory of it"
+                if (Path(path) / "checkpoints").is_dir() else "")
+        raise ValueError(f"{path} is not a llama_jax model directory: {CONFIG_FILE} not found{hint}")
     try:
         saved = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -82,7 +82,7 @@ def parse_size(text: str) -> int:
     unit = text.strip().upper()[len(number):]
     try:
         size = int(float(number) * units[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):  # OverflowError: inf
         raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
@@ -153,6 +153,10 @@ def _init_distributed(args) -> None:
     from llama_jax.devices import on_tpu_vm
 
     if args.num_processes and args.num_processes > 1:
+        n = args.num_processes
+        if not args.coordinator or args.process_id is None or not 0 <= args.process_id < n:
+            raise UserError(f"--num-processes {n} needs --coordinator HOST:PORT and --process-id I with 0 <= I < {n}, "
+                            f"got --coordinator {args.coordinator} --process-id {args.process_id}")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
@@ -266,6 +270,8 @@ def cmd_launch_slurm(args) -> None:
 def cmd_plan(args) -> None:
     import os
 
+    if args.devices is not None and args.devices < 1:
+        raise UserError(f"--devices must be a positive number of virtual CPU devices, got {args.devices}")
     if args.devices:  # virtual CPU devices; must be set before JAX initialises its backends
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()

@@ -105,6 +105,9 @@ class LLaMAConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("norm_eps", "rope_theta"):
             _check_number(name, getattr(self, name))
+        for name in ("tie_embeddings", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
         if self.n_heads % self.n_kv_heads:
@@ -184,6 +187,8 @@ _HF_DEFAULT_ROPE_TYPES = ("default", None)
 
 
 def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"config.json: expected a JSON object of model settings, got {type(hf).__name__}")
     model_type = hf.get("model_type", "llama")
     if model_type != "llama":
         raise ValueError(f"config.json: model_type {model_type!r} is not supported; valid: 'llama'")
@@ -203,6 +208,9 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
 
     # transformers 5.x: rope_parameters holds theta and scaling; 4.x: top-level rope_theta + rope_scaling.
     rope = hf.get("rope_parameters")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+            raise ValueError(f"config.json: {key} must be an object or null, got {hf[key]!r}")
     if rope is not None:
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = rope

@@ -133,6 +133,8 @@ def expand_files(patterns: Sequence[str] | str) -> list[str]:
 def read_documents(paths: Sequence[str] | str, text_key: str = "text") -> Iterator[str]:
     """Stream the documents of `TextFiles(paths, text_key)` without holding them."""
     for path in expand_files(paths):
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: is a directory; give the files in it, e.g. {os.path.join(path, '*.txt')}")
         if path.endswith(".txt"):
             yield _read_txt(path)
         elif path.endswith(".jsonl"):

@@ -123,6 +123,8 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
     P = max(len(p) for p in prompts)
     if P + max_new_tokens > config.max_seq_len:
         raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) = {P + max_new_tokens} "

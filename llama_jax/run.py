@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ ON_NONFINITE = ("stop", "skip")
 RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
 SET_ASIDE_DIR = "checkpoints-set-aside"  # checkpoints after a --resume-from step
+TRAINED_TOKENIZER_PREFIX = "llama-jax-tokenizer-"  # temporary directory of a tokenizer trained for a run
 
 
 class RunError(ValueError):
@@ -63,9 +65,13 @@ class RunData:
         if self.tokenizer_file is None:
             return None
         kept = workdir / RUN_TOKENIZER
+        digest = sha256_file(self.tokenizer_file)
         if jax.process_index() == 0 and not kept.exists():
             shutil.copyfile(self.tokenizer_file, kept)
-        return sha256_file(self.tokenizer_file)
+        if self.tokenizer_file.parent.name.startswith(TRAINED_TOKENIZER_PREFIX):  # trained for this run
+            discard_trained_tokenizer(self.tokenizer_file)
+            self.tokenizer_file = kept
+        return digest
 
 
 def build_data(config, model: LLaMAConfig, workdir: Path) -> RunData:
@@ -78,12 +84,25 @@ def build_data(config, model: LLaMAConfig, workdir: Path) -> RunData:
                        None, None, None)
     train_docs, eval_docs = data_lib.make_source(d)
     tokenizer_file = _tokenizer_file(d, train_docs, eval_docs is None, workdir)
-    tokenizer = load_tokenizer(tokenizer_file)
-    check_fits(tokenizer, model.vocab_size)
-    dataset = data_lib.TextDataset(train_docs, tokenizer, t.seq_len, t.seed, d.eval_fraction, eval_docs)
+    try:
+        tokenizer = load_tokenizer(tokenizer_file)
+        check_fits(tokenizer, model.vocab_size)
+        dataset = data_lib.TextDataset(train_docs, tokenizer, t.seq_len, t.seed, d.eval_fraction, eval_docs)
+        if not len(dataset.eval_indices) and t.eval_every:
+            raise RunError(f"train.eval_every={t.eval_every} but no document is held out for evaluation "
+                           f"(data.eval_fraction={d.eval_fraction}); use eval_fraction > 0 or train.eval_every=0")
+    except BaseException:
+        discard_trained_tokenizer(tokenizer_file)
+        raise
     eval_rows = data_lib.rows_for_process(t.batch_size // t.grad_accum, jax.process_index(), jax.process_count())
-    return RunData(lambda s: dataset.batch(s, rows), lambda k: dataset.eval_batch(k, eval_rows), tokenizer, dataset,
-                   tokenizer_file)
+    evaluate_rows = (lambda k: dataset.eval_batch(k, eval_rows)) if len(dataset.eval_indices) else None
+    return RunData(lambda s: dataset.batch(s, rows), evaluate_rows, tokenizer, dataset, tokenizer_file)
+
+
+def discard_trained_tokenizer(path: Path | None) -> None:
+    """Remove a tokenizer trained for a run that did not start (it lives in a temporary directory)."""
+    if path is not None and path.parent.name.startswith(TRAINED_TOKENIZER_PREFIX):
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def _tokenizer_file(d, docs, holds_eval_documents: bool, workdir: Path) -> Path:
@@ -94,7 +113,7 @@ def _tokenizer_file(d, docs, holds_eval_documents: bool, workdir: Path) -> Path:
         if kept.is_file():
             pieces = load_tokenizer(kept).vocab_size
             if pieces != d.tokenizer_vocab_size:
-                raise RunError(f"{kept} (trained when this run started) has {pieces} pieces but "
+                raise RunError(f"{kept} (the tokenizer this run started with) has {pieces} pieces but "
                                f"data.tokenizer_vocab_size={d.tokenizer_vocab_size}; resume with "
                                f"data.tokenizer_vocab_size={pieces} or use another --workdir")
             return kept
@@ -105,8 +124,12 @@ def _tokenizer_file(d, docs, holds_eval_documents: bool, workdir: Path) -> Path:
             else range(len(docs))
         print(f"training a {d.tokenizer_vocab_size}-piece SentencePiece tokenizer on the {len(indices)} "
               f"training documents")
-        path = Path(tempfile.mkdtemp(prefix="llama-jax-tokenizer-")) / RUN_TOKENIZER
-        return train_sentencepiece((docs[int(i)] for i in indices), path, d.tokenizer_vocab_size)
+        path = Path(tempfile.mkdtemp(prefix=TRAINED_TOKENIZER_PREFIX)) / RUN_TOKENIZER
+        try:
+            return train_sentencepiece((docs[int(i)] for i in indices), path, d.tokenizer_vocab_size)
+        except BaseException:
+            discard_trained_tokenizer(path)
+            raise
     if not d.tokenizer:
         raise RunError(f"data.tokenizer is empty; give a tokenizer.model path (or 'train') for data.source={d.source}")
     given = Path(d.tokenizer)
@@ -230,16 +253,19 @@ def set_aside_after(workdir: Path, step: int) -> list[int]:
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE)
+MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
 
 def check_workdir(workdir: Path) -> None:
-    """RunError unless `workdir` is new, empty or a run's: a run never writes over what it did not make."""
+    """RunError unless `workdir` is new, a run's, or a directory holding nothing the run would write
+    over and no model (sub-directories of one's own, such as RUN/init, are fine)."""
     blocking = next((p for p in [workdir, *workdir.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")
     if not workdir.exists() or _holds_run(workdir):
         return
-    clash = sorted(p.name for p in workdir.iterdir() if p.name in RUN_FILES or p.name == "model_config.json")
+    clash = sorted(p.name for p in workdir.iterdir()
+                   if p.name in RUN_FILES or any(fnmatch.fnmatchcase(p.name, m) for m in MODEL_FILES))
     if clash:
         raise RunError(f"--workdir {workdir} holds {clash[0]!r} but no llama-jax run (a run writes config.json, "
                        f"checkpoints/, metrics.jsonl there); use a new or empty directory")
@@ -442,12 +468,16 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     trainer = build_trainer(config, devices)
     cfg, t = trainer.model_config, config.train
     data = build_data(config, cfg, workdir)
-    if config.checkpoint.init_from and not committed_steps(workdir):
-        check_init_from(config.checkpoint.init_from, cfg)
-    state, start = initial_state(config, trainer, workdir, resume_from)
-    if start > t.steps:
-        raise RunError(f"{workdir} holds checkpoint {start}, past train.steps={t.steps}; raise train.steps to at "
-                       f"least {start} or use --resume-from an earlier step")
+    try:
+        if config.checkpoint.init_from and not committed_steps(workdir):
+            check_init_from(config.checkpoint.init_from, cfg)
+        state, start = initial_state(config, trainer, workdir, resume_from)
+        if start > t.steps:
+            raise RunError(f"{workdir} holds checkpoint {start}, past train.steps={t.steps}; raise train.steps to "
+                           f"at least {start} or use --resume-from an earlier step")
+    except BaseException:
+        discard_trained_tokenizer(data.tokenizer_file)
+        raise
     # ---- the first write: everything above only read ----
     main_process = jax.process_index() == 0
     if main_process:

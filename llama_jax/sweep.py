@@ -445,12 +445,17 @@ def last_error_line(log: Path) -> str:
 # ---- Optuna ------------------------------------------------------------------------------------
 
 
-def open_study(workdir: Path, seed: int, create: bool):
-    """The sweep's Optuna study in DIR/optuna.db: TPE sampler, median pruner."""
+def _import_optuna():
     try:
         import optuna
     except ImportError:
         raise SweepError("--search optuna needs Optuna: pip install -e '.[sweep]'") from None
+    return optuna
+
+
+def open_study(workdir: Path, seed: int):
+    """The sweep's Optuna study in DIR/optuna.db (created or reloaded): TPE sampler, median pruner."""
+    optuna = _import_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{workdir / STUDY_FILE}"
     return optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize", load_if_exists=True,
@@ -500,6 +505,8 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
         raise SweepError(f"--search {search!r}; valid: {', '.join(SEARCHES)}")
     if search != "grid" and (trials is None or trials < 1):
         raise SweepError(f"--search {search} needs --trials N (N >= 1)")
+    if search == "optuna":
+        _import_optuna()
     axes = axes_from(config, axis_texts)
     spec = SweepSpec(str(Path(config).absolute()), tuple(overrides), {k: repr(v) for k, v in axes.items()},
                      search, trials if search != "grid" else None, seed)
@@ -537,7 +544,7 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / SPEC_FILE).write_text(spec.to_json())
     if spec.search == "optuna":
-        study = open_study(workdir, spec.seed, create=True)
+        study = open_study(workdir, spec.seed)
         sweep.run(optuna_trials(study, axes, spec.trials), study)
         return
     todo = [t for t in listed if read_trial(sweep.directory(t)).get("status") not in FINISHED]

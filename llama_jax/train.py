@@ -193,6 +193,8 @@ def validate_config(config, n_devices: int) -> None:
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
         if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {t[key]!r}")
+    if not isinstance(t.seed, int) or isinstance(t.seed, bool) or not 0 <= t.seed < 2**63:
+        raise ValueError(f"train.seed must be an integer in [0, 2**63), got {t.seed!r}")
     if isinstance(t.z_loss, bool) or not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
         raise ValueError(f"train.z_loss must be a number >= 0 (0: no z-loss), got {t.z_loss!r}")
     data, fsdp, tensor = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_devices)

@@ -224,8 +224,14 @@ def test_existing_destination_needs_overwrite(tmp_path, capsys, good_src):
     assert main(["convert", "--from", "hf", "--to", "jax", str(good_src), str(dst)]) == 2
     assert "already exists; pass --overwrite" in _error_line(capsys)
     assert (dst / "keep.txt").read_text() == "mine"
+    assert main(["convert", "--from", "hf", "--to", "jax", str(good_src), str(dst), "--overwrite"]) == 2
+    assert "holds 'keep.txt', which is not part of a llama_jax model directory" in _error_line(capsys)
+    assert (dst / "keep.txt").read_text() == "mine"  # --overwrite replaces only what convert writes
+    (dst / "keep.txt").unlink()
+    assert main(["convert", "--from", "hf", "--to", "jax", str(good_src), str(dst)]) == 2
     assert main(["convert", "--from", "hf", "--to", "jax", str(good_src), str(dst), "--overwrite"]) == 0
-    assert not (dst / "keep.txt").exists() and (dst / "model_config.json").is_file()
+    assert main(["convert", "--from", "hf", "--to", "jax", str(good_src), str(dst), "--overwrite"]) == 0
+    assert (dst / "model_config.json").is_file()
 
 
 def test_tools_script_is_the_same_command(tmp_path, good_src):

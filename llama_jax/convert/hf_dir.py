@@ -38,7 +38,8 @@ def _weight_map(src: Path) -> dict[str, str]:
     """Tensor name -> file name, from an index or from the single weights file."""
     for single, index in WEIGHT_LAYOUTS:
         if (src / index).is_file():
-            weight_map = read_json(src / index).get("weight_map")
+            index_json = read_json(src / index)
+            weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
             if not isinstance(weight_map, dict):
                 raise ConversionError(f"{src / index}: no 'weight_map'")
             for file_name in sorted(set(weight_map.values())):
@@ -82,12 +83,16 @@ def read_hf_dir(src: str | Path) -> Source:
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{src}: config.json not found; a Hugging Face model directory needs one")
+    hf = read_json(config_path)
+    if isinstance(hf, dict) and {"model", "train", "checkpoint"} <= set(hf):  # a run's resolved config
+        raise ConversionError(f"{src} is a llama-jax training run, not a Hugging Face model directory; write its "
+                              f"checkpoint as a model directory with llama-jax export, then convert --from jax")
     try:
-        config = LLaMAConfig.from_hf(read_json(config_path))
+        config = LLaMAConfig.from_hf(hf)
     except ConversionError:
         raise
-    except ValueError as e:
-        raise ConversionError(f"{config_path}: {e}") from None
+    except ValueError as e:  # from_hf's messages start with "config.json: ", which config_path already names
+        raise ConversionError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from None
     weight_map = _weight_map(src)
     try:
         check_names(config, set(weight_map))

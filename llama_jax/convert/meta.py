@@ -342,13 +342,7 @@ def write_meta(dst_dir: Path, config: LLaMAConfig, load: Callable[[str], np.ndar
     Tokenizer files are the caller's business.
     """
     dst_dir = Path(dst_dir)
-    params = _params_json(config)
-    tensors = _tensors(config, 1 if config.vocab_size < _VOCAB_SPLIT_FROM else 0)
-    problem = _split_problem(config, tensors, n_shards)
-    if problem:
-        valid = [n for n in range(1, config.n_heads + 1) if _split_problem(config, tensors, n) is None]
-        raise ConversionError(f"n_shards={n_shards}: {problem}; valid shard counts for this model: "
-                              + ", ".join(map(str, valid)))
+    params, tensors = check_writable(config, n_shards)
     stale = sorted(dst_dir.glob("consolidated.*.pth"))
     if stale:
         raise ConversionError(f"{stale[0]}: already exists; write a Meta checkpoint into a directory without shards")
@@ -371,6 +365,19 @@ def write_meta(dst_dir: Path, config: LLaMAConfig, load: Callable[[str], np.ndar
         del state
         total += path.stat().st_size
     return total
+
+
+def check_writable(config: LLaMAConfig, n_shards: int) -> tuple[dict, dict[str, _MetaTensor]]:
+    """ConversionError unless `config` can be written as `n_shards` Meta shards (checked before the
+    destination is created); returns its params.json and tensors."""
+    params = _params_json(config)
+    tensors = _tensors(config, 1 if config.vocab_size < _VOCAB_SPLIT_FROM else 0)
+    problem = _split_problem(config, tensors, n_shards)
+    if problem:
+        valid = [n for n in range(1, config.n_heads + 1) if _split_problem(config, tensors, n) is None]
+        raise ConversionError(f"n_shards={n_shards}: {problem}; valid shard counts for this model: "
+                              + ", ".join(map(str, valid)))
+    return params, tensors
 
 
 def _shard_piece(t: _MetaTensor, w: np.ndarray, shard: int, n_shards: int, n_kv_heads: int) -> np.ndarray:

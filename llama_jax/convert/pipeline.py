@@ -16,7 +16,7 @@ import numpy as np
 
 from llama_jax.checkpoint import (MODEL_DIR, TOKENIZER_FILES, copy_tokenizer_files, load_config, load_model,
                                   write_model_dir)
-from llama_jax.config import LLaMAConfig
+from llama_jax.config import DTYPES, LLaMAConfig
 from llama_jax.convert import hf_dir, meta
 from llama_jax.convert.hf import empty_params, hf_tensor, put_tensor, tensor_specs
 from llama_jax.convert.source import ConversionError, Source, dtype_name, numpy_dtype
@@ -57,7 +57,7 @@ def _leaves(tree):
 def read_checkpoint(fmt: str, src: str | Path, rope_scaling_factor: float | None = None) -> Source:
     src = Path(src)
     if not src.is_dir():
-        raise ConversionError(f"{src}: no such directory")
+        raise ConversionError(f"{src}: {'not a directory' if src.exists() else 'no such directory'}")
     if fmt == "hf":
         return hf_dir.read_hf_dir(src)
     if fmt == "meta":
@@ -96,11 +96,16 @@ def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype:
     t0 = time.perf_counter()
     source = read_checkpoint(src_fmt, src, rope_scaling_factor)
     try:
+        if dtype is None and source.dtype not in DTYPES:
+            raise ConversionError(f"{src}: the weights are {source.dtype}; pass --dtype ({', '.join(DTYPES)}) to "
+                                  f"convert them")
         dtype = dtype or source.dtype
         out_dtype = numpy_dtype(dtype)
         config = source.config.replace(param_dtype=dtype_name(out_dtype))
         specs = tensor_specs(config)
         passes = shards if dst_fmt == "meta" else 1  # the Meta writer reads every tensor once per shard
+        if dst_fmt == "meta":
+            meta.check_writable(config, shards)  # before the destination's temporary directory is made
         with atomic_directory(dst, OUTPUT_KINDS[dst_fmt], overwrite, [src]) as tmp, \
                 tqdm(total=len(specs) * passes, unit="tensor", desc=f"{src_fmt} -> {dst_fmt}",
                      disable=None if progress else True, leave=False) as bar:

@@ -1,0 +1,425 @@
+"""Bad input to every command: exit status 2, no traceback, one stderr line naming the problem,
+and every input and destination left exactly as it was.
+
+Each row of CASES is a mistake a user can make, run as a real `llama-jax` process (two at a time)
+against shared inputs: a tiny trained run (checkpoints 2 and 4), its exported model directory, a
+tiny Hugging Face and Meta checkpoint, two SentencePiece tokenizers, a text corpus and damaged
+copies of these. `{name}` in a command line is the path of input `name`. A case runs in a
+directory of its own, with TMPDIR inside it; the snapshot (path -> size, mtime) covers that
+directory (what is left in TMPDIR included) and all the inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import safetensors.numpy
+
+from llama_jax.convert.pipeline import convert
+from llama_jax.data import EmbeddedCorpus
+from llama_jax.tokenizer import train_sentencepiece
+from tests.reference import hf_config_dict, make_hf_model
+
+ROOT = Path(__file__).parents[1]
+NEW_RUN = "train --config {tiny} --workdir new --config.train.steps=4 --config.optimizer.warmup_steps=1"
+TEXT = ("--config.data.source=text \"--config.data.files=['{corpus}/*.txt']\" --config.data.tokenizer={tokenizer} "
+        "--config.model.vocab_size=512")
+RUN = "train --config {tiny} --workdir {run} --config.train.steps=4 --config.optimizer.warmup_steps=1 " + TEXT
+
+
+class Case(NamedTuple):
+    id: str
+    command: str  # a llama-jax command line; {name} is the path of input `name`
+    error: str  # regex the stderr line must match
+    usage: bool = False  # an argparse error: its usage lines precede the error line
+
+
+CASES = [
+    # ---- train: the config file and its overrides ----
+    Case("train-config-missing", "train --config {inputs}/nope.py --workdir new", r"config file \S+/nope.py not found"),
+    Case("train-config-is-a-directory", "train --config {corpus} --workdir new",
+         r"corpus: is a directory; expected a Python config file"),
+    Case("train-config-syntax-error", "train --config {syntax_py} --workdir new", r"syntax.py, line 1: syntax error"),
+    Case("train-get_config-returns-none", "train --config {none_py} --workdir new",
+         r"none.py: get_config\(\) returned None; expected an ml_collections.ConfigDict"),
+    Case("train-config-json-garbage", "train --config {garbage_json} --workdir new", r"garbage.json: not valid JSON"),
+    Case("train-unknown-key", NEW_RUN + " --config.train.stepz=5",
+         r"unknown config key 'train.stepz'; valid keys there: .*steps"),
+    Case("train-wrong-type", NEW_RUN + " --config.train.batch_size=sixteen",
+         r"config key 'train.batch_size' is int, got 'sixteen' \(str\)"),
+    Case("train-files-not-a-list", NEW_RUN + " --config.data.source=text --config.data.files={corpus}/doc0.txt",
+         r"config key 'data.files' is list, got '\S+doc0.txt' \(str\)"),
+    Case("train-override-without-value", NEW_RUN + " --config.train.seq_len", r"--config.train.seq_len: missing value"),
+    Case("train-nan", NEW_RUN + " --config.optimizer.lr=nan", r"config key optimizer.lr: nan is not a finite number"),
+    Case("train-negative-steps", NEW_RUN + " --config.train.steps=-3",
+         r"train.steps must be a positive integer, got -3"),
+    Case("train-batch-not-divisible", NEW_RUN + " --config.train.grad_accum=3",
+         r"train.batch_size=16 is not divisible by train.grad_accum=3"),
+    Case("train-seq-len-over-max", NEW_RUN + " --config.train.seq_len=256",
+         r"train.seq_len=256 exceeds the model's max_seq_len=128"),
+    Case("train-max-to-keep-0", NEW_RUN + " --config.checkpoint.max_to_keep=0",
+         r"checkpoint.max_to_keep must be a positive integer .*got 0"),
+    Case("train-keep-every-negative", NEW_RUN + " --config.checkpoint.keep_every=-2",
+         r"checkpoint.keep_every must be a non-negative integer .*got -2"),
+    Case("train-negative-seed", NEW_RUN + " --config.train.seed=-1",
+         r"train.seed must be an integer in \[0, 2\*\*63\), got -1"),
+    Case("train-scan-layers-not-bool", NEW_RUN + " --config.model.scan_layers=maybe",
+         r"scan_layers must be True or False, got 'maybe'"),
+    Case("train-on-nonfinite-unknown", NEW_RUN + " --config.train.on_nonfinite=ignore",
+         r"train.on_nonfinite='ignore'; valid: stop, skip"),
+    Case("train-processes-without-coordinator", NEW_RUN + " --num-processes 2",
+         r"--num-processes 2 needs --coordinator HOST:PORT and --process-id"),
+    # ---- train: data and tokenizer ----
+    Case("train-unknown-data-source", NEW_RUN + " --config.data.source=web",
+         r"data.source='web' is not supported; valid: embedded, text, jsonl, tfds, synthetic"),
+    Case("train-data-files-missing", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{inputs}/nowhere/*.txt"),
+         r"no file matches '\S+/nowhere/\*.txt'"),
+    Case("train-data-files-a-directory", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{corpus}"),
+         r"corpus: is a directory; give the files in it, e.g. \S+/corpus/\*.txt"),
+    Case("train-tfds-dataset-missing", NEW_RUN + " --config.data.source=tfds --config.data.tfds_name=my_corpus "
+         "--config.data.data_dir={inputs}/tfds", r"TFDS dataset 'my_corpus' not found in data_dir='\S+/tfds'"),
+    Case("train-eval-fraction-1", NEW_RUN + " " + TEXT + " --config.data.eval_fraction=1.0",
+         r"eval_fraction=1.0 is out of range; valid: 0 <= eval_fraction < 1"),
+    Case("train-data-not-utf8", NEW_RUN + " " + TEXT.replace("{corpus}", "{latin1_corpus}"),
+         r"latin1/a.txt: not UTF-8 text \(byte 0xe9"),
+    Case("train-empty-corpus", NEW_RUN + " " + TEXT.replace("{corpus}", "{empty_corpus}"),
+         r"holds no non-empty document"),
+    Case("train-jsonl-line-not-json", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{bad_jsonl}"),
+         r"bad.jsonl:2: not valid JSON"),
+    Case("train-tokenizer-unset", NEW_RUN + " --config.data.source=embedded",
+         r"data.tokenizer is empty; give a tokenizer.model path"),
+    Case("train-tokenizer-missing", NEW_RUN + " " + TEXT.replace("{tokenizer}", "{inputs}/nope.model"),
+         r"nope.model: no such file"),
+    Case("train-tokenizer-corrupt", NEW_RUN + " " + TEXT.replace("{tokenizer}", "{corrupt_model}"),
+         r"corrupt.model: neither a SentencePiece model nor a tiktoken rank file"),
+    Case("train-model-vocab-below-tokenizer", NEW_RUN + " " + TEXT.replace("512", "256"),
+         r"the tokenizer has 512 tokens but the model's vocab_size is 256"),
+    Case("train-tokenizer-vocab-too-small", NEW_RUN + " " + TEXT.replace("{tokenizer}", "train")
+         + " --config.data.tokenizer_vocab_size=10", r"sentencepiece training failed: Vocabulary size is smaller"),
+    Case("train-eval-without-held-out-documents",
+         NEW_RUN + " " + TEXT + " --config.train.eval_every=2 --config.data.eval_fraction=0.0",
+         r"train.eval_every=2 but no document is held out for evaluation \(data.eval_fraction=0.0\)"),
+    # ---- train: init_from and the workdir ----
+    Case("train-init-from-missing", NEW_RUN + " --config.checkpoint.init_from={inputs}/nope",
+         r"checkpoint.init_from: \S+/nope is not a llama_jax model directory"),
+    Case("train-init-from-other-shape", NEW_RUN + " --config.checkpoint.init_from={model}",
+         r"checkpoint.init_from=\S+ holds a model with vocab_size=512, but the config asks for vocab_size=256"),
+    Case("train-init-from-a-run", NEW_RUN + " --config.checkpoint.init_from={run}",
+         r"checkpoint.init_from: \S+/run is not a llama_jax model directory: model_config.json not found"),
+    Case("train-workdir-is-a-file", NEW_RUN.replace("new", "{notes}"),
+         r"--workdir \S+notes.txt: \S+notes.txt is a file"),
+    Case("train-workdir-under-a-file", NEW_RUN.replace("new", "{notes}/run"),
+         r"--workdir \S+notes.txt/run: \S+notes.txt is a file, not a directory"),
+    Case("train-workdir-is-hf-model", NEW_RUN.replace("new", "{hf}"), r"holds 'config.json' but no llama-jax run"),
+    Case("train-workdir-is-model-dir", NEW_RUN.replace("new", "{model}"),
+         r"holds 'model_config.json' but no llama-jax run"),
+    Case("train-workdir-is-meta-checkpoint", NEW_RUN.replace("new", "{meta}"),
+         r"--workdir \S+/meta holds 'consolidated.00.pth' but no llama-jax run"),
+    Case("train-resume-from-missing-step", RUN + " --resume-from 3",
+         r"--resume-from 3: \S+ has no committed checkpoint of that step; valid: 2, 4"),
+    Case("train-resume-past-steps", RUN.replace("steps=4", "steps=3"),
+         r"holds checkpoint 4, past train.steps=3; raise train.steps"),
+    Case("train-resume-other-shape", RUN + " --config.model.dim=96 --config.model.ffn_dim=256",
+         r"\(checkpoint 4\) holds a model with dim=64, but the config asks for dim=96"),
+    Case("train-resume-other-tokenizer", RUN.replace("{tokenizer}", "{other_tokenizer}"),
+         r"data.tokenizer=\S+ differs from the tokenizer this run started with"),
+    Case("train-resume-damaged-progress", RUN.replace("{run}", "{damaged_progress_run}"),
+         r"progress.json is damaged \(expected \{\"committed_step\": N\}\)"),
+    # ---- convert ----
+    Case("convert-src-missing", "convert --from hf --to jax {inputs}/nope out", r"nope: no such directory"),
+    Case("convert-src-is-a-file", "convert --from hf --to jax {notes} out", r"notes.txt: not a directory"),
+    Case("convert-meta-format-of-hf-dir", "convert --from meta --to jax {hf} out", r"hf/params.json: not found"),
+    Case("convert-jax-format-of-hf-dir", "convert --from jax --to hf {hf} out",
+         r"hf is not a llama_jax model directory: model_config.json not found"),
+    Case("convert-hf-format-of-a-run", "convert --from hf --to jax {run} out",
+         r"run is a llama-jax training run, not a Hugging Face model directory; .*llama-jax export"),
+    Case("convert-dst-exists", "convert --from hf --to jax {hf} {model}",
+         r"model already exists; pass --overwrite"),
+    Case("convert-dst-is-src", "convert --from hf --to hf {hf} {hf} --overwrite",
+         r"destination \S+/hf is the input \S+/hf"),
+    Case("convert-dst-contains-src", "convert --from hf --to jax {hf} {inputs} --overwrite",
+         r"destination \S+/inputs contains the input \S+/hf"),
+    Case("convert-dst-is-a-file", "convert --from hf --to jax {hf} {notes} --overwrite",
+         r"notes.txt exists and is not a directory; --overwrite replaces only a llama_jax model directory"),
+    Case("convert-dst-under-a-file", "convert --from hf --to jax {hf} {notes}/out",
+         r"cannot create \S+/notes.txt/out: \S+/notes.txt is a file, not a directory"),
+    Case("convert-overwrite-a-run", "convert --from hf --to jax {hf} {run} --overwrite",
+         r"run holds 'checkpoints' \(and \d more\), which is not part of a llama_jax model directory"),
+    Case("convert-overwrite-a-readme", "convert --from hf --to hf {hf} {readme_dir} --overwrite",
+         r"holds 'README.md', which is not part of a Hugging Face model directory"),
+    Case("convert-bad-dtype", "convert --from hf --to jax {hf} out --dtype int8",
+         r"argument --dtype: invalid choice: 'int8'", usage=True),
+    Case("convert-shards-0", "convert --from hf --to meta {hf} out --shards 0",
+         r"n_shards=0: the shard count must be a positive integer; valid shard counts for this model: 1, 2, 4"),
+    Case("convert-shards-not-dividing", "convert --from hf --to meta {hf} out --shards 3",
+         r"n_shards=3: n_heads=4 is not divisible by it"),
+    Case("convert-linear-rope-to-meta", "convert --from hf --to meta {linear_rope_hf} out",
+         r"rope_scaling=\{'rope_type': 'linear'.* cannot be written to params.json"),
+    Case("convert-max-shard-size-garbage", "convert --from hf --to hf {hf} out --max-shard-size lots",
+         r"argument --max-shard-size: invalid size 'lots'", usage=True),
+    Case("convert-max-shard-size-inf", "convert --from hf --to hf {hf} out --max-shard-size infGB",
+         r"argument --max-shard-size: invalid size 'infGB'", usage=True),
+    Case("convert-rope-scaling-factor-nan", "convert --from meta --to jax {meta} out --rope-scaling-factor nan",
+         r"argument --rope-scaling-factor: 'nan' is not a finite number", usage=True),
+    Case("convert-rope-scaling-factor-negative",
+         "convert --from meta --to jax {scaled_meta} out --rope-scaling-factor -3",
+         r"params.json: rope scaling factor must be a positive number, got -3.0"),
+    Case("convert-config-json-garbage", "convert --from hf --to jax {garbage_config_hf} out",
+         r"config.json: not valid JSON"),
+    Case("convert-config-json-a-list", "convert --from hf --to jax {list_config_hf} out",
+         r"config.json: expected a JSON object of model settings, got list"),
+    Case("convert-config-json-missing-key", "convert --from hf --to jax {no_vocab_hf} out",
+         r"/config.json: missing required key 'vocab_size'"),
+    Case("convert-config-json-not-llama", "convert --from hf --to jax {mistral_hf} out",
+         r"config.json: model_type 'mistral' is not supported; valid: 'llama'"),
+    Case("convert-config-json-bad-rope", "convert --from hf --to jax {bad_rope_hf} out",
+         r"config.json: rope_parameters must be an object or null, got 'yarn'"),
+    Case("convert-hf-without-weights", "convert --from hf --to jax {weightless_hf} out",
+         r"no weights found; expected one of model.safetensors"),
+    Case("convert-truncated-safetensors", "convert --from hf --to jax {truncated_hf} out",
+         r"model.safetensors: truncated, tensor \S+ ends past the end of the file"),
+    Case("convert-float64-weights", "convert --from hf --to jax {float64_hf} out",
+         r"float64_hf: the weights are float64; pass --dtype \(float32, bfloat16, float16\)"),
+    Case("convert-params-json-wrong-dim", "convert --from meta --to hf {wrong_dim_meta} out",
+         r"params.json: dim=96, but the weights have model dim 64"),
+    Case("convert-jax-without-params", "convert --from jax --to hf {paramless_model} out",
+         r"parameter checkpoint params/ not found"),
+    # ---- generate ----
+    Case("generate-not-a-model-dir", "generate {hf} --prompt Hi", r"hf is not a llama_jax model directory"),
+    Case("generate-a-run", "generate {run} --prompt Hi", r"run is not a llama_jax model directory"),
+    Case("generate-damaged-model-config", "generate {bad_config_model} --prompt Hi",
+         r"model_config.json: damaged, not valid JSON"),
+    Case("generate-missing-params", "generate {paramless_model} --prompt Hi",
+         r"parameter checkpoint params/ not found"),
+    Case("generate-no-tokenizer", "generate {model256} --prompt Hi", r"has no tokenizer.model; pass --tokenizer PATH"),
+    Case("generate-max-new-tokens-0", "generate {model} --prompt Hi --max-new-tokens 0",
+         r"max_new_tokens must be at least 1, got 0"),
+    Case("generate-negative-temperature", "generate {model} --prompt Hi --temperature -1",
+         r"temperature must be a finite number >= 0 \(0 is greedy\), got -1.0"),
+    Case("generate-nan-temperature", "generate {model} --prompt Hi --temperature nan",
+         r"argument --temperature: 'nan' is not a finite number", usage=True),
+    Case("generate-top-p-0", "generate {model} --prompt Hi --top-p 0", r"top_p must be in \(0, 1\] or None, got 0.0"),
+    Case("generate-top-p-above-1", "generate {model} --prompt Hi --top-p 1.5",
+         r"top_p must be in \(0, 1\] or None, got 1.5"),
+    Case("generate-top-k-0", "generate {model} --prompt Hi --top-k 0",
+         r"top_k must be a positive integer or None, got 0"),
+    Case("generate-seed-too-large", "generate {model} --prompt Hi --seed 99999999999999999999",
+         r"seed must be an integer in \[0, 2\*\*63\), got 99999999999999999999"),
+    Case("generate-tokenizer-missing", "generate {model256} --prompt Hi --tokenizer {inputs}/nope.model",
+         r"nope.model: no such file"),
+    Case("generate-tokenizer-corrupt", "generate {model256} --prompt Hi --tokenizer {corrupt_model}",
+         r"corrupt.model: neither a SentencePiece model nor a tiktoken rank file"),
+    Case("generate-tokenizer-not-the-models", "generate {model} --prompt Hi --tokenizer {other_tokenizer}",
+         r"--tokenizer \S+ differs from the model's own \S+/tokenizer.model; omit --tokenizer"),
+    Case("generate-tokenizer-above-model-vocab", "generate {model256} --prompt Hi --tokenizer {tokenizer}",
+         r"the tokenizer has 512 tokens but the model's vocab_size is 256"),
+    Case("generate-prompt-too-long", "generate {model} --prompt '" + "many words " * 80 + "' --max-new-tokens 8",
+         r"longest prompt \(\d+\) \+ max_new_tokens \(8\) = \d+ exceeds the model's max_seq_len \(128\)"),
+    # ---- export ----
+    Case("export-not-a-run", "export --workdir {hf} out", r"hf holds no committed checkpoint \(checkpoints/<step>/\)"),
+    Case("export-step-missing", "export --workdir {run} --step 3 out", r"run has no checkpoint of step 3; valid: 2, 4"),
+    Case("export-dst-is-workdir", "export --workdir {run} {run} --overwrite",
+         r"destination \S+/run is the input \S+/run"),
+    Case("export-dst-contains-workdir", "export --workdir {run} {inputs} --overwrite",
+         r"destination \S+/inputs contains the input \S+/run"),
+    Case("export-overwrite-a-run", "export --workdir {run} {damaged_progress_run} --overwrite",
+         r"holds 'checkpoints' \(and \d more\), which is not part of a llama_jax model directory"),
+    Case("export-overwrite-its-checkpoints", "export --workdir {run} {run}/checkpoints --overwrite",
+         r"checkpoints holds '2' \(and 1 more\), which is not part of a llama_jax model directory"),
+    Case("export-dst-is-a-file", "export --workdir {run} {notes}", r"notes.txt already exists; pass --overwrite"),
+    Case("export-dst-under-a-file", "export --workdir {run} {notes}/model",
+         r"cannot create \S+/notes.txt/model: \S+/notes.txt is a file, not a directory"),
+    # ---- plan ----
+    Case("plan-config-missing", "plan --config {inputs}/nope.py", r"config file \S+/nope.py not found"),
+    Case("plan-unknown-key", "plan --config {tiny} --config.mesh.pipeline=2", r"unknown config key 'mesh.pipeline'"),
+    Case("plan-devices-0", "plan --config {tiny} --devices 0", r"--devices must be a positive number .*got 0"),
+    Case("plan-devices-negative", "plan --config {tiny} --devices -2", r"--devices must be a positive number .*got -2"),
+    Case("plan-mesh-does-not-fit", "plan --config {tiny} --devices 2 --config.mesh.tensor=3",
+         r"mesh: 2 devices are not divisible by the fixed mesh sizes"),
+    Case("plan-batch-not-divisible-by-devices", "plan --config {tiny} --devices 3",
+         r"micro-batch .* = 16 is not divisible by mesh.data x mesh.fsdp = 3"),
+    Case("plan-kv-heads-not-divisible", "plan --config {tiny} --devices 2 --config.mesh.fsdp=1 --config.mesh.tensor=2 "
+         "--config.model.n_kv_heads=1", r"model.n_kv_heads=1 is not divisible by mesh.tensor=2"),
+    # ---- demo ----
+    Case("demo-unknown-key", "demo --workdir new --config.train.stepz=5", r"unknown config key 'train.stepz'"),
+    Case("demo-nan", "demo --workdir new --config.optimizer.lr=nan",
+         r"config key optimizer.lr: nan is not a finite number"),
+    Case("demo-workdir-is-a-file", "demo --workdir {notes}", r"--workdir \S+notes.txt: \S+notes.txt is a file"),
+    Case("demo-workdir-is-hf-model", "demo --workdir {hf}", r"holds 'config.json' but no llama-jax run"),
+    Case("demo-workdir-is-model-dir", "demo --workdir {model}", r"holds 'model_config.json' but no llama-jax run"),
+    Case("demo-workdir-is-another-run", "demo --workdir {run}",
+         r"run/tokenizer.model .* has 512 pieces but data.tokenizer_vocab_size=2048"),
+    Case("demo-tokenizer-above-model-vocab", "demo --workdir new --config.data.tokenizer_vocab_size=4096",
+         r"the tokenizer has 4096 tokens but the model's vocab_size is 2048"),
+]
+
+
+def cli(args: list[str], cwd: Path, timeout: float = 150) -> subprocess.CompletedProcess:
+    """`llama-jax ARGS` as a new process on one CPU device, its temporary files in `cwd`/tmp."""
+    (cwd / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(cwd / "tmp"), "PYTHONPATH": str(ROOT),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("XLA_FLAGS", None)  # conftest's 8 virtual devices are for the in-process tests
+    return subprocess.run([sys.executable, "-m", "llama_jax.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(*directories: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `directories` (themselves included) -> (size, mtime_ns)."""
+    return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns)
+            for d in directories for p in [d, *sorted(d.rglob("*"))]}
+
+
+def make_inputs(root: Path) -> dict[str, Path]:
+    """Every input the cases name (by key), under root/inputs."""
+    inputs = root / "inputs"
+    corpus = EmbeddedCorpus()
+    p = {"inputs": inputs, "tiny": ROOT / "configs" / "tiny.py", "corpus": inputs / "corpus"}
+    p["corpus"].mkdir(parents=True)
+    for i in range(6):
+        (p["corpus"] / f"doc{i}.txt").write_text(corpus[7 * i][:3000])
+    p["tokenizer"] = train_sentencepiece((corpus[i] for i in range(len(corpus))), inputs / "tokenizer.model", 512)
+    p["other_tokenizer"] = train_sentencepiece(
+        (f.read_text() for f in sorted(p["corpus"].iterdir())), inputs / "other" / "tokenizer.model", 400)
+    p["run"], p["model"] = inputs / "run", inputs / "model"
+    with ThreadPoolExecutor(1) as background:
+        training = background.submit(cli, argv(RUN + " --config.checkpoint.every=2", p), root, 300)
+        p.update(make_checkpoints_and_damaged_inputs(inputs))  # while the run trains
+    assert training.result().returncode == 0, training.result().stderr
+    assert cli(["export", "--workdir", p["run"], p["model"]], root).returncode == 0
+    p["bad_config_model"], p["paramless_model"] = inputs / "bad_config_model", inputs / "paramless_model"
+    shutil.copytree(p["model"], p["bad_config_model"])
+    (p["bad_config_model"] / "model_config.json").write_text("{oops")
+    shutil.copytree(p["model"], p["paramless_model"], ignore=shutil.ignore_patterns("params"))
+    p["damaged_progress_run"] = inputs / "damaged_progress_run"
+    shutil.copytree(p["run"], p["damaged_progress_run"])
+    (p["damaged_progress_run"] / "progress.json").write_text("{")
+    return p
+
+
+def make_checkpoints_and_damaged_inputs(inputs: Path) -> dict[str, Path]:
+    """Tiny Hugging Face and Meta checkpoints, broken copies of them, and other foreign or damaged files."""
+    p = {}
+    hf_config = hf_config_dict("mha")
+    p["hf"] = inputs / "hf"
+    make_hf_model(hf_config).save_pretrained(p["hf"])
+    for name, change in {"linear_rope_hf": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+                         "no_vocab_hf": {"vocab_size": None}, "mistral_hf": {"model_type": "mistral"},
+                         "bad_rope_hf": {"rope_scaling": None, "rope_parameters": "yarn"}}.items():
+        p[name] = inputs / name
+        shutil.copytree(p["hf"], p[name])
+        config = {k: v for k, v in {**hf_config, **change}.items() if v is not None}
+        (p[name] / "config.json").write_text(json.dumps(config))
+    for name, config_text in {"garbage_config_hf": "{model_type: llama", "list_config_hf": "[1, 2]"}.items():
+        p[name] = inputs / name
+        shutil.copytree(p["hf"], p[name])
+        (p[name] / "config.json").write_text(config_text)
+    p["float64_hf"] = inputs / "float64_hf"
+    shutil.copytree(p["hf"], p["float64_hf"])
+    weights = safetensors.numpy.load_file(p["hf"] / "model.safetensors")
+    safetensors.numpy.save_file({k: v.astype("float64") for k, v in weights.items()},
+                                p["float64_hf"] / "model.safetensors")
+    p["weightless_hf"], p["truncated_hf"] = inputs / "weightless_hf", inputs / "truncated_hf"
+    shutil.copytree(p["hf"], p["weightless_hf"], ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(p["hf"], p["truncated_hf"])
+    weights = p["truncated_hf"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50_000])
+    p["meta"], p["model256"] = inputs / "meta", inputs / "model256"
+    convert("hf", p["hf"], "meta", p["meta"], progress=False)
+    convert("hf", p["hf"], "jax", p["model256"], progress=False)  # vocab 256, no tokenizer
+    params = json.loads((p["meta"] / "params.json").read_text())
+    for name, change in {"wrong_dim_meta": {"dim": 96}, "scaled_meta": {"use_scaled_rope": True}}.items():
+        p[name] = inputs / name
+        shutil.copytree(p["meta"], p[name])
+        (p[name] / "params.json").write_text(json.dumps({**params, **change}))
+    configs = inputs / "configs"
+    configs.mkdir()
+    for name, text in {"syntax.py": "def get_config(:\n", "none.py": "def get_config():\n    return None\n",
+                       "garbage.json": '{"model": '}.items():
+        p[name.replace(".", "_")] = configs / name
+        (configs / name).write_text(text)
+    p["latin1_corpus"], p["empty_corpus"] = inputs / "latin1", inputs / "empty"
+    p["latin1_corpus"].mkdir()
+    (p["latin1_corpus"] / "a.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    p["empty_corpus"].mkdir()
+    (p["empty_corpus"] / "a.txt").write_text("")
+    p["bad_jsonl"] = inputs / "bad.jsonl"
+    p["bad_jsonl"].write_text('{"text": "fine"}\n{"text": unquoted}\n')
+    p["corrupt_model"] = inputs / "corrupt.model"
+    p["corrupt_model"].write_bytes(bytes(range(256)) * 8)
+    p["notes"] = inputs / "notes.txt"
+    p["notes"].write_text("a regular file\n")
+    p["readme_dir"] = inputs / "readme"
+    p["readme_dir"].mkdir()
+    (p["readme_dir"] / "README.md").write_text("# not a model\n")
+    return p
+
+
+def argv(command: str, paths: dict[str, Path]) -> list[str]:
+    """The command line's words, `{name}` replaced by the path of input `name`."""
+    return [re.sub(r"\{(\w+)\}", lambda m: str(paths[m[1]]) if m[1] in paths else m[0], word)
+            for word in shlex.split(command)]
+
+
+class Outcome(NamedTuple):
+    returncode: int | None
+    stderr: str
+    changed: list[str]  # paths created, removed or modified
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, request) -> dict[str, Outcome]:
+    """Every selected case run once, two at a time."""
+    root = tmp_path_factory.mktemp("bad_input")
+    paths = make_inputs(root)
+    chosen = {item.callspec.id for item in request.session.items if getattr(item, "module", None) is request.module}
+    selected = [c for c in CASES if c.id in chosen]  # those pytest runs (-k, ids)
+    for case in selected:
+        (root / "cases" / case.id / "tmp").mkdir(parents=True)
+
+    def run(case: Case) -> Outcome:
+        cwd = root / "cases" / case.id
+        before = snapshot(paths["inputs"], cwd)
+        try:
+            result = cli(argv(case.command, paths), cwd)
+            returncode, stderr = result.returncode, result.stderr
+        except subprocess.TimeoutExpired:
+            returncode, stderr = None, "timed out"
+        after = snapshot(paths["inputs"], cwd)
+        changed = sorted(k for k in before.keys() | after.keys()
+                         if before.get(k) != after.get(k) and k != str(cwd / "tmp"))  # in TMPDIR: what is left
+        return Outcome(returncode, stderr, [str(Path(c).relative_to(root)) for c in changed])
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip((c.id for c in selected), pool.map(run, selected)))
+
+
+def error_lines(stderr: str, usage: bool) -> list[str]:
+    """The lines of stderr, without argparse's usage block when `usage`."""
+    lines = stderr.splitlines()
+    while usage and len(lines) > 1 and (lines[0].startswith("usage:") or lines[0][:1].isspace()):
+        lines.pop(0)
+    return lines
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_bad_input(case: Case, outcomes):
+    out = outcomes[case.id]
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 2, f"exit status {out.returncode}; stderr:\n{out.stderr}"
+    lines = error_lines(out.stderr, case.usage)
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{out.stderr}"
+    command = case.command.split()[0]
+    assert re.match(rf"llama-jax( {command})?: error: ", lines[0]), lines[0]
+    assert re.search(case.error, lines[0]), lines[0]
+    assert not out.changed, f"changed by the command: {out.changed}"
