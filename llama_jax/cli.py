@@ -188,6 +188,71 @@ def cmd_export(args) -> None:
           f"llama-jax convert --from jax --to hf {path} DST makes a Hugging Face checkpoint of it")
 
 
+def cmd_eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    from llama_jax.evaluate import evaluate_held_out
+    from llama_jax.experiment import load_config
+    from llama_jax.safe_io import write_text_atomic
+
+    if (args.model is None) == (args.workdir is None):
+        raise UserError("give a model directory or --workdir RUN (one of them)")
+    if args.step is not None and args.workdir is None:
+        raise UserError("--step needs --workdir (a model directory holds one set of parameters)")
+    config_file = args.config or (Path(args.workdir) / "config.json" if args.workdir else None)
+    if config_file is None:
+        raise UserError("--config is required with a model directory: the training config whose data settings "
+                        "define the held-out documents (e.g. --config configs/demo.py)")
+    config = load_config(config_file, args.overrides)
+    record = evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len, args.batch_size,
+                               progress=True)
+    default = Path(args.workdir) / f"eval-{record['step']}.json" if args.workdir else Path(args.model) / "eval.json"
+    output = Path(args.output or default)
+    print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
+    write_text_atomic(output, json.dumps(record, indent=2) + "\n")
+    bpb = "n/a" if record["bits_per_byte"] is None else f"{record['bits_per_byte']:.4f}"
+    print(f"held-out: loss {record['loss']:.4f} nats/token, perplexity {record['perplexity']:.2f}, "
+          f"{bpb} bits/byte, accuracy {record['accuracy']:.1%} over {record['tokens']:,} "
+          f"tokens of {record['documents']:,} documents; written to {output}", file=sys.stderr)
+
+
+def cmd_lm_eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    from llama_jax.safe_io import write_text_atomic
+
+    try:
+        from llama_jax.lm_eval_model import evaluate_tasks
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise UserError("lm-eval is not installed; pip install 'llama_jax[eval]' (or 'lm-eval>=0.4.8')") from None
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                             batch_size=args.batch_size, include_path=args.include_path, max_length=args.max_length,
+                             dtype=args.dtype)
+    output = Path(args.output or Path(args.model) / "lm_eval.json")
+    kept = {k: results[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
+                                    "higher_is_better", "n-samples", "config") if k in results}
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    write_text_atomic(output, json.dumps(kept, indent=2, default=handle_non_serializable) + "\n")
+    print(f"results written to {output}", file=sys.stderr)
+
+
+def limit_number(text: str) -> int | float:
+    """argparse type of --limit: a number of examples per task, or a fraction of them below 1."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value if value < 1 else int(value)
+
+
 def cmd_sweep(args) -> None:
     from llama_jax import results, sweep
 
@@ -325,6 +390,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="model directory to write (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="exact held-out loss, perplexity, bits per byte and accuracy of a model or "
+                       "a run's checkpoint")
+    p.add_argument("model", nargs="?", default=None, help="a llama_jax model directory (or give --workdir)")
+    p.add_argument("--workdir", default=None, help="a training run: evaluate its checkpoint (the latest by default)")
+    p.add_argument("--step", type=int, default=None, help="with --workdir: the checkpoint step")
+    p.add_argument("--config", default=None, help="the training config whose data settings define the held-out "
+                   "documents (default with --workdir: its config.json); override as --config.data.key=value")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="window length (default: train.seq_len)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="rows per batch (default: the config's train.batch_size / train.grad_accum)")
+    p.add_argument("--output", default=None, help="JSON file to write (default: MODEL/eval.json, "
+                   "or WORKDIR/eval-STEP.json)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a model directory (needs .[eval])")
+    p.add_argument("model", help="a llama_jax model directory with its tokenizer.model")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")
+    p.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
+    p.add_argument("--limit", type=limit_number, default=None,
+                   help="examples per task (a number below 1: that fraction of them); for quick checks")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="requests per batch (default 8)")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="context length in tokens (default: the model's max_seq_len)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype (default: the model's)")
+    p.add_argument("--include-path", default=None, help="a directory of task YAML files of your own")
+    p.add_argument("--output", default=None, help="JSON file of the results (default: MODEL/lm_eval.json)")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("plan", help="compile the train step ahead of time; report per-device memory and FLOPs")
     p.add_argument("--config", required=True)

@@ -99,13 +99,16 @@ def _params_for(config: LLaMAConfig, params):
 
 def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, eos_id: int | None = None, n_tokens: int | None = None) -> list[list[int]]:
+             seed: int = 0, eos_id: int | None = None, n_tokens: int | None = None,
+             pad_to: int | None = None) -> list[list[int]]:
     """New token ids for each prompt (the prompt itself is not returned).
 
     Temperature 0 is greedy. `n_tokens`: only ids below it are produced (a tokenizer smaller than
     the model's padded vocabulary; default: the whole vocabulary). A row stops after emitting `eos_id`; its result ends with that EOS,
     as in transformers' `generate`.
     Params may be scanned or unscanned; they are re-laid out to match `config.scan_layers`.
+    `pad_to`: left-pad the prompts to at least this length, so that batches of prompts of nearby
+    lengths share one compiled shape (the results do not depend on it).
     """
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt")
@@ -125,7 +128,7 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
-    P = max(len(p) for p in prompts)
+    P = max(max(len(p) for p in prompts), pad_to or 0)
     if P + max_new_tokens > config.max_seq_len:
         raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) = {P + max_new_tokens} "
                          f"exceeds the model's max_seq_len ({config.max_seq_len})")

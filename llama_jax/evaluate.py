@@ -1,0 +1,455 @@
+"""Evaluation: exact held-out loss, and scoring of continuations and texts.
+
+Exact held-out evaluation (`evaluate_documents`): each document is tokenized with BOS and EOS and
+cut into consecutive windows of seq_len + 1 tokens that overlap by one token, so each of its
+n - 1 targets (every token after BOS) is predicted exactly once, never sampled. Windows are
+packed whole into rows of seq_len slots (`data.pack_row`: each window its own segment, rotary
+positions from 0, as in training) and rows into batches of a fixed shape, so one compiled forward
+serves the whole set. Sums are float64 on the host. `max_batches` limits it to the first batches
+(a fixed subset).
+
+Scoring (`Scorer`): the log-likelihood of a continuation given a context (sum of log-probabilities,
+and whether greedy decoding would produce it), and the rolling log-likelihood of a whole text in
+windows of the model's context, as the lm-evaluation-harness defines them. Requests are sorted by
+length and right-padded to a length bucket (powers of two up to max_seq_len) in batches of a fixed
+size: one compiled shape per bucket. A context too long for the model is truncated from the left
+with a warning, as the harness does.
+
+Everything here takes a model config and parameters (on one device, or sharded with `mesh`) and
+nothing from the training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import LLaMAConfig
+from llama_jax.data import pack_row, stack_rows
+
+MIN_BUCKET = 16  # shortest padded length of a scoring batch
+
+
+# ---- the forward pass ------------------------------------------------------------------------
+
+
+def _token_scores(params, tokens_BxS, targets_BxS, positions_BxS, segment_ids_BxS, cfg: LLaMAConfig):
+    """(log p(target) [B, S] float32, argmax == target [B, S] bool) of every slot."""
+    from llama_jax.model import LLaMA
+
+    logits = LLaMA(cfg).apply({"params": params}, tokens_BxS, positions=positions_BxS,
+                              segment_ids=segment_ids_BxS).astype(jnp.float32)
+    lse_BxS = jax.nn.logsumexp(logits, axis=-1)
+    target_BxS = jnp.take_along_axis(logits, targets_BxS[..., None], axis=-1)[..., 0]
+    return target_BxS - lse_BxS, jnp.argmax(logits, axis=-1) == targets_BxS
+
+
+@functools.cache
+def _jitted_scores(cfg: LLaMAConfig, mesh):
+    """`_token_scores` compiled for one config; on a mesh its results are replicated, so every
+    process can read all of them."""
+    if mesh is None:
+        return jax.jit(functools.partial(_token_scores, cfg=cfg))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(functools.partial(_token_scores, cfg=cfg), out_shardings=(replicated, replicated))
+
+
+class _Forward:
+    """Runs `_token_scores` on numpy batches: placed on `mesh` (rows split over data x fsdp) when
+    given, inside `context()` (e.g. a trainer's mesh and logical-axis rules), one batch in flight
+    while the next is prepared."""
+
+    def __init__(self, config: LLaMAConfig, params, mesh=None, context: Callable | None = None):
+        from llama_jax.generate import _params_for
+
+        self.config, self.params, self.mesh = config, _params_for(config, params), mesh
+        self.context = context or contextlib.nullcontext
+        self.scores = _jitted_scores(config, mesh)
+
+    def row_multiple(self) -> int:
+        """Batch rows must be a multiple of this (the data-parallel size of the mesh)."""
+        if self.mesh is None:
+            return 1
+        from llama_jax.sharding import BATCH_AXES
+
+        return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+
+    def _place(self, batch: dict[str, np.ndarray]):
+        """Every process holds the whole batch; each puts its devices' rows in place."""
+        if self.mesh is None:
+            return batch
+        from llama_jax.sharding import batch_sharding
+
+        sharding = batch_sharding(self.mesh)
+        return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+                for k, v in batch.items()}
+
+    def dispatch(self, batch: dict[str, np.ndarray]):
+        b = self._place(batch)
+        with self.context():
+            return self.scores(self.params, b["tokens"], b["targets"], b["positions"], b["segment_ids"])
+
+    def run(self, batches: Iterable[tuple[dict[str, np.ndarray], object]]) -> Iterator[tuple[np.ndarray, np.ndarray, object]]:
+        """(log-probs, hits, tag) per (batch, tag), in order; the next batch is dispatched before
+        the previous one's results are fetched."""
+        pending = None
+        for batch, tag in batches:
+            scores = self.dispatch(batch)
+            if pending is not None:
+                yield self._fetch(*pending)
+            pending = scores, tag
+        if pending is not None:
+            yield self._fetch(*pending)
+
+    @staticmethod
+    def _fetch(scores, tag):
+        logp, hit = jax.device_get(scores)
+        return np.asarray(logp, np.float64), np.asarray(hit), tag
+
+
+# ---- exact held-out evaluation ---------------------------------------------------------------
+
+
+def document_windows(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """Consecutive windows of at most seq_len + 1 tokens overlapping by one: window k holds
+    tokens[k*seq_len : (k+1)*seq_len + 1], so each of the n - 1 targets is in exactly one."""
+    return [tokens[s:s + seq_len + 1] for s in range(0, len(tokens) - 1, seq_len)]
+
+
+def packed_rows(token_documents: Iterable[np.ndarray], seq_len: int) -> Iterator[dict[str, np.ndarray]]:
+    """Rows of seq_len slots holding the windows of the documents, in order, each window whole."""
+    row, room = [], seq_len
+    for tokens in token_documents:
+        for window in document_windows(tokens, seq_len):
+            if len(window) - 1 > room:
+                yield pack_row(row, seq_len)
+                row, room = [], seq_len
+            row.append(window)
+            room -= len(window) - 1
+    if row:
+        yield pack_row(row, seq_len)
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Sums over the evaluated targets; `bytes` is None when only part of a set was evaluated."""
+
+    nll: float = 0.0  # nats, summed over targets
+    correct: int = 0  # targets that are the argmax of the model's distribution
+    tokens: int = 0  # targets evaluated (every token of a document but its BOS; EOS included)
+    documents: int = 0
+    bytes: int | None = 0  # UTF-8 bytes of the evaluated documents' text
+
+    def metrics(self) -> dict[str, float | int | None]:
+        n = max(self.tokens, 1)
+        loss = self.nll / n
+        bpb = self.nll / math.log(2) / self.bytes if self.bytes else None
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": bpb,
+                "accuracy": self.correct / n, "tokens": self.tokens, "documents": self.documents,
+                "bytes": self.bytes}
+
+
+def evaluate_documents(config: LLaMAConfig, params, documents: Iterable[str], tokenizer, seq_len: int,
+                       batch_size: int = 8, max_batches: int | None = None, mesh=None,
+                       context: Callable | None = None, progress: bool = False) -> EvalResult:
+    """Loss, accuracy and counts over every target of `documents` (texts), or over the first
+    `max_batches` batches of them (a fixed subset; `documents` then counts the documents begun,
+    and `bytes` is None, as the last of them may be cut).
+
+    Batches are [batch_size, seq_len] (batch_size rounded up to a multiple of the mesh's
+    data-parallel size); the last is filled with empty rows. `mesh`/`context`: run on sharded
+    params (see `_Forward`). `progress`: a progress bar over documents.
+    """
+    _check_seq_len(seq_len, config)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive integer or None (all), got {max_batches!r}")
+    forward = _Forward(config, params, mesh, context)
+    rows_per_batch = -(-batch_size // forward.row_multiple()) * forward.row_multiple()
+    result = EvalResult()
+    bar = _progress(progress, len(documents) if hasattr(documents, "__len__") else None, "documents")
+
+    def tokenized() -> Iterator[np.ndarray]:
+        for text in documents:
+            result.documents += 1
+            result.bytes += len(text.encode("utf-8"))
+            bar.update(1)
+            yield np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32)
+
+    def batches() -> Iterator[tuple[dict, np.ndarray]]:
+        rows, made = [], 0
+        for row in packed_rows(tokenized(), seq_len):
+            rows.append(row)
+            if len(rows) == rows_per_batch:
+                yield _inputs(stack_rows(rows))
+                rows, made = [], made + 1
+                if made == max_batches:
+                    return
+        if rows:
+            rows += [pack_row([], seq_len)] * (rows_per_batch - len(rows))
+            yield _inputs(stack_rows(rows))
+
+    try:
+        for logp, hit, mask in forward.run(batches()):
+            result.nll -= float(np.sum(logp * mask))
+            result.correct += int(np.sum(hit & (mask > 0)))
+            result.tokens += int(np.sum(mask))
+    finally:
+        bar.close()
+    if max_batches is not None:
+        result.bytes = None
+    return result
+
+
+def _check_seq_len(seq_len, config: LLaMAConfig) -> None:
+    if not isinstance(seq_len, int) or not 2 <= seq_len <= config.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} is out of range; valid: 2 <= seq_len <= the model's max_seq_len "
+                         f"({config.max_seq_len})")
+
+
+def _inputs(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(the model's inputs, the loss mask) of a packed batch."""
+    return {k: batch[k] for k in ("tokens", "targets", "positions", "segment_ids")}, batch["loss_mask"]
+
+
+def _progress(enabled: bool, total: int | None, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=f" {unit}", dynamic_ncols=True, disable=None if enabled else True)
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+
+
+def length_bucket(n: int, max_len: int) -> int:
+    """The padded length of a row of n tokens: the next power of two (at least MIN_BUCKET),
+    at most max_len."""
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_len)
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) pairs that score every token of `tokens` exactly once, each with as
+    much context as fits in max_len: the first window is conditioned on `prefix_token` alone,
+    each later one predicts up to max_len tokens after a context that fills the window. Equal to
+    lm-eval's `get_rolling_token_windows(context_len=1)` followed by `make_disjoint_window`."""
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    first = min(max_len, len(tokens))
+    windows = [([prefix_token], tokens[:first])]
+    predicted = first
+    while predicted < len(tokens):
+        width = min(len(tokens) - predicted, max_len)
+        end = predicted + width
+        windows.append((tokens[end - max_len - 1:end - width], tokens[end - width:end]))
+        predicted = end
+    return windows
+
+
+class Scorer:
+    """Log-likelihoods of token sequences under a model, batched.
+
+    `loglikelihood([(context, continuation), ...])` -> [(sum of log p(continuation token), whether
+    greedy decoding produces the continuation), ...]; `loglikelihood_rolling([tokens, ...],
+    prefix_token)` -> [sum of log p(token) over the whole sequence, ...] in windows of max_seq_len
+    (`rolling_windows`). Results come back in request order, as Python floats computed in float64
+    from float32 log-probabilities over the model's whole vocabulary.
+    """
+
+    def __init__(self, config: LLaMAConfig, params, batch_size: int = 8, mesh=None,
+                 context: Callable | None = None, max_length: int | None = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.config = config
+        self.max_length = max_length or config.max_seq_len
+        if not 1 <= self.max_length <= config.max_seq_len:
+            raise ValueError(f"max_length={self.max_length} is out of range; valid: 1 to the model's "
+                             f"max_seq_len ({config.max_seq_len})")
+        self.forward = _Forward(config, params, mesh, context)
+        multiple = self.forward.row_multiple()
+        self.batch_size = -(-batch_size // multiple) * multiple
+
+    def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      progress: bool = False) -> list[tuple[float, bool]]:
+        rows, truncated = [], 0
+        for i, (context, continuation) in enumerate(requests):
+            row, cut = self._row(i, list(context), list(continuation))
+            rows.append(row)
+            truncated += cut
+        if truncated:
+            warnings.warn(f"{truncated} of {len(requests)} requests are longer than the model's context "
+                          f"({self.max_length} tokens + the last continuation token); their contexts were "
+                          f"truncated from the left", stacklevel=2)
+        return self._score(rows, progress)
+
+    def loglikelihood_rolling(self, token_lists: Sequence[Sequence[int]], prefix_token: int,
+                              progress: bool = False) -> list[float]:
+        windows, owner = [], []
+        for i, tokens in enumerate(token_lists):
+            for context, continuation in rolling_windows(tokens, prefix_token, self.max_length):
+                windows.append(self._row(i, context, continuation)[0])
+                owner.append(i)
+        totals = [0.0] * len(token_lists)
+        for i, (logprob, _) in zip(owner, self._score(windows, progress)):
+            totals[i] += logprob
+        return totals
+
+    def _row(self, i: int, context: list[int], continuation: list[int]) -> tuple[tuple[list[int], int], bool]:
+        """((input + last target tokens, number of scored targets), whether the context was cut)."""
+        L, V = self.max_length, self.config.vocab_size
+        if not continuation:
+            raise ValueError(f"request {i}: the continuation is empty; there is nothing to score")
+        if not context:
+            raise ValueError(f"request {i}: the context is empty; give at least one token (e.g. BOS) for the "
+                             f"first continuation token to be conditioned on")
+        if len(continuation) > L:
+            raise ValueError(f"request {i}: the continuation has {len(continuation)} tokens, more than the "
+                             f"model's context of {L}; it cannot be scored in one window")
+        whole = context + continuation
+        bad = next((t for t in whole if not 0 <= t < V), None)
+        if bad is not None:
+            raise ValueError(f"request {i}: token id {bad} is outside the vocabulary [0, {V})")
+        return (whole[-(L + 1):], len(continuation)), len(whole) > L + 1
+
+    def _score(self, rows: list[tuple[list[int], int]], progress: bool) -> list[tuple[float, bool]]:
+        """Longest first, in batches of batch_size rows right-padded to their length bucket."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        B = self.batch_size
+
+        def batches():
+            for start in range(0, len(order), B):
+                chosen = order[start:start + B]
+                S = length_bucket(len(rows[chosen[0]][0]) - 1, self.max_length)
+                arrays = {k: np.zeros((B, S), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
+                for r, i in enumerate(chosen):
+                    seq = np.asarray(rows[i][0], np.int32)
+                    n = len(seq) - 1
+                    arrays["tokens"][r, :n] = seq[:-1]
+                    arrays["targets"][r, :n] = seq[1:]
+                    arrays["positions"][r, :n] = np.arange(n)
+                    arrays["segment_ids"][r, :n] = 1
+                yield arrays, chosen
+
+        results: list = [None] * len(rows)
+        bar = _progress(progress, len(rows), "requests")
+        try:
+            for logp, hit, chosen in self.forward.run(batches()):
+                for r, i in enumerate(chosen):
+                    n, m = len(rows[i][0]) - 1, rows[i][1]
+                    results[i] = (float(logp[r, n - m:n].sum()), bool(hit[r, n - m:n].all()))
+                bar.update(len(chosen))
+        finally:
+            bar.close()
+        return results
+
+
+# ---- what `llama-jax eval` evaluates ---------------------------------------------------------
+
+
+class _Subset:
+    """Documents `indices` of a source, by position."""
+
+    def __init__(self, source: Sequence[str], indices: Sequence[int]):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> str:
+        return self.source[int(self.indices[i])]
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+
+def held_out_documents(data_config) -> Sequence[str]:
+    """The documents a run with this `data` config section holds out for evaluation: its eval
+    source (e.g. data.tfds_eval_split) when it has one, else `split_indices(n, eval_fraction)[1]`
+    of its documents, exactly those `data.TextDataset` holds out."""
+    from llama_jax import data as data_lib
+
+    source = data_config.get("source")
+    if source == "synthetic":
+        raise ValueError("data.source=synthetic has no documents to evaluate on; give the config of a run on text "
+                         f"(data.source: {', '.join(s for s in data_lib.SOURCES if s != 'synthetic')})")
+    documents, eval_source = data_lib.make_source(data_config)
+    if eval_source is not None:
+        return eval_source
+    fraction = data_config.get("eval_fraction", 0.01)
+    held_out = data_lib.split_indices(len(documents), fraction)[1]
+    if not len(held_out):
+        raise ValueError(f"data.eval_fraction={fraction} holds out no document; use the training config's "
+                         f"eval_fraction (> 0)")
+    return _Subset(documents, held_out)
+
+
+def load_run(workdir, step: int | None = None) -> tuple[LLaMAConfig, dict, str, int, dict]:
+    """(model config, params, tokenizer path, step, the run's config) of a run's checkpoint (default:
+    the latest), reading only its parameters."""
+    from pathlib import Path
+
+    from llama_jax.checkpoint import RunCheckpoints
+    from llama_jax.run import _run_tokenizer, committed_steps
+
+    workdir = Path(workdir).absolute()
+    steps = committed_steps(workdir)
+    if not steps:
+        raise ValueError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"{workdir} has no checkpoint of step {step}; valid: {', '.join(map(str, steps))}")
+    checkpoints = RunCheckpoints(workdir / "checkpoints", every=1, async_save=False, read_only=True)
+    try:
+        info = checkpoints.run_info(step)
+        config = LLaMAConfig.from_dict(info["model"])
+        params = checkpoints.restore_params(step, config)
+    finally:
+        checkpoints.close()
+    tokenizer = _run_tokenizer(workdir, info)
+    if tokenizer is None:
+        raise ValueError(f"{workdir} has no tokenizer.model (a run on synthetic data); evaluating text needs one")
+    return config, params, str(tokenizer), step, info["config"]
+
+
+def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = None, seq_len: int | None = None,
+                      batch_size: int | None = None, progress: bool = False) -> dict:
+    """`llama-jax eval`: every held-out document of an experiment config's `data` section, scored by
+    a model directory or a run's checkpoint. Returns the metrics with what was evaluated.
+    seq_len and batch_size default to the config's train.seq_len and micro-batch."""
+    from pathlib import Path
+
+    from llama_jax.tokenizer import check_fits, load_tokenizer
+
+    if (model_dir is None) == (workdir is None):
+        raise ValueError("give either a model directory or a run's workdir")
+    documents = held_out_documents(config.data)  # bad data settings fail before the model is read
+    seq_len = seq_len or config.train.seq_len
+    batch_size = batch_size or max(1, config.train.batch_size // config.train.grad_accum)
+    if workdir is not None:
+        model, params, tokenizer_file, step, _ = load_run(workdir, step)
+        origin = {"workdir": str(Path(workdir).absolute()), "step": step}
+    else:
+        from llama_jax.checkpoint import load_config, load_model
+
+        model = load_config(model_dir)
+        tokenizer_file = Path(model_dir) / "tokenizer.model"
+        if not tokenizer_file.is_file():
+            raise ValueError(f"{model_dir} has no tokenizer.model; evaluating text needs the model's tokenizer "
+                             f"(llama-jax export and convert --to jax copy it into the model directory)")
+        origin = {"model": str(Path(model_dir).absolute())}
+        _check_seq_len(seq_len, model)  # before reading the parameters
+    tokenizer = load_tokenizer(tokenizer_file)
+    check_fits(tokenizer, model.vocab_size)
+    if workdir is None:
+        model, params = load_model(model_dir)
+    result = evaluate_documents(model, params, documents, tokenizer, seq_len, batch_size, progress=progress)
+    return {**result.metrics(), "seq_len": seq_len, **origin, "data": config.data.to_dict()}

@@ -1,0 +1,209 @@
+"""A model for EleutherAI's lm-evaluation-harness backed by a llama_jax model directory.
+
+Importing this module registers `LlamaJaxLM` with the harness as `llama_jax`:
+
+    import lm_eval, llama_jax.lm_eval_model
+    lm_eval.simple_evaluate(model="llama_jax", model_args="pretrained=models/tiny,batch_size=16",
+                            tasks=["hellaswag"])
+
+`llama-jax lm-eval MODEL_DIR --tasks ...` does the same from the command line (`evaluate_tasks`).
+Requests are tokenized as the harness's Hugging Face backend (`hf`) tokenizes them for a LLaMA
+tokenizer (BOS first; a context and continuation split where the context's tokens end) and scored
+by `llama_jax.evaluate.Scorer`, so both backends give the same numbers on the same weights.
+Needs the `eval` extra (`pip install 'llama_jax[eval]'`); `import llama_jax` never imports this.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import lm_eval.models  # noqa: F401  (the harness fills its registry with its own models only while it is empty)
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import model_registry, register_model
+from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
+
+from llama_jax.evaluate import Scorer, length_bucket
+
+NAME = "llama_jax"
+DEFAULT_BATCH_SIZE = 8
+
+
+def _batch_size(value) -> int:
+    """lm-eval passes batch sizes as ints or strings; "auto" (find the largest that fits) is not
+    implemented here and means the default."""
+    if value is None or str(value).startswith("auto"):
+        return DEFAULT_BATCH_SIZE
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size={value!r} is not a positive integer") from None
+    if size < 1:
+        raise ValueError(f"batch_size={value!r} is not a positive integer")
+    return size
+
+
+class LlamaJaxLM(TemplateLM):
+    """`pretrained`: a llama_jax model directory holding its tokenizer.model.
+    `max_length`: context length in tokens (default: the model's max_seq_len); `dtype`: compute
+    dtype (default: the model's); `max_gen_toks`: default generation length."""
+
+    def __init__(self, pretrained: str, batch_size: int | str | None = DEFAULT_BATCH_SIZE,
+                 max_length: int | str | None = None, max_gen_toks: int | str = 256, dtype: str | None = None,
+                 device: str | None = None, max_batch_size: int | None = None, seed: int | str = 0):
+        """`device` and `max_batch_size` are accepted because the harness passes them to every model;
+        JAX places the model on its default device."""
+        super().__init__()
+        from llama_jax.checkpoint import load_config, load_model
+        from llama_jax.tokenizer import check_fits, load_tokenizer
+
+        config = load_config(pretrained)  # fails fast on a directory that is not a model
+        tokenizer_file = Path(pretrained) / "tokenizer.model"
+        if not tokenizer_file.is_file():
+            raise ValueError(f"{pretrained} has no tokenizer.model; lm-eval requests are text, so the model "
+                             f"directory needs its tokenizer (llama-jax export and convert --to jax copy it)")
+        self.tokenizer = load_tokenizer(tokenizer_file)
+        check_fits(self.tokenizer, config.vocab_size)
+        self.config, self.params = load_model(pretrained, **({"dtype": dtype} if dtype else {}))
+        self.pretrained = str(pretrained)
+        self.scorer = Scorer(self.config, self.params, batch_size=_batch_size(batch_size),
+                             max_length=int(max_length) if max_length else None)
+        self._max_gen_toks = int(max_gen_toks)
+        self.seed = int(seed)
+
+    # ---- what the harness asks of a model ---------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.scorer.max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self.scorer.batch_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.pretrained
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        """Ids of `string`, BOS first unless add_special_tokens is False (as `hf` with a LLaMA tokenizer)."""
+        ids = self.tokenizer.encode(string, bos=add_special_tokens is not False, eos=False)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        results = self.scorer.loglikelihood([(context, continuation) for _, context, continuation in requests],
+                                            progress=not disable_tqdm)
+        for (strings, _, _), answer in zip(requests, results):
+            if strings is not None:
+                self.cache_hook.add_partial("loglikelihood", strings, answer)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each text's tokens (BOS first, as `hf` encodes them) scored after the prefix token,
+        in windows of max_length."""
+        texts = [request.args[0] for request in requests]
+        results = self.scorer.loglikelihood_rolling([self.tok_encode(text) for text in texts], self.prefix_token_id,
+                                                    progress=not disable_tqdm)
+        for text, result in zip(texts, results):
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), result)
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or, with do_sample, sampled) continuations, cut at the first stop sequence.
+
+        Requests with the same generation settings run together, longest prompt first, in
+        batches of batch_size prompts left-padded to a length bucket (one compiled shape each).
+        """
+        from tqdm import tqdm
+
+        from llama_jax.generate import generate
+
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
+        results: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=None if not disable_tqdm else True)
+        for indices in groups.values():
+            kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
+            until = [s for s in kwargs.pop("until", None) or [] if s]
+            new_tokens = kwargs.pop("max_gen_toks")
+            sampled = bool(kwargs.pop("do_sample", False))
+            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+            temperature = temperature if sampled else 0.0  # without do_sample the harness means greedy
+            top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+            if kwargs:
+                warnings.warn(f"generation settings {sorted(kwargs)} are not supported by llama_jax; ignored",
+                              stacklevel=2)
+            room = self.max_length - new_tokens
+            if room < 1:
+                raise ValueError(f"max_gen_toks={new_tokens} leaves no room for a prompt in the model's context "
+                                 f"of {self.max_length} tokens")
+            prompts, cut = {}, 0
+            for i in indices:
+                ids = self.tok_encode(requests[i].args[0])
+                cut += len(ids) > room
+                prompts[i] = ids[-room:]
+            if cut:
+                warnings.warn(f"{cut} prompts are longer than the model's context leaves room for "
+                              f"({room} tokens + {new_tokens} new); they were truncated from the left", stacklevel=2)
+            order = sorted(indices, key=lambda i: -len(prompts[i]))
+            B = self.batch_size
+            for start in range(0, len(order), B):
+                chosen = order[start:start + B]
+                batch = [prompts[i] for i in chosen]
+                batch += [[self.prefix_token_id]] * (B - len(batch))  # one batch shape for every batch
+                outputs = generate(self.config, self.params, batch, new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=self.seed, eos_id=self.eot_token_id,
+                                   n_tokens=self.tokenizer.vocab_size,
+                                   pad_to=length_bucket(len(batch[0]), room))
+                for i, ids in zip(chosen, outputs):
+                    text = postprocess_generated_text(self.tok_decode(ids), until, None)
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(chosen))
+        bar.close()
+        return results
+
+
+if NAME not in model_registry:  # a module imported again must not collide with its first import
+    register_model(NAME)(LlamaJaxLM)
+
+
+def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = None, limit: int | float | None = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE, include_path: str | None = None, max_length: int | None = None,
+                   dtype: str | None = None, log_samples: bool = False, include_defaults: bool = True) -> dict:
+    """Run lm-eval tasks on a model directory; returns the harness's results dict.
+
+    The task names are checked before the model is loaded. `include_path`: a directory of task
+    YAML files of one's own; `include_defaults=False` leaves out the harness's tasks (faster)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    if not tasks:
+        raise ValueError("no task given; pass --tasks NAME[,NAME...] (`lm-eval ls tasks` lists them)")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ValueError(f"--include-path {include_path}: not a directory of task YAML files")
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise ValueError(f"lm-eval has no task {unknown[0]!r}; `lm-eval ls tasks` lists the tasks it knows "
+                         f"(tasks of your own: --include-path DIR of task YAML files)")
+    model = LlamaJaxLM(model_dir, batch_size=batch_size, max_length=max_length, dtype=dtype)
+    return simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                           task_manager=manager, log_samples=log_samples)

@@ -1,0 +1,417 @@
+"""Evaluation: exact held-out evaluation against a direct sum over documents, the scoring API
+against the full forward pass, and lm-eval through llama_jax against the harness's own Hugging
+Face backend on the same weights. Everything is built here: a SentencePiece tokenizer trained on
+the corpus CPython ships, a tiny random LlamaForCausalLM converted with `llama-jax convert`, and
+lm-eval tasks read from local JSON files."""
+
+import contextlib
+import functools
+import json
+import math
+import re
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from llama_jax import LLaMA, save_model
+from llama_jax.checkpoint import load_model
+from llama_jax.cli import main
+from llama_jax.data import EmbeddedCorpus, split_indices
+from llama_jax.evaluate import Scorer, document_windows, evaluate_documents, packed_rows, rolling_windows
+from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from tests.reference import hf_config_dict, make_hf_model
+
+CONTEXT = 96  # the model's max_seq_len: small, so that windows and truncation happen
+TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                    "unk_token": "<unk>", "add_bos_token": True}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """(Hugging Face directory, llama_jax directory) of one random model with its tokenizer."""
+    root = tmp_path_factory.mktemp("evaluate")
+    hf_dir = root / "hf"
+    corpus = EmbeddedCorpus()
+    train_sentencepiece((corpus[i] for i in range(len(corpus))), hf_dir / "tokenizer.model", 512)
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+    # initializer_range 0.2: logits with real gaps, so no argmax is decided by float noise.
+    config = dict(hf_config_dict("gqa_llama3", "v5", vocab_size=512), initializer_range=0.2,
+                  max_position_embeddings=CONTEXT)
+    hf_model = make_hf_model(config, seed=0)
+    # A random model emits stray byte-fallback pieces (ids 3-258), and bytes that are not UTF-8 decode
+    # differently in SentencePiece and transformers. Zero output rows give those pieces logit 0, below
+    # the largest of the other logits, so generated text is made of whole pieces; scoring is unaffected.
+    with torch.no_grad():
+        hf_model.lm_head.weight[3:259] = 0.0
+    hf_model.save_pretrained(hf_dir)
+    assert main(["convert", "--from", "hf", "--to", "jax", str(hf_dir), str(root / "jax")]) == 0
+    return hf_dir, root / "jax"
+
+
+@pytest.fixture(scope="module")
+def model(model_dirs):
+    config, params = load_model(model_dirs[1])
+    return config, params, load_tokenizer(model_dirs[1])
+
+
+@functools.cache
+def _forward(cfg):
+    return jax.jit(lambda p, t: LLaMA(cfg).apply({"params": p}, t))
+
+
+def log_softmax(cfg, params, tokens) -> np.ndarray:
+    """float64 log-softmax of the unpadded, unpacked forward pass of one sequence [S, V]."""
+    logits = np.asarray(_forward(cfg)(params, np.asarray([tokens], np.int32))[0], np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def direct_score(cfg, params, context, continuation) -> tuple[float, bool]:
+    whole = list(context) + list(continuation)
+    logp = log_softmax(cfg, params, whole[:-1])[-len(continuation):]
+    return float(logp[np.arange(len(continuation)), continuation].sum()), bool(
+        (logp.argmax(-1) == np.asarray(continuation)).all())
+
+
+def requests_for(cfg, params, rng):
+    """(context, continuation) token pairs of many lengths, one of them the greedy continuation."""
+    pairs = [(rng.integers(3, 512, c).tolist(), rng.integers(3, 512, k).tolist())
+             for c, k in [(1, 1), (5, 3), (17, 8), (40, 20), (2, 30), (9, 1), (33, 31)]]
+    context = rng.integers(3, 512, 6).tolist()
+    greedy = []
+    for _ in range(5):
+        greedy.append(int(log_softmax(cfg, params, context + greedy)[-1].argmax()))
+    return pairs + [(context, greedy)]
+
+
+def test_scoring_equals_full_forward_and_padding_changes_nothing(model):
+    cfg, params, _ = model
+    requests = requests_for(cfg, params, np.random.default_rng(0))
+    batched = Scorer(cfg, params, batch_size=4).loglikelihood(requests)
+    alone = Scorer(cfg, params, batch_size=1)
+    for (context, continuation), (logprob, greedy) in zip(requests, batched):
+        expected, expected_greedy = direct_score(cfg, params, context, continuation)
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        assert greedy == expected_greedy
+        single, single_greedy = alone.loglikelihood([(context, continuation)])[0]
+        assert logprob == pytest.approx(single, rel=1e-6) and greedy == single_greedy
+    assert batched[-1][1] and not any(g for _, g in batched[:-1])  # both answers are exercised
+
+
+def test_generation_padded_to_a_bucket_is_unchanged(model):
+    """generate(pad_to=...), as the lm-eval model batches prompts, gives what unpadded prompts give."""
+    from llama_jax.generate import generate
+
+    cfg, params, _ = model
+    prompts = [[1, 40, 50, 60], [1, 70]]
+    assert generate(cfg, params, prompts, 6, pad_to=16) == generate(cfg, params, prompts, 6)
+
+
+@pytest.mark.parametrize("n", [0, 1, CONTEXT - 1, CONTEXT, CONTEXT + 1, 3 * CONTEXT + 7])
+def test_rolling_windows_are_the_harness_windows(n):
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    tokens = list(range(10, 10 + n))
+    windows = rolling_windows(tokens, 1, CONTEXT)
+    harness = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, 1, CONTEXT, 1)]
+    assert windows == [(list(a), list(b)) for a, b in harness]
+    assert [t for _, continuation in windows for t in continuation] == tokens  # each token scored once
+    assert all(len(c) + len(k) <= CONTEXT + 1 for c, k in windows)
+
+
+def test_rolling_loglikelihood(model):
+    cfg, params, _ = model
+    tokens = np.random.default_rng(1).integers(3, 512, 2 * CONTEXT + 11).tolist()
+    rolled = Scorer(cfg, params, batch_size=2).loglikelihood_rolling([tokens, tokens[:5], []], prefix_token=1)
+    expected = sum(direct_score(cfg, params, c, k)[0] for c, k in rolling_windows(tokens, 1, CONTEXT))
+    assert rolled[0] == pytest.approx(expected, abs=1e-3)
+    assert rolled[1] == pytest.approx(direct_score(cfg, params, [1], tokens[:5])[0], abs=1e-4)
+    assert rolled[2] == 0.0
+
+
+def test_long_context_is_truncated_from_the_left_with_a_warning(model):
+    cfg, params, _ = model
+    rng = np.random.default_rng(2)
+    context, continuation = rng.integers(3, 512, 3 * CONTEXT).tolist(), rng.integers(3, 512, 4).tolist()
+    scorer = Scorer(cfg, params, batch_size=2)
+    with pytest.warns(UserWarning, match=r"1 of 1 requests are longer than the model's context .* truncated from "
+                                         r"the left"):
+        (logprob, _), = scorer.loglikelihood([(context, continuation)])
+    kept = (context + continuation)[-(CONTEXT + 1):-len(continuation)]
+    assert logprob == pytest.approx(direct_score(cfg, params, kept, continuation)[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("request_, message", [
+    (([], [5]), "request 0: the context is empty"),
+    (([5], []), "request 0: the continuation is empty"),
+    (([5], [6] * (CONTEXT + 1)), rf"continuation has {CONTEXT + 1} tokens, more than the model's context of {CONTEXT}"),
+    (([5], [512]), r"token id 512 is outside the vocabulary \[0, 512\)"),
+])
+def test_scoring_bad_requests(model, request_, message):
+    cfg, params, _ = model
+    with pytest.raises(ValueError, match=message):
+        Scorer(cfg, params).loglikelihood([request_])
+
+
+def documents() -> list[str]:
+    """Texts of many lengths (windows of one, several and part of a row), one of them empty."""
+    corpus = EmbeddedCorpus()
+    return [corpus[3][:n] for n in (0, 40, 150, 900)] + [corpus[7][:2500], "naïve café ☃"]
+
+
+def test_exact_evaluation_counts_every_target_once(model):
+    cfg, params, tok = model
+    docs, seq_len = documents(), 32
+    result = evaluate_documents(cfg, params, docs, tok, seq_len, batch_size=3)
+    nll = correct = tokens = 0
+    for text in docs:  # the direct sum: each document's windows, one unpadded forward pass each
+        ids = tok.encode(text, bos=True, eos=True)
+        for start in range(0, len(ids) - 1, seq_len):
+            window = ids[start:start + seq_len + 1]
+            logp = log_softmax(cfg, params, window[:-1])
+            nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
+            correct += int((logp.argmax(-1) == window[1:]).sum())
+            tokens += len(window) - 1
+    assert tokens == sum(len(tok.encode(t, bos=True, eos=True)) - 1 for t in docs)
+    assert (result.tokens, result.correct, result.documents) == (tokens, correct, len(docs))
+    assert result.nll == pytest.approx(nll, rel=1e-5)
+    metrics = result.metrics()
+    n_bytes = sum(len(t.encode("utf-8")) for t in docs)
+    assert metrics["bytes"] == n_bytes
+    assert metrics["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+    assert metrics["accuracy"] == correct / tokens
+
+    rows = list(packed_rows((np.asarray(tok.encode(t, bos=True, eos=True)) for t in docs), seq_len))
+    assert sum(r["loss_mask"].sum() for r in rows) == tokens  # packing drops nothing
+    first = evaluate_documents(cfg, params, docs, tok, seq_len, batch_size=3, max_batches=1)
+    assert first.tokens == sum(r["loss_mask"].sum() for r in rows[:3]) and first.bytes is None
+
+
+def test_evaluation_on_a_mesh_equals_one_device(model, model_dirs):
+    """Sharded parameters (FSDP over the 8 test devices) and a trainer's mesh and axis rules, as
+    the run loop passes them: the same numbers as on one device."""
+    from llama_jax.experiment import base_config
+    from llama_jax.train import build_trainer
+
+    cfg, params, tok = model
+    config = base_config("init_from")
+    config.checkpoint.init_from = str(model_dirs[1])
+    config.train.update(seq_len=32, batch_size=8)
+    trainer = build_trainer(config)
+    assert trainer.mesh.size == 8
+    _, sharded = load_model(model_dirs[1], shardings=trainer.state_shardings.params)
+    docs = documents()
+    one = evaluate_documents(cfg, params, docs, tok, 32, batch_size=8)
+    many = evaluate_documents(cfg, sharded, docs, tok, 32, batch_size=5, mesh=trainer.mesh, context=trainer.context)
+    assert (many.tokens, many.correct, many.documents, many.bytes) == (one.tokens, one.correct, one.documents, one.bytes)
+    assert many.nll == pytest.approx(one.nll, rel=1e-5)
+
+
+def test_document_windows_overlap_by_one():
+    tokens = np.arange(10)
+    assert [w.tolist() for w in document_windows(tokens, 4)] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9]]
+    assert [w.tolist() for w in document_windows(tokens[:5], 4)] == [[0, 1, 2, 3, 4]]
+
+
+def write_text_config(tmp_path, files: list, eval_fraction: float = 0.4, seq_len: int = 32):
+    path = tmp_path / "config.py"
+    path.write_text(
+        "from llama_jax.experiment import base_config\n\n"
+        "def get_config():\n"
+        "    config = base_config('debug', vocab_size=512, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,\n"
+        f"                         ffn_dim=64, max_seq_len={CONTEXT})\n"
+        f"    config.data.update(source='text', files={[str(f) for f in files]!r}, eval_fraction={eval_fraction})\n"
+        f"    config.train.update(seq_len={seq_len}, batch_size=8, steps=1)\n"
+        "    config.optimizer.update(warmup_steps=0)\n"
+        "    return config\n")
+    return path
+
+
+def test_eval_command(model, model_dirs, tmp_path, capsys):
+    cfg, params, tok = model
+    files = []
+    for i, text in enumerate(documents()):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(text, encoding="utf-8")
+    config = write_text_config(tmp_path, files)
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(model_dirs[1]), "--config", str(config), "--config.train.seq_len=16",
+                 "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(out.read_text())
+    assert printed == written
+    held_out = [files[i].read_text(encoding="utf-8") for i in split_indices(len(files), 0.4)[1]]
+    expected = evaluate_documents(cfg, params, held_out, tok, 16, batch_size=8).metrics()
+    assert {k: written[k] for k in expected} == pytest.approx(expected, rel=1e-6)
+    assert written["documents"] == len(held_out) == 3 and written["seq_len"] == 16
+
+
+def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
+    files = []
+    for i, text in enumerate(documents()):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(text, encoding="utf-8")
+    config = write_text_config(tmp_path, files)
+    run = tmp_path / "run"
+    tokenizer = ["--config.data.tokenizer", str(model_dirs[1] / "tokenizer.model")]
+    assert main(["train", "--config", str(config), "--workdir", str(run), *tokenizer,
+                 "--config.checkpoint.async_save=False"]) == 0
+    assert main(["export", "--workdir", str(run), str(tmp_path / "exported")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(run)]) == 0
+    of_run = json.loads((run / "eval-1.json").read_text())
+    assert json.loads(capsys.readouterr().out) == of_run and of_run["step"] == 1
+    assert main(["eval", str(tmp_path / "exported"), "--config", str(config), *tokenizer]) == 0
+    of_export = json.loads((tmp_path / "exported" / "eval.json").read_text())
+    for key in ("loss", "perplexity", "bits_per_byte", "accuracy", "tokens", "documents", "bytes"):
+        assert of_run[key] == of_export[key]
+
+
+# ---- lm-eval ---------------------------------------------------------------------------------
+
+
+def write_tasks(directory, long_context: str):
+    """Three tasks of local JSON files: multiple choice (loglikelihood), perplexity
+    (loglikelihood_rolling) and generation (generate_until)."""
+    directory.mkdir()
+    corpus = EmbeddedCorpus()
+    questions = [
+        ("The for statement is used to", ["iterate over a sequence", "define a class", "raise an error"], 0),
+        ("A class definition creates", ["a new module", "a class object", "a float"], 1),
+        ("The with statement is used to", ["wrap a block with methods of a context manager", "add numbers"], 0),
+        (long_context + "\nWhich keyword ends a loop early?", ["break", "continue", "pass", "return"], 0),
+        ("Strings are", ["immutable sequences of Unicode code points", "mutable lists"], 0),
+    ]
+    with open(directory / "mc.jsonl", "w") as f:
+        for q, choices, answer in questions:
+            f.write(json.dumps({"question": q, "choices": choices, "answer": answer}) + "\n")
+    with open(directory / "ppl.jsonl", "w") as f:
+        for text in (corpus[5][:300], corpus[11][:1200], "Short text."):
+            f.write(json.dumps({"text": text.lstrip()}) + "\n")
+    with open(directory / "gen.jsonl", "w") as f:
+        for prompt in ("The try statement", "Name the operator for integer division:", long_context):
+            f.write(json.dumps({"prompt": prompt, "target": "x"}) + "\n")
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
+    (directory / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n" + common.format(directory / "mc.jsonl") +
+        "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (directory / "tiny_ppl.yaml").write_text(
+        "task: tiny_ppl\n" + common.format(directory / "ppl.jsonl") +
+        "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    (directory / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\n" + common.format(directory / "gen.jsonl") +
+        "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
+        "generation_kwargs:\n  until: [\"\\n\\n\"]\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network, and a Hugging Face cache of the test's own."""
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf-home")),
+                        ("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))):
+        monkeypatch.setenv(name, value)
+
+
+def test_harness_matches_its_hugging_face_backend(model_dirs, tmp_path, offline):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import llama_jax.lm_eval_model  # noqa: F401  (registers "llama_jax")
+
+    hf_dir, jax_dir = model_dirs
+    write_tasks(tmp_path / "tasks", long_context=EmbeddedCorpus()[2][:600])
+    tasks = ["tiny_mc", "tiny_ppl", "tiny_gen"]
+    runs = {}
+    for name, args in (("hf", f"pretrained={hf_dir},dtype=float32"), ("llama_jax", f"pretrained={jax_dir}")):
+        manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+        with pytest.warns(UserWarning, match="truncated from the left") if name == "llama_jax" else contextlib.nullcontext():
+            runs[name] = lm_eval.simple_evaluate(model=name, model_args=args, tasks=tasks, batch_size=3,
+                                                 device="cpu", task_manager=manager, log_samples=True)
+    hf, ours = runs["hf"], runs["llama_jax"]
+    for task in tasks:
+        hf_samples, our_samples = hf["samples"][task], ours["samples"][task]
+        assert len(hf_samples) == len(our_samples) > 0
+        for a, b in zip(hf_samples, our_samples):
+            if task == "tiny_gen":
+                assert a["resps"] == b["resps"]
+                assert all(r[0] for r in b["resps"])  # something was generated
+            else:
+                for x, y in zip(a["resps"], b["resps"]):
+                    if task == "tiny_mc":
+                        assert y[0][0] == pytest.approx(x[0][0], abs=1e-4) and y[0][1] == x[0][1]
+                    else:  # sums over hundreds of tokens, which hf adds up in float32: 1e-4 or 1e-6 relative
+                        assert y[0] == pytest.approx(x[0], abs=1e-4, rel=1e-6)
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours["results"]["tiny_mc"][metric] == hf["results"]["tiny_mc"][metric]
+    for metric in ("word_perplexity,none", "bits_per_byte,none"):
+        assert ours["results"]["tiny_ppl"][metric] == pytest.approx(hf["results"]["tiny_ppl"][metric], rel=1e-5)
+
+
+def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
+    write_tasks(tmp_path / "tasks", long_context="Loops")
+    out = tmp_path / "results.json"
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--include-path", str(tmp_path / "tasks"),
+                 "--limit", "3", "--batch-size", "2", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny_mc" in printed and "acc" in printed
+    results = json.loads(out.read_text())["results"]["tiny_mc"]
+    assert 0 <= results["acc,none"] <= 1
+
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc,no_such_task",
+                 "--include-path", str(tmp_path / "tasks")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("llama-jax lm-eval: error: lm-eval has no task 'no_such_task'; `lm-eval ls tasks` lists the "
+                       "tasks it knows (tasks of your own: --include-path DIR of task YAML files)")
+
+
+def test_lm_eval_not_installed(model_dirs, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "llama_jax.lm_eval_model", raising=False)
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "hellaswag"]) == 2
+    assert capsys.readouterr().err.strip() == ("llama-jax lm-eval: error: lm-eval is not installed; "
+                                               "pip install 'llama_jax[eval]' (or 'lm-eval>=0.4.8')")
+
+
+def test_model_without_tokenizer(model, tmp_path, capsys):
+    cfg, params, _ = model
+    save_model(tmp_path / "bare", cfg, params)
+    config = write_text_config(tmp_path, [tmp_path / "a.txt", tmp_path / "b.txt"], eval_fraction=0.5)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text("Some text.")
+    assert main(["eval", str(tmp_path / "bare"), "--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"llama-jax eval: error: {tmp_path / 'bare'} has no tokenizer.model; evaluating text needs the model's "
+        f"tokenizer (llama-jax export and convert --to jax copy it into the model directory)")
+    from llama_jax.lm_eval_model import LlamaJaxLM
+
+    with pytest.raises(ValueError, match="has no tokenizer.model; lm-eval requests are text"):
+        LlamaJaxLM(str(tmp_path / "bare"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "MODEL"], "--config is required with a model directory"),
+    (["eval"], "give a model directory or --workdir RUN"),
+    (["eval", "MODEL", "--step", "3", "--config", "CONFIG"], "--step needs --workdir"),
+    (["eval", "MODEL", "--config", "CONFIG", "--config.data.source=synthetic"],
+     "data.source=synthetic has no documents to evaluate on"),
+    (["eval", "MODEL", "--config", "CONFIG", "--config.data.eval_fraction=0.0"],
+     "data.eval_fraction=0.0 holds out no document"),
+    (["eval", "MODEL", "--config", "CONFIG", "--seq-len", str(CONTEXT + 1)], rf"seq_len={CONTEXT + 1} is out of range"),
+])
+def test_eval_bad_input(model_dirs, tmp_path, capsys, args, message):
+    (tmp_path / "a.txt").write_text("Some text.")
+    config = write_text_config(tmp_path, [tmp_path / "a.txt"] * 3, eval_fraction=0.5)
+    args = [str(model_dirs[1]) if a == "MODEL" else str(config) if a == "CONFIG" else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("llama-jax eval: error: ")
+    assert re.search(message, err), err
