@@ -6,8 +6,11 @@ function of (data, seed, s) and the step is deterministic, every loss after a re
 the uninterrupted run would have logged. SIGTERM (a TPU preemption notice) saves the current
 step and returns cleanly.
 
-Workdir layout: config.json (resolved config), checkpoints/<step>/{state,run}, metrics.jsonl,
-TensorBoard event files, tokenizer.model (when trained by the run), loss.png.
+Workdir layout: config.json (resolved config), checkpoints/<step>/{state,run}, progress.json (the
+newest committed step, so a lost checkpoint is noticed), metrics.jsonl, TensorBoard event files,
+tokenizer.model (the run's own copy of its tokenizer), loss.png. Everything that bad input can
+make fail is decided before the first write; a damaged latest checkpoint stops the run with the
+newest intact step named, and `resume_from` continues from it (later steps are moved aside).
 """
 
 from __future__ import annotations
