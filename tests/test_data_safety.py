@@ -237,6 +237,9 @@ def test_convert_never_replaces_its_source_or_foreign_files(tmp_path, model_dir,
     assert main(["convert", "--from", "jax", "--to", "meta", "--overwrite", str(src), str(tmp_path / "hf")]) == 2
     assert "holds 'config.json'" in one_line_error(capsys, "convert")  # an HF directory is not a Meta one
     assert main(["convert", "--from", "jax", "--to", "hf", "--overwrite", str(src), str(tmp_path / "hf")]) == 0
+    model_files = snapshot(src)
+    assert main(["convert", "--from", "jax", "--to", "hf", str(src), str(src / "hf")]) == 0  # inside: a new entry
+    assert {k: v for k, v in snapshot(src).items() if not k.startswith("hf")} == model_files
 
 
 def test_save_model_never_replaces_its_tokenizer_source_or_a_run(tmp_path, model_dir, pristine_run):
@@ -269,14 +272,17 @@ def test_a_run_never_writes_over_what_it_did_not_make(tmp_path, model_dir, capsy
     assert snapshot(tmp_path) == before
 
 
-def test_a_run_starting_inside_its_init_from_directory_leaves_the_model_alone(tmp_path, model_dir):
-    """finetune_hf.sh keeps the converted model in RUN/init: a run directory may hold models."""
-    run = tmp_path / "run"
-    shutil.copytree(model_dir, run / "init")
-    before = snapshot(run / "init")
-    assert train(run, "--config.model.preset=init_from", f"--config.checkpoint.init_from={run / 'init'}",
+@pytest.mark.parametrize("layout", ["model inside the run", "run inside the model"])
+def test_a_run_next_to_its_init_from_directory_leaves_the_model_alone(tmp_path, model_dir, layout):
+    """finetune_hf.sh keeps the converted model in RUN/init: a run directory may hold models (and
+    a run inside a model directory only adds that entry to it)."""
+    run, model = (tmp_path / "run", tmp_path / "run" / "init") if layout == "model inside the run" \
+        else (tmp_path / "model" / "run", tmp_path / "model")
+    shutil.copytree(model_dir, model)
+    before = snapshot(model)
+    assert train(run, "--config.model.preset=init_from", f"--config.checkpoint.init_from={model}",
                  "--config.model.vocab_size=None", "--config.model.ffn_dim=None", "--config.model.max_seq_len=None") == 0
-    assert snapshot(run / "init") == before
+    assert {k: v for k, v in snapshot(model).items() if not k.startswith("run")} == before
 
 
 # ---- the tokenizer a run used -----------------------------------------------------------------
