@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 
 
@@ -538,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     try:
         args.func(args)
+    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
     except (UserError, ValueError, OSError) as e:  # OSError: paths that cannot be read or written
         print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
