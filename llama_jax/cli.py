@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 
 
 class UserError(Exception):
@@ -35,24 +36,60 @@ def cmd_generate(args) -> None:
     from pathlib import Path
 
     from llama_jax.checkpoint import load_config, load_model
-    from llama_jax.generate import generate_text
+    from llama_jax.prompts import complete, read_prompts_file
     from llama_jax.safe_io import sha256_file
     from llama_jax.tokenizer import check_fits, load_tokenizer
 
-    config = load_config(args.model)  # fails fast on a directory that is not a model
-    own = Path(args.model) / "tokenizer.model"
-    tokenizer_path = Path(args.tokenizer or own)
-    if not args.tokenizer and not own.is_file():
-        raise UserError(f"{args.model} has no tokenizer.model; pass --tokenizer PATH")
-    if args.tokenizer and own.is_file() and tokenizer_path.is_file() and sha256_file(tokenizer_path) != sha256_file(own):
-        raise UserError(f"--tokenizer {args.tokenizer} differs from the model's own {own}; omit --tokenizer to "
-                        f"use the tokenizer the model was trained with")
-    tokenizer = load_tokenizer(tokenizer_path)
-    check_fits(tokenizer, config.vocab_size)
-    config, params = load_model(args.model)
-    texts = generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print("\n\n-----\n\n".join(prompt + text for prompt, text in zip(args.prompt, texts)))
+    if (args.model is None) == (args.workdir is None):
+        raise UserError("give a model directory or --workdir RUN (one of them)")
+    if args.step is not None and args.workdir is None:
+        raise UserError("--step needs --workdir (a model directory holds one set of parameters)")
+    if args.workdir is not None and args.tokenizer:
+        raise UserError("--tokenizer is for a model directory; --workdir uses the tokenizer the run trained with")
+    if any(s == "" for s in args.stop or ()):
+        raise UserError("--stop must not be empty")
+    prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise UserError("no prompts; give --prompt TEXT (repeatable) and/or --prompts-file FILE")
+
+    if args.workdir is not None:
+        from llama_jax.evaluate import load_run
+
+        config, params, tokenizer_path, _, _ = load_run(args.workdir, args.step)
+        tokenizer = load_tokenizer(tokenizer_path)
+        check_fits(tokenizer, config.vocab_size)
+    else:
+        config = load_config(args.model)  # fails fast on a directory that is not a model
+        own = Path(args.model) / "tokenizer.model"
+        tokenizer_path = Path(args.tokenizer or own)
+        if not args.tokenizer and not own.is_file():
+            raise UserError(f"{args.model} has no tokenizer.model; pass --tokenizer PATH")
+        if (args.tokenizer and own.is_file() and tokenizer_path.is_file()
+                and sha256_file(tokenizer_path) != sha256_file(own)):
+            raise UserError(f"--tokenizer {args.tokenizer} differs from the model's own {own}; omit --tokenizer to "
+                            f"use the tokenizer the model was trained with")
+        tokenizer = load_tokenizer(tokenizer_path)
+        check_fits(tokenizer, config.vocab_size)
+        config, params = load_model(args.model)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop=args.stop or (), chat=args.chat)
+    # Plain prompts print as prompt + continuation; --chat prints the reply alone.
+    heads = [""] * len(prompts) if args.chat else prompts
+    if len(prompts) == 1 and not args.no_stream and args.temperature == 0:  # a sampled stream would draw differently
+        started = False
+
+        def stream(piece: str) -> None:
+            nonlocal started
+            if not started:
+                print(heads[0], end="", flush=True)
+                started = True
+            print(piece, end="", flush=True)
+
+        texts = complete(config, params, tokenizer, prompts, stream=stream, **options)
+        print(heads[0] if not started else "")
+        return
+    texts = complete(config, params, tokenizer, prompts, **options)
+    print("\n\n-----\n\n".join(head + text for head, text in zip(heads, texts)))
 
 
 def finite_float(text: str) -> float:
@@ -373,10 +410,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, default=None)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="continue prompts with a model directory (KV-cache decoding)")
-    p.add_argument("model", help="a llama_jax model directory (convert --to jax, or export)")
-    p.add_argument("--prompt", action="append", required=True,
+    p = sub.add_parser("generate", help="continue prompts with a model directory or a run (KV-cache decoding)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a llama_jax model directory (convert --to jax, or export); or give --workdir")
+    p.add_argument("--workdir", default=None, help="a training run: generate from its checkpoint (no export)")
+    p.add_argument("--step", type=int, default=None, help="with --workdir: the checkpoint step (default: latest)")
+    p.add_argument("--prompt", action="append", default=None,
                    help="text to continue; repeat for a batch of prompts")
+    p.add_argument("--prompts-file", default=None,
+                   help="more prompts: one per non-blank line (.txt), or a .jsonl file's \"prompt\" (or \"text\") "
+                        "fields; they follow the --prompt ones")
+    p.add_argument("--stop", action="append", default=None,
+                   help="end each row's text before this string (repeatable; rows stop independently)")
+    p.add_argument("--chat", action="store_true",
+                   help="format each prompt as one user turn of the tokenizer's chat template (LLaMA 2 [INST], "
+                        "LLaMA 3 headers) and stop at the end of the turn; prints the reply")
+    p.add_argument("--no-stream", action="store_true",
+                   help="with a single prompt and --temperature 0, print the text at the end instead of as it is "
+                        "produced (sampled text is always printed at the end)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -518,6 +569,7 @@ def _quiet_library_noise() -> None:
     """
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Future exception was never retrieved"
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
     def orphaned(error: BaseException | None) -> bool:
         return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"

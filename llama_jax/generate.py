@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LLaMAConfig
-from llama_jax.model import KVCache, LLaMA, stack_layers, unstack_layers
+from llama_jax.model import KVCache, LLaMA, abstract_params, stack_layers, unstack_layers
+from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
 from llama_jax.tokenizer import Tokenizer
 
 Array = jax.Array
@@ -50,19 +51,21 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "mesh"))
 def _generate_ids(params, tokens_BxP: Array, pad_B: Array, key: Array, temperature: Array, top_k: Array,
-                  top_p: Array, eos_id: Array, n_tokens: Array, *, cfg: LLaMAConfig, max_new_tokens: int) -> Array:
+                  top_p: Array, eos_id: Array, n_tokens: Array, *, cfg: LLaMAConfig, max_new_tokens: int,
+                  mesh=None) -> Array:
     """New tokens [B, max_new_tokens], drawn from ids below `n_tokens`; after a row's EOS its
-    entries repeat EOS."""
+    entries repeat EOS. `mesh`: keep the KV cache sharded on it (batch and K/V heads)."""
     B, P = tokens_BxP.shape
     model = LLaMA(cfg)
     slots_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     segment_ids = (slots_BxP >= pad_B[:, None]).astype(jnp.int32)
     positions = jnp.maximum(slots_BxP - pad_B[:, None], 0)
-    cache = KVCache.create(cfg, B, P + max_new_tokens)
+    cache = KVCache.create(cfg, B, P + max_new_tokens).constrained(mesh)
     logits, cache = model.apply({"params": params}, tokens_BxP, positions=positions, segment_ids=segment_ids,
                                 cache=cache)
+    cache = cache.constrained(mesh)
 
     def pick(logits_BxV, step, done_B):
         logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < n_tokens, logits_BxV, -jnp.inf)
@@ -81,6 +84,7 @@ def _generate_ids(params, tokens_BxP: Array, pad_B: Array, key: Array, temperatu
         positions = (cache.index - pad_B)[:, None]
         logits, cache = model.apply({"params": params}, prev_B[:, None], positions=positions,
                                     segment_ids=jnp.ones((B, 1), jnp.int32), cache=cache)
+        cache = cache.constrained(mesh)
         tok = pick(logits[:, -1], step, done)
         return step + 1, tok, cache, out.at[:, step].set(tok), done | (tok == eos_id)
 
@@ -100,7 +104,7 @@ def _params_for(config: LLaMAConfig, params):
 def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, n_tokens: int | None = None,
-             pad_to: int | None = None) -> list[list[int]]:
+             pad_to: int | None = None, mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
     """New token ids for each prompt (the prompt itself is not returned).
 
     Temperature 0 is greedy. `n_tokens`: only ids below it are produced (a tokenizer smaller than
@@ -109,6 +113,11 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     Params may be scanned or unscanned; they are re-laid out to match `config.scan_layers`.
     `pad_to`: left-pad the prompts to at least this length, so that batches of prompts of nearby
     lengths share one compiled shape (the results do not depend on it).
+    `mesh`: decode sharded over a (data, fsdp, tensor) mesh (`llama_jax.sharding.make_mesh`) with
+    the project's logical-axis rules: params are placed as in training (a no-op for params already
+    loaded with those shardings, e.g. `load_model(path, shardings=...)` or a trainer's state), the
+    KV cache split over data x fsdp (batch) and tensor (K/V heads). Default: the mesh of an
+    enclosing `with mesh:` such as `trainer.context(...)`, if any.
     """
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt")
@@ -133,14 +142,22 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
         raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) = {P + max_new_tokens} "
                          f"exceeds the model's max_seq_len ({config.max_seq_len})")
 
+    mesh = ambient_mesh() if mesh is None else mesh
+    if mesh is not None:
+        check_divisible(config, mesh)
+
     tokens = np.zeros((len(prompts), P), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, P - len(prompt):] = prompt
     pad = np.array([P - len(p) for p in prompts], np.int32)
-    out = _generate_ids(_params_for(config, params), tokens, pad, jax.random.key(seed),
+    params = _params_for(config, params)
+    if mesh is not None:
+        params = jax.device_put(params, tree_shardings(mesh, abstract_params(config)))
+    out = _generate_ids(params, tokens, pad, jax.random.key(seed),
                         jnp.float32(temperature), jnp.int32(min(top_k or config.vocab_size, config.vocab_size)),
                         jnp.float32(top_p or 1.0), jnp.int32(-1 if eos_id is None else eos_id),
-                        jnp.int32(min(n_tokens or config.vocab_size, config.vocab_size)), cfg=config, max_new_tokens=max_new_tokens)
+                        jnp.int32(min(n_tokens or config.vocab_size, config.vocab_size)), cfg=config,
+                        max_new_tokens=max_new_tokens, mesh=mesh)
     results = []
     for row in np.asarray(out).tolist():
         if eos_id is not None and eos_id in row:
@@ -151,13 +168,21 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
 
 def generate_text(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompt: str | list[str],
                   max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = None,
-                  top_p: float | None = None, seed: int = 0) -> list[str] | str:
-    """Continuations of `prompt` (a string, or a list of them), stopping at the tokenizer's EOS."""
+                  top_p: float | None = None, seed: int = 0, stop: Sequence[str] = ()) -> list[str] | str:
+    """Continuations of `prompt` (a string, or a list of them), stopping at the tokenizer's EOS.
+
+    `stop`: each row's text ends before the first occurrence of any of these strings (rows
+    independently; decoding still runs to EOS or `max_new_tokens`, the text is cut afterwards).
+    """
+    from llama_jax.prompts import cut_at_stop
+
+    if any(s == "" for s in stop):
+        raise ValueError("a stop string must not be empty")
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [tokenizer.encode(t, bos=True, eos=False) for t in texts]
     new = generate(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id,
                    n_tokens=tokenizer.vocab_size)
-    decoded = [tokenizer.decode(ids) for ids in new]
+    decoded = [cut_at_stop(tokenizer.decode(ids), stop) for ids in new]
     return decoded[0] if isinstance(prompt, str) else decoded
 
 

@@ -85,7 +85,11 @@ class KVCache:
     """Keys and values of every layer for incremental decoding.
 
     k, v: [L, B, T, K, Dh]; segment_ids: [B, T] (0 marks an empty slot); index: slots filled so far.
+    `constrained(mesh)` shards it by the logical-axis rules (`AXES`): batch over data x fsdp like
+    activations, K/V heads over tensor like the K/V projections.
     """
+
+    AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
     k: Array
     v: Array
@@ -98,6 +102,17 @@ class KVCache:
         dtype = dtype or cfg.dtype
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+    def constrained(self, mesh=None) -> "KVCache":
+        """The cache under sharding constraints on `mesh` (inside jit); no mesh: unchanged."""
+        if mesh is None:
+            return self
+        from llama_jax.sharding import logical_sharding
+
+        kv, seg = logical_sharding(mesh, self.AXES), logical_sharding(mesh, ("batch", "length"))
+        return self.replace(k=jax.lax.with_sharding_constraint(self.k, kv),
+                            v=jax.lax.with_sharding_constraint(self.v, kv),
+                            segment_ids=jax.lax.with_sharding_constraint(self.segment_ids, seg))
 
 
 # ---- layers ----------------------------------------------------------------------------------

@@ -120,6 +120,19 @@ def tree_shardings(mesh: Mesh, boxed_tree, rules=LOGICAL_AXIS_RULES):
     return jax.tree.map(sharding, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def ambient_mesh() -> Mesh | None:
+    """The mesh of an enclosing classic `with mesh:` (as `Trainer.context` enters), else None.
+
+    Flax 0.12 looks for a mesh only through `jax.sharding.get_abstract_mesh()`, which a classic
+    `with mesh:` leaves empty, so its `nn.with_logical_constraint` is a no-op there; code that
+    needs a constraint to hold (the KV cache) passes this mesh explicitly.
+    """
+    from jax._src import mesh as mesh_lib
+
+    mesh = mesh_lib.thread_resources.env.physical_mesh
+    return None if mesh.empty else mesh
+
+
 def check_divisible(config: LLaMAConfig, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> None:
     """ValueError naming the config field and mesh axis when a sharded dimension does not divide."""
     mesh_sizes = dict(mesh.shape)

@@ -1,0 +1,201 @@
+"""`llama-jax generate` extras: stop strings, chat templates, prompt files, --workdir, streaming."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from llama_jax import LLaMAConfig, init_params, save_model
+from llama_jax.cli import main
+from llama_jax.data import EmbeddedCorpus
+from llama_jax.generate import generate, generate_text
+from llama_jax.prompts import STREAM_CHUNK, chat_ids, complete, cut_at_stop, read_prompts_file
+from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from tests.test_tokenizer import _tiktoken_file, _toy_ranks
+
+PROMPTS = ["The for statement", "Class definitions are"]
+
+
+def _sharp(cfg, seed=0):
+    # Larger weights: sharper, less repetitive greedy output with real gaps between logits.
+    return jax.tree.map(lambda a: a * 10 if a.ndim > 1 else a, init_params(cfg, seed))
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    """(directory, config, params, tokenizer) of a tiny model with a SentencePiece tokenizer."""
+    root = tmp_path_factory.mktemp("gen_cli")
+    corpus = EmbeddedCorpus()
+    train_sentencepiece((corpus[i] for i in range(len(corpus))), root / "tok" / "tokenizer.model", 512)
+    tok = load_tokenizer(root / "tok")
+    cfg = LLaMAConfig.from_preset("debug", vocab_size=512)
+    params = _sharp(cfg)
+    save_model(root / "model", cfg, params, tokenizer=root / "tok")
+    return root / "model", cfg, params, tok
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("abc\ndef.", ["\n", "."]) == "abc"
+    assert cut_at_stop("abc.def\n", ["\n", "."]) == "abc"
+    assert cut_at_stop("abc", ["x"]) == "abc" and cut_at_stop("abc", []) == "abc"
+    assert cut_at_stop("abc", "b") == "a"
+
+
+def test_stop_strings_end_rows_independently(sp_model, capsys):
+    path, cfg, params, tok = sp_model
+    full = generate_text(cfg, params, tok, PROMPTS, max_new_tokens=24, temperature=0.0)
+    # A stop string that occurs in row 0's text but not in row 1's.
+    stop = next(full[0][i:i + 3] for i in range(2, len(full[0]) - 3) if full[0][i:i + 3] not in full[1])
+    cut = generate_text(cfg, params, tok, PROMPTS, max_new_tokens=24, temperature=0.0, stop=[stop, "\x00never"])
+    assert cut == [full[0][:full[0].index(stop)], full[1]]
+    assert len(cut[0]) < len(full[0])
+    args = ["generate", str(path), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "24",
+            "--temperature", "0", "--stop", stop, "--stop", "\x00never"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == "\n\n-----\n\n".join(p + t for p, t in zip(PROMPTS, cut)) + "\n"
+    assert main(args[:-4] + ["--stop", ""]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["llama-jax generate: error: --stop must not be empty"]
+
+
+def test_padded_batch_rows_equal_single_prompts(sp_model):
+    _, cfg, params, tok = sp_model
+    prompts = ["x", PROMPTS[1] + " a long prompt that needs no padding at all"]
+    batch = generate_text(cfg, params, tok, prompts, max_new_tokens=20, temperature=0.0)
+    assert batch == [generate_text(cfg, params, tok, p, max_new_tokens=20, temperature=0.0) for p in prompts]
+
+
+def test_llama2_chat_template(sp_model, capsys):
+    path, cfg, params, tok = sp_model
+    sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    ids = chat_ids(tok, "  What is a class?\n")
+    assert ids == [1] + sp.encode("[INST] What is a class? [/INST]")
+    assert ids[:3] == [1] + sp.encode("[INST]")[:2] and ids[-1] == sp.encode(" [/INST]")[-1]
+    raw = generate(cfg, params, [ids], 20, eos_id=tok.eos_id, n_tokens=tok.vocab_size)[0]
+    reply = complete(cfg, params, tok, ["  What is a class?\n"], max_new_tokens=20, temperature=0.0, chat=True)
+    assert reply == [tok.decode(raw[:raw.index(2)] if 2 in raw else raw)]
+    assert main(["generate", str(path), "--chat", "--prompt", "  What is a class?\n", "--max-new-tokens", "20",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == reply[0] + "\n"
+
+
+def test_llama3_chat_template_and_end_of_turn(tmp_path, capsys):
+    import tiktoken
+
+    ranks = _toy_ranks()
+    n = len(ranks)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(_tiktoken_file(ranks))
+    tok = load_tokenizer(tmp_path / "tok")
+    bos, start, end, eot = n, n + 6, n + 7, n + 9
+    enc = tiktoken.Encoding("toy", pat_str=tok.encoding._pat_str, mergeable_ranks=ranks, special_tokens={})
+    ids = chat_ids(tok, " the thing ")
+    expected = ([bos, start] + enc.encode("user") + [end] + enc.encode("\n\n") + enc.encode("the thing")
+                + [eot, start] + enc.encode("assistant") + [end] + enc.encode("\n\n"))
+    assert ids == expected
+    assert enc.encode("\n\n") == [ranks[b"\n\n"]]
+    template = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nthe thing<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tok.encoding.encode(template, allowed_special="all") == ids
+    assert tok.encode(template, bos=False) != ids[1:]  # plain encode keeps special-token text as text
+
+    cfg = LLaMAConfig.from_preset("debug", vocab_size=tok.vocab_size)
+    params = _sharp(cfg)
+    # Zero output columns give the special tokens logit 0, below the largest ordinary logit.
+    params = dict(params, lm_head=params["lm_head"].at[:, n:].set(0.0))
+    plain = generate(cfg, params, [ids], 12, n_tokens=tok.vocab_size)[0]
+    # Make <|eot_id|> the greedy pick by step 3 at the latest: its output column is twice that of the
+    # token chosen there (whose logit, the maximum, is positive).
+    assert max(plain) < n
+    params = dict(params, lm_head=params["lm_head"].at[:, eot].set(2 * params["lm_head"][:, plain[3]]))
+    raw = generate(cfg, params, [ids], 12, n_tokens=tok.vocab_size)[0]
+    assert eot in raw[:4] and len(raw) == 12  # without an eos_id the row runs on past the end of turn
+    reply = complete(cfg, params, tok, [" the thing "], max_new_tokens=12, temperature=0.0, chat=True)
+    assert reply == [tok.decode(raw[:raw.index(eot)])] and "<|" not in reply[0]
+    save_model(tmp_path / "model", cfg, params, tokenizer=tmp_path / "tok")
+    for extra in ([], ["--prompt", "more"]):
+        assert main(["generate", str(tmp_path / "model"), "--chat", "--prompt", " the thing ", *extra,
+                     "--max-new-tokens", "12", "--temperature", "0"]) == 0
+        assert capsys.readouterr().out.split("\n\n-----\n\n")[0].rstrip("\n") == reply[0]
+
+
+def test_prompts_file(sp_model, tmp_path, capsys):
+    path, cfg, params, tok = sp_model
+    (tmp_path / "p.txt").write_text("first prompt\n\n  second one\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "from json"}\n\n{"text": "text field", "id": 3}\n')
+    assert read_prompts_file(tmp_path / "p.txt") == ["first prompt", "  second one"]
+    assert read_prompts_file(tmp_path / "p.jsonl") == ["from json", "text field"]
+    prompts = ["cli prompt", "from json", "text field"]
+    assert main(["generate", str(path), "--prompt", "cli prompt", "--prompts-file", str(tmp_path / "p.jsonl"),
+                 "--max-new-tokens", "8", "--seed", "3"]) == 0
+    texts = generate_text(cfg, params, tok, prompts, max_new_tokens=8, temperature=0.8, seed=3)
+    assert capsys.readouterr().out == "\n\n-----\n\n".join(p + t for p, t in zip(prompts, texts)) + "\n"
+
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    (tmp_path / "nofield.jsonl").write_text('{"prompt": "ok"}\n["x"]\n')
+    for name, message in [("empty.txt", "empty.txt: no prompts"), ("bad.jsonl", "bad.jsonl, line 2: not valid JSON"),
+                          ("nofield.jsonl", "nofield.jsonl, line 2: expected a JSON object with a string"),
+                          ("missing.txt", "missing.txt: no such file")]:
+        assert main(["generate", str(path), "--prompts-file", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    for args, message in [([str(path)], "no prompts; give --prompt"),
+                          ([], "give a model directory or --workdir RUN"),
+                          ([str(path), "--workdir", str(tmp_path)], "give a model directory or --workdir RUN"),
+                          ([str(path), "--step", "1", "--prompt", "x"], "--step needs --workdir")]:
+        assert main(["generate", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_streaming_equals_one_call(sp_model, capsys):
+    path, cfg, params, tok = sp_model
+    steps = 2 * STREAM_CHUNK + 5  # two full chunks and a short one
+    expected = generate_text(cfg, params, tok, PROMPTS[0], max_new_tokens=steps, temperature=0.0)
+    ids = generate(cfg, params, [tok.encode(PROMPTS[0])], steps, eos_id=tok.eos_id)[0]
+    assert len(ids) == steps and len(tok.encode(PROMPTS[0] + expected)) > 2 * STREAM_CHUNK  # runs through all chunks
+    pieces = []
+    assert complete(cfg, params, tok, [PROMPTS[0]], steps, temperature=0.0, stream=pieces.append) == [expected]
+    assert "".join(pieces) == expected and len(pieces) >= 3
+    stop = expected[STREAM_CHUNK * 2:STREAM_CHUNK * 2 + 4]
+    pieces = []
+    out = complete(cfg, params, tok, [PROMPTS[0]], steps, temperature=0.0, stop=[stop], stream=pieces.append)
+    assert out == ["".join(pieces)] == [expected[:expected.index(stop)]]
+    assert main(["generate", str(path), "--prompt", PROMPTS[0], "--max-new-tokens", str(steps),
+                 "--temperature", "0"]) == 0
+    streamed = capsys.readouterr().out
+    assert main(["generate", str(path), "--prompt", PROMPTS[0], "--max-new-tokens", str(steps),
+                 "--temperature", "0", "--no-stream"]) == 0
+    assert streamed == capsys.readouterr().out == PROMPTS[0] + expected + "\n"
+
+
+def test_workdir_equals_its_export(sp_model, tmp_path, capsys):
+    path, _, _, _ = sp_model
+    config = tmp_path / "config.py"
+    config.write_text(
+        "from llama_jax.experiment import base_config\n\n"
+        "def get_config():\n"
+        "    config = base_config('debug', vocab_size=512, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,\n"
+        "                         ffn_dim=64, max_seq_len=128)\n"
+        f"    config.data.update(source='embedded', tokenizer={str(path / 'tokenizer.model')!r})\n"
+        "    config.train.update(seq_len=32, batch_size=8, steps=2)\n"
+        "    config.checkpoint.update(every=1, async_save=False)\n"
+        "    config.optimizer.update(warmup_steps=0)\n"
+        "    return config\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--workdir", str(run)]) == 0
+    args = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "10", "--seed", "2"]
+    for step in (["--step", "1"], []):  # step 1, then the latest (2)
+        assert main(["export", "--workdir", str(run), *step, str(tmp_path / f"exported{len(step)}")]) == 0
+        capsys.readouterr()
+        assert main(["generate", str(tmp_path / f"exported{len(step)}"), *args]) == 0
+        of_export = capsys.readouterr().out
+        assert main(["generate", "--workdir", str(run), *step, *args]) == 0
+        assert capsys.readouterr().out == of_export
+    for extra, message in [(["--step", "7"], "has no checkpoint of step 7"),
+                           (["--tokenizer", str(path)], "--tokenizer is for a model directory")]:
+        assert main(["generate", "--workdir", str(run), *extra, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

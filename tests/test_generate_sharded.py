@@ -1,0 +1,77 @@
+"""Sharded decoding on 8 virtual devices: tokens equal single-device tokens, params and the KV
+cache are really sharded (the cache's per-device shape in the compiled loop), bad meshes refused."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import LLaMAConfig, init_params, save_model
+from llama_jax.checkpoint import load_model
+from llama_jax.generate import _generate_ids, generate
+from llama_jax.model import abstract_params
+from llama_jax.sharding import make_mesh, tree_shardings
+from llama_jax.train import Trainer
+
+# n_kv_heads 4 so that tensor=4 splits the K/V heads (and the cache) one per device.
+CFG = LLaMAConfig(vocab_size=256, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=128, max_seq_len=128)
+# Three prompts of different lengths: left padding, and a batch that 8 does not divide.
+PROMPTS = [np.random.default_rng(0).integers(3, 256, n).tolist() for n in (5, 11, 3)]
+STEPS = 12
+MESHES = {"fsdp8": dict(fsdp=8), "fsdp2_tensor4": dict(fsdp=2, tensor=4)}
+SAMPLING = [dict(), dict(temperature=1.0, seed=3), dict(temperature=0.9, top_k=20, top_p=0.9, seed=5)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # x10: sharp logits, so greedy continuations vary and float noise cannot flip an argmax.
+    params = jax.tree.map(lambda a: a * 10 if a.ndim > 1 else a, init_params(CFG, 0))
+    path = tmp_path_factory.mktemp("sharded") / "model"
+    save_model(path, CFG, params)
+    expected = [generate(CFG, params, PROMPTS, STEPS, **kw) for kw in SAMPLING]
+    assert len(set(map(str, expected))) == len(SAMPLING) and len(set(expected[0][0])) > 4
+    return path, expected
+
+
+@pytest.mark.parametrize("shape", MESHES.values(), ids=MESHES.keys())
+def test_sharded_tokens_equal_single_device(model_dir, shape):
+    path, expected = model_dir
+    mesh = make_mesh(**shape)
+    cfg, params = load_model(path, shardings=tree_shardings(mesh, abstract_params(CFG.replace(scan_layers=True))))
+    wk = params["layers"]["attn"]["k"]["kernel"]  # [layers, embed, kv_heads, head_dim]
+    assert wk.sharding.mesh == mesh and len(wk.addressable_shards) == 8
+    assert wk.addressable_shards[0].data.shape == (2, 64 // mesh.shape["fsdp"], 4 // mesh.shape["tensor"], 8)
+    assert [generate(cfg, params, PROMPTS, STEPS, mesh=mesh, **kw) for kw in SAMPLING] == expected
+
+
+@pytest.mark.parametrize("shape", MESHES.values(), ids=MESHES.keys())
+def test_kv_cache_is_sharded(shape):
+    """The compiled decode loop holds the cache only as per-device blocks [L, B/batch-ways, T, K/tensor, Dh]."""
+    mesh = make_mesh(**shape)
+    params = jax.device_put(init_params(CFG, 0), tree_shardings(mesh, abstract_params(CFG)))
+    B, P = 8, 11
+    args = (np.ones((B, P), np.int32), np.zeros(B, np.int32), jax.random.key(0), jnp.float32(0), jnp.int32(256),
+            jnp.float32(1), jnp.int32(-1), jnp.int32(256))
+    hlo = _generate_ids.lower(params, *args, cfg=CFG, max_new_tokens=STEPS, mesh=mesh).compile().as_text()
+    cache_shapes = set(re.findall(rf"f32\[2,\d+,{P + STEPS},\d+,8\]", hlo))
+    rows, kv_heads = B // (mesh.shape["data"] * mesh.shape["fsdp"]), 4 // mesh.shape["tensor"]
+    assert cache_shapes == {f"f32[2,{rows},{P + STEPS},{kv_heads},8]"}
+
+
+def test_trainer_context_shards_without_mesh_argument(model_dir):
+    """run.py's samples call generate under `trainer.context(per_device_attention=False)`."""
+    path, expected = model_dir
+    mesh = make_mesh(fsdp=2, tensor=4)
+    trainer = Trainer(CFG, optimizer=None, schedule=None, mesh=mesh)
+    _, params = load_model(path, shardings=tree_shardings(mesh, abstract_params(CFG)))
+    with trainer.context(per_device_attention=False):
+        assert generate(CFG, params, PROMPTS, STEPS, **SAMPLING[1]) == expected[1]
+
+
+def test_mesh_that_does_not_divide_the_heads():
+    params = init_params(CFG, 0)
+    with pytest.raises(ValueError, match=r"model.n_kv_heads=4 is not divisible by mesh.tensor=8") as err:
+        generate(CFG, params, PROMPTS, STEPS, mesh=make_mesh(fsdp=1, tensor=8))
+    assert "\n" not in str(err.value)
