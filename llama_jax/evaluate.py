@@ -397,24 +397,12 @@ def load_run(workdir, step: int | None = None) -> tuple[LLaMAConfig, dict, str, 
     the latest), reading only its parameters."""
     from pathlib import Path
 
-    from llama_jax.checkpoint import RunCheckpoints
-    from llama_jax.run import _run_tokenizer, committed_steps
+    from llama_jax.run import checkpoint_step, read_checkpoint_params, run_tokenizer
 
     workdir = Path(workdir).absolute()
-    steps = committed_steps(workdir)
-    if not steps:
-        raise ValueError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ValueError(f"{workdir} has no checkpoint of step {step}; valid: {', '.join(map(str, steps))}")
-    checkpoints = RunCheckpoints(workdir / "checkpoints", every=1, async_save=False, read_only=True)
-    try:
-        info = checkpoints.run_info(step)
-        config = LLaMAConfig.from_dict(info["model"])
-        params = checkpoints.restore_params(step, config)
-    finally:
-        checkpoints.close()
-    tokenizer = _run_tokenizer(workdir, info)
+    step = checkpoint_step(workdir, step)
+    info, config, params = read_checkpoint_params(workdir, step)
+    tokenizer = run_tokenizer(workdir, info)
     if tokenizer is None:
         raise ValueError(f"{workdir} has no tokenizer.model (a run on synthetic data); evaluating text needs one")
     return config, params, str(tokenizer), step, info["config"]

@@ -317,22 +317,34 @@ def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, 
     from llama_jax.safe_io import check_destination
 
     workdir = Path(workdir).absolute()
+    step = checkpoint_step(workdir, step)
+    check_destination(dst, MODEL_DIR, overwrite, [workdir])  # before reading gigabytes
+    info, model, params = read_checkpoint_params(workdir, step)
+    tokenizer = run_tokenizer(workdir, info)
+    return save_model(dst, model, params, tokenizer=tokenizer, overwrite=overwrite), step, model
+
+
+def checkpoint_step(workdir: Path, step: int | None = None) -> int:
+    """`step` (default: the latest) if `workdir` holds it as a committed checkpoint; RunError otherwise."""
     steps = committed_steps(workdir)
     if not steps:
         raise RunError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
     step = steps[-1] if step is None else step
     if step not in steps:
         raise RunError(f"{workdir} has no checkpoint of step {step}; valid: {', '.join(map(str, steps))}")
-    check_destination(dst, MODEL_DIR, overwrite, [workdir])  # before reading gigabytes
+    return step
+
+
+def read_checkpoint_params(workdir: Path, step: int) -> tuple[dict, LLaMAConfig, dict]:
+    """(run info, model config, params) of checkpoint `step`, reading only the parameters (export,
+    evaluation and generation from a run)."""
     with _reader(workdir) as checkpoints:
         info = checkpoints.run_info(step)
         model = LLaMAConfig.from_dict(info["model"])
-        params = checkpoints.restore_params(step, model)
-    tokenizer = _run_tokenizer(workdir, info)
-    return save_model(dst, model, params, tokenizer=tokenizer, overwrite=overwrite), step, model
+        return info, model, checkpoints.restore_params(step, model)
 
 
-def _run_tokenizer(workdir: Path, info: dict) -> Path | None:
+def run_tokenizer(workdir: Path, info: dict) -> Path | None:
     """The tokenizer file a run used: its kept copy, checked against the hash in the checkpoint.
     Runs from before copies were kept fall back to the file `data.tokenizer` names."""
     expected = info.get("tokenizer_sha256")
