@@ -407,11 +407,10 @@ def test_missing_tools_are_one_line(capsys, tmp_path, monkeypatch):
 @pytest.fixture
 def script_env(tmp_path):
     """Environment for the experiments scripts: this checkout's llama-jax, and a gcloud that must not be called."""
-    llama_jax = Path(sys.executable).parent / "llama-jax"
-    if not llama_jax.exists():
-        pytest.skip("llama-jax entry point not installed next to this Python")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    llama_jax = bin_dir / "llama-jax"  # this Python's llama-jax, whether or not an entry point is installed
+    write_fake(llama_jax, f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m llama_jax.cli \"$@\"\n")
     write_fake(bin_dir / "gcloud", f"#!/bin/sh\ntouch {tmp_path}/gcloud-was-called\nexit 99\n")
     return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", LLAMA_JAX=str(llama_jax),
                 WORKDIR=str(tmp_path / "run"))
