@@ -33,11 +33,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from pathlib import Path
-
-    from llama_jax.checkpoint import load_config, load_model
+    from llama_jax.checkpoint import load_model, load_tokenizer_for
     from llama_jax.prompts import complete, read_prompts_file
-    from llama_jax.safe_io import sha256_file
     from llama_jax.tokenizer import check_fits, load_tokenizer
 
     if (args.model is None) == (args.workdir is None):
@@ -59,17 +56,7 @@ def cmd_generate(args) -> None:
         tokenizer = load_tokenizer(tokenizer_path)
         check_fits(tokenizer, config.vocab_size)
     else:
-        config = load_config(args.model)  # fails fast on a directory that is not a model
-        own = Path(args.model) / "tokenizer.model"
-        tokenizer_path = Path(args.tokenizer or own)
-        if not args.tokenizer and not own.is_file():
-            raise UserError(f"{args.model} has no tokenizer.model; pass --tokenizer PATH")
-        if (args.tokenizer and own.is_file() and tokenizer_path.is_file()
-                and sha256_file(tokenizer_path) != sha256_file(own)):
-            raise UserError(f"--tokenizer {args.tokenizer} differs from the model's own {own}; omit --tokenizer to "
-                            f"use the tokenizer the model was trained with")
-        tokenizer = load_tokenizer(tokenizer_path)
-        check_fits(tokenizer, config.vocab_size)
+        _, tokenizer = load_tokenizer_for(args.model, "pass --tokenizer PATH", args.tokenizer)
         config, params = load_model(args.model)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop or (), chat=args.chat)

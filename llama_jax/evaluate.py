@@ -426,18 +426,15 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
         model, params, tokenizer_file, step, _ = load_run(workdir, step)
         origin = {"workdir": str(Path(workdir).absolute()), "step": step}
     else:
-        from llama_jax.checkpoint import load_config, load_model
+        from llama_jax.checkpoint import load_model, load_tokenizer_for
 
-        model = load_config(model_dir)
-        tokenizer_file = Path(model_dir) / "tokenizer.model"
-        if not tokenizer_file.is_file():
-            raise ValueError(f"{model_dir} has no tokenizer.model; evaluating text needs the model's tokenizer "
-                             f"(llama-jax export and convert --to jax copy it into the model directory)")
+        model, tokenizer = load_tokenizer_for(model_dir, "evaluating text needs the model's tokenizer (llama-jax "
+                                              "export and convert --to jax copy it into the model directory)")
         origin = {"model": str(Path(model_dir).absolute())}
         _check_seq_len(seq_len, model)  # before reading the parameters
-    tokenizer = load_tokenizer(tokenizer_file)
-    check_fits(tokenizer, model.vocab_size)
-    if workdir is None:
         model, params = load_model(model_dir)
+    if workdir is not None:
+        tokenizer = load_tokenizer(tokenizer_file)
+        check_fits(tokenizer, model.vocab_size)
     result = evaluate_documents(model, params, documents, tokenizer, seq_len, batch_size, progress=progress)
     return {**result.metrics(), "seq_len": seq_len, **origin, "data": config.data.to_dict()}

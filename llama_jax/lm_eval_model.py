@@ -55,16 +55,10 @@ class LlamaJaxLM(TemplateLM):
         """`device` and `max_batch_size` are accepted because the harness passes them to every model;
         JAX places the model on its default device."""
         super().__init__()
-        from llama_jax.checkpoint import load_config, load_model
-        from llama_jax.tokenizer import check_fits, load_tokenizer
+        from llama_jax.checkpoint import load_model, load_tokenizer_for
 
-        config = load_config(pretrained)  # fails fast on a directory that is not a model
-        tokenizer_file = Path(pretrained) / "tokenizer.model"
-        if not tokenizer_file.is_file():
-            raise ValueError(f"{pretrained} has no tokenizer.model; lm-eval requests are text, so the model "
-                             f"directory needs its tokenizer (llama-jax export and convert --to jax copy it)")
-        self.tokenizer = load_tokenizer(tokenizer_file)
-        check_fits(self.tokenizer, config.vocab_size)
+        _, self.tokenizer = load_tokenizer_for(pretrained, "lm-eval requests are text, so the model directory "
+                                               "needs its tokenizer (llama-jax export and convert --to jax copy it)")
         self.config, self.params = load_model(pretrained, **({"dtype": dtype} if dtype else {}))
         self.pretrained = str(pretrained)
         self.scorer = Scorer(self.config, self.params, batch_size=_batch_size(batch_size),
