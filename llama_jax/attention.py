@@ -9,7 +9,8 @@ q [B, S, H, Dh], k and v [B, T, K, Dh] -> [B, S, H, Dh], softmax in float32:
   which is how it is tested, slowly);
 - `auto`: `cudnn` on GPU, `splash` on TPU, `xla` elsewhere.
 `cudnn` and `splash` take the causal structure from the kernel and documents from segment ids,
-so they serve training and prefill; decoding with a KV cache always uses `xla`.
+so they serve training. Attention over a KV cache (prefill and decoding) is `cached_attention`:
+blocks of the filled part of the cache with an online softmax, einsums XLA partitions itself.
 
 Inside `sharded_attention(mesh)` (the trainer enters it), the kernel runs under `shard_map`:
 each device attends over its own batch rows and heads (batch over data x fsdp, heads over
@@ -107,9 +108,9 @@ def resolve(impl: str) -> str:
     return impl
 
 
-def attention(q, k, v, mask_BxSxT, segment_ids_BxS, impl: str, decoding: bool) -> Array:
+def attention(q, k, v, mask_BxSxT, segment_ids_BxS, impl: str) -> Array:
     """Dispatch to a kernel; per device under `shard_map` inside `sharded_attention`."""
-    impl = "xla" if decoding else resolve(impl)
+    impl = resolve(impl)
     kernel, wants_segments = KERNELS[impl]
     extra = segment_ids_BxS if wants_segments else mask_BxSxT
     mesh = _MESH.get()
@@ -119,3 +120,51 @@ def attention(q, k, v, mask_BxSxT, segment_ids_BxS, impl: str, decoding: bool) -
     extra_spec = P(BATCH_AXES, None) if wants_segments else P(BATCH_AXES, None, None)
     return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, extra_spec), out_specs=heads,
                          check_vma=False)(q, k, v, extra)
+
+
+CACHE_BLOCK = 256  # cache slots per step of `cached_attention`'s loop
+
+
+def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q_slot_BxS: Array,
+                     q_seg_BxS: Array, kv_seg_BxT: Array, filled: Array) -> Array:
+    """Attention of S new queries over the filled slots [0, `filled`) of layer `layer` of a KV cache.
+
+    cache_k, cache_v: [L, B, K, T, Dh], heads before slots, so that a block of slots is one
+    contiguous [slots, Dh] matrix per head and the einsums read the cache in place (slots before
+    heads made XLA transpose the whole layer's cache on every call). The loop visits
+    ceil(filled / CACHE_BLOCK) blocks, so a step costs what the filled part costs, not the cache's
+    capacity; the softmax is accumulated online in float32 across blocks. A key slot is visible
+    to a query iff it is not after the query's slot and holds the same segment.
+    """
+    B, S, H, Dh = q_BxSxHxDh.shape
+    _, _, K, T, _ = cache_k.shape
+    G = H // K
+    block = min(CACHE_BLOCK, T)
+    q = q_BxSxHxDh.reshape(B, S, K, G, Dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, Dh]
+    scale = 1.0 / math.sqrt(Dh)
+
+    def step(i, carry):
+        best, total, acc = carry  # running max and sum [B, K, G, S], weighted values [B, K, G, S, Dh]
+        start = jnp.minimum(i * block, T - block)  # the last block may overlap the one before
+        k = jax.lax.dynamic_slice(cache_k, (layer, 0, 0, start, 0), (1, B, K, block, Dh))[0]
+        v = jax.lax.dynamic_slice(cache_v, (layer, 0, 0, start, 0), (1, B, K, block, Dh))[0]
+        slots = start + jnp.arange(block)
+        seg_Bxblock = jax.lax.dynamic_slice_in_dim(kv_seg_BxT, start, block, axis=1)
+        visible = ((slots >= i * block)[None, None, :] & (slots[None, None, :] <= q_slot_BxS[:, :, None])
+                   & (q_seg_BxS[:, :, None] == seg_Bxblock[:, None, :]))  # [B, S, block]
+        scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+        new_best = jnp.maximum(best, scores.max(axis=-1))
+        shift = jnp.where(jnp.isfinite(new_best), new_best, 0.0)
+        probs = jnp.exp(scores - shift[..., None])
+        rescale = jnp.exp(best - shift)
+        total = total * rescale + probs.sum(axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bkgst,bktd->bkgsd", probs.astype(v.dtype), v,
+                                                    preferred_element_type=jnp.float32)
+        return new_best, total, acc
+
+    init = (jnp.full((B, K, G, S), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, S), jnp.float32),
+            jnp.zeros((B, K, G, S, Dh), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, (filled + block - 1) // block, step, init)
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, S, H, Dh).astype(q_BxSxHxDh.dtype)

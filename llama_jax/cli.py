@@ -62,7 +62,7 @@ def cmd_generate(args) -> None:
                    top_p=args.top_p, seed=args.seed, stop=args.stop or (), chat=args.chat)
     # Plain prompts print as prompt + continuation; --chat prints the reply alone.
     heads = [""] * len(prompts) if args.chat else prompts
-    if len(prompts) == 1 and not args.no_stream and args.temperature == 0:  # a sampled stream would draw differently
+    if len(prompts) == 1 and not args.no_stream:
         started = False
 
         def stream(piece: str) -> None:
@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format each prompt as one user turn of the tokenizer's chat template (LLaMA 2 [INST], "
                         "LLaMA 3 headers) and stop at the end of the turn; prints the reply")
     p.add_argument("--no-stream", action="store_true",
-                   help="with a single prompt and --temperature 0, print the text at the end instead of as it is "
-                        "produced (sampled text is always printed at the end)")
+                   help="with a single prompt, print the text at the end instead of as it is produced "
+                        "(the text is the same either way)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)

@@ -34,6 +34,7 @@ import numpy as np
 
 from llama_jax.config import LLaMAConfig
 from llama_jax.data import pack_row, stack_rows
+from llama_jax.model import params_in_layout
 
 MIN_BUCKET = 16  # shortest padded length of a scoring batch
 
@@ -68,9 +69,7 @@ class _Forward:
     while the next is prepared."""
 
     def __init__(self, config: LLaMAConfig, params, mesh=None, context: Callable | None = None):
-        from llama_jax.generate import _params_for
-
-        self.config, self.params, self.mesh = config, _params_for(config, params), mesh
+        self.config, self.params, self.mesh = config, params_in_layout(config, params), mesh
         self.context = context or contextlib.nullcontext
         self.scores = _jitted_scores(config, mesh)
 

@@ -2,27 +2,40 @@
 
 Prompts of different lengths are left-padded to a common length P: pad slots get segment id 0,
 so no real token attends to them, and rotary positions count from 0 at each prompt's first real
-token. One compiled function runs the prefill over all P slots and then a `lax.while_loop`
-whose body feeds one token per row. The body is traced and compiled once, as a separately
-jitted decode step would be, but runs with no per-step dispatch or device-to-host sync and
-stops early once every row has emitted EOS. (A Python loop *inside* jit would instead unroll
-`max_new_tokens` copies of the model.) Sampling settings are traced values, so changing
-temperature, top-k, top-p, seed or EOS reuses the compiled code; a new batch size, prompt
-length or `max_new_tokens` compiles again.
+token. Two compiled functions do the work: `_prefill` runs all P slots into a fresh cache and
+picks each row's first token; `_decode` continues for up to `chunk` tokens in a `lax.while_loop`
+(one token per row per iteration, no per-step dispatch or host sync, early exit once every row
+has emitted EOS) and hands back its state, cache included, so decoding resumes where it stopped.
+`generate` makes one `_decode` call, or one per chunk when a caller watches the tokens as they
+come (streaming, stop strings). Sampling settings are traced values, so changing temperature,
+top-k, top-p, seed or EOS reuses the compiled code; a new batch size, prompt length,
+`max_new_tokens` or chunk compiles again.
+
+Decoding is memory-bound, so the loop is arranged to read each weight and the filled part of
+the K/V cache about once per token:
+- the layers are unrolled: scanned (stacked) params are split into per-layer arrays once per
+  call (`_unstacked`), because a scan over stacked weights slices (copies) every
+  layer's weights on every step; this holds a second copy of the weights while decoding, as
+  decoding from an unscanned checkpoint would;
+- every layer writes its new keys and values into the one cache in place (`KVCache`), and
+  attends only over the filled blocks of it (`llama_jax.attention.cached_attention`);
+- greedy decoding draws no random numbers, and nothing sorts the vocabulary unless top-k or
+  top-p filters.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LLaMAConfig
-from llama_jax.model import KVCache, LLaMA, abstract_params, stack_layers, unstack_layers
+from llama_jax.model import KVCache, LLaMA, abstract_params, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
 from llama_jax.tokenizer import Tokenizer
 
@@ -35,82 +48,113 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
 
     Filters apply in Hugging Face's order: temperature, then top-k, then top-p (the smallest set of
     most likely tokens whose probability reaches `top_p`; the most likely token always stays).
+    Only the work the settings need is done: greedy decoding draws no random numbers, and the
+    vocabulary is sorted only when top-k or top-p filters.
     """
     logits = logits_BxV.astype(jnp.float32)
     V = logits.shape[-1]
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-    rank = jnp.arange(V)
-    in_top_k = rank < (V if top_k is None else top_k)
-    sorted_desc = jnp.where(in_top_k, jnp.sort(scaled, axis=-1)[:, ::-1], -jnp.inf)
-    probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
-    keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
-    smallest_kept = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    sampled = jax.random.categorical(key, jnp.where(scaled < smallest_kept, -jnp.inf, scaled), axis=-1)
-    greedy = jnp.argmax(logits, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    top_k = V if top_k is None else top_k
+
+    def filtered(scaled):
+        in_top_k = jnp.arange(V) < top_k
+        sorted_desc = jnp.where(in_top_k, jnp.sort(scaled, axis=-1)[:, ::-1], -jnp.inf)
+        probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
+        keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
+        smallest_kept = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(scaled < smallest_kept, -jnp.inf, scaled)
+
+    def draw(logits):
+        scaled = logits / temperature
+        scaled = jax.lax.cond((top_k < V) | (top_p < 1.0), filtered, lambda x: x, scaled)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, draw, greedy, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "mesh"))
-def _generate_ids(params, tokens_BxP: Array, pad_B: Array, key: Array, temperature: Array, top_k: Array,
-                  top_p: Array, eos_id: Array, n_tokens: Array, *, cfg: LLaMAConfig, max_new_tokens: int,
-                  mesh=None) -> Array:
-    """New tokens [B, max_new_tokens], drawn from ids below `n_tokens`; after a row's EOS its
-    entries repeat EOS. `mesh`: keep the KV cache sharded on it (batch and K/V heads)."""
+class _Sampler(NamedTuple):
+    """Sampling settings as traced values: changing them reuses the compiled functions."""
+
+    key: Array
+    temperature: Array
+    top_k: Array
+    top_p: Array
+    eos_id: Array
+    n_tokens: Array
+
+    def pick(self, logits_BxV: Array, step: Array, done_B: Array) -> Array:
+        """Token `step` of each row (ids below n_tokens); EOS for rows already done."""
+        logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < self.n_tokens, logits_BxV, -jnp.inf)
+        tok = sample_logits(logits_BxV, jax.random.fold_in(self.key, step), self.temperature, self.top_k, self.top_p)
+        return jnp.where(done_B, self.eos_id, tok)
+
+
+class _Decoding(NamedTuple):
+    """Where decoding stands between calls: the cache, each row's latest token and whether it is
+    done, and how many tokens each row has produced."""
+
+    cache: KVCache
+    last_B: Array
+    done_B: Array
+    step: Array
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "mesh"))
+def _prefill(params, tokens_BxP: Array, pad_B: Array, sampler: _Sampler, *, cfg: LLaMAConfig, max_len: int,
+             mesh=None) -> _Decoding:
+    """Run the prompts through the model into a fresh cache of `max_len` slots; pick token 0."""
     B, P = tokens_BxP.shape
-    model = LLaMA(cfg)
     slots_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     segment_ids = (slots_BxP >= pad_B[:, None]).astype(jnp.int32)
     positions = jnp.maximum(slots_BxP - pad_B[:, None], 0)
-    cache = KVCache.create(cfg, B, P + max_new_tokens).constrained(mesh)
-    logits, cache = model.apply({"params": params}, tokens_BxP, positions=positions, segment_ids=segment_ids,
-                                cache=cache)
-    cache = cache.constrained(mesh)
-
-    def pick(logits_BxV, step, done_B):
-        logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < n_tokens, logits_BxV, -jnp.inf)
-        tok = sample_logits(logits_BxV, jax.random.fold_in(key, step), temperature, top_k, top_p)
-        return jnp.where(done_B, eos_id, tok)
-
-    first = pick(logits[:, -1], 0, jnp.zeros((B,), bool))
-    out = jnp.full((B, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
-
-    def cond(state):
-        step, _, _, _, done = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, prev_B, cache, out, done = state
-        positions = (cache.index - pad_B)[:, None]
-        logits, cache = model.apply({"params": params}, prev_B[:, None], positions=positions,
-                                    segment_ids=jnp.ones((B, 1), jnp.int32), cache=cache)
-        cache = cache.constrained(mesh)
-        tok = pick(logits[:, -1], step, done)
-        return step + 1, tok, cache, out.at[:, step].set(tok), done | (tok == eos_id)
-
-    state = (jnp.int32(1), first, cache, out, first == eos_id)
-    return jax.lax.while_loop(cond, body, state)[3]
+    cache = KVCache.create(cfg, B, max_len).constrained(mesh)
+    logits, cache = LLaMA(cfg).apply({"params": params}, tokens_BxP, positions=positions, segment_ids=segment_ids,
+                                     cache=cache)
+    first = sampler.pick(logits[:, -1], jnp.int32(0), jnp.zeros((B,), bool))
+    return _Decoding(cache.constrained(mesh), first, first == sampler.eos_id, jnp.int32(1))
 
 
-def _params_for(config: LLaMAConfig, params):
-    """Params in the layer layout `config.scan_layers` asks for."""
-    if config.scan_layers and "layers" not in params:
-        return stack_layers(dict(params), config.n_layers)
-    if not config.scan_layers and "layers" in params:
-        return unstack_layers(dict(params), config.n_layers)
-    return params
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "mesh"), donate_argnums=(1,))
+def _decode(params, state: _Decoding, pad_B: Array, sampler: _Sampler, limit: Array, *, cfg: LLaMAConfig,
+            chunk: int, mesh=None) -> tuple[_Decoding, Array, Array]:
+    """Up to `chunk` more tokens per row [B, chunk], stopping early once every row is done or
+    `limit` tokens are produced; also returns how many steps ran. The cache is updated in place."""
+    B = pad_B.shape[0]
+    model = LLaMA(cfg)
+
+    def cond(carry):
+        i, state, _ = carry
+        return (i < chunk) & (state.step < limit) & ~jnp.all(state.done_B)
+
+    def body(carry):
+        i, state, out = carry
+        positions = (state.cache.index - pad_B)[:, None]
+        logits, cache = model.apply({"params": params}, state.last_B[:, None], positions=positions,
+                                    segment_ids=jnp.ones((B, 1), jnp.int32), cache=state.cache)
+        tok = sampler.pick(logits[:, -1], state.step, state.done_B)
+        state = _Decoding(cache.constrained(mesh), tok, state.done_B | (tok == sampler.eos_id), state.step + 1)
+        return i + 1, state, out.at[:, i].set(tok)
+
+    out = jnp.full((B, chunk), sampler.eos_id, jnp.int32)
+    steps, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+    return state, out, steps
 
 
 def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, n_tokens: int | None = None,
-             pad_to: int | None = None, mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
+             pad_to: int | None = None, mesh: jax.sharding.Mesh | None = None,
+             on_tokens: Callable[[list[list[int]]], Sequence[bool]] | None = None,
+             chunk: int = 16) -> list[list[int]]:
     """New token ids for each prompt (the prompt itself is not returned).
 
     Temperature 0 is greedy. `n_tokens`: only ids below it are produced (a tokenizer smaller than
-    the model's padded vocabulary; default: the whole vocabulary). A row stops after emitting `eos_id`; its result ends with that EOS,
-    as in transformers' `generate`.
-    Params may be scanned or unscanned; they are re-laid out to match `config.scan_layers`.
+    the model's padded vocabulary; default: the whole vocabulary). A row stops after emitting
+    `eos_id`; its result ends with that EOS, as in transformers' `generate`.
+    Params may be scanned or unscanned, whatever `config.scan_layers` says.
     `pad_to`: left-pad the prompts to at least this length, so that batches of prompts of nearby
     lengths share one compiled shape (the results do not depend on it).
     `mesh`: decode sharded over a (data, fsdp, tensor) mesh (`llama_jax.sharding.make_mesh`) with
@@ -118,6 +162,11 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     loaded with those shardings, e.g. `load_model(path, shardings=...)` or a trainer's state), the
     KV cache split over data x fsdp (batch) and tensor (K/V heads). Default: the mesh of an
     enclosing `with mesh:` such as `trainer.context(...)`, if any.
+    `on_tokens`: called with every row's new ids so far, after the first token and then after
+    each `chunk` more; it returns one flag per row, true for rows that are finished (e.g. a stop
+    string appeared). Finished rows emit EOS from then on, and decoding ends once every row is
+    finished or done. Without it, decoding runs in one call. The tokens do not depend on `chunk`:
+    every step draws from the same per-step key either way.
     """
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt")
@@ -150,20 +199,39 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     for row, prompt in enumerate(prompts):
         tokens[row, P - len(prompt):] = prompt
     pad = np.array([P - len(p) for p in prompts], np.int32)
-    params = _params_for(config, params)
+    config = config.replace(scan_layers="layers" in params)  # the layout the params come in
     if mesh is not None:
         params = jax.device_put(params, tree_shardings(mesh, abstract_params(config)))
-    out = _generate_ids(params, tokens, pad, jax.random.key(seed),
-                        jnp.float32(temperature), jnp.int32(min(top_k or config.vocab_size, config.vocab_size)),
-                        jnp.float32(top_p or 1.0), jnp.int32(-1 if eos_id is None else eos_id),
-                        jnp.int32(min(n_tokens or config.vocab_size, config.vocab_size)), cfg=config,
-                        max_new_tokens=max_new_tokens, mesh=mesh)
-    results = []
-    for row in np.asarray(out).tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id) + 1]
-        results.append(row)
-    return results
+    if config.scan_layers:  # decode with the layers unrolled (see the module docstring)
+        params = _unstacked(params, config.n_layers)
+    config = config.replace(scan_layers=False)
+    sampler = _Sampler(jax.random.key(seed), jnp.float32(temperature),
+                       jnp.int32(min(top_k or config.vocab_size, config.vocab_size)), jnp.float32(top_p or 1.0),
+                       jnp.int32(-1 if eos_id is None else eos_id),
+                       jnp.int32(min(n_tokens or config.vocab_size, config.vocab_size)))
+
+    state = _prefill(params, tokens, pad, sampler, cfg=config, max_len=P + max_new_tokens, mesh=mesh)
+    rows = [[t] for t in np.asarray(state.last_B).tolist()]
+    chunk = max_new_tokens - 1 if on_tokens is None else min(chunk, max_new_tokens - 1)
+    finished = np.zeros(len(rows), bool)
+    while True:
+        if on_tokens is not None:
+            finished |= np.asarray([bool(f) for f in on_tokens(rows)])
+            state = state._replace(done_B=state.done_B | finished)
+        if len(rows[0]) == max_new_tokens or finished.all() or bool(jnp.all(state.done_B)):
+            break
+        state, out, steps = _decode(params, state, pad, sampler, jnp.int32(max_new_tokens), cfg=config,
+                                    chunk=chunk, mesh=mesh)
+        for row, new in zip(rows, np.asarray(out)[:, :int(steps)].tolist()):
+            row += new
+    if eos_id is not None:
+        rows = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    return rows
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstacked(params, n_layers: int):
+    return unstack_layers(dict(params), n_layers)
 
 
 def generate_text(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompt: str | list[str],
@@ -171,18 +239,13 @@ def generate_text(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, pr
                   top_p: float | None = None, seed: int = 0, stop: Sequence[str] = ()) -> list[str] | str:
     """Continuations of `prompt` (a string, or a list of them), stopping at the tokenizer's EOS.
 
-    `stop`: each row's text ends before the first occurrence of any of these strings (rows
-    independently; decoding still runs to EOS or `max_new_tokens`, the text is cut afterwards).
+    `stop`: each row's text ends before the first occurrence of any of these strings.
+    (`llama_jax.prompts.complete`, which this calls, also does chat templates and streaming.)
     """
-    from llama_jax.prompts import cut_at_stop
+    from llama_jax.prompts import complete
 
-    if any(s == "" for s in stop):
-        raise ValueError("a stop string must not be empty")
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
-    prompts = [tokenizer.encode(t, bos=True, eos=False) for t in texts]
-    new = generate(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id,
-                   n_tokens=tokenizer.vocab_size)
-    decoded = [cut_at_stop(tokenizer.decode(ids), stop) for ids in new]
+    decoded = complete(config, params, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, seed, stop)
     return decoded[0] if isinstance(prompt, str) else decoded
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax.attention import attention, attention_mask
+from llama_jax.attention import attention, attention_mask, cached_attention
 from llama_jax.config import LLaMAConfig
 
 Array = jax.Array
@@ -84,12 +84,14 @@ def apply_rotary(x_BxSxNxDh: Array, sin_BxSxDh: Array, cos_BxSxDh: Array) -> Arr
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    k, v: [L, B, T, K, Dh]; segment_ids: [B, T] (0 marks an empty slot); index: slots filled so far.
+    k, v: [L, B, K, T, Dh] (heads before slots: see `llama_jax.attention.cached_attention`);
+    segment_ids: [B, T] (0 marks an empty slot); index: slots filled so far. Each layer writes
+    its new slots into k and v in place.
     `constrained(mesh)` shards it by the logical-axis rules (`AXES`): batch over data x fsdp like
     activations, K/V heads over tensor like the K/V projections.
     """
 
-    AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+    AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
     k: Array
     v: Array
@@ -98,7 +100,7 @@ class KVCache:
 
     @classmethod
     def create(cls, cfg: LLaMAConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or cfg.dtype
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
@@ -113,6 +115,16 @@ class KVCache:
         return self.replace(k=jax.lax.with_sharding_constraint(self.k, kv),
                             v=jax.lax.with_sharding_constraint(self.v, kv),
                             segment_ids=jax.lax.with_sharding_constraint(self.segment_ids, seg))
+
+
+@flax.struct.dataclass
+class CacheView:
+    """What every layer needs to read and write the cache for one call: the query slots [B, S],
+    the cache's segment ids including the new slots [B, T], and the first new slot."""
+
+    q_slots: Array
+    kv_segment_ids: Array
+    index: Array
 
 
 # ---- layers ----------------------------------------------------------------------------------
@@ -142,7 +154,7 @@ class Attention(nn.Module):
     cfg: LLaMAConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, sin, cos, mask_BxSxT, segment_ids, cache_index, layer_kv):
+    def __call__(self, x_BxSxD, sin, cos, mask_BxSxT, segment_ids, kv, view: CacheView | None, layer):
         cfg = self.cfg
         H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q = _dense(cfg, (H, Dh), ("embed", "heads", "head_dim"), "q")(x_BxSxD)
@@ -151,14 +163,18 @@ class Attention(nn.Module):
         q = checkpoint_name(apply_rotary(q, sin, cos), "q_proj")
         k = checkpoint_name(apply_rotary(k, sin, cos), "k_proj")
         v = checkpoint_name(v, "v_proj")
-        if layer_kv is not None:  # decoding: write this chunk into the cache, attend over all of it
-            cache_k, cache_v = layer_kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
-            layer_kv = (k, v)
-        out_BxSxHxDh = attention(q, k, v, mask_BxSxT, segment_ids, cfg.attention_impl, decoding=layer_kv is not None)
+        if kv is None:
+            out_BxSxHxDh = attention(q, k, v, mask_BxSxT, segment_ids, cfg.attention_impl)
+        else:  # write this layer's new slots into the cache, attend over its filled part
+            cache_k, cache_v = kv
+            at = (layer, 0, 0, view.index, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3)[None].astype(cache_k.dtype), at)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3)[None].astype(cache_v.dtype), at)
+            kv = (cache_k, cache_v)
+            out_BxSxHxDh = cached_attention(q, cache_k, cache_v, layer, view.q_slots, segment_ids,
+                                            view.kv_segment_ids, view.index + q.shape[1])
         out = _dense(cfg, cfg.dim, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out_BxSxHxDh)
-        return out, layer_kv
+        return out, kv
 
 
 class MLP(nn.Module):
@@ -176,17 +192,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer. Signature fits `nn.scan`: (carry, *broadcast, scanned)."""
+    """One pre-norm transformer layer. Signature fits `nn.scan`: the carry is (activations, the
+    whole KV cache or None), then the arguments every layer shares, then the layer's index."""
 
     cfg: LLaMAConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, sin, cos, mask_BxSxT, segment_ids, cache_index, layer_kv):
-        attn_out, layer_kv = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BxSxD), sin, cos, mask_BxSxT, segment_ids, cache_index, layer_kv)
+    def __call__(self, carry, sin, cos, mask_BxSxT, segment_ids, view, layer):
+        x_BxSxD, kv = carry
+        attn_out, kv = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x_BxSxD), sin, cos, mask_BxSxT, segment_ids, kv, view, layer)
         x_BxSxD = x_BxSxD + attn_out
         x_BxSxD = x_BxSxD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxSxD))
-        return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed")), layer_kv
+        return (nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed")), kv), None
 
 
 class LLaMA(nn.Module):
@@ -210,11 +228,12 @@ class LLaMA(nn.Module):
         segment_ids = jnp.ones((B, S), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
 
         if cache is None:
-            kv, kv_seg_BxT = None, segment_ids
+            kv, view = None, None
+            mask = attention_mask(slots_BxS, segment_ids, segment_ids)
         else:
-            kv = (cache.k, cache.v)
-            kv_seg_BxT = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start))
-        mask = attention_mask(slots_BxS, segment_ids, kv_seg_BxT)
+            kv, mask = (cache.k, cache.v), None
+            view = CacheView(slots_BxS, jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start)),
+                             start)
         sin, cos = rotary_sin_cos(positions, cfg)
 
         embed = nn.Embed(cfg.vocab_size, cfg.dim, dtype=jnp.dtype(cfg.dtype),
@@ -229,15 +248,11 @@ class LLaMA(nn.Module):
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast,) * 5 + (0,),
                             length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, kv = stack(cfg, name="layers")(x, sin, cos, mask, segment_ids, start, kv)
+            (x, kv), _ = stack(cfg, name="layers")((x, kv), sin, cos, mask, segment_ids, view,
+                                                   jnp.arange(cfg.n_layers, dtype=jnp.int32))
         else:
-            new_kv = []
             for i in range(cfg.n_layers):
-                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x, layer_kv = block(cfg, name=f"layers_{i}")(x, sin, cos, mask, segment_ids, start, layer_kv)
-                new_kv.append(layer_kv)
-            if kv is not None:
-                kv = tuple(jnp.stack(t) for t in zip(*new_kv))
+                (x, kv), _ = block(cfg, name=f"layers_{i}")((x, kv), sin, cos, mask, segment_ids, view, i)
 
         x = RMSNorm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
@@ -250,7 +265,7 @@ class LLaMA(nn.Module):
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits
-        return logits, KVCache(kv[0], kv[1], kv_seg_BxT, start + S)
+        return logits, KVCache(kv[0], kv[1], view.kv_segment_ids, start + S)
 
 
 # ---- parameters ------------------------------------------------------------------------------
@@ -311,3 +326,12 @@ def stack_layers(params: dict, n_layers: int) -> dict:
     out["layers"] = jax.tree.map(lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs),
                                  *per_layer)
     return out
+
+
+def params_in_layout(config: LLaMAConfig, params):
+    """Params in the layer layout `config.scan_layers` asks for (restacked only when they differ)."""
+    if config.scan_layers and "layers" not in params:
+        return stack_layers(dict(params), config.n_layers)
+    if not config.scan_layers and "layers" in params:
+        return unstack_layers(dict(params), config.n_layers)
+    return params

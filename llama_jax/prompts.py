@@ -10,19 +10,17 @@ surrounding whitespace in both. The reply ends at the family's end-of-turn token
 
 `complete` is what the command runs: it encodes the prompts (plain or chat), decodes them with
 `generate`, cuts each row at its end token and at the first stop string, and can stream a single
-prompt. Streaming calls `generate` repeatedly for `STREAM_CHUNK` new tokens at a time, feeding
-the prompt plus what was produced so far back in as the next prompt (left-padded to one fixed
-length, so every full chunk reuses one compiled function). The decode loop is untouched.
-Greedy decoding gives the same tokens as one call, up to float rounding between the prefill
-and the one-token decode step (tested to be identical on the test models). Sampled streams would
-draw chunk k with seed `(seed + k) % 2**63`, reproducible but not the draw of one call, so the
-command streams greedy decoding only.
+prompt. A plain prompt's continuation is decoded in the context of the prompt (`continuation_text`),
+so that prompt + continuation reads as transformers decodes the whole sequence. With stop strings,
+a second end token or a stream, `generate` hands over the tokens every `STREAM_CHUNK` steps:
+rows whose text holds a stop string are finished there (they stop early, and the batch ends once
+every row has), and the stream prints what cannot change any more. The tokens are those of one
+uninterrupted call, sampled or greedy.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -38,6 +36,15 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
         stop = [stop]
     cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return text[:min(cuts)] if cuts else text
+
+
+def continuation_text(tokenizer: Tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text `new_ids` add after the prompt, decoded in context: decoded alone, a SentencePiece
+    continuation would lose the space its first word piece starts with ("The cat sat." + "▁It"
+    must read "The cat sat. It", as transformers decodes the whole sequence)."""
+    before = tokenizer.decode(prompt_ids)
+    whole = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    return whole[len(before):] if whole.startswith(before) else tokenizer.decode(new_ids)
 
 
 def chat_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -143,38 +150,37 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
     ends = end_ids(tokenizer, chat)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=ends[0], n_tokens=tokenizer.vocab_size)
 
-    def finish(new: Sequence[int]) -> str:
-        return cut_at_stop(tokenizer.decode(_cut_ids(new, ends)), stop)
+    def text_of(prompt_ids: Sequence[int], new: Sequence[int]) -> str:
+        new = _cut_ids(new, ends)
+        return tokenizer.decode(new) if chat else continuation_text(tokenizer, prompt_ids, new)
 
-    if stream is None or len(prompts) != 1:
-        return [finish(row) for row in generate(config, params, ids, max_new_tokens, seed=seed, **options)]
+    def finish(prompt_ids: Sequence[int], new: Sequence[int]) -> str:
+        return cut_at_stop(text_of(prompt_ids, new), stop)
 
-    prompt, new, printed = ids[0], [], ""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if len(prompt) + max_new_tokens > config.max_seq_len:  # checked before anything is printed
-        raise ValueError(f"longest prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) = "
-                         f"{len(prompt) + max_new_tokens} exceeds the model's max_seq_len ({config.max_seq_len})")
-    chunks = math.ceil(max_new_tokens / STREAM_CHUNK)
-    # Every chunk's prompt is left-padded to the last one's length, so full chunks share one compile.
-    pad_to = min(len(prompt) + (chunks - 1) * STREAM_CHUNK, config.max_seq_len - STREAM_CHUNK)
-    for k in range(chunks):
-        n = min(STREAM_CHUNK, max_new_tokens - len(new))
-        new += generate(config, params, [prompt + new], n, seed=(seed + k) % 2**63, pad_to=pad_to, **options)[0]
-        done = any(e in new for e in ends)
-        text = tokenizer.decode(_cut_ids(new, ends))
-        stopped = cut_at_stop(text, stop)
-        done = done or len(stopped) < len(text)
-        upto = len(stopped) if done or k == chunks - 1 else _stream_safe(stopped, stop)
-        if upto > len(printed) and stopped.startswith(printed):
-            stream(stopped[len(printed):upto])
-            printed = stopped[:upto]
-        if done:
-            break
-    final = finish(new)
-    if final != printed and final.startswith(printed):
-        stream(final[len(printed):])
-    return [final]
+    streaming, printed = stream is not None and len(prompts) == 1, ""
+
+    def watch(rows: list[list[int]]) -> list[bool]:
+        """After each chunk: which rows are finished; a stream prints what is safe to print."""
+        nonlocal printed
+        finished = []
+        for prompt_ids, new in zip(ids, rows):
+            text = text_of(prompt_ids, new)
+            stopped = cut_at_stop(text, stop)
+            finished.append(len(stopped) < len(text) or any(e in new for e in ends))
+        if streaming:
+            last = finished[0] or len(rows[0]) == max_new_tokens
+            upto = len(stopped) if last else _stream_safe(stopped, stop)
+            if upto > len(printed) and stopped.startswith(printed):
+                stream(stopped[len(printed):upto])
+                printed = stopped[:upto]
+        return finished
+
+    rows = generate(config, params, ids, max_new_tokens, seed=seed, chunk=STREAM_CHUNK,
+                    on_tokens=watch if streaming or stop or len(ends) > 1 else None, **options)
+    texts = [finish(prompt_ids, new) for prompt_ids, new in zip(ids, rows)]
+    if streaming and texts[0] != printed and texts[0].startswith(printed):
+        stream(texts[0][len(printed):])
+    return texts
 
 
-__all__ = ["STREAM_CHUNK", "chat_ids", "complete", "cut_at_stop", "end_ids", "read_prompts_file"]
+__all__ = ["STREAM_CHUNK", "chat_ids", "complete", "continuation_text", "cut_at_stop", "end_ids", "read_prompts_file"]

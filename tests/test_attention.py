@@ -32,7 +32,7 @@ def _value_and_grads(fn, q, k, v):
 def test_kernels_match_reference(inputs, impl):
     q, k, v, segments, mask = inputs
     ref = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v)
-    got = _value_and_grads(lambda q, k, v: attention(q, k, v, mask, segments, impl, decoding=False), q, k, v)
+    got = _value_and_grads(lambda q, k, v: attention(q, k, v, mask, segments, impl), q, k, v)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
     for a, b in zip(got[1], ref[1]):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
@@ -48,7 +48,7 @@ def test_shard_map_dispatch_matches_unsharded(inputs, impl):
 
     def run(q, k, v):
         with sharded_attention(mesh):
-            return attention(q, k, v, mask, segments, impl, decoding=False)
+            return attention(q, k, v, mask, segments, impl)
 
     lowered = jax.jit(run).lower(q_s, k_s, v_s)
     out = lowered.compile()(q_s, k_s, v_s)

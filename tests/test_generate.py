@@ -160,6 +160,28 @@ def test_stops_after_eos(gqa):
     assert out[1] == (other[:other.index(eos) + 1] if eos in other else other)
 
 
+def test_watched_decoding_is_one_call_and_stops_when_told(gqa):
+    """on_tokens sees the rows after token 1 and every `chunk` more; the tokens are those of one
+    call (sampled too); rows it marks finished end with EOS and decoding stops once all are."""
+    cfg, params = gqa
+    one_call = generate(cfg, params, PROMPTS, STEPS, temperature=1.0, seed=3)
+    seen = []
+
+    def record(rows):
+        seen.append([len(r) for r in rows])
+        return [False] * len(rows)
+
+    assert generate(cfg, params, PROMPTS, STEPS, temperature=1.0, seed=3, on_tokens=record, chunk=6) == one_call
+    assert seen == [[1, 1], [7, 7], [13, 13], [16, 16]]
+    greedy = generate(cfg, params, PROMPTS, STEPS)
+    assert EOS not in greedy[0] + greedy[1]
+    seen.clear()
+    out = generate(cfg, params, PROMPTS, STEPS, eos_id=EOS, chunk=5,
+                   on_tokens=lambda rows: record(rows) and [len(rows[0]) >= 6, len(rows[1]) >= 11])
+    assert seen == [[1, 1], [6, 6], [11, 11]]  # no chunk after both rows are finished
+    assert out == [greedy[0][:6] + [EOS], greedy[1][:11]]
+
+
 @pytest.fixture(scope="module")
 def sp_tokenizer() -> SentencePieceTokenizer:
     model = BytesIO()
@@ -180,7 +202,8 @@ def test_generate_text(sp_tokenizer):
     texts = generate_text(cfg, params, tok, prompts, max_new_tokens=12, temperature=0.8, seed=1)
     assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
     ids = generate(cfg, params, [tok.encode(p) for p in prompts], 12, temperature=0.8, seed=1, eos_id=tok.eos_id)
-    assert texts == [tok.decode(i) for i in ids]
+    # prompt + continuation reads as the whole sequence decoded (a leading space is kept)
+    assert [p + t for p, t in zip(prompts, texts)] == [tok.decode(tok.encode(p) + i) for p, i in zip(prompts, ids)]
     single = generate_text(cfg, params, tok, prompts[0], max_new_tokens=12, temperature=0.0)
     assert isinstance(single, str) and single
 

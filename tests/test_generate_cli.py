@@ -1,9 +1,7 @@
 """`llama-jax generate` extras: stop strings, chat templates, prompt files, --workdir, streaming."""
 
-import json
 
 import jax
-import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -163,6 +161,10 @@ def test_streaming_equals_one_call(sp_model, capsys):
     pieces = []
     out = complete(cfg, params, tok, [PROMPTS[0]], steps, temperature=0.0, stop=[stop], stream=pieces.append)
     assert out == ["".join(pieces)] == [expected[:expected.index(stop)]]
+    sampled, pieces = dict(temperature=0.9, seed=7), []  # a sampled stream draws what one call draws
+    streamed_text = complete(cfg, params, tok, [PROMPTS[0]], steps, stream=pieces.append, **sampled)
+    assert streamed_text == complete(cfg, params, tok, [PROMPTS[0]], steps, **sampled) == ["".join(pieces)]
+    assert streamed_text != [expected]
     assert main(["generate", str(path), "--prompt", PROMPTS[0], "--max-new-tokens", str(steps),
                  "--temperature", "0"]) == 0
     streamed = capsys.readouterr().out

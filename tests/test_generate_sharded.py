@@ -10,7 +10,7 @@ import pytest
 
 from llama_jax import LLaMAConfig, init_params, save_model
 from llama_jax.checkpoint import load_model
-from llama_jax.generate import _generate_ids, generate
+from llama_jax.generate import _decode, _prefill, _Sampler, _unstacked, generate
 from llama_jax.model import abstract_params
 from llama_jax.sharding import make_mesh, tree_shardings
 from llama_jax.train import Trainer
@@ -48,16 +48,20 @@ def test_sharded_tokens_equal_single_device(model_dir, shape):
 
 @pytest.mark.parametrize("shape", MESHES.values(), ids=MESHES.keys())
 def test_kv_cache_is_sharded(shape):
-    """The compiled decode loop holds the cache only as per-device blocks [L, B/batch-ways, T, K/tensor, Dh]."""
+    """The compiled decode loop holds the cache only as per-device blocks [L, B/batch-ways, K/tensor, T, Dh]."""
     mesh = make_mesh(**shape)
     params = jax.device_put(init_params(CFG, 0), tree_shardings(mesh, abstract_params(CFG)))
+    params, cfg = _unstacked(params, CFG.n_layers), CFG.replace(scan_layers=False)
     B, P = 8, 11
-    args = (np.ones((B, P), np.int32), np.zeros(B, np.int32), jax.random.key(0), jnp.float32(0), jnp.int32(256),
-            jnp.float32(1), jnp.int32(-1), jnp.int32(256))
-    hlo = _generate_ids.lower(params, *args, cfg=CFG, max_new_tokens=STEPS, mesh=mesh).compile().as_text()
-    cache_shapes = set(re.findall(rf"f32\[2,\d+,{P + STEPS},\d+,8\]", hlo))
+    pad = np.zeros(B, np.int32)
+    sampler = _Sampler(jax.random.key(0), jnp.float32(0), jnp.int32(256), jnp.float32(1), jnp.int32(-1),
+                       jnp.int32(256))
+    state = _prefill(params, np.ones((B, P), np.int32), pad, sampler, cfg=cfg, max_len=P + STEPS, mesh=mesh)
+    hlo = _decode.lower(params, state, pad, sampler, jnp.int32(STEPS), cfg=cfg, chunk=STEPS,
+                        mesh=mesh).compile().as_text()
+    cache_shapes = set(re.findall(rf"f32\[2,\d+,\d+,{P + STEPS},8\]", hlo))
     rows, kv_heads = B // (mesh.shape["data"] * mesh.shape["fsdp"]), 4 // mesh.shape["tensor"]
-    assert cache_shapes == {f"f32[2,{rows},{P + STEPS},{kv_heads},8]"}
+    assert cache_shapes == {f"f32[2,{rows},{kv_heads},{P + STEPS},8]"}
 
 
 def test_trainer_context_shards_without_mesh_argument(model_dir):
