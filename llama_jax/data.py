@@ -263,20 +263,26 @@ def index_hashes(n: int) -> np.ndarray:
 
 
 _SPLIT_SALT = 0x9E3779B97F4A7C15
-_EVAL_STREAM = 0xE7A1  # appended to eval seeds; nonzero, as SeedSequence([..., 0]) == SeedSequence([...])
-CACHE_DOCS = 4096  # tokenized documents kept per split
+CACHE_DOCS = 4096  # tokenized training documents kept
 
 
 # ---- batches -------------------------------------------------------------------------------
 
 
-class _Split:
-    """The documents of one split: their source and indices, and their tokens (LRU-cached)."""
+class Subset:
+    """Documents `indices` of a source, by position."""
 
-    def __init__(self, source: Sequence[str], indices: Sequence[int], tokenizer, stream: tuple[int, ...]):
-        self.source, self.indices, self.stream = source, indices, stream
-        self.tokens = functools.lru_cache(maxsize=CACHE_DOCS)(
-            lambda i: np.asarray(tokenizer.encode(source[i], bos=True, eos=True), np.int32))
+    def __init__(self, source: Sequence[str], indices: Sequence[int]):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> str:
+        return self.source[int(self.indices[i])]
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
 
 
 class TextDataset:
@@ -290,10 +296,10 @@ class TextDataset:
     checkpoint, and Grain's checkpointable iterators are not used. The cost: within an epoch's
     worth of steps some documents repeat and others are missed (as with any i.i.d. sampling).
 
-    Eval batch k is built the same way from the held-out documents on a separate seed stream,
-    so it is the same every time. The held-out documents come from `eval_source` when given
-    (e.g. a TFDS validation split), else they are `split_indices(n, eval_fraction)[1]`.
-    Tokenized documents are kept in an LRU cache (CACHE_DOCS per split).
+    The held-out documents (`eval_documents`) come from `eval_source` when given (e.g. a TFDS
+    validation split), else they are `split_indices(n, eval_fraction)[1]`; they are evaluated
+    whole, in consecutive windows (`llama_jax.evaluate.evaluate_documents`), not sampled.
+    Tokenized training documents are kept in an LRU cache (CACHE_DOCS).
     """
 
     def __init__(self, source: Sequence[str], tokenizer, seq_len: int, seed: int,
@@ -305,57 +311,36 @@ class TextDataset:
                 raise ValueError(f"{what} has no documents; give a non-empty source")
         self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
         if eval_source is None:
-            train_indices, eval_indices = split_indices(len(source), eval_fraction)
-            train = _Split(source, train_indices, tokenizer, ())
-            eval_ = _Split(source, eval_indices, tokenizer, (_EVAL_STREAM,))
+            self.train_indices, eval_indices = split_indices(len(source), eval_fraction)
+            self.eval_documents: Sequence[str] = Subset(source, eval_indices)
         else:
-            train = _Split(source, range(len(source)), tokenizer, ())
-            eval_ = _Split(eval_source, range(len(eval_source)), tokenizer, (_EVAL_STREAM,))
-        self._splits = {"train": train, "eval": eval_}
-
-    @property
-    def train_indices(self) -> Sequence[int]:
-        return self._splits["train"].indices
-
-    @property
-    def eval_indices(self) -> Sequence[int]:
-        """Indices into `eval_source` when one was given, else into `source`."""
-        return self._splits["eval"].indices
+            self.train_indices, self.eval_documents = range(len(source)), eval_source
+        self.tokens = functools.lru_cache(maxsize=CACHE_DOCS)(
+            lambda i: np.asarray(tokenizer.encode(source[i], bos=True, eos=True), np.int32))
 
     def batch(self, step: int, rows: range) -> dict[str, np.ndarray]:
         """Those global rows of the training batch of `step`."""
-        return self._batch("train", step, rows)
+        return stack_rows([pack_row([t for _, t in self._pieces(step, r)], self.seq_len) for r in rows])
 
-    def eval_batch(self, k: int, rows: range) -> dict[str, np.ndarray]:
-        """Those global rows of the k-th fixed eval batch."""
-        return self._batch("eval", k, rows)
-
-    def documents(self, step: int, row: int, split: str = "train") -> list[int]:
-        """The document indices, in order, packed into one row (split "train" or "eval")."""
-        return [i for i, _ in self._pieces(split, step, row)]
+    def documents(self, step: int, row: int) -> list[int]:
+        """The document indices, in order, packed into one row of the training batch."""
+        return [i for i, _ in self._pieces(step, row)]
 
     def train_token_counts(self, max_docs: int | None = None) -> np.ndarray:
         """How often each token id occurs as a target (every token but BOS) in the first
         `max_docs` train documents: the training data of a unigram baseline."""
-        train = self._splits["train"]
         counts = np.zeros(self.tokenizer.vocab_size, np.int64)
-        for i in train.indices[:max_docs]:
-            counts += np.bincount(train.tokens(int(i))[1:], minlength=len(counts))
+        for i in self.train_indices[:max_docs]:
+            counts += np.bincount(self.tokens(int(i))[1:], minlength=len(counts))
         return counts
 
-    def _batch(self, split: str, step: int, rows: range) -> dict[str, np.ndarray]:
-        return stack_rows([pack_row([t for _, t in self._pieces(split, step, r)], self.seq_len) for r in rows])
-
-    def _pieces(self, split: str, step: int, row: int) -> list[tuple[int, np.ndarray]]:
+    def _pieces(self, step: int, row: int) -> list[tuple[int, np.ndarray]]:
         """(document index, tokens) pieces that fill one row with exactly seq_len pairs."""
-        docs = self._splits[split]
-        if not len(docs.indices):
-            raise ValueError(f"no {split} documents; use eval_fraction > 0 or give an eval source")
-        rng = np.random.default_rng([self.seed, step, row, *docs.stream])
+        rng = np.random.default_rng([self.seed, step, row])
         pieces, room = [], self.seq_len
         while room > 0:
-            i = int(docs.indices[rng.integers(len(docs.indices))])
-            tokens = docs.tokens(i)
+            i = int(self.train_indices[rng.integers(len(self.train_indices))])
+            tokens = self.tokens(i)
             if len(tokens) - 1 > room:
                 start = rng.integers(len(tokens) - room)
                 tokens = tokens[start:start + room + 1]

@@ -27,8 +27,9 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
     import jax
 
     from llama_jax import data as data_lib
+    from llama_jax.evaluate import held_out_batches
     from llama_jax.experiment import apply_overrides
-    from llama_jax.run import train_and_evaluate
+    from llama_jax.run import eval_max_batches, train_and_evaluate
 
     config = apply_overrides(get_config(), overrides)
     workdir = Path(workdir).absolute()
@@ -43,9 +44,10 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
     if ev is None:
         print("no held-out evaluation (train.eval_batches=0)")
     else:
-        data = result.data
-        eval_batches = [data.eval_rows(k) for k in range(config.train.eval_batches)]
-        baseline = data_lib.unigram_perplexity(data.dataset.train_token_counts(), eval_batches)
+        data, t = result.data, config.train
+        evaluated = held_out_batches(data.eval_documents, data.tokenizer, t.seq_len, t.batch_size // t.grad_accum,
+                                     eval_max_batches(t))
+        baseline = data_lib.unigram_perplexity(data.dataset.train_token_counts(), list(evaluated))
         print(f"held-out perplexity: model {ev['eval_perplexity']:.1f} vs unigram baseline {baseline:.1f} "
               f"(loss {ev['eval_loss']:.3f} nats/token, next-token accuracy {ev['eval_accuracy']:.1%})")
     print(f"sample: {config.train.sample_prompt}{result.sample}")

@@ -177,28 +177,16 @@ def evaluate_documents(config: LLaMAConfig, params, documents: Iterable[str], to
     result = EvalResult()
     bar = _progress(progress, len(documents) if hasattr(documents, "__len__") else None, "documents")
 
-    def tokenized() -> Iterator[np.ndarray]:
-        for text in documents:
+    def counted(texts: Iterable[str]) -> Iterator[str]:
+        for text in texts:
             result.documents += 1
             result.bytes += len(text.encode("utf-8"))
             bar.update(1)
-            yield np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32)
+            yield text
 
-    def batches() -> Iterator[tuple[dict, np.ndarray]]:
-        rows, made = [], 0
-        for row in packed_rows(tokenized(), seq_len):
-            rows.append(row)
-            if len(rows) == rows_per_batch:
-                yield _inputs(stack_rows(rows))
-                rows, made = [], made + 1
-                if made == max_batches:
-                    return
-        if rows:
-            rows += [pack_row([], seq_len)] * (rows_per_batch - len(rows))
-            yield _inputs(stack_rows(rows))
-
+    batches = held_out_batches(counted(documents), tokenizer, seq_len, rows_per_batch, max_batches)
     try:
-        for logp, hit, mask in forward.run(batches()):
+        for logp, hit, mask in forward.run(_inputs(b) for b in batches):
             result.nll -= float(np.sum(logp * mask))
             result.correct += int(np.sum(hit & (mask > 0)))
             result.tokens += int(np.sum(mask))
@@ -207,6 +195,23 @@ def evaluate_documents(config: LLaMAConfig, params, documents: Iterable[str], to
     if max_batches is not None:
         result.bytes = None
     return result
+
+
+def held_out_batches(documents: Iterable[str], tokenizer, seq_len: int, rows: int,
+                     max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Packed [rows, seq_len] batches of the documents' consecutive windows (`packed_rows`), in
+    order, the last filled with empty rows; only the first `max_batches` when given."""
+    made, batch = 0, []
+    tokenized = (np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32) for text in documents)
+    for row in packed_rows(tokenized, seq_len):
+        batch.append(row)
+        if len(batch) == rows:
+            yield stack_rows(batch)
+            batch, made = [], made + 1
+            if made == max_batches:
+                return
+    if batch:
+        yield stack_rows(batch + [pack_row([], seq_len)] * (rows - len(batch)))
 
 
 def _check_seq_len(seq_len, config: LLaMAConfig) -> None:
@@ -354,22 +359,6 @@ class Scorer:
 # ---- what `llama-jax eval` evaluates ---------------------------------------------------------
 
 
-class _Subset:
-    """Documents `indices` of a source, by position."""
-
-    def __init__(self, source: Sequence[str], indices: Sequence[int]):
-        self.source, self.indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> str:
-        return self.source[int(self.indices[i])]
-
-    def __iter__(self) -> Iterator[str]:
-        return (self[i] for i in range(len(self)))
-
-
 def held_out_documents(data_config) -> Sequence[str]:
     """The documents a run with this `data` config section holds out for evaluation: its eval
     source (e.g. data.tfds_eval_split) when it has one, else `split_indices(n, eval_fraction)[1]`
@@ -388,7 +377,7 @@ def held_out_documents(data_config) -> Sequence[str]:
     if not len(held_out):
         raise ValueError(f"data.eval_fraction={fraction} holds out no document; use the training config's "
                          f"eval_fraction (> 0)")
-    return _Subset(documents, held_out)
+    return data_lib.Subset(documents, held_out)
 
 
 def load_run(workdir, step: int | None = None) -> tuple[LLaMAConfig, dict, str, int, dict]:

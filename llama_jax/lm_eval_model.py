@@ -123,6 +123,7 @@ class LlamaJaxLM(TemplateLM):
 
         Requests with the same generation settings run together, longest prompt first, in
         batches of batch_size prompts left-padded to a length bucket (one compiled shape each).
+        A batch stops decoding once every row has reached EOS or one of its stop sequences.
         """
         from tqdm import tqdm
 
@@ -162,9 +163,13 @@ class LlamaJaxLM(TemplateLM):
                 chosen = order[start:start + B]
                 batch = [prompts[i] for i in chosen]
                 batch += [[self.prefix_token_id]] * (B - len(batch))  # one batch shape for every batch
+
+                def finished(rows, real=len(chosen)):  # filler rows, and rows that reached a stop sequence
+                    return [k >= real or any(s in self.tok_decode(row) for s in until) for k, row in enumerate(rows)]
+
                 outputs = generate(self.config, self.params, batch, new_tokens, temperature=temperature,
                                    top_k=top_k, top_p=top_p, seed=self.seed, eos_id=self.eot_token_id,
-                                   n_tokens=self.tokenizer.vocab_size,
+                                   n_tokens=self.tokenizer.vocab_size, on_tokens=finished,
                                    pad_to=length_bucket(len(batch[0]), room))
                 for i, ids in zip(chosen, outputs):
                     text = postprocess_generated_text(self.tok_decode(ids), until, None)

@@ -25,7 +25,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -58,7 +58,7 @@ class RunError(ValueError):
 @dataclasses.dataclass
 class RunData:
     train_rows: Callable[[int], dict]  # step -> this process's rows of the global batch
-    eval_rows: Callable[[int], dict] | None  # k -> this process's rows of the k-th eval batch
+    eval_documents: Sequence[str] | None  # the held-out documents (texts), evaluated in consecutive windows
     tokenizer: object | None
     dataset: data_lib.TextDataset | None
     tokenizer_file: Path | None = None  # the tokenizer's bytes on disk, kept in the workdir once the run starts
@@ -91,15 +91,14 @@ def build_data(config, model: LLaMAConfig, workdir: Path) -> RunData:
         tokenizer = load_tokenizer(tokenizer_file)
         check_fits(tokenizer, model.vocab_size)
         dataset = data_lib.TextDataset(train_docs, tokenizer, t.seq_len, t.seed, d.eval_fraction, eval_docs)
-        if not len(dataset.eval_indices) and t.eval_every:
+        if not len(dataset.eval_documents) and t.eval_every:
             raise RunError(f"train.eval_every={t.eval_every} but no document is held out for evaluation "
                            f"(data.eval_fraction={d.eval_fraction}); use eval_fraction > 0 or train.eval_every=0")
     except BaseException:
         discard_trained_tokenizer(tokenizer_file)
         raise
-    eval_rows = data_lib.rows_for_process(t.batch_size // t.grad_accum, jax.process_index(), jax.process_count())
-    evaluate_rows = (lambda k: dataset.eval_batch(k, eval_rows)) if len(dataset.eval_indices) else None
-    return RunData(lambda s: dataset.batch(s, rows), evaluate_rows, tokenizer, dataset, tokenizer_file)
+    eval_documents = dataset.eval_documents if len(dataset.eval_documents) else None
+    return RunData(lambda s: dataset.batch(s, rows), eval_documents, tokenizer, dataset, tokenizer_file)
 
 
 def discard_trained_tokenizer(path: Path | None) -> None:
@@ -363,16 +362,28 @@ def run_tokenizer(workdir: Path, info: dict) -> Path | None:
 # ---- evaluation and samples ------------------------------------------------------------------
 
 
-def evaluate(trainer: Trainer, params, data: RunData, n_batches: int) -> dict[str, float]:
-    """Token-weighted mean loss, perplexity and accuracy over the fixed eval batches."""
-    nll = correct = tokens = 0.0
-    for k in range(n_batches):
-        m = jax.device_get(trainer.eval_metrics(params, global_batch(trainer.mesh, data.eval_rows(k))))
-        nll += float(m["nll"]) * float(m["tokens"])
-        correct += float(m["accuracy"]) * float(m["tokens"])
-        tokens += float(m["tokens"])
-    mean = nll / max(tokens, 1.0)
-    return {"eval_loss": mean, "eval_perplexity": float(np.exp(mean)), "eval_accuracy": correct / max(tokens, 1.0)}
+def eval_max_batches(train_config) -> int | None:
+    """How many held-out batches an evaluation covers: train.eval_batches, or None (all) for -1."""
+    return None if train_config.eval_batches == -1 else train_config.eval_batches
+
+
+def evaluate(config, trainer: Trainer, params, data: RunData) -> dict[str, float]:
+    """Held-out loss, perplexity and next-token accuracy of `params`, by the code of `llama-jax eval`
+    (`evaluate_documents`): the held-out documents in consecutive windows, each target counted
+    once, over the first train.eval_batches micro-batches of them (a fixed subset) or all of them
+    (-1, which also gives bits per byte)."""
+    from llama_jax.evaluate import evaluate_documents
+
+    t = config.train
+    result = evaluate_documents(trainer.model_config, params, data.eval_documents, data.tokenizer, t.seq_len,
+                                batch_size=t.batch_size // t.grad_accum, max_batches=eval_max_batches(t),
+                                mesh=trainer.mesh, context=trainer.context)
+    metrics = result.metrics()
+    out = {"eval_loss": metrics["loss"], "eval_perplexity": metrics["perplexity"],
+           "eval_accuracy": metrics["accuracy"], "eval_tokens": metrics["tokens"]}
+    if metrics["bits_per_byte"] is not None:
+        out["eval_bits_per_byte"] = metrics["bits_per_byte"]
+    return out
 
 
 def sample(config, trainer: Trainer, params, tokenizer, seed: int) -> str:
@@ -445,9 +456,12 @@ def validate_run_config(config) -> None:
     t, c = config.train, config.checkpoint
     if t.on_nonfinite not in ON_NONFINITE:
         raise RunError(f"train.on_nonfinite={t.on_nonfinite!r}; valid: {', '.join(ON_NONFINITE)}")
-    for key in ("eval_every", "eval_batches", "sample_every", "sample_tokens"):
+    for key in ("eval_every", "sample_every", "sample_tokens"):
         if not _is_int(t[key]) or t[key] < 0:
             raise RunError(f"train.{key} must be a non-negative integer, got {t[key]!r}")
+    if not _is_int(t.eval_batches) or t.eval_batches < -1:
+        raise RunError(f"train.eval_batches must be a non-negative integer or -1 (the whole held-out set), "
+                       f"got {t.eval_batches!r}")
     if not _is_int(c.every) or c.every < 1:
         raise RunError(f"checkpoint.every must be a positive integer, got {c.every!r}")
     if c.max_to_keep is not None and (not _is_int(c.max_to_keep) or c.max_to_keep < 1):
@@ -517,7 +531,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
                disable=None if progress and main_process else True)
     logged, eval_metrics, text, skipped_seen = [], None, None, int(state.skipped)
-    evaluates, samples = bool(data.eval_rows and t.eval_batches), bool(data.tokenizer and t.sample_tokens)
+    evaluates, samples = bool(data.eval_documents and t.eval_batches), bool(data.tokenizer and t.sample_tokens)
     evaluated_at = sampled_at = None
     window_start, window_tokens, step, saved_step = time.perf_counter(), 0, start, start
     try:
@@ -537,7 +551,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
                                 mfu=f"{values['mfu']:.1%}")
                 window_start, window_tokens = time.perf_counter(), 0
             if evaluates and t.eval_every and step % t.eval_every == 0:
-                eval_metrics, evaluated_at = evaluate(trainer, state.params, data, t.eval_batches), step
+                eval_metrics, evaluated_at = evaluate(config, trainer, state.params, data), step
                 record.update(eval_metrics)
             if samples and t.sample_every and step % t.sample_every == 0:
                 text, sampled_at = sample(config, trainer, state.params, data.tokenizer, seed=step), step
@@ -563,7 +577,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
         if saved_step != step:
             checkpoints.save(step, state, {**run_info, "step": step}, force=True)
         if evaluates and evaluated_at != step:  # the final parameters, unless just evaluated
-            eval_metrics = evaluate(trainer, state.params, data, t.eval_batches)
+            eval_metrics = evaluate(config, trainer, state.params, data)
             if step > start:
                 writer.write(step, eval_metrics)
                 logged.append({"step": step, **eval_metrics})

@@ -321,7 +321,7 @@ def _die_with_parent() -> None:
 
 def objective_key(config) -> str:
     """What a sweep minimises: held-out loss when the runs evaluate, else training loss."""
-    evaluates = config.data.source != "synthetic" and config.train.eval_every > 0 and config.train.eval_batches > 0
+    evaluates = config.data.source != "synthetic" and config.train.eval_every > 0 and config.train.eval_batches != 0
     return "eval_loss" if evaluates else "loss"
 
 

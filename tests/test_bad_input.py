@@ -109,6 +109,8 @@ CASES = [
     Case("train-eval-without-held-out-documents",
          NEW_RUN + " " + TEXT + " --config.train.eval_every=2 --config.data.eval_fraction=0.0",
          r"train.eval_every=2 but no document is held out for evaluation \(data.eval_fraction=0.0\)"),
+    Case("train-eval-batches-below-minus-one", NEW_RUN + " --config.train.eval_batches=-2",
+         r"train.eval_batches must be a non-negative integer or -1 \(the whole held-out set\), got -2"),
     # ---- train: init_from and the workdir ----
     Case("train-init-from-missing", NEW_RUN + " --config.checkpoint.init_from={inputs}/nope",
          r"checkpoint.init_from: \S+/nope is not a llama_jax model directory"),

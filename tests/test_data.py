@@ -17,6 +17,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from llama_jax import data
 from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus, Prefetcher, TextDataset, TextFiles, make_source
+from llama_jax.evaluate import held_out_batches
 from llama_jax.text_dataset import build_text_dataset
 from llama_jax.tokenizer import SentencePieceTokenizer
 
@@ -105,15 +106,13 @@ def test_two_hosts_read_disjoint_rows_of_the_global_batch(corpus, tokenizer):
 
 
 def test_held_out_documents_never_reach_training(dataset, corpus, tokenizer):
-    train, held = set(dataset.train_indices), set(dataset.eval_indices)
+    train, held = set(dataset.train_indices), set(dataset.eval_documents.indices)
     assert train.isdisjoint(held) and train | held == set(range(len(corpus)))
     assert len(held) == math.ceil(0.2 * len(corpus))
+    assert list(dataset.eval_documents) == [corpus[i] for i in sorted(held)]
     used = {i for step in range(30) for r in range(8) for i in dataset.documents(step, r)}
     assert used <= train and len(used) > len(train) // 2
-    assert {i for k in range(3) for r in range(8) for i in dataset.documents(k, r, "eval")} <= held
-    fresh = TextDataset(corpus, tokenizer, seq_len=128, seed=0, eval_fraction=0.2)
-    np.testing.assert_array_equal(dataset.eval_batch(1, range(4))["tokens"], fresh.eval_batch(1, range(4))["tokens"])
-    assert len(TextDataset(corpus, tokenizer, seq_len=128, seed=0).eval_indices) == 1  # 1% of ~80 still gives one
+    assert len(TextDataset(corpus, tokenizer, seq_len=128, seed=0).eval_documents) == 1  # 1% of ~80 still gives one
 
 
 def write_corpus(tmp_path):
@@ -142,7 +141,7 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer):
     train, held = make_source(config)
     assert list(train) == splits["train"] and list(held) == splits["validation"]
     ds = TextDataset(train, tokenizer, seq_len=32, seed=0, eval_source=held)
-    assert ds.batch(0, range(2))["tokens"].shape == (2, 32) and ds.eval_batch(0, range(2))["loss_mask"].all()
+    assert ds.batch(0, range(2))["tokens"].shape == (2, 32) and ds.eval_documents == held
     assert list(make_source(ConfigDict(dict(source="jsonl", files=[str(tmp_path / "*.jsonl")])))[0]) == docs[:8]
     assert make_source(ConfigDict(dict(source="synthetic"))) == (None, None)
     assert "tensorflow" not in sys.modules  # built and read without TensorFlow
@@ -244,5 +243,5 @@ def test_unigram_baseline_on_the_embedded_corpus(dataset, corpus, tokenizer):
     train_docs = [corpus[i] for i in dataset.train_indices]
     assert counts.sum() == sum(len(tokenizer.encode(d, bos=True, eos=True)) - 1 for d in train_docs)
     assert counts[tokenizer.bos_id] == 0 and counts[tokenizer.eos_id] == len(train_docs)
-    perplexity = data.unigram_perplexity(counts, [dataset.eval_batch(k, range(8)) for k in range(2)])
+    perplexity = data.unigram_perplexity(counts, list(held_out_batches(dataset.eval_documents, tokenizer, 64, 8)))
     assert 30 < perplexity < 0.5 * tokenizer.vocab_size  # far better than uniform, far from a real model

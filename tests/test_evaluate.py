@@ -260,7 +260,8 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
     run = tmp_path / "run"
     tokenizer = ["--config.data.tokenizer", str(model_dirs[1] / "tokenizer.model")]
     assert main(["train", "--config", str(config), "--workdir", str(run), *tokenizer,
-                 "--config.checkpoint.async_save=False"]) == 0
+                 "--config.checkpoint.async_save=False", "--config.train.eval_every=1",
+                 "--config.train.eval_batches=-1"]) == 0
     assert main(["export", "--workdir", str(run), str(tmp_path / "exported")]) == 0
     capsys.readouterr()
     assert main(["eval", "--workdir", str(run)]) == 0
@@ -270,6 +271,12 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
     of_export = json.loads((tmp_path / "exported" / "eval.json").read_text())
     for key in ("loss", "perplexity", "bits_per_byte", "accuracy", "tokens", "documents", "bytes"):
         assert of_run[key] == of_export[key]
+    # The run loop's own evaluation (train.eval_batches=-1: the whole held-out set) is the same code
+    # on the trainer's mesh: the same counts, the same loss up to float rounding.
+    logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    assert len(logged) == 1 and logged[0]["step"] == 1 and logged[0]["eval_tokens"] == of_run["tokens"]
+    assert [logged[0][f"eval_{k}"] for k in ("loss", "accuracy", "bits_per_byte")] == pytest.approx(
+        [of_run[k] for k in ("loss", "accuracy", "bits_per_byte")], rel=1e-5)
 
 
 # ---- lm-eval ---------------------------------------------------------------------------------

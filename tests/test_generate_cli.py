@@ -201,3 +201,46 @@ def test_workdir_equals_its_export(sp_model, tmp_path, capsys):
         assert main(["generate", "--workdir", str(run), *extra, *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_converted_hugging_face_directory_generates_what_transformers_generates(sp_model, tmp_path, capsys):
+    """What a reader tries first: a Hugging Face LLaMA directory (weights, config.json, its
+    tokenizer.model), `llama-jax convert --from hf --to jax`, then greedy `llama-jax generate`:
+    the printed text is transformers' greedy generate, decoded, for the same directory and prompt."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from tests.reference import hf_config_dict, make_hf_model
+
+    tokenizer_dir = sp_model[0]  # the model directory holds its tokenizer.model
+    hf = tmp_path / "hf"
+    hf_tokenizer = transformers.LlamaTokenizer.from_pretrained(tokenizer_dir, add_bos_token=True)
+    hf_tokenizer.save_pretrained(hf)  # tokenizer_config.json and tokenizer.json, as on the Hub
+    shutil.copy(tokenizer_dir / "tokenizer.model", hf / "tokenizer.model")
+    model = make_hf_model(hf_config_dict("gqa_llama3", vocab_size=512))
+    with torch.no_grad():  # sharper logits: a continuation with few near-ties
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.mul_(8)
+        # Byte-fallback pieces get logit 0, far below the best of the others, so none is chosen:
+        # random bytes are rarely valid UTF-8, and SentencePiece and HF's tokenizers replace an
+        # invalid sequence by different numbers of U+FFFD.
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+        model.lm_head.weight[[i for i in range(sp.get_piece_size()) if sp.is_byte(i)]] = 0
+    model.save_pretrained(hf)
+
+    prompt, steps = "The cat sits on the mat.", 24
+    inputs = hf_tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    expected = hf_tokenizer.decode(out[0], skip_special_tokens=True)
+    assert out.shape[1] - inputs.input_ids.shape[1] > 10 and inputs.input_ids[0, 0] == 1  # BOS, a real continuation
+
+    assert main(["convert", "--from", "hf", "--to", "jax", str(hf), str(tmp_path / "jax")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "jax"), "--prompt", prompt, "--temperature", "0",
+                 "--max-new-tokens", str(steps)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == expected + "\n", (printed, expected)
