@@ -357,6 +357,27 @@ def cmd_launch_slurm(args) -> None:
         print(f"submitted SLURM job {submitted}: {args.nodes} node(s) x {args.gpus_per_node} GPU(s); logs in {folder}")
 
 
+def cmd_prepare_data(args) -> None:
+    from llama_jax.prepare import DEFAULT_SHARD_TOKENS, prepare_with_stats, summary_lines, verify
+
+    if args.config is None and not args.verify:
+        raise UserError("--config is required to prepare data (without it, --verify checks a prepared --output)")
+    if args.config is None and args.overrides:
+        raise UserError(f"--config.{args.overrides[0]}: overrides need --config")
+    if args.config is not None:
+        from llama_jax.experiment import load_config
+
+        config = load_config(args.config, args.overrides)
+        shard_tokens = DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
+        manifest, stats = prepare_with_stats(config.data, args.output, workers=args.workers,
+                                             shard_tokens=shard_tokens, progress=True)
+        print("\n".join(summary_lines(manifest, args.output, stats)))
+    if args.verify:
+        checked = verify(args.output)
+        print(f"verified {args.output}: the sha256 of all {checked['files']} shard files "
+              f"({checked['bytes']:,} bytes) and of the tokenizer match their records")
+
+
 def cmd_plan(args) -> None:
     import os
 
@@ -458,6 +479,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, help="a directory of task YAML files of your own")
     p.add_argument("--output", default=None, help="JSON file of the results (default: MODEL/lm_eval.json)")
     p.set_defaults(func=cmd_lm_eval)
+
+    p = sub.add_parser("prepare-data", help="tokenize a config's corpus once into token shards for training")
+    p.add_argument("--config", default=None, help="experiment config whose data section defines the documents and "
+                   "the tokenizer; override as --config.data.key=value")
+    p.add_argument("--output", required=True, help="directory to write; rerunning resumes an interrupted "
+                   "preparation, and a finished one is left as it is")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="tokenizer processes (default: the number of CPU cores)")
+    p.add_argument("--shard-tokens", type=positive_int, default=None, metavar="N",
+                   help="a shard closes once it holds N tokens (default 2**26)")
+    p.add_argument("--verify", action="store_true",
+                   help="check the sha256 of every shard file against its record (without --config: only that)")
+    p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("plan", help="compile the train step ahead of time; report per-device memory and FLOPs")
     p.add_argument("--config", required=True)

@@ -1,0 +1,345 @@
+"""`llama-jax prepare-data` and its reader: the token shards hold exactly what the tokenizer gives
+for each document, the files are independent of the number of workers and of interruptions, and
+every kind of bad input is one line with nothing written.
+
+The corpus is a JSONL file of a few hundred paragraphs of `pydoc_data.topics` (plus non-ASCII and
+empty documents); shards hold SHARD_TOKENS tokens, so each split spans many shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_jax import prepare as prepare_lib
+from llama_jax.cli import main
+from llama_jax.data import EmbeddedCorpus, split_indices
+from llama_jax.experiment import load_config
+from llama_jax.prepare import open_prepared, prepare, verify
+from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+
+ROOT = Path(__file__).parents[1]
+SHARD_TOKENS = 500
+EVAL_FRACTION = 0.1
+CONFIG = """from llama_jax.experiment import base_config
+
+
+def get_config():
+    config = base_config("debug")
+    config.data.update(source="jsonl", files=[{files!r}], tokenizer={tokenizer!r}, eval_fraction={eval_fraction})
+    return config
+"""
+
+
+def corpus_documents() -> list[str]:
+    """Every 8th paragraph of the embedded help texts, an empty document and some non-ASCII ones."""
+    topics = EmbeddedCorpus()
+    paragraphs = [p for i in range(len(topics)) for p in topics[i].split("\n\n") if p.strip()]
+    return paragraphs[::8] + ["", "naïve café, Ünïcödé ✓ — 𝔘𝔫𝔦", "x" * 700, "\n"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    """The corpus file, its documents, two tokenizers and a config file naming them."""
+    root = tmp_path_factory.mktemp("prepare_inputs")
+    documents = corpus_documents()
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    topics = EmbeddedCorpus()
+    tokenizer = train_sentencepiece((topics[i] for i in range(len(topics))), root / "tok" / "tokenizer.model", 512)
+    other = train_sentencepiece((topics[i] for i in range(len(topics))), root / "other.model", 600)
+    config = root / "config.py"
+    config.write_text(CONFIG.format(files=str(corpus), tokenizer=str(tokenizer), eval_fraction=EVAL_FRACTION))
+    return dict(root=root, documents=documents, corpus=corpus, tokenizer=tokenizer, other=other, config=config)
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory) -> Path:
+    """The corpus prepared in one uninterrupted run, in this process."""
+    out = tmp_path_factory.mktemp("prepared") / "ref"
+    prepare(load_config(inputs["config"]).data, out, workers=1, shard_tokens=SHARD_TOKENS, progress=False)
+    return out
+
+
+def expected_splits(inputs) -> dict[str, list[int]]:
+    train, held_out = split_indices(len(inputs["documents"]), EVAL_FRACTION)
+    return {"train": [int(i) for i in train], "held_out": [int(i) for i in held_out]}
+
+
+def file_contents(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def snapshot(*directories: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `directories` (themselves included) -> (size, mtime_ns)."""
+    return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns)
+            for d in directories for p in [d, *sorted(d.rglob("*"))]}
+
+
+def test_shards_hold_every_document_as_the_tokenizer_encodes_it(inputs, reference):
+    tokenizer = load_tokenizer(inputs["tokenizer"])
+    documents = inputs["documents"]
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["format"] == "llama_jax/prepared-v1" and manifest["token_dtype"] == "uint16"
+    assert manifest["tokenizer"] == {"file": "tokenizer.model", "sha256": hashlib.sha256(
+        inputs["tokenizer"].read_bytes()).hexdigest(), "vocab_size": 512, "bos_id": 1, "eos_id": 2}
+    assert (reference / "tokenizer.model").read_bytes() == inputs["tokenizer"].read_bytes()
+    assert manifest["data"]["files"] == [str(inputs["corpus"])]
+    prepared = open_prepared(reference)
+    for split, indices in expected_splits(inputs).items():
+        encoded = [tokenizer.encode(documents[i], bos=True, eos=True) for i in indices]
+        summary, reader = manifest["splits"][split], prepared.splits[split]
+        assert summary["documents"] == reader.documents == len(indices)
+        assert summary["tokens"] == reader.tokens == sum(map(len, encoded))
+        assert summary["bytes"] == reader.bytes == sum(len(documents[i].encode("utf-8")) for i in indices)
+        assert len(summary["shards"]) > 2
+        assert summary["shards"] == [f"{split}-{k:05d}" for k in range(len(summary["shards"]))]
+        # The files themselves, read without the reader.
+        stream, rows, first = [], [], 0
+        for name in summary["shards"]:
+            tokens = np.fromfile(reference / f"{name}.tokens.bin", np.dtype("<u2"))
+            index = np.load(reference / f"{name}.index.npy", allow_pickle=False)
+            record = json.loads((reference / f"{name}.json").read_text())
+            assert record == {"first_document": first, "documents": len(index), "tokens": len(tokens), "sha256": {
+                "tokens": hashlib.sha256((reference / f"{name}.tokens.bin").read_bytes()).hexdigest(),
+                "index": hashlib.sha256((reference / f"{name}.index.npy").read_bytes()).hexdigest()}}
+            assert index.dtype == np.int64 and index.shape == (len(index), 3)
+            lengths = [len(encoded[d]) for d in range(first, first + len(index))]
+            assert list(index[:, 0]) == list(np.cumsum([0] + lengths[:-1]))
+            is_last = name == summary["shards"][-1]
+            assert is_last or len(tokens) - lengths[-1] < SHARD_TOKENS <= len(tokens)  # closes once full
+            stream.append(tokens)
+            rows.append(index)
+            first += len(index)
+        rows = np.concatenate(rows)
+        assert np.concatenate(stream).tolist() == [t for ids in encoded for t in ids]
+        assert rows[:, 1].tolist() == indices
+        assert rows[:, 2].tolist() == [len(documents[i].encode("utf-8")) for i in indices]
+        for d, i in enumerate(indices):
+            assert reader.document_tokens(d).tolist() == encoded[d]
+            assert reader.document_info(d)[1:] == (i, len(documents[i].encode("utf-8")))
+
+
+def test_workers_give_byte_identical_directories(inputs, reference, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_lib, "CHUNK_CHARS", 2000)  # many chunks, so both workers get some
+    manifest = prepare(load_config(inputs["config"]).data, tmp_path / "two", workers=2, shard_tokens=SHARD_TOKENS,
+                       progress=False)
+    assert manifest == json.loads((reference / "manifest.json").read_text())
+    assert file_contents(tmp_path / "two") == file_contents(reference)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def test_killed_preparation_resumes_to_the_same_files(inputs, reference, tmp_path, capsys):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "llama_jax.cli", "prepare-data", "--config", str(inputs["config"]),
+               "--output", str(out), "--workers", "2", "--shard-tokens", str(SHARD_TOKENS)]
+    env = {**os.environ, prepare_lib.PAUSE_ENV: "0.2", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "train-00001.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "no shard was finished in time"
+            time.sleep(0.02)
+        workers = _children(process.pid)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not (out / "manifest.json").exists()
+        left = sorted(p.name for p in out.iterdir())
+        assert "train-00000.json" in left and len([n for n in left if n.endswith(".json")]) < 10
+        deadline = time.monotonic() + 15  # the worker processes end with their parent
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    finally:
+        for pid in [process.pid] + workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    (out / "train-00005.tokens.bin.tmp").write_bytes(b"\x01\x02" * 7)  # as a kill mid-shard leaves it
+    (out / ".manifest.json.tmp-0123abcd").write_text("{")
+
+    assert main(["prepare-data", "--config", str(inputs["config"]), "--output", str(out), "--workers", "1",
+                 "--shard-tokens", str(SHARD_TOKENS)]) == 0
+    assert "tokenized" in capsys.readouterr().out
+    assert file_contents(out) == file_contents(reference)
+
+    before = snapshot(out)
+    assert main(["prepare-data", "--config", str(inputs["config"]), "--output", str(out), "--verify"]) == 0
+    printed = capsys.readouterr()
+    assert "is already prepared" in printed.out and "already prepared: nothing tokenized" in printed.out
+    assert "verified" in printed.out
+    assert snapshot(out) == before
+
+
+def test_reader_streams_across_shards(inputs, reference):
+    tokenizer = load_tokenizer(inputs["tokenizer"])
+    train = expected_splits(inputs)["train"]
+    encoded = [tokenizer.encode(inputs["documents"][i], bos=True, eos=True) for i in train]
+    stream = np.array([t for ids in encoded for t in ids], np.int32)
+    starts = np.cumsum([0] + [len(ids) for ids in encoded[:-1]])
+    split = open_prepared(reference).splits["train"]
+    assert split.tokens == len(stream) and split.documents == len(encoded)
+    shard_ends = np.cumsum([json.loads((reference / f"{n}.json").read_text())["tokens"] for n in split.shard_names])
+    rng = np.random.default_rng(0)
+    ranges = [(0, len(stream)), (0, 0), (len(stream), len(stream)), (5, 5)]
+    ranges += [(max(0, e - a), min(len(stream), e + b)) for e in shard_ends for a, b in ((1, 1), (3, 700), (0, 2))]
+    ranges += [tuple(sorted(rng.integers(0, len(stream) + 1, 2))) for _ in range(40)]
+    for start, stop in ranges:
+        window = split.token_range(int(start), int(stop))
+        assert window.dtype == np.int32 and np.array_equal(window, stream[start:stop]), (start, stop)
+        found = split.document_starts_in(int(start), int(stop))
+        assert found.dtype == np.int64 and found.tolist() == [s for s in starts if start <= s < stop]
+    assert split.document_starts_in(0, len(stream)).tolist() == starts.tolist()
+    for offset in [0, 1, len(stream) - 1, *shard_ends[:-1], *(shard_ends[:-1] - 1), *rng.integers(0, len(stream), 50)]:
+        d = split.document_at(int(offset))
+        assert d == np.searchsorted(starts, offset, side="right") - 1
+        assert split.document_info(d)[0] <= offset < split.document_info(d)[0] + len(split.document_tokens(d))
+    for d in range(split.documents):
+        assert split.document_info(d)[0] == starts[d] and split.document_at(int(starts[d])) == d
+    with pytest.raises(IndexError):
+        split.token_range(0, len(stream) + 1)
+    with pytest.raises(IndexError):
+        split.document_at(len(stream))
+
+
+def test_trained_tokenizer_and_no_held_out_split(inputs, tmp_path):
+    data = load_config(inputs["config"]).data
+    data.update(tokenizer="train", tokenizer_vocab_size=400, eval_fraction=0.0)
+    manifest = prepare(data, tmp_path / "trained", workers=1, shard_tokens=SHARD_TOKENS, progress=False)
+    expected = train_sentencepiece(inputs["documents"], tmp_path / "expected.model", 400)
+    assert (tmp_path / "trained" / "tokenizer.model").read_bytes() == expected.read_bytes()
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(expected.read_bytes()).hexdigest()
+    assert manifest["splits"]["held_out"] == {"documents": 0, "tokens": 0, "bytes": 0, "shards": []}
+    assert manifest["splits"]["train"]["documents"] == len(inputs["documents"])
+    split = open_prepared(tmp_path / "trained").splits["train"]
+    tokenizer = load_tokenizer(expected)
+    assert split.document_tokens(3).tolist() == tokenizer.encode(inputs["documents"][3], bos=True, eos=True)
+    before = snapshot(tmp_path / "trained")
+    assert prepare(data, tmp_path / "trained", progress=False) == manifest  # found prepared: not trained again
+    assert snapshot(tmp_path / "trained") == before
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+
+def damaged_copy(reference: Path, case: Path, damage: str) -> Path:
+    out = case / "prepared"
+    shutil.copytree(reference, out)
+    if damage == "truncate":
+        with open(out / "train-00001.tokens.bin", "r+b") as f:
+            f.truncate(100)
+    elif damage == "remove-index":
+        (out / "train-00002.index.npy").unlink()
+    elif damage == "remove-manifest":
+        (out / "manifest.json").unlink()
+    elif damage == "flip":
+        data = bytearray((out / "held_out-00000.tokens.bin").read_bytes())
+        data[10] ^= 1
+        (out / "held_out-00000.tokens.bin").write_bytes(bytes(data))
+    return out
+
+
+PREPARE = ["prepare-data", "--config", "{config}", "--output", "{case}/out"]
+CASES = [
+    ("empty-corpus", PREPARE + ["--config.data.files=['{case}/empty.jsonl']"],
+     r"files \['\S+/empty.jsonl'\] holds no documents; give a corpus with text in it"),
+    ("blank-documents", PREPARE + ["--config.data.files=['{case}/blank.jsonl']"],
+     r"files \['\S+/blank.jsonl'\] holds no non-empty document"),
+    ("files-missing", PREPARE + ["--config.data.files=['{case}/nowhere/*.jsonl']"],
+     r"no file matches '\S+/nowhere/\*.jsonl'"),
+    ("unknown-source", PREPARE + ["--config.data.source=web"],
+     r"data.source='web' is not supported; valid: embedded, text, jsonl, tfds, synthetic"),
+    ("synthetic-source", PREPARE + ["--config.data.source=synthetic"],
+     r"data.source='synthetic' has no documents to prepare; valid: embedded, text, jsonl, tfds"),
+    ("tokenizer-missing", PREPARE + ["--config.data.tokenizer={case}/nope.model"], r"\S+/nope.model: no such file"),
+    ("tokenizer-unset", PREPARE + ["--config.data.tokenizer="], r"data.tokenizer is empty; give a tokenizer.model"),
+    ("tokenizer-training-fails", PREPARE + ["--config.data.tokenizer=train", "--config.data.tokenizer_vocab_size=10"],
+     r"sentencepiece training failed: Vocabulary size is smaller"),
+    ("no-config", ["prepare-data", "--output", "{case}/out"], r"--config is required to prepare data"),
+    ("output-is-a-file", ["prepare-data", "--config", "{config}", "--output", "{case}/empty.jsonl"],
+     r"\S+/empty.jsonl is a file, not a directory"),
+    ("output-holds-other-files", ["prepare-data", "--config", "{config}", "--output", "{case}"],
+     r"\S+ holds 'blank.jsonl' \(and 1 more\) but no prepared data"),
+    ("finished-with-other-settings", ["prepare-data", "--config", "{config}", "--output", "{reference}",
+                                      "--config.data.eval_fraction=0.2"],
+     r"\S+/ref is already prepared with data.eval_fraction=0.1, not 0.2; choose another --output"),
+    ("finished-with-other-tokenizer", ["prepare-data", "--config", "{config}", "--output", "{reference}",
+                                       "--config.data.tokenizer={other}"],
+     r"\S+/ref is already prepared with another tokenizer \(sha256 \w+\) than data.tokenizer=\S+other.model"),
+    ("partial-with-other-settings", ["prepare-data", "--config", "{config}", "--output", "{remove-manifest}",
+                                     "--config.data.eval_fraction=0.2"],
+     r"\S+/prepared was started with data.eval_fraction=0.1, not 0.2; resume with the same settings"),
+    ("partial-with-other-shard-tokens", ["prepare-data", "--config", "{config}", "--output", "{remove-manifest}",
+                                         "--shard-tokens", "999"],
+     r"\S+/prepared was started with shard_tokens=500, not 999; resume with --shard-tokens 500"),
+    ("verify-unfinished", ["prepare-data", "--verify", "--output", "{remove-manifest}"],
+     r"\S+/prepared: the preparation did not finish \(no manifest.json\)"),
+    ("truncated-shard", ["prepare-data", "--verify", "--output", "{truncate}"],
+     r"\S+/train-00001.tokens.bin is truncated: 100 bytes, expected \d+ \(\d+ uint16 tokens\); prepare the data again"),
+    ("missing-shard-file", ["prepare-data", "--verify", "--output", "{remove-index}"],
+     r"\S+/train-00002.index.npy is missing; prepare the data again"),
+    ("damaged-shard", ["prepare-data", "--verify", "--output", "{flip}"],
+     r"\S+/held_out-00000.tokens.bin does not match the sha256 recorded in held_out-00000.json"),
+]
+
+
+@pytest.mark.parametrize("args, error", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(args, error, inputs, reference, tmp_path, capsys, monkeypatch):
+    case = tmp_path / "case"
+    case.mkdir()
+    (case / "empty.jsonl").write_text("")
+    (case / "blank.jsonl").write_text('{"text": ""}\n\n{"text": ""}\n')
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    paths = {"config": inputs["config"], "case": case, "reference": reference, "other": inputs["other"]}
+    for damage in ("truncate", "remove-index", "remove-manifest", "flip"):
+        if any("{" + damage + "}" in a for a in args):
+            paths[damage] = damaged_copy(reference, case, damage)
+    argv = [re.sub(r"\{([\w-]+)\}", lambda m: str(paths[m.group(1)]), a) for a in args]
+    before = snapshot(case, reference)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(r"llama-jax prepare-data: error: .*" + error + ".*", lines[0]), lines[0]
+    assert snapshot(case, reference) == before
+    assert not list((tmp_path / "tmp").iterdir())  # e.g. no tokenizer trained for nothing
+
+
+def test_open_prepared_checks(reference, tmp_path):
+    sha = json.loads((reference / "manifest.json").read_text())["tokenizer"]["sha256"]
+    assert open_prepared(reference, tokenizer_sha256=sha).tokenizer_sha256 == sha
+    with pytest.raises(ValueError, match=r"prepared with another tokenizer \(sha256 \w+\) than this run's "
+                                         r"\(000000000000\); prepare the data again with it or use the run's"):
+        open_prepared(reference, tokenizer_sha256="0" * 64)
+    shards = len(list(reference.glob("train-*.json"))) + len(list(reference.glob("held_out-*.json")))
+    assert verify(reference)["files"] == 2 * shards
+    out = damaged_copy(reference, tmp_path, "truncate")
+    with pytest.raises(ValueError, match=r"train-00001.tokens.bin is truncated: 100 bytes"):
+        open_prepared(out)
+    with pytest.raises(ValueError, match=r"does not exist; give a directory written by llama-jax prepare-data"):
+        open_prepared(tmp_path / "nope")
