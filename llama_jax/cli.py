@@ -100,6 +100,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '1.5GiB' or a plain byte count -> bytes."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -357,6 +367,38 @@ def cmd_launch_slurm(args) -> None:
         print(f"submitted SLURM job {submitted}: {args.nodes} node(s) x {args.gpus_per_node} GPU(s); logs in {folder}")
 
 
+def cmd_data_inspect(args) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from llama_jax.data_inspect import coverage_lines, describe_step
+    from llama_jax.experiment import load_config
+    from llama_jax.run_data import build_data
+
+    if args.config is None and args.workdir is None:
+        raise UserError("give --config CONFIG (prepared data, or a raw source prepared now) or --workdir RUN")
+    if (args.step is None) == (not args.epoch):
+        raise UserError("give --step S (the rows of one step) or --epoch (coverage of one epoch), one of them")
+    workdir = Path(args.workdir) if args.workdir else None
+    config_file = args.config or str(workdir / "config.json")
+    config = load_config(config_file, args.overrides)
+    if config.data.source == "synthetic":
+        raise UserError("data.source=synthetic draws random tokens; there are no documents to inspect")
+    with tempfile.TemporaryDirectory(prefix="llama-jax-inspect-") as scratch:
+        data = build_data(config, None, workdir or Path(scratch))
+        try:
+            if args.epoch:
+                lines = coverage_lines(data.train)
+            else:
+                lines = [f"step {args.step} (0-based: the batch the run trains on at step {args.step + 1}), "
+                         f"{config.train.batch_size} rows of {config.train.seq_len} tokens"]
+                lines += describe_step(data.train, args.step, data.tokenizer, args.rows)
+                lines += [f"tokens seen before this step: {data.train.progress(args.step)['tokens_seen']:,.0f}"]
+        finally:
+            data.discard()
+    print("\n".join(lines))
+
+
 def cmd_prepare_data(args) -> None:
     from llama_jax.prepare import DEFAULT_SHARD_TOKENS, prepare_with_stats, summary_lines, verify
 
@@ -492,6 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check the sha256 of every shard file against its record (without --config: only that)")
     p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("data", help="look at a run's training data")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("inspect", help="the rows of a step (documents, text, loss mask), or an epoch's coverage")
+    p.add_argument("--config", default=None, help="experiment config (default: RUN/config.json of --workdir); "
+                   "override as --config.key=value")
+    p.add_argument("--workdir", default=None, help="a run's workdir: its config and the data prepared for it")
+    p.add_argument("--step", type=non_negative_int, default=None,
+                   help="0-based step whose global batch to show (the run's step S+1)")
+    p.add_argument("--rows", type=positive_int, default=None, help="show only the first N rows of the batch")
+    p.add_argument("--epoch", action="store_true",
+                   help="walk one epoch of every source without the model and report how often each token is seen")
+    p.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("plan", help="compile the train step ahead of time; report per-device memory and FLOPs")
     p.add_argument("--config", required=True)

@@ -3,18 +3,18 @@
 A batch is a dict of [batch, seq_len] arrays: `tokens` (inputs), `targets` (next tokens),
 `positions` (rotary positions, restarting at each document), `segment_ids` (document ids within
 a packed row; tokens attend only within their document) and `loss_mask` (1 where the target
-counts). The global batch of step s is a pure function of (source, seed, s), and each process
-builds only its own rows of it.
+counts). The global batch of step s is a pure function of (data, seed, s), and each process
+builds only its own rows of it (`llama_jax.packed`).
 
 Documents come from a source with random access (`len(source)`, `source[i] -> str`): the
 corpus embedded in CPython, local .txt/.jsonl files, or a TFDS dataset in ArrayRecord format.
-`TextDataset` tokenizes and packs them; `Prefetcher` builds the next batches in the background.
+`llama_jax.prepare` tokenizes them once into token shards; `Prefetcher` builds the next batches
+in the background.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import glob
 import json
 import math
@@ -263,7 +263,6 @@ def index_hashes(n: int) -> np.ndarray:
 
 
 _SPLIT_SALT = 0x9E3779B97F4A7C15
-CACHE_DOCS = 4096  # tokenized training documents kept
 
 
 # ---- batches -------------------------------------------------------------------------------
@@ -283,70 +282,6 @@ class Subset:
 
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
-
-
-class TextDataset:
-    """Packed batches of tokenized documents, each a pure function of (source, seed, step, row).
-
-    Row r of step s draws documents from the train split with `np.random.default_rng([seed, s,
-    r])`, with replacement, until its seq_len (input, target) pairs are filled; a document longer
-    than the room left contributes a random window of it. Sampling with replacement is what makes
-    a row depend on nothing but (seed, step, row): batches are bitwise reproducible, each process
-    builds only its own rows, and resuming needs only the step. So there is no iterator state to
-    checkpoint, and Grain's checkpointable iterators are not used. The cost: within an epoch's
-    worth of steps some documents repeat and others are missed (as with any i.i.d. sampling).
-
-    The held-out documents (`eval_documents`) come from `eval_source` when given (e.g. a TFDS
-    validation split), else they are `split_indices(n, eval_fraction)[1]`; they are evaluated
-    whole, in consecutive windows (`llama_jax.evaluate.evaluate_documents`), not sampled.
-    Tokenized training documents are kept in an LRU cache (CACHE_DOCS).
-    """
-
-    def __init__(self, source: Sequence[str], tokenizer, seq_len: int, seed: int,
-                 eval_fraction: float = 0.01, eval_source: Sequence[str] | None = None):
-        if seq_len < 2:
-            raise ValueError(f"seq_len={seq_len} is too short; it must be at least 2")
-        for what, docs in (("the dataset", source), ("the eval dataset", eval_source)):
-            if docs is not None and len(docs) == 0:
-                raise ValueError(f"{what} has no documents; give a non-empty source")
-        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
-        if eval_source is None:
-            self.train_indices, eval_indices = split_indices(len(source), eval_fraction)
-            self.eval_documents: Sequence[str] = Subset(source, eval_indices)
-        else:
-            self.train_indices, self.eval_documents = range(len(source)), eval_source
-        self.tokens = functools.lru_cache(maxsize=CACHE_DOCS)(
-            lambda i: np.asarray(tokenizer.encode(source[i], bos=True, eos=True), np.int32))
-
-    def batch(self, step: int, rows: range) -> dict[str, np.ndarray]:
-        """Those global rows of the training batch of `step`."""
-        return stack_rows([pack_row([t for _, t in self._pieces(step, r)], self.seq_len) for r in rows])
-
-    def documents(self, step: int, row: int) -> list[int]:
-        """The document indices, in order, packed into one row of the training batch."""
-        return [i for i, _ in self._pieces(step, row)]
-
-    def train_token_counts(self, max_docs: int | None = None) -> np.ndarray:
-        """How often each token id occurs as a target (every token but BOS) in the first
-        `max_docs` train documents: the training data of a unigram baseline."""
-        counts = np.zeros(self.tokenizer.vocab_size, np.int64)
-        for i in self.train_indices[:max_docs]:
-            counts += np.bincount(self.tokens(int(i))[1:], minlength=len(counts))
-        return counts
-
-    def _pieces(self, step: int, row: int) -> list[tuple[int, np.ndarray]]:
-        """(document index, tokens) pieces that fill one row with exactly seq_len pairs."""
-        rng = np.random.default_rng([self.seed, step, row])
-        pieces, room = [], self.seq_len
-        while room > 0:
-            i = int(self.train_indices[rng.integers(len(self.train_indices))])
-            tokens = self.tokens(i)
-            if len(tokens) - 1 > room:
-                start = rng.integers(len(tokens) - room)
-                tokens = tokens[start:start + room + 1]
-            pieces.append((i, tokens))
-            room -= len(tokens) - 1
-        return pieces
 
 
 def unigram_perplexity(train_counts: np.ndarray, eval_batch_list: list[dict[str, np.ndarray]]) -> float:

@@ -29,7 +29,8 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
     from llama_jax import data as data_lib
     from llama_jax.evaluate import held_out_batches
     from llama_jax.experiment import apply_overrides
-    from llama_jax.run import eval_max_batches, train_and_evaluate
+    from llama_jax.run import train_and_evaluate
+    from llama_jax.run_data import eval_max_batches, split_documents, target_counts
 
     config = apply_overrides(get_config(), overrides)
     workdir = Path(workdir).absolute()
@@ -45,9 +46,11 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
         print("no held-out evaluation (train.eval_batches=0)")
     else:
         data, t = result.data, config.train
-        evaluated = held_out_batches(data.eval_documents, data.tokenizer, t.seq_len, t.batch_size // t.grad_accum,
-                                     eval_max_batches(t))
-        baseline = data_lib.unigram_perplexity(data.dataset.train_token_counts(), list(evaluated))
+        held_out = next(iter(data.eval_sets.values()))
+        evaluated = held_out_batches((tokens for tokens, _ in split_documents(held_out)), t.seq_len,
+                                     t.batch_size // t.grad_accum, eval_max_batches(t))
+        counts = target_counts(data.train.sources[0].split, data.tokenizer)
+        baseline = data_lib.unigram_perplexity(counts, list(evaluated))
         print(f"held-out perplexity: model {ev['eval_perplexity']:.1f} vs unigram baseline {baseline:.1f} "
               f"(loss {ev['eval_loss']:.3f} nats/token, next-token accuracy {ev['eval_accuracy']:.1%})")
     print(f"sample: {config.train.sample_prompt}{result.sample}")

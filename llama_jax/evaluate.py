@@ -147,6 +147,11 @@ class EvalResult:
     documents: int = 0
     bytes: int | None = 0  # UTF-8 bytes of the evaluated documents' text
 
+    def __add__(self, other: "EvalResult") -> "EvalResult":
+        n_bytes = None if self.bytes is None or other.bytes is None else self.bytes + other.bytes
+        return EvalResult(self.nll + other.nll, self.correct + other.correct, self.tokens + other.tokens,
+                          self.documents + other.documents, n_bytes)
+
     def metrics(self) -> dict[str, float | int | None]:
         n = max(self.tokens, 1)
         loss = self.nll / n
@@ -159,13 +164,23 @@ class EvalResult:
 def evaluate_documents(config: LLaMAConfig, params, documents: Iterable[str], tokenizer, seq_len: int,
                        batch_size: int = 8, max_batches: int | None = None, mesh=None,
                        context: Callable | None = None, progress: bool = False) -> EvalResult:
-    """Loss, accuracy and counts over every target of `documents` (texts), or over the first
-    `max_batches` batches of them (a fixed subset; `documents` then counts the documents begun,
-    and `bytes` is None, as the last of them may be cut).
+    """Loss, accuracy and counts over every target of `documents` (texts, each encoded with BOS and
+    EOS), or over the first `max_batches` batches of them; see `evaluate_tokens`."""
+    total = len(documents) if hasattr(documents, "__len__") else None
+    encoded = ((tokenizer.encode(text, bos=True, eos=True), len(text.encode("utf-8"))) for text in documents)
+    return evaluate_tokens(config, params, encoded, seq_len, batch_size, max_batches, mesh, context, progress, total)
+
+
+def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Sequence[int], int]], seq_len: int,
+                    batch_size: int = 8, max_batches: int | None = None, mesh=None, context: Callable | None = None,
+                    progress: bool = False, total: int | None = None) -> EvalResult:
+    """Loss, accuracy and counts over every target of `documents` ((token ids, UTF-8 bytes of the
+    text) pairs), or over the first `max_batches` batches of them (a fixed subset; `documents`
+    then counts the documents begun, and `bytes` is None, as the last of them may be cut).
 
     Batches are [batch_size, seq_len] (batch_size rounded up to a multiple of the mesh's
     data-parallel size); the last is filled with empty rows. `mesh`/`context`: run on sharded
-    params (see `_Forward`). `progress`: a progress bar over documents.
+    params (see `_Forward`). `progress`: a progress bar over the `total` documents.
     """
     _check_seq_len(seq_len, config)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -175,16 +190,16 @@ def evaluate_documents(config: LLaMAConfig, params, documents: Iterable[str], to
     forward = _Forward(config, params, mesh, context)
     rows_per_batch = -(-batch_size // forward.row_multiple()) * forward.row_multiple()
     result = EvalResult()
-    bar = _progress(progress, len(documents) if hasattr(documents, "__len__") else None, "documents")
+    bar = _progress(progress, total, "documents")
 
-    def counted(texts: Iterable[str]) -> Iterator[str]:
-        for text in texts:
+    def counted() -> Iterator[Sequence[int]]:
+        for tokens, n_bytes in documents:
             result.documents += 1
-            result.bytes += len(text.encode("utf-8"))
+            result.bytes += int(n_bytes)
             bar.update(1)
-            yield text
+            yield tokens
 
-    batches = held_out_batches(counted(documents), tokenizer, seq_len, rows_per_batch, max_batches)
+    batches = held_out_batches(counted(), seq_len, rows_per_batch, max_batches)
     try:
         for logp, hit, mask in forward.run(_inputs(b) for b in batches):
             result.nll -= float(np.sum(logp * mask))
@@ -197,13 +212,12 @@ def evaluate_documents(config: LLaMAConfig, params, documents: Iterable[str], to
     return result
 
 
-def held_out_batches(documents: Iterable[str], tokenizer, seq_len: int, rows: int,
+def held_out_batches(documents: Iterable[Sequence[int]], seq_len: int, rows: int,
                      max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Packed [rows, seq_len] batches of the documents' consecutive windows (`packed_rows`), in
-    order, the last filled with empty rows; only the first `max_batches` when given."""
+    """Packed [rows, seq_len] batches of the documents' (token ids) consecutive windows
+    (`packed_rows`), in order, the last filled with empty rows; only the first `max_batches` when given."""
     made, batch = 0, []
-    tokenized = (np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32) for text in documents)
-    for row in packed_rows(tokenized, seq_len):
+    for row in packed_rows((np.asarray(tokens, np.int32) for tokens in documents), seq_len):
         batch.append(row)
         if len(batch) == rows:
             yield stack_rows(batch)
@@ -362,7 +376,7 @@ class Scorer:
 def held_out_documents(data_config) -> Sequence[str]:
     """The documents a run with this `data` config section holds out for evaluation: its eval
     source (e.g. data.tfds_eval_split) when it has one, else `split_indices(n, eval_fraction)[1]`
-    of its documents, exactly those `data.TextDataset` holds out."""
+    of its documents, exactly those `llama-jax prepare-data` holds out."""
     from llama_jax import data as data_lib
 
     source = data_config.get("source")
@@ -407,22 +421,60 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
 
     if (model_dir is None) == (workdir is None):
         raise ValueError("give either a model directory or a run's workdir")
-    documents = held_out_documents(config.data)  # bad data settings fail before the model is read
+    # bad data settings fail before the model is read
+    prepared = held_out_splits(config.data) if config.data.get("source") == "prepared" else None
+    documents = held_out_documents(config.data) if prepared is None else None
     seq_len = seq_len or config.train.seq_len
     batch_size = batch_size or max(1, config.train.batch_size // config.train.grad_accum)
     if workdir is not None:
         model, params, tokenizer_file, step, _ = load_run(workdir, step)
         origin = {"workdir": str(Path(workdir).absolute()), "step": step}
+        tokenizer_file = Path(tokenizer_file)
     else:
         from llama_jax.checkpoint import load_model, load_tokenizer_for
 
         model, tokenizer = load_tokenizer_for(model_dir, "evaluating text needs the model's tokenizer (llama-jax "
                                               "export and convert --to jax copy it into the model directory)")
         origin = {"model": str(Path(model_dir).absolute())}
+        tokenizer_file = Path(model_dir) / "tokenizer.model"
         _check_seq_len(seq_len, model)  # before reading the parameters
         model, params = load_model(model_dir)
     if workdir is not None:
         tokenizer = load_tokenizer(tokenizer_file)
         check_fits(tokenizer, model.vocab_size)
-    result = evaluate_documents(model, params, documents, tokenizer, seq_len, batch_size, progress=progress)
-    return {**result.metrics(), "seq_len": seq_len, **origin, "data": config.data.to_dict()}
+    about = {"seq_len": seq_len, **origin, "data": config.data.to_dict()}
+    if prepared is None:
+        result = evaluate_documents(model, params, documents, tokenizer, seq_len, batch_size, progress=progress)
+        return {**result.metrics(), **about}
+    from llama_jax.run_data import split_documents
+    from llama_jax.safe_io import sha256_file
+
+    digest = sha256_file(tokenizer_file)
+    results = {}
+    for name, (split, prepared_with) in prepared.items():
+        if prepared_with != digest:
+            raise ValueError(f"the data of {name!r} was prepared with another tokenizer (sha256 {prepared_with[:12]}) "
+                             f"than the model's {tokenizer_file} ({digest[:12]}); prepare it again with the model's")
+        results[name] = evaluate_tokens(model, params, split_documents(split), seq_len, batch_size,
+                                        progress=progress, total=split.documents)
+    if len(results) == 1:
+        return {**next(iter(results.values())).metrics(), **about}
+    total = sum(results.values(), EvalResult())
+    return {**total.metrics(), "sources": {name: r.metrics() for name, r in results.items()}, **about}
+
+
+def held_out_splits(data_config) -> dict[str, tuple[object, str]]:
+    """{source name: (its prepared held-out split, the SHA-256 of the tokenizer it was prepared
+    with)} of a `data.source=prepared` config; ValueError when one holds out nothing."""
+    from llama_jax.prepare import open_prepared
+    from llama_jax.run_data import prepared_dirs
+
+    out = {}
+    for name, path, _ in prepared_dirs(data_config):
+        prepared = open_prepared(path)
+        split = prepared.splits["held_out"]
+        if not split.documents:
+            raise ValueError(f"{path} holds out no document (prepared with eval_fraction 0 and no eval split); "
+                             f"prepare it with data.eval_fraction > 0 to evaluate on it")
+        out[name] = (split, prepared.tokenizer_sha256)
+    return out

@@ -49,7 +49,9 @@ def base_config(preset: str = "tiny", **model_fields) -> ml_collections.ConfigDi
             on_nonfinite="stop",  # or "skip": a step with a NaN/Inf loss or gradient is not applied either way
         ),
         data=dict(
-            source="synthetic",  # embedded | text | jsonl | tfds | synthetic
+            source="synthetic",  # prepared | embedded | text | jsonl | tfds | synthetic
+            path="",  # prepared: a directory written by llama-jax prepare-data
+            mixture={},  # prepared, several: {name: {"path": DIR, "weight": w}}, rows drawn in proportion to w
             files=[], text_key="text",  # text/jsonl: paths or globs
             tfds_name="", tfds_split="train", tfds_eval_split="", data_dir="",  # tfds: gs:// needs gcsfs
             eval_fraction=0.01,  # documents held out for evaluation when the source has no eval split

@@ -464,7 +464,7 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
         raise ValueError(f"shard_tokens={shard_tokens!r}; give a positive number of tokens per shard")
     state = _directory_state(out)
     if state == "finished":
-        manifest = _check_finished(out, data_config)
+        manifest = check_prepared(out, data_config)
         _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do")
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
     request = requested_tokenizer(data_config)
@@ -498,19 +498,20 @@ def _directory_state(out: Path) -> str:
     return "new"
 
 
-def _check_finished(out: Path, data_config) -> dict:
-    """The manifest of a finished directory, if it was prepared with the settings asked for now."""
+def check_prepared(out: Path, data_config, what: str | None = None,
+                   advice: str = "choose another --output (a prepared directory is never overwritten)") -> dict:
+    """The manifest of a finished directory, if it was prepared with the settings asked for now;
+    else ValueError: "{what} with data.KEY=recorded, not requested; {advice}"."""
+    what = what or f"{out} is already prepared"
     manifest = _read_json(out / MANIFEST)
     _check_manifest(out / MANIFEST, manifest)
     settings = document_settings(manifest.get("data") or {})
-    _check_same_documents(settings, data_config, f"{out} is already prepared", "choose another --output "
-                          "(a prepared directory is never overwritten)")
+    _check_same_documents(settings, data_config, what, advice)
     recorded = _recorded_tokenizer(manifest["tokenizer"]["sha256"], manifest.get("data") or {})
     request = requested_tokenizer(data_config)
     if not request.matches(recorded):
-        raise ValueError(f"{out} is already prepared with another tokenizer ({recorded.describe()}) than "
-                         f"data.tokenizer={data_config.get('tokenizer')} ({request.describe()}); choose another "
-                         f"--output (a prepared directory is never overwritten)")
+        raise ValueError(f"{what} with another tokenizer ({recorded.describe()}) than "
+                         f"data.tokenizer={data_config.get('tokenizer')} ({request.describe()}); {advice}")
     return manifest
 
 
@@ -676,7 +677,8 @@ def _say(progress: bool, line: str) -> None:
 def _progress_bar(progress: bool, total: int, initial: int, out: Path):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="doc", desc=f"preparing {out.name}", disable=not progress,
+    return tqdm(total=total, initial=initial, unit="doc", desc=f"preparing {out.name}",
+                disable=None if progress else True,  # None: only on a terminal
                 file=sys.stderr, dynamic_ncols=True)
 
 

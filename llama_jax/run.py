@@ -20,12 +20,9 @@ import dataclasses
 import fnmatch
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
-from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,110 +34,13 @@ from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_architecture, load_model, tree_paths
 from llama_jax.config import LLaMAConfig
+from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
 from llama_jax.safe_io import sha256_file, write_text_atomic
-from llama_jax.tokenizer import check_fits, load_tokenizer, train_sentencepiece
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch
 
 ON_NONFINITE = ("stop", "skip")
-RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
 SET_ASIDE_DIR = "checkpoints-set-aside"  # checkpoints after a --resume-from step
-TRAINED_TOKENIZER_PREFIX = "llama-jax-tokenizer-"  # temporary directory of a tokenizer trained for a run
-
-
-class RunError(ValueError):
-    """A problem with the run's inputs or workdir: reported as one line."""
-
-
-# ---- data ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RunData:
-    train_rows: Callable[[int], dict]  # step -> this process's rows of the global batch
-    eval_documents: Sequence[str] | None  # the held-out documents (texts), evaluated in consecutive windows
-    tokenizer: object | None
-    dataset: data_lib.TextDataset | None
-    tokenizer_file: Path | None = None  # the tokenizer's bytes on disk, kept in the workdir once the run starts
-
-    def adopt_tokenizer(self, workdir: Path) -> str | None:
-        """Keep the run's tokenizer as WORKDIR/tokenizer.model (once, by process 0); return its SHA-256."""
-        if self.tokenizer_file is None:
-            return None
-        kept = workdir / RUN_TOKENIZER
-        digest = sha256_file(self.tokenizer_file)
-        if jax.process_index() == 0 and not kept.exists():
-            shutil.copyfile(self.tokenizer_file, kept)
-        if self.tokenizer_file.parent.name.startswith(TRAINED_TOKENIZER_PREFIX):  # trained for this run
-            discard_trained_tokenizer(self.tokenizer_file)
-            self.tokenizer_file = kept
-        return digest
-
-
-def build_data(config, model: LLaMAConfig, workdir: Path) -> RunData:
-    """The run's batches and tokenizer. Nothing is written: a tokenizer trained for the run waits
-    in a temporary file until `RunData.adopt_tokenizer`."""
-    d, t = config.data, config.train
-    rows = data_lib.rows_for_process(t.batch_size, jax.process_index(), jax.process_count())
-    if d.source == "synthetic":
-        return RunData(lambda s: data_lib.synthetic_batch(t.seed, s, rows, t.seq_len, model.vocab_size),
-                       None, None, None)
-    train_docs, eval_docs = data_lib.make_source(d)
-    tokenizer_file = _tokenizer_file(d, train_docs, eval_docs is None, workdir)
-    try:
-        tokenizer = load_tokenizer(tokenizer_file)
-        check_fits(tokenizer, model.vocab_size)
-        dataset = data_lib.TextDataset(train_docs, tokenizer, t.seq_len, t.seed, d.eval_fraction, eval_docs)
-        if not len(dataset.eval_documents) and t.eval_every:
-            raise RunError(f"train.eval_every={t.eval_every} but no document is held out for evaluation "
-                           f"(data.eval_fraction={d.eval_fraction}); use eval_fraction > 0 or train.eval_every=0")
-    except BaseException:
-        discard_trained_tokenizer(tokenizer_file)
-        raise
-    eval_documents = dataset.eval_documents if len(dataset.eval_documents) else None
-    return RunData(lambda s: dataset.batch(s, rows), eval_documents, tokenizer, dataset, tokenizer_file)
-
-
-def discard_trained_tokenizer(path: Path | None) -> None:
-    """Remove a tokenizer trained for a run that did not start (it lives in a temporary directory)."""
-    if path is not None and path.parent.name.startswith(TRAINED_TOKENIZER_PREFIX):
-        shutil.rmtree(path.parent, ignore_errors=True)
-
-
-def _tokenizer_file(d, docs, holds_eval_documents: bool, workdir: Path) -> Path:
-    """The tokenizer file of the run: the one it started with (WORKDIR/tokenizer.model) when it has
-    one, which `data.tokenizer` must then match; else `data.tokenizer`, or one trained now."""
-    kept = workdir / RUN_TOKENIZER
-    if d.tokenizer == "train":
-        if kept.is_file():
-            pieces = load_tokenizer(kept).vocab_size
-            if pieces != d.tokenizer_vocab_size:
-                raise RunError(f"{kept} (the tokenizer this run started with) has {pieces} pieces but "
-                               f"data.tokenizer_vocab_size={d.tokenizer_vocab_size}; resume with "
-                               f"data.tokenizer_vocab_size={pieces} or use another --workdir")
-            return kept
-        if jax.process_count() > 1:
-            raise RunError("data.tokenizer=train needs a single process; train it once with "
-                           "tools/train_tokenizer.py and pass its path")
-        indices = data_lib.split_indices(len(docs), d.eval_fraction)[0] if holds_eval_documents \
-            else range(len(docs))
-        print(f"training a {d.tokenizer_vocab_size}-piece SentencePiece tokenizer on the {len(indices)} "
-              f"training documents")
-        path = Path(tempfile.mkdtemp(prefix=TRAINED_TOKENIZER_PREFIX)) / RUN_TOKENIZER
-        try:
-            return train_sentencepiece((docs[int(i)] for i in indices), path, d.tokenizer_vocab_size)
-        except BaseException:
-            discard_trained_tokenizer(path)
-            raise
-    if not d.tokenizer:
-        raise RunError(f"data.tokenizer is empty; give a tokenizer.model path (or 'train') for data.source={d.source}")
-    given = Path(d.tokenizer)
-    given = given / RUN_TOKENIZER if given.is_dir() else given
-    if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
-        raise RunError(f"data.tokenizer={d.tokenizer} differs from the tokenizer this run started with ({kept}); "
-                       f"resume with that tokenizer or use another --workdir")
-    return given
-
 
 # ---- state -----------------------------------------------------------------------------------
 
@@ -254,7 +154,7 @@ def set_aside_after(workdir: Path, step: int) -> list[int]:
     return later
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE)
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE, DATA_DIR)
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
 
@@ -360,30 +260,6 @@ def run_tokenizer(workdir: Path, info: dict) -> Path | None:
 
 
 # ---- evaluation and samples ------------------------------------------------------------------
-
-
-def eval_max_batches(train_config) -> int | None:
-    """How many held-out batches an evaluation covers: train.eval_batches, or None (all) for -1."""
-    return None if train_config.eval_batches == -1 else train_config.eval_batches
-
-
-def evaluate(config, trainer: Trainer, params, data: RunData) -> dict[str, float]:
-    """Held-out loss, perplexity and next-token accuracy of `params`, by the code of `llama-jax eval`
-    (`evaluate_documents`): the held-out documents in consecutive windows, each target counted
-    once, over the first train.eval_batches micro-batches of them (a fixed subset) or all of them
-    (-1, which also gives bits per byte)."""
-    from llama_jax.evaluate import evaluate_documents
-
-    t = config.train
-    result = evaluate_documents(trainer.model_config, params, data.eval_documents, data.tokenizer, t.seq_len,
-                                batch_size=t.batch_size // t.grad_accum, max_batches=eval_max_batches(t),
-                                mesh=trainer.mesh, context=trainer.context)
-    metrics = result.metrics()
-    out = {"eval_loss": metrics["loss"], "eval_perplexity": metrics["perplexity"],
-           "eval_accuracy": metrics["accuracy"], "eval_tokens": metrics["tokens"]}
-    if metrics["bits_per_byte"] is not None:
-        out["eval_bits_per_byte"] = metrics["bits_per_byte"]
-    return out
 
 
 def sample(config, trainer: Trainer, params, tokenizer, seed: int) -> str:
@@ -505,7 +381,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
             raise RunError(f"{workdir} holds checkpoint {start}, past train.steps={t.steps}; raise train.steps to "
                            f"at least {start} or use --resume-from an earlier step")
     except BaseException:
-        discard_trained_tokenizer(data.tokenizer_file)
+        data.discard()
         raise
     # ---- the first write: everything above only read ----
     main_process = jax.process_index() == 0
@@ -516,7 +392,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
             print(f"resuming from checkpoint {start}; checkpoints {', '.join(map(str, set_aside))} moved to "
                   f"{workdir / SET_ASIDE_DIR}")
         write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
-    tokenizer_sha256 = data.adopt_tokenizer(workdir)
+    tokenizer_sha256 = data.adopt(workdir)
     if jax.process_count() > 1:  # the others start saving only once process 0 has set the workdir up
         multihost_utils.sync_global_devices("llama_jax: workdir ready")
     checkpoints = RunCheckpoints(workdir / "checkpoints", config.checkpoint.every, config.checkpoint.max_to_keep,
@@ -531,7 +407,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
                disable=None if progress and main_process else True)
     logged, eval_metrics, text, skipped_seen = [], None, None, int(state.skipped)
-    evaluates, samples = bool(data.eval_documents and t.eval_batches), bool(data.tokenizer and t.sample_tokens)
+    evaluates, samples = bool(data.eval_sets and t.eval_batches), bool(data.tokenizer and t.sample_tokens)
     evaluated_at = sampled_at = None
     window_start, window_tokens, step, saved_step = time.perf_counter(), 0, start, start
     try:
@@ -546,6 +422,8 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
                 values.update(tokens_per_second=per_device * trainer.mesh.size,
                               tflops_per_device=metrics_lib.tflops_per_device(per_device, cfg, t.seq_len),
                               mfu=metrics_lib.mfu(per_device, cfg, t.seq_len, peak))
+                if data.train is not None:  # epochs and tokens of the data consumed so far
+                    values.update(data.train.progress(step))
                 record.update(values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:,.0f}",
                                 mfu=f"{values['mfu']:.1%}")

@@ -12,11 +12,10 @@ import pytest
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
-from numpy.lib.stride_tricks import sliding_window_view
 
 from llama_jax import data
 from llama_jax.cli import main
-from llama_jax.data import EmbeddedCorpus, Prefetcher, TextDataset, TextFiles, make_source
+from llama_jax.data import EmbeddedCorpus, Prefetcher, TextFiles, make_source, split_indices
 from llama_jax.evaluate import held_out_batches
 from llama_jax.text_dataset import build_text_dataset
 from llama_jax.tokenizer import SentencePieceTokenizer
@@ -40,11 +39,6 @@ def tokenizer(corpus):
     return SentencePieceTokenizer(model.getvalue())
 
 
-@pytest.fixture(scope="module")
-def dataset(corpus, tokenizer):
-    return TextDataset(corpus, tokenizer, seq_len=128, seed=0, eval_fraction=0.2)
-
-
 def test_embedded_corpus_is_real_english_in_a_fixed_order(corpus):
     from pydoc_data.topics import topics
 
@@ -55,64 +49,12 @@ def test_embedded_corpus_is_real_english_in_a_fixed_order(corpus):
     assert len(text) > 100_000 and text.count(" the ") > 2000
 
 
-def test_packing_never_crosses_documents(dataset, corpus, tokenizer):
-    windows_not_at_start = 0
-    for step in range(3):
-        batch = dataset.batch(step, range(8))
-        assert all(v.shape == (8, 128) for v in batch.values())
-        for r in range(8):
-            doc_ids = dataset.documents(step, r)
-            seg = batch["segment_ids"][r]
-            assert seg.min() == 1 and np.all(np.diff(seg) >= 0) and seg.max() == len(doc_ids)  # full, in order
-            np.testing.assert_array_equal(batch["loss_mask"][r], 1.0)
-            for j, i in enumerate(doc_ids, start=1):
-                at = seg == j
-                tokens, targets = batch["tokens"][r][at], batch["targets"][r][at]
-                np.testing.assert_array_equal(batch["positions"][r][at], np.arange(at.sum()))
-                np.testing.assert_array_equal(targets[:-1], tokens[1:])  # next token of the same document
-                piece = np.append(tokens, targets[-1])
-                doc = np.asarray(tokenizer.encode(corpus[i], bos=True, eos=True))
-                starts = np.flatnonzero((sliding_window_view(doc, len(piece)) == piece).all(axis=1))
-                assert len(starts), f"row {r} segment {j} is not a contiguous piece of document {i}"
-                windows_not_at_start += starts.min() > 0
-    assert windows_not_at_start > 0  # long documents contribute random windows, not only their starts
-
-
 def test_pack_row_masks_padding():
     row = data.pack_row([np.array([5, 6, 7]), np.array([8, 9])], seq_len=5)
     np.testing.assert_array_equal(row["segment_ids"], [1, 1, 2, 0, 0])
     np.testing.assert_array_equal(row["positions"], [0, 1, 0, 0, 0])
     np.testing.assert_array_equal(row["targets"][:3], [6, 7, 9])
     np.testing.assert_array_equal(row["loss_mask"], [1, 1, 1, 0, 0])
-
-
-def test_batches_are_a_function_of_seed_and_step(corpus, tokenizer):
-    a, b = (TextDataset(corpus, tokenizer, seq_len=64, seed=7) for _ in range(2))
-    first = a.batch(5, range(4))
-    for k, v in b.batch(5, range(4)).items():
-        np.testing.assert_array_equal(first[k], v)
-    assert not np.array_equal(first["tokens"], a.batch(6, range(4))["tokens"])
-    other_seed = TextDataset(corpus, tokenizer, seq_len=64, seed=8).batch(5, range(4))
-    assert not np.array_equal(first["tokens"], other_seed["tokens"])
-
-
-def test_two_hosts_read_disjoint_rows_of_the_global_batch(corpus, tokenizer):
-    shares = [data.rows_for_process(8, index, 2) for index in range(2)]
-    assert set(shares[0]).isdisjoint(shares[1])
-    local = [TextDataset(corpus, tokenizer, seq_len=64, seed=3).batch(11, rows) for rows in shares]
-    whole = TextDataset(corpus, tokenizer, seq_len=64, seed=3).batch(11, range(8))
-    for k, v in whole.items():
-        np.testing.assert_array_equal(np.concatenate([local[0][k], local[1][k]]), v)
-
-
-def test_held_out_documents_never_reach_training(dataset, corpus, tokenizer):
-    train, held = set(dataset.train_indices), set(dataset.eval_documents.indices)
-    assert train.isdisjoint(held) and train | held == set(range(len(corpus)))
-    assert len(held) == math.ceil(0.2 * len(corpus))
-    assert list(dataset.eval_documents) == [corpus[i] for i in sorted(held)]
-    used = {i for step in range(30) for r in range(8) for i in dataset.documents(step, r)}
-    assert used <= train and len(used) > len(train) // 2
-    assert len(TextDataset(corpus, tokenizer, seq_len=128, seed=0).eval_documents) == 1  # 1% of ~80 still gives one
 
 
 def write_corpus(tmp_path):
@@ -140,8 +82,6 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer):
     config = ConfigDict(dict(source="tfds", tfds_name=name, data_dir=data_dir, tfds_eval_split="validation"))
     train, held = make_source(config)
     assert list(train) == splits["train"] and list(held) == splits["validation"]
-    ds = TextDataset(train, tokenizer, seq_len=32, seed=0, eval_source=held)
-    assert ds.batch(0, range(2))["tokens"].shape == (2, 32) and ds.eval_documents == held
     assert list(make_source(ConfigDict(dict(source="jsonl", files=[str(tmp_path / "*.jsonl")])))[0]) == docs[:8]
     assert make_source(ConfigDict(dict(source="synthetic"))) == (None, None)
     assert "tensorflow" not in sys.modules  # built and read without TensorFlow
@@ -157,9 +97,7 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer):
                       r"data files must be UTF-8$"),
     ("jsonl not utf-8", r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 13"),
     ("file type", r"\.csv: unsupported file type; valid: .txt"),
-    ("short seq_len", r"seq_len=1 is too short"),
     ("eval_fraction", r"eval_fraction=1.0 is out of range"),
-    ("no documents", r"the dataset has no documents"),
 ])
 def test_bad_input_is_named(case, message, tmp_path, tokenizer):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text key"}\n')
@@ -177,9 +115,7 @@ def test_bad_input_is_named(case, message, tmp_path, tokenizer):
         "txt not utf-8": lambda: TextFiles(str(tmp_path / "latin1.txt")),
         "jsonl not utf-8": lambda: TextFiles(str(tmp_path / "latin1.jsonl")),
         "file type": lambda: TextFiles(str(tmp_path / "x.csv")),
-        "short seq_len": lambda: TextDataset(["text"], tokenizer, seq_len=1, seed=0),
-        "eval_fraction": lambda: TextDataset(["text"], tokenizer, seq_len=8, seed=0, eval_fraction=1.0),
-        "no documents": lambda: TextDataset([], tokenizer, seq_len=8, seed=0),
+        "eval_fraction": lambda: split_indices(10, 1.0),
     }[case]
     with pytest.raises(ValueError, match=message) as error:
         make()
@@ -197,17 +133,20 @@ def test_train_command_names_a_data_file_that_is_not_utf8(tmp_path, capsys):
                    "invalid start byte); data files must be UTF-8\n")
 
 
-def test_prefetcher_matches_direct_calls_and_closes(dataset):
+def test_prefetcher_matches_direct_calls_and_closes():
     before = set(threading.enumerate())
     calls = []
 
+    def batch(step):
+        return {"tokens": np.arange(6).reshape(2, 3) * step}
+
     def fn(step):
         calls.append(step)
-        return dataset.batch(step, range(2))
+        return batch(step)
 
     with Prefetcher(fn, start=3) as prefetcher:
         for step in range(3, 8):
-            got, want = prefetcher.next(step), dataset.batch(step, range(2))
+            got, want = prefetcher.next(step), batch(step)
             assert all(np.array_equal(got[k], want[k]) for k in want)
         with pytest.raises(ValueError, match="next prefetched step is 8"):
             prefetcher.next(9)
@@ -238,10 +177,20 @@ def test_unigram_perplexity_by_hand():
     assert data.unigram_perplexity(np.array([3, 1, 0]), halves) == pytest.approx(3.5)
 
 
-def test_unigram_baseline_on_the_embedded_corpus(dataset, corpus, tokenizer):
-    counts = dataset.train_token_counts()
-    train_docs = [corpus[i] for i in dataset.train_indices]
+def test_unigram_baseline_on_the_embedded_corpus(corpus, tokenizer, tmp_path):
+    from llama_jax.experiment import base_config
+    from llama_jax.prepare import open_prepared, prepare
+    from llama_jax.run_data import split_documents, target_counts
+
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
+    config = base_config("debug").data
+    config.update(source="embedded", tokenizer=str(tmp_path / "tokenizer.model"), eval_fraction=0.2)
+    prepare(config, tmp_path / "data", workers=1, progress=False)
+    splits = open_prepared(tmp_path / "data").splits
+    counts = target_counts(splits["train"], tokenizer)
+    train_docs = [corpus[i] for i in split_indices(len(corpus), 0.2)[0]]
     assert counts.sum() == sum(len(tokenizer.encode(d, bos=True, eos=True)) - 1 for d in train_docs)
     assert counts[tokenizer.bos_id] == 0 and counts[tokenizer.eos_id] == len(train_docs)
-    perplexity = data.unigram_perplexity(counts, list(held_out_batches(dataset.eval_documents, tokenizer, 64, 8)))
+    held_out = (tokens for tokens, _ in split_documents(splits["held_out"]))
+    perplexity = data.unigram_perplexity(counts, list(held_out_batches(held_out, 64, 8)))
     assert 30 < perplexity < 0.5 * tokenizer.vocab_size  # far better than uniform, far from a real model

@@ -226,6 +226,8 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("corrupt tokenizer", "neither a SentencePiece model nor a tiktoken rank file"),
     ("another tokenizer on resume", "differs from the tokenizer this run started with"),
     ("empty dataset", "holds no non-empty document"),
+    ("other data on resume", r"run/data \(the data this run started with\) was prepared with data.files=None, "
+                             r"not \['.*empty.txt'\]; resume with the run's data settings or use another --workdir"),
     ("seq_len too long", "train.seq_len=256 exceeds the model's max_seq_len=128"),
     ("other model shape", "holds a model with dim=64, but the config asks for dim=96"),
     ("other optimizer", r"holds an optimizer state that does not fit .* \(changed: optimizer.name\)"),
@@ -248,13 +250,14 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "corrupt tokenizer": [f"data.tokenizer={corrupt}"],
         "another tokenizer on resume": [f"data.tokenizer={corrupt}"],
         "empty dataset": ["data.source=text", f"data.files=['{tmp_path / 'empty.txt'}']"],
+        "other data on resume": ["data.source=text", f"data.files=['{tmp_path / 'empty.txt'}']"],
         "seq_len too long": ["train.seq_len=256"],
         "other model shape": ["model.dim=96", "model.ffn_dim=256"],
         "other optimizer": ["optimizer.name=lion"],
         "missing init_from": [f"checkpoint.init_from={tmp_path / 'nope'}"],
         "init_from of another shape": [f"checkpoint.init_from={other}"],
     }[case]
-    if case in ("corrupt tokenizer", "missing init_from", "init_from of another shape"):  # checked on a new run
+    if case in ("corrupt tokenizer", "empty dataset", "missing init_from", "init_from of another shape"):  # new run
         workdir = tmp_path / "fresh"
         workdir.mkdir()
     before = snapshot(workdir)

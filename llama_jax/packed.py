@@ -1,0 +1,157 @@
+"""Training rows from prepared data: every token once per epoch, a new order each epoch, mixtures.
+
+Packing. A prepared split (`llama_jax.prepare`) is one stream of tokens: its documents
+concatenated, each BOS ... EOS. Row k of a split holds the (input, target) pairs at stream offsets
+[k*L, (k+1)*L), L = seq_len: input stream[o], target stream[o + 1]. The rows partition the
+stream, so every token is the input of exactly one row and the target of at most one; only the
+tokens after the last whole row are left out. Segment ids count the documents within the row from
+1 and positions restart at 0 at each document's start and at the row's start. The pair whose input
+is a document's EOS and whose target is the next document's BOS is masked out (loss_mask 0): no
+target crosses a document boundary.
+
+Order. The rows of a split are visited in a fresh permutation every epoch:
+`grain.MapDataset.range(rows).shuffle(seed).repeat()`, whose element n is row pi_e(n mod rows)
+of epoch e = n // rows, with pi_e a permutation seeded by (seed, e) and computed per index, with no
+state. So the rows of step s are a pure function of (data, seed, s): each process builds only its
+own rows, and a resumed run needs nothing but the step. Grain's worker processes are not used:
+building a row is a memory-mapped slice and a few searches, far cheaper than a train step
+(`benchmarks/data_loading.py`).
+
+Mixtures. With several sources of weights w_i (p_i = w_i / sum w), slot j of global batch s
+(B rows) belongs to the source i whose interval [P_i, P_i+1) of the cumulative weights holds
+frac(j / B + u_s), u_s = ((s * 389) mod 1024) / (1024 B). Each batch then has, for every source,
+ceil(B (P_i+1 - u_s)) - ceil(B (P_i - u_s)) rows: within one row of B p_i. Averaged over 1024
+consecutive batches the offsets u_s cover a regular grid of [0, 1/B), so the proportions hold over a
+run to within a row per 1024 batches. Every source walks its own rows in its own epochs; a source's
+rows before batch s are known in closed form (the counts repeat every 1024 batches), so random
+access stays O(1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from llama_jax.data import stack_rows
+
+PERIOD, STRIDE = 1024, 389  # mixture offsets: u_s = ((s * STRIDE) % PERIOD) / (PERIOD * B); STRIDE coprime to PERIOD
+
+
+def row_count(tokens: int, seq_len: int) -> int:
+    """Whole rows of seq_len pairs in a stream of `tokens` tokens (the last one needs a target)."""
+    return max(tokens - 1, 0) // seq_len
+
+
+def pack_stream_row(split, k: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Row k of a prepared split: tokens, targets, positions, segment_ids (int32), loss_mask (float32)."""
+    start = k * seq_len
+    window = split.token_range(start, start + seq_len + 1)
+    # documents beginning inside the row (after its first slot) or at its last target
+    starts = split.document_starts_in(start + 1, start + seq_len + 1) - start
+    offsets = np.arange(seq_len)
+    begun = np.searchsorted(starts, offsets, side="right")  # documents begun in (0, o]
+    last_start = np.concatenate([[0], starts])[begun]
+    loss_mask = np.ones(seq_len, np.float32)
+    loss_mask[starts[starts <= seq_len] - 1] = 0.0  # the target is the next document's BOS
+    return {"tokens": window[:-1].astype(np.int32), "targets": window[1:].astype(np.int32),
+            "positions": (offsets - last_start).astype(np.int32), "segment_ids": (begun + 1).astype(np.int32),
+            "loss_mask": loss_mask}
+
+
+@dataclasses.dataclass
+class Source:
+    """One prepared split as a stream of rows in per-epoch orders."""
+
+    name: str
+    split: object  # llama_jax.prepare.PreparedSplit
+    weight: float
+    rows: int
+    order: object  # grain MapDataset: n -> row of the n-th visit
+
+    @classmethod
+    def create(cls, name: str, split, weight: float, seq_len: int, seed: int) -> "Source":
+        import grain
+
+        rows = row_count(split.tokens, seq_len)
+        if rows < 1:
+            raise ValueError(f"data source {name!r} has {split.tokens} training tokens, fewer than one row of "
+                             f"train.seq_len={seq_len} needs ({seq_len + 1}); lower seq_len or add documents")
+        order = grain.MapDataset.range(rows).shuffle(seed=seed).repeat()
+        return cls(name, split, weight, rows, order)
+
+
+class Mixture:
+    """Which source each slot of a global batch reads, and how many rows of each came before."""
+
+    def __init__(self, weights: Sequence[float], batch_size: int):
+        total = float(sum(weights))
+        self.bounds = np.concatenate([[0.0], np.cumsum(weights) / total])
+        self.bounds[-1] = 1.0
+        self.batch_size = batch_size
+        counts = np.stack([self.counts(s) for s in range(PERIOD)])
+        self._before = np.concatenate([np.zeros((1, len(weights)), np.int64), np.cumsum(counts, axis=0)])
+
+    def _offset(self, step: int) -> float:
+        return ((step * STRIDE) % PERIOD) / (PERIOD * self.batch_size)
+
+    def slot_sources(self, step: int) -> np.ndarray:
+        """Source of each slot of the batch of `step` [B]."""
+        points = (np.arange(self.batch_size) / self.batch_size + self._offset(step)) % 1.0
+        return np.searchsorted(self.bounds, points, side="right") - 1
+
+    def counts(self, step: int) -> np.ndarray:
+        """Rows of each source in the batch of `step`."""
+        return np.bincount(self.slot_sources(step), minlength=len(self.bounds) - 1)
+
+    def rows_before(self, step: int) -> np.ndarray:
+        """Rows of each source in the batches before `step`."""
+        periods, rest = divmod(step, PERIOD)
+        return periods * self._before[PERIOD] + self._before[rest]
+
+
+class TrainRows:
+    """The training batches of a run on prepared data: step -> this process's rows."""
+
+    def __init__(self, sources: Sequence[Source], seq_len: int, batch_size: int):
+        self.sources, self.seq_len, self.batch_size = list(sources), seq_len, batch_size
+        self.mixture = Mixture([s.weight for s in self.sources], batch_size)
+
+    def visits(self, step: int, rows: Sequence[int]) -> list[tuple[int, int]]:
+        """(source, n) of the given global rows of the batch of `step`: n counts that source's rows
+        from the start of training (epoch n // rows, row order[n])."""
+        slots = self.mixture.slot_sources(step)
+        before = self.mixture.rows_before(step)
+        out = []
+        for r in rows:
+            i = int(slots[r])
+            out.append((i, int(before[i] + np.count_nonzero(slots[:r] == i))))
+        return out
+
+    def row_of(self, source: int, n: int) -> int:
+        return int(self.sources[source].order[n])
+
+    def batch(self, step: int, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """Those global rows of the batch of `step`, with `source` [rows] naming each row's source."""
+        packed = []
+        for i, n in self.visits(step, rows):
+            row = pack_stream_row(self.sources[i].split, self.row_of(i, n), self.seq_len)
+            row["source"] = np.int32(i)
+            packed.append(row)
+        return stack_rows(packed)
+
+    def progress(self, steps_done: int) -> dict[str, float]:
+        """Epochs (fractional) and tokens of each source consumed by the first `steps_done` steps."""
+        before = self.mixture.rows_before(steps_done)
+        out = {"tokens_seen": float(before.sum() * self.seq_len)}
+        for source, n in zip(self.sources, before):
+            key = "epoch" if len(self.sources) == 1 else f"epoch/{source.name}"
+            out[key] = float(n / source.rows)
+            if len(self.sources) > 1:
+                out[f"tokens_seen/{source.name}"] = float(n * self.seq_len)
+        return out
+
+
+__all__ = ["Mixture", "Source", "TrainRows", "pack_stream_row", "row_count"]
+

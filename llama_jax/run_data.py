@@ -1,0 +1,244 @@
+"""The data side of a run: prepared token shards, packed into rows, in per-epoch orders.
+
+There is one training data path. `data.source=prepared` reads directories written by `llama-jax
+prepare-data` (`data.path`, or several with weights in `data.mixture`). Any other text source
+(embedded, text, jsonl, tfds) is prepared on the run's first start: into a temporary directory
+while the run's inputs are checked, then moved to WORKDIR/data when the run starts, where a
+resumed run finds it. `data.source=synthetic` needs no data at all.
+
+Each prepared directory's tokenizer must be the run's: the one it started with (WORKDIR/
+tokenizer.model), and `data.tokenizer` when given. Held-out documents are evaluated whole per
+source (`evaluate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from llama_jax import data as data_lib
+from llama_jax.config import LLaMAConfig
+from llama_jax.packed import Source, TrainRows
+from llama_jax.safe_io import sha256_file
+from llama_jax.tokenizer import check_fits, load_tokenizer
+
+RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
+DATA_DIR = "data"  # WORKDIR/data: a raw source prepared for the run
+STAGING_PREFIX = "llama-jax-data-"  # temporary directory of data prepared for a run that has not started
+
+
+class RunError(ValueError):
+    """A problem with the run's inputs or workdir: reported as one line."""
+
+
+@dataclasses.dataclass
+class RunData:
+    train_rows: Callable[[int], dict]  # step -> this process's rows of the global batch
+    eval_sets: Mapping[str, object]  # source name -> its held-out split (documents evaluated whole)
+    tokenizer: object | None
+    train: TrainRows | None
+    tokenizer_file: Path | None = None  # the tokenizer's bytes on disk, kept in the workdir once the run starts
+    staged: Path | None = None  # data prepared for this run, in a temporary directory until it starts
+
+    def adopt(self, workdir: Path) -> str | None:
+        """Move data prepared for the run to WORKDIR/data and keep its tokenizer as
+        WORKDIR/tokenizer.model (process 0; the others wait, and move their own copy there when they
+        do not see the workdir's); the data is read from there from now on. Returns the tokenizer's
+        SHA-256."""
+        if self.tokenizer_file is None:
+            return None
+        digest = sha256_file(self.tokenizer_file)
+        if self.staged is not None:
+            final = workdir / DATA_DIR
+            if jax.process_index() == 0:
+                shutil.move(str(self.staged), final)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("llama_jax: run data in place")
+                if jax.process_index() and not (final / "manifest.json").is_file():
+                    shutil.move(str(self.staged), final)  # this host does not see process 0's disk
+            discard_staged(self.staged)
+            self.staged = None
+            # Nothing has been read from the files yet (only the manifest): point the splits there.
+            for split in [s.split for s in self.train.sources] + list(self.eval_sets.values()):
+                split.directory = final
+            self.tokenizer_file = final / self.tokenizer_file.name
+        kept = workdir / RUN_TOKENIZER
+        if jax.process_index() == 0 and not kept.exists():
+            shutil.copyfile(self.tokenizer_file, kept)
+        return digest
+
+    def discard(self) -> None:
+        discard_staged(self.staged)
+
+
+def discard_staged(path: Path | None) -> None:
+    """Remove data prepared for a run that did not start (it lives in a temporary directory)."""
+    if path is not None and path.parent.name.startswith(STAGING_PREFIX):
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def prepared_dirs(d) -> list[tuple[str, Path, float]]:
+    """(name, directory, weight) of each prepared dataset a `data.source=prepared` config names."""
+    mixture = d.get("mixture") or {}
+    if mixture and d.get("path"):
+        raise RunError("give either data.path (one prepared directory) or data.mixture (several), not both")
+    if not mixture:
+        if not d.get("path"):
+            raise RunError("data.source=prepared needs data.path (a directory written by llama-jax prepare-data) "
+                           "or data.mixture ({name: {path, weight}})")
+        return [("data", Path(d.path), 1.0)]
+    out = []
+    for name, entry in mixture.items():
+        if not hasattr(entry, "get") or not entry.get("path"):
+            raise RunError(f"data.mixture.{name} needs a path (a directory written by llama-jax prepare-data) "
+                           f"and a weight, e.g. {{'path': '/data/c4', 'weight': 0.8}}")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight <= 0:
+            raise RunError(f"data.mixture.{name}.weight={weight!r} must be a positive number")
+        out.append((name, Path(entry["path"]), float(weight)))
+    return out
+
+
+def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
+    """(directory to read, staged temporary copy or None) of a raw text source, prepared now unless
+    WORKDIR/data holds it already."""
+    from llama_jax.prepare import check_prepared, prepare
+
+    given = None
+    if d.tokenizer and d.tokenizer != "train":
+        given = Path(d.tokenizer)
+        given = given / RUN_TOKENIZER if given.is_dir() else given
+        if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
+            raise RunError(f"data.tokenizer={d.tokenizer} differs from the tokenizer this run started with "
+                           f"({kept}); resume with that tokenizer or use another --workdir")
+    elif not d.tokenizer:
+        raise RunError(f"data.tokenizer is empty; give a tokenizer.model path (or 'train') for data.source={d.source}")
+    final = workdir / DATA_DIR
+    if (final / "manifest.json").is_file():
+        check_prepared(final, d, f"{final} (the data this run started with) was prepared",
+                       "resume with the run's data settings or use another --workdir")
+        return final, None
+    if d.tokenizer == "train" and jax.process_count() > 1:
+        raise RunError("data.tokenizer=train needs a single process; train it once with "
+                       "tools/train_tokenizer.py and pass its path")
+    staged = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX)) / DATA_DIR
+    try:
+        prepare(d, staged, progress=jax.process_index() == 0)
+    except BaseException:
+        discard_staged(staged)
+        raise
+    return staged, staged
+
+
+def build_data(config, model: LLaMAConfig | None, workdir: Path) -> RunData:
+    """The run's batches, held-out sets and tokenizer, all read-only: data of a raw source is
+    prepared into a temporary directory until `RunData.adopt` (the run's first write).
+    `model`: checked to hold the tokenizer's vocabulary (None: already checked)."""
+    from llama_jax.prepare import open_prepared
+
+    d, t = config.data, config.train
+    rows = data_lib.rows_for_process(t.batch_size, jax.process_index(), jax.process_count())
+    if d.source == "synthetic":
+        return RunData(lambda s: data_lib.synthetic_batch(t.seed, s, rows, t.seq_len, model.vocab_size),
+                       {}, None, None)
+    kept = workdir / RUN_TOKENIZER
+    staged = None
+    if d.source == "prepared":
+        named = prepared_dirs(d)
+    else:
+        if d.source not in data_lib.SOURCES:
+            raise RunError(f"data.source={d.source!r}; valid: prepared, {', '.join(data_lib.SOURCES)}")
+        path, staged = _stage_raw(d, workdir, kept)
+        named = [("data", path, 1.0)]
+    try:
+        return _open(d, t, model, named, kept, rows, staged, open_prepared)
+    except BaseException:
+        discard_staged(staged)
+        raise
+
+
+def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunData:
+    required = sha256_file(kept) if kept.is_file() else None
+    opened = []
+    for name, path, weight in named:
+        prepared = open_prepared(path, required)
+        required = required or prepared.tokenizer_sha256
+        opened.append((name, prepared, weight))
+    tokenizer_file = opened[0][1].tokenizer_path
+    if d.source == "prepared" and d.get("tokenizer") and d.tokenizer != "train":
+        given = Path(d.tokenizer)
+        given = given / RUN_TOKENIZER if given.is_dir() else given
+        if not given.is_file() or sha256_file(given) != required:
+            raise RunError(f"data.tokenizer={d.tokenizer} is not the tokenizer {named[0][1]} was prepared with; "
+                           f"leave data.tokenizer empty (the prepared data brings its own) or prepare the data with it")
+    tokenizer = load_tokenizer(tokenizer_file)
+    if model is not None:
+        check_fits(tokenizer, model.vocab_size)
+    sources = [Source.create(name, prepared.splits["train"], weight, t.seq_len, (t.seed + 7919 * i) % 2**32)
+               for i, (name, prepared, weight) in enumerate(opened)]
+    train = TrainRows(sources, t.seq_len, t.batch_size)
+    eval_sets = {name: prepared.splits["held_out"] for name, prepared, _ in opened
+                 if prepared.splits["held_out"].documents}
+    if not eval_sets and t.eval_every:
+        raise RunError(f"train.eval_every={t.eval_every} but no document is held out for evaluation "
+                       f"(data.eval_fraction={d.get('eval_fraction')}); use eval_fraction > 0 or train.eval_every=0")
+    return RunData(lambda s: train.batch(s, rows), eval_sets, tokenizer, train, tokenizer_file, staged)
+
+
+def split_documents(split):
+    """(token ids, UTF-8 bytes) of every document of a prepared split, in order."""
+    for i in range(split.documents):
+        yield split.document_tokens(i), split.document_info(i)[2]
+
+
+def target_counts(split, tokenizer, chunk: int = 2**24) -> np.ndarray:
+    """How often each token id occurs as a target in a prepared split: every token but the BOS
+    each document starts with (the training data of a unigram baseline)."""
+    counts = np.zeros(tokenizer.vocab_size, np.int64)
+    for start in range(0, split.tokens, chunk):
+        counts += np.bincount(split.token_range(start, min(start + chunk, split.tokens)), minlength=len(counts))
+    counts[tokenizer.bos_id] -= split.documents
+    return counts
+
+
+def evaluate(config, trainer, params, data: RunData) -> dict[str, float]:
+    """Held-out loss, perplexity and next-token accuracy of `params`, by the code of `llama-jax eval`
+    (`evaluate_tokens`): each source's held-out documents in consecutive windows, each target
+    counted once, over the first train.eval_batches micro-batches of them (a fixed subset) or all of
+    them (-1, which also gives bits per byte). With several sources: per source (`eval_loss/NAME`,
+    ...) and over all of them together."""
+    from llama_jax.evaluate import EvalResult, evaluate_tokens
+
+    t = config.train
+    total, out = EvalResult(), {}
+    for name, split in data.eval_sets.items():
+        result = evaluate_tokens(trainer.model_config, params, split_documents(split), t.seq_len,
+                                 batch_size=t.batch_size // t.grad_accum, max_batches=eval_max_batches(t),
+                                 mesh=trainer.mesh, context=trainer.context)
+        if len(data.eval_sets) > 1:
+            out.update({f"{k}/{name}": v for k, v in _eval_metrics(result).items()})
+        total = total + result
+    return {**_eval_metrics(total), **out}
+
+
+def _eval_metrics(result) -> dict[str, float]:
+    m = result.metrics()
+    out = {"eval_loss": m["loss"], "eval_perplexity": m["perplexity"], "eval_accuracy": m["accuracy"],
+           "eval_tokens": m["tokens"]}
+    if m["bits_per_byte"] is not None:
+        out["eval_bits_per_byte"] = m["bits_per_byte"]
+    return out
+
+
+def eval_max_batches(train_config) -> int | None:
+    """How many held-out batches an evaluation covers: train.eval_batches, or None (all) for -1."""
+    return None if train_config.eval_batches == -1 else train_config.eval_batches

@@ -1,0 +1,154 @@
+"""Training on prepared data end to end: epochs and tokens in the metrics, mixtures with
+per-source evaluation, `data inspect`, raw sources prepared once into the workdir."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_jax.cli import main
+from llama_jax.data import EmbeddedCorpus
+from llama_jax.experiment import load_config
+from llama_jax.prepare import open_prepared, prepare
+from llama_jax.tokenizer import train_sentencepiece
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+B, L = 8, 32  # train.batch_size, train.seq_len
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    corpus = EmbeddedCorpus()
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    return train_sentencepiece((corpus[i] for i in range(len(corpus))), path, 512)
+
+
+def data_config(tokenizer_path, **changes):
+    config = load_config(TINY, [f"data.tokenizer={tokenizer_path}", "data.source=embedded", "data.eval_fraction=0.1"])
+    config.data.update(**changes)
+    return config.data
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tokenizer_path):
+    """The embedded corpus, and a few text files, prepared with the same tokenizer."""
+    root = tmp_path_factory.mktemp("prepared")
+    prepare(data_config(tokenizer_path), root / "embedded", workers=1, shard_tokens=20_000, progress=False)
+    texts = root / "texts"
+    texts.mkdir()
+    rng = np.random.default_rng(0)
+    words = EmbeddedCorpus()[3].split()
+    for i in range(40):
+        (texts / f"{i}.txt").write_text(" ".join(rng.choice(words, 60)), encoding="utf-8")
+    prepare(data_config(tokenizer_path, source="text", files=[str(texts / "*.txt")], eval_fraction=0.2),
+            root / "texts-prepared", workers=1, progress=False)
+    return root / "embedded", root / "texts-prepared"
+
+
+def train(workdir, *overrides) -> int:
+    args = ["train", "--config", TINY, "--workdir", str(workdir), "--config.model.vocab_size=512",
+            f"--config.train.batch_size={B}", f"--config.train.seq_len={L}", "--config.train.log_every=1",
+            "--config.optimizer.warmup_steps=1", "--config.checkpoint.async_save=False", *overrides]
+    return main(args)
+
+
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_on_prepared_data_counts_epochs_and_tokens(prepared, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert train(workdir, "--config.data.source=prepared", f"--config.data.path={prepared[0]}",
+                 "--config.train.steps=6", "--config.train.eval_every=3", "--config.train.eval_batches=-1") == 0
+    logged = records(workdir)
+    rows = (open_prepared(prepared[0]).splits["train"].tokens - 1) // L
+    for r in logged:
+        if "loss" in r:
+            assert r["tokens_seen"] == r["step"] * B * L and r["epoch"] == pytest.approx(r["step"] * B / rows)
+    evaluated = [r for r in logged if "eval_loss" in r]
+    assert [r["step"] for r in evaluated] == [3, 6]
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(workdir)]) == 0  # llama-jax eval reads the same held-out documents
+    of_run = json.loads(capsys.readouterr().out)
+    assert of_run["tokens"] == evaluated[-1]["eval_tokens"]
+    assert of_run["loss"] == pytest.approx(evaluated[-1]["eval_loss"], rel=1e-5)
+    assert not (workdir / "data").exists()  # prepared data is read where it is
+
+
+def test_a_mixture_reports_each_source(prepared, tmp_path):
+    config = tmp_path / "mixture.py"
+    config.write_text(
+        "from configs.tiny import get_config as tiny\n\n"
+        "def get_config():\n"
+        "    config = tiny()\n"
+        "    config.data.source = 'prepared'\n"
+        f"    config.data.mixture = {{'docs': {{'path': '{prepared[0]}', 'weight': 3}}, "
+        f"'texts': {{'path': '{prepared[1]}', 'weight': 1}}}}\n"
+        "    return config\n")
+    workdir = tmp_path / "run"
+    args = ["train", "--config", str(config), "--workdir", str(workdir), "--config.model.vocab_size=512",
+            f"--config.train.batch_size={B}", f"--config.train.seq_len={L}", "--config.train.log_every=1",
+            "--config.train.steps=4", "--config.train.eval_every=4", "--config.checkpoint.async_save=False",
+            "--config.optimizer.warmup_steps=1"]
+    assert main(args) == 0
+    last = records(workdir)[-1]
+    assert last["tokens_seen/docs"] == 4 * 6 * L and last["tokens_seen/texts"] == 4 * 2 * L  # 3:1 of 8 rows
+    for name in ("docs", "texts"):
+        assert last[f"epoch/{name}"] > 0 and last[f"eval_loss/{name}"] > 0
+    both = last["eval_tokens/docs"] + last["eval_tokens/texts"]
+    assert last["eval_tokens"] == both
+    assert last["eval_loss"] == pytest.approx((last["eval_loss/docs"] * last["eval_tokens/docs"]
+                                               + last["eval_loss/texts"] * last["eval_tokens/texts"]) / both)
+
+
+def test_inspect_shows_a_step_and_covers_an_epoch(prepared, capsys):
+    base = ["data", "inspect", "--config", TINY, "--config.data.source=prepared", f"--config.data.path={prepared[1]}",
+            f"--config.train.batch_size={B}", f"--config.train.seq_len={L}"]
+    assert main(base + ["--step", "2", "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^row \d+: source 'data', epoch 0, packed row \d+ of \d+; \d+ of 32 targets counted$",
+                          out, re.M)) == 3
+    assert re.search(r"^  document \d+ \(source index \d+\), tokens \[\d+, \d+\)$", out, re.M)
+    assert "tokens seen before this step: 512" in out  # 2 steps of 8 rows of 32
+    assert main(base + ["--epoch"]) == 0
+    assert re.search(r"100\.00% seen once, 0\.00% more than once, 0\.00% never", capsys.readouterr().out)
+
+
+def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    raw = ["--config.data.source=embedded", f"--config.data.tokenizer={tokenizer_path}", "--config.train.steps=2"]
+    assert train(workdir, *raw) == 0
+    manifest = workdir / "data" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert train(workdir, *raw[:-1], "--config.train.steps=3") == 0  # resumes on the same prepared data
+    assert manifest.stat().st_mtime_ns == stamp and [r["step"] for r in records(workdir) if "loss" in r] == [1, 2, 3]
+    assert main(["data", "inspect", "--workdir", str(workdir), "--step", "0", "--rows", "1"]) == 0
+    assert "row 0: source 'data'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mixture.docs.weight": 0}, r"data.mixture.docs.weight=0.0 must be a positive number"),
+    ({"mixture.docs.path": "/nonexistent/prepared"},
+     r"/nonexistent/prepared does not exist; give a directory written by llama-jax prepare-data"),
+    ({"train.seq_len": 4096}, r"train.seq_len=4096 exceeds the model's max_seq_len=128"),
+])
+def test_bad_mixtures_and_lengths_are_one_line(prepared, tmp_path, capsys, change, message):
+    config = tmp_path / "mixture.py"
+    config.write_text(
+        "from configs.tiny import get_config as tiny\n\n"
+        "def get_config():\n"
+        "    config = tiny()\n"
+        "    config.data.source = 'prepared'\n"
+        f"    config.data.mixture = {{'docs': {{'path': '{prepared[0]}', 'weight': 1.0}}}}\n"
+        "    return config\n")
+    workdir = tmp_path / "run"
+    key, value = next(iter(change.items()))
+    args = ["train", "--config", str(config), "--workdir", str(workdir), "--config.model.vocab_size=512",
+            f"--config.data.{key}={value}" if key.startswith("mixture") else f"--config.{key}={value}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not workdir.exists()
