@@ -21,6 +21,7 @@ setup(
         "tiktoken>=0.7",
         "tensorflow-datasets>=4.9",
         "array_record>=0.5",
+        "grain>=0.2.18",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "tqdm",
