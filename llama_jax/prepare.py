@@ -467,8 +467,8 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
         manifest = check_prepared(out, data_config)
         _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do")
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
+    corpus = open_corpus(data_config)  # a missing corpus is named before a missing tokenizer
     request = requested_tokenizer(data_config)
-    corpus = open_corpus(data_config)
     if state == "partial":
         record = _check_partial(out, data_config, request, corpus, shard_tokens)
         _say(progress, f"resuming the preparation of {out}")

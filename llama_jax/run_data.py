@@ -120,8 +120,6 @@ def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
         if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
             raise RunError(f"data.tokenizer={d.tokenizer} differs from the tokenizer this run started with "
                            f"({kept}); resume with that tokenizer or use another --workdir")
-    elif not d.tokenizer:
-        raise RunError(f"data.tokenizer is empty; give a tokenizer.model path (or 'train') for data.source={d.source}")
     final = workdir / DATA_DIR
     if (final / "manifest.json").is_file():
         check_prepared(final, d, f"{final} (the data this run started with) was prepared",
@@ -156,7 +154,8 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path) -> RunData:
         named = prepared_dirs(d)
     else:
         if d.source not in data_lib.SOURCES:
-            raise RunError(f"data.source={d.source!r}; valid: prepared, {', '.join(data_lib.SOURCES)}")
+            raise RunError(f"data.source={d.source!r} is not supported; valid: prepared, "
+                           f"{', '.join(data_lib.SOURCES)}")
         path, staged = _stage_raw(d, workdir, kept)
         named = [("data", path, 1.0)]
     try:

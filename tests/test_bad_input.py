@@ -81,7 +81,7 @@ CASES = [
          r"--num-processes 2 needs --coordinator HOST:PORT and --process-id"),
     # ---- train: data and tokenizer ----
     Case("train-unknown-data-source", NEW_RUN + " --config.data.source=web",
-         r"data.source='web' is not supported; valid: embedded, text, jsonl, tfds, synthetic"),
+         r"data.source='web' is not supported; valid: prepared, embedded, text, jsonl, tfds, synthetic"),
     Case("train-data-files-missing", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{inputs}/nowhere/*.txt"),
          r"no file matches '\S+/nowhere/\*.txt'"),
     Case("train-data-files-a-directory", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{corpus}"),
@@ -260,7 +260,8 @@ CASES = [
     Case("demo-workdir-is-hf-model", "demo --workdir {hf}", r"holds 'config.json' but no llama-jax run"),
     Case("demo-workdir-is-model-dir", "demo --workdir {model}", r"holds 'model_config.json' but no llama-jax run"),
     Case("demo-workdir-is-another-run", "demo --workdir {run}",
-         r"run/tokenizer.model .* has 512 pieces but data.tokenizer_vocab_size=2048"),
+         r"run/data \(the data this run started with\) was prepared with data.eval_fraction=0.01, not 0.05; "
+         r"resume with the run's data settings or use another --workdir"),
     Case("demo-tokenizer-above-model-vocab", "demo --workdir new --config.data.tokenizer_vocab_size=4096",
          r"the tokenizer has 4096 tokens but the model's vocab_size is 2048"),
 ]

@@ -1,0 +1,195 @@
+"""Scaling shape on CPU: per-device memory under FSDP over 1-8 virtual devices, and step time as
+the model doubles against its FLOPs.
+
+1. Memory. For N in `--devices` (default 1 2 4 8), a fresh process with
+   `XLA_FLAGS=--xla_force_host_platform_device_count=N` (it must be set before JAX starts) runs
+   `llama_jax.plan.plan` (what `llama-jax plan --devices N` runs): the train step compiled ahead
+   of time for an FSDP mesh (data=1, fsdp=N, tensor=1), nothing allocated. Reported per device:
+   parameters + optimizer state (from the shardings), compiled temporaries and the estimated
+   peak (arguments + outputs - donated + temporaries), each against N=1; the ideal for
+   parameters + optimizer state is 1/N. Model: dim 512, 8 layers, 8 heads, FFN 1408, vocab 8000,
+   float32 (34M parameters), global batch 8 x 256.
+2. Step time. On one CPU device, the jitted train step (`Trainer.step`) at a fixed batch
+   (default 8 x 64 tokens) as the model doubles, in two series from the same base model:
+   layers 4 -> 8 -> 16 (dim 512) and dim 256 -> 512 -> 1024 (8 layers; heads keep a head dim of
+   64, FFN = 2.75 x dim). Each point is a fresh process: compile, one warm-up step, then the
+   median of `--repeats` steps. Reported: the measured time ratio to the series' first point
+   against the model-FLOPs ratio (`llama_jax.metrics.flops_per_token`) and the parameter ratio.
+
+    python benchmarks/scaling.py [--devices 1 2 4 8] [--series layers dim] [--repeats 3] [--json FILE]
+
+Virtual CPU devices share the machine's cores, so only the memory figures of part 1 mean
+anything; step time across devices is not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = dict(dim=512, n_layers=8, n_heads=8, ffn_dim=1408, vocab_size=8000)
+
+
+def model_fields(dim: int, layers: int, vocab: int) -> dict:
+    heads = max(1, dim // 64)
+    return dict(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=heads,
+                ffn_dim=int(2.75 * dim), max_seq_len=256)
+
+
+def make_config(point: dict):
+    from llama_jax.experiment import base_config
+
+    config = base_config("debug", **point["model"])
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    config.train.update(batch_size=point["batch"], seq_len=point["seq_len"], steps=1000)
+    config.optimizer.update(warmup_steps=0)
+    return config
+
+
+# ---- worker: one point in this (fresh) process -------------------------------------------------
+
+def worker(point: dict) -> dict:
+    if point["kind"] == "memory":
+        from llama_jax.plan import plan
+
+        start = time.perf_counter()
+        result = plan(make_config(point))
+        result["compile_seconds"] = time.perf_counter() - start
+        return result
+
+    import jax
+
+    from llama_jax.data import synthetic_batch
+    from llama_jax.experiment import model_config
+    from llama_jax.metrics import flops_per_token
+    from llama_jax.model import param_count
+    from llama_jax.train import build_trainer, global_batch
+
+    config = make_config(point)
+    trainer = build_trainer(config)
+    state = trainer.init_state(0)
+    batch = global_batch(trainer.mesh, synthetic_batch(0, 0, range(point["batch"]), point["seq_len"],
+                                                      point["model"]["vocab_size"]))
+    start = time.perf_counter()
+    state, metrics = trainer.step(state, batch)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    times = []
+    for i in range(point["repeats"] + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        state, metrics = trainer.step(state, batch)
+        jax.block_until_ready(metrics)
+        if i:
+            times.append(time.perf_counter() - start)
+    cfg = model_config(config.model)
+    return {"step_seconds": statistics.median(times), "step_times": times, "compile_and_first_step_seconds": first,
+            "flops_per_step": flops_per_token(cfg, point["seq_len"]) * point["batch"] * point["seq_len"],
+            "param_count": param_count(cfg)}
+
+
+def run_point(point: dict) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if point.get("devices", 1) > 1:
+        flags.append(f"--xla_force_host_platform_device_count={point['devices']}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(point)], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+    if done.returncode:
+        raise RuntimeError(f"point {point} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--memory-batch", type=int, default=8, help="global batch of the memory plans")
+    parser.add_argument("--memory-seq-len", type=int, default=256)
+    parser.add_argument("--series", nargs="*", choices=["layers", "dim"], default=["layers", "dim"])
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16], help="the layers series")
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024], help="the dim series")
+    parser.add_argument("--batch", type=int, default=8, help="batch of the step-time points")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    import jax
+
+    print(f"jax {jax.__version__}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
+    results: dict = {"args": vars(args), "jax": jax.__version__, "memory": [], "step_time": {}}
+
+    base = {**BASE, "n_kv_heads": BASE["n_heads"], "max_seq_len": args.memory_seq_len}
+    for n in args.devices:
+        point = {"kind": "memory", "devices": n, "model": base, "batch": args.memory_batch,
+                 "seq_len": args.memory_seq_len}
+        p = run_point(point)
+        results["memory"].append(p)
+        print(f"  plan on {n} device(s): params+opt {(p['params'] + p['opt_state']) / 2**20:.1f} MiB, "
+              f"temporaries {p['temporaries'] / 2**20:.1f} MiB (compiled in {p['compile_seconds']:.0f} s)", flush=True)
+
+    cache: dict[tuple, dict] = {}
+    series = {"layers": [(512, n) for n in args.layers], "dim": [(d, 8) for d in args.dims]}
+    for name in args.series:
+        rows = []
+        for dim, layers in series[name]:
+            if (dim, layers) not in cache:
+                point = {"kind": "step", "model": model_fields(dim, layers, args.vocab), "batch": args.batch,
+                         "seq_len": args.seq_len, "repeats": args.repeats}
+                cache[dim, layers] = run_point(point)
+                r = cache[dim, layers]
+                print(f"  dim {dim}, {layers} layers: {r['step_seconds']:.3f} s/step "
+                      f"({r['param_count'] / 1e6:.1f}M params; compile + first step "
+                      f"{r['compile_and_first_step_seconds']:.1f} s)", flush=True)
+            rows.append({"dim": dim, "layers": layers, **cache[dim, layers]})
+        first = rows[0]
+        for r in rows:
+            r["time_ratio"] = r["step_seconds"] / first["step_seconds"]
+            r["flops_ratio"] = r["flops_per_step"] / first["flops_per_step"]
+            r["param_ratio"] = r["param_count"] / first["param_count"]
+            r["time_over_flops_ratio"] = r["time_ratio"] / r["flops_ratio"]
+        results["step_time"][name] = rows
+
+    mib = 2**20
+    one = results["memory"][0]
+    one_state = one["params"] + one["opt_state"]
+    one_peak = one["arguments"] + one["outputs"] - one["aliased"] + one["temporaries"]
+    print(f"\nFSDP, {one['param_count'] / 1e6:.1f}M parameters, global batch {args.memory_batch} x "
+          f"{args.memory_seq_len}, per device:")
+    print("\n| devices | params + opt MiB | x N=1 | ideal 1/N | temporaries MiB | x N=1 | est. peak MiB | x N=1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for p in results["memory"]:
+        state = p["params"] + p["opt_state"]
+        peak = p["arguments"] + p["outputs"] - p["aliased"] + p["temporaries"]
+        print(f"| {p['devices']} | {state / mib:.1f} | {state / one_state:.3f} | {1 / p['devices']:.3f} | "
+              f"{p['temporaries'] / mib:.1f} | {p['temporaries'] / one['temporaries']:.2f} | {peak / mib:.1f} | "
+              f"{peak / one_peak:.2f} |")
+    for name, rows in results["step_time"].items():
+        print(f"\nstep time, {name} doubling, batch {args.batch} x {args.seq_len}, 1 CPU device:")
+        print("\n| dim | layers | params M | s/step | time ratio | FLOPs ratio | params ratio | time / FLOPs ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['dim']} | {r['layers']} | {r['param_count'] / 1e6:.1f} | {r['step_seconds']:.3f} | "
+                  f"{r['time_ratio']:.2f} | {r['flops_ratio']:.2f} | {r['param_ratio']:.2f} | "
+                  f"{r['time_over_flops_ratio']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
