@@ -3,31 +3,38 @@
 Model: dim 512, 8 layers, 8 heads, FFN 1408, vocab 8000, float32 (34M parameters; with AdamW's
 two moments the train state is ~400 MB), synthetic data.
 
-1. Overhead on the mean step time. The project's real run loop (`llama-jax train`, a fresh
-   process each) runs `--steps` steps (default 40) logging every 10, in this order:
-     none    checkpoint.every > steps: nothing saved inside the measured window (the run's forced
-             save of the final step comes after the last log record, outside it);
-     async   checkpoint.every=10, checkpoint.async_save=True (the default);
-     sync    checkpoint.every=10, checkpoint.async_save=False;
-     none    again, so the baseline is bracketed and its run-to-run spread is visible.
-   The mean step time is taken from the logged `tokens_per_second` windows after the first
-   (steps 11..40: compilation and warm-up are out; each window holds exactly one save started at
-   the step that opened it, while the save of the last step happens after the last record).
-   Overhead = mean step time with saves / mean of the two baseline runs - 1; target: at most 5%
-   for async saves every 10 steps.
+1. Overhead on the mean step time. The project's real run loop (`llama-jax train` on synthetic
+   data, a fresh process each) logs every 10 steps; the mean step time of each log window comes
+   from the `tokens_per_second` it logs (the first window, which follows compilation, is left
+   out). Runs:
+     none    `--baseline-steps` (30) steps, checkpoint.every > steps: nothing is saved inside any
+             window (the run's forced save of the final step comes after its last record);
+     async   `--steps` (60) steps, checkpoint.every=20, checkpoint.async_save=True (the default);
+     sync    the same with checkpoint.async_save=False, for comparison.
+   With saves every 20 steps and windows of 10, windows that start with a save (steps 21-30,
+   41-50) alternate with windows that hold none (11-20, 31-40, 51-60); the save of step 60
+   comes after the last record. A window with a save holds exactly what a run saving every 10
+   steps pays per 10 steps, so the overhead of saving every 10 steps is
+   (mean step time of the windows with a save) / (mean step time of the windows without) - 1,
+   both from the same process, interleaved in time: on a shared machine, load from other
+   processes moved a whole run's mean step time by 20-50% between runs, far more than the
+   effect measured. (This relies on an async save finishing within 10 steps, which the windows
+   without a save show: they would be slower otherwise.) The run that never saves is the
+   reference for those clean windows. Target: at most 5% for async saves.
 2. Save and restore throughput. In this process: `RunCheckpoints` (what the run loop uses)
    saving the state synchronously (`save` + `wait`) and `restore_state` onto the trainer's
    shardings, against `shutil.copytree` of the written step directory and against reading its
    files (plain `readinto`); the state is the one after one train step (AdamW moments not all
-   zero). MB/s of state bytes (save, restore) or of file bytes (copy, read)
+   zero). Also timed: an async save's blocking part (until `save` returns) and its whole
+   time until committed. MB/s of state bytes (save, restore) or of file bytes (copy, read)
    and the ratios. Files are read from the page cache (it is not dropped: the machine is shared).
 
 Medians of `--repeats` after one warm-up each; compile times are not part of any figure.
 
-    python benchmarks/checkpointing.py [--steps 40] [--batch 8] [--seq-len 64] [--repeats 3] [--json FILE]
+    python benchmarks/checkpointing.py [--steps 60] [--save-every 20] [--batch 8] [--seq-len 64] [--json FILE]
 
 The default batch is 8 x 64 tokens rather than 8 x 256: at 8 x 256 a step took 6-7 s on the
-2 shared cores this was written on, too slow for four runs; the state (what a save writes) is
+2 shared cores this was written on, too slow for these runs; the state (what a save writes) is
 the same, and a shorter step makes the save overhead relatively larger, not smaller.
 """
 
@@ -68,12 +75,13 @@ def model_overrides(args) -> dict:
                 n_kv_heads=args.heads, ffn_dim=args.ffn, max_seq_len=args.seq_len)
 
 
-def run_loop(args, every: int, async_save: bool) -> dict:
-    """One `llama-jax train` process; mean step time over the log windows after the first."""
+def run_loop(args, steps: int, every: int, async_save: bool) -> dict:
+    """One `llama-jax train` process; seconds per step of each log window after the first, and
+    whether a save started at the step that opened the window."""
     with tempfile.TemporaryDirectory(prefix="llama_jax_ckpt_bench_") as workdir:
         overrides = [f"--config.model.{k}={v}" for k, v in model_overrides(args).items()]
         overrides += [f"--config.train.batch_size={args.batch}", f"--config.train.seq_len={args.seq_len}",
-                      f"--config.train.steps={args.steps}", f"--config.train.log_every={LOG_EVERY}",
+                      f"--config.train.steps={steps}", f"--config.train.log_every={LOG_EVERY}",
                       "--config.optimizer.warmup_steps=0", "--config.data.source=synthetic",
                       f"--config.checkpoint.every={every}", f"--config.checkpoint.async_save={async_save}",
                       "--config.checkpoint.max_to_keep=2"]
@@ -83,32 +91,37 @@ def run_loop(args, every: int, async_save: bool) -> dict:
                        env=dict(os.environ, LLAMA_JAX_SINGLE_PROCESS="1"))
         wall = time.perf_counter() - start
         logged = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-        steps_saved = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
-    windows = [r for r in logged if "tokens_per_second" in r][1:]
+        kept = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+    windows = [r for r in logged if "tokens_per_second" in r][1:]  # the first holds warm-up steps
     tokens = args.batch * args.seq_len
-    # seconds per step of each window: window tokens / tokens per second / steps in the window
     per_step = [tokens / r["tokens_per_second"] for r in windows]
-    return {"every": every, "async_save": async_save, "windows": [r["step"] for r in windows],
-            "step_seconds_per_window": per_step, "mean_step_seconds": statistics.mean(per_step),
-            "process_wall_seconds": wall, "kept_checkpoints": steps_saved}
+    # the window ending at step e runs steps e-9..e; a save at step e-10 starts inside it
+    with_save = [r["step"] - LOG_EVERY > 0 and (r["step"] - LOG_EVERY) % every == 0 for r in windows]
+    save_windows = [t for t, w in zip(per_step, with_save) if w]
+    clean_windows = [t for t, w in zip(per_step, with_save) if not w]
+    return {"steps": steps, "every": every, "async_save": async_save, "window_ends": [r["step"] for r in windows],
+            "step_seconds_per_window": per_step, "window_has_save": with_save,
+            "mean_step_seconds": statistics.mean(per_step),
+            "save_window_mean_step_seconds": statistics.mean(save_windows) if save_windows else None,
+            "clean_window_mean_step_seconds": statistics.mean(clean_windows) if clean_windows else None,
+            "process_wall_seconds": wall, "kept_checkpoints": kept}
 
 
 def overhead_runs(args) -> dict:
-    never = args.steps + 1000
-    order = [("none", never, True), ("async", LOG_EVERY, True), ("sync", LOG_EVERY, False), ("none", never, True)]
-    runs: dict[str, list[dict]] = {}
-    for name, every, async_save in order:
-        result = run_loop(args, every, async_save)
-        runs.setdefault(name, []).append(result)
-        print(f"  {name:5s} every={every:<5d} mean step {result['mean_step_seconds']:.3f} s "
-              f"(windows {', '.join(f'{s:.3f}' for s in result['step_seconds_per_window'])}); "
-              f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    baseline = statistics.mean(r["mean_step_seconds"] for r in runs["none"])
-    summary = {"baseline_mean_step_seconds": baseline,
-               "baseline_runs": [r["mean_step_seconds"] for r in runs["none"]]}
-    for name in ("async", "sync"):
-        seconds = runs[name][0]["mean_step_seconds"]
-        summary[name] = {"mean_step_seconds": seconds, "overhead": seconds / baseline - 1}
+    runs = {"none": run_loop(args, args.baseline_steps, args.baseline_steps + 1000, True)}
+    for name, async_save in (("async", True), ("sync", False)):
+        runs[name] = run_loop(args, args.steps, args.save_every, async_save)
+    summary = {"none_mean_step_seconds": runs["none"]["mean_step_seconds"]}
+    for name, r in runs.items():
+        flags = "".join("S" if w else "-" for w in r["window_has_save"])
+        print(f"  {name:5s} every={r['every']:<5d} windows ({flags}): "
+              f"{', '.join(f'{s:.3f}' for s in r['step_seconds_per_window'])} s/step", flush=True)
+        if name != "none":
+            save, clean = r["save_window_mean_step_seconds"], r["clean_window_mean_step_seconds"]
+            summary[name] = {"save_window_mean_step_seconds": save, "clean_window_mean_step_seconds": clean,
+                             "overhead_paired": save / clean - 1,
+                             "overhead_vs_none_run": save / runs["none"]["mean_step_seconds"] - 1}
+    summary["load_average_end"] = os.getloadavg()[0]
     return {"runs": runs, "summary": summary}
 
 
@@ -178,6 +191,19 @@ def throughput(args) -> dict:
         restore_s = median_seconds(restore, args.repeats)
         checkpoints.close()
 
+        # an async save: the part `save` blocks for (copying the state off the device) and the rest
+        async_checkpoints = RunCheckpoints(tmp / "async", every=1, max_to_keep=None, async_save=True)
+        blocking, total = [], []
+        for i in range(args.repeats + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            async_checkpoints.save(i + 1, state, info, force=True)
+            returned = time.perf_counter()
+            async_checkpoints.wait()
+            if i:
+                blocking.append(returned - start)
+                total.append(time.perf_counter() - start)
+        async_checkpoints.close()
+
         copy_dst = tmp / "copy"
         copy_s = median_seconds(lambda: shutil.copytree(step_dir, copy_dst), args.repeats,
                                 between=lambda: shutil.rmtree(copy_dst))
@@ -185,7 +211,8 @@ def throughput(args) -> dict:
     mb = 1e6
     return {"state_bytes": state_bytes, "checkpoint_file_bytes": file_bytes, "checkpoint_files": n_files,
             "save_seconds": save_s, "restore_seconds": restore_s, "copytree_seconds": copy_s,
-            "read_files_seconds": read_s,
+            "read_files_seconds": read_s, "async_save_blocking_seconds": statistics.median(blocking),
+            "async_save_until_committed_seconds": statistics.median(total),
             "save_MB_per_s": state_bytes / save_s / mb, "restore_MB_per_s": state_bytes / restore_s / mb,
             "copytree_MB_per_s": file_bytes / copy_s / mb, "read_files_MB_per_s": file_bytes / read_s / mb,
             "save_over_copytree": save_s / copy_s, "restore_over_read_files": restore_s / read_s,
@@ -195,13 +222,16 @@ def throughput(args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for name, default in dict(dim=512, layers=8, heads=8, ffn=1408, vocab=8000, batch=8, seq_len=64,
-                              steps=40, repeats=3).items():
+                              steps=60, save_every=20, baseline_steps=30, repeats=3).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--skip-overhead", action="store_true", help="only the save/restore throughput")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    if args.steps < 3 * LOG_EVERY:
-        parser.error(f"--steps must be at least {3 * LOG_EVERY} (the first log window is warm-up)")
+    if args.save_every % LOG_EVERY or args.save_every < 2 * LOG_EVERY or args.steps < LOG_EVERY + 2 * args.save_every:
+        parser.error(f"--save-every must be a multiple of {LOG_EVERY}, at least {2 * LOG_EVERY}, and --steps at least "
+                     f"{LOG_EVERY} + 2 x --save-every (so that windows with and without a save alternate)")
+    if args.baseline_steps < 3 * LOG_EVERY:
+        parser.error(f"--baseline-steps must be at least {3 * LOG_EVERY} (the first log window is warm-up)")
 
     import jax
     import orbax.checkpoint as ocp
@@ -212,8 +242,8 @@ def main(argv=None) -> int:
     print("save/restore throughput ...", flush=True)
     results["throughput"] = io = throughput(args)
     if not args.skip_overhead:
-        print(f"run loop, {args.steps} steps of {args.batch} x {args.seq_len} tokens, log every {LOG_EVERY}:",
-              flush=True)
+        print(f"run loop, batch {args.batch} x {args.seq_len}, log every {LOG_EVERY} steps (S: a save starts in the "
+              f"window, -: none):", flush=True)
         results["overhead"] = overhead_runs(args)
 
     print(f"\nstate {io['state_bytes'] / 1e6:.0f} MB in memory; checkpoint {io['checkpoint_file_bytes'] / 1e6:.0f} MB "
@@ -227,17 +257,19 @@ def main(argv=None) -> int:
         s = io[key]
         print(f"| {label} | {s:.2f} | {io[mbs]:,.0f} | {s / io['copytree_seconds']:.2f} | "
               f"{s / io['read_files_seconds']:.2f} |")
+    print(f"\nasync save (RunCheckpoints, async_save=True, nothing else running in this process): `save` returns "
+          f"after {io['async_save_blocking_seconds']:.2f} s, committed after {io['async_save_until_committed_seconds']:.2f} s")
     if "overhead" in results:
         summary = results["overhead"]["summary"]
-        base = summary["baseline_mean_step_seconds"]
-        runs = ", ".join(f"{s:.3f}" for s in summary["baseline_runs"])
-        print(f"\n| checkpointing in the run loop | mean step s | overhead | target <= 5% |")
-        print("|---|---|---|---|")
-        print(f"| none (baseline: mean of runs {runs}) | {base:.3f} | | |")
-        for name, label in (("async", "async save every 10 steps"), ("sync", "sync save every 10 steps")):
+        print(f"\n| checkpointing in the run loop | s/step, windows with a save | s/step, windows without | "
+              f"overhead of a save every {LOG_EVERY} steps | target <= 5% | s/step of the run that never saves |")
+        print("|---|---|---|---|---|---|")
+        for name, label in (("async", f"async save every {args.save_every} steps"),
+                            ("sync", f"sync save every {args.save_every} steps")):
             row = summary[name]
-            met = ("met" if row["overhead"] <= 0.05 else "not met") if name == "async" else "(reference)"
-            print(f"| {label} | {row['mean_step_seconds']:.3f} | {row['overhead']:+.1%} | {met} |")
+            met = ("met" if row["overhead_paired"] <= 0.05 else "not met") if name == "async" else "(reference)"
+            print(f"| {label} | {row['save_window_mean_step_seconds']:.3f} | {row['clean_window_mean_step_seconds']:.3f} | "
+                  f"{row['overhead_paired']:+.1%} | {met} | {summary['none_mean_step_seconds']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -10,12 +10,21 @@ On the GPU machine (a CUDA build of jax already installed), from the repository 
     pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda.*|flax|optax|orbax-checkpoint|ml.collections|sentencepiece|numpy) '
     pip install --no-deps -e .
     # only the packages `pip list` lacks; jax pinned so that pip leaves the CUDA build alone:
-    pip install "jax==$(python -c 'import jax; print(jax.__version__)')" \\
+    pip install "jax==$(python -c 'import jax; print(jax.__version__)')" \
         "flax>=0.12.8,<0.13" optax "orbax-checkpoint>=0.12.8,<0.13" ml_collections sentencepiece
     python benchmarks/gpu.py --out gpu_results.json
 
-(setup.py pins jax<0.11; `--no-deps` sidesteps that check for a newer CUDA jax. If pip cannot
-satisfy the flax/orbax pins with the installed jax, drop the pins.) Here, on CPU:
+Those five (and numpy, which jax brings) are all this script imports: llama_jax's other
+dependencies (grain, tiktoken, tensorboardX, matplotlib, ...) are not needed, which was checked
+by blocking their imports during a dry run. setup.py pins jax<0.11; `--no-deps` sidesteps that
+check for a newer CUDA jax. If pip cannot satisfy the flax/orbax pins with the installed jax,
+drop the pins. Without network access, skip both installs if `pip list` shows the five
+packages (the script puts the checkout on sys.path itself), or bring their wheels along
+(`pip download` here, `pip install --no-index --find-links DIR` there). Version risk: the
+script's own code tolerates a newer jax (the cuDNN variants are looked up with `inspect` and
+skipped with a note, the float32 reference's precision switch is optional), but llama_jax itself
+enters its mesh with `with mesh:`, which jax 0.10 deprecates; a jax that removed it would fail
+parts b and d (recorded as errors in the JSON), not a and c. Here, on CPU:
 
     python benchmarks/gpu.py --dry-run --out /tmp/gpu_dry.json
 
@@ -78,6 +87,9 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # llama_jax from this checkout, installed or not
 
 FULL = dict(attn=dict(B=4, S=2048, H=16, K=8, Dh=128),
             model=dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=5632),
@@ -215,6 +227,16 @@ def segments_from_offsets(seqlen: np.ndarray, offsets: np.ndarray, S: int) -> np
     return seg
 
 
+def _highest_precision():
+    """Full float32 matmuls (no TF32) where this jax has the switch."""
+    import contextlib
+
+    import jax
+
+    switch = getattr(jax, "default_matmul_precision", None)
+    return switch("highest") if switch is not None else contextlib.nullcontext()
+
+
 def part_attention(args, rec: Recorder) -> None:
     import jax
     import jax.numpy as jnp
@@ -274,7 +296,7 @@ def part_attention(args, rec: Recorder) -> None:
     # references: the xla kernel in float32 on both mask semantics, and in bf16 (the kernel under test's dtype)
     refs, ref_max = {}, {}
     for sem, mask in (("packed", packed_mask), ("causal", causal_mask)):
-        with jax.default_matmul_precision("highest"):  # no TF32 in the float32 reference
+        with _highest_precision():  # no TF32 in the float32 reference
             (_, out32), g32 = loss_and_grads(lambda q, k, v, m=mask: xla_attention(q, k, v, m))(
                 q.astype(f32), k.astype(f32), v.astype(f32))
         (_, out16), g16 = loss_and_grads(lambda q, k, v, m=mask: xla_attention(q, k, v, m))(q, k, v)
@@ -500,13 +522,31 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
             SHARED.update(params=state.params, model_config=cfg, mfu_choice=(batch, remat), mfu_result=result)
         elif SHARED.get("mfu_result"):
             rec.put(part, "cudnn_over_xla_tokens_per_s", SHARED["mfu_result"]["tokens_per_s"] / tokens_per_s)
-        del state, data, compiled
+        state = data = compiled = None  # free the device memory before the next part
         gc.collect()
         return
     raise RuntimeError(f"no candidate of {candidates} fitted or ran")
 
 
 # ---- c. decoding -------------------------------------------------------------------------------
+
+def bandwidth(sizes: dict, repeats: int) -> tuple[float, float]:
+    """(bytes/s of a float32 `x + 1` over `copy_bytes`, read + write; bytes/s read by a bf16
+    matrix-vector product over a `matvec_n` square matrix)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((sizes["copy_bytes"] // 4,), jnp.float32)
+    add = jax.jit(lambda x: x + 1)
+    jax.block_until_ready(add(x))
+    copy_s, _ = timed(lambda: jax.block_until_ready(add(x)), repeats)
+    m = jnp.ones((sizes["matvec_n"], sizes["matvec_n"]), jnp.bfloat16)
+    vec = jnp.ones((sizes["matvec_n"],), jnp.bfloat16)
+    matvec = jax.jit(lambda m, v: m @ v)
+    jax.block_until_ready(matvec(m, vec))
+    matvec_s, _ = timed(lambda: jax.block_until_ready(matvec(m, vec)), repeats)
+    return 2 * x.nbytes / copy_s, m.nbytes / matvec_s
+
 
 def part_decode(args, rec: Recorder) -> None:
     import jax
@@ -532,21 +572,7 @@ def part_decode(args, rec: Recorder) -> None:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     rec.put(P, "weight_bytes", weight_bytes)
 
-    # bandwidth measured in the same run
-    n = sizes["copy_bytes"] // 4
-    x = jnp.ones((n,), jnp.float32)
-    add = jax.jit(lambda x: x + 1)
-    jax.block_until_ready(add(x))
-    copy_s, _ = timed(lambda: jax.block_until_ready(add(x)), max(3, repeats * 4))
-    copy_rate = 2 * x.nbytes / copy_s
-    del x
-    m = jnp.ones((sizes["matvec_n"], sizes["matvec_n"]), jnp.bfloat16)
-    vec = jnp.ones((sizes["matvec_n"],), jnp.bfloat16)
-    matvec = jax.jit(lambda m, v: m @ v)
-    jax.block_until_ready(matvec(m, vec))
-    matvec_s, _ = timed(lambda: jax.block_until_ready(matvec(m, vec)), max(3, repeats * 4))
-    matvec_rate = m.nbytes / matvec_s
-    del m, vec
+    copy_rate, matvec_rate = bandwidth(sizes, max(3, repeats * 4))
     datasheet = args.hbm_tbps * 1e12
     rec.put(P, "bandwidth", {"copy_read_plus_write_bytes_per_s": copy_rate, "matvec_read_bytes_per_s": matvec_rate,
                              "datasheet_bytes_per_s": datasheet})

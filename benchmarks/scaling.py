@@ -12,11 +12,13 @@ the model doubles against its FLOPs.
 2. Step time. On one CPU device, the jitted train step (`Trainer.step`) at a fixed batch
    (default 8 x 64 tokens) as the model doubles, in two series from the same base model:
    layers 4 -> 8 -> 16 (dim 512) and dim 256 -> 512 -> 1024 (8 layers; heads keep a head dim of
-   64, FFN = 2.75 x dim). Each point is a fresh process: compile, one warm-up step, then the
-   median of `--repeats` steps. Reported: the measured time ratio to the series' first point
-   against the model-FLOPs ratio (`llama_jax.metrics.flops_per_token`) and the parameter ratio.
+   64, FFN = 2.75 x dim). One process builds every model, compiles it and runs one warm-up
+   step, then times `--repeats` rounds of one step of each model in turn (round-robin, so that
+   load from other processes falls on all models alike); the median per model. Reported: the
+   measured time ratio to the series' first point against the model-FLOPs ratio
+   (`llama_jax.metrics.flops_per_token`) and the parameter ratio.
 
-    python benchmarks/scaling.py [--devices 1 2 4 8] [--series layers dim] [--repeats 3] [--json FILE]
+    python benchmarks/scaling.py [--devices 1 2 4 8] [--series layers dim] [--repeats 5] [--json FILE]
 
 Virtual CPU devices share the machine's cores, so only the memory figures of part 1 mean
 anything; step time across devices is not measured.
@@ -72,26 +74,36 @@ def worker(point: dict) -> dict:
     from llama_jax.model import param_count
     from llama_jax.train import build_trainer, global_batch
 
-    config = make_config(point)
-    trainer = build_trainer(config)
-    state = trainer.init_state(0)
-    batch = global_batch(trainer.mesh, synthetic_batch(0, 0, range(point["batch"]), point["seq_len"],
-                                                      point["model"]["vocab_size"]))
-    start = time.perf_counter()
-    state, metrics = trainer.step(state, batch)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - start
-    times = []
-    for i in range(point["repeats"] + 1):  # the first is a warm-up
+    # every model built, compiled and warmed up first; then the steps are timed round-robin, one
+    # step of each model per round, so that load from other processes falls on all of them alike
+    models = []
+    for fields in point["models"]:
+        config = make_config({**point, "model": fields})
+        trainer = build_trainer(config)
+        batch = global_batch(trainer.mesh, synthetic_batch(0, 0, range(point["batch"]), point["seq_len"],
+                                                          fields["vocab_size"]))
+        box = [trainer.init_state(0)]
+
+        def step(trainer=trainer, batch=batch, box=box):
+            box[0], metrics = trainer.step(box[0], batch)
+            jax.block_until_ready(metrics)
+
         start = time.perf_counter()
-        state, metrics = trainer.step(state, batch)
-        jax.block_until_ready(metrics)
-        if i:
-            times.append(time.perf_counter() - start)
-    cfg = model_config(config.model)
-    return {"step_seconds": statistics.median(times), "step_times": times, "compile_and_first_step_seconds": first,
-            "flops_per_step": flops_per_token(cfg, point["seq_len"]) * point["batch"] * point["seq_len"],
-            "param_count": param_count(cfg)}
+        step()
+        first = time.perf_counter() - start
+        step()  # warm-up
+        cfg = model_config(config.model)
+        models.append({"step": step, "times": [], "compile_and_first_step_seconds": first,
+                       "flops_per_step": flops_per_token(cfg, point["seq_len"]) * point["batch"] * point["seq_len"],
+                       "param_count": param_count(cfg)})
+    for _ in range(point["repeats"]):
+        for m in models:
+            start = time.perf_counter()
+            m["step"]()
+            m["times"].append(time.perf_counter() - start)
+    return [{"step_seconds": statistics.median(m["times"]), "step_times": m["times"],
+             **{k: m[k] for k in ("compile_and_first_step_seconds", "flops_per_step", "param_count")}}
+            for m in models]
 
 
 def run_point(point: dict) -> dict:
@@ -120,7 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="batch of the step-time points")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -142,20 +154,17 @@ def main(argv=None) -> int:
         print(f"  plan on {n} device(s): params+opt {(p['params'] + p['opt_state']) / 2**20:.1f} MiB, "
               f"temporaries {p['temporaries'] / 2**20:.1f} MiB (compiled in {p['compile_seconds']:.0f} s)", flush=True)
 
-    cache: dict[tuple, dict] = {}
     series = {"layers": [(512, n) for n in args.layers], "dim": [(d, 8) for d in args.dims]}
+    shapes = list(dict.fromkeys(shape for name in args.series for shape in series[name]))
+    if shapes:
+        point = {"kind": "step", "models": [model_fields(dim, layers, args.vocab) for dim, layers in shapes],
+                 "batch": args.batch, "seq_len": args.seq_len, "repeats": args.repeats}
+        measured = dict(zip(shapes, run_point(point)))
+        for (dim, layers), r in measured.items():
+            print(f"  dim {dim}, {layers} layers: {r['step_seconds']:.3f} s/step ({r['param_count'] / 1e6:.1f}M params; "
+                  f"compile + first step {r['compile_and_first_step_seconds']:.1f} s)", flush=True)
     for name in args.series:
-        rows = []
-        for dim, layers in series[name]:
-            if (dim, layers) not in cache:
-                point = {"kind": "step", "model": model_fields(dim, layers, args.vocab), "batch": args.batch,
-                         "seq_len": args.seq_len, "repeats": args.repeats}
-                cache[dim, layers] = run_point(point)
-                r = cache[dim, layers]
-                print(f"  dim {dim}, {layers} layers: {r['step_seconds']:.3f} s/step "
-                      f"({r['param_count'] / 1e6:.1f}M params; compile + first step "
-                      f"{r['compile_and_first_step_seconds']:.1f} s)", flush=True)
-            rows.append({"dim": dim, "layers": layers, **cache[dim, layers]})
+        rows = [{"dim": dim, "layers": layers, **measured[dim, layers]} for dim, layers in series[name]]
         first = rows[0]
         for r in rows:
             r["time_ratio"] = r["step_seconds"] / first["step_seconds"]

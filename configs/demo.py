@@ -1,5 +1,5 @@
-"""The `make demo` run as a config file: a small LLaMA on the documentation corpus every CPython
-ships (pydoc_data.topics), tokenizer trained on it, on CPU.
+"""The `make demo` run as a config file: a small Code-LLaMA on the Python source of the standard
+library of the interpreter running it (data.source=stdlib), tokenizer trained on it, on CPU.
 
     llama-jax train --config configs/demo.py --workdir runs/demo
 """

@@ -108,6 +108,36 @@ class EmbeddedCorpus(DocumentList):
         super().__init__([topics[name] for name in sorted(topics)], "pydoc_data.topics")
 
 
+class StdlibCorpus(DocumentList):
+    """The Python source code of the standard library of the interpreter running this: every `.py`
+    file under `sysconfig.get_paths()["stdlib"]` outside site-packages and the test suites
+    (`test`, `tests`, `idle_test` directories), one document each, in the order of their paths
+    relative to that directory (about 730 files, 12 MB, for CPython 3.11). `sha256` fingerprints
+    the corpus (paths and contents): another Python version gives other documents."""
+
+    SKIPPED = frozenset({"site-packages", "test", "tests", "idle_test"})
+
+    def __init__(self):
+        import hashlib
+        import sysconfig
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        paths = sorted((p for p in root.rglob("*.py") if not self.SKIPPED & set(p.relative_to(root).parts[:-1])),
+                       key=lambda p: p.relative_to(root).as_posix())
+        digest, documents = hashlib.sha256(), []
+        for path in paths:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue  # not UTF-8 or unreadable: not part of the corpus on this interpreter
+            relative = path.relative_to(root).as_posix()
+            digest.update(f"{relative}\0{len(text)}\0".encode())
+            digest.update(text.encode("utf-8"))
+            documents.append(text)
+        self.root, self.sha256 = root, digest.hexdigest()
+        super().__init__(documents, f"the standard library at {root}")
+
+
 class TextFiles(DocumentList):
     """Documents from local files (paths or glob patterns): each `.txt` file is one document,
     each non-blank line of a `.jsonl` file is one (its `text_key` field)."""
@@ -206,7 +236,7 @@ class TfdsSource:
         return (self[i] for i in range(len(self)))
 
 
-SOURCES = ("embedded", "text", "jsonl", "tfds", "synthetic")
+SOURCES = ("embedded", "stdlib", "text", "jsonl", "tfds", "synthetic")
 
 
 def make_source(data_config) -> tuple[Sequence[str] | None, Sequence[str] | None]:
@@ -216,6 +246,8 @@ def make_source(data_config) -> tuple[Sequence[str] | None, Sequence[str] | None
     text_key = data_config.get("text_key", "text")
     if source == "embedded":
         return EmbeddedCorpus(), None
+    if source == "stdlib":
+        return StdlibCorpus(), None
     if source in ("text", "jsonl"):
         return TextFiles(data_config.get("files") or [], text_key), None
     if source == "tfds":

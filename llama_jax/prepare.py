@@ -107,7 +107,8 @@ def open_corpus(data_config) -> Corpus:
         return _streamed_corpus(data_config)
     train, held_out = make_source(data_config)
     if train is None:
-        raise ValueError(f"data.source={source!r} has no documents to prepare; valid: embedded, text, jsonl, tfds")
+        raise ValueError(f"data.source={source!r} has no documents to prepare; "
+                         f"valid: embedded, stdlib, text, jsonl, tfds")
     origin = f"data.source={source!r}"
     _check_has_text(len(train), (train[i] for i in range(len(train))), origin)
     if held_out is not None:

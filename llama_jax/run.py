@@ -400,6 +400,8 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     recorded = record_progress(workdir, recorded_step(workdir))
     run_info = {"config": json.loads(config.to_json_best_effort()), "model": cfg.to_dict(),
                 "tokenizer_sha256": tokenizer_sha256, "mesh": dict(trainer.mesh.shape)}
+    if data.corpus_sha256:
+        run_info["corpus_sha256"] = data.corpus_sha256
     writer = metrics_lib.MetricsWriter(workdir)
     peak = metrics_lib.peak_flops_per_device()
     preemption = _Preemption()

@@ -47,6 +47,7 @@ class RunData:
     train: TrainRows | None
     tokenizer_file: Path | None = None  # the tokenizer's bytes on disk, kept in the workdir once the run starts
     staged: Path | None = None  # data prepared for this run, in a temporary directory until it starts
+    corpus_sha256: str | None = None  # fingerprint of a corpus that depends on the interpreter (stdlib)
 
     def adopt(self, workdir: Path) -> str | None:
         """Move data prepared for the run to WORKDIR/data and keep its tokenizer as
@@ -159,7 +160,10 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path) -> RunData:
         path, staged = _stage_raw(d, workdir, kept)
         named = [("data", path, 1.0)]
     try:
-        return _open(d, t, model, named, kept, rows, staged, open_prepared)
+        data = _open(d, t, model, named, kept, rows, staged, open_prepared)
+        if d.source == "stdlib":
+            data.corpus_sha256 = data_lib.StdlibCorpus().sha256
+        return data
     except BaseException:
         discard_staged(staged)
         raise

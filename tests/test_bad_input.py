@@ -81,7 +81,7 @@ CASES = [
          r"--num-processes 2 needs --coordinator HOST:PORT and --process-id"),
     # ---- train: data and tokenizer ----
     Case("train-unknown-data-source", NEW_RUN + " --config.data.source=web",
-         r"data.source='web' is not supported; valid: prepared, embedded, text, jsonl, tfds, synthetic"),
+         r"data.source='web' is not supported; valid: prepared, embedded, stdlib, text, jsonl, tfds, synthetic"),
     Case("train-data-files-missing", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{inputs}/nowhere/*.txt"),
          r"no file matches '\S+/nowhere/\*.txt'"),
     Case("train-data-files-a-directory", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{corpus}"),

@@ -88,7 +88,7 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("unknown source", r"data.source='parquet' is not supported; valid: embedded, text"),
+    ("unknown source", r"data.source='parquet' is not supported; valid: embedded, stdlib, text"),
     ("no match", r"no file matches '.*missing\*.txt'"),
     ("all empty", r"holds no non-empty document"),
     ("missing key", r"a.jsonl:2: no string field 'text'"),

@@ -285,26 +285,51 @@ def tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_demo_runs_resumes_and_reports(tmp_path, capsys):
+    """A shortened demo end to end: every artifact exists and loads, the closing summary's figures
+    are those of metrics.jsonl, and the exported Hugging Face directory computes the same logits."""
+    import torch
+    import transformers
+
     workdir = tmp_path / "demo"
-    args = ["demo", "--workdir", str(workdir), "--config.train.steps=60", "--config.train.eval_every=30",
-            "--config.train.sample_every=0", "--config.optimizer.warmup_steps=5", "--config.data.tokenizer_vocab_size=512",
-            "--config.model.vocab_size=512", "--config.checkpoint.every=30", "--config.train.batch_size=8"]
+    args = ["demo", "--workdir", str(workdir), "--config.train.steps=40", "--config.train.eval_every=20",
+            "--config.train.log_every=10", "--config.train.sample_every=0", "--config.optimizer.warmup_steps=5",
+            "--config.data.tokenizer_vocab_size=512", "--config.model.vocab_size=512", "--config.checkpoint.every=20",
+            "--config.train.batch_size=8"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    line = next(x for x in out.splitlines() if x.startswith("held-out perplexity"))
-    model_ppl, unigram_ppl = (float(w) for w in re.findall(r"(?:model|baseline) ([\d.]+)", line))
-    assert model_ppl < unigram_ppl
-    for name in ("tokenizer.model", "config.json", "metrics.jsonl", "loss.png"):
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in metrics if "loss" in r][-5:]
+    train_line = next(x for x in out.splitlines() if x.startswith("train loss"))
+    assert train_line.startswith(f"train loss {sum(r['loss'] for r in trained) / len(trained):.3f} nats/token")
+    assert f"{trained[-1]['tokens_per_second']:,.0f} tokens/s, MFU {trained[-1]['mfu']:.1%}" in train_line
+    evaluated = [r for r in metrics if "eval_loss" in r]
+    held_line = next(x for x in out.splitlines() if x.startswith("held-out loss"))
+    assert held_line.startswith(f"held-out loss {evaluated[-1]['eval_loss']:.3f} nats/token")
+    model_ppl, unigram_ppl = (float(w) for w in re.findall(r"(?:perplexity|baseline) ([\d.]+)", held_line))
+    assert model_ppl == pytest.approx(evaluated[-1]["eval_perplexity"], abs=0.05) and model_ppl < unigram_ppl
+    for name in ("tokenizer.model", "config.json", "metrics.jsonl", "loss.png", "data/manifest.json"):
         assert (workdir / name).is_file(), name
     scalars = tensorboard_scalars(next(workdir.glob("events.out.tfevents.*")))
-    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    for tag in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "eval_loss", "eval_perplexity"):
+    for tag in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "epoch", "eval_loss"):
         assert scalars[tag] == [(r["step"], pytest.approx(r[tag])) for r in metrics if tag in r], tag
-    assert committed_steps(workdir / "checkpoints") == [30, 60]
-    assert "sample: The " in out
+    assert committed_steps(workdir / "checkpoints") == [20, 40]
+    assert "sample (temperature 0.8, top-k 40): def" in out
+    greedy = out.split("--temperature 0`:\n", 1)[1].split("\n\nworkdir:", 1)[0]
+    assert greedy.startswith("def") and len(greedy) > 10
+
+    # the exports: the model directory, and the Hugging Face directory computing the same logits
+    cfg, params = load_model(workdir / "model")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf").eval()
+    tokens = np.arange(3, 35, dtype=np.int32)[None]
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    from llama_jax import LLaMA
+
+    np.testing.assert_allclose(np.asarray(LLaMA(cfg).apply({"params": params}, tokens)), expected, atol=1e-4)
+    assert f'from_pretrained("{workdir / "hf"}")' in out
 
     assert main(args) == 0  # the finished run resumes at its last step and reports the same evaluation
-    assert line in capsys.readouterr().out.splitlines()
+    assert held_line in capsys.readouterr().out.splitlines()
 
 
 def test_export_writes_a_checkpoint_as_a_model_directory(tmp_path, tokenizer_path, straight_run, capsys):
