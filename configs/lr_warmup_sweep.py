@@ -2,8 +2,9 @@
 
     llama-jax sweep --config configs/lr_warmup_sweep.py --workdir runs/lr-warmup --parallel 2
 
-The demo's model and corpus (pydoc_data.topics, held-out documents for evaluation), shortened to
-200 steps; every trial trains the same SentencePiece tokenizer on the training documents.
+The demo's model on the corpus the demo used before it moved to the standard library's source
+(pydoc_data.topics, 2,048-piece tokenizer, 5% of the documents held out), shortened to 200 steps;
+every trial prepares the corpus into its own workdir, training the same SentencePiece tokenizer.
 experiments/lr_warmup_sweep.sh runs it; docs/lr_warmup_sweep/ holds the results of one run.
 """
 
@@ -13,6 +14,8 @@ from llama_jax.demo import get_config as demo_config
 def get_config():
     config = demo_config()
     config.train.update(steps=200, eval_every=50, eval_batches=4, sample_every=0)
+    config.data.update(source="embedded", tokenizer_vocab_size=2048)
+    config.model.vocab_size = 2048
     config.checkpoint.update(every=100, max_to_keep=1)
     return config
 
