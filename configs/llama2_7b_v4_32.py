@@ -6,8 +6,13 @@ betas, cosine decay to 10% over 500k steps with 2000 warmup steps.
     llama-jax plan --config configs/llama2_7b_v4_32.py --devices 16
     llama-jax train --config configs/llama2_7b_v4_32.py --workdir /mnt/gcs/runs/llama2-7b
 
-Paths are on a bucket mounted with gcsfuse at /mnt/gcs on every worker (the workdir, tokenizer
-and init_from are read and written as local paths); c4/en must be prepared in ArrayRecord format.
+Paths are on a bucket mounted with gcsfuse at /mnt/gcs on every worker (the workdir, the prepared
+data and init_from are read and written as local paths). The tokens are prepared once, from c4/en
+in TFDS ArrayRecord format, on one machine:
+
+    llama-jax prepare-data --config configs/llama2_7b_v4_32.py --output /mnt/gcs/data/c4-en-llama2 \
+        --config.data.source=tfds --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_eval_split=validation \
+        --config.data.data_dir=/mnt/gcs/tensorflow_datasets --config.data.tokenizer=/mnt/gcs/llama2/tokenizer.model
 """
 
 from llama_jax.experiment import base_config
@@ -20,8 +25,7 @@ def get_config():
                             schedule="cosine", warmup_steps=2000, min_lr_ratio=0.1)
     config.train.update(steps=500_000, batch_size=256, seq_len=4096, grad_accum=1, seed=0,
                         log_every=10, z_loss=0.0)
-    config.data.update(source="tfds", tfds_name="c4/en:3.1.0", tfds_eval_split="validation",
-                       data_dir="/mnt/gcs/tensorflow_datasets", tokenizer="/mnt/gcs/llama2/tokenizer.model")
+    config.data.update(source="prepared", path="/mnt/gcs/data/c4-en-llama2")  # see the docstring
     config.train.update(eval_every=1000, eval_batches=20)
     config.checkpoint.update(every=1000, max_to_keep=3, keep_every=10_000)
     return config

@@ -4,6 +4,12 @@ TinyLlama's recipe: global batch 1024 x 2048 tokens (2M tokens/step), lr 4e-4 co
 2000 warmup steps, weight decay 0.1. Here 2 replicas x 4-way FSDP, 8 micro-batches per step.
 
     llama-jax plan --config configs/tinyllama_1b_8gpu.py --devices 8
+
+The tokens are prepared once (16 tokenizer processes on the host):
+
+    llama-jax prepare-data --config configs/tinyllama_1b_8gpu.py --output /data/slimpajama-tinyllama --workers 16 \
+        --config.data.source=jsonl "--config.data.files=['/data/slimpajama/*.jsonl']" \
+        --config.data.tokenizer=/data/tinyllama/tokenizer.model --config.data.eval_fraction=0.001
 """
 
 from llama_jax.experiment import base_config
@@ -17,8 +23,7 @@ def get_config():
                             schedule="cosine", warmup_steps=2000, min_lr_ratio=0.1)
     config.train.update(steps=1_430_000, batch_size=1024, seq_len=2048, grad_accum=8, seed=0,
                         log_every=10, z_loss=0.0)
-    config.data.update(source="jsonl", files=["/data/slimpajama/*.jsonl"], text_key="text",
-                       tokenizer="/data/tinyllama/tokenizer.model", eval_fraction=0.001)
+    config.data.update(source="prepared", path="/data/slimpajama-tinyllama")  # see the docstring
     config.train.update(eval_every=2000, eval_batches=20)
     config.checkpoint.update(every=2000, max_to_keep=3, keep_every=50_000)
     return config
