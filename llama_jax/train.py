@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import loss as loss_lib
+from llama_jax import backend_tuning
 from llama_jax.attention import sharded_attention
 from llama_jax.config import LLaMAConfig
 from llama_jax.model import LLaMA
@@ -146,13 +147,19 @@ class Trainer:
         return TrainState(state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32)), metrics
 
     @functools.cached_property
+    def compiler_options(self) -> dict[str, str]:
+        """This project's XLA options for the mesh's backend (`llama_jax.backend_tuning`), fixed
+        for the trainer's life at first use."""
+        return backend_tuning.compiler_options(self.mesh.devices.flat[0].platform)
+
+    @functools.cached_property
     def jit_train_step(self):
         """`train_step` under jit with explicit shardings and the state donated (pjit)."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.jit(self.train_step,
                        in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
                        out_shardings=(self.state_shardings, replicated),
-                       donate_argnums=0)
+                       donate_argnums=0, compiler_options=self.compiler_options)
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         with self.context():
@@ -170,7 +177,8 @@ class Trainer:
             loss, aux = self.micro_loss(params, batch, total)
             return {"loss": loss, **aux}
 
-        return jax.jit(evaluate, in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)))
+        return jax.jit(evaluate, in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)),
+                       compiler_options=self.compiler_options)
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

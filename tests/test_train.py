@@ -58,6 +58,24 @@ def test_meshes_give_the_same_training(single_device_run, mesh):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
 
 
+def test_cpu_tuning_is_applied_and_changes_only_rounding(single_device_run, monkeypatch):
+    """The CPU compiler option of `llama_jax.backend_tuning` reaches the compiled train step (more
+    of it runs in YNNPACK fusions) and training matches XLA's defaults to float32 rounding."""
+    tuned_losses, tuned_params, tuned = single_device_run
+    monkeypatch.setenv("LLAMA_JAX_TUNING", "0")
+    losses, params, plain = run_steps(tiny_config("mesh.fsdp=1"), jax.devices()[:1])
+    assert tuned.compiler_options and not plain.compiler_options
+
+    def library_fusions(trainer):
+        state = trainer.init_state(0)
+        batch = global_batch(trainer.mesh, local_batch(tiny_config(), 0, trainer.model_config))
+        return trainer.jit_train_step.lower(state, batch).compile().as_text().count("ynn_fusion")
+
+    assert library_fusions(tuned) > library_fusions(plain)
+    np.testing.assert_allclose(tuned_losses, losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), tuned_params, params)
+
+
 def test_shardings_follow_the_rules():
     trainer = build_trainer(tiny_config("mesh.fsdp=4", "mesh.tensor=2"))
     state = trainer.init_state(0)
