@@ -51,23 +51,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import median_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 LOG_EVERY = 10
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1, between=None) -> float:
-    for _ in range(warmup):
-        fn()
-        if between:
-            between()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        if between:
-            between()
-    return statistics.median(times)
 
 
 def model_overrides(args) -> dict:

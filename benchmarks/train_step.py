@@ -31,18 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from timing import median_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_rates(repeats: int) -> tuple[float, float]:
