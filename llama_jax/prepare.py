@@ -12,6 +12,7 @@ first and EOS last, in worker processes, and writes them to DIR (format `llama_j
     <split>-<k:05d>.json          {"first_document", "documents", "tokens", "sha256": {"tokens", "index"}},
                                   written once both data files are complete and in place
     manifest.json                 written last: tokenizer, token dtype, data section, per-split counts and shards
+                                  (and the corpus sha256 of a source that has one: stdlib)
 
 The held-out split is the source's eval split when it has one, else `split_indices(n, eval_fraction)`.
 A shard closes once it holds `shard_tokens` tokens; documents are never split. The files depend only
@@ -51,7 +52,7 @@ import numpy as np
 
 from llama_jax.data import make_source, read_documents, split_indices
 from llama_jax.safe_io import sha256_file, write_text_atomic
-from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from llama_jax.tokenizer import load_tokenizer, tokenizer_file, train_sentencepiece
 
 FORMAT = "llama_jax/prepared-v1"
 DEFAULT_SHARD_TOKENS = 2**26
@@ -92,6 +93,7 @@ class Corpus:
     indices: dict[str, np.ndarray]
     read: Callable[[str, int], Iterator[tuple[int, str]]]
     origin: str
+    sha256: str | None = None  # fingerprint of the documents, for sources that have one (stdlib)
 
     def documents(self, split: str, start: int = 0) -> Iterator[tuple[int, str]]:
         return self.read(split, start)
@@ -121,7 +123,7 @@ def open_corpus(data_config) -> Corpus:
     def read(split: str, start: int) -> Iterator[tuple[int, str]]:
         return ((int(i), sources[split][int(i)]) for i in indices[split][start:])
 
-    return Corpus(indices, read, origin)
+    return Corpus(indices, read, origin, getattr(train, "sha256", None))
 
 
 def _streamed_corpus(data_config) -> Corpus:
@@ -208,8 +210,7 @@ def requested_tokenizer(data_config) -> TokenizerChoice:
         raise ValueError("data.tokenizer is empty; give a tokenizer.model path (or 'train' to train one "
                          "on the training documents)")
     load_tokenizer(given)
-    path = Path(given)
-    path = path / TOKENIZER if path.is_dir() else path
+    path = tokenizer_file(given)
     return TokenizerChoice(sha256_file(path), None, path)
 
 
@@ -663,10 +664,14 @@ def _manifest(out: Path, corpus: Corpus, record: dict, tokenizer, dtype: np.dtyp
                          "bytes": sum(int(np.load(out / f"{name}.index.npy", mmap_mode="r")[:, 2].sum())
                                       for name in names),
                          "shards": names}
-    return {"format": FORMAT,
-            "tokenizer": {"file": TOKENIZER, "sha256": record["tokenizer"]["sha256"],
-                          "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
-            "token_dtype": dtype.name, "data": record["data"], "splits": splits}
+    manifest = {"format": FORMAT,
+                "tokenizer": {"file": TOKENIZER, "sha256": record["tokenizer"]["sha256"],
+                              "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
+                              "eos_id": tokenizer.eos_id},
+                "token_dtype": dtype.name, "data": record["data"], "splits": splits}
+    if corpus.sha256:
+        manifest["corpus_sha256"] = corpus.sha256
+    return manifest
 
 
 def _say(progress: bool, line: str) -> None:

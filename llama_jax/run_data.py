@@ -28,7 +28,7 @@ from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import Source, TrainRows
 from llama_jax.safe_io import sha256_file
-from llama_jax.tokenizer import check_fits, load_tokenizer
+from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
 RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
 DATA_DIR = "data"  # WORKDIR/data: a raw source prepared for the run
@@ -47,7 +47,8 @@ class RunData:
     train: TrainRows | None
     tokenizer_file: Path | None = None  # the tokenizer's bytes on disk, kept in the workdir once the run starts
     staged: Path | None = None  # data prepared for this run, in a temporary directory until it starts
-    corpus_sha256: str | None = None  # fingerprint of a corpus that depends on the interpreter (stdlib)
+    corpus_sha256: str | None = None  # the prepared manifest's fingerprint of a corpus that depends on the
+    # interpreter (stdlib)
 
     def adopt(self, workdir: Path) -> str | None:
         """Move data prepared for the run to WORKDIR/data and keep its tokenizer as
@@ -116,8 +117,7 @@ def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
 
     given = None
     if d.tokenizer and d.tokenizer != "train":
-        given = Path(d.tokenizer)
-        given = given / RUN_TOKENIZER if given.is_dir() else given
+        given = tokenizer_file(d.tokenizer)
         if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
             raise RunError(f"data.tokenizer={d.tokenizer} differs from the tokenizer this run started with "
                            f"({kept}); resume with that tokenizer or use another --workdir")
@@ -160,10 +160,7 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path) -> RunData:
         path, staged = _stage_raw(d, workdir, kept)
         named = [("data", path, 1.0)]
     try:
-        data = _open(d, t, model, named, kept, rows, staged, open_prepared)
-        if d.source == "stdlib":
-            data.corpus_sha256 = data_lib.StdlibCorpus().sha256
-        return data
+        return _open(d, t, model, named, kept, rows, staged, open_prepared)
     except BaseException:
         discard_staged(staged)
         raise
@@ -178,8 +175,7 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
         opened.append((name, prepared, weight))
     tokenizer_file = opened[0][1].tokenizer_path
     if d.source == "prepared" and d.get("tokenizer") and d.tokenizer != "train":
-        given = Path(d.tokenizer)
-        given = given / RUN_TOKENIZER if given.is_dir() else given
+        given = tokenizer_file(d.tokenizer)
         if not given.is_file() or sha256_file(given) != required:
             raise RunError(f"data.tokenizer={d.tokenizer} is not the tokenizer {named[0][1]} was prepared with; "
                            f"leave data.tokenizer empty (the prepared data brings its own) or prepare the data with it")
@@ -194,7 +190,8 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
     if not eval_sets and t.eval_every:
         raise RunError(f"train.eval_every={t.eval_every} but no document is held out for evaluation "
                        f"(data.eval_fraction={d.get('eval_fraction')}); use eval_fraction > 0 or train.eval_every=0")
-    return RunData(lambda s: train.batch(s, rows), eval_sets, tokenizer, train, tokenizer_file, staged)
+    return RunData(lambda s: train.batch(s, rows), eval_sets, tokenizer, train, tokenizer_file, staged,
+                   opened[0][1].manifest.get("corpus_sha256") if len(opened) == 1 else None)
 
 
 def split_documents(split):

@@ -156,17 +156,21 @@ def check_fits(tokenizer: Tokenizer, vocab_size: int) -> None:
                          f"{vocab_size}; use the model's tokenizer or a model.vocab_size of at least the tokenizer's")
 
 
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The file a tokenizer path names: `path` itself, or the tokenizer.model in directory `path`."""
+    path = Path(path)
+    return path / "tokenizer.model" if path.is_dir() else path
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a SentencePiece or tiktoken `tokenizer.model` (or a directory holding one).
 
     Bad input raises ValueError with a one-line message naming the file.
     """
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "tokenizer.model").is_file():
-            raise ValueError(f"{path}: a directory without tokenizer.model; give a tokenizer.model file "
-                             "or a directory holding one")
-        path = path / "tokenizer.model"
+    if Path(path).is_dir() and not tokenizer_file(path).is_file():
+        raise ValueError(f"{path}: a directory without tokenizer.model; give a tokenizer.model file "
+                         "or a directory holding one")
+    path = tokenizer_file(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:

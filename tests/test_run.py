@@ -21,7 +21,7 @@ from llama_jax import metrics as metrics_lib
 from llama_jax import run as run_lib
 from llama_jax.checkpoint import RunCheckpoints
 from llama_jax.cli import main
-from llama_jax.data import EmbeddedCorpus
+from llama_jax.data import EmbeddedCorpus, StdlibCorpus
 from llama_jax.experiment import load_config
 from llama_jax.tokenizer import train_sentencepiece
 from llama_jax.train import build_trainer, global_batch
@@ -309,6 +309,9 @@ def test_demo_runs_resumes_and_reports(tmp_path, capsys):
     assert model_ppl == pytest.approx(evaluated[-1]["eval_perplexity"], abs=0.05) and model_ppl < unigram_ppl
     for name in ("tokenizer.model", "config.json", "metrics.jsonl", "loss.png", "data/manifest.json"):
         assert (workdir / name).is_file(), name
+    fingerprint = StdlibCorpus().sha256  # of this interpreter's standard library: in the data and the run info
+    assert json.loads((workdir / "data" / "manifest.json").read_text())["corpus_sha256"] == fingerprint
+    assert RunCheckpoints(workdir / "checkpoints", 20, read_only=True).run_info(40)["corpus_sha256"] == fingerprint
     scalars = tensorboard_scalars(next(workdir.glob("events.out.tfevents.*")))
     for tag in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "epoch", "eval_loss"):
         assert scalars[tag] == [(r["step"], pytest.approx(r[tag])) for r in metrics if tag in r], tag
