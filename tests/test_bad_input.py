@@ -96,6 +96,8 @@ CASES = [
          r"holds no non-empty document"),
     Case("train-jsonl-line-not-json", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{bad_jsonl}"),
          r"bad.jsonl:2: not valid JSON"),
+    Case("train-data-path-a-file", NEW_RUN + " --config.data.source=prepared --config.data.path={notes}",
+         r"\S+notes.txt is not a directory; give a directory written by llama-jax prepare-data"),
     Case("train-tokenizer-unset", NEW_RUN + " --config.data.source=embedded",
          r"data.tokenizer is empty; give a tokenizer.model path"),
     Case("train-tokenizer-missing", NEW_RUN + " " + TEXT.replace("{tokenizer}", "{inputs}/nope.model"),
@@ -252,6 +254,15 @@ CASES = [
          r"micro-batch .* = 16 is not divisible by mesh.data x mesh.fsdp = 3"),
     Case("plan-kv-heads-not-divisible", "plan --config {tiny} --devices 2 --config.mesh.fsdp=1 --config.mesh.tensor=2 "
          "--config.model.n_kv_heads=1", r"model.n_kv_heads=1 is not divisible by mesh.tensor=2"),
+    # ---- data inspect ----
+    Case("inspect-neither-step-nor-epoch", "data inspect --config {tiny}",
+         r"give --step S \(the rows of one step\) or --epoch \(coverage of one epoch\), one of them"),
+    Case("inspect-both-step-and-epoch", "data inspect --config {tiny} --step 1 --epoch",
+         r"give --step S \(the rows of one step\) or --epoch \(coverage of one epoch\), one of them"),
+    Case("inspect-negative-step", "data inspect --config {tiny} --step -1",
+         r"argument --step: must be at least 0, got -1", usage=True),
+    Case("inspect-zero-rows", "data inspect --config {tiny} --step 0 --rows 0",
+         r"argument --rows: must be at least 1, got 0", usage=True),
     # ---- demo ----
     Case("demo-unknown-key", "demo --workdir new --config.train.stepz=5", r"unknown config key 'train.stepz'"),
     Case("demo-nan", "demo --workdir new --config.optimizer.lr=nan",
@@ -423,6 +434,6 @@ def test_bad_input(case: Case, outcomes):
     lines = error_lines(out.stderr, case.usage)
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{out.stderr}"
     command = case.command.split()[0]
-    assert re.match(rf"llama-jax( {command})?: error: ", lines[0]), lines[0]
+    assert re.match(rf"llama-jax( {command}( [a-z-]+)?)?: error: ", lines[0]), lines[0]  # "data inspect"
     assert re.search(case.error, lines[0]), lines[0]
     assert not out.changed, f"changed by the command: {out.changed}"

@@ -78,16 +78,21 @@ def test_a_run_on_prepared_data_counts_epochs_and_tokens(prepared, tmp_path, cap
     assert not (workdir / "data").exists()  # prepared data is read where it is
 
 
-def test_a_mixture_reports_each_source(prepared, tmp_path):
+def mixture_config(tmp_path, mixture: str) -> Path:
+    """A config file: the tiny config on prepared data, with `data.mixture` set to the literal `mixture`."""
     config = tmp_path / "mixture.py"
-    config.write_text(
-        "from configs.tiny import get_config as tiny\n\n"
-        "def get_config():\n"
-        "    config = tiny()\n"
-        "    config.data.source = 'prepared'\n"
-        f"    config.data.mixture = {{'docs': {{'path': '{prepared[0]}', 'weight': 3}}, "
-        f"'texts': {{'path': '{prepared[1]}', 'weight': 1}}}}\n"
-        "    return config\n")
+    config.write_text("from configs.tiny import get_config as tiny\n\n"
+                      "def get_config():\n"
+                      "    config = tiny()\n"
+                      "    config.data.source = 'prepared'\n"
+                      f"    config.data.mixture = {mixture}\n"
+                      "    return config\n")
+    return config
+
+
+def test_a_mixture_reports_each_source(prepared, tmp_path):
+    config = mixture_config(tmp_path, f"{{'docs': {{'path': '{prepared[0]}', 'weight': 3}}, "
+                                      f"'texts': {{'path': '{prepared[1]}', 'weight': 1}}}}")
     workdir = tmp_path / "run"
     args = ["train", "--config", str(config), "--workdir", str(workdir), "--config.model.vocab_size=512",
             f"--config.train.batch_size={B}", f"--config.train.seq_len={L}", "--config.train.log_every=1",
@@ -131,23 +136,21 @@ def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path
 
 @pytest.mark.parametrize("change, message", [
     ({"mixture.docs.weight": 0}, r"data.mixture.docs.weight=0.0 must be a positive number"),
+    ({"mixture.docs.weight": "nan"}, r"config key data.mixture.docs.weight: nan is not a finite number"),
     ({"mixture.docs.path": "/nonexistent/prepared"},
      r"/nonexistent/prepared does not exist; give a directory written by llama-jax prepare-data"),
     ({"train.seq_len": 4096}, r"train.seq_len=4096 exceeds the model's max_seq_len=128"),
+    ({"mixture": "{'docs': 3}"}, r"data.mixture.docs needs a path \(a directory written by llama-jax prepare-data\) "
+                                 r"and a weight, e.g. \{'path': '/data/c4', 'weight': 0.8\}"),
 ])
 def test_bad_mixtures_and_lengths_are_one_line(prepared, tmp_path, capsys, change, message):
-    config = tmp_path / "mixture.py"
-    config.write_text(
-        "from configs.tiny import get_config as tiny\n\n"
-        "def get_config():\n"
-        "    config = tiny()\n"
-        "    config.data.source = 'prepared'\n"
-        f"    config.data.mixture = {{'docs': {{'path': '{prepared[0]}', 'weight': 1.0}}}}\n"
-        "    return config\n")
-    workdir = tmp_path / "run"
     key, value = next(iter(change.items()))
-    args = ["train", "--config", str(config), "--workdir", str(workdir), "--config.model.vocab_size=512",
-            f"--config.data.{key}={value}" if key.startswith("mixture") else f"--config.{key}={value}"]
+    mixture = value if key == "mixture" else f"{{'docs': {{'path': '{prepared[0]}', 'weight': 1.0}}}}"
+    config = mixture_config(tmp_path, mixture)
+    workdir = tmp_path / "run"
+    args = ["train", "--config", str(config), "--workdir", str(workdir), "--config.model.vocab_size=512"]
+    if key != "mixture":
+        args.append(f"--config.data.{key}={value}" if key.startswith("mixture") else f"--config.{key}={value}")
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
