@@ -35,6 +35,7 @@ import numpy as np
 from llama_jax.config import LLaMAConfig
 from llama_jax.data import pack_row, stack_rows
 from llama_jax.model import params_in_layout
+from llama_jax.sharding import mesh_context
 
 MIN_BUCKET = 16  # shortest padded length of a scoring batch
 
@@ -411,10 +412,12 @@ def load_run(workdir, step: int | None = None) -> tuple[LLaMAConfig, dict, str, 
 
 
 def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = None, seq_len: int | None = None,
-                      batch_size: int | None = None, progress: bool = False) -> dict:
+                      batch_size: int | None = None, progress: bool = False, devices=None) -> dict:
     """`llama-jax eval`: every held-out document of an experiment config's `data` section, scored by
     a model directory or a run's checkpoint. Returns the metrics with what was evaluated.
-    seq_len and batch_size default to the config's train.seq_len and micro-batch."""
+    seq_len and batch_size default to the config's train.seq_len and micro-batch. The parameters are
+    sharded over `devices` (default: all) as the config's `mesh` section lays out training, and
+    batch rows are split over its data x fsdp axes."""
     from pathlib import Path
 
     from llama_jax.tokenizer import check_fits, load_tokenizer
@@ -442,9 +445,12 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     if workdir is not None:
         tokenizer = load_tokenizer(tokenizer_file)
         check_fits(tokenizer, model.vocab_size)
-    about = {"seq_len": seq_len, **origin, "data": config.data.to_dict()}
+    mesh, params = _on_mesh(config, model, params, devices)
+    about = {"seq_len": seq_len, **origin, "data": config.data.to_dict(), "mesh": dict(mesh.shape)}
+    on_mesh = {"mesh": mesh, "context": lambda: mesh_context(mesh)}
     if prepared is None:
-        result = evaluate_documents(model, params, documents, tokenizer, seq_len, batch_size, progress=progress)
+        result = evaluate_documents(model, params, documents, tokenizer, seq_len, batch_size, progress=progress,
+                                    **on_mesh)
         return {**result.metrics(), **about}
     from llama_jax.run_data import split_documents
     from llama_jax.safe_io import sha256_file
@@ -456,7 +462,7 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
             raise ValueError(f"the data of {name!r} was prepared with another tokenizer (sha256 {prepared_with[:12]}) "
                              f"than the model's {tokenizer_file} ({digest[:12]}); prepare it again with the model's")
         results[name] = evaluate_tokens(model, params, split_documents(split), seq_len, batch_size,
-                                        progress=progress, total=split.documents)
+                                        progress=progress, total=split.documents, **on_mesh)
     if len(results) == 1:
         return {**next(iter(results.values())).metrics(), **about}
     total = sum(results.values(), EvalResult())
@@ -478,3 +484,15 @@ def held_out_splits(data_config) -> dict[str, tuple[object, str]]:
                              f"prepare it with data.eval_fraction > 0 to evaluate on it")
         out[name] = (split, prepared.tokenizer_sha256)
     return out
+
+
+def _on_mesh(config, model: LLaMAConfig, params, devices=None):
+    """(mesh, params sharded on it): the config's mesh shape over `devices` (default: all)."""
+    from llama_jax.model import abstract_params
+    from llama_jax.sharding import check_divisible, make_mesh, tree_shardings
+
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                     jax.devices() if devices is None else devices)
+    check_divisible(model, mesh)
+    params = params_in_layout(model, params)
+    return mesh, jax.device_put(params, tree_shardings(mesh, abstract_params(model)))

@@ -17,7 +17,9 @@ Meshes use Auto axes (`jax.sharding.Mesh`), where jit shardings propagate as in 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -147,3 +149,27 @@ def check_divisible(config: LLaMAConfig, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -
         if size % ways:
             raise ValueError(f"model.{field}={size} is not divisible by mesh.{'x'.join(axes)}={ways}; "
                              f"choose a mesh whose {'x'.join(axes)} size divides it")
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES, per_device_attention: bool = True):
+    """The mesh and logical-axis rules that tracing the model needs (activation constraints),
+    and, with `per_device_attention`, attention kernels run per device under shard_map.
+
+    The classic `with mesh:` rather than `jax.set_mesh`: under the latter, Flax 0.12's
+    DenseGeneral re-applies its kernel's 3-name constraint to the flattened 2-D kernel.
+    """
+    from llama_jax.attention import sharded_attention
+
+    with warnings.catch_warnings():  # entering a Mesh warns that it is deprecated
+        warnings.filterwarnings("ignore", "`with mesh:`", DeprecationWarning)
+        mesh.__enter__()
+    try:
+        with nn.logical_axis_rules(rules):
+            if per_device_attention:
+                with sharded_attention(mesh):
+                    yield
+            else:
+                yield
+    finally:
+        mesh.__exit__(None, None, None)

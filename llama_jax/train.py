@@ -9,10 +9,8 @@ into `grad_accum` micro-batches accumulated with `lax.scan`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -25,10 +23,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import loss as loss_lib
 from llama_jax import backend_tuning
-from llama_jax.attention import sharded_attention
 from llama_jax.config import LLaMAConfig
 from llama_jax.model import LLaMA
-from llama_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, batch_sharding, tree_shardings
+from llama_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, batch_sharding, mesh_context, tree_shardings
 
 
 @flax.struct.dataclass
@@ -55,26 +52,9 @@ class Trainer:
     z_loss: float = 0.0
     rules: tuple = LOGICAL_AXIS_RULES
 
-    @contextlib.contextmanager
     def context(self, per_device_attention: bool = True):
-        """The mesh and logical-axis rules that tracing the model needs (activation constraints),
-        and attention kernels run per device under shard_map.
-
-        The classic `with mesh:` rather than `jax.set_mesh`: under the latter, Flax 0.12's
-        DenseGeneral re-applies its kernel's 3-name constraint to the flattened 2-D kernel.
-        """
-        with warnings.catch_warnings():  # entering a Mesh warns that it is deprecated
-            warnings.filterwarnings("ignore", "`with mesh:`", DeprecationWarning)
-            self.mesh.__enter__()
-        try:
-            with nn.logical_axis_rules(self.rules):
-                if per_device_attention:
-                    with sharded_attention(self.mesh):
-                        yield
-                else:
-                    yield
-        finally:
-            self.mesh.__exit__(None, None, None)
+        """The trainer's mesh and rules for tracing the model (`sharding.mesh_context`)."""
+        return mesh_context(self.mesh, self.rules, per_device_attention)
 
     # ---- state -----------------------------------------------------------------------------
     def _init(self, rng):

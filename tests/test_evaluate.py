@@ -233,6 +233,8 @@ def write_text_config(tmp_path, files: list, eval_fraction: float = 0.4, seq_len
 
 
 def test_eval_command(model, model_dirs, tmp_path, capsys):
+    """`llama-jax eval` shards the model over the 8 test devices (FSDP, the config's mesh) and
+    gives the numbers of one device."""
     cfg, params, tok = model
     files = []
     for i, text in enumerate(documents()):
@@ -249,6 +251,7 @@ def test_eval_command(model, model_dirs, tmp_path, capsys):
     expected = evaluate_documents(cfg, params, held_out, tok, 16, batch_size=8).metrics()
     assert {k: written[k] for k in expected} == pytest.approx(expected, rel=1e-6)
     assert written["documents"] == len(held_out) == 3 and written["seq_len"] == 16
+    assert written["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
 
 
 def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
@@ -413,6 +416,8 @@ def test_model_without_tokenizer(model, tmp_path, capsys):
     (["eval", "MODEL", "--config", "CONFIG", "--config.data.eval_fraction=0.0"],
      "data.eval_fraction=0.0 holds out no document"),
     (["eval", "MODEL", "--config", "CONFIG", "--seq-len", str(CONTEXT + 1)], rf"seq_len={CONTEXT + 1} is out of range"),
+    (["eval", "MODEL", "--config", "CONFIG", "--config.mesh.data=3"],
+     r"mesh: 8 devices are not divisible by the fixed mesh sizes \(data=3 x tensor=1 = 3\)"),
 ])
 def test_eval_bad_input(model_dirs, tmp_path, capsys, args, message):
     (tmp_path / "a.txt").write_text("Some text.")
