@@ -173,13 +173,13 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
         prepared = open_prepared(path, required)
         required = required or prepared.tokenizer_sha256
         opened.append((name, prepared, weight))
-    tokenizer_file = opened[0][1].tokenizer_path
+    tokenizer_path = opened[0][1].tokenizer_path
     if d.source == "prepared" and d.get("tokenizer") and d.tokenizer != "train":
         given = tokenizer_file(d.tokenizer)
         if not given.is_file() or sha256_file(given) != required:
             raise RunError(f"data.tokenizer={d.tokenizer} is not the tokenizer {named[0][1]} was prepared with; "
                            f"leave data.tokenizer empty (the prepared data brings its own) or prepare the data with it")
-    tokenizer = load_tokenizer(tokenizer_file)
+    tokenizer = load_tokenizer(tokenizer_path)
     if model is not None:
         check_fits(tokenizer, model.vocab_size)
     sources = [Source.create(name, prepared.splits["train"], weight, t.seq_len, (t.seed + 7919 * i) % 2**32)
@@ -190,7 +190,7 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
     if not eval_sets and t.eval_every:
         raise RunError(f"train.eval_every={t.eval_every} but no document is held out for evaluation "
                        f"(data.eval_fraction={d.get('eval_fraction')}); use eval_fraction > 0 or train.eval_every=0")
-    return RunData(lambda s: train.batch(s, rows), eval_sets, tokenizer, train, tokenizer_file, staged,
+    return RunData(lambda s: train.batch(s, rows), eval_sets, tokenizer, train, tokenizer_path, staged,
                    opened[0][1].manifest.get("corpus_sha256") if len(opened) == 1 else None)
 
 

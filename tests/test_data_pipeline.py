@@ -134,6 +134,22 @@ def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path
     assert "row 0: source 'data'" in capsys.readouterr().out
 
 
+def test_prepared_data_checks_a_named_tokenizer(prepared, tokenizer_path, tmp_path, capsys):
+    """data.tokenizer with prepared data: the tokenizer the data was prepared with (a file or its
+    directory) is accepted; another one is refused in one line before anything is written."""
+    base = ["--config.data.source=prepared", f"--config.data.path={prepared[0]}", "--config.train.steps=1",
+            "--config.train.eval_every=0"]
+    assert train(tmp_path / "file", *base, f"--config.data.tokenizer={tokenizer_path}") == 0
+    assert train(tmp_path / "dir", *base, f"--config.data.tokenizer={tokenizer_path.parent}") == 0
+    corpus = EmbeddedCorpus()
+    other = train_sentencepiece((corpus[i] for i in range(len(corpus))), tmp_path / "other" / "tokenizer.model", 480)
+    capsys.readouterr()
+    assert train(tmp_path / "other-run", *base, f"--config.data.tokenizer={other}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"data.tokenizer={other} is not the tokenizer {prepared[0]} was prepared with" in err[0]
+    assert not (tmp_path / "other-run").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"mixture.docs.weight": 0}, r"data.mixture.docs.weight=0.0 must be a positive number"),
     ({"mixture.docs.weight": "nan"}, r"config key data.mixture.docs.weight: nan is not a finite number"),
