@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llama_jax.attention import sharded_attention
 from llama_jax.config import LLaMAConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -159,8 +160,6 @@ def mesh_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES, per_device_attention: boo
     The classic `with mesh:` rather than `jax.set_mesh`: under the latter, Flax 0.12's
     DenseGeneral re-applies its kernel's 3-name constraint to the flattened 2-D kernel.
     """
-    from llama_jax.attention import sharded_attention
-
     with warnings.catch_warnings():  # entering a Mesh warns that it is deprecated
         warnings.filterwarnings("ignore", "`with mesh:`", DeprecationWarning)
         mesh.__enter__()
