@@ -263,6 +263,15 @@ CASES = [
          r"argument --step: must be at least 0, got -1", usage=True),
     Case("inspect-zero-rows", "data inspect --config {tiny} --step 0 --rows 0",
          r"argument --rows: must be at least 1, got 0", usage=True),
+    Case("inspect-workdir-missing", "data inspect --workdir {inputs}/nowhere --step 0",
+         r"config file \S+/nowhere/config.json not found"),
+    # ---- prepare-data (its data and output cases are in tests/test_prepare.py) ----
+    Case("prepare-data-zero-workers", "prepare-data --config {tiny} --output new --workers 0",
+         r"argument --workers: must be at least 1, got 0", usage=True),
+    Case("prepare-data-shard-tokens-not-an-integer", "prepare-data --config {tiny} --output new --shard-tokens lots",
+         r"argument --shard-tokens: invalid integer 'lots'", usage=True),
+    Case("prepare-data-verify-missing", "prepare-data --verify --output {inputs}/nowhere",
+         r"\S+/nowhere does not exist; give a directory written by llama-jax prepare-data"),
     # ---- demo ----
     Case("demo-unknown-key", "demo --workdir new --config.train.stepz=5", r"unknown config key 'train.stepz'"),
     Case("demo-nan", "demo --workdir new --config.optimizer.lr=nan",
