@@ -34,8 +34,8 @@ import numpy as np
 
 from llama_jax.config import LLaMAConfig
 from llama_jax.data import pack_row, stack_rows
-from llama_jax.model import params_in_layout
-from llama_jax.sharding import mesh_context
+from llama_jax.model import abstract_params, params_in_layout
+from llama_jax.sharding import check_divisible, make_mesh, mesh_context, tree_shardings
 
 MIN_BUCKET = 16  # shortest padded length of a scoring batch
 
@@ -429,6 +429,8 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     documents = held_out_documents(config.data) if prepared is None else None
     seq_len = seq_len or config.train.seq_len
     batch_size = batch_size or max(1, config.train.batch_size // config.train.grad_accum)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,  # a bad mesh also fails first
+                     jax.devices() if devices is None else devices)
     if workdir is not None:
         model, params, tokenizer_file, step, _ = load_run(workdir, step)
         origin = {"workdir": str(Path(workdir).absolute()), "step": step}
@@ -445,7 +447,8 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     if workdir is not None:
         tokenizer = load_tokenizer(tokenizer_file)
         check_fits(tokenizer, model.vocab_size)
-    mesh, params = _on_mesh(config, model, params, devices)
+    check_divisible(model, mesh)
+    params = jax.device_put(params_in_layout(model, params), tree_shardings(mesh, abstract_params(model)))
     about = {"seq_len": seq_len, **origin, "data": config.data.to_dict(), "mesh": dict(mesh.shape)}
     on_mesh = {"mesh": mesh, "context": lambda: mesh_context(mesh)}
     if prepared is None:
@@ -485,14 +488,3 @@ def held_out_splits(data_config) -> dict[str, tuple[object, str]]:
         out[name] = (split, prepared.tokenizer_sha256)
     return out
 
-
-def _on_mesh(config, model: LLaMAConfig, params, devices=None):
-    """(mesh, params sharded on it): the config's mesh shape over `devices` (default: all)."""
-    from llama_jax.model import abstract_params
-    from llama_jax.sharding import check_divisible, make_mesh, tree_shardings
-
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                     jax.devices() if devices is None else devices)
-    check_divisible(model, mesh)
-    params = params_in_layout(model, params)
-    return mesh, jax.device_put(params, tree_shardings(mesh, abstract_params(model)))

@@ -49,7 +49,7 @@ def base_config(preset: str = "tiny", **model_fields) -> ml_collections.ConfigDi
             on_nonfinite="stop",  # or "skip": a step with a NaN/Inf loss or gradient is not applied either way
         ),
         data=dict(
-            source="synthetic",  # prepared | embedded | text | jsonl | tfds | synthetic
+            source="synthetic",  # prepared | embedded | stdlib | text | jsonl | tfds | synthetic
             path="",  # prepared: a directory written by llama-jax prepare-data
             mixture={},  # prepared, several: {name: {"path": DIR, "weight": w}}, rows drawn in proportion to w
             files=[], text_key="text",  # text/jsonl: paths or globs
