@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +211,18 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
     if max_batches is not None:
         result.bytes = None
     return result
+
+
+def evaluate_splits(config: LLaMAConfig, params, splits: Mapping[str, object], seq_len: int, batch_size: int = 8,
+                    max_batches: int | None = None, mesh=None, context: Callable | None = None,
+                    progress: bool = False) -> dict[str, EvalResult]:
+    """`evaluate_tokens` over each prepared split of `splits` (name -> split, e.g. the held-out
+    split of each source of a mixture); sum the results for all of them together."""
+    from llama_jax.run_data import split_documents
+
+    return {name: evaluate_tokens(config, params, split_documents(split), seq_len, batch_size, max_batches, mesh,
+                                  context, progress, split.documents)
+            for name, split in splits.items()}
 
 
 def held_out_batches(documents: Iterable[Sequence[int]], seq_len: int, rows: int,
@@ -455,17 +467,15 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
         result = evaluate_documents(model, params, documents, tokenizer, seq_len, batch_size, progress=progress,
                                     **on_mesh)
         return {**result.metrics(), **about}
-    from llama_jax.run_data import split_documents
     from llama_jax.safe_io import sha256_file
 
     digest = sha256_file(tokenizer_file)
-    results = {}
-    for name, (split, prepared_with) in prepared.items():
+    for name, (_, prepared_with) in prepared.items():
         if prepared_with != digest:
             raise ValueError(f"the data of {name!r} was prepared with another tokenizer (sha256 {prepared_with[:12]}) "
                              f"than the model's {tokenizer_file} ({digest[:12]}); prepare it again with the model's")
-        results[name] = evaluate_tokens(model, params, split_documents(split), seq_len, batch_size,
-                                        progress=progress, total=split.documents, **on_mesh)
+    results = evaluate_splits(model, params, {name: split for name, (split, _) in prepared.items()}, seq_len,
+                              batch_size, progress=progress, **on_mesh)
     if len(results) == 1:
         return {**next(iter(results.values())).metrics(), **about}
     total = sum(results.values(), EvalResult())

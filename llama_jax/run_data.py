@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import Source, TrainRows
+from llama_jax.prepare import MANIFEST
 from llama_jax.safe_io import sha256_file
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
@@ -64,7 +65,7 @@ class RunData:
                 shutil.move(str(self.staged), final)
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("llama_jax: run data in place")
-                if jax.process_index() and not (final / "manifest.json").is_file():
+                if jax.process_index() and not (final / MANIFEST).is_file():
                     shutil.move(str(self.staged), final)  # this host does not see process 0's disk
             discard_staged(self.staged)
             self.staged = None
@@ -122,7 +123,7 @@ def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
             raise RunError(f"data.tokenizer={d.tokenizer} differs from the tokenizer this run started with "
                            f"({kept}); resume with that tokenizer or use another --workdir")
     final = workdir / DATA_DIR
-    if (final / "manifest.json").is_file():
+    if (final / MANIFEST).is_file():
         check_prepared(final, d, f"{final} (the data this run started with) was prepared",
                        "resume with the run's data settings or use another --workdir")
         return final, None
@@ -212,22 +213,19 @@ def target_counts(split, tokenizer, chunk: int = 2**24) -> np.ndarray:
 
 def evaluate(config, trainer, params, data: RunData) -> dict[str, float]:
     """Held-out loss, perplexity and next-token accuracy of `params`, by the code of `llama-jax eval`
-    (`evaluate_tokens`): each source's held-out documents in consecutive windows, each target
+    (`evaluate_splits`): each source's held-out documents in consecutive windows, each target
     counted once, over the first train.eval_batches micro-batches of them (a fixed subset) or all of
     them (-1, which also gives bits per byte). With several sources: per source (`eval_loss/NAME`,
     ...) and over all of them together."""
-    from llama_jax.evaluate import EvalResult, evaluate_tokens
+    from llama_jax.evaluate import EvalResult, evaluate_splits
 
     t = config.train
-    total, out = EvalResult(), {}
-    for name, split in data.eval_sets.items():
-        result = evaluate_tokens(trainer.model_config, params, split_documents(split), t.seq_len,
-                                 batch_size=t.batch_size // t.grad_accum, max_batches=eval_max_batches(t),
-                                 mesh=trainer.mesh, context=trainer.context)
-        if len(data.eval_sets) > 1:
-            out.update({f"{k}/{name}": v for k, v in _eval_metrics(result).items()})
-        total = total + result
-    return {**_eval_metrics(total), **out}
+    results = evaluate_splits(trainer.model_config, params, data.eval_sets, t.seq_len, t.batch_size // t.grad_accum,
+                              eval_max_batches(t), mesh=trainer.mesh, context=trainer.context)
+    out = _eval_metrics(sum(results.values(), EvalResult()))
+    if len(results) > 1:
+        out.update({f"{k}/{name}": v for name, r in results.items() for k, v in _eval_metrics(r).items()})
+    return out
 
 
 def _eval_metrics(result) -> dict[str, float]:
