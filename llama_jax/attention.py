@@ -127,9 +127,10 @@ CACHE_BLOCK = 256  # cache slots per step of `cached_attention`'s loop
 
 def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q_slot_BxS: Array,
                      q_seg_BxS: Array, kv_seg_BxT: Array, filled: Array) -> Array:
-    """Attention of S new queries over the filled slots [0, `filled`) of layer `layer` of a KV cache.
+    """Attention of S new queries over the filled slots [0, `filled`) of one layer's KV cache.
 
-    cache_k, cache_v: [L, B, K, T, Dh], heads before slots, so that a block of slots is one
+    cache_k, cache_v: that layer's [B, K, T, Dh] (`layer` None), or every layer's [L, B, K, T, Dh]
+    and the index `layer` into them. Heads come before slots, so that a block of slots is one
     contiguous [slots, Dh] matrix per head and the einsums read the cache in place (slots before
     heads made XLA transpose the whole layer's cache on every call). The loop visits
     ceil(filled / CACHE_BLOCK) blocks, so a step costs what the filled part costs, not the cache's
@@ -137,7 +138,7 @@ def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q
     to a query iff it is not after the query's slot and holds the same segment.
     """
     B, S, H, Dh = q_BxSxHxDh.shape
-    _, _, K, T, _ = cache_k.shape
+    K, T = cache_k.shape[-3:-1]
     G = H // K
     block = min(CACHE_BLOCK, T)
     q = q_BxSxHxDh.reshape(B, S, K, G, Dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, Dh]
@@ -146,8 +147,7 @@ def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q
     def step(i, carry):
         best, total, acc = carry  # running max and sum [B, K, G, S], weighted values [B, K, G, S, Dh]
         start = jnp.minimum(i * block, T - block)  # the last block may overlap the one before
-        k = jax.lax.dynamic_slice(cache_k, (layer, 0, 0, start, 0), (1, B, K, block, Dh))[0]
-        v = jax.lax.dynamic_slice(cache_v, (layer, 0, 0, start, 0), (1, B, K, block, Dh))[0]
+        k, v = (_cache_block(c, layer, start, block) for c in (cache_k, cache_v))
         slots = start + jnp.arange(block)
         seg_Bxblock = jax.lax.dynamic_slice_in_dim(kv_seg_BxT, start, block, axis=1)
         visible = ((slots >= i * block)[None, None, :] & (slots[None, None, :] <= q_slot_BxS[:, :, None])
@@ -168,3 +168,12 @@ def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q
     _, total, acc = jax.lax.fori_loop(0, (filled + block - 1) // block, step, init)
     out = acc / jnp.where(total > 0, total, 1.0)[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, S, H, Dh).astype(q_BxSxHxDh.dtype)
+
+
+def _cache_block(cache: Array, layer, start, block: int) -> Array:
+    """Slots [start, start + block) of one layer's cache [B, K, T, Dh], or of layer `layer` of a
+    stacked cache [L, B, K, T, Dh]. A block spanning the whole of a layer's cache is the array itself."""
+    if layer is None:
+        return jax.lax.dynamic_slice_in_dim(cache, start, block, axis=2)
+    return jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False), start, block,
+                                        axis=2)

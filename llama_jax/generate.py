@@ -17,8 +17,9 @@ the K/V cache about once per token:
   call (`_unstacked`), because a scan over stacked weights slices (copies) every
   layer's weights on every step; this holds a second copy of the weights while decoding, as
   decoding from an unscanned checkpoint would;
-- every layer writes its new keys and values into the one cache in place (`KVCache`), and
-  attends only over the filled blocks of it (`llama_jax.attention.cached_attention`);
+- every layer writes its new keys and values into its own cache arrays in place (`KVCache`;
+  slicing a layer out of one stacked cache copied it on every token), and attends only over the
+  filled blocks of them (`llama_jax.attention.cached_attention`);
 - greedy decoding draws no random numbers, and nothing sorts the vocabulary unless top-k or
   top-p filters.
 """

@@ -13,6 +13,7 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -84,26 +85,34 @@ def apply_rotary(x_BxSxNxDh: Array, sin_BxSxDh: Array, cos_BxSxDh: Array) -> Arr
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    k, v: [L, B, K, T, Dh] (heads before slots: see `llama_jax.attention.cached_attention`);
+    k, v: for unrolled layers a tuple of one [B, K, T, Dh] array per layer; for scanned layers,
+    whose scan carries the whole cache, one stacked [L, B, K, T, Dh] array. Heads come before
+    slots (see `llama_jax.attention.cached_attention`). Unrolled layers get an array each because
+    XLA's CPU backend copies any slice of an array that a matrix product reads: from a stacked
+    cache, every layer's keys and values were copied on every decoded token.
     segment_ids: [B, T] (0 marks an empty slot); index: slots filled so far. Each layer writes
-    its new slots into k and v in place.
+    its new slots into its keys and values in place.
     `constrained(mesh)` shards it by the logical-axis rules (`AXES`): batch over data x fsdp like
     activations, K/V heads over tensor like the K/V projections.
     """
 
-    AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+    AXES = ("batch", "kv_heads", "length", "head_dim")  # of one layer; stacked: "layers" first
 
-    k: Array
-    v: Array
+    k: Array | tuple[Array, ...]
+    v: Array | tuple[Array, ...]
     segment_ids: Array
     index: Array
 
     @classmethod
     def create(cls, cfg: LLaMAConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        """An empty cache laid out for `cfg.scan_layers` (stacked) or unrolled layers (per layer)."""
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or cfg.dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+        if cfg.scan_layers:
+            k, v = (jnp.zeros((cfg.n_layers, *shape), dtype) for _ in "kv")
+        else:
+            k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)) for _ in "kv")
+        return cls(k, v, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
     def constrained(self, mesh=None) -> "KVCache":
         """The cache under sharding constraints on `mesh` (inside jit); no mesh: unchanged."""
@@ -111,9 +120,10 @@ class KVCache:
             return self
         from llama_jax.sharding import logical_sharding
 
-        kv, seg = logical_sharding(mesh, self.AXES), logical_sharding(mesh, ("batch", "length"))
-        return self.replace(k=jax.lax.with_sharding_constraint(self.k, kv),
-                            v=jax.lax.with_sharding_constraint(self.v, kv),
+        axes = self.AXES if isinstance(self.k, tuple) else ("layers", *self.AXES)
+        kv, seg = logical_sharding(mesh, axes), logical_sharding(mesh, ("batch", "length"))
+        constrain = functools.partial(jax.tree.map, lambda a: jax.lax.with_sharding_constraint(a, kv))
+        return self.replace(k=constrain(self.k), v=constrain(self.v),
                             segment_ids=jax.lax.with_sharding_constraint(self.segment_ids, seg))
 
 
@@ -167,9 +177,12 @@ class Attention(nn.Module):
             out_BxSxHxDh = attention(q, k, v, mask_BxSxT, segment_ids, cfg.attention_impl)
         else:  # write this layer's new slots into the cache, attend over its filled part
             cache_k, cache_v = kv
-            at = (layer, 0, 0, view.index, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3)[None].astype(cache_k.dtype), at)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3)[None].astype(cache_v.dtype), at)
+            new_k, new_v = (a.transpose(0, 2, 1, 3).astype(cache_k.dtype) for a in (k, v))  # [B, K, S, Dh]
+            at = (0, 0, view.index, 0)
+            if layer is not None:  # the stacked cache of scanned layers
+                new_k, new_v, at = new_k[None], new_v[None], (layer, *at)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, new_k, at)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, new_v, at)
             kv = (cache_k, cache_v)
             out_BxSxHxDh = cached_attention(q, cache_k, cache_v, layer, view.q_slots, segment_ids,
                                             view.kv_segment_ids, view.index + q.shape[1])
@@ -193,7 +206,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """One pre-norm transformer layer. Signature fits `nn.scan`: the carry is (activations, the
-    whole KV cache or None), then the arguments every layer shares, then the layer's index."""
+    KV cache or None), then the arguments every layer shares, then the layer's index into a
+    stacked cache. Unrolled layers pass their own cache arrays and layer None."""
 
     cfg: LLaMAConfig
 
@@ -251,8 +265,11 @@ class LLaMA(nn.Module):
             (x, kv), _ = stack(cfg, name="layers")((x, kv), sin, cos, mask, segment_ids, view,
                                                    jnp.arange(cfg.n_layers, dtype=jnp.int32))
         else:
+            layer_kv = [None] * cfg.n_layers if kv is None else list(zip(*kv))
             for i in range(cfg.n_layers):
-                (x, kv), _ = block(cfg, name=f"layers_{i}")((x, kv), sin, cos, mask, segment_ids, view, i)
+                (x, layer_kv[i]), _ = block(cfg, name=f"layers_{i}")((x, layer_kv[i]), sin, cos, mask, segment_ids,
+                                                                     view, None)
+            kv = None if kv is None else tuple(zip(*layer_kv))
 
         x = RMSNorm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
