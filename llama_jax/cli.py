@@ -266,7 +266,7 @@ def cmd_lm_eval(args) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                              batch_size=args.batch_size, include_path=args.include_path, max_length=args.max_length,
-                             dtype=args.dtype)
+                             dtype=args.dtype, mesh=args.mesh)
     output = Path(args.output or Path(args.model) / "lm_eval.json")
     kept = {k: results[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
                                     "higher_is_better", "n-samples", "config") if k in results}
@@ -275,6 +275,17 @@ def cmd_lm_eval(args) -> None:
         print(make_table(results, "groups"))
     write_text_atomic(output, json.dumps(kept, indent=2, default=handle_non_serializable) + "\n")
     print(f"results written to {output}", file=sys.stderr)
+
+
+def mesh_sizes(text: str) -> tuple[int, int, int]:
+    """argparse type of --mesh: three integers DATA,FSDP,TENSOR."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise argparse.ArgumentTypeError(f"expected three integers DATA,FSDP,TENSOR such as 1,-1,1, got {text!r}")
+    return sizes
 
 
 def limit_number(text: str) -> int | float:
@@ -516,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the model's)")
     p.add_argument("--include-path", default=None, help="a directory of task YAML files of your own")
+    p.add_argument("--mesh", type=mesh_sizes, default=(1, -1, 1), metavar="DATA,FSDP,TENSOR",
+                   help="device mesh the model is sharded over; -1 takes the remaining devices "
+                   "(default 1,-1,1: FSDP over all of them)")
     p.add_argument("--output", default=None, help="JSON file of the results (default: MODEL/lm_eval.json)")
     p.set_defaults(func=cmd_lm_eval)
 

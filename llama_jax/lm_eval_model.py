@@ -44,25 +44,44 @@ def _batch_size(value) -> int:
     return size
 
 
+def _mesh_size(name: str, value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: must be a positive integer or -1 (all remaining devices)") from None
+
+
 class LlamaJaxLM(TemplateLM):
     """`pretrained`: a llama_jax model directory holding its tokenizer.model.
     `max_length`: context length in tokens (default: the model's max_seq_len); `dtype`: compute
-    dtype (default: the model's); `max_gen_toks`: default generation length."""
+    dtype (default: the model's); `max_gen_toks`: default generation length.
+    `data`, `fsdp`, `tensor`: the (data, fsdp, tensor) mesh over this host's devices that the model
+    is sharded over (default: FSDP over all of them, as `llama-jax eval` does); batch rows are split
+    over data x fsdp, so batches are rounded up to a multiple of it."""
 
     def __init__(self, pretrained: str, batch_size: int | str | None = DEFAULT_BATCH_SIZE,
                  max_length: int | str | None = None, max_gen_toks: int | str = 256, dtype: str | None = None,
-                 device: str | None = None, max_batch_size: int | None = None, seed: int | str = 0):
+                 device: str | None = None, max_batch_size: int | None = None, seed: int | str = 0,
+                 data: int | str = 1, fsdp: int | str = -1, tensor: int | str = 1):
         """`device` and `max_batch_size` are accepted because the harness passes them to every model;
-        JAX places the model on its default device."""
+        the mesh decides where the model lives."""
         super().__init__()
         from llama_jax.checkpoint import load_model, load_tokenizer_for
+        from llama_jax.model import abstract_params
+        from llama_jax.sharding import check_divisible, make_mesh, mesh_context, tree_shardings
 
-        _, self.tokenizer = load_tokenizer_for(pretrained, "lm-eval requests are text, so the model directory "
-                                               "needs its tokenizer (llama-jax export and convert --to jax copy it)")
-        self.config, self.params = load_model(pretrained, **({"dtype": dtype} if dtype else {}))
+        self.mesh = make_mesh(*(_mesh_size(name, value) for name, value in  # a bad mesh fails before any reading
+                                (("data", data), ("fsdp", fsdp), ("tensor", tensor))))
+        model, self.tokenizer = load_tokenizer_for(pretrained, "lm-eval requests are text, so the model directory "
+                                                   "needs its tokenizer (llama-jax export and convert --to jax copy it)")
+        check_divisible(model, self.mesh)
+        overrides = {"dtype": dtype} if dtype else {}
+        shardings = tree_shardings(self.mesh, abstract_params(model.replace(scan_layers=True)))
+        self.config, self.params = load_model(pretrained, shardings=shardings, **overrides)
         self.pretrained = str(pretrained)
         self.scorer = Scorer(self.config, self.params, batch_size=_batch_size(batch_size),
-                             max_length=int(max_length) if max_length else None)
+                             max_length=int(max_length) if max_length else None, mesh=self.mesh,
+                             context=lambda: mesh_context(self.mesh))
         self._max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
 
@@ -170,7 +189,7 @@ class LlamaJaxLM(TemplateLM):
                 outputs = generate(self.config, self.params, batch, new_tokens, temperature=temperature,
                                    top_k=top_k, top_p=top_p, seed=self.seed, eos_id=self.eot_token_id,
                                    n_tokens=self.tokenizer.vocab_size, on_tokens=finished,
-                                   pad_to=length_bucket(len(batch[0]), room))
+                                   pad_to=length_bucket(len(batch[0]), room), mesh=self.mesh)
                 for i, ids in zip(chosen, outputs):
                     text = postprocess_generated_text(self.tok_decode(ids), until, None)
                     results[i] = text
@@ -186,11 +205,13 @@ if NAME not in model_registry:  # a module imported again must not collide with 
 
 def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = None, limit: int | float | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, include_path: str | None = None, max_length: int | None = None,
-                   dtype: str | None = None, log_samples: bool = False, include_defaults: bool = True) -> dict:
+                   dtype: str | None = None, log_samples: bool = False, include_defaults: bool = True,
+                   mesh: tuple[int, int, int] = (1, -1, 1)) -> dict:
     """Run lm-eval tasks on a model directory; returns the harness's results dict.
 
     The task names are checked before the model is loaded. `include_path`: a directory of task
-    YAML files of one's own; `include_defaults=False` leaves out the harness's tasks (faster)."""
+    YAML files of one's own; `include_defaults=False` leaves out the harness's tasks (faster).
+    `mesh`: (data, fsdp, tensor) sizes of the device mesh the model is sharded over."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -203,6 +224,8 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
     if unknown:
         raise ValueError(f"lm-eval has no task {unknown[0]!r}; `lm-eval ls tasks` lists the tasks it knows "
                          f"(tasks of your own: --include-path DIR of task YAML files)")
-    model = LlamaJaxLM(model_dir, batch_size=batch_size, max_length=max_length, dtype=dtype)
+    data, fsdp, tensor = mesh
+    model = LlamaJaxLM(model_dir, batch_size=batch_size, max_length=max_length, dtype=dtype, data=data, fsdp=fsdp,
+                       tensor=tensor)
     return simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                            task_manager=manager, log_samples=log_samples)

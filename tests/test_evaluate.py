@@ -341,7 +341,8 @@ def test_harness_matches_its_hugging_face_backend(model_dirs, tmp_path, offline)
     write_tasks(tmp_path / "tasks", long_context=EmbeddedCorpus()[2][:600])
     tasks = ["tiny_mc", "tiny_ppl", "tiny_gen"]
     runs = {}
-    for name, args in (("hf", f"pretrained={hf_dir},dtype=float32"), ("llama_jax", f"pretrained={jax_dir}")):
+    for name, args in (("hf", f"pretrained={hf_dir},dtype=float32"),
+                       ("llama_jax", f"pretrained={jax_dir},data=2,fsdp=2,tensor=2")):  # over the 8 test devices
         manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
         with pytest.warns(UserWarning, match="truncated from the left") if name == "llama_jax" else contextlib.nullcontext():
             runs[name] = lm_eval.simple_evaluate(model=name, model_args=args, tasks=tasks, batch_size=3,
@@ -375,6 +376,21 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     assert "tiny_mc" in printed and "acc" in printed
     results = json.loads(out.read_text())["results"]["tiny_mc"]
     assert 0 <= results["acc,none"] <= 1
+    # the default is FSDP over the 8 test devices; data x FSDP x tensor parallel gives the same scores
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--include-path", str(tmp_path / "tasks"),
+                 "--limit", "3", "--batch-size", "2", "--output", str(out), "--mesh", "2,2,2"]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text())["results"]["tiny_mc"] == results
+
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--include-path", str(tmp_path / "tasks"),
+                 "--mesh", "3,-1,1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "llama-jax lm-eval: error: mesh: 8 devices are not divisible by the fixed mesh sizes (data=3 x tensor=1 = 3)")
+    with pytest.raises(SystemExit) as exited:
+        main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--mesh", "1,8"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "argument --mesh: expected three integers DATA,FSDP,TENSOR such as 1,-1,1, got '1,8'")
 
     assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc,no_such_task",
                  "--include-path", str(tmp_path / "tasks")]) == 2
