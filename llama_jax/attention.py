@@ -129,19 +129,22 @@ def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q
                      q_seg_BxS: Array, kv_seg_BxT: Array, filled: Array) -> Array:
     """Attention of S new queries over the filled slots [0, `filled`) of one layer's KV cache.
 
-    cache_k, cache_v: that layer's [B, K, T, Dh] (`layer` None), or every layer's [L, B, K, T, Dh]
-    and the index `layer` into them. Heads come before slots, so that a block of slots is one
-    contiguous [slots, Dh] matrix per head and the einsums read the cache in place (slots before
-    heads made XLA transpose the whole layer's cache on every call). The loop visits
-    ceil(filled / CACHE_BLOCK) blocks, so a step costs what the filled part costs, not the cache's
-    capacity; the softmax is accumulated online in float32 across blocks. A key slot is visible
-    to a query iff it is not after the query's slot and holds the same segment.
+    cache_k, cache_v: that layer's [B, K, T, Dh] (`layer` None; [K, T, Dh] for a batch of one),
+    or every layer's [L, B, K, T, Dh] and the index `layer` into them. Heads come before slots, so
+    that a block of slots is one contiguous [slots, Dh] matrix per head and the einsums read the
+    cache in place (slots before heads made XLA transpose the whole layer's cache on every call).
+    The loop visits ceil(filled / CACHE_BLOCK) blocks, so a step costs what the filled part costs,
+    not the cache's capacity; the softmax is accumulated online in float32 across blocks. A key
+    slot is visible to a query iff it is not after the query's slot and holds the same segment.
     """
     B, S, H, Dh = q_BxSxHxDh.shape
     K, T = cache_k.shape[-3:-1]
     G = H // K
     block = min(CACHE_BLOCK, T)
+    b = "b" if layer is not None or cache_k.ndim == 4 else ""  # the batch dimension, if the cache has one
+    rows = (B,) if b else ()
     q = q_BxSxHxDh.reshape(B, S, K, G, Dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, Dh]
+    q = q if b else q[0]
     scale = 1.0 / math.sqrt(Dh)
 
     def step(i, carry):
@@ -151,29 +154,29 @@ def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q
         slots = start + jnp.arange(block)
         seg_Bxblock = jax.lax.dynamic_slice_in_dim(kv_seg_BxT, start, block, axis=1)
         visible = ((slots >= i * block)[None, None, :] & (slots[None, None, :] <= q_slot_BxS[:, :, None])
-                   & (q_seg_BxS[:, :, None] == seg_Bxblock[:, None, :]))  # [B, S, block]
-        scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+                   & (q_seg_BxS[:, :, None] == seg_Bxblock[:, None, :]))[:, None, None]  # [B, 1, 1, S, block]
+        scores = jnp.einsum(f"{b}kgsd,{b}ktd->{b}kgst", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(visible if b else visible[0], scores, -jnp.inf)
         new_best = jnp.maximum(best, scores.max(axis=-1))
         shift = jnp.where(jnp.isfinite(new_best), new_best, 0.0)
         probs = jnp.exp(scores - shift[..., None])
         rescale = jnp.exp(best - shift)
         total = total * rescale + probs.sum(axis=-1)
-        acc = acc * rescale[..., None] + jnp.einsum("bkgst,bktd->bkgsd", probs.astype(v.dtype), v,
+        acc = acc * rescale[..., None] + jnp.einsum(f"{b}kgst,{b}ktd->{b}kgsd", probs.astype(v.dtype), v,
                                                     preferred_element_type=jnp.float32)
         return new_best, total, acc
 
-    init = (jnp.full((B, K, G, S), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, S), jnp.float32),
-            jnp.zeros((B, K, G, S, Dh), jnp.float32))
+    init = (jnp.full((*rows, K, G, S), -jnp.inf, jnp.float32), jnp.zeros((*rows, K, G, S), jnp.float32),
+            jnp.zeros((*rows, K, G, S, Dh), jnp.float32))
     _, total, acc = jax.lax.fori_loop(0, (filled + block - 1) // block, step, init)
     out = acc / jnp.where(total > 0, total, 1.0)[..., None]
+    out = out if b else out[None]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, S, H, Dh).astype(q_BxSxHxDh.dtype)
 
 
 def _cache_block(cache: Array, layer, start, block: int) -> Array:
-    """Slots [start, start + block) of one layer's cache [B, K, T, Dh], or of layer `layer` of a
-    stacked cache [L, B, K, T, Dh]. A block spanning the whole of a layer's cache is the array itself."""
-    if layer is None:
-        return jax.lax.dynamic_slice_in_dim(cache, start, block, axis=2)
-    return jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False), start, block,
-                                        axis=2)
+    """Slots [start, start + block) of one layer's cache, or of layer `layer` of a stacked cache.
+    A block spanning the whole of a layer's cache is the array itself."""
+    if layer is not None:
+        cache = jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False)
+    return jax.lax.dynamic_slice_in_dim(cache, start, block, axis=cache.ndim - 2)

@@ -85,18 +85,20 @@ def apply_rotary(x_BxSxNxDh: Array, sin_BxSxDh: Array, cos_BxSxDh: Array) -> Arr
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    k, v: for unrolled layers a tuple of one [B, K, T, Dh] array per layer; for scanned layers,
-    whose scan carries the whole cache, one stacked [L, B, K, T, Dh] array. Heads come before
-    slots (see `llama_jax.attention.cached_attention`). Unrolled layers get an array each because
-    XLA's CPU backend copies any slice of an array that a matrix product reads: from a stacked
-    cache, every layer's keys and values were copied on every decoded token.
+    k, v: for unrolled layers a tuple of one [B, K, T, Dh] array per layer, [K, T, Dh] for a
+    batch of one; for scanned layers, whose scan carries the whole cache, one stacked
+    [L, B, K, T, Dh] array. Heads come before slots (see `llama_jax.attention.cached_attention`).
+    Both special layouts avoid copies that XLA's CPU backend makes on every decoded token: it
+    copies any slice of an array that a matrix product reads (each layer's slice of a stacked
+    cache), and, when the array has a batch dimension of one, every layer's keys.
     segment_ids: [B, T] (0 marks an empty slot); index: slots filled so far. Each layer writes
     its new slots into its keys and values in place.
-    `constrained(mesh)` shards it by the logical-axis rules (`AXES`): batch over data x fsdp like
-    activations, K/V heads over tensor like the K/V projections.
+    `constrained(mesh)` shards it by the logical-axis rules (`AXES`, of which an array of fewer
+    dimensions has the last ones): batch over data x fsdp like activations, K/V heads over tensor
+    like the K/V projections.
     """
 
-    AXES = ("batch", "kv_heads", "length", "head_dim")  # of one layer; stacked: "layers" first
+    AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
     k: Array | tuple[Array, ...]
     v: Array | tuple[Array, ...]
@@ -111,6 +113,7 @@ class KVCache:
         if cfg.scan_layers:
             k, v = (jnp.zeros((cfg.n_layers, *shape), dtype) for _ in "kv")
         else:
+            shape = shape[1:] if batch == 1 else shape
             k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)) for _ in "kv")
         return cls(k, v, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -120,9 +123,9 @@ class KVCache:
             return self
         from llama_jax.sharding import logical_sharding
 
-        axes = self.AXES if isinstance(self.k, tuple) else ("layers", *self.AXES)
-        kv, seg = logical_sharding(mesh, axes), logical_sharding(mesh, ("batch", "length"))
-        constrain = functools.partial(jax.tree.map, lambda a: jax.lax.with_sharding_constraint(a, kv))
+        constrain = functools.partial(jax.tree.map, lambda a: jax.lax.with_sharding_constraint(
+            a, logical_sharding(mesh, self.AXES[-a.ndim:])))
+        seg = logical_sharding(mesh, ("batch", "length"))
         return self.replace(k=constrain(self.k), v=constrain(self.v),
                             segment_ids=jax.lax.with_sharding_constraint(self.segment_ids, seg))
 
@@ -181,6 +184,8 @@ class Attention(nn.Module):
             at = (0, 0, view.index, 0)
             if layer is not None:  # the stacked cache of scanned layers
                 new_k, new_v, at = new_k[None], new_v[None], (layer, *at)
+            elif cache_k.ndim == 3:  # a batch of one, stored without its batch dimension
+                new_k, new_v, at = new_k[0], new_v[0], at[1:]
             cache_k = jax.lax.dynamic_update_slice(cache_k, new_k, at)
             cache_v = jax.lax.dynamic_update_slice(cache_v, new_v, at)
             kv = (cache_k, cache_v)

@@ -139,18 +139,19 @@ def test_dot_product_attention_impl_matches_xla(gqa):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("scan,block", [(True, None), (False, None), (False, 12)])
-def test_kv_cache_decoding_matches_full_forward(gqa, scan, block, monkeypatch):
-    """block 12: the cache (20 slots) is read in blocks of 12, the second overlapping the first."""
+@pytest.mark.parametrize("scan,block,batch", [(True, None, 2), (False, None, 2), (False, 12, 2), (False, 12, 1)])
+def test_kv_cache_decoding_matches_full_forward(gqa, scan, block, batch, monkeypatch):
+    """block 12: the cache (20 slots) is read in blocks of 12, the second overlapping the first.
+    batch 1: unrolled layers keep a batch of one without its batch dimension."""
     if block:
         monkeypatch.setattr(attention, "CACHE_BLOCK", block)
     cfg, params = gqa
     cfg = cfg.replace(scan_layers=scan)
     params = params if scan else unstack_layers(params, cfg.n_layers)
     model = LLaMA(cfg)
-    tokens = _tokens(cfg.vocab_size, batch=2, seq=16, seed=10)
+    tokens = _tokens(cfg.vocab_size, batch=batch, seq=16, seed=10)
     full = np.asarray(model.apply({"params": params}, tokens))
-    cache = KVCache.create(cfg, batch=2, max_len=20 if block else 32)
+    cache = KVCache.create(cfg, batch=batch, max_len=20 if block else 32)
     step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
     logits, cache = step(params, tokens[:, :10], cache)  # prefill
     pieces = [logits]
