@@ -388,6 +388,8 @@ def cmd_data_inspect(args) -> None:
     if (args.step is None) == (not args.epoch):
         raise UserError("give --step S (the rows of one step) or --epoch (coverage of one epoch), one of them")
     workdir = Path(args.workdir) if args.workdir else None
+    if workdir is not None and workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir}: is a file; expected a run's directory (the --workdir of llama-jax train)")
     config_file = args.config or str(workdir / "config.json")
     config = load_config(config_file, args.overrides)
     if config.data.source == "synthetic":

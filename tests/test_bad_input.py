@@ -265,6 +265,8 @@ CASES = [
          r"argument --rows: must be at least 1, got 0", usage=True),
     Case("inspect-workdir-missing", "data inspect --workdir {inputs}/nowhere --step 0",
          r"config file \S+/nowhere/config.json not found"),
+    Case("inspect-workdir-is-a-file", "data inspect --workdir {tiny} --step 0",
+         r"--workdir \S+/tiny.py: is a file; expected a run's directory \(the --workdir of llama-jax train\)"),
     # ---- prepare-data (its data and output cases are in tests/test_prepare.py) ----
     Case("prepare-data-zero-workers", "prepare-data --config {tiny} --output new --workers 0",
          r"argument --workers: must be at least 1, got 0", usage=True),
