@@ -76,6 +76,22 @@ def test_cpu_tuning_is_applied_and_changes_only_rounding(single_device_run, monk
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), tuned_params, params)
 
 
+def test_nonfinite_step_leaves_the_state_unchanged():
+    """A batch whose loss is NaN (a token id outside the vocabulary: the embedding lookup gives NaN)
+    skips the update: parameters and optimizer state stay bitwise what they were."""
+    config = tiny_config("mesh.fsdp=4", "mesh.tensor=2")
+    trainer = build_trainer(config)
+    state = trainer.init_state(0)
+    state, _ = trainer.step(state, global_batch(trainer.mesh, local_batch(config, 0, trainer.model_config)))
+    before = jax.device_get((state.params, state.opt_state))
+    rows = local_batch(config, 1, trainer.model_config)
+    rows = dict(rows, tokens=rows["tokens"].copy())
+    rows["tokens"][0, 0] = trainer.model_config.vocab_size
+    state, metrics = trainer.step(state, global_batch(trainer.mesh, rows))
+    assert not np.isfinite(float(metrics["loss"])) and int(state.skipped) == 1 and int(state.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)), before)
+
+
 def test_shardings_follow_the_rules():
     trainer = build_trainer(tiny_config("mesh.fsdp=4", "mesh.tensor=2"))
     state = trainer.init_state(0)
