@@ -1,0 +1,131 @@
+"""The matrix products of one decoded token on their own: what any CPU decoder of this model pays.
+
+One decode step multiplies a [batch, in] activation by every projection of every layer in turn
+(q, k, v, o, gate, up, down; the layer shapes of `decode.py`'s model), each product feeding the
+next. This times that chain, nothing else, for each batch size: in XLA with its default CPU
+library (YNNPACK, or Eigen for a single row), in XLA with the other libraries its CPU backend can
+hand products to, and in PyTorch, side by side in one run. It shows how far a decoder can go on
+this machine: batch 1 reads the weights at close to the streaming rate, while batch 8 costs about
+twice as much in every library, because general matrix products re-pack the weights on each call.
+
+    python benchmarks/decode_matmul.py [--batch 1 8] [--repeats 7]
+
+Reported: milliseconds per step (median over repeats of 50 steps) and the weight bytes read per
+second; a library whose XLA option this jaxlib does not know is reported as failed, with XLA's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from timing import median_seconds
+
+# XLA_FLAGS for each CPU matrix-product library; the products of a single row go to Eigen in all
+LIBRARIES = {
+    "xla (default: YNNPACK)": "",
+    "xla, XNNPACK": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=true",
+    "xla, oneDNN": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true",
+    "xla, Eigen": "--xla_cpu_experimental_ynn_fusion_type=",
+}
+
+
+def shapes(dim: int, ffn: int) -> list[tuple[int, int]]:
+    return [(dim, dim)] * 4 + [(dim, ffn)] * 2 + [(ffn, dim)]  # q, k, v, o, gate, up, down
+
+
+def time_xla(batches, layers, dim, ffn, repeats) -> dict[int, float]:
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    weights = [[jnp.asarray(rng.standard_normal(s, np.float32) * 0.03) for s in shapes(dim, ffn)]
+               for _ in range(layers)]
+
+    @jax.jit
+    def step(x, weights):
+        for layer in weights:
+            for w in layer:
+                n_in = w.shape[0]
+                xi = x if n_in == dim else jnp.tile(x, (1, -(-n_in // dim)))[:, :n_in]
+                x = jnp.tanh((xi @ w)[:, :dim]) * 0.5 + x
+        return x
+
+    result = {}
+    for batch in batches:
+        x = jnp.asarray(rng.standard_normal((batch, dim), np.float32))
+        step(x, weights).block_until_ready()
+        result[batch] = median_seconds(lambda: [step(x, weights) for _ in range(50)][-1].block_until_ready(),
+                                       repeats) / 50
+    return result
+
+
+def time_torch(batches, layers, dim, ffn, repeats) -> dict[int, float]:
+    import torch
+
+    rng = np.random.default_rng(0)
+    weights = [[torch.from_numpy(np.ascontiguousarray((rng.standard_normal(s, np.float32) * 0.03).T))
+                for s in shapes(dim, ffn)] for _ in range(layers)]  # nn.Linear's [out, in]
+
+    def step(x):
+        for layer in weights:
+            for w in layer:
+                n_in = w.shape[1]
+                xi = x if n_in == dim else x.repeat(1, -(-n_in // dim))[:, :n_in]
+                x = torch.tanh(torch.nn.functional.linear(xi, w)[:, :dim]) * 0.5 + x
+        return x
+
+    result = {}
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.from_numpy(rng.standard_normal((batch, dim), np.float32))
+            result[batch] = median_seconds(lambda: [step(x) for _ in range(50)], repeats) / 50
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--ffn", type=int, default=1408)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one library (XLA_FLAGS), timed
+    args = parser.parse_args(argv)
+    sizes = (args.batch, args.layers, args.dim, args.ffn, args.repeats)
+    if args.child:
+        print(" ".join(f"{b}:{s!r}" for b, s in time_xla(*sizes).items()))
+        return 0
+
+    weight_bytes = 4 * args.layers * sum(a * b for a, b in shapes(args.dim, args.ffn))
+    rows = {}
+    for name, flags in LIBRARIES.items():  # XLA_FLAGS apply per process
+        env = {**os.environ, "XLA_FLAGS": flags}
+        child = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--child"],
+                               env=env, capture_output=True, text=True)
+        if child.returncode:  # e.g. a jaxlib that does not know the option
+            rows[name] = (child.stderr.strip().splitlines() or ["no output"])[-1]
+            continue
+        rows[name] = {int(b): float(s) for b, s in (pair.split(":") for pair in child.stdout.split())}
+    import torch
+
+    rows[f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)"] = time_torch(*sizes)
+    print(f"{args.layers} layers x 7 projections, dim {args.dim}, FFN {args.ffn}: "
+          f"{weight_bytes / 2**20:.0f} MiB of float32 weights per step")
+    print("| library | " + " | ".join(f"batch {b}: ms per step (GB/s)" for b in args.batch) + " |")
+    print("|---|" + "---|" * len(args.batch))
+    for name, times in rows.items():
+        if isinstance(times, str):
+            print(f"| {name} | failed: {times} |")
+            continue
+        print(f"| {name} | " + " | ".join(f"{times[b] * 1e3:.2f} ({weight_bytes / times[b] / 1e9:.1f})"
+                                           for b in args.batch) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
