@@ -119,18 +119,25 @@ def load_tokenizer_for(path: str | os.PathLike, missing: str, tokenizer: str | o
     return config, loaded
 
 
-def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False,
+def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, mesh=None,
                **config_overrides) -> tuple[LLaMAConfig, dict]:
     """(config, params) from a model directory.
 
     shardings: optional tree of `jax.sharding.Sharding` (scanned layout) to restore directly onto
-    a mesh; by default parameters land on the first local device. as_numpy: restore host numpy
-    arrays instead (for conversion and inspection; no device involved). `config_overrides` change
-    numerics fields such as `dtype` or `scan_layers` (not the architecture).
+    a mesh; `mesh`: restore onto it as the project's logical-axis rules shard parameters (a mesh
+    that does not divide the model is a ValueError). By default parameters land on the first local
+    device. as_numpy: restore host numpy arrays instead (for conversion and inspection; no device
+    involved). `config_overrides` change numerics fields such as `dtype` or `scan_layers` (not the
+    architecture).
     """
     config = load_config(path)
     if config_overrides:
         config = config.replace(**config_overrides)
+    if mesh is not None:
+        from llama_jax.sharding import check_divisible, tree_shardings
+
+        check_divisible(config, mesh)
+        shardings = tree_shardings(mesh, abstract_params(config.replace(scan_layers=True)))
     params_dir = Path(path).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
         raise ValueError(f"{path}: parameter checkpoint {PARAMS_DIR}/ not found")

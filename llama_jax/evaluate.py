@@ -455,12 +455,12 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
         origin = {"model": str(Path(model_dir).absolute())}
         tokenizer_file = Path(model_dir) / "tokenizer.model"
         _check_seq_len(seq_len, model)  # before reading the parameters
-        model, params = load_model(model_dir)
+        model, params = load_model(model_dir, mesh=mesh)  # straight onto the mesh
     if workdir is not None:
         tokenizer = load_tokenizer(tokenizer_file)
         check_fits(tokenizer, model.vocab_size)
-    check_divisible(model, mesh)
-    params = jax.device_put(params_in_layout(model, params), tree_shardings(mesh, abstract_params(model)))
+        check_divisible(model, mesh)
+        params = jax.device_put(params_in_layout(model, params), tree_shardings(mesh, abstract_params(model)))
     about = {"seq_len": seq_len, **origin, "data": config.data.to_dict(), "mesh": dict(mesh.shape)}
     on_mesh = {"mesh": mesh, "context": lambda: mesh_context(mesh)}
     if prepared is None:
@@ -497,4 +497,3 @@ def held_out_splits(data_config) -> dict[str, tuple[object, str]]:
                              f"prepare it with data.eval_fraction > 0 to evaluate on it")
         out[name] = (split, prepared.tokenizer_sha256)
     return out
-

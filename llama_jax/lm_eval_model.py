@@ -67,17 +67,13 @@ class LlamaJaxLM(TemplateLM):
         the mesh decides where the model lives."""
         super().__init__()
         from llama_jax.checkpoint import load_model, load_tokenizer_for
-        from llama_jax.model import abstract_params
-        from llama_jax.sharding import check_divisible, make_mesh, mesh_context, tree_shardings
+        from llama_jax.sharding import make_mesh, mesh_context
 
         self.mesh = make_mesh(*(_mesh_size(name, value) for name, value in  # a bad mesh fails before any reading
                                 (("data", data), ("fsdp", fsdp), ("tensor", tensor))))
-        model, self.tokenizer = load_tokenizer_for(pretrained, "lm-eval requests are text, so the model directory "
-                                                   "needs its tokenizer (llama-jax export and convert --to jax copy it)")
-        check_divisible(model, self.mesh)
-        overrides = {"dtype": dtype} if dtype else {}
-        shardings = tree_shardings(self.mesh, abstract_params(model.replace(scan_layers=True)))
-        self.config, self.params = load_model(pretrained, shardings=shardings, **overrides)
+        _, self.tokenizer = load_tokenizer_for(pretrained, "lm-eval requests are text, so the model directory "
+                                               "needs its tokenizer (llama-jax export and convert --to jax copy it)")
+        self.config, self.params = load_model(pretrained, mesh=self.mesh, **({"dtype": dtype} if dtype else {}))
         self.pretrained = str(pretrained)
         self.scorer = Scorer(self.config, self.params, batch_size=_batch_size(batch_size),
                              max_length=int(max_length) if max_length else None, mesh=self.mesh,
