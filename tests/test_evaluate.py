@@ -423,6 +423,19 @@ def test_model_without_tokenizer(model, tmp_path, capsys):
         LlamaJaxLM(str(tmp_path / "bare"))
 
 
+@pytest.mark.parametrize("mesh, message", [
+    ({"fsdp": "many"}, r"fsdp='many': must be a positive integer or -1"),
+    ({"tensor": 0}, r"mesh.tensor=0: must be a positive integer or -1"),
+    ({"data": -2}, r"mesh.data=-2: must be a positive integer or -1"),
+    ({"fsdp": 1, "tensor": 3}, r"mesh: data x fsdp x tensor = 1 x 1 x 3 = 3, but there are 8 devices"),
+])
+def test_lm_eval_model_bad_mesh(model_dirs, mesh, message):
+    from llama_jax.lm_eval_model import LlamaJaxLM
+
+    with pytest.raises(ValueError, match=message):
+        LlamaJaxLM(str(model_dirs[1]), **mesh)
+
+
 @pytest.mark.parametrize("args, message", [
     (["eval", "MODEL"], "--config is required with a model directory"),
     (["eval"], "give a model directory or --workdir RUN"),
