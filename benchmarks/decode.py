@@ -11,7 +11,9 @@ tokens/s <= rate / those bytes.
 
 Reported: tokens/s (batch x new tokens / seconds, median of the repeats after one warm-up call
 that includes compilation, whose time is reported apart), and the ratios to transformers and to
-the roofline. The two implementations' greedy tokens are compared too (they match unless a near
+the roofline. Each repeat is a round that measures the streaming rate and calls every
+implementation once, in turn, so that the machine's slow spells (this kind of VM has them) fall on
+all of them alike and the ratios stay comparable. The two implementations' greedy tokens are compared too (they match unless a near
 tie in the logits rounds differently).
 """
 
@@ -19,24 +21,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from timing import median_seconds
 
 
-def streaming_rate(repeats: int) -> float:
-    """Bytes per second of an XLA float32 matrix-vector product over a 256 MiB matrix."""
+def streaming_sampler() -> Callable[[], float]:
+    """A function giving the bytes per second of an XLA float32 matrix-vector product over a
+    256 MiB matrix of random values: the median of 8 products after 2 untimed ones. (On this kind
+    of VM the first pass over memory that other work has left untouched is several times slower,
+    as is a model's first decoded token; the roofline is about the steady state.)"""
     import jax
     import jax.numpy as jnp
 
-    m = jnp.ones((8192, 8192), jnp.float32)
+    m = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.float32)
     x = jnp.ones((8192,), jnp.float32)
     matvec = jax.jit(lambda m, x: m @ x)
-    matvec(m, x).block_until_ready()
-    return m.nbytes / median_seconds(lambda: matvec(m, x).block_until_ready(), repeats * 4, warmup=0)
+    return lambda: m.nbytes / median_seconds(lambda: matvec(m, x).block_until_ready(), 8, warmup=2)
 
 
 def main(argv=None) -> int:
@@ -73,13 +79,11 @@ def main(argv=None) -> int:
     # a decoded token reads every weight once, except the input embedding table, of which it reads one row
     embedding = hf.model.embed_tokens.weight
     streamed_bytes = weight_bytes - (embedding.shape[0] - 1) * embedding.shape[1] * embedding.element_size()
-    rate = streaming_rate(args.repeats)
-    roofline = rate / streamed_bytes
+    streaming = streaming_sampler()
     print(f"machine: {jax.devices()[0].device_kind}, jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {torch.get_num_threads()} torch threads")
     print(f"model: {weight_bytes / 2**20:.0f} MiB of float32 weights, {streamed_bytes / 2**20:.0f} MiB read per "
-          f"decoded token; weight streaming {rate / 1e9:.1f} GB/s -> batch-1 roofline {roofline:.0f} tokens/s "
-          f"({rate / weight_bytes:.0f} counting the whole embedding table)")
+          f"decoded token")
 
     layouts = {"yes": [True], "no": [False], "both": [True, False]}[args.scan]
     rng = np.random.default_rng(0)
@@ -87,31 +91,47 @@ def main(argv=None) -> int:
     for batch in args.batch:
         prompts = rng.integers(3, args.vocab, (batch, args.prompt_len))
         n = batch * args.new_tokens
-        with torch.inference_mode():
-            ids = torch.from_numpy(prompts)
-            call = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,  # noqa: E731
-                                       min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-            start = time.perf_counter()
-            hf_tokens = call()[:, args.prompt_len:].numpy()
-            hf_first = time.perf_counter() - start
-            hf_s = median_seconds(call, args.repeats, warmup=0)
-        row = {"batch": batch, "transformers_tok_s": n / hf_s, "transformers_first_call_s": hf_first}
+        ids = torch.from_numpy(prompts)
+
+        def hf_call():
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                   min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+        calls, first, tokens = {"transformers": hf_call}, {}, {}
         for scan in layouts:
             cfg = base.replace(scan_layers=scan)
-            call = lambda: generate(cfg, params, prompts.tolist(), args.new_tokens)  # noqa: E731
+            calls["scanned" if scan else "unscanned"] = lambda cfg=cfg: generate(cfg, params, prompts.tolist(),
+                                                                                 args.new_tokens)
+        for name, call in calls.items():  # first calls: compilation, and the tokens to compare
             start = time.perf_counter()
-            ours = np.asarray(call())
-            first = time.perf_counter() - start
-            ours_s = median_seconds(call, args.repeats, warmup=0)
-            key = "scanned" if scan else "unscanned"
-            row[f"{key}_tok_s"] = n / ours_s
-            row[f"{key}_compile_and_first_call_s"] = first
-            row[f"{key}_vs_transformers"] = hf_s / ours_s
-            row[f"{key}_same_tokens"] = float((ours == hf_tokens).mean())
+            out = call()
+            first[name] = time.perf_counter() - start
+            tokens[name] = out[:, args.prompt_len:].numpy() if name == "transformers" else np.asarray(out)
+        times, rates = {name: [] for name in calls}, []
+        for _ in range(args.repeats):  # rounds: each implementation and the streaming rate in turn
+            rates.append(streaming())
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+        seconds = {name: statistics.median(t) for name, t in times.items()}
+        rate = statistics.median(rates)
+        roofline = rate / streamed_bytes
+        row = {"batch": batch, "streaming_bytes_per_s": rate, "roofline_tok_s": roofline,
+               "transformers_tok_s": n / seconds["transformers"], "transformers_first_call_s": first["transformers"]}
+        for key in [k for k in calls if k != "transformers"]:
+            row[f"{key}_tok_s"] = n / seconds[key]
+            row[f"{key}_compile_and_first_call_s"] = first[key]
+            row[f"{key}_vs_transformers"] = seconds["transformers"] / seconds[key]
+            row[f"{key}_same_tokens"] = float((tokens[key] == tokens["transformers"]).mean())
             if batch == 1:
-                row[f"{key}_vs_roofline"] = (n / ours_s) / roofline
+                row[f"{key}_vs_roofline"] = (n / seconds[key]) / roofline
         rows.append(row)
         print(json.dumps(row))
+        if batch == 1:
+            print(f"weight streaming {rate / 1e9:.1f} GB/s in the same rounds -> batch-1 roofline {roofline:.0f} "
+                  f"tokens/s ({rate / weight_bytes:.0f} counting the whole embedding table)")
 
     print("\n| batch | layout | llama-jax tok/s | transformers tok/s | × transformers | × roofline | same tokens |")
     print("|---|---|---|---|---|---|---|")
@@ -123,8 +143,7 @@ def main(argv=None) -> int:
                   f"{row[f'{key}_vs_transformers']:.2f} | {roof} | {row[f'{key}_same_tokens']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"streaming_bytes_per_s": rate, "weight_bytes": weight_bytes, "streamed_bytes": streamed_bytes,
-                       "rows": rows}, f, indent=1)
+            json.dump({"weight_bytes": weight_bytes, "streamed_bytes": streamed_bytes, "rows": rows}, f, indent=1)
     return 0
 
 
