@@ -269,12 +269,19 @@ class RunCheckpoints:
             state=ocp.args.PyTreeRestore(item=abstract_state,
                                          restore_args=array_restore_args(abstract_state, shardings))))["state"])
 
-    def restore_params(self, step: int, config: LLaMAConfig):
-        """Only the parameters of `step` (in the layer layout of the run's `config`), on the first
-        local device: what a model export needs, without reading the optimizer state."""
-        abstract = {"params": nn.meta.unbox(abstract_params(config))}
+    def restore_params(self, step: int, config: LLaMAConfig, mesh=None):
+        """Only the parameters of `step` (in the layer layout of the run's `config`), without reading
+        the optimizer state: on the first local device (what a model export needs), or sharded over
+        `mesh` as the project's logical-axis rules shard them (each device reads its own shards)."""
+        boxed = abstract_params(config)
+        shardings = None
+        if mesh is not None:
+            from llama_jax.sharding import tree_shardings
+
+            shardings = {"params": tree_shardings(mesh, boxed)}
+        abstract = {"params": nn.meta.unbox(boxed)}
         return self._read(step, "parameters", lambda: self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=abstract, restore_args=array_restore_args(abstract),
+            state=ocp.args.PyTreeRestore(item=abstract, restore_args=array_restore_args(abstract, shardings),
                                          partial_restore=True)))["state"]["params"])
 
     def reload(self) -> None:

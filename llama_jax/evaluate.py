@@ -34,8 +34,8 @@ import numpy as np
 
 from llama_jax.config import LLaMAConfig
 from llama_jax.data import pack_row, stack_rows
-from llama_jax.model import abstract_params, params_in_layout
-from llama_jax.sharding import check_divisible, make_mesh, mesh_context, tree_shardings
+from llama_jax.model import params_in_layout
+from llama_jax.sharding import make_mesh, mesh_context
 
 MIN_BUCKET = 16  # shortest padded length of a scoring batch
 
@@ -407,16 +407,17 @@ def held_out_documents(data_config) -> Sequence[str]:
     return data_lib.Subset(documents, held_out)
 
 
-def load_run(workdir, step: int | None = None) -> tuple[LLaMAConfig, dict, str, int, dict]:
+def load_run(workdir, step: int | None = None, mesh=None) -> tuple[LLaMAConfig, dict, str, int, dict]:
     """(model config, params, tokenizer path, step, the run's config) of a run's checkpoint (default:
-    the latest), reading only its parameters."""
+    the latest), reading only its parameters: sharded over `mesh` when given (as `load_model`),
+    else on the first local device."""
     from pathlib import Path
 
     from llama_jax.run import checkpoint_step, read_checkpoint_params, run_tokenizer
 
     workdir = Path(workdir).absolute()
     step = checkpoint_step(workdir, step)
-    info, config, params = read_checkpoint_params(workdir, step)
+    info, config, params = read_checkpoint_params(workdir, step, mesh)
     tokenizer = run_tokenizer(workdir, info)
     if tokenizer is None:
         raise ValueError(f"{workdir} has no tokenizer.model (a run on synthetic data); evaluating text needs one")
@@ -444,7 +445,7 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,  # a bad mesh also fails first
                      jax.devices() if devices is None else devices)
     if workdir is not None:
-        model, params, tokenizer_file, step, _ = load_run(workdir, step)
+        model, params, tokenizer_file, step, _ = load_run(workdir, step, mesh)  # straight onto the mesh
         origin = {"workdir": str(Path(workdir).absolute()), "step": step}
         tokenizer_file = Path(tokenizer_file)
     else:
@@ -459,8 +460,6 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     if workdir is not None:
         tokenizer = load_tokenizer(tokenizer_file)
         check_fits(tokenizer, model.vocab_size)
-        check_divisible(model, mesh)
-        params = jax.device_put(params_in_layout(model, params), tree_shardings(mesh, abstract_params(model)))
     about = {"seq_len": seq_len, **origin, "data": config.data.to_dict(), "mesh": dict(mesh.shape)}
     on_mesh = {"mesh": mesh, "context": lambda: mesh_context(mesh)}
     if prepared is None:

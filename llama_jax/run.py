@@ -234,13 +234,18 @@ def checkpoint_step(workdir: Path, step: int | None = None) -> int:
     return step
 
 
-def read_checkpoint_params(workdir: Path, step: int) -> tuple[dict, LLaMAConfig, dict]:
+def read_checkpoint_params(workdir: Path, step: int, mesh=None) -> tuple[dict, LLaMAConfig, dict]:
     """(run info, model config, params) of checkpoint `step`, reading only the parameters (export,
-    evaluation and generation from a run)."""
+    evaluation and generation from a run); `mesh`: restored sharded over it (a mesh that does not
+    divide the model is a ValueError), else on the first local device."""
     with _reader(workdir) as checkpoints:
         info = checkpoints.run_info(step)
         model = LLaMAConfig.from_dict(info["model"])
-        return info, model, checkpoints.restore_params(step, model)
+        if mesh is not None:
+            from llama_jax.sharding import check_divisible
+
+            check_divisible(model, mesh)
+        return info, model, checkpoints.restore_params(step, model, mesh)
 
 
 def run_tokenizer(workdir: Path, info: dict) -> Path | None:

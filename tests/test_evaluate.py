@@ -267,6 +267,20 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
                  "--config.train.eval_batches=-1"]) == 0
     assert main(["export", "--workdir", str(run), str(tmp_path / "exported")]) == 0
     capsys.readouterr()
+    # A run's parameters are restored straight onto a mesh, each array with the shardings the
+    # trainer gives it, and hold what restoring onto one device gives.
+    from llama_jax.evaluate import load_run
+    from llama_jax.model import abstract_params
+    from llama_jax.sharding import make_mesh, tree_shardings
+
+    mesh = make_mesh(2, 4, 1, jax.devices())
+    cfg, on_mesh, *_ = load_run(run, mesh=mesh)
+    _, on_one, *_ = load_run(run)
+    expected = tree_shardings(mesh, abstract_params(cfg))
+    assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding == s, on_mesh, expected))
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), on_mesh, on_one))
+    with pytest.raises(ValueError, match="n_kv_heads=1 is not divisible by mesh.tensor=2"):
+        load_run(run, mesh=make_mesh(1, 4, 2, jax.devices()))
     assert main(["eval", "--workdir", str(run)]) == 0
     of_run = json.loads((run / "eval-1.json").read_text())
     assert json.loads(capsys.readouterr().out) == of_run and of_run["step"] == 1
