@@ -7,6 +7,10 @@ Every trial is a separate `llama-jax train` process in its own sub-directory of 
 workdir, so it resumes like any run; the sweep talks to it only through its command line and the
 files it writes (`config.json`, `metrics.jsonl`, `progress.json`). Results are always rebuilt
 from those files (`results.py`), so `--report` works at any time.
+
+A raw text source (embedded, text, jsonl, tfds) that no axis changes is prepared once, into
+DIR/data, and every trial reads it as `data.source=prepared` (`shared_data`), instead of each
+trial tokenizing the corpus again.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ SPEC_FILE = "sweep.json"  # what the sweep is: a workdir holds one sweep
 TRIAL_FILE = "trial.json"  # in each trial's directory: its overrides and status
 LOG_FILE = "train.log"  # the trial process's output
 STUDY_FILE = "optuna.db"  # the Optuna study (SQLite), for resuming and for optuna-dashboard
+DATA_DIR = "data"  # a raw source prepared once for all trials
 FINISHED = ("done", "pruned")  # statuses a re-run skips
 
 
@@ -286,12 +291,40 @@ class Running:
     pruned: bool = False
 
 
-def trial_command(spec: SweepSpec, trial: Trial, directory: Path, program: Sequence[str] | None = None) -> list[str]:
-    """The `llama-jax train` command line of a trial (`program`: how to call llama-jax)."""
+def trial_command(spec: SweepSpec, trial: Trial, directory: Path, program: Sequence[str] | None = None,
+                  data: Sequence[str] = ()) -> list[str]:
+    """The `llama-jax train` command line of a trial (`program`: how to call llama-jax; `data`: the
+    overrides of `shared_data`)."""
     program = list(program or [sys.executable, "-m", "llama_jax.cli"])
     return [*program, "train", "--config", spec.config, "--workdir", str(directory),
             *(f"--config.{o}" for o in spec.overrides),
-            *(f"--config.{override_text(k, v)}" for k, v in trial.overrides.items())]
+            *(f"--config.{override_text(k, v)}" for k, v in trial.overrides.items()),
+            *(f"--config.{o}" for o in data)]
+
+
+def shared_data(spec: SweepSpec, axes: dict, workdir: Path) -> list[str]:
+    """The overrides that point every trial at WORKDIR/data, the sweep's one prepared copy of a raw
+    text source; [] when the trials read prepared or synthetic data, when an axis changes a
+    `data.` key (each trial then prepares its own), or when trials of this workdir already started
+    on their own copies (a sweep begun by an earlier version resumes as it began)."""
+    from llama_jax.data import SOURCES
+
+    source = load_config(spec.config, list(spec.overrides)).data.source
+    if source not in SOURCES or source == "synthetic" or any(key.startswith("data.") for key in axes):
+        return []
+    if not (workdir / DATA_DIR).is_dir() and any(workdir.glob(f"*/{TRIAL_FILE}")):
+        return []
+    return ["data.source=prepared", f"data.path={workdir / DATA_DIR}"]
+
+
+def prepare_shared_data(spec: SweepSpec, workdir: Path, out=print) -> None:
+    """Prepare the config's data into WORKDIR/data (resuming an interrupted preparation; a finished
+    one is checked against the config's data settings and kept)."""
+    from llama_jax.prepare import prepare as prepare_data
+
+    config = load_config(spec.config, list(spec.overrides))
+    out(f"preparing data.source={config.data.source} once for every trial, into {workdir / DATA_DIR}")
+    prepare_data(config.data, workdir / DATA_DIR, progress=True)
 
 
 def read_trial(directory: Path) -> dict:
@@ -347,6 +380,7 @@ class Sweep:
         self.parallel, self.devices_per_run = parallel, devices_per_run
         self.objective = objective_key(load_config(spec.config, list(spec.overrides)))
         self.numbered = spec.search != "grid"
+        self.data = shared_data(spec, axes, workdir)
 
     def directory(self, trial: Trial) -> Path:
         return self.workdir / trial.name(list(self.axes), self.numbered)
@@ -393,7 +427,7 @@ class Sweep:
         write_trial(directory, trial, "running", started=started)
         self.out(f"[{trial.number}] started {directory.name}")
         with open(directory / LOG_FILE, "ab") as log:
-            process = subprocess.Popen(trial_command(self.spec, trial, directory), stdout=log,
+            process = subprocess.Popen(trial_command(self.spec, trial, directory, data=self.data), stdout=log,
                                        stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         optuna_trial = study_trial(study, trial) if study is not None else None
         return Running(trial, directory, process, slot, started, optuna_trial)
@@ -543,6 +577,8 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
     sweep = Sweep(spec, workdir, axes, parallel, devices_per_run, out)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / SPEC_FILE).write_text(spec.to_json())
+    if sweep.data:
+        prepare_shared_data(spec, workdir, out)
     if spec.search == "optuna":
         study = open_study(workdir, spec.seed)
         sweep.run(optuna_trials(study, axes, spec.trials), study)
@@ -559,13 +595,15 @@ def describe(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os
 
     workdir = Path(workdir).absolute()
     numbered = spec.search != "grid"
+    data = shared_data(spec, axes, workdir)
+    lines = [f"data: prepared once into {workdir / DATA_DIR}, read by every trial"] if data else []
     if spec.search == "optuna":
         space = ", ".join(f"{k}={v}" for k, v in spec.axes.items())
-        return [f"optuna: {spec.trials} trials chosen by TPE over {space}, pruned by the median rule; "
-                f"study in {workdir / STUDY_FILE}"]
-    return [f"{t.name(list(axes), numbered)}: "
-            f"{shlex.join(trial_command(spec, t, workdir / t.name(list(axes), numbered), ['llama-jax']))}"
-            for t in listed]
+        return lines + [f"optuna: {spec.trials} trials chosen by TPE over {space}, pruned by the median rule; "
+                        f"study in {workdir / STUDY_FILE}"]
+    commands = {t.name(list(axes), numbered): trial_command(spec, t, workdir / t.name(list(axes), numbered),
+                                                            ["llama-jax"], data) for t in listed}
+    return lines + [f"{name}: {shlex.join(command)}" for name, command in commands.items()]
 
 
 def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os.PathLike, job: dict,

@@ -77,6 +77,34 @@ def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path):
     assert "| lr=" in (workdir / "results.md").read_text()
 
 
+def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
+    workdir = tmp_path / "sweep"
+    raw = ["--config.data.source=embedded", "--config.data.tokenizer=train", "--config.data.tokenizer_vocab_size=512",
+           "--config.model.vocab_size=512", "--config.train.steps=2"]
+    args = sweep_args(workdir, "--sweep", "train.seed=[0,1]", *raw)
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"data: prepared once into {workdir / 'data'}" in out
+    assert out.count(f"--config.data.source=prepared --config.data.path={workdir / 'data'}") == 2
+    assert not workdir.exists()
+
+    assert main(args) == 0
+    manifest = workdir / "data" / "manifest.json"
+    for seed in (0, 1):
+        run = workdir / f"seed={seed}"
+        assert trial(run)["status"] == "done" and not (run / "data").exists()  # no copy of its own
+        data = json.loads((run / "config.json").read_text())["data"]
+        assert (data["source"], data["path"]) == ("prepared", str(workdir / "data"))
+    stamp = manifest.stat().st_mtime_ns
+    assert main(args) == 0  # a re-run checks the prepared data and keeps it
+    assert manifest.stat().st_mtime_ns == stamp
+
+    # An axis over a data setting leaves each trial to prepare its own data.
+    assert main([*sweep_args(tmp_path / "other", "--sweep", "data.eval_fraction=[0.1,0.2]", *raw), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "prepared once" not in out and "data.source=prepared" not in out and "eval_fraction=0.2" in out
+
+
 def _alive(run: Path) -> bool:
     """Whether a trial process still holds its log open (the sweep's children get SIGTERM on its death)."""
     target = str(run / "train.log")
