@@ -4,14 +4,19 @@ One decode step multiplies a [batch, in] activation by every projection of every
 (q, k, v, o, gate, up, down; the layer shapes of `decode.py`'s model), each product feeding the
 next. This times that chain, nothing else, for each batch size: in XLA with its default CPU
 library (YNNPACK, or Eigen for a single row), in XLA with the other libraries its CPU backend can
-hand products to, and in PyTorch, side by side in one run. It shows how far a decoder can go on
-this machine: batch 1 reads the weights at close to the streaming rate, while batch 8 costs about
-twice as much in every library, because general matrix products re-pack the weights on each call.
+hand products to, in XLA with the process held to one core, and in PyTorch, side by side in one
+run. Each also times one matrix-vector product over a 256 MiB matrix of random values, the
+weight-streaming rate `decode.py`'s roofline is built on. It shows how far a decoder can go on
+this machine: whether the layers' small products stream their weights as fast as one large
+product does (on a multi-core machine a large product is split over the cores; a 1-3 MiB one may
+not be), and that batch 8 costs about twice batch 1 in every library, because general matrix
+products re-pack the weights on each call.
 
     python benchmarks/decode_matmul.py [--batch 1 8] [--repeats 7]
 
 Reported: milliseconds per step (median over repeats of 50 steps) and the weight bytes read per
-second; a library whose XLA option this jaxlib does not know is reported as failed, with XLA's error.
+second, and the large product's GB/s; a library whose XLA option this jaxlib does not know is
+reported as failed, with XLA's error.
 """
 
 from __future__ import annotations
@@ -25,20 +30,25 @@ import numpy as np
 
 from timing import median_seconds
 
-# XLA_FLAGS for each CPU matrix-product library; the products of a single row go to Eigen in all
+# XLA_FLAGS for each CPU matrix-product library (the products of a single row go to Eigen in
+# all), and whether the process is held to one core
 LIBRARIES = {
-    "xla (default: YNNPACK)": "",
-    "xla, XNNPACK": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=true",
-    "xla, oneDNN": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true",
-    "xla, Eigen": "--xla_cpu_experimental_ynn_fusion_type=",
+    "xla (default: YNNPACK)": ("", False),
+    "xla, XNNPACK": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=true", False),
+    "xla, oneDNN": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true", False),
+    "xla, Eigen": ("--xla_cpu_experimental_ynn_fusion_type=", False),
+    "xla (default), one core": ("", True),
 }
+STREAM_SHAPE = (8192, 8192)  # float32: 256 MiB, far larger than the caches
 
 
 def shapes(dim: int, ffn: int) -> list[tuple[int, int]]:
     return [(dim, dim)] * 4 + [(dim, ffn)] * 2 + [(ffn, dim)]  # q, k, v, o, gate, up, down
 
 
-def time_xla(batches, layers, dim, ffn, repeats) -> dict[int, float]:
+def time_xla(batches, layers, dim, ffn, repeats) -> dict:
+    """Seconds per step of the chain at each batch size, and under "stream" seconds per product
+    over a STREAM_SHAPE matrix."""
     import jax
     import jax.numpy as jnp
 
@@ -61,6 +71,10 @@ def time_xla(batches, layers, dim, ffn, repeats) -> dict[int, float]:
         step(x, weights).block_until_ready()
         result[batch] = median_seconds(lambda: [step(x, weights) for _ in range(50)][-1].block_until_ready(),
                                        repeats) / 50
+    big = jax.random.normal(jax.random.key(0), STREAM_SHAPE, jnp.float32)
+    vector = jnp.ones(STREAM_SHAPE[1], jnp.float32)
+    matvec = jax.jit(lambda m, v: m @ v)
+    result["stream"] = median_seconds(lambda: matvec(big, vector).block_until_ready(), repeats * 4, warmup=2)
     return result
 
 
@@ -84,6 +98,8 @@ def time_torch(batches, layers, dim, ffn, repeats) -> dict[int, float]:
         for batch in batches:
             x = torch.from_numpy(rng.standard_normal((batch, dim), np.float32))
             result[batch] = median_seconds(lambda: [step(x) for _ in range(50)], repeats) / 50
+        big, vector = torch.randn(*STREAM_SHAPE), torch.ones(STREAM_SHAPE[1])
+        result["stream"] = median_seconds(lambda: torch.mv(big, vector), repeats * 4, warmup=2)
     return result
 
 
@@ -95,35 +111,41 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one library (XLA_FLAGS), timed
+    parser.add_argument("--one-core", action="store_true", help=argparse.SUPPRESS)  # the child, on one core
     args = parser.parse_args(argv)
     sizes = (args.batch, args.layers, args.dim, args.ffn, args.repeats)
     if args.child:
+        if args.one_core:  # before JAX starts its threads, which inherit it
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         print(" ".join(f"{b}:{s!r}" for b, s in time_xla(*sizes).items()))
         return 0
 
     weight_bytes = 4 * args.layers * sum(a * b for a, b in shapes(args.dim, args.ffn))
     rows = {}
-    for name, flags in LIBRARIES.items():  # XLA_FLAGS apply per process
+    for name, (flags, one_core) in LIBRARIES.items():  # XLA_FLAGS apply per process
         env = {**os.environ, "XLA_FLAGS": flags}
-        child = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--child"],
-                               env=env, capture_output=True, text=True)
+        child = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--child",
+                                *(["--one-core"] if one_core else [])], env=env, capture_output=True, text=True)
         if child.returncode:  # e.g. a jaxlib that does not know the option
             rows[name] = (child.stderr.strip().splitlines() or ["no output"])[-1]
             continue
-        rows[name] = {int(b): float(s) for b, s in (pair.split(":") for pair in child.stdout.split())}
+        rows[name] = {(b if b == "stream" else int(b)): float(s)
+                      for b, s in (pair.split(":") for pair in child.stdout.split())}
     import torch
 
     rows[f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)"] = time_torch(*sizes)
     print(f"{args.layers} layers x 7 projections, dim {args.dim}, FFN {args.ffn}: "
           f"{weight_bytes / 2**20:.0f} MiB of float32 weights per step")
-    print("| library | " + " | ".join(f"batch {b}: ms per step (GB/s)" for b in args.batch) + " |")
-    print("|---|" + "---|" * len(args.batch))
+    stream_bytes = 4 * STREAM_SHAPE[0] * STREAM_SHAPE[1]
+    print("| library | " + " | ".join(f"batch {b}: ms per step (GB/s)" for b in args.batch)
+          + " | one 256 MiB matrix-vector product, GB/s |")
+    print("|---|" + "---|" * (len(args.batch) + 1))
     for name, times in rows.items():
         if isinstance(times, str):
             print(f"| {name} | failed: {times} |")
             continue
         print(f"| {name} | " + " | ".join(f"{times[b] * 1e3:.2f} ({weight_bytes / times[b] / 1e9:.1f})"
-                                           for b in args.batch) + " |")
+                                           for b in args.batch) + f" | {stream_bytes / times['stream'] / 1e9:.1f} |")
     return 0
 
 
