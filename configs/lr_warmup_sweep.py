@@ -4,7 +4,8 @@
 
 The demo's model on the corpus the demo used before it moved to the standard library's source
 (pydoc_data.topics, 2,048-piece tokenizer, 5% of the documents held out), shortened to 200 steps;
-every trial prepares the corpus into its own workdir, training the same SentencePiece tokenizer.
+the sweep prepares the corpus (and trains its SentencePiece tokenizer) once, into WORKDIR/data,
+and every trial reads it.
 experiments/lr_warmup_sweep.sh runs it; docs/lr_warmup_sweep/ holds the results of one run.
 """
 
