@@ -9,7 +9,10 @@ Two implementations with the same numbers and gradients:
 Both return `(loss, aux)` where
     loss = mean over masked tokens of (logsumexp - target logit)
            + z_loss * mean over masked tokens of logsumexp**2
-and aux holds "nll", "z_loss" (the z term, already scaled), "tokens" and "accuracy".
+and aux holds "nll", "z_loss" (the z term, already scaled), "tokens" and "accuracy";
+`vocab_parallel_cross_entropy(..., per_row=True)` adds "row_nll" and "row_tokens" ([B]: each
+row's summed token losses and its counted targets), from which a mixture's per-source losses
+are taken.
 """
 
 from __future__ import annotations
@@ -54,12 +57,13 @@ def vocab_parallel_cross_entropy(
     z_loss: float = 0.0,
     vocab_axis: str = "tensor",
     batch_axes: Sequence[str] = ("data", "fsdp"),
+    per_row: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
     """`cross_entropy` computed without gathering the vocabulary onto any device.
 
     Logits are split as P(batch_axes, None, vocab_axis) (resharded to that if placed otherwise);
     V must be divisible by the size of `vocab_axis` and B by the product of `batch_axes`.
-    Differentiable w.r.t. the logits.
+    Differentiable w.r.t. the logits. `per_row`: also "row_nll" and "row_tokens" in aux.
     """
     batch_axes = tuple(batch_axes)
     batch_spec = batch_axes or None
@@ -92,14 +96,18 @@ def vocab_parallel_cross_entropy(
 
         # Everything above is already the same on every vocab_axis device (psum/pmax/pmin
         # outputs), so only the batch shards remain to be summed.
-        sums = (jnp.sum((lse_bxS - target_bxS) * mask), jnp.sum(lse_bxS**2 * mask),
-                jnp.sum(hit_bxS * mask), jnp.sum(mask))
-        return tuple(lax.psum(s, batch_axes) for s in sums) if batch_axes else sums
+        nll_bxS = (lse_bxS - target_bxS) * mask
+        sums = (jnp.sum(nll_bxS), jnp.sum(lse_bxS**2 * mask), jnp.sum(hit_bxS * mask), jnp.sum(mask))
+        sums = tuple(lax.psum(s, batch_axes) for s in sums) if batch_axes else sums
+        return sums + ((jnp.sum(nll_bxS, axis=1), jnp.sum(mask, axis=1)) if per_row else ())
 
-    sums = jax.shard_map(
+    outs = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(P(batch_spec, None, vocab_axis), P(batch_spec, None), P(batch_spec, None)),
-        out_specs=(P(), P(), P(), P()),
+        out_specs=(P(), P(), P(), P()) + ((P(batch_spec), P(batch_spec)) if per_row else ()),
     )(logits_BxSxV, targets_BxS, mask_BxS)
-    return _finish(*sums, z_loss)
+    loss, aux = _finish(*outs[:4], z_loss)
+    if per_row:
+        aux["row_nll"], aux["row_tokens"] = outs[4:]
+    return loss, aux

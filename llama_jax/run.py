@@ -36,7 +36,7 @@ from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_a
 from llama_jax.config import LLaMAConfig
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
 from llama_jax.safe_io import sha256_file, write_text_atomic
-from llama_jax.train import Trainer, TrainState, build_trainer, global_batch
+from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 ON_NONFINITE = ("stop", "skip")
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
@@ -378,6 +378,8 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     trainer = build_trainer(config, devices)
     cfg, t = trainer.model_config, config.train
     data = build_data(config, cfg, workdir)
+    if data.train is not None and len(data.train.sources) > 1:  # a mixture: each source's training loss too
+        trainer = dataclasses.replace(trainer, sources=tuple(source.name for source in data.train.sources))
     try:
         if config.checkpoint.init_from and not committed_steps(workdir):
             check_init_from(config.checkpoint.init_from, cfg)
@@ -424,7 +426,9 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
             bar.update(1)
             record = {}
             if step % t.log_every == 0 or step == t.steps:
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                fetched = jax.device_get(step_metrics)
+                values = {k: float(v) for k, v in fetched.items() if not k.startswith("source_")}
+                values.update(per_source_nll(trainer.sources, fetched))
                 per_device = window_tokens / (time.perf_counter() - window_start) / trainer.mesh.size
                 values.update(tokens_per_second=per_device * trainer.mesh.size,
                               tflops_per_device=metrics_lib.tflops_per_device(per_device, cfg, t.seq_len),

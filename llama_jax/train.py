@@ -36,13 +36,18 @@ class TrainState:
     skipped: jax.Array  # steps whose loss or gradient was not finite (their update was not applied)
 
 
-# A batch is a dict of [global_batch, seq_len] int32 arrays.
+# A batch is a dict of [global_batch, seq_len] int32 arrays; batches of prepared data also hold
+# "source" [global_batch], the index of the mixture source each row comes from.
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+AUX_KEYS = ("nll", "z_loss", "tokens", "accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-    """Everything the step needs that is not an array: model, optimizer, mesh and settings."""
+    """Everything the step needs that is not an array: model, optimizer, mesh and settings.
+    `sources`: the names of a mixture's sources, in the order of a batch's "source" ids; with two
+    or more, the step also returns each source's summed token losses and targets
+    ("source_nll", "source_tokens"; `per_source_nll` turns them into means)."""
 
     model_config: LLaMAConfig
     optimizer: optax.GradientTransformation
@@ -51,6 +56,7 @@ class Trainer:
     grad_accum: int = 1
     z_loss: float = 0.0
     rules: tuple = LOGICAL_AXIS_RULES
+    sources: tuple[str, ...] = ()
 
     def context(self, per_device_attention: bool = True):
         """The trainer's mesh and rules for tracing the model (`sharding.mesh_context`)."""
@@ -77,15 +83,25 @@ class Trainer:
             return init(jax.random.key(seed))
 
     # ---- step ------------------------------------------------------------------------------
+    def _per_source(self, batch) -> bool:
+        return len(self.sources) > 1 and "source" in batch
+
     def micro_loss(self, params, micro, total_tokens):
         """(share of the global mean loss, aux) of one micro-batch: its mean loss weighted by its
-        share of the batch's tokens, so that summing over micro-batches gives the global mean."""
+        share of the batch's tokens, so that summing over micro-batches gives the global mean
+        (per-source sums, when kept, are plain sums)."""
         logits = LLaMA(self.model_config).apply({"params": params}, micro["tokens"], positions=micro["positions"],
                                                 segment_ids=micro["segment_ids"])
+        per_source = self._per_source(micro)
         mean_loss, aux = loss_lib.vocab_parallel_cross_entropy(
-            logits, micro["targets"], micro["loss_mask"], self.mesh, z_loss=self.z_loss)
+            logits, micro["targets"], micro["loss_mask"], self.mesh, z_loss=self.z_loss, per_row=per_source)
         weight = aux["tokens"] / total_tokens
-        return mean_loss * weight, {k: v if k == "tokens" else v * weight for k, v in aux.items()}
+        out = {k: aux[k] if k == "tokens" else aux[k] * weight for k in AUX_KEYS}
+        if per_source:
+            one_hot_BxN = (micro["source"][:, None] == jnp.arange(len(self.sources))).astype(jnp.float32)
+            out["source_nll"] = aux["row_nll"] @ one_hot_BxN
+            out["source_tokens"] = aux["row_tokens"] @ one_hot_BxN
+        return mean_loss * weight, out
 
     def loss_and_grads(self, params, batch, total_tokens):
         """Summed over micro-batches: grads of (sum of token losses / total_tokens)."""
@@ -106,7 +122,9 @@ class Trainer:
             return (loss_sum + loss, jax.tree.map(jnp.add, aux_sum, aux),
                     jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)), None
 
-        aux_zeros = {k: jnp.zeros((), jnp.float32) for k in ("nll", "z_loss", "tokens", "accuracy")}
+        aux_zeros = {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS}
+        if self._per_source(batch):
+            aux_zeros.update(source_nll=jnp.zeros(len(self.sources)), source_tokens=jnp.zeros(len(self.sources)))
         (loss, aux, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), aux_zeros, zeros), micro_batches)
         return loss, aux, grads
 
@@ -122,8 +140,7 @@ class Trainer:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                          (params, opt_state), (state.params, state.opt_state))
-        metrics = {"loss": loss, "nll": aux["nll"], "z_loss": aux["z_loss"], "accuracy": aux["accuracy"],
-                   "tokens": aux["tokens"], "grad_norm": grad_norm, "learning_rate": self.schedule(state.step)}
+        metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "learning_rate": self.schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32)), metrics
 
     @functools.cached_property
@@ -159,6 +176,15 @@ class Trainer:
 
         return jax.jit(evaluate, in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)),
                        compiler_options=self.compiler_options)
+
+
+def per_source_nll(sources: tuple[str, ...], metrics: dict) -> dict[str, float]:
+    """`nll/NAME`: each source's mean next-token loss (no z-loss term) over its rows of the step, from
+    a step's fetched metrics; sources without rows in the step are left out."""
+    if "source_nll" not in metrics:
+        return {}
+    return {f"nll/{name}": float(nll / tokens)
+            for name, nll, tokens in zip(sources, metrics["source_nll"], metrics["source_tokens"]) if tokens > 0}
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

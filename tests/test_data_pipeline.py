@@ -103,6 +103,8 @@ def test_a_mixture_reports_each_source(prepared, tmp_path):
     assert last["tokens_seen/docs"] == 4 * 6 * L and last["tokens_seen/texts"] == 4 * 2 * L  # 3:1 of 8 rows
     for name in ("docs", "texts"):
         assert last[f"epoch/{name}"] > 0 and last[f"eval_loss/{name}"] > 0
+    # each source's training loss on its rows of the step; the step's loss lies between them
+    assert min(last["nll/docs"], last["nll/texts"]) <= last["nll"] <= max(last["nll/docs"], last["nll/texts"])
     both = last["eval_tokens/docs"] + last["eval_tokens/texts"]
     assert last["eval_tokens"] == both
     assert last["eval_loss"] == pytest.approx((last["eval_loss/docs"] * last["eval_tokens/docs"]

@@ -92,6 +92,37 @@ def test_nonfinite_step_leaves_the_state_unchanged():
     jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)), before)
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_per_source_losses_are_each_sources_own_loss(grad_accum):
+    """A mixture's step also sums each source's token losses and targets (vocabulary split over
+    tensor=2, rows over fsdp=4): each source's mean equals the loss of that source's rows alone."""
+    config = tiny_config("mesh.fsdp=4", "mesh.tensor=2", "train.batch_size=8", f"train.grad_accum={grad_accum}")
+    trainer = dataclasses.replace(build_trainer(config), sources=("a", "b"))
+    state = trainer.init_state(0)
+    rows = dict(local_batch(config, 0, trainer.model_config))
+    rows["loss_mask"] = rows["loss_mask"].copy()
+    rows["loss_mask"][:, ::3] = 0  # rows count different numbers of targets
+    rows["loss_mask"][5, :40] = 0
+    rows["source"] = np.array([0, 1, 1, 0, 0, 1, 0, 1], np.int32)
+    params = jax.device_get(state.params)
+    _, metrics = trainer.step(state, global_batch(trainer.mesh, rows))
+    by_source = jax.device_get((metrics["source_nll"], metrics["source_tokens"]))
+    for i in (0, 1):
+        mine = {k: v[rows["source"] == i] for k, v in rows.items() if k != "source"}
+        alone = trainer.eval_metrics(jax.device_put(params, trainer.state_shardings.params),
+                                     global_batch(trainer.mesh, mine))
+        assert by_source[1][i] == float(alone["tokens"]) == mine["loss_mask"].sum()
+        np.testing.assert_allclose(by_source[0][i] / by_source[1][i], float(alone["nll"]), rtol=1e-5)
+    np.testing.assert_allclose(by_source[0].sum() / by_source[1].sum(), float(metrics["nll"]), rtol=1e-5)
+    from llama_jax.train import per_source_nll
+
+    logged = per_source_nll(trainer.sources, jax.device_get(metrics))
+    assert logged == {"nll/a": pytest.approx(by_source[0][0] / by_source[1][0]),
+                      "nll/b": pytest.approx(by_source[0][1] / by_source[1][1])}
+    assert per_source_nll(trainer.sources, {"source_nll": np.array([1.0, 0.0]),
+                                            "source_tokens": np.array([2.0, 0.0])}) == {"nll/a": 0.5}
+
+
 def test_shardings_follow_the_rules():
     trainer = build_trainer(tiny_config("mesh.fsdp=4", "mesh.tensor=2"))
     state = trainer.init_state(0)
