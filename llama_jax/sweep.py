@@ -8,7 +8,7 @@ workdir, so it resumes like any run; the sweep talks to it only through its comm
 files it writes (`config.json`, `metrics.jsonl`, `progress.json`). Results are always rebuilt
 from those files (`results.py`), so `--report` works at any time.
 
-A raw text source (embedded, text, jsonl, tfds) that no axis changes is prepared once, into
+A raw text source (embedded, stdlib, text, jsonl, tfds) that no axis changes is prepared once, into
 DIR/data, and every trial reads it as `data.source=prepared` (`shared_data`), instead of each
 trial tokenizing the corpus again.
 """
