@@ -134,10 +134,7 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
     if config_overrides:
         config = config.replace(**config_overrides)
     if mesh is not None:
-        from llama_jax.sharding import check_divisible, tree_shardings
-
-        check_divisible(config, mesh)
-        shardings = tree_shardings(mesh, abstract_params(config.replace(scan_layers=True)))
+        shardings = mesh_shardings(config.replace(scan_layers=True), mesh)
     params_dir = Path(path).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
         raise ValueError(f"{path}: parameter checkpoint {PARAMS_DIR}/ not found")
@@ -154,6 +151,15 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
     return config, params
+
+
+def mesh_shardings(config: LLaMAConfig, mesh):
+    """The shardings of `config`'s parameters (in its layer layout) over `mesh` under the project's
+    logical-axis rules; a ValueError naming the field when the mesh does not divide the model."""
+    from llama_jax.sharding import check_divisible, tree_shardings
+
+    check_divisible(config, mesh)
+    return tree_shardings(mesh, abstract_params(config))
 
 
 def array_restore_args(abstract, shardings=None):
@@ -272,14 +278,10 @@ class RunCheckpoints:
     def restore_params(self, step: int, config: LLaMAConfig, mesh=None):
         """Only the parameters of `step` (in the layer layout of the run's `config`), without reading
         the optimizer state: on the first local device (what a model export needs), or sharded over
-        `mesh` as the project's logical-axis rules shard them (each device reads its own shards)."""
-        boxed = abstract_params(config)
-        shardings = None
-        if mesh is not None:
-            from llama_jax.sharding import tree_shardings
-
-            shardings = {"params": tree_shardings(mesh, boxed)}
-        abstract = {"params": nn.meta.unbox(boxed)}
+        `mesh` as the project's logical-axis rules shard them (`mesh_shardings`; each device reads
+        its own shards)."""
+        shardings = None if mesh is None else {"params": mesh_shardings(config, mesh)}
+        abstract = {"params": nn.meta.unbox(abstract_params(config))}
         return self._read(step, "parameters", lambda: self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=abstract, restore_args=array_restore_args(abstract, shardings),
                                          partial_restore=True)))["state"]["params"])

@@ -241,10 +241,6 @@ def read_checkpoint_params(workdir: Path, step: int, mesh=None) -> tuple[dict, L
     with _reader(workdir) as checkpoints:
         info = checkpoints.run_info(step)
         model = LLaMAConfig.from_dict(info["model"])
-        if mesh is not None:
-            from llama_jax.sharding import check_divisible
-
-            check_divisible(model, mesh)
         return info, model, checkpoints.restore_params(step, model, mesh)
 
 
