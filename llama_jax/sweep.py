@@ -302,14 +302,15 @@ def trial_command(spec: SweepSpec, trial: Trial, directory: Path, program: Seque
             *(f"--config.{o}" for o in data)]
 
 
-def shared_data(spec: SweepSpec, axes: dict, workdir: Path) -> list[str]:
-    """The overrides that point every trial at WORKDIR/data, the sweep's one prepared copy of a raw
-    text source; [] when the trials read prepared or synthetic data, when an axis changes a
-    `data.` key (each trial then prepares its own), or when trials of this workdir already started
-    on their own copies (a sweep begun by an earlier version resumes as it began)."""
+def shared_data(config, axes: dict, workdir: Path) -> list[str]:
+    """The overrides that point every trial at WORKDIR/data, the sweep's one prepared copy of the raw
+    text source of `config` (the sweep's config with its base overrides); [] when the trials read
+    prepared or synthetic data, when an axis changes a `data.` key (each trial then prepares its
+    own), or when trials of this workdir already started on their own copies (a sweep begun by an
+    earlier version resumes as it began)."""
     from llama_jax.data import SOURCES
 
-    source = load_config(spec.config, list(spec.overrides)).data.source
+    source = config.data.source
     if source not in SOURCES or source == "synthetic" or any(key.startswith("data.") for key in axes):
         return []
     if not (workdir / DATA_DIR).is_dir() and any(workdir.glob(f"*/{TRIAL_FILE}")):
@@ -317,14 +318,13 @@ def shared_data(spec: SweepSpec, axes: dict, workdir: Path) -> list[str]:
     return ["data.source=prepared", f"data.path={workdir / DATA_DIR}"]
 
 
-def prepare_shared_data(spec: SweepSpec, workdir: Path, out=print) -> None:
-    """Prepare the config's data into WORKDIR/data (resuming an interrupted preparation; a finished
-    one is checked against the config's data settings and kept)."""
+def prepare_shared_data(data_config, workdir: Path, out=print) -> None:
+    """Prepare `data_config`'s documents into WORKDIR/data (resuming an interrupted preparation; a
+    finished one is checked against the data settings and kept)."""
     from llama_jax.prepare import prepare as prepare_data
 
-    config = load_config(spec.config, list(spec.overrides))
-    out(f"preparing data.source={config.data.source} once for every trial, into {workdir / DATA_DIR}")
-    prepare_data(config.data, workdir / DATA_DIR, progress=True)
+    out(f"preparing data.source={data_config.source} once for every trial, into {workdir / DATA_DIR}")
+    prepare_data(data_config, workdir / DATA_DIR, progress=True)
 
 
 def read_trial(directory: Path) -> dict:
@@ -378,9 +378,10 @@ class Sweep:
             raise SweepError(f"--parallel {parallel} on a {self.platform} host needs --devices-per-run K, so trials "
                              f"do not share accelerators")
         self.parallel, self.devices_per_run = parallel, devices_per_run
-        self.objective = objective_key(load_config(spec.config, list(spec.overrides)))
+        self.config = load_config(spec.config, list(spec.overrides))
+        self.objective = objective_key(self.config)
         self.numbered = spec.search != "grid"
-        self.data = shared_data(spec, axes, workdir)
+        self.data = shared_data(self.config, axes, workdir)
 
     def directory(self, trial: Trial) -> Path:
         return self.workdir / trial.name(list(self.axes), self.numbered)
@@ -578,7 +579,7 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / SPEC_FILE).write_text(spec.to_json())
     if sweep.data:
-        prepare_shared_data(spec, workdir, out)
+        prepare_shared_data(sweep.config.data, workdir, out)
     if spec.search == "optuna":
         study = open_study(workdir, spec.seed)
         sweep.run(optuna_trials(study, axes, spec.trials), study)
@@ -595,7 +596,7 @@ def describe(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os
 
     workdir = Path(workdir).absolute()
     numbered = spec.search != "grid"
-    data = shared_data(spec, axes, workdir)
+    data = shared_data(load_config(spec.config, list(spec.overrides)), axes, workdir)
     lines = [f"data: prepared once into {workdir / DATA_DIR}, read by every trial"] if data else []
     if spec.search == "optuna":
         space = ", ".join(f"{k}={v}" for k, v in spec.axes.items())
