@@ -49,17 +49,22 @@ def cmd_generate(args) -> None:
     if not prompts:
         raise UserError("no prompts; give --prompt TEXT (repeatable) and/or --prompts-file FILE")
 
+    mesh = None
+    if args.mesh is not None:  # a bad mesh fails before anything is read
+        from llama_jax.sharding import make_mesh
+
+        mesh = make_mesh(*args.mesh)
     if args.workdir is not None:
         from llama_jax.evaluate import load_run
 
-        config, params, tokenizer_path, _, _ = load_run(args.workdir, args.step)
+        config, params, tokenizer_path, _, _ = load_run(args.workdir, args.step, mesh)
         tokenizer = load_tokenizer(tokenizer_path)
         check_fits(tokenizer, config.vocab_size)
     else:
         _, tokenizer = load_tokenizer_for(args.model, "pass --tokenizer PATH", args.tokenizer)
-        config, params = load_model(args.model)
+        config, params = load_model(args.model, mesh=mesh)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop=args.stop or (), chat=args.chat)
+                   top_p=args.top_p, seed=args.seed, stop=args.stop or (), chat=args.chat, mesh=mesh)
     # Plain prompts print as prompt + continuation; --chat prints the reply alone.
     heads = [""] * len(prompts) if args.chat else prompts
     if len(prompts) == 1 and not args.no_stream:
@@ -494,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=finite_float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in the model directory)")
+    p.add_argument("--mesh", type=mesh_sizes, default=None, metavar="DATA,FSDP,TENSOR",
+                   help="shard the model and the KV cache over a device mesh, for models larger than one "
+                   "device (-1 takes the remaining devices); default: the first device")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a training run's checkpoint as a model directory (--from jax)")

@@ -133,11 +133,11 @@ def _stream_safe(text: str, stop: Sequence[str]) -> int:
 def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts: Sequence[str],
              max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop: Sequence[str] = (), chat: bool = False,
-             stream: Callable[[str], None] | None = None) -> list[str]:
+             stream: Callable[[str], None] | None = None, mesh=None) -> list[str]:
     """Continuations (chat: replies) of `prompts`, each cut at its end token and first stop string.
 
     `stream`: with a single prompt, called with each new piece of text as it is produced; the
-    pieces join to the returned text.
+    pieces join to the returned text. `mesh`: decode sharded over it (`generate`'s `mesh`).
     """
     from llama_jax.generate import generate
 
@@ -148,7 +148,8 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
         raise ValueError("no prompts; give --prompt TEXT or --prompts-file FILE")
     ids = [chat_ids(tokenizer, p) if chat else tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     ends = end_ids(tokenizer, chat)
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=ends[0], n_tokens=tokenizer.vocab_size)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=ends[0], n_tokens=tokenizer.vocab_size,
+                   mesh=mesh)
 
     def text_of(prompt_ids: Sequence[int], new: Sequence[int]) -> str:
         new = _cut_ids(new, ends)

@@ -173,6 +173,21 @@ def test_streaming_equals_one_call(sp_model, capsys):
     assert streamed == capsys.readouterr().out == PROMPTS[0] + expected + "\n"
 
 
+def test_mesh_shards_the_model(sp_model, capsys):
+    """--mesh decodes sharded over the 8 test devices (fsdp 4 x tensor 2) and prints what one device
+    samples; a mesh that does not fit the model or the devices is one line naming the problem."""
+    path, cfg, params, tok = sp_model
+    args = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "12", "--seed", "4"]
+    assert main(["generate", str(path), *args, "--mesh", "1,4,2"]) == 0
+    texts = generate_text(cfg, params, tok, PROMPTS, max_new_tokens=12, temperature=0.8, seed=4)
+    assert capsys.readouterr().out == "\n\n-----\n\n".join(p + t for p, t in zip(PROMPTS, texts)) + "\n"
+    for mesh, message in [("1,1,8", "model.n_heads=4 is not divisible by mesh.tensor=8"),
+                          ("1,3,1", "1 x 3 x 1 = 3, but there are 8 devices")]:
+        assert main(["generate", str(path), *args, "--mesh", mesh]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
 def test_workdir_equals_its_export(sp_model, tmp_path, capsys):
     path, _, _, _ = sp_model
     config = tmp_path / "config.py"
@@ -196,6 +211,8 @@ def test_workdir_equals_its_export(sp_model, tmp_path, capsys):
         of_export = capsys.readouterr().out
         assert main(["generate", "--workdir", str(run), *step, *args]) == 0
         assert capsys.readouterr().out == of_export
+    assert main(["generate", "--workdir", str(run), *args, "--mesh", "1,-1,1"]) == 0  # restored sharded, fsdp 8
+    assert capsys.readouterr().out == of_export
     for extra, message in [(["--step", "7"], "has no checkpoint of step 7"),
                            (["--tokenizer", str(path)], "--tokenizer is for a model directory")]:
         assert main(["generate", "--workdir", str(run), *extra, *args]) == 2
