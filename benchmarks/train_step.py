@@ -14,7 +14,9 @@ repeats after warm-up steps; compile time is reported apart.
     python benchmarks/train_step.py [--repeats 5] [--variants]
 
 `--variants` also times the llama-jax step with layers unrolled and with the other attention
-implementations, to show where the time goes.
+implementations, and the whole process with 4 KiB pages (`llama_jax.backend_tuning`'s huge-page
+restart turned off), to show where the time goes. Like `llama-jax`, the script restarts itself
+once with glibc's huge-page tunable where that applies; PyTorch runs under the same setting.
 """
 
 from __future__ import annotations
@@ -109,8 +111,9 @@ def time_torch(args, batches, attn: str) -> float:
     return median_seconds(step, args.repeats, warmup=2)
 
 
-def time_train_process(args) -> float:
-    """tokens/s that `llama-jax train` logs (median over its log windows after the first)."""
+def time_train_process(args, **env) -> float:
+    """tokens/s that `llama-jax train` logs (median over its log windows after the first); `env`:
+    changes to its environment."""
     with tempfile.TemporaryDirectory() as workdir:
         overrides = [f"--config.model.{k}={v}" for k, v in dict(
             vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
@@ -121,7 +124,7 @@ def time_train_process(args) -> float:
                       f"--config.checkpoint.every={steps}", "--config.data.source=synthetic"]
         subprocess.run([sys.executable, "-m", "llama_jax.cli", "train", "--config", str(ROOT / "configs" / "tiny.py"),
                         "--workdir", workdir, *overrides], check=True, capture_output=True, cwd=ROOT,
-                       env=dict(os.environ, LLAMA_JAX_SINGLE_PROCESS="1"))
+                       env=dict(os.environ, LLAMA_JAX_SINGLE_PROCESS="1", **env))
         logged = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
         rates = [r["tokens_per_second"] for r in logged if "tokens_per_second" in r][1:]
         return statistics.median(rates)
@@ -157,7 +160,7 @@ def main(argv=None) -> int:
     per_token = flops_per_token(model_config(cfg), args.seq_len)
     print(f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
           f"matmul 2048^2 float32: XLA {xla_rate / 1e9:.0f} GFLOP/s, PyTorch {torch_rate / 1e9:.0f} GFLOP/s; "
-          f"{per_token / 1e6:.0f} MFLOP per token")
+          f"{per_token / 1e6:.0f} MFLOP per token; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
 
     rows = {}
     seconds, first = time_trainer(args, batches)
@@ -168,6 +171,9 @@ def main(argv=None) -> int:
             seconds, first = time_trainer(args, batches, **changes)
             rows[f"llama-jax Trainer.step, {label}"] = (tokens / seconds, first)
     rows["llama-jax train (whole process)"] = (time_train_process(args), None)
+    if args.variants:  # glibc's hugetlb tunable set to 0: the command keeps 4 KiB pages (no restart)
+        rows["llama-jax train (whole process), 4 KiB pages"] = (
+            time_train_process(args, GLIBC_TUNABLES="glibc.malloc.hugetlb=0"), None)
     for attn in ("eager", "sdpa"):
         rows[f"transformers + AdamW ({attn})"] = (tokens / time_torch(args, batches, attn), None)
 
@@ -184,4 +190,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # as `llama-jax` does: restart with glibc's huge-page tunable where it applies, so that the step
+    # measured here runs as in the command (PyTorch runs in the same process, under the same setting)
+    from llama_jax.backend_tuning import restart_with_huge_pages
+
+    restart_with_huge_pages()
     sys.exit(main())

@@ -138,7 +138,7 @@ def cmd_convert(args) -> None:
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
-    from llama_jax.convert.pipeline import FORMATS
+    from llama_jax.convert import FORMATS
 
     p.add_argument("--from", dest="src_format", required=True, choices=FORMATS,
                    help="hf: config.json + safetensors/.bin; meta: params.json + consolidated.NN.pth; "
@@ -678,6 +678,11 @@ def _quiet_library_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `llama-jax` command; `argv` None: this process's own arguments (run as a program)."""
+    if argv is None:  # a program of its own: restart once, before JAX is imported, if that helps
+        from llama_jax.backend_tuning import restart_with_huge_pages
+
+        restart_with_huge_pages()
     _quiet_library_noise()
     try:
         rest, overrides = _split_config_overrides(sys.argv[1:] if argv is None else argv)

@@ -17,12 +17,11 @@ import numpy as np
 from llama_jax.checkpoint import (MODEL_DIR, TOKENIZER_FILES, copy_tokenizer_files, load_config, load_model,
                                   write_model_dir)
 from llama_jax.config import DTYPES, LLaMAConfig
-from llama_jax.convert import hf_dir, meta
+from llama_jax.convert import FORMATS, hf_dir, meta
 from llama_jax.convert.hf import empty_params, hf_tensor, put_tensor, tensor_specs
 from llama_jax.convert.source import ConversionError, Source, dtype_name, numpy_dtype
 from llama_jax.safe_io import OutputKind, atomic_directory, check_destination
 
-FORMATS = ("hf", "meta", "jax")
 OUTPUT_KINDS = {  # what each writer puts in its directory: all that --overwrite may replace
     "hf": OutputKind("Hugging Face model directory",
                      ("config.json", "model*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)),

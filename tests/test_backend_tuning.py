@@ -1,0 +1,71 @@
+"""Host-memory tuning of `llama_jax.backend_tuning`: when the `llama-jax` command restarts itself
+with glibc's huge-page tunable, and that the restarted process really gets huge pages."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from llama_jax.backend_tuning import (HUGE_PAGES_TUNABLE, _glibc_at_least, huge_pages_environment,
+                                      transparent_huge_pages_mode)
+
+PAGES_4K = 256 * 2**20 // 4096  # page faults of touching a fresh 256 MiB block in 4 KiB pages
+
+
+@pytest.mark.parametrize("environ, thp, glibc, tunables", [
+    ({}, "madvise", True, HUGE_PAGES_TUNABLE),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "madvise", True, f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", True, None),  # the user's own choice
+    ({"LLAMA_JAX_TUNING": "0"}, "madvise", True, None),
+    ({}, "always", True, None),  # every large block gets huge pages already
+    ({}, "never", True, None),
+    ({}, None, True, None),  # no transparent huge pages in this kernel
+    ({}, "madvise", False, None),  # not glibc 2.35+: no such tunable
+])
+def test_when_to_restart(environ, thp, glibc, tunables):
+    env = huge_pages_environment({"HOME": "/h", **environ}, thp, glibc)
+    if tunables is None:
+        assert env is None
+    else:
+        assert env == {"HOME": "/h", **environ, "GLIBC_TUNABLES": tunables}
+
+
+# Prints its pid and GLIBC_TUNABLES, runs `llama-jax presets` as the program (argv None), then counts
+# the page faults of touching 256 MiB that glibc's malloc hands out.
+PROGRAM = textwrap.dedent("""
+    import ctypes, os, resource, sys
+    print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
+    sys.argv = ["llama-jax", "presets"]
+    from llama_jax.cli import main
+    assert main() == 0
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(libc.malloc(256 * 2**20), 1, 256 * 2**20)
+    print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+def run_program(env: dict) -> tuple[list[list[str]], int]:
+    out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True,
+                         env=env).stdout.splitlines()
+    starts = [line.split() for line in out if line.startswith("start ")]
+    assert any(line.startswith("llama1-7b") for line in out)  # the command itself ran
+    return starts, int(next(line for line in out if line.startswith("faults ")).split()[1])
+
+
+def test_command_restarts_once_with_huge_pages():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LLAMA_JAX_TUNING")}
+    applies = huge_pages_environment(env, transparent_huge_pages_mode(), _glibc_at_least((2, 35))) is not None
+    starts, faults = run_program(env)
+    if not applies:  # this machine has nothing to gain: the command runs as it was started
+        assert len(starts) == 1
+        return
+    # the same process (exec keeps the pid) started again, once, now with the tunable
+    assert [s[2] for s in starts] == ["None", HUGE_PAGES_TUNABLE] and starts[0][1] == starts[1][1]
+    assert faults < PAGES_4K / 8, faults  # 2 MiB pages: a few hundred faults instead of 65,536
+
+    starts, faults = run_program({**env, "LLAMA_JAX_TUNING": "0"})
+    assert [s[2] for s in starts] == ["None"] and faults >= PAGES_4K  # turned off: 4 KiB pages
