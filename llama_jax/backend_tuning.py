@@ -18,8 +18,8 @@ command therefore restarts itself once, before it imports JAX, with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, under which glibc asks the kernel for transparent huge
 pages for its large blocks (`restart_with_huge_pages`): the same memory, in 2 MiB pages. The
 restart keeps the process id, arguments and working directory; no result changes, and the
-measured peak memory did not either. A `GLIBC_TUNABLES` that already sets `glibc.malloc.hugetlb` is left as
-it is.
+measured peak memory did not either. A `GLIBC_TUNABLES` that already sets `glibc.malloc.hugetlb`
+is left as it is.
 
 GPU and TPU: no XLA option is set.
 """
