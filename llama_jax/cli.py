@@ -180,6 +180,20 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def _attach_mesh_values(argv: list[str]) -> list[str]:
+    """`--mesh -1,4,1` as `--mesh=-1,4,1`: argparse reads a separate value that starts with "-" (and
+    is not one plain number) as an option, so a mesh whose first size is -1 would be refused."""
+    joined = []
+    for i, arg in enumerate(argv):
+        if arg == "--":  # another command line (launch): passed on untouched
+            return joined + argv[i:]
+        if joined and joined[-1] == "--mesh" and arg[:1] == "-" and arg[1:2].isdigit():
+            joined[-1] = f"--mesh={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def _init_distributed(args) -> None:
     """Join a multi-process run: explicitly from flags, or automatically on TPU VMs and SLURM
     (unless LLAMA_JAX_SINGLE_PROCESS is set, as a sweep does for trials sharing one host)."""
@@ -689,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"llama-jax: error: {e}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(rest)
+    args = build_parser().parse_args(_attach_mesh_values(rest))
     args.overrides = overrides
     try:
         args.func(args)

@@ -229,6 +229,12 @@ CASES = [
          r"the tokenizer has 512 tokens but the model's vocab_size is 256"),
     Case("generate-prompt-too-long", "generate {model} --prompt '" + "many words " * 80 + "' --max-new-tokens 8",
          r"longest prompt \(\d+\) \+ max_new_tokens \(8\) = \d+ exceeds the model's max_seq_len \(128\)"),
+    Case("generate-mesh-not-three-integers", "generate {model} --prompt Hi --mesh 1,x",
+         r"argument --mesh: expected three integers DATA,FSDP,TENSOR such as 1,-1,1, got '1,x'", usage=True),
+    Case("generate-mesh-zero", "generate {model} --prompt Hi --mesh 0,-1,1",
+         r"mesh.data=0: must be a positive integer or -1 \(all remaining devices\)"),
+    Case("generate-mesh-two-free-axes", "generate {model} --prompt Hi --mesh -1,-1,1",
+         r"mesh: only one of data, fsdp, tensor may be -1, got data, fsdp"),
     # ---- export ----
     Case("export-not-a-run", "export --workdir {hf} out", r"hf holds no committed checkpoint \(checkpoints/<step>/\)"),
     Case("export-step-missing", "export --workdir {run} --step 3 out", r"run has no checkpoint of step 3; valid: 2, 4"),

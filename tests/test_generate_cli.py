@@ -182,6 +182,7 @@ def test_mesh_shards_the_model(sp_model, capsys):
     texts = generate_text(cfg, params, tok, PROMPTS, max_new_tokens=12, temperature=0.8, seed=4)
     assert capsys.readouterr().out == "\n\n-----\n\n".join(p + t for p, t in zip(PROMPTS, texts)) + "\n"
     for mesh, message in [("1,1,8", "model.n_heads=4 is not divisible by mesh.tensor=8"),
+                          ("-1,1,8", "model.n_heads=4 is not divisible by mesh.tensor=8"),  # read as a value
                           ("1,3,1", "1 x 3 x 1 = 3, but there are 8 devices")]:
         assert main(["generate", str(path), *args, "--mesh", mesh]) == 2
         err = capsys.readouterr().err.strip().splitlines()
