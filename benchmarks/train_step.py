@@ -7,16 +7,24 @@ Both train the same architecture (float32; default dim 512, 8 layers, 8 heads, F
                    metrics included), from the tokens/s it logs after the first window;
   reference        `transformers.LlamaForCausalLM` (eager attention, as in the parity tests,
                    and `sdpa`) with `torch.optim.AdamW`, forward + backward + step.
-The run also measures XLA's float32 matmul rate (2048^2) and PyTorch's, and reports model FLOP
-utilisation against XLA's (model FLOPs as in `llama_jax.metrics.flops_per_token`). Medians of the
-repeats after warm-up steps; compile time is reported apart.
+The llama-jax step is timed with scanned layers (`model.scan_layers=True`, the default: one
+compiled layer applied with `nn.scan`) and unrolled (`scan_layers=False`). The run also measures
+XLA's float32 matmul rate (2048^2) and PyTorch's, and reports model FLOP utilisation against XLA's
+(model FLOPs as in `llama_jax.metrics.flops_per_token`).
+
+Everything in one process is compiled and warmed up first, then timed in rounds: each round
+measures both matmul rates and every implementation in turn (three steps each, the first untimed:
+a step that follows other work re-faults the memory that work left, which a training run, always
+repeating its own step, does not), so that the machine's slow spells fall on all of them alike. Ratios to PyTorch and MFU are taken within each round and
+reported as medians over the rounds (tokens/s too); compile time is reported apart. The whole
+`llama-jax train` process runs after the rounds, in its own process.
 
     python benchmarks/train_step.py [--repeats 5] [--variants]
 
-`--variants` also times the llama-jax step with layers unrolled and with the other attention
-implementations, and the whole process with 4 KiB pages (`llama_jax.backend_tuning`'s huge-page
-restart turned off), to show where the time goes. Like `llama-jax`, the script restarts itself
-once with glibc's huge-page tunable where that applies; PyTorch runs under the same setting.
+`--variants` also times the llama-jax step with `jax.nn.dot_product_attention`, and the whole
+process with 4 KiB pages (`llama_jax.backend_tuning`'s huge-page restart turned off), to show
+where the time goes. Like `llama-jax`, the script restarts itself once with glibc's huge-page
+tunable where that applies; PyTorch runs under the same setting.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,21 +45,33 @@ import numpy as np
 from timing import median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
+MATMUL_N, MATMUL_REPEATS = 2048, 4  # the reference product; timed this many times per round (median)
+STEPS_PER_ROUND = 2  # timed train steps of each implementation per round (median), after an untimed one
 
 
-def matmul_rates(repeats: int) -> tuple[float, float]:
-    """FLOP/s of a float32 2048 x 2048 matmul in XLA and in PyTorch."""
+class Timed:
+    """One implementation in the rounds: its step, compile + first step seconds if known, and the
+    seconds of its step in each round."""
+
+    def __init__(self, step, first: float | None = None):
+        self.step, self.first, self.seconds = step, first, []
+
+    def measure(self, repeats: int) -> None:
+        """The median of `repeats` steps after an untimed one: the first step after other work
+        re-faults the memory that work left (a training run only ever repeats its own step)."""
+        self.seconds.append(median_seconds(self.step, repeats, warmup=1))
+
+
+def matmul_steps() -> dict[str, Callable[[], object]]:
+    """One float32 2048 x 2048 matmul in XLA and in PyTorch, each a callable that waits for it."""
     import jax
     import jax.numpy as jnp
     import torch
 
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
+    a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
     f = jax.jit(lambda x: x @ x)
-    xla = 2 * n**3 / median_seconds(lambda: f(a).block_until_ready(), repeats * 4)
-    t = torch.ones(n, n)
-    torch_rate = 2 * n**3 / median_seconds(lambda: t @ t, repeats * 4)
-    return xla, torch_rate
+    t = torch.ones(MATMUL_N, MATMUL_N)
+    return {"xla": lambda: f(a).block_until_ready(), "torch": lambda: t @ t}
 
 
 def jax_config(args, **model_changes):
@@ -63,29 +84,29 @@ def jax_config(args, **model_changes):
     return config
 
 
-def time_trainer(args, batches, **model_changes) -> tuple[float, float]:
-    """(median seconds per step, seconds of the first call: compile + one step)."""
+def jax_step(args, batches, **model_changes) -> Timed:
+    """llama-jax's `Trainer.step`, compiled and warmed up; `first` is compile + the first step."""
     import jax
 
     from llama_jax.train import build_trainer, global_batch
 
     trainer = build_trainer(jax_config(args, **model_changes))
-    state = trainer.init_state(0)
+    box = [trainer.init_state(0)]
     placed = [global_batch(trainer.mesh, b) for b in batches]
+
+    def step(batch=placed[1]):
+        box[0], metrics = trainer.step(box[0], batch)
+        jax.block_until_ready(metrics)
+
     start = time.perf_counter()
-    state, metrics = trainer.step(state, placed[0])
-    jax.block_until_ready(metrics)
+    step(placed[0])
     first = time.perf_counter() - start
-    box = [state]
-
-    def step():
-        box[0], m = trainer.step(box[0], placed[1])
-        jax.block_until_ready(m)
-
-    return median_seconds(step, args.repeats), first
+    step()
+    return Timed(step, first)
 
 
-def time_torch(args, batches, attn: str) -> float:
+def torch_step(args, batches, attn: str) -> Timed:
+    """transformers + AdamW forward, backward and update, warmed up."""
     import torch
     import transformers
 
@@ -108,7 +129,9 @@ def time_torch(args, batches, attn: str) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return median_seconds(step, args.repeats, warmup=2)
+    for _ in range(2):
+        step()
+    return Timed(step)
 
 
 def time_train_process(args, **env) -> float:
@@ -135,13 +158,14 @@ def main(argv=None) -> int:
     for name, default in dict(dim=512, layers=8, heads=8, ffn=1408, vocab=8000, batch=8, seq_len=256,
                               repeats=5).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
-    parser.add_argument("--variants", action="store_true", help="also time unrolled layers and other attention")
+    parser.add_argument("--variants", action="store_true", help="also time other attention and 4 KiB pages")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
     import jax
     import torch
 
+    from llama_jax.experiment import model_config
     from llama_jax.metrics import flops_per_token
 
     rng = np.random.default_rng(0)
@@ -153,39 +177,54 @@ def main(argv=None) -> int:
                         "segment_ids": np.ones((args.batch, args.seq_len), np.int32),
                         "loss_mask": np.ones((args.batch, args.seq_len), np.float32)})
     tokens = args.batch * args.seq_len
-    xla_rate, torch_rate = matmul_rates(args.repeats)
-    cfg = jax_config(args).model
-    from llama_jax.experiment import model_config
+    per_token = flops_per_token(model_config(jax_config(args).model), args.seq_len)
 
-    per_token = flops_per_token(model_config(cfg), args.seq_len)
+    steps = {"llama-jax Trainer.step, scanned layers (default)": jax_step(args, batches),
+             "llama-jax Trainer.step, unrolled layers (`model.scan_layers=False`)":
+                 jax_step(args, batches, scan_layers=False)}
+    if args.variants:
+        steps["llama-jax Trainer.step, scanned, `attention_impl=dot_product`"] = jax_step(
+            args, batches, attention_impl="dot_product")
+    for attn in ("eager", "sdpa"):
+        steps[f"transformers + AdamW ({attn})"] = torch_step(args, batches, attn)
+    matmuls = {name: Timed(fn) for name, fn in matmul_steps().items()}
+    for _ in range(args.repeats):
+        for m in matmuls.values():
+            m.measure(MATMUL_REPEATS)
+        for t in steps.values():
+            t.measure(STEPS_PER_ROUND)
+
+    flop_rates = {name: [2 * MATMUL_N**3 / s for s in m.seconds] for name, m in matmuls.items()}
+    rates = {name: [tokens / s for s in t.seconds] for name, t in steps.items()}
+    best_torch = [max(r) for r in zip(*(v for k, v in rates.items() if k.startswith("transformers")))]
     print(f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
-          f"matmul 2048^2 float32: XLA {xla_rate / 1e9:.0f} GFLOP/s, PyTorch {torch_rate / 1e9:.0f} GFLOP/s; "
-          f"{per_token / 1e6:.0f} MFLOP per token; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+          f"matmul 2048^2 float32, median of {args.repeats} rounds: XLA {statistics.median(flop_rates['xla']) / 1e9:.0f} "
+          f"GFLOP/s, PyTorch {statistics.median(flop_rates['torch']) / 1e9:.0f} GFLOP/s; {per_token / 1e6:.0f} MFLOP "
+          f"per token; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
 
     rows = {}
-    seconds, first = time_trainer(args, batches)
-    rows["llama-jax Trainer.step"] = (tokens / seconds, first)
-    if args.variants:
-        for label, changes in {"unrolled layers": dict(scan_layers=False),
-                               "attention dot_product": dict(attention_impl="dot_product")}.items():
-            seconds, first = time_trainer(args, batches, **changes)
-            rows[f"llama-jax Trainer.step, {label}"] = (tokens / seconds, first)
-    rows["llama-jax train (whole process)"] = (time_train_process(args), None)
+    for name, per_round in rates.items():
+        rows[name] = {"tokens_per_s": statistics.median(per_round),
+                      "vs_best_torch": statistics.median(r / b for r, b in zip(per_round, best_torch)),
+                      "mfu": statistics.median(r * per_token / x for r, x in zip(per_round, flop_rates["xla"])),
+                      "first_step_s": steps[name].first, "per_round_tokens_per_s": per_round}
+    xla_rate, torch_best = statistics.median(flop_rates["xla"]), statistics.median(best_torch)
+    processes = {"llama-jax train (whole process)": {}}
     if args.variants:  # glibc's hugetlb tunable set to 0: the command keeps 4 KiB pages (no restart)
-        rows["llama-jax train (whole process), 4 KiB pages"] = (
-            time_train_process(args, GLIBC_TUNABLES="glibc.malloc.hugetlb=0"), None)
-    for attn in ("eager", "sdpa"):
-        rows[f"transformers + AdamW ({attn})"] = (tokens / time_torch(args, batches, attn), None)
+        processes["llama-jax train (whole process), 4 KiB pages"] = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    for name, env in processes.items():  # after the rounds: against their medians
+        rate = time_train_process(args, **env)
+        rows[name] = {"tokens_per_s": rate, "vs_best_torch": rate / torch_best, "mfu": rate * per_token / xla_rate,
+                      "first_step_s": None}
 
-    reference = max(v for k, (v, _) in rows.items() if k.startswith("transformers"))
-    print("\n| work | tokens/s | x best PyTorch | MFU vs XLA matmul | compile + first step, s |")
+    print(f"\n| work | tokens/s | x best PyTorch | MFU vs XLA matmul | compile + first step, s |")
     print("|---|---|---|---|---|")
-    for name, (rate, first) in rows.items():
-        compiled = f"{first:.1f}" if first is not None else ""
-        print(f"| {name} | {rate:,.0f} | {rate / reference:.2f} | {rate * per_token / xla_rate:.0%} | {compiled} |")
+    for name, row in rows.items():
+        first = f"{row['first_step_s']:.1f}" if row["first_step_s"] is not None else ""
+        print(f"| {name} | {row['tokens_per_s']:,.0f} | {row['vs_best_torch']:.2f} | {row['mfu']:.0%} | {first} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"xla_matmul_flops": xla_rate, "torch_matmul_flops": torch_rate,
-                                               "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"xla_matmul_flops": flop_rates["xla"],
+                                               "torch_matmul_flops": flop_rates["torch"], "rows": rows}, indent=1))
     return 0
 
 
