@@ -15,9 +15,10 @@ XLA's float32 matmul rate (2048^2) and PyTorch's, and reports model FLOP utilisa
 Everything in one process is compiled and warmed up first, then timed in rounds: each round
 measures both matmul rates and every implementation in turn (three steps each, the first untimed:
 a step that follows other work re-faults the memory that work left, which a training run, always
-repeating its own step, does not), so that the machine's slow spells fall on all of them alike. Ratios to PyTorch and MFU are taken within each round and
-reported as medians over the rounds (tokens/s too); compile time is reported apart. The whole
-`llama-jax train` process runs after the rounds, in its own process.
+repeating its own step, does not), so that the machine's slow spells fall on all of them alike.
+Ratios to PyTorch and MFU are taken within each round and reported as medians over the rounds
+(tokens/s too); compile time is reported apart. The whole `llama-jax train` process runs after
+the rounds, in its own process, and is compared with the rounds' medians.
 
     python benchmarks/train_step.py [--repeats 5] [--variants]
 
