@@ -198,10 +198,11 @@ def main(argv=None) -> int:
     flop_rates = {name: [2 * MATMUL_N**3 / s for s in m.seconds] for name, m in matmuls.items()}
     rates = {name: [tokens / s for s in t.seconds] for name, t in steps.items()}
     best_torch = [max(r) for r in zip(*(v for k, v in rates.items() if k.startswith("transformers")))]
+    xla_rate, torch_rate = (statistics.median(flop_rates[name]) for name in ("xla", "torch"))
     print(f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
-          f"matmul 2048^2 float32, median of {args.repeats} rounds: XLA {statistics.median(flop_rates['xla']) / 1e9:.0f} "
-          f"GFLOP/s, PyTorch {statistics.median(flop_rates['torch']) / 1e9:.0f} GFLOP/s; {per_token / 1e6:.0f} MFLOP "
-          f"per token; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+          f"matmul 2048^2 float32, median of {args.repeats} rounds: XLA {xla_rate / 1e9:.0f} GFLOP/s, "
+          f"PyTorch {torch_rate / 1e9:.0f} GFLOP/s; {per_token / 1e6:.0f} MFLOP per token; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
 
     rows = {}
     for name, per_round in rates.items():
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
                       "vs_best_torch": statistics.median(r / b for r, b in zip(per_round, best_torch)),
                       "mfu": statistics.median(r * per_token / x for r, x in zip(per_round, flop_rates["xla"])),
                       "first_step_s": steps[name].first, "per_round_tokens_per_s": per_round}
-    xla_rate, torch_best = statistics.median(flop_rates["xla"]), statistics.median(best_torch)
+    torch_best = statistics.median(best_torch)
     processes = {"llama-jax train (whole process)": {}}
     if args.variants:  # glibc's hugetlb tunable set to 0: the command keeps 4 KiB pages (no restart)
         processes["llama-jax train (whole process), 4 KiB pages"] = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
