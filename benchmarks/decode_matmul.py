@@ -10,7 +10,9 @@ weight-streaming rate `decode.py`'s roofline is built on. It shows how far a dec
 this machine: whether the layers' small products stream their weights as fast as one large
 product does (on a multi-core machine a large product is split over the cores; a 1-3 MiB one may
 not be), and that batch 8 costs about twice batch 1 in every library, because general matrix
-products re-pack the weights on each call.
+products re-pack the weights on each call. One more XLA row keeps the activations feature-major
+([in, batch], each product `w @ x` with the weight stored [out, in], as PyTorch's `nn.Linear`
+stores it): the same products with the weight as the left operand and no transposes between them.
 
     python benchmarks/decode_matmul.py [--batch 1 8] [--repeats 7]
 
@@ -31,13 +33,14 @@ import numpy as np
 from timing import median_seconds
 
 # XLA_FLAGS for each CPU matrix-product library (the products of a single row go to Eigen in
-# all), and whether the process is held to one core
+# all), whether the process is held to one core, and whether activations are feature-major
 LIBRARIES = {
-    "xla (default: YNNPACK)": ("", False),
-    "xla, XNNPACK": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=true", False),
-    "xla, oneDNN": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true", False),
-    "xla, Eigen": ("--xla_cpu_experimental_ynn_fusion_type=", False),
-    "xla (default), one core": ("", True),
+    "xla (default: YNNPACK)": ("", False, False),
+    "xla, XNNPACK": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=true", False, False),
+    "xla, oneDNN": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true", False, False),
+    "xla, Eigen": ("--xla_cpu_experimental_ynn_fusion_type=", False, False),
+    "xla (default), one core": ("", True, False),
+    "xla (default), feature-major: w [out, in] @ x [in, batch]": ("", False, True),
 }
 STREAM_SHAPE = (8192, 8192)  # float32: 256 MiB, far larger than the caches
 
@@ -46,15 +49,17 @@ def shapes(dim: int, ffn: int) -> list[tuple[int, int]]:
     return [(dim, dim)] * 4 + [(dim, ffn)] * 2 + [(ffn, dim)]  # q, k, v, o, gate, up, down
 
 
-def time_xla(batches, layers, dim, ffn, repeats) -> dict:
+def time_xla(batches, layers, dim, ffn, repeats, feature_major: bool = False) -> dict:
     """Seconds per step of the chain at each batch size, and under "stream" seconds per product
-    over a STREAM_SHAPE matrix."""
+    over a STREAM_SHAPE matrix. feature_major: activations [features, batch], weights [out, in]."""
     import jax
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
     weights = [[jnp.asarray(rng.standard_normal(s, np.float32) * 0.03) for s in shapes(dim, ffn)]
                for _ in range(layers)]
+    if feature_major:
+        weights = [[w.T.copy() for w in layer] for layer in weights]
 
     @jax.jit
     def step(x, weights):
@@ -65,9 +70,21 @@ def time_xla(batches, layers, dim, ffn, repeats) -> dict:
                 x = jnp.tanh((xi @ w)[:, :dim]) * 0.5 + x
         return x
 
+    @jax.jit
+    def step_feature_major(x, weights):
+        for layer in weights:
+            for w in layer:
+                n_in = w.shape[1]
+                xi = x if n_in == dim else jnp.tile(x, (-(-n_in // dim), 1))[:n_in]
+                x = jnp.tanh((w @ xi)[:dim]) * 0.5 + x
+        return x
+
+    if feature_major:
+        step = step_feature_major
     result = {}
     for batch in batches:
         x = jnp.asarray(rng.standard_normal((batch, dim), np.float32))
+        x = x.T.copy() if feature_major else x
         step(x, weights).block_until_ready()
         result[batch] = median_seconds(lambda: [step(x, weights) for _ in range(50)][-1].block_until_ready(),
                                        repeats) / 50
@@ -112,20 +129,23 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one library (XLA_FLAGS), timed
     parser.add_argument("--one-core", action="store_true", help=argparse.SUPPRESS)  # the child, on one core
+    parser.add_argument("--feature-major", action="store_true", help=argparse.SUPPRESS)  # the child's layout
     args = parser.parse_args(argv)
     sizes = (args.batch, args.layers, args.dim, args.ffn, args.repeats)
     if args.child:
         if args.one_core:  # before JAX starts its threads, which inherit it
             os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        print(" ".join(f"{b}:{s!r}" for b, s in time_xla(*sizes).items()))
+        print(" ".join(f"{b}:{s!r}" for b, s in time_xla(*sizes, feature_major=args.feature_major).items()))
         return 0
 
     weight_bytes = 4 * args.layers * sum(a * b for a, b in shapes(args.dim, args.ffn))
     rows = {}
-    for name, (flags, one_core) in LIBRARIES.items():  # XLA_FLAGS apply per process
+    for name, (flags, one_core, feature_major) in LIBRARIES.items():  # XLA_FLAGS apply per process
         env = {**os.environ, "XLA_FLAGS": flags}
         child = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--child",
-                                *(["--one-core"] if one_core else [])], env=env, capture_output=True, text=True)
+                                *(["--one-core"] if one_core else []),
+                                *(["--feature-major"] if feature_major else [])],
+                               env=env, capture_output=True, text=True)
         if child.returncode:  # e.g. a jaxlib that does not know the option
             rows[name] = (child.stderr.strip().splitlines() or ["no output"])[-1]
             continue
