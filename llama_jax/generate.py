@@ -14,9 +14,10 @@ top-k, top-p, seed or EOS reuses the compiled code; a new batch size, prompt len
 Decoding is memory-bound, so the loop is arranged to read each weight and the filled part of
 the K/V cache about once per token:
 - the layers are unrolled: scanned (stacked) params are split into per-layer arrays once per
-  call (`_unstacked`), because a scan over stacked weights slices (copies) every
+  call (`decoding_params`), because a scan over stacked weights slices (copies) every
   layer's weights on every step; this holds a second copy of the weights while decoding, as
-  decoding from an unscanned checkpoint would;
+  decoding from an unscanned checkpoint would. Callers that generate many times from the same
+  weights split them once with `decoding_params` and pass the result;
 - every layer writes its new keys and values into its own cache arrays in place (`KVCache`;
   slicing a layer out of one stacked cache copied it on every token), and attends only over the
   filled blocks of them (`llama_jax.attention.cached_attention`);
@@ -200,11 +201,7 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     for row, prompt in enumerate(prompts):
         tokens[row, P - len(prompt):] = prompt
     pad = np.array([P - len(p) for p in prompts], np.int32)
-    config = config.replace(scan_layers="layers" in params)  # the layout the params come in
-    if mesh is not None:
-        params = jax.device_put(params, tree_shardings(mesh, abstract_params(config)))
-    if config.scan_layers:  # decode with the layers unrolled (see the module docstring)
-        params = _unstacked(params, config.n_layers)
+    params = decoding_params(config, params, mesh)
     config = config.replace(scan_layers=False)
     sampler = _Sampler(jax.random.key(seed), jnp.float32(temperature),
                        jnp.int32(min(top_k or config.vocab_size, config.vocab_size)), jnp.float32(top_p or 1.0),
@@ -228,6 +225,17 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     if eos_id is not None:
         rows = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
     return rows
+
+
+def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mesh | None = None) -> Mapping:
+    """`params` (scanned or unscanned) as `generate` decodes with them: layers unrolled, placed
+    on `mesh` as in training. `generate` does this on every call, which for scanned params copies
+    the weights; a caller that generates many times from the same weights does it once and
+    passes the result (costs nothing further then)."""
+    config = config.replace(scan_layers="layers" in params)  # the layout the params come in
+    if mesh is not None:
+        params = jax.device_put(params, tree_shardings(mesh, abstract_params(config)))
+    return _unstacked(params, config.n_layers) if config.scan_layers else params
 
 
 @functools.partial(jax.jit, static_argnums=1)

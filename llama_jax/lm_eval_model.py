@@ -142,8 +142,9 @@ class LlamaJaxLM(TemplateLM):
         """
         from tqdm import tqdm
 
-        from llama_jax.generate import generate
+        from llama_jax.generate import decoding_params, generate
 
+        params = decoding_params(self.config, self.params, self.mesh)  # once, not per batch
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
@@ -182,7 +183,7 @@ class LlamaJaxLM(TemplateLM):
                 def finished(rows, real=len(chosen)):  # filler rows, and rows that reached a stop sequence
                     return [k >= real or any(s in self.tok_decode(row) for s in until) for k, row in enumerate(rows)]
 
-                outputs = generate(self.config, self.params, batch, new_tokens, temperature=temperature,
+                outputs = generate(self.config, params, batch, new_tokens, temperature=temperature,
                                    top_k=top_k, top_p=top_p, seed=self.seed, eos_id=self.eot_token_id,
                                    n_tokens=self.tokenizer.vocab_size, on_tokens=finished,
                                    pad_to=length_bucket(len(batch[0]), room), mesh=self.mesh)

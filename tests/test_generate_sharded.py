@@ -10,7 +10,7 @@ import pytest
 
 from llama_jax import LLaMAConfig, init_params, save_model
 from llama_jax.checkpoint import load_model
-from llama_jax.generate import _decode, _prefill, _Sampler, _unstacked, generate
+from llama_jax.generate import _decode, _prefill, _Sampler, decoding_params, generate
 from llama_jax.model import abstract_params
 from llama_jax.sharding import make_mesh, tree_shardings
 from llama_jax.train import Trainer
@@ -44,14 +44,18 @@ def test_sharded_tokens_equal_single_device(model_dir, shape):
     assert wk.sharding.mesh == mesh and len(wk.addressable_shards) == 8
     assert wk.addressable_shards[0].data.shape == (2, 64 // mesh.shape["fsdp"], 4 // mesh.shape["tensor"], 8)
     assert [generate(cfg, params, PROMPTS, STEPS, mesh=mesh, **kw) for kw in SAMPLING] == expected
+    # split once for many calls (as lm-eval's generate_until does): still sharded, same tokens
+    unrolled = decoding_params(cfg, params, mesh)
+    wk1 = unrolled["layers_1"]["attn"]["k"]["kernel"]
+    assert "layers" not in unrolled and wk1.addressable_shards[0].data.shape == wk.addressable_shards[0].data.shape[1:]
+    assert [generate(cfg, unrolled, PROMPTS, STEPS, mesh=mesh, **kw) for kw in SAMPLING] == expected
 
 
 @pytest.mark.parametrize("shape", MESHES.values(), ids=MESHES.keys())
 def test_kv_cache_is_sharded(shape):
     """The compiled decode loop holds each layer's cache only as per-device blocks [B/batch-ways, K/tensor, T, Dh]."""
     mesh = make_mesh(**shape)
-    params = jax.device_put(init_params(CFG, 0), tree_shardings(mesh, abstract_params(CFG)))
-    params, cfg = _unstacked(params, CFG.n_layers), CFG.replace(scan_layers=False)
+    params, cfg = decoding_params(CFG, init_params(CFG, 0), mesh), CFG.replace(scan_layers=False)
     B, P = 8, 11
     pad = np.zeros(B, np.int32)
     sampler = _Sampler(jax.random.key(0), jnp.float32(0), jnp.int32(256), jnp.float32(1), jnp.int32(-1),
