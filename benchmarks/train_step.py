@@ -197,7 +197,7 @@ def main(argv=None) -> int:
 
     flop_rates = {name: [2 * MATMUL_N**3 / s for s in m.seconds] for name, m in matmuls.items()}
     rates = {name: [tokens / s for s in t.seconds] for name, t in steps.items()}
-    best_torch = [max(r) for r in zip(*(v for k, v in rates.items() if k.startswith("transformers")))]
+    best_torch_by_round = [max(r) for r in zip(*(v for k, v in rates.items() if k.startswith("transformers")))]
     xla_rate, torch_rate = (statistics.median(flop_rates[name]) for name in ("xla", "torch"))
     print(f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
           f"matmul 2048^2 float32, median of {args.repeats} rounds: XLA {xla_rate / 1e9:.0f} GFLOP/s, "
@@ -207,19 +207,19 @@ def main(argv=None) -> int:
     rows = {}
     for name, per_round in rates.items():
         rows[name] = {"tokens_per_s": statistics.median(per_round),
-                      "vs_best_torch": statistics.median(r / b for r, b in zip(per_round, best_torch)),
+                      "vs_best_torch": statistics.median(r / b for r, b in zip(per_round, best_torch_by_round)),
                       "mfu": statistics.median(r * per_token / x for r, x in zip(per_round, flop_rates["xla"])),
                       "first_step_s": steps[name].first, "per_round_tokens_per_s": per_round}
-    torch_best = statistics.median(best_torch)
+    best_torch = statistics.median(best_torch_by_round)
     processes = {"llama-jax train (whole process)": {}}
     if args.variants:  # glibc's hugetlb tunable set to 0: the command keeps 4 KiB pages (no restart)
         processes["llama-jax train (whole process), 4 KiB pages"] = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
     for name, env in processes.items():  # after the rounds: against their medians
         rate = time_train_process(args, **env)
-        rows[name] = {"tokens_per_s": rate, "vs_best_torch": rate / torch_best, "mfu": rate * per_token / xla_rate,
+        rows[name] = {"tokens_per_s": rate, "vs_best_torch": rate / best_torch, "mfu": rate * per_token / xla_rate,
                       "first_step_s": None}
 
-    print(f"\n| work | tokens/s | x best PyTorch | MFU vs XLA matmul | compile + first step, s |")
+    print("\n| work | tokens/s | x best PyTorch | MFU vs XLA matmul | compile + first step, s |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
         first = f"{row['first_step_s']:.1f}" if row["first_step_s"] is not None else ""
