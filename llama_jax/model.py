@@ -170,9 +170,13 @@ class Attention(nn.Module):
     def __call__(self, x_BxSxD, sin, cos, mask_BxSxT, segment_ids, kv, view: CacheView | None, layer):
         cfg = self.cfg
         H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        q = _dense(cfg, (H, Dh), ("embed", "heads", "head_dim"), "q")(x_BxSxD)
-        k = _dense(cfg, (K, Dh), ("embed", "kv_heads", "head_dim"), "k")(x_BxSxD)
-        v = _dense(cfg, (K, Dh), ("embed", "kv_heads", "head_dim"), "v")(x_BxSxD)
+        if self.has_variable("params", "qkv"):  # the joined decoding layout (`join_qkv`)
+            qkv = _dense(cfg, (H + 2 * K, Dh), ("embed", "heads", "head_dim"), "qkv")(x_BxSxD)
+            q, k, v = jnp.split(qkv, [H, H + K], axis=2)
+        else:
+            q = _dense(cfg, (H, Dh), ("embed", "heads", "head_dim"), "q")(x_BxSxD)
+            k = _dense(cfg, (K, Dh), ("embed", "kv_heads", "head_dim"), "k")(x_BxSxD)
+            v = _dense(cfg, (K, Dh), ("embed", "kv_heads", "head_dim"), "v")(x_BxSxD)
         q = checkpoint_name(apply_rotary(q, sin, cos), "q_proj")
         k = checkpoint_name(apply_rotary(k, sin, cos), "k_proj")
         v = checkpoint_name(v, "v_proj")
@@ -348,6 +352,16 @@ def stack_layers(params: dict, n_layers: int) -> dict:
     out["layers"] = jax.tree.map(lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs),
                                  *per_layer)
     return out
+
+
+def join_qkv(layer: dict) -> dict:
+    """One unrolled layer's params with its q, k and v kernels ([D, H, Dh], [D, K, Dh] twice)
+    joined into one `qkv` kernel [D, H + 2K, Dh], which `Attention` applies as one matrix product
+    and splits. A decoding layout only (`llama_jax.generate.decoding_params`): checkpoints and
+    training keep the three kernels."""
+    attn = {name: sub for name, sub in layer["attn"].items() if name not in ("q", "k", "v")}
+    attn["qkv"] = {"kernel": jnp.concatenate([layer["attn"][name]["kernel"] for name in "qkv"], axis=1)}
+    return {**layer, "attn": attn}
 
 
 def params_in_layout(config: LLaMAConfig, params):

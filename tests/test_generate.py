@@ -13,8 +13,8 @@ from pydoc_data.topics import topics
 
 from llama_jax import LLaMA, LLaMAConfig, from_hf_state_dict, init_params, save_model
 from llama_jax.cli import main
-from llama_jax.generate import generate, generate_text
-from llama_jax.model import unstack_layers
+from llama_jax.generate import decoding_params, generate, generate_text
+from llama_jax.model import KVCache, unstack_layers
 from llama_jax.tokenizer import SentencePieceTokenizer
 from tests.reference import hf_config_dict, make_hf_model, state_dict_numpy
 
@@ -92,6 +92,29 @@ def test_greedy_matches_cache_free_loop(gqa, layout):
     expected = naive_greedy(cfg, params, PROMPTS, STEPS)
     assert all(len(set(e)) > 4 for e in expected)
     assert generate(cfg, params, PROMPTS, STEPS) == expected
+
+
+def test_batch_of_one_decodes_with_joined_qkv(gqa):
+    """For a batch of one, `decoding_params` joins each layer's q, k and v kernels into one (one
+    matrix-vector product instead of three); logits and tokens are those of the separate kernels."""
+    cfg, params = gqa
+    separate, joined = decoding_params(cfg, params), decoding_params(cfg, params, batch_size=1)
+    attn = joined["layers_0"]["attn"]
+    assert "qkv" in attn and not {"q", "k", "v"} & attn.keys()
+    assert attn["qkv"]["kernel"].shape == (cfg.dim, cfg.n_heads + 2 * cfg.n_kv_heads, cfg.head_dim)
+    assert {"q", "k", "v"} <= separate["layers_0"]["attn"].keys()
+    assert "qkv" not in decoding_params(cfg, params, batch_size=2)["layers_0"]["attn"]
+    assert decoding_params(cfg, joined, batch_size=2) is joined  # joined stays joined, nothing copied
+
+    unrolled = cfg.replace(scan_layers=False)
+    prefill = np.asarray(PROMPTS[1:], np.int32)
+    logits = [LLaMA(unrolled).apply({"params": p}, prefill, cache=KVCache.create(unrolled, 1, 16))[0]
+              for p in (separate, joined)]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+    expected = naive_greedy(cfg, params, PROMPTS, STEPS)
+    assert generate(cfg, params, PROMPTS[1:], STEPS) == expected[1:]  # joined inside generate
+    assert generate(unrolled, joined, PROMPTS, STEPS) == expected  # joined params at a batch of two
 
 
 def test_params_are_relaid_out_to_match_scan_layers(gqa):

@@ -49,6 +49,10 @@ def test_sharded_tokens_equal_single_device(model_dir, shape):
     wk1 = unrolled["layers_1"]["attn"]["k"]["kernel"]
     assert "layers" not in unrolled and wk1.addressable_shards[0].data.shape == wk.addressable_shards[0].data.shape[1:]
     assert [generate(cfg, unrolled, PROMPTS, STEPS, mesh=mesh, **kw) for kw in SAMPLING] == expected
+    # q/k/v kernels are joined for a batch of one on one device only: a mesh shards them by heads
+    assert "qkv" not in decoding_params(cfg, params, mesh, batch_size=1)["layers_0"]["attn"]
+    with pytest.raises(ValueError, match="joined for one device"):
+        decoding_params(cfg, decoding_params(cfg, params, batch_size=1), mesh)
 
 
 @pytest.mark.parametrize("shape", MESHES.values(), ids=MESHES.keys())
