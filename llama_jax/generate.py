@@ -236,7 +236,7 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
     one-device one), each layer's q, k and v kernels joined into one (`llama_jax.model.join_qkv`).
 
     A batch of one then reads those weights with one matrix-vector product instead of three
-    (about 18% more tokens/s on the CPU benchmark); at larger batches XLA runs the three products
+    (about 15% more tokens/s on the CPU benchmark); at larger batches XLA runs the three products
     side by side and they are faster apart, and a mesh shards q, k and v by heads. `generate` does
     this on every call, which copies the layers' weights (all of them for scanned params, the
     q/k/v kernels for a batch of one); a caller that generates many times from the same weights
