@@ -41,6 +41,9 @@ a. Attention kernels of `llama_jax.attention`, bf16, B=4, S=2048, H=16 query / K
      cudnn, dense mask        the project's `cudnn` kernel: `jax.nn.dot_product_attention(
                               implementation="cudnn")` with the [B,1,S,T] boolean mask (cuDNN
                               receives it as a bias tensor);
+     cudnn, is_causal + dense mask  the same call with the same mask and `is_causal=True`:
+                              still packed rows, through the public API; cuDNN then knows
+                              the mask is causal and may skip the blocks above the diagonal;
      cudnn, is_causal         the same call with `is_causal=True` and no mask: one document
                               per row, no packing (the kernel's best case);
      cudnn, is_causal + seq lengths  `query_seq_lengths`/`key_value_seq_lengths`, if the
@@ -266,6 +269,9 @@ def part_attention(args, rec: Recorder) -> None:
     variants = {  # name -> (fn(q, k, v), semantics: "packed" or "causal")
         "xla (project kernel, dense mask)": (lambda q, k, v: xla_attention(q, k, v, packed_mask), "packed"),
         "cudnn, dense mask (project kernel)": (lambda q, k, v: project_cudnn(q, k, v, packed_mask), "packed"),
+        "cudnn, is_causal + dense mask (packed)": (
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=packed_mask[:, None], is_causal=True,
+                                                         implementation=impl), "packed"),
         "cudnn, is_causal, no mask (no packing)": (
             lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl), "causal"),
     }
