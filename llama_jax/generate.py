@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,6 +242,7 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
     this on every call, which copies the layers' weights (all of them for scanned params, the
     q/k/v kernels for a batch of one); a caller that generates many times from the same weights
     does it once and passes the result. Params already joined stay joined (any batch size)."""
+    params = nn.meta.unbox(params)  # params straight from `LLaMA(cfg).init` carry their axis names
     joined = "qkv" in params.get("layers_0", {}).get("attn", {})
     if joined and mesh is not None and mesh.size > 1:
         raise ValueError(f"these params have their q/k/v kernels joined for one device (decoding_params with "

@@ -4,6 +4,7 @@ text in and out with a real SentencePiece model, and input checks."""
 import functools
 from io import BytesIO
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -104,7 +105,8 @@ def test_batch_of_one_decodes_with_joined_qkv(gqa):
     assert attn["qkv"]["kernel"].shape == (cfg.dim, cfg.n_heads + 2 * cfg.n_kv_heads, cfg.head_dim)
     assert {"q", "k", "v"} <= separate["layers_0"]["attn"].keys()
     assert "qkv" not in decoding_params(cfg, params, batch_size=2)["layers_0"]["attn"]
-    assert decoding_params(cfg, joined, batch_size=2) is joined  # joined stays joined, nothing copied
+    again = decoding_params(cfg, joined, batch_size=2)  # joined stays joined, nothing copied
+    assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(joined), strict=True))
 
     unrolled = cfg.replace(scan_layers=False)
     prefill = np.asarray(PROMPTS[1:], np.int32)
@@ -115,6 +117,11 @@ def test_batch_of_one_decodes_with_joined_qkv(gqa):
     expected = naive_greedy(cfg, params, PROMPTS, STEPS)
     assert generate(cfg, params, PROMPTS[1:], STEPS) == expected[1:]  # joined inside generate
     assert generate(unrolled, joined, PROMPTS, STEPS) == expected  # joined params at a batch of two
+
+    # params straight from `init`, still boxed with their logical axis names, join as well
+    boxed = LLaMA(unrolled).init(jax.random.key(1), prefill)["params"]
+    assert generate(unrolled, boxed, PROMPTS[1:], STEPS) == generate(unrolled, nn.meta.unbox(boxed), PROMPTS[1:],
+                                                                     STEPS)
 
 
 def test_params_are_relaid_out_to_match_scan_layers(gqa):
