@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LLaMAConfig
-from llama_jax.model import KVCache, LLaMA, abstract_params, join_qkv
+from llama_jax.model import KVCache, LLaMA, abstract_params, join_qkv, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
 from llama_jax.tokenizer import Tokenizer
 
@@ -266,8 +266,8 @@ def _split_layers(stacked, n_layers: int, join: bool) -> list:
     """Scanned layer params (leading layer axis) -> one tree per layer, q/k/v joined if asked.
     Only the layers go through here: a jitted function copies every array it returns, even one
     it returns unchanged."""
-    layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n_layers)]
-    return [join_qkv(layer) if join else layer for layer in layers]
+    unstacked = unstack_layers({"layers": stacked}, n_layers)
+    return [join_qkv(unstacked[f"layers_{i}"]) if join else unstacked[f"layers_{i}"] for i in range(n_layers)]
 
 
 def generate_text(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompt: str | list[str],

@@ -144,7 +144,7 @@ class LlamaJaxLM(TemplateLM):
 
         from llama_jax.generate import decoding_params, generate
 
-        params = decoding_params(self.config, self.params, self.mesh, self.batch_size)  # once, not per batch
+        params = decoding_params(self.config, self.params, self.mesh, batch_size=self.batch_size)  # once, not per batch
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
