@@ -2,7 +2,8 @@
 
 Every kernel computes causal, segment-masked grouped-query attention on
 q [B, S, H, Dh], k and v [B, T, K, Dh] -> [B, S, H, Dh], softmax in float32:
-- `xla`: einsums written here (any backend; the reference the others are tested against);
+- `xla`: einsums written here, with a written-out backward (any backend; the reference the
+  others are tested against);
 - `dot_product`: `jax.nn.dot_product_attention` with XLA's implementation;
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention (GPU);
 - `splash`: Pallas splash attention (TPU; on other backends it runs in Pallas' interpreter,
@@ -50,17 +51,60 @@ def attention_mask(q_slot_BxS: Array, q_seg_BxS: Array, kv_seg_BxT: Array) -> Ar
     return causal & (q_seg_BxS[:, :, None] == kv_seg_BxT[:, None, :])
 
 
-def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT) -> Array:
-    """Grouped-query attention without repeating K/V; softmax in float32."""
+def _heads_first(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh):
+    """q as [B, K, G, S, Dh] (query heads grouped by the K/V head they share), k and v as [B, K, T, Dh]."""
     B, S, H, Dh = q_BxSxHxDh.shape
     K = k_BxTxKxDh.shape[2]
-    q_BxSxKxGxDh = q_BxSxHxDh.reshape(B, S, K, H // K, Dh)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxDh, k_BxTxKxDh,
-                        preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    q_BxKxGxSxDh = q_BxSxHxDh.reshape(B, S, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
+    return q_BxKxGxSxDh, k_BxTxKxDh.transpose(0, 2, 1, 3), v_BxTxKxDh.transpose(0, 2, 1, 3)
+
+
+def _heads_last(x_BxKxGxSxDh):
+    B, K, G, S, Dh = x_BxKxGxSxDh.shape
+    return x_BxKxGxSxDh.transpose(0, 3, 1, 2, 4).reshape(B, S, K * G, Dh)
+
+
+def _xla_forward(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT):
+    """The output [B, S, H, Dh], and the heads-first q, k, v and float32 probabilities the backward uses."""
+    q, k, v = _heads_first(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh)
+    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask_BxSxT[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxTxKxDh.dtype)
-    out_BxSxKxGxDh = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxTxKxDh)
-    return out_BxSxKxGxDh.reshape(B, S, H, Dh)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(v.dtype), v)
+    return _heads_last(out), (q, k, v, probs)
+
+
+@jax.custom_vjp
+def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT) -> Array:
+    """Grouped-query attention without repeating K/V; softmax in float32.
+
+    Its backward is written out (`_xla_attention_bwd`): the same gradients as differentiating
+    `_xla_forward`, with the products arranged so that no [S, T] matrix is transposed, and with
+    only q, k, v and the probabilities kept for it."""
+    return _xla_forward(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT)[0]
+
+
+def _xla_attention_fwd(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT):
+    out, saved = _xla_forward(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT)
+    return out, (*saved, mask_BxSxT)
+
+
+def _xla_attention_bwd(saved, d_out_BxSxHxDh):
+    q, k, v, probs, mask_BxSxT = saved  # q [B, K, G, S, Dh], k and v [B, K, T, Dh], probs [B, K, G, S, T]
+    B, K, G, S, Dh = q.shape
+    d_out = d_out_BxSxHxDh.reshape(B, S, K, G, Dh).transpose(0, 2, 3, 1, 4)
+    d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=jnp.float32)
+    d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))  # softmax's backward
+    d_scores = (jnp.where(mask_BxSxT[:, None, None], d_scores, 0.0) / math.sqrt(Dh)).astype(q.dtype)
+    d_q = jnp.einsum("bkgst,bktd->bkgsd", d_scores, k)
+    # k's and v's gradients come out as [Dh, T] products: the [S, T] matrices are their right-hand
+    # operands as they lie, and only the [Dh, T] results are transposed.
+    d_k = jnp.einsum("bkgsd,bkgst->bkdt", q, d_scores).transpose(0, 3, 1, 2)
+    d_v = jnp.einsum("bkgsd,bkgst->bkdt", d_out, probs.astype(v.dtype)).transpose(0, 3, 1, 2)
+    return _heads_last(d_q), d_k, d_v, None
+
+
+xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def _jax_nn_attention(implementation, q, k, v, mask):
