@@ -51,12 +51,17 @@ def attention_mask(q_slot_BxS: Array, q_seg_BxS: Array, kv_seg_BxT: Array) -> Ar
     return causal & (q_seg_BxS[:, :, None] == kv_seg_BxT[:, None, :])
 
 
+def _grouped_heads_first(x_BxSxHxDh, K: int):
+    """[B, S, H, Dh] -> [B, K, G, S, Dh]: the H = K * G query heads grouped by the K/V head they share."""
+    B, S, H, Dh = x_BxSxHxDh.shape
+    return x_BxSxHxDh.reshape(B, S, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
+
+
 def _heads_first(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh):
-    """q as [B, K, G, S, Dh] (query heads grouped by the K/V head they share), k and v as [B, K, T, Dh]."""
-    B, S, H, Dh = q_BxSxHxDh.shape
+    """q as [B, K, G, S, Dh], k and v as [B, K, T, Dh]."""
     K = k_BxTxKxDh.shape[2]
-    q_BxKxGxSxDh = q_BxSxHxDh.reshape(B, S, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
-    return q_BxKxGxSxDh, k_BxTxKxDh.transpose(0, 2, 1, 3), v_BxTxKxDh.transpose(0, 2, 1, 3)
+    return (_grouped_heads_first(q_BxSxHxDh, K), k_BxTxKxDh.transpose(0, 2, 1, 3),
+            v_BxTxKxDh.transpose(0, 2, 1, 3))
 
 
 def _heads_last(x_BxKxGxSxDh):
@@ -91,8 +96,8 @@ def _xla_attention_fwd(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT):
 
 def _xla_attention_bwd(saved, d_out_BxSxHxDh):
     q, k, v, probs, mask_BxSxT = saved  # q [B, K, G, S, Dh], k and v [B, K, T, Dh], probs [B, K, G, S, T]
-    B, K, G, S, Dh = q.shape
-    d_out = d_out_BxSxHxDh.reshape(B, S, K, G, Dh).transpose(0, 2, 3, 1, 4)
+    Dh = q.shape[-1]
+    d_out = _grouped_heads_first(d_out_BxSxHxDh, q.shape[1])
     d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=jnp.float32)
     d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))  # softmax's backward
     d_scores = (jnp.where(mask_BxSxT[:, None, None], d_scores, 0.0) / math.sqrt(Dh)).astype(q.dtype)
