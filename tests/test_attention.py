@@ -58,7 +58,6 @@ def test_shard_map_dispatch_matches_unsharded(inputs, impl):
     assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
 
 
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_xla_backward_matches_differentiating_its_forward(inputs, dtype):
     """The written-out backward of `xla_attention` gives what JAX's own differentiation of the same
