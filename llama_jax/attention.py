@@ -85,7 +85,7 @@ def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT) -> Array:
 
     Its backward is written out (`_xla_attention_bwd`): the same gradients as differentiating
     `_xla_forward`, with the products arranged so that no [S, T] matrix is transposed, and with
-    only q, k, v and the probabilities kept for it."""
+    only q, k, v, the probabilities and the mask kept for it."""
     return _xla_forward(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT)[0]
 
 
