@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llama_jax import KVCache, LLaMA, LLaMAConfig, attention, from_hf_state_dict, init_params
-from llama_jax.model import stack_layers, unstack_layers
+from llama_jax.model import project, stack_layers, unstack_layers
 from tests.reference import VARIANTS, hf_config_dict, hf_logits, make_hf_model, state_dict_numpy
 
 PARITY_TOL = 1e-4
@@ -29,6 +29,63 @@ def test_logits_match_transformers(variant):
         assert logits.dtype == np.float32
         np.testing.assert_allclose(logits, expected, atol=PARITY_TOL, rtol=0)
     assert LLaMAConfig.from_hf(v4) == LLaMAConfig.from_hf(v5)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_gradients_match_transformers(variant):
+    """Every weight's gradient of a next-token loss against PyTorch's autograd through
+    transformers: checks the backward passes this project writes out (projections, attention)."""
+    import torch
+
+    hf_config = hf_config_dict(variant)
+    hf_model = make_hf_model(hf_config, seed=2)
+    tokens = _tokens(256, seed=10)
+    targets = np.roll(tokens, -1, axis=1)
+    logits_hf = hf_model(torch.as_tensor(tokens, dtype=torch.long)).logits
+    loss_hf = torch.nn.functional.cross_entropy(logits_hf.reshape(-1, logits_hf.shape[-1]),
+                                                torch.as_tensor(targets.reshape(-1), dtype=torch.long))
+    loss_hf.backward()
+    # The converter is linear in the weights, so it maps gradients as it maps weights.
+    cfg, expected = from_hf_state_dict({n: p.grad.numpy() for n, p in hf_model.named_parameters()}, hf_config)
+    _, params = from_hf_state_dict(state_dict_numpy(hf_model), hf_config)
+
+    def loss_fn(params):
+        logp = jax.nn.log_softmax(LLaMA(cfg).apply({"params": params}, tokens))
+        return -jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1).mean()
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+    np.testing.assert_allclose(loss, loss_hf.item(), rtol=1e-6)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, atol=2e-6, rtol=1e-4), grads, expected)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, n_in, kernel_in_last, dtype", [
+    ((2, 6, 4), (4, 5), 1, False, jnp.float32),         # a plain projection
+    ((2, 6, 4), (4, 3, 2), 1, False, jnp.float32),      # into heads (q, k, v)
+    ((2, 6, 3, 4), (3, 4, 5), 2, False, jnp.float32),   # out of heads (o)
+    ((2, 6, 4), (5, 4), 1, True, jnp.float32),          # a kernel stored [out, in] (tied embeddings)
+    ((2, 6, 4), (4, 5), 1, False, jnp.bfloat16),        # bfloat16 into float32, as logits are
+])
+def test_project_gradients_equal_differentiating_the_product(x_shape, kernel_shape, n_in, kernel_in_last, dtype):
+    """`project`'s written-out backward against JAX's differentiation of the same product."""
+    rng = np.random.default_rng(3)
+    x, kernel = (jnp.asarray(rng.normal(size=shape), dtype) for shape in (x_shape, kernel_shape))
+    out_type = jnp.float32 if dtype == jnp.bfloat16 else None
+    kernel_in = tuple(range(kernel.ndim - n_in, kernel.ndim)) if kernel_in_last else tuple(range(n_in))
+    dims = ((tuple(range(x.ndim - n_in, x.ndim)), kernel_in), ((), ()))
+
+    def plain(x, kernel):
+        return jax.lax.dot_general(x, kernel, dims, preferred_element_type=out_type)
+
+    y, vjp = jax.vjp(lambda x, k: project(x, k, n_in, kernel_in_last, None, out_type), x, kernel)
+    y_ref, vjp_ref = jax.vjp(plain, x, kernel)
+    kernel_out = kernel_shape[:-n_in] if kernel_in_last else kernel_shape[n_in:]
+    assert y.shape == x_shape[:-n_in] + kernel_out and y.dtype == (out_type or dtype)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    dy = jnp.asarray(rng.normal(size=y.shape), y.dtype)
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-6
+    for got, want in zip(vjp(dy), vjp_ref(dy)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
 
 
 def test_positions_offset_matches_transformers():
