@@ -2,10 +2,11 @@
 environment variable LLAMA_JAX_TUNING=0 to run with XLA's and the C library's defaults.
 
 CPU: `xla_cpu_experimental_ynn_fusion_type=ELTWISE` lets XLA's CPU backend hand elementwise
-work, transposes among it (the weight gradients need the activations transposed), to YNNPACK,
-the library that already runs its matrix products, instead of emitting loops of its own for it.
-Applied to the train and eval steps (`Trainer`); the train step of `benchmarks/train_step.py`
-runs 1.2-1.3x faster with it.
+work, transposes among it, to YNNPACK, the library that already runs its matrix products,
+instead of emitting loops of its own for it. Applied to the train and eval steps (`Trainer`);
+the train step of `benchmarks/train_step.py` ran 1.2-1.3x faster with it, until the projections'
+backward (`llama_jax.model.project`) removed the weight gradients' transposes: since then one
+in-process comparison measured no difference (`benchmarks/README.md`).
 Results change only by float32 rounding (the same operations in another order; no approximate
 math), within every parity test's tolerance. A jaxlib that does not know the option compiles
 without it.
