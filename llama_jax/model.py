@@ -351,11 +351,11 @@ class LLaMA(nn.Module):
         x = RMSNorm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
             out_VxD = embed.embedding
-            logits = project(x, out_VxD.astype(x.dtype), 1, True, None, jnp.float32)
+            logits = project(x, out_VxD.astype(x.dtype), 1, kernel_in_last=True, preferred_element_type=jnp.float32)
         else:
             out_DxV = self.param("lm_head", _param(_INIT, "embed", "vocab"), (cfg.dim, cfg.vocab_size),
                                  jnp.dtype(cfg.param_dtype))
-            logits = project(x, out_DxV.astype(x.dtype), 1, False, None, jnp.float32)
+            logits = project(x, out_DxV.astype(x.dtype), 1, preferred_element_type=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits
