@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while the command was not in a training loop (which treats it as preemption):
+    raised where the command was, so that what it had staged or half-written is cleaned up on the way
+    out, as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While active, SIGTERM raises `Terminated` in the main thread instead of ending the process
+    on the spot; the previous handler is back afterwards."""
+    def handle(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_presets(args) -> None:
@@ -706,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_attach_mesh_values(rest))
     args.overrides = overrides
     try:
-        args.func(args)
+        with _sigterm_unwinds():
+            args.func(args)
     except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 0
@@ -716,6 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"llama-jax {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -376,26 +376,26 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     data = build_data(config, cfg, workdir)
     if data.train is not None and len(data.train.sources) > 1:  # a mixture: each source's training loss too
         trainer = dataclasses.replace(trainer, sources=tuple(source.name for source in data.train.sources))
-    try:
+    try:  # until the data is adopted, whatever stops the run removes what was staged for it
         if config.checkpoint.init_from and not committed_steps(workdir):
             check_init_from(config.checkpoint.init_from, cfg)
         state, start = initial_state(config, trainer, workdir, resume_from)
         if start > t.steps:
             raise RunError(f"{workdir} holds checkpoint {start}, past train.steps={t.steps}; raise train.steps to "
                            f"at least {start} or use --resume-from an earlier step")
+        # ---- the first write: everything above only read ----
+        main_process = jax.process_index() == 0
+        if main_process:
+            workdir.mkdir(parents=True, exist_ok=True)
+            set_aside = set_aside_after(workdir, start) if resume_from is not None else []
+            if set_aside:
+                print(f"resuming from checkpoint {start}; checkpoints {', '.join(map(str, set_aside))} moved to "
+                      f"{workdir / SET_ASIDE_DIR}")
+            write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+        tokenizer_sha256 = data.adopt(workdir)
     except BaseException:
         data.discard()
         raise
-    # ---- the first write: everything above only read ----
-    main_process = jax.process_index() == 0
-    if main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
-        set_aside = set_aside_after(workdir, start) if resume_from is not None else []
-        if set_aside:
-            print(f"resuming from checkpoint {start}; checkpoints {', '.join(map(str, set_aside))} moved to "
-                  f"{workdir / SET_ASIDE_DIR}")
-        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
-    tokenizer_sha256 = data.adopt(workdir)
     if jax.process_count() > 1:  # the others start saving only once process 0 has set the workdir up
         multihost_utils.sync_global_devices("llama_jax: workdir ready")
     checkpoints = RunCheckpoints(workdir / "checkpoints", config.checkpoint.every, config.checkpoint.max_to_keep,

@@ -62,11 +62,11 @@ class RunData:
         if self.staged is not None:
             final = workdir / DATA_DIR
             if jax.process_index() == 0:
-                shutil.move(str(self.staged), final)
+                _move_into_place(self.staged, final)
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("llama_jax: run data in place")
                 if jax.process_index() and not (final / MANIFEST).is_file():
-                    shutil.move(str(self.staged), final)  # this host does not see process 0's disk
+                    _move_into_place(self.staged, final)  # this host does not see process 0's disk
             discard_staged(self.staged)
             self.staged = None
             # Nothing has been read from the files yet (only the manifest): point the splits there.
@@ -80,6 +80,15 @@ class RunData:
 
     def discard(self) -> None:
         discard_staged(self.staged)
+
+
+def _move_into_place(staged: Path, final: Path) -> None:
+    """Move staged data to `final` whole or not at all: across file systems a move is a copy, so it
+    goes to a sibling first and is renamed into place when complete."""
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.move(str(staged), partial)
+    partial.rename(final)
 
 
 def discard_staged(path: Path | None) -> None:

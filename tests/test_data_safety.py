@@ -3,8 +3,13 @@ line (and a run resumes from the intact step when asked), destinations never swa
 inputs, and a run keeps the tokenizer it started with."""
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -342,3 +347,24 @@ def test_retention_that_would_keep_no_checkpoint_is_refused(tmp_path, capsys):
         assert train(tmp_path / "run", f"--config.checkpoint.{setting}") == 2
         assert message in one_line_error(capsys, "train")
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_while_preparing_data_leaves_nothing_behind(tmp_path):
+    """Preempted before its first write (here: while training its tokenizer and tokenizing the
+    corpus into a temporary directory), a run stops with one line and removes what it staged."""
+    tmp, run = tmp_path / "tmp", tmp_path / "run"
+    tmp.mkdir()
+    command = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir", str(run), *RUN,
+               "--config.data.source=embedded", "--config.data.tokenizer=train", "--config.model.vocab_size=512",
+               "--config.data.tokenizer_vocab_size=512"]
+    process = subprocess.Popen(command, env=dict(os.environ, TMPDIR=str(tmp)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp.glob("llama-jax-data-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert list(tmp.glob("llama-jax-data-*")), "the run never staged its data"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.splitlines()[-1] == "llama-jax train: terminated (SIGTERM)" and "Traceback" not in err, err
+    assert list(tmp.iterdir()) == [] and not run.exists()
