@@ -213,6 +213,60 @@ def _dense(cfg: LLaMAConfig, features, axes, name, axis=-1):
                            dot_general=_dense_product)
 
 
+# ---- RMSNorm and SwiGLU with written-out backwards ------------------------------------------
+# Each keeps only its inputs for the backward (JAX's differentiation keeps every intermediate it
+# will need: the normalised activations, or SwiGLU's sigmoid, product and the like, in the
+# compute dtype), and recomputes the cheap elementwise work there. Under scanned layers every
+# kept array is also written into and read back out of a stacked buffer per layer, so this is
+# memory traffic saved twice.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
+    """scale * x / sqrt(mean(x**2) + eps) over the last axis, computed in float32, result in `dtype`."""
+    return _rms_norm_fwd(x, scale, eps, dtype)[0]
+
+
+def _rms_norm_fwd(x, scale, eps, dtype):
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * (x32 * inv_rms).astype(dtype), (x, inv_rms, scale)
+
+
+def _rms_norm_bwd(eps, dtype, saved, dy):
+    x, inv_rms, scale = saved
+    normed = x.astype(jnp.float32) * inv_rms
+    dy32 = dy.astype(jnp.float32)
+    d_scale = jnp.sum((dy32 * normed).reshape(-1, normed.shape[-1]), axis=0)
+    d_normed = dy32 * scale.astype(jnp.float32)
+    dx = inv_rms * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """silu(gate) * up."""
+    return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(saved, dy):
+    gate, up = saved
+    g, u, dy32 = (a.astype(jnp.float32) for a in (gate, up, dy))
+    sigmoid = jax.nn.sigmoid(g)
+    d_gate = dy32 * u * sigmoid * (1 + g * (1 - sigmoid))  # silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g)))
+    return d_gate.astype(gate.dtype), (dy32 * g * sigmoid).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 # ---- layers ----------------------------------------------------------------------------------
 
 
@@ -225,10 +279,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         scale = self.param("scale", _param(nn.initializers.ones, "norm"), (x.shape[-1],),
                            jnp.dtype(self.cfg.param_dtype))
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-        dtype = jnp.dtype(self.cfg.dtype)
-        return scale.astype(dtype) * normed.astype(dtype)
+        return rms_norm(x, scale, self.cfg.norm_eps, jnp.dtype(self.cfg.dtype))
 
 
 class Attention(nn.Module):
@@ -277,7 +328,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         gate = _dense(cfg, cfg.ffn_dim, ("embed", "mlp"), "gate")(x_BxSxD)
         up = _dense(cfg, cfg.ffn_dim, ("embed", "mlp"), "up")(x_BxSxD)
-        h_BxSxF = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h_BxSxF = nn.with_logical_constraint(swiglu(gate, up), ("batch", "length", "mlp"))
         return _dense(cfg, cfg.dim, ("mlp", "embed"), "down")(h_BxSxF)
 
 

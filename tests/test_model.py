@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llama_jax import KVCache, LLaMA, LLaMAConfig, attention, from_hf_state_dict, init_params
-from llama_jax.model import project, stack_layers, unstack_layers
+from llama_jax.model import project, rms_norm, stack_layers, swiglu, unstack_layers
 from tests.reference import VARIANTS, hf_config_dict, hf_logits, make_hf_model, state_dict_numpy
 
 PARITY_TOL = 1e-4
@@ -86,6 +86,31 @@ def test_project_gradients_equal_differentiating_the_product(x_shape, kernel_sha
     for got, want in zip(vjp(dy), vjp_ref(dy)):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_norm_and_swiglu_gradients_equal_differentiating_their_formulas(dtype):
+    """The written-out backwards of `rms_norm` and `swiglu` against JAX's differentiation of the
+    plain formulas, taken in float32 on the same values (bfloat16 results are rounded once)."""
+    rng = np.random.default_rng(4)
+    x, gate, up = (jnp.asarray(3 * rng.normal(size=shape), dtype) for shape in ((2, 6, 8), (2, 6, 10), (2, 6, 10)))
+    scale = jnp.asarray(rng.normal(size=8), dtype)
+
+    def plain_norm(x, scale):
+        return scale * x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5)
+
+    cases = [(lambda x, scale: rms_norm(x, scale, 1e-5, dtype), plain_norm, (x, scale)),
+             (swiglu, lambda gate, up: jax.nn.silu(gate) * up, (gate, up))]
+    tol = 1e-2 if dtype == jnp.bfloat16 else 2e-6
+    for fn, plain, args in cases:
+        y, vjp = jax.vjp(fn, *args)
+        y_ref, vjp_ref = jax.vjp(plain, *(a.astype(jnp.float32) for a in args))
+        assert y.dtype == dtype
+        dy = jnp.asarray(rng.normal(size=y.shape), dtype)
+        for got, want, arg in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy.astype(jnp.float32))), (y, *args)):
+            assert got.dtype == arg.dtype and got.shape == want.shape
+            error = np.abs(np.asarray(got, np.float32) - np.asarray(want))
+            assert error.max() <= tol * np.abs(np.asarray(want)).max(), (fn, error.max())
 
 
 def test_positions_offset_matches_transformers():
