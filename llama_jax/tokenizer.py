@@ -197,7 +197,9 @@ class _Lines:
     """The non-empty lines of `texts`, for sentencepiece's trainer.
 
     The trainer turns an exception from the iterator into a RuntimeError holding only its
-    text; keeping the original lets `train_sentencepiece` raise it as it was.
+    text; keeping the original lets `train_sentencepiece` raise it as it was. That includes
+    Ctrl-C and the `llama-jax` command's SIGTERM, which arrive in the iterator when the trainer
+    is reading the texts.
     """
 
     def __init__(self, texts: Iterable[str]):
@@ -212,7 +214,9 @@ class _Lines:
                     if line:
                         self.count += 1
                         yield line
-        except Exception as e:
+        except GeneratorExit:  # closed by the trainer: not an error
+            raise
+        except BaseException as e:
             self.error = e
             raise
 

@@ -191,6 +191,13 @@ def test_training_bad_input(tmp_path):
 
     with pytest.raises(KeyError, match="own error"):
         train_sentencepiece(failing(), tmp_path / "x.model", VOCAB)
+
+    def interrupted():  # Ctrl-C (or the command's SIGTERM) while the trainer reads the texts
+        yield "some text"
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sentencepiece(interrupted(), tmp_path / "x.model", VOCAB)
     assert list(tmp_path.iterdir()) == []
 
 
