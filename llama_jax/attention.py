@@ -69,23 +69,40 @@ def _heads_last(x_BxKxGxSxDh):
     return x_BxKxGxSxDh.transpose(0, 3, 1, 2, 4).reshape(B, S, K * G, Dh)
 
 
+def query_blocks(S: int, T: int) -> list[tuple[int, int]]:
+    """The `xla` kernel's query blocks [start, end): block [s0, s1) attends to keys [0, s1) only.
+
+    Attention is causal, so keys past a block's last query are masked for all of its rows and are
+    skipped instead of computed: with n blocks, (n + 1) / 2n of the [S, T] work remains. Smaller
+    blocks skip more but make smaller, slower products; 4 blocks up to 512 queries and 8 beyond
+    were the fastest on CPU (benchmarks/README.md). Without T == S (no causal diagonal) one block."""
+    n = 1 if S != T or S < 128 else 4 if S <= 512 else 8
+    edges = [S * i // n for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def _xla_forward(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT):
-    """The output [B, S, H, Dh], and the heads-first q, k, v and float32 probabilities the backward uses."""
+    """The output [B, S, H, Dh], and what the backward uses: the heads-first q, k, v and each query
+    block's float32 probabilities over the keys it sees."""
     q, k, v = _heads_first(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh)
-    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    scores = jnp.where(mask_BxSxT[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(v.dtype), v)
-    return _heads_last(out), (q, k, v, probs)
+    outs, probs = [], []
+    for s0, s1 in query_blocks(q.shape[-2], k.shape[-2]):
+        scores = jnp.einsum("bkgsd,bktd->bkgst", q[..., s0:s1, :], k[:, :, :s1],
+                            preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+        scores = jnp.where(mask_BxSxT[:, None, None, s0:s1, :s1], scores, jnp.finfo(jnp.float32).min)
+        probs.append(jax.nn.softmax(scores, axis=-1))
+        outs.append(jnp.einsum("bkgst,bktd->bkgsd", probs[-1].astype(v.dtype), v[:, :, :s1]))
+    return _heads_last(jnp.concatenate(outs, axis=-2)), (q, k, v, tuple(probs))
 
 
 @jax.custom_vjp
 def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT) -> Array:
     """Grouped-query attention without repeating K/V; softmax in float32.
 
-    Its backward is written out (`_xla_attention_bwd`): the same gradients as differentiating
-    `_xla_forward`, with the products arranged so that no [S, T] matrix is transposed, and with
-    only q, k, v, the probabilities and the mask kept for it."""
+    Causal: each query block skips the keys after it (`query_blocks`). Its backward is written out
+    (`_xla_attention_bwd`): the same gradients as differentiating `_xla_forward`, with the
+    products arranged so that no [S, T] matrix is transposed, and with only q, k, v and the
+    probabilities and the mask kept for it."""
     return _xla_forward(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT)[0]
 
 
@@ -95,18 +112,25 @@ def _xla_attention_fwd(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT):
 
 
 def _xla_attention_bwd(saved, d_out_BxSxHxDh):
-    q, k, v, probs, mask_BxSxT = saved  # q [B, K, G, S, Dh], k and v [B, K, T, Dh], probs [B, K, G, S, T]
-    Dh = q.shape[-1]
+    q, k, v, probs, mask_BxSxT = saved  # q [B, K, G, S, Dh], k and v [B, K, T, Dh], probs per block [B, K, G, s, t]
+    Dh, T = q.shape[-1], k.shape[-2]
     d_out = _grouped_heads_first(d_out_BxSxHxDh, q.shape[1])
-    d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=jnp.float32)
-    d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))  # softmax's backward
-    d_scores = (jnp.where(mask_BxSxT[:, None, None], d_scores, 0.0) / math.sqrt(Dh)).astype(q.dtype)
-    d_q = jnp.einsum("bkgst,bktd->bkgsd", d_scores, k)
-    # k's and v's gradients come out as [Dh, T] products: the [S, T] matrices are their right-hand
-    # operands as they lie, and only the [Dh, T] results are transposed.
-    d_k = jnp.einsum("bkgsd,bkgst->bkdt", q, d_scores).transpose(0, 3, 1, 2)
-    d_v = jnp.einsum("bkgsd,bkgst->bkdt", d_out, probs.astype(v.dtype)).transpose(0, 3, 1, 2)
-    return _heads_last(d_q), d_k, d_v, None
+    d_qs, d_k, d_v = [], 0.0, 0.0
+    for (s0, s1), p in zip(query_blocks(q.shape[-2], T), probs):
+        d_out_block = d_out[..., s0:s1, :]
+        d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out_block, v[:, :, :s1], preferred_element_type=jnp.float32)
+        d_scores = p * (d_probs - jnp.sum(p * d_probs, axis=-1, keepdims=True))  # softmax's backward
+        d_scores = (jnp.where(mask_BxSxT[:, None, None, s0:s1, :s1], d_scores, 0.0) / math.sqrt(Dh)).astype(q.dtype)
+        d_qs.append(jnp.einsum("bkgst,bktd->bkgsd", d_scores, k[:, :, :s1]))
+        # k's and v's gradients come out as [Dh, t] products: the [s, t] matrices are their
+        # right-hand operands as they lie, and only the [Dh, T] sums over blocks are transposed.
+        keys_after = [(0, 0)] * 3 + [(0, T - s1)]
+        d_k = d_k + jnp.pad(jnp.einsum("bkgsd,bkgst->bkdt", q[..., s0:s1, :], d_scores,
+                                       preferred_element_type=jnp.float32), keys_after)
+        d_v = d_v + jnp.pad(jnp.einsum("bkgsd,bkgst->bkdt", d_out_block, p.astype(v.dtype),
+                                       preferred_element_type=jnp.float32), keys_after)
+    d_k, d_v = (d.transpose(0, 3, 1, 2).astype(k.dtype) for d in (d_k, d_v))
+    return _heads_last(jnp.concatenate(d_qs, axis=-2)), d_k, d_v, None
 
 
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)

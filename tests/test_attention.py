@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.attention import _xla_forward, attention, attention_mask, sharded_attention, xla_attention
+from llama_jax.attention import (_xla_forward, attention, attention_mask, query_blocks, sharded_attention,
+                                 xla_attention)
 
 B, S, K, G, DH = 4, 128, 2, 2, 16
 
@@ -33,6 +34,24 @@ def test_kernels_match_reference(inputs, impl):
     q, k, v, segments, mask = inputs
     ref = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v)
     got = _value_and_grads(lambda q, k, v: attention(q, k, v, mask, segments, impl), q, k, v)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+    for a, b in zip(got[1], ref[1]):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("S", [96, 130, 600])
+def test_xla_kernel_skipping_keys_after_each_query_block_matches_dense_attention(S):
+    """One block below 128 queries, 4 uneven ones at 130, 8 at 600: values and gradients equal
+    `jax.nn.dot_product_attention`'s, which computes every query against every key."""
+    assert len(query_blocks(S, S)) == (1 if S == 96 else 4 if S == 130 else 8)
+    rng = np.random.default_rng(S)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, S, h, DH)), jnp.float32) for h in (K * G, K, K))
+    segments = np.ones((2, S), np.int32)
+    segments[0, S // 3:] = 2
+    segments = jnp.asarray(segments)
+    mask = attention_mask(jnp.broadcast_to(jnp.arange(S), (2, S)), segments, segments)
+    got = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v)
+    ref = _value_and_grads(lambda q, k, v: attention(q, k, v, mask, segments, "dot_product"), q, k, v)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
     for a, b in zip(got[1], ref[1]):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
