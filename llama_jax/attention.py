@@ -99,9 +99,10 @@ def _xla_forward(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT):
 def xla_attention(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT) -> Array:
     """Grouped-query attention without repeating K/V; softmax in float32.
 
-    Causal: each query block skips the keys after it (`query_blocks`). Its backward is written out
+    `mask_BxSxT` must hide every key after its query, as `attention_mask` does: with T == S each
+    query block skips the keys after its last query (`query_blocks`). Its backward is written out
     (`_xla_attention_bwd`): the same gradients as differentiating `_xla_forward`, with the
-    products arranged so that no [S, T] matrix is transposed, and with only q, k, v and the
+    products arranged so that no [S, T] matrix is transposed, and with only q, k, v, the
     probabilities and the mask kept for it."""
     return _xla_forward(q_BxSxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxSxT)[0]
 
