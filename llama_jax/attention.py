@@ -2,8 +2,8 @@
 
 Every kernel computes causal, segment-masked grouped-query attention on
 q [B, S, H, Dh], k and v [B, T, K, Dh] -> [B, S, H, Dh], softmax in float32:
-- `xla`: einsums written here, with a written-out backward (any backend; the reference the
-  others are tested against);
+- `xla`: einsums written here over causal query blocks, with a written-out backward (any
+  backend; the reference the others are tested against, and itself tested against `dot_product`);
 - `dot_product`: `jax.nn.dot_product_attention` with XLA's implementation;
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention (GPU);
 - `splash`: Pallas splash attention (TPU; on other backends it runs in Pallas' interpreter,
