@@ -1,6 +1,7 @@
 """FLOPs accounting against XLA's own count and a published model, peak lookup, metrics files."""
 
 import json
+import subprocess
 import sys
 import types
 
@@ -160,6 +161,18 @@ def test_metrics_writer_sends_scalars_to_tensorboard_when_available(tmp_path, mo
         writer.write(7, {"loss": jnp.float32(1.5), "phase": "eval"})
         writer.write(8, {"grad_norm": float("inf")})  # null in metrics.jsonl, the float itself here
     assert calls == [("init", str(tmp_path)), ("loss", 1.5, 7), ("grad_norm", float("inf"), 8), ("close",)]
+
+
+def test_metrics_writer_leaves_torch_unloaded_and_importable(tmp_path):
+    """tensorboardX would import torch (seconds of start-up) if it could; after the writer is open
+    torch is still not loaded, and importing it afterwards works."""
+    script = ("import sys; from llama_jax.metrics import MetricsWriter\n"
+              f"w = MetricsWriter({str(tmp_path)!r}); w.write(1, {{'loss': 2.0}}); w.close()\n"
+              "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)\n"
+              "import torch; assert torch.zeros(2).sum().item() == 0.0\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
 
 
 def test_metrics_writer_is_silent_off_process_zero(tmp_path, monkeypatch):
