@@ -245,9 +245,10 @@ def _init_distributed(args) -> None:
 
 def cmd_train(args) -> None:
     from llama_jax.experiment import load_config
+
+    config = load_config(args.config, args.overrides)  # before importing JAX: a bad config fails at once
     from llama_jax.run import train_and_evaluate
 
-    config = load_config(args.config, args.overrides)
     _init_distributed(args)
     result = train_and_evaluate(config, args.workdir, resume_from=args.resume_from)
     last = next((r for r in reversed(result.logged) if "loss" in r), None)

@@ -4,16 +4,19 @@ The `optimizer` section of an experiment config starts from `default_config()`. 
 before anything is compiled; `make_optimizer` turns it into one optax transformation:
 global-norm clipping first (so a norm measured on the raw gradients is the pre-clipping norm), then
 AdamW, Adafactor or Lion with the schedule and decoupled weight decay on the masked parameters.
+JAX and optax are imported only by the functions that build something, so checking a config
+stays quick.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import jax
-import optax
 from ml_collections import ConfigDict
+
+if TYPE_CHECKING:
+    import optax
 
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -93,6 +96,8 @@ def make_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
     Decays reach `lr * min_lr_ratio` at `total_steps` and stay there; `wsd` holds `lr` until the last
     `decay_fraction` of all steps and decays linearly over those.
     """
+    import optax
+
     validate(cfg, total_steps)
     lr, warmup = cfg.lr, cfg.warmup_steps
     final_lr = lr * cfg.min_lr_ratio
@@ -127,6 +132,8 @@ def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
     norm scales (any path component containing "norm") never decay, `embed` and `lm_head` decay only
     with `decay_embeddings`, everything else (attention and MLP kernels) decays.
     """
+    import jax
+
     def decays(path, _leaf) -> bool:
         names = [_key_name(k) for k in path]
         if any("norm" in name for name in names):
@@ -146,6 +153,8 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> optax.GradientTransform
     AdamW and Lion, and weight decay multiplied by the schedule so it is decoupled decay
     `lr(t) * weight_decay * param` like the other two (optax adds Adafactor's decay after the lr).
     """
+    import optax
+
     validate(cfg, total_steps)
     schedule = make_schedule(cfg, total_steps)
     wd = cfg.weight_decay
