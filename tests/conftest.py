@@ -1,8 +1,20 @@
-"""Test setup: 8 virtual CPU devices, so sharded code paths really run on several devices."""
+"""Test setup: 8 virtual CPU devices, so sharded code paths really run on several devices, and one
+persistent XLA compilation cache for the session, shared with the `llama-jax` processes the tests
+start (dozens of them compile the same tiny models)."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="llama-jax-tests-xla-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny models compile in well under 1 s
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402,F401  (imported after XLA_FLAGS on purpose)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)

@@ -301,6 +301,8 @@ def cli(args: list[str], cwd: Path, timeout: float = 150) -> subprocess.Complete
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(cwd / "tmp"), "PYTHONPATH": str(ROOT),
            "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("XLA_FLAGS", None)  # conftest's 8 virtual devices are for the in-process tests
+    # Two cases run at once; JAX warns on stderr if one reads a cache entry the other is writing.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run([sys.executable, "-m", "llama_jax.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
