@@ -60,6 +60,7 @@ def cmd_demo(args) -> None:
 
 def cmd_generate(args) -> None:
     from llama_jax.checkpoint import load_model, load_tokenizer_for
+    from llama_jax.generate import check_sampling
     from llama_jax.prompts import complete, read_prompts_file
     from llama_jax.tokenizer import check_fits, load_tokenizer
 
@@ -74,6 +75,7 @@ def cmd_generate(args) -> None:
     prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UserError("no prompts; give --prompt TEXT (repeatable) and/or --prompts-file FILE")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
 
     mesh = None
     if args.mesh is not None:  # a bad mesh fails before anything is read

@@ -79,13 +79,14 @@ def export(workdir: Path) -> tuple[Path, Path]:
 
 
 def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
+    from llama_jax.experiment import apply_overrides
+
+    config = apply_overrides(get_config(), overrides)  # before importing JAX: a bad override fails at once
     import jax
 
     from llama_jax.cli import main as cli
-    from llama_jax.experiment import apply_overrides
     from llama_jax.run import train_and_evaluate
 
-    config = apply_overrides(get_config(), overrides)
     workdir = Path(workdir).absolute()
     print(f"llama-jax demo: {config.train.steps} steps of a small LLaMA on the Python standard library's source "
           f"({jax.device_count()} {jax.devices()[0].platform} device(s)); workdir {workdir}")

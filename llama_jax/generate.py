@@ -148,6 +148,22 @@ def _decode(params, state: _Decoding, pad_B: Array, sampler: _Sampler, limit: Ar
     return state, out, steps
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   seed: int) -> None:
+    """Raise ValueError naming the first sampling option out of range (`generate`'s own check,
+    callable before a model is loaded)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not 0 <= temperature < math.inf:  # also false for NaN
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
+
+
 def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, n_tokens: int | None = None,
@@ -181,16 +197,7 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
         bad = [t for t in prompt if not 0 <= int(t) < config.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not 0 <= temperature < math.inf:  # also false for NaN
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     P = max(max(len(p) for p in prompts), pad_to or 0)
     if P + max_new_tokens > config.max_seq_len:
         raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) = {P + max_new_tokens} "

@@ -217,6 +217,9 @@ CASES = [
          r"top_p must be in \(0, 1\] or None, got 1.5"),
     Case("generate-top-k-0", "generate {model} --prompt Hi --top-k 0",
          r"top_k must be a positive integer or None, got 0"),
+    # checked before any model is read: here there is none, and the option is what is reported
+    Case("generate-top-k-0-before-the-model", "generate {inputs}/nope --prompt Hi --top-k 0",
+         r"top_k must be a positive integer or None, got 0"),
     Case("generate-seed-too-large", "generate {model} --prompt Hi --seed 99999999999999999999",
          r"seed must be an integer in \[0, 2\*\*63\), got 99999999999999999999"),
     Case("generate-tokenizer-missing", "generate {model256} --prompt Hi --tokenizer {inputs}/nope.model",
