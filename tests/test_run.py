@@ -208,9 +208,11 @@ def test_init_from_a_model_directory(tmp_path, tokenizer_path):
     trainer = build_trainer(config, jax.devices()[:1])
     model_dir = save_model(tmp_path / "model", trainer.model_config, init_params(trainer.model_config, 123))
     data = run_lib.build_data(config, trainer.model_config, tmp_path)  # prepared into a temporary directory
-    _, params = load_model(model_dir)
-    expected = float(trainer.eval_metrics(params, global_batch(trainer.mesh, data.train_rows(0)))["loss"])
-    data.discard()
+    try:
+        _, params = load_model(model_dir)
+        expected = float(trainer.eval_metrics(params, global_batch(trainer.mesh, data.train_rows(0)))["loss"])
+    finally:
+        data.discard()
 
     config.checkpoint.init_from = str(model_dir)
     run_lib.train_and_evaluate(config, tmp_path / "run", progress=False, devices=jax.devices()[:1])
