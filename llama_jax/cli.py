@@ -429,7 +429,6 @@ def cmd_data_inspect(args) -> None:
 
     from llama_jax.data_inspect import coverage_lines, describe_step
     from llama_jax.experiment import load_config
-    from llama_jax.run_data import build_data
 
     if args.config is None and args.workdir is None:
         raise UserError("give --config CONFIG (prepared data, or a raw source prepared now) or --workdir RUN")
@@ -442,6 +441,8 @@ def cmd_data_inspect(args) -> None:
     config = load_config(config_file, args.overrides)
     if config.data.source == "synthetic":
         raise UserError("data.source=synthetic draws random tokens; there are no documents to inspect")
+    from llama_jax.run_data import build_data  # imports JAX; after the config checks
+
     with tempfile.TemporaryDirectory(prefix="llama-jax-inspect-") as scratch:
         data = build_data(config, None, workdir or Path(scratch))
         try:
@@ -488,9 +489,10 @@ def cmd_plan(args) -> None:
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
     from llama_jax.experiment import load_config
+
+    config = load_config(args.config, args.overrides)  # before importing JAX: a bad config fails at once
     from llama_jax.plan import plan, format_plan
 
-    config = load_config(args.config, args.overrides)
     print(format_plan(plan(config)))
 
 
