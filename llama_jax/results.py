@@ -138,13 +138,13 @@ def plot(workdir: Path, keys: list[str], rows: list[dict], objective_label: str)
         plt.close(fig)
         written.append(path)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        if r["curve"]:
-            ax.plot(*zip(*r["curve"]), label=r["run"], alpha=0.8)
+    with_curves = [r for r in rows if r["curve"]]
+    for r in with_curves:
+        ax.plot(*zip(*r["curve"]), label=r["run"], alpha=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
     ax.grid(alpha=0.3)
-    if 0 < len(rows) <= 12:
+    if 0 < len(with_curves) <= 12:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(workdir / "loss_curves.png", dpi=100)

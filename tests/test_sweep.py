@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -235,5 +236,9 @@ def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys
     assert main(args) == 0
     assert "submitted 3 trial(s) as SLURM job array 77" in capsys.readouterr().out
     assert [trial(workdir / f"seed={i}")["job"] for i in range(3)] == ["77_0", "77_1", "77_2"]
-    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
+    with warnings.catch_warnings(record=True) as caught:  # no run has a loss curve yet
+        warnings.simplefilter("always")
+        assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
+    assert [str(w.message) for w in caught if w.filename.endswith("results.py")] == []
     assert [r["status"] for r in rows(workdir)] == ["submitted"] * 3
+    assert (workdir / "loss_curves.png").is_file()
