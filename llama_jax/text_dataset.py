@@ -33,6 +33,13 @@ class TextConfig(tfds.core.BuilderConfig):
     validation_fraction: float = 0.01
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    def initialize_from_bucket(self) -> None:
+        """Nothing to fetch: these datasets exist only where they are built. (TFDS's own method,
+        called for every dataset not yet built, makes a temporary directory for metadata from its
+        public bucket, and leaves it behind empty when there is none.)"""
+
+
 class LlamaJaxText(tfds.core.GeneratorBasedBuilder):
     """Documents of local text files as a `text` feature, in `train` and `validation` splits,
     in the order of the files (shuffling disabled: sampling happens when batches are built)."""
@@ -50,7 +57,7 @@ class LlamaJaxText(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         # Not `dataset_info_from_configs`: it reads metadata files next to this module.
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        return _LocalDatasetInfo(builder=self, features=tfds.features.FeaturesDict(
             {"text": tfds.features.Text()}), disable_shuffling=True)
 
     def _split_generators(self, dl_manager):

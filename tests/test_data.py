@@ -4,6 +4,7 @@ import io
 import json
 import math
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -66,13 +67,16 @@ def write_corpus(tmp_path):
     return [r["text"] for r in records] + ["A whole file is one document.\nEven with two lines.\n"]
 
 
-def test_text_files_and_tfds_round_trip(tmp_path, tokenizer):
+def test_text_files_and_tfds_round_trip(tmp_path, tokenizer, monkeypatch):
     docs = write_corpus(tmp_path)
     assert list(TextFiles([str(tmp_path / "*.jsonl"), str(tmp_path / "c.txt")])) == docs
     data_dir = str(tmp_path / "tfds")
     files = [str(tmp_path / "*.jsonl"), str(tmp_path / "*.txt")]
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     name = build_text_dataset(files, data_dir, validation_fraction=0.25)
     assert build_text_dataset(files, data_dir, validation_fraction=0.25) == name  # built once, then reused
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing left in the temporary directory
     splits = {s: [r["text"].decode() for r in tfds.data_source(name, data_dir=data_dir, split=s)]
               for s in ("train", "validation")}
     assert len(splits["validation"]) == math.ceil(0.25 * len(docs))
