@@ -18,12 +18,14 @@ stores it): the same products with the weight as the left operand and no transpo
 
 Reported: milliseconds per step (median over repeats of 50 steps) and the weight bytes read per
 second, and the large product's GB/s; a library whose XLA option this jaxlib does not know is
-reported as failed, with XLA's error.
+reported as failed, with XLA's error, and one whose option it accepts without using it (the
+chain's values bit for bit those of the Eigen row, which runs without the option) is marked so.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -32,13 +34,14 @@ import numpy as np
 
 from timing import median_seconds
 
+EIGEN = "xla, Eigen"  # XLA's own products: the YNNPACK fusion off, no other library asked for
 # XLA_FLAGS for each CPU matrix-product library (the products of a single row go to Eigen in
 # all), whether the process is held to one core, and whether activations are feature-major
 LIBRARIES = {
     "xla (default: YNNPACK)": ("", False, False),
+    EIGEN: ("--xla_cpu_experimental_ynn_fusion_type=", False, False),
     "xla, XNNPACK": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=true", False, False),
     "xla, oneDNN": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true", False, False),
-    "xla, Eigen": ("--xla_cpu_experimental_ynn_fusion_type=", False, False),
     "xla (default), one core": ("", True, False),
     "xla (default), feature-major: w [out, in] @ x [in, batch]": ("", False, True),
 }
@@ -51,7 +54,9 @@ def shapes(dim: int, ffn: int) -> list[tuple[int, int]]:
 
 def time_xla(batches, layers, dim, ffn, repeats, feature_major: bool = False) -> dict:
     """Seconds per step of the chain at each batch size, and under "stream" seconds per product
-    over a STREAM_SHAPE matrix. feature_major: activations [features, batch], weights [out, in]."""
+    over a STREAM_SHAPE matrix; under "values<batch>", a hash of the chain's output, by which two
+    processes that ran the same library are told apart from two that did not. feature_major:
+    activations [features, batch], weights [out, in]."""
     import jax
     import jax.numpy as jnp
 
@@ -85,7 +90,7 @@ def time_xla(batches, layers, dim, ffn, repeats, feature_major: bool = False) ->
     for batch in batches:
         x = jnp.asarray(rng.standard_normal((batch, dim), np.float32))
         x = x.T.copy() if feature_major else x
-        step(x, weights).block_until_ready()
+        result[f"values{batch}"] = hashlib.sha256(np.asarray(step(x, weights)).tobytes()).hexdigest()[:16]
         result[batch] = median_seconds(lambda: [step(x, weights) for _ in range(50)][-1].block_until_ready(),
                                        repeats) / 50
     big = jax.random.normal(jax.random.key(0), STREAM_SHAPE, jnp.float32)
@@ -149,7 +154,7 @@ def main(argv=None) -> int:
         if child.returncode:  # e.g. a jaxlib that does not know the option
             rows[name] = (child.stderr.strip().splitlines() or ["no output"])[-1]
             continue
-        rows[name] = {(b if b == "stream" else int(b)): float(s)
+        rows[name] = {(int(b) if b.isdigit() else b): (s if b.startswith("values") else float(s))
                       for b, s in (pair.split(":") for pair in child.stdout.split())}
     import torch
 
@@ -164,9 +169,22 @@ def main(argv=None) -> int:
         if isinstance(times, str):
             print(f"| {name} | failed: {times} |")
             continue
-        print(f"| {name} | " + " | ".join(f"{times[b] * 1e3:.2f} ({weight_bytes / times[b] / 1e9:.1f})"
-                                           for b in args.batch) + f" | {stream_bytes / times['stream'] / 1e9:.1f} |")
+        cells = [f"{times[b] * 1e3:.2f} ({weight_bytes / times[b] / 1e9:.1f})" for b in args.batch]
+        print(f"| {name}{_same_values_note(name, rows, args.batch)} | " + " | ".join(cells)
+              + f" | {stream_bytes / times['stream'] / 1e9:.1f} |")
     return 0
+
+
+def _same_values_note(name: str, rows: dict, batches) -> str:
+    """For a row whose option comes on top of the Eigen row's flags (XNNPACK, oneDNN) and whose
+    chain gave bit for bit the Eigen row's values at every batch size: the option was not used."""
+    eigen_flags, (flags, *_) = LIBRARIES[EIGEN][0], LIBRARIES.get(name, ("",))
+    eigen = rows.get(EIGEN)
+    if name == EIGEN or not flags.startswith(eigen_flags) or not isinstance(eigen, dict):
+        return ""
+    if all(eigen[f"values{b}"] == rows[name][f"values{b}"] for b in batches):
+        return f" (the same values as {EIGEN}, bit for bit: the option has no effect in this jaxlib)"
+    return ""
 
 
 if __name__ == "__main__":
