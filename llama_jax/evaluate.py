@@ -420,7 +420,8 @@ def load_run(workdir, step: int | None = None, mesh=None) -> tuple[LLaMAConfig, 
     info, config, params = read_checkpoint_params(workdir, step, mesh)
     tokenizer = run_tokenizer(workdir, info)
     if tokenizer is None:
-        raise ValueError(f"{workdir} has no tokenizer.model (a run on synthetic data); evaluating text needs one")
+        raise ValueError(f"{workdir} has no tokenizer.model (a run on synthetic data); generating or evaluating "
+                         "text needs one")
     return config, params, str(tokenizer), step, info["config"]
 
 
