@@ -11,7 +11,8 @@ q [B, S, H, Dh], k and v [B, T, K, Dh] -> [B, S, H, Dh], softmax in float32:
 - `auto`: `cudnn` on GPU, `splash` on TPU, `xla` elsewhere.
 `cudnn` and `splash` take the causal structure from the kernel and documents from segment ids,
 so they serve training. Attention over a KV cache (prefill and decoding) is `cached_attention`:
-blocks of the filled part of the cache with an online softmax, einsums XLA partitions itself.
+einsums XLA partitions itself over the whole cache when decoding, and over blocks of its filled
+part with an online softmax when many queries at once would make a large score matrix.
 
 Inside `sharded_attention(mesh)` (the trainer enters it), the kernel runs under `shard_map`:
 each device attends over its own batch rows and heads (batch over data x fsdp, heads over
@@ -196,7 +197,20 @@ def attention(q, k, v, mask_BxSxT, segment_ids_BxS, impl: str) -> Array:
                          check_vma=False)(q, k, v, extra)
 
 
-CACHE_BLOCK = 256  # cache slots per step of `cached_attention`'s loop
+CACHE_BLOCK = 256  # cache slots per step of `cached_attention`'s loop for CACHE_BLOCK queries or more
+
+
+def cache_block(queries: int, slots: int) -> int:
+    """Cache slots per step of `cached_attention`'s loop for `queries` new queries over a cache of
+    `slots`: as many as keep the scores of a batch row and head within CACHE_BLOCK² (65,536), at
+    least CACHE_BLOCK, at most the whole cache.
+
+    So decoding (one query) and short prompts attend over the whole cache in one step, reading
+    its empty slots too, while a long prompt's prefill goes over the filled part in blocks of
+    CACHE_BLOCK slots. A block narrower than the cache is a slice of it, which XLA's CPU backend
+    copies before the product reads it: decoding 256 and 512 new tokens in blocks of 256 slots
+    ran 22-34% slower than over the whole cache (benchmarks/README.md)."""
+    return min(slots, max(CACHE_BLOCK, CACHE_BLOCK ** 2 // queries))
 
 
 def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q_slot_BxS: Array,
@@ -205,16 +219,16 @@ def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q
 
     cache_k, cache_v: that layer's [B, K, T, Dh] (`layer` None; [K, T, Dh] for a batch of one),
     or every layer's [L, B, K, T, Dh] and the index `layer` into them. Heads come before slots, so
-    that a block of slots is one contiguous [slots, Dh] matrix per head and the einsums read the
-    cache in place (slots before heads made XLA transpose the whole layer's cache on every call).
-    The loop visits ceil(filled / CACHE_BLOCK) blocks, so a step costs what the filled part costs,
-    not the cache's capacity; the softmax is accumulated online in float32 across blocks. A key
-    slot is visible to a query iff it is not after the query's slot and holds the same segment.
+    that the einsums read the cache in place (slots before heads made XLA transpose the whole
+    layer's cache on every call). The loop visits ceil(filled / block) blocks of `cache_block`
+    slots (when decoding, one: the whole cache, up to 65,536 slots); the softmax is accumulated
+    online in float32 across blocks. A key slot is visible to a query iff it is not after the
+    query's slot and holds the same segment.
     """
     B, S, H, Dh = q_BxSxHxDh.shape
     K, T = cache_k.shape[-3:-1]
     G = H // K
-    block = min(CACHE_BLOCK, T)
+    block = cache_block(S, T)
     b = "b" if layer is not None or cache_k.ndim == 4 else ""  # the batch dimension, if the cache has one
     rows = (B,) if b else ()
     q = q_BxSxHxDh.reshape(B, S, K, G, Dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, Dh]

@@ -11,8 +11,8 @@ come (streaming, stop strings). Sampling settings are traced values, so changing
 top-k, top-p, seed or EOS reuses the compiled code; a new batch size, prompt length,
 `max_new_tokens` or chunk compiles again.
 
-Decoding is memory-bound, so the loop is arranged to read each weight and the filled part of
-the K/V cache about once per token:
+Decoding is memory-bound, so the loop is arranged to read each weight and the K/V cache about
+once per token:
 - the layers are unrolled: scanned (stacked) params are split into per-layer arrays once per
   call (`decoding_params`), because a scan over stacked weights slices (copies) every
   layer's weights on every step; this holds a second copy of the weights while decoding, as
@@ -21,8 +21,9 @@ the K/V cache about once per token:
 - a batch of one on one device reads each layer's q, k and v weights with one matrix-vector
   product: `decoding_params` joins the three kernels into one;
 - every layer writes its new keys and values into its own cache arrays in place (`KVCache`;
-  slicing a layer out of one stacked cache copied it on every token), and attends only over the
-  filled blocks of them (`llama_jax.attention.cached_attention`);
+  slicing a layer out of one stacked cache copied it on every token), and attends over the whole
+  of them at once (`llama_jax.attention.cache_block`: a block of the filled part would be a
+  slice, which XLA's CPU backend copies first);
 - greedy decoding draws no random numbers, and nothing sorts the vocabulary unless top-k or
   top-p filters.
 """

@@ -301,7 +301,7 @@ class Attention(nn.Module):
         v = checkpoint_name(v, "v_proj")
         if kv is None:
             out_BxSxHxDh = attention(q, k, v, mask_BxSxT, segment_ids, cfg.attention_impl)
-        else:  # write this layer's new slots into the cache, attend over its filled part
+        else:  # write this layer's new slots into the cache, attend over its filled slots
             cache_k, cache_v = kv
             new_k, new_v = (a.transpose(0, 2, 1, 3).astype(cache_k.dtype) for a in (k, v))  # [B, K, S, Dh]
             at = (0, 0, view.index, 0)

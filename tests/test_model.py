@@ -223,10 +223,11 @@ def test_dot_product_attention_impl_matches_xla(gqa):
 
 @pytest.mark.parametrize("scan,block,batch", [(True, None, 2), (False, None, 2), (False, 12, 2), (False, 12, 1)])
 def test_kv_cache_decoding_matches_full_forward(gqa, scan, block, batch, monkeypatch):
-    """block 12: the cache (20 slots) is read in blocks of 12, the second overlapping the first.
-    batch 1: unrolled layers keep a batch of one without its batch dimension."""
+    """block None: prefill and decoding each attend over the whole cache in one block. block 12:
+    the cache (20 slots) is read in blocks of 12, the second overlapping the first. batch 1:
+    unrolled layers keep a batch of one without its batch dimension."""
     if block:
-        monkeypatch.setattr(attention, "CACHE_BLOCK", block)
+        monkeypatch.setattr(attention, "cache_block", lambda queries, slots: block)
     cfg, params = gqa
     cfg = cfg.replace(scan_layers=scan)
     params = params if scan else unstack_layers(params, cfg.n_layers)
@@ -242,6 +243,14 @@ def test_kv_cache_decoding_matches_full_forward(gqa, scan, block, batch, monkeyp
         pieces.append(logits)
     assert int(cache.index) == 16
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
+
+
+def test_cache_blocks_bound_the_scores_and_cover_the_cache_when_decoding():
+    assert attention.cache_block(1, 272) == 272  # decoding: the whole cache, however long
+    assert attention.cache_block(1, 65_536) == 65_536
+    assert attention.cache_block(16, 2_064) == 2_064  # a short prompt: 16 x 2,064 scores
+    assert attention.cache_block(512, 2_064) == 256  # a long prompt's prefill: 512 x 256
+    assert attention.cache_block(100_000, 131_072) == 256  # never narrower than 256 slots
 
 
 def test_parameters_carry_logical_axis_names():
