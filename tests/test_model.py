@@ -246,8 +246,9 @@ def test_kv_cache_decoding_matches_full_forward(gqa, scan, block, batch, monkeyp
 
 
 def test_cache_blocks_bound_the_scores_and_cover_the_cache_when_decoding():
-    assert attention.cache_block(1, 272) == 272  # decoding: the whole cache, however long
+    assert attention.cache_block(1, 272) == 272  # decoding: the whole cache
     assert attention.cache_block(1, 65_536) == 65_536
+    assert attention.cache_block(1, 131_072) == 65_536  # up to 256 x 256 scores per row and head
     assert attention.cache_block(16, 2_064) == 2_064  # a short prompt: 16 x 2,064 scores
     assert attention.cache_block(512, 2_064) == 256  # a long prompt's prefill: 512 x 256
     assert attention.cache_block(100_000, 131_072) == 256  # never narrower than 256 slots
