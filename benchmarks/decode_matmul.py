@@ -67,7 +67,7 @@ def time_xla(batches, layers, dim, ffn, repeats, feature_major: bool = False) ->
         weights = [[w.T.copy() for w in layer] for layer in weights]
 
     @jax.jit
-    def step(x, weights):
+    def step_batch_major(x, weights):
         for layer in weights:
             for w in layer:
                 n_in = w.shape[0]
@@ -84,8 +84,7 @@ def time_xla(batches, layers, dim, ffn, repeats, feature_major: bool = False) ->
                 x = jnp.tanh((w @ xi)[:dim]) * 0.5 + x
         return x
 
-    if feature_major:
-        step = step_feature_major
+    step = step_feature_major if feature_major else step_batch_major
     result = {}
     for batch in batches:
         x = jnp.asarray(rng.standard_normal((batch, dim), np.float32))
