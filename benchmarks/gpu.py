@@ -38,12 +38,12 @@ a. Attention kernels of `llama_jax.attention`, bf16, B=4, S=2048, H=16 query / K
    random cotangent) of `cudnn` against `xla`, each also against a float32 `xla` reference.
    Speed, forward + backward (median of `--repeats` after warm-up; compile apart):
      xla                      the project's `xla` kernel (einsums) with the dense [B,S,T] mask;
-     cudnn, dense mask        the project's `cudnn` kernel: `jax.nn.dot_product_attention(
-                              implementation="cudnn")` with the [B,1,S,T] boolean mask (cuDNN
-                              receives it as a bias tensor);
-     cudnn, is_causal + dense mask  the same call with the same mask and `is_causal=True`:
-                              still packed rows, through the public API; cuDNN then knows
-                              the mask is causal and may skip the blocks above the diagonal;
+     cudnn, is_causal + dense mask  the project's `cudnn` kernel: `jax.nn.dot_product_attention(
+                              implementation="cudnn", is_causal=True)` with the [B,1,S,T]
+                              boolean mask (cuDNN receives it as a bias tensor and knows it
+                              is causal, so it may skip the blocks above the diagonal);
+     cudnn, dense mask only   the same call without `is_causal` (the project's form before
+                              it passed `is_causal`): cuDNN computes every block;
      cudnn, is_causal         the same call with `is_causal=True` and no mask: one document
                               per row, no packing (the kernel's best case);
      cudnn, is_causal + seq lengths  `query_seq_lengths`/`key_value_seq_lengths`, if the
@@ -268,10 +268,11 @@ def part_attention(args, rec: Recorder) -> None:
 
     variants = {  # name -> (fn(q, k, v), semantics: "packed" or "causal")
         "xla (project kernel, dense mask)": (lambda q, k, v: xla_attention(q, k, v, packed_mask), "packed"),
-        "cudnn, dense mask (project kernel)": (lambda q, k, v: project_cudnn(q, k, v, packed_mask), "packed"),
-        "cudnn, is_causal + dense mask (packed)": (
-            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=packed_mask[:, None], is_causal=True,
-                                                         implementation=impl), "packed"),
+        "cudnn, is_causal + dense mask (project kernel)": (
+            lambda q, k, v: project_cudnn(q, k, v, packed_mask), "packed"),
+        "cudnn, dense mask only (no is_causal)": (
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=packed_mask[:, None], implementation=impl),
+            "packed"),
         "cudnn, is_causal, no mask (no packing)": (
             lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl), "causal"),
     }
@@ -350,7 +351,7 @@ def part_attention(args, rec: Recorder) -> None:
         seqlen, offsets = jnp.asarray(seqlen_np), jnp.asarray(offsets_np)
         # agreement: every difference to the f32 reference within 4x the project cudnn path's own
         # (bf16 rounding), or within 2% of the reference's largest value
-        dense = results.get("cudnn, dense mask (project kernel)", {}).get("vs_xla_f32", {})
+        dense = results.get("cudnn, is_causal + dense mask (project kernel)", {}).get("vs_xla_f32", {})
         tolerance = {n: max(4 * dense.get(n, 0.0), 0.02 * ref_max["packed"][n]) for n in ("out", "dq", "dk", "dv")}
         rec.put(P, "packed_offsets_tolerance", tolerance)
 
@@ -384,7 +385,7 @@ def part_attention(args, rec: Recorder) -> None:
         rec.put(P, "note_packed_offsets", f"skipped: {type(e).__name__}: {e}"[:2000])
         log(f"  a. packed offsets skipped: {type(e).__name__}: {str(e)[:300]}")
 
-    base = results.get("cudnn, dense mask (project kernel)")
+    base = results.get("cudnn, is_causal + dense mask (project kernel)")
     xla = results.get("xla (project kernel, dense mask)")
     ratios = {}
     for name, entry in results.items():

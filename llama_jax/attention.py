@@ -9,8 +9,10 @@ q [B, S, H, Dh], k and v [B, T, K, Dh] -> [B, S, H, Dh], softmax in float32:
 - `splash`: Pallas splash attention (TPU; on other backends it runs in Pallas' interpreter,
   which is how it is tested, slowly);
 - `auto`: `cudnn` on GPU, `splash` on TPU, `xla` elsewhere.
-`cudnn` and `splash` take the causal structure from the kernel and documents from segment ids,
-so they serve training. Attention over a KV cache (prefill and decoding) is `cached_attention`:
+`splash` takes the causal structure from the kernel and documents from segment ids; `dot_product`
+and `cudnn` take documents from the dense [B, 1, S, T] mask and are told it is causal
+(`is_causal=True`), so that cuDNN need not compute the blocks above the diagonal. All of them
+serve training. Attention over a KV cache (prefill and decoding) is `cached_attention`:
 einsums XLA partitions itself over the whole cache when decoding, and over blocks of its filled
 part with an online softmax when many queries at once would make a large score matrix.
 
@@ -139,7 +141,12 @@ xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def _jax_nn_attention(implementation, q, k, v, mask):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+    """`jax.nn.dot_product_attention` with the documents in a dense mask and `is_causal` set.
+
+    The mask is causal already, so `is_causal` changes no value; it tells cuDNN the structure,
+    which JAX documents as letting its kernel skip the blocks above the diagonal instead of
+    computing them and reading their mask."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation=implementation)
 
 
 def splash_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS) -> Array:

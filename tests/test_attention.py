@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.attention import (_xla_forward, attention, attention_mask, query_blocks, sharded_attention,
+from llama_jax.attention import (KERNELS, _xla_forward, attention, attention_mask, query_blocks, sharded_attention,
                                  xla_attention)
 
 B, S, K, G, DH = 4, 128, 2, 2, 16
@@ -31,6 +31,10 @@ def _value_and_grads(fn, q, k, v):
 
 @pytest.mark.parametrize("impl", ["dot_product", "splash"])
 def test_kernels_match_reference(inputs, impl):
+    """`dot_product` is the `cudnn` kernel's call (dense mask, `is_causal`) with XLA's implementation,
+    so on CPU it checks what cuDNN is asked for on GPU."""
+    assert KERNELS["cudnn"][0].func is KERNELS["dot_product"][0].func
+    assert KERNELS["cudnn"][0].args == ("cudnn",) and KERNELS["dot_product"][0].args == ("xla",)
     q, k, v, segments, mask = inputs
     ref = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v)
     got = _value_and_grads(lambda q, k, v: attention(q, k, v, mask, segments, impl), q, k, v)
