@@ -268,18 +268,26 @@ def cmd_export(args) -> None:
           f"llama-jax convert --from jax --to hf {path} DST makes a Hugging Face checkpoint of it")
 
 
+EVAL_RESULT_KEYS = ("loss", "perplexity", "tokens")  # what marks a file as an earlier result of eval
+LM_EVAL_RESULT_KEYS = ("results", "configs")  # ... of lm-eval
+
+
 def cmd_eval(args) -> None:
     import json
     from pathlib import Path
 
     from llama_jax.evaluate import evaluate_held_out
     from llama_jax.experiment import load_config
-    from llama_jax.safe_io import write_text_atomic
+    from llama_jax.safe_io import check_results_file, write_text_atomic
 
     if (args.model is None) == (args.workdir is None):
         raise UserError("give a model directory or --workdir RUN (one of them)")
     if args.step is not None and args.workdir is None:
         raise UserError("--step needs --workdir (a model directory holds one set of parameters)")
+    if args.output is not None or args.model is not None and Path(args.model).is_dir():
+        # before evaluating: a result that could not be written is refused first
+        check_results_file(Path(args.model) / "eval.json" if args.output is None else args.output, "--output",
+                           "llama-jax eval", EVAL_RESULT_KEYS)
     config_file = args.config or (Path(args.workdir) / "config.json" if args.workdir else None)
     if config_file is None:
         raise UserError("--config is required with a model directory: the training config whose data settings "
@@ -288,8 +296,9 @@ def cmd_eval(args) -> None:
     record = evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len, args.batch_size,
                                progress=True)
     default = Path(args.workdir) / f"eval-{record['step']}.json" if args.workdir else Path(args.model) / "eval.json"
-    output = Path(args.output or default)
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
+    output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval", EVAL_RESULT_KEYS)
+    output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, json.dumps(record, indent=2) + "\n")
     bpb = "n/a" if record["bits_per_byte"] is None else f"{record['bits_per_byte']:.4f}"
     print(f"held-out: loss {record['loss']:.4f} nats/token, perplexity {record['perplexity']:.2f}, "
@@ -301,8 +310,13 @@ def cmd_lm_eval(args) -> None:
     import json
     from pathlib import Path
 
-    from llama_jax.safe_io import write_text_atomic
+    from llama_jax.safe_io import check_results_file, write_text_atomic
 
+    output = Path(args.model) / "lm_eval.json" if args.output is None else args.output
+    if args.output is not None or Path(args.model).is_dir():  # else the model's own error comes first
+        output = check_results_file(output, "--output", "llama-jax lm-eval", LM_EVAL_RESULT_KEYS)
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot {args.num_fewshot}: valid: 0 or more examples per question")
     try:
         from llama_jax.lm_eval_model import evaluate_tasks
     except ModuleNotFoundError as e:
@@ -315,12 +329,12 @@ def cmd_lm_eval(args) -> None:
     results = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                              batch_size=args.batch_size, include_path=args.include_path, max_length=args.max_length,
                              dtype=args.dtype, mesh=args.mesh)
-    output = Path(args.output or Path(args.model) / "lm_eval.json")
     kept = {k: results[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
                                     "higher_is_better", "n-samples", "config") if k in results}
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
+    output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, json.dumps(kept, indent=2, default=handle_non_serializable) + "\n")
     print(f"results written to {output}", file=sys.stderr)
 

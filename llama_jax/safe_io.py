@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -85,8 +86,36 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace `path` with `text` in one rename, so a reader never sees half a file."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_results_file(path: str | os.PathLike, option: str, command: str, keys: Iterable[str]) -> Path:
+    """`path` if a command's JSON results may be written there: not a directory, not under a file,
+    on a writable file system, and either new or a JSON object holding all of `keys` (a results
+    file of the same command, which a rerun replaces). ValueError naming `option` otherwise."""
+    if not str(path).strip():
+        raise ValueError(f"{option} is empty; give the path of a JSON file to write")
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give the path of a JSON file to write")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {existing} is not writable; choose another {option}")
+    if path.exists() or path.is_symlink():
+        try:
+            held = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            held = None
+        if not isinstance(held, dict) or not set(keys) <= held.keys():
+            raise ValueError(f"{option} {path} exists and is not a results file of `{command}`; choose another "
+                             f"{option} (only an earlier result is replaced)")
+    return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:

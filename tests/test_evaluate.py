@@ -252,6 +252,12 @@ def test_eval_command(model, model_dirs, tmp_path, capsys):
     assert {k: written[k] for k in expected} == pytest.approx(expected, rel=1e-6)
     assert written["documents"] == len(held_out) == 3 and written["seq_len"] == 16
     assert written["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    # a rerun replaces its own earlier result (and nothing else: test_results_replace_only_an_earlier_result)
+    out.write_text(json.dumps({**written, "tokens": -1}))
+    assert main(["eval", str(model_dirs[1]), "--config", str(config), "--config.train.seq_len=16",
+                 "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text()) == written
 
 
 def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
@@ -470,3 +476,32 @@ def test_eval_bad_input(model_dirs, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("llama-jax eval: error: ")
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("command", ["eval", "lm-eval"])
+def test_results_replace_only_an_earlier_result(model_dirs, tmp_path, capsys, command):
+    """--output is checked before evaluating: never a model's or a run's own file, a directory, or a
+    path under a file. (That an earlier result is replaced: test_eval_command.)"""
+    (tmp_path / "a.txt").write_text("Some text.")
+    config = write_text_config(tmp_path, [tmp_path / "a.txt"] * 3, eval_fraction=0.5)
+    model = model_dirs[1]
+    before = {p: p.read_bytes() for p in (model / "model_config.json", config)}
+    base = (["eval", str(model), "--config", str(config)] if command == "eval"
+            else ["lm-eval", str(model), "--tasks", "tiny_mc"])
+    for output, message in [
+        (model / "model_config.json", rf"--output \S+/model_config.json exists and is not a results file of "
+                                      rf"`llama-jax {command}`; choose another --output"),
+        (config, r"exists and is not a results file"),
+        (tmp_path, r"--output \S+ is a directory; give the path of a JSON file to write"),
+        (tmp_path / "a.txt" / "out.json", r"\S+/a.txt is a file, not a directory"),
+        ("", r"--output is empty; give the path of a JSON file to write"),
+    ]:
+        assert main([*base, "--output", str(output)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"llama-jax {command}: error: ")
+        assert re.search(message, err), err
+    assert {p: p.read_bytes() for p in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+    if command == "lm-eval":
+        assert main([*base, "--num-fewshot", "-1"]) == 2
+        assert capsys.readouterr().err.strip().endswith("--num-fewshot -1: valid: 0 or more examples per question")
