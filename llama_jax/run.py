@@ -35,7 +35,7 @@ from llama_jax import metrics as metrics_lib
 from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_architecture, load_model, tree_paths
 from llama_jax.config import LLaMAConfig
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
-from llama_jax.safe_io import sha256_file, write_text_atomic
+from llama_jax.safe_io import holds_run, sha256_file, write_text_atomic
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 ON_NONFINITE = ("stop", "skip")
@@ -164,22 +164,13 @@ def check_workdir(workdir: Path) -> None:
     blocking = next((p for p in [workdir, *workdir.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")
-    if not workdir.exists() or _holds_run(workdir):
+    if not workdir.exists() or holds_run(workdir):
         return
     clash = sorted(p.name for p in workdir.iterdir()
                    if p.name in RUN_FILES or any(fnmatch.fnmatchcase(p.name, m) for m in MODEL_FILES))
     if clash:
         raise RunError(f"--workdir {workdir} holds {clash[0]!r} but no llama-jax run (a run writes config.json, "
                        f"checkpoints/, metrics.jsonl there); use a new or empty directory")
-
-
-def _holds_run(workdir: Path) -> bool:
-    """Whether WORKDIR/config.json is a run's resolved config (not, say, a Hugging Face config)."""
-    try:
-        saved = json.loads((workdir / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and {"model", "train", "checkpoint"} <= set(saved)
 
 
 def check_init_from(path: str, model: LLaMAConfig) -> None:

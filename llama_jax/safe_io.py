@@ -82,6 +82,22 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
             shutil.rmtree(tmp)
 
 
+def holds_run(directory: str | os.PathLike) -> bool:
+    """Whether DIRECTORY/config.json is a llama-jax run's resolved config (not, say, a Hugging Face config)."""
+    try:
+        saved = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"model", "train", "checkpoint"} <= set(saved)
+
+
+def enclosing_run_or_model(path: str | os.PathLike) -> Path | None:
+    """The nearest directory at or above `path` that is a llama-jax run or model directory, if any."""
+    path = Path(path).absolute()
+    owners = (d for d in [path, *path.parents] if d.is_dir() and (holds_run(d) or (d / "model_config.json").is_file()))
+    return next(owners, None)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace `path` with `text` in one rename, so a reader never sees half a file."""
     path = Path(path)

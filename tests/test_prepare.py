@@ -280,6 +280,12 @@ CASES = [
     ("tokenizer-training-fails", PREPARE + ["--config.data.tokenizer=train", "--config.data.tokenizer_vocab_size=10"],
      r"sentencepiece training failed: Vocabulary size is smaller"),
     ("no-config", ["prepare-data", "--output", "{case}/out"], r"--config is required to prepare data"),
+    ("output-empty", ["prepare-data", "--config", "{config}", "--output", ""],
+     r"--output is empty; give a directory to write"),
+    ("output-in-a-runs-checkpoints", ["prepare-data", "--config", "{config}", "--output", "{run}/checkpoints/99"],
+     r"--output \S+/run/checkpoints/99 is inside the run \S+/run; give a directory outside it"),
+    ("output-in-a-model-directory", ["prepare-data", "--config", "{config}", "--output", "{model}/data"],
+     r"--output \S+/model/data is inside the model directory \S+/model; give a directory outside it"),
     ("output-is-a-file", ["prepare-data", "--config", "{config}", "--output", "{case}/empty.jsonl"],
      r"\S+/empty.jsonl is a file, not a directory"),
     ("output-holds-other-files", ["prepare-data", "--config", "{config}", "--output", "{case}"],
@@ -315,18 +321,24 @@ def test_bad_input_is_one_line_and_writes_nothing(args, error, inputs, reference
     (case / "blank.jsonl").write_text('{"text": ""}\n\n{"text": ""}\n')
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    paths = {"config": inputs["config"], "case": case, "reference": reference, "other": inputs["other"]}
+    owners = tmp_path / "owners"  # a run (its resolved config.json) and a model directory
+    (owners / "run" / "checkpoints").mkdir(parents=True)
+    (owners / "run" / "config.json").write_text(json.dumps({"model": {}, "train": {}, "checkpoint": {}}))
+    (owners / "model").mkdir()
+    (owners / "model" / "model_config.json").write_text("{}")
+    paths = {"config": inputs["config"], "case": case, "reference": reference, "other": inputs["other"],
+             "run": owners / "run", "model": owners / "model"}
     for damage in ("truncate", "remove-index", "remove-manifest", "flip"):
         if any("{" + damage + "}" in a for a in args):
             paths[damage] = damaged_copy(reference, case, damage)
     argv = [re.sub(r"\{([\w-]+)\}", lambda m: str(paths[m.group(1)]), a) for a in args]
-    before = snapshot(case, reference)
+    before = snapshot(case, reference, owners)
     assert main(argv) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert re.fullmatch(r"llama-jax prepare-data: error: .*" + error + ".*", lines[0]), lines[0]
-    assert snapshot(case, reference) == before
+    assert snapshot(case, reference, owners) == before
     assert not list((tmp_path / "tmp").iterdir())  # e.g. no tokenizer trained for nothing
 
 
