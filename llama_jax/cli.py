@@ -157,9 +157,16 @@ def parse_size(text: str) -> int:
 def cmd_convert(args) -> None:
     from llama_jax.convert.pipeline import convert
 
+    for option, value, side, fmt in (("--shards", args.shards, "--to", "meta"),
+                                     ("--max-shard-size", args.max_shard_size, "--to", "hf"),
+                                     ("--rope-scaling-factor", args.rope_scaling_factor, "--from", "meta")):
+        if value is not None and (args.dst_format if side == "--to" else args.src_format) != fmt:
+            raise UserError(f"{option} applies to {side} {fmt} only; drop it for {side} "
+                            f"{args.dst_format if side == '--to' else args.src_format}")
+    sizes = {k: v for k, v in (("shards", args.shards), ("max_shard_bytes", args.max_shard_size)) if v is not None}
     summary = convert(args.src_format, args.src, args.dst_format, args.dst, dtype=args.dtype,
-                      overwrite=args.overwrite, shards=args.shards, max_shard_bytes=args.max_shard_size,
-                      rope_scaling_factor=args.rope_scaling_factor, verify=args.verify)
+                      overwrite=args.overwrite, rope_scaling_factor=args.rope_scaling_factor, verify=args.verify,
+                      **sizes)
     if summary.verify is not None:
         print(summary.verify.line())
     print(summary.line(args.src_format, args.dst_format, args.dst))
@@ -179,8 +186,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--verify", action="store_true",
                    help="compare source and converted logits on a probe batch; fail beyond tolerance")
-    p.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files for --to meta")
-    p.add_argument("--max-shard-size", type=parse_size, default="5GB",
+    p.add_argument("--shards", type=int, default=None,
+                   help="number of consolidated.NN.pth files for --to meta (default 1)")
+    p.add_argument("--max-shard-size", type=parse_size, default=None,
                    help="largest safetensors file for --to hf (default 5GB)")
     p.add_argument("--rope-scaling-factor", type=finite_float, default=None,
                    help="LLaMA-3 rope scaling factor for Meta checkpoints with use_scaled_rope "
@@ -297,7 +305,8 @@ def cmd_eval(args) -> None:
                                progress=True)
     default = Path(args.workdir) / f"eval-{record['step']}.json" if args.workdir else Path(args.model) / "eval.json"
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
-    output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval", EVAL_RESULT_KEYS)
+    output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval",
+                                EVAL_RESULT_KEYS)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, json.dumps(record, indent=2) + "\n")
     bpb = "n/a" if record["bits_per_byte"] is None else f"{record['bits_per_byte']:.4f}"
@@ -366,20 +375,30 @@ def cmd_sweep(args) -> None:
         return
     if not args.config:
         raise UserError("--config is required (or --report to rebuild the results of an existing sweep)")
+    if args.search == "grid" and (args.trials is not None or args.seed != 0):
+        raise UserError(f"{'--trials' if args.trials is not None else '--seed'} applies to --search random and "
+                        f"optuna; a grid search runs every combination of the values given")
+    job = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
+               account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name)
+    if args.on != "slurm":
+        changed = [k for k, v in job.items() if v != slurm_job_defaults()[k]]
+        if changed:
+            raise UserError(f"--{changed[0].replace('_', '-')} shapes SLURM jobs; it applies with --on slurm only")
     spec, axes, listed = sweep.prepare(args.config, args.workdir, args.sweep or [], args.overrides, args.search,
                                        args.trials, args.seed)
     if args.on == "slurm":
-        job = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
-                   time_min=args.time_min, account=args.account, cpus_per_node=args.cpus_per_node,
-                   job_name=args.job_name)
         print(sweep.submit_to_slurm(spec, axes, listed, args.workdir, job, dry_run=args.dry_run))
         return
+    sweep.check_local_devices(args.parallel, args.devices_per_run)
     if args.dry_run:
         print("\n".join(sweep.describe(spec, axes, listed, args.workdir)))
         return
     sweep.run_sweep(spec, axes, listed, args.workdir, args.parallel, args.devices_per_run)
     print(results.report(args.workdir), end="")
     print(f"results: {args.workdir}/results.md, results.csv and *.png")
+    statuses = sweep.trial_statuses(args.workdir)
+    if statuses and all(status == "failed" for status in statuses):
+        raise UserError(f"all {len(statuses)} trials failed; the error column of {args.workdir}/results.md says why")
 
 
 def _launched_command(args) -> list[str]:
@@ -399,11 +418,41 @@ def _launched_command(args) -> list[str]:
     return command
 
 
-def cmd_launch_tpu(args) -> None:
-    from llama_jax.launch import check_config_file, tpu
+def _check_launched_config(command: list[str], base) -> None:
+    """The launched command's --config (where it will run: under `base` if relative) and its --config.*
+    overrides, checked here as the command will check them there; for `train`, every value as well."""
+    from pathlib import Path
 
+    from llama_jax.experiment import check_config, check_run_settings, load_config
+    from llama_jax.launch import check_config_file, option_value
+
+    check_config_file(command, base)
+    path = option_value(command, "--config")
+    if path is None:
+        return
+    config = load_config(Path(base) / path, _split_config_overrides(command)[1])
+    if command[0] == "train":
+        check_config(config, read_init_from=False)  # its files are where the command runs
+        check_run_settings(config)
+
+
+def _check_not_empty(args, *options: str) -> None:
+    for option in options:
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is not None and not value.strip():
+            raise UserError(f"{option} is empty; give a value")
+
+
+def cmd_launch_tpu(args) -> None:
+    from pathlib import Path
+
+    from llama_jax.launch import tpu
+
+    _check_not_empty(args, "--zone", "--runtime-version", "--project", "--setup", "--copy-back")
     command = _launched_command(args)
-    check_config_file(command, tpu.source_root())
+    _check_launched_config(command, tpu.source_root())
+    if args.copy_back and Path(args.copy_back).exists() and not Path(args.copy_back).is_dir():
+        raise UserError(f"--copy-back {args.copy_back} is a file; give a directory to receive the run's workdir")
     spec = tpu.TpuLaunch(name=args.name, zone=args.zone, slice=tpu.tpu_slice(args.accelerator),
                          command=tuple(command), runtime_version=args.runtime_version, spot=args.spot,
                          project=args.project, setup=args.setup, copy_back=args.copy_back,
@@ -419,10 +468,11 @@ def cmd_launch_tpu(args) -> None:
 def cmd_launch_slurm(args) -> None:
     from pathlib import Path
 
-    from llama_jax.launch import check_config_file, option_value, slurm
+    from llama_jax.launch import option_value, slurm
 
+    _check_not_empty(args, "--partition", "--account", "--job-name", "--folder")
     command = _launched_command(args)
-    check_config_file(command, Path.cwd())
+    _check_launched_config(command, Path.cwd())
     workdir = option_value(command, "--workdir")
     folder = args.folder or (str(Path(workdir) / "slurm") if workdir else None)
     if folder is None:
@@ -442,7 +492,7 @@ def cmd_data_inspect(args) -> None:
     from pathlib import Path
 
     from llama_jax.data_inspect import coverage_lines, describe_step
-    from llama_jax.experiment import load_config
+    from llama_jax.experiment import check_train_section, load_config
 
     if args.config is None and args.workdir is None:
         raise UserError("give --config CONFIG (prepared data, or a raw source prepared now) or --workdir RUN")
@@ -453,6 +503,7 @@ def cmd_data_inspect(args) -> None:
         raise UserError(f"--workdir {workdir}: is a file; expected a run's directory (the --workdir of llama-jax train)")
     config_file = args.config or str(workdir / "config.json")
     config = load_config(config_file, args.overrides)
+    check_train_section(config.train)  # the rows of a step are train.batch_size x train.seq_len, in seed order
     if config.data.source == "synthetic":
         raise UserError("data.source=synthetic draws random tokens; there are no documents to inspect")
     from llama_jax.run_data import build_data  # imports JAX; after the config checks
@@ -502,11 +553,15 @@ def cmd_prepare_data(args) -> None:
               f"({checked['bytes']:,} bytes) and of the tokenizer match their records")
 
 
+MAX_PLAN_DEVICES = 4096  # XLA created 1,024 virtual CPU devices in about a second, 8,192 in 100 s and 1 GB
+
+
 def cmd_plan(args) -> None:
     import os
 
-    if args.devices is not None and args.devices < 1:
-        raise UserError(f"--devices must be a positive number of virtual CPU devices, got {args.devices}")
+    if args.devices is not None and not 1 <= args.devices <= MAX_PLAN_DEVICES:
+        raise UserError(f"--devices must be a positive number of virtual CPU devices, at most {MAX_PLAN_DEVICES} "
+                        f"(XLA takes minutes and gigabytes to create more), got {args.devices}")
     if args.devices:  # virtual CPU devices; must be set before JAX initialises its backends
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
@@ -515,6 +570,10 @@ def cmd_plan(args) -> None:
 
     config = load_config(args.config, args.overrides)  # before importing JAX: a bad config fails at once
     from llama_jax.plan import plan, format_plan
+    from llama_jax.train import validate_config
+
+    if args.devices:  # the mesh checked before the devices are created
+        validate_config(config, args.devices)
 
     print(format_plan(plan(config)))
 
@@ -652,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", default="grid", choices=("grid", "random", "optuna"),
                    help="grid: every combination of the lists; random: --trials draws; optuna: TPE with pruning")
     p.add_argument("--trials", type=int, default=None, help="number of trials for random and optuna searches")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random and optuna searches")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random and optuna searches")
     p.add_argument("--parallel", type=positive_int, default=1, help="trials running at once on this host")
     p.add_argument("--devices-per-run", type=positive_int, default=None, metavar="K",
                    help="give each running trial its own K accelerators (K virtual devices on CPU)")
@@ -709,19 +768,27 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_launch_slurm)
 
 
-def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
-    """The shape of a SLURM job: for `launch slurm` and for sweeps run as a job array."""
+def slurm_job_defaults() -> dict:
+    """The SLURM job options' defaults, by destination."""
     from llama_jax.launch.slurm import DEFAULT_TIME_MIN
 
-    p.add_argument("--nodes", type=int, default=1, metavar="N")
-    p.add_argument("--gpus-per-node", type=int, default=1, metavar="G")
-    p.add_argument("--cpus-per-node", type=int, default=None, metavar="C",
+    return dict(nodes=1, gpus_per_node=1, cpus_per_node=None, partition=None, time_min=DEFAULT_TIME_MIN, account=None,
+                job_name="llama-jax")
+
+
+def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The shape of a SLURM job: for `launch slurm` and for sweeps run as a job array."""
+    d = slurm_job_defaults()
+    p.add_argument("--nodes", type=int, default=d["nodes"], metavar="N")
+    p.add_argument("--gpus-per-node", type=int, default=d["gpus_per_node"], metavar="G")
+    p.add_argument("--cpus-per-node", type=int, default=d["cpus_per_node"], metavar="C",
                    help="CPUs of the task on each node (default: SLURM's)")
-    p.add_argument("--partition", default=None, metavar="P")
-    p.add_argument("--time-min", type=int, default=DEFAULT_TIME_MIN, metavar="M",
-                   help="time limit in minutes; at the limit the job is requeued and the run resumes")
-    p.add_argument("--account", default=None, metavar="A")
-    p.add_argument("--job-name", default="llama-jax", metavar="NAME")
+    p.add_argument("--partition", default=d["partition"], metavar="P")
+    p.add_argument("--time-min", type=int, default=d["time_min"], metavar="M",
+                   help=f"time limit in minutes (default {d['time_min']}); at the limit the job is requeued "
+                        f"and the run resumes")
+    p.add_argument("--account", default=d["account"], metavar="A")
+    p.add_argument("--job-name", default=d["job_name"], metavar="NAME")
 
 
 def _quiet_library_noise() -> None:

@@ -180,6 +180,67 @@ def check_finite(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config key {key}: {value} is not a finite number")
 
 
+ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite: what a step with a non-finite loss or gradient does
+
+
+def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True) -> None:
+    """ValueError for a value no run of `config` could use, on any mesh: every check of a config
+    short of the devices it trains on (`train.validate_config` adds those). Imports no JAX.
+    `read_init_from=False`: a model taken from `checkpoint.init_from` is not read (nor checked),
+    for a config checked away from the machine it will run on."""
+    from llama_jax import optim
+
+    check_finite(config)
+    check_train_section(config.train)
+    if read_init_from or config.model.preset != INIT_FROM_PRESET:
+        model = model_config(config.model, config.checkpoint.init_from)
+        if config.train.seq_len > model.max_seq_len:
+            raise ValueError(f"train.seq_len={config.train.seq_len} exceeds the model's "
+                             f"max_seq_len={model.max_seq_len}")
+    optim.validate(config.optimizer, config.train.steps)
+
+
+def check_run_settings(config: ml_collections.ConfigDict) -> None:
+    """ValueError for a run-loop setting (evaluation, sampling, checkpoints, non-finite steps) no run could use."""
+    t, c = config.train, config.checkpoint
+    if t.on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"train.on_nonfinite={t.on_nonfinite!r}; valid: {', '.join(ON_NONFINITE)}")
+    for key in ("eval_every", "sample_every", "sample_tokens"):
+        if not _is_int(t[key]) or t[key] < 0:
+            raise ValueError(f"train.{key} must be a non-negative integer, got {t[key]!r}")
+    if not _is_int(t.eval_batches) or t.eval_batches < -1:
+        raise ValueError(f"train.eval_batches must be a non-negative integer or -1 (the whole held-out set), "
+                         f"got {t.eval_batches!r}")
+    if not _is_int(c.every) or c.every < 1:
+        raise ValueError(f"checkpoint.every must be a positive integer, got {c.every!r}")
+    if c.max_to_keep is not None and (not _is_int(c.max_to_keep) or c.max_to_keep < 1):
+        raise ValueError(f"checkpoint.max_to_keep must be a positive integer (the final step is always kept) "
+                         f"or None (keep every checkpoint), got {c.max_to_keep!r}")
+    if not _is_int(c.keep_every) or c.keep_every < 0:
+        raise ValueError(f"checkpoint.keep_every must be a non-negative integer (0: none kept beyond max_to_keep), "
+                         f"got {c.keep_every!r}")
+    if c.keep_every and c.keep_every % c.every:
+        raise ValueError(f"checkpoint.keep_every={c.keep_every} is not a multiple of checkpoint.every={c.every}, "
+                         f"so no checkpoint would be kept by it; use a multiple of {c.every}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_train_section(t: ml_collections.ConfigDict) -> None:
+    """ValueError for a `train` value no run could use: sizes and counts, the seed, the z-loss weight."""
+    for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+        if not _is_int(t[key]) or t[key] < 1:
+            raise ValueError(f"train.{key} must be a positive integer, got {t[key]!r}")
+    if not _is_int(t.seed) or not 0 <= t.seed < 2**63:
+        raise ValueError(f"train.seed must be an integer in [0, 2**63), got {t.seed!r}")
+    if isinstance(t.z_loss, bool) or not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
+        raise ValueError(f"train.z_loss must be a number >= 0 (0: no z-loss), got {t.z_loss!r}")
+    if t.batch_size % t.grad_accum:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+
+
 def _leaves(node: Any, key: str) -> Iterator[tuple[str, Any]]:
     """(dotted key, value) of every leaf under `node`, descending into sections, dicts and sequences."""
     if isinstance(node, (ml_collections.ConfigDict, dict)):

@@ -34,11 +34,11 @@ from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_architecture, load_model, tree_paths
 from llama_jax.config import LLaMAConfig
+from llama_jax.experiment import check_run_settings
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
 from llama_jax.safe_io import holds_run, sha256_file, write_text_atomic
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
-ON_NONFINITE = ("stop", "skip")
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
 SET_ASIDE_DIR = "checkpoints-set-aside"  # checkpoints after a --resume-from step
 
@@ -320,33 +320,6 @@ class RunResult:
     data: RunData
 
 
-def validate_run_config(config) -> None:
-    t, c = config.train, config.checkpoint
-    if t.on_nonfinite not in ON_NONFINITE:
-        raise RunError(f"train.on_nonfinite={t.on_nonfinite!r}; valid: {', '.join(ON_NONFINITE)}")
-    for key in ("eval_every", "sample_every", "sample_tokens"):
-        if not _is_int(t[key]) or t[key] < 0:
-            raise RunError(f"train.{key} must be a non-negative integer, got {t[key]!r}")
-    if not _is_int(t.eval_batches) or t.eval_batches < -1:
-        raise RunError(f"train.eval_batches must be a non-negative integer or -1 (the whole held-out set), "
-                       f"got {t.eval_batches!r}")
-    if not _is_int(c.every) or c.every < 1:
-        raise RunError(f"checkpoint.every must be a positive integer, got {c.every!r}")
-    if c.max_to_keep is not None and (not _is_int(c.max_to_keep) or c.max_to_keep < 1):
-        raise RunError(f"checkpoint.max_to_keep must be a positive integer (the final step is always kept) "
-                       f"or None (keep every checkpoint), got {c.max_to_keep!r}")
-    if not _is_int(c.keep_every) or c.keep_every < 0:
-        raise RunError(f"checkpoint.keep_every must be a non-negative integer (0: none kept beyond max_to_keep), "
-                       f"got {c.keep_every!r}")
-    if c.keep_every and c.keep_every % c.every:
-        raise RunError(f"checkpoint.keep_every={c.keep_every} is not a multiple of checkpoint.every={c.every}, "
-                       f"so no checkpoint would be kept by it; use a multiple of {c.every}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devices=None,
                        resume_from: int | None = None) -> RunResult:
     """Train `config.train.steps` steps in `workdir`, resuming if it holds checkpoints.
@@ -359,7 +332,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     """
     from tqdm import tqdm
 
-    validate_run_config(config)
+    check_run_settings(config)
     workdir = Path(workdir).absolute()
     check_workdir(workdir)
     trainer = build_trainer(config, devices)

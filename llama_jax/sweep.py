@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from llama_jax.experiment import _parse, load_config
+from llama_jax.experiment import _failure, _parse, load_config
 
 SEARCHES = ("grid", "random", "optuna")
 SPEC_FILE = "sweep.json"  # what the sweep is: a workdir holds one sweep
@@ -173,10 +173,13 @@ def _values(inner: str, text: str) -> tuple:
 
 def axes_from(config_path: str, texts: Sequence[str]) -> dict[str, Space]:
     """The sweep's axes: the config file's `get_sweep()` (if any), then each `--sweep` (which wins)."""
-    axes = dict(_declared_axes(config_path))
+    axes, given = dict(_declared_axes(config_path)), set()
     for text in texts:
         key, space = parse_axis(text)
-        axes[key] = space
+        if key in given:
+            raise SweepError(f"--sweep {text}: {key} is swept twice; give each key once, with all its values")
+        axes[key] = space  # replaces an axis get_sweep() declares
+        given.add(key)
     if not axes:
         raise SweepError(f"no axes: pass --sweep key=[v1,v2] or define get_sweep() in {config_path}")
     return axes
@@ -185,6 +188,8 @@ def axes_from(config_path: str, texts: Sequence[str]) -> dict[str, Space]:
 def _declared_axes(config_path: str) -> dict[str, Space]:
     import importlib.util
 
+    if Path(config_path).suffix != ".py":  # a run's config.json declares no axes
+        return {}
     spec = importlib.util.spec_from_file_location("llama_jax_sweep_config", config_path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -193,7 +198,10 @@ def _declared_axes(config_path: str) -> dict[str, Space]:
         return {}
     if not hasattr(module, "get_sweep"):
         return {}
-    declared = module.get_sweep()
+    try:
+        declared = module.get_sweep()
+    except Exception as e:
+        raise SweepError(_failure(Path(config_path), "calling get_sweep()", e)) from None
     if not isinstance(declared, dict):
         raise SweepError(f"{config_path}: get_sweep() must return a dict of config key -> values or space")
     axes = {}
@@ -267,13 +275,26 @@ def random_trials(axes: dict[str, Space], n: int, seed: int) -> list[Trial]:
 
 
 def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Space]) -> None:
-    """Every swept key exists in the config and takes the values given (one line naming it otherwise)."""
-    probes = trials or [Trial(0, {k: (s.values[0] if isinstance(s, Grid) else s.low) for k, s in axes.items()})]
+    """Every trial's config is one `llama-jax train` accepts: the swept keys exist, take the values
+    given, and every value is one a run can use (the checks `train` makes before it needs devices).
+    An Optuna search (no trials listed yet) is checked at each axis's ends, the others at their first."""
+    from llama_jax.experiment import check_config, check_run_settings
+
+    if trials:
+        probes = trials
+    else:
+        ends = {key: list(space.values) if isinstance(space, Grid) else [space.low, space.high]
+                for key, space in axes.items()}
+        first = {key: values[0] for key, values in ends.items()}
+        probes = [Trial(0, {**first, key: value}) for key, values in ends.items() for value in values]
     for trial in probes:
         try:
-            load_config(spec.config, [*spec.overrides, *(override_text(k, v) for k, v in trial.overrides.items())])
+            overrides = [*spec.overrides, *(override_text(k, v) for k, v in trial.overrides.items())]
+            config = load_config(spec.config, overrides)
+            check_config(config)
+            check_run_settings(config)
         except ValueError as e:
-            raise SweepError(f"sweep axis: {e}") from None
+            raise SweepError(f"trial {trial.name(list(axes), numbered=False)}: {e}") from None
 
 
 # ---- running trials ----------------------------------------------------------------------------
@@ -358,25 +379,37 @@ def objective_key(config) -> str:
     return "eval_loss" if evaluates else "loss"
 
 
+def check_local_devices(parallel: int, devices_per_run: int | None) -> str:
+    """This host's platform, if it can run `parallel` trials of `devices_per_run` devices each."""
+    from llama_jax.devices import local_accelerators
+
+    platform, n_devices = local_accelerators()
+    if devices_per_run is not None:
+        if devices_per_run < 1 or devices_per_run > n_devices:
+            raise SweepError(f"--devices-per-run {devices_per_run}: this host has {n_devices} "
+                             f"{platform} device(s); valid: 1 to {n_devices}")
+        if parallel * devices_per_run > n_devices:
+            raise SweepError(f"--parallel {parallel} x --devices-per-run {devices_per_run} needs "
+                             f"{parallel * devices_per_run} {platform} devices; this host has {n_devices}")
+    elif parallel > 1 and platform != "cpu":
+        raise SweepError(f"--parallel {parallel} on a {platform} host needs --devices-per-run K, so trials "
+                         f"do not share accelerators")
+    return platform
+
+
+def trial_statuses(workdir: str | os.PathLike) -> list[str]:
+    """The recorded status of every trial of the sweep in `workdir`."""
+    trials = sorted(d for d in Path(workdir).iterdir() if (d / TRIAL_FILE).is_file())
+    return [read_trial(d).get("status", "unknown") for d in trials]
+
+
 class Sweep:
     """Runs trials `parallel` at a time, each on its own devices, recording each one's outcome."""
 
     def __init__(self, spec: SweepSpec, workdir: Path, axes: dict[str, Space], parallel: int = 1,
                  devices_per_run: int | None = None, out=print):
-        from llama_jax.devices import local_accelerators
-
         self.spec, self.workdir, self.axes, self.out = spec, workdir, axes, out
-        self.platform, n_devices = local_accelerators()
-        if devices_per_run is not None:
-            if devices_per_run < 1 or devices_per_run > n_devices:
-                raise SweepError(f"--devices-per-run {devices_per_run}: this host has {n_devices} "
-                                 f"{self.platform} device(s); valid: 1 to {n_devices}")
-            if parallel * devices_per_run > n_devices:
-                raise SweepError(f"--parallel {parallel} x --devices-per-run {devices_per_run} needs "
-                                 f"{parallel * devices_per_run} {self.platform} devices; this host has {n_devices}")
-        elif parallel > 1 and self.platform != "cpu":
-            raise SweepError(f"--parallel {parallel} on a {self.platform} host needs --devices-per-run K, so trials "
-                             f"do not share accelerators")
+        self.platform = check_local_devices(parallel, devices_per_run)
         self.parallel, self.devices_per_run = parallel, devices_per_run
         self.config = load_config(spec.config, list(spec.overrides))
         self.objective = objective_key(self.config)

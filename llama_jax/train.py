@@ -198,30 +198,16 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
 
 def validate_config(config, n_devices: int) -> None:
     """Every user-facing check that can fail, before anything is compiled."""
-    from llama_jax import optim
-    from llama_jax.experiment import check_finite, model_config
+    from llama_jax.experiment import check_config
     from llama_jax.sharding import resolve_mesh_shape
 
-    check_finite(config)
+    check_config(config)
     t = config.train
-    for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
-        if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
-            raise ValueError(f"train.{key} must be a positive integer, got {t[key]!r}")
-    if not isinstance(t.seed, int) or isinstance(t.seed, bool) or not 0 <= t.seed < 2**63:
-        raise ValueError(f"train.seed must be an integer in [0, 2**63), got {t.seed!r}")
-    if isinstance(t.z_loss, bool) or not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
-        raise ValueError(f"train.z_loss must be a number >= 0 (0: no z-loss), got {t.z_loss!r}")
     data, fsdp, tensor = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_devices)
-    if t.batch_size % t.grad_accum:
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     micro = t.batch_size // t.grad_accum
     if micro % (data * fsdp):
         raise ValueError(f"micro-batch train.batch_size / train.grad_accum = {micro} is not divisible by "
                          f"mesh.data x mesh.fsdp = {data * fsdp} (each data-parallel shard needs whole rows)")
-    model = model_config(config.model, config.checkpoint.init_from)
-    if t.seq_len > model.max_seq_len:
-        raise ValueError(f"train.seq_len={t.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
-    optim.validate(config.optimizer, t.steps)
 
 
 def build_trainer(config, devices=None) -> Trainer:

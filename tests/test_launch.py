@@ -60,7 +60,7 @@ def test_unknown_or_impossible_accelerator(accelerator):
 def test_tpu_dry_run_v4_32(capsys):
     out, commands = dry_run(capsys, ["launch", "tpu", "--name", "llama2-7b", "--zone", "us-central2-b",
                                      "--accelerator", "v4-32", "--dry-run", "--", *TRAIN_7B,
-                                     "--config.train.steps=10"])
+                                     "--config.train.log_every=10"])
     assert "v4-32: 16 chips on 4 workers" in out
     create, describe, upload, install, run = commands
     assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "llama2-7b"]
@@ -76,7 +76,7 @@ def test_tpu_dry_run_v4_32(capsys):
     assert run[3:6] == ["tpu-vm", "ssh", "llama2-7b"] and "--worker=all" in run
     assert flag(run, "--command") == ("cd llama-jax && python3 -m llama_jax.cli train --config "
                                       "configs/llama2_7b_v4_32.py --workdir /mnt/gcs/runs/llama2-7b "
-                                      "--config.train.steps=10")  # overrides after -- belong to the command
+                                      "--config.train.log_every=10")  # overrides after -- belong to the command
 
 
 def test_tpu_dry_run_v5p_128_spot_copy_back_delete(capsys):
@@ -270,7 +270,7 @@ def test_slurm_dry_run_two_nodes_of_eight_gpus(capsys, tmp_path):
     workdir = tmp_path / "run"
     argv = ["launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time-min", "1440",
             "--account", "proj", "--dry-run", "--", "train", "--config", "configs/tinyllama_1b_8gpu.py",
-            "--workdir", str(workdir), "--config.train.steps=5"]
+            "--workdir", str(workdir), "--config.train.log_every=5"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     script_path = workdir / "slurm" / slurm.DRY_RUN_SCRIPT
@@ -281,7 +281,7 @@ def test_slurm_dry_run_two_nodes_of_eight_gpus(capsys, tmp_path):
                  "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"]:
         assert line in script.splitlines()
     assert (f"-m llama_jax.cli train --config configs/tinyllama_1b_8gpu.py --workdir {workdir} "
-            f"--config.train.steps=5") in script
+            f"--config.train.log_every=5") in script
     assert "srun" in script and "--array" not in script
     assert sorted(os.listdir(workdir)) == ["slurm"] and os.listdir(workdir / "slurm") == [slurm.DRY_RUN_SCRIPT]
 
@@ -372,6 +372,16 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["slurm", "--gpus-per-node", "0", "--dry-run", "--", *TRAIN_IN_TMP], "--gpus-per-node must be at least 1"),
     (["slurm", "--dry-run", *TRAIN_IN_TMP], "give the llama-jax command to run after --"),
     (["slurm", "--dry-run", "--", "train", "--config", "configs/tiny.py"], "--folder is required"),
+    # the launched command's config and values, checked before anything is launched
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY,
+      "--config.train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["slurm", "--dry-run", "--", *TRAIN_IN_TMP, "--config.optimizer.lr", "-1"],
+     "optimizer.lr: got -1.0; valid: a number in [0, inf)"),
+    (["tpu", "--name", "n", "--zone", "", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
+     "--zone is empty; give a value"),
+    (["slurm", "--partition", "", "--dry-run", "--", *TRAIN_IN_TMP], "--partition is empty; give a value"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--copy-back", "README.md", "--dry-run", "--",
+      *TRAIN_TINY], "--copy-back README.md is a file; give a directory to receive the run's workdir"),
 ])
 def test_bad_input(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -421,23 +431,23 @@ def script_env(tmp_path):
     ("llama3_8b_v5p.sh", "v5p-64", 8, "configs/llama3_8b_v5p.py"),
 ])
 def test_tpu_experiment_scripts_dry_run(script, accelerator, workers, config, script_env, tmp_path):
-    done = subprocess.run([str(ROOT / "experiments" / script), "--dry-run", "--spot", "--config.train.steps=7"],
+    done = subprocess.run([str(ROOT / "experiments" / script), "--dry-run", "--spot", "--config.train.log_every=7"],
                           env=script_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"{accelerator}: " in done.stdout and f"on {workers} workers" in done.stdout
     commands = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("gcloud ")]
     assert "--spot" in commands[0] and flag(commands[0], "--accelerator-type") == accelerator
     run = flag(commands[-1], "--command")
-    assert f"train --config {config} --workdir {tmp_path / 'run'} --config.train.steps=7" in run
+    assert f"train --config {config} --workdir {tmp_path / 'run'} --config.train.log_every=7" in run
     assert not (tmp_path / "gcloud-was-called").exists()
 
 
 def test_slurm_experiment_script_dry_run(script_env, tmp_path):
     done = subprocess.run([str(ROOT / "experiments" / "tinyllama_slurm.sh"), "--dry-run", "--partition", "gpu",
-                           "--config.train.steps=7"], env=script_env, cwd=tmp_path, capture_output=True, text=True,
+                           "--config.train.log_every=7"], env=script_env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     script = (tmp_path / "run" / "slurm" / slurm.DRY_RUN_SCRIPT).read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
     assert "#SBATCH --partition=gpu" in script
-    assert f"train --config configs/tinyllama_1b_8gpu.py --workdir {tmp_path / 'run'} --config.train.steps=7" in script
+    assert f"train --config configs/tinyllama_1b_8gpu.py --workdir {tmp_path / 'run'} --config.train.log_every=7" in script

@@ -18,6 +18,7 @@ import submitit  # noqa: F401  (imported here, not under a test's output capture
 from llama_jax import sweep as sweep_lib
 from llama_jax.checkpoint import RunCheckpoints
 from llama_jax.cli import main
+from llama_jax.experiment import load_config
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -137,6 +138,13 @@ def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
     assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0  # rebuilt from the runs' files
     assert "batch_size=7" in (workdir / "results.md").read_text()
 
+    capsys.readouterr()
+    failing = tmp_path / "failing"  # every trial failed: the results are written, the exit status says so
+    assert main(sweep_args(failing, "--sweep", "train.batch_size=[7]", "--config.train.steps=2")) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: all 1 trials failed; the error column of {failing}/results.md says why")
+    assert (failing / "results.md").is_file()
+
 
 def test_random_and_optuna_searches(tmp_path, capsys):
     random_dir = tmp_path / "random"
@@ -193,7 +201,20 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
     (["--sweep", "train.seed=[0,1]", "--search", "random"], "--search random needs --trials N"),
     (["--sweep", "train.seed=[0,1]", "--devices-per-run", "64"], "--devices-per-run 64: this host has 8 cpu"),
     (["--sweep", "train.seed=[0,1]", "--parallel", "3", "--devices-per-run", "4"], "needs 12 cpu devices"),
+    (["--sweep", "train.seed=[0,1]", "--devices-per-run", "64", "--dry-run"], "--devices-per-run 64: this host"),
     ([], "no axes: pass --sweep"),
+    (["--sweep", "optimizer.lr=[1e-3]", "--sweep", "optimizer.lr=[2e-3]"], "optimizer.lr is swept twice"),
+    (["--sweep", "train.seed=[0,1]", "--trials", "3"], "--trials applies to --search random and optuna"),
+    (["--sweep", "train.seed=[0,1]", "--nodes", "2"], "--nodes shapes SLURM jobs; it applies with --on slurm only"),
+    # every trial's values are checked as `train` checks them, before any trial runs
+    (["--sweep", "optimizer.lr=[1e-3,-1]"], r"trial lr=-1: optimizer.lr: got -1.0; valid: a number in \[0, inf\)"),
+    (["--sweep", "train.seed=[0]", "--config.train.steps=-5"],
+     "trial seed=0: train.steps must be a positive integer, got -5"),
+    (["--sweep", "optimizer.name=choice(adamw,sgd)"], "trial name=sgd: optimizer.name: unknown optimizer 'sgd'"),
+    (["--sweep", "optimizer.lr=uniform(-1,1)", "--search", "optuna", "--trials", "2"],
+     "trial lr=-1: optimizer.lr: got -1.0"),  # an Optuna search is checked at each axis's ends
+    (["--sweep", "train.seed=[0,1]", "--config.checkpoint.keep_every=3"],
+     "trial seed=0: checkpoint.keep_every=3 is not a multiple of checkpoint.every=2"),
 ])
 def test_bad_sweeps_are_one_line_and_run_nothing(tmp_path, capsys, extra, message):
     import re
@@ -203,6 +224,20 @@ def test_bad_sweeps_are_one_line_and_run_nothing(tmp_path, capsys, extra, messag
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("llama-jax sweep: error:") and re.search(message, err), err
     assert not workdir.exists()
+
+
+def test_a_runs_config_json_and_a_failing_get_sweep(tmp_path, capsys):
+    """A run's config.json declares no axes; a get_sweep() that raises is one line naming the file."""
+    (tmp_path / "config.json").write_text(load_config(TINY).to_json_best_effort())  # as a run writes it
+    assert main(["sweep", "--config", str(tmp_path / "config.json"), "--workdir", str(tmp_path / "sweep"),
+                 "--sweep", "train.seed=[0,1]", "--dry-run"]) == 0
+    assert "seed=1: llama-jax train --config" in capsys.readouterr().out
+    failing = tmp_path / "failing.py"
+    failing.write_text(Path(TINY).read_text() + "\n\ndef get_sweep():\n    raise RuntimeError('no axes today')\n")
+    assert main(["sweep", "--config", str(failing), "--workdir", str(tmp_path / "sweep"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"llama-jax sweep: error: {failing}: RuntimeError while calling get_sweep(): no axes today")
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
