@@ -149,6 +149,15 @@ def _jax_nn_attention(implementation, q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation=implementation)
 
 
+def check_splash_length(S: int) -> int:
+    """The block size of splash attention over S positions; ValueError when S has none."""
+    block = min(512, S)  # the kernel's blocks are multiples of 128
+    if block % 128 or S % block:
+        raise ValueError(f"splash attention needs the sequence length to be a multiple of 128 (of 512 above 512), "
+                         f"got {S}; model.attention_impl=xla takes any length")
+    return block
+
+
 def splash_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS) -> Array:
     """Pallas splash attention, causal within segments: one MQA kernel per K/V head group."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -157,9 +166,7 @@ def splash_attention(q_BxSxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxS) -> Arr
     B, S, H, Dh = q_BxSxHxDh.shape
     K = k_BxSxKxDh.shape[2]
     G = H // K
-    block = min(512, S)
-    if S % block:
-        raise ValueError(f"splash attention needs the sequence length ({S}) to be a multiple of {block}")
+    block = check_splash_length(S)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = sm.MultiHeadMask([sm.CausalMask((S, S)) for _ in range(G)])

@@ -436,19 +436,11 @@ def _check_launched_config(command: list[str], base) -> None:
         check_run_settings(config)
 
 
-def _check_not_empty(args, *options: str) -> None:
-    for option in options:
-        value = getattr(args, option.lstrip("-").replace("-", "_"))
-        if value is not None and not value.strip():
-            raise UserError(f"{option} is empty; give a value")
-
-
 def cmd_launch_tpu(args) -> None:
     from pathlib import Path
 
     from llama_jax.launch import tpu
 
-    _check_not_empty(args, "--zone", "--runtime-version", "--project", "--setup", "--copy-back")
     command = _launched_command(args)
     _check_launched_config(command, tpu.source_root())
     if args.copy_back and Path(args.copy_back).exists() and not Path(args.copy_back).is_dir():
@@ -470,7 +462,6 @@ def cmd_launch_slurm(args) -> None:
 
     from llama_jax.launch import option_value, slurm
 
-    _check_not_empty(args, "--partition", "--account", "--job-name", "--folder")
     command = _launched_command(args)
     _check_launched_config(command, Path.cwd())
     workdir = option_value(command, "--workdir")
@@ -529,8 +520,6 @@ def cmd_prepare_data(args) -> None:
     from llama_jax.prepare import DEFAULT_SHARD_TOKENS, prepare_with_stats, summary_lines, verify
     from llama_jax.safe_io import enclosing_run_or_model, holds_run
 
-    if not args.output.strip():
-        raise UserError("--output is empty; give a directory to write (or, with --verify, one to check)")
     if args.config is None and not args.verify:
         raise UserError("--config is required to prepare data (without it, --verify checks a prepared --output)")
     if args.config is None and args.overrides:
@@ -812,6 +801,21 @@ def _quiet_library_noise() -> None:
         else unraisablehook(u)
 
 
+NOT_EMPTY = {  # argument destinations whose value may not be an empty string -> their names in messages
+    "config": "--config", "workdir": "--workdir", "output": "--output", "model": "MODEL", "src": "SRC", "dst": "DST",
+    "tokenizer": "--tokenizer", "include_path": "--include-path", "folder": "--folder", "copy_back": "--copy-back",
+    "zone": "--zone", "runtime_version": "--runtime-version", "project": "--project", "setup": "--setup",
+    "partition": "--partition", "account": "--account", "job_name": "--job-name"}
+
+
+def _check_not_empty(args) -> None:
+    """An empty path would mean the current directory (or its parent) to the code below: refused."""
+    for dest, name in NOT_EMPTY.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            raise UserError(f"{name} is empty; give a value")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `llama-jax` command; `argv` None: this process's own arguments (run as a program)."""
     if argv is None:  # a program of its own: restart once, before JAX is imported, if that helps
@@ -828,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     try:
         with _sigterm_unwinds():
+            _check_not_empty(args)
             args.func(args)
     except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

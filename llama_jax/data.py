@@ -236,7 +236,8 @@ class TfdsSource:
         return (self[i] for i in range(len(self)))
 
 
-SOURCES = ("embedded", "stdlib", "text", "jsonl", "tfds", "synthetic")
+SOURCES = ("embedded", "stdlib", "text", "jsonl", "tfds", "synthetic")  # raw sources (and random tokens)
+DOCUMENT_SOURCES = tuple(s for s in SOURCES if s != "synthetic")  # those with documents to prepare or evaluate
 
 
 def make_source(data_config) -> tuple[Sequence[str] | None, Sequence[str] | None]:

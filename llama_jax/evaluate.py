@@ -395,7 +395,10 @@ def held_out_documents(data_config) -> Sequence[str]:
     source = data_config.get("source")
     if source == "synthetic":
         raise ValueError("data.source=synthetic has no documents to evaluate on; give the config of a run on text "
-                         f"(data.source: {', '.join(s for s in data_lib.SOURCES if s != 'synthetic')})")
+                         f"(data.source: prepared, {', '.join(data_lib.DOCUMENT_SOURCES)})")
+    if source not in data_lib.SOURCES:
+        raise ValueError(f"data.source={source!r} is not supported; valid: prepared, "
+                         f"{', '.join(data_lib.DOCUMENT_SOURCES)}")
     documents, eval_source = data_lib.make_source(data_config)
     if eval_source is not None:
         return eval_source

@@ -183,21 +183,24 @@ def check_finite(config: ml_collections.ConfigDict) -> None:
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite: what a step with a non-finite loss or gradient does
 
 
-def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True) -> None:
+def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True) -> LLaMAConfig | None:
     """ValueError for a value no run of `config` could use, on any mesh: every check of a config
     short of the devices it trains on (`train.validate_config` adds those). Imports no JAX.
     `read_init_from=False`: a model taken from `checkpoint.init_from` is not read (nor checked),
-    for a config checked away from the machine it will run on."""
+    for a config checked away from the machine it will run on. Returns the model's config (None
+    when not read)."""
     from llama_jax import optim
 
     check_finite(config)
     check_train_section(config.train)
+    model = None
     if read_init_from or config.model.preset != INIT_FROM_PRESET:
         model = model_config(config.model, config.checkpoint.init_from)
         if config.train.seq_len > model.max_seq_len:
             raise ValueError(f"train.seq_len={config.train.seq_len} exceeds the model's "
                              f"max_seq_len={model.max_seq_len}")
     optim.validate(config.optimizer, config.train.steps)
+    return model
 
 
 def check_run_settings(config: ml_collections.ConfigDict) -> None:

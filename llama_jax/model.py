@@ -416,8 +416,14 @@ class LLaMA(nn.Module):
 # ---- parameters ------------------------------------------------------------------------------
 
 
+def initial_params(cfg: LLaMAConfig, rng: Array):
+    """Boxed parameters, traced from a one-token input with the `xla` attention kernel: the kernel
+    does not shape the parameters, and fused ones (splash) take no one-token sequence."""
+    return LLaMA(cfg.replace(attention_impl="xla")).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
 def _init_fn(cfg: LLaMAConfig):
-    return lambda rng: LLaMA(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return functools.partial(initial_params, cfg)
 
 
 def abstract_params(cfg: LLaMAConfig):

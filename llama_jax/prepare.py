@@ -50,8 +50,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from llama_jax.data import make_source, read_documents, split_indices
-from llama_jax.safe_io import sha256_file, write_text_atomic
+from llama_jax.data import DOCUMENT_SOURCES, make_source, read_documents, split_indices
+from llama_jax.safe_io import check_writable, sha256_file, write_text_atomic
 from llama_jax.tokenizer import load_tokenizer, tokenizer_file, train_sentencepiece
 
 FORMAT = "llama_jax/prepared-v1"
@@ -105,12 +105,12 @@ def open_corpus(data_config) -> Corpus:
     Text and JSONL files are streamed from disk (two passes: counting, then reading), so memory
     does not grow with the corpus; other sources are read by index."""
     source = data_config.get("source")
+    if source not in DOCUMENT_SOURCES:
+        what = "has no documents to prepare" if source in ("synthetic", "prepared") else "is not supported"
+        raise ValueError(f"data.source={source!r} {what}; valid: {', '.join(DOCUMENT_SOURCES)}")
     if source in ("text", "jsonl"):
         return _streamed_corpus(data_config)
     train, held_out = make_source(data_config)
-    if train is None:
-        raise ValueError(f"data.source={source!r} has no documents to prepare; "
-                         f"valid: embedded, stdlib, text, jsonl, tfds")
     origin = f"data.source={source!r}"
     _check_has_text(len(train), (train[i] for i in range(len(train))), origin)
     if held_out is not None:
@@ -485,6 +485,7 @@ def _directory_state(out: Path) -> str:
         blocking = next((p for p in reversed(out.absolute().parents) if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             raise ValueError(f"cannot create {out}: {blocking} is a file, not a directory")
+        check_writable(out, "--output")
         return "new"
     if not out.is_dir():
         raise ValueError(f"{out} is a file, not a directory; give a new directory (or one prepare-data started)")
@@ -497,6 +498,7 @@ def _directory_state(out: Path) -> str:
         more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
         raise ValueError(f"{out} holds {names[0]!r}{more} but no prepared data ({MANIFEST} or {PREPARING}); "
                          f"give a new or empty directory")
+    check_writable(out, "--output")  # an empty directory is replaced by the prepared one
     return "new"
 
 

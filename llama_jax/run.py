@@ -36,7 +36,7 @@ from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_a
 from llama_jax.config import LLaMAConfig
 from llama_jax.experiment import check_run_settings
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
-from llama_jax.safe_io import holds_run, sha256_file, write_text_atomic
+from llama_jax.safe_io import check_writable, holds_run, sha256_file, write_text_atomic
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
@@ -164,6 +164,7 @@ def check_workdir(workdir: Path) -> None:
     blocking = next((p for p in [workdir, *workdir.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")
+    check_writable(workdir, "--workdir", into=True)
     if not workdir.exists() or holds_run(workdir):
         return
     clash = sorted(p.name for p in workdir.iterdir()

@@ -43,6 +43,7 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
     blocking = next((p for p in reversed(real.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"cannot create {dst}: {blocking} is a file, not a directory")
+    check_writable(dst, "destination")  # it is created, or replaced, beside itself
     if not dst.exists() and not dst.is_symlink():
         return dst
     if not overwrite:
@@ -98,6 +99,19 @@ def enclosing_run_or_model(path: str | os.PathLike) -> Path | None:
     return next(owners, None)
 
 
+def check_writable(path: str | os.PathLike, option: str, into: bool = False) -> None:
+    """ValueError unless `path` can be created or replaced: its nearest existing parent is a
+    directory this process may write (not on a read-only file system, not immutable).
+    `into`: `path` is a directory written into, checked itself when it exists."""
+    path = Path(path).absolute()
+    existing = next(p for p in ([path] if into else []) + list(path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {existing} is not writable (read-only file system or no permission); "
+                         f"choose another {option}")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace `path` with `text` in one rename, so a reader never sees half a file."""
     path = Path(path)
@@ -118,11 +132,7 @@ def check_results_file(path: str | os.PathLike, option: str, command: str, keys:
     path = Path(path).absolute()
     if path.is_dir():
         raise ValueError(f"{option} {path} is a directory; give the path of a JSON file to write")
-    existing = next(p for p in path.parents if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{option} {path}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: {existing} is not writable; choose another {option}")
+    check_writable(path, option)
     if path.exists() or path.is_symlink():
         try:
             held = json.loads(path.read_text())

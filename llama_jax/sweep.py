@@ -149,11 +149,15 @@ def parse_axis(text: str) -> tuple[str, Space]:
         raise SweepError(f"--sweep {text!r}: expected key=[v1,v2,...] or key=uniform(a,b), loguniform(a,b), "
                          "int(a,b), choice(v1,v2,...)")
     key, spec = (part.strip() for part in text.split("=", 1))
-    for kind in _DISTRIBUTIONS:
-        if spec.startswith(f"{kind}(") and spec.endswith(")"):
-            return key, _checked(kind, _values(spec[len(kind) + 1:-1], text))
-    if spec.startswith("[") and spec.endswith("]"):
-        return key, _checked("grid", _values(spec[1:-1], text))
+    kind = next((k for k in _DISTRIBUTIONS if spec.startswith(f"{k}(") and spec.endswith(")")), None)
+    if kind is None and spec.startswith("[") and spec.endswith("]"):
+        kind = "grid"
+    if kind is not None:
+        values = _values(spec[len(kind) + 1:-1] if kind != "grid" else spec[1:-1], text)
+        try:
+            return key, _checked(kind, values)
+        except SweepError as e:
+            raise SweepError(f"--sweep {text}: {e}") from None
     raise SweepError(f"--sweep {text!r}: cannot parse {spec!r}; expected [v1,v2,...], uniform(a,b), "
                      "loguniform(a,b), int(a,b) or choice(v1,v2,...)")
 
@@ -587,8 +591,11 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
 
 def check_workdir(workdir: Path, spec: SweepSpec) -> None:
     """SweepError unless `workdir` is new, empty, or holds this same sweep."""
+    from llama_jax.safe_io import check_writable
+
     if workdir.exists() and not workdir.is_dir():
         raise SweepError(f"--workdir {workdir} is a file, not a directory")
+    check_writable(workdir, "--workdir", into=True)
     saved = workdir / SPEC_FILE
     if saved.is_file():
         try:

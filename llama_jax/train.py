@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax import loss as loss_lib
 from llama_jax import backend_tuning
 from llama_jax.config import LLaMAConfig
-from llama_jax.model import LLaMA
+from llama_jax.model import LLaMA, initial_params
 from llama_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, batch_sharding, mesh_context, tree_shardings
 
 
@@ -64,7 +64,7 @@ class Trainer:
 
     # ---- state -----------------------------------------------------------------------------
     def _init(self, rng):
-        params = LLaMA(self.model_config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        params = initial_params(self.model_config, rng)
         return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
 
     @functools.cached_property
@@ -198,11 +198,14 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
 
 def validate_config(config, n_devices: int) -> None:
     """Every user-facing check that can fail, before anything is compiled."""
+    from llama_jax.attention import check_splash_length, resolve
     from llama_jax.experiment import check_config
     from llama_jax.sharding import resolve_mesh_shape
 
-    check_config(config)
+    model = check_config(config)
     t = config.train
+    if resolve(model.attention_impl) == "splash":  # on this backend
+        check_splash_length(t.seq_len)
     data, fsdp, tensor = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_devices)
     micro = t.batch_size // t.grad_accum
     if micro % (data * fsdp):

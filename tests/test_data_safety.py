@@ -368,3 +368,37 @@ def test_sigterm_while_preparing_data_leaves_nothing_behind(tmp_path):
     assert process.returncode == 128 + signal.SIGTERM, err
     assert err.splitlines()[-1] == "llama-jax train: terminated (SIGTERM)" and "Traceback" not in err, err
     assert list(tmp.iterdir()) == [] and not run.exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write into: mode 0o500, or for root (whom modes do not stop)
+    a read-only tmpfs mounted there."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        yield path
+        path.chmod(0o700)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("running as root without the right to mount a read-only tmpfs: no directory is unwritable")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_an_unwritable_destination_is_refused_before_any_work(read_only_dir, model_dir, pristine_run, capsys):
+    """Each command names the directory it cannot write, before training, converting or evaluating."""
+    demo = str(ROOT / "configs" / "demo.py")
+    for command, argv in [
+        ("train", ["train", "--config", TINY, "--workdir", str(read_only_dir / "run"), *RUN]),
+        ("convert", ["convert", "--from", "jax", "--to", "hf", str(model_dir), str(read_only_dir / "hf")]),
+        ("export", ["export", "--workdir", str(pristine_run[0]), str(read_only_dir / "model")]),
+        ("prepare-data", ["prepare-data", "--config", demo, "--output", str(read_only_dir / "data")]),
+        ("sweep", ["sweep", "--config", TINY, "--workdir", str(read_only_dir / "sweep"), "--sweep", "train.seed=[0]"]),
+        ("eval", ["eval", str(model_dir), "--config", demo, "--output", str(read_only_dir / "eval.json")]),
+    ]:
+        assert main(argv) == 2, command
+        assert re.search(rf"{re.escape(str(read_only_dir))} is not writable \(read-only file system or no "
+                         rf"permission\); choose another", one_line_error(capsys, command)), command
+    assert not list(read_only_dir.iterdir())

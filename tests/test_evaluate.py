@@ -462,6 +462,8 @@ def test_lm_eval_model_bad_mesh(model_dirs, mesh, message):
     (["eval", "MODEL", "--step", "3", "--config", "CONFIG"], "--step needs --workdir"),
     (["eval", "MODEL", "--config", "CONFIG", "--config.data.source=synthetic"],
      "data.source=synthetic has no documents to evaluate on"),
+    (["eval", "MODEL", "--config", "CONFIG", "--config.data.source=web"],
+     r"data.source='web' is not supported; valid: prepared, embedded, stdlib, text, jsonl, tfds$"),
     (["eval", "MODEL", "--config", "CONFIG", "--config.data.eval_fraction=0.0"],
      "data.eval_fraction=0.0 holds out no document"),
     (["eval", "MODEL", "--config", "CONFIG", "--seq-len", str(CONTEXT + 1)], rf"seq_len={CONTEXT + 1} is out of range"),
@@ -494,7 +496,7 @@ def test_results_replace_only_an_earlier_result(model_dirs, tmp_path, capsys, co
         (config, r"exists and is not a results file"),
         (tmp_path, r"--output \S+ is a directory; give the path of a JSON file to write"),
         (tmp_path / "a.txt" / "out.json", r"\S+/a.txt is a file, not a directory"),
-        ("", r"--output is empty; give the path of a JSON file to write"),
+        ("", r"--output is empty; give a value"),
     ]:
         assert main([*base, "--output", str(output)]) == 2
         err = capsys.readouterr().err.strip()

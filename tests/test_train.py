@@ -58,6 +58,17 @@ def test_meshes_give_the_same_training(single_device_run, mesh):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
 
 
+def test_splash_attention_trains_like_the_xla_kernel():
+    """A model with `attention_impl=splash` initialises (its parameters are traced with the xla
+    kernel: splash takes no one-token sequence) and trains as the xla kernel does; on CPU splash
+    runs in Pallas' interpreter, so the rows are few and short."""
+    overrides = ("mesh.fsdp=1", "train.seq_len=128", "train.batch_size=2", "model.n_layers=1")
+    xla_losses, xla_params, _ = run_steps(tiny_config(*overrides), jax.devices()[:1], steps=2)
+    losses, params, _ = run_steps(tiny_config(*overrides, "model.attention_impl=splash"), jax.devices()[:1], steps=2)
+    np.testing.assert_allclose(losses, xla_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, xla_params)
+
+
 def test_cpu_tuning_is_applied_and_changes_only_rounding(single_device_run, monkeypatch):
     """The CPU compiler option of `llama_jax.backend_tuning` reaches the compiled train step (more
     of it runs in YNNPACK fusions) and training matches XLA's defaults to float32 rounding."""
