@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 
 from llama_jax.config import LLaMAConfig
 from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
-from llama_jax.safe_io import OutputKind, atomic_directory, damage_reason
+from llama_jax.safe_io import OutputKind, atomic_directory, damage_reason, holds_run
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -84,8 +84,13 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
 def load_config(path: str | os.PathLike) -> LLaMAConfig:
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
-        hint = (f"; it holds a training run: llama-jax export --workdir {path} DST writes a model directory of it"
-                if (Path(path) / "checkpoints").is_dir() else "")
+        hint = ""
+        if (Path(path) / "checkpoints").is_dir() or holds_run(path):
+            hint = f"; it holds a training run: llama-jax export --workdir {path} DST writes a model directory of it"
+        elif (Path(path) / "config.json").is_file() or (Path(path) / "params.json").is_file():
+            fmt = "hf" if (Path(path) / "config.json").is_file() else "meta"
+            hint = (f"; it holds a {'Hugging Face' if fmt == 'hf' else 'Meta'} checkpoint: "
+                    f"llama-jax convert --from {fmt} --to jax {path} DST writes a model directory of it")
         raise ValueError(f"{path} is not a llama_jax model directory: {CONFIG_FILE} not found{hint}")
     try:
         saved = json.loads(config_file.read_text())

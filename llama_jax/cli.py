@@ -276,6 +276,19 @@ def cmd_export(args) -> None:
           f"llama-jax convert --from jax --to hf {path} DST makes a Hugging Face checkpoint of it")
 
 
+def _check_run_directory(workdir, for_a_model: str = "") -> None:
+    """UserError when --workdir is a file or a model directory rather than a run's directory;
+    `for_a_model`: what to do with a model directory instead."""
+    from pathlib import Path
+
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir}: is a file; expected a run's directory (the --workdir of llama-jax train)")
+    if not (workdir / "config.json").exists() and (workdir / "model_config.json").is_file():
+        raise UserError(f"--workdir {workdir} is a model directory, not a run (the --workdir of llama-jax train)"
+                        + (f"; {for_a_model}" if for_a_model else ""))
+
+
 EVAL_RESULT_KEYS = ("loss", "perplexity", "tokens")  # what marks a file as an earlier result of eval
 LM_EVAL_RESULT_KEYS = ("results", "configs")  # ... of lm-eval
 
@@ -296,6 +309,8 @@ def cmd_eval(args) -> None:
         # before evaluating: a result that could not be written is refused first
         check_results_file(Path(args.model) / "eval.json" if args.output is None else args.output, "--output",
                            "llama-jax eval", EVAL_RESULT_KEYS)
+    if args.workdir is not None:
+        _check_run_directory(args.workdir, f"llama-jax eval {args.workdir} --config CONFIG evaluates a model")
     config_file = args.config or (Path(args.workdir) / "config.json" if args.workdir else None)
     if config_file is None:
         raise UserError("--config is required with a model directory: the training config whose data settings "
@@ -490,8 +505,8 @@ def cmd_data_inspect(args) -> None:
     if (args.step is None) == (not args.epoch):
         raise UserError("give --step S (the rows of one step) or --epoch (coverage of one epoch), one of them")
     workdir = Path(args.workdir) if args.workdir else None
-    if workdir is not None and workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: is a file; expected a run's directory (the --workdir of llama-jax train)")
+    if workdir is not None:
+        _check_run_directory(workdir)
     config_file = args.config or str(workdir / "config.json")
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # the rows of a step are train.batch_size x train.seq_len, in seed order

@@ -274,8 +274,11 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     value = _parse(text)
     if current is not None and value is not None:
         if isinstance(current, bool) != isinstance(value, bool) or not isinstance(value, _compatible(current)):
+            hint = ""
+            if isinstance(current, (list, tuple)) and isinstance(value, str) and text.strip().startswith("["):
+                hint = f"; quote the strings in a list: \"--config.{key}=['a', 'b']\""
             raise ValueError(f"config key {key!r} is {type(current).__name__}, got {text!r} "
-                             f"({type(value).__name__})")
+                             f"({type(value).__name__}){hint}")
         if isinstance(current, float):
             value = float(value)
         if isinstance(current, tuple):

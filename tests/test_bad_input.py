@@ -59,6 +59,8 @@ CASES = [
          r"config key 'train.batch_size' is int, got 'sixteen' \(str\)"),
     Case("train-files-not-a-list", NEW_RUN + " --config.data.source=text --config.data.files={corpus}/doc0.txt",
          r"config key 'data.files' is list, got '\S+doc0.txt' \(str\)"),
+    Case("train-files-list-unquoted", NEW_RUN + " --config.data.source=text \"--config.data.files=[{corpus}/*.txt]\"",
+         r"config key 'data.files' is list, got '\[\S+/\*.txt\]' \(str\); quote the strings in a list"),
     Case("train-override-without-value", NEW_RUN + " --config.train.seq_len", r"--config.train.seq_len: missing value"),
     Case("train-nan", NEW_RUN + " --config.optimizer.lr=nan", r"config key optimizer.lr: nan is not a finite number"),
     Case("train-negative-steps", NEW_RUN + " --config.train.steps=-3",
@@ -207,7 +209,9 @@ CASES = [
     Case("convert-jax-without-params", "convert --from jax --to hf {paramless_model} out",
          r"parameter checkpoint params/ not found"),
     # ---- generate ----
-    Case("generate-not-a-model-dir", "generate {hf} --prompt Hi", r"hf is not a llama_jax model directory"),
+    Case("generate-not-a-model-dir", "generate {hf} --prompt Hi",
+         r"hf is not a llama_jax model directory: model_config.json not found; it holds a Hugging Face checkpoint: "
+         r"llama-jax convert --from hf --to jax \S+/hf DST writes a model directory of it"),
     Case("generate-a-run", "generate {run} --prompt Hi", r"run is not a llama_jax model directory"),
     Case("generate-damaged-model-config", "generate {bad_config_model} --prompt Hi",
          r"model_config.json: damaged, not valid JSON"),
@@ -288,6 +292,8 @@ CASES = [
          r"train.seq_len must be a positive integer, got -1"),
     Case("inspect-negative-seed", "data inspect --config {tiny} --step 0 --config.train.seed=-1",
          r"train.seed must be an integer in \[0, 2\*\*63\), got -1"),
+    Case("inspect-workdir-is-a-model", "data inspect --workdir {model} --step 0",
+         r"--workdir \S+/model is a model directory, not a run \(the --workdir of llama-jax train\)"),
     Case("inspect-workdir-missing", "data inspect --workdir {inputs}/nowhere --step 0",
          r"config file \S+/nowhere/config.json not found"),
     Case("inspect-workdir-is-a-file", "data inspect --workdir {tiny} --step 0",
