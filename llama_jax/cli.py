@@ -379,6 +379,8 @@ def limit_number(text: str) -> int | float:
     value = finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    if value >= 1 and value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number of examples or a fraction below 1, got {text!r}")
     return value if value < 1 else int(value)
 
 

@@ -250,6 +250,9 @@ CASES = [
          r"mesh.data=0: must be a positive integer or -1 \(all remaining devices\)"),
     Case("generate-mesh-two-free-axes", "generate {model} --prompt Hi --mesh -1,-1,1",
          r"mesh: only one of data, fsdp, tensor may be -1, got data, fsdp"),
+    # ---- lm-eval (its other cases are in tests/test_evaluate.py) ----
+    Case("lm-eval-limit-not-whole", "lm-eval {model} --tasks tiny_mc --limit 2.5",
+         r"argument --limit: expected a whole number of examples or a fraction below 1, got '2.5'", usage=True),
     # ---- export ----
     Case("export-not-a-run", "export --workdir {hf} out", r"hf holds no committed checkpoint \(checkpoints/<step>/\)"),
     Case("export-step-missing", "export --workdir {run} --step 3 out", r"run has no checkpoint of step 3; valid: 2, 4"),
