@@ -485,6 +485,8 @@ def cmd_launch_slurm(args) -> None:
     folder = args.folder or (str(Path(workdir) / "slurm") if workdir else None)
     if folder is None:
         raise UserError("--folder is required when the command has no --workdir")
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise UserError(f"--folder {folder} is a file; give a directory for the job's script and logs")
     submitted = slurm.submit(slurm.llama_jax_command(command), folder, nodes=args.nodes,
                              gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
                              account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name,

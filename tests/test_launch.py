@@ -380,6 +380,8 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["tpu", "--name", "n", "--zone", "", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
      "--zone is empty; give a value"),
     (["slurm", "--partition", "", "--dry-run", "--", *TRAIN_IN_TMP], "--partition is empty; give a value"),
+    (["slurm", "--folder", "README.md", "--dry-run", "--", *TRAIN_IN_TMP],
+     "--folder README.md is a file; give a directory for the job's script and logs"),
     (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--copy-back", "README.md", "--dry-run", "--",
       *TRAIN_TINY], "--copy-back README.md is a file; give a directory to receive the run's workdir"),
 ])
