@@ -445,7 +445,7 @@ def _check_launched_config(command: list[str], base) -> None:
 
     check_config_file(command, base)
     path = option_value(command, "--config")
-    if path is None:
+    if path is None or Path(path).is_absolute() and not Path(path).exists():  # e.g. on the slice's bucket only
         return
     config = load_config(Path(base) / path, _split_config_overrides(command)[1])
     if command[0] == "train":

@@ -95,6 +95,15 @@ def test_tpu_dry_run_v5p_128_spot_copy_back_delete(capsys):
     assert delete[3:6] == ["queued-resources", "delete", "cpt"] and "--force" in delete and "--quiet" in delete
 
 
+def test_a_config_only_on_the_slice_is_left_to_it(capsys):
+    """An absolute --config that does not exist here (a run's config.json on the slice's bucket) is
+    not checked here; a relative one is loaded and its overrides checked before anything is launched."""
+    resume = ["train", "--config", "/mnt/gcs/runs/tiny/config.json", "--workdir", "/mnt/gcs/runs/tiny"]
+    _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", "--zone", "z", "--accelerator", "v4-8",
+                                   "--dry-run", "--", *resume])
+    assert "train --config /mnt/gcs/runs/tiny/config.json" in flag(commands[-1], "--command")
+
+
 def test_runtime_version_override(capsys):
     _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", "--zone", "z", "--accelerator", "v6e-8",
                                    "--runtime-version", "v2-custom", "--dry-run", "--", *TRAIN_TINY])
