@@ -269,6 +269,10 @@ def train_sentencepiece(
             raise ValueError("no text to train the tokenizer on") from None
         # Drop the "INTERNAL: src/file.cc(123) [condition]" prefix of sentencepiece's messages.
         reason = re.sub(r"^.*?\] ", "", str(e).strip().splitlines()[0]) or str(e).strip()
+        needed = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", reason)
+        if needed:  # the rest of that message names a sentencepiece option this function does not take
+            reason = (f"the vocabulary ({needed[1]}) is smaller than the {needed[2]} characters the corpus needs; "
+                      f"give a vocabulary size above {needed[2]}")
         raise ValueError(f"sentencepiece training failed: {reason}") from None
 
     output = Path(output_path)

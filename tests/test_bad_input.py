@@ -111,7 +111,8 @@ CASES = [
     Case("train-model-vocab-below-tokenizer", NEW_RUN + " " + TEXT.replace("512", "256"),
          r"the tokenizer has 512 tokens but the model's vocab_size is 256"),
     Case("train-tokenizer-vocab-too-small", NEW_RUN + " " + TEXT.replace("{tokenizer}", "train")
-         + " --config.data.tokenizer_vocab_size=10", r"sentencepiece training failed: Vocabulary size is smaller"),
+         + " --config.data.tokenizer_vocab_size=10",
+         r"sentencepiece training failed: the vocabulary \(10\) is smaller than the \d+ characters the corpus needs"),
     Case("train-eval-without-held-out-documents",
          NEW_RUN + " " + TEXT + " --config.train.eval_every=2 --config.data.eval_fraction=0.0",
          r"train.eval_every=2 but no document is held out for evaluation \(data.eval_fraction=0.0\)"),

@@ -182,7 +182,8 @@ def test_directory_without_tokenizer_model_is_named(tmp_path):
 def test_training_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no text"):
         train_sentencepiece(["", "\n\n"], tmp_path / "x.model", VOCAB)
-    with pytest.raises(ValueError, match="Vocabulary size is smaller"):
+    with pytest.raises(ValueError, match=r"the vocabulary \(50\) is smaller than the \d+ characters the corpus "
+                                         r"needs; give a vocabulary size above \d+"):
         train_sentencepiece(CORPUS, tmp_path / "x.model", 50)
 
     def failing():
