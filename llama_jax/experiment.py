@@ -180,6 +180,7 @@ def check_finite(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config key {key}: {value} is not a finite number")
 
 
+MAX_TOKENS_PER_STEP = 2**31  # tokens per step: far above any real run (LLaMA 3 405B: 16M); catches a typo early
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite: what a step with a non-finite loss or gradient does
 
 
@@ -240,6 +241,9 @@ def check_train_section(t: ml_collections.ConfigDict) -> None:
         raise ValueError(f"train.seed must be an integer in [0, 2**63), got {t.seed!r}")
     if isinstance(t.z_loss, bool) or not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
         raise ValueError(f"train.z_loss must be a number >= 0 (0: no z-loss), got {t.z_loss!r}")
+    if t.batch_size * t.seq_len > MAX_TOKENS_PER_STEP:
+        raise ValueError(f"train.batch_size x train.seq_len = {t.batch_size * t.seq_len:,} tokens per step; at most "
+                         f"2**31 = {MAX_TOKENS_PER_STEP:,} (LLaMA 3 405B trained on 16M)")
     if t.batch_size % t.grad_accum:
         raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
 

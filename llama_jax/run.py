@@ -126,9 +126,14 @@ def recorded_step(workdir: Path) -> int | None:
     try:
         step = json.loads(path.read_text())["committed_step"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise RunError(f"{path} is damaged (expected {{\"committed_step\": N}}); it records the run's latest "
-                       f"checkpoint: restore it or use a new --workdir") from None
-    return step if isinstance(step, int) else None
+        step = None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        present = committed_steps(workdir)
+        fix = (f"write {{\"committed_step\": {present[-1]}}} into it if checkpoint {present[-1]} is the run's latest"
+               if present else "remove it if the run never saved a checkpoint")
+        raise RunError(f"{path} is damaged (expected {{\"committed_step\": N}}, the run's latest checkpoint); "
+                       f"{fix}, or use a new --workdir")
+    return step
 
 
 def record_progress(workdir: Path, last_recorded: int | None) -> int | None:
@@ -165,6 +170,9 @@ def check_workdir(workdir: Path) -> None:
     if blocking is not None:
         raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")
     check_writable(workdir, "--workdir", into=True)
+    if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
+        raise RunError(f"--workdir {workdir}: {workdir / 'checkpoints'} is a file; a run keeps its checkpoints in "
+                       f"that directory, so move the file away or use another --workdir")
     if not workdir.exists() or holds_run(workdir):
         return
     clash = sorted(p.name for p in workdir.iterdir()
@@ -220,6 +228,10 @@ def checkpoint_step(workdir: Path, step: int | None = None) -> int:
     steps = committed_steps(workdir)
     if not steps:
         raise RunError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
+    recorded = recorded_step(workdir)
+    if step is None and recorded is not None and steps[-1] < recorded:
+        raise RunError(f"checkpoint {recorded} of {workdir} is missing (recorded in {PROGRESS_FILE} as the latest "
+                       f"committed step); --step {steps[-1]} reads the latest one present")
     step = steps[-1] if step is None else step
     if step not in steps:
         raise RunError(f"{workdir} has no checkpoint of step {step}; valid: {', '.join(map(str, steps))}")

@@ -43,6 +43,10 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
     blocking = next((p for p in reversed(real.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"cannot create {dst}: {blocking} is a file, not a directory")
+    checkpoints = next((p for p in [real, *real.parents] if p.name == "checkpoints" and holds_run(p.parent)), None)
+    if checkpoints is not None:  # what lies there is read as checkpoints of the run
+        raise ValueError(f"destination {dst} is inside {checkpoints}, the checkpoints of a run; choose a "
+                         f"destination outside it")
     check_writable(dst, "destination")  # it is created, or replaced, beside itself
     if not dst.exists() and not dst.is_symlink():
         return dst

@@ -143,7 +143,12 @@ CASES = [
     Case("train-resume-other-tokenizer", RUN.replace("{tokenizer}", "{other_tokenizer}"),
          r"data.tokenizer=\S+ differs from the tokenizer this run started with"),
     Case("train-resume-damaged-progress", RUN.replace("{run}", "{damaged_progress_run}"),
-         r"progress.json is damaged \(expected \{\"committed_step\": N\}\)"),
+         r"progress.json is damaged \(expected \{\"committed_step\": N\}, the run's latest checkpoint\); write "
+         r"\{\"committed_step\": 4\} into it if checkpoint 4 is the run's latest, or use a new --workdir"),
+    Case("train-checkpoints-is-a-file", RUN.replace("{run}", "{checkpoints_file_run}"),
+         r"checkpoints_file_run/checkpoints is a file; a run keeps its checkpoints in that directory"),
+    Case("train-batch-too-large", NEW_RUN + " --config.train.batch_size=1000000000000",
+         r"train.batch_size x train.seq_len = 64,000,000,000,000 tokens per step; at most 2\*\*31"),
     # ---- convert ----
     Case("convert-src-missing", "convert --from hf --to jax {inputs}/nope out", r"nope: no such directory"),
     Case("convert-src-is-a-file", "convert --from hf --to jax {notes} out", r"notes.txt: not a directory"),
@@ -264,7 +269,12 @@ CASES = [
     Case("export-overwrite-a-run", "export --workdir {run} {damaged_progress_run} --overwrite",
          r"holds 'checkpoints' \(and \d more\), which is not part of a llama_jax model directory"),
     Case("export-overwrite-its-checkpoints", "export --workdir {run} {run}/checkpoints --overwrite",
-         r"checkpoints holds '2' \(and 1 more\), which is not part of a llama_jax model directory"),
+         r"destination \S+/run/checkpoints is inside \S+/run/checkpoints, the checkpoints of a run"),
+    Case("export-into-its-checkpoints", "export --workdir {run} {run}/checkpoints/10",
+         r"destination \S+/run/checkpoints/10 is inside \S+/run/checkpoints, the checkpoints of a run"),
+    Case("export-latest-missing", "export --workdir {missing_latest_run} out",
+         r"checkpoint 4 of \S+ is missing \(recorded in progress.json as the latest committed step\); --step 2 "
+         r"reads the latest one present"),
     Case("export-dst-is-a-file", "export --workdir {run} {notes}", r"notes.txt already exists; pass --overwrite"),
     Case("export-dst-under-a-file", "export --workdir {run} {notes}/model",
          r"cannot create \S+/notes.txt/model: \S+/notes.txt is a file, not a directory"),
@@ -366,6 +376,11 @@ def make_inputs(root: Path) -> dict[str, Path]:
     p["damaged_progress_run"] = inputs / "damaged_progress_run"
     shutil.copytree(p["run"], p["damaged_progress_run"])
     (p["damaged_progress_run"] / "progress.json").write_text("{")
+    p["checkpoints_file_run"], p["missing_latest_run"] = inputs / "checkpoints_file_run", inputs / "missing_latest_run"
+    shutil.copytree(p["run"], p["checkpoints_file_run"], ignore=shutil.ignore_patterns("checkpoints", "progress.json"))
+    (p["checkpoints_file_run"] / "checkpoints").write_text("not a directory\n")
+    shutil.copytree(p["run"], p["missing_latest_run"])
+    shutil.rmtree(p["missing_latest_run"] / "checkpoints" / "4")
     return p
 
 
