@@ -81,6 +81,7 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int) -> TrainState:
     with _reader(workdir) as checkpoints:
         info = checkpoints.run_info(step)
         check_same_architecture(info["model"], trainer.model_config, f"{workdir} (checkpoint {step})")
+        _check_same_trajectory(info["config"], config, f"{workdir} (checkpoint {step})")
         target = abstract_state(trainer)
         if checkpoints.state_paths(step) != tree_paths(target):
             saved = info["config"].get("optimizer", {})
@@ -89,6 +90,18 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int) -> TrainState:
                            f"config's optimizer" + (f" (changed: {', '.join(changed)})" if changed else "") +
                            "; resume with the run's optimizer settings or use another --workdir")
         return checkpoints.restore_state(step, target)
+
+
+def _check_same_trajectory(saved: dict, config, where: str) -> None:
+    """RunError when a resume would change what the run trains on: random tokens for documents or
+    the other way round, or the seed that orders its batches."""
+    was = saved.get("data", {}).get("source")
+    if (was == "synthetic") != (config.data.source == "synthetic"):
+        raise RunError(f"{where} trained on data.source={was}, not {config.data.source}; resume with the run's data "
+                       f"settings or use another --workdir")
+    if saved.get("train", {}).get("seed", config.train.seed) != config.train.seed:
+        raise RunError(f"{where} trained with train.seed={saved['train']['seed']}, not {config.train.seed}: the seed "
+                       f"orders the batches; resume with it or use another --workdir")
 
 
 def _intact_hint(config, trainer: Trainer, workdir: Path, candidates: list[int]) -> str:

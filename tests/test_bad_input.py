@@ -142,6 +142,10 @@ CASES = [
          r"\(checkpoint 4\) holds a model with dim=64, but the config asks for dim=96"),
     Case("train-resume-other-tokenizer", RUN.replace("{tokenizer}", "{other_tokenizer}"),
          r"data.tokenizer=\S+ differs from the tokenizer this run started with"),
+    Case("train-resume-as-synthetic", RUN + " --config.data.source=synthetic",
+         r"run \(checkpoint 4\) trained on data.source=text, not synthetic; resume with the run's data settings"),
+    Case("train-resume-other-seed", RUN + " --config.train.seed=5",
+         r"run \(checkpoint 4\) trained with train.seed=0, not 5: the seed orders the batches"),
     Case("train-resume-damaged-progress", RUN.replace("{run}", "{damaged_progress_run}"),
          r"progress.json is damaged \(expected \{\"committed_step\": N\}, the run's latest checkpoint\); write "
          r"\{\"committed_step\": 4\} into it if checkpoint 4 is the run's latest, or use a new --workdir"),
