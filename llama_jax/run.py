@@ -40,7 +40,8 @@ from llama_jax.safe_io import check_writable, holds_run, sha256_file, write_text
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
-SET_ASIDE_DIR = "checkpoints-set-aside"  # checkpoints after a --resume-from step
+SET_ASIDE_DIR = "checkpoints-set-aside"  # checkpoints after a --resume-from step, metrics after a resumed step
+METRICS_FILE = "metrics.jsonl"
 
 # ---- state -----------------------------------------------------------------------------------
 
@@ -158,6 +159,32 @@ def record_progress(workdir: Path, last_recorded: int | None) -> int | None:
     return last_recorded
 
 
+def set_aside_metrics_after(workdir: Path, step: int) -> list[int]:
+    """Move the records of steps after `step` from WORKDIR/metrics.jsonl to the end of
+    WORKDIR/checkpoints-set-aside/metrics.jsonl, so that the log holds one record per step of the
+    run as it continues (a resume repeats the steps after its checkpoint); the steps moved."""
+    path = workdir / METRICS_FILE
+    if not path.is_file():
+        return []
+    kept, later, steps = [], [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            record_step = None  # kept as it is
+        if isinstance(record_step, int) and record_step > step:
+            later.append(line)
+            steps.append(record_step)
+        else:
+            kept.append(line)
+    if later:
+        (workdir / SET_ASIDE_DIR).mkdir(exist_ok=True)
+        with open(workdir / SET_ASIDE_DIR / METRICS_FILE, "a") as f:
+            f.writelines(later)
+        write_text_atomic(path, "".join(kept))
+    return steps
+
+
 def set_aside_after(workdir: Path, step: int) -> list[int]:
     """Move the checkpoints after `step` into WORKDIR/checkpoints-set-aside/ (nothing is deleted)."""
     later = [s for s in committed_steps(workdir) if s > step]
@@ -172,7 +199,7 @@ def set_aside_after(workdir: Path, step: int) -> list[int]:
     return later
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE, DATA_DIR)
+RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE, DATA_DIR)
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
 
@@ -381,6 +408,11 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
             if set_aside:
                 print(f"resuming from checkpoint {start}; checkpoints {', '.join(map(str, set_aside))} moved to "
                       f"{workdir / SET_ASIDE_DIR}")
+            moved = set_aside_metrics_after(workdir, start)
+            if moved:
+                print(f"{'no checkpoint: starting from step 0' if start == 0 else f'resuming from step {start}'}; "
+                      f"the {len(moved)} metrics records of steps {moved[0]}-{moved[-1]} logged after it moved to "
+                      f"{workdir / SET_ASIDE_DIR / METRICS_FILE}")
             write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         tokenizer_sha256 = data.adopt(workdir)
     except BaseException:
@@ -467,8 +499,8 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
         writer.close()
         checkpoints.wait()
         checkpoints.close()
-    if main_process and (workdir / "metrics.jsonl").exists():
-        plot_losses(workdir / "metrics.jsonl", workdir / "loss.png")
+    if main_process and (workdir / METRICS_FILE).exists():
+        plot_losses(workdir / METRICS_FILE, workdir / "loss.png")
     return RunResult(logged, step, False, eval_metrics, text, data)
 
 

@@ -124,8 +124,15 @@ def test_resume_from_the_intact_step_after_damage(tmp_path, pristine_run, capsys
     assert train(workdir) == 2
     one_line_error(capsys, "train")
     assert train(workdir, "--resume-from", "2") == 0
-    assert "checkpoints 4 moved to" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "checkpoints 4 moved to" in out
     assert (workdir / "checkpoints-set-aside" / "4").is_dir()  # set aside, not deleted
+    # The log holds each step once, as trained again; the abandoned steps' records are set aside.
+    assert "the 2 metrics records of steps 3-4 logged after it moved to" in out
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
+    aside = (workdir / "checkpoints-set-aside" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in aside] == [3, 4]
     assert json.loads((workdir / "progress.json").read_text()) == {"committed_step": 4}
     assert main(["export", "--workdir", str(workdir), str(tmp_path / "model")]) == 0
     # Steps 3 and 4 trained again from checkpoint 2 give the same parameters, bit for bit.
