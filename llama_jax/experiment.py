@@ -98,11 +98,28 @@ def _read_config_file(path: Path) -> ml_collections.ConfigDict:
     """A config from a `.py` file defining `get_config()`, or from a `.json` file a run wrote (config.json)."""
     _check_file(path)
     config = _json_config(path) if path.suffix == ".json" else _python_config(path)
-    missing = [name for name in base_config().keys() if name not in config]
+    base = base_config()
+    missing = [name for name in base.keys() if name not in config]
     if missing:
         raise ValueError(f"{path}: the config has no {', '.join(missing)} section(s); start from "
                          "llama_jax.experiment.base_config() (or pass a run's config.json)")
+    if path.suffix == ".py":  # (a run's config.json may hold keys of the release that wrote it)
+        _check_known_keys(path, config, base)
     return config
+
+
+def _check_known_keys(path: Path, config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -> None:
+    """ValueError naming a section or key of `config` that `base` lacks: a misspelt key set in a
+    config file would otherwise be ignored, as it is not when given as an override."""
+    for section in config.keys():
+        if section not in base:
+            raise ValueError(f"{path}: unknown config section {section!r}; valid: {', '.join(base.keys())}")
+        if not isinstance(config[section], ml_collections.ConfigDict):
+            continue
+        unknown = sorted(set(config[section].keys()) - set(base[section].keys()))
+        if unknown:
+            raise ValueError(f"{path}: unknown config key '{section}.{unknown[0]}'; valid keys there: "
+                             f"{', '.join(sorted(base[section].keys()))}")
 
 
 def _check_file(path: Path) -> None:

@@ -50,6 +50,8 @@ CASES = [
     Case("train-config-is-a-directory", "train --config {corpus} --workdir new",
          r"corpus: is a directory; expected a Python config file"),
     Case("train-config-syntax-error", "train --config {syntax_py} --workdir new", r"syntax.py, line 1: syntax error"),
+    Case("train-config-file-sets-unknown-key", "train --config {typo_py} --workdir new",
+         r"typo.py: unknown config key 'train.stpes'; valid keys there: .*steps"),
     Case("train-get_config-returns-none", "train --config {none_py} --workdir new",
          r"none.py: get_config\(\) returned None; expected an ml_collections.ConfigDict"),
     Case("train-config-json-garbage", "train --config {garbage_json} --workdir new", r"garbage.json: not valid JSON"),
@@ -425,8 +427,10 @@ def make_checkpoints_and_damaged_inputs(inputs: Path) -> dict[str, Path]:
         (p[name] / "params.json").write_text(json.dumps({**params, **change}))
     configs = inputs / "configs"
     configs.mkdir()
+    typo = ("from llama_jax.experiment import base_config\n\ndef get_config():\n    config = base_config()\n"
+            "    config.train.stpes = 5\n    return config\n")
     for name, text in {"syntax.py": "def get_config(:\n", "none.py": "def get_config():\n    return None\n",
-                       "garbage.json": '{"model": '}.items():
+                       "garbage.json": '{"model": ', "typo.py": typo}.items():
         p[name.replace(".", "_")] = configs / name
         (configs / name).write_text(text)
     p["latin1_corpus"], p["empty_corpus"] = inputs / "latin1", inputs / "empty"
