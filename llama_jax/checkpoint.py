@@ -305,9 +305,10 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def check_same_architecture(saved: dict, config: LLaMAConfig, where: str) -> None:
+def check_same_architecture(saved: dict, config: LLaMAConfig, where: str,
+                            advice: str = "use another --workdir or the matching config") -> None:
     """ValueError naming the first architecture field where a saved model differs from `config`."""
     for field in ARCHITECTURE_FIELDS:
         if saved.get(field) != getattr(config, field):
             raise ValueError(f"{where} holds a model with {field}={saved.get(field)}, but the config asks for "
-                             f"{field}={getattr(config, field)}; use another --workdir or the matching config")
+                             f"{field}={getattr(config, field)}; {advice}")

@@ -277,12 +277,15 @@ def cmd_export(args) -> None:
 
 
 def _check_run_directory(workdir, for_a_model: str = "") -> None:
-    """UserError when --workdir is a file or a model directory rather than a run's directory;
+    """UserError when --workdir is missing, a file or a model directory rather than a run's directory;
     `for_a_model`: what to do with a model directory instead."""
     from pathlib import Path
 
     workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
+    if not workdir.exists():
+        raise UserError(f"--workdir {workdir} does not exist; give a run's directory (the --workdir of llama-jax "
+                        f"train)")
+    if not workdir.is_dir():
         raise UserError(f"--workdir {workdir}: is a file; expected a run's directory (the --workdir of llama-jax train)")
     if not (workdir / "config.json").exists() and (workdir / "model_config.json").is_file():
         raise UserError(f"--workdir {workdir} is a model directory, not a run (the --workdir of llama-jax train)"
@@ -509,7 +512,7 @@ def cmd_data_inspect(args) -> None:
     if (args.step is None) == (not args.epoch):
         raise UserError("give --step S (the rows of one step) or --epoch (coverage of one epoch), one of them")
     workdir = Path(args.workdir) if args.workdir else None
-    if workdir is not None:
+    if workdir is not None and (args.config is None or workdir.exists()):  # with --config it may be a new run's
         _check_run_directory(workdir)
     config_file = args.config or str(workdir / "config.json")
     config = load_config(config_file, args.overrides)
@@ -857,7 +860,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 0
     except (UserError, ValueError, OSError) as e:  # OSError: paths that cannot be read or written
-        print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data inspect"
+        print(f"llama-jax {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)

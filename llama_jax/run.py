@@ -185,9 +185,11 @@ def set_aside_metrics_after(workdir: Path, step: int) -> list[int]:
     return steps
 
 
-def set_aside_after(workdir: Path, step: int) -> list[int]:
-    """Move the checkpoints after `step` into WORKDIR/checkpoints-set-aside/ (nothing is deleted)."""
+def set_aside_after(workdir: Path, step: int) -> list[Path]:
+    """Move the checkpoints after `step` into WORKDIR/checkpoints-set-aside/ (nothing is deleted:
+    a step already set aside once gets a `+`); where they went."""
     later = [s for s in committed_steps(workdir) if s > step]
+    moved = []
     if later and jax.process_index() == 0:
         aside = workdir / SET_ASIDE_DIR
         aside.mkdir(exist_ok=True)
@@ -196,7 +198,8 @@ def set_aside_after(workdir: Path, step: int) -> list[int]:
             while target.exists():
                 target = target.with_name(target.name + "+")
             os.replace(workdir / "checkpoints" / str(s), target)
-    return later
+            moved.append(target)
+    return moved
 
 
 RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE, DATA_DIR)
@@ -230,7 +233,8 @@ def check_init_from(path: str, model: LLaMAConfig) -> None:
         saved = load_config(path)
     except (ValueError, OSError) as e:
         raise RunError(f"checkpoint.init_from: {e}") from None
-    check_same_architecture(saved.to_dict(), model, f"checkpoint.init_from={path}")
+    check_same_architecture(saved.to_dict(), model, f"checkpoint.init_from={path}",
+                            "set model.preset=init_from to take its architecture, or give a model of this one")
 
 
 def state_from_model(path: str, trainer: Trainer) -> TrainState:
@@ -406,8 +410,8 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
             workdir.mkdir(parents=True, exist_ok=True)
             set_aside = set_aside_after(workdir, start) if resume_from is not None else []
             if set_aside:
-                print(f"resuming from checkpoint {start}; checkpoints {', '.join(map(str, set_aside))} moved to "
-                      f"{workdir / SET_ASIDE_DIR}")
+                print(f"resuming from checkpoint {start}; checkpoints moved to {workdir / SET_ASIDE_DIR}: "
+                      f"{', '.join(p.name for p in set_aside)}")
             moved = set_aside_metrics_after(workdir, start)
             if moved:
                 print(f"{'no checkpoint: starting from step 0' if start == 0 else f'resuming from step {start}'}; "

@@ -315,7 +315,7 @@ CASES = [
     Case("inspect-workdir-is-a-model", "data inspect --workdir {model} --step 0",
          r"--workdir \S+/model is a model directory, not a run \(the --workdir of llama-jax train\)"),
     Case("inspect-workdir-missing", "data inspect --workdir {inputs}/nowhere --step 0",
-         r"config file \S+/nowhere/config.json not found"),
+         r"--workdir \S+/nowhere does not exist; give a run's directory \(the --workdir of llama-jax train\)"),
     Case("inspect-workdir-is-a-file", "data inspect --workdir {tiny} --step 0",
          r"--workdir \S+/tiny.py: is a file; expected a run's directory \(the --workdir of llama-jax train\)"),
     # ---- prepare-data (its data and output cases are in tests/test_prepare.py) ----

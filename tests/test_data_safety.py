@@ -125,7 +125,7 @@ def test_resume_from_the_intact_step_after_damage(tmp_path, pristine_run, capsys
     one_line_error(capsys, "train")
     assert train(workdir, "--resume-from", "2") == 0
     out = capsys.readouterr().out
-    assert "checkpoints 4 moved to" in out
+    assert "resuming from checkpoint 2; checkpoints moved to " in out and "checkpoints-set-aside: 4\n" in out
     assert (workdir / "checkpoints-set-aside" / "4").is_dir()  # set aside, not deleted
     # The log holds each step once, as trained again; the abandoned steps' records are set aside.
     assert "the 2 metrics records of steps 3-4 logged after it moved to" in out
