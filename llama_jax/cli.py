@@ -709,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="compile the train step ahead of time; report per-device memory and FLOPs")
     p.add_argument("--config", required=True)
-    p.add_argument("--devices", type=int, default=None, help=f"plan for N virtual CPU devices (1 to {MAX_PLAN_DEVICES})")
+    p.add_argument("--devices", type=int, default=None,
+                   help=f"plan for N virtual CPU devices (1 to {MAX_PLAN_DEVICES})")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sweep", help="run a hyperparameter sweep of a config: grid, random or Optuna search")

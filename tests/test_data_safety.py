@@ -220,8 +220,11 @@ def test_export_never_replaces_its_run_or_a_directory_holding_it(tmp_path, prist
     shutil.copytree(run, workdir)
     (tmp_path / "runs" / "notes.txt").write_text("mine")
     before = snapshot(tmp_path)
+    inside_checkpoints = "the checkpoints of a run; choose a destination outside it"
     for dst, message in [(workdir, "is the input"), (tmp_path / "runs", "contains the input"),
-                         (workdir / "checkpoints", "holds '2'"), (workdir / "checkpoints" / "4", "holds '_CHECKPOINT_METADATA'")]:
+                         (workdir / "checkpoints", inside_checkpoints),
+                         (workdir / "checkpoints" / "4", inside_checkpoints),
+                         (workdir / "checkpoints" / "10", inside_checkpoints)]:
         assert main(["export", "--workdir", str(workdir), "--overwrite", str(dst)]) == 2
         assert message in one_line_error(capsys, "export"), dst
     assert snapshot(tmp_path) == before

@@ -461,4 +461,5 @@ def test_slurm_experiment_script_dry_run(script_env, tmp_path):
     script = (tmp_path / "run" / "slurm" / slurm.DRY_RUN_SCRIPT).read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
     assert "#SBATCH --partition=gpu" in script
-    assert f"train --config configs/tinyllama_1b_8gpu.py --workdir {tmp_path / 'run'} --config.train.log_every=7" in script
+    assert (f"train --config configs/tinyllama_1b_8gpu.py --workdir {tmp_path / 'run'} --config.train.log_every=7"
+            in script)
