@@ -128,10 +128,14 @@ class Trainer:
         (loss, aux, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), aux_zeros, zeros), micro_batches)
         return loss, aux, grads
 
-    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def gradients(self, params, batch: dict) -> tuple[jax.Array, dict, Any]:
+        """(mean loss, aux, gradients in the parameters' dtypes) of one global batch."""
         total_tokens = jnp.maximum(batch["loss_mask"].sum(), 1).astype(jnp.float32)
-        loss, aux, grads = self.loss_and_grads(state.params, batch, total_tokens)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        loss, aux, grads = self.loss_and_grads(params, batch, total_tokens)
+        return loss, aux, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+    def apply_gradients(self, state: TrainState, loss, aux: dict, grads) -> tuple[TrainState, dict]:
+        """The optimizer update, and the step's metrics."""
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -143,6 +147,9 @@ class Trainer:
         metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "learning_rate": self.schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32)), metrics
 
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self.apply_gradients(state, *self.gradients(state.params, batch))
+
     @functools.cached_property
     def compiler_options(self) -> dict[str, str]:
         """This project's XLA options for the mesh's backend (`llama_jax.backend_tuning`), fixed
@@ -151,15 +158,37 @@ class Trainer:
 
     @functools.cached_property
     def jit_train_step(self):
-        """`train_step` under jit with explicit shardings and the state donated (pjit)."""
+        """`train_step` under jit with explicit shardings and the state donated (pjit): the whole
+        step as one program, compiled with `compiler_options`."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.jit(self.train_step,
                        in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
                        out_shardings=(self.state_shardings, replicated),
                        donate_argnums=0, compiler_options=self.compiler_options)
 
+    @functools.cached_property
+    def jit_gradients(self):
+        """`gradients` under jit, compiled with `compiler_options`."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(self.gradients, in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)),
+                       out_shardings=(replicated, replicated, self.state_shardings.params),
+                       compiler_options=self.compiler_options)
+
+    @functools.cached_property
+    def jit_apply_gradients(self):
+        """`apply_gradients` under jit with XLA's defaults and the state donated."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(self.apply_gradients,
+                       in_shardings=(self.state_shardings, replicated, replicated, self.state_shardings.params),
+                       out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One train step. With this project's compiler options for the backend (CPU), the
+        gradients and the optimizer update are two programs, the update compiled without them
+        (`llama_jax.backend_tuning` says why); otherwise the whole step is one program."""
         with self.context():
+            if self.compiler_options:
+                return self.jit_apply_gradients(state, *self.jit_gradients(state.params, batch))
             return self.jit_train_step(state, batch)
 
     def eval_metrics(self, params, batch: dict) -> dict:

@@ -325,6 +325,9 @@ CASES = [
          r"argument --shard-tokens: invalid integer 'lots'", usage=True),
     Case("prepare-data-verify-missing", "prepare-data --verify --output {inputs}/nowhere",
          r"\S+/nowhere does not exist; give a directory written by llama-jax prepare-data"),
+    # ---- sweep (its other cases are in tests/test_sweep.py, which runs main() in process) ----
+    Case("sweep-negative-seed", "sweep --config {tiny} --workdir new --search random --trials 2 --seed -1 "
+         "--sweep optimizer.lr=loguniform(1e-4,1e-2)", r"argument --seed: must be at least 0, got -1", usage=True),
     # ---- demo ----
     Case("demo-unknown-key", "demo --workdir new --config.train.stepz=5", r"unknown config key 'train.stepz'"),
     Case("demo-nan", "demo --workdir new --config.optimizer.lr=nan",

@@ -70,19 +70,27 @@ def test_splash_attention_trains_like_the_xla_kernel():
 
 
 def test_cpu_tuning_is_applied_and_changes_only_rounding(single_device_run, monkeypatch):
-    """The CPU compiler option of `llama_jax.backend_tuning` reaches the compiled train step (more
-    of it runs in YNNPACK fusions) and training matches XLA's defaults to float32 rounding."""
+    """The CPU compiler option of `llama_jax.backend_tuning` reaches the program that computes the
+    gradients (more of it runs in YNNPACK fusions) and not the optimizer update, which `step` runs
+    as a program of its own; training matches XLA's defaults (the whole step as one program) to
+    float32 rounding."""
     tuned_losses, tuned_params, tuned = single_device_run
     monkeypatch.setenv("LLAMA_JAX_TUNING", "0")
     losses, params, plain = run_steps(tiny_config("mesh.fsdp=1"), jax.devices()[:1])
     assert tuned.compiler_options and not plain.compiler_options
 
-    def library_fusions(trainer):
-        state = trainer.init_state(0)
-        batch = global_batch(trainer.mesh, local_batch(tiny_config(), 0, trainer.model_config))
-        return trainer.jit_train_step.lower(state, batch).compile().as_text().count("ynn_fusion")
+    state = tuned.init_state(0)
+    batch = global_batch(tuned.mesh, local_batch(tiny_config(), 0, tuned.model_config))
 
-    assert library_fusions(tuned) > library_fusions(plain)
+    def library_fusions(program, *args):
+        return program.lower(*args).compile().as_text().count("ynn_fusion")
+
+    with tuned.context():  # (XLA's defaults already hand reductions to YNNPACK)
+        assert library_fusions(tuned.jit_gradients, state.params, batch) > library_fusions(
+            plain.jit_gradients, state.params, batch)
+        loss, aux, grads = tuned.jit_gradients(state.params, batch)
+        assert library_fusions(tuned.jit_apply_gradients, state, loss, aux, grads) == library_fusions(
+            plain.jit_apply_gradients, state, loss, aux, grads)
     np.testing.assert_allclose(tuned_losses, losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), tuned_params, params)
 
