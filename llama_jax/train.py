@@ -3,8 +3,9 @@
 The state is created directly sharded: `jax.eval_shape` of the initialiser gives the abstract
 (logically partitioned) state, the rules table turns it into shardings, and `jit(init,
 out_shardings=...)` materialises each shard on its device. The train step is one `jax.jit` with
-explicit in/out shardings and the state donated; one step consumes one global batch, split
-into `grad_accum` micro-batches accumulated with `lax.scan`.
+explicit in/out shardings and the state donated (on CPU two, gradients then update:
+`Trainer.step`); one step consumes one global batch, split into `grad_accum` micro-batches
+accumulated with `lax.scan`.
 """
 
 from __future__ import annotations
