@@ -36,7 +36,7 @@ from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_a
 from llama_jax.config import LLaMAConfig
 from llama_jax.experiment import check_run_settings
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
-from llama_jax.safe_io import check_writable, holds_run, sha256_file, write_text_atomic
+from llama_jax.safe_io import DirectoryLock, check_writable, holds_run, sha256_file, write_text_atomic
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
@@ -383,15 +383,29 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
 
     Ends with an evaluation of the final parameters (when the data has a held-out split) and a
     text sample (when it has a tokenizer), also when the workdir already holds the final step.
-    Everything that can fail on bad input is decided before the first write to the workdir.
+    Everything that can fail on bad input is decided before the first write to the workdir. One
+    run at a time: the main process holds a lock on the workdir (`safe_io.DirectoryLock`), and a
+    train started where another runs raises DirectoryBusy (a ValueError).
     `devices`: the devices of the mesh (default: all). `resume_from`: continue from this
     committed step instead of the latest; the later checkpoints are moved aside, not deleted.
     """
-    from tqdm import tqdm
-
     check_run_settings(config)
     workdir = Path(workdir).absolute()
     check_workdir(workdir)
+    lock = DirectoryLock(workdir, f"--workdir {workdir} is in use: another llama-jax train is running there (it "
+                                  "holds the directory's lock); wait for it to end, stop it, or use another --workdir")
+    try:  # one run at a time in a workdir: two would write over each other's checkpoints and logs
+        if workdir.exists() and jax.process_index() == 0:
+            lock.acquire()
+        return _train_and_evaluate(config, workdir, lock, progress, devices, resume_from)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bool, devices,
+                        resume_from: int | None) -> RunResult:
+    from tqdm import tqdm
+
     trainer = build_trainer(config, devices)
     cfg, t = trainer.model_config, config.train
     data = build_data(config, cfg, workdir)
@@ -408,6 +422,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
         main_process = jax.process_index() == 0
         if main_process:
             workdir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()  # a workdir that did not exist before is locked once created
             set_aside = set_aside_after(workdir, start) if resume_from is not None else []
             if set_aside:
                 print(f"resuming from checkpoint {start}; checkpoints moved to {workdir / SET_ASIDE_DIR}: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -114,6 +115,41 @@ def check_writable(path: str | os.PathLike, option: str, into: bool = False) -> 
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path}: {existing} is not writable (read-only file system or no permission); "
                          f"choose another {option}")
+
+
+class DirectoryBusy(ValueError):
+    """Another holder has the directory's lock."""
+
+
+class DirectoryLock:
+    """An exclusive advisory lock (`flock`) on a directory, held from `acquire` until `release` or
+    until the process ends, whichever comes first; no file is written for it. A second holder, in
+    this process or another, gets DirectoryBusy(`busy_message`). On a file system without such
+    locks (some network file systems refuse them) nothing is locked."""
+
+    def __init__(self, directory: str | os.PathLike, busy_message: str):
+        self.directory, self.busy_message = Path(directory), busy_message
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock if it is not held already; the directory must exist."""
+        if self._fd is not None:
+            return
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DirectoryBusy(self.busy_message) from None
+        except OSError:  # no flock on this file system
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

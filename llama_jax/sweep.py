@@ -613,21 +613,30 @@ def check_workdir(workdir: Path, spec: SweepSpec) -> None:
 
 def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os.PathLike, parallel: int = 1,
               devices_per_run: int | None = None, out=print) -> None:
-    """Run the trials that are not finished yet (a re-run skips done and pruned ones and resumes the rest)."""
+    """Run the trials that are not finished yet (a re-run skips done and pruned ones and resumes the rest).
+    One sweep at a time in a workdir: it holds the directory's lock (`safe_io.DirectoryLock`)."""
+    from llama_jax.safe_io import DirectoryLock
+
     workdir = Path(workdir).absolute()
     sweep = Sweep(spec, workdir, axes, parallel, devices_per_run, out)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / SPEC_FILE).write_text(spec.to_json())
-    if sweep.data:
-        prepare_shared_data(sweep.config.data, workdir, out)
-    if spec.search == "optuna":
-        study = open_study(workdir, spec.seed)
-        sweep.run(optuna_trials(study, axes, spec.trials), study)
-        return
-    todo = [t for t in listed if read_trial(sweep.directory(t)).get("status") not in FINISHED]
-    if len(todo) < len(listed):
-        out(f"{len(listed) - len(todo)} of {len(listed)} trials already finished; running the other {len(todo)}")
-    sweep.run(iter(todo))
+    lock = DirectoryLock(workdir, f"--workdir {workdir} is in use: this sweep is already running there (it holds "
+                                  "the directory's lock); wait for it to end or stop it, then run it again to go on")
+    lock.acquire()
+    try:
+        (workdir / SPEC_FILE).write_text(spec.to_json())
+        if sweep.data:
+            prepare_shared_data(sweep.config.data, workdir, out)
+        if spec.search == "optuna":
+            study = open_study(workdir, spec.seed)
+            sweep.run(optuna_trials(study, axes, spec.trials), study)
+            return
+        todo = [t for t in listed if read_trial(sweep.directory(t)).get("status") not in FINISHED]
+        if len(todo) < len(listed):
+            out(f"{len(listed) - len(todo)} of {len(listed)} trials already finished; running the other {len(todo)}")
+        sweep.run(iter(todo))
+    finally:
+        lock.release()
 
 
 def describe(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os.PathLike) -> list[str]:

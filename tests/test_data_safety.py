@@ -380,6 +380,34 @@ def test_sigterm_while_preparing_data_leaves_nothing_behind(tmp_path):
     assert list(tmp.iterdir()) == [] and not run.exists()
 
 
+def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_finishes_alone(tmp_path, capsys):
+    """Two trains in one workdir wrote over each other's checkpoints and logs until both crashed,
+    leaving a half-written checkpoint behind. A train started while another runs there is refused
+    in one line and writes nothing; the first completes as if it had been alone."""
+    run = tmp_path / "run"
+    args = ["train", "--config", TINY, "--workdir", str(run), "--config.train.steps=200",
+            "--config.checkpoint.every=100", "--config.train.log_every=10", "--config.optimizer.warmup_steps=1"]
+    first = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second could start"
+    config_written = (run / "config.json").stat().st_mtime_ns
+    assert main(args) == 2
+    err = one_line_error(capsys, "train")
+    assert f"--workdir {run} is in use: another llama-jax train is running there" in err, err
+    assert first.poll() is None, "the first run ended while the second was refused"
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert (run / "config.json").stat().st_mtime_ns == config_written
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 200, steps
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["100", "200"]
+    assert not (run / run_lib.SET_ASIDE_DIR).exists()
+    assert main(args) == 0  # the lock went with the first process: the finished run is found as it is
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A directory this process cannot write into: mode 0o500, or for root (whom modes do not stop)

@@ -251,6 +251,23 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     assert sorted(workdir.rglob("*")) == before
 
 
+def test_a_sweep_already_running_in_the_workdir_is_refused(tmp_path, capsys):
+    """The same sweep started again while it runs would start its unfinished trials twice: refused
+    in one line while another holder has the workdir's lock, and nothing is written."""
+    from llama_jax.safe_io import DirectoryLock
+
+    workdir = tmp_path / "sweep"
+    workdir.mkdir()
+    running = DirectoryLock(workdir, "held by the test")
+    running.acquire()
+    try:
+        assert main(sweep_args(workdir, "--sweep", "train.seed=[0,1]")) == 2
+        assert f"--workdir {workdir} is in use: this sweep is already running there" in capsys.readouterr().err
+        assert list(workdir.iterdir()) == []
+    finally:
+        running.release()
+
+
 def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys):
     workdir = tmp_path / "sweep"
     args = sweep_args(workdir, "--sweep", "train.seed=[0,1,2]", "--on", "slurm", "--gpus-per-node", "4",
