@@ -157,7 +157,10 @@ class MetricsWriter:
         if not self.active:
             return
         os.makedirs(logdir, exist_ok=True)
-        self._file = open(os.path.join(logdir, "metrics.jsonl"), "a")
+        path = os.path.join(logdir, "metrics.jsonl")
+        self._file = open(path, "a")
+        if _ends_mid_line(path):  # cut short by a process killed mid-write: keep the next record on its own line
+            self._file.write("\n")
         tensorboardx = _import_tensorboardx()
         if tensorboardx is not None:
             self._tb = tensorboardx.SummaryWriter(os.fspath(logdir))
@@ -189,6 +192,14 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ends_mid_line(path: str) -> bool:
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
