@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import math
 import os
 import signal
 import sys
+import threading
 import warnings
 
 
@@ -803,25 +805,77 @@ def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-name", default=d["job_name"], metavar="NAME")
 
 
-def _quiet_library_noise() -> None:
-    """Keep stderr to the command's own lines.
+class _LibraryNoise:
+    """Keeps stderr to the command's own lines.
 
-    Orbax's notices (absl logging) are not for the command line. When a damaged checkpoint fails
-    one read, Orbax gives up while TensorStore still completes the others on background threads,
-    which then hit a closed event loop and print tracebacks of their own; the failure itself is
-    reported once, as the command's error line.
+    Orbax's notices (absl logging) are not for the command line. Its errors (a checkpoint write
+    that failed, with tracebacks from its background threads) are held until the command ends:
+    printed after a command that succeeded, dropped after one that failed, which reports the
+    failure itself as its error line; so are exceptions that threads and exit handlers raise
+    after a failure (a full disk fails TensorBoard's writer thread too). When a damaged checkpoint
+    fails one read, Orbax gives up while TensorStore still completes the others on background
+    threads, which then hit a closed event loop and print tracebacks of their own: never shown.
     """
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Future exception was never retrieved"
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
-    def orphaned(error: BaseException | None) -> bool:
-        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    def __init__(self):
+        self.held: list[logging.LogRecord] = []
+        self.mode = "hold"  # "hold" while the command runs, then "show" or "drop"
+        self.installed = False
 
-    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
-    sys.excepthook = lambda kind, error, tb: None if orphaned(error) else excepthook(kind, error, tb)
-    sys.unraisablehook = lambda u: None if orphaned(u.exc_value) or type(u.object).__name__ == "coroutine" \
-        else unraisablehook(u)
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.mode == "hold":
+            self.held.append(record)
+        return self.mode == "show"
+
+    def start(self) -> None:
+        self.held, self.mode = [], "hold"
+
+    def end(self, succeeded: bool, exiting: bool = True) -> None:
+        """Show or drop what was held; until the process exits (`exiting`), so are later errors.
+        A caller that goes on after the command (not `exiting`) sees its later errors."""
+        held, self.held, self.mode = self.held, [], "show" if succeeded or not exiting else "drop"
+        for record in held if succeeded else ():
+            logging.getLogger(record.name).handle(record)
+
+    def install(self) -> None:
+        """Once per process."""
+        if self.installed:
+            return
+        self.installed = True
+        absl = logging.getLogger("absl")
+        absl.setLevel(logging.ERROR)
+        absl.addFilter(self)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Future exception was never retrieved"
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+        def orphaned(error: BaseException | None) -> bool:
+            return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+        excepthook, unraisablehook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
+        sys.excepthook = lambda kind, error, tb: None if orphaned(error) else excepthook(kind, error, tb)
+        sys.unraisablehook = lambda u: None if orphaned(u.exc_value) or type(u.object).__name__ == "coroutine" \
+            or self.mode == "drop" else unraisablehook(u)
+        threading.excepthook = lambda a: None if self.mode == "drop" else thread_hook(a)
+
+
+_NOISE = _LibraryNoise()
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+
+
+def _error_text(error: BaseException, args) -> str:
+    """The error line's text. A full disk is said in those words: libraries bury it at the end of
+    long messages about their own internals (TensorStore) or report it as an internal error."""
+    if not _is_disk_full(error):
+        return str(error)
+    where = next((getattr(args, k) for k in ("dst", "output", "workdir") if getattr(args, k, None)), None)
+    text = "no space left on the device" + (f" holding {where}" if where else "")
+    text += "; free some space and run the command again"
+    if args.command in ("train", "sweep", "demo"):
+        text += ": a run resumes from its last committed checkpoint"
+    return text
 
 
 NOT_EMPTY = {  # argument destinations whose value may not be an empty string -> their names in messages
@@ -845,7 +899,17 @@ def main(argv: list[str] | None = None) -> int:
         from llama_jax.backend_tuning import restart_with_huge_pages
 
         restart_with_huge_pages()
-    _quiet_library_noise()
+    _NOISE.install()
+    _NOISE.start()
+    status = 1
+    try:
+        status = _run(argv)
+        return status
+    finally:
+        _NOISE.end(succeeded=status == 0, exiting=argv is None)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         rest, overrides = _split_config_overrides(sys.argv[1:] if argv is None else argv)
     except UserError as e:
@@ -862,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (UserError, ValueError, OSError) as e:  # OSError: paths that cannot be read or written
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data inspect"
-        print(f"llama-jax {command}: error: {e}", file=sys.stderr)
+        print(f"llama-jax {command}: error: {_error_text(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)

@@ -158,9 +158,8 @@ class MetricsWriter:
             return
         os.makedirs(logdir, exist_ok=True)
         path = os.path.join(logdir, "metrics.jsonl")
+        end_cut_line(path)
         self._file = open(path, "a")
-        if _ends_mid_line(path):  # cut short by a process killed mid-write: keep the next record on its own line
-            self._file.write("\n")
         tensorboardx = _import_tensorboardx()
         if tensorboardx is not None:
             self._tb = tensorboardx.SummaryWriter(os.fspath(logdir))
@@ -194,12 +193,27 @@ class MetricsWriter:
         self.close()
 
 
-def _ends_mid_line(path: str) -> bool:
-    with open(path, "rb") as f:
-        if f.seek(0, os.SEEK_END) == 0:
-            return False
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
+def end_cut_line(path: str | os.PathLike) -> None:
+    """Mend a last line left without its end by a process killed mid-write (or a full disk), which
+    the next record would be glued to: a whole record gets its newline, half a record (of no use to
+    any reader) is removed."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            chunk = b""
+            while size > len(chunk) and b"\n" not in chunk:  # enough of the end to hold the last line end
+                f.seek(max(0, size - len(chunk) - 4096))
+                chunk = f.read(size - f.tell())
+            cut = chunk[chunk.rfind(b"\n") + 1:]  # after the last line end
+            if not cut:
+                return
+            try:
+                json.loads(cut)
+                f.write(b"\n")
+            except ValueError:
+                f.truncate(size - len(cut))
+    except FileNotFoundError:
+        pass
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -36,7 +36,8 @@ from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_a
 from llama_jax.config import LLaMAConfig
 from llama_jax.experiment import check_run_settings
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
-from llama_jax.safe_io import DirectoryLock, check_writable, holds_run, sha256_file, write_text_atomic
+from llama_jax.safe_io import (DirectoryLock, atomic_file, check_writable, holds_run, sha256_file,
+                               write_text_atomic)
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
@@ -166,6 +167,7 @@ def set_aside_metrics_after(workdir: Path, step: int) -> list[int]:
     path = workdir / METRICS_FILE
     if not path.is_file():
         return []
+    metrics_lib.end_cut_line(path)
     kept, later, steps = [], [], []
     for line in path.read_text().splitlines(keepends=True):
         try:
@@ -338,7 +340,8 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    with atomic_file(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 

@@ -28,7 +28,7 @@ from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import Source, TrainRows
 from llama_jax.prepare import MANIFEST
-from llama_jax.safe_io import sha256_file
+from llama_jax.safe_io import copy_file_atomic, sha256_file
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
 RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
@@ -75,7 +75,7 @@ class RunData:
             self.tokenizer_file = final / self.tokenizer_file.name
         kept = workdir / RUN_TOKENIZER
         if jax.process_index() == 0 and not kept.exists():
-            shutil.copyfile(self.tokenizer_file, kept)
+            copy_file_atomic(self.tokenizer_file, kept)  # whole or absent: a later run checks it by its hash
         return digest
 
     def discard(self) -> None:
@@ -87,7 +87,15 @@ def _move_into_place(staged: Path, final: Path) -> None:
     goes to a sibling first and is renamed into place when complete."""
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.move(str(staged), partial)
+    try:
+        shutil.move(str(staged), partial)
+    except shutil.Error as e:  # a copy that failed file by file (a full disk): the first failure is the news
+        shutil.rmtree(partial, ignore_errors=True)
+        first = e.args[0][0] if e.args and isinstance(e.args[0], list) and e.args[0] else None
+        raise OSError(f"{first[2]} (moving {first[0]} into {partial})" if first else str(e)) from None
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     partial.rename(final)
 
 

@@ -152,15 +152,30 @@ class DirectoryLock:
             self._fd = None
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace `path` with `text` in one rename, so a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; when the block ends without an error it replaces
+    `path` in one rename, so a reader (or a later run) never sees half a file. Otherwise it is
+    removed and `path` is left as it was."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with `text` in one rename (`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy `src` to `dst`, which appears whole or not at all (`atomic_file`)."""
+    with atomic_file(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def check_results_file(path: str | os.PathLike, option: str, command: str, keys: Iterable[str]) -> Path:

@@ -440,3 +440,75 @@ def test_an_unwritable_destination_is_refused_before_any_work(read_only_dir, mod
         assert re.search(rf"{re.escape(str(read_only_dir))} is not writable \(read-only file system or no "
                          rf"permission\); choose another", one_line_error(capsys, command)), command
     assert not list(read_only_dir.iterdir())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a file system of 1 MiB (a tmpfs mounted there), to fill up; `grow` makes it
+    64 MiB, as freeing space would."""
+    path = tmp_path / "small"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root: no file system here can be filled without filling the machine's")
+
+    def grow():
+        subprocess.run(["mount", "-o", "remount,size=64m", str(path)], check=True)
+
+    yield path, grow
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(small_disk, model_dir):
+    """A checkpoint that no longer fits: one line saying the disk is full (not Orbax's tracebacks
+    from its writer threads, nor TensorStore's message naming a temporary file); once there is
+    room, the same command resumes and logs every step once. A converted or copied file either
+    appears whole or not at all."""
+    disk, grow = small_disk
+    run = disk / "run"
+    command = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir", str(run),
+               "--config.train.steps=40", "--config.checkpoint.every=10"]
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2
+    assert failed.stderr.splitlines() == [
+        f"llama-jax train: error: no space left on the device holding {run}; free some space and run the command "
+        "again: a run resumes from its last committed checkpoint"], failed.stderr
+
+    converted = subprocess.run([sys.executable, "-m", "llama_jax.cli", "convert", "--from", "jax", "--to", "meta",
+                                str(model_dir), str(disk / "meta")], capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 2 and converted.stderr.splitlines() == [
+        f"llama-jax convert: error: no space left on the device holding {disk / 'meta'}; free some space and run "
+        "the command again"], converted.stderr
+    assert not (disk / "meta").exists()
+    from llama_jax.safe_io import copy_file_atomic
+
+    larger_than_the_disk = disk.parent / "big.bin"
+    larger_than_the_disk.write_bytes(os.urandom(2 << 20))
+    with pytest.raises(OSError, match="No space left on device"):
+        copy_file_atomic(larger_than_the_disk, disk / "copy")
+    assert sorted(p.name for p in disk.iterdir()) == ["run"]  # no part of the copy, nor of the conversion
+
+    grow()
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30, 40], steps
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "40"
+
+
+def test_library_errors_wait_for_the_commands_outcome(caplog):
+    """Orbax logs a failed write as absl errors with tracebacks while the command reports the same
+    failure as its error line: they are held until the command ends, then shown if it succeeded
+    and dropped if it failed."""
+    from absl import logging as absl_logging
+
+    from llama_jax import cli
+
+    cli._NOISE.install()
+    for succeeded in (True, False):
+        caplog.clear()
+        cli._NOISE.start()
+        absl_logging.error("a checkpoint write failed")
+        assert "a checkpoint write failed" not in caplog.text
+        cli._NOISE.end(succeeded)
+        assert ("a checkpoint write failed" in caplog.text) == succeeded
+    cli._NOISE.end(succeeded=True)  # as after a command that succeeded: later records are shown

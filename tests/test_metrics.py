@@ -12,7 +12,7 @@ import pytest
 from llama_jax import LLaMA, LLaMAConfig, init_params
 from llama_jax.attention import query_blocks
 from llama_jax.metrics import (MetricsWriter, flops_per_token, mfu, peak_flops_for_kind, peak_flops_per_device,
-                               read_metrics, tflops_per_device)
+                               tflops_per_device)
 
 # Matmuls dominate this shape; GQA (4 query heads on 2 K/V heads) exercises the K term. Unscanned
 # layers because XLA's cost analysis counts a while-loop (scan) body once, not once per layer.
@@ -131,17 +131,24 @@ def test_metrics_writer_writes_one_json_line_per_call(tmp_path):
     assert lines[2] == '{"step": 3, "loss": null, "grad_norm": null, "lr": 0.0001}'
 
 
-def test_a_line_cut_short_costs_no_later_record(tmp_path):
-    """A process killed mid-write (or a full disk) leaves a last line without its end; the next
-    writer starts on a new line, so the record it appends is read back and only the cut line is
-    skipped."""
+@pytest.mark.parametrize("cut", ['{"step": 2, "lo', '{"step": 2, "loss": 2.5}'])
+def test_a_line_cut_short_is_dropped_before_the_next_record(tmp_path, cut):
+    """A process killed mid-write (or a full disk) leaves a last line without its end: half a
+    record, or a whole one missing its newline. The next writer removes the half record and ends
+    the whole one, so the record it appends is not glued to it and every line is JSON again."""
     with MetricsWriter(tmp_path) as writer:
         writer.write(1, {"loss": 3.0})
     with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"step": 2, "lo')
+        f.write(cut)
     with MetricsWriter(tmp_path) as writer:
         writer.write(2, {"loss": 2.0})
-    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    whole = [json.loads(cut)] if cut.endswith("}") else []
+    assert [json.loads(line) for line in lines] == [{"step": 1, "loss": 3.0}, *whole, {"step": 2, "loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text(cut)  # a file holding nothing else
+    with MetricsWriter(tmp_path) as writer:
+        writer.write(1, {"loss": 1.0})
+    assert (tmp_path / "metrics.jsonl").read_text() == (cut + "\n" if whole else "") + '{"step": 1, "loss": 1.0}\n'
 
 
 def strict_json(constant: str):

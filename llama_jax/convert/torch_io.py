@@ -64,4 +64,12 @@ def numpy_to_tensor(a: np.ndarray):
 
 
 def save_torch_file(state: dict, path: str | os.PathLike) -> None:
-    _torch().save(state, path)
+    """`torch.save` to `path`; a failed write (a full disk) raises its OSError, which torch would
+    report only as an internal RuntimeError ("unexpected pos ...")."""
+    with open(path, "wb") as f:
+        try:
+            _torch().save(state, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
