@@ -267,6 +267,9 @@ def cmd_train(args) -> None:
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_second']:,.0f} tokens/s, "
               f"MFU {last['mfu']:.1%}; metrics in {args.workdir}/metrics.jsonl")
+    elif not result.preempted and result.final_step == config.train.steps:
+        print(f"{args.workdir} already holds step {result.final_step} of train.steps={config.train.steps}: nothing "
+              f"left to train (a larger train.steps continues it); metrics in {args.workdir}/metrics.jsonl")
 
 
 def cmd_export(args) -> None:

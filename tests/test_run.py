@@ -344,6 +344,17 @@ def test_demo_runs_resumes_and_reports(tmp_path, capsys):
     assert held_line in capsys.readouterr().out.splitlines()
 
 
+def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer_path, straight_run, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    log, steps = (workdir / "metrics.jsonl").read_text(), sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert main(train_args(workdir, run_overrides(tokenizer_path))) == 0
+    assert f"{workdir} already holds step {STEPS} of train.steps={STEPS}: nothing left to train" in capsys.readouterr().out
+    assert (workdir / "metrics.jsonl").read_text() == log
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
+
+
 def test_export_writes_a_checkpoint_as_a_model_directory(tmp_path, tokenizer_path, straight_run, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(straight_run[0], workdir)
