@@ -2,7 +2,8 @@
 
 Both train the same architecture (float32; default dim 512, 8 layers, 8 heads, FFN 1408, vocab
 8000, ~34M parameters) on the same random batches of 8 x 256 tokens with AdamW:
-  llama-jax step   `Trainer.step` (the jitted, donated train step the run loop calls);
+  llama-jax step   `Trainer.step` (the jitted, donated train step the run loop calls; on CPU a
+                   gradient program and an update program);
   llama-jax train  the whole `llama-jax train` process on synthetic data (data, logging and
                    metrics included), from the tokens/s it logs after the first window;
   reference        `transformers.LlamaForCausalLM` (eager attention, as in the parity tests,
