@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 
 from llama_jax.config import LLaMAConfig
 from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
-from llama_jax.safe_io import OutputKind, atomic_directory, damage_reason, holds_run
+from llama_jax.safe_io import OutputKind, atomic_directory, damage_reason, holds_run, raise_noted_signal
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -152,6 +152,7 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
             params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
     except Exception as e:  # TensorStore, JSON and OS errors of a damaged or incomplete params/
+        raise_noted_signal()  # or a read that Ctrl-C or SIGTERM interrupted
         raise ValueError(f"model directory {path} is damaged or incomplete: {damage_reason(e, params_dir)}") from None
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
@@ -255,6 +256,7 @@ class RunCheckpoints:
         try:
             return read()
         except Exception as e:  # TensorStore, JSON and OS errors of damaged or missing files
+            raise_noted_signal()  # or a read that Ctrl-C or SIGTERM interrupted
             raise CheckpointDamaged(step, f"checkpoint {step} ({self.step_dir(step)}) is damaged: cannot read "
                                           f"its {what}: {damage_reason(e, self.step_dir(step))}") from None
 

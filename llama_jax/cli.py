@@ -27,19 +27,32 @@ class Terminated(BaseException):
 @contextlib.contextmanager
 def _sigterm_unwinds():
     """While active, SIGTERM raises `Terminated` in the main thread instead of ending the process
-    on the spot; the previous handler is back afterwards."""
-    def handle(signum, frame):
-        raise Terminated
+    on the spot, and Ctrl-C raises KeyboardInterrupt as usual; both are noted first
+    (`safe_io.note_signal`: a library that turns them into errors of its own must not have them
+    taken for damaged files). The previous handlers are back afterwards."""
+    from llama_jax.safe_io import note_signal
 
+    def handle(error_type):
+        def raise_noted(signum, frame):
+            error = error_type()
+            note_signal(error)
+            raise error
+        return raise_noted
+
+    note_signal(None)
+    handled = [(signal.SIGTERM, Terminated)]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
+        handled.append((signal.SIGINT, KeyboardInterrupt))
     try:
-        previous = signal.signal(signal.SIGTERM, handle)
+        previous = {s: signal.signal(s, handle(e)) for s, e in handled}
     except ValueError:  # not the main thread: signals cannot be handled here
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def cmd_presets(args) -> None:
@@ -854,10 +867,20 @@ class _LibraryNoise:
         def orphaned(error: BaseException | None) -> bool:
             return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
+        def signal_swallowed(error: BaseException | None) -> bool:
+            """Ctrl-C or SIGTERM raised where Python cannot raise (a garbage-collection callback, a
+            `__del__`) would be printed and dropped, the command going on as if it never came: the
+            signal is sent again, to be raised where the command is."""
+            signum = signal.SIGINT if isinstance(error, KeyboardInterrupt) else \
+                signal.SIGTERM if isinstance(error, Terminated) else None
+            if signum is not None:  # from another thread: here, inside this hook, it would be dropped again
+                threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+            return signum is not None
+
         excepthook, unraisablehook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
         sys.excepthook = lambda kind, error, tb: None if orphaned(error) else excepthook(kind, error, tb)
-        sys.unraisablehook = lambda u: None if orphaned(u.exc_value) or type(u.object).__name__ == "coroutine" \
-            or self.mode == "drop" else unraisablehook(u)
+        sys.unraisablehook = lambda u: None if signal_swallowed(u.exc_value) or orphaned(u.exc_value) \
+            or type(u.object).__name__ == "coroutine" or self.mode == "drop" else unraisablehook(u)
         threading.excepthook = lambda a: None if self.mode == "drop" else thread_hook(a)
 
 

@@ -199,6 +199,23 @@ def check_results_file(path: str | os.PathLike, option: str, command: str, keys:
     return path
 
 
+_signal_error: list[BaseException] = []  # the signal exception being raised in this command, if any
+
+
+def note_signal(error: BaseException | None) -> None:
+    """Record the exception a signal (Ctrl-C, SIGTERM) is about to raise in the main thread (None:
+    forget it, as a new command starts). A library may turn it into an error of its own (TensorStore
+    reports a read it was interrupted in as a failed read); `raise_noted_signal` tells the two apart."""
+    _signal_error[:] = [] if error is None else [error]
+
+
+def raise_noted_signal() -> None:
+    """Raise the noted signal's exception, if a signal arrived: call it before taking an error for
+    damage."""
+    if _signal_error:
+        raise _signal_error[0] from None
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

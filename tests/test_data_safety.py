@@ -512,3 +512,60 @@ def test_library_errors_wait_for_the_commands_outcome(caplog):
         cli._NOISE.end(succeeded)
         assert ("a checkpoint write failed" in caplog.text) == succeeded
     cli._NOISE.end(succeeded=True)  # as after a command that succeeded: later records are shown
+
+
+def test_a_signal_raised_where_python_cannot_raise_it_still_stops_the_command():
+    """Ctrl-C or SIGTERM that lands in a garbage-collection callback (JAX has one) raises there,
+    where Python prints the exception and drops it: the command went on to the end and exited 0.
+    The signal is sent again and stops the command where it is."""
+    script = """if True:
+        import time
+        from llama_jax import cli
+        cli._NOISE.install()
+
+        class RaisesOnCollection:  # as a garbage-collection callback that the signal interrupts
+            def __init__(self, error):
+                self.error = error
+
+            def __del__(self):
+                raise self.error
+
+        for error, expected in ((cli.Terminated(), cli.Terminated), (KeyboardInterrupt(), KeyboardInterrupt)):
+            try:
+                with cli._sigterm_unwinds():
+                    RaisesOnCollection(error)
+                    time.sleep(30)
+                print("went on")
+            except expected:
+                print("stopped")
+    """
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.stdout.split() == ["stopped", "stopped"] and result.stderr == "", (result.stdout, result.stderr)
+
+
+def test_a_read_interrupted_by_a_signal_is_not_taken_for_damage(pristine_run, monkeypatch):
+    """TensorStore reports a read that SIGTERM or Ctrl-C interrupted as a failed read ("Encountered
+    error while reading ..."): export said the (intact) checkpoint was damaged. The signal stops
+    the command as a signal; a read that fails without one is still damage."""
+    from llama_jax import cli
+    from llama_jax.checkpoint import CheckpointDamaged
+
+    checkpoints = RunCheckpoints(pristine_run[0] / "checkpoints", every=2, async_save=False, read_only=True)
+
+    def read_interrupted_by(signum):
+        def restore(*args, **kwargs):
+            try:
+                os.kill(os.getpid(), signum) if signum else None
+                raise OSError("the file vanished")
+            except BaseException as e:  # what TensorStore makes of whatever stopped its read
+                raise Exception("Encountered error while reading array index (0,)") from e
+        return restore
+
+    try:
+        for signum, expected in ((signal.SIGTERM, cli.Terminated), (signal.SIGINT, KeyboardInterrupt),
+                                 (None, CheckpointDamaged)):
+            monkeypatch.setattr(checkpoints.manager, "restore", read_interrupted_by(signum))
+            with pytest.raises(expected), cli._sigterm_unwinds():
+                checkpoints.run_info(4)
+    finally:
+        checkpoints.close()
