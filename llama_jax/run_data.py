@@ -89,12 +89,11 @@ def _move_into_place(staged: Path, final: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     try:
         shutil.move(str(staged), partial)
-    except shutil.Error as e:  # a copy that failed file by file (a full disk): the first failure is the news
+    except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
-        first = e.args[0][0] if e.args and isinstance(e.args[0], list) and e.args[0] else None
-        raise OSError(f"{first[2]} (moving {first[0]} into {partial})" if first else str(e)) from None
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+            source, _, why = e.args[0][0]  # a copy that failed file by file (a full disk): the first failure
+            raise OSError(f"{why} (moving {source} into {partial})") from None
         raise
     partial.rename(final)
 

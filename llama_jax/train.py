@@ -158,30 +158,31 @@ class Trainer:
         return backend_tuning.compiler_options(self.mesh.devices.flat[0].platform)
 
     @functools.cached_property
+    def _replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @functools.cached_property
     def jit_train_step(self):
         """`train_step` under jit with explicit shardings and the state donated (pjit): the whole
         step as one program, compiled with `compiler_options`."""
-        replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.jit(self.train_step,
                        in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
-                       out_shardings=(self.state_shardings, replicated),
+                       out_shardings=(self.state_shardings, self._replicated),
                        donate_argnums=0, compiler_options=self.compiler_options)
 
     @functools.cached_property
     def jit_gradients(self):
         """`gradients` under jit, compiled with `compiler_options`."""
-        replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.jit(self.gradients, in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)),
-                       out_shardings=(replicated, replicated, self.state_shardings.params),
+                       out_shardings=(self._replicated, self._replicated, self.state_shardings.params),
                        compiler_options=self.compiler_options)
 
     @functools.cached_property
     def jit_apply_gradients(self):
         """`apply_gradients` under jit with XLA's defaults and the state donated."""
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        return jax.jit(self.apply_gradients,
-                       in_shardings=(self.state_shardings, replicated, replicated, self.state_shardings.params),
-                       out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        state, replicated = self.state_shardings, self._replicated
+        return jax.jit(self.apply_gradients, in_shardings=(state, replicated, replicated, state.params),
+                       out_shardings=(state, replicated), donate_argnums=0)
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One train step. With this project's compiler options for the backend (CPU), the

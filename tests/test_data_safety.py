@@ -448,8 +448,10 @@ def small_disk(tmp_path):
     64 MiB, as freeing space would."""
     path = tmp_path / "small"
     path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root: no file system here can be filled without filling the machine's")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode:  # only a new file system can be filled without filling the machine's
+        pytest.skip(f"cannot mount a small tmpfs here (mounting needs root): {mounted.stderr.strip()}")
 
     def grow():
         subprocess.run(["mount", "-o", "remount,size=64m", str(path)], check=True)
