@@ -11,6 +11,7 @@ directory (what is left in TMPDIR included) and all the inputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -475,11 +477,15 @@ def outcomes(tmp_path_factory, request) -> dict[str, Outcome]:
     for case in selected:
         (root / "cases" / case.id / "tmp").mkdir(parents=True)
 
+    shared_run = threading.Lock()  # a train or demo in the shared run holds that workdir's lock while it checks
+
     def run(case: Case) -> Outcome:
         cwd = root / "cases" / case.id
         before = snapshot(paths["inputs"], cwd)
+        trains_in_run = case.command.split()[0] in ("train", "demo") and "--workdir {run} " in case.command + " "
         try:
-            result = cli(argv(case.command, paths), cwd)
+            with shared_run if trains_in_run else contextlib.nullcontext():
+                result = cli(argv(case.command, paths), cwd)
             returncode, stderr = result.returncode, result.stderr
         except subprocess.TimeoutExpired:
             returncode, stderr = None, "timed out"
