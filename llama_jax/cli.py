@@ -29,11 +29,16 @@ def _sigterm_unwinds():
     """While active, SIGTERM raises `Terminated` in the main thread instead of ending the process
     on the spot, and Ctrl-C raises KeyboardInterrupt as usual; both are noted first
     (`safe_io.note_signal`: a library that turns them into errors of its own must not have them
-    taken for damaged files). The previous handlers are back afterwards."""
+    taken for damaged files). A signal that arrives while a module is being imported waits until
+    the import is done: an extension module (jaxlib's) whose initialisation is interrupted crashes
+    the interpreter when it is freed. The previous handlers are back afterwards."""
     from llama_jax.safe_io import note_signal
 
     def handle(error_type):
         def raise_noted(signum, frame):
+            if _importing(frame):  # sent again shortly, from another thread (a handler cannot wait)
+                threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+                return
             error = error_type()
             note_signal(error)
             raise error
@@ -53,6 +58,15 @@ def _sigterm_unwinds():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _importing(frame) -> bool:
+    """Whether `frame` runs inside Python's import machinery (a module's body or its loading)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def cmd_presets(args) -> None:
@@ -930,9 +944,21 @@ def main(argv: list[str] | None = None) -> int:
     status = 1
     try:
         status = _run(argv)
-        return status
     finally:
         _NOISE.end(succeeded=status == 0, exiting=argv is None)
+    if argv is None and status in (130, 128 + signal.SIGTERM):
+        _exit_without_teardown(status)
+    return status
+
+
+def _exit_without_teardown(status: int) -> None:
+    """End an interrupted program without the interpreter's teardown. Ctrl-C or SIGTERM can stop
+    the command while XLA still compiles in threads of its own, and the teardown then frees the
+    XLA client under them: a segmentation fault after the "interrupted" line. What the command
+    opened (checkpoint writers, logs, child processes) was closed on its way out."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _run(argv: list[str] | None) -> int:

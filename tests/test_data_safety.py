@@ -551,6 +551,61 @@ def test_a_signal_raised_where_python_cannot_raise_it_still_stops_the_command():
     assert result.stdout.split() == ["stopped", "stopped"] and result.stderr == "", (result.stdout, result.stderr)
 
 
+def test_a_signal_during_an_import_waits_for_the_import(tmp_path):
+    """Ctrl-C during `import jax` crashed the interpreter (jaxlib's extension module, its
+    initialisation interrupted, segfaults when freed). A signal that arrives while a module is
+    being imported is raised once the import is done."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.5)  # the signal arrives here, in the module's body\n"
+        "WHOLE = True\n")
+    script = """if True:
+        import sys, time
+        from llama_jax import cli
+        with cli._sigterm_unwinds():
+            try:
+                import slow_module
+                print("imported whole" if slow_module.WHOLE else "imported in part")
+                time.sleep(30)
+            except KeyboardInterrupt:
+                print("interrupted", "after the import" if "slow_module" in sys.modules else "in the import")
+    """
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert result.stdout.splitlines() == ["imported whole", "interrupted after the import"], result
+
+
+def test_a_program_interrupted_while_xla_compiles_ends_with_its_status():
+    """Ctrl-C or SIGTERM could stop a command while XLA still compiled in threads of its own; the
+    interpreter's teardown then freed the XLA client under them, and the process ended in a
+    segmentation fault or abort after its "interrupted" line. It ends with its status."""
+    script = """if True:
+        import sys, threading, time
+        import jax, jax.numpy as jnp
+        from llama_jax import cli
+
+        def long_to_compile(x):
+            for i in range(400):
+                x = jnp.sin(x @ x.T) + i
+            return x
+
+        def interrupted_while_compiling(args):
+            threading.Thread(target=lambda: jax.jit(long_to_compile)(jnp.ones((64, 64))), daemon=True).start()
+            time.sleep(1)
+            raise {error}
+
+        cli.cmd_presets = interrupted_while_compiling
+        sys.argv = ["llama-jax", "presets"]
+        sys.exit(cli.main())
+    """
+    for error, status, said in (("KeyboardInterrupt", 130, "interrupted"),
+                                ("cli.Terminated", 143, "terminated (SIGTERM)")):
+        result = subprocess.run([sys.executable, "-c", script.format(error=error)], capture_output=True, text=True,
+                                timeout=120, cwd=ROOT)
+        assert (result.returncode, result.stderr) == (status, f"llama-jax presets: {said}\n"), result
+
+
 def test_a_read_interrupted_by_a_signal_is_not_taken_for_damage(pristine_run, monkeypatch):
     """TensorStore reports a read that SIGTERM or Ctrl-C interrupted as a failed read ("Encountered
     error while reading ..."): export said the (intact) checkpoint was damaged. The signal stops
