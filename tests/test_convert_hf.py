@@ -105,6 +105,22 @@ def test_bfloat16_output_and_verify(tmp_path, capsys):
     assert json.loads((tmp_path / "hf2" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+def test_block_transpose_covers_every_element():
+    """The converters transpose weights block by block; the test models are smaller than one block,
+    so uneven edges and casts are checked here against numpy's own transpose."""
+    from ml_dtypes import bfloat16
+
+    from llama_jax.convert.hf import TILE, copy_transposed
+
+    rng = np.random.default_rng(0)
+    for rows, cols in ((TILE * 2 + 3, TILE + 1), (TILE, TILE), (1, TILE * 3 - 1), (5, 2)):
+        src = rng.standard_normal((rows, cols), np.float32)
+        for dtype in (np.float32, bfloat16):
+            out = np.full((cols, rows), np.nan, dtype)
+            copy_transposed(src, out)
+            np.testing.assert_array_equal(out, src.T.astype(dtype))
+
+
 def test_failed_verification_exits_nonzero_and_writes_nothing(tmp_path, capsys, monkeypatch):
     from llama_jax.convert import hf
 
@@ -112,9 +128,10 @@ def test_failed_verification_exits_nonzero_and_writes_nothing(tmp_path, capsys, 
     src = write_hf_dir(tmp_path / "hf", make_hf_model(config_dict), config_dict, "safetensors")
     original = hf.TensorSpec.to_jax
 
-    def wrong_layout(self, w):  # a converter bug: q rows taken in the wrong order
-        out = original(self, w)
-        return out[..., ::-1] if self.hf_name.endswith("q_proj.weight") else out
+    def wrong_layout(self, w, out):  # a converter bug: q rows taken in the wrong order
+        original(self, w, out)
+        if self.hf_name.endswith("q_proj.weight"):
+            out[...] = out[..., ::-1].copy()
 
     monkeypatch.setattr(hf.TensorSpec, "to_jax", wrong_layout)
     assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "jax"), "--verify"]) == 2
