@@ -34,6 +34,8 @@ class TensorSpec:
     def to_jax(self, w: np.ndarray, out: np.ndarray) -> None:
         """Write `w` ([out, in]) into `out` (a C-contiguous array of `jax_shape`), cast to its dtype."""
         if self.linear:
+            if not out.flags.c_contiguous:  # reshaping would copy it, and the copy would be filled
+                raise ValueError(f"{self.hf_name}: the destination array must be C-contiguous")
             copy_transposed(w, out.reshape(self.hf_shape[::-1]))
         else:
             out[...] = w.reshape(self.jax_shape)
