@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 
 
@@ -30,15 +31,24 @@ def _sigterm_unwinds():
     on the spot, and Ctrl-C raises KeyboardInterrupt as usual; both are noted first
     (`safe_io.note_signal`: a library that turns them into errors of its own must not have them
     taken for damaged files). A signal that arrives while a module is being imported waits until
-    the import is done: an extension module (jaxlib's) whose initialisation is interrupted crashes
-    the interpreter when it is freed. The previous handlers are back afterwards."""
+    the import is done, for up to IMPORT_WAIT_S: an extension module (jaxlib's) whose
+    initialisation is interrupted crashes the interpreter when it is freed. The previous handlers
+    are back afterwards."""
     from llama_jax.safe_io import note_signal
+
+    held_since: dict[int, float] = {}  # signal -> when it was first held back for an import
+
+    def send_again(signum):
+        if signum in held_since:  # not raised meanwhile (by a second Ctrl-C after the import)
+            os.kill(os.getpid(), signum)
 
     def handle(error_type):
         def raise_noted(signum, frame):
-            if _importing(frame):  # sent again shortly, from another thread (a handler cannot wait)
-                threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            now = time.monotonic()
+            if _importing(frame) and now - held_since.setdefault(signum, now) < IMPORT_WAIT_S:
+                threading.Timer(0.05, send_again, (signum,)).start()  # a handler cannot wait
                 return
+            held_since.pop(signum, None)
             error = error_type()
             note_signal(error)
             raise error
@@ -58,6 +68,9 @@ def _sigterm_unwinds():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+IMPORT_WAIT_S = 10.0  # longest a signal waits for an import to finish (a hung import still stops)
 
 
 def _importing(frame) -> bool:

@@ -554,26 +554,31 @@ def test_a_signal_raised_where_python_cannot_raise_it_still_stops_the_command():
 def test_a_signal_during_an_import_waits_for_the_import(tmp_path):
     """Ctrl-C during `import jax` crashed the interpreter (jaxlib's extension module, its
     initialisation interrupted, segfaults when freed). A signal that arrives while a module is
-    being imported is raised once the import is done."""
-    (tmp_path / "slow_module.py").write_text(
-        "import os, signal, time\n"
-        "os.kill(os.getpid(), signal.SIGINT)\n"
-        "time.sleep(0.5)  # the signal arrives here, in the module's body\n"
-        "WHOLE = True\n")
+    being imported is raised once the import is done; an import that does not end is interrupted
+    after `IMPORT_WAIT_S`."""
+    for name, seconds in (("slow_module", 0.5), ("hung_module", 60)):
+        (tmp_path / f"{name}.py").write_text(
+            "import os, signal, time\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            f"time.sleep({seconds})  # the signal arrives here, in the module's body\n"
+            "WHOLE = True\n")
     script = """if True:
-        import sys, time
+        import importlib, sys, time
         from llama_jax import cli
-        with cli._sigterm_unwinds():
-            try:
-                import slow_module
-                print("imported whole" if slow_module.WHOLE else "imported in part")
-                time.sleep(30)
-            except KeyboardInterrupt:
-                print("interrupted", "after the import" if "slow_module" in sys.modules else "in the import")
+        cli.IMPORT_WAIT_S = 2.0
+        for name in ("slow_module", "hung_module"):
+            with cli._sigterm_unwinds():
+                try:
+                    module = importlib.import_module(name)
+                    print("imported whole" if module.WHOLE else "imported in part")
+                    time.sleep(60)
+                except KeyboardInterrupt:
+                    print("interrupted", "after the import" if name in sys.modules else "in the import")
     """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT,
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
-    assert result.stdout.splitlines() == ["imported whole", "interrupted after the import"], result
+    assert result.stdout.splitlines() == ["imported whole", "interrupted after the import",
+                                          "interrupted in the import"], result
 
 
 def test_a_program_interrupted_while_xla_compiles_ends_with_its_status():
