@@ -958,6 +958,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = _run(argv)
     finally:
+        if argv is None:  # the command is over: a signal now would only hide how it ended
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
         _NOISE.end(succeeded=status == 0, exiting=argv is None)
     if argv is None and status in (130, 128 + signal.SIGTERM):
         _exit_without_teardown(status)

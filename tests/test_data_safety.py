@@ -611,6 +611,35 @@ def test_a_program_interrupted_while_xla_compiles_ends_with_its_status():
         assert (result.returncode, result.stderr) == (status, f"llama-jax presets: {said}\n"), result
 
 
+def test_a_signal_after_the_command_is_done_does_not_hide_its_outcome():
+    """Ctrl-C or SIGTERM in the interpreter's teardown, after the command had written its result,
+    killed the process (status -2 or -15, no message) or was dropped with a traceback: the
+    caller could not tell the work was complete. Once the command is over, the status is its
+    own."""
+    script = """if True:
+        import atexit, os, signal, sys, time
+        from llama_jax import cli
+
+        def slow_teardown():
+            os.kill(os.getpid(), signal.{signal})
+            time.sleep(0.3)
+            print("teardown finished", flush=True)
+
+        def done(args):
+            atexit.register(slow_teardown)
+            print("result written", flush=True)
+
+        cli.cmd_presets = done
+        sys.argv = ["llama-jax", "presets"]
+        sys.exit(cli.main())
+    """
+    for signame in ("SIGINT", "SIGTERM"):
+        result = subprocess.run([sys.executable, "-c", script.format(signal=signame)], capture_output=True,
+                                text=True, timeout=120, cwd=ROOT)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "result written\nteardown finished\n", ""), \
+            (signame, result)
+
+
 def test_a_read_interrupted_by_a_signal_is_not_taken_for_damage(pristine_run, monkeypatch):
     """TensorStore reports a read that SIGTERM or Ctrl-C interrupted as a failed read ("Encountered
     error while reading ..."): export said the (intact) checkpoint was damaged. The signal stops
