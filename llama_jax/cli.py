@@ -931,6 +931,25 @@ def _error_text(error: BaseException, args) -> str:
     return text
 
 
+def _is_xla_runtime_error(error: BaseException) -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(error, jax.errors.JaxRuntimeError)
+
+
+def _xla_error_text(error: BaseException, args) -> str:
+    """One line for a computation that failed while running: a device error, or in a multi-process
+    run a peer that stopped (XLA repeats its "Error dispatching computation: " prefix per level)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    while message.startswith("Error dispatching computation: "):
+        message = message[len("Error dispatching computation: "):]
+    text = f"the computation failed: {message}"
+    if sys.modules["jax"].process_count() > 1:
+        text += " (in a multi-process run: another process may have stopped first)"
+    if args.command in ("train", "sweep", "demo"):
+        text += "; a run resumes from its last committed checkpoint"
+    return text
+
+
 NOT_EMPTY = {  # argument destinations whose value may not be an empty string -> their names in messages
     "config": "--config", "workdir": "--workdir", "output": "--output", "model": "MODEL", "src": "SRC", "dst": "DST",
     "tokenizer": "--tokenizer", "include_path": "--include-path", "folder": "--folder", "copy_back": "--copy-back",
@@ -962,16 +981,19 @@ def main(argv: list[str] | None = None) -> int:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_IGN)
         _NOISE.end(succeeded=status == 0, exiting=argv is None)
-    if argv is None and status in (130, 128 + signal.SIGTERM):
+    if argv is None and status != 0:
         _exit_without_teardown(status)
     return status
 
 
 def _exit_without_teardown(status: int) -> None:
-    """End an interrupted program without the interpreter's teardown. Ctrl-C or SIGTERM can stop
-    the command while XLA still compiles in threads of its own, and the teardown then frees the
-    XLA client under them: a segmentation fault after the "interrupted" line. What the command
-    opened (checkpoint writers, logs, child processes) was closed on its way out."""
+    """End a failed or interrupted program without the interpreter's teardown. Ctrl-C or SIGTERM
+    can stop the command while XLA still compiles in threads of its own, and the teardown then
+    frees the XLA client under them (a segmentation fault after the "interrupted" line); in a
+    multi-process run, the teardown waits in JAX's shutdown barrier for processes that are gone,
+    then aborts (60-100 s later, with pages of C++ logs). What the command opened (checkpoint
+    writers, logs, child processes) was closed on its way out."""
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
@@ -996,6 +1018,11 @@ def _run(argv: list[str] | None) -> int:
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data inspect"
         print(f"llama-jax {command}: error: {_error_text(e, args)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not _is_xla_runtime_error(e):  # anything else is a bug: its traceback is wanted
+            raise
+        print(f"llama-jax {args.command}: error: {_xla_error_text(e, args)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
         return 130

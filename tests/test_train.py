@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -264,6 +265,37 @@ def test_two_processes_match_one(tmp_path):
     single = [json.loads(line)["loss"] for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert len(multi) == 4
     np.testing.assert_allclose(multi, single, rtol=1e-5)
+
+
+def test_a_process_that_loses_its_peer_stops_at_once_with_one_line(tmp_path):
+    """Two processes train; one is killed. The other got XLA's error as an uncaught traceback,
+    then waited in JAX's shutdown barrier for the dead process and aborted 60-100 s later with
+    pages of C++ logs. It now says what failed in one line and exits at once."""
+    run = tmp_path / "run"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir", str(run),
+           "--config.train.steps=2000", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.1)
+        assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+        procs[1].kill()
+        _, err = procs[0].communicate(timeout=45)  # the barrier held it for at least 60 s
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("llama-jax train: error: the computation failed: ") and last.endswith(
+        "(in a multi-process run: another process may have stopped first); a run resumes from its last "
+        "committed checkpoint"), err[-3000:]
 
 
 @dataclasses.dataclass(frozen=True)
