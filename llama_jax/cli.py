@@ -943,7 +943,7 @@ def _xla_error_text(error: BaseException, args) -> str:
     while message.startswith("Error dispatching computation: "):
         message = message[len("Error dispatching computation: "):]
     text = f"the computation failed: {message}"
-    if sys.modules["jax"].process_count() > 1:
+    if sys.modules["jax"].distributed.is_initialized():
         text += " (in a multi-process run: another process may have stopped first)"
     if args.command in ("train", "sweep", "demo"):
         text += "; a run resumes from its last committed checkpoint"
