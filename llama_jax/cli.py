@@ -931,9 +931,17 @@ def _error_text(error: BaseException, args) -> str:
     return text
 
 
+XLA_STATUSES = ("UNKNOWN: ", "INTERNAL: ", "UNAVAILABLE: ", "ABORTED: ", "DEADLINE_EXCEEDED: ")
+
+
 def _is_xla_runtime_error(error: BaseException) -> bool:
+    """A computation that failed while running. JAX raises most as JaxRuntimeError; a collective
+    that loses a peer process can also come as a ValueError carrying XLA's status code."""
     jax = sys.modules.get("jax")
-    return jax is not None and isinstance(error, jax.errors.JaxRuntimeError)
+    if jax is None:
+        return False
+    return isinstance(error, jax.errors.JaxRuntimeError) or (
+        isinstance(error, ValueError) and jax.distributed.is_initialized() and str(error).startswith(XLA_STATUSES))
 
 
 def _xla_error_text(error: BaseException, args) -> str:
@@ -1014,15 +1022,15 @@ def _run(argv: list[str] | None) -> int:
     except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 0
-    except (UserError, ValueError, OSError) as e:  # OSError: paths that cannot be read or written
+    except (UserError, ValueError, OSError, RuntimeError) as e:  # OSError: paths that cannot be read or written
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data inspect"
+        if _is_xla_runtime_error(e):
+            print(f"llama-jax {command}: error: {_xla_error_text(e, args)}", file=sys.stderr)
+            return 1
+        if isinstance(e, RuntimeError):  # any other is a bug: its traceback is wanted
+            raise
         print(f"llama-jax {command}: error: {_error_text(e, args)}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        if not _is_xla_runtime_error(e):  # anything else is a bug: its traceback is wanted
-            raise
-        print(f"llama-jax {args.command}: error: {_xla_error_text(e, args)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -267,22 +267,32 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(multi, single, rtol=1e-5)
 
 
-def test_a_process_that_loses_its_peer_stops_at_once_with_one_line(tmp_path):
-    """Two processes train; one is killed. The other got XLA's error as an uncaught traceback,
-    then waited in JAX's shutdown barrier for the dead process and aborted 60-100 s later with
-    pages of C++ logs. It now says what failed in one line and exits at once."""
+@pytest.mark.parametrize("moment", ["training", "saving"])
+def test_a_process_that_loses_its_peer_stops_at_once_with_one_line(tmp_path, moment):
+    """Two processes train; one is killed, in a step or while a checkpoint is being written. The
+    other got XLA's error as an uncaught traceback (or, in Orbax's save, as a ValueError), then
+    waited in JAX's shutdown barrier for the dead process and aborted 60-100 s later with pages of
+    C++ logs. It now says what failed in one line and exits at once."""
     run = tmp_path / "run"
     port = _free_port()
     cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir", str(run),
-           "--config.train.steps=2000", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+           "--config.train.steps=2000", "--config.checkpoint.every=20", "--coordinator", f"127.0.0.1:{port}",
+           "--num-processes", "2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
+
+    def reached() -> bool:
+        if moment == "training":
+            return (run / "metrics.jsonl").exists()
+        checkpoints = run / "checkpoints"
+        return checkpoints.is_dir() and any("tmp" in p.name for p in checkpoints.iterdir())
+
     procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         deadline = time.monotonic() + 240
-        while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline and procs[0].poll() is None:
-            time.sleep(0.1)
+        while not reached() and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.005)
         assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
         procs[1].kill()
         _, err = procs[0].communicate(timeout=45)  # the barrier held it for at least 60 s
