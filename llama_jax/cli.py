@@ -38,15 +38,12 @@ def _sigterm_unwinds():
 
     held_since: dict[int, float] = {}  # signal -> when it was first held back for an import
 
-    def send_again(signum):
-        if signum in held_since:  # not raised meanwhile (by a second Ctrl-C after the import)
-            os.kill(os.getpid(), signum)
-
     def handle(error_type):
         def raise_noted(signum, frame):
             now = time.monotonic()
             if _importing(frame) and now - held_since.setdefault(signum, now) < IMPORT_WAIT_S:
-                threading.Timer(0.05, send_again, (signum,)).start()  # a handler cannot wait
+                # unless raised meanwhile (by a second Ctrl-C after the import)
+                _signal_again(signum, after=0.05, unless=lambda: signum not in held_since)
                 return
             held_since.pop(signum, None)
             error = error_type()
@@ -71,6 +68,16 @@ def _sigterm_unwinds():
 
 
 IMPORT_WAIT_S = 10.0  # longest a signal waits for an import to finish (a hung import still stops)
+
+
+def _signal_again(signum: int, after: float, unless=lambda: False) -> None:
+    """Send `signum` to this process `after` seconds from now, from a timer thread: where the
+    signal was caught (a handler, an unraisable-exception hook) it can neither wait nor be raised
+    again. Nothing is sent if `unless()` is true by then."""
+    def send():
+        if not unless():
+            os.kill(os.getpid(), signum)
+    threading.Timer(after, send).start()
 
 
 def _importing(frame) -> bool:
@@ -900,8 +907,8 @@ class _LibraryNoise:
             signal is sent again, to be raised where the command is."""
             signum = signal.SIGINT if isinstance(error, KeyboardInterrupt) else \
                 signal.SIGTERM if isinstance(error, Terminated) else None
-            if signum is not None:  # from another thread: here, inside this hook, it would be dropped again
-                threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+            if signum is not None:
+                _signal_again(signum, after=0.01)
             return signum is not None
 
         excepthook, unraisablehook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
@@ -912,6 +919,10 @@ class _LibraryNoise:
 
 
 _NOISE = _LibraryNoise()
+
+
+RUN_COMMANDS = ("train", "sweep", "demo")  # commands that train runs, which a rerun resumes
+RESUMES = "a run resumes from its last committed checkpoint"
 
 
 def _is_disk_full(error: BaseException) -> bool:
@@ -926,9 +937,7 @@ def _error_text(error: BaseException, args) -> str:
     where = next((getattr(args, k) for k in ("dst", "output", "workdir") if getattr(args, k, None)), None)
     text = "no space left on the device" + (f" holding {where}" if where else "")
     text += "; free some space and run the command again"
-    if args.command in ("train", "sweep", "demo"):
-        text += ": a run resumes from its last committed checkpoint"
-    return text
+    return text + (f": {RESUMES}" if args.command in RUN_COMMANDS else "")
 
 
 XLA_STATUSES = ("UNKNOWN: ", "INTERNAL: ", "UNAVAILABLE: ", "ABORTED: ", "DEADLINE_EXCEEDED: ")
@@ -947,15 +956,14 @@ def _is_xla_runtime_error(error: BaseException) -> bool:
 def _xla_error_text(error: BaseException, args) -> str:
     """One line for a computation that failed while running: a device error, or in a multi-process
     run a peer that stopped (XLA repeats its "Error dispatching computation: " prefix per level)."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raw = str(error).strip()
+    message = raw.splitlines()[0] if raw else type(error).__name__
     while message.startswith("Error dispatching computation: "):
         message = message[len("Error dispatching computation: "):]
     text = f"the computation failed: {message}"
     if sys.modules["jax"].distributed.is_initialized():
         text += " (in a multi-process run: another process may have stopped first)"
-    if args.command in ("train", "sweep", "demo"):
-        text += "; a run resumes from its last committed checkpoint"
-    return text
+    return text + (f"; {RESUMES}" if args.command in RUN_COMMANDS else "")
 
 
 NOT_EMPTY = {  # argument destinations whose value may not be an empty string -> their names in messages
