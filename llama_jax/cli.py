@@ -310,13 +310,18 @@ def cmd_train(args) -> None:
 
     _init_distributed(args)
     result = train_and_evaluate(config, args.workdir, resume_from=args.resume_from)
+    import jax
+
+    # only process 0 writes the run's metrics; the others say so rather than name a file they did not write
+    metrics = (f"metrics in {args.workdir}/metrics.jsonl" if jax.process_index() == 0 else
+               f"process {jax.process_index()}; process 0 writes {args.workdir}/metrics.jsonl")
     last = next((r for r in reversed(result.logged) if "loss" in r), None)
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_second']:,.0f} tokens/s, "
-              f"MFU {last['mfu']:.1%}; metrics in {args.workdir}/metrics.jsonl")
+              f"MFU {last['mfu']:.1%}; {metrics}")
     elif not result.preempted and result.final_step == config.train.steps:
         print(f"{args.workdir} already holds step {result.final_step} of train.steps={config.train.steps}: nothing "
-              f"left to train (a larger train.steps continues it); metrics in {args.workdir}/metrics.jsonl")
+              f"left to train (a larger train.steps continues it); {metrics}")
 
 
 def cmd_export(args) -> None:

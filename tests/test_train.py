@@ -260,6 +260,9 @@ def test_two_processes_match_one(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+    # each process ends with the run's last step; only process 0 names the metrics file as its own
+    assert outs[0][0].splitlines()[-1].endswith(f"metrics in {tmp_path / 'multi'}/metrics.jsonl"), outs[0][0]
+    assert outs[1][0].splitlines()[-1].endswith(f"process 1; process 0 writes {tmp_path / 'multi'}/metrics.jsonl")
     assert main(["train", *args, "--workdir", str(tmp_path / "single")]) == 0
     multi = [json.loads(line)["loss"] for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     single = [json.loads(line)["loss"] for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
