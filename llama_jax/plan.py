@@ -2,7 +2,9 @@
 
 Nothing is allocated: the state and batch are abstract arrays carrying their shardings, and the
 step is lowered and compiled for the mesh the config asks for (virtual CPU devices will do), so
-a config that will not fit is caught before paying for accelerators.
+a config that will not fit is caught before paying for accelerators. The step is compiled as one
+program, as GPU and TPU run it; a run on CPU splits it into two (`Trainer.step`), so on CPU
+devices the figures describe the accelerator's program rather than the CPU run's.
 """
 
 from __future__ import annotations
