@@ -60,6 +60,11 @@ class RopeScaling:
         unknown = sorted(set(d) - fields)
         if unknown and rope_type in ROPE_TYPES:
             raise ValueError(f"rope_scaling: unknown key(s) {unknown}; valid: {sorted(fields)}")
+        # a file gives every value its type uses: none is taken from the LLaMA-3.1 defaults above
+        missing = sorted((fields if rope_type == "llama3" else {"factor"}) - set(d)) if rope_type in ROPE_TYPES else []
+        if missing:
+            raise ValueError(f"rope_scaling of type {rope_type!r} without {', '.join(missing)}; "
+                             f"it needs {', '.join(sorted(fields) if rope_type == 'llama3' else ['factor'])}")
         return cls(rope_type=rope_type, **{k: v for k, v in d.items() if k in fields})
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 import math
 import os
 import sys
@@ -134,7 +135,10 @@ def _import_tensorboardx():
     if hide_torch:
         sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
     try:
-        return importlib.import_module("tensorboardX")
+        module = importlib.import_module("tensorboardX")
+        # it warns of every NaN scalar it writes; the run's own line says when a step was not finite
+        logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+        return module
     except ImportError:
         return None
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_jax.metrics import last_per_step, read_metrics
+from llama_jax.safe_io import holds_lock
 
 COLUMNS = ("status", "steps", "final_eval_loss", "best_eval_loss", "final_train_loss", "tokens_per_second")
 
@@ -35,16 +36,30 @@ def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]
     committed = _json(directory / "progress.json").get("committed_step")
     target = _json(directory / "config.json").get("train", {}).get("steps")
     steps = max([s for s, _ in train] + [committed or 0])
-    objective_values = evals if objective == "eval_loss" else train
     return {
         "steps": steps,
         "complete": isinstance(target, int) and isinstance(committed, int) and committed >= target,
-        "final_eval_loss": evals[-1][1] if evals else None,
+        "final_eval_loss": _last(records, "eval_loss"),
         "best_eval_loss": min(v for _, v in evals) if evals else None,
-        "final_train_loss": train[-1][1] if train else None,
+        "final_train_loss": _last(records, "loss"),
         "tokens_per_second": speed[-1][1] if speed else None,
-        "final": objective_values[-1][1] if objective_values else None,
+        "final": _last(records, objective),
     }
+
+
+def _last(records: list[dict], key: str) -> float | None:
+    """`key` of the last record holding it: NaN where that record has null (the run logged a
+    non-finite value, e.g. on a step `train.on_nonfinite=skip` passed over); None if none has it."""
+    held = [r[key] for r in records if key in r]
+    if not held:
+        return None
+    return held[-1] if isinstance(held[-1], (int, float)) else math.nan
+
+
+def finished_status(outcome: dict) -> str:
+    """A complete run's status: `diverged` where its objective ended non-finite, else `done`."""
+    final = outcome["final"]
+    return "diverged" if final is not None and not math.isfinite(final) else "done"
 
 
 def collect(workdir: Path) -> tuple[list[str], list[dict[str, Any]]]:
@@ -54,6 +69,7 @@ def collect(workdir: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
     spec = _json(workdir / SPEC_FILE)
     keys = list(spec.get("axes", {}))
+    sweep_running = holds_lock(workdir)
     try:
         objective = objective_key(load_config(spec["config"], spec.get("overrides", [])))
     except (KeyError, ValueError):
@@ -64,7 +80,9 @@ def collect(workdir: Path) -> tuple[list[str], list[dict[str, Any]]]:
         outcome = run_outcome(directory, objective)
         status = trial.get("status", "unknown")
         if status in ("running", "submitted") and outcome["complete"]:
-            status = "done"  # finished since the sweep last looked (or on a cluster)
+            status = finished_status(outcome)  # finished since the sweep last looked (or on a cluster)
+        elif status == "running" and not sweep_running:
+            status = "interrupted"  # its sweep was killed before it could say so; a re-run resumes it
         row = {"run": directory.name, **{k: trial.get("overrides", {}).get(k) for k in keys}, "status": status}
         row.update({k: outcome[k] for k in COLUMNS[1:]})
         row["objective"] = outcome["final"]

@@ -152,6 +152,24 @@ class DirectoryLock:
             self._fd = None
 
 
+def holds_lock(directory: str | os.PathLike) -> bool:
+    """Whether a process holds `directory`'s DirectoryLock now. The probe takes a shared lock and
+    drops it at once: a holder starting in that instant is told the directory is in use."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no flock on this file system
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary sibling of `path` to write; when the block ends without an error it replaces

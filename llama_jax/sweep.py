@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -38,7 +39,8 @@ TRIAL_FILE = "trial.json"  # in each trial's directory: its overrides and status
 LOG_FILE = "train.log"  # the trial process's output
 STUDY_FILE = "optuna.db"  # the Optuna study (SQLite), for resuming and for optuna-dashboard
 DATA_DIR = "data"  # a raw source prepared once for all trials
-FINISHED = ("done", "pruned")  # statuses a re-run skips
+FINISHED = ("done", "diverged", "pruned")  # statuses a re-run skips
+MAX_TRIALS = 10_000  # more is a mistake in the axes (a sweep lists its trials before it starts)
 
 
 class SweepError(ValueError):
@@ -59,6 +61,14 @@ class Grid:
 
     def suggest(self, trial, key: str) -> Any:
         return trial.suggest_categorical(key, list(self.values))
+
+    def label(self, value: Any) -> str:
+        """`value` as a trial's directory name writes it: floats to 4 significant digits, or to
+        every digit when 4 would write two of this axis's values alike."""
+        if not isinstance(value, float):
+            return str(value)
+        short = [f"{v:.4g}" for v in self.values if isinstance(v, float)]
+        return repr(value) if len(set(short)) < len(short) else f"{value:.4g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +138,9 @@ def _checked(kind: str, args: tuple) -> Space:
     if kind in ("grid", "choice"):
         if not args:
             raise SweepError(f"{kind}: no values, so the sweep would be empty; give at least one value")
+        for i, value in enumerate(args):
+            if any(type(value) is type(other) and value == other for other in args[:i]):
+                raise SweepError(f"{kind}: {value!r} is listed twice; give each value once")
         return Grid(tuple(args))
     if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
         raise SweepError(f"{kind}{args}: needs two numbers, low and high")
@@ -210,12 +223,18 @@ def _declared_axes(config_path: str) -> dict[str, Space]:
         raise SweepError(f"{config_path}: get_sweep() must return a dict of config key -> values or space")
     axes = {}
     for key, space in declared.items():
-        if isinstance(space, (list, tuple)):
-            space = grid(*space)
-        elif isinstance(space, str):
-            space = parse_axis(f"{key}={space}")[1]
-        elif not isinstance(space, (Grid, Uniform, LogUniform, IntRange)):
-            raise SweepError(f"{config_path}: get_sweep()[{key!r}] must be a list or a llama_jax.sweep space")
+        if not isinstance(key, str) or not key:
+            raise SweepError(f"{config_path}: get_sweep() has the key {key!r}; its keys are config keys such as "
+                             f"'optimizer.lr'")
+        try:
+            if isinstance(space, (list, tuple)):
+                space = grid(*space)
+            elif isinstance(space, str):
+                space = parse_axis(f"{key}={space}")[1]
+            elif not isinstance(space, (Grid, Uniform, LogUniform, IntRange)):
+                raise SweepError("must be a list or a llama_jax.sweep space")
+        except SweepError as e:
+            raise SweepError(f"{config_path}: get_sweep()[{key!r}]: {str(e).replace('--sweep ', '')}") from None
         axes[key] = space
     return axes
 
@@ -233,6 +252,7 @@ class SweepSpec:
     search: str
     trials: int | None
     seed: int
+    config_sha256: str = ""  # of the config file's settings, so that an edited file is noticed
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -243,16 +263,32 @@ class Trial:
     number: int
     overrides: dict[str, Any]
 
-    def name(self, axes: Sequence[str], numbered: bool) -> str:
+    def name(self, axes: dict[str, Space], numbered: bool) -> str:
         """The trial's directory: its swept values, e.g. `lr=0.003,seed=1` (numbered for random searches)."""
         shorts = [key.rsplit(".", 1)[-1] for key in axes]
         labels = [short if shorts.count(short) == 1 else key for key, short in zip(axes, shorts)]
-        parts = [f"{label}={_short(self.overrides[key])}" for label, key in zip(labels, axes)]
+        parts = [f"{label}={_short(self.overrides[key], space)}" for label, (key, space) in zip(labels, axes.items())]
         return ",".join(([f"t{self.number:03d}"] if numbered else []) + parts).replace("/", "_")
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, space: Space) -> str:
+    if isinstance(space, Grid):
+        return space.label(value)
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def check_names(trials: Sequence[Trial], axes: dict[str, Space], numbered: bool) -> None:
+    """SweepError unless every trial has a directory name of its own that the file system takes."""
+    seen: dict[str, Trial] = {}
+    for trial in trials:
+        name = trial.name(axes, numbered)
+        if len(name.encode()) > 255:
+            raise SweepError(f"trial {trial.number}'s directory name ({name[:40]}...) would be {len(name.encode())} "
+                             f"bytes, over the 255 a file name may have; sweep shorter values")
+        if name in seen:
+            raise SweepError(f"trials {seen[name].overrides} and {trial.overrides} would share the directory "
+                             f"{name!r}; give values whose names differ")
+        seen[name] = trial
 
 
 def override_text(key: str, value: Any) -> str:
@@ -265,6 +301,10 @@ def grid_trials(axes: dict[str, Space]) -> list[Trial]:
         if not isinstance(space, Grid):
             raise SweepError(f"--search grid needs value lists, but {key} is {space}; use --search random or "
                              f"optuna with --trials N")
+    count = math.prod(len(space.values) for space in axes.values())
+    if count > MAX_TRIALS:
+        raise SweepError(f"the grid has {count:,} trials, over the {MAX_TRIALS:,} a sweep takes; sweep fewer values "
+                         f"or use --search random or optuna with --trials N")
     product = itertools.product(*(space.values for space in axes.values()))
     return [Trial(i, dict(zip(axes, values))) for i, values in enumerate(product)]
 
@@ -298,7 +338,7 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
             check_config(config)
             check_run_settings(config)
         except ValueError as e:
-            raise SweepError(f"trial {trial.name(list(axes), numbered=False)}: {e}") from None
+            raise SweepError(f"trial {trial.name(axes, numbered=False)}: {e}") from None
 
 
 # ---- running trials ----------------------------------------------------------------------------
@@ -421,7 +461,7 @@ class Sweep:
         self.data = shared_data(self.config, axes, workdir)
 
     def directory(self, trial: Trial) -> Path:
-        return self.workdir / trial.name(list(self.axes), self.numbered)
+        return self.workdir / trial.name(self.axes, self.numbered)
 
     def run(self, trials: Iterator[Trial], study=None) -> None:
         """Start trials as slots free up until `trials` is exhausted and all have finished."""
@@ -457,10 +497,10 @@ class Sweep:
 
         directory = self.directory(trial)
         directory.mkdir(parents=True, exist_ok=True)
-        env = None
+        env = dict(os.environ, PYTHONUNBUFFERED="1")  # train.log follows the run line by line
         if self.devices_per_run is not None:
             ids = list(range(slot * self.devices_per_run, (slot + 1) * self.devices_per_run))
-            env = subset_env(self.platform, ids, slot)
+            env = subset_env(self.platform, ids, slot, env)
         started = time.time()
         write_trial(directory, trial, "running", started=started)
         self.out(f"[{trial.number}] started {directory.name}")
@@ -485,23 +525,35 @@ class Sweep:
             active.process.send_signal(signal.SIGTERM)  # the run saves its step and exits
 
     def _finish(self, active: Running, study) -> None:
-        from llama_jax.results import run_outcome
+        from llama_jax.results import finished_status, run_outcome
 
         outcome = run_outcome(active.directory, self.objective)
         if active.pruned:
             status = "pruned"
         elif active.process.returncode == 0:
-            status = "done" if outcome["complete"] else "interrupted"
+            status = finished_status(outcome) if outcome["complete"] else "interrupted"
         else:
             status = "failed"
         extra = {"started": active.started, "ended": time.time()}
         if status == "failed":
-            extra["error"] = last_error_line(active.directory / LOG_FILE)
+            extra["error"] = killed_by(active.process.returncode) or last_error_line(active.directory / LOG_FILE)
         write_trial(active.directory, active.trial, status, **extra)
         self.out(f"[{active.trial.number}] {status} {active.directory.name}"
                  + (f": {extra['error']}" if status == "failed" else ""))
         if study is not None:
             tell(study, active.optuna_trial, status, outcome["final"])
+
+
+def killed_by(returncode: int) -> str | None:
+    """What ended a process that a signal killed (a negative return code), else None."""
+    if returncode >= 0:
+        return None
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}" + (" (the system's out-of-memory killer sends it, as does kill -9)"
+                                  if -returncode == signal.SIGKILL else "")
 
 
 def last_error_line(log: Path) -> str:
@@ -530,9 +582,13 @@ def open_study(workdir: Path, seed: int):
     optuna = _import_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{workdir / STUDY_FILE}"
-    return optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize", load_if_exists=True,
-                               sampler=optuna.samplers.TPESampler(seed=seed),
-                               pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    study = optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    if study.trials:  # resumed: a sampler seeded as before would propose its first points again
+        resumed_seed = int(np.random.SeedSequence([seed, len(study.trials)]).generate_state(1)[0])
+        study.sampler = optuna.samplers.TPESampler(seed=resumed_seed)
+    return study
 
 
 def optuna_trials(study, axes: dict[str, Space], n: int) -> Iterator[Trial]:
@@ -575,38 +631,60 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
     load_config(config, list(overrides))  # the config file and base overrides, one line if wrong
     if search not in SEARCHES:
         raise SweepError(f"--search {search!r}; valid: {', '.join(SEARCHES)}")
-    if search != "grid" and (trials is None or trials < 1):
-        raise SweepError(f"--search {search} needs --trials N (N >= 1)")
+    if search != "grid" and (trials is None or trials < 1 or trials > MAX_TRIALS):
+        raise SweepError(f"--search {search} needs --trials N (1 <= N <= {MAX_TRIALS:,})")
     if search == "optuna":
         _import_optuna()
     axes = axes_from(config, axis_texts)
+    workdir = Path(workdir).absolute()
+    saved = saved_spec(workdir)
+    if set(saved.get("axes", ())) == set(axes):  # the order its trials were named and drawn in
+        axes = {key: axes[key] for key in saved["axes"]}
+    settings = load_config(config).to_json_best_effort(sort_keys=True)
     spec = SweepSpec(str(Path(config).absolute()), tuple(overrides), {k: repr(v) for k, v in axes.items()},
-                     search, trials if search != "grid" else None, seed)
+                     search, trials if search != "grid" else None, seed, hashlib.sha256(settings.encode()).hexdigest())
     listed = grid_trials(axes) if search == "grid" else random_trials(axes, trials, seed) if search == "random" \
         else []
+    check_names(listed, axes, numbered=search != "grid")
     check_overrides(spec, listed, axes)
-    check_workdir(Path(workdir).absolute(), spec)
+    check_workdir(workdir, spec, saved)
     return spec, axes, listed
 
 
-def check_workdir(workdir: Path, spec: SweepSpec) -> None:
-    """SweepError unless `workdir` is new, empty, or holds this same sweep."""
+def saved_spec(workdir: Path) -> dict:
+    """The sweep.json of `workdir` ({} if it has none)."""
+    path = workdir / SPEC_FILE
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("axes"), dict):
+        raise SweepError(f"{path} is damaged (not a sweep's JSON); use another --workdir")
+    return saved
+
+
+_SPEC_FIELDS = {"config_sha256": "config file's settings"}  # how a changed field is named
+
+
+def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
+    """SweepError unless `workdir` is new, empty, holds this same sweep (`saved`, its sweep.json), or
+    holds a sweep none of whose trials has started (a sweep that stopped at a check or while
+    preparing its data may be given again with other arguments)."""
     from llama_jax.safe_io import check_writable
 
     if workdir.exists() and not workdir.is_dir():
         raise SweepError(f"--workdir {workdir} is a file, not a directory")
     check_writable(workdir, "--workdir", into=True)
-    saved = workdir / SPEC_FILE
-    if saved.is_file():
-        try:
-            previous = json.loads(saved.read_text())
-        except ValueError:
-            raise SweepError(f"{saved} is damaged (not JSON); use another --workdir") from None
+    if saved:
         mine = json.loads(spec.to_json())
-        changed = sorted(k for k in mine if previous.get(k) != mine[k])
-        if changed:
-            raise SweepError(f"{workdir} holds a different sweep (its {', '.join(changed)} differ); re-run it with "
-                             f"the same arguments or use another --workdir")
+        # a field this version adds is compared only where the sweep recorded it
+        changed = sorted(k for k in mine if saved.get(k) != mine[k] and (k in saved or k not in _SPEC_FIELDS))
+        if changed and any(workdir.glob(f"*/{TRIAL_FILE}")):
+            what = ", ".join(_SPEC_FIELDS.get(k, k) for k in changed)
+            raise SweepError(f"{workdir} holds a different sweep (its {what} differ); re-run it with the same "
+                             f"arguments and config file, or use another --workdir")
     elif workdir.is_dir() and any(workdir.iterdir()):
         raise SweepError(f"--workdir {workdir} is not empty and holds no sweep ({SPEC_FILE}); use a new directory")
 
@@ -651,8 +729,8 @@ def describe(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os
         space = ", ".join(f"{k}={v}" for k, v in spec.axes.items())
         return lines + [f"optuna: {spec.trials} trials chosen by TPE over {space}, pruned by the median rule; "
                         f"study in {workdir / STUDY_FILE}"]
-    commands = {t.name(list(axes), numbered): trial_command(spec, t, workdir / t.name(list(axes), numbered),
-                                                            ["llama-jax"], data) for t in listed}
+    commands = {t.name(axes, numbered): trial_command(spec, t, workdir / t.name(axes, numbered), ["llama-jax"], data)
+                for t in listed}
     return lines + [f"{name}: {shlex.join(command)}" for name, command in commands.items()]
 
 
@@ -670,21 +748,39 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
                          "ones before it, so it runs trials itself: use --on local)")
     workdir = Path(workdir).absolute()
     numbered = spec.search != "grid"
-    todo = [t for t in listed if read_trial(workdir / t.name(list(axes), numbered)).get("status") not in FINISHED]
+    todo, queued = unfinished_on_slurm(listed, {t.number: workdir / t.name(axes, numbered) for t in listed})
+    waiting = f"; {len(queued)} trial(s) still queued or running (jobs {', '.join(queued)}) are not submitted " \
+              f"again" if queued else ""
     if not todo:
-        return f"every trial of {workdir} has finished; llama-jax sweep --workdir {workdir} --report"
-    commands = [trial_command(spec, t, workdir / t.name(list(axes), numbered)) for t in todo]
+        return f"every trial of {workdir} has finished or is queued{waiting}; llama-jax sweep --workdir " \
+               f"{workdir} --report collects the results"
+    commands = [trial_command(spec, t, workdir / t.name(axes, numbered)) for t in todo]
     if dry_run:  # rendered in a scratch folder, shown with the folder a submission would use
         with tempfile.TemporaryDirectory() as folder:
             script = Path(slurm.submit_array(commands, folder, dry_run=True, **job)[0]).read_text()
         script = script.replace(folder, str(workdir / "slurm"))
         return f"# the sbatch script of {len(commands)} trial(s) (not submitted)\n{script}"
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / SPEC_FILE).write_text(spec.to_json())
     job_ids = slurm.submit_array(commands, workdir / "slurm", **job)
+    (workdir / SPEC_FILE).write_text(spec.to_json())
     for trial, job_id in zip(todo, job_ids):
-        directory = workdir / trial.name(list(axes), numbered)
+        directory = workdir / trial.name(axes, numbered)
         directory.mkdir(exist_ok=True)
         write_trial(directory, trial, "submitted", job=job_id)
-    return (f"submitted {len(job_ids)} trial(s) as SLURM job array {job_ids[0].split('_')[0]}; "
+    return (f"submitted {len(job_ids)} trial(s) as SLURM job array {job_ids[0].split('_')[0]}{waiting}; "
             f"llama-jax sweep --workdir {workdir} --report collects the results")
+
+
+def unfinished_on_slurm(listed: list[Trial], directories: dict[int, Path]) -> tuple[list[Trial], list[str]]:
+    """(the trials to submit, the job ids of trials submitted earlier that SLURM still holds): a
+    trial submitted before is submitted again only once its job has left the queue unfinished."""
+    from llama_jax.launch import slurm
+    from llama_jax.results import run_outcome
+
+    records = {t.number: read_trial(directories[t.number]) for t in listed}
+    todo = [t for t in listed if records[t.number].get("status") not in FINISHED
+            and not (records[t.number].get("status") == "submitted" and run_outcome(directories[t.number])["complete"])]
+    jobs = {t.number: records[t.number]["job"] for t in todo
+            if records[t.number].get("status") == "submitted" and isinstance(records[t.number].get("job"), str)}
+    queued = slurm.queued_or_running(list(jobs.values())) if jobs else set()
+    return [t for t in todo if jobs.get(t.number) not in queued], sorted(queued)

@@ -14,6 +14,8 @@ from tests.reference import hf_config_dict
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 NAN, INF = float("nan"), float("inf")
+LLAMA31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=8192)
 
 # Parameter counts as published (model cards, papers, `sum(p.numel())` of the released weights).
 PUBLISHED_PARAM_COUNTS = {
@@ -77,10 +79,10 @@ def test_llama3_presets_carry_rope_scaling():
     (dict(norm_eps=NAN), "norm_eps must be a finite number, got nan"),
     (dict(rope_theta=-INF), "rope_theta must be a finite number, got -inf"),
     (dict(rope_theta="1e4"), "rope_theta must be a finite number, got '1e4'"),
-    (dict(rope_scaling=dict(rope_type="llama3", factor=NAN)), "rope_scaling.factor must be a finite number, got nan"),
+    (dict(rope_scaling={**LLAMA31, "factor": NAN}), "rope_scaling.factor must be a finite number, got nan"),
     (dict(rope_scaling=dict(rope_type="linear", factor=INF)), "rope_scaling.factor must be a finite number, got inf"),
-    (dict(rope_scaling=dict(rope_type="llama3", low_freq_factor=NAN)), "rope_scaling.low_freq_factor must be a finite"),
-    (dict(rope_scaling=dict(rope_type="llama3", high_freq_factor=INF)), "rope_scaling.high_freq_factor must be a fin"),
+    (dict(rope_scaling={**LLAMA31, "low_freq_factor": NAN}), "rope_scaling.low_freq_factor must be a finite"),
+    (dict(rope_scaling={**LLAMA31, "high_freq_factor": INF}), "rope_scaling.high_freq_factor must be a fin"),
 ])
 def test_invalid_config_names_the_field(changes, field):
     base = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, ffn_dim=128)
@@ -125,6 +127,20 @@ def test_hf_config_llama3_scaling_values():
     cfg = LLaMAConfig.from_hf(hf_config_dict("gqa_llama3", "v5"))
     assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 64)
     assert cfg.rope_theta == 500000.0
+
+
+@pytest.mark.parametrize("scaling, missing", [
+    ({"rope_type": "linear"}, "factor"),
+    ({"type": "linear"}, "factor"),
+    ({"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0}, "high_freq_factor, low_freq_factor, "
+                                                                 "original_max_position_embeddings"),
+])
+def test_an_incomplete_rope_scaling_is_refused(scaling, missing):
+    """transformers refuses these too; filling the gaps with LLaMA-3.1's values would change the model."""
+    hf = {**hf_config_dict("gqa_llama3", "v4"), "rope_scaling": scaling}
+    with pytest.raises(ValueError, match=f"rope_scaling of type '{scaling.get('rope_type', 'linear')}' without "
+                                         f"{missing}; it needs"):
+        LLaMAConfig.from_hf(hf)
 
 
 def test_hf_config_defaults_kv_heads_to_heads():

@@ -90,6 +90,23 @@ def test_jax_to_hf_loads_in_transformers(tmp_path, variant, capsys):
     assert (out / "tokenizer.model").is_file()
 
 
+def test_hf_config_names_the_tokenizers_special_ids(tmp_path):
+    """A LLaMA-3 tokenizer's ids are not transformers' defaults (1 and 2): config.json carries them."""
+    import llama_jax
+    from llama_jax import LLaMAConfig
+    from llama_jax.tokenizer import load_tokenizer
+    from tests.test_tokenizer import _tiktoken_file, _toy_ranks
+
+    (tmp_path / "tokenizer.model").write_bytes(_tiktoken_file(_toy_ranks()))
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.model")
+    cfg = LLaMAConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=64)
+    llama_jax.save_model(tmp_path / "jax", cfg, llama_jax.init_params(cfg, rng=0),
+                         tokenizer=tmp_path / "tokenizer.model")
+    assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert (hf.bos_token_id, hf.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id) != (1, 2)
+
+
 def test_bfloat16_output_and_verify(tmp_path, capsys):
     config_dict = hf_config_dict("gqa_llama3", "v4")
     src = write_hf_dir(tmp_path / "hf", make_hf_model(config_dict), config_dict, "safetensors")
@@ -187,6 +204,28 @@ def test_truncated_shard(tmp_path, capsys, good_src):
 def test_corrupt_shard(tmp_path, capsys, good_src):
     (good_src / "model-00001-of-00002.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     _fails(tmp_path, capsys, good_src, "corrupt safetensors header")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda entry: entry.pop("data_offsets"), "has no data_offsets [begin, end]"),
+    (lambda entry: entry.update(data_offsets=[8, 4]), "has no data_offsets [begin, end]"),
+    (lambda entry: entry.update(shape="64"), "has no shape of non-negative integers"),
+    (lambda entry: entry.pop("dtype"), "has no dtype"),
+])
+def test_a_damaged_header_entry_is_named(tmp_path, capsys, good_src, damage, problem):
+    """A header that is valid JSON but not a safetensors header (each key its writer must give)."""
+    import json
+    import struct
+
+    shard = good_src / "model-00001-of-00002.safetensors"
+    data = shard.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    damage(header[name])
+    text = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+    _fails(tmp_path, capsys, good_src, f"corrupt safetensors header (tensor {name} {problem})")
 
 
 @pytest.mark.parametrize("edit, expected", [

@@ -59,8 +59,11 @@ def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path):
     assert trial(first_run)["status"] == "done"
     first_metrics = (first_run / "metrics.jsonl").stat().st_mtime_ns
     assert not (workdir / "lr=0.003,seed=0").exists()
-
     committed = json.loads((second_run / "progress.json").read_text())["committed_step"]
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0  # the killed sweep could not say so itself
+    assert {r["run"]: r["status"] for r in rows(workdir)}[second_run.name] == ("done" if committed == 4 else
+                                                                               "interrupted")
+    assert trial(second_run)["status"] == "running"  # --report only reads
 
     assert main(args) == 0
     assert (first_run / "metrics.jsonl").stat().st_mtime_ns == first_metrics  # finished: not run again
@@ -106,6 +109,31 @@ def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
     assert "prepared once" not in out and "data.source=prepared" not in out and "eval_fraction=0.2" in out
 
 
+def test_a_trial_killed_by_a_signal_says_so(tmp_path):
+    workdir = tmp_path / "sweep"
+    run = workdir / "seed=0"
+    driver = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *sweep_args(
+        workdir, "--sweep", "train.seed=[0]", "--config.train.steps=400")], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (run / "progress.json").is_file())
+    os.kill(_trial_pid(run), 9)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 2, out
+    assert trial(run)["status"] == "failed"
+    assert trial(run)["error"] == "killed by SIGKILL (the system's out-of-memory killer sends it, as does kill -9)"
+
+
+def _trial_pid(run: Path) -> int:
+    return next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _holds(int(pid), run / "train.log"))
+
+
+def _holds(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
 def _alive(run: Path) -> bool:
     """Whether a trial process still holds its log open (the sweep's children get SIGTERM on its death)."""
     target = str(run / "train.log")
@@ -145,6 +173,18 @@ def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
         f"error: all 1 trials failed; the error column of {failing}/results.md says why")
     assert (failing / "results.md").is_file()
 
+    capsys.readouterr()  # a trial whose loss ends non-finite, its steps skipped, has diverged: finished, ranked last
+    diverging = tmp_path / "diverging"
+    args = sweep_args(diverging, "--sweep", "optimizer.lr=[1e-3,1e6]", "--config.train.on_nonfinite=skip",
+                      "--config.optimizer.warmup_steps=0", "--config.optimizer.clip_norm=0")
+    assert main(args) == 0
+    assert [(r["run"], r["status"], r["final_train_loss"]) for r in rows(diverging)][1] == ("lr=1e+06", "diverged",
+                                                                                             "nan")
+    assert rows(diverging)[0]["status"] == "done" and math.isfinite(float(rows(diverging)[0]["final_train_loss"]))
+    assert "[1] diverged lr=1e+06" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "2 of 2 trials already finished" in capsys.readouterr().out
+
 
 def test_random_and_optuna_searches(tmp_path, capsys):
     random_dir = tmp_path / "random"
@@ -175,6 +215,19 @@ def test_random_and_optuna_searches(tmp_path, capsys):
     assert main(args) == 0  # reloads the study from its SQLite file: nothing left to run
     assert "started" not in capsys.readouterr().out
     assert len(optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{optuna_dir / 'optuna.db'}").trials) == 3
+
+
+def test_a_resumed_optuna_study_does_not_propose_its_first_points_again(tmp_path):
+    """Each run of a sweep reloads its study; the sampler's first draws are random (TPE's start-up
+    trials), so one seeded as in the first run would repeat what that run proposed."""
+    axes = {"optimizer.lr": sweep_lib.loguniform(1e-5, 1e-1)}
+    proposed = []
+    for _ in range(3):  # a sweep run that asks for one trial, finishes it, and stops
+        study = sweep_lib.open_study(tmp_path, seed=0)
+        trial = next(sweep_lib.optuna_trials(study, axes, len(study.trials) + 1))
+        proposed.append(trial.overrides["optimizer.lr"])
+        sweep_lib.tell(study, sweep_lib.study_trial(study, trial), "done", 1.0)
+    assert len(set(proposed)) == 3, proposed
 
 
 def test_parallel_trials_each_get_their_own_devices(tmp_path):
@@ -215,6 +268,15 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
      "trial lr=-1: optimizer.lr: got -1.0"),  # an Optuna search is checked at each axis's ends
     (["--sweep", "train.seed=[0,1]", "--config.checkpoint.keep_every=3"],
      "trial seed=0: checkpoint.keep_every=3 is not a multiple of checkpoint.every=2"),
+    # every trial gets a directory of its own, and a sweep lists its trials before it starts
+    (["--sweep", "optimizer.lr=[1e-3,0.001]"], "grid: 0.001 is listed twice; give each value once"),
+    (["--sweep", "data.text_key=[a/b,a_b]"], "trials {'data.text_key': 'a/b'} and {'data.text_key': 'a_b'} would "
+                                              "share the directory 'text_key=a_b'"),
+    (["--sweep", f"train.sample_prompt=[{'x' * 300}]"],
+     r"name \(sample_prompt=xxx.*\) would be 314 bytes, over the 255"),
+    ([f"--sweep=train.seed=[{','.join(map(str, range(100)))}]",
+      f"--sweep=optimizer.warmup_steps=[{','.join(map(str, range(1, 102)))}]"], "the grid has 10,100 trials, over"),
+    (["--sweep", "train.seed=int(0,9)", "--search", "random", "--trials", "100000000"], "1 <= N <= 10,000"),
 ])
 def test_bad_sweeps_are_one_line_and_run_nothing(tmp_path, capsys, extra, message):
     import re
@@ -237,17 +299,51 @@ def test_a_runs_config_json_and_a_failing_get_sweep(tmp_path, capsys):
     assert main(["sweep", "--config", str(failing), "--workdir", str(tmp_path / "sweep"), "--dry-run"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"llama-jax sweep: error: {failing}: RuntimeError while calling get_sweep(): no axes today")
+    for declared, message in (
+            ("{1: [1, 2]}", "get_sweep() has the key 1; its keys are config keys such as"),
+            ("{'optimizer.lr': []}", "get_sweep()['optimizer.lr']: grid: no values"),
+            ("{'optimizer.lr': 'loguniform(0,1)'}",
+             "get_sweep()['optimizer.lr']: optimizer.lr=loguniform(0,1): loguniform(0, 1): needs 0 < low")):
+        failing.write_text(Path(TINY).read_text() + f"\n\ndef get_sweep():\n    return {declared}\n")
+        assert main(["sweep", "--config", str(failing), "--workdir", str(tmp_path / "sweep"), "--dry-run"]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"llama-jax sweep: error: {failing}: {message}")
     assert not (tmp_path / "sweep").exists()
 
 
+def test_values_that_round_alike_get_directories_of_their_own(tmp_path, capsys):
+    assert main(sweep_args(tmp_path / "sweep", "--sweep", "optimizer.lr=[1e-3,1.00001e-3,3e-3]", "--dry-run")) == 0
+    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["lr=0.001", "lr=0.00100001", "lr=0.003"]  # every digit, on this axis only where needed
+
+
 def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
+    """Other axes, overrides or config-file settings than the sweep that started trials in the
+    workdir are refused; the same axes in another order are the same sweep, with the same trial
+    names; a sweep that started no trial may be given again with other arguments."""
+    config = tmp_path / "config.py"
+    config.write_text(Path(TINY).read_text())
     workdir = tmp_path / "sweep"
-    spec, axes, listed = sweep_lib.prepare(TINY, workdir, ["train.seed=[0,1]"], [])
+    overrides = [o.removeprefix("--config.") for o in SHORT]
+    spec, axes, listed = sweep_lib.prepare(str(config), workdir, ["train.seed=[0,1]", "optimizer.lr=[1e-3,2e-3]"],
+                                           overrides)
     workdir.mkdir()
     (workdir / "sweep.json").write_text(spec.to_json())
+    args = ["sweep", "--config", str(config), "--workdir", str(workdir), *SHORT, "--dry-run"]
+    assert main([*args, "--sweep", "train.seed=[0,2]"]) == 0  # no trial has started: accepted
+    capsys.readouterr()
+    (workdir / "seed=0,lr=0.001").mkdir()
+    sweep_lib.write_trial(workdir / "seed=0,lr=0.001", listed[0], "running")
     before = sorted(workdir.rglob("*"))
-    assert main(sweep_args(workdir, "--sweep", "train.seed=[0,2]")) == 2
-    assert "holds a different sweep (its axes, overrides differ)" in capsys.readouterr().err
+
+    assert main([*args, "--sweep", "train.seed=[0,2]", "--sweep", "optimizer.lr=[1e-3,2e-3]"]) == 2
+    assert "holds a different sweep (its axes differ)" in capsys.readouterr().err
+    swapped = sweep_lib.prepare(str(config), workdir, ["optimizer.lr=[1e-3,2e-3]", "train.seed=[0,1]"], overrides)
+    assert list(swapped[1]) == ["train.seed", "optimizer.lr"] and swapped[2] == listed
+    assert [t.name(swapped[1], False) for t in swapped[2]] == [t.name(axes, False) for t in listed]
+    config.write_text(config.read_text().replace("weight_decay=0.01", "weight_decay=0.5"))  # edited between runs
+    assert load_config(str(config)).optimizer.weight_decay != load_config(TINY).optimizer.weight_decay
+    assert main([*args, "--sweep", "train.seed=[0,1]", "--sweep", "optimizer.lr=[1e-3,2e-3]"]) == 2
+    assert "holds a different sweep (its config file's settings differ)" in capsys.readouterr().err
     assert sorted(workdir.rglob("*")) == before
 
 
@@ -293,3 +389,17 @@ def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys
     assert [str(w.message) for w in caught if w.filename.endswith("results.py")] == []
     assert [r["status"] for r in rows(workdir)] == ["submitted"] * 3
     assert (workdir / "loss_curves.png").is_file()
+
+    # submitted again: only the trial whose job SLURM no longer lists (a fake squeue lists the others)
+    (bin_dir / "squeue").write_text("#!/bin/sh\nprintf '12_0\\n77_0\\n77_1\\n'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "submitted 1 trial(s) as SLURM job array 77; 2 trial(s) still queued or running (jobs 77_0, 77_1) are " \
+           "not submitted again" in capsys.readouterr().out
+    assert [trial(workdir / f"seed={i}")["job"] for i in range(2)] == ["77_0", "77_1"]
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\n"
+                                    "exit 1\n")
+    assert main(args) == 2  # whether the jobs still run is unknown: nothing is submitted
+    assert "squeue could not list this user's jobs (slurm_load_jobs error: Unable to contact slurm controller)" \
+        in capsys.readouterr().err

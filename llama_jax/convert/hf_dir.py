@@ -131,3 +131,22 @@ def write_hf_dir(dst: Path, config: LLaMAConfig, load: Callable[[str], np.ndarra
     index = write_shards(dst, [(s.hf_name, s.hf_shape, config.param_dtype) for s in specs], load, max_shard_bytes)
     (dst / "config.json").write_text(json.dumps(config.to_hf("v4"), indent=2) + "\n")
     return index["metadata"]["total_size"]
+
+
+def add_special_token_ids(dst: Path) -> None:
+    """Put the beginning- and end-of-text ids into DST/config.json, from the generation_config.json
+    or tokenizer.model carried along into DST: without them transformers assumes 1 and 2 (LLaMA-2's
+    SentencePiece ids; LLaMA-3's are 128000 and 128001)."""
+    from llama_jax.tokenizer import load_tokenizer
+
+    ids = {}
+    if (dst / "generation_config.json").is_file():
+        generation = read_json(dst / "generation_config.json")
+        ids = {key: generation[key] for key in ("bos_token_id", "eos_token_id")
+               if isinstance(generation, dict) and key in generation}
+    elif (dst / "tokenizer.model").is_file():
+        tokenizer = load_tokenizer(dst / "tokenizer.model")
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    if ids:
+        config = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**config, **ids}, indent=2) + "\n")

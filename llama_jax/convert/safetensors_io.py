@@ -22,6 +22,23 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 ALIGN = 8
 
 
+def _entry_problem(entry) -> str | None:
+    """What is wrong with one tensor's header entry, if anything."""
+    def counts(value, length=None) -> bool:
+        return isinstance(value, list) and (length is None or len(value) == length) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+    if not isinstance(entry, dict):
+        return "is not an object"
+    if not isinstance(entry.get("dtype"), str):
+        return "has no dtype"
+    if not counts(entry.get("shape")):
+        return "has no shape of non-negative integers"
+    if not counts(entry.get("data_offsets"), 2) or entry["data_offsets"][0] > entry["data_offsets"][1]:
+        return "has no data_offsets [begin, end]"
+    return None
+
+
 class SafetensorsFile:
     """Random access to the tensors of one .safetensors file."""
 
@@ -44,6 +61,9 @@ class SafetensorsFile:
         self.entries = header
         self._data_start = 8 + header_len
         for name, entry in header.items():
+            problem = _entry_problem(entry)
+            if problem:
+                raise ConversionError(f"{self.path}: corrupt safetensors header (tensor {name} {problem})")
             if self._data_start + entry["data_offsets"][1] > size:
                 raise ConversionError(f"{self.path}: truncated, tensor {name} ends past the end of the file")
         self._file = open(self.path, "rb")

@@ -90,6 +90,22 @@ def submit_array(commands: list[list[str]], folder: str | Path, *, nodes: int = 
     return [job.job_id for job in jobs]
 
 
+def queued_or_running(job_ids: Sequence[str]) -> set[str]:
+    """Those of `job_ids` (`ARRAY_INDEX` as `submit_array` returns them) that SLURM still lists,
+    waiting or running, among this user's jobs (`squeue`)."""
+    import getpass
+
+    try:
+        listed = subprocess.run(["squeue", "--noheader", "--array", "--format=%i", f"--user={getpass.getuser()}"],
+                                capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+        raise LaunchError(f"squeue could not list this user's jobs ({detail[-1] if detail else type(e).__name__}), "
+                          f"so whether job(s) {', '.join(job_ids)} still run is unknown; run this from a SLURM "
+                          f"login node") from None
+    return set(job_ids) & set(listed)
+
+
 def _check(commands: list[list[str]], **counts: int | None) -> None:
     if not commands or any(not list(argv) for argv in commands):
         raise LaunchError("nothing to submit: give at least one non-empty command line")
