@@ -492,12 +492,33 @@ def _launched_command(args) -> list[str]:
     if not command or command[0] not in names:
         given = f"{command[0]!r} is not a llama-jax command" if command else "nothing given"
         raise UserError(f"after --: {given}; expected one of {', '.join(names)}")
+    _check_launched_arguments(command)
     return command
 
 
-def _check_launched_config(command: list[str], base) -> None:
+def _check_launched_arguments(command: list[str]) -> None:
+    """The launched command's flags, parsed here as they will be parsed where it runs, so that a
+    typo or a missing --workdir is found before machines are provisioned."""
+    import io
+    import re
+
+    rest, _ = _split_config_overrides(command)
+    error = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(error), contextlib.redirect_stdout(io.StringIO()):
+            build_parser().parse_args(_attach_mesh_values(rest))
+    except SystemExit as e:
+        if e.code == 0:
+            raise UserError(f"after --: {command[0]} would only print its help; drop -h/--help") from None
+        lines = error.getvalue().strip().splitlines()
+        problem = re.sub(r"^llama-jax[\w -]*: error: ", "", lines[-1]) if lines else "its arguments do not parse"
+        raise UserError(f"after --: {command[0]}: {problem}") from None
+
+
+def _check_launched_config(command: list[str], base, n_devices: int) -> None:
     """The launched command's --config (where it will run: under `base` if relative) and its --config.*
-    overrides, checked here as the command will check them there; for `train`, every value as well."""
+    overrides, checked here as the command will check them there; for `train`, every value as
+    well, and the mesh and batch against the `n_devices` devices the job will have."""
     from pathlib import Path
 
     from llama_jax.experiment import check_config, check_run_settings, load_config
@@ -509,20 +530,31 @@ def _check_launched_config(command: list[str], base) -> None:
         return
     config = load_config(Path(base) / path, _split_config_overrides(command)[1])
     if command[0] == "train":
+        from llama_jax.sharding import check_mesh_and_batch
+
         check_config(config, read_init_from=False)  # its files are where the command runs
         check_run_settings(config)
+        if n_devices >= 1:  # else the launcher's own check of --nodes / --gpus-per-node says so
+            check_mesh_and_batch(config, n_devices)
 
 
 def cmd_launch_tpu(args) -> None:
     from pathlib import Path
 
-    from llama_jax.launch import tpu
+    from llama_jax.launch import option_value, tpu
 
     command = _launched_command(args)
-    _check_launched_config(command, tpu.source_root())
+    tpu_slice = tpu.tpu_slice(args.accelerator)
+    root = tpu.source_root()
+    config = option_value(command, "--config")
+    if config and Path(config).is_absolute() and Path(config).is_file() and \
+            not Path(config).resolve().is_relative_to(root):
+        raise UserError(f"--config {config}: outside the checkout shipped to the workers ({root}); put it there "
+                        f"and give its path relative to {root}")
+    _check_launched_config(command, root, tpu_slice.chips)  # JAX sees one device per chip
     if args.copy_back and Path(args.copy_back).exists() and not Path(args.copy_back).is_dir():
         raise UserError(f"--copy-back {args.copy_back} is a file; give a directory to receive the run's workdir")
-    spec = tpu.TpuLaunch(name=args.name, zone=args.zone, slice=tpu.tpu_slice(args.accelerator),
+    spec = tpu.TpuLaunch(name=args.name, zone=args.zone, slice=tpu_slice,
                          command=tuple(command), runtime_version=args.runtime_version, spot=args.spot,
                          project=args.project, setup=args.setup, copy_back=args.copy_back,
                          delete_after=args.delete_after, max_restarts=args.max_restarts)
@@ -540,7 +572,7 @@ def cmd_launch_slurm(args) -> None:
     from llama_jax.launch import option_value, slurm
 
     command = _launched_command(args)
-    _check_launched_config(command, Path.cwd())
+    _check_launched_config(command, Path.cwd(), args.nodes * args.gpus_per_node)
     workdir = option_value(command, "--workdir")
     folder = args.folder or (str(Path(workdir) / "slurm") if workdir else None)
     if folder is None:

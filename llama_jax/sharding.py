@@ -72,6 +72,16 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
+def check_mesh_and_batch(config, n_devices: int) -> None:
+    """ValueError unless an experiment config's mesh fits `n_devices` and each data-parallel shard
+    of a micro-batch gets whole rows."""
+    data, fsdp, _ = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_devices)
+    micro = config.train.batch_size // config.train.grad_accum
+    if micro % (data * fsdp):
+        raise ValueError(f"micro-batch train.batch_size / train.grad_accum = {micro} is not divisible by "
+                         f"mesh.data x mesh.fsdp = {data * fsdp} (each data-parallel shard needs whole rows)")
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all).
 

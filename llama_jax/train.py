@@ -231,17 +231,12 @@ def validate_config(config, n_devices: int) -> None:
     """Every user-facing check that can fail, before anything is compiled."""
     from llama_jax.attention import check_splash_length, resolve
     from llama_jax.experiment import check_config
-    from llama_jax.sharding import resolve_mesh_shape
+    from llama_jax.sharding import check_mesh_and_batch
 
     model = check_config(config)
-    t = config.train
     if resolve(model.attention_impl) == "splash":  # on this backend
-        check_splash_length(t.seq_len)
-    data, fsdp, tensor = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_devices)
-    micro = t.batch_size // t.grad_accum
-    if micro % (data * fsdp):
-        raise ValueError(f"micro-batch train.batch_size / train.grad_accum = {micro} is not divisible by "
-                         f"mesh.data x mesh.fsdp = {data * fsdp} (each data-parallel shard needs whole rows)")
+        check_splash_length(config.train.seq_len)
+    check_mesh_and_batch(config, n_devices)
 
 
 def build_trainer(config, devices=None) -> Trainer:

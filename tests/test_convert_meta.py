@@ -219,8 +219,12 @@ def test_rope_scaling_factor_precedence(tmp_path, in_params, argument, expected)
     assert source.config.rope_theta == 500000.0
 
 
-def test_rope_scaling_factor_is_ignored_without_scaled_rope(tmp_path):
-    assert read_meta(make_meta_dir(tmp_path, "llama2", 1), rope_scaling_factor=32).config.rope_scaling is None
+def test_rope_scaling_factor_is_refused_without_scaled_rope(tmp_path):
+    """A checkpoint without use_scaled_rope has no scaling the factor could set: the option is a mistake."""
+    assert read_meta(make_meta_dir(tmp_path, "llama2", 1)).config.rope_scaling is None
+    with pytest.raises(ConversionError, match=f"--rope-scaling-factor 32: {tmp_path / 'params.json'} does not set "
+                                              f"use_scaled_rope, so the model has no rope scaling; drop the option"):
+        read_meta(tmp_path, rope_scaling_factor=32)
 
 
 # ---- writing -----------------------------------------------------------------------------------

@@ -380,7 +380,23 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["slurm", "--nodes", "0", "--dry-run", "--", *TRAIN_IN_TMP], "--nodes must be at least 1"),
     (["slurm", "--gpus-per-node", "0", "--dry-run", "--", *TRAIN_IN_TMP], "--gpus-per-node must be at least 1"),
     (["slurm", "--dry-run", *TRAIN_IN_TMP], "give the llama-jax command to run after --"),
-    (["slurm", "--dry-run", "--", "train", "--config", "configs/tiny.py"], "--folder is required"),
+    (["slurm", "--dry-run", "--", "plan", "--config", "configs/tiny.py"], "--folder is required"),
+    # the launched command's flags, parsed here, and its mesh and batch against the devices it will have
+    (["slurm", "--dry-run", "--folder", "TMP_WORKDIR", "--", "train", "--config", "configs/tiny.py"],
+     "after --: train: the following arguments are required: --workdir"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY, "--bogus"],
+     "after --: train: unrecognized arguments: --bogus"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-32", "--dry-run", "--", *TRAIN_TINY,
+      "--config.mesh.data=3"], "mesh: 16 devices are not divisible by the fixed mesh sizes"),
+    (["slurm", "--nodes", "2", "--gpus-per-node", "8", "--dry-run", "--", *TRAIN_IN_TMP,
+      "--config.train.batch_size=12"], "train.batch_size / train.grad_accum = 12 is not divisible by mesh.data x "
+                                       "mesh.fsdp = 16"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-08", "--dry-run", "--", *TRAIN_TINY],
+     "unknown accelerator type 'v4-08'"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v5litepod-12", "--dry-run", "--", *TRAIN_TINY],
+     "v5litepod-12: v5litepod slices have 1, 4, 8, 16, 32, 64, 128, 256 chips, not 12"),
+    (["slurm", "--job-name", "x\n#SBATCH --exclusive", "--dry-run", "--", *TRAIN_IN_TMP],
+     "--job-name 'x\\n#SBATCH --exclusive': use letters, digits and . _ + -"),
     # the launched command's config and values, checked before anything is launched
     (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY,
       "--config.train.stepz=3"], "unknown config key 'train.stepz'"),
@@ -402,6 +418,17 @@ def test_bad_input(argv, message, capsys, tmp_path, monkeypatch):
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert captured.err.startswith("llama-jax launch: error: ") and message in captured.err
     assert not workdir.exists()
+
+
+def test_a_config_outside_the_shipped_checkout_is_refused(capsys, tmp_path):
+    """The workers get the checkout, not this machine's other files."""
+    config = tmp_path / "mine.py"
+    config.write_text((ROOT / "configs" / "tiny.py").read_text())
+    assert cli.main(["launch", "tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--",
+                     "train", "--config", str(config), "--workdir", "/mnt/gcs/runs/tiny"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"llama-jax launch: error: --config {config}: outside the checkout shipped to the workers ({ROOT}); put it "
+        f"there and give its path relative to {ROOT}")
 
 
 def test_missing_tools_are_one_line(capsys, tmp_path, monkeypatch):

@@ -304,6 +304,9 @@ def _config(params: dict, path: Path, vocab: int, ffn_rows: int, tied: bool,
         raise ConversionError(f"{path}: vocab_size={vocab_size}, but {_EMBED} has {vocab} rows")
 
     scaled = bool(params.get("use_scaled_rope", False))
+    if rope_scaling_factor is not None and not scaled:
+        raise ConversionError(f"--rope-scaling-factor {rope_scaling_factor:g}: {path} does not set use_scaled_rope, so "
+                              f"the model has no rope scaling; drop the option")
     rope_scaling = None
     if scaled:
         factor = rope_scaling_factor
@@ -312,7 +315,8 @@ def _config(params: dict, path: Path, vocab: int, ffn_rows: int, tied: bool,
         try:
             rope_scaling = RopeScaling("llama3", float(factor), **_META_ROPE)
         except (ValueError, TypeError):
-            raise ConversionError(f"{path}: rope scaling factor must be a positive number, got {factor!r}") from None
+            where = "--rope-scaling-factor" if rope_scaling_factor is not None else f"{path}: rope_scaling_factor"
+            raise ConversionError(f"{where} must be a positive number, got {factor!r}") from None
     norm_eps = params.get("norm_eps", 1e-5)
     if "max_seq_len" in params:
         max_seq_len = params["max_seq_len"]

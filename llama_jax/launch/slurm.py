@@ -14,6 +14,7 @@ submitit would submit, rendered by submitit itself, and submit nothing.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 import shutil
 import signal
@@ -70,6 +71,9 @@ def submit_array(commands: list[list[str]], folder: str | Path, *, nodes: int = 
     Returns the job ids; with dry_run, writes the sbatch script into `folder` instead and returns
     its path as a one-element list. Commands are full argv lists, run as given on the nodes."""
     _check(commands, nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, cpus_per_node=cpus_per_node)
+    if not re.fullmatch(r"[\w.+-]+", job_name):
+        raise LaunchError(f"--job-name {job_name!r}: use letters, digits and . _ + - (it is written into the sbatch "
+                          f"script)")
     submitit = _import_submitit()
     if not dry_run and shutil.which("sbatch") is None:
         raise LaunchError("sbatch not found on PATH: submit from a SLURM login node, or use --dry-run")

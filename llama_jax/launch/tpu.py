@@ -38,6 +38,7 @@ class TpuFamily:
     chips_per_host: int  # in a multi-host slice
     single_host_chips: int  # slices of at most this many chips are one host
     runtime_version: str  # default TPU VM image
+    chip_counts: tuple[int, ...] | None = None  # the slice sizes there are, where a short list says it
 
 
 # The one table of TPU facts.
@@ -47,9 +48,9 @@ TPU_FAMILIES = (
     TpuFamily("v5p", "cores", cores_per_chip=2, chips_per_host=4, single_host_chips=4,
               runtime_version="v2-alpha-tpuv5"),
     TpuFamily("v5litepod", "chips", cores_per_chip=1, chips_per_host=4, single_host_chips=8,
-              runtime_version="v2-alpha-tpuv5-lite"),
+              runtime_version="v2-alpha-tpuv5-lite", chip_counts=(1, 4, 8, 16, 32, 64, 128, 256)),
     TpuFamily("v6e", "chips", cores_per_chip=1, chips_per_host=4, single_host_chips=8,
-              runtime_version="v2-alpha-tpuv6e"),
+              runtime_version="v2-alpha-tpuv6e", chip_counts=(1, 4, 8, 16, 32, 64, 128, 256)),
 )
 
 # What a launch does with a queued resource in each state (the API's QueuedResource.State values,
@@ -86,7 +87,7 @@ def tpu_slice(accelerator: str) -> TpuSlice:
     """Resolve an accelerator type such as v4-32; one error line for anything the table does not know."""
     prefix, _, size = accelerator.partition("-")
     family = next((f for f in TPU_FAMILIES if f.prefix == prefix), None)
-    if family is None or not size.isdigit() or int(size) < 1:
+    if family is None or not size.isdigit() or int(size) < 1 or str(int(size)) != size:
         known = ", ".join(f"{f.prefix}-N (N {'TensorCores' if f.counts == 'cores' else 'chips'})"
                           for f in TPU_FAMILIES)
         raise LaunchError(f"unknown accelerator type {accelerator!r}; expected one of {known}, e.g. v4-32")
@@ -98,6 +99,9 @@ def tpu_slice(accelerator: str) -> TpuSlice:
     if chips > family.single_host_chips and chips % family.chips_per_host:
         raise LaunchError(f"{accelerator}: {chips} chips is not a whole number of hosts "
                           f"({family.chips_per_host} chips per {family.prefix} host)")
+    if family.chip_counts and chips not in family.chip_counts:
+        raise LaunchError(f"{accelerator}: {family.prefix} slices have {', '.join(map(str, family.chip_counts))} "
+                          f"chips, not {chips}")
     return TpuSlice(accelerator, family, chips)
 
 
