@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax import metrics as metrics_lib
+from llama_jax.attention import resolve
 from llama_jax.sharding import batch_sharding
 from llama_jax.train import build_trainer
 
@@ -36,10 +37,17 @@ def plan(config, devices=None) -> dict:
         compiled = trainer.jit_train_step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
     cfg = trainer.model_config
+    device = trainer.mesh.devices.flat[0]
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # a backend without memory statistics (CPU)
+        limit = None
     return {
         "mesh": dict(trainer.mesh.shape),
         "devices": trainer.mesh.size,
-        "platform": trainer.mesh.devices.flat[0].platform,
+        "platform": device.platform,
+        "device_memory": limit,
+        "attention": resolve(cfg.attention_impl),
         "params": _per_device_bytes(state.params),
         "opt_state": _per_device_bytes(state.opt_state),
         "arguments": memory.argument_size_in_bytes,
@@ -52,19 +60,37 @@ def plan(config, devices=None) -> dict:
     }
 
 
+def _size(n: int) -> str:
+    """Bytes in GiB, or in MiB below one GiB (a small model's state would read as 0.000 GiB)."""
+    return f"{n / 2**30:10.3f} GiB" if n >= 2**30 else f"{n / 2**20:10.3f} MiB"
+
+
 def format_plan(p: dict) -> str:
-    gib = 2**30
     peak = p["arguments"] + p["outputs"] - p["aliased"] + p["temporaries"]
     mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
     return "\n".join([
         f"mesh {mesh} ({p['devices']} {p['platform']} devices); {p['param_count']:,} parameters; "
         f"{p['tokens_per_step']:,} tokens per step",
         "per device:",
-        f"  parameters        {p['params'] / gib:10.3f} GiB",
-        f"  optimizer state   {p['opt_state'] / gib:10.3f} GiB",
-        f"  activations/temp  {p['temporaries'] / gib:10.3f} GiB  (compiled temporaries)",
-        f"  step arguments    {p['arguments'] / gib:10.3f} GiB  (state + batch)",
-        f"  estimated peak    {peak / gib:10.3f} GiB  (arguments + outputs - donated + temporaries)",
+        f"  parameters        {_size(p['params'])}",
+        f"  optimizer state   {_size(p['opt_state'])}",
+        f"  activations/temp  {_size(p['temporaries'])}  (compiled temporaries)",
+        f"  step arguments    {_size(p['arguments'])}  (state + batch)",
+        f"  estimated peak    {_size(peak)}  (arguments + outputs - donated + temporaries)",
         f"model FLOPs per step {p['flops_per_step']:.3e} ({p['flops_per_step'] / p['devices']:.3e} per device; "
         "training = 3x forward, causal attention counted as half)",
+        _verdict(p, peak),
     ])
+
+
+def _verdict(p: dict, peak: int) -> str:
+    """Whether the step fits the device's memory, where the backend says how much it has; on CPU,
+    what the figures stand for."""
+    if p["device_memory"]:
+        fits = "fits" if peak <= p["device_memory"] else "does NOT fit"
+        return f"{fits}: estimated peak {_size(peak).strip()} of the {_size(p['device_memory']).strip()} a device holds"
+    if p["platform"] == "cpu":
+        return (f"compiled for CPU devices, attention `{p['attention']}`: on TPU `auto` is splash, on GPU cudnn, which "
+                f"keep no [seq, seq] attention probabilities for the backward as `xla` does, so the temporaries "
+                f"differ there; run plan on the target for its figures and whether they fit")
+    return "the device does not report its memory: compare the estimated peak with its capacity"

@@ -169,6 +169,20 @@ def _argument_bytes(config, devices):
     return plan(config, devices)["arguments"]
 
 
+def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys):
+    from llama_jax.plan import format_plan, plan
+
+    assert main(["plan", "--config", TINY]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("mesh data=1 x fsdp=8 x tensor=1 (8 cpu devices)")
+    assert out[2].strip().startswith("parameters") and out[2].endswith(" MiB")  # a tiny model's state, not 0.000 GiB
+    assert out[-1].startswith("compiled for CPU devices, attention `xla`: on TPU `auto` is splash")
+    figures = plan(tiny_config())
+    peak = figures["arguments"] + figures["outputs"] - figures["aliased"] + figures["temporaries"]
+    for memory, verdict in ((peak, "fits"), (peak - 1, "does NOT fit")):  # as a GPU or TPU reports its memory
+        assert format_plan({**figures, "device_memory": memory}).splitlines()[-1].startswith(f"{verdict}: estimated")
+
+
 def test_fsdp_divides_per_device_memory_by_eight():
     config = tiny_config("train.batch_size=8")
     one = _argument_bytes(load_config(TINY, ["mesh.fsdp=1", "train.batch_size=8"]), jax.devices()[:1])
