@@ -488,6 +488,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if record:
                 writer.write(step, record)
                 logged.append({"step": step, **record})
+                if progress and main_process and bar.disable and step != t.steps:  # no terminal: a log line
+                    print(_log_line(step, record), flush=True)  # (the command's closing line tells the last)
             if step == start + 1 and not record:  # leave compilation out of the throughput figures
                 jax.block_until_ready(state.step)
                 window_start, window_tokens = time.perf_counter(), 0
@@ -524,6 +526,17 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     if main_process and (workdir / METRICS_FILE).exists():
         plot_losses(workdir / METRICS_FILE, workdir / "loss.png")
     return RunResult(logged, step, False, eval_metrics, text, data)
+
+
+def _log_line(step: int, record: dict) -> str:
+    """What a logged step says where no progress bar is shown (output to a file: a cluster job's
+    log, a sweep trial's train.log)."""
+    parts = []
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}, {record['tokens_per_second']:,.0f} tokens/s, MFU {record['mfu']:.1%}")
+    if "eval_loss" in record:
+        parts.append(f"held-out loss {record['eval_loss']:.4f}")
+    return f"step {step}: {'; '.join(parts)}"
 
 
 def _check_finite(state: TrainState, skipped_seen: int, step: int, on_nonfinite: str, checkpoints, bar) -> int:

@@ -109,13 +109,14 @@ def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
     assert "prepared once" not in out and "data.source=prepared" not in out and "eval_fraction=0.2" in out
 
 
-def test_a_trial_killed_by_a_signal_says_so(tmp_path):
+def test_a_trial_killed_by_a_signal_says_so_and_its_log_follows_the_run(tmp_path):
     workdir = tmp_path / "sweep"
     run = workdir / "seed=0"
     driver = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *sweep_args(
         workdir, "--sweep", "train.seed=[0]", "--config.train.steps=400")], stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: (run / "progress.json").is_file())
+    assert "step 2: loss" in (run / "train.log").read_text()  # written as the run goes, not when it ends
     os.kill(_trial_pid(run), 9)
     out, _ = driver.communicate(timeout=120)
     assert driver.returncode == 2, out

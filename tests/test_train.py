@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -251,7 +252,10 @@ def test_train_command_writes_metrics(tmp_path, capsys):
     assert [r["step"] for r in lines] == [2, 4, 6]
     for key in ("loss", "grad_norm", "learning_rate", "tokens_per_second", "tflops_per_device", "mfu"):
         assert all(np.isfinite(r[key]) for r in lines), key
-    assert "step 6: loss" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()  # not a terminal: a line per logged step, the last one closing
+    assert [line.split(":")[0] for line in out] == ["step 2", "step 4", "step 6"], out
+    assert re.fullmatch(r"step 4: loss \d+\.\d{4}, [\d,]+ tokens/s, MFU \d+\.\d%", out[1]), out
+    assert "metrics in" in out[2]
 
 
 def _free_port() -> int:
