@@ -204,9 +204,17 @@ def _jsonl_text(line: str, text_key: str, where: str) -> str:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be a JSON object") from None
-    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a JSON {type(record).__name__}, not an object; each line must be a JSON object")
+    if not isinstance(record.get(text_key), str):
         raise ValueError(f"{where}: no string field {text_key!r}; set data.text_key to the field holding the text")
-    return record[text_key]
+    text = record[text_key]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # an escape such as \ud800: valid JSON, but no Unicode text
+        raise ValueError(f"{where}: field {text_key!r} is not valid Unicode (a lone surrogate "
+                         f"\\u{ord(text[e.start]):04x} at character {e.start}); fix or drop the line") from None
+    return text
 
 
 class TfdsSource:

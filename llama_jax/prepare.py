@@ -722,6 +722,7 @@ class PreparedSplit:
                  documents: int, tokens: int, nbytes: int):
         self.name, self.documents, self.tokens, self.bytes = name, documents, tokens, nbytes
         self.directory, self.shard_names, self.dtype = directory, shards, dtype
+        self._records = records
         self._token_starts = np.cumsum([0] + [r["tokens"] for r in records], dtype=np.int64)
         self._document_starts = np.cumsum([0] + [r["documents"] for r in records], dtype=np.int64)
         self._token_files: list[np.ndarray | None] = [None] * len(shards)
@@ -736,10 +737,23 @@ class PreparedSplit:
 
     def _index(self, k: int) -> np.ndarray:
         if self._indices[k] is None:
-            index = np.load(self.directory / f"{self.shard_names[k]}.index.npy", allow_pickle=False)
-            self._offsets[k] = np.ascontiguousarray(index[:, 0])
+            file = self.directory / f"{self.shard_names[k]}.index.npy"
+            index = np.load(file, allow_pickle=False)
+            offsets = index[:, 0]  # columns: first token (within the shard), source file, UTF-8 bytes
+            tokens = int(self._token_starts[k + 1] - self._token_starts[k])
+            if len(index) and (offsets[0] != 0 or (np.diff(offsets) <= 0).any() or offsets[-1] >= tokens
+                               or (index[:, 1:] < 0).any()):
+                raise ValueError(f"{file} is damaged: its document offsets do not ascend from 0 within the shard's "
+                                 f"{tokens} tokens; prepare the data again")
+            self._offsets[k] = np.ascontiguousarray(offsets)
             self._indices[k] = index
         return self._indices[k]
+
+    @property
+    def fingerprint(self) -> str:
+        """The split's identity: the sha256 of its shards' recorded hashes (where the files are, and
+        how the directory was made, do not enter it)."""
+        return hashlib.sha256(json.dumps([r.get("sha256") for r in self._records]).encode()).hexdigest()
 
     def _shard_offsets(self, k: int) -> np.ndarray:
         """Offsets of the shard's documents within the shard (contiguous, for binary search)."""
@@ -811,10 +825,10 @@ class Prepared:
 
 
 def open_prepared(path: str | os.PathLike, tokenizer_sha256: str | None = None) -> Prepared:
-    """Open a directory `prepare` finished, checking its structure cheaply (no hashing): the
-    manifest, every listed shard's three files, the size of each token file and the shape of each
-    index. With `tokenizer_sha256`, the data must have been prepared with that tokenizer.
-    Every problem is a ValueError of one line naming the file."""
+    """Open a directory `prepare` finished, checking its structure cheaply (no hashing of shards):
+    the manifest, the tokenizer file against its sha256 there, every listed shard's three files,
+    the size of each token file and the shape of each index. With `tokenizer_sha256`, the data must
+    have been prepared with that tokenizer. Every problem is a ValueError of one line naming the file."""
     path = Path(path)
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
@@ -833,6 +847,9 @@ def open_prepared(path: str | os.PathLike, tokenizer_sha256: str | None = None) 
     tokenizer_path = path / manifest["tokenizer"]["file"]
     if not tokenizer_path.is_file():
         raise ValueError(f"{tokenizer_path} is missing; prepare the data again")
+    if sha256_file(tokenizer_path) != sha:  # the data's tokens are ids of that tokenizer only
+        raise ValueError(f"{tokenizer_path} does not match the sha256 in {MANIFEST} (it was replaced or changed); "
+                         f"put the tokenizer the data was prepared with back, or prepare the data again")
     dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
     splits = {split: _open_split(path, split, manifest["splits"][split], dtype) for split in SPLITS}
     return Prepared(path, manifest, tokenizer_path, sha, splits)
@@ -909,9 +926,7 @@ def verify(path: str | os.PathLike) -> dict:
     """Check the sha256 of every shard file against its .json record and of the tokenizer against
     the manifest; ValueError (one line naming the file) at the first mismatch.
     Returns {"files": shard files checked, "bytes": their total size}."""
-    prepared = open_prepared(path)
-    if sha256_file(prepared.tokenizer_path) != prepared.tokenizer_sha256:
-        raise ValueError(f"{prepared.tokenizer_path} does not match the sha256 in {MANIFEST}; prepare the data again")
+    prepared = open_prepared(path)  # checks the tokenizer's sha256
     files = nbytes = 0
     for split in prepared.splits.values():
         for name in split.shard_names:

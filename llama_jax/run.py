@@ -53,10 +53,12 @@ def abstract_state(trainer: Trainer) -> TrainState:
                         nn.meta.unbox(trainer.abstract_state), trainer.state_shardings)
 
 
-def initial_state(config, trainer: Trainer, workdir: Path, resume_from: int | None = None) -> tuple[TrainState, int]:
+def initial_state(config, trainer: Trainer, workdir: Path, resume_from: int | None = None,
+                  stream: list | None = None) -> tuple[TrainState, int]:
     """Resume from the latest committed checkpoint (or `resume_from`), else start from
     `checkpoint.init_from`, else fresh. Reads only: a damaged or missing checkpoint is an error
-    naming the newest intact one, never a silent fresh start."""
+    naming the newest intact one, never a silent fresh start. `stream`: what the run trains on
+    (`RunData.stream`), which a resume must not change."""
     steps = committed_steps(workdir)
     recorded = recorded_step(workdir)
     if resume_from is not None:
@@ -64,26 +66,26 @@ def initial_state(config, trainer: Trainer, workdir: Path, resume_from: int | No
             valid = ", ".join(map(str, steps)) or "none"
             raise RunError(f"--resume-from {resume_from}: {workdir} has no committed checkpoint of that step; "
                            f"valid: {valid}")
-        return _restore(config, trainer, workdir, resume_from), resume_from
+        return _restore(config, trainer, workdir, resume_from, stream), resume_from
     if recorded is not None and (not steps or steps[-1] < recorded):
         raise RunError(f"checkpoint {recorded} of {workdir} is missing (recorded in {PROGRESS_FILE} as the latest "
-                       f"committed step); " + _intact_hint(config, trainer, workdir, steps))
+                       f"committed step); " + _intact_hint(config, trainer, workdir, steps, stream))
     if steps:
         try:
-            return _restore(config, trainer, workdir, steps[-1]), steps[-1]
+            return _restore(config, trainer, workdir, steps[-1], stream), steps[-1]
         except CheckpointDamaged as e:
-            raise RunError(f"{e}; " + _intact_hint(config, trainer, workdir, steps[:-1])) from None
+            raise RunError(f"{e}; " + _intact_hint(config, trainer, workdir, steps[:-1], stream)) from None
     if config.checkpoint.init_from:
         return state_from_model(config.checkpoint.init_from, trainer), 0
     return trainer.init_state(config.train.seed), 0
 
 
-def _restore(config, trainer: Trainer, workdir: Path, step: int) -> TrainState:
+def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | None = None) -> TrainState:
     """The state of checkpoint `step`, checked to be of this config's model and optimizer first."""
     with _reader(workdir) as checkpoints:
         info = checkpoints.run_info(step)
         check_same_architecture(info["model"], trainer.model_config, f"{workdir} (checkpoint {step})")
-        _check_same_trajectory(info["config"], config, f"{workdir} (checkpoint {step})")
+        _check_same_trajectory(info, config, stream, f"{workdir} (checkpoint {step})")
         target = abstract_state(trainer)
         if checkpoints.state_paths(step) != tree_paths(target):
             saved = info["config"].get("optimizer", {})
@@ -94,9 +96,12 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int) -> TrainState:
         return checkpoints.restore_state(step, target)
 
 
-def _check_same_trajectory(saved: dict, config, where: str) -> None:
+def _check_same_trajectory(info: dict, config, stream: list | None, where: str) -> None:
     """RunError when a resume would change what the run trains on: random tokens for documents or
-    the other way round, or the seed that orders its batches."""
+    the other way round, the seed that orders its batches, the rows a step takes (batch size and
+    length: each source's place in its epoch is counted in them), or the documents and mixture
+    weights (`stream`, recorded in the checkpoint by this version)."""
+    saved = info["config"]
     was = saved.get("data", {}).get("source")
     if (was == "synthetic") != (config.data.source == "synthetic"):
         raise RunError(f"{where} trained on data.source={was}, not {config.data.source}; resume with the run's data "
@@ -104,13 +109,29 @@ def _check_same_trajectory(saved: dict, config, where: str) -> None:
     if saved.get("train", {}).get("seed", config.train.seed) != config.train.seed:
         raise RunError(f"{where} trained with train.seed={saved['train']['seed']}, not {config.train.seed}: the seed "
                        f"orders the batches; resume with it or use another --workdir")
+    if config.data.source == "synthetic":
+        return
+    for key in ("batch_size", "seq_len"):
+        if saved.get("train", {}).get(key, config.train[key]) != config.train[key]:
+            raise RunError(f"{where} trained with train.{key}={saved['train'][key]}, not {config.train[key]}: the "
+                           f"run's place in each epoch is counted in its rows; resume with it or use another --workdir")
+    recorded = info.get("data_stream")
+    if recorded is not None and stream is not None and recorded != stream:
+        raise RunError(f"{where} trained on {_describe_stream(recorded)}, not {_describe_stream(stream)}: a resume "
+                       f"continues the same documents in the same proportions; resume with the run's data settings "
+                       f"or use another --workdir")
 
 
-def _intact_hint(config, trainer: Trainer, workdir: Path, candidates: list[int]) -> str:
+def _describe_stream(stream: list) -> str:
+    return ", ".join(f"{s['name']} (weight {s['weight']:g}, training documents {s['train_sha256'][:12]})"
+                     for s in stream)
+
+
+def _intact_hint(config, trainer: Trainer, workdir: Path, candidates: list[int], stream: list | None) -> str:
     """Which earlier checkpoint restores, and how to continue from it."""
     for step in reversed(candidates):
         try:
-            _restore(config, trainer, workdir, step)
+            _restore(config, trainer, workdir, step, stream)
         except CheckpointDamaged:
             continue
         return (f"checkpoint {step} is intact: rerun with --resume-from {step} to continue from it (later "
@@ -417,7 +438,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     try:  # until the data is adopted, whatever stops the run removes what was staged for it
         if config.checkpoint.init_from and not committed_steps(workdir):
             check_init_from(config.checkpoint.init_from, cfg)
-        state, start = initial_state(config, trainer, workdir, resume_from)
+        state, start = initial_state(config, trainer, workdir, resume_from, data.stream)
         if start > t.steps:
             raise RunError(f"{workdir} holds checkpoint {start}, past train.steps={t.steps}; raise train.steps to "
                            f"at least {start} or use --resume-from an earlier step")
@@ -449,6 +470,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 "tokenizer_sha256": tokenizer_sha256, "mesh": dict(trainer.mesh.shape)}
     if data.corpus_sha256:
         run_info["corpus_sha256"] = data.corpus_sha256
+    if data.stream is not None:
+        run_info["data_stream"] = data.stream
     writer = metrics_lib.MetricsWriter(workdir)
     peak = metrics_lib.peak_flops_per_device()
     preemption = _Preemption()

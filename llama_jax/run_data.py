@@ -50,6 +50,7 @@ class RunData:
     staged: Path | None = None  # data prepared for this run, in a temporary directory until it starts
     corpus_sha256: str | None = None  # the prepared manifest's fingerprint of a corpus that depends on the
     # interpreter (stdlib)
+    stream: list | None = None  # each training source: name, weight, its documents' fingerprint
 
     def adopt(self, workdir: Path) -> str | None:
         """Move data prepared for the run to WORKDIR/data and keep its tokenizer as
@@ -205,10 +206,16 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
     eval_sets = {name: prepared.splits["held_out"] for name, prepared, _ in opened
                  if prepared.splits["held_out"].documents}
     if not eval_sets and t.eval_every:
+        if d.source == "prepared":  # data.eval_fraction was applied when the data was prepared
+            raise RunError(f"train.eval_every={t.eval_every} but {', '.join(str(p) for _, p, _ in named)} holds no "
+                           f"held-out documents (data.eval_fraction takes effect when data is prepared); prepare "
+                           f"it again with data.eval_fraction > 0, or set train.eval_every=0")
         raise RunError(f"train.eval_every={t.eval_every} but no document is held out for evaluation "
                        f"(data.eval_fraction={d.get('eval_fraction')}); use eval_fraction > 0 or train.eval_every=0")
+    stream = [{"name": name, "weight": weight, "train_sha256": prepared.splits["train"].fingerprint}
+              for name, prepared, weight in opened]
     return RunData(lambda s: train.batch(s, rows), eval_sets, tokenizer, train, tokenizer_path, staged,
-                   opened[0][1].manifest.get("corpus_sha256") if len(opened) == 1 else None)
+                   opened[0][1].manifest.get("corpus_sha256") if len(opened) == 1 else None, stream)
 
 
 def split_documents(split):

@@ -104,6 +104,8 @@ CASES = [
          r"holds no non-empty document"),
     Case("train-jsonl-line-not-json", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{bad_jsonl}"),
          r"bad.jsonl:2: not valid JSON"),
+    Case("train-jsonl-lone-surrogate", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{surrogate_jsonl}"),
+         r"surrogate.jsonl:2: field 'text' is not valid Unicode \(a lone surrogate \\ud800 at character 4\)"),
     Case("train-data-path-a-file", NEW_RUN + " --config.data.source=prepared --config.data.path={notes}",
          r"\S+notes.txt is not a directory; give a directory written by llama-jax prepare-data"),
     Case("train-tokenizer-unset", NEW_RUN + " --config.data.source=embedded",
@@ -447,6 +449,8 @@ def make_checkpoints_and_damaged_inputs(inputs: Path) -> dict[str, Path]:
     (p["empty_corpus"] / "a.txt").write_text("")
     p["bad_jsonl"] = inputs / "bad.jsonl"
     p["bad_jsonl"].write_text('{"text": "fine"}\n{"text": unquoted}\n')
+    p["surrogate_jsonl"] = inputs / "surrogate.jsonl"  # valid JSON and UTF-8, but no Unicode text
+    p["surrogate_jsonl"].write_text('{"text": "fine"}\n{"text": "bad \\ud800 surrogate"}\n')
     p["corrupt_model"] = inputs / "corrupt.model"
     p["corrupt_model"].write_bytes(bytes(range(256)) * 8)
     p["notes"] = inputs / "notes.txt"

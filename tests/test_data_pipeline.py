@@ -90,7 +90,7 @@ def mixture_config(tmp_path, mixture: str) -> Path:
     return config
 
 
-def test_a_mixture_reports_each_source(prepared, tmp_path):
+def test_a_mixture_reports_each_source(prepared, tmp_path, capsys):
     config = mixture_config(tmp_path, f"{{'docs': {{'path': '{prepared[0]}', 'weight': 3}}, "
                                       f"'texts': {{'path': '{prepared[1]}', 'weight': 1}}}}")
     workdir = tmp_path / "run"
@@ -109,6 +109,18 @@ def test_a_mixture_reports_each_source(prepared, tmp_path):
     assert last["eval_tokens"] == both
     assert last["eval_loss"] == pytest.approx((last["eval_loss/docs"] * last["eval_tokens/docs"]
                                                + last["eval_loss/texts"] * last["eval_tokens/texts"]) / both)
+
+    # a resume continues the same rows of the same documents: other weights, data or rows per step are refused
+    logged = (workdir / "metrics.jsonl").read_text()
+    for change, message in (("data.mixture.texts.weight=2", "trained on docs (weight 3, training documents "),
+                            (f"data.mixture.texts.path={prepared[0]}", "trained on docs (weight 3, training documents "),
+                            (f"train.batch_size={2 * B}", f"trained with train.batch_size={B}, not {2 * B}: the run's "
+                                                          f"place in each epoch is counted in its rows"),
+                            (f"train.seq_len={L // 2}", f"trained with train.seq_len={L}, not {L // 2}")):
+        assert main([*args, "--config.train.steps=6", f"--config.{change}"]) == 2
+        assert message in capsys.readouterr().err, change
+    assert (workdir / "metrics.jsonl").read_text() == logged
+    assert main([*args, "--config.train.steps=6"]) == 0
 
 
 def test_inspect_shows_a_step_and_covers_an_epoch(prepared, capsys):
@@ -150,6 +162,28 @@ def test_prepared_data_checks_a_named_tokenizer(prepared, tokenizer_path, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"data.tokenizer={other} is not the tokenizer {prepared[0]} was prepared with" in err[0]
     assert not (tmp_path / "other-run").exists()
+
+
+def test_a_prepared_directory_changed_after_preparation_is_one_line(prepared, tokenizer_path, tmp_path, capsys):
+    """A replaced tokenizer (its ids are not the data's) and a shard index whose offsets were
+    rewritten are named before they are trained on."""
+    import shutil
+
+    corpus = EmbeddedCorpus()
+    other = train_sentencepiece((corpus[i] for i in range(len(corpus))), tmp_path / "other" / "tokenizer.model", 480)
+    swapped = shutil.copytree(prepared[0], tmp_path / "swapped")
+    shutil.copyfile(other, swapped / "tokenizer.model")
+    reordered = shutil.copytree(prepared[0], tmp_path / "reordered")
+    index_file = reordered / "train-00000.index.npy"
+    index = np.load(index_file)
+    index[:, 0] = index[::-1, 0]
+    np.save(index_file, index)
+    for directory, message in ((swapped, f"{swapped / 'tokenizer.model'} does not match the sha256 in manifest.json"),
+                               (reordered, f"{index_file} is damaged: its document offsets do not ascend from 0")):
+        assert train(tmp_path / directory.name / "run", "--config.data.source=prepared",
+                     f"--config.data.path={directory}", "--config.train.steps=2", "--config.train.eval_every=0") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 @pytest.mark.parametrize("change, message", [
