@@ -112,8 +112,9 @@ def test_a_mixture_reports_each_source(prepared, tmp_path, capsys):
 
     # a resume continues the same rows of the same documents: other weights, data or rows per step are refused
     logged = (workdir / "metrics.jsonl").read_text()
-    for change, message in (("data.mixture.texts.weight=2", "trained on docs (weight 3, training documents "),
-                            (f"data.mixture.texts.path={prepared[0]}", "trained on docs (weight 3, training documents "),
+    other_data = "trained on docs (weight 3, training documents "
+    for change, message in (("data.mixture.texts.weight=2", other_data),
+                            (f"data.mixture.texts.path={prepared[0]}", other_data),
                             (f"train.batch_size={2 * B}", f"trained with train.batch_size={B}, not {2 * B}: the run's "
                                                           f"place in each epoch is counted in its rows"),
                             (f"train.seq_len={L // 2}", f"trained with train.seq_len={L}, not {L // 2}")):
