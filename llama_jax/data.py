@@ -165,6 +165,9 @@ def read_documents(paths: Sequence[str] | str, text_key: str = "text") -> Iterat
     for path in expand_files(paths):
         if os.path.isdir(path):
             raise ValueError(f"{path}: is a directory; give the files in it, e.g. {os.path.join(path, '*.txt')}")
+        if os.path.islink(path) and not os.path.exists(path):
+            raise ValueError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; give readable "
+                             f"files")
         if path.endswith(".txt"):
             yield _read_txt(path)
         elif path.endswith(".jsonl"):

@@ -202,10 +202,11 @@ class _Lines:
     is reading the texts.
     """
 
-    def __init__(self, texts: Iterable[str]):
+    def __init__(self, texts: Iterable[str], max_bytes: int):
         self.texts = iter(texts)
         self.error: BaseException | None = None
-        self.count = 0
+        self.count = self.long = 0  # lines given, and those of them the trainer skips for their length
+        self.max_bytes = max_bytes
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -213,6 +214,7 @@ class _Lines:
                 for line in text.split("\n"):
                     if line:
                         self.count += 1
+                        self.long += len(line) > self.max_bytes // 4 and len(line.encode()) > self.max_bytes
                         yield line
         except GeneratorExit:  # closed by the trainer: not an error
             raise
@@ -258,7 +260,7 @@ def train_sentencepiece(
         minloglevel=2,
     )
     flags.update(options)
-    lines = _Lines(texts)
+    lines = _Lines(texts, flags["max_sentence_length"])
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **flags)
@@ -267,6 +269,9 @@ def train_sentencepiece(
             raise lines.error from None
         if lines.count == 0:
             raise ValueError("no text to train the tokenizer on") from None
+        if lines.long == lines.count:
+            raise ValueError(f"every line of the text is longer than the {lines.max_bytes} bytes SentencePiece trains "
+                             f"on (it skips longer lines); break the text into lines") from None
         # Drop the "INTERNAL: src/file.cc(123) [condition]" prefix of sentencepiece's messages.
         reason = re.sub(r"^.*?\] ", "", str(e).strip().splitlines()[0]) or str(e).strip()
         needed = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", reason)

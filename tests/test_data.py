@@ -98,6 +98,7 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer, monkeypatch):
     ("missing key", r"a.jsonl:2: no string field 'text'"),
     ("not json", r"bad.jsonl:1: not valid JSON"),
     ("not an object", r"list.jsonl:1: a JSON list, not an object; each line must be a JSON object"),
+    ("dangling link", r"broken.txt: a symbolic link to /nonexistent/file.txt, which does not exist"),
     ("txt not utf-8", r"latin1.txt: not UTF-8 text \(byte 0xe9 at offset 3: invalid continuation byte\); "
                       r"data files must be UTF-8$"),
     ("jsonl not utf-8", r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 13"),
@@ -108,6 +109,7 @@ def test_bad_input_is_named(case, message, tmp_path, tokenizer):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text key"}\n')
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    (tmp_path / "broken.txt").symlink_to("/nonexistent/file.txt")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "x.csv").write_text("a,b\n")
     (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
@@ -119,6 +121,7 @@ def test_bad_input_is_named(case, message, tmp_path, tokenizer):
         "missing key": lambda: TextFiles(str(tmp_path / "a.jsonl")),
         "not json": lambda: TextFiles(str(tmp_path / "bad.jsonl")),
         "not an object": lambda: TextFiles(str(tmp_path / "list.jsonl")),
+        "dangling link": lambda: TextFiles(str(tmp_path / "broken.txt")),
         "txt not utf-8": lambda: TextFiles(str(tmp_path / "latin1.txt")),
         "jsonl not utf-8": lambda: TextFiles(str(tmp_path / "latin1.jsonl")),
         "file type": lambda: TextFiles(str(tmp_path / "x.csv")),

@@ -185,6 +185,9 @@ def test_training_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"the vocabulary \(50\) is smaller than the \d+ characters the corpus "
                                          r"needs; give a vocabulary size above \d+"):
         train_sentencepiece(CORPUS, tmp_path / "x.model", 50)
+    with pytest.raises(ValueError, match=r"every line of the text is longer than the 4192 bytes SentencePiece "
+                                         r"trains on \(it skips longer lines\); break the text into lines"):
+        train_sentencepiece([" ".join(" ".join(CORPUS).split())[:5000]] * 3, tmp_path / "x.model", VOCAB)  # 1 line
 
     def failing():
         yield "some text"
