@@ -205,7 +205,8 @@ def _empty(leaf) -> bool:
     return leaf is None or (isinstance(leaf, (dict, list, tuple)) and not leaf)
 
 
-ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
+ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings",
+                       "rope_theta", "rope_scaling", "norm_eps")
 
 
 class RunCheckpoints:
@@ -310,7 +311,8 @@ class RunCheckpoints:
 def check_same_architecture(saved: dict, config: LLaMAConfig, where: str,
                             advice: str = "use another --workdir or the matching config") -> None:
     """ValueError naming the first architecture field where a saved model differs from `config`."""
+    current = config.to_dict()  # rope_scaling as a dict, as saved
     for field in ARCHITECTURE_FIELDS:
-        if saved.get(field) != getattr(config, field):
+        if saved.get(field) != current[field]:
             raise ValueError(f"{where} holds a model with {field}={saved.get(field)}, but the config asks for "
-                             f"{field}={getattr(config, field)}; {advice}")
+                             f"{field}={current[field]}; {advice}")

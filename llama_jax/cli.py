@@ -321,7 +321,8 @@ def cmd_train(args) -> None:
               f"MFU {last['mfu']:.1%}; {metrics}")
     elif not result.preempted and result.final_step == config.train.steps:
         print(f"{args.workdir} already holds step {result.final_step} of train.steps={config.train.steps}: nothing "
-              f"left to train (a larger train.steps continues it); {metrics}")
+              f"left to train (a larger train.steps continues it, the learning-rate schedule recomputed over the new "
+              f"total); {metrics}")
 
 
 def cmd_export(args) -> None:

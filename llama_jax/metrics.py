@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -146,6 +147,9 @@ def _import_tensorboardx():
             del sys.modules["torch"]
 
 
+TENSORBOARD_CLOSE_S = 10.0  # longest a run waits for TensorBoard's writer thread to finish
+
+
 class MetricsWriter:
     """Appends one JSON object per step to `<logdir>/metrics.jsonl` and, when tensorboardX is
     installed, the numeric values as TensorBoard scalars in `logdir`. Only process 0 writes.
@@ -187,8 +191,12 @@ class MetricsWriter:
             self._file.close()
             self._file = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            # tensorboardX closes by joining its writer thread, which waits forever on its queue if
+            # a Ctrl-C landed inside add_scalar/flush; the event file may then miss its last scalars
+            closing = threading.Thread(target=tb.close, daemon=True)
+            closing.start()
+            closing.join(TENSORBOARD_CLOSE_S)
 
     def __enter__(self) -> "MetricsWriter":
         return self

@@ -54,11 +54,12 @@ def abstract_state(trainer: Trainer) -> TrainState:
 
 
 def initial_state(config, trainer: Trainer, workdir: Path, resume_from: int | None = None,
-                  stream: list | None = None) -> tuple[TrainState, int]:
+                  stream: list | None = None) -> tuple[TrainState, int, dict | None]:
     """Resume from the latest committed checkpoint (or `resume_from`), else start from
     `checkpoint.init_from`, else fresh. Reads only: a damaged or missing checkpoint is an error
     naming the newest intact one, never a silent fresh start. `stream`: what the run trains on
-    (`RunData.stream`), which a resume must not change."""
+    (`RunData.stream`), which a resume must not change. Returns (state, step, the run information
+    saved with the checkpoint resumed from, or None)."""
     steps = committed_steps(workdir)
     recorded = recorded_step(workdir)
     if resume_from is not None:
@@ -66,34 +67,48 @@ def initial_state(config, trainer: Trainer, workdir: Path, resume_from: int | No
             valid = ", ".join(map(str, steps)) or "none"
             raise RunError(f"--resume-from {resume_from}: {workdir} has no committed checkpoint of that step; "
                            f"valid: {valid}")
-        return _restore(config, trainer, workdir, resume_from, stream), resume_from
+        state, info = _restore(config, trainer, workdir, resume_from, stream)
+        return state, resume_from, info
     if recorded is not None and (not steps or steps[-1] < recorded):
         raise RunError(f"checkpoint {recorded} of {workdir} is missing (recorded in {PROGRESS_FILE} as the latest "
                        f"committed step); " + _intact_hint(config, trainer, workdir, steps, stream))
     if steps:
         try:
-            return _restore(config, trainer, workdir, steps[-1], stream), steps[-1]
+            state, info = _restore(config, trainer, workdir, steps[-1], stream)
+            return state, steps[-1], info
         except CheckpointDamaged as e:
             raise RunError(f"{e}; " + _intact_hint(config, trainer, workdir, steps[:-1], stream)) from None
     if config.checkpoint.init_from:
-        return state_from_model(config.checkpoint.init_from, trainer), 0
-    return trainer.init_state(config.train.seed), 0
+        return state_from_model(config.checkpoint.init_from, trainer), 0, None
+    return trainer.init_state(config.train.seed), 0, None
 
 
-def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | None = None) -> TrainState:
-    """The state of checkpoint `step`, checked to be of this config's model and optimizer first."""
+def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | None = None
+             ) -> tuple[TrainState, dict]:
+    """The state of checkpoint `step`, checked to be of this config's model and optimizer first,
+    and the run information saved with it."""
     with _reader(workdir) as checkpoints:
         info = checkpoints.run_info(step)
         check_same_architecture(info["model"], trainer.model_config, f"{workdir} (checkpoint {step})")
+        was_dtype, dtype = info["model"].get("param_dtype"), trainer.model_config.param_dtype
+        if was_dtype and was_dtype != dtype:
+            raise RunError(f"{workdir} (checkpoint {step}) holds {was_dtype} parameters, but the config asks for "
+                           f"model.param_dtype={dtype}: the run's master weights would be cast; resume with "
+                           f"param_dtype={was_dtype} or use another --workdir")
         _check_same_trajectory(info, config, stream, f"{workdir} (checkpoint {step})")
         target = abstract_state(trainer)
         if checkpoints.state_paths(step) != tree_paths(target):
+            scanned = info["model"].get("scan_layers", trainer.model_config.scan_layers)
+            if scanned != trainer.model_config.scan_layers:
+                raise RunError(f"{workdir} (checkpoint {step}) holds parameters with model.scan_layers={scanned}, not "
+                               f"{trainer.model_config.scan_layers}; resume with it (export the run and init_from "
+                               f"the export to change the layout) or use another --workdir")
             saved = info["config"].get("optimizer", {})
             changed = [f"optimizer.{k}" for k, v in config.optimizer.items() if saved.get(k) != v]
             raise RunError(f"{workdir} (checkpoint {step}) holds an optimizer state that does not fit this "
                            f"config's optimizer" + (f" (changed: {', '.join(changed)})" if changed else "") +
                            "; resume with the run's optimizer settings or use another --workdir")
-        return checkpoints.restore_state(step, target)
+        return checkpoints.restore_state(step, target), info
 
 
 def _check_same_trajectory(info: dict, config, stream: list | None, where: str) -> None:
@@ -109,6 +124,11 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
     if saved.get("train", {}).get("seed", config.train.seed) != config.train.seed:
         raise RunError(f"{where} trained with train.seed={saved['train']['seed']}, not {config.train.seed}: the seed "
                        f"orders the batches; resume with it or use another --workdir")
+    kept = saved.get("checkpoint", {}).get("keep_every") or 0
+    if kept and kept != (config.checkpoint.keep_every or 0):
+        raise RunError(f"{where} was saved with checkpoint.keep_every={kept}, which keeps every {kept}th step for good; "
+                       f"resuming with keep_every={config.checkpoint.keep_every} would let the retention delete them. "
+                       f"Resume with keep_every={kept}, or move the checkpoints to keep out of checkpoints/ first")
     if config.data.source == "synthetic":
         return
     for key in ("batch_size", "seq_len"):
@@ -120,6 +140,19 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
         raise RunError(f"{where} trained on {_describe_stream(recorded)}, not {_describe_stream(stream)}: a resume "
                        f"continues the same documents in the same proportions; resume with the run's data settings "
                        f"or use another --workdir")
+
+
+def changed_settings(saved: dict, config) -> list[str]:
+    """`key old -> new` for every config value that differs from a checkpoint's saved config."""
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict) and value and key != "mixture":
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    before, now = dict(flat(saved)), dict(flat(json.loads(config.to_json_best_effort())))
+    return [f"{key} {before[key]!r} -> {value!r}" for key, value in now.items() if key in before and before[key] != value]
 
 
 def _describe_stream(stream: list) -> str:
@@ -438,7 +471,13 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     try:  # until the data is adopted, whatever stops the run removes what was staged for it
         if config.checkpoint.init_from and not committed_steps(workdir):
             check_init_from(config.checkpoint.init_from, cfg)
-        state, start = initial_state(config, trainer, workdir, resume_from, data.stream)
+        if data.tokenizer and t.sample_tokens:  # samples are drawn during and after the run: check them now
+            prompt = len(data.tokenizer.encode(t.sample_prompt, bos=True, eos=False))
+            if prompt + t.sample_tokens > cfg.max_seq_len:
+                raise RunError(f"train.sample_prompt ({prompt} tokens with BOS) + train.sample_tokens "
+                               f"({t.sample_tokens}) = {prompt + t.sample_tokens} exceeds the model's max_seq_len "
+                               f"({cfg.max_seq_len}); shorten them")
+        state, start, resumed = initial_state(config, trainer, workdir, resume_from, data.stream)
         if start > t.steps:
             raise RunError(f"{workdir} holds checkpoint {start}, past train.steps={t.steps}; raise train.steps to "
                            f"at least {start} or use --resume-from an earlier step")
@@ -456,6 +495,12 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 print(f"{'no checkpoint: starting from step 0' if start == 0 else f'resuming from step {start}'}; "
                       f"the {len(moved)} metrics records of steps {moved[0]}-{moved[-1]} logged after it moved to "
                       f"{workdir / SET_ASIDE_DIR / METRICS_FILE}")
+            changed = changed_settings(resumed["config"], config) if resumed and start < t.steps else []
+            if changed:  # config.json will hold the new values: say what the earlier steps ran with
+                print(f"resuming from checkpoint {start} with settings changed since it was saved: "
+                      f"{', '.join(changed)}" + ("; the learning-rate schedule is recomputed over the new "
+                                                  "train.steps" if any(c.startswith("train.steps") for c in changed)
+                                                 else ""))
             write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         tokenizer_sha256 = data.adopt(workdir)
     except BaseException:
@@ -532,7 +577,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             checkpoints.save(step, state, {**run_info, "step": step}, force=True)
         if evaluates and evaluated_at != step:  # the final parameters, unless just evaluated
             eval_metrics = evaluate(config, trainer, state.params, data)
-            if step > start:
+            # logged once: also by a rerun of a run stopped between its last checkpoint and this record
+            if step > start or not any(r.get("step") == step and "eval_loss" in r
+                                        for r in metrics_lib.read_metrics(workdir / METRICS_FILE)):
                 writer.write(step, eval_metrics)
                 logged.append({"step": step, **eval_metrics})
         if samples and sampled_at != step:

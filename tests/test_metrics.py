@@ -200,3 +200,23 @@ def test_metrics_writer_is_silent_off_process_zero(tmp_path, monkeypatch):
     with MetricsWriter(tmp_path / "run") as writer:
         writer.write(1, {"loss": 1.0})
     assert not (tmp_path / "run").exists()
+
+
+def test_closing_does_not_wait_forever_for_tensorboards_writer_thread(tmp_path, monkeypatch):
+    """tensorboardX closes by joining its writer thread, which a Ctrl-C inside add_scalar can leave
+    waiting on its queue for good; the run's own log is closed either way."""
+    import threading
+    import time
+
+    from llama_jax import metrics
+
+    monkeypatch.setattr(metrics, "TENSORBOARD_CLOSE_S", 0.2)
+    writer = MetricsWriter(tmp_path)
+    writer.write(1, {"loss": 1.0})
+    stuck = threading.Event()
+    monkeypatch.setattr(writer._tb, "close", stuck.wait)  # a writer thread that never ends
+    started = time.monotonic()
+    writer.close()
+    assert time.monotonic() - started < 5
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    stuck.set()

@@ -242,6 +242,14 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("other optimizer", r"holds an optimizer state that does not fit .* \(changed: optimizer.name\)"),
     ("missing init_from", "checkpoint.init_from: .* is not a llama_jax model directory"),
     ("init_from of another shape", "checkpoint.init_from=.* holds a model with n_layers=3"),
+    ("init_from with other rotary settings", r"checkpoint.init_from=.* holds a model with rope_theta=500000.0, but "
+                                             r"the config asks for rope_theta=10000.0"),
+    ("other param dtype on resume", r"holds float32 parameters, but the config asks for model.param_dtype=bfloat16: "
+                                    r"the run's master weights would be cast"),
+    ("other layer layout on resume", r"holds parameters with model.scan_layers=True, not False"),
+    ("other batch size on resume", r"trained with train.batch_size=8, not 16: the run's place in each epoch"),
+    ("sample longer than the model", r"train.sample_prompt \(\d+ tokens with BOS\) \+ train.sample_tokens \(127\) = "
+                                     r"\d+ exceeds the model's max_seq_len \(128\)"),
 ])
 def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_path, straight_run, capsys,
                                                             case, message):
@@ -251,8 +259,9 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
     corrupt.write_bytes(os.urandom(2000))
     (tmp_path / "empty.txt").write_text("")
     other = tmp_path / "other-model"
-    if case == "init_from of another shape":
-        cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, "model.n_layers=3"))).model_config
+    if case.startswith("init_from of another shape") or case.startswith("init_from with"):
+        change = "model.n_layers=3" if case == "init_from of another shape" else "model.rope_theta=500000.0"
+        cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, change))).model_config
         save_model(other, cfg, init_params(cfg, 0))
     extra = {
         "missing tokenizer": [f"data.tokenizer={tmp_path / 'nope.model'}"],
@@ -265,8 +274,14 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "other optimizer": ["optimizer.name=lion"],
         "missing init_from": [f"checkpoint.init_from={tmp_path / 'nope'}"],
         "init_from of another shape": [f"checkpoint.init_from={other}"],
+        "init_from with other rotary settings": [f"checkpoint.init_from={other}"],
+        "other param dtype on resume": ["model.param_dtype=bfloat16"],
+        "other layer layout on resume": ["model.scan_layers=False"],
+        "other batch size on resume": ["train.batch_size=16"],
+        "sample longer than the model": ["train.sample_tokens=127", "train.sample_prompt=def"],
     }[case]
-    if case in ("corrupt tokenizer", "empty dataset", "missing init_from", "init_from of another shape"):  # new run
+    if case in ("corrupt tokenizer", "empty dataset", "missing init_from", "init_from of another shape",
+                "init_from with other rotary settings", "sample longer than the model"):  # a new run
         workdir = tmp_path / "fresh"
         workdir.mkdir()
     before = snapshot(workdir)
@@ -353,6 +368,33 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer
     assert f"{workdir} already holds step {STEPS} of train.steps={STEPS}: nothing left to train" in capsys.readouterr().out
     assert (workdir / "metrics.jsonl").read_text() == log
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
+
+    # stopped after its last checkpoint, before its closing evaluation was logged: the rerun logs it
+    assert json.loads(log.splitlines()[-1]).keys() >= {"step", "eval_loss"}
+    (workdir / "metrics.jsonl").write_text("".join(log.splitlines(keepends=True)[:-1]))
+    assert main(train_args(workdir, run_overrides(tokenizer_path))) == 0
+    assert (workdir / "metrics.jsonl").read_text() == log
+
+    # continued with other settings: the run says which, since config.json now holds the new ones
+    capsys.readouterr()
+    assert main(train_args(workdir, run_overrides(tokenizer_path, f"train.steps={STEPS + 2}",
+                                                  "optimizer.lr=0.001"))) == 0
+    assert (f"resuming from checkpoint {STEPS} with settings changed since it was saved: optimizer.lr 0.003 -> 0.001, "
+            f"train.steps {STEPS} -> {STEPS + 2}; the learning-rate schedule is recomputed over the new train.steps"
+            in capsys.readouterr().out)
+
+
+def test_a_resume_never_drops_the_checkpoints_keep_every_kept(tmp_path, tokenizer_path, capsys):
+    workdir = tmp_path / "run"
+    kept = ["checkpoint.every=2", "checkpoint.max_to_keep=1", "checkpoint.keep_every=4", "train.steps=8"]
+    assert main(train_args(workdir, run_overrides(tokenizer_path, *kept))) == 0
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+    assert steps == [4, 8]
+    capsys.readouterr()
+    assert main(train_args(workdir, run_overrides(tokenizer_path, *kept[:2], "train.steps=10"))) == 2
+    assert ("was saved with checkpoint.keep_every=4, which keeps every 4th step for good; resuming with "
+            "keep_every=0 would let the retention delete them") in capsys.readouterr().err
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == steps
 
 
 def test_export_writes_a_checkpoint_as_a_model_directory(tmp_path, tokenizer_path, straight_run, capsys):
