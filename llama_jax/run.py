@@ -126,9 +126,9 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
                        f"orders the batches; resume with it or use another --workdir")
     kept = saved.get("checkpoint", {}).get("keep_every") or 0
     if kept and kept != (config.checkpoint.keep_every or 0):
-        raise RunError(f"{where} was saved with checkpoint.keep_every={kept}, which keeps every {kept}th step for good; "
-                       f"resuming with keep_every={config.checkpoint.keep_every} would let the retention delete them. "
-                       f"Resume with keep_every={kept}, or move the checkpoints to keep out of checkpoints/ first")
+        raise RunError(f"{where} was saved with checkpoint.keep_every={kept}, which keeps every {kept}th step for "
+                       f"good; resuming with keep_every={config.checkpoint.keep_every} would let the retention delete "
+                       f"them. Resume with keep_every={kept}, or move the checkpoints to keep out of checkpoints/ first")
     if config.data.source == "synthetic":
         return
     for key in ("batch_size", "seq_len"):
@@ -152,7 +152,8 @@ def changed_settings(saved: dict, config) -> list[str]:
                 yield f"{prefix}{key}", value
 
     before, now = dict(flat(saved)), dict(flat(json.loads(config.to_json_best_effort())))
-    return [f"{key} {before[key]!r} -> {value!r}" for key, value in now.items() if key in before and before[key] != value]
+    return [f"{key} {before[key]!r} -> {value!r}" for key, value in now.items()
+            if key in before and before[key] != value]
 
 
 def _describe_stream(stream: list) -> str:

@@ -10,8 +10,9 @@ from llama_jax.model import unstack_layers
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = LLaMAConfig.from_preset("debug", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                              high_freq_factor=4.0, original_max_position_embeddings=64))
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+    cfg = LLaMAConfig.from_preset("debug", rope_scaling=scaling)
     return cfg, init_params(cfg, 0)
 
 
