@@ -128,7 +128,8 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
     if kept and kept != (config.checkpoint.keep_every or 0):
         raise RunError(f"{where} was saved with checkpoint.keep_every={kept}, which keeps every {kept}th step for "
                        f"good; resuming with keep_every={config.checkpoint.keep_every} would let the retention delete "
-                       f"them. Resume with keep_every={kept}, or move the checkpoints to keep out of checkpoints/ first")
+                       f"them. Resume with keep_every={kept}, or move the checkpoints to keep out of checkpoints/ "
+                       f"first")
     if config.data.source == "synthetic":
         return
     for key in ("batch_size", "seq_len"):
