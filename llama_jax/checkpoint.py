@@ -205,8 +205,10 @@ def _empty(leaf) -> bool:
     return leaf is None or (isinstance(leaf, (dict, list, tuple)) and not leaf)
 
 
-ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings",
-                       "rope_theta", "rope_scaling", "norm_eps")
+ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
+# what a model's weights were trained with beyond their shapes; a fine-tune may choose them anew
+# (a larger rope_theta or a rope_scaling to extend the context), so they are reported, not required
+TRAINED_WITH_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
 
 
 class RunCheckpoints:

@@ -548,10 +548,12 @@ def cmd_launch_tpu(args) -> None:
     tpu_slice = tpu.tpu_slice(args.accelerator)
     root = tpu.source_root()
     config = option_value(command, "--config")
-    if config and Path(config).is_absolute() and Path(config).is_file() and \
-            not Path(config).resolve().is_relative_to(root):
-        raise UserError(f"--config {config}: outside the checkout shipped to the workers ({root}); put it there "
-                        f"and give its path relative to {root}")
+    if config and Path(config).is_absolute() and Path(config).is_file():  # a path on this machine
+        inside = Path(config).resolve().is_relative_to(root)
+        raise UserError(f"--config {config}: the workers run from their own copy of the checkout, where this path "
+                        f"does not exist; give " + (f"{Path(config).resolve().relative_to(root)} (relative to the "
+                                                    f"checkout)" if inside else f"a file under {root}, by its path "
+                                                    f"relative to it"))
     _check_launched_config(command, root, tpu_slice.chips)  # JAX sees one device per chip
     if args.copy_back and Path(args.copy_back).exists() and not Path(args.copy_back).is_dir():
         raise UserError(f"--copy-back {args.copy_back} is a file; give a directory to receive the run's workdir")

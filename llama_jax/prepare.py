@@ -722,7 +722,6 @@ class PreparedSplit:
                  documents: int, tokens: int, nbytes: int):
         self.name, self.documents, self.tokens, self.bytes = name, documents, tokens, nbytes
         self.directory, self.shard_names, self.dtype = directory, shards, dtype
-        self._records = records
         self._token_starts = np.cumsum([0] + [r["tokens"] for r in records], dtype=np.int64)
         self._document_starts = np.cumsum([0] + [r["documents"] for r in records], dtype=np.int64)
         self._token_files: list[np.ndarray | None] = [None] * len(shards)
@@ -748,12 +747,6 @@ class PreparedSplit:
             self._offsets[k] = np.ascontiguousarray(offsets)
             self._indices[k] = index
         return self._indices[k]
-
-    @property
-    def fingerprint(self) -> str:
-        """The split's identity: the sha256 of its shards' recorded hashes (where the files are, and
-        how the directory was made, do not enter it)."""
-        return hashlib.sha256(json.dumps([r.get("sha256") for r in self._records]).encode()).hexdigest()
 
     def _shard_offsets(self, k: int) -> np.ndarray:
         """Offsets of the shard's documents within the shard (contiguous, for binary search)."""

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import json
+import math
 import os
 import signal
 import time
@@ -124,12 +125,12 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
     if saved.get("train", {}).get("seed", config.train.seed) != config.train.seed:
         raise RunError(f"{where} trained with train.seed={saved['train']['seed']}, not {config.train.seed}: the seed "
                        f"orders the batches; resume with it or use another --workdir")
-    kept = saved.get("checkpoint", {}).get("keep_every") or 0
-    if kept and kept != (config.checkpoint.keep_every or 0):
-        raise RunError(f"{where} was saved with checkpoint.keep_every={kept}, which keeps every {kept}th step for "
-                       f"good; resuming with keep_every={config.checkpoint.keep_every} would let the retention delete "
-                       f"them. Resume with keep_every={kept}, or move the checkpoints to keep out of checkpoints/ "
-                       f"first")
+    kept, keep = saved.get("checkpoint", {}).get("keep_every") or 0, config.checkpoint.keep_every or 0
+    if kept and (not keep or kept % keep):  # a divisor of the old period keeps every step it kept
+        raise RunError(f"{where} was saved with checkpoint.keep_every={kept}, which keeps the steps that are "
+                       f"multiples of {kept} for good; resuming with keep_every={keep} would let the retention delete "
+                       f"them. Resume with keep_every={kept} (or a divisor of it), or move the checkpoints to keep "
+                       f"out of checkpoints/ first")
     if config.data.source == "synthetic":
         return
     for key in ("batch_size", "seq_len"):
@@ -137,7 +138,7 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
             raise RunError(f"{where} trained with train.{key}={saved['train'][key]}, not {config.train[key]}: the "
                            f"run's place in each epoch is counted in its rows; resume with it or use another --workdir")
     recorded = info.get("data_stream")
-    if recorded is not None and stream is not None and recorded != stream:
+    if recorded is not None and stream is not None and not _same_stream(recorded, stream):
         raise RunError(f"{where} trained on {_describe_stream(recorded)}, not {_describe_stream(stream)}: a resume "
                        f"continues the same documents in the same proportions; resume with the run's data settings "
                        f"or use another --workdir")
@@ -157,9 +158,18 @@ def changed_settings(saved: dict, config) -> list[str]:
             if key in before and before[key] != value]
 
 
+def _same_stream(recorded: list, stream: list) -> bool:
+    """The same training sources, of the same documents and tokens (however sharded, wherever they
+    are), in the same proportions (weights 1:2 and 2:4 alike)."""
+    before, now = ({s["name"]: s for s in streams} for streams in (recorded, stream))
+    return before.keys() == now.keys() and all(
+        (before[n]["documents"], before[n]["tokens"]) == (now[n]["documents"], now[n]["tokens"])
+        and math.isclose(before[n]["share"], now[n]["share"], rel_tol=1e-9) for n in now)
+
+
 def _describe_stream(stream: list) -> str:
-    return ", ".join(f"{s['name']} (weight {s['weight']:g}, training documents {s['train_sha256'][:12]})"
-                     for s in stream)
+    return ", ".join(f"{s['name']} ({s['share']:.3g} of the rows, {s['documents']:,} training documents, "
+                     f"{s['tokens']:,} tokens)" for s in stream)
 
 
 def _intact_hint(config, trainer: Trainer, workdir: Path, candidates: list[int], stream: list | None) -> str:
@@ -293,6 +303,16 @@ def check_init_from(path: str, model: LLaMAConfig) -> None:
         raise RunError(f"checkpoint.init_from: {e}") from None
     check_same_architecture(saved.to_dict(), model, f"checkpoint.init_from={path}",
                             "set model.preset=init_from to take its architecture, or give a model of this one")
+
+
+def init_from_differences(path: str, model: LLaMAConfig) -> list[str]:
+    """`field=saved` of the rotary and norm settings the model at `path` was trained with where this
+    run's differ (e.g. a fine-tune extending the context)."""
+    from llama_jax.checkpoint import TRAINED_WITH_FIELDS, load_config
+
+    saved, now = load_config(path).to_dict(), model.to_dict()
+    return [f"{field}={saved[field]} (this run: {now[field]})" for field in TRAINED_WITH_FIELDS
+            if saved.get(field) != now[field]]
 
 
 def state_from_model(path: str, trainer: Trainer) -> TrainState:
@@ -471,8 +491,10 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     if data.train is not None and len(data.train.sources) > 1:  # a mixture: each source's training loss too
         trainer = dataclasses.replace(trainer, sources=tuple(source.name for source in data.train.sources))
     try:  # until the data is adopted, whatever stops the run removes what was staged for it
+        differences = []
         if config.checkpoint.init_from and not committed_steps(workdir):
             check_init_from(config.checkpoint.init_from, cfg)
+            differences = init_from_differences(config.checkpoint.init_from, cfg)
         if data.tokenizer and t.sample_tokens:  # samples are drawn during and after the run: check them now
             prompt = len(data.tokenizer.encode(t.sample_prompt, bos=True, eos=False))
             if prompt + t.sample_tokens > cfg.max_seq_len:
@@ -497,6 +519,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 print(f"{'no checkpoint: starting from step 0' if start == 0 else f'resuming from step {start}'}; "
                       f"the {len(moved)} metrics records of steps {moved[0]}-{moved[-1]} logged after it moved to "
                       f"{workdir / SET_ASIDE_DIR / METRICS_FILE}")
+            if differences:  # chosen anew on purpose (a longer context), or a preset's value by mistake
+                print(f"checkpoint.init_from={config.checkpoint.init_from} was trained with {', '.join(differences)}"
+                      f"; model.preset=init_from takes the model's own")
             changed = changed_settings(resumed["config"], config) if resumed and start < t.steps else []
             if changed:  # config.json will hold the new values: say what the earlier steps ran with
                 print(f"resuming from checkpoint {start} with settings changed since it was saved: "

@@ -50,7 +50,7 @@ class RunData:
     staged: Path | None = None  # data prepared for this run, in a temporary directory until it starts
     corpus_sha256: str | None = None  # the prepared manifest's fingerprint of a corpus that depends on the
     # interpreter (stdlib)
-    stream: list | None = None  # each training source: name, weight, its documents' fingerprint
+    stream: list | None = None  # each training source: name, share of the rows, documents and tokens
 
     def adopt(self, workdir: Path) -> str | None:
         """Move data prepared for the run to WORKDIR/data and keep its tokenizer as
@@ -212,8 +212,9 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
                            f"it again with data.eval_fraction > 0, or set train.eval_every=0")
         raise RunError(f"train.eval_every={t.eval_every} but no document is held out for evaluation "
                        f"(data.eval_fraction={d.get('eval_fraction')}); use eval_fraction > 0 or train.eval_every=0")
-    stream = [{"name": name, "weight": weight, "train_sha256": prepared.splits["train"].fingerprint}
-              for name, prepared, weight in opened]
+    total = sum(weight for _, _, weight in opened)
+    stream = [{"name": name, "share": weight / total, "documents": prepared.splits["train"].documents,
+               "tokens": prepared.splits["train"].tokens} for name, prepared, weight in opened]
     return RunData(lambda s: train.batch(s, rows), eval_sets, tokenizer, train, tokenizer_path, staged,
                    opened[0][1].manifest.get("corpus_sha256") if len(opened) == 1 else None, stream)
 

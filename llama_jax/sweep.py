@@ -748,7 +748,7 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
                          "ones before it, so it runs trials itself: use --on local)")
     workdir = Path(workdir).absolute()
     numbered = spec.search != "grid"
-    todo, queued = unfinished_on_slurm(listed, {t.number: workdir / t.name(axes, numbered) for t in listed})
+    todo, queued = unfinished_on_slurm(listed, {t.number: workdir / t.name(axes, numbered) for t in listed}, dry_run)
     waiting = f"; {len(queued)} trial(s) still queued or running (jobs {', '.join(queued)}) are not submitted " \
               f"again" if queued else ""
     if not todo:
@@ -771,10 +771,12 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
             f"llama-jax sweep --workdir {workdir} --report collects the results")
 
 
-def unfinished_on_slurm(listed: list[Trial], directories: dict[int, Path]) -> tuple[list[Trial], list[str]]:
+def unfinished_on_slurm(listed: list[Trial], directories: dict[int, Path], dry_run: bool = False
+                        ) -> tuple[list[Trial], list[str]]:
     """(the trials to submit, the job ids of trials submitted earlier that SLURM still holds): a
-    trial submitted before is submitted again only once its job has left the queue unfinished."""
-    from llama_jax.launch import slurm
+    trial submitted before is submitted again only once its job has left the queue unfinished.
+    A dry run away from the cluster (no squeue) shows those trials as to be submitted."""
+    from llama_jax.launch import LaunchError, slurm
     from llama_jax.results import run_outcome
 
     records = {t.number: read_trial(directories[t.number]) for t in listed}
@@ -782,5 +784,10 @@ def unfinished_on_slurm(listed: list[Trial], directories: dict[int, Path]) -> tu
             and not (records[t.number].get("status") == "submitted" and run_outcome(directories[t.number])["complete"])]
     jobs = {t.number: records[t.number]["job"] for t in todo
             if records[t.number].get("status") == "submitted" and isinstance(records[t.number].get("job"), str)}
-    queued = slurm.queued_or_running(list(jobs.values())) if jobs else set()
+    try:
+        queued = slurm.queued_or_running(list(jobs.values())) if jobs else set()
+    except LaunchError:
+        if not dry_run:
+            raise
+        queued = set()
     return [t for t in todo if jobs.get(t.number) not in queued], sorted(queued)

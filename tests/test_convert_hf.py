@@ -105,6 +105,15 @@ def test_hf_config_names_the_tokenizers_special_ids(tmp_path):
     assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "hf")]) == 0
     hf = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
     assert (hf.bos_token_id, hf.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id) != (1, 2)
+    # a generation config's ids win (LLaMA-3 instruct models end turns with a second EOS); ids it lacks come from
+    # the tokenizer
+    for generation, expected in (({"temperature": 0.6}, (tokenizer.bos_id, tokenizer.eos_id)),
+                                 ({"eos_token_id": [tokenizer.eos_id, 7]}, (tokenizer.bos_id, [tokenizer.eos_id, 7]))):
+        (tmp_path / "jax" / "generation_config.json").write_text(json.dumps(generation))
+        assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "hf"),
+                     "--overwrite"]) == 0
+        written = json.loads((tmp_path / "hf" / "config.json").read_text())
+        assert (written["bos_token_id"], written["eos_token_id"]) == expected
 
 
 def test_bfloat16_output_and_verify(tmp_path, capsys):

@@ -112,7 +112,7 @@ def test_a_mixture_reports_each_source(prepared, tmp_path, capsys):
 
     # a resume continues the same rows of the same documents: other weights, data or rows per step are refused
     logged = (workdir / "metrics.jsonl").read_text()
-    other_data = "trained on docs (weight 3, training documents "
+    other_data = "trained on docs (0.75 of the rows, "
     for change, message in (("data.mixture.texts.weight=2", other_data),
                             (f"data.mixture.texts.path={prepared[0]}", other_data),
                             (f"train.batch_size={2 * B}", f"trained with train.batch_size={B}, not {2 * B}: the run's "
@@ -121,7 +121,8 @@ def test_a_mixture_reports_each_source(prepared, tmp_path, capsys):
         assert main([*args, "--config.train.steps=6", f"--config.{change}"]) == 2
         assert message in capsys.readouterr().err, change
     assert (workdir / "metrics.jsonl").read_text() == logged
-    assert main([*args, "--config.train.steps=6"]) == 0
+    assert main([*args, "--config.train.steps=6", "--config.data.mixture.docs.weight=6",  # the same 3:1
+                 "--config.data.mixture.texts.weight=2"]) == 0
 
 
 def test_inspect_shows_a_step_and_covers_an_epoch(prepared, capsys):

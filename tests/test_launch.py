@@ -424,11 +424,14 @@ def test_a_config_outside_the_shipped_checkout_is_refused(capsys, tmp_path):
     """The workers get the checkout, not this machine's other files."""
     config = tmp_path / "mine.py"
     config.write_text((ROOT / "configs" / "tiny.py").read_text())
-    assert cli.main(["launch", "tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--",
-                     "train", "--config", str(config), "--workdir", "/mnt/gcs/runs/tiny"]) == 2
+    base = ["launch", "tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "train",
+            "--workdir", "/mnt/gcs/runs/tiny", "--config"]
+    assert cli.main([*base, str(config)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"llama-jax launch: error: --config {config}: outside the checkout shipped to the workers ({ROOT}); put it "
-        f"there and give its path relative to {ROOT}")
+        f"llama-jax launch: error: --config {config}: the workers run from their own copy of the checkout, where "
+        f"this path does not exist; give a file under {ROOT.resolve()}, by its path relative to it")
+    assert cli.main([*base, str(ROOT.resolve() / "configs" / "tiny.py")]) == 2  # inside it, but by this machine's path
+    assert capsys.readouterr().err.strip().endswith("does not exist; give configs/tiny.py (relative to the checkout)")
 
 
 def test_missing_tools_are_one_line(capsys, tmp_path, monkeypatch):

@@ -209,6 +209,18 @@ def test_nonfinite_step_is_skipped_when_configured(tmp_path, tokenizer_path, mon
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
 
 
+def test_init_from_a_model_of_other_rotary_settings_says_so(tmp_path, tokenizer_path, capsys):
+    """A fine-tune may choose rope_theta anew (to extend the context): it runs, and says what the
+    model was trained with, so that a preset's value taken by mistake is seen."""
+    cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, "model.rope_theta=500000.0"))).model_config
+    save_model(tmp_path / "model", cfg, init_params(cfg, 0))
+    capsys.readouterr()
+    assert main(train_args(tmp_path / "run", run_overrides(tokenizer_path, "train.steps=1", "optimizer.warmup_steps=0",
+                                                           f"checkpoint.init_from={tmp_path / 'model'}"))) == 0
+    assert (f"checkpoint.init_from={tmp_path / 'model'} was trained with rope_theta=500000.0 (this run: 10000.0); "
+            f"model.preset=init_from takes the model's own") in capsys.readouterr().out
+
+
 def test_init_from_a_model_directory(tmp_path, tokenizer_path):
     config = load_config(TINY, run_overrides(tokenizer_path, "train.steps=1", "optimizer.warmup_steps=0"))
     trainer = build_trainer(config, jax.devices()[:1])
@@ -242,8 +254,6 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("other optimizer", r"holds an optimizer state that does not fit .* \(changed: optimizer.name\)"),
     ("missing init_from", "checkpoint.init_from: .* is not a llama_jax model directory"),
     ("init_from of another shape", "checkpoint.init_from=.* holds a model with n_layers=3"),
-    ("init_from with other rotary settings", r"checkpoint.init_from=.* holds a model with rope_theta=500000.0, but "
-                                             r"the config asks for rope_theta=10000.0"),
     ("other param dtype on resume", r"holds float32 parameters, but the config asks for model.param_dtype=bfloat16: "
                                     r"the run's master weights would be cast"),
     ("other layer layout on resume", r"holds parameters with model.scan_layers=True, not False"),
@@ -259,9 +269,8 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
     corrupt.write_bytes(os.urandom(2000))
     (tmp_path / "empty.txt").write_text("")
     other = tmp_path / "other-model"
-    if case.startswith("init_from of another shape") or case.startswith("init_from with"):
-        change = "model.n_layers=3" if case == "init_from of another shape" else "model.rope_theta=500000.0"
-        cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, change))).model_config
+    if case == "init_from of another shape":
+        cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, "model.n_layers=3"))).model_config
         save_model(other, cfg, init_params(cfg, 0))
     extra = {
         "missing tokenizer": [f"data.tokenizer={tmp_path / 'nope.model'}"],
@@ -274,14 +283,13 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "other optimizer": ["optimizer.name=lion"],
         "missing init_from": [f"checkpoint.init_from={tmp_path / 'nope'}"],
         "init_from of another shape": [f"checkpoint.init_from={other}"],
-        "init_from with other rotary settings": [f"checkpoint.init_from={other}"],
         "other param dtype on resume": ["model.param_dtype=bfloat16"],
         "other layer layout on resume": ["model.scan_layers=False"],
         "other batch size on resume": ["train.batch_size=16"],
         "sample longer than the model": ["train.sample_tokens=127", "train.sample_prompt=def"],
     }[case]
     if case in ("corrupt tokenizer", "empty dataset", "missing init_from", "init_from of another shape",
-                "init_from with other rotary settings", "sample longer than the model"):  # a new run
+                "sample longer than the model"):  # a new run
         workdir = tmp_path / "fresh"
         workdir.mkdir()
     before = snapshot(workdir)
@@ -392,9 +400,12 @@ def test_a_resume_never_drops_the_checkpoints_keep_every_kept(tmp_path, tokenize
     assert steps == [4, 8]
     capsys.readouterr()
     assert main(train_args(workdir, run_overrides(tokenizer_path, *kept[:2], "train.steps=10"))) == 2
-    assert ("was saved with checkpoint.keep_every=4, which keeps every 4th step for good; resuming with "
-            "keep_every=0 would let the retention delete them") in capsys.readouterr().err
+    assert ("was saved with checkpoint.keep_every=4, which keeps the steps that are multiples of 4 for good; resuming "
+            "with keep_every=0 would let the retention delete them") in capsys.readouterr().err
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == steps
+    assert main(train_args(workdir, run_overrides(tokenizer_path, *kept[:2], "checkpoint.keep_every=2",
+                                                  "train.steps=10"))) == 0  # a divisor keeps all 4 kept
+    assert {4, 8} <= {int(p.name) for p in (workdir / "checkpoints").iterdir()}
 
 
 def test_export_writes_a_checkpoint_as_a_model_directory(tmp_path, tokenizer_path, straight_run, capsys):

@@ -404,3 +404,5 @@ def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys
     assert main(args) == 2  # whether the jobs still run is unknown: nothing is submitted
     assert "squeue could not list this user's jobs (slurm_load_jobs error: Unable to contact slurm controller)" \
         in capsys.readouterr().err
+    assert main([*args, "--dry-run"]) == 0  # a dry run (away from the cluster) shows them as to be submitted
+    assert "#SBATCH --array=0-2%3" in capsys.readouterr().out

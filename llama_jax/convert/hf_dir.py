@@ -135,18 +135,22 @@ def write_hf_dir(dst: Path, config: LLaMAConfig, load: Callable[[str], np.ndarra
 
 def add_special_token_ids(dst: Path) -> None:
     """Put the beginning- and end-of-text ids into DST/config.json, from the generation_config.json
-    or tokenizer.model carried along into DST: without them transformers assumes 1 and 2 (LLaMA-2's
-    SentencePiece ids; LLaMA-3's are 128000 and 128001)."""
+    carried along into DST where it has them, else from its tokenizer.model: without them
+    transformers assumes 1 and 2 (LLaMA-2's SentencePiece ids; LLaMA-3's are 128000 and 128001)."""
     from llama_jax.tokenizer import load_tokenizer
 
     ids = {}
-    if (dst / "generation_config.json").is_file():
+    if (dst / "generation_config.json").is_file():  # the model's own word first (e.g. several EOS ids)
         generation = read_json(dst / "generation_config.json")
         ids = {key: generation[key] for key in ("bos_token_id", "eos_token_id")
                if isinstance(generation, dict) and key in generation}
-    elif (dst / "tokenizer.model").is_file():
-        tokenizer = load_tokenizer(dst / "tokenizer.model")
-        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    if len(ids) < 2 and (dst / "tokenizer.model").is_file():
+        try:
+            tokenizer = load_tokenizer(dst / "tokenizer.model")
+        except ValueError:  # carried along as it is; the weights do not depend on it
+            tokenizer = None
+        if tokenizer is not None:
+            ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, **ids}
     if ids:
         config = json.loads((dst / "config.json").read_text())
         (dst / "config.json").write_text(json.dumps({**config, **ids}, indent=2) + "\n")
