@@ -115,8 +115,8 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | 
 def _check_same_trajectory(info: dict, config, stream: list | None, where: str) -> None:
     """RunError when a resume would change what the run trains on: random tokens for documents or
     the other way round, the seed that orders its batches, the rows a step takes (batch size and
-    length: each source's place in its epoch is counted in them), or the documents and mixture
-    weights (`stream`, recorded in the checkpoint by this version)."""
+    length: each source's place in its epoch is counted in them), or the sources, their documents
+    and their proportions (`stream`, recorded in checkpoints from this version on)."""
     saved = info["config"]
     was = saved.get("data", {}).get("source")
     if (was == "synthetic") != (config.data.source == "synthetic"):
