@@ -293,16 +293,22 @@ def check_workdir(workdir: Path) -> None:
                        f"checkpoints/, metrics.jsonl there); use a new or empty directory")
 
 
-def check_init_from(path: str, model: LLaMAConfig) -> None:
-    """RunError unless `path` is a model directory with the architecture of `model`."""
-    from llama_jax.checkpoint import load_config
+def check_init_from(path: str, model: LLaMAConfig, section=None) -> None:
+    """RunError unless `path` is a model directory with the architecture of `model` (made from the
+    config's `model` section, whose fields override even the init_from preset)."""
+    from llama_jax.checkpoint import ARCHITECTURE_FIELDS, load_config
+    from llama_jax.experiment import INIT_FROM_PRESET
 
     try:
         saved = load_config(path)
     except (ValueError, OSError) as e:
         raise RunError(f"checkpoint.init_from: {e}") from None
-    check_same_architecture(saved.to_dict(), model, f"checkpoint.init_from={path}",
-                            "set model.preset=init_from to take its architecture, or give a model of this one")
+    advice = "set model.preset=init_from to take its architecture, or give a model of this one"
+    set_here = [f for f in ARCHITECTURE_FIELDS if section is not None and section.get(f) is not None]
+    if section is not None and section.get("preset") == INIT_FROM_PRESET and set_here:
+        advice = (f"model.preset=init_from is set, but the config also sets {', '.join(f'model.{f}' for f in set_here)}"
+                  f", which override the model's; set them to None (e.g. --config.model.{set_here[0]}=None)")
+    check_same_architecture(saved.to_dict(), model, f"checkpoint.init_from={path}", advice)
 
 
 def init_from_differences(path: str, model: LLaMAConfig) -> list[str]:
@@ -493,7 +499,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     try:  # until the data is adopted, whatever stops the run removes what was staged for it
         differences = []
         if config.checkpoint.init_from and not committed_steps(workdir):
-            check_init_from(config.checkpoint.init_from, cfg)
+            check_init_from(config.checkpoint.init_from, cfg, config.model)
             differences = init_from_differences(config.checkpoint.init_from, cfg)
         if data.tokenizer and t.sample_tokens:  # samples are drawn during and after the run: check them now
             prompt = len(data.tokenizer.encode(t.sample_prompt, bos=True, eos=False))

@@ -254,6 +254,10 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("other optimizer", r"holds an optimizer state that does not fit .* \(changed: optimizer.name\)"),
     ("missing init_from", "checkpoint.init_from: .* is not a llama_jax model directory"),
     ("init_from of another shape", "checkpoint.init_from=.* holds a model with n_layers=3"),
+    ("init_from preset under the config's own shape", r"holds a model with n_layers=3, but the config asks for "
+                                                      r"n_layers=2; model.preset=init_from is set, but the config also "
+                                                      r"sets model.vocab_size, model.dim, model.n_layers, .* set them to "
+                                                      r"None \(e.g. --config.model.vocab_size=None\)"),
     ("other param dtype on resume", r"holds float32 parameters, but the config asks for model.param_dtype=bfloat16: "
                                     r"the run's master weights would be cast"),
     ("other layer layout on resume", r"holds parameters with model.scan_layers=True, not False"),
@@ -269,7 +273,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
     corrupt.write_bytes(os.urandom(2000))
     (tmp_path / "empty.txt").write_text("")
     other = tmp_path / "other-model"
-    if case == "init_from of another shape":
+    if case.startswith("init_from"):
         cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, "model.n_layers=3"))).model_config
         save_model(other, cfg, init_params(cfg, 0))
     extra = {
@@ -283,13 +287,14 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "other optimizer": ["optimizer.name=lion"],
         "missing init_from": [f"checkpoint.init_from={tmp_path / 'nope'}"],
         "init_from of another shape": [f"checkpoint.init_from={other}"],
+        "init_from preset under the config's own shape": [f"checkpoint.init_from={other}", "model.preset=init_from"],
         "other param dtype on resume": ["model.param_dtype=bfloat16"],
         "other layer layout on resume": ["model.scan_layers=False"],
         "other batch size on resume": ["train.batch_size=16"],
         "sample longer than the model": ["train.sample_tokens=127", "train.sample_prompt=def"],
     }[case]
     if case in ("corrupt tokenizer", "empty dataset", "missing init_from", "init_from of another shape",
-                "sample longer than the model"):  # a new run
+                "init_from preset under the config's own shape", "sample longer than the model"):  # a new run
         workdir = tmp_path / "fresh"
         workdir.mkdir()
     before = snapshot(workdir)
