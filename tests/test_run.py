@@ -254,10 +254,10 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("other optimizer", r"holds an optimizer state that does not fit .* \(changed: optimizer.name\)"),
     ("missing init_from", "checkpoint.init_from: .* is not a llama_jax model directory"),
     ("init_from of another shape", "checkpoint.init_from=.* holds a model with n_layers=3"),
-    ("init_from preset under the config's own shape", r"holds a model with n_layers=3, but the config asks for "
-                                                      r"n_layers=2; model.preset=init_from is set, but the config also "
-                                                      r"sets model.vocab_size, model.dim, model.n_layers, .* set them to "
-                                                      r"None \(e.g. --config.model.vocab_size=None\)"),
+    ("init_from preset under the config's own shape",
+     r"holds a model with n_layers=3, but the config asks for n_layers=2; model.preset=init_from is set, but the "
+     r"config also sets model.vocab_size, model.dim, model.n_layers, .* set them to None \(e.g. "
+     r"--config.model.vocab_size=None\)"),
     ("other param dtype on resume", r"holds float32 parameters, but the config asks for model.param_dtype=bfloat16: "
                                     r"the run's master weights would be cast"),
     ("other layer layout on resume", r"holds parameters with model.scan_layers=True, not False"),
