@@ -122,35 +122,33 @@ def read_hf_dir(src: str | Path) -> Source:
 
 
 def write_hf_dir(dst: Path, config: LLaMAConfig, load: Callable[[str], np.ndarray],
-                 max_shard_bytes: int = 5 * 2**30) -> int:
+                 max_shard_bytes: int = 5 * 2**30, token_ids: dict | None = None) -> int:
     """config.json + (sharded) safetensors + index into `dst`; returns bytes of weights written.
 
     Weights are written in `config.param_dtype`; tied models carry no `lm_head.weight`.
+    `token_ids`: `special_token_ids` of the tokenizer files that go with the weights.
     """
     specs = tensor_specs(config)
     index = write_shards(dst, [(s.hf_name, s.hf_shape, config.param_dtype) for s in specs], load, max_shard_bytes)
-    (dst / "config.json").write_text(json.dumps(config.to_hf("v4"), indent=2) + "\n")
+    (dst / "config.json").write_text(json.dumps({**config.to_hf("v4"), **(token_ids or {})}, indent=2) + "\n")
     return index["metadata"]["total_size"]
 
 
-def add_special_token_ids(dst: Path) -> None:
-    """Put the beginning- and end-of-text ids into DST/config.json, from the generation_config.json
-    carried along into DST where it has them, else from its tokenizer.model: without them
-    transformers assumes 1 and 2 (LLaMA-2's SentencePiece ids; LLaMA-3's are 128000 and 128001)."""
+def special_token_ids(directory: Path) -> dict:
+    """The beginning- and end-of-text ids for a config.json, from DIRECTORY's generation_config.json
+    where it has them, else from its tokenizer.model: without them transformers assumes 1 and 2
+    (LLaMA-2's SentencePiece ids; LLaMA-3's are 128000 and 128001)."""
     from llama_jax.tokenizer import load_tokenizer
 
     ids = {}
-    if (dst / "generation_config.json").is_file():  # the model's own word first (e.g. several EOS ids)
-        generation = read_json(dst / "generation_config.json")
+    if (directory / "generation_config.json").is_file():  # the model's own word first (e.g. several EOS ids)
+        generation = read_json(directory / "generation_config.json")
         ids = {key: generation[key] for key in ("bos_token_id", "eos_token_id")
                if isinstance(generation, dict) and key in generation}
-    if len(ids) < 2 and (dst / "tokenizer.model").is_file():
+    if len(ids) < 2 and (directory / "tokenizer.model").is_file():
         try:
-            tokenizer = load_tokenizer(dst / "tokenizer.model")
+            tokenizer = load_tokenizer(directory / "tokenizer.model")
         except ValueError:  # carried along as it is; the weights do not depend on it
-            tokenizer = None
-        if tokenizer is not None:
-            ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, **ids}
-    if ids:
-        config = json.loads((dst / "config.json").read_text())
-        (dst / "config.json").write_text(json.dumps({**config, **ids}, indent=2) + "\n")
+            return ids
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, **ids}
+    return ids

@@ -114,15 +114,14 @@ def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype:
                 return source.load(name).astype(out_dtype, copy=False)
 
             if dst_fmt == "hf":
-                written = hf_dir.write_hf_dir(tmp, config, load, max_shard_bytes)
+                token_ids = hf_dir.special_token_ids(source.files_dir) if source.files_dir is not None else {}
+                written = hf_dir.write_hf_dir(tmp, config, load, max_shard_bytes, token_ids)
             elif dst_fmt == "meta":
                 written = meta.write_meta(tmp, config, load, shards)
             else:
                 written = write_jax_dir(tmp, config, load)
             if source.files_dir is not None:
                 copy_tokenizer_files(source.files_dir, tmp)
-            if dst_fmt == "hf":
-                hf_dir.add_special_token_ids(tmp)
             report = None
             if verify:
                 from llama_jax.convert.verify import verify_conversion
