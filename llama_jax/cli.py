@@ -488,16 +488,17 @@ def _launched_command(args) -> list[str]:
         raise UserError(f"give the llama-jax command to run after --, e.g. llama-jax launch {args.target} ... "
                         f"-- train --config configs/tiny.py --workdir runs/tiny")
     command = command[2:] if command[1:2] == ["llama-jax"] else command[1:]
-    names = [name for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)
+    parser = build_parser()
+    names = [name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
              for name in action.choices if name != "launch"]
     if not command or command[0] not in names:
         given = f"{command[0]!r} is not a llama-jax command" if command else "nothing given"
         raise UserError(f"after --: {given}; expected one of {', '.join(names)}")
-    _check_launched_arguments(command)
+    _check_launched_arguments(parser, command)
     return command
 
 
-def _check_launched_arguments(command: list[str]) -> None:
+def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str]) -> None:
     """The launched command's flags, parsed here as they will be parsed where it runs, so that a
     typo or a missing --workdir is found before machines are provisioned."""
     import io
@@ -507,7 +508,7 @@ def _check_launched_arguments(command: list[str]) -> None:
     error = io.StringIO()
     try:
         with contextlib.redirect_stderr(error), contextlib.redirect_stdout(io.StringIO()):
-            build_parser().parse_args(_attach_mesh_values(rest))
+            parser.parse_args(_attach_mesh_values(rest))
     except SystemExit as e:
         if e.code == 0:
             raise UserError(f"after --: {command[0]} would only print its help; drop -h/--help") from None
@@ -549,11 +550,11 @@ def cmd_launch_tpu(args) -> None:
     root = tpu.source_root()
     config = option_value(command, "--config")
     if config and Path(config).is_absolute() and Path(config).is_file():  # a path on this machine
-        inside = Path(config).resolve().is_relative_to(root)
+        local = Path(config).resolve()
+        valid = f"{local.relative_to(root)} (relative to the checkout)" if local.is_relative_to(root) else \
+            f"a file under {root}, by its path relative to it"
         raise UserError(f"--config {config}: the workers run from their own copy of the checkout, where this path "
-                        f"does not exist; give " + (f"{Path(config).resolve().relative_to(root)} (relative to the "
-                                                    f"checkout)" if inside else f"a file under {root}, by its path "
-                                                    f"relative to it"))
+                        f"does not exist; give {valid}")
     _check_launched_config(command, root, tpu_slice.chips)  # JAX sees one device per chip
     if args.copy_back and Path(args.copy_back).exists() and not Path(args.copy_back).is_dir():
         raise UserError(f"--copy-back {args.copy_back} is a file; give a directory to receive the run's workdir")
