@@ -91,11 +91,7 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | 
     with _reader(workdir) as checkpoints:
         info = checkpoints.run_info(step)
         check_same_architecture(info["model"], trainer.model_config, f"{workdir} (checkpoint {step})")
-        was_dtype, dtype = info["model"].get("param_dtype"), trainer.model_config.param_dtype
-        if was_dtype and was_dtype != dtype:
-            raise RunError(f"{workdir} (checkpoint {step}) holds {was_dtype} parameters, but the config asks for "
-                           f"model.param_dtype={dtype}: the run's master weights would be cast; resume with "
-                           f"param_dtype={was_dtype} or use another --workdir")
+        _check_nothing_lost(info, config, trainer.model_config, f"{workdir} (checkpoint {step})")
         _check_same_trajectory(info, config, stream, f"{workdir} (checkpoint {step})")
         target = abstract_state(trainer)
         if checkpoints.state_paths(step) != tree_paths(target):
@@ -112,6 +108,22 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | 
         return checkpoints.restore_state(step, target), info
 
 
+def _check_nothing_lost(info: dict, config, model: LLaMAConfig, where: str) -> None:
+    """RunError when a resume would cast the run's master weights, or let the checkpoint retention
+    delete steps that `checkpoint.keep_every` kept."""
+    was_dtype = info["model"].get("param_dtype")
+    if was_dtype and was_dtype != model.param_dtype:
+        raise RunError(f"{where} holds {was_dtype} parameters, but the config asks for model.param_dtype="
+                       f"{model.param_dtype}: the run's master weights would be cast; resume with "
+                       f"param_dtype={was_dtype} or use another --workdir")
+    kept, keep = info["config"].get("checkpoint", {}).get("keep_every") or 0, config.checkpoint.keep_every or 0
+    if kept and (not keep or kept % keep):  # a divisor of the old period keeps every step it kept
+        raise RunError(f"{where} was saved with checkpoint.keep_every={kept}, which keeps the steps that are "
+                       f"multiples of {kept} for good; resuming with keep_every={keep} would let the retention delete "
+                       f"them. Resume with keep_every={kept} (or a divisor of it), or move the checkpoints to keep "
+                       f"out of checkpoints/ first")
+
+
 def _check_same_trajectory(info: dict, config, stream: list | None, where: str) -> None:
     """RunError when a resume would change what the run trains on: random tokens for documents or
     the other way round, the seed that orders its batches, the rows a step takes (batch size and
@@ -125,12 +137,6 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
     if saved.get("train", {}).get("seed", config.train.seed) != config.train.seed:
         raise RunError(f"{where} trained with train.seed={saved['train']['seed']}, not {config.train.seed}: the seed "
                        f"orders the batches; resume with it or use another --workdir")
-    kept, keep = saved.get("checkpoint", {}).get("keep_every") or 0, config.checkpoint.keep_every or 0
-    if kept and (not keep or kept % keep):  # a divisor of the old period keeps every step it kept
-        raise RunError(f"{where} was saved with checkpoint.keep_every={kept}, which keeps the steps that are "
-                       f"multiples of {kept} for good; resuming with keep_every={keep} would let the retention delete "
-                       f"them. Resume with keep_every={kept} (or a divisor of it), or move the checkpoints to keep "
-                       f"out of checkpoints/ first")
     if config.data.source == "synthetic":
         return
     for key in ("batch_size", "seq_len"):
@@ -293,10 +299,12 @@ def check_workdir(workdir: Path) -> None:
                        f"checkpoints/, metrics.jsonl there); use a new or empty directory")
 
 
-def check_init_from(path: str, model: LLaMAConfig, section=None) -> None:
+def check_init_from(path: str, model: LLaMAConfig, section=None) -> list[str]:
     """RunError unless `path` is a model directory with the architecture of `model` (made from the
-    config's `model` section, whose fields override even the init_from preset)."""
-    from llama_jax.checkpoint import ARCHITECTURE_FIELDS, load_config
+    config's `model` section, whose fields override even the init_from preset). Returns
+    `field=saved (this run: value)` for the rotary and norm settings the model was trained with
+    where this run's differ (a fine-tune extending the context chooses them anew)."""
+    from llama_jax.checkpoint import ARCHITECTURE_FIELDS, TRAINED_WITH_FIELDS, load_config
     from llama_jax.experiment import INIT_FROM_PRESET
 
     try:
@@ -309,16 +317,9 @@ def check_init_from(path: str, model: LLaMAConfig, section=None) -> None:
         advice = (f"model.preset=init_from is set, but the config also sets {', '.join(f'model.{f}' for f in set_here)}"
                   f", which override the model's; set them to None (e.g. --config.model.{set_here[0]}=None)")
     check_same_architecture(saved.to_dict(), model, f"checkpoint.init_from={path}", advice)
-
-
-def init_from_differences(path: str, model: LLaMAConfig) -> list[str]:
-    """`field=saved` of the rotary and norm settings the model at `path` was trained with where this
-    run's differ (e.g. a fine-tune extending the context)."""
-    from llama_jax.checkpoint import TRAINED_WITH_FIELDS, load_config
-
-    saved, now = load_config(path).to_dict(), model.to_dict()
-    return [f"{field}={saved[field]} (this run: {now[field]})" for field in TRAINED_WITH_FIELDS
-            if saved.get(field) != now[field]]
+    before, now = saved.to_dict(), model.to_dict()
+    return [f"{field}={before[field]} (this run: {now[field]})" for field in TRAINED_WITH_FIELDS
+            if before.get(field) != now[field]]
 
 
 def state_from_model(path: str, trainer: Trainer) -> TrainState:
@@ -499,8 +500,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     try:  # until the data is adopted, whatever stops the run removes what was staged for it
         differences = []
         if config.checkpoint.init_from and not committed_steps(workdir):
-            check_init_from(config.checkpoint.init_from, cfg, config.model)
-            differences = init_from_differences(config.checkpoint.init_from, cfg)
+            differences = check_init_from(config.checkpoint.init_from, cfg, config.model)
         if data.tokenizer and t.sample_tokens:  # samples are drawn during and after the run: check them now
             prompt = len(data.tokenizer.encode(t.sample_prompt, bos=True, eos=False))
             if prompt + t.sample_tokens > cfg.max_seq_len:

@@ -780,10 +780,11 @@ def unfinished_on_slurm(listed: list[Trial], directories: dict[int, Path], dry_r
     from llama_jax.results import run_outcome
 
     records = {t.number: read_trial(directories[t.number]) for t in listed}
+    submitted = {n for n, record in records.items() if record.get("status") == "submitted"}
     todo = [t for t in listed if records[t.number].get("status") not in FINISHED
-            and not (records[t.number].get("status") == "submitted" and run_outcome(directories[t.number])["complete"])]
+            and not (t.number in submitted and run_outcome(directories[t.number])["complete"])]
     jobs = {t.number: records[t.number]["job"] for t in todo
-            if records[t.number].get("status") == "submitted" and isinstance(records[t.number].get("job"), str)}
+            if t.number in submitted and isinstance(records[t.number].get("job"), str)}
     try:
         queued = slurm.queued_or_running(list(jobs.values())) if jobs else set()
     except LaunchError:
