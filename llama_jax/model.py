@@ -418,8 +418,19 @@ class LLaMA(nn.Module):
 
 def initial_params(cfg: LLaMAConfig, rng: Array):
     """Boxed parameters, traced from a one-token input with the `xla` attention kernel: the kernel
-    does not shape the parameters, and fused ones (splash) take no one-token sequence."""
-    return LLaMA(cfg.replace(attention_impl="xla")).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    does not shape the parameters, and fused ones (splash) take no one-token sequence.
+
+    The values do not depend on the layer layout: unrolled layers (`scan_layers=False`) are the
+    scanned initialisation split per layer, so a seed gives the same model either way."""
+    def init(config):
+        return LLaMA(config.replace(attention_impl="xla")).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+    if cfg.scan_layers:
+        return init(cfg)
+    values = unstack_layers(nn.meta.unbox(init(cfg.replace(scan_layers=True))), cfg.n_layers)
+    boxes = jax.eval_shape(functools.partial(init, cfg))  # the unrolled tree's logical axis names
+    return jax.tree.map(lambda box, value: box.replace_boxed(value) if isinstance(box, nn.Partitioned) else value,
+                        boxes, values, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def _init_fn(cfg: LLaMAConfig):

@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 import pytest
 
 from llama_jax import KVCache, LLaMA, LLaMAConfig, attention, from_hf_state_dict, init_params
-from llama_jax.model import project, rms_norm, stack_layers, swiglu, unstack_layers
+from llama_jax.model import logical_axes, project, rms_norm, stack_layers, swiglu, unstack_layers
 from tests.reference import VARIANTS, hf_config_dict, hf_logits, make_hf_model, state_dict_numpy
 
 PARITY_TOL = 1e-4
@@ -184,9 +185,13 @@ def test_scan_equals_unscanned(gqa):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
     restacked = stack_layers(unscanned, cfg.n_layers)
     jax.tree.map(np.testing.assert_array_equal, restacked, params)
-    # Initialising unscanned gives the per-layer tree directly.
+    # Initialising unscanned gives the per-layer tree directly, with the same values for the same
+    # seed, and each layer's logical axes without the layer axis.
     init_unscanned = init_params(cfg.replace(scan_layers=False), 0)
-    assert jax.tree.structure(init_unscanned) == jax.tree.structure(unscanned)
+    jax.tree.map(np.testing.assert_array_equal, init_unscanned, unstack_layers(init_params(cfg, 0), cfg.n_layers))
+    axes = logical_axes(cfg.replace(scan_layers=False))
+    assert axes["layers_1"]["attn"]["q"]["kernel"] == P("embed", "heads", "head_dim")
+    assert logical_axes(cfg)["layers"]["attn"]["q"]["kernel"] == P("layers", "embed", "heads", "head_dim")
 
 
 def _loss_and_grads(cfg, params, tokens):

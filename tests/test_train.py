@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax.cli import main
 from llama_jax.experiment import load_config
+from llama_jax.model import stack_layers
 from llama_jax.run import build_data
 from llama_jax.train import build_trainer, global_batch
 
@@ -58,6 +59,16 @@ def test_meshes_give_the_same_training(single_device_run, mesh):
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     assert losses[-1] < losses[0]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
+
+
+def test_unrolled_layers_train_like_scanned_ones(single_device_run):
+    """The same seed initialises the same model in either layer layout, so the runs agree."""
+    ref_losses, ref_params, _ = single_device_run
+    config = tiny_config("mesh.fsdp=1", "model.scan_layers=False")
+    losses, params, trainer = run_steps(config, jax.devices()[:1])
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    stacked = stack_layers(params, trainer.model_config.n_layers)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), stacked, ref_params)
 
 
 def test_splash_attention_trains_like_the_xla_kernel():
