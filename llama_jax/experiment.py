@@ -232,6 +232,7 @@ def check_run_settings(config: ml_collections.ConfigDict) -> None:
     if not _is_int(t.eval_batches) or t.eval_batches < -1:
         raise ValueError(f"train.eval_batches must be a non-negative integer or -1 (the whole held-out set), "
                          f"got {t.eval_batches!r}")
+    _check_eval_and_samples(t, config.data.source)
     if not _is_int(c.every) or c.every < 1:
         raise ValueError(f"checkpoint.every must be a positive integer, got {c.every!r}")
     if c.max_to_keep is not None and (not _is_int(c.max_to_keep) or c.max_to_keep < 1):
@@ -243,6 +244,21 @@ def check_run_settings(config: ml_collections.ConfigDict) -> None:
     if c.keep_every and c.keep_every % c.every:
         raise ValueError(f"checkpoint.keep_every={c.keep_every} is not a multiple of checkpoint.every={c.every}, "
                          f"so no checkpoint would be kept by it; use a multiple of {c.every}")
+
+
+def _check_eval_and_samples(t: ml_collections.ConfigDict, source: str) -> None:
+    """ValueError for periodic evaluations or samples that the rest of the config would make empty."""
+    if t.eval_every and not t.eval_batches:
+        raise ValueError(f"train.eval_every={t.eval_every} but train.eval_batches=0 evaluates nothing; set "
+                         f"eval_batches > 0 (-1: the whole held-out set) or train.eval_every=0")
+    if t.sample_every and not t.sample_tokens:
+        raise ValueError(f"train.sample_every={t.sample_every} but train.sample_tokens=0 samples nothing; set "
+                         f"sample_tokens > 0 or train.sample_every=0")
+    if source == "synthetic":
+        for key, what in (("eval_every", "held-out set to evaluate"), ("sample_every", "tokenizer to sample with")):
+            if t[key]:
+                raise ValueError(f"train.{key}={t[key]} but data.source=synthetic has no {what}; "
+                                 f"set train.{key}=0 or train on real data")
 
 
 def _is_int(value) -> bool:
