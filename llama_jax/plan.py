@@ -91,6 +91,6 @@ def _verdict(p: dict, peak: int) -> str:
         return f"{fits}: estimated peak {_size(peak).strip()} of the {_size(p['device_memory']).strip()} a device holds"
     if p["platform"] == "cpu":
         return (f"compiled for CPU devices, attention `{p['attention']}`: on TPU `auto` is splash, on GPU cudnn, which "
-                f"keep no [seq, seq] attention probabilities for the backward as `xla` does, so the temporaries "
-                f"differ there; run plan on the target for its figures and whether they fit")
+                f"keep no [seq, seq] attention probabilities for the backward as `{p['attention']}` does here, so the "
+                "temporaries differ there; run plan on the target for its figures and whether they fit")
     return "the device does not report its memory: compare the estimated peak with its capacity"

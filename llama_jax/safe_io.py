@@ -135,16 +135,10 @@ class DirectoryLock:
         """Take the lock if it is not held already; the directory must exist."""
         if self._fd is not None:
             return
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._fd = _locked_descriptor(self.directory, fcntl.LOCK_EX)
         except BlockingIOError:
-            os.close(fd)
             raise DirectoryBusy(self.busy_message) from None
-        except OSError:  # no flock on this file system
-            os.close(fd)
-            return
-        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
@@ -156,18 +150,29 @@ def holds_lock(directory: str | os.PathLike) -> bool:
     """Whether a process holds `directory`'s DirectoryLock now. The probe takes a shared lock and
     drops it at once: a holder starting in that instant is told the directory is in use."""
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fd = _locked_descriptor(directory, fcntl.LOCK_SH)
     except BlockingIOError:
         return True
-    except OSError:  # no flock on this file system
+    except OSError:  # the directory cannot be opened
         return False
-    finally:
+    if fd is not None:
         os.close(fd)
     return False
+
+
+def _locked_descriptor(directory: str | os.PathLike, operation: int) -> int | None:
+    """A descriptor of `directory` holding the `flock` lock `operation` (taken without waiting), or
+    None where the file system has no such locks. BlockingIOError: another holder has the lock."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # no flock on this file system
+        os.close(fd)
+        return None
+    return fd
 
 
 @contextlib.contextmanager
