@@ -520,7 +520,8 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
 def _check_launched_config(command: list[str], base, n_devices: int) -> None:
     """The launched command's --config (where it will run: under `base` if relative) and its --config.*
     overrides, checked here as the command will check them there; for `train`, every value as
-    well, and the mesh and batch against the `n_devices` devices the job will have."""
+    well, and the mesh and batch against the `n_devices` devices the job will have; for `sweep`,
+    its search and every trial's config."""
     from pathlib import Path
 
     from llama_jax.experiment import check_config, check_run_settings, load_config
@@ -530,7 +531,15 @@ def _check_launched_config(command: list[str], base, n_devices: int) -> None:
     path = option_value(command, "--config")
     if path is None or Path(path).is_absolute() and not Path(path).exists():  # e.g. on the slice's bucket only
         return
-    config = load_config(Path(base) / path, _split_config_overrides(command)[1])
+    rest, overrides = _split_config_overrides(command)
+    config = load_config(Path(base) / path, overrides)
+    if command[0] == "sweep":
+        from llama_jax.sweep import plan_trials
+
+        launched = build_parser().parse_args(_attach_mesh_values(rest))  # parses: checked before
+        if not launched.report:
+            plan_trials(str(Path(base) / path), launched.sweep or [], overrides, launched.search, launched.trials,
+                        launched.seed, read_init_from=False)
     if command[0] == "train":
         from llama_jax.sharding import check_mesh_and_batch
 

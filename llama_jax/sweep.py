@@ -318,7 +318,8 @@ def random_trials(axes: dict[str, Space], n: int, seed: int) -> list[Trial]:
     return trials
 
 
-def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Space]) -> None:
+def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Space],
+                    read_init_from: bool = True) -> None:
     """Every trial's config is one `llama-jax train` accepts: the swept keys exist, take the values
     given, and every value is one a run can use (the checks `train` makes before it needs devices).
     An Optuna search (no trials listed yet) is checked at each axis's ends, the others at their first."""
@@ -335,7 +336,7 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
         try:
             overrides = [*spec.overrides, *(override_text(k, v) for k, v in trial.overrides.items())]
             config = load_config(spec.config, overrides)
-            check_config(config)
+            check_config(config, read_init_from)
             check_run_settings(config)
         except ValueError as e:
             raise SweepError(f"trial {trial.name(axes, numbered=False)}: {e}") from None
@@ -628,26 +629,36 @@ def tell(study, optuna_trial, status: str, final: float | None) -> None:
 def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], overrides: Sequence[str],
             search: str = "grid", trials: int | None = None, seed: int = 0) -> tuple[SweepSpec, dict, list]:
     """Check everything about a sweep before anything runs: (spec, axes, trials; [] for optuna)."""
-    load_config(config, list(overrides))  # the config file and base overrides, one line if wrong
+    workdir = Path(workdir).absolute()
+    saved = saved_spec(workdir)
+    spec, axes, listed = plan_trials(config, axis_texts, overrides, search, trials, seed, saved.get("axes", ()))
+    if search == "optuna":
+        _import_optuna()
+    check_workdir(workdir, spec, saved)
+    return spec, axes, listed
+
+
+def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str], search: str = "grid",
+                trials: int | None = None, seed: int = 0, saved_axes: Sequence[str] = (),
+                read_init_from: bool = True) -> tuple[SweepSpec, dict, list]:
+    """A sweep's spec, axes and trials, each trial's config checked as `train` checks it before it
+    needs devices; no workdir involved. `saved_axes`: the order a resumed sweep named its axes in.
+    `read_init_from=False`: for a sweep checked away from the machine that holds its init_from."""
+    base = load_config(config, list(overrides))  # the config file and base overrides, one line if wrong
     if search not in SEARCHES:
         raise SweepError(f"--search {search!r}; valid: {', '.join(SEARCHES)}")
     if search != "grid" and (trials is None or trials < 1 or trials > MAX_TRIALS):
         raise SweepError(f"--search {search} needs --trials N (1 <= N <= {MAX_TRIALS:,})")
-    if search == "optuna":
-        _import_optuna()
     axes = axes_from(config, axis_texts)
-    workdir = Path(workdir).absolute()
-    saved = saved_spec(workdir)
-    if set(saved.get("axes", ())) == set(axes):  # the order its trials were named and drawn in
-        axes = {key: axes[key] for key in saved["axes"]}
-    settings = load_config(config).to_json_best_effort(sort_keys=True)
+    if set(saved_axes) == set(axes):  # the order its trials were named and drawn in
+        axes = {key: axes[key] for key in saved_axes}
+    settings = (load_config(config) if overrides else base).to_json_best_effort(sort_keys=True)  # the file's own
     spec = SweepSpec(str(Path(config).absolute()), tuple(overrides), {k: repr(v) for k, v in axes.items()},
                      search, trials if search != "grid" else None, seed, hashlib.sha256(settings.encode()).hexdigest())
     listed = grid_trials(axes) if search == "grid" else random_trials(axes, trials, seed) if search == "random" \
         else []
     check_names(listed, axes, numbered=search != "grid")
-    check_overrides(spec, listed, axes)
-    check_workdir(workdir, spec, saved)
+    check_overrides(spec, listed, axes, read_init_from)
     return spec, axes, listed
 
 

@@ -295,6 +295,17 @@ def test_slurm_dry_run_two_nodes_of_eight_gpus(capsys, tmp_path):
     assert sorted(os.listdir(workdir)) == ["slurm"] and os.listdir(workdir / "slurm") == [slurm.DRY_RUN_SCRIPT]
 
 
+def test_a_launched_sweep_is_checked_and_passed_on_as_given(capsys, tmp_path, monkeypatch):
+    """Its axes and every trial's config are checked here; the workdir is the sweep's to write there."""
+    monkeypatch.chdir(ROOT)
+    workdir = tmp_path / "sweep"
+    sweep = ["sweep", "--config", "configs/tiny.py", "--workdir", str(workdir), "--sweep", "optimizer.lr=[1e-3,2e-3]",
+             "--config.train.steps=20"]
+    assert cli.main(["launch", "slurm", "--folder", str(tmp_path / "jobs"), "--dry-run", "--", *sweep]) == 0
+    assert shlex.join(["-m", "llama_jax.cli", *sweep]) in capsys.readouterr().out
+    assert not workdir.exists()
+
+
 def test_submit_array_dry_run(tmp_path):
     commands = [["llama-jax", "train", "--config", "configs/tiny.py", "--workdir", f"sweep/{i}",
                  f"--config.optimizer.lr={lr}"] for i, lr in enumerate([1e-3, 3e-3, 1e-2])]
@@ -402,6 +413,15 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
       "--config.train.stepz=3"], "unknown config key 'train.stepz'"),
     (["slurm", "--dry-run", "--", *TRAIN_IN_TMP, "--config.optimizer.lr", "-1"],
      "optimizer.lr: got -1.0; valid: a number in [0, inf)"),
+    (["slurm", "--dry-run", "--", "sweep", "--config", "configs/tiny.py", "--workdir", "TMP_WORKDIR", "--sweep",
+      "optimizer.lrr=[1e-3,2e-3]"], "trial lrr=0.001: unknown config key 'optimizer.lrr'"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
+      "configs/tiny.py", "--workdir", "/mnt/gcs/sweep", "--sweep", "optimizer.lr=[1e-3,-2e-3]"],
+     "trial lr=-0.002: optimizer.lr: got -0.002; valid: a number in [0, inf)"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
+      "configs/tiny.py", "--workdir", "/mnt/gcs/sweep", "--search", "random", "--sweep",
+      "optimizer.lr=loguniform(1e-4,1e-2)"],
+     "--search random needs --trials N"),
     (["tpu", "--name", "n", "--zone", "", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
      "--zone is empty; give a value"),
     (["slurm", "--partition", "", "--dry-run", "--", *TRAIN_IN_TMP], "--partition is empty; give a value"),
