@@ -11,9 +11,12 @@ $(VENV)/.installed: setup.py
 	$(PIP) install -e .
 	touch $@
 
-# torch first, pinned to the CPU build, so nothing else pulls a CUDA wheel.
+# torch first, pinned, so nothing else pulls another build of it. TORCH_PIP_OPTIONS: where to get
+# its CPU build when pip's default wheel is a CUDA one (Linux from PyPI), e.g.
+# TORCH_PIP_OPTIONS='--index-url https://download.pytorch.org/whl/cpu'.
+TORCH_PIP_OPTIONS ?=
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install torch==2.13.0
+	$(PIP) install $(TORCH_PIP_OPTIONS) torch==2.13.0
 	$(PIP) install -e '.[test]'
 	touch $@
 

@@ -6,7 +6,8 @@
         --config.data.files="['data/*.jsonl']" --config.data.tokenizer=models/llama2-7b/tokenizer.model
 
 experiments/finetune_hf.sh runs these steps and exports the result back to Hugging Face format.
-FSDP over all devices, bf16 compute with fp32 master weights, small constant-after-warmup lr.
+FSDP over all devices, bf16 compute with fp32 master weights, a small learning rate (2e-5) with 50
+warmup steps and cosine decay to 10% of it.
 """
 
 from llama_jax.experiment import base_config

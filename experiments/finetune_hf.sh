@@ -9,11 +9,12 @@
 #   3. RUN_DIR -> RUN_DIR/hf     llama-jax export (latest checkpoint), then convert --to hf --verify
 #
 # Rerunning the same command after a preemption skips the conversion if RUN_DIR/init exists and
-# resumes training from the latest checkpoint. Extra arguments go to `llama-jax train`.
+# resumes training from the latest checkpoint. Extra arguments go to `llama-jax train`. LLAMA_JAX
+# names the llama-jax command to run (default: llama-jax on PATH).
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 hf_dir=$1 data=$2 run=$3

@@ -4,7 +4,8 @@
 #
 #   experiments/lr_warmup_sweep.sh [WORKDIR] [sweep flags, e.g. --dry-run or --parallel 1]
 #
-# Rerunning the same command skips finished trials and resumes interrupted ones.
+# Rerunning the same command skips finished trials and resumes interrupted ones. LLAMA_JAX names
+# the llama-jax command to run (default: llama-jax on PATH).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)

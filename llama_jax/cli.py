@@ -816,7 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sweep", help="run a hyperparameter sweep of a config: grid, random or Optuna search")
-    p.add_argument("--config", default=None, help="the experiment config (its get_sweep() may declare axes)")
+    p.add_argument("--config", default=None, help="the experiment config (its get_sweep() may declare axes); "
+                   "--config.section.key=value overrides a key for every trial")
     p.add_argument("--workdir", required=True, help="sweep directory: one sub-directory per trial, results, plots; "
                    "rerunning the same command skips finished trials and resumes the others")
     p.add_argument("--sweep", action="append", metavar="KEY=SPACE",
@@ -840,7 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="run a llama-jax command on a Cloud TPU slice (gcloud) or SLURM (submitit)")
     add_launch_arguments(p)
 
-    p = sub.add_parser("demo", help="train, checkpoint, evaluate and sample a small LLaMA on a built-in corpus")
+    p = sub.add_parser("demo", help="train, checkpoint, evaluate and sample a small LLaMA on a built-in corpus",
+                       epilog="--config.section.key=value overrides any setting of llama_jax/demo.py's config")
     p.add_argument("--workdir", default="runs/demo", help="run directory (resumes if it holds checkpoints)")
     p.set_defaults(func=cmd_demo)
     return parser
