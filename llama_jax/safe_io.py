@@ -68,22 +68,26 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
                      inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error it is removed.
 
-    `dst` is checked first (`check_destination`), so nothing is created when it is refused.
+    `dst` is checked first (`check_destination`), so nothing is created when it is refused. An
+    existing `dst` is moved aside just before the new one is renamed into place; whatever stops
+    that (an error, a signal) puts it back.
     """
     dst = check_destination(dst, kind, overwrite, inputs)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
         if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
-    finally:
+        os.replace(tmp, dst)
+    finally:  # decided by what is on disk, so that a signal between the two renames changes nothing
+        if old.exists():
+            if dst.exists():  # the new output is in place
+                shutil.rmtree(old)
+            else:
+                os.replace(old, dst)
         if tmp.exists():
             shutil.rmtree(tmp)
 

@@ -65,6 +65,31 @@ def test_existing_destination_is_refused_then_overwritten(tmp_path, model):
     assert load_model(tmp_path / "m")[0].dtype == "bfloat16"
 
 
+@pytest.mark.parametrize("fault", ["the rename into place fails", "a signal right after the old one moved aside"])
+def test_an_overwrite_stopped_between_its_renames_keeps_the_previous_output(tmp_path, model, monkeypatch, fault):
+    """The previous model directory is moved aside only for the instant before the new one takes
+    its place; whatever stops the swap there puts it back, and no hidden copy is left."""
+    import os
+
+    cfg, params = model
+    save_model(tmp_path / "m", cfg, params)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if fault == "the rename into place fails" and str(src).startswith(str(tmp_path / ".m.tmp-")):
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+        if fault.startswith("a signal") and src == tmp_path / "m":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError if fault.startswith("the rename") else KeyboardInterrupt):
+        save_model(tmp_path / "m", cfg.replace(dtype="bfloat16"), params, overwrite=True)
+    monkeypatch.undo()
+    assert load_model(tmp_path / "m")[0] == cfg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_params_that_do_not_fit_the_config_are_refused_before_writing(tmp_path, model):
     cfg, params = model
     with pytest.raises(ValueError, match=r"\['lm_head'\] has shape \(64, 100\), config expects \(64, 512\)"):
