@@ -155,10 +155,11 @@ class MetricsWriter:
     installed, the numeric values as TensorBoard scalars in `logdir`. Only process 0 writes.
 
     The file is strict JSON: `null` marks a non-finite value (NaN or infinity); TensorBoard gets
-    the float itself.
+    the float itself. `first_step`: the step a resumed run logs first; TensorBoard hides what
+    earlier event files hold from that step on (steps trained again after the checkpoint).
     """
 
-    def __init__(self, logdir: str | os.PathLike):
+    def __init__(self, logdir: str | os.PathLike, first_step: int = 1):
         self.active = jax.process_index() == 0
         self._file = None
         self._tb = None
@@ -170,7 +171,7 @@ class MetricsWriter:
         self._file = open(path, "a")
         tensorboardx = _import_tensorboardx()
         if tensorboardx is not None:
-            self._tb = tensorboardx.SummaryWriter(os.fspath(logdir))
+            self._tb = tensorboardx.SummaryWriter(os.fspath(logdir), purge_step=first_step)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Record `metrics` for `step` (one line, flushed at once)."""

@@ -550,7 +550,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         run_info["corpus_sha256"] = data.corpus_sha256
     if data.stream is not None:
         run_info["data_stream"] = data.stream
-    writer = metrics_lib.MetricsWriter(workdir)
+    writer = metrics_lib.MetricsWriter(workdir, first_step=start + 1)
     peak = metrics_lib.peak_flops_per_device()
     preemption = _Preemption()
     prefetch = data_lib.Prefetcher(data.train_rows, start)

@@ -107,6 +107,11 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tokenizer_path, straight_run)
     assert logged_losses(workdir) == {s: expected[s] for s in range(1, STEPS + 1)}
     assert committed_steps(checkpoints) == [4, 8, 12]
     assert sorted(p.name for p in checkpoints.iterdir() if not p.name.isdigit()) == []  # no leftovers
+    # TensorBoard too: each resumed run's event file hides the steps its predecessors logged after its checkpoint
+    assert len(list(workdir.glob("events.out.tfevents.*"))) == 3
+    shown = tensorboard_shows(workdir, "loss")
+    assert [step for step, _ in shown] == list(range(1, STEPS + 1))
+    assert [loss for _, loss in shown] == pytest.approx([expected[s] for s in range(1, STEPS + 1)], rel=1e-6)
 
 
 def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer_path, straight_run, monkeypatch,
@@ -306,19 +311,40 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
     assert snapshot(workdir) == before
 
 
-def tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} read back from a TensorBoard event file (TFRecord framing:
-    8-byte length, 4-byte CRC, an `Event` protobuf, 4-byte CRC)."""
+def tensorboard_events(path: Path) -> list:
+    """The `Event` protobufs of a TensorBoard event file (TFRecord framing: 8-byte length, 4-byte
+    CRC, the event, 4-byte CRC)."""
     from tensorboardX.proto.event_pb2 import Event
 
-    data, pos, scalars = path.read_bytes(), 0, {}
+    data, pos, events = path.read_bytes(), 0, []
     while pos < len(data):
         (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        event = Event.FromString(data[pos + 12:pos + 12 + length])
+        events.append(Event.FromString(data[pos + 12:pos + 12 + length]))
         pos += 12 + length + 4
+    return events
+
+
+def tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} read back from a TensorBoard event file."""
+    scalars = {}
+    for event in tensorboard_events(path):
         for value in event.summary.value:
             scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
+
+
+def tensorboard_shows(workdir: Path, tag: str) -> list[tuple[int, float]]:
+    """The (step, value) points of `tag` TensorBoard shows from a workdir's event files, read in the
+    order they were written: a session's start at step T hides what earlier files logged from T on."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    shown = []
+    for path in sorted(workdir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        for event in tensorboard_events(path):
+            if event.session_log.status == SessionLog.START:
+                shown = [(step, value) for step, value in shown if step < event.step]
+            shown += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return shown
 
 
 def test_demo_runs_resumes_and_reports(tmp_path, capsys):
