@@ -27,14 +27,6 @@ from pathlib import Path
 import numpy as np
 
 
-def rows_for_process(global_batch: int, process_index: int, process_count: int) -> range:
-    """The contiguous rows of the global batch this process feeds."""
-    if global_batch % process_count:
-        raise ValueError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
-    per = global_batch // process_count
-    return range(process_index * per, (process_index + 1) * per)
-
-
 def pack_row(documents: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
     """Pack documents (token arrays) into one row of seq_len inputs with next-token targets.
 
@@ -62,7 +54,7 @@ def stack_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def synthetic_batch(seed: int, step: int, rows: range, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
+def synthetic_batch(seed: int, step: int, rows: Sequence[int], seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
     """Rows of a learnable synthetic batch: packed documents that are arithmetic progressions
     modulo the vocabulary (random start and stride per document), so the next token is
     predictable from the two before it. For exercising training without a dataset."""

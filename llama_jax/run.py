@@ -39,6 +39,7 @@ from llama_jax.experiment import check_run_settings
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
 from llama_jax.safe_io import (DirectoryLock, atomic_file, check_writable, holds_run, sha256_file,
                                write_text_atomic)
+from llama_jax.sharding import process_rows
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
@@ -494,7 +495,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
 
     trainer = build_trainer(config, devices)
     cfg, t = trainer.model_config, config.train
-    data = build_data(config, cfg, workdir)
+    data = build_data(config, cfg, workdir, process_rows(trainer.mesh, t.batch_size))
     if data.train is not None and len(data.train.sources) > 1:  # a mixture: each source's training loss too
         trainer = dataclasses.replace(trainer, sources=tuple(source.name for source in data.train.sources))
     try:  # until the data is adopted, whatever stops the run removes what was staged for it

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -156,14 +156,15 @@ def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
     return staged, staged
 
 
-def build_data(config, model: LLaMAConfig | None, workdir: Path) -> RunData:
+def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[int] | None = None) -> RunData:
     """The run's batches, held-out sets and tokenizer, all read-only: data of a raw source is
     prepared into a temporary directory until `RunData.adopt` (the run's first write).
-    `model`: checked to hold the tokenizer's vocabulary (None: already checked)."""
+    `model`: checked to hold the tokenizer's vocabulary (None: already checked). `rows`: the rows
+    of each global batch this process feeds (`sharding.process_rows`; None: all of them)."""
     from llama_jax.prepare import open_prepared
 
     d, t = config.data, config.train
-    rows = data_lib.rows_for_process(t.batch_size, jax.process_index(), jax.process_count())
+    rows = range(t.batch_size) if rows is None else rows
     if d.source == "synthetic":
         return RunData(lambda s: data_lib.synthetic_batch(t.seed, s, rows, t.seq_len, model.vocab_size),
                        {}, None, None)

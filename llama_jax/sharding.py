@@ -113,6 +113,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def process_rows(mesh: Mesh, global_batch: int) -> list[int]:
+    """The rows of a [global_batch, ...] batch that this process's devices hold, in order: its
+    share where data x fsdp spans the processes, and every row where the processes hold replicas
+    of the batch (data x fsdp within each process, e.g. tensor parallelism across processes)."""
+    held = set()
+    for index in batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values():
+        held.update(range(*index[0].indices(global_batch)))
+    return sorted(held)
+
+
 def tree_shardings(mesh: Mesh, boxed_tree, rules=LOGICAL_AXIS_RULES):
     """NamedShardings for a tree of logically partitioned values (e.g. `jax.eval_shape(init)`),
     with the structure of the unboxed tree.

@@ -275,12 +275,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    """Two local processes x 4 CPU devices (gloo) train like one process with 8 devices."""
+@pytest.mark.parametrize("devices_per_process, mesh", [
+    (4, ("mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1")),  # each process feeds its half of the batch
+    (1, ("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=2")),  # tensor parallel across them: each feeds all rows
+])
+def test_two_processes_match_one(tmp_path, devices_per_process, mesh):
+    """Two local processes (gloo) train like one process with their devices together."""
     args = ["--config", TINY, "--config.train.steps=4", "--config.optimizer.warmup_steps=1",
-            "--config.train.log_every=1", "--config.mesh.fsdp=4",
-            "--config.mesh.data=2"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+            "--config.train.log_every=1", *(f"--config.{setting}" for setting in mesh)]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+           "JAX_PLATFORMS": "cpu"}
     port = _free_port()
     cmd = [sys.executable, "-m", "llama_jax.cli", "train", *args, "--workdir", str(tmp_path / "multi"),
            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
@@ -292,9 +296,8 @@ def test_two_processes_match_one(tmp_path):
     # each process ends with the run's last step; only process 0 names the metrics file as its own
     assert outs[0][0].splitlines()[-1].endswith(f"metrics in {tmp_path / 'multi'}/metrics.jsonl"), outs[0][0]
     assert outs[1][0].splitlines()[-1].endswith(f"process 1; process 0 writes {tmp_path / 'multi'}/metrics.jsonl")
-    assert main(["train", *args, "--workdir", str(tmp_path / "single")]) == 0
     multi = [json.loads(line)["loss"] for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
-    single = [json.loads(line)["loss"] for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    single, _, _ = run_steps(tiny_config(*mesh), jax.devices()[:2 * devices_per_process])
     assert len(multi) == 4
     np.testing.assert_allclose(multi, single, rtol=1e-5)
 
