@@ -451,17 +451,7 @@ def cmd_sweep(args) -> None:
     if args.report:
         print(results.report(args.workdir), end="")
         return
-    if not args.config:
-        raise UserError("--config is required (or --report to rebuild the results of an existing sweep)")
-    if args.search == "grid" and (args.trials is not None or args.seed != 0):
-        raise UserError(f"{'--trials' if args.trials is not None else '--seed'} applies to --search random and "
-                        f"optuna; a grid search runs every combination of the values given")
-    job = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
-               account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name)
-    if args.on != "slurm":
-        changed = [k for k, v in job.items() if v != slurm_job_defaults()[k]]
-        if changed:
-            raise UserError(f"--{changed[0].replace('_', '-')} shapes SLURM jobs; it applies with --on slurm only")
+    job = _check_sweep_arguments(args)
     spec, axes, listed = sweep.prepare(args.config, args.workdir, args.sweep or [], args.overrides, args.search,
                                        args.trials, args.seed)
     if args.on == "slurm":
@@ -477,6 +467,22 @@ def cmd_sweep(args) -> None:
     statuses = sweep.trial_statuses(args.workdir)
     if statuses and all(status == "failed" for status in statuses):
         raise UserError(f"all {len(statuses)} trials failed; the error column of {args.workdir}/results.md says why")
+
+
+def _check_sweep_arguments(args) -> dict:
+    """UserError for `sweep` flags that contradict each other; the SLURM job options, by destination."""
+    if not args.config:
+        raise UserError("--config is required (or --report to rebuild the results of an existing sweep)")
+    if args.search == "grid" and (args.trials is not None or args.seed != 0):
+        raise UserError(f"{'--trials' if args.trials is not None else '--seed'} applies to --search random and "
+                        f"optuna; a grid search runs every combination of the values given")
+    job = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
+               account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name)
+    if args.on != "slurm":
+        changed = [k for k, v in job.items() if v != slurm_job_defaults()[k]]
+        if changed:
+            raise UserError(f"--{changed[0].replace('_', '-')} shapes SLURM jobs; it applies with --on slurm only")
+    return job
 
 
 def _launched_command(args) -> list[str]:
@@ -528,18 +534,19 @@ def _check_launched_config(command: list[str], base, n_devices: int) -> None:
     from llama_jax.launch import check_config_file, option_value
 
     check_config_file(command, base)
+    rest, overrides = _split_config_overrides(command)
+    sweep = command[0] == "sweep" and build_parser().parse_args(_attach_mesh_values(rest))  # parses: checked before
+    if sweep and not sweep.report:
+        _check_sweep_arguments(sweep)
     path = option_value(command, "--config")
     if path is None or Path(path).is_absolute() and not Path(path).exists():  # e.g. on the slice's bucket only
         return
-    rest, overrides = _split_config_overrides(command)
     config = load_config(Path(base) / path, overrides)
-    if command[0] == "sweep":
+    if sweep and not sweep.report:
         from llama_jax.sweep import plan_trials
 
-        launched = build_parser().parse_args(_attach_mesh_values(rest))  # parses: checked before
-        if not launched.report:
-            plan_trials(str(Path(base) / path), launched.sweep or [], overrides, launched.search, launched.trials,
-                        launched.seed, read_init_from=False)
+        plan_trials(str(Path(base) / path), sweep.sweep or [], overrides, sweep.search, sweep.trials, sweep.seed,
+                    read_init_from=False)
     if command[0] == "train":
         from llama_jax.sharding import check_mesh_and_batch
 

@@ -170,8 +170,8 @@ def poisoned_data(step_index: int):
     which the embedding lookup turns into NaN (as corrupted data would)."""
     build = run_lib.build_data
 
-    def build_data(config, model, workdir):
-        data = build(config, model, workdir)
+    def build_data(config, model, workdir, rows=None):
+        data = build(config, model, workdir, rows)
         clean = data.train_rows
 
         def train_rows(step):
