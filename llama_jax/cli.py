@@ -656,9 +656,10 @@ def cmd_prepare_data(args) -> None:
     if args.config is None and args.overrides:
         raise UserError(f"--config.{args.overrides[0]}: overrides need --config")
     if args.config is not None:
-        from llama_jax.experiment import load_config
+        from llama_jax.experiment import check_data_section, load_config
 
         config = load_config(args.config, args.overrides)
+        check_data_section(config.data)
         owner = None if Path(args.output).exists() else enclosing_run_or_model(args.output)
         if owner is not None:  # its files are the run's or the model's own (RUN/checkpoints/99 would be a checkpoint)
             kind = "run" if holds_run(owner) else "model directory"

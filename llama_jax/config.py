@@ -46,8 +46,10 @@ class RopeScaling:
                     "rope_scaling: need high_freq_factor > low_freq_factor > 0, got "
                     f"{self.high_freq_factor} and {self.low_freq_factor}"
                 )
-            if self.original_max_position_embeddings <= 0:
-                raise ValueError("rope_scaling.original_max_position_embeddings must be positive")
+            value = self.original_max_position_embeddings
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"rope_scaling.original_max_position_embeddings must be a positive integer, "
+                                 f"got {value!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RopeScaling":

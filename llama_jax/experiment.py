@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -105,6 +106,11 @@ def _read_config_file(path: Path) -> ml_collections.ConfigDict:
                          "llama_jax.experiment.base_config() (or pass a run's config.json)")
     if path.suffix == ".py":  # (a run's config.json may hold keys of the release that wrote it)
         _check_known_keys(path, config, base)
+    else:  # written by an earlier release: the keys added since take their defaults
+        for section in base.keys():
+            if isinstance(config[section], ml_collections.ConfigDict):
+                for key in sorted(set(base[section].keys()) - set(config[section].keys())):
+                    config[section][key] = base[section][key]
     return config
 
 
@@ -137,20 +143,25 @@ def _python_config(path: Path) -> ml_collections.ConfigDict:
     """Run the file as a module and call its `get_config()`; any failure is one line naming the file."""
     spec = importlib.util.spec_from_file_location(f"llama_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.absolute().parent))  # as for a script: modules beside the file import
     try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise ValueError(_failure(path, "running it", e)) from None
-    if not callable(getattr(module, "get_config", None)):
-        raise ValueError(f"{path}: defines no get_config()")
-    try:
-        config = module.get_config()
-    except Exception as e:
-        raise ValueError(_failure(path, "calling get_config()", e)) from None
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise ValueError(_failure(path, "running it", e)) from None
+        if not callable(getattr(module, "get_config", None)):
+            raise ValueError(f"{path}: defines no get_config()")
+        try:
+            config = module.get_config()
+        except Exception as e:
+            raise ValueError(_failure(path, "calling get_config()", e)) from None
+    finally:
+        if str(path.absolute().parent) in sys.path:
+            sys.path.remove(str(path.absolute().parent))
     if not isinstance(config, ml_collections.ConfigDict):
         raise ValueError(f"{path}: get_config() returned {_describe(config)}; expected an ml_collections.ConfigDict "
                          "(start from llama_jax.experiment.base_config())")
-    return config
+    return ml_collections.ConfigDict(config) if isinstance(config, ml_collections.FrozenConfigDict) else config
 
 
 def _failure(path: Path, stage: str, e: Exception) -> str:
@@ -183,11 +194,28 @@ def _json_config(path: Path) -> ml_collections.ConfigDict:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """Apply `key=value` overrides in place, then check that every number in `config` is finite."""
+    """Apply `key=value` overrides in place, then check that every number in `config` is finite.
+    Two overrides of keys the file linked (`get_ref`) cannot both hold: refused."""
+    applied = {}  # key -> (override, value set); a key given again takes its last value
     for item in overrides:
-        apply_override(config, item)
+        value = apply_override(config, item)
+        key = item.split("=", 1)[0]
+        applied.pop(key, None)
+        for other, (earlier, earlier_value) in applied.items():
+            now = _value_at(config, other)
+            if now is not earlier_value and now != earlier_value:  # (`is`: a NaN is itself, for check_finite)
+                raise ValueError(f"--config.{item} also changed {other}, which the config file links to it "
+                                 f"(get_ref), so --config.{earlier} cannot hold; give only one of them")
+        applied[key] = (item, value)
     check_finite(config)
     return config
+
+
+def _value_at(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def check_finite(config: ml_collections.ConfigDict) -> None:
@@ -211,6 +239,7 @@ def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True)
 
     check_finite(config)
     check_train_section(config.train)
+    check_data_section(config.data)
     model = None
     if read_init_from or config.model.preset != INIT_FROM_PRESET:
         model = model_config(config.model, config.checkpoint.init_from)
@@ -226,6 +255,10 @@ def check_run_settings(config: ml_collections.ConfigDict) -> None:
     t, c = config.train, config.checkpoint
     if t.on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"train.on_nonfinite={t.on_nonfinite!r}; valid: {', '.join(ON_NONFINITE)}")
+    if not isinstance(t.sample_prompt, str):
+        raise ValueError(f"train.sample_prompt must be a string, got {t.sample_prompt!r}")
+    if not isinstance(c.async_save, bool):
+        raise ValueError(f"checkpoint.async_save must be True or False, got {c.async_save!r}")
     for key in ("eval_every", "sample_every", "sample_tokens"):
         if not _is_int(t[key]) or t[key] < 0:
             raise ValueError(f"train.{key} must be a non-negative integer, got {t[key]!r}")
@@ -265,6 +298,21 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+DATA_STRING_KEYS = ("source", "path", "text_key", "tfds_name", "tfds_split", "tfds_eval_split", "data_dir", "tokenizer")
+
+
+def check_data_section(d: ml_collections.ConfigDict) -> None:
+    """ValueError for a `data` value of the wrong kind; what each source needs is checked when it is opened."""
+    for key in DATA_STRING_KEYS:
+        if not isinstance(d[key], str):
+            raise ValueError(f"data.{key} must be a string, got {d[key]!r}")
+    if not isinstance(d.files, (list, tuple)) or not all(isinstance(f, str) for f in d.files):
+        raise ValueError(f"data.files must be a list of paths or glob patterns (strings), got {d.files!r}")
+    fraction = d.eval_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"data.eval_fraction={fraction!r}; valid: a number with 0 <= eval_fraction < 1")
+
+
 def check_train_section(t: ml_collections.ConfigDict) -> None:
     """ValueError for a `train` value no run could use: sizes and counts, the seed, the z-loss weight."""
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
@@ -293,8 +341,9 @@ def _leaves(node: Any, key: str) -> Iterator[tuple[str, Any]]:
         yield key, node
 
 
-def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
-    """Apply one `a.b.c=value` override in place, checking the key exists and the type fits."""
+def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
+    """Apply one `a.b.c=value` override in place, checking the key exists and the type fits; the
+    value set. A key the file linked to others (`get_ref`) sets them too, as ml_collections does."""
     if "=" not in item:
         raise ValueError(f"override {item!r}: expected key=value, e.g. optimizer.lr=3e-4")
     key, text = item.split("=", 1)
@@ -309,6 +358,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         raise ValueError(f"unknown config key {key!r}; valid keys there: {valid}")
     current = node[leaf]
     value = _parse(text)
+    if isinstance(current, str) and value is not None and not isinstance(value, str):
+        value = text  # a string key takes the text as given (a prompt "1984", a path "2024")
+    if key in MAPPING_KEYS and isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+        current = value = ml_collections.ConfigDict(value)  # the whole mapping, replaced
     if current is not None and value is not None:
         if isinstance(current, bool) != isinstance(value, bool) or not isinstance(value, _compatible(current)):
             hint = ""
@@ -322,6 +375,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
             value = tuple(value)
     with node.ignore_type():
         node[leaf] = value
+    return node[leaf]
+
+
+MAPPING_KEYS = ("data.mixture",)  # keys whose value is a mapping of the user's names, given whole as a dict
 
 
 def _parse(text: str):

@@ -1,5 +1,7 @@
 """LLaMAConfig: presets, validation and Hugging Face config.json translation; experiment config files."""
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ from ml_collections import ConfigDict
 
 from llama_jax import PRESETS, LLaMAConfig, RopeScaling, param_count
 from llama_jax.cli import main
-from llama_jax.experiment import check_finite, load_config
+from llama_jax.experiment import check_finite, check_run_settings, load_config
 from llama_jax.train import build_trainer
 from tests.reference import hf_config_dict
 
@@ -83,6 +85,8 @@ def test_llama3_presets_carry_rope_scaling():
     (dict(rope_scaling=dict(rope_type="linear", factor=INF)), "rope_scaling.factor must be a finite number, got inf"),
     (dict(rope_scaling={**LLAMA31, "low_freq_factor": NAN}), "rope_scaling.low_freq_factor must be a finite"),
     (dict(rope_scaling={**LLAMA31, "high_freq_factor": INF}), "rope_scaling.high_freq_factor must be a fin"),
+    (dict(rope_scaling={**LLAMA31, "original_max_position_embeddings": "abc"}),
+     "rope_scaling.original_max_position_embeddings must be a positive integer, got 'abc'"),
 ])
 def test_invalid_config_names_the_field(changes, field):
     base = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, ffn_dim=128)
@@ -230,6 +234,57 @@ def test_run_config_json_loads_back_and_takes_overrides(tmp_path):
     assert type(loaded.optimizer.lr) is float and loaded.data.files == ["a.txt"]
     with pytest.raises(ValueError, match="config key 'train.steps' is int"):
         load_config(tmp_path / "config.json", ["train.steps=abc"])
+
+
+def test_an_older_runs_config_json_takes_the_defaults_of_keys_added_since(tmp_path):
+    saved = load_config(TINY).to_dict()
+    del saved["train"]["on_nonfinite"], saved["checkpoint"]["keep_every"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = load_config(tmp_path / "config.json", ["train.on_nonfinite=skip"])
+    assert loaded.train.on_nonfinite == "skip" and loaded.checkpoint.keep_every == 0
+    check_run_settings(loaded)
+
+
+def test_a_config_files_own_forms(tmp_path):
+    """What a Python config file may do: link keys (an override of one sets both, and overrides
+    that cannot both hold are refused), return a FrozenConfigDict, import a module beside it."""
+    (tmp_path / "shapes.py").write_text("STEPS = 40\n")
+    (tmp_path / "mine.py").write_text(
+        "import ml_collections\nfrom shapes import STEPS\nfrom llama_jax.experiment import base_config\n\n\n"
+        "def get_config():\n    config = base_config()\n    config.train.steps = STEPS\n"
+        "    config.checkpoint.every = config.train.get_ref('steps')\n    return config\n\n\n"
+        "def get_frozen():\n    return ml_collections.FrozenConfigDict(get_config())\n")
+    (tmp_path / "frozen.py").write_text("from mine import get_frozen as get_config\n")
+    assert load_config(tmp_path / "frozen.py", ["train.steps=100"]).train.steps == 100
+    linked = load_config(tmp_path / "mine.py", ["train.steps=100"])
+    assert (linked.train.steps, linked.checkpoint.every) == (100, 100)  # the link the file made holds
+    with pytest.raises(ValueError, match=r"^--config.checkpoint.every=50 also changed train.steps, which the config "
+                                         r"file links to it \(get_ref\), so --config.train.steps=100 cannot hold"):
+        load_config(tmp_path / "mine.py", ["train.steps=100", "checkpoint.every=50"])
+    both = load_config(tmp_path / "mine.py", ["train.steps=100", "checkpoint.every=100"])
+    assert (both.train.steps, both.checkpoint.every) == (100, 100)
+    assert str(tmp_path) not in sys.path
+
+
+def test_string_and_mapping_overrides():
+    config = load_config(TINY, ["train.sample_prompt=1984", "data.mixture={'a': {'path': '/d', 'weight': 2}}"])
+    assert config.train.sample_prompt == "1984"
+    assert config.data.mixture.to_dict() == {"a": {"path": "/d", "weight": 2}}
+    cleared = load_config(TINY, ["data.mixture={'a': {'path': '/d', 'weight': 2}}", "data.mixture={}"])
+    assert cleared.data.mixture.to_dict() == {}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.async_save=None", "checkpoint.async_save must be True or False, got None"),
+    ("train.sample_prompt=None", "train.sample_prompt must be a string, got None"),
+    ("data.files=[1,2]", "data.files must be a list of paths or glob patterns (strings), got [1, 2]"),
+    ("data.eval_fraction=None", "data.eval_fraction=None; valid: a number with 0 <= eval_fraction < 1"),
+    ("data.tokenizer=None", "data.tokenizer must be a string, got None"),
+])
+def test_values_of_the_wrong_kind_are_refused_before_the_run(override, message, tmp_path, capsys):
+    assert main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), f"--config.{override}"]) == 2
+    assert one_line_error(capsys) == f"llama-jax train: error: {message}"
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("override, message", [
