@@ -164,8 +164,8 @@ def test_metrics_writer_sends_scalars_to_tensorboard_when_available(tmp_path, mo
     calls = []
 
     class FakeSummaryWriter:
-        def __init__(self, logdir):
-            calls.append(("init", logdir))
+        def __init__(self, logdir, purge_step=None):
+            calls.append(("init", logdir, purge_step))
 
         def add_scalar(self, tag, value, step):
             calls.append((tag, value, step))
@@ -177,10 +177,10 @@ def test_metrics_writer_sends_scalars_to_tensorboard_when_available(tmp_path, mo
             calls.append(("close",))
 
     monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
-    with MetricsWriter(tmp_path) as writer:
+    with MetricsWriter(tmp_path, first_step=7) as writer:  # a run resumed from step 6
         writer.write(7, {"loss": jnp.float32(1.5), "phase": "eval"})
         writer.write(8, {"grad_norm": float("inf")})  # null in metrics.jsonl, the float itself here
-    assert calls == [("init", str(tmp_path)), ("loss", 1.5, 7), ("grad_norm", float("inf"), 8), ("close",)]
+    assert calls == [("init", str(tmp_path), 7), ("loss", 1.5, 7), ("grad_norm", float("inf"), 8), ("close",)]
 
 
 def test_metrics_writer_leaves_torch_unloaded_and_importable(tmp_path):
