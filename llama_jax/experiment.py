@@ -309,8 +309,10 @@ def check_data_section(d: ml_collections.ConfigDict) -> None:
     if not isinstance(d.files, (list, tuple)) or not all(isinstance(f, str) for f in d.files):
         raise ValueError(f"data.files must be a list of paths or glob patterns (strings), got {d.files!r}")
     fraction = d.eval_fraction
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        raise ValueError(f"data.eval_fraction={fraction!r}; valid: a number with 0 <= eval_fraction < 1")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise ValueError(f"data.eval_fraction must be a number with 0 <= eval_fraction < 1, got {fraction!r}")
+    if not 0 <= fraction < 1:
+        raise ValueError(f"data.eval_fraction={fraction} is out of range; valid: 0 <= eval_fraction < 1")
 
 
 def check_train_section(t: ml_collections.ConfigDict) -> None:

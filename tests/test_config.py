@@ -278,7 +278,7 @@ def test_string_and_mapping_overrides():
     ("checkpoint.async_save=None", "checkpoint.async_save must be True or False, got None"),
     ("train.sample_prompt=None", "train.sample_prompt must be a string, got None"),
     ("data.files=[1,2]", "data.files must be a list of paths or glob patterns (strings), got [1, 2]"),
-    ("data.eval_fraction=None", "data.eval_fraction=None; valid: a number with 0 <= eval_fraction < 1"),
+    ("data.eval_fraction=None", "data.eval_fraction must be a number with 0 <= eval_fraction < 1, got None"),
     ("data.tokenizer=None", "data.tokenizer must be a string, got None"),
 ])
 def test_values_of_the_wrong_kind_are_refused_before_the_run(override, message, tmp_path, capsys):
