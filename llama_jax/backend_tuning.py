@@ -2,8 +2,8 @@
 environment variable LLAMA_JAX_TUNING=0 to run with XLA's and the C library's defaults.
 
 CPU: `xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE` lets XLA's CPU backend
-hand elementwise work, transposes among it, to YNNPACK, the library that already runs its matrix products,
-instead of emitting loops of its own for it. Applied to the programs that compute gradients and
+hand elementwise work, transposes among it, to YNNPACK, the library that already runs its matrix
+products, instead of emitting loops of its own for it. Applied to the programs that compute gradients and
 evaluation metrics (`Trainer`); the train step of `benchmarks/train_step.py` ran 1.2-1.3x faster
 with it, until the projections' backward (`llama_jax.model.project`) removed the weight
 gradients' transposes; since then it is 8% faster with unrolled layers and makes no measurable

@@ -535,18 +535,19 @@ def _check_launched_config(command: list[str], base, n_devices: int) -> None:
 
     check_config_file(command, base)
     rest, overrides = _split_config_overrides(command)
-    sweep = command[0] == "sweep" and build_parser().parse_args(_attach_mesh_values(rest))  # parses: checked before
-    if sweep and not sweep.report:
-        _check_sweep_arguments(sweep)
+    launched = build_parser().parse_args(_attach_mesh_values(rest))  # it parses: `_check_launched_arguments`
+    sweeps = command[0] == "sweep" and not launched.report
+    if sweeps:
+        _check_sweep_arguments(launched)
     path = option_value(command, "--config")
     if path is None or Path(path).is_absolute() and not Path(path).exists():  # e.g. on the slice's bucket only
         return
     config = load_config(Path(base) / path, overrides)
-    if sweep and not sweep.report:
+    if sweeps:
         from llama_jax.sweep import plan_trials
 
-        plan_trials(str(Path(base) / path), sweep.sweep or [], overrides, sweep.search, sweep.trials, sweep.seed,
-                    read_init_from=False)
+        plan_trials(str(Path(base) / path), launched.sweep or [], overrides, launched.search, launched.trials,
+                    launched.seed, read_init_from=False)
     if command[0] == "train":
         from llama_jax.sharding import check_mesh_and_batch
 
