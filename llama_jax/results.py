@@ -1,8 +1,8 @@
 """A sweep's results, read back from the files its runs wrote: a table (CSV and Markdown) and plots.
 
 Nothing here depends on the sweep process being alive: `llama-jax sweep --workdir DIR --report`
-rebuilds everything from each trial's `trial.json`, `config.json`, `metrics.jsonl` and
-`progress.json`, also while trials are still running.
+rebuilds everything from the sweep's `sweep.json` and each trial's `trial.json`, `config.json`,
+`metrics.jsonl` and `progress.json`, also while trials are still running.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from llama_jax.metrics import last_per_step, read_metrics
 from llama_jax.safe_io import holds_lock
 
+OBJECTIVE_LABELS = {"eval_loss": "final eval loss", "loss": "final train loss"}  # how plots name what a sweep ranks by
 COLUMNS = ("status", "steps", "final_eval_loss", "best_eval_loss", "final_train_loss", "tokens_per_second")
 
 
@@ -62,18 +63,28 @@ def finished_status(outcome: dict) -> str:
     return "diverged" if final is not None and not math.isfinite(final) else "done"
 
 
-def collect(workdir: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """(swept keys, one row per trial), best first: finished trials by their final objective."""
-    from llama_jax.sweep import SPEC_FILE, TRIAL_FILE, objective_key
+def sweep_objective(spec: dict) -> str:
+    """The metric the sweep of `spec` (its sweep.json) ranks trials by: recorded there, or, for a
+    sweep.json written before it was recorded, decided from the config file."""
     from llama_jax.experiment import load_config
+    from llama_jax.sweep import objective_key
+
+    if spec.get("objective") in OBJECTIVE_LABELS:
+        return spec["objective"]
+    try:
+        return objective_key(load_config(spec["config"], spec.get("overrides", [])))
+    except (KeyError, ValueError):
+        return "eval_loss"
+
+
+def collect(workdir: Path) -> tuple[list[str], list[dict[str, Any]], str]:
+    """(swept keys, one row per trial, the objective), best first: finished trials by their final objective."""
+    from llama_jax.sweep import SPEC_FILE, TRIAL_FILE
 
     spec = _json(workdir / SPEC_FILE)
     keys = list(spec.get("axes", {}))
     sweep_running = holds_lock(workdir)
-    try:
-        objective = objective_key(load_config(spec["config"], spec.get("overrides", [])))
-    except (KeyError, ValueError):
-        objective = "eval_loss"
+    objective = sweep_objective(spec)
     rows = []
     for directory in sorted(p for p in workdir.iterdir() if (p / TRIAL_FILE).is_file()):
         trial = _json(directory / TRIAL_FILE)
@@ -90,7 +101,7 @@ def collect(workdir: Path) -> tuple[list[str], list[dict[str, Any]]]:
         row["curve"] = last_per_step(read_metrics(directory / "metrics.jsonl"), "loss")
         rows.append(row)
     rows.sort(key=_rank)
-    return keys, rows
+    return keys, rows, objective
 
 
 def _rank(row: dict) -> tuple:
@@ -178,8 +189,7 @@ def report(workdir: str | Path) -> str:
     workdir = Path(workdir).absolute()
     if not (workdir / SPEC_FILE).is_file():
         raise SweepError(f"{workdir} holds no sweep ({SPEC_FILE} not found); give the --workdir of a sweep")
-    keys, rows = collect(workdir)
+    keys, rows, objective = collect(workdir)
     table = write_tables(workdir, keys, rows)
-    objective = "final eval loss" if any(r["final_eval_loss"] is not None for r in rows) else "final train loss"
-    plot(workdir, keys, rows, objective)
+    plot(workdir, keys, rows, OBJECTIVE_LABELS[objective])
     return table

@@ -152,6 +152,8 @@ def _checked(kind: str, args: tuple) -> Space:
     if kind == "int":
         if not (isinstance(low, int) and isinstance(high, int)):
             raise SweepError(f"int({low}, {high}): needs integer bounds")
+        if low < -2**63 or high >= 2**63:
+            raise SweepError(f"int({low}, {high}): needs bounds that fit in 64 bits, -2**63 <= low < high < 2**63")
         return IntRange(low, high)
     return {"uniform": Uniform, "loguniform": LogUniform}[kind](float(low), float(high))
 
@@ -253,6 +255,7 @@ class SweepSpec:
     trials: int | None
     seed: int
     config_sha256: str = ""  # of the config file's settings, so that an edited file is noticed
+    objective: str = ""  # the metric trials are ranked by (`objective_key`), for reports away from the config file
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -289,6 +292,15 @@ def check_names(trials: Sequence[Trial], axes: dict[str, Space], numbered: bool)
             raise SweepError(f"trials {seen[name].overrides} and {trial.overrides} would share the directory "
                              f"{name!r}; give values whose names differ")
         seen[name] = trial
+
+
+def widest_trial(axes: dict[str, Space], trials: int) -> Trial:
+    """The trial of an Optuna search whose directory name is longest: the last number, and on each
+    axis the value written longest (for a range, its longer end)."""
+    ends = {key: space.values if isinstance(space, Grid) else (space.low, space.high) for key, space in axes.items()}
+    widest = {key: max(values, key=lambda v, space=axes[key]: len(_short(v, space).encode()))
+              for key, values in ends.items()}
+    return Trial(trials - 1, widest)
 
 
 def override_text(key: str, value: Any) -> str:
@@ -457,7 +469,7 @@ class Sweep:
         self.platform = check_local_devices(parallel, devices_per_run)
         self.parallel, self.devices_per_run = parallel, devices_per_run
         self.config = load_config(spec.config, list(spec.overrides))
-        self.objective = objective_key(self.config)
+        self.objective = spec.objective
         self.numbered = spec.search != "grid"
         self.data = shared_data(self.config, axes, workdir)
 
@@ -654,10 +666,11 @@ def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str]
         axes = {key: axes[key] for key in saved_axes}
     settings = (load_config(config) if overrides else base).to_json_best_effort(sort_keys=True)  # the file's own
     spec = SweepSpec(str(Path(config).absolute()), tuple(overrides), {k: repr(v) for k, v in axes.items()},
-                     search, trials if search != "grid" else None, seed, hashlib.sha256(settings.encode()).hexdigest())
+                     search, trials if search != "grid" else None, seed, hashlib.sha256(settings.encode()).hexdigest(),
+                     objective_key(base))
     listed = grid_trials(axes) if search == "grid" else random_trials(axes, trials, seed) if search == "random" \
         else []
-    check_names(listed, axes, numbered=search != "grid")
+    check_names([widest_trial(axes, trials)] if search == "optuna" else listed, axes, numbered=search != "grid")
     check_overrides(spec, listed, axes, read_init_from)
     return spec, axes, listed
 
@@ -676,7 +689,7 @@ def saved_spec(workdir: Path) -> dict:
     return saved
 
 
-_SPEC_FIELDS = {"config_sha256": "config file's settings"}  # how a changed field is named
+_SPEC_FIELDS = {"config_sha256": "config file's settings", "objective": "objective"}  # how a changed field is named
 
 
 def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
@@ -708,14 +721,23 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
 
     workdir = Path(workdir).absolute()
     sweep = Sweep(spec, workdir, axes, parallel, devices_per_run, out)
+    new_workdir = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(workdir, f"--workdir {workdir} is in use: this sweep is already running there (it holds "
                                   "the directory's lock); wait for it to end or stop it, then run it again to go on")
     lock.acquire()
     try:
+        new_spec = not (workdir / SPEC_FILE).exists()
         (workdir / SPEC_FILE).write_text(spec.to_json())
         if sweep.data:
-            prepare_shared_data(sweep.config.data, workdir, out)
+            try:
+                prepare_shared_data(sweep.config.data, workdir, out)
+            except ValueError:  # bad input (found before preparation writes anything): leave no trace
+                if new_spec:
+                    (workdir / SPEC_FILE).unlink()
+                if new_workdir and not any(workdir.iterdir()):
+                    workdir.rmdir()
+                raise
         if spec.search == "optuna":
             study = open_study(workdir, spec.seed)
             sweep.run(optuna_trials(study, axes, spec.trials), study)

@@ -47,8 +47,10 @@ def wait_for(condition, timeout: float = 300) -> None:
 
 
 def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path):
-    workdir = tmp_path / "sweep"
+    workdir, config = tmp_path / "sweep", tmp_path / "experiment.py"
+    config.write_text(Path(TINY).read_text())  # removed at the end: --report reads only the sweep's files
     args = sweep_args(workdir, "--sweep", "optimizer.lr=[1e-3,3e-3]", "--sweep", "train.seed=[0,1]")
+    args[args.index(TINY)] = str(config)
     first_run, second_run = workdir / "lr=0.001,seed=0", workdir / "lr=0.001,seed=1"
     driver = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -76,9 +78,16 @@ def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path):
                                                                     ("0.003", "0"), ("0.003", "1")}
     losses = [float(r["final_train_loss"]) for r in table]
     assert all(math.isfinite(x) for x in losses) and losses == sorted(losses)  # best first
-    for png in ("loss_curves.png", "final_train_loss_vs_optimizer.lr.png", "final_train_loss_vs_train.seed.png"):
-        assert (workdir / png).stat().st_size > 1000, png
+    plots = {"loss_curves.png", "final_train_loss_vs_optimizer.lr.png", "final_train_loss_vs_train.seed.png"}
+    assert {p.name for p in workdir.glob("*.png")} == plots and all((workdir / p).stat().st_size > 1000 for p in plots)
     assert "| lr=" in (workdir / "results.md").read_text()
+
+    results = (workdir / "results.csv").read_text()
+    config.unlink()
+    for png in workdir.glob("*.png"):
+        png.unlink()
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
+    assert (workdir / "results.csv").read_text() == results and {p.name for p in workdir.glob("*.png")} == plots
 
 
 def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
@@ -93,6 +102,10 @@ def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
     assert not workdir.exists()
 
     assert main(args) == 0
+    # the runs end with an evaluation, but the sweep minimises the training loss (train.eval_every=0)
+    assert all(r["final_eval_loss"] for r in rows(workdir))
+    assert (workdir / "final_train_loss_vs_train.seed.png").is_file()
+    assert not (workdir / "final_eval_loss_vs_train.seed.png").exists()
     manifest = workdir / "data" / "manifest.json"
     for seed in (0, 1):
         run = workdir / f"seed={seed}"
@@ -275,6 +288,13 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
                                               "share the directory 'text_key=a_b'"),
     (["--sweep", f"train.sample_prompt=[{'x' * 300}]"],
      r"name \(sample_prompt=xxx.*\) would be 314 bytes, over the 255"),
+    (["--sweep", f"train.sample_prompt=choice(short,{'x' * 300})", "--search", "optuna", "--trials", "2"],
+     r"name \(t001,sample_prompt=xxx.*\) would be 319 bytes, over the 255"),  # Optuna: the longest it could draw
+    (["--sweep", f"train.seed=int(0,{2**64})", "--search", "random", "--trials", "1"],
+     r"int\(0, 18446744073709551616\): needs bounds that fit in 64 bits"),
+    # the shared data of a raw source is prepared before the first trial: bad input there leaves nothing behind
+    (["--sweep", "train.seed=[0]", "--config.data.source=text", "--config.data.files=['/nonexistent/*.txt']",
+      "--config.data.tokenizer=train"], r"no file matches '/nonexistent/\*.txt'"),
     ([f"--sweep=train.seed=[{','.join(map(str, range(100)))}]",
       f"--sweep=optimizer.warmup_steps=[{','.join(map(str, range(1, 102)))}]"], "the grid has 10,100 trials, over"),
     (["--sweep", "train.seed=int(0,9)", "--search", "random", "--trials", "100000000"], "1 <= N <= 10,000"),
