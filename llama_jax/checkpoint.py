@@ -104,6 +104,24 @@ def load_config(path: str | os.PathLike) -> LLaMAConfig:
         raise ValueError(f"{config_file}: {e}") from None
 
 
+def generation_end_ids(path: str | os.PathLike) -> list[int]:
+    """The end-of-text ids a model directory's generation_config.json lists (`eos_token_id`: one id
+    or several, e.g. LLaMA 3 instruct models' <|end_of_text|>, <|eom_id|> and <|eot_id|>); [] when it
+    has none. transformers' `generate` stops a row at any of them, and so does llama-jax."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return []
+    try:
+        ids = json.loads(file.read_text()).get("eos_token_id", [])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{file}: damaged, not a JSON object; remove it or copy it again from the checkpoint") \
+            from None
+    ids = [ids] if isinstance(ids, int) else ids
+    if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise ValueError(f"{file}: eos_token_id={ids!r}; expected a token id or a list of token ids")
+    return ids
+
+
 def load_tokenizer_for(path: str | os.PathLike, missing: str, tokenizer: str | os.PathLike | None = None):
     """(config, tokenizer) of a model directory: its own tokenizer.model, or `tokenizer` (refused when
     it differs from the directory's own), checked to fit the model's vocabulary. `missing`: how the

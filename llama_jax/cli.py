@@ -108,7 +108,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from llama_jax.checkpoint import load_model, load_tokenizer_for
+    from llama_jax.checkpoint import generation_end_ids, load_model, load_tokenizer_for
     from llama_jax.generate import check_sampling
     from llama_jax.prompts import complete, read_prompts_file
     from llama_jax.tokenizer import check_fits, load_tokenizer
@@ -137,11 +137,14 @@ def cmd_generate(args) -> None:
         config, params, tokenizer_path, _, _ = load_run(args.workdir, args.step, mesh)
         tokenizer = load_tokenizer(tokenizer_path)
         check_fits(tokenizer, config.vocab_size)
+        end_tokens = []
     else:
         _, tokenizer = load_tokenizer_for(args.model, "pass --tokenizer PATH", args.tokenizer)
+        end_tokens = generation_end_ids(args.model)
         config, params = load_model(args.model, mesh=mesh)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop=args.stop or (), chat=args.chat, mesh=mesh)
+                   top_p=args.top_p, seed=args.seed, stop=args.stop or (), chat=args.chat, mesh=mesh,
+                   end_tokens=end_tokens)
     # Plain prompts print as prompt + continuation; --chat prints the reply alone.
     heads = [""] * len(prompts) if args.chat else prompts
     if len(prompts) == 1 and not args.no_stream:

@@ -66,13 +66,15 @@ class LlamaJaxLM(TemplateLM):
         """`device` and `max_batch_size` are accepted because the harness passes them to every model;
         the mesh decides where the model lives."""
         super().__init__()
-        from llama_jax.checkpoint import load_model, load_tokenizer_for
+        from llama_jax.checkpoint import generation_end_ids, load_model, load_tokenizer_for
+        from llama_jax.prompts import end_ids
         from llama_jax.sharding import make_mesh, mesh_context
 
         self.mesh = make_mesh(*(_mesh_size(name, value) for name, value in  # a bad mesh fails before any reading
                                 (("data", data), ("fsdp", fsdp), ("tensor", tensor))))
         _, self.tokenizer = load_tokenizer_for(pretrained, "lm-eval requests are text, so the model directory "
                                                "needs its tokenizer (llama-jax export and convert --to jax copy it)")
+        self.end_ids = end_ids(self.tokenizer, chat=False, listed=generation_end_ids(pretrained))  # EOS first
         self.config, self.params = load_model(pretrained, mesh=self.mesh, **({"dtype": dtype} if dtype else {}))
         self.pretrained = str(pretrained)
         self.scorer = Scorer(self.config, self.params, batch_size=_batch_size(batch_size),
@@ -138,11 +140,14 @@ class LlamaJaxLM(TemplateLM):
 
         Requests with the same generation settings run together, longest prompt first, in
         batches of batch_size prompts left-padded to a length bucket (one compiled shape each).
-        A batch stops decoding once every row has reached EOS or one of its stop sequences.
+        A batch stops decoding once every row has reached EOS or one of its stop sequences. A row
+        also ends at any other end-of-text id the model's generation_config.json lists, as in
+        transformers' `generate` (LLaMA 3 instruct models: <|eot_id|>).
         """
         from tqdm import tqdm
 
         from llama_jax.generate import decoding_params, generate
+        from llama_jax.prompts import before_end
 
         params = decoding_params(self.config, self.params, self.mesh, batch_size=self.batch_size)  # once, not per batch
         groups: dict[str, list[int]] = {}
@@ -180,15 +185,16 @@ class LlamaJaxLM(TemplateLM):
                 batch = [prompts[i] for i in chosen]
                 batch += [[self.prefix_token_id]] * (B - len(batch))  # one batch shape for every batch
 
-                def finished(rows, real=len(chosen)):  # filler rows, and rows that reached a stop sequence
-                    return [k >= real or any(s in self.tok_decode(row) for s in until) for k, row in enumerate(rows)]
+                def finished(rows, real=len(chosen)):  # filler rows, and rows that reached an end or stop sequence
+                    return [k >= real or any(e in row for e in self.end_ids[1:])
+                            or any(s in self.tok_decode(row) for s in until) for k, row in enumerate(rows)]
 
                 outputs = generate(self.config, params, batch, new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=self.seed, eos_id=self.eot_token_id,
+                                   top_k=top_k, top_p=top_p, seed=self.seed, eos_id=self.end_ids[0],
                                    n_tokens=self.tokenizer.vocab_size, on_tokens=finished,
                                    pad_to=length_bucket(len(batch[0]), room), mesh=self.mesh)
                 for i, ids in zip(chosen, outputs):
-                    text = postprocess_generated_text(self.tok_decode(ids), until, None)
+                    text = postprocess_generated_text(self.tok_decode(before_end(ids, self.end_ids)), until, None)
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chosen))

@@ -65,14 +65,17 @@ def chat_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
                      f"not {type(tokenizer).__name__}")
 
 
-def end_ids(tokenizer: Tokenizer, chat: bool) -> list[int]:
-    """Ids that end a row: the first is the one the decode loop stops at."""
+def end_ids(tokenizer: Tokenizer, chat: bool, listed: Sequence[int] = ()) -> list[int]:
+    """Ids that end a row: the first is the one the decode loop stops at. `listed`: more of them,
+    from the model's generation config (`checkpoint.generation_end_ids`)."""
     if chat and isinstance(tokenizer, TiktokenTokenizer):
-        return [tokenizer.special_tokens["<|eot_id|>"], tokenizer.eos_id]
-    return [tokenizer.eos_id]
+        ends = [tokenizer.special_tokens["<|eot_id|>"], tokenizer.eos_id]
+    else:
+        ends = [tokenizer.eos_id]
+    return ends + [i for i in dict.fromkeys(listed) if i not in ends]
 
 
-def _cut_ids(ids: Sequence[int], ends: Sequence[int]) -> list[int]:
+def before_end(ids: Sequence[int], ends: Sequence[int]) -> list[int]:
     """`ids` before the first end id (the end id itself is dropped)."""
     ids = list(ids)
     cuts = [ids.index(e) for e in ends if e in ids]
@@ -133,11 +136,12 @@ def _stream_safe(text: str, stop: Sequence[str]) -> int:
 def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts: Sequence[str],
              max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop: Sequence[str] = (), chat: bool = False,
-             stream: Callable[[str], None] | None = None, mesh=None) -> list[str]:
+             stream: Callable[[str], None] | None = None, mesh=None, end_tokens: Sequence[int] = ()) -> list[str]:
     """Continuations (chat: replies) of `prompts`, each cut at its end token and first stop string.
 
     `stream`: with a single prompt, called with each new piece of text as it is produced; the
     pieces join to the returned text. `mesh`: decode sharded over it (`generate`'s `mesh`).
+    `end_tokens`: ids that end a row besides the tokenizer's (`checkpoint.generation_end_ids`).
     """
     from llama_jax.generate import generate
 
@@ -147,12 +151,12 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
     if not prompts:
         raise ValueError("no prompts; give --prompt TEXT or --prompts-file FILE")
     ids = [chat_ids(tokenizer, p) if chat else tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    ends = end_ids(tokenizer, chat)
+    ends = end_ids(tokenizer, chat, end_tokens)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=ends[0], n_tokens=tokenizer.vocab_size,
                    mesh=mesh)
 
     def text_of(prompt_ids: Sequence[int], new: Sequence[int]) -> str:
-        new = _cut_ids(new, ends)
+        new = before_end(new, ends)
         return tokenizer.decode(new) if chat else continuation_text(tokenizer, prompt_ids, new)
 
     def finish(prompt_ids: Sequence[int], new: Sequence[int]) -> str:
@@ -184,4 +188,5 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
     return texts
 
 
-__all__ = ["STREAM_CHUNK", "chat_ids", "complete", "continuation_text", "cut_at_stop", "end_ids", "read_prompts_file"]
+__all__ = ["STREAM_CHUNK", "before_end", "chat_ids", "complete", "continuation_text", "cut_at_stop", "end_ids",
+           "read_prompts_file"]

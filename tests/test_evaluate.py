@@ -387,6 +387,47 @@ def test_harness_matches_its_hugging_face_backend(model_dirs, tmp_path, offline)
         assert ours["results"]["tiny_ppl"][metric] == pytest.approx(hf["results"]["tiny_ppl"][metric], rel=1e-5)
 
 
+def test_generation_ends_at_every_end_id_of_the_generation_config(model_dirs, tmp_path):
+    """A model directory whose generation_config.json lists several end-of-text ids (as LLaMA 3
+    instruct models list <|eot_id|> besides <|end_of_text|>): generate_until ends each row where
+    transformers' generate, given the same ids, stops, and leaves the end id out of the text."""
+    import shutil
+
+    import transformers
+    from lm_eval.api.instance import Instance
+
+    from llama_jax.lm_eval_model import LlamaJaxLM
+
+    hf_dir, jax_dir = model_dirs
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(jax_dir)
+    prompts = ["The try statement", "Name the operator for integer division:"]
+
+    def hf_generate(prompt: str, eos: list[int]) -> list[int]:
+        ids = tokenizer.encode(prompt, bos=True)
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                                    pad_token_id=0)
+        return out[0, len(ids):].tolist()
+
+    free = hf_generate(prompts[0], [tokenizer.eos_id])
+    end = next(t for k, t in enumerate(free) if k >= 2 and t not in free[:k] and t != tokenizer.eos_id)
+    model_dir = tmp_path / "model"
+    shutil.copytree(jax_dir, model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_id, end]}))
+    ours = LlamaJaxLM(str(model_dir), batch_size=2).generate_until(
+        [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 12}), i) for i, p in enumerate(prompts)])
+    for prompt, text in zip(prompts, ours):
+        new = hf_generate(prompt, [tokenizer.eos_id, end])
+        assert text == tokenizer.decode(new[:next((k for k, t in enumerate(new) if t in (tokenizer.eos_id, end)),
+                                                   len(new))])
+    assert len(ours[0]) < len(tokenizer.decode(free))  # the first row did end early
+
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    with pytest.raises(ValueError, match="eos_token_id='</s>'; expected a token id or a list of token ids"):
+        LlamaJaxLM(str(model_dir))
+
+
 def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     write_tasks(tmp_path / "tasks", long_context="Loops")
     out = tmp_path / "results.json"

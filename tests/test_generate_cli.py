@@ -262,3 +262,17 @@ def test_converted_hugging_face_directory_generates_what_transformers_generates(
                  "--max-new-tokens", str(steps)]) == 0
     printed = capsys.readouterr().out
     assert printed == expected + "\n", (printed, expected)
+
+    # A generation_config.json listing a second end-of-text id (as LLaMA 3 instruct models list
+    # <|eot_id|>): the row ends where transformers stops, without that id's text.
+    new = out[0, inputs.input_ids.shape[1]:].tolist()
+    end = next(t for k, t in enumerate(new) if k >= 3 and t not in new[:k])
+    (hf / "generation_config.json").write_text(f'{{"bos_token_id": 1, "eos_token_id": [2, {end}]}}')
+    with torch.no_grad():
+        stopped = model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0, eos_token_id=[2, end])
+    assert stopped[0, -1] == end and stopped.shape[1] < out.shape[1]
+    assert main(["convert", "--from", "hf", "--to", "jax", str(hf), str(tmp_path / "jax"), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "jax"), "--prompt", prompt, "--temperature", "0",
+                 "--max-new-tokens", str(steps)]) == 0
+    assert capsys.readouterr().out == hf_tokenizer.decode(stopped[0, :-1], skip_special_tokens=True) + "\n"
