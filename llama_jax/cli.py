@@ -306,9 +306,10 @@ def _init_distributed(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from llama_jax.experiment import load_config
+    from llama_jax.experiment import check_experiment, load_config
 
-    config = load_config(args.config, args.overrides)  # before importing JAX: a bad config fails at once
+    config = load_config(args.config, args.overrides)
+    check_experiment(config)  # before importing JAX: a bad config fails at once
     from llama_jax.run import train_and_evaluate
 
     _init_distributed(args)
@@ -533,7 +534,7 @@ def _check_launched_config(command: list[str], base, n_devices: int) -> None:
     its search and every trial's config."""
     from pathlib import Path
 
-    from llama_jax.experiment import check_config, check_run_settings, load_config
+    from llama_jax.experiment import check_experiment, load_config
     from llama_jax.launch import check_config_file, option_value
 
     check_config_file(command, base)
@@ -554,8 +555,7 @@ def _check_launched_config(command: list[str], base, n_devices: int) -> None:
     if command[0] == "train":
         from llama_jax.sharding import check_mesh_and_batch
 
-        check_config(config, read_init_from=False)  # its files are where the command runs
-        check_run_settings(config)
+        check_experiment(config, read_init_from=False)  # its files are where the command runs
         if n_devices >= 1:  # else the launcher's own check of --nodes / --gpus-per-node says so
             check_mesh_and_batch(config, n_devices)
 

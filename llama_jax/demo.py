@@ -79,9 +79,10 @@ def export(workdir: Path) -> tuple[Path, Path]:
 
 
 def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
-    from llama_jax.experiment import apply_overrides
+    from llama_jax.experiment import apply_overrides, check_experiment
 
-    config = apply_overrides(get_config(), overrides)  # before importing JAX: a bad override fails at once
+    config = apply_overrides(get_config(), overrides)
+    check_experiment(config)  # before importing JAX: a bad override fails at once
     import jax
 
     from llama_jax.cli import main as cli

@@ -250,6 +250,13 @@ def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True)
     return model
 
 
+def check_experiment(config: ml_collections.ConfigDict, read_init_from: bool = True) -> None:
+    """ValueError for anything `llama-jax train` would refuse in `config` before it needs devices:
+    `check_config` and `check_run_settings`. Imports no JAX."""
+    check_config(config, read_init_from)
+    check_run_settings(config)
+
+
 def check_run_settings(config: ml_collections.ConfigDict) -> None:
     """ValueError for a run-loop setting (evaluation, sampling, checkpoints, non-finite steps) no run could use."""
     t, c = config.train, config.checkpoint

@@ -335,7 +335,7 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
     """Every trial's config is one `llama-jax train` accepts: the swept keys exist, take the values
     given, and every value is one a run can use (the checks `train` makes before it needs devices).
     An Optuna search (no trials listed yet) is checked at each axis's ends, the others at their first."""
-    from llama_jax.experiment import check_config, check_run_settings
+    from llama_jax.experiment import check_experiment
 
     if trials:
         probes = trials
@@ -348,8 +348,7 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
         try:
             overrides = [*spec.overrides, *(override_text(k, v) for k, v in trial.overrides.items())]
             config = load_config(spec.config, overrides)
-            check_config(config, read_init_from)
-            check_run_settings(config)
+            check_experiment(config, read_init_from)
         except ValueError as e:
             raise SweepError(f"trial {trial.name(axes, numbered=False)}: {e}") from None
 
