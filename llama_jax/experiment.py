@@ -240,6 +240,7 @@ def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True)
     check_finite(config)
     check_train_section(config.train)
     check_data_section(config.data)
+    check_run_source(config.data)
     model = None
     if read_init_from or config.model.preset != INIT_FROM_PRESET:
         model = model_config(config.model, config.checkpoint.init_from)
@@ -320,6 +321,14 @@ def check_data_section(d: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.eval_fraction must be a number with 0 <= eval_fraction < 1, got {fraction!r}")
     if not 0 <= fraction < 1:
         raise ValueError(f"data.eval_fraction={fraction} is out of range; valid: 0 <= eval_fraction < 1")
+
+
+def check_run_source(d: ml_collections.ConfigDict) -> None:
+    """ValueError unless `data.source` is one a run can train on."""
+    from llama_jax.data import SOURCES
+
+    if d.source not in ("prepared", *SOURCES):
+        raise ValueError(f"data.source={d.source!r} is not supported; valid: prepared, {', '.join(SOURCES)}")
 
 
 def check_train_section(t: ml_collections.ConfigDict) -> None:

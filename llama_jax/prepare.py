@@ -4,7 +4,8 @@
 first and EOS last, in worker processes, and writes them to DIR (format `llama_jax/prepared-v1`):
 
     tokenizer.model               a copy of the tokenizer used (or the one trained for data.tokenizer=train)
-    preparing.json                the settings the preparation started with; a resumed preparation must match them
+    preparing.json                the settings (and corpus sha256) the preparation started with; a resumed
+                                  preparation must match them
     <split>-<k:05d>.tokens.bin    split = train | held_out: the tokens of the shard's documents, concatenated,
                                   little-endian uint16 (vocab_size <= 65536) or uint32
     <split>-<k:05d>.index.npy     int64 [documents, 3]: offset of the document's first token in the shard,
@@ -12,7 +13,8 @@ first and EOS last, in worker processes, and writes them to DIR (format `llama_j
     <split>-<k:05d>.json          {"first_document", "documents", "tokens", "sha256": {"tokens", "index"}},
                                   written once both data files are complete and in place
     manifest.json                 written last: tokenizer, token dtype, data section, per-split counts and shards
-                                  (and the corpus sha256 of a source that has one: stdlib)
+                                  (and the corpus sha256 of a source that has one: text and JSONL files,
+                                  stdlib; over each document's length and UTF-8 text, in order)
 
 The held-out split is the source's eval split when it has one, else `split_indices(n, eval_fraction)`.
 A shard closes once it holds `shard_tokens` tokens; documents are never split. The files depend only
@@ -93,7 +95,7 @@ class Corpus:
     indices: dict[str, np.ndarray]
     read: Callable[[str, int], Iterator[tuple[int, str]]]
     origin: str
-    sha256: str | None = None  # fingerprint of the documents, for sources that have one (stdlib)
+    sha256: str | None = None  # fingerprint of the documents, for sources that have one (files, stdlib)
 
     def documents(self, split: str, start: int = 0) -> Iterator[tuple[int, str]]:
         return self.read(split, start)
@@ -129,9 +131,11 @@ def open_corpus(data_config) -> Corpus:
 def _streamed_corpus(data_config) -> Corpus:
     files, text_key = list(data_config.get("files") or []), data_config.get("text_key", "text")
     origin = f"files {files!r}"
-    count, has_text = 0, False
+    count, has_text, digest = 0, False, hashlib.sha256()
     for text in read_documents(files, text_key):
         count, has_text = count + 1, has_text or bool(text)
+        data = text.encode()
+        digest.update(len(data).to_bytes(8, "little") + data)  # each document's length, then its text
     _check_has_text(count, [has_text], origin)
     indices = dict(zip(SPLITS, split_indices(count, _eval_fraction(data_config))))
     members = {}
@@ -147,7 +151,7 @@ def _streamed_corpus(data_config) -> Corpus:
                     yield i, text
                 position += 1
 
-    return Corpus(indices, read, origin)
+    return Corpus(indices, read, origin, digest.hexdigest())
 
 
 def _check_has_text(count: int, texts: Iterable, origin: str) -> None:
@@ -550,6 +554,9 @@ def _check_partial(out: Path, data_config, request: TokenizerChoice, corpus: Cor
     if record["splits"] != counts:
         raise ValueError(f"{out} was started on a corpus of {record['splits']} documents, now it has {counts}; "
                          f"the documents changed, so remove {out} to prepare again")
+    if record.get("corpus_sha256", corpus.sha256) != corpus.sha256:  # recorded since the file sources had one
+        raise ValueError(f"{out} was started on other documents (corpus sha256 {record['corpus_sha256'][:12]}, now "
+                         f"{corpus.sha256[:12]}): the corpus changed since, so remove {out} to prepare again")
     kept = out / TOKENIZER
     if not kept.is_file() or sha256_file(kept) != recorded.sha256:
         raise ValueError(f"{kept} is missing or differs from the tokenizer recorded in {PREPARING}; "
@@ -567,7 +574,8 @@ def _start(out: Path, data_config, request: TokenizerChoice, corpus: Corpus, sha
         record = {"format": FORMAT, "data": _jsonable(data_config), "documents": document_settings(data_config),
                   "tokenizer": {"sha256": sha256_file(source), "trained_vocab_size": request.trained_vocab_size},
                   "token_dtype": token_dtype(tokenizer.vocab_size).name, "shard_tokens": shard_tokens,
-                  "splits": {split: len(corpus.indices[split]) for split in SPLITS}}
+                  "splits": {split: len(corpus.indices[split]) for split in SPLITS},
+                  **({"corpus_sha256": corpus.sha256} if corpus.sha256 else {})}
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
         stage.mkdir()

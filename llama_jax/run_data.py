@@ -161,6 +161,7 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
     prepared into a temporary directory until `RunData.adopt` (the run's first write).
     `model`: checked to hold the tokenizer's vocabulary (None: already checked). `rows`: the rows
     of each global batch this process feeds (`sharding.process_rows`; None: all of them)."""
+    from llama_jax.experiment import check_run_source
     from llama_jax.prepare import open_prepared
 
     d, t = config.data, config.train
@@ -173,9 +174,7 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
     if d.source == "prepared":
         named = prepared_dirs(d)
     else:
-        if d.source not in data_lib.SOURCES:
-            raise RunError(f"data.source={d.source!r} is not supported; valid: prepared, "
-                           f"{', '.join(data_lib.SOURCES)}")
+        check_run_source(d)
         path, staged = _stage_raw(d, workdir, kept)
         named = [("data", path, 1.0)]
     try:

@@ -25,7 +25,7 @@ import pytest
 from llama_jax import prepare as prepare_lib
 from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus, split_indices
-from llama_jax.experiment import load_config
+from llama_jax.experiment import base_config, load_config
 from llama_jax.prepare import open_prepared, prepare, verify
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
@@ -193,6 +193,25 @@ def test_killed_preparation_resumes_to_the_same_files(inputs, reference, tmp_pat
     assert "is already prepared" in printed.out and "already prepared: nothing tokenized" in printed.out
     assert "verified" in printed.out
     assert snapshot(out) == before
+
+
+def test_an_interrupted_preparation_does_not_resume_on_edited_files(tmp_path):
+    """Shards already written hold the old documents: finishing with the new ones would mix two corpora."""
+    corpus, topics = tmp_path / "corpus.jsonl", EmbeddedCorpus()
+    documents = [topics[i][:400] for i in range(len(topics))]
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    tokenizer = train_sentencepiece(documents, tmp_path / "tokenizer.model", 512)
+    data = base_config().data
+    data.update(source="jsonl", files=[str(corpus)], tokenizer=str(tokenizer), eval_fraction=EVAL_FRACTION)
+    out = tmp_path / "prepared"
+    prepare(data, out, workers=1, shard_tokens=SHARD_TOKENS, progress=False)
+    (out / "manifest.json").unlink()  # as if it had been stopped before its last shard
+    resumed = prepare(data, out, workers=1, shard_tokens=SHARD_TOKENS, progress=False)  # the same files: it resumes
+    (out / "manifest.json").unlink()
+    corpus.write_text("".join(json.dumps({"text": text.upper()}) + "\n" for text in documents))  # as many documents
+    with pytest.raises(ValueError, match=rf"{out} was started on other documents \(corpus sha256 "
+                                         rf"{resumed['corpus_sha256'][:12]}, now \w{{12}}\): the corpus changed"):
+        prepare(data, out, workers=1, shard_tokens=SHARD_TOKENS, progress=False)
 
 
 def test_reader_streams_across_shards(inputs, reference):
