@@ -116,7 +116,7 @@ def generation_end_ids(path: str | os.PathLike) -> list[int]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         raise ValueError(f"{file}: damaged, not a JSON object; remove it or copy it again from the checkpoint") \
             from None
-    ids = [ids] if isinstance(ids, int) else ids
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
     if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
         raise ValueError(f"{file}: eos_token_id={ids!r}; expected a token id or a list of token ids")
     return ids

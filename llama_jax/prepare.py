@@ -134,8 +134,8 @@ def _streamed_corpus(data_config) -> Corpus:
     count, has_text, digest = 0, False, hashlib.sha256()
     for text in read_documents(files, text_key):
         count, has_text = count + 1, has_text or bool(text)
-        data = text.encode()
-        digest.update(len(data).to_bytes(8, "little") + data)  # each document's length, then its text
+        utf8 = text.encode()
+        digest.update(len(utf8).to_bytes(8, "little") + utf8)  # each document's length, then its text
     _check_has_text(count, [has_text], origin)
     indices = dict(zip(SPLITS, split_indices(count, _eval_fraction(data_config))))
     members = {}
