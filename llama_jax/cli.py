@@ -598,7 +598,7 @@ def cmd_launch_slurm(args) -> None:
     command = _launched_command(args)
     _check_launched_config(command, Path.cwd(), args.nodes * args.gpus_per_node)
     workdir = option_value(command, "--workdir")
-    folder = args.folder or (str(Path(workdir) / "slurm") if workdir else None)
+    folder = args.folder or (str(Path(workdir) / slurm.WORKDIR_FOLDER) if workdir else None)
     if folder is None:
         raise UserError("--folder is required when the command has no --workdir")
     if Path(folder).exists() and not Path(folder).is_dir():

@@ -695,6 +695,7 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
     """SweepError unless `workdir` is new, empty, holds this same sweep (`saved`, its sweep.json), or
     holds a sweep none of whose trials has started (a sweep that stopped at a check or while
     preparing its data may be given again with other arguments)."""
+    from llama_jax.launch.slurm import WORKDIR_FOLDER
     from llama_jax.safe_io import check_writable
 
     if workdir.exists() and not workdir.is_dir():
@@ -708,7 +709,7 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
             what = ", ".join(_SPEC_FIELDS.get(k, k) for k in changed)
             raise SweepError(f"{workdir} holds a different sweep (its {what} differ); re-run it with the same "
                              f"arguments and config file, or use another --workdir")
-    elif workdir.is_dir() and any(workdir.iterdir()):
+    elif workdir.is_dir() and any(p.name != WORKDIR_FOLDER for p in workdir.iterdir()):  # `launch slurm`'s folder
         raise SweepError(f"--workdir {workdir} is not empty and holds no sweep ({SPEC_FILE}); use a new directory")
 
 
@@ -790,10 +791,10 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
     if dry_run:  # rendered in a scratch folder, shown with the folder a submission would use
         with tempfile.TemporaryDirectory() as folder:
             script = Path(slurm.submit_array(commands, folder, dry_run=True, **job)[0]).read_text()
-        script = script.replace(folder, str(workdir / "slurm"))
+        script = script.replace(folder, str(workdir / slurm.WORKDIR_FOLDER))
         return f"# the sbatch script of {len(commands)} trial(s) (not submitted)\n{script}"
     workdir.mkdir(parents=True, exist_ok=True)
-    job_ids = slurm.submit_array(commands, workdir / "slurm", **job)
+    job_ids = slurm.submit_array(commands, workdir / slurm.WORKDIR_FOLDER, **job)
     (workdir / SPEC_FILE).write_text(spec.to_json())
     for trial, job_id in zip(todo, job_ids):
         directory = workdir / trial.name(axes, numbered)

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -359,6 +360,31 @@ def test_job_command_outlives_the_requeue_signal():
     """SLURM signals every process of a job before its time limit; only submitit acts on it."""
     code = "import os, signal; os.kill(os.getpid(), signal.SIGUSR2); print('still running')"
     slurm.JobCommand([sys.executable, "-c", code])()  # raises CalledProcessError if the signal killed it
+
+
+def test_a_requeue_lets_the_command_save_first(tmp_path):
+    """submitit asks the job for its checkpoint before it requeues it (and then exits, killing what
+    still runs): the command gets SIGTERM, as a preempted run does, and the time to save."""
+    import threading
+
+    code = ("import pathlib, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path(sys.argv[1]).write_text('saved'), sys.exit(0)))\n"
+            "pathlib.Path(sys.argv[2]).touch()\n"
+            "time.sleep(60)\n")
+    saved, started = tmp_path / "saved", tmp_path / "started"
+    job = slurm.JobCommand([sys.executable, "-c", code, str(saved), str(started)])
+    task = threading.Thread(target=job)
+    task.start()
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert time.monotonic() < deadline, "the command did not start"
+        time.sleep(0.05)
+    requeued = job.checkpoint()
+    assert saved.read_text() == "saved" and requeued.function.argv == job.argv
+    task.join(timeout=10)
+    assert not task.is_alive()
+    assert slurm._executor(slurm._import_submitit(), tmp_path, dry_run=True).max_num_timeout == \
+        slurm.MAX_TIMEOUT_REQUEUES  # not submitit's default of 3 time limits
 
 
 def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):

@@ -347,6 +347,12 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     overrides = [o.removeprefix("--config.") for o in SHORT]
     spec, axes, listed = sweep_lib.prepare(str(config), workdir, ["train.seed=[0,1]", "optimizer.lr=[1e-3,2e-3]"],
                                            overrides)
+    launched = tmp_path / "launched"  # `launch slurm -- sweep` makes submitit's folder before the job runs the sweep
+    (launched / "slurm").mkdir(parents=True)
+    sweep_lib.prepare(str(config), launched, ["train.seed=[0,1]"], overrides)
+    (launched / "notes.txt").write_text("not the sweep's\n")
+    with pytest.raises(sweep_lib.SweepError, match="is not empty and holds no sweep"):
+        sweep_lib.prepare(str(config), launched, ["train.seed=[0,1]"], overrides)
     workdir.mkdir()
     (workdir / "sweep.json").write_text(spec.to_json())
     args = ["sweep", "--config", str(config), "--workdir", str(workdir), *SHORT, "--dry-run"]

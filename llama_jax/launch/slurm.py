@@ -7,8 +7,12 @@ each process one GPU, its local task index, unless JAX_LOCAL_DEVICE_IDS says oth
 sbatch script exports the node's GPU indices there.
 
 A job stopped by its time limit or by preemption is requeued by submitit with the same command
-line, and the run resumes from the checkpoints in its workdir. Dry runs write the sbatch script
-submitit would submit, rendered by submitit itself, and submit nothing.
+line, and the run resumes from the checkpoints in its workdir: SLURM warns the job 90 s before
+its time limit (USR2); submitit's handler on the first task asks the job for a checkpoint, which
+here sends the command SIGTERM (a llama-jax run saves and stops, every process at the same step)
+and waits for it, then requeues the job. A job is requeued after up to MAX_TIMEOUT_REQUEUES time
+limits (and after any number of preemptions). Dry runs write the sbatch script submitit would
+submit, rendered by submitit itself, and submit nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from typing import Any, Sequence
 from llama_jax.launch import LaunchError
 
 DEFAULT_TIME_MIN = 60
+WORKDIR_FOLDER = "slurm"  # submitit's folder (sbatch script, logs) inside the workdir of the command it runs
+MAX_TIMEOUT_REQUEUES = 1000  # submitit's default, 3, would end a run of 1-hour jobs after 4 hours
+SAVE_WAIT_S = 80  # how long a requeue waits for the command to save: SLURM's warning comes 90 s before the limit
 DRY_RUN_SCRIPT = "dry_run_submission.sh"
 INSTALL_HINT = "pip install -e '.[launch]'"
 
@@ -43,17 +50,33 @@ class JobCommand:
     argv: list[str]
 
     def __call__(self) -> None:
-        subprocess.run(self.argv, check=True, preexec_fn=_ignore_requeue_signal)
+        global _running
+        _running = subprocess.Popen(self.argv, preexec_fn=_ignore_requeue_signal)
+        status = _running.wait()
+        if status != 0:
+            raise subprocess.CalledProcessError(status, self.argv)
 
     def checkpoint(self) -> Any:
+        """Called by submitit (on the job's first task) before it requeues the job: the command is
+        sent SIGTERM and given SAVE_WAIT_S to save and stop, so that the requeued job resumes from
+        the step it reached (submitit then exits, which would kill a command still running)."""
         from submitit.helpers import DelayedSubmission
 
+        if _running is not None and _running.poll() is None:
+            _running.terminate()
+            try:
+                _running.wait(timeout=SAVE_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass  # the job ends at its time limit; the requeued one resumes from the last checkpoint
         return DelayedSubmission(JobCommand(list(self.argv)))
+
+
+_running: subprocess.Popen | None = None  # the command of this task's JobCommand, while it runs
 
 
 def _ignore_requeue_signal() -> None:
     """In the command's process: SLURM signals every process of the job before its time limit; that
-    signal is submitit's cue to requeue, and the command keeps running until the job is stopped."""
+    signal is submitit's cue to requeue, and the command runs on until the requeue stops it."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
@@ -129,14 +152,14 @@ def _import_submitit():
 def _executor(submitit, folder: str | Path, dry_run: bool):
     """submitit's SlurmExecutor; for a dry run, one that renders scripts on a machine without SLURM."""
     if not dry_run:
-        return submitit.SlurmExecutor(folder=folder)
+        return submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_TIMEOUT_REQUEUES)
 
     class OfflineSlurmExecutor(submitit.SlurmExecutor):
         @classmethod
         def affinity(cls) -> int:  # SlurmExecutor refuses to start without srun on PATH
             return 1
 
-    return OfflineSlurmExecutor(folder=folder)
+    return OfflineSlurmExecutor(folder=folder, max_num_timeout=MAX_TIMEOUT_REQUEUES)
 
 
 def _setup_lines(commands: list[list[str]], gpus_per_node: int) -> list[str]:
