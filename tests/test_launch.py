@@ -120,6 +120,11 @@ args, env = sys.argv[1:], os.environ
 state_file, log = env["FAKE_STATE"], env["FAKE_LOG"]
 group, verb = args[2], args[3]
 entry = [group, verb]
+failing_verb, _, failing_text = env.get("FAKE_FAIL", ":").partition(":")  # e.g. ssh:pip install
+if verb == failing_verb and failing_text in " ".join(args):
+    with open(log, "a") as f:
+        f.write(json.dumps(entry + ["failed"]) + "\\n")
+    sys.exit(1)
 if verb == "describe":
     if not os.path.exists(state_file):
         with open(log, "a") as f:
@@ -261,6 +266,27 @@ def test_copy_back_and_delete_after_a_run(fake_gcloud):
     assert cli.main(launch_args("--copy-back", "back", "--delete-after")) == 0
     *_, copy_back, delete = calls()
     assert copy_back[:2] == ["tpu-vm", "scp"] and delete[:2] == ["queued-resources", "delete"]
+
+
+def test_delete_after_a_failed_install_and_not_after_a_failed_copy_back(fake_gcloud, monkeypatch, capsys):
+    """--delete-after deletes a slice that fails before the run (nothing of the run's is on it), but
+    keeps one whose workdir could not be copied back: deleting it would lose that workdir."""
+    set_state, calls = fake_gcloud
+    set_state("ACTIVE")
+    monkeypatch.setenv("FAKE_FAIL", "ssh:pip install")
+    assert cli.main(launch_args("--delete-after")) == 2
+    assert verbs(calls()) == ["queued-resources describe ACTIVE", "tpu-vm scp", "tpu-vm ssh",
+                              "queued-resources delete"]
+    assert capsys.readouterr().err.splitlines()[-1].endswith("tpu-vm ssh ...` failed with exit status 1")
+
+    set_state("ACTIVE")
+    (Path(os.environ["FAKE_LOG"])).unlink()
+    monkeypatch.setenv("FAKE_FAIL", "scp:--recurse")
+    assert cli.main(launch_args("--copy-back", "back", "--delete-after")) == 2
+    assert verbs(calls())[-1] == "tpu-vm scp" and calls()[-1][-1] == "failed"  # no delete after it
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "queued resource run is kept, not deleted, so that the workdir on worker 0 is not lost: copy it, then "
+        "`gcloud compute tpus queued-resources delete run --force --quiet --zone us-central2-b`")
 
 
 def test_resource_failing_right_after_creation_is_one_error(fake_gcloud, monkeypatch, capsys):

@@ -230,6 +230,32 @@ def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
                           "(https://cloud.google.com/sdk/docs/install), or use --dry-run")
     if tpu.copy_back:
         remote_workdir(tpu)  # fail before anything runs
+    try:
+        status, preempted = _run_until_done(tpu, poll_seconds)
+    except Exception:  # e.g. the install failed: nothing of the run's is on the slice
+        if tpu.delete_after:
+            _run(delete_command(tpu), check=False)
+        raise
+    if preempted:
+        _note("the TPU was preempted during the run; launch again with the same command to resume")
+    elif status:
+        _note(f"the command exited with status {status} on the TPU")
+    if tpu.copy_back and not preempted:
+        try:
+            _run(copy_back_command(tpu))
+        except LaunchError as e:
+            if tpu.delete_after:  # deleting the slice would lose the workdir on worker 0
+                raise LaunchError(f"{e}; queued resource {tpu.name} is kept, not deleted, so that the workdir on "
+                                  f"worker 0 is not lost: copy it, then `{shlex.join(delete_command(tpu))}`") from None
+            raise
+    if tpu.delete_after:
+        _run(delete_command(tpu))
+    return status
+
+
+def _run_until_done(tpu: TpuLaunch, poll_seconds: float) -> tuple[int, bool]:
+    """Bring up the slice, ship and run the command, again after each preemption up to
+    `max_restarts` times; (the command's exit status, whether the last run was preempted)."""
     for attempt in range(tpu.max_restarts + 1):
         ensure_active(tpu, poll_seconds)
         ship(tpu)
@@ -239,15 +265,7 @@ def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
             break
         if attempt < tpu.max_restarts:
             _note(f"the TPU was preempted during the run; re-launching ({attempt + 1} of {tpu.max_restarts})")
-    if preempted:
-        _note("the TPU was preempted during the run; launch again with the same command to resume")
-    elif status:
-        _note(f"the command exited with status {status} on the TPU")
-    if tpu.copy_back and not preempted:
-        _run(copy_back_command(tpu))
-    if tpu.delete_after:
-        _run(delete_command(tpu))
-    return status
+    return status, preempted
 
 
 def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> None:
