@@ -518,20 +518,30 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
     error = io.StringIO()
     try:
         with contextlib.redirect_stderr(error), contextlib.redirect_stdout(io.StringIO()):
-            parser.parse_args(_attach_mesh_values(rest))
+            launched = parser.parse_args(_attach_mesh_values(rest))
     except SystemExit as e:
         if e.code == 0:
             raise UserError(f"after --: {command[0]} would only print its help; drop -h/--help") from None
         lines = error.getvalue().strip().splitlines()
         problem = re.sub(r"^llama-jax[\w -]*: error: ", "", lines[-1]) if lines else "its arguments do not parse"
         raise UserError(f"after --: {command[0]}: {problem}") from None
+    try:
+        _check_not_empty(launched)
+    except UserError as e:
+        raise UserError(f"after --: {command[0]}: {e}") from None
+    given = [flag for flag, dest in (("--num-processes", "num_processes"), ("--coordinator", "coordinator"),
+                                     ("--process-id", "process_id")) if getattr(launched, dest, None) is not None]
+    if given:
+        raise UserError(f"after --: {command[0]}: {given[0]} is the launcher's to set (one process per TPU worker "
+                        f"or SLURM node, found by JAX itself); drop {', '.join(given)}")
 
 
-def _check_launched_config(command: list[str], base, n_devices: int) -> None:
+def _check_launched_config(command: list[str], base, n_devices: int, hosts: int, platform: str) -> None:
     """The launched command's --config (where it will run: under `base` if relative) and its --config.*
     overrides, checked here as the command will check them there; for `train`, every value as
-    well, and the mesh and batch against the `n_devices` devices the job will have; for `sweep`,
-    its search and every trial's config."""
+    well, and the mesh and batch against the `n_devices` devices (`platform`) over `hosts` hosts the
+    job will have; for `sweep`, that it runs on one host and fits its devices, its search and every
+    trial's config."""
     from pathlib import Path
 
     from llama_jax.experiment import check_experiment, load_config
@@ -543,6 +553,7 @@ def _check_launched_config(command: list[str], base, n_devices: int) -> None:
     sweeps = command[0] == "sweep" and not launched.report
     if sweeps:
         _check_sweep_arguments(launched)
+        _check_launched_sweep(launched, n_devices, hosts, platform)
     path = option_value(command, "--config")
     if path is None or Path(path).is_absolute() and not Path(path).exists():  # e.g. on the slice's bucket only
         return
@@ -560,6 +571,24 @@ def _check_launched_config(command: list[str], base, n_devices: int) -> None:
             check_mesh_and_batch(config, n_devices)
 
 
+def _check_launched_sweep(launched, n_devices: int, hosts: int, platform: str) -> None:
+    """UserError unless a launched sweep can run its trials where it is sent: on one host, with
+    the trials' devices within that host's."""
+    from llama_jax.sweep import SweepError, check_devices
+
+    if launched.on == "slurm":
+        raise UserError("after --: sweep --on slurm submits a job per trial from a SLURM login node; run it there "
+                        "as it is, not through launch")
+    if hosts > 1:
+        raise UserError(f"after --: sweep runs its trials on one host, and this launch has {hosts}; launch it on "
+                        f"one (--nodes 1, or a single-host TPU slice)")
+    if n_devices >= 1:
+        try:
+            check_devices(platform, n_devices, launched.parallel, launched.devices_per_run)
+        except SweepError as e:
+            raise UserError(f"after --: sweep: {e}") from None
+
+
 def cmd_launch_tpu(args) -> None:
     from pathlib import Path
 
@@ -575,7 +604,7 @@ def cmd_launch_tpu(args) -> None:
             f"a file under {root}, by its path relative to it"
         raise UserError(f"--config {config}: the workers run from their own copy of the checkout, where this path "
                         f"does not exist; give {valid}")
-    _check_launched_config(command, root, tpu_slice.chips)  # JAX sees one device per chip
+    _check_launched_config(command, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
     if args.copy_back and Path(args.copy_back).exists() and not Path(args.copy_back).is_dir():
         raise UserError(f"--copy-back {args.copy_back} is a file; give a directory to receive the run's workdir")
     spec = tpu.TpuLaunch(name=args.name, zone=args.zone, slice=tpu_slice,
@@ -596,7 +625,7 @@ def cmd_launch_slurm(args) -> None:
     from llama_jax.launch import option_value, slurm
 
     command = _launched_command(args)
-    _check_launched_config(command, Path.cwd(), args.nodes * args.gpus_per_node)
+    _check_launched_config(command, Path.cwd(), args.nodes * args.gpus_per_node, args.nodes, "gpu")
     workdir = option_value(command, "--workdir")
     folder = args.folder or (str(Path(workdir) / slurm.WORKDIR_FOLDER) if workdir else None)
     if folder is None:

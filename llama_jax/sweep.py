@@ -440,6 +440,13 @@ def check_local_devices(parallel: int, devices_per_run: int | None) -> str:
     from llama_jax.devices import local_accelerators
 
     platform, n_devices = local_accelerators()
+    check_devices(platform, n_devices, parallel, devices_per_run)
+    return platform
+
+
+def check_devices(platform: str, n_devices: int, parallel: int, devices_per_run: int | None) -> None:
+    """SweepError unless a host of `n_devices` `platform` devices can run `parallel` trials of
+    `devices_per_run` devices each."""
     if devices_per_run is not None:
         if devices_per_run < 1 or devices_per_run > n_devices:
             raise SweepError(f"--devices-per-run {devices_per_run}: this host has {n_devices} "
@@ -450,7 +457,6 @@ def check_local_devices(parallel: int, devices_per_run: int | None) -> str:
     elif parallel > 1 and platform != "cpu":
         raise SweepError(f"--parallel {parallel} on a {platform} host needs --devices-per-run K, so trials "
                          f"do not share accelerators")
-    return platform
 
 
 def trial_statuses(workdir: str | os.PathLike) -> list[str]:

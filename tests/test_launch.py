@@ -481,6 +481,22 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
       "/mnt/gcs/sweep", "--sweep", "optimizer.lr=[1e-3,2e-3]"], "--config is required"),
     (["tpu", "--name", "n", "--zone", "", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
      "--zone is empty; give a value"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "train", "--config",
+      "configs/tiny.py", "--workdir", ""], "after --: train: --workdir is empty; give a value"),
+    (["slurm", "--nodes", "2", "--dry-run", "--", *TRAIN_IN_TMP, "--num-processes", "2", "--coordinator", "h:1",
+      "--process-id", "0"], "after --: train: --num-processes is the launcher's to set (one process per TPU "
+                            "worker or SLURM node, found by JAX itself); drop --num-processes, --coordinator, "
+                            "--process-id"),
+    # a launched sweep runs its trials on the one host it is sent to
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
+      "configs/tiny.py", "--workdir", "/mnt/gcs/sweep", "--sweep", "train.seed=[0,1]", "--on", "slurm"],
+     "after --: sweep --on slurm submits a job per trial from a SLURM login node"),
+    (["slurm", "--nodes", "2", "--dry-run", "--", "sweep", "--config", "configs/tiny.py", "--workdir",
+      "TMP_WORKDIR", "--sweep", "train.seed=[0,1]"], "after --: sweep runs its trials on one host, and this "
+                                                     "launch has 2"),
+    (["slurm", "--gpus-per-node", "8", "--dry-run", "--", "sweep", "--config", "configs/tiny.py", "--workdir",
+      "TMP_WORKDIR", "--sweep", "train.seed=[0,1]", "--parallel", "2"],
+     "after --: sweep: --parallel 2 on a gpu host needs --devices-per-run K"),
     (["slurm", "--partition", "", "--dry-run", "--", *TRAIN_IN_TMP], "--partition is empty; give a value"),
     (["slurm", "--folder", "README.md", "--dry-run", "--", *TRAIN_IN_TMP],
      "--folder README.md is a file; give a directory for the job's script and logs"),
