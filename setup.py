@@ -6,7 +6,7 @@ setup(
     description="LLaMA models in JAX/Flax: exact against PyTorch, sharded, trainable, convertible.",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # as jax 0.10 requires
     packages=find_packages(include=["llama_jax", "llama_jax.*"]),
     install_requires=[
         "jax>=0.10.2,<0.11",

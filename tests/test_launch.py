@@ -205,6 +205,7 @@ def test_existing_active_resource_is_reused(fake_gcloud, capfd, tmp_path):
     upload, install, run = calls()[1:]
     assert "llama_jax/cli.py" in upload[2] and "configs/tiny.py" in upload[2] and ".venv" not in str(upload[2])
     assert "pip install" in install[2]
+    assert install[2].index("sys.version_info < (3, 11)") < install[2].index("pip install")  # Python checked first
     assert run[2].endswith("python3 -m llama_jax.cli train --config configs/tiny.py --workdir /mnt/gcs/runs/tiny")
     assert "step 10: loss 1.2345" in capfd.readouterr().out  # the workers' output streams through
     assert not list(tmp_path.glob("llama-jax-*.tar.gz"))  # the shipped tarball is cleaned up

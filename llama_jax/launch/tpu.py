@@ -66,6 +66,10 @@ REMOTE_DIR = "llama-jax"  # the checkout on every worker, relative to the ssh us
 REMOTE_TARBALL = "llama-jax.tar.gz"
 REMOTE_INSTALL = 'python3 -m pip install -q -e . "jax[tpu]"'
 REMOTE_PYTHON = "python3"
+# jax 0.10 needs Python 3.11: a worker whose python3 is older says so in one line before pip tries.
+REMOTE_PYTHON_CHECK = ("python3 -c 'import sys; sys.exit(sys.version_info < (3, 11) and \"llama-jax needs Python "
+                       "3.11 or newer (as jax 0.10 does), and python3 on this TPU VM is \" + sys.version.split()[0] "
+                       "+ \": choose a --runtime-version whose image has it\")'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +180,7 @@ def copy_back_command(tpu: TpuLaunch) -> list[str]:
 def install_shell(tpu: TpuLaunch) -> str:
     """Unpack the shipped checkout over the previous one (a relative workdir inside it survives) and install it."""
     steps = [f"mkdir -p {REMOTE_DIR}", f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}", f"rm {REMOTE_TARBALL}",
-             f"cd {REMOTE_DIR}", REMOTE_INSTALL]
+             f"cd {REMOTE_DIR}", REMOTE_PYTHON_CHECK, REMOTE_INSTALL]
     return "set -e; " + "; ".join(steps + ([tpu.setup] if tpu.setup else []))
 
 
