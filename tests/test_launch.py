@@ -154,7 +154,7 @@ elif verb == "ssh":
             open(state_file, "w").write("SUSPENDED")
             with open(log, "a") as f:
                 f.write(json.dumps(entry) + "\\n")
-            sys.exit(255)
+            sys.exit(int(env.get("FAKE_PREEMPTED_STATUS", "255")))  # 0: the run saved and exited cleanly
         print("step 10: loss 1.2345 (from the workers)")
 with open(log, "a") as f:
     f.write(json.dumps(entry) + "\\n")
@@ -195,14 +195,15 @@ def verbs(calls):
 
 
 SHIP_AND_RUN = ["tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh"]
+RAN = [*SHIP_AND_RUN, "queued-resources describe ACTIVE"]  # a run, then the slice's state: still ACTIVE
 
 
 def test_existing_active_resource_is_reused(fake_gcloud, capfd, tmp_path):
     set_state, calls = fake_gcloud
     set_state("ACTIVE")
     assert cli.main(launch_args()) == 0
-    assert verbs(calls()) == ["queued-resources describe ACTIVE", *SHIP_AND_RUN]
-    upload, install, run = calls()[1:]
+    assert verbs(calls()) == ["queued-resources describe ACTIVE", *RAN]
+    upload, install, run = calls()[1:4]
     assert "llama_jax/cli.py" in upload[2] and "configs/tiny.py" in upload[2] and ".venv" not in str(upload[2])
     assert "pip install" in install[2]
     assert install[2].index("sys.version_info < (3, 11)") < install[2].index("pip install")  # Python checked first
@@ -215,7 +216,7 @@ def test_missing_resource_is_created(fake_gcloud):
     set_state, calls = fake_gcloud
     assert cli.main(launch_args("--spot")) == 0
     assert verbs(calls()) == ["queued-resources describe", "queued-resources create",
-                              "queued-resources describe ACTIVE", *SHIP_AND_RUN]
+                              "queued-resources describe ACTIVE", *RAN]
 
 
 @pytest.mark.parametrize("state", ["SUSPENDED", "FAILED", "PREEMPTED"])
@@ -225,7 +226,7 @@ def test_preempted_resource_is_deleted_and_recreated(fake_gcloud, state):
     assert cli.main(launch_args()) == 0
     assert verbs(calls()) == [f"queued-resources describe {state}", "queued-resources delete",
                               "queued-resources describe", "queued-resources create",
-                              "queued-resources describe ACTIVE", *SHIP_AND_RUN]
+                              "queued-resources describe ACTIVE", *RAN]
 
 
 def test_pending_resource_is_waited_for(fake_gcloud):
@@ -235,7 +236,7 @@ def test_pending_resource_is_waited_for(fake_gcloud):
     assert tpu.launch(spec, poll_seconds=0) == 0
     assert verbs(calls()) == ["queued-resources describe WAITING_FOR_RESOURCES",
                               "queued-resources describe PROVISIONING", "queued-resources describe ACTIVE",
-                              *SHIP_AND_RUN]
+                              *RAN]
 
 
 def test_preemption_during_the_run_relaunches(fake_gcloud, monkeypatch):
@@ -247,7 +248,7 @@ def test_preemption_during_the_run_relaunches(fake_gcloud, monkeypatch):
                               "queued-resources describe SUSPENDED",  # after the failed run: preempted?
                               "queued-resources describe SUSPENDED", "queued-resources delete",
                               "queued-resources describe", "queued-resources create",
-                              "queued-resources describe ACTIVE", *SHIP_AND_RUN, "queued-resources delete"]
+                              "queued-resources describe ACTIVE", *RAN, "queued-resources delete"]
 
 
 def test_preemption_without_restarts_reports_and_exits_with_the_status(fake_gcloud, monkeypatch, capfd):
@@ -259,6 +260,21 @@ def test_preemption_without_restarts_reports_and_exits_with_the_status(fake_gclo
     assert exit_.value.code == 255
     assert "launch again with the same command to resume" in capfd.readouterr().err
     assert "tpu-vm scp" not in verbs(calls())[-1]  # nothing to copy back from a preempted slice
+
+
+def test_a_preempted_run_that_exits_cleanly_is_relaunched(fake_gcloud, monkeypatch, capfd):
+    """A preempted train saves its step and exits 0; the slice's state says it did not finish."""
+    set_state, calls = fake_gcloud
+    set_state("ACTIVE")
+    monkeypatch.setenv("FAKE_PREEMPTIONS", "2")
+    monkeypatch.setenv("FAKE_PREEMPTED_STATUS", "0")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(launch_args("--max-restarts", "1"))
+    assert exit_.value.code == 1
+    assert verbs(calls()).count("queued-resources create") == 1  # re-created once, preempted again
+    assert "launch again with the same command to resume" in capfd.readouterr().err
+    set_state("ACTIVE")
+    assert cli.main(launch_args("--max-restarts", "1")) == 0  # the third run finishes
 
 
 def test_copy_back_and_delete_after_a_run(fake_gcloud):

@@ -228,7 +228,8 @@ def dry_run_lines(tpu: TpuLaunch) -> list[str]:
 
 
 def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
-    """Run the launch; returns the exit status of the command on the workers."""
+    """Run the launch; returns the exit status of the command on the workers (1 when the slice was
+    preempted after the command exited 0: a preempted train saves and exits 0, unfinished)."""
     if shutil.which("gcloud") is None:
         raise LaunchError("gcloud not found on PATH: install the Google Cloud CLI "
                           "(https://cloud.google.com/sdk/docs/install), or use --dry-run")
@@ -242,6 +243,7 @@ def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
         raise
     if preempted:
         _note("the TPU was preempted during the run; launch again with the same command to resume")
+        status = status or 1  # not done, whatever the workers' last word
     elif status:
         _note(f"the command exited with status {status} on the TPU")
     if tpu.copy_back and not preempted:
@@ -264,7 +266,7 @@ def _run_until_done(tpu: TpuLaunch, poll_seconds: float) -> tuple[int, bool]:
         ensure_active(tpu, poll_seconds)
         ship(tpu)
         status = _run(ssh_command(tpu, run_shell(tpu)), check=False)
-        preempted = status != 0 and describe_state(tpu) != "ACTIVE"
+        preempted = describe_state(tpu) != "ACTIVE"  # also after a clean exit: a preempted train saves, exits 0
         if not preempted:
             break
         if attempt < tpu.max_restarts:
