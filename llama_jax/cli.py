@@ -108,8 +108,9 @@ def cmd_demo(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from llama_jax.checkpoint import generation_end_ids, load_model, load_tokenizer_for
+    from llama_jax.checkpoint import load_model
     from llama_jax.generate import check_sampling
+    from llama_jax.model_dir import generation_end_ids, load_tokenizer_for
     from llama_jax.prompts import complete, read_prompts_file
     from llama_jax.tokenizer import check_fits, load_tokenizer
 

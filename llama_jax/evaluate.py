@@ -453,7 +453,8 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
         origin = {"workdir": str(Path(workdir).absolute()), "step": step}
         tokenizer_file = Path(tokenizer_file)
     else:
-        from llama_jax.checkpoint import load_model, load_tokenizer_for
+        from llama_jax.checkpoint import load_model
+        from llama_jax.model_dir import load_tokenizer_for
 
         model, tokenizer = load_tokenizer_for(model_dir, "evaluating text needs the model's tokenizer (llama-jax "
                                               "export and convert --to jax copy it into the model directory)")

@@ -81,7 +81,7 @@ def model_config(section: ml_collections.ConfigDict, init_from: str = "") -> LLa
         return LLaMAConfig.from_preset(section.preset, **overrides)
     if not init_from:
         raise ValueError("model.preset=init_from needs checkpoint.init_from (a model directory)")
-    from llama_jax.checkpoint import load_config
+    from llama_jax.model_dir import load_config
 
     try:
         return load_config(init_from).replace(**overrides)

@@ -66,7 +66,8 @@ class LlamaJaxLM(TemplateLM):
         """`device` and `max_batch_size` are accepted because the harness passes them to every model;
         the mesh decides where the model lives."""
         super().__init__()
-        from llama_jax.checkpoint import generation_end_ids, load_model, load_tokenizer_for
+        from llama_jax.checkpoint import load_model
+        from llama_jax.model_dir import generation_end_ids, load_tokenizer_for
         from llama_jax.prompts import end_ids
         from llama_jax.sharding import make_mesh, mesh_context
 

@@ -67,7 +67,7 @@ def chat_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 def end_ids(tokenizer: Tokenizer, chat: bool, listed: Sequence[int] = ()) -> list[int]:
     """Ids that end a row: the first is the one the decode loop stops at. `listed`: more of them,
-    from the model's generation config (`checkpoint.generation_end_ids`)."""
+    from the model's generation config (`model_dir.generation_end_ids`)."""
     if chat and isinstance(tokenizer, TiktokenTokenizer):
         ends = [tokenizer.special_tokens["<|eot_id|>"], tokenizer.eos_id]
     else:
@@ -141,7 +141,7 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
 
     `stream`: with a single prompt, called with each new piece of text as it is produced; the
     pieces join to the returned text. `mesh`: decode sharded over it (`generate`'s `mesh`).
-    `end_tokens`: ids that end a row besides the tokenizer's (`checkpoint.generation_end_ids`).
+    `end_tokens`: ids that end a row besides the tokenizer's (`model_dir.generation_end_ids`).
     """
     from llama_jax.generate import generate
 

@@ -305,7 +305,8 @@ def check_init_from(path: str, model: LLaMAConfig, section=None) -> list[str]:
     config's `model` section, whose fields override even the init_from preset). Returns
     `field=saved (this run: value)` for the rotary and norm settings the model was trained with
     where this run's differ (a fine-tune extending the context chooses them anew)."""
-    from llama_jax.checkpoint import ARCHITECTURE_FIELDS, TRAINED_WITH_FIELDS, load_config
+    from llama_jax.checkpoint import ARCHITECTURE_FIELDS, TRAINED_WITH_FIELDS
+    from llama_jax.model_dir import load_config
     from llama_jax.experiment import INIT_FROM_PRESET
 
     try:
@@ -342,7 +343,8 @@ def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, 
     """Write the parameters of a run's checkpoint (default: the latest) as a model directory
     (`save_model`), with the tokenizer the run used; `llama-jax convert --from jax` takes it on
     to Hugging Face or Meta format. Returns (path, step, config)."""
-    from llama_jax.checkpoint import MODEL_DIR, save_model
+    from llama_jax.checkpoint import save_model
+    from llama_jax.model_dir import MODEL_DIR
     from llama_jax.safe_io import check_destination
 
     workdir = Path(workdir).absolute()

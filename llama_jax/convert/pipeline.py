@@ -14,12 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from llama_jax.checkpoint import (MODEL_DIR, TOKENIZER_FILES, copy_tokenizer_files, load_config, load_model,
-                                  write_model_dir)
 from llama_jax.config import DTYPES, LLaMAConfig
 from llama_jax.convert import FORMATS, hf_dir, meta
 from llama_jax.convert.hf import empty_params, hf_tensor, put_tensor, tensor_specs
 from llama_jax.convert.source import ConversionError, Source, dtype_name, numpy_dtype
+from llama_jax.model_dir import MODEL_DIR, TOKENIZER_FILES, copy_tokenizer_files, load_config
 from llama_jax.safe_io import OutputKind, atomic_directory, check_destination
 
 OUTPUT_KINDS = {  # what each writer puts in its directory: all that --overwrite may replace
@@ -31,6 +30,8 @@ OUTPUT_KINDS = {  # what each writer puts in its directory: all that --overwrite
 
 
 def read_jax_dir(src: Path) -> Source:
+    from llama_jax.checkpoint import load_model  # JAX and Orbax: only for the jax format
+
     try:
         config = load_config(src)
     except ValueError as e:
@@ -41,6 +42,8 @@ def read_jax_dir(src: Path) -> Source:
 
 
 def write_jax_dir(dst: Path, config: LLaMAConfig, load: Callable[[str], np.ndarray]) -> int:
+    from llama_jax.checkpoint import write_model_dir  # JAX and Orbax: only for the jax format
+
     params = empty_params(config, numpy_dtype(config.param_dtype))
     for spec in tensor_specs(config):
         put_tensor(params, spec, load(spec.hf_name))

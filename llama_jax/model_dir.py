@@ -1,0 +1,95 @@
+"""A model directory's layout and the parts of it that need no JAX: its config, and its
+tokenizer and generation files (`llama_jax.checkpoint` reads and writes the parameters).
+
+Layout of a model directory:
+    model_config.json   the LLaMAConfig (architecture and numerics)
+    params/             an Orbax checkpoint of the parameters (scanned layout)
+    tokenizer.model ... tokenizer and generation files, when the model has them
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from llama_jax.config import LLaMAConfig
+from llama_jax.safe_io import OutputKind, holds_run
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+MODEL_DIR = OutputKind("llama_jax model directory", (CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES))
+
+
+def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer and generation files present in `src_dir`; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copyfile(Path(src_dir) / name, Path(dst_dir) / name)
+            copied.append(name)
+    return copied
+
+
+def load_config(path: str | os.PathLike) -> LLaMAConfig:
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        hint = ""
+        if (Path(path) / "checkpoints").is_dir() or holds_run(path):
+            hint = f"; it holds a training run: llama-jax export --workdir {path} DST writes a model directory of it"
+        elif (Path(path) / "config.json").is_file() or (Path(path) / "params.json").is_file():
+            fmt = "hf" if (Path(path) / "config.json").is_file() else "meta"
+            hint = (f"; it holds a {'Hugging Face' if fmt == 'hf' else 'Meta'} checkpoint: "
+                    f"llama-jax convert --from {fmt} --to jax {path} DST writes a model directory of it")
+        raise ValueError(f"{path} is not a llama_jax model directory: {CONFIG_FILE} not found{hint}")
+    try:
+        saved = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: damaged, not valid JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file}: damaged, expected a JSON object of LLaMAConfig fields")
+    try:
+        return LLaMAConfig.from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_file}: {e}") from None
+
+
+def generation_end_ids(path: str | os.PathLike) -> list[int]:
+    """The end-of-text ids a model directory's generation_config.json lists (`eos_token_id`: one id
+    or several, e.g. LLaMA 3 instruct models' <|end_of_text|>, <|eom_id|> and <|eot_id|>); [] when it
+    has none. transformers' `generate` stops a row at any of them, and so does llama-jax."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return []
+    try:
+        ids = json.loads(file.read_text()).get("eos_token_id", [])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{file}: damaged, not a JSON object; remove it or copy it again from the checkpoint") \
+            from None
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
+    if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise ValueError(f"{file}: eos_token_id={ids!r}; expected a token id or a list of token ids")
+    return ids
+
+
+def load_tokenizer_for(path: str | os.PathLike, missing: str, tokenizer: str | os.PathLike | None = None):
+    """(config, tokenizer) of a model directory: its own tokenizer.model, or `tokenizer` (refused when
+    it differs from the directory's own), checked to fit the model's vocabulary. `missing`: how the
+    error for a directory without a tokenizer ends (what the caller needs it for)."""
+    from llama_jax.safe_io import sha256_file
+    from llama_jax.tokenizer import check_fits, load_tokenizer
+
+    config = load_config(path)  # fails fast on a directory that is not a model
+    own = Path(path) / "tokenizer.model"
+    if tokenizer is None and not own.is_file():
+        raise ValueError(f"{path} has no tokenizer.model; {missing}")
+    if tokenizer is not None and own.is_file() and Path(tokenizer).is_file() \
+            and sha256_file(tokenizer) != sha256_file(own):
+        raise ValueError(f"--tokenizer {tokenizer} differs from the model's own {own}; omit --tokenizer to "
+                         f"use the tokenizer the model was trained with")
+    loaded = load_tokenizer(own if tokenizer is None else tokenizer)
+    check_fits(loaded, config.vocab_size)
+    return config, loaded
