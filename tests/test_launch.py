@@ -286,15 +286,18 @@ def test_copy_back_and_delete_after_a_run(fake_gcloud):
 
 
 def test_delete_after_a_failed_install_and_not_after_a_failed_copy_back(fake_gcloud, monkeypatch, capsys):
-    """--delete-after deletes a slice that fails before the run (nothing of the run's is on it), but
-    keeps one whose workdir could not be copied back: deleting it would lose that workdir."""
+    """--delete-after deletes a slice the launch created and could not install on (nothing of
+    anyone's is on it), but keeps a reused one (it may hold earlier runs' files) and one whose
+    workdir could not be copied back: deleting it would lose that workdir."""
     set_state, calls = fake_gcloud
-    set_state("ACTIVE")
     monkeypatch.setenv("FAKE_FAIL", "ssh:pip install")
     assert cli.main(launch_args("--delete-after")) == 2
-    assert verbs(calls()) == ["queued-resources describe ACTIVE", "tpu-vm scp", "tpu-vm ssh",
-                              "queued-resources delete"]
+    assert verbs(calls()) == ["queued-resources describe", "queued-resources create", "queued-resources describe ACTIVE",
+                              "tpu-vm scp", "tpu-vm ssh", "queued-resources delete"]
     assert capsys.readouterr().err.splitlines()[-1].endswith("tpu-vm ssh ...` failed with exit status 1")
+    set_state("ACTIVE")
+    assert cli.main(launch_args("--delete-after")) == 2
+    assert verbs(calls())[-1] == "tpu-vm ssh"  # reused: kept
 
     set_state("ACTIVE")
     (Path(os.environ["FAKE_LOG"])).unlink()
@@ -410,22 +413,35 @@ def test_a_requeue_lets_the_command_save_first(tmp_path):
     still runs): the command gets SIGTERM, as a preempted run does, and the time to save."""
     import threading
 
+    import signal
+
     code = ("import pathlib, signal, sys, time\n"
             "signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path(sys.argv[1]).write_text('saved'), sys.exit(0)))\n"
             "pathlib.Path(sys.argv[2]).touch()\n"
             "time.sleep(60)\n")
     saved, started = tmp_path / "saved", tmp_path / "started"
     job = slurm.JobCommand([sys.executable, "-c", code, str(saved), str(started)])
-    task = threading.Thread(target=job)
-    task.start()
-    deadline = time.monotonic() + 60
-    while not started.exists():
-        assert time.monotonic() < deadline, "the command did not start"
-        time.sleep(0.05)
-    requeued = job.checkpoint()
-    assert saved.read_text() == "saved" and requeued.function.argv == job.argv
-    task.join(timeout=10)
-    assert not task.is_alive()
+    requeued = []
+
+    def on_usr2(signum, frame):  # as submitit's handler: in the main thread, while the job waits for its command
+        began = time.monotonic()
+        requeued.append((job.checkpoint(), time.monotonic() - began))
+
+    def warn_when_started():  # SLURM's warning before the time limit
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, on_usr2)
+    try:
+        threading.Thread(target=warn_when_started, daemon=True).start()
+        job()  # returns once the command has saved and exited 0
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    (again, waited), = requeued
+    assert saved.read_text() == "saved" and again.function.argv == job.argv
+    assert waited < slurm.SAVE_WAIT_S / 4  # reaped as soon as it exited, not after the whole allowance
     assert slurm._executor(slurm._import_submitit(), tmp_path, dry_run=True).max_num_timeout == \
         slurm.MAX_TIMEOUT_REQUEUES  # not submitit's default of 3 time limits
 

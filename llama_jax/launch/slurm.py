@@ -52,7 +52,12 @@ class JobCommand:
     def __call__(self) -> None:
         global _running
         _running = subprocess.Popen(self.argv, preexec_fn=_ignore_requeue_signal)
-        status = _running.wait()
+        while True:  # waits of a second: an untimed wait would keep `checkpoint` (run inside it) from reaping
+            try:
+                status = _running.wait(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         if status != 0:
             raise subprocess.CalledProcessError(status, self.argv)
 

@@ -235,12 +235,7 @@ def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
                           "(https://cloud.google.com/sdk/docs/install), or use --dry-run")
     if tpu.copy_back:
         remote_workdir(tpu)  # fail before anything runs
-    try:
-        status, preempted = _run_until_done(tpu, poll_seconds)
-    except Exception:  # e.g. the install failed: nothing of the run's is on the slice
-        if tpu.delete_after:
-            _run(delete_command(tpu), check=False)
-        raise
+    status, preempted = _run_until_done(tpu, poll_seconds)
     if preempted:
         _note("the TPU was preempted during the run; launch again with the same command to resume")
         status = status or 1  # not done, whatever the workers' last word
@@ -263,10 +258,19 @@ def _run_until_done(tpu: TpuLaunch, poll_seconds: float) -> tuple[int, bool]:
     """Bring up the slice, ship and run the command, again after each preemption up to
     `max_restarts` times; (the command's exit status, whether the last run was preempted)."""
     for attempt in range(tpu.max_restarts + 1):
-        ensure_active(tpu, poll_seconds)
-        ship(tpu)
+        created = ensure_active(tpu, poll_seconds)
+        try:
+            ship(tpu)
+        except Exception:  # e.g. the install failed on a slice this launch made: nothing of anyone's is on it
+            if tpu.delete_after and created:
+                _run(delete_command(tpu), check=False)
+            raise
         status = _run(ssh_command(tpu, run_shell(tpu)), check=False)
-        preempted = describe_state(tpu) != "ACTIVE"  # also after a clean exit: a preempted train saves, exits 0
+        try:  # also after a clean exit: a preempted train saves and exits 0
+            preempted = describe_state(tpu) != "ACTIVE"
+        except LaunchError as e:
+            _note(f"{e}; taking the slice as still there")
+            preempted = False
         if not preempted:
             break
         if attempt < tpu.max_restarts:
@@ -274,8 +278,9 @@ def _run_until_done(tpu: TpuLaunch, poll_seconds: float) -> tuple[int, bool]:
     return status, preempted
 
 
-def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> None:
-    """Bring the queued resource to ACTIVE: create it, reuse it, or replace one that lost its TPUs."""
+def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> bool:
+    """Bring the queued resource to ACTIVE: create it, reuse it, or replace one that lost its TPUs.
+    Whether it was created now (a reused one may hold files of earlier runs)."""
     created, last = False, ""
     while True:
         state = describe_state(tpu)
@@ -284,7 +289,7 @@ def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> None:
         last = state
         action = "create" if state is None else QUEUED_RESOURCE_STATES.get(state)
         if action == "use":
-            return
+            return created
         if action in ("create", "recreate") and created:
             raise LaunchError(f"queued resource {tpu.name} is {state or 'gone'} right after its creation; "
                               f"see `{shlex.join(describe_command(tpu)[:-1])}`")
