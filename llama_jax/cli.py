@@ -551,10 +551,11 @@ def _check_launched_config(command: list[str], base, n_devices: int, hosts: int,
     check_config_file(command, base)
     rest, overrides = _split_config_overrides(command)
     launched = build_parser().parse_args(_attach_mesh_values(rest))  # it parses: `_check_launched_arguments`
+    if command[0] == "sweep":
+        _check_launched_sweep(launched, n_devices, hosts, platform)
     sweeps = command[0] == "sweep" and not launched.report
     if sweeps:
         _check_sweep_arguments(launched)
-        _check_launched_sweep(launched, n_devices, hosts, platform)
     path = option_value(command, "--config")
     if path is None or Path(path).is_absolute() and not Path(path).exists():  # e.g. on the slice's bucket only
         return
@@ -573,16 +574,20 @@ def _check_launched_config(command: list[str], base, n_devices: int, hosts: int,
 
 
 def _check_launched_sweep(launched, n_devices: int, hosts: int, platform: str) -> None:
-    """UserError unless a launched sweep can run its trials where it is sent: on one host, with
-    the trials' devices within that host's."""
+    """UserError unless a launched sweep can run where it is sent: on one host (each host would
+    run it, in the same workdir; a dry run writes nothing), --on slurm only from a login node, its
+    trials' devices within that host's."""
     from llama_jax.sweep import SweepError, check_devices
 
+    if hosts > 1 and not launched.dry_run:
+        what = "rebuilds its report" if launched.report else "runs its trials"
+        raise UserError(f"after --: sweep {what} on one host, and this launch has {hosts}; launch it on one "
+                        f"(--nodes 1, or a single-host TPU slice)")
+    if launched.report:
+        return
     if launched.on == "slurm":
         raise UserError("after --: sweep --on slurm submits a job per trial from a SLURM login node; run it there "
                         "as it is, not through launch")
-    if hosts > 1:
-        raise UserError(f"after --: sweep runs its trials on one host, and this launch has {hosts}; launch it on "
-                        f"one (--nodes 1, or a single-host TPU slice)")
     if n_devices >= 1:
         try:
             check_devices(platform, n_devices, launched.parallel, launched.devices_per_run)

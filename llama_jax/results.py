@@ -63,18 +63,22 @@ def finished_status(outcome: dict) -> str:
     return "diverged" if final is not None and not math.isfinite(final) else "done"
 
 
-def sweep_objective(spec: dict) -> str:
+def sweep_objective(spec: dict, trials: list[Path]) -> str:
     """The metric the sweep of `spec` (its sweep.json) ranks trials by: recorded there, or, for a
-    sweep.json written before it was recorded, decided from the config file."""
+    sweep.json written before it was recorded, decided from the config file, else from the config
+    a trial (of `trials`, its directories) ran."""
     from llama_jax.experiment import load_config
     from llama_jax.sweep import objective_key
 
     if spec.get("objective") in OBJECTIVE_LABELS:
         return spec["objective"]
-    try:
-        return objective_key(load_config(spec["config"], spec.get("overrides", [])))
-    except (KeyError, ValueError):
-        return "eval_loss"
+    for path, overrides in [(spec.get("config"), spec.get("overrides", [])),
+                            *((trial / "config.json", []) for trial in trials)]:
+        try:
+            return objective_key(load_config(path, overrides))
+        except (TypeError, ValueError):
+            continue
+    return "eval_loss"
 
 
 def collect(workdir: Path) -> tuple[list[str], list[dict[str, Any]], str]:
@@ -84,9 +88,10 @@ def collect(workdir: Path) -> tuple[list[str], list[dict[str, Any]], str]:
     spec = _json(workdir / SPEC_FILE)
     keys = list(spec.get("axes", {}))
     sweep_running = holds_lock(workdir)
-    objective = sweep_objective(spec)
+    trials = sorted(p for p in workdir.iterdir() if (p / TRIAL_FILE).is_file())
+    objective = sweep_objective(spec, trials)
     rows = []
-    for directory in sorted(p for p in workdir.iterdir() if (p / TRIAL_FILE).is_file()):
+    for directory in trials:
         trial = _json(directory / TRIAL_FILE)
         outcome = run_outcome(directory, objective)
         status = trial.get("status", "unknown")

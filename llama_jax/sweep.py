@@ -296,11 +296,26 @@ def check_names(trials: Sequence[Trial], axes: dict[str, Space], numbered: bool)
 
 def widest_trial(axes: dict[str, Space], trials: int) -> Trial:
     """The trial of an Optuna search whose directory name is longest: the last number, and on each
-    axis the value written longest (for a range, its longer end)."""
-    ends = {key: space.values if isinstance(space, Grid) else (space.low, space.high) for key, space in axes.items()}
-    widest = {key: max(values, key=lambda v, space=axes[key]: len(_short(v, space).encode()))
-              for key, values in ends.items()}
+    axis the value written longest (`_longest_candidates`)."""
+    widest = {key: max(_longest_candidates(space), key=lambda v, space=space: len(_short(v, space).encode()))
+              for key, space in axes.items()}
     return Trial(trials - 1, widest)
+
+
+def _longest_candidates(space: Space) -> tuple:
+    """Values of `space` among which is one its directory label writes longest: every listed value;
+    a range's ends; and for a float range, in each decade it spans, a value of 4 significant digits
+    (`1.001e-05`, `-0.0001001`), as a draw there is written (below a millionth of the range's
+    largest magnitude, where a range spanning zero is all but never drawn, are left out)."""
+    if isinstance(space, Grid):
+        return space.values
+    low, high = space.low, space.high
+    if isinstance(space, IntRange):
+        return low, high
+    top = max(abs(low), abs(high))
+    bottom = min(abs(low), abs(high)) if low * high > 0 else top * 1e-6
+    decades = range(math.floor(math.log10(bottom)), math.floor(math.log10(top)) + 1)
+    return low, high, *(v for k in decades for v in (1.001 * 10.0**k, -1.001 * 10.0**k) if low <= v <= high)
 
 
 def override_text(key: str, value: Any) -> str:

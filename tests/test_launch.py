@@ -527,6 +527,8 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["slurm", "--nodes", "2", "--dry-run", "--", "sweep", "--config", "configs/tiny.py", "--workdir",
       "TMP_WORKDIR", "--sweep", "train.seed=[0,1]"], "after --: sweep runs its trials on one host, and this "
                                                      "launch has 2"),
+    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-32", "--dry-run", "--", "sweep", "--workdir",
+      "/mnt/gcs/sweep", "--report"], "after --: sweep rebuilds its report on one host, and this launch has 4"),
     (["slurm", "--gpus-per-node", "8", "--dry-run", "--", "sweep", "--config", "configs/tiny.py", "--workdir",
       "TMP_WORKDIR", "--sweep", "train.seed=[0,1]", "--parallel", "2"],
      "after --: sweep: --parallel 2 on a gpu host needs --devices-per-run K"),

@@ -88,6 +88,11 @@ def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path):
         png.unlink()
     assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
     assert (workdir / "results.csv").read_text() == results and {p.name for p in workdir.glob("*.png")} == plots
+    spec = json.loads((workdir / "sweep.json").read_text())
+    del spec["objective"]  # as an earlier release wrote it: the trials' own config.json says
+    (workdir / "sweep.json").write_text(json.dumps(spec))
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
+    assert (workdir / "results.csv").read_text() == results
 
 
 def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
@@ -290,6 +295,8 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
      r"name \(sample_prompt=xxx.*\) would be 314 bytes, over the 255"),
     (["--sweep", f"train.sample_prompt=choice(short,{'x' * 300})", "--search", "optuna", "--trials", "2"],
      r"name \(t001,sample_prompt=xxx.*\) would be 319 bytes, over the 255"),  # Optuna: the longest it could draw
+    (["--sweep", f"train.sample_prompt=choice(short,{'x' * 225})", "--sweep", "optimizer.lr=loguniform(1e-5,1e-3)",
+      "--search", "optuna", "--trials", "2"], r"would be 257 bytes, over the 255"),  # a draw such as lr=1.234e-05
     (["--sweep", f"train.seed=int(0,{2**64})", "--search", "random", "--trials", "1"],
      r"int\(0, 18446744073709551616\): needs bounds that fit in 64 bits"),
     # the shared data of a raw source is prepared before the first trial: bad input there leaves nothing behind
