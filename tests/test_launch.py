@@ -292,8 +292,8 @@ def test_delete_after_a_failed_install_and_not_after_a_failed_copy_back(fake_gcl
     set_state, calls = fake_gcloud
     monkeypatch.setenv("FAKE_FAIL", "ssh:pip install")
     assert cli.main(launch_args("--delete-after")) == 2
-    assert verbs(calls()) == ["queued-resources describe", "queued-resources create", "queued-resources describe ACTIVE",
-                              "tpu-vm scp", "tpu-vm ssh", "queued-resources delete"]
+    assert verbs(calls()) == ["queued-resources describe", "queued-resources create",
+                              "queued-resources describe ACTIVE", "tpu-vm scp", "tpu-vm ssh", "queued-resources delete"]
     assert capsys.readouterr().err.splitlines()[-1].endswith("tpu-vm ssh ...` failed with exit status 1")
     set_state("ACTIVE")
     assert cli.main(launch_args("--delete-after")) == 2
