@@ -305,8 +305,8 @@ def widest_trial(axes: dict[str, Space], trials: int) -> Trial:
 def _longest_candidates(space: Space) -> tuple:
     """Values of `space` among which is one its directory label writes longest: every listed value;
     a range's ends; and for a float range, in each decade it spans, a value of 4 significant digits
-    (`1.001e-05`, `-0.0001001`), as a draw there is written (below a millionth of the range's
-    largest magnitude, where a range spanning zero is all but never drawn, are left out)."""
+    (`1.001e-05`, `-0.0001001`), as a draw there is written. Magnitudes under a millionth of the
+    largest, which a range spanning zero all but never draws, are not tried."""
     if isinstance(space, Grid):
         return space.values
     low, high = space.low, space.high
