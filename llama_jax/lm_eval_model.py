@@ -116,6 +116,10 @@ class LlamaJaxLM(TemplateLM):
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        """Text of `tokens`, without special ones (unknown, chat markers) unless asked, as the
+        harness's Hugging Face backend decodes generated text."""
+        if skip_special_tokens:
+            tokens = [t for t in tokens if t not in self.tokenizer.special_ids]
         return self.tokenizer.decode(tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

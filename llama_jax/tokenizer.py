@@ -30,6 +30,7 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int  # -1 when the model has none
+    special_ids: frozenset[int]  # ids that are not text (BOS, EOS, unknown, chat markers, ...)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`, with BOS in front and/or EOS at the end when asked."""
@@ -57,6 +58,8 @@ class SentencePieceTokenizer:
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.pad_id: int = self.sp.pad_id()
+        self.special_ids = frozenset(i for i in range(self.vocab_size)
+                                     if self.sp.is_control(i) or self.sp.is_unknown(i))
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Ids of `text`; same as Meta's `Tokenizer.encode(text, bos, eos)`."""
@@ -121,6 +124,7 @@ class TiktokenTokenizer:
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
         self.pad_id: int = -1
+        self.special_ids = frozenset(self.special_tokens.values())
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Ids of `text`; special-token text in it is encoded as ordinary text, as Meta's default."""

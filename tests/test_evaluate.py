@@ -415,13 +415,19 @@ def test_generation_ends_at_every_end_id_of_the_generation_config(model_dirs, tm
     model_dir = tmp_path / "model"
     shutil.copytree(jax_dir, model_dir)
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_id, end]}))
-    ours = LlamaJaxLM(str(model_dir), batch_size=2).generate_until(
+    lm = LlamaJaxLM(str(model_dir), batch_size=2)
+    ours = lm.generate_until(
         [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 12}), i) for i, p in enumerate(prompts)])
     for prompt, text in zip(prompts, ours):
         new = hf_generate(prompt, [tokenizer.eos_id, end])
         assert text == tokenizer.decode(new[:next((k for k, t in enumerate(new) if t in (tokenizer.eos_id, end)),
                                                    len(new))])
     assert len(ours[0]) < len(tokenizer.decode(free))  # the first row did end early
+
+    # Generated text leaves special pieces out, <unk> included (SentencePiece itself writes " ⁇ "), as `hf` does.
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ids = tokenizer.encode("The try statement", bos=True) + [0, 0] + tokenizer.encode("ends", bos=False) + [2]
+    assert lm.tok_decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True) != tokenizer.decode(ids)
 
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
     with pytest.raises(ValueError, match="eos_token_id='</s>'; expected a token id or a list of token ids"):
