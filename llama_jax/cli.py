@@ -364,7 +364,7 @@ def cmd_eval(args) -> None:
     from pathlib import Path
 
     from llama_jax.evaluate import evaluate_held_out
-    from llama_jax.experiment import load_config
+    from llama_jax.experiment import check_train_section, load_config
     from llama_jax.safe_io import check_results_file, write_text_atomic
 
     if (args.model is None) == (args.workdir is None):
@@ -382,6 +382,7 @@ def cmd_eval(args) -> None:
         raise UserError("--config is required with a model directory: the training config whose data settings "
                         "define the held-out documents (e.g. --config configs/demo.py)")
     config = load_config(config_file, args.overrides)
+    check_train_section(config.train)  # its batch is the default batch
     record = evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len, args.batch_size,
                                progress=True)
     default = Path(args.workdir) / f"eval-{record['step']}.json" if args.workdir else Path(args.model) / "eval.json"
@@ -726,9 +727,10 @@ def cmd_plan(args) -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
-    from llama_jax.experiment import load_config
+    from llama_jax.experiment import check_experiment, load_config
 
-    config = load_config(args.config, args.overrides)  # before importing JAX: a bad config fails at once
+    config = load_config(args.config, args.overrides)
+    check_experiment(config)  # before importing JAX: a bad config fails at once
     from llama_jax.plan import plan, format_plan
     from llama_jax.train import validate_config
 

@@ -516,6 +516,8 @@ def test_lm_eval_model_bad_mesh(model_dirs, mesh, message):
     (["eval", "MODEL", "--config", "CONFIG", "--seq-len", str(CONTEXT + 1)], rf"seq_len={CONTEXT + 1} is out of range"),
     (["eval", "MODEL", "--config", "CONFIG", "--config.mesh.data=3"],
      r"mesh: 8 devices are not divisible by the fixed mesh sizes \(data=3 x tensor=1 = 3\)"),
+    (["eval", "MODEL", "--config", "CONFIG", "--config.train.grad_accum=0"],  # the default batch divides by it
+     r"train.grad_accum must be a positive integer, got 0$"),
 ])
 def test_eval_bad_input(model_dirs, tmp_path, capsys, args, message):
     (tmp_path / "a.txt").write_text("Some text.")
