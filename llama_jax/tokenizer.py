@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import os
 import re
@@ -58,12 +59,16 @@ class SentencePieceTokenizer:
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.pad_id: int = self.sp.pad_id()
-        self.special_ids = frozenset(i for i in range(self.vocab_size)
-                                     if self.sp.is_control(i) or self.sp.is_unknown(i))
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Ids of `text`; same as Meta's `Tokenizer.encode(text, bos, eos)`."""
         return self.sp.encode(text, add_bos=bos, add_eos=eos)
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Control and unknown pieces; found on first use (a pass over the vocabulary), which only
+        decoding for lm-eval makes."""
+        return frozenset(i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` without BOS/EOS/pad; bytes that are not valid UTF-8 become U+FFFD."""
