@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import math
 import numbers
 import os
@@ -21,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import ml_collections
 
 from llama_jax.config import LLaMAConfig, field_names
+from llama_jax.safe_io import describe_value, read_json_object
 
 
 def model_section(preset: str = "tiny", **fields) -> ml_collections.ConfigDict:
@@ -159,7 +159,7 @@ def _python_config(path: Path) -> ml_collections.ConfigDict:
         if str(path.absolute().parent) in sys.path:
             sys.path.remove(str(path.absolute().parent))
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"{path}: get_config() returned {_describe(config)}; expected an ml_collections.ConfigDict "
+        raise ValueError(f"{path}: get_config() returned {describe_value(config)}; expected an ml_collections.ConfigDict "
                          "(start from llama_jax.experiment.base_config())")
     return ml_collections.ConfigDict(config) if isinstance(config, ml_collections.FrozenConfigDict) else config
 
@@ -172,25 +172,9 @@ def _failure(path: Path, stage: str, e: Exception) -> str:
     return f"{path}: {type(e).__name__} while {stage}" + (f": {message}" if message else "")
 
 
-def _describe(value: Any) -> str:
-    """A returned value as an error message names it: None, or its type and (when short) its repr."""
-    if value is None:
-        return "None"
-    name, text = type(value).__name__, repr(value)
-    short = len(text) <= 40 and "\n" not in text
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}" + (f" ({text})" if short else "")
-
-
 def _json_config(path: Path) -> ml_collections.ConfigDict:
     """A ConfigDict of the JSON object in `path` (a run's config.json)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # invalid JSON or not UTF-8
-        raise ValueError(f"{path}: not valid JSON ({e}); expected a run's config.json") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: holds {_describe(data)}, not a JSON object of config sections "
-                         "(a run's config.json)")
-    return ml_collections.ConfigDict(data)
+    return ml_collections.ConfigDict(read_json_object(path, "config sections (a run's config.json)"))
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:

@@ -9,13 +9,12 @@ Layout of a model directory:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 from llama_jax.config import LLaMAConfig
-from llama_jax.safe_io import OutputKind, holds_run
+from llama_jax.safe_io import OutputKind, holds_run, read_json_object
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -45,12 +44,7 @@ def load_config(path: str | os.PathLike) -> LLaMAConfig:
             hint = (f"; it holds a {'Hugging Face' if fmt == 'hf' else 'Meta'} checkpoint: "
                     f"llama-jax convert --from {fmt} --to jax {path} DST writes a model directory of it")
         raise ValueError(f"{path} is not a llama_jax model directory: {CONFIG_FILE} not found{hint}")
-    try:
-        saved = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file}: damaged, not valid JSON ({e})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{config_file}: damaged, expected a JSON object of LLaMAConfig fields")
+    saved = read_json_object(config_file, "LLaMAConfig fields")
     try:
         return LLaMAConfig.from_dict(saved)
     except (TypeError, ValueError) as e:
@@ -64,11 +58,7 @@ def generation_end_ids(path: str | os.PathLike) -> list[int]:
     file = Path(path) / "generation_config.json"
     if not file.is_file():
         return []
-    try:
-        ids = json.loads(file.read_text()).get("eos_token_id", [])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        raise ValueError(f"{file}: damaged, not a JSON object; remove it or copy it again from the checkpoint") \
-            from None
+    ids = read_json_object(file, "generation settings").get("eos_token_id", [])
     ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
     if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
         raise ValueError(f"{file}: eos_token_id={ids!r}; expected a token id or a list of token ids")

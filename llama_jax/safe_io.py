@@ -243,6 +243,27 @@ def raise_noted_signal() -> None:
         raise _signal_error[0] from None
 
 
+def describe_value(value: object) -> str:
+    """A value as an error message names it: None, or its type and (when short) its repr."""
+    if value is None:
+        return "None"
+    name, text = type(value).__name__, repr(value)
+    short = len(text) <= 40 and "\n" not in text
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}" + (f" ({text})" if short else "")
+
+
+def read_json_object(path: str | os.PathLike, holds: str) -> dict:
+    """The JSON object in the file `path`; ValueError (one line naming the file) when it is not
+    valid JSON or not an object. `holds`: what the object should hold, for the message."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise ValueError(f"{path}: not valid JSON ({e}); expected a JSON object of {holds}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds {describe_value(value)}, not a JSON object of {holds}")
+    return value
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

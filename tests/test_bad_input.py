@@ -219,7 +219,7 @@ CASES = [
     Case("convert-config-json-garbage", "convert --from hf --to jax {garbage_config_hf} out",
          r"config.json: not valid JSON"),
     Case("convert-config-json-a-list", "convert --from hf --to jax {list_config_hf} out",
-         r"config.json: expected a JSON object of model settings, got list"),
+         r"config.json: holds a list \(\[1, 2\]\), not a JSON object of model settings"),
     Case("convert-config-json-missing-key", "convert --from hf --to jax {no_vocab_hf} out",
          r"/config.json: missing required key 'vocab_size'"),
     Case("convert-config-json-not-llama", "convert --from hf --to jax {mistral_hf} out",
@@ -242,7 +242,9 @@ CASES = [
          r"llama-jax convert --from hf --to jax \S+/hf DST writes a model directory of it"),
     Case("generate-a-run", "generate {run} --prompt Hi", r"run is not a llama_jax model directory"),
     Case("generate-damaged-model-config", "generate {bad_config_model} --prompt Hi",
-         r"model_config.json: damaged, not valid JSON"),
+         r"model_config.json: not valid JSON \(Expecting property name.*\); expected a JSON object of LLaMAConfig"),
+    Case("generate-generation-config-a-list", "generate {bad_generation_model} --prompt Hi",
+         r"generation_config.json: holds a list \(\[2\]\), not a JSON object of generation settings"),
     Case("generate-missing-params", "generate {paramless_model} --prompt Hi",
          r"parameter checkpoint params/ not found"),
     Case("generate-no-tokenizer", "generate {model256} --prompt Hi", r"has no tokenizer.model; pass --tokenizer PATH"),
@@ -397,6 +399,9 @@ def make_inputs(root: Path) -> dict[str, Path]:
     p["bad_config_model"], p["paramless_model"] = inputs / "bad_config_model", inputs / "paramless_model"
     shutil.copytree(p["model"], p["bad_config_model"])
     (p["bad_config_model"] / "model_config.json").write_text("{oops")
+    p["bad_generation_model"] = inputs / "bad_generation_model"
+    shutil.copytree(p["model"], p["bad_generation_model"])
+    (p["bad_generation_model"] / "generation_config.json").write_text("[2]")
     shutil.copytree(p["model"], p["paramless_model"], ignore=shutil.ignore_patterns("params"))
     p["damaged_progress_run"] = inputs / "damaged_progress_run"
     shutil.copytree(p["run"], p["damaged_progress_run"])

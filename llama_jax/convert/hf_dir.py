@@ -18,6 +18,7 @@ from llama_jax.convert.hf import check_names, check_shape, tensor_specs
 from llama_jax.convert.safetensors_io import SafetensorsFile, write_shards
 from llama_jax.convert.source import ConversionError, Source, dtype_name
 from llama_jax.convert.torch_io import load_torch_file, tensor_to_numpy
+from llama_jax.safe_io import read_json_object
 
 WEIGHT_LAYOUTS = (  # (single file, index file), in order of preference
     ("model.safetensors", "model.safetensors.index.json"),
@@ -25,21 +26,21 @@ WEIGHT_LAYOUTS = (  # (single file, index file), in order of preference
 )
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, holds: str) -> dict:
+    """The JSON object in `path`; ConversionError when it is missing, not JSON or not an object."""
     if not path.is_file():
         raise ConversionError(f"{path}: not found")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+        return read_json_object(path, holds)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _weight_map(src: Path) -> dict[str, str]:
     """Tensor name -> file name, from an index or from the single weights file."""
     for single, index in WEIGHT_LAYOUTS:
         if (src / index).is_file():
-            index_json = read_json(src / index)
-            weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+            weight_map = read_json(src / index, "tensor names and files").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ConversionError(f"{src / index}: no 'weight_map'")
             for file_name in sorted(set(weight_map.values())):
@@ -83,8 +84,8 @@ def read_hf_dir(src: str | Path) -> Source:
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{src}: config.json not found; a Hugging Face model directory needs one")
-    hf = read_json(config_path)
-    if isinstance(hf, dict) and {"model", "train", "checkpoint"} <= set(hf):  # a run's resolved config
+    hf = read_json(config_path, "model settings")
+    if {"model", "train", "checkpoint"} <= set(hf):  # a run's resolved config
         raise ConversionError(f"{src} is a llama-jax training run, not a Hugging Face model directory; write its "
                               f"checkpoint as a model directory with llama-jax export, then convert --from jax")
     try:
@@ -142,9 +143,8 @@ def special_token_ids(directory: Path) -> dict:
 
     ids = {}
     if (directory / "generation_config.json").is_file():  # the model's own word first (e.g. several EOS ids)
-        generation = read_json(directory / "generation_config.json")
-        ids = {key: generation[key] for key in ("bos_token_id", "eos_token_id")
-               if isinstance(generation, dict) and key in generation}
+        generation = read_json(directory / "generation_config.json", "generation settings")
+        ids = {key: generation[key] for key in ("bos_token_id", "eos_token_id") if key in generation}
     if len(ids) < 2 and (directory / "tokenizer.model").is_file():
         try:
             tokenizer = load_tokenizer(directory / "tokenizer.model")

@@ -40,6 +40,7 @@ from llama_jax.config import LLaMAConfig, RopeScaling
 from llama_jax.convert.hf import TensorSpec, tensor_specs
 from llama_jax.convert.source import ConversionError, Source
 from llama_jax.convert.torch_io import load_torch_file, numpy_to_tensor, save_torch_file, tensor_to_numpy
+from llama_jax.safe_io import read_json_object
 
 PARAMS_FILE = "params.json"
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
@@ -248,11 +249,9 @@ def _read_params(path: Path) -> dict:
         raise ConversionError(f"{path}: not found; a Meta checkpoint directory holds {PARAMS_FILE} "
                               "and consolidated.NN.pth shards")
     try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise ConversionError(f"{path}: expected a JSON object of model parameters")
+        params = read_json_object(path, "model parameters")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise ConversionError(f"{path}: missing required key {key!r}")
