@@ -491,8 +491,9 @@ def _check_sweep_arguments(args) -> dict:
     return job
 
 
-def _launched_command(args) -> list[str]:
-    """The llama-jax command line given after `--` (a leading `llama-jax` dropped), checked to name a subcommand."""
+def _launched_command(args) -> tuple[list[str], argparse.Namespace]:
+    """The llama-jax command line given after `--` (a leading `llama-jax` dropped), checked to name a
+    subcommand and to parse; with its parsed arguments."""
     if args.overrides:
         raise UserError(f"--config.{args.overrides[0]}: put --config.* overrides after --, with the command")
     command = list(args.launched)
@@ -506,17 +507,16 @@ def _launched_command(args) -> list[str]:
     if not command or command[0] not in names:
         given = f"{command[0]!r} is not a llama-jax command" if command else "nothing given"
         raise UserError(f"after --: {given}; expected one of {', '.join(names)}")
-    _check_launched_arguments(parser, command)
-    return command
+    return command, _check_launched_arguments(parser, command)
 
 
-def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str]) -> None:
+def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str]) -> argparse.Namespace:
     """The launched command's flags, parsed here as they will be parsed where it runs, so that a
     typo or a missing --workdir is found before machines are provisioned."""
     import io
     import re
 
-    rest, _ = _split_config_overrides(command)
+    rest, overrides = _split_config_overrides(command)
     error = io.StringIO()
     try:
         with contextlib.redirect_stderr(error), contextlib.redirect_stdout(io.StringIO()):
@@ -527,6 +527,7 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
         lines = error.getvalue().strip().splitlines()
         problem = re.sub(r"^llama-jax[\w -]*: error: ", "", lines[-1]) if lines else "its arguments do not parse"
         raise UserError(f"after --: {command[0]}: {problem}") from None
+    launched.overrides = overrides
     try:
         _check_not_empty(launched)
     except UserError as e:
@@ -536,22 +537,22 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
     if given:
         raise UserError(f"after --: {command[0]}: {given[0]} is the launcher's to set (one process per TPU worker "
                         f"or SLURM node, found by JAX itself); drop {', '.join(given)}")
+    return launched
 
 
-def _check_launched_config(command: list[str], base, n_devices: int, hosts: int, platform: str) -> None:
-    """The launched command's --config (where it will run: under `base` if relative) and its --config.*
-    overrides, checked here as the command will check them there; for `train`, every value as
-    well, and the mesh and batch against the `n_devices` devices (`platform`) over `hosts` hosts the
-    job will have; for `sweep`, that it runs on one host and fits its devices, its search and every
-    trial's config."""
+def _check_launched_config(command: list[str], launched: argparse.Namespace, base, n_devices: int, hosts: int,
+                           platform: str) -> None:
+    """The launched command (`launched`: its parsed arguments), its --config (where it will run:
+    under `base` if relative) and its --config.* overrides, checked here as the command will check
+    them there; for `train`, every value as well, and the mesh and batch against the `n_devices`
+    devices (`platform`) over `hosts` hosts the job will have; for `sweep`, that it runs on one host
+    and fits its devices, its search and every trial's config."""
     from pathlib import Path
 
     from llama_jax.experiment import check_experiment, load_config
     from llama_jax.launch import check_config_file, option_value
 
     check_config_file(command, base)
-    rest, overrides = _split_config_overrides(command)
-    launched = build_parser().parse_args(_attach_mesh_values(rest))  # it parses: `_check_launched_arguments`
     if command[0] == "sweep":
         _check_launched_sweep(launched, n_devices, hosts, platform)
     sweeps = command[0] == "sweep" and not launched.report
@@ -560,11 +561,11 @@ def _check_launched_config(command: list[str], base, n_devices: int, hosts: int,
     path = option_value(command, "--config")
     if path is None or Path(path).is_absolute() and not Path(path).exists():  # e.g. on the slice's bucket only
         return
-    config = load_config(Path(base) / path, overrides)
+    config = load_config(Path(base) / path, launched.overrides)
     if sweeps:
         from llama_jax.sweep import plan_trials
 
-        plan_trials(str(Path(base) / path), launched.sweep or [], overrides, launched.search, launched.trials,
+        plan_trials(str(Path(base) / path), launched.sweep or [], launched.overrides, launched.search, launched.trials,
                     launched.seed, read_init_from=False)
     if command[0] == "train":
         from llama_jax.sharding import check_mesh_and_batch
@@ -601,7 +602,7 @@ def cmd_launch_tpu(args) -> None:
 
     from llama_jax.launch import option_value, tpu
 
-    command = _launched_command(args)
+    command, launched = _launched_command(args)
     tpu_slice = tpu.tpu_slice(args.accelerator)
     root = tpu.source_root()
     config = option_value(command, "--config")
@@ -611,7 +612,7 @@ def cmd_launch_tpu(args) -> None:
             f"a file under {root}, by its path relative to it"
         raise UserError(f"--config {config}: the workers run from their own copy of the checkout, where this path "
                         f"does not exist; give {valid}")
-    _check_launched_config(command, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
+    _check_launched_config(command, launched, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
     if args.copy_back and Path(args.copy_back).exists() and not Path(args.copy_back).is_dir():
         raise UserError(f"--copy-back {args.copy_back} is a file; give a directory to receive the run's workdir")
     spec = tpu.TpuLaunch(name=args.name, zone=args.zone, slice=tpu_slice,
@@ -631,8 +632,8 @@ def cmd_launch_slurm(args) -> None:
 
     from llama_jax.launch import option_value, slurm
 
-    command = _launched_command(args)
-    _check_launched_config(command, Path.cwd(), args.nodes * args.gpus_per_node, args.nodes, "gpu")
+    command, launched = _launched_command(args)
+    _check_launched_config(command, launched, Path.cwd(), args.nodes * args.gpus_per_node, args.nodes, "gpu")
     workdir = option_value(command, "--workdir")
     folder = args.folder or (str(Path(workdir) / slurm.WORKDIR_FOLDER) if workdir else None)
     if folder is None:
