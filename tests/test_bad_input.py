@@ -249,7 +249,7 @@ CASES = [
          r"parameter checkpoint params/ not found"),
     Case("generate-no-tokenizer", "generate {model256} --prompt Hi", r"has no tokenizer.model; pass --tokenizer PATH"),
     Case("generate-max-new-tokens-0", "generate {model} --prompt Hi --max-new-tokens 0",
-         r"max_new_tokens must be at least 1, got 0"),
+         r"max_new_tokens must be an integer of at least 1, got 0"),
     Case("generate-negative-temperature", "generate {model} --prompt Hi --temperature -1",
          r"temperature must be a finite number >= 0 \(0 is greedy\), got -1.0"),
     Case("generate-nan-temperature", "generate {model} --prompt Hi --temperature nan",

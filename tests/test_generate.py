@@ -250,6 +250,13 @@ def test_generate_text(sp_tokenizer):
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=0), "top_k"),
+    # wrong kinds of value, as a Python caller may pass them
+    (dict(temperature=None), r"temperature must be a finite number >= 0 \(0 is greedy\), got None"),
+    (dict(top_k=2.5), r"top_k must be a positive integer or None, got 2.5"),
+    (dict(top_k=True), r"top_k must be a positive integer or None, got True"),
+    (dict(max_new_tokens=4.0), r"max_new_tokens must be an integer of at least 1, got 4.0"),
+    (dict(eos_id=256), r"eos_id must be a token id below the vocabulary size 256 or None, got 256"),
+    (dict(n_tokens=0), r"n_tokens must be a positive integer \(only ids below it are produced\) or None, got 0"),
     (dict(max_new_tokens=251), r"\(6\) \+ max_new_tokens \(251\).*max_seq_len \(256\)"),
 ])
 def test_bad_input(gqa, kwargs, message):
