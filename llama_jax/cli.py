@@ -365,7 +365,7 @@ def cmd_eval(args) -> None:
 
     from llama_jax.evaluate import evaluate_held_out
     from llama_jax.experiment import check_train_section, load_config
-    from llama_jax.safe_io import check_results_file, write_text_atomic
+    from llama_jax.safe_io import check_results_file, check_run_config, write_text_atomic
 
     if (args.model is None) == (args.workdir is None):
         raise UserError("give a model directory or --workdir RUN (one of them)")
@@ -377,6 +377,8 @@ def cmd_eval(args) -> None:
                            "llama-jax eval", EVAL_RESULT_KEYS)
     if args.workdir is not None:
         _check_run_directory(args.workdir, f"llama-jax eval {args.workdir} --config CONFIG evaluates a model")
+        if args.config is None:
+            check_run_config(args.workdir, "give the run's config with --config CONFIG")
     config_file = args.config or (Path(args.workdir) / "config.json" if args.workdir else None)
     if config_file is None:
         raise UserError("--config is required with a model directory: the training config whose data settings "
@@ -656,6 +658,7 @@ def cmd_data_inspect(args) -> None:
 
     from llama_jax.data_inspect import coverage_lines, describe_step
     from llama_jax.experiment import check_train_section, load_config
+    from llama_jax.safe_io import check_run_config
 
     if args.config is None and args.workdir is None:
         raise UserError("give --config CONFIG (prepared data, or a raw source prepared now) or --workdir RUN")
@@ -664,6 +667,8 @@ def cmd_data_inspect(args) -> None:
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is not None and (args.config is None or workdir.exists()):  # with --config it may be a new run's
         _check_run_directory(workdir)
+    if args.config is None:
+        check_run_config(workdir, "give the run's config with --config CONFIG")
     config_file = args.config or str(workdir / "config.json")
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # the rows of a step are train.batch_size x train.seq_len, in seed order

@@ -147,13 +147,13 @@ def _python_config(path: Path) -> ml_collections.ConfigDict:
     try:
         try:
             spec.loader.exec_module(module)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # SystemExit: e.g. a script parsing its own flags
             raise ValueError(_failure(path, "running it", e)) from None
         if not callable(getattr(module, "get_config", None)):
             raise ValueError(f"{path}: defines no get_config()")
         try:
             config = module.get_config()
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise ValueError(_failure(path, "calling get_config()", e)) from None
     finally:
         if str(path.absolute().parent) in sys.path:
@@ -168,6 +168,9 @@ def _failure(path: Path, stage: str, e: Exception) -> str:
     """One line for an exception raised while loading a config file."""
     if isinstance(e, SyntaxError) and e.filename == os.fspath(path):
         return f"{path}, line {e.lineno}: syntax error: {e.msg}"
+    if isinstance(e, SystemExit):
+        return (f"{path}: exited (sys.exit({e.code!r})) while {stage}; a config file defines get_config() "
+                "and must not exit or parse command-line flags")
     message = " ".join(str(e).split())
     return f"{path}: {type(e).__name__} while {stage}" + (f": {message}" if message else "")
 

@@ -234,7 +234,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     killed mid-write is skipped; a resumed run logs the steps after its checkpoint again, so
     readers that want one value per step keep the last."""
     try:
-        lines = open(path).read().splitlines()
+        with open(path, encoding="utf-8", errors="replace") as f:  # a damaged line is skipped, not fatal
+            lines = f.read().splitlines()
     except FileNotFoundError:
         return []
     records = []

@@ -37,8 +37,8 @@ from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_a
 from llama_jax.config import LLaMAConfig
 from llama_jax.experiment import check_run_settings
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
-from llama_jax.safe_io import (DirectoryLock, atomic_file, check_writable, holds_run, sha256_file,
-                               write_text_atomic)
+from llama_jax.safe_io import (DirectoryLock, atomic_file, check_run_config, check_writable, holds_run,
+                               sha256_file, write_text_atomic)
 from llama_jax.sharding import process_rows
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
@@ -242,10 +242,10 @@ def set_aside_metrics_after(workdir: Path, step: int) -> list[int]:
         return []
     metrics_lib.end_cut_line(path)
     kept, later, steps = [], [], []
-    for line in path.read_text().splitlines(keepends=True):
+    for line in path.read_bytes().splitlines(keepends=True):  # bytes: a damaged line is kept byte for byte
         try:
             record_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):  # not JSON (or not UTF-8), or not a record of a step
             record_step = None  # kept as it is
         if isinstance(record_step, int) and record_step > step:
             later.append(line)
@@ -254,9 +254,10 @@ def set_aside_metrics_after(workdir: Path, step: int) -> list[int]:
             kept.append(line)
     if later:
         (workdir / SET_ASIDE_DIR).mkdir(exist_ok=True)
-        with open(workdir / SET_ASIDE_DIR / METRICS_FILE, "a") as f:
+        with open(workdir / SET_ASIDE_DIR / METRICS_FILE, "ab") as f:
             f.writelines(later)
-        write_text_atomic(path, "".join(kept))
+        with atomic_file(path) as new:
+            new.write_bytes(b"".join(kept))
     return steps
 
 
@@ -293,6 +294,7 @@ def check_workdir(workdir: Path) -> None:
                        f"that directory, so move the file away or use another --workdir")
     if not workdir.exists() or holds_run(workdir):
         return
+    check_run_config(workdir, "use another --workdir")
     clash = sorted(p.name for p in workdir.iterdir()
                    if p.name in RUN_FILES or any(fnmatch.fnmatchcase(p.name, m) for m in MODEL_FILES))
     if clash:

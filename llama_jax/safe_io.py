@@ -101,6 +101,22 @@ def holds_run(directory: str | os.PathLike) -> bool:
     return isinstance(saved, dict) and {"model", "train", "checkpoint"} <= set(saved)
 
 
+def check_run_config(workdir: str | os.PathLike, otherwise: str) -> None:
+    """ValueError when WORKDIR holds a run's checkpoints but its config.json is missing or damaged:
+    every checkpoint keeps the config it ran with, and the message names the latest one's copy;
+    `otherwise`: the other way out, for the message."""
+    workdir = Path(workdir)
+    if holds_run(workdir):
+        return
+    saved = sorted((p for p in workdir.glob("checkpoints/*/run/metadata") if p.parts[-3].isdigit()),
+                   key=lambda p: int(p.parts[-3]))  # checkpoints/STEP/run/metadata, by step
+    if saved:
+        state = "damaged (not a run's resolved config)" if (workdir / "config.json").exists() else "missing"
+        raise ValueError(f"--workdir {workdir} holds a run's checkpoints, but its config.json is {state}; every "
+                         f"checkpoint keeps the config it ran with (the \"config\" entry of {saved[-1]}): write "
+                         f"that back as {workdir / 'config.json'}, or {otherwise}")
+
+
 def enclosing_run_or_model(path: str | os.PathLike) -> Path | None:
     """The nearest directory at or above `path` that is a llama-jax run or model directory, if any."""
     path = Path(path).absolute()

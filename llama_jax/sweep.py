@@ -213,13 +213,13 @@ def _declared_axes(config_path: str) -> dict[str, Space]:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)  # load_config has already reported any error in the file
-    except Exception:
+    except (Exception, SystemExit):
         return {}
     if not hasattr(module, "get_sweep"):
         return {}
     try:
         declared = module.get_sweep()
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise SweepError(_failure(Path(config_path), "calling get_sweep()", e)) from None
     if not isinstance(declared, dict):
         raise SweepError(f"{config_path}: get_sweep() must return a dict of config key -> values or space")

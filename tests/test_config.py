@@ -193,6 +193,10 @@ BAD_CONFIG_FILES = {
                    "imports.py: ModuleNotFoundError while running it: No module named 'no_such_module_xyz'"),
     "raises.py": ("def get_config():\n    raise KeyError('two\\nlines')\n",
                   "raises.py: KeyError while calling get_config(): 'two\\nlines'"),
+    "exits.py": ("raise SystemExit(0)\n",  # a scheduler would take exit 0 for a finished run
+                 "exits.py: exited (sys.exit(0)) while running it; a config file defines get_config() and must not"),
+    "exits_in_get_config.py": ("import sys\ndef get_config():\n    sys.exit(3)\n",
+                               "exits_in_get_config.py: exited (sys.exit(3)) while calling get_config()"),
     "none.py": ("def get_config():\n    return None\n",
                 "none.py: get_config() returned None; expected an ml_collections.ConfigDict"),
     "plain.py": ("def get_config():\n    return {'train': {}}\n",

@@ -139,6 +139,47 @@ def test_resume_from_the_intact_step_after_damage(tmp_path, pristine_run, capsys
     jax.tree.map(np.testing.assert_array_equal, load_model(tmp_path / "model")[1], exported)
 
 
+def test_a_metrics_line_that_is_not_utf8_is_kept_as_it_is(tmp_path, pristine_run, capsys):
+    """A damaged (non-UTF-8) line in metrics.jsonl neither stops a resume nor is lost: it stays,
+    byte for byte, where the records of steps after the checkpoint are moved away from."""
+    run, exported = pristine_run
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    with open(workdir / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": \xff}\n')
+    assert train(workdir, "--resume-from", "2") == 0, capsys.readouterr().err
+    assert b'{"step": \xff}\n' in (workdir / "metrics.jsonl").read_bytes()
+    aside = (workdir / "checkpoints-set-aside" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in aside] == [3, 4]
+    assert main(["export", "--workdir", str(workdir), str(tmp_path / "model")]) == 0
+    jax.tree.map(np.testing.assert_array_equal, load_model(tmp_path / "model")[1], exported)
+
+
+@pytest.mark.parametrize("damage_done", ["removed", "garbled"])
+def test_a_run_without_its_config_json_says_where_the_config_is_kept(tmp_path, pristine_run, capsys, damage_done):
+    """A run whose config.json was lost is not taken for a foreign directory: the error names the
+    copy of the config its latest checkpoint keeps, and writing that back resumes the run."""
+    run, _ = pristine_run
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    if damage_done == "removed":
+        (workdir / "config.json").unlink()
+    else:
+        (workdir / "config.json").write_text('{"model": ')
+    before = snapshot(workdir)
+    assert train(workdir) == 2
+    err = one_line_error(capsys, "train")
+    kept = workdir / "checkpoints" / "4" / "run" / "metadata"
+    assert f"but its config.json is {'missing' if damage_done == 'removed' else 'damaged'}" in err, err
+    assert f'the "config" entry of {kept}' in err and err.endswith("or use another --workdir"), err
+    assert main(["eval", "--workdir", str(workdir)]) == 2
+    assert one_line_error(capsys, "eval").endswith(f"{workdir / 'config.json'}, or give the run's config with "
+                                                   "--config CONFIG")
+    assert snapshot(workdir) == before
+    (workdir / "config.json").write_text(json.dumps(json.loads(kept.read_text())["config"]))
+    assert train(workdir) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("removed", ["checkpoints/4", "checkpoints"])
 def test_a_run_whose_checkpoints_vanished_does_not_start_over(tmp_path, pristine_run, capsys, removed):
     run, _ = pristine_run
