@@ -8,6 +8,7 @@ import errno
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -1032,18 +1033,26 @@ RUN_COMMANDS = ("train", "sweep", "demo")  # commands that train runs, which a r
 RESUMES = "a run resumes from its last committed checkpoint"
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+def _is_os_error(error: BaseException, code: int) -> bool:
+    """Whether `error` is the OS error `code`, raised by Python or reported in a library's message."""
+    return (isinstance(error, OSError) and error.errno == code) or os.strerror(code) in str(error)
 
 
 def _error_text(error: BaseException, args) -> str:
-    """The error line's text. A full disk is said in those words: libraries bury it at the end of
-    long messages about their own internals (TensorStore) or report it as an internal error."""
-    if not _is_disk_full(error):
-        return str(error)
+    """The error line's text. A full disk, or a file past the process's size limit, is said in
+    those words: libraries bury it at the end of long messages about their own internals
+    (TensorStore) or report it as an internal error."""
     where = next((getattr(args, k) for k in ("dst", "output", "workdir") if getattr(args, k, None)), None)
-    text = "no space left on the device" + (f" holding {where}" if where else "")
-    text += "; free some space and run the command again"
+    if _is_os_error(error, errno.ENOSPC):
+        text = "no space left on the device" + (f" holding {where}" if where else "") + "; free some space"
+    elif _is_os_error(error, errno.EFBIG):
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        text = "a file grew past this process's file size limit" + (
+            f" (ulimit -f: {limit // 1024} KiB)" if limit != resource.RLIM_INFINITY else "") + (
+            f" while writing {where}" if where else "") + "; raise the limit (ulimit -f unlimited)"
+    else:
+        return str(error)
+    text += " and run the command again"
     return text + (f": {RESUMES}" if args.command in RUN_COMMANDS else "")
 
 

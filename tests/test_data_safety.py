@@ -544,6 +544,28 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(small_d
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "40"
 
 
+def test_a_file_size_limit_is_one_line_and_the_run_resumes_without_it(tmp_path):
+    """A checkpoint file past the process's size limit (ulimit -f): one line saying so (not
+    TensorStore's OUT_OF_RANGE message), and the same command without the limit resumes."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir", str(run),
+               "--config.train.steps=20", "--config.checkpoint.every=10"]
+    limit = 256 << 10  # above config.json and the metrics, below the checkpoint's parameter file
+    with_limit = [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
+                  f"({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+                  "os.execv(sys.executable, sys.argv[1:])", *command]
+    failed = subprocess.run(with_limit, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2
+    assert failed.stderr.splitlines() == [
+        f"llama-jax train: error: a file grew past this process's file size limit (ulimit -f: 256 KiB) while "
+        f"writing {run}; raise the limit (ulimit -f unlimited) and run the command again: a run resumes from its "
+        "last committed checkpoint"], failed.stderr
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20], steps
+
+
 def test_library_errors_wait_for_the_commands_outcome(caplog):
     """Orbax logs a failed write as absl errors with tracebacks while the command reports the same
     failure as its error line: they are held until the command ends, then shown if it succeeded
