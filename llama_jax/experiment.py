@@ -159,8 +159,8 @@ def _python_config(path: Path) -> ml_collections.ConfigDict:
         if str(path.absolute().parent) in sys.path:
             sys.path.remove(str(path.absolute().parent))
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"{path}: get_config() returned {describe_value(config)}; expected an ml_collections.ConfigDict "
-                         "(start from llama_jax.experiment.base_config())")
+        raise ValueError(f"{path}: get_config() returned {describe_value(config)}; expected an "
+                         "ml_collections.ConfigDict (start from llama_jax.experiment.base_config())")
     return ml_collections.ConfigDict(config) if isinstance(config, ml_collections.FrozenConfigDict) else config
 
 
