@@ -44,9 +44,9 @@ def base_config(preset: str = "tiny", **model_fields) -> ml_collections.ConfigDi
         train=dict(
             steps=1000, batch_size=8, seq_len=512, grad_accum=1, seed=0, z_loss=0.0,
             log_every=10,
-            eval_every=0,  # steps between held-out evaluations (0: never)
+            eval_every=0,  # steps between held-out evaluations (0: only at the end of the run)
             eval_batches=4,  # micro-batches of held-out windows per evaluation (-1: the whole held-out set)
-            sample_every=0, sample_prompt="The", sample_tokens=48,  # steps between text samples (0: never)
+            sample_every=0, sample_prompt="The", sample_tokens=48,  # steps between text samples (0: only at the end)
             on_nonfinite="stop",  # or "skip": a step with a NaN/Inf loss or gradient is not applied either way
         ),
         data=dict(

@@ -585,7 +585,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:,.0f}",
                                 mfu=f"{values['mfu']:.1%}")
                 window_start, window_tokens = time.perf_counter(), 0
-            if evaluates and t.eval_every and step % t.eval_every == 0:
+            if evaluates and (t.eval_every and step % t.eval_every == 0 or step == t.steps):  # the last: in its record
                 eval_metrics, evaluated_at = evaluate(config, trainer, state.params, data), step
                 record.update(eval_metrics)
             if samples and t.sample_every and step % t.sample_every == 0:
@@ -613,26 +613,27 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 return RunResult(logged, step, True, eval_metrics, text, data)
         if saved_step != step:
             checkpoints.save(step, state, {**run_info, "step": step}, force=True)
-        if evaluates and evaluated_at != step:  # the final parameters, unless just evaluated
+        if evaluates and evaluated_at != step:  # a rerun with nothing left to train: the final parameters
             eval_metrics = evaluate(config, trainer, state.params, data)
-            # logged once: also by a rerun of a run stopped between its last checkpoint and this record
-            if step > start or not any(r.get("step") == step and "eval_loss" in r
-                                        for r in metrics_lib.read_metrics(workdir / METRICS_FILE)):
+            # logged unless the log has it (a run stopped after its last checkpoint, before its evaluation)
+            logged_before = metrics_lib.read_metrics(workdir / METRICS_FILE)
+            if not any(r.get("step") == step and "eval_loss" in r for r in logged_before):
                 writer.write(step, eval_metrics)
                 logged.append({"step": step, **eval_metrics})
         if samples and sampled_at != step:
             text = sample(config, trainer, state.params, data.tokenizer, seed=step)
         checkpoints.wait()
         record_progress(workdir, recorded)
-    finally:
+        writer.close()  # the log complete, for the plot
+        if main_process and (workdir / METRICS_FILE).exists():
+            plot_losses(workdir / METRICS_FILE, workdir / "loss.png")
+    finally:  # SIGTERM stays a flag up to here: once the steps are done, the run ends as it would have
         bar.close()
         prefetch.close()
         preemption.restore()
         writer.close()
         checkpoints.wait()
         checkpoints.close()
-    if main_process and (workdir / METRICS_FILE).exists():
-        plot_losses(workdir / METRICS_FILE, workdir / "loss.png")
     return RunResult(logged, step, False, eval_metrics, text, data)
 
 

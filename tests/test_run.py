@@ -72,6 +72,10 @@ def straight_run(tmp_path_factory, tokenizer_path):
     assert main(train_args(workdir, run_overrides(tokenizer_path))) == 0
     losses = logged_losses(workdir)
     assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1]
+    # one record per step: the closing evaluation (STEPS is no multiple of eval_every) is in the last step's
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert {"loss", "eval_loss"} <= records[-1].keys() and not any("eval_loss" in r for r in records[:-1])
     return workdir, losses
 
 
@@ -132,8 +136,18 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer
     assert committed_steps(workdir / "checkpoints") == [4, 6]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
 
-    seen = n_lines(workdir / "metrics.jsonl")
-    assert main(train_args(workdir, overrides)) == 0
+    # the resume, preempted again once its last step is done (while it draws the loss plot): it
+    # ends as a finished run does, with its closing line and its plot, and exits 0
+    seen, plot = n_lines(workdir / "metrics.jsonl"), run_lib.plot_losses
+
+    def preempt_then_plot(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        plot(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(run_lib, "plot_losses", preempt_then_plot)
+        assert main(train_args(workdir, overrides)) == 0
+    assert f"step {STEPS}: loss" in capsys.readouterr().out and (workdir / "loss.png").is_file()
     assert logged_losses(workdir, seen) == {s: expected[s] for s in range(7, STEPS + 1)}
 
 
@@ -408,11 +422,17 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer
     assert (workdir / "metrics.jsonl").read_text() == log
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
 
-    # stopped after its last checkpoint, before its closing evaluation was logged: the rerun logs it
-    assert json.loads(log.splitlines()[-1]).keys() >= {"step", "eval_loss"}
-    (workdir / "metrics.jsonl").write_text("".join(log.splitlines(keepends=True)[:-1]))
-    assert main(train_args(workdir, run_overrides(tokenizer_path))) == 0
-    assert (workdir / "metrics.jsonl").read_text() == log
+    # a log without the closing evaluation (an earlier release logged it after the last checkpoint,
+    # as a record of its own): the rerun logs it, once
+    lines = log.splitlines(keepends=True)
+    last = json.loads(lines[-1])
+    trained = json.dumps({k: v for k, v in last.items() if not k.startswith("eval_")}) + "\n"
+    (workdir / "metrics.jsonl").write_text("".join(lines[:-1]) + trained)
+    for _ in range(2):
+        assert main(train_args(workdir, run_overrides(tokenizer_path))) == 0
+        after = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
+        assert after[:-1] == lines[:-1] + [trained]
+        assert json.loads(after[-1]) == {k: v for k, v in last.items() if k == "step" or k.startswith("eval_")}
 
     # continued with other settings: the run says which, since config.json now holds the new ones
     capsys.readouterr()
