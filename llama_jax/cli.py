@@ -312,7 +312,7 @@ def cmd_train(args) -> None:
 
     config = load_config(args.config, args.overrides)
     check_experiment(config)  # before importing JAX: a bad config fails at once
-    from llama_jax.run import train_and_evaluate
+    from llama_jax.run import log_line, train_and_evaluate
 
     _init_distributed(args)
     result = train_and_evaluate(config, args.workdir, resume_from=args.resume_from)
@@ -323,8 +323,7 @@ def cmd_train(args) -> None:
                f"process {jax.process_index()}; process 0 writes {args.workdir}/metrics.jsonl")
     last = next((r for r in reversed(result.logged) if "loss" in r), None)
     if last:
-        print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_second']:,.0f} tokens/s, "
-              f"MFU {last['mfu']:.1%}; {metrics}")
+        print(f"{log_line(last['step'], last)}; {metrics}")
     elif not result.preempted and result.final_step == config.train.steps:
         print(f"{args.workdir} already holds step {result.final_step} of train.steps={config.train.steps}: nothing "
               f"left to train (a larger train.steps continues it, the learning-rate schedule recomputed over the new "

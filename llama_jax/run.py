@@ -595,7 +595,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 writer.write(step, record)
                 logged.append({"step": step, **record})
                 if progress and main_process and bar.disable and step != t.steps:  # no terminal: a log line
-                    print(_log_line(step, record), flush=True)  # (the command's closing line tells the last)
+                    print(log_line(step, record), flush=True)  # (the command's closing line tells the last)
             if step == start + 1 and not record:  # leave compilation out of the throughput figures
                 jax.block_until_ready(state.step)
                 window_start, window_tokens = time.perf_counter(), 0
@@ -637,7 +637,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     return RunResult(logged, step, False, eval_metrics, text, data)
 
 
-def _log_line(step: int, record: dict) -> str:
+def log_line(step: int, record: dict) -> str:
     """What a logged step says where no progress bar is shown (output to a file: a cluster job's
     log, a sweep trial's train.log)."""
     parts = []

@@ -147,7 +147,10 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer
     with monkeypatch.context() as m:
         m.setattr(run_lib, "plot_losses", preempt_then_plot)
         assert main(train_args(workdir, overrides)) == 0
-    assert f"step {STEPS}: loss" in capsys.readouterr().out and (workdir / "loss.png").is_file()
+    closing = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(rf"step {STEPS}: loss \d+\.\d{{4}}, [\d,]+ tokens/s, MFU \d+\.\d%; held-out loss \d+\.\d{{4}}; "
+                        rf"metrics in {re.escape(str(workdir))}/metrics.jsonl", closing), closing
+    assert (workdir / "loss.png").is_file()
     assert logged_losses(workdir, seen) == {s: expected[s] for s in range(7, STEPS + 1)}
 
 
