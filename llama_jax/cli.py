@@ -299,12 +299,34 @@ def _init_distributed(args) -> None:
             raise UserError(f"--num-processes {n} needs --coordinator HOST:PORT and --process-id I with 0 <= I < {n}, "
                             f"got --coordinator {args.coordinator} --process-id {args.process_id}")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+        _join_processes(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                        process_id=args.process_id)
     elif os.environ.get("LLAMA_JAX_SINGLE_PROCESS"):
         return
     elif on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()  # JAX reads the topology from the TPU metadata server or SLURM
+        _join_processes()  # JAX reads the topology from the TPU metadata server or SLURM
+
+
+def _join_processes(**settings) -> None:
+    """`jax.distributed.initialize(**settings)`, which waits (up to 5 minutes) for every process to
+    join, in a thread of its own: the main thread waits in Python, where Ctrl-C and SIGTERM still
+    stop the command (a signal cannot interrupt the native call itself)."""
+    import jax
+
+    failure: list[BaseException] = []
+
+    def join():
+        try:
+            jax.distributed.initialize(**settings)
+        except BaseException as e:  # handed to the main thread
+            failure.append(e)
+
+    joining = threading.Thread(target=join, name="llama-jax-join-processes", daemon=True)
+    joining.start()
+    while joining.is_alive():
+        joining.join(0.2)
+    if failure:
+        raise failure[0]
 
 
 def cmd_train(args) -> None:

@@ -468,6 +468,25 @@ class RunResult:
     data: RunData
 
 
+def check_processes_agree(config, workdir: Path, resume_from: int | None) -> None:
+    """RunError, in every process of a multi-process run, unless all were started with the same
+    resolved config, --workdir and --resume-from: otherwise each would train with its own settings
+    the shards it holds, or write its shards of a checkpoint where the others never commit them."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    given = {"config": config.to_json_best_effort(), "--workdir": str(workdir), "--resume-from": repr(resume_from)}
+    digests = np.stack([np.frombuffer(hashlib.sha256(v.encode()).digest(), np.uint8) for v in given.values()])
+    every = np.asarray(multihost_utils.process_allgather(digests))  # [processes, len(given), 32]
+    for i, name in enumerate(given):
+        differing = [p for p in range(len(every)) if not np.array_equal(every[p, i], every[0, i])]
+        if differing:
+            raise RunError(f"the {len(every)} processes were started with different {name} (process "
+                           f"{differing[0]}'s differs from process 0's); start every process with the same "
+                           "command and config, only --process-id differing")
+
+
 def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devices=None,
                        resume_from: int | None = None) -> RunResult:
     """Train `config.train.steps` steps in `workdir`, resuming if it holds checkpoints.
@@ -482,6 +501,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     """
     check_run_settings(config)
     workdir = Path(workdir).absolute()
+    check_processes_agree(config, workdir, resume_from)
     check_workdir(workdir)
     lock = DirectoryLock(workdir, f"--workdir {workdir} is in use: another llama-jax train is running there (it "
                                   "holds the directory's lock); wait for it to end, stop it, or use another --workdir")

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -300,6 +301,57 @@ def test_two_processes_match_one(tmp_path, devices_per_process, mesh):
     single, _, _ = run_steps(tiny_config(*mesh), jax.devices()[:2 * devices_per_process])
     assert len(multi) == 4
     np.testing.assert_allclose(multi, single, rtol=1e-5)
+
+
+@pytest.mark.parametrize("differing", ["config", "--workdir"])
+def test_processes_started_differently_are_refused_by_each(tmp_path, differing):
+    """Two processes of one run given different settings would each train its shards its own way
+    (and different workdirs hang at the first checkpoint): both refuse, before writing anything."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--config.train.steps=2",
+           "--config.optimizer.warmup_steps=1",
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    second = ["--config.optimizer.lr=0.001"] if differing == "config" else []
+    workdirs = [tmp_path / "run", tmp_path / ("run" if differing == "config" else "other")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([*cmd, "--workdir", str(workdirs[i]), "--process-id", str(i), *(second if i else [])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-3000:]
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+            f"llama-jax train: error: the 2 processes were started with different {differing} (process 1's differs "
+            "from process 0's); start every process with the same command and config, only --process-id differing")
+    assert not any(w.exists() for w in workdirs)
+
+
+def test_sigterm_while_waiting_for_the_other_processes_stops_the_command(tmp_path):
+    """jax.distributed.initialize waits up to 5 minutes for every process; a signal cannot interrupt
+    the native call, so the command waits for it in a thread and stays stoppable."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir", str(tmp_path / "run"),
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    alone = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and alone.poll() is None:  # until its coordinator service listens
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        assert alone.poll() is None and time.monotonic() < deadline, alone.communicate()[1][-3000:]
+        time.sleep(1)  # inside initialize: waiting for process 1
+        alone.send_signal(signal.SIGTERM)
+        _, err = alone.communicate(timeout=20)
+    finally:
+        alone.kill()
+        alone.wait()
+    assert alone.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1] == "llama-jax train: terminated (SIGTERM)", err[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("moment", ["training", "saving"])
