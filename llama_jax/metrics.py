@@ -88,8 +88,9 @@ def peak_flops_for_kind(device_kind: str) -> float | None:
 
 
 def peak_flops_per_device(device: Any = None) -> float:
-    """Peak FLOP/s of `device` (default: the first device): datasheet, else measured (see module doc)."""
-    device = device if device is not None else jax.devices()[0]
+    """Peak FLOP/s of `device` (default: this process's first device): datasheet, else measured (see
+    module doc)."""
+    device = device if device is not None else jax.local_devices()[0]
     known = peak_flops_for_kind(device.device_kind)
     return known if known is not None else measured_matmul_flops(device)
 

@@ -297,6 +297,10 @@ def test_two_processes_match_one(tmp_path, devices_per_process, mesh):
     # each process ends with the run's last step; only process 0 names the metrics file as its own
     assert outs[0][0].splitlines()[-1].endswith(f"metrics in {tmp_path / 'multi'}/metrics.jsonl"), outs[0][0]
     assert outs[1][0].splitlines()[-1].endswith(f"process 1; process 0 writes {tmp_path / 'multi'}/metrics.jsonl")
+    # each process measures the peak of a device of its own (process 1 measured process 0's device,
+    # which it cannot address, and printed MFU 0.0%)
+    mfu = [float(re.search(r"MFU (\d+\.\d)%", out.splitlines()[-1]).group(1)) for out, _ in outs]
+    assert min(mfu) > 0, mfu
     multi = [json.loads(line)["loss"] for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     single, _, _ = run_steps(tiny_config(*mesh), jax.devices()[:2 * devices_per_process])
     assert len(multi) == 4
