@@ -345,7 +345,8 @@ def cmd_train(args) -> None:
                f"process {jax.process_index()}; process 0 writes {args.workdir}/metrics.jsonl")
     last = next((r for r in reversed(result.logged) if "loss" in r), None)
     if last:
-        print(f"{log_line(last['step'], last)}; {metrics}")
+        of_last_step = {k: v for r in result.logged if r["step"] == last["step"] for k, v in r.items()}
+        print(f"{log_line(last['step'], of_last_step)}; {metrics}")  # with the closing evaluation's record
     elif not result.preempted and result.final_step == config.train.steps:
         print(f"{args.workdir} already holds step {result.final_step} of train.steps={config.train.steps}: nothing "
               f"left to train (a larger train.steps continues it, the learning-rate schedule recomputed over the new "
@@ -1068,9 +1069,12 @@ def _error_text(error: BaseException, args) -> str:
         text = "no space left on the device" + (f" holding {where}" if where else "") + "; free some space"
     elif _is_os_error(error, errno.EFBIG):
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        text = "a file grew past this process's file size limit" + (
-            f" (ulimit -f: {limit // 1024} KiB)" if limit != resource.RLIM_INFINITY else "") + (
-            f" while writing {where}" if where else "") + "; raise the limit (ulimit -f unlimited)"
+        writing = f" while writing {where}" if where else ""
+        if limit != resource.RLIM_INFINITY:
+            text = (f"a file grew past this process's file size limit (ulimit -f: {limit // 1024} KiB){writing}; "
+                    "raise the limit (ulimit -f unlimited)")
+        else:  # the file system's own largest file (e.g. 4 GiB on FAT32)
+            text = f"a file grew past the largest file its file system holds{writing}; use another file system"
     else:
         return str(error)
     text += " and run the command again"

@@ -33,9 +33,9 @@ def get_config():
 
 def summary_lines(result, workdir: Path, baseline: float | None) -> list[str]:
     """The closing summary's figures, all read from what the run logged (WORKDIR/metrics.jsonl)."""
-    import json
+    from llama_jax.metrics import read_metrics
 
-    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(workdir / "metrics.jsonl")  # a damaged line (kept in the log) is skipped
     trained = [r for r in logged if "loss" in r][-FINAL_WINDOW:]
     lines = []
     if trained:

@@ -151,10 +151,17 @@ def _decode(params, state: _Decoding, pad_B: Array, sampler: _Sampler, limit: Ar
 
 
 def _is_int(value: object) -> bool:
+    """A Python, NumPy or JAX integer (a 0-d array too), not a bool."""
+    if hasattr(value, "dtype"):
+        return np.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.integer)
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value: object) -> bool:
+    """A Python, NumPy or JAX integer or floating-point number (a 0-d array too), not a bool."""
+    if hasattr(value, "dtype"):
+        return np.ndim(value) == 0 and (jnp.issubdtype(value.dtype, jnp.integer)
+                                        or jnp.issubdtype(value.dtype, jnp.floating))
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -162,25 +169,25 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
                    seed: int) -> None:
     """Raise ValueError naming the first sampling option out of range or of the wrong kind
     (`generate`'s own check, callable before a model is loaded)."""
-    if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
+    if not (_is_int(max_new_tokens) and int(max_new_tokens) >= 1):
         raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
-    if not (_is_real(temperature) and 0 <= temperature < math.inf):  # also false for NaN
+    if not (_is_real(temperature) and 0 <= float(temperature) < math.inf):  # also false for NaN
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and not (_is_int(top_k) and top_k >= 1):
+    if top_k is not None and not (_is_int(top_k) and int(top_k) >= 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not (_is_real(top_p) and 0 < top_p <= 1):
+    if top_p is not None and not (_is_real(top_p) and 0 < float(top_p) <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if not (_is_int(seed) and 0 <= seed < 2**63):
+    if not (_is_int(seed) and 0 <= int(seed) < 2**63):
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
 def _check_ids(config: LLaMAConfig, eos_id: int | None, n_tokens: int | None) -> None:
     """ValueError unless `eos_id` is an integer below the vocabulary size (a negative one, such as a
     SentencePiece model's -1 for "no EOS", never matches) and `n_tokens` a positive count (or None)."""
-    if eos_id is not None and not (_is_int(eos_id) and eos_id < config.vocab_size):
+    if eos_id is not None and not (_is_int(eos_id) and int(eos_id) < config.vocab_size):
         raise ValueError(f"eos_id must be a token id below the vocabulary size {config.vocab_size} or None, "
                          f"got {eos_id!r}")
-    if n_tokens is not None and not (_is_int(n_tokens) and n_tokens >= 1):
+    if n_tokens is not None and not (_is_int(n_tokens) and int(n_tokens) >= 1):
         raise ValueError(f"n_tokens must be a positive integer (only ids below it are produced) or None, "
                          f"got {n_tokens!r}")
 
@@ -220,6 +227,9 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
             raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     _check_ids(config, eos_id, n_tokens)
+    max_new_tokens, temperature, seed = int(max_new_tokens), float(temperature), int(seed)
+    top_k, top_p, eos_id, n_tokens = (None if v is None else kind(v) for v, kind in
+                                      ((top_k, int), (top_p, float), (eos_id, int), (n_tokens, int)))
     P = max(max(len(p) for p in prompts), pad_to or 0)
     if P + max_new_tokens > config.max_seq_len:
         raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) = {P + max_new_tokens} "

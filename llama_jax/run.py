@@ -605,7 +605,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:,.0f}",
                                 mfu=f"{values['mfu']:.1%}")
                 window_start, window_tokens = time.perf_counter(), 0
-            if evaluates and (t.eval_every and step % t.eval_every == 0 or step == t.steps):  # the last: in its record
+            if evaluates and t.eval_every and step % t.eval_every == 0:
                 eval_metrics, evaluated_at = evaluate(config, trainer, state.params, data), step
                 record.update(eval_metrics)
             if samples and t.sample_every and step % t.sample_every == 0:
@@ -633,11 +633,13 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 return RunResult(logged, step, True, eval_metrics, text, data)
         if saved_step != step:
             checkpoints.save(step, state, {**run_info, "step": step}, force=True)
-        if evaluates and evaluated_at != step:  # a rerun with nothing left to train: the final parameters
+        # the final parameters, unless just evaluated: after the final save, so that an evaluation that
+        # fails loses no step; a record of its own for the last step
+        if evaluates and evaluated_at != step:
             eval_metrics = evaluate(config, trainer, state.params, data)
-            # logged unless the log has it (a run stopped after its last checkpoint, before its evaluation)
-            logged_before = metrics_lib.read_metrics(workdir / METRICS_FILE)
-            if not any(r.get("step") == step and "eval_loss" in r for r in logged_before):
+            # logged once: also by a rerun of a run stopped between its last checkpoint and this record
+            if step > start or not any(r.get("step") == step and "eval_loss" in r
+                                        for r in metrics_lib.read_metrics(workdir / METRICS_FILE)):
                 writer.write(step, eval_metrics)
                 logged.append({"step": step, **eval_metrics})
         if samples and sampled_at != step:

@@ -566,6 +566,22 @@ def test_a_file_size_limit_is_one_line_and_the_run_resumes_without_it(tmp_path):
     assert steps == [10, 20], steps
 
 
+def test_a_file_too_large_for_its_file_system_is_not_blamed_on_ulimit(monkeypatch):
+    """Without a size limit on the process, "File too large" is the file system's own limit."""
+    import argparse
+    import errno
+    import resource
+
+    from llama_jax import cli
+
+    monkeypatch.setattr(cli.resource, "getrlimit", lambda _: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    error = ValueError("OUT_OF_RANGE: Error writing local file: File too large [os_error_code=27]")
+    assert cli._error_text(error, argparse.Namespace(command="convert", dst="/mnt/usb/model")) == (
+        "a file grew past the largest file its file system holds while writing /mnt/usb/model; use another file "
+        "system and run the command again")
+    assert os.strerror(errno.EFBIG) == "File too large"
+
+
 def test_library_errors_wait_for_the_commands_outcome(caplog):
     """Orbax logs a failed write as absl errors with tracebacks while the command reports the same
     failure as its error line: they are held until the command ends, then shown if it succeeded

@@ -6,6 +6,7 @@ from io import BytesIO
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -236,6 +237,17 @@ def test_generate_text(sp_tokenizer):
     assert [p + t for p, t in zip(prompts, texts)] == [tok.decode(tok.encode(p) + i) for p, i in zip(prompts, ids)]
     single = generate_text(cfg, params, tok, prompts[0], max_new_tokens=12, temperature=0.0)
     assert isinstance(single, str) and single
+
+
+def test_numpy_and_jax_scalars_are_accepted(gqa):
+    """Options given as NumPy or JAX scalars (as a sweep over jnp values passes them) decode as the
+    same Python numbers do."""
+    cfg, params = gqa
+    args = dict(temperature=0.7, top_k=5, top_p=0.9, seed=3, eos_id=EOS, n_tokens=200)
+    as_python = generate(cfg, params, PROMPTS, 6, **args)
+    as_jax = {k: (jnp.float32 if isinstance(v, float) else jnp.int32)(v) for k, v in args.items()}
+    assert generate(cfg, params, PROMPTS, np.int64(6), **as_jax) == as_python
+    assert generate(cfg, params, PROMPTS, 6, **{k: np.asarray(v) for k, v in args.items()}) == as_python
 
 
 @pytest.mark.parametrize("kwargs, message", [
