@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -433,15 +433,18 @@ def write_trial(directory: Path, trial: Trial, status: str, **extra) -> None:
     write_text_atomic(directory / TRIAL_FILE, json.dumps(record, indent=2) + "\n")
 
 
-def _die_with_parent() -> None:
-    """In the child: receive SIGTERM when the sweep process dies, so a killed sweep leaves no
-    orphan trial running (it saves a checkpoint and exits; a re-run resumes it)."""
+def _die_with_parent() -> Callable[[], None] | None:
+    """What a trial runs in the child before its command: receive SIGTERM when the sweep process
+    dies, so a killed sweep leaves no orphan trial running (it saves a checkpoint and exits; a
+    re-run resumes it). libc is loaded here, in the parent: loading a library in the forked child of
+    a process with threads can deadlock. None where libc has no prctl."""
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def objective_key(config) -> str:
@@ -539,7 +542,7 @@ class Sweep:
         self.out(f"[{trial.number}] started {directory.name}")
         with open(directory / LOG_FILE, "ab") as log:
             process = subprocess.Popen(trial_command(self.spec, trial, directory, data=self.data), stdout=log,
-                                       stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                                       stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent())
         optuna_trial = study_trial(study, trial) if study is not None else None
         return Running(trial, directory, process, slot, started, optuna_trial)
 
