@@ -362,10 +362,13 @@ def cmd_export(args) -> None:
           f"llama-jax convert --from jax --to hf {path} DST makes a Hugging Face checkpoint of it")
 
 
-def _check_run_directory(workdir, for_a_model: str = "") -> None:
+def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> None:
     """UserError when --workdir is missing, a file or a model directory rather than a run's directory;
-    `for_a_model`: what to do with a model directory instead."""
+    `for_a_model`: what to do with a model directory instead. Without a --config (`config`), the
+    run's own config.json must be intact as well."""
     from pathlib import Path
+
+    from llama_jax.safe_io import check_run_config
 
     workdir = Path(workdir)
     if not workdir.exists():
@@ -376,6 +379,8 @@ def _check_run_directory(workdir, for_a_model: str = "") -> None:
     if not (workdir / "config.json").exists() and (workdir / "model_config.json").is_file():
         raise UserError(f"--workdir {workdir} is a model directory, not a run (the --workdir of llama-jax train)"
                         + (f"; {for_a_model}" if for_a_model else ""))
+    if config is None:
+        check_run_config(workdir, "give the run's config with --config CONFIG")
 
 
 EVAL_RESULT_KEYS = ("loss", "perplexity", "tokens")  # what marks a file as an earlier result of eval
@@ -388,7 +393,7 @@ def cmd_eval(args) -> None:
 
     from llama_jax.evaluate import evaluate_held_out
     from llama_jax.experiment import check_train_section, load_config
-    from llama_jax.safe_io import check_results_file, check_run_config, write_text_atomic
+    from llama_jax.safe_io import check_results_file, write_text_atomic
 
     if (args.model is None) == (args.workdir is None):
         raise UserError("give a model directory or --workdir RUN (one of them)")
@@ -399,9 +404,8 @@ def cmd_eval(args) -> None:
         check_results_file(Path(args.model) / "eval.json" if args.output is None else args.output, "--output",
                            "llama-jax eval", EVAL_RESULT_KEYS)
     if args.workdir is not None:
-        _check_run_directory(args.workdir, f"llama-jax eval {args.workdir} --config CONFIG evaluates a model")
-        if args.config is None:
-            check_run_config(args.workdir, "give the run's config with --config CONFIG")
+        _check_run_directory(args.workdir, args.config,
+                             f"llama-jax eval {args.workdir} --config CONFIG evaluates a model")
     config_file = args.config or (Path(args.workdir) / "config.json" if args.workdir else None)
     if config_file is None:
         raise UserError("--config is required with a model directory: the training config whose data settings "
@@ -681,7 +685,6 @@ def cmd_data_inspect(args) -> None:
 
     from llama_jax.data_inspect import coverage_lines, describe_step
     from llama_jax.experiment import check_train_section, load_config
-    from llama_jax.safe_io import check_run_config
 
     if args.config is None and args.workdir is None:
         raise UserError("give --config CONFIG (prepared data, or a raw source prepared now) or --workdir RUN")
@@ -689,9 +692,7 @@ def cmd_data_inspect(args) -> None:
         raise UserError("give --step S (the rows of one step) or --epoch (coverage of one epoch), one of them")
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is not None and (args.config is None or workdir.exists()):  # with --config it may be a new run's
-        _check_run_directory(workdir)
-    if args.config is None:
-        check_run_config(workdir, "give the run's config with --config CONFIG")
+        _check_run_directory(workdir, args.config)
     config_file = args.config or str(workdir / "config.json")
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # the rows of a step are train.batch_size x train.seq_len, in seed order
