@@ -20,6 +20,7 @@ import json
 import math
 import os
 import queue
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -212,6 +213,20 @@ def _jsonl_text(line: str, text_key: str, where: str) -> str:
     return text
 
 
+@contextlib.contextmanager
+def _without_tfds_scratch_dirs():
+    """Remove the empty temporary directories TFDS makes (and leaves) when it opens a catalogue
+    dataset that is not built locally, to look its description up."""
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for path in set(glob.glob(pattern)) - before:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only if empty
+
+
 class TfdsSource:
     """One split of a TFDS dataset prepared in ArrayRecord format, read by random access through
     `tfds.data_source` (no TensorFlow). Reads only: the dataset must already be built."""
@@ -220,10 +235,13 @@ class TfdsSource:
         import tensorflow_datasets as tfds
 
         try:
-            self._records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except tfds.core.registered.DatasetNotFoundError:
-            raise ValueError(f"TFDS dataset {name!r} not found in data_dir={data_dir!r}; build it first "
-                             f"(llama_jax.text_dataset.build_text_dataset) or fix data.tfds_name") from None
+            with _without_tfds_scratch_dirs():
+                self._records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except (tfds.core.registered.DatasetNotFoundError, NotImplementedError):
+            # NotImplementedError: a catalogue dataset not built there, or built without random access
+            raise ValueError(f"TFDS dataset {name!r} not found in data_dir={data_dir!r} in ArrayRecord format; "
+                             f"build it first (llama_jax.text_dataset.build_text_dataset, or TFDS with "
+                             f"file_format='array_record') or fix data.tfds_name") from None
         features = self._records.dataset_info.features
         if text_key not in features:
             raise ValueError(f"TFDS dataset {name!r} has no feature {text_key!r}; valid: {sorted(features)}")

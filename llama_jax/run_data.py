@@ -105,6 +105,9 @@ def discard_staged(path: Path | None) -> None:
         shutil.rmtree(path.parent, ignore_errors=True)
 
 
+MIXTURE_KEYS = ("path", "weight")  # the settings of one data.mixture entry
+
+
 def prepared_dirs(d) -> list[tuple[str, Path, float]]:
     """(name, directory, weight) of each prepared dataset a `data.source=prepared` config names."""
     mixture = d.get("mixture") or {}
@@ -120,11 +123,17 @@ def prepared_dirs(d) -> list[tuple[str, Path, float]]:
         if not hasattr(entry, "get") or not entry.get("path"):
             raise RunError(f"data.mixture.{name} needs a path (a directory written by llama-jax prepare-data) "
                            f"and a weight, e.g. {{'path': '/data/c4', 'weight': 0.8}}")
+        unknown = sorted(str(key) for key in entry.keys() if key not in MIXTURE_KEYS)
+        if unknown:
+            raise RunError(f"data.mixture.{name} has no setting {unknown[0]!r}; valid: {', '.join(MIXTURE_KEYS)}")
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
                 or weight <= 0:
             raise RunError(f"data.mixture.{name}.weight={weight!r} must be a positive number")
         out.append((name, Path(entry["path"]), float(weight)))
+    if not math.isfinite(sum(weight for _, _, weight in out)):
+        raise RunError("data.mixture weights add up to more than a float can hold; give shares of a usual size, "
+                       "e.g. weights that sum to 1")
     return out
 
 

@@ -106,6 +106,8 @@ CASES = [
          r"corpus: is a directory; give the files in it, e.g. \S+/corpus/\*.txt"),
     Case("train-tfds-dataset-missing", NEW_RUN + " --config.data.source=tfds --config.data.tfds_name=my_corpus "
          "--config.data.data_dir={inputs}/tfds", r"TFDS dataset 'my_corpus' not found in data_dir='\S+/tfds'"),
+    Case("train-tfds-catalogue-dataset-not-built", NEW_RUN + " --config.data.source=tfds --config.data.tfds_name=mnist "
+         "--config.data.data_dir={inputs}/tfds", r"TFDS dataset 'mnist' not found in data_dir='\S+/tfds'"),
     Case("train-eval-fraction-1", NEW_RUN + " " + TEXT + " --config.data.eval_fraction=1.0",
          r"eval_fraction=1.0 is out of range; valid: 0 <= eval_fraction < 1"),
     Case("train-data-not-utf8", NEW_RUN + " " + TEXT.replace("{corpus}", "{latin1_corpus}"),

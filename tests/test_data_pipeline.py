@@ -196,10 +196,15 @@ def test_a_prepared_directory_changed_after_preparation_is_one_line(prepared, to
     ({"train.seq_len": 4096}, r"train.seq_len=4096 exceeds the model's max_seq_len=128"),
     ({"mixture": "{'docs': 3}"}, r"data.mixture.docs needs a path \(a directory written by llama-jax prepare-data\) "
                                  r"and a weight, e.g. \{'path': '/data/c4', 'weight': 0.8\}"),
+    ({"mixture": "{'docs': {'path': 'DOCS', 'wieght': 9}}"},
+     r"data.mixture.docs has no setting 'wieght'; valid: path, weight"),
+    ({"mixture": "{'docs': {'path': 'DOCS', 'weight': 1e308}, 'again': {'path': 'DOCS', 'weight': 1e308}}"},
+     r"data.mixture weights add up to more than a float can hold"),
 ])
 def test_bad_mixtures_and_lengths_are_one_line(prepared, tmp_path, capsys, change, message):
     key, value = next(iter(change.items()))
-    mixture = value if key == "mixture" else f"{{'docs': {{'path': '{prepared[0]}', 'weight': 1.0}}}}"
+    mixture = value.replace("DOCS", str(prepared[0])) if key == "mixture" \
+        else f"{{'docs': {{'path': '{prepared[0]}', 'weight': 1.0}}}}"
     config = mixture_config(tmp_path, mixture)
     workdir = tmp_path / "run"
     args = ["train", "--config", str(config), "--workdir", str(workdir), "--config.model.vocab_size=512"]
