@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import numpy as np
@@ -89,13 +90,31 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
         restore_args = array_restore_args(abstract, shardings)
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-            params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+            mismatch = _shape_mismatch(abstract, ckptr.metadata(params_dir).item_metadata.tree)
+            if mismatch is None:
+                params = ckptr.restore(params_dir,
+                                       args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
     except Exception as e:  # TensorStore, JSON and OS errors of a damaged or incomplete params/
         raise_noted_signal()  # or a read that Ctrl-C or SIGTERM interrupted
         raise ValueError(f"model directory {path} is damaged or incomplete: {damage_reason(e, params_dir)}") from None
+    if mismatch is not None:
+        name, wanted, stored = mismatch
+        raise ValueError(f"{path}: {CONFIG_FILE} makes {name} of shape {wanted}, but {PARAMS_DIR}/ holds it as "
+                         f"{stored}; the config does not describe these parameters")
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
     return config, params
+
+
+def _shape_mismatch(abstract, stored) -> tuple[str, tuple, tuple] | None:
+    """(name, shape the config gives, stored shape) of the first parameter whose stored shape differs
+    (a parameter not stored at all is left to the restore to name)."""
+    stored = flax.traverse_util.flatten_dict(stored)
+    for key, leaf in sorted(flax.traverse_util.flatten_dict(abstract).items()):
+        shape = getattr(stored.get(key), "shape", None)
+        if shape is not None and tuple(shape) != tuple(leaf.shape):
+            return ".".join(key), tuple(leaf.shape), tuple(shape)
+    return None
 
 
 def mesh_shardings(config: LLaMAConfig, mesh):

@@ -7,6 +7,7 @@ converter, a sharding rule or a FLOPs formula needs to know about the model's sh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -183,6 +184,28 @@ def _check_number(name: str, value: Any, positive: bool = True) -> None:
         raise ValueError(f"{name} must be positive, got {value!r}")
 
 
+_SETTING_KINDS = {"count": "a positive integer", "number": "a positive number", "flag": "true or false"}
+
+
+def file_setting(settings: Mapping[str, Any], where: str, key: str, kind: str, default: Any = None,
+                 nullable: bool = False) -> Any:
+    """`settings[key]` (`default` when absent; None when null and `nullable`) if it is of `kind`:
+    "count" (a positive integer), "number" (a positive finite number) or "flag" (true or false);
+    else ValueError "{where}: {key} must be ..., got ..." (a file's settings are never coerced:
+    "false" is not False)."""
+    value = settings.get(key, default)
+    if value is None and nullable:
+        return None
+    if kind == "flag":
+        fine = isinstance(value, bool)
+    else:
+        fine = not isinstance(value, bool) and isinstance(value, int if kind == "count" else numbers.Real) \
+            and math.isfinite(value) and value > 0
+    if not fine:
+        raise ValueError(f"{where}: {key} must be {_SETTING_KINDS[kind]}, got {value!r}")
+    return value
+
+
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{name}: unknown value {value!r}; valid: {', '.join(valid)}")
@@ -205,12 +228,14 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in hf:
             raise ValueError(f"config.json: missing required key {key!r}")
-    n_heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * n_heads != hf["hidden_size"]:
+
+    setting = functools.partial(file_setting, hf, "config.json")
+    n_heads, dim = setting("num_attention_heads", "count"), setting("hidden_size", "count")
+    head_dim = setting("head_dim", "count", nullable=True)
+    if head_dim is not None and head_dim * n_heads != dim:
         raise ValueError(
             f"config.json: head_dim={head_dim} with num_attention_heads={n_heads} does not give "
-            f"hidden_size={hf['hidden_size']}; only head_dim = hidden_size / num_attention_heads is supported"
+            f"hidden_size={dim}; only head_dim = hidden_size / num_attention_heads is supported"
         )
 
     # transformers 5.x: rope_parameters holds theta and scaling; 4.x: top-level rope_theta + rope_scaling.
@@ -218,12 +243,11 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
     for key in ("rope_parameters", "rope_scaling"):
         if hf.get(key) is not None and not isinstance(hf[key], Mapping):
             raise ValueError(f"config.json: {key} must be an object or null, got {hf[key]!r}")
-    if rope is not None:
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = rope
+    if rope is not None and "rope_theta" in rope:
+        rope_theta = file_setting(rope, "config.json: rope_parameters", "rope_theta", "number")
     else:
-        rope_theta = hf.get("rope_theta", 10000.0)
-        scaling = hf.get("rope_scaling")
+        rope_theta = setting("rope_theta", "number", 10000.0)
+    scaling = rope if rope is not None else hf.get("rope_scaling")
     rope_scaling = None
     if scaling:
         rope_type = scaling.get("rope_type", scaling.get("type"))
@@ -231,17 +255,17 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
             rope_scaling = RopeScaling.from_dict(scaling)
 
     fields = dict(
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
+        vocab_size=setting("vocab_size", "count"),
+        dim=dim,
+        n_layers=setting("num_hidden_layers", "count"),
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        ffn_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        n_kv_heads=setting("num_key_value_heads", "count", nullable=True) or n_heads,
+        ffn_dim=setting("intermediate_size", "count"),
+        norm_eps=setting("rms_norm_eps", "number", 1e-6),
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=setting("max_position_embeddings", "count", 2048),
+        tie_embeddings=setting("tie_word_embeddings", "flag", False),
     )
     fields.update(overrides)
     return LLaMAConfig(**fields)

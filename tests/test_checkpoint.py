@@ -1,10 +1,13 @@
 """save_model / load_model: a self-describing Orbax model directory."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
 from llama_jax import LLaMA, LLaMAConfig, init_params, load_model, save_model
+from llama_jax.cli import main
 from llama_jax.model import unstack_layers
 
 
@@ -102,3 +105,26 @@ def test_params_that_do_not_fit_the_config_are_refused_before_writing(tmp_path, 
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(ValueError, match="not a llama_jax model directory"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, name, wanted, stored", [
+    ("n_layers", 1, "layers.attn.k.kernel", "(1, 64, 2, 16)", "(2, 64, 2, 16)"),  # would drop a layer as numpy
+    ("n_layers", 3, "layers.attn.k.kernel", "(3, 64, 2, 16)", "(2, 64, 2, 16)"),
+    ("vocab_size", 256, "embed.embedding", "(256, 64)", "(512, 64)"),
+])
+def test_a_config_that_does_not_describe_the_stored_params(tmp_path, capsys, model, field, value, name, wanted,
+                                                            stored):
+    """Restored as numpy arrays (what conversion does), nothing checked the shapes against the config."""
+    cfg, params = model
+    save_model(tmp_path / "m", cfg, params)
+    config_file = tmp_path / "m" / "model_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), field: value}))
+    message = (f"{tmp_path / 'm'}: model_config.json makes {name} of shape {wanted}, but params/ holds it as "
+               f"{stored}; the config does not describe these parameters")
+    for as_numpy in (True, False):
+        with pytest.raises(ValueError) as error:
+            load_model(tmp_path / "m", as_numpy=as_numpy)
+        assert str(error.value) == message
+    assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == f"llama-jax convert: error: {message}\n"
+    assert not (tmp_path / "hf").exists()

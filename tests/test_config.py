@@ -171,10 +171,23 @@ def test_hf_config_missing_key_is_named():
         LLaMAConfig.from_hf(d)
 
 
-@pytest.mark.parametrize("key, value", [("rms_norm_eps", INF), ("rope_theta", NAN)])
-def test_hf_config_nonfinite_is_named(key, value):
-    with pytest.raises(ValueError, match=f"(norm_eps|rope_theta) must be a finite number, got {value}"):
-        LLaMAConfig.from_hf({**hf_config_dict("mha"), key: value})
+@pytest.mark.parametrize("change, message", [
+    ({"rms_norm_eps": INF}, "rms_norm_eps must be a positive number, got inf"),
+    ({"rope_theta": NAN}, "rope_theta must be a positive number, got nan"),
+    ({"rope_theta": None}, "rope_theta must be a positive number, got None"),
+    ({"rope_theta": [10000]}, "rope_theta must be a positive number, got [10000]"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": None}},
+     "rope_parameters: rope_theta must be a positive number, got None"),
+    ({"num_attention_heads": None}, "num_attention_heads must be a positive integer, got None"),
+    ({"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'"),
+    ({"head_dim": {}}, "head_dim must be a positive integer, got {}"),
+    ({"num_key_value_heads": 2.0}, "num_key_value_heads must be a positive integer, got 2.0"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),  # not bool("false")
+])
+def test_hf_config_values_of_the_wrong_kind_are_named(change, message):
+    with pytest.raises(ValueError) as error:
+        LLaMAConfig.from_hf({**hf_config_dict("mha"), **change})
+    assert str(error.value) == f"config.json: {message}"
 
 
 # ---- experiment config files ------------------------------------------------------------------

@@ -388,6 +388,46 @@ def test_dim_that_is_not_an_integer(tmp_path):
         read_meta(tmp_path)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(use_scaled_rope="false"), "use_scaled_rope must be true or false, got 'false'"),  # not bool("false")
+    (dict(rope_theta=True), "rope_theta must be a positive number, got True"),
+    (dict(rope_theta="abc"), "rope_theta must be a positive number, got 'abc'"),
+    (dict(rope_theta=None), "rope_theta must be a positive number, got None"),
+    (dict(vocab_size="256"), "vocab_size must be a positive integer, got '256'"),
+    (dict(n_kv_heads=1.0), "n_kv_heads must be a positive integer, got 1.0"),
+    (dict(norm_eps=-1e-5), "norm_eps must be a positive number, got -1e-05"),
+])
+def test_params_of_the_wrong_kind_are_named(tmp_path, change, message):
+    make_meta_dir(tmp_path, "llama2", 1, change)
+    with pytest.raises(ConversionError) as error:
+        read_meta(tmp_path)
+    assert str(error.value) == f"{tmp_path / 'params.json'}: {message}"
+
+
+@pytest.mark.parametrize("change, found", [("remove 01", 1), ("copy 01 as 02", 3)])
+def test_a_shard_missing_or_left_over_is_named(tmp_path, change, found):
+    make_meta_dir(tmp_path, "llama2", 2)
+    if change == "remove 01":
+        (tmp_path / "consolidated.01.pth").unlink()
+    else:
+        (tmp_path / "consolidated.02.pth").write_bytes((tmp_path / "consolidated.01.pth").read_bytes())
+    with pytest.raises(ConversionError) as error:
+        read_meta(tmp_path)
+    assert str(error.value) == (f"{tmp_path}: {found} consolidated.NN.pth file(s) hold 32 rows each of "
+                                f"layers.0.attention.wq.weight, {32 * found} in all, not dim=64; give every shard "
+                                f"of one checkpoint (and no other)")
+
+
+def test_whole_tensors_that_differ_between_shards(tmp_path):
+    make_meta_dir(tmp_path, "llama2", 2)
+    rewrite_shard(tmp_path / "consolidated.01.pth", lambda s: s["layers.0.attention_norm.weight"].mul_(2.0))
+    source = read_meta(tmp_path)
+    with pytest.raises(ConversionError, match=r"consolidated\.01\.pth: layers\.0\.attention_norm\.weight should be "
+                                              r"the same in every shard \(it is not split\) but differs from "
+                                              r"consolidated\.00\.pth's"):
+        source.load("model.layers.0.input_layernorm.weight")
+
+
 def test_kv_replicas_that_differ(tmp_path):
     make_meta_dir(tmp_path, "mqa_tied", 2)
     rewrite_shard(tmp_path / "consolidated.01.pth", lambda s: s["layers.0.attention.wv.weight"].add_(1.0))

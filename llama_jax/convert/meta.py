@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from llama_jax.config import LLaMAConfig, RopeScaling
+from llama_jax.config import LLaMAConfig, RopeScaling, file_setting
 from llama_jax.convert.hf import TensorSpec, tensor_specs
 from llama_jax.convert.source import ConversionError, Source
 from llama_jax.convert.torch_io import load_torch_file, numpy_to_tensor, save_torch_file, tensor_to_numpy
@@ -46,6 +46,7 @@ PARAMS_FILE = "params.json"
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 _EMBED = "tok_embeddings.weight"
 _NORM = "norm.weight"  # [dim], whole on every shard: the model dim the weights have
+_WQ = "layers.0.attention.wq.weight"  # [dim, dim], split by rows: how many shards the weights were cut into
 _IGNORED = ("rope.freqs",)  # precomputed rotary table old checkpoints carry; derived, not learned
 _META_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 _DEFAULT_ROPE_FACTOR = 8.0
@@ -170,6 +171,7 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
         return first
 
     _check_dim(params["dim"], params_path, same_shape(_NORM, 1)[0])
+    _check_shard_count(src_dir, len(shards), same_shape(_WQ, 2)[0], params["dim"])
     # LLaMA-1/2 split the embedding along the model dim, LLaMA-3 along the vocabulary.
     emb_shape = same_shape(_EMBED, 2)
     embed_axis = 0 if len(shards) == 1 or emb_shape[1] == params["dim"] else 1
@@ -201,6 +203,11 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
         ps = pieces(t.name)
         keep, _ = _merge_plan(t, tuple(ps[0].shape), len(ps), cfg)
         replicas = len(ps) // len(keep)
+        if t.axis is None:  # not split: every shard holds the whole tensor
+            for i, p in enumerate(ps):
+                if not p.equal(ps[0]):
+                    raise ConversionError(f"{paths[i]}: {t.name} should be the same in every shard (it is not "
+                                          f"split) but differs from {paths[0].name}'s")
         if t.axis is not None and replicas > 1:  # K/V heads copied onto consecutive shards
             for i, p in enumerate(ps):
                 first = i - i % replicas
@@ -267,6 +274,15 @@ def _check_dim(dim: object, path: Path, weights_dim: int) -> None:
                               f"({_NORM} has {weights_dim} entries); set dim to {weights_dim}")
 
 
+def _check_shard_count(src_dir: Path, n_shards: int, wq_rows: int, dim: int) -> None:
+    """ConversionError unless the shards' pieces of wq (split by rows) make up its dim rows: a shard
+    missing or left over from another checkpoint."""
+    if wq_rows * n_shards != dim:
+        raise ConversionError(f"{src_dir}: {n_shards} consolidated.NN.pth file(s) hold {wq_rows} rows each of {_WQ}, "
+                              f"{wq_rows * n_shards} in all, not dim={dim}; give every shard of one checkpoint "
+                              f"(and no other)")
+
+
 def _shard_paths(src_dir: Path) -> list[Path]:
     found = {}
     for path in src_dir.glob("consolidated.*.pth"):
@@ -286,23 +302,24 @@ def _shard_paths(src_dir: Path) -> list[Path]:
 def _config(params: dict, path: Path, vocab: int, ffn_rows: int, tied: bool,
             rope_scaling_factor: float | None) -> LLaMAConfig:
     """LLaMAConfig from params.json, with the embedding / w1 shapes to fill and check what it omits."""
-    multiple_of = params.get("multiple_of", 256)  # Meta's ModelArgs default
-    multiplier = params.get("ffn_dim_multiplier")
-    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of <= 0:
-        raise ConversionError(f"{path}: multiple_of must be a positive integer, got {multiple_of!r}")
-    if multiplier is not None and (not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool)
-                                   or multiplier <= 0):
-        raise ConversionError(f"{path}: ffn_dim_multiplier must be a positive number or null, got {multiplier!r}")
+
+    def setting(*args, **kwargs):
+        try:
+            return file_setting(params, str(path), *args, **kwargs)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+
+    multiple_of = setting("multiple_of", "count", 256)  # Meta's ModelArgs default
+    multiplier = setting("ffn_dim_multiplier", "number", nullable=True)
     dim = params["dim"]
     ffn_dim = _meta_ffn_dim(dim, multiple_of, multiplier)
     if ffn_dim != ffn_rows:
         raise ConversionError(f"{path}: multiple_of={multiple_of}, ffn_dim_multiplier={multiplier} give an FFN width "
                               f"of {ffn_dim}, but layers.0.feed_forward.w1.weight has {ffn_rows} rows")
-    vocab_size = params.get("vocab_size", -1)
-    if vocab_size not in (-1, None, vocab):
-        raise ConversionError(f"{path}: vocab_size={vocab_size}, but {_EMBED} has {vocab} rows")
+    if params.get("vocab_size", -1) not in (-1, None) and setting("vocab_size", "count") != vocab:
+        raise ConversionError(f"{path}: vocab_size={params['vocab_size']}, but {_EMBED} has {vocab} rows")
 
-    scaled = bool(params.get("use_scaled_rope", False))
+    scaled = setting("use_scaled_rope", "flag", False)
     if rope_scaling_factor is not None and not scaled:
         raise ConversionError(f"--rope-scaling-factor {rope_scaling_factor:g}: {path} does not set use_scaled_rope, so "
                               f"the model has no rope scaling; drop the option")
@@ -316,21 +333,21 @@ def _config(params: dict, path: Path, vocab: int, ffn_rows: int, tied: bool,
         except (ValueError, TypeError):
             where = "--rope-scaling-factor" if rope_scaling_factor is not None else f"{path}: rope_scaling_factor"
             raise ConversionError(f"{where} must be a positive number, got {factor!r}") from None
-    norm_eps = params.get("norm_eps", 1e-5)
+    norm_eps = setting("norm_eps", "number", 1e-5)
     if "max_seq_len" in params:
-        max_seq_len = params["max_seq_len"]
+        max_seq_len = setting("max_seq_len", "count")
     elif vocab >= _VOCAB_SPLIT_FROM:
         max_seq_len = 131072 if scaled else 8192  # LLaMA-3.1+ / LLaMA-3
     else:
         max_seq_len = 2048 if norm_eps == 1e-6 else 4096  # LLaMA-1 / LLaMA-2
+    n_heads, n_layers = setting("n_heads", "count"), setting("n_layers", "count")
+    n_kv_heads = setting("n_kv_heads", "count", nullable=True) or n_heads
+    rope_theta = float(setting("rope_theta", "number", 10000.0))
     try:
-        return LLaMAConfig(
-            vocab_size=vocab, dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads") or params["n_heads"], ffn_dim=ffn_dim, norm_eps=norm_eps,
-            rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=rope_scaling,
-            max_seq_len=max_seq_len, tie_embeddings=tied,
-        )
-    except (ValueError, TypeError) as e:
+        return LLaMAConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                           ffn_dim=ffn_dim, norm_eps=norm_eps, rope_theta=rope_theta, rope_scaling=rope_scaling,
+                           max_seq_len=max_seq_len, tie_embeddings=tied)
+    except ValueError as e:
         raise ConversionError(f"{path}: {e}") from None
 
 
