@@ -147,7 +147,8 @@ def plot(workdir: Path, keys: list[str], rows: list[dict], objective_label: str)
     import matplotlib.pyplot as plt
 
     written = []
-    finished = [r for r in rows if isinstance(r["objective"], (int, float)) and math.isfinite(r["objective"])]
+    finished = [r for r in rows if r["status"] == "done"  # a pruned, failed or interrupted run's last loss is not final
+                and isinstance(r["objective"], (int, float)) and math.isfinite(r["objective"])]
     for key in keys:
         numeric = [r for r in finished if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
         if not numeric:

@@ -379,6 +379,7 @@ class Running:
     slot: int
     started: float
     optuna_trial: Any = None
+    reported_steps: set[int] = dataclasses.field(default_factory=set)  # what the study holds for the trial
     metrics_offset: int = 0
     pruned: bool = False
 
@@ -543,8 +544,11 @@ class Sweep:
         with open(directory / LOG_FILE, "ab") as log:
             process = subprocess.Popen(trial_command(self.spec, trial, directory, data=self.data), stdout=log,
                                        stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent())
-        optuna_trial = study_trial(study, trial) if study is not None else None
-        return Running(trial, directory, process, slot, started, optuna_trial)
+        running = Running(trial, directory, process, slot, started)
+        if study is not None:
+            running.optuna_trial = study_trial(study, trial)
+            running.reported_steps = set(study.trials[trial.number].intermediate_values)  # a resumed trial's
+        return running
 
     def _report(self, active: Running) -> None:
         """Feed the run's new losses to the Optuna pruner; stop the run if it says so."""
@@ -553,8 +557,9 @@ class Sweep:
         records = read_metrics(active.directory / "metrics.jsonl")
         for record in records[active.metrics_offset:]:
             value = record.get(self.objective)
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and record["step"] not in active.reported_steps:
                 active.optuna_trial.report(value, record["step"])
+                active.reported_steps.add(record["step"])
         active.metrics_offset = len(records)
         if not active.pruned and active.metrics_offset and active.optuna_trial.should_prune():
             active.pruned = True
@@ -715,6 +720,15 @@ def saved_spec(workdir: Path) -> dict:
 _SPEC_FIELDS = {"config_sha256": "config file's settings", "objective": "objective"}  # how a changed field is named
 
 
+def _same_overrides(saved: Sequence[str], given: Sequence[str]) -> bool:
+    """Whether two lists of KEY=VALUE overrides set the same config: the same ones in any order,
+    provided no key is set twice or inside another's value (then the order decides)."""
+    keys = [o.split("=", 1)[0] for o in given]
+    overlapping = any(i != j and (a == b or b.startswith(a + "."))
+                      for i, a in enumerate(keys) for j, b in enumerate(keys))
+    return not overlapping and sorted(saved) == sorted(given)
+
+
 def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
     """SweepError unless `workdir` is new, empty, holds this same sweep (`saved`, its sweep.json), or
     holds a sweep none of whose trials has started (a sweep that stopped at a check or while
@@ -728,7 +742,8 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
     if saved:
         mine = json.loads(spec.to_json())
         # a field this version adds is compared only where the sweep recorded it
-        changed = sorted(k for k in mine if saved.get(k) != mine[k] and (k in saved or k not in _SPEC_FIELDS))
+        changed = sorted(k for k in mine if saved.get(k) != mine[k] and (k in saved or k not in _SPEC_FIELDS)
+                         and not (k == "overrides" and _same_overrides(saved[k], mine[k])))
         if changed and any(workdir.glob(f"*/{TRIAL_FILE}")):
             what = ", ".join(_SPEC_FIELDS.get(k, k) for k in changed)
             raise SweepError(f"{workdir} holds a different sweep (its {what} differ); re-run it with the same "

@@ -236,6 +236,51 @@ def test_random_and_optuna_searches(tmp_path, capsys):
     assert len(optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{optuna_dir / 'optuna.db'}").trials) == 3
 
 
+def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
+    """The study keeps the losses a killed sweep's trial reported; the resumed trial's metrics.jsonl
+    holds them again, and Optuna warns about each step reported twice."""
+    import optuna
+
+    workdir = tmp_path / "sweep"
+    args = sweep_args(workdir, "--search", "optuna", "--trials", "1", "--sweep", "optimizer.lr=loguniform(1e-3,3e-3)",
+                      "--config.train.steps=6")
+    driver = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+
+    def reported() -> dict:
+        if not (workdir / sweep_lib.STUDY_FILE).is_file():
+            return {}
+        study = optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{workdir / sweep_lib.STUDY_FILE}")
+        return study.trials[0].intermediate_values if study.trials else {}
+
+    wait_for(lambda: len(reported()) >= 2)
+    driver.kill()
+    driver.wait()
+    run = next(workdir.glob("t000,*"))
+    wait_for(lambda: not _alive(run))
+    before = reported()
+    assert 2 <= len(before) < 6
+    resumed = subprocess.run([sys.executable, "-m", "llama_jax.cli", *args], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "already reported" not in resumed.stderr and "Warning" not in resumed.stderr, resumed.stderr
+    assert sorted(reported()) == [1, 2, 3, 4, 5, 6]
+    assert all(reported()[step] == value for step, value in before.items())
+
+
+def test_only_finished_runs_are_plotted_as_final(tmp_path):
+    """A pruned, failed or interrupted run stops early: its last loss beside finished runs' would
+    draw a trend that is not there."""
+    from llama_jax.results import plot
+
+    def row(name, status, loss):
+        return {"run": name, "optimizer.lr": 1e-3, "status": status, "objective": loss, "curve": [(1, 5.0), (2, loss)]}
+
+    stopped = [row("a", "pruned", 4.0), row("b", "failed", 4.5), row("c", "interrupted", 3.9)]
+    assert [p.name for p in plot(tmp_path, ["optimizer.lr"], stopped, "final train loss")] == ["loss_curves.png"]
+    assert [p.name for p in plot(tmp_path, ["optimizer.lr"], [*stopped, row("d", "done", 3.0)], "final train loss")] \
+        == ["final_train_loss_vs_optimizer.lr.png", "loss_curves.png"]
+
+
 def test_a_resumed_optuna_study_does_not_propose_its_first_points_again(tmp_path):
     """Each run of a sweep reloads its study; the sampler's first draws are random (TPE's start-up
     trials), so one seeded as in the first run would repeat what that run proposed."""
@@ -346,8 +391,8 @@ def test_values_that_round_alike_get_directories_of_their_own(tmp_path, capsys):
 
 def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     """Other axes, overrides or config-file settings than the sweep that started trials in the
-    workdir are refused; the same axes in another order are the same sweep, with the same trial
-    names; a sweep that started no trial may be given again with other arguments."""
+    workdir are refused; the same axes (or overrides) in another order are the same sweep, with the
+    same trial names; a sweep that started no trial may be given again with other arguments."""
     config = tmp_path / "config.py"
     config.write_text(Path(TINY).read_text())
     workdir = tmp_path / "sweep"
@@ -374,6 +419,12 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     swapped = sweep_lib.prepare(str(config), workdir, ["optimizer.lr=[1e-3,2e-3]", "train.seed=[0,1]"], overrides)
     assert list(swapped[1]) == ["train.seed", "optimizer.lr"] and swapped[2] == listed
     assert [t.name(swapped[1], False) for t in swapped[2]] == [t.name(axes, False) for t in listed]
+    axes_args = ["train.seed=[0,1]", "optimizer.lr=[1e-3,2e-3]"]
+    assert sweep_lib.prepare(str(config), workdir, axes_args, overrides[::-1])[2] == listed  # overrides in any order
+    with pytest.raises(sweep_lib.SweepError, match=r"its overrides differ"):
+        sweep_lib.prepare(str(config), workdir, axes_args, [*overrides, "train.steps=3"])
+    for twice in (["train.steps=3", "train.steps=4"], ["data.mixture={'a': {'path': 'x'}}", "data.mixture.a.weight=2"]):
+        assert not sweep_lib._same_overrides(twice, twice[::-1])  # a key set twice: the order decides
     config.write_text(config.read_text().replace("weight_decay=0.01", "weight_decay=0.5"))  # edited between runs
     assert load_config(str(config)).optimizer.weight_decay != load_config(TINY).optimizer.weight_decay
     assert main([*args, "--sweep", "train.seed=[0,1]", "--sweep", "optimizer.lr=[1e-3,2e-3]"]) == 2
