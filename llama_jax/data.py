@@ -231,7 +231,8 @@ class TfdsSource:
     """One split of a TFDS dataset prepared in ArrayRecord format, read by random access through
     `tfds.data_source` (no TensorFlow). Reads only: the dataset must already be built."""
 
-    def __init__(self, name: str, split: str = "train", data_dir: str | None = None, text_key: str = "text"):
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None, text_key: str = "text",
+                 split_option: str = "data.tfds_split"):
         import tensorflow_datasets as tfds
 
         try:
@@ -242,6 +243,8 @@ class TfdsSource:
             raise ValueError(f"TFDS dataset {name!r} not found in data_dir={data_dir!r} in ArrayRecord format; "
                              f"build it first (llama_jax.text_dataset.build_text_dataset, or TFDS with "
                              f"file_format='array_record') or fix data.tfds_name") from None
+        except ValueError as e:  # e.g. an unknown split or a bad slice, in several lines
+            raise ValueError(f"TFDS dataset {name!r}, {split_option}={split!r}: {' '.join(str(e).split())}") from None
         features = self._records.dataset_info.features
         if text_key not in features:
             raise ValueError(f"TFDS dataset {name!r} has no feature {text_key!r}; valid: {sorted(features)}")
@@ -278,7 +281,7 @@ def make_source(data_config) -> tuple[Sequence[str] | None, Sequence[str] | None
             raise ValueError("data.tfds_name is empty; give the TFDS dataset name for source=tfds")
         train = TfdsSource(name, data_config.get("tfds_split") or "train", data_dir, text_key)
         eval_split = data_config.get("tfds_eval_split")
-        return train, TfdsSource(name, eval_split, data_dir, text_key) if eval_split else None
+        return train, TfdsSource(name, eval_split, data_dir, text_key, "data.tfds_eval_split") if eval_split else None
     if source == "synthetic":
         return None, None
     raise ValueError(f"data.source={source!r} is not supported; valid: {', '.join(SOURCES)}")

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import re
 import sys
 import tempfile
 import threading
@@ -86,6 +87,11 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer, monkeypatch):
     config = ConfigDict(dict(source="tfds", tfds_name=name, data_dir=data_dir, tfds_eval_split="validation"))
     train, held = make_source(config)
     assert list(train) == splits["train"] and list(held) == splits["validation"]
+    for key, split in (("tfds_split", "test"), ("tfds_eval_split", "train[:200%]")):  # TFDS's own errors: several lines
+        with pytest.raises(ValueError) as error:
+            make_source(ConfigDict({**config.to_dict(), key: split}))
+        assert re.fullmatch(rf"TFDS dataset '{name}', data.{key}='{re.escape(split)}': [^\n]*split[^\n]*",
+                            str(error.value)), str(error.value)
     assert list(make_source(ConfigDict(dict(source="jsonl", files=[str(tmp_path / "*.jsonl")])))[0]) == docs[:8]
     assert make_source(ConfigDict(dict(source="synthetic"))) == (None, None)
     assert "tensorflow" not in sys.modules  # built and read without TensorFlow
