@@ -145,7 +145,10 @@ class Trainer:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                          (params, opt_state), (state.params, state.opt_state))
-        metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "learning_rate": self.schedule(state.step)}
+        # the rate of this update: the optimizer counts applied updates only, so a skipped step does
+        # not move its schedule (nor Adam's bias correction)
+        metrics = {"loss": loss, **aux, "grad_norm": grad_norm,
+                   "learning_rate": self.schedule(state.step - state.skipped)}
         return TrainState(state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32)), metrics
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:

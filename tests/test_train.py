@@ -124,6 +124,15 @@ def test_nonfinite_step_leaves_the_state_unchanged():
     assert not np.isfinite(float(metrics["loss"])) and int(state.skipped) == 1 and int(state.step) == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)), before)
 
+    # the next step is the one a run that never saw the bad batch takes, at the learning rate it logs
+    batch = global_batch(trainer.mesh, local_batch(config, 2, trainer.model_config))
+    state, metrics = trainer.step(state, batch)
+    clean = trainer.init_state(0)
+    clean, _ = trainer.step(clean, global_batch(trainer.mesh, local_batch(config, 0, trainer.model_config)))
+    clean, clean_metrics = trainer.step(clean, batch)
+    assert float(metrics["learning_rate"]) == float(clean_metrics["learning_rate"]) > 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(clean.params))
+
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_per_source_losses_are_each_sources_own_loss(grad_accum):
