@@ -416,11 +416,10 @@ def load_run(workdir, step: int | None = None, mesh=None) -> tuple[LLaMAConfig, 
     else on the first local device."""
     from pathlib import Path
 
-    from llama_jax.run import checkpoint_step, read_checkpoint_params, run_tokenizer
+    from llama_jax.run import read_checkpoint_params, run_tokenizer
 
     workdir = Path(workdir).absolute()
-    step = checkpoint_step(workdir, step)
-    info, config, params = read_checkpoint_params(workdir, step, mesh)
+    step, info, config, params = read_checkpoint_params(workdir, step, mesh)
     tokenizer = run_tokenizer(workdir, info)
     if tokenizer is None:
         raise ValueError(f"{workdir} has no tokenizer.model (a run on synthetic data); generating or evaluating "

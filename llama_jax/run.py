@@ -350,9 +350,9 @@ def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, 
     from llama_jax.safe_io import check_destination
 
     workdir = Path(workdir).absolute()
-    step = checkpoint_step(workdir, step)
+    checkpoint_step(workdir, step)  # a run holding that step, before the destination is looked at
     check_destination(dst, MODEL_DIR, overwrite, [workdir])  # before reading gigabytes
-    info, model, params = read_checkpoint_params(workdir, step)
+    step, info, model, params = read_checkpoint_params(workdir, step)
     tokenizer = run_tokenizer(workdir, info)
     return save_model(dst, model, params, tokenizer=tokenizer, overwrite=overwrite), step, model
 
@@ -372,14 +372,29 @@ def checkpoint_step(workdir: Path, step: int | None = None) -> int:
     return step
 
 
-def read_checkpoint_params(workdir: Path, step: int, mesh=None) -> tuple[dict, LLaMAConfig, dict]:
-    """(run info, model config, params) of checkpoint `step`, reading only the parameters (export,
-    evaluation and generation from a run); `mesh`: restored sharded over it (a mesh that does not
-    divide the model is a ValueError), else on the first local device."""
-    with _reader(workdir) as checkpoints:
-        info = checkpoints.run_info(step)
-        model = LLaMAConfig.from_dict(info["model"])
-        return info, model, checkpoints.restore_params(step, model, mesh)
+def read_checkpoint_params(workdir: Path, step: int | None = None,
+                           mesh=None) -> tuple[int, dict, LLaMAConfig, dict]:
+    """(step, run info, model config, params) of checkpoint `step` (default: the latest), reading
+    only the parameters (export, evaluation and generation from a run); `mesh`: restored sharded
+    over it (a mesh that does not divide the model is a ValueError), else on the first local device.
+    A run still training in `workdir` may remove the step while it is read (`max_to_keep`): the
+    latest is then read again, a step asked for is a RunError saying so."""
+    attempts = 3
+    while True:
+        chosen = checkpoint_step(workdir, step)
+        try:
+            with _reader(workdir) as checkpoints:
+                info = checkpoints.run_info(chosen)
+                model = LLaMAConfig.from_dict(info["model"])
+                return chosen, info, model, checkpoints.restore_params(chosen, model, mesh)
+        except CheckpointDamaged:
+            if chosen in committed_steps(workdir):
+                raise
+            attempts -= 1
+            if step is not None or not attempts:
+                kept = ", ".join(map(str, committed_steps(workdir)))
+                raise RunError(f"checkpoint {chosen} of {workdir} was removed while it was read (the run training "
+                               f"there keeps the latest checkpoint.max_to_keep); kept now: {kept}") from None
 
 
 def run_tokenizer(workdir: Path, info: dict) -> Path | None:

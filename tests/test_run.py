@@ -485,6 +485,35 @@ def test_export_writes_a_checkpoint_as_a_model_directory(tmp_path, tokenizer_pat
     assert not (tmp_path / "other").exists()
 
 
+def test_export_while_the_run_replaces_the_latest_checkpoint(tmp_path, straight_run, monkeypatch, capsys):
+    """A run still training saves a step and deletes the oldest it keeps (max_to_keep): the step an
+    export (or eval, generate) chose may go while it is read."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    checkpoints, restore, removed = workdir / "checkpoints", run_lib.RunCheckpoints.restore_params, []
+
+    def saved_and_removed_meanwhile(self, step, *args, **kwargs):
+        if not removed:  # as the run does: step 16 committed, then the step being read deleted
+            shutil.copytree(checkpoints / "12", checkpoints / "16")
+            (workdir / run_lib.PROGRESS_FILE).write_text(json.dumps({"committed_step": 16}))
+            shutil.rmtree(checkpoints / str(step))
+            removed.append(step)
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(run_lib.RunCheckpoints, "restore_params", saved_and_removed_meanwhile)
+    assert main(["export", "--workdir", str(workdir), str(tmp_path / "model")]) == 0
+    assert removed == [12] and f"exported step 16 of {workdir}" in capsys.readouterr().out
+    assert load_model(tmp_path / "model")[0].dim == 64
+
+    removed.clear()
+    (checkpoints / "16").rename(checkpoints / "12")  # steps 4, 8, 12 again
+    assert main(["export", "--workdir", str(workdir), "--step", "8", str(tmp_path / "other")]) == 2
+    assert capsys.readouterr().err == (f"llama-jax export: error: checkpoint 8 of {workdir} was removed while it was "
+                                       f"read (the run training there keeps the latest checkpoint.max_to_keep); "
+                                       f"kept now: 4, 12, 16\n")
+    assert not (tmp_path / "other").exists()
+
+
 def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenizer_path):
     """experiments/finetune_hf.sh: HF checkpoint -> fine-tuned run -> HF checkpoint that transformers loads."""
     import torch
