@@ -90,7 +90,7 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
         restore_args = array_restore_args(abstract, shardings)
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-            mismatch = _shape_mismatch(abstract, ckptr.metadata(params_dir).item_metadata.tree)
+            mismatch = _config_mismatch(abstract, ckptr.metadata(params_dir).item_metadata.tree)
             if mismatch is None:
                 params = ckptr.restore(params_dir,
                                        args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
@@ -98,22 +98,25 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
         raise_noted_signal()  # or a read that Ctrl-C or SIGTERM interrupted
         raise ValueError(f"model directory {path} is damaged or incomplete: {damage_reason(e, params_dir)}") from None
     if mismatch is not None:
-        name, wanted, stored = mismatch
-        raise ValueError(f"{path}: {CONFIG_FILE} makes {name} of shape {wanted}, but {PARAMS_DIR}/ holds it as "
-                         f"{stored}; the config does not describe these parameters")
+        raise ValueError(f"{path}: {CONFIG_FILE} {mismatch}; the config does not describe these parameters")
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
     return config, params
 
 
-def _shape_mismatch(abstract, stored) -> tuple[str, tuple, tuple] | None:
-    """(name, shape the config gives, stored shape) of the first parameter whose stored shape differs
-    (a parameter not stored at all is left to the restore to name)."""
-    stored = flax.traverse_util.flatten_dict(stored)
-    for key, leaf in sorted(flax.traverse_util.flatten_dict(abstract).items()):
-        shape = getattr(stored.get(key), "shape", None)
-        if shape is not None and tuple(shape) != tuple(leaf.shape):
-            return ".".join(key), tuple(leaf.shape), tuple(shape)
+def _config_mismatch(abstract, stored) -> str | None:
+    """How the parameters a config makes (`abstract`) differ from those stored, if they do: the
+    first parameter only one side has, or whose shapes differ."""
+    wanted, stored = flax.traverse_util.flatten_dict(abstract), flax.traverse_util.flatten_dict(stored)
+    for key in sorted(wanted.keys() | stored.keys()):
+        name = ".".join(key)
+        if key not in stored:
+            return f"makes {name}, but {PARAMS_DIR}/ does not hold it"
+        if key not in wanted:
+            return f"has no place for {name}, which {PARAMS_DIR}/ holds"
+        shape = tuple(getattr(stored[key], "shape", ()) or ())
+        if shape != tuple(wanted[key].shape):
+            return f"makes {name} of shape {tuple(wanted[key].shape)}, but {PARAMS_DIR}/ holds it as {shape}"
     return None
 
 

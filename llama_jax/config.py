@@ -198,12 +198,21 @@ def file_setting(settings: Mapping[str, Any], where: str, key: str, kind: str, d
         return None
     if kind == "flag":
         fine = isinstance(value, bool)
+    elif kind == "count":
+        fine = isinstance(value, int) and not isinstance(value, bool) and value > 0
     else:
-        fine = not isinstance(value, bool) and isinstance(value, int if kind == "count" else numbers.Real) \
-            and math.isfinite(value) and value > 0
+        fine = isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0 and _finite_float(value)
     if not fine:
         raise ValueError(f"{where}: {key} must be {_SETTING_KINDS[kind]}, got {value!r}")
     return value
+
+
+def _finite_float(value: numbers.Real) -> bool:
+    """Whether `value` is a finite float (an int past float's range is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

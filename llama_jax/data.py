@@ -243,8 +243,9 @@ class TfdsSource:
             raise ValueError(f"TFDS dataset {name!r} not found in data_dir={data_dir!r} in ArrayRecord format; "
                              f"build it first (llama_jax.text_dataset.build_text_dataset, or TFDS with "
                              f"file_format='array_record') or fix data.tfds_name") from None
-        except ValueError as e:  # e.g. an unknown split or a bad slice, in several lines
-            raise ValueError(f"TFDS dataset {name!r}, {split_option}={split!r}: {' '.join(str(e).split())}") from None
+        except (ValueError, AssertionError) as e:  # a bad name, version or split, often in several lines
+            raise ValueError(f"data.tfds_name={name!r} with {split_option}={split!r}: "
+                             f"{' '.join(str(e).split())}") from None
         features = self._records.dataset_info.features
         if text_key not in features:
             raise ValueError(f"TFDS dataset {name!r} has no feature {text_key!r}; valid: {sorted(features)}")

@@ -471,8 +471,8 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
     state = _directory_state(out)
     if state == "finished":
         manifest = check_prepared(out, data_config)
-        _check_same_corpus(out, manifest, data_config)
-        _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do")
+        _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do (the documents are not "
+                       f"read again: for an edited corpus give another --output)")
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
     corpus = open_corpus(data_config)  # a missing corpus is named before a missing tokenizer
     request = requested_tokenizer(data_config)
@@ -522,19 +522,6 @@ def check_prepared(out: Path, data_config, what: str | None = None,
         raise ValueError(f"{what} with another tokenizer ({recorded.describe()}) than "
                          f"data.tokenizer={data_config.get('tokenizer')} ({request.describe()}); {advice}")
     return manifest
-
-
-def _check_same_corpus(out: Path, manifest: dict, data_config) -> None:
-    """ValueError when the documents were edited since `out` was prepared from them (for sources
-    whose sha256 the manifest records: text and JSONL files, the standard library)."""
-    recorded = manifest.get("corpus_sha256")
-    if recorded is None:
-        return
-    now = open_corpus(data_config).sha256
-    if now != recorded:
-        raise ValueError(f"{out} was prepared from other documents (corpus sha256 {recorded[:12]}, now {now[:12]}): "
-                         f"the corpus changed since; choose another --output (a prepared directory is never "
-                         f"overwritten) or remove {out}")
 
 
 def _check_same_documents(recorded: dict, data_config, what: str, advice: str) -> None:

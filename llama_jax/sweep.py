@@ -743,7 +743,8 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
         mine = json.loads(spec.to_json())
         # a field this version adds is compared only where the sweep recorded it
         changed = sorted(k for k in mine if saved.get(k) != mine[k] and (k in saved or k not in _SPEC_FIELDS)
-                         and not (k == "overrides" and _same_overrides(saved[k], mine[k])))
+                         and not (k == "overrides" and isinstance(saved.get(k), list)
+                                  and all(isinstance(o, str) for o in saved[k]) and _same_overrides(saved[k], mine[k])))
         if changed and any(workdir.glob(f"*/{TRIAL_FILE}")):
             what = ", ".join(_SPEC_FIELDS.get(k, k) for k in changed)
             raise SweepError(f"{workdir} holds a different sweep (its {what} differ); re-run it with the same "

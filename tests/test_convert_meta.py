@@ -396,6 +396,9 @@ def test_dim_that_is_not_an_integer(tmp_path):
     (dict(vocab_size="256"), "vocab_size must be a positive integer, got '256'"),
     (dict(n_kv_heads=1.0), "n_kv_heads must be a positive integer, got 1.0"),
     (dict(norm_eps=-1e-5), "norm_eps must be a positive number, got -1e-05"),
+    (dict(norm_eps=10 ** 400), f"norm_eps must be a positive number, got {10 ** 400}"),  # past a float's range
+    (dict(use_scaled_rope=True, rope_scaling_factor="8"), "rope_scaling_factor must be a positive number, got '8'"),
+    (dict(dim=64.0), "dim must be a positive integer, got 64.0"),
 ])
 def test_params_of_the_wrong_kind_are_named(tmp_path, change, message):
     make_meta_dir(tmp_path, "llama2", 1, change)

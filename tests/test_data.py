@@ -90,7 +90,7 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer, monkeypatch):
     for key, split in (("tfds_split", "test"), ("tfds_eval_split", "train[:200%]")):  # TFDS's own errors: several lines
         with pytest.raises(ValueError) as error:
             make_source(ConfigDict({**config.to_dict(), key: split}))
-        assert re.fullmatch(rf"TFDS dataset '{name}', data.{key}='{re.escape(split)}': [^\n]*split[^\n]*",
+        assert re.fullmatch(rf"data.tfds_name='{name}' with data.{key}='{re.escape(split)}': [^\n]*split[^\n]*",
                             str(error.value)), str(error.value)
     assert list(make_source(ConfigDict(dict(source="jsonl", files=[str(tmp_path / "*.jsonl")])))[0]) == docs[:8]
     assert make_source(ConfigDict(dict(source="synthetic"))) == (None, None)

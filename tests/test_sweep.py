@@ -276,9 +276,10 @@ def test_only_finished_runs_are_plotted_as_final(tmp_path):
         return {"run": name, "optimizer.lr": 1e-3, "status": status, "objective": loss, "curve": [(1, 5.0), (2, loss)]}
 
     stopped = [row("a", "pruned", 4.0), row("b", "failed", 4.5), row("c", "interrupted", 3.9)]
-    assert [p.name for p in plot(tmp_path, ["optimizer.lr"], stopped, "final train loss")] == ["loss_curves.png"]
     assert [p.name for p in plot(tmp_path, ["optimizer.lr"], [*stopped, row("d", "done", 3.0)], "final train loss")] \
         == ["final_train_loss_vs_optimizer.lr.png", "loss_curves.png"]
+    assert [p.name for p in plot(tmp_path, ["optimizer.lr"], stopped, "final train loss")] == ["loss_curves.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_curves.png"]  # the earlier plot does not linger
 
 
 def test_a_resumed_optuna_study_does_not_propose_its_first_points_again(tmp_path):
@@ -425,6 +426,12 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
         sweep_lib.prepare(str(config), workdir, axes_args, [*overrides, "train.steps=3"])
     for twice in (["train.steps=3", "train.steps=4"], ["data.mixture={'a': {'path': 'x'}}", "data.mixture.a.weight=2"]):
         assert not sweep_lib._same_overrides(twice, twice[::-1])  # a key set twice: the order decides
+    recorded = json.loads((workdir / "sweep.json").read_text())
+    for damaged in (None, [1, "train.steps=4"]):  # a hand-edited sweep.json
+        (workdir / "sweep.json").write_text(json.dumps({**recorded, "overrides": damaged}))
+        with pytest.raises(sweep_lib.SweepError, match=r"its overrides differ"):
+            sweep_lib.prepare(str(config), workdir, axes_args, overrides)
+    (workdir / "sweep.json").write_text(json.dumps(recorded))
     config.write_text(config.read_text().replace("weight_decay=0.01", "weight_decay=0.5"))  # edited between runs
     assert load_config(str(config)).optimizer.weight_decay != load_config(TINY).optimizer.weight_decay
     assert main([*args, "--sweep", "train.seed=[0,1]", "--sweep", "optimizer.lr=[1e-3,2e-3]"]) == 2

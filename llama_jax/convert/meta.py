@@ -170,7 +170,7 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
             raise ConversionError(f"{paths[0]}: {name} has shape {first}, expected a {ndim}-D tensor")
         return first
 
-    _check_dim(params["dim"], params_path, same_shape(_NORM, 1)[0])
+    _check_dim(params, params_path, same_shape(_NORM, 1)[0])
     _check_shard_count(src_dir, len(shards), same_shape(_WQ, 2)[0], params["dim"])
     # LLaMA-1/2 split the embedding along the model dim, LLaMA-3 along the vocabulary.
     emb_shape = same_shape(_EMBED, 2)
@@ -265,10 +265,12 @@ def _read_params(path: Path) -> dict:
     return params
 
 
-def _check_dim(dim: object, path: Path, weights_dim: int) -> None:
+def _check_dim(params: dict, path: Path, weights_dim: int) -> None:
     """ConversionError unless params.json's `dim` is the model dim of the weights."""
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-        raise ConversionError(f"{path}: dim must be a positive integer, got {dim!r}")
+    try:
+        dim = file_setting(params, str(path), "dim", "count")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if dim != weights_dim:
         raise ConversionError(f"{path}: dim={dim}, but the weights have model dim {weights_dim} "
                               f"({_NORM} has {weights_dim} entries); set dim to {weights_dim}")
@@ -327,12 +329,11 @@ def _config(params: dict, path: Path, vocab: int, ffn_rows: int, tied: bool,
     if scaled:
         factor = rope_scaling_factor
         if factor is None:
-            factor = params.get("rope_scaling_factor", _DEFAULT_ROPE_FACTOR)
+            factor = setting("rope_scaling_factor", "number", _DEFAULT_ROPE_FACTOR)
         try:
             rope_scaling = RopeScaling("llama3", float(factor), **_META_ROPE)
         except (ValueError, TypeError):
-            where = "--rope-scaling-factor" if rope_scaling_factor is not None else f"{path}: rope_scaling_factor"
-            raise ConversionError(f"{where} must be a positive number, got {factor!r}") from None
+            raise ConversionError(f"--rope-scaling-factor must be a positive number, got {factor!r}") from None
     norm_eps = setting("norm_eps", "number", 1e-5)
     if "max_seq_len" in params:
         max_seq_len = setting("max_seq_len", "count")
