@@ -213,6 +213,10 @@ class RunCheckpoints:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), run=ocp.args.JsonSave(run_info)), force=True)
 
+    def saving(self) -> bool:
+        """Whether an (asynchronous) save is still being written or committed."""
+        return self.manager.is_saving_in_progress()
+
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
 

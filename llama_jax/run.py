@@ -568,13 +568,17 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if differences:  # chosen anew on purpose (a longer context), or a preset's value by mistake
                 print(f"checkpoint.init_from={config.checkpoint.init_from} was trained with {', '.join(differences)}"
                       f"; model.preset=init_from takes the model's own")
-            changed = changed_settings(resumed["config"], config) if resumed and start < t.steps else []
-            if changed:  # config.json will hold the new values: say what the earlier steps ran with
+            changed = changed_settings(resumed["config"], config) if resumed else []
+            if changed and start < t.steps:  # config.json will hold the new values: say what earlier steps ran with
                 print(f"resuming from checkpoint {start} with settings changed since it was saved: "
                       f"{', '.join(changed)}" + ("; the learning-rate schedule is recomputed over the new "
                                                   "train.steps" if any(c.startswith("train.steps") for c in changed)
                                                  else ""))
-            write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+            elif changed:  # nothing left to train: the run's config stays the one it ran with
+                print(f"settings changed since checkpoint {start} are not applied, as nothing is left to train, and "
+                      f"config.json keeps those the run ran with: {', '.join(changed)}")
+            if start < t.steps:
+                write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         tokenizer_sha256 = data.adopt(workdir)
     except BaseException:
         data.discard()
@@ -638,6 +642,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 skipped_seen = _check_finite(state, skipped_seen, step, t.on_nonfinite, checkpoints, bar)
             if checkpoints.save(step, state, {**run_info, "step": step}):
                 saved_step = step
+                recorded = record_progress(workdir, recorded)  # the previous save, committed by now
+            elif saved_step > (recorded or 0) and not checkpoints.saving():  # an async save committed since
                 recorded = record_progress(workdir, recorded)
             if preemption.requested or checkpoints.reached_preemption(step):
                 if saved_step != step:

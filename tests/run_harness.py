@@ -5,6 +5,8 @@
 Environment:
     KILL_AFTER_STEP=s    SIGKILL right after step s is logged, once a checkpoint is committed
     KILL_DURING_SAVE=s   SIGKILL right after the (asynchronous) save of step s has started
+    KILL_AFTER_COMMIT=s  SIGKILL when the step after the one that first sees checkpoint s committed
+                         is logged (the run has had a whole step to notice the commit)
 Without either it is exactly `llama-jax`.
 """
 
@@ -39,6 +41,21 @@ def _kill_after_step(step_to_kill: int) -> None:
     metrics.MetricsWriter.write = write
 
 
+def _kill_after_commit(checkpoint_step: int) -> None:
+    from llama_jax import metrics
+
+    original, seen = metrics.MetricsWriter.write, []
+
+    def write(self, step, record):
+        original(self, step, record)
+        if seen:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if checkpoint_step in committed_steps(Path(self._file.name).parent / "checkpoints"):
+            seen.append(step)
+
+    metrics.MetricsWriter.write = write
+
+
 def _kill_during_save(step_to_kill: int) -> None:
     from llama_jax import checkpoint
 
@@ -56,6 +73,8 @@ def _kill_during_save(step_to_kill: int) -> None:
 if __name__ == "__main__":
     if os.environ.get("KILL_AFTER_STEP"):
         _kill_after_step(int(os.environ["KILL_AFTER_STEP"]))
+    if os.environ.get("KILL_AFTER_COMMIT"):
+        _kill_after_commit(int(os.environ["KILL_AFTER_COMMIT"]))
     if os.environ.get("KILL_DURING_SAVE"):
         _kill_during_save(int(os.environ["KILL_DURING_SAVE"]))
     from llama_jax.cli import main

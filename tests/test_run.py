@@ -114,6 +114,21 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tokenizer_path, straight_run)
     assert [loss for _, loss in shown] == pytest.approx([expected[s] for s in range(1, STEPS + 1)], rel=1e-6)
 
 
+def test_a_killed_run_has_recorded_its_latest_checkpoint(tmp_path, tokenizer_path, capsys):
+    """progress.json names an async save's step once it is committed, not only when the next save
+    starts: after a SIGKILL a lost latest checkpoint is noticed, not silently trained again."""
+    # killed before the next save starts (which would record the step whatever the commit's timing)
+    workdir, overrides = tmp_path / "run", run_overrides(tokenizer_path, "train.steps=40", "checkpoint.every=20")
+    killed = harness(workdir, overrides, KILL_AFTER_COMMIT=20)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert committed_steps(workdir / "checkpoints") == [20] and logged_steps(workdir)[-1] < 40
+    assert json.loads((workdir / run_lib.PROGRESS_FILE).read_text()) == {"committed_step": 20}
+    shutil.rmtree(workdir / "checkpoints" / "20")
+    assert main(train_args(workdir, overrides)) == 2
+    assert (f"checkpoint 20 of {workdir} is missing (recorded in progress.json as the latest committed step)"
+            in capsys.readouterr().err)
+
+
 def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer_path, straight_run, monkeypatch,
                                                              capsys):
     _, expected = straight_run
@@ -439,6 +454,14 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer
     (workdir / "metrics.jsonl").write_text("".join(log.splitlines(keepends=True)[:-1]))
     assert main(train_args(workdir, run_overrides(tokenizer_path))) == 0
     assert (workdir / "metrics.jsonl").read_text() == log
+
+    # other settings with nothing left to train: not applied, and config.json keeps the run's own
+    ran_with = (workdir / "config.json").read_text()
+    capsys.readouterr()
+    assert main(train_args(workdir, run_overrides(tokenizer_path, "optimizer.lr=0.1"))) == 0
+    assert ("settings changed since checkpoint 12 are not applied, as nothing is left to train, and config.json "
+            "keeps those the run ran with: optimizer.lr 0.003 -> 0.1") in capsys.readouterr().out
+    assert (workdir / "config.json").read_text() == ran_with
 
     # continued with other settings: the run says which, since config.json now holds the new ones
     capsys.readouterr()
