@@ -17,6 +17,7 @@ ROPE_TYPES = ("llama3", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash", "auto")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")  # how, not what
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import ml_collections
 
-from llama_jax.config import LLaMAConfig, field_names
+from llama_jax.config import COMPUTE_FIELDS, LLaMAConfig, field_names
 from llama_jax.safe_io import describe_value, read_json_object
 
 
@@ -72,8 +72,10 @@ INIT_FROM_PRESET = "init_from"
 
 def model_config(section: ml_collections.ConfigDict, init_from: str = "") -> LLaMAConfig:
     """The LLaMAConfig of a `model` section. `preset="init_from"` takes the model of the
-    `checkpoint.init_from` directory (`init_from`), e.g. a converted checkpoint to fine-tune;
-    the section's other fields override the preset's values either way."""
+    `checkpoint.init_from` directory (`init_from`), e.g. a converted checkpoint to fine-tune: its
+    shape, rotary embeddings and norm, while how it is computed (`COMPUTE_FIELDS`: float32 master
+    weights...) starts from the defaults, as with a preset, not from the directory's storage dtype.
+    The section's other fields override the preset's values either way."""
     overrides = {k: v for k, v in section.items() if k != "preset" and v is not None}
     if isinstance(overrides.get("rope_scaling"), ml_collections.ConfigDict):
         overrides["rope_scaling"] = overrides["rope_scaling"].to_dict()
@@ -84,7 +86,8 @@ def model_config(section: ml_collections.ConfigDict, init_from: str = "") -> LLa
     from llama_jax.model_dir import load_config
 
     try:
-        return load_config(init_from).replace(**overrides)
+        defaults = LLaMAConfig()
+        return load_config(init_from).replace(**{**{f: getattr(defaults, f) for f in COMPUTE_FIELDS}, **overrides})
     except (ValueError, OSError) as e:
         raise ValueError(f"checkpoint.init_from: {e}") from None
 

@@ -340,3 +340,18 @@ def test_demo_and_trainer_check_the_same_way(tmp_path, capsys):
     config.optimizer.clip_norm = NAN  # built in Python, not loaded: the trainer checks it too
     with pytest.raises(ValueError, match=r"^config key optimizer.clip_norm: nan is not a finite number$"):
         build_trainer(config)
+
+
+def test_init_from_preset_takes_the_model_but_not_its_storage_dtype(tmp_path):
+    """A converted bfloat16 checkpoint stores bfloat16 parameters; fine-tuned with its model as the
+    preset, the master weights (and Adam's moments) must not become bfloat16 too."""
+    from llama_jax import init_params, save_model
+    from llama_jax.experiment import model_config
+
+    stored = LLaMAConfig.from_preset("debug", param_dtype="bfloat16", dtype="bfloat16", scan_layers=False,
+                                     rope_theta=500000.0)
+    save_model(tmp_path / "model", stored, init_params(stored, 0))
+    taken = model_config(ConfigDict({"preset": "init_from"}), str(tmp_path / "model"))
+    assert taken == stored.replace(param_dtype="float32", dtype="float32", scan_layers=True)
+    assert model_config(ConfigDict({"preset": "init_from", "dtype": "bfloat16", "n_layers": None}),
+                        str(tmp_path / "model")) == taken.replace(dtype="bfloat16")
