@@ -131,6 +131,22 @@ def test_bfloat16_output_and_verify(tmp_path, capsys):
     assert json.loads((tmp_path / "hf2" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+def test_a_checkpoint_of_mixed_dtypes_keeps_every_value(tmp_path):
+    """bfloat16 embeddings beside float32 weights: the float32 values must not be cut to bfloat16
+    because the embedding table happens to be bfloat16."""
+    config_dict = hf_config_dict("mha", "v4")
+    model = make_hf_model(config_dict)
+    model.model.embed_tokens.to(torch.bfloat16)
+    src = write_hf_dir(tmp_path / "hf", model, config_dict, "safetensors")
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "jax")]) == 0
+    assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "hf2")]) == 0
+    assert load_model(tmp_path / "jax")[0].param_dtype == "float32"
+    before = safetensors.torch.load_file(src / "model.safetensors")
+    after = safetensors.torch.load_file(tmp_path / "hf2" / "model.safetensors")
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor.float()), name  # bfloat16 values are exact in float32
+
+
 def test_block_transpose_covers_every_element():
     """The converters transpose weights block by block; the test models are smaller than one block,
     so uneven edges and casts are checked here against numpy's own transpose."""

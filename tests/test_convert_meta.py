@@ -431,6 +431,13 @@ def test_whole_tensors_that_differ_between_shards(tmp_path):
         source.load("model.layers.0.input_layernorm.weight")
 
 
+def test_mixed_dtypes_are_read_as_float32(tmp_path):
+    make_meta_dir(tmp_path, "llama2", 1)
+    rewrite_shard(tmp_path / "consolidated.00.pth",
+                  lambda s: s.update({"tok_embeddings.weight": s["tok_embeddings.weight"].bfloat16()}))
+    assert read_meta(tmp_path).dtype == "float32"  # not the embedding table's bfloat16
+
+
 def test_kv_replicas_that_differ(tmp_path):
     make_meta_dir(tmp_path, "mqa_tied", 2)
     rewrite_shard(tmp_path / "consolidated.01.pth", lambda s: s["layers.0.attention.wv.weight"].add_(1.0))

@@ -16,7 +16,7 @@ import numpy as np
 from llama_jax.config import LLaMAConfig
 from llama_jax.convert.hf import check_names, check_shape, tensor_specs
 from llama_jax.convert.safetensors_io import SafetensorsFile, write_shards
-from llama_jax.convert.source import ConversionError, Source, dtype_name
+from llama_jax.convert.source import ConversionError, Source, dtype_name, stored_dtype
 from llama_jax.convert.torch_io import load_torch_file, tensor_to_numpy
 from llama_jax.safe_io import read_json_object
 
@@ -118,7 +118,7 @@ def read_hf_dir(src: str | Path) -> Source:
         for f in files.values():
             f.close()
 
-    dtype = files[weight_map["model.embed_tokens.weight"]].dtype("model.embed_tokens.weight")
+    dtype = stored_dtype(files[weight_map[name]].dtype(name) for name in specs)
     return Source(config, load, dtype, src, close)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from llama_jax.config import LLaMAConfig, RopeScaling, file_setting
 from llama_jax.convert.hf import TensorSpec, tensor_specs
-from llama_jax.convert.source import ConversionError, Source
+from llama_jax.convert.source import ConversionError, Source, stored_dtype
 from llama_jax.convert.torch_io import load_torch_file, numpy_to_tensor, save_torch_file, tensor_to_numpy
 from llama_jax.safe_io import read_json_object
 
@@ -220,9 +220,9 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
             w = np.concatenate([tensor_to_numpy(ps[i]) for i in keep], axis=t.axis)
         return _meta_to_hf_rotary(w, t.rotary_heads) if t.rotary_heads and hf_rotary else w
 
-    dtype = str(shards[0][_EMBED].dtype).removeprefix("torch.")
+    dtype = stored_dtype(str(shards[0][t.name].dtype).removeprefix("torch.") for t in tensors.values())
     if dtype not in _DTYPES:
-        raise ConversionError(f"{paths[0]}: {_EMBED} is stored as {dtype}; valid: {', '.join(_DTYPES)}")
+        raise ConversionError(f"{paths[0]}: the weights are stored as {dtype}; valid: {', '.join(_DTYPES)}")
     return Source(config=cfg, load=load, dtype=dtype, files_dir=src_dir, close=shards.clear)
 
 

@@ -42,3 +42,12 @@ def numpy_dtype(name: str) -> np.dtype:
 
 def dtype_name(dtype) -> str:
     return "bfloat16" if np.dtype(dtype).name == "bfloat16" else np.dtype(dtype).name
+
+
+def stored_dtype(dtypes) -> str:
+    """The dtype a checkpoint's tensors are stored in, for the converted copy: their one dtype, or for
+    a mix float32 (which holds float16 and bfloat16 values exactly; float64 if a tensor is float64)."""
+    found = set(dtypes)
+    if len(found) == 1:
+        return found.pop()
+    return "float64" if "float64" in found else "float32"
