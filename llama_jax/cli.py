@@ -249,6 +249,14 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: params.json's rope_scaling_factor, else 8; LLaMA-3.2 1B/3B use 32)")
 
 
+def _check_overrides_used(overrides: list[str], sections: tuple[str, ...], command: str, why: str) -> None:
+    """UserError for an override of a config section `command` does not read (it would be ignored)."""
+    unused = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] not in sections]
+    if unused:
+        raise UserError(f"--config.{unused[0]}: {command} reads only the {', '.join(sections)} section(s) of the "
+                        f"config ({why}); drop the override")
+
+
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separate `--config.a.b=v` (or `--config.a.b v`) overrides from the other arguments."""
     rest, overrides = [], []
@@ -410,6 +418,8 @@ def cmd_eval(args) -> None:
     if config_file is None:
         raise UserError("--config is required with a model directory: the training config whose data settings "
                         "define the held-out documents (e.g. --config configs/demo.py)")
+    _check_overrides_used(args.overrides, ("data", "train", "mesh"), "llama-jax eval",
+                          "the model is the directory's or the checkpoint's own")
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
     record = evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len, args.batch_size,
@@ -728,6 +738,7 @@ def cmd_prepare_data(args) -> None:
     if args.config is not None:
         from llama_jax.experiment import check_data_section, load_config
 
+        _check_overrides_used(args.overrides, ("data",), "llama-jax prepare-data", "the documents and the tokenizer")
         config = load_config(args.config, args.overrides)
         check_data_section(config.data)
         owner = None if Path(args.output).exists() else enclosing_run_or_model(args.output)

@@ -518,6 +518,9 @@ def test_lm_eval_model_bad_mesh(model_dirs, mesh, message):
      r"mesh: 8 devices are not divisible by the fixed mesh sizes \(data=3 x tensor=1 = 3\)"),
     (["eval", "MODEL", "--config", "CONFIG", "--config.train.grad_accum=0"],  # the default batch divides by it
      r"train.grad_accum must be a positive integer, got 0$"),
+    (["eval", "MODEL", "--config", "CONFIG", "--config.model.dtype=float16"],  # was ignored
+     r"--config.model.dtype=float16: llama-jax eval reads only the data, train, mesh section\(s\) of the config "
+     r"\(the model is the directory's or the checkpoint's own\); drop the override$"),
 ])
 def test_eval_bad_input(model_dirs, tmp_path, capsys, args, message):
     (tmp_path / "a.txt").write_text("Some text.")

@@ -311,6 +311,9 @@ CASES = [
      r"sentencepiece training failed: the vocabulary \(10\) is smaller than the \d+ characters the corpus needs; "
      r"give a vocabulary size above \d+"),
     ("no-config", ["prepare-data", "--output", "{case}/out"], r"--config is required to prepare data"),
+    ("override-not-read", ["prepare-data", "--config", "{config}", "--output", "{case}/out",
+                           "--config.model.vocab_size=512"],
+     r"--config.model.vocab_size=512: llama-jax prepare-data reads only the data section\(s\) of the config"),
     ("output-empty", ["prepare-data", "--config", "{config}", "--output", ""],
      r"--output is empty; give a value"),
     ("output-in-a-runs-checkpoints", ["prepare-data", "--config", "{config}", "--output", "{run}/checkpoints/99"],
