@@ -123,6 +123,12 @@ def cmd_generate(args) -> None:
         raise UserError("--tokenizer is for a model directory; --workdir uses the tokenizer the run trained with")
     if any(s == "" for s in args.stop or ()):
         raise UserError("--stop must not be empty")
+    for option, texts in (("--prompt", args.prompt or ()), ("--stop", args.stop or ())):
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # bytes of another encoding, which Python passes on escaped
+                raise UserError(f"{option}: not UTF-8 text (character {e.start} of {text!r})") from None
     prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UserError("no prompts; give --prompt TEXT (repeatable) and/or --prompts-file FILE")

@@ -156,7 +156,8 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
                    mesh=mesh)
 
     def text_of(prompt_ids: Sequence[int], new: Sequence[int]) -> str:
-        new = before_end(new, ends)
+        # special pieces (unknown, chat markers) are no text, as transformers' skip_special_tokens has it
+        new = [t for t in before_end(new, ends) if t not in tokenizer.special_ids]
         return tokenizer.decode(new) if chat else continuation_text(tokenizer, prompt_ids, new)
 
     def finish(prompt_ids: Sequence[int], new: Sequence[int]) -> str:

@@ -281,8 +281,12 @@ def train_sentencepiece(
         if lines.long == lines.count:
             raise ValueError(f"every line of the text is longer than the {lines.max_bytes} bytes SentencePiece trains "
                              f"on (it skips longer lines); break the text into lines") from None
-        # Drop the "INTERNAL: src/file.cc(123) [condition]" prefix of sentencepiece's messages.
-        reason = re.sub(r"^.*?\] ", "", str(e).strip().splitlines()[0]) or str(e).strip()
+        # Drop the "INTERNAL: src/file.cc(123) [condition]" prefix of sentencepiece's messages; some
+        # are nothing but that prefix, and then the condition is the reason.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        prefix = re.match(r"[A-Z_]+: \S+\(\d+\) \[(.*)\]\s*(.*)", reason)
+        if prefix:
+            reason = prefix[2] or f"its check {prefix[1]} failed"
         needed = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", reason)
         if needed:  # the rest of that message names a sentencepiece option this function does not take
             reason = (f"the vocabulary ({needed[1]}) is smaller than the {needed[2]} characters the corpus needs; "

@@ -256,6 +256,8 @@ CASES = [
          r"temperature must be a finite number >= 0 \(0 is greedy\), got -1.0"),
     Case("generate-nan-temperature", "generate {model} --prompt Hi --temperature nan",
          r"argument --temperature: 'nan' is not a finite number", usage=True),
+    Case("generate-prompt-not-utf8", "generate {model} --prompt caf\udce9",  # the byte 0xe9 (Latin-1)
+         r"--prompt: not UTF-8 text \(character 3 of 'caf\\udce9'\)"),
     Case("generate-top-p-0", "generate {model} --prompt Hi --top-p 0", r"top_p must be in \(0, 1\] or None, got 0.0"),
     Case("generate-top-p-above-1", "generate {model} --prompt Hi --top-p 1.5",
          r"top_p must be in \(0, 1\] or None, got 1.5"),

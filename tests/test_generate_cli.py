@@ -57,6 +57,16 @@ def test_stop_strings_end_rows_independently(sp_model, capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["llama-jax generate: error: --stop must not be empty"]
 
 
+def test_generated_unknown_pieces_are_not_text(sp_model):
+    """transformers' decode(..., skip_special_tokens=True) prints no text for <unk>; SentencePiece's
+    own decoding gives " ⁇ " for it."""
+    _, cfg, params, tok = sp_model
+    silent = dict(params, final_norm={"scale": params["final_norm"]["scale"] * 0})  # every logit 0: argmax is id 0
+    assert tok.sp.unk_id() == 0 and "⁇" in tok.decode([0, 0])
+    assert generate_text(cfg, silent, tok, PROMPTS, max_new_tokens=4, temperature=0.0) == ["", ""]
+    assert generate_text(cfg, params, tok, PROMPTS[0], max_new_tokens=4, temperature=0.0) != ""  # others are text
+
+
 def test_padded_batch_rows_equal_single_prompts(sp_model):
     _, cfg, params, tok = sp_model
     prompts = ["x", PROMPTS[1] + " a long prompt that needs no padding at all"]

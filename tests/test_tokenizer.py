@@ -223,11 +223,21 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
     assert load_tokenizer(out).vocab_size == VOCAB
     assert out.read_bytes() == sp_model.read_bytes()  # same lines as the library call, same model
 
+    text = str(tmp_path / "a.txt")
     for args, message in [
         (["--input", str(tmp_path / "nothing.txt")], "nothing.txt: no such file"),
+        (["--input", str(tmp_path)], f"{tmp_path}: is a directory; give the files in it, e.g. {tmp_path}/*.txt"),
         (["--input", str(tmp_path / "b.jsonl")], "b.jsonl:1: no string field 'text'"),
+        (["--input", text, "--vocab-size", "0"], "--vocab-size must be a positive integer, got 0"),
+        (["--input", text, "--num-threads", "0"], "--num-threads must be a positive integer, got 0"),
+        (["--input", text, "--output", text], f"--output {text} is one of the --input files; give another path"),
+        (["--input", text, "--output", str(out)], f"--output {out} exists; pass --overwrite to replace it"),
+        (["--input", text, "--output", str(out.parent)], f"--output {out.parent} is a directory"),
+        (["--input", text, "--output", f"{text}/x.model"], f"--output {text}/x.model: {text} is a file"),
     ]:
-        run = _cli(*args, "--vocab-size", str(VOCAB), "--output", str(tmp_path / "bad.model"))
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        run = _cli("--vocab-size", str(VOCAB), "--output", str(tmp_path / "bad.model"), *args)
         assert run.returncode == 2
         assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
-        assert not (tmp_path / "bad.model").exists()
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+    assert _cli("--input", text, "--vocab-size", str(VOCAB), "--output", str(out), "--overwrite").returncode == 0

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from llama_jax.safe_io import check_writable
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 
@@ -30,6 +31,8 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
         is_glob = glob.has_magic(pattern)
         names = sorted(glob.glob(pattern, recursive=True)) if is_glob else [pattern]
         matches = [m for m in names if Path(m).is_file()]
+        if not is_glob and Path(pattern).is_dir():
+            raise ValueError(f"{pattern}: is a directory; give the files in it, e.g. {Path(pattern) / '*.txt'}")
         if not matches:
             raise ValueError(f"{pattern}: matches no file" if is_glob else f"{pattern}: no such file")
         files.update(dict.fromkeys(map(Path, matches)))
@@ -76,6 +79,23 @@ class Corpus:
         return text
 
 
+def check_arguments(args, inputs: list[Path]) -> None:
+    """ValueError for a setting training would refuse late or obscurely, or an --output that would
+    replace a file not meant to be replaced (an input, or any file without --overwrite)."""
+    for option, value in (("--vocab-size", args.vocab_size), ("--num-threads", args.num_threads)):
+        if value < 1:
+            raise ValueError(f"{option} must be a positive integer, got {value}")
+    output = Path(args.output)
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a directory; give the path of the file to write, "
+                         f"e.g. {output / 'tokenizer.model'}")
+    if any(output.resolve() == path.resolve() for path in inputs):
+        raise ValueError(f"--output {output} is one of the --input files; give another path")
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
+    check_writable(output, "--output")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", action="append", required=True, help="file or glob pattern; repeatable")
@@ -84,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="where to write tokenizer.model")
     parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     parser.add_argument("--num-threads", type=int, default=2)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
 
     start = time.time()
     try:
         corpus = Corpus(resolve_inputs(args.input), args.jsonl_key)
+        check_arguments(args, corpus.files)
         print(f"training a {args.vocab_size}-piece {args.model_type} tokenizer on {len(corpus.files)} file(s)",
               flush=True)
         output = train_sentencepiece(corpus, args.output, args.vocab_size, model_type=args.model_type,
