@@ -277,11 +277,6 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
         max_seq_len=setting("max_position_embeddings", "count", 2048),
         tie_embeddings=setting("tie_word_embeddings", "flag", False),
     )
-    for key in ("torch_dtype", "dtype"):  # the storage dtype: transformers 4.x, 5.x
-        if hf.get(key) is not None:
-            if hf[key] not in DTYPES:
-                raise ValueError(f"config.json: {key}={hf[key]!r} is not supported; valid: {', '.join(DTYPES)}")
-            fields["param_dtype"] = hf[key]
     fields.update(overrides)
     return LLaMAConfig(**fields)
 

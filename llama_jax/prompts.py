@@ -65,14 +65,16 @@ def chat_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
                      f"not {type(tokenizer).__name__}")
 
 
-def end_ids(tokenizer: Tokenizer, chat: bool, listed: Sequence[int] = ()) -> list[int]:
+def end_ids(tokenizer: Tokenizer, chat: bool, listed: Sequence[int] = (), stop: Sequence[str] = ()) -> list[int]:
     """Ids that end a row: the first is the one the decode loop stops at. `listed`: more of them,
-    from the model's generation config (`model_dir.generation_end_ids`)."""
+    from the model's generation config (`model_dir.generation_end_ids`); a `stop` string that is a
+    special token's text (`<|eot_id|>`) ends a row as that token, since special pieces are no text."""
     if chat and isinstance(tokenizer, TiktokenTokenizer):
         ends = [tokenizer.special_tokens["<|eot_id|>"], tokenizer.eos_id]
     else:
         ends = [tokenizer.eos_id]
-    return ends + [i for i in dict.fromkeys(listed) if i not in ends]
+    named = getattr(tokenizer, "special_tokens", {})
+    return ends + [i for i in dict.fromkeys([*listed, *(named[s] for s in stop if s in named)]) if i not in ends]
 
 
 def before_end(ids: Sequence[int], ends: Sequence[int]) -> list[int]:
@@ -151,7 +153,7 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
     if not prompts:
         raise ValueError("no prompts; give --prompt TEXT or --prompts-file FILE")
     ids = [chat_ids(tokenizer, p) if chat else tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    ends = end_ids(tokenizer, chat, end_tokens)
+    ends = end_ids(tokenizer, chat, end_tokens, stop)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=ends[0], n_tokens=tokenizer.vocab_size,
                    mesh=mesh)
 

@@ -575,8 +575,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                                                   "train.steps" if any(c.startswith("train.steps") for c in changed)
                                                  else ""))
             elif changed:  # nothing left to train: the run's config stays the one it ran with
-                print(f"settings changed since checkpoint {start} are not applied, as nothing is left to train, and "
-                      f"config.json keeps those the run ran with: {', '.join(changed)}")
+                print(f"nothing is left to train, so config.json keeps the settings the run ran with, not these "
+                      f"changed since checkpoint {start}: {', '.join(changed)}")
             if start < t.steps:
                 write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         tokenizer_sha256 = data.adopt(workdir)
@@ -643,7 +643,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if checkpoints.save(step, state, {**run_info, "step": step}):
                 saved_step = step
                 recorded = record_progress(workdir, recorded)  # the previous save, committed by now
-            elif saved_step > (recorded or 0) and not checkpoints.saving():  # an async save committed since
+            elif main_process and saved_step > (recorded or 0) and not checkpoints.saving():  # committed since
                 recorded = record_progress(workdir, recorded)
             if preemption.requested or checkpoints.reached_preemption(step):
                 if saved_step != step:

@@ -67,7 +67,7 @@ class SentencePieceTokenizer:
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:
         """Control and unknown pieces; found on first use (a pass over the vocabulary), which only
-        decoding for lm-eval makes."""
+        decoding generated text makes (generate, lm-eval)."""
         return frozenset(i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -284,7 +284,7 @@ def train_sentencepiece(
         # Drop the "INTERNAL: src/file.cc(123) [condition]" prefix of sentencepiece's messages; some
         # are nothing but that prefix, and then the condition is the reason.
         reason = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        prefix = re.match(r"[A-Z_]+: \S+\(\d+\) \[(.*)\]\s*(.*)", reason)
+        prefix = re.match(r"[A-Z_]+: \S+\(\d+\) \[(.*?)\]\s*(.*)", reason)
         if prefix:
             reason = prefix[2] or f"its check {prefix[1]} failed"
         needed = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", reason)

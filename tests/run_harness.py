@@ -5,8 +5,8 @@
 Environment:
     KILL_AFTER_STEP=s    SIGKILL right after step s is logged, once a checkpoint is committed
     KILL_DURING_SAVE=s   SIGKILL right after the (asynchronous) save of step s has started
-    KILL_AFTER_COMMIT=s  SIGKILL when the step after the one that first sees checkpoint s committed
-                         is logged (the run has had a whole step to notice the commit)
+    KILL_AFTER_COMMIT=s  SIGKILL when the second step after the one that first sees checkpoint s
+                         committed is logged (the run has passed the end of a step twice since)
 Without either it is exactly `llama-jax`.
 """
 
@@ -48,9 +48,9 @@ def _kill_after_commit(checkpoint_step: int) -> None:
 
     def write(self, step, record):
         original(self, step, record)
-        if seen:
+        if len(seen) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
-        if checkpoint_step in committed_steps(Path(self._file.name).parent / "checkpoints"):
+        if seen or checkpoint_step in committed_steps(Path(self._file.name).parent / "checkpoints"):
             seen.append(step)
 
     metrics.MetricsWriter.write = write

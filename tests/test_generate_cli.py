@@ -9,7 +9,7 @@ from llama_jax import LLaMAConfig, init_params, save_model
 from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus
 from llama_jax.generate import generate, generate_text
-from llama_jax.prompts import STREAM_CHUNK, chat_ids, complete, cut_at_stop, read_prompts_file
+from llama_jax.prompts import STREAM_CHUNK, chat_ids, complete, cut_at_stop, end_ids, read_prompts_file
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 from tests.test_tokenizer import _tiktoken_file, _toy_ranks
 
@@ -121,6 +121,9 @@ def test_llama3_chat_template_and_end_of_turn(tmp_path, capsys):
     assert eot in raw[:4] and len(raw) == 12  # without an eos_id the row runs on past the end of turn
     reply = complete(cfg, params, tok, [" the thing "], max_new_tokens=12, temperature=0.0, chat=True)
     assert reply == [tok.decode(raw[:raw.index(eot)])] and "<|" not in reply[0]
+    # special pieces are no text, so a stop string naming one ends its row as that token does
+    assert end_ids(tok, False, (), ["<|eot_id|>", "x"]) == [tok.eos_id, eot]
+    assert end_ids(tok, True, (), ["<|eot_id|>"]) == [eot, tok.eos_id]
     save_model(tmp_path / "model", cfg, params, tokenizer=tmp_path / "tok")
     for extra in ([], ["--prompt", "more"]):
         assert main(["generate", str(tmp_path / "model"), "--chat", "--prompt", " the thing ", *extra,

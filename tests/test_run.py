@@ -459,8 +459,8 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer
     ran_with = (workdir / "config.json").read_text()
     capsys.readouterr()
     assert main(train_args(workdir, run_overrides(tokenizer_path, "optimizer.lr=0.1"))) == 0
-    assert ("settings changed since checkpoint 12 are not applied, as nothing is left to train, and config.json "
-            "keeps those the run ran with: optimizer.lr 0.003 -> 0.1") in capsys.readouterr().out
+    assert ("nothing is left to train, so config.json keeps the settings the run ran with, not these changed since "
+            "checkpoint 12: optimizer.lr 0.003 -> 0.1") in capsys.readouterr().out
     assert (workdir / "config.json").read_text() == ran_with
 
     # continued with other settings: the run says which, since config.json now holds the new ones

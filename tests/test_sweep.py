@@ -248,14 +248,10 @@ def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
                               stderr=subprocess.DEVNULL)
 
     def reported() -> dict:
-        if not (workdir / sweep_lib.STUDY_FILE).is_file():  # (opening it would create it)
-            return {}
-        try:  # the file is created before the study is recorded in it
-            study = optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{workdir / sweep_lib.STUDY_FILE}")
-        except KeyError:
-            return {}
+        study = optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{workdir / sweep_lib.STUDY_FILE}")
         return study.trials[0].intermediate_values if study.trials else {}
 
+    wait_for(lambda: any(workdir.glob("t000,*")))  # the study is set up in its file before a trial starts
     wait_for(lambda: len(reported()) >= 2)
     driver.kill()
     driver.wait()
