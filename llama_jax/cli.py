@@ -275,7 +275,7 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             item = arg[len("--config."):]
             if "=" not in item:
                 value = next(it, None)
-                if value is None:
+                if value is None or value.startswith("--config."):  # forgotten, not the next override's text
                     raise UserError(f"{arg}: missing value")
                 item = f"{item}={value}"
             overrides.append(item)

@@ -190,15 +190,31 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     for item in overrides:
         value = apply_override(config, item)
         key = item.split("=", 1)[0]
-        applied.pop(key, None)
+        for superseded in [k for k in applied if k == key or k.startswith(key + ".")]:  # the key, or inside it
+            del applied[superseded]
         for other, (earlier, earlier_value) in applied.items():
             now = _value_at(config, other)
             if now is not earlier_value and now != earlier_value:  # (`is`: a NaN is itself, for check_finite)
                 raise ValueError(f"--config.{item} also changed {other}, which the config file links to it "
                                  f"(get_ref), so --config.{earlier} cannot hold; give only one of them")
         applied[key] = (item, value)
+    _check_mapping_names(config)
     check_finite(config)
     return config
+
+
+def _check_mapping_names(config: ml_collections.ConfigDict) -> None:
+    """ValueError unless the names of a mapping of the user's (`MAPPING_KEYS`) are strings: a number
+    would be written to config.json as a string, which orders otherwise."""
+    for key in MAPPING_KEYS:
+        try:
+            names = list(_value_at(config, key) or {})
+        except TypeError:  # names of several kinds cannot even be ordered
+            names = [None]
+        numbers_given = [name for name in names if not isinstance(name, str)]
+        if numbers_given:
+            raise ValueError(f"{key}: every name must be a string (quote it, e.g. {{'2': ...}})" +
+                             (f", got {numbers_given[0]!r}" if numbers_given[0] is not None else ""))
 
 
 def _value_at(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -365,6 +381,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
         valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
         raise ValueError(f"unknown config key {key!r}; valid keys there: {valid}")
     current = node[leaf]
+    if isinstance(current, int) and not isinstance(current, bool) and _decimal_field(key):
+        current = float(current)  # a decimal field holding a whole number (rope_theta=500000) takes 1e6 too
     value = _parse(text)
     if isinstance(current, str) and value is not None and not isinstance(value, str):
         value = text  # a string key takes the text as given (a prompt "1984", a path "2024")
@@ -387,6 +405,18 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
 
 
 MAPPING_KEYS = ("data.mixture",)  # keys whose value is a mapping of the user's names, given whole as a dict
+
+
+def _decimal_field(key: str) -> bool:
+    """Whether `key` holds a real number even when a whole one was given (model fields typed float,
+    rope scaling factors, mixture weights)."""
+    parts = key.split(".")
+    if parts[0] == "model" and len(parts) == 2:
+        return LLaMAConfig.__dataclass_fields__.get(parts[1]) is not None and \
+            LLaMAConfig.__dataclass_fields__[parts[1]].type in (float, "float")
+    if parts[:2] == ["model", "rope_scaling"] and len(parts) == 3:
+        return parts[2] in ("factor", "low_freq_factor", "high_freq_factor")
+    return parts[:2] == ["data", "mixture"] and len(parts) == 4 and parts[3] == "weight"
 
 
 def _parse(text: str):

@@ -66,6 +66,8 @@ CASES = [
     Case("train-files-list-unquoted", NEW_RUN + " --config.data.source=text \"--config.data.files=[{corpus}/*.txt]\"",
          r"config key 'data.files' is list, got '\[\S+/\*.txt\]' \(str\); quote the strings in a list"),
     Case("train-override-without-value", NEW_RUN + " --config.train.seq_len", r"--config.train.seq_len: missing value"),
+    Case("train-override-value-forgotten", NEW_RUN + " --config.train.sample_prompt --config.train.steps=2",
+         r"--config.train.sample_prompt: missing value"),  # not the next override taken as its text
     Case("train-nan", NEW_RUN + " --config.optimizer.lr=nan", r"config key optimizer.lr: nan is not a finite number"),
     Case("train-negative-steps", NEW_RUN + " --config.train.steps=-3",
          r"train.steps must be a positive integer, got -3"),

@@ -293,6 +293,23 @@ def test_string_and_mapping_overrides():
     assert config.data.mixture.to_dict() == {"a": {"path": "/d", "weight": 2}}
     cleared = load_config(TINY, ["data.mixture={'a': {'path': '/d', 'weight': 2}}", "data.mixture={}"])
     assert cleared.data.mixture.to_dict() == {}
+    # a whole value given after an override inside it replaces both (it crashed with a KeyError)
+    replaced = load_config(TINY, ["data.mixture={'a': {'path': '/d', 'weight': 1}}", "data.mixture.a.weight=2",
+                                  "data.mixture={'b': {'path': '/e', 'weight': 1}}"])
+    assert replaced.data.mixture.to_dict() == {"b": {"path": "/e", "weight": 1}}
+    unscaled = load_config(TINY, ["model.rope_scaling={'rope_type': 'linear', 'factor': 2.0}",
+                                  "model.rope_scaling.factor=3.0", "model.rope_scaling=None"])
+    assert unscaled.model.rope_scaling is None
+    # a decimal field holding a whole number takes a decimal later (it said "is int")
+    assert load_config(TINY, ["model.rope_theta=500000", "model.rope_theta=1e6"]).model.rope_theta == 1e6
+    assert load_config(TINY, ["data.mixture={'a': {'path': '/d', 'weight': 1}}", "data.mixture.a.weight=0.5"]
+                       ).data.mixture.a.weight == 0.5
+    with pytest.raises(ValueError, match=r"config key 'train.steps' is int, got '3.5' \(float\)"):
+        load_config(TINY, ["train.steps=3.5"])  # a count stays a count
+    # names are strings: config.json writes a number as one, and sources are ordered by name
+    for mixture in ("{2: {'path': '/d', 'weight': 1}}", "{1: {'path': '/d', 'weight': 1}, 'b': {'path': '/e'}}"):
+        with pytest.raises(ValueError, match=r"^data.mixture: every name must be a string \(quote it"):
+            load_config(TINY, [f"data.mixture={mixture}"])
 
 
 @pytest.mark.parametrize("override, message", [
