@@ -9,6 +9,7 @@ section holds `preset` plus any `LLaMAConfig` field by name (None: take the pres
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import math
 import numbers
@@ -19,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import ml_collections
 
-from llama_jax.config import COMPUTE_FIELDS, LLaMAConfig, field_names
+from llama_jax.config import COMPUTE_FIELDS, LLaMAConfig, RopeScaling, field_names
 from llama_jax.safe_io import describe_value, read_json_object
 
 
@@ -209,12 +210,11 @@ def _check_mapping_names(config: ml_collections.ConfigDict) -> None:
     for key in MAPPING_KEYS:
         try:
             names = list(_value_at(config, key) or {})
-        except TypeError:  # names of several kinds cannot even be ordered
-            names = [None]
-        numbers_given = [name for name in names if not isinstance(name, str)]
-        if numbers_given:
-            raise ValueError(f"{key}: every name must be a string (quote it, e.g. {{'2': ...}})" +
-                             (f", got {numbers_given[0]!r}" if numbers_given[0] is not None else ""))
+        except TypeError:  # names of several kinds, which cannot even be ordered
+            names = None
+        got = "" if names is None else next((f", got {name!r}" for name in names if not isinstance(name, str)), None)
+        if got is not None:
+            raise ValueError(f"{key}: every name must be a string (quote it, e.g. {{'2': ...}}){got}")
 
 
 def _value_at(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -408,15 +408,18 @@ MAPPING_KEYS = ("data.mixture",)  # keys whose value is a mapping of the user's 
 
 
 def _decimal_field(key: str) -> bool:
-    """Whether `key` holds a real number even when a whole one was given (model fields typed float,
-    rope scaling factors, mixture weights)."""
+    """Whether `key` holds a real number even when a whole one was given: the fields `LLaMAConfig`
+    and `RopeScaling` type float, and mixture weights."""
     parts = key.split(".")
-    if parts[0] == "model" and len(parts) == 2:
-        return LLaMAConfig.__dataclass_fields__.get(parts[1]) is not None and \
-            LLaMAConfig.__dataclass_fields__[parts[1]].type in (float, "float")
     if parts[:2] == ["model", "rope_scaling"] and len(parts) == 3:
-        return parts[2] in ("factor", "low_freq_factor", "high_freq_factor")
+        return parts[2] in _float_fields(RopeScaling)
+    if parts[0] == "model" and len(parts) == 2:
+        return parts[1] in _float_fields(LLaMAConfig)
     return parts[:2] == ["data", "mixture"] and len(parts) == 4 and parts[3] == "weight"
+
+
+def _float_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.type in (float, "float")}
 
 
 def _parse(text: str):

@@ -105,7 +105,7 @@ def discard_staged(path: Path | None) -> None:
         shutil.rmtree(path.parent, ignore_errors=True)
 
 
-MIXTURE_KEYS = ("path", "weight")  # the settings of one data.mixture entry
+MIXTURE_ENTRY_KEYS = ("path", "weight")  # the settings of one data.mixture entry
 
 
 def prepared_dirs(d) -> list[tuple[str, Path, float]]:
@@ -123,9 +123,9 @@ def prepared_dirs(d) -> list[tuple[str, Path, float]]:
         if not hasattr(entry, "get") or not entry.get("path"):
             raise RunError(f"data.mixture.{name} needs a path (a directory written by llama-jax prepare-data) "
                            f"and a weight, e.g. {{'path': '/data/c4', 'weight': 0.8}}")
-        unknown = sorted(str(key) for key in entry.keys() if key not in MIXTURE_KEYS)
+        unknown = sorted(str(key) for key in entry.keys() if key not in MIXTURE_ENTRY_KEYS)
         if unknown:
-            raise RunError(f"data.mixture.{name} has no setting {unknown[0]!r}; valid: {', '.join(MIXTURE_KEYS)}")
+            raise RunError(f"data.mixture.{name} has no setting {unknown[0]!r}; valid: {', '.join(MIXTURE_ENTRY_KEYS)}")
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
                 or weight <= 0:

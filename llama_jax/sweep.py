@@ -720,9 +720,12 @@ def saved_spec(workdir: Path) -> dict:
 _SPEC_FIELDS = {"config_sha256": "config file's settings", "objective": "objective"}  # how a changed field is named
 
 
-def _same_overrides(saved: Sequence[str], given: Sequence[str]) -> bool:
-    """Whether two lists of KEY=VALUE overrides set the same config: the same ones in any order,
-    provided no key is set twice or inside another's value (then the order decides)."""
+def _same_overrides(saved: Any, given: Sequence[str]) -> bool:
+    """Whether the KEY=VALUE overrides sweep.json recorded (`saved`, as read) and those given set
+    the same config: the same ones in any order, provided no key is set twice or inside another's
+    value (then the order decides)."""
+    if not isinstance(saved, list) or not all(isinstance(o, str) for o in saved):
+        return False  # a damaged or hand-edited sweep.json
     keys = [o.split("=", 1)[0] for o in given]
     overlapping = any(i != j and (a == b or b.startswith(a + "."))
                       for i, a in enumerate(keys) for j, b in enumerate(keys))
@@ -743,8 +746,7 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
         mine = json.loads(spec.to_json())
         # a field this version adds is compared only where the sweep recorded it
         changed = sorted(k for k in mine if saved.get(k) != mine[k] and (k in saved or k not in _SPEC_FIELDS)
-                         and not (k == "overrides" and isinstance(saved.get(k), list)
-                                  and all(isinstance(o, str) for o in saved[k]) and _same_overrides(saved[k], mine[k])))
+                         and not (k == "overrides" and _same_overrides(saved.get(k), mine[k])))
         if changed and any(workdir.glob(f"*/{TRIAL_FILE}")):
             what = ", ".join(_SPEC_FIELDS.get(k, k) for k in changed)
             raise SweepError(f"{workdir} holds a different sweep (its {what} differ); re-run it with the same "
