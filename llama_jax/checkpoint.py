@@ -213,9 +213,11 @@ class RunCheckpoints:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), run=ocp.args.JsonSave(run_info)), force=True)
 
-    def saving(self) -> bool:
-        """Whether an (asynchronous) save is still being written or committed."""
-        return self.manager.is_saving_in_progress()
+    def in_place(self, step: int) -> bool:
+        """Whether the directory of `step` is in place, as an async save's commit renames it. (Not
+        Orbax's is_saving_in_progress: its lock is held while the saving thread waits for the other
+        processes, so a process would hang there once a peer died.)"""
+        return self.step_dir(step).is_dir()
 
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)

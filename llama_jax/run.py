@@ -643,7 +643,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if checkpoints.save(step, state, {**run_info, "step": step}):
                 saved_step = step
                 recorded = record_progress(workdir, recorded)  # the previous save, committed by now
-            elif main_process and saved_step > (recorded or 0) and not checkpoints.saving():  # committed since
+            elif main_process and saved_step > (recorded or 0) and checkpoints.in_place(saved_step):  # committed
                 recorded = record_progress(workdir, recorded)
             if preemption.requested or checkpoints.reached_preemption(step):
                 if saved_step != step:
