@@ -102,7 +102,8 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | 
                                f"{trainer.model_config.scan_layers}; resume with it (export the run and init_from "
                                f"the export to change the layout) or use another --workdir")
             saved = info["config"].get("optimizer", {})
-            changed = [f"optimizer.{k}" for k, v in config.optimizer.items() if saved.get(k) != v]
+            changed = [f"optimizer.{k}={v!r} (the run's: {saved[k]!r})" if k in saved else f"optimizer.{k}"
+                       for k, v in config.optimizer.items() if saved.get(k) != v]
             raise RunError(f"{workdir} (checkpoint {step}) holds an optimizer state that does not fit this "
                            f"config's optimizer" + (f" (changed: {', '.join(changed)})" if changed else "") +
                            "; resume with the run's optimizer settings or use another --workdir")
@@ -657,10 +658,11 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         # the final parameters, unless just evaluated: after the final save, so that an evaluation that
         # fails loses no step; a record of its own for the last step
         if evaluates and evaluated_at != step:
-            eval_metrics = evaluate(config, trainer, state.params, data)
-            # logged once: also by a rerun of a run stopped between its last checkpoint and this record
-            if step > start or not any(r.get("step") == step and "eval_loss" in r
-                                        for r in metrics_lib.read_metrics(workdir / METRICS_FILE)):
+            # a rerun with nothing left to train reports the logged evaluation (made with the run's
+            # settings); one stopped between its last checkpoint and that record makes it
+            eval_metrics = None if step > start else _logged_evaluation(workdir, step)
+            if eval_metrics is None:
+                eval_metrics = evaluate(config, trainer, state.params, data)
                 writer.write(step, eval_metrics)
                 logged.append({"step": step, **eval_metrics})
         if samples and sampled_at != step:
@@ -678,6 +680,13 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         checkpoints.wait()
         checkpoints.close()
     return RunResult(logged, step, False, eval_metrics, text, data)
+
+
+def _logged_evaluation(workdir: Path, step: int) -> dict[str, float] | None:
+    """The held-out metrics logged for `step` in the run's metrics.jsonl, or None."""
+    record = next((r for r in metrics_lib.read_metrics(workdir / METRICS_FILE)
+                   if r.get("step") == step and "eval_loss" in r), None)
+    return None if record is None else {k: v for k, v in record.items() if k.startswith("eval_")}
 
 
 def log_line(step: int, record: dict) -> str:

@@ -297,7 +297,8 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
                              r"not \['.*empty.txt'\]; resume with the run's data settings or use another --workdir"),
     ("seq_len too long", "train.seq_len=256 exceeds the model's max_seq_len=128"),
     ("other model shape", "holds a model with dim=64, but the config asks for dim=96"),
-    ("other optimizer", r"holds an optimizer state that does not fit .* \(changed: optimizer.name\)"),
+    ("other optimizer",
+     r"holds an optimizer state that does not fit .* \(changed: optimizer.name='lion' \(the run's: 'adamw'\)\)"),
     ("missing init_from", "checkpoint.init_from: .* is not a llama_jax model directory"),
     ("init_from of another shape", "checkpoint.init_from=.* holds a model with n_layers=3"),
     ("init_from preset under the config's own shape",
@@ -462,6 +463,12 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer
     assert ("nothing is left to train, so config.json keeps the settings the run ran with, not these changed since "
             "checkpoint 12: optimizer.lr 0.003 -> 0.1") in capsys.readouterr().out
     assert (workdir / "config.json").read_text() == ran_with
+    # and its closing evaluation is the one logged with the run's settings, not one made with these
+    logged_eval = json.loads(log.splitlines()[-1])
+    result = run_lib.train_and_evaluate(load_config(TINY, run_overrides(tokenizer_path, "train.eval_batches=1")),
+                                        workdir, progress=False)
+    assert result.eval == {k: v for k, v in logged_eval.items() if k.startswith("eval_")}
+    assert (workdir / "metrics.jsonl").read_text() == log
 
     # continued with other settings: the run says which, since config.json now holds the new ones
     capsys.readouterr()
