@@ -186,19 +186,23 @@ def _json_config(path: Path) -> ml_collections.ConfigDict:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """Apply `key=value` overrides in place, then check that every number in `config` is finite.
-    Two overrides of keys the file linked (`get_ref`) cannot both hold: refused."""
+    Overrides of keys the file linked (`get_ref`) whose last values cannot all hold: refused."""
     applied = {}  # key -> (override, value set); a key given again takes its last value
+    changed_by = {}  # key -> the later override that last changed its value (through a link)
     for item in overrides:
         value = apply_override(config, item)
         key = item.split("=", 1)[0]
         for superseded in [k for k in applied if k == key or k.startswith(key + ".")]:  # the key, or inside it
             del applied[superseded]
-        for other, (earlier, earlier_value) in applied.items():
-            now = _value_at(config, other)
-            if now is not earlier_value and now != earlier_value:  # (`is`: a NaN is itself, for check_finite)
-                raise ValueError(f"--config.{item} also changed {other}, which the config file links to it "
-                                 f"(get_ref), so --config.{earlier} cannot hold; give only one of them")
+            changed_by.pop(superseded, None)
+        for other, (_, earlier_value) in applied.items():
+            if not _same_value(_value_at(config, other), earlier_value):
+                changed_by[other] = item
         applied[key] = (item, value)
+    for key, (item, value) in applied.items():
+        if not _same_value(_value_at(config, key), value):
+            raise ValueError(f"--config.{changed_by[key]} also changed {key}, which the config file links to it "
+                             f"(get_ref), so --config.{item} cannot hold; give only one of them")
     _check_mapping_names(config)
     check_finite(config)
     return config
@@ -215,6 +219,10 @@ def _check_mapping_names(config: ml_collections.ConfigDict) -> None:
         got = "" if names is None else next((f", got {name!r}" for name in names if not isinstance(name, str)), None)
         if got is not None:
             raise ValueError(f"{key}: every name must be a string (quote it, e.g. {{'2': ...}}){got}")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return a is b or a == b  # (`is`: a NaN is itself, for check_finite to name)
 
 
 def _value_at(config: ml_collections.ConfigDict, key: str) -> Any:

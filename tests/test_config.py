@@ -284,6 +284,12 @@ def test_a_config_files_own_forms(tmp_path):
         load_config(tmp_path / "mine.py", ["train.steps=100", "checkpoint.every=50"])
     both = load_config(tmp_path / "mine.py", ["train.steps=100", "checkpoint.every=100"])
     assert (both.train.steps, both.checkpoint.every) == (100, 100)
+    # the last values are what count: a linked key's value given on the way is not checked
+    last = load_config(tmp_path / "mine.py", ["train.steps=100", "checkpoint.every=50", "checkpoint.every=100"])
+    assert (last.train.steps, last.checkpoint.every) == (100, 100)
+    with pytest.raises(ValueError, match=r"^--config.checkpoint.every=30 also changed train.steps, .* so "
+                                         r"--config.train.steps=100 cannot hold"):
+        load_config(tmp_path / "mine.py", ["train.steps=100", "checkpoint.every=100", "checkpoint.every=30"])
     assert str(tmp_path) not in sys.path
 
 
