@@ -159,7 +159,7 @@ class LLaMAConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LLaMAConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+            raise ValueError(f"preset: unknown value {name!r}; valid: {', '.join(PRESETS)}")
         return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
     # ---- Hugging Face config.json ----------------------------------------------------------
@@ -179,7 +179,7 @@ def field_names() -> list[str]:
 
 def _check_number(name: str, value: Any, positive: bool = True) -> None:
     """ValueError naming `name` unless `value` is a finite real number (and positive, if `positive`)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite_float(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")

@@ -14,6 +14,7 @@ import importlib.util
 import math
 import numbers
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -81,7 +82,11 @@ def model_config(section: ml_collections.ConfigDict, init_from: str = "") -> LLa
     if isinstance(overrides.get("rope_scaling"), ml_collections.ConfigDict):
         overrides["rope_scaling"] = overrides["rope_scaling"].to_dict()
     if section.preset != INIT_FROM_PRESET:
-        return LLaMAConfig.from_preset(section.preset, **overrides)
+        try:
+            return LLaMAConfig.from_preset(section.preset, **overrides)
+        except ValueError as e:  # "n_heads=3 must divide dim=64": named as the config key
+            named = re.match(r"\w*", str(e)).group() in (*field_names(), "preset")
+            raise ValueError(f"model.{e}" if named else str(e)) from None
     if not init_from:
         raise ValueError("model.preset=init_from needs checkpoint.init_from (a model directory)")
     from llama_jax.model_dir import load_config
@@ -343,6 +348,18 @@ def check_run_source(d: ml_collections.ConfigDict) -> None:
 
     if d.source not in ("prepared", *SOURCES):
         raise ValueError(f"data.source={d.source!r} is not supported; valid: prepared, {', '.join(SOURCES)}")
+    for key, readers in SOURCE_KEYS.items():  # a source's key set for another: the run would not train on it
+        if d.source not in ("prepared", *readers) and d[key]:  # (prepared data may keep the keys it came from)
+            raise ValueError(f"data.{key} is set, but data.source={d.source} does not read it; set data.source="
+                             f"{' or '.join(readers)} to train on it, or {_unset(key)}")
+
+
+SOURCE_KEYS = {"path": ("prepared",), "mixture": ("prepared",), "files": ("text", "jsonl"), "tfds_name": ("tfds",)}
+
+
+def _unset(key: str) -> str:
+    """How to unset data key `key` on the command line."""
+    return {"mixture": "data.mixture={}", "files": "data.files=[]"}.get(key, f"data.{key}=''")
 
 
 def check_train_section(t: ml_collections.ConfigDict) -> None:
@@ -395,6 +412,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     if isinstance(current, str) and value is not None and not isinstance(value, str):
         value = text  # a string key takes the text as given (a prompt "1984", a path "2024")
     if key in MAPPING_KEYS and isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+        dotted = next((name for name in value if isinstance(name, str) and "." in name), None)
+        if dotted is not None:
+            raise ValueError(f"{key}: a name may not contain a dot (it would read as a key inside it), got {dotted!r}")
         current = value = ml_collections.ConfigDict(value)  # the whole mapping, replaced
     if current is not None and value is not None:
         if isinstance(current, bool) != isinstance(value, bool) or not isinstance(value, _compatible(current)):

@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from llama_jax import PRESETS, LLaMAConfig, RopeScaling, param_count
 from llama_jax.cli import main
-from llama_jax.experiment import check_finite, check_run_settings, load_config
+from llama_jax.experiment import check_finite, check_run_settings, check_run_source, load_config
 from llama_jax.train import build_trainer
 from tests.reference import hf_config_dict
 
@@ -87,6 +87,7 @@ def test_llama3_presets_carry_rope_scaling():
     (dict(rope_scaling={**LLAMA31, "high_freq_factor": INF}), "rope_scaling.high_freq_factor must be a fin"),
     (dict(rope_scaling={**LLAMA31, "original_max_position_embeddings": "abc"}),
      "rope_scaling.original_max_position_embeddings must be a positive integer, got 'abc'"),
+    (dict(rope_theta=10**400), "rope_theta must be a finite number, got 1000"),  # past float's range (OverflowError)
 ])
 def test_invalid_config_names_the_field(changes, field):
     base = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, ffn_dim=128)
@@ -95,7 +96,7 @@ def test_invalid_config_names_the_field(changes, field):
 
 
 def test_unknown_preset_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown preset 'llama9-1t'.*llama2-7b"):
+    with pytest.raises(ValueError, match="preset: unknown value 'llama9-1t'.*llama2-7b"):
         LLaMAConfig.from_preset("llama9-1t")
 
 
@@ -316,6 +317,8 @@ def test_string_and_mapping_overrides():
     for mixture in ("{2: {'path': '/d', 'weight': 1}}", "{1: {'path': '/d', 'weight': 1}, 'b': {'path': '/e'}}"):
         with pytest.raises(ValueError, match=r"^data.mixture: every name must be a string \(quote it"):
             load_config(TINY, [f"data.mixture={mixture}"])
+    with pytest.raises(ValueError, match=r"^data.mixture: a name may not contain a dot .*, got 'c4.en'$"):
+        load_config(TINY, ["data.mixture={'c4.en': {'path': '/d', 'weight': 1}}"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -324,11 +327,27 @@ def test_string_and_mapping_overrides():
     ("data.files=[1,2]", "data.files must be a list of paths or glob patterns (strings), got [1, 2]"),
     ("data.eval_fraction=None", "data.eval_fraction must be a number with 0 <= eval_fraction < 1, got None"),
     ("data.tokenizer=None", "data.tokenizer must be a string, got None"),
+    # a key of another source than data.source (synthetic here): the run would not train on it
+    ("data.mixture={'a': {'path': '/d', 'weight': 1}}", "data.mixture is set, but data.source=synthetic does not "
+                                                        "read it; set data.source=prepared to train on it, or "
+                                                        "data.mixture={}"),
+    ("data.path=/d", "data.path is set, but data.source=synthetic does not read it; set data.source=prepared to "
+                     "train on it, or data.path=''"),
+    ("data.files=['a.txt']", "data.files is set, but data.source=synthetic does not read it; set data.source=text "
+                             "or jsonl to train on it, or data.files=[]"),
+    ("data.tfds_name=c4", "data.tfds_name is set, but data.source=synthetic does not read it; set data.source=tfds "
+                          "to train on it, or data.tfds_name=''"),
 ])
 def test_values_of_the_wrong_kind_are_refused_before_the_run(override, message, tmp_path, capsys):
     assert main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), f"--config.{override}"]) == 2
     assert one_line_error(capsys) == f"llama-jax train: error: {message}"
     assert not (tmp_path / "w").exists()
+
+
+def test_prepared_data_may_keep_the_settings_of_the_source_it_came_from():
+    """A config whose raw source was prepared (as a sweep does) trains on the prepared directory."""
+    check_run_source(load_config(TINY, ["data.source=prepared", "data.path=/d", "data.files=['a.txt']",
+                                        "data.tfds_name=c4"]).data)
 
 
 @pytest.mark.parametrize("override, message", [
