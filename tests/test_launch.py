@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_7B = ["train", "--config", "configs/llama2_7b_v4_32.py", "--workdir", "/mnt/gcs/runs/llama2-7b"]
 TRAIN_TINY = ["train", "--config", "configs/tiny.py", "--workdir", "/mnt/gcs/runs/tiny"]
 TRAIN_IN_TMP = ["train", "--config", "configs/tiny.py", "--workdir", "TMP_WORKDIR"]  # a test's tmp_path/run
+ZONE = ["--zone", "us-central2-b"]  # where the dry runs below would create their slices
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -100,13 +101,13 @@ def test_a_config_only_on_the_slice_is_left_to_it(capsys):
     """An absolute --config that does not exist here (a run's config.json on the slice's bucket) is
     not checked here; a relative one is loaded and its overrides checked before anything is launched."""
     resume = ["train", "--config", "/mnt/gcs/runs/tiny/config.json", "--workdir", "/mnt/gcs/runs/tiny"]
-    _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", "--zone", "z", "--accelerator", "v4-8",
+    _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", *ZONE, "--accelerator", "v4-8",
                                    "--dry-run", "--", *resume])
     assert "train --config /mnt/gcs/runs/tiny/config.json" in flag(commands[-1], "--command")
 
 
 def test_runtime_version_override(capsys):
-    _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", "--zone", "z", "--accelerator", "v6e-8",
+    _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", *ZONE, "--accelerator", "v6e-8",
                                    "--runtime-version", "v2-custom", "--dry-run", "--", *TRAIN_TINY])
     assert flag(commands[0], "--runtime-version") == "v2-custom"
 
@@ -232,7 +233,7 @@ def test_preempted_resource_is_deleted_and_recreated(fake_gcloud, state):
 def test_pending_resource_is_waited_for(fake_gcloud):
     set_state, calls = fake_gcloud
     set_state("WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE")
-    spec = tpu.TpuLaunch(name="run", zone="z", slice=tpu.tpu_slice("v4-8"), command=tuple(TRAIN_TINY))
+    spec = tpu.TpuLaunch(name="run", zone=ZONE[1], slice=tpu.tpu_slice("v4-8"), command=tuple(TRAIN_TINY))
     assert tpu.launch(spec, poll_seconds=0) == 0
     assert verbs(calls()) == ["queued-resources describe WAITING_FOR_RESOURCES",
                               "queued-resources describe PROVISIONING", "queued-resources describe ACTIVE",
@@ -458,20 +459,22 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v9-8", "--dry-run", "--", *TRAIN_TINY],
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v9-8", "--dry-run", "--", *TRAIN_TINY],
      "unknown accelerator type 'v9-8'"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", *TRAIN_TINY],
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", *TRAIN_TINY],
      "give the llama-jax command to run after --"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run"],
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run"],
      "give the llama-jax command to run after --"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "python", "train.py"],
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "python", "train.py"],
      "after --: 'python' is not a llama-jax command"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--"], "after --: nothing given"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "train", "--config",
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--"], "after --: nothing given"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "train", "--config",
       "configs/missing.py", "--workdir", "w"], "--config configs/missing.py: no such file"),
-    (["tpu", "--name", "Bad_Name", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
+    (["tpu", "--name", "n", "--zone", "us-central2", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
+     "--zone 'us-central2' is not a Google Cloud zone; valid: a region and a letter, e.g. us-central2-b"),
+    (["tpu", "--name", "Bad_Name", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
      "--name 'Bad_Name'"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--copy-back", "d", "--dry-run", "--",
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "d", "--dry-run", "--",
       "plan", "--config", "configs/tiny.py"], "--copy-back needs a command with --workdir"),
     (["slurm", "--nodes", "0", "--dry-run", "--", *TRAIN_IN_TMP], "--nodes must be at least 1"),
     (["slurm", "--gpus-per-node", "0", "--dry-run", "--", *TRAIN_IN_TMP], "--gpus-per-node must be at least 1"),
@@ -480,54 +483,54 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     # the launched command's flags, parsed here, and its mesh and batch against the devices it will have
     (["slurm", "--dry-run", "--folder", "TMP_WORKDIR", "--", "train", "--config", "configs/tiny.py"],
      "after --: train: the following arguments are required: --workdir"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY, "--bogus"],
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY, "--bogus"],
      "after --: train: unrecognized arguments: --bogus"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-32", "--dry-run", "--", *TRAIN_TINY,
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-32", "--dry-run", "--", *TRAIN_TINY,
       "--config.mesh.data=3"], "mesh: 16 devices are not divisible by the fixed mesh sizes"),
     (["slurm", "--nodes", "2", "--gpus-per-node", "8", "--dry-run", "--", *TRAIN_IN_TMP,
       "--config.train.batch_size=12"], "train.batch_size / train.grad_accum = 12 is not divisible by mesh.data x "
                                        "mesh.fsdp = 16"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-08", "--dry-run", "--", *TRAIN_TINY],
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-08", "--dry-run", "--", *TRAIN_TINY],
      "unknown accelerator type 'v4-08'"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v5litepod-12", "--dry-run", "--", *TRAIN_TINY],
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v5litepod-12", "--dry-run", "--", *TRAIN_TINY],
      "v5litepod-12: v5litepod slices have 1, 4, 8, 16, 32, 64, 128, 256 chips, not 12"),
     (["slurm", "--job-name", "x\n#SBATCH --exclusive", "--dry-run", "--", *TRAIN_IN_TMP],
      "--job-name 'x\\n#SBATCH --exclusive': use letters, digits and . _ + -"),
     # the launched command's config and values, checked before anything is launched
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY,
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY,
       "--config.train.stepz=3"], "unknown config key 'train.stepz'"),
     (["slurm", "--dry-run", "--", *TRAIN_IN_TMP, "--config.optimizer.lr", "-1"],
      "optimizer.lr: got -1.0; valid: a number in [0, inf)"),
     (["slurm", "--dry-run", "--", "sweep", "--config", "configs/tiny.py", "--workdir", "TMP_WORKDIR", "--sweep",
       "optimizer.lrr=[1e-3,2e-3]"], "trial lrr=0.001: unknown config key 'optimizer.lrr'"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
       "configs/tiny.py", "--workdir", "/mnt/gcs/sweep", "--sweep", "optimizer.lr=[1e-3,-2e-3]"],
      "trial lr=-0.002: optimizer.lr: got -0.002; valid: a number in [0, inf)"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
       "configs/tiny.py", "--workdir", "/mnt/gcs/sweep", "--search", "random", "--sweep",
       "optimizer.lr=loguniform(1e-4,1e-2)"],
      "--search random needs --trials N"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
       "configs/tiny.py", "--workdir", "/mnt/gcs/sweep", "--sweep", "optimizer.lr=[1e-3,2e-3]", "--trials", "3"],
      "--trials applies to --search random and optuna"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--workdir",
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--workdir",
       "/mnt/gcs/sweep", "--sweep", "optimizer.lr=[1e-3,2e-3]"], "--config is required"),
     (["tpu", "--name", "n", "--zone", "", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
      "--zone is empty; give a value"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "train", "--config",
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "train", "--config",
       "configs/tiny.py", "--workdir", ""], "after --: train: --workdir is empty; give a value"),
     (["slurm", "--nodes", "2", "--dry-run", "--", *TRAIN_IN_TMP, "--num-processes", "2", "--coordinator", "h:1",
       "--process-id", "0"], "after --: train: --num-processes is the launcher's to set (one process per TPU "
                             "worker or SLURM node, found by JAX itself); drop --num-processes, --coordinator, "
                             "--process-id"),
     # a launched sweep runs its trials on the one host it is sent to
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
       "configs/tiny.py", "--workdir", "/mnt/gcs/sweep", "--sweep", "train.seed=[0,1]", "--on", "slurm"],
      "after --: sweep --on slurm submits a job per trial from a SLURM login node"),
     (["slurm", "--nodes", "2", "--dry-run", "--", "sweep", "--config", "configs/tiny.py", "--workdir",
       "TMP_WORKDIR", "--sweep", "train.seed=[0,1]"], "after --: sweep runs its trials on one host, and this "
                                                      "launch has 2"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-32", "--dry-run", "--", "sweep", "--workdir",
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-32", "--dry-run", "--", "sweep", "--workdir",
       "/mnt/gcs/sweep", "--report"], "after --: sweep rebuilds its report on one host, and this launch has 4"),
     (["slurm", "--gpus-per-node", "8", "--dry-run", "--", "sweep", "--config", "configs/tiny.py", "--workdir",
       "TMP_WORKDIR", "--sweep", "train.seed=[0,1]", "--parallel", "2"],
@@ -535,7 +538,7 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["slurm", "--partition", "", "--dry-run", "--", *TRAIN_IN_TMP], "--partition is empty; give a value"),
     (["slurm", "--folder", "README.md", "--dry-run", "--", *TRAIN_IN_TMP],
      "--folder README.md is a file; give a directory for the job's script and logs"),
-    (["tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--copy-back", "README.md", "--dry-run", "--",
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "README.md", "--dry-run", "--",
       *TRAIN_TINY], "--copy-back README.md is a file; give a directory to receive the run's workdir"),
 ])
 def test_bad_input(argv, message, capsys, tmp_path, monkeypatch):
@@ -552,7 +555,7 @@ def test_a_config_outside_the_shipped_checkout_is_refused(capsys, tmp_path):
     """The workers get the checkout, not this machine's other files."""
     config = tmp_path / "mine.py"
     config.write_text((ROOT / "configs" / "tiny.py").read_text())
-    base = ["launch", "tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "train",
+    base = ["launch", "tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "train",
             "--workdir", "/mnt/gcs/runs/tiny", "--config"]
     assert cli.main([*base, str(config)]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -566,7 +569,7 @@ def test_missing_tools_are_one_line(capsys, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))  # no gcloud, no sbatch
-    assert cli.main(["launch", "tpu", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--", *TRAIN_TINY]) == 2
+    assert cli.main(["launch", "tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--", *TRAIN_TINY]) == 2
     assert capsys.readouterr().err == ("llama-jax launch: error: gcloud not found on PATH: install the Google "
                                        "Cloud CLI (https://cloud.google.com/sdk/docs/install), or use --dry-run\n")
     folder = tmp_path / "run"
