@@ -249,15 +249,16 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
         )
 
     # transformers 5.x: rope_parameters holds theta and scaling; 4.x: top-level rope_theta + rope_scaling.
-    rope = hf.get("rope_parameters")
     for key in ("rope_parameters", "rope_scaling"):
         if hf.get(key) is not None and not isinstance(hf[key], Mapping):
             raise ValueError(f"config.json: {key} must be an object or null, got {hf[key]!r}")
-    if rope is not None and "rope_theta" in rope:
-        rope_theta = file_setting(rope, "config.json: rope_parameters", "rope_theta", "number")
+    # as transformers reads them (4.x knows only rope_scaling; 5.x takes a non-empty one over rope_parameters)
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    scaling = hf.get(key)
+    if scaling is not None and "rope_theta" in scaling:
+        rope_theta = file_setting(scaling, f"config.json: {key}", "rope_theta", "number")
     else:
         rope_theta = setting("rope_theta", "number", 10000.0)
-    scaling = rope if rope is not None else hf.get("rope_scaling")
     rope_scaling = None
     if scaling:
         rope_type = scaling.get("rope_type", scaling.get("type"))

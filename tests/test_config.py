@@ -1,5 +1,6 @@
 """LLaMAConfig: presets, validation and Hugging Face config.json translation; experiment config files."""
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -130,6 +131,28 @@ def test_hf_config_both_styles(variant):
     # the stored dtype from the tensors)
     stored_bf16 = cfg.replace(param_dtype="bfloat16")
     assert all(LLaMAConfig.from_hf(stored_bf16.to_hf(style)) == cfg for style in ("v4", "v5"))
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+     "rope_scaling": {"rope_type": "linear", "factor": 4.0}, "rope_theta": 500000.0},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+     "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0}, "rope_scaling": {}},
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0}, "rope_scaling": None},
+])
+def test_hf_config_with_both_rope_keys_reads_as_transformers_does(rope):
+    """A config.json with rope_scaling beside rope_parameters: a non-empty rope_scaling is the one
+    transformers applies (it scaled the model a converter left unscaled)."""
+    hf = {**hf_config_dict("mha", "v4"), **rope}
+    expected = transformers.LlamaConfig(**copy.deepcopy(hf)).rope_parameters
+    if expected["rope_type"] == "dynamic":
+        with pytest.raises(ValueError, match="dynamic"):
+            LLaMAConfig.from_hf(hf)
+        return
+    cfg = LLaMAConfig.from_hf(hf)
+    assert cfg.rope_theta == expected["rope_theta"]
+    assert (cfg.rope_scaling.rope_type, cfg.rope_scaling.factor) == (expected["rope_type"], expected["factor"])
 
 
 def test_hf_config_llama3_scaling_values():
