@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from llama_jax.config import LLaMAConfig
 from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
 from llama_jax.model_dir import CONFIG_FILE, MODEL_DIR, PARAMS_DIR, copy_tokenizer_files, load_config
-from llama_jax.safe_io import atomic_directory, damage_reason, raise_noted_signal
+from llama_jax.safe_io import atomic_directory, damage_reason, raise_noted_signal, unreadable_path
 
 
 def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: str | os.PathLike | None = None,
@@ -227,6 +227,11 @@ class RunCheckpoints:
             return read()
         except Exception as e:  # TensorStore, JSON and OS errors of damaged or missing files
             raise_noted_signal()  # or a read that Ctrl-C or SIGTERM interrupted
+            unreadable = unreadable_path(self.step_dir(step))
+            if unreadable is not None:
+                raise PermissionError(f"checkpoint {step} ({self.step_dir(step)}) cannot be read: no permission to "
+                                      f"read {unreadable}; fix its permissions (e.g. chmod -R u+rX "
+                                      f"{self.step_dir(step)})") from None
             raise CheckpointDamaged(step, f"checkpoint {step} ({self.step_dir(step)}) is damaged: cannot read "
                                           f"its {what}: {damage_reason(e, self.step_dir(step))}") from None
 

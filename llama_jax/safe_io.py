@@ -288,6 +288,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def unreadable_path(directory: str | os.PathLike) -> Path | None:
+    """The first file or directory at or under `directory` this process has no permission to read
+    (a checkpoint that is intact but not ours to read is not damaged), or None."""
+    for path in [Path(directory), *Path(directory).rglob("*")]:
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            return path
+    return None
+
+
 def damage_reason(error: BaseException, directory: str | os.PathLike | None = None) -> str:
     """One line on why reading a checkpoint failed: the innermost error's first line (TensorStore,
     JSON and OS errors name the key or file there), plus the empty files under `directory`."""

@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -438,6 +439,44 @@ def test_demo_runs_resumes_and_reports(tmp_path, capsys):
 
     assert main(args) == 0  # the finished run resumes at its last step and reports the same evaluation
     assert held_line in capsys.readouterr().out.splitlines()
+
+
+def test_a_run_this_user_may_not_write_is_refused_before_training(tokenizer_path, straight_run):
+    """Permissions, as an unprivileged user (root may write anything): a resume that could not save
+    its checkpoints, or delete the old ones, is refused before a step is trained; a checkpoint it
+    may not read is said to be that, not damaged (whose advice would set a good checkpoint aside)."""
+    base = Path(tempfile.mkdtemp(prefix="llama-jax-permissions-"))  # (tmp_path's parents are root's alone)
+    as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    try:
+        workdir, tokenizer = base / "run", base / "tokenizer.model"
+        shutil.copytree(straight_run[0], workdir)
+        shutil.copy(tokenizer_path, tokenizer)
+        for path in [base, *base.rglob("*")]:
+            os.chown(path, 65534, 65534) if as_user else None
+        env = {**os.environ, "HOME": str(base), "TMPDIR": str(base), "JAX_PLATFORMS": "cpu"}
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        env.pop("XLA_FLAGS", None)
+        before = snapshot(workdir)
+
+        def refusal() -> str:
+            out = subprocess.run([*as_user, sys.executable, "-m", "llama_jax.cli",
+                                  *train_args(workdir, run_overrides(tokenizer, f"train.steps={STEPS + 4}"))],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+            assert snapshot(workdir) == before
+            return out.stderr
+
+        for path in (workdir / "checkpoints", workdir / "checkpoints" / "4"):  # 4: the next the retention deletes
+            path.chmod(0o555)
+            assert f"no permission to write {path}, which the run writes or deletes" in refusal()
+            path.chmod(0o755)
+        (workdir / "checkpoints" / "12" / "state" / "manifest.ocdbt").chmod(0)
+        message = refusal()
+        assert (f"checkpoint 12 ({workdir / 'checkpoints' / '12'}) cannot be read: no permission to read "
+                f"{workdir / 'checkpoints' / '12' / 'state' / 'manifest.ocdbt'}; fix its permissions") in message
+        assert "damaged" not in message and "--resume-from" not in message
+    finally:
+        shutil.rmtree(base)
 
 
 def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer_path, straight_run, capsys):
