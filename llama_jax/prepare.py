@@ -47,6 +47,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable
 
@@ -335,7 +336,11 @@ class Encoder:
 
 
 def _collect(sources: np.ndarray, future) -> Encoded:
-    return Encoded(sources, *future.result())
+    try:
+        return Encoded(sources, *future.result())
+    except BrokenProcessPool:
+        raise ChildProcessError("a tokenizer worker process died (killed, or out of memory?); run the command "
+                                "again to continue where it stopped, with fewer --workers if memory is short") from None
 
 
 # ---- writing ---------------------------------------------------------------------------------

@@ -139,6 +139,19 @@ def test_workers_give_byte_identical_directories(inputs, reference, tmp_path, mo
     assert file_contents(tmp_path / "two") == file_contents(reference)
 
 
+def test_a_worker_that_dies_is_one_line(inputs):
+    """A tokenizer worker killed (as the out-of-memory killer would) is reported, not a traceback."""
+    encoder = prepare_lib.Encoder(inputs["tokenizer"], np.dtype(np.uint16), workers=2)
+    try:
+        pool = encoder._started()
+        pool.submit(int).result()  # the workers are up
+        os.kill(next(iter(pool._processes)), signal.SIGKILL)
+        with pytest.raises(ChildProcessError, match=r"^a tokenizer worker process died \(killed, or out of memory"):
+            list(encoder.encode(enumerate(inputs["documents"])))
+    finally:
+        encoder.close()
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
