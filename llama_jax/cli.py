@@ -20,6 +20,13 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, pointing at --help rather than printing the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class Terminated(BaseException):
     """SIGTERM arrived while the command was not in a training loop (which treats it as preemption):
     raised where the command was, so that what it had staged or half-written is cleaned up on the way
@@ -570,7 +577,8 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
         if e.code == 0:
             raise UserError(f"after --: {command[0]} would only print its help; drop -h/--help") from None
         lines = error.getvalue().strip().splitlines()
-        problem = re.sub(r"^llama-jax[\w -]*: error: ", "", lines[-1]) if lines else "its arguments do not parse"
+        problem = re.sub(r"^llama-jax[\w -]*: error: (.*) \(see .*\)$", r"\1", lines[-1]) if lines else \
+            "its arguments do not parse"
         raise UserError(f"after --: {command[0]}: {problem}") from None
     launched.overrides = overrides
     try:
@@ -788,7 +796,7 @@ def cmd_plan(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama-jax", description="LLaMA models in JAX/Flax.")
+    parser = OneLineParser(prog="llama-jax", description="LLaMA models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("presets", help="list model presets with their parameter counts")
@@ -1078,6 +1086,18 @@ def _is_os_error(error: BaseException, code: int) -> bool:
     return (isinstance(error, OSError) and error.errno == code) or os.strerror(code) in str(error)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (another broken pipe is an error)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):  # no file descriptor (stdout replaced)
+        return False
+
+
 def _error_text(error: BaseException, args) -> str:
     """The error line's text. A full disk, or a file past the process's size limit, is said in
     those words: libraries bury it at the end of long messages about their own internals
@@ -1186,10 +1206,10 @@ def _run(argv: list[str] | None) -> int:
         with _sigterm_unwinds():
             _check_not_empty(args)
             args.func(args)
-    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
-        return 0
     except (UserError, ValueError, OSError, RuntimeError) as e:  # OSError: paths that cannot be read or written
+        if isinstance(e, BrokenPipeError) and _stdout_reader_gone():  # piped into `| head`: not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+            return 0
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data inspect"
         if _is_xla_runtime_error(e):
             print(f"llama-jax {command}: error: {_xla_error_text(e, args)}", file=sys.stderr)

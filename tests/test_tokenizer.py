@@ -234,6 +234,7 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         (["--input", text, "--output", str(out)], f"--output {out} exists; pass --overwrite to replace it"),
         (["--input", text, "--output", str(out.parent)], f"--output {out.parent} is a directory"),
         (["--input", text, "--output", f"{text}/x.model"], f"--output {text}/x.model: {text} is a file"),
+        (["--input", text, "--vocab-size", "many"], "argument --vocab-size: invalid int value: 'many' (see "),
     ]:
         before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
         run = _cli("--vocab-size", str(VOCAB), "--output", str(tmp_path / "bad.model"), *args)

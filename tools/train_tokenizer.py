@@ -12,7 +12,6 @@ boundaries would change nothing). Bad input: one line on stderr, exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import sys
@@ -20,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from llama_jax.cli import OneLineParser
 from llama_jax.safe_io import check_writable
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
@@ -97,7 +97,7 @@ def check_arguments(args, inputs: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", action="append", required=True, help="file or glob pattern; repeatable")
     parser.add_argument("--jsonl-key", default="text", help="field holding the text in .jsonl files")
     parser.add_argument("--vocab-size", type=int, required=True)
