@@ -8,6 +8,7 @@ failed save never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -90,7 +91,7 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
         restore_args = array_restore_args(abstract, shardings)
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-            mismatch = _config_mismatch(abstract, ckptr.metadata(params_dir).item_metadata.tree)
+            mismatch = _config_mismatch(abstract, tree_metadata(params_dir))
             if mismatch is None:
                 params = ckptr.restore(params_dir,
                                        args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
@@ -140,6 +141,19 @@ def array_restore_args(abstract, shardings=None):
 
 
 # ---- training-run checkpoints ----------------------------------------------------------------
+
+def tree_metadata(directory: Path):
+    """The metadata of the tree an Orbax PyTree checkpoint `directory` holds (read from its
+    _METADATA file, which is checked first: Orbax reports a damaged one without naming it)."""
+    metadata_file = directory / "_METADATA"
+    try:
+        json.loads(metadata_file.read_bytes())
+    except FileNotFoundError:
+        raise ValueError(f"{metadata_file} is missing") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{metadata_file} is not valid JSON ({e})") from None
+    return ocp.PyTreeCheckpointHandler().metadata(directory).tree
+
 
 class CheckpointDamaged(ValueError):
     """A committed checkpoint step whose files cannot be read back."""
@@ -246,7 +260,7 @@ class RunCheckpoints:
     def state_paths(self, step: int) -> set[tuple[str, ...]]:
         """The leaf paths of the saved state, from its metadata alone (nothing is restored)."""
         tree = self._read(step, "state metadata",
-                          lambda: ocp.PyTreeCheckpointHandler().metadata(self.step_dir(step) / "state").tree)
+                          lambda: tree_metadata(self.step_dir(step) / "state"))
         return tree_paths(tree)
 
     def restore_state(self, step: int, abstract_state):

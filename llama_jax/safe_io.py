@@ -308,6 +308,7 @@ def damage_reason(error: BaseException, directory: str | os.PathLike | None = No
     telling = [e for e in chain if str(e).strip() and not isinstance(e, (StopIteration, KeyError))]
     innermost = telling[-1] if telling else chain[0]
     first = str(innermost).strip().splitlines()[0] if str(innermost).strip() else ""
+    first = first.split(" [tensorstore_spec=")[0]  # (TensorStore appends its whole spec)
     reason = f"{type(innermost).__name__}: {first}"[:400]
     if directory is not None and Path(directory).is_dir():
         empty = sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*")

@@ -250,6 +250,9 @@ CASES = [
          r"generation_config.json: holds a list \(\[2\]\), not a JSON object of generation settings"),
     Case("generate-missing-params", "generate {paramless_model} --prompt Hi",
          r"parameter checkpoint params/ not found"),
+    Case("generate-damaged-params-metadata", "generate {bad_metadata_model} --prompt Hi",
+         r"bad_metadata_model is damaged or incomplete: ValueError: \S+/bad_metadata_model/params/_METADATA is not "
+         r"valid JSON"),
     Case("generate-no-tokenizer", "generate {model256} --prompt Hi", r"has no tokenizer.model; pass --tokenizer PATH"),
     Case("generate-max-new-tokens-0", "generate {model} --prompt Hi --max-new-tokens 0",
          r"max_new_tokens must be an integer of at least 1, got 0"),
@@ -408,6 +411,9 @@ def make_inputs(root: Path) -> dict[str, Path]:
     shutil.copytree(p["model"], p["bad_generation_model"])
     (p["bad_generation_model"] / "generation_config.json").write_text("[2]")
     shutil.copytree(p["model"], p["paramless_model"], ignore=shutil.ignore_patterns("params"))
+    p["bad_metadata_model"] = inputs / "bad_metadata_model"
+    shutil.copytree(p["model"], p["bad_metadata_model"])
+    (p["bad_metadata_model"] / "params" / "_METADATA").write_text("{")
     p["damaged_progress_run"] = inputs / "damaged_progress_run"
     shutil.copytree(p["run"], p["damaged_progress_run"])
     (p["damaged_progress_run"] / "progress.json").write_text("{")
