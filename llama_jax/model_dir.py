@@ -33,6 +33,27 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
     return copied
 
 
+def check_tokenizer_files(directory: str | os.PathLike, config: LLaMAConfig) -> None:
+    """ValueError naming the first tokenizer or generation file of `directory` (those that travel
+    with a model: `TOKENIZER_FILES`) that a model of `config` could not use: a JSON file that is not
+    a JSON object, end ids that are not token ids, a tokenizer.model that does not load or has
+    more tokens than the model's vocabulary."""
+    from llama_jax.tokenizer import check_fits, load_tokenizer
+
+    for name in TOKENIZER_FILES:
+        file = Path(directory) / name
+        if file.is_file() and file.suffix == ".json":
+            read_json_object(file, "generation settings" if name == "generation_config.json" else "tokenizer settings")
+    generation_end_ids(directory)
+    file = Path(directory) / "tokenizer.model"
+    if file.is_file():
+        tokenizer = load_tokenizer(file)  # (its errors name the file)
+        try:
+            check_fits(tokenizer, config.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+
+
 def load_config(path: str | os.PathLike) -> LLaMAConfig:
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():

@@ -11,10 +11,13 @@ import contextlib
 import dataclasses
 import fcntl
 import fnmatch
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -72,10 +75,10 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
     existing `dst` is moved aside just before the new one is renamed into place; whatever stops
     that (an error, a signal) puts it back.
     """
+    _finish_for_dead_processes(Path(dst).absolute())
     dst = check_destination(dst, kind, overwrite, inputs)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    tmp, old = _scratch_path(dst, "tmp"), _scratch_path(dst, "old")
     tmp.mkdir()
     try:
         yield tmp
@@ -83,13 +86,57 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
             os.replace(dst, old)
         os.replace(tmp, dst)
     finally:  # decided by what is on disk, so that a signal between the two renames changes nothing
-        if old.exists():
-            if dst.exists():  # the new output is in place
-                shutil.rmtree(old)
-            else:
-                os.replace(old, dst)
+        _settle(dst, old)
         if tmp.exists():
-            shutil.rmtree(tmp)
+            _remove_tree(tmp)
+
+
+def _scratch_path(dst: Path, role: str) -> Path:
+    """DST's hidden sibling for `role` ("tmp": the output being written; "old": the one it
+    replaces), named after this host and process, so that one a killed process left is known."""
+    return dst.parent / f".{dst.name}.{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _settle(dst: Path, old: Path) -> None:
+    """After a replacement of `dst` by a new output, finished or not: the previous output `old` is
+    removed once the new one is in place, else put back."""
+    if old.exists():
+        if dst.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, dst)
+
+
+def _finish_for_dead_processes(dst: Path) -> None:
+    """What a process of this host killed while writing `dst` left beside it: its unfinished output
+    is removed, and an output it was replacing is settled as it would have settled it."""
+    for role in ("old", "tmp"):
+        prefix = f".{dst.name}.{role}-{socket.gethostname()}-"
+        for path in dst.parent.glob(glob.escape(prefix) + "*") if dst.parent.is_dir() else ():
+            pid = path.name[len(prefix):].split("-")[0]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                _settle(dst, path) if role == "old" else _remove_tree(path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _remove_tree(path: Path, seconds: float = 5.0) -> None:
+    """Remove `path`, again while threads still finishing their writes (an interrupted Orbax save)
+    add to it, for up to `seconds`; what cannot be removed is left."""
+    deadline = time.monotonic() + seconds
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists() or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 def holds_run(directory: str | os.PathLike) -> bool:

@@ -229,6 +229,10 @@ CASES = [
          r"config.json: model_type 'mistral' is not supported; valid: 'llama'"),
     Case("convert-config-json-bad-rope", "convert --from hf --to jax {bad_rope_hf} out",
          r"config.json: rope_parameters must be an object or null, got 'yarn'"),
+    Case("convert-bad-generation-config", "convert --from hf --to jax {bad_generation_hf} out",
+         r"bad_generation_hf/generation_config.json: not valid JSON .*; expected a JSON object of generation settings"),
+    Case("convert-garbage-tokenizer", "convert --from hf --to meta {garbage_tokenizer_hf} out",
+         r"garbage_tokenizer_hf/tokenizer.model: neither a SentencePiece model nor a tiktoken rank file"),
     Case("convert-hf-without-weights", "convert --from hf --to jax {weightless_hf} out",
          r"no weights found; expected one of model.safetensors"),
     Case("convert-truncated-safetensors", "convert --from hf --to jax {truncated_hf} out",
@@ -447,6 +451,11 @@ def make_checkpoints_and_damaged_inputs(inputs: Path) -> dict[str, Path]:
     weights = safetensors.numpy.load_file(p["hf"] / "model.safetensors")
     safetensors.numpy.save_file({k: v.astype("float64") for k, v in weights.items()},
                                 p["float64_hf"] / "model.safetensors")
+    for name, (file, text) in {"bad_generation_hf": ("generation_config.json", '{"eos_token_id": [2, 13]'),
+                               "garbage_tokenizer_hf": ("tokenizer.model", "garbage\n")}.items():
+        p[name] = inputs / name  # files that travel with the weights, which a model directory could not use
+        shutil.copytree(p["hf"], p[name])
+        (p[name] / file).write_text(text)
     p["weightless_hf"], p["truncated_hf"] = inputs / "weightless_hf", inputs / "truncated_hf"
     shutil.copytree(p["hf"], p["weightless_hf"], ignore=shutil.ignore_patterns("*.safetensors"))
     shutil.copytree(p["hf"], p["truncated_hf"])

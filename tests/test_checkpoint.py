@@ -93,6 +93,48 @@ def test_an_overwrite_stopped_between_its_renames_keeps_the_previous_output(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from llama_jax.model_dir import MODEL_DIR
+from llama_jax.safe_io import atomic_directory
+
+dst, when = Path(sys.argv[1]), sys.argv[2]
+real_replace = os.replace
+
+def replace(src, target):  # a SIGKILL between moving the previous output aside and the new one in
+    real_replace(src, target)
+    if when == "between the renames" and Path(src) == dst:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace = replace
+with atomic_directory(dst, MODEL_DIR, overwrite=True) as tmp:
+    (tmp / "model_config.json").write_text("{}")  # half an output
+    if when == "while writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("when", ["while writing", "between the renames"])
+def test_what_a_killed_writer_left_is_settled_by_the_next(tmp_path, model, when):
+    """A process SIGKILLed while writing a model directory leaves hidden siblings of it; the next
+    write there removes its unfinished output and puts back the output it was replacing."""
+    import signal
+    import subprocess
+    import sys
+
+    cfg, params = model
+    save_model(tmp_path / "m", cfg, params)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "m"), when])
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())  # its hidden output beside the previous one
+    assert left == ([".m.tmp", "m"] if when == "while writing" else [".m.old", ".m.tmp"])
+    with pytest.raises(FileExistsError, match="already exists"):  # the previous output, in its place again
+        save_model(tmp_path / "m", cfg.replace(dtype="bfloat16"), params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert load_model(tmp_path / "m")[0] == cfg
+
+
 def test_params_that_do_not_fit_the_config_are_refused_before_writing(tmp_path, model):
     cfg, params = model
     with pytest.raises(ValueError, match=r"\['lm_head'\] has shape \(64, 100\), config expects \(64, 512\)"):

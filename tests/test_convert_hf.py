@@ -1,5 +1,7 @@
 """`llama-jax convert` with Hugging Face directories: every input layout, output loadable by transformers."""
 
+import functools
+import io
 import json
 from pathlib import Path
 
@@ -11,17 +13,32 @@ import transformers
 
 from llama_jax import LLaMA, load_model
 from llama_jax.cli import main
+from llama_jax.data import EmbeddedCorpus
 from tests.reference import hf_config_dict, hf_logits, make_hf_model
 
 TOL = 1e-4
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 20)).astype(np.int32)
 
 
+@functools.lru_cache(maxsize=None)
+def tokenizer_bytes() -> bytes:
+    """A SentencePiece model of 200 pieces, within the test models' vocabulary of 256 (no byte
+    fallback, whose 256 pieces would not fit)."""
+    import sentencepiece
+
+    corpus = EmbeddedCorpus()
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=(corpus[i] for i in range(len(corpus))),
+                                             model_writer=model, vocab_size=200, character_coverage=0.99,
+                                             minloglevel=2)
+    return model.getvalue()
+
+
 def write_hf_dir(path: Path, model, config_dict: dict, layout: str, drop_lm_head: bool = False) -> Path:
     """A Hugging Face directory in one of the layouts found in the wild, written without llama_jax."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config_dict))
-    (path / "tokenizer.model").write_bytes(b"tokenizer bytes")
+    (path / "tokenizer.model").write_bytes(tokenizer_bytes())
     (path / "generation_config.json").write_text('{"bos_token_id": 1}')
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if drop_lm_head:
@@ -62,7 +79,7 @@ def test_hf_to_jax_matches_transformers(tmp_path, variant, style, layout, drop_l
     cfg, params = load_model(tmp_path / "jax")
     logits = np.asarray(LLaMA(cfg).apply({"params": params}, TOKENS))
     np.testing.assert_allclose(logits, hf_logits(model, TOKENS), atol=TOL, rtol=0)
-    assert (tmp_path / "jax" / "tokenizer.model").read_bytes() == b"tokenizer bytes"
+    assert (tmp_path / "jax" / "tokenizer.model").read_bytes() == tokenizer_bytes()
     assert (tmp_path / "jax" / "generation_config.json").is_file()
 
 
