@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -54,7 +55,7 @@ from typing import Any, Callable
 import numpy as np
 
 from llama_jax.data import DOCUMENT_SOURCES, make_source, read_documents, split_indices
-from llama_jax.safe_io import check_writable, sha256_file, write_text_atomic
+from llama_jax.safe_io import DirectoryBusy, DirectoryLock, check_writable, sha256_file, write_text_atomic
 from llama_jax.tokenizer import load_tokenizer, tokenizer_file, train_sentencepiece
 
 FORMAT = "llama_jax/prepared-v1"
@@ -481,12 +482,19 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
     corpus = open_corpus(data_config)  # a missing corpus is named before a missing tokenizer
     request = requested_tokenizer(data_config)
-    if state == "partial":
-        record = _check_partial(out, data_config, request, corpus, shard_tokens)
-        _say(progress, f"resuming the preparation of {out}")
-    else:
-        record = _start(out, data_config, request, corpus, shard_tokens, progress)
-    return _finish(out, corpus, record, workers, progress)
+    lock = DirectoryLock(out, f"--output {out} is being prepared by another llama-jax prepare-data (it holds the "
+                              f"directory's lock); wait for it to end, or give another --output")
+    try:  # one preparation at a time: two would write over each other's shards
+        if state == "partial":
+            lock.acquire()
+            record = _check_partial(out, data_config, request, corpus, shard_tokens)
+            _say(progress, f"resuming the preparation of {out}")
+        else:
+            record = _start(out, data_config, request, corpus, shard_tokens, progress)
+            lock.acquire()
+        return _finish(out, corpus, record, workers, progress)
+    finally:
+        lock.release()
 
 
 def _directory_state(out: Path) -> str:
@@ -587,7 +595,13 @@ def _start(out: Path, data_config, request: TokenizerChoice, corpus: Corpus, sha
         stage.mkdir()
         shutil.copyfile(source, stage / TOKENIZER)
         _write_json(stage / PREPARING, record)
-        os.replace(stage, out)
+        try:
+            os.replace(stage, out)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise DirectoryBusy(f"--output {out} was started meanwhile by another llama-jax prepare-data; wait for "
+                                f"it to end, or give another --output") from None
     finally:
         if request.file is None:
             shutil.rmtree(source.parent, ignore_errors=True)

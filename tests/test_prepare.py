@@ -208,6 +208,32 @@ def test_killed_preparation_resumes_to_the_same_files(inputs, reference, tmp_pat
     assert snapshot(out) == before
 
 
+def test_a_second_preparation_of_the_same_output_is_refused(inputs, reference, tmp_path, capsys):
+    """Two prepare-data writing one --output would write over each other's shards: the second,
+    started while the first runs, is refused in one line, and the first finishes unharmed."""
+    out = tmp_path / "out"
+    args = ["prepare-data", "--config", str(inputs["config"]), "--output", str(out), "--workers", "1",
+            "--shard-tokens", str(SHARD_TOKENS)]
+    env = {**os.environ, prepare_lib.PAUSE_ENV: "0.2", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    first = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "train-00000.json").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "no shard was finished in time"
+            time.sleep(0.02)
+        capsys.readouterr()
+        assert main(args) == 2
+        assert capsys.readouterr().err == (f"llama-jax prepare-data: error: --output {out} is being prepared by "
+                                           f"another llama-jax prepare-data (it holds the directory's lock); wait "
+                                           f"for it to end, or give another --output\n")
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+    finally:
+        first.kill()
+    assert file_contents(out) == file_contents(reference)
+
+
 def test_an_interrupted_preparation_does_not_resume_on_edited_files(tmp_path, capsys):
     """Shards already written hold the old documents: finishing with the new ones would mix two corpora.
     A finished directory is not compared with the files again (they may be gone), and says so."""
