@@ -4,13 +4,18 @@
 #
 #   experiments/lr_warmup_sweep.sh [WORKDIR] [sweep flags, e.g. --dry-run or --parallel 1]
 #
+# WORKDIR defaults to runs/lr-warmup-sweep; a first argument starting with - is a sweep flag.
+#
 # Rerunning the same command skips finished trials and resumes interrupted ones. LLAMA_JAX names
 # the llama-jax command to run (default: llama-jax on PATH).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-workdir=${1:-runs/lr-warmup-sweep}
-shift $(( $# > 0 ? 1 : 0 ))
+workdir=runs/lr-warmup-sweep
+if [[ $# -gt 0 && $1 != -* ]]; then
+    workdir=$1
+    shift
+fi
 llama_jax=${LLAMA_JAX:-llama-jax}
 
 "$llama_jax" sweep --config "$here/configs/lr_warmup_sweep.py" --workdir "$workdir" --parallel 2 "$@"

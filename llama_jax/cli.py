@@ -465,7 +465,7 @@ def cmd_lm_eval(args) -> None:
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] != "lm_eval":
             raise
-        raise UserError("lm-eval is not installed; pip install 'llama_jax[eval]' (or 'lm-eval>=0.4.8')") from None
+        raise UserError("lm-eval is not installed; pip install -e '.[eval]' (or 'lm-eval>=0.4.8')") from None
     from lm_eval.utils import handle_non_serializable, make_table
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

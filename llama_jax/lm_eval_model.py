@@ -10,7 +10,7 @@ Importing this module registers `LlamaJaxLM` with the harness as `llama_jax`:
 Requests are tokenized as the harness's Hugging Face backend (`hf`) tokenizes them for a LLaMA
 tokenizer (BOS first; a context and continuation split where the context's tokens end) and scored
 by `llama_jax.evaluate.Scorer`, so both backends give the same numbers on the same weights.
-Needs the `eval` extra (`pip install 'llama_jax[eval]'`); `import llama_jax` never imports this.
+Needs the `eval` extra (`pip install -e '.[eval]'`); `import llama_jax` never imports this.
 """
 
 from __future__ import annotations

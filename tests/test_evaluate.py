@@ -471,7 +471,7 @@ def test_lm_eval_not_installed(model_dirs, monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "llama_jax.lm_eval_model", raising=False)
     assert main(["lm-eval", str(model_dirs[1]), "--tasks", "hellaswag"]) == 2
     assert capsys.readouterr().err.strip() == ("llama-jax lm-eval: error: lm-eval is not installed; "
-                                               "pip install 'llama_jax[eval]' (or 'lm-eval>=0.4.8')")
+                                               "pip install -e '.[eval]' (or 'lm-eval>=0.4.8')")
 
 
 def test_model_without_tokenizer(model, tmp_path, capsys):

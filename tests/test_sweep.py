@@ -496,3 +496,18 @@ def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys
         in capsys.readouterr().err
     assert main([*args, "--dry-run"]) == 0  # a dry run (away from the cluster) shows them as to be submitted
     assert "#SBATCH --array=0-2%3" in capsys.readouterr().out
+
+
+def test_the_lr_warmup_sweep_script_takes_flags_with_or_without_a_workdir(tmp_path):
+    """experiments/lr_warmup_sweep.sh [WORKDIR] [sweep flags]: a first argument that is a flag is
+    one (it was taken for the workdir)."""
+    env = {**os.environ, "LLAMA_JAX": str(Path(sys.executable).parent / "llama-jax"), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    script = str(ROOT / "experiments" / "lr_warmup_sweep.sh")
+    cases = {("--dry-run",): tmp_path / "runs" / "lr-warmup-sweep", (str(tmp_path / "w"), "--dry-run"): tmp_path / "w"}
+    for args, workdir in cases.items():
+        out = subprocess.run(["bash", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert f"--workdir {workdir}/lr=0.01,warmup_steps=50 " in out.stdout
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
