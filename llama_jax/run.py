@@ -294,6 +294,9 @@ def check_workdir(workdir: Path, keep_every: int = 0) -> None:
     if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
         raise RunError(f"--workdir {workdir}: {workdir / 'checkpoints'} is a file; a run keeps its checkpoints in "
                        f"that directory, so move the file away or use another --workdir")
+    if (workdir / METRICS_FILE).exists() and not (workdir / METRICS_FILE).is_file():
+        raise RunError(f"--workdir {workdir}: {workdir / METRICS_FILE} is not a file; a run appends its metrics "
+                       f"there, so move it away or use another --workdir")
     if not workdir.exists():
         return
     if holds_run(workdir):

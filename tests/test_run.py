@@ -312,6 +312,7 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("other batch size on resume", r"trained with train.batch_size=8, not 16: the run's place in each epoch"),
     ("sample longer than the model", r"train.sample_prompt \(\d+ tokens with BOS\) \+ train.sample_tokens \(127\) = "
                                      r"\d+ exceeds the model's max_seq_len \(128\)"),
+    ("metrics log a directory", r"run/metrics.jsonl is not a file; a run appends its metrics there"),
 ])
 def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_path, straight_run, capsys,
                                                             case, message):
@@ -340,7 +341,11 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "other layer layout on resume": ["model.scan_layers=False"],
         "other batch size on resume": ["train.batch_size=16"],
         "sample longer than the model": ["train.sample_tokens=127", "train.sample_prompt=def"],
+        "metrics log a directory": [],
     }[case]
+    if case == "metrics log a directory":  # (it failed with a raw errno line after the first logged step)
+        (workdir / "metrics.jsonl").unlink()
+        (workdir / "metrics.jsonl").mkdir()
     if case in ("corrupt tokenizer", "empty dataset", "missing init_from", "init_from of another shape",
                 "init_from preset under the config's own shape", "sample longer than the model"):  # a new run
         workdir = tmp_path / "fresh"
