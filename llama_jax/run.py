@@ -283,10 +283,9 @@ RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, "loss.pn
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
 
-def check_workdir(workdir: Path, keep_every: int = 0) -> None:
-    """RunError unless `workdir` is new, a run's that this process may continue (`keep_every`: the
-    run's checkpoint.keep_every), or a directory holding nothing the run would write over and no
-    model (sub-directories of one's own, such as RUN/init, are fine)."""
+def check_workdir(workdir: Path) -> None:
+    """RunError unless `workdir` is new, a run's, or a directory holding nothing the run would write
+    over and no model (sub-directories of one's own, such as RUN/init, are fine)."""
     blocking = next((p for p in [workdir, *workdir.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")
@@ -300,7 +299,6 @@ def check_workdir(workdir: Path, keep_every: int = 0) -> None:
     if not workdir.exists():
         return
     if holds_run(workdir):
-        _check_run_writable(workdir, keep_every)
         return
     check_run_config(workdir, "use another --workdir")
     clash = sorted(p.name for p in workdir.iterdir()
@@ -310,16 +308,23 @@ def check_workdir(workdir: Path, keep_every: int = 0) -> None:
                        f"checkpoints/, metrics.jsonl there); use a new or empty directory")
 
 
-def _check_run_writable(workdir: Path, keep_every: int) -> None:
+def _check_run_writable(workdir: Path, checkpoint) -> None:
     """RunError naming what of a run a resume must write but may not: its checkpoints/ directory,
-    its metrics log (appended to), a step directory the retention will delete (all but those
-    `keep_every` keeps), before a step is trained rather than when its checkpoint is saved."""
+    its metrics log (appended to), a step directory the next save's retention deletes (with
+    `checkpoint.max_to_keep` set: the older steps `checkpoint.keep_every` does not keep), before a
+    step is trained rather than when its checkpoint is saved."""
     checkpoints = workdir / "checkpoints"
-    steps = sorted(d for d in checkpoints.iterdir() if d.is_dir()) if checkpoints.is_dir() else []
-    kept = [d for d in steps if keep_every and d.name.isdigit() and int(d.name) % keep_every == 0]
-    inside = (p for d in steps if d not in kept for p in [d, *d.rglob("*")] if p.is_dir())
-    blocked = next((p for p in [checkpoints, workdir / METRICS_FILE, *inside]
-                    if p.exists() and not os.access(p, os.W_OK)), None)
+    steps = sorted((int(d.name) for d in checkpoints.iterdir() if d.name.isdigit() and d.is_dir())
+                   if checkpoints.is_dir() else [])
+    keep, every = checkpoint.max_to_keep, checkpoint.keep_every
+    removable = [s for s in steps if not (every and s % every == 0)]
+    deleted = [] if keep is None else removable[:max(len(removable) - (keep - 1), 0)]
+    inside = (p for s in deleted for p in [checkpoints / str(s), *(checkpoints / str(s)).rglob("*")] if p.is_dir())
+    try:
+        blocked = next((p for p in [checkpoints, workdir / METRICS_FILE, *inside]
+                        if p.exists() and not os.access(p, os.W_OK)), None)
+    except FileNotFoundError:  # a step directory removed while it was walked: nothing to delete there
+        blocked = None
     if blocked is not None:
         raise RunError(f"--workdir {workdir}: no permission to write {blocked}, which the run writes or deletes "
                        f"when it continues; fix its permissions (e.g. chmod -R u+w {workdir}) or use another --workdir")
@@ -540,12 +545,14 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     check_run_settings(config)
     workdir = Path(workdir).absolute()
     check_processes_agree(config, workdir, resume_from)
-    check_workdir(workdir, config.checkpoint.keep_every)
+    check_workdir(workdir)
     lock = DirectoryLock(workdir, f"--workdir {workdir} is in use: another llama-jax train is running there (it "
                                   "holds the directory's lock); wait for it to end, stop it, or use another --workdir")
     try:  # one run at a time in a workdir: two would write over each other's checkpoints and logs
         if workdir.exists() and jax.process_index() == 0:
             lock.acquire()
+        if holds_run(workdir):  # (once locked: a run training there would be changing it)
+            _check_run_writable(workdir, config.checkpoint)
         return _train_and_evaluate(config, workdir, lock, progress, devices, resume_from)
     finally:
         lock.release()

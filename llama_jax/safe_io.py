@@ -336,11 +336,15 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def unreadable_path(directory: str | os.PathLike) -> Path | None:
-    """The first file or directory at or under `directory` this process has no permission to read
-    (a checkpoint that is intact but not ours to read is not damaged), or None."""
-    for path in [Path(directory), *Path(directory).rglob("*")]:
-        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-            return path
+    """The first file or directory at or under `directory` that exists but this process has no
+    permission to read (a checkpoint that is intact but not ours to read is not damaged), or None
+    (also for paths removed meanwhile: a checkpoint the retention deleted is not unreadable)."""
+    try:
+        for path in [Path(directory), *Path(directory).rglob("*")]:
+            if path.exists() and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+                return path
+    except FileNotFoundError:  # removed while it was walked
+        pass
     return None
 
 

@@ -569,11 +569,19 @@ def test_a_broken_pipe_is_success_only_when_it_is_stdout(monkeypatch, tmp_path, 
         assert cli.main(["presets"]) == 0
     monkeypatch.undo()
 
-    # a pipe of the command's own breaking (a helper process that could not start) is an error
+    # a pipe of the command's own breaking (a helper process that could not start), while stdout
+    # is a pipe still read, is an error
     def helper_gone(args):
+        print("working")
         with _closed_pipe() as helper:
             print("work", file=helper)
 
     monkeypatch.setattr(cli, "cmd_presets", helper_gone)
-    assert cli.main(["presets"]) == 2
+    read, write = os.pipe()
+    with os.fdopen(read) as reader, os.fdopen(write, "w", buffering=1) as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert cli.main(["presets"]) == 2
+        monkeypatch.undo()
+        stdout.close()
+        assert reader.read() == "working\n"
     assert capsys.readouterr().err == "llama-jax presets: error: [Errno 32] Broken pipe\n"

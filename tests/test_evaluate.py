@@ -456,8 +456,8 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     with pytest.raises(SystemExit) as exited:
         main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--mesh", "1,8"])
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        "argument --mesh: expected three integers DATA,FSDP,TENSOR such as 1,-1,1, got '1,8'")
+    assert capsys.readouterr().err == ("llama-jax lm-eval: error: argument --mesh: expected three integers "
+                                       "DATA,FSDP,TENSOR such as 1,-1,1, got '1,8' (see llama-jax lm-eval --help)\n")
 
     assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc,no_such_task",
                  "--include-path", str(tmp_path / "tasks")]) == 2

@@ -309,4 +309,5 @@ def test_float_flags_reject_nonfinite_numbers(args, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: '{value}' is not a finite number")
+    assert capsys.readouterr().err == (f"llama-jax {args[0]}: error: argument {flag}: '{value}' is not a finite "
+                                       f"number (see llama-jax {args[0]} --help)\n")  # one line, no usage block

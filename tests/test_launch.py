@@ -107,9 +107,10 @@ def test_a_config_only_on_the_slice_is_left_to_it(capsys):
 
 
 def test_runtime_version_override(capsys):
-    _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", *ZONE, "--accelerator", "v6e-8",
-                                   "--runtime-version", "v2-custom", "--dry-run", "--", *TRAIN_TINY])
+    _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", "--zone", "us-central1-ai1a", "--accelerator",
+                                   "v6e-8", "--runtime-version", "v2-custom", "--dry-run", "--", *TRAIN_TINY])
     assert flag(commands[0], "--runtime-version") == "v2-custom"
+    assert flag(commands[0], "--zone") == "us-central1-ai1a"  # (an AI zone's suffix is longer than a letter)
 
 
 # ---- TPU: the real code path against a fake gcloud ----------------------------------------------
@@ -471,7 +472,7 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "train", "--config",
       "configs/missing.py", "--workdir", "w"], "--config configs/missing.py: no such file"),
     (["tpu", "--name", "n", "--zone", "us-central2", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
-     "--zone 'us-central2' is not a Google Cloud zone; valid: a region and a letter, e.g. us-central2-b"),
+     "--zone 'us-central2' is not a Google Cloud zone; valid: a region and its zone's suffix, e.g. us-central2-b"),
     (["tpu", "--name", "Bad_Name", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
      "--name 'Bad_Name'"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "d", "--dry-run", "--",

@@ -480,6 +480,15 @@ def test_a_run_this_user_may_not_write_is_refused_before_training(tokenizer_path
         assert (f"checkpoint 12 ({workdir / 'checkpoints' / '12'}) cannot be read: no permission to read "
                 f"{workdir / 'checkpoints' / '12' / 'state' / 'manifest.ocdbt'}; fix its permissions") in message
         assert "damaged" not in message and "--resume-from" not in message
+        (workdir / "checkpoints" / "12" / "state" / "manifest.ocdbt").chmod(0o644)
+
+        # a step directory nothing will delete (no max_to_keep) may be read-only: the run continues
+        (workdir / "checkpoints" / "4").chmod(0o555)
+        out = subprocess.run([*as_user, sys.executable, "-m", "llama_jax.cli", *train_args(
+            workdir, run_overrides(tokenizer, f"train.steps={STEPS + 4}", "checkpoint.max_to_keep=None"))],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert committed_steps(workdir / "checkpoints") == [4, 8, 12, 16]
     finally:
         shutil.rmtree(base)
 

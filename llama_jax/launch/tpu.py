@@ -129,9 +129,9 @@ class TpuLaunch:
         if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", self.name):
             raise LaunchError(f"--name {self.name!r}: use lowercase letters, digits and hyphens, "
                               f"starting with a letter")
-        if not re.fullmatch(r"[a-z]+-[a-z]+[0-9]+-[a-z]", self.zone):
-            raise LaunchError(f"--zone {self.zone!r} is not a Google Cloud zone; valid: a region and a letter, e.g. "
-                              f"us-central2-b (v4), us-east5-a (v5p), europe-west4-a")
+        if not re.fullmatch(r"[a-z]+-[a-z]+[0-9]+-[a-z][a-z0-9]*", self.zone):
+            raise LaunchError(f"--zone {self.zone!r} is not a Google Cloud zone; valid: a region and its zone's "
+                              f"suffix, e.g. us-central2-b (v4), us-east5-a (v5p), us-central1-ai1a")
         if self.max_restarts < 0:
             raise LaunchError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
 
