@@ -342,6 +342,14 @@ def check_data_section(d: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.eval_fraction={fraction} is out of range; valid: 0 <= eval_fraction < 1")
 
 
+SOURCE_KEYS = {"path": ("prepared",), "mixture": ("prepared",), "files": ("text", "jsonl"), "tfds_name": ("tfds",)}
+
+
+def _unset(key: str) -> str:
+    """How to unset data key `key` on the command line."""
+    return {"mixture": "data.mixture={}", "files": "data.files=[]"}.get(key, f"data.{key}=''")
+
+
 def check_run_source(d: ml_collections.ConfigDict) -> None:
     """ValueError unless `data.source` is one a run can train on."""
     from llama_jax.data import SOURCES
@@ -352,14 +360,6 @@ def check_run_source(d: ml_collections.ConfigDict) -> None:
         if d.source not in ("prepared", *readers) and d[key]:  # (prepared data may keep the keys it came from)
             raise ValueError(f"data.{key} is set, but data.source={d.source} does not read it; set data.source="
                              f"{' or '.join(readers)} to train on it, or {_unset(key)}")
-
-
-SOURCE_KEYS = {"path": ("prepared",), "mixture": ("prepared",), "files": ("text", "jsonl"), "tfds_name": ("tfds",)}
-
-
-def _unset(key: str) -> str:
-    """How to unset data key `key` on the command line."""
-    return {"mixture": "data.mixture={}", "files": "data.files=[]"}.get(key, f"data.{key}=''")
 
 
 def check_train_section(t: ml_collections.ConfigDict) -> None:

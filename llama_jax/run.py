@@ -296,9 +296,7 @@ def check_workdir(workdir: Path) -> None:
     if (workdir / METRICS_FILE).exists() and not (workdir / METRICS_FILE).is_file():
         raise RunError(f"--workdir {workdir}: {workdir / METRICS_FILE} is not a file; a run appends its metrics "
                        f"there, so move it away or use another --workdir")
-    if not workdir.exists():
-        return
-    if holds_run(workdir):
+    if not workdir.exists() or holds_run(workdir):
         return
     check_run_config(workdir, "use another --workdir")
     clash = sorted(p.name for p in workdir.iterdir()

@@ -73,7 +73,8 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
 
     `dst` is checked first (`check_destination`), so nothing is created when it is refused. An
     existing `dst` is moved aside just before the new one is renamed into place; whatever stops
-    that (an error, a signal) puts it back.
+    that (an error, a signal) puts it back. What a process of this host killed while writing `dst`
+    left beside it is settled first (`_finish_for_dead_processes`).
     """
     _finish_for_dead_processes(Path(dst).absolute())
     dst = check_destination(dst, kind, overwrite, inputs)
