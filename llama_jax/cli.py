@@ -26,6 +26,20 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, except that arguments no parser knows are reported by the innermost
+        subcommand's parser ("llama-jax train: error: ..."), whose --help lists what is valid."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self._innermost_parser(parsed).error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+    def _innermost_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                return action.choices[getattr(parsed, action.dest)]._innermost_parser(parsed)
+        return self
+
 
 class Terminated(BaseException):
     """SIGTERM arrived while the command was not in a training loop (which treats it as preemption):

@@ -311,3 +311,15 @@ def test_float_flags_reject_nonfinite_numbers(args, flag, value, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (f"llama-jax {args[0]}: error: argument {flag}: '{value}' is not a finite "
                                        f"number (see llama-jax {args[0]} --help)\n")  # one line, no usage block
+
+
+@pytest.mark.parametrize("args, prog", [
+    (["generate", "model", "--prompt", "x", "--temprature", "0"], "llama-jax generate"),
+    (["data", "inspect", "--workdir", "run", "--steps", "3"], "llama-jax data inspect"),
+])
+def test_unknown_arguments_are_reported_by_the_subcommand(args, prog, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    unknown = " ".join(args[-2:])
+    assert capsys.readouterr().err == f"{prog}: error: unrecognized arguments: {unknown} (see {prog} --help)\n"
