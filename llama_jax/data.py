@@ -140,17 +140,20 @@ class TextFiles(DocumentList):
 
 
 def expand_files(patterns: Sequence[str] | str) -> list[str]:
-    """Paths matching each pattern, sorted within a pattern, patterns in the order given."""
+    """Paths matching each pattern, sorted within a pattern, patterns in the order given; a file
+    that several patterns match is listed once, where it first appears (read twice, its documents
+    would be split by position, so a held-out one's copy would be trained on)."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
         raise ValueError("no files given; data.files needs paths or glob patterns of .txt/.jsonl files")
-    files = []
+    files: dict[str, str] = {}  # real path -> the path as matched
     for pattern in patterns:
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matched:
             raise ValueError(f"no file matches {pattern!r}; give existing paths or glob patterns")
-        files += matched
-    return files
+        for path in matched:
+            files.setdefault(os.path.realpath(path), path)
+    return list(files.values())
 
 
 def read_documents(paths: Sequence[str] | str, text_key: str = "text") -> Iterator[str]:
@@ -164,25 +167,33 @@ def read_documents(paths: Sequence[str] | str, text_key: str = "text") -> Iterat
         if path.endswith(".txt"):
             yield _read_txt(path)
         elif path.endswith(".jsonl"):
-            with open(path, "rb") as f:  # bytes, so that a decoding error is placed on its line
-                for number, raw in enumerate(f, start=1):
-                    line = _utf8(raw, f"{path}:{number}")
-                    if line.strip():
-                        yield _jsonl_text(line, text_key, f"{path}:{number}")
+            yield from jsonl_texts(path, text_key)
         else:
             raise ValueError(f"{path}: unsupported file type; valid: .txt (a document per file), "
                              f".jsonl (a document per line)")
 
 
 def _read_txt(path: str) -> str:
-    """A .txt file's text (universal newlines, as `Path.read_text`); not UTF-8 is one line naming it."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
+    """A .txt file's text, without a leading byte-order mark, with universal newlines (as
+    `Path.read_text`); not UTF-8 is one line naming the byte."""
+    text = utf8_text(Path(path).read_bytes(), path).removeprefix(BOM)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _utf8(data: bytes, where: str) -> str:
+def jsonl_texts(path: str | os.PathLike, text_key: str) -> Iterator[str]:
+    """The `text_key` string of each non-blank line of a .jsonl file; a bad line is one line naming
+    it. A leading byte-order mark is dropped."""
+    with open(path, "rb") as f:  # bytes, so that a decoding error is placed on its line
+        for number, raw in enumerate(f, start=1):
+            line = utf8_text(raw, f"{path}:{number}")
+            if line.strip():
+                yield _jsonl_text(line.removeprefix(BOM) if number == 1 else line, text_key, f"{path}:{number}")
+
+
+BOM = "\ufeff"  # the byte-order mark some editors write at the start of a UTF-8 file
+
+
+def utf8_text(data: bytes, where: str) -> str:
     """`data` decoded as UTF-8; not UTF-8 is one line naming `where`."""
     try:
         return data.decode("utf-8")

@@ -117,13 +117,15 @@ class TrainRows:
     def __init__(self, sources: Sequence[Source], seq_len: int, batch_size: int):
         self.sources, self.seq_len, self.batch_size = list(sources), seq_len, batch_size
         self.mixture = Mixture([s.weight for s in self.sources], batch_size)
-        period = self.mixture.rows_before(PERIOD)
-        starved = [s for s, n in zip(self.sources, period) if n == 0]
-        if starved:  # its share is below one row in PERIOD batches: never read, and its epoch never ends
-            share = starved[0].weight / sum(s.weight for s in self.sources)
-            raise ValueError(f"data.mixture.{starved[0].name}: a share of {share:.3g} gets no row of any batch of "
-                             f"{batch_size} (one row in {PERIOD} batches needs {1 / (PERIOD * batch_size):.3g}); "
-                             f"raise its weight or leave it out")
+        period, smallest = self.mixture.rows_before(PERIOD), 1 / (PERIOD * batch_size)
+        total = sum(s.weight for s in self.sources)
+        # A share below one row in PERIOD batches is never read, and its epoch never ends; or, as
+        # the first source (whose share holds the first slot), it is read far above its share.
+        starved = [s for s, n in zip(self.sources, period) if n == 0 or s.weight / total < smallest]
+        if starved:
+            share = starved[0].weight / total
+            raise ValueError(f"data.mixture.{starved[0].name}: a share of {share:.3g} is less than one row in "
+                             f"{PERIOD} batches of {batch_size} ({smallest:.3g}); raise its weight or leave it out")
 
     def visits(self, step: int, rows: Sequence[int]) -> list[tuple[int, int]]:
         """(source, n) of the given global rows of the batch of `step`: n counts that source's rows

@@ -97,6 +97,18 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer, monkeypatch):
     assert "tensorflow" not in sys.modules  # built and read without TensorFlow
 
 
+def test_each_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
+    """Patterns that match the same file read it once (read twice, the copy of a held-out document
+    was trained on); a leading UTF-8 byte-order mark is dropped from .txt and .jsonl files alike."""
+    docs = write_corpus(tmp_path)
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "a.jsonl")
+    patterns = [str(tmp_path / "a.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path / "c.txt"), str(tmp_path / "*")]
+    assert list(TextFiles(patterns)) == docs
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\n')
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfone\r\ntwo\rthree\n")
+    assert list(TextFiles([str(tmp_path / "bom.*")])) == ["first", "second", "one\ntwo\nthree\n"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("unknown source", r"data.source='parquet' is not supported; valid: embedded, stdlib, text"),
     ("no match", r"no file matches '.*missing\*.txt'"),

@@ -137,11 +137,13 @@ def test_a_source_shorter_than_one_row_is_refused():
 
 def test_a_source_whose_share_gets_no_row_is_refused():
     """A share below one row in PERIOD batches is never read, and its epoch never ends (data inspect
-    --epoch looped for ever)."""
+    --epoch looped for ever); as the first source, it was read once per PERIOD batches, far above its
+    share."""
     a, b = MemorySplit(random_documents(30, seed=4)), MemorySplit(random_documents(30, seed=5))
     L, B = 8, 8
     assert TrainRows([Source.create("a", a, 1.0, L, 0), Source.create("b", b, 2e-4, L, 1)], L, B).mixture.rows_before(
         1024)[1] == 1  # 1 / (1024 * 8) = 1.2e-4: one row
-    with pytest.raises(ValueError, match=r"data.mixture.b: a share of 1e-06 gets no row of any batch of 8 \(one row "
-                                         r"in 1024 batches needs 0.000122\); raise its weight or leave it out"):
-        TrainRows([Source.create("a", a, 1.0, L, 0), Source.create("b", b, 1e-6, L, 1)], L, B)
+    for weights, name in (((1.0, 1e-6), "b"), ((1e-6, 1.0), "a")):  # the first source holds the first slot
+        with pytest.raises(ValueError, match=rf"data.mixture.{name}: a share of 1e-06 is less than one row in 1024 "
+                                             r"batches of 8 \(0.000122\); raise its weight or leave it out"):
+            TrainRows([Source.create("a", a, weights[0], L, 0), Source.create("b", b, weights[1], L, 1)], L, B)

@@ -211,8 +211,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_train_tokenizer_cli(sp_model, tmp_path):
-    (tmp_path / "a.txt").write_text("\n".join(CORPUS[:30]), encoding="utf-8")
-    with open(tmp_path / "b.jsonl", "w", encoding="utf-8") as f:
+    (tmp_path / "a.txt").write_text("\n".join(CORPUS[:30]), encoding="utf-8-sig")  # byte-order marks: not text
+    with open(tmp_path / "b.jsonl", "w", encoding="utf-8-sig") as f:
         for text in CORPUS[30:]:
             f.write(json.dumps({"body": text, "n": 1}) + "\n")
     out = tmp_path / "out" / "tokenizer.model"
@@ -224,7 +224,12 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
     assert out.read_bytes() == sp_model.read_bytes()  # same lines as the library call, same model
 
     text = str(tmp_path / "a.txt")
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "a lone \\ud800"}\n')
+    (tmp_path / "latin1.dat").write_bytes("fine\ncafé\n".encode("latin-1"))
     for args, message in [
+        (["--input", str(tmp_path / "surrogate.jsonl")],
+         "surrogate.jsonl:2: field 'text' is not valid Unicode (a lone surrogate \\ud800 at character 7)"),
+        (["--input", str(tmp_path / "latin1.dat")], "latin1.dat:2: not UTF-8 text (byte 0xe9 at offset 3"),
         (["--input", str(tmp_path / "nothing.txt")], "nothing.txt: no such file"),
         (["--input", str(tmp_path)], f"{tmp_path}: is a directory; give the files in it, e.g. {tmp_path}/*.txt"),
         (["--input", str(tmp_path / "b.jsonl")], "b.jsonl:1: no string field 'text'"),

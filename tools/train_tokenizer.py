@@ -13,13 +13,13 @@ boundaries would change nothing). Bad input: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import glob
-import json
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from llama_jax.cli import OneLineParser
+from llama_jax.data import jsonl_texts, utf8_text
 from llama_jax.safe_io import check_writable
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
@@ -49,34 +49,30 @@ class Corpus:
 
     def __iter__(self) -> Iterator[str]:
         for path in self.files:
-            jsonl = path.suffix == ".jsonl"
-            if not jsonl:
-                self.documents += 1  # a text file is one document
             try:
-                with open(path, encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, 1):
-                        text = self._jsonl_text(path, lineno, line) if jsonl else line
-                        if text is not None:
-                            if jsonl:
-                                self.documents += 1
-                            self.chars += len(text)
-                            yield text
-            except UnicodeDecodeError:
-                raise ValueError(f"{path}: not UTF-8 text") from None
+                if path.suffix == ".jsonl":
+                    texts = jsonl_texts(path, self.jsonl_key)
+                else:
+                    self.documents += 1  # a text file is one document
+                    texts = _text_lines(path)
+                for text in texts:
+                    self.documents += path.suffix == ".jsonl"
+                    self.chars += len(text)
+                    yield text
             except OSError as e:
                 raise ValueError(f"{path}: cannot read ({e.strerror})") from None
 
-    def _jsonl_text(self, path: Path, lineno: int, line: str) -> str | None:
-        if not line.strip():
-            return None
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        text = record.get(self.jsonl_key) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise ValueError(f"{path}:{lineno}: no string field {self.jsonl_key!r}")
-        return text
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file, streamed, without a leading byte-order mark."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            yield from f
+    except UnicodeDecodeError:
+        with open(path, "rb") as f:  # again as bytes, to name the line and byte
+            for number, raw in enumerate(f, start=1):
+                utf8_text(raw, f"{path}:{number}")
+        raise
 
 
 def check_arguments(args, inputs: list[Path]) -> None:
