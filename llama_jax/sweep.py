@@ -434,18 +434,27 @@ def write_trial(directory: Path, trial: Trial, status: str, **extra) -> None:
     write_text_atomic(directory / TRIAL_FILE, json.dumps(record, indent=2) + "\n")
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """What a trial runs in the child before its command: receive SIGTERM when the sweep process
-    dies, so a killed sweep leaves no orphan trial running (it saves a checkpoint and exits; a
-    re-run resumes it). libc is loaded here, in the parent: loading a library in the forked child of
-    a process with threads can deadlock. None where libc has no prctl."""
+def _trial_setup() -> Callable[[], None]:
+    """What a trial runs in the child before its command.
+    - Ignore SIGINT: Ctrl-C in the sweep's terminal reaches its whole process group, trials too,
+      and a run stops on SIGINT without saving; the sweep then sends its trials SIGTERM, on which
+      a run saves its step and exits.
+    - Receive SIGTERM when the sweep process dies, so a killed sweep leaves no orphan trial
+      running (it saves a checkpoint and exits; a re-run resumes it). libc is loaded here, in the
+      parent: loading a library in the forked child of a process with threads can deadlock.
+      Skipped where libc has no prctl."""
     import ctypes
 
     try:
         prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = None
+
+    def setup():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    return setup
 
 
 def objective_key(config) -> str:
@@ -543,7 +552,7 @@ class Sweep:
         self.out(f"[{trial.number}] started {directory.name}")
         with open(directory / LOG_FILE, "ab") as log:
             process = subprocess.Popen(trial_command(self.spec, trial, directory, data=self.data), stdout=log,
-                                       stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent())
+                                       stderr=subprocess.STDOUT, env=env, preexec_fn=_trial_setup())
         running = Running(trial, directory, process, slot, started)
         if study is not None:
             running.optuna_trial = study_trial(study, trial)

@@ -142,6 +142,25 @@ def test_a_trial_killed_by_a_signal_says_so_and_its_log_follows_the_run(tmp_path
     assert trial(run)["error"] == "killed by SIGKILL (the system's out-of-memory killer sends it, as does kill -9)"
 
 
+def test_ctrl_c_in_the_terminal_saves_the_running_trial(tmp_path):
+    """Ctrl-C reaches the sweep's whole process group: its trial stops on the sweep's SIGTERM,
+    saving its step, not on the SIGINT, which ends a run without saving."""
+    workdir = tmp_path / "sweep"
+    run = workdir / "seed=0"
+    driver = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *sweep_args(
+        workdir, "--sweep", "train.seed=[0]", "--config.train.steps=4000", "--config.checkpoint.every=1000")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own terminal
+    wait_for(lambda: (run / "train.log").is_file() and "step 3: loss" in (run / "train.log").read_text())
+    os.killpg(driver.pid, 2)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out
+    log = (run / "train.log").read_text()
+    assert "preempted: checkpoint saved at step" in log and "interrupted" not in log.splitlines()[-1], log
+    assert trial(run)["status"] == "interrupted"
+    saved = json.loads((run / "progress.json").read_text())["committed_step"]
+    assert saved >= 3 and saved % 1000  # the step it stopped at, not a periodic checkpoint
+
+
 def _trial_pid(run: Path) -> int:
     return next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _holds(int(pid), run / "train.log"))
 
