@@ -823,8 +823,6 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
     """Submit the unfinished trials as one SLURM job array (a job per trial); returns what to tell the
     user. `job`: the keywords of `launch.slurm.submit_array` (nodes, gpus_per_node, ...). A dry run
     prints the array's sbatch script and writes nothing."""
-    import tempfile
-
     from llama_jax.launch import slurm
 
     if spec.search == "optuna":
@@ -839,10 +837,8 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
         return f"every trial of {workdir} has finished or is queued{waiting}; llama-jax sweep --workdir " \
                f"{workdir} --report collects the results"
     commands = [trial_command(spec, t, workdir / t.name(axes, numbered)) for t in todo]
-    if dry_run:  # rendered in a scratch folder, shown with the folder a submission would use
-        with tempfile.TemporaryDirectory() as folder:
-            script = Path(slurm.submit_array(commands, folder, dry_run=True, **job)[0]).read_text()
-        script = script.replace(folder, str(workdir / slurm.WORKDIR_FOLDER))
+    if dry_run:
+        script = slurm.array_script(commands, workdir / slurm.WORKDIR_FOLDER, **job)
         return f"# the sbatch script of {len(commands)} trial(s) (not submitted)\n{script}"
     workdir.mkdir(parents=True, exist_ok=True)
     job_ids = slurm.submit_array(commands, workdir / slurm.WORKDIR_FOLDER, **job)

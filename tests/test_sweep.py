@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -483,6 +484,11 @@ def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys
     assert "#SBATCH --array=0-2%3" in script and "#SBATCH --gpus-per-node=4" in script
     assert f"--workdir {workdir / 'seed=2'} " in script and f"{workdir / 'slurm'}/%A_%a_0_log.out" in script
     assert not workdir.exists()
+    quoted = tmp_path / "it's a sweep"  # the script shown is valid shell, as the one submitted
+    assert main([*sweep_args(quoted, "--sweep", "train.seed=[0,1]", "--on", "slurm"), "--dry-run"]) == 0
+    srun = shlex.split(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("srun ")))
+    assert srun[srun.index("--output") + 1] == f"{quoted}/slurm/%A_%a_%t_log.out" and srun[-1] == f"{quoted}/slurm"
+    assert not quoted.exists()
 
     bin_dir = tmp_path / "bin"  # a fake sbatch answering a job id (submitit also wants srun on PATH)
     bin_dir.mkdir()

@@ -91,27 +91,25 @@ def submit(command: Sequence[str], folder: str | Path, **options: Any) -> str:
     return submit_array([command], folder, **options)[0]
 
 
-def submit_array(commands: list[list[str]], folder: str | Path, *, nodes: int = 1, gpus_per_node: int = 1,
-                 partition: str | None = None, time_min: int = DEFAULT_TIME_MIN, account: str | None = None,
-                 cpus_per_node: int | None = None, job_name: str = "llama-jax", dry_run: bool = False) -> list[str]:
+def submit_array(commands: list[list[str]], folder: str | Path, *, dry_run: bool = False, **options: Any) -> list[str]:
     """Submit one job per command line, as one job array (a plain job for a single command).
+    `options`: nodes, gpus_per_node, partition, time_min (minutes), account, cpus_per_node,
+    job_name (defaults in `_job_parameters`).
 
     Returns the job ids; with dry_run, writes the sbatch script into `folder` instead and returns
     its path as a one-element list. Commands are full argv lists, run as given on the nodes."""
-    _check(commands, nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, cpus_per_node=cpus_per_node)
-    if not re.fullmatch(r"[\w.+-]+", job_name):
-        raise LaunchError(f"--job-name {job_name!r}: use letters, digits and . _ + - (it is written into the sbatch "
-                          f"script)")
-    submitit = _import_submitit()
-    if not dry_run and shutil.which("sbatch") is None:
-        raise LaunchError("sbatch not found on PATH: submit from a SLURM login node, or use --dry-run")
-    executor = _executor(submitit, folder, dry_run)
-    executor.update_parameters(
-        job_name=job_name, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node, time=time_min,
-        partition=partition, account=account, cpus_per_task=cpus_per_node,
-        setup=_setup_lines(commands, gpus_per_node))
     if dry_run:
-        return [str(_write_dry_run(executor, len(commands)))]
+        path = Path(folder) / DRY_RUN_SCRIPT
+        script = array_script(commands, folder, **options)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(script)
+        return [str(path)]
+    parameters = _job_parameters(commands, **options)
+    submitit = _import_submitit()
+    if shutil.which("sbatch") is None:
+        raise LaunchError("sbatch not found on PATH: submit from a SLURM login node, or use --dry-run")
+    executor = _executor(submitit, folder, dry_run=False)
+    executor.update_parameters(**parameters)
     jobs = []
     try:
         with executor.batch():
@@ -120,6 +118,28 @@ def submit_array(commands: list[list[str]], folder: str | Path, *, nodes: int = 
     except submitit.core.utils.FailedJobError as e:
         raise LaunchError(f"sbatch failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}") from None
     return [job.job_id for job in jobs]
+
+
+def array_script(commands: list[list[str]], folder: str | Path, **options: Any) -> str:
+    """The sbatch script `submit_array` submits for these commands (options as there), rendered
+    without SLURM and written nowhere."""
+    parameters = _job_parameters(commands, **options)
+    executor = _executor(_import_submitit(), folder, dry_run=True)
+    executor.update_parameters(**parameters)
+    return submission_script(executor, len(commands))
+
+
+def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node: int = 1, partition: str | None = None,
+                    time_min: int = DEFAULT_TIME_MIN, account: str | None = None, cpus_per_node: int | None = None,
+                    job_name: str = "llama-jax") -> dict[str, Any]:
+    """The executor parameters of `submit_array`'s options, once they are checked."""
+    _check(commands, nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, cpus_per_node=cpus_per_node)
+    if not re.fullmatch(r"[\w.+-]+", job_name):
+        raise LaunchError(f"--job-name {job_name!r}: use letters, digits and . _ + - (it is written into the sbatch "
+                          f"script)")
+    return dict(job_name=job_name, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node, time=time_min,
+                partition=partition, account=account, cpus_per_task=cpus_per_node,
+                setup=_setup_lines(commands, gpus_per_node))
 
 
 def queued_or_running(job_ids: Sequence[str]) -> set[str]:
@@ -186,10 +206,3 @@ def submission_script(executor, count: int) -> str:
 
     parameters = dict(executor.parameters, **({"map_count": count} if count > 1 else {}))
     return _make_sbatch_string(command=executor._submitit_command_str, folder=executor.folder, **parameters)
-
-
-def _write_dry_run(executor, count: int) -> Path:
-    path = Path(executor.folder) / DRY_RUN_SCRIPT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(submission_script(executor, count))
-    return path
