@@ -19,6 +19,8 @@ if [ $# -lt 3 ]; then
 fi
 hf_dir=$1 data=$2 run=$3
 shift 3
+data=${data//\\/\\\\}  # the pattern inside a quoted Python string: backslashes and quotes escaped
+data=${data//\'/\\\'}
 here=$(cd "$(dirname "$0")/.." && pwd)
 llama_jax=${LLAMA_JAX:-llama-jax}
 

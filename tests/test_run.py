@@ -608,11 +608,12 @@ def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenize
     hf_in, run_dir = tmp_path / "hf-in", tmp_path / "run"
     make_hf_model(hf_config_dict("gqa_llama3", vocab_size=512)).save_pretrained(hf_in)
     shutil.copyfile(tokenizer_path, hf_in / "tokenizer.model")
-    corpus = EmbeddedCorpus()
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": corpus[i]}) + "\n" for i in range(20)))
+    corpus, data = EmbeddedCorpus(), tmp_path / "it's data"  # the pattern goes into a Python literal as it is
+    data.mkdir()
+    (data / "docs.jsonl").write_text("".join(json.dumps({"text": corpus[i]}) + "\n" for i in range(20)))
     env = dict(os.environ, LLAMA_JAX=str(Path(sys.executable).parent / "llama-jax"))
     result = subprocess.run(
-        [str(ROOT / "experiments" / "finetune_hf.sh"), str(hf_in), str(tmp_path / "*.jsonl"), str(run_dir),
+        [str(ROOT / "experiments" / "finetune_hf.sh"), str(hf_in), str(data / "*.jsonl"), str(run_dir),
          "--config.train.steps=4", "--config.train.batch_size=8", "--config.train.seq_len=64",
          "--config.optimizer.warmup_steps=1", "--config.optimizer.lr=1e-3", "--config.train.sample_every=0",
          "--config.checkpoint.every=2"],
