@@ -365,7 +365,8 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
             config = load_config(spec.config, overrides)
             check_experiment(config, read_init_from)
         except ValueError as e:
-            raise SweepError(f"trial {trial.name(axes, numbered=False)}: {e}") from None
+            name = trial.name(axes, numbered=bool(trials) and spec.search != "grid")  # its directory's name
+            raise SweepError(f"trial {name}: {e}") from None
 
 
 # ---- running trials ----------------------------------------------------------------------------

@@ -350,6 +350,8 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
     (["--sweep", "optimizer.name=choice(adamw,sgd)"], "trial name=sgd: optimizer.name: unknown optimizer 'sgd'"),
     (["--sweep", "optimizer.lr=uniform(-1,1)", "--search", "optuna", "--trials", "2"],
      "trial lr=-1: optimizer.lr: got -1.0"),  # an Optuna search is checked at each axis's ends
+    (["--sweep", "optimizer.warmup_steps=int(5,9)", "--search", "random", "--trials", "2"],
+     r"trial t000,warmup_steps=\d: optimizer.warmup_steps: got \d; valid: an integer in \[0, total_steps=4\]"),
     (["--sweep", "train.seed=[0,1]", "--config.checkpoint.keep_every=3"],
      "trial seed=0: checkpoint.keep_every=3 is not a multiple of checkpoint.every=2"),
     # every trial gets a directory of its own, and a sweep lists its trials before it starts
