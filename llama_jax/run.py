@@ -634,7 +634,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     window_start, window_tokens, step, saved_step = time.perf_counter(), 0, start, start
     try:
         for step in range(start + 1, t.steps + 1):
-            state, step_metrics = trainer.step(state, global_batch(trainer.mesh, prefetch.next(step - 1)))
+            batch = global_batch(trainer.mesh, prefetch.next(step - 1), t.batch_size)
+            state, step_metrics = trainer.step(state, batch)
             window_tokens += t.batch_size * t.seq_len
             bar.update(1)
             record = {}

@@ -221,10 +221,14 @@ def per_source_nll(sources: tuple[str, ...], metrics: dict) -> dict[str, float]:
             for name, nll, tokens in zip(sources, metrics["source_nll"], metrics["source_tokens"]) if tokens > 0}
 
 
-def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Global arrays from this process's rows of the batch (all rows when single-process)."""
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray], rows: int | None = None) -> dict[str, jax.Array]:
+    """Global arrays of `rows` rows from this process's rows of the batch (`sharding.process_rows`;
+    None: the local rows are all of them, as in a single process). The global shape is given: where
+    a shard of rows spans processes (its data x fsdp devices split between them), JAX cannot infer
+    it from the local rows."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(
+        sharding, np.asarray(v), (len(v) if rows is None else rows, *np.shape(v)[1:])) for k, v in local.items()}
 
 
 # ---- the run ---------------------------------------------------------------------------------

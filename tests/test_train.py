@@ -288,6 +288,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("devices_per_process, mesh", [
     (4, ("mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1")),  # each process feeds its half of the batch
     (1, ("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=2")),  # tensor parallel across them: each feeds all rows
+    (3, ("mesh.data=3", "mesh.fsdp=1", "mesh.tensor=2", "train.batch_size=12")),  # a data shard spans both
 ])
 def test_two_processes_match_one(tmp_path, devices_per_process, mesh):
     """Two local processes (gloo) train like one process with their devices together."""
