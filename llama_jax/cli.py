@@ -328,11 +328,7 @@ def _init_distributed(args) -> None:
 
     from llama_jax.devices import on_tpu_vm
 
-    if args.num_processes and args.num_processes > 1:
-        n = args.num_processes
-        if not args.coordinator or args.process_id is None or not 0 <= args.process_id < n:
-            raise UserError(f"--num-processes {n} needs --coordinator HOST:PORT and --process-id I with 0 <= I < {n}, "
-                            f"got --coordinator {args.coordinator} --process-id {args.process_id}")
+    if args.num_processes is not None and args.num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
         _join_processes(coordinator_address=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id)
@@ -340,6 +336,29 @@ def _init_distributed(args) -> None:
         return
     elif on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         _join_processes()  # JAX reads the topology from the TPU metadata server or SLURM
+
+
+def _check_process_flags(args) -> None:
+    """UserError unless --num-processes, --coordinator and --process-id make a run: N > 1 with a
+    coordinator HOST:PORT and 0 <= I < N, or a single process (N of 1 or not given, and then
+    neither of the others: a lone process would train the shared workdir as process 0)."""
+    import re
+
+    n, coordinator, process_id = args.num_processes, args.coordinator, args.process_id
+    if n is not None and n < 1:
+        raise UserError(f"--num-processes must be a positive integer, got {n}")
+    if n is None and (coordinator is not None or process_id is not None):
+        raise UserError("--coordinator and --process-id join a multi-process run; give --num-processes N with them "
+                        "(or drop them for a single process)")
+    if n is not None and (n > 1 and (coordinator is None or process_id is None)
+                          or process_id is not None and not 0 <= process_id < n):
+        raise UserError(f"--num-processes {n} needs --coordinator HOST:PORT and --process-id I with 0 <= I < {n}, "
+                        f"got --coordinator {coordinator} --process-id {process_id}")
+    if coordinator is not None:
+        match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d{1,5})", coordinator)
+        if not match or not 1 <= int(match.group(2)) <= 65535:
+            raise UserError(f"--coordinator {coordinator}: expected HOST:PORT with a port in 1..65535, e.g. "
+                            f"10.0.0.2:1234 (process 0's host)")
 
 
 def _join_processes(**settings) -> None:
@@ -367,6 +386,7 @@ def _join_processes(**settings) -> None:
 def cmd_train(args) -> None:
     from llama_jax.experiment import check_experiment, load_config
 
+    _check_process_flags(args)
     config = load_config(args.config, args.overrides)
     check_experiment(config)  # before importing JAX: a bad config fails at once
     from llama_jax.run import log_line, train_and_evaluate
