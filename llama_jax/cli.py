@@ -642,24 +642,27 @@ def _check_launched_config(command: list[str], launched: argparse.Namespace, bas
     check_config_file(command, base)
     if command[0] == "sweep":
         _check_launched_sweep(launched, n_devices, hosts, platform)
-    sweeps = command[0] == "sweep" and not launched.report
-    if sweeps:
-        _check_sweep_arguments(launched)
     path = option_value(command, "--config")
-    if path is None or Path(path).is_absolute() and not Path(path).exists():  # e.g. on the slice's bucket only
-        return
-    config = load_config(Path(base) / path, launched.overrides)
-    if sweeps:
-        from llama_jax.sweep import plan_trials
+    try:  # the command's own refusals, named as its
+        sweeps = command[0] == "sweep" and not launched.report
+        if sweeps:
+            _check_sweep_arguments(launched)
+        if path is None or Path(path).is_absolute() and not Path(path).exists():  # e.g. on the slice's bucket only
+            return
+        config = load_config(Path(base) / path, launched.overrides)
+        if sweeps:
+            from llama_jax.sweep import plan_trials
 
-        plan_trials(str(Path(base) / path), launched.sweep or [], launched.overrides, launched.search, launched.trials,
-                    launched.seed, read_init_from=False)
-    if command[0] == "train":
-        from llama_jax.sharding import check_mesh_and_batch
+            plan_trials(str(Path(base) / path), launched.sweep or [], launched.overrides, launched.search,
+                        launched.trials, launched.seed, read_init_from=False)
+        if command[0] == "train":
+            from llama_jax.sharding import check_mesh_and_batch
 
-        check_experiment(config, read_init_from=False)  # its files are where the command runs
-        if n_devices >= 1:  # else the launcher's own check of --nodes / --gpus-per-node says so
-            check_mesh_and_batch(config, n_devices)
+            check_experiment(config, read_init_from=False)  # its files are where the command runs
+            if n_devices >= 1:  # else the launcher's own check of --nodes / --gpus-per-node says so
+                check_mesh_and_batch(config, n_devices)
+    except (UserError, ValueError) as e:
+        raise UserError(f"after --: {command[0]}: {e}") from None
 
 
 def _check_launched_sweep(launched, n_devices: int, hosts: int, platform: str) -> None:
