@@ -678,7 +678,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 if saved_step != step:
                     checkpoints.save(step, state, {**run_info, "step": step}, force=True)
                 checkpoints.wait()
-                record_progress(workdir, recorded)
+                recorded = record_progress(workdir, recorded)
                 bar.write(f"preempted: checkpoint saved at step {step}; run the same command again to resume")
                 return RunResult(logged, step, True, eval_metrics, text, data)
         if saved_step != step:
@@ -696,7 +696,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         if samples and sampled_at != step:
             text = sample(config, trainer, state.params, data.tokenizer, seed=step)
         checkpoints.wait()
-        record_progress(workdir, recorded)
+        recorded = record_progress(workdir, recorded)
         writer.close()  # the log complete, for the plot
         if main_process and (workdir / METRICS_FILE).exists():
             plot_losses(workdir / METRICS_FILE, workdir / "loss.png")
@@ -707,6 +707,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         writer.close()
         checkpoints.wait()
         checkpoints.close()
+        with contextlib.suppress(OSError):  # also when an error ends the run (which this must not hide)
+            record_progress(workdir, recorded)
     return RunResult(logged, step, False, eval_metrics, text, data)
 
 

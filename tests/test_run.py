@@ -237,6 +237,7 @@ def test_nonfinite_loss_stops_with_the_last_checkpoint_intact(tmp_path, tokenize
     err = capsys.readouterr().err.strip()
     assert "NaN/Inf by step 6" in err and "latest checkpoint: 4" in err and "\n" not in err
     assert committed_steps(workdir / "checkpoints") == [4]
+    assert run_lib.recorded_step(workdir) == 4  # a lost checkpoint 4 would be noticed at the next start
     config = load_config(TINY, run_overrides(tokenizer_path))
     loss, state = next_batch_loss(config, workdir, 4, jax.devices())
     assert loss == pytest.approx(straight_run[1][5], rel=1e-5)
