@@ -37,7 +37,7 @@ from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_a
 from llama_jax.config import LLaMAConfig
 from llama_jax.experiment import check_run_settings
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
-from llama_jax.safe_io import (DirectoryLock, atomic_file, check_run_config, check_writable, holds_run,
+from llama_jax.safe_io import (DirectoryLock, atomic_file, check_run_config, check_writable, holds_lock, holds_run,
                                sha256_file, write_text_atomic)
 from llama_jax.sharding import process_rows
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
@@ -203,8 +203,14 @@ def _reader(workdir: Path):
 
 
 def committed_steps(workdir: Path) -> list[int]:
-    directory = workdir / "checkpoints"
-    return sorted(ocp_utils.checkpoint_steps(directory)) if directory.is_dir() else []
+    directory, attempts = workdir / "checkpoints", 4
+    while True:
+        try:
+            return sorted(ocp_utils.checkpoint_steps(directory)) if directory.is_dir() else []
+        except FileNotFoundError:  # a step removed while it was listed, by a run training there
+            attempts -= 1
+            if not attempts:
+                raise
 
 
 def recorded_step(workdir: Path) -> int | None:
@@ -405,7 +411,7 @@ def read_checkpoint_params(workdir: Path, step: int | None = None,
     over it (a mesh that does not divide the model is a ValueError), else on the first local device.
     A run still training in `workdir` may remove the step while it is read (`max_to_keep`): the
     latest is then read again, a step asked for is a RunError saying so."""
-    attempts = 3
+    attempts = READ_ATTEMPTS
     while True:
         chosen = checkpoint_step(workdir, step)
         try:
@@ -413,14 +419,30 @@ def read_checkpoint_params(workdir: Path, step: int | None = None,
                 info = checkpoints.run_info(chosen)
                 model = LLaMAConfig.from_dict(info["model"])
                 return chosen, info, model, checkpoints.restore_params(chosen, model, mesh)
-        except CheckpointDamaged:
-            if chosen in committed_steps(workdir):
+        except (CheckpointDamaged, FileNotFoundError):  # FileNotFoundError: a step gone while listed
+            if not _being_removed(workdir, chosen):
                 raise
             attempts -= 1
             if step is not None or not attempts:
                 kept = ", ".join(map(str, committed_steps(workdir)))
                 raise RunError(f"checkpoint {chosen} of {workdir} was removed while it was read (the run training "
                                f"there keeps the latest checkpoint.max_to_keep); kept now: {kept}") from None
+
+
+READ_ATTEMPTS = 10  # reads of a live run's latest checkpoint before giving up (each lost to a removal)
+REMOVAL_WAIT_S = 10.0  # how long a step that failed to read may take to disappear before it is called damaged
+
+
+def _being_removed(workdir: Path, step: int) -> bool:
+    """Whether `step`, which failed to read, is gone or going: a run training in `workdir` (it holds
+    the lock) deletes old steps as it saves new ones, and a step is still listed while its files are
+    being deleted."""
+    deadline = time.monotonic() + REMOVAL_WAIT_S
+    while step in committed_steps(workdir):
+        if not (holds_lock(workdir) and committed_steps(workdir)[-1] > step) or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def run_tokenizer(workdir: Path, info: dict) -> Path | None:

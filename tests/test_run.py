@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -24,6 +25,7 @@ from llama_jax.checkpoint import RunCheckpoints
 from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus, StdlibCorpus
 from llama_jax.experiment import load_config
+from llama_jax.safe_io import DirectoryLock
 from llama_jax.tokenizer import train_sentencepiece
 from llama_jax.train import build_trainer, global_batch
 from tests.run_harness import committed_steps
@@ -596,6 +598,35 @@ def test_export_while_the_run_replaces_the_latest_checkpoint(tmp_path, straight_
                                        f"read (the run training there keeps the latest checkpoint.max_to_keep); "
                                        f"kept now: 4, 12, 16\n")
     assert not (tmp_path / "other").exists()
+
+
+def test_export_while_the_run_is_deleting_the_step_it_reads(tmp_path, straight_run, monkeypatch, capsys):
+    """A step being deleted is still listed until its directory goes: a read that fails on it while
+    a run trains in the workdir (holding its lock) with a newer step waits for it to go, then reads
+    the new latest, instead of calling it damaged."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    checkpoints, restore, removed = workdir / "checkpoints", run_lib.RunCheckpoints.restore_params, []
+    lock = DirectoryLock(workdir, "a run trains here")
+    lock.acquire()
+
+    def deleted_meanwhile(self, step, *args, **kwargs):
+        if not removed:  # step 16 committed, then step 12's files deleted, its directory last
+            shutil.copytree(checkpoints / "12", checkpoints / "16")
+            (workdir / run_lib.PROGRESS_FILE).write_text(json.dumps({"committed_step": 16}))
+            for file in (checkpoints / str(step) / "state").rglob("*"):
+                if file.is_file():
+                    file.unlink()
+            threading.Timer(0.5, shutil.rmtree, [checkpoints / str(step)]).start()
+            removed.append(step)
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(run_lib.RunCheckpoints, "restore_params", deleted_meanwhile)
+    try:
+        assert main(["export", "--workdir", str(workdir), str(tmp_path / "model")]) == 0
+    finally:
+        lock.release()
+    assert removed == [12] and f"exported step 16 of {workdir}" in capsys.readouterr().out
 
 
 def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenizer_path):
