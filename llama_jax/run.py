@@ -358,6 +358,12 @@ def check_init_from(path: str, model: LLaMAConfig, section=None) -> list[str]:
             if before.get(field) != now[field]]
 
 
+def _other_tokenizer(model_dir: str, tokenizer_file: Path | None) -> bool:
+    """Whether the model directory carries a tokenizer.model that is not the run's."""
+    own = Path(model_dir) / "tokenizer.model"
+    return tokenizer_file is not None and own.is_file() and sha256_file(own) != sha256_file(tokenizer_file)
+
+
 def state_from_model(path: str, trainer: Trainer) -> TrainState:
     """A fresh state whose parameters come from a model directory (e.g. converted weights)."""
     check_init_from(path, trainer.model_config)
@@ -588,9 +594,10 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     if data.train is not None and len(data.train.sources) > 1:  # a mixture: each source's training loss too
         trainer = dataclasses.replace(trainer, sources=tuple(source.name for source in data.train.sources))
     try:  # until the data is adopted, whatever stops the run removes what was staged for it
-        differences = []
+        differences, other_tokenizer = [], False
         if config.checkpoint.init_from and not committed_steps(workdir):
             differences = check_init_from(config.checkpoint.init_from, cfg, config.model)
+            other_tokenizer = _other_tokenizer(config.checkpoint.init_from, data.tokenizer_file)
         if data.tokenizer and t.sample_tokens:  # samples are drawn during and after the run: check them now
             prompt = len(data.tokenizer.encode(t.sample_prompt, bos=True, eos=False))
             if prompt + t.sample_tokens > cfg.max_seq_len:
@@ -618,6 +625,11 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if differences:  # chosen anew on purpose (a longer context), or a preset's value by mistake
                 print(f"checkpoint.init_from={config.checkpoint.init_from} was trained with {', '.join(differences)}"
                       f"; model.preset=init_from takes the model's own")
+            if other_tokenizer:  # a new vocabulary on purpose, or the wrong tokenizer by mistake
+                own = Path(config.checkpoint.init_from) / "tokenizer.model"
+                print(f"checkpoint.init_from={config.checkpoint.init_from} comes with a tokenizer other than this "
+                      f"run's (data.tokenizer={config.data.tokenizer}): its token ids stand for other text here; to fine-tune it on "
+                      f"its own vocabulary, give data.tokenizer={own}")
             changed = changed_settings(resumed["config"], config) if resumed else []
             if changed and start < t.steps:  # config.json will hold the new values: say what earlier steps ran with
                 print(f"resuming from checkpoint {start} with settings changed since it was saved: "

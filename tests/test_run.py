@@ -263,12 +263,30 @@ def test_init_from_a_model_of_other_rotary_settings_says_so(tmp_path, tokenizer_
     """A fine-tune may choose rope_theta anew (to extend the context): it runs, and says what the
     model was trained with, so that a preset's value taken by mistake is seen."""
     cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, "model.rope_theta=500000.0"))).model_config
-    save_model(tmp_path / "model", cfg, init_params(cfg, 0))
+    save_model(tmp_path / "model", cfg, init_params(cfg, 0), tokenizer=tokenizer_path)
     capsys.readouterr()
     assert main(train_args(tmp_path / "run", run_overrides(tokenizer_path, "train.steps=1", "optimizer.warmup_steps=0",
                                                            f"checkpoint.init_from={tmp_path / 'model'}"))) == 0
+    out = capsys.readouterr().out
     assert (f"checkpoint.init_from={tmp_path / 'model'} was trained with rope_theta=500000.0 (this run: 10000.0); "
-            f"model.preset=init_from takes the model's own") in capsys.readouterr().out
+            f"model.preset=init_from takes the model's own") in out
+    assert "comes with a tokenizer" not in out  # its tokenizer is the run's
+
+
+def test_init_from_a_model_of_another_tokenizer_says_so(tmp_path, tokenizer_path, capsys):
+    """The model's token ids stand for other text with another tokenizer (a new vocabulary may be
+    meant, the wrong file is more likely): it runs, and says so."""
+    corpus = EmbeddedCorpus()
+    other = train_sentencepiece([corpus[i] for i in range(0, len(corpus), 2)], tmp_path / "other.model", 512)
+    cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path))).model_config
+    save_model(tmp_path / "model", cfg, init_params(cfg, 0), tokenizer=other)
+    capsys.readouterr()
+    assert main(train_args(tmp_path / "run", run_overrides(tokenizer_path, "train.steps=1", "optimizer.warmup_steps=0",
+                                                           f"checkpoint.init_from={tmp_path / 'model'}"))) == 0
+    assert (f"checkpoint.init_from={tmp_path / 'model'} comes with a tokenizer other than this run's "
+            f"(data.tokenizer={tokenizer_path}): its token ids stand for other text here; to fine-tune "
+            f"it on its own vocabulary, give data.tokenizer={tmp_path / 'model' / 'tokenizer.model'}") in \
+        capsys.readouterr().out
 
 
 def test_init_from_a_model_directory(tmp_path, tokenizer_path):
