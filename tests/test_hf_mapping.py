@@ -23,9 +23,25 @@ def test_round_trip_is_bit_exact():
     for a, b in zip(*(sorted(_flat(p).items()) for p in (params, params2))):
         assert a[0] == b[0]
         np.testing.assert_array_equal(np.asarray(a[1]), b[1])
-    # Unscanned params map to the same tensors.
+    # Unscanned params map to the same tensors, and come back unscanned when the config says so.
     unscanned = to_hf_state_dict(cfg, unstack_layers(params, cfg.n_layers))
     assert all(np.array_equal(unscanned[k], state[k]) for k in state)
+    cfg3, params3 = from_hf_state_dict(state, cfg.to_hf(), scan_layers=False)
+    assert not cfg3.scan_layers and sorted(params3) == sorted(unstack_layers(params, cfg.n_layers))
+    np.testing.assert_array_equal(params3["layers_1"]["attn"]["q"]["kernel"],
+                                  np.asarray(params["layers"]["attn"]["q"]["kernel"][1]))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_layers", 3, r"parameter \['layers'\]\['attn'\]\['k'\]\['kernel'\] has shape \(2, "),  # no layer 2 to read
+    ("n_layers", 1, r"has shape \(2, .*config expects \(1, "),  # layer 1 would be dropped
+    ("ffn_dim", 48, r"has shape .*config expects"),
+])
+def test_params_that_do_not_fit_the_config_are_refused(field, value, message):
+    cfg = LLaMAConfig.from_hf(hf_config_dict("gqa_llama3"))
+    params = init_params(cfg, 1)
+    with pytest.raises(ValueError, match=message):
+        to_hf_state_dict(cfg.replace(**{field: value}), params)
 
 
 def test_tied_model_with_and_without_lm_head(tied):

@@ -147,9 +147,11 @@ def hf_tensor(params: Mapping, spec: TensorSpec) -> np.ndarray:
 
 
 def iter_hf_tensors(cfg: LLaMAConfig, params: Mapping) -> Iterator[tuple[TensorSpec, np.ndarray]]:
-    """Yield (spec, [out, in] numpy array) for every Hugging Face tensor, one at a time."""
-    from llama_jax.model import stack_layers
+    """Yield (spec, [out, in] numpy array) for every Hugging Face tensor, one at a time; ValueError
+    first when `params` do not fit `cfg` (a layer past the end would be read as the last one)."""
+    from llama_jax.model import check_params, stack_layers
 
+    check_params(cfg.replace(scan_layers="layers" in params), params)
     if "layers" not in params:
         params = stack_layers(dict(params), cfg.n_layers)
     for spec in tensor_specs(cfg):
@@ -158,10 +160,13 @@ def iter_hf_tensors(cfg: LLaMAConfig, params: Mapping) -> Iterator[tuple[TensorS
 
 def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any],
                        param_dtype: str = "float32", **config_overrides) -> tuple[LLaMAConfig, dict]:
-    """(LLaMAConfig, scanned params of numpy arrays) from a Hugging Face state dict and config.json dict.
+    """(LLaMAConfig, params of numpy arrays) from a Hugging Face state dict and config.json dict;
+    the params in the layer layout of the config's `scan_layers` (an override may set it).
 
     For tied models `lm_head.weight` may be present (as in `model.state_dict()`) or absent (Hub files).
     """
+    from llama_jax.model import params_in_layout
+
     cfg = LLaMAConfig.from_hf(hf_config, param_dtype=param_dtype, **config_overrides)
     check_names(cfg, set(state_dict))
     params = empty_params(cfg, numpy_dtype(param_dtype))
@@ -169,7 +174,7 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, An
         put_tensor(params, spec, _as_numpy(state_dict[spec.hf_name]))
     if cfg.tie_embeddings and "lm_head.weight" in state_dict:
         check_shape(tensor_specs(cfg)[0], tuple(state_dict["lm_head.weight"].shape))
-    return cfg, params
+    return cfg, params_in_layout(cfg, params)
 
 
 def to_hf_state_dict(cfg: LLaMAConfig, params: Mapping) -> dict[str, np.ndarray]:
