@@ -349,6 +349,41 @@ class Block(nn.Module):
         return (nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed")), kv), None
 
 
+def _concrete(x) -> np.ndarray | None:
+    """`x` as numpy when its values are known here (called eagerly), None under jit or when
+    they live on other processes' devices."""
+    try:
+        return np.asarray(x) if getattr(x, "is_fully_addressable", True) else None
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):  # a tracer
+        return None
+
+
+def _checked_tokens(tokens, vocab_size: int):
+    """`tokens` (a list becomes an array), ValueError unless they are [batch, seq] integers within
+    the vocabulary (values checked when called eagerly: under jit a bad id reads a wrong or NaN
+    embedding row without error)."""
+    if isinstance(tokens, (list, tuple)):
+        tokens = np.asarray(tokens)
+    shape, dtype = getattr(tokens, "shape", None), getattr(tokens, "dtype", None)
+    if shape is None or len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array of shape [batch, seq], got "
+                         f"{f'{dtype} of shape {tuple(shape)}' if shape is not None else type(tokens).__name__}")
+    values = _concrete(tokens)
+    if values is not None and values.size and (values.min() < 0 or values.max() >= vocab_size):
+        bad = values.min() if values.min() < 0 else values.max()
+        raise ValueError(f"token id {bad} is outside the vocabulary; valid: 0 <= id < vocab_size={vocab_size}")
+    return tokens
+
+
+def _check_cache_room(cache: KVCache, new: int) -> None:
+    """ValueError when `new` more slots do not fit the cache (checked when called eagerly: under jit
+    the write would land on the last slots, silently)."""
+    filled, slots = _concrete(cache.index), cache.segment_ids.shape[1]
+    if filled is not None and int(filled) + new > slots:
+        raise ValueError(f"the KV cache has {slots} slots, {int(filled)} filled: no room for {new} more tokens; "
+                         f"create it with max_len >= {int(filled) + new}")
+
+
 class LLaMA(nn.Module):
     """LLaMA decoder. `apply({"params": p}, tokens)` -> float32 logits [B, S, V].
 
@@ -363,7 +398,10 @@ class LLaMA(nn.Module):
     def __call__(self, tokens_BxS: Array, positions: Array | None = None,
                  segment_ids: Array | None = None, cache: KVCache | None = None):
         cfg = self.config
+        tokens_BxS = _checked_tokens(tokens_BxS, cfg.vocab_size)
         B, S = tokens_BxS.shape
+        if cache is not None:
+            _check_cache_room(cache, S)
         start = cache.index if cache is not None else 0
         slots_BxS = jnp.broadcast_to(start + jnp.arange(S, dtype=jnp.int32), (B, S))
         positions = slots_BxS if positions is None else positions

@@ -250,6 +250,27 @@ def test_kv_cache_decoding_matches_full_forward(gqa, scan, block, batch, monkeyp
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
 
 
+def test_bad_tokens_and_a_full_cache_are_refused_when_called_eagerly(gqa):
+    """Under jit an id outside the vocabulary reads a NaN or wrong embedding row and a write past a
+    full cache lands on its last slot, without error; called eagerly, both are refused."""
+    cfg, params = gqa
+    model = LLaMA(cfg)
+    for tokens, message in (([[1, cfg.vocab_size]], rf"token id {cfg.vocab_size} is outside the vocabulary"),
+                            ([[-1]], r"token id -1 is outside the vocabulary; valid: 0 <= id < vocab_size="),
+                            (np.arange(3), r"tokens must be an integer array of shape \[batch, seq\], got int64 of "
+                                           r"shape \(3,\)"),
+                            (np.ones((1, 2)), r"integer array .* got float64 of shape \(1, 2\)")):
+        with pytest.raises(ValueError, match=message):
+            model.apply({"params": params}, tokens)
+    tokens = _tokens(cfg.vocab_size, batch=1, seq=5)
+    np.testing.assert_array_equal(model.apply({"params": params}, tokens.tolist()),  # a list is an array
+                                  model.apply({"params": params}, tokens))
+    _, cache = model.apply({"params": params}, tokens[:, :4], cache=KVCache.create(cfg, batch=1, max_len=4))
+    with pytest.raises(ValueError, match=r"the KV cache has 4 slots, 4 filled: no room for 1 more tokens; create it "
+                                         r"with max_len >= 5"):
+        model.apply({"params": params}, tokens[:, 4:], cache=cache)
+
+
 def test_cache_blocks_bound_the_scores_and_cover_the_cache_when_decoding():
     assert attention.cache_block(1, 272) == 272  # decoding: the whole cache
     assert attention.cache_block(1, 65_536) == 65_536
