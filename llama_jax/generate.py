@@ -192,6 +192,29 @@ def _check_ids(config: LLaMAConfig, eos_id: int | None, n_tokens: int | None) ->
                          f"got {n_tokens!r}")
 
 
+def _checked_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    """`generate`'s prompts as lists of ints: a list of token-id sequences, or a [batch, length]
+    integer array; ValueError for anything else, or ids outside the vocabulary."""
+    if hasattr(prompts, "ndim"):  # a numpy or JAX array
+        if prompts.ndim != 2:
+            raise ValueError(f"prompts: an array must be [batch, length] token ids, got shape {prompts.shape}")
+        prompts = list(np.asarray(prompts))
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of token-id lists (e.g. [[1, 415, 2936]]), got {prompts!r}")
+    checked = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+            raise ValueError(f"prompt {i} is {prompt!r}, not a list of token ids; prompts is a list of them, one per "
+                             f"row (e.g. [[1, 415, 2936]])")
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+        bad = next((t for t in prompt if not (_is_int(t) and 0 <= int(t) < vocab_size)), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i} has token id {bad!r}; valid: integers in [0, {vocab_size})")
+        checked.append([int(t) for t in prompt])
+    return checked
+
+
 def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, n_tokens: int | None = None,
@@ -217,16 +240,11 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     finished or done. Without it, decoding runs in one call. The tokens do not depend on `chunk`:
     every step draws from the same per-step key either way.
     """
-    if not prompts:
-        raise ValueError("prompts is empty; pass at least one prompt")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
-        bad = [t for t in prompt if not 0 <= int(t) < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+    prompts = _checked_prompts(prompts, config.vocab_size)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     _check_ids(config, eos_id, n_tokens)
+    if on_tokens is not None and not (_is_int(chunk) and chunk >= 1):
+        raise ValueError(f"chunk must be a positive integer (new tokens between on_tokens calls), got {chunk!r}")
     max_new_tokens, temperature, seed = int(max_new_tokens), float(temperature), int(seed)
     top_k, top_p, eos_id, n_tokens = (None if v is None else kind(v) for v, kind in
                                       ((top_k, int), (top_p, float), (eos_id, int), (n_tokens, int)))

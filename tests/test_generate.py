@@ -248,12 +248,17 @@ def test_numpy_and_jax_scalars_are_accepted(gqa):
     as_jax = {k: (jnp.float32 if isinstance(v, float) else jnp.int32)(v) for k, v in args.items()}
     assert generate(cfg, params, PROMPTS, np.int64(6), **as_jax) == as_python
     assert generate(cfg, params, PROMPTS, 6, **{k: np.asarray(v) for k, v in args.items()}) == as_python
+    assert generate(cfg, params, np.asarray(PROMPTS[:1]), 6, **args) == as_python[:1]  # an array of prompts too
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts=[]), r"prompts must be a non-empty list of token-id lists \(e.g. \[\[1, 415, 2936\]\]\), got \[\]"),
     (dict(prompts=[[5, 6], []]), "prompt 1 is empty"),
-    (dict(prompts=[[5, 300]]), "outside the vocabulary"),
+    (dict(prompts=[[5, 300]]), r"prompt 0 has token id 300; valid: integers in \[0, 256\)"),
+    (dict(prompts=[[5, 6.9]]), r"prompt 0 has token id 6.9; valid: integers"),  # not truncated to 6
+    (dict(prompts=[5, 6]), r"prompt 0 is 5, not a list of token ids; prompts is a list of them, one per row"),
+    (dict(prompts=np.arange(3)), r"prompts: an array must be \[batch, length\] token ids, got shape \(3,\)"),
+    (dict(on_tokens=lambda rows: [False], chunk=0), r"chunk must be a positive integer .* got 0"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-0.1), "temperature"),
     (dict(temperature=float("nan")), r"temperature must be a finite number >= 0 \(0 is greedy\), got nan"),
