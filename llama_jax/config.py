@@ -13,11 +13,20 @@ import math
 import numbers
 from typing import Any, Mapping
 
+import numpy as np
+
 ROPE_TYPES = ("llama3", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash", "auto")
 COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")  # how, not what
+
+
+def is_int(value: object) -> bool:
+    """A Python, NumPy or JAX integer (a 0-d array too), not a bool."""
+    if hasattr(value, "dtype"):
+        return np.ndim(value) == 0 and np.issubdtype(value.dtype, np.integer)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +119,9 @@ class LLaMAConfig:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # a NumPy integer too, stored as Python's
         for name in ("norm_eps", "rope_theta"):
             _check_number(name, getattr(self, name))
         for name in ("tie_embeddings", "scan_layers"):
@@ -135,9 +145,13 @@ class LLaMAConfig:
         return self.dim // self.n_heads
 
     def replace(self, **changes) -> "LLaMAConfig":
+        """A copy with `changes`. Multi-head attention stays multi-head: a new n_heads without an
+        n_kv_heads takes n_kv_heads along when the two were equal."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ValueError(f"unknown LLaMAConfig field(s) {unknown}; valid: {field_names()}")
+        if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
+            changes["n_kv_heads"] = changes["n_heads"]
         return dataclasses.replace(self, **changes)
 
     # ---- serialisation -------------------------------------------------------------------

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.config import LLaMAConfig
+from llama_jax.config import LLaMAConfig, is_int
 from llama_jax.data import pack_row, stack_rows
 from llama_jax.model import params_in_layout
 from llama_jax.sharding import make_mesh, mesh_context
@@ -184,9 +184,9 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
     params (see `_Forward`). `progress`: a progress bar over the `total` documents.
     """
     _check_seq_len(seq_len, config)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+    if max_batches is not None and (not is_int(max_batches) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive integer or None (all), got {max_batches!r}")
     forward = _Forward(config, params, mesh, context)
     rows_per_batch = -(-batch_size // forward.row_multiple()) * forward.row_multiple()
@@ -242,7 +242,7 @@ def held_out_batches(documents: Iterable[Sequence[int]], seq_len: int, rows: int
 
 
 def _check_seq_len(seq_len, config: LLaMAConfig) -> None:
-    if not isinstance(seq_len, int) or not 2 <= seq_len <= config.max_seq_len:
+    if not is_int(seq_len) or not 2 <= seq_len <= config.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is out of range; valid: 2 <= seq_len <= the model's max_seq_len "
                          f"({config.max_seq_len})")
 
@@ -298,7 +298,7 @@ class Scorer:
 
     def __init__(self, config: LLaMAConfig, params, batch_size: int = 8, mesh=None,
                  context: Callable | None = None, max_length: int | None = None):
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.config = config
         self.max_length = max_length or config.max_seq_len

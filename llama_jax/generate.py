@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.config import LLaMAConfig
+from llama_jax.config import LLaMAConfig, is_int
 from llama_jax.model import KVCache, LLaMA, abstract_params, join_qkv, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
 from llama_jax.tokenizer import Tokenizer
@@ -150,13 +150,6 @@ def _decode(params, state: _Decoding, pad_B: Array, sampler: _Sampler, limit: Ar
     return state, out, steps
 
 
-def _is_int(value: object) -> bool:
-    """A Python, NumPy or JAX integer (a 0-d array too), not a bool."""
-    if hasattr(value, "dtype"):
-        return np.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.integer)
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _is_real(value: object) -> bool:
     """A Python, NumPy or JAX integer or floating-point number (a 0-d array too), not a bool."""
     if hasattr(value, "dtype"):
@@ -169,25 +162,25 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
                    seed: int) -> None:
     """Raise ValueError naming the first sampling option out of range or of the wrong kind
     (`generate`'s own check, callable before a model is loaded)."""
-    if not (_is_int(max_new_tokens) and int(max_new_tokens) >= 1):
+    if not (is_int(max_new_tokens) and int(max_new_tokens) >= 1):
         raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
     if not (_is_real(temperature) and 0 <= float(temperature) < math.inf):  # also false for NaN
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and not (_is_int(top_k) and int(top_k) >= 1):
+    if top_k is not None and not (is_int(top_k) and int(top_k) >= 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not (_is_real(top_p) and 0 < float(top_p) <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if not (_is_int(seed) and 0 <= int(seed) < 2**63):
+    if not (is_int(seed) and 0 <= int(seed) < 2**63):
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
 def _check_ids(config: LLaMAConfig, eos_id: int | None, n_tokens: int | None) -> None:
     """ValueError unless `eos_id` is an integer below the vocabulary size (a negative one, such as a
     SentencePiece model's -1 for "no EOS", never matches) and `n_tokens` a positive count (or None)."""
-    if eos_id is not None and not (_is_int(eos_id) and int(eos_id) < config.vocab_size):
+    if eos_id is not None and not (is_int(eos_id) and int(eos_id) < config.vocab_size):
         raise ValueError(f"eos_id must be a token id below the vocabulary size {config.vocab_size} or None, "
                          f"got {eos_id!r}")
-    if n_tokens is not None and not (_is_int(n_tokens) and int(n_tokens) >= 1):
+    if n_tokens is not None and not (is_int(n_tokens) and int(n_tokens) >= 1):
         raise ValueError(f"n_tokens must be a positive integer (only ids below it are produced) or None, "
                          f"got {n_tokens!r}")
 
@@ -208,7 +201,7 @@ def _checked_prompts(prompts, vocab_size: int) -> list[list[int]]:
                              f"row (e.g. [[1, 415, 2936]])")
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
-        bad = next((t for t in prompt if not (_is_int(t) and 0 <= int(t) < vocab_size)), None)
+        bad = next((t for t in prompt if not (is_int(t) and 0 <= int(t) < vocab_size)), None)
         if bad is not None:
             raise ValueError(f"prompt {i} has token id {bad!r}; valid: integers in [0, {vocab_size})")
         checked.append([int(t) for t in prompt])
@@ -243,7 +236,7 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     prompts = _checked_prompts(prompts, config.vocab_size)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     _check_ids(config, eos_id, n_tokens)
-    if on_tokens is not None and not (_is_int(chunk) and chunk >= 1):
+    if on_tokens is not None and not (is_int(chunk) and chunk >= 1):
         raise ValueError(f"chunk must be a positive integer (new tokens between on_tokens calls), got {chunk!r}")
     max_new_tokens, temperature, seed = int(max_new_tokens), float(temperature), int(seed)
     top_k, top_p, eos_id, n_tokens = (None if v is None else kind(v) for v, kind in

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import flax.linen as nn
 import flax.struct
@@ -482,7 +483,7 @@ def abstract_params(cfg: LLaMAConfig):
 
 def init_params(cfg: LLaMAConfig, rng: Array | int = 0):
     """Randomly initialised parameters (unboxed) on the default device."""
-    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    rng = jax.random.key(int(rng)) if isinstance(rng, numbers.Integral) else rng
     return nn.meta.unbox(jax.jit(_init_fn(cfg))(rng))
 
 
