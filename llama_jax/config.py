@@ -292,6 +292,9 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
         max_seq_len=setting("max_position_embeddings", "count", 2048),
         tie_embeddings=setting("tie_word_embeddings", "flag", False),
     )
+    unknown = sorted(set(overrides) - set(field_names()))
+    if unknown:
+        raise ValueError(f"unknown LLaMAConfig field(s) {unknown}; valid: {field_names()}")
     fields.update(overrides)
     return LLaMAConfig(**fields)
 

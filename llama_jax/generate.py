@@ -50,7 +50,7 @@ Array = jax.Array
 
 
 def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.0,
-                  top_k: Array | int | None = None, top_p: Array | float = 1.0) -> Array:
+                  top_k: Array | int | None = None, top_p: Array | float | None = 1.0) -> Array:
     """One token id per row [B]: argmax when temperature is 0, else a draw from the filtered softmax.
 
     Filters apply in Hugging Face's order: temperature, then top-k, then top-p (the smallest set of
@@ -61,6 +61,7 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
     logits = logits_BxV.astype(jnp.float32)
     V = logits.shape[-1]
     top_k = V if top_k is None else top_k
+    top_p = 1.0 if top_p is None else top_p  # None: no filter, as in `generate`
 
     def filtered(scaled):
         in_top_k = jnp.arange(V) < top_k

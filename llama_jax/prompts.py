@@ -149,9 +149,11 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
 
     if any(s == "" for s in stop):
         raise ValueError("a stop string must not be empty")
+    if isinstance(prompts, str):  # its characters would be the prompts
+        raise ValueError(f"prompts is a list of strings, got the string {prompts[:40]!r}; wrap it: [prompt]")
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("no prompts; give --prompt TEXT or --prompts-file FILE")
+        raise ValueError("prompts is empty; give at least one prompt")
     ids = [chat_ids(tokenizer, p) if chat else tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     ends = end_ids(tokenizer, chat, end_tokens, stop)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=ends[0], n_tokens=tokenizer.vocab_size,

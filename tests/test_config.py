@@ -104,6 +104,8 @@ def test_unknown_preset_lists_valid_names():
 def test_replace_rejects_unknown_field():
     with pytest.raises(ValueError, match="n_layer"):
         LLaMAConfig.from_preset("debug").replace(n_layer=3)
+    with pytest.raises(ValueError, match=r"unknown LLaMAConfig field\(s\) \['foo'\]; valid: \['vocab_size'"):
+        LLaMAConfig.from_hf(hf_config_dict("gqa_llama3"), foo=1)
 
 
 def test_replace_keeps_multi_head_attention_multi_head():

@@ -15,7 +15,8 @@ from pydoc_data.topics import topics
 
 from llama_jax import LLaMA, LLaMAConfig, from_hf_state_dict, init_params, save_model
 from llama_jax.cli import main
-from llama_jax.generate import decoding_params, generate, generate_text
+from llama_jax.generate import decoding_params, generate, generate_text, sample_logits
+from llama_jax.prompts import complete
 from llama_jax.model import KVCache, unstack_layers
 from llama_jax.tokenizer import SentencePieceTokenizer
 from tests.reference import hf_config_dict, make_hf_model, state_dict_numpy
@@ -237,6 +238,15 @@ def test_generate_text(sp_tokenizer):
     assert [p + t for p, t in zip(prompts, texts)] == [tok.decode(tok.encode(p) + i) for p, i in zip(prompts, ids)]
     single = generate_text(cfg, params, tok, prompts[0], max_new_tokens=12, temperature=0.0)
     assert isinstance(single, str) and single
+    with pytest.raises(ValueError, match=r"^prompts is empty; give at least one prompt$"):  # no command-line flags
+        generate_text(cfg, params, tok, [])
+    with pytest.raises(ValueError, match=r"prompts is a list of strings, got the string 'The for statement'"):
+        complete(cfg, params, tok, prompts[0])  # not one prompt per character
+
+
+def test_sample_logits_takes_none_for_no_filter():
+    logits, key = jnp.asarray(np.random.default_rng(0).normal(size=(3, 50)), jnp.float32), jax.random.key(1)
+    np.testing.assert_array_equal(sample_logits(logits, key, 0.9, None, None), sample_logits(logits, key, 0.9, 50, 1.0))
 
 
 def test_numpy_and_jax_scalars_are_accepted(gqa):
