@@ -345,10 +345,11 @@ class Scorer:
         if len(continuation) > L:
             raise ValueError(f"request {i}: the continuation has {len(continuation)} tokens, more than the "
                              f"model's context of {L}; it cannot be scored in one window")
-        whole = context + continuation
-        bad = next((t for t in whole if not 0 <= t < V), None)
+        whole = list(context) + list(continuation)
+        bad = next((t for t in whole if not (is_int(t) and 0 <= t < V)), None)
         if bad is not None:
-            raise ValueError(f"request {i}: token id {bad} is outside the vocabulary [0, {V})")
+            raise ValueError(f"request {i}: token id {bad!r}; valid: integers in [0, {V})")
+        whole = [int(t) for t in whole]
         return (whole[-(L + 1):], len(continuation)), len(whole) > L + 1
 
     def _score(self, rows: list[tuple[list[int], int]], progress: bool) -> list[tuple[float, bool]]:

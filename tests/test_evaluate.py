@@ -148,7 +148,8 @@ def test_long_context_is_truncated_from_the_left_with_a_warning(model):
     (([], [5]), "request 0: the context is empty"),
     (([5], []), "request 0: the continuation is empty"),
     (([5], [6] * (CONTEXT + 1)), rf"continuation has {CONTEXT + 1} tokens, more than the model's context of {CONTEXT}"),
-    (([5], [512]), r"token id 512 is outside the vocabulary \[0, 512\)"),
+    (([5], [512]), r"request 0: token id 512; valid: integers in \[0, 512\)"),
+    (([5, 2.5], [6]), r"request 0: token id 2.5; valid: integers in \[0, 512\)"),  # not scored as 2
 ])
 def test_scoring_bad_requests(model, request_, message):
     cfg, params, _ = model
