@@ -119,11 +119,12 @@ class LLaMAConfig:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))  # a NumPy integer too, stored as Python's
         for name in ("norm_eps", "rope_theta"):
             _check_number(name, getattr(self, name))
+            object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("tie_embeddings", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -145,13 +146,12 @@ class LLaMAConfig:
         return self.dim // self.n_heads
 
     def replace(self, **changes) -> "LLaMAConfig":
-        """A copy with `changes`. Multi-head attention stays multi-head: a new n_heads without an
-        n_kv_heads takes n_kv_heads along when the two were equal."""
+        """A copy with `changes`. Fields not changed keep their values: n_kv_heads too (None at
+        construction stands for n_heads then), so a new n_heads alone makes grouped-query attention
+        of a multi-head model; give n_kv_heads as well to keep it multi-head."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ValueError(f"unknown LLaMAConfig field(s) {unknown}; valid: {field_names()}")
-        if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
-            changes["n_kv_heads"] = changes["n_heads"]
         return dataclasses.replace(self, **changes)
 
     # ---- serialisation -------------------------------------------------------------------

@@ -186,8 +186,9 @@ def jsonl_texts(path: str | os.PathLike, text_key: str) -> Iterator[str]:
     with open(path, "rb") as f:  # bytes, so that a decoding error is placed on its line
         for number, raw in enumerate(f, start=1):
             line = utf8_text(raw, f"{path}:{number}")
+            line = line.removeprefix(BOM) if number == 1 else line
             if line.strip():
-                yield _jsonl_text(line.removeprefix(BOM) if number == 1 else line, text_key, f"{path}:{number}")
+                yield _jsonl_text(line, text_key, f"{path}:{number}")
 
 
 BOM = "\ufeff"  # the byte-order mark some editors write at the start of a UTF-8 file

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import flax.linen as nn
 import flax.struct
@@ -25,7 +24,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import attention, attention_mask, cached_attention
-from llama_jax.config import LLaMAConfig
+from llama_jax.config import LLaMAConfig, is_int
 
 Array = jax.Array
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -483,7 +482,7 @@ def abstract_params(cfg: LLaMAConfig):
 
 def init_params(cfg: LLaMAConfig, rng: Array | int = 0):
     """Randomly initialised parameters (unboxed) on the default device."""
-    rng = jax.random.key(int(rng)) if isinstance(rng, numbers.Integral) else rng
+    rng = jax.random.key(int(rng)) if is_int(rng) else rng
     return nn.meta.unbox(jax.jit(_init_fn(cfg))(rng))
 
 

@@ -119,8 +119,9 @@ class TrainRows:
         self.mixture = Mixture([s.weight for s in self.sources], batch_size)
         period, smallest = self.mixture.rows_before(PERIOD), 1 / (PERIOD * batch_size)
         total = sum(s.weight for s in self.sources)
-        # A share below one row in PERIOD batches is never read, and its epoch never ends; or, as
-        # the first source (whose share holds the first slot), it is read far above its share.
+        # A share below one row in PERIOD batches is never read, and its epoch never ends; or, where
+        # its interval holds one of the grid's points (the first source's always does), it is read
+        # once in PERIOD batches, far above its share.
         starved = [s for s, n in zip(self.sources, period) if n == 0 or s.weight / total < smallest]
         if starved:
             share = starved[0].weight / total

@@ -444,8 +444,8 @@ def _being_removed(workdir: Path, step: int) -> bool:
     the lock) deletes old steps as it saves new ones, and a step is still listed while its files are
     being deleted."""
     deadline = time.monotonic() + REMOVAL_WAIT_S
-    while step in committed_steps(workdir):
-        if not (holds_lock(workdir) and committed_steps(workdir)[-1] > step) or time.monotonic() > deadline:
+    while step in (steps := committed_steps(workdir)):
+        if not (holds_lock(workdir) and steps[-1] > step) or time.monotonic() > deadline:
             return False
         time.sleep(0.1)
     return True
@@ -628,8 +628,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if other_tokenizer:  # a new vocabulary on purpose, or the wrong tokenizer by mistake
                 own = Path(config.checkpoint.init_from) / "tokenizer.model"
                 print(f"checkpoint.init_from={config.checkpoint.init_from} comes with a tokenizer other than this "
-                      f"run's (data.tokenizer={config.data.tokenizer}): its token ids stand for other text here; to fine-tune it on "
-                      f"its own vocabulary, give data.tokenizer={own}")
+                      f"run's (data.tokenizer={config.data.tokenizer}): its token ids stand for other text here; "
+                      f"to fine-tune it on its own vocabulary, give data.tokenizer={own}")
             changed = changed_settings(resumed["config"], config) if resumed else []
             if changed and start < t.steps:  # config.json will hold the new values: say what earlier steps ran with
                 print(f"resuming from checkpoint {start} with settings changed since it was saved: "

@@ -104,7 +104,7 @@ def test_each_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "link.jsonl").symlink_to(tmp_path / "a.jsonl")
     patterns = [str(tmp_path / "a.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path / "c.txt"), str(tmp_path / "*")]
     assert list(TextFiles(patterns)) == docs
-    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\n')
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf\n{"text": "first"}\r\n{"text": "second"}\n')  # then blank
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfone\r\ntwo\rthree\n")
     assert list(TextFiles([str(tmp_path / "bom.*")])) == ["first", "second", "one\ntwo\nthree\n"]
 

@@ -524,8 +524,9 @@ def test_lm_eval_model_bad_mesh(model_dirs, mesh, message):
      r"\(the model is the directory's or the checkpoint's own\); drop the override$"),
 ])
 def test_eval_bad_input(model_dirs, tmp_path, capsys, args, message):
-    (tmp_path / "a.txt").write_text("Some text.")
-    config = write_text_config(tmp_path, [tmp_path / "a.txt"] * 3, eval_fraction=0.5)
+    for name in "abc":
+        (tmp_path / f"{name}.txt").write_text(f"Some text {name}.")
+    config = write_text_config(tmp_path, [tmp_path / f"{name}.txt" for name in "abc"], eval_fraction=0.5)
     args = [str(model_dirs[1]) if a == "MODEL" else str(config) if a == "CONFIG" else a for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -537,8 +538,9 @@ def test_eval_bad_input(model_dirs, tmp_path, capsys, args, message):
 def test_results_replace_only_an_earlier_result(model_dirs, tmp_path, capsys, command):
     """--output is checked before evaluating: never a model's or a run's own file, a directory, or a
     path under a file. (That an earlier result is replaced: test_eval_command.)"""
-    (tmp_path / "a.txt").write_text("Some text.")
-    config = write_text_config(tmp_path, [tmp_path / "a.txt"] * 3, eval_fraction=0.5)
+    for name in "abc":
+        (tmp_path / f"{name}.txt").write_text(f"Some text {name}.")
+    config = write_text_config(tmp_path, [tmp_path / f"{name}.txt" for name in "abc"], eval_fraction=0.5)
     model = model_dirs[1]
     before = {p: p.read_bytes() for p in (model / "model_config.json", config)}
     base = (["eval", str(model), "--config", str(config)] if command == "eval"

@@ -216,6 +216,7 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         for text in CORPUS[30:]:
             f.write(json.dumps({"body": text, "n": 1}) + "\n")
     out = tmp_path / "out" / "tokenizer.model"
+    (tmp_path / "link.txt").symlink_to(tmp_path / "a.txt")  # the same file: read once
     run = _cli("--input", str(tmp_path / "*.txt"), "--input", str(tmp_path / "b.jsonl"), "--jsonl-key", "body",
                "--vocab-size", str(VOCAB), "--output", str(out))
     assert run.returncode == 0, run.stderr

@@ -13,6 +13,7 @@ boundaries would change nothing). Bad input: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import glob
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 def resolve_inputs(patterns: list[str]) -> list[Path]:
     """The files named by `patterns`, in order, each once; ValueError when one names nothing."""
-    files: dict[Path, None] = {}
+    files: dict[str, Path] = {}  # real path -> the path as matched (a link to a file given already is that file)
     for pattern in patterns:
         is_glob = glob.has_magic(pattern)
         names = sorted(glob.glob(pattern, recursive=True)) if is_glob else [pattern]
@@ -35,8 +36,9 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
             raise ValueError(f"{pattern}: is a directory; give the files in it, e.g. {Path(pattern) / '*.txt'}")
         if not matches:
             raise ValueError(f"{pattern}: matches no file" if is_glob else f"{pattern}: no such file")
-        files.update(dict.fromkeys(map(Path, matches)))
-    return list(files)
+        for match in matches:
+            files.setdefault(os.path.realpath(match), Path(match))
+    return list(files.values())
 
 
 class Corpus:
