@@ -197,8 +197,18 @@ def resolve(impl: str) -> str:
     return impl
 
 
+def check_available(impl: str) -> None:
+    """ValueError when the kernel `impl` names cannot run on this backend (cuDNN's needs a GPU;
+    without one, JAX fails deep inside the first compile)."""
+    backend = jax.default_backend()
+    if resolve(impl) == "cudnn" and backend != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs a GPU with cuDNN, and this backend is {backend}; use 'auto' "
+                         f"(cudnn on GPU, splash on TPU, xla elsewhere), 'xla' or 'dot_product'")
+
+
 def attention(q, k, v, mask_BxSxT, segment_ids_BxS, impl: str) -> Array:
     """Dispatch to a kernel; per device under `shard_map` inside `sharded_attention`."""
+    check_available(impl)
     impl = resolve(impl)
     kernel, wants_segments = KERNELS[impl]
     extra = segment_ids_BxS if wants_segments else mask_BxSxT

@@ -9,6 +9,7 @@ devices the figures describe the accelerator's program rather than the CPU run's
 
 from __future__ import annotations
 
+import copy
 import math
 
 import flax.linen as nn
@@ -26,6 +27,12 @@ def _per_device_bytes(abstract_tree) -> int:
 
 
 def plan(config, devices=None) -> dict:
+    """What one device holds for the config's train step; on a backend without a GPU, an explicit
+    `cudnn` attention is planned with `xla` instead (and said so)."""
+    standing_in = config.model.attention_impl == "cudnn" and jax.default_backend() != "gpu"
+    if standing_in:
+        config = copy.deepcopy(config)
+        config.model.attention_impl = "xla"
     trainer = build_trainer(config, devices)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          nn.meta.unbox(trainer.abstract_state), trainer.state_shardings)
@@ -48,6 +55,7 @@ def plan(config, devices=None) -> dict:
         "platform": device.platform,
         "device_memory": limit,
         "attention": resolve(cfg.attention_impl),
+        "attention_stands_in": standing_in,  # for an explicit cudnn on a backend without a GPU
         "params": _per_device_bytes(state.params),
         "opt_state": _per_device_bytes(state.opt_state),
         "arguments": memory.argument_size_in_bytes,
@@ -90,7 +98,8 @@ def _verdict(p: dict, peak: int) -> str:
         fits = "fits" if peak <= p["device_memory"] else "does NOT fit"
         return f"{fits}: estimated peak {_size(peak).strip()} of the {_size(p['device_memory']).strip()} a device holds"
     if p["platform"] == "cpu":
-        return (f"compiled for CPU devices, attention `{p['attention']}`: on TPU `auto` is splash, on GPU cudnn, which "
-                f"keep no [seq, seq] attention probabilities for the backward as `{p['attention']}` does here, so the "
-                "temporaries differ there; run plan on the target for its figures and whether they fit")
+        standing_in = " (in place of cudnn, which needs a GPU)" if p.get("attention_stands_in") else ""
+        return (f"compiled for CPU devices, attention `{p['attention']}`{standing_in}: on TPU `auto` is splash, on GPU "
+                f"cudnn, which keep no [seq, seq] attention probabilities for the backward as `{p['attention']}` does "
+                "here, so the temporaries differ there; run plan on the target for its figures and whether they fit")
     return "the device does not report its memory: compare the estimated peak with its capacity"

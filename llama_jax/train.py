@@ -236,11 +236,15 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray], rows: int | None = No
 
 def validate_config(config, n_devices: int) -> None:
     """Every user-facing check that can fail, before anything is compiled."""
-    from llama_jax.attention import check_splash_length, resolve
+    from llama_jax.attention import check_available, check_splash_length, resolve
     from llama_jax.experiment import check_config
     from llama_jax.sharding import check_mesh_and_batch
 
     model = check_config(config)
+    try:
+        check_available(model.attention_impl)
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from None
     if resolve(model.attention_impl) == "splash":  # on this backend
         check_splash_length(config.train.seq_len)
     check_mesh_and_batch(config, n_devices)

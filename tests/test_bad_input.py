@@ -92,6 +92,8 @@ CASES = [
          r"train.seed must be an integer in \[0, 2\*\*63\), got -1"),
     Case("train-scan-layers-not-bool", NEW_RUN + " --config.model.scan_layers=maybe",
          r"model.scan_layers must be True or False, got 'maybe'"),
+    Case("train-cudnn-without-gpu", NEW_RUN + " --config.model.attention_impl=cudnn",
+         r"model.attention_impl='cudnn' needs a GPU with cuDNN, and this backend is cpu; use 'auto'"),
     Case("train-splash-seq-len", NEW_RUN + " --config.model.attention_impl=splash",
          r"splash attention needs the sequence length to be a multiple of 128 \(of 512 above 512\), got 64"),
     Case("train-on-nonfinite-unknown", NEW_RUN + " --config.train.on_nonfinite=ignore",

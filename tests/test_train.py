@@ -199,6 +199,9 @@ def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys):
     assert out[0].startswith("mesh data=1 x fsdp=8 x tensor=1 (8 cpu devices)")
     assert out[2].strip().startswith("parameters") and out[2].endswith(" MiB")  # a tiny model's state, not 0.000 GiB
     assert out[-1].startswith("compiled for CPU devices, attention `xla`: on TPU `auto` is splash")
+    assert main(["plan", "--config", TINY, "--config.model.attention_impl=cudnn"]) == 0  # a GPU config, planned here
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        "compiled for CPU devices, attention `xla` (in place of cudnn, which needs a GPU): on TPU")
     figures = plan(tiny_config())
     peak = figures["arguments"] + figures["outputs"] - figures["aliased"] + figures["temporaries"]
     for memory, verdict in ((peak, "fits"), (peak - 1, "does NOT fit")):  # as a GPU or TPU reports its memory
