@@ -40,7 +40,6 @@ the same, and a shorter step makes the save overhead relatively larger, not smal
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -51,6 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llama_jax.cli import OneLineParser, positive_int
 from timing import median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,10 +207,10 @@ def throughput(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     for name, default in dict(dim=512, layers=8, heads=8, ffn=1408, vocab=8000, batch=8, seq_len=64,
                               steps=60, save_every=20, baseline_steps=30, repeats=3).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=default)
     parser.add_argument("--skip-overhead", action="store_true", help="only the save/restore throughput")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)

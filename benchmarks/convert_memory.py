@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_jax.cli import OneLineParser, positive_int
+
 MiB = 2**20
 
 
@@ -94,12 +96,12 @@ READ_ALL = "import sys,pathlib\nfor p in sorted(pathlib.Path(sys.argv[1]).iterdi
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/llama-jax-convert-bench")
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--dim", type=int, default=1536)
-    ap.add_argument("--ffn", type=int, default=4096)
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--layers", type=positive_int, default=12)
+    ap.add_argument("--dim", type=positive_int, default=1536)
+    ap.add_argument("--ffn", type=positive_int, default=4096)
+    ap.add_argument("--vocab", type=positive_int, default=32000)
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 

@@ -12,12 +12,13 @@ over the loader keeps up.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from llama_jax.cli import OneLineParser, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,8 +72,8 @@ def measure(name: str, config, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=positive_int, default=30)
     args = parser.parse_args(argv)
     rows = [measure(name, config, args.steps) for name, config in configs().items()]
     print("| config | batch | build one batch, ms | batches/s | train step, ms | step / batch | "

@@ -21,7 +21,6 @@ unless a near tie in the logits rounds differently).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -30,6 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from llama_jax.cli import OneLineParser, positive_int
 from timing import median_seconds
 
 
@@ -48,16 +48,16 @@ def streaming_sampler() -> Callable[[], float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--ffn", type=int, default=1408)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dim", type=positive_int, default=512)
+    parser.add_argument("--layers", type=positive_int, default=8)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--ffn", type=positive_int, default=1408)
+    parser.add_argument("--vocab", type=positive_int, default=8000)
+    parser.add_argument("--prompt-len", type=positive_int, default=16)
+    parser.add_argument("--new-tokens", type=positive_int, default=128)
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--scan", choices=["yes", "no", "both"], default="both",
                         help="llama-jax layer layout: scanned, unscanned or both")
     parser.add_argument("--json", help="also write the figures to this file")

@@ -32,6 +32,7 @@ import sys
 
 import numpy as np
 
+from llama_jax.cli import OneLineParser, positive_int
 from timing import median_seconds
 
 EIGEN = "xla, Eigen"  # XLA's own products: the YNNPACK fusion off, no other library asked for
@@ -125,12 +126,12 @@ def time_torch(batches, layers, dim, ffn, repeats) -> dict[int, float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--ffn", type=int, default=1408)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dim", type=positive_int, default=512)
+    parser.add_argument("--layers", type=positive_int, default=8)
+    parser.add_argument("--ffn", type=positive_int, default=1408)
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one library (XLA_FLAGS), timed
     parser.add_argument("--one-core", action="store_true", help=argparse.SUPPRESS)  # the child, on one core
     parser.add_argument("--feature-major", action="store_true", help=argparse.SUPPRESS)  # the child's layout

@@ -91,6 +91,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_jax.cli import OneLineParser, positive_int
 from timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,10 +398,17 @@ def part_attention(args, rec: Recorder) -> None:
 # ---- b / d. MFU of a ~1B train step ------------------------------------------------------------
 
 def _candidates(text: str) -> list[tuple[int, str]]:
+    """argparse type of --mfu-candidates: BATCH:REMAT pairs (REMAT defaults to none)."""
+    from llama_jax.config import REMAT_POLICIES
+
     out = []
     for item in text.split(","):
         batch, _, remat = item.strip().partition(":")
-        out.append((int(batch), remat or "none"))
+        remat = remat or "none"
+        if not batch.isdigit() or int(batch) < 1 or remat not in REMAT_POLICIES:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not BATCH:REMAT with a positive BATCH and REMAT "
+                                             f"one of {', '.join(REMAT_POLICIES)}")
+        out.append((int(batch), remat))
     return out
 
 
@@ -432,7 +440,7 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
     rec.put(part, "peak_flops_source", source)
     log(f"  {part}: peak {peak / 1e12:.0f} TFLOP/s from {source}")
     limit = _memory_stats(dev).get("bytes_limit")
-    candidates = [(2, "none")] if args.dry_run else _candidates(args.mfu_candidates)
+    candidates = [(2, "none")] if args.dry_run else args.mfu_candidates
     if part.startswith("d") and SHARED.get("mfu_choice") in candidates:  # the reference starts where b ran
         candidates = candidates[candidates.index(SHARED["mfu_choice"]):]
     tried = []
@@ -620,14 +628,14 @@ def part_decode(args, rec: Recorder) -> None:
 # ---- main --------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="gpu_results.json", help="results JSON, rewritten as figures come in")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, one step of each part")
     parser.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of decoding calls")
-    parser.add_argument("--repeats-attention", type=int, default=20, help="timed repeats of attention calls")
-    parser.add_argument("--steps", type=int, default=8, help="timed train steps (after 2 warm-up steps)")
-    parser.add_argument("--mfu-candidates", default="16:none,8:none,16:dots,8:dots,8:full,4:full",
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats of decoding calls")
+    parser.add_argument("--repeats-attention", type=positive_int, default=20, help="timed repeats of attention calls")
+    parser.add_argument("--steps", type=positive_int, default=8, help="timed train steps (after 2 warm-up steps)")
+    parser.add_argument("--mfu-candidates", type=_candidates, default="16:none,8:none,16:dots,8:dots,8:full,4:full",
                         help="batch:remat_policy pairs tried in order until one fits")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="dense bf16 peak, used only if llama_jax.metrics does not know the device")
@@ -635,6 +643,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="parts not yet started when this many seconds have passed are skipped")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.is_dir():
+        parser.error(f"--out {out} is a directory; give the path of the results file, e.g. {out / 'gpu_results.json'}")
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

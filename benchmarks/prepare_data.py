@@ -31,6 +31,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from llama_jax.cli import OneLineParser, positive_int
+
 MiB = 2**20
 
 
@@ -116,10 +118,10 @@ def versions() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/prepare-bench")
-    parser.add_argument("--repeats", type=int, default=10, help="copies of the standard library in the large corpus")
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeats", type=positive_int, default=10, help="copies of the standard library in the large corpus")
+    parser.add_argument("--vocab", type=positive_int, default=32000)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from llama_jax.cli import OneLineParser, positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(dim=512, n_layers=8, n_heads=8, ffn_dim=1408, vocab_size=8000)
 
@@ -122,17 +124,17 @@ def run_point(point: dict) -> dict:
 # ---- driver ------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--memory-batch", type=int, default=8, help="global batch of the memory plans")
-    parser.add_argument("--memory-seq-len", type=int, default=256)
+    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=positive_int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--memory-batch", type=positive_int, default=8, help="global batch of the memory plans")
+    parser.add_argument("--memory-seq-len", type=positive_int, default=256)
     parser.add_argument("--series", nargs="*", choices=["layers", "dim"], default=["layers", "dim"])
-    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16], help="the layers series")
-    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024], help="the dim series")
-    parser.add_argument("--batch", type=int, default=8, help="batch of the step-time points")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=positive_int, nargs="+", default=[4, 8, 16], help="the layers series")
+    parser.add_argument("--dims", type=positive_int, nargs="+", default=[256, 512, 1024], help="the dim series")
+    parser.add_argument("--batch", type=positive_int, default=8, help="batch of the step-time points")
+    parser.add_argument("--seq-len", type=positive_int, default=64)
+    parser.add_argument("--vocab", type=positive_int, default=8000)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

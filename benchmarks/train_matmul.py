@@ -29,12 +29,12 @@ the ratio of the two, by round.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
 import numpy as np
 
+from llama_jax.cli import OneLineParser, positive_int
 from timing import median_seconds
 
 FORMS = ("x @ w", "dy @ w.T", "x.T @ dy")  # forward, input gradient, weight gradient
@@ -84,14 +84,14 @@ def product_calls(shapes) -> dict[str, list]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=8 * 256)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--ffn", type=int, default=1408)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=positive_int, default=8 * 256)
+    parser.add_argument("--dim", type=positive_int, default=512)
+    parser.add_argument("--ffn", type=positive_int, default=1408)
+    parser.add_argument("--vocab", type=positive_int, default=8000)
+    parser.add_argument("--layers", type=positive_int, default=8)
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     args = parser.parse_args(argv)
     shapes = products(args.tokens, args.dim, args.ffn, args.vocab)
 
