@@ -244,12 +244,30 @@ def test_write_read_round_trip_is_bit_exact(tmp_path, case, n_shards, dtype):
     written = write_meta(tmp_path / "out", cfg, load, n_shards)
     assert written == sum(p.stat().st_size for p in (tmp_path / "out").iterdir())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
-        [f"consolidated.{i:02d}.pth" for i in range(n_shards)] + ["params.json"]
+        [f"consolidated.{i:02d}.pth" for i in range(n_shards)] + ["llama_jax.json", "params.json"]
+    # Meta's loaders call ModelArgs(max_seq_len=..., max_batch_size=..., **params): any other key is refused.
+    # LLaMA-2's ModelArgs, and the fields later releases added where their files carry them:
+    allowed = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+               "norm_eps"} | ({"rope_theta"} if cfg.rope_theta != 10000 else set()) | \
+        ({"use_scaled_rope"} if cfg.rope_scaling else set())
+    assert set(json.loads((tmp_path / "out" / "params.json").read_text())) <= allowed
     source = read_meta(tmp_path / "out")
     assert source.config == cfg and source.dtype == dtype
     for spec in tensor_specs(cfg):
         a, b = source.load(spec.hf_name), load(spec.hf_name)
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), spec.hf_name
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", r"llama_jax.json: not valid JSON"),
+    ('{"max_seq_len": "8192"}', r"llama_jax.json: max_seq_len must be a positive integer, got '8192'"),
+])
+def test_a_bad_settings_file_beside_params_json_is_named(tmp_path, content, message):
+    cfg, load = hf_source("llama3", "float32")
+    write_meta(tmp_path, cfg, load)
+    (tmp_path / "llama_jax.json").write_text(content)
+    with pytest.raises(ConversionError, match=message):
+        read_meta(tmp_path)
 
 
 def test_llama3_sized_vocabulary_is_split_along_the_vocabulary(tmp_path):

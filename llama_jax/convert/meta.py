@@ -15,15 +15,20 @@ i + Dh/2). Converting reorders the rows of wq and wk within each head; nothing e
 - the FFN width is computed with Meta's formula from `multiple_of` / `ffn_dim_multiplier`.
 - `use_scaled_rope: true` means LLaMA-3.1 scaling with low/high frequency factors 1/4 and an
   original context of 8192; the factor (8 for 3.1, 32 for 3.2) is not in Meta's files, so it
-  comes from the caller, else a `rope_scaling_factor` key (written by `write_meta`), else 8.
-- `max_seq_len`, when absent, is guessed from the release's fingerprint: a 128K vocabulary means
-  LLaMA-3 (131072 with scaled rope, else 8192); norm_eps 1e-6 means LLaMA-1 (2048); anything
-  else is taken as LLaMA-2 (4096). Code Llama (16384) is guessed wrong; pass the length on.
+  comes from the caller, else a `rope_scaling_factor` setting (written by `write_meta`), else 8.
+- `max_seq_len`, unless `write_meta` recorded it, is guessed from the release's fingerprint: a
+  128K vocabulary means LLaMA-3 (131072 with scaled rope, else 8192); norm_eps 1e-6 means
+  LLaMA-1 (2048); anything else is taken as LLaMA-2 (4096). Code Llama (16384) is guessed
+  wrong; pass the length on.
 - tied embeddings: a checkpoint without `output.weight` is read as tied.
 
-`write_meta` writes the same keys Meta does plus `rope_scaling_factor` (when scaled) and
-`max_seq_len`, so that reading back gives an equal config. Tied models are written without
-`output.weight` (Meta's files always have one), which is how `read_meta` recognises them.
+`write_meta` writes params.json with the keys Meta's releases use, each only where Meta's files
+have it (`rope_theta` when not 10000, `use_scaled_rope` when true), since Meta's loaders take its
+keys as `ModelArgs` fields and refuse any other; the rope scaling factor and `max_seq_len`, which
+those loaders take from elsewhere, go to `llama_jax.json` beside it, so that reading back gives an
+equal config (params.json files of earlier releases, which held them, still read). Tied models
+are written without `output.weight` (Meta's files always have one), which is how `read_meta`
+recognises them.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from llama_jax.convert.torch_io import load_torch_file, numpy_to_tensor, save_to
 from llama_jax.safe_io import read_json_object
 
 PARAMS_FILE = "params.json"
+EXTRA_FILE = "llama_jax.json"  # what params.json has no key for: max_seq_len, the rope scaling factor
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 _EMBED = "tok_embeddings.weight"
 _NORM = "norm.weight"  # [dim], whole on every shard: the model dim the weights have
@@ -149,6 +155,7 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
     src_dir = Path(src_dir)
     params_path = src_dir / PARAMS_FILE
     params = _read_params(params_path)
+    extra = _read_extra(src_dir / EXTRA_FILE)
     paths = _shard_paths(src_dir)
     shards = [load_torch_file(p) for p in paths]
 
@@ -177,7 +184,7 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
     embed_axis = 0 if len(shards) == 1 or emb_shape[1] == params["dim"] else 1
     vocab = emb_shape[0] * (len(shards) if embed_axis == 0 else 1)
     ffn_rows = same_shape("layers.0.feed_forward.w1.weight", 2)[0] * len(shards)
-    cfg = _config(params, params_path, vocab, ffn_rows, "output.weight" not in shards[0], rope_scaling_factor)
+    cfg = _config(params, params_path, extra, vocab, ffn_rows, "output.weight" not in shards[0], rope_scaling_factor)
     tensors = _tensors(cfg, embed_axis)
 
     expected = {t.name for t in tensors.values()}
@@ -265,6 +272,16 @@ def _read_params(path: Path) -> dict:
     return params
 
 
+def _read_extra(path: Path) -> dict:
+    """The settings `write_meta` keeps beside params.json ({} when there is no such file)."""
+    if not path.exists():
+        return {}
+    try:
+        return read_json_object(path, "settings params.json has no key for")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+
+
 def _check_dim(params: dict, path: Path, weights_dim: int) -> None:
     """ConversionError unless params.json's `dim` is the model dim of the weights."""
     try:
@@ -301,13 +318,15 @@ def _shard_paths(src_dir: Path) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
-def _config(params: dict, path: Path, vocab: int, ffn_rows: int, tied: bool,
+def _config(params: dict, path: Path, extra: dict, vocab: int, ffn_rows: int, tied: bool,
             rope_scaling_factor: float | None) -> LLaMAConfig:
-    """LLaMAConfig from params.json, with the embedding / w1 shapes to fill and check what it omits."""
+    """LLaMAConfig from params.json and `extra` (`EXTRA_FILE`'s settings), with the embedding / w1
+    shapes to fill and check what they omit."""
 
-    def setting(*args, **kwargs):
+    def setting(key, *args, **kwargs):
+        found, where = (params, path) if key in params or key not in extra else (extra, path.parent / EXTRA_FILE)
         try:
-            return file_setting(params, str(path), *args, **kwargs)
+            return file_setting(found, str(where), key, *args, **kwargs)
         except ValueError as e:
             raise ConversionError(str(e)) from None
 
@@ -335,7 +354,7 @@ def _config(params: dict, path: Path, vocab: int, ffn_rows: int, tied: bool,
         except (ValueError, TypeError):
             raise ConversionError(f"--rope-scaling-factor must be a positive number, got {factor!r}") from None
     norm_eps = setting("norm_eps", "number", 1e-5)
-    if "max_seq_len" in params:
+    if "max_seq_len" in params or "max_seq_len" in extra:
         max_seq_len = setting("max_seq_len", "count")
     elif vocab >= _VOCAB_SPLIT_FROM:
         max_seq_len = 131072 if scaled else 8192  # LLaMA-3.1+ / LLaMA-3
@@ -356,7 +375,8 @@ def _config(params: dict, path: Path, vocab: int, ffn_rows: int, tied: bool,
 
 
 def write_meta(dst_dir: Path, config: LLaMAConfig, load: Callable[[str], np.ndarray], n_shards: int = 1) -> int:
-    """Write `params.json` and `n_shards` consolidated.NN.pth files; returns the bytes written.
+    """Write `params.json`, `llama_jax.json` and `n_shards` consolidated.NN.pth files; returns the
+    bytes written.
 
     `load(hf_name)` gives HF-layout arrays in the output dtype. Shards are written one at a time
     (each tensor is loaded once per shard), so only one shard's pieces are held at once.
@@ -369,9 +389,10 @@ def write_meta(dst_dir: Path, config: LLaMAConfig, load: Callable[[str], np.ndar
         raise ConversionError(f"{stale[0]}: already exists; write a Meta checkpoint into a directory without shards")
 
     dst_dir.mkdir(parents=True, exist_ok=True)
-    params_path = dst_dir / PARAMS_FILE
-    params_path.write_text(json.dumps(params, indent=2) + "\n")
-    total = params_path.stat().st_size
+    total = 0
+    for name, content in ((PARAMS_FILE, params), (EXTRA_FILE, _extra_json(config))):
+        (dst_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+        total += (dst_dir / name).stat().st_size
     for shard in range(n_shards):
         state = {}
         for t in tensors.values():
@@ -425,7 +446,7 @@ def _split_problem(cfg: LLaMAConfig, tensors: dict[str, _MetaTensor], n_shards: 
 
 
 def _params_json(cfg: LLaMAConfig) -> dict:
-    """Meta's params.json for `cfg`, plus the rope factor and context length Meta's files leave out."""
+    """Meta's params.json for `cfg`: the keys of Meta's releases, each where Meta writes it."""
     scaling = cfg.rope_scaling
     if scaling is not None and scaling != RopeScaling("llama3", scaling.factor, **_META_ROPE):
         raise ConversionError(f"rope_scaling={scaling.to_dict()} cannot be written to {PARAMS_FILE}; Meta's format "
@@ -436,8 +457,17 @@ def _params_json(cfg: LLaMAConfig) -> dict:
               "vocab_size": cfg.vocab_size, "multiple_of": multiple_of}
     if multiplier is not None:
         params["ffn_dim_multiplier"] = multiplier
-    params.update(norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, use_scaled_rope=scaling is not None)
+    params["norm_eps"] = cfg.norm_eps
+    if cfg.rope_theta != 10000.0:  # LLaMA-1/2's, built into their code: their ModelArgs has no such field
+        params["rope_theta"] = cfg.rope_theta
     if scaling is not None:
-        params["rope_scaling_factor"] = scaling.factor
-    params["max_seq_len"] = cfg.max_seq_len
+        params["use_scaled_rope"] = True
     return params
+
+
+def _extra_json(cfg: LLaMAConfig) -> dict:
+    """What params.json has no key for (Meta's loaders take max_seq_len as an argument)."""
+    extra = {"max_seq_len": cfg.max_seq_len}
+    if cfg.rope_scaling is not None:
+        extra["rope_scaling_factor"] = cfg.rope_scaling.factor
+    return extra
