@@ -86,12 +86,14 @@ def rotate_half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim, -1)[:, order].reshape(w.shape)
 
 
-def meta_shards(state: dict, hf_config: dict, n_shards: int, embed_axis: int) -> list[dict[str, np.ndarray]]:
-    """Model-parallel pieces of an HF state dict, as Meta's code would have saved them."""
+def meta_shards(state: dict, hf_config: dict, n_shards: int, embed_axis: int,
+                output_when_tied: bool = False) -> list[dict[str, np.ndarray]]:
+    """Model-parallel pieces of an HF state dict, as Meta's code would have saved them; a tied
+    model's lm_head (the embedding) only with `output_when_tied` (Meta's code has no tied models)."""
     n_heads, n_kv = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
     shards = [{} for _ in range(n_shards)]
     for hf_name, w in state.items():
-        if hf_name == "lm_head.weight" and hf_config["tie_word_embeddings"]:
+        if hf_name == "lm_head.weight" and hf_config["tie_word_embeddings"] and not output_when_tied:
             continue
         name = meta_name(hf_name)
         kind = name.split(".")[-2]
@@ -289,7 +291,7 @@ def test_written_shards_match_metas_layout(tmp_path, case, n_shards):
     cfg, load = hf_source(case, "float32")
     write_meta(tmp_path, cfg, load, n_shards)
     hf_config, _, state = reference(case)
-    for i, expected in enumerate(meta_shards(state, hf_config, n_shards, CASES[case][3])):
+    for i, expected in enumerate(meta_shards(state, hf_config, n_shards, CASES[case][3], output_when_tied=True)):
         got = torch.load(tmp_path / f"consolidated.{i:02d}.pth", weights_only=True)
         assert sorted(got) == sorted(expected)
         for name, w in expected.items():

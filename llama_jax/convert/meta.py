@@ -20,15 +20,17 @@ i + Dh/2). Converting reorders the rows of wq and wk within each head; nothing e
   128K vocabulary means LLaMA-3 (131072 with scaled rope, else 8192); norm_eps 1e-6 means
   LLaMA-1 (2048); anything else is taken as LLaMA-2 (4096). Code Llama (16384) is guessed
   wrong; pass the length on.
-- tied embeddings: a checkpoint without `output.weight` is read as tied.
+- tied embeddings: recorded by `write_meta` (below); otherwise a checkpoint without
+  `output.weight` is read as tied.
 
 `write_meta` writes params.json with the keys Meta's releases use, each only where Meta's files
 have it (`rope_theta` when not 10000, `use_scaled_rope` when true), since Meta's loaders take its
 keys as `ModelArgs` fields and refuse any other; the rope scaling factor and `max_seq_len`, which
 those loaders take from elsewhere, go to `llama_jax.json` beside it, so that reading back gives an
-equal config (params.json files of earlier releases, which held them, still read). Tied models
-are written without `output.weight` (Meta's files always have one), which is how `read_meta`
-recognises them.
+equal config (params.json files of earlier releases, which held them, still read). Meta's files
+always have an `output.weight`: a tied model is written with its embedding there as well and
+`tie_embeddings` in `llama_jax.json`; a checkpoint without `output.weight` (as earlier releases
+wrote tied models) is read as tied too.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ PARAMS_FILE = "params.json"
 EXTRA_FILE = "llama_jax.json"  # what params.json has no key for: max_seq_len, the rope scaling factor
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 _EMBED = "tok_embeddings.weight"
+_OUTPUT = "output.weight"
+_EMBED_HF, _OUTPUT_HF = "model.embed_tokens.weight", "lm_head.weight"
 _NORM = "norm.weight"  # [dim], whole on every shard: the model dim the weights have
 _WQ = "layers.0.attention.wq.weight"  # [dim, dim], split by rows: how many shards the weights were cut into
 _IGNORED = ("rope.freqs",)  # precomputed rotary table old checkpoints carry; derived, not learned
@@ -155,7 +159,7 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
     src_dir = Path(src_dir)
     params_path = src_dir / PARAMS_FILE
     params = _read_params(params_path)
-    extra = _read_extra(src_dir / EXTRA_FILE)
+    settings = _read_extra(src_dir / EXTRA_FILE)
     paths = _shard_paths(src_dir)
     shards = [load_torch_file(p) for p in paths]
 
@@ -184,15 +188,17 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
     embed_axis = 0 if len(shards) == 1 or emb_shape[1] == params["dim"] else 1
     vocab = emb_shape[0] * (len(shards) if embed_axis == 0 else 1)
     ffn_rows = same_shape("layers.0.feed_forward.w1.weight", 2)[0] * len(shards)
-    cfg = _config(params, params_path, extra, vocab, ffn_rows, "output.weight" not in shards[0], rope_scaling_factor)
+    tied = _tied(settings, src_dir / EXTRA_FILE) or _OUTPUT not in shards[0]
+    cfg = _config(params, params_path, settings, vocab, ffn_rows, tied, rope_scaling_factor)
     tensors = _tensors(cfg, embed_axis)
 
     expected = {t.name for t in tensors.values()}
+    ignored = set(_IGNORED) | ({_OUTPUT} if tied else set())  # a tied model's copy of the embedding, for Meta's code
     for path, shard in zip(paths, shards):
         missing = sorted(expected - set(shard))
         if missing:
             raise ConversionError(f"{path}: missing tensor {missing[0]}")
-        extra = sorted(set(shard) - expected - set(_IGNORED))
+        extra = sorted(set(shard) - expected - ignored)
         if extra:
             raise ConversionError(f"{path}: unexpected tensor {extra[0]}; expected only the {len(expected)} tensors "
                                   f"of a {cfg.n_layers}-layer LLaMA as described by {PARAMS_FILE}")
@@ -282,6 +288,14 @@ def _read_extra(path: Path) -> dict:
         raise ConversionError(str(e)) from None
 
 
+def _tied(settings: dict, path: Path) -> bool:
+    """Whether `write_meta` recorded the model as tied (it writes the embedding as output.weight too)."""
+    try:
+        return bool(file_setting(settings, str(path), "tie_embeddings", "flag", False))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+
+
 def _check_dim(params: dict, path: Path, weights_dim: int) -> None:
     """ConversionError unless params.json's `dim` is the model dim of the weights."""
     try:
@@ -318,13 +332,13 @@ def _shard_paths(src_dir: Path) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
-def _config(params: dict, path: Path, extra: dict, vocab: int, ffn_rows: int, tied: bool,
+def _config(params: dict, path: Path, settings: dict, vocab: int, ffn_rows: int, tied: bool,
             rope_scaling_factor: float | None) -> LLaMAConfig:
-    """LLaMAConfig from params.json and `extra` (`EXTRA_FILE`'s settings), with the embedding / w1
+    """LLaMAConfig from params.json and `settings` (`EXTRA_FILE`'s), with the embedding / w1
     shapes to fill and check what they omit."""
 
     def setting(key, *args, **kwargs):
-        found, where = (params, path) if key in params or key not in extra else (extra, path.parent / EXTRA_FILE)
+        found, where = (params, path) if key in params or key not in settings else (settings, path.parent / EXTRA_FILE)
         try:
             return file_setting(found, str(where), key, *args, **kwargs)
         except ValueError as e:
@@ -354,7 +368,7 @@ def _config(params: dict, path: Path, extra: dict, vocab: int, ffn_rows: int, ti
         except (ValueError, TypeError):
             raise ConversionError(f"--rope-scaling-factor must be a positive number, got {factor!r}") from None
     norm_eps = setting("norm_eps", "number", 1e-5)
-    if "max_seq_len" in params or "max_seq_len" in extra:
+    if "max_seq_len" in params or "max_seq_len" in settings:
         max_seq_len = setting("max_seq_len", "count")
     elif vocab >= _VOCAB_SPLIT_FROM:
         max_seq_len = 131072 if scaled else 8192  # LLaMA-3.1+ / LLaMA-3
@@ -384,6 +398,10 @@ def write_meta(dst_dir: Path, config: LLaMAConfig, load: Callable[[str], np.ndar
     """
     dst_dir = Path(dst_dir)
     params, tensors = check_writable(config, n_shards)
+    read = load
+    if config.tie_embeddings:  # Meta's code has no tied models: it gets the embedding as its output layer too
+        def read(hf_name: str) -> np.ndarray:
+            return load(_EMBED_HF if hf_name == _OUTPUT_HF else hf_name)
     stale = sorted(dst_dir.glob("consolidated.*.pth"))
     if stale:
         raise ConversionError(f"{stale[0]}: already exists; write a Meta checkpoint into a directory without shards")
@@ -396,7 +414,7 @@ def write_meta(dst_dir: Path, config: LLaMAConfig, load: Callable[[str], np.ndar
     for shard in range(n_shards):
         state = {}
         for t in tensors.values():
-            w = np.asarray(load(t.spec.hf_name))
+            w = np.asarray(read(t.spec.hf_name))
             if w.shape != t.spec.hf_shape:
                 raise ConversionError(f"tensor {t.spec.hf_name} has shape {w.shape}, config expects {t.spec.hf_shape}")
             if t.rotary_heads:
@@ -413,7 +431,7 @@ def check_writable(config: LLaMAConfig, n_shards: int) -> tuple[dict, dict[str, 
     """ConversionError unless `config` can be written as `n_shards` Meta shards (checked before the
     destination is created); returns its params.json and tensors."""
     params = _params_json(config)
-    tensors = _tensors(config, 1 if config.vocab_size < _VOCAB_SPLIT_FROM else 0)
+    tensors = _tensors(config.replace(tie_embeddings=False), 1 if config.vocab_size < _VOCAB_SPLIT_FROM else 0)
     problem = _split_problem(config, tensors, n_shards)
     if problem:
         valid = [n for n in range(1, config.n_heads + 1) if _split_problem(config, tensors, n) is None]
@@ -470,4 +488,6 @@ def _extra_json(cfg: LLaMAConfig) -> dict:
     extra = {"max_seq_len": cfg.max_seq_len}
     if cfg.rope_scaling is not None:
         extra["rope_scaling_factor"] = cfg.rope_scaling.factor
+    if cfg.tie_embeddings:
+        extra["tie_embeddings"] = True
     return extra
