@@ -50,7 +50,7 @@ from llama_jax.convert.torch_io import load_torch_file, numpy_to_tensor, save_to
 from llama_jax.safe_io import read_json_object
 
 PARAMS_FILE = "params.json"
-EXTRA_FILE = "llama_jax.json"  # what params.json has no key for: max_seq_len, the rope scaling factor
+EXTRA_FILE = "llama_jax.json"  # what params.json has no key for: max_seq_len, rope scaling factor, tie
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 _EMBED = "tok_embeddings.weight"
 _OUTPUT = "output.weight"
