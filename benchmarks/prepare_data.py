@@ -120,7 +120,8 @@ def versions() -> str:
 def main() -> None:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/prepare-bench")
-    parser.add_argument("--repeats", type=positive_int, default=10, help="copies of the standard library in the large corpus")
+    parser.add_argument("--repeats", type=positive_int, default=10,
+                        help="copies of the standard library in the large corpus")
     parser.add_argument("--vocab", type=positive_int, default=32000)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()

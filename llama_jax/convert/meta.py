@@ -398,10 +398,10 @@ def write_meta(dst_dir: Path, config: LLaMAConfig, load: Callable[[str], np.ndar
     """
     dst_dir = Path(dst_dir)
     params, tensors = check_writable(config, n_shards)
-    read = load
-    if config.tie_embeddings:  # Meta's code has no tied models: it gets the embedding as its output layer too
-        def read(hf_name: str) -> np.ndarray:
-            return load(_EMBED_HF if hf_name == _OUTPUT_HF else hf_name)
+
+    def read(hf_name: str) -> np.ndarray:  # Meta's code has no tied models: a tied one's output layer is its embedding
+        return load(_EMBED_HF if config.tie_embeddings and hf_name == _OUTPUT_HF else hf_name)
+
     stale = sorted(dst_dir.glob("consolidated.*.pth"))
     if stale:
         raise ConversionError(f"{stale[0]}: already exists; write a Meta checkpoint into a directory without shards")
