@@ -206,6 +206,16 @@ def check_available(impl: str) -> None:
                          f"(cudnn on GPU, splash on TPU, xla elsewhere), 'xla' or 'dot_product'")
 
 
+def runnable_here(impl: str) -> str:
+    """`impl`, or `auto` where it cannot run on this backend: for scoring with a model directory
+    saved where it could (a GPU run's `cudnn`), as the kernel changes no value beyond rounding."""
+    try:
+        check_available(impl)
+    except ValueError:
+        return "auto"
+    return impl
+
+
 def attention(q, k, v, mask_BxSxT, segment_ids_BxS, impl: str) -> Array:
     """Dispatch to a kernel; per device under `shard_map` inside `sharded_attention`."""
     check_available(impl)

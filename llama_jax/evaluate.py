@@ -70,6 +70,9 @@ class _Forward:
     while the next is prepared."""
 
     def __init__(self, config: LLaMAConfig, params, mesh=None, context: Callable | None = None):
+        from llama_jax.attention import runnable_here
+
+        config = config.replace(attention_impl=runnable_here(config.attention_impl))  # a GPU run's model, here
         self.config, self.params, self.mesh = config, params_in_layout(config, params), mesh
         self.context = context or contextlib.nullcontext
         self.scores = _jitted_scores(config, mesh)

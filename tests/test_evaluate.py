@@ -99,6 +99,8 @@ def test_scoring_equals_full_forward_and_padding_changes_nothing(model):
         single, single_greedy = alone.loglikelihood([(context, continuation)])[0]
         assert logprob == pytest.approx(single, rel=1e-6) and greedy == single_greedy
     assert batched[-1][1] and not any(g for _, g in batched[:-1])  # both answers are exercised
+    # a model directory saved by a GPU run names cudnn attention: scored here with a kernel that runs
+    assert Scorer(cfg.replace(attention_impl="cudnn"), params, batch_size=4).loglikelihood(requests) == batched
 
 
 def test_generation_padded_to_a_bucket_is_unchanged(model):
