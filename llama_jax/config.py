@@ -149,9 +149,7 @@ class LLaMAConfig:
         """A copy with `changes`. Fields not changed keep their values: n_kv_heads too (None at
         construction stands for n_heads then), so a new n_heads alone makes grouped-query attention
         of a multi-head model; give n_kv_heads as well to keep it multi-head."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown LLaMAConfig field(s) {unknown}; valid: {field_names()}")
+        _check_field_names(changes)
         return dataclasses.replace(self, **changes)
 
     # ---- serialisation -------------------------------------------------------------------
@@ -162,9 +160,7 @@ class LLaMAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LLaMAConfig":
-        unknown = sorted(set(d) - set(field_names()))
-        if unknown:
-            raise ValueError(f"unknown LLaMAConfig field(s) {unknown}; valid: {field_names()}")
+        _check_field_names(d)
         return cls(**d)
 
     def to_json(self) -> str:
@@ -189,6 +185,13 @@ class LLaMAConfig:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(LLaMAConfig)]
+
+
+def _check_field_names(names) -> None:
+    """ValueError naming those of `names` that are not LLaMAConfig fields, with the valid ones."""
+    unknown = sorted(set(names) - set(field_names()))
+    if unknown:
+        raise ValueError(f"unknown LLaMAConfig field(s) {unknown}; valid: {field_names()}")
 
 
 def _check_number(name: str, value: Any, positive: bool = True) -> None:
@@ -292,9 +295,7 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
         max_seq_len=setting("max_position_embeddings", "count", 2048),
         tie_embeddings=setting("tie_word_embeddings", "flag", False),
     )
-    unknown = sorted(set(overrides) - set(field_names()))
-    if unknown:
-        raise ValueError(f"unknown LLaMAConfig field(s) {unknown}; valid: {field_names()}")
+    _check_field_names(overrides)
     fields.update(overrides)
     return LLaMAConfig(**fields)
 

@@ -22,7 +22,7 @@ import os
 import queue
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -146,14 +146,21 @@ def expand_files(patterns: Sequence[str] | str) -> list[str]:
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
         raise ValueError("no files given; data.files needs paths or glob patterns of .txt/.jsonl files")
-    files: dict[str, str] = {}  # real path -> the path as matched
+    files = []
     for pattern in patterns:
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matched:
             raise ValueError(f"no file matches {pattern!r}; give existing paths or glob patterns")
-        for path in matched:
-            files.setdefault(os.path.realpath(path), path)
-    return list(files.values())
+        files += matched
+    return each_file_once(files)
+
+
+def each_file_once(paths: Iterable[str]) -> list[str]:
+    """`paths` without those naming a file listed before (the same path, or a link to it)."""
+    first: dict[str, str] = {}  # real path -> the path as given
+    for path in paths:
+        first.setdefault(os.path.realpath(path), path)
+    return list(first.values())
 
 
 def read_documents(paths: Sequence[str] | str, text_key: str = "text") -> Iterator[str]:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax import metrics as metrics_lib
-from llama_jax.attention import resolve
+from llama_jax.attention import resolve, runnable_here
 from llama_jax.sharding import batch_sharding
 from llama_jax.train import build_trainer
 
@@ -29,10 +29,11 @@ def _per_device_bytes(abstract_tree) -> int:
 def plan(config, devices=None) -> dict:
     """What one device holds for the config's train step; on a backend without a GPU, an explicit
     `cudnn` attention is planned with `xla` instead (and said so)."""
-    standing_in = config.model.attention_impl == "cudnn" and jax.default_backend() != "gpu"
+    runnable = runnable_here(config.model.attention_impl)
+    standing_in = runnable != config.model.attention_impl
     if standing_in:
         config = copy.deepcopy(config)
-        config.model.attention_impl = "xla"
+        config.model.attention_impl = runnable
     trainer = build_trainer(config, devices)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          nn.meta.unbox(trainer.abstract_state), trainer.state_shardings)

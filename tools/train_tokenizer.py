@@ -13,21 +13,20 @@ boundaries would change nothing). Bad input: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import glob
-import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from llama_jax.cli import OneLineParser
-from llama_jax.data import jsonl_texts, utf8_text
+from llama_jax.data import each_file_once, jsonl_texts, utf8_text
 from llama_jax.safe_io import check_writable
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 
 def resolve_inputs(patterns: list[str]) -> list[Path]:
     """The files named by `patterns`, in order, each once; ValueError when one names nothing."""
-    files: dict[str, Path] = {}  # real path -> the path as matched (a link to a file given already is that file)
+    files: list[str] = []
     for pattern in patterns:
         is_glob = glob.has_magic(pattern)
         names = sorted(glob.glob(pattern, recursive=True)) if is_glob else [pattern]
@@ -36,9 +35,8 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
             raise ValueError(f"{pattern}: is a directory; give the files in it, e.g. {Path(pattern) / '*.txt'}")
         if not matches:
             raise ValueError(f"{pattern}: matches no file" if is_glob else f"{pattern}: no such file")
-        for match in matches:
-            files.setdefault(os.path.realpath(match), Path(match))
-    return list(files.values())
+        files += matches
+    return [Path(f) for f in each_file_once(files)]
 
 
 class Corpus:
@@ -51,14 +49,11 @@ class Corpus:
 
     def __iter__(self) -> Iterator[str]:
         for path in self.files:
+            jsonl = path.suffix == ".jsonl"
+            self.documents += not jsonl  # a text file is one document, a .jsonl line one
             try:
-                if path.suffix == ".jsonl":
-                    texts = jsonl_texts(path, self.jsonl_key)
-                else:
-                    self.documents += 1  # a text file is one document
-                    texts = _text_lines(path)
-                for text in texts:
-                    self.documents += path.suffix == ".jsonl"
+                for text in jsonl_texts(path, self.jsonl_key) if jsonl else _text_lines(path):
+                    self.documents += jsonl
                     self.chars += len(text)
                     yield text
             except OSError as e:
