@@ -646,7 +646,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.is_dir():
         parser.error(f"--out {out} is a directory; give the path of the results file, e.g. {out / 'gpu_results.json'}")
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder of the path should be, or no permission
+        parser.error(f"--out {out}: cannot create its folder ({e.strerror}); give a writable path")
     if args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -19,6 +19,8 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
     ("gpu.py", ["--repeats-attention", "0"], "argument --repeats-attention: must be at least 1, got 0"),
     ("gpu.py", ["--mfu-candidates", "16:none,foo"], "argument --mfu-candidates: 'foo' is not BATCH:REMAT"),
     ("gpu.py", ["--out", "."], "--out . is a directory; give the path of the results file"),
+    ("gpu.py", ["--out", f"{__file__}/results.json"],  # a file where its folder should be
+     f"--out {__file__}/results.json: cannot create its folder (File exists); give a writable path"),
     ("prepare_data.py", ["--vocab", "0"], "argument --vocab: must be at least 1, got 0"),
     ("scaling.py", ["--devices", "0", "1"], "argument --devices: must be at least 1, got 0"),
     ("train_matmul.py", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),

@@ -263,6 +263,7 @@ def test_write_read_round_trip_is_bit_exact(tmp_path, case, n_shards, dtype):
 @pytest.mark.parametrize("content, message", [
     ("{not json", r"llama_jax.json: not valid JSON"),
     ('{"max_seq_len": "8192"}', r"llama_jax.json: max_seq_len must be a positive integer, got '8192'"),
+    ('{"tie_embeddings": "yes"}', r"llama_jax.json: tie_embeddings must be true or false, got 'yes'"),
 ])
 def test_a_bad_settings_file_beside_params_json_is_named(tmp_path, content, message):
     cfg, load = hf_source("llama3", "float32")
