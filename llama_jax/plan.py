@@ -27,8 +27,8 @@ def _per_device_bytes(abstract_tree) -> int:
 
 
 def plan(config, devices=None) -> dict:
-    """What one device holds for the config's train step; on a backend without a GPU, an explicit
-    `cudnn` attention is planned with `xla` instead (and said so)."""
+    """What one device holds for the config's train step; an attention kernel that cannot run on
+    this backend (`cudnn` without a GPU) is planned with the one `auto` picks here, and said so."""
     runnable = runnable_here(config.model.attention_impl)
     standing_in = runnable != config.model.attention_impl
     if standing_in:
