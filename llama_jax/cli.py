@@ -751,6 +751,8 @@ def cmd_data_inspect(args) -> None:
         raise UserError("give --config CONFIG (prepared data, or a raw source prepared now) or --workdir RUN")
     if (args.step is None) == (not args.epoch):
         raise UserError("give --step S (the rows of one step) or --epoch (coverage of one epoch), one of them")
+    if args.epoch and args.rows is not None:
+        raise UserError("--rows picks rows of one --step's batch; --epoch reports every row of the epoch")
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is not None and (args.config is None or workdir.exists()):  # with --config it may be a new run's
         _check_run_directory(workdir, args.config)

@@ -342,6 +342,8 @@ CASES = [
          r"give --step S \(the rows of one step\) or --epoch \(coverage of one epoch\), one of them"),
     Case("inspect-both-step-and-epoch", "data inspect --config {tiny} --step 1 --epoch",
          r"give --step S \(the rows of one step\) or --epoch \(coverage of one epoch\), one of them"),
+    Case("inspect-rows-with-epoch", "data inspect --config {tiny} --epoch --rows 2",
+         r"--rows picks rows of one --step's batch; --epoch reports every row of the epoch"),
     Case("inspect-negative-step", "data inspect --config {tiny} --step -1",
          r"argument --step: must be at least 0, got -1"),
     Case("inspect-zero-rows", "data inspect --config {tiny} --step 0 --rows 0",
