@@ -8,6 +8,7 @@ checked against an independent statement of the layout rather than against itsel
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from llama_jax import LLaMA, LLaMAConfig, RopeScaling, from_hf_state_dict
-from llama_jax.cli import main
+from llama_jax.cli import Terminated, main
 from llama_jax.convert.hf import tensor_specs
 from llama_jax.convert.meta import read_meta, write_meta
 from llama_jax.convert.source import ConversionError
@@ -514,3 +515,22 @@ def test_write_refuses_stale_shards_and_bad_tensors(tmp_path):
     write_meta(tmp_path / "out", cfg, load, 2)
     with pytest.raises(ConversionError, match=r"consolidated\.00\.pth: already exists"):
         write_meta(tmp_path / "out", cfg, load, 1)
+
+
+@pytest.mark.parametrize("stop", [OSError(28, "No space left on device"), KeyboardInterrupt(), Terminated()],
+                         ids=["full-disk", "ctrl-c", "sigterm"])
+def test_what_stops_a_shard_write_is_raised_as_itself(tmp_path, monkeypatch, stop):
+    """torch.save reports a write that raised (a full disk, or a signal handler raising in the
+    middle of it) as its own RuntimeError; the convert command needs the original to report a
+    termination (exit 143 or 130) or the disk."""
+    from llama_jax.convert import torch_io
+
+    class StoppingFile(io.FileIO):
+        def write(self, data):
+            if self.tell() > 2000:
+                raise stop
+            return super().write(data)
+
+    monkeypatch.setattr(torch_io, "open", StoppingFile, raising=False)
+    with pytest.raises(type(stop)):
+        torch_io.save_torch_file({"a": torch.zeros(4096), "b": torch.ones(4096)}, tmp_path / "x.pth")

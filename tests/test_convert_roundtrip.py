@@ -41,7 +41,9 @@ def test_hf_jax_meta_jax(tmp_path, variant, shards):
     config_dict = hf_config_dict(variant, "v4")
     src = write_hf_dir(tmp_path / "hf", make_hf_model(config_dict, seed=5), config_dict, "safetensors")
     convert("hf", src, "jax", tmp_path / "jax1")
-    convert("jax", tmp_path / "jax1", "meta", tmp_path / "meta", "--shards", str(shards))
+    convert("jax", tmp_path / "jax1", "meta", tmp_path / "meta")
+    # --overwrite replaces what the Meta writer wrote (llama_jax.json included), stale shards too
+    convert("jax", tmp_path / "jax1", "meta", tmp_path / "meta", "--shards", str(shards), "--overwrite")
     assert len(list((tmp_path / "meta").glob("consolidated.*.pth"))) == shards
     assert (tmp_path / "meta" / "tokenizer.model").is_file()
     convert("meta", tmp_path / "meta", "jax", tmp_path / "jax2")

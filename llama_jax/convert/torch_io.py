@@ -64,12 +64,14 @@ def numpy_to_tensor(a: np.ndarray):
 
 
 def save_torch_file(state: dict, path: str | os.PathLike) -> None:
-    """`torch.save` to `path`; a failed write (a full disk) raises its OSError, which torch would
-    report only as an internal RuntimeError ("unexpected pos ...")."""
+    """`torch.save` to `path`. What stopped the write raises as itself: torch reports a failed
+    write (a full disk) or a signal arriving mid-write (the `Terminated` a SIGTERM raises,
+    `KeyboardInterrupt`) only as an internal RuntimeError ("unexpected pos ...") of its own."""
     with open(path, "wb") as f:
         try:
             _torch().save(state, f)
         except RuntimeError as e:
-            if isinstance(e.__context__, OSError):
-                raise e.__context__ from None
+            cause = e.__context__
+            if isinstance(cause, OSError) or (isinstance(cause, BaseException) and not isinstance(cause, Exception)):
+                raise cause from None
             raise
