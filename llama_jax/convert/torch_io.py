@@ -71,7 +71,15 @@ def save_torch_file(state: dict, path: str | os.PathLike) -> None:
         try:
             _torch().save(state, f)
         except RuntimeError as e:
-            cause = e.__context__
-            if isinstance(cause, OSError) or (isinstance(cause, BaseException) and not isinstance(cause, Exception)):
-                raise cause from None
+            _raise_signal_inside(e)
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
             raise
+
+
+def _raise_signal_inside(error: BaseException) -> None:
+    """Raise what a signal handler raised inside torch (`KeyboardInterrupt`, the `Terminated` of a
+    SIGTERM), which torch reports only as the error of its own that `error` is."""
+    cause = error.__context__
+    if isinstance(cause, BaseException) and not isinstance(cause, Exception):
+        raise cause from None
