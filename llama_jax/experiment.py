@@ -113,9 +113,8 @@ def _read_config_file(path: Path) -> ml_collections.ConfigDict:
     if missing:
         raise ValueError(f"{path}: the config has no {', '.join(missing)} section(s); start from "
                          "llama_jax.experiment.base_config() (or pass a run's config.json)")
-    if path.suffix == ".py":  # (a run's config.json may hold keys of the release that wrote it)
-        _check_known_keys(path, config, base)
-    else:  # written by an earlier release: the keys added since take their defaults
+    _check_known_keys(path, config, base)  # no release has dropped a key, so a run's config.json is checked too
+    if path.suffix == ".json":  # written by an earlier release: the keys added since take their defaults
         for section in base.keys():
             if isinstance(config[section], ml_collections.ConfigDict):
                 for key in sorted(set(base[section].keys()) - set(config[section].keys())):
@@ -125,7 +124,8 @@ def _read_config_file(path: Path) -> ml_collections.ConfigDict:
 
 def _check_known_keys(path: Path, config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -> None:
     """ValueError naming a section or key of `config` that `base` lacks: a misspelt key set in a
-    config file would otherwise be ignored, as it is not when given as an override."""
+    config file (or edited into a run's config.json) would otherwise be ignored, as it is not
+    when given as an override."""
     for section in config.keys():
         if section not in base:
             raise ValueError(f"{path}: unknown config section {section!r}; valid: {', '.join(base.keys())}")

@@ -53,6 +53,8 @@ CASES = [
     Case("train-config-syntax-error", "train --config {syntax_py} --workdir new", r"syntax.py, line 1: syntax error"),
     Case("train-config-file-sets-unknown-key", "train --config {typo_py} --workdir new",
          r"typo.py: unknown config key 'train.stpes'; valid keys there: .*steps"),
+    Case("train-run-config-json-sets-unknown-key", "train --config {typo_json} --workdir new",
+         r"typo.json: unknown config key 'train.stpes'; valid keys there: .*steps"),  # no release wrote it
     Case("train-get_config-returns-none", "train --config {none_py} --workdir new",
          r"none.py: get_config\(\) returned None; expected an ml_collections.ConfigDict"),
     Case("train-config-json-garbage", "train --config {garbage_json} --workdir new", r"garbage.json: not valid JSON"),
@@ -420,6 +422,9 @@ def make_inputs(root: Path) -> dict[str, Path]:
         p.update(make_checkpoints_and_damaged_inputs(inputs))  # while the run trains
     assert training.result().returncode == 0, training.result().stderr
     assert cli(["export", "--workdir", p["run"], p["model"]], root).returncode == 0
+    saved = json.loads((p["run"] / "config.json").read_text())
+    p["typo_json"] = inputs / "configs" / "typo.json"
+    p["typo_json"].write_text(json.dumps({**saved, "train": {**saved["train"], "stpes": 5}}))
     p["bad_config_model"], p["paramless_model"] = inputs / "bad_config_model", inputs / "paramless_model"
     shutil.copytree(p["model"], p["bad_config_model"])
     (p["bad_config_model"] / "model_config.json").write_text("{oops")
