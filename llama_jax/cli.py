@@ -89,6 +89,13 @@ def _sigterm_unwinds():
             signal.signal(s, handler)
 
 
+def _ignore_signals() -> None:
+    """Ctrl-C and SIGTERM are ignored from now on: once a command's work is done, they would only
+    misreport how it ended."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 IMPORT_WAIT_S = 10.0  # longest a signal waits for an import to finish (a hung import still stops)
 
 
@@ -413,6 +420,7 @@ def cmd_export(args) -> None:
     from llama_jax.run import export_model
 
     path, step, model = export_model(args.workdir, args.dst, args.step, args.overwrite)
+    _ignore_signals()  # the model directory is in place: nothing is left to stop (param_count traces the model)
     print(f"exported step {step} of {args.workdir} ({param_count(model):,} parameters) to {path}; "
           f"llama-jax convert --from jax --to hf {path} DST makes a Hugging Face checkpoint of it")
 
@@ -1211,9 +1219,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = _run(argv)
     finally:
-        if argv is None:  # the command is over: a signal now would only hide how it ended
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, signal.SIG_IGN)
+        if argv is None:  # the command is over
+            _ignore_signals()
         _NOISE.end(succeeded=status == 0, exiting=argv is None)
     if argv is None and status != 0:
         _exit_without_teardown(status)

@@ -708,7 +708,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 recorded = record_progress(workdir, recorded)  # the previous save, committed by now
             elif main_process and saved_step > (recorded or 0) and checkpoints.in_place(saved_step):  # committed
                 recorded = record_progress(workdir, recorded)
-            if preemption.requested or checkpoints.reached_preemption(step):
+            # after the last step, a SIGTERM lets the run end as usual (evaluation, plot, closing line)
+            if (preemption.requested or checkpoints.reached_preemption(step)) and step < t.steps:
                 if saved_step != step:
                     checkpoints.save(step, state, {**run_info, "step": step}, force=True)
                 checkpoints.wait()

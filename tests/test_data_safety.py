@@ -157,6 +157,25 @@ def test_a_metrics_line_that_is_not_utf8_is_kept_as_it_is(tmp_path, pristine_run
     jax.tree.map(np.testing.assert_array_equal, load_model(tmp_path / "model")[1], exported)
 
 
+def test_a_signal_once_the_export_is_in_place_changes_nothing(tmp_path, pristine_run, monkeypatch, capsys):
+    """SIGTERM after the exported directory is in place (while the closing line counts the
+    parameters, which traces the model) ends the export as done: exit 0 and its line, not
+    "terminated" over a complete output that a rerun would then refuse to overwrite."""
+    import llama_jax
+
+    run, exported = pristine_run
+    count = llama_jax.param_count
+
+    def signalled_count(model):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return count(model)
+
+    monkeypatch.setattr(llama_jax, "param_count", signalled_count)
+    assert main(["export", "--workdir", str(run), str(tmp_path / "model")]) == 0
+    assert capsys.readouterr().out.startswith(f"exported step 4 of {run} (")
+    jax.tree.map(np.testing.assert_array_equal, load_model(tmp_path / "model")[1], exported)
+
+
 @pytest.mark.parametrize("damage_done", ["removed", "garbled"])
 def test_a_run_without_its_config_json_says_where_the_config_is_kept(tmp_path, pristine_run, capsys, damage_done):
     """A run whose config.json was lost is not taken for a foreign directory: the error names the

@@ -150,15 +150,21 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer
     assert committed_steps(workdir / "checkpoints") == [4, 6]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
 
-    # the resume, preempted again once its last step is done (while it draws the loss plot): it
-    # ends as a finished run does, with its closing line and its plot, and exits 0
+    # the resume, preempted again during its last step and once that step is done (while it draws
+    # the loss plot): it ends as a finished run does, with its closing line and its plot, and exits 0
     seen, plot = n_lines(workdir / "metrics.jsonl"), run_lib.plot_losses
+
+    def write_last_then_preempt(self, step, record):
+        original(self, step, record)
+        if step == STEPS and "loss" in record:  # the last step's record, written inside the loop
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def preempt_then_plot(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         plot(*args)
 
     with monkeypatch.context() as m:
+        m.setattr(metrics_lib.MetricsWriter, "write", write_last_then_preempt)
         m.setattr(run_lib, "plot_losses", preempt_then_plot)
         assert main(train_args(workdir, overrides)) == 0
     closing = capsys.readouterr().out.splitlines()[-1]
