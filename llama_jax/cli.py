@@ -513,7 +513,7 @@ def cmd_lm_eval(args) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                              batch_size=args.batch_size, include_path=args.include_path, max_length=args.max_length,
-                             dtype=args.dtype, mesh=args.mesh)
+                             dtype=args.dtype, mesh=args.mesh, max_gen_toks=args.max_gen_toks)
     kept = {k: results[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
                                     "higher_is_better", "n-samples", "config") if k in results}
     print(make_table(results))
@@ -925,6 +925,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8, help="requests per batch (default 8)")
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="context length in tokens (default: the model's max_seq_len)")
+    p.add_argument("--max-gen-toks", type=positive_int, default=None,
+                   help="new tokens of generation tasks whose settings do not give max_gen_toks (default 256)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the model's)")
     p.add_argument("--include-path", default=None, help="a directory of task YAML files of your own")

@@ -122,9 +122,28 @@ class LlamaJaxLM(TemplateLM):
             tokens = [t for t in tokens if t not in self.tokenizer.special_ids]
         return self.tokenizer.decode(tokens)
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """The harness's split of context + continuation into their tokens, except where the
+        continuation completes the context's last word ("x = Tru" + "e") and the two tokenize as
+        one piece, which leaves the continuation no tokens (the `hf` backend fails there): the
+        split is then moved back to where the whole text's tokens and the context's part ways, so
+        the continuation is scored as the pieces it changed (here P(▁True | x =))."""
+        context_enc, continuation_enc = super()._encode_pair(context, continuation)
+        if continuation_enc or not continuation:
+            return context_enc, continuation_enc
+        whole = self.tok_encode(context + continuation)
+        shared = next((k for k, (a, b) in enumerate(zip(whole, context_enc)) if a != b), len(whole))
+        split = max(1, min(shared, len(whole) - 1))
+        return whole[:split], whole[split:]
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        results = self.scorer.loglikelihood([(context, continuation) for _, context, continuation in requests],
-                                            progress=not disable_tqdm)
+        """Scores of the requests' continuation tokens; an empty continuation scores (0.0, True),
+        the empty sum."""
+        scored = [i for i, (_, _, continuation) in enumerate(requests) if continuation]
+        results = [(0.0, True)] * len(requests)
+        answers = self.scorer.loglikelihood([requests[i][1:] for i in scored], progress=not disable_tqdm)
+        for i, answer in zip(scored, answers):
+            results[i] = answer
         for (strings, _, _), answer in zip(requests, results):
             if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, answer)
@@ -174,7 +193,8 @@ class LlamaJaxLM(TemplateLM):
             room = self.max_length - new_tokens
             if room < 1:
                 raise ValueError(f"max_gen_toks={new_tokens} leaves no room for a prompt in the model's context "
-                                 f"of {self.max_length} tokens")
+                                 f"of {self.max_length} tokens; give max_gen_toks below {self.max_length} (llama-jax "
+                                 f"lm-eval --max-gen-toks N, or the task's generation_kwargs)")
             prompts, cut = {}, 0
             for i in indices:
                 ids = self.tok_encode(requests[i].args[0])
@@ -214,12 +234,13 @@ if NAME not in model_registry:  # a module imported again must not collide with 
 def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = None, limit: int | float | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, include_path: str | None = None, max_length: int | None = None,
                    dtype: str | None = None, log_samples: bool = False, include_defaults: bool = True,
-                   mesh: tuple[int, int, int] = (1, -1, 1)) -> dict:
+                   mesh: tuple[int, int, int] = (1, -1, 1), max_gen_toks: int | None = None) -> dict:
     """Run lm-eval tasks on a model directory; returns the harness's results dict.
 
     The task names are checked before the model is loaded. `include_path`: a directory of task
     YAML files of one's own; `include_defaults=False` leaves out the harness's tasks (faster).
-    `mesh`: (data, fsdp, tensor) sizes of the device mesh the model is sharded over."""
+    `mesh`: (data, fsdp, tensor) sizes of the device mesh the model is sharded over.
+    `max_gen_toks`: new tokens of generation tasks whose settings do not give them (default 256)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -234,6 +255,6 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
                          f"(tasks of your own: --include-path DIR of task YAML files)")
     data, fsdp, tensor = mesh
     model = LlamaJaxLM(model_dir, batch_size=batch_size, max_length=max_length, dtype=dtype, data=data, fsdp=fsdp,
-                       tensor=tensor)
+                       tensor=tensor, **({} if max_gen_toks is None else {"max_gen_toks": max_gen_toks}))
     return simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                            task_manager=manager, log_samples=log_samples)

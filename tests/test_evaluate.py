@@ -462,11 +462,59 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     assert capsys.readouterr().err == ("llama-jax lm-eval: error: argument --mesh: expected three integers "
                                        "DATA,FSDP,TENSOR such as 1,-1,1, got '1,8' (see llama-jax lm-eval --help)\n")
 
+    # a generation task that leaves max_gen_toks to the model: its default, 256, does not fit this model's context
+    (tmp_path / "tasks" / "tiny_gen_default.yaml").write_text(
+        (tmp_path / "tasks" / "tiny_gen.yaml").read_text().replace("task: tiny_gen", "task: tiny_gen_default")
+        .replace("  max_gen_toks: 12\n", ""))
+    gen = ["lm-eval", str(model_dirs[1]), "--tasks", "tiny_gen_default", "--include-path", str(tmp_path / "tasks"),
+           "--limit", "1", "--output", str(tmp_path / "gen.json")]
+    assert main(gen) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"llama-jax lm-eval: error: max_gen_toks=256 leaves no room for a prompt in the model's context of {CONTEXT} "
+        f"tokens; give max_gen_toks below {CONTEXT} (llama-jax lm-eval --max-gen-toks N, or the task's "
+        "generation_kwargs)")
+    assert main([*gen, "--max-gen-toks", "4"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "gen.json").read_text())["configs"]["tiny_gen_default"]["generation_kwargs"]
+
     assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc,no_such_task",
                  "--include-path", str(tmp_path / "tasks")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("llama-jax lm-eval: error: lm-eval has no task 'no_such_task'; `lm-eval ls tasks` lists the "
                        "tasks it knows (tasks of your own: --include-path DIR of task YAML files)")
+
+
+def test_a_continuation_merged_into_the_context_is_scored_as_the_pieces_it_changed(model_dirs):
+    """"The T" + "he" tokenizes as [BOS, ▁The, ▁The] against [BOS, ▁The, ▁T, he] for the context,
+    which leaves the harness's split no continuation tokens (its `hf` backend fails on an assert):
+    the continuation is scored as ▁The after [BOS, ▁The], checked against transformers. An empty
+    continuation scores (0.0, True), the empty sum; an ordinary pair is the harness's split."""
+    import transformers
+    from lm_eval.api.instance import Instance
+
+    from llama_jax.lm_eval_model import LlamaJaxLM
+
+    hf_dir, jax_dir = model_dirs
+    tokenizer = load_tokenizer(jax_dir)
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+
+    def reference(context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([context + continuation])).logits[0, len(context) - 1:-1]
+        logprobs = torch.log_softmax(logits, -1)
+        return (float(logprobs[range(len(continuation)), continuation].sum()),
+                logits.argmax(-1).tolist() == continuation)
+
+    whole, context = (tokenizer.encode(text, bos=True) for text in ("The The", "The T"))
+    assert len(whole) == 3 and len(context) == 4 and whole[:2] == context[:2]  # the merge this test is about
+    full, short = (tokenizer.encode(text, bos=True) for text in ("The try statement", "The try"))
+    lm = LlamaJaxLM(str(jax_dir), batch_size=2)
+    ours = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in
+                             enumerate([("The T", "he"), ("The try statement", ""), ("The try", " statement")])])
+    for (score, greedy), (expected, expected_greedy) in zip(
+            [ours[0], ours[2]], [reference(whole[:2], whole[2:]), reference(short, full[len(short):])]):
+        assert score == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+    assert ours[1] == (0.0, True)
 
 
 def test_lm_eval_not_installed(model_dirs, monkeypatch, capsys):
