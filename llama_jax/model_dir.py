@@ -91,14 +91,14 @@ def load_tokenizer_for(path: str | os.PathLike, missing: str, tokenizer: str | o
     it differs from the directory's own), checked to fit the model's vocabulary. `missing`: how the
     error for a directory without a tokenizer ends (what the caller needs it for)."""
     from llama_jax.safe_io import sha256_file
-    from llama_jax.tokenizer import check_fits, load_tokenizer
+    from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
     config = load_config(path)  # fails fast on a directory that is not a model
     own = Path(path) / "tokenizer.model"
     if tokenizer is None and not own.is_file():
         raise ValueError(f"{path} has no tokenizer.model; {missing}")
-    if tokenizer is not None and own.is_file() and Path(tokenizer).is_file() \
-            and sha256_file(tokenizer) != sha256_file(own):
+    if tokenizer is not None and own.is_file() and tokenizer_file(tokenizer).is_file() \
+            and sha256_file(tokenizer_file(tokenizer)) != sha256_file(own):  # a file, or a directory holding one
         raise ValueError(f"--tokenizer {tokenizer} differs from the model's own {own}; omit --tokenizer to "
                          f"use the tokenizer the model was trained with")
     loaded = load_tokenizer(own if tokenizer is None else tokenizer)

@@ -388,6 +388,8 @@ def test_export_and_resume_use_the_tokenizer_the_run_started_with(tmp_path, caps
 
     assert main([*generate_args(tmp_path / "model"), "--tokenizer", str(decoy)]) == 2
     assert "differs from the model's own" in one_line_error(capsys, "generate")
+    assert main([*generate_args(tmp_path / "model"), "--tokenizer", str(decoy.parent)]) == 2  # its directory too
+    assert "differs from the model's own" in one_line_error(capsys, "generate")
 
 
 def test_trained_tokenizer_belongs_to_the_run_only_once_it_starts(tmp_path, capsys):
