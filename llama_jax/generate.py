@@ -230,8 +230,8 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     enclosing `with mesh:` such as `trainer.context(...)`, if any.
     `on_tokens`: called with every row's new ids so far, after the first token and then after
     each `chunk` more; it returns one flag per row, true for rows that are finished (e.g. a stop
-    string appeared). Finished rows emit EOS from then on, and decoding ends once every row is
-    finished or done. Without it, decoding runs in one call. The tokens do not depend on `chunk`:
+    string appeared). Finished rows emit EOS from then on (without `eos_id`, they end where they
+    finished), and decoding ends once every row is finished or done. Without it, decoding runs in one call. The tokens do not depend on `chunk`:
     every step draws from the same per-step key either way.
     """
     prompts = _checked_prompts(prompts, config.vocab_size)
@@ -265,10 +265,13 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     state = _prefill(params, tokens, pad, sampler, cfg=config, max_len=P + max_new_tokens, mesh=mesh)
     rows = [[t] for t in np.asarray(state.last_B).tolist()]
     chunk = max_new_tokens - 1 if on_tokens is None else min(chunk, max_new_tokens - 1)
-    finished = np.zeros(len(rows), bool)
+    finished, finished_at = np.zeros(len(rows), bool), [len(rows[0])] * len(rows)  # length when finished
     while True:
         if on_tokens is not None:
-            finished |= np.asarray([bool(f) for f in on_tokens(rows)])
+            flags = np.asarray([bool(f) for f in on_tokens(rows)])
+            finished_at = [len(row) if flag and not was else n
+                           for row, flag, was, n in zip(rows, flags, finished, finished_at)]
+            finished |= flags
             state = state._replace(done_B=state.done_B | finished)
         if len(rows[0]) == max_new_tokens or finished.all() or bool(jnp.all(state.done_B)):
             break
@@ -278,6 +281,8 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
             row += new
     if eos_id is not None:
         rows = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    else:  # no EOS to emit: a finished row ends where it finished
+        rows = [row[:n] if done else row for row, n, done in zip(rows, finished_at, finished)]
     return rows
 
 
