@@ -157,7 +157,7 @@ def cmd_generate(args) -> None:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:  # bytes of another encoding, which Python passes on escaped
                 raise UserError(f"{option}: not UTF-8 text (character {e.start} of {text!r})") from None
-    prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    prompts = list(args.prompt or []) + [p for file in args.prompts_file or [] for p in read_prompts_file(file)]
     if not prompts:
         raise UserError("no prompts; give --prompt TEXT (repeatable) and/or --prompts-file FILE")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
@@ -873,9 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="with --workdir: the checkpoint step (default: latest)")
     p.add_argument("--prompt", action="append", default=None,
                    help="text to continue; repeat for a batch of prompts")
-    p.add_argument("--prompts-file", default=None,
+    p.add_argument("--prompts-file", action="append", default=None,
                    help="more prompts: one per non-blank line (.txt), or a .jsonl file's \"prompt\" (or \"text\") "
-                        "fields; they follow the --prompt ones")
+                        "fields; they follow the --prompt ones (repeatable, in order)")
     p.add_argument("--stop", action="append", default=None,
                    help="end each row's text before this string (repeatable; rows stop independently)")
     p.add_argument("--chat", action="store_true",

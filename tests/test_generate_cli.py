@@ -137,9 +137,9 @@ def test_prompts_file(sp_model, tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('{"prompt": "from json"}\n\n{"text": "text field", "id": 3}\n')
     assert read_prompts_file(tmp_path / "p.txt") == ["first prompt", "  second one"]
     assert read_prompts_file(tmp_path / "p.jsonl") == ["from json", "text field"]
-    prompts = ["cli prompt", "from json", "text field"]
+    prompts = ["cli prompt", "from json", "text field", "first prompt", "  second one"]
     assert main(["generate", str(path), "--prompt", "cli prompt", "--prompts-file", str(tmp_path / "p.jsonl"),
-                 "--max-new-tokens", "8", "--seed", "3"]) == 0
+                 "--prompts-file", str(tmp_path / "p.txt"), "--max-new-tokens", "8", "--seed", "3"]) == 0
     texts = generate_text(cfg, params, tok, prompts, max_new_tokens=8, temperature=0.8, seed=3)
     assert capsys.readouterr().out == "\n\n-----\n\n".join(p + t for p, t in zip(prompts, texts)) + "\n"
 
