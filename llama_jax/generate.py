@@ -54,7 +54,8 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
     """One token id per row [B]: argmax when temperature is 0, else a draw from the filtered softmax.
 
     Filters apply in Hugging Face's order: temperature, then top-k, then top-p (the smallest set of
-    most likely tokens whose probability reaches `top_p`; the most likely token always stays).
+    most likely tokens whose probability reaches `top_p`; the most likely token always stays;
+    tokens tied with the last one kept stay too).
     Only the work the settings need is done: greedy decoding draws no random numbers, and the
     vocabulary is sorted only when top-k or top-p filters.
     """
