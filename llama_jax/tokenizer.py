@@ -197,9 +197,15 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             raise ValueError(f"{path}: tiktoken file lacks some of the 256 single-byte tokens")
         return TiktokenTokenizer(ranks)
     try:
-        return SentencePieceTokenizer(data)
+        tokenizer = SentencePieceTokenizer(data)
     except RuntimeError:
         raise ValueError(f"{path}: neither a SentencePiece model nor a tiktoken rank file (corrupt?)") from None
+    missing = [name for name, i in (("BOS", tokenizer.bos_id), ("EOS", tokenizer.eos_id)) if i < 0]
+    if missing:  # LLaMA texts start with BOS, and documents end with EOS
+        raise ValueError(f"{path}: this SentencePiece model defines no {' or '.join(missing)} piece; LLaMA "
+                         f"tokenizers define both (train one with bos_id and eos_id set, as tools/train_tokenizer.py "
+                         f"does)")
+    return tokenizer
 
 
 class _Lines:

@@ -179,6 +179,17 @@ def test_directory_without_tokenizer_model_is_named(tmp_path):
                               "or a directory holding one")
 
 
+@pytest.mark.parametrize("options, missing", [({"bos_id": -1}, "BOS"), ({"bos_id": -1, "eos_id": -1}, "BOS or EOS")])
+def test_a_tokenizer_without_bos_or_eos_is_named(tmp_path, options, missing):
+    """LLaMA texts start with BOS (encoding one fails inside SentencePiece, naming no file)."""
+    lines = [line for key in sorted(topics)[:40] for line in topics[key].split("\n") if line.strip()]
+    path = train_sentencepiece(lines, tmp_path / "tokenizer.model", VOCAB, **options)
+    with pytest.raises(ValueError) as err:
+        load_tokenizer(path)
+    assert str(err.value) == (f"{path}: this SentencePiece model defines no {missing} piece; LLaMA tokenizers "
+                              "define both (train one with bos_id and eos_id set, as tools/train_tokenizer.py does)")
+
+
 def test_training_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no text"):
         train_sentencepiece(["", "\n\n"], tmp_path / "x.model", VOCAB)
