@@ -82,17 +82,22 @@ def _sigterm_unwinds():
     except ValueError:  # not the main thread: signals cannot be handled here
         yield
         return
+    _UNWINDING.update(previous)
     try:
         yield
     finally:
+        _UNWINDING.clear()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _ignore_signals() -> None:
-    """Ctrl-C and SIGTERM are ignored from now on: once a command's work is done, they would only
-    misreport how it ended."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+_UNWINDING: set[int] = set()  # the signals `_sigterm_unwinds` handles while it is active
+
+
+def _ignore_signals(signals=(signal.SIGINT, signal.SIGTERM)) -> None:
+    """`signals` are ignored from now on: once a command's work is done, Ctrl-C or SIGTERM would
+    only misreport how it ended."""
+    for signum in signals:
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -420,7 +425,9 @@ def cmd_export(args) -> None:
     from llama_jax.run import export_model
 
     path, step, model = export_model(args.workdir, args.dst, args.step, args.overwrite)
-    _ignore_signals()  # the model directory is in place: nothing is left to stop (param_count traces the model)
+    # the model directory is in place, nothing is left to stop (param_count traces the model); the handlers
+    # `_sigterm_unwinds` installed are replaced, and it puts back what was there before
+    _ignore_signals(tuple(_UNWINDING))
     print(f"exported step {step} of {args.workdir} ({param_count(model):,} parameters) to {path}; "
           f"llama-jax convert --from jax --to hf {path} DST makes a Hugging Face checkpoint of it")
 

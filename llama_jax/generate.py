@@ -232,8 +232,9 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     `on_tokens`: called with every row's new ids so far, after the first token and then after
     each `chunk` more; it returns one flag per row, true for rows that are finished (e.g. a stop
     string appeared). Finished rows emit EOS from then on (without `eos_id`, they end where they
-    finished), and decoding ends once every row is finished or done. Without it, decoding runs in one call. The tokens do not depend on `chunk`:
-    every step draws from the same per-step key either way.
+    finished), and decoding ends once every row is finished or done. Without it, decoding runs in
+    one call. The tokens do not depend on `chunk`: every step draws from the same per-step key
+    either way.
     """
     prompts = _checked_prompts(prompts, config.vocab_size)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
@@ -243,6 +244,7 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     max_new_tokens, temperature, seed = int(max_new_tokens), float(temperature), int(seed)
     top_k, top_p, eos_id, n_tokens = (None if v is None else kind(v) for v, kind in
                                       ((top_k, int), (top_p, float), (eos_id, int), (n_tokens, int)))
+    eos_id = None if eos_id is not None and eos_id < 0 else eos_id  # (a SentencePiece model's -1: no EOS)
     P = max(max(len(p) for p in prompts), pad_to or 0)
     if P + max_new_tokens > config.max_seq_len:
         raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) = {P + max_new_tokens} "

@@ -8,7 +8,8 @@ Importing this module registers `LlamaJaxLM` with the harness as `llama_jax`:
 
 `llama-jax lm-eval MODEL_DIR --tasks ...` does the same from the command line (`evaluate_tasks`).
 Requests are tokenized as the harness's Hugging Face backend (`hf`) tokenizes them for a LLaMA
-tokenizer (BOS first; a context and continuation split where the context's tokens end) and scored
+tokenizer (BOS first; a context and continuation split where the context's tokens end, or, where
+the continuation merged into the context's last piece, where the two part ways) and scored
 by `llama_jax.evaluate.Scorer`, so both backends give the same numbers on the same weights.
 Needs the `eval` extra (`pip install -e '.[eval]'`); `import llama_jax` never imports this.
 """
@@ -192,9 +193,10 @@ class LlamaJaxLM(TemplateLM):
                               stacklevel=2)
             room = self.max_length - new_tokens
             if room < 1:
+                given = ("the task's generation_kwargs set it" if "max_gen_toks" in requests[indices[0]].args[1]
+                         else "llama-jax lm-eval --max-gen-toks N, or model arg max_gen_toks=N, sets it")
                 raise ValueError(f"max_gen_toks={new_tokens} leaves no room for a prompt in the model's context "
-                                 f"of {self.max_length} tokens; give max_gen_toks below {self.max_length} (llama-jax "
-                                 f"lm-eval --max-gen-toks N, or the task's generation_kwargs)")
+                                 f"of {self.max_length} tokens; valid: below {self.max_length} ({given})")
             prompts, cut = {}, 0
             for i in indices:
                 ids = self.tok_encode(requests[i].args[0])

@@ -97,8 +97,8 @@ def load_tokenizer_for(path: str | os.PathLike, missing: str, tokenizer: str | o
     own = Path(path) / "tokenizer.model"
     if tokenizer is None and not own.is_file():
         raise ValueError(f"{path} has no tokenizer.model; {missing}")
-    if tokenizer is not None and own.is_file() and tokenizer_file(tokenizer).is_file() \
-            and sha256_file(tokenizer_file(tokenizer)) != sha256_file(own):  # a file, or a directory holding one
+    given = None if tokenizer is None else tokenizer_file(tokenizer)  # a file, or a directory holding one
+    if given is not None and own.is_file() and given.is_file() and sha256_file(given) != sha256_file(own):
         raise ValueError(f"--tokenizer {tokenizer} differs from the model's own {own}; omit --tokenizer to "
                          f"use the tokenizer the model was trained with")
     loaded = load_tokenizer(own if tokenizer is None else tokenizer)

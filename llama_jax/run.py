@@ -718,6 +718,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 return RunResult(logged, step, True, eval_metrics, text, data)
         if saved_step != step:
             checkpoints.save(step, state, {**run_info, "step": step}, force=True)
+        if preemption.requested:  # during the last step: the checkpoint committed before the closing work
+            checkpoints.wait()
+            recorded = record_progress(workdir, recorded)
         # the final parameters, unless just evaluated: after the final save, so that an evaluation that
         # fails loses no step; a record of its own for the last step
         if evaluates and evaluated_at != step:

@@ -170,8 +170,17 @@ def test_a_signal_once_the_export_is_in_place_changes_nothing(tmp_path, pristine
         os.kill(os.getpid(), signal.SIGTERM)
         return count(model)
 
+    def own_handler(signum, frame):  # a program of one's own calling main(), with its own Ctrl-C handler
+        raise AssertionError("not called")
+
     monkeypatch.setattr(llama_jax, "param_count", signalled_count)
-    assert main(["export", "--workdir", str(run), str(tmp_path / "model")]) == 0
+    previous = signal.signal(signal.SIGINT, own_handler)
+    try:
+        assert main(["export", "--workdir", str(run), str(tmp_path / "model")]) == 0
+        assert signal.getsignal(signal.SIGINT) is own_handler  # left as it was
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().out.startswith(f"exported step 4 of {run} (")
     jax.tree.map(np.testing.assert_array_equal, load_model(tmp_path / "model")[1], exported)
 

@@ -471,11 +471,10 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     assert main(gen) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"llama-jax lm-eval: error: max_gen_toks=256 leaves no room for a prompt in the model's context of {CONTEXT} "
-        f"tokens; give max_gen_toks below {CONTEXT} (llama-jax lm-eval --max-gen-toks N, or the task's "
-        "generation_kwargs)")
+        f"tokens; valid: below {CONTEXT} (llama-jax lm-eval --max-gen-toks N, or model arg max_gen_toks=N, sets it)")
     assert main([*gen, "--max-gen-toks", "4"]) == 0
     capsys.readouterr()
-    assert json.loads((tmp_path / "gen.json").read_text())["configs"]["tiny_gen_default"]["generation_kwargs"]
+    assert "exact_match,none" in json.loads((tmp_path / "gen.json").read_text())["results"]["tiny_gen_default"]
 
     assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc,no_such_task",
                  "--include-path", str(tmp_path / "tasks")]) == 2

@@ -213,8 +213,10 @@ def test_watched_decoding_is_one_call_and_stops_when_told(gqa):
     assert seen == [[1, 1], [6, 6], [11, 11]]  # no chunk after both rows are finished
     assert out == [greedy[0][:6] + [EOS], greedy[1][:11]]
     # without an EOS to emit, a finished row ends where it finished (it held -1 ids after it)
-    out = generate(cfg, params, PROMPTS, STEPS, chunk=5, on_tokens=lambda rows: [len(rows[0]) >= 6, False])
-    assert out == [greedy[0][:6], greedy[1]]
+    for eos_id in (None, -1):  # (-1: a SentencePiece model's "no EOS")
+        out = generate(cfg, params, PROMPTS, STEPS, chunk=5, eos_id=eos_id,
+                       on_tokens=lambda rows: [len(rows[0]) >= 6, False])
+        assert out == [greedy[0][:6], greedy[1]]
 
 
 @pytest.fixture(scope="module")

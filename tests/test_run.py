@@ -163,14 +163,22 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer
         os.kill(os.getpid(), signal.SIGTERM)
         plot(*args)
 
+    evaluate, recorded_at_evaluation = run_lib.evaluate, []
+
+    def evaluate_noting_progress(*args, **kwargs):  # the last checkpoint is committed before the closing work
+        recorded_at_evaluation.append(json.loads((workdir / run_lib.PROGRESS_FILE).read_text()))
+        return evaluate(*args, **kwargs)
+
     with monkeypatch.context() as m:
         m.setattr(metrics_lib.MetricsWriter, "write", write_last_then_preempt)
         m.setattr(run_lib, "plot_losses", preempt_then_plot)
+        m.setattr(run_lib, "evaluate", evaluate_noting_progress)
         assert main(train_args(workdir, overrides)) == 0
     closing = capsys.readouterr().out.splitlines()[-1]
     assert re.fullmatch(rf"step {STEPS}: loss \d+\.\d{{4}}, [\d,]+ tokens/s, MFU \d+\.\d%; held-out loss \d+\.\d{{4}}; "
                         rf"metrics in {re.escape(str(workdir))}/metrics.jsonl", closing), closing
     assert (workdir / "loss.png").is_file()
+    assert recorded_at_evaluation == [{"committed_step": STEPS}]
     assert logged_losses(workdir, seen) == {s: expected[s] for s in range(7, STEPS + 1)}
 
 

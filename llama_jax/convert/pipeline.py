@@ -24,8 +24,8 @@ from llama_jax.safe_io import OutputKind, atomic_directory, check_destination
 OUTPUT_KINDS = {  # what each writer puts in its directory: all that --overwrite may replace
     "hf": OutputKind("Hugging Face model directory",
                      ("config.json", "model*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)),
-    "meta": OutputKind("Meta checkpoint directory", ("params.json", "consolidated.*.pth", meta.EXTRA_FILE,
-                                                        *TOKENIZER_FILES)),
+    "meta": OutputKind("Meta checkpoint directory",
+                       ("params.json", "consolidated.*.pth", meta.EXTRA_FILE, *TOKENIZER_FILES)),
     "jax": MODEL_DIR,
 }
 
