@@ -710,13 +710,15 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 recorded = record_progress(workdir, recorded)
             # after the last step, a SIGTERM lets the run end as usual (evaluation, plot, closing line)
             if (preemption.requested or checkpoints.reached_preemption(step)) and step < t.steps:
-                if saved_step != step:
+                if saved_step != step:  # (checked first: a save between checks must not pass a skipped step)
+                    skipped_seen = _check_finite(state, skipped_seen, step, t.on_nonfinite, checkpoints, bar)
                     checkpoints.save(step, state, {**run_info, "step": step}, force=True)
                 checkpoints.wait()
                 recorded = record_progress(workdir, recorded)
                 bar.write(f"preempted: checkpoint saved at step {step}; run the same command again to resume")
                 return RunResult(logged, step, True, eval_metrics, text, data)
         if saved_step != step:
+            skipped_seen = _check_finite(state, skipped_seen, step, t.on_nonfinite, checkpoints, bar)
             checkpoints.save(step, state, {**run_info, "step": step}, force=True)
         if preemption.requested:  # during the last step: the checkpoint committed before the closing work
             checkpoints.wait()
@@ -769,12 +771,14 @@ def log_line(step: int, record: dict) -> str:
 
 
 def _check_finite(state: TrainState, skipped_seen: int, step: int, on_nonfinite: str, checkpoints, bar) -> int:
+    """The state's count of skipped (non-finite) steps; with on_nonfinite=stop, a RunError if it grew.
+    Run at logged steps and before every save, so no checkpoint holds a skip unnoticed."""
     skipped = int(state.skipped)
     if skipped > skipped_seen:
         if on_nonfinite == "stop":
             latest = checkpoints.latest_step()
-            raise RunError(f"loss or gradient became NaN/Inf by step {step}; stopped (train.on_nonfinite=stop). "
-                           f"The state was not updated by that step; latest checkpoint: "
-                           f"{latest if latest is not None else 'none'}")
+            raise RunError(f"loss or gradient became NaN/Inf in {skipped - skipped_seen} step(s) up to step {step}; "
+                           f"stopped (train.on_nonfinite=stop). No such step was applied to the state; latest "
+                           f"checkpoint: {latest if latest is not None else 'none'}")
         bar.write(f"step {step}: skipped {skipped - skipped_seen} step(s) with a non-finite loss or gradient")
     return skipped

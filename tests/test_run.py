@@ -251,7 +251,7 @@ def test_nonfinite_loss_stops_with_the_last_checkpoint_intact(tmp_path, tokenize
     monkeypatch.setattr(run_lib, "build_data", poisoned_data(5))  # the batch of step 6
     assert main(train_args(workdir, run_overrides(tokenizer_path))) == 2
     err = capsys.readouterr().err.strip()
-    assert "NaN/Inf by step 6" in err and "latest checkpoint: 4" in err and "\n" not in err
+    assert "NaN/Inf in 1 step(s) up to step 6" in err and "latest checkpoint: 4" in err and "\n" not in err
     assert committed_steps(workdir / "checkpoints") == [4]
     assert run_lib.recorded_step(workdir) == 4  # a lost checkpoint 4 would be noticed at the next start
     config = load_config(TINY, run_overrides(tokenizer_path))
@@ -271,6 +271,19 @@ def test_nonfinite_step_is_skipped_when_configured(tmp_path, tokenizer_path, mon
     _, state = next_batch_loss(config, workdir, STEPS, jax.devices()[:1])
     assert int(state.skipped) == 1
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
+
+
+def test_a_preemption_between_checks_does_not_pass_a_nonfinite_step(tmp_path, tokenizer_path, monkeypatch):
+    """Finiteness is checked at logged steps and before saves: a preemption save at a step that is
+    neither (step 4 here, the NaN at step 3) checks first, so on_nonfinite=stop still stops, and no
+    checkpoint carries the skipped step for a resume to take as seen."""
+    monkeypatch.setattr(run_lib, "build_data", poisoned_data(2))
+    monkeypatch.setattr(RunCheckpoints, "reached_preemption", lambda self, step: step == 4)
+    workdir = tmp_path / "run"
+    config = load_config(TINY, run_overrides(tokenizer_path, "train.log_every=10", "checkpoint.every=10"))
+    with pytest.raises(run_lib.RunError, match=r"NaN/Inf in 1 step\(s\) up to step 4; stopped .* checkpoint: none"):
+        run_lib.train_and_evaluate(config, workdir, progress=False)
+    assert committed_steps(workdir / "checkpoints") == []
 
 
 def test_init_from_a_model_of_other_rotary_settings_says_so(tmp_path, tokenizer_path, capsys):
