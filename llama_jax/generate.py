@@ -268,13 +268,13 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     state = _prefill(params, tokens, pad, sampler, cfg=config, max_len=P + max_new_tokens, mesh=mesh)
     rows = [[t] for t in np.asarray(state.last_B).tolist()]
     chunk = max_new_tokens - 1 if on_tokens is None else min(chunk, max_new_tokens - 1)
-    finished, finished_at = np.zeros(len(rows), bool), [len(rows[0])] * len(rows)  # length when finished
+    finished_at: list[int | None] = [None] * len(rows)  # each row's length when on_tokens finished it
+    finished = np.zeros(len(rows), bool)
     while True:
         if on_tokens is not None:
-            flags = np.asarray([bool(f) for f in on_tokens(rows)])
-            finished_at = [len(row) if flag and not was else n
-                           for row, flag, was, n in zip(rows, flags, finished, finished_at)]
-            finished |= flags
+            finished_at = [len(row) if n is None and bool(flag) else n for row, flag, n in
+                           zip(rows, on_tokens(rows), finished_at)]
+            finished = np.array([n is not None for n in finished_at])
             state = state._replace(done_B=state.done_B | finished)
         if len(rows[0]) == max_new_tokens or finished.all() or bool(jnp.all(state.done_B)):
             break
@@ -285,7 +285,7 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     if eos_id is not None:
         rows = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
     else:  # no EOS to emit: a finished row ends where it finished
-        rows = [row[:n] if done else row for row, n, done in zip(rows, finished_at, finished)]
+        rows = [row[:n] for row, n in zip(rows, finished_at)]  # (row[:None]: the whole row)
     return rows
 
 

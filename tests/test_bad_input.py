@@ -304,7 +304,14 @@ CASES = [
          r"mesh.data=0: must be a positive integer or -1 \(all remaining devices\)"),
     Case("generate-mesh-two-free-axes", "generate {model} --prompt Hi --mesh -1,-1,1",
          r"mesh: only one of data, fsdp, tensor may be -1, got data, fsdp"),
+    Case("generate-second-prompts-file-missing",
+         "generate {model} --prompts-file {corpus}/doc0.txt --prompts-file {inputs}/nope.txt",
+         r"\S+/nope.txt: no such file"),
     # ---- lm-eval (its other cases are in tests/test_evaluate.py) ----
+    Case("lm-eval-max-gen-toks-zero", "lm-eval {model} --tasks tiny_mc --max-gen-toks 0",
+         r"argument --max-gen-toks: must be at least 1, got 0"),
+    Case("lm-eval-max-gen-toks-not-a-number", "lm-eval {model} --tasks tiny_mc --max-gen-toks many",
+         r"argument --max-gen-toks: invalid integer 'many'"),
     Case("lm-eval-limit-not-whole", "lm-eval {model} --tasks tiny_mc --limit 2.5",
          r"argument --limit: expected a whole number of examples or a fraction below 1, got '2.5'"),
     # ---- export ----
