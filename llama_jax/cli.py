@@ -397,10 +397,12 @@ def _join_processes(**settings) -> None:
 
 def cmd_train(args) -> None:
     from llama_jax.experiment import check_experiment, load_config
+    from llama_jax.safe_io import holds_run
 
     _check_process_flags(args)
     config = load_config(args.config, args.overrides)
-    check_experiment(config)  # before importing JAX: a bad config fails at once
+    # before importing JAX: a bad config fails at once (a resume takes an init_from model from its checkpoints)
+    check_experiment(config, read_init_from=not holds_run(args.workdir))
     from llama_jax.run import log_line, train_and_evaluate
 
     _init_distributed(args)

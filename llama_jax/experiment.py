@@ -72,12 +72,15 @@ def base_config(preset: str = "tiny", **model_fields) -> ml_collections.ConfigDi
 INIT_FROM_PRESET = "init_from"
 
 
-def model_config(section: ml_collections.ConfigDict, init_from: str = "") -> LLaMAConfig:
+def model_config(section: ml_collections.ConfigDict, init_from: str = "",
+                 run_model: LLaMAConfig | None = None) -> LLaMAConfig:
     """The LLaMAConfig of a `model` section. `preset="init_from"` takes the model of the
     `checkpoint.init_from` directory (`init_from`), e.g. a converted checkpoint to fine-tune: its
     shape, rotary embeddings and norm, while how it is computed (`COMPUTE_FIELDS`: float32 master
     weights...) starts from the defaults, as with a preset, not from the directory's storage dtype.
-    The section's other fields override the preset's values either way."""
+    The section's other fields override the preset's values either way. `run_model`: the model of
+    the run being resumed, which then stands for the directory (a run's architecture never changes,
+    so the directory is needed only to start it)."""
     overrides = {k: v for k, v in section.items() if k != "preset" and v is not None}
     if isinstance(overrides.get("rope_scaling"), ml_collections.ConfigDict):
         overrides["rope_scaling"] = overrides["rope_scaling"].to_dict()
@@ -93,7 +96,8 @@ def model_config(section: ml_collections.ConfigDict, init_from: str = "") -> LLa
 
     try:
         defaults = LLaMAConfig()
-        return load_config(init_from).replace(**{**{f: getattr(defaults, f) for f in COMPUTE_FIELDS}, **overrides})
+        base = run_model if run_model is not None else load_config(init_from)
+        return base.replace(**{**{f: getattr(defaults, f) for f in COMPUTE_FIELDS}, **overrides})
     except (ValueError, OSError) as e:
         raise ValueError(f"checkpoint.init_from: {e}") from None
 
@@ -248,12 +252,14 @@ MAX_TOKENS_PER_STEP = 2**31  # tokens per step: far above any real run (LLaMA 3 
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite: what a step with a non-finite loss or gradient does
 
 
-def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True) -> LLaMAConfig | None:
+def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True,
+                 run_model: LLaMAConfig | None = None) -> LLaMAConfig | None:
     """ValueError for a value no run of `config` could use, on any mesh: every check of a config
     short of the devices it trains on (`train.validate_config` adds those). Imports no JAX.
     `read_init_from=False`: a model taken from `checkpoint.init_from` is not read (nor checked),
-    for a config checked away from the machine it will run on. Returns the model's config (None
-    when not read)."""
+    for a config checked away from the machine it will run on, or before a resume that takes it
+    from the run (`run_model`, as in `model_config`). Returns the model's config (None when not
+    read)."""
     from llama_jax import optim
 
     check_finite(config)
@@ -262,7 +268,7 @@ def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True)
     check_run_source(config.data)
     model = None
     if read_init_from or config.model.preset != INIT_FROM_PRESET:
-        model = model_config(config.model, config.checkpoint.init_from)
+        model = model_config(config.model, config.checkpoint.init_from, run_model)
         if config.train.seq_len > model.max_seq_len:
             raise ValueError(f"train.seq_len={config.train.seq_len} exceeds the model's "
                              f"max_seq_len={model.max_seq_len}")

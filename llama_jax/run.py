@@ -35,7 +35,7 @@ from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_architecture, load_model, tree_paths
 from llama_jax.config import LLaMAConfig
-from llama_jax.experiment import check_run_settings
+from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
 from llama_jax.safe_io import (DirectoryLock, atomic_file, check_run_config, check_writable, holds_lock, holds_run,
                                sha256_file, write_text_atomic)
@@ -83,6 +83,24 @@ def initial_state(config, trainer: Trainer, workdir: Path, resume_from: int | No
     if config.checkpoint.init_from:
         return state_from_model(config.checkpoint.init_from, trainer), 0, None
     return trainer.init_state(config.train.seed), 0, None
+
+
+def run_model(config, workdir: Path, resume_from: int | None = None) -> LLaMAConfig | None:
+    """With `model.preset=init_from`, the model a resume of `workdir` continues (that of its newest
+    readable checkpoint, or of `resume_from`'s), which stands for the `checkpoint.init_from`
+    directory: a run's architecture never changes, so the directory is needed only to start it.
+    None for other presets and for a run with no readable checkpoint (which starts from the
+    directory; `initial_state` says what is damaged)."""
+    steps = committed_steps(workdir) if config.model.preset == INIT_FROM_PRESET else []
+    if not steps:
+        return None
+    with _reader(workdir) as checkpoints:
+        for step in [resume_from] if resume_from in steps else reversed(steps):
+            try:
+                return LLaMAConfig.from_dict(checkpoints.run_info(step)["model"])
+            except CheckpointDamaged:
+                continue
+    return None
 
 
 def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | None = None
@@ -588,7 +606,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                         resume_from: int | None) -> RunResult:
     from tqdm import tqdm
 
-    trainer = build_trainer(config, devices)
+    trainer = build_trainer(config, devices, run_model(config, workdir, resume_from))
     cfg, t = trainer.model_config, config.train
     data = build_data(config, cfg, workdir, process_rows(trainer.mesh, t.batch_size))
     if data.train is not None and len(data.train.sources) > 1:  # a mixture: each source's training loss too

@@ -13,7 +13,9 @@ source (`evaluate`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
 import shutil
 import tempfile
@@ -142,13 +144,19 @@ def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
     WORKDIR/data holds it already."""
     from llama_jax.prepare import check_prepared, prepare
 
-    given = None
+    final = workdir / DATA_DIR
     if d.tokenizer and d.tokenizer != "train":
         given = tokenizer_file(d.tokenizer)
         if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
             raise RunError(f"data.tokenizer={d.tokenizer} differs from the tokenizer this run started with "
                            f"({kept}); resume with that tokenizer or use another --workdir")
-    final = workdir / DATA_DIR
+        if kept.is_file() and not given.exists() and (final / MANIFEST).is_file() and \
+                _started_with_tokenizer(workdir, d.tokenizer):
+            # gone since the run started (say, with the model directory it started from): its copy stands in
+            if jax.process_index() == 0:
+                print(f"data.tokenizer={d.tokenizer} no longer exists; resuming with the run's copy of it ({kept})")
+            d = copy.deepcopy(d)
+            d.tokenizer = str(kept)
     if (final / MANIFEST).is_file():
         check_prepared(final, d, f"{final} (the data this run started with) was prepared",
                        "resume with the run's data settings or use another --workdir")
@@ -163,6 +171,14 @@ def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
         discard_staged(staged)
         raise
     return staged, staged
+
+
+def _started_with_tokenizer(workdir: Path, tokenizer: str) -> bool:
+    """Whether the run in `workdir` was started with data.tokenizer=`tokenizer` (its config.json)."""
+    try:
+        return json.loads((workdir / "config.json").read_text())["data"]["tokenizer"] == tokenizer
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[int] | None = None) -> RunData:

@@ -234,13 +234,14 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray], rows: int | None = No
 # ---- the run ---------------------------------------------------------------------------------
 
 
-def validate_config(config, n_devices: int) -> None:
-    """Every user-facing check that can fail, before anything is compiled."""
+def validate_config(config, n_devices: int, run_model: LLaMAConfig | None = None) -> None:
+    """Every user-facing check that can fail, before anything is compiled (`run_model`: as in
+    `experiment.model_config`)."""
     from llama_jax.attention import check_available, check_splash_length, resolve
     from llama_jax.experiment import check_config
     from llama_jax.sharding import check_mesh_and_batch
 
-    model = check_config(config)
+    model = check_config(config, run_model=run_model)
     try:
         check_available(model.attention_impl)
     except ValueError as e:
@@ -250,15 +251,17 @@ def validate_config(config, n_devices: int) -> None:
     check_mesh_and_batch(config, n_devices)
 
 
-def build_trainer(config, devices=None) -> Trainer:
+def build_trainer(config, devices=None, run_model: LLaMAConfig | None = None) -> Trainer:
+    """The Trainer of `config` on `devices` (default: all). `run_model`: the model of the run being
+    resumed, which stands for a `model.preset=init_from` directory (`experiment.model_config`)."""
     from llama_jax import optim
     from llama_jax.experiment import model_config
     from llama_jax.sharding import check_divisible, make_mesh
 
     devices = jax.devices() if devices is None else devices
-    validate_config(config, len(devices))
+    validate_config(config, len(devices), run_model)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    model = model_config(config.model, config.checkpoint.init_from)
+    model = model_config(config.model, config.checkpoint.init_from, run_model)
     check_divisible(model, mesh)
     return Trainer(model, optim.make_optimizer(config.optimizer, config.train.steps),
                    optim.make_schedule(config.optimizer, config.train.steps), mesh,

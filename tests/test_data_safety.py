@@ -371,6 +371,25 @@ def test_a_run_next_to_its_init_from_directory_leaves_the_model_alone(tmp_path, 
     assert {k: v for k, v in snapshot(model).items() if not k.startswith("run")} == before
 
 
+
+def test_a_fine_tune_resumes_exactly_after_its_init_from_directory_is_gone(tmp_path, model_dir, capsys):
+    """The architecture of a model.preset=init_from run comes from its checkpoints once it has one,
+    and its tokenizer from the run's copy: the model directory it started from, tokenizer included
+    (as experiments/finetune_hf.sh sets it up), may be moved or deleted before a resume."""
+    shutil.copytree(model_dir, tmp_path / "model")
+    fine_tune = ["--config.model.preset=init_from", f"--config.checkpoint.init_from={tmp_path / 'model'}",
+                 "--config.model.vocab_size=None", "--config.model.ffn_dim=None", "--config.model.max_seq_len=None",
+                 "--config.data.source=embedded", f"--config.data.tokenizer={tmp_path / 'model' / 'tokenizer.model'}"]
+    assert train(tmp_path / "run", *fine_tune) == 0
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    shutil.rmtree(tmp_path / "model")
+    capsys.readouterr()
+    assert main(["train", "--config", TINY, "--workdir", str(tmp_path / "again"), *RUN, *fine_tune,
+                 "--resume-from", "2"]) == 0
+    assert f"resuming with the run's copy of it ({tmp_path / 'again' / 'tokenizer.model'})" in capsys.readouterr().out
+    (_, _, _, once), (_, _, _, resumed) = (run_lib.read_checkpoint_params(tmp_path / run, 4) for run in ("run", "again"))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(resumed)))
+
 # ---- the tokenizer a run used -----------------------------------------------------------------
 
 
