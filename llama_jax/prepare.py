@@ -131,29 +131,44 @@ def open_corpus(data_config) -> Corpus:
 
 
 def _streamed_corpus(data_config) -> Corpus:
+    """The corpus of text or JSONL files, counted and fingerprinted in a first pass; every later
+    pass checks that it read the same documents (a ValueError if the files changed meanwhile)."""
     files, text_key = list(data_config.get("files") or []), data_config.get("text_key", "text")
     origin = f"files {files!r}"
     count, has_text, digest = 0, False, hashlib.sha256()
     for text in read_documents(files, text_key):
         count, has_text = count + 1, has_text or bool(text)
-        utf8 = text.encode()
-        digest.update(len(utf8).to_bytes(8, "little") + utf8)  # each document's length, then its text
+        _fingerprint(digest, text)
     _check_has_text(count, [has_text], origin)
     indices = dict(zip(SPLITS, split_indices(count, _eval_fraction(data_config))))
     members = {}
     for split in SPLITS:
         members[split] = np.zeros(count, bool)
         members[split][indices[split]] = True
+    changed = ValueError(f"{origin} changed while they were being prepared (the documents read differ from those "
+                         f"counted first); prepare them again into a new --output once the files stay unchanged")
 
     def read(split: str, start: int) -> Iterator[tuple[int, str]]:
-        position = 0
+        position, again, read_count = 0, hashlib.sha256(), 0
         for i, text in enumerate(read_documents(files, text_key)):
+            if i >= count:
+                raise changed
+            _fingerprint(again, text)
+            read_count = i + 1
             if members[split][i]:
                 if position >= start:
                     yield i, text
                 position += 1
+        if read_count != count or again.digest() != digest.digest():
+            raise changed
 
     return Corpus(indices, read, origin, digest.hexdigest())
+
+
+def _fingerprint(digest, text: str) -> None:
+    """Add a document to a corpus fingerprint: its UTF-8 length, then its text."""
+    utf8 = text.encode()
+    digest.update(len(utf8).to_bytes(8, "little") + utf8)
 
 
 def _check_has_text(count: int, texts: Iterable, origin: str) -> None:

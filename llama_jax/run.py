@@ -186,16 +186,23 @@ def changed_settings(saved: dict, config) -> list[str]:
 
 def _same_stream(recorded: list, stream: list) -> bool:
     """The same training sources, of the same documents and tokens (however sharded, wherever they
-    are), in the same proportions (weights 1:2 and 2:4 alike)."""
+    are: by their counts, and by their corpus fingerprint where both streams have one), in the same
+    proportions (weights 1:2 and 2:4 alike)."""
     before, now = ({s["name"]: s for s in streams} for streams in (recorded, stream))
+
+    def same_corpus(a: dict, b: dict) -> bool:
+        return "corpus_sha256" not in a or "corpus_sha256" not in b or a["corpus_sha256"] == b["corpus_sha256"]
+
     return before.keys() == now.keys() and all(
         (before[n]["documents"], before[n]["tokens"]) == (now[n]["documents"], now[n]["tokens"])
-        and math.isclose(before[n]["share"], now[n]["share"], rel_tol=1e-9) for n in now)
+        and same_corpus(before[n], now[n]) and math.isclose(before[n]["share"], now[n]["share"], rel_tol=1e-9)
+        for n in now)
 
 
 def _describe_stream(stream: list) -> str:
     return ", ".join(f"{s['name']} ({s['share']:.3g} of the rows, {s['documents']:,} training documents, "
-                     f"{s['tokens']:,} tokens)" for s in stream)
+                     f"{s['tokens']:,} tokens" + (f", corpus sha256 {s['corpus_sha256'][:12]}" if "corpus_sha256" in s
+                                                  else "") + ")" for s in stream)
 
 
 def _intact_hint(config, trainer: Trainer, workdir: Path, candidates: list[int], stream: list | None) -> str:

@@ -219,7 +219,10 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
     tokenizer_path = opened[0][1].tokenizer_path
     if d.source == "prepared" and d.get("tokenizer") and d.tokenizer != "train":
         given = tokenizer_file(d.tokenizer)
-        if not given.is_file() or sha256_file(given) != required:
+        if not given.is_file():
+            raise RunError(f"data.tokenizer={d.tokenizer}: no such file; leave data.tokenizer empty (the prepared "
+                           f"data brings its own) or give the tokenizer {named[0][1]} was prepared with")
+        if sha256_file(given) != required:
             raise RunError(f"data.tokenizer={d.tokenizer} is not the tokenizer {named[0][1]} was prepared with; "
                            f"leave data.tokenizer empty (the prepared data brings its own) or prepare the data with it")
     tokenizer = load_tokenizer(tokenizer_path)
@@ -239,7 +242,9 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
                        f"(data.eval_fraction={d.get('eval_fraction')}); use eval_fraction > 0 or train.eval_every=0")
     total = sum(weight for _, _, weight in opened)
     stream = [{"name": name, "share": weight / total, "documents": prepared.splits["train"].documents,
-               "tokens": prepared.splits["train"].tokens} for name, prepared, weight in opened]
+               "tokens": prepared.splits["train"].tokens,
+               **({"corpus_sha256": sha} if (sha := prepared.manifest.get("corpus_sha256")) else {})}
+              for name, prepared, weight in opened]
     return RunData(lambda s: train.batch(s, rows), eval_sets, tokenizer, train, tokenizer_path, staged,
                    opened[0][1].manifest.get("corpus_sha256") if len(opened) == 1 else None, stream)
 

@@ -3,6 +3,7 @@ per-source evaluation, `data inspect`, raw sources prepared once into the workdi
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus
 from llama_jax.experiment import load_config
-from llama_jax.prepare import open_prepared, prepare
+from llama_jax.prepare import open_corpus, open_prepared, prepare
 from llama_jax.tokenizer import train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,3 +215,43 @@ def test_bad_mixtures_and_lengths_are_one_line(prepared, tmp_path, capsys, chang
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not workdir.exists()
+
+
+def test_a_resume_on_other_documents_of_the_same_size_is_refused(prepared, tokenizer_path, tmp_path, capsys):
+    """Counts alone would pass data prepared from other text of the same size; the corpus
+    fingerprint does not. (Words in another order: SentencePiece pieces never span a space, so
+    every count stays the same.)"""
+    texts = tmp_path / "texts"
+    shutil.copytree(prepared[1].parent / "texts", texts)
+    (texts / "0.txt").write_text(" ".join(reversed((texts / "0.txt").read_text().split())), encoding="utf-8")
+    other = tmp_path / "other-prepared"
+    prepare(data_config(tokenizer_path, source="text", files=[str(texts / "*.txt")], eval_fraction=0.2),
+            other, workers=1, progress=False)
+    mine, theirs = open_prepared(prepared[1]), open_prepared(other)
+    assert [(s.documents, s.tokens) for s in mine.splits.values()] == \
+           [(s.documents, s.tokens) for s in theirs.splits.values()]
+    assert mine.manifest["corpus_sha256"] != theirs.manifest["corpus_sha256"]
+    run = [f"--config.data.path={prepared[1]}", "--config.data.source=prepared", "--config.train.eval_every=0"]
+    assert train(tmp_path / "run", *run, "--config.train.steps=2") == 0
+    capsys.readouterr()
+    assert train(tmp_path / "run", *run, "--config.train.steps=4", f"--config.data.path={other}") == 2
+    err = capsys.readouterr().err
+    assert f"corpus sha256 {mine.manifest['corpus_sha256'][:12]}" in err and "a resume continues the same" in err
+    assert train(tmp_path / "run", *run, "--config.train.steps=4", f"--config.data.tokenizer={tmp_path / 'no.model'}") == 2
+    assert f"data.tokenizer={tmp_path / 'no.model'}: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change", ["append", "remove", "replace"])
+def test_files_changed_while_being_prepared_are_refused(tmp_path, change):
+    files = [tmp_path / f"{i}.jsonl" for i in range(2)]
+    for i, file in enumerate(files):
+        file.write_text("".join(json.dumps({"text": f"document {i}.{j}"}) + "\n" for j in range(5)))
+    corpus = open_corpus(data_config(None, source="jsonl", files=[str(tmp_path / "*.jsonl")], eval_fraction=0.0))
+    documents = corpus.documents("train")
+    assert next(documents) == (0, "document 0.0")
+    lines = files[1].read_text().splitlines(keepends=True)
+    edited = {"append": lines + [json.dumps({"text": "one more"}) + "\n"], "remove": lines[:-1],
+              "replace": lines[:-1] + [json.dumps({"text": "document 1.X"}) + "\n"]}[change]
+    files[1].write_text("".join(edited))
+    with pytest.raises(ValueError, match=r"changed while they were being prepared .* into a new --output"):
+        list(documents)
