@@ -568,6 +568,10 @@ def check_processes_agree(config, workdir: Path, resume_from: int | None) -> Non
     the shards it holds, or write its shards of a checkpoint where the others never commit them."""
     if jax.process_count() == 1:
         return
+    if jax.device_count() != jax.local_device_count() * jax.process_count():  # (no collective needed to see it)
+        raise RunError(f"process {jax.process_index()} holds {jax.local_device_count()} devices, but the "
+                       f"{jax.process_count()} processes hold {jax.device_count()} in all: every process must hold "
+                       f"as many (check each one's device visibility, e.g. CUDA_VISIBLE_DEVICES or XLA_FLAGS)")
     import hashlib
 
     given = {"config": config.to_json_best_effort(), "--workdir": str(workdir), "--resume-from": repr(resume_from)}

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -202,6 +203,18 @@ def axes_from(config_path: str, texts: Sequence[str]) -> dict[str, Space]:
     if not axes:
         raise SweepError(f"no axes: pass --sweep key=[v1,v2] or define get_sweep() in {config_path}")
     return axes
+
+
+def _check_not_swept(overrides: Sequence[str], axes: dict[str, Space]) -> None:
+    """SweepError for a base override of a swept key (or of a section holding one, or of a key
+    inside a swept value): every trial's value would replace it."""
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        for axis in axes:
+            if key == axis or axis.startswith(key + ".") or key.startswith(axis + "."):
+                raise SweepError(f"--config.{override} sets {'the swept key' if key == axis else 'a key of the axis'} "
+                                 f"{axis}, whose values each trial sets instead; drop the override or the axis (a "
+                                 f"single value: --sweep {axis}=[VALUE])")
 
 
 def _declared_axes(config_path: str) -> dict[str, Space]:
@@ -632,7 +645,7 @@ def open_study(workdir: Path, seed: int):
     """The sweep's Optuna study in DIR/optuna.db (created or reloaded): TPE sampler, median pruner."""
     optuna = _import_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{workdir / STUDY_FILE}"
+    storage = f"sqlite:///{urllib.parse.quote(str(workdir / STUDY_FILE))}"  # ("?" and "%" are URL syntax)
     study = optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
@@ -700,6 +713,7 @@ def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str]
     if search != "grid" and (trials is None or trials < 1 or trials > MAX_TRIALS):
         raise SweepError(f"--search {search} needs --trials N (1 <= N <= {MAX_TRIALS:,})")
     axes = axes_from(config, axis_texts)
+    _check_not_swept(overrides, axes)
     if set(saved_axes) == set(axes):  # the order its trials were named and drawn in
         axes = {key: axes[key] for key in saved_axes}
     settings = (load_config(config) if overrides else base).to_json_best_effort(sort_keys=True)  # the file's own

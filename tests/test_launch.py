@@ -495,6 +495,10 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
      "unknown accelerator type 'v4-08'"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v5litepod-12", "--dry-run", "--", *TRAIN_TINY],
      "v5litepod-12: v5litepod slices have 1, 4, 8, 16, 32, 64, 128, 256 chips, not 12"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-4", "--dry-run", "--", *TRAIN_TINY],
+     "v4-4: the smallest v4 slice is v4-8 (4 chips, one host)"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v5p-2", "--dry-run", "--", *TRAIN_TINY],
+     "v5p-2: the smallest v5p slice is v5p-8"),
     (["slurm", "--job-name", "x\n#SBATCH --exclusive", "--dry-run", "--", *TRAIN_IN_TMP],
      "--job-name 'x\\n#SBATCH --exclusive': use letters, digits and . _ + -"),
     # the launched command's config and values, checked before anything is launched

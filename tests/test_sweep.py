@@ -188,7 +188,8 @@ def _alive(run: Path) -> bool:
 
 def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
     workdir = tmp_path / "sweep"
-    args = sweep_args(workdir, "--sweep", "train.batch_size=[8,7]", "--config.train.steps=2")
+    args = [a for a in sweep_args(workdir, "--sweep", "train.batch_size=[8,7]", "--config.train.steps=2")
+            if a != "--config.train.batch_size=8"]  # (a swept key is not also overridden)
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "batch_size=8: llama-jax train --config" in out and "--config.train.batch_size=7" in out
@@ -207,7 +208,8 @@ def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
 
     capsys.readouterr()
     failing = tmp_path / "failing"  # every trial failed: the results are written, the exit status says so
-    assert main(sweep_args(failing, "--sweep", "train.batch_size=[7]", "--config.train.steps=2")) == 2
+    assert main([a for a in sweep_args(failing, "--sweep", "train.batch_size=[7]", "--config.train.steps=2")
+                 if a != "--config.train.batch_size=8"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         f"error: all 1 trials failed; the error column of {failing}/results.md says why")
     assert (failing / "results.md").is_file()
@@ -255,6 +257,18 @@ def test_random_and_optuna_searches(tmp_path, capsys):
     assert "started" not in capsys.readouterr().out
     assert len(optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{optuna_dir / 'optuna.db'}").trials) == 3
 
+
+
+def test_the_optuna_study_lives_in_the_workdir_whatever_its_name(tmp_path):
+    """"?" and "%" are URL syntax in the study's SQLite address; a workdir named with them keeps
+    its own study (not one in a directory named by the part before "?", or in "%41" decoded)."""
+    for name in ("a?x=1", "b%41", "c d#e"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        study = sweep_lib.open_study(workdir, seed=0)
+        study.enqueue_trial({"x": 1.0})
+        assert (workdir / sweep_lib.STUDY_FILE).is_file(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a?x=1", "b%41", "c d#e"]
 
 def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
     """The study keeps the losses a killed sweep's trial reported; the resumed trial's metrics.jsonl
@@ -343,6 +357,10 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
     (["--sweep", "optimizer.lr=[1e-3]", "--sweep", "optimizer.lr=[2e-3]"], "optimizer.lr is swept twice"),
     (["--sweep", "train.seed=[0,1]", "--trials", "3"], "--trials applies to --search random and optuna"),
     (["--sweep", "train.seed=[0,1]", "--nodes", "2"], "--nodes shapes SLURM jobs; it applies with --on slurm only"),
+    # a base override that every trial's value would replace
+    (["--sweep", "optimizer.lr=[1e-3,2e-3]", "--config.optimizer.lr=5e-3"],
+     r"--config.optimizer.lr=5e-3 sets the swept key optimizer.lr, .* drop the override or the axis"),
+    (["--sweep", "data.mixture.a.weight=[1,2]", "--config.data.mixture={}"], "sets a key of the axis data.mixture"),
     # every trial's values are checked as `train` checks them, before any trial runs
     (["--sweep", "optimizer.lr=[1e-3,-1]"], r"trial lr=-1: optimizer.lr: got -1.0; valid: a number in \[0, inf\)"),
     (["--sweep", "train.seed=[0]", "--config.train.steps=-5"],
@@ -350,8 +368,8 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
     (["--sweep", "optimizer.name=choice(adamw,sgd)"], "trial name=sgd: optimizer.name: unknown optimizer 'sgd'"),
     (["--sweep", "optimizer.lr=uniform(-1,1)", "--search", "optuna", "--trials", "2"],
      "trial lr=-1: optimizer.lr: got -1.0"),  # an Optuna search is checked at each axis's ends
-    (["--sweep", "optimizer.warmup_steps=int(5,9)", "--search", "random", "--trials", "2"],
-     r"trial t000,warmup_steps=\d: optimizer.warmup_steps: got \d; valid: an integer in \[0, total_steps=4\]"),
+    (["--sweep", "checkpoint.keep_every=int(3,5)", "--search", "random", "--trials", "2"],
+     r"trial t000,keep_every=\d: checkpoint.keep_every=\d is not a multiple of checkpoint.every=2"),
     (["--sweep", "train.seed=[0,1]", "--config.checkpoint.keep_every=3"],
      "trial seed=0: checkpoint.keep_every=3 is not a multiple of checkpoint.every=2"),
     # every trial gets a directory of its own, and a sweep lists its trials before it starts
@@ -370,7 +388,7 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
     (["--sweep", "train.seed=[0]", "--config.data.source=text", "--config.data.files=['/nonexistent/*.txt']",
       "--config.data.tokenizer=train"], r"no file matches '/nonexistent/\*.txt'"),
     ([f"--sweep=train.seed=[{','.join(map(str, range(100)))}]",
-      f"--sweep=optimizer.warmup_steps=[{','.join(map(str, range(1, 102)))}]"], "the grid has 10,100 trials, over"),
+      f"--sweep=train.eval_batches=[{','.join(map(str, range(1, 102)))}]"], "the grid has 10,100 trials, over"),
     (["--sweep", "train.seed=int(0,9)", "--search", "random", "--trials", "100000000"], "1 <= N <= 10,000"),
 ])
 def test_bad_sweeps_are_one_line_and_run_nothing(tmp_path, capsys, extra, message):

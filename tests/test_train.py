@@ -320,10 +320,11 @@ def test_two_processes_match_one(tmp_path, devices_per_process, mesh):
     np.testing.assert_allclose(multi, single, rtol=1e-5)
 
 
-@pytest.mark.parametrize("differing", ["config", "--workdir"])
+@pytest.mark.parametrize("differing", ["config", "--workdir", "devices"])
 def test_processes_started_differently_are_refused_by_each(tmp_path, differing):
     """Two processes of one run given different settings would each train its shards its own way
-    (and different workdirs hang at the first checkpoint): both refuse, before writing anything."""
+    (and different workdirs hang at the first checkpoint), and processes holding different numbers
+    of devices cannot form a mesh: both refuse, before writing anything."""
     port = _free_port()
     cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--config.train.steps=2",
            "--config.optimizer.warmup_steps=1",
@@ -332,14 +333,18 @@ def test_processes_started_differently_are_refused_by_each(tmp_path, differing):
     workdirs = [tmp_path / "run", tmp_path / ("run" if differing == "config" else "other")]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
+    devices = [2, 1] if differing == "devices" else [1, 1]
     procs = [subprocess.Popen([*cmd, "--workdir", str(workdirs[i]), "--process-id", str(i), *(second if i else [])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                              env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices[i]}"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 2, err[-3000:]
-        assert "Traceback" not in err and err.strip().splitlines()[-1] == (
-            f"llama-jax train: error: the 2 processes were started with different {differing} (process 1's differs "
-            "from process 0's); start every process with the same command and config, only --process-id differing")
+        expected = (f"process {i} holds {devices[i]} devices, but the 2 processes hold 3 in all: every process must "
+                    f"hold as many" if differing == "devices" else
+                    f"the 2 processes were started with different {differing} (process 1's differs from process 0's); "
+                    f"start every process with the same command and config, only --process-id differing")
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"llama-jax train: error: {expected}")
     assert not any(w.exists() for w in workdirs)
 
 

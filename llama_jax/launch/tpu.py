@@ -39,14 +39,15 @@ class TpuFamily:
     single_host_chips: int  # slices of at most this many chips are one host
     runtime_version: str  # default TPU VM image
     chip_counts: tuple[int, ...] | None = None  # the slice sizes there are, where a short list says it
+    min_chips: int = 1  # the smallest slice
 
 
 # The one table of TPU facts.
 TPU_FAMILIES = (
     TpuFamily("v4", "cores", cores_per_chip=2, chips_per_host=4, single_host_chips=4,
-              runtime_version="tpu-ubuntu2204-base"),
+              runtime_version="tpu-ubuntu2204-base", min_chips=4),
     TpuFamily("v5p", "cores", cores_per_chip=2, chips_per_host=4, single_host_chips=4,
-              runtime_version="v2-alpha-tpuv5"),
+              runtime_version="v2-alpha-tpuv5", min_chips=4),
     TpuFamily("v5litepod", "chips", cores_per_chip=1, chips_per_host=4, single_host_chips=8,
               runtime_version="v2-alpha-tpuv5-lite", chip_counts=(1, 4, 8, 16, 32, 64, 128, 256)),
     TpuFamily("v6e", "chips", cores_per_chip=1, chips_per_host=4, single_host_chips=8,
@@ -100,6 +101,10 @@ def tpu_slice(accelerator: str) -> TpuSlice:
     if rest:
         raise LaunchError(f"{accelerator}: {n} TensorCores is not a whole number of chips "
                           f"({family.cores_per_chip} per {family.prefix} chip)")
+    if chips < family.min_chips:
+        smallest = family.min_chips * (family.cores_per_chip if family.counts == "cores" else 1)
+        raise LaunchError(f"{accelerator}: the smallest {family.prefix} slice is {family.prefix}-{smallest} "
+                          f"({family.min_chips} chips, one host)")
     if chips > family.single_host_chips and chips % family.chips_per_host:
         raise LaunchError(f"{accelerator}: {chips} chips is not a whole number of hosts "
                           f"({family.chips_per_host} chips per {family.prefix} host)")
