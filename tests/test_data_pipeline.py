@@ -2,8 +2,13 @@
 per-source evaluation, `data inspect`, raw sources prepared once into the workdir."""
 
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +18,7 @@ from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus
 from llama_jax.experiment import load_config
 from llama_jax.prepare import open_corpus, open_prepared, prepare
+from llama_jax.run_data import STAGING_OWNER, STAGING_PREFIX
 from llama_jax.tokenizer import train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,10 +145,23 @@ def test_inspect_shows_a_step_and_covers_an_epoch(prepared, capsys):
     assert re.search(r"100\.00% seen once, 0\.00% more than once, 0\.00% never", capsys.readouterr().out)
 
 
-def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path, capsys):
+def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path, capsys, monkeypatch):
+    """... in a temporary directory first, where a process killed outright leaves its staging
+    directory behind: the next run's preparation removes those whose process is gone."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, dead = socket.gethostname(), gone.stdout.strip()
+    owners = {"killed": f"{host} {dead}", "running": f"{host} {os.getpid()}", "elsewhere": f"another-host {dead}",
+              "unowned": None}
+    for name, owner in owners.items():
+        (tmp_path / "tmp" / f"{STAGING_PREFIX}{name}" / "data").mkdir(parents=True)
+        if owner:
+            (tmp_path / "tmp" / f"{STAGING_PREFIX}{name}" / STAGING_OWNER).write_text(owner)
     workdir = tmp_path / "run"
     raw = ["--config.data.source=embedded", f"--config.data.tokenizer={tokenizer_path}", "--config.train.steps=2"]
     assert train(workdir, *raw) == 0
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == \
+           [f"{STAGING_PREFIX}{name}" for name in ("elsewhere", "running", "unowned")]
     manifest = workdir / "data" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     assert train(workdir, *raw[:-1], "--config.train.steps=3") == 0  # resumes on the same prepared data
