@@ -22,8 +22,10 @@ import orbax.checkpoint as ocp
 
 from llama_jax.config import LLaMAConfig
 from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
-from llama_jax.model_dir import CONFIG_FILE, MODEL_DIR, PARAMS_DIR, copy_tokenizer_files, load_config
+from llama_jax.model_dir import (CONFIG_FILE, MODEL_DIR, PARAMS_DIR, check_tokenizer_files, copy_tokenizer_files,
+                                 load_config)
 from llama_jax.safe_io import atomic_directory, damage_reason, raise_noted_signal, unreadable_path
+from llama_jax.tokenizer import check_fits, load_tokenizer
 
 
 def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: str | os.PathLike | None = None,
@@ -33,10 +35,12 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: 
     tokenizer: a directory (its tokenizer and generation files are copied) or one tokenizer file
     (copied as tokenizer.model). `overwrite` replaces only an existing model directory.
     """
+    params = nn.meta.unbox(params)
+    check_params(config.replace(scan_layers="layers" in params), params)  # in their own layout: all of them
     if "layers" not in params:
         params = stack_layers(dict(params), config.n_layers)
-    params = nn.meta.unbox(params)
-    check_params(config.replace(scan_layers=True), params)
+    if tokenizer is not None:
+        _check_tokenizer(tokenizer, config)
     inputs = [] if tokenizer is None else [tokenizer]
     with atomic_directory(path, MODEL_DIR, overwrite, inputs) as tmp:
         write_model_dir(tmp, config, params)
@@ -45,6 +49,17 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: 
         elif tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
     return Path(path)
+
+
+def _check_tokenizer(tokenizer: str | os.PathLike, config: LLaMAConfig) -> None:
+    """ValueError for a tokenizer (directory or file) a model of `config` could not use."""
+    if Path(tokenizer).is_dir():
+        check_tokenizer_files(tokenizer, config)
+        return
+    try:
+        check_fits(load_tokenizer(tokenizer), config.vocab_size)
+    except ValueError as e:
+        raise ValueError(e if str(tokenizer) in str(e) else f"{tokenizer}: {e}") from None
 
 
 def write_model_dir(directory: Path, config: LLaMAConfig, params) -> None:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LLaMAConfig, is_int
-from llama_jax.model import KVCache, LLaMA, abstract_params, join_qkv, unstack_layers
+from llama_jax.model import KVCache, LLaMA, abstract_params, check_params, join_qkv, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
 from llama_jax.tokenizer import Tokenizer
 
@@ -307,6 +307,8 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
         raise ValueError(f"these params have their q/k/v kernels joined for one device (decoding_params with "
                          f"batch_size=1); a mesh of {mesh.size} devices needs the unjoined params")
     stacked = "layers" in params
+    if not joined:  # (joined params came from here)
+        check_params(config.replace(scan_layers=stacked), params)
     if mesh is not None and not joined:
         params = jax.device_put(params, tree_shardings(mesh, abstract_params(config.replace(scan_layers=stacked))))
     join = batch_size == 1 and (mesh is None or mesh.size == 1) and not joined

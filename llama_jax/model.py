@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 
 import flax.linen as nn
 import flax.struct
@@ -375,9 +376,29 @@ def _checked_tokens(tokens, vocab_size: int):
     return tokens
 
 
-def _check_cache_room(cache: KVCache, new: int) -> None:
-    """ValueError when `new` more slots do not fit the cache (checked when called eagerly: under jit
-    the write would land on the last slots, silently)."""
+def _checked_rows(values, name: str, B: int, S: int):
+    """`values` (a list becomes an array), ValueError unless they are integers of the tokens' [B, S]."""
+    if isinstance(values, (list, tuple)):
+        values = np.asarray(values)
+    shape, dtype = getattr(values, "shape", None), getattr(values, "dtype", None)
+    if shape is None or tuple(shape) != (B, S) or not jnp.issubdtype(dtype, jnp.integer):
+        got = f"{dtype} of shape {tuple(shape)}" if shape is not None else type(values).__name__
+        raise ValueError(f"{name} must be an integer array of the tokens' shape [batch, seq] = [{B}, {S}], got {got}")
+    return values
+
+
+def _check_cache(cache: KVCache, cfg: LLaMAConfig, B: int, new: int) -> None:
+    """ValueError for a cache of another layout or batch than the call's, or without room for `new`
+    more slots (room checked when called eagerly: under jit the write would land on the last
+    slots, silently)."""
+    stacked = not isinstance(cache.k, tuple)
+    if stacked != cfg.scan_layers:
+        layout = "scanned" if stacked else "unrolled"
+        raise ValueError(f"the KV cache is laid out for {layout} layers but the model has scan_layers="
+                         f"{cfg.scan_layers}; create it with KVCache.create(config, ...) of this model")
+    if cache.segment_ids.shape[0] != B:
+        raise ValueError(f"the KV cache holds a batch of {cache.segment_ids.shape[0]} rows, the tokens {B}; create it "
+                         f"with batch={B}")
     filled, slots = _concrete(cache.index), cache.segment_ids.shape[1]
     if filled is not None and int(filled) + new > slots:
         raise ValueError(f"the KV cache has {slots} slots, {int(filled)} filled: no room for {new} more tokens; "
@@ -401,11 +422,12 @@ class LLaMA(nn.Module):
         tokens_BxS = _checked_tokens(tokens_BxS, cfg.vocab_size)
         B, S = tokens_BxS.shape
         if cache is not None:
-            _check_cache_room(cache, S)
+            _check_cache(cache, cfg, B, S)
         start = cache.index if cache is not None else 0
         slots_BxS = jnp.broadcast_to(start + jnp.arange(S, dtype=jnp.int32), (B, S))
-        positions = slots_BxS if positions is None else positions
-        segment_ids = jnp.ones((B, S), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        positions = slots_BxS if positions is None else _checked_rows(positions, "positions", B, S)
+        segment_ids = jnp.ones((B, S), jnp.int32) if segment_ids is None else \
+            _checked_rows(segment_ids, "segment_ids", B, S).astype(jnp.int32)
 
         if cache is None:
             kv, view = None, None
@@ -493,6 +515,8 @@ def param_count(cfg: LLaMAConfig) -> int:
 
 def check_params(cfg: LLaMAConfig, params) -> None:
     """Raise ValueError naming the first parameter whose path or shape does not fit `cfg`."""
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        raise ValueError("got Flax's variables ({'params': ...}); pass the parameter tree inside, variables['params']")
     expected = nn.meta.unbox(abstract_params(cfg))
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     got = {jax.tree_util.keystr(k): getattr(v, "shape", None)

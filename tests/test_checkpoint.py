@@ -19,12 +19,19 @@ def model():
     return cfg, init_params(cfg, 0)
 
 
+def sentencepiece_model(path, vocab_size: int):
+    from llama_jax.data import EmbeddedCorpus
+    from llama_jax.tokenizer import train_sentencepiece
+
+    corpus = EmbeddedCorpus()
+    return train_sentencepiece((corpus[i] for i in range(len(corpus))), path, vocab_size)
+
+
 def test_save_load_round_trip(tmp_path, model):
     cfg, params = model
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.model").write_bytes(b"\x00sentencepiece bytes")
+    tokenizer = sentencepiece_model(tmp_path / "tok" / "tokenizer.model", 400)
     save_model(tmp_path / "m", cfg, params, tokenizer=tmp_path / "tok")
-    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == b"\x00sentencepiece bytes"
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
     cfg2, params2 = load_model(tmp_path / "m")
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
@@ -141,7 +148,25 @@ def test_params_that_do_not_fit_the_config_are_refused_before_writing(tmp_path, 
         save_model(tmp_path / "m", cfg, dict(params, lm_head=np.zeros((64, 100), np.float32)))
     with pytest.raises(ValueError, match=r"\['lm_head'\] is missing"):
         save_model(tmp_path / "m", cfg, {k: v for k, v in params.items() if k != "lm_head"})
+    deeper = cfg.replace(n_layers=cfg.n_layers + 1)  # unscanned: the layer the config does not list is not dropped
+    with pytest.raises(ValueError, match=rf"\['layers_{cfg.n_layers}'\].* is not part of this model"):
+        save_model(tmp_path / "m", cfg, unstack_layers(init_params(deeper, 0), deeper.n_layers))
+    with pytest.raises(ValueError, match=r"got Flax's variables \(\{'params': ...\}\); pass .* variables\['params'\]"):
+        save_model(tmp_path / "m", cfg, {"params": params})
+    with pytest.raises(ValueError, match=r"\['layers_1'\].* is missing"):  # (was a bare KeyError)
+        unstacked = unstack_layers(params, cfg.n_layers)
+        save_model(tmp_path / "m", cfg, {k: v for k, v in unstacked.items() if k != "layers_1"})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_writing(tmp_path, model):
+    cfg, params = model
+    tokenizer = sentencepiece_model(tmp_path / "tok" / "tokenizer.model", cfg.vocab_size + 100)
+    for given in (tokenizer, tokenizer.parent):  # a file, or a directory holding it
+        with pytest.raises(ValueError, match=rf"tokenizer.model: the tokenizer has {cfg.vocab_size + 100} tokens but "
+                                             rf"the model's vocab_size is {cfg.vocab_size}"):
+            save_model(tmp_path / "m", cfg, params, tokenizer=given)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
 
 
 def test_not_a_model_directory(tmp_path):

@@ -299,6 +299,18 @@ def test_bad_input(gqa, kwargs, message):
     assert "\n" not in str(err.value)
 
 
+def test_params_of_another_model_are_refused(gqa):
+    """The model reads only the layers its config lists, so deeper params would decode silently
+    with their first layers (and shallower ones failed with a bare KeyError)."""
+    cfg, params = gqa
+    for other, message in ((cfg.replace(n_layers=cfg.n_layers + 1), r"\['layers.*is not part of this model|has shape"),
+                           (cfg.replace(n_layers=cfg.n_layers - 1), r"has shape|is missing")):
+        for layout in (True, False):
+            theirs = init_params(other.replace(scan_layers=layout), 0)
+            with pytest.raises(ValueError, match=message):
+                generate(cfg.replace(scan_layers=layout), theirs, [[5, 6, 7]], 2)
+
+
 def test_generate_command(sp_tokenizer, tmp_path, capsys):
     tok = sp_tokenizer
     cfg = LLaMAConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,

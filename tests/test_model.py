@@ -271,6 +271,27 @@ def test_bad_tokens_and_a_full_cache_are_refused_when_called_eagerly(gqa):
         model.apply({"params": params}, tokens[:, 4:], cache=cache)
 
 
+
+def test_positions_segments_and_a_cache_that_do_not_fit_the_tokens_are_refused(gqa):
+    cfg, params = gqa
+    model = LLaMA(cfg)
+    tokens = _tokens(cfg.vocab_size, batch=2, seq=5)
+    for kwargs, message in ((dict(positions=np.arange(5)), r"positions must be an integer array of the tokens' shape "
+                                                           r"\[batch, seq\] = \[2, 5\], got int64 of shape \(5,\)"),
+                            (dict(positions=np.zeros((2, 4), np.int32)), r"positions .* got int32 of shape \(2, 4\)"),
+                            (dict(segment_ids=np.ones(5, np.int32)), r"segment_ids must be an integer array of the "
+                                                                    r"tokens' shape"),
+                            (dict(segment_ids=np.ones((2, 5))), r"segment_ids .* got float64 of shape \(2, 5\)"),
+                            (dict(cache=KVCache.create(cfg, batch=3, max_len=8)),
+                             r"the KV cache holds a batch of 3 rows, the tokens 2; create it with batch=2"),
+                            (dict(cache=KVCache.create(cfg.replace(scan_layers=not cfg.scan_layers), 2, 8)),
+                             r"the KV cache is laid out for \w+ layers but the model has scan_layers=")):
+        with pytest.raises(ValueError, match=message):
+            model.apply({"params": params}, tokens, **kwargs)
+    positions = np.broadcast_to(np.arange(5), (2, 5))
+    np.testing.assert_array_equal(model.apply({"params": params}, tokens, positions=positions.tolist()),  # lists too
+                                  model.apply({"params": params}, tokens))
+
 def test_cache_blocks_bound_the_scores_and_cover_the_cache_when_decoding():
     assert attention.cache_block(1, 272) == 272  # decoding: the whole cache
     assert attention.cache_block(1, 65_536) == 65_536
