@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from ml_collections import ConfigDict
 
+from llama_jax.config import is_int
+
 if TYPE_CHECKING:
     import optax
 
@@ -65,7 +67,7 @@ def validate(cfg: ConfigDict, total_steps: int) -> None:
         _fail("name", f"unknown optimizer {cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         _fail("schedule", f"unknown schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if not isinstance(total_steps, int) or total_steps <= 0:
+    if not is_int(total_steps) or total_steps <= 0:  # (NumPy integers too, not True)
         raise ValueError(f"total_steps: got {total_steps!r}; valid: a positive integer")
     _check_range(cfg, "lr", 0, math.inf, hi_open=True)
     _check_range(cfg, "b1", 0, 1, hi_open=True)
@@ -79,7 +81,7 @@ def validate(cfg: ConfigDict, total_steps: int) -> None:
     if not isinstance(cfg.decay_embeddings, bool):
         _fail("decay_embeddings", f"got {cfg.decay_embeddings!r}; valid: True, False")
     warmup = cfg.warmup_steps
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup <= total_steps:
+    if not is_int(warmup) or not 0 <= warmup <= total_steps:
         _fail("warmup_steps", f"got {warmup!r}; valid: an integer in [0, total_steps={total_steps}]")
     if cfg.schedule == "wsd" and warmup + _wsd_decay_steps(cfg, total_steps) > total_steps:
         _fail("decay_fraction", f"{cfg.decay_fraction} of {total_steps} steps overlaps the {warmup} "

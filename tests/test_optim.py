@@ -56,6 +56,10 @@ def test_no_warmup_starts_at_peak():
     sched = make_schedule(config(schedule="linear", warmup_steps=0), 100)
     assert float(sched(0)) == pytest.approx(LR)
     assert float(sched(50)) == pytest.approx(LR * (1 - 0.9 * 0.5))
+    numpy_steps = make_schedule(config(schedule="linear", warmup_steps=0), np.int64(100))  # a count as NumPy gives it
+    assert float(numpy_steps(50)) == float(sched(50))
+    with pytest.raises(ValueError, match=r"total_steps: got True; valid: a positive integer"):
+        make_schedule(config(schedule="linear"), True)
 
 
 # ---- weight-decay mask ---------------------------------------------------------------------
