@@ -445,8 +445,9 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     if (model_dir is None) == (workdir is None):
         raise ValueError("give either a model directory or a run's workdir")
     # bad data settings fail before the model is read
-    prepared = held_out_splits(config.data) if config.data.get("source") == "prepared" else None
-    documents = held_out_documents(config.data) if prepared is None else None
+    data_config = run_data_config(config.data, workdir) if workdir is not None else config.data
+    prepared = held_out_splits(data_config) if data_config.get("source") == "prepared" else None
+    documents = held_out_documents(data_config) if prepared is None else None
     seq_len = seq_len or config.train.seq_len
     batch_size = batch_size or max(1, config.train.batch_size // config.train.grad_accum)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,  # a bad mesh also fails first
@@ -468,7 +469,7 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     if workdir is not None:
         tokenizer = load_tokenizer(tokenizer_file)
         check_fits(tokenizer, model.vocab_size)
-    about = {"seq_len": seq_len, **origin, "data": config.data.to_dict(), "mesh": dict(mesh.shape)}
+    about = {"seq_len": seq_len, **origin, "data": data_config.to_dict(), "mesh": dict(mesh.shape)}
     on_mesh = {"mesh": mesh, "context": lambda: mesh_context(mesh)}
     if prepared is None:
         result = evaluate_documents(model, params, documents, tokenizer, seq_len, batch_size, progress=progress,
@@ -487,6 +488,32 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
         return {**next(iter(results.values())).metrics(), **about}
     total = sum(results.values(), EvalResult())
     return {**total.metrics(), "sources": {name: r.metrics() for name, r in results.items()}, **about}
+
+
+def run_data_config(data_config, workdir):
+    """The `data` section reading WORKDIR/data, a run's own prepared copy of its raw source, when
+    `data_config` asks for the documents it was prepared from: the files may have changed, moved
+    or grown since, and held out others; else `data_config` itself."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from llama_jax.prepare import DOCUMENT_SOURCES, MANIFEST, document_settings
+    from llama_jax.run_data import DATA_DIR
+
+    directory = Path(workdir) / DATA_DIR
+    if data_config.get("source") not in DOCUMENT_SOURCES:
+        return data_config
+    try:
+        prepared_from = json.loads((directory / MANIFEST).read_text())["data"]
+        same = document_settings(prepared_from) == document_settings(data_config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none (or damaged: reading it says so)
+        return data_config
+    if not same:
+        return data_config
+    run_data = copy.deepcopy(data_config)
+    run_data.update(source="prepared", path=str(directory), tokenizer="")
+    return run_data
 
 
 def held_out_splits(data_config) -> dict[str, tuple[object, str]]:

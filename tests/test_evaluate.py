@@ -303,6 +303,15 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
     assert len(logged) == 1 and logged[0]["step"] == 1 and logged[0]["eval_tokens"] == of_run["tokens"]
     assert [logged[0][f"eval_{k}"] for k in ("loss", "accuracy", "bits_per_byte")] == pytest.approx(
         [of_run[k] for k in ("loss", "accuracy", "bits_per_byte")], rel=1e-5)
+    # A run on a raw source is evaluated on its own prepared copy of it: the files edited, removed
+    # or moved since change nothing (reading them again would hold out other documents).
+    assert of_run["data"]["source"] == "prepared" and of_run["data"]["path"] == str(run / "data")
+    files[0].unlink()
+    for file in files[1:]:
+        file.write_text(file.read_text() + " and more", encoding="utf-8")
+    assert main(["eval", "--workdir", str(run), "--output", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert [again[k] for k in ("loss", "tokens", "documents")] == [of_run[k] for k in ("loss", "tokens", "documents")]
 
 
 # ---- lm-eval ---------------------------------------------------------------------------------
