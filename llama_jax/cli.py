@@ -465,6 +465,7 @@ def cmd_eval(args) -> None:
 
     from llama_jax.evaluate import evaluate_held_out
     from llama_jax.experiment import check_train_section, load_config
+    from llama_jax.model_dir import EVAL_FILE
     from llama_jax.safe_io import check_results_file, write_text_atomic
 
     if (args.model is None) == (args.workdir is None):
@@ -473,7 +474,7 @@ def cmd_eval(args) -> None:
         raise UserError("--step needs --workdir (a model directory holds one set of parameters)")
     if args.output is not None or args.model is not None and Path(args.model).is_dir():
         # before evaluating: a result that could not be written is refused first
-        check_results_file(Path(args.model) / "eval.json" if args.output is None else args.output, "--output",
+        check_results_file(Path(args.model) / EVAL_FILE if args.output is None else args.output, "--output",
                            "llama-jax eval", EVAL_RESULT_KEYS)
     if args.workdir is not None:
         _check_run_directory(args.workdir, args.config,
@@ -488,7 +489,7 @@ def cmd_eval(args) -> None:
     check_train_section(config.train)  # its batch is the default batch
     record = evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len, args.batch_size,
                                progress=True)
-    default = Path(args.workdir) / f"eval-{record['step']}.json" if args.workdir else Path(args.model) / "eval.json"
+    default = Path(args.workdir) / f"eval-{record['step']}.json" if args.workdir else Path(args.model) / EVAL_FILE
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
     output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval",
                                 EVAL_RESULT_KEYS)
@@ -504,9 +505,10 @@ def cmd_lm_eval(args) -> None:
     import json
     from pathlib import Path
 
+    from llama_jax.model_dir import LM_EVAL_FILE
     from llama_jax.safe_io import check_results_file, write_text_atomic
 
-    output = Path(args.model) / "lm_eval.json" if args.output is None else args.output
+    output = Path(args.model) / LM_EVAL_FILE if args.output is None else args.output
     if args.output is not None or Path(args.model).is_dir():  # else the model's own error comes first
         output = check_results_file(output, "--output", "llama-jax lm-eval", LM_EVAL_RESULT_KEYS)
     if args.num_fewshot is not None and args.num_fewshot < 0:

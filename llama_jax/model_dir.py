@@ -20,7 +20,10 @@ CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
-MODEL_DIR = OutputKind("llama_jax model directory", (CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES))
+EVAL_FILE, LM_EVAL_FILE = "eval.json", "lm_eval.json"  # results llama-jax eval and lm-eval write beside the model
+# (an overwrite replaces them too: they are results of the model replaced)
+MODEL_DIR = OutputKind("llama_jax model directory", (CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES, EVAL_FILE,
+                                                      LM_EVAL_FILE))
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:

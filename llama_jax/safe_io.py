@@ -47,10 +47,7 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
     blocking = next((p for p in reversed(real.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"cannot create {dst}: {blocking} is a file, not a directory")
-    checkpoints = next((p for p in [real, *real.parents] if p.name == "checkpoints" and holds_run(p.parent)), None)
-    if checkpoints is not None:  # what lies there is read as checkpoints of the run
-        raise ValueError(f"destination {dst} is inside {checkpoints}, the checkpoints of a run; choose a "
-                         f"destination outside it")
+    _check_outside_checkpoints(dst, "destination")
     check_writable(dst, "destination")  # it is created, or replaced, beside itself
     if not dst.exists() and not dst.is_symlink():
         return dst
@@ -64,6 +61,15 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
         raise ValueError(f"{dst} holds {foreign[0]!r}{more}, which is not part of a {kind.name}; --overwrite "
                          f"replaces only a {kind.name}, so choose another destination")
     return dst
+
+
+def _check_outside_checkpoints(path: Path, what: str) -> None:
+    """ValueError when `path` lies inside a run's checkpoints/, where whatever lies is read as one."""
+    real = path.resolve()
+    checkpoints = next((p for p in [real, *real.parents] if p.name == "checkpoints" and holds_run(p.parent)), None)
+    if checkpoints is not None:
+        raise ValueError(f"{what} {path} is inside {checkpoints}, the checkpoints of a run; choose a "
+                         f"{what} outside it")
 
 
 @contextlib.contextmanager
@@ -278,6 +284,7 @@ def check_results_file(path: str | os.PathLike, option: str, command: str, keys:
     path = Path(path).absolute()
     if path.is_dir():
         raise ValueError(f"{option} {path} is a directory; give the path of a JSON file to write")
+    _check_outside_checkpoints(path, option)
     check_writable(path, option)
     if path.exists() or path.is_symlink():
         try:

@@ -327,6 +327,8 @@ CASES = [
          r"destination \S+/run/checkpoints is inside \S+/run/checkpoints, the checkpoints of a run"),
     Case("export-into-its-checkpoints", "export --workdir {run} {run}/checkpoints/10",
          r"destination \S+/run/checkpoints/10 is inside \S+/run/checkpoints, the checkpoints of a run"),
+    Case("eval-output-into-its-checkpoints", "eval --workdir {run} --output {run}/checkpoints/30/eval.json",
+         r"--output \S+/run/checkpoints/30/eval.json is inside \S+/run/checkpoints, the checkpoints of a run"),
     Case("export-latest-missing", "export --workdir {missing_latest_run} out",
          r"checkpoint 4 of \S+ is missing \(recorded in progress.json as the latest committed step\); --step 2 "
          r"reads the latest one present"),

@@ -312,6 +312,9 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
     assert main(["eval", "--workdir", str(run), "--output", str(tmp_path / "again.json")]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
     assert [again[k] for k in ("loss", "tokens", "documents")] == [of_run[k] for k in ("loss", "tokens", "documents")]
+    # the export's eval.json is a result of the model it scored: exporting again over it replaces both
+    assert main(["export", "--workdir", str(run), str(tmp_path / "exported"), "--overwrite"]) == 0
+    assert not (tmp_path / "exported" / "eval.json").exists()
 
 
 # ---- lm-eval ---------------------------------------------------------------------------------
