@@ -422,7 +422,10 @@ def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, 
 
 def checkpoint_step(workdir: Path, step: int | None = None) -> int:
     """`step` (default: the latest) if `workdir` holds it as a committed checkpoint; RunError otherwise."""
-    steps = committed_steps(workdir)
+    steps, deadline = committed_steps(workdir), time.monotonic() + REMOVAL_WAIT_S
+    while not steps and holds_lock(workdir) and time.monotonic() < deadline:  # a run training there may be
+        time.sleep(0.1)  # between removing its only checkpoint and committing the next (max_to_keep=1)
+        steps = committed_steps(workdir)
     if not steps:
         raise RunError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
     recorded = recorded_step(workdir)
@@ -450,8 +453,9 @@ def read_checkpoint_params(workdir: Path, step: int | None = None,
                 info = checkpoints.run_info(chosen)
                 model = LLaMAConfig.from_dict(info["model"])
                 return chosen, info, model, checkpoints.restore_params(chosen, model, mesh)
-        except (CheckpointDamaged, FileNotFoundError):  # FileNotFoundError: a step gone while listed
-            if not _being_removed(workdir, chosen):
+        except (CheckpointDamaged, FileNotFoundError) as e:  # FileNotFoundError: a step gone while listed
+            # (an older one too: opening the checkpoints looks at every step a run training there may delete)
+            if not (_being_removed(workdir, chosen) or isinstance(e, FileNotFoundError) and holds_lock(workdir)):
                 raise
             attempts -= 1
             if step is not None or not attempts:

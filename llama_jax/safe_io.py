@@ -349,8 +349,8 @@ def unreadable_path(directory: str | os.PathLike) -> Path | None:
     (also for paths removed meanwhile: a checkpoint the retention deleted is not unreadable)."""
     try:
         for path in [Path(directory), *Path(directory).rglob("*")]:
-            if path.exists() and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-                return path
+            if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)) and path.exists():
+                return path  # (there after the check: not just removed by a run's retention)
     except FileNotFoundError:  # removed while it was walked
         pass
     return None

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -389,6 +390,31 @@ def test_a_fine_tune_resumes_exactly_after_its_init_from_directory_is_gone(tmp_p
     assert f"resuming with the run's copy of it ({tmp_path / 'again' / 'tokenizer.model'})" in capsys.readouterr().out
     once, resumed = (run_lib.read_checkpoint_params(tmp_path / run, 4)[3] for run in ("run", "again"))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(resumed)))
+
+
+def test_reading_a_live_run_is_not_misled_by_its_retention(tmp_path, pristine_run, monkeypatch):
+    """A run training with max_to_keep=1 may hold no committed checkpoint for a moment, and deletes
+    old steps while a reader looks at them: neither is "no checkpoint" nor a permission problem."""
+    from llama_jax import safe_io
+
+    run = tmp_path / "run"
+    shutil.copytree(pristine_run[0], run)
+    lock = safe_io.DirectoryLock(run, "busy")
+    lock.acquire()  # as the run training there holds it
+    try:
+        (run / "checkpoints").rename(tmp_path / "aside")
+        threading.Timer(0.5, lambda: (tmp_path / "aside").rename(run / "checkpoints")).start()
+        assert run_lib.read_checkpoint_params(run)[0] == 4
+    finally:
+        lock.release()
+    access = os.access
+
+    def removed_while_checked(path, mode):  # the retention deletes a step between listing and checking
+        shutil.rmtree(run / "checkpoints" / "2", ignore_errors=True)
+        return access(path, mode)
+
+    monkeypatch.setattr(safe_io.os, "access", removed_while_checked)
+    assert safe_io.unreadable_path(run / "checkpoints" / "2") is None
 
 # ---- the tokenizer a run used -----------------------------------------------------------------
 
