@@ -22,10 +22,9 @@ import orbax.checkpoint as ocp
 
 from llama_jax.config import LLaMAConfig
 from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
-from llama_jax.model_dir import (CONFIG_FILE, MODEL_DIR, PARAMS_DIR, check_tokenizer_files, copy_tokenizer_files,
-                                 load_config)
+from llama_jax.model_dir import (CONFIG_FILE, MODEL_DIR, PARAMS_DIR, check_tokenizer_file, check_tokenizer_files,
+                                 copy_tokenizer_files, load_config)
 from llama_jax.safe_io import atomic_directory, damage_reason, raise_noted_signal, unreadable_path
-from llama_jax.tokenizer import check_fits, load_tokenizer
 
 
 def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: str | os.PathLike | None = None,
@@ -39,8 +38,8 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: 
     check_params(config.replace(scan_layers="layers" in params), params)  # in their own layout: all of them
     if "layers" not in params:
         params = stack_layers(dict(params), config.n_layers)
-    if tokenizer is not None:
-        _check_tokenizer(tokenizer, config)
+    if tokenizer is not None:  # (a directory, or one file)
+        (check_tokenizer_files if Path(tokenizer).is_dir() else check_tokenizer_file)(tokenizer, config)
     inputs = [] if tokenizer is None else [tokenizer]
     with atomic_directory(path, MODEL_DIR, overwrite, inputs) as tmp:
         write_model_dir(tmp, config, params)
@@ -49,17 +48,6 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: 
         elif tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
     return Path(path)
-
-
-def _check_tokenizer(tokenizer: str | os.PathLike, config: LLaMAConfig) -> None:
-    """ValueError for a tokenizer (directory or file) a model of `config` could not use."""
-    if Path(tokenizer).is_dir():
-        check_tokenizer_files(tokenizer, config)
-        return
-    try:
-        check_fits(load_tokenizer(tokenizer), config.vocab_size)
-    except ValueError as e:
-        raise ValueError(e if str(tokenizer) in str(e) else f"{tokenizer}: {e}") from None
 
 
 def write_model_dir(directory: Path, config: LLaMAConfig, params) -> None:

@@ -375,7 +375,7 @@ def _check_process_flags(args) -> None:
 
 def _join_processes(**settings) -> None:
     """`jax.distributed.initialize(**settings)`, which waits (up to 5 minutes) for every process to
-    join, in a thread of its own: the main thread waits in Python, where Ctrl-C and SIGTERM still
+    join, and the start of the backend, in a thread of its own: the main thread waits in Python, where Ctrl-C and SIGTERM still
     stop the command (a signal cannot interrupt the native call itself)."""
     import jax
 
@@ -384,6 +384,9 @@ def _join_processes(**settings) -> None:
     def join():
         try:
             jax.distributed.initialize(**settings)
+            # the backend's start, where the processes exchange their devices, here too: once it is done in every
+            # process, one that then refuses its settings and exits no longer breaks another's start
+            jax.devices()
         except BaseException as e:  # handed to the main thread
             failure.append(e)
 

@@ -434,7 +434,8 @@ def load_run(workdir, step: int | None = None, mesh=None) -> tuple[LLaMAConfig, 
 def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = None, seq_len: int | None = None,
                       batch_size: int | None = None, progress: bool = False, devices=None) -> dict:
     """`llama-jax eval`: every held-out document of an experiment config's `data` section, scored by
-    a model directory or a run's checkpoint. Returns the metrics with what was evaluated.
+    a model directory or a run's checkpoint (for a run on a raw source, read from the run's own
+    prepared copy: `run_data_config`). Returns the metrics with what was evaluated.
     seq_len and batch_size default to the config's train.seq_len and micro-batch. The parameters are
     sharded over `devices` (default: all) as the config's `mesh` section lays out training, and
     batch rows are split over its data x fsdp axes."""
@@ -502,13 +503,13 @@ def run_data_config(data_config, workdir):
     from llama_jax.run_data import DATA_DIR
 
     directory = Path(workdir) / DATA_DIR
-    if data_config.get("source") not in DOCUMENT_SOURCES:
+    if data_config.get("source") not in DOCUMENT_SOURCES or not (directory / MANIFEST).is_file():
         return data_config
     try:
-        prepared_from = json.loads((directory / MANIFEST).read_text())["data"]
-        same = document_settings(prepared_from) == document_settings(data_config)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none (or damaged: reading it says so)
-        return data_config
+        same = document_settings(json.loads((directory / MANIFEST).read_text())["data"]) == \
+            document_settings(data_config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        same = True  # a damaged manifest: opening the run's data says what is wrong with it
     if not same:
         return data_config
     run_data = copy.deepcopy(data_config)

@@ -517,8 +517,7 @@ def check_params(cfg: LLaMAConfig, params) -> None:
     """Raise ValueError naming the first parameter whose path or shape does not fit `cfg`."""
     if isinstance(params, Mapping) and set(params) == {"params"}:
         raise ValueError("got Flax's variables ({'params': ...}); pass the parameter tree inside, variables['params']")
-    expected = nn.meta.unbox(abstract_params(cfg))
-    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    want = _parameter_shapes(cfg)
     got = {jax.tree_util.keystr(k): getattr(v, "shape", None)
            for k, v in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))}
     for key in sorted(want.keys() | got.keys()):
@@ -528,6 +527,13 @@ def check_params(cfg: LLaMAConfig, params) -> None:
             raise ValueError(f"parameter {key} is not part of this model")
         if tuple(got[key] or ()) != want[key] or got[key] is None:
             raise ValueError(f"parameter {key} has shape {got[key]}, config expects {want[key]}")
+
+
+@functools.cache
+def _parameter_shapes(cfg: LLaMAConfig) -> dict[str, tuple[int, ...]]:
+    """{parameter path: shape} of a model of `cfg` (cached: `generate` checks its params on every call)."""
+    expected = nn.meta.unbox(abstract_params(cfg))
+    return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
 
 
 def logical_axes(cfg: LLaMAConfig):

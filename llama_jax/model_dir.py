@@ -41,8 +41,6 @@ def check_tokenizer_files(directory: str | os.PathLike, config: LLaMAConfig) -> 
     with a model: `TOKENIZER_FILES`) that a model of `config` could not use: a JSON file that is not
     a JSON object, end ids that are not token ids, a tokenizer.model that does not load or has
     more tokens than the model's vocabulary."""
-    from llama_jax.tokenizer import check_fits, load_tokenizer
-
     for name in TOKENIZER_FILES:
         file = Path(directory) / name
         if file.is_file() and file.suffix == ".json":
@@ -50,11 +48,18 @@ def check_tokenizer_files(directory: str | os.PathLike, config: LLaMAConfig) -> 
     generation_end_ids(directory)
     file = Path(directory) / "tokenizer.model"
     if file.is_file():
-        tokenizer = load_tokenizer(file)  # (its errors name the file)
-        try:
-            check_fits(tokenizer, config.vocab_size)
-        except ValueError as e:
-            raise ValueError(f"{file}: {e}") from None
+        check_tokenizer_file(file, config)
+
+
+def check_tokenizer_file(file: str | os.PathLike, config: LLaMAConfig) -> None:
+    """ValueError naming `file` unless it is a tokenizer whose ids fit a model of `config`."""
+    from llama_jax.tokenizer import check_fits, load_tokenizer
+
+    tokenizer = load_tokenizer(file)  # (its errors name the file)
+    try:
+        check_fits(tokenizer, config.vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
 
 
 def load_config(path: str | os.PathLike) -> LLaMAConfig:

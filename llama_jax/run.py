@@ -15,6 +15,7 @@ newest intact step named, and `resume_from` continues from it (later steps are m
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fnmatch
@@ -454,11 +455,13 @@ def read_checkpoint_params(workdir: Path, step: int | None = None,
                 model = LLaMAConfig.from_dict(info["model"])
                 return chosen, info, model, checkpoints.restore_params(chosen, model, mesh)
         except (CheckpointDamaged, FileNotFoundError) as e:  # FileNotFoundError: a step gone while listed
-            # (an older one too: opening the checkpoints looks at every step a run training there may delete)
-            if not (_being_removed(workdir, chosen) or isinstance(e, FileNotFoundError) and holds_lock(workdir)):
+            # another step than the one read (opening the checkpoints looks at every step, and a run
+            # training there deletes old ones), or the step read itself
+            other_step = isinstance(e, FileNotFoundError) and holds_lock(workdir) and chosen in committed_steps(workdir)
+            if not (other_step or _being_removed(workdir, chosen)):
                 raise
             attempts -= 1
-            if step is not None or not attempts:
+            if not attempts or step is not None and not other_step:
                 kept = ", ".join(map(str, committed_steps(workdir)))
                 raise RunError(f"checkpoint {chosen} of {workdir} was removed while it was read (the run training "
                                f"there keeps the latest checkpoint.max_to_keep); kept now: {kept}") from None
@@ -572,10 +575,12 @@ def check_processes_agree(config, workdir: Path, resume_from: int | None) -> Non
     the shards it holds, or write its shards of a checkpoint where the others never commit them."""
     if jax.process_count() == 1:
         return
-    if jax.device_count() != jax.local_device_count() * jax.process_count():  # (no collective needed to see it)
-        raise RunError(f"process {jax.process_index()} holds {jax.local_device_count()} devices, but the "
-                       f"{jax.process_count()} processes hold {jax.device_count()} in all: every process must hold "
-                       f"as many (check each one's device visibility, e.g. CUDA_VISIBLE_DEVICES or XLA_FLAGS)")
+    held = collections.Counter(d.process_index for d in jax.devices())  # (every process sees every device)
+    if len(set(held.values())) > 1:
+        counts = ", ".join(f"process {p}: {n}" for p, n in sorted(held.items()))
+        raise RunError(f"the {jax.process_count()} processes hold different numbers of devices ({counts}); every "
+                       f"process must hold as many (check each one's device visibility, e.g. CUDA_VISIBLE_DEVICES or "
+                       f"XLA_FLAGS)")
     import hashlib
 
     given = {"config": config.to_json_best_effort(), "--workdir": str(workdir), "--resume-from": repr(resume_from)}

@@ -23,10 +23,10 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -206,13 +206,14 @@ def axes_from(config_path: str, texts: Sequence[str]) -> dict[str, Space]:
 
 
 def _check_not_swept(overrides: Sequence[str], axes: dict[str, Space]) -> None:
-    """SweepError for a base override of a swept key (or of a section holding one, or of a key
-    inside a swept value): every trial's value would replace it."""
+    """SweepError for a base override of a swept key, or of a key inside a swept value: every
+    trial's value would replace it. (A section holding a swept key may be set: the trial's value
+    then replaces that one key of it.)"""
     for override in overrides:
         key = override.split("=", 1)[0]
         for axis in axes:
-            if key == axis or axis.startswith(key + ".") or key.startswith(axis + "."):
-                raise SweepError(f"--config.{override} sets {'the swept key' if key == axis else 'a key of the axis'} "
+            if key == axis or key.startswith(axis + "."):
+                raise SweepError(f"--config.{override} sets {'the swept key' if key == axis else 'a key inside'} "
                                  f"{axis}, whose values each trial sets instead; drop the override or the axis (a "
                                  f"single value: --sweep {axis}=[VALUE])")
 
@@ -645,7 +646,8 @@ def open_study(workdir: Path, seed: int):
     """The sweep's Optuna study in DIR/optuna.db (created or reloaded): TPE sampler, median pruner."""
     optuna = _import_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{urllib.parse.quote(str(workdir / STUDY_FILE))}"  # ("?" and "%" are URL syntax)
+    path = workdir / STUDY_FILE  # connected to directly: in a URL, "?" and "%" in the path would be URL syntax
+    storage = optuna.storages.RDBStorage("sqlite:///", engine_kwargs={"creator": lambda: sqlite3.connect(path)})
     study = optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=1))

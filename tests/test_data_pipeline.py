@@ -256,7 +256,8 @@ def test_a_resume_on_other_documents_of_the_same_size_is_refused(prepared, token
     assert train(tmp_path / "run", *run, "--config.train.steps=4", f"--config.data.path={other}") == 2
     err = capsys.readouterr().err
     assert f"corpus sha256 {mine.manifest['corpus_sha256'][:12]}" in err and "a resume continues the same" in err
-    assert train(tmp_path / "run", *run, "--config.train.steps=4", f"--config.data.tokenizer={tmp_path / 'no.model'}") == 2
+    missing = tmp_path / "no.model"
+    assert train(tmp_path / "run", *run, "--config.train.steps=4", f"--config.data.tokenizer={missing}") == 2
     assert f"data.tokenizer={tmp_path / 'no.model'}: no such file" in capsys.readouterr().err
 
 

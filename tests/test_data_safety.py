@@ -372,7 +372,6 @@ def test_a_run_next_to_its_init_from_directory_leaves_the_model_alone(tmp_path, 
     assert {k: v for k, v in snapshot(model).items() if not k.startswith("run")} == before
 
 
-
 def test_a_fine_tune_resumes_exactly_after_its_init_from_directory_is_gone(tmp_path, model_dir, capsys):
     """The architecture of a model.preset=init_from run comes from its checkpoints once it has one,
     and its tokenizer from the run's copy: the model directory it started from, tokenizer included
@@ -415,6 +414,7 @@ def test_reading_a_live_run_is_not_misled_by_its_retention(tmp_path, pristine_ru
 
     monkeypatch.setattr(safe_io.os, "access", removed_while_checked)
     assert safe_io.unreadable_path(run / "checkpoints" / "2") is None
+
 
 # ---- the tokenizer a run used -----------------------------------------------------------------
 

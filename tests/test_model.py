@@ -271,7 +271,6 @@ def test_bad_tokens_and_a_full_cache_are_refused_when_called_eagerly(gqa):
         model.apply({"params": params}, tokens[:, 4:], cache=cache)
 
 
-
 def test_positions_segments_and_a_cache_that_do_not_fit_the_tokens_are_refused(gqa):
     cfg, params = gqa
     model = LLaMA(cfg)
@@ -291,6 +290,7 @@ def test_positions_segments_and_a_cache_that_do_not_fit_the_tokens_are_refused(g
     positions = np.broadcast_to(np.arange(5), (2, 5))
     np.testing.assert_array_equal(model.apply({"params": params}, tokens, positions=positions.tolist()),  # lists too
                                   model.apply({"params": params}, tokens))
+
 
 def test_cache_blocks_bound_the_scores_and_cover_the_cache_when_decoding():
     assert attention.cache_block(1, 272) == 272  # decoding: the whole cache

@@ -338,10 +338,10 @@ def test_processes_started_differently_are_refused_by_each(tmp_path, differing):
                               env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices[i]}"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 2, err[-3000:]
-        expected = (f"process {i} holds {devices[i]} devices, but the 2 processes hold 3 in all: every process must "
-                    f"hold as many" if differing == "devices" else
+        expected = ("the 2 processes hold different numbers of devices (process 0: 2, process 1: 1); every process "
+                    "must hold as many" if differing == "devices" else
                     f"the 2 processes were started with different {differing} (process 1's differs from process 0's); "
                     f"start every process with the same command and config, only --process-id differing")
         assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"llama-jax train: error: {expected}")
