@@ -375,8 +375,8 @@ def _check_process_flags(args) -> None:
 
 def _join_processes(**settings) -> None:
     """`jax.distributed.initialize(**settings)`, which waits (up to 5 minutes) for every process to
-    join, and the start of the backend, in a thread of its own: the main thread waits in Python, where Ctrl-C and SIGTERM still
-    stop the command (a signal cannot interrupt the native call itself)."""
+    join, and the start of the backend, in a thread of its own: the main thread waits in Python,
+    where Ctrl-C and SIGTERM still stop the command (a signal cannot interrupt the native call)."""
     import jax
 
     failure: list[BaseException] = []
