@@ -414,6 +414,24 @@ def test_reading_a_live_run_is_not_misled_by_its_retention(tmp_path, pristine_ru
 
     monkeypatch.setattr(safe_io.os, "access", removed_while_checked)
     assert safe_io.unreadable_path(run / "checkpoints" / "2") is None
+    monkeypatch.undo()
+    # opening the checkpoints looks at every step: one the retention deleted meanwhile (not the step
+    # read, which is still there) is read again, also for an explicit step
+    opened = run_lib.RunCheckpoints.__init__
+    gone = []
+
+    def older_step_removed_while_opening(self, *args, **kwargs):
+        if not gone:
+            gone.append(True)
+            raise FileNotFoundError(2, "No such file or directory", str(run / "checkpoints" / "2"))
+        opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_lib.RunCheckpoints, "__init__", older_step_removed_while_opening)
+    lock.acquire()
+    try:
+        assert run_lib.read_checkpoint_params(run, step=4)[0] == 4 and gone
+    finally:
+        lock.release()
 
 
 # ---- the tokenizer a run used -----------------------------------------------------------------
