@@ -234,9 +234,9 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray], rows: int | None = No
 # ---- the run ---------------------------------------------------------------------------------
 
 
-def validate_config(config, n_devices: int, run_model: LLaMAConfig | None = None) -> None:
+def validate_config(config, n_devices: int, run_model: LLaMAConfig | None = None) -> LLaMAConfig:
     """Every user-facing check that can fail, before anything is compiled (`run_model`: as in
-    `experiment.model_config`)."""
+    `experiment.model_config`). Returns the model's config."""
     from llama_jax.attention import check_available, check_splash_length, resolve
     from llama_jax.experiment import check_config
     from llama_jax.sharding import check_mesh_and_batch
@@ -249,19 +249,18 @@ def validate_config(config, n_devices: int, run_model: LLaMAConfig | None = None
     if resolve(model.attention_impl) == "splash":  # on this backend
         check_splash_length(config.train.seq_len)
     check_mesh_and_batch(config, n_devices)
+    return model
 
 
 def build_trainer(config, devices=None, run_model: LLaMAConfig | None = None) -> Trainer:
     """The Trainer of `config` on `devices` (default: all). `run_model`: the model of the run being
     resumed, which stands for a `model.preset=init_from` directory (`experiment.model_config`)."""
     from llama_jax import optim
-    from llama_jax.experiment import model_config
     from llama_jax.sharding import check_divisible, make_mesh
 
     devices = jax.devices() if devices is None else devices
-    validate_config(config, len(devices), run_model)
+    model = validate_config(config, len(devices), run_model)  # (the init_from directory read once)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    model = model_config(config.model, config.checkpoint.init_from, run_model)
     check_divisible(model, mesh)
     return Trainer(model, optim.make_optimizer(config.optimizer, config.train.steps),
                    optim.make_schedule(config.optimizer, config.train.steps), mesh,
