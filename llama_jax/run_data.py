@@ -171,11 +171,7 @@ def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
         if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
             raise RunError(f"data.tokenizer={d.tokenizer} differs from the tokenizer this run started with "
                            f"({kept}); resume with that tokenizer or use another --workdir")
-        if kept.is_file() and not given.exists() and (final / MANIFEST).is_file() and \
-                _started_with_tokenizer(workdir, d.tokenizer):
-            # gone since the run started (say, with the model directory it started from): its copy stands in
-            if jax.process_index() == 0:
-                print(f"data.tokenizer={d.tokenizer} no longer exists; resuming with the run's copy of it ({kept})")
+        if (final / MANIFEST).is_file() and _copy_stands_in(d.tokenizer, kept):
             d = copy.deepcopy(d)
             d.tokenizer = str(kept)
     if (final / MANIFEST).is_file():
@@ -192,6 +188,17 @@ def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
         discard_staged(staged)
         raise
     return staged, staged
+
+
+def _copy_stands_in(tokenizer: str, kept: Path) -> bool:
+    """Whether the run's copy `kept` of its tokenizer stands in for data.tokenizer=`tokenizer`: the
+    file it names is gone since the run started with it (say, with the model directory a fine-tune
+    started from). Says so when it does."""
+    if not kept.is_file() or tokenizer_file(tokenizer).exists() or not _started_with_tokenizer(kept.parent, tokenizer):
+        return False
+    if jax.process_index() == 0:
+        print(f"data.tokenizer={tokenizer} no longer exists; resuming with the run's copy of it ({kept})")
+    return True
 
 
 def _started_with_tokenizer(workdir: Path, tokenizer: str) -> bool:
@@ -240,10 +247,11 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
     tokenizer_path = opened[0][1].tokenizer_path
     if d.source == "prepared" and d.get("tokenizer") and d.tokenizer != "train":
         given = tokenizer_file(d.tokenizer)
-        if not given.is_file():
+        stands_in = _copy_stands_in(d.tokenizer, kept)  # the prepared data's tokenizer: `required` is its hash
+        if not stands_in and not given.is_file():
             raise RunError(f"data.tokenizer={d.tokenizer}: no such file; leave data.tokenizer empty (the prepared "
                            f"data brings its own) or give the tokenizer {named[0][1]} was prepared with")
-        if sha256_file(given) != required:
+        if not stands_in and sha256_file(given) != required:
             raise RunError(f"data.tokenizer={d.tokenizer} is not the tokenizer {named[0][1]} was prepared with; "
                            f"leave data.tokenizer empty (the prepared data brings its own) or prepare the data with it")
     tokenizer = load_tokenizer(tokenizer_path)

@@ -28,11 +28,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
 from llama_jax.experiment import _failure, _parse, load_config
+from llama_jax.safe_io import holds_run
 
 SEARCHES = ("grid", "random", "optuna")
 SPEC_FILE = "sweep.json"  # what the sweep is: a workdir holds one sweep
@@ -360,10 +361,12 @@ def random_trials(axes: dict[str, Space], n: int, seed: int) -> list[Trial]:
 
 
 def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Space],
-                    read_init_from: bool = True) -> None:
+                    read_init_from: bool = True, started: Collection[str] = ()) -> None:
     """Every trial's config is one `llama-jax train` accepts: the swept keys exist, take the values
     given, and every value is one a run can use (the checks `train` makes before it needs devices).
-    An Optuna search (no trials listed yet) is checked at each axis's ends, the others at their first."""
+    An Optuna search (no trials listed yet) is checked at each axis's ends, the others at their first.
+    `started`: the names of trials whose directory holds a run; as `train` does on resuming one, their
+    `checkpoint.init_from` is not read (the run's checkpoints hold its architecture)."""
     from llama_jax.experiment import check_experiment
 
     if trials:
@@ -374,12 +377,12 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
         first = {key: values[0] for key, values in ends.items()}
         probes = [Trial(0, {**first, key: value}) for key, values in ends.items() for value in values]
     for trial in probes:
+        name = trial.name(axes, numbered=bool(trials) and spec.search != "grid")  # its directory's name
         try:
             overrides = [*spec.overrides, *(override_text(k, v) for k, v in trial.overrides.items())]
             config = load_config(spec.config, overrides)
-            check_experiment(config, read_init_from)
+            check_experiment(config, read_init_from and name not in started)
         except ValueError as e:
-            name = trial.name(axes, numbered=bool(trials) and spec.search != "grid")  # its directory's name
             raise SweepError(f"trial {name}: {e}") from None
 
 
@@ -426,13 +429,22 @@ def shared_data(config, axes: dict, workdir: Path) -> list[str]:
     return ["data.source=prepared", f"data.path={workdir / DATA_DIR}"]
 
 
-def prepare_shared_data(data_config, workdir: Path, out=print) -> None:
+def prepare_shared_data(data_config, workdir: Path, out=print, every_trial_started: bool = False) -> None:
     """Prepare `data_config`'s documents into WORKDIR/data (resuming an interrupted preparation; a
-    finished one is checked against the data settings and kept)."""
-    from llama_jax.prepare import prepare as prepare_data
+    finished one is checked against the data settings and kept). `every_trial_started`: each trial
+    resumes a run of its own, which keeps its tokenizer; a tokenizer file gone since then (with the
+    model directory of a sweep of fine-tunes, say) is stood in for by the one prepared with the data."""
+    from llama_jax.prepare import MANIFEST, TOKENIZER, prepare as prepare_data
+    from llama_jax.tokenizer import tokenizer_file
 
-    out(f"preparing data.source={data_config.source} once for every trial, into {workdir / DATA_DIR}")
-    prepare_data(data_config, workdir / DATA_DIR, progress=True)
+    data, named = workdir / DATA_DIR, data_config.get("tokenizer")
+    if every_trial_started and (data / MANIFEST).is_file() and named and named != "train" and \
+            not tokenizer_file(named).exists():
+        out(f"data.tokenizer={named} no longer exists; every trial has started, with the copy prepared in {data}")
+        data_config = data_config.copy_and_resolve_references()
+        data_config.tokenizer = str(data / TOKENIZER)
+    out(f"preparing data.source={data_config.source} once for every trial, into {data}")
+    prepare_data(data_config, data, progress=True)
 
 
 def read_trial(directory: Path) -> dict:
@@ -696,7 +708,9 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
     """Check everything about a sweep before anything runs: (spec, axes, trials; [] for optuna)."""
     workdir = Path(workdir).absolute()
     saved = saved_spec(workdir)
-    spec, axes, listed = plan_trials(config, axis_texts, overrides, search, trials, seed, saved.get("axes", ()))
+    started = {p.name for p in workdir.iterdir() if holds_run(p)} if saved else set()
+    spec, axes, listed = plan_trials(config, axis_texts, overrides, search, trials, seed, saved.get("axes", ()),
+                                     started=started)
     if search == "optuna":
         _import_optuna()
     check_workdir(workdir, spec, saved)
@@ -705,10 +719,11 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
 
 def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str], search: str = "grid",
                 trials: int | None = None, seed: int = 0, saved_axes: Sequence[str] = (),
-                read_init_from: bool = True) -> tuple[SweepSpec, dict, list]:
+                read_init_from: bool = True, started: Collection[str] = ()) -> tuple[SweepSpec, dict, list]:
     """A sweep's spec, axes and trials, each trial's config checked as `train` checks it before it
     needs devices; no workdir involved. `saved_axes`: the order a resumed sweep named its axes in.
-    `read_init_from=False`: for a sweep checked away from the machine that holds its init_from."""
+    `read_init_from=False`: for a sweep checked away from the machine that holds its init_from;
+    `started`: the trials that resume a run of their own (`check_overrides`)."""
     base = load_config(config, list(overrides))  # the config file and base overrides, one line if wrong
     if search not in SEARCHES:
         raise SweepError(f"--search {search!r}; valid: {', '.join(SEARCHES)}")
@@ -725,7 +740,7 @@ def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str]
     listed = grid_trials(axes) if search == "grid" else random_trials(axes, trials, seed) if search == "random" \
         else []
     check_names([widest_trial(axes, trials)] if search == "optuna" else listed, axes, numbered=search != "grid")
-    check_overrides(spec, listed, axes, read_init_from)
+    check_overrides(spec, listed, axes, read_init_from, started)
     return spec, axes, listed
 
 
@@ -799,7 +814,8 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
         (workdir / SPEC_FILE).write_text(spec.to_json())
         if sweep.data:
             try:
-                prepare_shared_data(sweep.config.data, workdir, out)
+                started = bool(listed) and all(holds_run(sweep.directory(t)) for t in listed)
+                prepare_shared_data(sweep.config.data, workdir, out, every_trial_started=started)
             except ValueError:  # bad input (found before preparation writes anything): leave no trace
                 if new_spec:
                     (workdir / SPEC_FILE).unlink()

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -225,6 +226,36 @@ def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
     assert "[1] diverged lr=1e+06" in capsys.readouterr().out
     assert main(args) == 0
     assert "2 of 2 trials already finished" in capsys.readouterr().out
+
+
+def test_a_sweep_of_fine_tunes_resumes_after_their_init_from_directory_is_gone(tmp_path, capsys):
+    """Trials that hold a run resume from their own checkpoints, as `train` does, so the model
+    directory a sweep of fine-tunes started from is read only for trials yet to start."""
+    from llama_jax import LLaMAConfig, init_params, save_model
+    from llama_jax.data import EmbeddedCorpus
+    from llama_jax.tokenizer import train_sentencepiece
+
+    corpus, model = EmbeddedCorpus(), tmp_path / "model"
+    tokenizer = train_sentencepiece((corpus[i] for i in range(len(corpus))), tmp_path / "tokenizer.model", 512)
+    save_model(model, LLaMAConfig.from_preset("debug"), init_params(LLaMAConfig.from_preset("debug"), 0),
+               tokenizer=tokenizer)
+    workdir = tmp_path / "sweep"
+    args = sweep_args(workdir, "--sweep", "train.seed=[0,1]", "--config.model.preset=init_from",
+                      f"--config.checkpoint.init_from={model}", "--config.model.vocab_size=None",
+                      "--config.model.ffn_dim=None", "--config.model.max_seq_len=None",
+                      "--config.data.source=embedded", f"--config.data.tokenizer={model / 'tokenizer.model'}")
+    assert main(args) == 0
+    shutil.rmtree(model)
+    second = workdir / "seed=1"
+    (second / "trial.json").write_text(json.dumps({**trial(second), "status": "running"}))  # killed after its last save
+    logged = (second / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert trial(second)["status"] == "done" and (second / "metrics.jsonl").read_text() == logged  # resumed at step 4
+    assert "no longer exists; resuming with the run's copy of it" in (second / "train.log").read_text()
+    shutil.rmtree(second)  # a trial yet to start needs the model
+    assert main(args) == 2
+    assert f"trial seed=1: checkpoint.init_from: {model} " in capsys.readouterr().err
 
 
 def test_random_and_optuna_searches(tmp_path, capsys):
