@@ -363,12 +363,7 @@ def _checked_tokens(tokens, vocab_size: int):
     """`tokens` (a list becomes an array), ValueError unless they are [batch, seq] integers within
     the vocabulary (values checked when called eagerly: under jit a bad id reads a wrong or NaN
     embedding row without error)."""
-    if isinstance(tokens, (list, tuple)):
-        tokens = np.asarray(tokens)
-    shape, dtype = getattr(tokens, "shape", None), getattr(tokens, "dtype", None)
-    if shape is None or len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(f"tokens must be an integer array of shape [batch, seq], got "
-                         f"{f'{dtype} of shape {tuple(shape)}' if shape is not None else type(tokens).__name__}")
+    tokens = _integer_array(tokens, "tokens")
     values = _concrete(tokens)
     if values is not None and values.size and (values.min() < 0 or values.max() >= vocab_size):
         bad = values.min() if values.min() < 0 else values.max()
@@ -376,14 +371,17 @@ def _checked_tokens(tokens, vocab_size: int):
     return tokens
 
 
-def _checked_rows(values, name: str, B: int, S: int):
-    """`values` (a list becomes an array), ValueError unless they are integers of the tokens' [B, S]."""
+def _integer_array(values, name: str, rows: tuple[int, int] | None = None):
+    """`values` (a list becomes an array), ValueError unless they are integers of shape `rows`
+    ([B, S], the tokens' shape) or, without `rows`, of any [batch, seq] shape."""
     if isinstance(values, (list, tuple)):
         values = np.asarray(values)
     shape, dtype = getattr(values, "shape", None), getattr(values, "dtype", None)
-    if shape is None or tuple(shape) != (B, S) or not jnp.issubdtype(dtype, jnp.integer):
+    fits = shape is not None and (tuple(shape) == rows if rows else len(shape) == 2)
+    if not fits or not jnp.issubdtype(dtype, jnp.integer):
         got = f"{dtype} of shape {tuple(shape)}" if shape is not None else type(values).__name__
-        raise ValueError(f"{name} must be an integer array of the tokens' shape [batch, seq] = [{B}, {S}], got {got}")
+        wanted = f"the tokens' shape [batch, seq] = [{rows[0]}, {rows[1]}]" if rows else "shape [batch, seq]"
+        raise ValueError(f"{name} must be an integer array of {wanted}, got {got}")
     return values
 
 
@@ -425,9 +423,9 @@ class LLaMA(nn.Module):
             _check_cache(cache, cfg, B, S)
         start = cache.index if cache is not None else 0
         slots_BxS = jnp.broadcast_to(start + jnp.arange(S, dtype=jnp.int32), (B, S))
-        positions = slots_BxS if positions is None else _checked_rows(positions, "positions", B, S)
+        positions = slots_BxS if positions is None else _integer_array(positions, "positions", (B, S))
         segment_ids = jnp.ones((B, S), jnp.int32) if segment_ids is None else \
-            _checked_rows(segment_ids, "segment_ids", B, S).astype(jnp.int32)
+            _integer_array(segment_ids, "segment_ids", (B, S)).astype(jnp.int32)
 
         if cache is None:
             kv, view = None, None
