@@ -117,6 +117,11 @@ def _read_config_file(path: Path) -> ml_collections.ConfigDict:
     if missing:
         raise ValueError(f"{path}: the config has no {', '.join(missing)} section(s); start from "
                          "llama_jax.experiment.base_config() (or pass a run's config.json)")
+    not_sections = [name for name in base.keys() if not isinstance(config[name], (ml_collections.ConfigDict, dict))]
+    if not_sections:
+        name = not_sections[0]
+        raise ValueError(f"{path}: config.{name} is {config[name]!r}, not a section of keys; start from "
+                         "llama_jax.experiment.base_config() and set its keys")
     _check_known_keys(path, config, base)  # no release has dropped a key, so a run's config.json is checked too
     if path.suffix == ".json":  # written by an earlier release: the keys added since take their defaults
         for section in base.keys():
@@ -289,7 +294,7 @@ def check_run_settings(config: ml_collections.ConfigDict) -> None:
     if t.on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"train.on_nonfinite={t.on_nonfinite!r}; valid: {', '.join(ON_NONFINITE)}")
     if not isinstance(t.sample_prompt, str):
-        raise ValueError(f"train.sample_prompt must be a string, got {t.sample_prompt!r}")
+        raise ValueError(_not_a_string("train.sample_prompt", t.sample_prompt))
     if not isinstance(c.async_save, bool):
         raise ValueError(f"checkpoint.async_save must be True or False, got {c.async_save!r}")
     for key in ("eval_every", "sample_every", "sample_tokens"):
@@ -334,11 +339,18 @@ def _is_int(value) -> bool:
 DATA_STRING_KEYS = ("source", "path", "text_key", "tfds_name", "tfds_split", "tfds_eval_split", "data_dir", "tokenizer")
 
 
+def _not_a_string(key: str, value) -> str:
+    """The message for a string key holding `value`; None (an override's `None` or `null`) says how
+    to give that text."""
+    quoted = f"; for the text, quote it: \"--config.{key}='{value}'\"" if value is None else ""
+    return f"{key} must be a string, got {value!r}{quoted}"
+
+
 def check_data_section(d: ml_collections.ConfigDict) -> None:
     """ValueError for a `data` value of the wrong kind; what each source needs is checked when it is opened."""
     for key in DATA_STRING_KEYS:
         if not isinstance(d[key], str):
-            raise ValueError(f"data.{key} must be a string, got {d[key]!r}")
+            raise ValueError(_not_a_string(f"data.{key}", d[key]))
     if not isinstance(d.files, (list, tuple)) or not all(isinstance(f, str) for f in d.files):
         raise ValueError(f"data.files must be a list of paths or glob patterns (strings), got {d.files!r}")
     fraction = d.eval_fraction
@@ -415,6 +427,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     if isinstance(current, int) and not isinstance(current, bool) and _decimal_field(key):
         current = float(current)  # a decimal field holding a whole number (rope_theta=500000) takes 1e6 too
     value = _parse(text)
+    if not parents and value is None:
+        raise ValueError(f"config key {key!r} is a section and cannot be None; set its keys "
+                         f"(--config.{key}.KEY=VALUE)")
     if isinstance(current, str) and value is not None and not isinstance(value, str):
         value = text  # a string key takes the text as given (a prompt "1984", a path "2024")
     if key in MAPPING_KEYS and isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
