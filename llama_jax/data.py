@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_jax.tokenizer import unicode_problem
+
 
 def pack_row(documents: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
     """Pack documents (token arrays) into one row of seq_len inputs with next-token targets.
@@ -187,15 +189,16 @@ def _read_txt(path: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def jsonl_texts(path: str | os.PathLike, text_key: str) -> Iterator[str]:
+def jsonl_texts(path: str | os.PathLike, text_key: str, key_option: str = "data.text_key") -> Iterator[str]:
     """The `text_key` string of each non-blank line of a .jsonl file; a bad line is one line naming
-    it. A leading byte-order mark is dropped."""
+    it (and `key_option`, the setting that names the field, when the field is missing). A leading
+    byte-order mark is dropped."""
     with open(path, "rb") as f:  # bytes, so that a decoding error is placed on its line
         for number, raw in enumerate(f, start=1):
             line = utf8_text(raw, f"{path}:{number}")
             line = line.removeprefix(BOM) if number == 1 else line
             if line.strip():
-                yield _jsonl_text(line, text_key, f"{path}:{number}")
+                yield _jsonl_text(line, text_key, f"{path}:{number}", key_option)
 
 
 BOM = "\ufeff"  # the byte-order mark some editors write at the start of a UTF-8 file
@@ -214,7 +217,7 @@ def _not_utf8(where: str, e: UnicodeDecodeError) -> ValueError:
                       "data files must be UTF-8")
 
 
-def _jsonl_text(line: str, text_key: str, where: str) -> str:
+def _jsonl_text(line: str, text_key: str, where: str, key_option: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -222,13 +225,11 @@ def _jsonl_text(line: str, text_key: str, where: str) -> str:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a JSON {type(record).__name__}, not an object; each line must be a JSON object")
     if not isinstance(record.get(text_key), str):
-        raise ValueError(f"{where}: no string field {text_key!r}; set data.text_key to the field holding the text")
+        raise ValueError(f"{where}: no string field {text_key!r}; set {key_option} to the field holding the text")
     text = record[text_key]
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # an escape such as \ud800: valid JSON, but no Unicode text
-        raise ValueError(f"{where}: field {text_key!r} is not valid Unicode (a lone surrogate "
-                         f"\\u{ord(text[e.start]):04x} at character {e.start}); fix or drop the line") from None
+    problem = unicode_problem(text)  # an escape such as \ud800: valid JSON, but no Unicode text
+    if problem:
+        raise ValueError(f"{where}: field {text_key!r} is not valid Unicode ({problem}); fix or drop the line")
     return text
 
 

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import ml_collections
 
 from llama_jax.config import COMPUTE_FIELDS, LLaMAConfig, RopeScaling, field_names
+from llama_jax.tokenizer import unicode_problem
 from llama_jax.safe_io import describe_value, read_json_object
 
 
@@ -295,6 +296,8 @@ def check_run_settings(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"train.on_nonfinite={t.on_nonfinite!r}; valid: {', '.join(ON_NONFINITE)}")
     if not isinstance(t.sample_prompt, str):
         raise ValueError(_not_a_string("train.sample_prompt", t.sample_prompt))
+    if problem := unicode_problem(t.sample_prompt):  # bytes of another encoding, passed on escaped
+        raise ValueError(f"train.sample_prompt is not UTF-8 text ({problem})")
     if not isinstance(c.async_save, bool):
         raise ValueError(f"checkpoint.async_save must be True or False, got {c.async_save!r}")
     for key in ("eval_every", "sample_every", "sample_tokens"):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from llama_jax.config import LLaMAConfig
-from llama_jax.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
+from llama_jax.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, unicode_problem
 
 STREAM_CHUNK = 16
 
@@ -115,6 +115,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
         if not isinstance(value, str):
             raise ValueError(f"{path}, line {number}: expected a JSON object with a string \"prompt\" "
                              f"(or \"text\") field")
+        problem = unicode_problem(value)
+        if problem:
+            raise ValueError(f"{path}, line {number}: the prompt is not valid Unicode ({problem})")
         prompts.append(value)
     if not prompts:
         raise ValueError(f"{path}: no prompts (the file is empty or blank)")

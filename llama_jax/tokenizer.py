@@ -42,6 +42,23 @@ class Tokenizer(Protocol):
         ...
 
 
+def unicode_problem(text: str) -> str | None:
+    """None when `text` is Unicode text, else what is not: a lone surrogate, which a JSON escape such
+    as \\ud800 gives, or a byte of another encoding that Python passed on escaped."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}"
+    return None
+
+
+def _checked_text(text: str) -> str:
+    problem = unicode_problem(text) if isinstance(text, str) else f"a {type(text).__name__}, not a str"
+    if problem:
+        raise ValueError(f"the text to encode is not Unicode text ({problem})")
+    return text
+
+
 def _checked_ids(ids: Sequence[int], vocab_size: int, drop: set[int]) -> list[int]:
     out = [int(i) for i in ids]
     bad = [i for i in out if not 0 <= i < vocab_size]
@@ -62,7 +79,7 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Ids of `text`; same as Meta's `Tokenizer.encode(text, bos, eos)`."""
-        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+        return self.sp.encode(_checked_text(text), add_bos=bos, add_eos=eos)
 
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:
@@ -134,7 +151,7 @@ class TiktokenTokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Ids of `text`; special-token text in it is encoded as ordinary text, as Meta's default."""
         ids = [self.bos_id] if bos else []
-        for piece in _pieces(text):
+        for piece in _pieces(_checked_text(text)):
             ids += self.encoding.encode_ordinary(piece)
         if eos:
             ids.append(self.eos_id)
@@ -253,8 +270,9 @@ def train_sentencepiece(
     Each text is split into lines and every non-empty line is one training sentence, so no piece
     holds a newline (newlines go through byte fallback, as in LLaMA). Lines longer than
     `max_sentence_length` bytes (4192, LLaMA's value) are skipped by sentencepiece. All lines are
-    used (no sampling), so the same texts give the same model; the bytes also record
-    `num_threads`, which does not change the pieces. `options` are further trainer flags
+    used (no sampling), so the same texts give the same model: for BPE whatever `num_threads`
+    (which the bytes record), for a unigram model only with the same `num_threads` (its pieces'
+    ids and scores depend on how the trainer splits its work). `options` are further trainer flags
     (e.g. `input_sentence_size`, `user_defined_symbols`, `minloglevel=0` for the trainer's log).
     The file is written atomically. Returns its path.
     """
@@ -295,8 +313,9 @@ def train_sentencepiece(
             reason = prefix[2] or f"its check {prefix[1]} failed"
         needed = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", reason)
         if needed:  # the rest of that message names a sentencepiece option this function does not take
-            reason = (f"the vocabulary ({needed[1]}) is smaller than the {needed[2]} characters the corpus needs; "
-                      f"give a vocabulary size above {needed[2]}")
+            reason = (f"a vocabulary of {needed[1]} pieces cannot hold the {needed[2]} that training needs (the "
+                      f"corpus's characters, the 256 byte pieces and the special pieces); give a vocabulary size of "
+                      f"at least {needed[2]}")
         raise ValueError(f"sentencepiece training failed: {reason}") from None
 
     output = Path(output_path)

@@ -90,6 +90,8 @@ CASES = [
          r"train.eval_every=2 but data.source=synthetic has no held-out set to evaluate; set train.eval_every=0"),
     Case("train-sample-on-synthetic-data", NEW_RUN + " --config.train.sample_every=2",
          r"train.sample_every=2 but data.source=synthetic has no tokenizer to sample with"),
+    Case("train-sample-prompt-not-utf8", NEW_RUN + " --config.train.sample_prompt=ab\udcffcd",  # the byte 0xff
+         r"train.sample_prompt is not UTF-8 text \(a lone surrogate \\udcff at character 2\)"),
     Case("train-negative-seed", NEW_RUN + " --config.train.seed=-1",
          r"train.seed must be an integer in \[0, 2\*\*63\), got -1"),
     Case("train-scan-layers-not-bool", NEW_RUN + " --config.model.scan_layers=maybe",
@@ -143,7 +145,7 @@ CASES = [
          r"the tokenizer has 512 tokens but the model's vocab_size is 256"),
     Case("train-tokenizer-vocab-too-small", NEW_RUN + " " + TEXT.replace("{tokenizer}", "train")
          + " --config.data.tokenizer_vocab_size=10",
-         r"sentencepiece training failed: the vocabulary \(10\) is smaller than the \d+ characters the corpus needs"),
+         r"sentencepiece training failed: a vocabulary of 10 pieces cannot hold the \d+ that training needs"),
     Case("train-eval-without-held-out-documents",
          NEW_RUN + " " + TEXT + " --config.train.eval_every=2 --config.data.eval_fraction=0.0",
          r"train.eval_every=2 but no document is held out for evaluation \(data.eval_fraction=0.0\)"),
@@ -278,6 +280,8 @@ CASES = [
          r"argument --temperature: 'nan' is not a finite number"),
     Case("generate-prompt-not-utf8", "generate {model} --prompt caf\udce9",  # the byte 0xe9 (Latin-1)
          r"--prompt: not UTF-8 text \(character 3 of 'caf\\udce9'\)"),
+    Case("generate-prompts-file-lone-surrogate", "generate {model} --prompts-file {surrogate_prompts}",
+         r"surrogate_prompts.jsonl, line 2: the prompt is not valid Unicode \(a lone surrogate \\ud800 at character 4\)"),
     Case("generate-top-p-0", "generate {model} --prompt Hi --top-p 0", r"top_p must be in \(0, 1\] or None, got 0.0"),
     Case("generate-top-p-above-1", "generate {model} --prompt Hi --top-p 1.5",
          r"top_p must be in \(0, 1\] or None, got 1.5"),
@@ -512,6 +516,8 @@ def make_checkpoints_and_damaged_inputs(inputs: Path) -> dict[str, Path]:
     p["bad_jsonl"].write_text('{"text": "fine"}\n{"text": unquoted}\n')
     p["surrogate_jsonl"] = inputs / "surrogate.jsonl"  # valid JSON and UTF-8, but no Unicode text
     p["surrogate_jsonl"].write_text('{"text": "fine"}\n{"text": "bad \\ud800 surrogate"}\n')
+    p["surrogate_prompts"] = inputs / "surrogate_prompts.jsonl"
+    p["surrogate_prompts"].write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud800 surrogate"}\n')
     p["corrupt_model"] = inputs / "corrupt.model"
     p["corrupt_model"].write_bytes(bytes(range(256)) * 8)
     p["notes"] = inputs / "notes.txt"

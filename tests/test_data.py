@@ -113,7 +113,7 @@ def test_each_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     ("unknown source", r"data.source='parquet' is not supported; valid: embedded, stdlib, text"),
     ("no match", r"no file matches '.*missing\*.txt'"),
     ("all empty", r"holds no non-empty document"),
-    ("missing key", r"a.jsonl:2: no string field 'text'"),
+    ("missing key", r"a.jsonl:2: no string field 'text'; set data.text_key to the field holding the text"),
     ("not json", r"bad.jsonl:1: not valid JSON"),
     ("not an object", r"list.jsonl:1: a JSON list, not an object; each line must be a JSON object"),
     ("dangling link", r"broken.txt: a symbolic link to /nonexistent/file.txt, which does not exist"),

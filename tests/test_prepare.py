@@ -347,8 +347,8 @@ CASES = [
     ("tokenizer-missing", PREPARE + ["--config.data.tokenizer={case}/nope.model"], r"\S+/nope.model: no such file"),
     ("tokenizer-unset", PREPARE + ["--config.data.tokenizer="], r"data.tokenizer is empty; give a tokenizer.model"),
     ("tokenizer-training-fails", PREPARE + ["--config.data.tokenizer=train", "--config.data.tokenizer_vocab_size=10"],
-     r"sentencepiece training failed: the vocabulary \(10\) is smaller than the \d+ characters the corpus needs; "
-     r"give a vocabulary size above \d+"),
+     r"sentencepiece training failed: a vocabulary of 10 pieces cannot hold the \d+ that training needs .*; "
+     r"give a vocabulary size of at least \d+"),
     ("no-config", ["prepare-data", "--output", "{case}/out"], r"--config is required to prepare data"),
     ("override-not-read", ["prepare-data", "--config", "{config}", "--output", "{case}/out",
                            "--config.model.vocab_size=512"],

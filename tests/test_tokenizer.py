@@ -69,6 +69,9 @@ def test_sentencepiece_round_trip_and_special_ids(sp_model):
     assert tok.encode("2024", bos=False)[-4:] == [tok.sp.piece_to_id(d) for d in "2024"]  # split_digits
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([VOCAB])
+    with pytest.raises(ValueError, match=r"^the text to encode is not Unicode text \(a lone surrogate \\ud800 at "
+                                         r"character 3\)$"):  # SentencePiece's own error is a pybind11 cast failure
+        tok.encode("hi \ud800")
 
 
 def test_sentencepiece_training_is_deterministic(sp_model, tmp_path):
@@ -145,6 +148,8 @@ def test_llama3_tiktoken_format(tmp_path):
         assert tok.encode(text, bos=False, eos=True) == ids[1:] + [n + 1]
     assert tok.encode(" the", bos=False) == [ranks[b" the"]]
     assert tok.decode([n, tok.special_tokens["<|eot_id|>"], n + 1]) == "<|eot_id|>"
+    with pytest.raises(ValueError, match=r"lone surrogate \\udcff at character 2"):  # tiktoken would encode U+FFFD
+        tok.encode("ab\udcffcd")
 
 
 def test_long_runs_are_cut_like_meta():
@@ -193,9 +198,15 @@ def test_a_tokenizer_without_bos_or_eos_is_named(tmp_path, options, missing):
 def test_training_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no text"):
         train_sentencepiece(["", "\n\n"], tmp_path / "x.model", VOCAB)
-    with pytest.raises(ValueError, match=r"the vocabulary \(50\) is smaller than the \d+ characters the corpus "
-                                         r"needs; give a vocabulary size above \d+"):
+    with pytest.raises(ValueError, match=r"a vocabulary of 50 pieces cannot hold the \d+ that training needs \(the "
+                                         r"corpus's characters, .*; give a vocabulary size of at least \d+$") as err:
         train_sentencepiece(CORPUS, tmp_path / "x.model", 50)
+    least = int(str(err.value).split()[-1])
+    with pytest.raises(ValueError, match=f"a vocabulary of {least - 1} pieces cannot hold the {least}"):
+        train_sentencepiece(CORPUS, tmp_path / "x.model", least - 1)
+    fits = train_sentencepiece(CORPUS, tmp_path / "fits.model", least)
+    assert load_tokenizer(fits).vocab_size == least
+    fits.unlink()
     with pytest.raises(ValueError, match=r"every line of the text is longer than the 4192 bytes SentencePiece "
                                          r"trains on \(it skips longer lines\); break the text into lines"):
         train_sentencepiece([" ".join(" ".join(CORPUS).split())[:5000]] * 3, tmp_path / "x.model", VOCAB)  # 1 line
@@ -244,7 +255,7 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         (["--input", str(tmp_path / "latin1.dat")], "latin1.dat:2: not UTF-8 text (byte 0xe9 at offset 3"),
         (["--input", str(tmp_path / "nothing.txt")], "nothing.txt: no such file"),
         (["--input", str(tmp_path)], f"{tmp_path}: is a directory; give the files in it, e.g. {tmp_path}/*.txt"),
-        (["--input", str(tmp_path / "b.jsonl")], "b.jsonl:1: no string field 'text'"),
+        (["--input", str(tmp_path / "b.jsonl")], "b.jsonl:1: no string field 'text'; set --jsonl-key to the field holding the text"),
         (["--input", text, "--vocab-size", "0"], "--vocab-size must be a positive integer, got 0"),
         (["--input", text, "--num-threads", "0"], "--num-threads must be a positive integer, got 0"),
         (["--input", text, "--output", text], f"--output {text} is one of the --input files; give another path"),

@@ -52,7 +52,7 @@ class Corpus:
             jsonl = path.suffix == ".jsonl"
             self.documents += not jsonl  # a text file is one document, a .jsonl line one
             try:
-                for text in jsonl_texts(path, self.jsonl_key) if jsonl else _text_lines(path):
+                for text in jsonl_texts(path, self.jsonl_key, "--jsonl-key") if jsonl else _text_lines(path):
                     self.documents += jsonl
                     self.chars += len(text)
                     yield text
