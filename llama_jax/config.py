@@ -243,6 +243,21 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
 _HF_DEFAULT_ROPE_TYPES = ("default", None)
 
 
+def _with_top_level_context(hf: Mapping[str, Any], key: str, scaling: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A llama3 `scaling` (the `key` object of config.json) with the top-level
+    original_max_position_embeddings some files carry beside it, which transformers 5 puts over the
+    scaling's own; ValueError when both are given and differ (transformers 4 reads only the second)."""
+    if hf.get("original_max_position_embeddings") is None:
+        return scaling
+    top = file_setting(hf, "config.json", "original_max_position_embeddings", "count")
+    inner = scaling.get("original_max_position_embeddings")
+    if inner is not None and inner != top:
+        raise ValueError(f"config.json: original_max_position_embeddings={top} and {key}.original_max_position_"
+                         f"embeddings={inner!r} differ (transformers 5 reads the first, 4.x the second); make them "
+                         f"agree")
+    return {**scaling, "original_max_position_embeddings": top}
+
+
 def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
     if not isinstance(hf, Mapping):
         raise ValueError(f"config.json: expected a JSON object of model settings, got {type(hf).__name__}")
@@ -279,6 +294,8 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
     rope_scaling = None
     if scaling:
         rope_type = scaling.get("rope_type", scaling.get("type"))
+        if rope_type == "llama3":
+            scaling = _with_top_level_context(hf, key, scaling)
         if rope_type not in _HF_DEFAULT_ROPE_TYPES:
             rope_scaling = RopeScaling.from_dict(scaling)
 

@@ -185,7 +185,8 @@ def test_hf_config_llama3_scaling_values():
                                                                  "original_max_position_embeddings"),
 ])
 def test_an_incomplete_rope_scaling_is_refused(scaling, missing):
-    """transformers refuses these too; filling the gaps with LLaMA-3.1's values would change the model."""
+    """Filling the gaps with LLaMA-3.1's values would change the model (transformers 4 refuses
+    these; 5 takes a missing original_max_position_embeddings to be max_position_embeddings)."""
     hf = {**hf_config_dict("gqa_llama3", "v4"), "rope_scaling": scaling}
     with pytest.raises(ValueError, match=f"rope_scaling of type '{scaling.get('rope_type', 'linear')}' without "
                                          f"{missing}; it needs"):

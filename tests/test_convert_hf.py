@@ -83,6 +83,29 @@ def test_hf_to_jax_matches_transformers(tmp_path, variant, style, layout, drop_l
     assert (tmp_path / "jax" / "generation_config.json").is_file()
 
 
+def test_a_top_level_original_context_is_read_as_transformers_reads_it(tmp_path, capsys):
+    """Some files keep llama3's original_max_position_embeddings beside the scaling object;
+    transformers 5 takes it over the object's own, and 4.x reads only the object's: the model is
+    the one transformers loads, and a file whose two values differ is refused."""
+    config_dict = hf_config_dict("gqa_llama3", "v5")
+    del config_dict["rope_parameters"]["original_max_position_embeddings"]
+    config_dict["original_max_position_embeddings"] = 16  # not the 64 of the variant: other frequencies
+    model = make_hf_model(config_dict, seed=5)
+    src = write_hf_dir(tmp_path / "hf", model, config_dict, "safetensors")
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "jax")]) == 0
+    cfg, params = load_model(tmp_path / "jax")
+    assert cfg.rope_scaling.original_max_position_embeddings == 16
+    logits = np.asarray(LLaMA(cfg).apply({"params": params}, TOKENS))
+    np.testing.assert_allclose(logits, hf_logits(model, TOKENS), atol=TOL, rtol=0)
+    config_dict["rope_parameters"]["original_max_position_embeddings"] = 64
+    (src / "config.json").write_text(json.dumps(config_dict))
+    capsys.readouterr()
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "jax2")]) == 2
+    assert ("config.json: original_max_position_embeddings=16 and rope_parameters.original_max_position_embeddings=64 "
+            "differ (transformers 5 reads the first, 4.x the second); make them agree") in capsys.readouterr().err
+    assert not (tmp_path / "jax2").exists()
+
+
 @pytest.mark.parametrize("variant", ["gqa_llama3", "mqa_tied"])
 def test_jax_to_hf_loads_in_transformers(tmp_path, variant, capsys):
     config_dict = hf_config_dict(variant, "v5")
