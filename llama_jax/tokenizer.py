@@ -313,9 +313,10 @@ def train_sentencepiece(
             reason = prefix[2] or f"its check {prefix[1]} failed"
         needed = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", reason)
         if needed:  # the rest of that message names a sentencepiece option this function does not take
+            byte_pieces = ", the 256 byte pieces" if flags["byte_fallback"] else ""
             reason = (f"a vocabulary of {needed[1]} pieces cannot hold the {needed[2]} that training needs (the "
-                      f"corpus's characters, the 256 byte pieces and the special pieces); give a vocabulary size of "
-                      f"at least {needed[2]}")
+                      f"corpus's characters{byte_pieces} and the special pieces); give a vocabulary size of at "
+                      f"least {needed[2]}")
         raise ValueError(f"sentencepiece training failed: {reason}") from None
 
     output = Path(output_path)
