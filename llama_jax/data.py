@@ -247,6 +247,14 @@ def _without_tfds_scratch_dirs():
                 os.rmdir(path)  # only if empty
 
 
+def _holds_text(feature) -> bool:
+    """Whether a TFDS feature holds one string per record (`Text`, or a string `Tensor` of shape ())."""
+    try:
+        return feature.shape == () and np.dtype(feature.np_dtype) == np.dtype(object)
+    except (AttributeError, TypeError):  # a nested FeaturesDict, say
+        return False
+
+
 class TfdsSource:
     """One split of a TFDS dataset prepared in ArrayRecord format, read by random access through
     `tfds.data_source` (no TensorFlow). Reads only: the dataset must already be built."""
@@ -267,8 +275,17 @@ class TfdsSource:
             raise ValueError(f"data.tfds_name={name!r} with {split_option}={split!r}: "
                              f"{' '.join(str(e).split())}") from None
         features = self._records.dataset_info.features
+        texts = sorted(key for key in features if _holds_text(features[key]))
         if text_key not in features:
             raise ValueError(f"TFDS dataset {name!r} has no feature {text_key!r}; valid: {sorted(features)}")
+        if text_key not in texts:
+            feature = features[text_key]
+            try:
+                kind = f"{type(feature).__name__} of {np.dtype(feature.np_dtype)} with shape {feature.shape}"
+            except (AttributeError, TypeError):
+                kind = type(feature).__name__
+            raise ValueError(f"TFDS dataset {name!r}: feature {text_key!r} is not text ({kind}); set data.text_key "
+                             f"to a text feature (valid: {texts})")
         self._text_key = text_key
 
     def __len__(self) -> int:

@@ -97,6 +97,36 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer, monkeypatch):
     assert "tensorflow" not in sys.modules  # built and read without TensorFlow
 
 
+class RecordsWithANumber(tfds.core.GeneratorBasedBuilder):
+    """A TFDS dataset whose records hold a text feature beside a number and a vector."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None  # no checksums file to look up
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "body": tfds.features.Text(), "year": np.int64,
+            "vector": tfds.features.Tensor(shape=(2,), dtype=np.float32)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(3):
+            yield i, {"body": f"document {i}", "year": 2000 + i, "vector": np.zeros(2, np.float32)}
+
+
+def test_a_tfds_feature_that_is_not_text_is_named(tmp_path):
+    RecordsWithANumber(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config = dict(source="tfds", tfds_name="records_with_a_number", data_dir=str(tmp_path))
+    assert list(make_source(ConfigDict({**config, "text_key": "body"}))[0]) == [f"document {i}" for i in range(3)]
+    for key, kind in (("year", "Tensor of int64 with shape ()"), ("vector", "Tensor of float32 with shape (2,)")):
+        with pytest.raises(ValueError) as error:
+            make_source(ConfigDict({**config, "text_key": key}))
+        assert str(error.value) == (f"TFDS dataset 'records_with_a_number': feature {key!r} is not text ({kind}); "
+                                    f"set data.text_key to a text feature (valid: ['body'])")
+
+
 def test_each_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     """Patterns that match the same file read it once (read twice, the copy of a held-out document
     was trained on); a leading UTF-8 byte-order mark is dropped from .txt and .jsonl files alike."""
