@@ -40,7 +40,8 @@ from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
 from llama_jax.safe_io import (DirectoryLock, atomic_file, check_run_config, check_writable, holds_lock, holds_run,
                                sha256_file, write_text_atomic)
-from llama_jax.sharding import process_rows
+from llama_jax.model import abstract_params, params_in_layout
+from llama_jax.sharding import process_rows, tree_shardings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
@@ -392,11 +393,18 @@ def _other_tokenizer(model_dir: str, tokenizer_file: Path | None) -> bool:
 
 def state_from_model(path: str, trainer: Trainer) -> TrainState:
     """A fresh state whose parameters come from a model directory (e.g. converted weights)."""
-    check_init_from(path, trainer.model_config)
-    _, params = load_model(path, shardings=trainer.state_shardings.params)
-    params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, nn.meta.unbox(trainer.abstract_state.params))
+    cfg = trainer.model_config
+    check_init_from(path, cfg)
+    stacked = cfg.replace(scan_layers=True)  # a model directory holds its layers stacked, whatever it was saved from
+    _, params = load_model(path, shardings=tree_shardings(trainer.mesh, abstract_params(stacked), trainer.rules),
+                           scan_layers=True)
+    abstract = nn.meta.unbox(trainer.abstract_state.params)
+    in_run_layout = jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), params_in_layout(cfg, p), abstract),
+                            out_shardings=trainer.state_shardings.params,
+                            donate_argnums=0 if cfg.scan_layers else ())  # unstacked layers cannot reuse them
     init_opt = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings.opt_state)
     with trainer.context():
+        params = in_run_layout(params)
         opt_state = init_opt(params)
 
     def zero():  # step and skipped need buffers of their own: the train step donates both

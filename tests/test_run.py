@@ -316,13 +316,17 @@ def test_init_from_a_model_of_another_tokenizer_says_so(tmp_path, tokenizer_path
         capsys.readouterr().out
 
 
-def test_init_from_a_model_directory(tmp_path, tokenizer_path):
-    config = load_config(TINY, run_overrides(tokenizer_path, "train.steps=1", "optimizer.warmup_steps=0"))
+@pytest.mark.parametrize("saved_scanned, run_scanned", [(True, True), (True, False), (False, True), (False, False)])
+def test_init_from_a_model_directory(tmp_path, tokenizer_path, saved_scanned, run_scanned):
+    """In either layer layout, whichever layout the model was saved from."""
+    config = load_config(TINY, run_overrides(tokenizer_path, "train.steps=1", "optimizer.warmup_steps=0",
+                                             f"model.scan_layers={run_scanned}"))
     trainer = build_trainer(config, jax.devices()[:1])
-    model_dir = save_model(tmp_path / "model", trainer.model_config, init_params(trainer.model_config, 123))
+    saved = trainer.model_config.replace(scan_layers=saved_scanned)
+    model_dir = save_model(tmp_path / "model", saved, init_params(saved, 123))
     data = run_lib.build_data(config, trainer.model_config, tmp_path)  # prepared into a temporary directory
     try:
-        _, params = load_model(model_dir)
+        _, params = load_model(model_dir, scan_layers=run_scanned)
         expected = float(trainer.eval_metrics(params, global_batch(trainer.mesh, data.train_rows(0)))["loss"])
     finally:
         data.discard()
