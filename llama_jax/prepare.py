@@ -210,7 +210,7 @@ class TokenizerChoice:
 
     def describe(self) -> str:
         if self.trained_vocab_size is not None and self.file is None:
-            return f"data.tokenizer=train ({self.trained_vocab_size} pieces)"
+            return f"trained, data.tokenizer_vocab_size={self.trained_vocab_size}"
         return f"sha256 {self.sha256[:12]}"
 
     def matches(self, recorded: TokenizerChoice) -> bool:

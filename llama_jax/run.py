@@ -112,7 +112,8 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | 
     with _reader(workdir) as checkpoints:
         info = checkpoints.run_info(step)
         check_same_architecture(info["model"], trainer.model_config, f"{workdir} (checkpoint {step})")
-        _check_nothing_lost(info, config, trainer.model_config, f"{workdir} (checkpoint {step})")
+        held = sorted(s for s in checkpoints.all_steps() if s <= step)  # later ones are moved aside
+        _check_nothing_lost(info, config, trainer.model_config, f"{workdir} (checkpoint {step})", held)
         _check_same_trajectory(info, config, stream, f"{workdir} (checkpoint {step})")
         target = abstract_state(trainer)
         if checkpoints.state_paths(step) != tree_paths(target):
@@ -130,20 +131,36 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | 
         return checkpoints.restore_state(step, target), info
 
 
-def _check_nothing_lost(info: dict, config, model: LLaMAConfig, where: str) -> None:
+def _check_nothing_lost(info: dict, config, model: LLaMAConfig, where: str, held: list[int]) -> None:
     """RunError when a resume would cast the run's master weights, or let the checkpoint retention
-    delete steps that `checkpoint.keep_every` kept."""
+    delete checkpoints the run's own settings keep: steps `checkpoint.keep_every` kept for good, or
+    more of the checkpoints it `held` than its `max_to_keep` would delete at the next save."""
     was_dtype = info["model"].get("param_dtype")
     if was_dtype and was_dtype != model.param_dtype:
         raise RunError(f"{where} holds {was_dtype} parameters, but the config asks for model.param_dtype="
                        f"{model.param_dtype}: the run's master weights would be cast; resume with "
                        f"param_dtype={was_dtype} or use another --workdir")
-    kept, keep = info["config"].get("checkpoint", {}).get("keep_every") or 0, config.checkpoint.keep_every or 0
+    saved, c = info["config"].get("checkpoint", {}), config.checkpoint
+    if c.max_to_keep is None:  # no retention: nothing is deleted
+        return
+    kept, keep = saved.get("keep_every") or 0, c.keep_every or 0
     if kept and (not keep or kept % keep):  # a divisor of the old period keeps every step it kept
         raise RunError(f"{where} was saved with checkpoint.keep_every={kept}, which keeps the steps that are "
                        f"multiples of {kept} for good; resuming with keep_every={keep} would let the retention delete "
                        f"them. Resume with keep_every={kept} (or a divisor of it), or move the checkpoints to keep "
                        f"out of checkpoints/ first")
+    was = saved.get("max_to_keep", c.max_to_keep)
+
+    def deleted_at_next_save(max_to_keep: int | None) -> set[int]:  # Orbax keeps the newest and keep_every's
+        return set() if max_to_keep is None else {s for s in held[:max(0, len(held) + 1 - max_to_keep)]
+                                                  if not (keep and s % keep == 0)}
+
+    lost = sorted(deleted_at_next_save(c.max_to_keep) - deleted_at_next_save(was))
+    if lost:
+        raise RunError(f"{where}: resuming with checkpoint.max_to_keep={c.max_to_keep} would let the retention delete "
+                       f"checkpoint(s) {', '.join(map(str, lost))} at the next save, which the run's max_to_keep={was} "
+                       f"keeps; resume with max_to_keep={was}, or move the checkpoints to keep out of checkpoints/ "
+                       f"(or delete those not needed) first")
 
 
 def _check_same_trajectory(info: dict, config, stream: list | None, where: str) -> None:

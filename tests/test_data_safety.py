@@ -473,9 +473,9 @@ def test_trained_tokenizer_belongs_to_the_run_only_once_it_starts(tmp_path, caps
     assert not run.exists()
     assert train(run, *overrides) == 0
     assert train(run, *overrides[:3], "--config.data.tokenizer_vocab_size=400", *overrides[4:]) == 2
-    assert ("(the data this run started with) was prepared with another tokenizer (data.tokenizer=train "
-            "(512 pieces)) than data.tokenizer=train (data.tokenizer=train (400 pieces))") in one_line_error(capsys,
-                                                                                                            "train")
+    assert ("(the data this run started with) was prepared with another tokenizer (trained, "
+            "data.tokenizer_vocab_size=512) than data.tokenizer=train (trained, data.tokenizer_vocab_size=400)"
+            ) in one_line_error(capsys, "train")
 
 
 def test_model_vocabulary_larger_than_the_tokenizer_samples_only_real_tokens(tmp_path, capsys):

@@ -595,9 +595,33 @@ def test_a_resume_never_drops_the_checkpoints_keep_every_kept(tmp_path, tokenize
     assert ("was saved with checkpoint.keep_every=4, which keeps the steps that are multiples of 4 for good; resuming "
             "with keep_every=0 would let the retention delete them") in capsys.readouterr().err
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == steps
+    shutil.copytree(workdir, tmp_path / "unbounded")  # without a retention nothing is deleted either
+    assert main(train_args(tmp_path / "unbounded", run_overrides(tokenizer_path, "checkpoint.every=2",
+                                                                 "checkpoint.max_to_keep=None", "train.steps=10"))) == 0
+    assert sorted(int(p.name) for p in (tmp_path / "unbounded" / "checkpoints").iterdir()) == [4, 8, 10]
     assert main(train_args(workdir, run_overrides(tokenizer_path, *kept[:2], "checkpoint.keep_every=2",
                                                   "train.steps=10"))) == 0  # a divisor keeps all 4 kept
     assert {4, 8} <= {int(p.name) for p in (workdir / "checkpoints").iterdir()}
+
+
+def test_a_resume_never_lets_a_lower_max_to_keep_drop_the_checkpoints_kept(tmp_path, tokenizer_path, capsys):
+    """checkpoint.max_to_keep lowered on resume would delete at the next save checkpoints the run's
+    own setting keeps: refused, naming them; a limit that deletes nothing more is taken."""
+    workdir = tmp_path / "run"
+    every = ["checkpoint.every=2", "checkpoint.async_save=False"]
+    assert main(train_args(workdir, run_overrides(tokenizer_path, *every, "checkpoint.max_to_keep=None",
+                                                  "train.steps=6"))) == 0
+    capsys.readouterr()
+    for lower in (1, 3):
+        assert main(train_args(workdir, run_overrides(tokenizer_path, *every, f"checkpoint.max_to_keep={lower}",
+                                                      "train.steps=8"))) == 2
+        lost = "2, 4, 6" if lower == 1 else "2"
+        assert (f"resuming with checkpoint.max_to_keep={lower} would let the retention delete checkpoint(s) {lost} at "
+                f"the next save, which the run's max_to_keep=None keeps") in capsys.readouterr().err
+        assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
+    assert main(train_args(workdir, run_overrides(tokenizer_path, *every, "checkpoint.max_to_keep=4",
+                                                  "train.steps=8"))) == 0
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6, 8]
 
 
 def test_export_writes_a_checkpoint_as_a_model_directory(tmp_path, tokenizer_path, straight_run, capsys):
