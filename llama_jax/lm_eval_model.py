@@ -24,6 +24,7 @@ import lm_eval.models  # noqa: F401  (the harness fills its registry with its ow
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
+import numpy as np
 
 from llama_jax.evaluate import Scorer, length_bucket
 
@@ -84,6 +85,13 @@ class LlamaJaxLM(TemplateLM):
                              context=lambda: mesh_context(self.mesh))
         self._max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
+        self._batches_sampled = 0  # each sampled batch draws from a key of its own (`_sampling_seed`)
+        # what was scored, as the harness's model_args string (for the results file)
+        shape = dict(self.mesh.shape)
+        self.model_args = ",".join(f"{k}={v}" for k, v in dict(
+            pretrained=self.pretrained, batch_size=self.batch_size, max_length=self.max_length,
+            max_gen_toks=self._max_gen_toks, dtype=self.config.dtype, seed=self.seed, data=shape["data"],
+            fsdp=shape["fsdp"], tensor=shape["tensor"]).items())
 
     # ---- what the harness asks of a model ---------------------------------------------------
     @property
@@ -217,7 +225,8 @@ class LlamaJaxLM(TemplateLM):
                             or any(s in self.tok_decode(row) for s in until) for k, row in enumerate(rows)]
 
                 outputs = generate(self.config, params, batch, new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=self.seed, eos_id=self.end_ids[0],
+                                   top_k=top_k, top_p=top_p, seed=self._sampling_seed(temperature),
+                                   eos_id=self.end_ids[0],
                                    n_tokens=self.tokenizer.vocab_size, on_tokens=finished,
                                    pad_to=length_bucket(len(batch[0]), room), mesh=self.mesh)
                 for i, ids in zip(chosen, outputs):
@@ -227,6 +236,17 @@ class LlamaJaxLM(TemplateLM):
                 bar.update(len(chosen))
         bar.close()
         return results
+
+
+    def _sampling_seed(self, temperature: float) -> int:
+        """The seed of the next batch of generation requests: one of its own per sampled batch, drawn
+        from `seed` and the batch's number, so that a task's repeats (the same request several times,
+        in one batch or several) are independent samples, and a run is reproducible."""
+        if not temperature:  # greedy: no draw
+            return self.seed
+        self._batches_sampled += 1
+        state = np.random.SeedSequence([self.seed, self._batches_sampled]).generate_state(2, np.uint32)
+        return (int(state[0]) << 31) ^ int(state[1])  # below 2**63
 
 
 if NAME not in model_registry:  # a module imported again must not collide with its first import
@@ -258,5 +278,9 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
     data, fsdp, tensor = mesh
     model = LlamaJaxLM(model_dir, batch_size=batch_size, max_length=max_length, dtype=dtype, data=data, fsdp=fsdp,
                        tensor=tensor, **({} if max_gen_toks is None else {"max_gen_toks": max_gen_toks}))
-    return simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                           task_manager=manager, log_samples=log_samples)
+    results = simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                              task_manager=manager, log_samples=log_samples)
+    # the harness records a model object as its class name alone: say what was scored, and how
+    results["config"] = {**results.get("config", {}), "model": NAME, "model_args": model.model_args,
+                         "batch_size": model.batch_size}
+    return results

@@ -449,6 +449,20 @@ def test_generation_ends_at_every_end_id_of_the_generation_config(model_dirs, tm
         LlamaJaxLM(str(model_dir))
 
 
+def test_sampled_repeats_are_independent_samples(model_dirs):
+    """The harness asks for a task's repeats as copies of one request: each copy, in one batch or in
+    several, is a sample of its own (one key per row and per batch), and the run is reproducible."""
+    from lm_eval.api.instance import Instance
+
+    from llama_jax.lm_eval_model import LlamaJaxLM
+
+    request = ("The try statement", {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0})
+    requests = [Instance("generate_until", {}, request, i) for i in range(12)]  # batches of 8 (the devices' rows)
+    texts = LlamaJaxLM(str(model_dirs[1])).generate_until(requests)
+    assert len(set(texts)) == 12, texts
+    assert LlamaJaxLM(str(model_dirs[1])).generate_until(requests) == texts
+
+
 def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     write_tasks(tmp_path / "tasks", long_context="Loops")
     out = tmp_path / "results.json"
@@ -458,6 +472,9 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     assert "tiny_mc" in printed and "acc" in printed
     results = json.loads(out.read_text())["results"]["tiny_mc"]
     assert 0 <= results["acc,none"] <= 1
+    config = json.loads(out.read_text())["config"]  # what was scored, and how
+    assert (config["model"], config["batch_size"]) == ("llama_jax", 8)  # 2 rounded up to the 8 devices' rows
+    assert config["model_args"].startswith(f"pretrained={model_dirs[1]},batch_size=8,max_length={CONTEXT},")
     # the default is FSDP over the 8 test devices; data x FSDP x tensor parallel gives the same scores
     assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--include-path", str(tmp_path / "tasks"),
                  "--limit", "3", "--batch-size", "2", "--output", str(out), "--mesh", "2,2,2"]) == 0
