@@ -30,6 +30,7 @@ access stays O(1).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -86,25 +87,31 @@ class Mixture:
     """Which source each slot of a global batch reads, and how many rows of each came before."""
 
     def __init__(self, weights: Sequence[float], batch_size: int):
+        total = float(sum(weights))
+        self.bounds = np.concatenate([[0.0], np.cumsum(weights) / total])
+        self.bounds[-1] = 1.0
         self.batch_size = batch_size
-        # The slots of a batch sit at points of the unit interval, on a grid of PERIOD * B; a source
-        # takes those within its share. Each source's first grid point comes from its cumulative share
-        # in grid units rounded to 6 decimals, so that weights scaled alike (3:29 and 0.03:0.29, whose
-        # shares differ in the last bit) pick the same points where a share ends exactly on one.
-        grid = PERIOD * batch_size
-        ends = np.round(np.cumsum(weights)[:-1] / float(sum(weights)) * grid, 6)
-        self.firsts = np.concatenate([[0], np.ceil(ends).astype(np.int64), [grid]])
-        counts = np.stack([self.counts(s) for s in range(PERIOD)])
+        self._slots = np.stack([self.slot_sources(s) for s in range(PERIOD)])  # [PERIOD, B]: the cycle repeats
+        counts = np.stack([np.bincount(row, minlength=len(weights)) for row in self._slots])
         self._before = np.concatenate([np.zeros((1, len(weights)), np.int64), np.cumsum(counts, axis=0)])
 
+    def _offset(self, step: int) -> float:
+        return ((step * STRIDE) % PERIOD) / (PERIOD * self.batch_size)
+
     def slot_sources(self, step: int) -> np.ndarray:
-        """Source of each slot of the batch of `step` [B]: slot k at grid point k * PERIOD + u_step."""
-        points = np.arange(self.batch_size) * PERIOD + (step * STRIDE) % PERIOD
-        return np.searchsorted(self.firsts, points, side="right") - 1
+        """Source of each slot of the batch of `step` [B]."""
+        points = (np.arange(self.batch_size) / self.batch_size + self._offset(step)) % 1.0
+        return np.searchsorted(self.bounds, points, side="right") - 1
 
     def counts(self, step: int) -> np.ndarray:
         """Rows of each source in the batch of `step`."""
-        return np.bincount(self.slot_sources(step), minlength=len(self.firsts) - 1)
+        return np.bincount(self.slot_sources(step), minlength=len(self.bounds) - 1)
+
+    def fingerprint(self) -> str:
+        """sha256 of which source every slot of every batch reads. Weights scaled alike give the same
+        shares up to float rounding, and a share that ends exactly on a slot's point can move that
+        slot: a resume compares this, not only the shares."""
+        return hashlib.sha256(self._slots.astype(np.int64).tobytes()).hexdigest()
 
     def rows_before(self, step: int) -> np.ndarray:
         """Rows of each source in the batches before `step`."""

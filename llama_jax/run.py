@@ -187,6 +187,11 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
         raise RunError(f"{where} trained on {_describe_stream(recorded)}, not {_describe_stream(stream)}: a resume "
                        f"continues the same documents in the same proportions; resume with the run's data settings "
                        f"or use another --workdir")
+    slots = [streams[0].get("slots_sha256") for streams in (recorded, stream) if streams]
+    if len(slots) == 2 and None not in slots and slots[0] != slots[1]:  # (recorded from this version on)
+        raise RunError(f"{where} trained on data.mixture weights whose shares these weights give too, but rounded "
+                       f"otherwise: some slots of its batches would read another source; resume with the run's own "
+                       f"weights (its config.json) or use another --workdir")
 
 
 def changed_settings(saved: dict, config) -> list[str]:

@@ -131,6 +131,19 @@ def test_a_mixture_reports_each_source(prepared, tmp_path, capsys):
     assert main([*args, "--config.train.steps=6", "--config.data.mixture.docs.weight=6",  # the same 3:1
                  "--config.data.mixture.texts.weight=2"]) == 0
 
+    # 3:29 scaled to 0.03:0.29: the docs' share 3/32 becomes 0.09375000000000001 in float, and the
+    # slot at 0.09375 of the batch moves to texts from step 768 on; refused, where 6:58 is taken
+    shutil.rmtree(workdir)
+    weights = ["--config.data.mixture.docs.weight=3", "--config.data.mixture.texts.weight=29"]
+    assert main([*args, "--config.train.steps=2", "--config.train.eval_every=0", *weights]) == 0
+    capsys.readouterr()
+    scaled = [w.replace("=3", "=0.03").replace("=29", "=0.29") for w in weights]
+    assert main([*args, "--config.train.steps=3", "--config.train.eval_every=0", *scaled]) == 2
+    assert ("trained on data.mixture weights whose shares these weights give too, but rounded otherwise: some slots "
+            "of its batches would read another source") in capsys.readouterr().err
+    doubled = [w.replace("=3", "=6").replace("=29", "=58") for w in weights]
+    assert main([*args, "--config.train.steps=3", "--config.train.eval_every=0", *doubled]) == 0
+
 
 def test_inspect_shows_a_step_and_covers_an_epoch(prepared, capsys):
     base = ["data", "inspect", "--config", TINY, "--config.data.source=prepared", f"--config.data.path={prepared[1]}",

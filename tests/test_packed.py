@@ -114,26 +114,6 @@ def test_mixture_proportions_hold_within_a_row_per_batch(weights, batch):
     assert np.all(np.abs(mixture.rows_before(steps) - steps * batch * p) <= len(weights) * (1 + steps // 1024))
 
 
-@pytest.mark.parametrize("weights, scaled, batch", [([3, 29], [0.03, 0.29], 8), ([28, 42, 35], [0.28, 0.42, 0.35], 24),
-                                                   ([9, 4, 25, 19], [0.9, 0.4, 2.5, 1.9], 3)])
-def test_mixture_slots_are_those_of_the_exact_shares_however_the_weights_are_scaled(weights, scaled, batch):
-    """Slot k of step s sits at (k * PERIOD + (s * STRIDE) % PERIOD) / (PERIOD * B) of the unit
-    interval and reads the source whose cumulative share holds it: computed here in exact fractions.
-    Where a share ends exactly on such a point, float shares of scaled weights (0.03 / 0.32 is
-    0.09375000000000001) must not move it to another source: a resume with them reads other rows."""
-    from fractions import Fraction
-
-    from llama_jax.packed import PERIOD, STRIDE
-
-    total = sum(Fraction(w) for w in weights)
-    ends = [sum(Fraction(w) for w in weights[:i + 1]) / total for i in range(len(weights) - 1)]
-    mixture, rescaled = Mixture(weights, batch), Mixture(scaled, batch)
-    for step in range(PERIOD):
-        points = [Fraction(k * PERIOD + step * STRIDE % PERIOD, PERIOD * batch) for k in range(batch)]
-        exact = [sum(end <= point for end in ends) for point in points]
-        assert mixture.slot_sources(step).tolist() == exact == rescaled.slot_sources(step).tolist(), step
-
-
 def test_mixture_sources_keep_their_own_epochs():
     a, b = MemorySplit(random_documents(30, seed=4)), MemorySplit(random_documents(90, seed=5))
     L, B = 8, 8
