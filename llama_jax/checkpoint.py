@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -188,6 +188,15 @@ ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
 # what a model's weights were trained with beyond their shapes; a fine-tune may choose them anew
 # (a larger rope_theta or a rope_scaling to extend the context), so they are reported, not required
 TRAINED_WITH_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
+
+
+def deleted_at_next_save(steps: Sequence[int], max_to_keep: int | None, keep_every: int | None) -> list[int]:
+    """Which of a run's checkpoint `steps` (ascending) Orbax's retention deletes when the next step
+    is saved: those outside the newest `max_to_keep` of all (the new one included), except the
+    multiples of `keep_every`, which it keeps for good. None: no retention."""
+    if max_to_keep is None:
+        return []
+    return [s for s in steps[:max(0, len(steps) + 1 - max_to_keep)] if not (keep_every and s % keep_every == 0)]
 
 
 class RunCheckpoints:

@@ -34,7 +34,8 @@ from orbax.checkpoint import utils as ocp_utils
 
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
-from llama_jax.checkpoint import CheckpointDamaged, RunCheckpoints, check_same_architecture, load_model, tree_paths
+from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_architecture, deleted_at_next_save,
+                                  load_model, tree_paths)
 from llama_jax.config import LLaMAConfig
 from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
@@ -133,15 +134,15 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | 
 
 def _check_nothing_lost(info: dict, config, model: LLaMAConfig, where: str, held: list[int]) -> None:
     """RunError when a resume would cast the run's master weights, or let the checkpoint retention
-    delete checkpoints the run's own settings keep: steps `checkpoint.keep_every` kept for good, or
-    more of the checkpoints it `held` than its `max_to_keep` would delete at the next save."""
+    delete checkpoints the run kept for good: steps `checkpoint.keep_every` kept, or, where the run
+    kept every checkpoint (`max_to_keep=None`), the ones it `held` that a limit now deletes."""
     was_dtype = info["model"].get("param_dtype")
     if was_dtype and was_dtype != model.param_dtype:
         raise RunError(f"{where} holds {was_dtype} parameters, but the config asks for model.param_dtype="
                        f"{model.param_dtype}: the run's master weights would be cast; resume with "
                        f"param_dtype={was_dtype} or use another --workdir")
     saved, c = info["config"].get("checkpoint", {}), config.checkpoint
-    if c.max_to_keep is None:  # no retention: nothing is deleted
+    if c.max_to_keep is None or held[-1] >= config.train.steps:  # no retention, or no step left to save
         return
     kept, keep = saved.get("keep_every") or 0, c.keep_every or 0
     if kept and (not keep or kept % keep):  # a divisor of the old period keeps every step it kept
@@ -149,18 +150,12 @@ def _check_nothing_lost(info: dict, config, model: LLaMAConfig, where: str, held
                        f"multiples of {kept} for good; resuming with keep_every={keep} would let the retention delete "
                        f"them. Resume with keep_every={kept} (or a divisor of it), or move the checkpoints to keep "
                        f"out of checkpoints/ first")
-    was = saved.get("max_to_keep", c.max_to_keep)
-
-    def deleted_at_next_save(max_to_keep: int | None) -> set[int]:  # Orbax keeps the newest and keep_every's
-        return set() if max_to_keep is None else {s for s in held[:max(0, len(held) + 1 - max_to_keep)]
-                                                  if not (keep and s % keep == 0)}
-
-    lost = sorted(deleted_at_next_save(c.max_to_keep) - deleted_at_next_save(was))
-    if lost:
-        raise RunError(f"{where}: resuming with checkpoint.max_to_keep={c.max_to_keep} would let the retention delete "
-                       f"checkpoint(s) {', '.join(map(str, lost))} at the next save, which the run's max_to_keep={was} "
-                       f"keeps; resume with max_to_keep={was}, or move the checkpoints to keep out of checkpoints/ "
-                       f"(or delete those not needed) first")
+    lost = deleted_at_next_save(held, c.max_to_keep, keep)
+    if "max_to_keep" in saved and saved["max_to_keep"] is None and lost:
+        raise RunError(f"{where}: the run kept every checkpoint (checkpoint.max_to_keep=None); resuming with "
+                       f"max_to_keep={c.max_to_keep} would let the retention delete checkpoint(s) "
+                       f"{', '.join(map(str, lost))} at the next save. Resume with max_to_keep=None, or move the "
+                       f"checkpoints to keep out of checkpoints/ (or delete those not needed) first")
 
 
 def _check_same_trajectory(info: dict, config, stream: list | None, where: str) -> None:
@@ -363,15 +358,12 @@ def check_workdir(workdir: Path) -> None:
 
 def _check_run_writable(workdir: Path, checkpoint) -> None:
     """RunError naming what of a run a resume must write but may not: its checkpoints/ directory,
-    its metrics log (appended to), a step directory the next save's retention deletes (with
-    `checkpoint.max_to_keep` set: the older steps `checkpoint.keep_every` does not keep), before a
-    step is trained rather than when its checkpoint is saved."""
+    its metrics log (appended to), a step directory the next save's retention deletes
+    (`deleted_at_next_save`), before a step is trained rather than when its checkpoint is saved."""
     checkpoints = workdir / "checkpoints"
     steps = sorted((int(d.name) for d in checkpoints.iterdir() if d.name.isdigit() and d.is_dir())
                    if checkpoints.is_dir() else [])
-    keep, every = checkpoint.max_to_keep, checkpoint.keep_every
-    removable = [s for s in steps if not (every and s % every == 0)]
-    deleted = [] if keep is None else removable[:max(len(removable) - (keep - 1), 0)]
+    deleted = deleted_at_next_save(steps, checkpoint.max_to_keep, checkpoint.keep_every)
     inside = (p for s in deleted for p in [checkpoints / str(s), *(checkpoints / str(s)).rglob("*")] if p.is_dir())
     try:
         blocked = next((p for p in [checkpoints, workdir / METRICS_FILE, *inside]

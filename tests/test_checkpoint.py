@@ -195,3 +195,27 @@ def test_a_config_that_does_not_describe_the_stored_params(tmp_path, capsys, mod
     assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 2
     assert capsys.readouterr().err == f"llama-jax convert: error: {message}\n"
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("max_to_keep, keep_every", [(2, 2), (3, 0), (1, 4), (None, 0)])
+def test_the_retention_model_is_orbax_s(tmp_path, max_to_keep, keep_every):
+    """`deleted_at_next_save`, which resume checks rely on, names what Orbax itself deletes when a
+    run reopened on its checkpoints saves the next step (keep_every's steps count in max_to_keep)."""
+    from llama_jax.checkpoint import RunCheckpoints, deleted_at_next_save
+
+    state = {"w": np.zeros(3, np.float32)}
+
+    def opened():
+        return RunCheckpoints(tmp_path / "checkpoints", every=1, max_to_keep=max_to_keep, keep_every=keep_every,
+                              async_save=False)
+
+    checkpoints = opened()
+    for step in range(1, 7):
+        checkpoints.save(step, state, {"step": step})
+    checkpoints.close()
+    checkpoints = opened()
+    held = sorted(checkpoints.all_steps())
+    checkpoints.save(7, state, {"step": 7})
+    kept = sorted(checkpoints.all_steps())
+    checkpoints.close()
+    assert sorted(set(held) - set(kept)) == deleted_at_next_save(held, max_to_keep, keep_every)

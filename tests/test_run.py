@@ -604,9 +604,10 @@ def test_a_resume_never_drops_the_checkpoints_keep_every_kept(tmp_path, tokenize
     assert {4, 8} <= {int(p.name) for p in (workdir / "checkpoints").iterdir()}
 
 
-def test_a_resume_never_lets_a_lower_max_to_keep_drop_the_checkpoints_kept(tmp_path, tokenizer_path, capsys):
-    """checkpoint.max_to_keep lowered on resume would delete at the next save checkpoints the run's
-    own setting keeps: refused, naming them; a limit that deletes nothing more is taken."""
+def test_a_resume_never_lets_a_limit_drop_the_checkpoints_of_a_run_that_kept_all(tmp_path, tokenizer_path, capsys):
+    """A run with checkpoint.max_to_keep=None keeps its history for good: a limit on resume that
+    would delete some of it at the next save is refused, naming them; one that deletes none is
+    taken, and a lower limit of a run that had one (it deletes what it bounded) too."""
     workdir = tmp_path / "run"
     every = ["checkpoint.every=2", "checkpoint.async_save=False"]
     assert main(train_args(workdir, run_overrides(tokenizer_path, *every, "checkpoint.max_to_keep=None",
@@ -616,12 +617,15 @@ def test_a_resume_never_lets_a_lower_max_to_keep_drop_the_checkpoints_kept(tmp_p
         assert main(train_args(workdir, run_overrides(tokenizer_path, *every, f"checkpoint.max_to_keep={lower}",
                                                       "train.steps=8"))) == 2
         lost = "2, 4, 6" if lower == 1 else "2"
-        assert (f"resuming with checkpoint.max_to_keep={lower} would let the retention delete checkpoint(s) {lost} at "
-                f"the next save, which the run's max_to_keep=None keeps") in capsys.readouterr().err
+        assert (f"the run kept every checkpoint (checkpoint.max_to_keep=None); resuming with max_to_keep={lower} "
+                f"would let the retention delete checkpoint(s) {lost} at the next save") in capsys.readouterr().err
         assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
     assert main(train_args(workdir, run_overrides(tokenizer_path, *every, "checkpoint.max_to_keep=4",
                                                   "train.steps=8"))) == 0
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6, 8]
+    assert main(train_args(workdir, run_overrides(tokenizer_path, *every, "checkpoint.max_to_keep=2",
+                                                  "train.steps=10"))) == 0
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [8, 10]
 
 
 def test_export_writes_a_checkpoint_as_a_model_directory(tmp_path, tokenizer_path, straight_run, capsys):
