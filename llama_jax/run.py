@@ -48,6 +48,10 @@ from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, pe
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
 SET_ASIDE_DIR = "checkpoints-set-aside"  # checkpoints after a --resume-from step, metrics after a resumed step
 METRICS_FILE = "metrics.jsonl"
+# Steps the loop may dispatch ahead of the computation. JAX's asynchronous dispatch would otherwise
+# let it run tens of steps ahead between logged steps, and a SIGTERM (a preemption notice) would
+# then save only once all of those were computed.
+STEPS_AHEAD = 2
 
 # ---- state -----------------------------------------------------------------------------------
 
@@ -726,10 +730,14 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     evaluates, samples = bool(data.eval_sets and t.eval_batches), bool(data.tokenizer and t.sample_tokens)
     evaluated_at = sampled_at = None
     window_start, window_tokens, step, saved_step = time.perf_counter(), 0, start, start
+    in_flight = collections.deque()  # metrics of the steps dispatched and perhaps not yet computed
     try:
         for step in range(start + 1, t.steps + 1):
             batch = global_batch(trainer.mesh, prefetch.next(step - 1), t.batch_size)
             state, step_metrics = trainer.step(state, batch)
+            in_flight.append(step_metrics)
+            if len(in_flight) > STEPS_AHEAD:  # a SIGTERM then saves a step computed moments later
+                jax.block_until_ready(in_flight.popleft())
             window_tokens += t.batch_size * t.seq_len
             bar.update(1)
             record = {}

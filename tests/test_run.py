@@ -132,6 +132,29 @@ def test_a_killed_run_has_recorded_its_latest_checkpoint(tmp_path, tokenizer_pat
             in capsys.readouterr().err)
 
 
+def test_the_loop_runs_at_most_steps_ahead_of_the_computation(tmp_path, tokenizer_path, monkeypatch):
+    """Between logged steps nothing waits for the device, and JAX's dispatch would let the loop run
+    tens of steps ahead: a SIGTERM would then save only once they were all computed (seconds on a
+    TPU's short preemption notice). When step n is dispatched, step n - STEPS_AHEAD - 1 is done."""
+    from llama_jax.train import Trainer
+
+    dispatched, late = [], []
+    step = Trainer.step
+
+    def step_watched(self, state, batch):
+        if len(dispatched) > run_lib.STEPS_AHEAD:
+            done = all(leaf.is_ready() for leaf in jax.tree.leaves(dispatched[-run_lib.STEPS_AHEAD - 1]))
+            late.append(not done)
+        out = step(self, state, batch)
+        dispatched.append(out[1])
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step_watched)
+    assert main(train_args(tmp_path / "run", run_overrides(tokenizer_path, "train.steps=24", "train.log_every=24",
+                                                           "checkpoint.every=24"))) == 0
+    assert len(dispatched) == 24 and not any(late), late
+
+
 def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer_path, straight_run, monkeypatch,
                                                              capsys):
     _, expected = straight_run
