@@ -89,11 +89,13 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
     from llama_jax.run import train_and_evaluate
 
     workdir = Path(workdir).absolute()
-    print(f"llama-jax demo: {config.train.steps} steps of a small LLaMA on the Python standard library's source "
+    data = "the Python standard library's source" if config.data.source == "stdlib" else \
+        f"data.source={config.data.source}"
+    print(f"llama-jax demo: {config.train.steps} steps of a small LLaMA on {data} "
           f"({jax.device_count()} {jax.devices()[0].platform} device(s)); workdir {workdir}")
     result = train_and_evaluate(config, workdir)
-    if result.preempted:
-        print(f"stopped at step {result.final_step} of {config.train.steps}; run `make demo` again to resume")
+    if result.preempted:  # (the run said how to resume: the same command)
+        print(f"stopped at step {result.final_step} of {config.train.steps}")
         return
     print()
     baseline = unigram_baseline(result, config) if result.eval is not None else None
