@@ -146,7 +146,7 @@ def cmd_generate(args) -> None:
     from llama_jax.generate import check_sampling
     from llama_jax.model_dir import generation_end_ids, load_tokenizer_for
     from llama_jax.prompts import complete, read_prompts_file
-    from llama_jax.tokenizer import check_fits, load_tokenizer
+    from llama_jax.tokenizer import check_fits, load_tokenizer, unicode_problem
 
     if (args.model is None) == (args.workdir is None):
         raise UserError("give a model directory or --workdir RUN (one of them)")
@@ -158,10 +158,8 @@ def cmd_generate(args) -> None:
         raise UserError("--stop must not be empty")
     for option, texts in (("--prompt", args.prompt or ()), ("--stop", args.stop or ())):
         for text in texts:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:  # bytes of another encoding, which Python passes on escaped
-                raise UserError(f"{option}: not UTF-8 text (character {e.start} of {text!r})") from None
+            if problem := unicode_problem(text):  # bytes of another encoding, which Python passes on escaped
+                raise UserError(f"{option}: not UTF-8 text ({problem})")
     prompts = list(args.prompt or []) + [p for file in args.prompts_file or [] for p in read_prompts_file(file)]
     if not prompts:
         raise UserError("no prompts; give --prompt TEXT (repeatable) and/or --prompts-file FILE")

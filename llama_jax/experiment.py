@@ -345,7 +345,7 @@ DATA_STRING_KEYS = ("source", "path", "text_key", "tfds_name", "tfds_split", "tf
 def _not_a_string(key: str, value) -> str:
     """The message for a string key holding `value`; None (an override's `None` or `null`) says how
     to give that text."""
-    quoted = f"; for the text, quote it: \"--config.{key}='{value}'\"" if value is None else ""
+    quoted = f" ('' for none; for the text None, quote it: \"--config.{key}='None'\")" if value is None else ""
     return f"{key} must be a string, got {value!r}{quoted}"
 
 

@@ -91,7 +91,7 @@ CASES = [
     Case("train-sample-on-synthetic-data", NEW_RUN + " --config.train.sample_every=2",
          r"train.sample_every=2 but data.source=synthetic has no tokenizer to sample with"),
     Case("train-sample-prompt-not-utf8", NEW_RUN + " --config.train.sample_prompt=ab\udcffcd",  # the byte 0xff
-         r"train.sample_prompt is not UTF-8 text \(a lone surrogate \\udcff at character 2\)"),
+         r"train.sample_prompt is not UTF-8 text \(byte 0xff at character 2\)"),
     Case("train-negative-seed", NEW_RUN + " --config.train.seed=-1",
          r"train.seed must be an integer in \[0, 2\*\*63\), got -1"),
     Case("train-scan-layers-not-bool", NEW_RUN + " --config.model.scan_layers=maybe",
@@ -279,7 +279,7 @@ CASES = [
     Case("generate-nan-temperature", "generate {model} --prompt Hi --temperature nan",
          r"argument --temperature: 'nan' is not a finite number"),
     Case("generate-prompt-not-utf8", "generate {model} --prompt caf\udce9",  # the byte 0xe9 (Latin-1)
-         r"--prompt: not UTF-8 text \(character 3 of 'caf\\udce9'\)"),
+         r"--prompt: not UTF-8 text \(byte 0xe9 at character 3\)"),
     Case("generate-prompts-file-lone-surrogate", "generate {model} --prompts-file {surrogate_prompts}",
          r"surrogate_prompts.jsonl, line 2: the prompt is not valid Unicode \(a lone surrogate \\ud800 at character 4\)"),
     Case("generate-top-p-0", "generate {model} --prompt Hi --top-p 0", r"top_p must be in \(0, 1\] or None, got 0.0"),

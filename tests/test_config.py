@@ -367,14 +367,14 @@ def test_string_and_mapping_overrides():
 
 @pytest.mark.parametrize("override, message", [
     ("checkpoint.async_save=None", "checkpoint.async_save must be True or False, got None"),
-    ("train.sample_prompt=None", "train.sample_prompt must be a string, got None; for the text, quote it: "
-                                 "\"--config.train.sample_prompt='None'\""),
+    ("train.sample_prompt=None", "train.sample_prompt must be a string, got None ('' for none; for the text None, "
+                                 "quote it: \"--config.train.sample_prompt='None'\")"),
     ("model=None", "config key 'model' is a section and cannot be None; set its keys (--config.model.KEY=VALUE)"),
     ("data=null", "config key 'data' is a section and cannot be None; set its keys (--config.data.KEY=VALUE)"),
     ("data.files=[1,2]", "data.files must be a list of paths or glob patterns (strings), got [1, 2]"),
     ("data.eval_fraction=None", "data.eval_fraction must be a number with 0 <= eval_fraction < 1, got None"),
-    ("data.tokenizer=None", "data.tokenizer must be a string, got None; for the text, quote it: "
-                            "\"--config.data.tokenizer='None'\""),
+    ("data.tokenizer=None", "data.tokenizer must be a string, got None ('' for none; for the text None, quote it: "
+                            "\"--config.data.tokenizer='None'\")"),
     # a key of another source than data.source (synthetic here): the run would not train on it
     ("data.mixture={'a': {'path': '/d', 'weight': 1}}", "data.mixture is set, but data.source=synthetic does not "
                                                         "read it; set data.source=prepared to train on it, or "
