@@ -91,9 +91,13 @@ class Mixture:
         self.bounds = np.concatenate([[0.0], np.cumsum(weights) / total])
         self.bounds[-1] = 1.0
         self.batch_size = batch_size
-        self._slots = np.stack([self.slot_sources(s) for s in range(PERIOD)])  # [PERIOD, B]: the cycle repeats
-        counts = np.stack([np.bincount(row, minlength=len(weights)) for row in self._slots])
+        counts, slots_digest = np.zeros((PERIOD, len(weights)), np.int64), hashlib.sha256()
+        for step in range(PERIOD):  # the cycle repeats
+            slots = self.slot_sources(step)
+            counts[step] = np.bincount(slots, minlength=len(weights))
+            slots_digest.update(slots.astype(np.int64).tobytes())
         self._before = np.concatenate([np.zeros((1, len(weights)), np.int64), np.cumsum(counts, axis=0)])
+        self._fingerprint = slots_digest.hexdigest()
 
     def _offset(self, step: int) -> float:
         return ((step * STRIDE) % PERIOD) / (PERIOD * self.batch_size)
@@ -111,7 +115,7 @@ class Mixture:
         """sha256 of which source every slot of every batch reads. Weights scaled alike give the same
         shares up to float rounding, and a share that ends exactly on a slot's point can move that
         slot: a resume compares this, not only the shares."""
-        return hashlib.sha256(self._slots.astype(np.int64).tobytes()).hexdigest()
+        return self._fingerprint
 
     def rows_before(self, step: int) -> np.ndarray:
         """Rows of each source in the batches before `step`."""
