@@ -190,13 +190,14 @@ ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
 TRAINED_WITH_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
 
 
-def deleted_at_next_save(steps: Sequence[int], max_to_keep: int | None, keep_every: int | None) -> list[int]:
-    """Which of a run's checkpoint `steps` (ascending) Orbax's retention deletes when the next step
-    is saved: those outside the newest `max_to_keep` of all (the new one included), except the
-    multiples of `keep_every`, which it keeps for good. None: no retention."""
+def retention_deletes(steps: Sequence[int], max_to_keep: int | None, keep_every: int | None,
+                      saves: int = 1) -> list[int]:
+    """Which of a run's checkpoint `steps` (ascending) Orbax's retention has deleted once `saves`
+    more steps are saved: those outside the newest `max_to_keep` of all, except the multiples of
+    `keep_every`, which it keeps for good. None: no retention."""
     if max_to_keep is None:
         return []
-    return [s for s in steps[:max(0, len(steps) + 1 - max_to_keep)] if not (keep_every and s % keep_every == 0)]
+    return [s for s in steps[:max(0, len(steps) + saves - max_to_keep)] if not (keep_every and s % keep_every == 0)]
 
 
 class RunCheckpoints:

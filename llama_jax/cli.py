@@ -158,7 +158,7 @@ def cmd_generate(args) -> None:
         raise UserError("--stop must not be empty")
     for option, texts in (("--prompt", args.prompt or ()), ("--stop", args.stop or ())):
         for text in texts:
-            if problem := unicode_problem(text):  # bytes of another encoding, which Python passes on escaped
+            if problem := unicode_problem(text, from_argv=True):  # bytes of another encoding, passed on escaped
                 raise UserError(f"{option}: not UTF-8 text ({problem})")
     prompts = list(args.prompt or []) + [p for file in args.prompts_file or [] for p in read_prompts_file(file)]
     if not prompts:

@@ -296,7 +296,7 @@ def check_run_settings(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"train.on_nonfinite={t.on_nonfinite!r}; valid: {', '.join(ON_NONFINITE)}")
     if not isinstance(t.sample_prompt, str):
         raise ValueError(_not_a_string("train.sample_prompt", t.sample_prompt))
-    if problem := unicode_problem(t.sample_prompt):  # bytes of another encoding, passed on escaped
+    if problem := unicode_problem(t.sample_prompt, from_argv=True):  # as an override gives it
         raise ValueError(f"train.sample_prompt is not UTF-8 text ({problem})")
     if not isinstance(c.async_save, bool):
         raise ValueError(f"checkpoint.async_save must be True or False, got {c.async_save!r}")
@@ -339,13 +339,16 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+EMPTY_MEANS_NONE = ("train.sample_prompt", "data.path", "data.tfds_name", "data.tfds_eval_split", "data.data_dir",
+                    "data.tokenizer")  # string keys whose '' leaves them unset
 DATA_STRING_KEYS = ("source", "path", "text_key", "tfds_name", "tfds_split", "tfds_eval_split", "data_dir", "tokenizer")
 
 
 def _not_a_string(key: str, value) -> str:
     """The message for a string key holding `value`; None (an override's `None` or `null`) says how
     to give that text."""
-    quoted = f" ('' for none; for the text None, quote it: \"--config.{key}='None'\")" if value is None else ""
+    unset = "'' for none; " if key in EMPTY_MEANS_NONE else ""
+    quoted = f" ({unset}for the text None, quote it: \"--config.{key}='None'\")" if value is None else ""
     return f"{key} must be a string, got {value!r}{quoted}"
 
 

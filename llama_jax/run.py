@@ -34,7 +34,7 @@ from orbax.checkpoint import utils as ocp_utils
 
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
-from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_architecture, deleted_at_next_save,
+from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_architecture, retention_deletes,
                                   load_model, tree_paths)
 from llama_jax.config import LLaMAConfig
 from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
@@ -139,7 +139,8 @@ def _restore(config, trainer: Trainer, workdir: Path, step: int, stream: list | 
 def _check_nothing_lost(info: dict, config, model: LLaMAConfig, where: str, held: list[int]) -> None:
     """RunError when a resume would cast the run's master weights, or let the checkpoint retention
     delete checkpoints the run kept for good: steps `checkpoint.keep_every` kept, or, where the run
-    kept every checkpoint (`max_to_keep=None`), the ones it `held` that a limit now deletes."""
+    kept every checkpoint (`max_to_keep=None`), the ones it `held` that a limit deletes by the end
+    of this resume's saves."""
     was_dtype = info["model"].get("param_dtype")
     if was_dtype and was_dtype != model.param_dtype:
         raise RunError(f"{where} holds {was_dtype} parameters, but the config asks for model.param_dtype="
@@ -154,12 +155,14 @@ def _check_nothing_lost(info: dict, config, model: LLaMAConfig, where: str, held
                        f"multiples of {kept} for good; resuming with keep_every={keep} would let the retention delete "
                        f"them. Resume with keep_every={kept} (or a divisor of it), or move the checkpoints to keep "
                        f"out of checkpoints/ first")
-    lost = deleted_at_next_save(held, c.max_to_keep, keep)
+    start, steps, every = held[-1], config.train.steps, c.every
+    saves = steps // every - start // every + (steps % every != 0)  # the due steps and the last one
+    lost = retention_deletes(held, c.max_to_keep, keep, saves)
     if "max_to_keep" in saved and saved["max_to_keep"] is None and lost:
         raise RunError(f"{where}: the run kept every checkpoint (checkpoint.max_to_keep=None); resuming with "
                        f"max_to_keep={c.max_to_keep} would let the retention delete checkpoint(s) "
-                       f"{', '.join(map(str, lost))} at the next save. Resume with max_to_keep=None, or move the "
-                       f"checkpoints to keep out of checkpoints/ (or delete those not needed) first")
+                       f"{', '.join(map(str, lost))} by train.steps={steps}. Resume with max_to_keep=None, or move "
+                       f"the checkpoints to keep out of checkpoints/ (or delete those not needed) first")
 
 
 def _check_same_trajectory(info: dict, config, stream: list | None, where: str) -> None:
@@ -360,14 +363,16 @@ def check_workdir(workdir: Path) -> None:
                        f"checkpoints/, metrics.jsonl there); use a new or empty directory")
 
 
-def _check_run_writable(workdir: Path, checkpoint) -> None:
+def _check_run_writable(workdir: Path, checkpoint, resume_from: int | None = None) -> None:
     """RunError naming what of a run a resume must write but may not: its checkpoints/ directory,
     its metrics log (appended to), a step directory the next save's retention deletes
-    (`deleted_at_next_save`), before a step is trained rather than when its checkpoint is saved."""
+    (`retention_deletes`; of the steps up to `resume_from`, the later ones being moved aside),
+    before a step is trained rather than when its checkpoint is saved."""
     checkpoints = workdir / "checkpoints"
     steps = sorted((int(d.name) for d in checkpoints.iterdir() if d.name.isdigit() and d.is_dir())
                    if checkpoints.is_dir() else [])
-    deleted = deleted_at_next_save(steps, checkpoint.max_to_keep, checkpoint.keep_every)
+    steps = [s for s in steps if resume_from is None or s <= resume_from]
+    deleted = retention_deletes(steps, checkpoint.max_to_keep, checkpoint.keep_every)
     inside = (p for s in deleted for p in [checkpoints / str(s), *(checkpoints / str(s)).rglob("*")] if p.is_dir())
     try:
         blocked = next((p for p in [checkpoints, workdir / METRICS_FILE, *inside]
@@ -642,7 +647,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
         if workdir.exists() and jax.process_index() == 0:
             lock.acquire()
         if holds_run(workdir):  # (once locked: a run training there would be changing it)
-            _check_run_writable(workdir, config.checkpoint)
+            _check_run_writable(workdir, config.checkpoint, resume_from)
         return _train_and_evaluate(config, workdir, lock, progress, devices, resume_from)
     finally:
         lock.release()

@@ -42,15 +42,15 @@ class Tokenizer(Protocol):
         ...
 
 
-def unicode_problem(text: str) -> str | None:
-    """None when `text` is Unicode text, else what is not: a byte of another encoding that Python
-    passed on escaped (command-line arguments, file names), or a lone surrogate, which a JSON
-    escape such as \\ud800 gives."""
+def unicode_problem(text: str, from_argv: bool = False) -> str | None:
+    """None when `text` is Unicode text, else what is not: a lone surrogate, which a JSON escape
+    such as \\ud800 gives, or, in text from the command line (`from_argv`), a byte of another
+    encoding that Python passed on escaped."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         code = ord(text[e.start])
-        if 0xDC80 <= code <= 0xDCFF:  # Python's escape of an undecodable byte
+        if from_argv and 0xDC80 <= code <= 0xDCFF:  # Python's escape of an undecodable byte
             return f"byte {code - 0xDC00:#04x} at character {e.start}"
         return f"a lone surrogate \\u{code:04x} at character {e.start}"
     return None

@@ -199,9 +199,10 @@ def test_a_config_that_does_not_describe_the_stored_params(tmp_path, capsys, mod
 
 @pytest.mark.parametrize("max_to_keep, keep_every", [(2, 2), (3, 0), (1, 4), (None, 0)])
 def test_the_retention_model_is_orbax_s(tmp_path, max_to_keep, keep_every):
-    """`deleted_at_next_save`, which resume checks rely on, names what Orbax itself deletes when a
-    run reopened on its checkpoints saves the next step (keep_every's steps count in max_to_keep)."""
-    from llama_jax.checkpoint import RunCheckpoints, deleted_at_next_save
+    """`retention_deletes`, which resume checks rely on, names what Orbax itself has deleted of a
+    run's checkpoints once it is reopened on them and saves 1, 2, 3 more steps (keep_every's steps
+    count in max_to_keep)."""
+    from llama_jax.checkpoint import RunCheckpoints, retention_deletes
 
     state = {"w": np.zeros(3, np.float32)}
 
@@ -215,7 +216,8 @@ def test_the_retention_model_is_orbax_s(tmp_path, max_to_keep, keep_every):
     checkpoints.close()
     checkpoints = opened()
     held = sorted(checkpoints.all_steps())
-    checkpoints.save(7, state, {"step": 7})
-    kept = sorted(checkpoints.all_steps())
+    for saves, step in enumerate((7, 8, 9), start=1):
+        checkpoints.save(step, state, {"step": step})
+        kept = sorted(checkpoints.all_steps())
+        assert sorted(set(held) - set(kept)) == retention_deletes(held, max_to_keep, keep_every, saves)
     checkpoints.close()
-    assert sorted(set(held) - set(kept)) == deleted_at_next_save(held, max_to_keep, keep_every)

@@ -375,6 +375,8 @@ def test_string_and_mapping_overrides():
     ("data.eval_fraction=None", "data.eval_fraction must be a number with 0 <= eval_fraction < 1, got None"),
     ("data.tokenizer=None", "data.tokenizer must be a string, got None ('' for none; for the text None, quote it: "
                             "\"--config.data.tokenizer='None'\")"),
+    ("data.text_key=None", "data.text_key must be a string, got None (for the text None, quote it: "
+                           "\"--config.data.text_key='None'\")"),  # '' names no field
     # a key of another source than data.source (synthetic here): the run would not train on it
     ("data.mixture={'a': {'path': '/d', 'weight': 1}}", "data.mixture is set, but data.source=synthetic does not "
                                                         "read it; set data.source=prepared to train on it, or "

@@ -628,20 +628,19 @@ def test_a_resume_never_drops_the_checkpoints_keep_every_kept(tmp_path, tokenize
 
 
 def test_a_resume_never_lets_a_limit_drop_the_checkpoints_of_a_run_that_kept_all(tmp_path, tokenizer_path, capsys):
-    """A run with checkpoint.max_to_keep=None keeps its history for good: a limit on resume that
-    would delete some of it at the next save is refused, naming them; one that deletes none is
-    taken, and a lower limit of a run that had one (it deletes what it bounded) too."""
+    """A run with checkpoint.max_to_keep=None keeps its history for good: a limit on resume under
+    which its saves would delete some of it is refused, naming them; one that deletes none is taken,
+    and then a lower limit of the run that now has one (it deletes what that run bounded) too."""
     workdir = tmp_path / "run"
     every = ["checkpoint.every=2", "checkpoint.async_save=False"]
     assert main(train_args(workdir, run_overrides(tokenizer_path, *every, "checkpoint.max_to_keep=None",
                                                   "train.steps=6"))) == 0
     capsys.readouterr()
-    for lower in (1, 3):
+    for lower, steps, lost in ((1, 8, "2, 4, 6"), (3, 8, "2"), (4, 12, "2, 4")):  # (12: three more saves)
         assert main(train_args(workdir, run_overrides(tokenizer_path, *every, f"checkpoint.max_to_keep={lower}",
-                                                      "train.steps=8"))) == 2
-        lost = "2, 4, 6" if lower == 1 else "2"
+                                                      f"train.steps={steps}"))) == 2
         assert (f"the run kept every checkpoint (checkpoint.max_to_keep=None); resuming with max_to_keep={lower} "
-                f"would let the retention delete checkpoint(s) {lost} at the next save") in capsys.readouterr().err
+                f"would let the retention delete checkpoint(s) {lost} by train.steps={steps}") in capsys.readouterr().err
         assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
     assert main(train_args(workdir, run_overrides(tokenizer_path, *every, "checkpoint.max_to_keep=4",
                                                   "train.steps=8"))) == 0

@@ -16,7 +16,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from llama_jax.tokenizer import (
     LLAMA3_SPECIAL_TOKENS, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, _pieces, load_tokenizer,
-    train_sentencepiece,
+    train_sentencepiece, unicode_problem,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +72,15 @@ def test_sentencepiece_round_trip_and_special_ids(sp_model):
     with pytest.raises(ValueError, match=r"^the text to encode is not Unicode text \(a lone surrogate \\ud800 at "
                                          r"character 3\)$"):  # SentencePiece's own error is a pybind11 cast failure
         tok.encode("hi \ud800")
+
+
+def test_text_that_is_not_unicode_is_named():
+    """A lone surrogate is what a JSON escape gives; on the command line, where Python passes an
+    undecodable byte on as U+DC80..U+DCFF, it is that byte."""
+    assert unicode_problem("caf\u00e9 \U0001f600") is None
+    assert unicode_problem("caf\udce9") == "a lone surrogate \\udce9 at character 3"
+    assert unicode_problem("caf\udce9", from_argv=True) == "byte 0xe9 at character 3"
+    assert unicode_problem("x\ud800", from_argv=True) == "a lone surrogate \\ud800 at character 1"
 
 
 def test_sentencepiece_training_is_deterministic(sp_model, tmp_path):
@@ -148,7 +157,7 @@ def test_llama3_tiktoken_format(tmp_path):
         assert tok.encode(text, bos=False, eos=True) == ids[1:] + [n + 1]
     assert tok.encode(" the", bos=False) == [ranks[b" the"]]
     assert tok.decode([n, tok.special_tokens["<|eot_id|>"], n + 1]) == "<|eot_id|>"
-    with pytest.raises(ValueError, match=r"byte 0xff at character 2"):  # tiktoken would encode U+FFFD
+    with pytest.raises(ValueError, match=r"lone surrogate \\udcff at character 2"):  # tiktoken would encode U+FFFD
         tok.encode("ab\udcffcd")
 
 
