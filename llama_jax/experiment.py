@@ -391,8 +391,8 @@ def check_train_section(t: ml_collections.ConfigDict) -> None:
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
         if not _is_int(t[key]) or t[key] < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {t[key]!r}")
-    if not _is_int(t.seed) or not 0 <= t.seed < 2**63:
-        raise ValueError(f"train.seed must be an integer in [0, 2**63), got {t.seed!r}")
+    if not _is_int(t.seed) or not 0 <= t.seed < 2**32:  # JAX's keys (without x64) and Grain take 32 bits
+        raise ValueError(f"train.seed must be an integer in [0, 2**32), got {t.seed!r}")
     if isinstance(t.z_loss, bool) or not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
         raise ValueError(f"train.z_loss must be a number >= 0 (0: no z-loss), got {t.z_loss!r}")
     if t.batch_size * t.seq_len > MAX_TOKENS_PER_STEP:

@@ -172,8 +172,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not (_is_real(top_p) and 0 < float(top_p) <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if not (is_int(seed) and 0 <= int(seed) < 2**63):
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if not (is_int(seed) and 0 <= int(seed) < 2**32):  # a key (without x64) keeps 32 bits: 2**32 + 5 is 5
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
 def _check_ids(config: LLaMAConfig, eos_id: int | None, n_tokens: int | None) -> None:

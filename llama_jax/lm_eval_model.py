@@ -85,7 +85,7 @@ class LlamaJaxLM(TemplateLM):
                              context=lambda: mesh_context(self.mesh))
         self._max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
-        self._batches_sampled = 0  # each sampled batch draws from a key of its own (`_sampling_seed`)
+        self._batches_sampled, self._seeds_drawn = 0, set()  # each sampled batch has a key of its own
         # what was scored, as the harness's model_args string (for the results file)
         shape = dict(self.mesh.shape)
         self.model_args = ",".join(f"{k}={v}" for k, v in dict(
@@ -244,9 +244,12 @@ class LlamaJaxLM(TemplateLM):
         in one batch or several) are independent samples, and a run is reproducible."""
         if not temperature:  # greedy: no draw
             return self.seed
-        self._batches_sampled += 1
-        state = np.random.SeedSequence([self.seed, self._batches_sampled]).generate_state(2, np.uint32)
-        return (int(state[0]) << 31) ^ int(state[1])  # below 2**63
+        while True:  # a seed is 32 bits (a key keeps no more): one already drawn is skipped
+            self._batches_sampled += 1
+            seed = int(np.random.SeedSequence([self.seed, self._batches_sampled]).generate_state(1, np.uint32)[0])
+            if seed not in self._seeds_drawn:
+                self._seeds_drawn.add(seed)
+                return seed
 
 
 if NAME not in model_registry:  # a module imported again must not collide with its first import

@@ -92,8 +92,10 @@ CASES = [
          r"train.sample_every=2 but data.source=synthetic has no tokenizer to sample with"),
     Case("train-sample-prompt-not-utf8", NEW_RUN + " --config.train.sample_prompt=ab\udcffcd",  # the byte 0xff
          r"train.sample_prompt is not UTF-8 text \(byte 0xff at character 2\)"),
+    Case("train-seed-of-33-bits", NEW_RUN + " --config.train.seed=4294967301",  # would train as seed 5
+         r"train.seed must be an integer in \[0, 2\*\*32\), got 4294967301"),
     Case("train-negative-seed", NEW_RUN + " --config.train.seed=-1",
-         r"train.seed must be an integer in \[0, 2\*\*63\), got -1"),
+         r"train.seed must be an integer in \[0, 2\*\*32\), got -1"),
     Case("train-scan-layers-not-bool", NEW_RUN + " --config.model.scan_layers=maybe",
          r"model.scan_layers must be True or False, got 'maybe'"),
     Case("train-cudnn-without-gpu", NEW_RUN + " --config.model.attention_impl=cudnn",
@@ -290,8 +292,8 @@ CASES = [
     # checked before any model is read: here there is none, and the option is what is reported
     Case("generate-top-k-0-before-the-model", "generate {inputs}/nope --prompt Hi --top-k 0",
          r"top_k must be a positive integer or None, got 0"),
-    Case("generate-seed-too-large", "generate {model} --prompt Hi --seed 99999999999999999999",
-         r"seed must be an integer in \[0, 2\*\*63\), got 99999999999999999999"),
+    Case("generate-seed-too-large", "generate {model} --prompt Hi --seed 4294967296",  # 2**32: a key keeps 32 bits
+         r"seed must be an integer in \[0, 2\*\*32\), got 4294967296"),
     Case("generate-tokenizer-missing", "generate {model256} --prompt Hi --tokenizer {inputs}/nope.model",
          r"nope.model: no such file"),
     Case("generate-tokenizer-corrupt", "generate {model256} --prompt Hi --tokenizer {corrupt_model}",
@@ -368,7 +370,7 @@ CASES = [
     Case("inspect-seq-len-negative", "data inspect --config {tiny} --step 0 --config.train.seq_len=-1",
          r"train.seq_len must be a positive integer, got -1"),
     Case("inspect-negative-seed", "data inspect --config {tiny} --step 0 --config.train.seed=-1",
-         r"train.seed must be an integer in \[0, 2\*\*63\), got -1"),
+         r"train.seed must be an integer in \[0, 2\*\*32\), got -1"),
     Case("inspect-workdir-is-a-model", "data inspect --workdir {model} --step 0",
          r"--workdir \S+/model is a model directory, not a run \(the --workdir of llama-jax train\)"),
     Case("inspect-workdir-missing", "data inspect --workdir {inputs}/nowhere --step 0",
