@@ -22,8 +22,8 @@ from typing import Any, Iterator, Sequence
 import ml_collections
 
 from llama_jax.config import COMPUTE_FIELDS, LLaMAConfig, RopeScaling, field_names
-from llama_jax.tokenizer import unicode_problem
 from llama_jax.safe_io import describe_value, read_json_object
+from llama_jax.tokenizer import unicode_problem
 
 
 def model_section(preset: str = "tiny", **fields) -> ml_collections.ConfigDict:

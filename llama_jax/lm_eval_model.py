@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 
 import lm_eval.models  # noqa: F401  (the harness fills its registry with its own models only while it is empty)
+import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
-import numpy as np
 
 from llama_jax.evaluate import Scorer, length_bucket
 
@@ -236,7 +236,6 @@ class LlamaJaxLM(TemplateLM):
                 bar.update(len(chosen))
         bar.close()
         return results
-
 
     def _sampling_seed(self, temperature: float) -> int:
         """The seed of the next batch of generation requests: one of its own per sampled batch, drawn

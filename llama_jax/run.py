@@ -34,14 +34,14 @@ from orbax.checkpoint import utils as ocp_utils
 
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
-from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_architecture, retention_deletes,
-                                  load_model, tree_paths)
+from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_architecture, load_model,
+                                  retention_deletes, tree_paths)
 from llama_jax.config import LLaMAConfig
 from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
+from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
 from llama_jax.safe_io import (DirectoryLock, atomic_file, check_run_config, check_writable, holds_lock, holds_run,
                                sha256_file, write_text_atomic)
-from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.sharding import process_rows, tree_shardings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
