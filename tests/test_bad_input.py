@@ -283,7 +283,8 @@ CASES = [
     Case("generate-prompt-not-utf8", "generate {model} --prompt caf\udce9",  # the byte 0xe9 (Latin-1)
          r"--prompt: not UTF-8 text \(byte 0xe9 at character 3\)"),
     Case("generate-prompts-file-lone-surrogate", "generate {model} --prompts-file {surrogate_prompts}",
-         r"surrogate_prompts.jsonl, line 2: the prompt is not valid Unicode \(a lone surrogate \\ud800 at character 4\)"),
+         r"surrogate_prompts.jsonl, line 2: the prompt is not valid Unicode \(a lone surrogate \\ud800 at "
+         r"character 4\)"),
     Case("generate-top-p-0", "generate {model} --prompt Hi --top-p 0", r"top_p must be in \(0, 1\] or None, got 0.0"),
     Case("generate-top-p-above-1", "generate {model} --prompt Hi --top-p 1.5",
          r"top_p must be in \(0, 1\] or None, got 1.5"),

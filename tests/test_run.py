@@ -640,7 +640,8 @@ def test_a_resume_never_lets_a_limit_drop_the_checkpoints_of_a_run_that_kept_all
         assert main(train_args(workdir, run_overrides(tokenizer_path, *every, f"checkpoint.max_to_keep={lower}",
                                                       f"train.steps={steps}"))) == 2
         assert (f"the run kept every checkpoint (checkpoint.max_to_keep=None); resuming with max_to_keep={lower} "
-                f"would let the retention delete checkpoint(s) {lost} by train.steps={steps}") in capsys.readouterr().err
+                f"would let the retention delete checkpoint(s) {lost} by train.steps={steps}"
+                ) in capsys.readouterr().err
         assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
     assert main(train_args(workdir, run_overrides(tokenizer_path, *every, "checkpoint.max_to_keep=4",
                                                   "train.steps=8"))) == 0
