@@ -521,6 +521,22 @@ def test_demo_runs_resumes_and_reports(tmp_path, capsys):
     assert held_line in capsys.readouterr().out.splitlines()
 
 
+def test_the_steps_a_resume_deletes_are_those_up_to_its_resume_from(tmp_path, monkeypatch):
+    """--resume-from moves the later checkpoints aside: the step directories the next save deletes,
+    which must be writable, are counted among the steps up to it (step 2 here, not deleted by a
+    resume from 4 with max_to_keep=3, but by a resume from the latest)."""
+    from ml_collections import ConfigDict
+
+    for step in (2, 4, 6, 8):
+        (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(run_lib.os, "access", lambda path, mode: Path(path).name != "2" and access(path, mode))
+    checkpoint = ConfigDict({"max_to_keep": 3, "keep_every": 0})
+    run_lib._check_run_writable(tmp_path, checkpoint, resume_from=4)
+    with pytest.raises(run_lib.RunError, match=f"no permission to write {tmp_path / 'checkpoints' / '2'}"):
+        run_lib._check_run_writable(tmp_path, checkpoint)
+
+
 def test_a_run_this_user_may_not_write_is_refused_before_training(tokenizer_path, straight_run):
     """Permissions, as an unprivileged user (root may write anything): a resume that could not save
     its checkpoints, or delete the old ones, is refused before a step is trained; a checkpoint it
