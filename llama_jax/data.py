@@ -247,12 +247,17 @@ def _without_tfds_scratch_dirs():
                 os.rmdir(path)  # only if empty
 
 
+def _feature_kind(feature) -> tuple | None:
+    """(shape, dtype) of a TFDS feature, None for one without (a nested FeaturesDict, say)."""
+    try:
+        return tuple(feature.shape), np.dtype(feature.np_dtype)
+    except (AttributeError, TypeError):
+        return None
+
+
 def _holds_text(feature) -> bool:
     """Whether a TFDS feature holds one string per record (`Text`, or a string `Tensor` of shape ())."""
-    try:
-        return feature.shape == () and np.dtype(feature.np_dtype) == np.dtype(object)
-    except (AttributeError, TypeError):  # a nested FeaturesDict, say
-        return False
+    return _feature_kind(feature) == ((), np.dtype(object))
 
 
 class TfdsSource:
@@ -275,15 +280,12 @@ class TfdsSource:
             raise ValueError(f"data.tfds_name={name!r} with {split_option}={split!r}: "
                              f"{' '.join(str(e).split())}") from None
         features = self._records.dataset_info.features
-        texts = sorted(key for key in features if _holds_text(features[key]))
         if text_key not in features:
             raise ValueError(f"TFDS dataset {name!r} has no feature {text_key!r}; valid: {sorted(features)}")
-        if text_key not in texts:
-            feature = features[text_key]
-            try:
-                kind = f"{type(feature).__name__} of {np.dtype(feature.np_dtype)} with shape {feature.shape}"
-            except (AttributeError, TypeError):
-                kind = type(feature).__name__
+        if not _holds_text(features[text_key]):
+            texts = sorted(key for key in features if _holds_text(features[key]))
+            feature, shape_dtype = features[text_key], _feature_kind(features[text_key])
+            kind = type(feature).__name__ + (f" of {shape_dtype[1]} with shape {shape_dtype[0]}" if shape_dtype else "")
             raise ValueError(f"TFDS dataset {name!r}: feature {text_key!r} is not text ({kind}); set data.text_key "
                              f"to a text feature (valid: {texts})")
         self._text_key = text_key

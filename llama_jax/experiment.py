@@ -118,9 +118,9 @@ def _read_config_file(path: Path) -> ml_collections.ConfigDict:
     if missing:
         raise ValueError(f"{path}: the config has no {', '.join(missing)} section(s); start from "
                          "llama_jax.experiment.base_config() (or pass a run's config.json)")
-    not_sections = [name for name in base.keys() if not isinstance(config[name], (ml_collections.ConfigDict, dict))]
-    if not_sections:
-        name = not_sections[0]
+    name = next((name for name in base.keys() if not isinstance(config[name], (ml_collections.ConfigDict, dict))),
+                None)
+    if name is not None:
         raise ValueError(f"{path}: config.{name} is {config[name]!r}, not a section of keys; start from "
                          "llama_jax.experiment.base_config() and set its keys")
     _check_known_keys(path, config, base)  # no release has dropped a key, so a run's config.json is checked too

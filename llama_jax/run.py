@@ -147,7 +147,8 @@ def _check_nothing_lost(info: dict, config, model: LLaMAConfig, where: str, held
                        f"{model.param_dtype}: the run's master weights would be cast; resume with "
                        f"param_dtype={was_dtype} or use another --workdir")
     saved, c = info["config"].get("checkpoint", {}), config.checkpoint
-    if c.max_to_keep is None or held[-1] >= config.train.steps:  # no retention, or no step left to save
+    start, steps = held[-1], config.train.steps
+    if c.max_to_keep is None or start >= steps:  # no retention, or no step left to save
         return
     kept, keep = saved.get("keep_every") or 0, c.keep_every or 0
     if kept and (not keep or kept % keep):  # a divisor of the old period keeps every step it kept
@@ -155,8 +156,7 @@ def _check_nothing_lost(info: dict, config, model: LLaMAConfig, where: str, held
                        f"multiples of {kept} for good; resuming with keep_every={keep} would let the retention delete "
                        f"them. Resume with keep_every={kept} (or a divisor of it), or move the checkpoints to keep "
                        f"out of checkpoints/ first")
-    start, steps, every = held[-1], config.train.steps, c.every
-    saves = steps // every - start // every + (steps % every != 0)  # the due steps and the last one
+    saves = steps // c.every - start // c.every + (steps % c.every != 0)  # the due steps and the last one
     lost = retention_deletes(held, c.max_to_keep, keep, saves)
     if "max_to_keep" in saved and saved["max_to_keep"] is None and lost:
         raise RunError(f"{where}: the run kept every checkpoint (checkpoint.max_to_keep=None); resuming with "
