@@ -41,9 +41,10 @@ def summary_lines(result, workdir: Path, baseline: float | None) -> list[str]:
     if trained:
         train_loss = sum(r["loss"] for r in trained) / len(trained)
         last = trained[-1]
+        timed = next((r for r in reversed(trained) if "tokens_per_second" in r), None)  # the first step has none
+        speed = f"{timed['tokens_per_second']:,.0f} tokens/s, MFU {timed['mfu']:.1%}, " if timed else ""
         lines.append(f"train loss {train_loss:.3f} nats/token (mean of the last {len(trained)} logged steps); "
-                     f"{last['tokens_per_second']:,.0f} tokens/s, MFU {last['mfu']:.1%}, "
-                     f"epoch {last.get('epoch', 0):.2f}")
+                     f"{speed}epoch {last.get('epoch', 0):.2f}")
     ev = result.eval
     if ev is not None:
         gap = f", {ev['eval_loss'] - train_loss:+.3f} from train" if trained else ""

@@ -750,28 +750,34 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 fetched = jax.device_get(step_metrics)
                 values = {k: float(v) for k, v in fetched.items() if not k.startswith("source_")}
                 values.update(per_source_nll(trainer.sources, fetched))
-                per_device = window_tokens / (time.perf_counter() - window_start) / trainer.mesh.size
-                values.update(tokens_per_second=per_device * trainer.mesh.size,
-                              tflops_per_device=metrics_lib.tflops_per_device(per_device, cfg, t.seq_len),
-                              mfu=metrics_lib.mfu(per_device, cfg, t.seq_len, peak))
+                if step > start + 1:  # (the process's first step includes compiling it: no figure)
+                    per_device = window_tokens / (time.perf_counter() - window_start) / trainer.mesh.size
+                    values.update(tokens_per_second=per_device * trainer.mesh.size,
+                                  tflops_per_device=metrics_lib.tflops_per_device(per_device, cfg, t.seq_len),
+                                  mfu=metrics_lib.mfu(per_device, cfg, t.seq_len, peak))
                 if data.train is not None:  # epochs and tokens of the data consumed so far
                     values.update(data.train.progress(step))
                 record.update(values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_second']:,.0f}",
-                                mfu=f"{values['mfu']:.1%}")
+                bar.set_postfix(loss=f"{values['loss']:.3f}", **_speed_postfix(values))
                 window_start, window_tokens = time.perf_counter(), 0
-            if evaluates and t.eval_every and step % t.eval_every == 0:
-                eval_metrics, evaluated_at = evaluate(config, trainer, state.params, data), step
-                record.update(eval_metrics)
-            if samples and t.sample_every and step % t.sample_every == 0:
-                text, sampled_at = sample(config, trainer, state.params, data.tokenizer, seed=step), step
-                bar.write(f"step {step} sample: {t.sample_prompt}{text}")
+            evaluating = evaluates and t.eval_every and step % t.eval_every == 0
+            sampling = samples and t.sample_every and step % t.sample_every == 0
+            if evaluating or sampling:  # held-out work: its time is left out of the training throughput
+                jax.block_until_ready(state.params)  # (the steps dispatched so far are training's)
+                paused = time.perf_counter()
+                if evaluating:
+                    eval_metrics, evaluated_at = evaluate(config, trainer, state.params, data), step
+                    record.update(eval_metrics)
+                if sampling:
+                    text, sampled_at = sample(config, trainer, state.params, data.tokenizer, seed=step), step
+                    bar.write(f"step {step} sample: {t.sample_prompt}{text}")
+                window_start += time.perf_counter() - paused
             if record:
                 writer.write(step, record)
                 logged.append({"step": step, **record})
                 if progress and main_process and bar.disable and step != t.steps:  # no terminal: a log line
                     print(log_line(step, record), flush=True)  # (the command's closing line tells the last)
-            if step == start + 1 and not record:  # leave compilation out of the throughput figures
+            if step == start + 1:  # leave compilation out of the throughput figures
                 jax.block_until_ready(state.step)
                 window_start, window_tokens = time.perf_counter(), 0
             if record or checkpoints.due(step):
@@ -837,10 +843,19 @@ def log_line(step: int, record: dict) -> str:
     log, a sweep trial's train.log)."""
     parts = []
     if "loss" in record:
-        parts.append(f"loss {record['loss']:.4f}, {record['tokens_per_second']:,.0f} tokens/s, MFU {record['mfu']:.1%}")
+        speed = (f", {record['tokens_per_second']:,.0f} tokens/s, MFU {record['mfu']:.1%}"
+                 if "tokens_per_second" in record else "")
+        parts.append(f"loss {record['loss']:.4f}{speed}")
     if "eval_loss" in record:
         parts.append(f"held-out loss {record['eval_loss']:.4f}")
     return f"step {step}: {'; '.join(parts)}"
+
+
+def _speed_postfix(values: dict) -> dict[str, str]:
+    """The progress bar's throughput fields, for a logged step that has them."""
+    if "tokens_per_second" not in values:
+        return {}
+    return {"tok_s": f"{values['tokens_per_second']:,.0f}", "mfu": f"{values['mfu']:.1%}"}
 
 
 def _check_finite(state: TrainState, skipped_seen: int, step: int, on_nonfinite: str, checkpoints, bar) -> int:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+import types
 from pathlib import Path
 
 import jax
@@ -153,6 +155,33 @@ def test_the_loop_runs_at_most_steps_ahead_of_the_computation(tmp_path, tokenize
     assert main(train_args(tmp_path / "run", run_overrides(tokenizer_path, "train.steps=24", "train.log_every=24",
                                                            "checkpoint.every=24"))) == 0
     assert len(dispatched) == 24 and not any(late), late
+
+
+def test_throughput_counts_training_only(tmp_path, tokenizer_path, monkeypatch, capsys):
+    """A logged step's tokens/s and MFU cover its window's training steps: the process's first step
+    (which compiles) gets no figure, and evaluating or sampling within a window is left out (here the
+    run's clock jumps 1,000 s during each: charged to a window of 512 tokens, that would be 0.5 tokens/s)."""
+    jump = [0.0]
+    monkeypatch.setattr(run_lib, "time", types.SimpleNamespace(
+        perf_counter=lambda: time.perf_counter() + jump[0], monotonic=time.monotonic, sleep=time.sleep))
+
+    def taking_1000_s(work):
+        def timed(*args, **kwargs):
+            out = work(*args, **kwargs)
+            jump[0] += 1000.0
+            return out
+        return timed
+
+    monkeypatch.setattr(run_lib, "evaluate", taking_1000_s(run_lib.evaluate))
+    monkeypatch.setattr(run_lib, "sample", taking_1000_s(run_lib.sample))
+    overrides = run_overrides(tokenizer_path, "train.steps=6", "train.eval_every=2", "train.eval_batches=1",
+                              "train.sample_every=3", "train.sample_tokens=4", "checkpoint.every=6")
+    assert main(train_args(tmp_path / "run", overrides)) == 0
+    trained = [r for r in metrics_lib.read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3, 4, 5, 6]
+    assert not {"tokens_per_second", "tflops_per_device", "mfu"} & set(trained[0])
+    assert all(r["tokens_per_second"] > 100 and r["mfu"] > 0 for r in trained[1:]), trained
+    assert re.search(r"^step 1: loss \d+\.\d{4}$", capsys.readouterr().out, re.M)
 
 
 def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer_path, straight_run, monkeypatch,
