@@ -1147,6 +1147,12 @@ def _is_os_error(error: BaseException, code: int) -> bool:
     return (isinstance(error, OSError) and error.errno == code) or os.strerror(code) in str(error)
 
 
+# Commands whose product is what they print: a reader that stops reading (`| head`) only ends them early.
+# Any other stopped by it exits with the status of a process killed by SIGPIPE, so that a script
+# sees it did not finish (a training run would otherwise end silently at its last checkpoint).
+PRINTING_COMMANDS = ("presets", "generate", "data", "plan")
+
+
 def _stdout_reader_gone() -> bool:
     """Whether stdout is a pipe whose reader has closed it (another broken pipe is an error)."""
     import select
@@ -1267,10 +1273,16 @@ def _run(argv: list[str] | None) -> int:
             _check_not_empty(args)
             args.func(args)
     except (UserError, ValueError, OSError, RuntimeError) as e:  # OSError: paths that cannot be read or written
-        if isinstance(e, BrokenPipeError) and _stdout_reader_gone():  # piped into `| head`: not an error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
-            return 0
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data inspect"
+        if isinstance(e, BrokenPipeError) and _stdout_reader_gone():  # piped into `| head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+            if args.command in PRINTING_COMMANDS:  # what it prints is all it makes: not an error
+                return 0
+            with contextlib.suppress(OSError):  # (stderr may go to the same pipe)
+                print(f"llama-jax {command}: error: its standard output was closed (the program reading it "
+                      "exited), so it stopped there; redirect the output to a file to let it finish",
+                      file=sys.stderr)
+            return 128 + signal.SIGPIPE
         if _is_xla_runtime_error(e):
             print(f"llama-jax {command}: error: {_xla_error_text(e, args)}", file=sys.stderr)
             return 1

@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -595,7 +596,7 @@ def _closed_pipe():
     return os.fdopen(write, "w", buffering=1)
 
 
-def test_a_broken_pipe_is_success_only_when_it_is_stdout(monkeypatch, tmp_path, capsys):
+def test_a_broken_pipe_is_success_only_for_a_command_that_only_prints(monkeypatch, tmp_path, capsys):
     from llama_jax import cli
 
     # `llama-jax presets | head -1`: the reader stopped early, which is not an error
@@ -603,6 +604,16 @@ def test_a_broken_pipe_is_success_only_when_it_is_stdout(monkeypatch, tmp_path, 
         monkeypatch.setattr(sys, "stdout", stdout)
         assert cli.main(["presets"]) == 0
     monkeypatch.undo()
+
+    # `llama-jax train ... | head -2`: the run stops unfinished, which a script must see
+    with _closed_pipe() as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        run = NEW_RUN.format(tiny=ROOT / "configs" / "tiny.py").replace("new", str(tmp_path / "run"))
+        assert cli.main([*run.split(), "--config.train.log_every=1"]) == 128 + signal.SIGPIPE
+    monkeypatch.undo()
+    assert capsys.readouterr().err == ("llama-jax train: error: its standard output was closed (the program reading "
+                                       "it exited), so it stopped there; redirect the output to a file to let it "
+                                       "finish\n")
 
     # a pipe of the command's own breaking (a helper process that could not start), while stdout
     # is a pipe still read, is an error
