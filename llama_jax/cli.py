@@ -283,7 +283,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest safetensors file for --to hf (default 5GB)")
     p.add_argument("--rope-scaling-factor", type=finite_float, default=None,
                    help="LLaMA-3 rope scaling factor for Meta checkpoints with use_scaled_rope "
-                        "(default: params.json's rope_scaling_factor, else 8; LLaMA-3.2 1B/3B use 32)")
+                        "(default: the factor a conversion to meta recorded in llama_jax.json, or in params.json "
+                        "in earlier versions, else 8; LLaMA-3.2 1B/3B use 32)")
 
 
 def _check_overrides_used(overrides: list[str], sections: tuple[str, ...], command: str, why: str) -> None:

@@ -198,26 +198,46 @@ def tiny_state(cfg: LLaMAConfig, dtype=np.float16) -> dict[str, np.ndarray]:
     return {s.hf_name: np.zeros(s.hf_shape, dtype) for s in tensor_specs(cfg)}
 
 
+def save_tiny_meta_dir(directory, vocab: int, extra: dict) -> None:
+    """A one-layer Meta checkpoint with `vocab` in params.json (-1: 32000 rows, as LLaMA-1/2 write it)."""
+    cfg = LLaMAConfig(vocab_size=32000 if vocab == -1 else vocab, dim=16, n_layers=1, n_heads=2, ffn_dim=48)
+    hf = dict(num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    save_shards(directory, meta_shards(tiny_state(cfg), hf, 1, 0),
+                dict(dim=16, n_layers=1, n_heads=2, multiple_of=16, vocab_size=vocab, **extra), torch.float16)
+
+
 @pytest.mark.parametrize("vocab,extra,expected", [
     (128256, dict(use_scaled_rope=True), 131072),  # LLaMA-3.1
     (128256, dict(), 8192),  # LLaMA-3
+    (128256, dict(rope_theta=1e6), 8192),  # a LLaMA-3 vocabulary is not Code Llama's
     (-1, dict(norm_eps=1e-6), 2048),  # LLaMA-1
     (-1, dict(norm_eps=1e-5), 4096),  # LLaMA-2
+    (32016, dict(norm_eps=1e-5, rope_theta=1000000), 16384),  # Code Llama 7B-34B (an integer theta in its file)
+    (32000, dict(norm_eps=1e-5, rope_theta=1e6), 16384),  # Code Llama 70B
     (128256, dict(max_seq_len=1000), 1000),
 ])
 def test_max_seq_len_guess(tmp_path, vocab, extra, expected):
-    cfg = LLaMAConfig(vocab_size=32000 if vocab == -1 else vocab, dim=16, n_layers=1, n_heads=2, ffn_dim=48)
-    hf = dict(num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
-    save_shards(tmp_path, meta_shards(tiny_state(cfg), hf, 1, 0),
-                dict(dim=16, n_layers=1, n_heads=2, multiple_of=16, vocab_size=vocab, **extra), torch.float16)
+    save_tiny_meta_dir(tmp_path, vocab, extra)
     source = read_meta(tmp_path)
     assert source.config.max_seq_len == expected and source.dtype == "float16"
 
 
-@pytest.mark.parametrize("in_params,argument,expected", [(None, None, 8.0), (32.0, None, 32.0), (32.0, 16.0, 16.0)])
-def test_rope_scaling_factor_precedence(tmp_path, in_params, argument, expected):
-    extra = {} if in_params is None else {"rope_scaling_factor": in_params}
-    source = read_meta(make_meta_dir(tmp_path, "llama3", 1, extra), rope_scaling_factor=argument)
+def test_max_seq_len_in_llama_jax_json_overrides_the_guess(tmp_path):
+    """The way to give a checkpoint Meta released without its context length another one."""
+    save_tiny_meta_dir(tmp_path, 32016, dict(rope_theta=1e6))
+    (tmp_path / "llama_jax.json").write_text('{"max_seq_len": 100000}')
+    assert read_meta(tmp_path).config.max_seq_len == 100000
+
+
+@pytest.mark.parametrize("recorded,argument,expected", [(None, None, 8.0), (32.0, None, 32.0), (32.0, 16.0, 16.0)])
+@pytest.mark.parametrize("where", ["llama_jax.json", "params.json"])  # params.json: earlier releases wrote it there
+def test_rope_scaling_factor_precedence(tmp_path, recorded, argument, expected, where):
+    """As `convert --help` says: the option, else the factor a conversion recorded, else 8."""
+    setting = {} if recorded is None else {"rope_scaling_factor": recorded}
+    make_meta_dir(tmp_path, "llama3", 1, setting if where == "params.json" else None)
+    if where == "llama_jax.json":
+        (tmp_path / where).write_text(json.dumps(setting))
+    source = read_meta(tmp_path, rope_scaling_factor=argument)
     assert source.config.rope_scaling == RopeScaling("llama3", expected, 1.0, 4.0, 8192)
     assert source.config.rope_theta == 500000.0
 
@@ -250,15 +270,25 @@ def test_write_read_round_trip_is_bit_exact(tmp_path, case, n_shards, dtype):
         [f"consolidated.{i:02d}.pth" for i in range(n_shards)] + ["llama_jax.json", "params.json"]
     # Meta's loaders call ModelArgs(max_seq_len=..., max_batch_size=..., **params): any other key is refused.
     # LLaMA-2's ModelArgs, and the fields later releases added where their files carry them:
-    allowed = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-               "norm_eps"} | ({"rope_theta"} if cfg.rope_theta != 10000 else set()) | \
-        ({"use_scaled_rope"} if cfg.rope_scaling else set())
+    allowed = {"dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps"} | \
+        ({"n_kv_heads"} if cfg.n_kv_heads != cfg.n_heads else set()) | \
+        ({"rope_theta"} if cfg.rope_theta != 10000 else set()) | ({"use_scaled_rope"} if cfg.rope_scaling else set())
     assert set(json.loads((tmp_path / "out" / "params.json").read_text())) <= allowed
     source = read_meta(tmp_path / "out")
     assert source.config == cfg and source.dtype == dtype
     for spec in tensor_specs(cfg):
         a, b = source.load(spec.hf_name), load(spec.hf_name)
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), spec.hf_name
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_params_json_has_n_kv_heads_only_for_fewer_kv_heads(tmp_path, n_kv_heads):
+    """As Meta's files: LLaMA-1/2 7B-13B have no n_kv_heads (LLaMA-1's ModelArgs refuses it), 70B and LLaMA-3 do."""
+    cfg = LLaMAConfig(vocab_size=8, dim=64, n_layers=1, n_heads=4, n_kv_heads=n_kv_heads, ffn_dim=192)
+    write_meta(tmp_path, cfg, tiny_state(cfg).__getitem__)
+    params = json.loads((tmp_path / "params.json").read_text())
+    assert params.get("n_kv_heads") == (None if n_kv_heads == 4 else n_kv_heads)
+    assert read_meta(tmp_path).config == cfg
 
 
 @pytest.mark.parametrize("content, message", [
@@ -451,6 +481,44 @@ def test_whole_tensors_that_differ_between_shards(tmp_path):
                                               r"the same in every shard \(it is not split\) but differs from "
                                               r"consolidated\.00\.pth's"):
         source.load("model.layers.0.input_layernorm.weight")
+
+
+def test_shards_of_different_dtypes_are_read_as_float32_exactly(tmp_path):
+    """Shard 00 in bfloat16 beside shard 01 in float32: written in the first shard's dtype, shard
+    01's values would be rounded. Shard 00 holds the first half of each split tensor (in HF layout
+    too: the rotary reordering stays within a head) and the whole of the replicated ones."""
+    from llama_jax.convert.source import numpy_dtype
+
+    hf_config, _, state = reference("llama2")
+    embed_axis = CASES["llama2"][3]
+    expected = {}
+    for name, w in state.items():
+        kind = meta_name(name).split(".")[-2]
+        axis = embed_axis if kind == "tok_embeddings" else SPLIT_AXIS.get(kind)
+        in_shard_00 = [slice(None)] * w.ndim
+        if axis is not None:
+            in_shard_00[axis] = slice(0, w.shape[axis] // 2)
+        w = w.copy()
+        w[tuple(in_shard_00)] = w[tuple(in_shard_00)].astype(ml_dtypes.bfloat16).astype(np.float32)
+        expected[name] = w
+    save_shards(tmp_path, meta_shards(expected, hf_config, 2, embed_axis), meta_params("llama2"))
+    rewrite_shard(tmp_path / "consolidated.00.pth", lambda s: s.update({k: v.bfloat16() for k, v in s.items()}))
+    source = read_meta(tmp_path)
+    assert source.dtype == "float32"
+    bf16_rounded = 0
+    for name, w in expected.items():
+        np.testing.assert_array_equal(source.load(name).astype(numpy_dtype(source.dtype)), w, err_msg=name)
+        bf16_rounded += np.sum(w.astype(ml_dtypes.bfloat16).astype(np.float32) != w)
+    assert bf16_rounded > 1000  # shard 01 holds values bfloat16 would have changed
+
+
+def test_a_dtype_no_output_has_is_named_with_its_shard(tmp_path):
+    make_meta_dir(tmp_path, "llama2", 2)
+    rewrite_shard(tmp_path / "consolidated.01.pth", lambda s: s.update({k: v.double() for k, v in s.items()}))
+    with pytest.raises(ConversionError) as error:
+        read_meta(tmp_path)
+    assert str(error.value) == (f"{tmp_path / 'consolidated.01.pth'}: the weights are stored as float64; "
+                                f"valid: float32, bfloat16, float16")
 
 
 def test_mixed_dtypes_are_read_as_float32(tmp_path):

@@ -16,21 +16,23 @@ i + Dh/2). Converting reorders the rows of wq and wk within each head; nothing e
 - `use_scaled_rope: true` means LLaMA-3.1 scaling with low/high frequency factors 1/4 and an
   original context of 8192; the factor (8 for 3.1, 32 for 3.2) is not in Meta's files, so it
   comes from the caller, else a `rope_scaling_factor` setting (written by `write_meta`), else 8.
-- `max_seq_len`, unless `write_meta` recorded it, is guessed from the release's fingerprint: a
-  128K vocabulary means LLaMA-3 (131072 with scaled rope, else 8192); norm_eps 1e-6 means
-  LLaMA-1 (2048); anything else is taken as LLaMA-2 (4096). Code Llama (16384) is guessed
-  wrong; pass the length on.
+- `max_seq_len`, unless `llama_jax.json` records it (or a params.json written by an earlier
+  release of `write_meta`), is guessed from the release's fingerprint: a 128K vocabulary means
+  LLaMA-3 (131072 with scaled rope, else 8192); a smaller one with rope_theta 1e6 means Code
+  Llama (16384, as transformers' converter takes it); norm_eps 1e-6 means LLaMA-1 (2048);
+  anything else is taken as LLaMA-2 (4096). To set another length, write
+  `{"max_seq_len": N}` to `llama_jax.json` beside params.json.
 - tied embeddings: recorded by `write_meta` (below); otherwise a checkpoint without
   `output.weight` is read as tied.
 
 `write_meta` writes params.json with the keys Meta's releases use, each only where Meta's files
-have it (`rope_theta` when not 10000, `use_scaled_rope` when true), since Meta's loaders take its
-keys as `ModelArgs` fields and refuse any other; the rope scaling factor and `max_seq_len`, which
-those loaders take from elsewhere, go to `llama_jax.json` beside it, so that reading back gives an
-equal config (params.json files of earlier releases, which held them, still read). Meta's files
-always have an `output.weight`: a tied model is written with its embedding there as well and
-`tie_embeddings` in `llama_jax.json`; a checkpoint without `output.weight` (as earlier releases
-wrote tied models) is read as tied too.
+have it (`n_kv_heads` when not n_heads, `rope_theta` when not 10000, `use_scaled_rope` when
+true), since Meta's loaders take its keys as `ModelArgs` fields and refuse any other; the rope
+scaling factor and `max_seq_len`, which those loaders take from elsewhere, go to `llama_jax.json`
+beside it, so that reading back gives an equal config (params.json files of earlier releases,
+which held them, still read). Meta's files always have an `output.weight`: a tied model is
+written with its embedding there as well and `tie_embeddings` in `llama_jax.json`; a checkpoint
+without `output.weight` (as earlier releases wrote tied models) is read as tied too.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ _META_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_positi
 _DEFAULT_ROPE_FACTOR = 8.0
 _DTYPES = ("float32", "bfloat16", "float16")
 _VOCAB_SPLIT_FROM = 128000  # LLaMA-3's 128K vocabulary: embedding split on the vocab, not the model dim
+_CODE_LLAMA_THETA = 1e6  # with a LLaMA-2-sized vocabulary: Code Llama, trained to a 16384 context
 
 # (Hugging Face name, or suffix after "model.layers.N."; Meta name or suffix after "layers.N.";
 #  model-parallel split axis of the [out, in] weight, None: replicated on every shard)
@@ -233,9 +236,12 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
             w = np.concatenate([tensor_to_numpy(ps[i]) for i in keep], axis=t.axis)
         return _meta_to_hf_rotary(w, t.rotary_heads) if t.rotary_heads and hf_rotary else w
 
-    dtype = stored_dtype(str(shards[0][t.name].dtype).removeprefix("torch.") for t in tensors.values())
+    # Every shard's dtypes: shards that differ (one bfloat16, one float32) are a mix, kept exactly as float32.
+    found = [{str(shard[t.name].dtype).removeprefix("torch.") for t in tensors.values()} for shard in shards]
+    dtype = stored_dtype(set().union(*found))
     if dtype not in _DTYPES:
-        raise ConversionError(f"{paths[0]}: the weights are stored as {dtype}; valid: {', '.join(_DTYPES)}")
+        path = next(p for p, dtypes in zip(paths, found) if dtype in dtypes)
+        raise ConversionError(f"{path}: the weights are stored as {dtype}; valid: {', '.join(_DTYPES)}")
     return Source(config=cfg, load=load, dtype=dtype, files_dir=src_dir, close=shards.clear)
 
 
@@ -368,15 +374,17 @@ def _config(params: dict, path: Path, settings: dict, vocab: int, ffn_rows: int,
         except (ValueError, TypeError):
             raise ConversionError(f"--rope-scaling-factor must be a positive number, got {factor!r}") from None
     norm_eps = setting("norm_eps", "number", 1e-5)
+    rope_theta = float(setting("rope_theta", "number", 10000.0))
     if "max_seq_len" in params or "max_seq_len" in settings:
         max_seq_len = setting("max_seq_len", "count")
     elif vocab >= _VOCAB_SPLIT_FROM:
         max_seq_len = 131072 if scaled else 8192  # LLaMA-3.1+ / LLaMA-3
+    elif rope_theta == _CODE_LLAMA_THETA:
+        max_seq_len = 16384  # Code Llama: LLaMA-2's vocabulary (32016; 32000 for 70B) with theta 1e6
     else:
         max_seq_len = 2048 if norm_eps == 1e-6 else 4096  # LLaMA-1 / LLaMA-2
     n_heads, n_layers = setting("n_heads", "count"), setting("n_layers", "count")
     n_kv_heads = setting("n_kv_heads", "count", nullable=True) or n_heads
-    rope_theta = float(setting("rope_theta", "number", 10000.0))
     try:
         return LLaMAConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                            ffn_dim=ffn_dim, norm_eps=norm_eps, rope_theta=rope_theta, rope_scaling=rope_scaling,
@@ -471,8 +479,10 @@ def _params_json(cfg: LLaMAConfig) -> dict:
                               "only has llama3 scaling with low_freq_factor=1, high_freq_factor=4, "
                               "original_max_position_embeddings=8192")
     multiple_of, multiplier = _ffn_params(cfg.dim, cfg.ffn_dim)
-    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-              "vocab_size": cfg.vocab_size, "multiple_of": multiple_of}
+    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads}
+    if cfg.n_kv_heads != cfg.n_heads:  # LLaMA-2 70B and later; LLaMA-1's ModelArgs has no such field
+        params["n_kv_heads"] = cfg.n_kv_heads
+    params.update(vocab_size=cfg.vocab_size, multiple_of=multiple_of)
     if multiplier is not None:
         params["ffn_dim_multiplier"] = multiplier
     params["norm_eps"] = cfg.norm_eps
