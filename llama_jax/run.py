@@ -22,6 +22,7 @@ import fnmatch
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -336,7 +337,11 @@ def set_aside_after(workdir: Path, step: int) -> list[Path]:
     return moved
 
 
-RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE, DATA_DIR)
+# The tokenizer and generation files of the model a fine-tune started from (its end-of-sequence ids,
+# Hugging Face tokenizer settings), which `export` writes with the run's parameters.
+MODEL_TOKENIZER_DIR = "tokenizer_files"
+RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE, DATA_DIR,
+             MODEL_TOKENIZER_DIR)
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
 
@@ -449,7 +454,33 @@ def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, 
     check_destination(dst, MODEL_DIR, overwrite, [workdir])  # before reading gigabytes
     step, info, model, params = read_checkpoint_params(workdir, step)
     tokenizer = run_tokenizer(workdir, info)
+    kept = workdir / MODEL_TOKENIZER_DIR
+    if tokenizer is not None and (kept / "tokenizer.model").is_file() and (
+            sha256_file(kept / "tokenizer.model") == sha256_file(tokenizer)):
+        tokenizer = kept  # with the generation and tokenizer settings of the model it was fine-tuned from
     return save_model(dst, model, params, tokenizer=tokenizer, overwrite=overwrite), step, model
+
+
+def keep_model_tokenizer_files(model_dir: str, workdir: Path, tokenizer_file: Path | None) -> None:
+    """Copy into WORKDIR/tokenizer_files the tokenizer and generation files of the model a run starts
+    from, when the run trains with that model's tokenizer.model and the model has more of them
+    (generation_config.json, tokenizer.json, ...): `export` writes them with the run's parameters,
+    so a fine-tune exported and converted keeps, e.g., the end-of-sequence ids of an instruct model."""
+    from llama_jax.model_dir import TOKENIZER_FILES, copy_tokenizer_files
+
+    source, kept = Path(model_dir), workdir / MODEL_TOKENIZER_DIR
+    more = [n for n in TOKENIZER_FILES if n != RUN_TOKENIZER and (source / n).is_file()]
+    if kept.exists() or tokenizer_file is None or not more or not (source / RUN_TOKENIZER).is_file():
+        return
+    partial = kept.with_name(kept.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir()
+        copy_tokenizer_files(source, partial)
+        os.replace(partial, kept)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def checkpoint_step(workdir: Path, step: int | None = None) -> int:
@@ -711,6 +742,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if start < t.steps:
                 write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         tokenizer_sha256 = data.adopt(workdir)
+        if main_process and config.checkpoint.init_from and not other_tokenizer and start == 0:
+            keep_model_tokenizer_files(config.checkpoint.init_from, workdir, data.tokenizer_file)
     except BaseException:
         data.discard()
         raise

@@ -785,6 +785,8 @@ def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenize
     hf_in, run_dir = tmp_path / "hf-in", tmp_path / "run"
     make_hf_model(hf_config_dict("gqa_llama3", vocab_size=512)).save_pretrained(hf_in)
     shutil.copyfile(tokenizer_path, hf_in / "tokenizer.model")
+    (hf_in / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 5]}))
+    (hf_in / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096, "add_bos_token": True}))
     corpus, data = EmbeddedCorpus(), tmp_path / "it's data"  # the pattern goes into a Python literal as it is
     data.mkdir()
     (data / "docs.jsonl").write_text("".join(json.dumps({"text": corpus[i]}) + "\n" for i in range(20)))
@@ -806,6 +808,11 @@ def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenize
     ours = np.asarray(LLaMA(cfg.replace(dtype="float32")).apply({"params": params}, tokens))
     np.testing.assert_allclose(after.numpy(), ours, atol=1e-4)
     assert np.abs(after.numpy() - before).max() > 1e-2  # the fine-tuning changed the model
+    # the model's own end-of-sequence ids and tokenizer settings come back with it
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        assert json.loads((run_dir / "final" / name).read_text()) == json.loads((hf_in / name).read_text()), name
+    assert json.loads((run_dir / "hf" / "generation_config.json").read_text())["eos_token_id"] == [2, 5]
+    assert json.loads((run_dir / "hf" / "config.json").read_text())["eos_token_id"] == [2, 5]
 
 
 def test_export_of_an_unscanned_run(tmp_path):
