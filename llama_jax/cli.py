@@ -135,10 +135,10 @@ def cmd_presets(args) -> None:
               f"{c.ffn_dim:>6} {c.vocab_size:>7} {c.max_seq_len:>7}  {rope}{', tied' if c.tie_embeddings else ''}")
 
 
-def cmd_demo(args) -> None:
+def cmd_demo(args) -> int:
     from llama_jax.demo import run_demo
 
-    run_demo(args.workdir, args.overrides)
+    return run_demo(args.workdir, args.overrides)
 
 
 def cmd_generate(args) -> None:
@@ -1272,7 +1272,7 @@ def _run(argv: list[str] | None) -> int:
     try:
         with _sigterm_unwinds():
             _check_not_empty(args)
-            args.func(args)
+            status = args.func(args)  # None, or the exit status of a step that reported its own failure
     except (UserError, ValueError, OSError, RuntimeError) as e:  # OSError: paths that cannot be read or written
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data inspect"
         if isinstance(e, BrokenPipeError) and _stdout_reader_gone():  # piped into `| head`
@@ -1297,7 +1297,7 @@ def _run(argv: list[str] | None) -> int:
     except Terminated:
         print(f"llama-jax {args.command}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def export(workdir: Path) -> tuple[Path, Path]:
     return model_dir, hf_dir
 
 
-def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
+def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
+    """The demo; returns its exit status (that of the closing `generate`, which reports its own errors)."""
     from llama_jax.experiment import apply_overrides, check_experiment
 
     config = apply_overrides(get_config(), overrides)
@@ -97,7 +98,7 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
     result = train_and_evaluate(config, workdir)
     if result.preempted:  # (the run said how to resume: the same command)
         print(f"stopped at step {result.final_step} of {config.train.steps}")
-        return
+        return 0
     print()
     baseline = unigram_baseline(result, config) if result.eval is not None else None
     print("\n".join(summary_lines(result, workdir, baseline)))
@@ -106,10 +107,16 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> None:
     model_dir, hf_dir = export(workdir)
     print(f"\nexported the final checkpoint: {model_dir} (llama_jax) and {hf_dir} (Hugging Face); in transformers:")
     print(f'    transformers.AutoModelForCausalLM.from_pretrained("{hf_dir}")')
-    print(f"greedy continuation, `llama-jax generate {model_dir} --prompt {PROMPT!r} --temperature 0`:")
-    cli(["generate", str(model_dir), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "64",
-         "--no-stream"])
+    # 64 tokens, fewer where the model's context has no room for them after the prompt
+    tokenizer = result.data.tokenizer
+    prompt = len(tokenizer.encode(PROMPT, bos=True, eos=False)) if tokenizer is not None else 1
+    new_tokens = max(1, min(64, config.model.max_seq_len - prompt))
+    command = f"llama-jax generate {model_dir} --prompt {PROMPT!r} --temperature 0"
+    print(f"greedy continuation, `{command}{'' if new_tokens == 64 else f' --max-new-tokens {new_tokens}'}`:")
+    status = cli(["generate", str(model_dir), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens",
+                  str(new_tokens), "--no-stream"])
     print(f"\nworkdir:     {workdir}")
     print(f"checkpoints: {workdir / 'checkpoints'}")
     print(f"metrics:     {workdir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {workdir})")
     print(f"loss plot:   {workdir / 'loss.png'}")
+    return status

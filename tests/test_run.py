@@ -550,6 +550,33 @@ def test_demo_runs_resumes_and_reports(tmp_path, capsys):
     assert held_line in capsys.readouterr().out.splitlines()
 
 
+def test_the_demo_fits_its_greedy_continuation_and_reports_its_failure(tmp_path, monkeypatch, capsys):
+    """A model whose context has no room for 64 new tokens after the prompt gets fewer (the demo
+    used to ask for 64 and, when generate refused, still exit 0); a failing generate fails the demo."""
+    from llama_jax import cli
+
+    args = ["demo", "--workdir", str(tmp_path / "demo"), "--config.data.source=embedded",
+            "--config.data.tokenizer_vocab_size=400", "--config.model.vocab_size=400", "--config.model.dim=32",
+            "--config.model.n_layers=1", "--config.model.ffn_dim=64", "--config.model.max_seq_len=32",
+            "--config.train.seq_len=16", "--config.train.batch_size=8", "--config.train.steps=2",
+            "--config.train.log_every=1", "--config.train.eval_every=2", "--config.train.eval_batches=1",
+            "--config.train.sample_every=0", "--config.train.sample_tokens=4", "--config.optimizer.warmup_steps=1",
+            "--config.checkpoint.every=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    asked = int(re.search(r"--temperature 0 --max-new-tokens (\d+)`:", out).group(1))
+    assert 1 <= asked < 64 and "llama-jax generate: error" not in out
+    greedy = out.split("`:\n", 1)[1].split("\n\nworkdir:", 1)[0]
+    assert greedy.startswith("def") and len(greedy) > len("def")
+
+    def refusing(args):
+        raise cli.UserError("the model cannot generate")
+
+    monkeypatch.setattr(cli, "cmd_generate", refusing)  # the finished demo again: it reports, exports, generates
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == "llama-jax generate: error: the model cannot generate"
+
+
 def test_the_steps_a_resume_deletes_are_those_up_to_its_resume_from(tmp_path, monkeypatch):
     """--resume-from moves the later checkpoints aside: the step directories the next save deletes,
     which must be writable, are counted among the steps up to it (step 2 here, not deleted by a
