@@ -173,6 +173,8 @@ def test_each_optimizer_minimises_a_quadratic(name):
     ({"min_lr_ratio": 1.5}, 100, "optimizer.min_lr_ratio", "[0, 1]"),
     ({"min_lr_ratio": -0.1}, 100, "optimizer.min_lr_ratio", "[0, 1]"),
     ({"schedule": "wsd", "decay_fraction": 0.95}, 1000, "optimizer.decay_fraction", "at most 0.9"),
+    ({"schedule": "wsd", "decay_fraction": 0.05, "warmup_steps": 0}, 10, "optimizer.decay_fraction",
+     "rounds to no decay step, so the rate would never decay; valid: 0 (none) or above 0.05"),
     ({"b2": 1.0}, 100, "optimizer.b2", "[0, 1)"),
     ({"b1": -0.1}, 100, "optimizer.b1", "[0, 1)"),
     ({"lr": float("nan")}, 100, "optimizer.lr", "got nan; valid: a number in [0, inf)"),
