@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -440,8 +441,6 @@ def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> 
     """UserError when --workdir is missing, a file or a model directory rather than a run's directory;
     `for_a_model`: what to do with a model directory instead. Without a --config (`config`), the
     run's own config.json must be intact as well."""
-    from pathlib import Path
-
     from llama_jax.safe_io import check_run_config
 
     workdir = Path(workdir)
@@ -463,7 +462,6 @@ LM_EVAL_RESULT_KEYS = ("results", "configs")  # ... of lm-eval
 
 def cmd_eval(args) -> None:
     import json
-    from pathlib import Path
 
     from llama_jax.evaluate import evaluate_held_out
     from llama_jax.experiment import check_train_section, load_config
@@ -505,7 +503,6 @@ def cmd_eval(args) -> None:
 
 def cmd_lm_eval(args) -> None:
     import json
-    from pathlib import Path
 
     from llama_jax.model_dir import LM_EVAL_FILE
     from llama_jax.safe_io import check_results_file, write_text_atomic
@@ -655,8 +652,6 @@ def _check_launched_config(command: list[str], launched: argparse.Namespace, bas
     them there; for `train`, every value as well, and the mesh and batch against the `n_devices`
     devices (`platform`) over `hosts` hosts the job will have; for `sweep`, that it runs on one host
     and fits its devices, its search and every trial's config."""
-    from pathlib import Path
-
     from llama_jax.experiment import check_experiment, load_config
     from llama_jax.launch import check_config_file, option_value
 
@@ -709,8 +704,6 @@ def _check_launched_sweep(launched, n_devices: int, hosts: int, platform: str) -
 
 
 def cmd_launch_tpu(args) -> None:
-    from pathlib import Path
-
     from llama_jax.launch import option_value, tpu
 
     command, launched = _launched_command(args)
@@ -739,8 +732,6 @@ def cmd_launch_tpu(args) -> None:
 
 
 def cmd_launch_slurm(args) -> None:
-    from pathlib import Path
-
     from llama_jax.launch import option_value, slurm
 
     command, launched = _launched_command(args)
@@ -763,7 +754,6 @@ def cmd_launch_slurm(args) -> None:
 
 def cmd_data_inspect(args) -> None:
     import tempfile
-    from pathlib import Path
 
     from llama_jax.data_inspect import coverage_lines, describe_step
     from llama_jax.experiment import check_train_section, load_config
@@ -800,8 +790,6 @@ def cmd_data_inspect(args) -> None:
 
 
 def cmd_prepare_data(args) -> None:
-    from pathlib import Path
-
     from llama_jax.prepare import DEFAULT_SHARD_TOKENS, prepare_with_stats, summary_lines, verify
     from llama_jax.safe_io import enclosing_run_or_model, holds_run
 
@@ -1172,7 +1160,11 @@ def _error_text(error: BaseException, args) -> str:
     (TensorStore) or report it as an internal error."""
     where = next((getattr(args, k) for k in ("dst", "output", "workdir") if getattr(args, k, None)), None)
     if _is_os_error(error, errno.ENOSPC):
-        text = "no space left on the device" + (f" holding {where}" if where else "") + "; free some space"
+        if where and _has_room(where):  # another device filled up: the file's, when the error names it
+            where = getattr(error, "filename", None)
+        text = (f"no space left on the device holding {where}" if where else
+                "no space left on a device the command writes to (standard output, TMPDIR or another file)")
+        text += "; free some space"
     elif _is_os_error(error, errno.EFBIG):
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         writing = f" while writing {where}" if where else ""
@@ -1185,6 +1177,16 @@ def _error_text(error: BaseException, args) -> str:
         return str(error)
     text += " and run the command again"
     return text + (f": {RESUMES}" if args.command in RUN_COMMANDS else "")
+
+
+def _has_room(path: str | os.PathLike) -> bool:
+    """Whether the device that holds (or would hold) `path` has 256 MiB or more free."""
+    existing = next((p for p in [Path(path).absolute(), *Path(path).absolute().parents] if p.exists()), None)
+    try:
+        stat = os.statvfs(existing)
+    except (OSError, TypeError):
+        return False
+    return stat.f_bavail * stat.f_frsize >= 256 * 2**20
 
 
 XLA_STATUSES = ("UNKNOWN: ", "INTERNAL: ", "UNAVAILABLE: ", "ABORTED: ", "DEADLINE_EXCEEDED: ")

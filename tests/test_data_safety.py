@@ -2,6 +2,7 @@
 line (and a run resumes from the intact step when asked), destinations never swallow their
 inputs, and a run keeps the tokenizer it started with."""
 
+import contextlib
 import json
 import os
 import re
@@ -594,6 +595,23 @@ def small_disk(tmp_path):
 
     yield path, grow
     subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_that_is_not_the_workdirs_is_not_blamed_on_it(small_disk, tmp_path):
+    """A full device elsewhere (here standard output's file) is not said to be the workdir's."""
+    disk, _ = small_disk
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as filler:
+        while True:
+            filler.write(bytes(64 << 10))
+    with open(disk / "train.log", "w") as log:
+        failed = subprocess.run([sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir",
+                                 str(tmp_path / "run"), "--config.train.steps=4", "--config.optimizer.warmup_steps=1",
+                                 "--config.train.log_every=1"],
+                                stdout=log, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert failed.returncode == 2 and failed.stderr.splitlines() == [
+        "llama-jax train: error: no space left on a device the command writes to (standard output, TMPDIR or "
+        "another file); free some space and run the command again: a run resumes from its last committed "
+        "checkpoint"], failed.stderr
 
 
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(small_disk, model_dir):
