@@ -196,7 +196,7 @@ class MetricsWriter:
             tb, self._tb = self._tb, None
             # tensorboardX closes by joining its writer thread, which waits forever on its queue if
             # a Ctrl-C landed inside add_scalar/flush; the event file may then miss its last scalars
-            closing = threading.Thread(target=tb.close, daemon=True)
+            closing = threading.Thread(target=_close_quietly, args=(tb,), daemon=True)
             closing.start()
             closing.join(TENSORBOARD_CLOSE_S)
 
@@ -205,6 +205,15 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close_quietly(tb) -> None:
+    """Close a tensorboardX writer; a write it cannot finish (a full disk) is left to the run's own
+    error line, not printed as a traceback from this thread (metrics.jsonl holds the same values)."""
+    try:
+        tb.close()
+    except OSError:
+        pass
 
 
 def end_cut_line(path: str | os.PathLike) -> None:

@@ -559,7 +559,7 @@ def read_only_dir(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True).returncode:
         pytest.skip("running as root without the right to mount a read-only tmpfs: no directory is unwritable")
     yield path
-    subprocess.run(["umount", str(path)], check=True)
+    subprocess.run(["umount", "--lazy", str(path)], check=True)  # (a file a failed write left open)
 
 
 def test_an_unwritable_destination_is_refused_before_any_work(read_only_dir, model_dir, pristine_run, capsys):
@@ -594,7 +594,29 @@ def small_disk(tmp_path):
         subprocess.run(["mount", "-o", "remount,size=64m", str(path)], check=True)
 
     yield path, grow
-    subprocess.run(["umount", str(path)], check=True)
+    subprocess.run(["umount", "--lazy", str(path)], check=True)  # (a file a failed write left open)
+
+
+def test_tensorboard_events_that_no_longer_fit_raise_no_traceback(small_disk, monkeypatch):
+    """Closing the metrics writer on a full disk: TensorBoard's pending events fail to write, in a
+    thread of its own, whose traceback used to print before the run's one error line."""
+    from llama_jax.metrics import MetricsWriter
+
+    disk, _ = small_disk
+    in_threads = []
+    monkeypatch.setattr(threading, "excepthook", in_threads.append)
+    writer, step = MetricsWriter(disk / "run"), 0
+    events = lambda: sum(f.stat().st_size for f in (disk / "run").glob("events.out.tfevents.*"))  # noqa: E731
+    while events() < 4096 - 40:  # (each record flushed) up to the end of the event file's first page
+        step += 1
+        writer.write(step, {"loss": 1.0})
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as filler:
+        while True:
+            filler.write(bytes(64 << 10))
+    for step in range(step + 1, step + 3):  # buffered: written, past the page, when the writer closes
+        writer._tb.add_scalar("loss", 1.0, step)
+    writer.close()
+    assert not in_threads, [hook.exc_value for hook in in_threads]
 
 
 def test_a_full_disk_that_is_not_the_workdirs_is_not_blamed_on_it(small_disk, tmp_path):
