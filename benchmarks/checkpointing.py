@@ -207,7 +207,7 @@ def throughput(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     for name, default in dict(dim=512, layers=8, heads=8, ffn=1408, vocab=8000, batch=8, seq_len=64,
                               steps=60, save_every=20, baseline_steps=30, repeats=3).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=default)

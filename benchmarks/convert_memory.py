@@ -9,19 +9,24 @@ measures in separate processes, one after another on the same files:
 and reports wall time as ratios to the read and to the copy, and peak RSS against the target
 1.3 x checkpoint size + 512 MiB. The page cache is dropped before every step when the benchmark
 may (root on Linux), so each step reads from disk; otherwise all reads are warm and it says so.
+Everything is written to a new directory inside `--workdir` (created if missing), removed at the
+end, also when a step fails; nothing else in `--workdir` is touched.
 
-    python benchmarks/convert_memory.py [--workdir /tmp/convert-bench] [--layers 12]
+    python benchmarks/convert_memory.py [--workdir /tmp/llama-jax-convert-bench] [--layers 12]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +73,18 @@ def make_checkpoint(path: Path, layers: int, dim: int, heads: int, kv_heads: int
     return total
 
 
+@contextlib.contextmanager
+def scratch_dir(parent: str) -> Iterator[Path]:
+    """A new directory inside `parent` (created if missing), removed with its contents on the way
+    out, also after an error. Only that directory: `parent` may hold the user's own files."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="convert-bench-", dir=parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def drop_page_cache() -> bool:
     try:
         os.sync()
@@ -97,21 +114,28 @@ READ_ALL = "import sys,pathlib\nfor p in sorted(pathlib.Path(sys.argv[1]).iterdi
 
 def main() -> None:
     ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/llama-jax-convert-bench")
+    ap.add_argument("--workdir", default="/tmp/llama-jax-convert-bench",
+                    help="the benchmark works in a new directory inside this one and removes only that")
     ap.add_argument("--layers", type=positive_int, default=12)
     ap.add_argument("--dim", type=positive_int, default=1536)
     ap.add_argument("--ffn", type=positive_int, default=4096)
     ap.add_argument("--vocab", type=positive_int, default=32000)
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.dim % 24:
+        ap.error(f"--dim {args.dim} is not a multiple of 24; the checkpoint has 12 heads of an even head dim")
 
-    if args.make_only:
+    if args.make_only:  # --workdir: the scratch directory the parent made
         make_checkpoint(Path(args.workdir) / "hf", args.layers, args.dim, 12, 4, args.ffn, args.vocab)
         return
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
+    with scratch_dir(args.workdir) as work:
+        benchmark(work)
+
+
+def benchmark(work: Path) -> None:
+    """Every step in `work`, an empty directory."""
     # Built in a child process: a fork of a parent holding the arrays would inflate children's peak RSS.
-    subprocess.run([sys.executable, __file__, "--make-only", *sys.argv[1:]], check=True)
+    subprocess.run([sys.executable, __file__, "--make-only", *sys.argv[1:], "--workdir", str(work)], check=True)
     size = json.loads((work / "hf" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     print(f"checkpoint: {size / MiB:,.0f} MiB float32 in {len(list((work / 'hf').glob('*.safetensors')))} shards")
     cli = [sys.executable, "-m", "llama_jax.cli", "convert"]
@@ -140,7 +164,6 @@ def main() -> None:
         print(f"| {label} | {sec:.1f} | {sec / read_sec:.1f} | {sec / copy_sec:.2f} | {rss / MiB:,.0f} | {rss / target:.2f} |")
     for label in ("read hf files", "copy hf files", "read jax files", "copy jax files"):
         print(f"| {label} | {results[label][0]:.1f} | | | {results[label][1] / MiB:,.0f} | |")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llama_jax.cli import OneLineParser, positive_int
+from llama_jax.cli import OneLineParser, int_at_least
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,8 +72,9 @@ def measure(name: str, config, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=positive_int, default=30)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int_at_least(2), default=30,
+                        help="steps of the loop; the wait before the first is left out, so at least 2")
     args = parser.parse_args(argv)
     rows = [measure(name, config, args.steps) for name, config in configs().items()]
     print("| config | batch | build one batch, ms | batches/s | train step, ms | step / batch | "

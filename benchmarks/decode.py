@@ -4,8 +4,9 @@ Both decode the same random model (float32; default dim 512, 8 layers, 8 heads, 
 8000) from the same 16-token prompts, greedily, for a fixed number of new tokens (EOS disabled),
 at each batch size. The run also measures the machine's weight-streaming rate (an XLA
 matrix-vector product over a matrix much larger than the caches), from which the batch-1 roofline
-follows: one decoded token reads every weight once (of the input embedding table, one row), so
-tokens/s <= rate / those bytes.
+follows: one decoded token reads every weight once (of the input embedding table, one row) and
+the whole K/V cache (prompt + new tokens slots: llama-jax attends over all of them, the empty
+ones masked), so tokens/s <= rate / those bytes.
 
     python benchmarks/decode.py [--batch 1 8] [--new-tokens 128] [--repeats 5] [--scan both]
 
@@ -47,8 +48,48 @@ def streaming_sampler() -> Callable[[], float]:
     return lambda: m.nbytes / median_seconds(lambda: matvec(m, x).block_until_ready(), 8, warmup=2)
 
 
+def bytes_per_token(cfg, params, slots: int) -> dict[str, int]:
+    """What one decoded token of a batch of one reads, the batch-1 roofline's denominator:
+    "weights", every weight once, except the input embedding table, of which it reads one row
+    (unless the table is the tied output projection too), and "kv_cache", the keys and values of
+    every layer over all `slots` of the cache (prompt + new tokens), in the compute dtype: llama-jax
+    attends over the whole cache each step, its empty slots masked (`llama_jax.attention.cache_block`)."""
+    import jax
+    import jax.numpy as jnp
+
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    if not cfg.tie_embeddings:
+        table = params["embed"]["embedding"]
+        weights -= (table.shape[0] - 1) * table.shape[1] * table.dtype.itemsize
+    kv_cache = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * slots * jnp.dtype(cfg.dtype).itemsize
+    return {"weights": weights, "kv_cache": kv_cache}
+
+
+def layout_params(base, params, layouts: list[bool]) -> dict[str, tuple]:
+    """Row name ("scanned", "unscanned") -> (config, params) for each llama-jax layout. `generate`
+    decodes in the layout of the params it is given (stacked under "layers", or one tree per
+    layer), not the one the config's `scan_layers` names, so each row gets params in its own layout:
+    given the stacked ones, the unscanned row would time the scanned path again."""
+    from llama_jax.model import params_in_layout
+
+    rows = {}
+    for scan in layouts:
+        cfg = base.replace(scan_layers=scan)
+        rows["scanned" if scan else "unscanned"] = cfg, params_in_layout(cfg, params)
+    return rows
+
+
+def check_heads(parser, dim: int, heads: int) -> None:
+    """One line, before any work, for a head count the model cannot have."""
+    if dim % heads:
+        parser.error(f"--heads {heads} does not divide --dim {dim}; give a head count that divides it")
+    if dim // heads % 2:
+        parser.error(f"--dim {dim} / --heads {heads} = head dim {dim // heads} is odd; rotary embeddings need "
+                     f"an even head dim")
+
+
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=positive_int, default=512)
     parser.add_argument("--layers", type=positive_int, default=8)
     parser.add_argument("--heads", type=positive_int, default=8)
@@ -62,6 +103,7 @@ def main(argv=None) -> int:
                         help="llama-jax layer layout: scanned, unscanned or both")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    check_heads(parser, args.dim, args.heads)
 
     import jax
     import torch
@@ -78,16 +120,16 @@ def main(argv=None) -> int:
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
     base, params = from_hf_state_dict(hf.state_dict(), hf_config)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    # a decoded token reads every weight once, except the input embedding table, of which it reads one row
-    embedding = hf.model.embed_tokens.weight
-    streamed_bytes = weight_bytes - (embedding.shape[0] - 1) * embedding.shape[1] * embedding.element_size()
+    read = bytes_per_token(base, params, args.prompt_len + args.new_tokens)
+    streamed_bytes = read["weights"] + read["kv_cache"]
     streaming = streaming_sampler()
     print(f"machine: {jax.devices()[0].device_kind}, jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {torch.get_num_threads()} torch threads")
-    print(f"model: {weight_bytes / 2**20:.0f} MiB of float32 weights, {streamed_bytes / 2**20:.0f} MiB read per "
-          f"decoded token")
+    print(f"model: {weight_bytes / 2**20:.0f} MiB of float32 weights; read per decoded token at batch 1: "
+          f"{read['weights'] / 2**20:.0f} MiB of weights + {read['kv_cache'] / 2**20:.1f} MiB of K/V cache")
 
     layouts = {"yes": [True], "no": [False], "both": [True, False]}[args.scan]
+    llama_jax_rows = layout_params(base, params, layouts)
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.batch:
@@ -101,10 +143,8 @@ def main(argv=None) -> int:
                                    min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
         calls, first, tokens = {"transformers": hf_call}, {}, {}
-        for scan in layouts:
-            cfg = base.replace(scan_layers=scan)
-            calls["scanned" if scan else "unscanned"] = lambda cfg=cfg: generate(cfg, params, prompts.tolist(),
-                                                                                 args.new_tokens)
+        for name, (cfg, layout) in llama_jax_rows.items():
+            calls[name] = lambda cfg=cfg, layout=layout: generate(cfg, layout, prompts.tolist(), args.new_tokens)
         for name, call in calls.items():  # first calls: compilation, and the tokens to compare
             start = time.perf_counter()
             out = call()
@@ -131,7 +171,7 @@ def main(argv=None) -> int:
         print(json.dumps(row))
         if batch == 1:
             print(f"weight streaming {rate / 1e9:.1f} GB/s in the same rounds -> batch-1 roofline {roofline:.0f} "
-                  f"tokens/s ({rate / weight_bytes:.0f} counting the whole embedding table)")
+                  f"tokens/s ({rate / read['weights']:.0f} counting the weights only)")
 
     print("\n| batch | layout | llama-jax tok/s | transformers tok/s | × transformers | × roofline | same tokens |")
     print("|---|---|---|---|---|---|---|")
@@ -143,7 +183,8 @@ def main(argv=None) -> int:
                   f"{row[f'{key}_vs_transformers']:.2f} | {roof} | {row[f'{key}_same_tokens']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"weight_bytes": weight_bytes, "streamed_bytes": streamed_bytes, "rows": rows}, f, indent=1)
+            json.dump({"weight_bytes": weight_bytes, "streamed_bytes": streamed_bytes, "streamed_weight_bytes":
+                       read["weights"], "kv_cache_bytes": read["kv_cache"], "rows": rows}, f, indent=1)
     return 0
 
 

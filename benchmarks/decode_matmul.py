@@ -126,7 +126,7 @@ def time_torch(batches, layers, dim, ffn, repeats) -> dict[int, float]:
 
 
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=positive_int, default=512)
     parser.add_argument("--layers", type=positive_int, default=8)
     parser.add_argument("--ffn", type=positive_int, default=1408)

@@ -68,10 +68,11 @@ b. MFU of a ~1B LLaMA train step (dim 2048, 16 layers, 16 heads, 8 K/V heads, FF
 c. Batch-1 greedy decoding of the same model (the parameters part b trained, cast to bf16) with
    `llama_jax.generate.generate`: 128-token prompt, 256 new tokens, tokens/s of the whole call
    (prefill included) and of decoding alone (the 256-token call minus a 1-token call), against
-   the HBM roofline (bf16 weight bytes read per token: all but one row of the input embedding
-   table): at the datasheet 4.8 TB/s and at the
-   bandwidth measured in the same run (a 4 GiB device-to-device `x + 1`, read + write bytes,
-   and a bf16 matrix-vector product over 2 GiB, read bytes).
+   the HBM roofline (bytes read per token: the bf16 weights, all but one row of the input
+   embedding table, and the whole bf16 K/V cache of prompt + new tokens slots, as `decode.py`
+   counts them): at the datasheet 4.8 TB/s and at the bandwidth measured in the same run (a
+   4 GiB device-to-device `x + 1`, read + write bytes, and a bf16 matrix-vector product over
+   2 GiB, read bytes).
 d. Reference for b: the same train step with `attention_impl="xla"` (first fitting candidate).
 """
 
@@ -91,11 +92,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_jax.cli import OneLineParser, positive_int
-from timing import timed
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # llama_jax from this checkout, installed or not
+sys.path.insert(0, str(ROOT))  # llama_jax from this checkout, installed or not: before its first import
+
+from decode import bytes_per_token  # noqa: E402
+from llama_jax.cli import OneLineParser, positive_int  # noqa: E402
+from timing import timed  # noqa: E402
 
 FULL = dict(attn=dict(B=4, S=2048, H=16, K=8, Dh=128),
             model=dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=5632),
@@ -575,19 +577,20 @@ def part_decode(args, rec: Recorder) -> None:
         rec.put(P, "params", "random initialisation in bf16 (part b did not run)")
     gc.collect()
     jax.block_until_ready(params)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    rec.put(P, "weight_bytes", weight_bytes)
-    if not cfg.tie_embeddings:  # a decoded token reads one row of the input embedding table, not all of it
-        table = params["embed"]["embedding"]
-        weight_bytes -= (table.shape[0] - 1) * table.shape[1] * table.dtype.itemsize
-    rec.put(P, "streamed_bytes_per_token", weight_bytes)
+    rec.put(P, "weight_bytes", sum(x.nbytes for x in jax.tree.leaves(params)))
+    read = bytes_per_token(cfg, params, sizes["prompt"] + sizes["new_tokens"])
+    read_bytes = read["weights"] + read["kv_cache"]
+    rec.put(P, "streamed_weight_bytes_per_token", read["weights"])
+    rec.put(P, "kv_cache_bytes_per_token", read["kv_cache"])
+    rec.put(P, "streamed_bytes_per_token", read_bytes)
 
     copy_rate, matvec_rate = bandwidth(sizes, max(3, repeats * 4))
     datasheet = args.hbm_tbps * 1e12
     rec.put(P, "bandwidth", {"copy_read_plus_write_bytes_per_s": copy_rate, "matvec_read_bytes_per_s": matvec_rate,
                              "datasheet_bytes_per_s": datasheet})
     log(f"  c. bandwidth: copy {copy_rate / 1e12:.2f} TB/s (read + write), bf16 matvec {matvec_rate / 1e12:.2f} TB/s, "
-        f"datasheet {datasheet / 1e12:.1f} TB/s; weights read per token {weight_bytes / 1e9:.2f} GB")
+        f"datasheet {datasheet / 1e12:.1f} TB/s; read per token {read_bytes / 1e9:.2f} GB (K/V cache "
+        f"{read['kv_cache'] / 1e9:.3f} GB of it)")
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, cfg.vocab_size, (1, sizes["prompt"])).tolist()
@@ -601,8 +604,8 @@ def part_decode(args, rec: Recorder) -> None:
     first = time.perf_counter() - start
     assert len(tokens[0]) == new, f"expected {new} new tokens, got {len(tokens[0])}"
     t_new, times = timed(lambda: call(new), repeats, warmup=0)
-    rates = {"datasheet": datasheet / weight_bytes, "measured_copy": copy_rate / weight_bytes,
-             "measured_matvec": matvec_rate / weight_bytes}
+    rates = {"datasheet": datasheet / read_bytes, "measured_copy": copy_rate / read_bytes,
+             "measured_matvec": matvec_rate / read_bytes}
     whole = new / t_new
     result = {"prompt_tokens": sizes["prompt"], "new_tokens": new, "compile_and_first_call_s": first,
               "call_s": t_new, "call_s_all": times, "tokens_per_s_whole_call": whole,
@@ -628,7 +631,7 @@ def part_decode(args, rec: Recorder) -> None:
 # ---- main --------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_results.json", help="results JSON, rewritten as figures come in")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, one step of each part")
     parser.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])

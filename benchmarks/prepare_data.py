@@ -12,7 +12,9 @@ file. Then, each in its own process:
 Reports tokens/s, the ratio to the reference per worker (target >= 0.8), and the peak RSS of the
 preparing process and of its largest worker (`ru_maxrss`), whose growth from the small corpus to
 the large one should stay within 10%. Each row also shows the 1-minute load average when it ended:
-other work on the machine slows the multi-worker runs first.
+other work on the machine slows the multi-worker runs first. Everything is written to a new
+directory inside `--workdir` (created if missing), removed at the end, also when a step fails;
+nothing else in `--workdir` is touched.
 
     python benchmarks/prepare_data.py [--workdir /tmp/prepare-bench] [--repeats 10] [--vocab 32000]
 """
@@ -20,6 +22,7 @@ other work on the machine slows the multi-worker runs first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,7 +31,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from llama_jax.cli import OneLineParser, positive_int
@@ -59,6 +64,18 @@ def write_corpus(directory: Path, documents: list[tuple[str, str]], repeats: int
                 chars += len(text)
                 f.write(json.dumps({"text": text}) + "\n")
     return chars
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: str) -> Iterator[Path]:
+    """A new directory inside `parent` (created if missing), removed with its contents on the way
+    out, also after an error. Only that directory: `parent` may hold the user's own files."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="prepare-bench-", dir=parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def data_section(corpus: Path, tokenizer: Path) -> dict:
@@ -119,7 +136,8 @@ def versions() -> str:
 
 def main() -> None:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="/tmp/prepare-bench")
+    parser.add_argument("--workdir", default="/tmp/prepare-bench",
+                        help="the benchmark works in a new directory inside this one and removes only that")
     parser.add_argument("--repeats", type=positive_int, default=10,
                         help="copies of the standard library in the large corpus")
     parser.add_argument("--vocab", type=positive_int, default=32000)
@@ -131,18 +149,20 @@ def main() -> None:
             child_prepare(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]))
         print(json.dumps(result))
         return
+    with scratch_dir(args.workdir) as work:
+        benchmark(work, args.repeats, args.vocab)
 
+
+def benchmark(work: Path, repeats: int, vocab: int) -> None:
+    """Every step in `work`, an empty directory."""
     from llama_jax.tokenizer import train_sentencepiece
 
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     documents = stdlib_documents()
-    large_chars = write_corpus(work / "large", documents, args.repeats)
+    large_chars = write_corpus(work / "large", documents, repeats)
     small_chars = write_corpus(work / "small", documents, 1)
     start = time.perf_counter()
-    tokenizer = train_sentencepiece((text for _, text in documents[::10]), work / "tokenizer.model", args.vocab)
-    print(f"corpus: {len(documents)} standard-library files x {args.repeats}: {large_chars / 1e6:.1f}M characters "
+    tokenizer = train_sentencepiece((text for _, text in documents[::10]), work / "tokenizer.model", vocab)
+    print(f"corpus: {len(documents)} standard-library files x {repeats}: {large_chars / 1e6:.1f}M characters "
           f"(small: {small_chars / 1e6:.1f}M); tokenizer trained in {time.perf_counter() - start:.1f} s", flush=True)
 
     reference = run_child("encode", str(work / "large"), str(tokenizer))
@@ -177,7 +197,6 @@ def main() -> None:
         if workers > 1:
             line += f", worker peak RSS {large['rss_workers'] / small['rss_workers'] - 1:+.1%}"
         print(line)
-    shutil.rmtree(work)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Scaling shape on CPU: per-device memory under FSDP over 1-8 virtual devices, and step time as
 the model doubles against its FLOPs.
 
-1. Memory. For N in `--devices` (default 1 2 4 8), a fresh process with
+1. Memory. For N in `--devices` (default 1 2 4 8; the list must hold 1, the reference of the
+   ratios, and each N must divide the global batch and the model's dim), a fresh process with
    `XLA_FLAGS=--xla_force_host_platform_device_count=N` (it must be set before JAX starts) runs
    `llama_jax.plan.plan` (what `llama-jax plan --devices N` runs): the train step compiled ahead
    of time for an FSDP mesh (data=1, fsdp=N, tensor=1), nothing allocated. Reported per device:
@@ -123,8 +124,37 @@ def run_point(point: dict) -> dict:
 
 # ---- driver ------------------------------------------------------------------------------------
 
+def check_devices(parser, devices: list[int], batch: int) -> None:
+    """One line, before any work, for device counts the memory part cannot plan or compare: the
+    ratios are to N=1, and FSDP splits the global batch and the model's dim over the N devices."""
+    if 1 not in devices:
+        parser.error(f"--devices {' '.join(map(str, devices))} lacks 1; the memory ratios are to one device, "
+                     f"e.g. --devices 1 {' '.join(map(str, devices))}")
+    for n in devices:
+        for what, size in ((f"--memory-batch {batch}", batch), (f"the model's dim {BASE['dim']}", BASE["dim"])):
+            if size % n:
+                parser.error(f"--devices {n} does not divide {what}; FSDP splits it over the devices")
+
+
+def memory_table(memory: list[dict]) -> list[str]:
+    """Markdown rows of the memory plans, each against the plan for one device (wherever it is in
+    the list)."""
+    mib = 2**20
+    one = next(p for p in memory if p["devices"] == 1)
+    one_state = one["params"] + one["opt_state"]
+    one_peak = one["arguments"] + one["outputs"] - one["aliased"] + one["temporaries"]
+    lines = []
+    for p in memory:
+        state = p["params"] + p["opt_state"]
+        peak = p["arguments"] + p["outputs"] - p["aliased"] + p["temporaries"]
+        lines.append(f"| {p['devices']} | {state / mib:.1f} | {state / one_state:.3f} | {1 / p['devices']:.3f} | "
+                     f"{p['temporaries'] / mib:.1f} | {p['temporaries'] / one['temporaries']:.2f} | {peak / mib:.1f} | "
+                     f"{peak / one_peak:.2f} |")
+    return lines
+
+
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=positive_int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--memory-batch", type=positive_int, default=8, help="global batch of the memory plans")
     parser.add_argument("--memory-seq-len", type=positive_int, default=256)
@@ -141,6 +171,7 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    check_devices(parser, args.devices, args.memory_batch)
 
     import jax
 
@@ -175,20 +206,11 @@ def main(argv=None) -> int:
             r["time_over_flops_ratio"] = r["time_ratio"] / r["flops_ratio"]
         results["step_time"][name] = rows
 
-    mib = 2**20
-    one = results["memory"][0]
-    one_state = one["params"] + one["opt_state"]
-    one_peak = one["arguments"] + one["outputs"] - one["aliased"] + one["temporaries"]
-    print(f"\nFSDP, {one['param_count'] / 1e6:.1f}M parameters, global batch {args.memory_batch} x "
-          f"{args.memory_seq_len}, per device:")
+    print(f"\nFSDP, {results['memory'][0]['param_count'] / 1e6:.1f}M parameters, global batch "
+          f"{args.memory_batch} x {args.memory_seq_len}, per device:")
     print("\n| devices | params + opt MiB | x N=1 | ideal 1/N | temporaries MiB | x N=1 | est. peak MiB | x N=1 |")
     print("|---|---|---|---|---|---|---|---|")
-    for p in results["memory"]:
-        state = p["params"] + p["opt_state"]
-        peak = p["arguments"] + p["outputs"] - p["aliased"] + p["temporaries"]
-        print(f"| {p['devices']} | {state / mib:.1f} | {state / one_state:.3f} | {1 / p['devices']:.3f} | "
-              f"{p['temporaries'] / mib:.1f} | {p['temporaries'] / one['temporaries']:.2f} | {peak / mib:.1f} | "
-              f"{peak / one_peak:.2f} |")
+    print("\n".join(memory_table(results["memory"])))
     for name, rows in results["step_time"].items():
         print(f"\nstep time, {name} doubling, batch {args.batch} x {args.seq_len}, 1 CPU device:")
         print("\n| dim | layers | params M | s/step | time ratio | FLOPs ratio | params ratio | time / FLOPs ratio |")

@@ -84,7 +84,7 @@ def product_calls(shapes) -> dict[str, list]:
 
 
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=positive_int, default=8 * 256)
     parser.add_argument("--dim", type=positive_int, default=512)
     parser.add_argument("--ffn", type=positive_int, default=1408)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from decode import check_heads
 from llama_jax.cli import OneLineParser, positive_int
 from timing import median_seconds
 
@@ -156,13 +157,14 @@ def time_train_process(args, **env) -> float:
 
 
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     for name, default in dict(dim=512, layers=8, heads=8, ffn=1408, vocab=8000, batch=8, seq_len=256,
                               repeats=5).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=default)
     parser.add_argument("--variants", action="store_true", help="also time other attention and 4 KiB pages")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    check_heads(parser, args.dim, args.heads)
 
     import jax
     import torch

@@ -1,20 +1,44 @@
 """The benchmark scripts' command lines (the benchmarks themselves take minutes and run outside the
-suite): every script prints its help, and refuses a count below one in one line before any work."""
+suite): every script prints its help, and refuses a count below one, or shapes it cannot run, in
+one line before any work. Also the pieces of the scripts that decide what they measure or delete,
+run on tiny inputs: the bytes of the decode roofline, the layouts the decode rows get, the
+reference of the memory ratios, the scratch directories."""
 
+import ast
+import importlib
+import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
+@pytest.fixture
+def script(monkeypatch):
+    """Imports a benchmark script as a module (`script("decode")`), its sibling modules found as
+    `python benchmarks/NAME.py` finds them; the scripts leave sys.modules after the test."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    before = set(sys.modules)
+    yield importlib.import_module
+    for name in set(sys.modules) - before:
+        if Path(getattr(sys.modules[name], "__file__", None) or "").parent == BENCHMARKS:
+            del sys.modules[name]
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("checkpointing.py", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
     ("convert_memory.py", ["--layers", "0"], "argument --layers: must be at least 1, got 0"),
-    ("data_loading.py", ["--steps", "-3"], "argument --steps: must be at least 1, got -3"),
+    ("convert_memory.py", ["--dim", "100"], "--dim 100 is not a multiple of 24; the checkpoint has 12 heads"),
+    ("data_loading.py", ["--steps", "-3"], "argument --steps: must be at least 2, got -3"),
+    ("data_loading.py", ["--steps", "1"], "argument --steps: must be at least 2, got 1"),  # no wait to measure
     ("decode.py", ["--batch", "1", "0"], "argument --batch: must be at least 1, got 0"),
+    ("decode.py", ["--dim", "32", "--heads", "3"], "--heads 3 does not divide --dim 32"),
+    ("decode.py", ["--dim", "30", "--heads", "6"], "--dim 30 / --heads 6 = head dim 5 is odd"),
     ("decode_matmul.py", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
     ("gpu.py", ["--repeats-attention", "0"], "argument --repeats-attention: must be at least 1, got 0"),
     ("gpu.py", ["--mfu-candidates", "16:none,foo"], "argument --mfu-candidates: 'foo' is not BATCH:REMAT"),
@@ -23,8 +47,13 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
      f"--out {__file__}/results.json: cannot create its folder (File exists); give a writable path"),
     ("prepare_data.py", ["--vocab", "0"], "argument --vocab: must be at least 1, got 0"),
     ("scaling.py", ["--devices", "0", "1"], "argument --devices: must be at least 1, got 0"),
+    ("scaling.py", ["--devices", "2", "4"], "--devices 2 4 lacks 1; the memory ratios are to one device"),
+    ("scaling.py", ["--devices", "1", "3"], "--devices 3 does not divide --memory-batch 8"),
+    ("scaling.py", ["--devices", "1", "1024", "--memory-batch", "1024"],
+     "--devices 1024 does not divide the model's dim 512"),
     ("train_matmul.py", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
     ("train_step.py", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    ("train_step.py", ["--dim", "32", "--heads", "3"], "--heads 3 does not divide --dim 32"),
 ])
 def test_bad_arguments_are_one_line(script, args, message, tmp_path):
     run = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=tmp_path, capture_output=True,
@@ -34,8 +63,84 @@ def test_bad_arguments_are_one_line(script, args, message, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "timing.py"))
-def test_every_script_prints_its_help(script):
-    run = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+@pytest.mark.parametrize("name", sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "timing.py"))
+def test_every_script_prints_its_help(name):
+    """With the docstring's whole first paragraph as its description, not a sentence cut where
+    the docstring wraps."""
+    run = subprocess.run([sys.executable, str(BENCHMARKS / name), "--help"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("usage: "), run.stderr
+    first_paragraph = ast.get_docstring(ast.parse((BENCHMARKS / name).read_text())).split("\n\n")[0]
+    assert "".join(first_paragraph.split()) in "".join(run.stdout.split()), run.stdout  # (help rewraps it)
+
+
+def test_gpu_script_finds_llama_jax_in_its_checkout(tmp_path):
+    """gpu.py runs where llama_jax is not installed, as its docstring says: without the site
+    module's .pth files (this checkout's editable install is one) it still imports llama_jax."""
+    env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}  # jax, numpy, ...: not llama_jax
+    bare = subprocess.run([sys.executable, "-S", "-c", "import llama_jax"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "No module named 'llama_jax'" in bare.stderr
+    run = subprocess.run([sys.executable, "-S", str(BENCHMARKS / "gpu.py"), "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("usage: gpu.py"), run.stderr
+
+
+def test_decode_rows_get_params_in_their_own_layout(script):
+    """`generate` decodes in the layout of the params, whatever `scan_layers` says: the unscanned
+    row must get per-layer params, or it times the scanned path again."""
+    from llama_jax.config import LLaMAConfig
+    from llama_jax.model import init_params
+
+    base = LLaMAConfig(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32, max_seq_len=16)
+    stacked = init_params(base)
+    rows = script("decode").layout_params(base, stacked, [True, False])
+    (scanned_cfg, scanned), (unscanned_cfg, unscanned) = rows["scanned"], rows["unscanned"]
+    assert scanned_cfg.scan_layers and "layers" in scanned
+    assert not unscanned_cfg.scan_layers and "layers" not in unscanned and {"layers_0", "layers_1"} <= set(unscanned)
+    q = stacked["layers"]["attn"]["q"]["kernel"]
+    np.testing.assert_array_equal(unscanned["layers_1"]["attn"]["q"]["kernel"], q[1])  # the same weights
+
+
+def test_decode_roofline_counts_the_kv_cache(script):
+    """Bytes one decoded token reads at batch 1: the weights but one row of the input embedding
+    table, and every layer's keys and values over every slot of the cache (in the compute dtype)."""
+    from llama_jax.config import LLaMAConfig
+    from llama_jax.model import init_params
+
+    cfg = LLaMAConfig(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32, max_seq_len=16)
+    bytes_per_token = script("decode").bytes_per_token
+    # per layer q 16x16, k and v 16x8, o 16x16, gate and up 16x32, down 32x16, two norms of 16: 2,336 weights;
+    # two layers, the embedding table and the output projection (64x16 each), the final norm: 6,736; minus 63 rows
+    assert bytes_per_token(cfg, init_params(cfg), 10) == {"weights": (6736 - 63 * 16) * 4,
+                                                          "kv_cache": 2 * 2 * 2 * 4 * 10 * 4}  # L, k/v, K, Dh, slots
+    bf16 = cfg.replace(dtype="bfloat16")
+    assert bytes_per_token(bf16, init_params(bf16), 10)["kv_cache"] == 2 * 2 * 2 * 4 * 10 * 2
+
+
+def test_scaling_ratios_are_to_one_device_wherever_it_is_listed(script):
+    mib = 2**20
+    plans = [{"devices": n, "params": 100 * mib // n, "opt_state": 200 * mib // n, "temporaries": 40 * mib // n,
+              "arguments": 300 * mib // n, "outputs": 300 * mib // n, "aliased": 300 * mib // n} for n in (2, 1)]
+    two, one = script("scaling").memory_table(plans)
+    assert two == "| 2 | 150.0 | 0.500 | 0.500 | 20.0 | 0.50 | 170.0 | 0.50 |"
+    assert one == "| 1 | 300.0 | 1.000 | 1.000 | 40.0 | 1.00 | 340.0 | 1.00 |"
+
+
+@pytest.mark.parametrize("name", ["convert_memory", "prepare_data"])
+def test_benchmarks_delete_only_their_own_directory_in_workdir(name, script, tmp_path):
+    """--workdir may be a folder of the user's: the benchmark works in a new directory inside it
+    and removes that one, even when it fails, and nothing else."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("the user's")
+    scratch_dir = script(name).scratch_dir
+    with pytest.raises(RuntimeError, match="a step failed"), scratch_dir(str(workdir)) as work:
+        assert work.parent == workdir and list(work.iterdir()) == []
+        (work / "hf").mkdir()
+        (work / "hf" / "model.safetensors").write_bytes(b"0" * 10)
+        raise RuntimeError("a step failed")
+    assert [p.name for p in workdir.iterdir()] == ["notes.txt"] and (workdir / "notes.txt").read_text() == "the user's"
+    with scratch_dir(str(tmp_path / "new" / "folder")) as work:  # a --workdir that does not exist yet is made
+        (work / "out").write_text("x")
+    assert list((tmp_path / "new" / "folder").iterdir()) == []
