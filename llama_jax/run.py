@@ -313,7 +313,9 @@ def set_aside_metrics_after(workdir: Path, step: int) -> list[int]:
             kept.append(line)
     if later:
         (workdir / SET_ASIDE_DIR).mkdir(exist_ok=True)
-        with open(workdir / SET_ASIDE_DIR / METRICS_FILE, "ab") as f:
+        aside = workdir / SET_ASIDE_DIR / METRICS_FILE
+        metrics_lib.end_cut_line(aside)  # an append a full disk cut short (its records are still in the log)
+        with open(aside, "ab") as f:
             f.writelines(later)
         with atomic_file(path) as new:
             new.write_bytes(b"".join(kept))

@@ -597,6 +597,20 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "--lazy", str(path)], check=True)  # (a file a failed write left open)
 
 
+def test_an_append_to_the_set_aside_metrics_cut_short_loses_no_record(tmp_path):
+    """A resume sets aside the records logged after its checkpoint; one whose append a full disk cut
+    short left them in metrics.jsonl and half a line in the set-aside log, which the next resume's
+    first record used to be glued to (and lost with)."""
+    from llama_jax.run import SET_ASIDE_DIR, set_aside_metrics_after
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)))
+    (tmp_path / SET_ASIDE_DIR).mkdir()
+    aside = tmp_path / SET_ASIDE_DIR / "metrics.jsonl"
+    aside.write_text(json.dumps({"step": 9, "loss": 2.0}) + "\n" + '{"step": 3, "lo')
+    assert set_aside_metrics_after(tmp_path, 2) == [3, 4, 5]
+    assert [json.loads(line)["step"] for line in aside.read_text().splitlines()] == [9, 3, 4, 5]
+
+
 def test_tensorboard_events_that_no_longer_fit_raise_no_traceback(small_disk, monkeypatch):
     """Closing the metrics writer on a full disk: TensorBoard's pending events fail to write, in a
     thread of its own, whose traceback used to print before the run's one error line."""
