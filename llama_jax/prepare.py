@@ -438,18 +438,21 @@ def _close_durably(f) -> None:
     f.close()
 
 
+AGAIN = "prepare the data again"  # what a reader of a damaged prepared directory is told to do
+
+
 def _write_json(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
-def _read_json(path: Path) -> Any:
-    """The JSON value in `path`; ValueError (one line naming it) when it is missing or not JSON."""
+def _read_json(path: Path, again: str = AGAIN) -> Any:
+    """The JSON value in `path`; ValueError (one line naming it, then `again`) when it is missing or not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{path} is missing; prepare the data again") from None
+        raise ValueError(f"{path} is missing; {again}") from None
     except (ValueError, OSError) as e:
-        raise ValueError(f"{path} cannot be read ({str(e).splitlines()[0]}); prepare the data again") from None
+        raise ValueError(f"{path} cannot be read ({str(e).splitlines()[0]}); {again}") from None
 
 
 # ---- preparing -------------------------------------------------------------------------------
@@ -470,18 +473,20 @@ class PreparationStats:
 
 
 def prepare(data_config, output_dir: str | os.PathLike, workers: int | None = None,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True) -> dict:
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
+            elsewhere: str = "give another --output") -> dict:
     """Tokenize the documents of `data_config` into token shards in `output_dir`; return the manifest.
 
     A directory an earlier call left unfinished is resumed (its finished shards kept, the rest
     written again, the same bytes as one uninterrupted run); a finished one with the same document
-    settings and tokenizer is left untouched. Anything else there is refused with a ValueError."""
-    return prepare_with_stats(data_config, output_dir, workers, shard_tokens, progress)[0]
+    settings and tokenizer is left untouched. Anything else there is refused with a ValueError.
+    `elsewhere`: how the caller's user prepares into another directory, for the messages."""
+    return prepare_with_stats(data_config, output_dir, workers, shard_tokens, progress, elsewhere)[0]
 
 
 def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int | None = None,
-                       shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True
-                       ) -> tuple[dict, PreparationStats]:
+                       shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
+                       elsewhere: str = "give another --output") -> tuple[dict, PreparationStats]:
     """`prepare`, also returning what this call tokenized and how fast."""
     out = Path(output_dir)
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -491,14 +496,15 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
         raise ValueError(f"shard_tokens={shard_tokens!r}; give a positive number of tokens per shard")
     state = _directory_state(out)
     if state == "finished":
-        manifest = check_prepared(out, data_config)
+        manifest = check_prepared(out, data_config, advice=f"{elsewhere} (a prepared directory is never "
+                                  f"overwritten)", again=f"remove {out} to prepare it again, or {elsewhere}")
         _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do (the documents are not "
-                       f"read again: for an edited corpus give another --output)")
+                       f"read again: for an edited corpus {elsewhere})")
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
     corpus = open_corpus(data_config)  # a missing corpus is named before a missing tokenizer
     request = requested_tokenizer(data_config)
-    lock = DirectoryLock(out, f"--output {out} is being prepared by another llama-jax prepare-data (it holds the "
-                              f"directory's lock); wait for it to end, or give another --output")
+    lock = DirectoryLock(out, f"{out} is being prepared by another llama-jax process (it holds the directory's "
+                              f"lock); wait for it to end, or {elsewhere}")
     try:  # one preparation at a time: two would write over each other's shards
         if state == "partial":
             lock.acquire()
@@ -536,12 +542,14 @@ def _directory_state(out: Path) -> str:
 
 
 def check_prepared(out: Path, data_config, what: str | None = None,
-                   advice: str = "choose another --output (a prepared directory is never overwritten)") -> dict:
+                   advice: str = "choose another --output (a prepared directory is never overwritten)",
+                   again: str = AGAIN) -> dict:
     """The manifest of a finished directory, if it was prepared with the settings asked for now;
-    else ValueError: "{what} with data.KEY=recorded, not requested; {advice}"."""
+    else ValueError: "{what} with data.KEY=recorded, not requested; {advice}", or, for a manifest
+    that cannot be read, "...; {again}"."""
     what = what or f"{out} is already prepared"
-    manifest = _read_json(out / MANIFEST)
-    _check_manifest(out / MANIFEST, manifest)
+    manifest = _read_json(out / MANIFEST, again)
+    _check_manifest(out / MANIFEST, manifest, again)
     settings = document_settings(manifest.get("data") or {})
     _check_same_documents(settings, data_config, what, advice)
     recorded = _recorded_tokenizer(manifest["tokenizer"]["sha256"], manifest.get("data") or {})
@@ -891,14 +899,13 @@ def open_prepared(path: str | os.PathLike, tokenizer_sha256: str | None = None) 
     return Prepared(path, manifest, tokenizer_path, sha, splits)
 
 
-def _check_manifest(file: Path, manifest: Any) -> None:
+def _check_manifest(file: Path, manifest: Any, again: str = AGAIN) -> None:
     """ValueError unless `manifest` has the format string and the fields a reader needs."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{file}: format {found!r}, expected {FORMAT!r}; prepare the data again")
+        raise ValueError(f"{file}: format {found!r}, expected {FORMAT!r}; {again}")
     if not _well_formed(manifest):
-        raise ValueError(f"{file} lacks fields of a {FORMAT} manifest (tokenizer, token_dtype, splits); "
-                         "prepare the data again")
+        raise ValueError(f"{file} lacks fields of a {FORMAT} manifest (tokenizer, token_dtype, splits); {again}")
 
 
 def _well_formed(manifest: dict) -> bool:

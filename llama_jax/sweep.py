@@ -444,7 +444,7 @@ def prepare_shared_data(data_config, workdir: Path, out=print, every_trial_start
         data_config = data_config.copy_and_resolve_references()
         data_config.tokenizer = str(data / TOKENIZER)
     out(f"preparing data.source={data_config.source} once for every trial, into {data}")
-    prepare_data(data_config, data, progress=True)
+    prepare_data(data_config, data, progress=True, elsewhere="use another --workdir")
 
 
 def read_trial(directory: Path) -> dict:

@@ -225,9 +225,9 @@ def test_a_second_preparation_of_the_same_output_is_refused(inputs, reference, t
             time.sleep(0.02)
         capsys.readouterr()
         assert main(args) == 2
-        assert capsys.readouterr().err == (f"llama-jax prepare-data: error: --output {out} is being prepared by "
-                                           f"another llama-jax prepare-data (it holds the directory's lock); wait "
-                                           f"for it to end, or give another --output\n")
+        assert capsys.readouterr().err == (f"llama-jax prepare-data: error: {out} is being prepared by another "
+                                           f"llama-jax process (it holds the directory's lock); wait for it to end, "
+                                           f"or give another --output\n")
         assert first.wait(timeout=120) == 0, first.stderr.read()
     finally:
         first.kill()
@@ -260,6 +260,14 @@ def test_an_interrupted_preparation_does_not_resume_on_edited_files(tmp_path, ca
     assert prepare(data, finished, workers=1, shard_tokens=SHARD_TOKENS) == resumed
     assert "nothing to do (the documents are not read again: for an edited corpus give another --output)" \
         in capsys.readouterr().out
+    # a caller other than prepare-data (a sweep) names its own way to another directory
+    assert prepare(data, finished, workers=1, shard_tokens=SHARD_TOKENS, elsewhere="use another --workdir") == resumed
+    assert "for an edited corpus use another --workdir)" in capsys.readouterr().out
+    # its own output damaged: preparing again means removing it first
+    (finished / "manifest.json").write_text("")
+    with pytest.raises(ValueError, match=rf"^{finished}/manifest.json cannot be read \(.*\); remove {finished} to "
+                                         rf"prepare it again, or give another --output$"):
+        prepare(data, finished, workers=1, shard_tokens=SHARD_TOKENS, progress=False)
 
 
 def test_reader_streams_across_shards(inputs, reference):
