@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import resource
+import shlex
 import signal
 import sys
 import threading
@@ -434,7 +435,7 @@ def cmd_export(args) -> None:
     # `_sigterm_unwinds` installed are replaced, and it puts back what was there before
     _ignore_signals(tuple(_UNWINDING))
     print(f"exported step {step} of {args.workdir} ({param_count(model):,} parameters) to {path}; "
-          f"llama-jax convert --from jax --to hf {path} DST makes a Hugging Face checkpoint of it")
+          f"llama-jax convert --from jax --to hf {shlex.quote(str(path))} DST makes a Hugging Face checkpoint of it")
 
 
 def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> None:

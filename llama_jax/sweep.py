@@ -650,7 +650,8 @@ def _import_optuna():
     try:
         import optuna
     except ImportError:
-        raise SweepError("--search optuna needs Optuna: pip install -e '.[sweep]'") from None
+        raise SweepError("--search optuna needs Optuna: pip install 'optuna>=4' (in a checkout: "
+                         "pip install -e '.[sweep]')") from None
     return optuna
 
 

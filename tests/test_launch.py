@@ -584,7 +584,7 @@ def test_missing_tools_are_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
     assert cli.main([*argv[:2], "--dry-run", *argv[2:]]) == 2
     assert capsys.readouterr().err == ("llama-jax launch: error: SLURM launching needs submitit: "
-                                       "pip install -e '.[launch]'\n")
+                                       "pip install 'submitit>=1.5' (in a checkout: pip install -e '.[launch]')\n")
     assert not folder.exists() and not list(tmp_path.glob("llama-jax-*"))
 
 

@@ -728,9 +728,10 @@ def test_export_writes_a_checkpoint_as_a_model_directory(tmp_path, tokenizer_pat
     shutil.copytree(straight_run[0], workdir)
     in_progress = workdir / "checkpoints" / "16.orbax-checkpoint-tmp-1"  # a save the run is still writing
     in_progress.mkdir()
-    dst = tmp_path / "model"
+    dst = tmp_path / "the model"
     assert main(["export", "--workdir", str(workdir), "--step", "8", str(dst)]) == 0
     assert in_progress.is_dir()  # export only reads
+    assert f"llama-jax convert --from jax --to hf '{dst}' DST makes" in capsys.readouterr().out  # to paste as is
     config = load_config(TINY, run_overrides(tokenizer_path))
     _, state = next_batch_loss(config, workdir, 8, jax.devices()[:1])
     model_config, params = load_model(dst)

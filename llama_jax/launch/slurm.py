@@ -34,7 +34,7 @@ WORKDIR_FOLDER = "slurm"  # submitit's folder (sbatch script, logs) inside the w
 MAX_TIMEOUT_REQUEUES = 1000  # submitit's default, 3, would end a run of 1-hour jobs after 4 hours
 SAVE_WAIT_S = 80  # how long a requeue waits for the command to save: SLURM's warning comes 90 s before the limit
 DRY_RUN_SCRIPT = "dry_run_submission.sh"
-INSTALL_HINT = "pip install -e '.[launch]'"
+INSTALL_HINT = "pip install 'submitit>=1.5' (in a checkout: pip install -e '.[launch]')"
 
 
 def llama_jax_command(args: Sequence[str]) -> list[str]:
