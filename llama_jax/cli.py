@@ -1177,7 +1177,7 @@ def _error_text(error: BaseException, args) -> str:
     else:
         return str(error)
     text += " and run the command again"
-    return text + (f": {RESUMES}" if args.command in RUN_COMMANDS else "")
+    return text + (f": {RESUMES}" if getattr(args, "command", None) in RUN_COMMANDS else "")
 
 
 def _has_room(path: str | os.PathLike) -> bool:
@@ -1213,7 +1213,7 @@ def _xla_error_text(error: BaseException, args) -> str:
     text = f"the computation failed: {message}"
     if sys.modules["jax"].distributed.is_initialized():
         text += " (in a multi-process run: another process may have stopped first)"
-    return text + (f"; {RESUMES}" if args.command in RUN_COMMANDS else "")
+    return text + (f"; {RESUMES}" if getattr(args, "command", None) in RUN_COMMANDS else "")
 
 
 NOT_EMPTY = {  # argument destinations whose value may not be an empty string -> their names in messages

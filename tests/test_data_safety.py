@@ -650,6 +650,22 @@ def test_a_full_disk_that_is_not_the_workdirs_is_not_blamed_on_it(small_disk, tm
         "checkpoint"], failed.stderr
 
 
+def test_a_tokenizer_that_does_not_fit_names_its_destination(small_disk, tmp_path):
+    disk, _ = small_disk
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i} of some text to train on, word{i % 97}\n" for i in range(3000)))
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as filler:
+        while True:
+            filler.write(bytes(4 << 10))
+    out = disk / "tokenizer.model"
+    failed = subprocess.run([sys.executable, str(ROOT / "tools" / "train_tokenizer.py"), "--input", str(corpus),
+                             "--vocab-size", "400", "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2 and failed.stderr.splitlines() == [
+        f"train_tokenizer: error: no space left on the device holding {out}; free some space and run the command "
+        "again"], failed.stderr
+    assert not out.exists()
+
+
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(small_disk, model_dir):
     """A checkpoint that no longer fits: one line saying the disk is full (not Orbax's tracebacks
     from its writer threads, nor TensorStore's message naming a temporary file); once there is

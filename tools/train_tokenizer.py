@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from llama_jax.cli import OneLineParser
+from llama_jax.cli import OneLineParser, _error_text
 from llama_jax.data import each_file_once, jsonl_texts, utf8_text
 from llama_jax.safe_io import check_writable
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                                      num_threads=args.num_threads)
         vocab_size = load_tokenizer(output).vocab_size
     except (ValueError, OSError) as e:
-        print(f"train_tokenizer: error: {e}", file=sys.stderr)
+        print(f"train_tokenizer: error: {_error_text(e, args)}", file=sys.stderr)  # (a full disk names --output)
         return 2
     print(f"wrote {output}: {vocab_size} pieces from {corpus.documents} documents "
           f"({corpus.chars / 1e6:.1f}M characters) in {time.time() - start:.1f}s")
