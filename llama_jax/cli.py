@@ -1161,11 +1161,8 @@ def _error_text(error: BaseException, args) -> str:
     (TensorStore) or report it as an internal error."""
     where = next((getattr(args, k) for k in ("dst", "output", "workdir") if getattr(args, k, None)), None)
     if _is_os_error(error, errno.ENOSPC):
-        if where and _has_room(where):  # another device filled up: the file's, when the error names it
-            where = getattr(error, "filename", None)
-        text = (f"no space left on the device holding {where}" if where else
-                "no space left on a device the command writes to (standard output, TMPDIR or another file)")
-        text += "; free some space"
+        where = (_full_elsewhere(where, error) or where) if where else getattr(error, "filename", None)
+        text = "no space left on the device" + (f" holding {where}" if where else "") + "; free some space"
     elif _is_os_error(error, errno.EFBIG):
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         writing = f" while writing {where}" if where else ""
@@ -1180,14 +1177,35 @@ def _error_text(error: BaseException, args) -> str:
     return text + (f": {RESUMES}" if getattr(args, "command", None) in RUN_COMMANDS else "")
 
 
-def _has_room(path: str | os.PathLike) -> bool:
-    """Whether the device that holds (or would hold) `path` has 256 MiB or more free."""
-    existing = next((p for p in [Path(path).absolute(), *Path(path).absolute().parents] if p.exists()), None)
-    try:
-        stat = os.statvfs(existing)
-    except (OSError, TypeError):
-        return False
-    return stat.f_bavail * stat.f_frsize >= 256 * 2**20
+def _full_elsewhere(where: str | os.PathLike, error: OSError) -> str | None:
+    """What filled up when it is not the device holding `where`: the file the error names, standard
+    output or TMPDIR, on another device with (almost) no room left. None: the destination's (a
+    failed write frees what it wrote, so the destination's own room says nothing)."""
+    import tempfile
+    from stat import S_ISREG
+
+    def existing(path) -> Path:
+        return next(p for p in [Path(path).absolute(), *Path(path).absolute().parents] if p.exists())
+
+    def full(stat: os.statvfs_result) -> bool:
+        return stat.f_bavail * stat.f_frsize < 2**20
+
+    home = os.stat(existing(where)).st_dev
+    candidates = []
+    if getattr(error, "filename", None):
+        candidates.append((str(error.filename), lambda: existing(error.filename)))
+    candidates += [("standard output", lambda: sys.stdout.fileno()), ("TMPDIR", tempfile.gettempdir)]
+    for name, opened in candidates:
+        try:
+            target = opened()
+            stat = os.fstat(target) if isinstance(target, int) else os.stat(target)
+            on_a_disk = not isinstance(target, int) or S_ISREG(stat.st_mode)  # (not a pipe or terminal)
+            if on_a_disk and stat.st_dev != home and full(
+                    os.fstatvfs(target) if isinstance(target, int) else os.statvfs(target)):
+                return name
+        except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor
+            continue
+    return None
 
 
 XLA_STATUSES = ("UNKNOWN: ", "INTERNAL: ", "UNAVAILABLE: ", "ABORTED: ", "DEADLINE_EXCEEDED: ")

@@ -83,9 +83,10 @@ def validate(cfg: ConfigDict, total_steps: int) -> None:
     warmup = cfg.warmup_steps
     if not is_int(warmup) or not 0 <= warmup <= total_steps:
         _fail("warmup_steps", f"got {warmup!r}; valid: an integer in [0, total_steps={total_steps}]")
-    if cfg.schedule == "wsd" and cfg.decay_fraction > 0 and _wsd_decay_steps(cfg, total_steps) == 0:
-        _fail("decay_fraction", f"{cfg.decay_fraction} of {total_steps} steps rounds to no decay step, so the rate "
-              f"would never decay; valid: 0 (none) or above {0.5 / total_steps:g}")
+    # the decay reaches its end at total_steps, after the last update: one decay step changes no update
+    if cfg.schedule == "wsd" and cfg.decay_fraction > 0 and _wsd_decay_steps(cfg, total_steps) < 2:
+        _fail("decay_fraction", f"{cfg.decay_fraction} of {total_steps} steps rounds to fewer than 2 decay steps, "
+              f"so no update would use a decayed rate; valid: 0 (none) or at least {1.5 / total_steps:g}")
     if cfg.schedule == "wsd" and warmup + _wsd_decay_steps(cfg, total_steps) > total_steps:
         _fail("decay_fraction", f"{cfg.decay_fraction} of {total_steps} steps overlaps the {warmup} "
               f"warmup steps; valid: at most {(total_steps - warmup) / total_steps:g}")
