@@ -373,7 +373,8 @@ CASES = [
      r"\S+ holds 'blank.jsonl' \(and 1 more\) but no prepared data"),
     ("finished-with-other-settings", ["prepare-data", "--config", "{config}", "--output", "{reference}",
                                       "--config.data.eval_fraction=0.2"],
-     r"\S+/ref is already prepared with data.eval_fraction=0.1, not 0.2; choose another --output"),
+     r"\S+/ref is already prepared with data.eval_fraction=0.1, not 0.2; give another --output \(a prepared "
+     r"directory is never overwritten\)$"),
     ("finished-with-other-tokenizer", ["prepare-data", "--config", "{config}", "--output", "{reference}",
                                        "--config.data.tokenizer={other}"],
      r"\S+/ref is already prepared with another tokenizer \(sha256 \w+\) than data.tokenizer=\S+other.model"),
