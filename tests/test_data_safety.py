@@ -773,9 +773,12 @@ def test_a_signal_raised_where_python_cannot_raise_it_still_stops_the_command():
     where Python prints the exception and drops it: the command went on to the end and exited 0.
     The signal is sent again and stops the command where it is."""
     script = """if True:
+        import signal
         import time
         from llama_jax import cli
         cli._NOISE.install()
+        # Ctrl-C as a terminal gives it (a shell's background job starts with it ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         class RaisesOnCollection:  # as a garbage-collection callback that the signal interrupts
             def __init__(self, error):
