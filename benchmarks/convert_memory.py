@@ -18,20 +18,17 @@ end, also when a step fails; nothing else in `--workdir` is touched.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from llama_jax.cli import OneLineParser, positive_int
+from timing import scratch_dir
 
 MiB = 2**20
 
@@ -71,18 +68,6 @@ def make_checkpoint(path: Path, layers: int, dim: int, heads: int, kv_heads: int
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                     "weight_map": weight_map}))
     return total
-
-
-@contextlib.contextmanager
-def scratch_dir(parent: str) -> Iterator[Path]:
-    """A new directory inside `parent` (created if missing), removed with its contents on the way
-    out, also after an error. Only that directory: `parent` may hold the user's own files."""
-    Path(parent).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="convert-bench-", dir=parent))
-    try:
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def drop_page_cache() -> bool:
@@ -128,7 +113,7 @@ def main() -> None:
     if args.make_only:  # --workdir: the scratch directory the parent made
         make_checkpoint(Path(args.workdir) / "hf", args.layers, args.dim, 12, 4, args.ffn, args.vocab)
         return
-    with scratch_dir(args.workdir) as work:
+    with scratch_dir(args.workdir, "convert-bench-") as work:
         benchmark(work)
 
 

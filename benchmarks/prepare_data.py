@@ -22,7 +22,6 @@ nothing else in `--workdir` is touched.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -31,12 +30,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from llama_jax.cli import OneLineParser, positive_int
+from timing import scratch_dir
 
 MiB = 2**20
 
@@ -64,18 +62,6 @@ def write_corpus(directory: Path, documents: list[tuple[str, str]], repeats: int
                 chars += len(text)
                 f.write(json.dumps({"text": text}) + "\n")
     return chars
-
-
-@contextlib.contextmanager
-def scratch_dir(parent: str) -> Iterator[Path]:
-    """A new directory inside `parent` (created if missing), removed with its contents on the way
-    out, also after an error. Only that directory: `parent` may hold the user's own files."""
-    Path(parent).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="prepare-bench-", dir=parent))
-    try:
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def data_section(corpus: Path, tokenizer: Path) -> dict:
@@ -149,7 +135,7 @@ def main() -> None:
             child_prepare(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]))
         print(json.dumps(result))
         return
-    with scratch_dir(args.workdir) as work:
+    with scratch_dir(args.workdir, "prepare-bench-") as work:
         benchmark(work, args.repeats, args.vocab)
 
 
