@@ -1182,29 +1182,23 @@ def _full_elsewhere(where: str | os.PathLike, error: OSError) -> str | None:
     output or TMPDIR, on another device with (almost) no room left. None: the destination's (a
     failed write frees what it wrote, so the destination's own room says nothing)."""
     import tempfile
-    from stat import S_ISREG
+    from stat import S_ISDIR, S_ISREG
 
     def existing(path) -> Path:
         return next(p for p in [Path(path).absolute(), *Path(path).absolute().parents] if p.exists())
 
-    def full(stat: os.statvfs_result) -> bool:
-        return stat.f_bavail * stat.f_frsize < 2**20
+    def full_elsewhere(target: Path | int) -> bool:  # a path, or a file descriptor
+        stat, room = os.stat(target), os.statvfs(target)
+        on_a_device = S_ISREG(stat.st_mode) or S_ISDIR(stat.st_mode)  # (not a pipe or terminal)
+        return on_a_device and stat.st_dev != home and room.f_bavail * room.f_frsize < 2**20
 
     home = os.stat(existing(where)).st_dev
-    candidates = []
-    if getattr(error, "filename", None):
-        candidates.append((str(error.filename), lambda: existing(error.filename)))
-    candidates += [("standard output", lambda: sys.stdout.fileno()), ("TMPDIR", tempfile.gettempdir)]
-    for name, opened in candidates:
-        try:
-            target = opened()
-            stat = os.fstat(target) if isinstance(target, int) else os.stat(target)
-            on_a_disk = not isinstance(target, int) or S_ISREG(stat.st_mode)  # (not a pipe or terminal)
-            if on_a_disk and stat.st_dev != home and full(
-                    os.fstatvfs(target) if isinstance(target, int) else os.statvfs(target)):
+    candidates = [(str(error.filename), lambda: existing(error.filename))] if getattr(error, "filename", None) else []
+    candidates += [("standard output", lambda: sys.stdout.fileno()), ("TMPDIR", lambda: Path(tempfile.gettempdir()))]
+    for name, target in candidates:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # (stdout replaced by another object)
+            if full_elsewhere(target()):
                 return name
-        except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor
-            continue
     return None
 
 

@@ -496,8 +496,8 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
         raise ValueError(f"shard_tokens={shard_tokens!r}; give a positive number of tokens per shard")
     state = _directory_state(out)
     if state == "finished":
-        manifest = check_prepared(out, data_config, advice=f"{elsewhere} (a prepared directory is never "
-                                  f"overwritten)", again=f"remove {out} to prepare it again, or {elsewhere}")
+        manifest = check_prepared(out, data_config, None, f"{elsewhere} (a prepared directory is never overwritten)",
+                                  again=f"remove {out} to prepare it again, or {elsewhere}")
         _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do (the documents are not "
                        f"read again: for an edited corpus {elsewhere})")
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
@@ -541,9 +541,7 @@ def _directory_state(out: Path) -> str:
     return "new"
 
 
-def check_prepared(out: Path, data_config, what: str | None = None,
-                   advice: str = "choose another --output (a prepared directory is never overwritten)",
-                   again: str = AGAIN) -> dict:
+def check_prepared(out: Path, data_config, what: str | None, advice: str, again: str = AGAIN) -> dict:
     """The manifest of a finished directory, if it was prepared with the settings asked for now;
     else ValueError: "{what} with data.KEY=recorded, not requested; {advice}", or, for a manifest
     that cannot be read, "...; {again}"."""
