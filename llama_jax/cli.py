@@ -1167,7 +1167,8 @@ def _error_text(error: BaseException, args) -> str:
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         writing = f" while writing {where}" if where else ""
         if limit != resource.RLIM_INFINITY:
-            text = (f"a file grew past this process's file size limit (ulimit -f: {limit // 1024} KiB){writing}; "
+            size = f"{limit // 1024} KiB" if limit >= 1024 else f"{limit} bytes"
+            text = (f"a file grew past this process's file size limit (ulimit -f: {size}){writing}; "
                     "raise the limit (ulimit -f unlimited)")
         else:  # the file system's own largest file (e.g. 4 GiB on FAT32)
             text = f"a file grew past the largest file its file system holds{writing}; use another file system"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_jax.metrics import last_per_step, read_metrics
-from llama_jax.safe_io import holds_lock
+from llama_jax.safe_io import atomic_file, holds_lock, write_text_atomic
 
 OBJECTIVE_LABELS = {"eval_loss": "final eval loss", "loss": "final train loss"}  # how plots name what a sweep ranks by
 COLUMNS = ("status", "steps", "final_eval_loss", "best_eval_loss", "final_train_loss", "tokens_per_second")
@@ -124,9 +124,9 @@ def _cell(value: Any) -> str:
 
 
 def write_tables(workdir: Path, keys: list[str], rows: list[dict]) -> str:
-    """DIR/results.csv and DIR/results.md; returns the Markdown table."""
+    """DIR/results.csv and DIR/results.md, each replaced whole or not at all; returns the Markdown table."""
     header = ["run", *keys, *COLUMNS, "error"]
-    with open(workdir / "results.csv", "w", newline="") as f:
+    with atomic_file(workdir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
@@ -134,7 +134,7 @@ def write_tables(workdir: Path, keys: list[str], rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(row[h]).replace("|", "/") for h in header) + " |" for row in rows]
     table = "\n".join(lines) + "\n"
-    (workdir / "results.md").write_text(table)
+    write_text_atomic(workdir / "results.md", table)
     return table
 
 
@@ -171,8 +171,7 @@ def plot(workdir: Path, keys: list[str], rows: list[dict], objective_label: str)
             ax.legend()
         fig.tight_layout()
         path = workdir / f"{objective_label.replace(' ', '_')}_vs_{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _save_figure(fig, path)
         written.append(path)
     fig, ax = plt.subplots(figsize=(7, 4))
     with_curves = [r for r in rows if r["curve"]]
@@ -184,10 +183,20 @@ def plot(workdir: Path, keys: list[str], rows: list[dict], objective_label: str)
     if 0 < len(with_curves) <= 12:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(workdir / "loss_curves.png", dpi=100)
-    plt.close(fig)
+    _save_figure(fig, workdir / "loss_curves.png")
     written.append(workdir / "loss_curves.png")
     return written
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write `fig` to the PNG `path`, which is replaced whole or not at all; close the figure."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def report(workdir: str | Path) -> str:

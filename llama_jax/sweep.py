@@ -33,7 +33,7 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 import numpy as np
 
 from llama_jax.experiment import _failure, _parse, load_config
-from llama_jax.safe_io import holds_run
+from llama_jax.safe_io import holds_run, write_text_atomic
 
 SEARCHES = ("grid", "random", "optuna")
 SPEC_FILE = "sweep.json"  # what the sweep is: a workdir holds one sweep
@@ -455,8 +455,6 @@ def read_trial(directory: Path) -> dict:
 
 
 def write_trial(directory: Path, trial: Trial, status: str, **extra) -> None:
-    from llama_jax.safe_io import write_text_atomic
-
     record = {"number": trial.number, "overrides": trial.overrides, "status": status, **extra}
     write_text_atomic(directory / TRIAL_FILE, json.dumps(record, indent=2) + "\n")
 
@@ -812,7 +810,7 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
     lock.acquire()
     try:
         new_spec = not (workdir / SPEC_FILE).exists()
-        (workdir / SPEC_FILE).write_text(spec.to_json())
+        write_text_atomic(workdir / SPEC_FILE, spec.to_json())  # a failed write keeps the sweep's record
         if sweep.data:
             try:
                 started = bool(listed) and all(holds_run(sweep.directory(t)) for t in listed)
@@ -876,7 +874,7 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
         return f"# the sbatch script of {len(commands)} trial(s) (not submitted)\n{script}"
     workdir.mkdir(parents=True, exist_ok=True)
     job_ids = slurm.submit_array(commands, workdir / slurm.WORKDIR_FOLDER, **job)
-    (workdir / SPEC_FILE).write_text(spec.to_json())
+    write_text_atomic(workdir / SPEC_FILE, spec.to_json())
     for trial, job_id in zip(todo, job_ids):
         directory = workdir / trial.name(axes, numbered)
         directory.mkdir(exist_ok=True)

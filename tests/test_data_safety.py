@@ -711,6 +711,31 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(small_d
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "40"
 
 
+def test_a_sweep_whose_files_cannot_be_written_keeps_its_record_and_results(tmp_path):
+    """Running a finished sweep again, or its --report, where its files no longer fit (here past the
+    file size limit, as on a full disk): one line, and sweep.json, results.csv and results.md stay
+    whole. (sweep.json cut short made every later run of the sweep refuse the workdir as damaged.)"""
+    workdir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "llama_jax.cli", "sweep", "--config", TINY, "--workdir", str(workdir),
+               "--sweep", "train.seed=[0]", *RUN]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    kept = ["sweep.json", "results.csv", "results.md"]
+    before = {name: (workdir / name).read_bytes() for name in kept}
+    assert min(map(len, before.values())) > 128
+    limited = [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
+               "(128, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); os.execv(sys.executable, sys.argv[1:])"]
+    for again in (command, [*command[:4], "--workdir", str(workdir), "--report"]):
+        failed = subprocess.run([*limited, *again], capture_output=True, text=True, timeout=300)
+        assert failed.returncode == 2 and failed.stderr.splitlines()[0].startswith(
+            "llama-jax sweep: error: a file grew past this process's file size limit (ulimit -f: 128 bytes) while "
+            f"writing {workdir}; raise the limit"), failed.stderr
+        assert len(failed.stderr.splitlines()) == 1, failed.stderr
+        assert {name: (workdir / name).read_bytes() for name in kept} == before
+        assert not [p.name for p in workdir.iterdir() if ".tmp-" in p.name]
+    assert subprocess.run(command, capture_output=True, text=True, timeout=300).returncode == 0
+
+
 def test_a_file_size_limit_is_one_line_and_the_run_resumes_without_it(tmp_path):
     """A checkpoint file past the process's size limit (ulimit -f): one line saying so (not
     TensorStore's OUT_OF_RANGE message), and the same command without the limit resumes."""
