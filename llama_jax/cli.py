@@ -563,6 +563,14 @@ def cmd_sweep(args) -> None:
         print(results.report(args.workdir), end="")
         return
     job = _check_sweep_arguments(args)
+    args.config, args.workdir = (str(Path(path).absolute()) for path in (args.config, args.workdir))
+    with contextlib.chdir(sweep.start_directory(args.workdir)):  # trials, and SLURM's jobs, run there too
+        _sweep(args, job)
+
+
+def _sweep(args, job: dict) -> None:
+    from llama_jax import results, sweep
+
     spec, axes, listed = sweep.prepare(args.config, args.workdir, args.sweep or [], args.overrides, args.search,
                                        args.trials, args.seed)
     if args.on == "slurm":

@@ -271,6 +271,7 @@ class SweepSpec:
     seed: int
     config_sha256: str = ""  # of the config file's settings, so that an edited file is noticed
     objective: str = ""  # the metric trials are ranked by (`objective_key`), for reports away from the config file
+    directory: str = ""  # where it started: relative paths in its config and overrides are read from there
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -735,7 +736,7 @@ def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str]
     settings = (load_config(config) if overrides else base).to_json_best_effort(sort_keys=True)  # the file's own
     spec = SweepSpec(str(Path(config).absolute()), tuple(overrides), {k: repr(v) for k, v in axes.items()},
                      search, trials if search != "grid" else None, seed, hashlib.sha256(settings.encode()).hexdigest(),
-                     objective_key(base))
+                     objective_key(base), os.getcwd())
     listed = grid_trials(axes) if search == "grid" else random_trials(axes, trials, seed) if search == "random" \
         else []
     check_names([widest_trial(axes, trials)] if search == "optuna" else listed, axes, numbered=search != "grid")
@@ -772,6 +773,29 @@ def _same_overrides(saved: Any, given: Sequence[str]) -> bool:
     return not overlapping and sorted(saved) == sorted(given)
 
 
+def _same_file(saved: Any, given: str) -> bool:
+    """Whether sweep.json's config path and the one given name the same file (through `..` or
+    symlinks, say); its settings are compared apart (config_sha256)."""
+    return isinstance(saved, str) and Path(saved).resolve() == Path(given).resolve()
+
+
+def start_directory(workdir: str | os.PathLike, out=print) -> Path:
+    """The directory a sweep in `workdir` runs in: the one it started in, where the relative paths of
+    its config and overrides (data, tokenizer, init_from) point, so that every trial reads the same
+    files wherever the sweep is resumed from; the current one for a new sweep, or if that directory
+    is gone (said in a line)."""
+    here = Path.cwd()
+    recorded = saved_spec(Path(workdir).absolute()).get("directory")
+    if not isinstance(recorded, str) or not recorded or Path(recorded) == here:
+        return here
+    if not Path(recorded).is_dir():
+        out(f"this sweep started in {recorded}, which is gone: relative paths in its config and overrides are read "
+            f"from {here}")
+        return here
+    out(f"this sweep started in {recorded}: relative paths in its config and overrides are read from there")
+    return Path(recorded)
+
+
 def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
     """SweepError unless `workdir` is new, empty, holds this same sweep (`saved`, its sweep.json), or
     holds a sweep none of whose trials has started (a sweep that stopped at a check or while
@@ -784,12 +808,15 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
     check_writable(workdir, "--workdir", into=True)
     if saved:
         mine = json.loads(spec.to_json())
-        # a field this version adds is compared only where the sweep recorded it
+        # a field this version adds is compared only where the sweep recorded it; the directory it runs
+        # in is the one it started in (`start_directory`)
         changed = sorted(k for k in mine if saved.get(k) != mine[k] and (k in saved or k not in _SPEC_FIELDS)
-                         and not (k == "overrides" and _same_overrides(saved.get(k), mine[k])))
+                         and k != "directory"
+                         and not (k == "overrides" and _same_overrides(saved.get(k), mine[k]))
+                         and not (k == "config" and _same_file(saved.get(k), mine[k])))
         if changed and any(workdir.glob(f"*/{TRIAL_FILE}")):
             what = ", ".join(_SPEC_FIELDS.get(k, k) for k in changed)
-            raise SweepError(f"{workdir} holds a different sweep (its {what} differ); re-run it with the same "
+            raise SweepError(f"{workdir} holds a different sweep (not the same {what}); re-run it with the same "
                              f"arguments and config file, or use another --workdir")
     elif workdir.is_dir() and any(p.name != WORKDIR_FOLDER for p in workdir.iterdir()):  # `launch slurm`'s folder
         raise SweepError(f"--workdir {workdir} is not empty and holds no sweep ({SPEC_FILE}); use a new directory")

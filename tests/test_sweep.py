@@ -460,6 +460,33 @@ def test_values_that_round_alike_get_directories_of_their_own(tmp_path, capsys):
     assert names == ["lr=0.001", "lr=0.00100001", "lr=0.003"]  # every digit, on this axis only where needed
 
 
+def test_a_sweep_resumed_from_elsewhere_reads_its_relative_paths_where_it_started(tmp_path):
+    """Resumed from another directory, with the config and workdir named from there (`..`), a sweep
+    runs its trials in the directory it started in: a relative init_from there names the same
+    model for every trial, not the other directory's model of that name."""
+    from llama_jax import init_params, save_model
+    from llama_jax.experiment import model_config
+
+    cfg = model_config(load_config(TINY).model)
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    for directory, seed in ((started, 0), (elsewhere, 1)):  # a model of the same name and shape in each
+        save_model(directory / "base", cfg, init_params(cfg, seed))
+    args = ["--sweep", "optimizer.lr=[1e-3,2e-3]", "--config.checkpoint.init_from=base", *SHORT]
+    cli = [sys.executable, "-m", "llama_jax.cli", "sweep"]
+    first = subprocess.run([*cli, "--config", TINY, "--workdir", "sweep", *args], cwd=started, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    shutil.rmtree(started / "sweep" / "lr=0.002")  # as if the sweep had stopped before this trial
+    again = subprocess.run([*cli, "--config", os.path.relpath(TINY, elsewhere), "--workdir", "../started/sweep",
+                            *args], cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    first_loss = {name: json.loads((started / "sweep" / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+                  for name in ("lr=0.001", "lr=0.002")}
+    assert first_loss["lr=0.001"] == first_loss["lr=0.002"], first_loss  # step 1: the same model, data and seed
+    assert f"this sweep started in {started}: relative paths in its config and overrides are read from there" \
+        in again.stdout
+
+
 def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     """Other axes, overrides or config-file settings than the sweep that started trials in the
     workdir are refused; the same axes (or overrides) in another order are the same sweep, with the
@@ -486,26 +513,26 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     before = sorted(workdir.rglob("*"))
 
     assert main([*args, "--sweep", "train.seed=[0,2]", "--sweep", "optimizer.lr=[1e-3,2e-3]"]) == 2
-    assert "holds a different sweep (its axes differ)" in capsys.readouterr().err
+    assert "holds a different sweep (not the same axes)" in capsys.readouterr().err
     swapped = sweep_lib.prepare(str(config), workdir, ["optimizer.lr=[1e-3,2e-3]", "train.seed=[0,1]"], overrides)
     assert list(swapped[1]) == ["train.seed", "optimizer.lr"] and swapped[2] == listed
     assert [t.name(swapped[1], False) for t in swapped[2]] == [t.name(axes, False) for t in listed]
     axes_args = ["train.seed=[0,1]", "optimizer.lr=[1e-3,2e-3]"]
     assert sweep_lib.prepare(str(config), workdir, axes_args, overrides[::-1])[2] == listed  # overrides in any order
-    with pytest.raises(sweep_lib.SweepError, match=r"its overrides differ"):
+    with pytest.raises(sweep_lib.SweepError, match=r"not the same overrides"):
         sweep_lib.prepare(str(config), workdir, axes_args, [*overrides, "train.steps=3"])
     for twice in (["train.steps=3", "train.steps=4"], ["data.mixture={'a': {'path': 'x'}}", "data.mixture.a.weight=2"]):
         assert not sweep_lib._same_overrides(twice, twice[::-1])  # a key set twice: the order decides
     recorded = json.loads((workdir / "sweep.json").read_text())
     for damaged in (None, [1, "train.steps=4"]):  # a hand-edited sweep.json
         (workdir / "sweep.json").write_text(json.dumps({**recorded, "overrides": damaged}))
-        with pytest.raises(sweep_lib.SweepError, match=r"its overrides differ"):
+        with pytest.raises(sweep_lib.SweepError, match=r"not the same overrides"):
             sweep_lib.prepare(str(config), workdir, axes_args, overrides)
     (workdir / "sweep.json").write_text(json.dumps(recorded))
     config.write_text(config.read_text().replace("weight_decay=0.01", "weight_decay=0.5"))  # edited between runs
     assert load_config(str(config)).optimizer.weight_decay != load_config(TINY).optimizer.weight_decay
     assert main([*args, "--sweep", "train.seed=[0,1]", "--sweep", "optimizer.lr=[1e-3,2e-3]"]) == 2
-    assert "holds a different sweep (its config file's settings differ)" in capsys.readouterr().err
+    assert "holds a different sweep (not the same config file's settings)" in capsys.readouterr().err
     assert sorted(workdir.rglob("*")) == before
 
 
