@@ -385,9 +385,11 @@ def _join_processes(**settings) -> None:
     def join():
         try:
             jax.distributed.initialize(**settings)
-            # the backend's start, where the processes exchange their devices, here too: once it is done in every
-            # process, one that then refuses its settings and exits no longer breaks another's start
+            # the backend's start, where the processes exchange their devices, here too, and then a barrier: once
+            # the start is done in every process, one that refuses its settings and exits (a device count unlike
+            # the others', found at once) no longer breaks another's start still under way (an abort in XLA)
             jax.devices()
+            jax._src.distributed.global_state.client.wait_at_barrier("llama_jax_started", timeout_in_ms=300_000)
         except BaseException as e:  # handed to the main thread
             failure.append(e)
 
