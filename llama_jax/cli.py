@@ -491,7 +491,7 @@ def cmd_eval(args) -> None:
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
     record = evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len, args.batch_size,
-                               progress=True)
+                               progress=True, run_config=args.workdir is not None and args.config is None)
     default = Path(args.workdir) / f"eval-{record['step']}.json" if args.workdir else Path(args.model) / EVAL_FILE
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
     output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval",
@@ -788,6 +788,10 @@ def cmd_data_inspect(args) -> None:
     with tempfile.TemporaryDirectory(prefix="llama-jax-inspect-") as scratch:
         data = build_data(config, None, workdir or Path(scratch))
         try:
+            if args.config is None:  # the run's own config.json: its data as the run trained on it
+                from llama_jax.run import check_named_data
+
+                check_named_data(workdir.absolute(), data.stream)
             if args.epoch:
                 lines = coverage_lines(data.train)
             else:

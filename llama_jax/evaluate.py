@@ -432,13 +432,15 @@ def load_run(workdir, step: int | None = None, mesh=None) -> tuple[LLaMAConfig, 
 
 
 def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = None, seq_len: int | None = None,
-                      batch_size: int | None = None, progress: bool = False, devices=None) -> dict:
+                      batch_size: int | None = None, progress: bool = False, devices=None,
+                      run_config: bool = False) -> dict:
     """`llama-jax eval`: every held-out document of an experiment config's `data` section, scored by
     a model directory or a run's checkpoint (for a run on a raw source, read from the run's own
     prepared copy: `run_data_config`). Returns the metrics with what was evaluated.
     seq_len and batch_size default to the config's train.seq_len and micro-batch. The parameters are
     sharded over `devices` (default: all) as the config's `mesh` section lays out training, and
-    batch rows are split over its data x fsdp axes."""
+    batch rows are split over its data x fsdp axes. `run_config`: `config` is the run's own
+    config.json, whose prepared data must be what the run trained on (`run.check_named_data`)."""
     from pathlib import Path
 
     from llama_jax.tokenizer import check_fits, load_tokenizer
@@ -449,6 +451,13 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     data_config = run_data_config(config.data, workdir) if workdir is not None else config.data
     prepared = held_out_splits(data_config) if data_config.get("source") == "prepared" else None
     documents = held_out_documents(data_config) if prepared is None else None
+    if workdir is not None and run_config and prepared is not None:
+        from llama_jax.prepare import open_prepared
+        from llama_jax.run import check_named_data
+        from llama_jax.run_data import prepared_dirs, stream_of
+
+        opened = [(name, open_prepared(path), weight) for name, path, weight in prepared_dirs(data_config)]
+        check_named_data(Path(workdir).absolute(), stream_of(opened), step)
     seq_len = seq_len or config.train.seq_len
     batch_size = batch_size or max(1, config.train.batch_size // config.train.grad_accum)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,  # a bad mesh also fails first

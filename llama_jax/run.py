@@ -211,6 +211,22 @@ def changed_settings(saved: dict, config) -> list[str]:
             if key in before and before[key] != value]
 
 
+def check_named_data(workdir: Path, stream: list | None, step: int | None = None) -> None:
+    """RunError unless `stream` (`run_data.stream_of` the data a run's own config.json names, read
+    now) is what checkpoint `step` (default: the latest) of the run in `workdir` trained on: a
+    relative data.path in config.json is read from the current directory, which may hold other
+    data of that name. Nothing to compare before the first checkpoint."""
+    steps = committed_steps(workdir)
+    if stream is None or not steps:
+        return
+    with _reader(workdir) as checkpoints:
+        recorded = checkpoints.run_info(step if step in steps else steps[-1]).get("data_stream")
+    if recorded is not None and not _same_stream(recorded, stream):
+        raise RunError(f"{workdir} trained on {_describe_stream(recorded)}, not on {_describe_stream(stream)}, the "
+                       f"data its config.json names as read from {Path.cwd()}; run the command from the directory "
+                       f"the run was started in, or give the data with --config")
+
+
 def _same_stream(recorded: list, stream: list) -> bool:
     """The same training sources, of the same documents and tokens (however sharded, wherever they
     are: by their counts, and by their corpus fingerprint where both streams have one), in the same

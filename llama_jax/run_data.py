@@ -269,14 +269,21 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
                            f"it again with data.eval_fraction > 0, or set train.eval_every=0")
         raise RunError(f"train.eval_every={t.eval_every} but no document is held out for evaluation "
                        f"(data.eval_fraction={d.get('eval_fraction')}); use eval_fraction > 0 or train.eval_every=0")
-    total = sum(weight for _, _, weight in opened)
     slots = {"slots_sha256": train.mixture.fingerprint()} if len(opened) > 1 else {}  # which source each slot reads
-    stream = [{"name": name, "share": weight / total, "documents": prepared.splits["train"].documents,
-               "tokens": prepared.splits["train"].tokens,
-               **({"corpus_sha256": sha} if (sha := prepared.manifest.get("corpus_sha256")) else {}), **slots}
-              for name, prepared, weight in opened]
+    stream = [{**entry, **slots} for entry in stream_of(opened)]
     return RunData(lambda s: train.batch(s, rows), eval_sets, tokenizer, train, tokenizer_path, staged,
                    opened[0][1].manifest.get("corpus_sha256") if len(opened) == 1 else None, stream)
+
+
+def stream_of(opened: list[tuple[str, object, float]]) -> list[dict]:
+    """What a run records of the sources it trains on (`opened`: name, opened prepared directory,
+    weight): each one's name, share of the rows, training documents and tokens, and corpus
+    fingerprint where its manifest has one."""
+    total = sum(weight for _, _, weight in opened)
+    return [{"name": name, "share": weight / total, "documents": prepared.splits["train"].documents,
+             "tokens": prepared.splits["train"].tokens,
+             **({"corpus_sha256": sha} if (sha := prepared.manifest.get("corpus_sha256")) else {})}
+            for name, prepared, weight in opened]
 
 
 def split_documents(split):

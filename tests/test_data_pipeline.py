@@ -85,6 +85,32 @@ def test_a_run_on_prepared_data_counts_epochs_and_tokens(prepared, tmp_path, cap
     assert not (workdir / "data").exists()  # prepared data is read where it is
 
 
+def test_a_runs_relative_data_path_read_from_elsewhere_is_refused(prepared, tmp_path, monkeypatch, capsys):
+    """A run's config.json keeps data.path as given; `eval --workdir` and `data inspect --workdir`
+    from another directory, where that relative path names other prepared data, refuse in one line
+    rather than score or show the other data as the run's."""
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    for directory, data in ((started, prepared[0]), (elsewhere, prepared[1])):
+        directory.mkdir()
+        (directory / "prep").symlink_to(data)  # the same name, other documents (the same tokenizer)
+    monkeypatch.chdir(started)
+    assert train("run", "--config.data.source=prepared", "--config.data.path=prep", "--config.train.steps=2") == 0
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    for command in (["eval", "--workdir", "../started/run"],
+                    ["data", "inspect", "--workdir", "../started/run", "--step", "0"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and re.fullmatch(
+            rf"llama-jax {command[0]}.*: error: \S+/started/run trained on data \(.*\), not on data \(.*\), the data "
+            rf"its config.json names as read from {re.escape(str(elsewhere))}; run the command from the directory the "
+            rf"run was started in, or give the data with --config", err), err
+    assert not list((started / "run").glob("eval-*.json"))
+    monkeypatch.chdir(started)
+    assert main(["eval", "--workdir", "run"]) == 0
+    assert (started / "run" / "eval-2.json").is_file()
+
+
 def mixture_config(tmp_path, mixture: str) -> Path:
     """A config file: the tiny config on prepared data, with `data.mixture` set to the literal `mixture`."""
     config = tmp_path / "mixture.py"
