@@ -189,12 +189,24 @@ def _jsonable(value: Any) -> Any:
 
 
 def document_settings(data: Any) -> dict:
-    """The keys of a `data` section that decide which documents a split holds."""
+    """The keys of a `data` section that decide which documents a split holds, local paths made
+    absolute (`_absolute`), so that spellings of the same files compare equal."""
     source = data.get("source")
     keys = ["source", *_DOCUMENT_KEYS.get(source, ())]
     if not (source == "tfds" and data.get("tfds_eval_split")):
         keys.append("eval_fraction")
-    return {key: _jsonable(data.get(key)) for key in keys}
+    settings = {key: _jsonable(data.get(key)) for key in keys}
+    if isinstance(settings.get("files"), list):
+        settings["files"] = [_absolute(pattern) for pattern in settings["files"]]
+    if settings.get("data_dir"):
+        settings["data_dir"] = _absolute(settings["data_dir"])
+    return settings
+
+
+def _absolute(path: Any) -> Any:
+    """A local path or glob as an absolute one, read from the current directory (a recorded relative
+    one too, as it was read then); URLs (gs://) and non-strings as they are."""
+    return os.path.abspath(path) if isinstance(path, str) and path and "://" not in path else path
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------
@@ -559,6 +571,7 @@ def check_prepared(out: Path, data_config, what: str | None, advice: str, again:
 
 
 def _check_same_documents(recorded: dict, data_config, what: str, advice: str) -> None:
+    recorded = document_settings(recorded)  # (paths recorded relative by earlier releases made absolute too)
     wanted = document_settings(data_config)
     for key in sorted(set(recorded) | set(wanted)):
         if recorded.get(key) != wanted.get(key):
