@@ -416,8 +416,9 @@ def cmd_train(args) -> None:
     import jax
 
     # only process 0 writes the run's metrics; the others say so rather than name a file they did not write
-    metrics = (f"metrics in {args.workdir}/metrics.jsonl" if jax.process_index() == 0 else
-               f"process {jax.process_index()}; process 0 writes {args.workdir}/metrics.jsonl")
+    log = Path(args.workdir) / "metrics.jsonl"
+    metrics = (f"metrics in {log}" if jax.process_index() == 0 else
+               f"process {jax.process_index()}; process 0 writes {log}")
     last = next((r for r in reversed(result.logged) if "loss" in r), None)
     if last:
         of_last_step = {k: v for r in result.logged if r["step"] == last["step"] for k, v in r.items()}

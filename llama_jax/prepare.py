@@ -887,7 +887,8 @@ def open_prepared(path: str | os.PathLike, tokenizer_sha256: str | None = None) 
     path = Path(path)
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
-        raise ValueError(f"{path} {what}; give a directory written by llama-jax prepare-data")
+        where = "" if path.is_absolute() else f" (read from {Path.cwd()})"
+        raise ValueError(f"{path}{where} {what}; give a directory written by llama-jax prepare-data")
     if not (path / MANIFEST).is_file():
         if (path / PREPARING).is_file():
             raise ValueError(f"{path}: the preparation did not finish (no {MANIFEST}); run llama-jax prepare-data "

@@ -197,7 +197,8 @@ def _copy_stands_in(tokenizer: str, kept: Path) -> bool:
     if not kept.is_file() or tokenizer_file(tokenizer).exists() or not _started_with_tokenizer(kept.parent, tokenizer):
         return False
     if jax.process_index() == 0:
-        print(f"data.tokenizer={tokenizer} no longer exists; resuming with the run's copy of it ({kept})")
+        where = "" if Path(tokenizer).is_absolute() else f" (read from {Path.cwd()})"
+        print(f"data.tokenizer={tokenizer}{where} no longer exists; using the run's copy of it ({kept})")
     return True
 
 

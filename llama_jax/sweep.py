@@ -444,7 +444,10 @@ def prepare_shared_data(data_config, workdir: Path, out=print, every_trial_start
         out(f"data.tokenizer={named} no longer exists; every trial has started, with the copy prepared in {data}")
         data_config = data_config.copy_and_resolve_references()
         data_config.tokenizer = str(data / TOKENIZER)
-    out(f"preparing data.source={data_config.source} once for every trial, into {data}")
+    if (data / MANIFEST).is_file():  # prepared already: checked against the settings, kept
+        out(f"data.source={data_config.source}: every trial reads the copy prepared in {data}")
+    else:
+        out(f"preparing data.source={data_config.source} once for every trial, into {data}")
     prepare_data(data_config, data, progress=True, elsewhere="use another --workdir")
 
 

@@ -106,6 +106,10 @@ def test_a_runs_relative_data_path_read_from_elsewhere_is_refused(prepared, tmp_
             rf"its config.json names as read from {re.escape(str(elsewhere))}; run the command from the directory the "
             rf"run was started in, or give the data with --config", err), err
     assert not list((started / "run").glob("eval-*.json"))
+    (elsewhere / "prep").unlink()
+    assert main(["eval", "--workdir", "../started/run"]) == 2
+    assert capsys.readouterr().err.strip() == (f"llama-jax eval: error: prep (read from {elsewhere}) does not exist; give "
+                                               f"a directory written by llama-jax prepare-data")
     monkeypatch.chdir(started)
     assert main(["eval", "--workdir", "run"]) == 0
     assert (started / "run" / "eval-2.json").is_file()

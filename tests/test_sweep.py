@@ -120,8 +120,10 @@ def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
         data = json.loads((run / "config.json").read_text())["data"]
         assert (data["source"], data["path"]) == ("prepared", str(workdir / "data"))
     stamp = manifest.stat().st_mtime_ns
+    capsys.readouterr()
     assert main(args) == 0  # a re-run checks the prepared data and keeps it
     assert manifest.stat().st_mtime_ns == stamp
+    assert f"data.source=embedded: every trial reads the copy prepared in {workdir / 'data'}" in capsys.readouterr().out
 
     # An axis over a data setting leaves each trial to prepare its own data.
     assert main([*sweep_args(tmp_path / "other", "--sweep", "data.eval_fraction=[0.1,0.2]", *raw), "--dry-run"]) == 0
@@ -252,7 +254,7 @@ def test_a_sweep_of_fine_tunes_resumes_after_their_init_from_directory_is_gone(t
     capsys.readouterr()
     assert main(args) == 0
     assert trial(second)["status"] == "done" and (second / "metrics.jsonl").read_text() == logged  # resumed at step 4
-    assert "no longer exists; resuming with the run's copy of it" in (second / "train.log").read_text()
+    assert "no longer exists; using the run's copy of it" in (second / "train.log").read_text()
     shutil.rmtree(second)  # a trial yet to start needs the model
     assert main(args) == 2
     assert f"trial seed=1: checkpoint.init_from: {model} " in capsys.readouterr().err
