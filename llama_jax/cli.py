@@ -460,6 +460,13 @@ def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> 
         check_run_config(workdir, "give the run's config with --config CONFIG")
 
 
+def _runs_own_data(args) -> bool:
+    """Whether a command given --workdir RUN reads the data of RUN's own config.json: no --config,
+    no data.* override."""
+    return args.workdir is not None and args.config is None and \
+        not any(o.split("=", 1)[0].startswith("data.") for o in args.overrides)
+
+
 EVAL_RESULT_KEYS = ("loss", "perplexity", "tokens")  # what marks a file as an earlier result of eval
 LM_EVAL_RESULT_KEYS = ("results", "configs")  # ... of lm-eval
 
@@ -492,7 +499,7 @@ def cmd_eval(args) -> None:
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
     record = evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len, args.batch_size,
-                               progress=True, run_config=args.workdir is not None and args.config is None)
+                               progress=True, run_config=_runs_own_data(args))
     default = Path(args.workdir) / f"eval-{record['step']}.json" if args.workdir else Path(args.model) / EVAL_FILE
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
     output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval",
@@ -789,10 +796,10 @@ def cmd_data_inspect(args) -> None:
     with tempfile.TemporaryDirectory(prefix="llama-jax-inspect-") as scratch:
         data = build_data(config, None, workdir or Path(scratch))
         try:
-            if args.config is None:  # the run's own config.json: its data as the run trained on it
-                from llama_jax.run import check_named_data
+            if _runs_own_data(args):
+                from llama_jax.run import check_named_data, latest_data_stream
 
-                check_named_data(workdir.absolute(), data.stream)
+                check_named_data(workdir.absolute(), latest_data_stream(workdir), data.stream, config.data)
             if args.epoch:
                 lines = coverage_lines(data.train)
             else:

@@ -415,7 +415,7 @@ def held_out_documents(data_config) -> Sequence[str]:
 
 
 def load_run(workdir, step: int | None = None, mesh=None) -> tuple[LLaMAConfig, dict, str, int, dict]:
-    """(model config, params, tokenizer path, step, the run's config) of a run's checkpoint (default:
+    """(model config, params, tokenizer path, step, run info) of a run's checkpoint (default:
     the latest), reading only its parameters: sharded over `mesh` when given (as `load_model`),
     else on the first local device."""
     from pathlib import Path
@@ -428,7 +428,7 @@ def load_run(workdir, step: int | None = None, mesh=None) -> tuple[LLaMAConfig, 
     if tokenizer is None:
         raise ValueError(f"{workdir} has no tokenizer.model (a run on synthetic data); generating or evaluating "
                          "text needs one")
-    return config, params, str(tokenizer), step, info["config"]
+    return config, params, str(tokenizer), step, info
 
 
 def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = None, seq_len: int | None = None,
@@ -440,7 +440,8 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     seq_len and batch_size default to the config's train.seq_len and micro-batch. The parameters are
     sharded over `devices` (default: all) as the config's `mesh` section lays out training, and
     batch rows are split over its data x fsdp axes. `run_config`: `config` is the run's own
-    config.json, whose prepared data must be what the run trained on (`run.check_named_data`)."""
+    config.json, data settings unchanged, so its prepared data must be what the checkpoint
+    trained on (`run.check_named_data`)."""
     from pathlib import Path
 
     from llama_jax.tokenizer import check_fits, load_tokenizer
@@ -451,19 +452,19 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     data_config = run_data_config(config.data, workdir) if workdir is not None else config.data
     prepared = held_out_splits(data_config) if data_config.get("source") == "prepared" else None
     documents = held_out_documents(data_config) if prepared is None else None
-    if workdir is not None and run_config and prepared is not None:
-        from llama_jax.prepare import open_prepared
-        from llama_jax.run import check_named_data
-        from llama_jax.run_data import prepared_dirs, stream_of
-
-        opened = [(name, open_prepared(path), weight) for name, path, weight in prepared_dirs(data_config)]
-        check_named_data(Path(workdir).absolute(), stream_of(opened), step)
     seq_len = seq_len or config.train.seq_len
     batch_size = batch_size or max(1, config.train.batch_size // config.train.grad_accum)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,  # a bad mesh also fails first
                      jax.devices() if devices is None else devices)
     if workdir is not None:
-        model, params, tokenizer_file, step, _ = load_run(workdir, step, mesh)  # straight onto the mesh
+        model, params, tokenizer_file, step, info = load_run(workdir, step, mesh)  # straight onto the mesh
+        if run_config and prepared is not None:
+            from llama_jax.prepare import open_prepared
+            from llama_jax.run import check_named_data
+            from llama_jax.run_data import prepared_dirs, stream_of
+
+            opened = [(name, open_prepared(path), weight) for name, path, weight in prepared_dirs(data_config)]
+            check_named_data(Path(workdir).absolute(), info.get("data_stream"), stream_of(opened), data_config)
         origin = {"workdir": str(Path(workdir).absolute()), "step": step}
         tokenizer_file = Path(tokenizer_file)
     else:

@@ -211,20 +211,37 @@ def changed_settings(saved: dict, config) -> list[str]:
             if key in before and before[key] != value]
 
 
-def check_named_data(workdir: Path, stream: list | None, step: int | None = None) -> None:
-    """RunError unless `stream` (`run_data.stream_of` the data a run's own config.json names, read
-    now) is what checkpoint `step` (default: the latest) of the run in `workdir` trained on: a
+def check_named_data(workdir: Path, recorded: list | None, stream: list | None, data_config) -> None:
+    """RunError unless `stream` (`run_data.stream_of` the prepared data `data_config`, a run's own
+    config.json, names now) is `recorded`, the data_stream of the run's checkpoint being read: a
     relative data.path in config.json is read from the current directory, which may hold other
-    data of that name. Nothing to compare before the first checkpoint."""
-    steps = committed_steps(workdir)
-    if stream is None or not steps:
+    data of that name, and data prepared again in place holds other documents."""
+    if recorded is None or stream is None or _same_stream(recorded, stream):
         return
-    with _reader(workdir) as checkpoints:
-        recorded = checkpoints.run_info(step if step in steps else steps[-1]).get("data_stream")
-    if recorded is not None and not _same_stream(recorded, stream):
-        raise RunError(f"{workdir} trained on {_describe_stream(recorded)}, not on {_describe_stream(stream)}, the "
-                       f"data its config.json names as read from {Path.cwd()}; run the command from the directory "
-                       f"the run was started in, or give the data with --config")
+    from llama_jax.run_data import prepared_dirs
+
+    paths = [path for _, path, _ in prepared_dirs(data_config)]
+    if any(not path.is_absolute() for path in paths):
+        where = (f"as read from {Path.cwd()}; run the command from the directory the run was started in, or give "
+                 f"the data to score with --config FILE")
+    else:
+        where = f"({', '.join(map(str, paths))}): changed since; give the data to score with --config FILE"
+    raise RunError(f"{workdir} trained on {_describe_stream(recorded)}, not on {_describe_stream(stream)}, the "
+                   f"data its config.json names {where}")
+
+
+def latest_data_stream(workdir: Path) -> list | None:
+    """The data_stream of the latest checkpoint of the run in `workdir`, or None: none committed
+    yet, recorded by a release before data streams, or unreadable now (a run training there may
+    be removing old checkpoints)."""
+    try:
+        steps = committed_steps(workdir)
+        if not steps:
+            return None
+        with _reader(workdir) as checkpoints:
+            return checkpoints.run_info(steps[-1]).get("data_stream")
+    except (CheckpointDamaged, OSError):
+        return None
 
 
 def _same_stream(recorded: list, stream: list) -> bool:

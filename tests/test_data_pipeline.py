@@ -104,8 +104,10 @@ def test_a_runs_relative_data_path_read_from_elsewhere_is_refused(prepared, tmp_
         assert "\n" not in err and re.fullmatch(
             rf"llama-jax {command[0]}.*: error: \S+/started/run trained on data \(.*\), not on data \(.*\), the data "
             rf"its config.json names as read from {re.escape(str(elsewhere))}; run the command from the directory the "
-            rf"run was started in, or give the data with --config", err), err
+            rf"run was started in, or give the data to score with --config FILE", err), err
     assert not list((started / "run").glob("eval-*.json"))
+    assert main(["eval", "--workdir", "../started/run", "--config.data.path=prep"]) == 0  # other data, asked for
+    capsys.readouterr()
     (elsewhere / "prep").unlink()
     assert main(["eval", "--workdir", "../started/run"]) == 2
     assert capsys.readouterr().err.strip() == (f"llama-jax eval: error: prep (read from {elsewhere}) does not exist; give "
