@@ -425,7 +425,7 @@ def shared_data(config, axes: dict, workdir: Path) -> list[str]:
     source = config.data.source
     if source not in SOURCES or source == "synthetic" or any(key.startswith("data.") for key in axes):
         return []
-    if not (workdir / DATA_DIR).is_dir() and any(workdir.glob(f"*/{TRIAL_FILE}")):
+    if not (workdir / DATA_DIR).is_dir() and trials_started(workdir):
         return []
     return ["data.source=prepared", f"data.path={workdir / DATA_DIR}"]
 
@@ -444,11 +444,12 @@ def prepare_shared_data(data_config, workdir: Path, out=print, every_trial_start
         out(f"data.tokenizer={named} no longer exists; every trial has started, with the copy prepared in {data}")
         data_config = data_config.copy_and_resolve_references()
         data_config.tokenizer = str(data / TOKENIZER)
-    if (data / MANIFEST).is_file():  # prepared already: checked against the settings, kept
-        out(f"data.source={data_config.source}: every trial reads the copy prepared in {data}")
-    else:
+    prepared = (data / MANIFEST).is_file()
+    if not prepared:
         out(f"preparing data.source={data_config.source} once for every trial, into {data}")
     prepare_data(data_config, data, progress=True, elsewhere="use another --workdir")
+    if prepared:  # (checked against the settings, and kept)
+        out(f"data.source={data_config.source}: every trial reads the copy prepared in {data}")
 
 
 def read_trial(directory: Path) -> dict:
@@ -717,6 +718,8 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
     if search == "optuna":
         _import_optuna()
     check_workdir(workdir, spec, saved)
+    if saved and trials_started(workdir):  # where its trials started stays the record (none: an earlier release's)
+        spec = dataclasses.replace(spec, directory=saved.get("directory", ""))
     return spec, axes, listed
 
 
@@ -783,12 +786,15 @@ def _same_file(saved: Any, given: str) -> bool:
 
 
 def start_directory(workdir: str | os.PathLike, out=print) -> Path:
-    """The directory a sweep in `workdir` runs in: the one it started in, where the relative paths of
-    its config and overrides (data, tokenizer, init_from) point, so that every trial reads the same
-    files wherever the sweep is resumed from; the current one for a new sweep, or if that directory
-    is gone (said in a line)."""
-    here = Path.cwd()
-    recorded = saved_spec(Path(workdir).absolute()).get("directory")
+    """The directory a sweep in `workdir` runs in: once a trial has started, the one the sweep
+    started in, where the relative paths of its config and overrides (data, tokenizer, init_from)
+    point, so that every trial reads the same files wherever the sweep is resumed from; the
+    current one for a sweep with no trial yet, one recorded before directories were, or if that
+    directory is gone (said in a line)."""
+    here, workdir = Path.cwd(), Path(workdir).absolute()
+    if not trials_started(workdir):
+        return here
+    recorded = saved_spec(workdir).get("directory")
     if not isinstance(recorded, str) or not recorded or Path(recorded) == here:
         return here
     if not Path(recorded).is_dir():
@@ -797,6 +803,11 @@ def start_directory(workdir: str | os.PathLike, out=print) -> Path:
         return here
     out(f"this sweep started in {recorded}: relative paths in its config and overrides are read from there")
     return Path(recorded)
+
+
+def trials_started(workdir: Path) -> bool:
+    """Whether a trial of the sweep in `workdir` has started (it has a trial.json)."""
+    return any(workdir.glob(f"*/{TRIAL_FILE}"))
 
 
 def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
@@ -817,7 +828,7 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
                          and k != "directory"
                          and not (k == "overrides" and _same_overrides(saved.get(k), mine[k]))
                          and not (k == "config" and _same_file(saved.get(k), mine[k])))
-        if changed and any(workdir.glob(f"*/{TRIAL_FILE}")):
+        if changed and trials_started(workdir):
             what = ", ".join(_SPEC_FIELDS.get(k, k) for k in changed)
             raise SweepError(f"{workdir} holds a different sweep (not the same {what}); re-run it with the same "
                              f"arguments and config file, or use another --workdir")

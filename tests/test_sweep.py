@@ -489,6 +489,30 @@ def test_a_sweep_resumed_from_elsewhere_reads_its_relative_paths_where_it_starte
         in again.stdout
 
 
+def test_a_sweep_runs_where_it_started_once_a_trial_has(tmp_path, monkeypatch):
+    """Before any trial starts, a sweep given again (with other arguments, say) runs where it is
+    given; a sweep recorded by an earlier release, without its directory, keeps running where it
+    is run, and the guess is not recorded as where it started."""
+    workdir, started, elsewhere = tmp_path / "sweep", tmp_path / "started", tmp_path / "elsewhere"
+    started.mkdir(), elsewhere.mkdir()
+    overrides = [o.removeprefix("--config.") for o in SHORT]
+    monkeypatch.chdir(started)
+    spec, _, listed = sweep_lib.prepare(TINY, workdir, ["train.seed=[0]"], overrides)
+    workdir.mkdir()
+    (workdir / "sweep.json").write_text(spec.to_json())
+    monkeypatch.chdir(elsewhere)
+    said = []
+    assert sweep_lib.start_directory(workdir, said.append) == elsewhere and not said
+    (workdir / "seed=0").mkdir()
+    sweep_lib.write_trial(workdir / "seed=0", listed[0], "running")
+    assert sweep_lib.start_directory(workdir, said.append) == started
+    assert said == [f"this sweep started in {started}: relative paths in its config and overrides are read from there"]
+    earlier = {k: v for k, v in json.loads(spec.to_json()).items() if k != "directory"}
+    (workdir / "sweep.json").write_text(json.dumps(earlier))
+    assert sweep_lib.start_directory(workdir, said.append) == elsewhere and len(said) == 1
+    assert sweep_lib.prepare(TINY, workdir, ["train.seed=[0]"], overrides)[0].directory == ""
+
+
 def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     """Other axes, overrides or config-file settings than the sweep that started trials in the
     workdir are refused; the same axes (or overrides) in another order are the same sweep, with the
