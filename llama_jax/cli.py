@@ -389,6 +389,7 @@ def _join_processes(**settings) -> None:
             # the start is done in every process, one that refuses its settings and exits (a device count unlike
             # the others', found at once) no longer breaks another's start still under way (an abort in XLA)
             jax.devices()
+            # (the distributed client JAX keeps is not public API; Orbax calls its barriers the same way)
             jax._src.distributed.global_state.client.wait_at_barrier("llama_jax_started", timeout_in_ms=300_000)
         except BaseException as e:  # handed to the main thread
             failure.append(e)

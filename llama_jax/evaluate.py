@@ -509,14 +509,14 @@ def run_data_config(data_config, workdir):
     import json
     from pathlib import Path
 
-    from llama_jax.prepare import DOCUMENT_SOURCES, MANIFEST, document_settings
+    from llama_jax.prepare import DOCUMENT_SOURCES, MANIFEST, document_settings, recorded_documents
     from llama_jax.run_data import DATA_DIR
 
     directory = Path(workdir) / DATA_DIR
     if data_config.get("source") not in DOCUMENT_SOURCES or not (directory / MANIFEST).is_file():
         return data_config
     try:
-        same = document_settings(json.loads((directory / MANIFEST).read_text())["data"]) == \
+        same = document_settings(recorded_documents(json.loads((directory / MANIFEST).read_text()))) == \
             document_settings(data_config)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         same = True  # a damaged manifest: opening the run's data says what is wrong with it

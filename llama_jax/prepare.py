@@ -203,10 +203,20 @@ def document_settings(data: Any) -> dict:
     return settings
 
 
+def recorded_documents(manifest: dict) -> dict:
+    """The document settings a finished directory was prepared with (`document_settings`, paths as
+    they were read then); for a directory of an earlier release, which recorded only the data
+    section, with its relative paths read from the current directory."""
+    recorded = manifest.get("documents")
+    return recorded if isinstance(recorded, dict) else document_settings(manifest.get("data") or {})
+
+
 def _absolute(path: Any) -> Any:
-    """A local path or glob as an absolute one, read from the current directory (a recorded relative
-    one too, as it was read then); URLs (gs://) and non-strings as they are."""
-    return os.path.abspath(path) if isinstance(path, str) and path and "://" not in path else path
+    """A local path or glob (`~` expanded) as an absolute one, read from the current directory;
+    URLs (gs://) and non-strings as they are."""
+    if not isinstance(path, str) or not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------
@@ -560,8 +570,7 @@ def check_prepared(out: Path, data_config, what: str | None, advice: str, again:
     what = what or f"{out} is already prepared"
     manifest = _read_json(out / MANIFEST, again)
     _check_manifest(out / MANIFEST, manifest, again)
-    settings = document_settings(manifest.get("data") or {})
-    _check_same_documents(settings, data_config, what, advice)
+    _check_same_documents(recorded_documents(manifest), data_config, what, advice)
     recorded = _recorded_tokenizer(manifest["tokenizer"]["sha256"], manifest.get("data") or {})
     request = requested_tokenizer(data_config)
     if not request.matches(recorded):
@@ -732,7 +741,7 @@ def _manifest(out: Path, corpus: Corpus, record: dict, tokenizer, dtype: np.dtyp
                 "tokenizer": {"file": TOKENIZER, "sha256": record["tokenizer"]["sha256"],
                               "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
                               "eos_id": tokenizer.eos_id},
-                "token_dtype": dtype.name, "data": record["data"], "splits": splits}
+                "token_dtype": dtype.name, "data": record["data"], "documents": record["documents"], "splits": splits}
     if corpus.sha256:
         manifest["corpus_sha256"] = corpus.sha256
     return manifest

@@ -216,16 +216,21 @@ def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path
 
 
 def test_a_resume_naming_the_same_files_otherwise_goes_on(tokenizer_path, tmp_path, monkeypatch):
-    """A raw source's files compare as the paths they name: `./texts/*.txt` and its absolute form
-    are the `texts/*.txt` the run started with."""
+    """A raw source's files compare as the paths they name: `./texts/*.txt`, its absolute form
+    (from anywhere) and `~/texts/*.txt` are the `texts/*.txt` the run started with."""
     (tmp_path / "texts").mkdir()
+    (tmp_path / "elsewhere").mkdir()
     for i in range(12):
         (tmp_path / "texts" / f"{i}.txt").write_text(EmbeddedCorpus()[i], encoding="utf-8")
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
     raw = ["--config.data.source=text", f"--config.data.tokenizer={tokenizer_path}", "--config.data.eval_fraction=0"]
-    for steps, files in ((1, "texts/*.txt"), (2, "./texts/*.txt"), (3, str(tmp_path / "texts" / "*.txt"))):
-        assert train("run", *raw, f"--config.data.files=['{files}']", f"--config.train.steps={steps}") == 0, files
-    assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+    for steps, cwd, files in ((1, tmp_path, "texts/*.txt"), (2, tmp_path, "./texts/*.txt"),
+                              (3, tmp_path / "elsewhere", str(tmp_path / "texts" / "*.txt")),
+                              (4, tmp_path / "elsewhere", "~/texts/*.txt")):
+        monkeypatch.chdir(cwd)
+        assert train(tmp_path / "run", *raw, f"--config.data.files=['{files}']", f"--config.train.steps={steps}") \
+            == 0, files
+    assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_prepared_data_checks_a_named_tokenizer(prepared, tokenizer_path, tmp_path, capsys):
