@@ -389,7 +389,7 @@ def test_a_fine_tune_resumes_exactly_after_its_init_from_directory_is_gone(tmp_p
     capsys.readouterr()
     assert main(["train", "--config", TINY, "--workdir", str(tmp_path / "again"), *RUN, *fine_tune,
                  "--resume-from", "2"]) == 0
-    assert f"resuming with the run's copy of it ({tmp_path / 'again' / 'tokenizer.model'})" in capsys.readouterr().out
+    assert f"no longer exists; using the run's copy of it ({tmp_path / 'again' / 'tokenizer.model'})" in capsys.readouterr().out
     once, resumed = (run_lib.read_checkpoint_params(tmp_path / run, 4)[3] for run in ("run", "again"))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(resumed)))
 
