@@ -658,6 +658,10 @@ def main(argv=None) -> int:
 
     import jax
 
+    if jax.device_count() > 1:  # the train step would shard over them all, and MFU is of one device's peak
+        parser.error(f"it measures one device and this process sees {jax.device_count()}; give it one "
+                     f"(CUDA_VISIBLE_DEVICES=0 on a GPU host; on CPU, XLA_FLAGS without "
+                     f"--xla_force_host_platform_device_count)")
     start = time.perf_counter()
     rec = Recorder(args.out)
     rec.put("meta", "status", "running")

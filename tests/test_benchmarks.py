@@ -6,6 +6,7 @@ reference of the memory ratios, the scratch directories."""
 
 import ast
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,32 @@ def test_gpu_script_finds_llama_jax_in_its_checkout(tmp_path):
     run = subprocess.run([sys.executable, "-S", str(BENCHMARKS / "gpu.py"), "--help"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("usage: gpu.py"), run.stderr
+
+
+def test_gpu_script_dry_run_measures_every_part(tmp_path):
+    """gpu.py waits for a GPU to be lent, and a slot is short: its dry run (tiny shapes on this
+    CPU) goes through every part, and each attention variant it times on the GPU computes what
+    XLA's float32 attention computes (on CPU the variants ask jax.nn.dot_product_attention for XLA's
+    implementation, with each variant's mask, is_causal and sequence-length arguments)."""
+    out = tmp_path / "results.json"
+    gpu_py = [sys.executable, str(BENCHMARKS / "gpu.py"), "--dry-run", "--out", str(out)]
+    one_device = {**os.environ, "XLA_FLAGS": ""}  # not the suite's 8 devices: the script measures one
+    run = subprocess.run(gpu_py, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and not out.exists(), run.stderr
+    assert "gpu.py: error: it measures one device and this process sees 2; give it one" in run.stderr
+    run = subprocess.run(gpu_py, capture_output=True, text=True, timeout=300, env=one_device)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["meta"]["status"] == "done"
+    parts = [name for name in results if name[:2] in ("a_", "b_", "c_", "d_")]
+    assert len(parts) == 4 and all(results[name]["status"] == "ok" for name in parts), results
+    variants = {name: row for name, row in results["a_attention"].items()
+                if isinstance(row, dict) and "vs_xla_f32" in row}
+    assert len(variants) == 5, results["a_attention"]  # the packed-offsets calls need CUDA and record why not
+    for name, row in variants.items():  # bf16 against float32: within bf16's rounding of values up to ~8
+        assert max(row["vs_xla_f32"].values()) < 0.05, (name, row["vs_xla_f32"])
+    assert results["c_decode"]["result"], results["c_decode"]
 
 
 def test_decode_rows_get_params_in_their_own_layout(script):
