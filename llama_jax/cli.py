@@ -574,7 +574,7 @@ def cmd_sweep(args) -> None:
         print(results.report(args.workdir), end="")
         return
     job = _check_sweep_arguments(args)
-    args.config, args.workdir = (str(Path(path).absolute()) for path in (args.config, args.workdir))
+    args.config, args.workdir = (os.path.abspath(path) for path in (args.config, args.workdir))
     with contextlib.chdir(sweep.start_directory(args.workdir)):  # trials, and SLURM's jobs, run there too
         _sweep(args, job)
 
