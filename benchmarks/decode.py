@@ -50,7 +50,7 @@ def streaming_sampler() -> Callable[[], float]:
 
 
 def bytes_per_token(cfg, params, slots: int) -> dict[str, int]:
-    """What one decoded token of a batch of one reads, the roofline's denominator:
+    """What one decoded token of a batch of one reads, from which each batch's roofline follows:
     "weights", every weight once, except the input embedding table, of which it reads one row
     (unless the table is the tied output projection too), and "kv_cache", the keys and values of
     every layer over all `slots` of the cache (prompt + new tokens), in the compute dtype: llama-jax
