@@ -800,7 +800,7 @@ def cmd_data_inspect(args) -> None:
             if _runs_own_data(args):
                 from llama_jax.run import check_named_data, latest_data_stream
 
-                check_named_data(workdir.absolute(), latest_data_stream(workdir), data.stream, config.data)
+                check_named_data(Path(os.path.abspath(workdir)), latest_data_stream(workdir), data.stream, config.data)
             if args.epoch:
                 lines = coverage_lines(data.train)
             else:

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -449,7 +450,7 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     if (model_dir is None) == (workdir is None):
         raise ValueError("give either a model directory or a run's workdir")
     # bad data settings fail before the model is read
-    data_config = run_data_config(config.data, workdir) if workdir is not None else config.data
+    data_config = run_data_config(config.data, workdir, run_config) if workdir is not None else config.data
     prepared = held_out_splits(data_config) if data_config.get("source") == "prepared" else None
     documents = held_out_documents(data_config) if prepared is None else None
     seq_len = seq_len or config.train.seq_len
@@ -464,8 +465,8 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
             from llama_jax.run_data import prepared_dirs, stream_of
 
             opened = [(name, open_prepared(path), weight) for name, path, weight in prepared_dirs(data_config)]
-            check_named_data(Path(workdir).absolute(), info.get("data_stream"), stream_of(opened), data_config)
-        origin = {"workdir": str(Path(workdir).absolute()), "step": step}
+            check_named_data(Path(os.path.abspath(workdir)), info.get("data_stream"), stream_of(opened), data_config)
+        origin = {"workdir": os.path.abspath(workdir), "step": step}
         tokenizer_file = Path(tokenizer_file)
     else:
         from llama_jax.checkpoint import load_model
@@ -501,25 +502,31 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     return {**total.metrics(), "sources": {name: r.metrics() for name, r in results.items()}, **about}
 
 
-def run_data_config(data_config, workdir):
+def run_data_config(data_config, workdir, run_config: bool = False):
     """The `data` section reading WORKDIR/data, a run's own prepared copy of its raw source, when
-    `data_config` asks for the documents it was prepared from: the files may have changed, moved
-    or grown since, and held out others; else `data_config` itself."""
+    `data_config` asks for the documents it was prepared from (written as the run's settings, or
+    naming the same files from here): the files may have changed, moved or grown since, and held
+    out others; else `data_config` itself, other documents to score. `run_config`: `data_config` is
+    the run's own config.json, which only WORKDIR/data stands for (RunError if it names others)."""
     import copy
     import json
     from pathlib import Path
 
-    from llama_jax.prepare import DOCUMENT_SOURCES, MANIFEST, document_settings, recorded_documents
-    from llama_jax.run_data import DATA_DIR
+    from llama_jax.prepare import DOCUMENT_SOURCES, MANIFEST, document_settings, recorded_documents, written_alike
+    from llama_jax.run_data import DATA_DIR, RunError
 
-    directory = Path(workdir) / DATA_DIR
+    directory = Path(os.path.abspath(workdir)) / DATA_DIR
     if data_config.get("source") not in DOCUMENT_SOURCES or not (directory / MANIFEST).is_file():
         return data_config
     try:
-        same = document_settings(recorded_documents(json.loads((directory / MANIFEST).read_text()))) == \
-            document_settings(data_config)
+        manifest = json.loads((directory / MANIFEST).read_text())
+        same = written_alike(manifest, data_config) or \
+            document_settings(recorded_documents(manifest)) == document_settings(data_config)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         same = True  # a damaged manifest: opening the run's data says what is wrong with it
+    if not same and run_config:
+        raise RunError(f"{Path(workdir) / 'config.json'} names other documents than {directory} was prepared from "
+                       f"(its {MANIFEST}); give the data to score with --config FILE")
     if not same:
         return data_config
     run_data = copy.deepcopy(data_config)

@@ -188,14 +188,17 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def document_settings(data: Any) -> dict:
+def document_settings(data: Any, absolute: bool = True) -> dict:
     """The keys of a `data` section that decide which documents a split holds, local paths made
-    absolute (`_absolute`), so that spellings of the same files compare equal."""
+    absolute (`_absolute`), so that spellings of the same files compare equal; `absolute=False`:
+    as they are written."""
     source = data.get("source")
     keys = ["source", *_DOCUMENT_KEYS.get(source, ())]
     if not (source == "tfds" and data.get("tfds_eval_split")):
         keys.append("eval_fraction")
     settings = {key: _jsonable(data.get(key)) for key in keys}
+    if not absolute:
+        return settings
     if isinstance(settings.get("files"), list):
         settings["files"] = [_absolute(pattern) for pattern in settings["files"]]
     if settings.get("data_dir"):
@@ -209,6 +212,14 @@ def recorded_documents(manifest: dict) -> dict:
     section, with its relative paths read from the current directory."""
     recorded = manifest.get("documents")
     return recorded if isinstance(recorded, dict) else document_settings(manifest.get("data") or {})
+
+
+def written_alike(manifest: dict, data_config) -> bool:
+    """Whether `data_config` names the documents a finished directory was prepared from in the
+    same words (relative paths unresolved). For a run's own prepared copy (WORKDIR/data) that means
+    the run's own settings: their relative paths were read from the directory the run started in,
+    wherever it is resumed, inspected or evaluated from later."""
+    return document_settings(manifest.get("data") or {}, absolute=False) == document_settings(data_config, False)
 
 
 def _absolute(path: Any) -> Any:
@@ -563,14 +574,17 @@ def _directory_state(out: Path) -> str:
     return "new"
 
 
-def check_prepared(out: Path, data_config, what: str | None, advice: str, again: str = AGAIN) -> dict:
+def check_prepared(out: Path, data_config, what: str | None, advice: str, again: str = AGAIN,
+                   runs_own: bool = False) -> dict:
     """The manifest of a finished directory, if it was prepared with the settings asked for now;
     else ValueError: "{what} with data.KEY=recorded, not requested; {advice}", or, for a manifest
-    that cannot be read, "...; {again}"."""
+    that cannot be read, "...; {again}". `runs_own`: `out` is a run's own copy of its data, which
+    settings written as the run's are (`written_alike`) from any directory."""
     what = what or f"{out} is already prepared"
     manifest = _read_json(out / MANIFEST, again)
     _check_manifest(out / MANIFEST, manifest, again)
-    _check_same_documents(recorded_documents(manifest), data_config, what, advice)
+    if not (runs_own and written_alike(manifest, data_config)):
+        _check_same_documents(recorded_documents(manifest), data_config, what, advice)
     recorded = _recorded_tokenizer(manifest["tokenizer"]["sha256"], manifest.get("data") or {})
     request = requested_tokenizer(data_config)
     if not request.matches(recorded):
@@ -582,9 +596,22 @@ def check_prepared(out: Path, data_config, what: str | None, advice: str, again:
 def _check_same_documents(recorded: dict, data_config, what: str, advice: str) -> None:
     recorded = document_settings(recorded)  # (paths recorded relative by earlier releases made absolute too)
     wanted = document_settings(data_config)
+    as_written = document_settings(data_config, absolute=False)
     for key in sorted(set(recorded) | set(wanted)):
         if recorded.get(key) != wanted.get(key):
-            raise ValueError(f"{what} with data.{key}={recorded.get(key)!r}, not {wanted.get(key)!r}; {advice}")
+            where = f" (read from {Path.cwd()})" if key in _PATH_KEYS and _relative(as_written.get(key)) else ""
+            raise ValueError(f"{what} with data.{key}={recorded.get(key)!r}, not {wanted.get(key)!r}{where}; "
+                             f"{advice}")
+
+
+_PATH_KEYS = ("files", "data_dir")  # the document settings that name local paths
+
+
+def _relative(value: Any) -> bool:
+    """Whether a path setting's value (a path, or a list of them) holds one relative to the current directory."""
+    paths = value if isinstance(value, list) else [value]
+    return any(isinstance(path, str) and path and "://" not in path and not os.path.isabs(os.path.expanduser(path))
+               for path in paths)
 
 
 def _check_partial(out: Path, data_config, request: TokenizerChoice, corpus: Corpus, shard_tokens: int) -> dict:

@@ -218,9 +218,12 @@ def check_named_data(workdir: Path, recorded: list | None, stream: list | None, 
     data of that name, and data prepared again in place holds other documents."""
     if recorded is None or stream is None or _same_stream(recorded, stream):
         return
-    from llama_jax.run_data import prepared_dirs
+    from llama_jax.run_data import DATA_DIR, prepared_dirs
 
-    paths = [path for _, path, _ in prepared_dirs(data_config)]
+    if data_config.get("source") == "prepared":
+        paths = [path for _, path, _ in prepared_dirs(data_config)]
+    else:  # a raw source, read from the run's own prepared copy of it
+        paths = [workdir / DATA_DIR]
     if any(not path.is_absolute() for path in paths):
         where = (f"as read from {Path.cwd()}; run the command from the directory the run was started in, or give "
                  f"the data to score with --config FILE")

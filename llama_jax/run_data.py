@@ -169,14 +169,14 @@ def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
     if d.tokenizer and d.tokenizer != "train":
         given = tokenizer_file(d.tokenizer)
         if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
-            raise RunError(f"data.tokenizer={d.tokenizer} differs from the tokenizer this run started with "
-                           f"({kept}); resume with that tokenizer or use another --workdir")
+            raise RunError(f"data.tokenizer={d.tokenizer}{_read_from(d.tokenizer)} differs from the tokenizer this "
+                           f"run started with ({kept}); resume with that tokenizer or use another --workdir")
         if (final / MANIFEST).is_file() and _copy_stands_in(d.tokenizer, kept):
             d = copy.deepcopy(d)
             d.tokenizer = str(kept)
     if (final / MANIFEST).is_file():
         check_prepared(final, d, f"{final} (the data this run started with) was prepared",
-                       "resume with the run's data settings or use another --workdir")
+                       "use the run's data settings (its config.json) or another --workdir", runs_own=True)
         return final, None
     if d.tokenizer == "train" and jax.process_count() > 1:
         raise RunError("data.tokenizer=train needs a single process; train it once with "
@@ -197,9 +197,14 @@ def _copy_stands_in(tokenizer: str, kept: Path) -> bool:
     if not kept.is_file() or tokenizer_file(tokenizer).exists() or not _started_with_tokenizer(kept.parent, tokenizer):
         return False
     if jax.process_index() == 0:
-        where = "" if Path(tokenizer).is_absolute() else f" (read from {Path.cwd()})"
-        print(f"data.tokenizer={tokenizer}{where} no longer exists; using the run's copy of it ({kept})")
+        print(f"data.tokenizer={tokenizer}{_read_from(tokenizer)} no longer exists; using the run's copy of it "
+              f"({kept})")
     return True
+
+
+def _read_from(path: str) -> str:
+    """" (read from CWD)" for a relative path, which names a file there; "" for an absolute one."""
+    return "" if Path(path).expanduser().is_absolute() else f" (read from {Path.cwd()})"
 
 
 def _started_with_tokenizer(workdir: Path, tokenizer: str) -> bool:

@@ -398,7 +398,7 @@ CASES = [
     Case("demo-workdir-is-model-dir", "demo --workdir {model}", r"holds 'model_config.json' but no llama-jax run"),
     Case("demo-workdir-is-another-run", "demo --workdir {run}",
          r"run/data \(the data this run started with\) was prepared with data.eval_fraction=0.01, not 0.05; "
-         r"resume with the run's data settings or use another --workdir"),
+         r"use the run's data settings \(its config.json\) or another --workdir"),
     Case("demo-tokenizer-above-model-vocab", "demo --workdir new --config.data.tokenizer_vocab_size=8192",
          r"the tokenizer has \d+ tokens but the model's vocab_size is 4096"),
 ]

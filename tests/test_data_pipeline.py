@@ -233,6 +233,45 @@ def test_a_resume_naming_the_same_files_otherwise_goes_on(tokenizer_path, tmp_pa
     assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_a_raw_source_runs_relative_files_are_the_runs_from_anywhere(tokenizer_path, tmp_path, monkeypatch, capsys):
+    """A run's config.json keeps data.files as given ('texts/*.txt', read from where the run
+    started). From another directory that holds other files of that name, `eval --workdir`, `data
+    inspect --workdir` and a resume with the run's own settings still read the run's prepared copy
+    (WORKDIR/data); other spellings that name other files from here are refused, saying where they
+    were read from."""
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    for directory, first in ((started, 0), (elsewhere, 20)):
+        (directory / "texts").mkdir(parents=True)
+        for i in range(12):
+            (directory / "texts" / f"{i}.txt").write_text(EmbeddedCorpus()[first + i], encoding="utf-8")
+    raw = ["--config.data.source=text", f"--config.data.tokenizer={tokenizer_path}", "--config.data.eval_fraction=0.25"]
+    monkeypatch.chdir(started)
+    assert train("run", *raw, "--config.data.files=['texts/*.txt']", "--config.train.steps=2") == 0
+    seen = {}
+    for cwd, run in ((started, "run"), (elsewhere, "../started/run")):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        assert main(["eval", "--workdir", run]) == 0
+        scored = json.loads(capsys.readouterr().out)
+        assert main(["data", "inspect", "--workdir", run, "--step", "1"]) == 0
+        seen[cwd.name] = scored, capsys.readouterr().out
+    assert seen["elsewhere"] == seen["started"]  # the same documents, scored and shown alike
+    assert seen["started"][0]["workdir"] == str(started / "run")
+    assert main(["train", "--config", "../started/run/config.json", "--workdir", "../started/run",
+                 "--config.train.steps=3", "--config.checkpoint.async_save=False"]) == 0
+    assert [r["step"] for r in records(started / "run") if "loss" in r] == [1, 2, 3]
+    assert train(started / "run", *raw, "--config.data.files=['./texts/*.txt']", "--config.train.steps=4") == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"was prepared with data.files=['{started}/texts/*.txt'], not ['{elsewhere}/texts/*.txt'] (read from "
+        f"{elsewhere}); use the run's data settings (its config.json) or another --workdir")
+    shutil.rmtree(started / "run" / "data")  # prepared again from the files, which changed since
+    (started / "texts" / "0.txt").write_text(EmbeddedCorpus()[40], encoding="utf-8")
+    assert main(["data", "inspect", "--workdir", "../started/run", "--step", "1"]) == 2
+    assert re.fullmatch(rf"llama-jax data inspect: error: \S+/run trained on data \(.*\), not on data \(.*\), the data "
+                        rf"its config.json names \({re.escape(str(started / 'run' / 'data'))}\): changed since; .*",
+                        capsys.readouterr().err.strip())
+
+
 def test_prepared_data_checks_a_named_tokenizer(prepared, tokenizer_path, tmp_path, capsys):
     """data.tokenizer with prepared data: the tokenizer the data was prepared with (a file or its
     directory) is accepted; another one is refused in one line before anything is written."""

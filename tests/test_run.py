@@ -399,7 +399,8 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("another tokenizer on resume", "differs from the tokenizer this run started with"),
     ("empty dataset", "holds no non-empty document"),
     ("other data on resume", r"run/data \(the data this run started with\) was prepared with data.files=None, "
-                             r"not \['.*empty.txt'\]; resume with the run's data settings or use another --workdir"),
+                             r"not \['.*empty.txt'\]; use the run's data settings \(its config.json\) or another "
+                             r"--workdir"),
     ("seq_len too long", "train.seq_len=256 exceeds the model's max_seq_len=128"),
     ("other model shape", "holds a model with dim=64, but the config asks for dim=96"),
     ("other optimizer",
