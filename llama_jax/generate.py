@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import backend_tuning
 from llama_jax.config import LLaMAConfig, is_int
 from llama_jax.model import KVCache, LLaMA, abstract_params, check_params, join_qkv, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
@@ -126,9 +127,8 @@ def _prefill(params, tokens_BxP: Array, pad_B: Array, sampler: _Sampler, *, cfg:
     return _Decoding(cache.constrained(mesh), first, first == sampler.eos_id, jnp.int32(1))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "mesh"), donate_argnums=(1,))
-def _decode(params, state: _Decoding, pad_B: Array, sampler: _Sampler, limit: Array, *, cfg: LLaMAConfig,
-            chunk: int, mesh=None) -> tuple[_Decoding, Array, Array]:
+def _decode_steps(params, state: _Decoding, pad_B: Array, sampler: _Sampler, limit: Array, *, cfg: LLaMAConfig,
+                  chunk: int, mesh=None) -> tuple[_Decoding, Array, Array]:
     """Up to `chunk` more tokens per row [B, chunk], stopping early once every row is done or
     `limit` tokens are produced; also returns how many steps ran. The cache is updated in place."""
     B = pad_B.shape[0]
@@ -150,6 +150,18 @@ def _decode(params, state: _Decoding, pad_B: Array, sampler: _Sampler, limit: Ar
     out = jnp.full((B, chunk), sampler.eos_id, jnp.int32)
     steps, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
     return state, out, steps
+
+
+_DECODE_JIT = {"static_argnames": ("cfg", "chunk", "mesh"), "donate_argnums": (1,)}
+_decode = jax.jit(_decode_steps, **_DECODE_JIT)
+
+
+@functools.cache
+def _decode_for(platform: str):
+    """`_decode` compiled with this project's decoding options for `platform`
+    (`llama_jax.backend_tuning`: command buffers on GPU), or as it is where there are none."""
+    options = backend_tuning.compiler_options(platform, "decode")
+    return jax.jit(_decode_steps, **_DECODE_JIT, compiler_options=options) if options else _decode
 
 
 def _is_real(value: object) -> bool:
@@ -266,6 +278,7 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
                        jnp.int32(min(n_tokens or config.vocab_size, config.vocab_size)))
 
     state = _prefill(params, tokens, pad, sampler, cfg=config, max_len=P + max_new_tokens, mesh=mesh)
+    decode = _decode_for(jax.default_backend() if mesh is None else mesh.devices.flat[0].platform)
     rows = [[t] for t in np.asarray(state.last_B).tolist()]
     chunk = max_new_tokens - 1 if on_tokens is None else min(chunk, max_new_tokens - 1)
     finished_at: list[int | None] = [None] * len(rows)  # each row's length when on_tokens finished it
@@ -278,8 +291,8 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
             state = state._replace(done_B=state.done_B | finished)
         if len(rows[0]) == max_new_tokens or finished.all() or bool(jnp.all(state.done_B)):
             break
-        state, out, steps = _decode(params, state, pad, sampler, jnp.int32(max_new_tokens), cfg=config,
-                                    chunk=chunk, mesh=mesh)
+        state, out, steps = decode(params, state, pad, sampler, jnp.int32(max_new_tokens), cfg=config, chunk=chunk,
+                                   mesh=mesh)
         for row, new in zip(rows, np.asarray(out)[:, :int(steps)].tolist()):
             row += new
     if eos_id is not None:

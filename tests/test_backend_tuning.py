@@ -69,3 +69,17 @@ def test_command_restarts_once_with_huge_pages():
 
     starts, faults = run_program({**env, "LLAMA_JAX_TUNING": "0"})
     assert [s[2] for s in starts] == ["None"] and faults >= PAGES_4K  # turned off: 4 KiB pages
+
+
+def test_compiler_options_by_backend_and_program(monkeypatch):
+    """The CPU's option is for training programs; decoding there compiles with XLA's defaults (the
+    command buffers decoding gets on GPU are no CPU option); LLAMA_JAX_TUNING=0 turns them off."""
+    from llama_jax import backend_tuning
+    from llama_jax.generate import _decode, _decode_for
+
+    assert backend_tuning.compiler_options("cpu", "train") == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}
+    assert backend_tuning.compiler_options("cpu", "decode") == {} and _decode_for("cpu") is _decode
+    assert backend_tuning.compiler_options("gpu", "decode") == {}  # no GPU here: nothing to compile for
+    monkeypatch.setenv("LLAMA_JAX_TUNING", "0")
+    assert backend_tuning.compiler_options("cpu", "train") == {}
