@@ -1,9 +1,10 @@
 """GPU benchmarks for one NVIDIA H200: cuDNN attention against XLA, MFU of a ~1B LLaMA train step,
 and batch-1 greedy decoding against the HBM roofline.
 
-GPU figures are not yet measured: this script was written and checked on CPU only (`--dry-run`,
-which builds every part with a tiny shape and runs one step of each, with XLA standing in for
-cuDNN). It is meant to run first time on a GPU machine within a 10-minute slot.
+It was written on CPU (`--dry-run`, which builds every part with a tiny shape and runs one step
+of each, with XLA standing in for cuDNN, is in the test suite) and first ran on an H200 on
+2026-12-04 (jax 0.11.2, cuDNN 9.19, flax 0.12.10, orbax-checkpoint 0.12.4: 246 s for all four
+parts; the figures are in benchmarks/README.md). It fits a 10-minute slot.
 
 On the GPU machine (a CUDA build of jax already installed), from the repository root:
 
@@ -19,18 +20,19 @@ dependencies (grain, tiktoken, tensorboardX, matplotlib, ...) are not needed, wh
 by blocking their imports during a dry run. setup.py pins jax<0.11; `--no-deps` sidesteps that
 check for a newer CUDA jax. If pip cannot satisfy the flax/orbax pins with the installed jax,
 drop the pins. Without network access, skip both installs if `pip list` shows the five
-packages (the script puts the checkout on sys.path itself), or bring their wheels along
-(`pip download` here, `pip install --no-index --find-links DIR` there). Version risk: the
-script's own code tolerates a newer jax (the cuDNN variants are looked up with `inspect` and
-skipped with a note, the float32 reference's precision switch is optional), but llama_jax itself
-enters its mesh with `with mesh:`, which jax 0.10 deprecates; a jax that removed it would fail
-parts b and d (recorded as errors in the JSON), not a and c. Here, on CPU:
+packages (the script puts the checkout on sys.path itself), or bring the missing ones' wheels
+along: on 2026-12-04 the H200 machine lacked only ml_collections, installed there with
+`pip install --no-index --no-deps --target /tmp/site ml_collections-*.whl` and
+`PYTHONPATH=/tmp/site`, and every part ran with its jax 0.11.2 (which still accepts the
+`with mesh:` llama_jax enters its mesh with) and orbax-checkpoint 0.12.4. The script's own code
+tolerates other jax versions: the cuDNN variants are looked up with `inspect` and skipped with a
+note, and the float32 reference's precision switch is optional. Here, on CPU:
 
     python benchmarks/gpu.py --dry-run --out /tmp/gpu_dry.json
 
 Every figure is written to `--out` (JSON, rewritten atomically after each measurement), so a run
 cut short by the slot's end still leaves what it measured; a part that fails records its error
-and the next part runs. Parts, in this order (`--parts a b c d` to choose):
+and the next part runs. Parts, in this order (`--parts a b c d e` to choose):
 
 a. Attention kernels of `llama_jax.attention`, bf16, B=4, S=2048, H=16 query / K=8 K/V heads
    (GQA), head dim 128, on packed rows (2-5 documents per row, segment ids as training uses).
@@ -38,12 +40,16 @@ a. Attention kernels of `llama_jax.attention`, bf16, B=4, S=2048, H=16 query / K
    random cotangent) of `cudnn` against `xla`, each also against a float32 `xla` reference.
    Speed, forward + backward (median of `--repeats` after warm-up; compile apart):
      xla                      the project's `xla` kernel (einsums) with the dense [B,S,T] mask;
-     cudnn, is_causal + dense mask  the project's `cudnn` kernel: `jax.nn.dot_product_attention(
-                              implementation="cudnn", is_causal=True)` with the [B,1,S,T]
-                              boolean mask (cuDNN receives it as a bias tensor and knows it
-                              is causal, so it may skip the blocks above the diagonal);
+     cudnn, is_causal + dense mask  `jax.nn.dot_product_attention(implementation="cudnn",
+                              is_causal=True)` with the [B,1,S,T] boolean mask (cuDNN receives it
+                              as a bias tensor and knows it is causal, so it may skip the blocks
+                              above the diagonal): the project's `cudnn` kernel until 12-04, now
+                              its fallback for rows of more documents than it makes room for;
      cudnn, dense mask only   the same call without `is_causal` (the project's form before
                               it passed `is_causal`): cuDNN computes every block;
+     cudnn, project kernel    `llama_jax.attention.cudnn_attention`: the packed layout built from
+                              the segment ids on the device, with room for 32 documents per row
+                              (behind a `lax.cond` to the dense form) and for S (no cond);
      cudnn, is_causal         the same call with `is_causal=True` and no mask: one document
                               per row, no packing (the kernel's best case);
      cudnn, is_causal + seq lengths  `query_seq_lengths`/`key_value_seq_lengths`, if the
@@ -56,7 +62,7 @@ a. Attention kernels of `llama_jax.attention`, bf16, B=4, S=2048, H=16 query / K
                               layout, Hopper and cuDNN >= 9.6), if present; checked against the
                               xla kernel on the same packed rows, and retried with K/V repeated
                               to 16 heads if the GQA call disagrees.
-   Ratios to the project's cudnn path and to xla.
+   Ratios to the project's cudnn kernel (room for 32) and to xla.
 b. MFU of a ~1B LLaMA train step (dim 2048, 16 layers, 16 heads, 8 K/V heads, FFN 5632, vocab
    32000, 0.89B parameters; bf16 compute, float32 master weights, AdamW) at seq 2048 with
    `attention_impl="cudnn"`: `llama_jax.train.build_trainer` (config from
@@ -74,6 +80,8 @@ c. Batch-1 greedy decoding of the same model (the parameters part b trained, cas
    4 GiB device-to-device `x + 1`, read + write bytes, and a bf16 matrix-vector product over
    2 GiB, read bytes).
 d. Reference for b: the same train step with `attention_impl="xla"` (first fitting candidate).
+e. The same train step with `attention_impl="cudnn_packed"` (cuDNN's packed layout; its
+   compiled peak memory is recorded beside b's: without remat it keeps both forms' residuals).
 """
 
 from __future__ import annotations
@@ -188,6 +196,10 @@ def _memory_stats(dev) -> dict:
 
 # ---- a. attention ------------------------------------------------------------------------------
 
+DENSE_FORM = "cudnn, is_causal + dense mask (project kernel `cudnn`)"
+PACKED_FORM = "cudnn, packed layout from segment ids, room for {} documents (project kernel `cudnn_packed`)"
+
+
 def packed_segments(B: int, S: int, seed: int = 0) -> tuple[np.ndarray, list[list[int]]]:
     """Segment ids [B, S] of rows holding 2, 3, 4, 5, 2, ... documents (no padding), and the
     document lengths of each row."""
@@ -238,7 +250,7 @@ def part_attention(args, rec: Recorder) -> None:
     import jax
     import jax.numpy as jnp
 
-    from llama_jax.attention import KERNELS, attention_mask, xla_attention
+    from llama_jax.attention import PACKED_DOCUMENTS, KERNELS, attention_mask, cudnn_packed_attention, xla_attention
 
     P = "a_attention"
     shape = (TINY if args.dry_run else FULL)["attn"]
@@ -271,8 +283,7 @@ def part_attention(args, rec: Recorder) -> None:
 
     variants = {  # name -> (fn(q, k, v), semantics: "packed" or "causal")
         "xla (project kernel, dense mask)": (lambda q, k, v: xla_attention(q, k, v, packed_mask), "packed"),
-        "cudnn, is_causal + dense mask (project kernel)": (
-            lambda q, k, v: project_cudnn(q, k, v, packed_mask), "packed"),
+        DENSE_FORM: (lambda q, k, v: project_cudnn(q, k, v, packed_mask), "packed"),
         "cudnn, dense mask only (no is_causal)": (
             lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=packed_mask[:, None], implementation=impl),
             "packed"),
@@ -341,6 +352,16 @@ def part_attention(args, rec: Recorder) -> None:
             rec.put(P, name, {"error": f"{type(e).__name__}: {e}"[:2000]})
             log(f"  a. {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
 
+    # the project's `cudnn_packed` kernel: the packed layout built from segment ids on the device, room
+    # for PACKED_DOCUMENTS per row behind a lax.cond to the dense form (room for all S slots ran out of
+    # memory on 12-04: cuDNN's workspace grows with the room)
+    name = PACKED_FORM.format(PACKED_DOCUMENTS)
+    try:
+        results[name] = measure(name, lambda q, k, v: cudnn_packed_attention(q, k, v, seg), "packed")
+    except Exception as e:  # (--dry-run: it needs CUDA and cuDNN)
+        rec.put(P, name, {"error": f"{type(e).__name__}: {e}"[:2000]})
+        log(f"  a. {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+
     # cuDNN's packed layout through jax's internal entry point (not public API; may be absent)
     if args.dry_run:  # exercised all the same; the calls fail without CUDA and record why
         rec.put(P, "note_packed_offsets", "--dry-run: the packed-offsets calls need CUDA and cuDNN and fail here")
@@ -352,9 +373,9 @@ def part_attention(args, rec: Recorder) -> None:
         if missing:
             raise NotImplementedError(f"internal dot_product_attention lacks {sorted(missing)}")
         seqlen, offsets = jnp.asarray(seqlen_np), jnp.asarray(offsets_np)
-        # agreement: every difference to the f32 reference within 4x the project cudnn path's own
+        # agreement: every difference to the f32 reference within 4x the dense form's own
         # (bf16 rounding), or within 2% of the reference's largest value
-        dense = results.get("cudnn, is_causal + dense mask (project kernel)", {}).get("vs_xla_f32", {})
+        dense = results.get(DENSE_FORM, {}).get("vs_xla_f32", {})
         tolerance = {n: max(4 * dense.get(n, 0.0), 0.02 * ref_max["packed"][n]) for n in ("out", "dq", "dk", "dv")}
         rec.put(P, "packed_offsets_tolerance", tolerance)
 
@@ -388,7 +409,7 @@ def part_attention(args, rec: Recorder) -> None:
         rec.put(P, "note_packed_offsets", f"skipped: {type(e).__name__}: {e}"[:2000])
         log(f"  a. packed offsets skipped: {type(e).__name__}: {str(e)[:300]}")
 
-    base = results.get("cudnn, is_causal + dense mask (project kernel)")
+    base = results.get(DENSE_FORM)
     xla = results.get("xla (project kernel, dense mask)")
     ratios = {}
     for name, entry in results.items():
@@ -427,7 +448,7 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
 
     sizes = TINY if args.dry_run else FULL
     S = sizes["seq_len"]
-    impl = "xla" if args.dry_run and attention_impl == "cudnn" else attention_impl
+    impl = "xla" if args.dry_run and attention_impl.startswith("cudnn") else attention_impl
     dev = jax.devices()[0]
     known = metrics.peak_flops_for_kind(dev.device_kind)
     if known is not None:
@@ -443,7 +464,7 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
     log(f"  {part}: peak {peak / 1e12:.0f} TFLOP/s from {source}")
     limit = _memory_stats(dev).get("bytes_limit")
     candidates = [(2, "none")] if args.dry_run else args.mfu_candidates
-    if part.startswith("d") and SHARED.get("mfu_choice") in candidates:  # the reference starts where b ran
+    if part[0] in "de" and SHARED.get("mfu_choice") in candidates:  # d and e start where b ran
         candidates = candidates[candidates.index(SHARED["mfu_choice"]):]
     tried = []
     for batch, remat in candidates:
@@ -634,7 +655,7 @@ def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_results.json", help="results JSON, rewritten as figures come in")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, one step of each part")
-    parser.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
+    parser.add_argument("--parts", nargs="+", default=list("abcde"), choices=list("abcde"))
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed repeats of decoding calls")
     parser.add_argument("--repeats-attention", type=positive_int, default=20, help="timed repeats of attention calls")
     parser.add_argument("--steps", type=positive_int, default=8, help="timed train steps (after 2 warm-up steps)")
@@ -665,15 +686,17 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rec = Recorder(args.out)
     rec.put("meta", "status", "running")
-    rec.put("meta", "note", "GPU figures are not yet measured" if args.dry_run else "measured by benchmarks/gpu.py")
+    rec.put("meta", "note", "--dry-run: tiny shapes on CPU, not GPU figures" if args.dry_run
+            else "measured by benchmarks/gpu.py")
     environment(args, rec)
     if not args.dry_run and jax.default_backend() != "gpu":
         log(f"warning: backend is {jax.default_backend()!r}, not gpu; cuDNN parts will fail (use --dry-run on CPU)")
     parts = {"a": ("a_attention", lambda: part_attention(args, rec)),
              "b": ("b_mfu_cudnn", lambda: part_mfu(args, rec, "cudnn", "b_mfu_cudnn")),
              "c": ("c_decode", lambda: part_decode(args, rec)),
-             "d": ("d_mfu_xla_reference", lambda: part_mfu(args, rec, "xla", "d_mfu_xla_reference"))}
-    for key in ("a", "b", "c", "d"):
+             "d": ("d_mfu_xla_reference", lambda: part_mfu(args, rec, "xla", "d_mfu_xla_reference")),
+             "e": ("e_mfu_cudnn_packed", lambda: part_mfu(args, rec, "cudnn_packed", "e_mfu_cudnn_packed"))}
+    for key in "abcde":
         if key not in args.parts:
             continue
         name, fn = parts[key]
@@ -715,7 +738,7 @@ def summary(data: dict) -> None:
                      f"x project cudnn {ratio['x_project_cudnn_time'] or float('nan'):.2f}, "
                      f"x xla {ratio['x_xla_time'] or float('nan'):.2f}; output max abs diff vs f32 "
                      f"{entry.get('vs_xla_f32', {}).get('out', float('nan')):.3g}"))
-    for part in ("b_mfu_cudnn", "d_mfu_xla_reference"):
+    for part in ("b_mfu_cudnn", "d_mfu_xla_reference", "e_mfu_cudnn_packed"):
         r = data.get(part, {}).get("result")
         if r:
             rows.append((f"train step ({data[part]['attention_impl']} attention), batch {r['batch']} x {r['seq_len']}, "

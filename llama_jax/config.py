@@ -18,7 +18,7 @@ import numpy as np
 ROPE_TYPES = ("llama3", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash", "auto")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "cudnn_packed", "splash", "auto")
 COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")  # how, not what
 
 

@@ -7,8 +7,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.attention import (KERNELS, _xla_forward, attention, attention_mask, query_blocks, sharded_attention,
-                                 xla_attention)
+import llama_jax.attention as attention_lib
+from llama_jax.attention import (KERNELS, _xla_forward, attention, attention_mask, cudnn_packed_attention,
+                                 packed_layout, query_blocks, sharded_attention, xla_attention)
 
 B, S, K, G, DH = 4, 128, 2, 2, 16
 
@@ -38,6 +39,53 @@ def test_kernels_match_reference(inputs, impl):
     q, k, v, segments, mask = inputs
     ref = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v)
     got = _value_and_grads(lambda q, k, v: attention(q, k, v, mask, segments, impl), q, k, v)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+    for a, b in zip(got[1], ref[1]):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _packed_stand_in(q, k, v, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale):
+    """cuDNN's packed-layout call (PADDING_CAUSAL) computed with the xla kernel from the lengths and
+    offsets alone: attention causal within each listed document, nothing for uncovered slots."""
+    assert scale == pytest.approx(1 / np.sqrt(q.shape[-1]))
+    slot = jnp.arange(q.shape[1])
+    first, length = q_offsets[:, :-1, None], q_seqlen[:, :, None]
+    inside = (length > 0) & (slot >= first) & (slot < first + length)  # [B, documents, S]
+    document = jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1)  # [B, S], -1 where none
+    mask = attention_mask(jnp.broadcast_to(slot, document.shape), document, document) & (document >= 0)[:, :, None]
+    return xla_attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("room", [8, 2])
+def test_cudnn_packed_kernel_gives_cudnn_each_rows_documents(inputs, monkeypatch, room):
+    """`cudnn_packed_attention` (GPU only) on CPU, cuDNN's two calls stood in for by XLA: the packed
+    one by attention rebuilt from the lengths and offsets it is given (`packed_layout`), the dense
+    one (the `cudnn` kernel's call) by `jax.nn.dot_product_attention`'s XLA implementation. With
+    room for every row's documents (8) the packed call runs; with room for 2, a row of 3 sends the
+    batch to the dense mask. Values and gradients match the xla kernel either way."""
+    ran = []
+
+    def packed(*args, **kw):
+        jax.debug.callback(lambda: ran.append("packed"))
+        return _packed_stand_in(*args, **kw)
+
+    def dense(impl, *args):
+        jax.debug.callback(lambda: ran.append("dense"))
+        return KERNELS["dot_product"][0](*args)
+
+    monkeypatch.setattr(attention_lib, "_cudnn_packed_entry", lambda: packed)
+    monkeypatch.setattr(attention_lib, "_jax_nn_attention", dense)
+    q, k, v, segments, _ = inputs
+    segments = segments.at[2, 30:].set(2).at[2, 90:].set(3)  # three documents in row 2
+    mask = attention_mask(jnp.broadcast_to(jnp.arange(S), (B, S)), segments, segments)
+    lengths, offsets, documents = packed_layout(segments, 8)
+    assert documents.tolist() == [2, 2, 3, 1]  # (row 1's padding is a run of its own)
+    assert lengths[2].tolist() == [30, 60, 38] + [-1] * 5 and offsets[2].tolist() == [0, 30, 90] + [-1] * 6
+    assert lengths[1].tolist()[:3] == [100, 28, -1] and offsets[3].tolist()[:2] == [0, -1]
+    ref = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v)
+    got = _value_and_grads(lambda q, k, v: cudnn_packed_attention(q, k, v, segments, room=room), q, k, v)
+    jax.effects_barrier()
+    assert set(ran) == {"packed" if room == 8 else "dense"}
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
     for a, b in zip(got[1], ref[1]):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -101,6 +101,8 @@ CASES = [
          r"model.scan_layers must be True or False, got 'maybe'"),
     Case("train-cudnn-without-gpu", NEW_RUN + " --config.model.attention_impl=cudnn",
          r"model.attention_impl='cudnn' needs a GPU with cuDNN, and this backend is cpu; use 'auto'"),
+    Case("train-cudnn-packed-without-gpu", NEW_RUN + " --config.model.attention_impl=cudnn_packed",
+         r"model.attention_impl='cudnn_packed' needs a GPU with cuDNN, and this backend is cpu; use 'auto'"),
     Case("train-splash-seq-len", NEW_RUN + " --config.model.attention_impl=splash",
          r"splash attention needs the sequence length to be a multiple of 128 \(of 512 above 512\), got 64"),
     Case("train-on-nonfinite-unknown", NEW_RUN + " --config.train.on_nonfinite=ignore",

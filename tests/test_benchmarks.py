@@ -103,8 +103,8 @@ def test_gpu_script_dry_run_measures_every_part(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["meta"]["status"] == "done"
-    parts = [name for name in results if name[:2] in ("a_", "b_", "c_", "d_")]
-    assert len(parts) == 4 and all(results[name]["status"] == "ok" for name in parts), results
+    parts = [name for name in results if name[:2] in ("a_", "b_", "c_", "d_", "e_")]
+    assert len(parts) == 5 and all(results[name]["status"] == "ok" for name in parts), results
     variants = {name: row for name, row in results["a_attention"].items()
                 if isinstance(row, dict) and "vs_xla_f32" in row}
     assert len(variants) == 5, results["a_attention"]  # the packed-offsets calls need CUDA and record why not
