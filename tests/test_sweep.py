@@ -489,6 +489,20 @@ def test_a_sweep_resumed_from_elsewhere_reads_its_relative_paths_where_it_starte
         in again.stdout
 
 
+def test_paths_given_by_way_of_another_directory_are_recorded_without_it(tmp_path, monkeypatch, capsys):
+    """`--config` and `--workdir` given as `../...` from a directory that may be gone by the next
+    resume are recorded as the paths they name: every trial's workdir and the shared data.path."""
+    (tmp_path / "started").mkdir(), (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["sweep", "--config", os.path.relpath(TINY), "--workdir", "../started/sweep", "--sweep",
+                 "optimizer.lr=[1e-3,2e-3]", "--config.data.source=embedded", "--config.data.tokenizer=train",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    sweep = tmp_path / "started" / "sweep"
+    assert f" --workdir {sweep}/lr=0.001 " in out and f"--config.data.path={sweep}/data" in out, out
+    assert ".." not in out and "elsewhere" not in out, out
+
+
 def test_a_sweep_runs_where_it_started_once_a_trial_has(tmp_path, monkeypatch):
     """Before any trial starts, a sweep given again (with other arguments, say) runs where it is
     given; a sweep recorded by an earlier release, without its directory, keeps running where it
