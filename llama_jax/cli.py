@@ -461,11 +461,13 @@ def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> 
         check_run_config(workdir, "give the run's config with --config CONFIG")
 
 
-def _runs_own_data(args) -> bool:
-    """Whether a command given --workdir RUN reads the data of RUN's own config.json: no --config,
-    no data.* override."""
-    return args.workdir is not None and args.config is None and \
-        not any(o.split("=", 1)[0].startswith("data.") for o in args.overrides)
+def _runs_own_data(args, config) -> bool:
+    """Whether a command given --workdir RUN reads the run's own data: no data.* override, and no
+    --config or one whose data section is RUN/config.json's (`run_data.runs_own_settings`)."""
+    from llama_jax.run_data import runs_own_settings
+
+    return args.workdir is not None and not any(o.split("=", 1)[0].startswith("data.") for o in args.overrides) \
+        and runs_own_settings(config.data, Path(args.workdir))
 
 
 EVAL_RESULT_KEYS = ("loss", "perplexity", "tokens")  # what marks a file as an earlier result of eval
@@ -500,7 +502,7 @@ def cmd_eval(args) -> None:
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
     record = evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len, args.batch_size,
-                               progress=True, run_config=_runs_own_data(args))
+                               progress=True, run_config=_runs_own_data(args, config))
     default = Path(args.workdir) / f"eval-{record['step']}.json" if args.workdir else Path(args.model) / EVAL_FILE
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
     output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval",
@@ -795,9 +797,10 @@ def cmd_data_inspect(args) -> None:
     from llama_jax.run_data import build_data  # imports JAX; after the config checks
 
     with tempfile.TemporaryDirectory(prefix="llama-jax-inspect-") as scratch:
-        data = build_data(config, None, workdir or Path(scratch))
+        own = _runs_own_data(args, config)
+        data = build_data(config, None, workdir or Path(scratch), runs_own=own)
         try:
-            if _runs_own_data(args):
+            if own:
                 from llama_jax.run import check_named_data, latest_data_stream
 
                 check_named_data(Path(os.path.abspath(workdir)), latest_data_stream(workdir), data.stream, config.data)

@@ -504,34 +504,61 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
 
 def run_data_config(data_config, workdir, run_config: bool = False):
     """The `data` section reading WORKDIR/data, a run's own prepared copy of its raw source, when
-    `data_config` asks for the documents it was prepared from (written as the run's settings, or
-    naming the same files from here): the files may have changed, moved or grown since, and held
-    out others; else `data_config` itself, other documents to score. `run_config`: `data_config` is
-    the run's own config.json, which only WORKDIR/data stands for (RunError if it names others)."""
+    `data_config` asks for the documents it was prepared from: the run's own settings
+    (`run_config`, see `run_data.runs_own_settings`), or ones naming the same files from here (the
+    files may have changed, moved or grown since, and held out others); else `data_config` itself,
+    other documents to score. RunError for the run's own settings without WORKDIR/data, and for
+    relative paths of the run's config.json that name other files from here than the run's."""
     import copy
     import json
     from pathlib import Path
 
-    from llama_jax.prepare import DOCUMENT_SOURCES, MANIFEST, document_settings, recorded_documents, written_alike
+    from llama_jax.prepare import DOCUMENT_SOURCES, MANIFEST, document_settings, recorded_documents
     from llama_jax.run_data import DATA_DIR, RunError
 
     directory = Path(os.path.abspath(workdir)) / DATA_DIR
-    if data_config.get("source") not in DOCUMENT_SOURCES or not (directory / MANIFEST).is_file():
+    if data_config.get("source") not in DOCUMENT_SOURCES:
         return data_config
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-        same = written_alike(manifest, data_config) or \
-            document_settings(recorded_documents(manifest)) == document_settings(data_config)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        same = True  # a damaged manifest: opening the run's data says what is wrong with it
-    if not same and run_config:
-        raise RunError(f"{Path(workdir) / 'config.json'} names other documents than {directory} was prepared from "
-                       f"(its {MANIFEST}); give the data to score with --config FILE")
-    if not same:
+    if not (directory / MANIFEST).is_file():
+        if run_config:
+            raise RunError(f"{directory}, the run's prepared copy of its documents, is missing; give the data to "
+                           f"score with --config FILE")
         return data_config
+    if not run_config:
+        try:
+            recorded = document_settings(recorded_documents(json.loads((directory / MANIFEST).read_text())))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            recorded = None  # a damaged manifest: the data asked for is read as it is
+        if recorded != document_settings(data_config):
+            if recorded is not None:
+                _check_run_paths_read_here(data_config, workdir, recorded)
+            return data_config
     run_data = copy.deepcopy(data_config)
     run_data.update(source="prepared", path=str(directory), tokenizer="")
     return run_data
+
+
+def _check_run_paths_read_here(data_config, workdir, recorded: dict) -> None:
+    """RunError when a path setting of `data_config` is the one the run's config.json gives, as
+    written, relative, and names other files from the current directory than the run was
+    prepared from (`recorded`): it came from the run, which read it from where it started."""
+    import json
+    from pathlib import Path
+
+    from llama_jax.prepare import PATH_KEYS, document_settings, is_relative
+    from llama_jax.run_data import RunError
+
+    try:
+        saved = document_settings(json.loads((Path(workdir) / "config.json").read_text())["data"], absolute=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    given, here = document_settings(data_config, absolute=False), document_settings(data_config)
+    for key in PATH_KEYS:
+        if given.get(key) == saved.get(key) and is_relative(given.get(key)) and here.get(key) != recorded.get(key):
+            raise RunError(f"data.{key}={given[key]!r} is {Path(workdir) / 'config.json'}'s, relative to the "
+                           f"directory the run started in; read from {Path.cwd()} it names other files than the run "
+                           f"was prepared from ({recorded.get(key)!r}); run the command from there, or give "
+                           f"data.{key} as absolute paths")
 
 
 def held_out_splits(data_config) -> dict[str, tuple[object, str]]:

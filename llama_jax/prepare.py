@@ -214,14 +214,6 @@ def recorded_documents(manifest: dict) -> dict:
     return recorded if isinstance(recorded, dict) else document_settings(manifest.get("data") or {})
 
 
-def written_alike(manifest: dict, data_config) -> bool:
-    """Whether `data_config` names the documents a finished directory was prepared from in the
-    same words (relative paths unresolved). For a run's own prepared copy (WORKDIR/data) that means
-    the run's own settings: their relative paths were read from the directory the run started in,
-    wherever it is resumed, inspected or evaluated from later."""
-    return document_settings(manifest.get("data") or {}, absolute=False) == document_settings(data_config, False)
-
-
 def _absolute(path: Any) -> Any:
     """A local path or glob (`~` expanded) as an absolute one, read from the current directory;
     URLs (gs://) and non-strings as they are."""
@@ -578,12 +570,13 @@ def check_prepared(out: Path, data_config, what: str | None, advice: str, again:
                    runs_own: bool = False) -> dict:
     """The manifest of a finished directory, if it was prepared with the settings asked for now;
     else ValueError: "{what} with data.KEY=recorded, not requested; {advice}", or, for a manifest
-    that cannot be read, "...; {again}". `runs_own`: `out` is a run's own copy of its data, which
-    settings written as the run's are (`written_alike`) from any directory."""
+    that cannot be read, "...; {again}". `runs_own`: `out` is a run's own copy of its data and
+    `data_config` the run's own settings (its config.json), which name it whatever directory
+    their relative paths would be read from now: the documents are not compared."""
     what = what or f"{out} is already prepared"
     manifest = _read_json(out / MANIFEST, again)
     _check_manifest(out / MANIFEST, manifest, again)
-    if not (runs_own and written_alike(manifest, data_config)):
+    if not runs_own:
         _check_same_documents(recorded_documents(manifest), data_config, what, advice)
     recorded = _recorded_tokenizer(manifest["tokenizer"]["sha256"], manifest.get("data") or {})
     request = requested_tokenizer(data_config)
@@ -599,15 +592,15 @@ def _check_same_documents(recorded: dict, data_config, what: str, advice: str) -
     as_written = document_settings(data_config, absolute=False)
     for key in sorted(set(recorded) | set(wanted)):
         if recorded.get(key) != wanted.get(key):
-            where = f" (read from {Path.cwd()})" if key in _PATH_KEYS and _relative(as_written.get(key)) else ""
+            where = f" (read from {Path.cwd()})" if key in PATH_KEYS and is_relative(as_written.get(key)) else ""
             raise ValueError(f"{what} with data.{key}={recorded.get(key)!r}, not {wanted.get(key)!r}{where}; "
                              f"{advice}")
 
 
-_PATH_KEYS = ("files", "data_dir")  # the document settings that name local paths
+PATH_KEYS = ("files", "data_dir")  # the document settings that name local paths
 
 
-def _relative(value: Any) -> bool:
+def is_relative(value: Any) -> bool:
     """Whether a path setting's value (a path, or a list of them) holds one relative to the current directory."""
     paths = value if isinstance(value, list) else [value]
     return any(isinstance(path, str) and path and "://" not in path and not os.path.isabs(os.path.expanduser(path))
@@ -953,13 +946,14 @@ def _check_manifest(file: Path, manifest: Any, again: str = AGAIN) -> None:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ValueError(f"{file}: format {found!r}, expected {FORMAT!r}; {again}")
     if not _well_formed(manifest):
-        raise ValueError(f"{file} lacks fields of a {FORMAT} manifest (tokenizer, token_dtype, splits); {again}")
+        raise ValueError(f"{file} lacks fields of a {FORMAT} manifest (tokenizer, token_dtype, splits, data); {again}")
 
 
 def _well_formed(manifest: dict) -> bool:
     try:
         tokenizer, splits = manifest["tokenizer"], manifest["splits"]
         return (manifest["token_dtype"] in ("uint16", "uint32") and isinstance(tokenizer["sha256"], str)
+                and isinstance(manifest.get("data", {}), dict) and isinstance(manifest.get("documents", {}), dict)
                 and isinstance(tokenizer["file"], str) and all(_well_formed_split(splits[s]) for s in SPLITS))
     except (KeyError, TypeError):
         return False

@@ -160,23 +160,47 @@ def prepared_dirs(d) -> list[tuple[str, Path, float]]:
     return out
 
 
-def _stage_raw(d, workdir: Path, kept: Path) -> tuple[Path, Path | None]:
+def runs_own_settings(data, workdir: Path) -> bool:
+    """Whether the `data` section is the run's own in `workdir`, its config.json's: then it names
+    the run's data (for a raw source, its prepared copy WORKDIR/data), and its relative paths are
+    the ones the run read from the directory it was started in, whatever the current one."""
+    from llama_jax.prepare import _jsonable
+
+    try:
+        saved = json.loads((workdir / "config.json").read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _jsonable(data) == saved
+
+
+def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path | None]:
     """(directory to read, staged temporary copy or None) of a raw text source, prepared now unless
-    WORKDIR/data holds it already."""
+    WORKDIR/data holds it already (`runs_own`: `d` is the run's own settings, `runs_own_settings`)."""
     from llama_jax.prepare import check_prepared, prepare
 
     final = workdir / DATA_DIR
     if d.tokenizer and d.tokenizer != "train":
         given = tokenizer_file(d.tokenizer)
         if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
-            raise RunError(f"data.tokenizer={d.tokenizer}{_read_from(d.tokenizer)} differs from the tokenizer this "
-                           f"run started with ({kept}); resume with that tokenizer or use another --workdir")
-        if (final / MANIFEST).is_file() and _copy_stands_in(d.tokenizer, kept):
+            where = _read_from(d.tokenizer)
+            if not (runs_own and where):
+                raise RunError(f"data.tokenizer={d.tokenizer}{where} differs from the tokenizer this run started "
+                               f"with ({kept}); resume with that tokenizer or use another --workdir")
+            # the run's own relative setting, which it read from where it started: its copy stands for it
+            if jax.process_index() == 0:
+                print(f"data.tokenizer={d.tokenizer}{where} differs from the tokenizer this run started with; using "
+                      f"the run's copy of that ({kept}), as the run's own settings name it")
             d = copy.deepcopy(d)
             d.tokenizer = str(kept)
+        elif (final / MANIFEST).is_file() and _copy_stands_in(d.tokenizer, kept):
+            d = copy.deepcopy(d)
+            d.tokenizer = str(kept)
+    if runs_own and not (final / MANIFEST).is_file() and any((workdir / "checkpoints").glob("*")):
+        raise RunError(f"{final}, the run's prepared copy of its documents, is missing; its checkpoints trained on "
+                       f"it: put it back, or start a new run with another --workdir")
     if (final / MANIFEST).is_file():
         check_prepared(final, d, f"{final} (the data this run started with) was prepared",
-                       "use the run's data settings (its config.json) or another --workdir", runs_own=True)
+                       "use the run's data settings (its config.json) or another --workdir", runs_own=runs_own)
         return final, None
     if d.tokenizer == "train" and jax.process_count() > 1:
         raise RunError("data.tokenizer=train needs a single process; train it once with "
@@ -215,11 +239,13 @@ def _started_with_tokenizer(workdir: Path, tokenizer: str) -> bool:
         return False
 
 
-def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[int] | None = None) -> RunData:
+def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[int] | None = None,
+               runs_own: bool | None = None) -> RunData:
     """The run's batches, held-out sets and tokenizer, all read-only: data of a raw source is
     prepared into a temporary directory until `RunData.adopt` (the run's first write).
     `model`: checked to hold the tokenizer's vocabulary (None: already checked). `rows`: the rows
-    of each global batch this process feeds (`sharding.process_rows`; None: all of them)."""
+    of each global batch this process feeds (`sharding.process_rows`; None: all of them).
+    `runs_own`: the data section is the run's own (default: equal to its config.json's)."""
     from llama_jax.experiment import check_run_source
     from llama_jax.prepare import open_prepared
 
@@ -234,7 +260,8 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
         named = prepared_dirs(d)
     else:
         check_run_source(d)
-        path, staged = _stage_raw(d, workdir, kept)
+        own = runs_own_settings(d, workdir) if runs_own is None else runs_own
+        path, staged = _stage_raw(d, workdir, kept, own)
         named = [("data", path, 1.0)]
     try:
         return _open(d, t, model, named, kept, rows, staged, open_prepared)

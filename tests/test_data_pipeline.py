@@ -234,17 +234,19 @@ def test_a_resume_naming_the_same_files_otherwise_goes_on(tokenizer_path, tmp_pa
 
 
 def test_a_raw_source_runs_relative_files_are_the_runs_from_anywhere(tokenizer_path, tmp_path, monkeypatch, capsys):
-    """A run's config.json keeps data.files as given ('texts/*.txt', read from where the run
-    started). From another directory that holds other files of that name, `eval --workdir`, `data
-    inspect --workdir` and a resume with the run's own settings still read the run's prepared copy
-    (WORKDIR/data); other spellings that name other files from here are refused, saying where they
-    were read from."""
+    """A run's config.json keeps data.files and data.tokenizer as given ('texts/*.txt', 'tok.model',
+    read from where the run started). From another directory that holds other files of those
+    names, `eval --workdir`, `data inspect --workdir` and a resume with the run's own settings
+    still read the run's prepared copy (WORKDIR/data) and its tokenizer; other spellings that name
+    other files from here are refused, saying where they were read from."""
     started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
     for directory, first in ((started, 0), (elsewhere, 20)):
         (directory / "texts").mkdir(parents=True)
         for i in range(12):
             (directory / "texts" / f"{i}.txt").write_text(EmbeddedCorpus()[first + i], encoding="utf-8")
-    raw = ["--config.data.source=text", f"--config.data.tokenizer={tokenizer_path}", "--config.data.eval_fraction=0.25"]
+    shutil.copy(tokenizer_path, started / "tok.model")
+    (elsewhere / "tok.model").write_bytes(b"another file of that name")
+    raw = ["--config.data.source=text", "--config.data.tokenizer=tok.model", "--config.data.eval_fraction=0.25"]
     monkeypatch.chdir(started)
     assert train("run", *raw, "--config.data.files=['texts/*.txt']", "--config.train.steps=2") == 0
     seen = {}
@@ -254,21 +256,51 @@ def test_a_raw_source_runs_relative_files_are_the_runs_from_anywhere(tokenizer_p
         assert main(["eval", "--workdir", run]) == 0
         scored = json.loads(capsys.readouterr().out)
         assert main(["data", "inspect", "--workdir", run, "--step", "1"]) == 0
-        seen[cwd.name] = scored, capsys.readouterr().out
+        shown = capsys.readouterr().out.splitlines()
+        notices = [line for line in shown if line.startswith("data.tokenizer=")]
+        assert notices == ([] if cwd == started else [  # the other tok.model here is not the run's
+            f"data.tokenizer=tok.model (read from {elsewhere}) differs from the tokenizer this run started with; "
+            f"using the run's copy of that (../started/run/tokenizer.model), as the run's own settings name it"])
+        seen[cwd.name] = scored, shown[len(notices):]
     assert seen["elsewhere"] == seen["started"]  # the same documents, scored and shown alike
     assert seen["started"][0]["workdir"] == str(started / "run")
     assert main(["train", "--config", "../started/run/config.json", "--workdir", "../started/run",
                  "--config.train.steps=3", "--config.checkpoint.async_save=False"]) == 0
     assert [r["step"] for r in records(started / "run") if "loss" in r] == [1, 2, 3]
-    assert train(started / "run", *raw, "--config.data.files=['./texts/*.txt']", "--config.train.steps=4") == 2
+    assert train(started / "run", *raw, f"--config.data.tokenizer={started / 'tok.model'}",
+                 "--config.data.files=['./texts/*.txt']", "--config.train.steps=4") == 2
     assert capsys.readouterr().err.strip().endswith(
         f"was prepared with data.files=['{started}/texts/*.txt'], not ['{elsewhere}/texts/*.txt'] (read from "
         f"{elsewhere}); use the run's data settings (its config.json) or another --workdir")
-    shutil.rmtree(started / "run" / "data")  # prepared again from the files, which changed since
-    (started / "texts" / "0.txt").write_text(EmbeddedCorpus()[40], encoding="utf-8")
+    assert main(["eval", "--workdir", "../started/run", "--config.data.eval_fraction=0.5"]) == 2
+    assert capsys.readouterr().err.strip().endswith(  # config.json's files, with another split: not read from here
+        f"data.files=['texts/*.txt'] is ../started/run/config.json's, relative to the directory the run started in; "
+        f"read from {elsewhere} it names other files than the run was prepared from (['{started}/texts/*.txt']); "
+        f"run the command from there, or give data.files as absolute paths")
+    monkeypatch.chdir(started)  # resumed with another spelling of the same files, which config.json keeps
+    assert train("run", *raw, "--config.data.files=['./texts/*.txt']", "--config.train.steps=4") == 0
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", "--workdir", "../started/run"]) == 0
+    assert json.loads(capsys.readouterr().out)["documents"] == seen["started"][0]["documents"]
+    data = started / "run" / "data"
+    shutil.move(data, tmp_path / "data")
+    for command in (["eval", "--workdir", "../started/run"], ["data", "inspect", "--workdir", "../started/run",
+                                                               "--step", "1"]):
+        assert main(command) == 2  # not the files of that name here
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and re.search(r"error: \S*started/run/data, the run's prepared copy of its documents, "
+                                              r"is missing; ", err), err
+    shutil.move(tmp_path / "data", data)
+    for i in range(3):  # the data prepared again in place, from the files as they are now
+        (started / "texts" / f"{i}.txt").write_text(EmbeddedCorpus()[40 + i], encoding="utf-8")
+    shutil.rmtree(data)
+    monkeypatch.chdir(started)
+    prepare(load_config(str(started / "run" / "config.json")).data, data, workers=1, progress=False)
+    monkeypatch.chdir(elsewhere)
     assert main(["data", "inspect", "--workdir", "../started/run", "--step", "1"]) == 2
     assert re.fullmatch(rf"llama-jax data inspect: error: \S+/run trained on data \(.*\), not on data \(.*\), the data "
-                        rf"its config.json names \({re.escape(str(started / 'run' / 'data'))}\): changed since; .*",
+                        rf"its config.json names \({re.escape(str(data))}\): changed since; .*",
                         capsys.readouterr().err.strip())
 
 

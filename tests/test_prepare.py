@@ -437,3 +437,15 @@ def test_open_prepared_checks(reference, tmp_path):
         open_prepared(out)
     with pytest.raises(ValueError, match=r"does not exist; give a directory written by llama-jax prepare-data"):
         open_prepared(tmp_path / "nope")
+
+
+def test_a_manifest_whose_data_record_is_damaged_is_one_line(reference, tmp_path):
+    """Its recorded data settings are compared with a run's: a damaged record is named, never a
+    traceback."""
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "data": "damaged"}))
+    with pytest.raises(ValueError, match=r"manifest.json lacks fields of a llama_jax/prepared-v1 manifest "
+                                         r"\(tokenizer, token_dtype, splits, data\); prepare the data again"):
+        open_prepared(out)
