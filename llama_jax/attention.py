@@ -194,9 +194,9 @@ def cudnn_packed_attention(q, k, v, segment_ids_BxS, room: int = PACKED_DOCUMENT
     form's time with room for 32 (0.45 x with room for exactly the 5 they hold: cuDNN's time grows
     with the room; room for every slot ran out of memory), and the train step of a 0.89B model
     ran 3% faster; but without remat the gradient keeps the residuals of both forms, the packed
-    and the dense (`lax.cond` keeps every branch's), 33% more peak memory in that step. With
-    remat, which recomputes attention in the backward, nothing extra is kept. Values agree with
-    `xla` within bf16 rounding."""
+    and the dense (`lax.cond` keeps every branch's), 33% more peak memory in that step; with
+    remat, which recomputes attention in the backward, that should not arise (not measured).
+    Values agree with `xla` within bf16 rounding."""
     B, S, H, Dh = q.shape
     slots_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
 
