@@ -237,14 +237,24 @@ def latest_data_stream(workdir: Path) -> list | None:
     """The data_stream of the latest checkpoint of the run in `workdir`, or None: none committed
     yet, recorded by a release before data streams, or unreadable now (a run training there may
     be removing old checkpoints)."""
+    return _latest_run_info(workdir).get("data_stream")
+
+
+def latest_run_config(workdir: Path) -> dict | None:
+    """The config the latest checkpoint of the run in `workdir` was saved with, or None (as
+    `latest_data_stream`)."""
+    return _latest_run_info(workdir).get("config")
+
+
+def _latest_run_info(workdir: Path) -> dict:
     try:
         steps = committed_steps(workdir)
         if not steps:
-            return None
+            return {}
         with _reader(workdir) as checkpoints:
-            return checkpoints.run_info(steps[-1]).get("data_stream")
+            return checkpoints.run_info(steps[-1])
     except (CheckpointDamaged, OSError):
-        return None
+        return {}
 
 
 def _same_stream(recorded: list, stream: list) -> bool:

@@ -161,16 +161,21 @@ def prepared_dirs(d) -> list[tuple[str, Path, float]]:
 
 
 def runs_own_settings(data, workdir: Path) -> bool:
-    """Whether the `data` section is the run's own in `workdir`, its config.json's: then it names
-    the run's data (for a raw source, its prepared copy WORKDIR/data), and its relative paths are
-    the ones the run read from the directory it was started in, whatever the current one."""
+    """Whether the `data` section is the run's own in `workdir`: its config.json's, as its latest
+    checkpoint was saved with (a config.json edited by hand since is not). Then it names the run's
+    data (for a raw source, its prepared copy WORKDIR/data), and its relative paths are the ones
+    the run read from the directory it was started in, whatever the current one."""
     from llama_jax.prepare import _jsonable
+    from llama_jax.run import latest_run_config
 
     try:
         saved = json.loads((workdir / "config.json").read_text())["data"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return _jsonable(data) == saved
+    if _jsonable(data) != saved:
+        return False
+    checkpointed = latest_run_config(workdir)
+    return checkpointed is None or checkpointed.get("data") == saved
 
 
 def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path | None]:

@@ -283,6 +283,13 @@ def test_a_raw_source_runs_relative_files_are_the_runs_from_anywhere(tokenizer_p
     capsys.readouterr()
     assert main(["eval", "--workdir", "../started/run"]) == 0
     assert json.loads(capsys.readouterr().out)["documents"] == seen["started"][0]["documents"]
+    config_json = started / "run" / "config.json"
+    kept = config_json.read_text()
+    assert kept.count("./texts/*.txt") == 1
+    config_json.write_text(kept.replace("./texts/*.txt", "./other/*.txt"))  # edited by hand: not what it trained on
+    assert main(["eval", "--workdir", "../started/run"]) == 2
+    assert "it names other files than the run was prepared from" in capsys.readouterr().err
+    config_json.write_text(kept)
     data = started / "run" / "data"
     shutil.move(data, tmp_path / "data")
     for command in (["eval", "--workdir", "../started/run"], ["data", "inspect", "--workdir", "../started/run",
