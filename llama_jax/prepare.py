@@ -592,12 +592,18 @@ def _check_same_documents(recorded: dict, data_config, what: str, advice: str) -
     as_written = document_settings(data_config, absolute=False)
     for key in sorted(set(recorded) | set(wanted)):
         if recorded.get(key) != wanted.get(key):
-            where = f" (read from {Path.cwd()})" if key in PATH_KEYS and is_relative(as_written.get(key)) else ""
+            where = read_from(as_written.get(key)) if key in PATH_KEYS else ""
             raise ValueError(f"{what} with data.{key}={recorded.get(key)!r}, not {wanted.get(key)!r}{where}; "
                              f"{advice}")
 
 
 PATH_KEYS = ("files", "data_dir")  # the document settings that name local paths
+
+
+def read_from(value: Any) -> str:
+    """" (read from CWD)" for a path setting (a path, or a list of them) holding one relative to the
+    current directory, which it names a file of; "" otherwise."""
+    return f" (read from {Path.cwd()})" if is_relative(value) else ""
 
 
 def is_relative(value: Any) -> bool:

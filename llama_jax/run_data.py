@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import Source, TrainRows
-from llama_jax.prepare import MANIFEST
+from llama_jax.prepare import MANIFEST, read_from
 from llama_jax.safe_io import copy_file_atomic, sha256_file
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
@@ -187,7 +187,7 @@ def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path
     if d.tokenizer and d.tokenizer != "train":
         given = tokenizer_file(d.tokenizer)
         if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
-            where = _read_from(d.tokenizer)
+            where = read_from(d.tokenizer)
             if not (runs_own and where):
                 raise RunError(f"data.tokenizer={d.tokenizer}{where} differs from the tokenizer this run started "
                                f"with ({kept}); resume with that tokenizer or use another --workdir")
@@ -195,9 +195,10 @@ def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path
             if jax.process_index() == 0:
                 print(f"data.tokenizer={d.tokenizer}{where} differs from the tokenizer this run started with; using "
                       f"the run's copy of that ({kept}), as the run's own settings name it")
-            d = copy.deepcopy(d)
-            d.tokenizer = str(kept)
-        elif (final / MANIFEST).is_file() and _copy_stands_in(d.tokenizer, kept):
+            use_copy = True
+        else:
+            use_copy = (final / MANIFEST).is_file() and _copy_stands_in(d.tokenizer, kept)
+        if use_copy:
             d = copy.deepcopy(d)
             d.tokenizer = str(kept)
     if runs_own and not (final / MANIFEST).is_file() and any((workdir / "checkpoints").glob("*")):
@@ -226,14 +227,9 @@ def _copy_stands_in(tokenizer: str, kept: Path) -> bool:
     if not kept.is_file() or tokenizer_file(tokenizer).exists() or not _started_with_tokenizer(kept.parent, tokenizer):
         return False
     if jax.process_index() == 0:
-        print(f"data.tokenizer={tokenizer}{_read_from(tokenizer)} no longer exists; using the run's copy of it "
+        print(f"data.tokenizer={tokenizer}{read_from(tokenizer)} no longer exists; using the run's copy of it "
               f"({kept})")
     return True
-
-
-def _read_from(path: str) -> str:
-    """" (read from CWD)" for a relative path, which names a file there; "" for an absolute one."""
-    return "" if Path(path).expanduser().is_absolute() else f" (read from {Path.cwd()})"
 
 
 def _started_with_tokenizer(workdir: Path, tokenizer: str) -> bool:
