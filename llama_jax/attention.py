@@ -322,10 +322,11 @@ def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q
     cache_k, cache_v: that layer's [B, K, T, Dh] (`layer` None; [K, T, Dh] for a batch of one),
     or every layer's [L, B, K, T, Dh] and the index `layer` into them. Heads come before slots, so
     that the einsums read the cache in place (slots before heads made XLA transpose the whole
-    layer's cache on every call). The loop visits ceil(filled / block) blocks of `cache_block`
-    slots (when decoding, one: the whole cache, up to 65,536 slots); the softmax is accumulated
-    online in float32 across blocks. A key slot is visible to a query iff it is not after the
-    query's slot and holds the same segment.
+    layer's cache on every call). A loop visits ceil(filled / block) blocks of `cache_block`
+    slots, the softmax accumulated online in float32 across blocks; when one block is the whole
+    cache (decoding: up to 65,536 slots) that block is computed without a loop around it, which
+    on a GPU would be one more while loop, with its own condition, per layer and token. A key
+    slot is visible to a query iff it is not after the query's slot and holds the same segment.
     """
     B, S, H, Dh = q_BxSxHxDh.shape
     K, T = cache_k.shape[-3:-1]
@@ -358,7 +359,10 @@ def cached_attention(q_BxSxHxDh: Array, cache_k: Array, cache_v: Array, layer, q
 
     init = (jnp.full((*rows, K, G, S), -jnp.inf, jnp.float32), jnp.zeros((*rows, K, G, S), jnp.float32),
             jnp.zeros((*rows, K, G, S, Dh), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, (filled + block - 1) // block, step, init)
+    if block == T:  # one block holds the whole cache (decoding, short prompts): no loop around it
+        _, total, acc = step(0, init)
+    else:
+        _, total, acc = jax.lax.fori_loop(0, (filled + block - 1) // block, step, init)
     out = acc / jnp.where(total > 0, total, 1.0)[..., None]
     out = out if b else out[None]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, S, H, Dh).astype(q_BxSxHxDh.dtype)
