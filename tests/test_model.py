@@ -67,7 +67,8 @@ def test_gradients_match_transformers(variant):
     ((2, 6, 4), (4, 5), 1, False, jnp.bfloat16),        # bfloat16 into float32, as logits are
 ])
 def test_project_gradients_equal_differentiating_the_product(x_shape, kernel_shape, n_in, kernel_in_last, dtype):
-    """`project`'s written-out backward against JAX's differentiation of the same product."""
+    """`project`'s written-out backward against JAX's differentiation of the same product (for a
+    bfloat16 product widened to float32, of the output's gradient rounded to bfloat16)."""
     rng = np.random.default_rng(3)
     x, kernel = (jnp.asarray(rng.normal(size=shape), dtype) for shape in (x_shape, kernel_shape))
     out_type = jnp.float32 if dtype == jnp.bfloat16 else None
@@ -84,7 +85,8 @@ def test_project_gradients_equal_differentiating_the_product(x_shape, kernel_sha
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
     dy = jnp.asarray(rng.normal(size=y.shape), y.dtype)
     tol = 1e-2 if dtype == jnp.bfloat16 else 1e-6
-    for got, want in zip(vjp(dy), vjp_ref(dy)):
+    dy_as_used = dy.astype(dtype).astype(dy.dtype)  # a widened output's gradient is taken in the inputs' dtype
+    for got, want in zip(vjp(dy), vjp_ref(dy_as_used)):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
 
