@@ -82,6 +82,12 @@ c. Batch-1 greedy decoding of the same model (the parameters part b trained, cas
 d. Reference for b: the same train step with `attention_impl="xla"` (first fitting candidate).
 e. The same train step with `attention_impl="cudnn_packed"` (cuDNN's packed layout; its
    compiled peak memory is recorded beside b's: without remat it keeps both forms' residuals).
+
+The train steps use scanned layers, the project's default; `--scan-layers false` unrolls them
+(on an H200, 1.07 x the scanned step: the scan copies each layer's slices). `--profile DIR`
+also traces two train steps of b, d and e and one decoding call of c with `jax.profiler` into
+DIR/PART (with the step's optimized HLO as DIR/PART/hlo.txt) and records a kernel-time summary
+of each (`trace_summary.py`: by kind and by kernel, per step or per token) in the JSON.
 """
 
 from __future__ import annotations
@@ -106,6 +112,7 @@ sys.path.insert(0, str(ROOT))  # llama_jax from this checkout, installed or not:
 from decode import bytes_per_token  # noqa: E402
 from llama_jax.cli import OneLineParser, positive_int  # noqa: E402
 from timing import timed  # noqa: E402
+from trace_summary import render, summarize  # noqa: E402
 
 FULL = dict(attn=dict(B=4, S=2048, H=16, K=8, Dh=128),
             model=dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=5632),
@@ -142,6 +149,27 @@ def _jsonable(x):
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def profiled(args, rec: Recorder, part: str, fn, per: int, unit: str, compiled=None) -> None:
+    """With --profile: trace one call of `fn` with jax.profiler into DIR/PART and record where its
+    device time went (`trace_summary`), divided by `per` (`unit`s: steps or tokens); the
+    optimized HLO of `compiled` goes to DIR/PART/hlo.txt, to find the operations behind kernel
+    names (a fusion `loop_add_fusion.3` runs as the kernel `loop_add_fusion_3`)."""
+    if not args.profile:
+        return
+    import jax
+
+    trace_dir = Path(args.profile) / part
+    if compiled is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        (trace_dir / "hlo.txt").write_text(compiled.as_text())
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        fn()
+    summary = summarize(trace_dir, per=per)
+    summary["per_unit"] = unit
+    rec.put(part, "profile", summary)
+    log(render(summary))
 
 
 # ---- environment -------------------------------------------------------------------------------
@@ -420,6 +448,12 @@ def part_attention(args, rec: Recorder) -> None:
 
 # ---- b / d. MFU of a ~1B train step ------------------------------------------------------------
 
+def _yes_no(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
 def _candidates(text: str) -> list[tuple[int, str]]:
     """argparse type of --mfu-candidates: BATCH:REMAT pairs (REMAT defaults to none)."""
     from llama_jax.config import REMAT_POLICIES
@@ -459,6 +493,7 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
         peak, source = args.peak_tflops * 1e12, (f"--peak-tflops {args.peak_tflops} (device_kind {dev.device_kind!r} "
                                                  f"is not in llama_jax.metrics.PEAK_TFLOPS)")
     rec.put(part, "attention_impl", impl)
+    rec.put(part, "scan_layers", args.scan_layers)
     rec.put(part, "peak_flops", peak)
     rec.put(part, "peak_flops_source", source)
     log(f"  {part}: peak {peak / 1e12:.0f} TFLOP/s from {source}")
@@ -472,7 +507,7 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
         tried.append(attempt)
         rec.put(part, "attempts", tried)
         config = base_config("debug", **sizes["model"], max_seq_len=S, dtype="bfloat16", param_dtype="float32",
-                             attention_impl=impl, remat_policy=remat)
+                             attention_impl=impl, remat_policy=remat, scan_layers=args.scan_layers)
         config.train.update(batch_size=batch, seq_len=S, steps=1000)
         config.optimizer.update(warmup_steps=0)
         trainer = build_trainer(config)
@@ -529,6 +564,7 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
             if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
                 continue
             raise
+        profiled(args, rec, part, lambda: [step() for _ in range(2)], 2, "train step", compiled)
         cfg = trainer.model_config
         tokens_per_s = batch * S / median
         per_token = metrics.flops_per_token(cfg, S)
@@ -647,6 +683,7 @@ def part_decode(args, rec: Recorder) -> None:
     rec.put(P, "result", result)
     log(f"  c. decoding alone: {decode_rate:,.0f} tokens/s = {decode_rate / rates['datasheet']:.0%} of the datasheet "
         f"roofline, {decode_rate / rates['measured_matvec']:.0%} of the measured (matvec) one")
+    profiled(args, rec, P, lambda: call(new), new, "new token (one whole call: prefill included)")
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -664,6 +701,10 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="dense bf16 peak, used only if llama_jax.metrics does not know the device")
     parser.add_argument("--hbm-tbps", type=float, default=4.8, help="datasheet HBM bandwidth (H200: 4.8 TB/s)")
+    parser.add_argument("--scan-layers", type=_yes_no, default=True, metavar="{true,false}",
+                        help="train steps with scanned layers (the project's default) or unrolled ones")
+    parser.add_argument("--profile", metavar="DIR", help="also trace each train step and decoding part into "
+                        "DIR/PART with jax.profiler and record a kernel-time summary (benchmarks/trace_summary.py)")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="parts not yet started when this many seconds have passed are skipped")
     args = parser.parse_args(argv)

@@ -52,6 +52,9 @@ def script(monkeypatch):
     ("scaling.py", ["--devices", "1", "3"], "--devices 3 does not divide --memory-batch 8"),
     ("scaling.py", ["--devices", "1", "1024", "--memory-batch", "1024"],
      "--devices 1024 does not divide the model's dim 512"),
+    ("trace_summary.py", ["."], ".: no perfetto_trace.json.gz under .; trace with jax.profiler.trace(dir, "
+     "create_perfetto_trace=True)"),
+    ("trace_summary.py", [".", "--per", "0"], "argument --per: must be at least 1, got 0"),
     ("train_matmul.py", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
     ("train_step.py", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
     ("train_step.py", ["--dim", "32", "--heads", "3"], "--heads 3 does not divide --dim 32"),
@@ -99,18 +102,57 @@ def test_gpu_script_dry_run_measures_every_part(tmp_path):
                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and not out.exists(), run.stderr
     assert "gpu.py: error: it measures one device and this process sees 2; give it one" in run.stderr
-    run = subprocess.run(gpu_py, capture_output=True, text=True, timeout=300, env=one_device)
+    profile = tmp_path / "profile"
+    run = subprocess.run(gpu_py + ["--profile", str(profile)], capture_output=True, text=True, timeout=300,
+                         env=one_device)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["meta"]["status"] == "done"
     parts = [name for name in results if name[:2] in ("a_", "b_", "c_", "d_", "e_")]
     assert len(parts) == 5 and all(results[name]["status"] == "ok" for name in parts), results
+    for name in parts[1:]:  # each train step and the decoding: a kernel-time summary of a real trace
+        summary = results[name]["profile"]
+        assert summary["kernels"] > 0 and summary["kernel_us"] > 0, summary
+        assert sum(kind["share"] for kind in summary["by_kind"].values()) == pytest.approx(1.0)
+        assert sum(top["us"] for top in summary["top"]) <= summary["kernel_us"] * (1 + 1e-9)
+    assert "HloModule" in (profile / "b_mfu_cudnn" / "hlo.txt").read_text()[:200]
     variants = {name: row for name, row in results["a_attention"].items()
                 if isinstance(row, dict) and "vs_xla_f32" in row}
     assert len(variants) == 5, results["a_attention"]  # the packed-offsets calls need CUDA and record why not
     for name, row in variants.items():  # bf16 against float32: within bf16's rounding of values up to ~8
         assert max(row["vs_xla_f32"].values()) < 0.05, (name, row["vs_xla_f32"])
     assert results["c_decode"]["result"], results["c_decode"]
+
+
+def test_trace_summary_counts_a_gpu_trace_s_stream_kernels_once(script, tmp_path):
+    """A GPU trace (as jax.profiler writes it on an H200) holds each kernel on its stream line and
+    again on derived lines such as "XLA Ops": only the stream lines count, grouped by kind."""
+    import gzip
+
+    def kernel(tid, name, ts, dur):
+        return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name}
+
+    stream = [kernel(7, "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", 0, 10.0), kernel(7, "loop_add_fusion_3", 10, 2.0),
+              kernel(7, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 12, 4.0),
+              kernel(7, "loop_add_fusion_3", 20, 3.0)]
+    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+              {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+              {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+              {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 500.0, "name": "PjitFunction(step)"},
+              *stream, *({**e, "tid": 8} for e in stream)]
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = script("trace_summary").summarize(tmp_path, per=2)
+    assert summary["source"] == "device streams" and summary["kernels"] == 2 and summary["kernel_us"] == 9.5
+    assert summary["span_us"] == 11.5  # 0 to 23 us, per 2
+    kinds = summary["by_kind"]
+    assert kinds["matrix product"] == {"count": 0.5, "us": 5.0, "share": 10 / 19}
+    assert kinds["attention (cuDNN)"]["us"] == 2.0 and kinds["other fusion"]["us"] == 2.5
+    assert summary["top"][0]["name"].startswith("nvjet") and summary["top"][1]["count"] == 1.0  # the fusion, twice
+    assert summary["top"][1]["mean_us"] == 2.5
 
 
 def test_decode_rows_get_params_in_their_own_layout(script):
