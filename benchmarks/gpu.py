@@ -112,7 +112,7 @@ sys.path.insert(0, str(ROOT))  # llama_jax from this checkout, installed or not:
 from decode import bytes_per_token  # noqa: E402
 from llama_jax.cli import OneLineParser, positive_int  # noqa: E402
 from timing import timed  # noqa: E402
-from trace_summary import render, summarize  # noqa: E402
+from llama_jax.profiling import render, summarize  # noqa: E402
 
 FULL = dict(attn=dict(B=4, S=2048, H=16, K=8, Dh=128),
             model=dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=5632),

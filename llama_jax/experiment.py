@@ -51,6 +51,7 @@ def base_config(preset: str = "tiny", **model_fields) -> ml_collections.ConfigDi
             eval_batches=4,  # micro-batches of held-out windows per evaluation (-1: the whole held-out set)
             sample_every=0, sample_prompt="The", sample_tokens=48,  # steps between text samples (0: only at the end)
             on_nonfinite="stop",  # or "skip": a step with a NaN/Inf loss or gradient is not applied either way
+            profile_steps=0, profile_start=3,  # trace this many steps from profile_start into WORKDIR/profile
         ),
         data=dict(
             source="synthetic",  # prepared | embedded | stdlib | text | jsonl | tfds | synthetic
@@ -307,6 +308,7 @@ def check_run_settings(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"train.eval_batches must be a non-negative integer or -1 (the whole held-out set), "
                          f"got {t.eval_batches!r}")
     _check_eval_and_samples(t, config.data.source)
+    _check_profile(t)
     if not _is_int(c.every) or c.every < 1:
         raise ValueError(f"checkpoint.every must be a positive integer, got {c.every!r}")
     if c.max_to_keep is not None and (not _is_int(c.max_to_keep) or c.max_to_keep < 1):
@@ -318,6 +320,18 @@ def check_run_settings(config: ml_collections.ConfigDict) -> None:
     if c.keep_every and c.keep_every % c.every:
         raise ValueError(f"checkpoint.keep_every={c.keep_every} is not a multiple of checkpoint.every={c.every}, "
                          f"so no checkpoint would be kept by it; use a multiple of {c.every}")
+
+
+def _check_profile(t: ml_collections.ConfigDict) -> None:
+    """ValueError for traced steps (`train.profile_steps` from `train.profile_start`) outside the run."""
+    if not _is_int(t.profile_steps) or t.profile_steps < 0:
+        raise ValueError(f"train.profile_steps must be a non-negative integer (0: no trace), got {t.profile_steps!r}")
+    if not _is_int(t.profile_start) or t.profile_start < 1:
+        raise ValueError(f"train.profile_start must be a step number of at least 1, got {t.profile_start!r}")
+    last = t.profile_start + t.profile_steps - 1
+    if t.profile_steps and _is_int(t.steps) and last > t.steps:
+        raise ValueError(f"train.profile_start={t.profile_start} + train.profile_steps={t.profile_steps} traces up "
+                         f"to step {last}, past train.steps={t.steps}; trace steps within the run")
 
 
 def _check_eval_and_samples(t: ml_collections.ConfigDict, source: str) -> None:

@@ -40,6 +40,7 @@ from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_
 from llama_jax.config import LLaMAConfig
 from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
+from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
 from llama_jax.safe_io import (DirectoryLock, atomic_file, check_run_config, check_writable, holds_lock, holds_run,
                                sha256_file, write_text_atomic)
@@ -389,7 +390,7 @@ def set_aside_after(workdir: Path, step: int) -> list[Path]:
 # Hugging Face tokenizer settings), which `export` writes with the run's parameters.
 MODEL_TOKENIZER_DIR = "tokenizer_files"
 RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE, DATA_DIR,
-             MODEL_TOKENIZER_DIR)
+             MODEL_TOKENIZER_DIR, PROFILE_DIR)
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
 
@@ -756,6 +757,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         if start > t.steps:
             raise RunError(f"{workdir} holds checkpoint {start}, past train.steps={t.steps}; raise train.steps to "
                            f"at least {start} or use --resume-from an earlier step")
+        if t.profile_steps and (workdir / PROFILE_DIR).exists() and not (workdir / PROFILE_DIR).is_dir():
+            raise RunError(f"--workdir {workdir}: {workdir / PROFILE_DIR} is a file; train.profile_steps writes its "
+                           f"traces into that directory, so move the file away or set train.profile_steps=0")
         # ---- the first write: everything above only read ----
         main_process = jax.process_index() == 0
         if main_process:
@@ -817,21 +821,29 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     evaluated_at = sampled_at = None
     window_start, window_tokens, step, saved_step = time.perf_counter(), 0, start, start
     in_flight = collections.deque()  # metrics of the steps dispatched and perhaps not yet computed
+    trace = StepTrace(workdir / PROFILE_DIR, t.profile_start, t.profile_steps) if t.profile_steps and main_process \
+        else None
     try:
         for step in range(start + 1, t.steps + 1):
             batch = global_batch(trainer.mesh, prefetch.next(step - 1), t.batch_size)
+            if trace and trace.before(step, state):  # started: the steps it traces get no speed figure
+                window_start, window_tokens = time.perf_counter(), 0
             state, step_metrics = trainer.step(state, batch)
             in_flight.append(step_metrics)
             if len(in_flight) > STEPS_AHEAD:  # a SIGTERM then saves a step computed moments later
                 jax.block_until_ready(in_flight.popleft())
             window_tokens += t.batch_size * t.seq_len
+            if trace and (traced := trace.after(step, state)):
+                bar.write(traced)
+                window_start, window_tokens = time.perf_counter(), 0
             bar.update(1)
             record = {}
             if step % t.log_every == 0 or step == t.steps:
                 fetched = jax.device_get(step_metrics)
                 values = {k: float(v) for k, v in fetched.items() if not k.startswith("source_")}
                 values.update(per_source_nll(trainer.sources, fetched))
-                if step > start + 1:  # (the process's first step includes compiling it: no figure)
+                # no speed figure for the process's first step (it includes compiling) nor for traced steps
+                if step > start + 1 and window_tokens and not (trace and trace.active):
                     per_device = window_tokens / (time.perf_counter() - window_start) / trainer.mesh.size
                     values.update(tokens_per_second=per_device * trainer.mesh.size,
                                   tflops_per_device=metrics_lib.tflops_per_device(per_device, cfg, t.seq_len),
@@ -901,6 +913,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         if main_process and (workdir / METRICS_FILE).exists():
             plot_losses(workdir / METRICS_FILE, workdir / "loss.png")
     finally:  # SIGTERM stays a flag up to here: once the steps are done, the run ends as it would have
+        if trace:
+            trace.close()
         bar.close()
         prefetch.close()
         preemption.restore()

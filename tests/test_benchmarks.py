@@ -124,37 +124,6 @@ def test_gpu_script_dry_run_measures_every_part(tmp_path):
     assert results["c_decode"]["result"], results["c_decode"]
 
 
-def test_trace_summary_counts_a_gpu_trace_s_stream_kernels_once(script, tmp_path):
-    """A GPU trace (as jax.profiler writes it on an H200) holds each kernel on its stream line and
-    again on derived lines such as "XLA Ops": only the stream lines count, grouped by kind."""
-    import gzip
-
-    def kernel(tid, name, ts, dur):
-        return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name}
-
-    stream = [kernel(7, "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", 0, 10.0), kernel(7, "loop_add_fusion_3", 10, 2.0),
-              kernel(7, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 12, 4.0),
-              kernel(7, "loop_add_fusion_3", 20, 3.0)]
-    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
-              {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
-              {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
-              {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
-              {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 500.0, "name": "PjitFunction(step)"},
-              *stream, *({**e, "tid": 8} for e in stream)]
-    folder = tmp_path / "plugins" / "profile" / "run"
-    folder.mkdir(parents=True)
-    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
-        json.dump({"traceEvents": events}, f)
-    summary = script("trace_summary").summarize(tmp_path, per=2)
-    assert summary["source"] == "device streams" and summary["kernels"] == 2 and summary["kernel_us"] == 9.5
-    assert summary["span_us"] == 11.5  # 0 to 23 us, per 2
-    kinds = summary["by_kind"]
-    assert kinds["matrix product"] == {"count": 0.5, "us": 5.0, "share": 10 / 19}
-    assert kinds["attention (cuDNN)"]["us"] == 2.0 and kinds["other fusion"]["us"] == 2.5
-    assert summary["top"][0]["name"].startswith("nvjet") and summary["top"][1]["count"] == 1.0  # the fusion, twice
-    assert summary["top"][1]["mean_us"] == 2.5
-
-
 def test_decode_rows_get_params_in_their_own_layout(script):
     """`generate` decodes in the layout of the params, whatever `scan_layers` says: the unscanned
     row must get per-layer params, or it times the scanned path again."""

@@ -418,6 +418,8 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("sample longer than the model", r"train.sample_prompt \(\d+ tokens with BOS\) \+ train.sample_tokens \(127\) = "
                                      r"\d+ exceeds the model's max_seq_len \(128\)"),
     ("metrics log a directory", r"run/metrics.jsonl is not a file; a run appends its metrics there"),
+    ("profile directory a file", r"run/profile is a file; train.profile_steps writes its traces into that "
+                                 r"directory, so move the file away or set train.profile_steps=0"),
 ])
 def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_path, straight_run, capsys,
                                                             case, message):
@@ -447,7 +449,10 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "other batch size on resume": ["train.batch_size=16"],
         "sample longer than the model": ["train.sample_tokens=127", "train.sample_prompt=def"],
         "metrics log a directory": [],
+        "profile directory a file": ["train.profile_steps=2"],
     }[case]
+    if case == "profile directory a file":
+        (workdir / "profile").write_text("notes\n")
     if case == "metrics log a directory":  # (it failed with a raw errno line after the first logged step)
         (workdir / "metrics.jsonl").unlink()
         (workdir / "metrics.jsonl").mkdir()
