@@ -114,43 +114,53 @@ PROFILE_DIR = "profile"
 class StepTrace:
     """Trace steps [start, start + count) of a run with `jax.profiler` into `directory`, on this
     process only (each process would write its own trace; the run loop makes one for process 0).
-    `before(step)` and `after(step)` are called around each step's dispatch with the state it
-    produces or consumes; once the last traced step has finished, `after` writes
-    `directory/summary-A-B.json` (`summarize`, per step) and returns a line saying where it all is.
-    The first traced step waits for the steps before it, and the last one for itself, so the trace
-    holds those steps alone."""
+    `before(step, state)` and `after(step, state)` are called around each step's dispatch; the
+    first traced step waits for the steps before it and the last one for itself, so the trace holds
+    those steps alone. Once it ends, `directory/summary-A-B.json` (`summarize`, per step) is
+    written and `say` gets one line saying where it all is. A trace that cannot start or be
+    summarized is said in one line too; the run goes on either way."""
 
-    def __init__(self, directory: Path, start: int, count: int):
-        self.directory, self.start, self.stop = Path(directory), start, start + count - 1
+    def __init__(self, directory: Path, start: int, count: int, say):
+        self.directory, self.start, self.stop, self.say = Path(directory), start, start + count - 1, say
         self.active = False
 
     def before(self, step: int, state) -> bool:
-        """Start tracing if `step` is the first traced one (True then)."""
+        """Start tracing if `step` is the first traced one; True once it has started."""
         import jax
 
         if step != self.start or self.active:
             return False
         jax.block_until_ready(state)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+        except Exception as e:  # e.g. another trace running in this process
+            self.say(f"profile of steps {self.start}-{self.stop} not taken: {type(e).__name__}: {e}")
+            return False
         self.active = True
         return True
 
-    def after(self, step: int, state) -> str | None:
+    def after(self, step: int, state) -> bool:
+        """End the trace if `step` is the last traced one; True once it has ended."""
         import jax
 
         if not (self.active and step == self.stop):
-            return None
+            return False
         jax.block_until_ready(state)
         self.close()
-        count = self.stop - self.start + 1
-        summary = summarize(self.directory, per=count)
         name = f"summary-{self.start}-{self.stop}.json"
-        (self.directory / name).write_text(json.dumps(summary, indent=1) + "\n")
+        try:
+            summary = summarize(self.directory, per=self.stop - self.start + 1)
+            (self.directory / name).write_text(json.dumps(summary, indent=1) + "\n")
+        except (OSError, ValueError, KeyError, TypeError) as e:  # the trace is there; only its summary is not
+            self.say(f"profile of steps {self.start}-{self.stop}: {self.directory} (TensorBoard's profile plugin); "
+                     f"no summary: {type(e).__name__}: {e}")
+            return True
         kinds = ", ".join(f"{kind} {entry['share']:.0%}" for kind, entry in list(summary["by_kind"].items())[:4])
-        return (f"profile of steps {self.start}-{self.stop}: {self.directory} (TensorBoard's profile plugin, or "
-                f"{Path(summary['trace']).name} at ui.perfetto.dev; {name}); per step {summary['kernels']:,.0f} "
-                f"kernels, {summary['kernel_us'] / 1e3:,.1f} ms on {summary['source']}: {kinds}")
+        self.say(f"profile of steps {self.start}-{self.stop}: {self.directory} (TensorBoard's profile plugin, or "
+                 f"{Path(summary['trace']).name} at ui.perfetto.dev; {name}); per step {summary['kernels']:,.0f} "
+                 f"kernels, {summary['kernel_us'] / 1e3:,.1f} ms on {summary['source']}: {kinds}")
+        return True
 
     def close(self) -> None:
         """Stop an unfinished trace (a run that ends inside it)."""

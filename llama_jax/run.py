@@ -821,8 +821,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     evaluated_at = sampled_at = None
     window_start, window_tokens, step, saved_step = time.perf_counter(), 0, start, start
     in_flight = collections.deque()  # metrics of the steps dispatched and perhaps not yet computed
-    trace = StepTrace(workdir / PROFILE_DIR, t.profile_start, t.profile_steps) if t.profile_steps and main_process \
-        else None
+    trace = StepTrace(workdir / PROFILE_DIR, t.profile_start, t.profile_steps, bar.write) \
+        if t.profile_steps and main_process else None
     try:
         for step in range(start + 1, t.steps + 1):
             batch = global_batch(trainer.mesh, prefetch.next(step - 1), t.batch_size)
@@ -833,8 +833,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if len(in_flight) > STEPS_AHEAD:  # a SIGTERM then saves a step computed moments later
                 jax.block_until_ready(in_flight.popleft())
             window_tokens += t.batch_size * t.seq_len
-            if trace and (traced := trace.after(step, state)):
-                bar.write(traced)
+            if trace and trace.after(step, state):  # ended: the next figure starts from here
                 window_start, window_tokens = time.perf_counter(), 0
             bar.update(1)
             record = {}

@@ -64,3 +64,21 @@ def test_a_run_traces_the_steps_it_is_asked_to_and_computes_the_same(tmp_path, c
     speed = [r["step"] for r in traced if "tokens_per_second" in r]
     assert speed == [2, 5], traced  # not step 1 (compiling) nor the traced steps 3 and 4
     assert not (tmp_path / "plain" / "profile").exists()
+
+
+def test_a_trace_that_cannot_start_is_one_line_and_the_run_goes_on(tmp_path, capsys):
+    """jax.profiler takes one trace per process at a time: with one already running (a user's own),
+    the run says so in one line and trains to the end, its speed figures intact."""
+    import jax
+
+    jax.profiler.start_trace(str(tmp_path / "users_own"))
+    try:
+        assert main(["train", "--config", TINY, "--workdir", str(tmp_path / "run"), "--config.train.steps=4",
+                     "--config.train.log_every=1", "--config.optimizer.warmup_steps=1",
+                     "--config.train.profile_steps=2", "--config.train.profile_start=2"]) == 0
+    finally:
+        jax.profiler.stop_trace()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("profile of steps")]
+    assert len(lines) == 1 and lines[0].startswith("profile of steps 2-3 not taken: "), lines
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records if "tokens_per_second" in r] == [2, 3, 4]
