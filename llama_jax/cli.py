@@ -474,6 +474,19 @@ EVAL_RESULT_KEYS = ("loss", "perplexity", "tokens")  # what marks a file as an e
 LM_EVAL_RESULT_KEYS = ("results", "configs")  # ... of lm-eval
 
 
+def eval_file_name(record: dict, own_data: bool) -> str:
+    """A run's default result file: eval-STEP.json for its own held-out documents, and for other data
+    settings eval-STEP-TAG.json, TAG 8 hex digits of their hash, so that a score of other data never
+    replaces the run's own nor one of a third."""
+    import hashlib
+    import json
+
+    if own_data:
+        return f"eval-{record['step']}.json"
+    settings = json.dumps(record["data"], sort_keys=True, default=str).encode()
+    return f"eval-{record['step']}-{hashlib.sha256(settings).hexdigest()[:8]}.json"
+
+
 def cmd_eval(args) -> None:
     import json
 
@@ -501,9 +514,10 @@ def cmd_eval(args) -> None:
                           "the model is the directory's or the checkpoint's own")
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
+    own_data = _runs_own_data(args, config)
     record = evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len, args.batch_size,
-                               progress=True, run_config=_runs_own_data(args, config))
-    default = Path(args.workdir) / f"eval-{record['step']}.json" if args.workdir else Path(args.model) / EVAL_FILE
+                               progress=True, run_config=own_data)
+    default = Path(args.workdir) / eval_file_name(record, own_data) if args.workdir else Path(args.model) / EVAL_FILE
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
     output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval",
                                 EVAL_RESULT_KEYS)
@@ -940,8 +954,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=None, help="window length (default: train.seq_len)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="rows per batch (default: the config's train.batch_size / train.grad_accum)")
-    p.add_argument("--output", default=None, help="JSON file to write (default: MODEL/eval.json, "
-                   "or WORKDIR/eval-STEP.json)")
+    p.add_argument("--output", default=None, help="JSON file to write (default: MODEL/eval.json, or "
+                   "WORKDIR/eval-STEP.json; WORKDIR/eval-STEP-TAG.json for data settings other than the run's)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a model directory (needs .[eval])")

@@ -107,6 +107,9 @@ def test_a_runs_relative_data_path_read_from_elsewhere_is_refused(prepared, tmp_
             rf"run was started in, or give the data to score with --config FILE", err), err
     assert not list((started / "run").glob("eval-*.json"))
     assert main(["eval", "--workdir", "../started/run", "--config.data.path=prep"]) == 0  # other data, asked for
+    [other] = (started / "run").glob("eval-*.json")  # a name of its own: it never replaces the run's own score
+    assert re.fullmatch(r"eval-2-[0-9a-f]{8}\.json", other.name)
+    assert json.loads(other.read_text())["data"]["path"] == "prep"
     capsys.readouterr()
     (elsewhere / "prep").unlink()
     assert main(["eval", "--workdir", "../started/run"]) == 2
@@ -114,7 +117,7 @@ def test_a_runs_relative_data_path_read_from_elsewhere_is_refused(prepared, tmp_
                                                f"a directory written by llama-jax prepare-data")
     monkeypatch.chdir(started)
     assert main(["eval", "--workdir", "run"]) == 0
-    assert (started / "run" / "eval-2.json").is_file()
+    assert {p.name for p in (started / "run").glob("eval-*.json")} == {"eval-2.json", other.name}
 
 
 def mixture_config(tmp_path, mixture: str) -> Path:
