@@ -73,6 +73,11 @@ def base_config(preset: str = "tiny", **model_fields) -> ml_collections.ConfigDi
 
 INIT_FROM_PRESET = "init_from"
 
+# Keys added to `base_config` since sweeps began recording a hash of their config's settings, with
+# their defaults: the hash leaves them out while they hold those (`llama_jax.sweep.settings_sha256`),
+# so that a sweep started before a key was added still resumes. A key added later belongs here.
+LATER_KEYS = {"train.profile_steps": 0, "train.profile_start": 3}
+
 
 def model_config(section: ml_collections.ConfigDict, init_from: str = "",
                  run_model: LLaMAConfig | None = None) -> LLaMAConfig:
@@ -326,8 +331,9 @@ def _check_profile(t: ml_collections.ConfigDict) -> None:
     """ValueError for traced steps (`train.profile_steps` from `train.profile_start`) outside the run."""
     if not _is_int(t.profile_steps) or t.profile_steps < 0:
         raise ValueError(f"train.profile_steps must be a non-negative integer (0: no trace), got {t.profile_steps!r}")
-    if not _is_int(t.profile_start) or t.profile_start < 1:
-        raise ValueError(f"train.profile_start must be a step number of at least 1, got {t.profile_start!r}")
+    if not _is_int(t.profile_start) or t.profile_start < 2:
+        raise ValueError(f"train.profile_start must be a step number of at least 2 (step 1 compiles the train step), "
+                         f"got {t.profile_start!r}")
     last = t.profile_start + t.profile_steps - 1
     if t.profile_steps and _is_int(t.steps) and last > t.steps:
         raise ValueError(f"train.profile_start={t.profile_start} + train.profile_steps={t.profile_steps} traces up "

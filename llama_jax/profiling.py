@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import zlib
 from pathlib import Path
 
 # Kernel kinds by substrings of the kernel's name, first match wins (lower case).
@@ -38,12 +39,36 @@ def kind_of(name: str) -> str:
     return next((kind for kind, marks in KINDS if any(m in lower for m in marks)), "other")
 
 
-def latest_trace(trace_dir: str | Path) -> Path:
-    found = sorted(Path(trace_dir).glob("**/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+TRACE_FILE = "perfetto_trace.json.gz"
+
+
+def traces(trace_dir: str | Path) -> set[Path]:
+    """Every Perfetto trace under `trace_dir`."""
+    return set(Path(trace_dir).glob(f"**/{TRACE_FILE}"))
+
+
+def latest_trace(trace: str | Path) -> Path:
+    """`trace` itself if it is a file, else the newest Perfetto trace under it."""
+    if Path(trace).is_file():
+        return Path(trace)
+    found = sorted(traces(trace), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}; trace with "
+        raise FileNotFoundError(f"no {TRACE_FILE} under {trace}; trace with "
                                 f"jax.profiler.trace(dir, create_perfetto_trace=True)")
     return found[-1]
+
+
+def read_events(path: Path) -> list[dict]:
+    """The events of a Perfetto trace file; ValueError for one that is damaged or not a trace."""
+    try:
+        with gzip.open(path) as f:
+            data = json.load(f)
+    except (EOFError, zlib.error, gzip.BadGzipFile, ValueError) as e:  # cut short, corrupt, not JSON
+        raise ValueError(f"{path} is not a readable Perfetto trace ({type(e).__name__}: {e})") from None
+    events = data.get("traceEvents") if isinstance(data, dict) else data
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ValueError(f"{path} is not a Perfetto trace (no list of trace events)")
+    return events
 
 
 def kernel_events(events: list[dict]) -> tuple[list[dict], str]:
@@ -65,16 +90,18 @@ def kernel_events(events: list[dict]) -> tuple[list[dict], str]:
     return host, "host XLA client threads (no device line: CPU)"
 
 
-def summarize(trace_dir: str | Path, top: int = 25, per: float = 1.0) -> dict:
-    """Kernel time by kind and the `top` kernels by total time; times in microseconds, divided by `per`."""
-    path = latest_trace(trace_dir)
-    with gzip.open(path) as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    kernels, source = kernel_events(events)
+def summarize(trace: str | Path, top: int = 25, per: float = 1.0) -> dict:
+    """Kernel time by kind and the `top` kernels by total time of a trace file (or of the newest one
+    under a folder); times in microseconds, divided by `per`. ValueError for a damaged trace."""
+    path = latest_trace(trace)
     by_name: dict[str, list[float]] = collections.defaultdict(list)
-    for e in kernels:
-        by_name[e["name"]].append(float(e["dur"]))
+    try:
+        kernels, source = kernel_events(read_events(path))
+        for e in kernels:
+            by_name[str(e["name"])].append(float(e["dur"]))
+        span = _span(kernels)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # events without a trace's fields
+        raise ValueError(f"{path} is not a Perfetto trace ({type(e).__name__}: {e})") from None
     total = sum(sum(d) for d in by_name.values())
     kinds: dict[str, dict] = {}
     for name, durations in by_name.items():
@@ -85,7 +112,7 @@ def summarize(trace_dir: str | Path, top: int = 25, per: float = 1.0) -> dict:
         entry["share"] = entry["us"] * per / total if total else 0.0
     ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]
     return {"trace": str(path), "source": source, "per": per, "kernels": len(kernels) / per,
-            "kernel_us": total / per, "span_us": _span(kernels) / per,
+            "kernel_us": total / per, "span_us": span / per,
             "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["us"])),
             "top": [{"name": name[:160], "kind": kind_of(name), "count": len(d) / per, "us": sum(d) / per,
                      "mean_us": sum(d) / len(d)} for name, d in ranked]}
@@ -115,24 +142,31 @@ class StepTrace:
     """Trace steps [start, start + count) of a run with `jax.profiler` into `directory`, on this
     process only (each process would write its own trace; the run loop makes one for process 0).
     `before(step, state)` and `after(step, state)` are called around each step's dispatch; the
-    first traced step waits for the steps before it and the last one for itself, so the trace holds
-    those steps alone. Once it ends, `directory/summary-A-B.json` (`summarize`, per step) is
-    written and `say` gets one line saying where it all is. A trace that cannot start or be
-    summarized is said in one line too; the run goes on either way."""
+    first traced step waits for the steps before it and the last one for itself. Once the trace
+    ends, `directory/summary-A-B.json` (`summarize` of the trace just written, per step) is written
+    and `say` gets one line saying where it all is. A trace that cannot start, be written or be
+    summarized is said in one line too; the run goes on either way. `first`: the process's first
+    step, which compiles (step 1, or the one a resume starts at); a window holding it is not traced
+    (said in one line), nor one that ended before it (an earlier process's)."""
 
-    def __init__(self, directory: Path, start: int, count: int, say):
+    def __init__(self, directory: Path, start: int, count: int, say, first: int = 1):
         self.directory, self.start, self.stop, self.say = Path(directory), start, start + count - 1, say
-        self.active = False
+        self.active, self.earlier = False, set()
+        if start <= first <= self.stop:
+            say(f"profile of steps {start}-{self.stop} not taken: this run resumed at step {first}, inside it "
+                f"(a process's first step compiles)")
+        self.taken = start > first  # (a window before `first` is done: traced, or said, by an earlier process)
 
     def before(self, step: int, state) -> bool:
         """Start tracing if `step` is the first traced one; True once it has started."""
         import jax
 
-        if step != self.start or self.active:
+        if not self.taken or step != self.start or self.active:
             return False
         jax.block_until_ready(state)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self.earlier = traces(self.directory)
             jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
         except Exception as e:  # e.g. another trace running in this process
             self.say(f"profile of steps {self.start}-{self.stop} not taken: {type(e).__name__}: {e}")
@@ -147,25 +181,49 @@ class StepTrace:
         if not (self.active and step == self.stop):
             return False
         jax.block_until_ready(state)
-        self.close()
-        name = f"summary-{self.start}-{self.stop}.json"
+        if not self.close():
+            return True
+        name, where = f"summary-{self.start}-{self.stop}.json", f"profile of steps {self.start}-{self.stop}"
+        written = sorted(traces(self.directory) - self.earlier)
         try:
-            summary = summarize(self.directory, per=self.stop - self.start + 1)
+            if len(written) != 1:
+                raise ValueError(f"{len(written)} new {TRACE_FILE} files under it, not one")
+            summary = summarize(written[0], per=self.stop - self.start + 1)
             (self.directory / name).write_text(json.dumps(summary, indent=1) + "\n")
-        except (OSError, ValueError, KeyError, TypeError) as e:  # the trace is there; only its summary is not
-            self.say(f"profile of steps {self.start}-{self.stop}: {self.directory} (TensorBoard's profile plugin); "
-                     f"no summary: {type(e).__name__}: {e}")
+        except (OSError, ValueError) as e:  # the trace is there; only its summary is not
+            self.say(f"{where}: {self.directory} (TensorBoard's profile plugin); no summary: {e}")
             return True
         kinds = ", ".join(f"{kind} {entry['share']:.0%}" for kind, entry in list(summary["by_kind"].items())[:4])
-        self.say(f"profile of steps {self.start}-{self.stop}: {self.directory} (TensorBoard's profile plugin, or "
-                 f"{Path(summary['trace']).name} at ui.perfetto.dev; {name}); per step {summary['kernels']:,.0f} "
-                 f"kernels, {summary['kernel_us'] / 1e3:,.1f} ms on {summary['source']}: {kinds}")
+        self.say(f"{where}: {self.directory} (TensorBoard's profile plugin, or {written[0].relative_to(self.directory)}"
+                 f" at ui.perfetto.dev; {name}); per step {summary['kernels']:,.0f} kernels, "
+                 f"{summary['kernel_us'] / 1e3:,.1f} ms on {summary['source']}: {kinds}")
         return True
 
-    def close(self) -> None:
-        """Stop an unfinished trace (a run that ends inside it)."""
+    def close(self) -> bool:
+        """Stop the trace (also one a run ends inside) and write it; False, said in a line, if that failed."""
         import jax
 
-        if self.active:
-            self.active = False
+        if not self.active:
+            return False
+        self.active = False
+        try:
             jax.profiler.stop_trace()
+        except Exception as e:  # e.g. a full disk, or a file where its folder should be
+            _forget_failed_trace()
+            self.say(f"profile of steps {self.start}-{self.stop}: the trace could not be written to "
+                     f"{self.directory}: {type(e).__name__}: {e}")
+            return False
+        return True
+
+
+def _forget_failed_trace() -> None:
+    """After a `stop_trace` that failed to write, jax still holds the stopped session as the running
+    one, and every later `start_trace` in the process would fail; clear it (jax's private state,
+    where it is as in jax 0.10)."""
+    try:
+        from jax._src import profiler
+
+        with profiler._profile_state.lock:
+            profiler._profile_state.reset()
+    except (ImportError, AttributeError):
+        pass

@@ -390,7 +390,7 @@ def set_aside_after(workdir: Path, step: int) -> list[Path]:
 # Hugging Face tokenizer settings), which `export` writes with the run's parameters.
 MODEL_TOKENIZER_DIR = "tokenizer_files"
 RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE, DATA_DIR,
-             MODEL_TOKENIZER_DIR, PROFILE_DIR)
+             MODEL_TOKENIZER_DIR)
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
 
@@ -757,7 +757,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         if start > t.steps:
             raise RunError(f"{workdir} holds checkpoint {start}, past train.steps={t.steps}; raise train.steps to "
                            f"at least {start} or use --resume-from an earlier step")
-        if t.profile_steps and (workdir / PROFILE_DIR).exists() and not (workdir / PROFILE_DIR).is_dir():
+        if t.profile_steps and start < t.steps and (workdir / PROFILE_DIR).exists() \
+                and not (workdir / PROFILE_DIR).is_dir():
             raise RunError(f"--workdir {workdir}: {workdir / PROFILE_DIR} is a file; train.profile_steps writes its "
                            f"traces into that directory, so move the file away or set train.profile_steps=0")
         # ---- the first write: everything above only read ----
@@ -821,8 +822,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     evaluated_at = sampled_at = None
     window_start, window_tokens, step, saved_step = time.perf_counter(), 0, start, start
     in_flight = collections.deque()  # metrics of the steps dispatched and perhaps not yet computed
-    trace = StepTrace(workdir / PROFILE_DIR, t.profile_start, t.profile_steps, bar.write) \
-        if t.profile_steps and main_process else None
+    trace = StepTrace(workdir / PROFILE_DIR, t.profile_start, t.profile_steps, bar.write, first=start + 1) \
+        if t.profile_steps and main_process and start < t.steps else None
     try:
         for step in range(start + 1, t.steps + 1):
             batch = global_batch(trainer.mesh, prefetch.next(step - 1), t.batch_size)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 
-from llama_jax.experiment import _failure, _parse, load_config
+from llama_jax.experiment import LATER_KEYS, _failure, _parse, load_config
 from llama_jax.safe_io import holds_run, write_text_atomic
 
 SEARCHES = ("grid", "random", "optuna")
@@ -739,15 +739,26 @@ def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str]
     _check_not_swept(overrides, axes)
     if set(saved_axes) == set(axes):  # the order its trials were named and drawn in
         axes = {key: axes[key] for key in saved_axes}
-    settings = (load_config(config) if overrides else base).to_json_best_effort(sort_keys=True)  # the file's own
+    settings = settings_sha256(load_config(config) if overrides else base)  # the file's own
     spec = SweepSpec(str(Path(config).absolute()), tuple(overrides), {k: repr(v) for k, v in axes.items()},
-                     search, trials if search != "grid" else None, seed, hashlib.sha256(settings.encode()).hexdigest(),
-                     objective_key(base), os.getcwd())
+                     search, trials if search != "grid" else None, seed, settings, objective_key(base), os.getcwd())
     listed = grid_trials(axes) if search == "grid" else random_trials(axes, trials, seed) if search == "random" \
         else []
     check_names([widest_trial(axes, trials)] if search == "optuna" else listed, axes, numbered=search != "grid")
     check_overrides(spec, listed, axes, read_init_from, started)
     return spec, axes, listed
+
+
+def settings_sha256(config) -> str:
+    """sha256 of a config's settings as sorted JSON, leaving out the keys added to `base_config`
+    since sweeps first recorded it (`LATER_KEYS`) while they hold their defaults: a sweep started
+    before a key existed resumes after it is added."""
+    settings = json.loads(config.to_json_best_effort())
+    for key, default in LATER_KEYS.items():
+        section, name = key.split(".")
+        if settings.get(section, {}).get(name, default) == default:
+            settings.get(section, {}).pop(name, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def saved_spec(workdir: Path) -> dict:

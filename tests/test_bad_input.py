@@ -107,8 +107,8 @@ CASES = [
          r"splash attention needs the sequence length to be a multiple of 128 \(of 512 above 512\), got 64"),
     Case("train-profile-steps-negative", NEW_RUN + " --config.train.profile_steps=-1",
          r"train.profile_steps must be a non-negative integer \(0: no trace\), got -1"),
-    Case("train-profile-start-zero", NEW_RUN + " --config.train.profile_steps=2 --config.train.profile_start=0",
-         r"train.profile_start must be a step number of at least 1, got 0"),
+    Case("train-profile-start-one", NEW_RUN + " --config.train.profile_steps=2 --config.train.profile_start=1",
+         r"train.profile_start must be a step number of at least 2 \(step 1 compiles the train step\), got 1"),
     Case("train-profile-past-the-run", NEW_RUN + " --config.train.profile_steps=3 --config.train.profile_start=3",
          r"train.profile_start=3 \+ train.profile_steps=3 traces up to step 5, past train.steps=\d+; trace steps "
          r"within the run"),

@@ -3,13 +3,39 @@
 import gzip
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from llama_jax.cli import main
 from llama_jax.metrics import read_metrics
 from llama_jax.profiling import summarize
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.py")
+
+
+def train(workdir, steps: int, *extra) -> list[str]:
+    """`llama-jax train` of the tiny config on synthetic data, every step logged."""
+    return ["train", "--config", TINY, "--workdir", str(workdir), f"--config.train.steps={steps}",
+            "--config.train.log_every=1", "--config.optimizer.warmup_steps=1", *extra]
+
+
+def profile_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("profile of steps")]
+
+
+def jax_trace(directory: Path) -> None:
+    """A real trace of a small jitted computation."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+    a = jnp.ones((64, 64))
+    f(a).block_until_ready()
+    with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+        f(a).block_until_ready()
 
 
 def test_a_gpu_trace_s_stream_kernels_count_once(tmp_path):
@@ -45,16 +71,16 @@ def test_a_run_traces_the_steps_it_is_asked_to_and_computes_the_same(tmp_path, c
     """Steps 3-4 of a 5-step run traced into RUN/profile (a TensorBoard trace, a Perfetto one and a
     summary); the losses are those of the same run untraced, and the traced steps get no speed figure."""
     def run(workdir, *extra):
-        assert main(["train", "--config", TINY, "--workdir", str(workdir), "--config.train.steps=5",
-                     "--config.train.log_every=1", "--config.optimizer.warmup_steps=1", *extra]) == 0
+        assert main(train(workdir, 5, *extra)) == 0
         return [r for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
 
     traced = run(tmp_path / "traced", "--config.train.profile_steps=2", "--config.train.profile_start=3")
     out = capsys.readouterr().out
     profile = tmp_path / "traced" / "profile"
     assert re.search(rf"^profile of steps 3-4: {re.escape(str(profile))} \(TensorBoard's profile plugin, or "
-                     rf"perfetto_trace.json.gz at ui.perfetto.dev; summary-3-4.json\); per step \d+ kernels, "
-                     rf"[\d.]+ ms on host XLA client threads \(no device line: CPU\): ", out, re.M), out
+                     rf"plugins/profile/[\w.-]+/perfetto_trace.json.gz at ui.perfetto.dev; summary-3-4.json\); per "
+                     rf"step \d+ kernels, [\d.]+ ms on host XLA client threads \(no device line: CPU\): ",
+                     out, re.M), out
     summary = json.loads((profile / "summary-3-4.json").read_text())
     assert summary["per"] == 2 and summary["kernels"] > 0 and Path(summary["trace"]).parent.parent.parent == \
         profile / "plugins"
@@ -73,12 +99,71 @@ def test_a_trace_that_cannot_start_is_one_line_and_the_run_goes_on(tmp_path, cap
 
     jax.profiler.start_trace(str(tmp_path / "users_own"))
     try:
-        assert main(["train", "--config", TINY, "--workdir", str(tmp_path / "run"), "--config.train.steps=4",
-                     "--config.train.log_every=1", "--config.optimizer.warmup_steps=1",
-                     "--config.train.profile_steps=2", "--config.train.profile_start=2"]) == 0
+        assert main(train(tmp_path / "run", 4, "--config.train.profile_steps=2", "--config.train.profile_start=2")) == 0
     finally:
         jax.profiler.stop_trace()
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("profile of steps")]
-    assert len(lines) == 1 and lines[0].startswith("profile of steps 2-3 not taken: "), lines
+    assert profile_lines(capsys) == ["profile of steps 2-3 not taken: RuntimeError: Profile has already been started. "
+                                     "Only one profile may be run at a time."]
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records if "tokens_per_second" in r] == [2, 3, 4]
+
+
+def test_a_trace_that_cannot_be_written_is_one_line_and_no_step_is_lost(tmp_path, capsys):
+    """jax.profiler writes the trace when it stops; where it cannot (here a file stands where its
+    folder goes; a full disk does the same), the run says so and trains to the end."""
+    workdir = tmp_path / "run"
+    (workdir / "profile" / "plugins").mkdir(parents=True)
+    (workdir / "profile" / "plugins" / "profile").write_text("in the way\n")
+    assert main(train(workdir, 5, "--config.train.profile_steps=2", "--config.train.profile_start=3",
+                      "--config.checkpoint.every=2")) == 0
+    [line] = profile_lines(capsys)
+    assert line.startswith(f"profile of steps 3-4: the trace could not be written to {workdir / 'profile'}: "), line
+    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 5
+
+
+def test_a_resume_inside_the_window_says_it_is_not_traced(tmp_path, capsys):
+    """A process's first step compiles: a resume that starts inside the traced window does not trace
+    the rest of it (one line says so), one that starts before it traces it whole, and one that
+    starts after it says nothing."""
+    workdir = tmp_path / "run"
+    window = ("--config.train.profile_steps=2", "--config.train.profile_start=4", "--config.checkpoint.every=1")
+    assert main(train(workdir, 2, "--config.checkpoint.every=1")) == 0
+    assert main(train(workdir, 3, *window[2:])) == 0  # the window 4-5 is past this run's steps: not asked for
+    capsys.readouterr()
+    assert main(train(workdir, 6, *window)) == 0  # resumes at 4, the window's first step
+    assert profile_lines(capsys) == ["profile of steps 4-5 not taken: this run resumed at step 4, inside it (a "
+                                     "process's first step compiles)"]
+    assert not (workdir / "profile").exists()
+    fresh = tmp_path / "fresh"
+    assert main(train(fresh, 3, "--config.checkpoint.every=1")) == 0
+    assert main(train(fresh, 6, *window)) == 0  # resumes at 4 too
+    capsys.readouterr()
+    assert main(train(fresh, 7, *window)) == 0  # resumes at 7: the window is behind
+    assert profile_lines(capsys) == []
+    again = tmp_path / "again"
+    assert main(train(again, 2, "--config.checkpoint.every=1")) == 0
+    assert main(train(again, 6, *window)) == 0  # resumes at 3: the window 4-5 is traced whole
+    [line] = profile_lines(capsys)
+    assert line.startswith("profile of steps 4-5: ") and (again / "profile" / "summary-4-5.json").is_file()
+
+
+def test_a_damaged_trace_is_one_line(tmp_path):
+    """A trace cut short (a run killed while it was written), corrupt, or not a trace's JSON: a
+    ValueError naming it, and one line from benchmarks/trace_summary.py."""
+    real = tmp_path / "real"
+    jax_trace(real)
+    data = next(real.glob("**/perfetto_trace.json.gz")).read_bytes()
+    corrupt = bytearray(data)
+    corrupt[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    for name, content in (("cut", data[:len(data) // 2]), ("corrupt", bytes(corrupt)),
+                          ("numbers", gzip.compress(b"[1, 2, 3]")), ("text", b"not gzip at all"),
+                          ("event_list_of_strings", gzip.compress(b'{"traceEvents": ["a"]}'))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "perfetto_trace.json.gz").write_bytes(content)
+        with pytest.raises(ValueError, match=r"perfetto_trace.json.gz is not a (readable )?Perfetto trace"):
+            summarize(tmp_path / name)
+    run = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "trace_summary.py"),
+                          str(tmp_path / "cut")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == "" and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"trace_summary.py: error: {tmp_path / 'cut'}: ") and "Perfetto trace" in run.stderr

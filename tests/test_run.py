@@ -449,7 +449,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "other batch size on resume": ["train.batch_size=16"],
         "sample longer than the model": ["train.sample_tokens=127", "train.sample_prompt=def"],
         "metrics log a directory": [],
-        "profile directory a file": ["train.profile_steps=2"],
+        "profile directory a file": ["train.profile_steps=2", f"train.steps={STEPS + 2}"],  # steps left to train
     }[case]
     if case == "profile directory a file":
         (workdir / "profile").write_text("notes\n")

@@ -576,6 +576,25 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     assert sorted(workdir.rglob("*")) == before
 
 
+def test_a_key_added_since_a_sweep_started_leaves_its_settings_hash_alone():
+    """sweep.json records a hash of the config's settings; a key added to base_config later (with
+    its default) must not change it, or every sweep started before would be refused on resume as "a
+    different sweep". The hash of the config without the added keys, as sweeps recorded it before
+    (sha256 of its sorted JSON), is the hash with them at their defaults; other values count."""
+    import hashlib
+
+    from llama_jax.experiment import LATER_KEYS
+
+    config = load_config(TINY)
+    before_the_keys = load_config(TINY)
+    for key in LATER_KEYS:
+        section, name = key.split(".")
+        del before_the_keys[section][name]
+    recorded = hashlib.sha256(before_the_keys.to_json_best_effort(sort_keys=True).encode()).hexdigest()
+    assert sweep_lib.settings_sha256(config) == recorded
+    assert sweep_lib.settings_sha256(load_config(TINY, ["train.profile_steps=2"])) != recorded
+
+
 def test_a_sweep_already_running_in_the_workdir_is_refused(tmp_path, capsys):
     """The same sweep started again while it runs would start its unfinished trials twice: refused
     in one line while another holder has the workdir's lock, and nothing is written."""
