@@ -11,6 +11,9 @@ covered). Which events count as kernels on each backend: `llama_jax.profiling`.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from llama_jax.cli import OneLineParser, positive_int
 from llama_jax.profiling import render, summarize
 
@@ -25,7 +28,10 @@ def main(argv=None) -> int:
         summary = summarize(args.trace, args.top, args.per)
     except (OSError, ValueError) as e:  # no trace, or a file that is not one
         parser.error(f"{args.trace}: {e}")
-    print(render(summary))
+    try:
+        print(render(summary), flush=True)
+    except BrokenPipeError:  # the reader stopped early (`| head`): the rest goes nowhere, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -1,5 +1,6 @@
 """Where a program's device time goes: `jax.profiler` traces of training steps, and summaries of
-them (kernels grouped by name and by kind: matrix products, attention, XLA's fusions, copies).
+them (kernels grouped by name and by kind: matrix products, attention, XLA's fusions, copies,
+collectives).
 
 `summarize(trace_dir)` reads the newest `perfetto_trace.json.gz` under a folder given to
 `jax.profiler.trace(dir, create_perfetto_trace=True)`. On a GPU the kernels are the events on the
@@ -7,8 +8,8 @@ device's stream lines ("/device:GPU:0", threads "Stream #..."; the derived lines
 beside them, such as "XLA Ops", would count each kernel twice and are left out); a device
 without stream lines (a TPU) counts its "XLA Ops" line if it has one, else all of its lines (not
 yet checked on a TPU). On CPU, where there is no device line, the XLA operations run on the
-host's XLA client thread stand in for kernels (the work XLA hands to its thread pool is not in
-them), so a CPU summary shows what ran, not all of its time.
+host's XLA threads stand in for kernels, each with its self time (less the operations nested in
+it: a loop's body, say), the executor's own bookkeeping left out.
 
 `StepTrace` traces steps of a run (`train.profile_steps`, from `train.profile_start`) into
 WORKDIR/profile, readable with TensorBoard's profile plugin or at ui.perfetto.dev, and writes
@@ -25,12 +26,15 @@ from pathlib import Path
 
 # Kernel kinds by substrings of the kernel's name, first match wins (lower case).
 KINDS = (
+    ("collective / wait", ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective", "nccl",
+                           "rendezvous", "wait")),
     ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
     ("matrix product", ("gemm", "gemv", "xmma", "cutlass", "nvjet", "cublas", "dot", "matmul")),
     ("copy / memset", ("memcpy", "memset", "copy")),
     ("reduction fusion", ("reduce", "reduction", "input_")),
     ("other fusion", ("fusion", "loop_", "triton")),
 )
+_HOST_XLA_THREADS = ("tf_XLAPjRtCpuClient", "tf_XLAEigen")  # the threads XLA's CPU backend runs operations on
 _HOST_BOOKKEEPING = ("ThreadpoolListener", "ThunkExecutor", "SlinkyThreadPool", "end: ")
 
 
@@ -85,9 +89,29 @@ def kernel_events(events: list[dict]) -> tuple[list[dict], str]:
             if chosen:
                 return chosen, source
         return on_device, "device lines"
-    host = [e for e in timed if thread.get((e["pid"], e.get("tid")), "").startswith("tf_XLAPjRtCpuClient")
-            and not e["name"].startswith(_HOST_BOOKKEEPING)]
-    return host, "host XLA client threads (no device line: CPU)"
+    by_thread: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for e in timed:
+        key = (e["pid"], e.get("tid"))
+        if thread.get(key, "").startswith(_HOST_XLA_THREADS):
+            by_thread[key].append(e)
+    host = [e for events_of_thread in by_thread.values() for e in _self_times(events_of_thread)
+            if not e["name"].startswith(_HOST_BOOKKEEPING)]
+    return host, "host XLA threads (no device line: CPU; self times)"
+
+
+def _self_times(events: list[dict]) -> list[dict]:
+    """Copies of one thread's events with each duration less its nested events' (an XLA CPU
+    thread's operations nest: a while loop holds its body's, the executor holds them all)."""
+    out, open_events = [], []  # open_events: (end, copy) of the events enclosing the current one
+    for e in sorted(events, key=lambda e: (e["ts"], -e["dur"])):
+        while open_events and open_events[-1][0] <= e["ts"]:
+            open_events.pop()
+        if open_events:
+            open_events[-1][1]["dur"] -= e["dur"]
+        copy = dict(e)
+        open_events.append((e["ts"] + e["dur"], copy))
+        out.append(copy)
+    return out
 
 
 def summarize(trace: str | Path, top: int = 25, per: float = 1.0) -> dict:

@@ -67,6 +67,29 @@ def test_a_gpu_trace_s_stream_kernels_count_once(tmp_path):
     assert summary["top"][1]["mean_us"] == 2.5
 
 
+def test_a_cpu_trace_s_operations_count_their_self_time(tmp_path):
+    """On CPU, XLA's operations run on its client and thread-pool threads and nest (the executor
+    holds them all, a while loop its body): each counts its own time once, the executor's
+    bookkeeping and Python's threads not at all."""
+    def op(tid, name, ts, dur):
+        return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name}
+
+    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+              {"ph": "M", "pid": 1, "tid": 5, "name": "thread_name", "args": {"name": "tf_XLAEigen/77"}},
+              {"ph": "M", "pid": 1, "tid": 6, "name": "thread_name", "args": {"name": "tf_XLAPjRtCpuClient/3"}},
+              {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "python"}},
+              op(5, "ThunkExecutor::Execute", 0, 100), op(5, "while.3", 10, 50), op(5, "dot.1", 15, 20),
+              op(5, "loop_add_fusion", 40, 15), op(5, "copy.2", 70, 20), op(6, "dot.1", 0, 30),
+              op(6, "all-reduce.4", 40, 10), op(7, "PjitFunction(step)", 0, 500)]
+    (tmp_path / "perfetto_trace.json.gz").write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    summary = summarize(tmp_path / "perfetto_trace.json.gz")
+    assert summary["source"] == "host XLA threads (no device line: CPU; self times)"
+    assert {e["name"]: e["us"] for e in summary["top"]} == {"dot.1": 50, "copy.2": 20, "loop_add_fusion": 15,
+                                                            "while.3": 15, "all-reduce.4": 10}
+    assert summary["kernels"] == 6 and summary["kernel_us"] == 110
+    assert summary["by_kind"]["collective / wait"]["us"] == 10  # (not a reduction for its name's "reduce")
+
+
 def test_a_run_traces_the_steps_it_is_asked_to_and_computes_the_same(tmp_path, capsys):
     """Steps 3-4 of a 5-step run traced into RUN/profile (a TensorBoard trace, a Perfetto one and a
     summary); the losses are those of the same run untraced, and the traced steps get no speed figure."""
@@ -79,7 +102,7 @@ def test_a_run_traces_the_steps_it_is_asked_to_and_computes_the_same(tmp_path, c
     profile = tmp_path / "traced" / "profile"
     assert re.search(rf"^profile of steps 3-4: {re.escape(str(profile))} \(TensorBoard's profile plugin, or "
                      rf"plugins/profile/[\w.-]+/perfetto_trace.json.gz at ui.perfetto.dev; summary-3-4.json\); per "
-                     rf"step \d+ kernels, [\d.]+ ms on host XLA client threads \(no device line: CPU\): ",
+                     rf"step [\d,]+ kernels, [\d.]+ ms on host XLA threads \(no device line: CPU; self times\): ",
                      out, re.M), out
     summary = json.loads((profile / "summary-3-4.json").read_text())
     assert summary["per"] == 2 and summary["kernels"] > 0 and Path(summary["trace"]).parent.parent.parent == \
