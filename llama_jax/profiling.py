@@ -223,8 +223,9 @@ class StepTrace:
                  f"{summary['kernel_us'] / 1e3:,.1f} ms on {summary['source']}: {kinds}")
         return True
 
-    def close(self) -> bool:
-        """Stop the trace (also one a run ends inside) and write it; False, said in a line, if that failed."""
+    def close(self, cut_short: bool = False) -> bool:
+        """Stop the trace and write it; False, said in a line, if that failed. `cut_short`: the run
+        ends inside the window (preempted, or stopped by an error), which is said too."""
         import jax
 
         if not self.active:
@@ -237,6 +238,9 @@ class StepTrace:
             self.say(f"profile of steps {self.start}-{self.stop}: the trace could not be written to "
                      f"{self.directory}: {type(e).__name__}: {e}")
             return False
+        if cut_short:
+            self.say(f"profile of steps {self.start}-{self.stop}: the run ended inside it; the trace so far is in "
+                     f"{self.directory} (no summary)")
         return True
 
 

@@ -914,7 +914,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             plot_losses(workdir / METRICS_FILE, workdir / "loss.png")
     finally:  # SIGTERM stays a flag up to here: once the steps are done, the run ends as it would have
         if trace:
-            trace.close()
+            trace.close(cut_short=True)  # (only a trace still running: the run ended inside its window)
         bar.close()
         prefetch.close()
         preemption.restore()

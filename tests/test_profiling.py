@@ -190,3 +190,31 @@ def test_a_damaged_trace_is_one_line(tmp_path):
                           str(tmp_path / "cut")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == "" and run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith(f"trace_summary.py: error: {tmp_path / 'cut'}: ") and "Perfetto trace" in run.stderr
+
+
+def test_a_run_preempted_inside_the_window_keeps_the_trace_so_far(tmp_path, capsys, monkeypatch):
+    """A SIGTERM while steps are traced: the run saves and stops as it always does, and the trace
+    so far is written and said (no summary: the window was not done)."""
+    import os
+    import signal
+
+    from llama_jax import run as run_lib
+
+    start = run_lib.StepTrace.before
+
+    def before_then_sigterm(self, step, state):
+        started = start(self, step, state)
+        if started:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return started
+
+    monkeypatch.setattr(run_lib.StepTrace, "before", before_then_sigterm)
+    workdir = tmp_path / "run"
+    main(train(workdir, 6, "--config.train.profile_steps=3", "--config.train.profile_start=3"))
+    out = capsys.readouterr().out
+    assert "preempted: checkpoint saved at step 3" in out, out
+    lines = [line for line in out.splitlines() if line.startswith("profile of steps")]
+    assert lines == [f"profile of steps 3-5: the run ended inside it; the trace so far is in {workdir / 'profile'} "
+                     f"(no summary)"]
+    assert list((workdir / "profile").glob("plugins/profile/*/perfetto_trace.json.gz"))
+    assert not list((workdir / "profile").glob("summary-*.json"))
