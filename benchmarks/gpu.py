@@ -153,7 +153,7 @@ def log(msg: str) -> None:
 
 def profiled(args, rec: Recorder, part: str, fn, per: int, unit: str, compiled=None) -> None:
     """With --profile: trace one call of `fn` with jax.profiler into DIR/PART and record where its
-    device time went (`trace_summary`), divided by `per` (`unit`s: steps or tokens); the
+    device time went (`llama_jax.profiling.summarize`), divided by `per` (`unit`s: steps or tokens); the
     optimized HLO of `compiled` goes to DIR/PART/hlo.txt, to find the operations behind kernel
     names (a fusion `loop_add_fusion.3` runs as the kernel `loop_add_fusion_3`)."""
     if not args.profile:
@@ -166,7 +166,12 @@ def profiled(args, rec: Recorder, part: str, fn, per: int, unit: str, compiled=N
         (trace_dir / "hlo.txt").write_text(compiled.as_text())
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         fn()
-    summary = summarize(trace_dir, per=per)
+    try:
+        summary = summarize(trace_dir, per=per)
+    except (OSError, ValueError) as e:  # the part's figures stand; only the summary is missing
+        rec.put(part, "profile_error", f"{type(e).__name__}: {e}")
+        log(f"  {part}: no profile summary: {e}")
+        return
     summary["per_unit"] = unit
     rec.put(part, "profile", summary)
     log(render(summary))
