@@ -720,6 +720,11 @@ def main(argv=None) -> int:
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a folder of the path should be, or no permission
         parser.error(f"--out {out}: cannot create its folder ({e.strerror}); give a writable path")
+    if args.profile is not None:
+        blocking = next((p for p in [Path(args.profile), *Path(args.profile).parents] if p.exists() and not p.is_dir()),
+                        None)
+        if blocking is not None:
+            parser.error(f"--profile {args.profile}: {blocking} is a file; give a folder for the traces")
     if args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

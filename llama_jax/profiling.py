@@ -118,9 +118,10 @@ def summarize(trace: str | Path, top: int = 25, per: float = 1.0) -> dict:
     """Kernel time by kind and the `top` kernels by total time of a trace file (or of the newest one
     under a folder); times in microseconds, divided by `per`. ValueError for a damaged trace."""
     path = latest_trace(trace)
+    events = read_events(path)
     by_name: dict[str, list[float]] = collections.defaultdict(list)
     try:
-        kernels, source = kernel_events(read_events(path))
+        kernels, source = kernel_events(events)
         for e in kernels:
             by_name[str(e["name"])].append(float(e["dur"]))
         span = _span(kernels)
@@ -174,12 +175,14 @@ class StepTrace:
     (said in one line), nor one that ended before it (an earlier process's)."""
 
     def __init__(self, directory: Path, start: int, count: int, say, first: int = 1):
-        self.directory, self.start, self.stop, self.say = Path(directory), start, start + count - 1, say
+        self.directory, self.start, self.stop, self._say = Path(directory), start, start + count - 1, say
         self.active, self.earlier = False, set()
         if start <= first <= self.stop:
-            say(f"profile of steps {start}-{self.stop} not taken: this run resumed at step {first}, inside it "
-                f"(a process's first step compiles)")
+            self.say(f" not taken: this run resumed at step {first}, inside it (a process's first step compiles)")
         self.taken = start > first  # (a window before `first` is done: traced, or said, by an earlier process)
+
+    def say(self, text: str) -> None:
+        self._say(f"profile of steps {self.start}-{self.stop}{text}")
 
     def before(self, step: int, state) -> bool:
         """Start tracing if `step` is the first traced one; True once it has started."""
@@ -193,7 +196,7 @@ class StepTrace:
             self.earlier = traces(self.directory)
             jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
         except Exception as e:  # e.g. another trace running in this process
-            self.say(f"profile of steps {self.start}-{self.stop} not taken: {type(e).__name__}: {e}")
+            self.say(f" not taken: {type(e).__name__}: {e}")
             return False
         self.active = True
         return True
@@ -207,7 +210,7 @@ class StepTrace:
         jax.block_until_ready(state)
         if not self.close():
             return True
-        name, where = f"summary-{self.start}-{self.stop}.json", f"profile of steps {self.start}-{self.stop}"
+        name = f"summary-{self.start}-{self.stop}.json"
         written = sorted(traces(self.directory) - self.earlier)
         try:
             if len(written) != 1:
@@ -215,11 +218,11 @@ class StepTrace:
             summary = summarize(written[0], per=self.stop - self.start + 1)
             (self.directory / name).write_text(json.dumps(summary, indent=1) + "\n")
         except (OSError, ValueError) as e:  # the trace is there; only its summary is not
-            self.say(f"{where}: {self.directory} (TensorBoard's profile plugin); no summary: {e}")
+            self.say(f": {self.directory} (TensorBoard's profile plugin); no summary: {e}")
             return True
         kinds = ", ".join(f"{kind} {entry['share']:.0%}" for kind, entry in list(summary["by_kind"].items())[:4])
-        self.say(f"{where}: {self.directory} (TensorBoard's profile plugin, or {written[0].relative_to(self.directory)}"
-                 f" at ui.perfetto.dev; {name}); per step {summary['kernels']:,.0f} kernels, "
+        self.say(f": {self.directory} (TensorBoard's profile plugin, or {written[0].relative_to(self.directory)} at "
+                 f"ui.perfetto.dev; {name}); per step {summary['kernels']:,.0f} kernels, "
                  f"{summary['kernel_us'] / 1e3:,.1f} ms on {summary['source']}: {kinds}")
         return True
 
@@ -235,12 +238,10 @@ class StepTrace:
             jax.profiler.stop_trace()
         except Exception as e:  # e.g. a full disk, or a file where its folder should be
             _forget_failed_trace()
-            self.say(f"profile of steps {self.start}-{self.stop}: the trace could not be written to "
-                     f"{self.directory}: {type(e).__name__}: {e}")
+            self.say(f": the trace could not be written to {self.directory}: {type(e).__name__}: {e}")
             return False
         if cut_short:
-            self.say(f"profile of steps {self.start}-{self.stop}: the run ended inside it; the trace so far is in "
-                     f"{self.directory} (no summary)")
+            self.say(f": the run ended inside it; the trace so far is in {self.directory} (no summary)")
         return True
 
 

@@ -107,6 +107,8 @@ CASES = [
          r"splash attention needs the sequence length to be a multiple of 128 \(of 512 above 512\), got 64"),
     Case("train-profile-steps-negative", NEW_RUN + " --config.train.profile_steps=-1",
          r"train.profile_steps must be a non-negative integer \(0: no trace\), got -1"),
+    Case("train-profile-steps-not-integer", NEW_RUN + " --config.train.profile_steps=2.5",
+         r"config key 'train.profile_steps' is int, got '2.5' \(float\)"),
     Case("train-profile-start-one", NEW_RUN + " --config.train.profile_steps=2 --config.train.profile_start=1",
          r"train.profile_start must be a step number of at least 2 \(step 1 compiles the train step\), got 1"),
     Case("train-profile-past-the-run", NEW_RUN + " --config.train.profile_steps=3 --config.train.profile_start=3",

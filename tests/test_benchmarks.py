@@ -44,6 +44,9 @@ def script(monkeypatch):
     ("gpu.py", ["--repeats-attention", "0"], "argument --repeats-attention: must be at least 1, got 0"),
     ("gpu.py", ["--mfu-candidates", "16:none,foo"], "argument --mfu-candidates: 'foo' is not BATCH:REMAT"),
     ("gpu.py", ["--out", "."], "--out . is a directory; give the path of the results file"),
+    ("gpu.py", ["--scan-layers", "maybe"], "argument --scan-layers: expected true or false, got 'maybe'"),
+    ("gpu.py", ["--profile", f"{__file__}/traces"], f"--profile {__file__}/traces: {__file__} is a file; give a "
+                                                    f"folder for the traces"),
     ("gpu.py", ["--out", f"{__file__}/results.json"],  # a file where its folder should be
      f"--out {__file__}/results.json: cannot create its folder (File exists); give a writable path"),
     ("prepare_data.py", ["--vocab", "0"], "argument --vocab: must be at least 1, got 0"),
