@@ -79,8 +79,12 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
         scaled = jax.lax.cond((top_k < V) | (top_p < 1.0), filtered, lambda x: x, scaled)
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
-    def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    def greedy(logits):  # argmax's first index of the maximum (of a NaN, if any), as two plain reductions:
+        # XLA's CPU backend runs argmax's paired (value, index) reduction unvectorized (157 us per
+        # batch-8 step over 8,000 logits, against 9 us)
+        best = logits.max(axis=-1, keepdims=True)
+        at_best = (logits == best) | jnp.isnan(logits)
+        return jnp.min(jnp.where(at_best, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
     return jax.lax.cond(temperature > 0, draw, greedy, logits)
 

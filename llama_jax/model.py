@@ -69,10 +69,14 @@ def rope_inv_freq(cfg: LLaMAConfig) -> np.ndarray:
 
 
 def rotary_sin_cos(positions_BxS: Array, cfg: LLaMAConfig) -> tuple[Array, Array]:
-    """sin and cos tables [B, S, Dh] (float32) for the given positions."""
+    """sin and cos tables [B, S, Dh] (float32) for the given positions.
+
+    Computed once and kept as arrays (`optimization_barrier`): XLA would otherwise fuse the sine
+    and cosine into every layer's q and k rotation and evaluate them again for every head (on
+    CPU, 11 us of q's rotation per layer in a batch-8 decoding step, against 1 us)."""
     freqs_BxSxHalf = positions_BxS[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
-    angles = jnp.concatenate([freqs_BxSxHalf, freqs_BxSxHalf], axis=-1)
-    return jnp.sin(angles), jnp.cos(angles)
+    sin, cos = jnp.sin(freqs_BxSxHalf), jnp.cos(freqs_BxSxHalf)
+    return jax.lax.optimization_barrier((jnp.concatenate([sin, sin], axis=-1), jnp.concatenate([cos, cos], axis=-1)))
 
 
 def apply_rotary(x_BxSxNxDh: Array, sin_BxSxDh: Array, cos_BxSxDh: Array) -> Array:

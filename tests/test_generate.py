@@ -254,6 +254,23 @@ def test_sample_logits_takes_none_for_no_filter():
     np.testing.assert_array_equal(sample_logits(logits, key, 0.9, None, None), sample_logits(logits, key, 0.9, 50, 1.0))
 
 
+def test_greedy_picks_as_argmax_does():
+    """Temperature 0 picks what `argmax` picks: the first of tied maxima, the first NaN of a row
+    holding one, index 0 of a row that is all -inf or all +inf."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 40)).astype(np.float32)
+    logits[0, [3, 17, 30]] = 9.0  # ties
+    logits[1, [5, 25]] = np.nan
+    logits[2] = -np.inf
+    logits[3] = np.inf
+    logits[4, [7, 8]] = np.inf
+    logits[5, 11] = np.nan
+    logits[5, [2, 20]] = np.inf
+    picked = np.asarray(sample_logits(jnp.asarray(logits), jax.random.key(0), 0.0))
+    np.testing.assert_array_equal(picked, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+    np.testing.assert_array_equal(picked, [3, 5, 0, 0, 7, 11])
+
+
 def test_numpy_and_jax_scalars_are_accepted(gqa):
     """Options given as NumPy or JAX scalars (as a sweep over jnp values passes them) decode as the
     same Python numbers do."""
