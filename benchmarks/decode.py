@@ -71,12 +71,14 @@ def layout_params(base, params, layouts: list[bool]) -> dict[str, tuple]:
     decodes in the layout of the params it is given (stacked under "layers", or one tree per
     layer), not the one the config's `scan_layers` names, so each row gets params in its own layout:
     given the stacked ones, the unscanned row would time the scanned path again."""
+    import jax
+
     from llama_jax.model import params_in_layout
 
     rows = {}
     for scan in layouts:
-        cfg = base.replace(scan_layers=scan)
-        rows["scanned" if scan else "unscanned"] = cfg, params_in_layout(cfg, params)
+        cfg = base.replace(scan_layers=scan)  # on the device, as `load_model` gives them (not NumPy's host arrays)
+        rows["scanned" if scan else "unscanned"] = cfg, jax.device_put(params_in_layout(cfg, params))
     return rows
 
 

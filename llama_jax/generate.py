@@ -308,8 +308,9 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
 
 def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mesh | None = None,
                     batch_size: int | None = None) -> Mapping:
-    """`params` (scanned or unscanned) as `generate` decodes with them: layers unrolled, placed on
-    `mesh` as in training and, for a batch of one on one device (`batch_size=1`, and no mesh or a
+    """`params` (scanned or unscanned) as `generate` decodes with them: on the device (host arrays
+    such as NumPy's are copied there once), layers unrolled, placed on `mesh` as in training and,
+    for a batch of one on one device (`batch_size=1`, and no mesh or a
     one-device one), each layer's q, k and v kernels joined into one (`llama_jax.model.join_qkv`).
 
     A batch of one then reads those weights with one matrix-vector product instead of three
@@ -319,6 +320,8 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
     q/k/v kernels for a batch of one); a caller that generates many times from the same weights
     does it once and passes the result. Params already joined stay joined (any batch size)."""
     params = nn.meta.unbox(params)  # params straight from `LLaMA(cfg).init` carry their axis names
+    if mesh is None:  # host arrays (NumPy's, from a converter) go to the device once, not on every compiled call
+        params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     joined = "qkv" in params.get("layers_0", {}).get("attn", {})
     if joined and mesh is not None and mesh.size > 1:
         raise ValueError(f"these params have their q/k/v kernels joined for one device (decoding_params with "

@@ -97,6 +97,19 @@ def test_greedy_matches_cache_free_loop(gqa, layout):
     assert generate(cfg, params, PROMPTS, STEPS) == expected
 
 
+def test_decoding_params_put_host_arrays_on_the_device_once(gqa):
+    """NumPy params (as the converters give them) are copied to the device by `decoding_params`,
+    not again by each compiled call of `generate`; params already there are not copied."""
+    cfg, params = gqa
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+    unrolled = cfg.replace(scan_layers=False)
+    for config, host in ((cfg, params), (unrolled, unstack_layers(params, cfg.n_layers))):
+        placed = decoding_params(config, host, batch_size=2)
+        assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(placed))
+        again = decoding_params(unrolled, placed, batch_size=2)
+        assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(placed), strict=True))
+
+
 def test_batch_of_one_decodes_with_joined_qkv(gqa):
     """For a batch of one, `decoding_params` joins each layer's q, k and v kernels into one (one
     matrix-vector product instead of three); logits and tokens are those of the separate kernels."""
