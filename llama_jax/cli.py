@@ -216,8 +216,9 @@ def finite_float(text: str) -> float:
     return value
 
 
-def int_at_least(minimum: int):
-    """argparse type: an integer of at least `minimum`."""
+def int_at_least(minimum: int, maximum: int | None = None, most: str | None = None):
+    """argparse type: an integer of at least `minimum` (and at most `maximum`, written `most` in
+    messages)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -225,6 +226,8 @@ def int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {most or maximum}, got {value}")
         return value
 
     return parse
@@ -983,9 +986,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the tokenizer; override as --config.data.key=value")
     p.add_argument("--output", required=True, help="directory to write; rerunning resumes an interrupted "
                    "preparation, and a finished one is left as it is")
-    p.add_argument("--workers", type=positive_int, default=None,
+    p.add_argument("--workers", type=int_at_least(1, 1024), default=None,
                    help="tokenizer processes (default: the number of CPU cores)")
-    p.add_argument("--shard-tokens", type=positive_int, default=None, metavar="N",
+    p.add_argument("--shard-tokens", type=int_at_least(1, 2**40, "2**40"), default=None, metavar="N",
                    help="a shard closes once it holds N tokens (default 2**26)")
     p.add_argument("--verify", action="store_true",
                    help="check the sha256 of every shard file against its record (without --config: only that)")
@@ -997,7 +1000,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="experiment config (default: RUN/config.json of --workdir); "
                    "override as --config.key=value")
     p.add_argument("--workdir", default=None, help="a run's workdir: its config and the data prepared for it")
-    p.add_argument("--step", type=non_negative_int, default=None,
+    p.add_argument("--step", type=int_at_least(0, 2**40, "2**40"), default=None,
                    help="0-based step whose global batch to show (the run's step S+1)")
     p.add_argument("--rows", type=positive_int, default=None, help="show only the first N rows of the batch")
     p.add_argument("--epoch", action="store_true",

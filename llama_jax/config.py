@@ -119,8 +119,8 @@ class LLaMAConfig:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
-            if not is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not is_int(value) or not 0 < value <= MAX_SIZE:
+                raise ValueError(f"{name} must be a positive integer up to 2**31 - 1, got {value!r}")
             object.__setattr__(self, name, int(value))  # a NumPy integer too, stored as Python's
         for name in ("norm_eps", "rope_theta"):
             _check_number(name, getattr(self, name))
@@ -194,10 +194,23 @@ def _check_field_names(names) -> None:
         raise ValueError(f"unknown LLaMAConfig field(s) {unknown}; valid: {field_names()}")
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # settings are used in float32: larger ones become inf there
+MAX_SIZE = 2**31 - 1  # model sizes index arrays in int32
+
+
+def in_float32_range(value: numbers.Real) -> bool:
+    """Whether `value` is a finite number that float32 holds (|value| <= 3.4e38)."""
+    return _finite_float(value) and abs(value) <= FLOAT32_MAX
+
+
 def _check_number(name: str, value: Any, positive: bool = True) -> None:
-    """ValueError naming `name` unless `value` is a finite real number (and positive, if `positive`)."""
+    """ValueError naming `name` unless `value` is a finite real number within float32's range (and
+    positive, if `positive`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite_float(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not in_float32_range(value):
+        raise ValueError(f"{name} must be within float32's range (|x| <= {FLOAT32_MAX:.1e}), in which it is used; "
+                         f"got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
 

@@ -204,7 +204,7 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
             bar.update(1)
             yield tokens
 
-    batches = held_out_batches(counted(), seq_len, rows_per_batch, max_batches)
+    batches = held_out_batches(counted(), seq_len, rows_per_batch, max_batches, forward.row_multiple())
     try:
         for logp, hit, mask in forward.run(_inputs(b) for b in batches):
             result.nll -= float(np.sum(logp * mask))
@@ -230,9 +230,11 @@ def evaluate_splits(config: LLaMAConfig, params, splits: Mapping[str, object], s
 
 
 def held_out_batches(documents: Iterable[Sequence[int]], seq_len: int, rows: int,
-                     max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                     max_batches: int | None = None, multiple: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Packed [rows, seq_len] batches of the documents' (token ids) consecutive windows
-    (`packed_rows`), in order, the last filled with empty rows; only the first `max_batches` when given."""
+    (`packed_rows`), in order, the last filled with empty rows; only the first `max_batches` when given.
+    Documents that fill less than one batch make one of as many rows as they need, rounded up to
+    a `multiple` (a batch size far above the data costs no memory)."""
     made, batch = 0, []
     for row in packed_rows((np.asarray(tokens, np.int32) for tokens in documents), seq_len):
         batch.append(row)
@@ -242,7 +244,8 @@ def held_out_batches(documents: Iterable[Sequence[int]], seq_len: int, rows: int
             if made == max_batches:
                 return
     if batch:
-        yield stack_rows(batch + [pack_row([], seq_len)] * (rows - len(batch)))
+        size = rows if made else -(-len(batch) // multiple) * multiple
+        yield stack_rows(batch + [pack_row([], seq_len)] * (size - len(batch)))
 
 
 def _check_seq_len(seq_len, config: LLaMAConfig) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import ml_collections
 
-from llama_jax.config import COMPUTE_FIELDS, LLaMAConfig, RopeScaling, field_names
+from llama_jax.config import COMPUTE_FIELDS, FLOAT32_MAX, LLaMAConfig, RopeScaling, field_names, in_float32_range
 from llama_jax.safe_io import describe_value, read_json_object
 from llama_jax.tokenizer import unicode_problem
 
@@ -158,7 +158,8 @@ def _check_file(path: Path) -> None:
     if path.is_dir():
         raise ValueError(f"{path}: is a directory; expected a Python config file such as configs/tiny.py")
     if not path.is_file():
-        raise ValueError(f"config file {path} not found")
+        raise ValueError(f"config file {path} " + ("is not a regular file; expected a Python config file such as "
+                                                   "configs/tiny.py" if path.exists() else "not found"))
     if path.suffix not in (".py", ".json"):
         raise ValueError(f"{path}: not a config file; expected a .py file defining get_config() "
                          "(or the config.json of a run's workdir)")
@@ -254,10 +255,14 @@ def _value_at(config: ml_collections.ConfigDict, key: str) -> Any:
 
 
 def check_finite(config: ml_collections.ConfigDict) -> None:
-    """ValueError naming the first key (dotted) whose value is a NaN or infinite number."""
+    """ValueError naming the first key (dotted) whose value is a NaN or infinite number, or a
+    fractional number beyond float32's range (in which training uses it)."""
     for key, value in _leaves(config, ""):
         if isinstance(value, numbers.Real) and not math.isfinite(value):
             raise ValueError(f"config key {key}: {value} is not a finite number")
+        if isinstance(value, float) and not in_float32_range(value):
+            raise ValueError(f"config key {key}: {value} is beyond float32's range (|x| <= {FLOAT32_MAX:.1e}), in "
+                             "which it is used")
 
 
 MAX_TOKENS_PER_STEP = 2**31  # tokens per step: far above any real run (LLaMA 3 405B: 16M); catches a typo early

@@ -78,10 +78,22 @@ class Trainer:
         return tree_shardings(self.mesh, self.abstract_state, self.rules)
 
     def init_state(self, seed: int) -> TrainState:
-        """A freshly initialised state, created shard by shard on its devices."""
+        """A freshly initialised state, created shard by shard on its devices; ValueError (one line)
+        for a state that does not fit in their memory."""
         init = jax.jit(lambda rng: nn.meta.unbox(self._init(rng)), out_shardings=self.state_shardings)
         with self.context(per_device_attention=False):  # initialised on a 1-token dummy batch
-            return init(jax.random.key(seed))
+            state = init(jax.random.key(seed))
+        try:  # waited for here: on CPU, reading one output of a computation that could not allocate
+            return jax.block_until_ready(state)  # another waits forever
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            gib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nn.meta.unbox(self.abstract_state))) / 2**30
+            devices = f"{self.mesh.size} {self.mesh.devices.flat[0].platform.upper()} device(s)"
+            reason = str(e).splitlines()[0].rstrip(".")
+            raise ValueError(f"the train state ({gib:,.1f} GiB of parameters and optimizer state) does not fit in the "
+                             f"memory of {devices} ({reason}); train a smaller model, or shard the state over more "
+                             f"devices (mesh.fsdp)") from None
 
     # ---- step ------------------------------------------------------------------------------
     def _per_source(self, batch) -> bool:

@@ -71,6 +71,15 @@ CASES = [
     Case("train-override-value-forgotten", NEW_RUN + " --config.train.sample_prompt --config.train.steps=2",
          r"--config.train.sample_prompt: missing value"),  # not the next override taken as its text
     Case("train-nan", NEW_RUN + " --config.optimizer.lr=nan", r"config key optimizer.lr: nan is not a finite number"),
+    Case("train-lr-beyond-float32", NEW_RUN + " --config.optimizer.lr=1e39",
+         r"config key optimizer.lr: 1e\+39 is beyond float32's range"),
+    Case("train-rope-theta-beyond-float32", NEW_RUN + " --config.model.rope_theta=1e39",
+         r"config key model.rope_theta: 1e\+39 is beyond float32's range"),
+    Case("train-vocab-beyond-int32", NEW_RUN + " --config.model.vocab_size=3200000000",
+         r"model.vocab_size must be a positive integer up to 2\*\*31 - 1, got 3200000000"),
+    Case("train-state-beyond-memory", NEW_RUN + " --config.model.ffn_dim=1000000000",
+         r"the train state \(4,291.5 GiB of parameters and optimizer state\) does not fit in the memory of 1 CPU "
+         r"device\(s\) \(RESOURCE_EXHAUSTED: .*\); train a smaller model"),
     Case("train-negative-steps", NEW_RUN + " --config.train.steps=-3",
          r"train.steps must be a positive integer, got -3"),
     Case("train-batch-not-divisible", NEW_RUN + " --config.train.grad_accum=3",
@@ -352,6 +361,9 @@ CASES = [
          r"checkpoint 4 of \S+ is missing \(recorded in progress.json as the latest committed step\); --step 2 "
          r"reads the latest one present"),
     Case("export-dst-is-a-file", "export --workdir {run} {notes}", r"notes.txt already exists; pass --overwrite"),
+    Case("export-overwrite-a-link-to-a-model", "export --workdir {run} {model_link} --overwrite",
+         r"model_link is a symbolic link \(to \S+/model\); --overwrite replaces only a llama_jax model directory "
+         r"itself"),
     Case("export-dst-under-a-file", "export --workdir {run} {notes}/model",
          r"cannot create \S+/notes.txt/model: \S+/notes.txt is a file, not a directory"),
     # ---- plan ----
@@ -367,7 +379,12 @@ CASES = [
          r"micro-batch .* = 16 is not divisible by mesh.data x mesh.fsdp = 3"),
     Case("plan-kv-heads-not-divisible", "plan --config {tiny} --devices 2 --config.mesh.fsdp=1 --config.mesh.tensor=2 "
          "--config.model.n_kv_heads=1", r"model.n_kv_heads=1 is not divisible by mesh.tensor=2"),
+    Case("plan-config-not-a-file", "plan --config /dev/null", r"config file /dev/null is not a regular file"),
+    Case("plan-ffn-beyond-int32", "plan --config {tiny} --config.model.ffn_dim=9223372036854775808",
+         r"model.ffn_dim must be a positive integer up to 2\*\*31 - 1"),
     # ---- data inspect ----
+    Case("inspect-step-beyond-any-run", "data inspect --config {tiny} --step 100000000000000000000000",
+         r"argument --step: must be at most 2\*\*40, got 100000000000000000000000"),
     Case("inspect-neither-step-nor-epoch", "data inspect --config {tiny}",
          r"give --step S \(the rows of one step\) or --epoch \(coverage of one epoch\), one of them"),
     Case("inspect-both-step-and-epoch", "data inspect --config {tiny} --step 1 --epoch",
@@ -391,6 +408,10 @@ CASES = [
     Case("inspect-workdir-is-a-file", "data inspect --workdir {tiny} --step 0",
          r"--workdir \S+/tiny.py: is a file; expected a run's directory \(the --workdir of llama-jax train\)"),
     # ---- prepare-data (its data and output cases are in tests/test_prepare.py) ----
+    Case("prepare-data-workers-beyond-1024", "prepare-data --config {tiny} --output new --workers 99999999999999999999",
+         r"argument --workers: must be at most 1024, got 99999999999999999999"),
+    Case("prepare-data-shard-tokens-beyond-2**40", "prepare-data --config {tiny} --output new --shard-tokens "
+         "9223372036854775808", r"argument --shard-tokens: must be at most 2\*\*40, got 9223372036854775808"),
     Case("prepare-data-zero-workers", "prepare-data --config {tiny} --output new --workers 0",
          r"argument --workers: must be at least 1, got 0"),
     Case("prepare-data-shard-tokens-not-an-integer", "prepare-data --config {tiny} --output new --shard-tokens lots",
@@ -450,6 +471,8 @@ def make_inputs(root: Path) -> dict[str, Path]:
         p.update(make_checkpoints_and_damaged_inputs(inputs))  # while the run trains
     assert training.result().returncode == 0, training.result().stderr
     assert cli(["export", "--workdir", p["run"], p["model"]], root).returncode == 0
+    p["model_link"] = inputs / "model_link"
+    p["model_link"].symlink_to(p["model"])
     saved = json.loads((p["run"] / "config.json").read_text())
     p["typo_json"] = inputs / "configs" / "typo.json"
     p["typo_json"].write_text(json.dumps({**saved, "train": {**saved["train"], "stpes": 5}}))
