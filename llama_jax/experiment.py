@@ -256,13 +256,13 @@ def _value_at(config: ml_collections.ConfigDict, key: str) -> Any:
 
 def check_finite(config: ml_collections.ConfigDict) -> None:
     """ValueError naming the first key (dotted) whose value is a NaN or infinite number, or a
-    fractional number beyond float32's range (in which training uses it)."""
+    fractional number beyond float32's range (training computes in float32)."""
     for key, value in _leaves(config, ""):
         if isinstance(value, numbers.Real) and not math.isfinite(value):
             raise ValueError(f"config key {key}: {value} is not a finite number")
         if isinstance(value, float) and not in_float32_range(value):
-            raise ValueError(f"config key {key}: {value} is beyond float32's range (|x| <= {FLOAT32_MAX:.1e}), in "
-                             "which it is used")
+            raise ValueError(f"config key {key}: {value} is beyond float32's range (|x| <= {FLOAT32_MAX:.1e}); give a "
+                             "value of a usual size")
 
 
 MAX_TOKENS_PER_STEP = 2**31  # tokens per step: far above any real run (LLaMA 3 405B: 16M); catches a typo early

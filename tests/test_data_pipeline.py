@@ -362,8 +362,11 @@ def test_a_prepared_directory_changed_after_preparation_is_one_line(prepared, to
                                  r"and a weight, e.g. \{'path': '/data/c4', 'weight': 0.8\}"),
     ({"mixture": "{'docs': {'path': 'DOCS', 'wieght': 9}}"},
      r"data.mixture.docs has no setting 'wieght'; valid: path, weight"),
-    ({"mixture": "{'docs': {'path': 'DOCS', 'weight': 1e308}, 'again': {'path': 'DOCS', 'weight': 1e308}}"},
-     r"data.mixture weights add up to more than a float can hold"),
+    ({"mixture": f"{{'docs': {{'path': 'DOCS', 'weight': {10**308}}}, "
+                 f"'again': {{'path': 'DOCS', 'weight': {10**308}}}}}"},
+     r"data.mixture weights add up to more than a float can hold"),  # (integers: a float above float32's is refused)
+    ({"mixture": "{'docs': {'path': 'DOCS', 'weight': 1e308}}"},
+     r"config key data.mixture.docs.weight: 1e\+308 is beyond float32's range"),
 ])
 def test_bad_mixtures_and_lengths_are_one_line(prepared, tmp_path, capsys, change, message):
     key, value = next(iter(change.items()))

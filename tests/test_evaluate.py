@@ -193,7 +193,7 @@ def test_exact_evaluation_counts_every_target_once(model):
     assert sum(r["loss_mask"].sum() for r in rows) == tokens  # packing drops nothing
     first = evaluate_documents(cfg, params, docs, tok, seq_len, batch_size=3, max_batches=1)
     assert first.tokens == sum(r["loss_mask"].sum() for r in rows[:3]) and first.bytes is None
-    # a batch size far above the data: one batch of the rows it makes (padding it would take ~250 GB)
+    # a batch size far above the data: one batch of the rows it makes (padded to it, hundreds of GB)
     whole = evaluate_documents(cfg, params, docs, tok, seq_len, batch_size=10**9)
     assert (whole.tokens, whole.correct) == (tokens, correct) and whole.nll == pytest.approx(nll, rel=1e-5)
 
