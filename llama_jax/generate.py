@@ -79,11 +79,12 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
         scaled = jax.lax.cond((top_k < V) | (top_p < 1.0), filtered, lambda x: x, scaled)
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
-    def greedy(logits):  # argmax's first index of the maximum (of a NaN, if any), as two plain reductions:
+    def greedy(logits):  # argmax's first index of the maximum (of a NaN, if any), as plain reductions:
         # XLA's CPU backend runs argmax's paired (value, index) reduction unvectorized (157 us per
-        # batch-8 step over 8,000 logits; these two: 59 us)
-        best = logits.max(axis=-1, keepdims=True)
-        at_best = (logits == best) | jnp.isnan(logits)
+        # batch-8 step over 8,000 logits; these: 59 us). (Its max of 4,096 or more values may drop
+        # a NaN, so NaNs are looked for apart.)
+        nan = jnp.isnan(logits)
+        at_best = jnp.where(nan.any(axis=-1, keepdims=True), nan, logits == logits.max(axis=-1, keepdims=True))
         return jnp.min(jnp.where(at_best, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
     return jax.lax.cond(temperature > 0, draw, greedy, logits)
@@ -320,8 +321,6 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
     q/k/v kernels for a batch of one); a caller that generates many times from the same weights
     does it once and passes the result. Params already joined stay joined (any batch size)."""
     params = nn.meta.unbox(params)  # params straight from `LLaMA(cfg).init` carry their axis names
-    if mesh is None:  # host arrays (NumPy's, from a converter) go to the device once, not on every compiled call
-        params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     joined = "qkv" in params.get("layers_0", {}).get("attn", {})
     if joined and mesh is not None and mesh.size > 1:
         raise ValueError(f"these params have their q/k/v kernels joined for one device (decoding_params with "
@@ -329,6 +328,8 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
     stacked = "layers" in params
     if not joined:  # (joined params came from here)
         check_params(config.replace(scan_layers=stacked), params)
+    if mesh is None:  # host arrays (NumPy's, from a converter) go to the device once, not on every compiled call
+        params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     if mesh is not None and not joined:
         params = jax.device_put(params, tree_shardings(mesh, abstract_params(config.replace(scan_layers=stacked))))
     join = batch_size == 1 and (mesh is None or mesh.size == 1) and not joined

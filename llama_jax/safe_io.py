@@ -54,8 +54,8 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
     if not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
     if dst.is_symlink():  # replacing it would replace the link, not what it points to
-        raise ValueError(f"{dst} is a symbolic link (to {os.readlink(dst)}); --overwrite replaces only a {kind.name} "
-                         f"itself: give the directory it points to, or another destination")
+        raise ValueError(f"{dst} is a symbolic link (to {real}); --overwrite replaces only a {kind.name} itself, "
+                         f"not a link to one: give the path it points to, or another destination")
     if not dst.is_dir():
         raise ValueError(f"{dst} exists and is not a directory; --overwrite replaces only a {kind.name}")
     foreign = sorted(p.name for p in dst.iterdir() if not kind.writes(p.name))

@@ -81,10 +81,10 @@ class Trainer:
         """A freshly initialised state, created shard by shard on its devices; ValueError (one line)
         for a state that does not fit in their memory."""
         init = jax.jit(lambda rng: nn.meta.unbox(self._init(rng)), out_shardings=self.state_shardings)
-        with self.context(per_device_attention=False):  # initialised on a 1-token dummy batch
-            state = init(jax.random.key(seed))
-        try:  # waited for here: on CPU, reading one output of a computation that could not allocate
-            return jax.block_until_ready(state)  # another waits forever
+        try:  # (a GPU or TPU may refuse the call itself; on CPU, reading one output of a computation
+            # that could not allocate another waits forever, so the whole state is waited for here)
+            with self.context(per_device_attention=False):  # initialised on a 1-token dummy batch
+                return jax.block_until_ready(init(jax.random.key(seed)))
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise

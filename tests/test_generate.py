@@ -282,6 +282,10 @@ def test_greedy_picks_as_argmax_does():
     picked = np.asarray(sample_logits(jnp.asarray(logits), jax.random.key(0), 0.0))
     np.testing.assert_array_equal(picked, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
     np.testing.assert_array_equal(picked, [3, 5, 0, 0, 7, 11])
+    wide = rng.normal(size=(3, 32001)).astype(np.float32)  # (XLA's CPU max of this many values may drop a NaN)
+    wide[0, -1], wide[1, 20000], wide[2, [9, 31000]] = np.nan, np.nan, np.nan
+    picked = np.asarray(sample_logits(jnp.asarray(wide), jax.random.key(0), 0.0))
+    np.testing.assert_array_equal(picked, [32000, 20000, 9])
 
 
 def test_numpy_and_jax_scalars_are_accepted(gqa):
