@@ -113,6 +113,7 @@ from decode import bytes_per_token  # noqa: E402
 from llama_jax.cli import OneLineParser, positive_int  # noqa: E402
 from timing import timed  # noqa: E402
 from llama_jax.profiling import render, summarize  # noqa: E402
+from llama_jax.safe_io import file_in_the_way  # noqa: E402
 
 FULL = dict(attn=dict(B=4, S=2048, H=16, K=8, Dh=128),
             model=dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=5632),
@@ -721,8 +722,7 @@ def main(argv=None) -> int:
     except OSError as e:  # a file where a folder of the path should be, or no permission
         parser.error(f"--out {out}: cannot create its folder ({e.strerror}); give a writable path")
     if args.profile is not None:
-        blocking = next((p for p in [Path(args.profile), *Path(args.profile).parents] if p.exists() and not p.is_dir()),
-                        None)
+        blocking = file_in_the_way(Path(args.profile))
         if blocking is not None:
             parser.error(f"--profile {args.profile}: {blocking} is a file; give a folder for the traces")
     if args.dry_run:

@@ -24,7 +24,7 @@ once per token:
   slicing a layer out of one stacked cache copied it on every token), and attends over the whole
   of them at once (`llama_jax.attention.cache_block`: a block of the filled part would be a
   slice, which XLA's CPU backend copies first);
-- greedy decoding draws no random numbers (and picks with two plain reductions, not argmax's
+- greedy decoding draws no random numbers (and picks with plain reductions, not argmax's
   paired one), and nothing sorts the vocabulary unless top-k or top-p filters.
 """
 

@@ -55,7 +55,8 @@ from typing import Any, Callable
 import numpy as np
 
 from llama_jax.data import DOCUMENT_SOURCES, make_source, read_documents, split_indices
-from llama_jax.safe_io import DirectoryBusy, DirectoryLock, check_writable, sha256_file, write_text_atomic
+from llama_jax.safe_io import (DirectoryBusy, DirectoryLock, check_writable, file_in_the_way, sha256_file,
+                               write_text_atomic)
 from llama_jax.tokenizer import load_tokenizer, tokenizer_file, train_sentencepiece
 
 FORMAT = "llama_jax/prepared-v1"
@@ -546,7 +547,7 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
 def _directory_state(out: Path) -> str:
     """'new', 'partial' (preparing.json, no manifest.json) or 'finished'; ValueError for anything else."""
     if not out.exists():
-        blocking = next((p for p in reversed(out.absolute().parents) if p.exists() and not p.is_dir()), None)
+        blocking = file_in_the_way(out.absolute())
         if blocking is not None:
             raise ValueError(f"cannot create {out}: {blocking} is a file, not a directory")
         check_writable(out, "--output")

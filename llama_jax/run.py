@@ -42,8 +42,8 @@ from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
-from llama_jax.safe_io import (DirectoryLock, atomic_file, check_run_config, check_writable, holds_lock, holds_run,
-                               sha256_file, write_text_atomic)
+from llama_jax.safe_io import (DirectoryLock, atomic_file, check_run_config, check_writable, file_in_the_way,
+                               holds_lock, holds_run, sha256_file, write_text_atomic)
 from llama_jax.sharding import process_rows, tree_shardings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
@@ -397,7 +397,7 @@ MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safe
 def check_workdir(workdir: Path) -> None:
     """RunError unless `workdir` is new, a run's, or a directory holding nothing the run would write
     over and no model (sub-directories of one's own, such as RUN/init, are fine)."""
-    blocking = next((p for p in [workdir, *workdir.parents] if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(workdir)
     if blocking is not None:
         raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")
     check_writable(workdir, "--workdir", into=True)

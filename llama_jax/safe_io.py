@@ -34,6 +34,12 @@ class OutputKind:
         return any(fnmatch.fnmatchcase(entry, pattern) for pattern in self.entries)
 
 
+def file_in_the_way(path: Path, itself: bool = True) -> Path | None:
+    """The file (anything but a directory) at `path` (if `itself`) or above it, which keeps a folder
+    from being made there, or None. (At most one can exist: nothing exists below a file.)"""
+    return next((p for p in ([path] if itself else []) + list(path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
                       inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """The absolute `dst` if writing a `kind` there loses nothing; ValueError/FileExistsError otherwise."""
@@ -44,7 +50,7 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
         if real == source or real in source.parents:
             relation = "is" if real == source else "contains"
             raise ValueError(f"destination {dst} {relation} the input {source}; choose a destination outside it")
-    blocking = next((p for p in reversed(real.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(real, itself=False)  # (dst itself a file: said below)
     if blocking is not None:
         raise ValueError(f"cannot create {dst}: {blocking} is a file, not a directory")
     _check_outside_checkpoints(dst, "destination")
