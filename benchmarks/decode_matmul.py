@@ -5,19 +5,21 @@ One decode step multiplies a [batch, in] activation by every projection of every
 next. This times that chain, nothing else, for each batch size: in XLA with its default CPU
 library (YNNPACK, or Eigen for a single row), in XLA with the other libraries its CPU backend can
 hand products to, in XLA with the process held to one core, and in PyTorch, side by side in one
-run. Each also times one matrix-vector product over a 256 MiB matrix of random values, the
-weight-streaming rate `decode.py`'s roofline is built on. It shows how far a decoder can go on
-this machine: whether the layers' small products stream their weights as fast as one large
-product does (on a multi-core machine a large product is split over the cores; a 1-3 MiB one may
-not be), and that batch 8 costs about twice batch 1 in every library, because general matrix
-products re-pack the weights on each call. One more XLA row keeps the activations feature-major
-([in, batch], each product `w @ x` with the weight stored [out, in], as PyTorch's `nn.Linear`
-stores it): the same products with the weight as the left operand and no transposes between them.
+run. Each also times one product of each batch size with a 256 MiB matrix of random values
+(batch 1: the matrix-vector product whose weight-streaming rate `decode.py`'s roofline is built
+on). It shows how far a decoder can go on this machine: whether the layers' small products
+stream their weights as fast as one large product of the same batch does (on a multi-core
+machine a large product is split over the cores; a 1-3 MiB one may not be), and what a batch of
+rows costs per weight byte even on a large matrix: batch 8 costs about twice batch 1 in every
+library, because general matrix products re-pack the weights on each call. One more XLA row
+keeps the activations feature-major ([in, batch], each product `w @ x` with the weight stored
+[out, in], as PyTorch's `nn.Linear` stores it): the same products with the weight as the left
+operand and no transposes between them.
 
     python benchmarks/decode_matmul.py [--batch 1 8] [--repeats 7]
 
 Reported: milliseconds per step (median over repeats of 50 steps) and the weight bytes read per
-second, and the large product's GB/s; a library whose XLA option this jaxlib does not know is
+second, and the large products' GB/s; a library whose XLA option this jaxlib does not know is
 reported as failed, with XLA's error, and one whose option it accepts without using it (the
 chain's values bit for bit those of the Eigen row, which runs without the option) is marked so.
 """
@@ -54,10 +56,10 @@ def shapes(dim: int, ffn: int) -> list[tuple[int, int]]:
 
 
 def time_xla(batches, layers, dim, ffn, repeats, feature_major: bool = False) -> dict:
-    """Seconds per step of the chain at each batch size, and under "stream" seconds per product
-    over a STREAM_SHAPE matrix; under "values<batch>", a hash of the chain's output, by which two
-    processes that ran the same library are told apart from two that did not. feature_major:
-    activations [features, batch], weights [out, in]."""
+    """Seconds per step of the chain at each batch size; under "stream<batch>", seconds per
+    product of that batch with a STREAM_SHAPE matrix; under "values<batch>", a hash of the
+    chain's output, by which two processes that ran the same library are told apart from two that
+    did not. feature_major: activations [features, batch], weights [out, in]."""
     import jax
     import jax.numpy as jnp
 
@@ -94,9 +96,10 @@ def time_xla(batches, layers, dim, ffn, repeats, feature_major: bool = False) ->
         result[batch] = median_seconds(lambda: [step(x, weights) for _ in range(50)][-1].block_until_ready(),
                                        repeats) / 50
     big = jax.random.normal(jax.random.key(0), STREAM_SHAPE, jnp.float32)
-    vector = jnp.ones(STREAM_SHAPE[1], jnp.float32)
-    matvec = jax.jit(lambda m, v: m @ v)
-    result["stream"] = median_seconds(lambda: matvec(big, vector).block_until_ready(), repeats * 4, warmup=2)
+    product = jax.jit(lambda m, x: m @ x if feature_major else x @ m)
+    for batch in batches:
+        x = jnp.ones((STREAM_SHAPE[1], batch) if feature_major else (batch, STREAM_SHAPE[0]), jnp.float32)
+        result[f"stream{batch}"] = median_seconds(lambda: product(big, x).block_until_ready(), repeats * 4, warmup=2)
     return result
 
 
@@ -120,8 +123,11 @@ def time_torch(batches, layers, dim, ffn, repeats) -> dict[int, float]:
         for batch in batches:
             x = torch.from_numpy(rng.standard_normal((batch, dim), np.float32))
             result[batch] = median_seconds(lambda: [step(x) for _ in range(50)], repeats) / 50
-        big, vector = torch.randn(*STREAM_SHAPE), torch.ones(STREAM_SHAPE[1])
-        result["stream"] = median_seconds(lambda: torch.mv(big, vector), repeats * 4, warmup=2)
+        big = torch.randn(*STREAM_SHAPE)  # [out, in], as the chain's weights
+        for batch in batches:
+            x = torch.ones(batch, STREAM_SHAPE[1])
+            result[f"stream{batch}"] = median_seconds(lambda: torch.nn.functional.linear(x, big), repeats * 4,
+                                                      warmup=2)
     return result
 
 
@@ -163,15 +169,15 @@ def main(argv=None) -> int:
           f"{weight_bytes / 2**20:.0f} MiB of float32 weights per step")
     stream_bytes = 4 * STREAM_SHAPE[0] * STREAM_SHAPE[1]
     print("| library | " + " | ".join(f"batch {b}: ms per step (GB/s)" for b in args.batch)
-          + " | one 256 MiB matrix-vector product, GB/s |")
-    print("|---|" + "---|" * (len(args.batch) + 1))
+          + " | " + " | ".join(f"one 256 MiB weight, batch {b}: GB/s" for b in args.batch) + " |")
+    print("|---|" + "---|" * (2 * len(args.batch)))
     for name, times in rows.items():
         if isinstance(times, str):
             print(f"| {name} | failed: {times} |")
             continue
         cells = [f"{times[b] * 1e3:.2f} ({weight_bytes / times[b] / 1e9:.1f})" for b in args.batch]
-        print(f"| {name}{_same_values_note(name, rows, args.batch)} | " + " | ".join(cells)
-              + f" | {stream_bytes / times['stream'] / 1e9:.1f} |")
+        cells += [f"{stream_bytes / times[f'stream{b}'] / 1e9:.1f}" for b in args.batch]
+        print(f"| {name}{_same_values_note(name, rows, args.batch)} | " + " | ".join(cells) + " |")
     return 0
 
 
