@@ -1,7 +1,7 @@
 """Data loading against the train step: does the step ever wait on data?
 
-For each config (default: `configs/tiny.py` and the demo's), on the embedded corpus prepared once
-with a tokenizer trained on it: the time to build one global batch from the prepared directory
+For each config, `configs/tiny.py` on the embedded corpus and the demo's on its own (the
+standard library's source), prepared once with a tokenizer trained on it: the time to build one global batch from the prepared directory
 (`TrainRows.batch`, what the run loop's prefetch thread calls), the time of one train step on
 this machine (compile excluded), and the time the run loop's `Prefetcher` makes a 30-step
 training loop wait for data. Medians of the repeats; the ratio step / batch says how many times

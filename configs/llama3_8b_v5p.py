@@ -4,7 +4,7 @@ Starts from converted weights (`llama-jax convert --from hf --to jax ...`), shor
 warmup-stable-decay schedule at a continued-pre-training learning rate, z-loss for stability.
 
     llama-jax plan --config configs/llama3_8b_v5p.py --devices 32
-    llama-jax train --config configs/llama3_8b_v5p.py --workdir /mnt/gcs/runs/llama3-8b
+    llama-jax train --config configs/llama3_8b_v5p.py --workdir /mnt/gcs/runs/llama3-8b-cpt
 
 Paths are on a bucket mounted with gcsfuse at /mnt/gcs on every worker. The tokens are prepared
 once, from c4/en in TFDS ArrayRecord format, on one machine, with LLaMA 3's tokenizer (its
