@@ -233,7 +233,7 @@ def int_at_least(minimum: int, maximum: int | None = None, most: str | None = No
     return parse
 
 
-positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+positive_int = int_at_least(1)
 
 
 def parse_size(text: str) -> int:
@@ -590,6 +590,7 @@ def cmd_sweep(args) -> None:
     from llama_jax import results, sweep
 
     if args.report:
+        _check_report_arguments(args)
         print(results.report(args.workdir), end="")
         return
     job = _check_sweep_arguments(args)
@@ -625,13 +626,35 @@ def _check_sweep_arguments(args) -> dict:
     if args.search == "grid" and (args.trials is not None or args.seed != 0):
         raise UserError(f"{'--trials' if args.trials is not None else '--seed'} applies to --search random and "
                         f"optuna; a grid search runs every combination of the values given")
-    job = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
-               account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name)
+    job = _slurm_job(args)
     if args.on != "slurm":
         changed = [k for k, v in job.items() if v != slurm_job_defaults()[k]]
         if changed:
             raise UserError(f"--{changed[0].replace('_', '-')} shapes SLURM jobs; it applies with --on slurm only")
+    elif args.parallel != 1 or args.devices_per_run is not None:
+        raise UserError(f"{'--parallel' if args.parallel != 1 else '--devices-per-run'} shares this host among "
+                        f"trials; with --on slurm each trial is a job of its own (--nodes, --gpus-per-node)")
     return job
+
+
+def _slurm_job(args) -> dict:
+    """The SLURM job options given to `sweep` or `launch slurm`, by destination."""
+    return dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
+                account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name)
+
+
+def _check_report_arguments(args) -> None:
+    """UserError for a `sweep --report` given what only a sweep that runs reads: the report is
+    rebuilt from the workdir's files alone."""
+    given = [flag for flag, value, default in (
+        ("--config", args.config, None), ("--sweep", args.sweep, None), ("--search", args.search, "grid"),
+        ("--trials", args.trials, None), ("--seed", args.seed, 0), ("--parallel", args.parallel, 1),
+        ("--devices-per-run", args.devices_per_run, None), ("--dry-run", args.dry_run, False),
+        ("--on", args.on, "local")) if value != default]
+    given += [f"--{k.replace('_', '-')}" for k, v in _slurm_job(args).items() if v != slurm_job_defaults()[k]]
+    given += [f"--config.{args.overrides[0]}"] if args.overrides else []
+    if given:
+        raise UserError(f"--report rebuilds the results from the files in --workdir alone; drop {', '.join(given)}")
 
 
 def _launched_command(args) -> tuple[list[str], argparse.Namespace]:
@@ -756,8 +779,10 @@ def cmd_launch_tpu(args) -> None:
         raise UserError(f"--config {config}: the workers run from their own copy of the checkout, where this path "
                         f"does not exist; give {valid}")
     _check_launched_config(command, launched, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
-    if args.copy_back and Path(args.copy_back).exists() and not Path(args.copy_back).is_dir():
-        raise UserError(f"--copy-back {args.copy_back} is a file; give a directory to receive the run's workdir")
+    if args.copy_back:
+        from llama_jax.safe_io import check_folder
+
+        check_folder(args.copy_back, "--copy-back", "to receive the run's workdir")
     spec = tpu.TpuLaunch(name=args.name, zone=args.zone, slice=tpu_slice,
                          command=tuple(command), runtime_version=args.runtime_version, spot=args.spot,
                          project=args.project, setup=args.setup, copy_back=args.copy_back,
@@ -779,8 +804,9 @@ def cmd_launch_slurm(args) -> None:
     folder = args.folder or (str(Path(workdir) / slurm.WORKDIR_FOLDER) if workdir else None)
     if folder is None:
         raise UserError("--folder is required when the command has no --workdir")
-    if Path(folder).exists() and not Path(folder).is_dir():
-        raise UserError(f"--folder {folder} is a file; give a directory for the job's script and logs")
+    from llama_jax.safe_io import check_folder
+
+    check_folder(folder, "--folder", "for the job's script and logs")
     submitted = slurm.submit(slurm.llama_jax_command(command), folder, nodes=args.nodes,
                              gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
                              account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name,
@@ -803,6 +829,8 @@ def cmd_data_inspect(args) -> None:
         raise UserError("give --step S (the rows of one step) or --epoch (coverage of one epoch), one of them")
     if args.epoch and args.rows is not None:
         raise UserError("--rows picks rows of one --step's batch; --epoch reports every row of the epoch")
+    _check_overrides_used(args.overrides, ("data", "train"), "llama-jax data inspect",
+                          "a step's rows come from the data, in the train section's batches")
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is not None and (args.config is None or workdir.exists()):  # with --config it may be a new run's
         _check_run_directory(workdir, args.config)
@@ -1024,7 +1052,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", default="grid", choices=("grid", "random", "optuna"),
                    help="grid: every combination of the lists; random: --trials draws; optuna: TPE with pruning")
     p.add_argument("--trials", type=int, default=None, help="number of trials for random and optuna searches")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random and optuna searches")
+    p.add_argument("--seed", type=int_at_least(0, 2**32 - 1, "2**32 - 1"), default=0,  # Optuna's sampler: 32 bits
+                   help="seed of the random and optuna searches")
     p.add_argument("--parallel", type=positive_int, default=1, help="trials running at once on this host")
     p.add_argument("--devices-per-run", type=positive_int, default=None, metavar="K",
                    help="give each running trial its own K accelerators (K virtual devices on CPU)")

@@ -81,12 +81,12 @@ def sweep_objective(spec: dict, trials: list[Path]) -> str:
     return "eval_loss"
 
 
-def collect(workdir: Path) -> tuple[list[str], list[dict[str, Any]], str]:
-    """(swept keys, one row per trial, the objective), best first: finished trials by their final objective."""
-    from llama_jax.sweep import SPEC_FILE, TRIAL_FILE
+def collect(workdir: Path, spec: dict) -> tuple[list[str], list[dict[str, Any]], str]:
+    """(swept keys, one row per trial, the objective), best first: finished trials by their final
+    objective. `spec`: the sweep's sweep.json, as read (`sweep.saved_spec`)."""
+    from llama_jax.sweep import TRIAL_FILE
 
-    spec = _json(workdir / SPEC_FILE)
-    keys = list(spec.get("axes", {}))
+    keys = list(spec["axes"])
     sweep_running = holds_lock(workdir)
     trials = sorted(p for p in workdir.iterdir() if (p / TRIAL_FILE).is_file())
     objective = sweep_objective(spec, trials)
@@ -201,12 +201,12 @@ def _save_figure(fig, path: Path) -> None:
 
 def report(workdir: str | Path) -> str:
     """Rebuild results.csv, results.md and the plots from the runs' files; return the table."""
-    from llama_jax.sweep import SPEC_FILE, SweepError
+    from llama_jax.sweep import SPEC_FILE, SweepError, saved_spec
 
     workdir = Path(workdir).absolute()
     if not (workdir / SPEC_FILE).is_file():
         raise SweepError(f"{workdir} holds no sweep ({SPEC_FILE} not found); give the --workdir of a sweep")
-    keys, rows, objective = collect(workdir)
+    keys, rows, objective = collect(workdir, saved_spec(workdir))  # a damaged sweep.json: refused, nothing rewritten
     table = write_tables(workdir, keys, rows)
     plot(workdir, keys, rows, OBJECTIVE_LABELS[objective])
     return table

@@ -72,6 +72,19 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
     return dst
 
 
+def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
+    """The absolute `path` if a folder may be made (or is) there: no file at or above it, and not
+    inside a run's checkpoints; ValueError naming `option` otherwise (`what`: what the directory is
+    for, as the message ends: "give a directory {what}")."""
+    given, path = path, Path(path).absolute()
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        where = "is a file" if blocking == path else f"is under {blocking}, a file"
+        raise ValueError(f"{option} {given} {where}; give a directory {what}")
+    _check_outside_checkpoints(path, option)
+    return path
+
+
 def _check_outside_checkpoints(path: Path, what: str) -> None:
     """ValueError when `path` lies inside a run's checkpoints/, where whatever lies is read as one."""
     real = path.resolve()

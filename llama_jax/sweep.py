@@ -143,6 +143,8 @@ def _checked(kind: str, args: tuple) -> Space:
         for i, value in enumerate(args):
             if any(type(value) is type(other) and value == other for other in args[:i]):
                 raise SweepError(f"{kind}: {value!r} is listed twice; give each value once")
+            if _holds_nul(value):  # a trial's value goes to its command line, which cannot carry one
+                raise SweepError(f"{kind}: {value!r} holds a NUL character; remove it")
         return Grid(tuple(args))
     if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
         raise SweepError(f"{kind}{args}: needs two numbers, low and high")
@@ -158,6 +160,15 @@ def _checked(kind: str, args: tuple) -> Space:
             raise SweepError(f"int({low}, {high}): needs bounds that fit in 64 bits, -2**63 <= low < high < 2**63")
         return IntRange(low, high)
     return {"uniform": Uniform, "loguniform": LogUniform}[kind](float(low), float(high))
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a value (a string, or a list or dict of them, at any depth) holds a NUL character."""
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    return isinstance(value, (list, tuple)) and any(_holds_nul(v) for v in value)
 
 
 def parse_axis(text: str) -> tuple[str, Space]:

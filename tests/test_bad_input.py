@@ -401,6 +401,9 @@ CASES = [
          r"train.seq_len must be a positive integer, got -1"),
     Case("inspect-negative-seed", "data inspect --config {tiny} --step 0 --config.train.seed=-1",
          r"train.seed must be an integer in \[0, 2\*\*32\), got -1"),
+    Case("inspect-override-of-a-section-it-does-not-read", "data inspect --workdir {run} --step 0 "
+         "--config.model.dtype=banana", r"--config.model.dtype=banana: llama-jax data inspect reads only the data, "
+                                       r"train section\(s\) of the config"),
     Case("inspect-workdir-is-a-model", "data inspect --workdir {model} --step 0",
          r"--workdir \S+/model is a model directory, not a run \(the --workdir of llama-jax train\)"),
     Case("inspect-workdir-missing", "data inspect --workdir {inputs}/nowhere --step 0",
@@ -421,6 +424,9 @@ CASES = [
     # ---- sweep (its other cases are in tests/test_sweep.py, which runs main() in process) ----
     Case("sweep-negative-seed", "sweep --config {tiny} --workdir new --search random --trials 2 --seed -1 "
          "--sweep optimizer.lr=loguniform(1e-4,1e-2)", r"argument --seed: must be at least 0, got -1"),
+    Case("sweep-seed-beyond-32-bits", "sweep --config {tiny} --workdir new --search optuna --trials 1 "
+         "--seed 4294967296 --sweep optimizer.lr=loguniform(1e-4,1e-2)",
+         r"argument --seed: must be at most 2\*\*32 - 1, got 4294967296"),
     # ---- demo ----
     Case("demo-unknown-key", "demo --workdir new --config.train.stepz=5", r"unknown config key 'train.stepz'"),
     Case("demo-nan", "demo --workdir new --config.optimizer.lr=nan",

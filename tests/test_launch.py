@@ -501,6 +501,9 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
      "v5p-2: the smallest v5p slice is v5p-8"),
     (["slurm", "--job-name", "x\n#SBATCH --exclusive", "--dry-run", "--", *TRAIN_IN_TMP],
      "--job-name 'x\\n#SBATCH --exclusive': use letters, digits and . _ + -"),
+    (["slurm", "--partition", "gpu\n#SBATCH --account=x", "--dry-run", "--", *TRAIN_IN_TMP],
+     "--partition 'gpu\\n#SBATCH --account=x': use letters, digits and . _ + - ,"),
+    (["slurm", "--account", "a b", "--dry-run", "--", *TRAIN_IN_TMP], "--account 'a b': use letters, digits"),
     # the launched command's config and values, checked before anything is launched
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY,
       "--config.train.stepz=3"], "unknown config key 'train.stepz'"),
@@ -543,6 +546,8 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["slurm", "--partition", "", "--dry-run", "--", *TRAIN_IN_TMP], "--partition is empty; give a value"),
     (["slurm", "--folder", "README.md", "--dry-run", "--", *TRAIN_IN_TMP],
      "--folder README.md is a file; give a directory for the job's script and logs"),
+    (["slurm", "--folder", "README.md/jobs", "--dry-run", "--", *TRAIN_IN_TMP],
+     f"--folder README.md/jobs is under {ROOT / 'README.md'}, a file; give a directory for the job's script"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "README.md", "--dry-run", "--",
       *TRAIN_TINY], "--copy-back README.md is a file; give a directory to receive the run's workdir"),
 ])
@@ -554,6 +559,19 @@ def test_bad_input(argv, message, capsys, tmp_path, monkeypatch):
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert captured.err.startswith("llama-jax launch: error: ") and message in captured.err
     assert not workdir.exists()
+
+
+def test_a_folder_inside_a_runs_checkpoints_is_refused(capsys, tmp_path, monkeypatch):
+    """submitit's folder inside a run's checkpoints/ would put its files among the steps Orbax reads."""
+    monkeypatch.chdir(ROOT)
+    run, step = tmp_path / "run", tmp_path / "run" / "checkpoints" / "4"
+    step.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {}, "train": {}, "checkpoint": {}}))  # as a run's holds
+    assert cli.main(["launch", "slurm", "--folder", str(step), "--dry-run", "--", *TRAIN_TINY]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"llama-jax launch: error: --folder {step} is inside {run / 'checkpoints'}, the checkpoints of a run; choose "
+        f"a --folder outside it")
+    assert not any(step.iterdir())
 
 
 def test_a_config_outside_the_shipped_checkout_is_refused(capsys, tmp_path):

@@ -48,7 +48,7 @@ def wait_for(condition, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path):
+def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path, capsys):
     workdir, config = tmp_path / "sweep", tmp_path / "experiment.py"
     config.write_text(Path(TINY).read_text())  # removed at the end: --report reads only the sweep's files
     args = sweep_args(workdir, "--sweep", "optimizer.lr=[1e-3,3e-3]", "--sweep", "train.seed=[0,1]")
@@ -95,6 +95,16 @@ def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path):
     (workdir / "sweep.json").write_text(json.dumps(spec))
     assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
     assert (workdir / "results.csv").read_text() == results
+
+    capsys.readouterr()
+    assert main(["sweep", "--workdir", str(workdir), "--report", "--sweep", "train.seed=[0]", "--parallel", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--report rebuilds the results from the files in --workdir alone; "
+                                                    "drop --sweep, --parallel")
+    (workdir / "sweep.json").write_text("garbage\n")  # damaged: refused, not rebuilt without the swept columns
+    files = {p: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 2
+    assert capsys.readouterr().err.strip().endswith("sweep.json is damaged (not a sweep's JSON); use another --workdir")
+    assert {p: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == files
 
 
 def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
@@ -387,6 +397,8 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
     (["--sweep", "train.seed=[0,1]", "--devices-per-run", "64"], "--devices-per-run 64: this host has 8 cpu"),
     (["--sweep", "train.seed=[0,1]", "--parallel", "3", "--devices-per-run", "4"], "needs 12 cpu devices"),
     (["--sweep", "train.seed=[0,1]", "--devices-per-run", "64", "--dry-run"], "--devices-per-run 64: this host"),
+    (["--sweep", "train.seed=[0,1]", "--on", "slurm", "--devices-per-run", "2"],
+     "--devices-per-run shares this host among trials; with --on slurm each trial is a job of its own"),
     ([], "no axes: pass --sweep"),
     (["--sweep", "optimizer.lr=[1e-3]", "--sweep", "optimizer.lr=[2e-3]"], "optimizer.lr is swept twice"),
     (["--sweep", "train.seed=[0,1]", "--trials", "3"], "--trials applies to --search random and optuna"),
@@ -407,6 +419,7 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
      "trial seed=0: checkpoint.keep_every=3 is not a multiple of checkpoint.every=2"),
     # every trial gets a directory of its own, and a sweep lists its trials before it starts
     (["--sweep", "optimizer.lr=[1e-3,0.001]"], "grid: 0.001 is listed twice; give each value once"),
+    (["--sweep", "train.sample_prompt=['a\\x00b','c']"], r"grid: 'a\\x00b' holds a NUL character; remove it"),
     (["--sweep", "data.text_key=[a/b,a_b]"], "trials {'data.text_key': 'a/b'} and {'data.text_key': 'a_b'} would "
                                               "share the directory 'text_key=a_b'"),
     (["--sweep", f"train.sample_prompt=[{'x' * 300}]"],

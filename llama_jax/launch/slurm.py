@@ -134,9 +134,11 @@ def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node:
                     job_name: str = "llama-jax") -> dict[str, Any]:
     """The executor parameters of `submit_array`'s options, once they are checked."""
     _check(commands, nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, cpus_per_node=cpus_per_node)
-    if not re.fullmatch(r"[\w.+-]+", job_name):
-        raise LaunchError(f"--job-name {job_name!r}: use letters, digits and . _ + - (it is written into the sbatch "
-                          f"script)")
+    for flag, value, extra in (("--job-name", job_name, ""), ("--partition", partition, ","),
+                               ("--account", account, "")):
+        if value is not None and not re.fullmatch(rf"[\w.+{extra}-]+", value):  # each is a line of the sbatch script
+            raise LaunchError(f"{flag} {value!r}: use letters, digits and . _ + -{' ,' if extra else ''} (it is "
+                              f"written into the sbatch script)")
     return dict(job_name=job_name, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node, time=time_min,
                 partition=partition, account=account, cpus_per_task=cpus_per_node,
                 setup=_setup_lines(commands, gpus_per_node))
