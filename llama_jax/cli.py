@@ -1275,19 +1275,6 @@ def _full_elsewhere(where: str | os.PathLike, error: OSError) -> str | None:
     return None
 
 
-XLA_STATUSES = ("UNKNOWN: ", "INTERNAL: ", "UNAVAILABLE: ", "ABORTED: ", "DEADLINE_EXCEEDED: ")
-
-
-def _is_xla_runtime_error(error: BaseException) -> bool:
-    """A computation that failed while running. JAX raises most as JaxRuntimeError; a collective
-    that loses a peer process can also come as a ValueError carrying XLA's status code."""
-    jax = sys.modules.get("jax")
-    if jax is None:
-        return False
-    return isinstance(error, jax.errors.JaxRuntimeError) or (
-        isinstance(error, ValueError) and jax.distributed.is_initialized() and str(error).startswith(XLA_STATUSES))
-
-
 def _xla_error_text(error: BaseException, args) -> str:
     """One line for a computation that failed while running: a device error, or in a multi-process
     run a peer that stopped (XLA repeats its "Error dispatching computation: " prefix per level)."""
@@ -1372,7 +1359,9 @@ def _run(argv: list[str] | None) -> int:
                       "exited), so it stopped there; redirect the output to a file to let it finish",
                       file=sys.stderr)
             return 128 + signal.SIGPIPE
-        if _is_xla_runtime_error(e):
+        from llama_jax.devices import computation_failed
+
+        if computation_failed(e):
             print(f"llama-jax {command}: error: {_xla_error_text(e, args)}", file=sys.stderr)
             return 1
         if isinstance(e, RuntimeError):  # any other is a bug: its traceback is wanted

@@ -1,11 +1,15 @@
 """The accelerators of this host, found without starting a JAX backend, and how to give a child
-process a subset of them (sweeps run several trials side by side on one host)."""
+process a subset of them (sweeps run several trials side by side on one host); and whether an
+error is a computation that failed on them."""
 
 from __future__ import annotations
 
 import glob
 import os
 import re
+import sys
+
+XLA_STATUSES = ("UNKNOWN: ", "INTERNAL: ", "UNAVAILABLE: ", "ABORTED: ", "DEADLINE_EXCEEDED: ")
 
 # TPU_CHIPS_PER_PROCESS_BOUNDS for a process holding K chips of one host.
 _TPU_CHIP_BOUNDS = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1", 8: "2,4,1"}
@@ -56,3 +60,14 @@ def subset_env(platform: str, ids: list[int], slot: int, env: dict[str, str] | N
         env["JAX_PLATFORMS"] = "cpu"
     env["LLAMA_JAX_SINGLE_PROCESS"] = "1"  # a trial on part of one host never joins a multi-host job
     return env
+
+
+def computation_failed(error: BaseException) -> bool:
+    """Whether `error` is a computation that failed while running (False before JAX is imported).
+    JAX raises most as JaxRuntimeError; a collective that loses a peer process can also come as a
+    ValueError carrying XLA's status code."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return False
+    return isinstance(error, jax.errors.JaxRuntimeError) or (
+        isinstance(error, ValueError) and jax.distributed.is_initialized() and str(error).startswith(XLA_STATUSES))

@@ -38,6 +38,7 @@ from llama_jax import metrics as metrics_lib
 from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_architecture, load_model,
                                   retention_deletes, tree_paths)
 from llama_jax.config import LLaMAConfig
+from llama_jax.devices import computation_failed
 from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
@@ -824,6 +825,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     in_flight = collections.deque()  # metrics of the steps dispatched and perhaps not yet computed
     trace = StepTrace(workdir / PROFILE_DIR, t.profile_start, t.profile_steps, bar.write, first=start + 1) \
         if t.profile_steps and main_process and start < t.steps else None
+    abandon_save = False
     try:
         for step in range(start + 1, t.steps + 1):
             batch = global_batch(trainer.mesh, prefetch.next(step - 1), t.batch_size)
@@ -912,6 +914,12 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         writer.close()  # the log complete, for the plot
         if main_process and (workdir / METRICS_FILE).exists():
             plot_losses(workdir / METRICS_FILE, workdir / "loss.png")
+    except BaseException as error:
+        # a computation that failed in a multi-process run has most likely lost a process: an async
+        # save in flight cannot pass Orbax's barrier without it, and waiting for it would hang (the
+        # previous checkpoint stays the latest; the next run removes the unfinished one)
+        abandon_save = jax.process_count() > 1 and computation_failed(error)
+        raise
     finally:  # SIGTERM stays a flag up to here: once the steps are done, the run ends as it would have
         if trace:
             trace.close(cut_short=True)  # (only a trace still running: the run ended inside its window)
@@ -919,8 +927,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         prefetch.close()
         preemption.restore()
         writer.close()
-        checkpoints.wait()
-        checkpoints.close()
+        if not abandon_save:
+            checkpoints.wait()
+            checkpoints.close()
         with contextlib.suppress(OSError):  # also when an error ends the run (which this must not hide)
             record_progress(workdir, recorded)
     return RunResult(logged, step, False, eval_metrics, text, data)
