@@ -8,6 +8,10 @@ follows: one decoding step of a batch of B rows reads every weight once (of the 
 table, B rows) and each row's whole K/V cache (prompt + new tokens slots: llama-jax attends over
 all of them, the empty ones masked), so tokens/s <= B x rate / (weights + B x cache). The run
 also says what the target for batches above one, 3 x transformers, would be as a fraction of it.
+For a batch above one it also times a product of B rows with that matrix: XLA's products of a
+few rows read the weights slower than a matrix-vector product does (`decode_matmul.py`), which
+bounds a step more tightly (the weights at the B-row product's rate, the cache at the streaming
+rate): "x product bound".
 
     python benchmarks/decode.py [--batch 1 8] [--new-tokens 128] [--repeats 5] [--scan both]
 
@@ -35,18 +39,19 @@ from llama_jax.cli import OneLineParser, positive_int
 from timing import median_seconds
 
 
-def streaming_sampler() -> Callable[[], float]:
+def streaming_sampler(rows: int | None = None) -> Callable[[], float]:
     """A function giving the bytes per second of an XLA float32 matrix-vector product over a
-    256 MiB matrix of random values: the median of 8 products after 2 untimed ones. (On this kind
+    256 MiB matrix of random values (or, given `rows`, of a [rows, 8192] by [8192, 8192] product, as
+    a batch of rows meets a weight): the median of 8 products after 2 untimed ones. (On this kind
     of VM the first pass over memory that other work has left untouched is several times slower,
     as is a model's first decoded token; the roofline is about the steady state.)"""
     import jax
     import jax.numpy as jnp
 
     m = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.float32)
-    x = jnp.ones((8192,), jnp.float32)
-    matvec = jax.jit(lambda m, x: m @ x)
-    return lambda: m.nbytes / median_seconds(lambda: matvec(m, x).block_until_ready(), 8, warmup=2)
+    x = jnp.ones((8192,) if rows is None else (rows, 8192), jnp.float32)
+    product = jax.jit(lambda m, x: m @ x if x.ndim == 1 else x @ m)
+    return lambda: m.nbytes / median_seconds(lambda: product(m, x).block_until_ready(), 8, warmup=2)
 
 
 def bytes_per_token(cfg, params, slots: int) -> dict[str, int]:
@@ -153,15 +158,19 @@ def main(argv=None) -> int:
             out = call()
             first[name] = time.perf_counter() - start
             tokens[name] = out[:, args.prompt_len:].numpy() if name == "transformers" else np.asarray(out)
-        times, rates = {name: [] for name in calls}, []
-        for _ in range(args.repeats):  # rounds: each implementation and the streaming rate in turn
+        batch_product = streaming_sampler(batch) if batch > 1 else None  # batch 1: the streaming rate
+        times, rates, product_rates = {name: [] for name in calls}, [], []
+        for _ in range(args.repeats):  # rounds: each implementation and the streaming rates in turn
             rates.append(streaming())
+            product_rates.append(batch_product() if batch_product else rates[-1])
             for name, call in calls.items():  # a call after an untimed one, as the streaming rate is warm
                 times[name].append(median_seconds(call, 1, warmup=1))
         seconds = {name: statistics.median(t) for name, t in times.items()}
-        rate = statistics.median(rates)
+        rate, product_rate = statistics.median(rates), statistics.median(product_rates)
         roofline = batch * rate / (read["weights"] + batch * read["kv_cache"])  # embedding rows: noise
+        bound = batch / (read["weights"] / product_rate + batch * read["kv_cache"] / rate)
         row = {"batch": batch, "streaming_bytes_per_s": rate, "roofline_tok_s": roofline,
+               "product_bytes_per_s": product_rate, "product_bound_tok_s": bound,
                "transformers_tok_s": n / seconds["transformers"], "transformers_first_call_s": first["transformers"]}
         for key in [k for k in calls if k != "transformers"]:
             row[f"{key}_tok_s"] = n / seconds[key]
@@ -169,21 +178,24 @@ def main(argv=None) -> int:
             row[f"{key}_vs_transformers"] = seconds["transformers"] / seconds[key]
             row[f"{key}_same_tokens"] = float((tokens[key] == tokens["transformers"]).mean())
             row[f"{key}_vs_roofline"] = (n / seconds[key]) / roofline
+            row[f"{key}_vs_product_bound"] = (n / seconds[key]) / bound
         rows.append(row)
         print(json.dumps(row))
-        target = (f"; 3 x transformers would be {3 * row['transformers_tok_s'] / roofline:.2f} x the roofline"
-                  if batch > 1 else "")
+        target = (f"; 3 x transformers would be {3 * row['transformers_tok_s'] / roofline:.2f} x the roofline and "
+                  f"{3 * row['transformers_tok_s'] / bound:.2f} x the bound of {batch}-row products "
+                  f"({product_rate / 1e9:.1f} GB/s: {bound:.0f} tokens/s)" if batch > 1 else "")
         print(f"weight streaming {rate / 1e9:.1f} GB/s in the same rounds -> batch-{batch} roofline {roofline:.0f} "
               f"tokens/s ({batch * rate / read['weights']:.0f} counting the weights only){target}")
 
-    print("\n| batch | layout | llama-jax tok/s | transformers tok/s | × transformers | × roofline | same tokens |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| batch | layout | llama-jax tok/s | transformers tok/s | × transformers | × roofline "
+          "| × product bound | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         for scan in layouts:
             key = "scanned" if scan else "unscanned"
-            roof = f"{row[f'{key}_vs_roofline']:.2f}"
             print(f"| {row['batch']} | {key} | {row[f'{key}_tok_s']:.0f} | {row['transformers_tok_s']:.0f} | "
-                  f"{row[f'{key}_vs_transformers']:.2f} | {roof} | {row[f'{key}_same_tokens']:.0%} |")
+                  f"{row[f'{key}_vs_transformers']:.2f} | {row[f'{key}_vs_roofline']:.2f} | "
+                  f"{row[f'{key}_vs_product_bound']:.2f} | {row[f'{key}_same_tokens']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"weight_bytes": weight_bytes, "streamed_bytes": streamed_bytes, "streamed_weight_bytes":
