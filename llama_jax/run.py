@@ -915,10 +915,10 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         if main_process and (workdir / METRICS_FILE).exists():
             plot_losses(workdir / METRICS_FILE, workdir / "loss.png")
     except BaseException as error:
-        # a computation that failed in a multi-process run has most likely lost a process: an async
-        # save in flight cannot pass Orbax's barrier without it, and waiting for it would hang (the
-        # previous checkpoint stays the latest; the next run removes the unfinished one)
-        abandon_save = jax.process_count() > 1 and computation_failed(error)
+        # a computation that failed in a multi-process run may have lost a process: then an async
+        # save in flight cannot pass Orbax's barrier, and waiting for it would hang (the previous
+        # checkpoint stays the latest; the next run removes the unfinished one)
+        abandon_save = jax.process_count() > 1 and computation_failed(error) and not _every_process_here()
         raise
     finally:  # SIGTERM stays a flag up to here: once the steps are done, the run ends as it would have
         if trace:
@@ -933,6 +933,23 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         with contextlib.suppress(OSError):  # also when an error ends the run (which this must not hide)
             record_progress(workdir, recorded)
     return RunResult(logged, step, False, eval_metrics, text, data)
+
+
+FAILED_RUN_BARRIER_S = 10  # how long a failed process of a multi-process run waits for the others
+
+
+def _every_process_here() -> bool:
+    """Whether every process of a multi-process run whose computation failed gets here within
+    FAILED_RUN_BARRIER_S: a barrier of JAX's distributed client, which a lost process never
+    reaches. When all failed together (an out-of-memory error, say), their async save in flight
+    still commits; waiting for it is safe."""
+    from jax._src import distributed
+
+    try:
+        distributed.global_state.client.wait_at_barrier("llama_jax_failed_run", FAILED_RUN_BARRIER_S * 1000)
+    except Exception:  # timed out, or the coordination service went with its process
+        return False
+    return True
 
 
 def _logged_evaluation(workdir: Path, step: int) -> dict[str, float] | None:

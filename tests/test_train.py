@@ -381,7 +381,9 @@ def test_a_process_that_loses_its_peer_stops_at_once_with_one_line(tmp_path, mom
     """Two processes train; one is killed, in a step or while a checkpoint is being written. The
     other got XLA's error as an uncaught traceback (or, in Orbax's save, as a ValueError), then
     waited in JAX's shutdown barrier for the dead process and aborted 60-100 s later with pages of
-    C++ logs. It now says what failed in one line and exits at once."""
+    C++ logs (or, in 1 of 4 runs under load, waited for its async save, which cannot commit without
+    the dead process). It now says what failed in one line and exits once the failed run's barrier
+    (`run.FAILED_RUN_BARRIER_S`) finds the other process gone."""
     run = tmp_path / "run"
     port = _free_port()
     cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir", str(run),
@@ -415,6 +417,45 @@ def test_a_process_that_loses_its_peer_stops_at_once_with_one_line(tmp_path, mom
     assert last.startswith("llama-jax train: error: the computation failed: ") and last.endswith(
         "(in a multi-process run: another process may have stopped first); a run resumes from its last "
         "committed checkpoint"), err[-3000:]
+
+
+FAIL_AT_STEP = """
+import sys, jax
+import llama_jax.run as run
+from llama_jax import cli
+fail_at, real, calls = int(sys.argv.pop(1)), run.global_batch, iter(range(1, 10**9))
+
+def global_batch(*args):
+    if next(calls) == fail_at:  # the batch of step fail_at, in every process
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory (injected)")
+    return real(*args)
+
+run.global_batch = global_batch
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_processes_that_all_fail_keep_their_save_in_flight(tmp_path):
+    """Every process of a multi-process run fails (an out-of-memory error, not a lost process) in
+    the step after an async save started: they find each other at the failed run's barrier, so
+    they wait for the save, which commits (the test above: a lost process, whose save is left)."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", FAIL_AT_STEP, "21", "train", "--config", TINY, "--workdir", str(run),
+           "--config.train.steps=40", "--config.checkpoint.every=20", "--coordinator", f"127.0.0.1:{_free_port()}",
+           "--num-processes", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    for p, err in zip(procs, errors):
+        assert p.returncode == 1 and "RESOURCE_EXHAUSTED: out of memory (injected)" in err, err[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["20"]
 
 
 @dataclasses.dataclass(frozen=True)
