@@ -96,9 +96,11 @@ def time_xla(batches, layers, dim, ffn, repeats, feature_major: bool = False) ->
         result[batch] = median_seconds(lambda: [step(x, weights) for _ in range(50)][-1].block_until_ready(),
                                        repeats) / 50
     big = jax.random.normal(jax.random.key(0), STREAM_SHAPE, jnp.float32)
-    product = jax.jit(lambda m, x: m @ x if feature_major else x @ m)
-    for batch in batches:
-        x = jnp.ones((STREAM_SHAPE[1], batch) if feature_major else (batch, STREAM_SHAPE[0]), jnp.float32)
+    product = jax.jit(lambda m, x: x @ m if x.ndim == 2 and not feature_major else m @ x)
+    for batch in batches:  # batch 1: a vector, the matrix-vector product of `decode.py`'s streaming rate
+        shape = (STREAM_SHAPE[1],) if batch == 1 else (STREAM_SHAPE[1], batch) if feature_major else \
+            (batch, STREAM_SHAPE[0])
+        x = jnp.ones(shape, jnp.float32)
         result[f"stream{batch}"] = median_seconds(lambda: product(big, x).block_until_ready(), repeats * 4, warmup=2)
     return result
 
@@ -124,8 +126,8 @@ def time_torch(batches, layers, dim, ffn, repeats) -> dict[int, float]:
             x = torch.from_numpy(rng.standard_normal((batch, dim), np.float32))
             result[batch] = median_seconds(lambda: [step(x) for _ in range(50)], repeats) / 50
         big = torch.randn(*STREAM_SHAPE)  # [out, in], as the chain's weights
-        for batch in batches:
-            x = torch.ones(batch, STREAM_SHAPE[1])
+        for batch in batches:  # batch 1: a vector, as in the XLA rows
+            x = torch.ones(STREAM_SHAPE[1]) if batch == 1 else torch.ones(batch, STREAM_SHAPE[1])
             result[f"stream{batch}"] = median_seconds(lambda: torch.nn.functional.linear(x, big), repeats * 4,
                                                       warmup=2)
     return result

@@ -626,6 +626,8 @@ def _check_sweep_arguments(args) -> dict:
     if args.search == "grid" and (args.trials is not None or args.seed != 0):
         raise UserError(f"{'--trials' if args.trials is not None else '--seed'} applies to --search random and "
                         f"optuna; a grid search runs every combination of the values given")
+    if args.search == "optuna" and args.seed >= 2**32:
+        raise UserError(f"--seed {args.seed}: Optuna's sampler takes seeds below 2**32 (4294967296)")
     job = _slurm_job(args)
     if args.on != "slurm":
         changed = [k for k, v in job.items() if v != slurm_job_defaults()[k]]
@@ -725,6 +727,8 @@ def _check_launched_config(command: list[str], launched: argparse.Namespace, bas
         sweeps = command[0] == "sweep" and not launched.report
         if sweeps:
             _check_sweep_arguments(launched)
+        elif command[0] == "sweep":
+            _check_report_arguments(launched)
         if path is None or Path(path).is_absolute() and not Path(path).exists():  # e.g. on the slice's bucket only
             return
         config = load_config(Path(base) / path, launched.overrides)
@@ -1052,8 +1056,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", default="grid", choices=("grid", "random", "optuna"),
                    help="grid: every combination of the lists; random: --trials draws; optuna: TPE with pruning")
     p.add_argument("--trials", type=int, default=None, help="number of trials for random and optuna searches")
-    p.add_argument("--seed", type=int_at_least(0, 2**32 - 1, "2**32 - 1"), default=0,  # Optuna's sampler: 32 bits
-                   help="seed of the random and optuna searches")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random and optuna searches")
     p.add_argument("--parallel", type=positive_int, default=1, help="trials running at once on this host")
     p.add_argument("--devices-per-run", type=positive_int, default=None, metavar="K",
                    help="give each running trial its own K accelerators (K virtual devices on CPU)")

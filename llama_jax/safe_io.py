@@ -77,6 +77,9 @@ def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
     inside a run's checkpoints; ValueError naming `option` otherwise (`what`: what the directory is
     for, as the message ends: "give a directory {what}")."""
     given, path = path, Path(path).absolute()
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{option} {given} is a symbolic link to {os.readlink(path)}, which does not exist; give a "
+                         f"directory {what}")
     blocking = file_in_the_way(path)
     if blocking is not None:
         where = "is a file" if blocking == path else f"is under {blocking}, a file"

@@ -426,7 +426,7 @@ CASES = [
          "--sweep optimizer.lr=loguniform(1e-4,1e-2)", r"argument --seed: must be at least 0, got -1"),
     Case("sweep-seed-beyond-32-bits", "sweep --config {tiny} --workdir new --search optuna --trials 1 "
          "--seed 4294967296 --sweep optimizer.lr=loguniform(1e-4,1e-2)",
-         r"argument --seed: must be at most 2\*\*32 - 1, got 4294967296"),
+         r"--seed 4294967296: Optuna's sampler takes seeds below 2\*\*32 \(4294967296\)"),
     # ---- demo ----
     Case("demo-unknown-key", "demo --workdir new --config.train.stepz=5", r"unknown config key 'train.stepz'"),
     Case("demo-nan", "demo --workdir new --config.optimizer.lr=nan",

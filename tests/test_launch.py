@@ -544,6 +544,9 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
       "TMP_WORKDIR", "--sweep", "train.seed=[0,1]", "--parallel", "2"],
      "after --: sweep: --parallel 2 on a gpu host needs --devices-per-run K"),
     (["slurm", "--partition", "", "--dry-run", "--", *TRAIN_IN_TMP], "--partition is empty; give a value"),
+    (["slurm", "--dry-run", "--folder", "TMP_WORKDIR", "--", "sweep", "--workdir", "TMP_WORKDIR", "--report",
+      "--trials", "3"], "after --: sweep: --report rebuilds the results from the files in --workdir alone; drop "
+                        "--trials"),
     (["slurm", "--folder", "README.md", "--dry-run", "--", *TRAIN_IN_TMP],
      "--folder README.md is a file; give a directory for the job's script and logs"),
     (["slurm", "--folder", "README.md/jobs", "--dry-run", "--", *TRAIN_IN_TMP],
@@ -561,9 +564,16 @@ def test_bad_input(argv, message, capsys, tmp_path, monkeypatch):
     assert not workdir.exists()
 
 
-def test_a_folder_inside_a_runs_checkpoints_is_refused(capsys, tmp_path, monkeypatch):
-    """submitit's folder inside a run's checkpoints/ would put its files among the steps Orbax reads."""
+def test_a_folder_inside_a_runs_checkpoints_or_a_dangling_link_is_refused(capsys, tmp_path, monkeypatch):
+    """submitit's folder inside a run's checkpoints/ would put its files among the steps Orbax reads;
+    one at a link to nothing could not be made."""
     monkeypatch.chdir(ROOT)
+    dangling = tmp_path / "jobs"
+    dangling.symlink_to(tmp_path / "gone")
+    assert cli.main(["launch", "slurm", "--folder", str(dangling), "--dry-run", "--", *TRAIN_TINY]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"llama-jax launch: error: --folder {dangling} is a symbolic link to {tmp_path / 'gone'}, which does not "
+        f"exist; give a directory for the job's script and logs")
     run, step = tmp_path / "run", tmp_path / "run" / "checkpoints" / "4"
     step.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"model": {}, "train": {}, "checkpoint": {}}))  # as a run's holds

@@ -281,6 +281,9 @@ def test_random_and_optuna_searches(tmp_path, capsys):
     expected = sweep_lib.random_trials({"optimizer.lr": sweep_lib.loguniform(1e-4, 1e-2),
                                         "train.seed": sweep_lib.int_range(0, 100)}, 2, 3)
     assert sorted(lrs) == sorted(t.overrides["optimizer.lr"] for t in expected)  # a pure function of the seed
+    big_seed = sweep_args(tmp_path / "big", "--search", "random", "--trials", "2", "--seed", str(2**40), "--dry-run",
+                          "--sweep", "optimizer.lr=loguniform(1e-4,1e-2)")
+    assert main(big_seed) == 0  # a random search takes any seed (Optuna's sampler: below 2**32)
 
     optuna_dir = tmp_path / "optuna"
     args = sweep_args(optuna_dir, "--search", "optuna", "--trials", "3", "--config.train.steps=8",
