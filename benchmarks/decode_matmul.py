@@ -10,8 +10,9 @@ run. Each also times one product of each batch size with a 256 MiB matrix of ran
 on). It shows how far a decoder can go on this machine: whether the layers' small products
 stream their weights as fast as one large product of the same batch does (on a multi-core
 machine a large product is split over the cores; a 1-3 MiB one may not be), and what a batch of
-rows costs per weight byte even on a large matrix: batch 8 costs about twice batch 1 in every
-library, because general matrix products re-pack the weights on each call. One more XLA row
+rows costs per weight byte even on a large matrix: batch 8 costs 1.3-2 x batch 1 in every
+library on the machines measured so far, because general matrix products re-pack the weights on
+each call. One more XLA row
 keeps the activations feature-major ([in, batch], each product `w @ x` with the weight stored
 [out, in], as PyTorch's `nn.Linear` stores it): the same products with the weight as the left
 operand and no transposes between them.

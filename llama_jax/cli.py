@@ -628,21 +628,26 @@ def _check_sweep_arguments(args) -> dict:
                         f"optuna; a grid search runs every combination of the values given")
     if args.search == "optuna" and args.seed >= 2**32:
         raise UserError(f"--seed {args.seed}: Optuna's sampler takes seeds below 2**32 (4294967296)")
-    job = _slurm_job(args)
     if args.on != "slurm":
-        changed = [k for k, v in job.items() if v != slurm_job_defaults()[k]]
+        changed = _changed_slurm_options(args)
         if changed:
-            raise UserError(f"--{changed[0].replace('_', '-')} shapes SLURM jobs; it applies with --on slurm only")
+            raise UserError(f"{changed[0]} shapes SLURM jobs; it applies with --on slurm only")
     elif args.parallel != 1 or args.devices_per_run is not None:
         raise UserError(f"{'--parallel' if args.parallel != 1 else '--devices-per-run'} shares this host among "
                         f"trials; with --on slurm each trial is a job of its own (--nodes, --gpus-per-node)")
-    return job
+    return _slurm_job(args)
 
 
 def _slurm_job(args) -> dict:
     """The SLURM job options given to `sweep` or `launch slurm`, by destination."""
     return dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
                 account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name)
+
+
+def _changed_slurm_options(args) -> list[str]:
+    """The SLURM job options given values other than their defaults, as flags."""
+    defaults = slurm_job_defaults()
+    return [f"--{k.replace('_', '-')}" for k, v in _slurm_job(args).items() if v != defaults[k]]
 
 
 def _check_report_arguments(args) -> None:
@@ -653,7 +658,7 @@ def _check_report_arguments(args) -> None:
         ("--trials", args.trials, None), ("--seed", args.seed, 0), ("--parallel", args.parallel, 1),
         ("--devices-per-run", args.devices_per_run, None), ("--dry-run", args.dry_run, False),
         ("--on", args.on, "local")) if value != default]
-    given += [f"--{k.replace('_', '-')}" for k, v in _slurm_job(args).items() if v != slurm_job_defaults()[k]]
+    given += _changed_slurm_options(args)
     given += [f"--config.{args.overrides[0]}"] if args.overrides else []
     if given:
         raise UserError(f"--report rebuilds the results from the files in --workdir alone; drop {', '.join(given)}")
@@ -811,10 +816,7 @@ def cmd_launch_slurm(args) -> None:
     from llama_jax.safe_io import check_folder
 
     check_folder(folder, "--folder", "for the job's script and logs")
-    submitted = slurm.submit(slurm.llama_jax_command(command), folder, nodes=args.nodes,
-                             gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
-                             account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name,
-                             dry_run=args.dry_run)
+    submitted = slurm.submit(slurm.llama_jax_command(command), folder, **_slurm_job(args), dry_run=args.dry_run)
     if args.dry_run:
         print(f"# {submitted} (not submitted)\n{Path(submitted).read_text()}", end="")
     else:
