@@ -84,16 +84,17 @@ def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
     if blocking is not None:
         where = "is a file" if blocking == path else f"is under {blocking}, a file"
         raise ValueError(f"{option} {given} {where}; give a directory {what}")
-    _check_outside_checkpoints(path, option)
+    _check_outside_checkpoints(path, option, shown=given)
     return path
 
 
-def _check_outside_checkpoints(path: Path, what: str) -> None:
-    """ValueError when `path` lies inside a run's checkpoints/, where whatever lies is read as one."""
+def _check_outside_checkpoints(path: Path, what: str, shown: str | os.PathLike | None = None) -> None:
+    """ValueError when `path` lies inside a run's checkpoints/, where whatever lies is read as one
+    (the message names it as `shown`, the path as given, if set)."""
     real = path.resolve()
     checkpoints = next((p for p in [real, *real.parents] if p.name == "checkpoints" and holds_run(p.parent)), None)
     if checkpoints is not None:
-        raise ValueError(f"{what} {path} is inside {checkpoints}, the checkpoints of a run; choose a "
+        raise ValueError(f"{what} {shown or path} is inside {checkpoints}, the checkpoints of a run; choose a "
                          f"{what} outside it")
 
 

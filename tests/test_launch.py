@@ -577,9 +577,10 @@ def test_a_folder_inside_a_runs_checkpoints_or_a_dangling_link_is_refused(capsys
     run, step = tmp_path / "run", tmp_path / "run" / "checkpoints" / "4"
     step.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"model": {}, "train": {}, "checkpoint": {}}))  # as a run's holds
-    assert cli.main(["launch", "slurm", "--folder", str(step), "--dry-run", "--", *TRAIN_TINY]) == 2
+    given = os.path.relpath(step)  # named as given, as the other --folder messages do
+    assert cli.main(["launch", "slurm", "--folder", given, "--dry-run", "--", *TRAIN_TINY]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"llama-jax launch: error: --folder {step} is inside {run / 'checkpoints'}, the checkpoints of a run; choose "
+        f"llama-jax launch: error: --folder {given} is inside {run / 'checkpoints'}, the checkpoints of a run; choose "
         f"a --folder outside it")
     assert not any(step.iterdir())
 
