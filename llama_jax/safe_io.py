@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import fnmatch
 import glob
@@ -40,13 +41,35 @@ def file_in_the_way(path: Path, itself: bool = True) -> Path | None:
     return next((p for p in ([path] if itself else []) + list(path.parents) if p.exists() and not p.is_dir()), None)
 
 
+def real_path(path: str | os.PathLike) -> Path:
+    """`path` with its symbolic links followed (`Path.resolve`, which raises RuntimeError for a
+    loop of links before Python 3.13; a link that leads nowhere is named by `check_writable`)."""
+    return Path(os.path.realpath(path))
+
+
+def broken_link(path: str | os.PathLike) -> str | None:
+    """Why a symbolic link at or above `path` leads nowhere ("PATH is a symbolic link to T, which
+    does not exist", "PATH: LINK is ... which loops back to itself"), or None when none does."""
+    absolute = Path(path).absolute()
+    link = next((p for p in [absolute, *absolute.parents] if p.is_symlink() and not p.exists()), None)
+    if link is None:
+        return None
+    try:
+        os.stat(link)
+        ending = "which does not exist"
+    except OSError as e:
+        ending = "which loops back to itself" if e.errno == errno.ELOOP else "which does not exist"
+    where = f"{path}" if link == absolute else f"{path}: {link}"
+    return f"{where} is a symbolic link to {os.readlink(link)}, {ending}"
+
+
 def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
                       inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """The absolute `dst` if writing a `kind` there loses nothing; ValueError/FileExistsError otherwise."""
     dst = Path(dst).absolute()
-    real = dst.resolve()
+    real = real_path(dst)
     for source in inputs:
-        source = Path(source).resolve()
+        source = real_path(source)
         if real == source or real in source.parents:
             relation = "is" if real == source else "contains"
             raise ValueError(f"destination {dst} {relation} the input {source}; choose a destination outside it")
@@ -76,10 +99,9 @@ def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
     """The absolute `path` if a folder may be made (or is) there: no file at or above it, and not
     inside a run's checkpoints; ValueError naming `option` otherwise (`what`: what the directory is
     for, as the message ends: "give a directory {what}")."""
+    if broken_link(path) is not None:
+        raise ValueError(f"{option} {broken_link(path)}; give a directory {what}")
     given, path = path, Path(path).absolute()
-    if path.is_symlink() and not path.exists():
-        raise ValueError(f"{option} {given} is a symbolic link to {os.readlink(path)}, which does not exist; give a "
-                         f"directory {what}")
     blocking = file_in_the_way(path)
     if blocking is not None:
         where = "is a file" if blocking == path else f"is under {blocking}, a file"
@@ -91,7 +113,7 @@ def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
 def _check_outside_checkpoints(path: Path, what: str, shown: str | os.PathLike | None = None) -> None:
     """ValueError when `path` lies inside a run's checkpoints/, where whatever lies is read as one
     (the message names it as `shown`, the path as given, if set)."""
-    real = path.resolve()
+    real = real_path(path)
     checkpoints = next((p for p in [real, *real.parents] if p.name == "checkpoints" and holds_run(p.parent)), None)
     if checkpoints is not None:
         raise ValueError(f"{what} {shown or path} is inside {checkpoints}, the checkpoints of a run; choose a "
@@ -209,6 +231,8 @@ def check_writable(path: str | os.PathLike, option: str, into: bool = False) -> 
     directory this process may write (not on a read-only file system, not immutable).
     `into`: `path` is a directory written into, checked itself when it exists."""
     path = Path(path).absolute()
+    if broken_link(path) is not None:
+        raise ValueError(f"{option} {broken_link(path)}; remove the link or choose another {option}")
     existing = next(p for p in ([path] if into else []) + list(path.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"{option} {path}: {existing} is a file, not a directory")

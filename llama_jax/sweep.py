@@ -804,7 +804,9 @@ def _same_overrides(saved: Any, given: Sequence[str]) -> bool:
 def _same_file(saved: Any, given: str) -> bool:
     """Whether sweep.json's config path and the one given name the same file (through `..` or
     symlinks, say); its settings are compared apart (config_sha256)."""
-    return isinstance(saved, str) and Path(saved).resolve() == Path(given).resolve()
+    from llama_jax.safe_io import real_path
+
+    return isinstance(saved, str) and real_path(saved) == real_path(given)
 
 
 def start_directory(workdir: str | os.PathLike, out=print) -> Path:

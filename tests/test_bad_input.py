@@ -368,6 +368,22 @@ CASES = [
          r"itself"),
     Case("export-dst-under-a-file", "export --workdir {run} {notes}/model",
          r"cannot create \S+/notes.txt/model: \S+/notes.txt is a file, not a directory"),
+    Case("export-dst-link-loop", "export --workdir {run} {loop_link}",
+         r"destination \S+/loop_link is a symbolic link to loop_link, which loops back to itself; remove the link or "
+         r"choose another destination"),
+    Case("eval-output-link-loop", "eval --workdir {run} --output {loop_link}",
+         r"--output \S+/loop_link is a symbolic link to loop_link, which loops back to itself"),
+    Case("train-workdir-link-to-nothing", "train --config {tiny} --workdir {dangling_link}",
+         r"--workdir \S+/dangling_link is a symbolic link to \S+/gone, which does not exist; remove the link or "
+         r"choose another --workdir"),
+    Case("train-workdir-under-a-link-loop", "train --config {tiny} --workdir {loop_link}/run",
+         r"--workdir \S+/loop_link/run: \S+/loop_link is a symbolic link to loop_link, which loops back to itself"),
+    Case("demo-workdir-link-to-nothing", "demo --workdir {dangling_link}",
+         r"--workdir \S+/dangling_link is a symbolic link to \S+/gone, which does not exist"),
+    Case("sweep-workdir-link-loop", "sweep --config {tiny} --workdir {loop_link} --sweep train.seed=[0,1]",
+         r"--workdir \S+/loop_link is a symbolic link to loop_link, which loops back to itself"),
+    Case("prepare-data-output-link-to-nothing", "prepare-data --config {tiny} --output {dangling_link}",
+         r"--output \S+/dangling_link is a symbolic link to \S+/gone, which does not exist"),
     # ---- plan ----
     Case("plan-config-missing", "plan --config {inputs}/nope.py", r"config file \S+/nope.py not found"),
     Case("plan-unknown-key", "plan --config {tiny} --config.mesh.pipeline=2", r"unknown config key 'mesh.pipeline'"),
@@ -481,6 +497,9 @@ def make_inputs(root: Path) -> dict[str, Path]:
     assert cli(["export", "--workdir", p["run"], p["model"]], root).returncode == 0
     p["model_link"] = inputs / "model_link"
     p["model_link"].symlink_to(p["model"])
+    p["dangling_link"], p["loop_link"] = inputs / "dangling_link", inputs / "loop_link"
+    p["dangling_link"].symlink_to(inputs / "gone")
+    p["loop_link"].symlink_to("loop_link")  # `ln -s out out` by mistake
     saved = json.loads((p["run"] / "config.json").read_text())
     p["typo_json"] = inputs / "configs" / "typo.json"
     p["typo_json"].write_text(json.dumps({**saved, "train": {**saved["train"], "stpes": 5}}))
