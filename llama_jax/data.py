@@ -173,6 +173,8 @@ def read_documents(paths: Sequence[str] | str, text_key: str = "text") -> Iterat
         if os.path.islink(path) and not os.path.exists(path):
             raise ValueError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; give readable "
                              f"files")
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the run until written to
+            raise ValueError(f"{path}: not a regular file (a pipe, socket or device); give readable files")
         if path.endswith(".txt"):
             yield _read_txt(path)
         elif path.endswith(".jsonl"):

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -147,6 +148,7 @@ def test_each_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     ("not json", r"bad.jsonl:1: not valid JSON"),
     ("not an object", r"list.jsonl:1: a JSON list, not an object; each line must be a JSON object"),
     ("dangling link", r"broken.txt: a symbolic link to /nonexistent/file.txt, which does not exist"),
+    ("pipe", r"pipe.txt: not a regular file \(a pipe, socket or device\); give readable files"),
     ("txt not utf-8", r"latin1.txt: not UTF-8 text \(byte 0xe9 at offset 3: invalid continuation byte\); "
                       r"data files must be UTF-8$"),
     ("jsonl not utf-8", r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 13"),
@@ -159,6 +161,7 @@ def test_bad_input_is_named(case, message, tmp_path, tokenizer):
     (tmp_path / "list.jsonl").write_text("[1, 2]\n")
     (tmp_path / "broken.txt").symlink_to("/nonexistent/file.txt")
     (tmp_path / "empty.txt").write_text("")
+    os.mkfifo(tmp_path / "pipe.txt")  # reading it would wait for a writer forever
     (tmp_path / "x.csv").write_text("a,b\n")
     (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "fine"}\n{"text": "café"}\n'.encode("latin-1"))
@@ -170,6 +173,7 @@ def test_bad_input_is_named(case, message, tmp_path, tokenizer):
         "not json": lambda: TextFiles(str(tmp_path / "bad.jsonl")),
         "not an object": lambda: TextFiles(str(tmp_path / "list.jsonl")),
         "dangling link": lambda: TextFiles(str(tmp_path / "broken.txt")),
+        "pipe": lambda: TextFiles(str(tmp_path / "pipe.txt")),
         "txt not utf-8": lambda: TextFiles(str(tmp_path / "latin1.txt")),
         "jsonl not utf-8": lambda: TextFiles(str(tmp_path / "latin1.jsonl")),
         "file type": lambda: TextFiles(str(tmp_path / "x.csv")),
