@@ -17,6 +17,7 @@ Needs the `eval` extra (`pip install -e '.[eval]'`); `import llama_jax` never im
 from __future__ import annotations
 
 import json
+import traceback
 import warnings
 from pathlib import Path
 
@@ -274,15 +275,65 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
         raise ValueError(f"--include-path {include_path}: not a directory of task YAML files")
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
+    unreadable = _unreadable_task_files(include_path) if unknown and include_path is not None else []
+    if unreadable:  # the harness leaves such a file out, and its task is then unknown
+        raise ValueError(f"lm-eval has no task {unknown[0]!r}; --include-path {include_path} holds a task file that is "
+                         f"not valid YAML: {unreadable[0]}")
     if unknown:
         raise ValueError(f"lm-eval has no task {unknown[0]!r}; `lm-eval ls tasks` lists the tasks it knows "
                          f"(tasks of your own: --include-path DIR of task YAML files)")
     data, fsdp, tensor = mesh
     model = LlamaJaxLM(model_dir, batch_size=batch_size, max_length=max_length, dtype=dtype, data=data, fsdp=fsdp,
                        tensor=tensor, **({} if max_gen_toks is None else {"max_gen_toks": max_gen_toks}))
-    results = simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                              task_manager=manager, log_samples=log_samples)
+    try:
+        results = simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=manager, log_samples=log_samples)
+    except Exception as e:
+        if _raised_in_llama_jax(e):
+            raise
+        # the harness's own code failed: reading a task's config, data or templates (a task of one's own,
+        # or a dataset it cannot fetch), or scoring it
+        where = f" (tasks of your own: check their files under --include-path {include_path})" if include_path else ""
+        raise ValueError(f"lm-eval failed on the task(s) {', '.join(tasks)}: {_causes(e)}{where}") from e
     # the harness records a model object as its class name alone: say what was scored, and how
     results["config"] = {**results.get("config", {}), "model": NAME, "model_args": model.model_args,
                          "batch_size": model.batch_size}
     return results
+
+
+def _raised_in_llama_jax(error: BaseException) -> bool:
+    """Whether `error` was raised in this package's code called from the harness (the model's
+    methods): a failure of ours, whose traceback is wanted, rather than the harness's or a task's."""
+    package = Path(__file__).parent
+    frames = traceback.extract_tb(error.__traceback__)[1:]  # (the first: evaluate_tasks itself)
+    return any(Path(frame.filename).is_relative_to(package) for frame in frames)
+
+
+def _causes(error: BaseException) -> str:
+    """`error` and the errors that caused it, one line: "Type: first line (Cause: first line)"."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 4:
+        chain.append(chain[-1].__cause__)
+    text = [f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}" for e in chain]
+    return text[0] + "".join(f" ({t})" for t in text[1:])
+
+
+def _unreadable_task_files(include_path: str) -> list[str]:
+    """The task files under `include_path` that are not valid YAML, each as "FILE: problem (line N)".
+    Tags such as the harness's `!function` are accepted as they are."""
+    import yaml
+
+    class AnyTag(yaml.SafeLoader):
+        pass
+
+    AnyTag.add_multi_constructor("", lambda loader, suffix, node: None)
+    unreadable = []
+    for path in sorted(Path(include_path).rglob("*.y*ml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=AnyTag)  # noqa: S506 (a safe loader)
+        except yaml.MarkedYAMLError as e:
+            line = f" (line {e.problem_mark.line + 1})" if e.problem_mark is not None else ""
+            unreadable.append(f"{path}: {e.problem or e.context}{line}")
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            unreadable.append(f"{path}: {(str(e).splitlines() or [''])[0]}")
+    return unreadable

@@ -7,6 +7,7 @@ lm-eval tasks read from local JSON files."""
 import contextlib
 import functools
 import json
+import logging
 import math
 import re
 import sys
@@ -513,6 +514,39 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("llama-jax lm-eval: error: lm-eval has no task 'no_such_task'; `lm-eval ls tasks` lists the "
                        "tasks it knows (tasks of your own: --include-path DIR of task YAML files)")
+
+
+def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(model_dirs, tmp_path, capsys, offline):
+    """A task file that is not YAML, a data file that is not JSON Lines, a template naming a field
+    the documents lack: each stops lm-eval with one line naming it (no traceback), and no results
+    file is written."""
+    tasks = tmp_path / "tasks"
+    write_tasks(tasks, long_context="Loops")
+    (tasks / "broken.yaml").write_text("task: broken\n  : [\n")
+    (tasks / "bad_mc.jsonl").write_text((tasks / "mc.jsonl").read_text().replace('"answer"', 'oops', 1))
+    (tasks / "bad_data.yaml").write_text((tasks / "tiny_mc.yaml").read_text().replace("task: tiny_mc", "task: bad_data")
+                                         .replace("mc.jsonl", "bad_mc.jsonl"))
+    (tasks / "bad_field.yaml").write_text((tasks / "tiny_mc.yaml").read_text()
+                                          .replace("task: tiny_mc", "task: bad_field").replace("{{question}}", "{{qqq}}"))
+    out = tmp_path / "results.json"
+    for handler in logging.getLogger("datasets").handlers:  # bound to the stderr of the test that first used it
+        if isinstance(handler, logging.StreamHandler):
+            handler.stream = sys.stderr  # (setStream would flush the old one, closed)
+    expected = {
+        "broken": f"lm-eval has no task 'broken'; --include-path {tasks} holds a task file that is not valid YAML: "
+                  f"{tasks / 'broken.yaml'}: expected <block end>, but found '<block mapping start>' (line 2)",
+        "bad_data": "lm-eval failed on the task(s) bad_data: DatasetGenerationError: An error occurred while "
+                    "generating the dataset (ArrowInvalid: JSON parse error: ",
+        "bad_field": "lm-eval failed on the task(s) bad_field: UndefinedError: 'qqq' is undefined (tasks of your "
+                     f"own: check their files under --include-path {tasks})",
+    }
+    for task, message in expected.items():
+        assert main(["lm-eval", str(model_dirs[1]), "--tasks", task, "--include-path", str(tasks), "--limit", "2",
+                     "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"llama-jax lm-eval: error: {message}"), err
+        assert not out.exists()
 
 
 def test_a_continuation_merged_into_the_context_is_scored_as_the_pieces_it_changed(model_dirs):
