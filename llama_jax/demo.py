@@ -67,16 +67,29 @@ def unigram_baseline(result, config) -> float:
     return data_lib.unigram_perplexity(counts, list(evaluated))
 
 
-def export(workdir: Path) -> tuple[Path, Path]:
-    """The final checkpoint as a model directory and as a Hugging Face directory (replaced when a
-    finished demo runs again)."""
+def export(workdir: Path, result) -> tuple[Path, Path, bool]:
+    """The final checkpoint as a model directory and as a Hugging Face directory; the third value
+    says whether they were written now. A finished demo given again keeps the exports it made of
+    that checkpoint (and what was added to them since, such as eval.json); a demo that trained
+    further replaces them."""
     from llama_jax.convert.pipeline import convert
     from llama_jax.run import export_model
 
     model_dir, hf_dir = workdir / "model", workdir / "hf"
+    if _exported_after(workdir / "checkpoints" / str(result.final_step), model_dir, hf_dir) and \
+            not any("loss" in record for record in result.logged):  # nothing trained this time
+        return model_dir, hf_dir, False
     export_model(workdir, model_dir, overwrite=True)
     convert("jax", model_dir, "hf", hf_dir, overwrite=True, progress=False)
-    return model_dir, hf_dir
+    return model_dir, hf_dir, True
+
+
+def _exported_after(checkpoint: Path, model_dir: Path, hf_dir: Path) -> bool:
+    """Whether both exports were written after `checkpoint` was (a directory is written whole or
+    not at all, so a config file in each dates it)."""
+    configs = [model_dir / "model_config.json", hf_dir / "config.json"]
+    return checkpoint.is_dir() and all(c.is_file() and c.stat().st_mtime > checkpoint.stat().st_mtime
+                                       for c in configs)
 
 
 def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
@@ -104,8 +117,9 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
     print("\n".join(summary_lines(result, workdir, baseline)))
     if result.sample is not None:
         print(f"sample (temperature 0.8, top-k 40): {config.train.sample_prompt}{result.sample}")
-    model_dir, hf_dir = export(workdir)
-    print(f"\nexported the final checkpoint: {model_dir} (llama_jax) and {hf_dir} (Hugging Face); in transformers:")
+    model_dir, hf_dir, written = export(workdir, result)
+    print(f"\n{'exported' if written else 'exported earlier,'} the final checkpoint: {model_dir} (llama_jax) and "
+          f"{hf_dir} (Hugging Face); in transformers:")
     print(f'    transformers.AutoModelForCausalLM.from_pretrained("{hf_dir}")')
     # 64 tokens, fewer where the model's context has no room for them after the prompt
     tokenizer = result.data.tokenizer

@@ -163,16 +163,22 @@ class MetricsWriter:
     def __init__(self, logdir: str | os.PathLike, first_step: int = 1):
         self.active = jax.process_index() == 0
         self._file = None
-        self._tb = None
+        self._tb = self._tensorboardx = None
         if not self.active:
             return
         os.makedirs(logdir, exist_ok=True)
         path = os.path.join(logdir, "metrics.jsonl")
         end_cut_line(path)
         self._file = open(path, "a")
-        tensorboardx = _import_tensorboardx()
-        if tensorboardx is not None:
-            self._tb = tensorboardx.SummaryWriter(os.fspath(logdir), purge_step=first_step)
+        self._tensorboardx = _import_tensorboardx()
+        self._tb_settings = dict(logdir=os.fspath(logdir), purge_step=first_step)
+
+    def _tensorboard(self):
+        """The TensorBoard writer, made at the first record (a run that logs nothing, such as one
+        given again once finished, leaves no empty event file), or None without tensorboardX."""
+        if self._tb is None and self._tensorboardx is not None:
+            self._tb = self._tensorboardx.SummaryWriter(**self._tb_settings)
+        return self._tb
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Record `metrics` for `step` (one line, flushed at once)."""
@@ -182,11 +188,12 @@ class MetricsWriter:
         record = {"step": int(step), **{k: _finite_or_none(v) for k, v in values.items()}}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
-        if self._tb is not None:
+        tb = self._tensorboard()
+        if tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, int(step))
-            self._tb.flush()
+                    tb.add_scalar(key, value, int(step))
+            tb.flush()
 
     def close(self) -> None:
         if self._file is not None:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -129,6 +130,15 @@ def test_metrics_writer_writes_one_json_line_per_call(tmp_path):
     assert records[1] == {"step": 2, "loss": 2.25}
     assert records[2] == {"step": 3, "loss": None, "grad_norm": None, "lr": 1e-4}  # null: not finite
     assert lines[2] == '{"step": 3, "loss": null, "grad_norm": null, "lr": 0.0001}'
+    def event_files():
+        return {p.name: p.stat().st_size for p in tmp_path.glob("events.out.tfevents.*")}
+
+    written = event_files()
+    assert written  # TensorBoard's scalars
+    time.sleep(1.1)  # (a writer's file is named by the second it is made in)
+    with MetricsWriter(tmp_path):  # a run given again once finished logs nothing: no empty event file
+        pass
+    assert event_files() == written
 
 
 @pytest.mark.parametrize("cut", ['{"step": 2, "lo', '{"step": 2, "loss": 2.5}'])

@@ -552,8 +552,17 @@ def test_demo_runs_resumes_and_reports(tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(LLaMA(cfg).apply({"params": params}, tokens)), expected, atol=1e-4)
     assert f'from_pretrained("{workdir / "hf"}")' in out
 
+    (workdir / "model" / "eval.json").write_text("{}")  # as `llama-jax eval runs/demo/model` leaves it
+    events = sorted(workdir.glob("events.out.tfevents.*"))
     assert main(args) == 0  # the finished run resumes at its last step and reports the same evaluation
-    assert held_line in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    assert held_line in out.splitlines()
+    assert "exported earlier, the final checkpoint:" in out  # the exports of step 40 are kept, with what was added
+    assert (workdir / "model" / "eval.json").is_file() and sorted(workdir.glob("events.out.tfevents.*")) == events
+    assert main([a.replace("steps=40", "steps=45") for a in args]) == 0  # trained further: exported again
+    assert "\nexported the final checkpoint:" in capsys.readouterr().out
+    assert not (workdir / "model" / "eval.json").exists()
+    assert not np.array_equal(load_model(workdir / "model")[1]["final_norm"]["scale"], params["final_norm"]["scale"])
 
 
 def test_the_demo_fits_its_greedy_continuation_and_reports_its_failure(tmp_path, monkeypatch, capsys):
