@@ -56,7 +56,7 @@ def broken_link(path: str | os.PathLike) -> str | None:
         return None
     try:
         os.stat(link)
-        ending = "which does not exist"
+        ending = "which does not exist"  # (made since: a race, named as it was)
     except OSError as e:
         ending = "which loops back to itself" if e.errno == errno.ELOOP else "which does not exist"
     where = f"{path}" if link == absolute else f"{path}: {link}"
@@ -99,8 +99,9 @@ def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
     """The absolute `path` if a folder may be made (or is) there: no file at or above it, and not
     inside a run's checkpoints; ValueError naming `option` otherwise (`what`: what the directory is
     for, as the message ends: "give a directory {what}")."""
-    if broken_link(path) is not None:
-        raise ValueError(f"{option} {broken_link(path)}; give a directory {what}")
+    leads_nowhere = broken_link(path)
+    if leads_nowhere:
+        raise ValueError(f"{option} {leads_nowhere}; give a directory {what}")
     given, path = path, Path(path).absolute()
     blocking = file_in_the_way(path)
     if blocking is not None:
@@ -231,8 +232,9 @@ def check_writable(path: str | os.PathLike, option: str, into: bool = False) -> 
     directory this process may write (not on a read-only file system, not immutable).
     `into`: `path` is a directory written into, checked itself when it exists."""
     path = Path(path).absolute()
-    if broken_link(path) is not None:
-        raise ValueError(f"{option} {broken_link(path)}; remove the link or choose another {option}")
+    leads_nowhere = broken_link(path)
+    if leads_nowhere:
+        raise ValueError(f"{option} {leads_nowhere}; remove the link or choose another {option}")
     existing = next(p for p in ([path] if into else []) + list(path.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"{option} {path}: {existing} is a file, not a directory")

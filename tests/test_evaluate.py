@@ -524,10 +524,9 @@ def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(mo
     write_tasks(tasks, long_context="Loops")
     (tasks / "broken.yaml").write_text("task: broken\n  : [\n")
     (tasks / "bad_mc.jsonl").write_text((tasks / "mc.jsonl").read_text().replace('"answer"', 'oops', 1))
-    (tasks / "bad_data.yaml").write_text((tasks / "tiny_mc.yaml").read_text().replace("task: tiny_mc", "task: bad_data")
-                                         .replace("mc.jsonl", "bad_mc.jsonl"))
-    (tasks / "bad_field.yaml").write_text((tasks / "tiny_mc.yaml").read_text()
-                                          .replace("task: tiny_mc", "task: bad_field").replace("{{question}}", "{{qqq}}"))
+    mc = (tasks / "tiny_mc.yaml").read_text()
+    (tasks / "bad_data.yaml").write_text(mc.replace("tiny_mc", "bad_data").replace("mc.jsonl", "bad_mc.jsonl"))
+    (tasks / "bad_field.yaml").write_text(mc.replace("tiny_mc", "bad_field").replace("{{question}}", "{{qqq}}"))
     out = tmp_path / "results.json"
     for handler in logging.getLogger("datasets").handlers:  # bound to the stderr of the test that first used it
         if isinstance(handler, logging.StreamHandler):
