@@ -318,18 +318,7 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             overrides.append(item)
         else:
             rest.append(arg)
-    _check_each_key_once(overrides)
     return rest, overrides
-
-
-def _check_each_key_once(overrides: list[str]) -> None:
-    """UserError for a key overridden twice: which value the user meant is not known."""
-    seen = {}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        if key.strip() in seen:
-            raise UserError(f"--config.{key.strip()} given twice ({seen[key.strip()]!r} and {value!r}); give it once")
-        seen[key.strip()] = value
 
 
 def _attach_mesh_values(argv: list[str]) -> list[str]:

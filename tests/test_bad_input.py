@@ -70,8 +70,6 @@ CASES = [
     Case("train-override-without-value", NEW_RUN + " --config.train.seq_len", r"--config.train.seq_len: missing value"),
     Case("train-override-value-forgotten", NEW_RUN + " --config.train.sample_prompt --config.train.steps=2",
          r"--config.train.sample_prompt: missing value"),  # not the next override taken as its text
-    Case("train-override-twice", NEW_RUN + " --config.train.seq_len=16 --config.train.seq_len 32",
-         r"--config.train.seq_len given twice \('16' and '32'\); give it once"),
     Case("train-nan", NEW_RUN + " --config.optimizer.lr=nan", r"config key optimizer.lr: nan is not a finite number"),
     Case("train-lr-beyond-float32", NEW_RUN + " --config.optimizer.lr=1e39",
          r"config key optimizer.lr: 1e\+39 is beyond float32's range"),
