@@ -86,9 +86,10 @@ def export(workdir: Path, result) -> tuple[Path, Path, bool]:
 
 def _exported_after(checkpoint: Path, model_dir: Path, hf_dir: Path) -> bool:
     """Whether both exports were written after `checkpoint` was (a directory is written whole or
-    not at all, so a config file in each dates it)."""
+    not at all, so a config file in each dates it; the same time, on a file system that keeps
+    whole seconds, counts as after: the export follows its checkpoint)."""
     configs = [model_dir / "model_config.json", hf_dir / "config.json"]
-    return checkpoint.is_dir() and all(c.is_file() and c.stat().st_mtime > checkpoint.stat().st_mtime
+    return checkpoint.is_dir() and all(c.is_file() and c.stat().st_mtime >= checkpoint.stat().st_mtime
                                        for c in configs)
 
 

@@ -277,8 +277,8 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     unreadable = _unreadable_task_files(include_path) if unknown and include_path is not None else []
     if unreadable:  # the harness leaves such a file out, and its task is then unknown
-        raise ValueError(f"lm-eval has no task {unknown[0]!r}; --include-path {include_path} holds a task file that is "
-                         f"not valid YAML: {unreadable[0]}")
+        raise ValueError(f"lm-eval has no task {unknown[0]!r}; --include-path {include_path} holds a file that is not "
+                         f"valid YAML, whose tasks the harness left out: {unreadable[0]}")
     if unknown:
         raise ValueError(f"lm-eval has no task {unknown[0]!r}; `lm-eval ls tasks` lists the tasks it knows "
                          f"(tasks of your own: --include-path DIR of task YAML files)")
@@ -302,11 +302,19 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
 
 
 def _raised_in_llama_jax(error: BaseException) -> bool:
-    """Whether `error` was raised in this package's code called from the harness (the model's
-    methods): a failure of ours, whose traceback is wanted, rather than the harness's or a task's."""
-    package = Path(__file__).parent
-    frames = traceback.extract_tb(error.__traceback__)[1:]  # (the first: evaluate_tasks itself)
-    return any(Path(frame.filename).is_relative_to(package) for frame in frames)
+    """Whether `error` comes from this package's code (the model's methods the harness calls), a
+    failure of ours whose traceback is wanted, rather than from the harness's code (reading a
+    task, or the settings it hands the model): which of the two holds the innermost frame of its
+    traceback that is either's (code both call, such as NumPy's, raises for its caller)."""
+    import lm_eval
+
+    ours, harness = Path(__file__).parent, Path(lm_eval.__file__).parent
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if Path(frame.filename).is_relative_to(ours):
+            return True
+        if Path(frame.filename).is_relative_to(harness):
+            return False
+    return False
 
 
 def _causes(error: BaseException) -> str:
@@ -319,8 +327,9 @@ def _causes(error: BaseException) -> str:
 
 
 def _unreadable_task_files(include_path: str) -> list[str]:
-    """The task files under `include_path` that are not valid YAML, each as "FILE: problem (line N)".
-    Tags such as the harness's `!function` are accepted as they are."""
+    """The task files under `include_path` (`*.yaml`, as the harness finds them) that are not valid
+    YAML, each as "FILE: problem (line N)"; the harness leaves them out. Tags such as its
+    `!function` are accepted as they are."""
     import yaml
 
     class AnyTag(yaml.SafeLoader):
@@ -328,7 +337,7 @@ def _unreadable_task_files(include_path: str) -> list[str]:
 
     AnyTag.add_multi_constructor("", lambda loader, suffix, node: None)
     unreadable = []
-    for path in sorted(Path(include_path).rglob("*.y*ml")):
+    for path in sorted(p for p in Path(include_path).rglob("*.yaml") if p.is_file()):
         try:
             yaml.load(path.read_text(encoding="utf-8"), Loader=AnyTag)  # noqa: S506 (a safe loader)
         except yaml.MarkedYAMLError as e:
@@ -336,4 +345,6 @@ def _unreadable_task_files(include_path: str) -> list[str]:
             unreadable.append(f"{path}: {e.problem or e.context}{line}")
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             unreadable.append(f"{path}: {(str(e).splitlines() or [''])[0]}")
+        except OSError:  # unreadable: the harness cannot read it either
+            continue
     return unreadable

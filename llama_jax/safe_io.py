@@ -43,7 +43,7 @@ def file_in_the_way(path: Path, itself: bool = True) -> Path | None:
 
 def real_path(path: str | os.PathLike) -> Path:
     """`path` with its symbolic links followed (`Path.resolve`, which raises RuntimeError for a
-    loop of links before Python 3.13; a link that leads nowhere is named by `check_writable`)."""
+    loop of links before Python 3.13; `broken_link` names a link that leads nowhere)."""
     return Path(os.path.realpath(path))
 
 

@@ -518,8 +518,8 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
 
 def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(model_dirs, tmp_path, capsys, offline):
     """A task file that is not YAML, a data file that is not JSON Lines, a template naming a field
-    the documents lack: each stops lm-eval with one line naming it (no traceback), and no results
-    file is written."""
+    the documents lack, a generation setting of the wrong type: each stops lm-eval with one line
+    naming it (no traceback), and no results file is written."""
     tasks = tmp_path / "tasks"
     write_tasks(tasks, long_context="Loops")
     (tasks / "broken.yaml").write_text("task: broken\n  : [\n")
@@ -527,17 +527,22 @@ def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(mo
     mc = (tasks / "tiny_mc.yaml").read_text()
     (tasks / "bad_data.yaml").write_text(mc.replace("tiny_mc", "bad_data").replace("mc.jsonl", "bad_mc.jsonl"))
     (tasks / "bad_field.yaml").write_text(mc.replace("tiny_mc", "bad_field").replace("{{question}}", "{{qqq}}"))
+    (tasks / "bad_setting.yaml").write_text((tasks / "tiny_gen.yaml").read_text().replace("tiny_gen", "bad_setting")
+                                            .replace("max_gen_toks: 12", "max_gen_toks: [12]"))
     out = tmp_path / "results.json"
     for handler in logging.getLogger("datasets").handlers:  # bound to the stderr of the test that first used it
         if isinstance(handler, logging.StreamHandler):
             handler.stream = sys.stderr  # (setStream would flush the old one, closed)
     expected = {
-        "broken": f"lm-eval has no task 'broken'; --include-path {tasks} holds a task file that is not valid YAML: "
-                  f"{tasks / 'broken.yaml'}: expected <block end>, but found '<block mapping start>' (line 2)",
+        "broken": f"lm-eval has no task 'broken'; --include-path {tasks} holds a file that is not valid YAML, whose "
+                  f"tasks the harness left out: {tasks / 'broken.yaml'}: expected <block end>, but found "
+                  f"'<block mapping start>' (line 2)",
         "bad_data": "lm-eval failed on the task(s) bad_data: DatasetGenerationError: An error occurred while "
                     "generating the dataset (ArrowInvalid: JSON parse error: ",
         "bad_field": "lm-eval failed on the task(s) bad_field: UndefinedError: 'qqq' is undefined (tasks of your "
                      f"own: check their files under --include-path {tasks})",
+        # the harness reads the setting while the model's generate_until asks for it: still the task's error
+        "bad_setting": "lm-eval failed on the task(s) bad_setting: TypeError: int() argument must be ",
     }
     for task, message in expected.items():
         assert main(["lm-eval", str(model_dirs[1]), "--tasks", task, "--include-path", str(tasks), "--limit", "2",
