@@ -225,9 +225,25 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if not _same_value(_value_at(config, key), value):
             raise ValueError(f"--config.{changed_by[key]} also changed {key}, which the config file links to it "
                              f"(get_ref), so --config.{item} cannot hold; give only one of them")
+    _check_linked_values(config)
     _check_mapping_names(config)
     check_finite(config)
     return config
+
+
+def _check_linked_values(section: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """ValueError naming the first key whose value, computed from keys the config file links it to
+    (`get_ref` arithmetic), cannot be computed with the values given (a division by zero, say)."""
+    for name in section.keys():
+        key = f"{prefix}{name}"
+        try:
+            value = section[name]
+        except Exception as e:  # the config file's own expression, evaluated now
+            raise ValueError(f"config key {key}, which the config file computes from other keys (get_ref), cannot be "
+                             f"computed with the values given ({type(e).__name__}: {e}); check the overrides of the "
+                             f"keys it is computed from") from None
+        if isinstance(value, ml_collections.ConfigDict):
+            _check_linked_values(value, f"{key}.")
 
 
 def _check_mapping_names(config: ml_collections.ConfigDict) -> None:
@@ -258,11 +274,18 @@ def check_finite(config: ml_collections.ConfigDict) -> None:
     """ValueError naming the first key (dotted) whose value is a NaN or infinite number, or a
     fractional number beyond float32's range (training computes in float32)."""
     for key, value in _leaves(config, ""):
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(value) > FLOAT32_MAX:
+            raise _huge_whole_number(key, value)  # (math.isfinite cannot take it)
         if isinstance(value, numbers.Real) and not math.isfinite(value):
             raise ValueError(f"config key {key}: {value} is not a finite number")
         if isinstance(value, float) and not in_float32_range(value):
             raise ValueError(f"config key {key}: {value} is beyond float32's range (|x| <= {FLOAT32_MAX:.1e}); give a "
                              "value of a usual size")
+
+
+def _huge_whole_number(key: str, value: int) -> ValueError:
+    return ValueError(f"config key {key}: a whole number of {len(str(abs(value)))} digits is beyond float32's range "
+                      f"(|x| <= {FLOAT32_MAX:.1e}); give a value of a usual size")
 
 
 MAX_TOKENS_PER_STEP = 2**31  # tokens per step: far above any real run (LLaMA 3 405B: 16M); catches a typo early
@@ -476,7 +499,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
             raise ValueError(f"config key {key!r} is {type(current).__name__}, got {text!r} "
                              f"({type(value).__name__}){hint}")
         if isinstance(current, float):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # a whole number too large for a float
+                raise _huge_whole_number(key, value) from None
         if isinstance(current, tuple):
             value = tuple(value)
     with node.ignore_type():

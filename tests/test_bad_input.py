@@ -71,6 +71,10 @@ CASES = [
     Case("train-override-value-forgotten", NEW_RUN + " --config.train.sample_prompt --config.train.steps=2",
          r"--config.train.sample_prompt: missing value"),  # not the next override taken as its text
     Case("train-nan", NEW_RUN + " --config.optimizer.lr=nan", r"config key optimizer.lr: nan is not a finite number"),
+    Case("train-steps-beyond-a-float", NEW_RUN + " --config.train.steps=1" + "0" * 309,
+         r"config key train.steps: a whole number of 310 digits is beyond float32's range"),
+    Case("train-lr-a-whole-number-beyond-a-float", NEW_RUN + " --config.optimizer.lr=1" + "0" * 309,
+         r"config key optimizer.lr: a whole number of 310 digits is beyond float32's range"),
     Case("train-lr-beyond-float32", NEW_RUN + " --config.optimizer.lr=1e39",
          r"config key optimizer.lr: 1e\+39 is beyond float32's range"),
     Case("train-rope-theta-beyond-float32", NEW_RUN + " --config.model.rope_theta=1e39",

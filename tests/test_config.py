@@ -335,6 +335,16 @@ def test_a_config_files_own_forms(tmp_path):
     with pytest.raises(ValueError, match=r"^--config.checkpoint.every=30 also changed train.steps, .* so "
                                          r"--config.train.steps=100 cannot hold"):
         load_config(tmp_path / "mine.py", ["train.steps=100", "checkpoint.every=100", "checkpoint.every=30"])
+    # a key computed from others fails only with the values given: named, not a traceback from ml_collections
+    (tmp_path / "computed.py").write_text(
+        "from mine import get_config as mine\n\n\ndef get_config():\n    config = mine()\n"
+        "    config.optimizer.warmup_steps = config.train.get_ref('steps') // config.train.get_ref('grad_accum')\n"
+        "    return config\n")
+    assert load_config(tmp_path / "computed.py", ["train.grad_accum=4"]).optimizer.warmup_steps == 10
+    with pytest.raises(ValueError, match=r"^config key optimizer.warmup_steps, which the config file computes from "
+                                         r"other keys \(get_ref\), cannot be computed with the values given "
+                                         r"\(ZeroDivisionError: integer division or modulo by zero\)"):
+        load_config(tmp_path / "computed.py", ["train.grad_accum=0"])
     assert str(tmp_path) not in sys.path
 
 
