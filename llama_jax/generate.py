@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import backend_tuning
-from llama_jax.config import LLaMAConfig, is_int
+from llama_jax.config import FLOAT32_MAX, LLaMAConfig, in_float32_range, is_int
 from llama_jax.model import KVCache, LLaMA, abstract_params, check_params, join_qkv, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
 from llama_jax.tokenizer import Tokenizer
@@ -70,7 +70,8 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
         sorted_desc = jnp.where(in_top_k, jnp.sort(scaled, axis=-1)[:, ::-1], -jnp.inf)
         probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
         mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
-        keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
+        most_likely = jnp.arange(V) == 0  # kept even where top_p is 0 in float32 (1e-300)
+        keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0) | most_likely)
         smallest_kept = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(scaled < smallest_kept, -jnp.inf, scaled)
 
@@ -185,6 +186,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
     if not (_is_real(temperature) and 0 <= float(temperature) < math.inf):  # also false for NaN
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if not in_float32_range(temperature):  # logits are divided by it in float32
+        raise ValueError(f"temperature must be at most {FLOAT32_MAX:.1e} (float32's range), got {temperature!r}")
     if top_k is not None and not (is_int(top_k) and int(top_k) >= 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not (_is_real(top_p) and 0 < float(top_p) <= 1):

@@ -267,6 +267,15 @@ def test_sample_logits_takes_none_for_no_filter():
     np.testing.assert_array_equal(sample_logits(logits, key, 0.9, None, None), sample_logits(logits, key, 0.9, 50, 1.0))
 
 
+def test_a_top_p_below_float32s_smallest_keeps_the_most_likely_token():
+    """top_p = 1e-300 is 0 in float32, where no token's preceding mass is below it: the most
+    likely token stays all the same (the nucleus was empty, and every draw picked token 0)."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)), jnp.float32)
+    for seed in range(3):
+        picked = sample_logits(logits, jax.random.key(seed), 0.9, None, jnp.float32(1e-300))
+        np.testing.assert_array_equal(picked, np.argmax(np.asarray(logits), axis=-1))
+
+
 def test_greedy_picks_as_argmax_does():
     """Temperature 0 picks what `argmax` picks: the first of tied maxima, the first NaN of a row
     holding one, index 0 of a row that is all -inf or all +inf."""
@@ -312,6 +321,7 @@ def test_numpy_and_jax_scalars_are_accepted(gqa):
     (dict(temperature=-0.1), "temperature"),
     (dict(temperature=float("nan")), r"temperature must be a finite number >= 0 \(0 is greedy\), got nan"),
     (dict(temperature=float("inf")), r"temperature must be a finite number >= 0 \(0 is greedy\), got inf"),
+    (dict(temperature=1e308), r"temperature must be at most 3.4e\+38 \(float32's range\), got 1e\+308"),
     (dict(top_p=float("nan")), r"top_p must be in \(0, 1\] or None, got nan"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
