@@ -978,6 +978,9 @@ def _is_count(value: Any) -> bool:
 def _open_split(path: Path, split: str, summary: dict, dtype: np.dtype) -> PreparedSplit:
     records, documents, tokens = [], 0, 0
     for name in summary["shards"]:
+        if Path(name).name != name or name in ("", ".", ".."):  # a path: files that are not this directory's
+            raise ValueError(f"{path / MANIFEST}: split {split} lists the shard {name!r}, which is not the name of a "
+                             f"file in {path}; prepare the data again")
         record = _read_json(path / f"{name}.json")
         try:
             first, count, length = record["first_document"], record["documents"], record["tokens"]

@@ -335,6 +335,13 @@ def damaged_copy(reference: Path, case: Path, damage: str) -> Path:
         data = bytearray((out / "held_out-00000.tokens.bin").read_bytes())
         data[10] ^= 1
         (out / "held_out-00000.tokens.bin").write_bytes(bytes(data))
+    elif damage == "shards-elsewhere":  # the shards of another prepared directory, whose hashes match
+        manifest = json.loads((out / "manifest.json").read_text())
+        train = manifest["splits"]["train"]
+        train["shards"] = [str(reference / name) for name in train["shards"]]
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        for own in out.glob("train-*"):
+            own.unlink()
     return out
 
 
@@ -392,6 +399,9 @@ CASES = [
      r"\S+/train-00002.index.npy is missing; prepare the data again"),
     ("damaged-shard", ["prepare-data", "--verify", "--output", "{flip}"],
      r"\S+/held_out-00000.tokens.bin does not match the sha256 recorded in held_out-00000.json"),
+    ("shards-elsewhere", ["prepare-data", "--verify", "--output", "{shards-elsewhere}"],
+     r"\S+/manifest.json: split train lists the shard '\S+/ref/train-00000', which is not the name of a file in "
+     r"\S+/prepared; prepare the data again"),
 ]
 
 
@@ -410,7 +420,7 @@ def test_bad_input_is_one_line_and_writes_nothing(args, error, inputs, reference
     (owners / "model" / "model_config.json").write_text("{}")
     paths = {"config": inputs["config"], "case": case, "reference": reference, "other": inputs["other"],
              "run": owners / "run", "model": owners / "model"}
-    for damage in ("truncate", "remove-index", "remove-manifest", "flip"):
+    for damage in ("truncate", "remove-index", "remove-manifest", "flip", "shards-elsewhere"):
         if any("{" + damage + "}" in a for a in args):
             paths[damage] = damaged_copy(reference, case, damage)
     argv = [re.sub(r"\{([\w-]+)\}", lambda m: str(paths[m.group(1)]), a) for a in args]
