@@ -51,6 +51,7 @@ from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, pe
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
 SET_ASIDE_DIR = "checkpoints-set-aside"  # checkpoints after a --resume-from step, metrics after a resumed step
 METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
 # Steps the loop may dispatch ahead of the computation. JAX's asynchronous dispatch would otherwise
 # let it run tens of steps ahead between logged steps, and a SIGTERM (a preemption notice) would
 # then save only once all of those were computed.
@@ -390,7 +391,7 @@ def set_aside_after(workdir: Path, step: int) -> list[Path]:
 # The tokenizer and generation files of the model a fine-tune started from (its end-of-sequence ids,
 # Hugging Face tokenizer settings), which `export` writes with the run's parameters.
 MODEL_TOKENIZER_DIR = "tokenizer_files"
-RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, "loss.png", PROGRESS_FILE, DATA_DIR,
+RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, LOSS_PLOT, PROGRESS_FILE, DATA_DIR,
              MODEL_TOKENIZER_DIR)
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
@@ -405,9 +406,11 @@ def check_workdir(workdir: Path) -> None:
     if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
         raise RunError(f"--workdir {workdir}: {workdir / 'checkpoints'} is a file; a run keeps its checkpoints in "
                        f"that directory, so move the file away or use another --workdir")
-    if (workdir / METRICS_FILE).exists() and not (workdir / METRICS_FILE).is_file():
-        raise RunError(f"--workdir {workdir}: {workdir / METRICS_FILE} is not a file; a run appends its metrics "
-                       f"there, so move it away or use another --workdir")
+    for name, use in ((METRICS_FILE, "appends its metrics"), (LOSS_PLOT, "plots its losses"),
+                      (PROGRESS_FILE, "records its progress")):  # (before the run, not once it has trained)
+        if (workdir / name).exists() and not (workdir / name).is_file():
+            raise RunError(f"--workdir {workdir}: {workdir / name} is not a file; a run {use} there, so move it away "
+                           f"or use another --workdir")
     if not workdir.exists() or holds_run(workdir):
         return
     check_run_config(workdir, "use another --workdir")
@@ -913,7 +916,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         recorded = record_progress(workdir, recorded)
         writer.close()  # the log complete, for the plot
         if main_process and (workdir / METRICS_FILE).exists():
-            plot_losses(workdir / METRICS_FILE, workdir / "loss.png")
+            plot_losses(workdir / METRICS_FILE, workdir / LOSS_PLOT)
     except BaseException as error:
         # a computation that failed in a multi-process run may have lost a process: then an async
         # save in flight cannot pass Orbax's barrier, and waiting for it would hang (the previous

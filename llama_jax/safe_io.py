@@ -307,6 +307,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     `path` in one rename, so a reader (or a later run) never sees half a file. Otherwise it is
     removed and `path` is left as it was."""
     path = Path(path)
+    if path.is_dir() and not path.is_symlink():  # the rename would fail once the file is written
+        raise ValueError(f"{path} is a directory, where a file is written; move it away")
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp

@@ -940,3 +940,13 @@ def test_a_read_interrupted_by_a_signal_is_not_taken_for_damage(pristine_run, mo
                 checkpoints.run_info(4)
     finally:
         checkpoints.close()
+
+
+def test_a_file_written_whole_is_refused_where_a_directory_stands(tmp_path):
+    """(`sweep --report` with a results.csv directory failed with the rename's raw errno line.)"""
+    from llama_jax.safe_io import write_text_atomic
+
+    (tmp_path / "results.csv").mkdir()
+    with pytest.raises(ValueError, match=r"results.csv is a directory, where a file is written; move it away$"):
+        write_text_atomic(tmp_path / "results.csv", "a,b\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temporary file left

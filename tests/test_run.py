@@ -418,6 +418,7 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("sample longer than the model", r"train.sample_prompt \(\d+ tokens with BOS\) \+ train.sample_tokens \(127\) = "
                                      r"\d+ exceeds the model's max_seq_len \(128\)"),
     ("metrics log a directory", r"run/metrics.jsonl is not a file; a run appends its metrics there"),
+    ("loss plot a directory", r"run/loss.png is not a file; a run plots its losses there"),
     ("profile directory a file", r"run/profile is a file; train.profile_steps writes its traces into that "
                                  r"directory, so move the file away or set train.profile_steps=0"),
 ])
@@ -449,13 +450,15 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "other batch size on resume": ["train.batch_size=16"],
         "sample longer than the model": ["train.sample_tokens=127", "train.sample_prompt=def"],
         "metrics log a directory": [],
+        "loss plot a directory": [f"train.steps={STEPS + 2}"],  # steps left to train
         "profile directory a file": ["train.profile_steps=2", f"train.steps={STEPS + 2}"],  # steps left to train
     }[case]
     if case == "profile directory a file":
         (workdir / "profile").write_text("notes\n")
-    if case == "metrics log a directory":  # (it failed with a raw errno line after the first logged step)
-        (workdir / "metrics.jsonl").unlink()
-        (workdir / "metrics.jsonl").mkdir()
+    if case in ("metrics log a directory", "loss plot a directory"):  # (each failed with a raw errno line once
+        name = "metrics.jsonl" if case.startswith("metrics") else "loss.png"  # the run had trained)
+        (workdir / name).unlink()
+        (workdir / name).mkdir()
     if case in ("corrupt tokenizer", "empty dataset", "missing init_from", "init_from of another shape",
                 "init_from preset under the config's own shape", "sample longer than the model"):  # a new run
         workdir = tmp_path / "fresh"
