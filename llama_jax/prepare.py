@@ -42,10 +42,8 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -55,7 +53,8 @@ from typing import Any, Callable
 import numpy as np
 
 from llama_jax.data import DOCUMENT_SOURCES, make_source, read_documents, split_indices
-from llama_jax.safe_io import (DirectoryBusy, DirectoryLock, check_writable, file_in_the_way, sha256_file,
+from llama_jax.safe_io import (DirectoryBusy, DirectoryLock, check_writable, file_in_the_way,
+                               finish_for_dead_processes, owned_temp_directory, scratch_path, sha256_file,
                                write_text_atomic)
 from llama_jax.tokenizer import load_tokenizer, tokenizer_file, train_sentencepiece
 
@@ -70,7 +69,7 @@ CHUNK_DOCUMENTS = 4096  # most documents in one chunk
 CHUNKS_PER_WORKER = 2  # chunks in flight per worker: the main process reads no further ahead than this
 PAUSE_ENV = "LLAMA_JAX_PREPARE_SHARD_PAUSE"
 _SHARD_FILE = re.compile(r"(train|held_out)-\d{5}\.(tokens\.bin|index\.npy|json)(\.tmp)?")
-_ATOMIC_TEMP = re.compile(r"\.(.+)\.tmp-[0-9a-f]{8}")
+_ATOMIC_TEMP = re.compile(r"\.(.+?)\.tmp-(?:.+-\d+-)?[0-9a-f]{8}")  # `safe_io.atomic_file`'s (HOST-PID- since 12-05)
 _DOCUMENT_KEYS = {"text": ("files", "text_key"), "jsonl": ("files", "text_key"),
                   "tfds": ("tfds_name", "tfds_split", "tfds_eval_split", "data_dir", "text_key")}
 
@@ -270,7 +269,7 @@ def _train_tokenizer(corpus: Corpus, vocab_size: int, progress: bool) -> Path:
     """A SentencePiece model trained on the train split, in a new temporary directory."""
     count = len(corpus.indices["train"])
     _say(progress, f"training a {vocab_size}-piece SentencePiece tokenizer on the {count} training documents")
-    path = Path(tempfile.mkdtemp(prefix="llama-jax-tokenizer-")) / TOKENIZER
+    path = owned_temp_directory("llama-jax-tokenizer-") / TOKENIZER  # (a killed process's, removed by the next)
     try:
         train_sentencepiece((text for _, text in corpus.documents("train")), path, vocab_size)
         load_tokenizer(path)
@@ -521,6 +520,7 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
     if not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise ValueError(f"shard_tokens={shard_tokens!r}; give a positive number of tokens per shard")
     state = _directory_state(out)
+    finish_for_dead_processes(out.absolute())  # a staging directory beside it that a killed `_start` left
     if state == "finished":
         manifest = check_prepared(out, data_config, None, f"{elsewhere} (a prepared directory is never overwritten)",
                                   again=f"remove {out} to prepare it again, or {elsewhere}")
@@ -661,7 +661,7 @@ def _start(out: Path, data_config, request: TokenizerChoice, corpus: Corpus, sha
                   "splits": {split: len(corpus.indices[split]) for split in SPLITS},
                   **({"corpus_sha256": corpus.sha256} if corpus.sha256 else {})}
         out.parent.mkdir(parents=True, exist_ok=True)
-        stage = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
+        stage = scratch_path(out, "tmp")
         stage.mkdir()
         shutil.copyfile(source, stage / TOKENIZER)
         _write_json(stage / PREPARING, record)

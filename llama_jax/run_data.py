@@ -17,10 +17,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import shutil
-import socket
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -38,7 +35,6 @@ from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
 DATA_DIR = "data"  # WORKDIR/data: a raw source prepared for the run
 STAGING_PREFIX = "llama-jax-data-"  # temporary directory of data prepared for a run that has not started
-STAGING_OWNER = "owner"  # in a staging directory: "HOST PID" of the process preparing into it
 
 
 class RunError(ValueError):
@@ -105,21 +101,11 @@ def _move_into_place(staged: Path, final: Path) -> None:
 
 
 def staging_directory() -> Path:
-    """A new temporary directory to prepare a run's data in, recording which process owns it.
-    First removes those that processes killed outright (SIGKILL, out of memory) left behind on
-    this host: directories of this user whose owner no longer runs."""
-    for directory in Path(tempfile.gettempdir()).glob(STAGING_PREFIX + "*"):
-        try:
-            host, pid = (directory / STAGING_OWNER).read_text().split()
-            if host == socket.gethostname() and directory.stat().st_uid == os.getuid():
-                os.kill(int(pid), 0)  # (signal 0: only asks whether the process exists)
-        except ProcessLookupError:
-            shutil.rmtree(directory, ignore_errors=True)
-        except (OSError, ValueError):  # no owner recorded (yet), or a process of another user
-            continue
-    directory = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX))
-    (directory / STAGING_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
-    return directory
+    """A new temporary directory to prepare a run's data in, recording which process owns it
+    (those that killed processes left behind are removed first)."""
+    from llama_jax.safe_io import owned_temp_directory
+
+    return owned_temp_directory(STAGING_PREFIX)
 
 
 def discard_staged(path: Path | None) -> None:

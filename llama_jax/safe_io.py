@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -131,10 +132,10 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
     that (an error, a signal) puts it back. What a process of this host killed while writing `dst`
     left beside it is settled first (`_finish_for_dead_processes`).
     """
-    _finish_for_dead_processes(Path(dst).absolute())
+    finish_for_dead_processes(Path(dst).absolute())
     dst = check_destination(dst, kind, overwrite, inputs)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = _scratch_path(dst, "tmp"), _scratch_path(dst, "old")
+    tmp, old = scratch_path(dst, "tmp"), scratch_path(dst, "old")
     tmp.mkdir()
     try:
         yield tmp
@@ -147,9 +148,10 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
             _remove_tree(tmp)
 
 
-def _scratch_path(dst: Path, role: str) -> Path:
-    """DST's hidden sibling for `role` ("tmp": the output being written; "old": the one it
-    replaces), named after this host and process, so that one a killed process left is known."""
+def scratch_path(dst: Path, role: str) -> Path:
+    """DST's hidden sibling for `role` ("tmp": the output being written, a file or a directory;
+    "old": the one it replaces), named after this host and process, so that one a killed process
+    left is known (`finish_for_dead_processes`)."""
     return dst.parent / f".{dst.name}.{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
@@ -163,7 +165,7 @@ def _settle(dst: Path, old: Path) -> None:
             os.replace(old, dst)
 
 
-def _finish_for_dead_processes(dst: Path) -> None:
+def finish_for_dead_processes(dst: Path) -> None:
     """What a process of this host killed while writing `dst` left beside it: its unfinished output
     is removed, and an output it was replacing is settled as it would have settled it."""
     for role in ("old", "tmp"):
@@ -171,7 +173,32 @@ def _finish_for_dead_processes(dst: Path) -> None:
         for path in dst.parent.glob(glob.escape(prefix) + "*") if dst.parent.is_dir() else ():
             pid = path.name[len(prefix):].split("-")[0]
             if pid.isdigit() and not _process_alive(int(pid)):
-                _settle(dst, path) if role == "old" else _remove_tree(path)
+                if role == "old":
+                    _settle(dst, path)
+                elif path.is_dir() and not path.is_symlink():
+                    _remove_tree(path)
+                else:
+                    path.unlink(missing_ok=True)
+
+
+def owned_temp_directory(prefix: str) -> Path:
+    """A new directory in the system's temporary directory, named `prefix...`, recording which
+    process owns it (OWNER_FILE: "HOST PID"). First removes the `prefix` directories that processes
+    killed outright (SIGKILL, out of memory) left on this host: this user's, whose owner is gone."""
+    for directory in Path(tempfile.gettempdir()).glob(glob.escape(prefix) + "*"):
+        try:
+            host, pid = (directory / OWNER_FILE).read_text().split()
+            if host == socket.gethostname() and directory.stat().st_uid == os.getuid() and \
+                    not _process_alive(int(pid)):
+                shutil.rmtree(directory, ignore_errors=True)
+        except (OSError, ValueError):  # no owner recorded (yet), or not a directory
+            continue
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    (directory / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
+    return directory
+
+
+OWNER_FILE = "owner"  # in an `owned_temp_directory`
 
 
 def _process_alive(pid: int) -> bool:
@@ -309,7 +336,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.is_dir() and not path.is_symlink():  # the rename would fail once the file is written
         raise ValueError(f"{path} is a directory, where a file is written; move it away")
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    finish_for_dead_processes(path)  # the temporary file of a process killed while writing it
+    tmp = scratch_path(path, "tmp")
     try:
         yield tmp
         os.replace(tmp, path)

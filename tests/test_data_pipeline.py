@@ -18,7 +18,8 @@ from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus
 from llama_jax.experiment import load_config
 from llama_jax.prepare import open_corpus, open_prepared, prepare
-from llama_jax.run_data import STAGING_OWNER, STAGING_PREFIX
+from llama_jax.run_data import STAGING_PREFIX
+from llama_jax.safe_io import OWNER_FILE
 from llama_jax.tokenizer import train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +205,7 @@ def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path
     for name, owner in owners.items():
         (tmp_path / "tmp" / f"{STAGING_PREFIX}{name}" / "data").mkdir(parents=True)
         if owner:
-            (tmp_path / "tmp" / f"{STAGING_PREFIX}{name}" / STAGING_OWNER).write_text(owner)
+            (tmp_path / "tmp" / f"{STAGING_PREFIX}{name}" / OWNER_FILE).write_text(owner)
     workdir = tmp_path / "run"
     raw = ["--config.data.source=embedded", f"--config.data.tokenizer={tokenizer_path}", "--config.train.steps=2"]
     assert train(workdir, *raw) == 0
@@ -364,7 +365,7 @@ def test_a_prepared_directory_changed_after_preparation_is_one_line(prepared, to
      r"data.mixture.docs has no setting 'wieght'; valid: path, weight"),
     ({"mixture": f"{{'docs': {{'path': 'DOCS', 'weight': {10**308}}}, "
                  f"'again': {{'path': 'DOCS', 'weight': {10**308}}}}}"},
-     r"data.mixture weights add up to more than a float can hold"),  # (integers: a float above float32's is refused)
+     r"config key data.mixture.again.weight: a whole number of 309 digits is beyond float32's range"),
     ({"mixture": "{'docs': {'path': 'DOCS', 'weight': 1e308}}"},
      r"config key data.mixture.docs.weight: 1e\+308 is beyond float32's range"),
 ])

@@ -950,3 +950,31 @@ def test_a_file_written_whole_is_refused_where_a_directory_stands(tmp_path):
     with pytest.raises(ValueError, match=r"results.csv is a directory, where a file is written; move it away$"):
         write_text_atomic(tmp_path / "results.csv", "a,b\n")
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temporary file left
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A process killed outright (SIGKILL) while writing a file whole, or training a tokenizer in a
+    temporary directory, leaves its scratch behind: the next writer of the same file (the next
+    tokenizer training) removes what dead processes of this host left, never a live one's."""
+    import socket
+    import tempfile
+
+    from llama_jax.safe_io import OWNER_FILE, owned_temp_directory, write_text_atomic
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = {"dead": tmp_path / f".loss.png.tmp-{host}-{dead}-0123abcd",
+            "live": tmp_path / f".loss.png.tmp-{host}-{os.getpid()}-4567cdef"}
+    for path in left.values():
+        path.write_bytes(b"")
+    write_text_atomic(tmp_path / "loss.png", "png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["loss.png", left["live"].name])
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    for name, owner in (("dead", dead), ("live", os.getpid())):
+        (tmp_path / "tmp" / f"llama-jax-tokenizer-{name}").mkdir(parents=True)
+        (tmp_path / "tmp" / f"llama-jax-tokenizer-{name}" / OWNER_FILE).write_text(f"{host} {owner}")
+    mine = owned_temp_directory("llama-jax-tokenizer-")
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == sorted(["llama-jax-tokenizer-live", mine.name])
+    assert (mine / OWNER_FILE).read_text() == f"{host} {os.getpid()}"

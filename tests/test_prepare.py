@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,11 +195,14 @@ def test_killed_preparation_resumes_to_the_same_files(inputs, reference, tmp_pat
                 pass
     (out / "train-00005.tokens.bin.tmp").write_bytes(b"\x01\x02" * 7)  # as a kill mid-shard leaves it
     (out / ".manifest.json.tmp-0123abcd").write_text("{")
+    stage = Path(f"{out.parent}/.{out.name}.tmp-{socket.gethostname()}-{process.pid}-89abcdef")  # a killed _start's
+    (stage / "tokenizer.model").parent.mkdir()
 
     assert main(["prepare-data", "--config", str(inputs["config"]), "--output", str(out), "--workers", "1",
                  "--shard-tokens", str(SHARD_TOKENS)]) == 0
     assert "tokenized" in capsys.readouterr().out
     assert file_contents(out) == file_contents(reference)
+    assert not stage.exists()  # the process that staged it is gone
 
     before = snapshot(out)
     assert main(["prepare-data", "--config", str(inputs["config"]), "--output", str(out), "--verify"]) == 0
