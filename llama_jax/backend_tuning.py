@@ -57,7 +57,13 @@ THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    return environ.get(DISABLE_ENV, "1") != "0"
+    """Whether the tuning applies: LLAMA_JAX_TUNING unset, empty or 1; 0 turns it off; ValueError
+    for anything else (`off` or `false` would otherwise leave it on unnoticed)."""
+    value = environ.get(DISABLE_ENV, "").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"{DISABLE_ENV}={environ[DISABLE_ENV]!r}: valid: 0 (XLA's and the C library's defaults) "
+                         f"or 1 (the default: the settings of llama_jax/backend_tuning.py)")
+    return value == "1"
 
 
 def compiler_options(platform: str, program: str = "train") -> dict[str, str]:
@@ -121,6 +127,10 @@ def restart_with_huge_pages() -> None:
     anything; call it first thing in a program's entry point, before JAX is imported. Returns
     without restarting otherwise, or if the restart cannot be done."""
     if not sys.platform.startswith("linux") or not sys.executable:
+        return
+    try:
+        enabled()
+    except ValueError:  # (the command names it)
         return
     environ = huge_pages_environment(os.environ, transparent_huge_pages_mode(), _glibc_at_least((2, 35)))
     if environ is None:

@@ -1352,6 +1352,9 @@ def _run(argv: list[str] | None) -> int:
     try:
         with _sigterm_unwinds():
             _check_not_empty(args)
+            from llama_jax import backend_tuning
+
+            backend_tuning.enabled()  # a value of LLAMA_JAX_TUNING it does not know: refused
             status = args.func(args)  # None, or the exit status of a step that reported its own failure
     except (UserError, ValueError, OSError, RuntimeError) as e:  # OSError: paths that cannot be read or written
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data inspect"

@@ -83,3 +83,19 @@ def test_compiler_options_by_backend_and_program(monkeypatch):
     assert backend_tuning.compiler_options("gpu", "decode") == {}  # no GPU here: nothing to compile for
     monkeypatch.setenv("LLAMA_JAX_TUNING", "0")
     assert backend_tuning.compiler_options("cpu", "train") == {}
+
+
+@pytest.mark.parametrize("value, applies", [("1", True), ("", True), (" 0 ", False), ("off", None), ("false", None)])
+def test_the_switch_takes_0_or_1_and_refuses_the_rest(value, applies, monkeypatch, capsys):
+    """`off` or `false` left the tuning on, unnoticed: a value other than 0 or 1 is refused in one line."""
+    from llama_jax import backend_tuning
+    from llama_jax.cli import main
+
+    monkeypatch.setenv("LLAMA_JAX_TUNING", value)
+    if applies is not None:
+        assert backend_tuning.enabled() is applies
+        return
+    assert main(["presets"]) == 2
+    assert capsys.readouterr().err == (f"llama-jax presets: error: LLAMA_JAX_TUNING={value!r}: valid: 0 (XLA's and "
+                                       f"the C library's defaults) or 1 (the default: the settings of "
+                                       f"llama_jax/backend_tuning.py)\n")
