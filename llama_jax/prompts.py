@@ -89,8 +89,11 @@ def read_prompts_file(path: str | Path) -> list[str]:
     string field of each non-blank line of a `.jsonl` file. Bad input: ValueError with one line
     naming the file (and the line)."""
     path = Path(path)
+    if path.suffix.lower() == ".json":  # a JSON document read line by line would give its lines as prompts
+        raise ValueError(f"{path}: a .json file; give a text file (one prompt per line) or a .jsonl file (one JSON "
+                         f"object with a \"prompt\" field per line)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # (a byte order mark, as some editors write, is not text)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:

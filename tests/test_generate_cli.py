@@ -137,6 +137,8 @@ def test_prompts_file(sp_model, tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('{"prompt": "from json"}\n\n{"text": "text field", "id": 3}\n')
     assert read_prompts_file(tmp_path / "p.txt") == ["first prompt", "  second one"]
     assert read_prompts_file(tmp_path / "p.jsonl") == ["from json", "text field"]
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbffirst prompt\n")  # as some editors save it
+    assert read_prompts_file(tmp_path / "bom.txt") == ["first prompt"]
     prompts = ["cli prompt", "from json", "text field", "first prompt", "  second one"]
     assert main(["generate", str(path), "--prompt", "cli prompt", "--prompts-file", str(tmp_path / "p.jsonl"),
                  "--prompts-file", str(tmp_path / "p.txt"), "--max-new-tokens", "8", "--seed", "3"]) == 0
@@ -146,7 +148,9 @@ def test_prompts_file(sp_model, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
     (tmp_path / "nofield.jsonl").write_text('{"prompt": "ok"}\n["x"]\n')
+    (tmp_path / "list.json").write_text('["a", "b"]\n')  # its one line was taken as a prompt
     for name, message in [("empty.txt", "empty.txt: no prompts"), ("bad.jsonl", "bad.jsonl, line 2: not valid JSON"),
+                          ("list.json", "list.json: a .json file; give a text file (one prompt per line) or a .jsonl"),
                           ("nofield.jsonl", "nofield.jsonl, line 2: expected a JSON object with a string"),
                           ("missing.txt", "missing.txt: no such file")]:
         assert main(["generate", str(path), "--prompts-file", str(tmp_path / name)]) == 2
