@@ -350,8 +350,17 @@ def _init_distributed(args) -> None:
                         process_id=args.process_id)
     elif os.environ.get("LLAMA_JAX_SINGLE_PROCESS"):
         return
-    elif on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    elif on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and _slurm_tasks() > 1:
         _join_processes()  # JAX reads the topology from the TPU metadata server or SLURM
+
+
+def _slurm_tasks() -> int:
+    """SLURM_NTASKS, the processes of the SLURM job this one belongs to (1 if unset)."""
+    text = os.environ.get("SLURM_NTASKS", "1")
+    if not text.strip().isdigit():
+        raise UserError(f"SLURM_NTASKS={text!r} (SLURM_JOB_ID is set): expected the job's number of tasks, a positive "
+                        f"integer; run inside a SLURM job step, or unset SLURM_JOB_ID outside one")
+    return int(text)
 
 
 def _check_process_flags(args) -> None:

@@ -658,3 +658,16 @@ def test_slurm_experiment_script_dry_run(script_env, tmp_path):
     assert "#SBATCH --partition=gpu" in script
     assert (f"train --config configs/tinyllama_1b_8gpu.py --workdir {tmp_path / 'run'} --config.train.log_every=7"
             in script)
+
+
+def test_a_slurm_task_count_that_is_not_a_number_is_named(monkeypatch, capsys, tmp_path):
+    """Inside a SLURM job, `train` joins the job's processes when SLURM_NTASKS > 1: a value that is
+    not a count was a bare `invalid literal for int()` line."""
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "abc")
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir)]) == 2
+    assert capsys.readouterr().err == (
+        "llama-jax train: error: SLURM_NTASKS='abc' (SLURM_JOB_ID is set): expected the job's number of tasks, a "
+        "positive integer; run inside a SLURM job step, or unset SLURM_JOB_ID outside one\n")
+    assert not workdir.exists()
