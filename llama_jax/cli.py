@@ -884,6 +884,11 @@ def cmd_prepare_data(args) -> None:
         raise UserError("--config is required to prepare data (without it, --verify checks a prepared --output)")
     if args.config is None and args.overrides:
         raise UserError(f"--config.{args.overrides[0]}: overrides need --config")
+    unused = next((f for f, v in (("--workers", args.workers), ("--shard-tokens", args.shard_tokens)) if v is not None),
+                  None)
+    if args.config is None and unused:
+        raise UserError(f"{unused}: --verify without --config checks the prepared shards and tokenizes nothing; drop "
+                        f"{unused}")
     if args.config is not None:
         from llama_jax.experiment import check_data_section, load_config
 

@@ -395,6 +395,8 @@ CASES = [
     ("partial-with-other-shard-tokens", ["prepare-data", "--config", "{config}", "--output", "{remove-manifest}",
                                          "--shard-tokens", "999"],
      r"\S+/prepared was started with shard_tokens=500, not 999; resume with --shard-tokens 500"),
+    ("verify-with-workers", ["prepare-data", "--verify", "--output", "{reference}", "--workers", "4"],
+     r"--workers: --verify without --config checks the prepared shards and tokenizes nothing; drop --workers$"),
     ("verify-unfinished", ["prepare-data", "--verify", "--output", "{remove-manifest}"],
      r"\S+/prepared: the preparation did not finish \(no manifest.json\)"),
     ("truncated-shard", ["prepare-data", "--verify", "--output", "{truncate}"],
