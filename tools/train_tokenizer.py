@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llama_jax.cli import OneLineParser, _error_text
 from llama_jax.data import each_file_once, jsonl_texts, utf8_text
-from llama_jax.safe_io import check_writable
+from llama_jax.safe_io import check_writable, real_path
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 
@@ -76,13 +76,13 @@ def check_arguments(args, inputs: list[Path]) -> None:
     """ValueError for a setting training would refuse late or obscurely, or an --output that would
     replace a file not meant to be replaced (an input, or any file without --overwrite)."""
     for option, value in (("--vocab-size", args.vocab_size), ("--num-threads", args.num_threads)):
-        if value < 1:
-            raise ValueError(f"{option} must be a positive integer, got {value}")
+        if not 1 <= value < 2**31:  # (SentencePiece's settings are 32-bit integers)
+            raise ValueError(f"{option} must be a positive integer below 2**31, got {value}")
     output = Path(args.output)
     if output.is_dir():
         raise ValueError(f"--output {output} is a directory; give the path of the file to write, "
                          f"e.g. {output / 'tokenizer.model'}")
-    if any(output.resolve() == path.resolve() for path in inputs):
+    if any(real_path(output) == real_path(path) for path in inputs):
         raise ValueError(f"--output {output} is one of the --input files; give another path")
     if output.exists() and not args.overwrite:
         raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
