@@ -201,7 +201,10 @@ MAX_SIZE = 2**31 - 1  # model sizes index arrays in int32
 def in_float32_range(value: numbers.Real) -> bool:
     """Whether `value` is a finite number that stays finite in float32 (|value| about 3.4e38 or less:
     below the midpoint between float32's largest value and 2**128, from which it rounds to inf)."""
-    # as a Python float: a NumPy float32 would be compared in float32, where the bound is inf
+    # as a Python float: a NumPy float32 would be compared in float32, where the bound is inf; a
+    # whole number is compared as it is (float() of 10**400 raises OverflowError)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return abs(int(value)) < 2**128 - 2**103
     return _finite_float(value) and abs(float(value)) < 2.0**128 - 2.0**103
 
 

@@ -235,15 +235,19 @@ def _check_linked_values(section: ml_collections.ConfigDict, prefix: str = "") -
     """ValueError naming the first key whose value, computed from keys the config file links it to
     (`get_ref` arithmetic), cannot be computed with the values given (a division by zero, say)."""
     for name in section.keys():
-        key = f"{prefix}{name}"
-        try:
-            value = section[name]
-        except Exception as e:  # the config file's own expression, evaluated now
-            raise ValueError(f"config key {key}, which the config file computes from other keys (get_ref), cannot be "
-                             f"computed with the values given ({type(e).__name__}: {e}); check the overrides of the "
-                             f"keys it is computed from") from None
+        value = _linked_value(section, name, f"{prefix}{name}")
         if isinstance(value, ml_collections.ConfigDict):
-            _check_linked_values(value, f"{key}.")
+            _check_linked_values(value, f"{prefix}{name}.")
+
+
+def _linked_value(section: ml_collections.ConfigDict, name: str, key: str) -> Any:
+    """section[name] (`key`, dotted), whose reading evaluates what the config file computed it from."""
+    try:
+        return section[name]
+    except Exception as e:  # the config file's own expression, evaluated now
+        raise ValueError(f"config key {key}, which the config file computes from other keys (get_ref), cannot be "
+                         f"computed with the values given ({type(e).__name__}: {e}); check the overrides of the keys "
+                         f"it is computed from") from None
 
 
 def _check_mapping_names(config: ml_collections.ConfigDict) -> None:
@@ -477,7 +481,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
         raise ValueError(f"unknown config key {key!r}; valid keys there: {valid}")
-    current = node[leaf]
+    try:
+        current = node[leaf]
+    except Exception:  # computed (get_ref) from values that fail now: this override may replace it; if
+        current = None  # it still fails once all are applied, `_check_linked_values` names it
     if isinstance(current, int) and not isinstance(current, bool) and _decimal_field(key):
         current = float(current)  # a decimal field holding a whole number (rope_theta=500000) takes 1e6 too
     value = _parse(text)

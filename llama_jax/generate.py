@@ -184,7 +184,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     (`generate`'s own check, callable before a model is loaded)."""
     if not (is_int(max_new_tokens) and int(max_new_tokens) >= 1):
         raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
-    if not (_is_real(temperature) and 0 <= float(temperature) < math.inf):  # also false for NaN
+    if not (_is_real(temperature) and 0 <= temperature < math.inf):  # also false for NaN
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if not in_float32_range(temperature):  # logits are divided by it in float32
         raise ValueError(f"temperature must be at most {FLOAT32_MAX:.1e} (float32's range), got {temperature!r}")

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -130,7 +131,7 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
     `dst` is checked first (`check_destination`), so nothing is created when it is refused. An
     existing `dst` is moved aside just before the new one is renamed into place; whatever stops
     that (an error, a signal) puts it back. What a process of this host killed while writing `dst`
-    left beside it is settled first (`_finish_for_dead_processes`).
+    left beside it is settled first (`finish_for_dead_processes`).
     """
     finish_for_dead_processes(Path(dst).absolute())
     dst = check_destination(dst, kind, overwrite, inputs)
@@ -171,14 +172,16 @@ def finish_for_dead_processes(dst: Path) -> None:
     for role in ("old", "tmp"):
         prefix = f".{dst.name}.{role}-{socket.gethostname()}-"
         for path in dst.parent.glob(glob.escape(prefix) + "*") if dst.parent.is_dir() else ():
-            pid = path.name[len(prefix):].split("-")[0]
-            if pid.isdigit() and not _process_alive(int(pid)):
+            # PID-xxxxxxxx exactly: a host named HOST-9 (a peer on a shared file system) is not process 9 here
+            pid = re.fullmatch(r"(\d+)-[0-9a-f]{8}", path.name[len(prefix):])
+            if pid and not _process_alive(int(pid.group(1))):
                 if role == "old":
                     _settle(dst, path)
                 elif path.is_dir() and not path.is_symlink():
                     _remove_tree(path)
                 else:
-                    path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # (another user's, in a shared directory: left)
+                        path.unlink(missing_ok=True)
 
 
 def owned_temp_directory(prefix: str) -> Path:

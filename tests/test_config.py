@@ -345,6 +345,8 @@ def test_a_config_files_own_forms(tmp_path):
                                          r"other keys \(get_ref\), cannot be computed with the values given "
                                          r"\(ZeroDivisionError: integer division or modulo by zero\)"):
         load_config(tmp_path / "computed.py", ["train.grad_accum=0"])
+    overridden = load_config(tmp_path / "computed.py", ["train.grad_accum=0", "optimizer.warmup_steps=5"])
+    assert overridden.optimizer.warmup_steps == 5  # replaced before it was computed: its check is grad_accum's
     assert str(tmp_path) not in sys.path
 
 

@@ -965,11 +965,13 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_one(tmp_path, monkeypa
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     left = {"dead": tmp_path / f".loss.png.tmp-{host}-{dead}-0123abcd",
-            "live": tmp_path / f".loss.png.tmp-{host}-{os.getpid()}-4567cdef"}
+            "live": tmp_path / f".loss.png.tmp-{host}-{os.getpid()}-4567cdef",
+            # a writer on HOST-<dead pid>, a peer sharing the directory: not this host's process
+            "peer": tmp_path / f".loss.png.tmp-{host}-{dead}-{os.getpid()}-89abcdef"}
     for path in left.values():
         path.write_bytes(b"")
     write_text_atomic(tmp_path / "loss.png", "png")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["loss.png", left["live"].name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["loss.png", left["live"].name, left["peer"].name])
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     for name, owner in (("dead", dead), ("live", os.getpid())):

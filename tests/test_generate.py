@@ -322,6 +322,7 @@ def test_numpy_and_jax_scalars_are_accepted(gqa):
     (dict(temperature=float("nan")), r"temperature must be a finite number >= 0 \(0 is greedy\), got nan"),
     (dict(temperature=float("inf")), r"temperature must be a finite number >= 0 \(0 is greedy\), got inf"),
     (dict(temperature=1e308), r"temperature must be at most 3.4e\+38 \(float32's range\), got 1e\+308"),
+    (dict(temperature=10**400), r"temperature must be at most 3.4e\+38 \(float32's range\), got 1000"),
     (dict(top_p=float("nan")), r"top_p must be in \(0, 1\] or None, got nan"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
