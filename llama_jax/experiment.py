@@ -225,8 +225,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if not _same_value(_value_at(config, key), value):
             raise ValueError(f"--config.{changed_by[key]} also changed {key}, which the config file links to it "
                              f"(get_ref), so --config.{item} cannot hold; give only one of them")
+    _check_mapping_names(config)  # (first: a mapping whose names are of several kinds cannot list its keys)
     _check_linked_values(config)
-    _check_mapping_names(config)
     check_finite(config)
     return config
 
