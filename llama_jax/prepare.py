@@ -69,7 +69,7 @@ CHUNK_DOCUMENTS = 4096  # most documents in one chunk
 CHUNKS_PER_WORKER = 2  # chunks in flight per worker: the main process reads no further ahead than this
 PAUSE_ENV = "LLAMA_JAX_PREPARE_SHARD_PAUSE"
 _SHARD_FILE = re.compile(r"(train|held_out)-\d{5}\.(tokens\.bin|index\.npy|json)(\.tmp)?")
-_ATOMIC_TEMP = re.compile(r"\.(.+?)\.tmp-(?:.+-\d+-)?[0-9a-f]{8}")  # `safe_io.atomic_file`'s (HOST-PID- since 12-05)
+_ATOMIC_TEMP = re.compile(r"\.(.+?)\.tmp-(?:.+-\d+-)?[0-9a-f]{8}")  # `safe_io.atomic_file`'s (older: no HOST-PID-)
 _DOCUMENT_KEYS = {"text": ("files", "text_key"), "jsonl": ("files", "text_key"),
                   "tfds": ("tfds_name", "tfds_split", "tfds_eval_split", "data_dir", "text_key")}
 
