@@ -102,7 +102,7 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
     import jax
 
     from llama_jax.cli import main as cli
-    from llama_jax.run import train_and_evaluate
+    from llama_jax.run import LOSS_PLOT, train_and_evaluate
 
     workdir = Path(workdir).absolute()
     data = "the Python standard library's source" if config.data.source == "stdlib" else \
@@ -133,5 +133,5 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
     print(f"\nworkdir:     {workdir}")
     print(f"checkpoints: {workdir / 'checkpoints'}")
     print(f"metrics:     {workdir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {workdir})")
-    print(f"loss plot:   {workdir / 'loss.png'}")
+    print(f"loss plot:   {workdir / LOSS_PLOT}")
     return status

@@ -276,9 +276,9 @@ def _value_at(config: ml_collections.ConfigDict, key: str) -> Any:
 
 def check_finite(config: ml_collections.ConfigDict) -> None:
     """ValueError naming the first key (dotted) whose value is a NaN or infinite number, or a
-    fractional number beyond float32's range (training computes in float32)."""
+    number beyond float32's range (training computes in float32)."""
     for key, value in _leaves(config, ""):
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(value) > FLOAT32_MAX:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not in_float32_range(value):
             raise _huge_whole_number(key, value)  # (math.isfinite cannot take it)
         if isinstance(value, numbers.Real) and not math.isfinite(value):
             raise ValueError(f"config key {key}: {value} is not a finite number")
