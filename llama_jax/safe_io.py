@@ -153,7 +153,25 @@ def scratch_path(dst: Path, role: str) -> Path:
     """DST's hidden sibling for `role` ("tmp": the output being written, a file or a directory;
     "old": the one it replaces), named after this host and process, so that one a killed process
     left is known (`finish_for_dead_processes`)."""
-    return dst.parent / f".{dst.name}.{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return dst.parent / f"{_scratch_prefix(dst, role)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+NAME_MAX = 255  # bytes in a file name, on the file systems Linux uses
+_PROCESS_PART = len("4194304-xxxxxxxx")  # the largest pid Linux gives, and the random part
+
+
+def _scratch_prefix(dst: Path, role: str) -> str:
+    """The start of `scratch_path`'s names for `dst`, up to the pid. A destination name too long to
+    fit in full (within ~30 bytes of NAME_MAX) is shortened to its start and a hash of the whole."""
+    host = socket.gethostname()
+    name, fixed = dst.name, len(os.fsencode(f"..{role}-{host}-")) + _PROCESS_PART
+    if len(os.fsencode(name)) + fixed > NAME_MAX:
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        start = name
+        while start and len(os.fsencode(f"{start}~{digest}")) + fixed > NAME_MAX:
+            start = start[:-1]
+        name = f"{start}~{digest}"
+    return f".{name}.{role}-{host}-"
 
 
 def _settle(dst: Path, old: Path) -> None:
@@ -170,7 +188,7 @@ def finish_for_dead_processes(dst: Path) -> None:
     """What a process of this host killed while writing `dst` left beside it: its unfinished output
     is removed, and an output it was replacing is settled as it would have settled it."""
     for role in ("old", "tmp"):
-        prefix = f".{dst.name}.{role}-{socket.gethostname()}-"
+        prefix = _scratch_prefix(dst, role)
         for path in dst.parent.glob(glob.escape(prefix) + "*") if dst.parent.is_dir() else ():
             # PID-xxxxxxxx exactly: a host named HOST-9 (a peer on a shared file system) is not process 9 here
             pid = re.fullmatch(r"(\d+)-[0-9a-f]{8}", path.name[len(prefix):])

@@ -980,3 +980,21 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_one(tmp_path, monkeypa
     mine = owned_temp_directory("llama-jax-tokenizer-")
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == sorted(["llama-jax-tokenizer-live", mine.name])
     assert (mine / OWNER_FILE).read_text() == f"{host} {os.getpid()}"
+
+
+def test_a_long_file_name_is_written_whole_and_its_scratch_found_again(tmp_path, monkeypatch):
+    """A destination name near the file system's limit still gets a scratch name within it (the
+    host and pid would push it over), and what a dead writer of it left is still recognised."""
+    from llama_jax import safe_io
+
+    target = tmp_path / ("r" * 250 + ".md")  # 253 bytes: a valid name
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "getpid", lambda: int(dead))
+        left = safe_io.scratch_path(target, "tmp")
+    assert len(os.fsencode(left.name)) <= safe_io.NAME_MAX
+    left.write_bytes(b"half")
+    safe_io.write_text_atomic(target, "whole\n")
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert target.read_text() == "whole\n"
