@@ -266,6 +266,8 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         (["--input", str(tmp_path)], f"{tmp_path}: is a directory; give the files in it, e.g. {tmp_path}/*.txt"),
         (["--input", str(tmp_path / "b.jsonl")],
          "b.jsonl:1: no string field 'text'; set --jsonl-key to the field holding the text"),
+        (["--input", text, "--jsonl-key", "body"],
+         "--jsonl-key body names a field of .jsonl files, and no --input is one; leave it out"),
         (["--input", text, "--vocab-size", "0"], "--vocab-size must be a positive integer below 2**31, got 0"),
         (["--input", text, "--vocab-size", "2147483648"],
          "--vocab-size must be a positive integer below 2**31, got 2147483648"),

@@ -78,6 +78,9 @@ def check_arguments(args, inputs: list[Path]) -> None:
     for option, value in (("--vocab-size", args.vocab_size), ("--num-threads", args.num_threads)):
         if not 1 <= value < 2**31:  # (SentencePiece's settings are 32-bit integers)
             raise ValueError(f"{option} must be a positive integer below 2**31, got {value}")
+    if args.jsonl_key is not None and not any(path.suffix == ".jsonl" for path in inputs):
+        raise ValueError(f"--jsonl-key {args.jsonl_key} names a field of .jsonl files, and no --input is one; "
+                         f"leave it out, or give the .jsonl files")
     output = Path(args.output)
     if output.is_dir():
         raise ValueError(f"--output {output} is a directory; give the path of the file to write, "
@@ -92,7 +95,7 @@ def check_arguments(args, inputs: list[Path]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", action="append", required=True, help="file or glob pattern; repeatable")
-    parser.add_argument("--jsonl-key", default="text", help="field holding the text in .jsonl files")
+    parser.add_argument("--jsonl-key", help="field holding the text in .jsonl files (default: text)")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--output", required=True, help="where to write tokenizer.model")
     parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     try:
-        corpus = Corpus(resolve_inputs(args.input), args.jsonl_key)
+        corpus = Corpus(resolve_inputs(args.input), args.jsonl_key or "text")
         check_arguments(args, corpus.files)
         print(f"training a {args.vocab_size}-piece {args.model_type} tokenizer on {len(corpus.files)} file(s)",
               flush=True)
