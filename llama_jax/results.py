@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_jax.metrics import last_per_step, read_metrics
-from llama_jax.safe_io import atomic_file, holds_lock, write_text_atomic
+from llama_jax.safe_io import atomic_file, holds_lock
 
 OBJECTIVE_LABELS = {"eval_loss": "final eval loss", "loss": "final train loss"}  # how plots name what a sweep ranks by
 COLUMNS = ("status", "steps", "final_eval_loss", "best_eval_loss", "final_train_loss", "tokens_per_second")
@@ -126,15 +126,17 @@ def _cell(value: Any) -> str:
 def write_tables(workdir: Path, keys: list[str], rows: list[dict]) -> str:
     """DIR/results.csv and DIR/results.md, each replaced whole or not at all; returns the Markdown table."""
     header = ["run", *keys, *COLUMNS, "error"]
-    with atomic_file(workdir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for row in rows:
-            writer.writerow(["" if row[h] is None else row[h] for h in header])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(row[h]).replace("|", "/") for h in header) + " |" for row in rows]
     table = "\n".join(lines) + "\n"
-    write_text_atomic(workdir / "results.md", table)
+    # both destinations are checked before either is replaced
+    with atomic_file(workdir / "results.csv") as csv_tmp, atomic_file(workdir / "results.md") as md_tmp:
+        with open(csv_tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for row in rows:
+                writer.writerow(["" if row[h] is None else row[h] for h in header])
+        md_tmp.write_text(table)
     return table
 
 

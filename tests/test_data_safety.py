@@ -998,3 +998,15 @@ def test_a_long_file_name_is_written_whole_and_its_scratch_found_again(tmp_path,
     safe_io.write_text_atomic(target, "whole\n")
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
     assert target.read_text() == "whole\n"
+
+
+def test_a_sweep_report_replaces_both_tables_or_neither(tmp_path):
+    """(A results.md directory was refused only after results.csv had been replaced.)"""
+    from llama_jax.results import write_tables
+
+    (tmp_path / "results.csv").write_text("the previous report\n")
+    (tmp_path / "results.md").mkdir()
+    with pytest.raises(ValueError, match=r"results.md is a directory, where a file is written; move it away$"):
+        write_tables(tmp_path, ["optimizer.lr"], [])
+    assert (tmp_path / "results.csv").read_text() == "the previous report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.md"]
