@@ -72,13 +72,21 @@ def export(workdir: Path, result) -> tuple[Path, Path, bool]:
     says whether they were written now. A finished demo given again keeps the exports it made of
     that checkpoint (and what was added to them since, such as eval.json); a demo that trained
     further replaces them."""
-    from llama_jax.convert.pipeline import convert
+    from llama_jax.convert.pipeline import OUTPUT_KINDS, convert
+    from llama_jax.model_dir import MODEL_DIR
     from llama_jax.run import export_model
+    from llama_jax.safe_io import foreign_entries
 
     model_dir, hf_dir = workdir / "model", workdir / "hf"
     if _exported_after(workdir / "checkpoints" / str(result.final_step), model_dir, hf_dir) and \
             not any("loss" in record for record in result.logged):  # nothing trained this time
         return model_dir, hf_dir, False
+    for directory, kind in ((model_dir, MODEL_DIR), (hf_dir, OUTPUT_KINDS["hf"])):  # both, before either is written
+        foreign = foreign_entries(directory, kind) if directory.is_dir() and not directory.is_symlink() else []
+        if foreign:
+            raise ValueError(f"{directory} holds {foreign[0]!r}, which is not part of a {kind.name}; the demo "
+                             f"replaces {directory} with its export of the final checkpoint: move {foreign[0]!r} "
+                             f"out of it, or give the demo another --workdir")
     export_model(workdir, model_dir, overwrite=True)
     convert("jax", model_dir, "hf", hf_dir, overwrite=True, progress=False)
     return model_dir, hf_dir, True

@@ -89,12 +89,17 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
                          f"not a link to one: give the path it points to, or another destination")
     if not dst.is_dir():
         raise ValueError(f"{dst} exists and is not a directory; --overwrite replaces only a {kind.name}")
-    foreign = sorted(p.name for p in dst.iterdir() if not kind.writes(p.name))
+    foreign = foreign_entries(dst, kind)
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise ValueError(f"{dst} holds {foreign[0]!r}{more}, which is not part of a {kind.name}; --overwrite "
                          f"replaces only a {kind.name}, so choose another destination")
     return dst
+
+
+def foreign_entries(directory: Path, kind: OutputKind) -> list[str]:
+    """The names in `directory` that a `kind` does not hold, sorted: what replacing it would lose."""
+    return sorted(p.name for p in directory.iterdir() if not kind.writes(p.name))
 
 
 def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:

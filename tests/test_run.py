@@ -587,11 +587,25 @@ def test_the_demo_fits_its_greedy_continuation_and_reports_its_failure(tmp_path,
     greedy = out.split("`:\n", 1)[1].split("\n\nworkdir:", 1)[0]
     assert greedy.startswith("def") and len(greedy) > len("def")
 
+    # trained further, with a file of the user's in the Hugging Face export: refused before either is replaced
+    hf, model = tmp_path / "demo" / "hf", tmp_path / "demo" / "model"
+    (hf / "notes.txt").write_text("mine")
+    exported = (model / "model_config.json").stat().st_mtime_ns
+    further = [a.replace("steps=2", "steps=4") for a in args]
+    assert main(further) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"llama-jax demo: error: {hf} holds 'notes.txt', which is not part of a Hugging Face model directory; "
+        f"the demo replaces {hf} with its export of the final checkpoint: move 'notes.txt' out of it, or give the "
+        f"demo another --workdir")
+    assert (model / "model_config.json").stat().st_mtime_ns == exported and (hf / "notes.txt").read_text() == "mine"
+    (hf / "notes.txt").unlink()
+    assert main(further) == 0 and "\nexported the final checkpoint:" in capsys.readouterr().out
+
     def refusing(args):
         raise cli.UserError("the model cannot generate")
 
     monkeypatch.setattr(cli, "cmd_generate", refusing)  # the finished demo again: it reports, exports, generates
-    assert main(args) == 2
+    assert main(further) == 2
     assert capsys.readouterr().err.strip() == "llama-jax generate: error: the model cannot generate"
 
 
