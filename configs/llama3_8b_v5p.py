@@ -8,7 +8,7 @@ warmup-stable-decay schedule at a continued-pre-training learning rate, z-loss f
 
 Paths are on a bucket mounted with gcsfuse at /mnt/gcs on every worker. The tokens are prepared
 once, from c4/en in TFDS ArrayRecord format, on one machine, with LLaMA 3's tokenizer (its
-tiktoken file; `pip install tiktoken`):
+tiktoken file):
 
     llama-jax prepare-data --config configs/llama3_8b_v5p.py --output /mnt/gcs/data/c4-en-llama3 \
         --config.data.source=tfds --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_eval_split=validation \

@@ -926,11 +926,11 @@ def cmd_plan(args) -> None:
 
     config = load_config(args.config, args.overrides)
     check_experiment(config)  # before importing JAX: a bad config fails at once
-    from llama_jax.plan import plan, format_plan
+    from llama_jax.plan import format_plan, plan, runnable_config
     from llama_jax.train import validate_config
 
-    if args.devices:  # the mesh checked before the devices are created
-        validate_config(config, args.devices)
+    if args.devices:  # the mesh checked before the devices are created (for the kernel planned here)
+        validate_config(runnable_config(config), args.devices)
 
     print(format_plan(plan(config)))
 

@@ -26,14 +26,23 @@ def _per_device_bytes(abstract_tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_tree))
 
 
+def runnable_config(config):
+    """`config`, or a copy with the attention kernel `auto` picks here where its own cannot run on
+    this backend (`cudnn` without a GPU): the train step that is planned."""
+    runnable = runnable_here(config.model.attention_impl)
+    if runnable == config.model.attention_impl:
+        return config
+    config = copy.deepcopy(config)
+    config.model.attention_impl = runnable
+    return config
+
+
 def plan(config, devices=None) -> dict:
     """What one device holds for the config's train step; an attention kernel that cannot run on
     this backend (`cudnn` without a GPU) is planned with the one `auto` picks here, and said so."""
-    runnable = runnable_here(config.model.attention_impl)
-    standing_in = runnable != config.model.attention_impl
-    if standing_in:
-        config = copy.deepcopy(config)
-        config.model.attention_impl = runnable
+    asked = config.model.attention_impl
+    config = runnable_config(config)
+    standing_in = config.model.attention_impl != asked
     trainer = build_trainer(config, devices)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          nn.meta.unbox(trainer.abstract_state), trainer.state_shardings)

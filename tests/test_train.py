@@ -191,7 +191,7 @@ def _argument_bytes(config, devices):
     return plan(config, devices)["arguments"]
 
 
-def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys):
+def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys, monkeypatch):
     from llama_jax.plan import format_plan, plan
 
     assert main(["plan", "--config", TINY]) == 0
@@ -202,6 +202,11 @@ def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys):
     assert main(["plan", "--config", TINY, "--config.model.attention_impl=cudnn"]) == 0  # a GPU config, planned here
     assert capsys.readouterr().out.splitlines()[-1].startswith(
         "compiled for CPU devices, attention `xla` (in place of cudnn, which needs a GPU): on TPU")
+    # with the mesh checked first (--devices): the kernel planned is checked, not the GPU's (it was refused)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # (cmd_plan sets both for a fresh process)
+    monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
+    assert main(["plan", "--config", TINY, "--config.model.attention_impl=cudnn", "--devices", "8"]) == 0
+    assert "(in place of cudnn, which needs a GPU)" in capsys.readouterr().out.splitlines()[-1]
     figures = plan(tiny_config())
     peak = figures["arguments"] + figures["outputs"] - figures["aliased"] + figures["temporaries"]
     for memory, verdict in ((peak, "fits"), (peak - 1, "does NOT fit")):  # as a GPU or TPU reports its memory
