@@ -345,13 +345,36 @@ def _init_distributed(args) -> None:
     from llama_jax.devices import on_tpu_vm
 
     if args.num_processes is not None and args.num_processes > 1:
+        if args.process_id == 0:
+            _check_coordinator_port(args.coordinator)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
-        _join_processes(coordinator_address=args.coordinator, num_processes=args.num_processes,
+        _join_processes(args.join_timeout, coordinator_address=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id)
     elif os.environ.get("LLAMA_JAX_SINGLE_PROCESS"):
         return
     elif on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and _slurm_tasks() > 1:
-        _join_processes()  # JAX reads the topology from the TPU metadata server or SLURM
+        _join_processes(args.join_timeout)  # JAX reads the topology from the TPU metadata server or SLURM
+
+
+def _check_coordinator_port(coordinator: str) -> None:
+    """UserError when process 0 cannot serve the run's coordination on the port of `coordinator`, on
+    every interface, as JAX binds it: held by another program (gRPC, binding it with SO_REUSEPORT,
+    shares a port another coordinator holds; a port it cannot bind at all ends process 0 with a
+    segmentation fault) or reserved."""
+    import socket
+
+    port = int(coordinator.rsplit(":", 1)[1])
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):  # IPv6 also covers IPv4
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (an earlier run's closed connections)
+                probe.bind((host, port))
+            return
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise UserError(f"--coordinator {coordinator}: process 0 cannot listen on port {port} ({e.strerror}); "
+                                f"choose a free port (the same for every process)") from None
+            # no IPv6 on this host: try IPv4; other errors are left to JAX
 
 
 def _slurm_tasks() -> int:
@@ -386,17 +409,20 @@ def _check_process_flags(args) -> None:
                             f"10.0.0.2:1234 (process 0's host)")
 
 
-def _join_processes(**settings) -> None:
-    """`jax.distributed.initialize(**settings)`, which waits (up to 5 minutes) for every process to
-    join, and the start of the backend, in a thread of its own: the main thread waits in Python,
-    where Ctrl-C and SIGTERM still stop the command (a signal cannot interrupt the native call)."""
+def _join_processes(timeout_s: int, **settings) -> None:
+    """`jax.distributed.initialize(**settings)`, which waits for every process to join, and the
+    start of the backend, in a thread of its own: the main thread waits in Python, where Ctrl-C and
+    SIGTERM still stop the command (a signal cannot interrupt the native call), and where a process
+    missing after `timeout_s` is reported in one line (JAX's own timeout, set later, aborts in C++)."""
     import jax
 
     failure: list[BaseException] = []
+    joined = threading.Event()
 
     def join():
         try:
-            jax.distributed.initialize(**settings)
+            jax.distributed.initialize(**settings, initialization_timeout=timeout_s + 60)
+            joined.set()
             # the backend's start, where the processes exchange their devices, here too, and then a barrier: once
             # the start is done in every process, one that refuses its settings and exits (a device count unlike
             # the others', found at once) no longer breaks another's start still under way (an abort in XLA)
@@ -408,8 +434,16 @@ def _join_processes(**settings) -> None:
 
     joining = threading.Thread(target=join, name="llama-jax-join-processes", daemon=True)
     joining.start()
+    deadline = time.monotonic() + timeout_s
     while joining.is_alive():
         joining.join(0.2)
+        if not joined.is_set() and time.monotonic() > deadline:
+            if settings:
+                raise UserError(f"the {settings['num_processes']} processes of the run did not all join at "
+                                f"{settings['coordinator_address']} within {timeout_s} s (--join-timeout); start "
+                                f"every process with the same command, each with its own --process-id")
+            raise UserError(f"the processes of this multi-host job did not all join within {timeout_s} s "
+                            f"(--join-timeout); every host (TPU worker or SLURM task) runs the same command")
     if failure:
         raise failure[0]
 
@@ -957,6 +991,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--join-timeout", type=positive_int, default=300, metavar="SECONDS",
+                   help="multi-process: how long each process waits for the others to join (default 300)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="continue prompts with a model directory or a run (KV-cache decoding)")

@@ -381,6 +381,34 @@ def test_sigterm_while_waiting_for_the_other_processes_stops_the_command(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_that_cannot_form_is_refused_in_one_line(tmp_path):
+    """Process 0 given a port another program listens on ended with a segmentation fault in gRPC
+    (and its peer aborted 5 minutes later); a process whose peers never come aborted in C++ after
+    5 minutes. Both are one line now, exit status 2, with nothing written."""
+    cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir", str(tmp_path / "run"),
+           "--num-processes", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        held = subprocess.run([*cmd, "--coordinator", f"127.0.0.1:{port}", "--process-id", "0"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert held.returncode == 2 and held.stderr.strip() == (
+        f"llama-jax train: error: --coordinator 127.0.0.1:{port}: process 0 cannot listen on port {port} (Address "
+        f"already in use); choose a free port (the same for every process)"), held.stderr[-3000:]
+    port = _free_port()
+    for process_id in ("0", "1"):  # the coordinator without its peer; a peer without its coordinator
+        alone = subprocess.run([*cmd, "--coordinator", f"127.0.0.1:{port}", "--process-id", process_id,
+                                "--join-timeout", "3"], env=env, capture_output=True, text=True, timeout=120)
+        assert alone.returncode == 2 and alone.stderr.strip() == (
+            f"llama-jax train: error: the 2 processes of the run did not all join at 127.0.0.1:{port} within 3 s "
+            f"(--join-timeout); start every process with the same command, each with its own --process-id"), \
+            alone.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("moment", ["training", "saving"])
 def test_a_process_that_loses_its_peer_stops_at_once_with_one_line(tmp_path, moment):
     """Two processes train; one is killed, in a step or while a checkpoint is being written. The
