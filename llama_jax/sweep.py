@@ -686,11 +686,13 @@ def open_study(workdir: Path, seed: int):
 
 def optuna_trials(study, axes: dict[str, Space], n: int) -> Iterator[Trial]:
     """Trials left running by an interrupted sweep first (same parameters, same directory), then
-    new ones asked of the sampler until the study holds `n`."""
+    new ones asked of the sampler until the study holds `n`. (A sweep stopped between asking for a
+    trial and suggesting its parameters left it running without some: they are suggested now.)"""
     import optuna
 
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        yield Trial(frozen.number, {key: frozen.params[key] for key in axes})
+        live = optuna.trial.Trial(study, frozen._trial_id)  # suggests a parameter it holds as held
+        yield Trial(frozen.number, {key: space.suggest(live, key) for key, space in axes.items()})
     while len(study.trials) < n:
         asked = study.ask()
         yield Trial(asked.number, {key: space.suggest(asked, key) for key, space in axes.items()})

@@ -375,6 +375,20 @@ def test_a_resumed_optuna_study_does_not_propose_its_first_points_again(tmp_path
     assert len(set(proposed)) == 3, proposed
 
 
+def test_an_optuna_trial_asked_but_not_given_its_parameters_is_resumed_with_them(tmp_path):
+    """A sweep stopped between the study's ask (a RUNNING trial, committed) and the suggestion of its
+    parameters left a trial without them; every later run of the sweep failed with a KeyError."""
+    axes = {"optimizer.lr": sweep_lib.loguniform(1e-5, 1e-1), "train.seed": sweep_lib.choice(0, 1)}
+    study = sweep_lib.open_study(tmp_path, seed=0)
+    stopped = study.ask()
+    stopped.suggest_float("optimizer.lr", 1e-5, 1e-1, log=True)  # the seed never suggested
+    study = sweep_lib.open_study(tmp_path, seed=0)  # the next run of the sweep
+    resumed = next(sweep_lib.optuna_trials(study, axes, 2))
+    assert resumed.number == stopped.number and resumed.overrides["optimizer.lr"] == stopped.params["optimizer.lr"]
+    assert resumed.overrides["train.seed"] in (0, 1)
+    assert study.trials[stopped.number].params == resumed.overrides  # recorded in the study, as asked ones are
+
+
 def test_parallel_trials_each_get_their_own_devices(tmp_path):
     workdir = tmp_path / "sweep"
     assert main(sweep_args(workdir, "--sweep", "train.seed=[0,1]", "--config.train.steps=2", "--parallel", "2",
