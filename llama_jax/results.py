@@ -37,24 +37,32 @@ def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]
     committed = _json(directory / "progress.json").get("committed_step")
     target = _json(directory / "config.json").get("train", {}).get("steps")
     steps = max([s for s, _ in train] + [committed or 0])
+    complete = isinstance(target, int) and isinstance(committed, int) and committed >= target
+    # a finished run logged its last step (and its closing evaluation there): final values of an earlier
+    # step, where the log lost its last lines, would rank the run by what it was not
+    at = target if complete else None
     return {
         "steps": steps,
-        "complete": isinstance(target, int) and isinstance(committed, int) and committed >= target,
-        "final_eval_loss": _last(records, "eval_loss"),
+        "complete": complete,
+        "final_eval_loss": _last(records, "eval_loss", at),
         "best_eval_loss": min(v for _, v in evals) if evals else None,
-        "final_train_loss": _last(records, "loss"),
+        "final_train_loss": _last(records, "loss", at),
         "tokens_per_second": speed[-1][1] if speed else None,
-        "final": _last(records, objective),
+        "final": _last(records, objective, at),
+        "log_damage": None if not complete or (train and train[-1][0] >= target) else
+        f"{directory / 'metrics.jsonl'} holds no training record of the last step, {target} (damaged or removed): "
+        f"the run's final values are left out",
     }
 
 
-def _last(records: list[dict], key: str) -> float | None:
+def _last(records: list[dict], key: str, at: int | None = None) -> float | None:
     """`key` of the last record holding it: NaN where that record has null (the run logged a
-    non-finite value, e.g. on a step `train.on_nonfinite=skip` passed over); None if none has it."""
-    held = [r[key] for r in records if key in r]
-    if not held:
+    non-finite value, e.g. on a step `train.on_nonfinite=skip` passed over); None if none has it,
+    or if that record is not of step `at` (when given)."""
+    held = [r for r in records if key in r]
+    if not held or at is not None and held[-1]["step"] != at:
         return None
-    return held[-1] if isinstance(held[-1], (int, float)) else math.nan
+    return held[-1][key] if isinstance(held[-1][key], (int, float)) else math.nan
 
 
 def finished_status(outcome: dict) -> str:
@@ -102,7 +110,9 @@ def collect(workdir: Path, spec: dict) -> tuple[list[str], list[dict[str, Any]],
         row = {"run": directory.name, **{k: trial.get("overrides", {}).get(k) for k in keys}, "status": status}
         row.update({k: outcome[k] for k in COLUMNS[1:]})
         row["objective"] = outcome["final"]
-        row["error"] = trial.get("error", "")
+        row["error"] = trial.get("error") or outcome["log_damage"] or ""
+        if not trial:  # (its status: unknown)
+            row["error"] = f"{directory / TRIAL_FILE} is damaged; run the sweep command again to rewrite it"
         row["curve"] = last_per_step(read_metrics(directory / "metrics.jsonl"), "loss")
         rows.append(row)
     rows.sort(key=_rank)

@@ -577,7 +577,7 @@ class Sweep:
                 active.process.send_signal(signal.SIGTERM)
             for active in running.values():
                 active.process.wait()
-                write_trial(active.directory, active.trial, "interrupted")
+                write_trial(active.directory, active.trial, "interrupted", started=active.started, ended=time.time())
 
     def _start(self, trial: Trial, slot: int, study) -> Running:
         from llama_jax.devices import subset_env

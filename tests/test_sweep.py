@@ -703,3 +703,32 @@ def test_the_lr_warmup_sweep_script_takes_flags_with_or_without_a_workdir(tmp_pa
         assert out.returncode == 0, out.stderr
         assert f"--workdir {workdir}/lr=0.01,warmup_steps=50 " in out.stdout
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def test_a_finished_trial_whose_log_lost_its_last_step_is_not_ranked_by_an_earlier_one(tmp_path):
+    """A finished trial's metrics.jsonl cut short (or removed) gave an earlier step's loss as its
+    final one, and ranked it by that, without a word."""
+    from llama_jax.results import collect
+
+    losses = {"a": [4.0, 3.0, 2.0, 1.5], "b": [4.0, 3.0, 2.5, 1.8]}
+    for name, values in losses.items():
+        run = tmp_path / name
+        run.mkdir()
+        sweep_lib.write_trial(run, sweep_lib.Trial(0, {"train.seed": name}), "done")
+        (run / "config.json").write_text(json.dumps({"train": {"steps": 4}}))
+        (run / "progress.json").write_text(json.dumps({"committed_step": 4}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
+                                                   for s, v in enumerate(values, start=1)))
+    spec = {"axes": {"train.seed": ["a", "b"]}, "objective": "loss"}
+    assert [(r["run"], r["final_train_loss"], r["error"]) for r in collect(tmp_path, spec)[1]] == \
+        [("a", 1.5, ""), ("b", 1.8, "")]
+    log = tmp_path / "a" / "metrics.jsonl"
+    log.write_text(log.read_text()[:-10])  # the last line cut short
+    rows = collect(tmp_path, spec)[1]
+    assert [(r["run"], r["final_train_loss"], r["objective"]) for r in rows] == [("b", 1.8, 1.8), ("a", None, None)]
+    assert rows[1]["error"] == (f"{log} holds no training record of the last step, 4 (damaged or removed): the run's "
+                                f"final values are left out")
+    (tmp_path / "b" / "trial.json").write_text('{"number": 0, "overr')  # a trial record cut short
+    rows = {r["run"]: r for r in collect(tmp_path, spec)[1]}
+    assert rows["b"]["status"] == "unknown" and rows["b"]["error"] == (
+        f"{tmp_path / 'b' / 'trial.json'} is damaged; run the sweep command again to rewrite it")
