@@ -49,7 +49,7 @@ def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]
         "final_train_loss": _last(records, "loss", at),
         "tokens_per_second": speed[-1][1] if speed else None,
         "final": _last(records, objective, at),
-        "log_damage": None if not complete or (train and train[-1][0] >= target) else
+        "log_damage": None if not complete or _last(records, "loss", at) is not None else
         f"{directory / 'metrics.jsonl'} holds no training record of the last step, {target} (damaged or removed): "
         f"the run's final values are left out",
     }

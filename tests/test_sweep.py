@@ -710,7 +710,7 @@ def test_a_finished_trial_whose_log_lost_its_last_step_is_not_ranked_by_an_earli
     final one, and ranked it by that, without a word."""
     from llama_jax.results import collect
 
-    losses = {"a": [4.0, 3.0, 2.0, 1.5], "b": [4.0, 3.0, 2.5, 1.8]}
+    losses = {"a": [4.0, 3.0, 2.0, 1.5], "b": [4.0, 3.0, 2.5, 1.8], "c": [4.0, 3.0, 2.5, None]}  # c: diverged
     for name, values in losses.items():
         run = tmp_path / name
         run.mkdir()
@@ -719,13 +719,14 @@ def test_a_finished_trial_whose_log_lost_its_last_step_is_not_ranked_by_an_earli
         (run / "progress.json").write_text(json.dumps({"committed_step": 4}))
         (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
                                                    for s, v in enumerate(values, start=1)))
-    spec = {"axes": {"train.seed": ["a", "b"]}, "objective": "loss"}
-    assert [(r["run"], r["final_train_loss"], r["error"]) for r in collect(tmp_path, spec)[1]] == \
-        [("a", 1.5, ""), ("b", 1.8, "")]
+    spec = {"axes": {"train.seed": ["a", "b", "c"]}, "objective": "loss"}
+    rows = collect(tmp_path, spec)[1]
+    assert [(r["run"], r["final_train_loss"], r["error"]) for r in rows[:2]] == [("a", 1.5, ""), ("b", 1.8, "")]
+    assert rows[2]["run"] == "c" and math.isnan(rows[2]["final_train_loss"]) and rows[2]["error"] == ""
     log = tmp_path / "a" / "metrics.jsonl"
     log.write_text(log.read_text()[:-10])  # the last line cut short
     rows = collect(tmp_path, spec)[1]
-    assert [(r["run"], r["final_train_loss"], r["objective"]) for r in rows] == [("b", 1.8, 1.8), ("a", None, None)]
+    assert [(r["run"], r["final_train_loss"], r["objective"]) for r in rows[:2]] == [("b", 1.8, 1.8), ("a", None, None)]
     assert rows[1]["error"] == (f"{log} holds no training record of the last step, 4 (damaged or removed): the run's "
                                 f"final values are left out")
     (tmp_path / "b" / "trial.json").write_text('{"number": 0, "overr')  # a trial record cut short
