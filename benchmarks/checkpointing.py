@@ -28,10 +28,15 @@ two moments the train state is ~400 MB), synthetic data.
    zero). Also timed: an async save's blocking part (until `save` returns) and its whole
    time until committed. MB/s of state bytes (save, restore) or of file bytes (copy, read)
    and the ratios. Files are read from the page cache (it is not dropped: the machine is shared).
+   Then synchronous saves keeping one checkpoint, back to back and after `--pause` (20) seconds
+   idle, with the kernel CPU time of each: on a VM that returns freed memory to its hypervisor,
+   a save after a pause (as in a run saving every few seconds or more) writes into memory the
+   VM must fault in again.
 
 Medians of `--repeats` after one warm-up each; compile times are not part of any figure.
 
-    python benchmarks/checkpointing.py [--steps 60] [--save-every 20] [--batch 8] [--seq-len 64] [--json FILE]
+    python benchmarks/checkpointing.py [--steps 60] [--save-every 20] [--batch 8] [--seq-len 64] [--pause 20]
+                                       [--json FILE]
 
 The default batch is 8 x 64 tokens rather than 8 x 256: at 8 x 256 a step took 6-7 s on the
 2 shared cores this was written on, too slow for these runs; the state (what a save writes) is
@@ -191,6 +196,8 @@ def throughput(args) -> dict:
                 total.append(time.perf_counter() - start)
         async_checkpoints.close()
 
+        paused = saves_after_pauses(tmp / "paused", state, info, args.pause)
+
         copy_dst = tmp / "copy"
         copy_s = median_seconds(lambda: shutil.copytree(step_dir, copy_dst), args.repeats,
                                 between=lambda: shutil.rmtree(copy_dst))
@@ -203,13 +210,33 @@ def throughput(args) -> dict:
             "save_MB_per_s": state_bytes / save_s / mb, "restore_MB_per_s": state_bytes / restore_s / mb,
             "copytree_MB_per_s": file_bytes / copy_s / mb, "read_files_MB_per_s": file_bytes / read_s / mb,
             "save_over_copytree": save_s / copy_s, "restore_over_read_files": restore_s / read_s,
-            "restore_over_copytree": restore_s / copy_s}
+            "restore_over_copytree": restore_s / copy_s, "saves_after_pauses": paused}
+
+
+def saves_after_pauses(directory: Path, state, info: dict, pause: int) -> list[dict]:
+    """Synchronous saves keeping one checkpoint (each frees the previous one's files), back to back
+    and after `pause` seconds idle: wall and kernel (system) CPU seconds of each. Where the host
+    hands freed memory back to its hypervisor (a VM's free page reporting), the page cache of a
+    save that follows a pause is built in memory the VM must fault in again."""
+    from llama_jax.checkpoint import RunCheckpoints
+
+    checkpoints = RunCheckpoints(directory, every=1, max_to_keep=1, async_save=False)
+    rows = []
+    for step, idle in enumerate((0, 0, 0, pause, 0, 0, pause, 0), start=1):
+        time.sleep(idle)
+        system, start = os.times().system, time.perf_counter()
+        checkpoints.save(step, state, info, force=True)
+        checkpoints.wait()
+        rows.append({"pause_seconds": idle, "save_seconds": time.perf_counter() - start,
+                     "system_cpu_seconds": os.times().system - system})
+    checkpoints.close()
+    return rows[2:]  # after two warm-ups
 
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     for name, default in dict(dim=512, layers=8, heads=8, ffn=1408, vocab=8000, batch=8, seq_len=64,
-                              steps=60, save_every=20, baseline_steps=30, repeats=3).items():
+                              steps=60, save_every=20, baseline_steps=30, repeats=3, pause=20).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=default)
     parser.add_argument("--skip-overhead", action="store_true", help="only the save/restore throughput")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -246,6 +273,9 @@ def main(argv=None) -> int:
               f"{s / io['read_files_seconds']:.2f} |")
     print(f"\nasync save (RunCheckpoints, async_save=True, nothing else running in this process): `save` returns "
           f"after {io['async_save_blocking_seconds']:.2f} s, committed after {io['async_save_until_committed_seconds']:.2f} s")
+    print("\nsync saves keeping one checkpoint, each after the pause given: " + ", ".join(
+        f"{r['pause_seconds']} s idle -> {r['save_seconds']:.2f} s ({r['system_cpu_seconds']:.2f} s system CPU)"
+        for r in io["saves_after_pauses"]))
     if "overhead" in results:
         summary = results["overhead"]["summary"]
         print(f"\n| checkpointing in the run loop | s/step, windows with a save | s/step, windows without | "
