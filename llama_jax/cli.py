@@ -345,7 +345,7 @@ def _init_distributed(args) -> None:
     from llama_jax.devices import on_tpu_vm
 
     if args.num_processes is not None and args.num_processes > 1:
-        if args.process_id == 0:
+        if args.process_id == 0 and not os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):  # (else JAX binds that)
             _check_coordinator_port(args.coordinator)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
         _join_processes(args.join_timeout, coordinator_address=args.coordinator, num_processes=args.num_processes,
@@ -368,12 +368,14 @@ def _check_coordinator_port(coordinator: str) -> None:
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (an earlier run's closed connections)
+                if family == socket.AF_INET6:  # dual stack, as gRPC listens, whatever the system's default
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 probe.bind((host, port))
             return
         except OSError as e:
             if e.errno in (errno.EADDRINUSE, errno.EACCES):
                 raise UserError(f"--coordinator {coordinator}: process 0 cannot listen on port {port} ({e.strerror}); "
-                                f"choose a free port (the same for every process)") from None
+                                f"choose a free port this user may open (the same for every process)") from None
             # no IPv6 on this host: try IPv4; other errors are left to JAX
 
 
@@ -437,7 +439,7 @@ def _join_processes(timeout_s: int, **settings) -> None:
     deadline = time.monotonic() + timeout_s
     while joining.is_alive():
         joining.join(0.2)
-        if not joined.is_set() and time.monotonic() > deadline:
+        if not joined.is_set() and not failure and time.monotonic() > deadline:
             if settings:
                 raise UserError(f"the {settings['num_processes']} processes of the run did not all join at "
                                 f"{settings['coordinator_address']} within {timeout_s} s (--join-timeout); start "
@@ -963,7 +965,7 @@ def cmd_plan(args) -> None:
     from llama_jax.plan import format_plan, plan, runnable_config
     from llama_jax.train import validate_config
 
-    if args.devices:  # the mesh checked before the devices are created (for the kernel planned here)
+    if args.devices:  # the mesh checked before anything is compiled (for the kernel planned here)
         validate_config(runnable_config(config), args.devices)
 
     print(format_plan(plan(config)))

@@ -82,11 +82,15 @@ def export(workdir: Path, result) -> tuple[Path, Path, bool]:
             not any("loss" in record for record in result.logged):  # nothing trained this time
         return model_dir, hf_dir, False
     for directory, kind in ((model_dir, MODEL_DIR), (hf_dir, OUTPUT_KINDS["hf"])):  # both, before either is written
-        foreign = foreign_entries(directory, kind) if directory.is_dir() and not directory.is_symlink() else []
+        way_out = f"the demo replaces {directory} with its export of the final checkpoint"
+        if directory.is_symlink() or directory.exists() and not directory.is_dir():
+            raise ValueError(f"{directory} is a {'link' if directory.is_symlink() else 'file'}, not the {kind.name} "
+                             f"the demo wrote; {way_out}: move it away, or give the demo another --workdir")
+        foreign = foreign_entries(directory, kind) if directory.is_dir() else []
         if foreign:
-            raise ValueError(f"{directory} holds {foreign[0]!r}, which is not part of a {kind.name}; the demo "
-                             f"replaces {directory} with its export of the final checkpoint: move {foreign[0]!r} "
-                             f"out of it, or give the demo another --workdir")
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise ValueError(f"{directory} holds {foreign[0]!r}{more}, which is not part of a {kind.name}; "
+                             f"{way_out}: move {foreign[0]!r} out of it, or give the demo another --workdir")
     export_model(workdir, model_dir, overwrite=True)
     convert("jax", model_dir, "hf", hf_dir, overwrite=True, progress=False)
     return model_dir, hf_dir, True

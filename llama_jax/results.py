@@ -49,10 +49,21 @@ def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]
         "final_train_loss": _last(records, "loss", at),
         "tokens_per_second": speed[-1][1] if speed else None,
         "final": _last(records, objective, at),
-        "log_damage": None if not complete or _last(records, "loss", at) is not None else
-        f"{directory / 'metrics.jsonl'} holds no training record of the last step, {target} (damaged or removed): "
-        f"the run's final values are left out",
+        "log_damage": _log_damage(directory, records, at),
     }
+
+
+def _log_damage(directory: Path, records: list[dict], last_step: int | None) -> str | None:
+    """What a finished run's metrics.jsonl lacks of its `last_step` (the training record, and the
+    closing evaluation where the run evaluated), if anything: lines lost to damage or removal."""
+    if last_step is None:
+        return None
+    lacking = [what for what, key in (("training", "loss"), ("evaluation", "eval_loss"))
+               if _last(records, key, last_step) is None and (key == "loss" or any(key in r for r in records))]
+    if not lacking:
+        return None
+    return (f"{directory / 'metrics.jsonl'} holds no {' or '.join(lacking)} record of the last step, {last_step} "
+            f"(damaged or removed): the run's final values are left out")
 
 
 def _last(records: list[dict], key: str, at: int | None = None) -> float | None:
@@ -112,7 +123,9 @@ def collect(workdir: Path, spec: dict) -> tuple[list[str], list[dict[str, Any]],
         row["objective"] = outcome["final"]
         row["error"] = trial.get("error") or outcome["log_damage"] or ""
         if not trial:  # (its status: unknown)
-            row["error"] = f"{directory / TRIAL_FILE} is damaged; run the sweep command again to rewrite it"
+            row["error"] = f"{directory / TRIAL_FILE} is damaged; " + (
+                "the trial's state is in optuna.db" if spec.get("search") == "optuna" else
+                "run the sweep command again to rewrite it")
         row["curve"] = last_per_step(read_metrics(directory / "metrics.jsonl"), "loss")
         rows.append(row)
     rows.sort(key=_rank)

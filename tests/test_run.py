@@ -599,6 +599,14 @@ def test_the_demo_fits_its_greedy_continuation_and_reports_its_failure(tmp_path,
         f"demo another --workdir")
     assert (model / "model_config.json").stat().st_mtime_ns == exported and (hf / "notes.txt").read_text() == "mine"
     (hf / "notes.txt").unlink()
+    hf.rename(tmp_path / "hf-moved")
+    hf.symlink_to(tmp_path / "hf-moved")  # a link in its place: refused as well, before model/ is replaced
+    assert main(further) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"llama-jax demo: error: {hf} is a link, not the Hugging Face model directory the demo wrote; the demo "
+        f"replaces {hf} with its export of the final checkpoint: move it away, or give the demo another --workdir")
+    assert (model / "model_config.json").stat().st_mtime_ns == exported
+    hf.unlink()
     assert main(further) == 0 and "\nexported the final checkpoint:" in capsys.readouterr().out
 
     def refusing(args):

@@ -729,7 +729,17 @@ def test_a_finished_trial_whose_log_lost_its_last_step_is_not_ranked_by_an_earli
     assert [(r["run"], r["final_train_loss"], r["objective"]) for r in rows[:2]] == [("b", 1.8, 1.8), ("a", None, None)]
     assert rows[1]["error"] == (f"{log} holds no training record of the last step, 4 (damaged or removed): the run's "
                                 f"final values are left out")
+    # a run that evaluated, whose closing evaluation record is lost: its objective is not an earlier evaluation's
+    log = tmp_path / "b" / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in [*map(json.loads, log.read_text().splitlines()),
+                                                            {"step": 2, "eval_loss": 3.5}]))
+    row = next(r for r in collect(tmp_path, {**spec, "objective": "eval_loss"})[1] if r["run"] == "b")
+    assert (row["final_train_loss"], row["final_eval_loss"], row["objective"]) == (1.8, None, None)
+    assert row["error"] == (f"{log} holds no evaluation record of the last step, 4 (damaged or removed): the run's "
+                            f"final values are left out")
     (tmp_path / "b" / "trial.json").write_text('{"number": 0, "overr')  # a trial record cut short
-    rows = {r["run"]: r for r in collect(tmp_path, spec)[1]}
-    assert rows["b"]["status"] == "unknown" and rows["b"]["error"] == (
-        f"{tmp_path / 'b' / 'trial.json'} is damaged; run the sweep command again to rewrite it")
+    for search, advice in (("grid", "run the sweep command again to rewrite it"),
+                           ("optuna", "the trial's state is in optuna.db")):
+        rows = {r["run"]: r for r in collect(tmp_path, {**spec, "search": search})[1]}
+        damaged = f"{tmp_path / 'b' / 'trial.json'} is damaged; {advice}"
+        assert (rows["b"]["status"], rows["b"]["error"]) == ("unknown", damaged)

@@ -397,7 +397,7 @@ def test_a_run_that_cannot_form_is_refused_in_one_line(tmp_path):
                               capture_output=True, text=True, timeout=120)
     assert held.returncode == 2 and held.stderr.strip() == (
         f"llama-jax train: error: --coordinator 127.0.0.1:{port}: process 0 cannot listen on port {port} (Address "
-        f"already in use); choose a free port (the same for every process)"), held.stderr[-3000:]
+        f"already in use); choose a free port this user may open (the same for every process)"), held.stderr[-3000:]
     port = _free_port()
     for process_id in ("0", "1"):  # the coordinator without its peer; a peer without its coordinator
         alone = subprocess.run([*cmd, "--coordinator", f"127.0.0.1:{port}", "--process-id", process_id,

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     try:
-        corpus = Corpus(resolve_inputs(args.input), args.jsonl_key or "text")
+        corpus = Corpus(resolve_inputs(args.input), "text" if args.jsonl_key is None else args.jsonl_key)
         check_arguments(args, corpus.files)
         print(f"training a {args.vocab_size}-piece {args.model_type} tokenizer on {len(corpus.files)} file(s)",
               flush=True)
