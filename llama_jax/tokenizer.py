@@ -15,12 +15,13 @@ import functools
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import sentencepiece as spm
+
+from llama_jax.safe_io import atomic_file
 
 
 @runtime_checkable
@@ -325,17 +326,8 @@ def train_sentencepiece(
 
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(output) as tmp, open(tmp, "wb") as f:
+        f.write(model.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
     return output
