@@ -123,9 +123,7 @@ def collect(workdir: Path, spec: dict) -> tuple[list[str], list[dict[str, Any]],
         row["objective"] = outcome["final"]
         row["error"] = trial.get("error") or outcome["log_damage"] or ""
         if not trial:  # (its status: unknown)
-            row["error"] = f"{directory / TRIAL_FILE} is damaged; " + (
-                "the trial's state is in optuna.db" if spec.get("search") == "optuna" else
-                "run the sweep command again to rewrite it")
+            row["error"] = f"{directory / TRIAL_FILE} is damaged; run the sweep command again to rewrite it"
         row["curve"] = last_per_step(read_metrics(directory / "metrics.jsonl"), "loss")
         rows.append(row)
     rows.sort(key=_rank)

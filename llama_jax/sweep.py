@@ -698,6 +698,28 @@ def optuna_trials(study, axes: dict[str, Space], n: int) -> Iterator[Trial]:
         yield Trial(asked.number, {key: space.suggest(asked, key) for key, space in axes.items()})
 
 
+def rewrite_lost_records(study, sweep: Sweep) -> None:
+    """The trial.json of each trial the study has finished whose record was damaged or removed since,
+    written again from the study and the run's files (a grid or random sweep runs such a trial
+    again, which rewrites it; a study never returns to a finished trial)."""
+    import optuna
+
+    from llama_jax.results import finished_status, run_outcome
+
+    states = optuna.trial.TrialState
+    for frozen in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL)):
+        if not all(key in frozen.params for key in sweep.axes):
+            continue
+        trial = Trial(frozen.number, {key: frozen.params[key] for key in sweep.axes})
+        directory = sweep.directory(trial)
+        if not directory.is_dir() or read_trial(directory):
+            continue
+        outcome = run_outcome(directory, sweep.objective)
+        status = {states.COMPLETE: "done", states.PRUNED: "pruned"}.get(frozen.state) or (
+            finished_status(outcome) if outcome["complete"] else "failed")  # (the study fails diverged trials too)
+        write_trial(directory, trial, status)
+
+
 def study_trial(study, trial: Trial):
     import optuna
 
@@ -890,6 +912,7 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
                 raise
         if spec.search == "optuna":
             study = open_study(workdir, spec.seed)
+            rewrite_lost_records(study, sweep)
             sweep.run(optuna_trials(study, axes, spec.trials), study)
             return
         todo = [t for t in listed if read_trial(sweep.directory(t)).get("status") not in FINISHED]
