@@ -411,6 +411,9 @@ def _check_process_flags(args) -> None:
                             f"10.0.0.2:1234 (process 0's host)")
 
 
+MAX_JOIN_TIMEOUT_S = 86400  # (JAX takes its timeouts as 32-bit integers)
+
+
 def _join_processes(timeout_s: int, **settings) -> None:
     """`jax.distributed.initialize(**settings)`, which waits for every process to join, and the
     start of the backend, in a thread of its own: the main thread waits in Python, where Ctrl-C and
@@ -993,8 +996,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    p.add_argument("--join-timeout", type=positive_int, default=300, metavar="SECONDS",
-                   help="multi-process: how long each process waits for the others to join (default 300)")
+    p.add_argument("--join-timeout", type=int_at_least(1, MAX_JOIN_TIMEOUT_S, "86400 (a day)"), default=300,
+                   metavar="SECONDS", help="multi-process: how long each process waits for the others to join "
+                                           "(default 300)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="continue prompts with a model directory or a run (KV-cache decoding)")

@@ -139,6 +139,12 @@ CASES = [
          r"--coordinator 127.0.0.1: expected HOST:PORT with a port in 1..65535"),
     Case("train-coordinator-port-too-large", NEW_RUN + " --num-processes 2 --coordinator h:99999 --process-id 0",
          r"--coordinator h:99999: expected HOST:PORT"),
+    Case("train-join-timeout-zero", NEW_RUN + " --join-timeout 0",
+         r"argument --join-timeout: must be at least 1, got 0"),
+    Case("train-join-timeout-not-a-number", NEW_RUN + " --join-timeout soon",
+         r"argument --join-timeout: invalid integer 'soon'"),
+    Case("train-join-timeout-too-long", NEW_RUN + " --join-timeout 99999999999",
+         r"argument --join-timeout: must be at most 86400 \(a day\), got 99999999999"),
     # ---- train: data and tokenizer ----
     Case("train-unknown-data-source", NEW_RUN + " --config.data.source=web",
          r"data.source='web' is not supported; valid: prepared, embedded, stdlib, text, jsonl, tfds, synthetic"),

@@ -33,6 +33,7 @@ def script(monkeypatch):
 
 @pytest.mark.parametrize("script, args, message", [
     ("checkpointing.py", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    ("checkpointing.py", ["--pause", "0"], "argument --pause: must be at least 1, got 0"),
     ("convert_memory.py", ["--layers", "0"], "argument --layers: must be at least 1, got 0"),
     ("convert_memory.py", ["--dim", "100"], "--dim 100 is not a multiple of 24; the checkpoint has 12 heads"),
     ("data_loading.py", ["--steps", "-3"], "argument --steps: must be at least 2, got -3"),
