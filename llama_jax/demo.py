@@ -75,7 +75,7 @@ def export(workdir: Path, result) -> tuple[Path, Path, bool]:
     from llama_jax.convert.pipeline import OUTPUT_KINDS, convert
     from llama_jax.model_dir import MODEL_DIR
     from llama_jax.run import export_model
-    from llama_jax.safe_io import foreign_entries
+    from llama_jax.safe_io import describe_foreign, foreign_entries
 
     model_dir, hf_dir = workdir / "model", workdir / "hf"
     if _exported_after(workdir / "checkpoints" / str(result.final_step), model_dir, hf_dir) and \
@@ -88,9 +88,8 @@ def export(workdir: Path, result) -> tuple[Path, Path, bool]:
                              f"the demo wrote; {way_out}: move it away, or give the demo another --workdir")
         foreign = foreign_entries(directory, kind) if directory.is_dir() else []
         if foreign:
-            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-            raise ValueError(f"{directory} holds {foreign[0]!r}{more}, which is not part of a {kind.name}; "
-                             f"{way_out}: move {foreign[0]!r} out of it, or give the demo another --workdir")
+            raise ValueError(f"{describe_foreign(directory, kind, foreign)}; {way_out}: move {foreign[0]!r} out of "
+                             f"it, or give the demo another --workdir")
     export_model(workdir, model_dir, overwrite=True)
     convert("jax", model_dir, "hf", hf_dir, overwrite=True, progress=False)
     return model_dir, hf_dir, True

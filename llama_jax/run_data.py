@@ -29,7 +29,7 @@ from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import Source, TrainRows
 from llama_jax.prepare import MANIFEST, read_from
-from llama_jax.safe_io import copy_file_atomic, sha256_file
+from llama_jax.safe_io import copy_file_atomic, owned_temp_directory, sha256_file
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
 RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
@@ -103,8 +103,6 @@ def _move_into_place(staged: Path, final: Path) -> None:
 def staging_directory() -> Path:
     """A new temporary directory to prepare a run's data in, recording which process owns it
     (those that killed processes left behind are removed first)."""
-    from llama_jax.safe_io import owned_temp_directory
-
     return owned_temp_directory(STAGING_PREFIX)
 
 

@@ -91,8 +91,7 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
         raise ValueError(f"{dst} exists and is not a directory; --overwrite replaces only a {kind.name}")
     foreign = foreign_entries(dst, kind)
     if foreign:
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise ValueError(f"{dst} holds {foreign[0]!r}{more}, which is not part of a {kind.name}; --overwrite "
+        raise ValueError(f"{describe_foreign(dst, kind, foreign)}; --overwrite "
                          f"replaces only a {kind.name}, so choose another destination")
     return dst
 
@@ -100,6 +99,12 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
 def foreign_entries(directory: Path, kind: OutputKind) -> list[str]:
     """The names in `directory` that a `kind` does not hold, sorted: what replacing it would lose."""
     return sorted(p.name for p in directory.iterdir() if not kind.writes(p.name))
+
+
+def describe_foreign(directory: Path, kind: OutputKind, foreign: list[str]) -> str:
+    """`foreign_entries` for a message: "DIR holds 'NAME' (and N more), which is not part of a KIND"."""
+    more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+    return f"{directory} holds {foreign[0]!r}{more}, which is not part of a {kind.name}"
 
 
 def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
