@@ -513,29 +513,43 @@ def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> 
 
 
 def _runs_own_data(args, config) -> bool:
-    """Whether a command given --workdir RUN reads the run's own data: no data.* override, and no
-    --config or one whose data section is RUN/config.json's (`run_data.runs_own_settings`)."""
+    """Whether a command given --workdir RUN reads the run's own data: its data section, with any
+    --config and data.* overrides, is RUN/config.json's (`run_data.runs_own_settings`)."""
     from llama_jax.run_data import runs_own_settings
 
-    return args.workdir is not None and not any(o.split("=", 1)[0].startswith("data.") for o in args.overrides) \
-        and runs_own_settings(config.data, Path(args.workdir))
+    return args.workdir is not None and runs_own_settings(config.data, Path(args.workdir))
 
 
 EVAL_RESULT_KEYS = ("loss", "perplexity", "tokens")  # what marks a file as an earlier result of eval
 LM_EVAL_RESULT_KEYS = ("results", "configs")  # ... of lm-eval
 
 
-def eval_file_name(record: dict, own_data: bool) -> str:
-    """A run's default result file: eval-STEP.json for its own held-out documents, and for other data
-    settings eval-STEP-TAG.json, TAG 8 hex digits of their hash, so that a score of other data never
-    replaces the run's own nor one of a third."""
+def eval_file_name(record: dict, own_data: bool, run_seq_len: int | None) -> str:
+    """A run's default result file: eval-STEP.json for its own held-out documents in windows of its
+    own train.seq_len (`run_seq_len`), and otherwise eval-STEP-TAG.json, TAG 8 hex digits of a hash
+    of the data settings (and of seq_len, when not the run's), so that a score of other data or
+    other windows never replaces the run's own nor one of a third."""
     import hashlib
     import json
 
-    if own_data:
+    own_windows = record["seq_len"] == run_seq_len
+    if own_data and own_windows:
         return f"eval-{record['step']}.json"
-    settings = json.dumps(record["data"], sort_keys=True, default=str).encode()
+    what = record["data"] if own_windows else {"data": record["data"], "seq_len": record["seq_len"]}
+    settings = json.dumps(what, sort_keys=True, default=str).encode()
     return f"eval-{record['step']}-{hashlib.sha256(settings).hexdigest()[:8]}.json"
+
+
+def _run_seq_len(workdir) -> int | None:
+    """train.seq_len of the run in `workdir` (its config.json), None when that cannot be read."""
+    import json
+
+    if workdir is None:
+        return None
+    try:
+        return json.loads((Path(workdir) / "config.json").read_text())["train"]["seq_len"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cmd_eval(args) -> None:
@@ -543,6 +557,7 @@ def cmd_eval(args) -> None:
 
     from llama_jax.evaluate import evaluate_held_out
     from llama_jax.experiment import check_train_section, load_config
+    from llama_jax.metrics import nonfinite_as_null
     from llama_jax.model_dir import EVAL_FILE
     from llama_jax.safe_io import check_results_file, write_text_atomic
 
@@ -566,17 +581,21 @@ def cmd_eval(args) -> None:
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
     own_data = _runs_own_data(args, config)
-    record = evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len, args.batch_size,
-                               progress=True, run_config=own_data)
-    default = Path(args.workdir) / eval_file_name(record, own_data) if args.workdir else Path(args.model) / EVAL_FILE
+    record = nonfinite_as_null(evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len,
+                                                 args.batch_size, progress=True, run_config=own_data))
+    default = (Path(args.workdir) / eval_file_name(record, own_data, _run_seq_len(args.workdir)) if args.workdir
+               else Path(args.model) / EVAL_FILE)
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
     output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval",
                                 EVAL_RESULT_KEYS)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, json.dumps(record, indent=2) + "\n")
-    bpb = "n/a" if record["bits_per_byte"] is None else f"{record['bits_per_byte']:.4f}"
-    print(f"held-out: loss {record['loss']:.4f} nats/token, perplexity {record['perplexity']:.2f}, "
-          f"{bpb} bits/byte, accuracy {record['accuracy']:.1%} over {record['tokens']:,} "
+
+    def shown(key: str, form: str) -> str:  # (null: a model whose outputs are not finite)
+        return "n/a" if record[key] is None else format(record[key], form)
+
+    print(f"held-out: loss {shown('loss', '.4f')} nats/token, perplexity {shown('perplexity', '.2f')}, "
+          f"{shown('bits_per_byte', '.4f')} bits/byte, accuracy {shown('accuracy', '.1%')} over {record['tokens']:,} "
           f"tokens of {record['documents']:,} documents; written to {output}", file=sys.stderr)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from llama_jax.config import LLaMAConfig, is_int
 from llama_jax.data import pack_row, stack_rows
-from llama_jax.model import params_in_layout
+from llama_jax.model import check_params, params_in_layout
 from llama_jax.sharding import make_mesh, mesh_context
 
 MIN_BUCKET = 16  # shortest padded length of a scoring batch
@@ -74,6 +74,7 @@ class _Forward:
         from llama_jax.attention import runnable_here
 
         config = config.replace(attention_impl=runnable_here(config.attention_impl))  # a GPU run's model, here
+        check_params(config.replace(scan_layers=isinstance(params, Mapping) and "layers" in params), params)
         self.config, self.params, self.mesh = config, params_in_layout(config, params), mesh
         self.context = context or contextlib.nullcontext
         self.scores = _jitted_scores(config, mesh)
@@ -171,6 +172,9 @@ def evaluate_documents(config: LLaMAConfig, params, documents: Iterable[str], to
                        context: Callable | None = None, progress: bool = False) -> EvalResult:
     """Loss, accuracy and counts over every target of `documents` (texts, each encoded with BOS and
     EOS), or over the first `max_batches` batches of them; see `evaluate_tokens`."""
+    if isinstance(documents, (str, bytes)):
+        raise TypeError(f"documents is an iterable of texts, got one {type(documents).__name__}; pass [text] to "
+                        f"score a single document")
     total = len(documents) if hasattr(documents, "__len__") else None
     encoded = ((tokenizer.encode(text, bos=True, eos=True), len(text.encode("utf-8"))) for text in documents)
     return evaluate_tokens(config, params, encoded, seq_len, batch_size, max_batches, mesh, context, progress, total)
@@ -185,7 +189,8 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
 
     Batches are [batch_size, seq_len] (batch_size rounded up to a multiple of the mesh's
     data-parallel size); the last is filled with empty rows. `mesh`/`context`: run on sharded
-    params (see `_Forward`). `progress`: a progress bar over the `total` documents.
+    params (see `_Forward`). `progress`: a progress bar over the `total` documents. ValueError for
+    token ids outside the vocabulary, and for documents with no target at all (none given).
     """
     _check_seq_len(seq_len, config)
     if not is_int(batch_size) or batch_size < 1:
@@ -197,12 +202,13 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
     result = EvalResult()
     bar = _progress(progress, total, "documents")
 
-    def counted() -> Iterator[Sequence[int]]:
+    def counted() -> Iterator[np.ndarray]:
         for tokens, n_bytes in documents:
+            ids = _checked_ids(tokens, config.vocab_size, f"document {result.documents}")
             result.documents += 1
             result.bytes += int(n_bytes)
             bar.update(1)
-            yield tokens
+            yield ids
 
     batches = held_out_batches(counted(), seq_len, rows_per_batch, max_batches, forward.row_multiple())
     try:
@@ -212,9 +218,24 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
             result.tokens += int(np.sum(mask))
     finally:
         bar.close()
+    if not result.tokens:
+        raise ValueError(f"nothing to evaluate: {result.documents} documents with no target (a document "
+                         f"of n >= 2 tokens has n - 1 targets)")
     if max_batches is not None:
         result.bytes = None
     return result
+
+
+def _checked_ids(tokens, vocab_size: int, what: str) -> np.ndarray:
+    """`tokens` as an int32 array; ValueError naming `what` unless they are integers in the
+    vocabulary (a bad id would read a NaN or clipped embedding row under jit)."""
+    ids = np.asarray(tokens)
+    if ids.ndim != 1 or ids.size and ids.dtype.kind not in "iu":
+        raise ValueError(f"{what}: token ids must be a sequence of integers, got {ids.dtype} of shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return ids.astype(np.int32, copy=False)
 
 
 def evaluate_splits(config: LLaMAConfig, params, splits: Mapping[str, object], seq_len: int, batch_size: int = 8,
@@ -224,9 +245,15 @@ def evaluate_splits(config: LLaMAConfig, params, splits: Mapping[str, object], s
     split of each source of a mixture); sum the results for all of them together."""
     from llama_jax.run_data import split_documents
 
-    return {name: evaluate_tokens(config, params, split_documents(split), seq_len, batch_size, max_batches, mesh,
-                                  context, progress, split.documents)
-            for name, split in splits.items()}
+    results = {}
+    for name, split in splits.items():
+        try:
+            results[name] = evaluate_tokens(config, params, split_documents(split), seq_len, batch_size,
+                                            max_batches, mesh, context, progress, split.documents)
+        except ValueError as e:
+            raise ValueError(f"{split.directory}, split {split.name}: {e}; the prepared data is damaged (llama-jax "
+                             f"prepare-data --verify checks it): prepare it again") from None
+    return results
 
 
 def held_out_batches(documents: Iterable[Sequence[int]], seq_len: int, rows: int,
@@ -307,11 +334,11 @@ class Scorer:
                  context: Callable | None = None, max_length: int | None = None):
         if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if max_length is not None and not (is_int(max_length) and 1 <= max_length <= config.max_seq_len):
+            raise ValueError(f"max_length={max_length!r} is out of range; valid: an integer from 1 to the model's "
+                             f"max_seq_len ({config.max_seq_len}), or None for max_seq_len")
         self.config = config
-        self.max_length = max_length or config.max_seq_len
-        if not 1 <= self.max_length <= config.max_seq_len:
-            raise ValueError(f"max_length={self.max_length} is out of range; valid: 1 to the model's "
-                             f"max_seq_len ({config.max_seq_len})")
+        self.max_length = config.max_seq_len if max_length is None else int(max_length)
         self.forward = _Forward(config, params, mesh, context)
         multiple = self.forward.row_multiple()
         self.batch_size = -(-batch_size // multiple) * multiple
@@ -353,9 +380,9 @@ class Scorer:
             raise ValueError(f"request {i}: the continuation has {len(continuation)} tokens, more than the "
                              f"model's context of {L}; it cannot be scored in one window")
         whole = list(context) + list(continuation)
-        bad = next((t for t in whole if not (is_int(t) and 0 <= t < V)), None)
-        if bad is not None:
-            raise ValueError(f"request {i}: token id {bad!r}; valid: integers in [0, {V})")
+        bad = [t for t in whole if not (is_int(t) and 0 <= t < V)]
+        if bad:  # (a list: None is a bad id too)
+            raise ValueError(f"request {i}: token id {bad[0]!r}; valid: integers in [0, {V})")
         whole = [int(t) for t in whole]
         return (whole[-(L + 1):], len(continuation)), len(whole) > L + 1
 
@@ -517,15 +544,14 @@ def run_data_config(data_config, workdir, run_config: bool = False):
     from pathlib import Path
 
     from llama_jax.prepare import DOCUMENT_SOURCES, MANIFEST, document_settings, recorded_documents
-    from llama_jax.run_data import DATA_DIR, RunError
+    from llama_jax.run_data import DATA_DIR, RunError, prepared_copy_missing
 
     directory = Path(os.path.abspath(workdir)) / DATA_DIR
     if data_config.get("source") not in DOCUMENT_SOURCES:
         return data_config
     if not (directory / MANIFEST).is_file():
         if run_config:
-            raise RunError(f"{directory}, the run's prepared copy of its documents, is missing; give the data to "
-                           f"score with --config FILE")
+            raise RunError(f"{prepared_copy_missing(directory)}; give the data to score with --config FILE")
         return data_config
     if not run_config:
         try:

@@ -261,6 +261,8 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     _check_ids(config, eos_id, n_tokens)
     if on_tokens is not None and not (is_int(chunk) and chunk >= 1):
         raise ValueError(f"chunk must be a positive integer (new tokens between on_tokens calls), got {chunk!r}")
+    if pad_to is not None and not (is_int(pad_to) and pad_to >= 0):
+        raise ValueError(f"pad_to must be a non-negative integer (a prompt length) or None, got {pad_to!r}")
     max_new_tokens, temperature, seed = int(max_new_tokens), float(temperature), int(seed)
     top_k, top_p, eos_id, n_tokens = (None if v is None else kind(v) for v, kind in
                                       ((top_k, int), (top_p, float), (eos_id, int), (n_tokens, int)))
@@ -294,7 +296,7 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     while True:
         if on_tokens is not None:
             finished_at = [len(row) if n is None and bool(flag) else n for row, flag, n in
-                           zip(rows, on_tokens(rows), finished_at)]
+                           zip(rows, _row_flags(on_tokens(rows), len(rows)), finished_at)]
             finished = np.array([n is not None for n in finished_at])
             state = state._replace(done_B=state.done_B | finished)
         if len(rows[0]) == max_new_tokens or finished.all() or bool(jnp.all(state.done_B)):
@@ -310,6 +312,17 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     return rows
 
 
+def _row_flags(flags, n_rows: int) -> list:
+    """What `on_tokens` returned, checked to be one flag per row."""
+    try:
+        flags = list(flags)
+    except TypeError:
+        raise TypeError(f"on_tokens must return one flag per row ({n_rows}), got a {type(flags).__name__}") from None
+    if len(flags) != n_rows:
+        raise ValueError(f"on_tokens must return one flag per row ({n_rows}), got {len(flags)}")
+    return flags
+
+
 def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mesh | None = None,
                     batch_size: int | None = None) -> Mapping:
     """`params` (scanned or unscanned) as `generate` decodes with them: on the device (host arrays
@@ -323,14 +336,16 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
     this on every call, which copies the layers' weights (all of them for scanned params, the
     q/k/v kernels for a batch of one); a caller that generates many times from the same weights
     does it once and passes the result. Params already joined stay joined (any batch size)."""
+    if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive integer (the rows decoded together) or None, "
+                         f"got {batch_size!r}")
     params = nn.meta.unbox(params)  # params straight from `LLaMA(cfg).init` carry their axis names
-    joined = "qkv" in params.get("layers_0", {}).get("attn", {})
+    joined = isinstance(params, Mapping) and "qkv" in params.get("layers_0", {}).get("attn", {})
     if joined and mesh is not None and mesh.size > 1:
         raise ValueError(f"these params have their q/k/v kernels joined for one device (decoding_params with "
                          f"batch_size=1); a mesh of {mesh.size} devices needs the unjoined params")
-    stacked = "layers" in params
-    if not joined:  # (joined params came from here)
-        check_params(config.replace(scan_layers=stacked), params)
+    stacked = isinstance(params, Mapping) and "layers" in params
+    check_params(config.replace(scan_layers=stacked), params, joined_qkv=joined)
     if mesh is None:  # host arrays (NumPy's, from a converter) go to the device once, not on every compiled call
         params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     if mesh is not None and not joined:

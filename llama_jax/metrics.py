@@ -125,6 +125,16 @@ def _finite_or_none(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def nonfinite_as_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float in it, through dicts and lists, as None (JSON null:
+    `json.dumps` would write NaN, which is not JSON)."""
+    if isinstance(value, dict):
+        return {k: nonfinite_as_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nonfinite_as_null(v) for v in value]
+    return _finite_or_none(value)
+
+
 def _import_tensorboardx():
     """The tensorboardX module, or None when it is not installed.
 

@@ -521,11 +521,12 @@ def param_count(cfg: LLaMAConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract_params(cfg))))
 
 
-def check_params(cfg: LLaMAConfig, params) -> None:
-    """Raise ValueError naming the first parameter whose path or shape does not fit `cfg`."""
+def check_params(cfg: LLaMAConfig, params, joined_qkv: bool = False) -> None:
+    """Raise ValueError naming the first parameter whose path or shape does not fit `cfg`
+    (`joined_qkv`: in decoding's layout, unrolled layers with q/k/v joined, `join_qkv`)."""
     if isinstance(params, Mapping) and set(params) == {"params"}:
         raise ValueError("got Flax's variables ({'params': ...}); pass the parameter tree inside, variables['params']")
-    want = _parameter_shapes(cfg)
+    want = _parameter_shapes(cfg, joined_qkv)
     got = {jax.tree_util.keystr(k): getattr(v, "shape", None)
            for k, v in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))}
     for key in sorted(want.keys() | got.keys()):
@@ -538,9 +539,12 @@ def check_params(cfg: LLaMAConfig, params) -> None:
 
 
 @functools.cache
-def _parameter_shapes(cfg: LLaMAConfig) -> dict[str, tuple[int, ...]]:
+def _parameter_shapes(cfg: LLaMAConfig, joined_qkv: bool = False) -> dict[str, tuple[int, ...]]:
     """{parameter path: shape} of a model of `cfg` (cached: `generate` checks its params on every call)."""
-    expected = nn.meta.unbox(abstract_params(cfg))
+    expected = nn.meta.unbox(abstract_params(cfg.replace(scan_layers=False) if joined_qkv else cfg))
+    if joined_qkv:
+        expected = jax.eval_shape(lambda p: {k: join_qkv(v) if k.startswith("layers_") else v for k, v in p.items()},
+                                  expected)
     return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
 
 

@@ -538,6 +538,12 @@ def keep_model_tokenizer_files(model_dir: str, workdir: Path, tokenizer_file: Pa
 
 def checkpoint_step(workdir: Path, step: int | None = None) -> int:
     """`step` (default: the latest) if `workdir` holds it as a committed checkpoint; RunError otherwise."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise RunError(f"{workdir}: {'not a directory' if workdir.exists() else 'no such directory'}; give a run's "
+                       f"--workdir (the --workdir of llama-jax train)")
+    if (workdir / "model_config.json").is_file() and not (workdir / "config.json").exists():
+        raise RunError(f"{workdir} is a model directory (model_config.json), not a training run's --workdir")
     steps, deadline = committed_steps(workdir), time.monotonic() + REMOVAL_WAIT_S
     while not steps and holds_lock(workdir) and time.monotonic() < deadline:  # a run training there may be
         time.sleep(0.1)  # between removing its only checkpoint and committing the next (max_to_keep=1)

@@ -162,6 +162,13 @@ def runs_own_settings(data, workdir: Path) -> bool:
     return checkpointed is None or checkpointed.get("data") == saved
 
 
+def prepared_copy_missing(directory: Path) -> str:
+    """What is wrong with a run's prepared copy of its documents (WORKDIR/data) that has no manifest."""
+    if directory.is_dir():
+        return f"{directory}, the run's prepared copy of its documents, has no {MANIFEST} (incomplete or damaged)"
+    return f"{directory}, the run's prepared copy of its documents, is missing"
+
+
 def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path | None]:
     """(directory to read, staged temporary copy or None) of a raw text source, prepared now unless
     WORKDIR/data holds it already (`runs_own`: `d` is the run's own settings, `runs_own_settings`)."""
@@ -186,8 +193,8 @@ def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path
             d = copy.deepcopy(d)
             d.tokenizer = str(kept)
     if runs_own and not (final / MANIFEST).is_file() and any((workdir / "checkpoints").glob("*")):
-        raise RunError(f"{final}, the run's prepared copy of its documents, is missing; its checkpoints trained on "
-                       f"it: put it back, or start a new run with another --workdir")
+        raise RunError(f"{prepared_copy_missing(final)}; its checkpoints trained on it: put it back, or start a new "
+                       f"run with another --workdir")
     if (final / MANIFEST).is_file():
         check_prepared(final, d, f"{final} (the data this run started with) was prepared",
                        "use the run's data settings (its config.json) or another --workdir", runs_own=runs_own)

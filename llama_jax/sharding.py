@@ -67,7 +67,7 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
         sizes[free[0]] = n_devices // fixed
     elif fixed != n_devices:
         raise ValueError(f"mesh: data x fsdp x tensor = {data} x {fsdp} x {tensor} = {fixed}, "
-                         f"but there are {n_devices} devices; the product must equal the device count "
+                         f"but the device count is {n_devices}; the product must equal it "
                          "(use -1 for one axis to take the rest)")
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 

@@ -354,6 +354,10 @@ CASES = [
          r"argument --limit: expected a whole number of examples or a fraction below 1, got '2.5'"),
     # ---- export ----
     Case("export-not-a-run", "export --workdir {hf} out", r"hf holds no committed checkpoint \(checkpoints/<step>/\)"),
+    Case("export-workdir-missing", "export --workdir nowhere out",
+         r"nowhere: no such directory; give a run's --workdir \(the --workdir of llama-jax train\)$"),
+    Case("export-workdir-is-a-model", "export --workdir {model} out",
+         r"model is a model directory \(model_config.json\), not a training run's --workdir$"),
     Case("export-step-missing", "export --workdir {run} --step 3 out", r"run has no checkpoint of step 3; valid: 2, 4"),
     Case("export-dst-is-workdir", "export --workdir {run} {run} --overwrite",
          r"destination \S+/run is the input \S+/run"),

@@ -260,6 +260,45 @@ def test_shard_named_in_index_but_absent(tmp_path, capsys, good_src):
                                        "model.safetensors.index.json is absent")
 
 
+@pytest.mark.parametrize("value", [3, None, ["a"], ""])
+def test_an_index_entry_that_is_not_a_file_name(tmp_path, capsys, good_src, value):
+    """(A number, null or list was a TypeError traceback; an empty name was "shard ... is absent".)"""
+    index = good_src / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    content["weight_map"]["model.norm.weight"] = value
+    index.write_text(json.dumps(content))
+    _fails(tmp_path, capsys, good_src, f"model.safetensors.index.json: weight_map['model.norm.weight'] is {value!r}; "
+                                       f"valid: the name of the weights file in {good_src} that holds the tensor")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_weights_that_are_not_floats_are_refused(tmp_path, capsys, dtype):
+    """In a .bin, an integer tensor was converted to floats silently, float8 failed inside torch
+    (safetensors files named their dtype already)."""
+    config_dict = hf_config_dict("mha", "v4")
+    src = write_hf_dir(tmp_path / "src", make_hf_model(config_dict), config_dict, "bin")
+    state = torch.load(src / "pytorch_model.bin")
+    state["model.norm.weight"] = state["model.norm.weight"].to(dtype)
+    torch.save(state, src / "pytorch_model.bin")
+    _fails(tmp_path, capsys, src, f"pytorch_model.bin: tensor model.norm.weight has dtype "
+                                  f"{str(dtype).removeprefix('torch.')}; supported: float32, float16, bfloat16, "
+                                  f"float64")
+
+
+def test_values_beyond_the_output_dtypes_range_are_refused(tmp_path, capsys, good_src):
+    """--dtype float16 made 1e5 inf, silently (only --verify noticed)."""
+    state = safetensors.torch.load_file(good_src / "model-00002-of-00002.safetensors")
+    name = next(k for k in state if k.endswith("norm.weight"))
+    state[name][3] = -1e5
+    safetensors.torch.save_file(state, good_src / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    dst = tmp_path / "dst"
+    assert main(["convert", "--from", "hf", "--to", "hf", str(good_src), str(dst), "--dtype", "float16"]) == 2
+    assert _error_line(capsys) == (f"llama-jax convert: error: tensor {name} holds 100000, beyond float16's range "
+                                   f"(at most 65504); convert to float32 or bfloat16 instead")
+    assert not dst.exists() and not any(p.name.startswith(".dst") for p in tmp_path.iterdir())
+    assert main(["convert", "--from", "hf", "--to", "hf", str(good_src), str(dst), "--dtype", "bfloat16"]) == 0
+
+
 def test_truncated_shard(tmp_path, capsys, good_src):
     shard = good_src / "model-00001-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])

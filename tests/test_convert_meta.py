@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import os
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -379,6 +380,33 @@ def test_gap_in_shard_numbers(tmp_path):
     (tmp_path / "consolidated.02.pth").unlink()
     with pytest.raises(ConversionError, match=r"consolidated\.02\.pth is missing"):
         read_meta(tmp_path)
+
+
+def test_two_files_of_one_shard_number(tmp_path):
+    """consolidated.1.pth beside consolidated.01.pth: which one was read depended on the directory's order."""
+    make_meta_dir(tmp_path, "llama2", 2)
+    shutil.copy(tmp_path / "consolidated.01.pth", tmp_path / "consolidated.1.pth")
+    with pytest.raises(ConversionError, match=r"consolidated\.01\.pth and consolidated\.1\.pth are both shard 1; "
+                                              r"keep one of them$"):
+        read_meta(tmp_path)
+    (tmp_path / "consolidated.01.pth").unlink()
+    (tmp_path / "consolidated.1.pth").rename(tmp_path / "consolidated.02.pth")
+    with pytest.raises(ConversionError, match=r"consolidated\.01\.pth is missing; the 2 shard\(s\) found "
+                                              r"\(consolidated\.00\.pth, consolidated\.02\.pth\) must be numbered "
+                                              r"from 00 without gaps$"):
+        read_meta(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float8_e4m3fn])
+def test_weights_that_are_not_floats_are_refused(tmp_path, dtype):
+    """An integer tensor among float ones was converted silently (a mix reads as float32); float8
+    failed inside torch."""
+    make_meta_dir(tmp_path, "llama2", 2)
+    rewrite_shard(tmp_path / "consolidated.01.pth", lambda s: s.update({"norm.weight": s["norm.weight"].to(dtype)}))
+    with pytest.raises(ConversionError) as error:
+        read_meta(tmp_path)
+    assert str(error.value) == (f"{tmp_path / 'consolidated.01.pth'}: tensor norm.weight has dtype "
+                                f"{str(dtype).removeprefix('torch.')}; supported: float32, float16, bfloat16, float64")
 
 
 def test_shard_with_misshaped_tensor(tmp_path):

@@ -302,6 +302,11 @@ def test_a_raw_source_runs_relative_files_are_the_runs_from_anywhere(tokenizer_p
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and re.search(r"error: \S*started/run/data, the run's prepared copy of its documents, "
                                               r"is missing; ", err), err
+    data.mkdir()  # there, without its manifest
+    assert main(["eval", "--workdir", "../started/run"]) == 2
+    assert re.search(r"error: \S*started/run/data, the run's prepared copy of its documents, has no manifest.json "
+                     r"\(incomplete or damaged\); ", capsys.readouterr().err)
+    data.rmdir()
     shutil.move(tmp_path / "data", data)
     for i in range(3):  # the data prepared again in place, from the files as they are now
         (started / "texts" / f"{i}.txt").write_text(EmbeddedCorpus()[40 + i], encoding="utf-8")

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import sys
 
 import jax
@@ -21,7 +22,8 @@ from llama_jax import LLaMA, save_model
 from llama_jax.checkpoint import load_model
 from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus, split_indices
-from llama_jax.evaluate import Scorer, document_windows, evaluate_documents, packed_rows, rolling_windows
+from llama_jax.evaluate import (Scorer, document_windows, evaluate_documents, evaluate_tokens, packed_rows,
+                                rolling_windows)
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 from tests.reference import hf_config_dict, make_hf_model
 
@@ -158,6 +160,33 @@ def test_scoring_bad_requests(model, request_, message):
     cfg, params, _ = model
     with pytest.raises(ValueError, match=message):
         Scorer(cfg, params).loglikelihood([request_])
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # a string was scored as one document per character
+    (lambda c, p, t: evaluate_documents(c, p, "hello world", t, 32), TypeError,
+     r"documents is an iterable of texts, got one str; pass \[text\]"),
+    (lambda c, p, t: evaluate_documents(c, p, [], t, 32), ValueError,  # was loss 0, perplexity 1
+     r"nothing to evaluate: 0 documents with no target"),
+    (lambda c, p, t: evaluate_tokens(c, p, [([1, 512, 5], 3)], 32), ValueError,  # was a NaN loss
+     r"document 0: token id 512 is outside the vocabulary \[0, 512\)"),
+    (lambda c, p, t: evaluate_tokens(c, p, [([1, 5], 2), ([1, -3, 5], 3)], 32), ValueError,
+     r"document 1: token id -3 is outside the vocabulary"),
+    (lambda c, p, t: evaluate_tokens(c, p, [([1, 2.7, 5], 3)], 32), ValueError,  # was scored as 2
+     r"document 0: token ids must be a sequence of integers, got float64"),
+    (lambda c, p, t: evaluate_documents(c.replace(n_layers=c.n_layers + 1), p, ["hi"], t, 32), ValueError,
+     r"parameter \['layers'\].* has shape"),  # was JAX's scan length error
+    (lambda c, p, t: evaluate_documents(c, {"params": p}, ["hi"], t, 32), ValueError, r"got Flax's variables"),
+    (lambda c, p, t: Scorer(c, p, max_length=0), ValueError,  # was taken as max_seq_len
+     r"max_length=0 is out of range; valid: an integer from 1 to the model's max_seq_len \(96\), or None"),
+    (lambda c, p, t: Scorer(c, p, max_length=1.5), ValueError, r"max_length=1.5 is out of range"),
+    (lambda c, p, t: Scorer(c, p).loglikelihood_rolling([[5, 6]], prefix_token=None), ValueError,
+     r"request 0: token id None; valid: integers in \[0, 512\)"),  # was a TypeError from int()
+])
+def test_evaluation_api_bad_input(model, call, error, message):
+    cfg, params, tok = model
+    with pytest.raises(error, match=message):
+        call(cfg, params, tok)
 
 
 def documents() -> list[str]:
@@ -316,6 +345,28 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
     assert main(["eval", "--workdir", str(run), "--output", str(tmp_path / "again.json")]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
     assert [again[k] for k in ("loss", "tokens", "documents")] == [of_run[k] for k in ("loss", "tokens", "documents")]
+    # Windows of another length are a score of their own (they replaced eval-1.json); the run's own
+    # data settings given again as an override are the run's own (they made a tagged copy).
+    own = (run / "eval-1.json").read_text()
+    assert main(["eval", "--workdir", str(run), "--seq-len", "8"]) == 0
+    [shorter] = run.glob("eval-1-*.json")
+    assert json.loads(shorter.read_text())["seq_len"] == 8 and (run / "eval-1.json").read_text() == own
+    assert main(["eval", "--workdir", str(run), "--config.data.eval_fraction=0.4"]) == 0  # write_text_config's
+    assert sorted(p.name for p in run.glob("eval-*.json")) == sorted(["eval-1.json", shorter.name])
+    assert (run / "eval-1.json").read_text() == own
+    # Prepared data damaged in place (ids beyond the vocabulary: a NaN loss, written as JSON's NaN)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    [shard] = (damaged / "data").glob("held_out-*.tokens.bin")
+    with open(shard, "r+b") as f:
+        f.seek(2)
+        f.write(b"\xff\xff")
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(damaged)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(r"damaged/data, split held_out: document 0: token id \d+ is outside the "
+                                          r"vocabulary \[0, 512\); the prepared data is damaged", err), err
+    assert (damaged / "eval-1.json").read_text() == own
     # the export's eval.json is a result of the model it scored: exporting again over it replaces both
     assert main(["export", "--workdir", str(run), str(tmp_path / "exported"), "--overwrite"]) == 0
     assert not (tmp_path / "exported" / "eval.json").exists()
@@ -594,6 +645,23 @@ def test_lm_eval_not_installed(model_dirs, monkeypatch, capsys):
                                                "pip install -e '.[eval]' (or 'lm-eval>=0.4.8')")
 
 
+def test_a_model_whose_outputs_are_not_finite_scores_null(model, model_dirs, tmp_path, capsys):
+    """Its loss is NaN: the JSON says null (json.dumps wrote NaN, which JSON parsers refuse), the
+    summary line n/a."""
+    cfg, params, _ = model
+    save_model(tmp_path / "nan", cfg, jax.tree.map(lambda a: np.full_like(a, np.nan) if a.ndim == 1 else a, params),
+               tokenizer=model_dirs[1])
+    config = write_text_config(tmp_path, [tmp_path / "a.txt", tmp_path / "b.txt"], eval_fraction=0.5)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text("Some text.")
+    assert main(["eval", str(tmp_path / "nan"), "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    written = json.loads((tmp_path / "nan" / "eval.json").read_text(), parse_constant=pytest.fail)
+    assert json.loads(out, parse_constant=pytest.fail) == written
+    assert written["loss"] is written["perplexity"] is written["bits_per_byte"] is None and written["tokens"] > 0
+    assert "held-out: loss n/a nats/token, perplexity n/a, n/a bits/byte" in err
+
+
 def test_model_without_tokenizer(model, tmp_path, capsys):
     cfg, params, _ = model
     save_model(tmp_path / "bare", cfg, params)
@@ -614,7 +682,7 @@ def test_model_without_tokenizer(model, tmp_path, capsys):
     ({"fsdp": "many"}, r"fsdp='many': must be a positive integer or -1"),
     ({"tensor": 0}, r"mesh.tensor=0: must be a positive integer or -1"),
     ({"data": -2}, r"mesh.data=-2: must be a positive integer or -1"),
-    ({"fsdp": 1, "tensor": 3}, r"mesh: data x fsdp x tensor = 1 x 1 x 3 = 3, but there are 8 devices"),
+    ({"fsdp": 1, "tensor": 3}, r"mesh: data x fsdp x tensor = 1 x 1 x 3 = 3, but the device count is 8"),
 ])
 def test_lm_eval_model_bad_mesh(model_dirs, mesh, message):
     from llama_jax.lm_eval_model import LlamaJaxLM

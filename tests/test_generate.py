@@ -335,6 +335,11 @@ def test_numpy_and_jax_scalars_are_accepted(gqa):
     (dict(eos_id=256), r"eos_id must be a token id below the vocabulary size 256 or None, got 256"),
     (dict(n_tokens=0), r"n_tokens must be a positive integer \(only ids below it are produced\) or None, got 0"),
     (dict(max_new_tokens=251), r"\(6\) \+ max_new_tokens \(251\).*max_seq_len \(256\)"),
+    (dict(pad_to=2.5), r"pad_to must be a non-negative integer \(a prompt length\) or None, got 2.5"),
+    (dict(pad_to=-1), r"pad_to must be a non-negative integer"),
+    # too few flags dropped rows from the result; too many were ignored
+    (dict(prompts=[[5], [5, 6]], on_tokens=lambda rows: [False]), r"one flag per row \(2\), got 1$"),
+    (dict(prompts=[[5], [5, 6]], on_tokens=lambda rows: [False] * 3), r"one flag per row \(2\), got 3$"),
 ])
 def test_bad_input(gqa, kwargs, message):
     cfg, params = gqa
@@ -354,6 +359,17 @@ def test_params_of_another_model_are_refused(gqa):
             theirs = init_params(other.replace(scan_layers=layout), 0)
             with pytest.raises(ValueError, match=message):
                 generate(cfg.replace(scan_layers=layout), theirs, [[5, 6, 7]], 2)
+    # params prepared for decoding (q/k/v joined, `decoding_params(batch_size=1)`) are checked too:
+    # a shallower config decoded with their first layers, a deeper or wider one failed inside Flax
+    joined = decoding_params(cfg, params, batch_size=1)
+    n = cfg.n_layers
+    for other, message in ((cfg.replace(n_layers=n - 1), rf"\['layers_{n - 1}'\].*is not part of this model"),
+                           (cfg.replace(n_layers=n + 1), rf"\['layers_{n}'\].*is missing"),
+                           (cfg.replace(dim=2 * cfg.dim), r"\['embed'\]\['embedding'\] has shape")):
+        with pytest.raises(ValueError, match=message):
+            generate(other, joined, [[5, 6, 7]], 2)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer .* got 0"):
+        decoding_params(cfg, params, batch_size=0)
 
 
 def test_generate_command(sp_tokenizer, tmp_path, capsys):

@@ -200,7 +200,7 @@ def test_mesh_shards_the_model(sp_model, capsys):
     assert capsys.readouterr().out == "\n\n-----\n\n".join(p + t for p, t in zip(PROMPTS, texts)) + "\n"
     for mesh, message in [("1,1,8", "model.n_heads=4 is not divisible by mesh.tensor=8"),
                           ("-1,1,8", "model.n_heads=4 is not divisible by mesh.tensor=8"),  # read as a value
-                          ("1,3,1", "1 x 3 x 1 = 3, but there are 8 devices")]:
+                          ("1,3,1", "1 x 3 x 1 = 3, but the device count is 8")]:
         assert main(["generate", str(path), *args, "--mesh", mesh]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

@@ -256,7 +256,8 @@ def test_z_loss_and_clipping_change_what_they_claim():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--config.mesh.data=3", "--config.mesh.fsdp=1"], "mesh: data x fsdp x tensor = 3 x 1 x 1 = 3, but there are 8"),
+    (["--config.mesh.data=3", "--config.mesh.fsdp=1"],
+     "mesh: data x fsdp x tensor = 3 x 1 x 1 = 3, but the device count is 8"),
     (["--config.train.batch_size=12"], "train.batch_size / train.grad_accum = 12 is not divisible by mesh.data x mesh.fsdp = 8"),
     (["--config.mesh.tensor=8", "--config.mesh.fsdp=1"], "model.n_heads=4 is not divisible by mesh.tensor=8"),
     (["--config.optimizer.name=sgdd"], "optimizer.name"),

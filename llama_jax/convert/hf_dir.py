@@ -16,8 +16,8 @@ import numpy as np
 from llama_jax.config import LLaMAConfig
 from llama_jax.convert.hf import check_names, check_shape, tensor_specs
 from llama_jax.convert.safetensors_io import SafetensorsFile, write_shards
-from llama_jax.convert.source import ConversionError, Source, dtype_name, stored_dtype
-from llama_jax.convert.torch_io import load_torch_file, tensor_to_numpy
+from llama_jax.convert.source import ConversionError, Source, stored_dtype
+from llama_jax.convert.torch_io import load_torch_file, tensor_to_numpy, weight_dtype
 from llama_jax.safe_io import read_json_object
 
 WEIGHT_LAYOUTS = (  # (single file, index file), in order of preference
@@ -43,6 +43,10 @@ def _weight_map(src: Path) -> dict[str, str]:
             weight_map = read_json(src / index, "tensor names and files").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ConversionError(f"{src / index}: no 'weight_map'")
+            for name, file_name in weight_map.items():
+                if not isinstance(file_name, str) or not file_name:
+                    raise ConversionError(f"{src / index}: weight_map[{name!r}] is {file_name!r}; valid: the name of "
+                                          f"the weights file in {src} that holds the tensor")
             for file_name in sorted(set(weight_map.values())):
                 if not (src / file_name).is_file():
                     raise ConversionError(f"{src / file_name}: shard named in {index} is absent")
@@ -66,7 +70,7 @@ class _TorchFile:
         return tuple(self._state[name].shape)
 
     def dtype(self, name):
-        return dtype_name(tensor_to_numpy(self._state[name].reshape(-1)[:1]).dtype)
+        return weight_dtype(self._state[name], self.path, name)
 
     def read(self, name):
         return tensor_to_numpy(self._state[name])

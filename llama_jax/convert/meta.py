@@ -48,7 +48,8 @@ import numpy as np
 from llama_jax.config import LLaMAConfig, RopeScaling, file_setting
 from llama_jax.convert.hf import TensorSpec, tensor_specs
 from llama_jax.convert.source import ConversionError, Source, stored_dtype
-from llama_jax.convert.torch_io import load_torch_file, numpy_to_tensor, save_torch_file, tensor_to_numpy
+from llama_jax.convert.torch_io import (load_torch_file, numpy_to_tensor, save_torch_file, tensor_to_numpy,
+                                        weight_dtype)
 from llama_jax.safe_io import read_json_object
 
 PARAMS_FILE = "params.json"
@@ -237,7 +238,8 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
         return _meta_to_hf_rotary(w, t.rotary_heads) if t.rotary_heads and hf_rotary else w
 
     # Every shard's dtypes: shards that differ (one bfloat16, one float32) are a mix, kept exactly as float32.
-    found = [{str(shard[t.name].dtype).removeprefix("torch.") for t in tensors.values()} for shard in shards]
+    found = [{weight_dtype(shard[t.name], path, t.name) for t in tensors.values()}
+             for path, shard in zip(paths, shards)]
     dtype = stored_dtype(set().union(*found))
     if dtype not in _DTYPES:
         path = next(p for p, dtypes in zip(paths, found) if dtype in dtypes)
@@ -328,13 +330,18 @@ def _shard_paths(src_dir: Path) -> list[Path]:
         match = _SHARD_NAME.fullmatch(path.name)
         if match is None:
             raise ConversionError(f"{path}: unexpected shard file name; valid: consolidated.NN.pth")
-        found[int(match.group(1))] = path
+        number = int(match.group(1))
+        if number in found:
+            first, second = sorted((found[number].name, path.name))
+            raise ConversionError(f"{src_dir}: {first} and {second} are both shard {number}; keep one of them")
+        found[number] = path
     if not found:
         raise ConversionError(f"{src_dir}: no consolidated.NN.pth shards found")
     for i in range(len(found)):
         if i not in found:
-            raise ConversionError(f"{src_dir}: consolidated.{i:02d}.pth is missing; shards must be numbered 00 "
-                                  f"to {len(found) - 1:02d} without gaps")
+            raise ConversionError(f"{src_dir}: consolidated.{i:02d}.pth is missing; the {len(found)} shard(s) found "
+                                  f"({', '.join(found[n].name for n in sorted(found))}) must be numbered from 00 "
+                                  f"without gaps")
     return [found[i] for i in range(len(found))]
 
 

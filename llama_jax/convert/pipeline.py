@@ -70,6 +70,25 @@ def read_checkpoint(fmt: str, src: str | Path, rope_scaling_factor: float | None
     raise ConversionError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
 
 
+def narrowed(name: str, w: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`w` as `dtype`; ConversionError when a finite value of it is beyond that dtype's range (float16's
+    is 65504: the cast made it inf). Checked through the cast's maximum and minimum, which allocate
+    nothing the size of the tensor."""
+    with np.errstate(over="ignore"):  # (numpy's warning would be a second line of the same)
+        out = w.astype(dtype, copy=False)
+        if out is w or not out.size or np.isfinite(out.max()) and np.isfinite(out.min()):
+            return out
+        finite = w[np.isfinite(w)]  # (rare: only here is a copy made)
+        overflows = finite.size and not np.isfinite(finite.astype(dtype)).all()
+    if overflows:
+        import ml_dtypes
+
+        raise ConversionError(f"tensor {name} holds {float(np.abs(finite).max()):.6g}, beyond {dtype_name(dtype)}'s "
+                              f"range (at most {float(ml_dtypes.finfo(dtype).max):.6g}); convert to float32 or "
+                              f"bfloat16 instead")
+    return out
+
+
 @dataclasses.dataclass
 class Summary:
     config: LLaMAConfig
@@ -117,7 +136,7 @@ def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype:
 
             def load(name: str) -> np.ndarray:
                 bar.update(1)
-                return source.load(name).astype(out_dtype, copy=False)
+                return narrowed(name, source.load(name), out_dtype)
 
             if dst_fmt == "hf":
                 token_ids = hf_dir.special_token_ids(source.files_dir) if source.files_dir is not None else {}

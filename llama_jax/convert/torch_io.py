@@ -45,6 +45,18 @@ def load_torch_file(path: str | os.PathLike) -> dict:
     return state
 
 
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a checkpoint's weights may be stored as
+
+
+def weight_dtype(tensor, path: Path, name: str) -> str:
+    """The dtype name of weight `name` of the file `path`; ConversionError unless it is one of
+    WEIGHT_DTYPES (integers were converted to floats silently, float8 failed inside torch)."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in WEIGHT_DTYPES:
+        raise ConversionError(f"{path}: tensor {name} has dtype {dtype}; supported: {', '.join(WEIGHT_DTYPES)}")
+    return dtype
+
+
 def tensor_to_numpy(t) -> np.ndarray:
     """A CPU copy of a torch tensor as numpy; bfloat16 keeps its bits (via ml_dtypes)."""
     torch = _torch()
