@@ -425,6 +425,15 @@ def test_shapes_disagreeing_with_params_json(tmp_path):
         read_meta(tmp_path)
 
 
+def test_more_heads_in_params_json_than_the_shards_hold(tmp_path):
+    """Twice the heads params.json says (half the head dim) made 2 shards of 2 K/V heads look like
+    copies of 1 head each, refused only when the weights were read, as copies that differ."""
+    make_meta_dir(tmp_path, "llama3", 2, dict(n_heads=16))  # the shards hold 8 heads of 16 dims, 2 of them K/V
+    with pytest.raises(ConversionError, match=r"consolidated\.\*\.pth: layers\.0\.attention\.wk\.weight has merged "
+                                              r"shape \(32, 128\), params\.json implies \(16, 128\)"):
+        read_meta(tmp_path)
+
+
 def test_missing_tensor(tmp_path):
     make_meta_dir(tmp_path, "llama2", 2)
     rewrite_shard(tmp_path / "consolidated.01.pth", lambda s: s.pop("layers.1.feed_forward.w3.weight"))

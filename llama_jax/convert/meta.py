@@ -265,7 +265,8 @@ def _merge_plan(t: _MetaTensor, piece_shape: tuple[int, ...], n_shards: int,
     keep = list(range(n_shards))
     kv_rows = cfg.n_kv_heads * cfg.head_dim
     rows = piece_shape[0] * n_shards
-    if t.kv and rows > kv_rows and rows % kv_rows == 0 and n_shards % (rows // kv_rows) == 0:
+    replicated = t.kv and cfg.n_kv_heads < n_shards  # (params.json's heads, else the shapes decide, below)
+    if replicated and rows > kv_rows and rows % kv_rows == 0 and n_shards % (rows // kv_rows) == 0:
         keep = keep[:: rows // kv_rows]  # one copy of each K/V head
     shape = list(piece_shape)
     shape[t.axis] *= len(keep)
