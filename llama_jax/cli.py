@@ -513,11 +513,14 @@ def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> 
 
 
 def _runs_own_data(args, config) -> bool:
-    """Whether a command given --workdir RUN reads the run's own data: its data section, with any
-    --config and data.* overrides, is RUN/config.json's (`run_data.runs_own_settings`)."""
+    """Whether a command given --workdir RUN reads the run's own data: no data.* override, and no
+    --config or one whose data section is RUN/config.json's (`run_data.runs_own_settings`). An
+    override is read from here, as given, even one spelled as the run's own setting: a relative
+    path then names what it names here, which may be other data than the run read."""
     from llama_jax.run_data import runs_own_settings
 
-    return args.workdir is not None and runs_own_settings(config.data, Path(args.workdir))
+    return args.workdir is not None and not any(o.split("=", 1)[0].startswith("data.") for o in args.overrides) \
+        and runs_own_settings(config.data, Path(args.workdir))
 
 
 EVAL_RESULT_KEYS = ("loss", "perplexity", "tokens")  # what marks a file as an earlier result of eval
