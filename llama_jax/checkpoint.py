@@ -203,7 +203,7 @@ def retention_deletes(steps: Sequence[int], max_to_keep: int | None, keep_every:
 class RunCheckpoints:
     """Checkpoints of a training run: Orbax `CheckpointManager` with async saves and retention.
 
-    Each step directory holds `state` (params, optimizer state, step) and `run` (JSON: the
+    Each step directory holds `state` (params, optimizer state, step, skipped steps) and `run` (JSON: the
     resolved config, the model config and the data position). Saves are written to a temporary
     directory and committed by rename, so a run killed mid-save leaves the previous checkpoint
     as the latest one; only committed steps are ever listed or restored.

@@ -33,16 +33,19 @@ from llama_jax.tokenizer import unicode_problem
 def pack_row(documents: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
     """Pack documents (token arrays) into one row of seq_len inputs with next-token targets.
 
-    A document of n tokens gives n - 1 (input, target) pairs; documents never see each other.
-    Pairs that do not fit are dropped; unused slots are padding (segment 0, masked out).
+    A document of n tokens gives n - 1 (input, target) pairs (none for a document of one token,
+    which takes no slot); documents never see each other. Pairs that do not fit are dropped;
+    unused slots are padding (segment 0, masked out).
     """
     row = {k: np.zeros(seq_len, np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
     row["loss_mask"] = np.zeros(seq_len, np.float32)
     start = 0
     for doc_id, doc in enumerate(documents, start=1):
         n = min(len(doc) - 1, seq_len - start)
-        if n <= 0:
+        if start == seq_len:
             break
+        if n <= 0:  # no pair: the documents after it still fit
+            continue
         span = slice(start, start + n)
         row["tokens"][span] = doc[:n]
         row["targets"][span] = doc[1:n + 1]

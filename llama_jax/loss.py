@@ -1,7 +1,7 @@
 """Next-token cross-entropy with a loss mask and optional z-loss, in float32.
 
 Two implementations with the same numbers and gradients:
-- `cross_entropy`: plain jnp, for unsharded use or wherever XLA may place the logits as it likes.
+- `cross_entropy`: plain jnp, the reference the tests hold the other one to.
 - `vocab_parallel_cross_entropy`: a `jax.shard_map` over a mesh whose `tensor` axis splits the
   vocabulary; each device only ever touches its own vocabulary slice, and the per-token
   logsumexp, target logit and argmax are combined with small [B, S] collectives.

@@ -25,7 +25,7 @@ import numpy as np
 
 from llama_jax.config import LLaMAConfig
 
-# Dense bf16 peak TFLOP/s per chip (datasheets; H100 is the SXM part).
+# Dense bf16 peak TFLOP/s per chip (datasheets; "H100" is the SXM part).
 PEAK_TFLOPS: dict[str, float] = {
     "TPU v4": 275.0,
     "TPU v5e": 197.0,
@@ -33,6 +33,8 @@ PEAK_TFLOPS: dict[str, float] = {
     "TPU v6e": 918.0,
     "A100": 312.0,
     "H100": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
     "H200": 989.0,
 }
 
@@ -44,6 +46,8 @@ _KIND_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("v6",), "TPU v6e"),
     (("v4",), "TPU v4"),
     (("a100",), "A100"),
+    (("h100 pcie",), "H100 PCIe"),
+    (("h100 nvl",), "H100 NVL"),
     (("h100",), "H100"),
     (("h200",), "H200"),
 )

@@ -86,7 +86,7 @@ def validate(cfg: ConfigDict, total_steps: int) -> None:
     # the decay reaches its end at total_steps, after the last update: one decay step changes no update
     if cfg.schedule == "wsd" and cfg.decay_fraction > 0 and _wsd_decay_steps(cfg, total_steps) < 2:
         _fail("decay_fraction", f"{cfg.decay_fraction} of {total_steps} steps rounds to fewer than 2 decay steps, "
-              f"so no update would use a decayed rate; valid: 0 (none) or at least {1.5 / total_steps:g}")
+              f"so no update would use a decayed rate; valid: 0 (none) or at least {2 / total_steps:g}")
     if cfg.schedule == "wsd" and warmup + _wsd_decay_steps(cfg, total_steps) > total_steps:
         _fail("decay_fraction", f"{cfg.decay_fraction} of {total_steps} steps overlaps the {warmup} "
               f"warmup steps; valid: at most {(total_steps - warmup) / total_steps:g}")

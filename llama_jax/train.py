@@ -5,7 +5,9 @@ The state is created directly sharded: `jax.eval_shape` of the initialiser gives
 out_shardings=...)` materialises each shard on its device. The train step is one `jax.jit` with
 explicit in/out shardings and the state donated (on CPU two, gradients then update:
 `Trainer.step`); one step consumes one global batch, split into `grad_accum` micro-batches
-accumulated with `lax.scan`.
+accumulated with `lax.scan`. A batch is a dict of [global_batch, seq_len] arrays (int32 tokens,
+targets, positions and segment_ids, a float32 loss_mask); batches of prepared data also hold "source"
+[global_batch], the index of the mixture source each row comes from.
 """
 
 from __future__ import annotations
@@ -37,9 +39,6 @@ class TrainState:
     skipped: jax.Array  # steps whose loss or gradient was not finite (their update was not applied)
 
 
-# A batch is a dict of [global_batch, seq_len] int32 arrays; batches of prepared data also hold
-# "source" [global_batch], the index of the mixture source each row comes from.
-BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 AUX_KEYS = ("nll", "z_loss", "tokens", "accuracy")
 
 

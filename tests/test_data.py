@@ -58,6 +58,10 @@ def test_pack_row_masks_padding():
     np.testing.assert_array_equal(row["positions"], [0, 1, 0, 0, 0])
     np.testing.assert_array_equal(row["targets"][:3], [6, 7, 9])
     np.testing.assert_array_equal(row["loss_mask"], [1, 1, 1, 0, 0])
+    # a document of one token has no pair and takes no slot; those after it are packed (they were dropped)
+    row = data.pack_row([np.array([5, 6]), np.array([7]), np.array([8, 9, 4])], seq_len=5)
+    np.testing.assert_array_equal(row["tokens"], [5, 8, 9, 0, 0])
+    np.testing.assert_array_equal(row["segment_ids"], [1, 3, 3, 0, 0])
 
 
 def write_corpus(tmp_path):

@@ -98,7 +98,7 @@ def test_mfu_and_tflops():
 @pytest.mark.parametrize("kind, tflops", [
     ("TPU v4", 275), ("TPU v5 lite", 197), ("TPU v5e", 197), ("TPU v5p", 459), ("TPU v5", 459),
     ("TPU v6 lite", 918), ("TPU v6e", 918), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 80GB HBM3", 989),
-    ("NVIDIA H200", 989),
+    ("NVIDIA H200", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
 ])
 def test_peak_by_device_kind(kind, tflops):
     assert peak_flops_for_kind(kind) == tflops * 1e12

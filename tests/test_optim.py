@@ -165,6 +165,17 @@ def test_each_optimizer_minimises_a_quadratic(name):
 # ---- bad configs ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("total", [10, 18, 47, 94, 99_999])
+def test_the_shortest_decay_suggested_is_accepted(total):
+    """(1.5 / total_steps printed to 6 digits was below the bound for most totals, and refused.)"""
+    cfg = default_config()
+    cfg.update(schedule="wsd", decay_fraction=0.5 / total, warmup_steps=0)
+    with pytest.raises(ValueError) as err:
+        make_optimizer(cfg, total)
+    cfg.update(decay_fraction=float(str(err.value).rsplit("at least ", 1)[1]))
+    make_optimizer(cfg, total)
+
+
 @pytest.mark.parametrize("changes, total, key, valid", [
     ({"name": "sgd"}, 100, "optimizer.name", "adamw, adafactor, lion"),
     ({"schedule": "step"}, 100, "optimizer.schedule", "cosine, linear, constant, wsd"),
@@ -174,7 +185,7 @@ def test_each_optimizer_minimises_a_quadratic(name):
     ({"min_lr_ratio": -0.1}, 100, "optimizer.min_lr_ratio", "[0, 1]"),
     ({"schedule": "wsd", "decay_fraction": 0.95}, 1000, "optimizer.decay_fraction", "at most 0.9"),
     ({"schedule": "wsd", "decay_fraction": 0.05, "warmup_steps": 0}, 10, "optimizer.decay_fraction",
-     "rounds to fewer than 2 decay steps, so no update would use a decayed rate; valid: 0 (none) or at least 0.15"),
+     "rounds to fewer than 2 decay steps, so no update would use a decayed rate; valid: 0 (none) or at least 0.2"),
     ({"schedule": "wsd", "decay_fraction": 0.1, "warmup_steps": 0}, 10, "optimizer.decay_fraction",
      "0.1 of 10 steps rounds to fewer than 2 decay steps"),
     ({"b2": 1.0}, 100, "optimizer.b2", "[0, 1)"),
