@@ -10,10 +10,11 @@ is a document's EOS and whose target is the next document's BOS is masked out (l
 target crosses a document boundary.
 
 Order. The rows of a split are visited in a fresh permutation every epoch:
-`grain.MapDataset.range(rows).shuffle(seed).repeat()`, whose element n is row pi_e(n mod rows)
-of epoch e = n // rows, with pi_e a permutation seeded by (seed, e) and computed per index, with no
-state. So the rows of step s are a pure function of (data, seed, s): each process builds only its
-own rows, and a resumed run needs nothing but the step. Grain's worker processes are not used:
+`grain.MapDataset.range(rows).shuffle(base).repeat()`, whose element n is row pi_e(n mod rows)
+of epoch e = n // rows, with pi_e a permutation computed per index, with no state, that Grain
+seeds with (base + e) mod 2**32; base is a hash of the run's train.seed and the source's place in
+the mixture (`order_seed`). So the rows of step s are a pure function of (data, seed, s): each
+process builds only its own rows, and a resumed run needs nothing but the step. Grain's worker processes are not used:
 building a row is a memory-mapped slice and a few searches, far cheaper than a train step
 (`benchmarks/data_loading.py`).
 
@@ -38,6 +39,18 @@ import numpy as np
 from llama_jax.data import stack_rows
 
 PERIOD, STRIDE = 1024, 389  # mixture offsets: u_s = ((s * STRIDE) % PERIOD) / (PERIOD * B); STRIDE coprime to PERIOD
+ORDER = "sha256-seed"  # how `order_seed` derives the orders; recorded in a run's data stream
+
+
+def order_seed(seed: int, source: int, legacy: bool = False) -> int:
+    """The base of the row orders of source number `source` in a run of train.seed `seed`. Grain
+    seeds epoch e's permutation with (base + e) mod 2**32, so with the run's seed itself as the base
+    (`legacy`: runs whose data stream records no ORDER, which keep their orders) runs of seeds s and
+    s + 1 visit the same orders an epoch apart; a hash of (seed, source) keeps a seed sweep's
+    runs apart."""
+    if legacy:
+        return (seed + 7919 * source) % 2**32
+    return int.from_bytes(hashlib.sha256(f"{seed}/{source}".encode()).digest()[:4], "little")
 
 
 def row_count(tokens: int, seq_len: int) -> int:

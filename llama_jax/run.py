@@ -260,6 +260,22 @@ def _latest_run_info(workdir: Path) -> dict:
         return {}
 
 
+def readable_run_info(workdir: Path) -> dict:
+    """What the newest checkpoint of the run in `workdir` that can be read records of the run, {}
+    when there is none (a damaged latest one is passed over, as a resume may be from an earlier one)."""
+    try:
+        steps = committed_steps(workdir)
+        if not steps:
+            return {}
+        with _reader(workdir) as checkpoints:
+            for step in reversed(steps):
+                with contextlib.suppress(CheckpointDamaged, OSError):
+                    return checkpoints.run_info(step)
+    except OSError:
+        pass
+    return {}
+
+
 def _same_stream(recorded: list, stream: list) -> bool:
     """The same training sources, of the same documents and tokens (however sharded, wherever they
     are: by their counts, and by their corpus fingerprint where both streams have one), in the same

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
-from llama_jax.packed import Source, TrainRows
+from llama_jax.packed import ORDER, Source, TrainRows, order_seed
 from llama_jax.prepare import MANIFEST, read_from
 from llama_jax.safe_io import copy_file_atomic, owned_temp_directory, sha256_file
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
@@ -256,13 +256,23 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
         path, staged = _stage_raw(d, workdir, kept, own)
         named = [("data", path, 1.0)]
     try:
-        return _open(d, t, model, named, kept, rows, staged, open_prepared)
+        return _open(d, t, model, named, kept, rows, staged, open_prepared, _legacy_order(workdir))
     except BaseException:
         discard_staged(staged)
         raise
 
 
-def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunData:
+def _legacy_order(workdir: Path) -> bool:
+    """Whether the run in `workdir` has checkpoints whose data stream records no row-order scheme
+    (`packed.ORDER`): saved by a release that seeded each epoch's order with the run's seed itself,
+    which its resumes keep (every checkpoint of a run records the scheme it started with)."""
+    from llama_jax.run import readable_run_info
+
+    info = readable_run_info(workdir)
+    return bool(info) and not any("order" in entry for entry in info.get("data_stream") or [])
+
+
+def _open(d, t, model, named, kept: Path, rows, staged, open_prepared, legacy_order: bool) -> RunData:
     required = sha256_file(kept) if kept.is_file() else None
     opened = []
     for name, path, weight in named:
@@ -282,7 +292,7 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
     tokenizer = load_tokenizer(tokenizer_path)
     if model is not None:
         check_fits(tokenizer, model.vocab_size)
-    sources = [Source.create(name, prepared.splits["train"], weight, t.seq_len, (t.seed + 7919 * i) % 2**32)
+    sources = [Source.create(name, prepared.splits["train"], weight, t.seq_len, order_seed(t.seed, i, legacy_order))
                for i, (name, prepared, weight) in enumerate(opened)]
     train = TrainRows(sources, t.seq_len, t.batch_size)
     eval_sets = {name: prepared.splits["held_out"] for name, prepared, _ in opened
@@ -295,7 +305,8 @@ def _open(d, t, model, named, kept: Path, rows, staged, open_prepared) -> RunDat
         raise RunError(f"train.eval_every={t.eval_every} but no document is held out for evaluation "
                        f"(data.eval_fraction={d.get('eval_fraction')}); use eval_fraction > 0 or train.eval_every=0")
     slots = {"slots_sha256": train.mixture.fingerprint()} if len(opened) > 1 else {}  # which source each slot reads
-    stream = [{**entry, **slots} for entry in stream_of(opened)]
+    order = {} if legacy_order else {"order": ORDER}
+    stream = [{**entry, **slots, **order} for entry in stream_of(opened)]
     return RunData(lambda s: train.batch(s, rows), eval_sets, tokenizer, train, tokenizer_path, staged,
                    opened[0][1].manifest.get("corpus_sha256") if len(opened) == 1 else None, stream)
 

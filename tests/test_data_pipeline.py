@@ -86,6 +86,36 @@ def test_a_run_on_prepared_data_counts_epochs_and_tokens(prepared, tmp_path, cap
     assert not (workdir / "data").exists()  # prepared data is read where it is
 
 
+def test_a_run_saved_before_hashed_row_orders_keeps_its_orders(prepared, tmp_path):
+    """Runs record their row-order scheme in their data stream; one whose checkpoints record none
+    (an earlier release's, which seeded epoch e's order with train.seed + e) resumes with the
+    orders it started with, and goes on recording none."""
+    from llama_jax.packed import ORDER, Source, TrainRows, order_seed
+    from llama_jax.run_data import build_data
+
+    workdir = tmp_path / "run"
+    overrides = ["--config.data.source=prepared", f"--config.data.path={prepared[0]}", "--config.train.seed=5"]
+    assert train(workdir, *overrides, "--config.train.steps=2") == 0
+    info_file = workdir / "checkpoints" / "2" / "run" / "metadata"
+    info = json.loads(info_file.read_text())
+    assert [entry["order"] for entry in info["data_stream"]] == [ORDER]
+    config = load_config(str(workdir / "config.json"))
+    split = open_prepared(prepared[0]).splits["train"]
+
+    def rows_of(seed: int, step: int) -> np.ndarray:
+        return TrainRows([Source.create("data", split, 1.0, L, seed)], L, B).batch(step, range(B))["tokens"]
+
+    assert np.array_equal(build_data(config, None, workdir).train_rows(7)["tokens"], rows_of(order_seed(5, 0), 7))
+    for entry in info["data_stream"]:  # as an earlier release saved it
+        del entry["order"]
+    info_file.write_text(json.dumps(info))
+    data = build_data(config, None, workdir)
+    assert np.array_equal(data.train_rows(7)["tokens"], rows_of(5, 7)) and "order" not in data.stream[0]
+    assert train(workdir, *overrides, "--config.train.steps=4") == 0
+    resumed = json.loads((workdir / "checkpoints" / "4" / "run" / "metadata").read_text())
+    assert resumed["data_stream"] == info["data_stream"]
+
+
 def test_a_runs_relative_data_path_read_from_elsewhere_is_refused(prepared, tmp_path, monkeypatch, capsys):
     """A run's config.json keeps data.path as given; `eval --workdir` and `data inspect --workdir`
     from another directory, where that relative path names other prepared data, refuse in one line
