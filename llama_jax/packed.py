@@ -14,9 +14,9 @@ Order. The rows of a split are visited in a fresh permutation every epoch:
 of epoch e = n // rows, with pi_e a permutation computed per index, with no state, that Grain
 seeds with (base + e) mod 2**32; base is a hash of the run's train.seed and the source's place in
 the mixture (`order_seed`). So the rows of step s are a pure function of (data, seed, s): each
-process builds only its own rows, and a resumed run needs nothing but the step. Grain's worker processes are not used:
-building a row is a memory-mapped slice and a few searches, far cheaper than a train step
-(`benchmarks/data_loading.py`).
+process builds only its own rows, and a resumed run needs nothing but the step. Grain's worker
+processes are not used: building a row is a memory-mapped slice and a few searches, far cheaper
+than a train step (`benchmarks/data_loading.py`).
 
 Mixtures. With several sources of weights w_i (p_i = w_i / sum w), slot j of global batch s
 (B rows) belongs to the source i whose interval [P_i, P_i+1) of the cumulative weights holds
