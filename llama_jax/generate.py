@@ -75,8 +75,9 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
         smallest_kept = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(scaled < smallest_kept, -jnp.inf, scaled)
 
-    def draw(logits):
-        scaled = logits / temperature
+    def draw(logits):  # (the best logit at 0 first: a tiny temperature then sends the others to -inf, where
+        # dividing the logits themselves made every positive one +inf, and the first of them was drawn)
+        scaled = (logits - logits.max(axis=-1, keepdims=True)) / temperature
         scaled = jax.lax.cond((top_k < V) | (top_p < 1.0), filtered, lambda x: x, scaled)
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
@@ -269,7 +270,8 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     eos_id = None if eos_id is not None and eos_id < 0 else eos_id  # (a SentencePiece model's -1: no EOS)
     P = max(max(len(p) for p in prompts), pad_to or 0)
     if P + max_new_tokens > config.max_seq_len:
-        raise ValueError(f"longest prompt ({P}) + max_new_tokens ({max_new_tokens}) = {P + max_new_tokens} "
+        what = "longest prompt" if P == max(len(p) for p in prompts) else "pad_to"
+        raise ValueError(f"{what} ({P}) + max_new_tokens ({max_new_tokens}) = {P + max_new_tokens} "
                          f"exceeds the model's max_seq_len ({config.max_seq_len})")
 
     mesh = ambient_mesh() if mesh is None else mesh

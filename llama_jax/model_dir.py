@@ -45,7 +45,10 @@ def check_tokenizer_files(directory: str | os.PathLike, config: LLaMAConfig) -> 
         file = Path(directory) / name
         if file.is_file() and file.suffix == ".json":
             read_json_object(file, "generation settings" if name == "generation_config.json" else "tokenizer settings")
-    generation_end_ids(directory)
+    beyond = [i for i in generation_end_ids(directory) if i >= config.vocab_size]
+    if beyond:
+        raise ValueError(f"{Path(directory) / 'generation_config.json'}: eos_token_id {beyond[0]} is not a token id "
+                         f"of this model (vocab_size {config.vocab_size})")
     file = Path(directory) / "tokenizer.model"
     if file.is_file():
         check_tokenizer_file(file, config)

@@ -14,7 +14,8 @@ first and EOS last, in worker processes, and writes them to DIR (format `llama_j
                                   written once both data files are complete and in place
     manifest.json                 written last: tokenizer, token dtype, data section, per-split counts and shards
                                   (and the corpus sha256 of a source that has one: text and JSONL files,
-                                  stdlib; over each document's length and UTF-8 text, in order)
+                                  stdlib; over each document's length and UTF-8 text, in order, and for
+                                  stdlib each file's relative path too)
 
 The held-out split is the source's eval split when it has one, else `split_indices(n, eval_fraction)`.
 A shard closes once it holds `shard_tokens` tokens; documents are never split. The files depend only
@@ -836,7 +837,7 @@ class PreparedSplit:
         if self._indices[k] is None:
             file = self.directory / f"{self.shard_names[k]}.index.npy"
             index = np.load(file, allow_pickle=False)
-            offsets = index[:, 0]  # columns: first token (within the shard), source file, UTF-8 bytes
+            offsets = index[:, 0]  # columns: first token (within the shard), index in the source, UTF-8 bytes
             tokens = int(self._token_starts[k + 1] - self._token_starts[k])
             if len(index) and (offsets[0] != 0 or (np.diff(offsets) <= 0).any() or offsets[-1] >= tokens
                                or (index[:, 1:] < 0).any()):

@@ -102,7 +102,10 @@ def read_prompts_file(path: str | Path) -> list[str]:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     prompts = []
     jsonl = path.suffix.lower() == ".jsonl"
-    for number, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" only: splitlines() also splits at U+2028, form feeds and others, which JSON
+    # strings may hold unescaped and text prompts may contain
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         if not jsonl:

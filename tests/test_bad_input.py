@@ -257,7 +257,7 @@ CASES = [
          r"argument --rope-scaling-factor: 'nan' is not a finite number"),
     Case("convert-rope-scaling-factor-negative",
          "convert --from meta --to jax {scaled_meta} out --rope-scaling-factor -3",
-         r"error: --rope-scaling-factor must be a positive number, got -3.0"),
+         r"error: --rope-scaling-factor -3.0: rope_scaling.factor must be positive, got -3.0$"),
     Case("convert-rope-scaling-factor-unscaled", "convert --from meta --to jax {meta} out --rope-scaling-factor 32",
          r"--rope-scaling-factor 32: .*params.json does not set use_scaled_rope, so the model has no rope scaling"),
     Case("convert-shards-to-hf", "convert --from hf --to hf {hf} out --shards 2",

@@ -193,6 +193,15 @@ def test_an_incomplete_rope_scaling_is_refused(scaling, missing):
         LLaMAConfig.from_hf(hf)
 
 
+@pytest.mark.parametrize("scaling", [{"factor": 8.0}, {"rope_theta": 5e5, "factor": 8.0}])
+def test_a_rope_scaling_without_a_type_is_refused(scaling):
+    """(It was taken for no scaling at all, silently; an object of nothing but theta is.)"""
+    hf = {**hf_config_dict("gqa_llama3", "v4"), "rope_scaling": scaling}
+    with pytest.raises(ValueError, match="rope_type"):
+        LLaMAConfig.from_hf(hf)
+    assert LLaMAConfig.from_hf({**hf, "rope_scaling": {"rope_theta": 5e5}}).rope_scaling is None
+
+
 def test_hf_config_defaults_kv_heads_to_heads():
     d = hf_config_dict("mha")
     del d["num_key_value_heads"]

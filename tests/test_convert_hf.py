@@ -154,6 +154,10 @@ def test_hf_config_names_the_tokenizers_special_ids(tmp_path):
                      "--overwrite"]) == 0
         written = json.loads((tmp_path / "hf" / "config.json").read_text())
         assert (written["bos_token_id"], written["eos_token_id"]) == expected
+    # an end id the model cannot produce is refused before anything is written (it was copied into config.json)
+    (tmp_path / "jax" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, cfg.vocab_size]}))
+    assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "hf2")]) == 2
+    assert not (tmp_path / "hf2").exists()
 
 
 def test_bfloat16_output_and_verify(tmp_path, capsys):

@@ -296,6 +296,9 @@ def test_params_json_has_n_kv_heads_only_for_fewer_kv_heads(tmp_path, n_kv_heads
     ("{not json", r"llama_jax.json: not valid JSON"),
     ('{"max_seq_len": "8192"}', r"llama_jax.json: max_seq_len must be a positive integer, got '8192'"),
     ('{"tie_embeddings": "yes"}', r"llama_jax.json: tie_embeddings must be true or false, got 'yes'"),
+    # (was "--rope-scaling-factor must be a positive number", an option not given)
+    ('{"rope_scaling_factor": 1e39}', r"llama_jax.json: rope_scaling_factor 1e\+39: rope_scaling.factor must be "
+                                      r"within float32's range"),
 ])
 def test_a_bad_settings_file_beside_params_json_is_named(tmp_path, content, message):
     cfg, load = hf_source("llama3", "float32")

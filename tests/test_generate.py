@@ -276,6 +276,15 @@ def test_a_top_p_below_float32s_smallest_keeps_the_most_likely_token():
         np.testing.assert_array_equal(picked, np.argmax(np.asarray(logits), axis=-1))
 
 
+@pytest.mark.parametrize("temperature", [1e-3, 1e-30, 1e-38])
+def test_a_tiny_temperature_draws_the_most_likely_token(temperature):
+    """(Dividing the logits by it made every positive one +inf, and the first of them was drawn.)"""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) + 3.0, jnp.float32)
+    for seed in range(3):
+        picked = sample_logits(logits, jax.random.key(seed), temperature)
+        np.testing.assert_array_equal(picked, np.argmax(np.asarray(logits), axis=-1))
+
+
 def test_greedy_picks_as_argmax_does():
     """Temperature 0 picks what `argmax` picks: the first of tied maxima, the first NaN of a row
     holding one, index 0 of a row that is all -inf or all +inf."""
@@ -337,6 +346,7 @@ def test_numpy_and_jax_scalars_are_accepted(gqa):
     (dict(max_new_tokens=251), r"\(6\) \+ max_new_tokens \(251\).*max_seq_len \(256\)"),
     (dict(pad_to=2.5), r"pad_to must be a non-negative integer \(a prompt length\) or None, got 2.5"),
     (dict(pad_to=-1), r"pad_to must be a non-negative integer"),
+    (dict(pad_to=250, max_new_tokens=10), r"pad_to \(250\) \+ max_new_tokens \(10\) = 260 exceeds"),  # not "prompt"
     # too few flags dropped rows from the result; too many were ignored
     (dict(prompts=[[5], [5, 6]], on_tokens=lambda rows: [False]), r"one flag per row \(2\), got 1$"),
     (dict(prompts=[[5], [5, 6]], on_tokens=lambda rows: [False] * 3), r"one flag per row \(2\), got 3$"),

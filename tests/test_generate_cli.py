@@ -1,5 +1,6 @@
 """`llama-jax generate` extras: stop strings, chat templates, prompt files, --workdir, streaming."""
 
+import json
 
 import jax
 import pytest
@@ -139,6 +140,11 @@ def test_prompts_file(sp_model, tmp_path, capsys):
     assert read_prompts_file(tmp_path / "p.jsonl") == ["from json", "text field"]
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbffirst prompt\n")  # as some editors save it
     assert read_prompts_file(tmp_path / "bom.txt") == ["first prompt"]
+    # lines end at "\n" (and "\r\n"), not at the other breaks str.splitlines knows: JSON writes U+2028 unescaped
+    (tmp_path / "sep.jsonl").write_text(json.dumps({"prompt": "first\u2028second"}, ensure_ascii=False) + "\r\n")
+    (tmp_path / "sep.txt").write_text("a form feed\x0cinside\r\nnext\n")
+    assert read_prompts_file(tmp_path / "sep.jsonl") == ["first\u2028second"]
+    assert read_prompts_file(tmp_path / "sep.txt") == ["a form feed\x0cinside", "next"]
     prompts = ["cli prompt", "from json", "text field", "first prompt", "  second one"]
     assert main(["generate", str(path), "--prompt", "cli prompt", "--prompts-file", str(tmp_path / "p.jsonl"),
                  "--prompts-file", str(tmp_path / "p.txt"), "--max-new-tokens", "8", "--seed", "3"]) == 0

@@ -158,7 +158,7 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
 
     `rope_scaling_factor`: the LLaMA-3.1-style scaling factor when params.json says
     `use_scaled_rope` (8 for LLaMA-3.1, 32 for LLaMA-3.2); Meta's files do not record it.
-    Ignored for checkpoints without scaled rope.
+    Refused for checkpoints without scaled rope.
     """
     src_dir = Path(src_dir)
     params_path = src_dir / PARAMS_FILE
@@ -351,8 +351,11 @@ def _config(params: dict, path: Path, settings: dict, vocab: int, ffn_rows: int,
     """LLaMAConfig from params.json and `settings` (`EXTRA_FILE`'s), with the embedding / w1
     shapes to fill and check what they omit."""
 
+    def source_of(key: str) -> tuple[dict, Path]:  # params.json's keys first, then those of the file beside it
+        return (params, path) if key in params or key not in settings else (settings, path.parent / EXTRA_FILE)
+
     def setting(key, *args, **kwargs):
-        found, where = (params, path) if key in params or key not in settings else (settings, path.parent / EXTRA_FILE)
+        found, where = source_of(key)
         try:
             return file_setting(found, str(where), key, *args, **kwargs)
         except ValueError as e:
@@ -374,13 +377,15 @@ def _config(params: dict, path: Path, settings: dict, vocab: int, ffn_rows: int,
                               f"the model has no rope scaling; drop the option")
     rope_scaling = None
     if scaled:
-        factor = rope_scaling_factor
+        factor, given = rope_scaling_factor, "--rope-scaling-factor"
         if factor is None:
-            factor = setting("rope_scaling_factor", "number", _DEFAULT_ROPE_FACTOR)
+            key = "rope_scaling_factor"
+            factor = setting(key, "number", _DEFAULT_ROPE_FACTOR)
+            given = f"{source_of(key)[1]}: {key}"
         try:
             rope_scaling = RopeScaling("llama3", float(factor), **_META_ROPE)
-        except (ValueError, TypeError):
-            raise ConversionError(f"--rope-scaling-factor must be a positive number, got {factor!r}") from None
+        except (ValueError, TypeError) as e:
+            raise ConversionError(f"{given} {factor!r}: {e}") from None
     norm_eps = setting("norm_eps", "number", 1e-5)
     rope_theta = float(setting("rope_theta", "number", 10000.0))
     if "max_seq_len" in params or "max_seq_len" in settings:
