@@ -772,6 +772,13 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
             "its arguments do not parse"
         raise UserError(f"after --: {command[0]}: {problem}") from None
     launched.overrides = overrides
+    from llama_jax.launch import option_value
+
+    for flag in ("--workdir", "--config"):  # the launcher reads these from the command line, as given
+        parsed = getattr(launched, flag[2:], None)
+        if isinstance(parsed, str) and option_value(command, flag) != parsed:
+            raise UserError(f"after --: {command[0]}: give {flag} once and in full ({flag} {parsed}): the launcher "
+                            f"reads it from the command line")
     try:
         _check_not_empty(launched)
     except UserError as e:

@@ -209,9 +209,22 @@ def changed_settings(saved: dict, config) -> list[str]:
             else:
                 yield f"{prefix}{key}", value
 
-    before, now = dict(flat(saved)), dict(flat(json.loads(config.to_json_best_effort())))
-    return [f"{key} {before[key]!r} -> {value!r}" for key, value in now.items()
-            if key in before and before[key] != value]
+    current = json.loads(config.to_json_best_effort())
+    before, now = dict(flat(saved)), dict(flat(current))
+    keys = [key for key, value in now.items() if key in before and before[key] != value]
+    for key in sorted(set(before) ^ set(now)):  # a setting that is a dict on one side only (None <-> {...}):
+        prefixes = [key[:i] for i, c in enumerate(key) if c == "."]  # named as a whole, by its own key
+        whole = next((p for p in prefixes if p in before or p in now), None)
+        if whole is not None and whole not in keys:
+            keys.append(whole)
+    return [f"{key} {_setting_at(saved, key)!r} -> {_setting_at(current, key)!r}" for key in keys]
+
+
+def _setting_at(tree: dict, dotted: str):
+    """The value at a dotted key of a config tree (None where it has none)."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def check_named_data(workdir: Path, recorded: list | None, stream: list | None, data_config) -> None:
@@ -623,10 +636,12 @@ def _being_removed(workdir: Path, step: int) -> bool:
 def run_tokenizer(workdir: Path, info: dict) -> Path | None:
     """The tokenizer file a run used: its kept copy, checked against the hash in the checkpoint.
     Runs from before copies were kept fall back to the file `data.tokenizer` names."""
+    from llama_jax.tokenizer import tokenizer_file  # (a directory setting names its tokenizer.model)
+
     expected = info.get("tokenizer_sha256")
     data = info["config"].get("data", {})
     setting = data.get("tokenizer") if data.get("source") != "synthetic" else None
-    candidates = [workdir / RUN_TOKENIZER] + ([Path(setting)] if setting and setting != "train" else [])
+    candidates = [workdir / RUN_TOKENIZER] + ([tokenizer_file(setting)] if setting and setting != "train" else [])
     for path in candidates:
         if path.is_file() and (expected is None or sha256_file(path) == expected):
             return path

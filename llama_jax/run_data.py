@@ -2,7 +2,7 @@
 
 There is one training data path. `data.source=prepared` reads directories written by `llama-jax
 prepare-data` (`data.path`, or several with weights in `data.mixture`). Any other text source
-(embedded, text, jsonl, tfds) is prepared on the run's first start: into a temporary directory
+(embedded, stdlib, text, jsonl, tfds) is prepared on the run's first start: into a temporary directory
 while the run's inputs are checked, then moved to WORKDIR/data when the run starts, where a
 resumed run finds it. `data.source=synthetic` needs no data at all.
 

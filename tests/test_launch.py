@@ -316,9 +316,15 @@ def test_resource_failing_right_after_creation_is_one_error(fake_gcloud, monkeyp
     monkeypatch.setenv("FAKE_CREATED_STATE", "FAILED")
     assert cli.main(launch_args()) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("llama-jax launch: error: queued resource run is FAILED right after its creation")
+    assert err[-1] == ("llama-jax launch: error: queued resource run is FAILED right after its creation; see "
+                       "`gcloud compute tpus queued-resources describe run --zone us-central2-b`")  # (its zone was cut)
     assert verbs(calls()) == ["queued-resources describe", "queued-resources create",
                               "queued-resources describe FAILED"]  # no loop of re-creations
+    # --delete-after deletes it, as it does a slice the launch made that fails its install (it was left)
+    (Path(os.environ["FAKE_LOG"])).unlink()
+    assert cli.main(launch_args("--delete-after")) == 2  # (FAILED: deleted, created again, FAILED)
+    assert verbs(calls()) == ["queued-resources describe FAILED", "queued-resources delete", "queued-resources describe",
+                              "queued-resources create", "queued-resources describe FAILED", "queued-resources delete"]
 
 
 # ---- SLURM --------------------------------------------------------------------------------------
@@ -553,6 +559,14 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
      f"--folder README.md/jobs is under {ROOT / 'README.md'}, a file; give a directory for the job's script"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "README.md", "--dry-run", "--",
       *TRAIN_TINY], "--copy-back README.md is a file; give a directory to receive the run's workdir"),
+    # the launcher reads --workdir and --config from the command line: as argparse takes them, or refused
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "TMP_WORKDIR", "--dry-run", "--",
+      "train", "--config", "configs/tiny.py", "--work", "/mnt/gcs/runs/x"],
+     "after --: train: give --workdir once and in full (--workdir /mnt/gcs/runs/x): the launcher reads it"),
+    (["slurm", "--dry-run", "--", *TRAIN_IN_TMP, "--workdir", "TMP_WORKDIR2"],
+     "after --: train: give --workdir once and in full"),
+    (["slurm", "--dry-run", "--", "train", "--conf", "configs/tiny.py", "--workdir", "TMP_WORKDIR"],
+     "after --: train: give --config once and in full (--config configs/tiny.py)"),
 ])
 def test_bad_input(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)

@@ -719,6 +719,30 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer
             in capsys.readouterr().out)
 
 
+def test_a_setting_changed_to_or_from_a_dict_is_named():
+    """A dict is compared by its entries; one on a single side (None <-> {...}) matched no entry of
+    the other, and a resume that changed model.rope_scaling said nothing."""
+    config = load_config(TINY, [])
+    saved = json.loads(config.to_json_best_effort())
+    saved["model"]["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    assert run_lib.changed_settings(saved, config) == ["model.rope_scaling {'rope_type': 'linear', 'factor': 4.0} "
+                                                       "-> None"]
+    scaled = load_config(TINY, ['model.rope_scaling={"rope_type": "linear", "factor": 4.0}', "optimizer.lr=0.1"])
+    assert run_lib.changed_settings(json.loads(config.to_json_best_effort()), scaled) == [
+        "optimizer.lr 0.003 -> 0.1", "model.rope_scaling None -> {'rope_type': 'linear', 'factor': 4.0}"]
+
+
+def test_a_run_without_its_kept_tokenizer_falls_back_to_a_directory_setting(tmp_path, tokenizer_path):
+    """data.tokenizer naming a directory means its tokenizer.model, here as everywhere (it was
+    taken as a file, and export refused the run)."""
+    from llama_jax.safe_io import sha256_file
+
+    info = {"tokenizer_sha256": sha256_file(tokenizer_path),
+            "config": {"data": {"source": "embedded", "tokenizer": str(tokenizer_path.parent)}}}
+    (tmp_path / "run").mkdir()
+    assert run_lib.run_tokenizer(tmp_path / "run", info) == tokenizer_path
+
+
 def test_a_resume_never_drops_the_checkpoints_keep_every_kept(tmp_path, tokenizer_path, capsys):
     workdir = tmp_path / "run"
     kept = ["checkpoint.every=2", "checkpoint.max_to_keep=1", "checkpoint.keep_every=4", "train.steps=8"]

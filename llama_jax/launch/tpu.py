@@ -266,13 +266,15 @@ def _run_until_done(tpu: TpuLaunch, poll_seconds: float) -> tuple[int, bool]:
     """Bring up the slice, ship and run the command, again after each preemption up to
     `max_restarts` times; (the command's exit status, whether the last run was preempted)."""
     for attempt in range(tpu.max_restarts + 1):
-        created = ensure_active(tpu, poll_seconds)
+        made = []  # (ensure_active's flag: whether it created the resource; one that failed says so in made)
         try:
+            created = ensure_active(tpu, poll_seconds, made)
             ship(tpu)
         except Exception:  # e.g. the install failed on a slice this launch made: nothing of anyone's is on it
-            if tpu.delete_after and created:
+            if tpu.delete_after and made:
                 _run(delete_command(tpu), check=False)
             raise
+        assert created == bool(made)
         status = _run(ssh_command(tpu, run_shell(tpu)), check=False)
         try:  # also after a clean exit: a preempted train saves and exits 0
             preempted = describe_state(tpu) != "ACTIVE"
@@ -286,9 +288,10 @@ def _run_until_done(tpu: TpuLaunch, poll_seconds: float) -> tuple[int, bool]:
     return status, preempted
 
 
-def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> bool:
+def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS, made: list | None = None) -> bool:
     """Bring the queued resource to ACTIVE: create it, reuse it, or replace one that lost its TPUs.
-    Whether it was created now (a reused one may hold files of earlier runs)."""
+    Whether it was created now (a reused one may hold files of earlier runs); `made`, when given,
+    gets an entry once it is, also when it then fails to become ACTIVE."""
     created, last = False, ""
     while True:
         state = describe_state(tpu)
@@ -300,10 +303,12 @@ def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> bool:
             return created
         if action in ("create", "recreate") and created:
             raise LaunchError(f"queued resource {tpu.name} is {state or 'gone'} right after its creation; "
-                              f"see `{shlex.join(describe_command(tpu)[:-1])}`")
+                              f"see `{shlex.join(_gcloud(tpu, 'queued-resources', 'describe', tpu.name))}`")
         if action == "create":
             _run(create_command(tpu))
             created = True
+            if made is not None:
+                made.append(tpu.name)
         elif action == "recreate":
             _note(f"deleting queued resource {tpu.name} ({state}) to create it again")
             _run(delete_command(tpu))
