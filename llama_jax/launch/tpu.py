@@ -266,15 +266,14 @@ def _run_until_done(tpu: TpuLaunch, poll_seconds: float) -> tuple[int, bool]:
     """Bring up the slice, ship and run the command, again after each preemption up to
     `max_restarts` times; (the command's exit status, whether the last run was preempted)."""
     for attempt in range(tpu.max_restarts + 1):
-        made = []  # (ensure_active's flag: whether it created the resource; one that failed says so in made)
+        made = []  # the resource, once this launch has created it (also when it then fails to become ACTIVE)
         try:
-            created = ensure_active(tpu, poll_seconds, made)
+            ensure_active(tpu, poll_seconds, made)
             ship(tpu)
         except Exception:  # e.g. the install failed on a slice this launch made: nothing of anyone's is on it
             if tpu.delete_after and made:
                 _run(delete_command(tpu), check=False)
             raise
-        assert created == bool(made)
         status = _run(ssh_command(tpu, run_shell(tpu)), check=False)
         try:  # also after a clean exit: a preempted train saves and exits 0
             preempted = describe_state(tpu) != "ACTIVE"
