@@ -27,7 +27,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # PyTorch is pinned to the CPU wheel; transformers is only the reference oracle in tests.
+        # PyTorch is pinned to 2.13.0 (the Makefile installs it first; TORCH_PIP_OPTIONS can point pip at its CPU
+        # build); transformers is only the reference oracle in tests.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "optuna>=4", "submitit>=1.5",
                  "lm-eval>=0.4.8", "accelerate", "protobuf"],
         # Model-based sweeps (llama-jax sweep --search optuna); grid and random searches need nothing.

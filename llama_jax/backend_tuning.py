@@ -3,11 +3,11 @@ environment variable LLAMA_JAX_TUNING=0 to run with XLA's and the C library's de
 
 CPU: `xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE` lets XLA's CPU backend
 hand elementwise work, transposes among it, to YNNPACK, the library that already runs its matrix
-products, instead of emitting loops of its own for it. Applied to the programs that compute gradients and
-evaluation metrics (`Trainer`); the train step of `benchmarks/train_step.py` ran 1.2-1.3x faster
-with it, until the projections' backward (`llama_jax.model.project`) removed the weight
-gradients' transposes; since then it is 8% faster with unrolled layers and makes no measurable
-difference with scanned ones (`benchmarks/README.md`). Not to the optimizer update: there it
+products, instead of emitting loops of its own for it. Applied to the programs that compute gradients
+and a batch's metrics (`Trainer`; not the held-out evaluator, `llama_jax.evaluate`); the train step
+of `benchmarks/train_step.py` ran 1.2-1.3x faster with it, until the projections' backward
+(`llama_jax.model.project`) removed the weight gradients' transposes; since then it is 8% faster
+with unrolled layers and makes no measurable difference with scanned ones (`benchmarks/README.md`). Not to the optimizer update: there it
 turns every scalar (learning rate, betas, bias corrections) into a parameter-shaped array and
 splits the update into more passes over the parameters, 1.7x the update's time with XLA's own
 loops. So on a backend with options (CPU) `Trainer.step` runs the gradients and the update as

@@ -175,10 +175,13 @@ def cmd_generate(args) -> None:
     if args.workdir is not None:
         from llama_jax.evaluate import load_run
 
+        from llama_jax.run import model_tokenizer
+
         config, params, tokenizer_path, _, _ = load_run(args.workdir, args.step, mesh)
         tokenizer = load_tokenizer(tokenizer_path)
         check_fits(tokenizer, config.vocab_size)
-        end_tokens = []
+        files = model_tokenizer(args.workdir, Path(tokenizer_path))  # the export's: a fine-tune's end ids too
+        end_tokens = generation_end_ids(files) if files.is_dir() else []
     else:
         _, tokenizer = load_tokenizer_for(args.model, "pass --tokenizer PATH", args.tokenizer)
         end_tokens = generation_end_ids(args.model)
@@ -397,9 +400,10 @@ def _check_process_flags(args) -> None:
     n, coordinator, process_id = args.num_processes, args.coordinator, args.process_id
     if n is not None and n < 1:
         raise UserError(f"--num-processes must be a positive integer, got {n}")
-    if n is None and (coordinator is not None or process_id is not None):
-        raise UserError("--coordinator and --process-id join a multi-process run; give --num-processes N with them "
-                        "(or drop them for a single process)")
+    if (n is None or n == 1) and (coordinator is not None or process_id is not None):
+        given = "without --num-processes" if n is None else "with --num-processes 1"
+        raise UserError(f"--coordinator and --process-id join a multi-process run, and are given {given}; give "
+                        f"--num-processes N > 1 with them (or drop them for a single process)")
     if n is not None and (n > 1 and (coordinator is None or process_id is None)
                           or process_id is not None and not 0 <= process_id < n):
         raise UserError(f"--num-processes {n} needs --coordinator HOST:PORT and --process-id I with 0 <= I < {n}, "
@@ -1077,7 +1081,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="rows per batch (default: the config's train.batch_size / train.grad_accum)")
     p.add_argument("--output", default=None, help="JSON file to write (default: MODEL/eval.json, or "
-                   "WORKDIR/eval-STEP.json; WORKDIR/eval-STEP-TAG.json for data settings other than the run's)")
+                   "WORKDIR/eval-STEP.json; WORKDIR/eval-STEP-TAG.json for data settings or a --seq-len other "
+                   "than the run's)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a model directory (needs .[eval])")
@@ -1240,6 +1245,7 @@ class _LibraryNoise:
         self.held: list[logging.LogRecord] = []
         self.mode = "hold"  # "hold" while the command runs, then "show" or "drop"
         self.installed = False
+        self.depth = 0  # commands running: the demo runs others inside itself, which leave it to decide
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.mode == "hold":
@@ -1247,11 +1253,17 @@ class _LibraryNoise:
         return self.mode == "show"
 
     def start(self) -> None:
-        self.held, self.mode = [], "hold"
+        if not self.depth:
+            self.held, self.mode = [], "hold"
+        self.depth += 1
 
     def end(self, succeeded: bool, exiting: bool = True) -> None:
         """Show or drop what was held; until the process exits (`exiting`), so are later errors.
-        A caller that goes on after the command (not `exiting`) sees its later errors."""
+        A caller that goes on after the command (not `exiting`) sees its later errors. The end of
+        a command run inside another leaves what was held to the outer one's end."""
+        self.depth = max(self.depth - 1, 0)
+        if self.depth:
+            return
         held, self.held, self.mode = self.held, [], "show" if succeeded or not exiting else "drop"
         for record in held if succeeded else ():
             logging.getLogger(record.name).handle(record)

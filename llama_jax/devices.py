@@ -13,6 +13,7 @@ XLA_STATUSES = ("UNKNOWN: ", "INTERNAL: ", "UNAVAILABLE: ", "ABORTED: ", "DEADLI
 
 # TPU_CHIPS_PER_PROCESS_BOUNDS for a process holding K chips of one host.
 _TPU_CHIP_BOUNDS = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1", 8: "2,4,1"}
+TPU_CHIPS_PER_PROCESS = tuple(_TPU_CHIP_BOUNDS)  # the ways a TPU host splits into processes
 
 
 def on_tpu_vm() -> bool:

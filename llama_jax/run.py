@@ -535,12 +535,19 @@ def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, 
     checkpoint_step(workdir, step)  # a run holding that step, before the destination is looked at
     check_destination(dst, MODEL_DIR, overwrite, [workdir])  # before reading gigabytes
     step, info, model, params = read_checkpoint_params(workdir, step)
-    tokenizer = run_tokenizer(workdir, info)
-    kept = workdir / MODEL_TOKENIZER_DIR
+    tokenizer = model_tokenizer(workdir, run_tokenizer(workdir, info))
+    return save_model(dst, model, params, tokenizer=tokenizer, overwrite=overwrite), step, model
+
+
+def model_tokenizer(workdir: Path, tokenizer: Path | None) -> Path | None:
+    """What a model of the run gets as its tokenizer (`tokenizer`, the one it trained with):
+    WORKDIR/tokenizer_files when that holds it, with the generation and tokenizer settings of the
+    model the run was fine-tuned from (its end-of-text ids, say); else `tokenizer` itself."""
+    kept = Path(workdir) / MODEL_TOKENIZER_DIR
     if tokenizer is not None and (kept / "tokenizer.model").is_file() and (
             sha256_file(kept / "tokenizer.model") == sha256_file(tokenizer)):
-        tokenizer = kept  # with the generation and tokenizer settings of the model it was fine-tuned from
-    return save_model(dst, model, params, tokenizer=tokenizer, overwrite=overwrite), step, model
+        return kept
+    return tokenizer
 
 
 def keep_model_tokenizer_files(model_dir: str, workdir: Path, tokenizer_file: Path | None) -> None:

@@ -520,6 +520,12 @@ def check_devices(platform: str, n_devices: int, parallel: int, devices_per_run:
         if devices_per_run < 1 or devices_per_run > n_devices:
             raise SweepError(f"--devices-per-run {devices_per_run}: this host has {n_devices} "
                              f"{platform} device(s); valid: 1 to {n_devices}")
+        from llama_jax.devices import TPU_CHIPS_PER_PROCESS
+
+        if platform == "tpu" and devices_per_run not in TPU_CHIPS_PER_PROCESS:  # (found at the first trial's start)
+            valid = ", ".join(str(k) for k in TPU_CHIPS_PER_PROCESS if k <= n_devices)
+            raise SweepError(f"--devices-per-run {devices_per_run}: a TPU host splits into processes of {valid} "
+                             f"chips")
         if parallel * devices_per_run > n_devices:
             raise SweepError(f"--parallel {parallel} x --devices-per-run {devices_per_run} needs "
                              f"{parallel * devices_per_run} {platform} devices; this host has {n_devices}")

@@ -68,7 +68,8 @@ class LlamaJaxText(tfds.core.GeneratorBasedBuilder):
         validation = held_out(hashes, config.validation_fraction)
         if validation.all():
             raise ValueError(f"validation_fraction={config.validation_fraction} holds out all "
-                             f"{len(hashes)} documents; lower it or add documents")
+                             f"{len(hashes)} documents; lower it or add documents (documents are held out by a "
+                             f"hash of their text, so copies of one text are held out together)")
         splits = {"train": self._generate_examples(validation, False)}
         if validation.any():
             splits["validation"] = self._generate_examples(validation, True)

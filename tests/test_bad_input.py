@@ -134,7 +134,10 @@ CASES = [
     Case("train-processes-not-positive", NEW_RUN + " --num-processes 0 --coordinator 127.0.0.1:1234 --process-id 0",
          r"--num-processes must be a positive integer, got 0"),
     Case("train-process-id-without-processes", NEW_RUN + " --coordinator 127.0.0.1:1234 --process-id 1",
-         r"--coordinator and --process-id join a multi-process run; give --num-processes N"),
+         r"--coordinator and --process-id join a multi-process run, and are given without --num-processes; give "
+         r"--num-processes N > 1"),
+    Case("train-coordinator-with-one-process", NEW_RUN + " --num-processes 1 --coordinator 127.0.0.1:1234",
+         r"--coordinator and --process-id join a multi-process run, and are given with --num-processes 1"),
     Case("train-coordinator-without-port", NEW_RUN + " --num-processes 2 --coordinator 127.0.0.1 --process-id 0",
          r"--coordinator 127.0.0.1: expected HOST:PORT with a port in 1..65535"),
     Case("train-coordinator-port-too-large", NEW_RUN + " --num-processes 2 --coordinator h:99999 --process-id 0",

@@ -303,6 +303,16 @@ def test_values_beyond_the_output_dtypes_range_are_refused(tmp_path, capsys, goo
     assert main(["convert", "--from", "hf", "--to", "hf", str(good_src), str(dst), "--dtype", "bfloat16"]) == 0
 
 
+def test_the_default_shard_size_is_what_5GB_means():
+    """(It was 5 GiB, where --max-shard-size 5GB, the documented default, gives 5 * 10**9, as transformers does.)"""
+    import inspect
+
+    from llama_jax.cli import parse_size
+    from llama_jax.convert.pipeline import convert
+
+    assert inspect.signature(convert).parameters["max_shard_bytes"].default == parse_size("5GB") == 5 * 10**9
+
+
 def test_truncated_shard(tmp_path, capsys, good_src):
     shard = good_src / "model-00001-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])

@@ -790,6 +790,14 @@ def test_library_errors_wait_for_the_commands_outcome(caplog):
         assert "a checkpoint write failed" not in caplog.text
         cli._NOISE.end(succeeded)
         assert ("a checkpoint write failed" in caplog.text) == succeeded
+    # a command run inside another (the demo runs generate) leaves them to the outer one (it dropped them)
+    caplog.clear()
+    cli._NOISE.start()
+    absl_logging.error("a checkpoint write failed")
+    assert cli.main(["presets"]) == 0
+    assert "a checkpoint write failed" not in caplog.text
+    cli._NOISE.end(succeeded=True)
+    assert "a checkpoint write failed" in caplog.text
     cli._NOISE.end(succeeded=True)  # as after a command that succeeded: later records are shown
 
 

@@ -559,6 +559,9 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
      f"--folder README.md/jobs is under {ROOT / 'README.md'}, a file; give a directory for the job's script"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "README.md", "--dry-run", "--",
       *TRAIN_TINY], "--copy-back README.md is a file; give a directory to receive the run's workdir"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
+      "configs/tiny.py", "--workdir", "/mnt/gcs/sweep", "--sweep", "train.seed=[0,1]", "--devices-per-run", "3"],
+     "after --: sweep: --devices-per-run 3: a TPU host splits into processes of 1, 2, 4 chips"),  # (at a trial)
     # the launcher reads --workdir and --config from the command line: as argparse takes them, or refused
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "TMP_WORKDIR", "--dry-run", "--",
       "train", "--config", "configs/tiny.py", "--work", "/mnt/gcs/runs/x"],

@@ -866,7 +866,7 @@ def test_export_while_the_run_is_deleting_the_step_it_reads(tmp_path, straight_r
     assert removed == [12] and f"exported step 16 of {workdir}" in capsys.readouterr().out
 
 
-def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenizer_path):
+def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenizer_path, capsys):
     """experiments/finetune_hf.sh: HF checkpoint -> fine-tuned run -> HF checkpoint that transformers loads."""
     import torch
     import transformers
@@ -905,6 +905,21 @@ def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenize
         assert json.loads((run_dir / "final" / name).read_text()) == json.loads((hf_in / name).read_text()), name
     assert json.loads((run_dir / "hf" / "generation_config.json").read_text())["eos_token_id"] == [2, 5]
     assert json.loads((run_dir / "hf" / "config.json").read_text())["eos_token_id"] == [2, 5]
+    # generate --workdir stops where generating from the export does: at the fine-tuned model's end ids
+    # (it knew only the tokenizer's EOS); here an end id that is the first token greedy decoding picks
+    from llama_jax.generate import generate
+    from llama_jax.tokenizer import load_tokenizer
+
+    cfg, params = load_model(run_dir / "final")
+    first = generate(cfg, params, [load_tokenizer(run_dir / "final").encode("The", bos=True, eos=False)], 1)[0][0]
+    for directory in (run_dir / "tokenizer_files", run_dir / "final"):
+        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, first]}))
+    capsys.readouterr()
+    printed = []
+    for source in (["--workdir", str(run_dir)], [str(run_dir / "final")]):
+        assert main(["generate", *source, "--prompt", "The", "--temperature", "0", "--max-new-tokens", "12"]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and len(printed[1]) < 12
 
 
 def test_export_of_an_unscanned_run(tmp_path):

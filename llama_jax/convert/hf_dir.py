@@ -127,7 +127,7 @@ def read_hf_dir(src: str | Path) -> Source:
 
 
 def write_hf_dir(dst: Path, config: LLaMAConfig, load: Callable[[str], np.ndarray],
-                 max_shard_bytes: int = 5 * 2**30, token_ids: dict | None = None) -> int:
+                 max_shard_bytes: int = 5 * 10**9, token_ids: dict | None = None) -> int:
     """config.json + (sharded) safetensors + index into `dst`; returns bytes of weights written.
 
     Weights are written in `config.param_dtype`; tied models carry no `lm_head.weight`.

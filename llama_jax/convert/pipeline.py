@@ -107,7 +107,7 @@ class Summary:
 
 
 def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype: str | None = None,
-            overwrite: bool = False, shards: int = 1, max_shard_bytes: int = 5 * 2**30,
+            overwrite: bool = False, shards: int = 1, max_shard_bytes: int = 5 * 10**9,
             rope_scaling_factor: float | None = None, verify: bool = False, progress: bool = True) -> Summary:
     """Convert SRC (format `src_fmt`) to DST (format `dst_fmt`); see `llama-jax convert --help`."""
     from tqdm import tqdm
