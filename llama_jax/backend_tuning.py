@@ -10,8 +10,9 @@ of `benchmarks/train_step.py` ran 1.2-1.3x faster with it, until the projections
 with unrolled layers and makes no measurable difference with scanned ones (`benchmarks/README.md`).
 Not to the optimizer update: there it turns every scalar (learning rate, betas, bias corrections)
 into a parameter-shaped array and splits the update into more passes over the parameters, 1.7x
-the update's time with XLA's own loops. So on a backend with options (CPU) `Trainer.step` runs the gradients and the update as
-two programs, the update compiled with XLA's defaults; elsewhere the step is one program.
+the update's time with XLA's own loops. So on a backend with options (CPU) `Trainer.step` runs
+the gradients and the update as two programs, the update compiled with XLA's defaults; elsewhere
+the step is one program.
 Results change only by float32 rounding (the same operations in another order; no approximate
 math), within every parity test's tolerance. A jaxlib that does not know the option compiles
 without it.
