@@ -780,7 +780,9 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
 
     for flag in ("--workdir", "--config"):  # the launcher reads these from the command line, as given
         parsed = getattr(launched, flag[2:], None)
-        if isinstance(parsed, str) and option_value(command, flag) != parsed:
+        given = any(t.startswith("--") and len(t.split("=", 1)[0]) > 2 and flag.startswith(t.split("=", 1)[0])
+                    for t in command)  # the flag, its =form or an abbreviation argparse takes (else: a default)
+        if given and isinstance(parsed, str) and option_value(command, flag) != parsed:
             raise UserError(f"after --: {command[0]}: give {flag} once and in full ({flag} {parsed}): the launcher "
                             f"reads it from the command line")
     try:
@@ -1412,9 +1414,9 @@ def main(argv: list[str] | None = None) -> int:
 
         restart_with_huge_pages()
     _NOISE.install()
-    _NOISE.start()
     status = 1
     try:
+        _NOISE.start()
         status = _run(argv)
     finally:
         if argv is None:  # the command is over

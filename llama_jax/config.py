@@ -315,7 +315,7 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
         if rope_type == "llama3":
             scaling = _with_top_level_context(hf, key, scaling)
         # no type is the default only for an object of nothing but theta: {"factor": 8} was dropped silently
-        if rope_type not in _HF_DEFAULT_ROPE_TYPES or set(scaling) - {"rope_theta", "rope_type", "type"}:
+        if rope_type not in _HF_DEFAULT_ROPE_TYPES or rope_type is None and set(scaling) - {"rope_theta"}:
             rope_scaling = RopeScaling.from_dict(scaling)
 
     fields = dict(

@@ -189,6 +189,10 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
             raise RunError(f"{where} trained with train.{key}={saved['train'][key]}, not {config.train[key]}: the "
                            f"run's place in each epoch is counted in its rows; resume with it or use another --workdir")
     recorded = info.get("data_stream")
+    if recorded and stream and recorded[0].get("order") != stream[0].get("order"):  # (each process decides)
+        raise RunError(f"{where} was saved with rows in {_order_name(recorded)}, and this process would read them "
+                       f"in {_order_name(stream)}; resume it as it started (its checkpoints were read otherwise "
+                       f"here: a damaged or changing checkpoints directory?)")
     if recorded is not None and stream is not None and not _same_stream(recorded, stream):
         raise RunError(f"{where} trained on {_describe_stream(recorded)}, not {_describe_stream(stream)}: a resume "
                        f"continues the same documents in the same proportions; resume with the run's data settings "
@@ -201,30 +205,17 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
 
 
 def changed_settings(saved: dict, config) -> list[str]:
-    """`key old -> new` for every config value that differs from a checkpoint's saved config."""
-    def flat(tree, prefix=""):
-        for key, value in tree.items():
-            if isinstance(value, dict) and value and key != "mixture":
-                yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
+    """`section.key old -> new` for every config value that differs from a checkpoint's saved
+    config, a dict value (model.rope_scaling, data.mixture) as a whole; a key of one side only (a
+    setting another release has or lacks) is not compared."""
     current = json.loads(config.to_json_best_effort())
-    before, now = dict(flat(saved)), dict(flat(current))
-    keys = [key for key, value in now.items() if key in before and before[key] != value]
-    for key in sorted(set(before) ^ set(now)):  # a setting that is a dict on one side only (None <-> {...}):
-        prefixes = [key[:i] for i, c in enumerate(key) if c == "."]  # named as a whole, by its own key
-        whole = next((p for p in prefixes if p in before or p in now), None)
-        if whole is not None and whole not in keys:
-            keys.append(whole)
-    return [f"{key} {_setting_at(saved, key)!r} -> {_setting_at(current, key)!r}" for key in keys]
+    return [f"{section}.{key} {saved[section][key]!r} -> {value!r}"
+            for section, values in current.items() if isinstance(saved.get(section), dict)
+            for key, value in values.items() if key in saved[section] and saved[section][key] != value]
 
 
-def _setting_at(tree: dict, dotted: str):
-    """The value at a dotted key of a config tree (None where it has none)."""
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+def _order_name(stream: list) -> str:
+    return f"the order {stream[0]['order']!r}" if stream[0].get("order") else "an earlier release's order"
 
 
 def check_named_data(workdir: Path, recorded: list | None, stream: list | None, data_config) -> None:

@@ -200,6 +200,8 @@ def test_a_rope_scaling_without_a_type_is_refused(scaling):
     with pytest.raises(ValueError, match="rope_type"):
         LLaMAConfig.from_hf(hf)
     assert LLaMAConfig.from_hf({**hf, "rope_scaling": {"rope_theta": 5e5}}).rope_scaling is None
+    default = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}  # as transformers 5 writes
+    assert LLaMAConfig.from_hf({**hf, "rope_scaling": default}).rope_scaling is None
 
 
 def test_hf_config_defaults_kv_heads_to_heads():

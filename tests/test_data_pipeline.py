@@ -86,7 +86,7 @@ def test_a_run_on_prepared_data_counts_epochs_and_tokens(prepared, tmp_path, cap
     assert not (workdir / "data").exists()  # prepared data is read where it is
 
 
-def test_a_run_saved_before_hashed_row_orders_keeps_its_orders(prepared, tmp_path):
+def test_a_run_saved_before_hashed_row_orders_keeps_its_orders(prepared, tmp_path, capsys):
     """Runs record their row-order scheme in their data stream; one whose checkpoints record none
     (an earlier release's, which seeded epoch e's order with train.seed + e) resumes with the
     orders it started with, and goes on recording none."""
@@ -112,8 +112,18 @@ def test_a_run_saved_before_hashed_row_orders_keeps_its_orders(prepared, tmp_pat
     data = build_data(config, None, workdir)
     assert np.array_equal(data.train_rows(7)["tokens"], rows_of(5, 7)) and "order" not in data.stream[0]
     assert train(workdir, *overrides, "--config.train.steps=4") == 0
-    resumed = json.loads((workdir / "checkpoints" / "4" / "run" / "metadata").read_text())
+    latest_file = workdir / "checkpoints" / "4" / "run" / "metadata"
+    resumed = json.loads(latest_file.read_text())
     assert resumed["data_stream"] == info["data_stream"]
+    # a process that would read the rows otherwise than the checkpoint it resumes from was saved with
+    # stops (here the latest checkpoint, read to decide, says hashed orders; step 2 was saved without)
+    resumed["data_stream"][0]["order"] = ORDER
+    latest_file.write_text(json.dumps(resumed))
+    capsys.readouterr()
+    assert train(workdir, *overrides, "--config.train.steps=4", "--resume-from", "2") == 2
+    assert (f"was saved with rows in an earlier release's order, and this process would read them in the order "
+            f"{ORDER!r}; resume it as it started") in capsys.readouterr().err
+    assert latest_file.is_file()  # refused before anything was set aside
 
 
 def test_a_runs_relative_data_path_read_from_elsewhere_is_refused(prepared, tmp_path, monkeypatch, capsys):

@@ -786,17 +786,21 @@ def test_library_errors_wait_for_the_commands_outcome(caplog):
     for succeeded in (True, False):
         caplog.clear()
         cli._NOISE.start()
-        absl_logging.error("a checkpoint write failed")
-        assert "a checkpoint write failed" not in caplog.text
-        cli._NOISE.end(succeeded)
+        try:
+            absl_logging.error("a checkpoint write failed")
+            assert "a checkpoint write failed" not in caplog.text
+        finally:
+            cli._NOISE.end(succeeded)
         assert ("a checkpoint write failed" in caplog.text) == succeeded
     # a command run inside another (the demo runs generate) leaves them to the outer one (it dropped them)
     caplog.clear()
     cli._NOISE.start()
-    absl_logging.error("a checkpoint write failed")
-    assert cli.main(["presets"]) == 0
-    assert "a checkpoint write failed" not in caplog.text
-    cli._NOISE.end(succeeded=True)
+    try:
+        absl_logging.error("a checkpoint write failed")
+        assert cli.main(["presets"]) == 0
+        assert "a checkpoint write failed" not in caplog.text
+    finally:
+        cli._NOISE.end(succeeded=True)
     assert "a checkpoint write failed" in caplog.text
     cli._NOISE.end(succeeded=True)  # as after a command that succeeded: later records are shown
 

@@ -330,6 +330,17 @@ def test_resource_failing_right_after_creation_is_one_error(fake_gcloud, monkeyp
 # ---- SLURM --------------------------------------------------------------------------------------
 
 
+def test_a_command_whose_workdir_has_a_default_is_launched(capsys, tmp_path, monkeypatch):
+    """demo's --workdir defaults to runs/demo: not given, nothing for the launcher to read twice
+    (the check of --workdir given once and in full refused it)."""
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["launch", "slurm", "--dry-run", "--folder", str(tmp_path / "jobs"), "--", "demo"]) == 0
+    assert "demo" in (tmp_path / "jobs" / slurm.DRY_RUN_SCRIPT).read_text()
+    assert cli.main(["launch", "slurm", "--dry-run", "--", "train", "--config=configs/tiny.py",
+                     f"--workdir={tmp_path / 'run'}"]) == 0  # the =forms are read as argparse reads them
+    capsys.readouterr()
+
+
 def test_slurm_dry_run_two_nodes_of_eight_gpus(capsys, tmp_path):
     workdir = tmp_path / "run"
     argv = ["launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time-min", "1440",

@@ -729,7 +729,12 @@ def test_a_setting_changed_to_or_from_a_dict_is_named():
                                                        "-> None"]
     scaled = load_config(TINY, ['model.rope_scaling={"rope_type": "linear", "factor": 4.0}', "optimizer.lr=0.1"])
     assert run_lib.changed_settings(json.loads(config.to_json_best_effort()), scaled) == [
-        "optimizer.lr 0.003 -> 0.1", "model.rope_scaling None -> {'rope_type': 'linear', 'factor': 4.0}"]
+        "model.rope_scaling None -> {'rope_type': 'linear', 'factor': 4.0}", "optimizer.lr 0.003 -> 0.1"]
+    saved["model"]["rope_scaling"] = {"rope_type": "linear", "factor": 4.0, "extra": 1}  # a key of one side
+    assert run_lib.changed_settings(saved, scaled)[0] == ("model.rope_scaling {'rope_type': 'linear', 'factor': 4.0, "
+                                                          "'extra': 1} -> {'rope_type': 'linear', 'factor': 4.0}")
+    del saved["model"]["rope_scaling"]  # a setting this release has and the saved config lacks: not compared
+    assert run_lib.changed_settings(saved, config) == []
 
 
 def test_a_run_without_its_kept_tokenizer_falls_back_to_a_directory_setting(tmp_path, tokenizer_path):
