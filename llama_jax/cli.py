@@ -56,16 +56,16 @@ def _sigterm_unwinds():
     (`safe_io.note_signal`: a library that turns them into errors of its own must not have them
     taken for damaged files). A signal that arrives while a module is being imported waits until
     the import is done, for up to IMPORT_WAIT_S: an extension module (jaxlib's) whose
-    initialisation is interrupted crashes the interpreter when it is freed. The previous handlers
-    are back afterwards."""
-    from llama_jax.safe_io import note_signal
+    initialisation is interrupted crashes the interpreter when it is freed; so does one that arrives
+    inside `safe_io.signals_held`. The previous handlers are back afterwards."""
+    from llama_jax.safe_io import holding_signals, note_signal
 
-    held_since: dict[int, float] = {}  # signal -> when it was first held back for an import
+    held_since: dict[int, float] = {}  # signal -> when first held back for an import or by `signals_held`
 
     def handle(error_type):
         def raise_noted(signum, frame):
             now = time.monotonic()
-            if _importing(frame) and now - held_since.setdefault(signum, now) < IMPORT_WAIT_S:
+            if (_importing(frame) or holding_signals()) and now - held_since.setdefault(signum, now) < IMPORT_WAIT_S:
                 # unless raised meanwhile (by a second Ctrl-C after the import)
                 _signal_again(signum, after=0.05, unless=lambda: signum not in held_since)
                 return

@@ -25,7 +25,10 @@ COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attent
 def is_int(value: object) -> bool:
     """A Python, NumPy or JAX integer (a 0-d array too), not a bool."""
     if hasattr(value, "dtype"):
-        return np.ndim(value) == 0 and np.issubdtype(value.dtype, np.integer)
+        try:
+            return np.ndim(value) == 0 and np.issubdtype(value.dtype, np.integer)
+        except TypeError:  # a dtype NumPy cannot read (a JAX random key's)
+            return False
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -252,6 +255,8 @@ def _finite_float(value: numbers.Real) -> bool:
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if not isinstance(value, str):  # (a NumPy dtype equals its name, but is no name: it cannot be saved)
+        raise ValueError(f"{name}: {value!r} is a {type(value).__name__}; give one of the names {', '.join(valid)}")
     if value not in valid:
         raise ValueError(f"{name}: unknown value {value!r}; valid: {', '.join(valid)}")
 

@@ -427,6 +427,9 @@ class LLaMA(nn.Module):
     def __call__(self, tokens_BxS: Array, positions: Array | None = None,
                  segment_ids: Array | None = None, cache: KVCache | None = None):
         cfg = self.config
+        if not self.is_initializing():  # params of another model were read as far as they fit (shapes only)
+            params = self.variables.get("params", {})
+            check_params(cfg, params, joined_qkv="qkv" in params.get("layers_0", {}).get("attn", {}))
         tokens_BxS = _checked_tokens(tokens_BxS, cfg.vocab_size)
         B, S = tokens_BxS.shape
         if cache is not None:
@@ -511,8 +514,12 @@ def abstract_params(cfg: LLaMAConfig):
 
 
 def init_params(cfg: LLaMAConfig, rng: Array | int = 0):
-    """Randomly initialised parameters (unboxed) on the default device."""
-    rng = jax.random.key(int(rng)) if is_int(rng) else rng
+    """Randomly initialised parameters (unboxed) on the default device; `rng` a seed or a JAX key."""
+    if is_int(rng):
+        rng = jax.random.key(int(rng))
+    elif not (isinstance(rng, jax.Array) and (jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                                              or rng.shape == (2,) and rng.dtype == jnp.uint32)):
+        raise TypeError(f"rng must be an integer seed or a JAX random key (jax.random.key(0)), got {rng!r}")
     return nn.meta.unbox(jax.jit(_init_fn(cfg))(rng))
 
 

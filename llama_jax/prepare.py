@@ -56,7 +56,7 @@ import numpy as np
 from llama_jax.data import DOCUMENT_SOURCES, make_source, read_documents, split_indices
 from llama_jax.safe_io import (DirectoryBusy, DirectoryLock, check_writable, file_in_the_way,
                                finish_for_dead_processes, owned_temp_directory, scratch_path, sha256_file,
-                               write_text_atomic)
+                               signals_held, write_text_atomic)
 from llama_jax.tokenizer import load_tokenizer, tokenizer_file, train_sentencepiece
 
 FORMAT = "llama_jax/prepared-v1"
@@ -134,7 +134,8 @@ def open_corpus(data_config) -> Corpus:
 def _streamed_corpus(data_config) -> Corpus:
     """The corpus of text or JSONL files, counted and fingerprinted in a first pass; every later
     pass checks that it read the same documents (a ValueError if the files changed meanwhile)."""
-    files, text_key = list(data_config.get("files") or []), data_config.get("text_key", "text")
+    files, text_key = data_config.get("files") or [], data_config.get("text_key", "text")
+    files = [files] if isinstance(files, str) else list(files)  # (a str is one pattern, not its characters)
     origin = f"files {files!r}"
     count, has_text, digest = 0, False, hashlib.sha256()
     for text in read_documents(files, text_key):
@@ -270,12 +271,15 @@ def _train_tokenizer(corpus: Corpus, vocab_size: int, progress: bool) -> Path:
     """A SentencePiece model trained on the train split, in a new temporary directory."""
     count = len(corpus.indices["train"])
     _say(progress, f"training a {vocab_size}-piece SentencePiece tokenizer on the {count} training documents")
-    path = owned_temp_directory("llama-jax-tokenizer-") / TOKENIZER  # (a killed process's, removed by the next)
+    path = None
     try:
+        with signals_held():  # (a killed process's is removed by the next; one stopped by a signal, here)
+            path = owned_temp_directory("llama-jax-tokenizer-") / TOKENIZER
         train_sentencepiece((text for _, text in corpus.documents("train")), path, vocab_size)
         load_tokenizer(path)
     except BaseException:
-        shutil.rmtree(path.parent, ignore_errors=True)
+        if path is not None:
+            shutil.rmtree(path.parent, ignore_errors=True)
         raise
     return path
 

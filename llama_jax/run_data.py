@@ -29,7 +29,7 @@ from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import ORDER, Source, TrainRows, order_seed
 from llama_jax.prepare import MANIFEST, read_from
-from llama_jax.safe_io import copy_file_atomic, owned_temp_directory, sha256_file
+from llama_jax.safe_io import copy_file_atomic, owned_temp_directory, sha256_file, signals_held
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
 RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
@@ -202,8 +202,10 @@ def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path
     if d.tokenizer == "train" and jax.process_count() > 1:
         raise RunError("data.tokenizer=train needs a single process; train it once with "
                        "tools/train_tokenizer.py and pass its path")
-    staged = staging_directory() / DATA_DIR
+    staged = None
     try:
+        with signals_held():  # a signal between making the directory and knowing it here left it behind
+            staged = staging_directory() / DATA_DIR
         prepare(d, staged, progress=jax.process_index() == 0)
     except BaseException:
         discard_staged(staged)

@@ -231,6 +231,24 @@ def owned_temp_directory(prefix: str) -> Path:
 
 OWNER_FILE = "owner"  # in an `owned_temp_directory`
 
+_HOLDING = [0]  # `signals_held` blocks active
+
+
+@contextlib.contextmanager
+def signals_held():
+    """While active, the command line's SIGINT and SIGTERM wait (`cli._sigterm_unwinds`), so that
+    a few steps are not cut in two: making a temporary directory and handing it to the code that
+    removes it when the command stops (a signal in between left it behind)."""
+    _HOLDING[0] += 1
+    try:
+        yield
+    finally:
+        _HOLDING[0] -= 1
+
+
+def holding_signals() -> bool:
+    return _HOLDING[0] > 0
+
 
 def _process_alive(pid: int) -> bool:
     try:

@@ -867,6 +867,29 @@ def test_a_signal_during_an_import_waits_for_the_import(tmp_path):
                                           "interrupted in the import"], result
 
 
+def test_a_signal_inside_signals_held_waits_for_its_end():
+    """A temporary directory made and handed to the code that removes it when the command stops:
+    a SIGTERM in between left it behind (seen in test_sigterm_while_preparing_data_leaves_nothing_behind).
+    Inside `signals_held` the signal waits; it is raised once the block is over."""
+    script = """if True:
+        import os, signal, time
+        from llama_jax import cli
+        from llama_jax.safe_io import signals_held
+
+        with cli._sigterm_unwinds():
+            try:
+                with signals_held():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.5)
+                    print("the block ended whole")
+                time.sleep(30)
+            except cli.Terminated:
+                print("terminated after the block")
+    """
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50, cwd=ROOT)
+    assert result.stdout.splitlines() == ["the block ended whole", "terminated after the block"], result
+
+
 def test_a_program_interrupted_while_xla_compiles_ends_with_its_status():
     """Ctrl-C or SIGTERM could stop a command while XLA still compiled in threads of its own; the
     interpreter's teardown then freed the XLA client under them, and the process ended in a

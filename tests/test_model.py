@@ -315,3 +315,21 @@ def test_parameters_carry_logical_axis_names():
     assert tuple(specs["lm_head"]) == ("embed", "vocab")
     for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
         assert all(name is not None for name in spec)
+
+
+def test_apply_refuses_params_of_another_model():
+    """Flax reads the params a module asks for and ignores the rest: an untied model's params in a
+    tied model (its head unused, every argmax other) gave logits without a word."""
+    cfg = LLaMAConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=128, max_seq_len=64)
+    params = init_params(cfg, rng=jax.random.key(0))  # a typed key, as JAX recommends (it was a TypeError)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, params, init_params(cfg, rng=0)))
+    tokens = np.array([[1, 5, 9, 20]])
+    assert LLaMA(cfg).apply({"params": params}, tokens).shape == (1, 4, 128)
+    with pytest.raises(ValueError, match=r"parameter \['lm_head'\] is not part of this model"):
+        LLaMA(cfg.replace(tie_embeddings=True)).apply({"params": params}, tokens)
+    with pytest.raises(ValueError, match=r"parameter \['layers_0'\].* is not part of this model"):
+        LLaMA(cfg).apply({"params": {**params, "layers_0": {"x": jnp.zeros(1)}}}, tokens)
+    with pytest.raises(TypeError, match=r"rng must be an integer seed or a JAX random key \(jax.random.key\(0\)\)"):
+        init_params(cfg, rng=0.5)
+    with pytest.raises(ValueError, match=r"dtype: dtype\('float32'\) is a .*; give one of the names float32"):
+        cfg.replace(dtype=np.dtype("float32"))  # (equal to its name, it was accepted; saving it failed)

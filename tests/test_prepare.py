@@ -465,3 +465,14 @@ def test_a_manifest_whose_data_record_is_damaged_is_one_line(reference, tmp_path
     with pytest.raises(ValueError, match=r"manifest.json lacks fields of a llama_jax/prepared-v1 manifest "
                                          r"\(tokenizer, token_dtype, splits, data\); prepare the data again"):
         open_prepared(out)
+
+
+def test_one_file_pattern_given_as_a_string_is_one_pattern(tmp_path):
+    """(A str was read as a list of its characters: "no file matches 't'"; the other readers of
+    data.files take it as one pattern.)"""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
+    settings = {"source": "jsonl", "text_key": "text", "eval_fraction": 0.2}
+    as_str = prepare_lib.open_corpus({**settings, "files": str(tmp_path / "a.jsonl")})
+    as_list = prepare_lib.open_corpus({**settings, "files": [str(tmp_path / "a.jsonl")]})
+    assert as_str.sha256 == as_list.sha256 and [list(i) for i in as_str.indices.values()] == [
+        list(i) for i in as_list.indices.values()]
