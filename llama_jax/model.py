@@ -427,10 +427,12 @@ class LLaMA(nn.Module):
     def __call__(self, tokens_BxS: Array, positions: Array | None = None,
                  segment_ids: Array | None = None, cache: KVCache | None = None):
         cfg = self.config
-        if not self.is_initializing():  # params of another model were read as far as they fit (shapes only)
+        tokens_BxS = _checked_tokens(tokens_BxS, cfg.vocab_size)
+        if not self.is_initializing() and not isinstance(tokens_BxS, jax.core.Tracer):
+            # called eagerly (a notebook's call; the project's own are jitted, their params checked before):
+            # params of another model were read as far as they fit, the rest ignored
             params = self.variables.get("params", {})
             check_params(cfg, params, joined_qkv="qkv" in params.get("layers_0", {}).get("attn", {}))
-        tokens_BxS = _checked_tokens(tokens_BxS, cfg.vocab_size)
         B, S = tokens_BxS.shape
         if cache is not None:
             _check_cache(cache, cfg, B, S)
