@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax.attention import attention, attention_mask, cached_attention
+from llama_jax.attention import attention, attention_mask, cached_attention, sharded_attention
 from llama_jax.config import LLaMAConfig, is_int
 
 Array = jax.Array
@@ -511,8 +511,11 @@ def _init_fn(cfg: LLaMAConfig):
 
 
 def abstract_params(cfg: LLaMAConfig):
-    """Parameter tree of ShapeDtypeStructs (boxed with logical axis names), nothing allocated."""
-    return jax.eval_shape(_init_fn(cfg), jax.random.key(0))
+    """Parameter tree of ShapeDtypeStructs (boxed with logical axis names), nothing allocated.
+    Traced with attention on one device, also inside a trainer's context: its per-device kernels
+    cannot split the initialiser's batch of one over the mesh."""
+    with sharded_attention(None):
+        return jax.eval_shape(_init_fn(cfg), jax.random.key(0))
 
 
 def init_params(cfg: LLaMAConfig, rng: Array | int = 0):
