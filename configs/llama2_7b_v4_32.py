@@ -20,7 +20,8 @@ from llama_jax.experiment import base_config
 
 
 def get_config():
-    config = base_config("llama2-7b", dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch")
+    config = base_config("llama2-7b", dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch",
+                         attention_impl="auto")  # splash on TPU
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     config.optimizer.update(lr=3e-4, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip_norm=1.0,
                             schedule="cosine", warmup_steps=2000, min_lr_ratio=0.1)

@@ -19,7 +19,8 @@ from llama_jax.experiment import base_config
 
 
 def get_config():
-    config = base_config("llama3-8b", dtype="bfloat16", param_dtype="float32", remat_policy="full")
+    config = base_config("llama3-8b", dtype="bfloat16", param_dtype="float32", remat_policy="full",
+                         attention_impl="auto")  # splash on TPU
     config.mesh.update(data=1, fsdp=-1, tensor=2)
     config.optimizer.update(lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                             schedule="wsd", warmup_steps=200, min_lr_ratio=0.1, decay_fraction=0.2)

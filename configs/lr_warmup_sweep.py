@@ -1,6 +1,6 @@
 """A learning-rate x warmup sweep of the demo model, sized for a laptop CPU (minutes).
 
-    llama-jax sweep --config configs/lr_warmup_sweep.py --workdir runs/lr-warmup --parallel 2
+    llama-jax sweep --config configs/lr_warmup_sweep.py --workdir runs/lr-warmup-sweep --parallel 2
 
 The demo's model on the corpus the demo used before it moved to the standard library's source
 (pydoc_data.topics, 2,048-piece tokenizer, 5% of the documents held out), shortened to 200 steps;

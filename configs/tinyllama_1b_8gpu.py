@@ -19,7 +19,7 @@ def get_config():
     # model.scan_layers=False (unrolled) trained the 0.89B step of benchmarks/gpu.py 1.07x faster on one
     # H200 without remat (no copies of layer slices); not yet measured with this remat policy and FSDP
     config = base_config("tinyllama-1.1b", dtype="bfloat16", param_dtype="float32",
-                         remat_policy="dots_no_batch")
+                         remat_policy="dots_no_batch", attention_impl="auto")  # cuDNN flash attention on GPU
     config.mesh.update(data=2, fsdp=-1, tensor=1)
     config.optimizer.update(lr=4e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                             schedule="cosine", warmup_steps=2000, min_lr_ratio=0.1)

@@ -20,10 +20,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llama_jax.config import LLaMAConfig
+from llama_jax.config import LLaMAConfig, check_flag, check_model_config
 from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
-from llama_jax.model_dir import (CONFIG_FILE, MODEL_DIR, PARAMS_DIR, check_tokenizer_file, check_tokenizer_files,
-                                 copy_tokenizer_files, load_config)
+from llama_jax.model_dir import (CONFIG_FILE, MODEL_DIR, PARAMS_DIR, TOKENIZER_FILES, check_tokenizer_file,
+                                 check_tokenizer_files, copy_tokenizer_files, load_config)
 from llama_jax.safe_io import atomic_directory, damage_reason, raise_noted_signal, unreadable_path
 
 
@@ -34,11 +34,18 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: 
     tokenizer: a directory (its tokenizer and generation files are copied) or one tokenizer file
     (copied as tokenizer.model). `overwrite` replaces only an existing model directory.
     """
+    check_model_config(config)
+    check_flag(overwrite, "overwrite")
     params = nn.meta.unbox(params)
     check_params(config.replace(scan_layers="layers" in params), params)  # in their own layout: all of them
     if "layers" not in params:
         params = stack_layers(dict(params), config.n_layers)
     if tokenizer is not None:  # (a directory, or one file)
+        if not isinstance(tokenizer, (str, os.PathLike)):
+            raise TypeError(f"tokenizer must be the path of a tokenizer file or of a directory holding one (or None), "
+                            f"got {type(tokenizer).__name__}")
+        if Path(tokenizer).is_dir() and not any((Path(tokenizer) / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(f"tokenizer={str(tokenizer)!r}: the directory holds none of {', '.join(TOKENIZER_FILES)}")
         (check_tokenizer_files if Path(tokenizer).is_dir() else check_tokenizer_file)(tokenizer, config)
     inputs = [] if tokenizer is None else [tokenizer]
     with atomic_directory(path, MODEL_DIR, overwrite, inputs) as tmp:
@@ -80,6 +87,9 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
     taken as given, the settings it was trained with (`rope_theta`, `rope_scaling`, `norm_eps`,
     `max_seq_len`); one that changes a parameter's shape is a ValueError.
     """
+    check_flag(as_numpy, "as_numpy")
+    if mesh is not None and shardings is not None:
+        raise ValueError("give shardings or mesh, not both")
     config = load_config(path)
     if config_overrides:
         config = config.replace(**config_overrides)

@@ -254,18 +254,18 @@ def parse_size(text: str) -> int:
 
 
 def cmd_convert(args) -> None:
-    from llama_jax.convert.pipeline import convert
+    from llama_jax.convert.pipeline import convert, inapplicable_option
 
-    for option, value, side, fmt in (("--shards", args.shards, "--to", "meta"),
-                                     ("--max-shard-size", args.max_shard_size, "--to", "hf"),
-                                     ("--rope-scaling-factor", args.rope_scaling_factor, "--from", "meta")):
-        if value is not None and (args.dst_format if side == "--to" else args.src_format) != fmt:
-            raise UserError(f"{option} applies to {side} {fmt} only; drop it for {side} "
-                            f"{args.dst_format if side == '--to' else args.src_format}")
-    sizes = {k: v for k, v in (("shards", args.shards), ("max_shard_bytes", args.max_shard_size)) if v is not None}
+    options = dict(shards=args.shards, max_shard_bytes=args.max_shard_size,
+                   rope_scaling_factor=args.rope_scaling_factor)
+    inapplicable = inapplicable_option(args.src_format, args.dst_format, options)
+    if inapplicable is not None:
+        name, side, fmt = inapplicable
+        flag = {"max_shard_bytes": "--max-shard-size"}.get(name, "--" + name.replace("_", "-"))
+        used = args.dst_format if side == "to" else args.src_format
+        raise UserError(f"{flag} applies to --{side} {fmt} only; drop it for --{side} {used}")
     summary = convert(args.src_format, args.src, args.dst_format, args.dst, dtype=args.dtype,
-                      overwrite=args.overwrite, rope_scaling_factor=args.rope_scaling_factor, verify=args.verify,
-                      **sizes)
+                      overwrite=args.overwrite, verify=args.verify, **options)
     if summary.verify is not None:
         print(summary.verify.line())
     print(summary.line(args.src_format, args.dst_format, args.dst))
@@ -501,17 +501,12 @@ def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> 
     """UserError when --workdir is missing, a file or a model directory rather than a run's directory;
     `for_a_model`: what to do with a model directory instead. Without a --config (`config`), the
     run's own config.json must be intact as well."""
-    from llama_jax.safe_io import check_run_config
+    from llama_jax.safe_io import check_run_config, run_directory_problem
 
-    workdir = Path(workdir)
-    if not workdir.exists():
-        raise UserError(f"--workdir {workdir} does not exist; give a run's directory (the --workdir of llama-jax "
-                        f"train)")
-    if not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: is a file; expected a run's directory (the --workdir of llama-jax train)")
-    if not (workdir / "config.json").exists() and (workdir / "model_config.json").is_file():
-        raise UserError(f"--workdir {workdir} is a model directory, not a run (the --workdir of llama-jax train)"
-                        + (f"; {for_a_model}" if for_a_model else ""))
+    problem = run_directory_problem(workdir)
+    if problem is not None:
+        model_dir = not Path(workdir).joinpath("config.json").exists() and Path(workdir).is_dir()
+        raise UserError(problem + (f"; {for_a_model}" if for_a_model and model_dir else ""))
     if config is None:
         check_run_config(workdir, "give the run's config with --config CONFIG")
 
@@ -549,14 +544,9 @@ def eval_file_name(record: dict, own_data: bool, run_seq_len: int | None) -> str
 
 def _run_seq_len(workdir) -> int | None:
     """train.seq_len of the run in `workdir` (its config.json), None when that cannot be read."""
-    import json
+    from llama_jax.safe_io import saved_run_setting
 
-    if workdir is None:
-        return None
-    try:
-        return json.loads((Path(workdir) / "config.json").read_text())["train"]["seq_len"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return None if workdir is None else saved_run_setting(workdir, "train", "seq_len")
 
 
 def cmd_eval(args) -> None:

@@ -61,9 +61,10 @@ class RopeScaling:
                     f"{self.high_freq_factor} and {self.low_freq_factor}"
                 )
             value = self.original_max_position_embeddings
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"rope_scaling.original_max_position_embeddings must be a positive integer, "
                                  f"got {value!r}")
+            object.__setattr__(self, "original_max_position_embeddings", int(value))  # a NumPy integer too
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RopeScaling":
@@ -129,8 +130,7 @@ class LLaMAConfig:
             _check_number(name, getattr(self, name))
             object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("tie_embeddings", "scan_layers"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_flag(getattr(self, name), name)
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
         if self.n_heads % self.n_kv_heads:
@@ -163,6 +163,9 @@ class LLaMAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LLaMAConfig":
+        if not isinstance(d, Mapping):
+            raise TypeError(f"LLaMAConfig.from_dict takes a dict of fields, got {type(d).__name__}"
+                            + ("; for a JSON text, from_dict(json.loads(text))" if isinstance(d, str) else ""))
         _check_field_names(d)
         return cls(**d)
 
@@ -171,7 +174,7 @@ class LLaMAConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LLaMAConfig":
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"preset: unknown value {name!r}; valid: {', '.join(PRESETS)}")
         return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
@@ -184,6 +187,28 @@ class LLaMAConfig:
     def to_hf(self, style: str = "v4") -> dict[str, Any]:
         """A config.json dict; `style="v4"` (Hub / transformers 4.x keys) or `"v5"` (rope_parameters)."""
         return to_hf_config(self, style)
+
+
+def check_model_config(config: object, name: str = "config") -> None:
+    """TypeError unless `config` is an LLaMAConfig (a dict of its fields or a preset's name is not)."""
+    if not isinstance(config, LLaMAConfig):
+        got = "a dict of its fields" if isinstance(config, Mapping) else f"a {type(config).__name__}"
+        raise TypeError(f"{name} must be an LLaMAConfig (LLaMAConfig.from_preset(name) or LLaMAConfig.from_dict(d)), "
+                        f"got {got}")
+
+
+def check_flag(value: object, name: str) -> None:
+    """ValueError unless `value` is True or False (a NumPy bool too): a truthy string such as "no"
+    would otherwise switch an option on."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_seed(seed: object, name: str = "seed") -> None:
+    """ValueError unless `seed` is an integer in [0, 2**32): a JAX key (without x64) and Grain keep
+    32 bits, so 2**32 + 5 would be seed 5 and -1 seed 2**32 - 1."""
+    if not (is_int(seed) and 0 <= int(seed) < 2**32):
+        raise ValueError(f"{name} must be an integer in [0, 2**32), got {seed!r}")
 
 
 def field_names() -> list[str]:

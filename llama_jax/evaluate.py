@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.config import LLaMAConfig, is_int
+from llama_jax.config import LLaMAConfig, check_model_config, is_int
 from llama_jax.data import pack_row, stack_rows
 from llama_jax.model import check_params, params_in_layout
-from llama_jax.sharding import make_mesh, mesh_context
+from llama_jax.sharding import check_mesh, make_mesh, mesh_context
+from llama_jax.tokenizer import check_tokenizer
 
 MIN_BUCKET = 16  # shortest padded length of a scoring batch
 
@@ -73,6 +74,9 @@ class _Forward:
     def __init__(self, config: LLaMAConfig, params, mesh=None, context: Callable | None = None):
         from llama_jax.attention import runnable_here
 
+        check_model_config(config)
+        if mesh is not None:
+            check_mesh(mesh)
         config = config.replace(attention_impl=runnable_here(config.attention_impl))  # a GPU run's model, here
         check_params(config.replace(scan_layers=isinstance(params, Mapping) and "layers" in params), params)
         self.config, self.params, self.mesh = config, params_in_layout(config, params), mesh
@@ -175,6 +179,9 @@ def evaluate_documents(config: LLaMAConfig, params, documents: Iterable[str], to
     if isinstance(documents, (str, bytes)):
         raise TypeError(f"documents is an iterable of texts, got one {type(documents).__name__}; pass [text] to "
                         f"score a single document")
+    if isinstance(documents, Mapping):  # (its keys would be scored)
+        raise TypeError("documents is an iterable of texts, got a dict; pass its texts, e.g. [d['text'] for d in rows]")
+    check_tokenizer(tokenizer)
     total = len(documents) if hasattr(documents, "__len__") else None
     encoded = ((tokenizer.encode(text, bos=True, eos=True), len(text.encode("utf-8"))) for text in documents)
     return evaluate_tokens(config, params, encoded, seq_len, batch_size, max_batches, mesh, context, progress, total)
@@ -203,10 +210,11 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
     bar = _progress(progress, total, "documents")
 
     def counted() -> Iterator[np.ndarray]:
-        for tokens, n_bytes in documents:
+        for document in documents:
+            tokens, n_bytes = _document_pair(document, result.documents)
             ids = _checked_ids(tokens, config.vocab_size, f"document {result.documents}")
             result.documents += 1
-            result.bytes += int(n_bytes)
+            result.bytes += n_bytes
             bar.update(1)
             yield ids
 
@@ -224,6 +232,17 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
     if max_batches is not None:
         result.bytes = None
     return result
+
+
+def _document_pair(document, i: int) -> tuple[object, int]:
+    """`evaluate_tokens`' document `i`: (its token ids, the UTF-8 bytes of its text), checked to be a pair."""
+    if not (isinstance(document, (tuple, list)) and len(document) == 2 and not is_int(document[0])):
+        raise ValueError(f"document {i}: documents are (token ids, bytes of the text) pairs, e.g. [(ids, "
+                         f"len(text.encode()))], got {document!r}"[:240])
+    n_bytes = document[1]
+    if not (is_int(n_bytes) and n_bytes >= 0):
+        raise ValueError(f"document {i}: the bytes of its text must be an integer >= 0, got {n_bytes!r}")
+    return document[0], int(n_bytes)
 
 
 class TokenIdError(ValueError):
@@ -336,6 +355,7 @@ class Scorer:
 
     def __init__(self, config: LLaMAConfig, params, batch_size: int = 8, mesh=None,
                  context: Callable | None = None, max_length: int | None = None):
+        check_model_config(config)
         if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if max_length is not None and not (is_int(max_length) and 1 <= max_length <= config.max_seq_len):
@@ -350,7 +370,7 @@ class Scorer:
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                       progress: bool = False) -> list[tuple[float, bool]]:
         rows, truncated = [], 0
-        for i, (context, continuation) in enumerate(requests):
+        for i, (context, continuation) in enumerate(_request_pairs(requests)):
             row, cut = self._row(i, list(context), list(continuation))
             rows.append(row)
             truncated += cut
@@ -362,6 +382,12 @@ class Scorer:
 
     def loglikelihood_rolling(self, token_lists: Sequence[Sequence[int]], prefix_token: int,
                               progress: bool = False) -> list[float]:
+        if not (is_int(prefix_token) and 0 <= prefix_token < self.config.vocab_size):
+            raise ValueError(f"prefix_token must be a token id in [0, {self.config.vocab_size}) (e.g. BOS), got "
+                             f"{prefix_token!r}")
+        if not _is_id_sequences(token_lists):
+            raise ValueError(f"token_lists must be a list of token-id sequences (wrap one: [tokens]), got "
+                             f"{token_lists!r}"[:200])
         windows, owner = [], []
         for i, tokens in enumerate(token_lists):
             for context, continuation in rolling_windows(tokens, prefix_token, self.max_length):
@@ -420,6 +446,21 @@ class Scorer:
         finally:
             bar.close()
         return results
+
+
+def _is_id_sequences(value) -> bool:
+    """Whether `value` is a sequence of sequences (of token ids, checked where they are read)."""
+    return isinstance(value, Sequence) and not isinstance(value, str) and all(
+        hasattr(x, "__len__") and not isinstance(x, str) for x in value)
+
+
+def _request_pairs(requests) -> Sequence:
+    """`Scorer.loglikelihood`'s requests, checked to be (context ids, continuation ids) pairs."""
+    if not (isinstance(requests, Sequence) and all(isinstance(r, (tuple, list)) and len(r) == 2
+                                                   and _is_id_sequences(r) for r in requests)):
+        raise ValueError(f"requests must be a list of (context ids, continuation ids) pairs (wrap one: "
+                         f"[(context, continuation)]), got {requests!r}"[:240])
+    return requests
 
 
 # ---- what `llama-jax eval` evaluates ---------------------------------------------------------
@@ -575,16 +616,16 @@ def _check_run_paths_read_here(data_config, workdir, recorded: dict) -> None:
     """RunError when a path setting of `data_config` is the one the run's config.json gives, as
     written, relative, and names other files from the current directory than the run was
     prepared from (`recorded`): it came from the run, which read it from where it started."""
-    import json
     from pathlib import Path
 
     from llama_jax.prepare import PATH_KEYS, document_settings, is_relative
     from llama_jax.run_data import RunError
+    from llama_jax.safe_io import saved_run_setting
 
-    try:
-        saved = document_settings(json.loads((Path(workdir) / "config.json").read_text())["data"], absolute=False)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    saved = saved_run_setting(workdir, "data")
+    if not isinstance(saved, dict):
         return
+    saved = document_settings(saved, absolute=False)
     given, here = document_settings(data_config, absolute=False), document_settings(data_config)
     for key in PATH_KEYS:
         if given.get(key) == saved.get(key) and is_relative(given.get(key)) and here.get(key) != recorded.get(key):

@@ -21,7 +21,8 @@ from typing import Any, Iterator, Sequence
 
 import ml_collections
 
-from llama_jax.config import COMPUTE_FIELDS, FLOAT32_MAX, LLaMAConfig, RopeScaling, field_names, in_float32_range
+from llama_jax.config import (COMPUTE_FIELDS, FLOAT32_MAX, LLaMAConfig, RopeScaling, check_flag, check_seed,
+                              field_names, in_float32_range)
 from llama_jax.safe_io import describe_value, read_json_object
 from llama_jax.tokenizer import unicode_problem
 
@@ -209,6 +210,13 @@ def _json_config(path: Path) -> ml_collections.ConfigDict:
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """Apply `key=value` overrides in place, then check that every number in `config` is finite.
     Overrides of keys the file linked (`get_ref`) whose last values cannot all hold: refused."""
+    expected = "overrides must be a list of 'key=value' strings (e.g. ['train.steps=5'])"
+    if isinstance(overrides, (str, bytes)):
+        raise TypeError(f"{expected}, got the string {overrides!r}")
+    overrides = list(overrides)
+    bad = next((o for o in overrides if not isinstance(o, str)), None)
+    if bad is not None:
+        raise TypeError(f"{expected}, got {bad!r} among them")
     applied = {}  # key -> (override, value set); a key given again takes its last value
     changed_by = {}  # key -> the later override that last changed its value (through a link)
     for item in overrides:
@@ -336,8 +344,7 @@ def check_run_settings(config: ml_collections.ConfigDict) -> None:
         raise ValueError(_not_a_string("train.sample_prompt", t.sample_prompt))
     if problem := unicode_problem(t.sample_prompt, from_argv=True):  # as an override gives it
         raise ValueError(f"train.sample_prompt is not UTF-8 text ({problem})")
-    if not isinstance(c.async_save, bool):
-        raise ValueError(f"checkpoint.async_save must be True or False, got {c.async_save!r}")
+    check_flag(c.async_save, "checkpoint.async_save")
     for key in ("eval_every", "sample_every", "sample_tokens"):
         if not _is_int(t[key]) or t[key] < 0:
             raise ValueError(f"train.{key} must be a non-negative integer, got {t[key]!r}")
@@ -443,8 +450,7 @@ def check_train_section(t: ml_collections.ConfigDict) -> None:
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
         if not _is_int(t[key]) or t[key] < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {t[key]!r}")
-    if not _is_int(t.seed) or not 0 <= t.seed < 2**32:  # JAX's keys (without x64) and Grain take 32 bits
-        raise ValueError(f"train.seed must be an integer in [0, 2**32), got {t.seed!r}")
+    check_seed(t.seed, "train.seed")
     if isinstance(t.z_loss, bool) or not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
         raise ValueError(f"train.z_loss must be a number >= 0 (0: no z-loss), got {t.z_loss!r}")
     if t.batch_size * t.seq_len > MAX_TOKENS_PER_STEP:

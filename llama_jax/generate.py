@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import backend_tuning
-from llama_jax.config import FLOAT32_MAX, LLaMAConfig, in_float32_range, is_int
+from llama_jax.config import FLOAT32_MAX, LLaMAConfig, check_model_config, check_seed, in_float32_range, is_int
 from llama_jax.model import KVCache, LLaMA, abstract_params, check_params, join_qkv, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
 from llama_jax.tokenizer import Tokenizer
@@ -60,6 +60,7 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
     Only the work the settings need is done: greedy decoding draws no random numbers, and the
     vocabulary is sorted only when top-k or top-p filters.
     """
+    _check_sample_settings(logits_BxV, temperature, top_k, top_p)
     logits = logits_BxV.astype(jnp.float32)
     V = logits.shape[-1]
     top_k = V if top_k is None else top_k
@@ -90,6 +91,21 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
         return jnp.min(jnp.where(at_best, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
     return jax.lax.cond(temperature > 0, draw, greedy, logits)
+
+
+def _check_sample_settings(logits_BxV, temperature, top_k, top_p) -> None:
+    """ValueError for logits that are not [batch, vocab], or a setting given as a Python or NumPy
+    number out of `check_sampling`'s ranges (a JAX array, traced or not, is taken as it is: a top_p
+    that float32 rounds to 0 keeps the most likely token)."""
+    if getattr(logits_BxV, "ndim", None) != 2:
+        raise ValueError(f"logits must be an array [batch, vocab], got shape {getattr(logits_BxV, 'shape', None)}")
+    ranges = (("temperature", temperature, lambda v: v >= 0, ">= 0 (0 is greedy)"),
+              ("top_k", top_k, lambda v: v >= 1, ">= 1, or None"), ("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"))
+    for name, value, valid, expected in ranges:
+        if value is None or isinstance(value, jax.Array) or np.ndim(value) != 0:
+            continue
+        if not valid(float(value)):  # (False for NaN)
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 class _Sampler(NamedTuple):
@@ -193,8 +209,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not (_is_real(top_p) and 0 < float(top_p) <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if not (is_int(seed) and 0 <= int(seed) < 2**32):  # a key (without x64) keeps 32 bits: 2**32 + 5 is 5
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    check_seed(seed)
 
 
 def _check_ids(config: LLaMAConfig, eos_id: int | None, n_tokens: int | None) -> None:
@@ -257,7 +272,10 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     one call. The tokens do not depend on `chunk`: every step draws from the same per-step key
     either way.
     """
+    check_model_config(config)
     prompts = _checked_prompts(prompts, config.vocab_size)
+    if on_tokens is not None and not callable(on_tokens):
+        raise TypeError(f"on_tokens must be a function of the rows' new ids (or None), got {on_tokens!r}")
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     _check_ids(config, eos_id, n_tokens)
     if on_tokens is not None and not (is_int(chunk) and chunk >= 1):

@@ -25,7 +25,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import attention, attention_mask, cached_attention, sharded_attention
-from llama_jax.config import LLaMAConfig, is_int
+from llama_jax.config import LLaMAConfig, check_model_config, check_seed, is_int
 
 Array = jax.Array
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -117,8 +117,13 @@ class KVCache:
     @classmethod
     def create(cls, cfg: LLaMAConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         """An empty cache laid out for `cfg.scan_layers` (stacked) or unrolled layers (per layer)."""
+        check_model_config(cfg, "cfg")
+        for name, value in (("batch", batch), ("max_len", max_len)):
+            if not (is_int(value) and int(value) >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        batch, max_len = int(batch), int(max_len)
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        dtype = dtype or cfg.dtype
+        dtype = jnp.dtype(cfg.dtype if dtype is None else _cache_dtype(dtype))
         if cfg.scan_layers:
             k, v = (jnp.zeros((cfg.n_layers, *shape), dtype) for _ in "kv")
         else:
@@ -395,6 +400,18 @@ def _integer_array(values, name: str, rows: tuple[int, int] | None = None):
     return values
 
 
+def _cache_dtype(dtype) -> jnp.dtype:
+    """`dtype` as a floating-point dtype; ValueError for a name NumPy does not know or another kind."""
+    try:
+        read = jnp.dtype(dtype)
+    except TypeError:
+        read = None
+    if read is None or not jnp.issubdtype(read, jnp.floating):
+        raise ValueError(f"dtype must be a floating-point dtype (jnp.bfloat16, 'float32'; default: the config's "
+                         f"dtype), got {dtype!r}")
+    return read
+
+
 def _check_cache(cache: KVCache, cfg: LLaMAConfig, B: int, new: int) -> None:
     """ValueError for a cache of another layout or batch than the call's, or without room for `new`
     more slots (room checked when called eagerly: under jit the write would land on the last
@@ -404,6 +421,12 @@ def _check_cache(cache: KVCache, cfg: LLaMAConfig, B: int, new: int) -> None:
         layout = "scanned" if stacked else "unrolled"
         raise ValueError(f"the KV cache is laid out for {layout} layers but the model has scan_layers="
                          f"{cfg.scan_layers}; create it with KVCache.create(config, ...) of this model")
+    layers = cache.k.shape[0] if stacked else len(cache.k)
+    heads, _, head_dim = (cache.k.shape[-3:] if stacked else cache.k[0].shape[-3:])
+    if (layers, heads, head_dim) != (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim):
+        raise ValueError(f"the KV cache holds {layers} layers of {heads} K/V heads of {head_dim} dims, the model "
+                         f"{cfg.n_layers} of {cfg.n_kv_heads} of {cfg.head_dim}; create it with KVCache.create(config, "
+                         f"...) of this model")
     if cache.segment_ids.shape[0] != B:
         raise ValueError(f"the KV cache holds a batch of {cache.segment_ids.shape[0]} rows, the tokens {B}; create it "
                          f"with batch={B}")
@@ -427,6 +450,7 @@ class LLaMA(nn.Module):
     def __call__(self, tokens_BxS: Array, positions: Array | None = None,
                  segment_ids: Array | None = None, cache: KVCache | None = None):
         cfg = self.config
+        check_model_config(cfg, "LLaMA's config")
         tokens_BxS = _checked_tokens(tokens_BxS, cfg.vocab_size)
         if not self.is_initializing() and not isinstance(tokens_BxS, jax.core.Tracer):
             # called eagerly (a notebook's call; the project's own are jitted, their params checked before):
@@ -514,13 +538,17 @@ def abstract_params(cfg: LLaMAConfig):
     """Parameter tree of ShapeDtypeStructs (boxed with logical axis names), nothing allocated.
     Traced with attention on one device, also inside a trainer's context: its per-device kernels
     cannot split the initialiser's batch of one over the mesh."""
+    check_model_config(cfg, "cfg")
     with sharded_attention(None):
         return jax.eval_shape(_init_fn(cfg), jax.random.key(0))
 
 
 def init_params(cfg: LLaMAConfig, rng: Array | int = 0):
-    """Randomly initialised parameters (unboxed) on the default device; `rng` a seed or a JAX key."""
+    """Randomly initialised parameters (unboxed) on the default device; `rng` a seed in [0, 2**32)
+    or a JAX key."""
+    check_model_config(cfg, "cfg")
     if is_int(rng):
+        check_seed(rng, "rng")
         rng = jax.random.key(int(rng))
     elif not (isinstance(rng, jax.Array) and (jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
                                               or rng.shape == (2,) and rng.dtype == jnp.uint32)):
@@ -536,6 +564,7 @@ def param_count(cfg: LLaMAConfig) -> int:
 def check_params(cfg: LLaMAConfig, params, joined_qkv: bool = False) -> None:
     """Raise ValueError naming the first parameter whose path or shape does not fit `cfg`
     (`joined_qkv`: in decoding's layout, unrolled layers with q/k/v joined, `join_qkv`)."""
+    check_model_config(cfg, "cfg")
     if isinstance(params, Mapping) and set(params) == {"params"}:
         raise ValueError("got Flax's variables ({'params': ...}); pass the parameter tree inside, variables['params']")
     want = _parameter_shapes(cfg, joined_qkv)

@@ -66,6 +66,7 @@ def plan(config, devices=None) -> dict:
         "device_memory": limit,
         "attention": resolve(cfg.attention_impl),
         "attention_stands_in": standing_in,  # for an explicit cudnn on a backend without a GPU
+        "attention_configured": asked if standing_in else cfg.attention_impl,  # what runs it on the target
         "params": _per_device_bytes(state.params),
         "opt_state": _per_device_bytes(state.opt_state),
         "arguments": memory.argument_size_in_bytes,
@@ -108,8 +109,13 @@ def _verdict(p: dict, peak: int) -> str:
         fits = "fits" if peak <= p["device_memory"] else "does NOT fit"
         return f"{fits}: estimated peak {_size(peak).strip()} of the {_size(p['device_memory']).strip()} a device holds"
     if p["platform"] == "cpu":
+        configured, here = p.get("attention_configured"), f"compiled for CPU devices, attention `{p['attention']}`"
+        keeps_none = "which keep no [seq, seq] attention probabilities for the backward"
+        if configured in ("xla", "dot_product"):
+            return (f"{here}, the config's kernel on every backend: these temporaries are a TPU's or GPU's too "
+                    f"(model.attention_impl=auto runs splash on TPU and cudnn on GPU, {keeps_none})")
         standing_in = " (in place of cudnn, which needs a GPU)" if p.get("attention_stands_in") else ""
-        return (f"compiled for CPU devices, attention `{p['attention']}`{standing_in}: on TPU `auto` is splash, on GPU "
-                f"cudnn, which keep no [seq, seq] attention probabilities for the backward as `{p['attention']}` does "
-                "here, so the temporaries differ there; run plan on the target for its figures and whether they fit")
+        return (f"{here}{standing_in}: on TPU `auto` is splash, on GPU cudnn, {keeps_none} as `{p['attention']}` "
+                "does here, so the temporaries differ there; run plan on the target for its figures and whether they "
+                "fit")
     return "the device does not report its memory: compare the estimated peak with its capacity"

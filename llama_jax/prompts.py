@@ -24,8 +24,9 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from llama_jax.config import LLaMAConfig
-from llama_jax.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, unicode_problem
+from llama_jax.config import LLaMAConfig, check_flag, check_model_config, is_int
+from llama_jax.tokenizer import (SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, check_tokenizer,
+                                 unicode_problem)
 
 STREAM_CHUNK = 16
 
@@ -63,6 +64,23 @@ def chat_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
         return tokenizer.encode(f"[INST] {prompt.strip()} [/INST]", bos=True, eos=False)
     raise ValueError(f"--chat needs a LLaMA 2 (SentencePiece) or LLaMA 3 (tiktoken) tokenizer, "
                      f"not {type(tokenizer).__name__}")
+
+
+def _string_list(value: object, name: str) -> list[str]:
+    """`value` as a list of strings: a sequence of them (a lone string is one)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a list of strings, got {value!r}")
+    return list(value)
+
+
+def _id_list(value: object, name: str, vocab_size: int) -> list[int]:
+    """`value` as a list of token ids below `vocab_size`."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or not all(
+            is_int(v) and 0 <= int(v) < vocab_size for v in value):
+        raise ValueError(f"{name} must be a list of token ids in [0, {vocab_size}), got {value!r}")
+    return [int(v) for v in value]
 
 
 def end_ids(tokenizer: Tokenizer, chat: bool, listed: Sequence[int] = (), stop: Sequence[str] = ()) -> list[int]:
@@ -153,9 +171,16 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
     `stream`: with a single prompt, called with each new piece of text as it is produced; the
     pieces join to the returned text. `mesh`: decode sharded over it (`generate`'s `mesh`).
     `end_tokens`: ids that end a row besides the tokenizer's (`model_dir.generation_end_ids`).
+    `stop`: a list of strings (a lone string is one stop string).
     """
     from llama_jax.generate import generate
 
+    check_model_config(config)
+    check_tokenizer(tokenizer)
+    check_flag(chat, "chat")
+    if stream is not None and not callable(stream):
+        raise TypeError(f"stream must be a function called with each new piece of text, or None; got {stream!r}")
+    stop, end_tokens = _string_list(stop, "stop"), _id_list(end_tokens, "end_tokens", config.vocab_size)
     if any(s == "" for s in stop):
         raise ValueError("a stop string must not be empty")
     if isinstance(prompts, str):  # its characters would be the prompts
@@ -163,6 +188,9 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty; give at least one prompt")
+    bad = next((p for p in prompts if not isinstance(p, str)), None)
+    if bad is not None:
+        raise ValueError(f"prompts must be strings (for token ids, use llama_jax.generate.generate), got {bad!r}"[:200])
     ids = [chat_ids(tokenizer, p) if chat else tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     ends = end_ids(tokenizer, chat, end_tokens, stop)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=ends[0], n_tokens=tokenizer.vocab_size,

@@ -43,13 +43,13 @@ from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
-from llama_jax.safe_io import (DirectoryLock, atomic_file, check_run_config, check_writable, file_in_the_way,
-                               holds_lock, holds_run, sha256_file, write_text_atomic)
+from llama_jax.safe_io import (SET_ASIDE_DIR, DirectoryLock, atomic_file, check_outside_runs_and_models,
+                               check_run_config, check_writable, file_in_the_way, holds_lock, holds_run,
+                               run_directory_problem, sha256_file, write_text_atomic)
 from llama_jax.sharding import process_rows, tree_shardings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
-SET_ASIDE_DIR = "checkpoints-set-aside"  # checkpoints after a --resume-from step, metrics after a resumed step
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 # Steps the loop may dispatch ahead of the computation. JAX's asynchronous dispatch would otherwise
@@ -244,38 +244,26 @@ def latest_data_stream(workdir: Path) -> list | None:
     """The data_stream of the latest checkpoint of the run in `workdir`, or None: none committed
     yet, recorded by a release before data streams, or unreadable now (a run training there may
     be removing old checkpoints)."""
-    return _latest_run_info(workdir).get("data_stream")
+    return readable_run_info(workdir, newest_only=True).get("data_stream")
 
 
 def latest_run_config(workdir: Path) -> dict | None:
     """The config the latest checkpoint of the run in `workdir` was saved with, or None (as
     `latest_data_stream`)."""
-    return _latest_run_info(workdir).get("config")
+    return readable_run_info(workdir, newest_only=True).get("config")
 
 
-def _latest_run_info(workdir: Path) -> dict:
-    try:
-        steps = committed_steps(workdir)
-        if not steps:
-            return {}
-        with _reader(workdir) as checkpoints:
-            return checkpoints.run_info(steps[-1])
-    except (CheckpointDamaged, OSError):
-        return {}
-
-
-def readable_run_info(workdir: Path) -> dict:
+def readable_run_info(workdir: Path, newest_only: bool = False) -> dict:
     """What the newest checkpoint of the run in `workdir` that can be read records of the run, {}
-    when there is none (a damaged latest one is passed over, as a resume may be from an earlier one)."""
+    when there is none (a damaged latest one is passed over, as a resume may be from an earlier one;
+    `newest_only`: {} then)."""
     try:
         steps = committed_steps(workdir)
-        if not steps:
-            return {}
-        with _reader(workdir) as checkpoints:
-            for step in reversed(steps):
+        with _reader(workdir) if steps else contextlib.nullcontext() as checkpoints:
+            for step in reversed(steps[-1:] if newest_only else steps):
                 with contextlib.suppress(CheckpointDamaged, OSError):
                     return checkpoints.run_info(step)
-    except OSError:
+    except (CheckpointDamaged, OSError):
         pass
     return {}
 
@@ -423,6 +411,7 @@ def check_workdir(workdir: Path) -> None:
     if blocking is not None:
         raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")
     check_writable(workdir, "--workdir", into=True)
+    check_outside_runs_and_models(workdir, "--workdir")
     if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
         raise RunError(f"--workdir {workdir}: {workdir / 'checkpoints'} is a file; a run keeps its checkpoints in "
                        f"that directory, so move the file away or use another --workdir")
@@ -565,12 +554,9 @@ def keep_model_tokenizer_files(model_dir: str, workdir: Path, tokenizer_file: Pa
 
 def checkpoint_step(workdir: Path, step: int | None = None) -> int:
     """`step` (default: the latest) if `workdir` holds it as a committed checkpoint; RunError otherwise."""
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise RunError(f"{workdir}: {'not a directory' if workdir.exists() else 'no such directory'}; give a run's "
-                       f"--workdir (the --workdir of llama-jax train)")
-    if (workdir / "model_config.json").is_file() and not (workdir / "config.json").exists():
-        raise RunError(f"{workdir} is a model directory (model_config.json), not a training run's --workdir")
+    workdir, problem = Path(workdir), run_directory_problem(workdir)
+    if problem is not None:
+        raise RunError(problem)
     steps, deadline = committed_steps(workdir), time.monotonic() + REMOVAL_WAIT_S
     while not steps and holds_lock(workdir) and time.monotonic() < deadline:  # a run training there may be
         time.sleep(0.1)  # between removing its only checkpoint and committing the next (max_to_keep=1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +28,7 @@ from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import ORDER, Source, TrainRows, order_seed
 from llama_jax.prepare import MANIFEST, read_from
-from llama_jax.safe_io import copy_file_atomic, owned_temp_directory, sha256_file, signals_held
+from llama_jax.safe_io import copy_file_atomic, owned_temp_directory, saved_run_setting, sha256_file, signals_held
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
 RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
@@ -152,11 +151,8 @@ def runs_own_settings(data, workdir: Path) -> bool:
     from llama_jax.prepare import _jsonable
     from llama_jax.run import latest_run_config
 
-    try:
-        saved = json.loads((workdir / "config.json").read_text())["data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if _jsonable(data) != saved:
+    saved = saved_run_setting(workdir, "data")
+    if saved is None or _jsonable(data) != saved:
         return False
     checkpointed = latest_run_config(workdir)
     return checkpointed is None or checkpointed.get("data") == saved
@@ -227,10 +223,7 @@ def _copy_stands_in(tokenizer: str, kept: Path) -> bool:
 
 def _started_with_tokenizer(workdir: Path, tokenizer: str) -> bool:
     """Whether the run in `workdir` was started with data.tokenizer=`tokenizer` (its config.json)."""
-    try:
-        return json.loads((workdir / "config.json").read_text())["data"]["tokenizer"] == tokenizer
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return saved_run_setting(workdir, "data", "tokenizer") == tokenizer
 
 
 def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[int] | None = None,

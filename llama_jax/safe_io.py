@@ -123,14 +123,31 @@ def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
     return path
 
 
+SET_ASIDE_DIR = "checkpoints-set-aside"  # a run's checkpoints after a --resume-from step, metrics after a resumed step
+
+
 def _check_outside_checkpoints(path: Path, what: str, shown: str | os.PathLike | None = None) -> None:
-    """ValueError when `path` lies inside a run's checkpoints/, where whatever lies is read as one
-    (the message names it as `shown`, the path as given, if set)."""
+    """ValueError when `path` lies inside a run's checkpoints/ (or those it set aside), where
+    whatever lies is read as one, or deleted with one (the message names it as `shown`, the path
+    as given, if set)."""
     real = real_path(path)
-    checkpoints = next((p for p in [real, *real.parents] if p.name == "checkpoints" and holds_run(p.parent)), None)
+    checkpoints = next((p for p in [real, *real.parents]
+                        if p.name in ("checkpoints", SET_ASIDE_DIR) and holds_run(p.parent)), None)
     if checkpoints is not None:
         raise ValueError(f"{what} {shown or path} is inside {checkpoints}, the checkpoints of a run; choose a "
                          f"{what} outside it")
+
+
+def check_outside_runs_and_models(path: str | os.PathLike, what: str) -> None:
+    """ValueError when a directory to be made at `path` would lie inside a run's checkpoints (its
+    retention deletes them) or inside a model directory (an --overwrite or a conversion onto it
+    replaces the whole directory): what is written there would be lost without a word."""
+    real = real_path(path)
+    model = next((d for d in real.parents if (d / "model_config.json").is_file()), None)
+    if model is not None:
+        raise ValueError(f"{what} {path} is inside the model directory {model}, which an --overwrite onto it "
+                         f"replaces whole; choose a {what} outside it")
+    _check_outside_checkpoints(real, what, shown=path)
 
 
 @contextlib.contextmanager
@@ -278,6 +295,31 @@ def holds_run(directory: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and {"model", "train", "checkpoint"} <= set(saved)
+
+
+def run_directory_problem(workdir: str | os.PathLike) -> str | None:
+    """Why --workdir `workdir` cannot be a training run's directory (missing, a file, a model
+    directory), as one line; None when it may be one."""
+    workdir, expected = Path(workdir), "the --workdir of llama-jax train"
+    if not workdir.exists():
+        return f"--workdir {workdir} does not exist; give a run's directory ({expected})"
+    if not workdir.is_dir():
+        return f"--workdir {workdir}: is a file; expected a run's directory ({expected})"
+    if not (workdir / "config.json").exists() and (workdir / "model_config.json").is_file():
+        return f"--workdir {workdir} is a model directory, not a run ({expected})"
+    return None
+
+
+def saved_run_setting(directory: str | os.PathLike, *keys: str, missing=None):
+    """The setting at `keys` (e.g. "train", "seq_len") of DIRECTORY/config.json, a run's resolved
+    config; `missing` when the file cannot be read or holds no such setting."""
+    try:
+        value = json.loads((Path(directory) / "config.json").read_text())
+        for key in keys:
+            value = value[key]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return missing
+    return value
 
 
 def check_run_config(workdir: str | os.PathLike, otherwise: str) -> None:

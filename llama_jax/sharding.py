@@ -156,8 +156,18 @@ def ambient_mesh() -> Mesh | None:
     return None if mesh.empty else mesh
 
 
+def check_mesh(mesh: object) -> None:
+    """TypeError unless `mesh` is a jax.sharding.Mesh with the project's axes (data, fsdp, tensor)."""
+    if not isinstance(mesh, Mesh) or set(mesh.axis_names) != set(MESH_AXES):
+        got = f"a mesh of axes {mesh.axis_names}" if isinstance(mesh, Mesh) else repr(mesh)
+        raise TypeError(f"mesh must be a jax.sharding.Mesh of axes {MESH_AXES} (llama_jax.sharding.make_mesh), "
+                        f"got {got}")
+
+
 def check_divisible(config: LLaMAConfig, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> None:
-    """ValueError naming the config field and mesh axis when a sharded dimension does not divide."""
+    """ValueError naming the config field and mesh axis when a sharded dimension does not divide;
+    TypeError for what is not a mesh of the project's axes (`make_mesh`)."""
+    check_mesh(mesh)
     mesh_sizes = dict(mesh.shape)
     rule_map = dict(rules)
     for logical, field in _AXIS_FIELDS.items():

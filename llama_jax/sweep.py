@@ -869,11 +869,12 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
     holds a sweep none of whose trials has started (a sweep that stopped at a check or while
     preparing its data may be given again with other arguments)."""
     from llama_jax.launch.slurm import WORKDIR_FOLDER
-    from llama_jax.safe_io import check_writable
+    from llama_jax.safe_io import check_outside_runs_and_models, check_writable
 
     if workdir.exists() and not workdir.is_dir():
         raise SweepError(f"--workdir {workdir} is a file, not a directory")
     check_writable(workdir, "--workdir", into=True)
+    check_outside_runs_and_models(workdir, "--workdir")
     if saved:
         mine = json.loads(spec.to_json())
         # a field this version adds is compared only where the sweep recorded it; the directory it runs

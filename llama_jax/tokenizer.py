@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import sentencepiece as spm
 
+from llama_jax.config import check_flag, is_int
 from llama_jax.safe_io import atomic_file
 
 
@@ -57,6 +58,24 @@ def unicode_problem(text: str, from_argv: bool = False) -> str | None:
     return None
 
 
+def _describe(value: object) -> str:
+    shape = getattr(value, "shape", None)
+    return f"an array of shape {shape}" if shape is not None else f"{value!r}"[:60]
+
+
+def _checked_flags(bos: object, eos: object) -> None:
+    check_flag(bos, "bos")
+    check_flag(eos, "eos")
+
+
+def check_tokenizer(tokenizer: object, name: str = "tokenizer") -> None:
+    """TypeError unless `tokenizer` is a loaded tokenizer (a path to one is not)."""
+    if isinstance(tokenizer, (str, bytes, os.PathLike)) or not all(
+            hasattr(tokenizer, a) for a in ("encode", "decode", "vocab_size")):
+        raise TypeError(f"{name} must be a loaded tokenizer (llama_jax.tokenizer.load_tokenizer(path)), got "
+                        f"{_describe(tokenizer)}")
+
+
 def _checked_text(text: str) -> str:
     problem = unicode_problem(text) if isinstance(text, str) else f"a {type(text).__name__}, not a str"
     if problem:
@@ -65,6 +84,12 @@ def _checked_text(text: str) -> str:
 
 
 def _checked_ids(ids: Sequence[int], vocab_size: int, drop: set[int]) -> list[int]:
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__") or getattr(ids, "ndim", 1) != 1:
+        raise ValueError(f"ids to decode must be one sequence of token ids (a list or 1-D array of integers), got "
+                         f"{_describe(ids)}")
+    bad = next((i for i in ids if not is_int(i)), None)
+    if bad is not None:
+        raise ValueError(f"ids to decode must be integers, got {bad!r}")
     out = [int(i) for i in ids]
     bad = [i for i in out if not 0 <= i < vocab_size]
     if bad:
@@ -84,6 +109,7 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Ids of `text`; same as Meta's `Tokenizer.encode(text, bos, eos)`."""
+        _checked_flags(bos, eos)
         return self.sp.encode(_checked_text(text), add_bos=bos, add_eos=eos)
 
     @functools.cached_property
@@ -155,6 +181,7 @@ class TiktokenTokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Ids of `text`; special-token text in it is encoded as ordinary text, as Meta's default."""
+        _checked_flags(bos, eos)
         ids = [self.bos_id] if bos else []
         for piece in _pieces(_checked_text(text)):
             ids += self.encoding.encode_ordinary(piece)

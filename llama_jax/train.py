@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import loss as loss_lib
 from llama_jax import backend_tuning
-from llama_jax.config import LLaMAConfig
+from llama_jax.config import LLaMAConfig, check_seed
 from llama_jax.model import LLaMA, initial_params
 from llama_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, batch_sharding, mesh_context, tree_shardings
 
@@ -79,6 +79,7 @@ class Trainer:
     def init_state(self, seed: int) -> TrainState:
         """A freshly initialised state, created shard by shard on its devices; ValueError (one line)
         for a state that does not fit in their memory."""
+        check_seed(seed)
         init = jax.jit(lambda rng: nn.meta.unbox(self._init(rng)), out_shardings=self.state_shardings)
         try:  # (a GPU or TPU may refuse the call itself; on CPU, reading one output of a computation
             # that could not allocate another waits forever, so the whole state is waited for here)
@@ -266,10 +267,18 @@ def validate_config(config, n_devices: int, run_model: LLaMAConfig | None = None
 def build_trainer(config, devices=None, run_model: LLaMAConfig | None = None) -> Trainer:
     """The Trainer of `config` on `devices` (default: all). `run_model`: the model of the run being
     resumed, which stands for a `model.preset=init_from` directory (`experiment.model_config`)."""
+    import ml_collections
+
     from llama_jax import optim
     from llama_jax.sharding import check_divisible, make_mesh
 
-    devices = jax.devices() if devices is None else devices
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise TypeError(f"config must be an experiment config (llama_jax.experiment.load_config(path, overrides)), "
+                        f"got {type(config).__name__}")
+    if devices is not None and not (isinstance(devices, (list, tuple))
+                                    and all(isinstance(d, jax.Device) for d in devices)):
+        raise TypeError(f"devices must be a list of JAX devices (e.g. jax.devices()[:4]), got {devices!r}")
+    devices = jax.devices() if devices is None else list(devices)
     model = validate_config(config, len(devices), run_model)  # (the init_from directory read once)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
     check_divisible(model, mesh)

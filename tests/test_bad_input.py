@@ -220,6 +220,15 @@ CASES = [
          r"\{\"committed_step\": 4\} into it if checkpoint 4 is the run's latest, or use a new --workdir"),
     Case("train-checkpoints-is-a-file", RUN.replace("{run}", "{checkpoints_file_run}"),
          r"checkpoints_file_run/checkpoints is a file; a run keeps its checkpoints in that directory"),
+    # a run made there was lost without a word: to the other run's retention, or to an --overwrite of the model
+    Case("train-workdir-inside-a-runs-checkpoints", NEW_RUN.replace("--workdir new", "--workdir {run}/checkpoints/4"),
+         r"--workdir \S+/run/checkpoints/4 is inside \S+/run/checkpoints, the checkpoints of a run; choose a --workdir "
+         r"outside it$"),
+    Case("train-workdir-inside-a-model", NEW_RUN.replace("--workdir new", "--workdir {model}/params/ft"),
+         r"--workdir \S+/model/params/ft is inside the model directory \S+/model, which an --overwrite onto it "
+         r"replaces whole; choose a --workdir outside it$"),
+    Case("sweep-workdir-inside-a-runs-checkpoints", "sweep --config {tiny} --workdir {run}/checkpoints/s "
+         "--sweep optimizer.lr=[1e-3,2e-3] --dry-run", r"--workdir \S+/run/checkpoints/s is inside \S+/run/checkpoints"),
     Case("train-batch-too-large", NEW_RUN + " --config.train.batch_size=1000000000000",
          r"train.batch_size x train.seq_len = 64,000,000,000,000 tokens per step; at most 2\*\*31"),
     # ---- convert ----
@@ -358,9 +367,9 @@ CASES = [
     # ---- export ----
     Case("export-not-a-run", "export --workdir {hf} out", r"hf holds no committed checkpoint \(checkpoints/<step>/\)"),
     Case("export-workdir-missing", "export --workdir nowhere out",
-         r"nowhere: no such directory; give a run's --workdir \(the --workdir of llama-jax train\)$"),
+         r"--workdir \S+/nowhere does not exist; give a run's directory \(the --workdir of llama-jax train\)$"),
     Case("export-workdir-is-a-model", "export --workdir {model} out",
-         r"model is a model directory \(model_config.json\), not a training run's --workdir$"),
+         r"--workdir \S+/model is a model directory, not a run \(the --workdir of llama-jax train\)$"),
     Case("export-step-missing", "export --workdir {run} --step 3 out", r"run has no checkpoint of step 3; valid: 2, 4"),
     Case("export-dst-is-workdir", "export --workdir {run} {run} --overwrite",
          r"destination \S+/run is the input \S+/run"),

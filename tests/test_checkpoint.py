@@ -169,6 +169,29 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_writing(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
 
 
+def test_save_and_load_options_of_the_wrong_kind_are_refused(tmp_path, model):
+    cfg, params = model
+    (tmp_path / "m").mkdir()
+    (tmp_path / "empty").mkdir()
+    tokenizer = sentencepiece_model(tmp_path / "tok" / "tokenizer.model", cfg.vocab_size)
+    from llama_jax.tokenizer import load_tokenizer
+
+    for kwargs, error, message in (
+            (dict(overwrite="no"), ValueError, r"^overwrite must be True or False, got 'no'$"),  # replaced m/
+            (dict(tokenizer=load_tokenizer(tokenizer)), TypeError,
+             r"^tokenizer must be the path of a tokenizer file or of a directory holding one \(or None\), got "
+             r"SentencePieceTokenizer$"),
+            (dict(tokenizer=tmp_path / "empty"), ValueError,  # was a model saved without a tokenizer
+             r"empty': the directory holds none of tokenizer.model, tokenizer.json"),
+            (dict(config=cfg.to_dict()), TypeError, r"^config must be an LLaMAConfig")):
+        with pytest.raises(error, match=message):
+            save_model(tmp_path / "m", **(dict(config=cfg, params=params) | kwargs))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "m", "tok"] and not any((tmp_path / "m").iterdir())
+    save_model(tmp_path / "saved", cfg, params)
+    with pytest.raises(ValueError, match=r"^as_numpy must be True or False, got 'False'$"):  # was NumPy arrays
+        load_model(tmp_path / "saved", as_numpy="False")
+
+
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(ValueError, match="not a llama_jax model directory"):
         load_model(tmp_path)

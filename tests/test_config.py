@@ -96,6 +96,16 @@ def test_invalid_config_names_the_field(changes, field):
         LLaMAConfig(**{**base, **changes})
 
 
+def test_numpy_integers_are_taken_as_integers():
+    import numpy as np
+
+    scaling = RopeScaling("llama3", original_max_position_embeddings=np.int64(8192))  # was refused
+    assert scaling == RopeScaling("llama3") and type(scaling.original_max_position_embeddings) is int
+    assert LLaMAConfig(vocab_size=np.int32(128), dim=64, n_layers=2, n_heads=4, ffn_dim=128,
+                       rope_scaling=scaling).to_json() == LLaMAConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4,
+                                                                       ffn_dim=128, rope_scaling=scaling).to_json()
+
+
 def test_unknown_preset_lists_valid_names():
     with pytest.raises(ValueError, match="preset: unknown value 'llama9-1t'.*llama2-7b"):
         LLaMAConfig.from_preset("llama9-1t")
@@ -359,6 +369,31 @@ def test_a_config_files_own_forms(tmp_path):
     overridden = load_config(tmp_path / "computed.py", ["train.grad_accum=0", "optimizer.warmup_steps=5"])
     assert overridden.optimizer.warmup_steps == 5  # replaced before it was computed: its check is grad_accum's
     assert str(tmp_path) not in sys.path
+
+
+def test_experiment_api_arguments_of_the_wrong_kind_are_refused():
+    import jax
+
+    # a string was read as overrides of one character each ("override 't': expected key=value")
+    with pytest.raises(TypeError, match=r"^overrides must be a list of 'key=value' strings "
+                                        r"\(e.g. \['train.steps=5'\]\), got the string 'train.steps=5'$"):
+        load_config(TINY, "train.steps=5")
+    with pytest.raises(TypeError, match=r"^overrides must be .*, got 5 among them$"):
+        load_config(TINY, ["train.steps=5", 5])
+    assert load_config(TINY, (o for o in ["train.steps=5"])).train.steps == 5  # any iterable of strings
+    config = load_config(TINY, ["model.dim=32", "model.n_layers=1", "model.ffn_dim=64", "train.batch_size=8"])
+    for call, error, message in (
+            (lambda: build_trainer(config.to_dict()), TypeError,
+             r"^config must be an experiment config \(llama_jax.experiment.load_config\(path, overrides\)\), "
+             r"got dict$"),
+            (lambda: build_trainer(config, devices=1), TypeError,
+             r"^devices must be a list of JAX devices \(e.g. jax.devices\(\)\[:4\]\), got 1$"),
+            (lambda: build_trainer(config, devices=jax.devices()[:1]).init_state(2**32 + 5), ValueError,
+             r"^seed must be an integer in \[0, 2\*\*32\), got 4294967301$"),  # was seed 5's state
+            (lambda: build_trainer(config, devices=jax.devices()[:1]).init_state(1.5), ValueError,
+             r"^seed must be an integer in \[0, 2\*\*32\), got 1.5$")):
+        with pytest.raises(error, match=message):
+            call()
 
 
 def test_string_and_mapping_overrides():

@@ -305,12 +305,28 @@ def test_values_beyond_the_output_dtypes_range_are_refused(tmp_path, capsys, goo
 
 def test_the_default_shard_size_is_what_5GB_means():
     """(It was 5 GiB, where --max-shard-size 5GB, the documented default, gives 5 * 10**9, as transformers does.)"""
-    import inspect
-
     from llama_jax.cli import parse_size
+    from llama_jax.convert.pipeline import DEFAULT_MAX_SHARD_BYTES
+
+    assert DEFAULT_MAX_SHARD_BYTES == parse_size("5GB") == 5 * 10**9
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # options of another format were ignored (the command line refuses them), the rest failed deep inside
+    (dict(shards=4), r"^shards applies to output in meta format only$"),
+    (dict(rope_scaling_factor=8.0), r"^rope_scaling_factor applies to input in meta format only$"),
+    (dict(max_shard_bytes="5GB"), r"^max_shard_bytes must be a positive integer \(bytes per file\), got '5GB'$"),
+    (dict(max_shard_bytes=-1), r"^max_shard_bytes must be a positive integer"),  # was one file per tensor
+    (dict(overwrite="no"), r"^overwrite must be True or False, got 'no'$"),  # replaced the destination
+    (dict(verify="no"), r"^verify must be True or False, got 'no'$"),
+])
+def test_convert_api_options_of_the_wrong_kind_are_refused(tmp_path, good_src, kwargs, message):
     from llama_jax.convert.pipeline import convert
 
-    assert inspect.signature(convert).parameters["max_shard_bytes"].default == parse_size("5GB") == 5 * 10**9
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(ValueError, match=message):
+        convert("hf", good_src, "hf", tmp_path / "dst", progress=False, **kwargs)
+    assert not any((tmp_path / "dst").iterdir())
 
 
 def test_truncated_shard(tmp_path, capsys, good_src):

@@ -181,7 +181,25 @@ def test_scoring_bad_requests(model, request_, message):
      r"max_length=0 is out of range; valid: an integer from 1 to the model's max_seq_len \(96\), or None"),
     (lambda c, p, t: Scorer(c, p, max_length=1.5), ValueError, r"max_length=1.5 is out of range"),
     (lambda c, p, t: Scorer(c, p).loglikelihood_rolling([[5, 6]], prefix_token=None), ValueError,
-     r"request 0: token id None; valid: integers in \[0, 512\)"),  # was a TypeError from int()
+     r"prefix_token must be a token id in \[0, 512\) \(e.g. BOS\), got None"),  # was a TypeError from int()
+    # the shape of the input, as a Python caller may get it wrong (each was a bare unpacking error or worse)
+    (lambda c, p, t: Scorer(c, p).loglikelihood(([1, 5, 6], [7, 8])), ValueError,
+     r"requests must be a list of \(context ids, continuation ids\) pairs \(wrap one: \[\(context, continuation\)\]\)"),
+    (lambda c, p, t: Scorer(c, p).loglikelihood([([1, 5], 7)]), ValueError,
+     r"requests must be a list of \(context ids"),
+    (lambda c, p, t: Scorer(c, p).loglikelihood_rolling([1, 5, 6], prefix_token=1), ValueError,
+     r"token_lists must be a list of token-id sequences \(wrap one: \[tokens\]\)"),
+    (lambda c, p, t: evaluate_tokens(c, p, [[1, 5], [1, 7]], 32), ValueError,
+     r"document 0: documents are \(token ids, bytes of the text\) pairs"),
+    (lambda c, p, t: evaluate_tokens(c, p, [([1, 5, 6], -5)], 32), ValueError,  # was a negative bits per byte
+     r"document 0: the bytes of its text must be an integer >= 0, got -5"),
+    (lambda c, p, t: evaluate_documents(c, p, {"text": "a b c"}, t, 32), TypeError,  # its key was scored
+     r"documents is an iterable of texts, got a dict"),
+    (lambda c, p, t: evaluate_documents(c, p, ["a b"], "tokenizer.model", 32), TypeError,
+     r"tokenizer must be a loaded tokenizer \(llama_jax.tokenizer.load_tokenizer\(path\)\)"),
+    (lambda c, p, t: evaluate_documents(c, p, ["a b"], t, 32, mesh="cpu"), TypeError,
+     r"mesh must be a jax.sharding.Mesh of axes"),
+    (lambda c, p, t: Scorer(c.to_dict(), p), TypeError, r"config must be an LLaMAConfig"),
 ])
 def test_evaluation_api_bad_input(model, call, error, message):
     cfg, params, tok = model

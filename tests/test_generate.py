@@ -260,6 +260,53 @@ def test_generate_text(sp_tokenizer):
         generate_text(cfg, params, tok, [])
     with pytest.raises(ValueError, match=r"prompts is a list of strings, got the string 'The for statement'"):
         complete(cfg, params, tok, prompts[0])  # not one prompt per character
+    one_stop = complete(cfg, params, tok, prompts[:1], 12, temperature=0.0, stop=["ion"])
+    assert complete(cfg, params, tok, prompts[:1], 12, temperature=0.0, stop="ion") == one_stop  # a lone string
+    assert complete(cfg, params, tok, prompts[:1], 12, temperature=0.0, stop=list("ion")) != one_stop  # not its letters
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # each was taken as truthy (a chat template applied for "no"), or failed deep inside
+    (lambda c, p, t: complete(c, p, t, ["hi"], 2, chat="no"), ValueError, r"^chat must be True or False, got 'no'$"),
+    (lambda c, p, t: complete(c, p, t, ["hi"], 2, stream=True), TypeError,  # was raised after decoding
+     r"^stream must be a function called with each new piece of text, or None; got True$"),
+    (lambda c, p, t: generate_text(c, p, "tok/tokenizer.model", "hi"), TypeError,
+     r"^tokenizer must be a loaded tokenizer \(llama_jax.tokenizer.load_tokenizer\(path\)\), "
+     r"got 'tok/tokenizer.model'$"),
+    (lambda c, p, t: generate_text(c, p, t, [1, 5]), ValueError,
+     r"^prompts must be strings \(for token ids, use llama_jax.generate.generate\), got 1$"),
+    (lambda c, p, t: generate_text(c, p, t, "hi", stop=None), ValueError,
+     r"^stop must be a list of strings, got None$"),
+    (lambda c, p, t: complete(c, p, t, ["hi"], 2, end_tokens=2), ValueError,
+     r"^end_tokens must be a list of token ids in \[0, \d+\), got 2$"),
+    (lambda c, p, t: complete(c, p, t, ["hi"], 2, end_tokens=[10**6]), ValueError,  # was never matched
+     r"^end_tokens must be a list of token ids in \[0, \d+\), got \[1000000\]$"),
+    (lambda c, p, t: complete(c.to_dict(), p, t, ["hi"], 2), TypeError,
+     r"^config must be an LLaMAConfig \(LLaMAConfig.from_preset\(name\) or LLaMAConfig.from_dict\(d\)\), got a dict of its fields$"),
+    (lambda c, p, t: generate(c, p, [[1, 5]], 2, mesh="cpu"), TypeError,
+     r"^mesh must be a jax.sharding.Mesh of axes \('data', 'fsdp', 'tensor'\) \(llama_jax.sharding.make_mesh\), "
+     r"got 'cpu'$"),
+    (lambda c, p, t: generate(c, p, [[1, 5]], 2, on_tokens=True), TypeError, r"^on_tokens must be a function"),
+    (lambda c, p, t: t.encode("hi", bos="no"), ValueError, r"^bos must be True or False, got 'no'$"),
+])
+def test_text_generation_api_bad_input(sp_tokenizer, call, error, message):
+    tok = sp_tokenizer
+    cfg = LLaMAConfig(vocab_size=tok.vocab_size, dim=64, n_layers=1, n_heads=4, ffn_dim=128, max_seq_len=64)
+    with pytest.raises(error, match=message):
+        call(cfg, init_params(cfg, 0), tok)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=0), r"^top_k must be >= 1, or None, got 0$"),  # always drew token 0
+    (dict(top_k=-1), r"^top_k must be >= 1, or None, got -1$"),
+    (dict(temperature=-1.0), r"^temperature must be >= 0 \(0 is greedy\), got -1.0$"),  # was greedy
+    (dict(top_p=2.0), r"^top_p must be in \(0, 1\], got 2.0$"),
+    (dict(logits_BxV=jnp.zeros(5)), r"^logits must be an array \[batch, vocab\], got shape \(5,\)$"),
+])
+def test_sample_logits_refuses_settings_out_of_range(kwargs, message):
+    args = dict(logits_BxV=jnp.zeros((2, 5)), key=jax.random.key(0), temperature=1.0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        sample_logits(**args)
 
 
 def test_sample_logits_takes_none_for_no_filter():

@@ -6,7 +6,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 import pytest
 
-from llama_jax import KVCache, LLaMA, LLaMAConfig, attention, from_hf_state_dict, init_params
+from llama_jax import (KVCache, LLaMA, LLaMAConfig, attention, from_hf_state_dict, init_params, param_count,
+                       to_hf_state_dict)
 from llama_jax.model import logical_axes, project, rms_norm, stack_layers, swiglu, unstack_layers
 from tests.reference import VARIANTS, hf_config_dict, hf_logits, make_hf_model, state_dict_numpy
 
@@ -286,7 +287,14 @@ def test_positions_segments_and_a_cache_that_do_not_fit_the_tokens_are_refused(g
                             (dict(cache=KVCache.create(cfg, batch=3, max_len=8)),
                              r"the KV cache holds a batch of 3 rows, the tokens 2; create it with batch=2"),
                             (dict(cache=KVCache.create(cfg.replace(scan_layers=not cfg.scan_layers), 2, 8)),
-                             r"the KV cache is laid out for \w+ layers but the model has scan_layers=")):
+                             r"the KV cache is laid out for \w+ layers but the model has scan_layers="),
+                            # another model's cache of the same size: was read as this one's (other logits)
+                            (dict(cache=KVCache.create(cfg.replace(n_kv_heads=cfg.n_kv_heads * 2,
+                                                                   dim=cfg.dim * 2, n_heads=cfg.n_heads * 2), 2, 8)),
+                             rf"the KV cache holds {cfg.n_layers} layers of {cfg.n_kv_heads * 2} K/V heads of "
+                             rf"{cfg.head_dim} dims, the model {cfg.n_layers} of {cfg.n_kv_heads} of {cfg.head_dim}"),
+                            (dict(cache=KVCache.create(cfg.replace(n_layers=cfg.n_layers + 1), 2, 8)),
+                             rf"the KV cache holds {cfg.n_layers + 1} layers")):
         with pytest.raises(ValueError, match=message):
             model.apply({"params": params}, tokens, **kwargs)
     positions = np.broadcast_to(np.arange(5), (2, 5))
@@ -333,3 +341,26 @@ def test_apply_refuses_params_of_another_model():
         init_params(cfg, rng=0.5)
     with pytest.raises(ValueError, match=r"dtype: dtype\('float32'\) is a .*; give one of the names float32"):
         cfg.replace(dtype=np.dtype("float32"))  # (equal to its name, it was accepted; saving it failed)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda c: init_params(c.to_dict(), 0), TypeError,
+     r"^cfg must be an LLaMAConfig \(LLaMAConfig.from_preset\(name\) or LLaMAConfig.from_dict\(d\)\), got a dict of its fields$"),
+    (lambda c: param_count("llama3.2-1b"), TypeError, r"^cfg must be an LLaMAConfig .*, got a str$"),
+    (lambda c: LLaMA(c.to_dict()).apply({"params": init_params(c, 0)}, jnp.ones((1, 4), jnp.int32)), TypeError,
+     r"^LLaMA's config must be an LLaMAConfig .*, got a dict of its fields\n"),
+    (lambda c: init_params(c, 2**32 + 5), ValueError,  # was seed 5's params
+     r"^rng must be an integer in \[0, 2\*\*32\), got 4294967301$"),
+    (lambda c: init_params(c, -1), ValueError, r"^rng must be an integer in \[0, 2\*\*32\), got -1$"),
+    (lambda c: KVCache.create(c, 1, "16"), ValueError, r"^max_len must be a positive integer, got '16'$"),
+    (lambda c: KVCache.create(c, -1, 16), ValueError, r"^batch must be a positive integer, got -1$"),
+    (lambda c: KVCache.create(c, 1, 16, "bf16"), ValueError, r"^dtype must be a floating-point dtype .* got 'bf16'$"),
+    (lambda c: KVCache.create(c, 1, 16, jnp.int8), ValueError, r"^dtype must be a floating-point dtype"),
+    (lambda c: LLaMAConfig.from_dict(c.to_json()), TypeError,  # was its characters as unknown fields
+     r"^LLaMAConfig.from_dict takes a dict of fields, got str; for a JSON text, from_dict\(json.loads\(text\)\)$"),
+    (lambda c: LLaMAConfig.from_preset(["debug"]), ValueError, r"^preset: unknown value \['debug'\]; valid: "),
+    (lambda c: to_hf_state_dict(c.to_dict(), init_params(c, 0)), TypeError, r"^cfg must be an LLaMAConfig"),
+])
+def test_model_api_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call(LLaMAConfig.from_preset("debug", vocab_size=64, max_seq_len=32))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 from pydoc_data.topics import topics
@@ -69,6 +70,16 @@ def test_sentencepiece_round_trip_and_special_ids(sp_model):
     assert tok.encode("2024", bos=False)[-4:] == [tok.sp.piece_to_id(d) for d in "2024"]  # split_digits
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([VOCAB])
+    assert tok.decode(np.asarray(ids)) == tok.decode(ids) == TEXTS[-1]  # an array of ids too
+    for ids_, message in (("def", r"one sequence of token ids .* got 'def'"),  # was int('d')
+                          (5, r"one sequence of token ids .* got 5"),
+                          (np.zeros((2, 2), int), r"one sequence of token ids .* got an array of shape \(2, 2\)"),
+                          ([5.7, 6.2], r"^ids to decode must be integers, got 5.7$")):  # was truncated to 5, 6
+        with pytest.raises(ValueError, match=message):
+            tok.decode(ids_)
+    for flags in (dict(bos="no"), dict(eos=0.0), dict(bos=None)):  # "no" was taken as True
+        with pytest.raises(ValueError, match=r"^(bos|eos) must be True or False, got "):
+            tok.encode("hi", **flags)
     with pytest.raises(ValueError, match=r"^the text to encode is not Unicode text \(a lone surrogate \\ud800 at "
                                          r"character 3\)$"):  # SentencePiece's own error is a pybind11 cast failure
         tok.encode("hi \ud800")

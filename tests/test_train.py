@@ -198,7 +198,10 @@ def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys, monkeypat
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("mesh data=1 x fsdp=8 x tensor=1 (8 cpu devices)")
     assert out[2].strip().startswith("parameters") and out[2].endswith(" MiB")  # a tiny model's state, not 0.000 GiB
-    assert out[-1].startswith("compiled for CPU devices, attention `xla`: on TPU `auto` is splash")
+    assert out[-1].startswith("compiled for CPU devices, attention `xla`, the config's kernel on every backend")
+    assert main(["plan", "--config", TINY, "--config.model.attention_impl=auto"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        "compiled for CPU devices, attention `xla`: on TPU `auto` is splash")
     assert main(["plan", "--config", TINY, "--config.model.attention_impl=cudnn"]) == 0  # a GPU config, planned here
     assert capsys.readouterr().out.splitlines()[-1].startswith(
         "compiled for CPU devices, attention `xla` (in place of cudnn, which needs a GPU): on TPU")

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from llama_jax.config import LLaMAConfig
+from llama_jax.config import LLaMAConfig, check_model_config
 from llama_jax.convert.source import numpy_dtype
 
 # Buffers some PyTorch checkpoints carry that are derived, not learned.
@@ -151,6 +151,7 @@ def iter_hf_tensors(cfg: LLaMAConfig, params: Mapping) -> Iterator[tuple[TensorS
     first when `params` do not fit `cfg` (a layer past the end would be read as the last one)."""
     from llama_jax.model import check_params, stack_layers
 
+    check_model_config(cfg, "cfg")
     check_params(cfg.replace(scan_layers="layers" in params), params)
     if "layers" not in params:
         params = stack_layers(dict(params), cfg.n_layers)

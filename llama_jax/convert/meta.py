@@ -456,7 +456,7 @@ def check_writable(config: LLaMAConfig, n_shards: int) -> tuple[dict, dict[str, 
     problem = _split_problem(config, tensors, n_shards)
     if problem:
         valid = [n for n in range(1, config.n_heads + 1) if _split_problem(config, tensors, n) is None]
-        raise ConversionError(f"n_shards={n_shards}: {problem}; valid shard counts for this model: "
+        raise ConversionError(f"n_shards={n_shards!r}: {problem}; valid shard counts for this model: "
                               + ", ".join(map(str, valid)))
     return params, tensors
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from llama_jax.config import DTYPES, LLaMAConfig
+from llama_jax.config import DTYPES, LLaMAConfig, check_flag, is_int
 from llama_jax.convert import FORMATS, hf_dir, meta
 from llama_jax.convert.hf import empty_params, hf_tensor, put_tensor, tensor_specs
 from llama_jax.convert.source import ConversionError, Source, dtype_name, numpy_dtype
@@ -110,14 +110,41 @@ class Summary:
                 f"{self.seconds:.1f}s -> {dst}")
 
 
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers' default max_shard_size means it
+FORMAT_OPTIONS = {"shards": ("to", "meta"), "max_shard_bytes": ("to", "hf"), "rope_scaling_factor": ("from", "meta")}
+# the options of `convert` that apply to one side's format only: (side, format)
+
+
+def inapplicable_option(src_fmt: str, dst_fmt: str, given: dict) -> tuple[str, str, str] | None:
+    """(option, side, its format) of the first option in `given` (name: value, None for not given)
+    that the conversion `src_fmt` -> `dst_fmt` would ignore, or None."""
+    for name, (side, fmt) in FORMAT_OPTIONS.items():
+        if given.get(name) is not None and (dst_fmt if side == "to" else src_fmt) != fmt:
+            return name, side, fmt
+    return None
+
+
 def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype: str | None = None,
-            overwrite: bool = False, shards: int = 1, max_shard_bytes: int = 5 * 10**9,
+            overwrite: bool = False, shards: int | None = None, max_shard_bytes: int | None = None,
             rope_scaling_factor: float | None = None, verify: bool = False, progress: bool = True) -> Summary:
-    """Convert SRC (format `src_fmt`) to DST (format `dst_fmt`); see `llama-jax convert --help`."""
+    """Convert SRC (format `src_fmt`) to DST (format `dst_fmt`); see `llama-jax convert --help`.
+    `shards` (default 1) applies to meta output only, `max_shard_bytes` (default
+    `DEFAULT_MAX_SHARD_BYTES`) to hf output, `rope_scaling_factor` to meta input."""
     from tqdm import tqdm
 
     if dst_fmt not in FORMATS:
         raise ConversionError(f"unknown output format {dst_fmt!r}; valid: {', '.join(FORMATS)}")
+    for name, value in (("overwrite", overwrite), ("verify", verify), ("progress", progress)):
+        check_flag(value, name)
+    inapplicable = inapplicable_option(src_fmt, dst_fmt, dict(
+        shards=shards, max_shard_bytes=max_shard_bytes, rope_scaling_factor=rope_scaling_factor))
+    if inapplicable is not None:
+        name, side, fmt = inapplicable
+        raise ConversionError(f"{name} applies to {'output' if side == 'to' else 'input'} in {fmt} format only")
+    shards = 1 if shards is None else shards
+    max_shard_bytes = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+    if not (is_int(max_shard_bytes) and max_shard_bytes > 0):
+        raise ConversionError(f"max_shard_bytes must be a positive integer (bytes per file), got {max_shard_bytes!r}")
     check_destination(dst, OUTPUT_KINDS[dst_fmt], overwrite, [src])  # before reading the source
     t0 = time.perf_counter()
     source = read_checkpoint(src_fmt, src, rope_scaling_factor)
