@@ -228,7 +228,8 @@ CASES = [
          r"--workdir \S+/model/params/ft is inside the model directory \S+/model, which an --overwrite onto it "
          r"replaces whole; choose a --workdir outside it$"),
     Case("sweep-workdir-inside-a-runs-checkpoints", "sweep --config {tiny} --workdir {run}/checkpoints/s "
-         "--sweep optimizer.lr=[1e-3,2e-3] --dry-run", r"--workdir \S+/run/checkpoints/s is inside \S+/run/checkpoints"),
+         "--sweep optimizer.lr=[1e-3,2e-3] --dry-run",
+         r"--workdir \S+/run/checkpoints/s is inside \S+/run/checkpoints"),
     Case("train-batch-too-large", NEW_RUN + " --config.train.batch_size=1000000000000",
          r"train.batch_size x train.seq_len = 64,000,000,000,000 tokens per step; at most 2\*\*31"),
     # ---- convert ----

@@ -282,7 +282,8 @@ def test_generate_text(sp_tokenizer):
     (lambda c, p, t: complete(c, p, t, ["hi"], 2, end_tokens=[10**6]), ValueError,  # was never matched
      r"^end_tokens must be a list of token ids in \[0, \d+\), got \[1000000\]$"),
     (lambda c, p, t: complete(c.to_dict(), p, t, ["hi"], 2), TypeError,
-     r"^config must be an LLaMAConfig \(LLaMAConfig.from_preset\(name\) or LLaMAConfig.from_dict\(d\)\), got a dict of its fields$"),
+     r"^config must be an LLaMAConfig \(LLaMAConfig.from_preset\(name\) or LLaMAConfig.from_dict\(d\)\), "
+     r"got a dict of its fields$"),
     (lambda c, p, t: generate(c, p, [[1, 5]], 2, mesh="cpu"), TypeError,
      r"^mesh must be a jax.sharding.Mesh of axes \('data', 'fsdp', 'tensor'\) \(llama_jax.sharding.make_mesh\), "
      r"got 'cpu'$"),

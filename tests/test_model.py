@@ -345,7 +345,8 @@ def test_apply_refuses_params_of_another_model():
 
 @pytest.mark.parametrize("call, error, message", [
     (lambda c: init_params(c.to_dict(), 0), TypeError,
-     r"^cfg must be an LLaMAConfig \(LLaMAConfig.from_preset\(name\) or LLaMAConfig.from_dict\(d\)\), got a dict of its fields$"),
+     r"^cfg must be an LLaMAConfig \(LLaMAConfig.from_preset\(name\) or LLaMAConfig.from_dict\(d\)\), "
+     r"got a dict of its fields$"),
     (lambda c: param_count("llama3.2-1b"), TypeError, r"^cfg must be an LLaMAConfig .*, got a str$"),
     (lambda c: LLaMA(c.to_dict()).apply({"params": init_params(c, 0)}, jnp.ones((1, 4), jnp.int32)), TypeError,
      r"^LLaMA's config must be an LLaMAConfig .*, got a dict of its fields\n"),
