@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import numbers
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -363,7 +364,19 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
     )
     _check_field_names(overrides)
     fields.update(overrides)
-    return LLaMAConfig(**fields)
+    try:
+        return LLaMAConfig(**fields)
+    except ValueError as e:
+        if overrides:  # (the problem may be an override's, named as the caller named it)
+            raise
+        named = re.sub(r"\b(" + "|".join(HF_KEYS) + r")\b", lambda m: HF_KEYS[m.group(1)], str(e))
+        raise ValueError(f"config.json: {named}") from None
+
+
+HF_KEYS = {"dim": "hidden_size", "ffn_dim": "intermediate_size", "n_layers": "num_hidden_layers",
+           "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps",
+           "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings"}
+# config.json's names of LLaMAConfig fields whose names differ, for messages about a file
 
 
 def to_hf_config(cfg: LLaMAConfig, style: str = "v4") -> dict[str, Any]:

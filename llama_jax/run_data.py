@@ -235,13 +235,15 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
     `runs_own`: the data section is the run's own (default: equal to its config.json's)."""
     from llama_jax.experiment import check_run_source
     from llama_jax.prepare import open_prepared
+    from llama_jax.run import readable_run_info
 
     d, t = config.data, config.train
     rows = range(t.batch_size) if rows is None else rows
     if d.source == "synthetic":
         return RunData(lambda s: data_lib.synthetic_batch(t.seed, s, rows, t.seq_len, model.vocab_size),
                        {}, None, None)
-    kept = workdir / RUN_TOKENIZER
+    kept, info = workdir / RUN_TOKENIZER, readable_run_info(workdir)
+    _check_kept_tokenizer(kept, info)
     staged = None
     if d.source == "prepared":
         named = prepared_dirs(d)
@@ -251,20 +253,29 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
         path, staged = _stage_raw(d, workdir, kept, own)
         named = [("data", path, 1.0)]
     try:
-        return _open(d, t, model, named, kept, rows, staged, open_prepared, _legacy_order(workdir))
+        return _open(d, t, model, named, kept, rows, staged, open_prepared, _legacy_order(info))
     except BaseException:
         discard_staged(staged)
         raise
 
 
-def _legacy_order(workdir: Path) -> bool:
-    """Whether the run in `workdir` has checkpoints whose data stream records no row-order scheme
-    (`packed.ORDER`): saved by a release that seeded each epoch's order with the run's seed itself,
-    which its resumes keep (every checkpoint of a run records the scheme it started with)."""
-    from llama_jax.run import readable_run_info
-
-    info = readable_run_info(workdir)
+def _legacy_order(info: dict) -> bool:
+    """Whether the run whose newest readable checkpoint records `info` has checkpoints whose data
+    stream records no row-order scheme (`packed.ORDER`): saved by a release that seeded each epoch's
+    order with the run's seed itself, which its resumes keep (every checkpoint of a run records the
+    scheme it started with)."""
     return bool(info) and not any("order" in entry for entry in info.get("data_stream") or [])
+
+
+def _check_kept_tokenizer(kept: Path, info: dict) -> None:
+    """RunError when the run's copy of its tokenizer (`kept`) is not the one its checkpoints record
+    (`info`): changed or damaged since, it would be taken for the run's, and its data named as
+    prepared with another tokenizer."""
+    expected = info.get("tokenizer_sha256")
+    if expected and kept.is_file() and sha256_file(kept) != expected:
+        raise RunError(f"{kept} is not the tokenizer this run trained with (its checkpoints record SHA-256 "
+                       f"{expected[:12]}...): it was changed or damaged; put that tokenizer back, or delete the file "
+                       f"and the run copies it again from its data")
 
 
 def _open(d, t, model, named, kept: Path, rows, staged, open_prepared, legacy_order: bool) -> RunData:

@@ -140,13 +140,15 @@ def _check_outside_checkpoints(path: Path, what: str, shown: str | os.PathLike |
 
 def check_outside_runs_and_models(path: str | os.PathLike, what: str) -> None:
     """ValueError when a directory to be made at `path` would lie inside a run's checkpoints (its
-    retention deletes them) or inside a model directory (an --overwrite or a conversion onto it
-    replaces the whole directory): what is written there would be lost without a word."""
+    retention deletes them) or inside a model directory's params/ (an --overwrite onto the model
+    replaces it whole): what is written there would be lost without a word. (Beside a model's own
+    files, as MODEL/run, an --overwrite refuses to go.)"""
     real = real_path(path)
-    model = next((d for d in real.parents if (d / "model_config.json").is_file()), None)
-    if model is not None:
-        raise ValueError(f"{what} {path} is inside the model directory {model}, which an --overwrite onto it "
-                         f"replaces whole; choose a {what} outside it")
+    params = next((d for d in real.parents if d.name == "params" and (d.parent / "model_config.json").is_file()),
+                  None)
+    if params is not None:
+        raise ValueError(f"{what} {path} is inside {params}, the parameters of the model directory {params.parent}; "
+                         f"choose a {what} outside it")
     _check_outside_checkpoints(real, what, shown=path)
 
 
@@ -310,15 +312,15 @@ def run_directory_problem(workdir: str | os.PathLike) -> str | None:
     return None
 
 
-def saved_run_setting(directory: str | os.PathLike, *keys: str, missing=None):
+def saved_run_setting(directory: str | os.PathLike, *keys: str):
     """The setting at `keys` (e.g. "train", "seq_len") of DIRECTORY/config.json, a run's resolved
-    config; `missing` when the file cannot be read or holds no such setting."""
+    config; None when the file cannot be read or holds no such setting."""
     try:
         value = json.loads((Path(directory) / "config.json").read_text())
         for key in keys:
             value = value[key]
     except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return missing
+        return None
     return value
 
 

@@ -224,9 +224,9 @@ CASES = [
     Case("train-workdir-inside-a-runs-checkpoints", NEW_RUN.replace("--workdir new", "--workdir {run}/checkpoints/4"),
          r"--workdir \S+/run/checkpoints/4 is inside \S+/run/checkpoints, the checkpoints of a run; choose a --workdir "
          r"outside it$"),
-    Case("train-workdir-inside-a-model", NEW_RUN.replace("--workdir new", "--workdir {model}/params/ft"),
-         r"--workdir \S+/model/params/ft is inside the model directory \S+/model, which an --overwrite onto it "
-         r"replaces whole; choose a --workdir outside it$"),
+    Case("train-workdir-inside-a-models-params", NEW_RUN.replace("--workdir new", "--workdir {model}/params/ft"),
+         r"--workdir \S+/model/params/ft is inside \S+/model/params, the parameters of the model directory "
+         r"\S+/model; choose a --workdir outside it$"),
     Case("sweep-workdir-inside-a-runs-checkpoints", "sweep --config {tiny} --workdir {run}/checkpoints/s "
          "--sweep optimizer.lr=[1e-3,2e-3] --dry-run",
          r"--workdir \S+/run/checkpoints/s is inside \S+/run/checkpoints"),

@@ -250,6 +250,10 @@ def test_hf_config_missing_key_is_named():
     ({"head_dim": {}}, "head_dim must be a positive integer, got {}"),
     ({"num_key_value_heads": 2.0}, "num_key_value_heads must be a positive integer, got 2.0"),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),  # not bool("false")
+    # the model's own checks, in the file's names (they named n_kv_heads, dim, ... which the file does not have)
+    ({"num_key_value_heads": 3}, "num_key_value_heads=3 must divide num_attention_heads=4"),
+    ({"hidden_size": 63, "num_attention_heads": 3, "num_key_value_heads": 3},
+     "head_dim = hidden_size / num_attention_heads = 21 must be even for rotary embeddings"),
 ])
 def test_hf_config_values_of_the_wrong_kind_are_named(change, message):
     with pytest.raises(ValueError) as error:

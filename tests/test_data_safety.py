@@ -27,6 +27,7 @@ from llama_jax.cli import main
 from llama_jax.experiment import load_config
 from llama_jax.train import build_trainer
 from llama_jax.data import EmbeddedCorpus
+from llama_jax.safe_io import sha256_file
 from llama_jax.tokenizer import train_sentencepiece
 
 ROOT = Path(__file__).parents[1]
@@ -460,6 +461,14 @@ def test_export_and_resume_use_the_tokenizer_the_run_started_with(tmp_path, caps
     (run / "tokenizer.model").write_bytes(decoy.read_bytes())  # and the run's own copy replaced
     assert main(["export", "--workdir", str(run), "--overwrite", str(tmp_path / "model")]) == 2
     assert "not the tokenizer this run trained with" in one_line_error(capsys, "export")
+    mine.write_bytes((tmp_path / "model" / "tokenizer.model").read_bytes())  # the config's file put back
+    assert train(run, *overrides) == 2  # the damaged copy is named, not the data ("prepared with another tokenizer")
+    assert one_line_error(capsys, "train").endswith(
+        f"{run / 'tokenizer.model'} is not the tokenizer this run trained with (its checkpoints record SHA-256 "
+        f"{sha256_file(mine)[:12]}...): it was changed or damaged; put that tokenizer back, or delete the file and "
+        f"the run copies it again from its data")
+    (run / "tokenizer.model").unlink()
+    assert train(run, *overrides) == 0 and (run / "tokenizer.model").read_bytes() == mine.read_bytes()
 
     assert main([*generate_args(tmp_path / "model"), "--tokenizer", str(decoy)]) == 2
     assert "differs from the model's own" in one_line_error(capsys, "generate")
