@@ -132,6 +132,7 @@ class LLaMAConfig:
             object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("tie_embeddings", "scan_layers"):
             check_flag(getattr(self, name), name)
+            object.__setattr__(self, name, bool(getattr(self, name)))  # a NumPy bool too, stored as Python's
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
         if self.n_heads % self.n_kv_heads:
@@ -164,9 +165,9 @@ class LLaMAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LLaMAConfig":
-        if not isinstance(d, Mapping):
-            raise TypeError(f"LLaMAConfig.from_dict takes a dict of fields, got {type(d).__name__}"
-                            + ("; for a JSON text, from_dict(json.loads(text))" if isinstance(d, str) else ""))
+        if isinstance(d, (str, bytes)):  # (its characters were named as unknown fields)
+            raise TypeError(f"LLaMAConfig.from_dict takes a dict of fields, got {type(d).__name__}; for a JSON text, "
+                            f"from_dict(json.loads(text))")
         _check_field_names(d)
         return cls(**d)
 
@@ -367,7 +368,7 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
     try:
         return LLaMAConfig(**fields)
     except ValueError as e:
-        if overrides:  # (the problem may be an override's, named as the caller named it)
+        if any(re.search(rf"\b{name}\b", str(e)) for name in overrides):  # an override's problem, named as given
             raise
         named = re.sub(r"\b(" + "|".join(HF_KEYS) + r")\b", lambda m: HF_KEYS[m.group(1)], str(e))
         raise ValueError(f"config.json: {named}") from None

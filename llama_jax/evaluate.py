@@ -369,8 +369,8 @@ class Scorer:
 
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                       progress: bool = False) -> list[tuple[float, bool]]:
-        rows, truncated = [], 0
-        for i, (context, continuation) in enumerate(_request_pairs(requests)):
+        rows, truncated, requests = [], 0, _request_pairs(requests)
+        for i, (context, continuation) in enumerate(requests):
             row, cut = self._row(i, list(context), list(continuation))
             rows.append(row)
             truncated += cut
@@ -385,9 +385,10 @@ class Scorer:
         if not (is_int(prefix_token) and 0 <= prefix_token < self.config.vocab_size):
             raise ValueError(f"prefix_token must be a token id in [0, {self.config.vocab_size}) (e.g. BOS), got "
                              f"{prefix_token!r}")
-        if not _is_id_sequences(token_lists):
+        given, token_lists = token_lists, _id_sequences(token_lists)
+        if token_lists is None:
             raise ValueError(f"token_lists must be a list of token-id sequences (wrap one: [tokens]), got "
-                             f"{token_lists!r}"[:200])
+                             f"{given!r}"[:200])
         windows, owner = [], []
         for i, tokens in enumerate(token_lists):
             for context, continuation in rolling_windows(tokens, prefix_token, self.max_length):
@@ -448,19 +449,22 @@ class Scorer:
         return results
 
 
-def _is_id_sequences(value) -> bool:
-    """Whether `value` is a sequence of sequences (of token ids, checked where they are read)."""
-    return isinstance(value, Sequence) and not isinstance(value, str) and all(
-        hasattr(x, "__len__") and not isinstance(x, str) for x in value)
+def _id_sequences(value) -> list | None:
+    """`value` (any iterable: a list, a generator, a 2-D array) as a list of token-id sequences,
+    or None when its items are not sequences (the ids themselves are checked where they are read)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return None
+    items = list(value)
+    return items if all(hasattr(x, "__len__") and not isinstance(x, (str, bytes)) for x in items) else None
 
 
-def _request_pairs(requests) -> Sequence:
-    """`Scorer.loglikelihood`'s requests, checked to be (context ids, continuation ids) pairs."""
-    if not (isinstance(requests, Sequence) and all(isinstance(r, (tuple, list)) and len(r) == 2
-                                                   and _is_id_sequences(r) for r in requests)):
+def _request_pairs(requests) -> list:
+    """`Scorer.loglikelihood`'s requests as a list, checked to be (context ids, continuation ids) pairs."""
+    pairs = _id_sequences(requests)
+    if pairs is None or not all(len(r) == 2 and _id_sequences(r) is not None for r in pairs):
         raise ValueError(f"requests must be a list of (context ids, continuation ids) pairs (wrap one: "
                          f"[(context, continuation)]), got {requests!r}"[:240])
-    return requests
+    return pairs
 
 
 # ---- what `llama-jax eval` evaluates ---------------------------------------------------------
@@ -622,10 +626,10 @@ def _check_run_paths_read_here(data_config, workdir, recorded: dict) -> None:
     from llama_jax.run_data import RunError
     from llama_jax.safe_io import saved_run_setting
 
-    saved = saved_run_setting(workdir, "data")
-    if not isinstance(saved, dict):
+    try:
+        saved = document_settings(saved_run_setting(workdir, "data"), absolute=False)
+    except (TypeError, AttributeError):  # no data section, or a damaged one
         return
-    saved = document_settings(saved, absolute=False)
     given, here = document_settings(data_config, absolute=False), document_settings(data_config)
     for key in PATH_KEYS:
         if given.get(key) == saved.get(key) and is_relative(given.get(key)) and here.get(key) != recorded.get(key):

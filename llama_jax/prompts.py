@@ -67,20 +67,21 @@ def chat_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def _string_list(value: object, name: str) -> list[str]:
-    """`value` as a list of strings: a sequence of them (a lone string is one)."""
+    """`value` as a list of strings: an iterable of them (a lone string is one)."""
     if isinstance(value, str):
         return [value]
-    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+    items = list(value) if hasattr(value, "__iter__") and not isinstance(value, bytes) else None
+    if items is None or not all(isinstance(v, str) for v in items):
         raise ValueError(f"{name} must be a list of strings, got {value!r}")
-    return list(value)
+    return items
 
 
 def _id_list(value: object, name: str, vocab_size: int) -> list[int]:
-    """`value` as a list of token ids below `vocab_size`."""
-    if not isinstance(value, Sequence) or isinstance(value, str) or not all(
-            is_int(v) and 0 <= int(v) < vocab_size for v in value):
+    """`value` (an iterable: a list, a 1-D array) as a list of token ids below `vocab_size`."""
+    items = list(value) if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)) else None
+    if items is None or not all(is_int(v) and 0 <= int(v) < vocab_size for v in items):
         raise ValueError(f"{name} must be a list of token ids in [0, {vocab_size}), got {value!r}")
-    return [int(v) for v in value]
+    return [int(v) for v in items]
 
 
 def end_ids(tokenizer: Tokenizer, chat: bool, listed: Sequence[int] = (), stop: Sequence[str] = ()) -> list[int]:

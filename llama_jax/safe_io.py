@@ -144,10 +144,11 @@ def check_outside_runs_and_models(path: str | os.PathLike, what: str) -> None:
     replaces it whole): what is written there would be lost without a word. (Beside a model's own
     files, as MODEL/run, an --overwrite refuses to go.)"""
     real = real_path(path)
-    params = next((d for d in real.parents if d.name == "params" and (d.parent / "model_config.json").is_file()),
-                  None)
+    params = next((d for d in [real, *real.parents]
+                   if d.name == "params" and (d.parent / "model_config.json").is_file()), None)
     if params is not None:
-        raise ValueError(f"{what} {path} is inside {params}, the parameters of the model directory {params.parent}; "
+        where = "is" if params == real else "is inside"
+        raise ValueError(f"{what} {path} {where} {params}, the parameters of the model directory {params.parent}; "
                          f"choose a {what} outside it")
     _check_outside_checkpoints(real, what, shown=path)
 

@@ -87,6 +87,7 @@ def _checked_ids(ids: Sequence[int], vocab_size: int, drop: set[int]) -> list[in
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__") or getattr(ids, "ndim", 1) != 1:
         raise ValueError(f"ids to decode must be one sequence of token ids (a list or 1-D array of integers), got "
                          f"{_describe(ids)}")
+    ids = list(ids)  # (an iterator is read once)
     bad = next((i for i in ids if not is_int(i)), None)
     if bad is not None:
         raise ValueError(f"ids to decode must be integers, got {bad!r}")

@@ -275,10 +275,9 @@ def build_trainer(config, devices=None, run_model: LLaMAConfig | None = None) ->
     if not isinstance(config, ml_collections.ConfigDict):
         raise TypeError(f"config must be an experiment config (llama_jax.experiment.load_config(path, overrides)), "
                         f"got {type(config).__name__}")
-    if devices is not None and not (isinstance(devices, (list, tuple))
-                                    and all(isinstance(d, jax.Device) for d in devices)):
-        raise TypeError(f"devices must be a list of JAX devices (e.g. jax.devices()[:4]), got {devices!r}")
-    devices = jax.devices() if devices is None else list(devices)
+    given, devices = devices, jax.devices() if devices is None else list(np.ravel(devices))
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise TypeError(f"devices must be a list of JAX devices (e.g. jax.devices()[:4]), got {given!r}")
     model = validate_config(config, len(devices), run_model)  # (the init_from directory read once)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
     check_divisible(model, mesh)

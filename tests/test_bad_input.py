@@ -224,6 +224,8 @@ CASES = [
     Case("train-workdir-inside-a-runs-checkpoints", NEW_RUN.replace("--workdir new", "--workdir {run}/checkpoints/4"),
          r"--workdir \S+/run/checkpoints/4 is inside \S+/run/checkpoints, the checkpoints of a run; choose a --workdir "
          r"outside it$"),
+    Case("train-workdir-a-models-params", NEW_RUN.replace("--workdir new", "--workdir {model}/params"),
+         r"--workdir \S+/model/params is \S+/model/params, the parameters of the model directory \S+/model"),
     Case("train-workdir-inside-a-models-params", NEW_RUN.replace("--workdir new", "--workdir {model}/params/ft"),
          r"--workdir \S+/model/params/ft is inside \S+/model/params, the parameters of the model directory "
          r"\S+/model; choose a --workdir outside it$"),

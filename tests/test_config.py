@@ -96,8 +96,12 @@ def test_invalid_config_names_the_field(changes, field):
         LLaMAConfig(**{**base, **changes})
 
 
-def test_numpy_integers_are_taken_as_integers():
+def test_numpy_integers_and_bools_are_taken_as_pythons():
     import numpy as np
+
+    tied = LLaMAConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, ffn_dim=128, tie_embeddings=np.True_)
+    assert type(tied.tie_embeddings) is bool and json.loads(tied.to_json())["tie_embeddings"] is True  # savable
+    assert LLaMAConfig.from_dict(ConfigDict(tied.to_dict())) == tied  # a mapping of another kind too
 
     scaling = RopeScaling("llama3", original_max_position_embeddings=np.int64(8192))  # was refused
     assert scaling == RopeScaling("llama3") and type(scaling.original_max_position_embeddings) is int
@@ -261,6 +265,14 @@ def test_hf_config_values_of_the_wrong_kind_are_named(change, message):
     assert str(error.value) == f"config.json: {message}"
 
 
+def test_hf_config_errors_name_the_files_keys_unless_an_override_is_at_fault():
+    bad = {**hf_config_dict("mha"), "num_key_value_heads": 3}
+    with pytest.raises(ValueError, match=r"^config.json: num_key_value_heads=3 must divide num_attention_heads=4$"):
+        LLaMAConfig.from_hf(bad, param_dtype="bfloat16")  # (from_hf_state_dict passes one: the file is at fault)
+    with pytest.raises(ValueError, match=r"^n_kv_heads=3 must divide n_heads=4$"):
+        LLaMAConfig.from_hf(hf_config_dict("mha"), n_kv_heads=3)
+
+
 # ---- experiment config files ------------------------------------------------------------------
 
 
@@ -377,6 +389,7 @@ def test_a_config_files_own_forms(tmp_path):
 
 def test_experiment_api_arguments_of_the_wrong_kind_are_refused():
     import jax
+    import numpy as np
 
     # a string was read as overrides of one character each ("override 't': expected key=value")
     with pytest.raises(TypeError, match=r"^overrides must be a list of 'key=value' strings "
@@ -390,6 +403,7 @@ def test_experiment_api_arguments_of_the_wrong_kind_are_refused():
             (lambda: build_trainer(config.to_dict()), TypeError,
              r"^config must be an experiment config \(llama_jax.experiment.load_config\(path, overrides\)\), "
              r"got dict$"),
+            (lambda: build_trainer(config, devices=[]), TypeError, r"^devices must be a list of JAX devices"),
             (lambda: build_trainer(config, devices=1), TypeError,
              r"^devices must be a list of JAX devices \(e.g. jax.devices\(\)\[:4\]\), got 1$"),
             (lambda: build_trainer(config, devices=jax.devices()[:1]).init_state(2**32 + 5), ValueError,
@@ -398,6 +412,7 @@ def test_experiment_api_arguments_of_the_wrong_kind_are_refused():
              r"^seed must be an integer in \[0, 2\*\*32\), got 1.5$")):
         with pytest.raises(error, match=message):
             call()
+    assert build_trainer(config, devices=np.array(jax.devices()[:2])).mesh.size == 2  # an array of them too
 
 
 def test_string_and_mapping_overrides():

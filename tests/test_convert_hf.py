@@ -313,7 +313,7 @@ def test_the_default_shard_size_is_what_5GB_means():
 
 @pytest.mark.parametrize("kwargs, message", [
     # options of another format were ignored (the command line refuses them), the rest failed deep inside
-    (dict(shards=4), r"^shards applies to output in meta format only$"),
+    (dict(shards=4), r"^shards applies to output in meta format only$"),  # (its default, 1, is fine)
     (dict(rope_scaling_factor=8.0), r"^rope_scaling_factor applies to input in meta format only$"),
     (dict(max_shard_bytes="5GB"), r"^max_shard_bytes must be a positive integer \(bytes per file\), got '5GB'$"),
     (dict(max_shard_bytes=-1), r"^max_shard_bytes must be a positive integer"),  # was one file per tensor
@@ -327,6 +327,13 @@ def test_convert_api_options_of_the_wrong_kind_are_refused(tmp_path, good_src, k
     with pytest.raises(ValueError, match=message):
         convert("hf", good_src, "hf", tmp_path / "dst", progress=False, **kwargs)
     assert not any((tmp_path / "dst").iterdir())
+
+
+def test_convert_api_takes_an_options_default_for_any_format(tmp_path, good_src):
+    from llama_jax.convert.pipeline import DEFAULT_MAX_SHARD_BYTES, convert
+
+    convert("hf", good_src, "jax", tmp_path / "jax", shards=1, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, progress=False)
+    assert (tmp_path / "jax" / "model_config.json").is_file()
 
 
 def test_truncated_shard(tmp_path, capsys, good_src):

@@ -102,6 +102,7 @@ def test_scoring_equals_full_forward_and_padding_changes_nothing(model):
         single, single_greedy = alone.loglikelihood([(context, continuation)])[0]
         assert logprob == pytest.approx(single, rel=1e-6) and greedy == single_greedy
     assert batched[-1][1] and not any(g for _, g in batched[:-1])  # both answers are exercised
+    assert Scorer(cfg, params, batch_size=4).loglikelihood(r for r in requests) == batched  # any iterable
     # a model directory saved by a GPU run names cudnn attention: scored here with a kernel that runs
     assert Scorer(cfg.replace(attention_impl="cudnn"), params, batch_size=4).loglikelihood(requests) == batched
 
@@ -135,6 +136,9 @@ def test_rolling_loglikelihood(model):
     assert rolled[0] == pytest.approx(expected, abs=1e-3)
     assert rolled[1] == pytest.approx(direct_score(cfg, params, [1], tokens[:5])[0], abs=1e-4)
     assert rolled[2] == 0.0
+    rows = np.asarray([tokens[:9], tokens[9:18]])  # a 2-D array of rows, as a batch is
+    assert Scorer(cfg, params).loglikelihood_rolling(rows, prefix_token=1) == \
+        Scorer(cfg, params).loglikelihood_rolling([tokens[:9], tokens[9:18]], prefix_token=1)
 
 
 def test_long_context_is_truncated_from_the_left_with_a_warning(model):

@@ -261,6 +261,8 @@ def test_generate_text(sp_tokenizer):
     with pytest.raises(ValueError, match=r"prompts is a list of strings, got the string 'The for statement'"):
         complete(cfg, params, tok, prompts[0])  # not one prompt per character
     one_stop = complete(cfg, params, tok, prompts[:1], 12, temperature=0.0, stop=["ion"])
+    assert complete(cfg, params, tok, prompts[:1], 12, temperature=0.0, stop=("ion",),
+                    end_tokens=np.array([tok.eos_id])) == one_stop  # a tuple, an array of ids
     assert complete(cfg, params, tok, prompts[:1], 12, temperature=0.0, stop="ion") == one_stop  # a lone string
     assert complete(cfg, params, tok, prompts[:1], 12, temperature=0.0, stop=list("ion")) != one_stop  # not its letters
 
@@ -289,6 +291,8 @@ def test_generate_text(sp_tokenizer):
      r"got 'cpu'$"),
     (lambda c, p, t: generate(c, p, [[1, 5]], 2, on_tokens=True), TypeError, r"^on_tokens must be a function"),
     (lambda c, p, t: t.encode("hi", bos="no"), ValueError, r"^bos must be True or False, got 'no'$"),
+    (lambda c, p, t: complete(c, p, t, ["hi"], 2, end_tokens=np.array([[2]])), ValueError,  # 2-D: not a list of ids
+     r"^end_tokens must be a list of token ids"),
 ])
 def test_text_generation_api_bad_input(sp_tokenizer, call, error, message):
     tok = sp_tokenizer

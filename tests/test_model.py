@@ -349,7 +349,7 @@ def test_apply_refuses_params_of_another_model():
      r"got a dict of its fields$"),
     (lambda c: param_count("llama3.2-1b"), TypeError, r"^cfg must be an LLaMAConfig .*, got a str$"),
     (lambda c: LLaMA(c.to_dict()).apply({"params": init_params(c, 0)}, jnp.ones((1, 4), jnp.int32)), TypeError,
-     r"^LLaMA's config must be an LLaMAConfig .*, got a dict of its fields\n"),
+     r"^LLaMA's config must be an LLaMAConfig .*, got a dict of its fields"),
     (lambda c: init_params(c, 2**32 + 5), ValueError,  # was seed 5's params
      r"^rng must be an integer in \[0, 2\*\*32\), got 4294967301$"),
     (lambda c: init_params(c, -1), ValueError, r"^rng must be an integer in \[0, 2\*\*32\), got -1$"),

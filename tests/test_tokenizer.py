@@ -70,7 +70,7 @@ def test_sentencepiece_round_trip_and_special_ids(sp_model):
     assert tok.encode("2024", bos=False)[-4:] == [tok.sp.piece_to_id(d) for d in "2024"]  # split_digits
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([VOCAB])
-    assert tok.decode(np.asarray(ids)) == tok.decode(ids) == TEXTS[-1]  # an array of ids too
+    assert tok.decode(np.asarray(ids)) == tok.decode(iter(ids)) == tok.decode(ids) == TEXTS[-1]  # any iterable
     for ids_, message in (("def", r"one sequence of token ids .* got 'def'"),  # was int('d')
                           (5, r"one sequence of token ids .* got 5"),
                           (np.zeros((2, 2), int), r"one sequence of token ids .* got an array of shape \(2, 2\)"),

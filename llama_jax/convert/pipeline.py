@@ -111,15 +111,17 @@ class Summary:
 
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers' default max_shard_size means it
-FORMAT_OPTIONS = {"shards": ("to", "meta"), "max_shard_bytes": ("to", "hf"), "rope_scaling_factor": ("from", "meta")}
-# the options of `convert` that apply to one side's format only: (side, format)
+FORMAT_OPTIONS = {"shards": ("to", "meta", 1), "max_shard_bytes": ("to", "hf", DEFAULT_MAX_SHARD_BYTES),
+                  "rope_scaling_factor": ("from", "meta", None)}
+# the options of `convert` that apply to one side's format only: (side, format, default)
 
 
 def inapplicable_option(src_fmt: str, dst_fmt: str, given: dict) -> tuple[str, str, str] | None:
     """(option, side, its format) of the first option in `given` (name: value, None for not given)
-    that the conversion `src_fmt` -> `dst_fmt` would ignore, or None."""
-    for name, (side, fmt) in FORMAT_OPTIONS.items():
-        if given.get(name) is not None and (dst_fmt if side == "to" else src_fmt) != fmt:
+    that the conversion `src_fmt` -> `dst_fmt` would ignore (its default value aside), or None."""
+    for name, (side, fmt, default) in FORMAT_OPTIONS.items():
+        value = given.get(name)
+        if value is not None and value != default and (dst_fmt if side == "to" else src_fmt) != fmt:
             return name, side, fmt
     return None
 
@@ -141,7 +143,7 @@ def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype:
     if inapplicable is not None:
         name, side, fmt = inapplicable
         raise ConversionError(f"{name} applies to {'output' if side == 'to' else 'input'} in {fmt} format only")
-    shards = 1 if shards is None else shards
+    shards = FORMAT_OPTIONS["shards"][2] if shards is None else shards
     max_shard_bytes = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
     if not (is_int(max_shard_bytes) and max_shard_bytes > 0):
         raise ConversionError(f"max_shard_bytes must be a positive integer (bytes per file), got {max_shard_bytes!r}")
