@@ -143,17 +143,20 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir, args.overrides)
 
 
-def cmd_generate(args) -> None:
-    from llama_jax.checkpoint import load_model
-    from llama_jax.generate import check_sampling
-    from llama_jax.model_dir import generation_end_ids, load_tokenizer_for
-    from llama_jax.prompts import complete, read_prompts_file
-    from llama_jax.tokenizer import check_fits, load_tokenizer, unicode_problem
-
+def _check_model_or_run(args) -> None:
+    """UserError unless a command that reads a model directory or a run's checkpoint is given one."""
     if (args.model is None) == (args.workdir is None):
         raise UserError("give a model directory or --workdir RUN (one of them)")
     if args.step is not None and args.workdir is None:
         raise UserError("--step needs --workdir (a model directory holds one set of parameters)")
+
+
+def _check_generate_arguments(args) -> None:
+    """What generate refuses of its arguments alone (no file read), also checked by a launcher."""
+    from llama_jax.generate import check_sampling
+    from llama_jax.tokenizer import unicode_problem
+
+    _check_model_or_run(args)
     if args.workdir is not None and args.tokenizer:
         raise UserError("--tokenizer is for a model directory; --workdir uses the tokenizer the run trained with")
     if any(s == "" for s in args.stop or ()):
@@ -162,10 +165,21 @@ def cmd_generate(args) -> None:
         for text in texts:
             if problem := unicode_problem(text, from_argv=True):  # bytes of another encoding, passed on escaped
                 raise UserError(f"{option}: not UTF-8 text ({problem})")
-    prompts = list(args.prompt or []) + [p for file in args.prompts_file or [] for p in read_prompts_file(file)]
-    if not prompts:
+    if not args.prompt and not args.prompts_file:
         raise UserError("no prompts; give --prompt TEXT (repeatable) and/or --prompts-file FILE")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
+
+
+def cmd_generate(args) -> None:
+    from llama_jax.checkpoint import load_model
+    from llama_jax.model_dir import generation_end_ids, load_tokenizer_for
+    from llama_jax.prompts import complete, read_prompts_file
+    from llama_jax.tokenizer import check_fits, load_tokenizer
+
+    _check_generate_arguments(args)
+    prompts = list(args.prompt or []) + [p for file in args.prompts_file or [] for p in read_prompts_file(file)]
+    if not prompts:
+        raise UserError("no prompts: the --prompts-file files hold none")
 
     mesh = None
     if args.mesh is not None:  # a bad mesh fails before anything is read
@@ -558,10 +572,7 @@ def cmd_eval(args) -> None:
     from llama_jax.model_dir import EVAL_FILE
     from llama_jax.safe_io import check_results_file, write_text_atomic
 
-    if (args.model is None) == (args.workdir is None):
-        raise UserError("give a model directory or --workdir RUN (one of them)")
-    if args.step is not None and args.workdir is None:
-        raise UserError("--step needs --workdir (a model directory holds one set of parameters)")
+    _check_model_or_run(args)
     if args.output is not None or args.model is not None and Path(args.model).is_dir():
         # before evaluating: a result that could not be written is refused first
         check_results_file(Path(args.model) / EVAL_FILE if args.output is None else args.output, "--output",
@@ -596,17 +607,24 @@ def cmd_eval(args) -> None:
           f"tokens of {record['documents']:,} documents; written to {output}", file=sys.stderr)
 
 
+def _check_lm_eval_arguments(args) -> None:
+    """What lm-eval refuses of its arguments alone, also checked by a launcher."""
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot {args.num_fewshot}: valid: 0 or more examples per question")
+    if not any(t.strip() for t in args.tasks.split(",")):
+        raise UserError("no task given; pass --tasks NAME[,NAME...] (`lm-eval ls tasks` lists them)")
+
+
 def cmd_lm_eval(args) -> None:
     import json
 
     from llama_jax.model_dir import LM_EVAL_FILE
     from llama_jax.safe_io import check_results_file, write_text_atomic
 
+    _check_lm_eval_arguments(args)
     output = Path(args.model) / LM_EVAL_FILE if args.output is None else args.output
     if args.output is not None or Path(args.model).is_dir():  # else the model's own error comes first
         output = check_results_file(output, "--output", "llama-jax lm-eval", LM_EVAL_RESULT_KEYS)
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise UserError(f"--num-fewshot {args.num_fewshot}: valid: 0 or more examples per question")
     try:
         from llama_jax.lm_eval_model import evaluate_tasks
     except ModuleNotFoundError as e:
@@ -775,9 +793,14 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
         if given and isinstance(parsed, str) and option_value(command, flag) != parsed:
             raise UserError(f"after --: {command[0]}: give {flag} once and in full ({flag} {parsed}): the launcher "
                             f"reads it from the command line")
+    own_checks = {cmd_generate: _check_generate_arguments, cmd_eval: _check_model_or_run,
+                  cmd_lm_eval: _check_lm_eval_arguments, cmd_data_inspect: _check_inspect_arguments,
+                  cmd_plan: _check_plan_arguments}.get(launched.func)  # what the command refuses of its arguments
     try:
         _check_not_empty(launched)
-    except UserError as e:
+        if own_checks is not None:
+            own_checks(launched)
+    except (UserError, ValueError) as e:
         raise UserError(f"after --: {command[0]}: {e}") from None
     given = [flag for flag, dest in (("--num-processes", "num_processes"), ("--coordinator", "coordinator"),
                                      ("--process-id", "process_id")) if getattr(launched, dest, None) is not None]
@@ -896,12 +919,8 @@ def cmd_launch_slurm(args) -> None:
         print(f"submitted SLURM job {submitted}: {args.nodes} node(s) x {args.gpus_per_node} GPU(s); logs in {folder}")
 
 
-def cmd_data_inspect(args) -> None:
-    import tempfile
-
-    from llama_jax.data_inspect import coverage_lines, describe_step
-    from llama_jax.experiment import check_train_section, load_config
-
+def _check_inspect_arguments(args) -> None:
+    """What data inspect refuses of its arguments alone, also checked by a launcher."""
     if args.config is None and args.workdir is None:
         raise UserError("give --config CONFIG (prepared data, or a raw source prepared now) or --workdir RUN")
     if (args.step is None) == (not args.epoch):
@@ -910,6 +929,15 @@ def cmd_data_inspect(args) -> None:
         raise UserError("--rows picks rows of one --step's batch; --epoch reports every row of the epoch")
     _check_overrides_used(args.overrides, ("data", "train"), "llama-jax data inspect",
                           "a step's rows come from the data, in the train section's batches")
+
+
+def cmd_data_inspect(args) -> None:
+    import tempfile
+
+    from llama_jax.data_inspect import coverage_lines, describe_step
+    from llama_jax.experiment import check_train_section, load_config
+
+    _check_inspect_arguments(args)
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is not None and (args.config is None or workdir.exists()):  # with --config it may be a new run's
         _check_run_directory(workdir, args.config)
@@ -976,12 +1004,17 @@ def cmd_prepare_data(args) -> None:
 MAX_PLAN_DEVICES = 4096  # XLA created 1,024 virtual CPU devices in about a second, 8,192 in 100 s and 1 GB
 
 
-def cmd_plan(args) -> None:
-    import os
-
+def _check_plan_arguments(args) -> None:
+    """What plan refuses of its arguments alone, also checked by a launcher."""
     if args.devices is not None and not 1 <= args.devices <= MAX_PLAN_DEVICES:
         raise UserError(f"--devices must be a positive number of virtual CPU devices, at most {MAX_PLAN_DEVICES} "
                         f"(XLA takes minutes and gigabytes to create more), got {args.devices}")
+
+
+def cmd_plan(args) -> None:
+    import os
+
+    _check_plan_arguments(args)
     if args.devices:  # virtual CPU devices; must be set before JAX initialises its backends
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
@@ -1215,8 +1248,8 @@ def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs of the task on each node (default: SLURM's)")
     p.add_argument("--partition", default=d["partition"], metavar="P")
     p.add_argument("--time-min", type=int, default=d["time_min"], metavar="M",
-                   help=f"time limit in minutes (default {d['time_min']}); at the limit the job is requeued "
-                        f"and the run resumes")
+                   help=f"time limit in minutes, at least 3 (default {d['time_min']}); at the limit the job is "
+                        f"requeued and the run resumes")
     p.add_argument("--account", default=d["account"], metavar="A")
     p.add_argument("--job-name", default=d["job_name"], metavar="NAME")
 
@@ -1386,14 +1419,14 @@ NOT_EMPTY = {  # argument destinations whose value may not be an empty string ->
     "config": "--config", "workdir": "--workdir", "output": "--output", "model": "MODEL", "src": "SRC", "dst": "DST",
     "tokenizer": "--tokenizer", "include_path": "--include-path", "folder": "--folder", "copy_back": "--copy-back",
     "zone": "--zone", "runtime_version": "--runtime-version", "project": "--project", "setup": "--setup",
-    "partition": "--partition", "account": "--account", "job_name": "--job-name"}
+    "partition": "--partition", "account": "--account", "job_name": "--job-name", "prompts_file": "--prompts-file"}
 
 
 def _check_not_empty(args) -> None:
     """An empty path would mean the current directory (or its parent) to the code below: refused."""
     for dest, name in NOT_EMPTY.items():
         value = getattr(args, dest, None)
-        if isinstance(value, str) and not value.strip():
+        if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
             raise UserError(f"{name} is empty; give a value")
 
 

@@ -139,8 +139,8 @@ def _rank(row: dict) -> tuple:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, float):  # (thousands separated, as tokens/s; a swept 1e30 is not written out in digits)
+        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e12 else f"{value:.4g}"
     return str(value)
 
 

@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -132,6 +133,14 @@ def int_range(low: int, high: int) -> IntRange:
 
 
 Space = Grid | Uniform | LogUniform | IntRange
+
+
+def space_text(space: Space) -> str:
+    """`space` as --sweep writes it: [a,b,...], uniform(a,b), loguniform(a,b) or int(a,b)."""
+    if isinstance(space, Grid):
+        return "[" + ",".join(map(str, space.values)) + "]"
+    name = {Uniform: "uniform", LogUniform: "loguniform", IntRange: "int"}[type(space)]
+    return f"{name}({space.low},{space.high})"
 _DISTRIBUTIONS = {"uniform": Uniform, "loguniform": LogUniform, "int": IntRange, "choice": Grid}
 
 
@@ -625,10 +634,12 @@ class Sweep:
         from llama_jax.results import finished_status, run_outcome
 
         outcome = run_outcome(active.directory, self.objective)
-        if active.pruned:
+        if active.process.returncode == 0 and outcome["complete"]:  # (also when the pruner spoke after the last step)
+            status = finished_status(outcome)
+        elif active.pruned:
             status = "pruned"
         elif active.process.returncode == 0:
-            status = finished_status(outcome) if outcome["complete"] else "interrupted"
+            status = "interrupted"
         else:
             status = "failed"
         extra = {"started": active.started, "ended": time.time()}
@@ -931,7 +942,8 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
 
 
 def describe(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os.PathLike) -> list[str]:
-    """What a sweep would run (`--dry-run`): one line per trial with its command."""
+    """What a sweep would run (`--dry-run`): one line per trial with its command (a finished one
+    marked so: a re-run skips it)."""
     import shlex
 
     workdir = Path(workdir).absolute()
@@ -939,12 +951,17 @@ def describe(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os
     data = shared_data(load_config(spec.config, list(spec.overrides)), axes, workdir)
     lines = [f"data: prepared once into {workdir / DATA_DIR}, read by every trial"] if data else []
     if spec.search == "optuna":
-        space = ", ".join(f"{k}={v}" for k, v in spec.axes.items())
+        space = ", ".join(f"{k}={space_text(v)}" for k, v in axes.items())
         return lines + [f"optuna: {spec.trials} trials chosen by TPE over {space}, pruned by the median rule; "
                         f"study in {workdir / STUDY_FILE}"]
-    commands = {t.name(axes, numbered): trial_command(spec, t, workdir / t.name(axes, numbered), ["llama-jax"], data)
-                for t in listed}
-    return lines + [f"{name}: {shlex.join(command)}" for name, command in commands.items()]
+    described = []
+    for t in listed:
+        directory = workdir / t.name(axes, numbered)
+        status = read_trial(directory).get("status")
+        what = f"{status}, skipped" if status in FINISHED else \
+            shlex.join(trial_command(spec, t, directory, ["llama-jax"], data))
+        described.append(f"{directory.name}: {what}")
+    return lines + described
 
 
 def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os.PathLike, job: dict,
@@ -969,8 +986,14 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
     if dry_run:
         script = slurm.array_script(commands, workdir / slurm.WORKDIR_FOLDER, **job)
         return f"# the sbatch script of {len(commands)} trial(s) (not submitted)\n{script}"
+    new = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
-    job_ids = slurm.submit_array(commands, workdir / slurm.WORKDIR_FOLDER, **job)
+    try:
+        job_ids = slurm.submit_array(commands, workdir / slurm.WORKDIR_FOLDER, **job)
+    except BaseException:  # nothing submitted (no sbatch here, say): a workdir made for it is not left behind
+        if new:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     write_text_atomic(workdir / SPEC_FILE, spec.to_json())
     for trial, job_id in zip(todo, job_ids):
         directory = workdir / trial.name(axes, numbered)

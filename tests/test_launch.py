@@ -561,6 +561,22 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
       "TMP_WORKDIR", "--sweep", "train.seed=[0,1]", "--parallel", "2"],
      "after --: sweep: --parallel 2 on a gpu host needs --devices-per-run K"),
     (["slurm", "--partition", "", "--dry-run", "--", *TRAIN_IN_TMP], "--partition is empty; give a value"),
+    (["slurm", "--time-min", "2", "--dry-run", "--", *TRAIN_IN_TMP],  # (its warning came before it started)
+     "--time-min must be at least 3, got 2: SLURM warns a job 90 s before its limit"),
+    # what the other commands refuse of their arguments alone (a slice was made, and everything installed on it,
+    # for a command that failed there at once)
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "generate", "--prompt", "hi"],
+     "after --: generate: give a model directory or --workdir RUN (one of them)"),
+    (["slurm", "--dry-run", "--", "generate", "/mnt/m", "--prompt", "hi", "--prompts-file", ""],
+     "after --: generate: --prompts-file is empty; give a value"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "plan", "--config",
+      "configs/tiny.py", "--devices", "0"], "after --: plan: --devices must be a positive number of virtual CPU"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "lm-eval", "/mnt/m", "--tasks", ","],
+     "after --: lm-eval: no task given; pass --tasks NAME"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "data", "inspect"],
+     "after --: data: give --config CONFIG (prepared data, or a raw source prepared now) or --workdir RUN"),
+    (["slurm", "--dry-run", "--", "eval", "--step", "3", "/mnt/m"],
+     "after --: eval: --step needs --workdir (a model directory holds one set of parameters)"),
     (["slurm", "--dry-run", "--folder", "TMP_WORKDIR", "--", "sweep", "--workdir", "TMP_WORKDIR", "--report",
       "--trials", "3"], "after --: sweep: --report rebuilds the results from the files in --workdir alone; drop "
                         "--trials"),

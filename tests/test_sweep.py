@@ -214,6 +214,10 @@ def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
     assert table["batch_size=7"]["status"] == "failed"
     assert "train.grad_accum = 7 is not divisible by mesh.data x mesh.fsdp = 8" in table["batch_size=7"]["error"]
     assert list(table) == ["batch_size=8", "batch_size=7"]  # the finished trial first
+    capsys.readouterr()
+    assert main([*args, "--dry-run"]) == 0  # what a re-run would do: the finished trial is skipped
+    out = capsys.readouterr().out
+    assert "batch_size=8: done, skipped\n" in out and "batch_size=7: llama-jax train --config" in out
 
     (workdir / "results.md").unlink()
     assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0  # rebuilt from the runs' files
@@ -286,6 +290,11 @@ def test_random_and_optuna_searches(tmp_path, capsys):
     assert main(big_seed) == 0  # a random search takes any seed (Optuna's sampler: below 2**32)
 
     optuna_dir = tmp_path / "optuna"
+    capsys.readouterr()
+    assert main(sweep_args(optuna_dir, "--search", "optuna", "--trials", "3", "--dry-run", "--sweep",
+                           "optimizer.lr=[3e-3,1e-7]", "--sweep", "train.seed=int(0,9)")) == 0
+    assert "optuna: 3 trials chosen by TPE over optimizer.lr=[0.003,1e-07], train.seed=int(0,9), pruned by the " \
+           "median rule" in capsys.readouterr().out  # as --sweep writes them (was Grid(values=(0.003, 1e-07)))
     args = sweep_args(optuna_dir, "--search", "optuna", "--trials", "3", "--config.train.steps=8",
                       "--config.checkpoint.every=4", "--sweep", "optimizer.lr=choice(3e-3,1e-7)")
     assert main(args) == 0
@@ -352,6 +361,34 @@ def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
     assert "already reported" not in resumed.stderr and "Warning" not in resumed.stderr, resumed.stderr
     assert sorted(reported()) == list(range(1, steps + 1))
     assert all(reported()[step] == value for step, value in before.items())
+
+
+@pytest.mark.parametrize("committed, returncode, status", [
+    (4, 0, "done"),  # the pruner spoke after the run's last step: it finished (it was recorded pruned)
+    (2, 0, "pruned"),  # stopped by the pruner: saved its step and exited
+    (2, 1, "pruned"),
+])
+def test_a_trial_the_pruner_stopped_is_pruned_unless_it_had_finished(tmp_path, committed, returncode, status):
+    import types
+
+    run = tmp_path / "t000"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"steps": 4}}))
+    (run / "progress.json").write_text(json.dumps({"committed_step": committed}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s, "eval_loss": 5.5 - s}) + "\n"
+                                               for s in range(1, committed + 1)))
+    active = sweep_lib.Running(sweep_lib.Trial(0, {"optimizer.lr": 1e-3}), run,
+                               types.SimpleNamespace(returncode=returncode), 0, 0.0, pruned=True)
+    printed = []
+    sweep_lib.Sweep._finish(types.SimpleNamespace(objective="eval_loss", out=printed.append), active, None)
+    assert trial(run)["status"] == status and printed == [f"[0] {status} t000"]
+
+
+def test_results_table_cells():
+    from llama_jax.results import _cell
+
+    assert [_cell(v) for v in (3e-4, 4.12345, 20389.4, 1e30, -1e13, None, 7, "cosine")] == \
+        ["0.0003", "4.123", "20,389", "1e+30", "-1e+13", "", "7", "cosine"]  # 1e30 was 31 digits
 
 
 def test_only_finished_runs_are_plotted_as_final(tmp_path):
@@ -663,6 +700,12 @@ def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys
     srun = shlex.split(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("srun ")))
     assert srun[srun.index("--output") + 1] == f"{quoted}/slurm/%A_%a_%t_log.out" and srun[-1] == f"{quoted}/slurm"
     assert not quoted.exists()
+
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no sbatch: nothing submitted, and no workdir left
+    assert main(args) == 2
+    assert not workdir.exists()
+    monkeypatch.setenv("PATH", path)
 
     bin_dir = tmp_path / "bin"  # a fake sbatch answering a job id (submitit also wants srun on PATH)
     bin_dir.mkdir()

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 from llama_jax.launch import LaunchError
 
 DEFAULT_TIME_MIN = 60
+MIN_TIME_MIN = 3  # SLURM warns a job 90 s before its limit, and it saves and requeues then: at least 90 s of work
 WORKDIR_FOLDER = "slurm"  # submitit's folder (sbatch script, logs) inside the workdir of the command it runs
 MAX_TIMEOUT_REQUEUES = 1000  # submitit's default, 3, would end a run of 1-hour jobs after 4 hours
 SAVE_WAIT_S = 80  # how long a requeue waits for the command to save: SLURM's warning comes 90 s before the limit
@@ -166,6 +167,10 @@ def _check(commands: list[list[str]], **counts: int | None) -> None:
     for name, value in counts.items():
         if value is not None and value < 1:
             raise LaunchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if counts.get("time_min") is not None and counts["time_min"] < MIN_TIME_MIN:
+        raise LaunchError(f"--time-min must be at least {MIN_TIME_MIN}, got {counts['time_min']}: SLURM warns a job 90 "
+                          f"s before its limit, where it saves and is requeued, so a shorter job would be requeued "
+                          f"again and again before it trained")
 
 
 def _import_submitit():
