@@ -180,7 +180,7 @@ class LlamaJaxLM(TemplateLM):
         """
         from tqdm import tqdm
 
-        from llama_jax.generate import decoding_params, generate
+        from llama_jax.generate import check_sampling, decoding_params, generate
         from llama_jax.prompts import before_end
 
         params = decoding_params(self.config, self.params, self.mesh, batch_size=self.batch_size)  # once, not per batch
@@ -194,9 +194,13 @@ class LlamaJaxLM(TemplateLM):
             until = [s for s in kwargs.pop("until", None) or [] if s]
             new_tokens = kwargs.pop("max_gen_toks")
             sampled = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-            temperature = temperature if sampled else 0.0  # without do_sample the harness means greedy
-            top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+            temperature, top_k, top_p = (kwargs.pop(k, None) for k in ("temperature", "top_k", "top_p"))
+            temperature = (temperature or 0.0) if sampled else 0.0  # without do_sample the harness means greedy
+            try:  # the task's settings, named as such (a bad one failed as if given to generate)
+                check_sampling(new_tokens, temperature, top_k, top_p, 0)
+            except ValueError as e:
+                task = getattr(requests[indices[0]], "task_name", None) or "a task"
+                raise ValueError(f"{task}'s generation_kwargs {requests[indices[0]].args[1]}: {e}") from None
             if kwargs:
                 warnings.warn(f"generation settings {sorted(kwargs)} are not supported by llama_jax; ignored",
                               stacklevel=2)

@@ -534,6 +534,11 @@ def test_sampled_repeats_are_independent_samples(model_dirs):
     texts = LlamaJaxLM(str(model_dirs[1])).generate_until(requests)
     assert len(set(texts)) == 12, texts
     assert LlamaJaxLM(str(model_dirs[1])).generate_until(requests) == texts
+    bad = Instance("generate_until", {}, (request[0], {**request[1], "temperature": -1.0}), 0,
+                   metadata=("tiny_gen", 0, 1))
+    with pytest.raises(ValueError, match=r"^tiny_gen's generation_kwargs \{.*'temperature': -1.0\}: temperature "
+                                         r"must be a finite number >= 0 \(0 is greedy\), got -1.0$"):  # (unnamed)
+        LlamaJaxLM(str(model_dirs[1])).generate_until([bad])
 
 
 def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
