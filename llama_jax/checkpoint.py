@@ -79,10 +79,10 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
                **config_overrides) -> tuple[LLaMAConfig, dict]:
     """(config, params) from a model directory.
 
-    shardings: optional tree of `jax.sharding.Sharding` (scanned layout) to restore directly onto
-    a mesh; `mesh`: restore onto it as the project's logical-axis rules shard parameters (a mesh
-    that does not divide the model is a ValueError). By default parameters land on the first local
-    device. as_numpy: restore host numpy arrays instead (for conversion and inspection; no device
+    shardings: optional tree of `jax.sharding.Sharding` (scanned layout), or one for every
+    parameter, to restore directly onto a mesh; `mesh`: restore onto it as the project's
+    logical-axis rules shard parameters (a mesh that does not divide the model is a ValueError;
+    give one of the two). By default parameters land on the first local device. as_numpy: restore host numpy arrays instead (for conversion and inspection; no device
     involved). `config_overrides` change how the model computes (`dtype`, `scan_layers`, ...) or,
     taken as given, the settings it was trained with (`rope_theta`, `rope_scaling`, `norm_eps`,
     `max_seq_len`); one that changes a parameter's shape is a ValueError.
@@ -102,6 +102,10 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
     if as_numpy:
         restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), abstract)
     else:
+        if not (shardings is None or isinstance(shardings, jax.sharding.Sharding)
+                or jax.tree.structure(shardings) == jax.tree.structure(abstract)):
+            raise ValueError("shardings must be one jax.sharding.Sharding, or a tree of them shaped as the parameters "
+                             "in the scanned layout (abstract_params(config.replace(scan_layers=True))); or give mesh=")
         restore_args = array_restore_args(abstract, shardings)
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
@@ -145,11 +149,12 @@ def mesh_shardings(config: LLaMAConfig, mesh):
 
 
 def array_restore_args(abstract, shardings=None):
-    """Orbax restore args placing each array of `abstract` on its sharding in `shardings`
-    (a matching tree; default: the first local device)."""
+    """Orbax restore args placing each array of `abstract` on its sharding in `shardings` (a
+    matching tree, or one Sharding for all; default: the first local device)."""
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _, one=shardings: one, abstract)
     return jax.tree.map(lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
                         abstract, shardings)
 

@@ -63,6 +63,12 @@ def test_load_onto_a_mesh(tmp_path, model):
     emb = restored["embed"]["embedding"]
     assert emb.sharding == shardings["embed"]["embedding"] and len(emb.addressable_shards) == 4
     np.testing.assert_array_equal(emb, params["embed"]["embedding"])
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[1])  # one sharding for every parameter
+    _, on_one = load_model(tmp_path / "m", shardings=one)
+    assert all(a.sharding == one for a in jax.tree.leaves(on_one))
+    with pytest.raises(ValueError, match=r"^shardings must be one jax.sharding.Sharding, or a tree of them shaped as "
+                                         r"the parameters"):  # was JAX's multi-line pytree structure error
+        load_model(tmp_path / "m", shardings={"embed": one})
 
 
 def test_existing_destination_is_refused_then_overwritten(tmp_path, model):
