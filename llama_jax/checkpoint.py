@@ -84,7 +84,8 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
     logical-axis rules shard parameters (a mesh that does not divide the model is a ValueError;
     give one of the two). By default parameters land on the first local device. as_numpy:
     restore host numpy arrays instead (for conversion and inspection; no device involved).
-    `config_overrides` change how the model computes (`dtype`, `scan_layers`, ...) or, taken as given, the settings it was trained with (`rope_theta`, `rope_scaling`, `norm_eps`,
+    `config_overrides` change how the model computes (`dtype`, `scan_layers`, ...) or, taken as
+    given, the settings it was trained with (`rope_theta`, `rope_scaling`, `norm_eps`,
     `max_seq_len`); one that changes a parameter's shape is a ValueError.
     """
     check_flag(as_numpy, "as_numpy")
