@@ -893,13 +893,22 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
         changed = sorted(k for k in mine if saved.get(k) != mine[k] and (k in saved or k not in _SPEC_FIELDS)
                          and k != "directory"
                          and not (k == "overrides" and _same_overrides(saved.get(k), mine[k]))
-                         and not (k == "config" and _same_file(saved.get(k), mine[k])))
+                         and not (k == "config" and _same_file(saved.get(k), mine[k]))
+                         and not (k == "trials" and _more_trials(saved, mine)))
         if changed and trials_started(workdir):
             what = ", ".join(_SPEC_FIELDS.get(k, k) for k in changed)
             raise SweepError(f"{workdir} holds a different sweep (not the same {what}); re-run it with the same "
                              f"arguments and config file, or use another --workdir")
     elif workdir.is_dir() and any(p.name != WORKDIR_FOLDER for p in workdir.iterdir()):  # `launch slurm`'s folder
         raise SweepError(f"--workdir {workdir} is not empty and holds no sweep ({SPEC_FILE}); use a new directory")
+
+
+def _more_trials(saved: dict, mine: dict) -> bool:
+    """Whether sweep `mine` extends the random or Optuna search `saved` (their sweep.json fields) to
+    more trials: a random search's trial i is drawn from (seed, i), so the first ones stay the same,
+    and a study goes on asking its sampler."""
+    return mine["search"] in ("random", "optuna") and saved.get("search") == mine["search"] \
+        and isinstance(saved.get("trials"), int) and mine["trials"] > saved["trials"]
 
 
 def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os.PathLike, parallel: int = 1,

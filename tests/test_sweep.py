@@ -276,8 +276,13 @@ def test_a_sweep_of_fine_tunes_resumes_after_their_init_from_directory_is_gone(t
 
 def test_random_and_optuna_searches(tmp_path, capsys):
     random_dir = tmp_path / "random"
-    assert main(sweep_args(random_dir, "--search", "random", "--trials", "2", "--seed", "3", "--config.train.steps=2",
-                           "--sweep", "optimizer.lr=loguniform(1e-4,1e-2)", "--sweep", "train.seed=int(0,100)")) == 0
+
+    def random_search(trials: int) -> list[str]:
+        return sweep_args(random_dir, "--search", "random", "--trials", str(trials), "--seed", "3",
+                          "--config.train.steps=2", "--sweep", "optimizer.lr=loguniform(1e-4,1e-2)", "--sweep",
+                          "train.seed=int(0,100)")
+
+    assert main(random_search(2)) == 0
     table = rows(random_dir)
     assert len(table) == 2 and all(r["status"] == "done" for r in table)
     lrs = [float(r["optimizer.lr"]) for r in table]
@@ -285,6 +290,14 @@ def test_random_and_optuna_searches(tmp_path, capsys):
     expected = sweep_lib.random_trials({"optimizer.lr": sweep_lib.loguniform(1e-4, 1e-2),
                                         "train.seed": sweep_lib.int_range(0, 100)}, 2, 3)
     assert sorted(lrs) == sorted(t.overrides["optimizer.lr"] for t in expected)  # a pure function of the seed
+    capsys.readouterr()
+    assert main(random_search(3)) == 0  # extended to more trials: the first ones are the same, and finished
+    assert "2 of 3 trials already finished; running the other 1" in capsys.readouterr().out
+    extended = rows(random_dir)
+    assert len(extended) == 3 and all(r["status"] == "done" for r in extended)
+    assert {float(r["optimizer.lr"]) for r in extended} >= set(lrs)
+    assert main(random_search(2)) == 2  # fewer: another sweep
+    assert "holds a different sweep (not the same trials)" in capsys.readouterr().err
     big_seed = sweep_args(tmp_path / "big", "--search", "random", "--trials", "2", "--seed", str(2**40), "--dry-run",
                           "--sweep", "optimizer.lr=loguniform(1e-4,1e-2)")
     assert main(big_seed) == 0  # a random search takes any seed (Optuna's sampler: below 2**32)
@@ -318,6 +331,11 @@ def test_random_and_optuna_searches(tmp_path, capsys):
         rewritten, before = json.loads((optuna_dir / name / "trial.json").read_text()), json.loads(record)
         assert {k: rewritten[k] for k in ("number", "overrides", "status")} == \
             {k: before[k] for k in ("number", "overrides", "status")}, name
+    more = list(args)
+    more[more.index("--trials") + 1] = "4"
+    assert main(more) == 0  # the study goes on to a fourth trial
+    assert len(optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{optuna_dir / 'optuna.db'}").trials) == 4
+    assert len(rows(optuna_dir)) == 4
 
 
 def test_the_optuna_study_lives_in_the_workdir_whatever_its_name(tmp_path):
