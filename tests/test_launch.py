@@ -715,3 +715,17 @@ def test_a_slurm_task_count_that_is_not_a_number_is_named(monkeypatch, capsys, t
         "llama-jax train: error: SLURM_NTASKS='abc' (SLURM_JOB_ID is set): expected the job's number of tasks, a "
         "positive integer; run inside a SLURM job step, or unset SLURM_JOB_ID outside one\n")
     assert not workdir.exists()
+
+
+def test_a_gcloud_error_is_its_error_lines_joined():
+    """Its last line alone was the end of a list of ways out ("- set the property `core/project`")."""
+    stderr = ("ERROR: (gcloud.compute.tpus.queued-resources.describe) Error parsing [queued_resource].\n"
+              "The [queued_resource] resource is not properly specified.\n"
+              "Failed to find attribute [project]. The attribute can be set in the following ways: \n"
+              "- provide the argument `--project` on the command line\n- set the property `core/project`\n")
+    assert tpu.gcloud_error(stderr, 1) == (
+        "Error parsing [queued_resource]. The [queued_resource] resource is not properly specified. Failed to find "
+        "attribute [project]. The attribute can be set in the following ways: - provide the argument `--project` on "
+        "the command line - set the property `core/project`")
+    assert tpu.gcloud_error("Updating...\npermission denied\n", 1) == "permission denied"
+    assert tpu.gcloud_error("", 3) == "exit status 3"

@@ -324,8 +324,18 @@ def describe_state(tpu: TpuLaunch) -> str | None:
         return done.stdout.strip()
     if "NOT_FOUND" in done.stderr or "not found" in done.stderr.lower():
         return None
-    lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-    raise LaunchError(f"gcloud could not describe queued resource {tpu.name}: {lines[-1]}")
+    raise LaunchError(f"gcloud could not describe queued resource {tpu.name}: "
+                      f"{gcloud_error(done.stderr, done.returncode)}")
+
+
+def gcloud_error(stderr: str, returncode: int) -> str:
+    """gcloud's error as one line: its lines from the first `ERROR:` on, joined, without the prefix
+    naming the gcloud command (its last line alone may be the end of a list of ways out)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    start = next((i for i, line in enumerate(lines) if line.startswith("ERROR:")), None)
+    if start is None:
+        return lines[-1] if lines else f"exit status {returncode}"
+    return re.sub(r"^ERROR:\s*(\(gcloud[^)]*\)\s*)?", "", " ".join(lines[start:]))
 
 
 def ship(tpu: TpuLaunch) -> None:
