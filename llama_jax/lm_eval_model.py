@@ -326,8 +326,19 @@ def _causes(error: BaseException) -> str:
     chain = [error]
     while chain[-1].__cause__ is not None and len(chain) < 4:
         chain.append(chain[-1].__cause__)
-    text = [f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}" for e in chain]
+    text = [_one_line(e) for e in chain]
     return text[0] + "".join(f" ({t})" for t in text[1:])
+
+
+def _one_line(error: BaseException) -> str:
+    """"Type: first line", or, for an error without a message (a StopIteration of an empty data
+    file), where it was raised."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    if first:
+        return f"{type(error).__name__}: {first}"
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (raised in {Path(frames[-1].filename).name}, {frames[-1].name})" if frames else ""
+    return f"{type(error).__name__} without a message{where}"
 
 
 def _unreadable_task_files(include_path: str) -> list[str]:

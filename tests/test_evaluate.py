@@ -601,6 +601,8 @@ def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(mo
     mc = (tasks / "tiny_mc.yaml").read_text()
     (tasks / "bad_data.yaml").write_text(mc.replace("tiny_mc", "bad_data").replace("mc.jsonl", "bad_mc.jsonl"))
     (tasks / "bad_field.yaml").write_text(mc.replace("tiny_mc", "bad_field").replace("{{question}}", "{{qqq}}"))
+    (tasks / "empty.jsonl").write_text("")
+    (tasks / "empty_data.yaml").write_text(mc.replace("tiny_mc", "empty_data").replace("mc.jsonl", "empty.jsonl"))
     (tasks / "bad_setting.yaml").write_text((tasks / "tiny_gen.yaml").read_text().replace("tiny_gen", "bad_setting")
                                             .replace("max_gen_toks: 12", "max_gen_toks: [12]"))
     out = tmp_path / "results.json"
@@ -617,6 +619,8 @@ def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(mo
                      f"own: check their files under --include-path {tasks})",
         # the harness reads the setting while the model's generate_until asks for it: still the task's error
         "bad_setting": "lm-eval failed on the task(s) bad_setting: TypeError: int() argument must be ",
+        # an error without a message says where it was raised (it ended at "StopIteration: ")
+        "empty_data": "lm-eval failed on the task(s) empty_data: StopIteration without a message (raised in ",
     }
     for task, message in expected.items():
         assert main(["lm-eval", str(model_dirs[1]), "--tasks", task, "--include-path", str(tasks), "--limit", "2",
