@@ -227,7 +227,7 @@ def report(workdir: str | Path) -> str:
     from llama_jax.sweep import SPEC_FILE, SweepError, saved_spec
 
     workdir = Path(workdir).absolute()
-    if not (workdir / SPEC_FILE).is_file():
+    if not (workdir / SPEC_FILE).exists():
         raise SweepError(f"{workdir} holds no sweep ({SPEC_FILE} not found); give the --workdir of a sweep")
     keys, rows, objective = collect(workdir, saved_spec(workdir))  # a damaged sweep.json: refused, nothing rewritten
     table = write_tables(workdir, keys, rows)

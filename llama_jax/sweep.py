@@ -816,7 +816,7 @@ def settings_sha256(config) -> str:
 def saved_spec(workdir: Path) -> dict:
     """The sweep.json of `workdir` ({} if it has none)."""
     path = workdir / SPEC_FILE
-    if not path.is_file():
+    if not path.exists():
         return {}
     try:
         saved = json.loads(path.read_text())

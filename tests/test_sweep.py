@@ -105,6 +105,10 @@ def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path, capsys
     assert main(["sweep", "--workdir", str(workdir), "--report"]) == 2
     assert capsys.readouterr().err.strip().endswith("sweep.json is damaged (not a sweep's JSON); use another --workdir")
     assert {p: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == files
+    (workdir / "sweep.json").unlink()
+    (workdir / "sweep.json").mkdir()  # a directory in its place (was "sweep.json not found")
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 2
+    assert capsys.readouterr().err.strip().endswith("sweep.json is damaged (not a sweep's JSON); use another --workdir")
 
 
 def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
