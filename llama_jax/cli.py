@@ -517,10 +517,9 @@ def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> 
     run's own config.json must be intact as well."""
     from llama_jax.safe_io import check_run_config, run_directory_problem
 
-    problem = run_directory_problem(workdir)
+    problem = run_directory_problem(workdir, for_a_model)
     if problem is not None:
-        model_dir = not Path(workdir).joinpath("config.json").exists() and Path(workdir).is_dir()
-        raise UserError(problem + (f"; {for_a_model}" if for_a_model and model_dir else ""))
+        raise UserError(problem)
     if config is None:
         check_run_config(workdir, "give the run's config with --config CONFIG")
 

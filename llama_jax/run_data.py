@@ -243,7 +243,8 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
         return RunData(lambda s: data_lib.synthetic_batch(t.seed, s, rows, t.seq_len, model.vocab_size),
                        {}, None, None)
     kept, info = workdir / RUN_TOKENIZER, readable_run_info(workdir)
-    _check_kept_tokenizer(kept, info)
+    kept_sha256 = sha256_file(kept) if kept.is_file() else None
+    _check_kept_tokenizer(kept, kept_sha256, info)
     staged = None
     if d.source == "prepared":
         named = prepared_dirs(d)
@@ -253,7 +254,7 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
         path, staged = _stage_raw(d, workdir, kept, own)
         named = [("data", path, 1.0)]
     try:
-        return _open(d, t, model, named, kept, rows, staged, open_prepared, _legacy_order(info))
+        return _open(d, t, model, named, kept, kept_sha256, rows, staged, open_prepared, _legacy_order(info))
     except BaseException:
         discard_staged(staged)
         raise
@@ -267,19 +268,20 @@ def _legacy_order(info: dict) -> bool:
     return bool(info) and not any("order" in entry for entry in info.get("data_stream") or [])
 
 
-def _check_kept_tokenizer(kept: Path, info: dict) -> None:
-    """RunError when the run's copy of its tokenizer (`kept`) is not the one its checkpoints record
-    (`info`): changed or damaged since, it would be taken for the run's, and its data named as
-    prepared with another tokenizer."""
+def _check_kept_tokenizer(kept: Path, kept_sha256: str | None, info: dict) -> None:
+    """RunError when the run's copy of its tokenizer (`kept`, of SHA-256 `kept_sha256`; None: none
+    kept) is not the one its checkpoints record (`info`): changed or damaged since, it would be
+    taken for the run's, and its data named as prepared with another tokenizer."""
     expected = info.get("tokenizer_sha256")
-    if expected and kept.is_file() and sha256_file(kept) != expected:
+    if expected and kept_sha256 is not None and kept_sha256 != expected:
         raise RunError(f"{kept} is not the tokenizer this run trained with (its checkpoints record SHA-256 "
                        f"{expected[:12]}...): it was changed or damaged; put that tokenizer back, or delete the file "
                        f"and the run copies it again from its data")
 
 
-def _open(d, t, model, named, kept: Path, rows, staged, open_prepared, legacy_order: bool) -> RunData:
-    required = sha256_file(kept) if kept.is_file() else None
+def _open(d, t, model, named, kept: Path, kept_sha256: str | None, rows, staged, open_prepared,
+          legacy_order: bool) -> RunData:
+    required = kept_sha256
     opened = []
     for name, path, weight in named:
         prepared = open_prepared(path, required)

@@ -293,29 +293,27 @@ def _remove_tree(path: Path, seconds: float = 5.0) -> None:
 
 def holds_run(directory: str | os.PathLike) -> bool:
     """Whether DIRECTORY/config.json is a llama-jax run's resolved config (not, say, a Hugging Face config)."""
-    try:
-        saved = json.loads((Path(directory) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+    saved = saved_run_setting(directory)
     return isinstance(saved, dict) and {"model", "train", "checkpoint"} <= set(saved)
 
 
-def run_directory_problem(workdir: str | os.PathLike) -> str | None:
+def run_directory_problem(workdir: str | os.PathLike, for_a_model: str = "") -> str | None:
     """Why --workdir `workdir` cannot be a training run's directory (missing, a file, a model
-    directory), as one line; None when it may be one."""
+    directory: `for_a_model` says what to do with one instead), as one line; None when it may be one."""
     workdir, expected = Path(workdir), "the --workdir of llama-jax train"
     if not workdir.exists():
         return f"--workdir {workdir} does not exist; give a run's directory ({expected})"
     if not workdir.is_dir():
         return f"--workdir {workdir}: is a file; expected a run's directory ({expected})"
     if not (workdir / "config.json").exists() and (workdir / "model_config.json").is_file():
-        return f"--workdir {workdir} is a model directory, not a run ({expected})"
+        return f"--workdir {workdir} is a model directory, not a run ({expected})" + \
+            (f"; {for_a_model}" if for_a_model else "")
     return None
 
 
 def saved_run_setting(directory: str | os.PathLike, *keys: str):
-    """The setting at `keys` (e.g. "train", "seq_len") of DIRECTORY/config.json, a run's resolved
-    config; None when the file cannot be read or holds no such setting."""
+    """The setting at `keys` (e.g. "train", "seq_len"; none: the whole file) of DIRECTORY/config.json,
+    a run's resolved config; None when the file cannot be read or holds no such setting."""
     try:
         value = json.loads((Path(directory) / "config.json").read_text())
         for key in keys:

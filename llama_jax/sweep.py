@@ -479,6 +479,12 @@ def read_trial(directory: Path) -> dict:
         return {}
 
 
+def finished_trial_status(directory: Path) -> str | None:
+    """The recorded status of the trial in `directory` when a re-run skips it (`FINISHED`), else None."""
+    status = read_trial(directory).get("status")
+    return status if status in FINISHED else None
+
+
 def write_trial(directory: Path, trial: Trial, status: str, **extra) -> None:
     record = {"number": trial.number, "overrides": trial.overrides, "status": status, **extra}
     write_text_atomic(directory / TRIAL_FILE, json.dumps(record, indent=2) + "\n")
@@ -942,7 +948,7 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
             rewrite_lost_records(study, sweep)
             sweep.run(optuna_trials(study, axes, spec.trials), study)
             return
-        todo = [t for t in listed if read_trial(sweep.directory(t)).get("status") not in FINISHED]
+        todo = [t for t in listed if finished_trial_status(sweep.directory(t)) is None]
         if len(todo) < len(listed):
             out(f"{len(listed) - len(todo)} of {len(listed)} trials already finished; running the other {len(todo)}")
         sweep.run(iter(todo))
@@ -966,9 +972,8 @@ def describe(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os
     described = []
     for t in listed:
         directory = workdir / t.name(axes, numbered)
-        status = read_trial(directory).get("status")
-        what = f"{status}, skipped" if status in FINISHED else \
-            shlex.join(trial_command(spec, t, directory, ["llama-jax"], data))
+        status = finished_trial_status(directory)
+        what = f"{status}, skipped" if status else shlex.join(trial_command(spec, t, directory, ["llama-jax"], data))
         described.append(f"{directory.name}: {what}")
     return lines + described
 

@@ -144,7 +144,7 @@ def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype:
         name, side, fmt = inapplicable
         raise ConversionError(f"{name} applies to {'output' if side == 'to' else 'input'} in {fmt} format only")
     shards = FORMAT_OPTIONS["shards"][2] if shards is None else shards
-    max_shard_bytes = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+    max_shard_bytes = FORMAT_OPTIONS["max_shard_bytes"][2] if max_shard_bytes is None else max_shard_bytes
     if not (is_int(max_shard_bytes) and max_shard_bytes > 0):
         raise ConversionError(f"max_shard_bytes must be a positive integer (bytes per file), got {max_shard_bytes!r}")
     check_destination(dst, OUTPUT_KINDS[dst_fmt], overwrite, [src])  # before reading the source
