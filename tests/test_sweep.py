@@ -495,7 +495,9 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
      "trial seed=0: train.steps must be a positive integer, got -5"),
     (["--sweep", "optimizer.name=choice(adamw,sgd)"], "trial name=sgd: optimizer.name: unknown optimizer 'sgd'"),
     (["--sweep", "optimizer.lr=uniform(-1,1)", "--search", "optuna", "--trials", "2"],
-     "trial lr=-1: optimizer.lr: got -1.0"),  # an Optuna search is checked at each axis's ends
+     "the search space at lr=-1: optimizer.lr: got -1.0"),  # an Optuna search is checked at each axis's ends
+    (["--sweep", "optimizer.lr=uniform(-1e-9,1)", "--search", "random", "--trials", "2"],
+     "the search space at lr=-1e-09: optimizer.lr: got -1e-09"),  # so is a random one, beyond the values it drew
     (["--sweep", "checkpoint.keep_every=int(3,5)", "--search", "random", "--trials", "2"],
      r"trial t000,keep_every=\d: checkpoint.keep_every=\d is not a multiple of checkpoint.every=2"),
     (["--sweep", "train.seed=[0,1]", "--config.checkpoint.keep_every=3"],
