@@ -78,21 +78,23 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
     blocking = file_in_the_way(real, itself=False)  # (dst itself a file: said below)
     if blocking is not None:
         raise ValueError(f"cannot create {dst}: {blocking} is a file, not a directory")
-    _check_outside_checkpoints(dst, "destination")
+    check_outside_runs_and_models(dst, "destination")
     check_writable(dst, "destination")  # it is created, or replaced, beside itself
     if not dst.exists() and not dst.is_symlink():
         return dst
-    if not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    # what --overwrite would refuse is said first, with or without it: passing it would not help
     if dst.is_symlink():  # replacing it would replace the link, not what it points to
         raise ValueError(f"{dst} is a symbolic link (to {real}); --overwrite replaces only a {kind.name} itself, "
                          f"not a link to one: give the path it points to, or another destination")
     if not dst.is_dir():
-        raise ValueError(f"{dst} exists and is not a directory; --overwrite replaces only a {kind.name}")
+        raise ValueError(f"{dst} exists and is not a directory; --overwrite replaces only a {kind.name}, so choose "
+                         f"another destination")
     foreign = foreign_entries(dst, kind)
     if foreign:
         raise ValueError(f"{describe_foreign(dst, kind, foreign)}; --overwrite "
                          f"replaces only a {kind.name}, so choose another destination")
+    if not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
     return dst
 
 
@@ -119,38 +121,34 @@ def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
     if blocking is not None:
         where = "is a file" if blocking == path else f"is under {blocking}, a file"
         raise ValueError(f"{option} {given} {where}; give a directory {what}")
-    _check_outside_checkpoints(path, option, shown=given)
+    check_outside_runs_and_models(path, option, shown=given)
     return path
 
 
 SET_ASIDE_DIR = "checkpoints-set-aside"  # a run's checkpoints after a --resume-from step, metrics after a resumed step
 
 
-def _check_outside_checkpoints(path: Path, what: str, shown: str | os.PathLike | None = None) -> None:
-    """ValueError when `path` lies inside a run's checkpoints/ (or those it set aside), where
-    whatever lies is read as one, or deleted with one (the message names it as `shown`, the path
-    as given, if set)."""
+def check_outside_runs_and_models(path: str | os.PathLike, what: str,
+                                  shown: str | os.PathLike | None = None) -> None:
+    """ValueError when what is to be written at `path` (a directory or a file) would lie inside a
+    run's checkpoints/ (or those it set aside), where it is read as a checkpoint or deleted with one
+    by the run's retention, or inside a model directory's params/, which an --overwrite onto the
+    model replaces whole: either way it would be lost without a word. The message names it as
+    `what` and `shown` (the path as given; `path` if unset). (Beside a model's own files, as
+    MODEL/run, an --overwrite refuses to go.)"""
     real = real_path(path)
-    checkpoints = next((p for p in [real, *real.parents]
-                        if p.name in ("checkpoints", SET_ASIDE_DIR) and holds_run(p.parent)), None)
-    if checkpoints is not None:
-        raise ValueError(f"{what} {shown or path} is inside {checkpoints}, the checkpoints of a run; choose a "
-                         f"{what} outside it")
-
-
-def check_outside_runs_and_models(path: str | os.PathLike, what: str) -> None:
-    """ValueError when a directory to be made at `path` would lie inside a run's checkpoints (its
-    retention deletes them) or inside a model directory's params/ (an --overwrite onto the model
-    replaces it whole): what is written there would be lost without a word. (Beside a model's own
-    files, as MODEL/run, an --overwrite refuses to go.)"""
-    real = real_path(path)
+    shown = path if shown is None else shown
     params = next((d for d in [real, *real.parents]
                    if d.name == "params" and (d.parent / "model_config.json").is_file()), None)
     if params is not None:
         where = "is" if params == real else "is inside"
-        raise ValueError(f"{what} {path} {where} {params}, the parameters of the model directory {params.parent}; "
+        raise ValueError(f"{what} {shown} {where} {params}, the parameters of the model directory {params.parent}; "
                          f"choose a {what} outside it")
-    _check_outside_checkpoints(real, what, shown=path)
+    checkpoints = next((p for p in [real, *real.parents]
+                        if p.name in ("checkpoints", SET_ASIDE_DIR) and holds_run(p.parent)), None)
+    if checkpoints is not None:
+        raise ValueError(f"{what} {shown} is inside {checkpoints}, the checkpoints of a run; choose a "
+                         f"{what} outside it")
 
 
 @contextlib.contextmanager
@@ -458,7 +456,7 @@ def check_results_file(path: str | os.PathLike, option: str, command: str, keys:
     path = Path(path).absolute()
     if path.is_dir():
         raise ValueError(f"{option} {path} is a directory; give the path of a JSON file to write")
-    _check_outside_checkpoints(path, option)
+    check_outside_runs_and_models(path, option)
     check_writable(path, option)
     if path.exists() or path.is_symlink():
         try:

@@ -389,7 +389,16 @@ CASES = [
     Case("export-latest-missing", "export --workdir {missing_latest_run} out",
          r"checkpoint 4 of \S+ is missing \(recorded in progress.json as the latest committed step\); --step 2 "
          r"reads the latest one present"),
-    Case("export-dst-is-a-file", "export --workdir {run} {notes}", r"notes.txt already exists; pass --overwrite"),
+    Case("export-dst-is-a-file", "export --workdir {run} {notes}",  # (not "pass --overwrite": that would not help)
+         r"notes.txt exists and is not a directory; --overwrite replaces only a llama_jax model directory, so choose "
+         r"another destination"),
+    Case("export-into-a-models-params", "export --workdir {run} {model}/params/x",
+         r"destination \S+/model/params/x is inside \S+/model/params, the parameters of the model directory "
+         r"\S+/model; choose a destination outside it"),
+    Case("convert-into-a-models-params", "convert --from jax --to hf {model} {model}/params/hf",
+         r"destination \S+/model/params/hf is inside \S+/model/params, the parameters of the model directory"),
+    Case("eval-output-into-a-models-params", "eval --workdir {run} --output {model}/params/eval.json",
+         r"--output \S+/model/params/eval.json is inside \S+/model/params, the parameters of the model directory"),
     Case("export-overwrite-a-link-to-a-model", "export --workdir {run} {model_link} --overwrite",
          r"model_link is a symbolic link \(to \S+/model\); --overwrite replaces only a llama_jax model directory "
          r"itself"),

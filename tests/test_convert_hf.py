@@ -419,7 +419,7 @@ def test_existing_destination_needs_overwrite(tmp_path, capsys, good_src):
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
     assert main(["convert", "--from", "hf", "--to", "jax", str(good_src), str(dst)]) == 2
-    assert "already exists; pass --overwrite" in _error_line(capsys)
+    assert "holds 'keep.txt', which is not part of a llama_jax model directory" in _error_line(capsys)
     assert (dst / "keep.txt").read_text() == "mine"
     assert main(["convert", "--from", "hf", "--to", "jax", str(good_src), str(dst), "--overwrite"]) == 2
     assert "holds 'keep.txt', which is not part of a llama_jax model directory" in _error_line(capsys)

@@ -324,7 +324,7 @@ def test_convert_never_replaces_its_source_or_foreign_files(tmp_path, model_dir,
     assert snapshot(tmp_path) == before
     assert main(["convert", "--from", "jax", "--to", "hf", str(src), str(tmp_path / "hf")]) == 0
     assert main(["convert", "--from", "jax", "--to", "meta", str(src), str(tmp_path / "hf")]) == 2
-    assert "already exists" in one_line_error(capsys, "convert")
+    assert "holds 'config.json'" in one_line_error(capsys, "convert")  # (not "pass --overwrite": it would not help)
     assert main(["convert", "--from", "jax", "--to", "meta", "--overwrite", str(src), str(tmp_path / "hf")]) == 2
     assert "holds 'config.json'" in one_line_error(capsys, "convert")  # an HF directory is not a Meta one
     assert main(["convert", "--from", "jax", "--to", "hf", "--overwrite", str(src), str(tmp_path / "hf")]) == 0
