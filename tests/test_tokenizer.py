@@ -269,6 +269,9 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
     assert out.read_bytes() == sp_model.read_bytes()  # same lines as the library call, same model
 
     text = str(tmp_path / "a.txt")
+    model = tmp_path / "model"  # what marks a model directory (its params/ is Orbax's)
+    (model / "params").mkdir(parents=True)
+    (model / "model_config.json").write_text("{}")
     (tmp_path / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "a lone \\ud800"}\n')
     (tmp_path / "latin1.dat").write_bytes("fine\ncafé\n".encode("latin-1"))
     for args, message in [
@@ -289,6 +292,8 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         (["--input", text, "--output", str(out)], f"--output {out} exists; pass --overwrite to replace it"),
         (["--input", text, "--output", str(out.parent)], f"--output {out.parent} is a directory"),
         (["--input", text, "--output", f"{text}/x.model"], f"--output {text}/x.model: {text} is a file"),
+        (["--input", text, "--output", f"{model}/params/t.model"],  # an --overwrite onto the model would delete it
+         f"--output {model}/params/t.model is inside {model}/params, the parameters of the model directory"),
         (["--input", text, "--vocab-size", "many"], "argument --vocab-size: invalid int value: 'many' (see "),
     ]:
         before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}

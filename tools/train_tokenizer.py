@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llama_jax.cli import OneLineParser, _error_text
 from llama_jax.data import each_file_once, jsonl_texts, utf8_text
-from llama_jax.safe_io import check_writable, real_path
+from llama_jax.safe_io import check_outside_runs_and_models, check_writable, real_path
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 
@@ -87,6 +87,7 @@ def check_arguments(args, inputs: list[Path]) -> None:
                          f"e.g. {output / 'tokenizer.model'}")
     if any(real_path(output) == real_path(path) for path in inputs):
         raise ValueError(f"--output {output} is one of the --input files; give another path")
+    check_outside_runs_and_models(output, "--output")
     if output.exists() and not args.overwrite:
         raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
     check_writable(output, "--output")
