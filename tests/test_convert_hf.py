@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from llama_jax import LLaMA, load_model
+from llama_jax import LLaMA, from_hf_state_dict, load_model
 from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus
 from tests.reference import hf_config_dict, hf_logits, make_hf_model
@@ -383,6 +383,38 @@ def test_tensor_problems_are_named(tmp_path, capsys, edit, expected):
     edit(state)
     safetensors.torch.save_file(state, src / "model.safetensors")
     _fails(tmp_path, capsys, src, expected)
+
+
+def test_a_tensor_a_shard_holds_beyond_its_index_is_named(tmp_path, capsys, good_src):
+    shard = good_src / "model-00001-of-00002.safetensors"
+    state = safetensors.torch.load_file(shard)
+    state["model.layers.1.mlp.stray"] = torch.zeros(3)  # in the file, not in the index
+    safetensors.torch.save_file(state, shard)
+    _fails(tmp_path, capsys, good_src, "unexpected tensor model.layers.1.mlp.stray")
+
+
+def test_a_tied_configs_head_that_is_not_its_embedding_is_refused(tmp_path, capsys):
+    """transformers loads such a checkpoint untied, with the file's head; a tied conversion would drop
+    it and give other logits. The head a tied model's state_dict carries (the table itself) passes."""
+    config_dict = hf_config_dict("mqa_tied", "v4")
+    model = make_hf_model(config_dict)
+    src = write_hf_dir(tmp_path / "src", model, config_dict, "safetensors")  # lm_head.weight is the table
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "same")]) == 0
+    capsys.readouterr()
+    state = safetensors.torch.load_file(src / "model.safetensors")
+    state["lm_head.weight"] = state["lm_head.weight"] + 1.0
+    safetensors.torch.save_file(state, src / "model.safetensors")
+    _fails(tmp_path, capsys, src, "lm_head.weight differs from model.embed_tokens.weight, which config.json ties it "
+                                  "to (tie_word_embeddings: true); transformers loads such a checkpoint untied")
+    with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        from_hf_state_dict(state, config_dict)
+    config_dict["tie_word_embeddings"] = False  # as the message says: then it converts, with that head
+    (src / "config.json").write_text(json.dumps(config_dict))
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "untied")]) == 0
+    cfg, params = load_model(tmp_path / "untied")
+    reference = transformers.LlamaForCausalLM.from_pretrained(src).eval()  # the file's head, untied
+    np.testing.assert_allclose(np.asarray(LLaMA(cfg).apply({"params": params}, TOKENS)), hf_logits(reference, TOKENS),
+                               atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("change, expected", [

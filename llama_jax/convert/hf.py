@@ -107,6 +107,17 @@ def check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
         raise ValueError(f"tensor {spec.hf_name} has shape {tuple(shape)}, config expects {spec.hf_shape}")
 
 
+def check_tied_head(cfg: LLaMAConfig, embed: np.ndarray, head: np.ndarray) -> None:
+    """ValueError unless `head`, the `lm_head.weight` a tied config's checkpoint holds as well, is
+    its embedding table: transformers loads a checkpoint whose head differs untied, with that head
+    (and a warning), so a tied conversion would silently drop it."""
+    check_shape(dataclasses.replace(tensor_specs(cfg)[0], hf_name="lm_head.weight"), head.shape)  # the table's
+    if not np.array_equal(np.asarray(embed, np.float32), np.asarray(head, np.float32), equal_nan=True):
+        raise ValueError("lm_head.weight differs from model.embed_tokens.weight, which config.json ties it to "
+                         "(tie_word_embeddings: true); transformers loads such a checkpoint untied, with this "
+                         "lm_head.weight: set tie_word_embeddings to false in config.json to convert it so")
+
+
 def _natural(name: str):
     return [int(t) if t.isdigit() else t for t in name.split(".")]
 
@@ -174,7 +185,7 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, An
     for spec in tensor_specs(cfg):
         put_tensor(params, spec, _as_numpy(state_dict[spec.hf_name]))
     if cfg.tie_embeddings and "lm_head.weight" in state_dict:
-        check_shape(tensor_specs(cfg)[0], tuple(state_dict["lm_head.weight"].shape))
+        check_tied_head(cfg, _as_numpy(state_dict["model.embed_tokens.weight"]), _as_numpy(state_dict["lm_head.weight"]))
     return cfg, params_in_layout(cfg, params)
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from llama_jax.config import LLaMAConfig
-from llama_jax.convert.hf import check_names, check_shape, tensor_specs
+from llama_jax.convert.hf import check_names, check_shape, check_tied_head, tensor_specs
 from llama_jax.convert.safetensors_io import SafetensorsFile, write_shards
 from llama_jax.convert.source import ConversionError, Source, stored_dtype
 from llama_jax.convert.torch_io import load_torch_file, tensor_to_numpy, weight_dtype
@@ -105,6 +105,10 @@ def read_hf_dir(src: str | Path) -> Source:
         raise ConversionError(f"{src}: {e}") from None
 
     files = {name: _open(src / name) for name in sorted(set(weight_map.values()))}
+    try:  # a tensor a shard holds beyond those its index lists (transformers reports it as unexpected)
+        check_names(config, set(weight_map).union(*(f.keys() for f in files.values())))
+    except ValueError as e:
+        raise ConversionError(f"{src}: {e}") from None
     specs = {spec.hf_name: spec for spec in tensor_specs(config)}
     for name, spec in specs.items():  # every shape checked before anything is written
         f = files[weight_map[name]]
@@ -121,6 +125,13 @@ def read_hf_dir(src: str | Path) -> Source:
     def close():
         for f in files.values():
             f.close()
+
+    if config.tie_embeddings and "lm_head.weight" in weight_map:  # (Hub files of tied models have none)
+        try:
+            check_tied_head(config, load("model.embed_tokens.weight"), load("lm_head.weight"))
+        except ValueError as e:
+            close()
+            raise ConversionError(f"{src}: {e}") from None
 
     dtype = stored_dtype(files[weight_map[name]].dtype(name) for name in specs)
     return Source(config, load, dtype, src, close)
