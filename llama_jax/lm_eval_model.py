@@ -298,6 +298,9 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
         # the harness's own code failed: reading a task's config, data or templates (a task of one's own,
         # or a dataset it cannot fetch), or scoring it
         where = f" (tasks of your own: check their files under --include-path {include_path})" if include_path else ""
+        if num_fewshot and isinstance(e, ValueError) and str(e).startswith("Sample larger than population"):
+            where = (f" (--num-fewshot {num_fewshot} asks for more examples than a task's few-shot documents "
+                     f"hold; give fewer)")  # Python's random.sample, drawing the examples
         raise ValueError(f"lm-eval failed on the task(s) {', '.join(tasks)}: {_causes(e)}{where}") from e
     # the harness records a model object as its class name alone: say what was scored, and how
     results["config"] = {**results.get("config", {}), "model": NAME, "model_args": model.model_args,

@@ -629,6 +629,14 @@ def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(mo
         assert "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith(f"llama-jax lm-eval: error: {message}"), err
         assert not out.exists()
+    # more few-shot examples than the task's 5 documents (Python's random.sample said only "Sample larger than
+    # population or is negative")
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--include-path", str(tasks), "--limit", "1",
+                 "--num-fewshot", "9", "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "llama-jax lm-eval: error: lm-eval failed on the task(s) tiny_mc: ValueError: Sample larger than population "
+        "or is negative (--num-fewshot 9 asks for more examples than a task's few-shot documents hold; give fewer)")
+    assert not out.exists()
 
 
 def test_a_continuation_merged_into_the_context_is_scored_as_the_pieces_it_changed(model_dirs):
