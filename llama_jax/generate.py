@@ -54,9 +54,10 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
                   top_k: Array | int | None = None, top_p: Array | float | None = 1.0) -> Array:
     """One token id per row [B]: argmax when temperature is 0, else a draw from the filtered softmax.
 
-    Filters apply in Hugging Face's order: temperature, then top-k, then top-p (the smallest set of
-    most likely tokens whose probability reaches `top_p`; the most likely token always stays;
-    tokens tied with the last one kept stay too).
+    Filters apply in Hugging Face's order: temperature, then top-k (the k most likely tokens and
+    any tied with the k-th, as transformers keeps), then top-p over what top-k kept (the smallest
+    set of most likely tokens whose probability reaches `top_p`; the most likely token always
+    stays; tokens tied with the last one kept stay too).
     Only the work the settings need is done: greedy decoding draws no random numbers, and the
     vocabulary is sorted only when top-k or top-p filters.
     """
@@ -67,8 +68,10 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
     top_p = 1.0 if top_p is None else top_p  # None: no filter, as in `generate`
 
     def filtered(scaled):
-        in_top_k = jnp.arange(V) < top_k
-        sorted_desc = jnp.where(in_top_k, jnp.sort(scaled, axis=-1)[:, ::-1], -jnp.inf)
+        sorted_desc = jnp.sort(scaled, axis=-1)[:, ::-1]
+        kth = jax.lax.dynamic_index_in_dim(sorted_desc, jnp.minimum(top_k, V) - 1, axis=1)  # [B, 1]
+        in_top_k = sorted_desc >= kth  # the k most likely and those tied with the k-th, as transformers keeps
+        sorted_desc = jnp.where(in_top_k, sorted_desc, -jnp.inf)  # top-p's mass is over all of them
         probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
         mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
         most_likely = jnp.arange(V) == 0  # kept even where top_p is 0 in float32 (1e-300)

@@ -319,6 +319,21 @@ def test_sample_logits_takes_none_for_no_filter():
     np.testing.assert_array_equal(sample_logits(logits, key, 0.9, None, None), sample_logits(logits, key, 0.9, 50, 1.0))
 
 
+def test_top_p_after_top_k_weighs_every_token_tied_with_the_k_th():
+    """top_k=2 over [3, 2, 2, 2, 0, -1] keeps the three tied 2s, as transformers' top-k does; top-p
+    then takes its mass over all four (0.475 before the first 2, so 0.6 cuts among the ties, and the
+    tied ones stay). It took the mass over the first k sorted alone: token 0 came to 0.73 of it, and
+    every draw was token 0."""
+    n = 20000
+    logits = jnp.tile(jnp.asarray([[3.0, 2.0, 2.0, 2.0, 0.0, -1.0]], jnp.float32), (n, 1))
+    draws = np.asarray(sample_logits(logits, jax.random.key(0), 1.0, 2, 0.6))
+    p = np.exp([3.0, 2.0, 2.0, 2.0])
+    p = np.r_[p / p.sum(), 0.0, 0.0]
+    freq = np.bincount(draws, minlength=6) / n
+    assert np.all(freq[p == 0] == 0)
+    np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1 / n)
+
+
 def test_a_top_p_below_float32s_smallest_keeps_the_most_likely_token():
     """top_p = 1e-300 is 0 in float32, where no token's preceding mass is below it: the most
     likely token stays all the same (the nucleus was empty, and every draw picked token 0)."""
