@@ -146,6 +146,21 @@ def test_resume_from_the_intact_step_after_damage(tmp_path, pristine_run, capsys
     jax.tree.map(np.testing.assert_array_equal, load_model(tmp_path / "model")[1], exported)
 
 
+def test_a_step_set_aside_is_named_where_it_went(tmp_path, pristine_run, capsys):
+    """After a --resume-from 2 that trained to step 3 only, step 4 lies in checkpoints-set-aside/:
+    asked for, it is named there (the message listed the run's steps alone)."""
+    run, _ = pristine_run
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    assert train(workdir, "--resume-from", "2", "--config.train.steps=3") == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["export", "--workdir", str(workdir), "--step", "4", str(tmp_path / "model")]) == 2
+    assert one_line_error(capsys, "export").endswith(
+        f"{workdir} has no checkpoint of step 4; valid: 2, 3 (a --resume-from of an earlier step moved step 4 to "
+        f"{workdir / 'checkpoints-set-aside' / '4'}, out of the run)")
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_metrics_line_that_is_not_utf8_is_kept_as_it_is(tmp_path, pristine_run, capsys):
     """A damaged (non-UTF-8) line in metrics.jsonl neither stops a resume nor is lost: it stays,
     byte for byte, where the records of steps after the checkpoint are moved away from."""
