@@ -282,6 +282,27 @@ def test_write_read_round_trip_is_bit_exact(tmp_path, case, n_shards, dtype):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), spec.hf_name
 
 
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_a_tied_models_output_trained_apart_is_refused_until_untied(tmp_path, n_shards):
+    """A tied model written for Meta's code carries its embedding as output.weight too; Meta's code
+    (no tied models) may train that copy apart. Read back as tied, it was dropped without a word."""
+    cfg, load = hf_source("mqa_tied", "float32")
+    write_meta(tmp_path / "out", cfg, load, n_shards)
+    for shard in sorted((tmp_path / "out").glob("consolidated.*.pth")):
+        state = torch.load(shard, weights_only=True)
+        state["output.weight"] = state["output.weight"] + 0.5  # as if fine-tuned with Meta's code
+        torch.save(state, shard)
+    with pytest.raises(ConversionError, match=r"output.weight is not the embedding table, which llama_jax.json "
+                                              r"records the model as tied to \(tie_embeddings\); .* remove"):
+        read_meta(tmp_path / "out")
+    (tmp_path / "out" / "llama_jax.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((tmp_path / "out" / "llama_jax.json").read_text()).items()
+         if k != "tie_embeddings"}))
+    source = read_meta(tmp_path / "out")  # untied, with the trained output layer
+    assert not source.config.tie_embeddings
+    np.testing.assert_array_equal(source.load("lm_head.weight"), load("model.embed_tokens.weight") + 0.5)
+
+
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_params_json_has_n_kv_heads_only_for_fewer_kv_heads(tmp_path, n_kv_heads):
     """As Meta's files: LLaMA-1/2 7B-13B have no n_kv_heads (LLaMA-1's ModelArgs refuses it), 70B and LLaMA-3 do."""

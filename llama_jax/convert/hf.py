@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from llama_jax.config import LLaMAConfig, check_model_config
-from llama_jax.convert.source import numpy_dtype
+from llama_jax.convert.source import numpy_dtype, same_values
 
 # Buffers some PyTorch checkpoints carry that are derived, not learned.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -112,7 +112,7 @@ def check_tied_head(cfg: LLaMAConfig, embed: np.ndarray, head: np.ndarray) -> No
     its embedding table: transformers loads a checkpoint whose head differs untied, with that head
     (and a warning), so a tied conversion would silently drop it."""
     check_shape(dataclasses.replace(tensor_specs(cfg)[0], hf_name="lm_head.weight"), head.shape)  # the table's
-    if not np.array_equal(np.asarray(embed, np.float32), np.asarray(head, np.float32), equal_nan=True):
+    if not same_values(embed, head):
         raise ValueError("lm_head.weight differs from model.embed_tokens.weight, which config.json ties it to "
                          "(tie_word_embeddings: true); transformers loads such a checkpoint untied, with this "
                          "lm_head.weight: set tie_word_embeddings to false in config.json to convert it so")

@@ -47,7 +47,7 @@ import numpy as np
 
 from llama_jax.config import LLaMAConfig, RopeScaling, file_setting
 from llama_jax.convert.hf import TensorSpec, tensor_specs
-from llama_jax.convert.source import ConversionError, Source, stored_dtype
+from llama_jax.convert.source import ConversionError, Source, same_values, stored_dtype
 from llama_jax.convert.torch_io import (load_torch_file, numpy_to_tensor, save_torch_file, tensor_to_numpy,
                                         weight_dtype)
 from llama_jax.safe_io import read_json_object
@@ -236,6 +236,16 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
         else:
             w = np.concatenate([tensor_to_numpy(ps[i]) for i in keep], axis=t.axis)
         return _meta_to_hf_rotary(w, t.rotary_heads) if t.rotary_heads and hf_rotary else w
+
+    if tied and _OUTPUT in shards[0]:  # the embedding's copy `write_meta` writes, unless Meta's code trained it since
+        try:
+            output = np.concatenate([tensor_to_numpy(shard[_OUTPUT]) for shard in shards], axis=0)
+        except (KeyError, ValueError):
+            output = None
+        if output is None or not same_values(output, load(_EMBED_HF)):
+            raise ConversionError(f"{where}: {_OUTPUT} is not the embedding table, which {EXTRA_FILE} records the "
+                                  f"model as tied to (tie_embeddings); Meta's code uses {_OUTPUT} as it is: remove "
+                                  f"tie_embeddings from {src_dir / EXTRA_FILE} to convert it untied")
 
     # Every shard's dtypes: shards that differ (one bfloat16, one float32) are a mix, kept exactly as float32.
     found = [{weight_dtype(shard[t.name], path, t.name) for t in tensors.values()}

@@ -44,6 +44,11 @@ def dtype_name(dtype) -> str:
     return "bfloat16" if np.dtype(dtype).name == "bfloat16" else np.dtype(dtype).name
 
 
+def same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays hold the same shape and values (NaNs in the same places), whatever their dtypes."""
+    return a.shape == b.shape and np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), equal_nan=True)
+
+
 def stored_dtype(dtypes) -> str:
     """The dtype a checkpoint's tensors are stored in, for the converted copy: their one dtype, or for
     a mix float32 (which holds float16 and bfloat16 values exactly; float64 if a tensor is float64)."""
