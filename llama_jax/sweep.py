@@ -385,30 +385,26 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
                     read_init_from: bool = True, started: Collection[str] = ()) -> None:
     """Every trial's config is one `llama-jax train` accepts: the swept keys exist, take the values
     given, and every value is one a run can use (the checks `train` makes before it needs devices).
-    The listed trials are checked, and a search that draws (random, Optuna: none listed yet) at each
-    axis's ends too, so that a range holding values a run refuses is refused before any trial runs.
+    An Optuna search (no trials listed yet) is checked at each axis's ends, the others at their first.
     `started`: the names of trials whose directory holds a run; as `train` does on resuming one, their
     `checkpoint.init_from` is not read (the run's checkpoints hold its architecture)."""
     from llama_jax.experiment import check_experiment
 
-    probes = []  # (trial, how an error names it, whether its init_from is read)
-    for trial in trials:
-        name = trial.name(axes, numbered=spec.search != "grid")  # its directory's name
-        probes.append((trial, f"trial {name}", read_init_from and name not in started))
-    if spec.search != "grid":
+    if trials:
+        probes = trials
+    else:
         ends = {key: list(space.values) if isinstance(space, Grid) else [space.low, space.high]
                 for key, space in axes.items()}
         first = {key: values[0] for key, values in ends.items()}
-        for key, values in ends.items():
-            for value in values:
-                probe = Trial(0, {**first, key: value})
-                probes.append((probe, f"the search space at {probe.name(axes, numbered=False)}", read_init_from))
-    for trial, label, read_init in probes:
+        probes = [Trial(0, {**first, key: value}) for key, values in ends.items() for value in values]
+    for trial in probes:
+        name = trial.name(axes, numbered=bool(trials) and spec.search != "grid")  # its directory's name
         try:
             overrides = [*spec.overrides, *(override_text(k, v) for k, v in trial.overrides.items())]
-            check_experiment(load_config(spec.config, overrides), read_init)
+            config = load_config(spec.config, overrides)
+            check_experiment(config, read_init_from and name not in started)
         except ValueError as e:
-            raise SweepError(f"{label}: {e}") from None
+            raise SweepError(f"trial {name}: {e}") from None
 
 
 # ---- running trials ----------------------------------------------------------------------------
