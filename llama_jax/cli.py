@@ -969,7 +969,7 @@ def cmd_data_inspect(args) -> None:
 
 def cmd_prepare_data(args) -> None:
     from llama_jax.prepare import DEFAULT_SHARD_TOKENS, prepare_with_stats, summary_lines, verify
-    from llama_jax.safe_io import enclosing_run_or_model, holds_run
+    from llama_jax.safe_io import check_outside_runs_and_models, enclosing_run_or_model, holds_run
 
     if args.config is None and not args.verify:
         raise UserError("--config is required to prepare data (without it, --verify checks a prepared --output)")
@@ -990,6 +990,7 @@ def cmd_prepare_data(args) -> None:
         if owner is not None:  # its files are the run's or the model's own (RUN/checkpoints/99 would be a checkpoint)
             kind = "run" if holds_run(owner) else "model directory"
             raise UserError(f"--output {args.output} is inside the {kind} {owner}; give a directory outside it")
+        check_outside_runs_and_models(args.output, "--output")  # (an existing folder there too)
         shard_tokens = DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
         manifest, stats = prepare_with_stats(config.data, args.output, workers=args.workers,
                                              shard_tokens=shard_tokens, progress=True)

@@ -181,7 +181,7 @@ class LlamaJaxLM(TemplateLM):
         from tqdm import tqdm
 
         from llama_jax.generate import check_sampling, decoding_params, generate
-        from llama_jax.prompts import before_end
+        from llama_jax.prompts import through_end
 
         params = decoding_params(self.config, self.params, self.mesh, batch_size=self.batch_size)  # once, not per batch
         groups: dict[str, list[int]] = {}
@@ -235,7 +235,8 @@ class LlamaJaxLM(TemplateLM):
                                    n_tokens=self.tokenizer.vocab_size, on_tokens=finished,
                                    pad_to=length_bucket(len(batch[0]), room), mesh=self.mesh)
                 for i, ids in zip(chosen, outputs):
-                    text = postprocess_generated_text(self.tok_decode(before_end(ids, self.end_ids)), until, None)
+                    # (an end id that is an ordinary piece is text, as the `hf` backend's decode keeps it)
+                    text = postprocess_generated_text(self.tok_decode(through_end(ids, self.end_ids)), until, None)
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chosen))
@@ -300,7 +301,7 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
         where = f" (tasks of your own: check their files under --include-path {include_path})" if include_path else ""
         if num_fewshot and isinstance(e, ValueError) and str(e).startswith("Sample larger than population"):
             where = (f" (--num-fewshot {num_fewshot} asks for more examples than a task's few-shot documents "
-                     f"hold; give fewer)")  # Python's random.sample, drawing the examples
+                     f"hold, one fewer when they are its own test documents; give fewer)")  # random.sample's error
         raise ValueError(f"lm-eval failed on the task(s) {', '.join(tasks)}: {_causes(e)}{where}") from e
     # the harness records a model object as its class name alone: say what was scored, and how
     results["config"] = {**results.get("config", {}), "model": NAME, "model_args": model.model_args,

@@ -96,11 +96,13 @@ def end_ids(tokenizer: Tokenizer, chat: bool, listed: Sequence[int] = (), stop: 
     return ends + [i for i in dict.fromkeys([*listed, *(named[s] for s in stop if s in named)]) if i not in ends]
 
 
-def before_end(ids: Sequence[int], ends: Sequence[int], keep_end: bool = False) -> list[int]:
-    """`ids` before the first end id (`keep_end`: through it)."""
+def through_end(ids: Sequence[int], ends: Sequence[int]) -> list[int]:
+    """`ids` up to the first end id, that id included (what follows a row's end is filler). Decoding
+    them as text drops the special ids (EOS, chat markers) as transformers' skip_special_tokens does;
+    an end id that is an ordinary piece (a generation_config.json may list one) stays text, as there."""
     ids = list(ids)
     cuts = [ids.index(e) for e in ends if e in ids]
-    return ids[:min(cuts) + keep_end] if cuts else ids
+    return ids[:min(cuts) + 1] if cuts else ids
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -198,9 +200,8 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
                    mesh=mesh)
 
     def text_of(prompt_ids: Sequence[int], new: Sequence[int]) -> str:
-        # special pieces (EOS, unknown, chat markers) are no text, as transformers' skip_special_tokens has it;
-        # an end id that is an ordinary piece (a generation_config.json may list one) is text, as there
-        new = [t for t in before_end(new, ends, keep_end=True) if t not in tokenizer.special_ids]
+        # special pieces (EOS, unknown, chat markers) are no text, as transformers' skip_special_tokens has it
+        new = [t for t in through_end(new, ends) if t not in tokenizer.special_ids]
         return tokenizer.decode(new) if chat else continuation_text(tokenizer, prompt_ids, new)
 
     def finish(prompt_ids: Sequence[int], new: Sequence[int]) -> str:
@@ -232,5 +233,5 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
     return texts
 
 
-__all__ = ["STREAM_CHUNK", "before_end", "chat_ids", "complete", "continuation_text", "cut_at_stop", "end_ids",
-           "read_prompts_file"]
+__all__ = ["STREAM_CHUNK", "chat_ids", "complete", "continuation_text", "cut_at_stop", "end_ids", "read_prompts_file",
+           "through_end"]

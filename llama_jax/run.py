@@ -569,9 +569,9 @@ def checkpoint_step(workdir: Path, step: int | None = None) -> int:
                        f"committed step); --step {steps[-1]} reads the latest one present")
     step = steps[-1] if step is None else step
     if step not in steps:
-        aside = workdir / SET_ASIDE_DIR / str(step)
-        where = (f" (a --resume-from of an earlier step moved step {step} to {aside}, out of the run)"
-                 if aside.is_dir() else "")
+        aside = sorted(p for p in (workdir / SET_ASIDE_DIR).glob(f"{step}*") if p.name.rstrip("+") == str(step))
+        where = (f" (a --resume-from of an earlier step moved step {step} to {', '.join(map(str, aside))}, out of "
+                 f"the run)" if aside else "")  # (set aside again: `4+`, `4++`, ...)
         raise RunError(f"{workdir} has no checkpoint of step {step}; valid: {', '.join(map(str, steps))}{where}")
     return step
 

@@ -111,8 +111,8 @@ def describe_foreign(directory: Path, kind: OutputKind, foreign: list[str]) -> s
 
 def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
     """The absolute `path` if a folder may be made (or is) there: no file at or above it, and not
-    inside a run's checkpoints; ValueError naming `option` otherwise (`what`: what the directory is
-    for, as the message ends: "give a directory {what}")."""
+    inside a run's checkpoints or a model's params/; ValueError naming `option` otherwise (`what`:
+    what the directory is for, as the message ends: "give a directory {what}")."""
     leads_nowhere = broken_link(path)
     if leads_nowhere:
         raise ValueError(f"{option} {leads_nowhere}; give a directory {what}")

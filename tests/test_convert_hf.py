@@ -5,6 +5,7 @@ import io
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.torch
@@ -391,6 +392,20 @@ def test_a_tensor_a_shard_holds_beyond_its_index_is_named(tmp_path, capsys, good
     state["model.layers.1.mlp.stray"] = torch.zeros(3)  # in the file, not in the index
     safetensors.torch.save_file(state, shard)
     _fails(tmp_path, capsys, good_src, "unexpected tensor model.layers.1.mlp.stray")
+
+
+def test_same_values_compares_block_by_block_across_dtypes():
+    from llama_jax.convert.source import same_values
+
+    a = np.arange(20, dtype=np.float32).reshape(10, 2)
+    a[4, 1] = np.nan
+    assert same_values(a, a.astype(ml_dtypes.bfloat16).astype(np.float32), block_rows=3)  # (small integers: exact)
+    assert same_values(a, a.astype(ml_dtypes.bfloat16), block_rows=3)
+    for row in (0, 9):  # the first block, the last (a partial one)
+        b = a.copy()
+        b[row, 0] += 1
+        assert not same_values(a, b, block_rows=3)
+    assert not same_values(a, a[:9], block_rows=3) and not same_values(a, a.reshape(5, 4))
 
 
 def test_a_tied_configs_head_that_is_not_its_embedding_is_refused(tmp_path, capsys):

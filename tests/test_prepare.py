@@ -378,6 +378,9 @@ CASES = [
      r"--output \S+/run/checkpoints/99 is inside the run \S+/run; give a directory outside it"),
     ("output-in-a-model-directory", ["prepare-data", "--config", "{config}", "--output", "{model}/data"],
      r"--output \S+/model/data is inside the model directory \S+/model; give a directory outside it"),
+    ("output-an-existing-folder-in-a-models-params", ["prepare-data", "--config", "{config}", "--output",
+                                                      "{model}/params/data"],  # an --overwrite of the model deletes it
+     r"--output \S+/model/params/data is inside \S+/model/params, the parameters of the model directory \S+/model"),
     ("output-is-a-file", ["prepare-data", "--config", "{config}", "--output", "{case}/empty.jsonl"],
      r"\S+/empty.jsonl is a file, not a directory"),
     ("output-holds-other-files", ["prepare-data", "--config", "{config}", "--output", "{case}"],
@@ -424,6 +427,7 @@ def test_bad_input_is_one_line_and_writes_nothing(args, error, inputs, reference
     (owners / "run" / "config.json").write_text(json.dumps({"model": {}, "train": {}, "checkpoint": {}}))
     (owners / "model").mkdir()
     (owners / "model" / "model_config.json").write_text("{}")
+    (owners / "model" / "params" / "data").mkdir(parents=True)  # an empty folder made there by hand
     paths = {"config": inputs["config"], "case": case, "reference": reference, "other": inputs["other"],
              "run": owners / "run", "model": owners / "model"}
     for damage in ("truncate", "remove-index", "remove-manifest", "flip", "shards-elsewhere"):

@@ -104,8 +104,38 @@ def read_hf_dir(src: str | Path) -> Source:
     except ValueError as e:
         raise ConversionError(f"{src}: {e}") from None
 
-    files = {name: _open(src / name) for name in sorted(set(weight_map.values()))}
-    try:  # a tensor a shard holds beyond those its index lists (transformers reports it as unexpected)
+    files = {}
+
+    def load(name: str) -> np.ndarray:
+        return files[weight_map[name]].read(name)
+
+    def close():
+        for f in files.values():
+            f.close()
+
+    try:  # (the files opened so far are closed on an error)
+        for file_name in sorted(set(weight_map.values())):
+            files[file_name] = _open(src / file_name)
+        specs = _checked_tensors(src, config, weight_map, files)
+        if config.tie_embeddings and "lm_head.weight" in weight_map:  # (Hub files of tied models have none)
+            try:
+                check_tied_head(config, load("model.embed_tokens.weight"), load("lm_head.weight"))
+            except ConversionError:  # (it names its file)
+                raise
+            except ValueError as e:
+                raise ConversionError(f"{src}: {e}") from None
+        dtype = stored_dtype(files[weight_map[name]].dtype(name) for name in specs)
+    except BaseException:
+        close()
+        raise
+    return Source(config, load, dtype, src, close)
+
+
+def _checked_tensors(src: Path, config: LLaMAConfig, weight_map: dict[str, str], files: dict) -> dict:
+    """The config's tensors by name, once every file holds those its index names, in the config's
+    shapes, and no other (a tensor a shard holds beyond those its index lists is unexpected, as
+    transformers reports it); ConversionError naming the file otherwise."""
+    try:
         check_names(config, set(weight_map).union(*(f.keys() for f in files.values())))
     except ValueError as e:
         raise ConversionError(f"{src}: {e}") from None
@@ -118,23 +148,7 @@ def read_hf_dir(src: str | Path) -> Source:
             check_shape(spec, f.shape(name))
         except ValueError as e:
             raise ConversionError(f"{f.path}: {e}") from None
-
-    def load(name: str) -> np.ndarray:
-        return files[weight_map[name]].read(name)
-
-    def close():
-        for f in files.values():
-            f.close()
-
-    if config.tie_embeddings and "lm_head.weight" in weight_map:  # (Hub files of tied models have none)
-        try:
-            check_tied_head(config, load("model.embed_tokens.weight"), load("lm_head.weight"))
-        except ValueError as e:
-            close()
-            raise ConversionError(f"{src}: {e}") from None
-
-    dtype = stored_dtype(files[weight_map[name]].dtype(name) for name in specs)
-    return Source(config, load, dtype, src, close)
+    return specs
 
 
 def write_hf_dir(dst: Path, config: LLaMAConfig, load: Callable[[str], np.ndarray],
