@@ -185,7 +185,8 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, An
     for spec in tensor_specs(cfg):
         put_tensor(params, spec, _as_numpy(state_dict[spec.hf_name]))
     if cfg.tie_embeddings and "lm_head.weight" in state_dict:
-        check_tied_head(cfg, _as_numpy(state_dict["model.embed_tokens.weight"]), _as_numpy(state_dict["lm_head.weight"]))
+        embed, head = (_as_numpy(state_dict[name]) for name in ("model.embed_tokens.weight", "lm_head.weight"))
+        check_tied_head(cfg, embed, head)
     return cfg, params_in_layout(cfg, params)
 
 
