@@ -1241,6 +1241,8 @@ def slurm_job_defaults() -> dict:
 
 def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
     """The shape of a SLURM job: for `launch slurm` and for sweeps run as a job array."""
+    from llama_jax.launch.slurm import MIN_TIME_MIN
+
     d = slurm_job_defaults()
     p.add_argument("--nodes", type=int, default=d["nodes"], metavar="N")
     p.add_argument("--gpus-per-node", type=int, default=d["gpus_per_node"], metavar="G")
@@ -1248,7 +1250,7 @@ def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs of the task on each node (default: SLURM's)")
     p.add_argument("--partition", default=d["partition"], metavar="P")
     p.add_argument("--time-min", type=int, default=d["time_min"], metavar="M",
-                   help=f"time limit in minutes, at least 3 (default {d['time_min']}); at the limit the job is "
+                   help=f"time limit in minutes, at least {MIN_TIME_MIN} (default {d['time_min']}); at the limit the job is "
                         f"requeued and the run resumes")
     p.add_argument("--account", default=d["account"], metavar="A")
     p.add_argument("--job-name", default=d["job_name"], metavar="NAME")

@@ -141,6 +141,8 @@ def space_text(space: Space) -> str:
         return "[" + ",".join(map(str, space.values)) + "]"
     name = {Uniform: "uniform", LogUniform: "loguniform", IntRange: "int"}[type(space)]
     return f"{name}({space.low},{space.high})"
+
+
 _DISTRIBUTIONS = {"uniform": Uniform, "loguniform": LogUniform, "int": IntRange, "choice": Grid}
 
 
