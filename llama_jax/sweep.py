@@ -43,6 +43,7 @@ LOG_FILE = "train.log"  # the trial process's output
 STUDY_FILE = "optuna.db"  # the Optuna study (SQLite), for resuming and for optuna-dashboard
 DATA_DIR = "data"  # a raw source prepared once for all trials
 FINISHED = ("done", "diverged", "pruned")  # statuses a re-run skips
+POLL_SECONDS = 0.2  # how often the driver reads the running trials' metrics (for the pruner) and exits
 MAX_TRIALS = 10_000  # more is a mistake in the axes (a sweep lists its trials before it starts)
 
 
@@ -594,7 +595,7 @@ class Sweep:
                     if active.process.poll() is not None:
                         self._finish(active, study)
                         del running[slot]
-                time.sleep(0.2)
+                time.sleep(POLL_SECONDS)
         finally:
             for active in running.values():  # interrupted: the trials save a checkpoint and stop
                 active.process.send_signal(signal.SIGTERM)

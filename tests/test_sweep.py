@@ -278,7 +278,7 @@ def test_a_sweep_of_fine_tunes_resumes_after_their_init_from_directory_is_gone(t
     assert f"trial seed=1: checkpoint.init_from: {model} " in capsys.readouterr().err
 
 
-def test_random_and_optuna_searches(tmp_path, capsys):
+def test_random_and_optuna_searches(tmp_path, capsys, monkeypatch):
     random_dir = tmp_path / "random"
 
     def random_search(trials: int) -> list[str]:
@@ -312,8 +312,11 @@ def test_random_and_optuna_searches(tmp_path, capsys):
                            "optimizer.lr=[3e-3,1e-7]", "--sweep", "train.seed=int(0,9)")) == 0
     assert "optuna: 3 trials chosen by TPE over optimizer.lr=[0.003,1e-07], train.seed=int(0,9), pruned by the " \
            "median rule" in capsys.readouterr().out  # as --sweep writes them (was Grid(values=(0.003, 1e-07)))
-    args = sweep_args(optuna_dir, "--search", "optuna", "--trials", "3", "--config.train.steps=8",
-                      "--config.checkpoint.every=4", "--sweep", "optimizer.lr=choice(3e-3,1e-7)")
+    # the pruner stops only a trial the driver sees running: a step takes some 10 ms here, so the
+    # trials are long enough, and looked at often enough, to be seen between their steps
+    monkeypatch.setattr(sweep_lib, "POLL_SECONDS", 0.02)
+    args = sweep_args(optuna_dir, "--search", "optuna", "--trials", "3", "--config.train.steps=40",
+                      "--config.checkpoint.every=20", "--sweep", "optimizer.lr=choice(3e-3,1e-7)")
     assert main(args) == 0
     import optuna
 
@@ -360,7 +363,7 @@ def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
     import optuna
 
     workdir = tmp_path / "sweep"
-    steps = 30  # room for the kill to land mid-trial (the driver reports each step as it polls)
+    steps = 120  # room for the kill to land mid-trial (the driver reports the steps it finds every 0.2 s)
     args = sweep_args(workdir, "--search", "optuna", "--trials", "1", "--sweep", "optimizer.lr=loguniform(1e-3,3e-3)",
                       f"--config.train.steps={steps}")
     driver = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *args], stdout=subprocess.DEVNULL,
