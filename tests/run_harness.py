@@ -5,8 +5,9 @@
 Environment:
     KILL_AFTER_STEP=s    SIGKILL right after step s is logged, once a checkpoint is committed
     KILL_DURING_SAVE=s   SIGKILL right after the (asynchronous) save of step s has started
-    KILL_AFTER_COMMIT=s  SIGKILL when the second step after the one that first sees checkpoint s
-                         committed is logged (the run has passed the end of a step twice since)
+    KILL_AFTER_COMMIT=s  SIGKILL when the second step after the first one logged once checkpoint s
+                         is committed is logged (the run has passed the end of a step twice since);
+                         the first step logged after s waits for that commit
 Without either it is exactly `llama-jax`.
 """
 
@@ -50,7 +51,12 @@ def _kill_after_commit(checkpoint_step: int) -> None:
         original(self, step, record)
         if len(seen) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
-        if seen or checkpoint_step in committed_steps(Path(self._file.name).parent / "checkpoints"):
+        checkpoints = Path(self._file.name).parent / "checkpoints"
+        if not seen and step > checkpoint_step:  # the commit finishes in Orbax's thread: wait for it here,
+            deadline = time.monotonic() + 120  # or a slow one would be seen only after the run's end
+            while checkpoint_step not in committed_steps(checkpoints) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if seen or checkpoint_step in committed_steps(checkpoints):
             seen.append(step)
 
     metrics.MetricsWriter.write = write
