@@ -38,6 +38,7 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: 
     check_flag(overwrite, "overwrite")
     params = nn.meta.unbox(params)
     check_params(config.replace(scan_layers="layers" in params), params)  # in their own layout: all of them
+    check_param_dtype(config, params)
     if "layers" not in params:
         params = stack_layers(dict(params), config.n_layers)
     if tokenizer is not None:  # (a directory, or one file)
@@ -55,6 +56,16 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: 
         elif tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
     return Path(path)
+
+
+def check_param_dtype(config: LLaMAConfig, params) -> None:
+    """ValueError unless every parameter is stored in `config.param_dtype`: `load_model` restores
+    them in it, so a model directory's config must say what its files hold."""
+    found = sorted({np.dtype(leaf.dtype).name for leaf in jax.tree.leaves(params)})
+    if found != [config.param_dtype]:
+        raise ValueError(f"the parameters are {' and '.join(found)} but config.param_dtype is {config.param_dtype!r}; "
+                         f"save them in one dtype and give it as the config's param_dtype "
+                         f"(config.replace(param_dtype=...), or jax.tree.map(lambda a: a.astype(...), params))")
 
 
 def write_model_dir(directory: Path, config: LLaMAConfig, params) -> None:

@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -79,6 +80,26 @@ def test_existing_destination_is_refused_then_overwritten(tmp_path, model):
     assert load_model(tmp_path / "m")[0] == cfg
     save_model(tmp_path / "m", cfg.replace(dtype="bfloat16"), params, overwrite=True)
     assert load_model(tmp_path / "m")[0].dtype == "bfloat16"
+
+
+def test_a_model_is_saved_in_the_dtype_its_config_names(tmp_path, model):
+    """load_model restores parameters in the config's param_dtype: float32 arrays saved under a
+    bfloat16 config came back narrowed without a word, and bfloat16 ones under a float32 config
+    were recorded as float32. Both are refused, nothing written; saved in one dtype, they load as saved."""
+    cfg, params = model
+    halves = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    mixed = {**params, "embed": halves["embed"]}
+    for config, tree, found in ((cfg.replace(param_dtype="bfloat16"), params, "float32"), (cfg, halves, "bfloat16"),
+                                (cfg, mixed, "bfloat16 and float32")):
+        with pytest.raises(ValueError, match=rf"^the parameters are {found} but config.param_dtype is "
+                                             rf"'{config.param_dtype}'; save them in one dtype"):
+            save_model(tmp_path / "m", config, tree)
+        assert not (tmp_path / "m").exists()
+    save_model(tmp_path / "m", cfg.replace(param_dtype="bfloat16"), halves)
+    config, restored = load_model(tmp_path / "m")
+    assert config.param_dtype == "bfloat16" and all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(restored))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(halves)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 @pytest.mark.parametrize("fault", ["the rename into place fails", "a signal right after the old one moved aside"])
