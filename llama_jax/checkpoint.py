@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llama_jax.config import LLaMAConfig, check_flag, check_model_config
+from llama_jax.config import DTYPES, LLaMAConfig, check_flag, check_model_config
 from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
 from llama_jax.model_dir import (CONFIG_FILE, MODEL_DIR, PARAMS_DIR, TOKENIZER_FILES, check_tokenizer_file,
                                  check_tokenizer_files, copy_tokenizer_files, load_config)
@@ -32,7 +32,8 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: 
     """Write config, parameters and tokenizer to `path`.
 
     tokenizer: a directory (its tokenizer and generation files are copied) or one tokenizer file
-    (copied as tokenizer.model). `overwrite` replaces only an existing model directory.
+    (copied as tokenizer.model). `overwrite` replaces only an existing model directory. The
+    parameters must all be of `config.param_dtype`, the dtype `load_model` restores them in.
     """
     check_model_config(config)
     check_flag(overwrite, "overwrite")
@@ -64,7 +65,7 @@ def check_param_dtype(config: LLaMAConfig, params) -> None:
     found = sorted({np.dtype(leaf.dtype).name for leaf in jax.tree.leaves(params)})
     if found != [config.param_dtype]:
         raise ValueError(f"the parameters are {' and '.join(found)} but config.param_dtype is {config.param_dtype!r}; "
-                         f"save them in one dtype and give it as the config's param_dtype "
+                         f"save them in one dtype ({', '.join(DTYPES)}) and give it as the config's param_dtype "
                          f"(config.replace(param_dtype=...), or jax.tree.map(lambda a: a.astype(...), params))")
 
 

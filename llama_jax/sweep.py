@@ -43,7 +43,7 @@ LOG_FILE = "train.log"  # the trial process's output
 STUDY_FILE = "optuna.db"  # the Optuna study (SQLite), for resuming and for optuna-dashboard
 DATA_DIR = "data"  # a raw source prepared once for all trials
 FINISHED = ("done", "diverged", "pruned")  # statuses a re-run skips
-POLL_SECONDS = 0.2  # how often the driver reads the running trials' metrics (for the pruner) and exits
+POLL_SECONDS = 0.2  # how often the driver reads running trials' metrics (for the pruner) and sees which ended
 MAX_TRIALS = 10_000  # more is a mistake in the axes (a sweep lists its trials before it starts)
 
 

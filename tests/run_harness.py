@@ -45,15 +45,16 @@ def _kill_after_step(step_to_kill: int) -> None:
 def _kill_after_commit(checkpoint_step: int) -> None:
     from llama_jax import metrics
 
-    original, seen = metrics.MetricsWriter.write, []
+    original, seen, waited = metrics.MetricsWriter.write, [], []
 
     def write(self, step, record):
         original(self, step, record)
         if len(seen) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         checkpoints = Path(self._file.name).parent / "checkpoints"
-        if not seen and step > checkpoint_step:  # the commit finishes in Orbax's thread: wait for it here,
-            deadline = time.monotonic() + 120  # or a slow one would be seen only after the run's end
+        if not waited and step > checkpoint_step:  # the commit finishes in Orbax's thread: wait for it here
+            waited.append(step)  # (once), or a slow one would be seen only after the run's end
+            deadline = time.monotonic() + 120
             while checkpoint_step not in committed_steps(checkpoints) and time.monotonic() < deadline:
                 time.sleep(0.05)
         if seen or checkpoint_step in committed_steps(checkpoints):
