@@ -35,7 +35,9 @@ def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]
     train, evals = last_per_step(records, "loss"), last_per_step(records, "eval_loss")
     speed = last_per_step(records, "tokens_per_second")
     committed = _json(directory / "progress.json").get("committed_step")
-    target = _json(directory / "config.json").get("train", {}).get("steps")
+    committed = committed if type(committed) is int else None  # (a damaged record counts as none)
+    train_config = _json(directory / "config.json").get("train")
+    target = train_config.get("steps") if isinstance(train_config, dict) else None
     steps = max([s for s, _ in train] + [committed or 0])
     complete = isinstance(target, int) and isinstance(committed, int) and committed >= target
     # a finished run logged its last step (and its closing evaluation there): final values of an earlier
@@ -103,7 +105,7 @@ def sweep_objective(spec: dict, trials: list[Path]) -> str:
 def collect(workdir: Path, spec: dict) -> tuple[list[str], list[dict[str, Any]], str]:
     """(swept keys, one row per trial, the objective), best first: finished trials by their final
     objective. `spec`: the sweep's sweep.json, as read (`sweep.saved_spec`)."""
-    from llama_jax.sweep import TRIAL_FILE
+    from llama_jax.sweep import TRIAL_FILE, read_trial
 
     keys = list(spec["axes"])
     sweep_running = holds_lock(workdir)
@@ -111,7 +113,7 @@ def collect(workdir: Path, spec: dict) -> tuple[list[str], list[dict[str, Any]],
     objective = sweep_objective(spec, trials)
     rows = []
     for directory in trials:
-        trial = _json(directory / TRIAL_FILE)
+        trial = read_trial(directory)
         outcome = run_outcome(directory, objective)
         status = trial.get("status", "unknown")
         if status in ("running", "submitted") and outcome["complete"]:

@@ -476,10 +476,16 @@ def prepare_shared_data(data_config, workdir: Path, out=print, every_trial_start
 
 
 def read_trial(directory: Path) -> dict:
+    """The trial record in `directory`, or {} where it is missing or damaged: not JSON, or not the
+    object `write_trial` writes (a number, a dict of overrides, a status, text for an error)."""
     try:
-        return json.loads((directory / TRIAL_FILE).read_text())
+        record = json.loads((directory / TRIAL_FILE).read_text())
     except (OSError, ValueError):
         return {}
+    valid = (isinstance(record, dict) and type(record.get("number")) is int
+             and isinstance(record.get("overrides"), dict) and isinstance(record.get("status"), str)
+             and isinstance(record.get("error", ""), str))
+    return record if valid else {}
 
 
 def finished_trial_status(directory: Path) -> str | None:
@@ -700,10 +706,17 @@ def open_study(workdir: Path, seed: int):
     optuna = _import_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = workdir / STUDY_FILE  # connected to directly: in a URL, "?" and "%" in the path would be URL syntax
-    storage = optuna.storages.RDBStorage("sqlite:///", engine_kwargs={"creator": lambda: sqlite3.connect(path)})
-    study = optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        storage = optuna.storages.RDBStorage("sqlite:///", engine_kwargs={"creator": lambda: sqlite3.connect(path)})
+        study = optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize",
+                                    load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed),
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    except (SQLAlchemyError, sqlite3.Error) as e:  # not SQLite (damaged, truncated), or a directory in its place
+        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise SweepError(f"{path} cannot be read as the sweep's Optuna study ({reason}); put the study back, "
+                         f"or run the search in a new --workdir") from None
     if study.trials:  # resumed: a sampler seeded as before would propose its first points again
         resumed_seed = int(np.random.SeedSequence([seed, len(study.trials)]).generate_state(1)[0])
         study.sampler = optuna.samplers.TPESampler(seed=resumed_seed)

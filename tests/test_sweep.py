@@ -343,6 +343,12 @@ def test_random_and_optuna_searches(tmp_path, capsys, monkeypatch):
     assert main(more) == 0  # the study goes on to a fourth trial
     assert len(optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{optuna_dir / 'optuna.db'}").trials) == 4
     assert len(rows(optuna_dir)) == 4
+    capsys.readouterr()
+    (optuna_dir / "optuna.db").write_bytes(b"not SQLite " * 500)  # damaged: was SQLAlchemy's traceback, exit 1
+    assert main(more) == 2
+    assert capsys.readouterr().err == (f"llama-jax sweep: error: {optuna_dir / 'optuna.db'} cannot be read as the "
+                                       f"sweep's Optuna study (file is not a database); put the study back, or run "
+                                       f"the search in a new --workdir\n")
 
 
 def test_the_optuna_study_lives_in_the_workdir_whatever_its_name(tmp_path):
@@ -824,3 +830,13 @@ def test_a_finished_trial_whose_log_lost_its_last_step_is_not_ranked_by_an_earli
     rows = {r["run"]: r for r in collect(tmp_path, spec)[1]}
     damaged = f"{tmp_path / 'b' / 'trial.json'} is damaged; run the sweep command again to rewrite it"
     assert (rows["b"]["status"], rows["b"]["error"]) == ("unknown", damaged)  # (rewritten: test_random_and_optuna...)
+    # valid JSON of the wrong shape is damage too (each was a traceback in --report and at a sweep's end)
+    for record in ('{"number": 0, "overrides": "x", "status": "done"}', '{"number": 0, "overrides": {}, "status": 3}',
+                   '{"number": 0, "overrides": {}, "status": "done", "error": 5}', '[1]'):
+        (tmp_path / "b" / "trial.json").write_text(record)
+        rows = {r["run"]: r for r in collect(tmp_path, spec)[1]}
+        assert (rows["b"]["status"], rows["b"]["error"]) == ("unknown", damaged), record
+    for name, text in (("progress.json", '{"committed_step": "abc"}'), ("config.json", '{"train": 5}')):
+        (tmp_path / "c" / name).write_text(text)  # c: its committed step or its target unknown, so its steps
+        row = next(r for r in collect(tmp_path, spec)[1] if r["run"] == "c")  # are those its log holds
+        assert (row["status"], row["steps"]) == ("done", 3), name
