@@ -608,6 +608,19 @@ def test_bad_input(argv, message, capsys, tmp_path, monkeypatch):
     assert not workdir.exists()
 
 
+def test_a_job_folder_with_a_line_break_is_refused(capsys, tmp_path, monkeypatch):
+    """The logs' paths are #SBATCH lines of the script: a line break in the folder (here from the
+    run's --workdir) cut them, and sbatch would have dropped every option after it; exit 0 before."""
+    monkeypatch.chdir(ROOT)
+    workdir = tmp_path / "run\necho hi"
+    assert cli.main(["launch", "slurm", "--dry-run", "--", "train", "--config", "configs/tiny.py", "--workdir",
+                     str(workdir)]) == 2
+    assert capsys.readouterr().err == (
+        f"llama-jax launch: error: the job folder {str(workdir / 'slurm')!r} (--folder, or the run's --workdir/slurm) "
+        f"holds a control character, which would break the sbatch script's #SBATCH lines; use a path without one\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_folder_inside_a_runs_checkpoints_or_a_dangling_link_is_refused(capsys, tmp_path, monkeypatch):
     """submitit's folder inside a run's checkpoints/ would put its files among the steps Orbax reads;
     one at a link to nothing could not be made."""

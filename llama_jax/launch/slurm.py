@@ -99,6 +99,10 @@ def submit_array(commands: list[list[str]], folder: str | Path, *, dry_run: bool
 
     Returns the job ids; with dry_run, writes the sbatch script into `folder` instead and returns
     its path as a one-element list. Commands are full argv lists, run as given on the nodes."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(folder)):  # its logs' paths are lines of the script
+        raise LaunchError(f"the job folder {str(folder)!r} (--folder, or the run's --workdir/{WORKDIR_FOLDER}) holds a "
+                          f"control character, which would break the sbatch script's #SBATCH lines; use a path "
+                          f"without one")
     if dry_run:
         path = Path(folder) / DRY_RUN_SCRIPT
         script = array_script(commands, folder, **options)
