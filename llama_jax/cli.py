@@ -891,6 +891,8 @@ def cmd_launch_tpu(args) -> None:
                          command=tuple(command), runtime_version=args.runtime_version, spot=args.spot,
                          project=args.project, setup=args.setup, copy_back=args.copy_back,
                          delete_after=args.delete_after, max_restarts=args.max_restarts)
+    if spec.copy_back:
+        tpu.check_copy_back(spec)
     if args.dry_run:
         print("\n".join(tpu.dry_run_lines(spec)))
         return
@@ -1214,7 +1216,7 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="if the slice is preempted during the run, re-create it and run again, up to N times")
     t.add_argument("--copy-back", default=None, metavar="DIR",
-                   help="afterwards, copy the command's --workdir from worker 0 to DIR")
+                   help="afterwards, copy the command's --workdir from worker 0 into DIR (as DIR/NAME)")
     t.add_argument("--delete-after", action="store_true", help="afterwards, delete the queued resource")
     t.add_argument("--dry-run", action="store_true", help="print the gcloud commands in order; run nothing")
     t.add_argument("launched", nargs=argparse.REMAINDER, metavar="-- COMMAND",

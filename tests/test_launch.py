@@ -253,12 +253,12 @@ def test_preemption_during_the_run_relaunches(fake_gcloud, monkeypatch):
                               "queued-resources describe ACTIVE", *RAN, "queued-resources delete"]
 
 
-def test_preemption_without_restarts_reports_and_exits_with_the_status(fake_gcloud, monkeypatch, capfd):
+def test_preemption_without_restarts_reports_and_exits_with_the_status(fake_gcloud, monkeypatch, capfd, tmp_path):
     set_state, calls = fake_gcloud
     set_state("ACTIVE")
     monkeypatch.setenv("FAKE_PREEMPTIONS", "1")
     with pytest.raises(SystemExit) as exit_:
-        cli.main(launch_args("--copy-back", "back"))
+        cli.main(launch_args("--copy-back", str(tmp_path / "back")))
     assert exit_.value.code == 255
     assert "launch again with the same command to resume" in capfd.readouterr().err
     assert "tpu-vm scp" not in verbs(calls())[-1]  # nothing to copy back from a preempted slice
@@ -279,15 +279,29 @@ def test_a_preempted_run_that_exits_cleanly_is_relaunched(fake_gcloud, monkeypat
     assert cli.main(launch_args("--max-restarts", "1")) == 0  # the third run finishes
 
 
-def test_copy_back_and_delete_after_a_run(fake_gcloud):
+def test_copy_back_and_delete_after_a_run(fake_gcloud, tmp_path, capsys):
+    """The workdir lands in DIR/NAME whether DIR existed or not (scp -r copies into a directory
+    that exists, so DIR is made first); a DIR/NAME already there is refused before anything runs:
+    scp would merge two runs' checkpoints."""
     set_state, calls = fake_gcloud
     set_state("ACTIVE")
-    assert cli.main(launch_args("--copy-back", "back", "--delete-after")) == 0
+    back = tmp_path / "back" / "more"
+    assert cli.main(launch_args("--copy-back", str(back), "--delete-after")) == 0
     *_, copy_back, delete = calls()
     assert copy_back[:2] == ["tpu-vm", "scp"] and delete[:2] == ["queued-resources", "delete"]
+    assert f"tpu-vm scp --recurse run:/mnt/gcs/runs/tiny {back} --worker=0" in capsys.readouterr().err
+    assert back.is_dir()
+    (back / "tiny").mkdir()
+    (back / "tiny" / "metrics.jsonl").write_text("{}\n")  # an earlier copy, or another run of that name
+    (Path(os.environ["FAKE_LOG"])).unlink()
+    assert cli.main(launch_args("--copy-back", str(back))) == 2
+    assert capsys.readouterr().err == (f"llama-jax launch: error: --copy-back {back}: the workdir would be copied to "
+                                       f"{back / 'tiny'}, which already exists; move it away, or give another "
+                                       f"directory\n")
+    assert not Path(os.environ["FAKE_LOG"]).exists()  # no gcloud command ran
 
 
-def test_delete_after_a_failed_install_and_not_after_a_failed_copy_back(fake_gcloud, monkeypatch, capsys):
+def test_delete_after_a_failed_install_and_not_after_a_failed_copy_back(fake_gcloud, monkeypatch, capsys, tmp_path):
     """--delete-after deletes a slice the launch created and could not install on (nothing of
     anyone's is on it), but keeps a reused one (it may hold earlier runs' files) and one whose
     workdir could not be copied back: deleting it would lose that workdir."""
@@ -304,7 +318,7 @@ def test_delete_after_a_failed_install_and_not_after_a_failed_copy_back(fake_gcl
     set_state("ACTIVE")
     (Path(os.environ["FAKE_LOG"])).unlink()
     monkeypatch.setenv("FAKE_FAIL", "scp:--recurse")
-    assert cli.main(launch_args("--copy-back", "back", "--delete-after")) == 2
+    assert cli.main(launch_args("--copy-back", str(tmp_path / "back"), "--delete-after")) == 2
     assert verbs(calls())[-1] == "tpu-vm scp" and calls()[-1][-1] == "failed"  # no delete after it
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         "queued resource run is kept, not deleted, so that the workdir on worker 0 is not lost: copy it, then "

@@ -22,7 +22,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from llama_jax.launch import LaunchError, option_value
@@ -185,6 +185,28 @@ def copy_back_command(tpu: TpuLaunch) -> list[str]:
                    "--worker=0")
 
 
+def copy_back_target(tpu: TpuLaunch) -> Path:
+    """Where --copy-back DIR puts the workdir: DIR/NAME, NAME being the workdir's own (scp -r into
+    a directory that exists; the launch makes DIR first, so the layout does not depend on it)."""
+    return Path(tpu.copy_back) / PurePosixPath(remote_workdir(tpu)).name
+
+
+def check_copy_back(tpu: TpuLaunch) -> None:
+    """LaunchError if the copy would land in something that is there already: scp merges into it,
+    and the files of two runs mixed in one checkpoints/ would resume from whichever step is last."""
+    target = copy_back_target(tpu)
+    if target.is_symlink() or target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise LaunchError(f"--copy-back {tpu.copy_back}: the workdir would be copied to {target}, which already "
+                          f"exists; move it away, or give another directory")
+
+
+def _make_directory(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LaunchError(f"--copy-back {path}: cannot make the directory ({e.strerror or e})") from None
+
+
 def install_shell(tpu: TpuLaunch) -> str:
     """Unpack the shipped checkout over the previous one (a relative workdir inside it survives) and install it."""
     steps = [f"mkdir -p {REMOTE_DIR}", f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}", f"rm {REMOTE_TARBALL}",
@@ -226,7 +248,8 @@ def dry_run_lines(tpu: TpuLaunch) -> list[str]:
         lines.append(f"# if the TPU was preempted during the run: up to {tpu.max_restarts} more times, "
                      "re-create, ship and run again")
     if tpu.copy_back:
-        lines += ["# copy the workdir back from worker 0", shlex.join(copy_back_command(tpu))]
+        lines += [f"# copy the workdir back from worker 0 to {copy_back_target(tpu)} (making {tpu.copy_back} first)",
+                  shlex.join(copy_back_command(tpu))]
     if tpu.delete_after:
         lines += ["# delete the queued resource and its TPU VMs", shlex.join(delete_command(tpu))]
     return lines
@@ -242,7 +265,7 @@ def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
         raise LaunchError("gcloud not found on PATH: install the Google Cloud CLI "
                           "(https://cloud.google.com/sdk/docs/install), or use --dry-run")
     if tpu.copy_back:
-        remote_workdir(tpu)  # fail before anything runs
+        check_copy_back(tpu)  # fail before anything runs
     status, preempted = _run_until_done(tpu, poll_seconds)
     if preempted:
         _note("the TPU was preempted during the run; launch again with the same command to resume")
@@ -251,6 +274,8 @@ def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
         _note(f"the command exited with status {status} on the TPU")
     if tpu.copy_back and not preempted:
         try:
+            check_copy_back(tpu)  # (again: hours may have passed)
+            _make_directory(Path(tpu.copy_back))
             _run(copy_back_command(tpu))
         except LaunchError as e:
             if tpu.delete_after:  # deleting the slice would lose the workdir on worker 0
