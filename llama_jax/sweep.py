@@ -713,8 +713,10 @@ def open_study(workdir: Path, seed: int):
         study = optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize",
                                     load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed),
                                     pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
-    except (SQLAlchemyError, sqlite3.Error) as e:  # not SQLite (damaged, truncated), or a directory in its place
-        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+    except (SQLAlchemyError, sqlite3.Error, optuna.exceptions.StorageInternalError) as e:
+        # not SQLite (damaged, cut short) or a directory in its place; Optuna's own error carries SQLite's as its cause
+        cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ else e
+        reason = str(getattr(cause, "orig", None) or cause).splitlines()[0]
         raise SweepError(f"{path} cannot be read as the sweep's Optuna study ({reason}); put the study back, "
                          f"or run the search in a new --workdir") from None
     if study.trials:  # resumed: a sampler seeded as before would propose its first points again

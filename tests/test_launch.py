@@ -629,9 +629,14 @@ def test_a_job_folder_with_a_line_break_is_refused(capsys, tmp_path, monkeypatch
     workdir = tmp_path / "run\necho hi"
     assert cli.main(["launch", "slurm", "--dry-run", "--", "train", "--config", "configs/tiny.py", "--workdir",
                      str(workdir)]) == 2
-    assert capsys.readouterr().err == (
-        f"llama-jax launch: error: the job folder {str(workdir / 'slurm')!r} (--folder, or the run's --workdir/slurm) "
-        f"holds a control character, which would break the sbatch script's #SBATCH lines; use a path without one\n")
+    message = (f"the job folder {str(workdir / 'slurm')!r} (--folder, or the --workdir's slurm/) holds a control "
+               f"character, which would break the sbatch script's #SBATCH lines; use a path without one\n")
+    assert capsys.readouterr().err == f"llama-jax launch: error: {message}"
+    # a sweep's trials on SLURM: its dry run renders the same script
+    assert cli.main(["sweep", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "s\nx"), "--sweep",
+                     "train.seed=[0,1]", "--on", "slurm", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llama-jax sweep: error: the job folder ") and "holds a control character" in err, err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -363,6 +363,23 @@ def test_the_optuna_study_lives_in_the_workdir_whatever_its_name(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a?x=1", "b%41", "c d#e"]
 
 
+def test_a_study_damaged_inside_is_one_line(tmp_path):
+    """A page of optuna.db overwritten: Optuna raises its StorageInternalError (not SQLAlchemy's
+    error, which the whole-file damage in test_random_and_optuna_searches gives), a traceback."""
+    import optuna
+
+    study = sweep_lib.open_study(tmp_path, seed=0)
+    for i in range(30):
+        study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), float(i))
+    path = tmp_path / sweep_lib.STUDY_FILE
+    data = bytearray(path.read_bytes())
+    data[4096 + 8:8192] = b"\xff" * (4096 - 8)
+    path.write_bytes(bytes(data))
+    with pytest.raises(sweep_lib.SweepError, match=r"optuna.db cannot be read as the sweep's Optuna study \(database "
+                                                   r"disk image is malformed\); put the study back"):
+        sweep_lib.open_study(tmp_path, seed=0)
+
+
 def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
     """The study keeps the losses a killed sweep's trial reported; the resumed trial's metrics.jsonl
     holds them again, and Optuna warns about each step reported twice."""

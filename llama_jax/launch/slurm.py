@@ -99,10 +99,6 @@ def submit_array(commands: list[list[str]], folder: str | Path, *, dry_run: bool
 
     Returns the job ids; with dry_run, writes the sbatch script into `folder` instead and returns
     its path as a one-element list. Commands are full argv lists, run as given on the nodes."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in str(folder)):  # its logs' paths are lines of the script
-        raise LaunchError(f"the job folder {str(folder)!r} (--folder, or the run's --workdir/{WORKDIR_FOLDER}) holds a "
-                          f"control character, which would break the sbatch script's #SBATCH lines; use a path "
-                          f"without one")
     if dry_run:
         path = Path(folder) / DRY_RUN_SCRIPT
         script = array_script(commands, folder, **options)
@@ -123,6 +119,15 @@ def submit_array(commands: list[list[str]], folder: str | Path, *, dry_run: bool
     except submitit.core.utils.FailedJobError as e:
         raise LaunchError(f"sbatch failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}") from None
     return [job.job_id for job in jobs]
+
+
+def _check_job_folder(folder: str | Path) -> None:
+    """LaunchError for a folder whose path the sbatch script cannot hold: its logs' paths are
+    #SBATCH lines, which a line break (or another control character) would cut."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(folder)):
+        raise LaunchError(f"the job folder {str(folder)!r} (--folder, or the --workdir's {WORKDIR_FOLDER}/) holds a "
+                          f"control character, which would break the sbatch script's #SBATCH lines; use a path "
+                          f"without one")
 
 
 def array_script(commands: list[list[str]], folder: str | Path, **options: Any) -> str:
@@ -187,6 +192,7 @@ def _import_submitit():
 
 def _executor(submitit, folder: str | Path, dry_run: bool):
     """submitit's SlurmExecutor; for a dry run, one that renders scripts on a machine without SLURM."""
+    _check_job_folder(folder)
     if not dry_run:
         return submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_TIMEOUT_REQUEUES)
 
