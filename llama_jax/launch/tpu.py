@@ -187,7 +187,8 @@ def copy_back_command(tpu: TpuLaunch) -> list[str]:
 
 def copy_back_target(tpu: TpuLaunch) -> Path:
     """Where --copy-back DIR puts the workdir: DIR/NAME, NAME being the workdir's own (scp -r into
-    a directory that exists; the launch makes DIR first, so the layout does not depend on it)."""
+    a directory that exists; the launch makes DIR just before the copy, so the layout does not
+    depend on whether DIR was there)."""
     return Path(tpu.copy_back) / PurePosixPath(remote_workdir(tpu)).name
 
 
