@@ -1252,8 +1252,8 @@ def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs of the task on each node (default: SLURM's)")
     p.add_argument("--partition", default=d["partition"], metavar="P")
     p.add_argument("--time-min", type=int, default=d["time_min"], metavar="M",
-                   help=f"time limit in minutes, at least {MIN_TIME_MIN} (default {d['time_min']}); at the limit the job is "
-                        f"requeued and the run resumes")
+                   help=f"time limit in minutes, at least {MIN_TIME_MIN} (default {d['time_min']}); at the limit the "
+                        f"job is requeued and the run resumes")
     p.add_argument("--account", default=d["account"], metavar="A")
     p.add_argument("--job-name", default=d["job_name"], metavar="NAME")
 
