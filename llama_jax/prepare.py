@@ -364,7 +364,9 @@ class Encoder:
             return
         pending: collections.deque = collections.deque()
         for sources, texts in _chunks(documents):
-            pending.append((sources, self._started().submit(_encode_texts, texts)))
+            with signals_held():  # (see `close`) the first submit starts the pool
+                future = self._started().submit(_encode_texts, texts)
+            pending.append((sources, future))
             if len(pending) >= CHUNKS_PER_WORKER * self.workers:
                 yield _collect(*pending.popleft())
         while pending:
@@ -377,8 +379,12 @@ class Encoder:
         return self._pool
 
     def close(self) -> None:
+        """Stop the workers. A signal waits while the pool starts or stops: one that interrupts
+        either leaves the named semaphores of its queues unreleased when the command exits (the
+        multiprocessing resource tracker then warns of them after the command's last line)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            with signals_held():
+                self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _collect(sources: np.ndarray, future) -> Encoded:

@@ -153,6 +153,49 @@ def test_a_worker_that_dies_is_one_line(inputs):
         encoder.close()
 
 
+SIGTERM_IN_SHUTDOWN = """
+import os, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+import numpy as np
+from llama_jax import cli, prepare
+
+shutdown = ProcessPoolExecutor.shutdown
+def shutdown_after_a_signal(pool, *args, **kwargs):  # SIGTERM lands on the shutdown's first line
+    os.kill(os.getpid(), signal.SIGTERM)
+    return shutdown(pool, *args, **kwargs)
+ProcessPoolExecutor.shutdown = shutdown_after_a_signal
+
+def main():
+    encoder = prepare.Encoder(sys.argv[1], np.dtype(np.uint16), workers=2)
+    try:
+        with cli._sigterm_unwinds():
+            try:
+                print(sum(len(c.lengths) for c in encoder.encode(enumerate(["one", "two", "three"]))), flush=True)
+            finally:
+                encoder.close()
+            time.sleep(60)  # the command goes on; a signal held back during the shutdown ends it here
+    except cli.Terminated:
+        print("terminated", flush=True)
+    os._exit(143)  # as the command line leaves after a signal: without the interpreter's teardown
+
+
+if __name__ == "__main__":  # (the spawned workers import this file)
+    main()
+"""
+
+
+def test_sigterm_while_the_workers_stop_leaves_no_semaphores(inputs, tmp_path):
+    """The tokenizer pool's queues hold named semaphores, released when the pool has shut down;
+    a SIGTERM inside the shutdown waits until it is done, or the multiprocessing resource tracker
+    finds them leaked when the command exits (a warning after its last line)."""
+    script = tmp_path / "sigterm_in_shutdown.py"
+    script.write_text(SIGTERM_IN_SHUTDOWN)
+    done = subprocess.run([sys.executable, str(script), str(inputs["tokenizer"])], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 143 and done.stdout.split() == ["3", "terminated"], done
+    assert "leaked" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
