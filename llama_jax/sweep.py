@@ -34,7 +34,7 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 import numpy as np
 
 from llama_jax.experiment import LATER_KEYS, _failure, _parse, load_config
-from llama_jax.safe_io import holds_run, write_text_atomic
+from llama_jax.safe_io import holds_lock, holds_run, signals_held, write_text_atomic
 
 SEARCHES = ("grid", "random", "optuna")
 SPEC_FILE = "sweep.json"  # what the sweep is: a workdir holds one sweep
@@ -603,11 +603,15 @@ class Sweep:
                         del running[slot]
                 time.sleep(POLL_SECONDS)
         finally:
-            for active in running.values():  # interrupted: the trials save a checkpoint and stop
-                active.process.send_signal(signal.SIGTERM)
+            # Interrupted: the trials save a checkpoint and stop. Their records are written first, with
+            # signals held, so that a second Ctrl-C (which ends the wait) does not leave them "running".
+            with signals_held():
+                for active in running.values():
+                    active.process.send_signal(signal.SIGTERM)
+                    write_trial(active.directory, active.trial, "interrupted", started=active.started,
+                                ended=time.time())
             for active in running.values():
                 active.process.wait()
-                write_trial(active.directory, active.trial, "interrupted", started=active.started, ended=time.time())
 
     def _start(self, trial: Trial, slot: int, study) -> Running:
         from llama_jax.devices import subset_env
@@ -935,6 +939,16 @@ def _more_trials(saved: dict, mine: dict) -> bool:
         and isinstance(saved.get("trials"), int) and mine["trials"] > saved["trials"]
 
 
+def check_no_trial_running(workdir: Path) -> None:
+    """SweepError if a process still runs in one of the sweep's trial directories (holds its lock):
+    a trial of an earlier sweep process that a second Ctrl-C or a kill left saving its step, or a
+    run started there by hand. A trial started beside it would fail on that lock."""
+    busy = [record.parent for record in sorted(workdir.glob(f"*/{TRIAL_FILE}")) if holds_lock(record.parent)]
+    if busy:
+        raise SweepError(f"{busy[0]} is in use: a llama-jax train is still running there (a trial of an earlier "
+                         f"sweep process finishing its save?); wait for it to end, then run the sweep again")
+
+
 def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | os.PathLike, parallel: int = 1,
               devices_per_run: int | None = None, out=print) -> None:
     """Run the trials that are not finished yet (a re-run skips done and pruned ones and resumes the rest).
@@ -949,6 +963,7 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
                                   "the directory's lock); wait for it to end or stop it, then run it again to go on")
     lock.acquire()
     try:
+        check_no_trial_running(workdir)
         new_spec = not (workdir / SPEC_FILE).exists()
         write_text_atomic(workdir / SPEC_FILE, spec.to_json())  # a failed write keeps the sweep's record
         if sweep.data:

@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -740,6 +741,85 @@ def test_a_sweep_already_running_in_the_workdir_is_refused(tmp_path, capsys):
         assert list(workdir.iterdir()) == []
     finally:
         running.release()
+
+
+def test_a_trial_directory_still_in_use_is_refused_before_anything_runs(tmp_path, capsys):
+    """A trial whose process outlived its sweep (a second Ctrl-C, a killed driver) may still be
+    saving its step, holding its workdir's lock: a re-run started meanwhile stops at once in one
+    line instead of starting that trial again and recording it failed on the lock."""
+    from llama_jax.safe_io import DirectoryLock
+
+    workdir = tmp_path / "sweep"
+    assert main(sweep_args(workdir, "--sweep", "train.seed=[0,1]")) == 0
+    capsys.readouterr()
+    (workdir / "seed=1" / "trial.json").write_text(json.dumps({"number": 1, "overrides": {"train.seed": 1},
+                                                               "status": "interrupted"}))
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    running = DirectoryLock(workdir / "seed=1", "held by the test")
+    running.acquire()
+    try:
+        assert main(sweep_args(workdir, "--sweep", "train.seed=[0,1]")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"llama-jax sweep: error: {workdir / 'seed=1'} is in use: a llama-jax train is still running "
+                       "there (a trial of an earlier sweep process finishing its save?); wait for it to end, then "
+                       "run the sweep again"), err
+        assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+    finally:
+        running.release()
+    assert main(sweep_args(workdir, "--sweep", "train.seed=[0,1]")) == 0
+    assert trial(workdir / "seed=1")["status"] == "done"
+
+
+SECOND_CTRL_C = """
+import os, signal, sys, threading, time, json
+from pathlib import Path
+from llama_jax import cli, sweep
+
+# a trial that takes 20 s to stop after SIGTERM, as a run saving a large checkpoint may
+STOPS_SLOWLY = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: (time.sleep(20), sys.exit(0))); "
+                "open(sys.argv[1], 'w').close(); time.sleep(600)")
+def trial_command(spec, trial, directory, **_):
+    return [sys.executable, "-c", STOPS_SLOWLY, str(directory / "started")]
+sweep.trial_command = trial_command
+
+def status(directory):
+    try:
+        return json.loads((directory / "trial.json").read_text())["status"]
+    except (OSError, ValueError):
+        return None
+
+def press_ctrl_c_twice(directory):
+    while not (directory / "started").exists():
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+    deadline = time.monotonic() + 5
+    while status(directory) != "interrupted" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)  # while the sweep waits for its trial to stop
+
+workdir = Path(sys.argv[1])
+threading.Thread(target=press_ctrl_c_twice, args=(workdir / "seed=0",), daemon=True).start()
+started = time.monotonic()
+code = cli.main([*sys.argv[2:], "--workdir", str(workdir)])
+print(code, status(workdir / "seed=0"), time.monotonic() - started < 15, flush=True)
+"""
+
+
+def test_a_second_ctrl_c_leaves_the_trial_recorded_as_interrupted(tmp_path):
+    """The first Ctrl-C asks the trials to save and stop; a second one ends the sweep without
+    waiting for them, and their records say `interrupted`, not `running`."""
+    script = tmp_path / "second_ctrl_c.py"
+    script.write_text(SECOND_CTRL_C)
+    command = [sys.executable, str(script), str(tmp_path / "sweep"), "sweep", "--config", TINY, *SHORT,
+               "--sweep", "train.seed=[0]"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        out, err = driver.communicate(timeout=120)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the trial, still stopping
+    assert out.splitlines() == ["[0] started seed=0", "130 interrupted True"], (out, err)
+    assert err == "llama-jax sweep: interrupted\n", err
 
 
 def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys):
