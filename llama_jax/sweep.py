@@ -850,7 +850,8 @@ def saved_spec(workdir: Path) -> dict:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = None
-    if not isinstance(saved, dict) or not isinstance(saved.get("axes"), dict):
+    axes = saved.get("axes") if isinstance(saved, dict) else None
+    if not (isinstance(axes, dict) and axes and all(isinstance(v, str) for v in axes.values())):  # (as to_json writes)
         raise SweepError(f"{path} is damaged (not a sweep's JSON); use another --workdir")
     return saved
 

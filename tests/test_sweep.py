@@ -101,11 +101,13 @@ def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path, capsys
     assert main(["sweep", "--workdir", str(workdir), "--report", "--sweep", "train.seed=[0]", "--parallel", "2"]) == 2
     assert capsys.readouterr().err.strip().endswith("--report rebuilds the results from the files in --workdir alone; "
                                                     "drop --sweep, --parallel")
-    (workdir / "sweep.json").write_text("garbage\n")  # damaged: refused, not rebuilt without the swept columns
-    files = {p: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
-    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 2
-    assert capsys.readouterr().err.strip().endswith("sweep.json is damaged (not a sweep's JSON); use another --workdir")
-    assert {p: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == files
+    files = {p: p.read_bytes() for p in workdir.iterdir() if p.is_file() and p.name != "sweep.json"}
+    for damaged in ["garbage\n", json.dumps({**spec, "axes": {}}), json.dumps({**spec, "axes": {"train.seed": 0}})]:
+        (workdir / "sweep.json").write_text(damaged)  # refused, not rebuilt without the swept columns
+        assert main(["sweep", "--workdir", str(workdir), "--report"]) == 2
+        assert capsys.readouterr().err.strip().endswith("sweep.json is damaged (not a sweep's JSON); use another "
+                                                        "--workdir")
+        assert {p: p.read_bytes() for p in workdir.iterdir() if p.is_file() and p.name != "sweep.json"} == files
     (workdir / "sweep.json").unlink()
     (workdir / "sweep.json").mkdir()  # a directory in its place (was "sweep.json not found")
     assert main(["sweep", "--workdir", str(workdir), "--report"]) == 2
