@@ -16,6 +16,7 @@ trial tokenizing the corpus again.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -705,24 +706,34 @@ def _import_optuna():
     return optuna
 
 
+@contextlib.contextmanager
+def study_errors(workdir: Path) -> Iterator[None]:
+    """The study's storage failing inside the block, when it is opened or later in the sweep, as one
+    SweepError line: DIR/optuna.db damaged (not SQLite, cut short, a page overwritten), a directory
+    in its place, or a write the disk refuses."""
+    optuna = _import_optuna()
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, sqlite3.Error, optuna.exceptions.StorageInternalError) as e:
+        # Optuna's own error carries SQLite's as its cause
+        cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ else e
+        reason = str(getattr(cause, "orig", None) or cause).splitlines()[0]
+        raise SweepError(f"{workdir / STUDY_FILE} cannot be used as the sweep's Optuna study ({reason}); put the "
+                         f"study back if it is damaged, or run the search in a new --workdir") from None
+
+
 def open_study(workdir: Path, seed: int):
     """The sweep's Optuna study in DIR/optuna.db (created or reloaded): TPE sampler, median pruner."""
     optuna = _import_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = workdir / STUDY_FILE  # connected to directly: in a URL, "?" and "%" in the path would be URL syntax
-    from sqlalchemy.exc import SQLAlchemyError
-
-    try:
+    with study_errors(workdir):
         storage = optuna.storages.RDBStorage("sqlite:///", engine_kwargs={"creator": lambda: sqlite3.connect(path)})
         study = optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize",
                                     load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed),
                                     pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
-    except (SQLAlchemyError, sqlite3.Error, optuna.exceptions.StorageInternalError) as e:
-        # not SQLite (damaged, cut short) or a directory in its place; Optuna's own error carries SQLite's as its cause
-        cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ else e
-        reason = str(getattr(cause, "orig", None) or cause).splitlines()[0]
-        raise SweepError(f"{path} cannot be read as the sweep's Optuna study ({reason}); put the study back, "
-                         f"or run the search in a new --workdir") from None
     if study.trials:  # resumed: a sampler seeded as before would propose its first points again
         resumed_seed = int(np.random.SeedSequence([seed, len(study.trials)]).generate_state(1)[0])
         study.sampler = optuna.samplers.TPESampler(seed=resumed_seed)
@@ -979,8 +990,9 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
                 raise
         if spec.search == "optuna":
             study = open_study(workdir, spec.seed)
-            rewrite_lost_records(study, sweep)
-            sweep.run(optuna_trials(study, axes, spec.trials), study)
+            with study_errors(workdir):
+                rewrite_lost_records(study, sweep)
+                sweep.run(optuna_trials(study, axes, spec.trials), study)
             return
         todo = [t for t in listed if finished_trial_status(sweep.directory(t)) is None]
         if len(todo) < len(listed):

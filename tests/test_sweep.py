@@ -378,9 +378,23 @@ def test_a_study_damaged_inside_is_one_line(tmp_path):
     data = bytearray(path.read_bytes())
     data[4096 + 8:8192] = b"\xff" * (4096 - 8)
     path.write_bytes(bytes(data))
-    with pytest.raises(sweep_lib.SweepError, match=r"optuna.db cannot be read as the sweep's Optuna study \(database "
-                                                   r"disk image is malformed\); put the study back"):
+    with pytest.raises(sweep_lib.SweepError, match=r"optuna.db cannot be used as the sweep's Optuna study \(database "
+                                                   r"disk image is malformed\); put the study back if it is damaged"):
         sweep_lib.open_study(tmp_path, seed=0)
+
+
+def test_a_study_damaged_while_the_sweep_runs_is_one_line(tmp_path, capsys, monkeypatch):
+    """Damage found mid-sweep (here: a trial overwrites the file), by the study's next read, is the
+    same one line, exit 2."""
+    workdir = tmp_path / "sweep"
+    damage = "import sys; p = sys.argv[1]; n = len(open(p, 'rb').read()); open(p, 'wb').write(b'\\xff' * n)"
+    monkeypatch.setattr(sweep_lib, "trial_command",
+                        lambda spec, trial, directory, **_: [sys.executable, "-c", damage, str(workdir / "optuna.db")])
+    args = sweep_args(workdir, "--search", "optuna", "--trials", "2", "--sweep", "optimizer.lr=loguniform(1e-3,3e-3)")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"llama-jax sweep: error: {workdir / 'optuna.db'} cannot be used as the sweep's Optuna study (file "
+                   "is not a database); put the study back if it is damaged, or run the search in a new --workdir"), err
 
 
 def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
