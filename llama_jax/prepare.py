@@ -32,6 +32,7 @@ that long after recording each shard, so tests can interrupt it between shards.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -364,8 +365,8 @@ class Encoder:
             return
         pending: collections.deque = collections.deque()
         for sources, texts in _chunks(documents):
-            with signals_held():  # (see `close`) the first submit starts the pool
-                future = self._started().submit(_encode_texts, texts)
+            with signals_held(), _worker_deaths():  # (see `close`) the first submit starts the pool; a later
+                future = self._started().submit(_encode_texts, texts)  # one finds a worker that died meanwhile
             pending.append((sources, future))
             if len(pending) >= CHUNKS_PER_WORKER * self.workers:
                 yield _collect(*pending.popleft())
@@ -388,8 +389,15 @@ class Encoder:
 
 
 def _collect(sources: np.ndarray, future) -> Encoded:
-    try:
+    with _worker_deaths():
         return Encoded(sources, *future.result())
+
+
+@contextlib.contextmanager
+def _worker_deaths() -> Iterator[None]:
+    """A tokenizer worker found dead inside the block (by a result, or by the next submit) as one line."""
+    try:
+        yield
     except BrokenProcessPool:
         raise ChildProcessError("a tokenizer worker process died (killed, or out of memory?); run the command "
                                 "again to continue where it stopped, with fewer --workers if memory is short") from None

@@ -595,7 +595,8 @@ class Sweep:
                     if trial is None:
                         exhausted = True
                         break
-                    running[slot] = self._start(trial, slot, study)
+                    with signals_held():  # a trial started is in `running`, for the `finally` below to stop
+                        running[slot] = self._start(trial, slot, study)
                 for slot, active in list(running.items()):
                     if study is not None:
                         self._report(active)

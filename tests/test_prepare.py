@@ -140,13 +140,20 @@ def test_workers_give_byte_identical_directories(inputs, reference, tmp_path, mo
     assert file_contents(tmp_path / "two") == file_contents(reference)
 
 
-def test_a_worker_that_dies_is_one_line(inputs):
-    """A tokenizer worker killed (as the out-of-memory killer would) is reported, not a traceback."""
+@pytest.mark.parametrize("noticed", [False, True])
+def test_a_worker_that_dies_is_one_line(inputs, noticed):
+    """A tokenizer worker killed (as the out-of-memory killer would) is reported, not a traceback:
+    found by a result, or (`noticed`: the pool found it dead while this process wrote a shard) by
+    the next submit."""
     encoder = prepare_lib.Encoder(inputs["tokenizer"], np.dtype(np.uint16), workers=2)
     try:
         pool = encoder._started()
         pool.submit(int).result()  # the workers are up
         os.kill(next(iter(pool._processes)), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while noticed and not pool._broken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool._broken or not noticed
         with pytest.raises(ChildProcessError, match=r"^a tokenizer worker process died \(killed, or out of memory"):
             list(encoder.encode(enumerate(inputs["documents"])))
     finally:

@@ -2,6 +2,7 @@
 each); a killed sweep resumes only what is missing; failures, pruning and device sharing are
 recorded; bad sweeps are one line before anything runs."""
 
+import contextlib
 import csv
 import json
 import math
@@ -349,9 +350,9 @@ def test_random_and_optuna_searches(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     (optuna_dir / "optuna.db").write_bytes(b"not SQLite " * 500)  # damaged: was SQLAlchemy's traceback, exit 1
     assert main(more) == 2
-    assert capsys.readouterr().err == (f"llama-jax sweep: error: {optuna_dir / 'optuna.db'} cannot be read as the "
-                                       f"sweep's Optuna study (file is not a database); put the study back, or run "
-                                       f"the search in a new --workdir\n")
+    assert capsys.readouterr().err == (f"llama-jax sweep: error: {optuna_dir / 'optuna.db'} cannot be used as the "
+                                       f"sweep's Optuna study (file is not a database); put the study back if it is "
+                                       f"damaged, or run the search in a new --workdir\n")
 
 
 def test_the_optuna_study_lives_in_the_workdir_whatever_its_name(tmp_path):
@@ -786,16 +787,18 @@ def test_a_trial_directory_still_in_use_is_refused_before_anything_runs(tmp_path
     assert trial(workdir / "seed=1")["status"] == "done"
 
 
-SECOND_CTRL_C = """
+CTRL_C = """
 import os, signal, sys, threading, time, json
 from pathlib import Path
 from llama_jax import cli, sweep
 
-# a trial that takes 20 s to stop after SIGTERM, as a run saving a large checkpoint may
-STOPS_SLOWLY = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: (time.sleep(20), sys.exit(0))); "
-                "open(sys.argv[1], 'w').close(); time.sleep(600)")
+workdir, when = Path(sys.argv[1]), sys.argv[2]
+
+# a trial that takes 20 s to stop after SIGTERM when pressed twice, as a run saving a large checkpoint may
+STOPS = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: (time.sleep(float(sys.argv[2])), "
+         "sys.exit(0))); open(sys.argv[1], 'w').close(); time.sleep(600)")
 def trial_command(spec, trial, directory, **_):
-    return [sys.executable, "-c", STOPS_SLOWLY, str(directory / "started")]
+    return [sys.executable, "-c", STOPS, str(directory / "started"), "20" if when == "twice" else "0"]
 sweep.trial_command = trial_command
 
 def status(directory):
@@ -813,27 +816,37 @@ def press_ctrl_c_twice(directory):
         time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGINT)  # while the sweep waits for its trial to stop
 
-workdir = Path(sys.argv[1])
-threading.Thread(target=press_ctrl_c_twice, args=(workdir / "seed=0",), daemon=True).start()
+class CtrlCAtTheStart(sweep.Running):
+    def __init__(self, *args):  # the trial's process is running, not yet in the sweep's list
+        os.kill(os.getpid(), signal.SIGINT)
+        super().__init__(*args)
+
+if when == "twice":
+    threading.Thread(target=press_ctrl_c_twice, args=(workdir / "seed=0",), daemon=True).start()
+else:
+    sweep.Running = CtrlCAtTheStart
 started = time.monotonic()
-code = cli.main([*sys.argv[2:], "--workdir", str(workdir)])
+code = cli.main([*sys.argv[3:], "--workdir", str(workdir)])
 print(code, status(workdir / "seed=0"), time.monotonic() - started < 15, flush=True)
 """
 
 
-def test_a_second_ctrl_c_leaves_the_trial_recorded_as_interrupted(tmp_path):
+@pytest.mark.parametrize("when", ["twice", "at_the_start"])
+def test_ctrl_c_leaves_the_trial_recorded_as_interrupted(tmp_path, when):
     """The first Ctrl-C asks the trials to save and stop; a second one ends the sweep without
-    waiting for them, and their records say `interrupted`, not `running`."""
-    script = tmp_path / "second_ctrl_c.py"
-    script.write_text(SECOND_CTRL_C)
-    command = [sys.executable, str(script), str(tmp_path / "sweep"), "sweep", "--config", TINY, *SHORT,
+    waiting for them (`twice`). Either way, and also for a Ctrl-C that lands just as a trial's
+    process has started (`at_the_start`), their records say `interrupted`, not `running`."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C)
+    command = [sys.executable, str(script), str(tmp_path / "sweep"), when, "sweep", "--config", TINY, *SHORT,
                "--sweep", "train.seed=[0]"]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         out, err = driver.communicate(timeout=120)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the trial, still stopping
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # the trial, still stopping
     assert out.splitlines() == ["[0] started seed=0", "130 interrupted True"], (out, err)
     assert err == "llama-jax sweep: interrupted\n", err
 
