@@ -43,6 +43,7 @@ import multiprocessing.connection
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -309,7 +310,10 @@ def _load_encoder(tokenizer_path: str, dtype: str) -> None:
 
 
 def _init_worker(tokenizer_path: str, dtype: str) -> None:
-    """Load the tokenizer once per worker process; a worker process ends when its parent does."""
+    """Load the tokenizer once per worker process; a worker process ends when its parent does. It
+    ignores Ctrl-C, which a terminal sends the whole process group: the parent stops its workers
+    (each would otherwise die printing a KeyboardInterrupt traceback after the command's last line)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _load_encoder(tokenizer_path, dtype)
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -365,8 +369,9 @@ class Encoder:
             return
         pending: collections.deque = collections.deque()
         for sources, texts in _chunks(documents):
-            with signals_held(), _worker_deaths():  # (see `close`) the first submit starts the pool; a later
-                future = self._started().submit(_encode_texts, texts)  # one finds a worker that died meanwhile
+            # held: a submit may start a worker process (see `close`); it may find one that died meanwhile
+            with signals_held(), _worker_deaths():
+                future = self._started().submit(_encode_texts, texts)
             pending.append((sources, future))
             if len(pending) >= CHUNKS_PER_WORKER * self.workers:
                 yield _collect(*pending.popleft())
@@ -380,9 +385,10 @@ class Encoder:
         return self._pool
 
     def close(self) -> None:
-        """Stop the workers. A signal waits while the pool starts or stops: one that interrupts
-        either leaves the named semaphores of its queues unreleased when the command exits (the
-        multiprocessing resource tracker then warns of them after the command's last line)."""
+        """Stop the workers, once they have finished the chunks already queued. A signal waits while
+        the pool starts or stops (for up to `cli.IMPORT_WAIT_S`): one that interrupts either leaves
+        the named semaphores of its queues unreleased when the command exits (the multiprocessing
+        resource tracker then warns of them after the command's last line)."""
         if self._pool is not None:
             with signals_held():
                 self._pool.shutdown(wait=True, cancel_futures=True)

@@ -116,8 +116,10 @@ def collect(workdir: Path, spec: dict) -> tuple[list[str], list[dict[str, Any]],
         trial = read_trial(directory)
         outcome = run_outcome(directory, objective)
         status = trial.get("status", "unknown")
-        if status in ("running", "submitted") and outcome["complete"]:
-            status = finished_status(outcome)  # finished since the sweep last looked (or on a cluster)
+        if status in ("running", "submitted", "interrupted") and outcome["complete"]:
+            # finished since the sweep last looked (or on a cluster), or after the SIGTERM of an interrupted
+            # sweep had reached it past its last step
+            status = finished_status(outcome)
         elif status == "running" and not sweep_running:
             status = "interrupted"  # its sweep was killed before it could say so; a re-run resumes it
         row = {"run": directory.name, **{k: trial.get("overrides", {}).get(k) for k in keys}, "status": status}

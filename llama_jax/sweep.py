@@ -595,27 +595,30 @@ class Sweep:
                     if trial is None:
                         exhausted = True
                         break
-                    with signals_held():  # a trial started is in `running`, for the `finally` below to stop
-                        running[slot] = self._start(trial, slot, study)
+                    self._start(trial, slot, study, running)
                 for slot, active in list(running.items()):
                     if study is not None:
                         self._report(active)
                     if active.process.poll() is not None:
-                        self._finish(active, study)
-                        del running[slot]
+                        with signals_held():  # recorded and out of `running` together (see `finally`)
+                            self._finish(active, study)
+                            del running[slot]
                 time.sleep(POLL_SECONDS)
         finally:
-            # Interrupted: the trials save a checkpoint and stop. Their records are written first, with
-            # signals held, so that a second Ctrl-C (which ends the wait) does not leave them "running".
+            # Interrupted: the trials in `running` save a checkpoint and stop. Their records say so
+            # before the wait, so that a second Ctrl-C (which ends it) does not leave them "running"
+            # (one that completed all the same reads as finished: `results.collect`).
             with signals_held():
                 for active in running.values():
                     active.process.send_signal(signal.SIGTERM)
+                for active in running.values():
                     write_trial(active.directory, active.trial, "interrupted", started=active.started,
                                 ended=time.time())
             for active in running.values():
                 active.process.wait()
 
-    def _start(self, trial: Trial, slot: int, study) -> Running:
+    def _start(self, trial: Trial, slot: int, study, running: dict[int, Running]) -> None:
+        """Start `trial` in `slot`, entered in `running` as its process starts."""
         from llama_jax.devices import subset_env
 
         directory = self.directory(trial)
@@ -624,17 +627,15 @@ class Sweep:
         if self.devices_per_run is not None:
             ids = list(range(slot * self.devices_per_run, (slot + 1) * self.devices_per_run))
             env = subset_env(self.platform, ids, slot, env)
+        optuna_trial, reported = study_trial(study, trial) if study is not None else (None, set())
         started = time.time()
         write_trial(directory, trial, "running", started=started)
         self.out(f"[{trial.number}] started {directory.name}")
-        with open(directory / LOG_FILE, "ab") as log:
+        # signals held: a trial whose process has started is in `running`, for the `finally` of `run` to stop
+        with open(directory / LOG_FILE, "ab") as log, signals_held():
             process = subprocess.Popen(trial_command(self.spec, trial, directory, data=self.data), stdout=log,
                                        stderr=subprocess.STDOUT, env=env, preexec_fn=_trial_setup())
-        running = Running(trial, directory, process, slot, started)
-        if study is not None:
-            running.optuna_trial = study_trial(study, trial)
-            running.reported_steps = set(study.trials[trial.number].intermediate_values)  # a resumed trial's
-        return running
+            running[slot] = Running(trial, directory, process, slot, started, optuna_trial, reported)
 
     def _report(self, active: Running) -> None:
         """Feed the run's new losses to the Optuna pruner; stop the run if it says so."""
@@ -710,19 +711,24 @@ def _import_optuna():
 @contextlib.contextmanager
 def study_errors(workdir: Path) -> Iterator[None]:
     """The study's storage failing inside the block, when it is opened or later in the sweep, as one
-    SweepError line: DIR/optuna.db damaged (not SQLite, cut short, a page overwritten), a directory
-    in its place, or a write the disk refuses."""
+    SweepError line: DIR/optuna.db damaged (not SQLite, cut short, a page overwritten) or a
+    directory in its place; or, where a re-run can go on, locked by another program, on a full
+    disk, or failing to read or write."""
     optuna = _import_optuna()
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import DBAPIError
 
     try:
         yield
-    except (SQLAlchemyError, sqlite3.Error, optuna.exceptions.StorageInternalError) as e:
+    except (DBAPIError, sqlite3.Error, optuna.exceptions.StorageInternalError) as e:
         # Optuna's own error carries SQLite's as its cause
         cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ else e
-        reason = str(getattr(cause, "orig", None) or cause).splitlines()[0]
-        raise SweepError(f"{workdir / STUDY_FILE} cannot be used as the sweep's Optuna study ({reason}); put the "
-                         f"study back if it is damaged, or run the search in a new --workdir") from None
+        reason = (str(getattr(cause, "orig", None) or cause).splitlines() or [type(cause).__name__])[0]
+        if any(word in reason for word in ("locked", "full", "I/O error")):
+            advice = "once that is resolved, run the sweep again (it resumes)"
+        else:
+            advice = "put the study back if it is damaged, or run the search in a new --workdir"
+        raise SweepError(f"{workdir / STUDY_FILE} cannot be used as the sweep's Optuna study ({reason}); "
+                         f"{advice}") from None
 
 
 def open_study(workdir: Path, seed: int):
@@ -777,11 +783,12 @@ def rewrite_lost_records(study, sweep: Sweep) -> None:
         write_trial(directory, trial, status)
 
 
-def study_trial(study, trial: Trial):
+def study_trial(study, trial: Trial) -> tuple[Any, set[int]]:
+    """The study's trial for `trial`, and the steps it holds losses of (a resumed trial's)."""
     import optuna
 
-    frozen = study.trials[trial.number]
-    return optuna.trial.Trial(study, frozen._trial_id)
+    frozen = study.get_trials(deepcopy=False)[trial.number]
+    return optuna.trial.Trial(study, frozen._trial_id), set(frozen.intermediate_values)
 
 
 def tell(study, optuna_trial, status: str, final: float | None) -> None:
@@ -953,10 +960,11 @@ def _more_trials(saved: dict, mine: dict) -> bool:
 
 
 def check_no_trial_running(workdir: Path) -> None:
-    """SweepError if a process still runs in one of the sweep's trial directories (holds its lock):
-    a trial of an earlier sweep process that a second Ctrl-C or a kill left saving its step, or a
-    run started there by hand. A trial started beside it would fail on that lock."""
-    busy = [record.parent for record in sorted(workdir.glob(f"*/{TRIAL_FILE}")) if holds_lock(record.parent)]
+    """SweepError if a process still runs in the directory of a trial the sweep may start (one not
+    finished) and holds its lock: a trial of an earlier sweep process that a second Ctrl-C or a kill
+    left saving its step, or a run started there by hand. The trial would fail on that lock."""
+    busy = [record.parent for record in sorted(workdir.glob(f"*/{TRIAL_FILE}"))
+            if finished_trial_status(record.parent) is None and holds_lock(record.parent)]
     if busy:
         raise SweepError(f"{busy[0]} is in use: a llama-jax train is still running there (a trial of an earlier "
                          f"sweep process finishing its save?); wait for it to end, then run the sweep again")

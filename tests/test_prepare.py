@@ -8,6 +8,7 @@ empty documents); shards hold SHARD_TOKENS tokens, so each split spans many shar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -212,6 +213,28 @@ def _children(pid: int) -> list[int]:
         except (OSError, IndexError, ValueError):
             pass
     return found
+
+
+def test_ctrl_c_in_the_terminal_stops_the_preparation_in_one_line(inputs, tmp_path):
+    """Ctrl-C reaches the tokenizer workers too (the whole process group): they leave stopping to
+    the command, which says `interrupted` last, with no worker's traceback after it."""
+    command = [sys.executable, "-m", "llama_jax.cli", "prepare-data", "--config", str(inputs["config"]),
+               "--output", str(tmp_path / "out"), "--workers", "2", "--shard-tokens", str(SHARD_TOKENS)]
+    env = {**os.environ, prepare_lib.PAUSE_ENV: "0.2", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # a terminal of its own
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "out" / "train-00001.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "no shard was finished in time"
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert err.rstrip("\n").endswith("llama-jax prepare-data: interrupted") and "Traceback" not in err, err
 
 
 def test_killed_preparation_resumes_to_the_same_files(inputs, reference, tmp_path, capsys):

@@ -384,6 +384,22 @@ def test_a_study_damaged_inside_is_one_line(tmp_path):
         sweep_lib.open_study(tmp_path, seed=0)
 
 
+def test_a_study_another_program_holds_locked_is_one_line_that_says_to_run_again(tmp_path):
+    """Not damage: the sweep can go on once the lock is gone (SQLite waits 5 s for it first)."""
+    import sqlite3
+
+    sweep_lib.open_study(tmp_path, seed=0)
+    holder = sqlite3.connect(tmp_path / sweep_lib.STUDY_FILE)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sweep_lib.SweepError, match=r"optuna.db cannot be used as the sweep's Optuna study "
+                                                       r"\(database is locked\); once that is resolved, run the "
+                                                       r"sweep again \(it resumes\)$"):
+            sweep_lib.open_study(tmp_path, seed=0)
+    finally:
+        holder.close()
+
+
 def test_a_study_damaged_while_the_sweep_runs_is_one_line(tmp_path, capsys, monkeypatch):
     """Damage found mid-sweep (here: a trial overwrites the file), by the study's next read, is the
     same one line, exit 2."""
@@ -481,7 +497,7 @@ def test_a_resumed_optuna_study_does_not_propose_its_first_points_again(tmp_path
         study = sweep_lib.open_study(tmp_path, seed=0)
         trial = next(sweep_lib.optuna_trials(study, axes, len(study.trials) + 1))
         proposed.append(trial.overrides["optimizer.lr"])
-        sweep_lib.tell(study, sweep_lib.study_trial(study, trial), "done", 1.0)
+        sweep_lib.tell(study, sweep_lib.study_trial(study, trial)[0], "done", 1.0)
     assert len(set(proposed)) == 3, proposed
 
 
@@ -771,6 +787,8 @@ def test_a_trial_directory_still_in_use_is_refused_before_anything_runs(tmp_path
     capsys.readouterr()
     (workdir / "seed=1" / "trial.json").write_text(json.dumps({"number": 1, "overrides": {"train.seed": 1},
                                                                "status": "interrupted"}))
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
+    assert {row["run"]: row["status"] for row in rows(workdir)} == {"seed=0": "done", "seed=1": "done"}  # (complete)
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
     running = DirectoryLock(workdir / "seed=1", "held by the test")
     running.acquire()
@@ -783,7 +801,12 @@ def test_a_trial_directory_still_in_use_is_refused_before_anything_runs(tmp_path
         assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
     finally:
         running.release()
-    assert main(sweep_args(workdir, "--sweep", "train.seed=[0,1]")) == 0
+    finished = DirectoryLock(workdir / "seed=0", "held by the test")  # a finished trial, which a re-run skips
+    finished.acquire()
+    try:
+        assert main(sweep_args(workdir, "--sweep", "train.seed=[0,1]")) == 0
+    finally:
+        finished.release()
     assert trial(workdir / "seed=1")["status"] == "done"
 
 
@@ -815,19 +838,21 @@ def press_ctrl_c_twice(directory):
     while status(directory) != "interrupted" and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGINT)  # while the sweep waits for its trial to stop
+    pressed.append(time.monotonic())
 
 class CtrlCAtTheStart(sweep.Running):
     def __init__(self, *args):  # the trial's process is running, not yet in the sweep's list
         os.kill(os.getpid(), signal.SIGINT)
         super().__init__(*args)
 
+pressed = []  # when the second Ctrl-C was sent
 if when == "twice":
     threading.Thread(target=press_ctrl_c_twice, args=(workdir / "seed=0",), daemon=True).start()
 else:
     sweep.Running = CtrlCAtTheStart
-started = time.monotonic()
 code = cli.main([*sys.argv[3:], "--workdir", str(workdir)])
-print(code, status(workdir / "seed=0"), time.monotonic() - started < 15, flush=True)
+# the sweep ended without waiting the 20 s its trial takes to stop after a second Ctrl-C
+print(code, status(workdir / "seed=0"), time.monotonic() - (pressed or [time.monotonic()])[-1] < 15, flush=True)
 """
 
 
