@@ -516,10 +516,14 @@ def _trial_setup() -> Callable[[], None]:
     except (OSError, AttributeError):
         prctl = None
 
+    sweep_pid = os.getpid()
+
     def setup():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if prctl is not None:
             prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != sweep_pid:  # the sweep died before that call: no SIGTERM would come
+                os.kill(os.getpid(), signal.SIGTERM)
     return setup
 
 
