@@ -312,7 +312,8 @@ def _load_encoder(tokenizer_path: str, dtype: str) -> None:
 def _init_worker(tokenizer_path: str, dtype: str) -> None:
     """Load the tokenizer once per worker process; a worker process ends when its parent does. It
     ignores Ctrl-C, which a terminal sends the whole process group: the parent stops its workers
-    (each would otherwise die printing a KeyboardInterrupt traceback after the command's last line)."""
+    (each would otherwise die printing a KeyboardInterrupt traceback). A worker still starting up,
+    for a few tenths of a second, is not covered yet."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _load_encoder(tokenizer_path, dtype)
     parent = multiprocessing.parent_process()
