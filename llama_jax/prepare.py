@@ -312,9 +312,9 @@ def _load_encoder(tokenizer_path: str, dtype: str) -> None:
 def _init_worker(tokenizer_path: str, dtype: str) -> None:
     """Load the tokenizer once per worker process; a worker process ends when its parent does. It
     ignores Ctrl-C, which a terminal sends the whole process group: the parent stops its workers
-    (each would otherwise die printing a KeyboardInterrupt traceback). A worker still starting up,
-    for a few tenths of a second, is not covered yet."""
+    (each would otherwise die printing a KeyboardInterrupt traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (blocked from its start: `_ctrl_c_blocked`)
     _load_encoder(tokenizer_path, dtype)
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -372,7 +372,9 @@ class Encoder:
         for sources, texts in _chunks(documents):
             # held: a submit may start a worker process (see `close`); it may find one that died meanwhile
             with signals_held(), _worker_deaths():
-                future = self._started().submit(_encode_texts, texts)
+                pool = self._started()
+                with _ctrl_c_blocked():
+                    future = pool.submit(_encode_texts, texts)
             pending.append((sources, future))
             if len(pending) >= CHUNKS_PER_WORKER * self.workers:
                 yield _collect(*pending.popleft())
@@ -398,6 +400,19 @@ class Encoder:
 def _collect(sources: np.ndarray, future) -> Encoded:
     with _worker_deaths():
         return Encoded(sources, *future.result())
+
+
+@contextlib.contextmanager
+def _ctrl_c_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread inside the block: a worker process started there inherits the
+    mask, so that a Ctrl-C cannot reach it before `_init_worker` ignores it (this process still gets
+    the signal, by another thread or when the block ends). Not around the pool's creation: its
+    queues start multiprocessing's resource tracker, which unblocks SIGINT afterwards."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
