@@ -50,6 +50,7 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, Callable
 
@@ -408,6 +409,7 @@ def _ctrl_c_blocked() -> Iterator[None]:
     mask, so that a Ctrl-C cannot reach it before `_init_worker` ignores it (this process still gets
     the signal, by another thread or when the block ends). Not around the pool's creation: its
     queues start multiprocessing's resource tracker, which unblocks SIGINT afterwards."""
+    resource_tracker.ensure_running()  # (started again here if it has died)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield

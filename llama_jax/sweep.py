@@ -520,6 +520,7 @@ def _trial_setup() -> Callable[[], None]:
 
     def setup():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command line's handler, which may hold it back
         if prctl is not None:
             prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
             if os.getppid() != sweep_pid:  # the sweep died before that call: no SIGTERM would come
@@ -727,7 +728,7 @@ def study_errors(workdir: Path) -> Iterator[None]:
         # Optuna's own error carries SQLite's as its cause
         cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ else e
         reason = (str(getattr(cause, "orig", None) or cause).splitlines() or [type(cause).__name__])[0]
-        if any(word in reason for word in ("locked", "full", "I/O error")):
+        if any(word in reason for word in ("locked", "full", "I/O error", "readonly")):
             advice = "once that is resolved, run the sweep again (it resumes)"
         else:
             advice = "put the study back if it is damaged, or run the search in a new --workdir"
