@@ -968,10 +968,10 @@ def check_no_trial_running(workdir: Path) -> None:
     """SweepError if a process still runs in the directory of a trial the sweep may start (one not
     finished) and holds its lock: a trial of an earlier sweep process that a second Ctrl-C or a kill
     left saving its step, or a run started there by hand. The trial would fail on that lock."""
-    busy = [record.parent for record in sorted(workdir.glob(f"*/{TRIAL_FILE}"))
-            if finished_trial_status(record.parent) is None and holds_lock(record.parent)]
-    if busy:
-        raise SweepError(f"{busy[0]} is in use: a llama-jax train is still running there (a trial of an earlier "
+    busy = next((record.parent for record in sorted(workdir.glob(f"*/{TRIAL_FILE}"))
+                 if finished_trial_status(record.parent) is None and holds_lock(record.parent)), None)
+    if busy is not None:
+        raise SweepError(f"{busy} is in use: a llama-jax train is still running there (a trial of an earlier "
                          f"sweep process finishing its save?); wait for it to end, then run the sweep again")
 
 
