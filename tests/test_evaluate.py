@@ -591,6 +591,21 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
                        "tasks it knows (tasks of your own: --include-path DIR of task YAML files)")
 
 
+def test_the_harness_s_tasks_are_indexed_only_when_a_name_may_need_them(tmp_path):
+    """Tasks of one's own alone are looked up in their own directory; a group of one's own, which
+    may list the harness's tasks, is looked up with the harness's tasks beside them."""
+    from llama_jax.lm_eval_model import _task_manager
+
+    tasks = tmp_path / "tasks"
+    write_tasks(tasks, long_context="Loops")
+    (tasks / "mix.yaml").write_text("group: mix\ntask:\n  - tiny_mc\n  - arc_easy\n")
+    own = _task_manager(["tiny_mc", "tiny_gen"], str(tasks), include_defaults=True)
+    assert {"tiny_mc", "tiny_gen", "mix"} <= set(own.all_tasks) and "arc_easy" not in own.all_tasks
+    with_harness = _task_manager(["mix"], str(tasks), include_defaults=True)
+    assert {"tiny_mc", "arc_easy"} <= set(with_harness.all_subtasks)
+    assert with_harness.match_tasks(["mix"]) == ["mix"]
+
+
 def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(model_dirs, tmp_path, capsys, offline):
     """A task file that is not YAML, a data file that is not JSON Lines, a template naming a field
     the documents lack, a generation setting of the wrong type: each stops lm-eval with one line
