@@ -24,7 +24,8 @@ from llama_jax.config import DTYPES, LLaMAConfig, check_flag, check_model_config
 from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
 from llama_jax.model_dir import (CONFIG_FILE, MODEL_DIR, PARAMS_DIR, TOKENIZER_FILES, check_tokenizer_file,
                                  check_tokenizer_files, copy_tokenizer_files, load_config)
-from llama_jax.safe_io import atomic_directory, damage_reason, raise_noted_signal, unreadable_path
+from llama_jax.safe_io import (atomic_directory, damage_reason, quiet_abandoned_reads, raise_noted_signal,
+                               unreadable_path)
 
 
 def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: str | os.PathLike | None = None,
@@ -127,6 +128,7 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
                 params = ckptr.restore(params_dir,
                                        args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
     except Exception as e:  # TensorStore, JSON and OS errors of a damaged or incomplete params/
+        quiet_abandoned_reads()
         raise_noted_signal()  # or a read that Ctrl-C or SIGTERM interrupted
         raise ValueError(f"model directory {path} is damaged or incomplete: {damage_reason(e, params_dir)}") from None
     if mismatch is not None:
@@ -282,6 +284,7 @@ class RunCheckpoints:
         try:
             return read()
         except Exception as e:  # TensorStore, JSON and OS errors of damaged or missing files
+            quiet_abandoned_reads()
             raise_noted_signal()  # or a read that Ctrl-C or SIGTERM interrupted
             unreadable = unreadable_path(self.step_dir(step))
             if unreadable is not None:

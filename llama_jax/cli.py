@@ -1301,15 +1301,15 @@ class _LibraryNoise:
         """Once per process."""
         if self.installed:
             return
+        from llama_jax.safe_io import quiet_abandoned_reads
+
         self.installed = True
         absl = logging.getLogger("absl")
         absl.setLevel(logging.ERROR)
         absl.addFilter(self)
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Future exception was never retrieved"
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-
-        def orphaned(error: BaseException | None) -> bool:
-            return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        quiet_abandoned_reads()
 
         def signal_swallowed(error: BaseException | None) -> bool:
             """Ctrl-C or SIGTERM raised where Python cannot raise (a garbage-collection callback, a
@@ -1321,9 +1321,8 @@ class _LibraryNoise:
                 _signal_again(signum, after=0.01)
             return signum is not None
 
-        excepthook, unraisablehook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
-        sys.excepthook = lambda kind, error, tb: None if orphaned(error) else excepthook(kind, error, tb)
-        sys.unraisablehook = lambda u: None if signal_swallowed(u.exc_value) or orphaned(u.exc_value) \
+        unraisablehook, thread_hook = sys.unraisablehook, threading.excepthook
+        sys.unraisablehook = lambda u: None if signal_swallowed(u.exc_value) \
             or type(u.object).__name__ == "coroutine" or self.mode == "drop" else unraisablehook(u)
         threading.excepthook = lambda a: None if self.mode == "drop" else thread_hook(a)
 

@@ -19,9 +19,11 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -484,6 +486,32 @@ def raise_noted_signal() -> None:
     damage."""
     if _signal_error:
         raise _signal_error[0] from None
+
+
+def quiet_abandoned_reads() -> None:
+    """Keep the reads a failed restore abandoned from printing after its error. When one array of
+    an Orbax restore cannot be read, Orbax closes its asyncio loop while TensorStore goes on
+    reading the others; each then hands its result to the closed loop, and Python prints
+    "RuntimeError: Event loop is closed" with a traceback for it (through `sys.unraisablehook`, or
+    `sys.excepthook`), and may warn of Orbax's coroutines never awaited, after the caller already
+    has the one error that matters. Installed once, for exactly those, by the first failed restore
+    (and by the command line at its start)."""
+    if _quieted:
+        return
+    _quieted.append(True)
+
+    def orphaned(error: BaseException | None) -> bool:
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+    unraisablehook, excepthook = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = lambda u: None if orphaned(u.exc_value) else unraisablehook(u)
+    sys.excepthook = lambda kind, error, tb: None if orphaned(error) else excepthook(kind, error, tb)
+    # (the warning names the asyncio frame that dropped the coroutine, not the coroutine's module)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning,
+                            module="asyncio")
+
+
+_quieted: list[bool] = []
 
 
 def describe_value(value: object) -> str:

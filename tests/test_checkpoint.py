@@ -1,6 +1,8 @@
 """save_model / load_model: a self-describing Orbax model directory."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +219,23 @@ def test_save_and_load_options_of_the_wrong_kind_are_refused(tmp_path, model):
     save_model(tmp_path / "saved", cfg, params)
     with pytest.raises(ValueError, match=r"^as_numpy must be True or False, got 'False'$"):  # was NumPy arrays
         load_model(tmp_path / "saved", as_numpy="False")
+
+
+def test_a_damaged_model_is_one_error_with_nothing_printed_after_it(tmp_path, model):
+    """load_model, the Python API, on a model whose parameters' data file is empty: a ValueError,
+    and nothing printed then by the reads Orbax abandoned ("RuntimeError: Event loop is closed"
+    tracebacks, which came after the caller had the error)."""
+    cfg, params = model
+    save_model(tmp_path / "m", cfg, params)
+    [data] = (tmp_path / "m" / "params" / "d").iterdir()
+    data.write_bytes(b"")
+    script = ("import gc, sys, time\nfrom llama_jax import load_model\nfor _ in range(3):\n"
+              "    try:\n        load_model(sys.argv[1])\n    except ValueError as e:\n"
+              "        print(str(e).split(':')[0])\ngc.collect()\ntime.sleep(0.5)\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m")], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout == f"model directory {tmp_path / 'm'} is damaged or incomplete\n" * 3
+    assert run.stderr == ""
 
 
 def test_not_a_model_directory(tmp_path):
