@@ -446,6 +446,15 @@ class LLaMA(nn.Module):
 
     config: LLaMAConfig
 
+    @nn.nowrap
+    def apply(self, variables, *args, **kwargs):
+        """Flax's `apply`; the parameter tree itself where its variables go ({"params": tree}) is a
+        ValueError that says so."""
+        if isinstance(variables, Mapping) and "params" not in variables and "embed" in variables:
+            raise ValueError("LLaMA.apply takes Flax's variables: pass {'params': params}, not the parameter tree "
+                             "itself")
+        return super().apply(variables, *args, **kwargs)
+
     @nn.compact
     def __call__(self, tokens_BxS: Array, positions: Array | None = None,
                  segment_ids: Array | None = None, cache: KVCache | None = None):

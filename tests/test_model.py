@@ -337,6 +337,8 @@ def test_apply_refuses_params_of_another_model():
         LLaMA(cfg.replace(tie_embeddings=True)).apply({"params": params}, tokens)
     with pytest.raises(ValueError, match=r"parameter \['layers_0'\].* is not part of this model"):
         LLaMA(cfg).apply({"params": {**params, "layers_0": {"x": jnp.zeros(1)}}}, tokens)
+    with pytest.raises(ValueError, match=r"^LLaMA.apply takes Flax's variables: pass \{'params': params\}, not"):
+        LLaMA(cfg).apply(params, tokens)  # (Flax: "should be a dictionary of collections")
     with pytest.raises(TypeError, match=r"rng must be an integer seed or a JAX random key \(jax.random.key\(0\)\)"):
         init_params(cfg, rng=0.5)
     with pytest.raises(ValueError, match=r"dtype: dtype\('float32'\) is a .*; give one of the names float32"):
