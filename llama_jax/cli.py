@@ -970,7 +970,7 @@ def cmd_data_inspect(args) -> None:
 
 
 def cmd_prepare_data(args) -> None:
-    from llama_jax.prepare import DEFAULT_SHARD_TOKENS, prepare_with_stats, summary_lines, verify
+    from llama_jax.prepare import prepare_with_stats, summary_lines, verify
     from llama_jax.safe_io import check_outside_runs_and_models, enclosing_run_or_model, holds_run
 
     if args.config is None and not args.verify:
@@ -993,9 +993,8 @@ def cmd_prepare_data(args) -> None:
             kind = "run" if holds_run(owner) else "model directory"
             raise UserError(f"--output {args.output} is inside the {kind} {owner}; give a directory outside it")
         check_outside_runs_and_models(args.output, "--output")  # (an existing folder there too)
-        shard_tokens = DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
         manifest, stats = prepare_with_stats(config.data, args.output, workers=args.workers,
-                                             shard_tokens=shard_tokens, progress=True)
+                                             shard_tokens=args.shard_tokens, progress=True)
         print("\n".join(summary_lines(manifest, args.output, stats)))
     if args.verify:
         checked = verify(args.output)
@@ -1140,7 +1139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int_at_least(1, 1024), default=None,
                    help="tokenizer processes (default: the number of CPU cores)")
     p.add_argument("--shard-tokens", type=int_at_least(1, 2**40, "2**40"), default=None, metavar="N",
-                   help="a shard closes once it holds N tokens (default 2**26)")
+                   help="a shard closes once it holds N tokens (default 2**26; a resumed or finished --output "
+                        "keeps its own)")
     p.add_argument("--verify", action="store_true",
                    help="check the sha256 of every shard file against its record (without --config: only that)")
     p.set_defaults(func=cmd_prepare_data)
@@ -1159,7 +1159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("plan", help="compile the train step ahead of time; report per-device memory and FLOPs")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="the experiment config (a Python file or a run's config.json); "
+                   "--config.section.key=value overrides a key")
     p.add_argument("--devices", type=int, default=None,
                    help=f"plan for N virtual CPU devices (1 to {MAX_PLAN_DEVICES})")
     p.set_defaults(func=cmd_plan)
@@ -1192,7 +1193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train, checkpoint, evaluate and sample a small LLaMA on a built-in corpus",
                        epilog="--config.section.key=value overrides any setting of llama_jax/demo.py's config")
-    p.add_argument("--workdir", default="runs/demo", help="run directory (resumes if it holds checkpoints)")
+    p.add_argument("--workdir", default="runs/demo",
+                   help="run directory (default runs/demo, under the current directory; resumes if it holds checkpoints)")
     p.set_defaults(func=cmd_demo)
     return parser
 

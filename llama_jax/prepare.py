@@ -541,32 +541,37 @@ class PreparationStats:
 
 
 def prepare(data_config, output_dir: str | os.PathLike, workers: int | None = None,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
+            shard_tokens: int | None = None, progress: bool = True,
             elsewhere: str = "give another --output") -> dict:
     """Tokenize the documents of `data_config` into token shards in `output_dir`; return the manifest.
 
     A directory an earlier call left unfinished is resumed (its finished shards kept, the rest
     written again, the same bytes as one uninterrupted run); a finished one with the same document
     settings and tokenizer is left untouched. Anything else there is refused with a ValueError.
+    `shard_tokens`: tokens per shard (None: DEFAULT_SHARD_TOKENS for a new directory, whatever an
+    earlier call chose for one it started; a number is refused where an earlier call chose another).
     `elsewhere`: how the caller's user prepares into another directory, for the messages."""
     return prepare_with_stats(data_config, output_dir, workers, shard_tokens, progress, elsewhere)[0]
 
 
 def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int | None = None,
-                       shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
+                       shard_tokens: int | None = None, progress: bool = True,
                        elsewhere: str = "give another --output") -> tuple[dict, PreparationStats]:
     """`prepare`, also returning what this call tokenized and how fast."""
     out = Path(output_dir)
     workers = (os.cpu_count() or 1) if workers is None else workers
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}; give a positive number of tokenizer processes")
-    if not isinstance(shard_tokens, int) or shard_tokens < 1:
+    if shard_tokens is not None and (not isinstance(shard_tokens, int) or shard_tokens < 1):
         raise ValueError(f"shard_tokens={shard_tokens!r}; give a positive number of tokens per shard")
     state = _directory_state(out)
     finish_for_dead_processes(out.absolute())  # a staging directory beside it that a killed `_start` left
     if state == "finished":
-        manifest = check_prepared(out, data_config, None, f"{elsewhere} (a prepared directory is never overwritten)",
-                                  again=f"remove {out} to prepare it again, or {elsewhere}")
+        never = f"{elsewhere} (a prepared directory is never overwritten)"
+        manifest = check_prepared(out, data_config, None, never, again=f"remove {out} to prepare it again, or {elsewhere}")
+        recorded = manifest.get("shard_tokens")  # (manifests of earlier releases do not record it)
+        if shard_tokens is not None and recorded is not None and recorded != shard_tokens:
+            raise ValueError(f"{out} is already prepared with shard_tokens={recorded}, not {shard_tokens}; {never}")
         _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do (the documents are not "
                        f"read again: for an edited corpus {elsewhere})")
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
@@ -580,7 +585,8 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
             record = _check_partial(out, data_config, request, corpus, shard_tokens)
             _say(progress, f"resuming the preparation of {out}")
         else:
-            record = _start(out, data_config, request, corpus, shard_tokens, progress)
+            record = _start(out, data_config, request, corpus,
+                            DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens, progress)
             lock.acquire()
         return _finish(out, corpus, record, workers, progress)
     finally:
@@ -657,8 +663,10 @@ def is_relative(value: Any) -> bool:
                for path in paths)
 
 
-def _check_partial(out: Path, data_config, request: TokenizerChoice, corpus: Corpus, shard_tokens: int) -> dict:
-    """The record of an unfinished preparation, if it can be resumed with these settings."""
+def _check_partial(out: Path, data_config, request: TokenizerChoice, corpus: Corpus,
+                   shard_tokens: int | None) -> dict:
+    """The record of an unfinished preparation, if it can be resumed with these settings (None:
+    its own shard size)."""
     record = _read_json(out / PREPARING)
     try:
         settings, tokenizer = record["documents"], record["tokenizer"]
@@ -674,7 +682,7 @@ def _check_partial(out: Path, data_config, request: TokenizerChoice, corpus: Cor
     if not request.matches(recorded):
         raise ValueError(f"{out} was started with another tokenizer ({recorded.describe()}) than data.tokenizer="
                          f"{data_config.get('tokenizer')} ({request.describe()}); {advice}")
-    if record["shard_tokens"] != shard_tokens:
+    if shard_tokens is not None and record["shard_tokens"] != shard_tokens:
         raise ValueError(f"{out} was started with shard_tokens={record['shard_tokens']}, not {shard_tokens}; "
                          f"resume with --shard-tokens {record['shard_tokens']}, or remove {out} to prepare again")
     counts = {split: len(corpus.indices[split]) for split in SPLITS}
@@ -811,7 +819,8 @@ def _manifest(out: Path, corpus: Corpus, record: dict, tokenizer, dtype: np.dtyp
                 "tokenizer": {"file": TOKENIZER, "sha256": record["tokenizer"]["sha256"],
                               "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
                               "eos_id": tokenizer.eos_id},
-                "token_dtype": dtype.name, "data": record["data"], "documents": record["documents"], "splits": splits}
+                "token_dtype": dtype.name, "shard_tokens": record["shard_tokens"], "data": record["data"],
+                "documents": record["documents"], "splits": splits}
     if corpus.sha256:
         manifest["corpus_sha256"] = corpus.sha256
     return manifest

@@ -273,8 +273,8 @@ def test_killed_preparation_resumes_to_the_same_files(inputs, reference, tmp_pat
     stage = Path(f"{out.parent}/.{out.name}.tmp-{socket.gethostname()}-{process.pid}-89abcdef")  # a killed _start's
     (stage / "tokenizer.model").parent.mkdir()
 
-    assert main(["prepare-data", "--config", str(inputs["config"]), "--output", str(out), "--workers", "1",
-                 "--shard-tokens", str(SHARD_TOKENS)]) == 0
+    # resumed without --shard-tokens: with the shard size it was started with, not the default
+    assert main(["prepare-data", "--config", str(inputs["config"]), "--output", str(out), "--workers", "1"]) == 0
     assert "tokenized" in capsys.readouterr().out
     assert file_contents(out) == file_contents(reference)
     assert not stage.exists()  # the process that staged it is gone
@@ -339,6 +339,10 @@ def test_an_interrupted_preparation_does_not_resume_on_edited_files(tmp_path, ca
     assert prepare(data, finished, workers=1, shard_tokens=SHARD_TOKENS) == resumed
     assert "nothing to do (the documents are not read again: for an edited corpus give another --output)" \
         in capsys.readouterr().out
+    assert prepare(data, finished, workers=1, progress=False) == resumed  # no shard size asked for: its own
+    with pytest.raises(ValueError, match=rf"^{finished} is already prepared with shard_tokens={SHARD_TOKENS}, not 999; "
+                                         rf"give another --output \(a prepared directory is never overwritten\)$"):
+        prepare(data, finished, workers=1, shard_tokens=999, progress=False)
     # a caller other than prepare-data (a sweep) names its own way to another directory
     assert prepare(data, finished, workers=1, shard_tokens=SHARD_TOKENS, elsewhere="use another --workdir") == resumed
     assert "for an edited corpus use another --workdir)" in capsys.readouterr().out
@@ -467,6 +471,10 @@ CASES = [
     ("finished-with-other-tokenizer", ["prepare-data", "--config", "{config}", "--output", "{reference}",
                                        "--config.data.tokenizer={other}"],
      r"\S+/ref is already prepared with another tokenizer \(sha256 \w+\) than data.tokenizer=\S+other.model"),
+    ("finished-with-other-shard-tokens", ["prepare-data", "--config", "{config}", "--output", "{reference}",
+                                          "--shard-tokens", "999"],
+     r"\S+/ref is already prepared with shard_tokens=500, not 999; give another --output \(a prepared directory is "
+     r"never overwritten\)$"),
     ("partial-with-other-settings", ["prepare-data", "--config", "{config}", "--output", "{remove-manifest}",
                                      "--config.data.eval_fraction=0.2"],
      r"\S+/prepared was started with data.eval_fraction=0.1, not 0.2; resume with the same settings"),
