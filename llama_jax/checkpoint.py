@@ -121,6 +121,7 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
             raise ValueError("shardings must be one jax.sharding.Sharding, or a tree of them shaped as the parameters "
                              "in the scanned layout (abstract_params(config.replace(scan_layers=True))); or give mesh=")
         restore_args = array_restore_args(abstract, shardings)
+    quiet_abandoned_reads()
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
             mismatch = _config_mismatch(abstract, tree_metadata(params_dir))
@@ -128,7 +129,6 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
                 params = ckptr.restore(params_dir,
                                        args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
     except Exception as e:  # TensorStore, JSON and OS errors of a damaged or incomplete params/
-        quiet_abandoned_reads()
         raise_noted_signal()  # or a read that Ctrl-C or SIGTERM interrupted
         raise ValueError(f"model directory {path} is damaged or incomplete: {damage_reason(e, params_dir)}") from None
     if mismatch is not None:
@@ -281,10 +281,10 @@ class RunCheckpoints:
         return self.directory / str(step)
 
     def _read(self, step: int, what: str, read: Callable[[], Any]) -> Any:
+        quiet_abandoned_reads()
         try:
             return read()
         except Exception as e:  # TensorStore, JSON and OS errors of damaged or missing files
-            quiet_abandoned_reads()
             raise_noted_signal()  # or a read that Ctrl-C or SIGTERM interrupted
             unreadable = unreadable_path(self.step_dir(step))
             if unreadable is not None:

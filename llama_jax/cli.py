@@ -1194,7 +1194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train, checkpoint, evaluate and sample a small LLaMA on a built-in corpus",
                        epilog="--config.section.key=value overrides any setting of llama_jax/demo.py's config")
     p.add_argument("--workdir", default="runs/demo",
-                   help="run directory (default runs/demo, under the current directory; resumes if it holds checkpoints)")
+                   help="run directory (default runs/demo, under the current directory; resumes if it holds "
+                        "checkpoints)")
     p.set_defaults(func=cmd_demo)
     return parser
 

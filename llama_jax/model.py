@@ -448,8 +448,8 @@ class LLaMA(nn.Module):
 
     @nn.nowrap
     def apply(self, variables, *args, **kwargs):
-        """Flax's `apply`; the parameter tree itself where its variables go ({"params": tree}) is a
-        ValueError that says so."""
+        """Flax's `Module.apply` (see its documentation): `apply({"params": params}, tokens, ...)`. The
+        parameter tree itself where the variables go is a ValueError that says so."""
         if isinstance(variables, Mapping) and "params" not in variables and "embed" in variables:
             raise ValueError("LLaMA.apply takes Flax's variables: pass {'params': params}, not the parameter tree "
                              "itself")

@@ -12,7 +12,8 @@ first and EOS last, in worker processes, and writes them to DIR (format `llama_j
                                   its index in the source, the UTF-8 bytes of its text
     <split>-<k:05d>.json          {"first_document", "documents", "tokens", "sha256": {"tokens", "index"}},
                                   written once both data files are complete and in place
-    manifest.json                 written last: tokenizer, token dtype, data section, per-split counts and shards
+    manifest.json                 written last: tokenizer, token dtype, shard size, data section, per-split
+                                  counts and shards
                                   (and the corpus sha256 of a source that has one: text and JSONL files,
                                   stdlib; over each document's length and UTF-8 text, in order, and for
                                   stdlib each file's relative path too)
@@ -568,10 +569,12 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
     finish_for_dead_processes(out.absolute())  # a staging directory beside it that a killed `_start` left
     if state == "finished":
         never = f"{elsewhere} (a prepared directory is never overwritten)"
-        manifest = check_prepared(out, data_config, None, never, again=f"remove {out} to prepare it again, or {elsewhere}")
-        recorded = manifest.get("shard_tokens")  # (manifests of earlier releases do not record it)
+        manifest = check_prepared(out, data_config, None, never,
+                                  again=f"remove {out} to prepare it again, or {elsewhere}")
+        recorded = _recorded_shard_tokens(out, manifest)
         if shard_tokens is not None and recorded is not None and recorded != shard_tokens:
-            raise ValueError(f"{out} is already prepared with shard_tokens={recorded}, not {shard_tokens}; {never}")
+            raise ValueError(f"{out} is already prepared with shard_tokens={recorded}, not {shard_tokens}; leave "
+                             f"--shard-tokens out to use it as it is, or {never}")
         _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do (the documents are not "
                        f"read again: for an edited corpus {elsewhere})")
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
@@ -591,6 +594,17 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
         return _finish(out, corpus, record, workers, progress)
     finally:
         lock.release()
+
+
+def _recorded_shard_tokens(out: Path, manifest: dict) -> int | None:
+    """The shard size a finished directory was prepared with: in its manifest, or, for a manifest of an
+    earlier release, which does not record it, in its preparing.json (None if that cannot be read)."""
+    if "shard_tokens" in manifest:
+        return manifest["shard_tokens"]
+    try:
+        return json.loads((out / PREPARING).read_text(encoding="utf-8"))["shard_tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _directory_state(out: Path) -> str:

@@ -491,21 +491,22 @@ def raise_noted_signal() -> None:
 def quiet_abandoned_reads() -> None:
     """Keep the reads a failed restore abandoned from printing after its error. When one array of
     an Orbax restore cannot be read, Orbax closes its asyncio loop while TensorStore goes on
-    reading the others; each then hands its result to the closed loop, and Python prints
-    "RuntimeError: Event loop is closed" with a traceback for it (through `sys.unraisablehook`, or
-    `sys.excepthook`), and may warn of Orbax's coroutines never awaited, after the caller already
-    has the one error that matters. Installed once, for exactly those, by the first failed restore
-    (and by the command line at its start)."""
+    reading the others; each then hands its result to the closed loop (`call_soon_threadsafe`
+    raises "Event loop is closed" from a TensorStore thread, with no frame of anyone's code), which
+    Python prints with a traceback after the caller already has the one error that matters, and
+    warns of Orbax's coroutines never awaited. Installed once, before the first restore, for
+    exactly those: the same error raised by any other code is shown as before."""
     if _quieted:
         return
     _quieted.append(True)
 
-    def orphaned(error: BaseException | None) -> bool:
-        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    def orphaned(error: BaseException | None, tb) -> bool:
+        return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and tb is not None
+                and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
 
     unraisablehook, excepthook = sys.unraisablehook, sys.excepthook
-    sys.unraisablehook = lambda u: None if orphaned(u.exc_value) else unraisablehook(u)
-    sys.excepthook = lambda kind, error, tb: None if orphaned(error) else excepthook(kind, error, tb)
+    sys.unraisablehook = lambda u: None if orphaned(u.exc_value, u.exc_traceback) else unraisablehook(u)
+    sys.excepthook = lambda kind, error, tb: None if orphaned(error, tb) else excepthook(kind, error, tb)
     # (the warning names the asyncio frame that dropped the coroutine, not the coroutine's module)
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning,
                             module="asyncio")

@@ -340,9 +340,15 @@ def test_an_interrupted_preparation_does_not_resume_on_edited_files(tmp_path, ca
     assert "nothing to do (the documents are not read again: for an edited corpus give another --output)" \
         in capsys.readouterr().out
     assert prepare(data, finished, workers=1, progress=False) == resumed  # no shard size asked for: its own
-    with pytest.raises(ValueError, match=rf"^{finished} is already prepared with shard_tokens={SHARD_TOKENS}, not 999; "
-                                         rf"give another --output \(a prepared directory is never overwritten\)$"):
-        prepare(data, finished, workers=1, shard_tokens=999, progress=False)
+    written = (finished / "manifest.json").read_text()
+    earlier = {k: v for k, v in json.loads(written).items() if k != "shard_tokens"}  # an earlier release's manifest
+    for manifest in (written, json.dumps(earlier)):
+        (finished / "manifest.json").write_text(manifest)
+        with pytest.raises(ValueError, match=rf"^{finished} is already prepared with shard_tokens={SHARD_TOKENS}, "
+                                             rf"not 999; leave --shard-tokens out to use it as it is, or give another "
+                                             rf"--output \(a prepared directory is never overwritten\)$"):
+            prepare(data, finished, workers=1, shard_tokens=999, progress=False)
+    (finished / "manifest.json").write_text(written)
     # a caller other than prepare-data (a sweep) names its own way to another directory
     assert prepare(data, finished, workers=1, shard_tokens=SHARD_TOKENS, elsewhere="use another --workdir") == resumed
     assert "for an edited corpus use another --workdir)" in capsys.readouterr().out
@@ -473,8 +479,8 @@ CASES = [
      r"\S+/ref is already prepared with another tokenizer \(sha256 \w+\) than data.tokenizer=\S+other.model"),
     ("finished-with-other-shard-tokens", ["prepare-data", "--config", "{config}", "--output", "{reference}",
                                           "--shard-tokens", "999"],
-     r"\S+/ref is already prepared with shard_tokens=500, not 999; give another --output \(a prepared directory is "
-     r"never overwritten\)$"),
+     r"\S+/ref is already prepared with shard_tokens=500, not 999; leave --shard-tokens out to use it as it is, or "
+     r"give another --output \(a prepared directory is never overwritten\)$"),
     ("partial-with-other-settings", ["prepare-data", "--config", "{config}", "--output", "{remove-manifest}",
                                      "--config.data.eval_fraction=0.2"],
      r"\S+/prepared was started with data.eval_fraction=0.1, not 0.2; resume with the same settings"),
