@@ -153,7 +153,7 @@ def _check_model_or_run(args) -> None:
 
 def _check_generate_arguments(args) -> None:
     """What generate refuses of its arguments alone (no file read), also checked by a launcher."""
-    from llama_jax.generate import check_sampling
+    from llama_jax.config import check_sampling
     from llama_jax.tokenizer import unicode_problem
 
     _check_model_or_run(args)
@@ -171,7 +171,6 @@ def _check_generate_arguments(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from llama_jax.checkpoint import load_model
     from llama_jax.model_dir import generation_end_ids, load_tokenizer_for
     from llama_jax.prompts import complete, read_prompts_file
     from llama_jax.tokenizer import check_fits, load_tokenizer
@@ -199,6 +198,8 @@ def cmd_generate(args) -> None:
     else:
         _, tokenizer = load_tokenizer_for(args.model, "pass --tokenizer PATH", args.tokenizer)
         end_tokens = generation_end_ids(args.model)
+        from llama_jax.checkpoint import load_model  # imports JAX: after the checks that need none
+
         config, params = load_model(args.model, mesh=mesh)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop or (), chat=args.chat, mesh=mesh,

@@ -31,8 +31,6 @@ once per token:
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -42,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import backend_tuning
-from llama_jax.config import FLOAT32_MAX, LLaMAConfig, check_model_config, check_seed, in_float32_range, is_int
+from llama_jax.config import LLaMAConfig, check_model_config, check_sampling, is_int
 from llama_jax.model import KVCache, LLaMA, abstract_params, check_params, join_qkv, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
 from llama_jax.tokenizer import Tokenizer
@@ -188,31 +186,6 @@ def _decode_for(platform: str):
     (`llama_jax.backend_tuning`: command buffers on GPU), or as it is where there are none."""
     options = backend_tuning.compiler_options(platform, "decode")
     return jax.jit(_decode_steps, **_DECODE_JIT, compiler_options=options) if options else _decode
-
-
-def _is_real(value: object) -> bool:
-    """A Python, NumPy or JAX integer or floating-point number (a 0-d array too), not a bool."""
-    if hasattr(value, "dtype"):
-        return np.ndim(value) == 0 and (jnp.issubdtype(value.dtype, jnp.integer)
-                                        or jnp.issubdtype(value.dtype, jnp.floating))
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                   seed: int) -> None:
-    """Raise ValueError naming the first sampling option out of range or of the wrong kind
-    (`generate`'s own check, callable before a model is loaded)."""
-    if not (is_int(max_new_tokens) and int(max_new_tokens) >= 1):
-        raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
-    if not (_is_real(temperature) and 0 <= temperature < math.inf):  # also false for NaN
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if not in_float32_range(temperature):  # logits are divided by it in float32
-        raise ValueError(f"temperature must be at most {FLOAT32_MAX:.1e} (float32's range), got {temperature!r}")
-    if top_k is not None and not (is_int(top_k) and int(top_k) >= 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not (_is_real(top_p) and 0 < float(top_p) <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    check_seed(seed)
 
 
 def _check_ids(config: LLaMAConfig, eos_id: int | None, n_tokens: int | None) -> None:

@@ -180,7 +180,8 @@ class LlamaJaxLM(TemplateLM):
         """
         from tqdm import tqdm
 
-        from llama_jax.generate import check_sampling, decoding_params, generate
+        from llama_jax.config import check_sampling
+        from llama_jax.generate import decoding_params, generate
         from llama_jax.prompts import through_end
 
         params = decoding_params(self.config, self.params, self.mesh, batch_size=self.batch_size)  # once, not per batch
