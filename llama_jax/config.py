@@ -265,7 +265,6 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     check_seed(seed)
 
 
-
 def _check_number(name: str, value: Any, positive: bool = True) -> None:
     """ValueError naming `name` unless `value` is a finite real number within float32's range (and
     positive, if `positive`)."""
