@@ -238,7 +238,7 @@ def in_float32_range(value: numbers.Real) -> bool:
     return _finite_float(value) and abs(float(value)) < 2.0**128 - 2.0**103
 
 
-def is_real(value: object) -> bool:
+def _is_real(value: object) -> bool:
     """A Python, NumPy or JAX integer or floating-point number (a 0-d array too), not a bool."""
     if hasattr(value, "dtype"):
         import jax.numpy as jnp  # (for JAX's own dtypes, bfloat16's among them; only for arrays)
@@ -254,13 +254,13 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     (`llama_jax.generate.generate`'s own check, callable before a model is loaded, or JAX imported)."""
     if not (is_int(max_new_tokens) and int(max_new_tokens) >= 1):
         raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
-    if not (is_real(temperature) and 0 <= temperature < math.inf):  # also false for NaN
+    if not (_is_real(temperature) and 0 <= temperature < math.inf):  # also false for NaN
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if not in_float32_range(temperature):  # logits are divided by it in float32
         raise ValueError(f"temperature must be at most {FLOAT32_MAX:.1e} (float32's range), got {temperature!r}")
     if top_k is not None and not (is_int(top_k) and int(top_k) >= 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not (is_real(top_p) and 0 < float(top_p) <= 1):
+    if top_p is not None and not (_is_real(top_p) and 0 < float(top_p) <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     check_seed(seed)
 

@@ -602,8 +602,8 @@ def _recorded_shard_tokens(out: Path, manifest: dict) -> int | None:
     if "shard_tokens" in manifest:
         return manifest["shard_tokens"]
     try:
-        return json.loads((out / PREPARING).read_text(encoding="utf-8"))["shard_tokens"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return _read_json(out / PREPARING)["shard_tokens"]
+    except (ValueError, KeyError, TypeError):
         return None
 
 

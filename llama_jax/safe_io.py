@@ -12,9 +12,11 @@ import dataclasses
 import errno
 import fcntl
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -488,17 +490,16 @@ def raise_noted_signal() -> None:
         raise _signal_error[0] from None
 
 
+@functools.cache  # once per process
 def quiet_abandoned_reads() -> None:
     """Keep the reads a failed restore abandoned from printing after its error. When one array of
     an Orbax restore cannot be read, Orbax closes its asyncio loop while TensorStore goes on
     reading the others; each then hands its result to the closed loop (`call_soon_threadsafe`
     raises "Event loop is closed" from a TensorStore thread, with no frame of anyone's code), which
     Python prints with a traceback after the caller already has the one error that matters, and
-    warns of Orbax's coroutines never awaited. Installed once, before the first restore, for
-    exactly those: the same error raised by any other code is shown as before."""
-    if _quieted:
-        return
-    _quieted.append(True)
+    warns of Orbax's coroutines never awaited, or asyncio logs their failures as never retrieved.
+    Installed once, before the first restore, for exactly those: the same errors raised by any
+    other code are shown as before."""
 
     def orphaned(error: BaseException | None, tb) -> bool:
         return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and tb is not None
@@ -511,8 +512,12 @@ def quiet_abandoned_reads() -> None:
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning,
                             module="asyncio")
 
+    def abandoned_read_failed(record: logging.LogRecord) -> bool:  # TensorStore's errors carry its spec
+        error = record.exc_info[1] if record.exc_info else None
+        return (str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never "
+                                            "retrieved")) and "tensorstore_spec" in str(error))
 
-_quieted: list[bool] = []
+    logging.getLogger("asyncio").addFilter(lambda record: not abandoned_read_failed(record))
 
 
 def describe_value(value: object) -> str:
