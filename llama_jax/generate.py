@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import backend_tuning
-from llama_jax.config import LLaMAConfig, check_model_config, check_sampling, is_int
+from llama_jax.config import LLaMAConfig, check_model_config, check_sample_filters, check_sampling, is_int
 from llama_jax.model import KVCache, LLaMA, abstract_params, check_params, join_qkv, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
 from llama_jax.tokenizer import Tokenizer
@@ -59,7 +59,9 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
     Only the work the settings need is done: greedy decoding draws no random numbers, and the
     vocabulary is sorted only when top-k or top-p filters.
     """
-    _check_sample_settings(logits_BxV, temperature, top_k, top_p)
+    if getattr(logits_BxV, "ndim", None) != 2:
+        raise ValueError(f"logits must be an array [batch, vocab], got shape {getattr(logits_BxV, 'shape', None)}")
+    check_sample_filters(temperature, top_k, top_p)
     logits = logits_BxV.astype(jnp.float32)
     V = logits.shape[-1]
     top_k = V if top_k is None else top_k
@@ -92,21 +94,6 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
         return jnp.min(jnp.where(at_best, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
     return jax.lax.cond(temperature > 0, draw, greedy, logits)
-
-
-def _check_sample_settings(logits_BxV, temperature, top_k, top_p) -> None:
-    """ValueError for logits that are not [batch, vocab], or a setting given as a Python or NumPy
-    number out of `check_sampling`'s ranges (a JAX array, traced or not, is taken as it is: a top_p
-    that float32 rounds to 0 keeps the most likely token)."""
-    if getattr(logits_BxV, "ndim", None) != 2:
-        raise ValueError(f"logits must be an array [batch, vocab], got shape {getattr(logits_BxV, 'shape', None)}")
-    ranges = (("temperature", temperature, lambda v: v >= 0, ">= 0 (0 is greedy)"),
-              ("top_k", top_k, lambda v: v >= 1, ">= 1, or None"), ("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"))
-    for name, value, valid, expected in ranges:
-        if value is None or isinstance(value, jax.Array) or np.ndim(value) != 0:
-            continue
-        if not valid(float(value)):  # (False for NaN)
-            raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 class _Sampler(NamedTuple):
