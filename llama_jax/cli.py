@@ -961,10 +961,10 @@ def cmd_data_inspect(args) -> None:
             if args.epoch:
                 lines = coverage_lines(data.train)
             else:
-                lines = [f"step {args.step} (0-based: the batch the run trains on at step {args.step + 1}), "
-                         f"{config.train.batch_size} rows of {config.train.seq_len} tokens"]
-                lines += describe_step(data.train, args.step, data.tokenizer, args.rows)
-                lines += [f"tokens seen before this step: {data.train.progress(args.step)['tokens_seen']:,.0f}"]
+                index = args.step - 1  # the run's step 1 trains on batch 0
+                lines = [f"step {args.step}: {config.train.batch_size} rows of {config.train.seq_len} tokens"]
+                lines += describe_step(data.train, index, data.tokenizer, args.rows)
+                lines += [f"tokens seen before this step: {data.train.progress(index)['tokens_seen']:,.0f}"]
         finally:
             data.discard()
     print("\n".join(lines))
@@ -1152,8 +1152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="experiment config (default: RUN/config.json of --workdir); "
                    "override as --config.key=value")
     p.add_argument("--workdir", default=None, help="a run's workdir: its config and the data prepared for it")
-    p.add_argument("--step", type=int_at_least(0, 2**40, "2**40"), default=None,
-                   help="0-based step whose global batch to show (the run's step S+1)")
+    p.add_argument("--step", type=int_at_least(1, 2**40, "2**40"), default=None,
+                   help="the step whose global batch to show, counted as the run's logs and checkpoints count "
+                        "(its first step is 1)")
     p.add_argument("--rows", type=positive_int, default=None, help="show only the first N rows of the batch")
     p.add_argument("--epoch", action="store_true",
                    help="walk one epoch of every source without the model and report how often each token is seen")

@@ -139,7 +139,7 @@ def test_a_runs_relative_data_path_read_from_elsewhere_is_refused(prepared, tmp_
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     for command in (["eval", "--workdir", "../started/run"],
-                    ["data", "inspect", "--workdir", "../started/run", "--step", "0"]):
+                    ["data", "inspect", "--workdir", "../started/run", "--step", "1"]):
         assert main(command) == 2, command
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and re.fullmatch(
@@ -224,12 +224,12 @@ def test_a_mixture_reports_each_source(prepared, tmp_path, capsys):
 def test_inspect_shows_a_step_and_covers_an_epoch(prepared, capsys):
     base = ["data", "inspect", "--config", TINY, "--config.data.source=prepared", f"--config.data.path={prepared[1]}",
             f"--config.train.batch_size={B}", f"--config.train.seq_len={L}"]
-    assert main(base + ["--step", "2", "--rows", "3"]) == 0
+    assert main(base + ["--step", "3", "--rows", "3"]) == 0
     out = capsys.readouterr().out
     assert len(re.findall(r"^row \d+: source 'data', epoch 0, packed row \d+ of \d+; \d+ of 32 targets counted$",
                           out, re.M)) == 3
     assert re.search(r"^  document \d+ \(source index \d+\), tokens \[\d+, \d+\)$", out, re.M)
-    assert "tokens seen before this step: 512" in out  # 2 steps of 8 rows of 32
+    assert "tokens seen before this step: 512" in out  # steps 1 and 2, of 8 rows of 32
     assert main(base + ["--epoch"]) == 0
     assert re.search(r"100\.00% seen once, 0\.00% more than once, 0\.00% never", capsys.readouterr().out)
 
@@ -255,7 +255,7 @@ def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path
     stamp = manifest.stat().st_mtime_ns
     assert train(workdir, *raw[:-1], "--config.train.steps=3") == 0  # resumes on the same prepared data
     assert manifest.stat().st_mtime_ns == stamp and [r["step"] for r in records(workdir) if "loss" in r] == [1, 2, 3]
-    assert main(["data", "inspect", "--workdir", str(workdir), "--step", "0", "--rows", "1"]) == 0
+    assert main(["data", "inspect", "--workdir", str(workdir), "--step", "1", "--rows", "1"]) == 0
     assert "row 0: source 'data'" in capsys.readouterr().out
 
 
