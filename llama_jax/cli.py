@@ -971,7 +971,7 @@ def cmd_data_inspect(args) -> None:
 
 
 def cmd_prepare_data(args) -> None:
-    from llama_jax.prepare import prepare_with_stats, summary_lines, verify
+    from llama_jax.prepare import DamagedData, prepare_with_stats, redo_advice, summary_lines, verify
     from llama_jax.safe_io import check_outside_runs_and_models, enclosing_run_or_model, holds_run
 
     if args.config is None and not args.verify:
@@ -998,7 +998,10 @@ def cmd_prepare_data(args) -> None:
                                              shard_tokens=args.shard_tokens, progress=True)
         print("\n".join(summary_lines(manifest, args.output, stats)))
     if args.verify:
-        checked = verify(args.output)
+        try:
+            checked = verify(args.output)
+        except DamagedData as e:
+            raise UserError(f"{e.problem}; {redo_advice(args.output)}") from None
         print(f"verified {args.output}: the sha256 of all {checked['files']} shard files "
               f"({checked['bytes']:,} bytes) and of the tokenizer match their records")
 

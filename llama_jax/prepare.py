@@ -510,18 +510,28 @@ def _close_durably(f) -> None:
 AGAIN = "prepare the data again"  # what a reader of a damaged prepared directory is told to do
 
 
+class DamagedData(ValueError):
+    """A prepared directory's file that is missing, unreadable or inconsistent with the others:
+    `problem` names the file and what is wrong with it, `advice` what to do (its message is both).
+    A caller that knows a better way to recover says `problem` with its own advice."""
+
+    def __init__(self, problem: str, advice: str = AGAIN):
+        super().__init__(f"{problem}; {advice}")
+        self.problem = problem
+
+
 def _write_json(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def _read_json(path: Path, again: str = AGAIN) -> Any:
-    """The JSON value in `path`; ValueError (one line naming it, then `again`) when it is missing or not JSON."""
+    """The JSON value in `path`; DamagedData (naming it, then `again`) when it is missing or not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{path} is missing; {again}") from None
+        raise DamagedData(f"{path} is missing", again) from None
     except (ValueError, OSError) as e:
-        raise ValueError(f"{path} cannot be read ({str(e).splitlines()[0]}); {again}") from None
+        raise DamagedData(f"{path} cannot be read ({str(e).splitlines()[0]})", again) from None
 
 
 # ---- preparing -------------------------------------------------------------------------------
@@ -569,12 +579,15 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
     finish_for_dead_processes(out.absolute())  # a staging directory beside it that a killed `_start` left
     if state == "finished":
         never = f"{elsewhere} (a prepared directory is never overwritten)"
-        manifest = check_prepared(out, data_config, None, never,
-                                  again=f"remove {out} to prepare it again, or {elsewhere}")
+        manifest = check_prepared(out, data_config, None, never, again=redo_advice(out, elsewhere))
         recorded = _recorded_shard_tokens(out, manifest)
         if shard_tokens is not None and recorded is not None and recorded != shard_tokens:
             raise ValueError(f"{out} is already prepared with shard_tokens={recorded}, not {shard_tokens}; leave "
                              f"--shard-tokens out to use it as it is, or {never}")
+        try:  # what a reader checks (not the shards' sha256: --verify): "nothing to do" is not said of a damaged one
+            open_prepared(out)
+        except DamagedData as e:
+            raise ValueError(f"{e.problem}; {redo_advice(out, elsewhere)}") from None
         _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do (the documents are not "
                        f"read again: for an edited corpus {elsewhere})")
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
@@ -594,6 +607,11 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
         return _finish(out, corpus, record, workers, progress)
     finally:
         lock.release()
+
+
+def redo_advice(out: Path, elsewhere: str = "give another --output") -> str:
+    """How a user prepares a damaged directory `out` again (a prepared directory is never overwritten)."""
+    return f"remove {out} to prepare it again, or {elsewhere}"
 
 
 def _recorded_shard_tokens(out: Path, manifest: dict) -> int | None:
@@ -906,8 +924,8 @@ class PreparedSplit:
             tokens = int(self._token_starts[k + 1] - self._token_starts[k])
             if len(index) and (offsets[0] != 0 or (np.diff(offsets) <= 0).any() or offsets[-1] >= tokens
                                or (index[:, 1:] < 0).any()):
-                raise ValueError(f"{file} is damaged: its document offsets do not ascend from 0 within the shard's "
-                                 f"{tokens} tokens; prepare the data again")
+                raise DamagedData(f"{file} is damaged: its document offsets do not ascend from 0 within the "
+                                  f"shard's {tokens} tokens")
             self._offsets[k] = np.ascontiguousarray(offsets)
             self._indices[k] = index
         return self._indices[k]
@@ -1004,22 +1022,22 @@ def open_prepared(path: str | os.PathLike, tokenizer_sha256: str | None = None) 
                          f"({tokenizer_sha256[:12]}); prepare the data again with it or use the run's tokenizer")
     tokenizer_path = path / manifest["tokenizer"]["file"]
     if not tokenizer_path.is_file():
-        raise ValueError(f"{tokenizer_path} is missing; prepare the data again")
+        raise DamagedData(f"{tokenizer_path} is missing")
     if sha256_file(tokenizer_path) != sha:  # the data's tokens are ids of that tokenizer only
-        raise ValueError(f"{tokenizer_path} does not match the sha256 in {MANIFEST} (it was replaced or changed); "
-                         f"put the tokenizer the data was prepared with back, or prepare the data again")
+        raise DamagedData(f"{tokenizer_path} does not match the sha256 in {MANIFEST} (it was replaced or changed)",
+                          "put the tokenizer the data was prepared with back, or prepare the data again")
     dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
     splits = {split: _open_split(path, split, manifest["splits"][split], dtype) for split in SPLITS}
     return Prepared(path, manifest, tokenizer_path, sha, splits)
 
 
 def _check_manifest(file: Path, manifest: Any, again: str = AGAIN) -> None:
-    """ValueError unless `manifest` has the format string and the fields a reader needs."""
+    """DamagedData unless `manifest` has the format string and the fields a reader needs."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{file}: format {found!r}, expected {FORMAT!r}; {again}")
+        raise DamagedData(f"{file}: format {found!r}, expected {FORMAT!r}", again)
     if not _well_formed(manifest):
-        raise ValueError(f"{file} lacks fields of a {FORMAT} manifest (tokenizer, token_dtype, splits, data); {again}")
+        raise DamagedData(f"{file} lacks fields of a {FORMAT} manifest (tokenizer, token_dtype, splits, data)", again)
 
 
 def _well_formed(manifest: dict) -> bool:
@@ -1045,25 +1063,24 @@ def _open_split(path: Path, split: str, summary: dict, dtype: np.dtype) -> Prepa
     records, documents, tokens = [], 0, 0
     for name in summary["shards"]:
         if Path(name).name != name or name in ("", ".", ".."):  # a path: files that are not this directory's
-            raise ValueError(f"{path / MANIFEST}: split {split} lists the shard {name!r}, which is not the name of a "
-                             f"file in {path}; prepare the data again")
+            raise DamagedData(f"{path / MANIFEST}: split {split} lists the shard {name!r}, which is not the name of "
+                              f"a file in {path}")
         record = _read_json(path / f"{name}.json")
         try:
             first, count, length = record["first_document"], record["documents"], record["tokens"]
         except (KeyError, TypeError):
             first = count = length = None
         if not all(_is_count(v) for v in (first, count, length)):
-            raise ValueError(f"{path / name}.json lacks first_document, documents or tokens; prepare the data again")
+            raise DamagedData(f"{path / name}.json lacks first_document, documents or tokens")
         if first != documents:
-            raise ValueError(f"{path / name}.json: first_document {first}, expected {documents} (the documents of "
-                             f"the shards before it); prepare the data again")
+            raise DamagedData(f"{path / name}.json: first_document {first}, expected {documents} (the documents of "
+                              f"the shards before it)")
         _check_shard_files(path, name, count, length, dtype)
         records.append(record)
         documents, tokens = documents + count, tokens + length
     if (documents, tokens) != (summary["documents"], summary["tokens"]):
-        raise ValueError(f"{path / MANIFEST}: split {split} lists {summary['documents']} documents and "
-                         f"{summary['tokens']} tokens, its shards hold {documents} and {tokens}; "
-                         "prepare the data again")
+        raise DamagedData(f"{path / MANIFEST}: split {split} lists {summary['documents']} documents and "
+                          f"{summary['tokens']} tokens, its shards hold {documents} and {tokens}")
     return PreparedSplit(split, path, summary["shards"], records, dtype, documents, tokens, summary["bytes"])
 
 
@@ -1071,31 +1088,31 @@ def _check_shard_files(path: Path, name: str, documents: int, tokens: int, dtype
     token_file, index_file = path / f"{name}.tokens.bin", path / f"{name}.index.npy"
     for file in (token_file, index_file):
         if not file.is_file():
-            raise ValueError(f"{file} is missing; prepare the data again")
+            raise DamagedData(f"{file} is missing")
     size, expected = token_file.stat().st_size, tokens * dtype.itemsize
     if size != expected:
         what = "truncated" if size < expected else "too long"
-        raise ValueError(f"{token_file} is {what}: {size} bytes, expected {expected} ({tokens} {dtype.name} tokens); "
-                         f"prepare the data again")
+        raise DamagedData(f"{token_file} is {what}: {size} bytes, expected {expected} ({tokens} {dtype.name} tokens)")
     shape = _index_shape(index_file)
     if shape != (documents, 3):
         found = "unreadable (truncated or not an int64 .npy file)" if shape is None else f"of shape {shape}"
-        raise ValueError(f"{index_file} is {found}, expected int64 of shape ({documents}, 3); prepare the data again")
+        raise DamagedData(f"{index_file} is {found}, expected int64 of shape ({documents}, 3)")
 
 
 def verify(path: str | os.PathLike) -> dict:
     """Check the sha256 of every shard file against its .json record and of the tokenizer against
-    the manifest; ValueError (one line naming the file) at the first mismatch.
+    the manifest; DamagedData (one line naming the file) at the first mismatch.
     Returns {"files": shard files checked, "bytes": their total size}."""
     prepared = open_prepared(path)  # checks the tokenizer's sha256
     files = nbytes = 0
     for split in prepared.splits.values():
         for name in split.shard_names:
-            record = _read_json(prepared.path / f"{name}.json")
+            recorded = _read_json(prepared.path / f"{name}.json").get("sha256")
             for kind, suffix in (("tokens", ".tokens.bin"), ("index", ".index.npy")):
                 file = prepared.path / f"{name}{suffix}"
-                if sha256_file(file) != record["sha256"][kind]:
-                    raise ValueError(f"{file} does not match the sha256 recorded in {name}.json (damaged?); "
-                                     f"prepare the data again")
+                if not (isinstance(recorded, dict) and isinstance(recorded.get(kind), str)):
+                    raise DamagedData(f"{prepared.path / name}.json records no sha256 of its {kind} file")
+                if sha256_file(file) != recorded[kind]:
+                    raise DamagedData(f"{file} does not match the sha256 recorded in {name}.json (damaged?)")
                 files, nbytes = files + 1, nbytes + file.stat().st_size
     return {"files": files, "bytes": nbytes}

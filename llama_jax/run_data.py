@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import ORDER, Source, TrainRows, order_seed
-from llama_jax.prepare import MANIFEST, read_from
+from llama_jax.prepare import MANIFEST, DamagedData, read_from
 from llama_jax.safe_io import copy_file_atomic, owned_temp_directory, saved_run_setting, sha256_file, signals_held
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
@@ -165,6 +165,13 @@ def prepared_copy_missing(directory: Path) -> str:
     return f"{directory}, the run's prepared copy of its documents, is missing"
 
 
+def _prepare_own_copy_again(workdir: Path) -> str:
+    """How a run whose prepared copy of its documents (WORKDIR/data) is missing or damaged goes on."""
+    return (f"prepare it again outside the run (llama-jax prepare-data --config {workdir / 'config.json'} --output "
+            f"DIR, from the directory the run was started in), put DIR in its place and resume (the run checks that "
+            f"it holds the documents its checkpoints trained on), or start a new run with another --workdir")
+
+
 def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path | None]:
     """(directory to read, staged temporary copy or None) of a raw text source, prepared now unless
     WORKDIR/data holds it already (`runs_own`: `d` is the run's own settings, `runs_own_settings`)."""
@@ -189,11 +196,12 @@ def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path
             d = copy.deepcopy(d)
             d.tokenizer = str(kept)
     if runs_own and not (final / MANIFEST).is_file() and any((workdir / "checkpoints").glob("*")):
-        raise RunError(f"{prepared_copy_missing(final)}; its checkpoints trained on it: put it back, or start a new "
-                       f"run with another --workdir")
+        raise RunError(f"{prepared_copy_missing(final)}; its checkpoints trained on it: put it back, or "
+                       f"{_prepare_own_copy_again(workdir)}")
     if (final / MANIFEST).is_file():
         check_prepared(final, d, f"{final} (the data this run started with) was prepared",
-                       "use the run's data settings (its config.json) or another --workdir", runs_own=runs_own)
+                       "use the run's data settings (its config.json) or another --workdir", runs_own=runs_own,
+                       again=_prepare_own_copy_again(workdir))
         return final, None
     if d.tokenizer == "train" and jax.process_count() > 1:
         raise RunError("data.tokenizer=train needs a single process; train it once with "
@@ -255,6 +263,11 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
         named = [("data", path, 1.0)]
     try:
         return _open(d, t, model, named, kept, kept_sha256, rows, staged, open_prepared, _legacy_order(info))
+    except DamagedData as e:
+        discard_staged(staged)
+        if d.source == "prepared" or staged is not None:
+            raise
+        raise RunError(f"{e.problem}; {_prepare_own_copy_again(workdir)}") from None  # the run's own copy
     except BaseException:
         discard_staged(staged)
         raise

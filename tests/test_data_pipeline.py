@@ -259,6 +259,36 @@ def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path
     assert "row 0: source 'data'" in capsys.readouterr().out
 
 
+def test_a_runs_damaged_copy_of_its_documents_is_prepared_again_as_the_error_says(tokenizer_path, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """The run's prepared copy of a raw source (WORKDIR/data) damaged, in its manifest or a shard:
+    the resume names the file and how to go on (prepare-data outside the run, the result put in
+    its place), and doing so resumes the run."""
+    monkeypatch.chdir(tmp_path)
+    raw = ["--config.data.source=embedded", f"--config.data.tokenizer={tokenizer_path}"]
+    assert train("run", *raw, "--config.train.steps=2") == 0
+    data = tmp_path / "run" / "data"
+    recipe = (r"prepare it again outside the run \(llama-jax prepare-data --config \S*run/config.json --output DIR, "
+              r"from the directory the run was started in\), put DIR in its place and resume \(the run checks that it "
+              r"holds the documents its checkpoints trained on\), or start a new run with another --workdir")
+    shard = next(data.glob("train-*.tokens.bin"))
+    for damaged, problem in ((data / "manifest.json", r"\S+/manifest.json cannot be read \(.*\)"),
+                             (shard, rf"\S+/{shard.name} is truncated: 10 bytes, expected \d+ \(.*\)")):
+        kept = damaged.read_bytes()
+        with open(damaged, "r+b") as f:
+            f.truncate(10)
+        capsys.readouterr()
+        assert train("run", *raw, "--config.train.steps=3") == 2
+        assert re.fullmatch(rf"llama-jax train: error: {problem}; {recipe}", capsys.readouterr().err.strip())
+        if damaged.name == "manifest.json":  # (the shard stays damaged: the copy prepared again replaces it)
+            damaged.write_bytes(kept)
+    assert main(["prepare-data", "--config", "run/config.json", "--output", "again", "--workers", "1"]) == 0
+    shutil.rmtree(data)
+    shutil.move("again", data)
+    assert train("run", *raw, "--config.train.steps=3") == 0
+    assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+
+
 def test_a_resume_naming_the_same_files_otherwise_goes_on(tokenizer_path, tmp_path, monkeypatch):
     """A raw source's files compare as the paths they name: `./texts/*.txt`, its absolute form
     (from anywhere) and `~/texts/*.txt` are the `texts/*.txt` the run started with."""

@@ -424,6 +424,10 @@ def damaged_copy(reference: Path, case: Path, damage: str) -> Path:
         data = bytearray((out / "held_out-00000.tokens.bin").read_bytes())
         data[10] ^= 1
         (out / "held_out-00000.tokens.bin").write_bytes(bytes(data))
+    elif damage == "unhashed-shard":  # a shard record without the sha256 of its files
+        record = json.loads((out / "train-00000.json").read_text())
+        del record["sha256"]
+        (out / "train-00000.json").write_text(json.dumps(record))
     elif damage == "shards-elsewhere":  # the shards of another prepared directory, whose hashes match
         manifest = json.loads((out / "manifest.json").read_text())
         train = manifest["splits"]["train"]
@@ -492,14 +496,21 @@ CASES = [
     ("verify-unfinished", ["prepare-data", "--verify", "--output", "{remove-manifest}"],
      r"\S+/prepared: the preparation did not finish \(no manifest.json\)"),
     ("truncated-shard", ["prepare-data", "--verify", "--output", "{truncate}"],
-     r"\S+/train-00001.tokens.bin is truncated: 100 bytes, expected \d+ \(\d+ uint16 tokens\); prepare the data again"),
+     r"\S+/train-00001.tokens.bin is truncated: 100 bytes, expected \d+ \(\d+ uint16 tokens\); remove \S+/prepared "
+     r"to prepare it again, or give another --output$"),
     ("missing-shard-file", ["prepare-data", "--verify", "--output", "{remove-index}"],
-     r"\S+/train-00002.index.npy is missing; prepare the data again"),
+     r"\S+/train-00002.index.npy is missing; remove \S+/prepared to prepare it again, or give another --output$"),
     ("damaged-shard", ["prepare-data", "--verify", "--output", "{flip}"],
      r"\S+/held_out-00000.tokens.bin does not match the sha256 recorded in held_out-00000.json"),
+    ("unhashed-shard", ["prepare-data", "--verify", "--output", "{unhashed-shard}"],
+     r"\S+/prepared/train-00000.json records no sha256 of its tokens file; remove \S+/prepared to prepare it again"),
+    # preparing a finished directory again reads it as a run would: "nothing to do" is not said of a damaged one
+    ("finished-but-truncated", ["prepare-data", "--config", "{config}", "--output", "{truncate}"],
+     r"\S+/train-00001.tokens.bin is truncated: 100 bytes, expected \d+ \(\d+ uint16 tokens\); remove "
+     r"\S+/prepared to prepare it again, or give another --output$"),
     ("shards-elsewhere", ["prepare-data", "--verify", "--output", "{shards-elsewhere}"],
      r"\S+/manifest.json: split train lists the shard '\S+/ref/train-00000', which is not the name of a file in "
-     r"\S+/prepared; prepare the data again"),
+     r"\S+/prepared; remove \S+/prepared to prepare it again, or give another --output$"),
 ]
 
 
@@ -519,7 +530,7 @@ def test_bad_input_is_one_line_and_writes_nothing(args, error, inputs, reference
     (owners / "model" / "params" / "data").mkdir(parents=True)  # an empty folder made there by hand
     paths = {"config": inputs["config"], "case": case, "reference": reference, "other": inputs["other"],
              "run": owners / "run", "model": owners / "model"}
-    for damage in ("truncate", "remove-index", "remove-manifest", "flip", "shards-elsewhere"):
+    for damage in ("truncate", "remove-index", "remove-manifest", "flip", "unhashed-shard", "shards-elsewhere"):
         if any("{" + damage + "}" in a for a in args):
             paths[damage] = damaged_copy(reference, case, damage)
     argv = [re.sub(r"\{([\w-]+)\}", lambda m: str(paths[m.group(1)]), a) for a in args]
