@@ -226,14 +226,16 @@ def _save_figure(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def report(workdir: str | Path) -> str:
-    """Rebuild results.csv, results.md and the plots from the runs' files; return the table."""
+def report(workdir: str | Path, out=print) -> str:
+    """Rebuild results.csv, results.md and the plots from the runs' files; return the table. (`out`:
+    where a line that sweep.json was read from the trials' copy goes.)"""
     from llama_jax.sweep import SPEC_FILE, SweepError, saved_spec
 
     workdir = Path(workdir).absolute()
-    if not (workdir / SPEC_FILE).exists():
+    spec = saved_spec(workdir, out)  # a damaged sweep.json no trial keeps a copy of: refused, nothing rewritten
+    if not spec:
         raise SweepError(f"{workdir} holds no sweep ({SPEC_FILE} not found); give the --workdir of a sweep")
-    keys, rows, objective = collect(workdir, saved_spec(workdir))  # a damaged sweep.json: refused, nothing rewritten
+    keys, rows, objective = collect(workdir, spec)
     table = write_tables(workdir, keys, rows)
     plot(workdir, keys, rows, OBJECTIVE_LABELS[objective])
     return table

@@ -495,8 +495,10 @@ def finished_trial_status(directory: Path) -> str | None:
     return status if status in FINISHED else None
 
 
-def write_trial(directory: Path, trial: Trial, status: str, **extra) -> None:
-    record = {"number": trial.number, "overrides": trial.overrides, "status": status, **extra}
+def write_trial(directory: Path, trial: Trial, status: str, spec: SweepSpec, **extra) -> None:
+    """Write the trial's record, with a copy of the sweep's spec (its sweep.json) to restore that from."""
+    record = {"number": trial.number, "overrides": trial.overrides, "status": status, **extra,
+              "sweep": json.loads(spec.to_json())}
     write_text_atomic(directory / TRIAL_FILE, json.dumps(record, indent=2) + "\n")
 
 
@@ -617,7 +619,7 @@ class Sweep:
                 for active in running.values():
                     active.process.send_signal(signal.SIGTERM)
                 for active in running.values():
-                    write_trial(active.directory, active.trial, "interrupted", started=active.started,
+                    write_trial(active.directory, active.trial, "interrupted", self.spec, started=active.started,
                                 ended=time.time())
             for active in running.values():
                 active.process.wait()
@@ -634,7 +636,7 @@ class Sweep:
             env = subset_env(self.platform, ids, slot, env)
         optuna_trial, reported = study_trial(study, trial) if study is not None else (None, set())
         started = time.time()
-        write_trial(directory, trial, "running", started=started)
+        write_trial(directory, trial, "running", self.spec, started=started)
         self.out(f"[{trial.number}] started {directory.name}")
         # signals held: a trial whose process has started is in `running`, for the `finally` of `run` to stop
         with open(directory / LOG_FILE, "ab") as log, signals_held():
@@ -672,7 +674,7 @@ class Sweep:
         extra = {"started": active.started, "ended": time.time()}
         if status == "failed":
             extra["error"] = killed_by(active.process.returncode) or last_error_line(active.directory / LOG_FILE)
-        write_trial(active.directory, active.trial, status, **extra)
+        write_trial(active.directory, active.trial, status, self.spec, **extra)
         self.out(f"[{active.trial.number}] {status} {active.directory.name}"
                  + (f": {extra['error']}" if status == "failed" else ""))
         if study is not None:
@@ -785,7 +787,7 @@ def rewrite_lost_records(study, sweep: Sweep) -> None:
         outcome = run_outcome(directory, sweep.objective)
         status = {states.COMPLETE: "done", states.PRUNED: "pruned"}.get(frozen.state) or (
             finished_status(outcome) if outcome["complete"] else "failed")  # (the study fails diverged trials too)
-        write_trial(directory, trial, status)
+        write_trial(directory, trial, status, sweep.spec)
 
 
 def study_trial(study, trial: Trial) -> tuple[Any, set[int]]:
@@ -812,10 +814,10 @@ def tell(study, optuna_trial, status: str, final: float | None) -> None:
 
 
 def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], overrides: Sequence[str],
-            search: str = "grid", trials: int | None = None, seed: int = 0) -> tuple[SweepSpec, dict, list]:
+            search: str = "grid", trials: int | None = None, seed: int = 0, out=print) -> tuple[SweepSpec, dict, list]:
     """Check everything about a sweep before anything runs: (spec, axes, trials; [] for optuna)."""
     workdir = Path(workdir).absolute()
-    saved = saved_spec(workdir)
+    saved = saved_spec(workdir, out)
     started = {p.name for p in workdir.iterdir() if holds_run(p)} if saved else set()
     spec, axes, listed = plan_trials(config, axis_texts, overrides, search, trials, seed, saved.get("axes", ()),
                                      started=started)
@@ -865,19 +867,49 @@ def settings_sha256(config) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def saved_spec(workdir: Path) -> dict:
-    """The sweep.json of `workdir` ({} if it has none)."""
+def saved_spec(workdir: Path, out: Callable[[str], None] | None = None) -> dict:
+    """The sweep.json of `workdir`; where it is missing or damaged, the copy of it the trials' records
+    keep (said through `out`), else {} (none: no sweep) or SweepError (damaged)."""
     path = workdir / SPEC_FILE
-    if not path.exists():
-        return {}
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        saved = None
+    saved = None
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        if _is_spec(saved):
+            return saved
+    kept = _spec_kept_by_trials(workdir)
+    if kept:
+        if out is not None:
+            out(f"{path} is {'damaged' if path.exists() else 'missing'}: the sweep is read from the copy its trials' "
+                f"records keep ({TRIAL_FILE})")
+        return kept
+    if path.exists():
+        raise SweepError(f"{path} is damaged (not a sweep's JSON), and no trial's record keeps a copy of it (trials of "
+                         f"an earlier release); use another --workdir")
+    return {}
+
+
+def _is_spec(saved: Any) -> bool:
+    """Whether `saved` is a sweep.json's object (its swept axes as `SweepSpec.to_json` writes them)."""
     axes = saved.get("axes") if isinstance(saved, dict) else None
-    if not (isinstance(axes, dict) and axes and all(isinstance(v, str) for v in axes.values())):  # (as to_json writes)
-        raise SweepError(f"{path} is damaged (not a sweep's JSON); use another --workdir")
-    return saved
+    return isinstance(axes, dict) and bool(axes) and all(isinstance(v, str) for v in axes.values())
+
+
+def _spec_kept_by_trials(workdir: Path) -> dict:
+    """The copy of the sweep's spec in its most recently written trial record ({} where none keeps one)."""
+    def written(record: Path) -> int:
+        try:
+            return record.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    for record in sorted(workdir.glob(f"*/{TRIAL_FILE}"), key=written, reverse=True):
+        kept = read_trial(record.parent).get("sweep")
+        if _is_spec(kept):
+            return kept
+    return {}
 
 
 _SPEC_FIELDS = {"config_sha256": "config file's settings", "objective": "objective"}  # how a changed field is named
@@ -1072,7 +1104,7 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
     for trial, job_id in zip(todo, job_ids):
         directory = workdir / trial.name(axes, numbered)
         directory.mkdir(exist_ok=True)
-        write_trial(directory, trial, "submitted", job=job_id)
+        write_trial(directory, trial, "submitted", spec, job=job_id)
     return (f"submitted {len(job_ids)} trial(s) as SLURM job array {job_ids[0].split('_')[0]}{waiting}; "
             f"llama-jax sweep --workdir {workdir} --report collects the results")
 

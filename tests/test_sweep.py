@@ -71,7 +71,13 @@ def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path, capsys
                                                                                "interrupted")
     assert trial(second_run)["status"] == "running"  # --report only reads
 
+    spec = (workdir / "sweep.json").read_text()
+    (workdir / "sweep.json").unlink()  # lost as well: the trials' records keep a copy
+    capsys.readouterr()
     assert main(args) == 0
+    assert f"{workdir / 'sweep.json'} is missing: the sweep is read from the copy its trials' records keep " \
+           f"(trial.json)" in capsys.readouterr().out
+    assert (workdir / "sweep.json").read_text() == spec
     assert (first_run / "metrics.jsonl").stat().st_mtime_ns == first_metrics  # finished: not run again
     logged = [json.loads(line)["step"] for line in (second_run / "metrics.jsonl").read_text().splitlines()]
     assert sorted(set(logged)) == [1, 2, 3, 4]
@@ -102,17 +108,25 @@ def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path, capsys
     assert main(["sweep", "--workdir", str(workdir), "--report", "--sweep", "train.seed=[0]", "--parallel", "2"]) == 2
     assert capsys.readouterr().err.strip().endswith("--report rebuilds the results from the files in --workdir alone; "
                                                     "drop --sweep, --parallel")
-    files = {p: p.read_bytes() for p in workdir.iterdir() if p.is_file() and p.name != "sweep.json"}
-    for damaged in ["garbage\n", json.dumps({**spec, "axes": {}}), json.dumps({**spec, "axes": {"train.seed": 0}})]:
-        (workdir / "sweep.json").write_text(damaged)  # refused, not rebuilt without the swept columns
-        assert main(["sweep", "--workdir", str(workdir), "--report"]) == 2
-        assert capsys.readouterr().err.strip().endswith("sweep.json is damaged (not a sweep's JSON); use another "
-                                                        "--workdir")
-        assert {p: p.read_bytes() for p in workdir.iterdir() if p.is_file() and p.name != "sweep.json"} == files
-    (workdir / "sweep.json").unlink()
-    (workdir / "sweep.json").mkdir()  # a directory in its place (was "sweep.json not found")
-    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 2
-    assert capsys.readouterr().err.strip().endswith("sweep.json is damaged (not a sweep's JSON); use another --workdir")
+    damages = ["garbage\n", json.dumps({**spec, "axes": {}}), json.dumps({**spec, "axes": {"train.seed": 0}}), None]
+    for damaged in damages:  # read from the trials' copy (None: a directory in sweep.json's place)
+        if damaged is None:
+            (workdir / "sweep.json").unlink()
+            (workdir / "sweep.json").mkdir()
+        else:
+            (workdir / "sweep.json").write_text(damaged)
+        assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
+        assert capsys.readouterr().out.startswith(f"{workdir / 'sweep.json'} is damaged: the sweep is read from the "
+                                                  f"copy its trials' records keep (trial.json)\n")
+        assert (workdir / "results.csv").read_text() == results
+    for record in workdir.glob("*/trial.json"):  # as an earlier release wrote them, without the copy
+        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "sweep"}))
+    files = {p: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 2  # refused, not rebuilt without the swept columns
+    assert capsys.readouterr().err.strip().endswith(
+        "sweep.json is damaged (not a sweep's JSON), and no trial's record keeps a copy of it (trials of an earlier "
+        "release); use another --workdir")
+    assert {p: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == files
 
 
 def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
@@ -462,7 +476,8 @@ def test_a_trial_the_pruner_stopped_is_pruned_unless_it_had_finished(tmp_path, c
     active = sweep_lib.Running(sweep_lib.Trial(0, {"optimizer.lr": 1e-3}), run,
                                types.SimpleNamespace(returncode=returncode), 0, 0.0, pruned=True)
     printed = []
-    sweep_lib.Sweep._finish(types.SimpleNamespace(objective="eval_loss", out=printed.append), active, None)
+    spec = sweep_lib.SweepSpec("experiment.py", (), {"optimizer.lr": "Grid(values=(0.001,))"}, "optuna", 1, 0)
+    sweep_lib.Sweep._finish(types.SimpleNamespace(objective="eval_loss", out=printed.append, spec=spec), active, None)
     assert trial(run)["status"] == status and printed == [f"[0] {status} t000"]
 
 
@@ -682,7 +697,7 @@ def test_a_sweep_runs_where_it_started_once_a_trial_has(tmp_path, monkeypatch):
     said = []
     assert sweep_lib.start_directory(workdir, said.append) == elsewhere and not said
     (workdir / "seed=0").mkdir()
-    sweep_lib.write_trial(workdir / "seed=0", listed[0], "running")
+    sweep_lib.write_trial(workdir / "seed=0", listed[0], "running", spec)
     assert sweep_lib.start_directory(workdir, said.append) == started
     assert said == [f"this sweep started in {started}: relative paths in its config and overrides are read from there"]
     earlier = {k: v for k, v in json.loads(spec.to_json()).items() if k != "directory"}
@@ -713,7 +728,7 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     assert main([*args, "--sweep", "train.seed=[0,2]"]) == 0  # no trial has started: accepted
     capsys.readouterr()
     (workdir / "seed=0,lr=0.001").mkdir()
-    sweep_lib.write_trial(workdir / "seed=0,lr=0.001", listed[0], "running")
+    sweep_lib.write_trial(workdir / "seed=0,lr=0.001", listed[0], "running", spec)
     before = sorted(workdir.rglob("*"))
 
     assert main([*args, "--sweep", "train.seed=[0,2]", "--sweep", "optimizer.lr=[1e-3,2e-3]"]) == 2
@@ -967,10 +982,11 @@ def test_a_finished_trial_whose_log_lost_its_last_step_is_not_ranked_by_an_earli
     from llama_jax.results import collect
 
     losses = {"a": [4.0, 3.0, 2.0, 1.5], "b": [4.0, 3.0, 2.5, 1.8], "c": [4.0, 3.0, 2.5, None]}  # c: diverged
+    made = sweep_lib.SweepSpec("experiment.py", (), {"train.seed": "Grid(values=('a', 'b', 'c'))"}, "grid", None, 0)
     for name, values in losses.items():
         run = tmp_path / name
         run.mkdir()
-        sweep_lib.write_trial(run, sweep_lib.Trial(0, {"train.seed": name}), "done")
+        sweep_lib.write_trial(run, sweep_lib.Trial(0, {"train.seed": name}), "done", made)
         (run / "config.json").write_text(json.dumps({"train": {"steps": 4}}))
         (run / "progress.json").write_text(json.dumps({"committed_step": 4}))
         (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
