@@ -169,8 +169,8 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
     dst = check_destination(dst, kind, overwrite, inputs)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = scratch_path(dst, "tmp"), scratch_path(dst, "old")
-    tmp.mkdir()
-    try:
+    try:  # (made inside: a signal between making it and the `try` left it behind)
+        tmp.mkdir()
         yield tmp
         if dst.exists():
             os.replace(dst, old)
