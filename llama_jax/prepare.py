@@ -771,8 +771,11 @@ def _finish(out: Path, corpus: Corpus, record: dict, workers: int,
     done = {split: finished_shards(out, split, dtype) for split in SPLITS}
     _remove_unfinished(out, done)
     total = sum(len(corpus.indices[split]) for split in SPLITS)
-    bar = _progress_bar(progress, total, sum(r["documents"] for records in done.values() for r in records), out)
+    before = sum(r["documents"] for records in done.values() for r in records)  # (an earlier call's)
+    bar = _progress_bar(progress, total, before, out)
+    lines = progress and bar.disable  # no terminal (a job's log): a line now and then instead of the bar
     started, documents, tokens = time.perf_counter(), 0, 0
+    said = started
     encoder = Encoder(out / TOKENIZER, dtype, workers)
     try:
         for split in SPLITS:
@@ -782,8 +785,13 @@ def _finish(out: Path, corpus: Corpus, record: dict, workers: int,
                 writer.add(chunk)
                 documents, tokens = documents + len(chunk.lengths), tokens + len(chunk.tokens)
                 bar.update(len(chunk.lengths))
-                rate = tokens / max(time.perf_counter() - started, 1e-9)
+                now = time.perf_counter()
+                rate = tokens / max(now - started, 1e-9)
                 bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+                if lines and now - said >= PROGRESS_LINE_SECONDS:
+                    print(f"preparing {out}: {before + documents:,} of {total:,} documents "
+                          f"({(before + documents) / total:.1%}), {rate:,.0f} tokens/s", file=sys.stderr, flush=True)
+                    said = now
             writer.finish()
     finally:
         encoder.close()
@@ -862,6 +870,9 @@ def _say(progress: bool, line: str) -> None:
     """A status line on stdout (the progress bar and errors go to stderr)."""
     if progress:
         print(line, flush=True)
+
+
+PROGRESS_LINE_SECONDS = 60.0  # how often a preparation without a terminal says how far it is
 
 
 def _progress_bar(progress: bool, total: int, initial: int, out: Path):

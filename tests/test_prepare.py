@@ -133,12 +133,18 @@ def test_shards_hold_every_document_as_the_tokenizer_encodes_it(inputs, referenc
             assert reader.document_info(d)[1:] == (i, len(documents[i].encode("utf-8")))
 
 
-def test_workers_give_byte_identical_directories(inputs, reference, tmp_path, monkeypatch):
+def test_workers_give_byte_identical_directories(inputs, reference, tmp_path, monkeypatch, capsys):
+    """... and without a terminal (a job's log) the progress is a line now and then, not a bar."""
     monkeypatch.setattr(prepare_lib, "CHUNK_CHARS", 2000)  # many chunks, so both workers get some
-    manifest = prepare(load_config(inputs["config"]).data, tmp_path / "two", workers=2, shard_tokens=SHARD_TOKENS,
-                       progress=False)
+    monkeypatch.setattr(prepare_lib, "PROGRESS_LINE_SECONDS", 0.0)  # a line per chunk
+    manifest = prepare(load_config(inputs["config"]).data, tmp_path / "two", workers=2, shard_tokens=SHARD_TOKENS)
     assert manifest == json.loads((reference / "manifest.json").read_text())
     assert file_contents(tmp_path / "two") == file_contents(reference)
+    said = capsys.readouterr().err.splitlines()
+    total = len(inputs["documents"])
+    assert len(said) > 2 and all(re.fullmatch(rf"preparing {tmp_path / 'two'}: [\d,]+ of {total:,} documents "
+                                              rf"\(\d+\.\d%\), [\d,]+ tokens/s", line) for line in said), said
+    assert said[-1].startswith(f"preparing {tmp_path / 'two'}: {total:,} of {total:,} documents (100.0%)")
 
 
 @pytest.mark.parametrize("noticed", [False, True])
