@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ def _json(path: Path) -> dict:
 
 
 def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]:
-    """What a run's files say: steps done, losses, throughput, whether it reached train.steps, and
-    `final` (the last value of `objective`, what a sweep minimises)."""
+    """What a run's files say: steps done, losses, throughput (the median of the logged tokens/s),
+    whether it reached train.steps, and `final` (the last value of `objective`, what a sweep
+    minimises)."""
     records = read_metrics(directory / "metrics.jsonl")
     train, evals = last_per_step(records, "loss"), last_per_step(records, "eval_loss")
     speed = last_per_step(records, "tokens_per_second")
@@ -49,7 +51,8 @@ def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]
         "final_eval_loss": _last(records, "eval_loss", at),
         "best_eval_loss": min(v for _, v in evals) if evals else None,
         "final_train_loss": _last(records, "loss", at),
-        "tokens_per_second": speed[-1][1] if speed else None,
+        # the median of the logged windows: the last alone may hold a checkpoint's save or an evaluation
+        "tokens_per_second": statistics.median(v for _, v in speed) if speed else None,
         "final": _last(records, objective, at),
         "log_damage": _log_damage(directory, records, at),
     }

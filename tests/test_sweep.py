@@ -989,11 +989,13 @@ def test_a_finished_trial_whose_log_lost_its_last_step_is_not_ranked_by_an_earli
         sweep_lib.write_trial(run, sweep_lib.Trial(0, {"train.seed": name}), "done", made)
         (run / "config.json").write_text(json.dumps({"train": {"steps": 4}}))
         (run / "progress.json").write_text(json.dumps({"committed_step": 4}))
-        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
-                                                   for s, v in enumerate(values, start=1)))
+        speeds = {2: 100.0, 3: 110.0, 4: 30.0}  # (none for the first step; the last window held a save)
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v, **(
+            {"tokens_per_second": speeds[s]} if s in speeds else {})}) + "\n" for s, v in enumerate(values, start=1)))
     spec = {"axes": {"train.seed": ["a", "b", "c"]}, "objective": "loss"}
     rows = collect(tmp_path, spec)[1]
     assert [(r["run"], r["final_train_loss"], r["error"]) for r in rows[:2]] == [("a", 1.5, ""), ("b", 1.8, "")]
+    assert rows[0]["tokens_per_second"] == 100.0  # the median of the run's figures, not the last one
     assert rows[2]["run"] == "c" and math.isnan(rows[2]["final_train_loss"]) and rows[2]["error"] == ""
     log = tmp_path / "a" / "metrics.jsonl"
     log.write_text(log.read_text()[:-10])  # the last line cut short
