@@ -168,8 +168,10 @@ def each_file_once(paths: Iterable[str]) -> list[str]:
     return list(first.values())
 
 
-def read_documents(paths: Sequence[str] | str, text_key: str = "text") -> Iterator[str]:
-    """Stream the documents of `TextFiles(paths, text_key)` without holding them."""
+def read_documents(paths: Sequence[str] | str, text_key: str = "text",
+                   key_option: str = "data.text_key") -> Iterator[str]:
+    """Stream the documents of `TextFiles(paths, text_key)` without holding them (`key_option`: how
+    the caller's user names the JSONL field, for the message when a line lacks it)."""
     for path in expand_files(paths):
         if os.path.isdir(path):
             raise ValueError(f"{path}: is a directory; give the files in it, e.g. {os.path.join(path, '*.txt')}")
@@ -181,7 +183,7 @@ def read_documents(paths: Sequence[str] | str, text_key: str = "text") -> Iterat
         if path.endswith(".txt"):
             yield _read_txt(path)
         elif path.endswith(".jsonl"):
-            yield from jsonl_texts(path, text_key)
+            yield from jsonl_texts(path, text_key, key_option)
         else:
             raise ValueError(f"{path}: unsupported file type; valid: .txt (a document per file), "
                              f".jsonl (a document per line)")

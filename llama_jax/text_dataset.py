@@ -22,6 +22,8 @@ import tensorflow_datasets as tfds
 
 from llama_jax.data import expand_files, held_out, read_documents
 
+KEY_ARGUMENT = "build_text_dataset's text_key"  # what names the JSONL field, for the message when a line lacks it
+
 
 @dataclasses.dataclass(eq=False)
 class TextConfig(tfds.core.BuilderConfig):
@@ -62,7 +64,8 @@ class LlamaJaxText(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         config = self.builder_config
-        hashes = np.array([_text_hash(doc) for doc in read_documents(config.files, config.text_key)], np.uint64)
+        documents = read_documents(config.files, config.text_key, KEY_ARGUMENT)
+        hashes = np.array([_text_hash(doc) for doc in documents], np.uint64)
         if not len(hashes):
             raise ValueError(f"{list(config.files)} hold no documents; give non-empty .txt/.jsonl files")
         validation = held_out(hashes, config.validation_fraction)
@@ -77,7 +80,7 @@ class LlamaJaxText(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, validation: np.ndarray, want: bool):
         config = self.builder_config
-        for i, doc in enumerate(read_documents(config.files, config.text_key)):
+        for i, doc in enumerate(read_documents(config.files, config.text_key, KEY_ARGUMENT)):
             if validation[i] == want:
                 yield i, {"text": doc}
 

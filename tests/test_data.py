@@ -83,6 +83,9 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer, monkeypatch):
     name = build_text_dataset(files, data_dir, validation_fraction=0.25)
     assert build_text_dataset(files, data_dir, validation_fraction=0.25) == name  # built once, then reused
     assert list((tmp_path / "tmp").iterdir()) == []  # nothing left in the temporary directory
+    with pytest.raises(ValueError, match=r"a.jsonl:1: no string field 'body'; set build_text_dataset's text_key to "
+                                         r"the field holding the text$"):  # (from Python: not data.text_key)
+        build_text_dataset(files, data_dir, text_key="body")
     splits = {s: [r["text"].decode() for r in tfds.data_source(name, data_dir=data_dir, split=s)]
               for s in ("train", "validation")}
     assert len(splits["validation"]) == math.ceil(0.25 * len(docs))
