@@ -62,7 +62,7 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
         if n_devices % fixed:
-            raise ValueError(f"mesh: {n_devices} devices are not divisible by the fixed mesh sizes "
+            raise ValueError(f"mesh: the device count, {n_devices}, is not divisible by the fixed mesh sizes "
                              f"({' x '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)} = {fixed})")
         sizes[free[0]] = n_devices // fixed
     elif fixed != n_devices:

@@ -428,7 +428,7 @@ CASES = [
     Case("plan-devices-too-many", "plan --config {tiny} --devices 100000",
          r"--devices must be a positive number of virtual CPU devices, at most 4096 .*got 100000"),
     Case("plan-mesh-does-not-fit", "plan --config {tiny} --devices 2 --config.mesh.tensor=3",
-         r"mesh: 2 devices are not divisible by the fixed mesh sizes"),
+         r"mesh: the device count, 2, is not divisible by the fixed mesh sizes"),
     Case("plan-batch-not-divisible-by-devices", "plan --config {tiny} --devices 3",
          r"micro-batch .* = 16 is not divisible by mesh.data x mesh.fsdp = 3"),
     Case("plan-kv-heads-not-divisible", "plan --config {tiny} --devices 2 --config.mesh.fsdp=1 --config.mesh.tensor=2 "

@@ -563,7 +563,7 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--include-path", str(tmp_path / "tasks"),
                  "--mesh", "3,-1,1"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "llama-jax lm-eval: error: mesh: 8 devices are not divisible by the fixed mesh sizes (data=3 x tensor=1 = 3)")
+        "llama-jax lm-eval: error: mesh: the device count, 8, is not divisible by the fixed mesh sizes (data=3 x tensor=1 = 3)")
     with pytest.raises(SystemExit) as exited:
         main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--mesh", "1,8"])
     assert exited.value.code == 2
@@ -755,7 +755,7 @@ def test_lm_eval_model_bad_mesh(model_dirs, mesh, message):
      "data.eval_fraction=0.0 holds out no document"),
     (["eval", "MODEL", "--config", "CONFIG", "--seq-len", str(CONTEXT + 1)], rf"seq_len={CONTEXT + 1} is out of range"),
     (["eval", "MODEL", "--config", "CONFIG", "--config.mesh.data=3"],
-     r"mesh: 8 devices are not divisible by the fixed mesh sizes \(data=3 x tensor=1 = 3\)"),
+     r"mesh: the device count, 8, is not divisible by the fixed mesh sizes \(data=3 x tensor=1 = 3\)"),
     (["eval", "MODEL", "--config", "CONFIG", "--config.train.grad_accum=0"],  # the default batch divides by it
      r"train.grad_accum must be a positive integer, got 0$"),
     (["eval", "MODEL", "--config", "CONFIG", "--config.model.dtype=float16"],  # was ignored

@@ -518,7 +518,7 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY, "--bogus"],
      "after --: train: unrecognized arguments: --bogus"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-32", "--dry-run", "--", *TRAIN_TINY,
-      "--config.mesh.data=3"], "mesh: 16 devices are not divisible by the fixed mesh sizes"),
+      "--config.mesh.data=3"], "mesh: the device count, 16, is not divisible by the fixed mesh sizes"),
     (["slurm", "--nodes", "2", "--gpus-per-node", "8", "--dry-run", "--", *TRAIN_IN_TMP,
       "--config.train.batch_size=12"], "train.batch_size / train.grad_accum = 12 is not divisible by mesh.data x "
                                        "mesh.fsdp = 16"),
