@@ -563,7 +563,8 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--include-path", str(tmp_path / "tasks"),
                  "--mesh", "3,-1,1"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "llama-jax lm-eval: error: mesh: the device count, 8, is not divisible by the fixed mesh sizes (data=3 x tensor=1 = 3)")
+        "llama-jax lm-eval: error: mesh: the device count, 8, is not divisible by the fixed mesh sizes "
+        "(data=3 x tensor=1 = 3)")
     with pytest.raises(SystemExit) as exited:
         main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--mesh", "1,8"])
     assert exited.value.code == 2
