@@ -545,15 +545,37 @@ def eval_file_name(record: dict, own_data: bool, run_seq_len: int | None) -> str
     own train.seq_len (`run_seq_len`), and otherwise eval-STEP-TAG.json, TAG 8 hex digits of a hash
     of the data settings (and of seq_len, when not the run's), so that a score of other data or
     other windows never replaces the run's own nor one of a third."""
-    import hashlib
-    import json
-
     own_windows = record["seq_len"] == run_seq_len
     if own_data and own_windows:
         return f"eval-{record['step']}.json"
-    what = record["data"] if own_windows else {"data": record["data"], "seq_len": record["seq_len"]}
-    settings = json.dumps(what, sort_keys=True, default=str).encode()
-    return f"eval-{record['step']}-{hashlib.sha256(settings).hexdigest()[:8]}.json"
+    return f"eval-{record['step']}-{_settings_tag(record, with_seq_len=not own_windows)}.json"
+
+
+def model_eval_file(model: Path, record: dict) -> Path:
+    """A model directory's default result file: MODEL/eval.json, unless that holds a score of other
+    data settings or windows (seq_len), which is kept: then MODEL/eval-TAG.json (TAG as in
+    `eval_file_name`, of both)."""
+    import json
+
+    from llama_jax.model_dir import EVAL_FILE
+
+    try:
+        held = json.loads((model / EVAL_FILE).read_text())
+    except (OSError, ValueError):  # none (or one check_results_file refuses)
+        return model / EVAL_FILE
+    mine = json.loads(json.dumps({"data": record["data"], "seq_len": record["seq_len"]}, default=str))
+    if not isinstance(held, dict) or {"data": held.get("data"), "seq_len": held.get("seq_len")} == mine:
+        return model / EVAL_FILE
+    return model / f"eval-{_settings_tag(record, with_seq_len=True)}.json"
+
+
+def _settings_tag(record: dict, with_seq_len: bool) -> str:
+    """8 hex digits of a hash of a result's data settings (and seq_len)."""
+    import hashlib
+    import json
+
+    what = {"data": record["data"], "seq_len": record["seq_len"]} if with_seq_len else record["data"]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _run_seq_len(workdir) -> int | None:
@@ -592,7 +614,7 @@ def cmd_eval(args) -> None:
     record = nonfinite_as_null(evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len,
                                                  args.batch_size, progress=True, run_config=own_data))
     default = (Path(args.workdir) / eval_file_name(record, own_data, _run_seq_len(args.workdir)) if args.workdir
-               else Path(args.model) / EVAL_FILE)
+               else model_eval_file(Path(args.model), record))
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
     output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval",
                                 EVAL_RESULT_KEYS)
@@ -972,7 +994,8 @@ def cmd_data_inspect(args) -> None:
 
 def cmd_prepare_data(args) -> None:
     from llama_jax.prepare import DamagedData, prepare_with_stats, redo_advice, summary_lines, verify
-    from llama_jax.safe_io import check_outside_runs_and_models, enclosing_run_or_model, holds_run
+    from llama_jax.safe_io import (RUN_DATA_DIR, check_outside_runs_and_models, enclosing_run_or_model, holds_lock,
+                                   holds_run)
 
     if args.config is None and not args.verify:
         raise UserError("--config is required to prepare data (without it, --verify checks a prepared --output)")
@@ -990,9 +1013,14 @@ def cmd_prepare_data(args) -> None:
         config = load_config(args.config, args.overrides)
         check_data_section(config.data)
         owner = None if Path(args.output).exists() else enclosing_run_or_model(args.output)
-        if owner is not None:  # its files are the run's or the model's own (RUN/checkpoints/99 would be a checkpoint)
+        own_copy = owner is not None and holds_run(owner) and Path(args.output).absolute() == owner / RUN_DATA_DIR
+        if owner is not None and not own_copy:  # the run's or model's own files (RUN/checkpoints/99: a checkpoint)
             kind = "run" if holds_run(owner) else "model directory"
-            raise UserError(f"--output {args.output} is inside the {kind} {owner}; give a directory outside it")
+            raise UserError(f"--output {args.output} is inside the {kind} {owner}; give a directory outside it "
+                            f"(or, for a run's own copy of its documents, RUN/{RUN_DATA_DIR} itself)")
+        if own_copy and holds_lock(owner):  # (a run's first start moves the copy it prepared there)
+            raise UserError(f"--output {args.output}: the run {owner} is running (it holds its directory's lock); "
+                            f"wait for it to end")
         check_outside_runs_and_models(args.output, "--output")  # (an existing folder there too)
         manifest, stats = prepare_with_stats(config.data, args.output, workers=args.workers,
                                              shard_tokens=args.shard_tokens, progress=True)
@@ -1110,9 +1138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=None, help="window length (default: train.seq_len)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="rows per batch (default: the config's train.batch_size / train.grad_accum)")
-    p.add_argument("--output", default=None, help="JSON file to write (default: MODEL/eval.json, or "
-                   "WORKDIR/eval-STEP.json; WORKDIR/eval-STEP-TAG.json for data settings or a --seq-len other "
-                   "than the run's)")
+    p.add_argument("--output", default=None, help="JSON file to write (default: MODEL/eval.json, MODEL/eval-TAG.json "
+                   "when that holds a score of other data settings or --seq-len; or WORKDIR/eval-STEP.json, "
+                   "WORKDIR/eval-STEP-TAG.json for data settings or a --seq-len other than the run's)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a model directory (needs .[eval])")

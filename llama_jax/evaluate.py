@@ -27,6 +27,7 @@ import functools
 import math
 import os
 import warnings
+from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -498,8 +499,6 @@ def load_run(workdir, step: int | None = None, mesh=None) -> tuple[LLaMAConfig, 
     """(model config, params, tokenizer path, step, run info) of a run's checkpoint (default:
     the latest), reading only its parameters: sharded over `mesh` when given (as `load_model`),
     else on the first local device."""
-    from pathlib import Path
-
     from llama_jax.run import read_checkpoint_params, run_tokenizer
 
     workdir = Path(workdir).absolute()
@@ -522,15 +521,13 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     batch rows are split over its data x fsdp axes. `run_config`: `config` is the run's own
     config.json, data settings unchanged, so its prepared data must be what the checkpoint
     trained on (`run.check_named_data`)."""
-    from pathlib import Path
-
     from llama_jax.tokenizer import check_fits, load_tokenizer
 
     if (model_dir is None) == (workdir is None):
         raise ValueError("give either a model directory or a run's workdir")
     # bad data settings fail before the model is read
     data_config = run_data_config(config.data, workdir, run_config) if workdir is not None else config.data
-    prepared = held_out_splits(data_config) if data_config.get("source") == "prepared" else None
+    prepared = _held_out_splits(data_config, workdir) if data_config.get("source") == "prepared" else None
     documents = held_out_documents(data_config) if prepared is None else None
     seq_len = seq_len or config.train.seq_len
     batch_size = batch_size or max(1, config.train.batch_size // config.train.grad_accum)
@@ -590,17 +587,17 @@ def run_data_config(data_config, workdir, run_config: bool = False):
     relative paths of the run's config.json that name other files from here than the run's."""
     import copy
     import json
-    from pathlib import Path
 
     from llama_jax.prepare import DOCUMENT_SOURCES, MANIFEST, document_settings, recorded_documents
-    from llama_jax.run_data import DATA_DIR, RunError, prepared_copy_missing
+    from llama_jax.run_data import DATA_DIR, RunError, own_copy_advice, prepared_copy_missing
 
     directory = Path(os.path.abspath(workdir)) / DATA_DIR
     if data_config.get("source") not in DOCUMENT_SOURCES:
         return data_config
     if not (directory / MANIFEST).is_file():
         if run_config:
-            raise RunError(f"{prepared_copy_missing(directory)}; give the data to score with --config FILE")
+            raise RunError(f"{prepared_copy_missing(directory)}; {own_copy_advice(workdir)}; or give the data to "
+                           f"score with --config FILE")
         return data_config
     if not run_config:
         try:
@@ -620,8 +617,6 @@ def _check_run_paths_read_here(data_config, workdir, recorded: dict) -> None:
     """RunError when a path setting of `data_config` is the one the run's config.json gives, as
     written, relative, and names other files from the current directory than the run was
     prepared from (`recorded`): it came from the run, which read it from where it started."""
-    from pathlib import Path
-
     from llama_jax.prepare import PATH_KEYS, document_settings, is_relative
     from llama_jax.run_data import RunError
     from llama_jax.safe_io import saved_run_setting
@@ -637,6 +632,22 @@ def _check_run_paths_read_here(data_config, workdir, recorded: dict) -> None:
                            f"directory the run started in; read from {Path.cwd()} it names other files than the run "
                            f"was prepared from ({recorded.get(key)!r}); run the command from there, or give "
                            f"data.{key} as absolute paths")
+
+
+def _held_out_splits(data_config, workdir) -> dict[str, tuple[object, str]]:
+    """`held_out_splits`; where what is damaged is the run's own copy of its documents (`workdir`'s
+    data), the error says how to prepare that again."""
+    from llama_jax.prepare import DamagedData
+    from llama_jax.run_data import DATA_DIR, RunError, own_copy_advice
+
+    try:
+        return held_out_splits(data_config)
+    except DamagedData as e:
+        own = workdir is not None and data_config.get("path") == str(Path(os.path.abspath(workdir)) / DATA_DIR)
+        if not own:
+            raise
+        raise RunError(f"{e.problem}; {own_copy_advice(workdir)}; or give the data to score with --config FILE") \
+            from None
 
 
 def held_out_splits(data_config) -> dict[str, tuple[object, str]]:

@@ -21,9 +21,10 @@ PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 EVAL_FILE, LM_EVAL_FILE = "eval.json", "lm_eval.json"  # results llama-jax eval and lm-eval write beside the model
+OTHER_EVAL_FILES = "eval-*.json"  # llama-jax eval's scores of other data or windows than eval.json's
 # (an overwrite replaces them too: they are results of the model replaced)
 MODEL_DIR = OutputKind("llama_jax model directory", (CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES, EVAL_FILE,
-                                                      LM_EVAL_FILE))
+                                                      OTHER_EVAL_FILES, LM_EVAL_FILE))
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:

@@ -585,7 +585,8 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
             raise ValueError(f"{out} is already prepared with shard_tokens={recorded}, not {shard_tokens}; leave "
                              f"--shard-tokens out to use it as it is, or {never}")
         try:  # what a reader checks (not the shards' sha256: --verify): "nothing to do" is not said of a damaged one
-            open_prepared(out)
+            for split in open_prepared(out).splits.values():
+                split.check_indices()
         except DamagedData as e:
             raise ValueError(f"{e.problem}; {redo_advice(out, elsewhere)}") from None
         _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do (the documents are not "
@@ -929,17 +930,27 @@ class PreparedSplit:
 
     def _index(self, k: int) -> np.ndarray:
         if self._indices[k] is None:
-            file = self.directory / f"{self.shard_names[k]}.index.npy"
-            index = np.load(file, allow_pickle=False)
-            offsets = index[:, 0]  # columns: first token (within the shard), index in the source, UTF-8 bytes
-            tokens = int(self._token_starts[k + 1] - self._token_starts[k])
-            if len(index) and (offsets[0] != 0 or (np.diff(offsets) <= 0).any() or offsets[-1] >= tokens
-                               or (index[:, 1:] < 0).any()):
-                raise DamagedData(f"{file} is damaged: its document offsets do not ascend from 0 within the "
-                                  f"shard's {tokens} tokens")
-            self._offsets[k] = np.ascontiguousarray(offsets)
+            index = self._read_index(k)
+            self._offsets[k] = np.ascontiguousarray(index[:, 0])
             self._indices[k] = index
         return self._indices[k]
+
+    def _read_index(self, k: int) -> np.ndarray:
+        """Shard k's index, checked: DamagedData unless its document offsets ascend from 0 within the shard."""
+        file = self.directory / f"{self.shard_names[k]}.index.npy"
+        index = np.load(file, allow_pickle=False)
+        offsets = index[:, 0]  # columns: first token (within the shard), index in the source, UTF-8 bytes
+        tokens = int(self._token_starts[k + 1] - self._token_starts[k])
+        if len(index) and (offsets[0] != 0 or (np.diff(offsets) <= 0).any() or offsets[-1] >= tokens
+                           or (index[:, 1:] < 0).any()):
+            raise DamagedData(f"{file} is damaged: its document offsets do not ascend from 0 within the shard's "
+                              f"{tokens} tokens", f"remove {self.directory} to prepare it again")
+        return index
+
+    def check_indices(self) -> None:
+        """Read and check every shard's index now (a reader checks each when it first reads it)."""
+        for k in range(len(self.shard_names)):
+            self._read_index(k)
 
     def _shard_offsets(self, k: int) -> np.ndarray:
         """Offsets of the shard's documents within the shard (contiguous, for binary search)."""

@@ -8,9 +8,11 @@ rebuilds everything from the sweep's `sweep.json` and each trial's `trial.json`,
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,7 @@ def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]
         "final_eval_loss": _last(records, "eval_loss", at),
         "best_eval_loss": min(v for _, v in evals) if evals else None,
         "final_train_loss": _last(records, "loss", at),
-        # the median of the logged windows: the last alone may hold a checkpoint's save or an evaluation
+        # the median of the logged windows: the last alone may hold a checkpoint's save
         "tokens_per_second": statistics.median(v for _, v in speed) if speed else None,
         "final": _last(records, objective, at),
         "log_damage": _log_damage(directory, records, at),
@@ -229,13 +231,13 @@ def _save_figure(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def report(workdir: str | Path, out=print) -> str:
+def report(workdir: str | Path, out=None) -> str:
     """Rebuild results.csv, results.md and the plots from the runs' files; return the table. (`out`:
-    where a line that sweep.json was read from the trials' copy goes.)"""
+    where a line that sweep.json was read from the trials' copy goes; default stderr, beside the table.)"""
     from llama_jax.sweep import SPEC_FILE, SweepError, saved_spec
 
     workdir = Path(workdir).absolute()
-    spec = saved_spec(workdir, out)  # a damaged sweep.json no trial keeps a copy of: refused, nothing rewritten
+    spec = saved_spec(workdir, out or functools.partial(print, file=sys.stderr))  # a damaged sweep.json no trial keeps a copy of: refused, nothing rewritten
     if not spec:
         raise SweepError(f"{workdir} holds no sweep ({SPEC_FILE} not found); give the --workdir of a sweep")
     keys, rows, objective = collect(workdir, spec)

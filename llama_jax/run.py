@@ -22,6 +22,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -377,6 +378,25 @@ def set_aside_metrics_after(workdir: Path, step: int) -> list[int]:
         with atomic_file(path) as new:
             new.write_bytes(b"".join(kept))
     return steps
+
+
+EVAL_RESULT = re.compile(r"eval-(\d+)(-[0-9a-f]{8})?\.json")  # `llama-jax eval`'s results in a run (cli.eval_file_name)
+
+
+def set_aside_results_after(workdir: Path, step: int) -> list[str]:
+    """Move the `eval` results of steps after `step` (WORKDIR/eval-STEP[-TAG].json) into
+    WORKDIR/checkpoints-set-aside/: they score checkpoints the run no longer continues from, and
+    would be read as the scores of its new checkpoints of those steps (a name taken there gets a
+    `+`); the names moved."""
+    later = sorted(p for p in workdir.glob("eval-*.json")
+                   if (match := EVAL_RESULT.fullmatch(p.name)) and int(match.group(1)) > step)
+    for path in later:
+        (workdir / SET_ASIDE_DIR).mkdir(exist_ok=True)
+        target = workdir / SET_ASIDE_DIR / path.name
+        while target.exists():
+            target = target.with_name(target.name + "+")
+        os.replace(path, target)
+    return [p.name for p in later]
 
 
 def set_aside_after(workdir: Path, step: int) -> list[Path]:
@@ -803,6 +823,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 print(f"{'no checkpoint: starting from step 0' if start == 0 else f'resuming from step {start}'}; "
                       f"the {len(moved)} metrics records of steps {moved[0]}-{moved[-1]} logged after it moved to "
                       f"{workdir / SET_ASIDE_DIR / METRICS_FILE}")
+            results = set_aside_results_after(workdir, start)
+            if results:
+                print(f"eval results of steps after {start} moved to {workdir / SET_ASIDE_DIR}: {', '.join(results)}")
             if differences:  # chosen anew on purpose (a longer context), or a preset's value by mistake
                 print(f"checkpoint.init_from={config.checkpoint.init_from} was trained with {', '.join(differences)}"
                       f"; model.preset=init_from takes the model's own")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,11 +29,12 @@ from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import ORDER, Source, TrainRows, order_seed
 from llama_jax.prepare import MANIFEST, DamagedData, read_from
-from llama_jax.safe_io import copy_file_atomic, owned_temp_directory, saved_run_setting, sha256_file, signals_held
+from llama_jax.safe_io import (RUN_DATA_DIR, copy_file_atomic, owned_temp_directory, saved_run_setting, sha256_file,
+                               signals_held)
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
 RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
-DATA_DIR = "data"  # WORKDIR/data: a raw source prepared for the run
+DATA_DIR = RUN_DATA_DIR  # WORKDIR/data: a raw source prepared for the run
 STAGING_PREFIX = "llama-jax-data-"  # temporary directory of data prepared for a run that has not started
 
 
@@ -165,11 +167,15 @@ def prepared_copy_missing(directory: Path) -> str:
     return f"{directory}, the run's prepared copy of its documents, is missing"
 
 
-def _prepare_own_copy_again(workdir: Path) -> str:
-    """How a run whose prepared copy of its documents (WORKDIR/data) is missing or damaged goes on."""
-    return (f"prepare it again outside the run (llama-jax prepare-data --config {workdir / 'config.json'} --output "
-            f"DIR, from the directory the run was started in), put DIR in its place and resume (the run checks that "
-            f"it holds the documents its checkpoints trained on), or start a new run with another --workdir")
+def own_copy_advice(workdir: str | os.PathLike) -> str:
+    """How the prepared copy of a run's documents (WORKDIR/data), missing or damaged, is made again
+    (the run's own settings prepared into its place, which the commands reading it check)."""
+    workdir = Path(os.path.abspath(workdir))
+    final = workdir / DATA_DIR
+    remove = f"remove {final} and " if final.exists() else ""
+    return (f"{remove}prepare it again in its place: llama-jax prepare-data --config {workdir / 'config.json'} "
+            f"--output {final}, from the directory the run was started in (its documents and tokens are checked "
+            f"against those its checkpoints trained on)")
 
 
 def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path | None]:
@@ -197,11 +203,11 @@ def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path
             d.tokenizer = str(kept)
     if runs_own and not (final / MANIFEST).is_file() and any((workdir / "checkpoints").glob("*")):
         raise RunError(f"{prepared_copy_missing(final)}; its checkpoints trained on it: put it back, or "
-                       f"{_prepare_own_copy_again(workdir)}")
+                       f"{own_copy_advice(workdir)}; or start a new run with another --workdir")
     if (final / MANIFEST).is_file():
         check_prepared(final, d, f"{final} (the data this run started with) was prepared",
                        "use the run's data settings (its config.json) or another --workdir", runs_own=runs_own,
-                       again=_prepare_own_copy_again(workdir))
+                       again=f"{own_copy_advice(workdir)}; or start a new run with another --workdir")
         return final, None
     if d.tokenizer == "train" and jax.process_count() > 1:
         raise RunError("data.tokenizer=train needs a single process; train it once with "
@@ -267,7 +273,8 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
         discard_staged(staged)
         if d.source == "prepared" or staged is not None:
             raise
-        raise RunError(f"{e.problem}; {_prepare_own_copy_again(workdir)}") from None  # the run's own copy
+        raise RunError(f"{e.problem}; {own_copy_advice(workdir)}; or start a new run with another --workdir") \
+            from None  # the run's own copy
     except BaseException:
         discard_staged(staged)
         raise

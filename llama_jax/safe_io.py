@@ -72,6 +72,9 @@ def broken_link(path: str | os.PathLike) -> str | None:
 def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
                       inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """The absolute `dst` if writing a `kind` there loses nothing; ValueError/FileExistsError otherwise."""
+    if os.path.basename(os.fspath(dst).rstrip("/")) in (".", ".."):  # (renaming onto it fails, after all the work)
+        raise ValueError(f"destination {dst} ends in '.' or '..', which cannot be replaced; give the directory by its "
+                         f"own name ({os.path.abspath(dst)})")
     dst = Path(dst).absolute()
     real = real_path(dst)
     for source in inputs:
@@ -129,6 +132,7 @@ def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
     return path
 
 
+RUN_DATA_DIR = "data"  # WORKDIR/data: a raw source prepared for the run (its own copy of its documents)
 SET_ASIDE_DIR = "checkpoints-set-aside"  # a run's checkpoints after a --resume-from step, metrics after a resumed step
 
 

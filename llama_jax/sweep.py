@@ -449,9 +449,18 @@ def shared_data(config, axes: dict, workdir: Path) -> list[str]:
     source = config.data.source
     if source not in SOURCES or source == "synthetic" or any(key.startswith("data.") for key in axes):
         return []
-    if not (workdir / DATA_DIR).is_dir() and trials_started(workdir):
+    if not (workdir / DATA_DIR).is_dir() and trials_started(workdir) and not _trials_read(workdir, workdir / DATA_DIR):
         return []
     return ["data.source=prepared", f"data.path={workdir / DATA_DIR}"]
+
+
+def _trials_read(workdir: Path, data: Path) -> bool:
+    """Whether a trial of the sweep in `workdir` has started on the prepared directory `data` (its
+    run's config.json names it): one removed since (damaged, say) is prepared there again."""
+    from llama_jax.safe_io import saved_run_setting
+
+    return any(saved_run_setting(record.parent, "data", "path") == str(data)
+               for record in workdir.glob(f"*/{TRIAL_FILE}"))
 
 
 def prepare_shared_data(data_config, workdir: Path, out=print, every_trial_started: bool = False) -> None:
@@ -886,8 +895,9 @@ def saved_spec(workdir: Path, out: Callable[[str], None] | None = None) -> dict:
                 f"records keep ({TRIAL_FILE})")
         return kept
     if path.exists():
-        raise SweepError(f"{path} is damaged (not a sweep's JSON), and no trial's record keeps a copy of it (trials of "
-                         f"an earlier release); use another --workdir")
+        copies = ", and no trial's record keeps a copy of it (trials of an earlier release)" \
+            if trials_started(workdir) else ""
+        raise SweepError(f"{path} is damaged (not a sweep's JSON){copies}; use another --workdir")
     return {}
 
 
@@ -898,18 +908,27 @@ def _is_spec(saved: Any) -> bool:
 
 
 def _spec_kept_by_trials(workdir: Path) -> dict:
-    """The copy of the sweep's spec in its most recently written trial record ({} where none keeps one)."""
-    def written(record: Path) -> int:
-        try:
-            return record.stat().st_mtime_ns
-        except OSError:
-            return 0
+    """The sweep's spec as its trials' records keep it ({} where none does). They must agree on what
+    makes the sweep what it is (a random or Optuna search extended to more trials: the largest
+    count), each trial setting the keys it sweeps; SweepError otherwise (a trial of another sweep?)."""
+    def what_it_is(spec: dict) -> dict:
+        return {**{k: v for k, v in spec.items() if k != "trials"}, "overrides": sorted(spec.get("overrides") or [])}
 
-    for record in sorted(workdir.glob(f"*/{TRIAL_FILE}"), key=written, reverse=True):
-        kept = read_trial(record.parent).get("sweep")
-        if _is_spec(kept):
-            return kept
-    return {}
+    copies = {}
+    for record in sorted(workdir.glob(f"*/{TRIAL_FILE}")):
+        trial = read_trial(record.parent)
+        if _is_spec(trial.get("sweep")):
+            copies[record.parent.name] = trial["sweep"]
+            if set(trial["overrides"]) != set(trial["sweep"]["axes"]):
+                raise SweepError(f"{record} sets {sorted(trial['overrides'])}, not the keys its sweep sweeps "
+                                 f"({sorted(trial['sweep']['axes'])}): put the sweep's {SPEC_FILE} back, or use "
+                                 f"another --workdir")
+    first = next(iter(copies), None)
+    other = next((name for name, spec in copies.items() if what_it_is(spec) != what_it_is(copies[first])), None)
+    if other is not None:
+        raise SweepError(f"the trials {first} and {other} of {workdir} keep copies of {SPEC_FILE} that differ (a trial "
+                         f"of another sweep?); put the sweep's {SPEC_FILE} back, or use another --workdir")
+    return max(copies.values(), key=lambda spec: spec.get("trials") or 0, default={})
 
 
 _SPEC_FIELDS = {"config_sha256": "config file's settings", "objective": "objective"}  # how a changed field is named
@@ -1086,6 +1105,8 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
     waiting = f"; {len(queued)} trial(s) still queued or running (jobs {', '.join(queued)}) are not submitted " \
               f"again" if queued else ""
     if not todo:
+        if not dry_run:  # (read from the trials' copy where it was lost)
+            write_text_atomic(workdir / SPEC_FILE, spec.to_json())
         return f"every trial of {workdir} has finished or is queued{waiting}; llama-jax sweep --workdir " \
                f"{workdir} --report collects the results"
     commands = [trial_command(spec, t, workdir / t.name(axes, numbered)) for t in todo]

@@ -380,6 +380,9 @@ CASES = [
          r"destination \S+/inputs contains the input \S+/run"),
     Case("export-overwrite-a-run", "export --workdir {run} {damaged_progress_run} --overwrite",
          r"holds 'checkpoints' \(and \d more\), which is not part of a llama_jax model directory"),
+    Case("export-dst-ends-in-dotdot", "export --workdir {run} new/dir/..",  # the rename failed after all the work
+         r"destination new/dir/.. ends in '.' or '..', which cannot be replaced; give the directory by its own name "
+         r"\(\S+/new\)"),
     Case("export-overwrite-its-checkpoints", "export --workdir {run} {run}/checkpoints --overwrite",
          r"destination \S+/run/checkpoints is inside \S+/run/checkpoints, the checkpoints of a run"),
     Case("export-into-its-checkpoints", "export --workdir {run} {run}/checkpoints/10",

@@ -261,16 +261,16 @@ def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path
 
 def test_a_runs_damaged_copy_of_its_documents_is_prepared_again_as_the_error_says(tokenizer_path, tmp_path, capsys,
                                                                                      monkeypatch):
-    """The run's prepared copy of a raw source (WORKDIR/data) damaged, in its manifest or a shard:
-    the resume names the file and how to go on (prepare-data outside the run, the result put in
-    its place), and doing so resumes the run."""
+    """The run's prepared copy of a raw source (WORKDIR/data) damaged, in its manifest or a shard,
+    or removed: the resume names the file and how to go on (prepare-data with the run's own
+    settings into that place, which it accepts inside the run), and doing so resumes the run."""
     monkeypatch.chdir(tmp_path)
     raw = ["--config.data.source=embedded", f"--config.data.tokenizer={tokenizer_path}"]
     assert train("run", *raw, "--config.train.steps=2") == 0
     data = tmp_path / "run" / "data"
-    recipe = (r"prepare it again outside the run \(llama-jax prepare-data --config \S*run/config.json --output DIR, "
-              r"from the directory the run was started in\), put DIR in its place and resume \(the run checks that it "
-              r"holds the documents its checkpoints trained on\), or start a new run with another --workdir")
+    recipe = (rf"prepare it again in its place: llama-jax prepare-data --config {tmp_path}/run/config.json --output "
+              rf"{data}, from the directory the run was started in \(its documents and tokens are checked against "
+              rf"those its checkpoints trained on\)")
     shard = next(data.glob("train-*.tokens.bin"))
     for damaged, problem in ((data / "manifest.json", r"\S+/manifest.json cannot be read \(.*\)"),
                              (shard, rf"\S+/{shard.name} is truncated: 10 bytes, expected \d+ \(.*\)")):
@@ -279,14 +279,25 @@ def test_a_runs_damaged_copy_of_its_documents_is_prepared_again_as_the_error_say
             f.truncate(10)
         capsys.readouterr()
         assert train("run", *raw, "--config.train.steps=3") == 2
-        assert re.fullmatch(rf"llama-jax train: error: {problem}; {recipe}", capsys.readouterr().err.strip())
+        assert re.fullmatch(rf"llama-jax train: error: {problem}; remove {data} and {recipe}; or start a new run "
+                            rf"with another --workdir", capsys.readouterr().err.strip())
+        assert main(["eval", "--workdir", "run"]) == 2
+        assert re.fullmatch(rf"llama-jax eval: error: {problem}; remove {data} and {recipe}; or give the data to "
+                            rf"score with --config FILE", capsys.readouterr().err.strip())
         if damaged.name == "manifest.json":  # (the shard stays damaged: the copy prepared again replaces it)
             damaged.write_bytes(kept)
-    assert main(["prepare-data", "--config", "run/config.json", "--output", "again", "--workers", "1"]) == 0
     shutil.rmtree(data)
-    shutil.move("again", data)
+    assert train("run", *raw, "--config.train.steps=3") == 2
+    assert re.fullmatch(rf"llama-jax train: error: {data}, the run's prepared copy of its documents, is missing; its "
+                        rf"checkpoints trained on it: put it back, or {recipe}; or start a new run with another "
+                        rf"--workdir", capsys.readouterr().err.strip())
+    assert main(["prepare-data", "--config", "run/config.json", "--output", "run/data", "--workers", "1"]) == 0
     assert train("run", *raw, "--config.train.steps=3") == 0
     assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+    assert main(["prepare-data", "--config", "run/config.json", "--output", "run/elsewhere"]) == 2  # only its place
+    assert capsys.readouterr().err.strip().endswith(
+        f"--output run/elsewhere is inside the run {tmp_path / 'run'}; give a directory outside it (or, for a run's "
+        f"own copy of its documents, RUN/data itself)")
 
 
 def test_a_resume_naming_the_same_files_otherwise_goes_on(tokenizer_path, tmp_path, monkeypatch):
@@ -426,6 +437,10 @@ def test_a_prepared_directory_changed_after_preparation_is_one_line(prepared, to
                      f"--config.data.path={directory}", "--config.train.steps=2", "--config.train.eval_every=0") == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    assert err[0].endswith(f"; remove {reordered} to prepare it again")
+    with pytest.raises(ValueError, match=rf"^{re.escape(message)} .*; remove {reordered} to prepare it again, or give "
+                                         rf"another --output$"):  # preparing it again does not call it prepared
+        prepare(data_config(tokenizer_path), reordered, workers=1, shard_tokens=20_000, progress=False)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -148,12 +148,26 @@ def test_resume_from_the_intact_step_after_damage(tmp_path, pristine_run, capsys
 
 def test_a_step_set_aside_is_named_where_it_went(tmp_path, pristine_run, capsys):
     """After a --resume-from 2 that trained to step 3 only, step 4 lies in checkpoints-set-aside/:
-    asked for, it is named there (the message listed the run's steps alone)."""
+    asked for, it is named there (the message listed the run's steps alone). The `eval` results of
+    steps 3 and 4 go there too: they score checkpoints the run no longer continues from (they
+    stayed, and read as the scores of the new checkpoints; an eval of the new step 4 replaced them)."""
     run, _ = pristine_run
     workdir = tmp_path / "run"
     shutil.copytree(run, workdir)
+    results = ["eval-2.json", "eval-3.json", "eval-4.json", "eval-4-0123abcd.json", "eval-notes.json"]
+    for name in results:
+        (workdir / name).write_text(json.dumps({"name": name}))
+    (workdir / "checkpoints-set-aside").mkdir()
+    (workdir / "checkpoints-set-aside" / "eval-4.json").write_text("an earlier resume's\n")
     assert train(workdir, "--resume-from", "2", "--config.train.steps=3") == 0, capsys.readouterr().err
-    capsys.readouterr()
+    assert (f"eval results of steps after 2 moved to {workdir / 'checkpoints-set-aside'}: eval-3.json, "
+            f"eval-4-0123abcd.json, eval-4.json\n") in capsys.readouterr().out
+    assert sorted(p.name for p in workdir.glob("eval-*.json")) == ["eval-2.json", "eval-notes.json"]
+    aside = workdir / "checkpoints-set-aside"
+    assert [json.loads((aside / name).read_text())["name"] for name in ("eval-3.json", "eval-4-0123abcd.json",
+                                                                         "eval-4.json+")] == \
+        ["eval-3.json", "eval-4-0123abcd.json", "eval-4.json"]
+    assert (aside / "eval-4.json").read_text() == "an earlier resume's\n"
     assert main(["export", "--workdir", str(workdir), "--step", "4", str(tmp_path / "model")]) == 2
     assert one_line_error(capsys, "export").endswith(
         f"{workdir} has no checkpoint of step 4; valid: 2, 3 (a --resume-from of an earlier step moved step 4 to "

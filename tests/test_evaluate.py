@@ -352,6 +352,14 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
     of_export = json.loads((tmp_path / "exported" / "eval.json").read_text())
     for key in ("loss", "perplexity", "bits_per_byte", "accuracy", "tokens", "documents", "bytes"):
         assert of_run[key] == of_export[key]
+    # A score of other windows beside a model is eval-TAG.json, and its eval.json is kept (it was replaced)
+    exported = tmp_path / "exported"
+    kept = (exported / "eval.json").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(exported), "--config", str(config), *tokenizer, "--seq-len", "8"]) == 0
+    [other] = exported.glob("eval-*.json")
+    assert json.loads(other.read_text())["seq_len"] == 8 and (exported / "eval.json").read_text() == kept
+    assert capsys.readouterr().err.strip().endswith(f"written to {other}")
     # The run loop's own evaluation (train.eval_batches=-1: the whole held-out set) is the same code
     # on the trainer's mesh: the same counts, the same loss up to float rounding.
     logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
@@ -387,7 +395,7 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
     assert (damaged / "eval-1.json").read_text() == own
     # the export's eval.json is a result of the model it scored: exporting again over it replaces both
     assert main(["export", "--workdir", str(run), str(tmp_path / "exported"), "--overwrite"]) == 0
-    assert not (tmp_path / "exported" / "eval.json").exists()
+    assert not any((tmp_path / "exported").glob("eval*.json"))
 
 
 # ---- lm-eval ---------------------------------------------------------------------------------

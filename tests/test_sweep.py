@@ -4,6 +4,7 @@ recorded; bad sweeps are one line before anything runs."""
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -116,8 +117,8 @@ def test_grid_sweep_killed_midway_finishes_only_what_is_missing(tmp_path, capsys
         else:
             (workdir / "sweep.json").write_text(damaged)
         assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
-        assert capsys.readouterr().out.startswith(f"{workdir / 'sweep.json'} is damaged: the sweep is read from the "
-                                                  f"copy its trials' records keep (trial.json)\n")
+        assert capsys.readouterr().err == (f"{workdir / 'sweep.json'} is damaged: the sweep is read from the copy its "
+                                           f"trials' records keep (trial.json)\n")  # (stdout: the table alone)
         assert (workdir / "results.csv").read_text() == results
     for record in workdir.glob("*/trial.json"):  # as an earlier release wrote them, without the copy
         record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "sweep"}))
@@ -479,6 +480,34 @@ def test_a_trial_the_pruner_stopped_is_pruned_unless_it_had_finished(tmp_path, c
     spec = sweep_lib.SweepSpec("experiment.py", (), {"optimizer.lr": "Grid(values=(0.001,))"}, "optuna", 1, 0)
     sweep_lib.Sweep._finish(types.SimpleNamespace(objective="eval_loss", out=printed.append, spec=spec), active, None)
     assert trial(run)["status"] == status and printed == [f"[0] {status} t000"]
+
+
+def test_the_trials_copies_of_sweep_json_stand_in_for_it_only_when_they_agree(tmp_path):
+    """A random search extended from 2 to 4 trials: its lost sweep.json is read as the larger one.
+    A trial whose copy is of another sweep (copied in from elsewhere), or that sets other keys
+    than its copy sweeps, is refused rather than reported under the wrong axes."""
+    seed_axis = {"train.seed": "Choice(values=(0, 1, 2))"}
+    first = sweep_lib.SweepSpec("experiment.py", ("train.steps=4",), seed_axis, "random", 2, 0, "abc", "loss", "/w")
+    extended = dataclasses.replace(first, trials=4)
+    workdir = tmp_path / "sweep"
+    for number, spec in ((0, first), (3, extended)):
+        (workdir / f"t{number}").mkdir(parents=True)
+        sweep_lib.write_trial(workdir / f"t{number}", sweep_lib.Trial(number, {"train.seed": number % 3}), "done", spec)
+    assert sweep_lib.saved_spec(workdir) == json.loads(extended.to_json())
+    assert trial(workdir / "t0")["sweep"] == json.loads(first.to_json())
+    foreign = dataclasses.replace(first, axes={"optimizer.lr": "Grid(values=(0.001,))"})
+    (workdir / "t9").mkdir()
+    sweep_lib.write_trial(workdir / "t9", sweep_lib.Trial(9, {"optimizer.lr": 0.001}), "done", foreign)
+    with pytest.raises(sweep_lib.SweepError, match=r"^the trials t0 and t9 of \S+ keep copies of sweep.json that "
+                                                   r"differ \(a trial of another sweep\?\); put the sweep's sweep.json "
+                                                   r"back, or use another --workdir$"):
+        sweep_lib.saved_spec(workdir)
+    sweep_lib.write_trial(workdir / "t9", sweep_lib.Trial(9, {"optimizer.lr": 0.001}), "done", first)
+    with pytest.raises(sweep_lib.SweepError, match=r"t9/trial.json sets \['optimizer.lr'\], not the keys its sweep "
+                                                   r"sweeps \(\['train.seed'\]\)"):
+        sweep_lib.saved_spec(workdir)
+    (workdir / "sweep.json").write_text(first.to_json())  # sweep.json itself, when it is whole, is what counts
+    assert sweep_lib.saved_spec(workdir) == json.loads(first.to_json())
 
 
 def test_results_table_cells():
@@ -952,6 +981,12 @@ def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys
     assert "submitted 1 trial(s) as SLURM job array 77; 2 trial(s) still queued or running (jobs 77_0, 77_1) are " \
            "not submitted again" in capsys.readouterr().out
     assert [trial(workdir / f"seed={i}")["job"] for i in range(2)] == ["77_0", "77_1"]
+    spec = (workdir / "sweep.json").read_text()
+    (workdir / "sweep.json").unlink()  # lost: read from the trials' copy, and written again with nothing to submit
+    (bin_dir / "squeue").write_text("#!/bin/sh\nprintf '77_0\\n77_1\\n%s\\n'\n" % trial(workdir / "seed=2")["job"])
+    assert main(args) == 0
+    assert "has finished or is queued" in capsys.readouterr().out
+    assert (workdir / "sweep.json").read_text() == spec
     (bin_dir / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\n"
                                     "exit 1\n")
     assert main(args) == 2  # whether the jobs still run is unknown: nothing is submitted
