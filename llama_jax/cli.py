@@ -905,6 +905,8 @@ def cmd_launch_tpu(args) -> None:
             f"a file under {root}, by its path relative to it"
         raise UserError(f"--config {config}: the workers run from their own copy of the checkout, where this path "
                         f"does not exist; give {valid}")
+    if config and not Path(config).is_absolute() and (root / config).is_file():
+        tpu.check_shipped(root, config)  # (a file this checkout has but its copy lacks)
     _check_launched_config(command, launched, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
     if args.copy_back:
         from llama_jax.safe_io import check_folder

@@ -5,6 +5,7 @@ every test that could reach gcloud puts a fake one first on PATH."""
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,33 @@ def test_tpu_dry_run_v4_32(capsys):
     assert flag(run, "--command") == ("cd llama-jax && python3 -m llama_jax.cli train --config "
                                       "configs/llama2_7b_v4_32.py --workdir /mnt/gcs/runs/llama2-7b "
                                       "--config.train.log_every=10")  # overrides after -- belong to the command
+
+
+def test_a_config_the_workers_copy_of_the_checkout_lacks_is_refused(tmp_path, monkeypatch, capsys):
+    """The workers get the checkout's tracked and untracked-but-not-ignored files: a --config in a
+    git-ignored folder, or a relative path leading out of the checkout (found here, from it), was
+    accepted and missing only once the slice was created."""
+    root = tmp_path / "checkout"
+    (root / "configs").mkdir(parents=True)
+    (root / "runs").mkdir()
+    (root / ".gitignore").write_text("runs/\n")
+    tiny = (Path(cli.__file__).parents[1] / "configs" / "tiny.py").read_text()
+    for config in ("configs/mine.py", "runs/mine.py"):
+        (root / config).write_text(tiny)
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    monkeypatch.setattr(tpu, "source_root", lambda: root)
+    launch = ["launch", "tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "train", "--workdir",
+              "/mnt/gcs/run", "--config"]
+    assert cli.main([*launch, "configs/mine.py"]) == 0  # untracked, not ignored: shipped
+    capsys.readouterr()
+    for config, reason in (("runs/mine.py", "git ignores it (.gitignore), so the workers' copy of the checkout lacks "
+                                            "it; move it to a folder that is shipped (configs/, say), or stop "
+                                            "ignoring it"),
+                           ("../checkout/configs/mine.py", f"the path leads out of the checkout {root}, of which the "
+                                                           f"workers get a copy; give a config file inside it, by its "
+                                                           f"path relative to it")):
+        assert cli.main([*launch, config]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"--config {config}: {reason}")
 
 
 def test_tpu_dry_run_v5p_128_spot_copy_back_delete(capsys):
@@ -678,8 +706,15 @@ def test_a_config_outside_the_shipped_checkout_is_refused(capsys, tmp_path):
 def test_missing_tools_are_one_line(capsys, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))  # no gcloud, no sbatch
-    assert cli.main(["launch", "tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--", *TRAIN_TINY]) == 2
+    git = shutil.which("git")
+    monkeypatch.setenv("PATH", str(empty))  # no gcloud, no sbatch, no git
+    tpu_launch = ["launch", "tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--", *TRAIN_TINY]
+    assert cli.main(tpu_launch) == 2
+    assert capsys.readouterr().err == ("llama-jax launch: error: git not found on PATH: launching ships the files git "
+                                       "lists of this checkout (tracked, and untracked but not ignored); install "
+                                       "git\n")
+    (empty / "git").symlink_to(git)
+    assert cli.main(tpu_launch) == 2
     assert capsys.readouterr().err == ("llama-jax launch: error: gcloud not found on PATH: install the Google "
                                        "Cloud CLI (https://cloud.google.com/sdk/docs/install), or use --dry-run\n")
     folder = tmp_path / "run"

@@ -14,6 +14,7 @@ the VMs (a gcsfuse-mounted bucket).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shlex
 import shutil
@@ -383,13 +384,35 @@ def source_root() -> Path:
     return root
 
 
-def pack_checkout(root: Path, tarball: Path) -> int:
-    """Write root's tracked and untracked-but-not-ignored files (uncommitted edits included) as a .tar.gz."""
-    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            capture_output=True, text=True)
+def shipped_files(root: Path) -> list[str]:
+    """The files of the checkout `root` that the workers get: tracked, and untracked but not ignored
+    (`git ls-files`), uncommitted edits included; paths relative to `root`."""
+    try:
+        listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
+                                 "--exclude-standard"], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise LaunchError("git not found on PATH: launching ships the files git lists of this checkout (tracked, and "
+                          "untracked but not ignored); install git") from None
     if listed.returncode:
         raise LaunchError(f"cannot list the files of {root} with git: {listed.stderr.strip()}")
-    files = [name for name in listed.stdout.split("\0") if name and (root / name).is_file()]
+    return [name for name in listed.stdout.split("\0") if name and (root / name).is_file()]
+
+
+def check_shipped(root: Path, config: str) -> None:
+    """LaunchError unless the relative path `config` names a file of the copy of the checkout the
+    workers run in (a file outside the checkout, or one git ignores, is not shipped)."""
+    relative = os.path.normpath(config)
+    if relative == ".." or relative.startswith("../"):
+        raise LaunchError(f"--config {config}: the path leads out of the checkout {root}, of which the workers get a "
+                          f"copy; give a config file inside it, by its path relative to it")
+    if Path(relative).as_posix() not in set(shipped_files(root)):
+        raise LaunchError(f"--config {config}: git ignores it (.gitignore), so the workers' copy of the checkout "
+                          f"lacks it; move it to a folder that is shipped (configs/, say), or stop ignoring it")
+
+
+def pack_checkout(root: Path, tarball: Path) -> int:
+    """Write root's `shipped_files` as a .tar.gz."""
+    files = shipped_files(root)
     with tarfile.open(tarball, "w:gz") as tar:
         for name in files:
             tar.add(root / name, arcname=name)
