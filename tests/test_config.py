@@ -482,6 +482,8 @@ def test_prepared_data_may_keep_the_settings_of_the_source_it_came_from():
     ("optimizer.lr=inf", "config key optimizer.lr: inf is not a finite number"),
     ("optimizer.b1=-Infinity", "config key optimizer.b1: -inf is not a finite number"),
     ("train.z_loss=NaN", "config key train.z_loss: nan is not a finite number"),
+    ("optimizer.lr=1e-400", "config key 'optimizer.lr': 1e-400 is too small for a float (it would be 0.0); give 0 if "
+                            "that is meant"),  # (was a learning rate of 0, without a word)
 ])
 def test_nonfinite_override_names_the_key(override, message, tmp_path, capsys):
     with pytest.raises(ValueError) as err:
