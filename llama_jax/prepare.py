@@ -709,26 +709,26 @@ def _check_partial(out: Path, data_config, request: TokenizerChoice, corpus: Cor
         assumed = False
     if not assumed:
         raise ValueError(f"{out / PREPARING} is not the record of a {FORMAT} preparation; "
-                         f"remove {out} to prepare again")
-    advice = f"resume with the same settings, or remove {out} to prepare again"
+                         f"remove {out} to prepare it again")
+    advice = f"resume with the same settings, or remove {out} to prepare it again"
     _check_same_documents(settings, data_config, f"{out} was started", advice)
     if not request.matches(recorded):
         raise ValueError(f"{out} was started with another tokenizer ({recorded.describe()}) than data.tokenizer="
                          f"{data_config.get('tokenizer')} ({request.describe()}); {advice}")
     if shard_tokens is not None and record["shard_tokens"] != shard_tokens:
         raise ValueError(f"{out} was started with shard_tokens={record['shard_tokens']}, not {shard_tokens}; "
-                         f"resume with --shard-tokens {record['shard_tokens']}, or remove {out} to prepare again")
+                         f"resume with --shard-tokens {record['shard_tokens']}, or remove {out} to prepare it again")
     counts = {split: len(corpus.indices[split]) for split in SPLITS}
     if record["splits"] != counts:
         raise ValueError(f"{out} was started on a corpus of {record['splits']} documents, now it has {counts}; "
-                         f"the documents changed, so remove {out} to prepare again")
+                         f"the documents changed, so remove {out} to prepare it again")
     if record.get("corpus_sha256", corpus.sha256) != corpus.sha256:  # recorded since the file sources had one
         raise ValueError(f"{out} was started on other documents (corpus sha256 {record['corpus_sha256'][:12]}, now "
-                         f"{corpus.sha256[:12]}): the corpus changed since, so remove {out} to prepare again")
+                         f"{corpus.sha256[:12]}): the corpus changed since, so remove {out} to prepare it again")
     kept = out / TOKENIZER
     if not kept.is_file() or sha256_file(kept) != recorded.sha256:
         raise ValueError(f"{kept} is missing or differs from the tokenizer recorded in {PREPARING}; "
-                         f"remove {out} to prepare again")
+                         f"remove {out} to prepare it again")
     return record
 
 
