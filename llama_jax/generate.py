@@ -58,6 +58,9 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
     stays; tokens tied with the last one kept stay too).
     Only the work the settings need is done: greedy decoding draws no random numbers, and the
     vocabulary is sorted only when top-k or top-p filters.
+    Settings out of range are refused (`config.check_sample_filters`), except traced ones, taken as
+    they are: a top_p that float32 rounds to 0 (`generate` checked it as given) keeps the most
+    likely token.
     """
     if getattr(logits_BxV, "ndim", None) != 2:
         raise ValueError(f"logits must be an array [batch, vocab], got shape {getattr(logits_BxV, 'shape', None)}")

@@ -480,6 +480,7 @@ def test_a_trial_the_pruner_stopped_is_pruned_unless_it_had_finished(tmp_path, c
     spec = sweep_lib.SweepSpec("experiment.py", (), {"optimizer.lr": "Grid(values=(0.001,))"}, "optuna", 1, 0)
     sweep_lib.Sweep._finish(types.SimpleNamespace(objective="eval_loss", out=printed.append, spec=spec), active, None)
     assert trial(run)["status"] == status and printed == [f"[0] {status} t000"]
+    assert trial(run)["sweep"] == json.loads(spec.to_json())  # the copy a lost sweep.json is read from
 
 
 def test_the_trials_copies_of_sweep_json_stand_in_for_it_only_when_they_agree(tmp_path):
