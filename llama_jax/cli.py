@@ -1014,14 +1014,15 @@ def cmd_prepare_data(args) -> None:
         _check_overrides_used(args.overrides, ("data",), "llama-jax prepare-data", "the documents and the tokenizer")
         config = load_config(args.config, args.overrides)
         check_data_section(config.data)
-        owner = None if Path(args.output).exists() else enclosing_run_or_model(args.output)
-        own_copy = owner is not None and holds_run(owner) and Path(args.output).absolute() == owner / RUN_DATA_DIR
-        if owner is not None and not own_copy:  # the run's or model's own files (RUN/checkpoints/99: a checkpoint)
-            kind = "run" if holds_run(owner) else "model directory"
-            raise UserError(f"--output {args.output} is inside the {kind} {owner}; give a directory outside it "
-                            f"(or, for a run's own copy of its documents, RUN/{RUN_DATA_DIR} itself)")
-        if own_copy and holds_lock(owner):  # (a run's first start moves the copy it prepared there)
-            raise UserError(f"--output {args.output}: the run {owner} is running (it holds its directory's lock); "
+        output = Path(os.path.abspath(args.output))
+        run = output.parent if output.name == RUN_DATA_DIR and holds_run(output.parent) else None  # its own copy
+        owner = None if output.exists() else enclosing_run_or_model(output)
+        if owner is not None and run is None:  # the run's or model's own files (RUN/checkpoints/99: a checkpoint)
+            kind, own = ("run", f" (or, for the run's own copy of its documents, {owner / RUN_DATA_DIR} itself)") \
+                if holds_run(owner) else ("model directory", "")
+            raise UserError(f"--output {args.output} is inside the {kind} {owner}; give a directory outside it{own}")
+        if run is not None and holds_lock(run):  # (a run's first start moves the copy it prepared there)
+            raise UserError(f"--output {args.output}: the run {run} is running (it holds its directory's lock); "
                             f"wait for it to end")
         check_outside_runs_and_models(args.output, "--output")  # (an existing folder there too)
         manifest, stats = prepare_with_stats(config.data, args.output, workers=args.workers,

@@ -27,8 +27,8 @@ import functools
 import math
 import os
 import warnings
-from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -640,25 +640,26 @@ def _held_out_splits(data_config, workdir) -> dict[str, tuple[object, str]]:
     from llama_jax.prepare import DamagedData
     from llama_jax.run_data import DATA_DIR, RunError, own_copy_advice
 
+    own = workdir is not None and data_config.get("path") == str(Path(os.path.abspath(workdir)) / DATA_DIR)
+    again = f"{own_copy_advice(workdir)}; or give the data to score with --config FILE" if own else None
     try:
-        return held_out_splits(data_config)
+        return held_out_splits(data_config, again)
     except DamagedData as e:
-        own = workdir is not None and data_config.get("path") == str(Path(os.path.abspath(workdir)) / DATA_DIR)
         if not own:
             raise
-        raise RunError(f"{e.problem}; {own_copy_advice(workdir)}; or give the data to score with --config FILE") \
-            from None
+        raise RunError(f"{e.problem}; {again}") from None
 
 
-def held_out_splits(data_config) -> dict[str, tuple[object, str]]:
+def held_out_splits(data_config, again: str | None = None) -> dict[str, tuple[object, str]]:
     """{source name: (its prepared held-out split, the SHA-256 of the tokenizer it was prepared
-    with)} of a `data.source=prepared` config; ValueError when one holds out nothing."""
+    with)} of a `data.source=prepared` config; ValueError when one holds out nothing. (`again`: as
+    `prepare.open_prepared` takes it.)"""
     from llama_jax.prepare import open_prepared
     from llama_jax.run_data import prepared_dirs
 
     out = {}
     for name, path, _ in prepared_dirs(data_config):
-        prepared = open_prepared(path)
+        prepared = open_prepared(path, again=again)
         split = prepared.splits["held_out"]
         if not split.documents:
             raise ValueError(f"{path} holds out no document (prepared with eval_fraction 0 and no eval split); "

@@ -494,14 +494,14 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     if isinstance(current, int) and not isinstance(current, bool) and _decimal_field(key):
         current = float(current)  # a decimal field holding a whole number (rope_theta=500000) takes 1e6 too
     value = _parse(text)
-    if isinstance(value, float) and value == 0 and any(d in "123456789" for d in text.lower().split("e")[0]):
-        raise ValueError(f"config key {key!r}: {text} is too small for a float (it would be 0.0); give 0 if that is "
-                         f"meant")
     if not parents and value is None:
         raise ValueError(f"config key {key!r} is a section and cannot be None; set its keys "
                          f"(--config.{key}.KEY=VALUE)")
     if isinstance(current, str) and value is not None and not isinstance(value, str):
         value = text  # a string key takes the text as given (a prompt "1984", a path "2024")
+    if isinstance(value, float) and value == 0 and any(d in "123456789" for d in text.lower().split("e")[0]):
+        raise ValueError(f"config key {key!r}: {text} is too small for a float (it would be 0.0); give 0 if that is "
+                         f"meant")
     if key in MAPPING_KEYS and isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
         dotted = next((name for name in value if isinstance(name, str) and "." in name), None)
         if dotted is not None:

@@ -21,7 +21,8 @@ PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 EVAL_FILE, LM_EVAL_FILE = "eval.json", "lm_eval.json"  # results llama-jax eval and lm-eval write beside the model
-OTHER_EVAL_FILES = "eval-*.json"  # llama-jax eval's scores of other data or windows than eval.json's
+OTHER_EVAL_FILES = "eval-" + "[0-9a-f]" * 8 + ".json"  # llama-jax eval's scores of other data or windows than
+# eval.json's (eval-TAG.json: a file of the user's named eval-*.json is not one)
 # (an overwrite replaces them too: they are results of the model replaced)
 MODEL_DIR = OutputKind("llama_jax model directory", (CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES, EVAL_FILE,
                                                       OTHER_EVAL_FILES, LM_EVAL_FILE))

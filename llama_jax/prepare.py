@@ -910,11 +910,12 @@ class PreparedSplit:
 
     Offsets are positions in that stream; documents are numbered 0..documents-1 in split order.
     Token files are read through `np.memmap`; a shard's index (24 bytes per document) is loaded
-    the first time the shard's documents are looked up, and kept."""
+    the first time the shard's documents are looked up, and kept. `again`: what a user is told to do
+    when that index is damaged."""
 
     def __init__(self, name: str, directory: Path, shards: list[str], records: list[dict], dtype: np.dtype,
-                 documents: int, tokens: int, nbytes: int):
-        self.name, self.documents, self.tokens, self.bytes = name, documents, tokens, nbytes
+                 documents: int, tokens: int, nbytes: int, again: str = AGAIN):
+        self.name, self.documents, self.tokens, self.bytes, self.again = name, documents, tokens, nbytes, again
         self.directory, self.shard_names, self.dtype = directory, shards, dtype
         self._token_starts = np.cumsum([0] + [r["tokens"] for r in records], dtype=np.int64)
         self._document_starts = np.cumsum([0] + [r["documents"] for r in records], dtype=np.int64)
@@ -944,7 +945,7 @@ class PreparedSplit:
         if len(index) and (offsets[0] != 0 or (np.diff(offsets) <= 0).any() or offsets[-1] >= tokens
                            or (index[:, 1:] < 0).any()):
             raise DamagedData(f"{file} is damaged: its document offsets do not ascend from 0 within the shard's "
-                              f"{tokens} tokens", f"remove {self.directory} to prepare it again")
+                              f"{tokens} tokens", self.again)
         return index
 
     def check_indices(self) -> None:
@@ -1021,12 +1022,15 @@ class Prepared:
     splits: dict[str, PreparedSplit]
 
 
-def open_prepared(path: str | os.PathLike, tokenizer_sha256: str | None = None) -> Prepared:
+def open_prepared(path: str | os.PathLike, tokenizer_sha256: str | None = None, again: str | None = None) -> Prepared:
     """Open a directory `prepare` finished, checking its structure cheaply (no hashing of shards):
     the manifest, the tokenizer file against its sha256 there, every listed shard's three files,
     the size of each token file and the shape of each index. With `tokenizer_sha256`, the data must
-    have been prepared with that tokenizer. Every problem is a ValueError of one line naming the file."""
+    have been prepared with that tokenizer. Every problem is a ValueError of one line naming the file
+    (DamagedData for damage). `again`: what to do about an index found damaged when it is first read
+    (default: remove the directory to prepare it again)."""
     path = Path(path)
+    again = again or redo_advice(path, "give another directory")
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         where = "" if path.is_absolute() else f" (read from {Path.cwd()})"
@@ -1049,7 +1053,7 @@ def open_prepared(path: str | os.PathLike, tokenizer_sha256: str | None = None) 
         raise DamagedData(f"{tokenizer_path} does not match the sha256 in {MANIFEST} (it was replaced or changed)",
                           "put the tokenizer the data was prepared with back, or prepare the data again")
     dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
-    splits = {split: _open_split(path, split, manifest["splits"][split], dtype) for split in SPLITS}
+    splits = {split: _open_split(path, split, manifest["splits"][split], dtype, again) for split in SPLITS}
     return Prepared(path, manifest, tokenizer_path, sha, splits)
 
 
@@ -1081,7 +1085,7 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _open_split(path: Path, split: str, summary: dict, dtype: np.dtype) -> PreparedSplit:
+def _open_split(path: Path, split: str, summary: dict, dtype: np.dtype, again: str) -> PreparedSplit:
     records, documents, tokens = [], 0, 0
     for name in summary["shards"]:
         if Path(name).name != name or name in ("", ".", ".."):  # a path: files that are not this directory's
@@ -1103,7 +1107,7 @@ def _open_split(path: Path, split: str, summary: dict, dtype: np.dtype) -> Prepa
     if (documents, tokens) != (summary["documents"], summary["tokens"]):
         raise DamagedData(f"{path / MANIFEST}: split {split} lists {summary['documents']} documents and "
                           f"{summary['tokens']} tokens, its shards hold {documents} and {tokens}")
-    return PreparedSplit(split, path, summary["shards"], records, dtype, documents, tokens, summary["bytes"])
+    return PreparedSplit(split, path, summary["shards"], records, dtype, documents, tokens, summary["bytes"], again)
 
 
 def _check_shard_files(path: Path, name: str, documents: int, tokens: int, dtype: np.dtype) -> None:

@@ -237,7 +237,8 @@ def report(workdir: str | Path, out=None) -> str:
     from llama_jax.sweep import SPEC_FILE, SweepError, saved_spec
 
     workdir = Path(workdir).absolute()
-    spec = saved_spec(workdir, out or functools.partial(print, file=sys.stderr))  # a damaged sweep.json no trial keeps a copy of: refused, nothing rewritten
+    # (a damaged sweep.json no trial keeps a copy of: refused, nothing rewritten)
+    spec = saved_spec(workdir, out or functools.partial(print, file=sys.stderr))
     if not spec:
         raise SweepError(f"{workdir} holds no sweep ({SPEC_FILE} not found); give the --workdir of a sweep")
     keys, rows, objective = collect(workdir, spec)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -162,6 +163,7 @@ def runs_own_settings(data, workdir: Path) -> bool:
 
 def prepared_copy_missing(directory: Path) -> str:
     """What is wrong with a run's prepared copy of its documents (WORKDIR/data) that has no manifest."""
+    directory = Path(os.path.abspath(directory))
     if directory.is_dir():
         return f"{directory}, the run's prepared copy of its documents, has no {MANIFEST} (incomplete or damaged)"
     return f"{directory}, the run's prepared copy of its documents, is missing"
@@ -204,6 +206,10 @@ def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path
     if runs_own and not (final / MANIFEST).is_file() and any((workdir / "checkpoints").glob("*")):
         raise RunError(f"{prepared_copy_missing(final)}; its checkpoints trained on it: put it back, or "
                        f"{own_copy_advice(workdir)}; or start a new run with another --workdir")
+    if final.exists() and not (final / MANIFEST).is_file():  # (made by hand: a run moves its copy there whole)
+        raise RunError(f"{prepared_copy_missing(final)}; finish it (llama-jax prepare-data --output "
+                       f"{os.path.abspath(final)} with the run's data settings), or remove it and the run prepares its "
+                       f"documents as it starts")
     if (final / MANIFEST).is_file():
         check_prepared(final, d, f"{final} (the data this run started with) was prepared",
                        "use the run's data settings (its config.json) or another --workdir", runs_own=runs_own,
@@ -267,14 +273,16 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
         own = runs_own_settings(d, workdir) if runs_own is None else runs_own
         path, staged = _stage_raw(d, workdir, kept, own)
         named = [("data", path, 1.0)]
+    own_copy = d.source != "prepared" and staged is None  # (its damage found on opening, or on reading an index)
+    again = f"{own_copy_advice(workdir)}; or start a new run with another --workdir" if own_copy else None
     try:
-        return _open(d, t, model, named, kept, kept_sha256, rows, staged, open_prepared, _legacy_order(info))
+        return _open(d, t, model, named, kept, kept_sha256, rows, staged,
+                     functools.partial(open_prepared, again=again), _legacy_order(info))
     except DamagedData as e:
         discard_staged(staged)
-        if d.source == "prepared" or staged is not None:
+        if not own_copy:
             raise
-        raise RunError(f"{e.problem}; {own_copy_advice(workdir)}; or start a new run with another --workdir") \
-            from None  # the run's own copy
+        raise RunError(f"{e.problem}; {again}") from None
     except BaseException:
         discard_staged(staged)
         raise

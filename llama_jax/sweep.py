@@ -833,8 +833,9 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
     if search == "optuna":
         _import_optuna()
     check_workdir(workdir, spec, saved)
-    if saved and trials_started(workdir):  # where its trials started stays the record (none: an earlier release's)
-        spec = dataclasses.replace(spec, directory=saved.get("directory", ""))
+    if saved and trials_started(workdir):  # where its trials started stays the record (none: an earlier release's),
+        # and so does its config file's path (`check_workdir`: the same file, perhaps named otherwise now)
+        spec = dataclasses.replace(spec, directory=saved.get("directory", ""), config=saved.get("config", spec.config))
     return spec, axes, listed
 
 
@@ -911,8 +912,10 @@ def _spec_kept_by_trials(workdir: Path) -> dict:
     """The sweep's spec as its trials' records keep it ({} where none does). They must agree on what
     makes the sweep what it is (a random or Optuna search extended to more trials: the largest
     count), each trial setting the keys it sweeps; SweepError otherwise (a trial of another sweep?)."""
-    def what_it_is(spec: dict) -> dict:
-        return {**{k: v for k, v in spec.items() if k != "trials"}, "overrides": sorted(spec.get("overrides") or [])}
+    def what_it_is(spec: dict) -> dict:  # (a hand-edited copy's odd values compare as their text)
+        overrides = spec.get("overrides")
+        return {**{k: v for k, v in spec.items() if k != "trials"},
+                "overrides": sorted(map(str, overrides)) if isinstance(overrides, list) else overrides}
 
     copies = {}
     for record in sorted(workdir.glob(f"*/{TRIAL_FILE}")):
@@ -928,7 +931,7 @@ def _spec_kept_by_trials(workdir: Path) -> dict:
     if other is not None:
         raise SweepError(f"the trials {first} and {other} of {workdir} keep copies of {SPEC_FILE} that differ (a trial "
                          f"of another sweep?); put the sweep's {SPEC_FILE} back, or use another --workdir")
-    return max(copies.values(), key=lambda spec: spec.get("trials") or 0, default={})
+    return max(copies.values(), key=lambda spec: spec["trials"] if type(spec.get("trials")) is int else 0, default={})
 
 
 _SPEC_FIELDS = {"config_sha256": "config file's settings", "objective": "objective"}  # how a changed field is named

@@ -418,6 +418,7 @@ def test_experiment_api_arguments_of_the_wrong_kind_are_refused():
 def test_string_and_mapping_overrides():
     config = load_config(TINY, ["train.sample_prompt=1984", "data.mixture={'a': {'path': '/d', 'weight': 2}}"])
     assert config.train.sample_prompt == "1984"
+    assert load_config(TINY, ["train.sample_prompt=1e-400"]).train.sample_prompt == "1e-400"  # text, not a float
     assert config.data.mixture.to_dict() == {"a": {"path": "/d", "weight": 2}}
     cleared = load_config(TINY, ["data.mixture={'a': {'path': '/d', 'weight': 2}}", "data.mixture={}"])
     assert cleared.data.mixture.to_dict() == {}

@@ -19,7 +19,7 @@ from llama_jax.data import EmbeddedCorpus
 from llama_jax.experiment import load_config
 from llama_jax.prepare import open_corpus, open_prepared, prepare
 from llama_jax.run_data import STAGING_PREFIX
-from llama_jax.safe_io import OWNER_FILE
+from llama_jax.safe_io import OWNER_FILE, DirectoryLock
 from llama_jax.tokenizer import train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,6 +271,17 @@ def test_a_runs_damaged_copy_of_its_documents_is_prepared_again_as_the_error_say
     recipe = (rf"prepare it again in its place: llama-jax prepare-data --config {tmp_path}/run/config.json --output "
               rf"{data}, from the directory the run was started in \(its documents and tokens are checked against "
               rf"those its checkpoints trained on\)")
+    index_file = next(data.glob("train-*.index.npy"))  # damage found only when the index is first read
+    kept = index_file.read_bytes()
+    index = np.load(index_file)
+    index[:, 0] = index[::-1, 0]
+    np.save(index_file, index)
+    capsys.readouterr()
+    assert train("run", *raw, "--config.train.steps=3") == 2
+    assert re.fullmatch(rf"llama-jax train: error: {index_file} is damaged: its document offsets do not ascend from 0 "
+                        rf"within the shard's \d+ tokens; remove {data} and {recipe}; or start a new run with another "
+                        rf"--workdir", capsys.readouterr().err.strip())
+    index_file.write_bytes(kept)
     shard = next(data.glob("train-*.tokens.bin"))
     for damaged, problem in ((data / "manifest.json", r"\S+/manifest.json cannot be read \(.*\)"),
                              (shard, rf"\S+/{shard.name} is truncated: 10 bytes, expected \d+ \(.*\)")):
@@ -296,8 +307,30 @@ def test_a_runs_damaged_copy_of_its_documents_is_prepared_again_as_the_error_say
     assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2, 3]
     assert main(["prepare-data", "--config", "run/config.json", "--output", "run/elsewhere"]) == 2  # only its place
     assert capsys.readouterr().err.strip().endswith(
-        f"--output run/elsewhere is inside the run {tmp_path / 'run'}; give a directory outside it (or, for a run's "
-        f"own copy of its documents, RUN/data itself)")
+        f"--output run/elsewhere is inside the run {tmp_path / 'run'}; give a directory outside it (or, for the run's "
+        f"own copy of its documents, {data} itself)")
+    fresh = tmp_path / "fresh"  # a run with no checkpoint yet, whose data/ someone began to prepare by hand
+    (fresh / "data").mkdir(parents=True)
+    shutil.copy(tmp_path / "run" / "config.json", fresh)
+    (fresh / "data" / "preparing.json").write_text("{}")
+    assert train("fresh", *raw, "--config.train.steps=3") == 2  # (it prepared its own, then failed to move it there)
+    assert capsys.readouterr().err.strip().endswith(
+        f"{fresh / 'data'}, the run's prepared copy of its documents, has no manifest.json (incomplete or damaged); "
+        f"finish it (llama-jax prepare-data --output {fresh / 'data'} with the run's data settings), or remove it and "
+        f"the run prepares its documents as it starts")
+    assert sorted(p.name for p in fresh.iterdir()) == ["config.json", "data"]
+    lock = DirectoryLock(tmp_path / "run", "held")
+    lock.acquire()  # as a running train holds it (whose first start moves its own prepared copy there)
+    try:
+        for present in (True, False):
+            if not present:
+                shutil.rmtree(data)
+            assert main(["prepare-data", "--config", "run/config.json", "--output", "run/data"]) == 2
+            assert capsys.readouterr().err.strip().endswith(f"--output run/data: the run {tmp_path / 'run'} is "
+                                                            f"running (it holds its directory's lock); wait for it "
+                                                            f"to end")
+    finally:
+        lock.release()
 
 
 def test_a_resume_naming_the_same_files_otherwise_goes_on(tokenizer_path, tmp_path, monkeypatch):
@@ -437,7 +470,7 @@ def test_a_prepared_directory_changed_after_preparation_is_one_line(prepared, to
                      f"--config.data.path={directory}", "--config.train.steps=2", "--config.train.eval_every=0") == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
-    assert err[0].endswith(f"; remove {reordered} to prepare it again")
+    assert err[0].endswith(f"; remove {reordered} to prepare it again, or give another directory")
     with pytest.raises(ValueError, match=rf"^{re.escape(message)} .*; remove {reordered} to prepare it again, or give "
                                          rf"another --output$"):  # preparing it again does not call it prepared
         prepare(data_config(tokenizer_path), reordered, workers=1, shard_tokens=20_000, progress=False)

@@ -393,7 +393,13 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
     assert "\n" not in err and re.search(r"damaged/data, split held_out: document 0: token id \d+ is outside the "
                                           r"vocabulary \[0, 512\); the prepared data is damaged", err), err
     assert (damaged / "eval-1.json").read_text() == own
-    # the export's eval.json is a result of the model it scored: exporting again over it replaces both
+    # the export's eval.json is a result of the model it scored: exporting again over it replaces both, but
+    # not a file of the user's that only looks like one
+    (tmp_path / "exported" / "eval-notes.json").write_text("{}\n")
+    capsys.readouterr()
+    assert main(["export", "--workdir", str(run), str(tmp_path / "exported"), "--overwrite"]) == 2
+    assert "holds 'eval-notes.json', which is not part of a llama_jax model directory" in capsys.readouterr().err
+    (tmp_path / "exported" / "eval-notes.json").unlink()
     assert main(["export", "--workdir", str(run), str(tmp_path / "exported"), "--overwrite"]) == 0
     assert not any((tmp_path / "exported").glob("eval*.json"))
 

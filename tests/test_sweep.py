@@ -511,6 +511,23 @@ def test_the_trials_copies_of_sweep_json_stand_in_for_it_only_when_they_agree(tm
     assert sweep_lib.saved_spec(workdir) == json.loads(first.to_json())
 
 
+def test_shared_data_removed_after_trials_started_on_it_is_prepared_there_again(tmp_path):
+    """A sweep's D/data removed (damaged, say) once trials have trained on it: the trials go on
+    reading D/data, prepared there again (they fell back to preparing their own copies); trials of
+    an earlier release, which prepared their own, go on as they began."""
+    config = load_config(TINY, ["data.source=embedded"])
+    workdir = tmp_path / "sweep"
+    trial_dir = workdir / "lr=0.001"
+    trial_dir.mkdir(parents=True)
+    spec = sweep_lib.SweepSpec(TINY, ("data.source=embedded",), {"optimizer.lr": "Grid(values=(0.001,))"}, "grid",
+                               None, 0)
+    sweep_lib.write_trial(trial_dir, sweep_lib.Trial(0, {"optimizer.lr": 0.001}), "done", spec)
+    shared = ["data.source=prepared", f"data.path={workdir / 'data'}"]
+    for path, expected in ((str(workdir / "data"), shared), (str(trial_dir / "data"), [])):
+        (trial_dir / "config.json").write_text(json.dumps({"data": {"source": "prepared", "path": path}}))
+        assert sweep_lib.shared_data(config, {"optimizer.lr": None}, workdir) == expected
+
+
 def test_results_table_cells():
     from llama_jax.results import _cell
 
@@ -696,6 +713,13 @@ def test_a_sweep_resumed_from_elsewhere_reads_its_relative_paths_where_it_starte
     assert first_loss["lr=0.001"] == first_loss["lr=0.002"], first_loss  # step 1: the same model, data and seed
     assert f"this sweep started in {started}: relative paths in its config and overrides are read from there" \
         in again.stdout
+    # its trials keep one copy of the spec, the config file named as it started (the same file, named otherwise
+    # here): a lost sweep.json is read from them (they differed, and were refused as of two sweeps)
+    copies = [json.loads((started / "sweep" / name / "trial.json").read_text())["sweep"]
+              for name in ("lr=0.001", "lr=0.002")]
+    assert copies[0] == copies[1] and copies[0]["config"] == str(Path(TINY).absolute())
+    (started / "sweep" / "sweep.json").unlink()
+    assert sweep_lib.saved_spec(started / "sweep") == copies[0]
 
 
 def test_paths_given_by_way_of_another_directory_are_recorded_without_it(tmp_path, monkeypatch, capsys):
