@@ -996,8 +996,9 @@ def cmd_data_inspect(args) -> None:
 
 def cmd_prepare_data(args) -> None:
     from llama_jax.prepare import DamagedData, prepare_with_stats, redo_advice, summary_lines, verify
+    from llama_jax.data import DOCUMENT_SOURCES
     from llama_jax.safe_io import (RUN_DATA_DIR, check_outside_runs_and_models, enclosing_run_or_model, holds_lock,
-                                   holds_run)
+                                   holds_run, saved_run_setting)
 
     if args.config is None and not args.verify:
         raise UserError("--config is required to prepare data (without it, --verify checks a prepared --output)")
@@ -1015,11 +1016,13 @@ def cmd_prepare_data(args) -> None:
         config = load_config(args.config, args.overrides)
         check_data_section(config.data)
         output = Path(os.path.abspath(args.output))
-        run = output.parent if output.name == RUN_DATA_DIR and holds_run(output.parent) else None  # its own copy
+        run = output.parent if output.name == RUN_DATA_DIR and holds_run(output.parent) \
+            and saved_run_setting(output.parent, "data", "source") in DOCUMENT_SOURCES else None  # its own copy
         owner = None if output.exists() else enclosing_run_or_model(output)
         if owner is not None and run is None:  # the run's or model's own files (RUN/checkpoints/99: a checkpoint)
-            kind, own = ("run", f" (or, for the run's own copy of its documents, {owner / RUN_DATA_DIR} itself)") \
-                if holds_run(owner) else ("model directory", "")
+            own = f" (or, for the run's own copy of its documents, {owner / RUN_DATA_DIR} itself)" \
+                if saved_run_setting(owner, "data", "source") in DOCUMENT_SOURCES else ""
+            kind = "run" if holds_run(owner) else "model directory"
             raise UserError(f"--output {args.output} is inside the {kind} {owner}; give a directory outside it{own}")
         if run is not None and holds_lock(run):  # (a run's first start moves the copy it prepared there)
             raise UserError(f"--output {args.output}: the run {run} is running (it holds its directory's lock); "

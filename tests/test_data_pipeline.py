@@ -309,6 +309,13 @@ def test_a_runs_damaged_copy_of_its_documents_is_prepared_again_as_the_error_say
     assert capsys.readouterr().err.strip().endswith(
         f"--output run/elsewhere is inside the run {tmp_path / 'run'}; give a directory outside it (or, for the run's "
         f"own copy of its documents, {data} itself)")
+    synthetic = tmp_path / "synthetic"  # a run that reads no documents: its data/ is no copy of them
+    synthetic.mkdir()
+    settings = json.loads((tmp_path / "run" / "config.json").read_text())
+    (synthetic / "config.json").write_text(json.dumps({**settings, "data": {**settings["data"], "source": "synthetic"}}))
+    assert main(["prepare-data", "--config", "run/config.json", "--output", "synthetic/data"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"--output synthetic/data is inside the run {synthetic}; give a directory outside it")
     fresh = tmp_path / "fresh"  # a run with no checkpoint yet, whose data/ someone began to prepare by hand
     (fresh / "data").mkdir(parents=True)
     shutil.copy(tmp_path / "run" / "config.json", fresh)

@@ -147,7 +147,8 @@ class TpuLaunch:
 
     @property
     def tarball(self) -> Path:
-        return Path(tempfile.gettempdir()) / f"llama-jax-{self.name}.tar.gz"
+        """This process's packed checkout (two launches of one name, or two users of one /tmp, share none)."""
+        return Path(tempfile.gettempdir()) / f"llama-jax-{self.name}-{os.getpid()}.tar.gz"
 
 
 # ---- gcloud command lines ---------------------------------------------------------------------
