@@ -635,19 +635,13 @@ def _check_run_paths_read_here(data_config, workdir, recorded: dict) -> None:
 
 
 def _held_out_splits(data_config, workdir) -> dict[str, tuple[object, str]]:
-    """`held_out_splits`; where what is damaged is the run's own copy of its documents (`workdir`'s
-    data), the error says how to prepare that again."""
-    from llama_jax.prepare import DamagedData
-    from llama_jax.run_data import DATA_DIR, RunError, own_copy_advice
+    """`held_out_splits`; where it reads the run's own copy of its documents (`workdir`'s data), an
+    error for damage there says how to prepare that again."""
+    from llama_jax.run_data import DATA_DIR, own_copy_advice
 
     own = workdir is not None and data_config.get("path") == str(Path(os.path.abspath(workdir)) / DATA_DIR)
-    again = f"{own_copy_advice(workdir)}; or give the data to score with --config FILE" if own else None
-    try:
-        return held_out_splits(data_config, again)
-    except DamagedData as e:
-        if not own:
-            raise
-        raise RunError(f"{e.problem}; {again}") from None
+    return held_out_splits(data_config, f"{own_copy_advice(workdir)}; or give the data to score with --config FILE"
+                           if own else None)
 
 
 def held_out_splits(data_config, again: str | None = None) -> dict[str, tuple[object, str]]:

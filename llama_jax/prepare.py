@@ -1027,10 +1027,20 @@ def open_prepared(path: str | os.PathLike, tokenizer_sha256: str | None = None, 
     the manifest, the tokenizer file against its sha256 there, every listed shard's three files,
     the size of each token file and the shape of each index. With `tokenizer_sha256`, the data must
     have been prepared with that tokenizer. Every problem is a ValueError of one line naming the file
-    (DamagedData for damage). `again`: what to do about an index found damaged when it is first read
-    (default: remove the directory to prepare it again)."""
+    (DamagedData for damage). `again`: what to do about damage, now or in an index found damaged
+    when it is first read (default: each message's own advice; for an index, remove the directory
+    to prepare it again)."""
     path = Path(path)
-    again = again or redo_advice(path, "give another directory")
+    try:
+        return _open_checked(path, tokenizer_sha256, again or redo_advice(path, "give another directory"))
+    except DamagedData as e:
+        if again is None:
+            raise
+        raise DamagedData(e.problem, again) from None
+
+
+def _open_checked(path: Path, tokenizer_sha256: str | None, again: str) -> Prepared:
+    """`open_prepared`'s checks; `again`: the advice for an index found damaged when first read."""
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         where = "" if path.is_absolute() else f" (read from {Path.cwd()})"

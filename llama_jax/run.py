@@ -391,29 +391,28 @@ def set_aside_results_after(workdir: Path, step: int) -> list[str]:
     later = sorted(p for p in workdir.glob("eval-*.json")
                    if (match := EVAL_RESULT.fullmatch(p.name)) and int(match.group(1)) > step)
     for path in later:
-        (workdir / SET_ASIDE_DIR).mkdir(exist_ok=True)
-        target = workdir / SET_ASIDE_DIR / path.name
-        while target.exists():
-            target = target.with_name(target.name + "+")
-        os.replace(path, target)
+        _move_aside(workdir, path)
     return [p.name for p in later]
+
+
+def _move_aside(workdir: Path, path: Path) -> Path:
+    """Move `path` into WORKDIR/checkpoints-set-aside/ under its name (nothing there is replaced: a
+    name taken gets a `+`); where it went."""
+    (workdir / SET_ASIDE_DIR).mkdir(exist_ok=True)
+    target = workdir / SET_ASIDE_DIR / path.name
+    while target.exists():
+        target = target.with_name(target.name + "+")
+    os.replace(path, target)
+    return target
 
 
 def set_aside_after(workdir: Path, step: int) -> list[Path]:
     """Move the checkpoints after `step` into WORKDIR/checkpoints-set-aside/ (nothing is deleted:
     a step already set aside once gets a `+`); where they went."""
     later = [s for s in committed_steps(workdir) if s > step]
-    moved = []
-    if later and jax.process_index() == 0:
-        aside = workdir / SET_ASIDE_DIR
-        aside.mkdir(exist_ok=True)
-        for s in later:
-            target = aside / str(s)
-            while target.exists():
-                target = target.with_name(target.name + "+")
-            os.replace(workdir / "checkpoints" / str(s), target)
-            moved.append(target)
-    return moved
+    if not later or jax.process_index() != 0:
+        return []
+    return [_move_aside(workdir, workdir / "checkpoints" / str(s)) for s in later]
 
 
 # The tokenizer and generation files of the model a fine-tune started from (its end-of-sequence ids,

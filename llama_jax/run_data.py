@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import ORDER, Source, TrainRows, order_seed
-from llama_jax.prepare import MANIFEST, DamagedData, read_from
+from llama_jax.prepare import MANIFEST, read_from
 from llama_jax.safe_io import (RUN_DATA_DIR, copy_file_atomic, owned_temp_directory, saved_run_setting, sha256_file,
                                signals_held)
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
@@ -278,11 +278,6 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
     try:
         return _open(d, t, model, named, kept, kept_sha256, rows, staged,
                      functools.partial(open_prepared, again=again), _legacy_order(info))
-    except DamagedData as e:
-        discard_staged(staged)
-        if not own_copy:
-            raise
-        raise RunError(f"{e.problem}; {again}") from None
     except BaseException:
         discard_staged(staged)
         raise
