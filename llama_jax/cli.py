@@ -540,44 +540,6 @@ EVAL_RESULT_KEYS = ("loss", "perplexity", "tokens")  # what marks a file as an e
 LM_EVAL_RESULT_KEYS = ("results", "configs")  # ... of lm-eval
 
 
-def eval_file_name(record: dict, own_data: bool, run_seq_len: int | None) -> str:
-    """A run's default result file: eval-STEP.json for its own held-out documents in windows of its
-    own train.seq_len (`run_seq_len`), and otherwise eval-STEP-TAG.json, TAG 8 hex digits of a hash
-    of the data settings (and of seq_len, when not the run's), so that a score of other data or
-    other windows never replaces the run's own nor one of a third."""
-    own_windows = record["seq_len"] == run_seq_len
-    if own_data and own_windows:
-        return f"eval-{record['step']}.json"
-    return f"eval-{record['step']}-{_settings_tag(record, with_seq_len=not own_windows)}.json"
-
-
-def model_eval_file(model: Path, record: dict) -> Path:
-    """A model directory's default result file: MODEL/eval.json, unless that holds a score of other
-    data settings or windows (seq_len), which is kept: then MODEL/eval-TAG.json (TAG as in
-    `eval_file_name`, of both)."""
-    import json
-
-    from llama_jax.model_dir import EVAL_FILE
-
-    try:
-        held = json.loads((model / EVAL_FILE).read_text())
-    except (OSError, ValueError):  # none (or one check_results_file refuses)
-        return model / EVAL_FILE
-    mine = json.loads(json.dumps({"data": record["data"], "seq_len": record["seq_len"]}, default=str))
-    if not isinstance(held, dict) or {"data": held.get("data"), "seq_len": held.get("seq_len")} == mine:
-        return model / EVAL_FILE
-    return model / f"eval-{_settings_tag(record, with_seq_len=True)}.json"
-
-
-def _settings_tag(record: dict, with_seq_len: bool) -> str:
-    """8 hex digits of a hash of a result's data settings (and seq_len)."""
-    import hashlib
-    import json
-
-    what = {"data": record["data"], "seq_len": record["seq_len"]} if with_seq_len else record["data"]
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
 def _run_seq_len(workdir) -> int | None:
     """train.seq_len of the run in `workdir` (its config.json), None when that cannot be read."""
     from llama_jax.safe_io import saved_run_setting
@@ -589,9 +551,9 @@ def cmd_eval(args) -> None:
     import json
 
     from llama_jax.evaluate import evaluate_held_out
+    from llama_jax.eval_files import EVAL_FILE, model_eval_file, run_eval_file_name
     from llama_jax.experiment import check_train_section, load_config
     from llama_jax.metrics import nonfinite_as_null
-    from llama_jax.model_dir import EVAL_FILE
     from llama_jax.safe_io import check_results_file, write_text_atomic
 
     _check_model_or_run(args)
@@ -613,7 +575,7 @@ def cmd_eval(args) -> None:
     own_data = _runs_own_data(args, config)
     record = nonfinite_as_null(evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len,
                                                  args.batch_size, progress=True, run_config=own_data))
-    default = (Path(args.workdir) / eval_file_name(record, own_data, _run_seq_len(args.workdir)) if args.workdir
+    default = (Path(args.workdir) / run_eval_file_name(record, own_data, _run_seq_len(args.workdir)) if args.workdir
                else model_eval_file(Path(args.model), record))
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
     output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval",

@@ -14,18 +14,17 @@ import shutil
 from pathlib import Path
 
 from llama_jax.config import LLaMAConfig
+from llama_jax.eval_files import EVAL_FILE, TAGGED_MODEL_EVAL_FILES
 from llama_jax.safe_io import OutputKind, holds_run, read_json_object
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
-EVAL_FILE, LM_EVAL_FILE = "eval.json", "lm_eval.json"  # results llama-jax eval and lm-eval write beside the model
-OTHER_EVAL_FILES = "eval-" + "[0-9a-f]" * 8 + ".json"  # llama-jax eval's scores of other data or windows than
-# eval.json's (eval-TAG.json: a file of the user's named eval-*.json is not one)
-# (an overwrite replaces them too: they are results of the model replaced)
+LM_EVAL_FILE = "lm_eval.json"  # lm-eval's results beside the model
+# llama-jax eval's results are the model's too: an overwrite replaces them with it
 MODEL_DIR = OutputKind("llama_jax model directory", (CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES, EVAL_FILE,
-                                                      OTHER_EVAL_FILES, LM_EVAL_FILE))
+                                                      TAGGED_MODEL_EVAL_FILES, LM_EVAL_FILE))
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:

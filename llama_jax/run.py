@@ -22,7 +22,6 @@ import fnmatch
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import time
@@ -40,6 +39,7 @@ from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_
                                   retention_deletes, tree_paths)
 from llama_jax.config import LLaMAConfig
 from llama_jax.devices import computation_failed
+from llama_jax.eval_files import RUN_EVAL_FILE
 from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
@@ -380,16 +380,13 @@ def set_aside_metrics_after(workdir: Path, step: int) -> list[int]:
     return steps
 
 
-EVAL_RESULT = re.compile(r"eval-(\d+)(-[0-9a-f]{8})?\.json")  # `llama-jax eval`'s results in a run (cli.eval_file_name)
-
-
 def set_aside_results_after(workdir: Path, step: int) -> list[str]:
     """Move the `eval` results of steps after `step` (WORKDIR/eval-STEP[-TAG].json) into
     WORKDIR/checkpoints-set-aside/: they score checkpoints the run no longer continues from, and
     would be read as the scores of its new checkpoints of those steps (a name taken there gets a
     `+`); the names moved."""
     later = sorted(p for p in workdir.glob("eval-*.json")
-                   if (match := EVAL_RESULT.fullmatch(p.name)) and int(match.group(1)) > step)
+                   if (match := RUN_EVAL_FILE.fullmatch(p.name)) and int(match.group(1)) > step)
     for path in later:
         _move_aside(workdir, path)
     return [p.name for p in later]
