@@ -955,6 +955,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 logged.append({"step": step, **eval_metrics})
         if samples and sampled_at != step:
             text = sample(config, trainer, state.params, data.tokenizer, seed=step)
+            bar.write(f"step {step} sample: {t.sample_prompt}{text}")  # (before the command's closing line)
         checkpoints.wait()
         recorded = record_progress(workdir, recorded)
         writer.close()  # the log complete, for the plot

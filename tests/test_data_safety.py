@@ -521,10 +521,13 @@ def test_trained_tokenizer_belongs_to_the_run_only_once_it_starts(tmp_path, caps
 
 def test_model_vocabulary_larger_than_the_tokenizer_samples_only_real_tokens(tmp_path, capsys):
     overrides = ["--config.data.source=embedded", "--config.data.tokenizer=train", "--config.model.vocab_size=1024",
-                 "--config.data.tokenizer_vocab_size=400", "--config.train.sample_every=2",
+                 "--config.data.tokenizer_vocab_size=400", "--config.train.sample_every=3",
                  "--config.train.sample_tokens=24"]
     assert train(tmp_path / "run", *overrides) == 0
-    assert "step 4 sample:" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert sum(" sample: " in line for line in out) == 2  # step 3's, and the closing one before the closing line
+    assert any(line.startswith("step 3 sample: ") for line in out) and out[-2].startswith("step 4 sample: ")
+    assert out[-1].startswith("step 4: loss ")
 
 
 def test_retention_that_would_keep_no_checkpoint_is_refused(tmp_path, capsys):
