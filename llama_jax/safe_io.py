@@ -212,10 +212,15 @@ def _scratch_prefix(dst: Path, role: str) -> str:
 
 def _settle(dst: Path, old: Path) -> None:
     """After a replacement of `dst` by a new output, finished or not: the previous output `old` is
-    removed once the new one is in place, else put back."""
+    removed once the new one is in place, else put back. One that cannot be removed (write-protected,
+    say) is left where it is, and said so: the replacement itself is done."""
     if old.exists():
         if dst.exists():
-            shutil.rmtree(old)
+            try:
+                shutil.rmtree(old)
+            except OSError as e:
+                print(f"llama-jax: {dst} replaced, but the previous one could not be removed ({e.strerror or e}); "
+                      f"it is kept at {old}: remove it by hand", file=sys.stderr)
         else:
             os.replace(old, dst)
 
@@ -455,6 +460,9 @@ def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfile(src, tmp)
 
 
+RESULTS_FILE_MAX = 64 * 2**20  # bytes: a larger file is no results file of a command here (they are kilobytes)
+
+
 def check_results_file(path: str | os.PathLike, option: str, command: str, keys: Iterable[str]) -> Path:
     """`path` if a command's JSON results may be written there: not a directory, not under a file,
     on a writable file system, and either new or a JSON object holding all of `keys` (a results
@@ -466,9 +474,11 @@ def check_results_file(path: str | os.PathLike, option: str, command: str, keys:
         raise ValueError(f"{option} {path} is a directory; give the path of a JSON file to write")
     check_outside_runs_and_models(path, option)
     check_writable(path, option)
+    if path.exists() and not path.is_file():  # a FIFO or a device: reading it could block or never end
+        raise ValueError(f"{option} {path} is not a regular file; give the path of a JSON file to write")
     if path.exists() or path.is_symlink():
         try:
-            held = json.loads(path.read_text())
+            held = json.loads(path.read_text()) if path.stat().st_size <= RESULTS_FILE_MAX else None
         except (OSError, UnicodeDecodeError, ValueError):
             held = None
         if not isinstance(held, dict) or not set(keys) <= held.keys():

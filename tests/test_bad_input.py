@@ -301,6 +301,8 @@ CASES = [
          r"model.safetensors: truncated, tensor \S+ ends past the end of the file"),
     Case("convert-float64-weights", "convert --from hf --to jax {float64_hf} out",
          r"float64_hf: the weights are float64; pass --dtype \(float32, bfloat16, float16\)"),
+    Case("convert-garbage-pth", "convert --from meta --to hf {garbage_meta} out",
+         r"consolidated.00.pth: not a PyTorch checkpoint \(neither torch.save's zip format nor its legacy one"),
     Case("convert-params-json-wrong-dim", "convert --from meta --to hf {wrong_dim_meta} out",
          r"params.json: dim=96, but the weights have model dim 64"),
     Case("convert-jax-without-params", "convert --from jax --to hf {paramless_model} out",
@@ -603,6 +605,9 @@ def make_checkpoints_and_damaged_inputs(inputs: Path) -> dict[str, Path]:
         p[name] = inputs / name
         shutil.copytree(p["meta"], p[name])
         (p[name] / "params.json").write_text(json.dumps({**params, **change}))
+    p["garbage_meta"] = inputs / "garbage_meta"
+    shutil.copytree(p["meta"], p["garbage_meta"])
+    (p["garbage_meta"] / "consolidated.00.pth").write_text("weights, or so the name says\n")
     configs = inputs / "configs"
     configs.mkdir()
     typo = ("from llama_jax.experiment import base_config\n\ndef get_config():\n    config = base_config()\n"

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +128,33 @@ def test_an_overwrite_stopped_between_its_renames_keeps_the_previous_output(tmp_
     monkeypatch.undo()
     assert load_model(tmp_path / "m")[0] == cfg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_an_overwrite_whose_previous_output_cannot_be_removed_is_done(tmp_path, model, monkeypatch, capsys):
+    """A previous output that cannot be removed once the new one is in place (write-protected, by
+    another user) failed the command after the swap, the old copy hidden beside it; the overwrite is
+    done, and the line says where the previous one is kept."""
+    import shutil
+
+    from llama_jax import safe_io
+
+    cfg, params = model
+    save_model(tmp_path / "m", cfg, params)
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name.startswith(".m.old-"):
+            raise PermissionError(13, "Permission denied", str(Path(path) / "_CHECKPOINT_METADATA"))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(safe_io.shutil, "rmtree", rmtree)
+    save_model(tmp_path / "m", cfg.replace(dtype="bfloat16"), params, overwrite=True)
+    monkeypatch.undo()
+    assert load_model(tmp_path / "m")[0].dtype == "bfloat16"
+    [kept] = [p for p in tmp_path.iterdir() if p.name != "m"]
+    assert load_model(kept)[0] == cfg
+    assert capsys.readouterr().err == (f"llama-jax: {tmp_path / 'm'} replaced, but the previous one could not be "
+                                       f"removed (Permission denied); it is kept at {kept}: remove it by hand\n")
 
 
 KILLED_WRITER = """

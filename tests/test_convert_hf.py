@@ -48,6 +48,8 @@ def write_hf_dir(path: Path, model, config_dict: dict, layout: str, drop_lm_head
         "safetensors": ("model.safetensors", "model.safetensors.index.json", safetensors.torch.save_file),
         "bin": ("pytorch_model.bin", "pytorch_model.bin.index.json", torch.save),
     }[layout.split("-")[0]]
+    if layout.endswith("legacy"):  # torch's format before 1.6, not a zip file: older checkpoints on the Hub
+        save = functools.partial(torch.save, _use_new_zipfile_serialization=False)
     if not layout.endswith("sharded"):
         save(state, path / single)
         return path
@@ -65,7 +67,7 @@ def write_hf_dir(path: Path, model, config_dict: dict, layout: str, drop_lm_head
 CASES = [  # (variant, config.json style, weights layout, drop tied lm_head as Hub files do)
     ("mha", "v4", "safetensors", False),
     ("gqa_llama3", "v5", "safetensors-sharded", False),
-    ("mqa_tied", "v4", "bin", True),
+    ("mqa_tied", "v4", "bin-legacy", True),
     ("gqa_llama3", "v4", "bin-sharded", False),
     ("mqa_tied", "v5", "safetensors", False),
 ]

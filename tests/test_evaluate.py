@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import sys
@@ -797,6 +798,7 @@ def test_results_replace_only_an_earlier_result(model_dirs, tmp_path, capsys, co
     config = write_text_config(tmp_path, [tmp_path / f"{name}.txt" for name in "abc"], eval_fraction=0.5)
     model = model_dirs[1]
     before = {p: p.read_bytes() for p in (model / "model_config.json", config)}
+    os.mkfifo(tmp_path / "fifo")  # reading it to check it would wait for a writer forever
     base = (["eval", str(model), "--config", str(config)] if command == "eval"
             else ["lm-eval", str(model), "--tasks", "tiny_mc"])
     for output, message in [
@@ -804,6 +806,7 @@ def test_results_replace_only_an_earlier_result(model_dirs, tmp_path, capsys, co
                                       rf"`llama-jax {command}`; choose another --output"),
         (config, r"exists and is not a results file"),
         (tmp_path, r"--output \S+ is a directory; give the path of a JSON file to write"),
+        (tmp_path / "fifo", r"--output \S+/fifo is not a regular file; give the path of a JSON file to write"),
         (tmp_path / "a.txt" / "out.json", r"\S+/a.txt is a file, not a directory"),
         ("", r"--output is empty; give a value"),
     ]:

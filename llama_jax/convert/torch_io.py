@@ -2,13 +2,16 @@
 
 `torch.load(weights_only=True)` unpickles only tensors, storages and plain containers; a pickle
 that references any other global (the classic `os.system` payload) is refused before anything
-runs. `mmap=True` maps tensor storage from the file, so tensors are read when touched.
+runs. Files of torch's zip format (the default since 1.6) are memory-mapped, so tensors are read
+when touched; those of its legacy format are read whole.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -31,18 +34,37 @@ def load_torch_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    zipped = zipfile.is_zipfile(path)
+    if not zipped and not _starts_legacy(path):
+        raise ConversionError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor its legacy one; "
+                              f"truncated or corrupt?)")
+    try:  # (the legacy format cannot be memory-mapped: read whole)
+        with warnings.catch_warnings():  # (a damaged pickle's "protocol N" notice: the error below says it)
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
-        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported global" in line), None)
+        if detail is None:  # a pickle op the weights-only reader does not know: damage, not code
+            raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                  f"{first[0] if first else 'UnpicklingError'}") from None
         raise ConversionError(f"{path}: refused to load, the pickle references code, not only weights ({detail})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
+            struct.error, AssertionError) as e:  # (what torch's reader raises on damaged bytes)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {msg}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: expected a dict of tensors (a state dict)")
     return state
+
+
+_LEGACY_START = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch's magic number, pickled
+
+
+def _starts_legacy(path: Path) -> bool:
+    """Whether `path` begins as torch.save's legacy (non-zip) format does."""
+    with open(path, "rb") as f:
+        return f.read(len(_LEGACY_START)) == _LEGACY_START
 
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a checkpoint's weights may be stored as
