@@ -1068,8 +1068,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None,
                    help="text to continue; repeat for a batch of prompts")
     p.add_argument("--prompts-file", action="append", default=None,
-                   help="more prompts: one per non-blank line (.txt), or a .jsonl file's \"prompt\" (or \"text\") "
-                        "fields; they follow the --prompt ones (repeatable, in order)")
+                   help="more prompts: one per non-blank line (.txt; - reads standard input), or a .jsonl file's "
+                        "\"prompt\" (or \"text\") fields; they follow the --prompt ones (repeatable, in order)")
     p.add_argument("--stop", action="append", default=None,
                    help="end each row's text before this string (repeatable; rows stop independently)")
     p.add_argument("--chat", action="store_true",

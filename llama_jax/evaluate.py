@@ -506,7 +506,8 @@ def load_run(workdir, step: int | None = None, mesh=None) -> tuple[LLaMAConfig, 
     tokenizer = run_tokenizer(workdir, info)
     if tokenizer is None:
         raise ValueError(f"{workdir} has no tokenizer.model (a run on synthetic data); generating or evaluating "
-                         "text needs one")
+                         "text needs one: export the run (llama-jax export) and give the model directory a "
+                         "tokenizer.model of its vocabulary (or generate --tokenizer FILE)")
     return config, params, str(tokenizer), step, info
 
 

@@ -157,7 +157,9 @@ def _check_known_keys(path: Path, config: ml_collections.ConfigDict, base: ml_co
 def _check_file(path: Path) -> None:
     """ValueError unless `path` is an existing .py or .json file."""
     if path.is_dir():
-        raise ValueError(f"{path}: is a directory; expected a Python config file such as configs/tiny.py")
+        saved = path / "config.json"  # a run's own config, which a run directory holds
+        hint = f" (or a run's resolved config: {saved})" if saved.is_file() else ""
+        raise ValueError(f"{path}: is a directory; expected a Python config file such as configs/tiny.py{hint}")
     if not path.is_file():
         raise ValueError(f"config file {path} " + ("is not a regular file; expected a Python config file such as "
                                                    "configs/tiny.py" if path.exists() else "not found"))

@@ -21,6 +21,7 @@ uninterrupted call, sampled or greedy.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -106,23 +107,36 @@ def through_end(ids: Sequence[int], ends: Sequence[int]) -> list[int]:
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
-    """Prompts of a file: one per non-blank line of a text file, or the "prompt" (else "text")
-    string field of each non-blank line of a `.jsonl` file. Bad input: ValueError with one line
-    naming the file (and the line)."""
+    """Prompts of a file: one per non-blank line of a text file (`-`: standard input), or the
+    "prompt" (else "text") string field of each non-blank line of a `.jsonl` file. Bad input:
+    ValueError with one line naming the file (and the line)."""
+    if str(path) == "-":
+        return _prompts_of_text(_read_utf8(sys.stdin.buffer.read, "standard input"), "standard input", jsonl=False)
     path = Path(path)
     if path.suffix.lower() == ".json":  # a JSON document read line by line would give its lines as prompts
         raise ValueError(f"{path}: a .json file; give a text file (one prompt per line) or a .jsonl file (one JSON "
                          f"object with a \"prompt\" field per line)")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # (a byte order mark, as some editors write, is not text)
+        text = _read_utf8(path.read_bytes, path)
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise ValueError(f"{path}: no such file (`-` reads the prompts from standard input)") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    return _prompts_of_text(text, path, jsonl=path.suffix.lower() == ".jsonl")
+
+
+def _read_utf8(read, name) -> str:
+    """The text `read()` gives, decoded as UTF-8 (a byte order mark, as some editors write, is not
+    text); ValueError naming `name` otherwise."""
+    try:
+        return read().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: not UTF-8 text (byte {e.start})") from None
+
+
+def _prompts_of_text(text: str, path, jsonl: bool) -> list[str]:
+    """`read_prompts_file`'s prompts of `text`, read from `path` (for the messages)."""
     prompts = []
-    jsonl = path.suffix.lower() == ".jsonl"
     # lines end at "\n" only: splitlines() also splits at U+2028, form feeds and others, which JSON
     # strings may hold unescaped and text prompts may contain
     for number, line in enumerate(text.split("\n"), 1):

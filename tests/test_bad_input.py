@@ -50,7 +50,10 @@ CASES = [
     # ---- train: the config file and its overrides ----
     Case("train-config-missing", "train --config {inputs}/nope.py --workdir new", r"config file \S+/nope.py not found"),
     Case("train-config-is-a-directory", "train --config {corpus} --workdir new",
-         r"corpus: is a directory; expected a Python config file"),
+         r"corpus: is a directory; expected a Python config file such as configs/tiny.py$"),
+    Case("plan-config-is-a-run", "plan --config {run}",
+         r"run: is a directory; expected a Python config file such as configs/tiny.py \(or a run's resolved "
+         r"config: \S+/run/config.json\)$"),
     Case("train-config-syntax-error", "train --config {syntax_py} --workdir new", r"syntax.py, line 1: syntax error"),
     Case("train-config-file-sets-unknown-key", "train --config {typo_py} --workdir new",
          r"typo.py: unknown config key 'train.stpes'; valid keys there: .*steps"),

@@ -1,6 +1,8 @@
 """`llama-jax generate` extras: stop strings, chat templates, prompt files, --workdir, streaming."""
 
+import io
 import json
+import sys
 
 import jax
 import pytest
@@ -132,7 +134,7 @@ def test_llama3_chat_template_and_end_of_turn(tmp_path, capsys):
         assert capsys.readouterr().out.split("\n\n-----\n\n")[0].rstrip("\n") == reply[0]
 
 
-def test_prompts_file(sp_model, tmp_path, capsys):
+def test_prompts_file(sp_model, tmp_path, capsys, monkeypatch):
     path, cfg, params, tok = sp_model
     (tmp_path / "p.txt").write_text("first prompt\n\n  second one\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "from json"}\n\n{"text": "text field", "id": 3}\n')
@@ -145,11 +147,16 @@ def test_prompts_file(sp_model, tmp_path, capsys):
     (tmp_path / "sep.txt").write_text("a form feed\x0cinside\r\nnext\n")
     assert read_prompts_file(tmp_path / "sep.jsonl") == ["first\u2028second"]
     assert read_prompts_file(tmp_path / "sep.txt") == ["a form feed\x0cinside", "next"]
-    prompts = ["cli prompt", "from json", "text field", "first prompt", "  second one"]
+    prompts = ["cli prompt", "from json", "text field", "first prompt", "  second one", "piped in"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfpiped in\n\n")))
     assert main(["generate", str(path), "--prompt", "cli prompt", "--prompts-file", str(tmp_path / "p.jsonl"),
-                 "--prompts-file", str(tmp_path / "p.txt"), "--max-new-tokens", "8", "--seed", "3"]) == 0
+                 "--prompts-file", str(tmp_path / "p.txt"), "--prompts-file", "-", "--max-new-tokens", "8",
+                 "--seed", "3"]) == 0
     texts = generate_text(cfg, params, tok, prompts, max_new_tokens=8, temperature=0.8, seed=3)
     assert capsys.readouterr().out == "\n\n-----\n\n".join(p + t for p, t in zip(prompts, texts)) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n")))  # Latin-1
+    with pytest.raises(ValueError, match=r"^standard input: not UTF-8 text \(byte 3\)$"):
+        read_prompts_file("-")
 
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
@@ -158,7 +165,7 @@ def test_prompts_file(sp_model, tmp_path, capsys):
     for name, message in [("empty.txt", "empty.txt: no prompts"), ("bad.jsonl", "bad.jsonl, line 2: not valid JSON"),
                           ("list.json", "list.json: a .json file; give a text file (one prompt per line) or a .jsonl"),
                           ("nofield.jsonl", "nofield.jsonl, line 2: expected a JSON object with a string"),
-                          ("missing.txt", "missing.txt: no such file")]:
+                          ("missing.txt", "missing.txt: no such file (`-` reads the prompts from standard input)")]:
         assert main(["generate", str(path), "--prompts-file", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
@@ -242,6 +249,16 @@ def test_workdir_equals_its_export(sp_model, tmp_path, capsys):
         assert main(["generate", "--workdir", str(run), *extra, *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    synthetic = tmp_path / "synthetic"  # no tokenizer: the line says how to get text out of it
+    assert main(["train", "--config", str(config), "--workdir", str(synthetic), "--config.data.source=synthetic",
+                 "--config.data.tokenizer=", "--config.train.steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--workdir", str(synthetic), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("has no tokenizer.model (a run on synthetic data); generating or "
+                                             "evaluating text needs one: export the run (llama-jax export) and give "
+                                             "the model directory a tokenizer.model of its vocabulary (or generate "
+                                             "--tokenizer FILE)"), err
 
 
 def test_converted_hugging_face_directory_generates_what_transformers_generates(sp_model, tmp_path, capsys):
