@@ -472,10 +472,10 @@ def check_results_file(path: str | os.PathLike, option: str, command: str, keys:
     path = Path(path).absolute()
     if path.is_dir():
         raise ValueError(f"{option} {path} is a directory; give the path of a JSON file to write")
-    check_outside_runs_and_models(path, option)
-    check_writable(path, option)
     if path.exists() and not path.is_file():  # a FIFO or a device: reading it could block or never end
         raise ValueError(f"{option} {path} is not a regular file; give the path of a JSON file to write")
+    check_outside_runs_and_models(path, option)
+    check_writable(path, option)
     if path.exists() or path.is_symlink():
         try:
             held = json.loads(path.read_text()) if path.stat().st_size <= RESULTS_FILE_MAX else None
