@@ -894,6 +894,13 @@ def cmd_launch_slurm(args) -> None:
     command, launched = _launched_command(args)
     _check_launched_config(command, launched, Path.cwd(), args.nodes * args.gpus_per_node, args.nodes, "gpu")
     workdir = option_value(command, "--workdir")
+    if command[0] == "train" and workdir:  # (the job's folder goes inside it: it is on a file system seen here)
+        from llama_jax.run import check_workdir
+
+        try:
+            check_workdir(Path(workdir).absolute())
+        except ValueError as e:
+            raise UserError(f"after --: train: {e}") from None
     folder = args.folder or (str(Path(workdir) / slurm.WORKDIR_FOLDER) if workdir else None)
     if folder is None:
         raise UserError("--folder is required when the command has no --workdir")

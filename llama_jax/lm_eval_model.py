@@ -281,10 +281,12 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
         raise ValueError(f"--include-path {include_path}: not a directory of task YAML files")
     manager = _task_manager(tasks, include_path, include_defaults)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
-    unreadable = _unreadable_task_files(include_path) if unknown and include_path is not None else []
+    unreadable = _unreadable_task_files(include_path) if unknown and include_path is not None else {}
     if unreadable:  # the harness leaves such a file out, and its task is then unknown
-        raise ValueError(f"lm-eval has no task {unknown[0]!r}; --include-path {include_path} holds a file that is not "
-                         f"valid YAML, whose tasks the harness left out: {unreadable[0]}")
+        named = [path for path in unreadable if unknown[0] in path.read_text(encoding="utf-8", errors="replace")]
+        path = (named or list(unreadable))[0]  # the file that names the task, likely
+        raise ValueError(f"lm-eval has no task {unknown[0]!r}; --include-path {include_path} holds a task file the "
+                         f"harness left out: {path}: {unreadable[path]}")
     if unknown:
         raise ValueError(f"lm-eval has no task {unknown[0]!r}; `lm-eval ls tasks` lists the tasks it knows "
                          f"(tasks of your own: --include-path DIR of task YAML files)")
@@ -359,9 +361,10 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__} without a message{where}"
 
 
-def _unreadable_task_files(include_path: str) -> list[str]:
-    """The task files under `include_path` (`*.yaml`, as the harness finds them) that are not valid
-    YAML, each as "FILE: problem (line N)"; the harness leaves them out. Tags such as its
+def _unreadable_task_files(include_path: str) -> dict[Path, str]:
+    """The task files under `include_path` (`*.yaml`, as the harness finds them) that the harness
+    leaves out, each with its problem: not valid YAML ("problem (line N)"), or an `include:` of a
+    file that is not there (the harness reads it beside the task file). Tags such as its
     `!function` are accepted as they are."""
     import yaml
 
@@ -369,15 +372,22 @@ def _unreadable_task_files(include_path: str) -> list[str]:
         pass
 
     AnyTag.add_multi_constructor("", lambda loader, suffix, node: None)
-    unreadable = []
+    unreadable = {}
     for path in sorted(p for p in Path(include_path).rglob("*.yaml") if p.is_file()):
         try:
-            yaml.load(path.read_text(encoding="utf-8"), Loader=AnyTag)  # noqa: S506 (a safe loader)
+            document = yaml.load(path.read_text(encoding="utf-8"), Loader=AnyTag)  # noqa: S506 (a safe loader)
         except yaml.MarkedYAMLError as e:
             line = f" (line {e.problem_mark.line + 1})" if e.problem_mark is not None else ""
-            unreadable.append(f"{path}: {e.problem or e.context}{line}")
+            unreadable[path] = f"{e.problem or e.context}{line}"
+            continue
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            unreadable.append(f"{path}: {(str(e).splitlines() or [''])[0]}")
+            unreadable[path] = (str(e).splitlines() or [""])[0]
+            continue
         except OSError:  # unreadable: the harness cannot read it either
             continue
+        included = document.get("include") if isinstance(document, dict) else None
+        missing = [name for name in (included if isinstance(included, list) else [included])
+                   if isinstance(name, str) and not (path.parent / name).is_file()]
+        if missing:
+            unreadable[path] = f"its include {missing[0]!r} is not there (read from {path.parent})"
     return unreadable

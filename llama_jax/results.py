@@ -114,7 +114,7 @@ def collect(workdir: Path, spec: dict) -> tuple[list[str], list[dict[str, Any]],
 
     keys = list(spec["axes"])
     sweep_running = holds_lock(workdir)
-    trials = sorted(p for p in workdir.iterdir() if (p / TRIAL_FILE).is_file())
+    trials = sorted(p for p in workdir.iterdir() if (p / TRIAL_FILE).exists())  # (a damaged one gets its row)
     objective = sweep_objective(spec, trials)
     rows = []
     for directory in trials:

@@ -438,6 +438,11 @@ def check_workdir(workdir: Path) -> None:
                            f"or use another --workdir")
     if not workdir.exists() or holds_run(workdir):
         return
+    from llama_jax.sweep import SPEC_FILE
+
+    if (workdir / SPEC_FILE).exists():
+        raise RunError(f"--workdir {workdir} holds a sweep ({SPEC_FILE}; its trials run in directories of their own "
+                       f"inside it); use a new or empty directory")
     check_run_config(workdir, "use another --workdir")
     clash = sorted(p.name for p in workdir.iterdir()
                    if p.name in RUN_FILES or any(fnmatch.fnmatchcase(p.name, m) for m in MODEL_FILES))

@@ -577,7 +577,7 @@ def check_devices(platform: str, n_devices: int, parallel: int, devices_per_run:
 
 def trial_statuses(workdir: str | os.PathLike) -> list[str]:
     """The recorded status of every trial of the sweep in `workdir`."""
-    trials = sorted(d for d in Path(workdir).iterdir() if (d / TRIAL_FILE).is_file())
+    trials = sorted(d for d in Path(workdir).iterdir() if (d / TRIAL_FILE).exists())
     return [read_trial(d).get("status", "unknown") for d in trials]
 
 
@@ -833,6 +833,7 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
     if search == "optuna":
         _import_optuna()
     check_workdir(workdir, spec, saved)
+    _check_trial_paths(workdir, axes, listed, numbered=search != "grid")
     if saved and trials_started(workdir):  # where its trials started stays the record (none: an earlier release's),
         # and so does its config file's path (`check_workdir`: the same file, perhaps named otherwise now)
         spec = dataclasses.replace(spec, directory=saved.get("directory", ""), config=saved.get("config", spec.config))
@@ -980,6 +981,16 @@ def start_directory(workdir: str | os.PathLike, out=print) -> Path:
 def trials_started(workdir: Path) -> bool:
     """Whether a trial of the sweep in `workdir` has started (it has a trial.json)."""
     return any(workdir.glob(f"*/{TRIAL_FILE}"))
+
+
+def _check_trial_paths(workdir: Path, axes: dict, listed: list[Trial], numbered: bool) -> None:
+    """SweepError when something other than a directory (a file, a link to nothing) is where a
+    trial's directory goes: the trial could not start there, after the trials before it ran."""
+    for trial in listed:
+        path = workdir / trial.name(axes, numbered)
+        if (path.exists() or path.is_symlink()) and not path.is_dir():
+            what = "a link to nothing" if not path.exists() else "a file"
+            raise SweepError(f"{path} is {what}, where the directory of trial {path.name} goes; move it away")
 
 
 def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:

@@ -623,12 +623,13 @@ def test_the_harness_s_tasks_are_indexed_only_when_a_name_may_need_them(tmp_path
 
 
 def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(model_dirs, tmp_path, capsys, offline):
-    """A task file that is not YAML, a data file that is not JSON Lines, a template naming a field
-    the documents lack, a generation setting of the wrong type: each stops lm-eval with one line
-    naming it (no traceback), and no results file is written."""
+    """A task file that is not YAML or includes a file that is not there, a data file that is not
+    JSON Lines, a template naming a field the documents lack, a generation setting of the wrong
+    type: each stops lm-eval with one line naming it (no traceback), and no results file is written."""
     tasks = tmp_path / "tasks"
     write_tasks(tasks, long_context="Loops")
     (tasks / "broken.yaml").write_text("task: broken\n  : [\n")
+    (tasks / "included.yaml").write_text("task: included\ninclude: base.yaml\n")  # (base.yaml is not there)
     (tasks / "bad_mc.jsonl").write_text((tasks / "mc.jsonl").read_text().replace('"answer"', 'oops', 1))
     mc = (tasks / "tiny_mc.yaml").read_text()
     (tasks / "bad_data.yaml").write_text(mc.replace("tiny_mc", "bad_data").replace("mc.jsonl", "bad_mc.jsonl"))
@@ -642,9 +643,10 @@ def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(mo
         if isinstance(handler, logging.StreamHandler):
             handler.stream = sys.stderr  # (setStream would flush the old one, closed)
     expected = {
-        "broken": f"lm-eval has no task 'broken'; --include-path {tasks} holds a file that is not valid YAML, whose "
-                  f"tasks the harness left out: {tasks / 'broken.yaml'}: expected <block end>, but found "
-                  f"'<block mapping start>' (line 2)",
+        "broken": f"lm-eval has no task 'broken'; --include-path {tasks} holds a task file the harness left out: "
+                  f"{tasks / 'broken.yaml'}: expected <block end>, but found '<block mapping start>' (line 2)",
+        "included": f"lm-eval has no task 'included'; --include-path {tasks} holds a task file the harness left "
+                    f"out: {tasks / 'included.yaml'}: its include 'base.yaml' is not there (read from {tasks})",
         "bad_data": "lm-eval failed on the task(s) bad_data: DatasetGenerationError: An error occurred while "
                     "generating the dataset (ArrowInvalid: JSON parse error: ",
         "bad_field": "lm-eval failed on the task(s) bad_field: UndefinedError: 'qqq' is undefined (tasks of your "

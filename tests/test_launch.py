@@ -521,6 +521,11 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v9-8", "--dry-run", "--", *TRAIN_TINY],
      "unknown accelerator type 'v9-8'"),
+    (["tpu", "--name", "Run_1", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
+     "--name 'Run_1': use 1 to 63 lowercase letters, digits and hyphens, starting with a letter and not ending "
+     "with a hyphen"),
+    (["tpu", "--name", "a" * 64, *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
+     "not ending with a hyphen (this one has 64)"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", *TRAIN_TINY],
      "give the llama-jax command to run after --"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run"],
@@ -687,6 +692,28 @@ def test_a_folder_inside_a_runs_checkpoints_or_a_dangling_link_is_refused(capsys
         f"llama-jax launch: error: --folder {given} is inside {run / 'checkpoints'}, the checkpoints of a run; choose "
         f"a --folder outside it")
     assert not any(step.iterdir())
+
+
+def test_a_launched_train_whose_workdir_holds_a_model_or_a_sweep_is_refused(capsys, tmp_path, monkeypatch):
+    """train refuses such a --workdir where it runs; launched, the job's folder was made inside it
+    first (a model directory that an export --overwrite then refused) and the job failed on the cluster."""
+    monkeypatch.chdir(ROOT)
+    model, sweep = tmp_path / "model", tmp_path / "sweep"
+    model.mkdir()
+    (model / "model_config.json").write_text("{}")
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text("{}")
+    for workdir, message in ((model, "holds 'model_config.json' but no llama-jax run (a run writes config.json, "
+                                      "checkpoints/, metrics.jsonl there)"),
+                             (sweep, "holds a sweep (sweep.json; its trials run in directories of their own inside it)")):
+        train = ["train", "--config", "configs/tiny.py", "--workdir", str(workdir)]
+        assert cli.main(["launch", "slurm", "--dry-run", "--", *train]) == 2
+        assert capsys.readouterr().err.strip() == (f"llama-jax launch: error: after --: train: --workdir {workdir} "
+                                                   f"{message}; use a new or empty directory")
+        assert not (workdir / slurm.WORKDIR_FOLDER).exists()
+        assert cli.main(train) == 2  # as train itself says
+        assert capsys.readouterr().err.strip() == f"llama-jax train: error: --workdir {workdir} {message}; use a new " \
+                                                  f"or empty directory"
 
 
 def test_a_config_outside_the_shipped_checkout_is_refused(capsys, tmp_path):

@@ -31,6 +31,9 @@ SHORT = ["--config.train.steps=4", "--config.optimizer.warmup_steps=1", "--confi
          "--config.train.log_every=1", "--config.train.batch_size=8"]
 
 
+SHORT_OVERRIDES = [a.removeprefix("--config.") for a in SHORT]
+
+
 def sweep_args(workdir, *extra) -> list[str]:
     return ["sweep", "--config", TINY, "--workdir", str(workdir), *SHORT, *extra]
 
@@ -658,6 +661,32 @@ def test_bad_sweeps_are_one_line_and_run_nothing(tmp_path, capsys, extra, messag
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("llama-jax sweep: error:") and re.search(message, err), err
     assert not workdir.exists()
+
+
+def test_what_stands_where_a_trial_goes_is_one_line_and_a_damaged_record_a_row(tmp_path, capsys):
+    """A file or a link to nothing where a trial's directory goes: the sweep ran the trials before
+    it, then failed with a raw errno (its --dry-run listed the trial as to run); a trial.json that is
+    a directory: --report left the trial out, where a damaged one gets a row."""
+    workdir = tmp_path / "sweep"
+    axis = ["--sweep", "train.seed=[0,1]"]
+    spec, _, _ = sweep_lib.prepare(TINY, workdir, axis[1:], SHORT_OVERRIDES)
+    workdir.mkdir()
+    (workdir / "sweep.json").write_text(spec.to_json())
+    (workdir / "seed=1").symlink_to(tmp_path / "gone")
+    for dry_run in (["--dry-run"], []):
+        assert main(sweep_args(workdir, *axis, *dry_run)) == 2
+        assert capsys.readouterr().err.strip() == (f"llama-jax sweep: error: {workdir / 'seed=1'} is a link to "
+                                                   f"nothing, where the directory of trial seed=1 goes; move it away")
+    (workdir / "seed=1").unlink()
+    (workdir / "seed=1").write_text("notes\n")
+    assert main(sweep_args(workdir, *axis, "--dry-run")) == 2
+    assert "seed=1 is a file, where the directory of trial seed=1 goes" in capsys.readouterr().err
+    assert sorted(p.name for p in workdir.iterdir()) == ["seed=1", "sweep.json"]  # nothing ran
+    (workdir / "seed=1").unlink()
+    (workdir / "seed=0" / "trial.json").mkdir(parents=True)
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
+    [row] = rows(workdir)
+    assert row["run"] == "seed=0" and row["status"] == "unknown" and "trial.json is damaged" in row["error"]
 
 
 def test_a_runs_config_json_and_a_failing_get_sweep(tmp_path, capsys):

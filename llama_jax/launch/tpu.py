@@ -133,8 +133,9 @@ class TpuLaunch:
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", self.name):
-            raise LaunchError(f"--name {self.name!r}: use lowercase letters, digits and hyphens, "
-                              f"starting with a letter")
+            raise LaunchError(f"--name {self.name!r}: use 1 to 63 lowercase letters, digits and hyphens, starting "
+                              f"with a letter and not ending with a hyphen" + (f" (this one has {len(self.name)})"
+                                                                              if len(self.name) > 63 else ""))
         if not re.fullmatch(r"[a-z]+-[a-z]+[0-9]+-[a-z][a-z0-9]*", self.zone):
             raise LaunchError(f"--zone {self.zone!r} is not a Google Cloud zone; valid: a region and its zone's "
                               f"suffix, e.g. us-central2-b (v4), us-east5-a (v5p), us-central1-ai1a")
