@@ -230,6 +230,17 @@ def retention_deletes(steps: Sequence[int], max_to_keep: int | None, keep_every:
     return [s for s in steps[:max(0, len(steps) + saves - max_to_keep)] if not (keep_every and s % keep_every == 0)]
 
 
+def _check_step_names(directory: Path) -> None:
+    """ValueError for a folder named as a step but not as Orbax names one (`08`, a copy made by
+    hand): Orbax reads it as step 8 and looks for it at `8`, so the run could neither resume nor set
+    it aside."""
+    odd = sorted(p.name for p in directory.iterdir() if p.name.isdigit() and p.name != str(int(p.name))) \
+        if directory.is_dir() else []
+    if odd:
+        raise ValueError(f"{directory / odd[0]} is no checkpoint of this run (a step's folder is named by its number "
+                         f"alone, as {int(odd[0])}) but would be read as step {int(odd[0])}; move it out of {directory}")
+
+
 class RunCheckpoints:
     """Checkpoints of a training run: Orbax `CheckpointManager` with async saves and retention.
 
@@ -245,6 +256,7 @@ class RunCheckpoints:
         nothing is created, cleaned up or deleted."""
         self.every = every
         self.directory = Path(directory).absolute()
+        _check_step_names(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None,
             enable_async_checkpointing=async_save, create=not read_only,

@@ -225,10 +225,13 @@ def _not_utf8(where: str, e: UnicodeDecodeError) -> ValueError:
 
 
 def _jsonl_text(line: str, text_key: str, where: str, key_option: str) -> str:
-    try:
-        record = json.loads(line)
+    try:  # (an integer past Python's 4,300 digits is read as a float: only the text field matters)
+        record = json.loads(line, parse_int=lambda digits: int(digits) if len(digits) < 4000 else float(digits))
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be a JSON object") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read (thousands of levels); each line must be a JSON "
+                         f"object") from None
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a JSON {type(record).__name__}, not an object; each line must be a JSON object")
     if not isinstance(record.get(text_key), str):

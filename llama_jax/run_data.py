@@ -135,6 +135,9 @@ def prepared_dirs(d) -> list[tuple[str, Path, float]]:
         unknown = sorted(str(key) for key in entry.keys() if key not in MIXTURE_ENTRY_KEYS)
         if unknown:
             raise RunError(f"data.mixture.{name} has no setting {unknown[0]!r}; valid: {', '.join(MIXTURE_ENTRY_KEYS)}")
+        if not isinstance(entry["path"], str):
+            raise RunError(f"data.mixture.{name}.path={entry['path']!r} must be a directory path (a string), e.g. "
+                           f"'/data/c4'")
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
                 or weight <= 0:

@@ -221,6 +221,10 @@ CASES = [
     Case("train-resume-damaged-progress", RUN.replace("{run}", "{damaged_progress_run}"),
          r"progress.json is damaged \(expected \{\"committed_step\": N\}, the run's latest checkpoint\); write "
          r"\{\"committed_step\": 4\} into it if checkpoint 4 is the run's latest, or use a new --workdir"),
+    Case("train-resume-step-copied-by-hand", RUN.replace("{run}", "{padded_step_run}"),  # (Orbax read it as step 8)
+         r"padded_step_run/checkpoints/08 is no checkpoint of this run \(a step's folder is named by its number alone, "
+         r"as 8\) but would be read as step 8; move it out of \S+/padded_step_run/checkpoints$"),
+    Case("export-step-copied-by-hand", "export --workdir {padded_step_run} out", r"checkpoints/08 is no checkpoint"),
     Case("train-checkpoints-is-a-file", RUN.replace("{run}", "{checkpoints_file_run}"),
          r"checkpoints_file_run/checkpoints is a file; a run keeps its checkpoints in that directory"),
     # a run made there was lost without a word: to the other run's retention, or to an --overwrite of the model
@@ -565,6 +569,9 @@ def make_inputs(root: Path) -> dict[str, Path]:
     (p["checkpoints_file_run"] / "checkpoints").write_text("not a directory\n")
     shutil.copytree(p["run"], p["missing_latest_run"])
     shutil.rmtree(p["missing_latest_run"] / "checkpoints" / "4")
+    p["padded_step_run"] = inputs / "padded_step_run"
+    shutil.copytree(p["run"], p["padded_step_run"])
+    shutil.copytree(p["run"] / "checkpoints" / "4", p["padded_step_run"] / "checkpoints" / "08")
     return p
 
 

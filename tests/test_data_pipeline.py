@@ -493,6 +493,8 @@ def test_a_prepared_directory_changed_after_preparation_is_one_line(prepared, to
                                  r"and a weight, e.g. \{'path': '/data/c4', 'weight': 0.8\}"),
     ({"mixture": "{'docs': {'path': 'DOCS', 'wieght': 9}}"},
      r"data.mixture.docs has no setting 'wieght'; valid: path, weight"),
+    ({"mixture": "{'docs': {'path': 5, 'weight': 1}}"},  # (a TypeError traceback)
+     r"data.mixture.docs.path=5 must be a directory path \(a string\), e.g. '/data/c4'$"),
     ({"mixture": f"{{'docs': {{'path': 'DOCS', 'weight': {10**308}}}, "
                  f"'again': {{'path': 'DOCS', 'weight': {10**308}}}}}"},
      r"config key data.mixture.again.weight: a whole number of 309 digits is beyond float32's range"),
