@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -234,7 +235,8 @@ def _check_step_names(directory: Path) -> None:
     """ValueError for a folder named as a step but not as Orbax names one (`08`, a copy made by
     hand): Orbax reads it as step 8 and looks for it at `8`, so the run could neither resume nor set
     it aside."""
-    odd = sorted(p.name for p in directory.iterdir() if p.name.isdigit() and p.name != str(int(p.name))) \
+    odd = sorted(p.name for p in directory.iterdir()
+                 if re.fullmatch("[0-9]+", p.name) and p.name != str(int(p.name)) and p.is_dir()) \
         if directory.is_dir() else []
     if odd:
         raise ValueError(f"{directory / odd[0]} is no checkpoint of this run (a step's folder is named by its number "

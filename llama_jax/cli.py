@@ -575,11 +575,14 @@ def cmd_eval(args) -> None:
     own_data = _runs_own_data(args, config)
     record = nonfinite_as_null(evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len,
                                                  args.batch_size, progress=True, run_config=own_data))
-    default = (Path(args.workdir) / run_eval_file_name(record, own_data, _run_seq_len(args.workdir)) if args.workdir
-               else model_eval_file(Path(args.model), record))
+    if args.output is not None:
+        output = args.output
+    elif args.workdir:
+        output = Path(args.workdir) / run_eval_file_name(record, own_data, _run_seq_len(args.workdir))
+    else:
+        output = model_eval_file(Path(args.model), record)
     print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
-    output = check_results_file(default if args.output is None else args.output, "--output", "llama-jax eval",
-                                EVAL_RESULT_KEYS)
+    output = check_results_file(output, "--output", "llama-jax eval", EVAL_RESULT_KEYS)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, json.dumps(record, indent=2) + "\n")
 
@@ -894,7 +897,7 @@ def cmd_launch_slurm(args) -> None:
     command, launched = _launched_command(args)
     _check_launched_config(command, launched, Path.cwd(), args.nodes * args.gpus_per_node, args.nodes, "gpu")
     workdir = option_value(command, "--workdir")
-    if command[0] == "train" and workdir:  # (the job's folder goes inside it: it is on a file system seen here)
+    if command[0] == "train" and workdir and args.folder is None:  # the job's folder goes inside it: seen here
         from llama_jax.run import check_workdir
 
         try:

@@ -224,14 +224,27 @@ def _not_utf8(where: str, e: UnicodeDecodeError) -> ValueError:
                       "data files must be UTF-8")
 
 
+def parse_json_line(line: str):
+    """The value a line of a .jsonl file holds: json.JSONDecodeError for one that is not JSON,
+    ValueError for one nested too deeply to read; an integer of more digits than Python's int
+    converts (4,300) is read as a float (a field other than the one read may hold one)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read (thousands of levels)") from None
+    except ValueError:  # the digit limit (a rare line: the hook slows every number down)
+        return json.loads(line, parse_int=lambda digits: int(digits) if len(digits) < 4000 else float(digits))
+
+
 def _jsonl_text(line: str, text_key: str, where: str, key_option: str) -> str:
-    try:  # (an integer past Python's 4,300 digits is read as a float: only the text field matters)
-        record = json.loads(line, parse_int=lambda digits: int(digits) if len(digits) < 4000 else float(digits))
+    try:
+        record = parse_json_line(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be a JSON object") from None
-    except RecursionError:
-        raise ValueError(f"{where}: JSON nested too deeply to read (thousands of levels); each line must be a JSON "
-                         f"object") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}; each line must be a JSON object") from None
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a JSON {type(record).__name__}, not an object; each line must be a JSON object")
     if not isinstance(record.get(text_key), str):

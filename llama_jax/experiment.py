@@ -157,8 +157,9 @@ def _check_known_keys(path: Path, config: ml_collections.ConfigDict, base: ml_co
 def _check_file(path: Path) -> None:
     """ValueError unless `path` is an existing .py or .json file."""
     if path.is_dir():
-        saved = path / "config.json"  # a run's own config, which a run directory holds
-        hint = f" (or a run's resolved config: {saved})" if saved.is_file() else ""
+        from llama_jax.safe_io import holds_run
+
+        hint = f" (or the run's resolved config: {path / 'config.json'})" if holds_run(path) else ""
         raise ValueError(f"{path}: is a directory; expected a Python config file such as configs/tiny.py{hint}")
     if not path.is_file():
         raise ValueError(f"config file {path} " + ("is not a regular file; expected a Python config file such as "

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from llama_jax.config import LLaMAConfig, check_flag, check_model_config, is_int
+from llama_jax.data import parse_json_line
 from llama_jax.tokenizer import (SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, check_tokenizer,
                                  unicode_problem)
 
@@ -147,9 +148,11 @@ def _prompts_of_text(text: str, path, jsonl: bool) -> list[str]:
             prompts.append(line)
             continue
         try:
-            record = json.loads(line)
-        except ValueError as e:
+            record = parse_json_line(line)
+        except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}, line {number}: {e}") from None
         value = None
         if isinstance(record, dict):
             value = record.get("prompt", record.get("text"))

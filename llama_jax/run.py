@@ -916,7 +916,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                     record.update(eval_metrics)
                 if sampling:
                     text, sampled_at = sample(config, trainer, state.params, data.tokenizer, seed=step), step
-                    bar.write(f"step {step} sample: {t.sample_prompt}{text}")
+                    if main_process:  # (tqdm's write prints whether or not its bar is shown)
+                        bar.write(f"step {step} sample: {t.sample_prompt}{text}")
                 window_start += time.perf_counter() - paused
             if record:
                 writer.write(step, record)
@@ -960,7 +961,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 logged.append({"step": step, **eval_metrics})
         if samples and sampled_at != step:
             text = sample(config, trainer, state.params, data.tokenizer, seed=step)
-            bar.write(f"step {step} sample: {t.sample_prompt}{text}")  # (before the command's closing line)
+            if main_process:  # (before the command's closing line)
+                bar.write(f"step {step} sample: {t.sample_prompt}{text}")
         checkpoints.wait()
         recorded = record_progress(workdir, recorded)
         writer.close()  # the log complete, for the plot

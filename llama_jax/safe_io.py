@@ -210,16 +210,18 @@ def _scratch_prefix(dst: Path, role: str) -> str:
     return f".{name}.{role}-{host}-"
 
 
-def _settle(dst: Path, old: Path) -> None:
-    """After a replacement of `dst` by a new output, finished or not: the previous output `old` is
-    removed once the new one is in place, else put back. One that cannot be removed (write-protected,
-    say) is left where it is, and said so: the replacement itself is done."""
+def _settle(dst: Path, old: Path, by_this_process: bool = True) -> None:
+    """After a replacement of `dst` by a new output, finished or not (`by_this_process`, or by a
+    process killed while at it): the previous output `old` is removed once the new one is in place,
+    else put back. One that cannot be removed (write-protected, say) is left where it is, and said
+    so: the replacement itself is done."""
     if old.exists():
         if dst.exists():
             try:
                 shutil.rmtree(old)
             except OSError as e:
-                print(f"llama-jax: {dst} replaced, but the previous one could not be removed ({e.strerror or e}); "
+                when = "replaced" if by_this_process else "replaced earlier"
+                print(f"llama-jax: {dst} {when}, but the previous one could not be removed ({e.strerror or e}); "
                       f"it is kept at {old}: remove it by hand", file=sys.stderr)
         else:
             os.replace(old, dst)
@@ -235,7 +237,7 @@ def finish_for_dead_processes(dst: Path) -> None:
             pid = re.fullmatch(r"(\d+)-[0-9a-f]{8}", path.name[len(prefix):])
             if pid and not _process_alive(int(pid.group(1))):
                 if role == "old":
-                    _settle(dst, path)
+                    _settle(dst, path, by_this_process=False)
                 elif path.is_dir() and not path.is_symlink():
                     _remove_tree(path)
                 else:

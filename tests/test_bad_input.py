@@ -52,8 +52,10 @@ CASES = [
     Case("train-config-is-a-directory", "train --config {corpus} --workdir new",
          r"corpus: is a directory; expected a Python config file such as configs/tiny.py$"),
     Case("plan-config-is-a-run", "plan --config {run}",
-         r"run: is a directory; expected a Python config file such as configs/tiny.py \(or a run's resolved "
+         r"run: is a directory; expected a Python config file such as configs/tiny.py \(or the run's resolved "
          r"config: \S+/run/config.json\)$"),
+    Case("plan-config-is-a-hf-directory", "plan --config {hf}",  # its config.json is no experiment config
+         r"hf: is a directory; expected a Python config file such as configs/tiny.py$"),
     Case("train-config-syntax-error", "train --config {syntax_py} --workdir new", r"syntax.py, line 1: syntax error"),
     Case("train-config-file-sets-unknown-key", "train --config {typo_py} --workdir new",
          r"typo.py: unknown config key 'train.stpes'; valid keys there: .*steps"),

@@ -157,6 +157,22 @@ def test_an_overwrite_whose_previous_output_cannot_be_removed_is_done(tmp_path, 
                                        f"removed (Permission denied); it is kept at {kept}: remove it by hand\n")
 
 
+def test_only_a_folder_spelled_as_a_step_differently_is_refused(tmp_path):
+    """A folder 08 (a copy made by hand) would be read as step 8 at checkpoints/8; a file of that
+    name, or a folder of other digits (²), is no step to Orbax and is left alone."""
+    from llama_jax.checkpoint import RunCheckpoints
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "07").write_text("notes\n")
+    (checkpoints / "\u00b2").mkdir()
+    assert RunCheckpoints(checkpoints, 2, read_only=True).all_steps() == []
+    (checkpoints / "08").mkdir()
+    with pytest.raises(ValueError, match=r"checkpoints/08 is no checkpoint of this run \(a step's folder is named by "
+                                         r"its number alone, as 8\) but would be read as step 8"):
+        RunCheckpoints(checkpoints, 2, read_only=True)
+
+
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path

@@ -463,6 +463,26 @@ def test_pickle_that_runs_code_is_refused(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_torch_files_of_each_format_and_protocol(tmp_path):
+    """torch.save's legacy format is read under the pickle protocols torch's weights-only reader
+    reads (2, 3; only 2 was recognised); a file of protocol 4 or 5, zip or legacy, which that reader
+    cannot read, says so rather than calling it code or damage."""
+    from llama_jax.convert.source import ConversionError
+    from llama_jax.convert.torch_io import load_torch_file
+
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    for protocol in (2, 3, 4, 5):
+        torch.save(state, tmp_path / f"legacy{protocol}.bin", _use_new_zipfile_serialization=False,
+                   pickle_protocol=protocol)
+    torch.save(state, tmp_path / "zip4.bin", pickle_protocol=4)
+    for protocol in (2, 3):
+        assert torch.equal(load_torch_file(tmp_path / f"legacy{protocol}.bin")["w"], state["w"]), protocol
+    for name in ("legacy4.bin", "legacy5.bin", "zip4.bin"):
+        with pytest.raises(ConversionError, match=rf"{name}: torch's weights-only reader cannot read it \(Unsupported "
+                                                  rf"operand \d+: saved with pickle_protocol 4 or 5, or corrupt\)"):
+            load_torch_file(tmp_path / name)
+
+
 def test_existing_destination_needs_overwrite(tmp_path, capsys, good_src):
     dst = tmp_path / "dst"
     dst.mkdir()

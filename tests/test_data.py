@@ -155,7 +155,7 @@ def test_each_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     ("not json", r"bad.jsonl:1: not valid JSON"),
     ("not an object", r"list.jsonl:1: a JSON list, not an object; each line must be a JSON object"),
     ("nested too deeply", r"deep.jsonl:2: JSON nested too deeply to read \(thousands of levels\)"),  # a traceback
-    ("number as text", r"digits.jsonl:1: no string field 'text'"),  # digits beyond int's limit: Python's own advice
+    ("number as text", r"digits.jsonl:2: no string field 'text'"),  # digits beyond int's limit: Python's own advice
     ("dangling link", r"broken.txt: a symbolic link to /nonexistent/file.txt, which does not exist"),
     ("pipe", r"pipe.txt: not a regular file \(a pipe, socket or device\); give readable files"),
     ("txt not utf-8", r"latin1.txt: not UTF-8 text \(byte 0xe9 at offset 3: invalid continuation byte\); "
@@ -169,7 +169,7 @@ def test_bad_input_is_named(case, message, tmp_path, tokenizer):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     (tmp_path / "list.jsonl").write_text("[1, 2]\n")
     (tmp_path / "deep.jsonl").write_text('{"text": "ok"}\n{"text": "hi", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
-    (tmp_path / "digits.jsonl").write_text('{"text": ' + "9" * 5000 + "}\n")
+    (tmp_path / "digits.jsonl").write_text('{"text": "read", "id": ' + "9" * 5000 + '}\n{"text": ' + "9" * 5000 + "}\n")
     (tmp_path / "broken.txt").symlink_to("/nonexistent/file.txt")
     (tmp_path / "empty.txt").write_text("")
     os.mkfifo(tmp_path / "pipe.txt")  # reading it would wait for a writer forever

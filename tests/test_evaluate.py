@@ -791,6 +791,14 @@ def test_eval_bad_input(model_dirs, tmp_path, capsys, args, message):
     assert re.search(message, err), err
 
 
+def test_a_models_eval_json_that_is_no_file_is_not_read(tmp_path):
+    """MODEL/eval.json as a FIFO: deciding where the result goes waited for a writer forever."""
+    from llama_jax.eval_files import model_eval_file
+
+    os.mkfifo(tmp_path / "eval.json")
+    assert model_eval_file(tmp_path, {"data": {}, "seq_len": 8}) == tmp_path / "eval.json"  # (refused when written)
+
+
 @pytest.mark.parametrize("command", ["eval", "lm-eval"])
 def test_results_replace_only_an_earlier_result(model_dirs, tmp_path, capsys, command):
     """--output is checked before evaluating: never a model's or a run's own file, a directory, or a

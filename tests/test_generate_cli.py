@@ -162,8 +162,12 @@ def test_prompts_file(sp_model, tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
     (tmp_path / "nofield.jsonl").write_text('{"prompt": "ok"}\n["x"]\n')
     (tmp_path / "list.json").write_text('["a", "b"]\n')  # its one line was taken as a prompt
+    (tmp_path / "deep.jsonl").write_text('{"prompt": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    (tmp_path / "digits.jsonl").write_text('{"prompt": "read", "id": ' + "9" * 5000 + "}\n")  # (beyond int's digits)
+    assert read_prompts_file(tmp_path / "digits.jsonl") == ["read"]
     for name, message in [("empty.txt", "empty.txt: no prompts"), ("bad.jsonl", "bad.jsonl, line 2: not valid JSON"),
                           ("list.json", "list.json: a .json file; give a text file (one prompt per line) or a .jsonl"),
+                          ("deep.jsonl", "deep.jsonl, line 1: JSON nested too deeply to read (thousands of levels)"),
                           ("nofield.jsonl", "nofield.jsonl, line 2: expected a JSON object with a string"),
                           ("missing.txt", "missing.txt: no such file (`-` reads the prompts from standard input)")]:
         assert main(["generate", str(path), "--prompts-file", str(tmp_path / name)]) == 2

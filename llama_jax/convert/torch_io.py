@@ -34,21 +34,27 @@ def load_torch_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
-    zipped = zipfile.is_zipfile(path)
-    if not zipped and not _starts_legacy(path):
+    kind = _format(path)
+    if kind is None:
         raise ConversionError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor its legacy one; "
                               f"truncated or corrupt?)")
     try:  # (the legacy format cannot be memory-mapped: read whole)
-        with warnings.catch_warnings():  # (a damaged pickle's "protocol N" notice: the error below says it)
+        with warnings.catch_warnings():  # (a pickle protocol above 2 is noticed: the error below says what failed)
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported global" in line), None)
-        if detail is None:  # a pickle op the weights-only reader does not know: damage, not code
-            raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                                  f"{first[0] if first else 'UnpicklingError'}") from None
-        raise ConversionError(f"{path}: refused to load, the pickle references code, not only weights ({detail})") from None
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        code = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), None)
+        if code is not None:
+            raise ConversionError(f"{path}: refused to load, the pickle references code, not only weights "
+                                  f"({code})") from None
+        operand = next((line for line in lines if line.startswith("Unsupported operand")), None)
+        if operand is not None:  # an intact file of a newer pickle protocol, or damage
+            raise ConversionError(f"{path}: torch's weights-only reader cannot read it ({operand}: saved with "
+                                  f"pickle_protocol 4 or 5, or corrupt); load it where you trust it and torch.save "
+                                  f"it again with the default protocol") from None
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{lines[0] if lines else 'UnpicklingError'}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
             struct.error, AssertionError) as e:  # (what torch's reader raises on damaged bytes)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -58,13 +64,21 @@ def load_torch_file(path: str | os.PathLike) -> dict:
     return state
 
 
-_LEGACY_START = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch's magic number, pickled
+_ZIP_START = b"PK\x03\x04"  # torch.save's format since torch 1.6 (torch tells it by these bytes too)
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch's magic number, pickled
 
 
-def _starts_legacy(path: Path) -> bool:
-    """Whether `path` begins as torch.save's legacy (non-zip) format does."""
+def _format(path: Path) -> str | None:
+    """"zip" or "legacy": how `path` begins, as torch.save writes it; None: neither."""
     with open(path, "rb") as f:
-        return f.read(len(_LEGACY_START)) == _LEGACY_START
+        start = f.read(2 + 9 + len(_LEGACY_MAGIC))
+    if start.startswith(_ZIP_START):
+        return "zip"
+    # the legacy format: a pickle (PROTO 2 to 5; from 4 on, a FRAME opcode and its length) of the magic number first
+    if len(start) < 2 or start[0] != 0x80 or not 2 <= start[1] <= 5:
+        return None
+    magic = start[11:] if start[1] >= 4 and start[2:3] == b"\x95" else start[2:2 + len(_LEGACY_MAGIC)]
+    return "legacy" if magic == _LEGACY_MAGIC else None
 
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a checkpoint's weights may be stored as
