@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -105,7 +106,7 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
     check_flag(as_numpy, "as_numpy")
     if mesh is not None and shardings is not None:
         raise ValueError("give shardings or mesh, not both")
-    config = load_config(path)
+    saved = config = load_config(path)
     if config_overrides:
         config = config.replace(**config_overrides)
     if mesh is not None:
@@ -134,6 +135,12 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
         raise ValueError(f"model directory {path} is damaged or incomplete: {damage_reason(e, params_dir)}") from None
     if mismatch is not None:
         raise ValueError(f"{path}: {CONFIG_FILE} {mismatch}; the config does not describe these parameters")
+    if config.param_dtype == "float16" != saved.param_dtype:  # the one narrower range: values beyond it became inf
+        beyond = next((name for name, a in flax.traverse_util.flatten_dict(params, sep=".").items()
+                       if not bool(jnp.isfinite(a).all())), None)
+        if beyond is not None:
+            raise ValueError(f"{path}: parameter {beyond} holds values beyond float16's range (at most 65504) or not "
+                             f"finite; load it as {saved.param_dtype} or bfloat16")
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
     return config, params

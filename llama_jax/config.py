@@ -56,6 +56,8 @@ class RopeScaling:
         _check_number("rope_scaling.factor", self.factor)
         for name in ("low_freq_factor", "high_freq_factor"):
             _check_number(f"rope_scaling.{name}", getattr(self, name), positive=self.rope_type == "llama3")
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):  # a NumPy float is no JSON number
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.rope_type == "llama3":
             if not self.high_freq_factor > self.low_freq_factor:
                 raise ValueError(
@@ -70,7 +72,12 @@ class RopeScaling:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RopeScaling":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"rope_scaling must be a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, "
+                             f"got {d!r}")
         d = dict(d)
+        if "rope_type" in d and "type" in d and d["rope_type"] != d["type"]:
+            raise ValueError(f"rope_scaling gives rope_type {d['rope_type']!r} and type {d['type']!r}; give one")
         rope_type = d.pop("rope_type", d.pop("type", None))
         if rope_type is None:
             raise ValueError("rope_scaling: missing 'rope_type'; valid: " + ", ".join(ROPE_TYPES))

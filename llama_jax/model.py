@@ -400,6 +400,14 @@ def _integer_array(values, name: str, rows: tuple[int, int] | None = None):
     return values
 
 
+def _int32_ids(values, name: str):
+    """Integer `values` as int32; ValueError for a NumPy array holding values int32 cannot (they
+    wrapped: ids of two documents became one)."""
+    if isinstance(values, np.ndarray) and values.size and (values.min() < -2**31 or values.max() >= 2**31):
+        raise ValueError(f"{name} must fit in int32, got values from {values.min()} to {values.max()}")
+    return values.astype(jnp.int32)
+
+
 def _cache_dtype(dtype) -> jnp.dtype:
     """`dtype` as a floating-point dtype; ValueError for a name NumPy does not know or another kind."""
     try:
@@ -473,7 +481,7 @@ class LLaMA(nn.Module):
         slots_BxS = jnp.broadcast_to(start + jnp.arange(S, dtype=jnp.int32), (B, S))
         positions = slots_BxS if positions is None else _integer_array(positions, "positions", (B, S))
         segment_ids = jnp.ones((B, S), jnp.int32) if segment_ids is None else \
-            _integer_array(segment_ids, "segment_ids", (B, S)).astype(jnp.int32)
+            _int32_ids(_integer_array(segment_ids, "segment_ids", (B, S)), "segment_ids")
 
         if cache is None:
             kv, view = None, None
@@ -586,6 +594,12 @@ def check_params(cfg: LLaMAConfig, params, joined_qkv: bool = False) -> None:
             raise ValueError(f"parameter {key} is not part of this model")
         if tuple(got[key] or ()) != want[key] or got[key] is None:
             raise ValueError(f"parameter {key} has shape {got[key]}, config expects {want[key]}")
+    kinds = {jax.tree_util.keystr(k): getattr(v, "dtype", None)
+             for k, v in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))}
+    other = next((key for key, dtype in sorted(kinds.items()) if not jnp.issubdtype(dtype, jnp.floating)), None)
+    if other is not None:  # (integers computed garbage, without a word)
+        raise ValueError(f"parameter {other} has dtype {kinds[other]}; parameters are floating point (float32, "
+                         f"bfloat16, float16)")
 
 
 @functools.cache

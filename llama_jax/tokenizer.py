@@ -230,6 +230,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise ValueError(f"{path}: a directory without tokenizer.model; give a tokenizer.model file "
                          "or a directory holding one")
     path = tokenizer_file(path)
+    if path.exists() and not path.is_file():  # a FIFO or a device: reading it could wait forever
+        raise ValueError(f"{path}: not a regular file; give a tokenizer.model file")
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -157,6 +157,19 @@ def test_an_overwrite_whose_previous_output_cannot_be_removed_is_done(tmp_path, 
                                        f"removed (Permission denied); it is kept at {kept}: remove it by hand\n")
 
 
+def test_loading_as_float16_refuses_values_beyond_its_range(tmp_path, model):
+    """load_model(param_dtype="float16") cast a weight of 1e5 to inf without a word."""
+    cfg, params = model
+    large = {**params, "final_norm": {"scale": np.full_like(np.asarray(params["final_norm"]["scale"]), 1e5)}}
+    save_model(tmp_path / "m", cfg, large)
+    with pytest.raises(ValueError, match=r"m: parameter final_norm.scale holds values beyond float16's range \(at most "
+                                         r"65504\) or not finite; load it as float32 or bfloat16$"):
+        load_model(tmp_path / "m", param_dtype="float16")
+    assert load_model(tmp_path / "m", param_dtype="bfloat16")[1]["final_norm"]["scale"].dtype == jnp.bfloat16
+    save_model(tmp_path / "usual", cfg, params)  # values within its range load as float16
+    assert load_model(tmp_path / "usual", param_dtype="float16")[1]["final_norm"]["scale"].dtype == jnp.float16
+
+
 def test_only_a_folder_spelled_as_a_step_differently_is_refused(tmp_path):
     """A folder 08 (a copy made by hand) would be read as step 8 at checkpoints/8; a file of that
     name, or a folder of other digits (²), is no step to Orbax and is left alone."""

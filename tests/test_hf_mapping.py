@@ -96,6 +96,21 @@ def test_misshaped_tensor_names_both_shapes(tied):
         from_hf_state_dict(state, hf_config)
 
 
+def test_weights_that_are_no_floats_or_beyond_the_dtype_are_named(tied):
+    """An integer or complex tensor was cast (a complex one lost its imaginary part with a warning),
+    and a value beyond float16's range became inf."""
+    hf_config, state = tied
+    norm = state["model.norm.weight"]
+    for dtype in (np.int32, np.complex64):
+        with pytest.raises(ValueError, match=rf"^model\.norm\.weight has dtype {np.dtype(dtype).name}; weights are one "
+                                             rf"of float32, float16, bfloat16, float64$"):
+            from_hf_state_dict({**state, "model.norm.weight": norm.astype(dtype)}, hf_config)
+    large = {**state, "model.norm.weight": np.full_like(norm, 7e4)}
+    with pytest.raises(ValueError, match=r"^tensor model\.norm\.weight holds 70000, beyond float16's range"):
+        from_hf_state_dict(large, hf_config, param_dtype="float16")
+    assert from_hf_state_dict(large, hf_config, param_dtype="bfloat16")[1]["final_norm"]["scale"].max() == 70144
+
+
 def test_derived_rotary_buffers_are_ignored(tied):
     hf_config, state = tied
     state = {**state, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}

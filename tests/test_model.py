@@ -284,6 +284,9 @@ def test_positions_segments_and_a_cache_that_do_not_fit_the_tokens_are_refused(g
                             (dict(segment_ids=np.ones(5, np.int32)), r"segment_ids must be an integer array of the "
                                                                     r"tokens' shape"),
                             (dict(segment_ids=np.ones((2, 5))), r"segment_ids .* got float64 of shape \(2, 5\)"),
+                            # ids past int32 wrapped: documents 1 and 2**32 + 1 attended to each other
+                            (dict(segment_ids=np.array([[1] * 5, [1, 1, 2**32 + 1, 2**32 + 1, 2**32 + 1]])),
+                             r"segment_ids must fit in int32, got values from 1 to 4294967297"),
                             (dict(cache=KVCache.create(cfg, batch=3, max_len=8)),
                              r"the KV cache holds a batch of 3 rows, the tokens 2; create it with batch=2"),
                             (dict(cache=KVCache.create(cfg.replace(scan_layers=not cfg.scan_layers), 2, 8)),
@@ -337,6 +340,10 @@ def test_apply_refuses_params_of_another_model():
         LLaMA(cfg.replace(tie_embeddings=True)).apply({"params": params}, tokens)
     with pytest.raises(ValueError, match=r"parameter \['layers_0'\].* is not part of this model"):
         LLaMA(cfg).apply({"params": {**params, "layers_0": {"x": jnp.zeros(1)}}}, tokens)
+    integers = jax.tree.map(lambda a: np.asarray(a, np.int32), params)  # (garbage logits, without a word)
+    with pytest.raises(ValueError, match=r"^parameter \['embed'\]\['embedding'\] has dtype int32; parameters are "
+                                         r"floating point \(float32, bfloat16, float16\)"):
+        LLaMA(cfg).apply({"params": integers}, tokens)
     with pytest.raises(ValueError, match=r"^LLaMA.apply takes Flax's variables: pass \{'params': params\}, not"):
         LLaMA(cfg).apply(params, tokens)  # (Flax: "should be a dictionary of collections")
     with pytest.raises(TypeError, match=r"rng must be an integer seed or a JAX random key \(jax.random.key\(0\)\)"):

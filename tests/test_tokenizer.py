@@ -4,6 +4,7 @@ bad files; and the training CLI."""
 
 import base64
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -197,6 +198,9 @@ def test_bad_files_raise_one_line_value_error(sp_model, tmp_path):
         with pytest.raises(ValueError) as err:
             load_tokenizer(tmp_path / name)
         assert str(tmp_path / name) in str(err.value) and "\n" not in str(err.value), name
+    os.mkfifo(tmp_path / "fifo.model")  # reading it waited for a writer forever
+    with pytest.raises(ValueError, match=r"fifo.model: not a regular file; give a tokenizer.model file$"):
+        load_tokenizer(tmp_path / "fifo.model")
 
 
 def test_directory_without_tokenizer_model_is_named(tmp_path):

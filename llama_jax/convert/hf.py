@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from llama_jax.config import LLaMAConfig, check_model_config
-from llama_jax.convert.source import numpy_dtype, same_values
+from llama_jax.convert.source import dtype_name, narrowed, numpy_dtype, same_values
 
 # Buffers some PyTorch checkpoints carry that are derived, not learned.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -179,11 +179,16 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, An
     """
     from llama_jax.model import params_in_layout
 
+    from llama_jax.convert.torch_io import WEIGHT_DTYPES
+
     cfg = LLaMAConfig.from_hf(hf_config, param_dtype=param_dtype, **config_overrides)
     check_names(cfg, set(state_dict))
     params = empty_params(cfg, numpy_dtype(param_dtype))
     for spec in tensor_specs(cfg):
-        put_tensor(params, spec, _as_numpy(state_dict[spec.hf_name]))
+        array = _as_numpy(state_dict[spec.hf_name])
+        if dtype_name(array.dtype) not in WEIGHT_DTYPES:  # (a cast made integers floats, dropped imaginary parts)
+            raise ValueError(f"{spec.hf_name} has dtype {array.dtype}; weights are one of {', '.join(WEIGHT_DTYPES)}")
+        put_tensor(params, spec, narrowed(spec.hf_name, array, numpy_dtype(param_dtype)))  # (beyond float16: inf)
     if cfg.tie_embeddings and "lm_head.weight" in state_dict:
         embed, head = (_as_numpy(state_dict[name]) for name in ("model.embed_tokens.weight", "lm_head.weight"))
         check_tied_head(cfg, embed, head)

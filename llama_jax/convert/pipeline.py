@@ -17,7 +17,7 @@ import numpy as np
 from llama_jax.config import DTYPES, LLaMAConfig, check_flag, is_int
 from llama_jax.convert import FORMATS, hf_dir, meta
 from llama_jax.convert.hf import empty_params, hf_tensor, put_tensor, tensor_specs
-from llama_jax.convert.source import ConversionError, Source, dtype_name, numpy_dtype
+from llama_jax.convert.source import ConversionError, Source, dtype_name, narrowed, numpy_dtype
 from llama_jax.model_dir import MODEL_DIR, TOKENIZER_FILES, check_tokenizer_files, copy_tokenizer_files, load_config
 from llama_jax.safe_io import OutputKind, atomic_directory, check_destination
 
@@ -68,29 +68,6 @@ def read_checkpoint(fmt: str, src: str | Path, rope_scaling_factor: float | None
     if fmt == "jax":
         return read_jax_dir(src)
     raise ConversionError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-
-
-WIDER = {"float16": "float32 or bfloat16", "bfloat16": "float32"}  # what holds a value beyond their range
-
-
-def narrowed(name: str, w: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """`w` as `dtype`; ConversionError when a finite value of it is beyond that dtype's range (float16's
-    is 65504: the cast made it inf). Checked through the source's maximum and minimum, cast (a cast
-    keeps the order), which allocates nothing the size of the tensor."""
-    with np.errstate(over="ignore"):  # (numpy's warning would be a second line of the same)
-        out = w.astype(dtype, copy=False)
-        if out is w or not out.size or np.isfinite(np.array([w.min(), w.max()], w.dtype).astype(dtype)).all():
-            return out
-        finite = w[np.isfinite(w)]  # (a NaN or inf in the source, or an overflow: only here is a copy made)
-        overflows = finite.size and not np.isfinite(finite.astype(dtype)).all()
-    if overflows:
-        import ml_dtypes
-
-        wider = WIDER.get(dtype_name(dtype))
-        raise ConversionError(f"tensor {name} holds {float(np.abs(finite).max()):.6g}, beyond {dtype_name(dtype)}'s "
-                              f"range (at most {float(ml_dtypes.finfo(dtype).max):.6g})"
-                              + (f"; convert to {wider} instead" if wider else ""))
-    return out
 
 
 @dataclasses.dataclass

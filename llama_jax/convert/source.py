@@ -44,6 +44,29 @@ def dtype_name(dtype) -> str:
     return "bfloat16" if np.dtype(dtype).name == "bfloat16" else np.dtype(dtype).name
 
 
+WIDER = {"float16": "float32 or bfloat16", "bfloat16": "float32"}  # what holds a value beyond their range
+
+
+def narrowed(name: str, w: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`w` as `dtype`; ConversionError when a finite value of it is beyond that dtype's range (float16's
+    is 65504: the cast made it inf). Checked through the source's maximum and minimum, cast (a cast
+    keeps the order), which allocates nothing the size of the tensor."""
+    with np.errstate(over="ignore"):  # (numpy's warning would be a second line of the same)
+        out = w.astype(dtype, copy=False)
+        if out is w or not out.size or np.isfinite(np.array([w.min(), w.max()], w.dtype).astype(dtype)).all():
+            return out
+        finite = w[np.isfinite(w)]  # (a NaN or inf in the source, or an overflow: only here is a copy made)
+        overflows = finite.size and not np.isfinite(finite.astype(dtype)).all()
+    if overflows:
+        import ml_dtypes
+
+        wider = WIDER.get(dtype_name(dtype))
+        raise ConversionError(f"tensor {name} holds {float(np.abs(finite).max()):.6g}, beyond {dtype_name(dtype)}'s "
+                              f"range (at most {float(ml_dtypes.finfo(dtype).max):.6g})"
+                              + (f"; convert to {wider} instead" if wider else ""))
+    return out
+
+
 def same_values(a: np.ndarray, b: np.ndarray, block_rows: int = 4096) -> bool:
     """Whether two arrays hold the same shape and values (NaNs in the same places), whatever their
     dtypes; compared `block_rows` rows at a time, so that only a block is widened to float32."""
