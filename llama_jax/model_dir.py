@@ -66,6 +66,10 @@ def check_tokenizer_file(file: str | os.PathLike, config: LLaMAConfig) -> None:
         raise ValueError(f"{file}: {e}") from None
 
 
+RECORDED_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
+                   "rope_scaling", "max_seq_len", "tie_embeddings", "param_dtype")  # in every release's model_config.json
+
+
 def load_config(path: str | os.PathLike) -> LLaMAConfig:
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
@@ -78,6 +82,10 @@ def load_config(path: str | os.PathLike) -> LLaMAConfig:
                     f"llama-jax convert --from {fmt} --to jax {path} DST writes a model directory of it")
         raise ValueError(f"{path} is not a llama_jax model directory: {CONFIG_FILE} not found{hint}")
     saved = read_json_object(config_file, "LLaMAConfig fields")
+    missing = [name for name in RECORDED_FIELDS if name not in saved]
+    if missing:  # (a default would stand in for it: a LLaMA-3 model read at rope_theta 10000, say)
+        raise ValueError(f"{config_file} does not record {', '.join(missing)}; every model directory's config records "
+                         f"all of {', '.join(RECORDED_FIELDS)} (none is taken from a default): write it back")
     try:
         return LLaMAConfig.from_dict(saved)
     except (TypeError, ValueError) as e:

@@ -157,6 +157,19 @@ def test_an_overwrite_whose_previous_output_cannot_be_removed_is_done(tmp_path, 
                                        f"removed (Permission denied); it is kept at {kept}: remove it by hand\n")
 
 
+def test_a_model_config_missing_a_field_is_refused_not_defaulted(tmp_path, model):
+    """A model_config.json without rope_theta loaded at the default 10000 (a LLaMA-3 model's is
+    500000): every field a model directory has always recorded is required."""
+    cfg, params = model
+    save_model(tmp_path / "m", cfg.replace(rope_theta=500000.0), params)
+    fields = json.loads((tmp_path / "m" / "model_config.json").read_text())
+    del fields["rope_theta"]
+    (tmp_path / "m" / "model_config.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=r"m/model_config.json does not record rope_theta; every model directory's "
+                                         r"config records all of vocab_size, .* \(none is taken from a default\)"):
+        load_model(tmp_path / "m")
+
+
 def test_loading_as_float16_refuses_values_beyond_its_range(tmp_path, model):
     """load_model(param_dtype="float16") cast a weight of 1e5 to inf without a word."""
     cfg, params = model
