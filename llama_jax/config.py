@@ -173,7 +173,7 @@ class LLaMAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LLaMAConfig":
-        if isinstance(d, (str, bytes)):  # (its characters were named as unknown fields)
+        if not isinstance(d, Mapping):  # (a string's characters were named as unknown fields)
             raise TypeError(f"LLaMAConfig.from_dict takes a dict of fields, got {type(d).__name__}; for a JSON text, "
                             f"from_dict(json.loads(text))")
         _check_field_names(d)

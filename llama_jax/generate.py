@@ -200,7 +200,7 @@ def _checked_prompts(prompts, vocab_size: int) -> list[list[int]]:
         raise ValueError(f"prompts must be a non-empty list of token-id lists (e.g. [[1, 415, 2936]]), got {prompts!r}")
     checked = []
     for i, prompt in enumerate(prompts):
-        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+        if isinstance(prompt, (str, bytes, Mapping)) or not hasattr(prompt, "__len__"):
             raise ValueError(f"prompt {i} is {prompt!r}, not a list of token ids; prompts is a list of them, one per "
                              f"row (e.g. [[1, 415, 2936]])")
         if len(prompt) == 0:

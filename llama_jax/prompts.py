@@ -27,7 +27,7 @@ from pathlib import Path
 
 from llama_jax.config import LLaMAConfig, check_flag, check_model_config, is_int
 from llama_jax.data import parse_json_line
-from llama_jax.tokenizer import (SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, check_tokenizer,
+from llama_jax.tokenizer import (SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, check_fits, check_tokenizer,
                                  unicode_problem)
 
 STREAM_CHUNK = 16
@@ -197,6 +197,7 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
 
     check_model_config(config)
     check_tokenizer(tokenizer)
+    check_fits(tokenizer, config.vocab_size)  # (else a prompt's id past the model's was the error)
     check_flag(chat, "chat")
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function called with each new piece of text, or None; got {stream!r}")

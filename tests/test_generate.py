@@ -279,6 +279,8 @@ def test_generate_text(sp_tokenizer):
      r"^prompts must be strings \(for token ids, use llama_jax.generate.generate\), got 1$"),
     (lambda c, p, t: generate_text(c, p, t, "hi", stop=None), ValueError,
      r"^stop must be a list of strings, got None$"),
+    (lambda c, p, t: generate_text(c.replace(vocab_size=100), p, t, "hi"), ValueError,  # named an id of a prompt
+     r"^the tokenizer has \d+ tokens but the model's vocab_size is 100; use the model's tokenizer"),
     (lambda c, p, t: complete(c, p, t, ["hi"], 2, end_tokens=2), ValueError,
      r"^end_tokens must be a list of token ids in \[0, \d+\), got 2$"),
     (lambda c, p, t: complete(c, p, t, ["hi"], 2, end_tokens=[10**6]), ValueError,  # was never matched
@@ -394,6 +396,7 @@ def test_numpy_and_jax_scalars_are_accepted(gqa):
     (dict(prompts=[[5, 300]]), r"prompt 0 has token id 300; valid: integers in \[0, 256\)"),
     (dict(prompts=[[5, 6.9]]), r"prompt 0 has token id 6.9; valid: integers"),  # not truncated to 6
     (dict(prompts=[5, 6]), r"prompt 0 is 5, not a list of token ids; prompts is a list of them, one per row"),
+    (dict(prompts=[{5: 6}]), r"prompt 0 is \{5: 6\}, not a list of token ids"),  # its keys were the prompt
     (dict(prompts=np.arange(3)), r"prompts: an array must be \[batch, length\] token ids, got shape \(3,\)"),
     (dict(on_tokens=lambda rows: [False], chunk=0), r"chunk must be a positive integer .* got 0"),
     (dict(max_new_tokens=0), "max_new_tokens"),

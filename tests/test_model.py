@@ -368,6 +368,7 @@ def test_apply_refuses_params_of_another_model():
     (lambda c: KVCache.create(c, 1, 16, jnp.int8), ValueError, r"^dtype must be a floating-point dtype"),
     (lambda c: LLaMAConfig.from_dict(c.to_json()), TypeError,  # was its characters as unknown fields
      r"^LLaMAConfig.from_dict takes a dict of fields, got str; for a JSON text, from_dict\(json.loads\(text\)\)$"),
+    (lambda c: LLaMAConfig.from_dict(None), TypeError, r"^LLaMAConfig.from_dict takes a dict of fields, got NoneType"),
     (lambda c: LLaMAConfig.from_preset(["debug"]), ValueError, r"^preset: unknown value \['debug'\]; valid: "),
     (lambda c: to_hf_state_dict(c.to_dict(), init_params(c, 0)), TypeError, r"^cfg must be an LLaMAConfig"),
 ])
