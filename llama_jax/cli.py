@@ -368,10 +368,29 @@ def _init_distributed(args) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
         _join_processes(args.join_timeout, coordinator_address=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id)
+        _check_process_counts_agree(args.num_processes)
     elif os.environ.get("LLAMA_JAX_SINGLE_PROCESS"):
         return
     elif on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and _slurm_tasks() > 1:
         _join_processes(args.join_timeout)  # JAX reads the topology from the TPU metadata server or SLURM
+
+
+def _check_process_counts_agree(num_processes: int) -> None:
+    """UserError, in every process that joined, unless all were given this --num-processes: process
+    0's count is the run's, and one told another count joined it without a word."""
+    import jax
+
+    # through the coordination service's key-value store (processes of unlike device counts cannot gather
+    # arrays: that is found later); every process reads every count before any of them can stop
+    client = jax._src.distributed.global_state.client
+    client.key_value_set(f"llama_jax_num_processes/{jax.process_index()}", str(num_processes))
+    counts = [int(client.blocking_key_value_get(f"llama_jax_num_processes/{p}", 300_000))
+              for p in range(jax.process_count())]
+    client.wait_at_barrier("llama_jax_num_processes_read", timeout_in_ms=300_000)
+    if len(set(counts)) > 1:
+        given = ", ".join(f"process {p}: {n}" for p, n in enumerate(counts))
+        raise UserError(f"the {jax.process_count()} processes that joined were given different --num-processes "
+                        f"({given}); give every process the same count")
 
 
 def _check_coordinator_port(coordinator: str) -> None:
@@ -465,7 +484,8 @@ def _join_processes(timeout_s: int, **settings) -> None:
             if settings:
                 raise UserError(f"the {settings['num_processes']} processes of the run did not all join at "
                                 f"{settings['coordinator_address']} within {timeout_s} s (--join-timeout); start "
-                                f"every process with the same command, each with its own --process-id")
+                                f"every process with the same command and --num-processes, each with its own "
+                                f"--process-id")
             raise UserError(f"the processes of this multi-host job did not all join within {timeout_s} s "
                             f"(--join-timeout); every host (TPU worker or SLURM task) runs the same command")
     if failure:
@@ -1480,6 +1500,26 @@ def _exit_without_teardown(status: int) -> None:
     os._exit(status)
 
 
+def _backend_unavailable(error: BaseException) -> str | None:
+    """The line for a JAX platform that cannot start here (JAX_PLATFORMS naming an unknown backend, or
+    one whose plugin is not installed: JAX raises a RuntimeError, or fails an assertion with no
+    backend at all); None for any other error."""
+    import traceback
+
+    text = str(error).split(" (set JAX_PLATFORMS", 1)[0].rstrip(".")
+    frames = traceback.extract_tb(error.__traceback__)
+    if isinstance(error, RuntimeError) and text.startswith("Unable to initialize backend"):
+        reason = text
+    elif isinstance(error, AssertionError) and frames and frames[-1].filename.endswith("xla_bridge.py"):
+        reason = "no JAX backend could start"
+    else:
+        return None
+    platforms = os.environ.get("JAX_PLATFORMS")
+    if not platforms:
+        return f"{reason}; check the JAX installation (pip install -U jax, or the accelerator's jax package)"
+    return f"JAX_PLATFORMS={platforms!r}: {reason}; name the backends this machine has (e.g. cpu), or unset it"
+
+
 def _run(argv: list[str] | None) -> int:
     try:
         rest, overrides = _split_config_overrides(sys.argv[1:] if argv is None else argv)
@@ -1495,8 +1535,14 @@ def _run(argv: list[str] | None) -> int:
 
             backend_tuning.enabled()  # a value of LLAMA_JAX_TUNING it does not know: refused
             status = args.func(args)  # None, or the exit status of a step that reported its own failure
-    except (UserError, ValueError, OSError, RuntimeError) as e:  # OSError: paths that cannot be read or written
+    except (UserError, ValueError, OSError, RuntimeError, AssertionError) as e:  # OSError: paths not read or written
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data inspect"
+        unavailable = _backend_unavailable(e)
+        if unavailable:
+            print(f"llama-jax {command}: error: {unavailable}", file=sys.stderr)
+            return 2
+        if isinstance(e, AssertionError):  # a bug: its traceback is wanted
+            raise
         if isinstance(e, BrokenPipeError) and _stdout_reader_gone():  # piped into `| head`
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
             if args.command in PRINTING_COMMANDS:  # what it prints is all it makes: not an error

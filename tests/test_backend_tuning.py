@@ -99,3 +99,21 @@ def test_the_switch_takes_0_or_1_and_refuses_the_rest(value, applies, monkeypatc
     assert capsys.readouterr().err == (f"llama-jax presets: error: LLAMA_JAX_TUNING={value!r}: valid: 0 (XLA's and "
                                        f"the C library's defaults) or 1 (the default: the settings of "
                                        f"llama_jax/backend_tuning.py)\n")
+
+
+@pytest.mark.parametrize("platforms, reason", [
+    ("bogus", r"Unable to initialize backend 'bogus': Backend 'bogus' is not in the list of known backends: .*"),
+    ("cuda", r"no JAX backend could start"),  # no CUDA plugin here: JAX failed an assertion
+])
+def test_a_jax_platform_that_cannot_start_is_one_line(platforms, reason):
+    """JAX_PLATFORMS naming a backend this machine lacks was a traceback out of the first JAX call."""
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    run = subprocess.run([sys.executable, "-m", "llama_jax.cli", "plan", "--config", config],
+                         env={**env, "JAX_PLATFORMS": platforms, "LLAMA_JAX_TUNING": "0"}, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert re.fullmatch(rf"llama-jax plan: error: JAX_PLATFORMS='{platforms}': {reason}; name the backends this "
+                        rf"machine has \(e.g. cpu\), or unset it\n", run.stderr), run.stderr

@@ -329,30 +329,34 @@ def test_two_processes_match_one(tmp_path, devices_per_process, mesh):
     np.testing.assert_allclose(multi, single, rtol=1e-5)
 
 
-@pytest.mark.parametrize("differing", ["config", "--workdir", "devices"])
+@pytest.mark.parametrize("differing", ["config", "--workdir", "devices", "--num-processes"])
 def test_processes_started_differently_are_refused_by_each(tmp_path, differing):
     """Two processes of one run given different settings would each train its shards its own way
     (and different workdirs hang at the first checkpoint), and processes holding different numbers
-    of devices cannot form a mesh: both refuse, before writing anything."""
+    of devices cannot form a mesh: both refuse, before writing anything. (A process told of more
+    processes than process 0 was joined it as one of process 0's count.)"""
     port = _free_port()
     cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--config.train.steps=2",
-           "--config.optimizer.warmup_steps=1",
-           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+           "--config.optimizer.warmup_steps=1", "--coordinator", f"127.0.0.1:{port}"]
     second = ["--config.optimizer.lr=0.001"] if differing == "config" else []
+    counts = ["2", "3" if differing == "--num-processes" else "2"]
     workdirs = [tmp_path / "run", tmp_path / ("run" if differing == "config" else "other")]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     devices = [2, 1] if differing == "devices" else [1, 1]
-    procs = [subprocess.Popen([*cmd, "--workdir", str(workdirs[i]), "--process-id", str(i), *(second if i else [])],
+    procs = [subprocess.Popen([*cmd, "--workdir", str(workdirs[i]), "--num-processes", counts[i], "--process-id", str(i),
+                               *(second if i else [])],
                               env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices[i]}"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 2, err[-3000:]
-        expected = ("the 2 processes hold different numbers of devices (process 0: 2, process 1: 1); every process "
-                    "must hold as many" if differing == "devices" else
-                    f"the 2 processes were started with different {differing} (process 1's differs from process 0's); "
-                    f"start every process with the same command and config, only --process-id differing")
+        expected = {"devices": "the 2 processes hold different numbers of devices (process 0: 2, process 1: 1); every "
+                               "process must hold as many",
+                    "--num-processes": "the 2 processes that joined were given different --num-processes (process 0: "
+                                       "2, process 1: 3); give every process the same count"}.get(
+            differing, f"the 2 processes were started with different {differing} (process 1's differs from process "
+                       f"0's); start every process with the same command and config, only --process-id differing")
         assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"llama-jax train: error: {expected}")
     assert not any(w.exists() for w in workdirs)
 
