@@ -9,20 +9,27 @@
 #   3. RUN_DIR -> RUN_DIR/hf     llama-jax export (latest checkpoint), then convert --to hf --verify
 #
 # Rerunning the same command after a preemption skips the conversion if RUN_DIR/init exists and
-# resumes training from the latest checkpoint. Extra arguments go to `llama-jax train`. LLAMA_JAX
-# names the llama-jax command to run (default: llama-jax on PATH).
+# resumes training from the latest checkpoint. The --config.* arguments go to `llama-jax train`.
+# LLAMA_JAX names the llama-jax command to run (default: llama-jax on PATH, else this checkout's .venv).
 set -euo pipefail
+source "$(dirname "$0")/command.sh"
 
 if [ $# -lt 3 ]; then
     sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    echo "$(basename "$0"): error: expected HF_DIR DATA RUN_DIR [--config.key=value ...], got $# argument(s)" >&2
     exit 2
 fi
 hf_dir=$1 data=$2 run=$3
 shift 3
+for arg in "$@"; do
+    if [[ $arg != --config.* ]]; then  # (--workdir elsewhere, say, trained a run the export then missed)
+        echo "$(basename "$0"): error: $arg: after HF_DIR DATA RUN_DIR come only --config.key=value overrides" >&2
+        exit 2
+    fi
+done
 data=${data//\\/\\\\}  # the pattern inside a quoted Python string: backslashes and quotes escaped
 data=${data//\'/\\\'}
 here=$(cd "$(dirname "$0")/.." && pwd)
-llama_jax=${LLAMA_JAX:-llama-jax}
 
 if [ ! -d "$run/init" ]; then
     "$llama_jax" convert --from hf --to jax --verify "$hf_dir" "$run/init"

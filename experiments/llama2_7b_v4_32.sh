@@ -13,6 +13,7 @@
 # --dry-run (print the gcloud commands), --spot, --project P, --max-restarts N, --zone Z.
 # Environment: NAME, ZONE, WORKDIR override the defaults below; LLAMA_JAX the llama-jax command.
 set -euo pipefail
+source "$(dirname "$0")/command.sh"
 
 NAME=${NAME:-llama2-7b-v4-32}
 ZONE=${ZONE:-us-central2-b}
@@ -26,6 +27,6 @@ for arg in "$@"; do
     esac
 done
 
-exec "${LLAMA_JAX:-llama-jax}" launch tpu --name "$NAME" --zone "$ZONE" --accelerator v4-32 \
+exec "$llama_jax" launch tpu --name "$NAME" --zone "$ZONE" --accelerator v4-32 \
     ${launch_args[@]+"${launch_args[@]}"} \
     -- train --config configs/llama2_7b_v4_32.py --workdir "$WORKDIR" ${train_args[@]+"${train_args[@]}"}

@@ -14,6 +14,7 @@
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch tpu` (--dry-run
 # prints the gcloud commands). Environment: NAME, ZONE, WORKDIR, LLAMA_JAX.
 set -euo pipefail
+source "$(dirname "$0")/command.sh"
 
 NAME=${NAME:-llama3-8b-v5p}
 ZONE=${ZONE:-us-east5-a}
@@ -27,6 +28,6 @@ for arg in "$@"; do
     esac
 done
 
-exec "${LLAMA_JAX:-llama-jax}" launch tpu --name "$NAME" --zone "$ZONE" --accelerator v5p-64 \
+exec "$llama_jax" launch tpu --name "$NAME" --zone "$ZONE" --accelerator v5p-64 \
     ${launch_args[@]+"${launch_args[@]}"} \
     -- train --config configs/llama3_8b_v5p.py --workdir "$WORKDIR" ${train_args[@]+"${train_args[@]}"}

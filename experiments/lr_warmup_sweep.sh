@@ -3,12 +3,14 @@
 # axes with get_sweep()), two trials at a time, then its results table and plots.
 #
 #   experiments/lr_warmup_sweep.sh [WORKDIR] [sweep flags, e.g. --dry-run or --parallel 1]
+#   experiments/lr_warmup_sweep.sh [WORKDIR] --report    (the results of the trials run so far)
 #
 # WORKDIR defaults to runs/lr-warmup-sweep; a first argument starting with - is a sweep flag.
 #
 # Rerunning the same command skips finished trials and resumes interrupted ones. LLAMA_JAX names
-# the llama-jax command to run (default: llama-jax on PATH).
+# the llama-jax command to run (default: llama-jax on PATH, else this checkout's .venv).
 set -euo pipefail
+source "$(dirname "$0")/command.sh"
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 workdir=runs/lr-warmup-sweep
@@ -16,6 +18,8 @@ if [[ $# -gt 0 && $1 != -* ]]; then
     workdir=$1
     shift
 fi
-llama_jax=${LLAMA_JAX:-llama-jax}
-
-"$llama_jax" sweep --config "$here/configs/lr_warmup_sweep.py" --workdir "$workdir" --parallel 2 "$@"
+if [[ " $* " == *" --report "* ]]; then  # the results of what has run so far: the sweep's own flags only
+    exec "$llama_jax" sweep --workdir "$workdir" "$@"
+fi
+# exec: a signal to this script (Ctrl-C, a job's SIGTERM) reaches the sweep, which stops its trials
+exec "$llama_jax" sweep --config "$here/configs/lr_warmup_sweep.py" --workdir "$workdir" --parallel 2 "$@"

@@ -11,11 +11,16 @@
 #
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch slurm`, e.g.
 # --dry-run (write and print the sbatch script), --partition P, --account A, --time-min M.
-# Environment: WORKDIR (default runs/tinyllama), LLAMA_JAX.
+# Environment: WORKDIR (default: runs/tinyllama in this checkout; a relative one is read from
+# where the script starts), LLAMA_JAX.
 set -euo pipefail
+source "$(dirname "$0")/command.sh"
+if [[ -n ${WORKDIR:-} && $WORKDIR != /* ]]; then
+    WORKDIR=$PWD/$WORKDIR  # a WORKDIR given relative: to the directory the script was started in
+fi
 cd "$(dirname "$0")/.."  # the job runs where it was submitted: configs/ and relative paths resolve here
 
-WORKDIR=${WORKDIR:-runs/tinyllama}
+WORKDIR=${WORKDIR:-runs/tinyllama}  # (the default: in this checkout)
 
 launch_args=() train_args=()
 for arg in "$@"; do
@@ -25,6 +30,6 @@ for arg in "$@"; do
     esac
 done
 
-exec "${LLAMA_JAX:-llama-jax}" launch slurm --nodes 2 --gpus-per-node 8 --time-min 1440 \
+exec "$llama_jax" launch slurm --nodes 2 --gpus-per-node 8 --time-min 1440 \
     ${launch_args[@]+"${launch_args[@]}"} \
     -- train --config configs/tinyllama_1b_8gpu.py --workdir "$WORKDIR" ${train_args[@]+"${train_args[@]}"}

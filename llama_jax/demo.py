@@ -12,6 +12,7 @@ drifting away from it as it does on a corpus the model can memorise.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from llama_jax.experiment import base_config
@@ -137,12 +138,12 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
     tokenizer = result.data.tokenizer
     prompt = len(tokenizer.encode(PROMPT, bos=True, eos=False)) if tokenizer is not None else 1
     new_tokens = max(1, min(64, config.model.max_seq_len - prompt))
-    command = f"llama-jax generate {model_dir} --prompt {PROMPT!r} --temperature 0"
+    command = f"llama-jax generate {shlex.quote(str(model_dir))} --prompt {PROMPT!r} --temperature 0"
     print(f"greedy continuation, `{command}{'' if new_tokens == 64 else f' --max-new-tokens {new_tokens}'}`:")
     status = cli(["generate", str(model_dir), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens",
                   str(new_tokens), "--no-stream"])
     print(f"\nworkdir:     {workdir}")
     print(f"checkpoints: {workdir / 'checkpoints'}")
-    print(f"metrics:     {workdir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {workdir})")
+    print(f"metrics:     {workdir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {shlex.quote(str(workdir))})")
     print(f"loss plot:   {workdir / LOSS_PLOT}")
     return status

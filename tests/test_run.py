@@ -896,6 +896,11 @@ def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenize
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     assert committed_steps(run_dir / "checkpoints") == [2, 4]
+    extra = subprocess.run([str(ROOT / "experiments" / "finetune_hf.sh"), str(hf_in), str(data / "*.jsonl"),
+                            str(run_dir), "--workdir", str(tmp_path / "other")], env=env, capture_output=True,
+                           text=True, timeout=60)  # (it trained a run elsewhere, which the export then missed)
+    assert extra.returncode == 2 and extra.stderr == ("finetune_hf.sh: error: --workdir: after HF_DIR DATA RUN_DIR "
+                                                      "come only --config.key=value overrides\n"), extra.stderr
 
     tokens = np.array([[1, 17, 300, 42, 7, 99, 250, 3]])
     with torch.no_grad():

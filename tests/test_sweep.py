@@ -1063,6 +1063,16 @@ def test_the_lr_warmup_sweep_script_takes_flags_with_or_without_a_workdir(tmp_pa
         assert out.returncode == 0, out.stderr
         assert f"--workdir {workdir}/lr=0.01,warmup_steps=50 " in out.stdout
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+    # --report: the sweep's own (it was refused for the --config and --parallel the script adds)
+    report = subprocess.run(["bash", script, str(tmp_path / "w"), "--report"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 2 and report.stderr.strip() == (
+        f"llama-jax sweep: error: {tmp_path / 'w'} holds no sweep (sweep.json not found); give the --workdir of a "
+        f"sweep"), report.stderr
+    missing = subprocess.run(["bash", script, "--dry-run"], cwd=tmp_path, env={**env, "LLAMA_JAX": "/nonexistent"},
+                             capture_output=True, text=True, timeout=300)  # (bash's "No such file or directory")
+    assert missing.returncode == 2 and missing.stderr == ("lr_warmup_sweep.sh: error: LLAMA_JAX=/nonexistent is not a "
+                                                          "command; give the path of llama-jax, or unset it\n")
 
 
 def test_a_finished_trial_whose_log_lost_its_last_step_is_not_ranked_by_an_earlier_one(tmp_path):

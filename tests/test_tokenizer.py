@@ -271,6 +271,10 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
     assert f"{VOCAB} pieces from {1 + len(CORPUS) - 30} documents" in run.stdout
     assert load_tokenizer(out).vocab_size == VOCAB
     assert out.read_bytes() == sp_model.read_bytes()  # same lines as the library call, same model
+    small = _cli("--input", str(tmp_path / "a.txt"), "--vocab-size", "60000", "--output", str(tmp_path / "small.model"))
+    pieces = load_tokenizer(tmp_path / "small.model").vocab_size  # what the corpus supports: said, not silent
+    assert small.returncode == 0 and pieces < 60000, small.stderr
+    assert f"{pieces} pieces (fewer than --vocab-size 60000: the corpus supports no more) from " in small.stdout
 
     text = str(tmp_path / "a.txt")
     model = tmp_path / "model"  # what marks a model directory (its params/ is Orbax's)

@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"train_tokenizer: error: {_error_text(e, args)}", file=sys.stderr)  # (a full disk names --output)
         return 2
-    print(f"wrote {output}: {vocab_size} pieces from {corpus.documents} documents "
+    fewer = f" (fewer than --vocab-size {args.vocab_size}: the corpus supports no more)" \
+        if vocab_size < args.vocab_size else ""
+    print(f"wrote {output}: {vocab_size} pieces{fewer} from {corpus.documents} documents "
           f"({corpus.chars / 1e6:.1f}M characters) in {time.time() - start:.1f}s")
     return 0
 

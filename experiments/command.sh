@@ -1,0 +1,22 @@
+# Sourced by the experiment scripts: sets $llama_jax, the llama-jax command they run. LLAMA_JAX
+# names it; else llama-jax on PATH; else this checkout's .venv/bin/llama-jax (what `make install`
+# makes); else one line saying what to do, exit 2.
+llama_jax_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -n ${LLAMA_JAX:-} ]]; then
+    if ! command -v "$LLAMA_JAX" > /dev/null; then
+        echo "$(basename "$0"): error: LLAMA_JAX=$LLAMA_JAX is not a command; give the path of llama-jax, or unset it" >&2
+        exit 2
+    fi
+    llama_jax=$LLAMA_JAX
+elif command -v llama-jax > /dev/null; then
+    llama_jax=llama-jax
+elif [[ -x $llama_jax_root/.venv/bin/llama-jax ]]; then
+    llama_jax=$llama_jax_root/.venv/bin/llama-jax
+else
+    echo "$(basename "$0"): error: no llama-jax command: run make install (or pip install -e .) and activate" \
+         "that environment, or set LLAMA_JAX to the command" >&2
+    exit 2
+fi
+case $llama_jax in
+    */*) llama_jax=$(cd "$(dirname "$llama_jax")" && pwd)/$(basename "$llama_jax") ;;  # (scripts may cd)
+esac
