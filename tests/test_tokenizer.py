@@ -287,6 +287,8 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
          "surrogate.jsonl:2: field 'text' is not valid Unicode (a lone surrogate \\ud800 at character 7)"),
         (["--input", str(tmp_path / "latin1.dat")], "latin1.dat:2: not UTF-8 text (byte 0xe9 at offset 3"),
         (["--input", str(tmp_path / "nothing.txt")], "nothing.txt: no such file"),
+        (["--input", ""], "--input is empty; give a file or a glob pattern, e.g. 'corpus/*.txt'"),  # (": is a dir")
+        (["--input", text, "--output", " "], "--output is empty; give the path of the file to write"),
         (["--input", str(tmp_path)], f"{tmp_path}: is a directory; give the files in it, e.g. {tmp_path}/*.txt"),
         (["--input", str(tmp_path / "b.jsonl")],
          "b.jsonl:1: no string field 'text'; set --jsonl-key to the field holding the text"),

@@ -28,6 +28,8 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
     """The files named by `patterns`, in order, each once; ValueError when one names nothing."""
     files: list[str] = []
     for pattern in patterns:
+        if not pattern.strip():
+            raise ValueError("--input is empty; give a file or a glob pattern, e.g. 'corpus/*.txt'")
         is_glob = glob.has_magic(pattern)
         names = sorted(glob.glob(pattern, recursive=True)) if is_glob else [pattern]
         matches = [m for m in names if Path(m).is_file()]
@@ -81,6 +83,8 @@ def check_arguments(args, inputs: list[Path]) -> None:
     if args.jsonl_key is not None and not any(path.suffix == ".jsonl" for path in inputs):
         raise ValueError(f"--jsonl-key {args.jsonl_key} names a field of .jsonl files, and no --input is one; "
                          f"leave it out, or give the .jsonl files")
+    if not args.output.strip():
+        raise ValueError("--output is empty; give the path of the file to write, e.g. tokenizer.model")
     output = Path(args.output)
     if output.is_dir():
         raise ValueError(f"--output {output} is a directory; give the path of the file to write, "
