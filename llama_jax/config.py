@@ -173,7 +173,8 @@ class LLaMAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LLaMAConfig":
-        if not isinstance(d, Mapping):  # (a string's characters were named as unknown fields)
+        if isinstance(d, (str, bytes)) or not hasattr(d, "keys"):  # (a string's characters were named as unknown
+            # fields; a mapping or an ml_collections ConfigDict is taken)
             raise TypeError(f"LLaMAConfig.from_dict takes a dict of fields, got {type(d).__name__}; for a JSON text, "
                             f"from_dict(json.loads(text))")
         _check_field_names(d)

@@ -412,7 +412,8 @@ def test_a_run_that_cannot_form_is_refused_in_one_line(tmp_path):
                                 "--join-timeout", "3"], env=env, capture_output=True, text=True, timeout=120)
         assert alone.returncode == 2 and alone.stderr.strip() == (
             f"llama-jax train: error: the 2 processes of the run did not all join at 127.0.0.1:{port} within 3 s "
-            f"(--join-timeout); start every process with the same command, each with its own --process-id"), \
+            f"(--join-timeout); start every process with the same command and --num-processes, each with its own "
+            f"--process-id"), \
             alone.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
