@@ -72,7 +72,7 @@ class RopeScaling:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RopeScaling":
-        if not isinstance(d, Mapping):
+        if isinstance(d, (str, bytes)) or not hasattr(d, "keys"):  # (a mapping or a ConfigDict)
             raise ValueError(f"rope_scaling must be a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, "
                              f"got {d!r}")
         d = dict(d)
