@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from llama_jax.safe_io import RESULTS_FILE_MAX
+from llama_jax.safe_io import read_results
 
 EVAL_FILE = "eval.json"  # a model directory's own score
 _TAG = "[0-9a-f]" * 8
@@ -40,11 +40,7 @@ def run_eval_file_name(record: dict, own_data: bool, run_seq_len: int | None) ->
 def model_eval_file(model: Path, record: dict) -> Path:
     """A model directory's default result file for `record`: MODEL/eval.json, unless that holds a
     score of other data settings or windows, which is kept (then MODEL/eval-TAG.json)."""
-    try:  # (not a regular file, or too large for a result: check_results_file refuses it)
-        file = model / EVAL_FILE
-        held = json.loads(file.read_text()) if file.is_file() and file.stat().st_size <= RESULTS_FILE_MAX else None
-    except (OSError, ValueError):  # none (or one check_results_file refuses)
-        return model / EVAL_FILE
+    held = read_results(model / EVAL_FILE)  # (None: none, or one check_results_file refuses)
     mine = json.loads(json.dumps({"data": record["data"], "seq_len": record["seq_len"]}, default=str))
     if not isinstance(held, dict) or {"data": held.get("data"), "seq_len": held.get("seq_len")} == mine:
         return model / EVAL_FILE

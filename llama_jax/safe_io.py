@@ -465,6 +465,15 @@ def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 RESULTS_FILE_MAX = 64 * 2**20  # bytes: a larger file is no results file of a command here (they are kilobytes)
 
 
+def read_results(path: Path):
+    """What the results file `path` holds, read as JSON; None when it is no regular file (a FIFO or
+    a device could block or never end), larger than RESULTS_FILE_MAX, unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() and path.stat().st_size <= RESULTS_FILE_MAX else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def check_results_file(path: str | os.PathLike, option: str, command: str, keys: Iterable[str]) -> Path:
     """`path` if a command's JSON results may be written there: not a directory, not under a file,
     on a writable file system, and either new or a JSON object holding all of `keys` (a results
@@ -479,10 +488,7 @@ def check_results_file(path: str | os.PathLike, option: str, command: str, keys:
     check_outside_runs_and_models(path, option)
     check_writable(path, option)
     if path.exists() or path.is_symlink():
-        try:
-            held = json.loads(path.read_text()) if path.stat().st_size <= RESULTS_FILE_MAX else None
-        except (OSError, UnicodeDecodeError, ValueError):
-            held = None
+        held = read_results(path)
         if not isinstance(held, dict) or not set(keys) <= held.keys():
             raise ValueError(f"{option} {path} exists and is not a results file of `{command}`; choose another "
                              f"{option} (only an earlier result is replaced)")
