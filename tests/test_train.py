@@ -14,12 +14,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax.cli import main
 from llama_jax.experiment import load_config
 from llama_jax.model import stack_layers
 from llama_jax.run import build_data
+from llama_jax.sharding import batch_sharding
 from llama_jax.train import build_trainer, global_batch
 
 ROOT = Path(__file__).parents[1]
@@ -107,6 +108,30 @@ def test_cpu_tuning_is_applied_and_changes_only_rounding(single_device_run, monk
             plain.jit_apply_gradients, state, loss, aux, grads)
     np.testing.assert_allclose(tuned_losses, losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), tuned_params, params)
+
+
+def test_data_by_fsdp_mesh_never_moves_a_whole_batch_activation():
+    """On a data 2 x fsdp 4 mesh XLA's partitioner logs "Involuntary full rematerialization" for an
+    activation while it weighs strategies for a weight gradient's product. The program it compiles
+    moves weights (all-gathers), partial weight gradients (reductions) and the embedding's rows
+    between devices, and never an activation of the whole global batch, which replicating one
+    would take."""
+    # rows and length that no parameter's dimensions repeat
+    config = tiny_config("mesh.data=2", "mesh.fsdp=4", "train.batch_size=24", "train.seq_len=48")
+    trainer = build_trainer(config)
+    state = trainer.init_state(0)
+    batch = global_batch(trainer.mesh, local_batch(config, 0, trainer.model_config))
+    with trainer.context():
+        hlo = trainer.jit_gradients.lower(state.params, batch).compile().as_text()
+    collective = re.compile(r"= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
+    moved = [m.group(1) for m in map(collective.search, hlo.splitlines()) if m]
+    whole_batch = re.compile(rf"\[{config.train.batch_size},{config.train.seq_len}[,\]]")
+    assert len(moved) > 7 and [shape for shape in moved if whole_batch.search(shape)] == []
+    # the same check finds such an activation where one is moved
+    replicate = jax.jit(lambda x: x * 2, in_shardings=batch_sharding(trainer.mesh),
+                        out_shardings=NamedSharding(trainer.mesh, P()))
+    hlo = replicate.lower(batch["tokens"]).compile().as_text()
+    assert any(whole_batch.search(m.group(1)) for m in map(collective.search, hlo.splitlines()) if m)
 
 
 def test_nonfinite_step_leaves_the_state_unchanged():
