@@ -192,7 +192,7 @@ def read_documents(paths: Sequence[str] | str, text_key: str = "text",
 def _read_txt(path: str) -> str:
     """A .txt file's text, without a leading byte-order mark, with universal newlines (as
     `Path.read_text`); not UTF-8 is one line naming the byte."""
-    text = utf8_text(Path(path).read_bytes(), path).removeprefix(BOM)
+    text = utf8_text(Path(path).read_bytes(), path)
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -202,8 +202,7 @@ def jsonl_texts(path: str | os.PathLike, text_key: str, key_option: str = "data.
     byte-order mark is dropped."""
     with open(path, "rb") as f:  # bytes, so that a decoding error is placed on its line
         for number, raw in enumerate(f, start=1):
-            line = utf8_text(raw, f"{path}:{number}")
-            line = line.removeprefix(BOM) if number == 1 else line
+            line = utf8_text(raw, f"{path}:{number}", start=number == 1)
             if line.strip():
                 yield _jsonl_text(line, text_key, f"{path}:{number}", key_option)
 
@@ -211,17 +210,16 @@ def jsonl_texts(path: str | os.PathLike, text_key: str, key_option: str = "data.
 BOM = "\ufeff"  # the byte-order mark some editors write at the start of a UTF-8 file
 
 
-def utf8_text(data: bytes, where: str) -> str:
-    """`data` decoded as UTF-8; not UTF-8 is one line naming `where`."""
+def utf8_text(data: bytes, where: str, start: bool = True) -> str:
+    """`data` decoded as UTF-8, without the byte-order mark that may begin a file (`start`: `data`
+    is the file's beginning); not UTF-8 is ValueError, one line naming `where`, the byte and its
+    offset in `data`."""
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _not_utf8(where, e) from None
-
-
-def _not_utf8(where: str, e: UnicodeDecodeError) -> ValueError:
-    return ValueError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: {e.reason}); "
-                      "data files must be UTF-8")
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: {e.reason}); "
+                         "the file must be UTF-8") from None
+    return text.removeprefix(BOM) if start else text
 
 
 def parse_json_line(line: str):

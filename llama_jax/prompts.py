@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from llama_jax.config import LLaMAConfig, check_flag, check_model_config, is_int
-from llama_jax.data import parse_json_line
+from llama_jax.data import parse_json_line, utf8_text
 from llama_jax.tokenizer import (SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, check_fits, check_tokenizer,
                                  unicode_problem)
 
@@ -112,27 +112,18 @@ def read_prompts_file(path: str | Path) -> list[str]:
     "prompt" (else "text") string field of each non-blank line of a `.jsonl` file. Bad input:
     ValueError with one line naming the file (and the line)."""
     if str(path) == "-":
-        return _prompts_of_text(_read_utf8(sys.stdin.buffer.read, "standard input"), "standard input", jsonl=False)
+        return _prompts_of_text(utf8_text(sys.stdin.buffer.read(), "standard input"), "standard input", jsonl=False)
     path = Path(path)
     if path.suffix.lower() == ".json":  # a JSON document read line by line would give its lines as prompts
         raise ValueError(f"{path}: a .json file; give a text file (one prompt per line) or a .jsonl file (one JSON "
                          f"object with a \"prompt\" field per line)")
     try:
-        text = _read_utf8(path.read_bytes, path)
+        text = utf8_text(path.read_bytes(), str(path))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file (`-` reads the prompts from standard input)") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     return _prompts_of_text(text, path, jsonl=path.suffix.lower() == ".jsonl")
-
-
-def _read_utf8(read, name) -> str:
-    """The text `read()` gives, decoded as UTF-8 (a byte order mark, as some editors write, is not
-    text); ValueError naming `name` otherwise."""
-    try:
-        return read().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{name}: not UTF-8 text (byte {e.start})") from None
 
 
 def _prompts_of_text(text: str, path, jsonl: bool) -> list[str]:

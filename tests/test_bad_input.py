@@ -167,7 +167,8 @@ CASES = [
     Case("train-eval-fraction-1", NEW_RUN + " " + TEXT + " --config.data.eval_fraction=1.0",
          r"eval_fraction=1.0 is out of range; valid: 0 <= eval_fraction < 1"),
     Case("train-data-not-utf8", NEW_RUN + " " + TEXT.replace("{corpus}", "{latin1_corpus}"),
-         r"latin1/a.txt: not UTF-8 text \(byte 0xe9"),
+         r"latin1/a.txt: not UTF-8 text \(byte 0xe9 at offset 3: invalid continuation byte\); the file must be "
+         r"UTF-8$"),
     Case("train-empty-corpus", NEW_RUN + " " + TEXT.replace("{corpus}", "{empty_corpus}"),
          r"holds no non-empty document"),
     Case("train-jsonl-line-not-json", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{bad_jsonl}"),
@@ -342,6 +343,9 @@ CASES = [
     Case("generate-prompts-file-lone-surrogate", "generate {model} --prompts-file {surrogate_prompts}",
          r"surrogate_prompts.jsonl, line 2: the prompt is not valid Unicode \(a lone surrogate \\ud800 at "
          r"character 4\)"),
+    Case("generate-prompts-file-not-utf8", "generate {model} --prompts-file {latin1_corpus}/a.txt",
+         r"latin1/a.txt: not UTF-8 text \(byte 0xe9 at offset 3: invalid continuation byte\); the file must be "
+         r"UTF-8$"),
     Case("generate-top-p-0", "generate {model} --prompt Hi --top-p 0", r"top_p must be in \(0, 1\] or None, got 0.0"),
     Case("generate-top-p-above-1", "generate {model} --prompt Hi --top-p 1.5",
          r"top_p must be in \(0, 1\] or None, got 1.5"),

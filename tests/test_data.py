@@ -159,7 +159,7 @@ def test_each_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     ("dangling link", r"broken.txt: a symbolic link to /nonexistent/file.txt, which does not exist"),
     ("pipe", r"pipe.txt: not a regular file \(a pipe, socket or device\); give readable files"),
     ("txt not utf-8", r"latin1.txt: not UTF-8 text \(byte 0xe9 at offset 3: invalid continuation byte\); "
-                      r"data files must be UTF-8$"),
+                      r"the file must be UTF-8$"),
     ("jsonl not utf-8", r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 13"),
     ("file type", r"\.csv: unsupported file type; valid: .txt"),
     ("eval_fraction", r"eval_fraction=1.0 is out of range"),
@@ -205,7 +205,7 @@ def test_train_command_names_a_data_file_that_is_not_utf8(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err == (f"llama-jax train: error: {tmp_path / 'notes.txt'}: not UTF-8 text (byte 0xff at offset 5: "
-                   "invalid start byte); data files must be UTF-8\n")
+                   "invalid start byte); the file must be UTF-8\n")
 
 
 def test_prefetcher_matches_direct_calls_and_closes():

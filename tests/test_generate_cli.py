@@ -155,7 +155,8 @@ def test_prompts_file(sp_model, tmp_path, capsys, monkeypatch):
     texts = generate_text(cfg, params, tok, prompts, max_new_tokens=8, temperature=0.8, seed=3)
     assert capsys.readouterr().out == "\n\n-----\n\n".join(p + t for p, t in zip(prompts, texts)) + "\n"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n")))  # Latin-1
-    with pytest.raises(ValueError, match=r"^standard input: not UTF-8 text \(byte 3\)$"):
+    with pytest.raises(ValueError, match=r"^standard input: not UTF-8 text \(byte 0xe9 at offset 3: invalid "
+                                         r"continuation byte\); the file must be UTF-8$"):
         read_prompts_file("-")
 
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -164,11 +165,14 @@ def test_prompts_file(sp_model, tmp_path, capsys, monkeypatch):
     (tmp_path / "list.json").write_text('["a", "b"]\n')  # its one line was taken as a prompt
     (tmp_path / "deep.jsonl").write_text('{"prompt": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     (tmp_path / "digits.jsonl").write_text('{"prompt": "read", "id": ' + "9" * 5000 + "}\n")  # (beyond int's digits)
+    (tmp_path / "latin1.txt").write_bytes("first\ncafé\n".encode("latin-1"))
     assert read_prompts_file(tmp_path / "digits.jsonl") == ["read"]
     for name, message in [("empty.txt", "empty.txt: no prompts"), ("bad.jsonl", "bad.jsonl, line 2: not valid JSON"),
                           ("list.json", "list.json: a .json file; give a text file (one prompt per line) or a .jsonl"),
                           ("deep.jsonl", "deep.jsonl, line 1: JSON nested too deeply to read (thousands of levels)"),
                           ("nofield.jsonl", "nofield.jsonl, line 2: expected a JSON object with a string"),
+                          ("latin1.txt", "latin1.txt: not UTF-8 text (byte 0xe9 at offset 9: invalid continuation "
+                                         "byte); the file must be UTF-8"),
                           ("missing.txt", "missing.txt: no such file (`-` reads the prompts from standard input)")]:
         assert main(["generate", str(path), "--prompts-file", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
