@@ -110,11 +110,11 @@ def sweep_objective(spec: dict, trials: list[Path]) -> str:
 def collect(workdir: Path, spec: dict) -> tuple[list[str], list[dict[str, Any]], str]:
     """(swept keys, one row per trial, the objective), best first: finished trials by their final
     objective. `spec`: the sweep's sweep.json, as read (`sweep.saved_spec`)."""
-    from llama_jax.sweep import TRIAL_FILE, read_trial
+    from llama_jax.sweep import TRIAL_FILE, read_trial, trial_directories
 
     keys = list(spec["axes"])
     sweep_running = holds_lock(workdir)
-    trials = sorted(p for p in workdir.iterdir() if (p / TRIAL_FILE).exists())  # (a damaged one gets its row)
+    trials = trial_directories(workdir)  # (a damaged record's trial gets its row)
     objective = sweep_objective(spec, trials)
     rows = []
     for directory in trials:

@@ -485,6 +485,12 @@ def prepare_shared_data(data_config, workdir: Path, out=print, every_trial_start
         out(f"data.source={data_config.source}: every trial reads the copy prepared in {data}")
 
 
+def trial_directories(workdir: str | os.PathLike) -> list[Path]:
+    """The directories of the sweep's trials in `workdir`, by name: each one holding a trial record,
+    a damaged one included (`read_trial` reads it as {}, so that its trial is listed as unknown)."""
+    return sorted(d for d in Path(workdir).iterdir() if (d / TRIAL_FILE).exists())
+
+
 def read_trial(directory: Path) -> dict:
     """The trial record in `directory`, or {} where it is missing or damaged: not JSON, or not the
     object `write_trial` writes (a number, a dict of overrides, a status, text for an error)."""
@@ -577,8 +583,7 @@ def check_devices(platform: str, n_devices: int, parallel: int, devices_per_run:
 
 def trial_statuses(workdir: str | os.PathLike) -> list[str]:
     """The recorded status of every trial of the sweep in `workdir`."""
-    trials = sorted(d for d in Path(workdir).iterdir() if (d / TRIAL_FILE).exists())
-    return [read_trial(d).get("status", "unknown") for d in trials]
+    return [read_trial(d).get("status", "unknown") for d in trial_directories(workdir)]
 
 
 class Sweep:

@@ -1114,6 +1114,7 @@ def test_a_finished_trial_whose_log_lost_its_last_step_is_not_ranked_by_an_earli
     rows = {r["run"]: r for r in collect(tmp_path, spec)[1]}
     damaged = f"{tmp_path / 'b' / 'trial.json'} is damaged; run the sweep command again to rewrite it"
     assert (rows["b"]["status"], rows["b"]["error"]) == ("unknown", damaged)  # (rewritten: test_random_and_optuna...)
+    assert sweep_lib.trial_statuses(tmp_path) == ["done", "unknown", "done"]  # (as a sweep's end reads them)
     # valid JSON of the wrong shape is damage too (each was a traceback in --report and at a sweep's end)
     for record in ('{"number": 0, "overrides": "x", "status": "done"}', '{"number": 0, "overrides": {}, "status": 3}',
                    '{"number": 0, "overrides": {}, "status": "done", "error": 5}', '[1]'):
