@@ -459,8 +459,7 @@ def _trials_read(workdir: Path, data: Path) -> bool:
     run's config.json names it): one removed since (damaged, say) is prepared there again."""
     from llama_jax.safe_io import saved_run_setting
 
-    return any(saved_run_setting(record.parent, "data", "path") == str(data)
-               for record in workdir.glob(f"*/{TRIAL_FILE}"))
+    return any(saved_run_setting(trial, "data", "path") == str(data) for trial in trial_directories(workdir))
 
 
 def prepare_shared_data(data_config, workdir: Path, out=print, every_trial_started: bool = False) -> None:
@@ -487,8 +486,10 @@ def prepare_shared_data(data_config, workdir: Path, out=print, every_trial_start
 
 def trial_directories(workdir: str | os.PathLike) -> list[Path]:
     """The directories of the sweep's trials in `workdir`, by name: each one holding a trial record,
-    a damaged one included (`read_trial` reads it as {}, so that its trial is listed as unknown)."""
-    return sorted(d for d in Path(workdir).iterdir() if (d / TRIAL_FILE).exists())
+    a damaged one included (`read_trial` reads it as {}, so that its trial is listed as unknown);
+    none where `workdir` is not a directory (yet)."""
+    workdir = Path(workdir)
+    return sorted(d for d in workdir.iterdir() if (d / TRIAL_FILE).exists()) if workdir.is_dir() else []
 
 
 def read_trial(directory: Path) -> dict:
@@ -924,12 +925,12 @@ def _spec_kept_by_trials(workdir: Path) -> dict:
                 "overrides": sorted(map(str, overrides)) if isinstance(overrides, list) else overrides}
 
     copies = {}
-    for record in sorted(workdir.glob(f"*/{TRIAL_FILE}")):
-        trial = read_trial(record.parent)
+    for directory in trial_directories(workdir):
+        trial = read_trial(directory)
         if _is_spec(trial.get("sweep")):
-            copies[record.parent.name] = trial["sweep"]
+            copies[directory.name] = trial["sweep"]
             if set(trial["overrides"]) != set(trial["sweep"]["axes"]):
-                raise SweepError(f"{record} sets {sorted(trial['overrides'])}, not the keys its sweep sweeps "
+                raise SweepError(f"{directory / TRIAL_FILE} sets {sorted(trial['overrides'])}, not the keys its sweep sweeps "
                                  f"({sorted(trial['sweep']['axes'])}): put the sweep's {SPEC_FILE} back, or use "
                                  f"another --workdir")
     first = next(iter(copies), None)
@@ -985,7 +986,7 @@ def start_directory(workdir: str | os.PathLike, out=print) -> Path:
 
 def trials_started(workdir: Path) -> bool:
     """Whether a trial of the sweep in `workdir` has started (it has a trial.json)."""
-    return any(workdir.glob(f"*/{TRIAL_FILE}"))
+    return bool(trial_directories(workdir))
 
 
 def _check_trial_paths(workdir: Path, axes: dict, listed: list[Trial], numbered: bool) -> None:
@@ -1038,8 +1039,8 @@ def check_no_trial_running(workdir: Path) -> None:
     """SweepError if a process still runs in the directory of a trial the sweep may start (one not
     finished) and holds its lock: a trial of an earlier sweep process that a second Ctrl-C or a kill
     left saving its step, or a run started there by hand. The trial would fail on that lock."""
-    busy = next((record.parent for record in sorted(workdir.glob(f"*/{TRIAL_FILE}"))
-                 if finished_trial_status(record.parent) is None and holds_lock(record.parent)), None)
+    busy = next((trial for trial in trial_directories(workdir)
+                 if finished_trial_status(trial) is None and holds_lock(trial)), None)
     if busy is not None:
         raise SweepError(f"{busy} is in use: a llama-jax train is still running there (a trial of an earlier "
                          f"sweep process finishing its save?); wait for it to end, then run the sweep again")
