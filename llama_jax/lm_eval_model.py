@@ -299,6 +299,9 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
     except Exception as e:
         if _raised_in_llama_jax(e):
             raise
+        unknown_metric = _unknown_metric(e)
+        if unknown_metric:
+            raise ValueError(unknown_metric) from e
         # the harness's own code failed: reading a task's config, data or templates (a task of one's own,
         # or a dataset it cannot fetch), or scoring it
         where = f" (tasks of your own: check their files under --include-path {include_path})" if include_path else ""
@@ -339,6 +342,26 @@ def _raised_in_llama_jax(error: BaseException) -> bool:
         if Path(frame.filename).is_relative_to(harness):
             return False
     return False
+
+
+def _unknown_metric(error: BaseException) -> str | None:
+    """What the harness's `KeyError: None` means when a task's metric_list names a metric that it
+    does not register (a typo, a `!function` metric) and gives it no aggregation (the harness looks
+    up the name of the default aggregation it found, None): the task and the metric, as the task
+    being built held them; None for any other error."""
+    from lm_eval.api.registry import METRIC_AGGREGATION_REGISTRY
+    from lm_eval.api.task import ConfigurableTask
+
+    if not (isinstance(error, KeyError) and error.args == (None,)):
+        return None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        if frame.f_code is ConfigurableTask.__init__.__code__ and "metric_name" in frame.f_locals:
+            task, metric = frame.f_locals["self"].config.task, frame.f_locals["metric_name"]
+            return (f"task {task!r}: its metric_list names {metric!r}, a metric lm-eval does not register, without "
+                    f"an aggregation; valid: a metric it registers ({', '.join(sorted(METRIC_AGGREGATION_REGISTRY))})"
+                    f", or another (a `!function` metric, a Hugging Face Evaluate metric) with its aggregation "
+                    f"beside it (such as `aggregation: mean`)")
+    return None
 
 
 def _causes(error: BaseException) -> str:

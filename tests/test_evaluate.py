@@ -674,6 +674,43 @@ def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(mo
     assert not out.exists()
 
 
+def test_a_metric_the_harness_does_not_register_is_named_in_one_line(model_dirs, tmp_path, capsys, offline):
+    """A metric_list naming a metric the harness does not register, with no aggregation given (a
+    typo; a `!function` metric), stopped lm-eval with "KeyError: None": the line names the task and
+    the metric, and what is valid. A `!function` metric with its aggregation runs."""
+    from lm_eval.api.registry import METRIC_AGGREGATION_REGISTRY
+
+    tasks = tmp_path / "tasks"
+    write_tasks(tasks, long_context="Loops")
+    (tasks / "metrics.py").write_text("def match(references, predictions):\n"
+                                      "    return float(references[0] == predictions[0])\n")
+    (tasks / "typo.yaml").write_text((tasks / "tiny_mc.yaml").read_text().replace("tiny_mc", "typo")
+                                     .replace("metric: acc_norm", "metric: acc_nrom"))
+    gen = (tasks / "tiny_gen.yaml").read_text()
+    (tasks / "own.yaml").write_text(gen.replace("tiny_gen", "own")
+                                    .replace("metric: exact_match", "metric: !function metrics.match"))
+    (tasks / "own_mean.yaml").write_text(gen.replace("tiny_gen", "own_mean").replace(
+        "metric: exact_match", "metric: !function metrics.match\n    aggregation: mean"))
+    out = tmp_path / "results.json"
+    for task, metric in (("typo", "acc_nrom"), ("own", "match")):
+        assert main(["lm-eval", str(model_dirs[1]), "--tasks", task, "--include-path", str(tasks), "--limit", "1",
+                     "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        valid = (f"valid: a metric it registers ({', '.join(sorted(METRIC_AGGREGATION_REGISTRY))}), or another (a "
+                 f"`!function` metric, a Hugging Face Evaluate metric) with its aggregation beside it (such as "
+                 f"`aggregation: mean`)")  # (the registry, filled by the harness as it ran)
+        assert "acc_norm" in valid
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] == (f"llama-jax lm-eval: error: task {task!r}: its metric_list names "
+                                                f"{metric!r}, a metric lm-eval does not register, without an "
+                                                f"aggregation; {valid}")
+        assert not out.exists()
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "own_mean", "--include-path", str(tasks), "--limit", "1",
+                 "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert "match,none" in json.loads(out.read_text())["results"]["own_mean"]
+
+
 def test_a_continuation_merged_into_the_context_is_scored_as_the_pieces_it_changed(model_dirs):
     """"The T" + "he" tokenizes as [BOS, ▁The, ▁The] against [BOS, ▁The, ▁T, he] for the context,
     which leaves the harness's split no continuation tokens (its `hf` backend fails on an assert):
