@@ -878,11 +878,17 @@ def _check_launched_sweep(launched, n_devices: int, hosts: int, platform: str) -
 
 
 def cmd_launch_tpu(args) -> None:
-    from llama_jax.launch import option_value, tpu
+    from llama_jax.launch import LaunchError, option_value, tpu
 
     command, launched = _launched_command(args)
     tpu_slice = tpu.tpu_slice(args.accelerator)
     root = tpu.source_root()
+    try:  # what a launch ships: the files git lists of the checkout (without git, a launch stops here)
+        shipped, unlisted = tpu.shipped_files(root), None
+    except LaunchError as e:
+        if not args.dry_run:
+            raise
+        shipped, unlisted = None, str(e)  # (the dry run prints its plan, and says so in it)
     config = option_value(command, "--config")
     if config and Path(config).is_absolute() and Path(config).is_file():  # a path on this machine
         local = Path(config).resolve()
@@ -891,7 +897,7 @@ def cmd_launch_tpu(args) -> None:
         raise UserError(f"--config {config}: the workers run from their own copy of the checkout, where this path "
                         f"does not exist; give {valid}")
     if config and not Path(config).is_absolute() and (root / config).is_file():
-        tpu.check_shipped(root, config)  # (a file this checkout has but its copy lacks)
+        tpu.check_shipped(root, config, shipped)  # (a file this checkout has but its copy lacks)
     _check_launched_config(command, launched, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
     if args.copy_back:
         from llama_jax.safe_io import check_folder
@@ -904,7 +910,7 @@ def cmd_launch_tpu(args) -> None:
     if spec.copy_back:
         tpu.check_copy_back(spec)
     if args.dry_run:
-        print("\n".join(tpu.dry_run_lines(spec)))
+        print("\n".join(tpu.dry_run_lines(spec, unlisted)))
         return
     status = tpu.launch(spec)
     if status:

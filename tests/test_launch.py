@@ -716,6 +716,59 @@ def test_a_launched_train_whose_workdir_holds_a_model_or_a_sweep_is_refused(caps
                                                   f"or empty directory"
 
 
+def test_a_dry_run_without_git_prints_the_plan_and_says_what_it_could_not_check(capsys, tmp_path, monkeypatch):
+    """A launch ships the files git lists of the checkout, and stops without git; a dry run (which
+    needs no gcloud either) printed nothing but that error. It prints the plan, and says so in it."""
+    git = shutil.which("git")
+    monkeypatch.chdir(ROOT)
+    argv = ["launch", "tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY]
+    _, with_git = dry_run(capsys, argv)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    out, without_git = dry_run(capsys, argv)
+    assert without_git == with_git
+    assert out.splitlines()[1:3] == [
+        "# NOT READY: a launch from here stops before anything runs: git not found on PATH: launching ships the files "
+        "git lists of this checkout (tracked, and untracked but not ignored); install git",
+        "# (so which files the workers would get, --config among them, is not checked here)"]
+    # what needs no git is still checked
+    assert cli.main([*argv[:-len(TRAIN_TINY)], "train", "--workdir", "/mnt/gcs/r", "--config",
+                     "../" + ROOT.name + "/configs/tiny.py"]) == 2
+    assert "the path leads out of the checkout" in capsys.readouterr().err
+    (empty / "git").symlink_to(git)
+    assert "NOT READY" not in dry_run(capsys, argv)[0]
+
+
+def test_a_dry_run_outside_a_git_checkout_prints_the_plan(tmp_path):
+    """A copy of the project that is no git checkout: the same, run as a program from the copy."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "llama_jax", copy / "llama_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "configs", copy / "configs")
+    shutil.copy(ROOT / "setup.py", copy)
+    env = {**os.environ, "PYTHONPATH": str(copy), "GIT_CEILING_DIRECTORIES": str(tmp_path)}  # (if tmp is in one)
+    done = subprocess.run([sys.executable, "-m", "llama_jax.cli", "launch", "tpu", "--name", "n", *ZONE,
+                           "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY], cwd=copy, capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1] == (f"# NOT READY: a launch from here stops before anything runs: cannot list the files of {copy} "
+                        f"with git: fatal: not a git repository (or any of the parent directories): .git")
+    assert lines[-1].startswith("gcloud compute tpus tpu-vm ssh n --worker=all --command 'cd llama-jax && python3 -m "
+                                "llama_jax.cli train --config configs/tiny.py")
+
+
+def test_a_launch_without_git_stops_before_the_slice_is_made(fake_gcloud, capsys, tmp_path, monkeypatch):
+    """With a --config not checked here (on the slice's bucket), the launch created the queued
+    resource, and only then failed to pack the checkout."""
+    set_state, calls = fake_gcloud
+    monkeypatch.setenv("PATH", str(Path(tpu.shutil.which("gcloud")).parent))  # the fake gcloud, no git
+    assert cli.main(["launch", "tpu", "--name", "run", *ZONE, "--accelerator", "v4-8", "--", "train", "--config",
+                     "/mnt/gcs/runs/tiny/config.json", "--workdir", "/mnt/gcs/runs/tiny"]) == 2
+    assert capsys.readouterr().err.startswith("llama-jax launch: error: git not found on PATH")
+    assert calls() == []
+
+
 def test_a_config_outside_the_shipped_checkout_is_refused(capsys, tmp_path):
     """The workers get the checkout, not this machine's other files."""
     config = tmp_path / "mine.py"

@@ -233,21 +233,25 @@ def remote_workdir(tpu: TpuLaunch) -> str:
 # ---- dry run ----------------------------------------------------------------------------------
 
 
-def dry_run_lines(tpu: TpuLaunch) -> list[str]:
-    """The commands a launch runs on a fresh queued resource, in order, as shell lines with comments."""
+def dry_run_lines(tpu: TpuLaunch, unlisted: str | None = None) -> list[str]:
+    """The commands a launch runs on a fresh queued resource, in order, as shell lines with comments;
+    `unlisted`: why git could not list the files to ship here (`shipped_files`'s error), if it could not."""
     s = tpu.slice
     lines = [f"# {s.accelerator}: {s.chips} chips on {s.workers} worker{'s' if s.workers > 1 else ''}, "
-             f"runtime version {tpu.runtime}",
-             "# create the queued resource (skipped if it exists; deleted and re-created first if SUSPENDED, "
-             "FAILED or PREEMPTED)",
-             shlex.join(create_command(tpu)),
-             f"# poll every {POLL_SECONDS}s until ACTIVE",
-             shlex.join(describe_command(tpu)),
-             "# ship this checkout (git ls-files: tracked and untracked, not ignored) to every worker, install it",
-             shlex.join(upload_command(tpu)),
-             shlex.join(ssh_command(tpu, install_shell(tpu))),
-             f"# run on all {s.workers} workers; output streams here",
-             shlex.join(ssh_command(tpu, run_shell(tpu)))]
+             f"runtime version {tpu.runtime}"]
+    if unlisted:
+        lines += [f"# NOT READY: a launch from here stops before anything runs: {unlisted}",
+                  "# (so which files the workers would get, --config among them, is not checked here)"]
+    lines += ["# create the queued resource (skipped if it exists; deleted and re-created first if SUSPENDED, "
+              "FAILED or PREEMPTED)",
+              shlex.join(create_command(tpu)),
+              f"# poll every {POLL_SECONDS}s until ACTIVE",
+              shlex.join(describe_command(tpu)),
+              "# ship this checkout (git ls-files: tracked and untracked, not ignored) to every worker, install it",
+              shlex.join(upload_command(tpu)),
+              shlex.join(ssh_command(tpu, install_shell(tpu))),
+              f"# run on all {s.workers} workers; output streams here",
+              shlex.join(ssh_command(tpu, run_shell(tpu)))]
     if tpu.max_restarts:
         lines.append(f"# if the TPU was preempted during the run: up to {tpu.max_restarts} more times, "
                      "re-create, ship and run again")
@@ -268,6 +272,7 @@ def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
     if shutil.which("gcloud") is None:
         raise LaunchError("gcloud not found on PATH: install the Google Cloud CLI "
                           "(https://cloud.google.com/sdk/docs/install), or use --dry-run")
+    shipped_files(source_root())  # fail before anything runs where git cannot list the files to ship
     if tpu.copy_back:
         check_copy_back(tpu)  # fail before anything runs
     status, preempted = _run_until_done(tpu, poll_seconds)
@@ -400,14 +405,15 @@ def shipped_files(root: Path) -> list[str]:
     return [name for name in listed.stdout.split("\0") if name and (root / name).is_file()]
 
 
-def check_shipped(root: Path, config: str) -> None:
+def check_shipped(root: Path, config: str, shipped: Sequence[str] | None) -> None:
     """LaunchError unless the relative path `config` names a file of the copy of the checkout the
-    workers run in (a file outside the checkout, or one git ignores, is not shipped)."""
+    workers run in (a file outside the checkout, or one git ignores, is not shipped); `shipped`:
+    root's `shipped_files`, or None where git cannot list them (a dry run: only the path is checked)."""
     relative = os.path.normpath(config)
     if relative == ".." or relative.startswith("../"):
         raise LaunchError(f"--config {config}: the path leads out of the checkout {root}, of which the workers get a "
                           f"copy; give a config file inside it, by its path relative to it")
-    if Path(relative).as_posix() not in set(shipped_files(root)):
+    if shipped is not None and Path(relative).as_posix() not in set(shipped):
         raise LaunchError(f"--config {config}: git ignores it (.gitignore), so the workers' copy of the checkout "
                           f"lacks it; move it to a folder that is shipped (configs/, say), or stop ignoring it")
 
