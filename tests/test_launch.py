@@ -136,8 +136,9 @@ def test_a_config_only_on_the_slice_is_left_to_it(capsys):
 
 def test_runtime_version_override(capsys):
     _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", "--zone", "us-central1-ai1a", "--accelerator",
-                                   "v6e-8", "--runtime-version", "v2-custom", "--dry-run", "--", *TRAIN_TINY])
-    assert flag(commands[0], "--runtime-version") == "v2-custom"
+                                   "v6e-8", "--runtime-version", "tpu-vm-tf-2.16.1-pjrt", "--dry-run", "--",
+                                   *TRAIN_TINY])
+    assert flag(commands[0], "--runtime-version") == "tpu-vm-tf-2.16.1-pjrt"
     assert flag(commands[0], "--zone") == "us-central1-ai1a"  # (an AI zone's suffix is longer than a letter)
 
 
@@ -539,6 +540,23 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
      "--zone 'us-central2' is not a Google Cloud zone; valid: a region and its zone's suffix, e.g. us-central2-b"),
     (["tpu", "--name", "Bad_Name", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],
      "--name 'Bad_Name'"),
+    # --runtime-version and --project go into the gcloud commands as they are
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--runtime-version", "v2 alpha;reboot", "--dry-run",
+      "--", *TRAIN_TINY], "--runtime-version 'v2 alpha;reboot': use letters, digits, dots, hyphens and underscores, "
+                          "starting with a letter or digit, e.g. tpu-ubuntu2204-base"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--runtime-version=-x", "--dry-run", "--", *TRAIN_TINY],
+     "--runtime-version '-x': use letters"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--project", "My_Project", "--dry-run", "--",
+      *TRAIN_TINY], "--project 'My_Project' is not a Google Cloud project ID; valid: 6 to 30 lowercase letters, "
+                    "digits and hyphens, starting with a letter and not ending with a hyphen, e.g. my-project-123"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--project", "proj", "--dry-run", "--", *TRAIN_TINY],
+     "--project 'proj' is not a Google Cloud project ID"),  # too short
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--project", "my-project-", "--dry-run", "--",
+      *TRAIN_TINY], "--project 'my-project-' is not a Google Cloud project ID"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--project", "1project", "--dry-run", "--", *TRAIN_TINY],
+     "--project '1project' is not a Google Cloud project ID"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--project", "p" * 31, "--dry-run", "--", *TRAIN_TINY],
+     "is not a Google Cloud project ID"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "d", "--dry-run", "--",
       "plan", "--config", "configs/tiny.py"], "--copy-back needs a command with --workdir"),
     (["slurm", "--nodes", "0", "--dry-run", "--", *TRAIN_IN_TMP], "--nodes must be at least 1"),
@@ -714,6 +732,13 @@ def test_a_launched_train_whose_workdir_holds_a_model_or_a_sweep_is_refused(caps
         assert cli.main(train) == 2  # as train itself says
         assert capsys.readouterr().err.strip() == f"llama-jax train: error: --workdir {workdir} {message}; use a new " \
                                                   f"or empty directory"
+
+
+@pytest.mark.parametrize("project", ["my-proj", "a" * 30, "example.com:my-project"])  # (the last: domain-scoped)
+def test_project_ids_gcloud_takes_are_passed_on(project, capsys):
+    _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", *ZONE, "--accelerator", "v4-8", "--project",
+                                   project, "--dry-run", "--", *TRAIN_TINY])
+    assert all(flag(c, "--project") == project for c in commands)
 
 
 def test_a_dry_run_without_git_prints_the_plan_and_says_what_it_could_not_check(capsys, tmp_path, monkeypatch):

@@ -139,6 +139,15 @@ class TpuLaunch:
         if not re.fullmatch(r"[a-z]+-[a-z]+[0-9]+-[a-z][a-z0-9]*", self.zone):
             raise LaunchError(f"--zone {self.zone!r} is not a Google Cloud zone; valid: a region and its zone's "
                               f"suffix, e.g. us-central2-b (v4), us-east5-a (v5p), us-central1-ai1a")
+        if self.runtime_version is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.runtime_version):
+            raise LaunchError(f"--runtime-version {self.runtime_version!r}: use letters, digits, dots, hyphens and "
+                              f"underscores, starting with a letter or digit, e.g. tpu-ubuntu2204-base")
+        # a project ID; or a legacy domain-scoped one, DOMAIN:ID (gcloud takes both)
+        if self.project is not None and not re.fullmatch(r"([a-z0-9][-a-z0-9.]*:)?[a-z][-a-z0-9]{4,28}[a-z0-9]",
+                                                         self.project):
+            raise LaunchError(f"--project {self.project!r} is not a Google Cloud project ID; valid: 6 to 30 lowercase "
+                              f"letters, digits and hyphens, starting with a letter and not ending with a hyphen, "
+                              f"e.g. my-project-123")
         if self.max_restarts < 0:
             raise LaunchError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
 
