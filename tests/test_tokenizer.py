@@ -311,4 +311,12 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         assert run.returncode == 2
         assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+    # a folder that takes no files, even from root (for whom os.access allows any write): found when
+    # the model is written, and said of --output, not of the temporary file written first
+    refusal = "cannot write a file into /proc (No such file or directory)" if os.geteuid() == 0 else \
+        "/proc is not writable (read-only file system or no permission)"
+    for output in ("/proc/x.model", "/proc/sub/x.model"):
+        run = _cli("--input", text, "--vocab-size", str(VOCAB), "--output", output)
+        assert run.returncode == 2
+        assert run.stderr == f"train_tokenizer: error: --output {output}: {refusal}; choose another --output\n"
     assert _cli("--input", text, "--vocab-size", str(VOCAB), "--output", str(out), "--overwrite").returncode == 0

@@ -12,6 +12,7 @@ boundaries would change nothing). Bad input: one line on stderr, exit status 2.
 
 from __future__ import annotations
 
+import errno
 import glob
 import sys
 import time
@@ -97,6 +98,15 @@ def check_arguments(args, inputs: list[Path]) -> None:
     check_writable(output, "--output")
 
 
+def unwritable(output: Path, error: OSError) -> str:
+    """The error line for an --output that could not be written: the folder it would go into (the
+    nearest one on its path that exists) and why, where the OS's error names a temporary file
+    beside it or a folder on its way."""
+    folder = next(p for p in output.absolute().parents if p.is_dir())
+    return (f"--output {output}: cannot write a file into {folder} ({error.strerror or error}); choose another "
+            f"--output")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", action="append", required=True, help="file or glob pattern; repeatable")
@@ -114,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(args, corpus.files)
         print(f"training a {args.vocab_size}-piece {args.model_type} tokenizer on {len(corpus.files)} file(s)",
               flush=True)
-        output = train_sentencepiece(corpus, args.output, args.vocab_size, model_type=args.model_type,
-                                     num_threads=args.num_threads)
+        try:
+            output = train_sentencepiece(corpus, args.output, args.vocab_size, model_type=args.model_type,
+                                         num_threads=args.num_threads)
+        except OSError as e:  # writing --output (an input that cannot be read is a ValueError)
+            if e.errno in (errno.ENOSPC, errno.EFBIG):
+                raise  # (said in those words below)
+            raise ValueError(unwritable(Path(args.output), e)) from None
         vocab_size = load_tokenizer(output).vocab_size
     except (ValueError, OSError) as e:
         print(f"train_tokenizer: error: {_error_text(e, args)}", file=sys.stderr)  # (a full disk names --output)
