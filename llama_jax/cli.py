@@ -571,16 +571,14 @@ def cmd_eval(args) -> None:
     import json
 
     from llama_jax.evaluate import evaluate_held_out
-    from llama_jax.eval_files import EVAL_FILE, model_eval_file, run_eval_file_name
+    from llama_jax.eval_files import model_eval_file, run_eval_file_name
     from llama_jax.experiment import check_train_section, load_config
     from llama_jax.metrics import nonfinite_as_null
-    from llama_jax.safe_io import check_results_file, write_text_atomic
+    from llama_jax.safe_io import check_results_file, check_writable, write_text_atomic
 
     _check_model_or_run(args)
-    if args.output is not None or args.model is not None and Path(args.model).is_dir():
-        # before evaluating: a result that could not be written is refused first
-        check_results_file(Path(args.model) / EVAL_FILE if args.output is None else args.output, "--output",
-                           "llama-jax eval", EVAL_RESULT_KEYS)
+    if args.output is not None:  # before anything is read: a result that could not be written is refused first
+        check_results_file(args.output, "--output", "llama-jax eval", EVAL_RESULT_KEYS)
     if args.workdir is not None:
         _check_run_directory(args.workdir, args.config,
                              f"llama-jax eval {args.workdir} --config CONFIG evaluates a model")
@@ -593,6 +591,14 @@ def cmd_eval(args) -> None:
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
     own_data = _runs_own_data(args, config)
+    # before the model is read: the file the result goes to (beside a model: decided by the data settings and
+    # seq_len, as evaluate_held_out defaults it), or for a run (its name waits for the step) the run's directory
+    if args.output is None and args.model is not None and Path(args.model).is_dir():
+        settings = {"data": config.data.to_dict(), "seq_len": args.seq_len or config.train.seq_len}
+        check_results_file(model_eval_file(Path(args.model), settings), "--output", "llama-jax eval",
+                           EVAL_RESULT_KEYS)
+    elif args.output is None and args.workdir is not None:
+        check_writable(Path(args.workdir) / "eval-STEP.json", "--output")
     record = nonfinite_as_null(evaluate_held_out(config, args.model, args.workdir, args.step, args.seq_len,
                                                  args.batch_size, progress=True, run_config=own_data))
     if args.output is not None:
@@ -601,7 +607,7 @@ def cmd_eval(args) -> None:
         output = Path(args.workdir) / run_eval_file_name(record, own_data, _run_seq_len(args.workdir))
     else:
         output = model_eval_file(Path(args.model), record)
-    print(json.dumps(record, indent=2))  # first: a result that cannot be written is not lost
+    print(json.dumps(record, indent=2))  # first: a result that cannot be written (a race) is not lost
     output = check_results_file(output, "--output", "llama-jax eval", EVAL_RESULT_KEYS)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, json.dumps(record, indent=2) + "\n")

@@ -866,3 +866,37 @@ def test_results_replace_only_an_earlier_result(model_dirs, tmp_path, capsys, co
     if command == "lm-eval":
         assert main([*base, "--num-fewshot", "-1"]) == 2
         assert capsys.readouterr().err.strip().endswith("--num-fewshot -1: valid: 0 or more examples per question")
+
+
+def test_eval_refuses_an_unwritable_result_before_reading_the_model(model_dirs, tmp_path, capsys):
+    """Where the result goes is checked before the model is read (here it has no parameters, which
+    reading would find): MODEL/eval-TAG.json as a directory (eval.json holds a score of other
+    settings), and, where permissions bind (not as root), a read-only model or run directory."""
+    from llama_jax.eval_files import settings_tag
+    from llama_jax.experiment import load_config
+
+    for name in "abc":
+        (tmp_path / f"{name}.txt").write_text(f"Some text {name}.")
+    config = write_text_config(tmp_path, [tmp_path / f"{name}.txt" for name in "abc"], eval_fraction=0.5)
+    model, run = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(model_dirs[1], model, ignore=shutil.ignore_patterns("params"))
+    run.mkdir()
+    other = {"loss": 1.0, "perplexity": 2.7, "tokens": 5, "data": {"source": "embedded"}, "seq_len": 8}
+    (model / "eval.json").write_text(json.dumps(other))  # kept: the result goes to eval-TAG.json
+    tag = settings_tag({"data": load_config(config).data.to_dict(), "seq_len": 32}, with_seq_len=True)
+    (model / f"eval-{tag}.json").mkdir()
+    cases = [(["eval", str(model), "--config", str(config)],
+              rf"--output \S+/model/eval-{tag}.json is a directory; give the path of a JSON file to write$")]
+    if os.geteuid() != 0:  # (root writes a read-only directory)
+        cases += [(["eval", str(model), "--config", str(config), "--seq-len", "16"],
+                   r"--output \S+/model/eval-[0-9a-f]{8}.json: \S+/model is not writable"),
+                  (["eval", "--workdir", str(run), "--config", str(config)],
+                   r"--output \S+/run/eval-STEP.json: \S+/run is not writable")]
+    model.chmod(0o555), run.chmod(0o555)
+    try:
+        for args, message in cases:
+            assert main(args) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and re.search(message, err), err
+    finally:
+        model.chmod(0o755), run.chmod(0o755)
