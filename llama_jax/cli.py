@@ -1022,8 +1022,11 @@ def cmd_prepare_data(args) -> None:
         output = Path(os.path.abspath(args.output))
         run = output.parent if output.name == RUN_DATA_DIR and holds_run(output.parent) \
             and saved_run_setting(output.parent, "data", "source") in DOCUMENT_SOURCES else None  # its own copy
-        owner = None if output.exists() else enclosing_run_or_model(output)
-        if owner is not None and run is None:  # the run's or model's own files (RUN/checkpoints/99: a checkpoint)
+        # a new or empty folder inside a run or a model directory would put the data among their own files
+        # (RUN/checkpoints/99: a checkpoint); one holding something is judged by what it holds (prepare_with_stats)
+        fresh = not output.exists() or output.is_dir() and not any(output.iterdir())
+        owner = enclosing_run_or_model(output) if fresh else None
+        if owner is not None and run is None:
             own = f" (or, for the run's own copy of its documents, {owner / RUN_DATA_DIR} itself)" \
                 if saved_run_setting(owner, "data", "source") in DOCUMENT_SOURCES else ""
             kind = "run" if holds_run(owner) else "model directory"
@@ -1031,7 +1034,7 @@ def cmd_prepare_data(args) -> None:
         if run is not None and holds_lock(run):  # (a run's first start moves the copy it prepared there)
             raise UserError(f"--output {args.output}: the run {run} is running (it holds its directory's lock); "
                             f"wait for it to end")
-        check_outside_runs_and_models(args.output, "--output")  # (an existing folder there too)
+        check_outside_runs_and_models(args.output, "--output")  # (an existing folder holding something there too)
         manifest, stats = prepare_with_stats(config.data, args.output, workers=args.workers,
                                              shard_tokens=args.shard_tokens, progress=True)
         print("\n".join(summary_lines(manifest, args.output, stats)))

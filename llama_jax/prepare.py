@@ -579,16 +579,16 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
     finish_for_dead_processes(out.absolute())  # a staging directory beside it that a killed `_start` left
     if state == "finished":
         never = f"{elsewhere} (a prepared directory is never overwritten)"
-        manifest = check_prepared(out, data_config, None, never, again=redo_advice(out, elsewhere))
+        # what a reader checks (not the shards' sha256: --verify): "nothing to do" is not said of a damaged one
+        prepared = open_prepared(out, again=redo_advice(out, elsewhere))  # (damage is said with that advice)
+        manifest = prepared.manifest
+        _check_settings(manifest, data_config, f"{out} is already prepared", never)
         recorded = _recorded_shard_tokens(out, manifest)
         if shard_tokens is not None and recorded is not None and recorded != shard_tokens:
             raise ValueError(f"{out} is already prepared with shard_tokens={recorded}, not {shard_tokens}; leave "
                              f"--shard-tokens out to use it as it is, or {never}")
-        try:  # what a reader checks (not the shards' sha256: --verify): "nothing to do" is not said of a damaged one
-            for split in open_prepared(out).splits.values():
-                split.check_indices()
-        except DamagedData as e:
-            raise ValueError(f"{e.problem}; {redo_advice(out, elsewhere)}") from None
+        for split in prepared.splits.values():
+            split.check_indices()
         _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do (the documents are not "
                        f"read again: for an edited corpus {elsewhere})")
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
@@ -656,9 +656,14 @@ def check_prepared(out: Path, data_config, what: str | None, advice: str, again:
     that cannot be read, "...; {again}". `runs_own`: `out` is a run's own copy of its data and
     `data_config` the run's own settings (its config.json), which name it whatever directory
     their relative paths would be read from now: the documents are not compared."""
-    what = what or f"{out} is already prepared"
     manifest = _read_json(out / MANIFEST, again)
     _check_manifest(out / MANIFEST, manifest, again)
+    _check_settings(manifest, data_config, what or f"{out} is already prepared", advice, runs_own)
+    return manifest
+
+
+def _check_settings(manifest: dict, data_config, what: str, advice: str, runs_own: bool = False) -> None:
+    """`check_prepared`'s comparison of a manifest already read and checked with the settings asked for now."""
     if not runs_own:
         _check_same_documents(recorded_documents(manifest), data_config, what, advice)
     recorded = _recorded_tokenizer(manifest["tokenizer"]["sha256"], manifest.get("data") or {})
@@ -666,7 +671,6 @@ def check_prepared(out: Path, data_config, what: str | None, advice: str, again:
     if not request.matches(recorded):
         raise ValueError(f"{what} with another tokenizer ({recorded.describe()}) than "
                          f"data.tokenizer={data_config.get('tokenizer')} ({request.describe()}); {advice}")
-    return manifest
 
 
 def _check_same_documents(recorded: dict, data_config, what: str, advice: str) -> None:

@@ -475,7 +475,20 @@ CASES = [
      r"--output \S+/model/data is inside the model directory \S+/model; give a directory outside it"),
     ("output-an-existing-folder-in-a-models-params", ["prepare-data", "--config", "{config}", "--output",
                                                       "{model}/params/data"],  # an --overwrite of the model deletes it
-     r"--output \S+/model/params/data is inside \S+/model/params, the parameters of the model directory \S+/model"),
+     r"--output \S+/model/params/data is inside the model directory \S+/model; give a directory outside it$"),
+    # an existing empty folder inside a run or a model directory, made by hand, is refused as a new one is
+    ("output-an-existing-empty-folder-in-a-run", ["prepare-data", "--config", "{config}", "--output", "{run}/notes"],
+     r"--output \S+/run/notes is inside the run \S+/run; give a directory outside it$"),
+    ("output-an-existing-empty-folder-in-a-model-directory", ["prepare-data", "--config", "{config}", "--output",
+                                                              "{model}/notes"],
+     r"--output \S+/model/notes is inside the model directory \S+/model; give a directory outside it$"),
+    # a run, a model directory or a sweep itself holds files of its own, and no prepared data
+    ("output-is-a-run", ["prepare-data", "--config", "{config}", "--output", "{run}"],
+     r"\S+/run holds 'checkpoints' \(and 2 more\) but no prepared data \(manifest.json or preparing.json\)"),
+    ("output-is-a-model-directory", ["prepare-data", "--config", "{config}", "--output", "{model}"],
+     r"\S+/model holds 'model_config.json' \(and 2 more\) but no prepared data"),
+    ("output-is-a-sweep", ["prepare-data", "--config", "{config}", "--output", "{sweep}"],
+     r"\S+/sweep holds 'sweep.json' but no prepared data"),
     ("output-is-a-file", ["prepare-data", "--config", "{config}", "--output", "{case}/empty.jsonl"],
      r"\S+/empty.jsonl is a file, not a directory"),
     ("output-holds-other-files", ["prepare-data", "--config", "{config}", "--output", "{case}"],
@@ -534,8 +547,11 @@ def test_bad_input_is_one_line_and_writes_nothing(args, error, inputs, reference
     (owners / "model").mkdir()
     (owners / "model" / "model_config.json").write_text("{}")
     (owners / "model" / "params" / "data").mkdir(parents=True)  # an empty folder made there by hand
+    (owners / "run" / "notes").mkdir(), (owners / "model" / "notes").mkdir()  # likewise
+    (owners / "sweep").mkdir()
+    (owners / "sweep" / "sweep.json").write_text("{}")
     paths = {"config": inputs["config"], "case": case, "reference": reference, "other": inputs["other"],
-             "run": owners / "run", "model": owners / "model"}
+             "run": owners / "run", "model": owners / "model", "sweep": owners / "sweep"}
     for damage in ("truncate", "remove-index", "remove-manifest", "flip", "unhashed-shard", "shards-elsewhere"):
         if any("{" + damage + "}" in a for a in args):
             paths[damage] = damaged_copy(reference, case, damage)
