@@ -743,7 +743,8 @@ def test_project_ids_gcloud_takes_are_passed_on(project, capsys):
 
 def test_a_dry_run_without_git_prints_the_plan_and_says_what_it_could_not_check(capsys, tmp_path, monkeypatch):
     """A launch ships the files git lists of the checkout, and stops without git; a dry run (which
-    needs no gcloud either) printed nothing but that error. It prints the plan, and says so in it."""
+    needs no gcloud either) printed nothing but that error. It prints the plan, and says so in it;
+    the upload, whose tarball cannot be built, is said instead of shown with a path never made."""
     git = shutil.which("git")
     monkeypatch.chdir(ROOT)
     argv = ["launch", "tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY]
@@ -752,7 +753,10 @@ def test_a_dry_run_without_git_prints_the_plan_and_says_what_it_could_not_check(
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
     out, without_git = dry_run(capsys, argv)
-    assert without_git == with_git
+    upload = next(c for c in with_git if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"])
+    assert without_git == [c for c in with_git if c is not upload]
+    assert "# (the upload: the checkout's tarball cannot be built here, see NOT READY)" in out.splitlines()
+    assert ".tar.gz n:" not in out
     assert out.splitlines()[1:3] == [
         "# NOT READY: a launch from here stops before anything runs: git not found on PATH: launching ships the files "
         "git lists of this checkout (tracked, and untracked but not ignored); install git",

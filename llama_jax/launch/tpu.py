@@ -257,7 +257,8 @@ def dry_run_lines(tpu: TpuLaunch, unlisted: str | None = None) -> list[str]:
               f"# poll every {POLL_SECONDS}s until ACTIVE",
               shlex.join(describe_command(tpu)),
               "# ship this checkout (git ls-files: tracked and untracked, not ignored) to every worker, install it",
-              shlex.join(upload_command(tpu)),
+              "# (the upload: the checkout's tarball cannot be built here, see NOT READY)" if unlisted
+              else shlex.join(upload_command(tpu)),
               shlex.join(ssh_command(tpu, install_shell(tpu))),
               f"# run on all {s.workers} workers; output streams here",
               shlex.join(ssh_command(tpu, run_shell(tpu)))]
