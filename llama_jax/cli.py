@@ -698,7 +698,7 @@ def _sweep(args, job: dict) -> None:
     from llama_jax import results, sweep
 
     spec, axes, listed = sweep.prepare(args.config, args.workdir, args.sweep or [], args.overrides, args.search,
-                                       args.trials, args.seed)
+                                       args.trials, args.seed, probe=not args.dry_run)
     if args.on == "slurm":
         print(sweep.submit_to_slurm(spec, axes, listed, args.workdir, job, dry_run=args.dry_run))
         return
@@ -933,7 +933,7 @@ def cmd_launch_slurm(args) -> None:
         from llama_jax.run import check_workdir
 
         try:
-            check_workdir(Path(workdir).absolute())
+            check_workdir(Path(workdir).absolute(), probe=not args.dry_run)
         except ValueError as e:
             raise UserError(f"after --: train: {e}") from None
     folder = args.folder or (str(Path(workdir) / slurm.WORKDIR_FOLDER) if workdir else None)

@@ -359,10 +359,13 @@ def enclosing_run_or_model(path: str | os.PathLike) -> Path | None:
     return next(owners, None)
 
 
-def check_writable(path: str | os.PathLike, option: str, into: bool = False) -> None:
+def check_writable(path: str | os.PathLike, option: str, into: bool = False, probe: bool = True) -> None:
     """ValueError unless `path` can be created or replaced: its nearest existing parent is a
     directory this process may write (not on a read-only file system, not immutable).
-    `into`: `path` is a directory written into, checked itself when it exists."""
+    `into`: `path` is a directory written into, checked itself when it exists.
+    `probe`: the OS is asked by creating a file there (removed at once), as the write will; without
+    it (a dry run, which writes nothing) `os.access` is asked, which lets root write anywhere, even
+    into /proc, and may miss a read-only bind mount."""
     path = Path(path).absolute()
     leads_nowhere = broken_link(path)
     if leads_nowhere:
@@ -370,9 +373,23 @@ def check_writable(path: str | os.PathLike, option: str, into: bool = False) -> 
     existing = next(p for p in ([path] if into else []) + list(path.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"{option} {path}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: {existing} is not writable (read-only file system or no permission); "
-                         f"choose another {option}")
+    if probe:
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".llama-jax-probe-"):
+                pass
+        except OSError as e:
+            raise ValueError(cannot_write(option, path, existing, e)) from None
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(cannot_write(option, path, existing, "read-only file system or no permission"))
+
+
+def cannot_write(option: str, path: str | os.PathLike, folder: Path, reason: OSError | str) -> str:
+    """The error line for an `option` `path` whose file cannot be written into `folder`, for `reason`
+    (the OS's error: its message, not the name of the temporary file it may be about)."""
+    if isinstance(reason, OSError):
+        reason = reason.strerror or str(reason)
+    return f"{option} {path}: cannot write a file into {folder} ({reason}); choose another {option}, in a folder " \
+           f"this user may write"
 
 
 class DirectoryBusy(ValueError):

@@ -829,8 +829,10 @@ def tell(study, optuna_trial, status: str, final: float | None) -> None:
 
 
 def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], overrides: Sequence[str],
-            search: str = "grid", trials: int | None = None, seed: int = 0, out=print) -> tuple[SweepSpec, dict, list]:
-    """Check everything about a sweep before anything runs: (spec, axes, trials; [] for optuna)."""
+            search: str = "grid", trials: int | None = None, seed: int = 0, out=print,
+            probe: bool = True) -> tuple[SweepSpec, dict, list]:
+    """Check everything about a sweep before anything runs: (spec, axes, trials; [] for optuna).
+    `probe`: whether WORKDIR is written to learn that it may be (`check_writable`; False for a dry run)."""
     workdir = Path(workdir).absolute()
     saved = saved_spec(workdir, out)
     started = {p.name for p in workdir.iterdir() if holds_run(p)} if saved else set()
@@ -838,7 +840,7 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
                                      started=started)
     if search == "optuna":
         _import_optuna()
-    check_workdir(workdir, spec, saved)
+    check_workdir(workdir, spec, saved, probe)
     _check_trial_paths(workdir, axes, listed, numbered=search != "grid")
     if saved and trials_started(workdir):  # where its trials started stays the record (none: an earlier release's),
         # and so does its config file's path (`check_workdir`: the same file, perhaps named otherwise now)
@@ -999,16 +1001,16 @@ def _check_trial_paths(workdir: Path, axes: dict, listed: list[Trial], numbered:
             raise SweepError(f"{path} is {what}, where the directory of trial {path.name} goes; move it away")
 
 
-def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
+def check_workdir(workdir: Path, spec: SweepSpec, saved: dict, probe: bool = True) -> None:
     """SweepError unless `workdir` is new, empty, holds this same sweep (`saved`, its sweep.json), or
     holds a sweep none of whose trials has started (a sweep that stopped at a check or while
-    preparing its data may be given again with other arguments)."""
+    preparing its data may be given again with other arguments). `probe`: as `check_writable`'s."""
     from llama_jax.launch.slurm import WORKDIR_FOLDER
     from llama_jax.safe_io import check_outside_runs_and_models, check_writable
 
     if workdir.exists() and not workdir.is_dir():
         raise SweepError(f"--workdir {workdir} is a file, not a directory")
-    check_writable(workdir, "--workdir", into=True)
+    check_writable(workdir, "--workdir", into=True, probe=probe)
     check_outside_runs_and_models(workdir, "--workdir")
     if saved:
         mine = json.loads(spec.to_json())

@@ -617,9 +617,32 @@ def test_an_unwritable_destination_is_refused_before_any_work(read_only_dir, mod
         ("eval", ["eval", str(model_dir), "--config", demo, "--output", str(read_only_dir / "eval.json")]),
     ]:
         assert main(argv) == 2, command
-        assert re.search(rf"{re.escape(str(read_only_dir))} is not writable \(read-only file system or no "
-                         rf"permission\); choose another", one_line_error(capsys, command)), command
+        assert re.search(rf"cannot write a file into {re.escape(str(read_only_dir))} \((Read-only file system|"
+                         rf"Permission denied)\); choose another", one_line_error(capsys, command)), command
     assert not list(read_only_dir.iterdir())
+
+
+@pytest.mark.parametrize("output", ["/proc/x", "/proc/sub/x"])
+def test_a_folder_that_takes_no_files_is_refused_before_any_work(output, model_dir, pristine_run, capsys):
+    """/proc takes no new files, not even from root, whom `os.access` lets write anywhere: each
+    command finds that out by trying, before training, preparing (the demo trains a tokenizer on the
+    standard library first), converting or evaluating, and names its own option, not a temporary file."""
+    demo = str(ROOT / "configs" / "demo.py")
+    for command, argv, option in [
+        ("train", ["train", "--config", TINY, "--workdir", output, *RUN], "--workdir"),
+        ("convert", ["convert", "--from", "jax", "--to", "hf", str(model_dir), output], "destination"),
+        ("export", ["export", "--workdir", str(pristine_run[0]), output], "destination"),
+        ("prepare-data", ["prepare-data", "--config", demo, "--output", output], "--output"),
+        ("sweep", ["sweep", "--config", TINY, "--workdir", output, "--sweep", "train.seed=[0]"], "--workdir"),
+        ("eval", ["eval", str(model_dir), "--config", demo, "--output", f"{output}.json"], "--output"),
+    ]:
+        shown = f"{output}.json" if command == "eval" else output
+        assert main(argv) == 2, command
+        out, err = capsys.readouterr()
+        refusal = rf": error: {option} {shown}: cannot write a file into /proc \([^)]+\); choose another {option}"
+        assert out == "" and err.count("\n") == 1 and re.search(refusal, err), (command, err)
+        assert ".tmp" not in err
+    assert not Path("/proc/x").exists() and not Path("/proc/sub").exists()
 
 
 @pytest.fixture

@@ -871,7 +871,8 @@ def test_results_replace_only_an_earlier_result(model_dirs, tmp_path, capsys, co
 def test_eval_refuses_an_unwritable_result_before_reading_the_model(model_dirs, tmp_path, capsys):
     """Where the result goes is checked before the model is read (here it has no parameters, which
     reading would find): MODEL/eval-TAG.json as a directory (eval.json holds a score of other
-    settings), and, where permissions bind (not as root), a read-only model or run directory."""
+    settings), /proc (which takes no files, not even root's; lm-eval too), and, where permissions bind
+    (not as root), a read-only model or run directory."""
     from llama_jax.eval_files import settings_tag
     from llama_jax.experiment import load_config
 
@@ -887,11 +888,17 @@ def test_eval_refuses_an_unwritable_result_before_reading_the_model(model_dirs, 
     (model / f"eval-{tag}.json").mkdir()
     cases = [(["eval", str(model), "--config", str(config)],
               rf"--output \S+/model/eval-{tag}.json is a directory; give the path of a JSON file to write$")]
+    # a folder that takes no files, even from root (whom os.access lets write anywhere): found by trying
+    cases += [(command, rf"--output {output}: cannot write a file into /proc \([^)]+\); choose another --output, "
+                        rf"in a folder this user may write$")
+              for output in ("/proc/x.json", "/proc/sub/x.json")
+              for command in (["eval", str(model), "--config", str(config), "--output", output],
+                              ["lm-eval", str(model), "--tasks", "tiny_mc", "--output", output])]
     if os.geteuid() != 0:  # (root writes a read-only directory)
         cases += [(["eval", str(model), "--config", str(config), "--seq-len", "16"],
-                   r"--output \S+/model/eval-[0-9a-f]{8}.json: \S+/model is not writable"),
+                   r"--output \S+/model/eval-[0-9a-f]{8}.json: cannot write a file into \S+/model \(Permission denied"),
                   (["eval", "--workdir", str(run), "--config", str(config)],
-                   r"--output \S+/run/eval-STEP.json: \S+/run is not writable")]
+                   r"--output \S+/run/eval-STEP.json: cannot write a file into \S+/run \(Permission denied")]
     model.chmod(0o555), run.chmod(0o555)
     try:
         for args, message in cases:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llama_jax.cli import OneLineParser, _error_text
 from llama_jax.data import each_file_once, jsonl_texts, utf8_text
-from llama_jax.safe_io import check_outside_runs_and_models, check_writable, real_path
+from llama_jax.safe_io import cannot_write, check_outside_runs_and_models, check_writable, real_path
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 
@@ -99,12 +99,11 @@ def check_arguments(args, inputs: list[Path]) -> None:
 
 
 def unwritable(output: Path, error: OSError) -> str:
-    """The error line for an --output that could not be written: the folder it would go into (the
-    nearest one on its path that exists) and why, where the OS's error names a temporary file
-    beside it or a folder on its way."""
+    """The error line for an --output that could not be written (the folder checked before training
+    changed since): the folder it would go into (the nearest one on its path that exists) and why,
+    where the OS's error names a temporary file beside it or a folder on its way."""
     folder = next(p for p in output.absolute().parents if p.is_dir())
-    return (f"--output {output}: cannot write a file into {folder} ({error.strerror or error}); choose another "
-            f"--output")
+    return cannot_write("--output", output, folder, error)
 
 
 def main(argv: list[str] | None = None) -> int:
