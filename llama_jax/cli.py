@@ -906,9 +906,11 @@ def cmd_launch_tpu(args) -> None:
         tpu.check_shipped(root, config, shipped)  # (a file this checkout has but its copy lacks)
     _check_launched_config(command, launched, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
     if args.copy_back:
-        from llama_jax.safe_io import check_folder
+        from llama_jax.safe_io import check_folder, check_writable
 
         check_folder(args.copy_back, "--copy-back", "to receive the run's workdir")
+        # now, not after the run: hours of a slice's time (a dry run writes nothing)
+        check_writable(args.copy_back, "--copy-back", into=True, probe=not args.dry_run)
     spec = tpu.TpuLaunch(name=args.name, zone=args.zone, slice=tpu_slice,
                          command=tuple(command), runtime_version=args.runtime_version, spot=args.spot,
                          project=args.project, setup=args.setup, copy_back=args.copy_back,

@@ -330,6 +330,19 @@ def test_copy_back_and_delete_after_a_run(fake_gcloud, tmp_path, capsys):
     assert not Path(os.environ["FAKE_LOG"]).exists()  # no gcloud command ran
 
 
+def test_a_copy_back_folder_that_takes_no_files_is_refused_before_the_slice_is_made(fake_gcloud, capsys):
+    """/proc takes no new files (for root too, which os.access lets write there): refused before any
+    gcloud command, not after the run when its workdir would be copied."""
+    set_state, _ = fake_gcloud
+    set_state("ACTIVE")
+    for back in ("/proc/back", "/proc/sub/back"):
+        assert cli.main(launch_args("--copy-back", back)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"llama-jax launch: error: --copy-back {back}: cannot write a file into /proc (")
+        assert len(err.splitlines()) == 1
+        assert not Path(os.environ["FAKE_LOG"]).exists()  # no gcloud command ran
+
+
 def test_delete_after_a_failed_install_and_not_after_a_failed_copy_back(fake_gcloud, monkeypatch, capsys, tmp_path):
     """--delete-after deletes a slice the launch created and could not install on (nothing of
     anyone's is on it), but keeps a reused one (it may hold earlier runs' files) and one whose
