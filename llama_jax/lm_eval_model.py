@@ -16,6 +16,7 @@ Needs the `eval` extra (`pip install -e '.[eval]'`); `import llama_jax` never im
 
 from __future__ import annotations
 
+import contextlib
 import json
 import traceback
 import warnings
@@ -268,9 +269,11 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
                    mesh: tuple[int, int, int] = (1, -1, 1), max_gen_toks: int | None = None) -> dict:
     """Run lm-eval tasks on a model directory; returns the harness's results dict.
 
-    The task names are checked before the model is loaded. `include_path`: a directory of task
-    YAML files of one's own; `include_defaults=False` leaves out the harness's tasks (faster; also
-    done when every task named is one of its own tasks, not a group or tag).
+    The tasks are built before the model is loaded (`_check_tasks`), so an unknown name, a task the
+    harness cannot read or prepare, or a metric it cannot resolve is a ValueError before the minutes
+    a large model takes to load. `include_path`: a directory of task YAML files of one's own;
+    `include_defaults=False` leaves out the harness's tasks (faster; also done when every task named
+    is one of its own tasks, not a group or tag).
     `mesh`: (data, fsdp, tensor) sizes of the device mesh the model is sharded over.
     `max_gen_toks`: new tokens of generation tasks whose settings do not give them (default 256)."""
     from lm_eval import simple_evaluate
@@ -290,25 +293,14 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
     if unknown:
         raise ValueError(f"lm-eval has no task {unknown[0]!r}; `lm-eval ls tasks` lists the tasks it knows "
                          f"(tasks of your own: --include-path DIR of task YAML files)")
+    with _task_errors(tasks, include_path, num_fewshot):
+        _check_tasks(tasks, manager)  # before the model is read, which takes minutes for a large one
     data, fsdp, tensor = mesh
     model = LlamaJaxLM(model_dir, batch_size=batch_size, max_length=max_length, dtype=dtype, data=data, fsdp=fsdp,
                        tensor=tensor, **({} if max_gen_toks is None else {"max_gen_toks": max_gen_toks}))
-    try:
+    with _task_errors(tasks, include_path, num_fewshot):
         results = simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=log_samples)
-    except Exception as e:
-        if _raised_in_llama_jax(e):
-            raise
-        unknown_metric = _unknown_metric(e)
-        if unknown_metric:
-            raise ValueError(unknown_metric) from e
-        # the harness's own code failed: reading a task's config, data or templates (a task of one's own,
-        # or a dataset it cannot fetch), or scoring it
-        where = f" (tasks of your own: check their files under --include-path {include_path})" if include_path else ""
-        if num_fewshot and isinstance(e, ValueError) and str(e).startswith("Sample larger than population"):
-            where = (f" (--num-fewshot {num_fewshot} asks for more examples than a task's few-shot documents "
-                     f"hold, one fewer when they are its own test documents; give fewer)")  # random.sample's error
-        raise ValueError(f"lm-eval failed on the task(s) {', '.join(tasks)}: {_causes(e)}{where}") from e
     # the harness records a model object as its class name alone: say what was scored, and how
     results["config"] = {**results.get("config", {}), "model": NAME, "model_args": model.model_args,
                          "batch_size": model.batch_size}
@@ -328,6 +320,68 @@ def _task_manager(tasks: list[str], include_path: str | None, include_defaults: 
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
+def _check_tasks(tasks: list[str], manager) -> None:
+    """Build the tasks as `simple_evaluate` builds them (their configs, data, templates and metrics
+    read), so that what fails there fails before the model is read; the harness builds them again
+    from the datasets' cache. Python's and NumPy's generators are seeded as `simple_evaluate` seeds
+    them before its build, so a task that draws from them as it is built (GPQA shuffles its
+    choices) draws, and leaves in the datasets' cache, what the harness's own build would. Raises
+    ValueError for a metric that the harness resolves to nothing (`_unknown_metric`)."""
+    import inspect
+    import logging
+    import random
+
+    from lm_eval import simple_evaluate
+    from lm_eval.api.task import ConfigurableTask
+
+    seeds = inspect.signature(simple_evaluate).parameters
+    random.seed(seeds["random_seed"].default)
+    np.random.seed(seeds["numpy_random_seed"].default)
+    harness_log = logging.getLogger("lm_eval")
+    level = harness_log.level
+    harness_log.setLevel(logging.ERROR)  # its notes on each task come once, from its own build
+    try:
+        if hasattr(manager, "load"):  # lm-eval 0.4.12 on
+            built = manager.load(list(tasks))
+        else:
+            from lm_eval.tasks import get_task_dict
+            built = get_task_dict(list(tasks), manager)
+    finally:
+        harness_log.setLevel(level)
+
+    def leaves(item):  # the tasks in {"tasks": {name: task}, "groups": ...} or {group: {name: task}, name: task}
+        if isinstance(item, dict):
+            return [task for value in item.values() for task in leaves(value)]
+        return [item] if isinstance(item, ConfigurableTask) else []
+
+    for task in leaves(built):
+        if task.config.process_results is None and type(task).process_results is ConfigurableTask.process_results:
+            for metric, function in task._metric_fn_list.items():  # (else a function of the task's own scores it)
+                if function is None:
+                    raise ValueError(_unknown_metric(task.config.task, metric, aggregated=True))
+
+
+@contextlib.contextmanager
+def _task_errors(tasks: list[str], include_path: str | None, num_fewshot: int | None):
+    """An error of the harness's code (reading a task's config, data or templates, a task of one's own
+    or a dataset it cannot fetch; or scoring it) as one ValueError line naming the tasks and its
+    causes; errors raised in this package's code pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if _raised_in_llama_jax(e):
+            raise
+        if isinstance(e, KeyError) and e.args == (None,):
+            named = _metric_without_aggregation(e)
+            if named:
+                raise ValueError(_unknown_metric(*named, aggregated=False)) from e
+        where = f" (tasks of your own: check their files under --include-path {include_path})" if include_path else ""
+        if num_fewshot and isinstance(e, ValueError) and str(e).startswith("Sample larger than population"):
+            where = (f" (--num-fewshot {num_fewshot} asks for more examples than a task's few-shot documents "
+                     f"hold, one fewer when they are its own test documents; give fewer)")  # random.sample's error
+        raise ValueError(f"lm-eval failed on the task(s) {', '.join(tasks)}: {_causes(e)}{where}") from e
+
+
 def _raised_in_llama_jax(error: BaseException) -> bool:
     """Whether `error` comes from this package's code (the model's methods the harness calls), a
     failure of ours whose traceback is wanted, rather than from the harness's code (reading a
@@ -344,24 +398,30 @@ def _raised_in_llama_jax(error: BaseException) -> bool:
     return False
 
 
-def _unknown_metric(error: BaseException) -> str | None:
-    """What the harness's `KeyError: None` means when a task's metric_list names a metric that it
-    does not register (a typo, a `!function` metric) and gives it no aggregation (the harness looks
-    up the name of the default aggregation it found, None): the task and the metric, as the task
-    being built held them; None for any other error."""
-    from lm_eval.api.registry import METRIC_AGGREGATION_REGISTRY
+def _metric_without_aggregation(error: KeyError) -> tuple[str, str] | None:
+    """The (task, metric) behind the harness's `KeyError: None` while it builds a task whose
+    metric_list names a metric it does not register without giving an aggregation (it looks up
+    the name of the default aggregation it found, None), as the task being built held them."""
     from lm_eval.api.task import ConfigurableTask
 
-    if not (isinstance(error, KeyError) and error.args == (None,)):
-        return None
     for frame, _ in traceback.walk_tb(error.__traceback__):
         if frame.f_code is ConfigurableTask.__init__.__code__ and "metric_name" in frame.f_locals:
-            task, metric = frame.f_locals["self"].config.task, frame.f_locals["metric_name"]
-            return (f"task {task!r}: its metric_list names {metric!r}, a metric lm-eval does not register, without "
-                    f"an aggregation; valid: a metric it registers ({', '.join(sorted(METRIC_AGGREGATION_REGISTRY))})"
-                    f", or another (a `!function` metric, a Hugging Face Evaluate metric) with its aggregation "
-                    f"beside it (such as `aggregation: mean`)")
+            return frame.f_locals["self"].config.task, frame.f_locals["metric_name"]
     return None
+
+
+def _unknown_metric(task: str, metric: str, aggregated: bool) -> str:
+    """The line for a task whose metric_list names a metric the harness does not register: without
+    an aggregation it stops building the task; with one it finds no function for it elsewhere
+    (Hugging Face Evaluate), and a generation task fails once generated ("'NoneType' object is not
+    callable") while other tasks leave the metric out of their results."""
+    from lm_eval.api.registry import METRIC_AGGREGATION_REGISTRY
+
+    problem = " and Hugging Face Evaluate does not load" if aggregated else ", without an aggregation"
+    return (f"task {task!r}: its metric_list names {metric!r}, a metric lm-eval does not register{problem}; "
+            f"valid: a metric it registers ({', '.join(sorted(METRIC_AGGREGATION_REGISTRY))}), or another "
+            f"(a `!function` metric, a Hugging Face Evaluate metric) with its aggregation beside it (such as "
+            f"`aggregation: mean`)")
 
 
 def _causes(error: BaseException) -> str:

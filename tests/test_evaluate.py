@@ -675,26 +675,37 @@ def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(mo
 
 
 def test_a_metric_the_harness_does_not_register_is_named_in_one_line(model_dirs, tmp_path, capsys, offline):
-    """A metric_list naming a metric the harness does not register, with no aggregation given (a
-    typo; a `!function` metric), stopped lm-eval with "KeyError: None": the line names the task and
-    the metric, and what is valid. A `!function` metric with its aggregation runs."""
+    """A metric_list naming a metric the harness does not register, without an aggregation (a
+    typo; a `!function` metric), stopped lm-eval with "KeyError: None"; with one, a generation task
+    failed once generated ("'NoneType' object is not callable") and a multiple-choice task ran and
+    left the metric out. Each is one line naming the task and the metric, and what is valid, before
+    the model is read (here it has no parameters, which reading would find). A `!function` metric
+    with its aggregation runs."""
     from lm_eval.api.registry import METRIC_AGGREGATION_REGISTRY
 
     tasks = tmp_path / "tasks"
     write_tasks(tasks, long_context="Loops")
     (tasks / "metrics.py").write_text("def match(references, predictions):\n"
                                       "    return float(references[0] == predictions[0])\n")
-    (tasks / "typo.yaml").write_text((tasks / "tiny_mc.yaml").read_text().replace("tiny_mc", "typo")
-                                     .replace("metric: acc_norm", "metric: acc_nrom"))
-    gen = (tasks / "tiny_gen.yaml").read_text()
+    mc, gen = (tasks / "tiny_mc.yaml").read_text(), (tasks / "tiny_gen.yaml").read_text()
+    (tasks / "typo.yaml").write_text(mc.replace("tiny_mc", "typo").replace("metric: acc_norm", "metric: acc_nrom"))
+    (tasks / "typo_mean.yaml").write_text(mc.replace("tiny_mc", "typo_mean").replace(
+        "metric: acc_norm", "metric: acc_nrom\n    aggregation: mean"))
+    (tasks / "gen_typo_mean.yaml").write_text(gen.replace("tiny_gen", "gen_typo_mean").replace(
+        "metric: exact_match", "metric: exact_mtch\n    aggregation: mean"))
     (tasks / "own.yaml").write_text(gen.replace("tiny_gen", "own")
                                     .replace("metric: exact_match", "metric: !function metrics.match"))
     (tasks / "own_mean.yaml").write_text(gen.replace("tiny_gen", "own_mean").replace(
         "metric: exact_match", "metric: !function metrics.match\n    aggregation: mean"))
+    no_params = tmp_path / "model"
+    shutil.copytree(model_dirs[1], no_params, ignore=shutil.ignore_patterns("params"))
     out = tmp_path / "results.json"
-    for task, metric in (("typo", "acc_nrom"), ("own", "match")):
-        assert main(["lm-eval", str(model_dirs[1]), "--tasks", task, "--include-path", str(tasks), "--limit", "1",
-                     "--output", str(out)]) == 2
+    for task, metric, problem in (("typo", "acc_nrom", ", without an aggregation"),
+                                  ("own", "match", ", without an aggregation"),
+                                  ("typo_mean", "acc_nrom", " and Hugging Face Evaluate does not load"),
+                                  ("gen_typo_mean", "exact_mtch", " and Hugging Face Evaluate does not load")):
+        assert main(["lm-eval", str(no_params), "--tasks", f"tiny_mc,{task}", "--include-path", str(tasks),
+                     "--limit", "1", "--output", str(out)]) == 2
         err = capsys.readouterr().err
         valid = (f"valid: a metric it registers ({', '.join(sorted(METRIC_AGGREGATION_REGISTRY))}), or another (a "
                  f"`!function` metric, a Hugging Face Evaluate metric) with its aggregation beside it (such as "
@@ -702,13 +713,54 @@ def test_a_metric_the_harness_does_not_register_is_named_in_one_line(model_dirs,
         assert "acc_norm" in valid
         assert "Traceback" not in err
         assert err.strip().splitlines()[-1] == (f"llama-jax lm-eval: error: task {task!r}: its metric_list names "
-                                                f"{metric!r}, a metric lm-eval does not register, without an "
-                                                f"aggregation; {valid}")
+                                                f"{metric!r}, a metric lm-eval does not register{problem}; {valid}")
         assert not out.exists()
+    # a task the harness cannot prepare, too, is named before the model is read; a good one reads it
+    (tasks / "bad_field.yaml").write_text(mc.replace("tiny_mc", "bad_field").replace("{{question}}", "{{qqq}}"))
+    for task, message in (("bad_field", "lm-eval failed on the task(s) bad_field: UndefinedError: 'qqq' is undefined"),
+                          ("tiny_mc", f"{no_params}: parameter checkpoint params/ not found")):
+        assert main(["lm-eval", str(no_params), "--tasks", task, "--include-path", str(tasks), "--limit", "1",
+                     "--output", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"llama-jax lm-eval: error: {message}")
     assert main(["lm-eval", str(model_dirs[1]), "--tasks", "own_mean", "--include-path", str(tasks), "--limit", "1",
                  "--output", str(out)]) == 0
     capsys.readouterr()
     assert "match,none" in json.loads(out.read_text())["results"]["own_mean"]
+
+
+def test_tasks_built_before_the_model_score_as_the_harness_alone_scores_them(model_dirs, tmp_path, offline):
+    """The tasks are built before the model is read, and again by the harness: a task that shuffles
+    its choices with Python's generator as it is built (as GPQA does) gets the choices, and the
+    scores, that `simple_evaluate` alone gives it, though the first build left its documents in the
+    datasets' cache."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from llama_jax.lm_eval_model import evaluate_tasks
+
+    tasks = tmp_path / "tasks"
+    write_tasks(tasks, long_context="Loops")
+    (tasks / "shuffle.py").write_text(
+        "import random\n\n\n"
+        "def process_docs(dataset):\n"
+        "    def shuffled(doc):\n"
+        "        choices = list(doc['choices'])\n"
+        "        random.shuffle(choices)\n"
+        "        return {'choices': choices, 'answer': choices.index(doc['choices'][doc['answer']])}\n"
+        "    return dataset.map(shuffled)\n")
+    for name in ("shuffled", "shuffled_alone"):  # each with a datasets cache of its own
+        (tasks / f"{name}.yaml").write_text(
+            (tasks / "tiny_mc.yaml").read_text().replace("tiny_mc", name)
+            .replace("dataset_kwargs:\n", f"dataset_kwargs:\n  cache_dir: {tmp_path / name}\n")
+            + "process_docs: !function shuffle.process_docs\n")
+    ours = evaluate_tasks(str(model_dirs[1]), ["shuffled"], include_path=str(tasks), log_samples=True)
+    alone = lm_eval.simple_evaluate(model="llama_jax", model_args=f"pretrained={model_dirs[1]}",
+                                    tasks=["shuffled_alone"], log_samples=True,
+                                    task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    runs = ((ours, "shuffled"), (alone, "shuffled_alone"))
+    choices = [[sample["doc"]["choices"] for sample in run["samples"][task]] for run, task in runs]
+    scores = [{k: v for k, v in run["results"][task].items() if "," in k} for run, task in runs]  # "acc,none"
+    assert choices[0] == choices[1] and scores[0] == scores[1] and "acc_norm,none" in scores[0]
 
 
 def test_a_continuation_merged_into_the_context_is_scored_as_the_pieces_it_changed(model_dirs):
