@@ -30,14 +30,14 @@ setup(
         # PyTorch is pinned to 2.13.0 (the Makefile installs it first; TORCH_PIP_OPTIONS can point pip at its CPU
         # build); transformers is only the reference oracle in tests.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "optuna>=4", "submitit>=1.5",
-                 "lm-eval>=0.4.8", "accelerate", "protobuf"],
+                 "lm-eval>=0.4.12", "accelerate", "protobuf"],
         # Model-based sweeps (llama-jax sweep --search optuna); grid and random searches need nothing.
         "sweep": ["optuna>=4"],
         # Launching on SLURM (llama-jax launch slurm); TPU launching needs only the gcloud CLI.
         "launch": ["submitit>=1.5"],
         # lm-evaluation-harness benchmarks (llama-jax lm-eval). The tests also run the harness's Hugging
         # Face backend as the reference, which needs accelerate (and torch) and protobuf.
-        "eval": ["lm-eval>=0.4.8"],
+        "eval": ["lm-eval>=0.4.12"],
     },
     entry_points={"console_scripts": ["llama-jax=llama_jax.cli:main"]},
 )

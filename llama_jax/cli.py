@@ -8,6 +8,7 @@ import errno
 import logging
 import math
 import os
+import re
 import resource
 import shlex
 import signal
@@ -628,6 +629,24 @@ def _check_lm_eval_arguments(args) -> None:
         raise UserError("no task given; pass --tasks NAME[,NAME...] (`lm-eval ls tasks` lists them)")
 
 
+LM_EVAL_REQUIREMENT = "lm-eval>=0.4.12"  # as setup.py's `eval` extra: the harness's task index and TaskManager.load
+
+
+def _check_lm_eval_version() -> None:
+    """UserError where an lm-eval older than LM_EVAL_REQUIREMENT is installed (its API differs: it
+    fails on import, or halfway through a run); none installed is said on import."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("lm-eval")
+    except PackageNotFoundError:
+        return
+    least = LM_EVAL_REQUIREMENT.split(">=")[1]
+    if tuple(map(int, re.findall(r"\d+", installed)[:3])) < tuple(map(int, least.split("."))):
+        raise UserError(f"lm-eval {installed} is installed; llama-jax lm-eval needs {LM_EVAL_REQUIREMENT}: "
+                        f"pip install -U '{LM_EVAL_REQUIREMENT}'")
+
+
 def cmd_lm_eval(args) -> None:
     import json
 
@@ -638,12 +657,13 @@ def cmd_lm_eval(args) -> None:
     output = Path(args.model) / LM_EVAL_FILE if args.output is None else args.output
     if args.output is not None or Path(args.model).is_dir():  # else the model's own error comes first
         output = check_results_file(output, "--output", "llama-jax lm-eval", LM_EVAL_RESULT_KEYS)
+    _check_lm_eval_version()
     try:
         from llama_jax.lm_eval_model import evaluate_tasks
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] != "lm_eval":
             raise
-        raise UserError("lm-eval is not installed; pip install -e '.[eval]' (or 'lm-eval>=0.4.8')") from None
+        raise UserError(f"lm-eval is not installed; pip install -e '.[eval]' (or '{LM_EVAL_REQUIREMENT}')") from None
     from lm_eval.utils import handle_non_serializable, make_table
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -341,11 +341,7 @@ def _check_tasks(tasks: list[str], manager) -> None:
     level = harness_log.level
     harness_log.setLevel(logging.ERROR)  # its notes on each task come once, from its own build
     try:
-        if hasattr(manager, "load"):  # lm-eval 0.4.12 on
-            built = manager.load(list(tasks))
-        else:
-            from lm_eval.tasks import get_task_dict
-            built = get_task_dict(list(tasks), manager)
+        built = manager.load(list(tasks))
     finally:
         harness_log.setLevel(level)
 

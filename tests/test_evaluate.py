@@ -801,7 +801,19 @@ def test_lm_eval_not_installed(model_dirs, monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "llama_jax.lm_eval_model", raising=False)
     assert main(["lm-eval", str(model_dirs[1]), "--tasks", "hellaswag"]) == 2
     assert capsys.readouterr().err.strip() == ("llama-jax lm-eval: error: lm-eval is not installed; "
-                                               "pip install -e '.[eval]' (or 'lm-eval>=0.4.8')")
+                                               "pip install -e '.[eval]' (or 'lm-eval>=0.4.12')")
+
+
+def test_an_lm_eval_older_than_the_one_required_is_named(model_dirs, monkeypatch, capsys):
+    """An older harness fails on import (0.4.8, 0.4.9) or halfway through a run (0.4.10, 0.4.11):
+    its version is refused first, in one line."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.4.11" if name == "lm-eval" else real(name))
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "hellaswag"]) == 2
+    assert capsys.readouterr().err.strip() == ("llama-jax lm-eval: error: lm-eval 0.4.11 is installed; llama-jax "
+                                               "lm-eval needs lm-eval>=0.4.12: pip install -U 'lm-eval>=0.4.12'")
 
 
 def test_a_model_whose_outputs_are_not_finite_scores_null(model, model_dirs, tmp_path, capsys):
