@@ -247,7 +247,8 @@ def _check_step_names(directory: Path) -> None:
         if directory.is_dir() else []
     if odd:
         raise ValueError(f"{directory / odd[0]} is no checkpoint of this run (a step's folder is named by its number "
-                         f"alone, as {int(odd[0])}) but would be read as step {int(odd[0])}; move it out of {directory}")
+                         f"alone, as {int(odd[0])}) but would be read as step {int(odd[0])}; move it out of "
+                         f"{directory}")
 
 
 class RunCheckpoints:

@@ -955,7 +955,7 @@ def cmd_launch_slurm(args) -> None:
         from llama_jax.run import check_workdir
 
         try:
-            check_workdir(Path(workdir).absolute(), probe=not args.dry_run)
+            check_workdir(Path(workdir).absolute())  # (probed: a dry run too writes its script there)
         except ValueError as e:
             raise UserError(f"after --: train: {e}") from None
     folder = args.folder or (str(Path(workdir) / slurm.WORKDIR_FOLDER) if workdir else None)

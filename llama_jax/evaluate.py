@@ -107,7 +107,8 @@ class _Forward:
         with self.context():
             return self.scores(self.params, b["tokens"], b["targets"], b["positions"], b["segment_ids"])
 
-    def run(self, batches: Iterable[tuple[dict[str, np.ndarray], object]]) -> Iterator[tuple[np.ndarray, np.ndarray, object]]:
+    def run(self, batches: Iterable[tuple[dict[str, np.ndarray], object]]
+            ) -> Iterator[tuple[np.ndarray, np.ndarray, object]]:
         """(log-probs, hits, tag) per (batch, tag), in order; the next batch is dispatched before
         the previous one's results are fetched."""
         pending = None

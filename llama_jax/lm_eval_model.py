@@ -332,6 +332,7 @@ def _check_tasks(tasks: list[str], manager) -> None:
     import random
 
     from lm_eval import simple_evaluate
+    from lm_eval.api.registry import METRIC_REGISTRY
     from lm_eval.api.task import ConfigurableTask
 
     seeds = inspect.signature(simple_evaluate).parameters
@@ -350,10 +351,14 @@ def _check_tasks(tasks: list[str], manager) -> None:
             return [task for value in item.values() for task in leaves(value)]
         return [item] if isinstance(item, ConfigurableTask) else []
 
+    # A metric whose function the harness could not find (`get_metric` gave None): a generation task
+    # calls it once generated; other tasks score the registered metrics themselves (as with
+    # `hf_evaluate: true` offline) and leave any other name out of their results.
     for task in leaves(built):
         if task.config.process_results is None and type(task).process_results is ConfigurableTask.process_results:
+            generates = task.config.output_type == "generate_until"
             for metric, function in task._metric_fn_list.items():  # (else a function of the task's own scores it)
-                if function is None:
+                if function is None and (generates or metric not in METRIC_REGISTRY):
                     raise ValueError(_unknown_metric(task.config.task, metric, aggregated=True))
 
 
@@ -407,12 +412,17 @@ def _metric_without_aggregation(error: KeyError) -> tuple[str, str] | None:
 
 
 def _unknown_metric(task: str, metric: str, aggregated: bool) -> str:
-    """The line for a task whose metric_list names a metric the harness does not register: without
-    an aggregation it stops building the task; with one it finds no function for it elsewhere
-    (Hugging Face Evaluate), and a generation task fails once generated ("'NoneType' object is not
-    callable") while other tasks leave the metric out of their results."""
-    from lm_eval.api.registry import METRIC_AGGREGATION_REGISTRY
+    """The line for a task whose metric_list names a metric the harness has no function for: one it
+    does not register, without an aggregation (it stops building the task) or with one (no function
+    for it elsewhere, Hugging Face Evaluate: a generation task fails once generated, "'NoneType'
+    object is not callable", other tasks leave the metric out of their results); or a registered one
+    of a generation task's marked `hf_evaluate: true`, which Hugging Face Evaluate did not load."""
+    from lm_eval.api.registry import METRIC_AGGREGATION_REGISTRY, METRIC_REGISTRY
 
+    if metric in METRIC_REGISTRY:
+        return (f"task {task!r}: its metric_list names {metric!r} with `hf_evaluate: true`, which Hugging Face "
+                f"Evaluate does not load here (offline, or not one of its metrics), and the task would stop on it "
+                f"once generated; drop `hf_evaluate` to score lm-eval's own {metric!r}")
     problem = " and Hugging Face Evaluate does not load" if aggregated else ", without an aggregation"
     return (f"task {task!r}: its metric_list names {metric!r}, a metric lm-eval does not register{problem}; "
             f"valid: a metric it registers ({', '.join(sorted(METRIC_AGGREGATION_REGISTRY))}), or another "

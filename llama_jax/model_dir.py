@@ -67,7 +67,7 @@ def check_tokenizer_file(file: str | os.PathLike, config: LLaMAConfig) -> None:
 
 
 RECORDED_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
-                   "rope_scaling", "max_seq_len", "tie_embeddings", "param_dtype")  # in every release's model_config.json
+                   "rope_scaling", "max_seq_len", "tie_embeddings", "param_dtype")  # in every release's model_config
 
 
 def load_config(path: str | os.PathLike) -> LLaMAConfig:

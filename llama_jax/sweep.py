@@ -932,8 +932,8 @@ def _spec_kept_by_trials(workdir: Path) -> dict:
         if _is_spec(trial.get("sweep")):
             copies[directory.name] = trial["sweep"]
             if set(trial["overrides"]) != set(trial["sweep"]["axes"]):
-                raise SweepError(f"{directory / TRIAL_FILE} sets {sorted(trial['overrides'])}, not the keys its sweep sweeps "
-                                 f"({sorted(trial['sweep']['axes'])}): put the sweep's {SPEC_FILE} back, or use "
+                raise SweepError(f"{directory / TRIAL_FILE} sets {sorted(trial['overrides'])}, not the keys its sweep "
+                                 f"sweeps ({sorted(trial['sweep']['axes'])}): put the sweep's {SPEC_FILE} back, or use "
                                  f"another --workdir")
     first = next(iter(copies), None)
     other = next((name for name, spec in copies.items() if what_it_is(spec) != what_it_is(copies[first])), None)

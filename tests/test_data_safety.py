@@ -635,11 +635,15 @@ def test_a_folder_that_takes_no_files_is_refused_before_any_work(output, model_d
         ("prepare-data", ["prepare-data", "--config", demo, "--output", output], "--output"),
         ("sweep", ["sweep", "--config", TINY, "--workdir", output, "--sweep", "train.seed=[0]"], "--workdir"),
         ("eval", ["eval", str(model_dir), "--config", demo, "--output", f"{output}.json"], "--output"),
+        # a dry run of a SLURM launch writes its job's script into the run's --workdir
+        ("launch", ["launch", "slurm", "--dry-run", "--", "train", "--config", TINY, "--workdir", output],
+         "--workdir"),
     ]:
         shown = f"{output}.json" if command == "eval" else output
         assert main(argv) == 2, command
         out, err = capsys.readouterr()
-        refusal = rf": error: {option} {shown}: cannot write a file into /proc \([^)]+\); choose another {option}"
+        refusal = rf": error: (after --: train: )?{option} {shown}: cannot write a file into /proc \([^)]+\); choose " \
+                  rf"another {option}"
         assert out == "" and err.count("\n") == 1 and re.search(refusal, err), (command, err)
         assert ".tmp" not in err
     assert not Path("/proc/x").exists() and not Path("/proc/sub").exists()

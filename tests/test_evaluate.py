@@ -679,8 +679,10 @@ def test_a_metric_the_harness_does_not_register_is_named_in_one_line(model_dirs,
     typo; a `!function` metric), stopped lm-eval with "KeyError: None"; with one, a generation task
     failed once generated ("'NoneType' object is not callable") and a multiple-choice task ran and
     left the metric out. Each is one line naming the task and the metric, and what is valid, before
-    the model is read (here it has no parameters, which reading would find). A `!function` metric
-    with its aggregation runs."""
+    the model is read (here it has no parameters, which reading would find). So is a generation
+    task's metric marked `hf_evaluate: true` that Hugging Face Evaluate cannot load; a
+    multiple-choice task's runs (it scores lm-eval's own), as does a `!function` metric with its
+    aggregation."""
     from lm_eval.api.registry import METRIC_AGGREGATION_REGISTRY
 
     tasks = tmp_path / "tasks"
@@ -715,6 +717,23 @@ def test_a_metric_the_harness_does_not_register_is_named_in_one_line(model_dirs,
         assert err.strip().splitlines()[-1] == (f"llama-jax lm-eval: error: task {task!r}: its metric_list names "
                                                 f"{metric!r}, a metric lm-eval does not register{problem}; {valid}")
         assert not out.exists()
+    # `hf_evaluate: true` where Hugging Face Evaluate cannot load the metric (offline here): a generation
+    # task would stop on it once generated; a multiple-choice task scores lm-eval's own metric, and runs
+    (tasks / "gen_hf.yaml").write_text(gen.replace("tiny_gen", "gen_hf").replace(
+        "metric: exact_match", "metric: exact_match\n    hf_evaluate: true"))
+    assert main(["lm-eval", str(no_params), "--tasks", "gen_hf", "--include-path", str(tasks), "--limit", "1",
+                 "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "llama-jax lm-eval: error: task 'gen_hf': its metric_list names 'exact_match' with `hf_evaluate: true`, which "
+        "Hugging Face Evaluate does not load here (offline, or not one of its metrics), and the task would stop on "
+        "it once generated; drop `hf_evaluate` to score lm-eval's own 'exact_match'")
+    (tasks / "mc_hf.yaml").write_text(mc.replace("tiny_mc", "mc_hf").replace(
+        "metric: acc_norm", "metric: acc_norm\n    hf_evaluate: true"))
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "mc_hf", "--include-path", str(tasks), "--limit", "2",
+                 "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert "acc_norm,none" in json.loads(out.read_text())["results"]["mc_hf"]
+    out.unlink()
     # a task the harness cannot prepare, too, is named before the model is read; a good one reads it
     (tasks / "bad_field.yaml").write_text(mc.replace("tiny_mc", "bad_field").replace("{{question}}", "{{qqq}}"))
     for task, message in (("bad_field", "lm-eval failed on the task(s) bad_field: UndefinedError: 'qqq' is undefined"),

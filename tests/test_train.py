@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -110,28 +111,43 @@ def test_cpu_tuning_is_applied_and_changes_only_rounding(single_device_run, monk
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), tuned_params, params)
 
 
-def test_data_by_fsdp_mesh_never_moves_a_whole_batch_activation():
+def test_data_by_fsdp_mesh_moves_no_activation_beyond_a_devices_own():
     """On a data 2 x fsdp 4 mesh XLA's partitioner logs "Involuntary full rematerialization" for an
     activation while it weighs strategies for a weight gradient's product. The program it compiles
-    moves weights (all-gathers), partial weight gradients (reductions) and the embedding's rows
-    between devices, and never an activation of the whole global batch, which replicating one
-    would take."""
-    # rows and length that no parameter's dimensions repeat
+    moves weights (all-gathers), partial weight gradients (reductions), token ids and the embedding's
+    output (an all-to-all) between devices; no activation it moves is larger than one device's own
+    share of the embedding's output, as gathering one over a data group or the whole batch would be."""
+    # rows and length whose multiples no parameter's dimensions are
     config = tiny_config("mesh.data=2", "mesh.fsdp=4", "train.batch_size=24", "train.seq_len=48")
     trainer = build_trainer(config)
     state = trainer.init_state(0)
     batch = global_batch(trainer.mesh, local_batch(config, 0, trainer.model_config))
+    seq_len, dim = config.train.seq_len, trainer.model_config.dim
+    own_share = config.train.batch_size // 8 * seq_len * dim  # elements of [rows per device, seq, dim]
+    collective = re.compile(r"= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
+
+    def moved_activations(hlo: str) -> list[tuple[list[int], str]]:
+        """(dims, line) of each float array a collective moves with a dimension a multiple of seq_len."""
+        found = []
+        for line in hlo.splitlines():
+            match = collective.search(line)
+            for dims in re.findall(r"f32\[([\d,]+)\]", match.group(1)) if match else []:
+                dims = [int(d) for d in dims.split(",")]
+                if any(d % seq_len == 0 for d in dims):
+                    found.append((dims, line.strip()[:160]))
+        return found
+
     with trainer.context():
         hlo = trainer.jit_gradients.lower(state.params, batch).compile().as_text()
-    collective = re.compile(r"= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
-    moved = [m.group(1) for m in map(collective.search, hlo.splitlines()) if m]
-    whole_batch = re.compile(rf"\[{config.train.batch_size},{config.train.seq_len}[,\]]")
-    assert len(moved) > 7 and [shape for shape in moved if whole_batch.search(shape)] == []
-    # the same check finds such an activation where one is moved
-    replicate = jax.jit(lambda x: x * 2, in_shardings=batch_sharding(trainer.mesh),
-                        out_shardings=NamedSharding(trainer.mesh, P()))
-    hlo = replicate.lower(batch["tokens"]).compile().as_text()
-    assert any(whole_batch.search(m.group(1)) for m in map(collective.search, hlo.splitlines()) if m)
+    moved = moved_activations(hlo)
+    assert moved and [line for dims, line in moved if math.prod(dims) > own_share] == [], moved
+    # the same check finds an activation gathered over the whole batch, or over a data group only
+    activation = jax.device_put(np.zeros((config.train.batch_size, seq_len, dim), np.float32),
+                                batch_sharding(trainer.mesh))
+    for target in (P(), P("data")):
+        gather = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(trainer.mesh, target))
+        moved = moved_activations(gather.lower(activation).compile().as_text())
+        assert any(math.prod(dims) > own_share for dims, _ in moved)
 
 
 def test_nonfinite_step_leaves_the_state_unchanged():
