@@ -747,7 +747,7 @@ def test_a_launched_train_whose_workdir_holds_a_model_or_a_sweep_is_refused(caps
                                                   f"or empty directory"
 
 
-@pytest.mark.parametrize("project", ["my-proj", "a" * 30, "example.com:my-project"])  # (the last: domain-scoped)
+@pytest.mark.parametrize("project", ["my-proj", "a" * 30, "example.com:my-project", "123456789012"])
 def test_project_ids_gcloud_takes_are_passed_on(project, capsys):
     _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", *ZONE, "--accelerator", "v4-8", "--project",
                                    project, "--dry-run", "--", *TRAIN_TINY])

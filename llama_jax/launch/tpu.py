@@ -142,12 +142,12 @@ class TpuLaunch:
         if self.runtime_version is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.runtime_version):
             raise LaunchError(f"--runtime-version {self.runtime_version!r}: use letters, digits, dots, hyphens and "
                               f"underscores, starting with a letter or digit, e.g. tpu-ubuntu2204-base")
-        # a project ID; or a legacy domain-scoped one, DOMAIN:ID (gcloud takes both)
-        if self.project is not None and not re.fullmatch(r"([a-z0-9][-a-z0-9.]*:)?[a-z][-a-z0-9]{4,28}[a-z0-9]",
+        # a project ID, a legacy domain-scoped one (DOMAIN:ID) or the project's number: gcloud takes each
+        if self.project is not None and not re.fullmatch(r"([a-z0-9][-a-z0-9.]*:)?[a-z][-a-z0-9]{4,28}[a-z0-9]|[0-9]+",
                                                          self.project):
             raise LaunchError(f"--project {self.project!r} is not a Google Cloud project ID; valid: 6 to 30 lowercase "
                               f"letters, digits and hyphens, starting with a letter and not ending with a hyphen, "
-                              f"e.g. my-project-123")
+                              f"e.g. my-project-123 (or the project's number)")
         if self.max_restarts < 0:
             raise LaunchError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
 
