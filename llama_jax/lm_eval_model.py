@@ -269,11 +269,12 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
                    mesh: tuple[int, int, int] = (1, -1, 1), max_gen_toks: int | None = None) -> dict:
     """Run lm-eval tasks on a model directory; returns the harness's results dict.
 
-    The tasks are built before the model is loaded (`_check_tasks`), so an unknown name, a task the
-    harness cannot read or prepare, or a metric it cannot resolve is a ValueError before the minutes
-    a large model takes to load. `include_path`: a directory of task YAML files of one's own;
-    `include_defaults=False` leaves out the harness's tasks (faster; also done when every task named
-    is one of its own tasks, not a group or tag).
+    The tasks are built once, before the model is loaded (`_build_tasks`), so an unknown name, a
+    task the harness cannot read or prepare, or a metric it cannot resolve is a ValueError before
+    the minutes a large model takes to load; `simple_evaluate` runs the tasks built then.
+    `include_path`: a directory of task YAML files of one's own; `include_defaults=False` leaves out
+    the harness's tasks (faster; also done when every task named is one of its own tasks, not a
+    group or tag).
     `mesh`: (data, fsdp, tensor) sizes of the device mesh the model is sharded over.
     `max_gen_toks`: new tokens of generation tasks whose settings do not give them (default 256)."""
     from lm_eval import simple_evaluate
@@ -294,13 +295,13 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
         raise ValueError(f"lm-eval has no task {unknown[0]!r}; `lm-eval ls tasks` lists the tasks it knows "
                          f"(tasks of your own: --include-path DIR of task YAML files)")
     with _task_errors(tasks, include_path, num_fewshot):
-        _check_tasks(tasks, manager)  # before the model is read, which takes minutes for a large one
+        built = _build_tasks(tasks, manager)  # before the model is read, which takes minutes for a large one
     data, fsdp, tensor = mesh
     model = LlamaJaxLM(model_dir, batch_size=batch_size, max_length=max_length, dtype=dtype, data=data, fsdp=fsdp,
                        tensor=tensor, **({} if max_gen_toks is None else {"max_gen_toks": max_gen_toks}))
     with _task_errors(tasks, include_path, num_fewshot):
         results = simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=manager, log_samples=log_samples)
+                                  task_manager=built, log_samples=log_samples)
     # the harness records a model object as its class name alone: say what was scored, and how
     results["config"] = {**results.get("config", {}), "model": NAME, "model_args": model.model_args,
                          "batch_size": model.batch_size}
@@ -320,15 +321,14 @@ def _task_manager(tasks: list[str], include_path: str | None, include_defaults: 
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
-def _check_tasks(tasks: list[str], manager) -> None:
+def _build_tasks(tasks: list[str], manager) -> _BuiltTasks:
     """Build the tasks as `simple_evaluate` builds them (their configs, data, templates and metrics
-    read), so that what fails there fails before the model is read; the harness builds them again
-    from the datasets' cache. Python's and NumPy's generators are seeded as `simple_evaluate` seeds
-    them before its build, so a task that draws from them as it is built (GPQA shuffles its
-    choices) draws, and leaves in the datasets' cache, what the harness's own build would. Raises
-    ValueError for a metric that the harness resolves to nothing (`_unknown_metric`)."""
+    read), so that what fails there fails before the model is read, for `simple_evaluate` to run
+    (`_BuiltTasks`). Python's and NumPy's generators are seeded as `simple_evaluate` seeds them
+    before its build, so a task that draws from them as it is built (GPQA shuffles its choices)
+    draws what the harness's own build would. Raises ValueError for a metric that the harness
+    resolves to nothing (`_unknown_metric`)."""
     import inspect
-    import logging
     import random
 
     from lm_eval import simple_evaluate
@@ -338,28 +338,41 @@ def _check_tasks(tasks: list[str], manager) -> None:
     seeds = inspect.signature(simple_evaluate).parameters
     random.seed(seeds["random_seed"].default)
     np.random.seed(seeds["numpy_random_seed"].default)
-    harness_log = logging.getLogger("lm_eval")
-    level = harness_log.level
-    harness_log.setLevel(logging.ERROR)  # its notes on each task come once, from its own build
-    try:
-        built = manager.load(list(tasks))
-    finally:
-        harness_log.setLevel(level)
-
-    def leaves(item):  # the tasks in {"tasks": {name: task}, "groups": ...} or {group: {name: task}, name: task}
-        if isinstance(item, dict):
-            return [task for value in item.values() for task in leaves(value)]
-        return [item] if isinstance(item, ConfigurableTask) else []
+    built = manager.load(list(tasks))  # {"tasks": {name: task}, "groups": {name: group}, "group_map": ...}
 
     # A metric whose function the harness could not find (`get_metric` gave None): a generation task
     # calls it once generated; other tasks score the registered metrics themselves (as with
     # `hf_evaluate: true` offline) and leave any other name out of their results.
-    for task in leaves(built):
-        if task.config.process_results is None and type(task).process_results is ConfigurableTask.process_results:
+    for task in built["tasks"].values():
+        if isinstance(task, ConfigurableTask) and task.config.process_results is None \
+                and type(task).process_results is ConfigurableTask.process_results:
             generates = task.config.output_type == "generate_until"
             for metric, function in task._metric_fn_list.items():  # (else a function of the task's own scores it)
                 if function is None and (generates or metric not in METRIC_REGISTRY):
                     raise ValueError(_unknown_metric(task.config.task, metric, aggregated=True))
+    return _BuiltTasks(manager, built, (random.getstate(), np.random.get_state()))
+
+
+class _BuiltTasks:
+    """The task manager `simple_evaluate` is given to run tasks built beforehand: its `load` gives
+    them, as the manager's `load` built them, and puts Python's and NumPy's generators back where
+    that build left them (`simple_evaluate` seeds them, then loads the tasks), so the harness runs
+    the tasks, and draws from the generators as they run (a task that reads its documents again
+    draws again; the harness draws as it names a task), as it runs the tasks it builds itself.
+    Everything else (its index of tasks) is the manager's."""
+
+    def __init__(self, manager, built: dict, generators: tuple):
+        self.manager, self.built, self.generators = manager, built, generators
+
+    def load(self, task_list) -> dict:
+        import random
+
+        random.setstate(self.generators[0])
+        np.random.set_state(self.generators[1])
+        return self.built
+
+    def __getattr__(self, name: str):
+        return getattr(self.manager, name)
 
 
 @contextlib.contextmanager

@@ -748,10 +748,11 @@ def test_a_metric_the_harness_does_not_register_is_named_in_one_line(model_dirs,
 
 
 def test_tasks_built_before_the_model_score_as_the_harness_alone_scores_them(model_dirs, tmp_path, offline):
-    """The tasks are built before the model is read, and again by the harness: a task that shuffles
+    """The tasks are built before the model is read, and the harness runs them: a task that shuffles
     its choices with Python's generator as it is built (as GPQA does) gets the choices, and the
-    scores, that `simple_evaluate` alone gives it, though the first build left its documents in the
-    datasets' cache."""
+    scores, that `simple_evaluate` alone gives it, both where the datasets' cache keeps the shuffled
+    documents and where they are shuffled again as the harness runs the task (documents in memory,
+    drawn from where the build left the generator)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -760,26 +761,78 @@ def test_tasks_built_before_the_model_score_as_the_harness_alone_scores_them(mod
     tasks = tmp_path / "tasks"
     write_tasks(tasks, long_context="Loops")
     (tasks / "shuffle.py").write_text(
-        "import random\n\n\n"
+        "import random\n\nimport datasets\n\n\n"
+        "def shuffled(doc):\n"
+        "    choices = list(doc['choices'])\n"
+        "    random.shuffle(choices)\n"
+        "    return {**doc, 'choices': choices, 'answer': choices.index(doc['choices'][doc['answer']])}\n\n\n"
         "def process_docs(dataset):\n"
-        "    def shuffled(doc):\n"
-        "        choices = list(doc['choices'])\n"
-        "        random.shuffle(choices)\n"
-        "        return {'choices': choices, 'answer': choices.index(doc['choices'][doc['answer']])}\n"
-        "    return dataset.map(shuffled)\n")
-    for name in ("shuffled", "shuffled_alone"):  # each with a datasets cache of its own
-        (tasks / f"{name}.yaml").write_text(
-            (tasks / "tiny_mc.yaml").read_text().replace("tiny_mc", name)
-            .replace("dataset_kwargs:\n", f"dataset_kwargs:\n  cache_dir: {tmp_path / name}\n")
-            + "process_docs: !function shuffle.process_docs\n")
-    ours = evaluate_tasks(str(model_dirs[1]), ["shuffled"], include_path=str(tasks), log_samples=True)
+        "    return dataset.map(shuffled)\n\n\n"
+        "def in_memory(dataset):  # shuffled again at each read: the harness reads the documents several times\n"
+        "    return datasets.Dataset.from_list([shuffled(doc) for doc in dataset])\n")
+    functions = {"shuffled": "process_docs", "in_memory": "in_memory"}
+    for task, function in functions.items():
+        for name in (task, f"{task}_alone"):  # each with a datasets cache of its own
+            (tasks / f"{name}.yaml").write_text(
+                (tasks / "tiny_mc.yaml").read_text().replace("tiny_mc", name)
+                .replace("dataset_kwargs:\n", f"dataset_kwargs:\n  cache_dir: {tmp_path / name}\n")
+                + f"process_docs: !function shuffle.{function}\n")
+    ours = evaluate_tasks(str(model_dirs[1]), list(functions), include_path=str(tasks), log_samples=True)
     alone = lm_eval.simple_evaluate(model="llama_jax", model_args=f"pretrained={model_dirs[1]}",
-                                    tasks=["shuffled_alone"], log_samples=True,
+                                    tasks=[f"{task}_alone" for task in functions], log_samples=True,
                                     task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
-    runs = ((ours, "shuffled"), (alone, "shuffled_alone"))
-    choices = [[sample["doc"]["choices"] for sample in run["samples"][task]] for run, task in runs]
-    scores = [{k: v for k, v in run["results"][task].items() if "," in k} for run, task in runs]  # "acc,none"
-    assert choices[0] == choices[1] and scores[0] == scores[1] and "acc_norm,none" in scores[0]
+    for task in functions:
+        runs = ((ours, task), (alone, f"{task}_alone"))
+        choices = [[sample["doc"]["choices"] for sample in run["samples"][name]] for run, name in runs]
+        scores = [{k: v for k, v in run["results"][name].items() if "," in k} for run, name in runs]  # "acc,none"
+        assert choices[0] == choices[1] and scores[0] == scores[1] and "acc_norm,none" in scores[0], task
+    seeds = ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")
+    assert [ours["config"][k] for k in seeds] == [alone["config"][k] for k in seeds] == [0, 1234, 1234, 1234]
+
+
+def test_tasks_are_built_once_and_run_as_the_harness_runs_them_by_name(model_dirs, tmp_path, capsys, caplog,
+                                                                       offline):
+    """The tasks built before the model is read are the ones the harness runs: a task of one's own
+    reads its documents (`process_docs`) as often as in the harness's own run, not once more for a
+    second build, and the harness's notes on building it come once; a group of one's own
+    (aggregated), a task and a tag, with few-shot examples, a limit and a model's max_gen_toks, give
+    the results, groups and table of `simple_evaluate` given their names."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    tasks = tmp_path / "tasks"
+    write_tasks(tasks, long_context="Loops")
+    (tasks / "counted.py").write_text("def process_docs(dataset):\n"
+                                      f"    with open({str(tmp_path / 'read')!r}, 'a') as f:\n"
+                                      "        f.write('read\\n')\n"
+                                      "    return dataset\n")
+    (tasks / "counted.yaml").write_text((tasks / "tiny_mc.yaml").read_text().replace("tiny_mc", "counted")
+                                        + "process_docs: !function counted.process_docs\n")
+    (tasks / "own_group.yaml").write_text(
+        "group: own_group\ntask:\n  - counted\n  - tiny_mc\n"
+        "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: true\n")
+    (tasks / "tagged.yaml").write_text((tasks / "tiny_gen.yaml").read_text().replace("task: tiny_gen", "task: tagged")
+                                       .replace("  max_gen_toks: 12\n", "") + "tag: own_tag\n")
+    names, out = ["own_group", "tiny_ppl", "own_tag"], tmp_path / "results.json"
+    reads = tmp_path / "read"
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", ",".join(names), "--include-path", str(tasks),
+                 "--num-fewshot", "1", "--limit", "2", "--max-gen-toks", "4", "--output", str(out)]) == 0
+    printed, ours = capsys.readouterr().out, json.loads(out.read_text())
+    assert sum("[Task: counted] metric acc is defined, but aggregation is not" in r.getMessage()
+               for r in caplog.records) == 1
+    read_by_ours = reads.read_text()
+    reads.unlink()
+    alone = lm_eval.simple_evaluate(model="llama_jax", model_args=f"pretrained={model_dirs[1]},max_gen_toks=4",
+                                    tasks=names, num_fewshot=1, limit=2,
+                                    task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    assert read_by_ours == reads.read_text()
+    for key in ("results", "groups", "group_subtasks", "n-shot", "n-samples", "higher_is_better"):
+        assert ours[key] == alone[key], key
+    assert set(ours["results"]) == {"own_group", "counted", "tiny_mc", "tiny_ppl", "tagged"}
+    assert ours["n-shot"]["counted"] == 1 and ours["n-samples"]["counted"] == {"original": 5, "effective": 2}
+    assert "acc,none" in ours["groups"]["own_group"]
+    assert printed.count(make_table(alone)) == 1 and printed.count(make_table(alone, "groups")) == 1
 
 
 def test_a_continuation_merged_into_the_context_is_scored_as_the_pieces_it_changed(model_dirs):
