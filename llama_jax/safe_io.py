@@ -363,7 +363,8 @@ def check_writable(path: str | os.PathLike, option: str, into: bool = False, pro
     """ValueError unless `path` can be created or replaced: its nearest existing parent is a
     directory this process may write (not on a read-only file system, not immutable).
     `into`: `path` is a directory written into, checked itself when it exists.
-    `probe`: the OS is asked by creating a file there (removed at once), as the write will; without
+    `probe`: the OS is asked by creating a file there (removed at once, the folder's modification
+    time put back, so that a refusal after the check leaves it as it was), as the write will; without
     it (a dry run, which writes nothing) `os.access` is asked, which lets root write anywhere, even
     into /proc, and may miss a read-only bind mount."""
     path = Path(path).absolute()
@@ -374,11 +375,14 @@ def check_writable(path: str | os.PathLike, option: str, into: bool = False, pro
     if not existing.is_dir():
         raise ValueError(f"{option} {path}: {existing} is a file, not a directory")
     if probe:
+        times = existing.stat()
         try:
             with tempfile.NamedTemporaryFile(dir=existing, prefix=".llama-jax-probe-"):
                 pass
         except OSError as e:
             raise ValueError(cannot_write(option, path, existing, e)) from None
+        with contextlib.suppress(OSError):  # the folder's times as they were: the probe changed nothing in it
+            os.utime(existing, ns=(times.st_atime_ns, times.st_mtime_ns))
     elif not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(cannot_write(option, path, existing, "read-only file system or no permission"))
 
