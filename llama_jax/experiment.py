@@ -229,11 +229,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             del applied[superseded]
             changed_by.pop(superseded, None)
         for other, (_, earlier_value) in applied.items():
-            if not _same_value(_value_at(config, other), earlier_value):
+            if not _same_value(value_at(config, other), earlier_value):
                 changed_by[other] = item
         applied[key] = (item, value)
     for key, (item, value) in applied.items():
-        if not _same_value(_value_at(config, key), value):
+        if not _same_value(value_at(config, key), value):
             raise ValueError(f"--config.{changed_by[key]} also changed {key}, which the config file links to it "
                              f"(get_ref), so --config.{item} cannot hold; give only one of them")
     _check_mapping_names(config)  # (first: a mapping whose names are of several kinds cannot list its keys)
@@ -266,7 +266,7 @@ def _check_mapping_names(config: ml_collections.ConfigDict) -> None:
     would be written to config.json as a string, which orders otherwise."""
     for key in MAPPING_KEYS:
         try:
-            names = list(_value_at(config, key) or {})
+            names = list(value_at(config, key) or {})
         except TypeError:  # names of several kinds, which cannot even be ordered
             names = None
         got = "" if names is None else next((f", got {name!r}" for name in names if not isinstance(name, str)), None)
@@ -278,7 +278,8 @@ def _same_value(a: Any, b: Any) -> bool:
     return a is b or a == b  # (`is`: a NaN is itself, for check_finite to name)
 
 
-def _value_at(config: ml_collections.ConfigDict, key: str) -> Any:
+def value_at(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The value of the dotted `key` in `config` (KeyError where it has none)."""
     node = config
     for part in key.split("."):
         node = node[part]

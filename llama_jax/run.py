@@ -48,6 +48,7 @@ from llama_jax.safe_io import (SET_ASIDE_DIR, DirectoryLock, atomic_file, check_
                                check_run_config, check_writable, file_in_the_way, holds_lock, holds_run,
                                run_directory_problem, sha256_file, write_text_atomic)
 from llama_jax.sharding import process_rows, tree_shardings
+from llama_jax.sweep import check_trial_settings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
@@ -771,6 +772,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     workdir = Path(workdir).absolute()
     check_processes_agree(config, workdir, resume_from)
     check_workdir(workdir)
+    check_trial_settings(workdir, config)
     lock = DirectoryLock(workdir, f"--workdir {workdir} is in use: another llama-jax train is running there (it "
                                   "holds the directory's lock); wait for it to end, stop it, or use another --workdir")
     try:  # one run at a time in a workdir: two would write over each other's checkpoints and logs

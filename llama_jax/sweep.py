@@ -505,6 +505,27 @@ def read_trial(directory: Path) -> dict:
     return record if valid else {}
 
 
+def check_trial_settings(workdir: Path, config) -> None:
+    """ValueError where `workdir` is a trial of the sweep one folder up (its trial.json there, and the
+    sweep's sweep.json) and `config` gives a key the trial sweeps another value: the run would go on
+    with it while the sweep's results list the trial under its own value."""
+    from llama_jax.experiment import value_at
+
+    trial = read_trial(workdir)
+    if not trial or not (workdir.parent / SPEC_FILE).is_file():
+        return
+    for key, value in trial["overrides"].items():
+        try:
+            given = json.loads(json.dumps(value_at(config, key), default=str))  # (as trial.json holds it)
+        except KeyError:
+            continue  # (not a key of this config at all: another sweep's trial.json?)
+        if given != value:
+            raise ValueError(f"--workdir {workdir} is trial {workdir.name} of the sweep in {workdir.parent}, which "
+                             f"sets {key}={value!r}; this run gives {key}={given!r}, and the sweep's results would "
+                             f"list the trial under {value!r}: give --config.{override_text(key, value)} to continue "
+                             f"the trial, or another --workdir")
+
+
 def finished_trial_status(directory: Path) -> str | None:
     """The recorded status of the trial in `directory` when a re-run skips it (`FINISHED`), else None."""
     status = read_trial(directory).get("status")

@@ -24,6 +24,7 @@ from llama_jax import sweep as sweep_lib
 from llama_jax.checkpoint import RunCheckpoints
 from llama_jax.cli import main
 from llama_jax.experiment import load_config
+from llama_jax.run import committed_steps
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -223,6 +224,26 @@ def _alive(run: Path) -> bool:
             except OSError:
                 continue
     return False
+
+
+def test_a_trial_continued_by_hand_keeps_the_value_its_sweep_lists_it_under(tmp_path, capsys):
+    """`train` in a trial's directory with a swept key left at the config's value went on with it,
+    and the sweep's results still listed the trial under its own value; refused, in one line, before
+    anything is written. Given the trial's value, the trial continues."""
+    workdir = tmp_path / "sweep"
+    assert main(sweep_args(workdir, "--sweep", "optimizer.lr=[1e-3]")) == 0
+    directory = workdir / "lr=0.001"
+    steps = committed_steps(directory)
+    train = ["train", "--config", TINY, "--workdir", str(directory), *SHORT, "--config.train.steps=6"]
+    capsys.readouterr()
+    assert main(train) == 2
+    assert capsys.readouterr().err == (
+        f"llama-jax train: error: --workdir {directory} is trial lr=0.001 of the sweep in {workdir}, which sets "
+        f"optimizer.lr=0.001; this run gives optimizer.lr=0.003, and the sweep's results would list the trial "
+        f"under 0.001: give --config.optimizer.lr=0.001 to continue the trial, or another --workdir\n")
+    assert committed_steps(directory) == steps == [2, 4]
+    assert main([*train, "--config.optimizer.lr=0.001"]) == 0
+    assert committed_steps(directory)[-1] == 6
 
 
 def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
