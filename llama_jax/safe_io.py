@@ -176,9 +176,11 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
     try:  # (made inside: a signal between making it and the `try` left it behind)
         tmp.mkdir()
         yield tmp
-        if dst.exists():
-            os.replace(dst, old)
-        os.replace(tmp, dst)
+        with signals_held():  # the swap and the old output's removal, whole: Ctrl-C waits for them
+            if dst.exists():
+                os.replace(dst, old)
+            os.replace(tmp, dst)
+            _settle(dst, old)
     finally:  # decided by what is on disk, so that a signal between the two renames changes nothing
         _settle(dst, old)
         if tmp.exists():

@@ -241,6 +241,45 @@ def test_what_a_killed_writer_left_is_settled_by_the_next(tmp_path, model, when)
     assert load_model(tmp_path / "m")[0] == cfg
 
 
+INTERRUPTED_REPLACEMENT = """
+import os, shutil, signal, sys, time
+from pathlib import Path
+from llama_jax import cli
+from llama_jax.model_dir import MODEL_DIR
+from llama_jax.safe_io import atomic_directory
+
+dst = Path(sys.argv[1])
+real_rmtree = shutil.rmtree
+
+def rmtree(path, *args, **kwargs):  # Ctrl-C as the removal of the output just replaced begins
+    os.kill(os.getpid(), signal.SIGINT)
+    real_rmtree(path, *args, **kwargs)
+
+shutil.rmtree = rmtree
+try:
+    with cli._sigterm_unwinds():
+        with atomic_directory(dst, MODEL_DIR, overwrite=True) as tmp:
+            (tmp / "model_config.json").write_text("{}")
+        time.sleep(5)  # the Ctrl-C, held until the replacement was whole, arrives here
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_as_a_replaced_output_is_removed_waits_for_the_removal(tmp_path, model):
+    """Ctrl-C once the new output was in place stopped the removal of the one it replaced halfway,
+    which stayed beside it, hidden; the removal is finished first, then the command stops."""
+    import subprocess
+    import sys
+
+    cfg, params = model
+    save_model(tmp_path / "m", cfg, params)
+    stopped = subprocess.run([sys.executable, "-c", INTERRUPTED_REPLACEMENT, str(tmp_path / "m")])
+    assert stopped.returncode == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing of the old output beside it
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model_config.json"]
+
+
 def test_params_that_do_not_fit_the_config_are_refused_before_writing(tmp_path, model):
     cfg, params = model
     with pytest.raises(ValueError, match=r"\['lm_head'\] has shape \(64, 100\), config expects \(64, 512\)"):
