@@ -529,8 +529,9 @@ def cmd_export(args) -> None:
     # the model directory is in place, nothing is left to stop (param_count traces the model); the handlers
     # `_sigterm_unwinds` installed are replaced, and it puts back what was there before
     _ignore_signals(tuple(_UNWINDING))
+    shown = f"./{path}" if str(path).startswith("-") else str(path)  # (as an argument, not an option)
     print(f"exported step {step} of {args.workdir} ({param_count(model):,} parameters) to {path}; "
-          f"llama-jax convert --from jax --to hf {shlex.quote(str(path))} DST makes a Hugging Face checkpoint of it")
+          f"llama-jax convert --from jax --to hf {shlex.quote(shown)} DST makes a Hugging Face checkpoint of it")
 
 
 def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> None:

@@ -219,6 +219,16 @@ def test_a_signal_once_the_export_is_in_place_changes_nothing(tmp_path, pristine
     jax.tree.map(np.testing.assert_array_equal, load_model(tmp_path / "model")[1], exported)
 
 
+def test_the_command_export_suggests_reads_its_destination_as_an_argument(pristine_run, tmp_path, monkeypatch,
+                                                                         capsys):
+    """A destination named `-m` was suggested as `convert ... -m DST`, where `-m` reads as an option."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--workdir", str(pristine_run[0]), "--", "-m"]) == 0
+    assert "; llama-jax convert --from jax --to hf ./-m DST makes a Hugging Face checkpoint of it" in \
+        capsys.readouterr().out
+    assert load_model(tmp_path / "-m")[0].n_layers > 0
+
+
 @pytest.mark.parametrize("damage_done", ["removed", "garbled"])
 def test_a_run_without_its_config_json_says_where_the_config_is_kept(tmp_path, pristine_run, capsys, damage_done):
     """A run whose config.json was lost is not taken for a foreign directory: the error names the
