@@ -32,9 +32,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence
 
+import ml_collections
 import numpy as np
 
-from llama_jax.experiment import LATER_KEYS, _failure, _parse, load_config
+from llama_jax.experiment import LATER_KEYS, _failure, _parse, apply_override, load_config, value_at
 from llama_jax.safe_io import holds_lock, holds_run, signals_held, write_text_atomic
 
 SEARCHES = ("grid", "random", "optuna")
@@ -507,23 +508,28 @@ def read_trial(directory: Path) -> dict:
 
 def check_trial_settings(workdir: Path, config) -> None:
     """ValueError where `workdir` is a trial of the sweep one folder up (its trial.json there, and the
-    sweep's sweep.json) and `config` gives a key the trial sweeps another value: the run would go on
-    with it while the sweep's results list the trial under its own value."""
-    from llama_jax.experiment import value_at
+    sweep's sweep.json) and `config` gives a key the trial sweeps another value than the trial's own
+    override sets: the run would go on with it while the sweep's results list the trial under its
+    own value."""
+    import copy
+
+    def plain(value):  # a dict value (model.rope_scaling, data.mixture) is a ConfigDict once loaded
+        return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
     trial = read_trial(workdir)
     if not trial or not (workdir.parent / SPEC_FILE).is_file():
         return
     for key, value in trial["overrides"].items():
+        own = override_text(key, value)  # as the sweep gives it to the trial's train
         try:
-            given = json.loads(json.dumps(value_at(config, key), default=str))  # (as trial.json holds it)
-        except KeyError:
-            continue  # (not a key of this config at all: another sweep's trial.json?)
-        if given != value:
+            given, expected = plain(value_at(config, key)), plain(apply_override(copy.deepcopy(config), own))
+        except (KeyError, TypeError, ValueError):
+            continue  # (not a key of this config: another sweep's trial.json, or one edited by hand)
+        if given != expected:
             raise ValueError(f"--workdir {workdir} is trial {workdir.name} of the sweep in {workdir.parent}, which "
-                             f"sets {key}={value!r}; this run gives {key}={given!r}, and the sweep's results would "
-                             f"list the trial under {value!r}: give --config.{override_text(key, value)} to continue "
-                             f"the trial, or another --workdir")
+                             f"sets {key}={expected!r}; this run gives {key}={given!r}, and the sweep's results "
+                             f"would list the trial under {value!r}: give --config.{own} to continue the trial, or "
+                             f"another --workdir")
 
 
 def finished_trial_status(directory: Path) -> str | None:

@@ -229,20 +229,24 @@ def _alive(run: Path) -> bool:
 def test_a_trial_continued_by_hand_keeps_the_value_its_sweep_lists_it_under(tmp_path, capsys):
     """`train` in a trial's directory with a swept key left at the config's value went on with it,
     and the sweep's results still listed the trial under its own value; refused, in one line, before
-    anything is written. Given the trial's value, the trial continues."""
+    anything is written. Given the trial's values (as the sweep gives them: a dict, a number for a
+    string key), the trial continues."""
     workdir = tmp_path / "sweep"
-    assert main(sweep_args(workdir, "--sweep", "optimizer.lr=[1e-3]")) == 0
-    directory = workdir / "lr=0.001"
+    axes = ["optimizer.lr=[1e-3]", "train.sample_prompt=[1984]", 'model.rope_scaling=[{"type":"linear","factor":2.0}]']
+    assert main(sweep_args(workdir, *[a for axis in axes for a in ("--sweep", axis)])) == 0
+    assert [r["status"] for r in rows(workdir)] == ["done"]
+    directory = sweep_lib.trial_directories(workdir)[0]
     steps = committed_steps(directory)
     train = ["train", "--config", TINY, "--workdir", str(directory), *SHORT, "--config.train.steps=6"]
     capsys.readouterr()
     assert main(train) == 2
     assert capsys.readouterr().err == (
-        f"llama-jax train: error: --workdir {directory} is trial lr=0.001 of the sweep in {workdir}, which sets "
-        f"optimizer.lr=0.001; this run gives optimizer.lr=0.003, and the sweep's results would list the trial "
+        f"llama-jax train: error: --workdir {directory} is trial {directory.name} of the sweep in {workdir}, which "
+        f"sets optimizer.lr=0.001; this run gives optimizer.lr=0.003, and the sweep's results would list the trial "
         f"under 0.001: give --config.optimizer.lr=0.001 to continue the trial, or another --workdir\n")
     assert committed_steps(directory) == steps == [2, 4]
-    assert main([*train, "--config.optimizer.lr=0.001"]) == 0
+    own = [f"--config.{sweep_lib.override_text(k, v)}" for k, v in trial(directory)["overrides"].items()]
+    assert main([*train, *own]) == 0
     assert committed_steps(directory)[-1] == 6
 
 
