@@ -173,6 +173,7 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
     dst = check_destination(dst, kind, overwrite, inputs)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = scratch_path(dst, "tmp"), scratch_path(dst, "old")
+    settled = False
     try:  # (made inside: a signal between making it and the `try` left it behind)
         tmp.mkdir()
         yield tmp
@@ -181,8 +182,10 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
                 os.replace(dst, old)
             os.replace(tmp, dst)
             _settle(dst, old)
+            settled = True
     finally:  # decided by what is on disk, so that a signal between the two renames changes nothing
-        _settle(dst, old)
+        if not settled:
+            _settle(dst, old)
         if tmp.exists():
             _remove_tree(tmp)
 
