@@ -421,14 +421,13 @@ RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, LOSS_PLO
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
 
-def check_workdir(workdir: Path, probe: bool = True) -> None:
+def check_workdir(workdir: Path) -> None:
     """RunError unless `workdir` is new, a run's, or a directory holding nothing the run would write
-    over and no model (sub-directories of one's own, such as RUN/init, are fine). `probe`: whether it
-    is written to learn that it may be (`check_writable`; a dry run writes nothing)."""
+    over and no model (sub-directories of one's own, such as RUN/init, are fine)."""
     blocking = file_in_the_way(workdir)
     if blocking is not None:
         raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")
-    check_writable(workdir, "--workdir", into=True, probe=probe)
+    check_writable(workdir, "--workdir", into=True)
     check_outside_runs_and_models(workdir, "--workdir")
     if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
         raise RunError(f"--workdir {workdir}: {workdir / 'checkpoints'} is a file; a run keeps its checkpoints in "
