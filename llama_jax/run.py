@@ -206,14 +206,29 @@ def _check_same_trajectory(info: dict, config, stream: list | None, where: str) 
                        f"weights (its config.json) or use another --workdir")
 
 
-def changed_settings(saved: dict, config) -> list[str]:
+def changed_settings(saved: dict, config, was_model: dict | None = None, model: dict | None = None) -> list[str]:
     """`section.key old -> new` for every config value that differs from a checkpoint's saved
     config, a dict value (model.rope_scaling, data.mixture) as a whole; a key of one side only (a
-    setting another release has or lacks) is not compared."""
+    setting another release has or lacks) is not compared. A model field left to the preset (None)
+    counts as the value the model had: `was_model` (the checkpoint's model) and `model` (this run's)."""
     current = json.loads(config.to_json_best_effort())
-    return [f"{section}.{key} {saved[section][key]!r} -> {value!r}"
-            for section, values in current.items() if isinstance(saved.get(section), dict)
-            for key, value in values.items() if key in saved[section] and saved[section][key] != value]
+
+    def effective(section: str, key: str, value, resolved: dict | None):
+        if section == "model" and value is None and resolved and key in resolved:
+            return resolved[key]
+        return value
+
+    changed = []
+    for section, values in current.items():
+        if not isinstance(saved.get(section), dict):
+            continue
+        for key, value in values.items():
+            if key not in saved[section]:
+                continue
+            was, now = effective(section, key, saved[section][key], was_model), effective(section, key, value, model)
+            if was != now:
+                changed.append(f"{section}.{key} {was!r} -> {now!r}")
+    return changed
 
 
 def _order_name(stream: list) -> str:
@@ -837,7 +852,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 print(f"checkpoint.init_from={config.checkpoint.init_from} comes with a tokenizer other than this "
                       f"run's (data.tokenizer={config.data.tokenizer}): its token ids stand for other text here; "
                       f"to fine-tune it on its own vocabulary, give data.tokenizer={own}")
-            changed = changed_settings(resumed["config"], config) if resumed else []
+            model_now = json.loads(json.dumps(cfg.to_dict()))
+            changed = changed_settings(resumed["config"], config, resumed.get("model"), model_now) if resumed else []
             if changed and start < t.steps:  # config.json will hold the new values: say what earlier steps ran with
                 print(f"resuming from checkpoint {start} with settings changed since it was saved: "
                       f"{', '.join(changed)}" + ("; the learning-rate schedule is recomputed over the new "

@@ -737,6 +737,25 @@ def test_a_setting_changed_to_or_from_a_dict_is_named():
     assert run_lib.changed_settings(saved, config) == []
 
 
+def test_a_model_field_left_to_the_preset_is_compared_by_the_value_the_model_had():
+    """A model field given as the preset's own value on resume changed nothing; it was named as
+    `None -> value`, and one given anew was named with None for the value the run trained with."""
+    from llama_jax.experiment import model_config
+
+    config = load_config(TINY, [])
+    saved, was_model = json.loads(config.to_json_best_effort()), model_config(config.model).to_dict()
+    theta = was_model["rope_theta"]
+    same = load_config(TINY, [f"model.rope_theta={theta}"])
+    assert run_lib.changed_settings(saved, same, was_model, model_config(same.model).to_dict()) == []
+    other = load_config(TINY, [f"model.rope_theta={theta * 2}"])
+    assert run_lib.changed_settings(saved, other, was_model, model_config(other.model).to_dict()) == [
+        f"model.rope_theta {theta!r} -> {theta * 2!r}"]
+    # and the other way round: a value given before, left to the preset now
+    assert run_lib.changed_settings(json.loads(other.to_json_best_effort()), config,
+                                    model_config(other.model).to_dict(), was_model) == [
+        f"model.rope_theta {theta * 2!r} -> {theta!r}"]
+
+
 def test_a_run_without_its_kept_tokenizer_falls_back_to_a_directory_setting(tmp_path, tokenizer_path):
     """data.tokenizer naming a directory means its tokenizer.model, here as everywhere (it was
     taken as a file, and export refused the run)."""
