@@ -270,8 +270,9 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
     """Run lm-eval tasks on a model directory; returns the harness's results dict.
 
     The tasks are built once, before the model is loaded (`_build_tasks`), so an unknown name, a
-    task the harness cannot read or prepare, or a metric it cannot resolve is a ValueError before
-    the minutes a large model takes to load; `simple_evaluate` runs the tasks built then.
+    task the harness cannot read or prepare, a metric it cannot resolve, or more few-shot examples
+    than a task's documents hold is a ValueError before the minutes a large model takes to load;
+    `simple_evaluate` runs the tasks built then.
     `include_path`: a directory of task YAML files of one's own; `include_defaults=False` leaves out
     the harness's tasks (faster; also done when every task named is one of its own tasks, not a
     group or tag).
@@ -296,6 +297,7 @@ def evaluate_tasks(model_dir: str, tasks: list[str], num_fewshot: int | None = N
                          f"(tasks of your own: --include-path DIR of task YAML files)")
     with _task_errors(tasks, include_path, num_fewshot):
         built = _build_tasks(tasks, manager)  # before the model is read, which takes minutes for a large one
+    _check_fewshot(built.built["tasks"], num_fewshot)
     data, fsdp, tensor = mesh
     model = LlamaJaxLM(model_dir, batch_size=batch_size, max_length=max_length, dtype=dtype, data=data, fsdp=fsdp,
                        tensor=tensor, **({} if max_gen_toks is None else {"max_gen_toks": max_gen_toks}))
@@ -351,6 +353,28 @@ def _build_tasks(tasks: list[str], manager) -> _BuiltTasks:
                 if function is None and (generates or metric not in METRIC_REGISTRY):
                     raise ValueError(_unknown_metric(task.config.task, metric, aggregated=True))
     return _BuiltTasks(manager, built, (random.getstate(), np.random.get_state()))
+
+
+def _check_fewshot(tasks: dict, num_fewshot: int | None) -> None:
+    """ValueError for a task that would be asked for more few-shot examples than its few-shot
+    documents hold (the harness finds it as it builds the prompts, after the model is read). The
+    number is `num_fewshot` unless the task's config sets 0 (the harness keeps that) or, without
+    it, the task's own; where the few-shot documents are the task's test documents, each question
+    is left out of its own examples, so one more document is needed."""
+    for task in tasks.values():
+        own = task.get_config("num_fewshot")
+        shots = (own if num_fewshot is None or own == 0 else num_fewshot) or 0
+        sampler = getattr(task, "sampler", None)
+        if not shots or sampler is None:
+            continue
+        held = len(sampler.fewshot_indices or sampler.df)
+        split = getattr(getattr(task, "fewshot_cfg", None), "split", None)
+        itself = split is not None and split == task.config.test_split
+        if shots + itself > held:
+            given = f"--num-fewshot {num_fewshot}" if num_fewshot is not None else f"its config's num_fewshot: {shots}"
+            raise ValueError(f"lm-eval task {task.config.task!r} has {held} few-shot document(s)"
+                             + (" (its test documents, each question left out of its own examples)" if itself
+                                else "") + f", fewer than {given} asks for; valid: at most {held - itself}")
 
 
 class _BuiltTasks:

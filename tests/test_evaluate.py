@@ -663,15 +663,34 @@ def test_a_task_of_ones_own_that_the_harness_cannot_read_is_named_in_one_line(mo
         assert "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith(f"llama-jax lm-eval: error: {message}"), err
         assert not out.exists()
-    # more few-shot examples than the task's 5 documents (Python's random.sample said only "Sample larger than
-    # population or is negative")
-    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc", "--include-path", str(tasks), "--limit", "1",
-                 "--num-fewshot", "9", "--output", str(out)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "llama-jax lm-eval: error: lm-eval failed on the task(s) tiny_mc: ValueError: Sample larger than population "
-        "or is negative (--num-fewshot 9 asks for more examples than a task's few-shot documents hold, one fewer "
-        "when they are its own test documents; give fewer)")
-    assert not out.exists()
+    # more few-shot examples than a task's few-shot documents (Python's random.sample said only "Sample larger than
+    # population or is negative", once the model was read): named before the model is read (it has no
+    # parameters here); where the few-shot documents are the test documents, a question is not its own example
+    no_params = tmp_path / "model"
+    shutil.copytree(model_dirs[1], no_params, ignore=shutil.ignore_patterns("params"))
+    (tasks / "own_split.yaml").write_text(mc.replace("tiny_mc", "own_split") + "fewshot_split: test\n")
+    for task, shots, message in (
+            ("tiny_mc", ["--num-fewshot", "9"], "has 5 few-shot document(s), fewer than --num-fewshot 9 asks for; "
+                                                "valid: at most 5"),
+            ("own_split", ["--num-fewshot", "5"], "has 5 few-shot document(s) (its test documents, each question "
+                                                  "left out of its own examples), fewer than --num-fewshot 5 asks "
+                                                  "for; valid: at most 4"),
+            ("own_split", [], "has 5 few-shot document(s) (its test documents, each question left out of its own "
+                              "examples), fewer than its config's num_fewshot: 5 asks for; valid: at most 4")):
+        if not shots:
+            (tasks / "own_split.yaml").write_text((tasks / "own_split.yaml").read_text() + "num_fewshot: 5\n")
+        assert main(["lm-eval", str(no_params), "--tasks", task, "--include-path", str(tasks), "--limit", "1",
+                     *shots, "--output", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"llama-jax lm-eval: error: lm-eval task {task!r} {message}")
+        assert not out.exists()
+    # the most each allows, the harness takes
+    for task, shots in (("tiny_mc", "5"), ("own_split", "4")):
+        assert main(["lm-eval", str(model_dirs[1]), "--tasks", task, "--include-path", str(tasks), "--limit", "1",
+                     "--num-fewshot", shots, "--output", str(out)]) == 0
+        capsys.readouterr()
+        assert json.loads(out.read_text())["n-shot"][task] == int(shots)
+        out.unlink()
 
 
 def test_a_metric_the_harness_does_not_register_is_named_in_one_line(model_dirs, tmp_path, capsys, offline):
