@@ -548,6 +548,11 @@ def _float_fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.type in (float, "float")}
 
 
+# what ast.literal_eval raises for text that is no literal; TypeError: a list or dict as a set member or
+# dict key ({[1]}); MemoryError: nesting past the parser's stack (---...1)
+NOT_A_LITERAL = (ValueError, SyntaxError, TypeError, MemoryError)
+
+
 def _parse(text: str):
     """Python literal if it parses as one (numbers, nan/inf, True/False/None, tuples, lists), else the string."""
     lowered = {"true": True, "false": False, "none": None, "null": None}.get(text.strip().lower(), text)
@@ -557,7 +562,7 @@ def _parse(text: str):
         return float(text)  # not literals, but meant as numbers: reported as non-finite, not as strings
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except NOT_A_LITERAL:
         return text
 
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from llama_jax.experiment import LATER_KEYS, _failure, _parse, apply_override, load_config, value_at
+from llama_jax.experiment import LATER_KEYS, NOT_A_LITERAL, _failure, _parse, apply_override, load_config, value_at
 from llama_jax.safe_io import holds_lock, holds_run, signals_held, write_text_atomic
 
 SEARCHES = ("grid", "random", "optuna")
@@ -210,7 +210,7 @@ def _values(inner: str, text: str) -> tuple:
         return ()
     try:
         values = ast.literal_eval(f"({inner},)")
-    except (ValueError, SyntaxError):
+    except NOT_A_LITERAL:
         values = tuple(_parse(part.strip()) for part in inner.split(","))
     if any(isinstance(v, str) and not v for v in values):
         raise SweepError(f"--sweep {text!r}: an empty value in the list")

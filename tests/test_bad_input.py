@@ -72,6 +72,10 @@ CASES = [
          r"config key 'data.files' is list, got '\S+doc0.txt' \(str\)"),
     Case("train-files-list-unquoted", NEW_RUN + " --config.data.source=text \"--config.data.files=[{corpus}/*.txt]\"",
          r"config key 'data.files' is list, got '\[\S+/\*.txt\]' \(str\); quote the strings in a list"),
+    Case("plan-override-a-set-of-a-list", "plan --config {tiny} --config.train.steps={[]}",
+         r"config key 'train.steps' is int, got '\{\[\]\}' \(str\)"),
+    Case("plan-override-mapping-in-double-braces", "plan --config {tiny} \"--config.data.mixture={{'path': 'x'}}\"",
+         r"config key 'data.mixture' is ConfigDict, got \"\{\{'path': 'x'\}\}\" \(str\)"),
     Case("train-override-without-value", NEW_RUN + " --config.train.seq_len", r"--config.train.seq_len: missing value"),
     Case("train-override-value-forgotten", NEW_RUN + " --config.train.sample_prompt --config.train.steps=2",
          r"--config.train.sample_prompt: missing value"),  # not the next override taken as its text

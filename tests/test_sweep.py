@@ -660,6 +660,7 @@ def test_a_random_search_is_checked_at_its_draws_not_its_ends():
      "trial seed=0: checkpoint.keep_every=3 is not a multiple of checkpoint.every=2"),
     # every trial gets a directory of its own, and a sweep lists its trials before it starts
     (["--sweep", "optimizer.lr=[1e-3,0.001]"], "grid: 0.001 is listed twice; give each value once"),
+    (["--sweep", "train.seed=[{[]},2]"], r"trial seed=\{\[\]\}: config key 'train.seed' is int, got '\{\[\]\}'"),
     (["--sweep", "train.sample_prompt=['a\\x00b','c']"], r"grid: 'a\\x00b' holds a NUL character; remove it"),
     (["--sweep", "data.text_key=[a/b,a_b]"], "trials {'data.text_key': 'a/b'} and {'data.text_key': 'a_b'} would "
                                               "share the directory 'text_key=a_b'"),
