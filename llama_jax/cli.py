@@ -195,10 +195,10 @@ def cmd_generate(args) -> None:
         tokenizer = load_tokenizer(tokenizer_path)
         check_fits(tokenizer, config.vocab_size)
         files = model_tokenizer(args.workdir, Path(tokenizer_path))  # the export's: a fine-tune's end ids too
-        end_tokens = generation_end_ids(files) if files.is_dir() else []
+        end_tokens = generation_end_ids(files, config.vocab_size) if files.is_dir() else []
     else:
-        _, tokenizer = load_tokenizer_for(args.model, "pass --tokenizer PATH", args.tokenizer)
-        end_tokens = generation_end_ids(args.model)
+        config, tokenizer = load_tokenizer_for(args.model, "pass --tokenizer PATH", args.tokenizer)
+        end_tokens = generation_end_ids(args.model, config.vocab_size)
         from llama_jax.checkpoint import load_model  # imports JAX: after the checks that need none
 
         config, params = load_model(args.model, mesh=mesh)

@@ -77,9 +77,11 @@ class LlamaJaxLM(TemplateLM):
 
         self.mesh = make_mesh(*(_mesh_size(name, value) for name, value in  # a bad mesh fails before any reading
                                 (("data", data), ("fsdp", fsdp), ("tensor", tensor))))
-        _, self.tokenizer = load_tokenizer_for(pretrained, "lm-eval requests are text, so the model directory "
-                                               "needs its tokenizer (llama-jax export and convert --to jax copy it)")
-        self.end_ids = end_ids(self.tokenizer, chat=False, listed=generation_end_ids(pretrained))  # EOS first
+        config, self.tokenizer = load_tokenizer_for(
+            pretrained, "lm-eval requests are text, so the model directory needs its tokenizer (llama-jax export and "
+            "convert --to jax copy it)")
+        self.end_ids = end_ids(self.tokenizer, chat=False,  # EOS first
+                               listed=generation_end_ids(pretrained, config.vocab_size))
         self.config, self.params = load_model(pretrained, mesh=self.mesh, **({"dtype": dtype} if dtype else {}))
         self.pretrained = str(pretrained)
         self.scorer = Scorer(self.config, self.params, batch_size=_batch_size(batch_size),

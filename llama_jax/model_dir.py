@@ -46,10 +46,7 @@ def check_tokenizer_files(directory: str | os.PathLike, config: LLaMAConfig) -> 
         file = Path(directory) / name
         if file.is_file() and file.suffix == ".json":
             read_json_object(file, "generation settings" if name == "generation_config.json" else "tokenizer settings")
-    beyond = [i for i in generation_end_ids(directory) if i >= config.vocab_size]
-    if beyond:
-        raise ValueError(f"{Path(directory) / 'generation_config.json'}: eos_token_id {beyond[0]} is not a token id "
-                         f"of this model (vocab_size {config.vocab_size})")
+    generation_end_ids(directory, config.vocab_size)
     file = Path(directory) / "tokenizer.model"
     if file.is_file():
         check_tokenizer_file(file, config)
@@ -92,10 +89,11 @@ def load_config(path: str | os.PathLike) -> LLaMAConfig:
         raise ValueError(f"{config_file}: {e}") from None
 
 
-def generation_end_ids(path: str | os.PathLike) -> list[int]:
+def generation_end_ids(path: str | os.PathLike, vocab_size: int) -> list[int]:
     """The end-of-text ids a model directory's generation_config.json lists (`eos_token_id`: one id
     or several, e.g. LLaMA 3 instruct models' <|end_of_text|>, <|eom_id|> and <|eot_id|>); [] when it
-    has none. transformers' `generate` stops a row at any of them, and so does llama-jax."""
+    has none. transformers' `generate` stops a row at any of them, and so does llama-jax. Each must
+    be a token id of a model of `vocab_size` tokens."""
     file = Path(path) / "generation_config.json"
     if not file.is_file():
         return []
@@ -103,6 +101,9 @@ def generation_end_ids(path: str | os.PathLike) -> list[int]:
     ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
     if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
         raise ValueError(f"{file}: eos_token_id={ids!r}; expected a token id or a list of token ids")
+    beyond = [i for i in ids if i >= vocab_size]
+    if beyond:
+        raise ValueError(f"{file}: eos_token_id {beyond[0]} is not a token id of this model (vocab_size {vocab_size})")
     return ids
 
 

@@ -330,6 +330,9 @@ CASES = [
          r"model_config.json: not valid JSON \(Expecting property name.*\); expected a JSON object of LLaMAConfig"),
     Case("generate-generation-config-a-list", "generate {bad_generation_model} --prompt Hi",
          r"generation_config.json: holds a list \(\[2\]\), not a JSON object of generation settings"),
+    Case("generate-eos-id-beyond-the-vocab", "generate {eos_beyond_model} --prompt Hi",
+         r"eos_beyond_model/generation_config.json: eos_token_id 600 is not a token id of this model \(vocab_size "
+         r"512\)$"),
     Case("generate-missing-params", "generate {paramless_model} --prompt Hi",
          r"parameter checkpoint params/ not found"),
     Case("generate-damaged-params-metadata", "generate {bad_metadata_model} --prompt Hi",
@@ -567,6 +570,9 @@ def make_inputs(root: Path) -> dict[str, Path]:
     p["bad_generation_model"] = inputs / "bad_generation_model"
     shutil.copytree(p["model"], p["bad_generation_model"])
     (p["bad_generation_model"] / "generation_config.json").write_text("[2]")
+    p["eos_beyond_model"] = inputs / "eos_beyond_model"
+    shutil.copytree(p["model"], p["eos_beyond_model"])
+    (p["eos_beyond_model"] / "generation_config.json").write_text('{"eos_token_id": [2, 600]}')
     shutil.copytree(p["model"], p["paramless_model"], ignore=shutil.ignore_patterns("params"))
     p["bad_metadata_model"] = inputs / "bad_metadata_model"
     shutil.copytree(p["model"], p["bad_metadata_model"])
