@@ -831,6 +831,7 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
                   cmd_lm_eval: _check_lm_eval_arguments, cmd_data_inspect: _check_inspect_arguments,
                   cmd_plan: _check_plan_arguments}.get(launched.func)  # what the command refuses of its arguments
     try:
+        _check_overrides_read(launched)
         _check_not_empty(launched)
         if own_checks is not None:
             own_checks(launched)
@@ -1497,6 +1498,23 @@ NOT_EMPTY = {  # argument destinations whose value may not be an empty string ->
     "partition": "--partition", "account": "--account", "job_name": "--job-name", "prompts_file": "--prompts-file"}
 
 
+OVERRIDE_COMMANDS = ("train", "eval", "sweep", "data inspect", "prepare-data", "plan", "demo")  # read --config.*
+
+
+def _command_name(args) -> str:
+    """The command as typed: "train", "data inspect"."""
+    return " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+
+
+def _check_overrides_read(args) -> None:
+    """An override given to a command that reads no experiment config would be ignored: refused."""
+    command = _command_name(args)
+    if args.overrides and command not in (*OVERRIDE_COMMANDS, "launch"):  # (launch: they go after --)
+        raise UserError(f"--config.{args.overrides[0]}: llama-jax {command} reads no experiment config, so the "
+                        f"override would be ignored; drop it (--config.* overrides are for "
+                        f"{', '.join(OVERRIDE_COMMANDS)})")
+
+
 def _check_not_empty(args) -> None:
     """An empty path would mean the current directory (or its parent) to the code below: refused."""
     for dest, name in NOT_EMPTY.items():
@@ -1568,13 +1586,14 @@ def _run(argv: list[str] | None) -> int:
     args.overrides = overrides
     try:
         with _sigterm_unwinds():
+            _check_overrides_read(args)
             _check_not_empty(args)
             from llama_jax import backend_tuning
 
             backend_tuning.enabled()  # a value of LLAMA_JAX_TUNING it does not know: refused
             status = args.func(args)  # None, or the exit status of a step that reported its own failure
     except (UserError, ValueError, OSError, RuntimeError, AssertionError) as e:  # OSError: paths not read or written
-        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data inspect"
+        command = _command_name(args)
         unavailable = _backend_unavailable(e)
         if unavailable:
             print(f"llama-jax {command}: error: {unavailable}", file=sys.stderr)

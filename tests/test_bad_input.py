@@ -338,6 +338,14 @@ CASES = [
     Case("generate-damaged-params-metadata", "generate {bad_metadata_model} --prompt Hi",
          r"bad_metadata_model is damaged or incomplete: ValueError: \S+/bad_metadata_model/params/_METADATA is not "
          r"valid JSON"),
+    Case("generate-config-override", "generate {model} --prompt Hi --config.model.max_seq_len=4096",
+         r"--config.model.max_seq_len=4096: llama-jax generate reads no experiment config, so the override would be "
+         r"ignored; drop it \(--config.\* overrides are for train, eval, sweep, data inspect, prepare-data, plan, "
+         r"demo\)$"),
+    Case("convert-config-override", "convert --from hf --to jax {hf} out --config.model.dtype=bfloat16",
+         r"--config.model.dtype=bfloat16: llama-jax convert reads no experiment config"),  # (it wrote `out` before)
+    Case("presets-config-override", "presets --config.model.preset=tiny",
+         r"--config.model.preset=tiny: llama-jax presets reads no experiment config"),
     Case("generate-no-tokenizer", "generate {model256} --prompt Hi", r"has no tokenizer.model; pass --tokenizer PATH"),
     Case("generate-max-new-tokens-0", "generate {model} --prompt Hi --max-new-tokens 0",
          r"max_new_tokens must be an integer of at least 1, got 0"),

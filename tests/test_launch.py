@@ -647,6 +647,8 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
      "after --: generate: give a model directory or --workdir RUN (one of them)"),
     (["slurm", "--dry-run", "--", "generate", "/mnt/m", "--prompt", "hi", "--prompts-file", ""],
      "after --: generate: --prompts-file is empty; give a value"),
+    (["slurm", "--dry-run", "--", "generate", "/mnt/m", "--prompt", "hi", "--config.model.max_seq_len=4096"],
+     "after --: generate: --config.model.max_seq_len=4096: llama-jax generate reads no experiment config"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "plan", "--config",
       "configs/tiny.py", "--devices", "0"], "after --: plan: --devices must be a positive number of virtual CPU"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "lm-eval", "/mnt/m", "--tasks", ","],
