@@ -107,23 +107,38 @@ def through_end(ids: Sequence[int], ends: Sequence[int]) -> list[int]:
     return ids[:min(cuts) + 1] if cuts else ids
 
 
+MAX_PROMPTS_BYTES = 256 * 2**20  # a prompts file larger than this is a corpus or a device given by mistake
+
+
 def read_prompts_file(path: str | Path) -> list[str]:
     """Prompts of a file: one per non-blank line of a text file (`-`: standard input), or the
     "prompt" (else "text") string field of each non-blank line of a `.jsonl` file. Bad input:
-    ValueError with one line naming the file (and the line)."""
+    ValueError with one line naming the file (and the line), also for more than
+    MAX_PROMPTS_BYTES, which is not read further (`/dev/zero` filled the memory)."""
     if str(path) == "-":
-        return _prompts_of_text(utf8_text(sys.stdin.buffer.read(), "standard input"), "standard input", jsonl=False)
+        data = _read_capped(sys.stdin.buffer, "standard input")
+        return _prompts_of_text(utf8_text(data, "standard input"), "standard input", jsonl=False)
     path = Path(path)
     if path.suffix.lower() == ".json":  # a JSON document read line by line would give its lines as prompts
         raise ValueError(f"{path}: a .json file; give a text file (one prompt per line) or a .jsonl file (one JSON "
                          f"object with a \"prompt\" field per line)")
     try:
-        text = utf8_text(path.read_bytes(), str(path))
+        with open(path, "rb") as f:
+            text = utf8_text(_read_capped(f, str(path)), str(path))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file (`-` reads the prompts from standard input)") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     return _prompts_of_text(text, path, jsonl=path.suffix.lower() == ".jsonl")
+
+
+def _read_capped(f, where: str) -> bytes:
+    data = f.read(MAX_PROMPTS_BYTES + 1)
+    if len(data) > MAX_PROMPTS_BYTES:
+        most = f"{MAX_PROMPTS_BYTES // 2**20} MiB" if MAX_PROMPTS_BYTES >= 2**20 else f"{MAX_PROMPTS_BYTES} bytes"
+        raise ValueError(f"{where}: more than {most} of prompts (a corpus or a device given by mistake?); give at "
+                         f"most {most} per file")
+    return data
 
 
 def _prompts_of_text(text: str, path, jsonl: bool) -> list[str]:

@@ -9,6 +9,7 @@ import pytest
 import sentencepiece as spm
 
 from llama_jax import LLaMAConfig, init_params, save_model
+from llama_jax import prompts as prompts_lib
 from llama_jax.cli import main
 from llama_jax.data import EmbeddedCorpus
 from llama_jax.generate import generate, generate_text
@@ -177,6 +178,15 @@ def test_prompts_file(sp_model, tmp_path, capsys, monkeypatch):
         assert main(["generate", str(path), "--prompts-file", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    # more than the limit is refused once read that far: a device that never ends (it filled the memory) or a stream
+    monkeypatch.setattr(prompts_lib, "MAX_PROMPTS_BYTES", 4096)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a prompt\n" * 1000)))
+    for source, where in (("/dev/zero", "/dev/zero"), ("-", "standard input")):
+        assert main(["generate", str(path), "--prompts-file", source]) == 2
+        assert capsys.readouterr().err == (f"llama-jax generate: error: {where}: more than 4096 bytes of prompts (a "
+                                           f"corpus or a device given by mistake?); give at most 4096 bytes per file\n")
+    (tmp_path / "at_limit.txt").write_bytes(b"x" * 4095 + b"\n")
+    assert read_prompts_file(tmp_path / "at_limit.txt") == ["x" * 4095]
     for args, message in [([str(path)], "no prompts; give --prompt"),
                           ([], "give a model directory or --workdir RUN"),
                           ([str(path), "--workdir", str(tmp_path)], "give a model directory or --workdir RUN"),
