@@ -243,6 +243,21 @@ def test_existing_active_resource_is_reused(fake_gcloud, capfd, tmp_path):
     assert not list(tmp_path.glob("llama-jax-*.tar.gz"))  # the shipped tarball is cleaned up
 
 
+def test_the_files_to_ship_are_listed_at_the_start_and_at_each_ship(fake_gcloud, monkeypatch, tmp_path):
+    """git lists the checkout once before anything runs (the --config check, and a launch stops there
+    without git), then once per ship, as the checkout is then: not a third time for the first check."""
+    set_state, calls = fake_gcloud
+    set_state("ACTIVE")
+    git_log = tmp_path / "git.log"
+    bin_dir = Path(tpu.shutil.which("gcloud")).parent
+    write_fake(bin_dir / "git", f"#!/bin/sh\necho \"$*\" >> {shlex.quote(str(git_log))}\n"
+                                f"exec {shlex.quote(shutil.which('git'))} \"$@\"\n")
+    monkeypatch.setenv("FAKE_PREEMPTIONS", "1")
+    assert cli.main(launch_args("--max-restarts", "1")) == 0
+    assert verbs(calls()).count("tpu-vm scp") == 2  # shipped, preempted, shipped again
+    assert sum("ls-files" in line for line in git_log.read_text().splitlines()) == 3
+
+
 def test_missing_resource_is_created(fake_gcloud):
     set_state, calls = fake_gcloud
     assert cli.main(launch_args("--spot")) == 0

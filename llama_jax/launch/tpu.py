@@ -278,11 +278,13 @@ def dry_run_lines(tpu: TpuLaunch, unlisted: str | None = None) -> list[str]:
 
 def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
     """Run the launch; returns the exit status of the command on the workers (1 when the slice was
-    preempted after the command exited 0: a preempted train saves and exits 0, unfinished)."""
+    preempted after the command exited 0: a preempted train saves and exits 0, unfinished).
+    The caller lists the files to ship first (`shipped_files`, as `llama-jax launch tpu` does), so
+    that a checkout git cannot list stops the launch before anything runs; each ship lists them
+    again, as they are then (hours may have passed: a slice's wait, a preempted run)."""
     if shutil.which("gcloud") is None:
         raise LaunchError("gcloud not found on PATH: install the Google Cloud CLI "
                           "(https://cloud.google.com/sdk/docs/install), or use --dry-run")
-    shipped_files(source_root())  # fail before anything runs where git cannot list the files to ship
     if tpu.copy_back:
         check_copy_back(tpu)  # fail before anything runs
     status, preempted = _run_until_done(tpu, poll_seconds)
