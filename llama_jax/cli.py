@@ -572,7 +572,7 @@ def _run_seq_len(workdir) -> int | None:
 def cmd_eval(args) -> None:
     import json
 
-    from llama_jax.evaluate import evaluate_held_out
+    from llama_jax.evaluate import evaluate_held_out, held_out_seq_len
     from llama_jax.eval_files import model_eval_file, run_eval_file_name
     from llama_jax.experiment import check_train_section, load_config
     from llama_jax.metrics import nonfinite_as_null
@@ -594,9 +594,9 @@ def cmd_eval(args) -> None:
     check_train_section(config.train)  # its batch is the default batch
     own_data = _runs_own_data(args, config)
     # before the model is read: the file the result goes to (beside a model: decided by the data settings and
-    # seq_len, as evaluate_held_out defaults it), or for a run (its name waits for the step) the run's directory
+    # seq_len), or for a run (its name waits for the step) the run's directory
     if args.output is None and args.model is not None and Path(args.model).is_dir():
-        settings = {"data": config.data.to_dict(), "seq_len": args.seq_len or config.train.seq_len}
+        settings = {"data": config.data.to_dict(), "seq_len": held_out_seq_len(config, args.seq_len)}
         check_results_file(model_eval_file(Path(args.model), settings), "--output", "llama-jax eval",
                            EVAL_RESULT_KEYS)
     elif args.output is None and args.workdir is not None:

@@ -512,6 +512,12 @@ def load_run(workdir, step: int | None = None, mesh=None) -> tuple[LLaMAConfig, 
     return config, params, str(tokenizer), step, info
 
 
+def held_out_seq_len(config, seq_len: int | None = None) -> int:
+    """The seq_len `evaluate_held_out` scores with (and its result records): the given one, else
+    the config's train.seq_len."""
+    return seq_len or config.train.seq_len
+
+
 def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = None, seq_len: int | None = None,
                       batch_size: int | None = None, progress: bool = False, devices=None,
                       run_config: bool = False) -> dict:
@@ -531,7 +537,7 @@ def evaluate_held_out(config, model_dir=None, workdir=None, step: int | None = N
     data_config = run_data_config(config.data, workdir, run_config) if workdir is not None else config.data
     prepared = _held_out_splits(data_config, workdir) if data_config.get("source") == "prepared" else None
     documents = held_out_documents(data_config) if prepared is None else None
-    seq_len = seq_len or config.train.seq_len
+    seq_len = held_out_seq_len(config, seq_len)
     batch_size = batch_size or max(1, config.train.batch_size // config.train.grad_accum)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,  # a bad mesh also fails first
                      jax.devices() if devices is None else devices)
