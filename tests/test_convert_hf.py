@@ -410,6 +410,18 @@ def test_same_values_compares_block_by_block_across_dtypes():
     assert not same_values(a, a[:9], block_rows=3) and not same_values(a, a.reshape(5, 4))
 
 
+class ReadCount(dict):
+    """A state dict that counts the reads of each of its tensors."""
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.counts = dict.fromkeys(state, 0)
+
+    def __getitem__(self, name):
+        self.counts[name] += 1
+        return super().__getitem__(name)
+
+
 def test_a_tied_configs_head_that_is_not_its_embedding_is_refused(tmp_path, capsys):
     """transformers loads such a checkpoint untied, with the file's head; a tied conversion would drop
     it and give other logits. The head a tied model's state_dict carries (the table itself) passes."""
@@ -425,6 +437,10 @@ def test_a_tied_configs_head_that_is_not_its_embedding_is_refused(tmp_path, caps
                                   "to (tie_word_embeddings: true); transformers loads such a checkpoint untied")
     with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
         from_hf_state_dict(state, config_dict)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # as model.state_dict() holds it: passes
+    reads = ReadCount(state)
+    from_hf_state_dict(reads, config_dict)
+    assert reads.counts == {name: 1 for name in state}  # the table, checked and converted, is read once
     config_dict["tie_word_embeddings"] = False  # as the message says: then it converts, with that head
     (src / "config.json").write_text(json.dumps(config_dict))
     assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "untied")]) == 0

@@ -188,10 +188,9 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, An
         array = _as_numpy(state_dict[spec.hf_name])
         if dtype_name(array.dtype) not in WEIGHT_DTYPES:  # (a cast made integers floats, dropped imaginary parts)
             raise ValueError(f"{spec.hf_name} has dtype {array.dtype}; weights are one of {', '.join(WEIGHT_DTYPES)}")
+        if spec.hf_name == "model.embed_tokens.weight" and cfg.tie_embeddings and "lm_head.weight" in state_dict:
+            check_tied_head(cfg, array, _as_numpy(state_dict["lm_head.weight"]))  # (the table as given, not cast)
         put_tensor(params, spec, narrowed(spec.hf_name, array, numpy_dtype(param_dtype)))  # (beyond float16: inf)
-    if cfg.tie_embeddings and "lm_head.weight" in state_dict:
-        embed, head = (_as_numpy(state_dict[name]) for name in ("model.embed_tokens.weight", "lm_head.weight"))
-        check_tied_head(cfg, embed, head)
     return cfg, params_in_layout(cfg, params)
 
 
