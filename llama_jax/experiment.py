@@ -485,12 +485,15 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     *parents, leaf = key.split(".")
     node = config
     for i, part in enumerate(parents):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        if part not in node:
             raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in override {item!r})")
         node = node[part]
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
-        raise ValueError(f"unknown config key {key!r}; valid keys there: {valid}")
+        if not isinstance(node, ml_collections.ConfigDict):  # train.steps.x: a key inside a value
+            setting = ".".join(parents[:i + 1])
+            raise ValueError(f"unknown config key {key!r}: {setting} is a setting holding {describe_value(node)}, "
+                             f"not a section of keys; set it whole: --config.{setting}=VALUE")
+    if leaf not in node:
+        raise ValueError(f"unknown config key {key!r}; valid keys there: {', '.join(sorted(node.keys()))}")
     try:
         current = node[leaf]
     except Exception:  # computed (get_ref) from values that fail now: this override may replace it; if

@@ -76,6 +76,9 @@ CASES = [
          r"config key 'train.steps' is int, got '\{\[\]\}' \(str\)"),
     Case("plan-override-mapping-in-double-braces", "plan --config {tiny} \"--config.data.mixture={{'path': 'x'}}\"",
          r"config key 'data.mixture' is ConfigDict, got \"\{\{'path': 'x'\}\}\" \(str\)"),
+    Case("plan-override-of-a-key-inside-a-setting", "plan --config {tiny} --config.train.steps.x=5",
+         r"unknown config key 'train.steps.x': train.steps is a setting holding an int \(\d+\), not a section of keys; "
+         r"set it whole: --config.train.steps=VALUE$"),
     Case("train-override-without-value", NEW_RUN + " --config.train.seq_len", r"--config.train.seq_len: missing value"),
     Case("train-override-value-forgotten", NEW_RUN + " --config.train.sample_prompt --config.train.steps=2",
          r"--config.train.sample_prompt: missing value"),  # not the next override taken as its text
