@@ -519,6 +519,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
             hint = ""
             if isinstance(current, (list, tuple)) and isinstance(value, str) and text.strip().startswith("["):
                 hint = f"; quote the strings in a list: \"--config.{key}=['a', 'b']\""
+            if key in MAPPING_KEYS:  # (a dict with a syntax error reads as text)
+                hint = f"; give a Python dict: \"--config.{key}={MAPPING_KEYS[key]}\""
             raise ValueError(f"config key {key!r} is {type(current).__name__}, got {text!r} "
                              f"({type(value).__name__}){hint}")
         if isinstance(current, float):
@@ -533,7 +535,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     return node[leaf]
 
 
-MAPPING_KEYS = ("data.mixture",)  # keys whose value is a mapping of the user's names, given whole as a dict
+# keys whose value is a mapping of the user's names, given whole as a dict -> an example of one
+MAPPING_KEYS = {"data.mixture": "{'web': {'path': '/data/web', 'weight': 0.8}, 'code': {'path': '/data/code', "
+                                "'weight': 0.2}}"}
 
 
 def _decimal_field(key: str) -> bool:

@@ -76,6 +76,9 @@ CASES = [
          r"config key 'train.steps' is int, got '\{\[\]\}' \(str\)"),
     Case("plan-override-mapping-in-double-braces", "plan --config {tiny} \"--config.data.mixture={{'path': 'x'}}\"",
          r"config key 'data.mixture' is ConfigDict, got \"\{\{'path': 'x'\}\}\" \(str\)"),
+    Case("plan-override-mapping-syntax-error", "plan --config {tiny} \"--config.data.mixture={'a': }\"",
+         r"config key 'data.mixture' is ConfigDict, got \"\{'a': \}\" \(str\); give a Python dict: "
+         r"\"--config.data.mixture=\{'web': \{'path': '/data/web', 'weight': 0.8\}, .*\}\"$"),
     Case("plan-override-of-a-key-inside-a-setting", "plan --config {tiny} --config.train.steps.x=5",
          r"unknown config key 'train.steps.x': train.steps is a setting holding an int \(\d+\), not a section of keys; "
          r"set it whole: --config.train.steps=VALUE$"),
