@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llama_jax.config import LLaMAConfig
 from llama_jax.eval_files import EVAL_FILE, TAGGED_MODEL_EVAL_FILES
-from llama_jax.safe_io import OutputKind, holds_run, read_json_object
+from llama_jax.safe_io import OutputKind, broken_link, holds_run, read_json_object
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -70,6 +70,9 @@ RECORDED_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
 def load_config(path: str | os.PathLike) -> LLaMAConfig:
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
+        leads_nowhere = broken_link(path)
+        if leads_nowhere:
+            raise ValueError(f"{leads_nowhere}; give a llama_jax model directory")
         hint = ""
         if (Path(path) / "checkpoints").is_dir() or holds_run(path):
             hint = f"; it holds a training run: llama-jax export --workdir {path} DST writes a model directory of it"

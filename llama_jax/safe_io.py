@@ -320,7 +320,7 @@ def run_directory_problem(workdir: str | os.PathLike, for_a_model: str = "") -> 
     directory: `for_a_model` says what to do with one instead), as one line; None when it may be one."""
     workdir, expected = Path(workdir), "the --workdir of llama-jax train"
     if not workdir.exists():
-        return f"--workdir {workdir} does not exist; give a run's directory ({expected})"
+        return f"--workdir {broken_link(workdir) or f'{workdir} does not exist'}; give a run's directory ({expected})"
     if not workdir.is_dir():
         return f"--workdir {workdir}: is a file; expected a run's directory ({expected})"
     if not (workdir / "config.json").exists() and (workdir / "model_config.json").is_file():

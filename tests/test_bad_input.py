@@ -396,6 +396,19 @@ CASES = [
     Case("generate-second-prompts-file-missing",
          "generate {model} --prompts-file {corpus}/doc0.txt --prompts-file {inputs}/nope.txt",
          r"\S+/nope.txt: no such file"),
+    Case("generate-model-link-to-nothing", "generate {dangling_link} --prompt Hi",
+         r"\S+/dangling_link is a symbolic link to \S+/gone, which does not exist; give a llama_jax model directory$"),
+    Case("generate-workdir-link-loop", "generate --workdir {loop_link} --prompt Hi",
+         r"--workdir \S+/loop_link is a symbolic link to loop_link, which loops back to itself; give a run's "
+         r"directory"),
+    Case("eval-model-link-loop", "eval {loop_link} --config {tiny} --config.data.source=embedded",
+         r"\S+/loop_link is a symbolic link to loop_link, which loops back to itself; give a llama_jax model "
+         r"directory$"),
+    Case("convert-jax-src-link-to-nothing", "convert --from jax --to hf {dangling_link} out",
+         r"\S+/dangling_link is a symbolic link to \S+/gone, which does not exist; give a llama_jax model directory$"),
+    Case("convert-hf-src-link-loop", "convert --from hf --to jax {loop_link} out",
+         r"\S+/loop_link is a symbolic link to loop_link, which loops back to itself; give a Hugging Face model "
+         r"directory$"),
     # ---- lm-eval (its other cases are in tests/test_evaluate.py) ----
     Case("lm-eval-max-gen-toks-zero", "lm-eval {model} --tasks tiny_mc --max-gen-toks 0",
          r"argument --max-gen-toks: must be at least 1, got 0"),

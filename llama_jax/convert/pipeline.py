@@ -19,7 +19,7 @@ from llama_jax.convert import FORMATS, hf_dir, meta
 from llama_jax.convert.hf import empty_params, hf_tensor, put_tensor, tensor_specs
 from llama_jax.convert.source import ConversionError, Source, dtype_name, narrowed, numpy_dtype
 from llama_jax.model_dir import MODEL_DIR, TOKENIZER_FILES, check_tokenizer_files, copy_tokenizer_files, load_config
-from llama_jax.safe_io import OutputKind, atomic_directory, check_destination
+from llama_jax.safe_io import OutputKind, atomic_directory, broken_link, check_destination
 
 OUTPUT_KINDS = {  # what each writer puts in its directory: all that --overwrite may replace
     "hf": OutputKind("Hugging Face model directory",
@@ -60,6 +60,9 @@ def _leaves(tree):
 def read_checkpoint(fmt: str, src: str | Path, rope_scaling_factor: float | None = None) -> Source:
     src = Path(src)
     if not src.is_dir():
+        leads_nowhere = broken_link(src)
+        if leads_nowhere and fmt in OUTPUT_KINDS:
+            raise ConversionError(f"{leads_nowhere}; give a {OUTPUT_KINDS[fmt].name}")
         raise ConversionError(f"{src}: {'not a directory' if src.exists() else 'no such directory'}")
     if fmt == "hf":
         return hf_dir.read_hf_dir(src)
