@@ -45,7 +45,7 @@ from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
 from llama_jax.safe_io import (SET_ASIDE_DIR, DirectoryLock, atomic_file, check_outside_runs_and_models,
-                               check_run_config, check_writable, file_in_the_way, holds_lock, holds_run,
+                               check_run_config, check_writable, file_in_the_way, holds_lock, holds_no_run, holds_run,
                                run_directory_problem, sha256_file, write_text_atomic)
 from llama_jax.sharding import process_rows, tree_shardings
 from llama_jax.sweep import check_trial_settings
@@ -463,8 +463,7 @@ def check_workdir(workdir: Path) -> None:
     clash = sorted(p.name for p in workdir.iterdir()
                    if p.name in RUN_FILES or any(fnmatch.fnmatchcase(p.name, m) for m in MODEL_FILES))
     if clash:
-        raise RunError(f"--workdir {workdir} holds {clash[0]!r} but no llama-jax run (a run writes config.json, "
-                       f"checkpoints/, metrics.jsonl there); use a new or empty directory")
+        raise RunError(f"{holds_no_run(workdir, clash[0])}; use a new or empty directory")
 
 
 def _check_run_writable(workdir: Path, checkpoint, resume_from: int | None = None) -> None:

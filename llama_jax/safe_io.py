@@ -144,19 +144,24 @@ def check_outside_runs_and_models(path: str | os.PathLike, what: str,
     model replaces whole: either way it would be lost without a word. The message names it as
     `what` and `shown` (the path as given; `path` if unset). (Beside a model's own files, as
     MODEL/run, an --overwrite refuses to go.)"""
-    real = real_path(path)
-    shown = path if shown is None else shown
+    real, shown = real_path(path), path if shown is None else shown
     params = next((d for d in [real, *real.parents]
                    if d.name == "params" and (d.parent / "model_config.json").is_file()), None)
     if params is not None:
         where = "is" if params == real else "is inside"
         raise ValueError(f"{what} {shown} {where} {params}, the parameters of the model directory {params.parent}; "
                          f"choose a {what} outside it")
-    checkpoints = next((p for p in [real, *real.parents]
-                        if p.name in ("checkpoints", SET_ASIDE_DIR) and holds_run(p.parent)), None)
+    checkpoints = runs_checkpoints(real)
     if checkpoints is not None:
         raise ValueError(f"{what} {shown} is inside {checkpoints}, the checkpoints of a run; choose a "
                          f"{what} outside it")
+
+
+def runs_checkpoints(path: str | os.PathLike) -> Path | None:
+    """The checkpoints/ of a run (or those it set aside) at or above `path`, its links followed; None if none."""
+    real = real_path(path)
+    return next((p for p in [real, *real.parents] if p.name in ("checkpoints", SET_ASIDE_DIR) and holds_run(p.parent)),
+                None)
 
 
 @contextlib.contextmanager
@@ -323,10 +328,24 @@ def run_directory_problem(workdir: str | os.PathLike, for_a_model: str = "") -> 
         return f"--workdir {broken_link(workdir) or f'{workdir} does not exist'}; give a run's directory ({expected})"
     if not workdir.is_dir():
         return f"--workdir {workdir}: is a file; expected a run's directory ({expected})"
+    checkpoints = runs_checkpoints(workdir)
+    if checkpoints is not None:
+        where = "is" if checkpoints == real_path(workdir) else "is inside"
+        return (f"--workdir {workdir} {where} {checkpoints}, the checkpoints of the run {checkpoints.parent}; give the "
+                f"run's directory: --workdir {checkpoints.parent}")
+    foreign = isinstance(saved_run_setting(workdir), dict) and not holds_run(workdir)  # a Hugging Face model's, say
+    if foreign and not (workdir / "checkpoints").is_dir():  # (with checkpoints: a run's, damaged; check_run_config)
+        return f"{holds_no_run(workdir, 'config.json')}; give a run's directory ({expected})"
     if not (workdir / "config.json").exists() and (workdir / "model_config.json").is_file():
         return f"--workdir {workdir} is a model directory, not a run ({expected})" + \
             (f"; {for_a_model}" if for_a_model else "")
     return None
+
+
+def holds_no_run(workdir: str | os.PathLike, entry: str) -> str:
+    """The start of the line saying that --workdir `workdir` holds `entry`, a file of a run or a model, but no run."""
+    return (f"--workdir {workdir} holds {entry!r} but no llama-jax run (a run writes config.json, checkpoints/, "
+            f"metrics.jsonl there)")
 
 
 def saved_run_setting(directory: str | os.PathLike, *keys: str):

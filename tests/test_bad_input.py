@@ -417,7 +417,14 @@ CASES = [
     Case("lm-eval-limit-not-whole", "lm-eval {model} --tasks tiny_mc --limit 2.5",
          r"argument --limit: expected a whole number of examples or a fraction below 1, got '2.5'"),
     # ---- export ----
-    Case("export-not-a-run", "export --workdir {hf} out", r"hf holds no committed checkpoint \(checkpoints/<step>/\)"),
+    Case("export-not-a-run", "export --workdir {readme_dir} out",
+         r"readme holds no committed checkpoint \(checkpoints/<step>/\)"),
+    Case("export-workdir-is-a-hf-model", "export --workdir {hf} out",
+         r"--workdir \S+/hf holds 'config.json' but no llama-jax run \(a run writes config.json, checkpoints/, "
+         r"metrics.jsonl there\); give a run's directory \(the --workdir of llama-jax train\)$"),
+    Case("export-workdir-a-checkpoint-of-a-run", "export --workdir {run}/checkpoints/4 out",
+         r"--workdir \S+/run/checkpoints/4 is inside \S+/run/checkpoints, the checkpoints of the run \S+/run; give the "
+         r"run's directory: --workdir \S+/run$"),
     Case("export-workdir-missing", "export --workdir nowhere out",
          r"--workdir \S+/nowhere does not exist; give a run's directory \(the --workdir of llama-jax train\)$"),
     Case("export-workdir-is-a-model", "export --workdir {model} out",
@@ -512,6 +519,14 @@ CASES = [
                                        r"train section\(s\) of the config"),
     Case("inspect-workdir-is-a-model", "data inspect --workdir {model} --step 1",
          r"--workdir \S+/model is a model directory, not a run \(the --workdir of llama-jax train\)"),
+    Case("inspect-workdir-is-a-hf-model", "data inspect --workdir {hf} --step 1",
+         r"--workdir \S+/hf holds 'config.json' but no llama-jax run \(a run writes config.json, checkpoints/, "
+         r"metrics.jsonl there\); give a run's directory \(the --workdir of llama-jax train\)$"),
+    Case("inspect-workdir-is-a-runs-checkpoints", "data inspect --workdir {run}/checkpoints --step 1",
+         r"--workdir \S+/run/checkpoints is \S+/run/checkpoints, the checkpoints of the run \S+/run; give the run's "
+         r"directory: --workdir \S+/run$"),
+    Case("inspect-run-config-json-without-sections", "data inspect --workdir {sectionless_config_run} --step 1",
+         r"--workdir \S+ holds a run's checkpoints, but its config.json is damaged \(not a run's resolved config\)"),
     Case("inspect-workdir-missing", "data inspect --workdir {inputs}/nowhere --step 1",
          r"--workdir \S+/nowhere does not exist; give a run's directory \(the --workdir of llama-jax train\)"),
     Case("inspect-workdir-is-a-file", "data inspect --workdir {tiny} --step 1",
@@ -607,6 +622,9 @@ def make_inputs(root: Path) -> dict[str, Path]:
     p["damaged_progress_run"] = inputs / "damaged_progress_run"
     shutil.copytree(p["run"], p["damaged_progress_run"])
     (p["damaged_progress_run"] / "progress.json").write_text("{")
+    p["sectionless_config_run"] = inputs / "sectionless_config_run"  # config.json a JSON object, but no run's
+    shutil.copytree(p["run"], p["sectionless_config_run"])
+    (p["sectionless_config_run"] / "config.json").write_text('{"model": {}}')
     p["checkpoints_file_run"], p["missing_latest_run"] = inputs / "checkpoints_file_run", inputs / "missing_latest_run"
     shutil.copytree(p["run"], p["checkpoints_file_run"], ignore=shutil.ignore_patterns("checkpoints", "progress.json"))
     (p["checkpoints_file_run"] / "checkpoints").write_text("not a directory\n")
