@@ -1093,9 +1093,10 @@ def cmd_plan(args) -> None:
 
     config = load_config(args.config, args.overrides)
     check_experiment(config)  # before importing JAX: a bad config fails at once
-    from llama_jax.plan import format_plan, plan, runnable_config
+    from llama_jax.plan import check_new_run, format_plan, plan, runnable_config
     from llama_jax.train import validate_config
 
+    check_new_run(config)  # what train refuses of it before reading the data
     if args.devices:  # the mesh checked before anything is compiled (for the kernel planned here)
         validate_config(runnable_config(config), args.devices)
 

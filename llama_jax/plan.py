@@ -37,6 +37,19 @@ def runnable_config(config):
     return config
 
 
+def check_new_run(config) -> None:
+    """ValueError for what `llama-jax train` refuses in a new run of `config` beyond
+    `experiment.check_experiment`, with the checks train runs, short of opening the data (plan
+    compiles the step, and the data may be only where the run will run): a `checkpoint.init_from`
+    that is no model directory of the config's model."""
+    from llama_jax.experiment import model_config
+    from llama_jax.run import check_init_from
+
+    if config.checkpoint.init_from:
+        init_from = config.checkpoint.init_from
+        check_init_from(init_from, model_config(config.model, init_from), config.model)
+
+
 def plan(config, devices=None) -> dict:
     """What one device holds for the config's train step; an attention kernel that cannot run on
     this backend (`cudnn` without a GPU) is planned with the one `auto` picks here, and said so."""

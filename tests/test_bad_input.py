@@ -492,6 +492,11 @@ CASES = [
          r"micro-batch .* = 16 is not divisible by mesh.data x mesh.fsdp = 3"),
     Case("plan-kv-heads-not-divisible", "plan --config {tiny} --devices 2 --config.mesh.fsdp=1 --config.mesh.tensor=2 "
          "--config.model.n_kv_heads=1", r"model.n_kv_heads=1 is not divisible by mesh.tensor=2"),
+    # what train refuses of the config, short of opening the data
+    Case("plan-init-from-a-file", "plan --config {tiny} --config.checkpoint.init_from={notes}",
+         r"checkpoint.init_from: \S+/notes.txt is not a llama_jax model directory: model_config.json not found$"),
+    Case("plan-init-from-other-shape", "plan --config {tiny} --config.checkpoint.init_from={model}",
+         r"checkpoint.init_from=\S+ holds a model with vocab_size=512, but the config asks for vocab_size=256"),
     Case("plan-config-not-a-file", "plan --config /dev/null", r"config file /dev/null is not a regular file"),
     Case("plan-ffn-beyond-int32", "plan --config {tiny} --config.model.ffn_dim=9223372036854775808",
          r"model.ffn_dim must be a positive integer up to 2\*\*31 - 1"),
