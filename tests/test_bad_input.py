@@ -497,6 +497,9 @@ CASES = [
          r"checkpoint.init_from: \S+/notes.txt is not a llama_jax model directory: model_config.json not found$"),
     Case("plan-init-from-other-shape", "plan --config {tiny} --config.checkpoint.init_from={model}",
          r"checkpoint.init_from=\S+ holds a model with vocab_size=512, but the config asks for vocab_size=256"),
+    Case("plan-mixture-entry-misspelt", "plan --config {tiny} --config.data.source=prepared "
+         "\"--config.data.mixture={'a': {'path': '{run}/data', 'wieght': 1}}\"",
+         r"data.mixture.a has no setting 'wieght'; valid: path, weight$"),
     Case("plan-config-not-a-file", "plan --config /dev/null", r"config file /dev/null is not a regular file"),
     Case("plan-ffn-beyond-int32", "plan --config {tiny} --config.model.ffn_dim=9223372036854775808",
          r"model.ffn_dim must be a positive integer up to 2\*\*31 - 1"),
