@@ -804,14 +804,14 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
 
     trainer = build_trainer(config, devices, run_model(config, workdir, resume_from))
     cfg, t = trainer.model_config, config.train
+    from_model = config.checkpoint.init_from if config.checkpoint.init_from and not committed_steps(workdir) else ""
+    # before the data is read (a raw corpus is prepared first, minutes for a large one)
+    differences = check_init_from(from_model, cfg, config.model) if from_model else []
     data = build_data(config, cfg, workdir, process_rows(trainer.mesh, t.batch_size))
     if data.train is not None and len(data.train.sources) > 1:  # a mixture: each source's training loss too
         trainer = dataclasses.replace(trainer, sources=tuple(source.name for source in data.train.sources))
     try:  # until the data is adopted, whatever stops the run removes what was staged for it
-        differences, other_tokenizer = [], False
-        if config.checkpoint.init_from and not committed_steps(workdir):
-            differences = check_init_from(config.checkpoint.init_from, cfg, config.model)
-            other_tokenizer = _other_tokenizer(config.checkpoint.init_from, data.tokenizer_file)
+        other_tokenizer = bool(from_model) and _other_tokenizer(from_model, data.tokenizer_file)
         if data.tokenizer and t.sample_tokens:  # samples are drawn during and after the run: check them now
             prompt = len(data.tokenizer.encode(t.sample_prompt, bos=True, eos=False))
             if prompt + t.sample_tokens > cfg.max_seq_len:

@@ -206,6 +206,9 @@ CASES = [
     # ---- train: init_from and the workdir ----
     Case("train-init-from-missing", NEW_RUN + " --config.checkpoint.init_from={inputs}/nope",
          r"checkpoint.init_from: \S+/nope is not a llama_jax model directory"),
+    Case("train-init-from-missing-before-the-data-is-read", NEW_RUN + " " + TEXT.replace("{corpus}", "{latin1_corpus}")
+         + " --config.checkpoint.init_from={inputs}/nope", r"checkpoint.init_from: \S+/nope is not a llama_jax model "
+         r"directory"),
     Case("train-init-from-other-shape", NEW_RUN + " --config.checkpoint.init_from={model}",
          r"checkpoint.init_from=\S+ holds a model with vocab_size=512, but the config asks for vocab_size=256"),
     Case("train-init-from-a-run", NEW_RUN + " --config.checkpoint.init_from={run}",
