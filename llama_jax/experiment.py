@@ -486,7 +486,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     node = config
     for i, part in enumerate(parents):
         if part not in node:
-            raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in override {item!r})")
+            sections = sorted(k for k in node.keys() if isinstance(node[k], ml_collections.ConfigDict))
+            where = f"sections of {'.'.join(parents[:i])}" if i else "sections"
+            raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in override {item!r}); valid "
+                             f"{where}: {', '.join(sections) or 'none'}")
         node = node[part]
         if not isinstance(node, ml_collections.ConfigDict):  # train.steps.x: a key inside a value
             setting = ".".join(parents[:i + 1])

@@ -496,6 +496,9 @@ CASES = [
     Case("plan-kv-heads-not-divisible", "plan --config {tiny} --devices 2 --config.mesh.fsdp=1 --config.mesh.tensor=2 "
          "--config.model.n_kv_heads=1", r"model.n_kv_heads=1 is not divisible by mesh.tensor=2"),
     # what train refuses of the config, short of opening the data
+    Case("plan-override-unknown-section", "plan --config {tiny} --config.trian.steps=3",
+         r"unknown config key 'trian' \(in override 'trian.steps=3'\); valid sections: checkpoint, data, mesh, model, "
+         r"optimizer, train$"),
     Case("plan-init-from-a-file", "plan --config {tiny} --config.checkpoint.init_from={notes}",
          r"checkpoint.init_from: \S+/notes.txt is not a llama_jax model directory: model_config.json not found$"),
     Case("plan-init-from-other-shape", "plan --config {tiny} --config.checkpoint.init_from={model}",
