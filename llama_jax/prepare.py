@@ -559,8 +559,11 @@ def prepare(data_config, output_dir: str | os.PathLike, workers: int | None = No
     A directory an earlier call left unfinished is resumed (its finished shards kept, the rest
     written again, the same bytes as one uninterrupted run); a finished one with the same document
     settings and tokenizer is left untouched. Anything else there is refused with a ValueError.
-    `shard_tokens`: tokens per shard (None: DEFAULT_SHARD_TOKENS for a new directory, whatever an
-    earlier call chose for one it started; a number is refused where an earlier call chose another).
+    `workers`: tokenizer processes (None: one per core; 1: none, all in this process), started with
+    `spawn`, which imports the calling script again: a script calls this under
+    `if __name__ == "__main__":`. `shard_tokens`: tokens per shard (None: DEFAULT_SHARD_TOKENS for a
+    new directory, whatever an earlier call chose for one it started; a number is refused where an
+    earlier call chose another).
     `elsewhere`: how the caller's user prepares into another directory, for the messages."""
     return prepare_with_stats(data_config, output_dir, workers, shard_tokens, progress, elsewhere)[0]
 
