@@ -568,10 +568,23 @@ def prepare(data_config, output_dir: str | os.PathLike, workers: int | None = No
     return prepare_with_stats(data_config, output_dir, workers, shard_tokens, progress, elsewhere)[0]
 
 
+def _check_not_a_starting_worker() -> None:
+    """RuntimeError where this process is a worker starting up: `spawn` imports the calling script
+    again in each worker, so a script that calls `prepare` outside `if __name__ == "__main__":`
+    calls it again there (the worker then found the directory locked and died, and the caller was
+    told only that a worker died)."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # (set while a worker starts up, as
+        # multiprocessing's own check of starting processes then reads it)
+        raise RuntimeError("llama_jax.prepare.prepare was called again in a tokenizer worker as it started: the "
+                           "workers are started with `spawn`, which imports the calling script again; call it "
+                           "under `if __name__ == \"__main__\":` (or with workers=1)")
+
+
 def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int | None = None,
                        shard_tokens: int | None = None, progress: bool = True,
                        elsewhere: str = "give another --output") -> tuple[dict, PreparationStats]:
     """`prepare`, also returning what this call tokenized and how fast."""
+    _check_not_a_starting_worker()
     out = Path(output_dir)
     workers = (os.cpu_count() or 1) if workers is None else workers
     if not isinstance(workers, int) or workers < 1:

@@ -167,6 +167,29 @@ def test_a_worker_that_dies_is_one_line(inputs, noticed):
         encoder.close()
 
 
+def test_a_script_calling_prepare_without_a_main_guard_is_told_why(inputs, tmp_path):
+    """The workers start with `spawn`, which imports the calling script again: one that calls
+    `prepare` at its top level called it again in each worker, which found the directory locked and
+    died; the caller said only that a worker died (killed, or out of memory?). The worker now says
+    why, and the script guarded as it says runs."""
+    call = (f"from llama_jax.experiment import load_config\nfrom llama_jax.prepare import prepare\n"
+            f"prepare(load_config({str(inputs['config'])!r}).data, {str(tmp_path / 'out')!r}, workers=2, "
+            f"progress=False)\n")
+    script = tmp_path / "script.py"
+    script.write_text(call)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert ran.returncode != 0
+    assert ("RuntimeError: llama_jax.prepare.prepare was called again in a tokenizer worker as it started: the "
+            "workers are started with `spawn`, which imports the calling script again; call it under "
+            "`if __name__ == \"__main__\":` (or with workers=1)") in ran.stderr
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    script.write_text('if __name__ == "__main__":\n' + "".join(f"    {line}\n" for line in call.splitlines()))
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert open_prepared(tmp_path / "out").manifest["splits"].keys() == {"train", "held_out"}
+
+
 SIGTERM_IN_SHUTDOWN = """
 import os, signal, sys, time
 from concurrent.futures import ProcessPoolExecutor
