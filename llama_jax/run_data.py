@@ -325,7 +325,8 @@ def _open(d, t, model, named, kept: Path, kept_sha256: str | None, rows, staged,
                            f"leave data.tokenizer empty (the prepared data brings its own) or prepare the data with it")
     tokenizer = load_tokenizer(tokenizer_path)
     if model is not None:
-        check_fits(tokenizer, model.vocab_size)
+        check_fits(tokenizer, model.vocab_size, "use the model's tokenizer or a model.vocab_size of at least the "
+                                                "tokenizer's")
     sources = [Source.create(name, prepared.splits["train"], weight, t.seq_len, order_seed(t.seed, i, legacy_order))
                for i, (name, prepared, weight) in enumerate(opened)]
     train = TrainRows(sources, t.seq_len, t.batch_size)

@@ -208,11 +208,11 @@ def _parse_tiktoken(data: bytes) -> dict[bytes, int] | None:
     return ranks
 
 
-def check_fits(tokenizer: Tokenizer, vocab_size: int) -> None:
-    """ValueError unless every id of `tokenizer` is below a model's `vocab_size`."""
+def check_fits(tokenizer: Tokenizer, vocab_size: int, remedy: str = "use the model's own tokenizer") -> None:
+    """ValueError unless every id of `tokenizer` is below a model's `vocab_size`; `remedy` ends it."""
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                         f"{vocab_size}; use the model's tokenizer or a model.vocab_size of at least the tokenizer's")
+                         f"{vocab_size}; {remedy}")
 
 
 def tokenizer_file(path: str | os.PathLike) -> Path:

@@ -387,7 +387,7 @@ CASES = [
     Case("generate-tokenizer-not-the-models", "generate {model} --prompt Hi --tokenizer {other_tokenizer}",
          r"--tokenizer \S+ differs from the model's own \S+/tokenizer.model; omit --tokenizer"),
     Case("generate-tokenizer-above-model-vocab", "generate {model256} --prompt Hi --tokenizer {tokenizer}",
-         r"the tokenizer has 512 tokens but the model's vocab_size is 256"),
+         r"the tokenizer has 512 tokens but the model's vocab_size is 256; use the model's own tokenizer$"),
     Case("generate-prompt-too-long", "generate {model} --prompt '" + "many words " * 80 + "' --max-new-tokens 8",
          r"longest prompt \(\d+\) \+ max_new_tokens \(8\) = \d+ exceeds the model's max_seq_len \(128\)"),
     Case("generate-mesh-not-three-integers", "generate {model} --prompt Hi --mesh 1,x",
@@ -573,7 +573,8 @@ CASES = [
          r"run/data \(the data this run started with\) was prepared with data.eval_fraction=0.01, not 0.05; "
          r"use the run's data settings \(its config.json\) or another --workdir"),
     Case("demo-tokenizer-above-model-vocab", "demo --workdir new --config.data.tokenizer_vocab_size=8192",
-         r"the tokenizer has \d+ tokens but the model's vocab_size is 4096"),
+         r"the tokenizer has \d+ tokens but the model's vocab_size is 4096; use the model's tokenizer or a "
+         r"model.vocab_size of at least the tokenizer's$"),
 ]
 
 

@@ -280,7 +280,7 @@ def test_generate_text(sp_tokenizer):
     (lambda c, p, t: generate_text(c, p, t, "hi", stop=None), ValueError,
      r"^stop must be a list of strings, got None$"),
     (lambda c, p, t: generate_text(c.replace(vocab_size=100), p, t, "hi"), ValueError,  # named an id of a prompt
-     r"^the tokenizer has \d+ tokens but the model's vocab_size is 100; use the model's tokenizer"),
+     r"^the tokenizer has \d+ tokens but the model's vocab_size is 100; use the model's own tokenizer$"),
     (lambda c, p, t: complete(c, p, t, ["hi"], 2, end_tokens=2), ValueError,
      r"^end_tokens must be a list of token ids in \[0, \d+\), got 2$"),
     (lambda c, p, t: complete(c, p, t, ["hi"], 2, end_tokens=[10**6]), ValueError,  # was never matched
