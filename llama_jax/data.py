@@ -172,7 +172,12 @@ def read_documents(paths: Sequence[str] | str, text_key: str = "text",
                    key_option: str = "data.text_key") -> Iterator[str]:
     """Stream the documents of `TextFiles(paths, text_key)` without holding them (`key_option`: how
     the caller's user names the JSONL field, for the message when a line lacks it)."""
-    for path in expand_files(paths):
+    yield from read_files(expand_files(paths), text_key, key_option)
+
+
+def read_files(files: Iterable[str], text_key: str = "text", key_option: str = "data.text_key") -> Iterator[str]:
+    """The documents of `files` (paths, not patterns), as `read_documents` streams them."""
+    for path in files:
         if os.path.isdir(path):
             raise ValueError(f"{path}: is a directory; give the files in it, e.g. {os.path.join(path, '*.txt')}")
         if os.path.islink(path) and not os.path.exists(path):

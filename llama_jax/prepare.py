@@ -57,7 +57,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from llama_jax.data import DOCUMENT_SOURCES, make_source, read_documents, split_indices
+from llama_jax.data import DOCUMENT_SOURCES, expand_files, make_source, read_files, split_indices
 from llama_jax.safe_io import (DirectoryBusy, DirectoryLock, check_writable, file_in_the_way,
                                finish_for_dead_processes, owned_temp_directory, scratch_path, sha256_file,
                                signals_held, write_text_atomic)
@@ -108,17 +108,19 @@ class Corpus:
         return self.read(split, start)
 
 
-def open_corpus(data_config) -> Corpus:
+def open_corpus(data_config, output: Path | None = None) -> Corpus:
     """The documents `make_source(data_config)` gives, with the held-out split of training.
 
     Text and JSONL files are streamed from disk (two passes: counting, then reading), so memory
-    does not grow with the corpus; other sources are read by index."""
+    does not grow with the corpus; other sources are read by index. What a file pattern matches in
+    the `output` directory (the preparation's own files, e.g. of `docs/*` into docs/prepared) is no
+    document."""
     source = data_config.get("source")
     if source not in DOCUMENT_SOURCES:
         what = "has no documents to prepare" if source in ("synthetic", "prepared") else "is not supported"
         raise ValueError(f"data.source={source!r} {what}; valid: {', '.join(DOCUMENT_SOURCES)}")
     if source in ("text", "jsonl"):
-        return _streamed_corpus(data_config)
+        return _streamed_corpus(data_config, output)
     train, held_out = make_source(data_config)
     origin = f"data.source={source!r}"
     _check_has_text(len(train), (train[i] for i in range(len(train))), origin)
@@ -135,14 +137,17 @@ def open_corpus(data_config) -> Corpus:
     return Corpus(indices, read, origin, getattr(train, "sha256", None))
 
 
-def _streamed_corpus(data_config) -> Corpus:
+def _streamed_corpus(data_config, output: Path | None) -> Corpus:
     """The corpus of text or JSONL files, counted and fingerprinted in a first pass; every later
-    pass checks that it read the same documents (a ValueError if the files changed meanwhile)."""
+    pass reads the same files and checks that it read the same documents (a ValueError if the
+    files changed meanwhile)."""
     files, text_key = data_config.get("files") or [], data_config.get("text_key", "text")
     files = [files] if isinstance(files, str) else list(files)  # (a str is one pattern, not its characters)
     origin = f"files {files!r}"
+    own = None if output is None else Path(output).resolve()
+    paths = [path for path in expand_files(files) if own is None or not Path(path).resolve().is_relative_to(own)]
     count, has_text, digest = 0, False, hashlib.sha256()
-    for text in read_documents(files, text_key):
+    for text in read_files(paths, text_key):
         count, has_text = count + 1, has_text or bool(text)
         _fingerprint(digest, text)
     _check_has_text(count, [has_text], origin)
@@ -156,7 +161,7 @@ def _streamed_corpus(data_config) -> Corpus:
 
     def read(split: str, start: int) -> Iterator[tuple[int, str]]:
         position, again, read_count = 0, hashlib.sha256(), 0
-        for i, text in enumerate(read_documents(files, text_key)):
+        for i, text in enumerate(read_files(paths, text_key)):
             if i >= count:
                 raise changed
             _fingerprint(again, text)
@@ -608,7 +613,7 @@ def prepare_with_stats(data_config, output_dir: str | os.PathLike, workers: int 
         _say(progress, f"{out} is already prepared ({MANIFEST} present); nothing to do (the documents are not "
                        f"read again: for an edited corpus {elsewhere})")
         return manifest, PreparationStats(0, 0, 0.0, already_prepared=True)
-    corpus = open_corpus(data_config)  # a missing corpus is named before a missing tokenizer
+    corpus = open_corpus(data_config, out)  # a missing corpus is named before a missing tokenizer
     request = requested_tokenizer(data_config)
     lock = DirectoryLock(out, f"{out} is being prepared by another llama-jax process (it holds the directory's "
                               f"lock); wait for it to end, or {elsewhere}")

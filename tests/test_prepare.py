@@ -625,3 +625,26 @@ def test_one_file_pattern_given_as_a_string_is_one_pattern(tmp_path):
     as_list = prepare_lib.open_corpus({**settings, "files": [str(tmp_path / "a.jsonl")]})
     assert as_str.sha256 == as_list.sha256 and [list(i) for i in as_str.indices.values()] == [
         list(i) for i in as_list.indices.values()]
+
+
+def test_an_output_that_the_file_patterns_match_is_not_read_as_documents(inputs, reference, tmp_path, capsys):
+    """`--output docs/prepared` with data.files=['docs/*']: the pattern matched the directory the
+    preparation had just created, which failed as "docs/prepared: is a directory" and left it
+    half-prepared; a resumed one failed so at once."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(inputs["corpus"], docs / "corpus.jsonl")
+    config = tmp_path / "config.py"
+    config.write_text(CONFIG.format(files=str(docs / "*"), tokenizer=str(inputs["tokenizer"]),
+                                    eval_fraction=EVAL_FRACTION))
+    out = docs / "prepared"
+    args = ["prepare-data", "--config", str(config), "--output", str(out), "--workers", "1",
+            "--shard-tokens", str(SHARD_TOKENS)]
+    shards = lambda directory: {name: data for name, data in file_contents(directory).items()  # noqa: E731
+                                if name.endswith((".bin", ".npy"))}
+    assert main(args) == 0, capsys.readouterr().err
+    assert shards(out) and shards(out) == shards(reference)
+    (out / "manifest.json").unlink()  # as a preparation killed before its end leaves it: resumed
+    assert main(args) == 0, capsys.readouterr().err
+    assert "resuming the preparation" in capsys.readouterr().out
+    assert shards(out) == shards(reference) and (out / "manifest.json").is_file()
