@@ -597,6 +597,21 @@ def test_kv_replicas_that_differ(tmp_path):
         source.load("model.layers.0.self_attn.v_proj.weight")
 
 
+@pytest.mark.parametrize("case, n_shards, name, hf_name", [
+    ("llama2", 1, "norm.weight", "model.norm.weight"),  # compared with itself
+    ("llama2", 2, "layers.0.attention_norm.weight", "model.layers.0.input_layernorm.weight"),  # in every shard
+    ("mqa_tied", 2, "layers.0.attention.wv.weight", "model.layers.0.self_attn.v_proj.weight"),  # a K/V replica
+])
+def test_a_nan_in_a_tensor_every_shard_holds_alike_is_read_as_it_is(tmp_path, case, n_shards, name, hf_name):
+    """(It was "should be the same in every shard ... but differs", even of a checkpoint of one
+    shard: torch.equal finds a tensor holding a NaN unequal to itself.)"""
+    make_meta_dir(tmp_path, case, n_shards)
+    for i in range(n_shards):
+        rewrite_shard(tmp_path / f"consolidated.{i:02d}.pth", lambda s: s[name].view(-1)[:1].fill_(float("nan")))
+    w = read_meta(tmp_path).load(hf_name)
+    assert np.isnan(w).sum() == 1 and np.isfinite(w).sum() == w.size - 1
+
+
 class _RunsCode:
     def __init__(self, marker):
         self.marker = str(marker)

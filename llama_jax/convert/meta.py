@@ -222,13 +222,13 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
         replicas = len(ps) // len(keep)
         if t.axis is None:  # not split: every shard holds the whole tensor
             for i, p in enumerate(ps):
-                if not p.equal(ps[0]):
+                if not _same_tensor(p, ps[0]):
                     raise ConversionError(f"{paths[i]}: {t.name} should be the same in every shard (it is not "
                                           f"split) but differs from {paths[0].name}'s")
         if t.axis is not None and replicas > 1:  # K/V heads copied onto consecutive shards
             for i, p in enumerate(ps):
                 first = i - i % replicas
-                if not p.equal(ps[first]):
+                if not _same_tensor(p, ps[first]):
                     raise ConversionError(f"{paths[i]}: {t.name} should repeat the K/V heads of {paths[first].name} "
                                           f"(n_kv_heads={cfg.n_kv_heads} < {len(ps)} shards) but differs")
         if len(keep) == 1:
@@ -255,6 +255,12 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
         path = next(p for p, dtypes in zip(paths, found) if dtype in dtypes)
         raise ConversionError(f"{path}: the weights are stored as {dtype}; valid: {', '.join(_DTYPES)}")
     return Source(config=cfg, load=load, dtype=dtype, files_dir=src_dir, close=shards.clear)
+
+
+def _same_tensor(a, b) -> bool:
+    """Whether two torch tensors hold the same values, NaNs in the same places (torch.equal finds a
+    tensor holding a NaN unequal even to itself)."""
+    return a.equal(b) or same_values(tensor_to_numpy(a), tensor_to_numpy(b))
 
 
 def read_meta_layout(src_dir: Path, rope_scaling_factor: float | None = None) -> tuple[LLaMAConfig, dict]:
