@@ -267,15 +267,34 @@ def test_shard_named_in_index_but_absent(tmp_path, capsys, good_src):
                                        "model.safetensors.index.json is absent")
 
 
-@pytest.mark.parametrize("value", [3, None, ["a"], ""])
+@pytest.mark.parametrize("value", [3, None, ["a"], "", "../elsewhere/model.safetensors", "/abs/model.safetensors"])
 def test_an_index_entry_that_is_not_a_file_name(tmp_path, capsys, good_src, value):
-    """(A number, null or list was a TypeError traceback; an empty name was "shard ... is absent".)"""
+    """(A number, null or list was a TypeError traceback; an empty name was "shard ... is absent"; a
+    name outside the directory was read from there.)"""
     index = good_src / "model.safetensors.index.json"
     content = json.loads(index.read_text())
     content["weight_map"]["model.norm.weight"] = value
     index.write_text(json.dumps(content))
     _fails(tmp_path, capsys, good_src, f"model.safetensors.index.json: weight_map['model.norm.weight'] is {value!r}; "
                                        f"valid: the name of the weights file in {good_src} that holds the tensor")
+
+
+@pytest.mark.parametrize("weight_map", [[], "model.safetensors"])
+def test_an_index_whose_weight_map_is_no_object(tmp_path, capsys, good_src, weight_map):
+    """(It said "no 'weight_map'" of an index that has one, of another type.)"""
+    index = good_src / "model.safetensors.index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "weight_map": weight_map}))
+    _fails(tmp_path, capsys, good_src, f"model.safetensors.index.json: 'weight_map' is a {type(weight_map).__name__}; "
+                                       f"valid: an object of tensor names and the weights files that hold them")
+
+
+def test_a_shard_that_is_a_directory(tmp_path, capsys, good_src):
+    """(It said "file not found" of a name that is there, as a directory.)"""
+    shard = good_src / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    shard.mkdir()
+    _fails(tmp_path, capsys, good_src, "model-00002-of-00002.safetensors: shard named in model.safetensors.index.json "
+                                       "is a directory, not a file")
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])

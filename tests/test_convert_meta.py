@@ -629,6 +629,15 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_a_shard_that_is_a_directory_is_named_as_one(tmp_path):
+    """(It said "file not found" of a name that is there, as a directory.)"""
+    make_meta_dir(tmp_path, "llama2", 2)
+    (tmp_path / "consolidated.01.pth").unlink()
+    (tmp_path / "consolidated.01.pth").mkdir()
+    with pytest.raises(ConversionError, match=r"consolidated\.01\.pth: is a directory, not a file$"):
+        read_meta(tmp_path).load("model.norm.weight")
+
+
 def test_write_rejects_uneven_splits(tmp_path):
     cfg, load = hf_source("llama2", "float32")
     with pytest.raises(ConversionError, match=r"n_shards=3: n_heads=4 is not divisible .* valid shard counts "

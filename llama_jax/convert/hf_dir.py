@@ -42,14 +42,18 @@ def _weight_map(src: Path) -> dict[str, str]:
         if (src / index).is_file():
             weight_map = read_json(src / index, "tensor names and files").get("weight_map")
             if not isinstance(weight_map, dict):
-                raise ConversionError(f"{src / index}: no 'weight_map'")
+                found = "no 'weight_map'" if weight_map is None else f"'weight_map' is a {type(weight_map).__name__}"
+                raise ConversionError(f"{src / index}: {found}; valid: an object of tensor names and the weights files "
+                                      f"that hold them")
             for name, file_name in weight_map.items():
-                if not isinstance(file_name, str) or not file_name:
+                if not isinstance(file_name, str) or not file_name or Path(file_name).is_absolute() \
+                        or ".." in Path(file_name).parts:  # (a name outside SRC)
                     raise ConversionError(f"{src / index}: weight_map[{name!r}] is {file_name!r}; valid: the name of "
                                           f"the weights file in {src} that holds the tensor")
             for file_name in sorted(set(weight_map.values())):
                 if not (src / file_name).is_file():
-                    raise ConversionError(f"{src / file_name}: shard named in {index} is absent")
+                    problem = "is a directory, not a file" if (src / file_name).is_dir() else "is absent"
+                    raise ConversionError(f"{src / file_name}: shard named in {index} {problem}")
             return weight_map
         if (src / single).is_file():
             return {name: single for name in _open(src / single).keys()}

@@ -33,7 +33,7 @@ def load_torch_file(path: str | os.PathLike) -> dict:
     torch = _torch()
     path = Path(path)
     if not path.is_file():
-        raise ConversionError(f"{path}: file not found")
+        raise ConversionError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'file not found'}")
     kind = _format(path)
     if kind is None:
         raise ConversionError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor its legacy one; "
