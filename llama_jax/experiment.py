@@ -476,6 +476,16 @@ def _leaves(node: Any, key: str) -> Iterator[tuple[str, Any]]:
         yield key, node
 
 
+def _sections(node: ml_collections.ConfigDict) -> list[str]:
+    """The keys of `node` that hold sections (a value linked to others that fails to compute now is none)."""
+    def is_section(key: str) -> bool:
+        try:
+            return isinstance(node[key], ml_collections.ConfigDict)
+        except Exception:  # (computed by `get_ref` from values that fail now)
+            return False
+    return sorted(filter(is_section, node.keys()))
+
+
 def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     """Apply one `a.b.c=value` override in place, checking the key exists and the type fits; the
     value set. A key the file linked to others (`get_ref`) sets them too, as ml_collections does."""
@@ -486,10 +496,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     node = config
     for i, part in enumerate(parents):
         if part not in node:
-            sections = sorted(k for k in node.keys() if isinstance(node[k], ml_collections.ConfigDict))
             where = f"sections of {'.'.join(parents[:i])}" if i else "sections"
             raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in override {item!r}); valid "
-                             f"{where}: {', '.join(sections) or 'none'}")
+                             f"{where}: {', '.join(_sections(node)) or 'none'}")
         node = node[part]
         if not isinstance(node, ml_collections.ConfigDict):  # train.steps.x: a key inside a value
             setting = ".".join(parents[:i + 1])

@@ -384,6 +384,10 @@ def test_a_config_files_own_forms(tmp_path):
         load_config(tmp_path / "computed.py", ["train.grad_accum=0"])
     overridden = load_config(tmp_path / "computed.py", ["train.grad_accum=0", "optimizer.warmup_steps=5"])
     assert overridden.optimizer.warmup_steps == 5  # replaced before it was computed: its check is grad_accum's
+    # an unknown key under a section holding such a key names the sections there, not the value's error
+    with pytest.raises(ValueError, match=r"^unknown config key 'optimizer.warmup' \(in override "
+                                         r"'optimizer.warmup.x=1'\); valid sections of optimizer: none$"):
+        load_config(tmp_path / "computed.py", ["train.grad_accum=0", "optimizer.warmup.x=1"])
     assert str(tmp_path) not in sys.path
 
 
