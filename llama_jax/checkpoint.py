@@ -238,17 +238,24 @@ def retention_deletes(steps: Sequence[int], max_to_keep: int | None, keep_every:
     return [s for s in steps[:max(0, len(steps) + saves - max_to_keep)] if not (keep_every and s % keep_every == 0)]
 
 
-def _check_step_names(directory: Path) -> None:
+def check_step_names(directory: Path, saves: bool) -> None:
     """ValueError for a folder named as a step but not as Orbax names one (`08`, a copy made by
     hand): Orbax reads it as step 8 and looks for it at `8`, so the run could neither resume nor set
-    it aside."""
-    odd = sorted(p.name for p in directory.iterdir()
-                 if re.fullmatch("[0-9]+", p.name) and p.name != str(int(p.name)) and p.is_dir()) \
-        if directory.is_dir() else []
+    it aside; and, for a run that `saves`, for a file or a link to nothing named as a step (`8`):
+    the save of step 8 replaced the file without a word, and failed on the link once the step was
+    trained."""
+    entries = sorted(directory.iterdir(), key=lambda p: p.name) if directory.is_dir() else []
+    steps = [p for p in entries if re.fullmatch("[0-9]+", p.name)]
+    odd = [p.name for p in steps if p.name != str(int(p.name)) and p.is_dir()]
     if odd:
         raise ValueError(f"{directory / odd[0]} is no checkpoint of this run (a step's folder is named by its number "
                          f"alone, as {int(odd[0])}) but would be read as step {int(odd[0])}; move it out of "
                          f"{directory}")
+    blocking = next((p for p in steps if saves and p.name == str(int(p.name)) and not p.is_dir()), None)
+    if blocking is not None:
+        what = "a link to nothing" if blocking.is_symlink() and not blocking.exists() else "a file"
+        raise ValueError(f"{blocking} is {what}, not a checkpoint, where the run saves step {blocking.name}; move it "
+                         f"out of {directory}")
 
 
 class RunCheckpoints:
@@ -266,7 +273,7 @@ class RunCheckpoints:
         nothing is created, cleaned up or deleted."""
         self.every = every
         self.directory = Path(directory).absolute()
-        _check_step_names(self.directory)
+        check_step_names(self.directory, saves=not read_only)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None,
             enable_async_checkpointing=async_save, create=not read_only,

@@ -35,8 +35,8 @@ from orbax.checkpoint import utils as ocp_utils
 
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
-from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_architecture, load_model,
-                                  retention_deletes, tree_paths)
+from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_architecture, check_step_names,
+                                  load_model, retention_deletes, tree_paths)
 from llama_jax.config import LLaMAConfig
 from llama_jax.devices import computation_failed
 from llama_jax.eval_files import RUN_EVAL_FILE
@@ -469,9 +469,11 @@ def check_workdir(workdir: Path) -> None:
 def _check_run_writable(workdir: Path, checkpoint, resume_from: int | None = None) -> None:
     """RunError naming what of a run a resume must write but may not: its checkpoints/ directory,
     its metrics log (appended to), a step directory the next save's retention deletes
-    (`retention_deletes`; of the steps up to `resume_from`, the later ones being moved aside),
-    before a step is trained rather than when its checkpoint is saved."""
+    (`retention_deletes`; of the steps up to `resume_from`, the later ones being moved aside), or
+    the place of a step's save taken by a file (`check_step_names`), before a step is trained
+    rather than when its checkpoint is saved."""
     checkpoints = workdir / "checkpoints"
+    check_step_names(checkpoints, saves=True)
     steps = sorted((int(d.name) for d in checkpoints.iterdir() if d.name.isdigit() and d.is_dir())
                    if checkpoints.is_dir() else [])
     steps = [s for s in steps if resume_from is None or s <= resume_from]

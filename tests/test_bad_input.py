@@ -241,6 +241,13 @@ CASES = [
          r"padded_step_run/checkpoints/08 is no checkpoint of this run \(a step's folder is named by its number alone, "
          r"as 8\) but would be read as step 8; move it out of \S+/padded_step_run/checkpoints$"),
     Case("export-step-copied-by-hand", "export --workdir {padded_step_run} out", r"checkpoints/08 is no checkpoint"),
+    # the save of step 6 replaced the file without a word; on the link it failed with a raw errno once 6 was trained
+    Case("train-a-file-named-as-the-next-step", RUN.replace("{run}", "{step_file_run}") + " --config.train.steps=6",
+         r"step_file_run/checkpoints/6 is a file, not a checkpoint, where the run saves step 6; move it out of "
+         r"\S+/step_file_run/checkpoints$"),
+    Case("train-a-link-to-nothing-named-as-the-next-step",
+         RUN.replace("{run}", "{step_link_run}") + " --config.train.steps=6",
+         r"step_link_run/checkpoints/6 is a link to nothing, not a checkpoint, where the run saves step 6"),
     Case("train-checkpoints-is-a-file", RUN.replace("{run}", "{checkpoints_file_run}"),
          r"checkpoints_file_run/checkpoints is a file; a run keeps its checkpoints in that directory"),
     # a run made there was lost without a word: to the other run's retention, or to an --overwrite of the model
@@ -648,6 +655,11 @@ def make_inputs(root: Path) -> dict[str, Path]:
     p["padded_step_run"] = inputs / "padded_step_run"
     shutil.copytree(p["run"], p["padded_step_run"])
     shutil.copytree(p["run"] / "checkpoints" / "4", p["padded_step_run"] / "checkpoints" / "08")
+    p["step_file_run"], p["step_link_run"] = inputs / "step_file_run", inputs / "step_link_run"
+    shutil.copytree(p["run"], p["step_file_run"])
+    (p["step_file_run"] / "checkpoints" / "6").write_text("notes\n")
+    shutil.copytree(p["run"], p["step_link_run"])
+    (p["step_link_run"] / "checkpoints" / "6").symlink_to(inputs / "gone")  # a step moved to a disk not mounted
     return p
 
 
