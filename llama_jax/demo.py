@@ -73,16 +73,27 @@ def export(workdir: Path, result) -> tuple[Path, Path, bool]:
     says whether they were written now. A finished demo given again keeps the exports it made of
     that checkpoint (and what was added to them since, such as eval.json); a demo that trained
     further replaces them."""
-    from llama_jax.convert.pipeline import OUTPUT_KINDS, convert
-    from llama_jax.model_dir import MODEL_DIR
+    from llama_jax.convert.pipeline import convert
     from llama_jax.run import export_model
-    from llama_jax.safe_io import describe_foreign, foreign_entries
 
     model_dir, hf_dir = workdir / "model", workdir / "hf"
     if _exported_after(workdir / "checkpoints" / str(result.final_step), model_dir, hf_dir) and \
             not any("loss" in record for record in result.logged):  # nothing trained this time
         return model_dir, hf_dir, False
-    for directory, kind in ((model_dir, MODEL_DIR), (hf_dir, OUTPUT_KINDS["hf"])):  # both, before either is written
+    check_exports(workdir)
+    export_model(workdir, model_dir, overwrite=True)
+    convert("jax", model_dir, "hf", hf_dir, overwrite=True, progress=False)
+    return model_dir, hf_dir, True
+
+
+def check_exports(workdir: Path) -> None:
+    """ValueError when WORKDIR/model or WORKDIR/hf, which the demo replaces with its exports, is
+    a link or a file, or holds what no such export holds (both, before either is written)."""
+    from llama_jax.convert.pipeline import OUTPUT_KINDS
+    from llama_jax.model_dir import MODEL_DIR
+    from llama_jax.safe_io import describe_foreign, foreign_entries
+
+    for directory, kind in ((workdir / "model", MODEL_DIR), (workdir / "hf", OUTPUT_KINDS["hf"])):
         way_out = f"the demo replaces {directory} with its export of the final checkpoint"
         if directory.is_symlink() or directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory} is a {'link' if directory.is_symlink() else 'file'}, not the {kind.name} "
@@ -91,9 +102,6 @@ def export(workdir: Path, result) -> tuple[Path, Path, bool]:
         if foreign:
             raise ValueError(f"{describe_foreign(directory, kind, foreign)}; {way_out}: move {foreign[0]!r} out of "
                              f"it, or give the demo another --workdir")
-    export_model(workdir, model_dir, overwrite=True)
-    convert("jax", model_dir, "hf", hf_dir, overwrite=True, progress=False)
-    return model_dir, hf_dir, True
 
 
 def _exported_after(checkpoint: Path, model_dir: Path, hf_dir: Path) -> bool:
@@ -114,9 +122,13 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
     import jax
 
     from llama_jax.cli import main as cli
-    from llama_jax.run import LOSS_PLOT, train_and_evaluate
+    from llama_jax.run import LOSS_PLOT, committed_steps, train_and_evaluate
 
     workdir = Path(workdir).absolute()
+    steps = committed_steps(workdir) if workdir.is_dir() else []
+    if not (steps and steps[-1] >= config.train.steps and
+            _exported_after(workdir / "checkpoints" / str(steps[-1]), workdir / "model", workdir / "hf")):
+        check_exports(workdir)  # the exports will be written: refused before the run trains, not once it is done
     data = "the Python standard library's source" if config.data.source == "stdlib" else \
         f"data.source={config.data.source}"
     print(f"llama-jax demo: {config.train.steps} steps of a small LLaMA on {data} "

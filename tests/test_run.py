@@ -587,10 +587,12 @@ def test_the_demo_fits_its_greedy_continuation_and_reports_its_failure(tmp_path,
     greedy = out.split("`:\n", 1)[1].split("\n\nworkdir:", 1)[0]
     assert greedy.startswith("def") and len(greedy) > len("def")
 
-    # trained further, with a file of the user's in the Hugging Face export: refused before either is replaced
+    # trained further, with a file of the user's in the Hugging Face export: refused before it trains (it was
+    # refused once the run had trained, 500 steps of the default demo), and so before either export is replaced
     hf, model = tmp_path / "demo" / "hf", tmp_path / "demo" / "model"
     (hf / "notes.txt").write_text("mine")
     exported = (model / "model_config.json").stat().st_mtime_ns
+    metrics = (tmp_path / "demo" / "metrics.jsonl").read_bytes()
     further = [a.replace("steps=2", "steps=4") for a in args]
     assert main(further) == 2
     assert capsys.readouterr().err.strip() == (
@@ -598,6 +600,8 @@ def test_the_demo_fits_its_greedy_continuation_and_reports_its_failure(tmp_path,
         f"the demo replaces {hf} with its export of the final checkpoint: move 'notes.txt' out of it, or give the "
         f"demo another --workdir")
     assert (model / "model_config.json").stat().st_mtime_ns == exported and (hf / "notes.txt").read_text() == "mine"
+    assert committed_steps(tmp_path / "demo" / "checkpoints") == [2]
+    assert (tmp_path / "demo" / "metrics.jsonl").read_bytes() == metrics
     (hf / "notes.txt").unlink()
     hf.rename(tmp_path / "hf-moved")
     hf.symlink_to(tmp_path / "hf-moved")  # a link in its place: refused as well, before model/ is replaced
@@ -606,6 +610,7 @@ def test_the_demo_fits_its_greedy_continuation_and_reports_its_failure(tmp_path,
         f"llama-jax demo: error: {hf} is a link, not the Hugging Face model directory the demo wrote; the demo "
         f"replaces {hf} with its export of the final checkpoint: move it away, or give the demo another --workdir")
     assert (model / "model_config.json").stat().st_mtime_ns == exported
+    assert committed_steps(tmp_path / "demo" / "checkpoints") == [2]
     hf.unlink()
     assert main(further) == 0 and "\nexported the final checkpoint:" in capsys.readouterr().out
 
