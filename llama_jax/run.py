@@ -452,6 +452,12 @@ def check_workdir(workdir: Path) -> None:
         if (workdir / name).exists() and not (workdir / name).is_file():
             raise RunError(f"--workdir {workdir}: {workdir / name} is not a file; a run {use} there, so move it away "
                            f"or use another --workdir")
+    aside = workdir / SET_ASIDE_DIR  # (a link to nothing as well: the resume failed on it with a raw errno line)
+    for path, kind, fits in ((aside, "a directory", Path.is_dir), (aside / METRICS_FILE, "a file", Path.is_file)):
+        if (path.exists() or path.is_symlink()) and not fits(path):
+            raise RunError(f"--workdir {workdir}: {path} is not {kind}; a resume moves there what the run no longer "
+                           f"continues from (the checkpoints after a --resume-from step, the metrics and eval results "
+                           f"after the checkpoint), so move it away or use another --workdir")
     if not workdir.exists() or holds_run(workdir):
         return
     from llama_jax.sweep import SPEC_FILE

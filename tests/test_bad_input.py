@@ -248,6 +248,14 @@ CASES = [
     Case("train-a-link-to-nothing-named-as-the-next-step",
          RUN.replace("{run}", "{step_link_run}") + " --config.train.steps=6",
          r"step_link_run/checkpoints/6 is a link to nothing, not a checkpoint, where the run saves step 6"),
+    # (each failed with a raw errno line, the second once it had moved checkpoint 4 aside)
+    Case("train-resume-from-with-a-file-where-it-sets-aside", RUN.replace("{run}", "{aside_file_run}") +
+         " --resume-from 2", r"aside_file_run/checkpoints-set-aside is not a directory; a resume moves there what the "
+         r"run no longer continues from \(the checkpoints after a --resume-from step, the metrics and eval results "
+         r"after the checkpoint\), so move it away or use another --workdir$"),
+    Case("train-resume-from-with-a-folder-where-it-sets-aside-metrics",
+         RUN.replace("{run}", "{aside_metrics_folder_run}") + " --resume-from 2",
+         r"aside_metrics_folder_run/checkpoints-set-aside/metrics.jsonl is not a file; a resume moves there"),
     Case("train-checkpoints-is-a-file", RUN.replace("{run}", "{checkpoints_file_run}"),
          r"checkpoints_file_run/checkpoints is a file; a run keeps its checkpoints in that directory"),
     # a run made there was lost without a word: to the other run's retention, or to an --overwrite of the model
@@ -655,6 +663,11 @@ def make_inputs(root: Path) -> dict[str, Path]:
     p["padded_step_run"] = inputs / "padded_step_run"
     shutil.copytree(p["run"], p["padded_step_run"])
     shutil.copytree(p["run"] / "checkpoints" / "4", p["padded_step_run"] / "checkpoints" / "08")
+    p["aside_file_run"], p["aside_metrics_folder_run"] = inputs / "aside_file_run", inputs / "aside_metrics_folder_run"
+    shutil.copytree(p["run"], p["aside_file_run"])
+    (p["aside_file_run"] / "checkpoints-set-aside").write_text("notes\n")
+    shutil.copytree(p["run"], p["aside_metrics_folder_run"])
+    (p["aside_metrics_folder_run"] / "checkpoints-set-aside" / "metrics.jsonl").mkdir(parents=True)
     p["step_file_run"], p["step_link_run"] = inputs / "step_file_run", inputs / "step_link_run"
     shutil.copytree(p["run"], p["step_file_run"])
     (p["step_file_run"] / "checkpoints" / "6").write_text("notes\n")
