@@ -248,6 +248,16 @@ def test_a_trial_continued_by_hand_keeps_the_value_its_sweep_lists_it_under(tmp_
     own = [f"--config.{sweep_lib.override_text(k, v)}" for k, v in trial(directory)["overrides"].items()]
     assert main([*train, *own]) == 0
     assert committed_steps(directory)[-1] == 6
+    # the sweep's own directory given as a run's names itself as a sweep (it said config.json was not found, or that
+    # it held no checkpoint)
+    for command in (["data", "inspect", "--workdir", str(workdir), "--step", "1"],
+                    ["export", "--workdir", str(workdir), str(tmp_path / "model")]):
+        capsys.readouterr()
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f"--workdir {workdir} is a sweep's directory (sweep.json), not a run; give one of its trials' directories "
+            f"inside it (llama-jax sweep --workdir {workdir} --report lists them)")
+    assert not (tmp_path / "model").exists()
 
 
 def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
