@@ -251,7 +251,7 @@ def check_step_names(directory: Path, saves: bool) -> None:
         raise ValueError(f"{directory / odd[0]} is no checkpoint of this run (a step's folder is named by its number "
                          f"alone, as {int(odd[0])}) but would be read as step {int(odd[0])}; move it out of "
                          f"{directory}")
-    blocking = next((p for p in steps if saves and p.name == str(int(p.name)) and not p.is_dir()), None)
+    blocking = next((p for p in steps if p.name == str(int(p.name)) and not p.is_dir()), None) if saves else None
     if blocking is not None:
         what = "a link to nothing" if blocking.is_symlink() and not blocking.exists() else "a file"
         raise ValueError(f"{blocking} is {what}, not a checkpoint, where the run saves step {blocking.name}; move it "

@@ -77,7 +77,7 @@ def export(workdir: Path, result) -> tuple[Path, Path, bool]:
     from llama_jax.run import export_model
 
     model_dir, hf_dir = workdir / "model", workdir / "hf"
-    if _exported_after(workdir / "checkpoints" / str(result.final_step), model_dir, hf_dir) and \
+    if _exported_after(workdir, result.final_step) and \
             not any("loss" in record for record in result.logged):  # nothing trained this time
         return model_dir, hf_dir, False
     check_exports(workdir)
@@ -104,11 +104,13 @@ def check_exports(workdir: Path) -> None:
                              f"it, or give the demo another --workdir")
 
 
-def _exported_after(checkpoint: Path, model_dir: Path, hf_dir: Path) -> bool:
-    """Whether both exports were written after `checkpoint` was (a directory is written whole or
-    not at all, so a config file in each dates it; the same time, on a file system that keeps
-    whole seconds, counts as after: the export follows its checkpoint)."""
-    configs = [model_dir / "model_config.json", hf_dir / "config.json"]
+def _exported_after(workdir: Path, step: int) -> bool:
+    """Whether both exports (WORKDIR/model, WORKDIR/hf) were written after the checkpoint of `step`
+    was (a directory is written whole or not at all, so a config file in each dates it; the same
+    time, on a file system that keeps whole seconds, counts as after: the export follows its
+    checkpoint)."""
+    checkpoint = workdir / "checkpoints" / str(step)
+    configs = [workdir / "model" / "model_config.json", workdir / "hf" / "config.json"]
     return checkpoint.is_dir() and all(c.is_file() and c.stat().st_mtime >= checkpoint.stat().st_mtime
                                        for c in configs)
 
@@ -126,8 +128,7 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
 
     workdir = Path(workdir).absolute()
     steps = committed_steps(workdir) if workdir.is_dir() else []
-    if not (steps and steps[-1] >= config.train.steps and
-            _exported_after(workdir / "checkpoints" / str(steps[-1]), workdir / "model", workdir / "hf")):
+    if not (steps and steps[-1] >= config.train.steps and _exported_after(workdir, steps[-1])):
         check_exports(workdir)  # the exports will be written: refused before the run trains, not once it is done
     data = "the Python standard library's source" if config.data.source == "stdlib" else \
         f"data.source={config.data.source}"

@@ -859,8 +859,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 print(f"checkpoint.init_from={config.checkpoint.init_from} comes with a tokenizer other than this "
                       f"run's (data.tokenizer={config.data.tokenizer}): its token ids stand for other text here; "
                       f"to fine-tune it on its own vocabulary, give data.tokenizer={own}")
-            model_now = json.loads(json.dumps(cfg.to_dict()))
-            changed = changed_settings(resumed["config"], config, resumed.get("model"), model_now) if resumed else []
+            changed = changed_settings(resumed["config"], config, resumed.get("model"),
+                                       json.loads(json.dumps(cfg.to_dict()))) if resumed else []
             if changed and start < t.steps:  # config.json will hold the new values: say what earlier steps ran with
                 print(f"resuming from checkpoint {start} with settings changed since it was saved: "
                       f"{', '.join(changed)}" + ("; the learning-rate schedule is recomputed over the new "

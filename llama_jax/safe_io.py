@@ -336,12 +336,14 @@ def run_directory_problem(workdir: str | os.PathLike, for_a_model: str = "") -> 
     foreign = isinstance(saved_run_setting(workdir), dict) and not holds_run(workdir)  # a Hugging Face model's, say
     if foreign and not (workdir / "checkpoints").is_dir():  # (with checkpoints: a run's, damaged; check_run_config)
         return f"{holds_no_run(workdir, 'config.json')}; give a run's directory ({expected})"
-    if not (workdir / "config.json").exists() and (workdir / "model_config.json").is_file():
+    if (workdir / "config.json").exists():
+        return None
+    if (workdir / "model_config.json").is_file():
         return f"--workdir {workdir} is a model directory, not a run ({expected})" + \
             (f"; {for_a_model}" if for_a_model else "")
     from llama_jax.sweep import SPEC_FILE  # (sweep imports this module)
 
-    if not (workdir / "config.json").exists() and (workdir / SPEC_FILE).is_file():
+    if (workdir / SPEC_FILE).is_file():
         return (f"--workdir {workdir} is a sweep's directory ({SPEC_FILE}), not a run; give one of its trials' "
                 f"directories inside it (llama-jax sweep --workdir {workdir} --report lists them)")
     return None
