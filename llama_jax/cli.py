@@ -14,9 +14,11 @@ import shlex
 import signal
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
+
+from llama_jax.distributed import MAX_JOIN_TIMEOUT_S, check_process_flags, join_run
+from llama_jax.signals import RAISING, Terminated, ignore_signals, raising_signals, signal_again
 
 
 class UserError(Exception):
@@ -42,88 +44,6 @@ class OneLineParser(argparse.ArgumentParser):
             if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
                 return action.choices[getattr(parsed, action.dest)]._innermost_parser(parsed)
         return self
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived while the command was not in a training loop (which treats it as preemption):
-    raised where the command was, so that what it had staged or half-written is cleaned up on the way
-    out, as for Ctrl-C."""
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds():
-    """While active, SIGTERM raises `Terminated` in the main thread instead of ending the process
-    on the spot, and Ctrl-C raises KeyboardInterrupt as usual; both are noted first
-    (`safe_io.note_signal`: a library that turns them into errors of its own must not have them
-    taken for damaged files). A signal that arrives while a module is being imported waits until
-    the import is done, for up to IMPORT_WAIT_S: an extension module (jaxlib's) whose
-    initialisation is interrupted crashes the interpreter when it is freed; so does one that arrives
-    inside `safe_io.signals_held`. The previous handlers are back afterwards."""
-    from llama_jax.safe_io import holding_signals, note_signal
-
-    held_since: dict[int, float] = {}  # signal -> when first held back for an import or by `signals_held`
-
-    def handle(error_type):
-        def raise_noted(signum, frame):
-            now = time.monotonic()
-            if (_importing(frame) or holding_signals()) and now - held_since.setdefault(signum, now) < IMPORT_WAIT_S:
-                # unless raised meanwhile (by a second Ctrl-C after the import)
-                _signal_again(signum, after=0.05, unless=lambda: signum not in held_since)
-                return
-            held_since.pop(signum, None)
-            error = error_type()
-            note_signal(error)
-            raise error
-        return raise_noted
-
-    note_signal(None)
-    handled = [(signal.SIGTERM, Terminated)]
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
-        handled.append((signal.SIGINT, KeyboardInterrupt))
-    try:
-        previous = {s: signal.signal(s, handle(e)) for s, e in handled}
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
-    _UNWINDING.update(previous)
-    try:
-        yield
-    finally:
-        _UNWINDING.clear()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-_UNWINDING: set[int] = set()  # the signals `_sigterm_unwinds` handles while it is active
-
-
-def _ignore_signals(signals=(signal.SIGINT, signal.SIGTERM)) -> None:
-    """`signals` are ignored from now on: once a command's work is done, Ctrl-C or SIGTERM would
-    only misreport how it ended."""
-    for signum in signals:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-IMPORT_WAIT_S = 10.0  # longest a signal waits for an import to finish (a hung import still stops)
-
-
-def _signal_again(signum: int, after: float, unless=lambda: False) -> None:
-    """Send `signum` to this process `after` seconds from now, from a timer thread: where the
-    signal was caught (a handler, an unraisable-exception hook) it can neither wait nor be raised
-    again. Nothing is sent if `unless()` is true by then."""
-    def send():
-        if not unless():
-            os.kill(os.getpid(), signum)
-    threading.Timer(after, send).start()
-
-
-def _importing(frame) -> bool:
-    """Whether `frame` runs inside Python's import machinery (a module's body or its loading)."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def cmd_presets(args) -> None:
@@ -354,156 +274,17 @@ def _attach_mesh_values(argv: list[str]) -> list[str]:
     return joined
 
 
-def _init_distributed(args) -> None:
-    """Join a multi-process run: explicitly from flags, or automatically on TPU VMs and SLURM
-    (unless LLAMA_JAX_SINGLE_PROCESS is set, as a sweep does for trials sharing one host)."""
-    import os
-
-    import jax
-
-    from llama_jax.devices import on_tpu_vm
-
-    if args.num_processes is not None and args.num_processes > 1:
-        if args.process_id == 0 and not os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):  # (else JAX binds that)
-            _check_coordinator_port(args.coordinator)
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
-        _join_processes(args.join_timeout, coordinator_address=args.coordinator, num_processes=args.num_processes,
-                        process_id=args.process_id)
-        _check_process_counts_agree(args.num_processes)
-    elif os.environ.get("LLAMA_JAX_SINGLE_PROCESS"):
-        return
-    elif on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and _slurm_tasks() > 1:
-        _join_processes(args.join_timeout)  # JAX reads the topology from the TPU metadata server or SLURM
-
-
-def _check_process_counts_agree(num_processes: int) -> None:
-    """UserError, in every process that joined, unless all were given this --num-processes: process
-    0's count is the run's, and one told another count joined it without a word."""
-    import jax
-
-    # through the coordination service's key-value store (processes of unlike device counts cannot gather
-    # arrays: that is found later); every process reads every count before any of them can stop
-    client = jax._src.distributed.global_state.client
-    client.key_value_set(f"llama_jax_num_processes/{jax.process_index()}", str(num_processes))
-    counts = [int(client.blocking_key_value_get(f"llama_jax_num_processes/{p}", 300_000))
-              for p in range(jax.process_count())]
-    client.wait_at_barrier("llama_jax_num_processes_read", timeout_in_ms=300_000)
-    if len(set(counts)) > 1:
-        given = ", ".join(f"process {p}: {n}" for p, n in enumerate(counts))
-        raise UserError(f"the {jax.process_count()} processes that joined were given different --num-processes "
-                        f"({given}); give every process the same count")
-
-
-def _check_coordinator_port(coordinator: str) -> None:
-    """UserError when process 0 cannot serve the run's coordination on the port of `coordinator`, on
-    every interface, as JAX binds it: held by another program (gRPC, binding it with SO_REUSEPORT,
-    shares a port another coordinator holds; a port it cannot bind at all ends process 0 with a
-    segmentation fault) or reserved."""
-    import socket
-
-    port = int(coordinator.rsplit(":", 1)[1])
-    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):  # IPv6 also covers IPv4
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (an earlier run's closed connections)
-                if family == socket.AF_INET6:  # dual stack, as gRPC listens, whatever the system's default
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                probe.bind((host, port))
-            return
-        except OSError as e:
-            if e.errno in (errno.EADDRINUSE, errno.EACCES):
-                raise UserError(f"--coordinator {coordinator}: process 0 cannot listen on port {port} ({e.strerror}); "
-                                f"choose a free port this user may open (the same for every process)") from None
-            # no IPv6 on this host: try IPv4; other errors are left to JAX
-
-
-def _slurm_tasks() -> int:
-    """SLURM_NTASKS, the processes of the SLURM job this one belongs to (1 if unset)."""
-    text = os.environ.get("SLURM_NTASKS", "1")
-    if not text.strip().isdigit():
-        raise UserError(f"SLURM_NTASKS={text!r} (SLURM_JOB_ID is set): expected the job's number of tasks, a positive "
-                        f"integer; run inside a SLURM job step, or unset SLURM_JOB_ID outside one")
-    return int(text)
-
-
-def _check_process_flags(args) -> None:
-    """UserError unless --num-processes, --coordinator and --process-id make a run: N > 1 with a
-    coordinator HOST:PORT and 0 <= I < N, or a single process (N of 1 or not given, and then
-    neither of the others: a lone process would train the shared workdir as process 0)."""
-    import re
-
-    n, coordinator, process_id = args.num_processes, args.coordinator, args.process_id
-    if n is not None and n < 1:
-        raise UserError(f"--num-processes must be a positive integer, got {n}")
-    if (n is None or n == 1) and (coordinator is not None or process_id is not None):
-        given = "without --num-processes" if n is None else "with --num-processes 1"
-        raise UserError(f"--coordinator and --process-id join a multi-process run, and are given {given}; give "
-                        f"--num-processes N > 1 with them (or drop them for a single process)")
-    if n is not None and (n > 1 and (coordinator is None or process_id is None)
-                          or process_id is not None and not 0 <= process_id < n):
-        raise UserError(f"--num-processes {n} needs --coordinator HOST:PORT and --process-id I with 0 <= I < {n}, "
-                        f"got --coordinator {coordinator} --process-id {process_id}")
-    if coordinator is not None:
-        match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d{1,5})", coordinator)
-        if not match or not 1 <= int(match.group(2)) <= 65535:
-            raise UserError(f"--coordinator {coordinator}: expected HOST:PORT with a port in 1..65535, e.g. "
-                            f"10.0.0.2:1234 (process 0's host)")
-
-
-MAX_JOIN_TIMEOUT_S = 86400  # (JAX takes its timeouts as 32-bit integers)
-
-
-def _join_processes(timeout_s: int, **settings) -> None:
-    """`jax.distributed.initialize(**settings)`, which waits for every process to join, and the
-    start of the backend, in a thread of its own: the main thread waits in Python, where Ctrl-C and
-    SIGTERM still stop the command (a signal cannot interrupt the native call), and where a process
-    missing after `timeout_s` is reported in one line (JAX's own timeout, set later, aborts in C++)."""
-    import jax
-
-    failure: list[BaseException] = []
-    joined = threading.Event()
-
-    def join():
-        try:
-            jax.distributed.initialize(**settings, initialization_timeout=timeout_s + 60)
-            joined.set()
-            # the backend's start, where the processes exchange their devices, here too, and then a barrier: once
-            # the start is done in every process, one that refuses its settings and exits (a device count unlike
-            # the others', found at once) no longer breaks another's start still under way (an abort in XLA)
-            jax.devices()
-            # (the distributed client JAX keeps is not public API; Orbax calls its barriers the same way)
-            jax._src.distributed.global_state.client.wait_at_barrier("llama_jax_started", timeout_in_ms=300_000)
-        except BaseException as e:  # handed to the main thread
-            failure.append(e)
-
-    joining = threading.Thread(target=join, name="llama-jax-join-processes", daemon=True)
-    joining.start()
-    deadline = time.monotonic() + timeout_s
-    while joining.is_alive():
-        joining.join(0.2)
-        if not joined.is_set() and not failure and time.monotonic() > deadline:
-            if settings:
-                raise UserError(f"the {settings['num_processes']} processes of the run did not all join at "
-                                f"{settings['coordinator_address']} within {timeout_s} s (--join-timeout); start "
-                                f"every process with the same command and --num-processes, each with its own "
-                                f"--process-id")
-            raise UserError(f"the processes of this multi-host job did not all join within {timeout_s} s "
-                            f"(--join-timeout); every host (TPU worker or SLURM task) runs the same command")
-    if failure:
-        raise failure[0]
-
-
 def cmd_train(args) -> None:
     from llama_jax.experiment import check_experiment, load_config
     from llama_jax.safe_io import holds_run
 
-    _check_process_flags(args)
+    check_process_flags(args)
     config = load_config(args.config, args.overrides)
     # before importing JAX: a bad config fails at once (a resume takes an init_from model from its checkpoints)
     check_experiment(config, read_init_from=not holds_run(args.workdir))
     from llama_jax.run import log_line, train_and_evaluate
 
-    _init_distributed(args)
+    join_run(args)
     result = train_and_evaluate(config, args.workdir, resume_from=args.resume_from)
     import jax
 
@@ -527,8 +308,8 @@ def cmd_export(args) -> None:
 
     path, step, model = export_model(args.workdir, args.dst, args.step, args.overwrite)
     # the model directory is in place, nothing is left to stop (param_count traces the model); the handlers
-    # `_sigterm_unwinds` installed are replaced, and it puts back what was there before
-    _ignore_signals(tuple(_UNWINDING))
+    # `raising_signals` installed are replaced, and it puts back what was there before
+    ignore_signals(tuple(RAISING))
     shown = f"./{path}" if str(path).startswith("-") else str(path)  # (as an argument, not an option)
     print(f"exported step {step} of {args.workdir} ({param_count(model):,} parameters) to {path}; "
           f"llama-jax convert --from jax --to hf {shlex.quote(shown)} DST makes a Hugging Face checkpoint of it")
@@ -1392,7 +1173,7 @@ class _LibraryNoise:
             signum = signal.SIGINT if isinstance(error, KeyboardInterrupt) else \
                 signal.SIGTERM if isinstance(error, Terminated) else None
             if signum is not None:
-                _signal_again(signum, after=0.01)
+                signal_again(signum, after=0.01)
             return signum is not None
 
         unraisablehook, thread_hook = sys.unraisablehook, threading.excepthook
@@ -1537,7 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
         status = _run(argv)
     finally:
         if argv is None:  # the command is over
-            _ignore_signals()
+            ignore_signals()
         _NOISE.end(succeeded=status == 0, exiting=argv is None)
     if argv is None and status != 0:
         _exit_without_teardown(status)
@@ -1586,7 +1367,7 @@ def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(_attach_mesh_values(rest))
     args.overrides = overrides
     try:
-        with _sigterm_unwinds():
+        with raising_signals():
             _check_overrides_read(args)
             _check_not_empty(args)
             from llama_jax import backend_tuning

@@ -396,7 +396,7 @@ class Encoder:
 
     def close(self) -> None:
         """Stop the workers, once they have finished the chunks already queued. A signal waits while
-        the pool starts or stops (for up to `cli.IMPORT_WAIT_S`): one that interrupts either leaves
+        the pool starts or stops (for up to `signals.IMPORT_WAIT_S`): one that interrupts either leaves
         the named semaphores of its queues unreleased when the command exits (the multiprocessing
         resource tracker then warns of them after the command's last line)."""
         if self._pool is not None:

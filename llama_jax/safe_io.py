@@ -279,7 +279,7 @@ _HOLDING = [0]  # `signals_held` blocks active
 
 @contextlib.contextmanager
 def signals_held():
-    """While active, the command line's SIGINT and SIGTERM wait (`cli._sigterm_unwinds`), so that
+    """While active, the command line's SIGINT and SIGTERM wait (`signals.raising_signals`), so that
     a few steps are not cut in two: making a temporary directory and handing it to the code that
     removes it when the command stops (a signal in between left it behind)."""
     _HOLDING[0] += 1

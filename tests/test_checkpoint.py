@@ -244,7 +244,7 @@ def test_what_a_killed_writer_left_is_settled_by_the_next(tmp_path, model, when)
 INTERRUPTED_REPLACEMENT = """
 import os, shutil, signal, sys, time
 from pathlib import Path
-from llama_jax import cli
+from llama_jax import signals
 from llama_jax.model_dir import MODEL_DIR
 from llama_jax.safe_io import atomic_directory
 
@@ -257,7 +257,7 @@ def rmtree(path, *args, **kwargs):  # Ctrl-C as the removal of the output just r
 
 shutil.rmtree = rmtree
 try:
-    with cli._sigterm_unwinds():
+    with signals.raising_signals():
         with atomic_directory(dst, MODEL_DIR, overwrite=True) as tmp:
             (tmp / "model_config.json").write_text("{}")
         time.sleep(5)  # the Ctrl-C, held until the replacement was whole, arrives here

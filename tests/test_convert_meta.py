@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from llama_jax import LLaMA, LLaMAConfig, RopeScaling, from_hf_state_dict
-from llama_jax.cli import Terminated, main
+from llama_jax.cli import main
+from llama_jax.signals import Terminated
 from llama_jax.convert.hf import tensor_specs
 from llama_jax.convert.meta import read_meta, write_meta
 from llama_jax.convert.source import ConversionError

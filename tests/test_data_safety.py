@@ -890,7 +890,7 @@ def test_a_signal_raised_where_python_cannot_raise_it_still_stops_the_command():
     script = """if True:
         import signal
         import time
-        from llama_jax import cli
+        from llama_jax import cli, signals
         cli._NOISE.install()
         # Ctrl-C as a terminal gives it (a shell's background job starts with it ignored)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -902,9 +902,9 @@ def test_a_signal_raised_where_python_cannot_raise_it_still_stops_the_command():
             def __del__(self):
                 raise self.error
 
-        for error, expected in ((cli.Terminated(), cli.Terminated), (KeyboardInterrupt(), KeyboardInterrupt)):
+        for error, expected in ((signals.Terminated(), signals.Terminated), (KeyboardInterrupt(), KeyboardInterrupt)):
             try:
-                with cli._sigterm_unwinds():
+                with signals.raising_signals():
                     RaisesOnCollection(error)
                     time.sleep(30)
                 print("went on")
@@ -928,10 +928,10 @@ def test_a_signal_during_an_import_waits_for_the_import(tmp_path):
             "WHOLE = True\n")
     script = """if True:
         import importlib, sys, time
-        from llama_jax import cli
-        cli.IMPORT_WAIT_S = 4.0  # far beyond the slow import, even on a busy machine
+        from llama_jax import signals
+        signals.IMPORT_WAIT_S = 4.0  # far beyond the slow import, even on a busy machine
         for name in ("slow_module", "hung_module"):
-            with cli._sigterm_unwinds():
+            with signals.raising_signals():
                 try:
                     importlib.import_module(name)
                     time.sleep(60)
@@ -950,17 +950,17 @@ def test_a_signal_inside_signals_held_waits_for_its_end():
     Inside `signals_held` the signal waits; it is raised once the block is over."""
     script = """if True:
         import os, signal, time
-        from llama_jax import cli
+        from llama_jax import signals
         from llama_jax.safe_io import signals_held
 
-        with cli._sigterm_unwinds():
+        with signals.raising_signals():
             try:
                 with signals_held():
                     os.kill(os.getpid(), signal.SIGTERM)
                     time.sleep(0.5)
                     print("the block ended whole")
                 time.sleep(30)
-            except cli.Terminated:
+            except signals.Terminated:
                 print("terminated after the block")
     """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50, cwd=ROOT)
@@ -974,7 +974,7 @@ def test_a_program_interrupted_while_xla_compiles_ends_with_its_status():
     script = """if True:
         import sys, threading, time
         import jax, jax.numpy as jnp
-        from llama_jax import cli
+        from llama_jax import cli, signals
 
         def long_to_compile(x):
             for i in range(400):
@@ -991,7 +991,7 @@ def test_a_program_interrupted_while_xla_compiles_ends_with_its_status():
         sys.exit(cli.main())
     """
     for error, status, said in (("KeyboardInterrupt", 130, "interrupted"),
-                                ("cli.Terminated", 143, "terminated (SIGTERM)")):
+                                ("signals.Terminated", 143, "terminated (SIGTERM)")):
         result = subprocess.run([sys.executable, "-c", script.format(error=error)], capture_output=True, text=True,
                                 timeout=120, cwd=ROOT)
         assert (result.returncode, result.stderr) == (status, f"llama-jax presets: {said}\n"), result
@@ -1030,7 +1030,7 @@ def test_a_read_interrupted_by_a_signal_is_not_taken_for_damage(pristine_run, mo
     """TensorStore reports a read that SIGTERM or Ctrl-C interrupted as a failed read ("Encountered
     error while reading ..."): export said the (intact) checkpoint was damaged. The signal stops
     the command as a signal; a read that fails without one is still damage."""
-    from llama_jax import cli
+    from llama_jax import signals
     from llama_jax.checkpoint import CheckpointDamaged
 
     checkpoints = RunCheckpoints(pristine_run[0] / "checkpoints", every=2, async_save=False, read_only=True)
@@ -1045,10 +1045,10 @@ def test_a_read_interrupted_by_a_signal_is_not_taken_for_damage(pristine_run, mo
         return restore
 
     try:
-        for signum, expected in ((signal.SIGTERM, cli.Terminated), (signal.SIGINT, KeyboardInterrupt),
+        for signum, expected in ((signal.SIGTERM, signals.Terminated), (signal.SIGINT, KeyboardInterrupt),
                                  (None, CheckpointDamaged)):
             monkeypatch.setattr(checkpoints.manager, "restore", read_interrupted_by(signum))
-            with pytest.raises(expected), cli._sigterm_unwinds():
+            with pytest.raises(expected), signals.raising_signals():
                 checkpoints.run_info(4)
     finally:
         checkpoints.close()

@@ -194,7 +194,7 @@ SIGTERM_IN_SHUTDOWN = """
 import os, signal, sys, time
 from concurrent.futures import ProcessPoolExecutor
 import numpy as np
-from llama_jax import cli, prepare
+from llama_jax import prepare, signals
 
 shutdown = ProcessPoolExecutor.shutdown
 def shutdown_after_a_signal(pool, *args, **kwargs):  # SIGTERM lands on the shutdown's first line
@@ -205,13 +205,13 @@ ProcessPoolExecutor.shutdown = shutdown_after_a_signal
 def main():
     encoder = prepare.Encoder(sys.argv[1], np.dtype(np.uint16), workers=2)
     try:
-        with cli._sigterm_unwinds():
+        with signals.raising_signals():
             try:
                 print(sum(len(c.lengths) for c in encoder.encode(enumerate(["one", "two", "three"]))), flush=True)
             finally:
                 encoder.close()
             time.sleep(60)  # the command goes on; a signal held back during the shutdown ends it here
-    except cli.Terminated:
+    except signals.Terminated:
         print("terminated", flush=True)
     os._exit(143)  # as the command line leaves after a signal: without the interpreter's teardown
 

@@ -914,13 +914,13 @@ def test_a_trial_forked_as_its_sweep_dies_stops(monkeypatch):
     """The trial's setup finds its parent is no longer the sweep (here: a sweep pid that is not its
     parent's) and sends itself SIGTERM, which ends it even where the command line's handler, which
     the fork copied and which holds signals back inside `signals_held`, was in place."""
-    from llama_jax import cli
+    from llama_jax import signals
     from llama_jax.safe_io import signals_held
 
     with monkeypatch.context() as patched:
         patched.setattr(os, "getpid", lambda: 1)  # the pid the setup takes for the sweep's
         setup = sweep_lib._trial_setup()
-    with cli._sigterm_unwinds(), signals_held():
+    with signals.raising_signals(), signals_held():
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10)"], preexec_fn=setup)
     assert child.wait(timeout=60) == -signal.SIGTERM
 

@@ -1,0 +1,146 @@
+"""Joining a multi-process run: from the command line's --num-processes, --coordinator and
+--process-id, or by JAX itself on TPU VMs and in SLURM jobs. Each process joins before it builds
+anything, and a process that cannot (a port taken, a peer missing) says so in one line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import threading
+import time
+
+
+MAX_JOIN_TIMEOUT_S = 86400  # (JAX takes its timeouts as 32-bit integers)
+
+
+def check_process_flags(args) -> None:
+    """ValueError unless --num-processes, --coordinator and --process-id make a run: N > 1 with a
+    coordinator HOST:PORT and 0 <= I < N, or a single process (N of 1 or not given, and then
+    neither of the others: a lone process would train the shared workdir as process 0)."""
+    n, coordinator, process_id = args.num_processes, args.coordinator, args.process_id
+    if n is not None and n < 1:
+        raise ValueError(f"--num-processes must be a positive integer, got {n}")
+    if (n is None or n == 1) and (coordinator is not None or process_id is not None):
+        given = "without --num-processes" if n is None else "with --num-processes 1"
+        raise ValueError(f"--coordinator and --process-id join a multi-process run, and are given {given}; give "
+                         f"--num-processes N > 1 with them (or drop them for a single process)")
+    if n is not None and (n > 1 and (coordinator is None or process_id is None)
+                          or process_id is not None and not 0 <= process_id < n):
+        raise ValueError(f"--num-processes {n} needs --coordinator HOST:PORT and --process-id I with 0 <= I < {n}, "
+                         f"got --coordinator {coordinator} --process-id {process_id}")
+    if coordinator is not None:
+        match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d{1,5})", coordinator)
+        if not match or not 1 <= int(match.group(2)) <= 65535:
+            raise ValueError(f"--coordinator {coordinator}: expected HOST:PORT with a port in 1..65535, e.g. "
+                             f"10.0.0.2:1234 (process 0's host)")
+
+
+def join_run(args) -> None:
+    """Join a multi-process run: explicitly from flags, or automatically on TPU VMs and SLURM
+    (unless LLAMA_JAX_SINGLE_PROCESS is set, as a sweep does for trials sharing one host)."""
+    import jax
+
+    from llama_jax.devices import on_tpu_vm
+
+    if args.num_processes is not None and args.num_processes > 1:
+        if args.process_id == 0 and not os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):  # (else JAX binds that)
+            _check_coordinator_port(args.coordinator)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; harmless elsewhere
+        _join_processes(args.join_timeout, coordinator_address=args.coordinator, num_processes=args.num_processes,
+                        process_id=args.process_id)
+        _check_process_counts_agree(args.num_processes)
+    elif os.environ.get("LLAMA_JAX_SINGLE_PROCESS"):
+        return
+    elif on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and _slurm_tasks() > 1:
+        _join_processes(args.join_timeout)  # JAX reads the topology from the TPU metadata server or SLURM
+
+
+def _check_process_counts_agree(num_processes: int) -> None:
+    """ValueError, in every process that joined, unless all were given this --num-processes: process
+    0's count is the run's, and one told another count joined it without a word."""
+    import jax
+
+    # through the coordination service's key-value store (processes of unlike device counts cannot gather
+    # arrays: that is found later); every process reads every count before any of them can stop
+    client = jax._src.distributed.global_state.client
+    client.key_value_set(f"llama_jax_num_processes/{jax.process_index()}", str(num_processes))
+    counts = [int(client.blocking_key_value_get(f"llama_jax_num_processes/{p}", 300_000))
+              for p in range(jax.process_count())]
+    client.wait_at_barrier("llama_jax_num_processes_read", timeout_in_ms=300_000)
+    if len(set(counts)) > 1:
+        given = ", ".join(f"process {p}: {n}" for p, n in enumerate(counts))
+        raise ValueError(f"the {jax.process_count()} processes that joined were given different --num-processes "
+                         f"({given}); give every process the same count")
+
+
+def _check_coordinator_port(coordinator: str) -> None:
+    """ValueError when process 0 cannot serve the run's coordination on the port of `coordinator`, on
+    every interface, as JAX binds it: held by another program (gRPC, binding it with SO_REUSEPORT,
+    shares a port another coordinator holds; a port it cannot bind at all ends process 0 with a
+    segmentation fault) or reserved."""
+    import socket
+
+    port = int(coordinator.rsplit(":", 1)[1])
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):  # IPv6 also covers IPv4
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (an earlier run's closed connections)
+                if family == socket.AF_INET6:  # dual stack, as gRPC listens, whatever the system's default
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                probe.bind((host, port))
+            return
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise ValueError(f"--coordinator {coordinator}: process 0 cannot listen on port {port} ({e.strerror}); "
+                                 f"choose a free port this user may open (the same for every process)") from None
+            # no IPv6 on this host: try IPv4; other errors are left to JAX
+
+
+def _slurm_tasks() -> int:
+    """SLURM_NTASKS, the processes of the SLURM job this one belongs to (1 if unset)."""
+    text = os.environ.get("SLURM_NTASKS", "1")
+    if not text.strip().isdigit():
+        raise ValueError(f"SLURM_NTASKS={text!r} (SLURM_JOB_ID is set): expected the job's number of tasks, a positive "
+                         f"integer; run inside a SLURM job step, or unset SLURM_JOB_ID outside one")
+    return int(text)
+
+
+def _join_processes(timeout_s: int, **settings) -> None:
+    """`jax.distributed.initialize(**settings)`, which waits for every process to join, and the
+    start of the backend, in a thread of its own: the main thread waits in Python, where Ctrl-C and
+    SIGTERM still stop the command (a signal cannot interrupt the native call), and where a process
+    missing after `timeout_s` is reported in one line (JAX's own timeout, set later, aborts in C++)."""
+    import jax
+
+    failure: list[BaseException] = []
+    joined = threading.Event()
+
+    def join():
+        try:
+            jax.distributed.initialize(**settings, initialization_timeout=timeout_s + 60)
+            joined.set()
+            # the backend's start, where the processes exchange their devices, here too, and then a barrier: once
+            # the start is done in every process, one that refuses its settings and exits (a device count unlike
+            # the others', found at once) no longer breaks another's start still under way (an abort in XLA)
+            jax.devices()
+            # (the distributed client JAX keeps is not public API; Orbax calls its barriers the same way)
+            jax._src.distributed.global_state.client.wait_at_barrier("llama_jax_started", timeout_in_ms=300_000)
+        except BaseException as e:  # handed to the main thread
+            failure.append(e)
+
+    joining = threading.Thread(target=join, name="llama-jax-join-processes", daemon=True)
+    joining.start()
+    deadline = time.monotonic() + timeout_s
+    while joining.is_alive():
+        joining.join(0.2)
+        if not joined.is_set() and not failure and time.monotonic() > deadline:
+            if settings:
+                raise ValueError(f"the {settings['num_processes']} processes of the run did not all join at "
+                                 f"{settings['coordinator_address']} within {timeout_s} s (--join-timeout); start "
+                                 f"every process with the same command and --num-processes, each with its own "
+                                 f"--process-id")
+            raise ValueError(f"the processes of this multi-host job did not all join within {timeout_s} s "
+                             f"(--join-timeout); every host (TPU worker or SLURM task) runs the same command")
+    if failure:
+        raise failure[0]

@@ -1,0 +1,92 @@
+"""How the `llama-jax` command takes Ctrl-C and SIGTERM: raised where the command is, so that what it
+staged or half-written is cleaned up on the way out, never inside an import or a held section."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while the command was not in a training loop (which treats it as preemption):
+    raised where the command was, so that what it had staged or half-written is cleaned up on the way
+    out, as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def raising_signals():
+    """While active, SIGTERM raises `Terminated` in the main thread instead of ending the process
+    on the spot, and Ctrl-C raises KeyboardInterrupt as usual; both are noted first
+    (`safe_io.note_signal`: a library that turns them into errors of its own must not have them
+    taken for damaged files). A signal that arrives while a module is being imported waits until
+    the import is done, for up to IMPORT_WAIT_S: an extension module (jaxlib's) whose
+    initialisation is interrupted crashes the interpreter when it is freed; so does one that arrives
+    inside `safe_io.signals_held`. The previous handlers are back afterwards."""
+    from llama_jax.safe_io import holding_signals, note_signal
+
+    held_since: dict[int, float] = {}  # signal -> when first held back for an import or by `signals_held`
+
+    def handle(error_type):
+        def raise_noted(signum, frame):
+            now = time.monotonic()
+            if (_importing(frame) or holding_signals()) and now - held_since.setdefault(signum, now) < IMPORT_WAIT_S:
+                # unless raised meanwhile (by a second Ctrl-C after the import)
+                signal_again(signum, after=0.05, unless=lambda: signum not in held_since)
+                return
+            held_since.pop(signum, None)
+            error = error_type()
+            note_signal(error)
+            raise error
+        return raise_noted
+
+    note_signal(None)
+    handled = [(signal.SIGTERM, Terminated)]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
+        handled.append((signal.SIGINT, KeyboardInterrupt))
+    try:
+        previous = {s: signal.signal(s, handle(e)) for s, e in handled}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    RAISING.update(previous)
+    try:
+        yield
+    finally:
+        RAISING.clear()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+RAISING: set[int] = set()  # the signals `raising_signals` handles while it is active
+
+
+def ignore_signals(signals=(signal.SIGINT, signal.SIGTERM)) -> None:
+    """`signals` are ignored from now on: once a command's work is done, Ctrl-C or SIGTERM would
+    only misreport how it ended."""
+    for signum in signals:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+IMPORT_WAIT_S = 10.0  # longest a signal waits for an import to finish (a hung import still stops)
+
+
+def signal_again(signum: int, after: float, unless=lambda: False) -> None:
+    """Send `signum` to this process `after` seconds from now, from a timer thread: where the
+    signal was caught (a handler, an unraisable-exception hook) it can neither wait nor be raised
+    again. Nothing is sent if `unless()` is true by then."""
+    def send():
+        if not unless():
+            os.kill(os.getpid(), signum)
+    threading.Timer(after, send).start()
+
+
+def _importing(frame) -> bool:
+    """Whether `frame` runs inside Python's import machinery (a module's body or its loading)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
