@@ -54,7 +54,7 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
     """Mesh sizes with a single -1 replaced by the remaining devices; ValueError if they don't fit."""
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for name, size in sizes.items():
-        if not isinstance(size, int) or size == 0 or size < -1:
+        if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:  # (True is an int)
             raise ValueError(f"mesh.{name}={size!r}: must be a positive integer or -1 (all remaining devices)")
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:

@@ -321,6 +321,18 @@ def test_bad_config_file_is_one_line(name, tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_mesh_size_of_true_in_a_file_is_refused(tmp_path, capsys):
+    """True is an int to Python (and to ml_collections' type check): it made a mesh of size 1 and
+    then a TypeError traceback from NumPy."""
+    (tmp_path / "mesh.py").write_text("from llama_jax.experiment import base_config\n\n\ndef get_config():\n"
+                                      "    config = base_config('tiny')\n    config.mesh.tensor = True\n"
+                                      "    return config\n")
+    assert main(["train", "--config", str(tmp_path / "mesh.py"), "--workdir", str(tmp_path / "w")]) == 2
+    assert one_line_error(capsys) == ("llama-jax train: error: mesh.tensor=True: must be a positive integer or -1 "
+                                      "(all remaining devices)")
+    assert not (tmp_path / "w").exists()
+
+
 def test_config_directory_is_named(tmp_path, capsys):
     assert main(["plan", "--config", str(tmp_path)]) == 2
     assert one_line_error(capsys) == (f"llama-jax plan: error: {tmp_path}: is a directory; "
