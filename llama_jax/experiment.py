@@ -131,11 +131,13 @@ def _read_config_file(path: Path) -> ml_collections.ConfigDict:
         raise ValueError(f"{path}: config.{name} is {config[name]!r}, not a section of keys; start from "
                          "llama_jax.experiment.base_config() and set its keys")
     _check_known_keys(path, config, base)  # no release has dropped a key, so a run's config.json is checked too
-    if path.suffix == ".json":  # written by an earlier release: the keys added since take their defaults
-        for section in base.keys():
-            if isinstance(config[section], ml_collections.ConfigDict):
-                for key in sorted(set(base[section].keys()) - set(config[section].keys())):
-                    config[section][key] = base[section][key]
+    for section in base.keys():
+        missing = sorted(set(base[section].keys()) - set(config[section].keys()))
+        if missing and path.suffix != ".json":  # (a section replaced by a dict of some of its keys)
+            raise ValueError(f"{path}: config.{section} has no {', '.join(missing)}; start from "
+                             f"llama_jax.experiment.base_config() and set the keys to change")
+        for key in missing:  # a config.json written by an earlier release: the keys added since take their defaults
+            config[section][key] = base[section][key]
     return config
 
 

@@ -305,6 +305,11 @@ BAD_CONFIG_FILES = {
     "array.json": ("[1, 2]", "array.json: holds a list ([1, 2]), not a JSON object of config sections"),
     "hf.json": ('{"model_type": "llama", "hidden_size": 64}',
                 "hf.json: the config has no checkpoint, data, mesh, model, optimizer, train section(s)"),
+    "partial_section.py": ("from llama_jax.experiment import base_config\n\n\ndef get_config():\n"
+                           "    config = base_config('tiny')\n    config.mesh = {'data': 1, 'fsdp': -1}\n"
+                           "    return config\n",  # was a traceback (AttributeError: 'tensor')
+                           "partial_section.py: config.mesh has no tensor; start from "
+                           "llama_jax.experiment.base_config() and set the keys to change"),
     "sectionless.py": ("import ml_collections\n\n\ndef get_config():\n    return ml_collections.ConfigDict()\n",
                        "sectionless.py: the config has no checkpoint, data, mesh, model, optimizer, train section(s)"),
     "config.yaml": ("train: {}", "config.yaml: not a config file; expected a .py file defining get_config() (or the config.json"),
