@@ -16,6 +16,7 @@ import numbers
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -204,7 +205,10 @@ def _failure(path: Path, stage: str, e: Exception) -> str:
         return (f"{path}: exited (sys.exit({e.code!r})) while {stage}; a config file defines get_config() "
                 "and must not exit or parse command-line flags")
     message = " ".join(str(e).split())
-    return f"{path}: {type(e).__name__} while {stage}" + (f": {message}" if message else "")
+    lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
+             if os.path.abspath(frame.filename) == os.path.abspath(path)]
+    where = f"{path}, line {lines[-1]}" if lines else str(path)  # the file's own line that raised, or called what did
+    return f"{where}: {type(e).__name__} while {stage}" + (f": {message}" if message else "")
 
 
 def _json_config(path: Path) -> ml_collections.ConfigDict:

@@ -286,13 +286,17 @@ def one_line_error(capsys) -> str:
 BAD_CONFIG_FILES = {
     "syntax.py": ("x = 1\ndef get_config(:\n", "syntax.py, line 2: syntax error: "),
     "imports.py": ("import no_such_module_xyz\n",
-                   "imports.py: ModuleNotFoundError while running it: No module named 'no_such_module_xyz'"),
+                   "imports.py, line 1: ModuleNotFoundError while running it: No module named 'no_such_module_xyz'"),
     "raises.py": ("def get_config():\n    raise KeyError('two\\nlines')\n",
-                  "raises.py: KeyError while calling get_config(): 'two\\nlines'"),
+                  "raises.py, line 2: KeyError while calling get_config(): 'two\\nlines'"),
     "exits.py": ("raise SystemExit(0)\n",  # a scheduler would take exit 0 for a finished run
                  "exits.py: exited (sys.exit(0)) while running it; a config file defines get_config() and must not"),
     "exits_in_get_config.py": ("import sys\ndef get_config():\n    sys.exit(3)\n",
                                "exits_in_get_config.py: exited (sys.exit(3)) while calling get_config()"),
+    "wrong_type.py": ("from llama_jax.experiment import base_config\n\n\ndef get_config():\n"
+                      "    config = base_config('tiny')\n    config.train.batch_size = '16'\n    return config\n",
+                      "wrong_type.py, line 6: TypeError while calling get_config(): Could not override field "
+                      "'batch_size'"),  # ml_collections' error names no section: the line does
     "none.py": ("def get_config():\n    return None\n",
                 "none.py: get_config() returned None; expected an ml_collections.ConfigDict"),
     "plain.py": ("def get_config():\n    return {'train': {}}\n",

@@ -734,8 +734,9 @@ def test_a_runs_config_json_and_a_failing_get_sweep(tmp_path, capsys):
     failing = tmp_path / "failing.py"
     failing.write_text(Path(TINY).read_text() + "\n\ndef get_sweep():\n    raise RuntimeError('no axes today')\n")
     assert main(["sweep", "--config", str(failing), "--workdir", str(tmp_path / "sweep"), "--dry-run"]) == 2
+    line = failing.read_text().splitlines().index("    raise RuntimeError('no axes today')") + 1
     assert capsys.readouterr().err.strip() == (
-        f"llama-jax sweep: error: {failing}: RuntimeError while calling get_sweep(): no axes today")
+        f"llama-jax sweep: error: {failing}, line {line}: RuntimeError while calling get_sweep(): no axes today")
     for declared, message in (
             ("{1: [1, 2]}", "get_sweep() has the key 1; its keys are config keys such as"),
             ("{'optimizer.lr': []}", "get_sweep()['optimizer.lr']: grid: no values"),
