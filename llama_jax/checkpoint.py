@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -41,9 +41,10 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: 
     check_model_config(config)
     check_flag(overwrite, "overwrite")
     params = nn.meta.unbox(params)
-    check_params(config.replace(scan_layers="layers" in params), params)  # in their own layout: all of them
+    stacked = isinstance(params, Mapping) and "layers" in params
+    check_params(config.replace(scan_layers=stacked), params)  # in their own layout: all of them
     check_param_dtype(config, params)
-    if "layers" not in params:
+    if not stacked:
         params = stack_layers(dict(params), config.n_layers)
     if tokenizer is not None:  # (a directory, or one file)
         if not isinstance(tokenizer, (str, os.PathLike)):

@@ -366,7 +366,7 @@ def generate_text(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, pr
     """
     from llama_jax.prompts import complete
 
-    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    texts = [prompt] if isinstance(prompt, str) else prompt  # (checked by `complete`)
     decoded = complete(config, params, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, seed, stop)
     return decoded[0] if isinstance(prompt, str) else decoded
 

@@ -584,6 +584,10 @@ def check_params(cfg: LLaMAConfig, params, joined_qkv: bool = False) -> None:
     check_model_config(cfg, "cfg")
     if isinstance(params, Mapping) and set(params) == {"params"}:
         raise ValueError("got Flax's variables ({'params': ...}); pass the parameter tree inside, variables['params']")
+    if not isinstance(params, Mapping):  # (a TrainState's optimizer state was named as parameters not of the model)
+        inside = "; pass its parameters, state.params" if hasattr(params, "params") else ""
+        raise TypeError(f"params must be a dict of parameter arrays (load_model, init_params), got a "
+                        f"{type(params).__name__}{inside}")
     want = _parameter_shapes(cfg, joined_qkv)
     got = {jax.tree_util.keystr(k): getattr(v, "shape", None)
            for k, v in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from llama_jax import metrics as metrics_lib
 from llama_jax.attention import resolve, runnable_here
 from llama_jax.sharding import batch_sharding
-from llama_jax.train import build_trainer
+from llama_jax.train import BATCH_KEYS, build_trainer
 
 
 def _per_device_bytes(abstract_tree) -> int:
@@ -65,7 +65,7 @@ def plan(config, devices=None) -> dict:
     B, S = config.train.batch_size, config.train.seq_len
     batch = {k: jax.ShapeDtypeStruct((B, S), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=batch_sharding(trainer.mesh))
-             for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
+             for k in BATCH_KEYS}
     with trainer.context():
         compiled = trainer.jit_train_step.lower(state, batch).compile()
     memory = compiled.memory_analysis()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from llama_jax.config import LLaMAConfig, check_flag, check_model_config, is_int
@@ -212,6 +212,8 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
         raise ValueError("a stop string must not be empty")
     if isinstance(prompts, str):  # its characters would be the prompts
         raise ValueError(f"prompts is a list of strings, got the string {prompts[:40]!r}; wrap it: [prompt]")
+    if isinstance(prompts, (bytes, Mapping)) or not isinstance(prompts, Iterable):
+        raise ValueError(f"prompts must be a list of strings, got {prompts!r}"[:200])
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty; give at least one prompt")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax import loss as loss_lib
 from llama_jax import backend_tuning
 from llama_jax.config import LLaMAConfig, check_seed
-from llama_jax.model import LLaMA, initial_params
+from llama_jax.model import LLaMA, check_params, initial_params
 from llama_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, batch_sharding, mesh_context, tree_shardings
 
 
@@ -40,6 +41,7 @@ class TrainState:
 
 
 AUX_KEYS = ("nll", "z_loss", "tokens", "accuracy")
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")  # each [batch, seq]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +205,9 @@ class Trainer:
         """One train step. With this project's compiler options for the backend (CPU), the
         gradients and the optimizer update are two programs, the update compiled without them
         (`llama_jax.backend_tuning` says why); otherwise the whole step is one program."""
+        if not isinstance(state, TrainState):
+            raise TypeError(f"state must be a TrainState (trainer.init_state(seed)), got a {type(state).__name__}")
+        _check_batch(batch)
         with self.context():
             if self.compiler_options:
                 return self.jit_apply_gradients(state, *self.jit_gradients(state.params, batch))
@@ -210,6 +215,8 @@ class Trainer:
 
     def eval_metrics(self, params, batch: dict) -> dict:
         """Mean loss, nll, accuracy and token count of one batch, without updating anything."""
+        check_params(self.model_config, params)
+        _check_batch(batch)
         with self.context():
             return self._jit_eval(params, batch)
 
@@ -222,6 +229,14 @@ class Trainer:
 
         return jax.jit(evaluate, in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)),
                        compiler_options=self.compiler_options)
+
+
+def _check_batch(batch) -> None:
+    """ValueError unless `batch` is a dict holding every one of BATCH_KEYS (a missing one was a KeyError)."""
+    missing = [k for k in BATCH_KEYS if k not in batch] if isinstance(batch, Mapping) else list(BATCH_KEYS)
+    if missing:
+        raise ValueError(f"batch must be a dict of [batch, seq] arrays {', '.join(BATCH_KEYS)} (as "
+                         f"llama_jax.data.synthetic_batch makes); missing: {', '.join(missing)}")
 
 
 def per_source_nll(sources: tuple[str, ...], metrics: dict) -> dict[str, float]:

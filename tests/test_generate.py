@@ -258,6 +258,8 @@ def test_generate_text(sp_tokenizer):
     assert isinstance(single, str) and single
     with pytest.raises(ValueError, match=r"^prompts is empty; give at least one prompt$"):  # no command-line flags
         generate_text(cfg, params, tok, [])
+    with pytest.raises(ValueError, match=r"^prompts must be a list of strings, got None$"):  # was "'NoneType' object
+        generate_text(cfg, params, tok, None)  # is not iterable"
     with pytest.raises(ValueError, match=r"prompts is a list of strings, got the string 'The for statement'"):
         complete(cfg, params, tok, prompts[0])  # not one prompt per character
     one_stop = complete(cfg, params, tok, prompts[:1], 12, temperature=0.0, stop=["ion"])

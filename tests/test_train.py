@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from llama_jax.checkpoint import save_model
 from llama_jax.cli import main
+from llama_jax.convert.hf import to_hf_state_dict
 from llama_jax.experiment import load_config
+from llama_jax.generate import generate
 from llama_jax.model import stack_layers
 from llama_jax.run import build_data
 from llama_jax.sharding import batch_sharding
@@ -148,6 +151,26 @@ def test_data_by_fsdp_mesh_moves_no_activation_beyond_a_devices_own():
         gather = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(trainer.mesh, target))
         moved = moved_activations(gather.lower(activation).compile().as_text())
         assert any(math.prod(dims) > own_share for dims, _ in moved)
+
+
+def test_a_train_state_and_its_params_given_for_one_another_are_named(tmp_path):
+    """Each was a bare TypeError or KeyError, or named the optimizer state as parameters not of the model."""
+    config = tiny_config("mesh.fsdp=1")
+    trainer = build_trainer(config, jax.devices()[:1])
+    state = trainer.init_state(0)
+    cfg = trainer.model_config
+    for call in (lambda: generate(cfg, state, [[1, 2]], 2), lambda: save_model(tmp_path / "m", cfg, state),
+                 lambda: to_hf_state_dict(cfg, state), lambda: trainer.eval_metrics(state, {})):
+        with pytest.raises(TypeError, match=r"^params must be a dict of parameter arrays \(load_model, init_params\), "
+                                            r"got a TrainState; pass its parameters, state.params$"):
+            call()
+    with pytest.raises(TypeError, match=r"^state must be a TrainState \(trainer.init_state\(seed\)\), got a dict$"):
+        trainer.step(state.params, {})
+    batch = global_batch(trainer.mesh, local_batch(config, 0, cfg))
+    with pytest.raises(ValueError, match=r"^batch must be a dict of \[batch, seq\] arrays tokens, targets, positions, "
+                                         r"segment_ids, loss_mask .*; missing: loss_mask$"):
+        trainer.step(state, {k: v for k, v in batch.items() if k != "loss_mask"})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_nonfinite_step_leaves_the_state_unchanged():

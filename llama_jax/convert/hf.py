@@ -163,7 +163,7 @@ def iter_hf_tensors(cfg: LLaMAConfig, params: Mapping) -> Iterator[tuple[TensorS
     from llama_jax.model import check_params, stack_layers
 
     check_model_config(cfg, "cfg")
-    check_params(cfg.replace(scan_layers="layers" in params), params)
+    check_params(cfg.replace(scan_layers=isinstance(params, Mapping) and "layers" in params), params)
     if "layers" not in params:
         params = stack_layers(dict(params), cfg.n_layers)
     for spec in tensor_specs(cfg):
