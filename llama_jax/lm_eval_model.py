@@ -39,13 +39,19 @@ def _batch_size(value) -> int:
     implemented here and means the default."""
     if value is None or str(value).startswith("auto"):
         return DEFAULT_BATCH_SIZE
+    return _whole_number("batch_size", value, minimum=1)
+
+
+def _whole_number(name: str, value, minimum: int) -> int:
+    """A model argument (the harness passes `--model_args` as strings) as an integer of at least
+    `minimum`; ValueError naming it otherwise, before the model is read."""
     try:
-        size = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"batch_size={value!r} is not a positive integer") from None
-    if size < 1:
-        raise ValueError(f"batch_size={value!r} is not a positive integer")
-    return size
+        number = int(str(value))  # (not 2.5 or True, which int() would take)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{name}={value!r} is not {'a positive' if minimum == 1 else 'a non-negative'} integer")
+    return number
 
 
 def _mesh_size(name: str, value) -> int:
@@ -71,10 +77,16 @@ class LlamaJaxLM(TemplateLM):
         the mesh decides where the model lives."""
         super().__init__()
         from llama_jax.checkpoint import load_model
+        from llama_jax.config import check_seed
         from llama_jax.model_dir import generation_end_ids, load_tokenizer_for
         from llama_jax.prompts import end_ids
         from llama_jax.sharding import make_mesh, mesh_context
 
+        batch_size = _batch_size(batch_size)  # model arguments that are not numbers fail before any reading
+        max_length = None if max_length is None else _whole_number("max_length", max_length, minimum=1)
+        self._max_gen_toks = _whole_number("max_gen_toks", max_gen_toks, minimum=1)
+        self.seed = _whole_number("seed", seed, minimum=0)
+        check_seed(self.seed)
         self.mesh = make_mesh(*(_mesh_size(name, value) for name, value in  # a bad mesh fails before any reading
                                 (("data", data), ("fsdp", fsdp), ("tensor", tensor))))
         config, self.tokenizer = load_tokenizer_for(
@@ -84,11 +96,8 @@ class LlamaJaxLM(TemplateLM):
                                listed=generation_end_ids(pretrained, config.vocab_size))
         self.config, self.params = load_model(pretrained, mesh=self.mesh, **({"dtype": dtype} if dtype else {}))
         self.pretrained = str(pretrained)
-        self.scorer = Scorer(self.config, self.params, batch_size=_batch_size(batch_size),
-                             max_length=int(max_length) if max_length else None, mesh=self.mesh,
+        self.scorer = Scorer(self.config, self.params, batch_size=batch_size, max_length=max_length, mesh=self.mesh,
                              context=lambda: mesh_context(self.mesh))
-        self._max_gen_toks = int(max_gen_toks)
-        self.seed = int(seed)
         self._batches_sampled, self._seeds_drawn = 0, set()  # each sampled batch has a key of its own
         # what was scored, as the harness's model_args string (for the results file)
         shape = dict(self.mesh.shape)

@@ -953,6 +953,23 @@ def test_lm_eval_model_bad_mesh(model_dirs, mesh, message):
         LlamaJaxLM(str(model_dirs[1]), **mesh)
 
 
+@pytest.mark.parametrize("model_args, message", [
+    ({"max_gen_toks": "abc"}, r"^max_gen_toks='abc' is not a positive integer$"),  # was int()'s own message
+    ({"max_gen_toks": 0}, r"^max_gen_toks=0 is not a positive integer$"),  # was accepted
+    ({"max_length": "2.5"}, r"^max_length='2.5' is not a positive integer$"),
+    ({"seed": -1}, r"^seed=-1 is not a non-negative integer$"),  # was accepted
+    ({"seed": 2**32}, r"^seed must be an integer in \[0, 2\*\*32\), got 4294967296$"),
+    ({"batch_size": "0"}, r"^batch_size='0' is not a positive integer$"),
+])
+def test_lm_eval_model_bad_arguments_fail_before_the_model_is_read(tmp_path, model_args, message):
+    """The harness passes `--model_args` as strings: each is refused by name, before the model
+    directory (absent here) is read."""
+    from llama_jax.lm_eval_model import LlamaJaxLM
+
+    with pytest.raises(ValueError, match=message):
+        LlamaJaxLM(str(tmp_path / "absent"), **model_args)
+
+
 @pytest.mark.parametrize("args, message", [
     (["eval", "MODEL"], "--config is required with a model directory"),
     (["eval"], "give a model directory or --workdir RUN"),
