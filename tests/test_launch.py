@@ -6,8 +6,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -256,6 +258,24 @@ def test_the_files_to_ship_are_listed_at_the_start_and_at_each_ship(fake_gcloud,
     assert cli.main(launch_args("--max-restarts", "1")) == 0
     assert verbs(calls()).count("tpu-vm scp") == 2  # shipped, preempted, shipped again
     assert sum("ls-files" in line for line in git_log.read_text().splitlines()) == 3
+
+
+def test_ctrl_c_while_packing_the_checkout_leaves_no_tarball(fake_gcloud, monkeypatch, capsys, tmp_path):
+    """The tarball was removed once uploaded, but not when packing it stopped halfway: Ctrl-C (or a
+    full disk) left a partial llama-jax-NAME-PID.tar.gz in the temporary folder."""
+    set_state, calls = fake_gcloud
+    set_state("ACTIVE")
+    add = tarfile.TarFile.add
+
+    def add_then_ctrl_c(tar, name, *args, **kwargs):
+        add(tar, name, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, as the terminal sends it
+
+    monkeypatch.setattr(tarfile.TarFile, "add", add_then_ctrl_c)
+    assert cli.main(launch_args()) == 130
+    assert capsys.readouterr().err.endswith("llama-jax launch: interrupted\n")
+    assert verbs(calls()) == ["queued-resources describe ACTIVE"]  # nothing was uploaded
+    assert not list(tmp_path.glob("llama-jax-*"))
 
 
 def test_missing_resource_is_created(fake_gcloud):

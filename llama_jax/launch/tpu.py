@@ -386,9 +386,9 @@ def gcloud_error(stderr: str, returncode: int) -> str:
 
 def ship(tpu: TpuLaunch) -> None:
     """Copy this checkout to every worker and install it there."""
-    count = pack_checkout(source_root(), tpu.tarball)
-    _note(f"packed {count} files of {source_root()} ({tpu.tarball.stat().st_size / 1e6:.1f} MB)")
-    try:
+    try:  # (a tarball half-written when packing failed or was interrupted is removed too)
+        count = pack_checkout(source_root(), tpu.tarball)
+        _note(f"packed {count} files of {source_root()} ({tpu.tarball.stat().st_size / 1e6:.1f} MB)")
         _run(upload_command(tpu))
     finally:
         tpu.tarball.unlink(missing_ok=True)
