@@ -676,6 +676,8 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["slurm", "--partition", "", "--dry-run", "--", *TRAIN_IN_TMP], "--partition is empty; give a value"),
     (["slurm", "--time-min", "2", "--dry-run", "--", *TRAIN_IN_TMP],  # (its warning came before it started)
      "--time-min must be at least 3, got 2: SLURM warns a job 90 s before its limit"),
+    (["slurm", "--time-min", "-5", "--dry-run", "--", *TRAIN_IN_TMP],  # (not "at least 1")
+     "--time-min must be at least 3, got -5: SLURM warns a job 90 s before its limit"),
     # what the other commands refuse of their arguments alone (a slice was made, and everything installed on it,
     # for a command that failed there at once)
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "generate", "--prompt", "hi"],

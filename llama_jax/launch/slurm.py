@@ -173,13 +173,13 @@ def queued_or_running(job_ids: Sequence[str]) -> set[str]:
 def _check(commands: list[list[str]], **counts: int | None) -> None:
     if not commands or any(not list(argv) for argv in commands):
         raise LaunchError("nothing to submit: give at least one non-empty command line")
-    for name, value in counts.items():
-        if value is not None and value < 1:
-            raise LaunchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if counts.get("time_min") is not None and counts["time_min"] < MIN_TIME_MIN:
+    if counts.get("time_min") is not None and counts["time_min"] < MIN_TIME_MIN:  # (before the check of 1 below)
         raise LaunchError(f"--time-min must be at least {MIN_TIME_MIN}, got {counts['time_min']}: SLURM warns a job 90 "
                           f"s before its limit, where it saves and is requeued, so a shorter job would be requeued "
                           f"again and again before it trained")
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise LaunchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def _import_submitit():
