@@ -743,6 +743,25 @@ def test_a_job_folder_with_a_line_break_is_refused(capsys, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bytes_that_are_not_utf8_in_the_command_or_the_job_folder(capsys, tmp_path, monkeypatch):
+    """The sbatch script is UTF-8 text: a path whose bytes are not UTF-8 stopped its writing with a bare
+    "'utf-8' codec can't encode character" line, after the job folder and an empty script were made.
+    In the command it is shown escaped in the script's comment (the task gets the argument itself)."""
+    monkeypatch.chdir(ROOT)
+    jobs, workdir = tmp_path / "jobs", os.fsdecode(bytes(tmp_path / "run") + b"\xff")
+    assert cli.main(["launch", "slurm", "--dry-run", "--folder", str(jobs), "--", "train", "--config",
+                     "configs/tiny.py", "--workdir", workdir]) == 0
+    assert f"--workdir '{tmp_path / 'run'}\\xff'\n" in capsys.readouterr().out
+    shutil.rmtree(jobs)
+    assert cli.main(["launch", "slurm", "--dry-run", "--", "train", "--config", "configs/tiny.py", "--workdir",
+                     workdir]) == 2
+    assert capsys.readouterr().err == (
+        f"llama-jax launch: error: the job folder {tmp_path / 'run'}\\xff/slurm (--folder, or the --workdir's "
+        f"slurm/) holds bytes that are not UTF-8, which the sbatch script (UTF-8 text) cannot hold; use a path "
+        f"without them\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_folder_inside_a_runs_checkpoints_or_a_dangling_link_is_refused(capsys, tmp_path, monkeypatch):
     """submitit's folder inside a run's checkpoints/ would put its files among the steps Orbax reads;
     one at a link to nothing could not be made."""
