@@ -744,9 +744,10 @@ def cmd_launch_slurm(args) -> None:
     folder = args.folder or (str(Path(workdir) / slurm.WORKDIR_FOLDER) if workdir else None)
     if folder is None:
         raise UserError("--folder is required when the command has no --workdir")
-    from llama_jax.safe_io import check_folder
+    from llama_jax.safe_io import check_folder, check_writable
 
     check_folder(folder, "--folder", "for the job's script and logs")
+    check_writable(folder, "--folder", into=True)  # (a dry run too writes its script there)
     submitted = slurm.submit(slurm.llama_jax_command(command), folder, **_slurm_job(args), dry_run=args.dry_run)
     if args.dry_run:
         print(f"# {submitted} (not submitted)\n{Path(submitted).read_text()}", end="")

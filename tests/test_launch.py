@@ -699,6 +699,8 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
                         "--trials"),
     (["slurm", "--folder", "README.md", "--dry-run", "--", *TRAIN_IN_TMP],
      "--folder README.md is a file; give a directory for the job's script and logs"),
+    (["slurm", "--folder", "/proc/jobs", "--dry-run", "--", *TRAIN_IN_TMP],  # (a folder that takes no files)
+     "--folder /proc/jobs: cannot write a file into /proc ("),
     (["slurm", "--folder", "README.md/jobs", "--dry-run", "--", *TRAIN_IN_TMP],
      f"--folder README.md/jobs is under {ROOT / 'README.md'}, a file; give a directory for the job's script"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "README.md", "--dry-run", "--",
