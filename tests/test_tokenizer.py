@@ -302,6 +302,9 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         (["--input", text, "--output", text], f"--output {text} is one of the --input files; give another path"),
         (["--input", text, "--output", str(out)], f"--output {out} exists; pass --overwrite to replace it"),
         (["--input", text, "--output", str(out.parent)], f"--output {out.parent} is a directory"),
+        (["--input", text, "--output", f"{tmp_path}/new/"],  # not written as a file named new
+         f"--output {tmp_path}/new/ names a directory (it ends in /); give the path of the file to write, "
+         f"e.g. {tmp_path}/new/tokenizer.model"),
         (["--input", text, "--output", f"{text}/x.model"], f"--output {text}/x.model: {text} is a file"),
         (["--input", text, "--output", f"{model}/params/t.model"],  # an --overwrite onto the model would delete it
          f"--output {model}/params/t.model is inside {model}/params, the parameters of the model directory"),

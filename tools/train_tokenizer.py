@@ -87,8 +87,9 @@ def check_arguments(args, inputs: list[Path]) -> None:
     if not args.output.strip():
         raise ValueError("--output is empty; give the path of the file to write, e.g. tokenizer.model")
     output = Path(args.output)
-    if output.is_dir():
-        raise ValueError(f"--output {output} is a directory; give the path of the file to write, "
+    if output.is_dir() or args.output.endswith("/"):  # (a folder not there yet: Path drops the slash)
+        what = "is a directory" if output.is_dir() else "names a directory (it ends in /)"
+        raise ValueError(f"--output {args.output} {what}; give the path of the file to write, "
                          f"e.g. {output / 'tokenizer.model'}")
     if any(real_path(output) == real_path(path) for path in inputs):
         raise ValueError(f"--output {output} is one of the --input files; give another path")
