@@ -575,7 +575,8 @@ def _launched_command(args) -> tuple[list[str], argparse.Namespace]:
     names = [name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
              for name in action.choices if name != "launch"]
     if not command or command[0] not in names:
-        given = f"{command[0]!r} is not a llama-jax command" if command else "nothing given"
+        given = ("launch runs on this machine, not on the machines it launches on" if command[:1] == ["launch"] else
+                 f"{command[0]!r} is not a llama-jax command" if command else "nothing given")
         raise UserError(f"after --: {given}; expected one of {', '.join(names)}")
     return command, _check_launched_arguments(parser, command)
 

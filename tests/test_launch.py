@@ -278,6 +278,22 @@ def test_ctrl_c_while_packing_the_checkout_leaves_no_tarball(fake_gcloud, monkey
     assert not list(tmp_path.glob("llama-jax-*"))
 
 
+def test_ctrl_c_while_the_slice_is_waited_for_names_what_delete_after_left(fake_gcloud, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) while a queued resource this launch made waits for TPUs left it, with
+    --delete-after, without a word: a slice that becomes ACTIVE later costs until it is deleted."""
+    set_state, calls = fake_gcloud  # no resource yet: the launch makes it
+    monkeypatch.setenv("FAKE_CREATED_STATE", "WAITING_FOR_RESOURCES")
+    monkeypatch.setattr(tpu.time, "sleep", lambda seconds: os.kill(os.getpid(), signal.SIGINT))  # in the wait
+    for extra, said in ((["--delete-after"], True), ([], False)):
+        assert cli.main(launch_args(*extra)) == 130
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1] == "llama-jax launch: interrupted"
+        assert (err[-2] == "llama-jax launch: interrupted, so --delete-after did not delete queued resource run (if "
+                "this launch got as far as making it); once its workdir is not needed: `gcloud compute tpus "
+                "queued-resources delete run --force --quiet --zone us-central2-b`") == said
+    assert "queued-resources delete" not in verbs(calls())
+
+
 def test_missing_resource_is_created(fake_gcloud):
     set_state, calls = fake_gcloud
     assert cli.main(launch_args("--spot")) == 0
@@ -582,6 +598,10 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "python", "train.py"],
      "after --: 'python' is not a llama-jax command"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--"], "after --: nothing given"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--setup", "if true", "--dry-run", "--", *TRAIN_TINY],
+     "--setup 'if true' is not valid shell (unexpected end of file); it runs on every worker after the install"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "launch", "slurm", "--", *TRAIN_TINY],
+     "after --: launch runs on this machine, not on the machines it launches on; expected one of"),  # not "no command"
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "train", "--config",
       "configs/missing.py", "--workdir", "w"], "--config configs/missing.py: no such file"),
     (["tpu", "--name", "n", "--zone", "us-central2", "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY],

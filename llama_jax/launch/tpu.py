@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from llama_jax.launch import LaunchError, option_value
+from llama_jax.signals import Terminated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,8 @@ class TpuLaunch:
                               f"e.g. my-project-123 (or the project's number)")
         if self.max_restarts < 0:
             raise LaunchError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
+        if self.setup is not None:
+            _check_shell_syntax(self.setup)
 
     @property
     def runtime(self) -> str:
@@ -213,6 +216,20 @@ def check_copy_back(tpu: TpuLaunch) -> None:
                           f"exists; move it away, or give another directory")
 
 
+def _check_shell_syntax(setup: str) -> None:
+    """LaunchError unless bash parses `setup` (`bash -n` runs nothing): a syntax error would fail
+    on every worker only once the slice is up and the checkout installed."""
+    bash = shutil.which("bash")
+    if bash is None:  # (the workers' shell checks it)
+        return
+    parsed = subprocess.run([bash, "-n", "-c", setup], capture_output=True, text=True, errors="replace")
+    if parsed.returncode:
+        first = (parsed.stderr.strip().splitlines() or ["bash -n refuses it"])[0]
+        problem = re.sub(r"^.*?: line \d+: (syntax error: )?", "", first)  # (bash: -c: line 1: ...)
+        raise LaunchError(f"--setup {setup!r} is not valid shell ({problem}); it runs on "
+                          f"every worker after the install, as bash runs it")
+
+
 def _make_directory(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -260,7 +277,7 @@ def dry_run_lines(tpu: TpuLaunch, unlisted: str | None = None) -> list[str]:
               "# (the upload: the checkout's tarball cannot be built here, see NOT READY)" if unlisted
               else shlex.join(upload_command(tpu)),
               shlex.join(ssh_command(tpu, install_shell(tpu))),
-              f"# run on all {s.workers} workers; output streams here",
+              f"# run on {f'all {s.workers} workers' if s.workers > 1 else 'its one worker'}; output streams here",
               shlex.join(ssh_command(tpu, run_shell(tpu)))]
     if tpu.max_restarts:
         lines.append(f"# if the TPU was preempted during the run: up to {tpu.max_restarts} more times, "
@@ -287,7 +304,19 @@ def launch(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS) -> int:
                           "(https://cloud.google.com/sdk/docs/install), or use --dry-run")
     if tpu.copy_back:
         check_copy_back(tpu)  # fail before anything runs
-    status, preempted = _run_until_done(tpu, poll_seconds)
+    try:
+        status, preempted = _run_until_done(tpu, poll_seconds)
+        return _after_the_run(tpu, status, preempted)
+    except (KeyboardInterrupt, Terminated):
+        if tpu.delete_after:  # (gcloud's delete takes minutes: not while the user stops the launch)
+            _note(f"interrupted, so --delete-after did not delete queued resource {tpu.name} (if this launch got "
+                  f"as far as making it); once its workdir is not needed: `{shlex.join(delete_command(tpu))}`")
+        raise
+
+
+def _after_the_run(tpu: TpuLaunch, status: int, preempted: bool) -> int:
+    """Report how the run ended, copy the workdir back and delete the slice as asked; the launch's
+    exit status."""
     if preempted:
         _note("the TPU was preempted during the run; launch again with the same command to resume")
         status = status or 1  # not done, whatever the workers' last word
