@@ -600,10 +600,10 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
             "its arguments do not parse"
         raise UserError(f"after --: {command[0]}: {problem}") from None
     launched.overrides = overrides
-    from llama_jax.launch import option_value
+    from llama_jax.launch import INPUT_PATHS, option_value
 
-    for flag in ("--workdir", "--config"):  # the launcher reads these from the command line, as given
-        parsed = getattr(launched, flag[2:], None)
+    for flag in ("--workdir", *INPUT_PATHS):  # the launcher reads these from the command line, as given
+        parsed = getattr(launched, flag[2:].replace("-", "_"), None)
         given = any(t.startswith("--") and len(t.split("=", 1)[0]) > 2 and flag.startswith(t.split("=", 1)[0])
                     for t in command)  # the flag, its =form or an abbreviation argparse takes (else: a default)
         if given and isinstance(parsed, str) and option_value(command, flag) != parsed:
@@ -635,9 +635,9 @@ def _check_launched_config(command: list[str], launched: argparse.Namespace, bas
     devices (`platform`) over `hosts` hosts the job will have; for `sweep`, that it runs on one host
     and fits its devices, its search and every trial's config."""
     from llama_jax.experiment import check_experiment, load_config
-    from llama_jax.launch import check_config_file, option_value
+    from llama_jax.launch import check_input_paths, option_value
 
-    check_config_file(command, base)
+    check_input_paths(command, base)
     if command[0] == "sweep":
         _check_launched_sweep(launched, n_devices, hosts, platform)
     path = option_value(command, "--config")
@@ -688,7 +688,7 @@ def _check_launched_sweep(launched, n_devices: int, hosts: int, platform: str) -
 
 
 def cmd_launch_tpu(args) -> None:
-    from llama_jax.launch import LaunchError, option_value, tpu
+    from llama_jax.launch import INPUT_PATHS, LaunchError, option_value, tpu
 
     command, launched = _launched_command(args)
     tpu_slice = tpu.tpu_slice(args.accelerator)
@@ -699,15 +699,10 @@ def cmd_launch_tpu(args) -> None:
         if not args.dry_run:
             raise
         shipped, unlisted = None, str(e)  # (the dry run prints its plan, and says so in it)
-    config = option_value(command, "--config")
-    if config and Path(config).is_absolute() and Path(config).is_file():  # a path on this machine
-        local = Path(config).resolve()
-        valid = f"{local.relative_to(root)} (relative to the checkout)" if local.is_relative_to(root) else \
-            f"a file under {root}, by its path relative to it"
-        raise UserError(f"--config {config}: the workers run from their own copy of the checkout, where this path "
-                        f"does not exist; give {valid}")
-    if config and not Path(config).is_absolute() and (root / config).is_file():
-        tpu.check_shipped(root, config, shipped)  # (a file this checkout has but its copy lacks)
+    for flag in INPUT_PATHS:  # what the command reads must be in the workers' copy of the checkout
+        path = option_value(command, flag)
+        if path and (Path(path).is_absolute() or (root / path).exists()):  # (else check_input_paths says so)
+            tpu.check_shipped(root, flag, path, shipped)
     _check_launched_config(command, launched, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
     if args.copy_back:
         from llama_jax.safe_io import check_folder, check_writable

@@ -105,10 +105,42 @@ def test_a_config_the_workers_copy_of_the_checkout_lacks_is_refused(tmp_path, mo
                                             "it; move it to a folder that is shipped (configs/, say), or stop "
                                             "ignoring it"),
                            ("../checkout/configs/mine.py", f"the path leads out of the checkout {root}, of which the "
-                                                           f"workers get a copy; give a config file inside it, by its "
+                                                           f"workers get a copy; give a file inside it, by its "
                                                            f"path relative to it")):
         assert cli.main([*launch, config]) == 2
         assert capsys.readouterr().err.strip().endswith(f"--config {config}: {reason}")
+
+
+def test_a_launched_lm_eval_include_path_is_checked_where_it_will_run(tmp_path, monkeypatch, capsys):
+    """lm-eval's --include-path (a directory of task files) was not checked: missing, a file, or in a
+    folder git ignores (so the workers' copy lacks it), the launch went ahead and failed there."""
+    root = tmp_path / "checkout"
+    for folder in ("tasks", "ignored"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "mine.yaml").write_text("task: mine\n")
+    (root / ".gitignore").write_text("ignored/\n")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    monkeypatch.setattr(tpu, "source_root", lambda: root)
+    monkeypatch.chdir(root)  # (where a SLURM job's command runs)
+    tpu_launch = ["launch", "tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--"]
+    slurm_launch = ["launch", "slurm", "--folder", str(tmp_path / "jobs"), "--dry-run", "--"]
+    lm_eval = ["lm-eval", "/mnt/gcs/model", "--tasks", "mine", "--include-path"]
+    for launch in (tpu_launch, slurm_launch):
+        assert cli.main([*launch, *lm_eval, "tasks"]) == 0
+        capsys.readouterr()
+        for path, reason in (("no/such", f"no such directory under {root}, where the command will run"),
+                             ("tasks/mine.yaml", f"no such directory under {root}, where the command will run")):
+            assert cli.main([*launch, *lm_eval, path]) == 2
+            assert capsys.readouterr().err.strip().endswith(f"--include-path {path}: {reason}")
+        assert cli.main([*launch, *lm_eval[:-1], "--include", "tasks"]) == 2  # read by the launcher as given
+        assert capsys.readouterr().err.strip().endswith("give --include-path once and in full (--include-path "
+                                                        "tasks): the launcher reads it from the command line")
+    for path, reason in (("ignored", "git ignores it (.gitignore), so the workers' copy of the checkout lacks it; "
+                                     "move it to a folder that is shipped, or stop ignoring it"),
+                         (str(root / "tasks"), "the workers run from their own copy of the checkout, where this path "
+                                               "does not exist; give tasks (relative to the checkout)")):
+        assert cli.main([*tpu_launch, *lm_eval, path]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"--include-path {path}: {reason}")
 
 
 def test_tpu_dry_run_v5p_128_spot_copy_back_delete(capsys):

@@ -26,8 +26,14 @@ def option_value(command: Sequence[str], flag: str) -> str | None:
     return None
 
 
-def check_config_file(command: Sequence[str], base: Path) -> None:
-    """Refuse a relative `--config` path that does not exist under `base`, where the command will run."""
-    config = option_value(command, "--config")
-    if config and not Path(config).is_absolute() and not (base / config).is_file():
-        raise LaunchError(f"--config {config}: no such file under {base}, where the command will run")
+INPUT_PATHS = {"--config": "file", "--include-path": "directory"}  # what a launched command reads, by flag
+
+
+def check_input_paths(command: Sequence[str], base: Path) -> None:
+    """Refuse a relative `--config` file or lm-eval `--include-path` directory that does not exist
+    under `base`, where the command will run."""
+    for flag, kind in INPUT_PATHS.items():
+        value = option_value(command, flag)
+        exists = Path.is_file if kind == "file" else Path.is_dir
+        if value and not Path(value).is_absolute() and not exists(base / value):
+            raise LaunchError(f"{flag} {value}: no such {kind} under {base}, where the command will run")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from llama_jax.launch import LaunchError, option_value
+from llama_jax.launch import INPUT_PATHS, LaunchError, option_value
 from llama_jax.signals import Terminated
 
 
@@ -446,17 +446,30 @@ def shipped_files(root: Path) -> list[str]:
     return [name for name in listed.stdout.split("\0") if name and (root / name).is_file()]
 
 
-def check_shipped(root: Path, config: str, shipped: Sequence[str] | None) -> None:
-    """LaunchError unless the relative path `config` names a file of the copy of the checkout the
-    workers run in (a file outside the checkout, or one git ignores, is not shipped); `shipped`:
-    root's `shipped_files`, or None where git cannot list them (a dry run: only the path is checked)."""
-    relative = os.path.normpath(config)
+def check_shipped(root: Path, flag: str, path: str, shipped: Sequence[str] | None) -> None:
+    """LaunchError unless `path`, the launched command's `flag` (its --config file or lm-eval's
+    --include-path directory), is in the copy of the checkout the workers run in: a path of this
+    machine, one leading out of the checkout or one git ignores is not shipped. `shipped`: root's
+    `shipped_files`, or None where git cannot list them (a dry run: only the path is checked). An
+    absolute path this machine lacks is left to the workers (a bucket mounted there, say)."""
+    what = INPUT_PATHS[flag]
+    if Path(path).is_absolute():
+        if Path(path).exists():  # a path on this machine
+            local = Path(path).resolve()
+            valid = f"{local.relative_to(root)} (relative to the checkout)" if local.is_relative_to(root) else \
+                f"a {what} under {root}, by its path relative to it"
+            raise LaunchError(f"{flag} {path}: the workers run from their own copy of the checkout, where this path "
+                              f"does not exist; give {valid}")
+        return
+    relative = os.path.normpath(path)
     if relative == ".." or relative.startswith("../"):
-        raise LaunchError(f"--config {config}: the path leads out of the checkout {root}, of which the workers get a "
-                          f"copy; give a config file inside it, by its path relative to it")
-    if shipped is not None and Path(relative).as_posix() not in set(shipped):
-        raise LaunchError(f"--config {config}: git ignores it (.gitignore), so the workers' copy of the checkout "
-                          f"lacks it; move it to a folder that is shipped (configs/, say), or stop ignoring it")
+        raise LaunchError(f"{flag} {path}: the path leads out of the checkout {root}, of which the workers get a "
+                          f"copy; give a {what} inside it, by its path relative to it")
+    posix = Path(relative).as_posix()
+    if shipped is not None and not any(name == posix or name.startswith(posix + "/") for name in shipped):
+        raise LaunchError(f"{flag} {path}: git ignores it (.gitignore), so the workers' copy of the checkout lacks "
+                          f"it; move it to a folder that is shipped{' (configs/, say)' if flag == '--config' else ''}, "
+                          f"or stop ignoring it")
 
 
 def pack_checkout(root: Path, tarball: Path) -> int:
