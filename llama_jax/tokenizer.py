@@ -328,6 +328,12 @@ def train_sentencepiece(
         minloglevel=2,
     )
     flags.update(options)
+    specials = [name for name in ("unk", "bos", "eos", "pad") if flags[f"{name}_id"] >= 0]
+    if isinstance(vocab_size, int) and vocab_size < len(specials):  # (sentencepiece fails there without a reason)
+        byte_pieces = " and the 256 byte pieces" if flags["byte_fallback"] else ""
+        raise ValueError(f"a vocabulary of {vocab_size} pieces cannot hold the {len(specials)} special pieces "
+                         f"({', '.join(specials)}){byte_pieces}, let alone the corpus's characters; give a vocabulary "
+                         f"size of at least {len(specials) + (256 if flags['byte_fallback'] else 0) + 1}")
     lines = _Lines(texts, flags["max_sentence_length"])
     model = io.BytesIO()
     try:

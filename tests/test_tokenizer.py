@@ -225,6 +225,11 @@ def test_a_tokenizer_without_bos_or_eos_is_named(tmp_path, options, missing):
 def test_training_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no text"):
         train_sentencepiece(["", "\n\n"], tmp_path / "x.model", VOCAB)
+    for size in (1, 2):  # fewer than the special pieces: sentencepiece's own failure named no size
+        with pytest.raises(ValueError, match=rf"^a vocabulary of {size} pieces cannot hold the 3 special pieces \(unk, "
+                                             r"bos, eos\) and the 256 byte pieces, let alone the corpus's characters; "
+                                             r"give a vocabulary size of at least 260$"):
+            train_sentencepiece(CORPUS, tmp_path / "x.model", size)
     with pytest.raises(ValueError, match=r"a vocabulary of 50 pieces cannot hold the \d+ that training needs \(the "
                                          r"corpus's characters, .*; give a vocabulary size of at least \d+$") as err:
         train_sentencepiece(CORPUS, tmp_path / "x.model", 50)
