@@ -9,6 +9,7 @@ section holds `preset` plus any `LLaMAConfig` field by name (None: take the pres
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -172,25 +173,35 @@ def _check_file(path: Path) -> None:
                          "(or the config.json of a run's workdir)")
 
 
-def _python_config(path: Path) -> ml_collections.ConfigDict:
-    """Run the file as a module and call its `get_config()`; any failure is one line naming the file."""
-    spec = importlib.util.spec_from_file_location(f"llama_jax_config_{path.stem}", path)
+@contextlib.contextmanager
+def config_module(path: Path, name: str) -> Iterator[Any]:
+    """The config file `path` run as module `name`, its folder on sys.path while the block runs (as
+    for a script: modules beside the file import, from its functions too); ValueError naming the
+    file where running it fails."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.absolute().parent))  # as for a script: modules beside the file import
+    folder = str(path.absolute().parent)
+    sys.path.insert(0, folder)
     try:
         try:
             spec.loader.exec_module(module)
         except (Exception, SystemExit) as e:  # SystemExit: e.g. a script parsing its own flags
             raise ValueError(_failure(path, "running it", e)) from None
+        yield module
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _python_config(path: Path) -> ml_collections.ConfigDict:
+    """Run the file as a module and call its `get_config()`; any failure is one line naming the file."""
+    with config_module(path, f"llama_jax_config_{path.stem}") as module:
         if not callable(getattr(module, "get_config", None)):
             raise ValueError(f"{path}: defines no get_config()")
         try:
             config = module.get_config()
         except (Exception, SystemExit) as e:
             raise ValueError(_failure(path, "calling get_config()", e)) from None
-    finally:
-        if str(path.absolute().parent) in sys.path:
-            sys.path.remove(str(path.absolute().parent))
     if not isinstance(config, ml_collections.ConfigDict):
         raise ValueError(f"{path}: get_config() returned {describe_value(config)}; expected an "
                          "ml_collections.ConfigDict (start from llama_jax.experiment.base_config())")

@@ -35,7 +35,8 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from llama_jax.experiment import LATER_KEYS, NOT_A_LITERAL, _failure, _parse, apply_override, load_config, value_at
+from llama_jax.experiment import (LATER_KEYS, NOT_A_LITERAL, _failure, _parse, apply_override, config_module,
+                                  load_config, value_at)
 from llama_jax.safe_io import holds_lock, holds_run, signals_held, write_text_atomic
 
 SEARCHES = ("grid", "random", "optuna")
@@ -245,22 +246,15 @@ def _check_not_swept(overrides: Sequence[str], axes: dict[str, Space]) -> None:
 
 
 def _declared_axes(config_path: str) -> dict[str, Space]:
-    import importlib.util
-
     if Path(config_path).suffix != ".py":  # a run's config.json declares no axes
         return {}
-    spec = importlib.util.spec_from_file_location("llama_jax_sweep_config", config_path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)  # load_config has already reported any error in the file
-    except (Exception, SystemExit):
-        return {}
-    if not hasattr(module, "get_sweep"):
-        return {}
-    try:
-        declared = module.get_sweep()
-    except (Exception, SystemExit) as e:
-        raise SweepError(_failure(Path(config_path), "calling get_sweep()", e)) from None
+    with config_module(Path(config_path), "llama_jax_sweep_config") as module:  # (load_config has run it)
+        if not hasattr(module, "get_sweep"):
+            return {}
+        try:
+            declared = module.get_sweep()
+        except (Exception, SystemExit) as e:
+            raise SweepError(_failure(Path(config_path), "calling get_sweep()", e)) from None
     if not isinstance(declared, dict):
         raise SweepError(f"{config_path}: get_sweep() must return a dict of config key -> values or space")
     axes = {}

@@ -748,6 +748,18 @@ def test_a_runs_config_json_and_a_failing_get_sweep(tmp_path, capsys):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_get_sweep_imports_a_module_beside_the_config(tmp_path, capsys):
+    """get_sweep() importing a module beside its file (as get_config() may) failed with
+    ModuleNotFoundError: the sweep ran the file again without its folder on sys.path."""
+    (tmp_path / "my_axes.py").write_text("AXES = {'train.seed': [0, 1]}\n")
+    config = tmp_path / "declares.py"
+    config.write_text(Path(TINY).read_text() + "\n\ndef get_sweep():\n    import my_axes\n\n    return my_axes.AXES\n")
+    assert main(["sweep", "--config", str(config), "--workdir", str(tmp_path / "sweep"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "seed=0: llama-jax train --config" in out and "seed=1: llama-jax train --config" in out
+    assert str(tmp_path) not in sys.path
+
+
 def test_values_that_round_alike_get_directories_of_their_own(tmp_path, capsys):
     assert main(sweep_args(tmp_path / "sweep", "--sweep", "optimizer.lr=[1e-3,1.00001e-3,3e-3]", "--dry-run")) == 0
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
