@@ -67,15 +67,15 @@ def epoch_coverage(train: TrainRows, source: int) -> np.ndarray:
 
 
 def coverage_lines(train: TrainRows) -> list[str]:
-    """One line per source: the share of its whole-row tokens seen once, more than once, never."""
+    """One line per source: how many of its whole-row tokens are seen once, more than once, never
+    (counts with their shares: a share alone rounds a few tokens to 0.00%)."""
     lines = []
     for i, source in enumerate(train.sources):
         seen = epoch_coverage(train, i)
         covered = source.rows * train.seq_len
-        once, more, never = (int(np.count_nonzero(c)) for c in
-                             (seen[:covered] == 1, seen[:covered] > 1, seen[:covered] == 0))
+        counts = (int(np.count_nonzero(c)) for c in (seen[:covered] == 1, seen[:covered] > 1, seen[:covered] == 0))
+        once, more, never = (f"{n:,} ({n / covered:.2%})" for n in counts)
         lines.append(f"source {source.name!r}: one epoch = {source.rows} rows of {train.seq_len}; of its "
-                     f"{covered:,} tokens in whole rows {once / covered:.2%} seen once, {more / covered:.2%} more "
-                     f"than once, {never / covered:.2%} never; the {source.split.tokens - covered} tokens after "
-                     f"the last whole row are left out")
+                     f"{covered:,} tokens in whole rows {once} seen once, {more} more than once, {never} never; "
+                     f"the {source.split.tokens - covered} tokens after the last whole row are left out")
     return lines

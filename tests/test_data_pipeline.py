@@ -231,7 +231,8 @@ def test_inspect_shows_a_step_and_covers_an_epoch(prepared, capsys):
     assert re.search(r"^  document \d+ \(source index \d+\), tokens \[\d+, \d+\)$", out, re.M)
     assert "tokens seen before this step: 512" in out  # steps 1 and 2, of 8 rows of 32
     assert main(base + ["--epoch"]) == 0
-    assert re.search(r"100\.00% seen once, 0\.00% more than once, 0\.00% never", capsys.readouterr().out)
+    assert re.search(r"of its ([\d,]+) tokens in whole rows \1 \(100\.00%\) seen once, 0 \(0\.00%\) more than once, "
+                     r"0 \(0\.00%\) never", capsys.readouterr().out)
 
 
 def test_a_raw_source_is_prepared_once_into_the_workdir(tokenizer_path, tmp_path, capsys, monkeypatch):

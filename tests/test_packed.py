@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from llama_jax.data_inspect import coverage_lines
 from llama_jax.packed import Mixture, Source, TrainRows, order_seed, pack_stream_row, row_count
 
 BOS, EOS = 1, 2
@@ -163,3 +164,14 @@ def test_a_source_whose_share_gets_no_row_is_refused():
         with pytest.raises(ValueError, match=rf"data.mixture.{name}: a share of 1e-06 is less than one row in 1024 "
                                              r"batches of 8 \(0.000122\); raise its weight or leave it out"):
             TrainRows([Source.create("a", a, weights[0], L, 0), Source.create("b", b, weights[1], L, 1)], L, B)
+
+
+def test_epoch_coverage_counts_a_token_seen_twice_or_never():
+    """Shares alone rounded one row read twice and one never, of 50,000, to "100.00% seen once, 0.00%
+    more than once, 0.00% never": the counts go with them."""
+    split = MemorySplit([[BOS, *[5] * 49_999, EOS]])
+    order = list(range(50_000))
+    order[1] = 0  # row 0 twice, row 1 never
+    train = TrainRows([Source("data", split, 1.0, 50_000, order)], 1, 1000)
+    assert ("of its 50,000 tokens in whole rows 49,998 (100.00%) seen once, 1 (0.00%) more than once, 1 (0.00%) "
+            "never;") in coverage_lines(train)[0]
