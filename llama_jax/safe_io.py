@@ -171,8 +171,9 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
 
     `dst` is checked first (`check_destination`), so nothing is created when it is refused. An
     existing `dst` is moved aside just before the new one is renamed into place; whatever stops
-    that (an error, a signal) puts it back. What a process of this host killed while writing `dst`
-    left beside it is settled first (`finish_for_dead_processes`).
+    that (an error, a signal) puts it back; without `overwrite`, a `dst` another process made while
+    this one wrote is left as it is (FileExistsError). What a process of this host killed while
+    writing `dst` left beside it is settled first (`finish_for_dead_processes`).
     """
     finish_for_dead_processes(Path(dst).absolute())
     dst = check_destination(dst, kind, overwrite, inputs)
@@ -183,6 +184,10 @@ def atomic_directory(dst: str | os.PathLike, kind: OutputKind, overwrite: bool =
         tmp.mkdir()
         yield tmp
         with signals_held():  # the swap and the old output's removal, whole: Ctrl-C waits for them
+            if not overwrite and (dst.exists() or dst.is_symlink()):  # none when checked: another wrote it since
+                raise FileExistsError(f"{dst} was created by another process while this one wrote it, and is left as "
+                                      f"it is; pass --overwrite (overwrite=True) to replace it, or choose another "
+                                      f"destination")
             if dst.exists():
                 os.replace(dst, old)
             os.replace(tmp, dst)

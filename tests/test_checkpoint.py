@@ -399,3 +399,25 @@ def test_the_retention_model_is_orbax_s(tmp_path, max_to_keep, keep_every):
         kept = sorted(checkpoints.all_steps())
         assert sorted(set(held) - set(kept)) == retention_deletes(held, max_to_keep, keep_every, saves)
     checkpoints.close()
+
+
+def test_an_output_another_process_made_meanwhile_is_not_replaced_without_overwrite(tmp_path, model, monkeypatch):
+    """Two saves to one new destination at once: both found none, and the later to finish replaced
+    the other's output unasked, both reporting success. The later one is refused at the swap and
+    the output in place is left as it is, with nothing hidden beside it."""
+    from llama_jax import checkpoint
+
+    cfg, params = model
+    other = cfg.replace(dtype="bfloat16")
+    real_write = checkpoint.write_model_dir
+
+    def write_while_another_saves(directory, config, tree):
+        real_write(directory, config, tree)
+        monkeypatch.setattr(checkpoint, "write_model_dir", real_write)
+        save_model(tmp_path / "m", other, params)  # the other process, finishing first
+
+    monkeypatch.setattr(checkpoint, "write_model_dir", write_while_another_saves)
+    with pytest.raises(FileExistsError, match="was created by another process while this one wrote it"):
+        save_model(tmp_path / "m", cfg, params)
+    assert load_model(tmp_path / "m")[0] == other
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
