@@ -633,13 +633,18 @@ def _check_launched_config(command: list[str], launched: argparse.Namespace, bas
     under `base` if relative) and its --config.* overrides, checked here as the command will check
     them there; for `train`, every value as well, and the mesh and batch against the `n_devices`
     devices (`platform`) over `hosts` hosts the job will have; for `sweep`, that it runs on one host
-    and fits its devices, its search and every trial's config."""
+    and fits its devices, its search and every trial's config; any other command but `train`, that it
+    runs on one host."""
     from llama_jax.experiment import check_experiment, load_config
     from llama_jax.launch import check_input_paths, option_value
 
     check_input_paths(command, base)
     if command[0] == "sweep":
         _check_launched_sweep(launched, n_devices, hosts, platform)
+    elif hosts > 1 and command[0] != "train":  # (each host would run it alone, over the same files)
+        raise UserError(f"after --: {_command_name(launched)} runs as one process, and this launch starts one on each "
+                        f"of its {hosts} hosts; launch it on one (--nodes 1, or a single-host TPU slice such as "
+                        f"v4-8): only train runs across hosts")
     path = option_value(command, "--config")
     try:  # the command's own refusals, named as its
         sweeps = command[0] == "sweep" and not launched.report

@@ -746,6 +746,13 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
      "after --: data: give --config CONFIG (prepared data, or a raw source prepared now) or --workdir RUN"),
     (["slurm", "--dry-run", "--", "eval", "--step", "3", "/mnt/m"],
      "after --: eval: --step needs --workdir (a model directory holds one set of parameters)"),
+    # one process per host: every host would run it alone (both writing eval's results, say)
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-32", "--dry-run", "--", "eval", "/mnt/m", "--config",
+      "configs/tiny.py"], "after --: eval runs as one process, and this launch starts one on each of its 4 hosts; "
+                          "launch it on one (--nodes 1, or a single-host TPU slice such as v4-8): only train runs "
+                          "across hosts"),
+    (["slurm", "--nodes", "2", "--dry-run", "--", "data", "inspect", "--config", "configs/tiny.py", "--step", "1"],
+     "after --: data inspect runs as one process, and this launch starts one on each of its 2 hosts"),
     (["slurm", "--dry-run", "--folder", "TMP_WORKDIR", "--", "sweep", "--workdir", "TMP_WORKDIR", "--report",
       "--trials", "3"], "after --: sweep: --report rebuilds the results from the files in --workdir alone; drop "
                         "--trials"),
