@@ -350,6 +350,23 @@ def _run_seq_len(workdir) -> int | None:
     return None if workdir is None else saved_run_setting(workdir, "train", "seq_len")
 
 
+def _check_config_mesh_fits(config, config_file, overrides: list[str]) -> None:
+    """UserError where the mesh that `config_file` sets does not fit this host's devices (a run's
+    config.json holds the mesh it trained on, over another device count, say), naming the file and
+    the overrides that shard the model over the devices here."""
+    import jax
+
+    from llama_jax.sharding import resolve_mesh_shape
+
+    if any(o.startswith("mesh.") for o in overrides):  # a mesh given here: its own error says it all
+        return
+    try:
+        resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, jax.device_count())
+    except ValueError as e:
+        raise UserError(f"{e}; that is the mesh {config_file} sets: --config.mesh.data=1 --config.mesh.fsdp=-1 "
+                        f"--config.mesh.tensor=1 shards the model over the {jax.device_count()} devices here") from None
+
+
 def cmd_eval(args) -> None:
     import json
 
@@ -373,6 +390,7 @@ def cmd_eval(args) -> None:
                           "the model is the directory's or the checkpoint's own")
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
+    _check_config_mesh_fits(config, config_file, args.overrides)
     own_data = _runs_own_data(args, config)
     # before the model is read: the file the result goes to (beside a model: decided by the data settings and
     # seq_len), or for a run (its name waits for the step) the run's directory

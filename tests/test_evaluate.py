@@ -405,6 +405,33 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
     assert not any((tmp_path / "exported").glob("eval*.json"))
 
 
+def test_eval_of_a_run_trained_on_another_device_count(model_dirs, tmp_path, capsys):
+    """A run whose config.json sets a mesh of 4 devices, evaluated on 8: the refusal said only that the
+    mesh did not fit the device count, not that it was the run's or how to evaluate here."""
+    from llama_jax.experiment import load_config
+    from llama_jax.run import train_and_evaluate
+
+    files = []
+    for i, text in enumerate(documents()):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(text, encoding="utf-8")
+    config = load_config(write_text_config(tmp_path, files),
+                         [f"data.tokenizer={model_dirs[1] / 'tokenizer.model'}", "mesh.fsdp=4"])
+    run = tmp_path / "run"
+    train_and_evaluate(config, run, progress=False, devices=jax.devices()[:4])
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"llama-jax eval: error: mesh: data x fsdp x tensor = 1 x 4 x 1 = 4, but the device count is 8; "
+                   f"the product must equal it (use -1 for one axis to take the rest); that is the mesh "
+                   f"{run / 'config.json'} sets: --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 "
+                   f"shards the model over the 8 devices here"), err
+    assert not list(run.glob("eval-*.json"))
+    assert main(["eval", "--workdir", str(run), "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                 "--config.mesh.tensor=1"]) == 0
+    assert json.loads((run / "eval-1.json").read_text())["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
 # ---- lm-eval ---------------------------------------------------------------------------------
 
 
