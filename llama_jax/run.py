@@ -151,7 +151,7 @@ def _check_nothing_lost(info: dict, config, model: LLaMAConfig, where: str, held
     if was_dtype and was_dtype != model.param_dtype:
         raise RunError(f"{where} holds {was_dtype} parameters, but the config asks for model.param_dtype="
                        f"{model.param_dtype}: the run's master weights would be cast; resume with "
-                       f"param_dtype={was_dtype} or use another --workdir")
+                       f"model.param_dtype={was_dtype} or use another --workdir")
     saved, c = info["config"].get("checkpoint", {}), config.checkpoint
     start, steps = held[-1], config.train.steps
     if c.max_to_keep is None or start >= steps:  # no retention, or no step left to save

@@ -412,7 +412,8 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
      r"config also sets model.vocab_size, model.dim, model.n_layers, .* set them to None \(e.g. "
      r"--config.model.vocab_size=None\)"),
     ("other param dtype on resume", r"holds float32 parameters, but the config asks for model.param_dtype=bfloat16: "
-                                    r"the run's master weights would be cast"),
+                                    r"the run's master weights would be cast; resume with model.param_dtype=float32 "
+                                    r"or use another --workdir"),
     ("other layer layout on resume", r"holds parameters with model.scan_layers=True, not False"),
     ("other batch size on resume", r"trained with train.batch_size=8, not 16: the run's place in each epoch"),
     ("sample longer than the model", r"train.sample_prompt \(\d+ tokens with BOS\) \+ train.sample_tokens \(127\) = "
