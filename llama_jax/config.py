@@ -356,6 +356,18 @@ def _with_top_level_context(hf: Mapping[str, Any], key: str, scaling: Mapping[st
     return {**scaling, "original_max_position_embeddings": top}
 
 
+def _whole_head_rotary(hf: Mapping[str, Any], key: str, scaling: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`scaling` without the partial_rotary_factor it or the top level may give (transformers 5 writes
+    1.0); ValueError for any other value: LLaMA rotates every dimension of a head (transformers fails
+    on a smaller factor with linear or llama3 scaling, and ignores it without)."""
+    for where, holder in (("", hf), (f"{key}.", scaling)):
+        factor = holder.get("partial_rotary_factor", 1)
+        if factor != 1 or isinstance(factor, bool):
+            raise ValueError(f"config.json: {where}partial_rotary_factor={factor!r} is not supported; LLaMA rotates "
+                             f"whole heads (partial_rotary_factor 1.0)")
+    return {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
+
+
 def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
     if not isinstance(hf, Mapping):
         raise ValueError(f"config.json: expected a JSON object of model settings, got {type(hf).__name__}")
@@ -390,6 +402,7 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
     else:
         rope_theta = setting("rope_theta", "number", 10000.0)
     rope_scaling = None
+    scaling = _whole_head_rotary(hf, key, scaling or {})
     if scaling:
         rope_type = scaling.get("rope_type", scaling.get("type"))
         if rope_type == "llama3":
@@ -397,6 +410,9 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
         # no type is the default only for an object of nothing but theta: {"factor": 8} was dropped silently
         if rope_type not in _HF_DEFAULT_ROPE_TYPES or rope_type is None and set(scaling) - {"rope_theta"}:
             rope_scaling = RopeScaling.from_dict(scaling)
+        elif unused := sorted(set(scaling) - {"rope_type", "type", "rope_theta"}):
+            raise ValueError(f"config.json: {key} of rope_type 'default' has key(s) {unused}, which that type does "
+                             f"not use; give rope_type 'linear' or 'llama3' to scale, or remove them")
 
     fields = dict(
         vocab_size=setting("vocab_size", "count"),

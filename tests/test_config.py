@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -216,6 +217,34 @@ def test_a_rope_scaling_without_a_type_is_refused(scaling):
     assert LLaMAConfig.from_hf({**hf, "rope_scaling": {"rope_theta": 5e5}}).rope_scaling is None
     default = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}  # as transformers 5 writes
     assert LLaMAConfig.from_hf({**hf, "rope_scaling": default}).rope_scaling is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"partial_rotary_factor": 0.5},
+     "config.json: partial_rotary_factor=0.5 is not supported; LLaMA rotates whole heads"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0, "partial_rotary_factor": 0.5}},
+     "config.json: rope_scaling.partial_rotary_factor=0.5 is not supported"),
+    ({"rope_scaling": {"rope_type": "default", "factor": 4.0}},
+     "config.json: rope_scaling of rope_type 'default' has key(s) ['factor'], which that type does not use"),
+    ({"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "factor": 4.0}},
+     "config.json: rope_parameters of rope_type 'default' has key(s) ['factor']"),
+])
+def test_rotary_settings_llama_does_not_compute_are_refused(change, message):
+    """(A partial factor with linear scaling makes transformers fail; without, it ignores it, and
+    a default type's factor: each was dropped silently.)"""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LLaMAConfig.from_hf({**hf_config_dict("mha"), **change})
+
+
+def test_a_whole_head_partial_rotary_factor_is_accepted_with_any_rope_type():
+    """transformers 5 writes partial_rotary_factor 1.0 into the rope object (it was an unknown key of a
+    llama3 one)."""
+    hf = hf_config_dict("gqa_llama3", "v5")
+    expected = LLaMAConfig.from_hf(hf)
+    hf["rope_parameters"]["partial_rotary_factor"] = 1.0
+    assert LLaMAConfig.from_hf(hf) == expected
+    assert LLaMAConfig.from_hf({**hf_config_dict("mha"), "partial_rotary_factor": 1}) == \
+        LLaMAConfig.from_hf(hf_config_dict("mha"))
 
 
 def test_hf_config_defaults_kv_heads_to_heads():
