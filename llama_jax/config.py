@@ -84,13 +84,14 @@ class RopeScaling:
         d.pop("rope_theta", None)  # transformers-5 keeps theta beside the scaling keys
         fields = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
         unknown = sorted(set(d) - fields)
+        used = sorted(fields) if rope_type == "llama3" else ["factor"]  # (linear ignores llama3's keys, as transformers)
         if unknown and rope_type in ROPE_TYPES:
-            raise ValueError(f"rope_scaling: unknown key(s) {unknown}; valid: {sorted(fields)}")
+            raise ValueError(f"rope_scaling: unknown key(s) {unknown}; valid for rope_type {rope_type!r}: {used}")
         # a file gives every value its type uses: none is taken from the LLaMA-3.1 defaults above
-        missing = sorted((fields if rope_type == "llama3" else {"factor"}) - set(d)) if rope_type in ROPE_TYPES else []
+        missing = sorted(set(used) - set(d)) if rope_type in ROPE_TYPES else []
         if missing:
             raise ValueError(f"rope_scaling of type {rope_type!r} without {', '.join(missing)}; "
-                             f"it needs {', '.join(sorted(fields) if rope_type == 'llama3' else ['factor'])}")
+                             f"it needs {', '.join(used)}")
         return cls(rope_type=rope_type, **{k: v for k, v in d.items() if k in fields})
 
     def to_dict(self) -> dict[str, Any]:

@@ -97,6 +97,16 @@ def test_invalid_config_names_the_field(changes, field):
         LLaMAConfig(**{**base, **changes})
 
 
+@pytest.mark.parametrize("rope_type, valid", [
+    ("linear", "['factor']"),  # (it listed llama3's keys as valid for linear scaling)
+    ("llama3", "['factor', 'high_freq_factor', 'low_freq_factor', 'original_max_position_embeddings']"),
+])
+def test_an_unknown_rope_scaling_key_lists_the_keys_of_its_type(rope_type, valid):
+    with pytest.raises(ValueError, match=re.escape(f"rope_scaling: unknown key(s) ['foo']; valid for rope_type "
+                                                   f"{rope_type!r}: {valid}")):
+        RopeScaling.from_dict({"rope_type": rope_type, "factor": 4.0, "foo": 1})
+
+
 def test_numpy_integers_and_bools_are_taken_as_pythons():
     import numpy as np
 
