@@ -774,6 +774,17 @@ def study_errors(workdir: Path) -> Iterator[None]:
                          f"{advice}") from None
 
 
+def check_study_kept(workdir: Path) -> None:
+    """SweepError where trials of the Optuna search in `workdir` have started but its study file is
+    gone or empty: a new study would propose trials under the numbers of those on disk, running
+    finished ones again and others beside them."""
+    path = workdir / STUDY_FILE
+    if trials_started(workdir) and (not path.exists() or path.is_file() and not path.stat().st_size):
+        raise SweepError(f"{path} is {'empty' if path.exists() else 'missing'}, but the trials in {workdir} started "
+                         f"from it (a new study would propose them again); put the study back, or run the search "
+                         f"in a new --workdir")
+
+
 def open_study(workdir: Path, seed: int):
     """The sweep's Optuna study in DIR/optuna.db (created or reloaded): TPE sampler, median pruner."""
     optuna = _import_optuna()
@@ -862,6 +873,8 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
     if search == "optuna":
         _import_optuna()
     check_workdir(workdir, spec, saved, probe)
+    if search == "optuna":
+        check_study_kept(workdir)
     _check_trial_paths(workdir, axes, listed, numbered=search != "grid")
     if saved and trials_started(workdir):  # where its trials started stays the record (none: an earlier release's),
         # and so does its config file's path (`check_workdir`: the same file, perhaps named otherwise now)

@@ -467,6 +467,31 @@ def test_a_study_damaged_while_the_sweep_runs_is_one_line(tmp_path, capsys, monk
                    "is not a database); put the study back if it is damaged, or run the search in a new --workdir"), err
 
 
+def test_a_study_lost_after_trials_started_is_refused(tmp_path, capsys):
+    """optuna.db removed (or left empty) once trials have started: a new study, seeded as the first,
+    proposed trial 0 again (its finished run redone) and then other values under the numbers of
+    the trials on disk (two t001 directories, more rows than --trials)."""
+    workdir = tmp_path / "sweep"
+    axes_args = ["optimizer.lr=loguniform(1e-4,1e-2)"]
+    spec, axes, _ = sweep_lib.prepare(TINY, workdir, axes_args, SHORT_OVERRIDES, "optuna", trials=2)
+    workdir.mkdir()
+    (workdir / "sweep.json").write_text(spec.to_json())
+    done = sweep_lib.Trial(0, {"optimizer.lr": 3e-3})
+    (workdir / done.name(axes, True)).mkdir()
+    sweep_lib.write_trial(workdir / done.name(axes, True), done, "done", spec)
+    before = sorted(workdir.rglob("*"))
+    args = sweep_args(workdir, "--search", "optuna", "--trials", "2", *(f"--sweep={a}" for a in axes_args))
+    for study in (None, b""):
+        if study is not None:
+            (workdir / "optuna.db").write_bytes(study)
+        assert main(args) == 2
+        what = "missing" if study is None else "empty"
+        assert capsys.readouterr().err == (f"llama-jax sweep: error: {workdir / 'optuna.db'} is {what}, but the trials "
+                                           f"in {workdir} started from it (a new study would propose them again); put "
+                                           f"the study back, or run the search in a new --workdir\n")
+        assert sorted(workdir.rglob("*")) == sorted(before + ([] if study is None else [workdir / "optuna.db"]))
+
+
 def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
     """The study keeps the losses a killed sweep's trial reported; the resumed trial's metrics.jsonl
     holds them again, and Optuna warns about each step reported twice."""
