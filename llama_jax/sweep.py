@@ -1057,8 +1057,13 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict, probe: bool = Tru
                          and not (k == "trials" and _more_trials(saved, mine)))
         if changed and trials_started(workdir):
             what = ", ".join(_SPEC_FIELDS.get(k, k) for k in changed)
-            raise SweepError(f"{workdir} holds a different sweep (not the same {what}); re-run it with the same "
-                             f"arguments and config file, or use another --workdir")
+            flags = [f"--{k} {saved[k]}" for k in changed
+                     if k in ("search", "trials", "seed") and saved.get(k) is not None]
+            started = f": it started with {' '.join(flags)}" if flags else ""
+            if "trials" in changed and "search" not in changed:
+                started += ", which a larger --trials extends"
+            raise SweepError(f"{workdir} holds a different sweep (not the same {what}{started}); re-run it with the "
+                             f"same arguments and config file, or use another --workdir")
     elif workdir.is_dir() and any(p.name != WORKDIR_FOLDER for p in workdir.iterdir()):  # `launch slurm`'s folder
         raise SweepError(f"--workdir {workdir} is not empty and holds no sweep ({SPEC_FILE}); use a new directory")
 

@@ -358,7 +358,7 @@ def test_random_and_optuna_searches(tmp_path, capsys, monkeypatch):
     assert len(extended) == 3 and all(r["status"] == "done" for r in extended)
     assert {float(r["optimizer.lr"]) for r in extended} >= set(lrs)
     assert main(random_search(2)) == 2  # fewer: another sweep
-    assert "holds a different sweep (not the same trials)" in capsys.readouterr().err
+    assert "holds a different sweep (not the same trials: it started with --trials 3," in capsys.readouterr().err
     big_seed = sweep_args(tmp_path / "big", "--search", "random", "--trials", "2", "--seed", str(2**40), "--dry-run",
                           "--sweep", "optimizer.lr=loguniform(1e-4,1e-2)")
     assert main(big_seed) == 0  # a random search takes any seed (Optuna's sampler: below 2**32)
@@ -910,6 +910,25 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path, capsys):
     assert main([*args, "--sweep", "train.seed=[0,1]", "--sweep", "optimizer.lr=[1e-3,2e-3]"]) == 2
     assert "holds a different sweep (not the same config file's settings)" in capsys.readouterr().err
     assert sorted(workdir.rglob("*")) == before
+
+
+def test_a_different_search_trials_or_seed_is_refused_naming_what_the_sweep_started_with(tmp_path):
+    """The refusal named the field that changed but not its value, which the user may no longer have."""
+    workdir, axes_args = tmp_path / "sweep", ["optimizer.lr=loguniform(1e-4,1e-2)"]
+    spec, _, listed = sweep_lib.prepare(TINY, workdir, axes_args, SHORT_OVERRIDES, "random", trials=2, seed=5)
+    workdir.mkdir()
+    (workdir / "sweep.json").write_text(spec.to_json())
+    (workdir / "t000").mkdir()
+    sweep_lib.write_trial(workdir / "t000", listed[0], "done", spec)
+    for given, started in [({"search": "random", "trials": 1, "seed": 5},
+                            "trials: it started with --trials 2, which a larger --trials extends"),
+                           ({"search": "random", "trials": 2, "seed": 0}, "seed: it started with --seed 5"),
+                           ({"search": "optuna", "trials": 2, "seed": 5}, "search: it started with --search random")]:
+        with pytest.raises(sweep_lib.SweepError) as refused:
+            sweep_lib.prepare(TINY, workdir, axes_args, SHORT_OVERRIDES, **given)
+        assert str(refused.value) == (f"{workdir} holds a different sweep (not the same {started}); re-run it with "
+                                      f"the same arguments and config file, or use another --workdir")
+    assert sweep_lib.prepare(TINY, workdir, axes_args, SHORT_OVERRIDES, "random", trials=3, seed=5)[2][:2] == listed
 
 
 def test_a_key_added_since_a_sweep_started_leaves_its_settings_hash_alone():
