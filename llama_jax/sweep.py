@@ -815,6 +815,24 @@ def optuna_trials(study, axes: dict[str, Space], n: int) -> Iterator[Trial]:
         yield Trial(asked.number, {key: space.suggest(asked, key) for key, space in axes.items()})
 
 
+def tell_recorded_outcomes(study, sweep: Sweep) -> None:
+    """Tell the study the outcome of each trial it holds as running whose record says it ended (a
+    sweep killed between writing a trial's record and telling the study): resumed, it would run
+    again, a pruned trial trained further."""
+    import optuna
+
+    from llama_jax.results import run_outcome
+
+    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not all(key in frozen.params for key in sweep.axes):
+            continue
+        directory = sweep.directory(Trial(frozen.number, {key: frozen.params[key] for key in sweep.axes}))
+        status = read_trial(directory).get("status")
+        if status in (*FINISHED, "failed"):
+            tell(study, optuna.trial.Trial(study, frozen._trial_id), status,
+                 run_outcome(directory, sweep.objective)["final"])
+
+
 def rewrite_lost_records(study, sweep: Sweep) -> None:
     """The trial.json of each trial the study has finished whose record was damaged or removed since,
     written again from the study and the run's files (a grid or random sweep runs such a trial
@@ -1117,6 +1135,7 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
         if spec.search == "optuna":
             study = open_study(workdir, spec.seed)
             with study_errors(workdir):
+                tell_recorded_outcomes(study, sweep)
                 rewrite_lost_records(study, sweep)
                 sweep.run(optuna_trials(study, axes, spec.trials), study)
             return

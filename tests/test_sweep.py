@@ -492,6 +492,33 @@ def test_a_study_lost_after_trials_started_is_refused(tmp_path, capsys):
         assert sorted(workdir.rglob("*")) == sorted(before + ([] if study is None else [workdir / "optuna.db"]))
 
 
+def test_a_trial_recorded_as_ended_but_running_in_the_study_is_not_run_again(tmp_path, capsys):
+    """A sweep killed between writing a trial's final record and telling the study left the study's
+    trial RUNNING: the next run resumed it, training a pruned (or finished) trial again and writing
+    its record anew. The record is told to the study instead."""
+    import sqlite3
+
+    import optuna
+
+    workdir = tmp_path / "sweep"
+    args = sweep_args(workdir, "--search", "optuna", "--trials", "1", "--sweep", "optimizer.lr=loguniform(1e-3,3e-3)")
+    assert main(args) == 0
+    [trial_dir] = [p for p in workdir.iterdir() if (p / "trial.json").is_file()]
+    record = json.loads((trial_dir / "trial.json").read_text())
+    record["status"] = "pruned"  # as the pruner had stopped it
+    (trial_dir / "trial.json").write_text(json.dumps(record))
+    with sqlite3.connect(workdir / sweep_lib.STUDY_FILE) as db:  # as the kill left the study
+        db.execute("update trials set state='RUNNING', datetime_complete=NULL where number=0")
+    metrics = (trial_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "started" not in capsys.readouterr().out
+    assert (trial_dir / "metrics.jsonl").read_text() == metrics  # not trained again
+    study = optuna.load_study(study_name="llama-jax", storage=f"sqlite:///{workdir / sweep_lib.STUDY_FILE}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED]
+    assert json.loads((trial_dir / "trial.json").read_text())["status"] == "pruned"
+
+
 def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
     """The study keeps the losses a killed sweep's trial reported; the resumed trial's metrics.jsonl
     holds them again, and Optuna warns about each step reported twice."""
