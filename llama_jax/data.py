@@ -215,15 +215,15 @@ def jsonl_texts(path: str | os.PathLike, text_key: str, key_option: str = "data.
 BOM = "\ufeff"  # the byte-order mark some editors write at the start of a UTF-8 file
 
 
-def utf8_text(data: bytes, where: str, start: bool = True) -> str:
+def utf8_text(data: bytes, where: str, start: bool = True, advice: str = "the file must be UTF-8") -> str:
     """`data` decoded as UTF-8, without the byte-order mark that may begin a file (`start`: `data`
     is the file's beginning); not UTF-8 is ValueError, one line naming `where`, the byte and its
-    offset in `data`."""
+    offset in `data`, then `advice`."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: {e.reason}); "
-                         "the file must be UTF-8") from None
+                         f"{advice}") from None
     return text.removeprefix(BOM) if start else text
 
 
@@ -273,11 +273,28 @@ def _without_tfds_scratch_dirs():
                 os.rmdir(path)  # only if empty
 
 
+def _one_line(error: Exception) -> str:
+    """An exception's message (often several lines, from TFDS and its readers) as one line."""
+    return " ".join(str(error).split())
+
+
+def _slice_reversed(split: str, splits) -> bool:
+    """Whether a TFDS split spec holds a slice whose start is not before its end (`train[3:1]`, `train[50%:10%]`):
+    TFDS reads other records for one (`train[2:1]` of 3 records reads record 2), or fails on a negative count."""
+    import tensorflow_datasets as tfds
+
+    for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits):
+        end = splits[part.splitname].num_examples if part.to is None else part.to
+        if (part.from_ or 0) >= end:
+            return True
+    return False
+
+
 def _feature_kind(feature) -> tuple | None:
     """(shape, dtype) of a TFDS feature, None for one without (a nested FeaturesDict, say)."""
     try:
         return tuple(feature.shape), np.dtype(feature.np_dtype)
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, ValueError):  # ValueError: np.dtype of a dict (FeaturesDict)
         return None
 
 
@@ -293,7 +310,9 @@ class TfdsSource:
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None, text_key: str = "text",
                  split_option: str = "data.tfds_split"):
         import tensorflow_datasets as tfds
+        from google.protobuf.json_format import ParseError
 
+        self._where = f"data.tfds_name={name!r} with {split_option}={split!r}"
         try:
             with _without_tfds_scratch_dirs():
                 self._records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -302,9 +321,15 @@ class TfdsSource:
             raise ValueError(f"TFDS dataset {name!r} not found in data_dir={data_dir!r} in ArrayRecord format; "
                              f"build it first (llama_jax.text_dataset.build_text_dataset, or TFDS with "
                              f"file_format='array_record') or fix data.tfds_name") from None
+        except ParseError as e:  # its dataset_info.json: of a newer TFDS (a field this one lacks), or damaged
+            raise ValueError(f"{self._where}: its dataset_info.json in data_dir={data_dir!r} cannot be read "
+                             f"({str(e).splitlines()[0]}); it was written by another TFDS release than this one "
+                             f"({tfds.__version__}) or is damaged: build the dataset again with this one") from None
         except (ValueError, AssertionError) as e:  # a bad name, version or split, often in several lines
-            raise ValueError(f"data.tfds_name={name!r} with {split_option}={split!r}: "
-                             f"{' '.join(str(e).split())}") from None
+            raise ValueError(f"{self._where}: {_one_line(e)}") from None
+        if _slice_reversed(split, self._records.dataset_info.splits):
+            raise ValueError(f"{self._where}: a slice whose start is not before its end selects no records; give "
+                             f"slices that do, e.g. 'train[:90%]'")
         features = self._records.dataset_info.features
         if text_key not in features:
             raise ValueError(f"TFDS dataset {name!r} has no feature {text_key!r}; valid: {sorted(features)}")
@@ -314,13 +339,19 @@ class TfdsSource:
             kind = type(feature).__name__ + (f" of {shape_dtype[1]} with shape {shape_dtype[0]}" if shape_dtype else "")
             raise ValueError(f"TFDS dataset {name!r}: feature {text_key!r} is not text ({kind}); set data.text_key "
                              f"to a text feature (valid: {texts})")
-        self._text_key = text_key
+        self._text_key, self._data_dir = text_key, data_dir
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, i: int) -> str:
-        return self._records[i][self._text_key].decode("utf-8")
+        try:
+            record = self._records[i]
+        except (RuntimeError, ValueError) as e:  # a file damaged, cut short or missing (ValueError: an empty record)
+            raise ValueError(f"{self._where}: record {i} cannot be read ({_one_line(e)}); the dataset's files in "
+                             f"data_dir={self._data_dir!r} are damaged or incomplete: build it again") from None
+        return utf8_text(record[self._text_key], f"{self._where}: record {i}, feature {self._text_key!r}",
+                         start=False, advice="set data.text_key to a feature of UTF-8 text")
 
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))

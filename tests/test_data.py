@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -106,7 +107,8 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer, monkeypatch):
 
 
 class RecordsWithANumber(tfds.core.GeneratorBasedBuilder):
-    """A TFDS dataset whose records hold a text feature beside a number and a vector."""
+    """A TFDS dataset whose records hold a text feature beside a number, a vector, a nested feature, a
+    sequence of texts and bytes that are not UTF-8."""
 
     VERSION = tfds.core.Version("1.0.0")
     code_path = None  # no checksums file to look up
@@ -114,25 +116,84 @@ class RecordsWithANumber(tfds.core.GeneratorBasedBuilder):
     def _info(self):
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
             "body": tfds.features.Text(), "year": np.int64,
-            "vector": tfds.features.Tensor(shape=(2,), dtype=np.float32)}))
+            "vector": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+            "nested": tfds.features.FeaturesDict({"inner": tfds.features.Text()}),
+            "texts": tfds.features.Sequence(tfds.features.Text()),
+            "raw": tfds.features.Tensor(shape=(), dtype=np.object_)}))
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self):
         for i in range(3):
-            yield i, {"body": f"document {i}", "year": 2000 + i, "vector": np.zeros(2, np.float32)}
+            yield i, {"body": f"document {i}", "year": 2000 + i, "vector": np.zeros(2, np.float32),
+                      "nested": {"inner": "x"}, "texts": ["a", "b"], "raw": b"caf\xe9"}
 
 
 def test_a_tfds_feature_that_is_not_text_is_named(tmp_path):
     RecordsWithANumber(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     config = dict(source="tfds", tfds_name="records_with_a_number", data_dir=str(tmp_path))
     assert list(make_source(ConfigDict({**config, "text_key": "body"}))[0]) == [f"document {i}" for i in range(3)]
-    for key, kind in (("year", "Tensor of int64 with shape ()"), ("vector", "Tensor of float32 with shape (2,)")):
+    for key, kind in (("year", "Tensor of int64 with shape ()"), ("vector", "Tensor of float32 with shape (2,)"),
+                      ("nested", "FeaturesDict"), ("texts", "Sequence of object with shape (None,)")):
         with pytest.raises(ValueError) as error:
             make_source(ConfigDict({**config, "text_key": key}))
         assert str(error.value) == (f"TFDS dataset 'records_with_a_number': feature {key!r} is not text ({kind}); "
-                                    f"set data.text_key to a text feature (valid: ['body'])")
+                                    f"set data.text_key to a text feature (valid: ['body', 'raw'])")
+    with pytest.raises(ValueError) as error:  # (a UnicodeDecodeError naming neither the dataset nor the record)
+        make_source(ConfigDict({**config, "text_key": "raw"}))[0][1]
+    assert str(error.value) == ("data.tfds_name='records_with_a_number' with data.tfds_split='train': record 1, "
+                                "feature 'raw': not UTF-8 text (byte 0xe9 at offset 3: unexpected end of data); "
+                                "set data.text_key to a feature of UTF-8 text")
+    # A reversed slice: TFDS read record 2 for these (of 3 records; of 4, train[3:1] failed in len(), a negative
+    # count); a slice that selects nothing beside one that does was no error.
+    for split in ("train[2:1]", "train[-1:1]", "train[:1]+train[1:1]"):
+        with pytest.raises(ValueError) as error:
+            make_source(ConfigDict({**config, "text_key": "body", "tfds_eval_split": split}))
+        assert str(error.value) == (f"data.tfds_name='records_with_a_number' with data.tfds_eval_split={split!r}: a "
+                                    f"slice whose start is not before its end selects no records; give slices that "
+                                    f"do, e.g. 'train[:90%]'")
+    assert list(make_source(ConfigDict({**config, "text_key": "body", "tfds_split": "train[1:]+train[:-2]"}))[0]) \
+        == ["document 1", "document 2", "document 0"]
+
+
+def test_a_damaged_tfds_dataset_is_named(tmp_path):
+    """ArrayRecord files cut short, emptied or missing, and a dataset_info.json of a newer TFDS
+    (a field this one does not know) or damaged, are one line naming the dataset (they were a
+    RuntimeError or protobuf's ParseError, a traceback)."""
+    RecordsWithANumber(data_dir=str(tmp_path / "built"), file_format="array_record").download_and_prepare()
+    config = dict(source="tfds", tfds_name="records_with_a_number", text_key="body")
+    where = "data.tfds_name='records_with_a_number' with data.tfds_split='train'"
+
+    def damaged(case: str, damage) -> str:
+        data_dir = tmp_path / case
+        shutil.copytree(tmp_path / "built", data_dir)
+        version = data_dir / "records_with_a_number" / "1.0.0"
+        damage(version / "records_with_a_number-train.array_record-00000-of-00001", version / "dataset_info.json")
+        with pytest.raises(ValueError) as error:
+            train, _ = make_source(ConfigDict({**config, "data_dir": str(data_dir)}))
+            train[0]
+        return str(error.value)
+
+    def newer_info(records, info):
+        info.write_text(json.dumps({**json.loads(info.read_text()), "futureField": 1}))
+
+    def not_json(records, info):
+        info.write_text("{not json")
+
+    for case, damage in (("cut-short", lambda records, info: os.truncate(records, records.stat().st_size // 2)),
+                         ("empty", lambda records, info: os.truncate(records, 0)),
+                         ("missing", lambda records, info: records.unlink())):
+        message = damaged(case, damage)
+        assert re.fullmatch(rf"{re.escape(where)}: record 0 cannot be read \([^\n]+\); the dataset's files in "
+                            rf"data_dir='\S+/{case}' are damaged or incomplete: build it again", message), message
+    for case, damage, reason in (("newer-info", newer_info, 'has no field named "futureField"'),
+                                 ("info-not-json", not_json, "Failed to load JSON")):
+        message = damaged(case, damage)
+        assert re.fullmatch(rf"{re.escape(where)}: its dataset_info.json in data_dir='\S+/{case}' cannot be read "
+                            rf"\([^\n]*{reason}[^\n]*\); it was written by another TFDS release than this one "
+                            rf"\({re.escape(tfds.__version__)}\) or is damaged: build the dataset again with this one",
+                            message), message
 
 
 def test_each_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
