@@ -284,6 +284,8 @@ def _slice_reversed(split: str, splits) -> bool:
     import tensorflow_datasets as tfds
 
     for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits):
+        if part.from_ is None and part.to is None:  # a whole split, empty or not
+            continue
         end = splits[part.splitname].num_examples if part.to is None else part.to
         if (part.from_ or 0) >= end:
             return True
