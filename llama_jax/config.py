@@ -84,7 +84,7 @@ class RopeScaling:
         d.pop("rope_theta", None)  # transformers-5 keeps theta beside the scaling keys
         fields = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
         unknown = sorted(set(d) - fields)
-        used = sorted(fields) if rope_type == "llama3" else ["factor"]  # (linear ignores llama3's keys, as transformers)
+        used = sorted(fields) if rope_type == "llama3" else ["factor"]  # (linear ignores the others, as transformers)
         if unknown and rope_type in ROPE_TYPES:
             raise ValueError(f"rope_scaling: unknown key(s) {unknown}; valid for rope_type {rope_type!r}: {used}")
         # a file gives every value its type uses: none is taken from the LLaMA-3.1 defaults above
