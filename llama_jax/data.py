@@ -20,6 +20,7 @@ import json
 import math
 import os
 import queue
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -273,6 +274,24 @@ def _without_tfds_scratch_dirs():
                 os.rmdir(path)  # only if empty
 
 
+def _tfds_not_found(name: str, data_dir: str | None) -> str:
+    """Why TFDS found no dataset `name` in `data_dir`: a local data_dir that is missing or no
+    directory, a version other than those built there (listed), or no such dataset."""
+    local = data_dir is not None and "://" not in str(data_dir)
+    if local and not Path(data_dir).is_dir():
+        what = "is not a directory" if Path(data_dir).exists() else "does not exist"
+        return f"data.data_dir={data_dir!r} {what}; give the directory the TFDS dataset {name!r} was built in"
+    built = Path(data_dir) / name.split(":")[0] if local else None
+    versions = sorted(p.name for p in built.iterdir() if re.fullmatch(r"\d+\.\d+\.\d+", p.name)) \
+        if built is not None and built.is_dir() else []
+    if ":" in name and versions:
+        return (f"TFDS dataset {name!r}: version {name.rsplit(':', 1)[1]} is not built in data_dir={data_dir!r}; "
+                f"built there: {', '.join(versions)}")
+    return (f"TFDS dataset {name!r} not found in data_dir={data_dir!r} in ArrayRecord format; build it first "
+            f"(llama_jax.text_dataset.build_text_dataset, or TFDS with file_format='array_record') or fix "
+            f"data.tfds_name")
+
+
 def _one_line(error: Exception) -> str:
     """An exception's message (often several lines, from TFDS and its readers) as one line."""
     return " ".join(str(error).split())
@@ -320,9 +339,7 @@ class TfdsSource:
                 self._records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except (tfds.core.registered.DatasetNotFoundError, NotImplementedError):
             # NotImplementedError: a catalogue dataset not built there, or built without random access
-            raise ValueError(f"TFDS dataset {name!r} not found in data_dir={data_dir!r} in ArrayRecord format; "
-                             f"build it first (llama_jax.text_dataset.build_text_dataset, or TFDS with "
-                             f"file_format='array_record') or fix data.tfds_name") from None
+            raise ValueError(_tfds_not_found(name, data_dir)) from None
         except ParseError as e:  # its dataset_info.json: of a newer TFDS (a field this one lacks), or damaged
             raise ValueError(f"{self._where}: its dataset_info.json in data_dir={data_dir!r} cannot be read "
                              f"({str(e).splitlines()[0]}); it was written by another TFDS release than this one "

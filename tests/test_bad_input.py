@@ -171,9 +171,12 @@ CASES = [
     Case("train-data-files-a-directory", NEW_RUN + " " + TEXT.replace("{corpus}/*.txt", "{corpus}"),
          r"corpus: is a directory; give the files in it, e.g. \S+/corpus/\*.txt"),
     Case("train-tfds-dataset-missing", NEW_RUN + " --config.data.source=tfds --config.data.tfds_name=my_corpus "
-         "--config.data.data_dir={inputs}/tfds", r"TFDS dataset 'my_corpus' not found in data_dir='\S+/tfds'"),
+         "--config.data.data_dir={inputs}", r"TFDS dataset 'my_corpus' not found in data_dir='\S+'"),
     Case("train-tfds-catalogue-dataset-not-built", NEW_RUN + " --config.data.source=tfds --config.data.tfds_name=mnist "
-         "--config.data.data_dir={inputs}/tfds", r"TFDS dataset 'mnist' not found in data_dir='\S+/tfds'"),
+         "--config.data.data_dir={inputs}", r"TFDS dataset 'mnist' not found in data_dir='\S+'"),
+    Case("train-tfds-data-dir-missing", NEW_RUN + " --config.data.source=tfds --config.data.tfds_name=my_corpus "
+         "--config.data.data_dir={inputs}/tfds", r"data.data_dir='\S+/tfds' does not exist; give the directory the "
+                                                 r"TFDS dataset 'my_corpus' was built in"),
     Case("train-eval-fraction-1", NEW_RUN + " " + TEXT + " --config.data.eval_fraction=1.0",
          r"eval_fraction=1.0 is out of range; valid: 0 <= eval_fraction < 1"),
     Case("train-data-not-utf8", NEW_RUN + " " + TEXT.replace("{corpus}", "{latin1_corpus}"),

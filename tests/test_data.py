@@ -196,6 +196,25 @@ def test_a_damaged_tfds_dataset_is_named(tmp_path):
                             message), message
 
 
+def test_a_tfds_data_dir_or_version_that_is_not_there_is_named(tmp_path):
+    """A missing data_dir, one that is a file, and a version not built there all said the dataset was
+    not found, as if its name were wrong."""
+    RecordsWithANumber(data_dir=str(tmp_path / "built"), file_format="array_record").download_and_prepare()
+    # as a dataset whose builder this process does not know is found (one built by build_text_dataset, say)
+    (tmp_path / "built" / "records_with_a_number").rename(tmp_path / "built" / "elsewhere_built")
+    (tmp_path / "a-file").write_text("")
+    base = dict(source="tfds", text_key="body")
+    for data_dir, name, message in (
+            (tmp_path / "nowhere", "elsewhere_built", "does not exist"),
+            (tmp_path / "a-file", "elsewhere_built", "is not a directory"),
+            (tmp_path / "built", "elsewhere_built:2.0.0",
+             "TFDS dataset 'elsewhere_built:2.0.0': version 2.0.0 is not built in data_dir='{}'; built there: 1.0.0")):
+        expected = message.format(data_dir) if message.startswith("TFDS") else (
+            f"data.data_dir='{data_dir}' {message}; give the directory the TFDS dataset {name!r} was built in")
+        with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+            make_source(ConfigDict({**base, "tfds_name": name, "data_dir": str(data_dir)}))
+
+
 def test_each_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     """Patterns that match the same file read it once (read twice, the copy of a held-out document
     was trained on); a leading UTF-8 byte-order mark is dropped from .txt and .jsonl files alike."""
