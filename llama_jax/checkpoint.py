@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llama_jax.config import DTYPES, LLaMAConfig, check_flag, check_model_config
-from llama_jax.model import abstract_params, check_params, stack_layers, unstack_layers
+from llama_jax.model import abstract_params, check_params_as_laid_out, stack_layers, unstack_layers
 from llama_jax.model_dir import (CONFIG_FILE, MODEL_DIR, PARAMS_DIR, TOKENIZER_FILES, check_tokenizer_file,
                                  check_tokenizer_files, copy_tokenizer_files, load_config)
 from llama_jax.safe_io import (atomic_directory, damage_reason, quiet_abandoned_reads, raise_noted_signal,
@@ -41,8 +41,7 @@ def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: 
     check_model_config(config)
     check_flag(overwrite, "overwrite")
     params = nn.meta.unbox(params)
-    stacked = isinstance(params, Mapping) and "layers" in params
-    check_params(config.replace(scan_layers=stacked), params)  # in their own layout: all of them
+    stacked = check_params_as_laid_out(config, params)  # all of them, whatever config.scan_layers says
     check_param_dtype(config, params)
     if not stacked:
         params = stack_layers(dict(params), config.n_layers)

@@ -36,7 +36,7 @@ import numpy as np
 
 from llama_jax.config import LLaMAConfig, check_model_config, is_int
 from llama_jax.data import pack_row, stack_rows
-from llama_jax.model import check_params, params_in_layout
+from llama_jax.model import check_params_as_laid_out, params_in_layout
 from llama_jax.sharding import check_mesh, make_mesh, mesh_context
 from llama_jax.tokenizer import check_tokenizer
 
@@ -79,7 +79,7 @@ class _Forward:
         if mesh is not None:
             check_mesh(mesh)
         config = config.replace(attention_impl=runnable_here(config.attention_impl))  # a GPU run's model, here
-        check_params(config.replace(scan_layers=isinstance(params, Mapping) and "layers" in params), params)
+        check_params_as_laid_out(config, params)
         self.config, self.params, self.mesh = config, params_in_layout(config, params), mesh
         self.context = context or contextlib.nullcontext
         self.scores = _jitted_scores(config, mesh)

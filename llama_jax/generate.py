@@ -41,7 +41,7 @@ import numpy as np
 
 from llama_jax import backend_tuning
 from llama_jax.config import LLaMAConfig, check_model_config, check_sample_filters, check_sampling, is_int
-from llama_jax.model import KVCache, LLaMA, abstract_params, check_params, join_qkv, unstack_layers
+from llama_jax.model import KVCache, LLaMA, abstract_params, check_params_as_laid_out, join_qkv, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
 from llama_jax.tokenizer import Tokenizer
 
@@ -330,8 +330,7 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
     if joined and mesh is not None and mesh.size > 1:
         raise ValueError(f"these params have their q/k/v kernels joined for one device (decoding_params with "
                          f"batch_size=1); a mesh of {mesh.size} devices needs the unjoined params")
-    stacked = isinstance(params, Mapping) and "layers" in params
-    check_params(config.replace(scan_layers=stacked), params, joined_qkv=joined)
+    stacked = check_params_as_laid_out(config, params, joined_qkv=joined)
     if mesh is None:  # host arrays (NumPy's, from a converter) go to the device once, not on every compiled call
         params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     if mesh is not None and not joined:

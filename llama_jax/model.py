@@ -578,6 +578,14 @@ def param_count(cfg: LLaMAConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract_params(cfg))))
 
 
+def check_params_as_laid_out(cfg: LLaMAConfig, params, joined_qkv: bool = False) -> bool:
+    """`check_params` in the layer layout `params` hold, whatever `cfg.scan_layers` says; whether
+    they hold the layers stacked (`layers`) rather than one by one (`layers_i`)."""
+    stacked = isinstance(params, Mapping) and "layers" in params
+    check_params(cfg.replace(scan_layers=stacked), params, joined_qkv)
+    return stacked
+
+
 def check_params(cfg: LLaMAConfig, params, joined_qkv: bool = False) -> None:
     """Raise ValueError naming the first parameter whose path or shape does not fit `cfg`
     (`joined_qkv`: in decoding's layout, unrolled layers with q/k/v joined, `join_qkv`)."""

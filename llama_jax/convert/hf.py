@@ -160,11 +160,10 @@ def hf_tensor(params: Mapping, spec: TensorSpec) -> np.ndarray:
 def iter_hf_tensors(cfg: LLaMAConfig, params: Mapping) -> Iterator[tuple[TensorSpec, np.ndarray]]:
     """Yield (spec, [out, in] numpy array) for every Hugging Face tensor, one at a time; ValueError
     first when `params` do not fit `cfg` (a layer past the end would be read as the last one)."""
-    from llama_jax.model import check_params, stack_layers
+    from llama_jax.model import check_params_as_laid_out, stack_layers
 
     check_model_config(cfg, "cfg")
-    check_params(cfg.replace(scan_layers=isinstance(params, Mapping) and "layers" in params), params)
-    if "layers" not in params:
+    if not check_params_as_laid_out(cfg, params):
         params = stack_layers(dict(params), cfg.n_layers)
     for spec in tensor_specs(cfg):
         yield spec, hf_tensor(params, spec)
