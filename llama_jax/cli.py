@@ -724,7 +724,7 @@ def cmd_launch_tpu(args) -> None:
         shipped, unlisted = None, str(e)  # (the dry run prints its plan, and says so in it)
     for flag in INPUT_PATHS:  # what the command reads must be in the workers' copy of the checkout
         path = option_value(command, flag)
-        if path and (Path(path).is_absolute() or (root / path).exists()):  # (else check_input_paths says so)
+        if path:
             tpu.check_shipped(root, flag, path, shipped)
     _check_launched_config(command, launched, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
     if args.copy_back:

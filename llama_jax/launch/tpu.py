@@ -451,15 +451,16 @@ def check_shipped(root: Path, flag: str, path: str, shipped: Sequence[str] | Non
     --include-path directory), is in the copy of the checkout the workers run in: a path of this
     machine, one leading out of the checkout or one git ignores is not shipped. `shipped`: root's
     `shipped_files`, or None where git cannot list them (a dry run: only the path is checked). An
-    absolute path this machine lacks is left to the workers (a bucket mounted there, say)."""
+    absolute path this machine lacks is left to the workers (a bucket mounted there, say); a relative
+    one the checkout lacks, to `check_input_paths`."""
     what = INPUT_PATHS[flag]
-    if Path(path).is_absolute():
-        if Path(path).exists():  # a path on this machine
-            local = Path(path).resolve()
-            valid = f"{local.relative_to(root)} (relative to the checkout)" if local.is_relative_to(root) else \
-                f"a {what} under {root}, by its path relative to it"
-            raise LaunchError(f"{flag} {path}: the workers run from their own copy of the checkout, where this path "
-                              f"does not exist; give {valid}")
+    if Path(path).is_absolute() and Path(path).exists():  # a path on this machine
+        local = Path(path).resolve()
+        valid = f"{local.relative_to(root)} (relative to the checkout)" if local.is_relative_to(root) else \
+            f"a {what} under {root}, by its path relative to it"
+        raise LaunchError(f"{flag} {path}: the workers run from their own copy of the checkout, where this path "
+                          f"does not exist; give {valid}")
+    if Path(path).is_absolute() or not (root / path).exists():
         return
     relative = os.path.normpath(path)
     if relative == ".." or relative.startswith("../"):
