@@ -292,7 +292,7 @@ def _tfds_not_found(name: str, data_dir: str | None) -> str:
             f"data.tfds_name")
 
 
-def _one_line(error: Exception) -> str:
+def _joined_lines(error: Exception) -> str:
     """An exception's message (often several lines, from TFDS and its readers) as one line."""
     return " ".join(str(error).split())
 
@@ -345,7 +345,7 @@ class TfdsSource:
                              f"({str(e).splitlines()[0]}); it was written by another TFDS release than this one "
                              f"({tfds.__version__}) or is damaged: build the dataset again with this one") from None
         except (ValueError, AssertionError) as e:  # a bad name, version or split, often in several lines
-            raise ValueError(f"{self._where}: {_one_line(e)}") from None
+            raise ValueError(f"{self._where}: {_joined_lines(e)}") from None
         if _slice_reversed(split, self._records.dataset_info.splits):
             raise ValueError(f"{self._where}: a slice whose start is not before its end selects no records; give "
                              f"slices that do, e.g. 'train[:90%]'")
@@ -367,7 +367,7 @@ class TfdsSource:
         try:
             record = self._records[i]
         except (RuntimeError, ValueError) as e:  # a file damaged, cut short or missing (ValueError: an empty record)
-            raise ValueError(f"{self._where}: record {i} cannot be read ({_one_line(e)}); the dataset's files in "
+            raise ValueError(f"{self._where}: record {i} cannot be read ({_joined_lines(e)}); the dataset's files in "
                              f"data_dir={self._data_dir!r} are damaged or incomplete: build it again") from None
         return utf8_text(record[self._text_key], f"{self._where}: record {i}, feature {self._text_key!r}",
                          start=False, advice="set data.text_key to a feature of UTF-8 text")
