@@ -375,9 +375,12 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> LLaMAConfig:
     model_type = hf.get("model_type", "llama")
     if model_type != "llama":
         raise ValueError(f"config.json: model_type {model_type!r} is not supported; valid: 'llama'")
-    for key, fine in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+    for key, fine in (("attention_bias", False), ("mlp_bias", False)):
         if key in hf and hf[key] != fine:
             raise ValueError(f"config.json: {key}={hf[key]!r} is not supported; LLaMA uses {key}={fine!r}")
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names of one function
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported; LLaMA uses 'silu' (or its "
+                         f"other name 'swish')")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in hf:
             raise ValueError(f"config.json: missing required key {key!r}")

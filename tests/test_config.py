@@ -257,6 +257,17 @@ def test_a_whole_head_partial_rotary_factor_is_accepted_with_any_rope_type():
         LLaMAConfig.from_hf(hf_config_dict("mha"))
 
 
+def test_hf_config_swish_is_silu():
+    """transformers maps hidden_act 'swish' to the same SiLU as 'silu' (some LLaMA exports write it)."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-4, 4, 9)
+    assert torch.equal(ACT2FN["swish"](x), ACT2FN["silu"](x))
+    assert LLaMAConfig.from_hf({**hf_config_dict("mha"), "hidden_act": "swish"}) == LLaMAConfig.from_hf(
+        hf_config_dict("mha"))
+
+
 def test_hf_config_defaults_kv_heads_to_heads():
     d = hf_config_dict("mha")
     del d["num_key_value_heads"]
