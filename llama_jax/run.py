@@ -46,7 +46,7 @@ from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
 from llama_jax.safe_io import (SET_ASIDE_DIR, DirectoryLock, atomic_file, check_outside_runs_and_models,
                                check_run_config, check_writable, file_in_the_way, holds_lock, holds_no_run, holds_run,
-                               run_directory_problem, sha256_file, write_text_atomic)
+                               non_utf8_path, run_directory_problem, sha256_file, write_text_atomic)
 from llama_jax.sharding import process_rows, tree_shardings
 from llama_jax.sweep import check_trial_settings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
@@ -439,6 +439,9 @@ MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safe
 def check_workdir(workdir: Path) -> None:
     """RunError unless `workdir` is new, a run's, or a directory holding nothing the run would write
     over and no model (sub-directories of one's own, such as RUN/init, are fine)."""
+    problem = non_utf8_path(workdir, "--workdir")
+    if problem is not None:
+        raise RunError(problem)
     blocking = file_in_the_way(workdir)
     if blocking is not None:
         raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")

@@ -47,6 +47,21 @@ def file_in_the_way(path: Path, itself: bool = True) -> Path | None:
     return next((p for p in ([path] if itself else []) + list(path.parents) if p.exists() and not p.is_dir()), None)
 
 
+def non_utf8_path(path: str | os.PathLike, option: str) -> str | None:
+    """Why `option` `path` cannot hold a run's checkpoints, as one line: its absolute path holds a
+    byte that is not UTF-8 (TensorStore, which reads and writes them, takes only UTF-8 paths);
+    None when it is UTF-8."""
+    text = os.fspath(Path(path).absolute())
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        byte = os.fsencode(text[e.start])[0]  # (Python holds an undecodable byte as a lone surrogate)
+        return (f"{option} {os.fsencode(text).decode('utf-8', 'backslashreplace')}: its path holds the byte "
+                f"{byte:#04x}, which is not UTF-8; checkpoints are read and written only at UTF-8 paths, so rename "
+                f"the directory or give another {option}")
+
+
 def real_path(path: str | os.PathLike) -> Path:
     """`path` with its symbolic links followed (`Path.resolve`, which raises RuntimeError for a
     loop of links before Python 3.13; `broken_link` names a link that leads nowhere)."""
@@ -333,6 +348,8 @@ def run_directory_problem(workdir: str | os.PathLike, for_a_model: str = "") -> 
         return f"--workdir {broken_link(workdir) or f'{workdir} does not exist'}; give a run's directory ({expected})"
     if not workdir.is_dir():
         return f"--workdir {workdir}: is a file; expected a run's directory ({expected})"
+    if (workdir / "checkpoints").is_dir() and (problem := non_utf8_path(workdir, "--workdir")):
+        return problem
     checkpoints = runs_checkpoints(workdir)
     if checkpoints is not None:
         where = "is" if checkpoints == real_path(workdir) else "is inside"

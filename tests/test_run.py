@@ -422,6 +422,9 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     ("loss plot a directory", r"run/loss.png is not a file; a run plots its losses there"),
     ("profile directory a file", r"run/profile is a file; train.profile_steps writes its traces into that "
                                  r"directory, so move the file away or set train.profile_steps=0"),
+    ("workdir path not UTF-8", r"run\\xff: its path holds the byte 0xff, which is not UTF-8; checkpoints are read "
+                               r"and written only at UTF-8 paths, so rename the directory or give another --workdir$"),
+    ("new workdir path not UTF-8", r"fresh\\xfe: its path holds the byte 0xfe, which is not UTF-8"),
 ])
 def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_path, straight_run, capsys,
                                                             case, message):
@@ -453,6 +456,8 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "metrics log a directory": [],
         "loss plot a directory": [f"train.steps={STEPS + 2}"],  # steps left to train
         "profile directory a file": ["train.profile_steps=2", f"train.steps={STEPS + 2}"],  # steps left to train
+        "workdir path not UTF-8": [f"train.steps={STEPS + 2}"],
+        "new workdir path not UTF-8": [],  # (it trained, then its first save failed with a traceback)
     }[case]
     if case == "profile directory a file":
         (workdir / "profile").write_text("notes\n")
@@ -464,6 +469,10 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
                 "init_from preset under the config's own shape", "sample longer than the model"):  # a new run
         workdir = tmp_path / "fresh"
         workdir.mkdir()
+    if case == "workdir path not UTF-8":
+        workdir = workdir.rename(tmp_path / os.fsdecode(b"run\xff"))
+    if case == "new workdir path not UTF-8":
+        workdir = tmp_path / os.fsdecode(b"fresh\xfe")
     before = snapshot(workdir)
     capsys.readouterr()
     assert main(train_args(workdir, run_overrides(tokenizer_path, *extra))) == 2
@@ -471,6 +480,19 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
     assert "\n" not in err and err.startswith("llama-jax train: error:")
     assert re.search(message, err), err
     assert snapshot(workdir) == before
+
+
+def test_a_run_at_a_path_that_is_not_utf8_is_not_called_damaged(tmp_path, straight_run, capsys):
+    """Checkpoints are read through TensorStore, which takes only UTF-8 paths: a run's directory
+    whose name holds another byte is named as such (its checkpoint was said to be damaged)."""
+    workdir = tmp_path / os.fsdecode(b"run\xff")
+    shutil.copytree(straight_run[0], workdir)
+    capsys.readouterr()
+    assert main(["export", "--workdir", str(workdir), str(tmp_path / "model")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"llama-jax export: error: --workdir {tmp_path}/run\\xff: its path holds the byte 0xff, which is not UTF-8; "
+        f"checkpoints are read and written only at UTF-8 paths, so rename the directory or give another --workdir")
+    assert not (tmp_path / "model").exists()
 
 
 def tensorboard_events(path: Path) -> list:
