@@ -261,18 +261,19 @@ def end_cut_line(path: str | os.PathLike) -> None:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (empty if it does not exist). A line cut short by a process
-    killed mid-write is skipped; a resumed run logs the steps after its checkpoint again, so
-    readers that want one value per step keep the last."""
+    """The records of a metrics.jsonl (empty if it does not exist, or is a directory). A line cut
+    short by a process killed mid-write is skipped; a resumed run logs the steps after its
+    checkpoint again, so readers that want one value per step keep the last. A non-finite value
+    reads as None, as `MetricsWriter` writes it (earlier releases wrote NaN and Infinity)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:  # a damaged line is skipped, not fatal
             lines = f.read().splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         return []
     records = []
     for line in lines:
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=lambda _: None, parse_float=lambda s: _finite_or_none(float(s)))
         except ValueError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):

@@ -161,6 +161,25 @@ def test_a_line_cut_short_is_dropped_before_the_next_record(tmp_path, cut):
     assert (tmp_path / "metrics.jsonl").read_text() == (cut + "\n" if whole else "") + '{"step": 1, "loss": 1.0}\n'
 
 
+def test_a_log_read_back_holds_no_nonfinite_number(tmp_path):
+    """Earlier releases wrote NaN and Infinity into metrics.jsonl, where this one writes null: both
+    read back as None, so a run's best evaluation and median speed are over its finite values (a
+    NaN first made the best loss NaN); a metrics.jsonl that is a directory holds no record."""
+    from llama_jax.metrics import read_metrics
+    from llama_jax.results import run_outcome
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": NaN, "eval_loss": NaN, "tokens_per_second": Infinity}\n'
+        '{"step": 2, "loss": 1e400, "eval_loss": 1.0, "tokens_per_second": 100.0}\n'
+        '{"step": 3, "loss": 1.4, "eval_loss": 1.2, "tokens_per_second": 200.0}\n')
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [None, None, 1.4]
+    outcome = run_outcome(tmp_path)
+    assert (outcome["best_eval_loss"], outcome["tokens_per_second"], outcome["final"]) == (1.0, 150.0, 1.2)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()  # (the sweep report failed on it with a raw errno line)
+    assert read_metrics(tmp_path / "metrics.jsonl") == [] and run_outcome(tmp_path)["steps"] == 0
+
+
 def strict_json(constant: str):
     raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
 
