@@ -37,7 +37,8 @@ def summary_lines(result, workdir: Path, baseline: float | None) -> list[str]:
     from llama_jax.metrics import read_metrics
 
     logged = read_metrics(workdir / "metrics.jsonl")  # a damaged line (kept in the log) is skipped
-    trained = [r for r in logged if "loss" in r][-FINAL_WINDOW:]
+    # (null: a step train.on_nonfinite=skip passed over, not applied)
+    trained = [r for r in logged if isinstance(r.get("loss"), (int, float))][-FINAL_WINDOW:]
     lines = []
     if trained:
         train_loss = sum(r["loss"] for r in trained) / len(trained)

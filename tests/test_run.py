@@ -495,6 +495,17 @@ def test_a_run_at_a_path_that_is_not_utf8_is_not_called_damaged(tmp_path, straig
     assert not (tmp_path / "model").exists()
 
 
+def test_the_demo_summary_leaves_out_skipped_steps(tmp_path):
+    """A step train.on_nonfinite=skip passed over is logged with a null loss; the demo's closing
+    summary averages the others (it stopped on a TypeError, the run trained)."""
+    from llama_jax.demo import summary_lines
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": null}\n'
+                                            '{"step": 3, "loss": 1.0, "tokens_per_second": 10.0, "mfu": 0.5}\n')
+    assert summary_lines(types.SimpleNamespace(eval=None), tmp_path, None) == [
+        "train loss 1.500 nats/token (mean of the last 2 logged steps); 10 tokens/s, MFU 50.0%, epoch 0.00"]
+
+
 def tensorboard_events(path: Path) -> list:
     """The `Event` protobufs of a TensorBoard event file (TFRecord framing: 8-byte length, 4-byte
     CRC, the event, 4-byte CRC)."""
