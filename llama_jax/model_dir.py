@@ -24,7 +24,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 LM_EVAL_FILE = "lm_eval.json"  # lm-eval's results beside the model
 # llama-jax eval's results are the model's too: an overwrite replaces them with it
 MODEL_DIR = OutputKind("llama_jax model directory", (CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES, EVAL_FILE,
-                                                      TAGGED_MODEL_EVAL_FILES, LM_EVAL_FILE))
+                                                      TAGGED_MODEL_EVAL_FILES, LM_EVAL_FILE), utf8_path=True)
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:

@@ -36,6 +36,7 @@ class OutputKind:
 
     name: str
     entries: tuple[str, ...]  # file or directory names, glob patterns allowed
+    utf8_path: bool = False  # written through TensorStore, which takes only UTF-8 paths
 
     def writes(self, entry: str) -> bool:
         return any(fnmatch.fnmatchcase(entry, pattern) for pattern in self.entries)
@@ -91,6 +92,8 @@ def check_destination(dst: str | os.PathLike, kind: OutputKind, overwrite: bool,
         raise ValueError(f"destination {dst} ends in '.' or '..', which cannot be replaced; give the directory by its "
                          f"own name ({os.path.abspath(dst)})")
     dst = Path(dst).absolute()
+    if kind.utf8_path and (problem := non_utf8_path(dst, "destination")):
+        raise ValueError(problem)
     real = real_path(dst)
     for source in inputs:
         source = real_path(source)

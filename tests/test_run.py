@@ -493,6 +493,13 @@ def test_a_run_at_a_path_that_is_not_utf8_is_not_called_damaged(tmp_path, straig
         f"llama-jax export: error: --workdir {tmp_path}/run\\xff: its path holds the byte 0xff, which is not UTF-8; "
         f"checkpoints are read and written only at UTF-8 paths, so rename the directory or give another --workdir")
     assert not (tmp_path / "model").exists()
+    # nor a model directory written at such a path (the write failed in a traceback, leaving a temporary folder)
+    assert main(["export", "--workdir", str(straight_run[0]), str(tmp_path / os.fsdecode(b"model\xfe"))]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"llama-jax export: error: destination {tmp_path}/model\\xfe: its path holds the byte 0xfe, which is not "
+        f"UTF-8; checkpoints are read and written only at UTF-8 paths, so rename the directory or give another "
+        f"destination")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [workdir.name]
 
 
 def test_the_demo_summary_leaves_out_skipped_steps(tmp_path):
