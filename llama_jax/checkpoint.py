@@ -26,8 +26,8 @@ from llama_jax.config import DTYPES, LLaMAConfig, check_flag, check_model_config
 from llama_jax.model import abstract_params, check_params_as_laid_out, stack_layers, unstack_layers
 from llama_jax.model_dir import (CONFIG_FILE, MODEL_DIR, PARAMS_DIR, TOKENIZER_FILES, check_tokenizer_file,
                                  check_tokenizer_files, copy_tokenizer_files, load_config)
-from llama_jax.safe_io import (atomic_directory, damage_reason, quiet_abandoned_reads, raise_noted_signal,
-                               unreadable_path)
+from llama_jax.safe_io import (atomic_directory, damage_reason, non_utf8_path, quiet_abandoned_reads,
+                               raise_noted_signal, unreadable_path)
 
 
 def save_model(path: str | os.PathLike, config: LLaMAConfig, params, tokenizer: str | os.PathLike | None = None,
@@ -114,6 +114,8 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
     params_dir = Path(path).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
         raise ValueError(f"{path}: parameter checkpoint {PARAMS_DIR}/ not found")
+    if problem := non_utf8_path(path, "model directory"):
+        raise ValueError(problem)
     abstract = nn.meta.unbox(abstract_params(config.replace(scan_layers=True)))
     if as_numpy:
         restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), abstract)

@@ -500,6 +500,15 @@ def test_a_run_at_a_path_that_is_not_utf8_is_not_called_damaged(tmp_path, straig
         f"UTF-8; checkpoints are read and written only at UTF-8 paths, so rename the directory or give another "
         f"destination")
     assert sorted(p.name for p in tmp_path.iterdir()) == [workdir.name]
+    # and one moved to such a path is named so when read (it was called damaged)
+    assert main(["export", "--workdir", str(straight_run[0]), str(tmp_path / "model")]) == 0
+    model = (tmp_path / "model").rename(tmp_path / os.fsdecode(b"model\xfd"))
+    capsys.readouterr()
+    assert main(["generate", str(model), "--prompt", "a", "--max-new-tokens", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"llama-jax generate: error: model directory {tmp_path}/model\\xfd: its path holds the byte 0xfd, which is not "
+        f"UTF-8; checkpoints are read and written only at UTF-8 paths, so rename the directory or give another model "
+        f"directory")
 
 
 def test_the_demo_summary_leaves_out_skipped_steps(tmp_path):
