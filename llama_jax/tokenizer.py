@@ -195,16 +195,26 @@ class TiktokenTokenizer:
         return self.encoding.decode(_checked_ids(ids, self.vocab_size, {self.bos_id, self.eos_id}))
 
 
-def _parse_tiktoken(data: bytes) -> dict[bytes, int] | None:
-    """The ranks of a tiktoken file, or None when `data` is not one."""
-    ranks = {}
-    try:
-        for line in data.splitlines():
-            if line:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-    except (ValueError, binascii.Error):
-        return None
+def _parse_tiktoken(data: bytes, path: Path) -> dict[bytes, int] | None:
+    """The ranks of a tiktoken file, or None when `data` is not one (its first line is no rank line);
+    ValueError naming the line of `path` that breaks one: a line that is not `base64(token) rank`
+    after lines that are, or a token listed a second time."""
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            token, rank = base64.b64decode(token, validate=True), int(rank)
+        except (ValueError, binascii.Error):
+            if not ranks:
+                return None
+            raise ValueError(f"{path}: line {number} of this tiktoken rank file is not a base64 token, a space and "
+                             f"its rank: {line[:60]!r}") from None
+        if token in ranks:
+            raise ValueError(f"{path}: line {number} lists the token {token!r} again (an earlier line gave it rank "
+                             f"{ranks[token]}); each token has one rank")
+        ranks[token] = rank
     return ranks
 
 
@@ -241,7 +251,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not data.strip():
         raise ValueError(f"{path}: empty file, not a tokenizer model")
 
-    ranks = _parse_tiktoken(data)
+    ranks = _parse_tiktoken(data, path)
     if ranks is not None:
         if set(ranks.values()) != set(range(len(ranks))):
             raise ValueError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1}, each once")

@@ -204,6 +204,23 @@ def test_bad_files_raise_one_line_value_error(sp_model, tmp_path):
         load_tokenizer(tmp_path / "fifo.model")
 
 
+def test_a_damaged_tiktoken_file_names_the_line(tmp_path):
+    """A LLaMA-3 file has 128,000 lines; one bad line was reported as "neither a SentencePiece model
+    nor a tiktoken rank file", and a token listed twice as ranks that are not 0..N-1."""
+    lines = _tiktoken_file(_toy_ranks()).splitlines(keepends=True)
+    for name, damaged, message in [
+        ("cut.model", lines[:100] + [lines[100][:3] + b"\n"] + lines[101:],  # (a copy cut short inside a line)
+         r"line 101 of this tiktoken rank file is not a base64 token, a space and its rank: b'ZA='$"),
+        ("extra.model", lines + [b"dGhlbQ== 269 x\n"],
+         r"line 270 of this tiktoken rank file is not a base64 token, a space and its rank: b'dGhlbQ== 269 x'$"),
+        ("twice.model", lines + [base64.b64encode(b"the") + b" 269\n"],
+         r"line 270 lists the token b'the' again \(an earlier line gave it rank 257\); each token has one rank$"),
+    ]:
+        (tmp_path / name).write_bytes(b"".join(damaged))
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: {message}"):
+            load_tokenizer(tmp_path / name)
+
+
 def test_directory_without_tokenizer_model_is_named(tmp_path):
     with pytest.raises(ValueError) as err:
         load_tokenizer(tmp_path)
