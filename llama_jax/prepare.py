@@ -61,7 +61,7 @@ from llama_jax.data import DOCUMENT_SOURCES, expand_files, make_source, read_fil
 from llama_jax.safe_io import (DirectoryBusy, DirectoryLock, check_writable, file_in_the_way,
                                finish_for_dead_processes, owned_temp_directory, scratch_path, sha256_file,
                                signals_held, write_text_atomic)
-from llama_jax.tokenizer import load_tokenizer, tokenizer_file, train_sentencepiece
+from llama_jax.tokenizer import check_piece_count, load_tokenizer, tokenizer_file, train_sentencepiece
 
 FORMAT = "llama_jax/prepared-v1"
 DEFAULT_SHARD_TOKENS = 2**26
@@ -260,8 +260,7 @@ def requested_tokenizer(data_config) -> TokenizerChoice:
     given = data_config.get("tokenizer") or ""
     if given == "train":
         vocab_size = data_config.get("tokenizer_vocab_size")
-        if not _is_count(vocab_size) or vocab_size == 0:
-            raise ValueError(f"data.tokenizer_vocab_size={vocab_size!r}; give the number of pieces to train")
+        check_piece_count(vocab_size, "data.tokenizer_vocab_size")
         return TokenizerChoice(None, vocab_size)
     if not given:
         raise ValueError("data.tokenizer is empty; give a tokenizer.model path (or 'train' to train one "

@@ -270,6 +270,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return tokenizer
 
 
+def check_piece_count(value: object, name: str = "vocab_size") -> None:
+    """ValueError unless `value` is a number of pieces SentencePiece can train: its settings are
+    32-bit integers, and a larger or fractional one failed inside it as "cannot parse ... as int"."""
+    if not is_int(value) or not 1 <= value < 2**31:
+        raise ValueError(f"{name} must be a positive integer below 2**31, got {value!r}")
+
+
 class _Lines:
     """The non-empty lines of `texts`, for sentencepiece's trainer.
 
@@ -338,8 +345,9 @@ def train_sentencepiece(
         minloglevel=2,
     )
     flags.update(options)
+    check_piece_count(vocab_size)
     specials = [name for name in ("unk", "bos", "eos", "pad") if flags[f"{name}_id"] >= 0]
-    if isinstance(vocab_size, int) and vocab_size < len(specials):  # (sentencepiece fails there without a reason)
+    if vocab_size < len(specials):  # (sentencepiece fails there without a reason)
         byte_pieces = " and the 256 byte pieces" if flags["byte_fallback"] else ""
         raise ValueError(f"a vocabulary of {vocab_size} pieces cannot hold the {len(specials)} special pieces "
                          f"({', '.join(specials)}){byte_pieces}, let alone the corpus's characters; give a vocabulary "

@@ -568,6 +568,9 @@ CASES = [
          r"argument --workers: must be at most 1024, got 99999999999999999999"),
     Case("prepare-data-shard-tokens-beyond-2**40", "prepare-data --config {tiny} --output new --shard-tokens "
          "9223372036854775808", r"argument --shard-tokens: must be at most 2\*\*40, got 9223372036854775808"),
+    Case("prepare-data-tokenizer-vocab-beyond-int32", "prepare-data --config {tiny} --output new "
+         "--config.data.source=embedded --config.data.tokenizer=train --config.data.tokenizer_vocab_size=3000000000",
+         r"data.tokenizer_vocab_size must be a positive integer below 2\*\*31, got 3000000000$"),
     Case("prepare-data-zero-workers", "prepare-data --config {tiny} --output new --workers 0",
          r"argument --workers: must be at least 1, got 0"),
     Case("prepare-data-shard-tokens-not-an-integer", "prepare-data --config {tiny} --output new --shard-tokens lots",

@@ -242,6 +242,9 @@ def test_a_tokenizer_without_bos_or_eos_is_named(tmp_path, options, missing):
 def test_training_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no text"):
         train_sentencepiece(["", "\n\n"], tmp_path / "x.model", VOCAB)
+    for size in (2**31, 3.5, None, 0):  # SentencePiece failed with "cannot parse ... as int" for the first three
+        with pytest.raises(ValueError, match=rf"^vocab_size must be a positive integer below 2\*\*31, got {size}$"):
+            train_sentencepiece(CORPUS, tmp_path / "x.model", size)
     for size in (1, 2):  # fewer than the special pieces: sentencepiece's own failure named no size
         with pytest.raises(ValueError, match=rf"^a vocabulary of {size} pieces cannot hold the 3 special pieces \(unk, "
                                              r"bos, eos\) and the 256 byte pieces, let alone the corpus's characters; "
@@ -320,7 +323,9 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         (["--input", text, "--vocab-size", "0"], "--vocab-size must be a positive integer below 2**31, got 0"),
         (["--input", text, "--vocab-size", "2147483648"],
          "--vocab-size must be a positive integer below 2**31, got 2147483648"),
-        (["--input", text, "--num-threads", "0"], "--num-threads must be a positive integer below 2**31, got 0"),
+        (["--input", text, "--num-threads", "1025"],  # SentencePiece's limit: its check failed after the start
+         "argument --num-threads: must be at most 1024, got 1025"),
+        (["--input", text, "--num-threads", "0"], "argument --num-threads: must be at least 1, got 0"),
         (["--input", text, "--output", text], f"--output {text} is one of the --input files; give another path"),
         (["--input", text, "--output", str(out)], f"--output {out} exists; pass --overwrite to replace it"),
         (["--input", text, "--output", str(out.parent)], f"--output {out.parent} is a directory"),

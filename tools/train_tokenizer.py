@@ -19,10 +19,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from llama_jax.cli import OneLineParser, _error_text
+from llama_jax.cli import OneLineParser, _error_text, int_at_least
 from llama_jax.data import each_file_once, jsonl_texts, utf8_text
 from llama_jax.safe_io import cannot_write, check_outside_runs_and_models, check_writable, real_path
-from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from llama_jax.tokenizer import check_piece_count, load_tokenizer, train_sentencepiece
 
 
 def resolve_inputs(patterns: list[str]) -> list[Path]:
@@ -78,9 +78,7 @@ def _text_lines(path: Path) -> Iterator[str]:
 def check_arguments(args, inputs: list[Path]) -> None:
     """ValueError for a setting training would refuse late or obscurely, or an --output that would
     replace a file not meant to be replaced (an input, or any file without --overwrite)."""
-    for option, value in (("--vocab-size", args.vocab_size), ("--num-threads", args.num_threads)):
-        if not 1 <= value < 2**31:  # (SentencePiece's settings are 32-bit integers)
-            raise ValueError(f"{option} must be a positive integer below 2**31, got {value}")
+    check_piece_count(args.vocab_size, "--vocab-size")
     if args.jsonl_key is not None and not any(path.suffix == ".jsonl" for path in inputs):
         raise ValueError(f"--jsonl-key {args.jsonl_key} names a field of .jsonl files, and no --input is one; "
                          f"leave it out, or give the .jsonl files")
@@ -114,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--output", required=True, help="where to write tokenizer.model")
     parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    parser.add_argument("--num-threads", type=int, default=2)
+    parser.add_argument("--num-threads", type=int_at_least(1, 1024), default=2,  # (SentencePiece's limits)
+                        help="training threads, 1 to 1024")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
 
