@@ -25,6 +25,8 @@ LM_EVAL_FILE = "lm_eval.json"  # lm-eval's results beside the model
 # llama-jax eval's results are the model's too: an overwrite replaces them with it
 MODEL_DIR = OutputKind("llama_jax model directory", (CONFIG_FILE, PARAMS_DIR, *TOKENIZER_FILES, EVAL_FILE,
                                                       TAGGED_MODEL_EVAL_FILES, LM_EVAL_FILE), utf8_path=True)
+# how an error about the tokenizer.model beside a model's weights ends: its own cannot be too large
+NOT_ITS_OWN = "it cannot be this model's tokenizer (was it replaced?): put the model's own tokenizer.model back"
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
@@ -37,11 +39,12 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
     return copied
 
 
-def check_tokenizer_files(directory: str | os.PathLike, config: LLaMAConfig) -> None:
+def check_tokenizer_files(directory: str | os.PathLike, config: LLaMAConfig,
+                          remedy: str = "use the model's own tokenizer") -> None:
     """ValueError naming the first tokenizer or generation file of `directory` (those that travel
     with a model: `TOKENIZER_FILES`) that a model of `config` could not use: a JSON file that is not
     a JSON object, end ids that are not token ids, a tokenizer.model that does not load or has
-    more tokens than the model's vocabulary."""
+    more tokens than the model's vocabulary (the error ends with `remedy`)."""
     for name in TOKENIZER_FILES:
         file = Path(directory) / name
         if file.is_file() and file.suffix == ".json":
@@ -49,18 +52,20 @@ def check_tokenizer_files(directory: str | os.PathLike, config: LLaMAConfig) -> 
     generation_end_ids(directory, config.vocab_size)
     file = Path(directory) / "tokenizer.model"
     if file.is_file():
-        check_tokenizer_file(file, config)
+        check_tokenizer_file(file, config, remedy)
 
 
-def check_tokenizer_file(file: str | os.PathLike, config: LLaMAConfig) -> None:
-    """ValueError naming `file` unless it is a tokenizer whose ids fit a model of `config`."""
+def check_tokenizer_file(file: str | os.PathLike, config: LLaMAConfig, remedy: str = "use the model's own tokenizer"):
+    """The tokenizer of `file`; ValueError naming `file` unless it is one whose ids fit a model of
+    `config` (ending with `remedy` when it has more)."""
     from llama_jax.tokenizer import check_fits, load_tokenizer
 
     tokenizer = load_tokenizer(file)  # (its errors name the file)
     try:
-        check_fits(tokenizer, config.vocab_size)
+        check_fits(tokenizer, config.vocab_size, remedy)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
+    return tokenizer
 
 
 RECORDED_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
@@ -125,6 +130,8 @@ def load_tokenizer_for(path: str | os.PathLike, missing: str, tokenizer: str | o
     if given is not None and own.is_file() and given.is_file() and sha256_file(given) != sha256_file(own):
         raise ValueError(f"--tokenizer {tokenizer} differs from the model's own {own}; omit --tokenizer to "
                          f"use the tokenizer the model was trained with")
-    loaded = load_tokenizer(own if tokenizer is None else tokenizer)
+    if tokenizer is None:
+        return config, check_tokenizer_file(own, config, NOT_ITS_OWN)
+    loaded = load_tokenizer(tokenizer)
     check_fits(loaded, config.vocab_size)
     return config, loaded

@@ -406,6 +406,9 @@ CASES = [
          r"--tokenizer \S+ differs from the model's own \S+/tokenizer.model; omit --tokenizer"),
     Case("generate-tokenizer-above-model-vocab", "generate {model256} --prompt Hi --tokenizer {tokenizer}",
          r"the tokenizer has 512 tokens but the model's vocab_size is 256; use the model's own tokenizer$"),
+    Case("generate-model-tokenizer-swapped", "generate {swapped_tokenizer_model} --prompt Hi",
+         r"swapped_tokenizer_model/tokenizer.model: the tokenizer has 512 tokens but the model's vocab_size is 256; it "
+         r"cannot be this model's tokenizer \(was it replaced\?\): put the model's own tokenizer.model back$"),
     Case("generate-prompt-too-long", "generate {model} --prompt '" + "many words " * 80 + "' --max-new-tokens 8",
          r"longest prompt \(\d+\) \+ max_new_tokens \(8\) = \d+ exceeds the model's max_seq_len \(128\)"),
     Case("generate-mesh-not-three-integers", "generate {model} --prompt Hi --mesh 1,x",
@@ -645,6 +648,9 @@ def make_inputs(root: Path) -> dict[str, Path]:
     p["bad_config_model"], p["paramless_model"] = inputs / "bad_config_model", inputs / "paramless_model"
     shutil.copytree(p["model"], p["bad_config_model"])
     (p["bad_config_model"] / "model_config.json").write_text("{oops")
+    p["swapped_tokenizer_model"] = inputs / "swapped_tokenizer_model"  # vocab 256, with a 512-token tokenizer.model
+    shutil.copytree(p["model256"], p["swapped_tokenizer_model"])
+    shutil.copyfile(p["tokenizer"], p["swapped_tokenizer_model"] / "tokenizer.model")
     p["bad_generation_model"] = inputs / "bad_generation_model"
     shutil.copytree(p["model"], p["bad_generation_model"])
     (p["bad_generation_model"] / "generation_config.json").write_text("[2]")

@@ -221,6 +221,22 @@ def test_a_damaged_tiktoken_file_names_the_line(tmp_path):
             load_tokenizer(tmp_path / name)
 
 
+def test_the_tokenizer_beside_a_model_that_cannot_be_its_own_is_named(sp_model, tmp_path):
+    """A model directory whose tokenizer.model was swapped for a larger one: the error named no file,
+    and told to use the model's own tokenizer, which is the file named."""
+    from llama_jax.config import LLaMAConfig
+    from llama_jax.model_dir import load_tokenizer_for
+
+    config = LLaMAConfig(vocab_size=VOCAB - 100, dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=128)
+    (tmp_path / "model_config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    with pytest.raises(ValueError) as err:
+        load_tokenizer_for(tmp_path, "pass --tokenizer PATH")
+    assert str(err.value) == (f"{tmp_path}/tokenizer.model: the tokenizer has {VOCAB} tokens but the model's "
+                              f"vocab_size is {VOCAB - 100}; it cannot be this model's tokenizer (was it replaced?): "
+                              f"put the model's own tokenizer.model back")
+
+
 def test_directory_without_tokenizer_model_is_named(tmp_path):
     with pytest.raises(ValueError) as err:
         load_tokenizer(tmp_path)

@@ -18,7 +18,8 @@ from llama_jax.config import DTYPES, LLaMAConfig, check_flag, is_int
 from llama_jax.convert import FORMATS, hf_dir, meta
 from llama_jax.convert.hf import empty_params, hf_tensor, put_tensor, tensor_specs
 from llama_jax.convert.source import ConversionError, Source, dtype_name, narrowed, numpy_dtype
-from llama_jax.model_dir import MODEL_DIR, TOKENIZER_FILES, check_tokenizer_files, copy_tokenizer_files, load_config
+from llama_jax.model_dir import (MODEL_DIR, NOT_ITS_OWN, TOKENIZER_FILES, check_tokenizer_files, copy_tokenizer_files,
+                                 load_config)
 from llama_jax.safe_io import OutputKind, atomic_directory, broken_link, check_destination
 
 OUTPUT_KINDS = {  # what each writer puts in its directory: all that --overwrite may replace
@@ -138,7 +139,7 @@ def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype:
         out_dtype = numpy_dtype(dtype)
         config = source.config.replace(param_dtype=dtype_name(out_dtype))
         if source.files_dir is not None:  # checked as they will be used, before anything is written
-            check_tokenizer_files(source.files_dir, config)
+            check_tokenizer_files(source.files_dir, config, NOT_ITS_OWN)
         specs = tensor_specs(config)
         passes = shards if dst_fmt == "meta" else 1  # the Meta writer reads every tensor once per shard
         if dst_fmt == "meta":
