@@ -137,10 +137,29 @@ def _join_processes(timeout_s: int, **settings) -> None:
         if not joined.is_set() and not failure and time.monotonic() > deadline:
             if settings:
                 raise ValueError(f"the {settings['num_processes']} processes of the run did not all join at "
-                                 f"{settings['coordinator_address']} within {timeout_s} s (--join-timeout); start "
-                                 f"every process with the same command and --num-processes, each with its own "
-                                 f"--process-id")
+                                 f"{settings['coordinator_address']} within {timeout_s} s (--join-timeout)"
+                                 + _unreachable(settings['coordinator_address']))
             raise ValueError(f"the processes of this multi-host job did not all join within {timeout_s} s "
                              f"(--join-timeout); every host (TPU worker or SLURM task) runs the same command")
     if failure:
         raise failure[0]
+
+
+def _unreachable(coordinator: str) -> str:
+    """What to do about a run whose processes did not all join at `coordinator`: why this process
+    cannot reach it (a host that does not resolve, a port nothing listens on, no answer), or, when
+    it can, that a process is missing."""
+    import socket
+
+    host, port = coordinator.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except socket.gaierror:
+        return f": {host} does not resolve to an address here; give --coordinator as process 0's HOST:PORT"
+    except ConnectionRefusedError:
+        return (f": nothing listens at {coordinator}; start process 0 with the same --coordinator, or give "
+                f"--coordinator as process 0's HOST:PORT")
+    except OSError as e:
+        return (f": {coordinator} does not answer from here ({e.strerror or e}); give --coordinator as process 0's "
+                f"HOST:PORT, its port open to every process")
+    return "; start every process with the same command and --num-processes, each with its own --process-id"

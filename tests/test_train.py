@@ -456,7 +456,8 @@ def test_sigterm_while_waiting_for_the_other_processes_stops_the_command(tmp_pat
 def test_a_run_that_cannot_form_is_refused_in_one_line(tmp_path):
     """Process 0 given a port another program listens on ended with a segmentation fault in gRPC
     (and its peer aborted 5 minutes later); a process whose peers never come aborted in C++ after
-    5 minutes. Both are one line now, exit status 2, with nothing written."""
+    5 minutes. Both are one line now, exit status 2, with nothing written, saying why a process cannot
+    reach the coordinator (a host that does not resolve, nothing listening) where it cannot."""
     cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir", str(tmp_path / "run"),
            "--num-processes", "2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -471,14 +472,20 @@ def test_a_run_that_cannot_form_is_refused_in_one_line(tmp_path):
         f"llama-jax train: error: --coordinator 127.0.0.1:{port}: process 0 cannot listen on port {port} (Address "
         f"already in use); choose a free port this user may open (the same for every process)"), held.stderr[-3000:]
     port = _free_port()
-    for process_id in ("0", "1"):  # the coordinator without its peer; a peer without its coordinator
-        alone = subprocess.run([*cmd, "--coordinator", f"127.0.0.1:{port}", "--process-id", process_id,
-                                "--join-timeout", "3"], env=env, capture_output=True, text=True, timeout=120)
+    # the coordinator without its peer; a peer without its coordinator (the peer waited out the timeout and
+    # blamed a missing process alike, also for a host that does not resolve)
+    for coordinator, process_id, why in (
+            (f"127.0.0.1:{port}", "0", "; start every process with the same command and --num-processes, each with "
+                                       "its own --process-id"),
+            (f"127.0.0.1:{port}", "1", f": nothing listens at 127.0.0.1:{port}; start process 0 with the same "
+                                       f"--coordinator, or give --coordinator as process 0's HOST:PORT"),
+            (f"nohost.invalid:{port}", "1", ": nohost.invalid does not resolve to an address here; give --coordinator "
+                                            "as process 0's HOST:PORT")):
+        alone = subprocess.run([*cmd, "--coordinator", coordinator, "--process-id", process_id, "--join-timeout", "3"],
+                               env=env, capture_output=True, text=True, timeout=120)
         assert alone.returncode == 2 and alone.stderr.strip() == (
-            f"llama-jax train: error: the 2 processes of the run did not all join at 127.0.0.1:{port} within 3 s "
-            f"(--join-timeout); start every process with the same command and --num-processes, each with its own "
-            f"--process-id"), \
-            alone.stderr[-3000:]
+            f"llama-jax train: error: the 2 processes of the run did not all join at {coordinator} within 3 s "
+            f"(--join-timeout){why}"), alone.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
 
