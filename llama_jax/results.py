@@ -237,11 +237,14 @@ def report(workdir: str | Path, out=None) -> str:
     from llama_jax.sweep import SPEC_FILE, SweepError, saved_spec
 
     workdir = Path(workdir).absolute()
+    out = out or functools.partial(print, file=sys.stderr)
     # (a damaged sweep.json no trial keeps a copy of: refused, nothing rewritten)
-    spec = saved_spec(workdir, out or functools.partial(print, file=sys.stderr))
+    spec = saved_spec(workdir, out)
     if not spec:
         raise SweepError(f"{workdir} holds no sweep ({SPEC_FILE} not found); give the --workdir of a sweep")
     keys, rows, objective = collect(workdir, spec)
+    if not rows:
+        out(f"{workdir}: no trial of this sweep has started yet (no trial directory), so the table has no rows")
     table = write_tables(workdir, keys, rows)
     plot(workdir, keys, rows, OBJECTIVE_LABELS[objective])
     return table

@@ -771,6 +771,10 @@ def test_what_stands_where_a_trial_goes_is_one_line_and_a_damaged_record_a_row(t
     assert "seed=1 is a file, where the directory of trial seed=1 goes" in capsys.readouterr().err
     assert sorted(p.name for p in workdir.iterdir()) == ["seed=1", "sweep.json"]  # nothing ran
     (workdir / "seed=1").unlink()
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0  # (it printed an empty table without a word)
+    assert capsys.readouterr().err == (f"{workdir}: no trial of this sweep has started yet (no trial directory), so "
+                                       f"the table has no rows\n")
+    assert rows(workdir) == []
     (workdir / "seed=0" / "trial.json").mkdir(parents=True)
     assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
     [row] = rows(workdir)
