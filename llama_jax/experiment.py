@@ -546,8 +546,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     if current is not None and value is not None:
         if isinstance(current, bool) != isinstance(value, bool) or not isinstance(value, _compatible(current)):
             hint = ""
-            if isinstance(current, (list, tuple)) and isinstance(value, str) and text.strip().startswith("["):
-                hint = f"; quote the strings in a list: \"--config.{key}=['a', 'b']\""
+            if isinstance(current, (list, tuple)) and isinstance(value, str):
+                hint = (f"; quote the strings in a list: \"--config.{key}=['a', 'b']\"" if text.strip().startswith("[")
+                        else f"; give a list, even of one: \"--config.{key}=[{text!r}]\"")
             if key in MAPPING_KEYS:  # (a dict with a syntax error reads as text)
                 hint = f"; give a Python dict: \"--config.{key}={MAPPING_KEYS[key]}\""
             raise ValueError(f"config key {key!r} is {type(current).__name__}, got {text!r} "

@@ -69,7 +69,8 @@ CASES = [
     Case("train-wrong-type", NEW_RUN + " --config.train.batch_size=sixteen",
          r"config key 'train.batch_size' is int, got 'sixteen' \(str\)"),
     Case("train-files-not-a-list", NEW_RUN + " --config.data.source=text --config.data.files={corpus}/doc0.txt",
-         r"config key 'data.files' is list, got '\S+doc0.txt' \(str\)"),
+         r"config key 'data.files' is list, got '(\S+doc0.txt)' \(str\); give a list, even of one: "
+         r"\"--config.data.files=\['\1'\]\"$"),
     Case("train-files-list-unquoted", NEW_RUN + " --config.data.source=text \"--config.data.files=[{corpus}/*.txt]\"",
          r"config key 'data.files' is list, got '\[\S+/\*.txt\]' \(str\); quote the strings in a list"),
     Case("plan-override-a-set-of-a-list", "plan --config {tiny} --config.train.steps={[]}",
