@@ -498,9 +498,9 @@ def _check_run_writable(workdir: Path, checkpoint, resume_from: int | None = Non
                        f"when it continues; fix its permissions (e.g. chmod -R u+w {workdir}) or use another --workdir")
 
 
-def check_init_from(path: str, model: LLaMAConfig, section=None) -> list[str]:
+def check_init_from(path: str, model: LLaMAConfig, section=None) -> dict[str, str]:
     """RunError unless `path` is a model directory with the architecture of `model` (made from the
-    config's `model` section, whose fields override even the init_from preset). Returns
+    config's `model` section, whose fields override even the init_from preset). Returns, by field,
     `field=saved (this run: value)` for the rotary and norm settings the model was trained with
     where this run's differ (a fine-tune extending the context chooses them anew)."""
     from llama_jax.checkpoint import ARCHITECTURE_FIELDS, TRAINED_WITH_FIELDS
@@ -518,8 +518,8 @@ def check_init_from(path: str, model: LLaMAConfig, section=None) -> list[str]:
                   f", which override the model's; set them to None (e.g. --config.model.{set_here[0]}=None)")
     check_same_architecture(saved.to_dict(), model, f"checkpoint.init_from={path}", advice)
     before, now = saved.to_dict(), model.to_dict()
-    return [f"{field}={before[field]} (this run: {now[field]})" for field in TRAINED_WITH_FIELDS
-            if before.get(field) != now[field]]
+    return {field: f"{field}={before[field]} (this run: {now[field]})" for field in TRAINED_WITH_FIELDS
+            if before.get(field) != now[field]}
 
 
 def _other_tokenizer(model_dir: str, tokenizer_file: Path | None) -> bool:
@@ -817,7 +817,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     cfg, t = trainer.model_config, config.train
     from_model = config.checkpoint.init_from if config.checkpoint.init_from and not committed_steps(workdir) else ""
     # before the data is read (a raw corpus is prepared first, minutes for a large one)
-    differences = check_init_from(from_model, cfg, config.model) if from_model else []
+    differences = check_init_from(from_model, cfg, config.model) if from_model else {}
     data = build_data(config, cfg, workdir, process_rows(trainer.mesh, t.batch_size))
     if data.train is not None and len(data.train.sources) > 1:  # a mixture: each source's training loss too
         trainer = dataclasses.replace(trainer, sources=tuple(source.name for source in data.train.sources))
@@ -855,8 +855,11 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if results:
                 print(f"eval results of steps after {start} moved to {workdir / SET_ASIDE_DIR}: {', '.join(results)}")
             if differences:  # chosen anew on purpose (a longer context), or a preset's value by mistake
-                print(f"checkpoint.init_from={config.checkpoint.init_from} was trained with {', '.join(differences)}"
-                      f"; model.preset=init_from takes the model's own")
+                # with the init_from preset, only the config's own fields differ from the model's
+                own = "model.preset=init_from" if config.model.preset != INIT_FROM_PRESET else \
+                    " and ".join(f"model.{field}=None" for field in differences)
+                print(f"checkpoint.init_from={config.checkpoint.init_from} was trained with "
+                      f"{', '.join(differences.values())}; {own} takes the model's own")
             if other_tokenizer:  # a new vocabulary on purpose, or the wrong tokenizer by mistake
                 own = Path(config.checkpoint.init_from) / "tokenizer.model"
                 print(f"checkpoint.init_from={config.checkpoint.init_from} comes with a tokenizer other than this "

@@ -352,6 +352,22 @@ def test_init_from_a_model_of_other_rotary_settings_says_so(tmp_path, tokenizer_
     assert "comes with a tokenizer" not in out  # its tokenizer is the run's
 
 
+def test_init_from_preset_with_its_own_rotary_setting_says_which_key_takes_the_models(tmp_path, tokenizer_path,
+                                                                                        capsys):
+    """With model.preset=init_from, a rotary setting differs from the model's only because the
+    config sets it: the line names that key to unset, not the preset already in use."""
+    cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path))).model_config
+    save_model(tmp_path / "model", cfg, init_params(cfg, 0), tokenizer=tokenizer_path)
+    shape = [f"model.{field}=None" for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                                                   "max_seq_len")]
+    capsys.readouterr()
+    assert main(train_args(tmp_path / "run", run_overrides(
+        tokenizer_path, "train.steps=1", "optimizer.warmup_steps=0", f"checkpoint.init_from={tmp_path / 'model'}",
+        "model.preset=init_from", *shape, "model.rope_theta=500000.0"))) == 0
+    assert (f"checkpoint.init_from={tmp_path / 'model'} was trained with rope_theta=10000.0 (this run: 500000.0); "
+            f"model.rope_theta=None takes the model's own") in capsys.readouterr().out
+
+
 def test_init_from_a_model_of_another_tokenizer_says_so(tmp_path, tokenizer_path, capsys):
     """The model's token ids stand for other text with another tokenizer (a new vocabulary may be
     meant, the wrong file is more likely): it runs, and says so."""
