@@ -22,9 +22,12 @@ def check_process_flags(args) -> None:
     if n is not None and n < 1:
         raise ValueError(f"--num-processes must be a positive integer, got {n}")
     if (n is None or n == 1) and (coordinator is not None or process_id is not None):
+        flags = " and ".join(flag for flag, value in (("--coordinator", coordinator), ("--process-id", process_id))
+                             if value is not None)
         given = "without --num-processes" if n is None else "with --num-processes 1"
-        raise ValueError(f"--coordinator and --process-id join a multi-process run, and are given {given}; give "
-                         f"--num-processes N > 1 with them (or drop them for a single process)")
+        raise ValueError(f"{flags} join a multi-process run, and {'are' if ' and ' in flags else 'is'} given {given}; "
+                         f"give --num-processes N > 1 with --coordinator and --process-id (or drop {flags} for a "
+                         f"single process)")
     if n is not None and (n > 1 and (coordinator is None or process_id is None)
                           or process_id is not None and not 0 <= process_id < n):
         raise ValueError(f"--num-processes {n} needs --coordinator HOST:PORT and --process-id I with 0 <= I < {n}, "
