@@ -126,12 +126,16 @@ def _verdict(p: dict, peak: int) -> str:
         return f"{fits}: estimated peak {_size(peak).strip()} of the {_size(p['device_memory']).strip()} a device holds"
     if p["platform"] == "cpu":
         configured, here = p.get("attention_configured"), f"compiled for CPU devices, attention `{p['attention']}`"
-        keeps_none = "which keep no [seq, seq] attention probabilities for the backward"
+        keeps_none = "no [seq, seq] attention probabilities for the backward"
         if configured in ("xla", "dot_product"):
             return (f"{here}, the config's kernel on every backend: these temporaries are a TPU's or GPU's too "
-                    f"(model.attention_impl=auto runs splash on TPU and cudnn on GPU, {keeps_none})")
-        standing_in = " (in place of cudnn, which needs a GPU)" if p.get("attention_stands_in") else ""
-        return (f"{here}{standing_in}: on TPU `auto` is splash, on GPU cudnn, {keeps_none} as `{p['attention']}` "
-                "does here, so the temporaries differ there; run plan on the target for its figures and whether they "
-                "fit")
+                    f"(model.attention_impl=auto runs splash on TPU and cudnn on GPU, which keep {keeps_none})")
+        if configured == "splash":
+            return (f"{here}, the TPU kernel run by Pallas' interpreter: a TPU's temporaries differ; run plan on the "
+                    f"target for its figures and whether they fit")
+        standing_in = f" (in place of {configured}, which needs a GPU)" if p.get("attention_stands_in") else ""
+        target = ("on TPU `auto` is splash, on GPU cudnn, which keep" if configured == "auto"
+                  else f"on a GPU `{configured}` runs, which keeps")
+        return (f"{here}{standing_in}: {target} {keeps_none} as `{p['attention']}` does here, so the temporaries "
+                "differ there; run plan on the target for its figures and whether they fit")
     return "the device does not report its memory: compare the estimated peak with its capacity"

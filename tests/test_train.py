@@ -268,7 +268,8 @@ def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys, monkeypat
         "compiled for CPU devices, attention `xla`: on TPU `auto` is splash")
     assert main(["plan", "--config", TINY, "--config.model.attention_impl=cudnn"]) == 0  # a GPU config, planned here
     assert capsys.readouterr().out.splitlines()[-1].startswith(
-        "compiled for CPU devices, attention `xla` (in place of cudnn, which needs a GPU): on TPU")
+        "compiled for CPU devices, attention `xla` (in place of cudnn, which needs a GPU): on a GPU `cudnn` runs, "
+        "which keeps no")  # (it spoke of `auto`, which the config did not set)
     # with the mesh checked first (--devices): the kernel planned is checked, not the GPU's (it was refused)
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # (cmd_plan sets both for a fresh process)
     monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
@@ -276,6 +277,9 @@ def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys, monkeypat
     assert "(in place of cudnn, which needs a GPU)" in capsys.readouterr().out.splitlines()[-1]
     figures = plan(tiny_config())
     peak = figures["arguments"] + figures["outputs"] - figures["aliased"] + figures["temporaries"]
+    assert format_plan({**figures, "attention": "splash", "attention_configured": "splash"}).splitlines()[-1] == (
+        "compiled for CPU devices, attention `splash`, the TPU kernel run by Pallas' interpreter: a TPU's temporaries "
+        "differ; run plan on the target for its figures and whether they fit")  # (it said GPUs ran splash)
     for memory, verdict in ((peak, "fits"), (peak - 1, "does NOT fit")):  # as a GPU or TPU reports its memory
         assert format_plan({**figures, "device_memory": memory}).splitlines()[-1].startswith(f"{verdict}: estimated")
 
