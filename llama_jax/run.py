@@ -500,15 +500,17 @@ def _check_run_writable(workdir: Path, checkpoint, resume_from: int | None = Non
 
 def check_init_from(path: str, model: LLaMAConfig, section=None) -> dict[str, str]:
     """RunError unless `path` is a model directory with the architecture of `model` (made from the
-    config's `model` section, whose fields override even the init_from preset). Returns, by field,
+    config's `model` section, whose fields override even the init_from preset) whose tokenizer and
+    generation files such a model can use (`model_dir.check_tokenizer_files`). Returns, by field,
     `field=saved (this run: value)` for the rotary and norm settings the model was trained with
     where this run's differ (a fine-tune extending the context chooses them anew)."""
     from llama_jax.checkpoint import ARCHITECTURE_FIELDS, TRAINED_WITH_FIELDS
-    from llama_jax.model_dir import load_config
+    from llama_jax.model_dir import NOT_ITS_OWN, check_tokenizer_files, load_config
     from llama_jax.experiment import INIT_FROM_PRESET
 
     try:
         saved = load_config(path)
+        check_tokenizer_files(path, saved, NOT_ITS_OWN)  # the run keeps them for export, which would refuse them
     except (ValueError, OSError) as e:
         raise RunError(f"checkpoint.init_from: {e}") from None
     advice = "set model.preset=init_from to take its architecture, or give a model of this one"

@@ -427,6 +427,8 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
      r"holds a model with n_layers=3, but the config asks for n_layers=2; model.preset=init_from is set, but the "
      r"config also sets model.vocab_size, model.dim, model.n_layers, .* set them to None \(e.g. "
      r"--config.model.vocab_size=None\)"),
+    ("init_from end ids beyond its vocabulary", r"checkpoint.init_from: \S+/generation_config.json: eos_token_id "
+                                                r"100000 is not a token id of this model \(vocab_size 512\)$"),
     ("other param dtype on resume", r"holds float32 parameters, but the config asks for model.param_dtype=bfloat16: "
                                     r"the run's master weights would be cast; resume with model.param_dtype=float32 "
                                     r"or use another --workdir"),
@@ -451,8 +453,11 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
     (tmp_path / "empty.txt").write_text("")
     other = tmp_path / "other-model"
     if case.startswith("init_from"):
-        cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, "model.n_layers=3"))).model_config
-        save_model(other, cfg, init_params(cfg, 0))
+        shape = [] if case == "init_from end ids beyond its vocabulary" else ["model.n_layers=3"]
+        cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, *shape))).model_config
+        save_model(other, cfg, init_params(cfg, 0), tokenizer=tokenizer_path)
+    if case == "init_from end ids beyond its vocabulary":  # (it trained, then the run's export refused them)
+        (other / "generation_config.json").write_text('{"eos_token_id": 100000}\n')
     extra = {
         "missing tokenizer": [f"data.tokenizer={tmp_path / 'nope.model'}"],
         "corrupt tokenizer": [f"data.tokenizer={corrupt}"],
@@ -465,6 +470,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "missing init_from": [f"checkpoint.init_from={tmp_path / 'nope'}"],
         "init_from of another shape": [f"checkpoint.init_from={other}"],
         "init_from preset under the config's own shape": [f"checkpoint.init_from={other}", "model.preset=init_from"],
+        "init_from end ids beyond its vocabulary": [f"checkpoint.init_from={other}"],
         "other param dtype on resume": ["model.param_dtype=bfloat16"],
         "other layer layout on resume": ["model.scan_layers=False"],
         "other batch size on resume": ["train.batch_size=16"],
@@ -482,7 +488,8 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         (workdir / name).unlink()
         (workdir / name).mkdir()
     if case in ("corrupt tokenizer", "empty dataset", "missing init_from", "init_from of another shape",
-                "init_from preset under the config's own shape", "sample longer than the model"):  # a new run
+                "init_from preset under the config's own shape", "init_from end ids beyond its vocabulary",
+                "sample longer than the model"):  # a new run
         workdir = tmp_path / "fresh"
         workdir.mkdir()
     if case == "workdir path not UTF-8":
