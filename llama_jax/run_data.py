@@ -280,7 +280,7 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
     again = f"{own_copy_advice(workdir)}; or start a new run with another --workdir" if own_copy else None
     try:
         return _open(d, t, model, named, kept, kept_sha256, rows, staged,
-                     functools.partial(open_prepared, again=again), _legacy_order(info))
+                     functools.partial(open_prepared, again=again), _legacy_order(info), _vocab_remedy(config))
     except BaseException:
         discard_staged(staged)
         raise
@@ -305,8 +305,19 @@ def _check_kept_tokenizer(kept: Path, kept_sha256: str | None, info: dict) -> No
                        f"and the run copies it again from its data")
 
 
+def _vocab_remedy(config) -> str:
+    """How the error for a tokenizer with more tokens than the run's model ends: a fine-tune's
+    vocabulary is that of the model it starts from (a model.vocab_size of its own is refused)."""
+    init_from = config.checkpoint.get("init_from")
+    if not init_from:
+        return "use the model's tokenizer or a model.vocab_size of at least the tokenizer's"
+    own = Path(init_from) / "tokenizer.model"
+    return (f"a fine-tune keeps the vocabulary of checkpoint.init_from={init_from}, so give data.tokenizer"
+            + (f"={own}" if own.is_file() else " the tokenizer that model was trained with"))
+
+
 def _open(d, t, model, named, kept: Path, kept_sha256: str | None, rows, staged, open_prepared,
-          legacy_order: bool) -> RunData:
+          legacy_order: bool, vocab_remedy: str) -> RunData:
     required = kept_sha256
     opened = []
     for name, path, weight in named:
@@ -325,8 +336,7 @@ def _open(d, t, model, named, kept: Path, kept_sha256: str | None, rows, staged,
                            f"leave data.tokenizer empty (the prepared data brings its own) or prepare the data with it")
     tokenizer = load_tokenizer(tokenizer_path)
     if model is not None:
-        check_fits(tokenizer, model.vocab_size, "use the model's tokenizer or a model.vocab_size of at least the "
-                                                "tokenizer's")
+        check_fits(tokenizer, model.vocab_size, vocab_remedy)
     sources = [Source.create(name, prepared.splits["train"], weight, t.seq_len, order_seed(t.seed, i, legacy_order))
                for i, (name, prepared, weight) in enumerate(opened)]
     train = TrainRows(sources, t.seq_len, t.batch_size)

@@ -429,6 +429,9 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
      r"--config.model.vocab_size=None\)"),
     ("init_from end ids beyond its vocabulary", r"checkpoint.init_from: \S+/generation_config.json: eos_token_id "
                                                 r"100000 is not a token id of this model \(vocab_size 512\)$"),
+    ("init_from vocabulary below the tokenizer's",  # (its advice, a model.vocab_size of 512, was then refused)
+     r"the tokenizer has 512 tokens but the model's vocab_size is 400; a fine-tune keeps the vocabulary of "
+     r"checkpoint.init_from=\S+, so give data.tokenizer the tokenizer that model was trained with$"),
     ("other param dtype on resume", r"holds float32 parameters, but the config asks for model.param_dtype=bfloat16: "
                                     r"the run's master weights would be cast; resume with model.param_dtype=float32 "
                                     r"or use another --workdir"),
@@ -453,9 +456,10 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
     (tmp_path / "empty.txt").write_text("")
     other = tmp_path / "other-model"
     if case.startswith("init_from"):
-        shape = [] if case == "init_from end ids beyond its vocabulary" else ["model.n_layers=3"]
+        shape = {"init_from end ids beyond its vocabulary": [],
+                 "init_from vocabulary below the tokenizer's": ["model.vocab_size=400"]}.get(case, ["model.n_layers=3"])
         cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path, *shape))).model_config
-        save_model(other, cfg, init_params(cfg, 0), tokenizer=tokenizer_path)
+        save_model(other, cfg, init_params(cfg, 0))
     if case == "init_from end ids beyond its vocabulary":  # (it trained, then the run's export refused them)
         (other / "generation_config.json").write_text('{"eos_token_id": 100000}\n')
     extra = {
@@ -471,6 +475,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "init_from of another shape": [f"checkpoint.init_from={other}"],
         "init_from preset under the config's own shape": [f"checkpoint.init_from={other}", "model.preset=init_from"],
         "init_from end ids beyond its vocabulary": [f"checkpoint.init_from={other}"],
+        "init_from vocabulary below the tokenizer's": [f"checkpoint.init_from={other}", "model.vocab_size=400"],
         "other param dtype on resume": ["model.param_dtype=bfloat16"],
         "other layer layout on resume": ["model.scan_layers=False"],
         "other batch size on resume": ["train.batch_size=16"],
@@ -489,7 +494,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         (workdir / name).mkdir()
     if case in ("corrupt tokenizer", "empty dataset", "missing init_from", "init_from of another shape",
                 "init_from preset under the config's own shape", "init_from end ids beyond its vocabulary",
-                "sample longer than the model"):  # a new run
+                "init_from vocabulary below the tokenizer's", "sample longer than the model"):  # a new run
         workdir = tmp_path / "fresh"
         workdir.mkdir()
     if case == "workdir path not UTF-8":
