@@ -344,7 +344,8 @@ def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True,
         model = model_config(config.model, config.checkpoint.init_from, run_model)
         if config.train.seq_len > model.max_seq_len:
             raise ValueError(f"train.seq_len={config.train.seq_len} exceeds the model's "
-                             f"max_seq_len={model.max_seq_len}")
+                             f"max_seq_len={model.max_seq_len}; lower train.seq_len or raise model.max_seq_len to "
+                             f"at least it")
     optim.validate(config.optimizer, config.train.steps)
     return model
 

@@ -333,7 +333,8 @@ def test_z_loss_and_clipping_change_what_they_claim():
     (["--config.mesh.tensor=8", "--config.mesh.fsdp=1"], "model.n_heads=4 is not divisible by mesh.tensor=8"),
     (["--config.optimizer.name=sgdd"], "optimizer.name"),
     (["--config.optimizer.schedule=triangle"], "optimizer.schedule"),
-    (["--config.train.seq_len=1024"], "train.seq_len=1024 exceeds the model's max_seq_len=128"),
+    (["--config.train.seq_len=1024"], "train.seq_len=1024 exceeds the model's max_seq_len=128; lower train.seq_len "
+                                      "or raise model.max_seq_len to at least it"),
     (["--config.train.stepz=3"], "unknown config key 'train.stepz'"),
     (["--config.train.steps=abc"], "config key 'train.steps' is int"),
     (["--config.train.z_loss=-0.5"], "train.z_loss must be a number >= 0 (0: no z-loss), got -0.5"),
