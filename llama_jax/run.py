@@ -231,6 +231,19 @@ def changed_settings(saved: dict, config, was_model: dict | None = None, model: 
     return changed
 
 
+def _keep_weights_source(config, saved: dict, start: int) -> None:
+    """A resumed run's weights come from its checkpoint, not from checkpoint.init_from, which a run
+    reads only at its start: another one given now is said to go unread, and the config keeps the
+    one the run started from (config.json named the new one as if it had been taken)."""
+    was = (saved.get("checkpoint") or {}).get("init_from")
+    if was is None or config.checkpoint.init_from == was:
+        return
+    began = f"checkpoint.init_from={was}" if was else "random weights (no checkpoint.init_from)"
+    print(f"checkpoint.init_from={config.checkpoint.init_from or repr('')} is not read: the run continues from its "
+          f"checkpoint {start}, which began from {began}; config.json keeps that")
+    config.checkpoint.init_from = was
+
+
 def _order_name(stream: list) -> str:
     return f"the order {stream[0]['order']!r}" if stream[0].get("order") else "an earlier release's order"
 
@@ -867,6 +880,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 print(f"checkpoint.init_from={config.checkpoint.init_from} comes with a tokenizer other than this "
                       f"run's (data.tokenizer={config.data.tokenizer}): its token ids stand for other text here; "
                       f"to fine-tune it on its own vocabulary, give data.tokenizer={own}")
+            if resumed:
+                _keep_weights_source(config, resumed["config"], start)
             changed = changed_settings(resumed["config"], config, resumed.get("model"),
                                        json.loads(json.dumps(cfg.to_dict()))) if resumed else []
             if changed and start < t.steps:  # config.json will hold the new values: say what earlier steps ran with

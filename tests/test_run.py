@@ -352,6 +352,24 @@ def test_init_from_a_model_of_other_rotary_settings_says_so(tmp_path, tokenizer_
     assert "comes with a tokenizer" not in out  # its tokenizer is the run's
 
 
+def test_a_resume_given_another_init_from_says_it_is_not_read(tmp_path, tokenizer_path, capsys):
+    """A resumed run continues from its checkpoint: another init_from given then was listed among the
+    changed settings, and config.json named it, as if the weights had come from it."""
+    cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path))).model_config
+    save_model(tmp_path / "model", cfg, init_params(cfg, 0), tokenizer=tokenizer_path)
+    shutil.copytree(tmp_path / "model", tmp_path / "other")
+    for steps, init_from in ((1, "model"), (2, "other")):
+        assert main(train_args(tmp_path / "run", run_overrides(
+            tokenizer_path, f"train.steps={steps}", "optimizer.warmup_steps=0",
+            f"checkpoint.init_from={tmp_path / init_from}"))) == 0
+    out = capsys.readouterr().out
+    assert (f"checkpoint.init_from={tmp_path / 'other'} is not read: the run continues from its checkpoint 1, which "
+            f"began from checkpoint.init_from={tmp_path / 'model'}; config.json keeps that") in out
+    assert "checkpoint.init_from '" not in out  # not among the settings changed
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["checkpoint"]["init_from"] == \
+        str(tmp_path / "model")
+
+
 def test_init_from_preset_with_its_own_rotary_setting_says_which_key_takes_the_models(tmp_path, tokenizer_path,
                                                                                         capsys):
     """With model.preset=init_from, a rotary setting differs from the model's only because the
