@@ -593,15 +593,21 @@ def model_tokenizer(workdir: Path, tokenizer: Path | None) -> Path | None:
 
 
 def keep_model_tokenizer_files(model_dir: str, workdir: Path, tokenizer_file: Path | None) -> None:
-    """Copy into WORKDIR/tokenizer_files the tokenizer and generation files of the model a run starts
-    from, when the run trains with that model's tokenizer.model and the model has more of them
-    (generation_config.json, tokenizer.json, ...): `export` writes them with the run's parameters,
-    so a fine-tune exported and converted keeps, e.g., the end-of-sequence ids of an instruct model."""
+    """At a run's start, copy into WORKDIR/tokenizer_files the tokenizer and generation files of the
+    model it starts from (`model_dir`; "" for none), when the run trains with that model's
+    tokenizer.model and the model has more of them (generation_config.json, tokenizer.json, ...):
+    `export` writes them with the run's parameters, so a fine-tune exported and converted keeps,
+    e.g., the end-of-sequence ids of an instruct model. What an earlier start, stopped before its
+    first checkpoint, kept there is removed first (it may be another model's)."""
     from llama_jax.model_dir import TOKENIZER_FILES, copy_tokenizer_files
 
-    source, kept = Path(model_dir), workdir / MODEL_TOKENIZER_DIR
+    kept = workdir / MODEL_TOKENIZER_DIR
+    shutil.rmtree(kept, ignore_errors=True)
+    if not model_dir:
+        return
+    source = Path(model_dir)
     more = [n for n in TOKENIZER_FILES if n != RUN_TOKENIZER and (source / n).is_file()]
-    if kept.exists() or tokenizer_file is None or not more or not (source / RUN_TOKENIZER).is_file():
+    if tokenizer_file is None or not more or not (source / RUN_TOKENIZER).is_file():
         return
     partial = kept.with_name(kept.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -895,8 +901,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if start < t.steps:
                 write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         tokenizer_sha256 = data.adopt(workdir)
-        if main_process and config.checkpoint.init_from and not other_tokenizer and start == 0:
-            keep_model_tokenizer_files(config.checkpoint.init_from, workdir, data.tokenizer_file)
+        if main_process and start == 0:
+            keep_model_tokenizer_files("" if other_tokenizer else config.checkpoint.init_from, workdir,
+                                       data.tokenizer_file)
     except BaseException:
         data.discard()
         raise

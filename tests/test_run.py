@@ -370,6 +370,23 @@ def test_a_resume_given_another_init_from_says_it_is_not_read(tmp_path, tokenize
         str(tmp_path / "model")
 
 
+def test_a_start_again_keeps_the_generation_files_of_its_own_init_from(tmp_path, tokenizer_path):
+    """A run stopped before its first checkpoint and started again from another model: the end ids
+    its export writes are the second model's (the first's, kept at the first start, stayed)."""
+    cfg = build_trainer(load_config(TINY, run_overrides(tokenizer_path))).model_config
+    for name, end in (("first", 5), ("second", 9)):
+        save_model(tmp_path / name, cfg, init_params(cfg, 0), tokenizer=tokenizer_path)
+        (tmp_path / name / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, end]}))
+    run = tmp_path / "run"
+    for init_from in ("first", "second"):
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # as if stopped before its first checkpoint
+        (run / "progress.json").unlink(missing_ok=True)
+        assert main(train_args(run, run_overrides(tokenizer_path, "train.steps=1", "optimizer.warmup_steps=0",
+                                                  f"checkpoint.init_from={tmp_path / init_from}"))) == 0
+        assert json.loads((run / "tokenizer_files" / "generation_config.json").read_text()) == \
+            json.loads((tmp_path / init_from / "generation_config.json").read_text())
+
+
 def test_init_from_preset_with_its_own_rotary_setting_says_which_key_takes_the_models(tmp_path, tokenizer_path,
                                                                                         capsys):
     """With model.preset=init_from, a rotary setting differs from the model's only because the
