@@ -962,6 +962,10 @@ def test_missing_tools_are_one_line(capsys, tmp_path, monkeypatch):
     argv = ["launch", "slurm", "--", "train", "--config", "configs/tiny.py", "--workdir", str(folder)]
     assert cli.main(argv) == 2
     assert "sbatch not found on PATH" in capsys.readouterr().err
+    write_fake(empty / "sbatch", "#!/bin/sh\nexit 1\n")  # a client without srun: submitit's RuntimeError was raised
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == ("llama-jax launch: error: srun not found on PATH: submit from a SLURM login "
+                                       "node, or use --dry-run\n")
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
     assert cli.main([*argv[:2], "--dry-run", *argv[2:]]) == 2
     assert capsys.readouterr().err == ("llama-jax launch: error: SLURM launching needs submitit: "

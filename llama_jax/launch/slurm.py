@@ -107,8 +107,9 @@ def submit_array(commands: list[list[str]], folder: str | Path, *, dry_run: bool
         return [str(path)]
     parameters = _job_parameters(commands, **options)
     submitit = _import_submitit()
-    if shutil.which("sbatch") is None:
-        raise LaunchError("sbatch not found on PATH: submit from a SLURM login node, or use --dry-run")
+    for tool in ("sbatch", "srun"):  # (submitit refuses to start without srun, with a traceback)
+        if shutil.which(tool) is None:
+            raise LaunchError(f"{tool} not found on PATH: submit from a SLURM login node, or use --dry-run")
     executor = _executor(submitit, folder, dry_run=False)
     executor.update_parameters(**parameters)
     jobs = []
