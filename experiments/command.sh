@@ -20,3 +20,18 @@ fi
 case $llama_jax in
     */*) llama_jax=$(cd "$(dirname "$llama_jax")" && pwd)/$(basename "$llama_jax") ;;  # (scripts may cd)
 esac
+
+# split_arguments ARG...: the --config.* overrides among them (--config.key=value, or --config.key value as
+# llama-jax takes it) into the array train_args, the others into launch_args.
+split_arguments() {
+    launch_args=() train_args=()
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --config.*=*) train_args+=("$1") ;;
+            --config.*) train_args+=("${@:1:2}")  # the key and its value, the next argument
+                        [[ $# -lt 2 ]] || shift ;;
+            *) launch_args+=("$1") ;;
+        esac
+        shift
+    done
+}

@@ -21,12 +21,12 @@ if [ $# -lt 3 ]; then
 fi
 hf_dir=$1 data=$2 run=$3
 shift 3
-for arg in "$@"; do
-    if [[ $arg != --config.* ]]; then  # (--workdir elsewhere, say, trained a run the export then missed)
-        echo "$(basename "$0"): error: $arg: after HF_DIR DATA RUN_DIR come only --config.key=value overrides" >&2
-        exit 2
-    fi
-done
+split_arguments "$@"
+if [[ ${#launch_args[@]} -gt 0 ]]; then  # (--workdir elsewhere, say, trained a run the export then missed)
+    echo "$(basename "$0"): error: ${launch_args[0]}: after HF_DIR DATA RUN_DIR come only --config.key=value" \
+         "overrides" >&2
+    exit 2
+fi
 data=${data//\\/\\\\}  # the pattern inside a quoted Python string: backslashes and quotes escaped
 data=${data//\'/\\\'}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,6 +37,6 @@ fi
 "$llama_jax" train --config "$here/configs/finetune.py" --workdir "$run" \
     --config.checkpoint.init_from="$run/init" \
     --config.data.files="['$data']" \
-    --config.data.tokenizer="$run/init/tokenizer.model" "$@"
+    --config.data.tokenizer="$run/init/tokenizer.model" ${train_args[@]+"${train_args[@]}"}
 "$llama_jax" export --workdir "$run" --overwrite "$run/final"
 "$llama_jax" convert --from jax --to hf --verify --overwrite "$run/final" "$run/hf"

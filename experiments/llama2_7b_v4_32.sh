@@ -19,13 +19,7 @@ NAME=${NAME:-llama2-7b-v4-32}
 ZONE=${ZONE:-us-central2-b}
 WORKDIR=${WORKDIR:-/mnt/gcs/runs/llama2-7b}
 
-launch_args=() train_args=()
-for arg in "$@"; do
-    case $arg in
-        --config.*) train_args+=("$arg") ;;
-        *) launch_args+=("$arg") ;;
-    esac
-done
+split_arguments "$@"
 
 exec "$llama_jax" launch tpu --name "$NAME" --zone "$ZONE" --accelerator v4-32 \
     ${launch_args[@]+"${launch_args[@]}"} \

@@ -20,13 +20,7 @@ NAME=${NAME:-llama3-8b-v5p}
 ZONE=${ZONE:-us-east5-a}
 WORKDIR=${WORKDIR:-/mnt/gcs/runs/llama3-8b-cpt}
 
-launch_args=() train_args=()
-for arg in "$@"; do
-    case $arg in
-        --config.*) train_args+=("$arg") ;;
-        *) launch_args+=("$arg") ;;
-    esac
-done
+split_arguments "$@"
 
 exec "$llama_jax" launch tpu --name "$NAME" --zone "$ZONE" --accelerator v5p-64 \
     ${launch_args[@]+"${launch_args[@]}"} \

@@ -22,13 +22,7 @@ cd "$(dirname "$0")/.."  # the job runs where it was submitted: configs/ and rel
 
 WORKDIR=${WORKDIR:-runs/tinyllama}  # (the default: in this checkout)
 
-launch_args=() train_args=()
-for arg in "$@"; do
-    case $arg in
-        --config.*) train_args+=("$arg") ;;
-        *) launch_args+=("$arg") ;;
-    esac
-done
+split_arguments "$@"
 
 exec "$llama_jax" launch slurm --nodes 2 --gpus-per-node 8 --time-min 1440 \
     ${launch_args[@]+"${launch_args[@]}"} \

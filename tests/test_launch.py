@@ -993,27 +993,29 @@ def script_env(tmp_path):
     ("llama3_8b_v5p.sh", "v5p-64", 8, "configs/llama3_8b_v5p.py"),
 ])
 def test_tpu_experiment_scripts_dry_run(script, accelerator, workers, config, script_env, tmp_path):
-    done = subprocess.run([str(ROOT / "experiments" / script), "--dry-run", "--spot", "--config.train.log_every=7"],
+    done = subprocess.run([str(ROOT / "experiments" / script), "--dry-run", "--config.train.seed", "3", "--spot",
+                           "--config.train.log_every=7"],  # (the seed's value went to the launcher, which refused it)
                           env=script_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"{accelerator}: " in done.stdout and f"on {workers} workers" in done.stdout
     commands = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("gcloud ")]
     assert "--spot" in commands[0] and flag(commands[0], "--accelerator-type") == accelerator
     run = flag(commands[-1], "--command")
-    assert f"train --config {config} --workdir {tmp_path / 'run'} --config.train.log_every=7" in run
+    assert f"train --config {config} --workdir {tmp_path / 'run'} --config.train.seed 3 --config.train.log_every=7" \
+        in run
     assert not (tmp_path / "gcloud-was-called").exists()
 
 
 def test_slurm_experiment_script_dry_run(script_env, tmp_path):
-    done = subprocess.run([str(ROOT / "experiments" / "tinyllama_slurm.sh"), "--dry-run", "--partition", "gpu",
-                           "--config.train.log_every=7"], env=script_env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([str(ROOT / "experiments" / "tinyllama_slurm.sh"), "--dry-run", "--config.train.seed", "3",
+                           "--partition", "gpu", "--config.train.log_every=7"], env=script_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     script = (tmp_path / "run" / "slurm" / slurm.DRY_RUN_SCRIPT).read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
     assert "#SBATCH --partition=gpu" in script
-    assert (f"train --config configs/tinyllama_1b_8gpu.py --workdir {tmp_path / 'run'} --config.train.log_every=7"
-            in script)
+    assert (f"train --config configs/tinyllama_1b_8gpu.py --workdir {tmp_path / 'run'} --config.train.seed 3 "
+            f"--config.train.log_every=7" in script)
 
 
 def test_a_slurm_task_count_that_is_not_a_number_is_named(monkeypatch, capsys, tmp_path):

@@ -1069,6 +1069,21 @@ def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenize
     assert printed[0] == printed[1] and len(printed[1]) < 12
 
 
+def test_finetune_experiment_passes_an_override_and_its_value_given_apart(tmp_path):
+    """llama-jax takes --config.key value as well as --config.key=value: finetune_hf.sh refused the
+    value as an argument of its own. (The commands it runs are recorded, not run.)"""
+    calls = tmp_path / "calls"
+    command = tmp_path / "llama-jax"
+    command.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{calls}'\n")
+    command.chmod(0o755)
+    done = subprocess.run([str(ROOT / "experiments" / "finetune_hf.sh"), "hf", "data/*.jsonl", "run",
+                           "--config.train.steps", "3", "--config.train.seed=1"], cwd=tmp_path,
+                          env=dict(os.environ, LLAMA_JAX=str(command)), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    train = calls.read_text().splitlines()[1]
+    assert train.startswith("train ") and train.endswith(" --config.train.steps 3 --config.train.seed=1")
+
+
 def test_export_of_an_unscanned_run(tmp_path):
     overrides = ["model.scan_layers=False", "train.steps=2", "optimizer.warmup_steps=1", "checkpoint.every=2"]
     config = load_config(TINY, overrides)
