@@ -2,8 +2,10 @@
 
 Starts from converted weights (`llama-jax convert --from hf --to jax ...`), short warmup,
 warmup-stable-decay schedule at a continued-pre-training learning rate, z-loss for stability.
+Global batch 128 x 8192 tokens (1M tokens/step). The plan below leaves out init_from, which it
+would read (and which is only on the bucket, once converted): the preset is the same model.
 
-    llama-jax plan --config configs/llama3_8b_v5p.py --devices 32
+    llama-jax plan --config configs/llama3_8b_v5p.py --devices 32 --config.checkpoint.init_from=
     llama-jax train --config configs/llama3_8b_v5p.py --workdir /mnt/gcs/runs/llama3-8b-cpt
 
 Paths are on a bucket mounted with gcsfuse at /mnt/gcs on every worker. The tokens are prepared
