@@ -539,6 +539,17 @@ def fake_slurm(tmp_path, monkeypatch):
     return submitted
 
 
+def test_a_refused_submission_says_so_and_leaves_no_job_files(fake_slurm, tmp_path):
+    """(sbatch exiting 1 silently gave `sbatch failed: FailedJobError('')`, and left the jobs'
+    pickles in the folder.)"""
+    write_fake(tmp_path / "bin" / "sbatch", "#!/bin/sh\nexit 1\n")
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "notes.txt").write_text("mine\n")
+    with pytest.raises(slurm.LaunchError, match=r"^sbatch failed: it printed no reason$"):
+        slurm.submit_array([["true"], ["false"]], tmp_path / "jobs", nodes=1)
+    assert [p.name for p in (tmp_path / "jobs").iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.parametrize("count", [1, 3])
 def test_dry_run_shows_exactly_what_is_submitted(fake_slurm, tmp_path, count):
     commands = [[sys.executable, "-c", f"open({str(tmp_path / f'ran{i}')!r}, 'w').write('yes')"]

@@ -112,13 +112,18 @@ def submit_array(commands: list[list[str]], folder: str | Path, *, dry_run: bool
             raise LaunchError(f"{tool} not found on PATH: submit from a SLURM login node, or use --dry-run")
     executor = _executor(submitit, folder, dry_run=False)
     executor.update_parameters(**parameters)
+    before = set(Path(folder).iterdir()) if Path(folder).is_dir() else set()
     jobs = []
     try:
         with executor.batch():
             for argv in commands:
                 jobs.append(executor.submit(JobCommand(list(argv))))
     except submitit.core.utils.FailedJobError as e:
-        raise LaunchError(f"sbatch failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}") from None
+        for left in set(Path(folder).iterdir()) - before:  # the jobs' pickles and script, for no job
+            if left.is_file():
+                left.unlink()
+        said = str(e).strip().splitlines()[-1] if str(e).strip() else "it printed no reason"
+        raise LaunchError(f"sbatch failed: {said}") from None
     return [job.job_id for job in jobs]
 
 
