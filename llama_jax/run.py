@@ -35,20 +35,22 @@ from orbax.checkpoint import utils as ocp_utils
 
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
-from llama_jax.checkpoint import (CheckpointDamaged, RunCheckpoints, check_same_architecture, check_step_names,
-                                  load_model, retention_deletes, tree_paths)
+from llama_jax.checkpoint import (ARCHITECTURE_FIELDS, TRAINED_WITH_FIELDS, CheckpointDamaged, RunCheckpoints,
+                                  check_same_architecture, check_step_names, load_model, retention_deletes, save_model,
+                                  tree_paths)
 from llama_jax.config import LLaMAConfig
 from llama_jax.devices import computation_failed
 from llama_jax.eval_files import RUN_EVAL_FILE
 from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
-from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate
-from llama_jax.safe_io import (SET_ASIDE_DIR, DirectoryLock, atomic_file, check_outside_runs_and_models,
-                               check_run_config, check_writable, file_in_the_way, holds_lock, holds_no_run, holds_run,
-                               non_utf8_path, run_directory_problem, sha256_file, write_text_atomic)
+from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate, prepared_dirs
+from llama_jax.safe_io import (SET_ASIDE_DIR, DirectoryLock, atomic_file, check_destination,
+                               check_outside_runs_and_models, check_run_config, check_writable, file_in_the_way,
+                               holds_lock, holds_no_run, holds_run, non_utf8_path, run_directory_problem, sha256_file,
+                               write_text_atomic)
 from llama_jax.sharding import process_rows, tree_shardings
-from llama_jax.sweep import check_trial_settings
+from llama_jax.sweep import SPEC_FILE, check_trial_settings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
 PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
@@ -255,8 +257,6 @@ def check_named_data(workdir: Path, recorded: list | None, stream: list | None, 
     data of that name, and data prepared again in place holds other documents."""
     if recorded is None or stream is None or _same_stream(recorded, stream):
         return
-    from llama_jax.run_data import DATA_DIR, prepared_dirs
-
     if data_config.get("source") == "prepared":
         paths = [path for _, path, _ in prepared_dirs(data_config)]
     else:  # a raw source, read from the run's own prepared copy of it
@@ -476,8 +476,6 @@ def check_workdir(workdir: Path) -> None:
                            f"after the checkpoint), so move it away or use another --workdir")
     if not workdir.exists() or holds_run(workdir):
         return
-    from llama_jax.sweep import SPEC_FILE
-
     if (workdir / SPEC_FILE).exists():
         raise RunError(f"--workdir {workdir} holds a sweep ({SPEC_FILE}; its trials run in directories of their own "
                        f"inside it); use a new or empty directory")
@@ -517,9 +515,7 @@ def check_init_from(path: str, model: LLaMAConfig, section=None) -> dict[str, st
     generation files such a model can use (`model_dir.check_tokenizer_files`). Returns, by field,
     `field=saved (this run: value)` for the rotary and norm settings the model was trained with
     where this run's differ (a fine-tune extending the context chooses them anew)."""
-    from llama_jax.checkpoint import ARCHITECTURE_FIELDS, TRAINED_WITH_FIELDS
     from llama_jax.model_dir import NOT_ITS_OWN, check_tokenizer_files, load_config
-    from llama_jax.experiment import INIT_FROM_PRESET
 
     try:
         saved = load_config(path)
@@ -569,9 +565,7 @@ def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, 
     """Write the parameters of a run's checkpoint (default: the latest) as a model directory
     (`save_model`), with the tokenizer the run used; `llama-jax convert --from jax` takes it on
     to Hugging Face or Meta format. Returns (path, step, config)."""
-    from llama_jax.checkpoint import save_model
     from llama_jax.model_dir import MODEL_DIR
-    from llama_jax.safe_io import check_destination
 
     workdir = Path(workdir).absolute()
     checkpoint_step(workdir, step)  # a run holding that step, before the destination is looked at
