@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import os
 import shutil
@@ -29,7 +28,7 @@ from jax.experimental import multihost_utils
 from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import ORDER, Source, TrainRows, order_seed
-from llama_jax.prepare import MANIFEST, read_from
+from llama_jax.prepare import MANIFEST, open_prepared, read_from
 from llama_jax.safe_io import (RUN_DATA_DIR, copy_file_atomic, owned_temp_directory, saved_run_setting, sha256_file,
                                signals_held)
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
@@ -257,7 +256,6 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
     of each global batch this process feeds (`sharding.process_rows`; None: all of them).
     `runs_own`: the data section is the run's own (default: equal to its config.json's)."""
     from llama_jax.experiment import check_run_source
-    from llama_jax.prepare import open_prepared
     from llama_jax.run import readable_run_info
 
     d, t = config.data, config.train
@@ -279,8 +277,8 @@ def build_data(config, model: LLaMAConfig | None, workdir: Path, rows: Sequence[
     own_copy = d.source != "prepared" and staged is None  # (its damage found on opening, or on reading an index)
     again = f"{own_copy_advice(workdir)}; or start a new run with another --workdir" if own_copy else None
     try:
-        return _open(d, t, model, named, kept, kept_sha256, rows, staged,
-                     functools.partial(open_prepared, again=again), _legacy_order(info), _vocab_remedy(config))
+        return _open(d, t, model, named, kept, kept_sha256, rows, staged, again, _legacy_order(info),
+                     _vocab_remedy(config))
     except BaseException:
         discard_staged(staged)
         raise
@@ -316,12 +314,12 @@ def _vocab_remedy(config) -> str:
             + (f"={own}" if own.is_file() else " the tokenizer that model was trained with"))
 
 
-def _open(d, t, model, named, kept: Path, kept_sha256: str | None, rows, staged, open_prepared,
+def _open(d, t, model, named, kept: Path, kept_sha256: str | None, rows, staged, again: str | None,
           legacy_order: bool, vocab_remedy: str) -> RunData:
     required = kept_sha256
     opened = []
     for name, path, weight in named:
-        prepared = open_prepared(path, required)
+        prepared = open_prepared(path, required, again=again)
         required = required or prepared.tokenizer_sha256
         opened.append((name, prepared, weight))
     tokenizer_path = opened[0][1].tokenizer_path
