@@ -857,43 +857,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         if main_process:
             workdir.mkdir(parents=True, exist_ok=True)
             lock.acquire()  # a workdir that did not exist before is locked once created
-            set_aside = set_aside_after(workdir, start) if resume_from is not None else []
-            if set_aside:
-                print(f"resuming from checkpoint {start}; checkpoints moved to {workdir / SET_ASIDE_DIR}: "
-                      f"{', '.join(p.name for p in set_aside)}")
-            moved = set_aside_metrics_after(workdir, start)
-            if moved:
-                print(f"{'no checkpoint: starting from step 0' if start == 0 else f'resuming from step {start}'}; "
-                      f"the {len(moved)} metrics records of steps {moved[0]}-{moved[-1]} logged after it moved to "
-                      f"{workdir / SET_ASIDE_DIR / METRICS_FILE}")
-            results = set_aside_results_after(workdir, start)
-            if results:
-                print(f"eval results of steps after {start} moved to {workdir / SET_ASIDE_DIR}: {', '.join(results)}")
-            if differences:  # chosen anew on purpose (a longer context), or a preset's value by mistake
-                # with the init_from preset, only the config's own fields differ from the model's
-                own = "model.preset=init_from" if config.model.preset != INIT_FROM_PRESET else \
-                    " and ".join(f"model.{field}=None" for field in differences)
-                print(f"checkpoint.init_from={config.checkpoint.init_from} was trained with "
-                      f"{', '.join(differences.values())}; {own} takes the model's own")
-            if other_tokenizer:  # a new vocabulary on purpose, or the wrong tokenizer by mistake
-                own = Path(config.checkpoint.init_from) / "tokenizer.model"
-                print(f"checkpoint.init_from={config.checkpoint.init_from} comes with a tokenizer other than this "
-                      f"run's (data.tokenizer={config.data.tokenizer}): its token ids stand for other text here; "
-                      f"to fine-tune it on its own vocabulary, give data.tokenizer={own}")
-            if resumed:
-                _keep_weights_source(config, resumed["config"], start)
-            changed = changed_settings(resumed["config"], config, resumed.get("model"),
-                                       json.loads(json.dumps(cfg.to_dict()))) if resumed else []
-            if changed and start < t.steps:  # config.json will hold the new values: say what earlier steps ran with
-                print(f"resuming from checkpoint {start} with settings changed since it was saved: "
-                      f"{', '.join(changed)}" + ("; the learning-rate schedule is recomputed over the new "
-                                                  "train.steps" if any(c.startswith("train.steps") for c in changed)
-                                                 else ""))
-            elif changed:  # nothing left to train: the run's config stays the one it ran with
-                print(f"nothing is left to train, so config.json keeps the settings the run ran with, not these "
-                      f"changed since checkpoint {start}: {', '.join(changed)}")
-            if start < t.steps:
-                write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+            _set_aside_later_steps(workdir, start, resume_from)
+            _say_init_from_differs(config, differences, other_tokenizer)
+            _write_run_config(config, cfg, workdir, start, resumed)
         tokenizer_sha256 = data.adopt(workdir)
         if main_process and start == 0:
             keep_model_tokenizer_files("" if other_tokenizer else config.checkpoint.init_from, workdir,
@@ -1036,6 +1002,60 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         with contextlib.suppress(OSError):  # also when an error ends the run (which this must not hide)
             record_progress(workdir, recorded)
     return RunResult(logged, step, False, eval_metrics, text, data)
+
+
+def _set_aside_later_steps(workdir: Path, start: int, resume_from: int | None) -> None:
+    """Move into WORKDIR/checkpoints-set-aside/ what comes after `start`, the step the run continues
+    from: the checkpoints after a --resume-from step, and the metrics records and eval results of
+    later steps; each said in a line."""
+    set_aside = set_aside_after(workdir, start) if resume_from is not None else []
+    if set_aside:
+        print(f"resuming from checkpoint {start}; checkpoints moved to {workdir / SET_ASIDE_DIR}: "
+              f"{', '.join(p.name for p in set_aside)}")
+    moved = set_aside_metrics_after(workdir, start)
+    if moved:
+        print(f"{'no checkpoint: starting from step 0' if start == 0 else f'resuming from step {start}'}; "
+              f"the {len(moved)} metrics records of steps {moved[0]}-{moved[-1]} logged after it moved to "
+              f"{workdir / SET_ASIDE_DIR / METRICS_FILE}")
+    results = set_aside_results_after(workdir, start)
+    if results:
+        print(f"eval results of steps after {start} moved to {workdir / SET_ASIDE_DIR}: {', '.join(results)}")
+
+
+def _say_init_from_differs(config, differences: dict[str, str], other_tokenizer: bool) -> None:
+    """Say how the model of checkpoint.init_from differs from this run's: the rotary and norm settings
+    it was trained with (`check_init_from`'s `differences`), and a tokenizer other than the run's."""
+    if differences:  # chosen anew on purpose (a longer context), or a preset's value by mistake
+        # with the init_from preset, only the config's own fields differ from the model's
+        own = "model.preset=init_from" if config.model.preset != INIT_FROM_PRESET else \
+            " and ".join(f"model.{field}=None" for field in differences)
+        print(f"checkpoint.init_from={config.checkpoint.init_from} was trained with "
+              f"{', '.join(differences.values())}; {own} takes the model's own")
+    if other_tokenizer:  # a new vocabulary on purpose, or the wrong tokenizer by mistake
+        own = Path(config.checkpoint.init_from) / "tokenizer.model"
+        print(f"checkpoint.init_from={config.checkpoint.init_from} comes with a tokenizer other than this "
+              f"run's (data.tokenizer={config.data.tokenizer}): its token ids stand for other text here; "
+              f"to fine-tune it on its own vocabulary, give data.tokenizer={own}")
+
+
+def _write_run_config(config, model: LLaMAConfig, workdir: Path, start: int, resumed: dict | None) -> None:
+    """Write the config the run continues with as WORKDIR/config.json, unless nothing is left to
+    train, after saying which settings changed since checkpoint `start` (`resumed`: the run
+    information saved with it; None for a new run) and keeping the run's checkpoint.init_from."""
+    if resumed:
+        _keep_weights_source(config, resumed["config"], start)
+    changed = changed_settings(resumed["config"], config, resumed.get("model"),
+                               json.loads(json.dumps(model.to_dict()))) if resumed else []
+    if changed and start < config.train.steps:  # config.json will hold the new values: say what earlier steps ran with
+        print(f"resuming from checkpoint {start} with settings changed since it was saved: "
+              f"{', '.join(changed)}" + ("; the learning-rate schedule is recomputed over the new "
+                                          "train.steps" if any(c.startswith("train.steps") for c in changed)
+                                         else ""))
+    elif changed:  # nothing left to train: the run's config stays the one it ran with
+        print(f"nothing is left to train, so config.json keeps the settings the run ran with, not these "
+              f"changed since checkpoint {start}: {', '.join(changed)}")
+    if start < config.train.steps:
+        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
 
 
 FAILED_RUN_BARRIER_S = 10  # how long a failed process of a multi-process run waits for the others
