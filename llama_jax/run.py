@@ -8,9 +8,12 @@ step and returns cleanly.
 
 Workdir layout: config.json (resolved config), checkpoints/<step>/{state,run}, progress.json (the
 newest committed step, so a lost checkpoint is noticed), metrics.jsonl, TensorBoard event files,
-tokenizer.model (the run's own copy of its tokenizer), loss.png. Everything that bad input can
-make fail is decided before the first write; a damaged latest checkpoint stops the run with the
-newest intact step named, and `resume_from` continues from it (later steps are moved aside).
+tokenizer.model (the run's own copy of its tokenizer), loss.png; data/ (a raw text source
+prepared for the run), tokenizer_files/ (a fine-tune's copy of its model's tokenizer and
+generation files), checkpoints-set-aside/ (what a resume no longer continues from) and profile/
+(train.profile_steps' traces) where they apply. Everything that bad input can make fail is
+decided before the first write; a damaged latest checkpoint stops the run with the newest intact
+step named, and `resume_from` continues from it (later steps are moved aside).
 """
 
 from __future__ import annotations
