@@ -292,7 +292,9 @@ def readable_run_info(workdir: Path, newest_only: bool = False) -> dict:
     `newest_only`: {} then)."""
     try:
         steps = committed_steps(workdir)
-        with _reader(workdir) if steps else contextlib.nullcontext() as checkpoints:
+        if not steps:
+            return {}
+        with _reader(workdir) as checkpoints:
             for step in reversed(steps[-1:] if newest_only else steps):
                 with contextlib.suppress(CheckpointDamaged, OSError):
                     return checkpoints.run_info(step)
