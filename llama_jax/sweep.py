@@ -414,7 +414,6 @@ class Running:
     trial: Trial
     directory: Path
     process: subprocess.Popen
-    slot: int
     started: float
     optuna_trial: Any = None
     reported_steps: set[int] = dataclasses.field(default_factory=set)  # what the study holds for the trial
@@ -678,7 +677,7 @@ class Sweep:
         with open(directory / LOG_FILE, "ab") as log, signals_held():
             process = subprocess.Popen(trial_command(self.spec, trial, directory, data=self.data), stdout=log,
                                        stderr=subprocess.STDOUT, env=env, preexec_fn=_trial_setup())
-            running[slot] = Running(trial, directory, process, slot, started, optuna_trial, reported)
+            running[slot] = Running(trial, directory, process, started, optuna_trial, reported)
 
     def _report(self, active: Running) -> None:
         """Feed the run's new losses to the Optuna pruner; stop the run if it says so."""

@@ -565,7 +565,7 @@ def test_a_trial_the_pruner_stopped_is_pruned_unless_it_had_finished(tmp_path, c
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s, "eval_loss": 5.5 - s}) + "\n"
                                                for s in range(1, committed + 1)))
     active = sweep_lib.Running(sweep_lib.Trial(0, {"optimizer.lr": 1e-3}), run,
-                               types.SimpleNamespace(returncode=returncode), 0, 0.0, pruned=True)
+                               types.SimpleNamespace(returncode=returncode), 0.0, pruned=True)
     printed = []
     spec = sweep_lib.SweepSpec("experiment.py", (), {"optimizer.lr": "Grid(values=(0.001,))"}, "optuna", 1, 0)
     sweep_lib.Sweep._finish(types.SimpleNamespace(objective="eval_loss", out=printed.append, spec=spec), active, None)
