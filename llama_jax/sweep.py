@@ -174,7 +174,7 @@ def _checked(kind: str, args: tuple) -> Space:
         if low < -2**63 or high >= 2**63:
             raise SweepError(f"int({low}, {high}): needs bounds that fit in 64 bits, -2**63 <= low < high < 2**63")
         return IntRange(low, high)
-    return {"uniform": Uniform, "loguniform": LogUniform}[kind](float(low), float(high))
+    return _DISTRIBUTIONS[kind](float(low), float(high))
 
 
 def _holds_nul(value: Any) -> bool:
@@ -267,7 +267,7 @@ def _declared_axes(config_path: str) -> dict[str, Space]:
                 space = grid(*space)
             elif isinstance(space, str):
                 space = parse_axis(f"{key}={space}")[1]
-            elif not isinstance(space, (Grid, Uniform, LogUniform, IntRange)):
+            elif not isinstance(space, Space):
                 raise SweepError("must be a list or a llama_jax.sweep space")
         except SweepError as e:
             raise SweepError(f"{config_path}: get_sweep()[{key!r}]: {str(e).replace('--sweep ', '')}") from None
