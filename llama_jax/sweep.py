@@ -35,9 +35,10 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from llama_jax.experiment import (LATER_KEYS, NOT_A_LITERAL, _failure, _parse, apply_override, config_module,
-                                  load_config, value_at)
-from llama_jax.safe_io import holds_lock, holds_run, signals_held, write_text_atomic
+from llama_jax.experiment import (LATER_KEYS, NOT_A_LITERAL, _failure, _parse, apply_override, check_experiment,
+                                  config_module, load_config, value_at)
+from llama_jax.safe_io import (DirectoryLock, check_outside_runs_and_models, check_writable, holds_lock, holds_run,
+                               real_path, saved_run_setting, signals_held, write_text_atomic)
 
 SEARCHES = ("grid", "random", "optuna")
 SPEC_FILE = "sweep.json"  # what the sweep is: a workdir holds one sweep
@@ -387,8 +388,6 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
     An Optuna search (no trials listed yet) is checked at each axis's ends, the others at their first.
     `started`: the names of trials whose directory holds a run; as `train` does on resuming one, their
     `checkpoint.init_from` is not read (the run's checkpoints hold its architecture)."""
-    from llama_jax.experiment import check_experiment
-
     if trials:
         probes = trials
     else:
@@ -451,8 +450,6 @@ def shared_data(config, axes: dict, workdir: Path) -> list[str]:
 def _trials_read(workdir: Path, data: Path) -> bool:
     """Whether a trial of the sweep in `workdir` has started on the prepared directory `data` (its
     run's config.json names it): one removed since (damaged, say) is prepared there again."""
-    from llama_jax.safe_io import saved_run_setting
-
     return any(saved_run_setting(trial, "data", "path") == str(data) for trial in trial_directories(workdir))
 
 
@@ -1012,8 +1009,6 @@ def _same_overrides(saved: Any, given: Sequence[str]) -> bool:
 def _same_file(saved: Any, given: str) -> bool:
     """Whether sweep.json's config path and the one given name the same file (through `..` or
     symlinks, say); its settings are compared apart (config_sha256)."""
-    from llama_jax.safe_io import real_path
-
     return isinstance(saved, str) and real_path(saved) == real_path(given)
 
 
@@ -1057,7 +1052,6 @@ def check_workdir(workdir: Path, spec: SweepSpec, saved: dict, probe: bool = Tru
     holds a sweep none of whose trials has started (a sweep that stopped at a check or while
     preparing its data may be given again with other arguments). `probe`: as `check_writable`'s."""
     from llama_jax.launch.slurm import WORKDIR_FOLDER
-    from llama_jax.safe_io import check_outside_runs_and_models, check_writable
 
     if workdir.exists() and not workdir.is_dir():
         raise SweepError(f"--workdir {workdir} is a file, not a directory")
@@ -1108,8 +1102,6 @@ def run_sweep(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: str | o
               devices_per_run: int | None = None, out=print) -> None:
     """Run the trials that are not finished yet (a re-run skips done and pruned ones and resumes the rest).
     One sweep at a time in a workdir: it holds the directory's lock (`safe_io.DirectoryLock`)."""
-    from llama_jax.safe_io import DirectoryLock
-
     workdir = Path(workdir).absolute()
     sweep = Sweep(spec, workdir, axes, parallel, devices_per_run, out)
     new_workdir = not workdir.exists()
