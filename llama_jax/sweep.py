@@ -811,6 +811,14 @@ def optuna_trials(study, axes: dict[str, Space], n: int) -> Iterator[Trial]:
         yield Trial(asked.number, {key: space.suggest(asked, key) for key, space in axes.items()})
 
 
+def _study_trials(study, axes: dict[str, Space], states: tuple) -> Iterator[tuple[Any, Trial]]:
+    """The study's trials in `states` that hold a value of every axis: each as the study keeps it,
+    and as the sweep's Trial."""
+    for frozen in study.get_trials(deepcopy=False, states=states):
+        if all(key in frozen.params for key in axes):
+            yield frozen, Trial(frozen.number, {key: frozen.params[key] for key in axes})
+
+
 def tell_recorded_outcomes(study, sweep: Sweep) -> None:
     """Tell the study the outcome of each trial it holds as running whose record says it ended (a
     sweep killed between writing a trial's record and telling the study): resumed, it would run
@@ -819,10 +827,8 @@ def tell_recorded_outcomes(study, sweep: Sweep) -> None:
 
     from llama_jax.results import run_outcome
 
-    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if not all(key in frozen.params for key in sweep.axes):
-            continue
-        directory = sweep.directory(Trial(frozen.number, {key: frozen.params[key] for key in sweep.axes}))
+    for frozen, trial in _study_trials(study, sweep.axes, (optuna.trial.TrialState.RUNNING,)):
+        directory = sweep.directory(trial)
         status = read_trial(directory).get("status")
         if status in (*FINISHED, "failed"):
             tell(study, optuna.trial.Trial(study, frozen._trial_id), status,
@@ -838,10 +844,7 @@ def rewrite_lost_records(study, sweep: Sweep) -> None:
     from llama_jax.results import finished_status, run_outcome
 
     states = optuna.trial.TrialState
-    for frozen in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL)):
-        if not all(key in frozen.params for key in sweep.axes):
-            continue
-        trial = Trial(frozen.number, {key: frozen.params[key] for key in sweep.axes})
+    for frozen, trial in _study_trials(study, sweep.axes, (states.COMPLETE, states.PRUNED, states.FAIL)):
         directory = sweep.directory(trial)
         if not directory.is_dir() or read_trial(directory):
             continue
