@@ -1174,8 +1174,8 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
         raise SweepError("--on slurm runs grid and random searches (an Optuna search decides each trial from the "
                          "ones before it, so it runs trials itself: use --on local)")
     workdir = Path(workdir).absolute()
-    numbered = spec.search != "grid"
-    todo, queued = unfinished_on_slurm(listed, {t.number: workdir / t.name(axes, numbered) for t in listed}, dry_run)
+    directories = {t.number: workdir / t.name(axes, numbered=spec.search != "grid") for t in listed}
+    todo, queued = unfinished_on_slurm(listed, directories, dry_run)
     waiting = f"; {len(queued)} trial(s) still queued or running (jobs {', '.join(queued)}) are not submitted " \
               f"again" if queued else ""
     if not todo:
@@ -1183,7 +1183,7 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
             write_text_atomic(workdir / SPEC_FILE, spec.to_json())
         return f"every trial of {workdir} has finished or is queued{waiting}; llama-jax sweep --workdir " \
                f"{workdir} --report collects the results"
-    commands = [trial_command(spec, t, workdir / t.name(axes, numbered)) for t in todo]
+    commands = [trial_command(spec, t, directories[t.number]) for t in todo]
     if dry_run:
         script = slurm.array_script(commands, workdir / slurm.WORKDIR_FOLDER, **job)
         return f"# the sbatch script of {len(commands)} trial(s) (not submitted)\n{script}"
@@ -1197,9 +1197,8 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
         raise
     write_text_atomic(workdir / SPEC_FILE, spec.to_json())
     for trial, job_id in zip(todo, job_ids):
-        directory = workdir / trial.name(axes, numbered)
-        directory.mkdir(exist_ok=True)
-        write_trial(directory, trial, "submitted", spec, job=job_id)
+        directories[trial.number].mkdir(exist_ok=True)
+        write_trial(directories[trial.number], trial, "submitted", spec, job=job_id)
     return (f"submitted {len(job_ids)} trial(s) as SLURM job array {job_ids[0].split('_')[0]}{waiting}; "
             f"llama-jax sweep --workdir {workdir} --report collects the results")
 
