@@ -462,12 +462,11 @@ def prepare_shared_data(data_config, workdir: Path, out=print, every_trial_start
     from llama_jax.tokenizer import tokenizer_file
 
     data, named = workdir / DATA_DIR, data_config.get("tokenizer")
-    if every_trial_started and (data / MANIFEST).is_file() and named and named != "train" and \
-            not tokenizer_file(named).exists():
+    prepared = (data / MANIFEST).is_file()
+    if every_trial_started and prepared and named and named != "train" and not tokenizer_file(named).exists():
         out(f"data.tokenizer={named} no longer exists; every trial has started, with the copy prepared in {data}")
         data_config = data_config.copy_and_resolve_references()
         data_config.tokenizer = str(data / TOKENIZER)
-    prepared = (data / MANIFEST).is_file()
     if not prepared:
         out(f"preparing data.source={data_config.source} once for every trial, into {data}")
     prepare_data(data_config, data, progress=True, elsewhere="use another --workdir")
