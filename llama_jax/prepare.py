@@ -687,7 +687,11 @@ def _check_settings(manifest: dict, data_config, what: str, advice: str, runs_ow
     if not runs_own:
         _check_same_documents(recorded_documents(manifest), data_config, what, advice)
     recorded = _recorded_tokenizer(manifest["tokenizer"]["sha256"], manifest.get("data") or {})
-    request = requested_tokenizer(data_config)
+    _check_same_tokenizer(recorded, requested_tokenizer(data_config), data_config, what, advice)
+
+
+def _check_same_tokenizer(recorded: TokenizerChoice, request: TokenizerChoice, data_config, what: str,
+                          advice: str) -> None:
     if not request.matches(recorded):
         raise ValueError(f"{what} with another tokenizer ({recorded.describe()}) than "
                          f"data.tokenizer={data_config.get('tokenizer')} ({request.describe()}); {advice}")
@@ -736,9 +740,7 @@ def _check_partial(out: Path, data_config, request: TokenizerChoice, corpus: Cor
                          f"remove {out} to prepare it again")
     advice = f"resume with the same settings, or remove {out} to prepare it again"
     _check_same_documents(settings, data_config, f"{out} was started", advice)
-    if not request.matches(recorded):
-        raise ValueError(f"{out} was started with another tokenizer ({recorded.describe()}) than data.tokenizer="
-                         f"{data_config.get('tokenizer')} ({request.describe()}); {advice}")
+    _check_same_tokenizer(recorded, request, data_config, f"{out} was started", advice)
     if shard_tokens is not None and record["shard_tokens"] != shard_tokens:
         raise ValueError(f"{out} was started with shard_tokens={record['shard_tokens']}, not {shard_tokens}; "
                          f"resume with --shard-tokens {record['shard_tokens']}, or remove {out} to prepare it again")
