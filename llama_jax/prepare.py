@@ -101,7 +101,6 @@ class Corpus:
 
     indices: dict[str, np.ndarray]
     read: Callable[[str, int], Iterator[tuple[int, str]]]
-    origin: str
     sha256: str | None = None  # fingerprint of the documents, for sources that have one (files, stdlib)
 
     def documents(self, split: str, start: int = 0) -> Iterator[tuple[int, str]]:
@@ -134,7 +133,7 @@ def open_corpus(data_config, output: Path | None = None) -> Corpus:
     def read(split: str, start: int) -> Iterator[tuple[int, str]]:
         return ((int(i), sources[split][int(i)]) for i in indices[split][start:])
 
-    return Corpus(indices, read, origin, getattr(train, "sha256", None))
+    return Corpus(indices, read, getattr(train, "sha256", None))
 
 
 def _streamed_corpus(data_config, output: Path | None) -> Corpus:
@@ -173,7 +172,7 @@ def _streamed_corpus(data_config, output: Path | None) -> Corpus:
         if read_count != count or again.digest() != digest.digest():
             raise changed
 
-    return Corpus(indices, read, origin, digest.hexdigest())
+    return Corpus(indices, read, digest.hexdigest())
 
 
 def _fingerprint(digest, text: str) -> None:
