@@ -675,8 +675,7 @@ def check_prepared(out: Path, data_config, what: str | None, advice: str, again:
     that cannot be read, "...; {again}". `runs_own`: `out` is a run's own copy of its data and
     `data_config` the run's own settings (its config.json), which name it whatever directory
     their relative paths would be read from now: the documents are not compared."""
-    manifest = _read_json(out / MANIFEST, again)
-    _check_manifest(out / MANIFEST, manifest, again)
+    manifest = _read_manifest(out, again)
     _check_settings(manifest, data_config, what or f"{out} is already prepared", advice, runs_own)
     return manifest
 
@@ -1075,8 +1074,7 @@ def _open_checked(path: Path, tokenizer_sha256: str | None, again: str) -> Prepa
             raise ValueError(f"{path}: the preparation did not finish (no {MANIFEST}); run llama-jax prepare-data "
                              f"again with the same settings to complete it")
         raise ValueError(f"{path} has no {MANIFEST}; give a directory written by llama-jax prepare-data")
-    manifest = _read_json(path / MANIFEST)
-    _check_manifest(path / MANIFEST, manifest)
+    manifest = _read_manifest(path)
     sha = manifest["tokenizer"]["sha256"]
     if tokenizer_sha256 is not None and tokenizer_sha256 != sha:
         raise ValueError(f"{path} was prepared with another tokenizer (sha256 {sha[:12]}) than this run's "
@@ -1092,13 +1090,17 @@ def _open_checked(path: Path, tokenizer_sha256: str | None, again: str) -> Prepa
     return Prepared(path, manifest, tokenizer_path, sha, splits)
 
 
-def _check_manifest(file: Path, manifest: Any, again: str = AGAIN) -> None:
-    """DamagedData unless `manifest` has the format string and the fields a reader needs."""
+def _read_manifest(directory: Path, again: str = AGAIN) -> dict:
+    """DIR/manifest.json; DamagedData (naming it, then `again`) unless it can be read and has the
+    format string and the fields a reader needs."""
+    file = directory / MANIFEST
+    manifest = _read_json(file, again)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DamagedData(f"{file}: format {found!r}, expected {FORMAT!r}", again)
     if not _well_formed(manifest):
         raise DamagedData(f"{file} lacks fields of a {FORMAT} manifest (tokenizer, token_dtype, splits, data)", again)
+    return manifest
 
 
 def _well_formed(manifest: dict) -> bool:
