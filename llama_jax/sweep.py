@@ -437,10 +437,9 @@ def shared_data(config, axes: dict, workdir: Path) -> list[str]:
     prepared or synthetic data, when an axis changes a `data.` key (each trial then prepares its
     own), or when trials of this workdir already started on their own copies (a sweep begun by an
     earlier version resumes as it began)."""
-    from llama_jax.data import SOURCES
+    from llama_jax.data import DOCUMENT_SOURCES
 
-    source = config.data.source
-    if source not in SOURCES or source == "synthetic" or any(key.startswith("data.") for key in axes):
+    if config.data.source not in DOCUMENT_SOURCES or any(key.startswith("data.") for key in axes):
         return []
     if not (workdir / DATA_DIR).is_dir() and trials_started(workdir) and not _trials_read(workdir, workdir / DATA_DIR):
         return []
