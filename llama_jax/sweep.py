@@ -303,7 +303,7 @@ class Trial:
     overrides: dict[str, Any]
 
     def name(self, axes: dict[str, Space], numbered: bool) -> str:
-        """The trial's directory: its swept values, e.g. `lr=0.003,seed=1` (numbered for random searches)."""
+        """The trial's directory: its swept values, e.g. `lr=0.003,seed=1` (numbered for random and Optuna searches)."""
         shorts = [key.rsplit(".", 1)[-1] for key in axes]
         labels = [short if shorts.count(short) == 1 else key for key, short in zip(axes, shorts)]
         parts = [f"{label}={_short(self.overrides[key], space)}" for label, (key, space) in zip(labels, axes.items())]
@@ -385,7 +385,8 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
                     read_init_from: bool = True, started: Collection[str] = ()) -> None:
     """Every trial's config is one `llama-jax train` accepts: the swept keys exist, take the values
     given, and every value is one a run can use (the checks `train` makes before it needs devices).
-    An Optuna search (no trials listed yet) is checked at each axis's ends, the others at their first.
+    An Optuna search (no trials listed yet) is checked one axis at a time, at each of its listed values
+    or at a range's ends, the other axes at their first.
     `started`: the names of trials whose directory holds a run; as `train` does on resuming one, their
     `checkpoint.init_from` is not read (the run's checkpoints hold its architecture)."""
     if trials:
