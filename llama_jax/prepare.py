@@ -12,8 +12,8 @@ first and EOS last, in worker processes, and writes them to DIR (format `llama_j
                                   its index in the source, the UTF-8 bytes of its text
     <split>-<k:05d>.json          {"first_document", "documents", "tokens", "sha256": {"tokens", "index"}},
                                   written once both data files are complete and in place
-    manifest.json                 written last: tokenizer, token dtype, shard size, data section, per-split
-                                  counts and shards
+    manifest.json                 written last: tokenizer, token dtype, shard size, data section, its
+                                  document settings (`document_settings`), per-split counts and shards
                                   (and the corpus sha256 of a source that has one: text and JSONL files,
                                   stdlib; over each document's length and UTF-8 text, in order, and for
                                   stdlib each file's relative path too)
