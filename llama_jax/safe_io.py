@@ -49,9 +49,9 @@ def file_in_the_way(path: Path, itself: bool = True) -> Path | None:
 
 
 def non_utf8_path(path: str | os.PathLike, option: str) -> str | None:
-    """Why `option` `path` cannot hold a run's checkpoints, as one line: its absolute path holds a
-    byte that is not UTF-8 (TensorStore, which reads and writes them, takes only UTF-8 paths);
-    None when it is UTF-8."""
+    """Why `option` `path` cannot hold checkpoints (a run's, or a model directory's parameters), as
+    one line: its absolute path holds a byte that is not UTF-8 (TensorStore, which reads and writes
+    them, takes only UTF-8 paths); None when it is UTF-8."""
     text = os.fspath(Path(path).absolute())
     try:
         text.encode("utf-8")
