@@ -182,7 +182,8 @@ class StepTrace:
         self.taken = start > first  # (a window before `first` is done: traced, or said, by an earlier process)
 
     def say(self, text: str) -> None:
-        self._say(f"profile of steps {self.start}-{self.stop}{text}")
+        steps = f"step {self.start}" if self.start == self.stop else f"steps {self.start}-{self.stop}"
+        self._say(f"profile of {steps}{text}")
 
     def before(self, step: int, state) -> bool:
         """Start tracing if `step` is the first traced one; True once it has started."""

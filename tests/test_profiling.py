@@ -167,6 +167,18 @@ def test_a_resume_inside_the_window_says_it_is_not_traced(tmp_path, capsys):
     assert line.startswith("profile of steps 4-5: ") and (again / "profile" / "summary-4-5.json").is_file()
 
 
+def test_a_one_step_window_is_named_as_one_step(tmp_path):
+    """(It read "profile of steps 5-5".)"""
+    from llama_jax.profiling import StepTrace
+
+    said = []
+    StepTrace(tmp_path, 5, 1, said.append, first=5).say(" not taken")
+    StepTrace(tmp_path, 5, 2, said.append, first=5).say(" not taken")
+    assert said == ["profile of step 5 not taken: this run resumed at step 5, inside it (a process's first step "
+                    "compiles)", "profile of step 5 not taken", "profile of steps 5-6 not taken: this run resumed at "
+                    "step 5, inside it (a process's first step compiles)", "profile of steps 5-6 not taken"]
+
+
 def test_a_damaged_trace_is_one_line(tmp_path):
     """A trace cut short (a run killed while it was written), corrupt, or not a trace's JSON: a
     ValueError naming it, and one line from benchmarks/trace_summary.py."""
