@@ -741,7 +741,7 @@ def test_a_tokenizer_that_does_not_fit_names_its_destination(small_disk, tmp_pat
     failed = subprocess.run([sys.executable, str(ROOT / "tools" / "train_tokenizer.py"), "--input", str(corpus),
                              "--vocab-size", "400", "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and failed.stderr.splitlines() == [
-        f"train_tokenizer: error: no space left on the device holding {out}; free some space and run the command "
+        f"train_tokenizer.py: error: no space left on the device holding {out}; free some space and run the command "
         "again"], failed.stderr
     assert not out.exists()
 

@@ -357,12 +357,13 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         run = _cli("--vocab-size", str(VOCAB), "--output", str(tmp_path / "bad.model"), *args)
         assert run.returncode == 2
         assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+        assert run.stderr.startswith("train_tokenizer.py: error: ")  # argparse's prefix, and the tool's own alike
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
     # a folder that takes no files, even from root (for whom os.access allows any write): found by
     # trying, before training, and said of --output, not of the temporary file a write would start with
     for output in ("/proc/x.model", "/proc/sub/x.model"):
         run = _cli("--input", text, "--vocab-size", str(VOCAB), "--output", output)
         assert run.returncode == 2 and run.stdout == ""  # (no "training a ..." line)
-        assert re.fullmatch(rf"train_tokenizer: error: --output {output}: cannot write a file into /proc \([^)]+\); "
+        assert re.fullmatch(rf"train_tokenizer.py: error: --output {output}: cannot write a file into /proc \([^)]+\); "
                             rf"choose another --output, in a folder this user may write\n", run.stderr), run.stderr
     assert _cli("--input", text, "--vocab-size", str(VOCAB), "--output", str(out), "--overwrite").returncode == 0

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(unwritable(Path(args.output), e)) from None
         vocab_size = load_tokenizer(output).vocab_size
     except (ValueError, OSError) as e:
-        print(f"train_tokenizer: error: {_error_text(e, args)}", file=sys.stderr)  # (a full disk names --output)
+        print(f"{parser.prog}: error: {_error_text(e, args)}", file=sys.stderr)  # (a full disk names --output)
         return 2
     fewer = f" (fewer than --vocab-size {args.vocab_size}: the corpus supports no more)" \
         if vocab_size < args.vocab_size else ""
