@@ -125,6 +125,8 @@ def load_tokenizer_for(path: str | os.PathLike, missing: str, tokenizer: str | o
     config = load_config(path)  # fails fast on a directory that is not a model
     own = Path(path) / "tokenizer.model"
     if tokenizer is None and not own.is_file():
+        if own.exists() or own.is_symlink():  # (said to be missing, it was there)
+            raise ValueError(f"{own} is not a file (a directory, or a link to nothing); {missing}")
         raise ValueError(f"{path} has no tokenizer.model; {missing}")
     given = None if tokenizer is None else tokenizer_file(tokenizer)  # a file, or a directory holding one
     if given is not None and own.is_file() and given.is_file() and sha256_file(given) != sha256_file(own):

@@ -965,6 +965,10 @@ def test_model_without_tokenizer(model, tmp_path, capsys):
 
     with pytest.raises(ValueError, match="has no tokenizer.model; lm-eval requests are text"):
         LlamaJaxLM(str(tmp_path / "bare"))
+    (tmp_path / "bare" / "tokenizer.model").mkdir()  # (it was said to have none)
+    with pytest.raises(ValueError, match=r"bare/tokenizer.model is not a file \(a directory, or a link to nothing\); "
+                                         r"lm-eval requests are text"):
+        LlamaJaxLM(str(tmp_path / "bare"))
 
 
 @pytest.mark.parametrize("mesh, message", [
