@@ -825,12 +825,18 @@ def test_bytes_that_are_not_utf8_in_the_command_or_the_job_folder(capsys, tmp_pa
                      "configs/tiny.py", "--workdir", workdir]) == 0
     assert f"--workdir '{tmp_path / 'run'}\\xff'\n" in capsys.readouterr().out
     shutil.rmtree(jobs)
+    assert cli.main(["launch", "slurm", "--dry-run", "--folder", os.fsdecode(bytes(jobs) + b"\xff"), "--", "train",
+                     "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
+        f"llama-jax launch: error: the job folder {jobs}\\xff (--folder, or the --workdir's slurm/) holds bytes that "
+        f"are not UTF-8, which the sbatch script (UTF-8 text) cannot hold; use a path without them\n")
+    # the job folder inside such a --workdir: the workdir is named first, which could not hold the run's checkpoints
     assert cli.main(["launch", "slurm", "--dry-run", "--", "train", "--config", "configs/tiny.py", "--workdir",
                      workdir]) == 2
     assert capsys.readouterr().err == (
-        f"llama-jax launch: error: the job folder {tmp_path / 'run'}\\xff/slurm (--folder, or the --workdir's "
-        f"slurm/) holds bytes that are not UTF-8, which the sbatch script (UTF-8 text) cannot hold; use a path "
-        f"without them\n")
+        f"llama-jax launch: error: after --: train: --workdir {tmp_path / 'run'}\\xff: its path holds the byte 0xff, "
+        f"which is not UTF-8; checkpoints are read and written only at UTF-8 paths, so rename the directory or give "
+        f"another --workdir\n")
     assert list(tmp_path.iterdir()) == []
 
 
