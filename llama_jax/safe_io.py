@@ -48,6 +48,12 @@ def file_in_the_way(path: Path, itself: bool = True) -> Path | None:
     return next((p for p in ([path] if itself else []) + list(path.parents) if p.exists() and not p.is_dir()), None)
 
 
+def shown_as_utf8(text: str) -> str:
+    """`text` as UTF-8 text can hold it: bytes of a command-line argument or a path that are not
+    UTF-8 (which Python keeps as lone surrogates) shown as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def non_utf8_path(path: str | os.PathLike, option: str) -> str | None:
     """Why `option` `path` cannot hold checkpoints (a run's, or a model directory's parameters), as
     one line: its absolute path holds a byte that is not UTF-8 (TensorStore, which reads and writes
@@ -58,9 +64,9 @@ def non_utf8_path(path: str | os.PathLike, option: str) -> str | None:
         return None
     except UnicodeEncodeError as e:
         byte = os.fsencode(text[e.start])[0]  # (Python holds an undecodable byte as a lone surrogate)
-        return (f"{option} {os.fsencode(text).decode('utf-8', 'backslashreplace')}: its path holds the byte "
-                f"{byte:#04x}, which is not UTF-8; checkpoints are read and written only at UTF-8 paths, so rename "
-                f"the directory or give another {option}")
+        return (f"{option} {shown_as_utf8(text)}: its path holds the byte {byte:#04x}, which is not UTF-8; "
+                f"checkpoints are read and written only at UTF-8 paths, so rename the directory or give another "
+                f"{option}")
 
 
 def real_path(path: str | os.PathLike) -> Path:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llama_jax.launch import LaunchError
+from llama_jax.safe_io import shown_as_utf8
 
 DEFAULT_TIME_MIN = 60
 MIN_TIME_MIN = 3  # SLURM warns a job 90 s before its limit, and it saves and requeues then: at least 90 s of work
@@ -134,16 +135,10 @@ def _check_job_folder(folder: str | Path) -> None:
         raise LaunchError(f"the job folder {str(folder)!r} (--folder, or the --workdir's {WORKDIR_FOLDER}/) holds a "
                           f"control character, which would break the sbatch script's #SBATCH lines; use a path "
                           f"without one")
-    if _shown_as_utf8(str(folder)) != str(folder):
-        raise LaunchError(f"the job folder {_shown_as_utf8(str(folder))} (--folder, or the --workdir's "
+    if shown_as_utf8(str(folder)) != str(folder):
+        raise LaunchError(f"the job folder {shown_as_utf8(str(folder))} (--folder, or the --workdir's "
                           f"{WORKDIR_FOLDER}/) holds bytes that are not UTF-8, which the sbatch script (UTF-8 text) "
                           f"cannot hold; use a path without them")
-
-
-def _shown_as_utf8(text: str) -> str:
-    """`text` as UTF-8 text can hold it: bytes of a command-line argument or a path that are not
-    UTF-8 (which Python keeps as lone surrogates) shown as \\xNN."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def array_script(commands: list[list[str]], folder: str | Path, **options: Any) -> str:
@@ -223,7 +218,7 @@ def _executor(submitit, folder: str | Path, dry_run: bool):
 def _setup_lines(commands: list[list[str]], gpus_per_node: int) -> list[str]:
     """Lines of the sbatch script before srun: what each task runs (as comments) and its GPUs for JAX."""
     def shown(argv: Sequence[str]) -> str:
-        return _shown_as_utf8(shlex.join(argv)).replace("\n", "\\n")  # a comment must stay one line, and UTF-8
+        return shown_as_utf8(shlex.join(argv)).replace("\n", "\\n")  # a comment must stay one line, and UTF-8
 
     if len(commands) == 1:
         lines = [f"# every task runs (through submitit's pickle): {shown(commands[0])}"]
