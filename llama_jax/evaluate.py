@@ -597,9 +597,10 @@ def run_data_config(data_config, workdir, run_config: bool = False):
     import json
 
     from llama_jax.prepare import DOCUMENT_SOURCES, MANIFEST, document_settings, recorded_documents
-    from llama_jax.run_data import DATA_DIR, RunError, own_copy_advice, prepared_copy_missing
+    from llama_jax.run_data import RunError, own_copy_advice, prepared_copy_missing
+    from llama_jax.safe_io import RUN_DATA_DIR
 
-    directory = Path(os.path.abspath(workdir)) / DATA_DIR
+    directory = Path(os.path.abspath(workdir)) / RUN_DATA_DIR
     if data_config.get("source") not in DOCUMENT_SOURCES:
         return data_config
     if not (directory / MANIFEST).is_file():
@@ -645,9 +646,10 @@ def _check_run_paths_read_here(data_config, workdir, recorded: dict) -> None:
 def _held_out_splits(data_config, workdir) -> dict[str, tuple[object, str]]:
     """`held_out_splits`; where it reads the run's own copy of its documents (`workdir`'s data), an
     error for damage there says how to prepare that again."""
-    from llama_jax.run_data import DATA_DIR, own_copy_advice
+    from llama_jax.run_data import own_copy_advice
+    from llama_jax.safe_io import RUN_DATA_DIR
 
-    own = workdir is not None and data_config.get("path") == str(Path(os.path.abspath(workdir)) / DATA_DIR)
+    own = workdir is not None and data_config.get("path") == str(Path(os.path.abspath(workdir)) / RUN_DATA_DIR)
     return held_out_splits(data_config, f"{own_copy_advice(workdir)}; or give the data to score with --config FILE"
                            if own else None)
 

@@ -47,8 +47,8 @@ from llama_jax.eval_files import RUN_EVAL_FILE
 from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
-from llama_jax.run_data import DATA_DIR, RUN_TOKENIZER, RunData, RunError, build_data, evaluate, prepared_dirs
-from llama_jax.safe_io import (SET_ASIDE_DIR, DirectoryLock, atomic_file, check_destination,
+from llama_jax.run_data import RUN_TOKENIZER, RunData, RunError, build_data, evaluate, prepared_dirs
+from llama_jax.safe_io import (RUN_DATA_DIR, SET_ASIDE_DIR, DirectoryLock, atomic_file, check_destination,
                                check_outside_runs_and_models, check_run_config, check_writable, file_in_the_way,
                                holds_lock, holds_no_run, holds_run, non_utf8_path, run_directory_problem, sha256_file,
                                write_text_atomic)
@@ -90,8 +90,7 @@ def initial_state(config, trainer: Trainer, workdir: Path, resume_from: int | No
         state, info = _restore(config, trainer, workdir, resume_from, stream)
         return state, resume_from, info
     if recorded is not None and (not steps or steps[-1] < recorded):
-        raise RunError(f"checkpoint {recorded} of {workdir} is missing (recorded in {PROGRESS_FILE} as the latest "
-                       f"committed step); " + _intact_hint(config, trainer, workdir, steps, stream))
+        raise RunError(_latest_missing(workdir, recorded) + _intact_hint(config, trainer, workdir, steps, stream))
     if steps:
         try:
             state, info = _restore(config, trainer, workdir, steps[-1], stream)
@@ -263,7 +262,7 @@ def check_named_data(workdir: Path, recorded: list | None, stream: list | None, 
     if data_config.get("source") == "prepared":
         paths = [path for _, path, _ in prepared_dirs(data_config)]
     else:  # a raw source, read from the run's own prepared copy of it
-        paths = [workdir / DATA_DIR]
+        paths = [workdir / RUN_DATA_DIR]
     if any(not path.is_absolute() for path in paths):
         where = (f"as read from {Path.cwd()}; run the command from the directory the run was started in, or give "
                  f"the data to score with --config FILE")
@@ -449,7 +448,7 @@ def set_aside_after(workdir: Path, step: int) -> list[Path]:
 # The tokenizer and generation files of the model a fine-tune started from (its end-of-sequence ids,
 # Hugging Face tokenizer settings), which `export` writes with the run's parameters.
 MODEL_TOKENIZER_DIR = "tokenizer_files"
-RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, LOSS_PLOT, PROGRESS_FILE, DATA_DIR,
+RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, LOSS_PLOT, PROGRESS_FILE, RUN_DATA_DIR,
              MODEL_TOKENIZER_DIR)
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
@@ -619,6 +618,11 @@ def keep_model_tokenizer_files(model_dir: str, workdir: Path, tokenizer_file: Pa
         raise
 
 
+def _latest_missing(workdir: Path, recorded: int) -> str:
+    """The start of the error for a run whose latest committed checkpoint, as progress.json records it, is gone."""
+    return f"checkpoint {recorded} of {workdir} is missing (recorded in {PROGRESS_FILE} as the latest committed step); "
+
+
 def checkpoint_step(workdir: Path, step: int | None = None) -> int:
     """`step` (default: the latest) if `workdir` holds it as a committed checkpoint; RunError otherwise."""
     workdir, problem = Path(workdir), run_directory_problem(workdir)
@@ -632,8 +636,7 @@ def checkpoint_step(workdir: Path, step: int | None = None) -> int:
         raise RunError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
     recorded = recorded_step(workdir)
     if step is None and recorded is not None and steps[-1] < recorded:
-        raise RunError(f"checkpoint {recorded} of {workdir} is missing (recorded in {PROGRESS_FILE} as the latest "
-                       f"committed step); --step {steps[-1]} reads the latest one present")
+        raise RunError(_latest_missing(workdir, recorded) + f"--step {steps[-1]} reads the latest one present")
     step = steps[-1] if step is None else step
     if step not in steps:
         aside = sorted(p for p in (workdir / SET_ASIDE_DIR).glob(f"{step}*") if p.name.rstrip("+") == str(step))

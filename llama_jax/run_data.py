@@ -34,7 +34,6 @@ from llama_jax.safe_io import (RUN_DATA_DIR, copy_file_atomic, owned_temp_direct
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
 RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
-DATA_DIR = RUN_DATA_DIR  # WORKDIR/data: a raw source prepared for the run
 STAGING_PREFIX = "llama-jax-data-"  # temporary directory of data prepared for a run that has not started
 
 
@@ -63,7 +62,7 @@ class RunData:
             return None
         digest = sha256_file(self.tokenizer_file)
         if self.staged is not None:
-            final = workdir / DATA_DIR
+            final = workdir / RUN_DATA_DIR
             if jax.process_index() == 0:
                 _move_into_place(self.staged, final)
             if jax.process_count() > 1:
@@ -175,7 +174,7 @@ def own_copy_advice(workdir: str | os.PathLike) -> str:
     """How the prepared copy of a run's documents (WORKDIR/data), missing or damaged, is made again
     (the run's own settings prepared into its place, which the commands reading it check)."""
     workdir = Path(os.path.abspath(workdir))
-    final = workdir / DATA_DIR
+    final = workdir / RUN_DATA_DIR
     remove = f"remove {final} and " if final.exists() else ""
     return (f"{remove}prepare it again in its place: llama-jax prepare-data --config {workdir / 'config.json'} "
             f"--output {final}, from the directory the run was started in (its documents and tokens are checked "
@@ -187,7 +186,7 @@ def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path
     WORKDIR/data holds it already (`runs_own`: `d` is the run's own settings, `runs_own_settings`)."""
     from llama_jax.prepare import check_prepared, prepare
 
-    final = workdir / DATA_DIR
+    final = workdir / RUN_DATA_DIR
     if d.tokenizer and d.tokenizer != "train":
         given = tokenizer_file(d.tokenizer)
         if kept.is_file() and given.is_file() and sha256_file(given) != sha256_file(kept):
@@ -223,7 +222,7 @@ def _stage_raw(d, workdir: Path, kept: Path, runs_own: bool) -> tuple[Path, Path
     staged = None
     try:
         with signals_held():  # a signal between making the directory and knowing it here left it behind
-            staged = staging_directory() / DATA_DIR
+            staged = staging_directory() / RUN_DATA_DIR
         prepare(d, staged, progress=jax.process_index() == 0)
     except BaseException:
         discard_staged(staged)
