@@ -26,8 +26,11 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/llama-jax demo
 
+# The test files are shared among TEST_WORKERS processes, each file run whole by one of them (its
+# module fixtures built once); 0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: install-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,8 +1,9 @@
 """Test setup: 8 virtual CPU devices, so sharded code paths really run on several devices, and one
-persistent XLA compilation cache for the session, shared with the `llama-jax` processes the tests
-start (dozens of them compile the same tiny models). Ctrl-C is handled as a terminal gives it even
-where the suite runs as a shell's background job, which starts with it ignored: the tests that send
-SIGINT, to themselves or to the commands they start, test what Ctrl-C does."""
+persistent XLA compilation cache for each test process (pytest-xdist's workers have one each),
+shared with the `llama-jax` processes its tests start (dozens of them compile the same tiny models).
+Ctrl-C is handled as a terminal gives it even where the suite runs as a shell's background job,
+which starts with it ignored: the tests that send SIGINT, to themselves or to the commands they
+start, test what Ctrl-C does."""
 
 import os
 import shutil
