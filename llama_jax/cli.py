@@ -374,7 +374,7 @@ def cmd_eval(args) -> None:
     from llama_jax.eval_files import model_eval_file, run_eval_file_name
     from llama_jax.experiment import check_train_section, load_config
     from llama_jax.metrics import nonfinite_as_null
-    from llama_jax.safe_io import check_results_file, check_writable, write_text_atomic
+    from llama_jax.safe_io import check_results_file, check_writable, write_json_atomic
 
     _check_model_or_run(args)
     if args.output is not None:  # before anything is read: a result that could not be written is refused first
@@ -411,7 +411,7 @@ def cmd_eval(args) -> None:
     print(json.dumps(record, indent=2))  # first: a result that cannot be written (a race) is not lost
     output = check_results_file(output, "--output", "llama-jax eval", EVAL_RESULT_KEYS)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output, json.dumps(record, indent=2) + "\n")
+    write_json_atomic(output, record)
 
     def shown(key: str, form: str) -> str:  # (null: a model whose outputs are not finite)
         return "n/a" if record[key] is None else format(record[key], form)
@@ -448,10 +448,8 @@ def _check_lm_eval_version() -> None:
 
 
 def cmd_lm_eval(args) -> None:
-    import json
-
     from llama_jax.model_dir import LM_EVAL_FILE
-    from llama_jax.safe_io import check_results_file, write_text_atomic
+    from llama_jax.safe_io import check_results_file, write_json_atomic
 
     _check_lm_eval_arguments(args)
     output = Path(args.model) / LM_EVAL_FILE if args.output is None else args.output
@@ -476,7 +474,7 @@ def cmd_lm_eval(args) -> None:
     if results.get("groups"):
         print(make_table(results, "groups"))
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output, json.dumps(kept, indent=2, default=handle_non_serializable) + "\n")
+    write_json_atomic(output, kept, default=handle_non_serializable)
     print(f"results written to {output}", file=sys.stderr)
 
 

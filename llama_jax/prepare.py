@@ -60,7 +60,7 @@ import numpy as np
 from llama_jax.data import DOCUMENT_SOURCES, expand_files, make_source, read_files, split_indices
 from llama_jax.safe_io import (DirectoryBusy, DirectoryLock, check_writable, file_in_the_way,
                                finish_for_dead_processes, owned_temp_directory, scratch_path, sha256_file,
-                               signals_held, write_text_atomic)
+                               signals_held, write_json_atomic)
 from llama_jax.tokenizer import check_piece_count, load_tokenizer, tokenizer_file, train_sentencepiece
 
 FORMAT = "llama_jax/prepared-v1"
@@ -497,7 +497,7 @@ class ShardWriter:
         os.replace(self._path(".index.npy.tmp"), self._path(".index.npy"))
         record = {"first_document": self.first_document, "documents": self._documents, "tokens": self._tokens,
                   "sha256": {"tokens": self._hash.hexdigest(), "index": hashlib.sha256(index.getbuffer()).hexdigest()}}
-        _write_json(self._path(".json"), record)
+        write_json_atomic(self._path(".json"), record)
         self.first_document += self._documents
         self.number += 1
         if self.pause:
@@ -521,10 +521,6 @@ class DamagedData(ValueError):
     def __init__(self, problem: str, advice: str = AGAIN):
         super().__init__(f"{problem}; {advice}")
         self.problem = problem
-
-
-def _write_json(path: Path, value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def _read_json(path: Path, again: str = AGAIN) -> Any:
@@ -772,7 +768,7 @@ def _start(out: Path, data_config, request: TokenizerChoice, corpus: Corpus, sha
         stage = scratch_path(out, "tmp")
         stage.mkdir()
         shutil.copyfile(source, stage / TOKENIZER)
-        _write_json(stage / PREPARING, record)
+        write_json_atomic(stage / PREPARING, record)
         try:
             os.replace(stage, out)
         except OSError as e:
@@ -823,7 +819,7 @@ def _finish(out: Path, corpus: Corpus, record: dict, workers: int,
         bar.close()
     seconds = time.perf_counter() - started
     manifest = _manifest(out, corpus, record, tokenizer, dtype)
-    _write_json(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest, PreparationStats(documents, tokens, seconds)
 
 

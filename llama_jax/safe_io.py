@@ -539,6 +539,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_json_atomic(path: str | os.PathLike, value, default=None) -> None:
+    """`value` as indented JSON (`default`: as for `json.dumps`), written as `write_text_atomic` writes."""
+    write_text_atomic(path, json.dumps(value, indent=2, default=default) + "\n")
+
+
 def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy `src` to `dst`, which appears whole or not at all (`atomic_file`)."""
     with atomic_file(dst) as tmp:

@@ -38,7 +38,7 @@ import numpy as np
 from llama_jax.experiment import (LATER_KEYS, NOT_A_LITERAL, _failure, _parse, apply_override, check_experiment,
                                   config_module, load_config, value_at)
 from llama_jax.safe_io import (DirectoryLock, check_outside_runs_and_models, check_writable, holds_lock, holds_run,
-                               real_path, saved_run_setting, signals_held, write_text_atomic)
+                               real_path, saved_run_setting, signals_held, write_json_atomic, write_text_atomic)
 
 SEARCHES = ("grid", "random", "optuna")
 SPEC_FILE = "sweep.json"  # what the sweep is: a workdir holds one sweep
@@ -531,7 +531,7 @@ def write_trial(directory: Path, trial: Trial, status: str, spec: SweepSpec, **e
     """Write the trial's record, with a copy of the sweep's spec (its sweep.json) to restore that from."""
     record = {"number": trial.number, "overrides": trial.overrides, "status": status, **extra,
               "sweep": json.loads(spec.to_json())}
-    write_text_atomic(directory / TRIAL_FILE, json.dumps(record, indent=2) + "\n")
+    write_json_atomic(directory / TRIAL_FILE, record)
 
 
 def _trial_setup() -> Callable[[], None]:
