@@ -711,12 +711,17 @@ def run_tokenizer(workdir: Path, info: dict) -> Path | None:
 # ---- evaluation and samples ------------------------------------------------------------------
 
 
-def sample(config, trainer: Trainer, params, tokenizer, seed: int) -> str:
+def sample(config, trainer: Trainer, params, tokenizer, step: int, write) -> str:
+    """The continuation of train.sample_prompt at `step` (seeded by it), also shown through `write`
+    (None: not shown, as on processes other than the first)."""
     from llama_jax.generate import generate_text
 
     with trainer.context(per_device_attention=False):
-        return generate_text(trainer.model_config, params, tokenizer, config.train.sample_prompt,
-                             max_new_tokens=config.train.sample_tokens, temperature=0.8, top_k=40, seed=seed)
+        text = generate_text(trainer.model_config, params, tokenizer, config.train.sample_prompt,
+                             max_new_tokens=config.train.sample_tokens, temperature=0.8, top_k=40, seed=step)
+    if write is not None:  # (tqdm's write prints whether or not its bar is shown)
+        write(f"step {step} sample: {config.train.sample_prompt}{text}")
+    return text
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -892,6 +897,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     prefetch = data_lib.Prefetcher(data.train_rows, start)
     bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
                disable=None if progress and main_process else True)
+    show = bar.write if main_process else None  # the samples' lines
     logged, eval_metrics, text, skipped_seen = [], None, None, int(state.skipped)
     evaluates, samples = bool(data.eval_sets and t.eval_batches), bool(data.tokenizer and t.sample_tokens)
     evaluated_at = sampled_at = None
@@ -938,9 +944,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                     eval_metrics, evaluated_at = evaluate(config, trainer, state.params, data), step
                     record.update(eval_metrics)
                 if sampling:
-                    text, sampled_at = sample(config, trainer, state.params, data.tokenizer, seed=step), step
-                    if main_process:  # (tqdm's write prints whether or not its bar is shown)
-                        bar.write(f"step {step} sample: {t.sample_prompt}{text}")
+                    text, sampled_at = sample(config, trainer, state.params, data.tokenizer, step, show), step
                 window_start += time.perf_counter() - paused
             if record:
                 writer.write(step, record)
@@ -983,9 +987,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 writer.write(step, eval_metrics)
                 logged.append({"step": step, **eval_metrics})
         if samples and sampled_at != step:
-            text = sample(config, trainer, state.params, data.tokenizer, seed=step)
-            if main_process:  # (before the command's closing line)
-                bar.write(f"step {step} sample: {t.sample_prompt}{text}")
+            text = sample(config, trainer, state.params, data.tokenizer, step, show)  # (before the closing line)
         checkpoints.wait()
         recorded = record_progress(workdir, recorded)
         writer.close()  # the log complete, for the plot
