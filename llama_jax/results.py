@@ -33,8 +33,8 @@ def _json(path: Path) -> dict:
 
 def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]:
     """What a run's files say: steps done, losses, throughput (the median of the logged tokens/s),
-    whether it reached train.steps, and `final` (the last value of `objective`, what a sweep
-    minimises)."""
+    whether it reached train.steps, `final` (the last value of `objective`, what a sweep minimises)
+    and `loss_curve`, the logged (step, training loss) pairs."""
     records = read_metrics(directory / "metrics.jsonl")
     train, evals = last_per_step(records, "loss"), last_per_step(records, "eval_loss")
     speed = last_per_step(records, "tokens_per_second")
@@ -57,6 +57,7 @@ def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]
         "tokens_per_second": statistics.median(v for _, v in speed) if speed else None,
         "final": _last(records, objective, at),
         "log_damage": _log_damage(directory, records, at),
+        "loss_curve": train,
     }
 
 
@@ -133,7 +134,7 @@ def collect(workdir: Path, spec: dict) -> tuple[list[str], list[dict[str, Any]],
         row["error"] = trial.get("error") or outcome["log_damage"] or ""
         if not trial:  # (its status: unknown)
             row["error"] = f"{directory / TRIAL_FILE} is damaged; run the sweep command again to rewrite it"
-        row["curve"] = last_per_step(read_metrics(directory / "metrics.jsonl"), "loss")
+        row["curve"] = outcome["loss_curve"]
         rows.append(row)
     rows.sort(key=_rank)
     return keys, rows, objective
