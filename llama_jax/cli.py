@@ -5,19 +5,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
+import json
 import logging
 import math
 import os
 import re
 import resource
+import select
 import shlex
 import signal
 import sys
+import tempfile
 import threading
+import traceback
 import warnings
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 from llama_jax.distributed import MAX_JOIN_TIMEOUT_S, check_process_flags, join_run
+from llama_jax.safe_io import (RUN_DATA_DIR, check_folder, check_outside_runs_and_models, check_results_file,
+                               check_run_config, check_writable, enclosing_run_or_model, holds_lock, holds_run,
+                               quiet_abandoned_reads, run_directory_problem, saved_run_setting, write_json_atomic)
 from llama_jax.signals import RAISING, Terminated, ignore_signals, raising_signals, signal_again
 
 
@@ -276,7 +285,6 @@ def _attach_mesh_values(argv: list[str]) -> list[str]:
 
 def cmd_train(args) -> None:
     from llama_jax.experiment import check_experiment, load_config
-    from llama_jax.safe_io import holds_run
 
     check_process_flags(args)
     config = load_config(args.config, args.overrides)
@@ -319,8 +327,6 @@ def _check_run_directory(workdir, config: str | None, for_a_model: str = "") -> 
     """UserError when --workdir is missing, a file or a model directory rather than a run's directory;
     `for_a_model`: what to do with a model directory instead. Without a --config (`config`), the
     run's own config.json must be intact as well."""
-    from llama_jax.safe_io import check_run_config, run_directory_problem
-
     problem = run_directory_problem(workdir, for_a_model)
     if problem is not None:
         raise UserError(problem)
@@ -345,8 +351,6 @@ LM_EVAL_RESULT_KEYS = ("results", "configs")  # ... of lm-eval
 
 def _run_seq_len(workdir) -> int | None:
     """train.seq_len of the run in `workdir` (its config.json), None when that cannot be read."""
-    from llama_jax.safe_io import saved_run_setting
-
     return None if workdir is None else saved_run_setting(workdir, "train", "seq_len")
 
 
@@ -368,13 +372,10 @@ def _check_config_mesh_fits(config, config_file, overrides: list[str]) -> None:
 
 
 def cmd_eval(args) -> None:
-    import json
-
     from llama_jax.evaluate import evaluate_held_out, held_out_seq_len
     from llama_jax.eval_files import model_eval_file, run_eval_file_name
     from llama_jax.experiment import check_train_section, load_config
     from llama_jax.metrics import nonfinite_as_null
-    from llama_jax.safe_io import check_results_file, check_writable, write_json_atomic
 
     _check_model_or_run(args)
     if args.output is not None:  # before anything is read: a result that could not be written is refused first
@@ -449,7 +450,6 @@ def _check_lm_eval_version() -> None:
 
 def cmd_lm_eval(args) -> None:
     from llama_jax.model_dir import LM_EVAL_FILE
-    from llama_jax.safe_io import check_results_file, write_json_atomic
 
     _check_lm_eval_arguments(args)
     output = Path(args.model) / LM_EVAL_FILE if args.output is None else args.output
@@ -600,9 +600,6 @@ def _launched_command(args) -> tuple[list[str], argparse.Namespace]:
 def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str]) -> argparse.Namespace:
     """The launched command's flags, parsed here as they will be parsed where it runs, so that a
     typo or a missing --workdir is found before machines are provisioned."""
-    import io
-    import re
-
     rest, overrides = _split_config_overrides(command)
     error = io.StringIO()
     try:
@@ -726,8 +723,6 @@ def cmd_launch_tpu(args) -> None:
             tpu.check_shipped(root, flag, path, shipped)
     _check_launched_config(command, launched, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
     if args.copy_back:
-        from llama_jax.safe_io import check_folder, check_writable
-
         check_folder(args.copy_back, "--copy-back", "to receive the run's workdir")
         # now, not after the run: hours of a slice's time (a dry run writes nothing)
         check_writable(args.copy_back, "--copy-back", into=True, probe=not args.dry_run)
@@ -761,8 +756,6 @@ def cmd_launch_slurm(args) -> None:
     folder = args.folder or (str(Path(workdir) / slurm.WORKDIR_FOLDER) if workdir else None)
     if folder is None:
         raise UserError("--folder is required when the command has no --workdir")
-    from llama_jax.safe_io import check_folder, check_writable
-
     check_folder(folder, "--folder", "for the job's script and logs")
     check_writable(folder, "--folder", into=True)  # (a dry run too writes its script there)
     submitted = slurm.submit(slurm.llama_jax_command(command), folder, **_slurm_job(args), dry_run=args.dry_run)
@@ -785,8 +778,6 @@ def _check_inspect_arguments(args) -> None:
 
 
 def cmd_data_inspect(args) -> None:
-    import tempfile
-
     from llama_jax.data_inspect import coverage_lines, describe_step
     from llama_jax.experiment import check_train_section, load_config
 
@@ -824,8 +815,6 @@ def cmd_data_inspect(args) -> None:
 def cmd_prepare_data(args) -> None:
     from llama_jax.prepare import DamagedData, prepare_with_stats, redo_advice, summary_lines, verify
     from llama_jax.data import DOCUMENT_SOURCES
-    from llama_jax.safe_io import (RUN_DATA_DIR, check_outside_runs_and_models, enclosing_run_or_model, holds_lock,
-                                   holds_run, saved_run_setting)
 
     if args.config is None and not args.verify:
         raise UserError("--config is required to prepare data (without it, --verify checks a prepared --output)")
@@ -881,8 +870,6 @@ def _check_plan_arguments(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    import os
-
     _check_plan_arguments(args)
     if args.devices:  # virtual CPU devices; must be set before JAX initialises its backends
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -1174,8 +1161,6 @@ class _LibraryNoise:
         """Once per process."""
         if self.installed:
             return
-        from llama_jax.safe_io import quiet_abandoned_reads
-
         self.installed = True
         absl = logging.getLogger("absl")
         absl.setLevel(logging.ERROR)
@@ -1220,8 +1205,6 @@ PRINTING_COMMANDS = ("presets", "generate", "data", "plan")
 
 def _stdout_reader_gone() -> bool:
     """Whether stdout is a pipe whose reader has closed it (another broken pipe is an error)."""
-    import select
-
     try:
         poll = select.poll()
         poll.register(sys.stdout.fileno(), select.POLLOUT)
@@ -1257,9 +1240,6 @@ def _full_elsewhere(where: str | os.PathLike, error: OSError) -> str | None:
     """What filled up when it is not the device holding `where`: the file the error names, standard
     output or TMPDIR, on another device with (almost) no room left. None: the destination's (a
     failed write frees what it wrote, so the destination's own room says nothing)."""
-    import tempfile
-    from stat import S_ISDIR, S_ISREG
-
     def existing(path) -> Path:
         return next(p for p in [Path(path).absolute(), *Path(path).absolute().parents] if p.exists())
 
@@ -1360,8 +1340,6 @@ def _backend_unavailable(error: BaseException) -> str | None:
     """The line for a JAX platform that cannot start here (JAX_PLATFORMS naming an unknown backend, or
     one whose plugin is not installed: JAX raises a RuntimeError, or fails an assertion with no
     backend at all); None for any other error."""
-    import traceback
-
     text = str(error).split(" (set JAX_PLATFORMS", 1)[0].rstrip(".")
     frames = traceback.extract_tb(error.__traceback__)
     if isinstance(error, RuntimeError) and text.startswith("Unable to initialize backend"):
