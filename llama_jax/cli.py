@@ -349,11 +349,6 @@ EVAL_RESULT_KEYS = ("loss", "perplexity", "tokens")  # what marks a file as an e
 LM_EVAL_RESULT_KEYS = ("results", "configs")  # ... of lm-eval
 
 
-def _run_seq_len(workdir) -> int | None:
-    """train.seq_len of the run in `workdir` (its config.json), None when that cannot be read."""
-    return None if workdir is None else saved_run_setting(workdir, "train", "seq_len")
-
-
 def _check_config_mesh_fits(config, config_file, overrides: list[str]) -> None:
     """UserError where the mesh that `config_file` sets does not fit this host's devices (a run's
     config.json holds the mesh it trained on, over another device count, say), naming the file and
@@ -406,7 +401,8 @@ def cmd_eval(args) -> None:
     if args.output is not None:
         output = args.output
     elif args.workdir:
-        output = Path(args.workdir) / run_eval_file_name(record, own_data, _run_seq_len(args.workdir))
+        run_seq_len = saved_run_setting(args.workdir, "train", "seq_len")  # None: config.json unreadable
+        output = Path(args.workdir) / run_eval_file_name(record, own_data, run_seq_len)
     else:
         output = model_eval_file(Path(args.model), record)
     print(json.dumps(record, indent=2))  # first: a result that cannot be written (a race) is not lost
