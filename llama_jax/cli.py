@@ -808,9 +808,32 @@ def cmd_data_inspect(args) -> None:
     print("\n".join(lines))
 
 
+def _check_prepare_output(given: str) -> None:
+    """UserError where prepare-data's --output (`given`) would put the data among a run's or a model
+    directory's own files; RUN/RUN_DATA_DIR of a run that reads documents, the run's own copy of
+    them, is refused only while that run is running."""
+    from llama_jax.data import DOCUMENT_SOURCES
+
+    output = Path(os.path.abspath(given))
+    run = output.parent if output.name == RUN_DATA_DIR and holds_run(output.parent) \
+        and saved_run_setting(output.parent, "data", "source") in DOCUMENT_SOURCES else None  # its own copy
+    # a new or empty folder inside a run or a model directory would put the data among their own files
+    # (RUN/checkpoints/99: a checkpoint); one holding something is judged by what it holds (prepare_with_stats)
+    fresh = not output.exists() or output.is_dir() and not any(output.iterdir())
+    owner = enclosing_run_or_model(output) if fresh else None
+    if owner is not None and run is None:
+        own = f" (or, for the run's own copy of its documents, {owner / RUN_DATA_DIR} itself)" \
+            if saved_run_setting(owner, "data", "source") in DOCUMENT_SOURCES else ""
+        kind = "run" if holds_run(owner) else "model directory"
+        raise UserError(f"--output {given} is inside the {kind} {owner}; give a directory outside it{own}")
+    if run is not None and holds_lock(run):  # (a run's first start moves the copy it prepared there)
+        raise UserError(f"--output {given}: the run {run} is running (it holds its directory's lock); "
+                        f"wait for it to end")
+    check_outside_runs_and_models(given, "--output")  # (an existing folder holding something there too)
+
+
 def cmd_prepare_data(args) -> None:
     from llama_jax.prepare import DamagedData, prepare_with_stats, redo_advice, summary_lines, verify
-    from llama_jax.data import DOCUMENT_SOURCES
 
     if args.config is None and not args.verify:
         raise UserError("--config is required to prepare data (without it, --verify checks a prepared --output)")
@@ -827,22 +850,7 @@ def cmd_prepare_data(args) -> None:
         _check_overrides_used(args.overrides, ("data",), "llama-jax prepare-data", "the documents and the tokenizer")
         config = load_config(args.config, args.overrides)
         check_data_section(config.data)
-        output = Path(os.path.abspath(args.output))
-        run = output.parent if output.name == RUN_DATA_DIR and holds_run(output.parent) \
-            and saved_run_setting(output.parent, "data", "source") in DOCUMENT_SOURCES else None  # its own copy
-        # a new or empty folder inside a run or a model directory would put the data among their own files
-        # (RUN/checkpoints/99: a checkpoint); one holding something is judged by what it holds (prepare_with_stats)
-        fresh = not output.exists() or output.is_dir() and not any(output.iterdir())
-        owner = enclosing_run_or_model(output) if fresh else None
-        if owner is not None and run is None:
-            own = f" (or, for the run's own copy of its documents, {owner / RUN_DATA_DIR} itself)" \
-                if saved_run_setting(owner, "data", "source") in DOCUMENT_SOURCES else ""
-            kind = "run" if holds_run(owner) else "model directory"
-            raise UserError(f"--output {args.output} is inside the {kind} {owner}; give a directory outside it{own}")
-        if run is not None and holds_lock(run):  # (a run's first start moves the copy it prepared there)
-            raise UserError(f"--output {args.output}: the run {run} is running (it holds its directory's lock); "
-                            f"wait for it to end")
-        check_outside_runs_and_models(args.output, "--output")  # (an existing folder holding something there too)
+        _check_prepare_output(args.output)
         manifest, stats = prepare_with_stats(config.data, args.output, workers=args.workers,
                                              shard_tokens=args.shard_tokens, progress=True)
         print("\n".join(summary_lines(manifest, args.output, stats)))
