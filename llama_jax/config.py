@@ -53,7 +53,7 @@ class RopeScaling:
             raise ValueError(
                 f"rope_scaling.rope_type: unknown rope type {self.rope_type!r}; valid: {', '.join(ROPE_TYPES)}"
             )
-        _check_number("rope_scaling.factor", self.factor)
+        _check_number("rope_scaling.factor", self.factor, rotary=True)
         for name in ("low_freq_factor", "high_freq_factor"):
             _check_number(f"rope_scaling.{name}", getattr(self, name), positive=self.rope_type == "llama3")
         for name in ("factor", "low_freq_factor", "high_freq_factor"):  # a NumPy float is no JSON number
@@ -137,7 +137,7 @@ class LLaMAConfig:
                 raise ValueError(f"{name} must be a positive integer up to 2**31 - 1, got {value!r}")
             object.__setattr__(self, name, int(value))  # a NumPy integer too, stored as Python's
         for name in ("norm_eps", "rope_theta"):
-            _check_number(name, getattr(self, name))
+            _check_number(name, getattr(self, name), rotary=name == "rope_theta")
             object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("tie_embeddings", "scan_layers"):
             check_flag(getattr(self, name), name)
@@ -287,9 +287,11 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     check_seed(seed)
 
 
-def _check_number(name: str, value: Any, positive: bool = True) -> None:
+def _check_number(name: str, value: Any, positive: bool = True, rotary: bool = False) -> None:
     """ValueError naming `name` unless `value` is a finite real number within float32's range (and
-    positive, if `positive`)."""
+    positive, if `positive`; at least 1, if `rotary`: the rotary frequencies are divided by the
+    powers of rope_theta and by rope_scaling.factor, and below 1 they grow, past float32's range
+    near 0)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite_float(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not in_float32_range(value):
@@ -297,6 +299,8 @@ def _check_number(name: str, value: Any, positive: bool = True) -> None:
                          f"got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
+    if rotary and value < 1:
+        raise ValueError(f"{name} must be at least 1 (the rotary frequencies are divided by it), got {value!r}")
 
 
 _SETTING_KINDS = {"count": "a positive integer", "number": "a positive number", "flag": "true or false"}

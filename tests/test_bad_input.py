@@ -316,6 +316,12 @@ CASES = [
     Case("convert-rope-scaling-factor-negative",
          "convert --from meta --to jax {scaled_meta} out --rope-scaling-factor -3",
          r"error: --rope-scaling-factor -3.0: rope_scaling.factor must be positive, got -3.0$"),
+    Case("convert-rope-scaling-factor-near-0", "convert --from meta --to jax {scaled_meta} out "
+         "--rope-scaling-factor 1e-320",  # 0 in float32: the model's rotary frequencies were inf, its text empty
+         r"--rope-scaling-factor 1e-320: rope_scaling.factor must be at least 1 \(the rotary frequencies are divided "
+         r"by it\), got 1e-320$"),
+    Case("plan-rope-theta-near-0", "plan --config {tiny} --config.model.rope_theta=1e-320",
+         r"model.rope_theta must be at least 1 \(the rotary frequencies are divided by it\), got 1e-320$"),
     Case("convert-rope-scaling-factor-unscaled", "convert --from meta --to jax {meta} out --rope-scaling-factor 32",
          r"--rope-scaling-factor 32: .*params.json does not set use_scaled_rope, so the model has no rope scaling"),
     Case("convert-shards-to-hf", "convert --from hf --to hf {hf} out --shards 2",
