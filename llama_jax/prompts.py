@@ -119,14 +119,16 @@ def read_prompts_file(path: str | Path) -> list[str]:
         data = _read_capped(sys.stdin.buffer, "standard input")
         return _prompts_of_text(utf8_text(data, "standard input"), "standard input", jsonl=False)
     path = Path(path)
+    wanted = "a text file (one prompt per line) or a .jsonl file (one JSON object with a \"prompt\" field per line)"
     if path.suffix.lower() == ".json":  # a JSON document read line by line would give its lines as prompts
-        raise ValueError(f"{path}: a .json file; give a text file (one prompt per line) or a .jsonl file (one JSON "
-                         f"object with a \"prompt\" field per line)")
+        raise ValueError(f"{path}: a .json file; give {wanted}")
     try:
         with open(path, "rb") as f:
             text = utf8_text(_read_capped(f, str(path)), str(path))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file (`-` reads the prompts from standard input)") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; give {wanted}") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     return _prompts_of_text(text, path, jsonl=path.suffix.lower() == ".jsonl")

@@ -428,6 +428,8 @@ CASES = [
     Case("generate-second-prompts-file-missing",
          "generate {model} --prompts-file {corpus}/doc0.txt --prompts-file {inputs}/nope.txt",
          r"\S+/nope.txt: no such file"),
+    Case("generate-prompts-file-a-directory", "generate {model} --prompts-file {corpus}",
+         r"\S+/corpus: is a directory; give a text file \(one prompt per line\) or a .jsonl file"),
     Case("generate-model-link-to-nothing", "generate {dangling_link} --prompt Hi",
          r"\S+/dangling_link is a symbolic link to \S+/gone, which does not exist; give a llama_jax model directory$"),
     Case("generate-workdir-link-loop", "generate --workdir {loop_link} --prompt Hi",
