@@ -37,12 +37,20 @@ class UserError(Exception):
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, pointing at --help rather than printing the usage."""
 
+    given: list[str] = []  # the arguments being parsed, for the messages of any parser
+
     def error(self, message: str):
+        # argparse takes a value that starts with "-" (and is no plain number) for an option: --stop -x
+        flag = re.fullmatch(r"argument (?:\S+/)?(--\S+): expected one argument", message)
+        if flag and any(len(a) > 2 and flag[1].startswith(a) and b.startswith("-")
+                        for a, b in zip(self.given, self.given[1:])):
+            message += f"; give a value that starts with '-' as {flag[1]}=VALUE"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
         """As argparse's, except that arguments no parser knows are reported by the innermost
         subcommand's parser ("llama-jax train: error: ..."), whose --help lists what is valid."""
+        OneLineParser.given = list(sys.argv[1:] if args is None else args)
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             self._innermost_parser(parsed).error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -430,6 +430,8 @@ CASES = [
          r"\S+/nope.txt: no such file"),
     Case("generate-prompts-file-a-directory", "generate {model} --prompts-file {corpus}",
          r"\S+/corpus: is a directory; give a text file \(one prompt per line\) or a .jsonl file"),
+    Case("generate-stop-starting-with-a-dash", "generate {model} --prompt Hi --stop -x",  # argparse: an option
+         r"argument --stop: expected one argument; give a value that starts with '-' as --stop=VALUE"),
     Case("generate-model-link-to-nothing", "generate {dangling_link} --prompt Hi",
          r"\S+/dangling_link is a symbolic link to \S+/gone, which does not exist; give a llama_jax model directory$"),
     Case("generate-workdir-link-loop", "generate --workdir {loop_link} --prompt Hi",
