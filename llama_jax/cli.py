@@ -202,7 +202,7 @@ def parse_size(text: str) -> int:
     except (ValueError, KeyError, OverflowError):  # OverflowError: inf
         raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
     if size <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
     return size
 
 

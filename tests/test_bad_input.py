@@ -311,6 +311,8 @@ CASES = [
          r"argument --max-shard-size: invalid size 'lots'"),
     Case("convert-max-shard-size-inf", "convert --from hf --to hf {hf} out --max-shard-size infGB",
          r"argument --max-shard-size: invalid size 'infGB'"),
+    Case("convert-max-shard-size-below-a-byte", "convert --from hf --to hf {hf} out --max-shard-size 0.5",
+         r"argument --max-shard-size: size must be at least 1 byte, got '0.5'"),  # (not "must be positive")
     Case("convert-rope-scaling-factor-nan", "convert --from meta --to jax {meta} out --rope-scaling-factor nan",
          r"argument --rope-scaling-factor: 'nan' is not a finite number"),
     Case("convert-rope-scaling-factor-negative",
