@@ -105,6 +105,8 @@ def _check_generate_arguments(args) -> None:
                 raise UserError(f"{option}: not UTF-8 text ({problem})")
     if not args.prompt and not args.prompts_file:
         raise UserError("no prompts; give --prompt TEXT (repeatable) and/or --prompts-file FILE")
+    if (args.prompts_file or []).count("-") > 1:  # the second read would find it empty
+        raise UserError("--prompts-file - is given more than once; standard input is read once, so give it once")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
 
 

@@ -196,6 +196,14 @@ def test_prompts_file(sp_model, tmp_path, capsys, monkeypatch):
         assert len(err) == 1 and message in err[0], err
 
 
+def test_standard_input_as_two_prompts_files_is_refused(monkeypatch, capsys):
+    """(The second read found standard input used up: "standard input: no prompts (the file is empty or blank)".)"""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"piped in\n")))
+    assert main(["generate", "model", "--prompts-file", "-", "--prompts-file", "-"]) == 2
+    assert capsys.readouterr().err == ("llama-jax generate: error: --prompts-file - is given more than once; standard "
+                                       "input is read once, so give it once\n")
+
+
 def test_streaming_equals_one_call(sp_model, capsys):
     path, cfg, params, tok = sp_model
     steps = 2 * STREAM_CHUNK + 5  # two full chunks and a short one
