@@ -568,6 +568,9 @@ def check_results_file(path: str | os.PathLike, option: str, command: str, keys:
     file of the same command, which a rerun replaces). ValueError naming `option` otherwise."""
     if not str(path).strip():
         raise ValueError(f"{option} is empty; give the path of a JSON file to write")
+    if str(path).endswith("/"):  # (Path drops the slash: a file of that name was written)
+        raise ValueError(f"{option} {path} ends in '/', which names a directory; give the path of a JSON file to "
+                         f"write")
     path = Path(path).absolute()
     if path.is_dir():
         raise ValueError(f"{option} {path} is a directory; give the path of a JSON file to write")

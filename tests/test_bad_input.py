@@ -504,6 +504,8 @@ CASES = [
     Case("export-dst-link-loop", "export --workdir {run} {loop_link}",
          r"destination \S+/loop_link is a symbolic link to loop_link, which loops back to itself; remove the link or "
          r"choose another destination"),
+    Case("eval-output-ends-in-a-slash", "eval --workdir {run} --output results/",  # wrote a file named results
+         r"--output results/ ends in '/', which names a directory; give the path of a JSON file to write$"),
     Case("eval-output-link-loop", "eval --workdir {run} --output {loop_link}",
          r"--output \S+/loop_link is a symbolic link to loop_link, which loops back to itself"),
     Case("train-workdir-link-to-nothing", "train --config {tiny} --workdir {dangling_link}",
