@@ -728,6 +728,7 @@ def cmd_launch_tpu(args) -> None:
         if path:
             tpu.check_shipped(root, flag, path, shipped)
     _check_launched_config(command, launched, root, tpu_slice.chips, tpu_slice.workers, "tpu")  # one device per chip
+    _check_tpu_workdir(command, tpu_slice, args.max_restarts)
     if args.copy_back:
         check_folder(args.copy_back, "--copy-back", "to receive the run's workdir")
         # now, not after the run: hours of a slice's time (a dry run writes nothing)
@@ -744,6 +745,25 @@ def cmd_launch_tpu(args) -> None:
     status = tpu.launch(spec)
     if status:
         raise SystemExit(status)
+
+
+def _check_tpu_workdir(command: list[str], tpu_slice, max_restarts: int) -> None:
+    """UserError for a launched train whose relative --workdir (inside each worker's copy of the
+    checkout, on its own disk) would lose the run: over several workers, each would hold only its
+    own part of every checkpoint; with --max-restarts, the re-created slice starts with empty disks."""
+    from llama_jax.launch import option_value, tpu
+
+    workdir = option_value(command, "--workdir")
+    if command[0] != "train" or not workdir or workdir.startswith("/") or (tpu_slice.workers == 1 and not max_restarts):
+        return
+    why = (f"each of this {tpu_slice.accelerator}'s {tpu_slice.workers} workers would write its own part of every "
+           f"checkpoint there, so no worker would hold a whole one" if tpu_slice.workers > 1 else
+           "a restart after preemption re-creates the slice with empty disks, so --max-restarts would start the run "
+           "over")
+    raise UserError(f"after --: train: --workdir {workdir} is relative, on each worker's own disk (under "
+                    f"~/{tpu.REMOTE_DIR}), and {why}; give a directory on storage every worker mounts and that outlives "
+                    f"the slice, e.g. /mnt/gcs/runs/{Path(workdir).name or 'run'} (a bucket mounted with gcsfuse; "
+                    f"--setup can mount it)")
 
 
 def cmd_launch_slurm(args) -> None:

@@ -724,6 +724,15 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
       "--process-id", "0"], "after --: train: --num-processes is the launcher's to set (one process per TPU "
                             "worker or SLURM node, found by JAX itself); drop --num-processes, --coordinator, "
                             "--process-id"),
+    # a relative workdir is on each worker's own disk: split over several workers, gone after a restart
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-32", "--dry-run", "--", "train", "--config",
+      "configs/tiny.py", "--workdir", "runs/tiny"],
+     "after --: train: --workdir runs/tiny is relative, on each worker's own disk (under ~/llama-jax), and each of "
+     "this v4-32's 4 workers would write its own part of every checkpoint there"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--max-restarts", "3", "--dry-run", "--", "train",
+      "--config", "configs/tiny.py", "--workdir", "runs/tiny"],
+     "a restart after preemption re-creates the slice with empty disks, so --max-restarts would start the run over; "
+     "give a directory on storage every worker mounts and that outlives the slice, e.g. /mnt/gcs/runs/tiny"),
     # a launched sweep runs its trials on the one host it is sent to
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",
       "configs/tiny.py", "--workdir", "/mnt/gcs/sweep", "--sweep", "train.seed=[0,1]", "--on", "slurm"],
