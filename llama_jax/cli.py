@@ -520,13 +520,18 @@ def cmd_sweep(args) -> None:
 
 def _sweep(args, job: dict) -> None:
     from llama_jax import results, sweep
+    from llama_jax.devices import devices_per_trial, local_accelerators
 
+    if args.on == "slurm":  # a job per trial (job options out of range: refused when the jobs are made)
+        n_devices = job["nodes"] * job["gpus_per_node"] if min(job["nodes"], job["gpus_per_node"]) >= 1 else None
+    else:
+        sweep.check_local_devices(args.parallel, args.devices_per_run)
+        n_devices = devices_per_trial(*local_accelerators(), args.devices_per_run)
     spec, axes, listed = sweep.prepare(args.config, args.workdir, args.sweep or [], args.overrides, args.search,
-                                       args.trials, args.seed, probe=not args.dry_run)
+                                       args.trials, args.seed, probe=not args.dry_run, n_devices=n_devices)
     if args.on == "slurm":
         print(sweep.submit_to_slurm(spec, axes, listed, args.workdir, job, dry_run=args.dry_run))
         return
-    sweep.check_local_devices(args.parallel, args.devices_per_run)
     if args.dry_run:
         print("\n".join(sweep.describe(spec, axes, listed, args.workdir)))
         return
@@ -675,16 +680,19 @@ def _check_launched_config(command: list[str], launched: argparse.Namespace, bas
             return
         config = load_config(Path(base) / path, launched.overrides)
         if sweeps:
+            from llama_jax.devices import devices_per_trial
             from llama_jax.sweep import plan_trials
 
             plan_trials(str(Path(base) / path), launched.sweep or [], launched.overrides, launched.search,
-                        launched.trials, launched.seed, read_init_from=False)
+                        launched.trials, launched.seed, read_init_from=False,
+                        n_devices=devices_per_trial(platform, n_devices, launched.devices_per_run)
+                        if n_devices >= 1 else None)
         if command[0] == "train":
             from llama_jax.sharding import check_mesh_and_batch
 
-            check_experiment(config, read_init_from=False)  # its files are where the command runs
+            model = check_experiment(config, read_init_from=False)  # its files are where the command runs
             if n_devices >= 1:  # else the launcher's own check of --nodes / --gpus-per-node says so
-                check_mesh_and_batch(config, n_devices)
+                check_mesh_and_batch(config, n_devices, model)
     except (UserError, ValueError) as e:
         raise UserError(f"after --: {command[0]}: {e}") from None
 

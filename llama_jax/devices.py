@@ -35,8 +35,26 @@ def local_accelerators() -> tuple[str, int]:
     if gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         return "gpu", len([v for v in visible.split(",") if v.strip()]) if visible is not None else len(gpus)
+    return "cpu", _virtual_cpu_devices() or os.cpu_count() or 1
+
+
+def _virtual_cpu_devices() -> int | None:
+    """The CPU devices JAX will make as this environment asks (JAX_NUM_CPU_DEVICES, else XLA_FLAGS'
+    --xla_force_host_platform_device_count); None where it asks for none (JAX's default: one)."""
+    number = os.environ.get("JAX_NUM_CPU_DEVICES", "").strip()
+    if number.isdigit() and int(number) >= 1:
+        return int(number)
     match = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
-    return "cpu", int(match.group(1)) if match else (os.cpu_count() or 1)
+    return int(match.group(1)) if match else None
+
+
+def devices_per_trial(platform: str, n_devices: int, devices_per_run: int | None) -> int:
+    """The devices a trial started on this host (`local_accelerators`: `platform`, `n_devices`)
+    sees: `devices_per_run` (`subset_env`) where given; else every accelerator, or on CPU the
+    virtual devices the environment asks for (JAX's default: one)."""
+    if devices_per_run is not None:
+        return devices_per_run
+    return n_devices if platform != "cpu" else _virtual_cpu_devices() or 1
 
 
 def subset_env(platform: str, ids: list[int], slot: int, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -59,6 +77,7 @@ def subset_env(platform: str, ids: list[int], slot: int, env: dict[str, str] | N
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={len(ids)}".strip()
         env["JAX_PLATFORMS"] = "cpu"
+        env.pop("JAX_NUM_CPU_DEVICES", None)  # (it would take precedence over the count above)
     env["LLAMA_JAX_SINGLE_PROCESS"] = "1"  # a trial on part of one host never joins a multi-host job
     return env
 

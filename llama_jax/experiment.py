@@ -350,11 +350,13 @@ def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True,
     return model
 
 
-def check_experiment(config: ml_collections.ConfigDict, read_init_from: bool = True) -> None:
+def check_experiment(config: ml_collections.ConfigDict, read_init_from: bool = True) -> LLaMAConfig | None:
     """ValueError for anything `llama-jax train` would refuse in `config` before it needs devices:
-    `check_config` and `check_run_settings`. Imports no JAX."""
-    check_config(config, read_init_from)
+    `check_config` and `check_run_settings`. Imports no JAX. Returns the model's config (None
+    when not read, as `check_config`)."""
+    model = check_config(config, read_init_from)
     check_run_settings(config)
+    return model
 
 
 def check_run_settings(config: ml_collections.ConfigDict) -> None:

@@ -72,14 +72,16 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
-def check_mesh_and_batch(config, n_devices: int) -> None:
-    """ValueError unless an experiment config's mesh fits `n_devices` and each data-parallel shard
-    of a micro-batch gets whole rows."""
-    data, fsdp, _ = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_devices)
+def check_mesh_and_batch(config, n_devices: int, model: LLaMAConfig | None = None) -> None:
+    """ValueError unless an experiment config's mesh fits `n_devices`, each data-parallel shard
+    of a micro-batch gets whole rows and, given the `model`, the mesh divides its sharded dimensions."""
+    data, fsdp, tensor = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_devices)
     micro = config.train.batch_size // config.train.grad_accum
     if micro % (data * fsdp):
         raise ValueError(f"micro-batch train.batch_size / train.grad_accum = {micro} is not divisible by "
                          f"mesh.data x mesh.fsdp = {data * fsdp} (each data-parallel shard needs whole rows)")
+    if model is not None:
+        _check_divisible_sizes(model, dict(zip(MESH_AXES, (data, fsdp, tensor))), LOGICAL_AXIS_RULES)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
@@ -168,7 +170,10 @@ def check_divisible(config: LLaMAConfig, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -
     """ValueError naming the config field and mesh axis when a sharded dimension does not divide;
     TypeError for what is not a mesh of the project's axes (`make_mesh`)."""
     check_mesh(mesh)
-    mesh_sizes = dict(mesh.shape)
+    _check_divisible_sizes(config, dict(mesh.shape), rules)
+
+
+def _check_divisible_sizes(config: LLaMAConfig, mesh_sizes: dict[str, int], rules) -> None:
     rule_map = dict(rules)
     for logical, field in _AXIS_FIELDS.items():
         axes = rule_map.get(logical)

@@ -382,9 +382,10 @@ def random_trials(axes: dict[str, Space], n: int, seed: int) -> list[Trial]:
 
 
 def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Space],
-                    read_init_from: bool = True, started: Collection[str] = ()) -> None:
+                    read_init_from: bool = True, started: Collection[str] = (), n_devices: int | None = None) -> None:
     """Every trial's config is one `llama-jax train` accepts: the swept keys exist, take the values
-    given, and every value is one a run can use (the checks `train` makes before it needs devices).
+    given, and every value is one a run can use (the checks `train` makes before it needs devices);
+    given the `n_devices` each trial runs on, its mesh fits them and the batch and model divide by it.
     An Optuna search (no trials listed yet) is checked one axis at a time, at each of its listed values
     or at a range's ends, the other axes at their first.
     `started`: the names of trials whose directory holds a run; as `train` does on resuming one, their
@@ -401,7 +402,11 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
         try:
             overrides = [*spec.overrides, *(override_text(k, v) for k, v in trial.overrides.items())]
             config = load_config(spec.config, overrides)
-            check_experiment(config, read_init_from and name not in started)
+            model = check_experiment(config, read_init_from and name not in started)
+            if n_devices is not None:
+                from llama_jax.sharding import check_mesh_and_batch
+
+                check_mesh_and_batch(config, n_devices, model)
         except ValueError as e:
             raise SweepError(f"trial {name}: {e}") from None
 
@@ -878,14 +883,15 @@ def tell(study, optuna_trial, status: str, final: float | None) -> None:
 
 def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], overrides: Sequence[str],
             search: str = "grid", trials: int | None = None, seed: int = 0, out=print,
-            probe: bool = True) -> tuple[SweepSpec, dict, list]:
+            probe: bool = True, n_devices: int | None = None) -> tuple[SweepSpec, dict, list]:
     """Check everything about a sweep before anything runs: (spec, axes, trials; [] for optuna).
-    `probe`: whether WORKDIR is written to learn that it may be (`check_writable`; False for a dry run)."""
+    `probe`: whether WORKDIR is written to learn that it may be (`check_writable`; False for a dry run);
+    `n_devices`: the devices each trial runs on, to check its mesh against (`check_overrides`)."""
     workdir = Path(workdir).absolute()
     saved = saved_spec(workdir, out)
     started = {p.name for p in workdir.iterdir() if holds_run(p)} if saved else set()
     spec, axes, listed = plan_trials(config, axis_texts, overrides, search, trials, seed, saved.get("axes", ()),
-                                     started=started)
+                                     started=started, n_devices=n_devices)
     if search == "optuna":
         _import_optuna()
     check_workdir(workdir, spec, saved, probe)
@@ -900,9 +906,11 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
 
 def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str], search: str = "grid",
                 trials: int | None = None, seed: int = 0, saved_axes: Sequence[str] = (),
-                read_init_from: bool = True, started: Collection[str] = ()) -> tuple[SweepSpec, dict, list]:
+                read_init_from: bool = True, started: Collection[str] = (),
+                n_devices: int | None = None) -> tuple[SweepSpec, dict, list]:
     """A sweep's spec, axes and trials, each trial's config checked as `train` checks it before it
-    needs devices; no workdir involved. `saved_axes`: the order a resumed sweep named its axes in.
+    needs devices (and against `n_devices` devices per trial, if given); no workdir involved.
+    `saved_axes`: the order a resumed sweep named its axes in.
     `read_init_from=False`: for a sweep checked away from the machine that holds its init_from;
     `started`: the trials that resume a run of their own (`check_overrides`)."""
     base = load_config(config, list(overrides))  # the config file and base overrides, one line if wrong
@@ -920,7 +928,7 @@ def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str]
     listed = grid_trials(axes) if search == "grid" else random_trials(axes, trials, seed) if search == "random" \
         else []
     check_names([widest_trial(axes, trials)] if search == "optuna" else listed, axes, numbered=search != "grid")
-    check_overrides(spec, listed, axes, read_init_from, started)
+    check_overrides(spec, listed, axes, read_init_from, started, n_devices)
     return spec, axes, listed
 
 

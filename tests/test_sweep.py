@@ -261,33 +261,34 @@ def test_a_trial_continued_by_hand_keeps_the_value_its_sweep_lists_it_under(tmp_
 
 
 def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
+    """A trial that fails where it runs (cuDNN's attention asks for a GPU, which only the trial's
+    own backend can tell; what the config alone shows is refused before any trial starts)."""
     workdir = tmp_path / "sweep"
-    args = [a for a in sweep_args(workdir, "--sweep", "train.batch_size=[8,7]", "--config.train.steps=2")
-            if a != "--config.train.batch_size=8"]  # (a swept key is not also overridden)
+    args = sweep_args(workdir, "--sweep", "model.attention_impl=[xla,cudnn]", "--config.train.steps=2")
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "batch_size=8: llama-jax train --config" in out and "--config.train.batch_size=7" in out
+    assert "attention_impl=xla: llama-jax train --config" in out and "--config.model.attention_impl=cudnn" in out
     assert not workdir.exists()  # a dry run launches and writes nothing
 
     assert main(args) == 0
     table = {r["run"]: r for r in rows(workdir)}
-    assert table["batch_size=8"]["status"] == "done"
-    assert table["batch_size=7"]["status"] == "failed"
-    assert "train.grad_accum = 7 is not divisible by mesh.data x mesh.fsdp = 8" in table["batch_size=7"]["error"]
-    assert list(table) == ["batch_size=8", "batch_size=7"]  # the finished trial first
+    assert table["attention_impl=xla"]["status"] == "done"
+    assert table["attention_impl=cudnn"]["status"] == "failed"
+    assert "attention_impl='cudnn' needs a GPU with cuDNN, and this backend is cpu" in \
+        table["attention_impl=cudnn"]["error"]
+    assert list(table) == ["attention_impl=xla", "attention_impl=cudnn"]  # the finished trial first
     capsys.readouterr()
     assert main([*args, "--dry-run"]) == 0  # what a re-run would do: the finished trial is skipped
     out = capsys.readouterr().out
-    assert "batch_size=8: done, skipped\n" in out and "batch_size=7: llama-jax train --config" in out
+    assert "attention_impl=xla: done, skipped\n" in out and "attention_impl=cudnn: llama-jax train --config" in out
 
     (workdir / "results.md").unlink()
     assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0  # rebuilt from the runs' files
-    assert "batch_size=7" in (workdir / "results.md").read_text()
+    assert "attention_impl=cudnn" in (workdir / "results.md").read_text()
 
     capsys.readouterr()
     failing = tmp_path / "failing"  # every trial failed: the results are written, the exit status says so
-    assert main([a for a in sweep_args(failing, "--sweep", "train.batch_size=[7]", "--config.train.steps=2")
-                 if a != "--config.train.batch_size=8"]) == 2
+    assert main(sweep_args(failing, "--sweep", "model.attention_impl=[cudnn]", "--config.train.steps=2")) == 2
     assert capsys.readouterr().err.strip().endswith(
         f"error: all 1 trials failed; the error column of {failing}/results.md says why")
     assert (failing / "results.md").is_file()
@@ -720,6 +721,15 @@ def test_a_random_search_is_checked_at_its_draws_not_its_ends():
      r"trial t000,keep_every=\d: checkpoint.keep_every=\d is not a multiple of checkpoint.every=2"),
     (["--sweep", "train.seed=[0,1]", "--config.checkpoint.keep_every=3"],
      "trial seed=0: checkpoint.keep_every=3 is not a multiple of checkpoint.every=2"),
+    # and against the devices each trial gets (here all 8 CPU devices, or --devices-per-run), --on slurm a job's
+    (["--sweep", "train.grad_accum=[1,2]"], "trial grad_accum=2: micro-batch train.batch_size / train.grad_accum = 4 "
+                                            "is not divisible by mesh.data x mesh.fsdp = 8"),
+    (["--sweep", "mesh.tensor=[1,4]", "--config.mesh.fsdp=-1"],
+     "trial tensor=4: model.n_kv_heads=2 is not divisible by mesh.tensor=4"),
+    (["--sweep", "mesh.fsdp=[2,4]", "--devices-per-run", "2", "--dry-run"],
+     r"trial fsdp=4: mesh: data x fsdp x tensor = 1 x 4 x 1 = 4, but the device count is 2"),
+    (["--sweep", "mesh.fsdp=[2,4]", "--on", "slurm", "--gpus-per-node", "4", "--dry-run"],
+     r"trial fsdp=2: mesh: data x fsdp x tensor = 1 x 2 x 1 = 2, but the device count is 4"),
     # every trial gets a directory of its own, and a sweep lists its trials before it starts
     (["--sweep", "optimizer.lr=[1e-3,0.001]"], "grid: 0.001 is listed twice; give each value once"),
     (["--sweep", "train.seed=[{[]},2]"], r"trial seed=\{\[\]\}: config key 'train.seed' is int, got '\{\[\]\}'"),
