@@ -44,9 +44,13 @@ def check_tokenizer_files(directory: str | os.PathLike, config: LLaMAConfig,
     """ValueError naming the first tokenizer or generation file of `directory` (those that travel
     with a model: `TOKENIZER_FILES`) that a model of `config` could not use: a JSON file that is not
     a JSON object, end ids that are not token ids, a tokenizer.model that does not load or has
-    more tokens than the model's vocabulary (the error ends with `remedy`)."""
+    more tokens than the model's vocabulary (the error ends with `remedy`), or a directory (or other
+    non-file) under one of their names, which copying them would leave behind unsaid."""
     for name in TOKENIZER_FILES:
         file = Path(directory) / name
+        if file.exists() and not file.is_file():
+            raise ValueError(f"{file} is {'a directory' if file.is_dir() else 'not a regular file'}, where a model "
+                             f"keeps its {name} file; put the file there, or remove it")
         if file.is_file() and file.suffix == ".json":
             read_json_object(file, "generation settings" if name == "generation_config.json" else "tokenizer settings")
     generation_end_ids(directory, config.vocab_size)

@@ -283,6 +283,9 @@ CASES = [
     Case("convert-meta-format-of-hf-dir", "convert --from meta --to jax {hf} out", r"hf/params.json: not found"),
     Case("convert-jax-format-of-hf-dir", "convert --from jax --to hf {hf} out",
          r"hf is not a llama_jax model directory: model_config.json not found"),
+    Case("convert-tokenizer-model-a-directory", "convert --from jax --to hf {dir_tokenizer_model} out",
+         r"dir_tokenizer_model/tokenizer.model is a directory, where a model keeps its tokenizer.model file; put the "
+         r"file there, or remove it$"),  # (the conversion left it behind, unsaid)
     Case("convert-hf-format-of-a-run", "convert --from hf --to jax {run} out",
          r"run is a llama-jax training run, not a Hugging Face model directory; .*llama-jax export"),
     Case("convert-dst-exists", "convert --from hf --to jax {hf} {model}",
@@ -667,6 +670,10 @@ def make_inputs(root: Path) -> dict[str, Path]:
     p["swapped_tokenizer_model"] = inputs / "swapped_tokenizer_model"  # vocab 256, with a 512-token tokenizer.model
     shutil.copytree(p["model256"], p["swapped_tokenizer_model"])
     shutil.copyfile(p["tokenizer"], p["swapped_tokenizer_model"] / "tokenizer.model")
+    p["dir_tokenizer_model"] = inputs / "dir_tokenizer_model"  # a directory where its tokenizer.model goes
+    shutil.copytree(p["model"], p["dir_tokenizer_model"])
+    (p["dir_tokenizer_model"] / "tokenizer.model").unlink()
+    (p["dir_tokenizer_model"] / "tokenizer.model").mkdir()
     p["bad_generation_model"] = inputs / "bad_generation_model"
     shutil.copytree(p["model"], p["bad_generation_model"])
     (p["bad_generation_model"] / "generation_config.json").write_text("[2]")
