@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import functools
 import io
 import os
@@ -251,6 +252,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not data.strip():
         raise ValueError(f"{path}: empty file, not a tokenizer model")
 
+    if data.startswith(codecs.BOM_UTF8) and _parse_tiktoken(data[len(codecs.BOM_UTF8):], path) is not None:
+        raise ValueError(f"{path}: a tiktoken rank file that starts with a UTF-8 byte order mark (written by an "
+                         f"editor?), which tiktoken does not read; remove those first 3 bytes")
     ranks = _parse_tiktoken(data, path)
     if ranks is not None:
         if set(ranks.values()) != set(range(len(ranks))):

@@ -215,6 +215,9 @@ def test_a_damaged_tiktoken_file_names_the_line(tmp_path):
          r"line 270 of this tiktoken rank file is not a base64 token, a space and its rank: b'dGhlbQ== 269 x'$"),
         ("twice.model", lines + [base64.b64encode(b"the") + b" 269\n"],
          r"line 270 lists the token b'the' again \(an earlier line gave it rank 257\); each token has one rank$"),
+        ("bom.model", [b"\xef\xbb\xbf" + lines[0]] + lines[1:],  # (was "neither ... nor a tiktoken file (corrupt?)")
+         r"a tiktoken rank file that starts with a UTF-8 byte order mark \(written by an editor\?\), which tiktoken "
+         r"does not read; remove those first 3 bytes$"),
     ]:
         (tmp_path / name).write_bytes(b"".join(damaged))
         with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: {message}"):
