@@ -250,7 +250,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                         "in earlier versions, else 8; LLaMA-3.2 1B/3B use 32)")
 
 
-def _check_overrides_used(overrides: list[str], sections: tuple[str, ...], command: str, why: str) -> None:
+def _check_overrides_in_sections(overrides: list[str], sections: tuple[str, ...], command: str, why: str) -> None:
     """UserError for an override of a config section `command` does not read (it would be ignored)."""
     unused = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] not in sections]
     if unused:
@@ -392,7 +392,7 @@ def cmd_eval(args) -> None:
     if config_file is None:
         raise UserError("--config is required with a model directory: the training config whose data settings "
                         "define the held-out documents (e.g. --config configs/demo.py)")
-    _check_overrides_used(args.overrides, ("data", "train", "mesh"), "llama-jax eval",
+    _check_overrides_in_sections(args.overrides, ("data", "train", "mesh"), "llama-jax eval",
                           "the model is the directory's or the checkpoint's own")
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
@@ -637,7 +637,7 @@ def _check_launched_arguments(parser: argparse.ArgumentParser, command: list[str
                   cmd_lm_eval: _check_lm_eval_arguments, cmd_data_inspect: _check_inspect_arguments,
                   cmd_plan: _check_plan_arguments}.get(launched.func)  # what the command refuses of its arguments
     try:
-        _check_overrides_read(launched)
+        _check_command_reads_overrides(launched)
         _check_not_empty(launched)
         if own_checks is not None:
             own_checks(launched)
@@ -769,9 +769,9 @@ def _check_tpu_workdir(command: list[str], tpu_slice, max_restarts: int) -> None
            "a restart after preemption re-creates the slice with empty disks, so --max-restarts would start the run "
            "over")
     raise UserError(f"after --: train: --workdir {workdir} is relative, on each worker's own disk (under "
-                    f"~/{tpu.REMOTE_DIR}), and {why}; give a directory on storage every worker mounts and that outlives "
-                    f"the slice, e.g. /mnt/gcs/runs/{Path(workdir).name or 'run'} (a bucket mounted with gcsfuse; "
-                    f"--setup can mount it)")
+                    f"~/{tpu.REMOTE_DIR}), and {why}; give a directory on storage every worker mounts and that "
+                    f"outlives the slice, e.g. /mnt/gcs/runs/{Path(workdir).name or 'run'} (a bucket mounted with "
+                    f"gcsfuse; --setup can mount it)")
 
 
 def cmd_launch_slurm(args) -> None:
@@ -807,7 +807,7 @@ def _check_inspect_arguments(args) -> None:
         raise UserError("give --step S (the rows of one step) or --epoch (coverage of one epoch), one of them")
     if args.epoch and args.rows is not None:
         raise UserError("--rows picks rows of one --step's batch; --epoch reports every row of the epoch")
-    _check_overrides_used(args.overrides, ("data", "train"), "llama-jax data inspect",
+    _check_overrides_in_sections(args.overrides, ("data", "train"), "llama-jax data inspect",
                           "a step's rows come from the data, in the train section's batches")
 
 
@@ -885,7 +885,8 @@ def cmd_prepare_data(args) -> None:
     if args.config is not None:
         from llama_jax.experiment import check_data_section, load_config
 
-        _check_overrides_used(args.overrides, ("data",), "llama-jax prepare-data", "the documents and the tokenizer")
+        _check_overrides_in_sections(args.overrides, ("data",), "llama-jax prepare-data",
+                                     "the documents and the tokenizer")
         config = load_config(args.config, args.overrides)
         check_data_section(config.data)
         _check_prepare_output(args.output)
@@ -1328,7 +1329,7 @@ def _command_name(args) -> str:
     return " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
 
 
-def _check_overrides_read(args) -> None:
+def _check_command_reads_overrides(args) -> None:
     """An override given to a command that reads no experiment config would be ignored: refused."""
     command = _command_name(args)
     if args.overrides and command not in (*OVERRIDE_COMMANDS, "launch"):  # (launch: they go after --)
@@ -1406,7 +1407,7 @@ def _run(argv: list[str] | None) -> int:
     args.overrides = overrides
     try:
         with raising_signals():
-            _check_overrides_read(args)
+            _check_command_reads_overrides(args)
             _check_not_empty(args)
             from llama_jax import backend_tuning
 
