@@ -393,7 +393,7 @@ def cmd_eval(args) -> None:
         raise UserError("--config is required with a model directory: the training config whose data settings "
                         "define the held-out documents (e.g. --config configs/demo.py)")
     _check_overrides_in_sections(args.overrides, ("data", "train", "mesh"), "llama-jax eval",
-                          "the model is the directory's or the checkpoint's own")
+                                 "the model is the directory's or the checkpoint's own")
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
     _check_config_mesh_fits(config, config_file, args.overrides)
@@ -808,7 +808,7 @@ def _check_inspect_arguments(args) -> None:
     if args.epoch and args.rows is not None:
         raise UserError("--rows picks rows of one --step's batch; --epoch reports every row of the epoch")
     _check_overrides_in_sections(args.overrides, ("data", "train"), "llama-jax data inspect",
-                          "a step's rows come from the data, in the train section's batches")
+                                 "a step's rows come from the data, in the train section's batches")
 
 
 def cmd_data_inspect(args) -> None:
