@@ -683,10 +683,9 @@ def _check_launched_config(command: list[str], launched: argparse.Namespace, bas
             from llama_jax.devices import devices_per_trial
             from llama_jax.sweep import plan_trials
 
+            per_trial = devices_per_trial(platform, n_devices, launched.devices_per_run) if n_devices >= 1 else None
             plan_trials(str(Path(base) / path), launched.sweep or [], launched.overrides, launched.search,
-                        launched.trials, launched.seed, read_init_from=False,
-                        n_devices=devices_per_trial(platform, n_devices, launched.devices_per_run)
-                        if n_devices >= 1 else None)
+                        launched.trials, launched.seed, read_init_from=False, n_devices=per_trial)
         if command[0] == "train":
             from llama_jax.sharding import check_mesh_and_batch
 
