@@ -48,10 +48,10 @@ from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import RUN_TOKENIZER, RunData, RunError, build_data, evaluate, prepared_dirs
-from llama_jax.safe_io import (RUN_DATA_DIR, SET_ASIDE_DIR, DirectoryLock, atomic_file, check_destination,
-                               check_outside_runs_and_models, check_run_config, check_writable, file_in_the_way,
-                               holds_lock, holds_no_run, holds_run, non_utf8_path, run_directory_problem, sha256_file,
-                               write_text_atomic)
+from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, SET_ASIDE_DIR, DirectoryLock, atomic_file,
+                               check_destination, check_outside_runs_and_models, check_run_config, check_writable,
+                               file_in_the_way, holds_lock, holds_no_run, holds_run, non_utf8_path,
+                               run_directory_problem, sha256_file, write_text_atomic)
 from llama_jax.sharding import process_rows, tree_shardings
 from llama_jax.sweep import SPEC_FILE, check_trial_settings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
@@ -449,7 +449,7 @@ def set_aside_after(workdir: Path, step: int) -> list[Path]:
 # Hugging Face tokenizer settings), which `export` writes with the run's parameters.
 MODEL_TOKENIZER_DIR = "tokenizer_files"
 RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, LOSS_PLOT, PROGRESS_FILE, RUN_DATA_DIR,
-             MODEL_TOKENIZER_DIR)
+             MODEL_TOKENIZER_DIR, RUN_DATA_DIR + PARTIAL_SUFFIX, MODEL_TOKENIZER_DIR + PARTIAL_SUFFIX)
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
 
 
@@ -607,7 +607,7 @@ def keep_model_tokenizer_files(model_dir: str, workdir: Path, tokenizer_file: Pa
     more = [n for n in TOKENIZER_FILES if n != RUN_TOKENIZER and (source / n).is_file()]
     if tokenizer_file is None or not more or not (source / RUN_TOKENIZER).is_file():
         return
-    partial = kept.with_name(kept.name + ".partial")
+    partial = kept.with_name(kept.name + PARTIAL_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)
     try:
         partial.mkdir()

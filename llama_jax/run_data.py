@@ -29,8 +29,8 @@ from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import ORDER, Source, TrainRows, order_seed
 from llama_jax.prepare import MANIFEST, open_prepared, read_from
-from llama_jax.safe_io import (RUN_DATA_DIR, copy_file_atomic, owned_temp_directory, saved_run_setting, sha256_file,
-                               signals_held)
+from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, copy_file_atomic, owned_temp_directory, saved_run_setting,
+                               sha256_file, signals_held)
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
 RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
@@ -87,7 +87,7 @@ class RunData:
 def _move_into_place(staged: Path, final: Path) -> None:
     """Move staged data to `final` whole or not at all: across file systems a move is a copy, so it
     goes to a sibling first and is renamed into place when complete."""
-    partial = final.with_name(final.name + ".partial")
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)
     try:
         shutil.move(str(staged), partial)

@@ -157,6 +157,7 @@ def check_folder(path: str | os.PathLike, option: str, what: str) -> Path:
 
 
 RUN_DATA_DIR = "data"  # WORKDIR/data: a raw source prepared for the run (its own copy of its documents)
+PARTIAL_SUFFIX = ".partial"  # RUN/data.partial: a run's folder being moved into place (what was there is removed)
 SET_ASIDE_DIR = "checkpoints-set-aside"  # a run's checkpoints after a --resume-from step, metrics after a resumed step
 
 

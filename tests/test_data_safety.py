@@ -402,6 +402,21 @@ def test_a_run_never_writes_over_what_it_did_not_make(tmp_path, model_dir, capsy
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("name", ["data.partial", "tokenizer_files.partial"])
+def test_a_new_run_leaves_a_folder_named_as_its_scratch_alone(tmp_path, capsys, name):
+    """A run assembles its data and its model's tokenizer files in WORKDIR/data.partial and
+    WORKDIR/tokenizer_files.partial, removing what is there first: a folder of one's own of that
+    name in the directory given as --workdir was deleted without a word."""
+    (tmp_path / "mine" / name).mkdir(parents=True)
+    (tmp_path / "mine" / name / "notes.txt").write_text("mine\n")
+    before = snapshot(tmp_path)
+    assert train(tmp_path / "mine") == 2
+    assert one_line_error(capsys, "train").endswith(
+        f"--workdir {tmp_path / 'mine'} holds {name!r} but no llama-jax run (a run writes config.json, checkpoints/, "
+        "metrics.jsonl there); use a new or empty directory")
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("layout", ["model inside the run", "run inside the model"])
 def test_a_run_next_to_its_init_from_directory_leaves_the_model_alone(tmp_path, model_dir, layout):
     """finetune_hf.sh keeps the converted model in RUN/init: a run directory may hold models (and
