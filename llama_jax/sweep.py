@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -382,14 +382,17 @@ def random_trials(axes: dict[str, Space], n: int, seed: int) -> list[Trial]:
 
 
 def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Space],
-                    read_init_from: bool = True, started: Collection[str] = (), n_devices: int | None = None) -> None:
+                    read_init_from: bool = True, started: Mapping[str, Path] | None = None,
+                    n_devices: int | None = None) -> None:
     """Every trial's config is one `llama-jax train` accepts: the swept keys exist, take the values
     given, and every value is one a run can use (the checks `train` makes before it needs devices);
     given the `n_devices` each trial runs on, its mesh fits them and the batch and model divide by it.
     An Optuna search (no trials listed yet) is checked one axis at a time, at each of its listed values
     or at a range's ends, the other axes at their first.
-    `started`: the names of trials whose directory holds a run; as `train` does on resuming one, their
-    `checkpoint.init_from` is not read (the run's checkpoints hold its architecture)."""
+    `started`: the directory of each trial (by name) that holds a run; as `train` does on resuming one,
+    their `checkpoint.init_from` is not read (the run's checkpoints hold its architecture), and the
+    run must have trained with the trial's values (`check_trained_with`)."""
+    started = started or {}
     if trials:
         probes = trials
     else:
@@ -403,12 +406,33 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
             overrides = [*spec.overrides, *(override_text(k, v) for k, v in trial.overrides.items())]
             config = load_config(spec.config, overrides)
             model = check_experiment(config, read_init_from and name not in started)
+            if name in started:
+                check_trained_with(saved_run_setting(started[name]), config, axes, str(started[name]))
             if n_devices is not None:
                 from llama_jax.sharding import check_mesh_and_batch
 
                 check_mesh_and_batch(config, n_devices, model)
         except ValueError as e:
             raise SweepError(f"trial {name}: {e}") from None
+
+
+def check_trained_with(saved: dict, config, keys: Iterable[str], where: str) -> None:
+    """ValueError where `saved`, the config.json of the run in a trial's directory (`where`, for the
+    message), gives one of the swept `keys` another value than the trial's `config` does: that run
+    (one started there by hand, say) trained with it, and the sweep's results would list it under
+    the trial's value."""
+    given = json.loads(config.to_json_best_effort())
+    for key in keys:
+        was, now = saved, given
+        try:
+            for part in key.split("."):
+                was, now = was[part], now[part]
+        except (KeyError, TypeError):
+            continue  # a key the run's release did not record
+        if was != now:
+            raise ValueError(f"{where} holds a run trained with {key}={was!r}, not the trial's {now!r}, and the "
+                             f"sweep's results would list it under {now!r}; move that run out of the sweep's "
+                             f"directory, then run the sweep again")
 
 
 # ---- running trials ----------------------------------------------------------------------------
@@ -504,7 +528,7 @@ def check_trial_settings(workdir: Path, config) -> None:
     """ValueError where `workdir` is a trial of the sweep one folder up (its trial.json there, and the
     sweep's sweep.json) and `config` gives a key the trial sweeps another value than the trial's own
     override sets: the run would go on with it while the sweep's results list the trial under its
-    own value."""
+    own value. Likewise where the run already in `workdir` trained with another value of it."""
     import copy
 
     def plain(value):  # a dict value (model.rope_scaling, data.mixture) is a ConfigDict once loaded
@@ -524,6 +548,9 @@ def check_trial_settings(workdir: Path, config) -> None:
                              f"sets {key}={expected!r}; this run gives {key}={given!r}, and the sweep's results "
                              f"would list the trial under {value!r}: give --config.{own} to continue the trial, or "
                              f"another --workdir")
+    if holds_run(workdir):
+        check_trained_with(saved_run_setting(workdir), config, trial["overrides"],
+                           f"--workdir {workdir} (trial {workdir.name} of the sweep in {workdir.parent})")
 
 
 def finished_trial_status(directory: Path) -> str | None:
@@ -889,7 +916,7 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
     `n_devices`: the devices each trial runs on, to check its mesh against (`check_overrides`)."""
     workdir = Path(workdir).absolute()
     saved = saved_spec(workdir, out)
-    started = {p.name for p in workdir.iterdir() if holds_run(p)} if saved else set()
+    started = {p.name: p for p in workdir.iterdir() if holds_run(p)} if saved else {}
     spec, axes, listed = plan_trials(config, axis_texts, overrides, search, trials, seed, saved.get("axes", ()),
                                      started=started, n_devices=n_devices)
     if search == "optuna":
@@ -906,13 +933,13 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
 
 def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str], search: str = "grid",
                 trials: int | None = None, seed: int = 0, saved_axes: Sequence[str] = (),
-                read_init_from: bool = True, started: Collection[str] = (),
+                read_init_from: bool = True, started: Mapping[str, Path] | None = None,
                 n_devices: int | None = None) -> tuple[SweepSpec, dict, list]:
     """A sweep's spec, axes and trials, each trial's config checked as `train` checks it before it
     needs devices (and against `n_devices` devices per trial, if given); no workdir involved.
     `saved_axes`: the order a resumed sweep named its axes in.
     `read_init_from=False`: for a sweep checked away from the machine that holds its init_from;
-    `started`: the trials that resume a run of their own (`check_overrides`)."""
+    `started`: the directories of the trials that resume a run of their own, by name (`check_overrides`)."""
     base = load_config(config, list(overrides))  # the config file and base overrides, one line if wrong
     if search not in SEARCHES:
         raise SweepError(f"--search {search!r}; valid: {', '.join(SEARCHES)}")

@@ -260,6 +260,36 @@ def test_a_trial_continued_by_hand_keeps_the_value_its_sweep_lists_it_under(tmp_
     assert not (tmp_path / "model").exists()
 
 
+def test_a_run_of_other_values_where_a_trial_goes_is_not_taken_for_the_trial(tmp_path, capsys):
+    """A run trained by hand with lr=0.05 in the directory of trial lr=0.002 (before the sweep got
+    there): the sweep resumed it as the trial (nothing left to train) and listed its results as
+    those of lr=0.002. Refused in one line, before any trial runs; and by `train` in that directory
+    once the sweep has recorded the trial there."""
+    workdir = tmp_path / "sweep"
+    axis = ["--sweep", "optimizer.lr=[0.001,0.002]"]
+    spec, _, _ = sweep_lib.prepare(TINY, workdir, axis[1:], SHORT_OVERRIDES)
+    workdir.mkdir()
+    (workdir / "sweep.json").write_text(spec.to_json())
+    directory = workdir / "lr=0.002"
+    train = ["train", "--config", TINY, "--workdir", str(directory), *SHORT]
+    assert main([*train, "--config.optimizer.lr=0.05"]) == 0
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    capsys.readouterr()
+    assert main(sweep_args(workdir, *axis)) == 2
+    assert capsys.readouterr().err == (
+        f"llama-jax sweep: error: trial lr=0.002: {directory} holds a run trained with optimizer.lr=0.05, not the "
+        f"trial's 0.002, and the sweep's results would list it under 0.002; move that run out of the sweep's "
+        f"directory, then run the sweep again\n")
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+    (directory / "trial.json").write_text(json.dumps({"number": 1, "overrides": {"optimizer.lr": 0.002},
+                                                      "status": "running"}))
+    assert main([*train, "--config.optimizer.lr=0.002"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"llama-jax train: error: --workdir {directory} (trial lr=0.002 of the sweep in {workdir}) holds a run trained "
+        f"with optimizer.lr=0.05, not the trial's 0.002")
+    assert committed_steps(directory) == [2, 4]
+
+
 def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
     """A trial that fails where it runs (cuDNN's attention asks for a GPU, which only the trial's
     own backend can tell; what the config alone shows is refused before any trial starts)."""
