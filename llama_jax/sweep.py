@@ -230,6 +230,11 @@ def axes_from(config_path: str, texts: Sequence[str]) -> dict[str, Space]:
         given.add(key)
     if not axes:
         raise SweepError(f"no axes: pass --sweep key=[v1,v2] or define get_sweep() in {config_path}")
+    for key in axes:  # a trial would set the inner key twice: in the outer value, then on its own
+        outer = next((axis for axis in axes if key.startswith(axis + ".")), None)
+        if outer is not None:
+            raise SweepError(f"{key} is swept inside the swept {outer}, whose values set it too; sweep one of "
+                             f"them (to vary both, list whole values of {outer})")
     return axes
 
 

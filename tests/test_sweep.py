@@ -735,6 +735,9 @@ def test_a_random_search_is_checked_at_its_draws_not_its_ends():
      "--devices-per-run shares this host among trials; with --on slurm each trial is a job of its own"),
     ([], "no axes: pass --sweep"),
     (["--sweep", "optimizer.lr=[1e-3]", "--sweep", "optimizer.lr=[2e-3]"], "optimizer.lr is swept twice"),
+    # a key inside another swept key: each trial set it twice, the second value winning whatever its name said
+    (["--sweep", "model.rope_scaling=[{'type':'linear','factor':2.0},{'type':'linear','factor':3.0}]", "--sweep",
+      "model.rope_scaling.factor=[4.0,8.0]"], "model.rope_scaling.factor is swept inside the swept model.rope_scaling"),
     (["--sweep", "train.seed=[0,1]", "--trials", "3"], "--trials applies to --search random and optuna"),
     (["--sweep", "train.seed=[0,1]", "--nodes", "2"], "--nodes shapes SLURM jobs; it applies with --on slurm only"),
     # a base override that every trial's value would replace
