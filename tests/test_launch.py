@@ -787,6 +787,10 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
      "--folder /proc/jobs: cannot write a file into /proc ("),
     (["slurm", "--folder", "README.md/jobs", "--dry-run", "--", *TRAIN_IN_TMP],
      f"--folder README.md/jobs is under {ROOT / 'README.md'}, a file; give a directory for the job's script"),
+    # scp -r names the copy after the workdir's last part: `..` would have put it beside DIR, merging
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "TMP_WORKDIR", "--dry-run", "--", "train",
+      "--config", "configs/tiny.py", "--workdir", "/mnt/gcs/runs/.."],
+     "the command's --workdir /mnt/gcs/runs/.. does not end in the workdir's own name"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--copy-back", "README.md", "--dry-run", "--",
       *TRAIN_TINY], "--copy-back README.md is a file; give a directory to receive the run's workdir"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "sweep", "--config",

@@ -210,6 +210,11 @@ def copy_back_target(tpu: TpuLaunch) -> Path:
 def check_copy_back(tpu: TpuLaunch) -> None:
     """LaunchError if the copy would land in something that is there already: scp merges into it,
     and the files of two runs mixed in one checkpoints/ would resume from whichever step is last."""
+    if remote_workdir(tpu).rstrip("/").rsplit("/", 1)[-1] in ("", ".", ".."):  # scp -r: no name of its own there
+        workdir = option_value(tpu.command, "--workdir")
+        raise LaunchError(f"--copy-back {tpu.copy_back}: the command's --workdir {workdir} does not end in the "
+                          f"workdir's own name, which its copy takes there (DIR/NAME); give --workdir as a path "
+                          f"ending in that name, e.g. /mnt/gcs/runs/NAME")
     target = copy_back_target(tpu)
     if target.is_symlink() or target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise LaunchError(f"--copy-back {tpu.copy_back}: the workdir would be copied to {target}, which already "
