@@ -594,6 +594,9 @@ def _launched_command(args) -> tuple[list[str], argparse.Namespace]:
     if args.overrides:
         raise UserError(f"--config.{args.overrides[0]}: put --config.* overrides after --, with the command")
     command = list(args.launched)
+    if command[:1] != ["--"] and "--" in command:  # (argparse leaves what follows a stray argument to the command)
+        raise UserError(f"{command[0]!r} before --: launch {args.target} takes no such argument (its flags such as "
+                        f"--dry-run take no value); give its options before -- and the llama-jax command after it")
     if command[:1] != ["--"]:
         raise UserError(f"give the llama-jax command to run after --, e.g. llama-jax launch {args.target} ... "
                         f"-- train --config configs/tiny.py --workdir runs/tiny")

@@ -638,6 +638,8 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
      "give the llama-jax command to run after --"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run"],
      "give the llama-jax command to run after --"),
+    (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--spot", "true", "--dry-run", "--", *TRAIN_TINY],
+     "'true' before --: launch tpu takes no such argument (its flags such as --dry-run take no value)"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "python", "train.py"],
      "after --: 'python' is not a llama-jax command"),
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--"], "after --: nothing given"),
