@@ -154,11 +154,16 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _markdown_cell(value: Any) -> str:
+    """`_cell` as a cell of a Markdown table's row: no '|' (a column's end) nor line break (the row's)."""
+    return " ".join(_cell(value).replace("|", "/").splitlines())
+
+
 def write_tables(workdir: Path, keys: list[str], rows: list[dict]) -> str:
     """DIR/results.csv and DIR/results.md, each replaced whole or not at all; returns the Markdown table."""
     header = ["run", *keys, *COLUMNS, "error"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(row[h]).replace("|", "/") for h in header) + " |" for row in rows]
+    lines += ["| " + " | ".join(_markdown_cell(row[h]) for h in header) + " |" for row in rows]
     table = "\n".join(lines) + "\n"
     # both destinations are checked before either is replaced
     with atomic_file(workdir / "results.csv") as csv_tmp, atomic_file(workdir / "results.md") as md_tmp:

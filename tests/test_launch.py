@@ -753,6 +753,8 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
       "TMP_WORKDIR", "--sweep", "train.seed=[0,1]", "--parallel", "2"],
      "after --: sweep: --parallel 2 on a gpu host needs --devices-per-run K"),
     (["slurm", "--partition", "", "--dry-run", "--", *TRAIN_IN_TMP], "--partition is empty; give a value"),
+    (["slurm", "--partition", "gpu,", "--dry-run", "--", *TRAIN_IN_TMP],
+     "--partition 'gpu,' has an empty name in its list; give names separated by single commas"),
     (["slurm", "--time-min", "2", "--dry-run", "--", *TRAIN_IN_TMP],  # (its warning came before it started)
      "--time-min must be at least 3, got 2: SLURM warns a job 90 s before its limit"),
     (["slurm", "--time-min", "-5", "--dry-run", "--", *TRAIN_IN_TMP],  # (not "at least 1")

@@ -290,6 +290,16 @@ def test_a_run_of_other_values_where_a_trial_goes_is_not_taken_for_the_trial(tmp
     assert committed_steps(directory) == [2, 4]
 
 
+def test_a_value_with_a_line_break_stays_in_its_row_of_results_md(tmp_path):
+    """A swept string holding a line break (or an error line that does) ended its Markdown row early."""
+    from llama_jax.results import COLUMNS, write_tables
+
+    row = {"run": "t000", "train.sample_prompt": "a\nb|c", **dict.fromkeys(COLUMNS), "error": "one\ntwo"}
+    write_tables(tmp_path, ["train.sample_prompt"], [row])
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| t000 | a b/c |") and lines[2].endswith("| one two |")
+
+
 def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
     """A trial that fails where it runs (cuDNN's attention asks for a GPU, which only the trial's
     own backend can tell; what the config alone shows is refused before any trial starts)."""

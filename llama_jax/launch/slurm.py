@@ -160,6 +160,9 @@ def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node:
         if value is not None and not re.fullmatch(rf"[\w.+{extra}-]+", value):  # each is a line of the sbatch script
             raise LaunchError(f"{flag} {value!r}: use letters, digits and . _ + -{' ,' if extra else ''} (it is "
                               f"written into the sbatch script)")
+        if value is not None and extra and "" in value.split(extra):
+            raise LaunchError(f"{flag} {value!r} has an empty name in its list; give names separated by single "
+                              f"commas, e.g. gpu,gpu-large")
     return dict(job_name=job_name, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node, time=time_min,
                 partition=partition, account=account, cpus_per_task=cpus_per_node,
                 setup=_setup_lines(commands, gpus_per_node))
