@@ -285,10 +285,18 @@ def _check_mapping_names(config: ml_collections.ConfigDict) -> None:
         try:
             names = list(value_at(config, key) or {})
         except TypeError:  # names of several kinds, which cannot even be ordered
-            names = None
-        got = "" if names is None else next((f", got {name!r}" for name in names if not isinstance(name, str)), None)
-        if got is not None:
-            raise ValueError(f"{key}: every name must be a string (quote it, e.g. {{'2': ...}}){got}")
+            raise ValueError(f"{key}: every name must be a string (quote it, e.g. {{'2': ...}})") from None
+        _check_names(key, names)
+
+
+def _check_names(key: str, names) -> None:
+    """ValueError unless each of the names of dict key `key` is a string without a dot (which would
+    read as a key inside it)."""
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"{key}: every name must be a string (quote it, e.g. {{'2': ...}}), got {name!r}")
+        if "." in name:
+            raise ValueError(f"{key}: a name may not contain a dot (it would read as a key inside it), got {name!r}")
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -541,19 +549,17 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     if isinstance(value, float) and value == 0 and any(d in "123456789" for d in text.lower().split("e")[0]):
         raise ValueError(f"config key {key!r}: {text} is too small for a float (it would be 0.0); give 0 if that is "
                          f"meant")
-    if key in MAPPING_KEYS and isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
-        dotted = next((name for name in value if isinstance(name, str) and "." in name), None)
-        if dotted is not None:
-            raise ValueError(f"{key}: a name may not contain a dot (it would read as a key inside it), got {dotted!r}")
-        current = value = ml_collections.ConfigDict(value)  # the whole mapping, replaced
+    if key in DICT_KEYS and isinstance(value, dict):
+        _check_names(key, value)
+        current = value = ml_collections.ConfigDict(value)  # the whole dict, replaced
     if current is not None and value is not None:
         if isinstance(current, bool) != isinstance(value, bool) or not isinstance(value, _compatible(current)):
             hint = ""
             if isinstance(current, (list, tuple)) and isinstance(value, str):
                 hint = (f"; quote the strings in a list: \"--config.{key}=['a', 'b']\"" if text.strip().startswith("[")
                         else f"; give a list, even of one: \"--config.{key}=[{text!r}]\"")
-            if key in MAPPING_KEYS:  # (a dict with a syntax error reads as text)
-                hint = f"; give a Python dict: \"--config.{key}={MAPPING_KEYS[key]}\""
+            if key in DICT_KEYS:  # (a dict with a syntax error reads as text)
+                hint = f"; give a Python dict: \"--config.{key}={DICT_KEYS[key]}\""
             raise ValueError(f"config key {key!r} is {type(current).__name__}, got {text!r} "
                              f"({type(value).__name__}){hint}")
         if isinstance(current, float):
@@ -571,6 +577,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
 # keys whose value is a mapping of the user's names, given whole as a dict -> an example of one
 MAPPING_KEYS = {"data.mixture": "{'web': {'path': '/data/web', 'weight': 0.8}, 'code': {'path': '/data/code', "
                                 "'weight': 0.2}}"}
+# every key given whole as a dict (which replaces the dict it held) -> an example of one
+DICT_KEYS = {**MAPPING_KEYS, "model.rope_scaling": "{'rope_type': 'linear', 'factor': 2.0}"}
 
 
 def _decimal_field(key: str) -> bool:

@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 
 from llama_jax import PRESETS, LLaMAConfig, RopeScaling, param_count
 from llama_jax.cli import main
-from llama_jax.experiment import check_finite, check_run_settings, check_run_source, load_config
+from llama_jax.experiment import check_finite, check_run_settings, check_run_source, load_config, model_config
 from llama_jax.train import build_trainer
 from tests.reference import hf_config_dict
 
@@ -507,6 +507,13 @@ def test_string_and_mapping_overrides():
     unscaled = load_config(TINY, ["model.rope_scaling={'rope_type': 'linear', 'factor': 2.0}",
                                   "model.rope_scaling.factor=3.0", "model.rope_scaling=None"])
     assert unscaled.model.rope_scaling is None
+    # rope_scaling given whole replaces a dict it holds (from the file, a run's config.json or an earlier
+    # override: it said "is ConfigDict")
+    llama3 = "{'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, " \
+             "'original_max_position_embeddings': 8192}"
+    rescaled = load_config(TINY, ["model.rope_scaling={'rope_type': 'linear', 'factor': 2.0}",
+                                  f"model.rope_scaling={llama3}"])
+    assert model_config(rescaled.model).rope_scaling == RopeScaling("llama3")
     # a decimal field holding a whole number takes a decimal later (it said "is int")
     assert load_config(TINY, ["model.rope_theta=500000", "model.rope_theta=1e6"]).model.rope_theta == 1e6
     assert load_config(TINY, ["data.mixture={'a': {'path': '/d', 'weight': 1}}", "data.mixture.a.weight=0.5"]
@@ -528,6 +535,11 @@ def test_string_and_mapping_overrides():
     ("model=None", "config key 'model' is a section and cannot be None; set its keys (--config.model.KEY=VALUE)"),
     ("data=null", "config key 'data' is a section and cannot be None; set its keys (--config.data.KEY=VALUE)"),
     ("data.files=[1,2]", "data.files must be a list of paths or glob patterns (strings), got [1, 2]"),
+    # (a traceback from ml_collections, which orders the names; a dotted one, its error naming no key)
+    ("model.rope_scaling={'rope_type': 'linear', 'factor': 2.0, 1: 2}",
+     "model.rope_scaling: every name must be a string (quote it, e.g. {'2': ...}), got 1"),
+    ("model.rope_scaling={'rope_type': 'linear', 'factor': 2.0, 'a.b': 2}",
+     "model.rope_scaling: a name may not contain a dot (it would read as a key inside it), got 'a.b'"),
     ("data.eval_fraction=None", "data.eval_fraction must be a number with 0 <= eval_fraction < 1, got None"),
     ("data.tokenizer=None", "data.tokenizer must be a string, got None ('' for none; for the text None, quote it: "
                             "\"--config.data.tokenizer='None'\")"),
@@ -600,7 +612,6 @@ def test_init_from_preset_takes_the_model_but_not_its_storage_dtype(tmp_path):
     """A converted bfloat16 checkpoint stores bfloat16 parameters; fine-tuned with its model as the
     preset, the master weights (and Adam's moments) must not become bfloat16 too."""
     from llama_jax import init_params, save_model
-    from llama_jax.experiment import model_config
 
     stored = LLaMAConfig.from_preset("debug", param_dtype="bfloat16", dtype="bfloat16", scan_layers=False,
                                      rope_theta=500000.0)
