@@ -558,6 +558,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
             if isinstance(current, (list, tuple)) and isinstance(value, str):
                 hint = (f"; quote the strings in a list: \"--config.{key}=['a', 'b']\"" if text.strip().startswith("[")
                         else f"; give a list, even of one: \"--config.{key}=[{text!r}]\"")
+            if _is_int(current) and isinstance(value, float) and value.is_integer() and in_float32_range(value):  # 1e3
+                hint = f"; give a whole number: --config.{key}={int(value)}"
             if key in DICT_KEYS:  # (a dict with a syntax error reads as text)
                 hint = f"; give a Python dict: \"--config.{key}={DICT_KEYS[key]}\""
             raise ValueError(f"config key {key!r} is {type(current).__name__}, got {text!r} "

@@ -535,6 +535,8 @@ def test_string_and_mapping_overrides():
     ("model=None", "config key 'model' is a section and cannot be None; set its keys (--config.model.KEY=VALUE)"),
     ("data=null", "config key 'data' is a section and cannot be None; set its keys (--config.data.KEY=VALUE)"),
     ("data.files=[1,2]", "data.files must be a list of paths or glob patterns (strings), got [1, 2]"),
+    ("train.steps=1e3", "config key 'train.steps' is int, got '1e3' (float); give a whole number: "
+                        "--config.train.steps=1000"),
     # (a traceback from ml_collections, which orders the names; a dotted one, its error naming no key)
     ("model.rope_scaling={'rope_type': 'linear', 'factor': 2.0, 1: 2}",
      "model.rope_scaling: every name must be a string (quote it, e.g. {'2': ...}), got 1"),
