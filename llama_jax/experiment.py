@@ -165,6 +165,10 @@ def _check_file(path: Path) -> None:
 
         hint = f" (or the run's resolved config: {path / 'config.json'})" if holds_run(path) else ""
         raise ValueError(f"{path}: is a directory; expected a Python config file such as configs/tiny.py{hint}")
+    file, colon, argument = str(path).rpartition(":")
+    if not path.exists() and colon and Path(file).is_file():  # ml_collections' FILE:ARG
+        raise ValueError(f"config file {path} not found; llama-jax calls get_config() without an argument, so give "
+                         f"--config {file} and set keys with --config.KEY=VALUE instead of :{argument}")
     if not path.is_file():
         raise ValueError(f"config file {path} " + ("is not a regular file; expected a Python config file such as "
                                                    "configs/tiny.py" if path.exists() else "not found"))
@@ -279,11 +283,14 @@ def _linked_value(section: ml_collections.ConfigDict, name: str, key: str) -> An
 
 
 def _check_mapping_names(config: ml_collections.ConfigDict) -> None:
-    """ValueError unless the names of a mapping of the user's (`MAPPING_KEYS`) are strings: a number
-    would be written to config.json as a string, which orders otherwise."""
+    """ValueError unless a mapping of the user's (`MAPPING_KEYS`) is a dict (or None) whose names are
+    strings: a number would be written to config.json as a string, which orders otherwise."""
     for key in MAPPING_KEYS:
+        value = value_at(config, key)
+        if value is not None and not isinstance(value, (dict, ml_collections.ConfigDict)):
+            raise ValueError(f"{key} is a {type(value).__name__}; give a dict of names, e.g. {MAPPING_KEYS[key]}")
         try:
-            names = list(value_at(config, key) or {})
+            names = list(value or {})
         except TypeError:  # names of several kinds, which cannot even be ordered
             raise ValueError(f"{key}: every name must be a string (quote it, e.g. {{'2': ...}})") from None
         _check_names(key, names)

@@ -395,6 +395,26 @@ def test_a_mesh_size_of_true_in_a_file_is_refused(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_mixture_that_is_not_a_dict_is_named(tmp_path, capsys):
+    """A file's data section set whole, its mixture a list: the line took the list's first item
+    for a name that is not a string."""
+    (tmp_path / "mix.py").write_text("from llama_jax.experiment import base_config\n\n\ndef get_config():\n"
+                                     "    config = base_config('tiny')\n    data = config.data.to_dict()\n"
+                                     "    data.update(source='prepared', mixture=[{'path': '/d', 'weight': 1}])\n"
+                                     "    config.data = data\n    return config\n")
+    assert main(["plan", "--config", str(tmp_path / "mix.py")]) == 2
+    assert one_line_error(capsys).startswith("llama-jax plan: error: data.mixture is a list; give a dict of names, "
+                                             "e.g. {'web': {'path': '/data/web', 'weight': 0.8}")
+
+
+def test_a_config_file_with_an_argument_is_named(tmp_path, capsys):
+    """ml_collections' FILE:ARG form: the line said only that no such file exists."""
+    assert main(["plan", "--config", f"{TINY}:small"]) == 2
+    assert one_line_error(capsys) == (f"llama-jax plan: error: config file {TINY}:small not found; llama-jax calls "
+                                      f"get_config() without an argument, so give --config {TINY} and set keys with "
+                                      f"--config.KEY=VALUE instead of :small")
+
+
 def test_config_directory_is_named(tmp_path, capsys):
     assert main(["plan", "--config", str(tmp_path)]) == 2
     assert one_line_error(capsys) == (f"llama-jax plan: error: {tmp_path}: is a directory; "
