@@ -930,13 +930,13 @@ class PreparedSplit:
 
     Offsets are positions in that stream; documents are numbered 0..documents-1 in split order.
     Token files are read through `np.memmap`; a shard's index (24 bytes per document) is loaded
-    the first time the shard's documents are looked up, and kept. `again`: what a user is told to do
-    when that index is damaged."""
+    the first time the shard's documents are looked up, and kept. Tokens read are checked to be ids of
+    the tokenizer's `vocab_size`. `again`: what a user is told to do when an index or tokens are damaged."""
 
     def __init__(self, name: str, directory: Path, shards: list[str], records: list[dict], dtype: np.dtype,
-                 documents: int, tokens: int, nbytes: int, again: str = AGAIN):
+                 vocab_size: int, documents: int, tokens: int, nbytes: int, again: str = AGAIN):
         self.name, self.documents, self.tokens, self.bytes, self.again = name, documents, tokens, nbytes, again
-        self.directory, self.shard_names, self.dtype = directory, shards, dtype
+        self.directory, self.shard_names, self.dtype, self.vocab_size = directory, shards, dtype, vocab_size
         self._token_starts = np.cumsum([0] + [r["tokens"] for r in records], dtype=np.int64)
         self._document_starts = np.cumsum([0] + [r["documents"] for r in records], dtype=np.int64)
         self._token_files: list[np.ndarray | None] = [None] * len(shards)
@@ -948,6 +948,15 @@ class PreparedSplit:
             self._token_files[k] = np.memmap(self.directory / f"{self.shard_names[k]}.tokens.bin", self.dtype, "r",
                                              shape=(int(self._token_starts[k + 1] - self._token_starts[k]),))
         return self._token_files[k]
+
+    def _read_tokens(self, k: int, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of shard k as int32; DamagedData for an id the tokenizer does not have."""
+        tokens = np.asarray(self._shard_tokens(k)[start:stop], np.int32)
+        if len(tokens) and (tokens.max() >= self.vocab_size or tokens.min() < 0):
+            bad = tokens[(tokens >= self.vocab_size) | (tokens < 0)][0]
+            raise DamagedData(f"{self.directory / self.shard_names[k]}.tokens.bin is damaged: it holds the token id "
+                              f"{bad}, outside the tokenizer's {self.vocab_size} ids", self.again)
+        return tokens
 
     def _index(self, k: int) -> np.ndarray:
         if self._indices[k] is None:
@@ -992,7 +1001,7 @@ class PreparedSplit:
         k, position = int(np.searchsorted(self._token_starts, start, side="right")) - 1, start
         while position < stop:
             base, end = int(self._token_starts[k]), min(stop, int(self._token_starts[k + 1]))
-            out[position - start:end - start] = self._shard_tokens(k)[position - base:end - base]
+            out[position - start:end - start] = self._read_tokens(k, position - base, end - base)
             position, k = end, k + 1
         return out
 
@@ -1003,7 +1012,7 @@ class PreparedSplit:
         start = int(index[row, 0])
         end_of_shard = int(self._token_starts[k + 1] - self._token_starts[k])
         stop = int(index[row + 1, 0]) if row + 1 < len(index) else end_of_shard
-        return np.asarray(self._shard_tokens(k)[start:stop], np.int32)
+        return self._read_tokens(k, start, stop)
 
     def document_starts_in(self, start: int, stop: int) -> np.ndarray:
         """Stream offsets (int64, ascending) of the documents whose first token lies in [start, stop)."""
@@ -1081,8 +1090,8 @@ def _open_checked(path: Path, tokenizer_sha256: str | None, again: str) -> Prepa
     if sha256_file(tokenizer_path) != sha:  # the data's tokens are ids of that tokenizer only
         raise DamagedData(f"{tokenizer_path} does not match the sha256 in {MANIFEST} (it was replaced or changed)",
                           "put the tokenizer the data was prepared with back, or prepare the data again")
-    dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
-    splits = {split: _open_split(path, split, manifest["splits"][split], dtype, again) for split in SPLITS}
+    dtype, vocab_size = np.dtype(manifest["token_dtype"]).newbyteorder("<"), manifest["tokenizer"]["vocab_size"]
+    splits = {split: _open_split(path, split, manifest["splits"][split], dtype, vocab_size, again) for split in SPLITS}
     return Prepared(path, manifest, tokenizer_path, sha, splits)
 
 
@@ -1104,7 +1113,8 @@ def _well_formed(manifest: dict) -> bool:
         tokenizer, splits = manifest["tokenizer"], manifest["splits"]
         return (manifest["token_dtype"] in ("uint16", "uint32") and isinstance(tokenizer["sha256"], str)
                 and isinstance(manifest.get("data", {}), dict) and isinstance(manifest.get("documents", {}), dict)
-                and isinstance(tokenizer["file"], str) and all(_well_formed_split(splits[s]) for s in SPLITS))
+                and isinstance(tokenizer["file"], str) and _is_count(tokenizer["vocab_size"])
+                and all(_well_formed_split(splits[s]) for s in SPLITS))
     except (KeyError, TypeError):
         return False
 
@@ -1118,12 +1128,16 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _open_split(path: Path, split: str, summary: dict, dtype: np.dtype, again: str) -> PreparedSplit:
+def _open_split(path: Path, split: str, summary: dict, dtype: np.dtype, vocab_size: int,
+                again: str) -> PreparedSplit:
     records, documents, tokens = [], 0, 0
-    for name in summary["shards"]:
+    for k, name in enumerate(summary["shards"]):
         if Path(name).name != name or name in ("", ".", ".."):  # a path: files that are not this directory's
             raise DamagedData(f"{path / MANIFEST}: split {split} lists the shard {name!r}, which is not the name of "
                               f"a file in {path}")
+        if name != shard_name(split, k):  # (another split's shards: held-out documents trained on, or the reverse)
+            raise DamagedData(f"{path / MANIFEST}: split {split} lists the shard {name!r} as its shard {k}, expected "
+                              f"{shard_name(split, k)!r}")
         record = _read_json(path / f"{name}.json")
         try:
             first, count, length = record["first_document"], record["documents"], record["tokens"]
@@ -1140,7 +1154,12 @@ def _open_split(path: Path, split: str, summary: dict, dtype: np.dtype, again: s
     if (documents, tokens) != (summary["documents"], summary["tokens"]):
         raise DamagedData(f"{path / MANIFEST}: split {split} lists {summary['documents']} documents and "
                           f"{summary['tokens']} tokens, its shards hold {documents} and {tokens}")
-    return PreparedSplit(split, path, summary["shards"], records, dtype, documents, tokens, summary["bytes"], again)
+    unlisted = path / f"{shard_name(split, len(records))}.json"
+    if unlisted.exists():  # a shard left out of the manifest: its documents would silently go unread
+        raise DamagedData(f"{unlisted} is a shard that {path / MANIFEST} does not list (split {split} lists "
+                          f"{len(records)})")
+    return PreparedSplit(split, path, summary["shards"], records, dtype, vocab_size, documents, tokens,
+                         summary["bytes"], again)
 
 
 def _check_shard_files(path: Path, name: str, documents: int, tokens: int, dtype: np.dtype) -> None:

@@ -464,6 +464,21 @@ def damaged_copy(reference: Path, case: Path, damage: str) -> Path:
         (out / "manifest.json").write_text(json.dumps(manifest))
         for own in out.glob("train-*"):
             own.unlink()
+    elif damage == "held-out-lists-train":  # evaluation would read training documents
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["splits"]["held_out"] = manifest["splits"]["train"]
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    elif damage == "unlisted-shard":  # the last train shard left out of the manifest, its counts too
+        manifest = json.loads((out / "manifest.json").read_text())
+        train = manifest["splits"]["train"]
+        last = json.loads((out / f"{train['shards'].pop()}.json").read_text())
+        train["documents"] -= last["documents"]
+        train["tokens"] -= last["tokens"]
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    elif damage == "token-beyond-vocab":
+        tokens = np.fromfile(out / "train-00001.tokens.bin", "<u2")
+        tokens[7] = 60000
+        tokens.tofile(out / "train-00001.tokens.bin")
     return out
 
 
@@ -553,6 +568,12 @@ CASES = [
     ("shards-elsewhere", ["prepare-data", "--verify", "--output", "{shards-elsewhere}"],
      r"\S+/manifest.json: split train lists the shard '\S+/ref/train-00000', which is not the name of a file in "
      r"\S+/prepared; remove \S+/prepared to prepare it again, or give another --output$"),
+    ("held-out-lists-train", ["prepare-data", "--verify", "--output", "{held-out-lists-train}"],
+     r"\S+/manifest.json: split held_out lists the shard 'train-00000' as its shard 0, expected 'held_out-00000'; "
+     r"remove \S+/prepared to prepare it again"),
+    ("unlisted-shard", ["prepare-data", "--verify", "--output", "{unlisted-shard}"],
+     r"\S+/prepared/train-\d{5}.json is a shard that \S+/manifest.json does not list \(split train lists \d+\); "
+     r"remove \S+/prepared to prepare it again"),
 ]
 
 
@@ -575,7 +596,8 @@ def test_bad_input_is_one_line_and_writes_nothing(args, error, inputs, reference
     (owners / "sweep" / "sweep.json").write_text("{}")
     paths = {"config": inputs["config"], "case": case, "reference": reference, "other": inputs["other"],
              "run": owners / "run", "model": owners / "model", "sweep": owners / "sweep"}
-    for damage in ("truncate", "remove-index", "remove-manifest", "flip", "unhashed-shard", "shards-elsewhere"):
+    for damage in ("truncate", "remove-index", "remove-manifest", "flip", "unhashed-shard", "shards-elsewhere",
+                   "held-out-lists-train", "unlisted-shard"):
         if any("{" + damage + "}" in a for a in args):
             paths[damage] = damaged_copy(reference, case, damage)
     argv = [re.sub(r"\{([\w-]+)\}", lambda m: str(paths[m.group(1)]), a) for a in args]
@@ -602,6 +624,21 @@ def test_open_prepared_checks(reference, tmp_path):
         open_prepared(out)
     with pytest.raises(ValueError, match=r"does not exist; give a directory written by llama-jax prepare-data"):
         open_prepared(tmp_path / "nope")
+
+
+def test_a_token_beyond_the_tokenizer_is_damage_when_read(reference, tmp_path):
+    """(An id beyond the model's vocabulary, which its embedding lookup clamps, was trained on
+    silently.) The tokens file keeps its size, so the cheap checks on opening pass."""
+    out = damaged_copy(reference, tmp_path, "token-beyond-vocab")
+    split = open_prepared(out).splits["train"]
+    damaged = json.loads((out / "train-00000.json").read_text())["tokens"] + 7  # its stream offset
+    error = (r"train-00001.tokens.bin is damaged: it holds the token id 60000, outside the tokenizer's 512 ids; "
+             r"remove \S+/prepared to prepare it again")
+    with pytest.raises(ValueError, match=error):
+        split.token_range(damaged, damaged + 1)
+    with pytest.raises(ValueError, match=error):
+        split.document_tokens(split.document_at(damaged))
+    assert split.token_range(0, damaged).size == damaged  # the tokens before it read as they are
 
 
 def test_a_manifest_whose_data_record_is_damaged_is_one_line(reference, tmp_path):
