@@ -146,15 +146,16 @@ class TextFiles(DocumentList):
 
 
 def expand_files(patterns: Sequence[str] | str) -> list[str]:
-    """Paths matching each pattern, sorted within a pattern, patterns in the order given; a file
-    that several patterns match is listed once, where it first appears (read twice, its documents
-    would be split by position, so a held-out one's copy would be trained on)."""
+    """Paths matching each pattern (`**`: any number of directories, as in a shell with globstar),
+    sorted within a pattern, patterns in the order given; a file that several patterns match is
+    listed once, where it first appears (read twice, its documents would be split by position, so a
+    held-out one's copy would be trained on)."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
         raise ValueError("no files given; data.files needs paths or glob patterns of .txt/.jsonl files")
     files = []
     for pattern in patterns:
-        matched = sorted(glob.glob(os.path.expanduser(pattern)))
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))  # (else `**` is one level only)
         if not matched:
             raise ValueError(f"no file matches {pattern!r}; give existing paths or glob patterns")
         files += matched

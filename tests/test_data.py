@@ -227,6 +227,16 @@ def test_each_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     assert list(TextFiles([str(tmp_path / "bom.*")])) == ["first", "second", "one\ntwo\nthree\n"]
 
 
+def test_a_double_star_pattern_matches_files_at_any_depth(tmp_path):
+    """(`docs/**/*.txt` matched only docs/*/*.txt, as `*` does: the files in docs/ and those
+    deeper were silently left out of the corpus.)"""
+    (tmp_path / "docs" / "a" / "b").mkdir(parents=True)
+    for path in ("docs/top.txt", "docs/a/one.txt", "docs/a/b/two.txt"):
+        (tmp_path / path).write_text(path)
+    assert sorted(TextFiles([str(tmp_path / "docs" / "**" / "*.txt")])) == [
+        "docs/a/b/two.txt", "docs/a/one.txt", "docs/top.txt"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("unknown source", r"data.source='parquet' is not supported; valid: embedded, stdlib, text"),
     ("no match", r"no file matches '.*missing\*.txt'"),
