@@ -127,6 +127,9 @@ def prepared_dirs(d) -> list[tuple[str, Path, float]]:
         return [("data", Path(d.path), 1.0)]
     out = []
     for name, entry in mixture.items():
+        if not name.strip():  # (its metrics would be eval_loss/, its messages would name source '')
+            raise RunError(f"data.mixture has a source named {name!r}; give each source a name for its metrics "
+                           f"and messages, e.g. 'web' (eval_loss/web)")
         if not hasattr(entry, "get") or not entry.get("path"):
             raise RunError(f"data.mixture.{name} needs a path (a directory written by llama-jax prepare-data) "
                            f"and a weight, e.g. {{'path': '/data/c4', 'weight': 0.8}}")

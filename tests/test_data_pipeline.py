@@ -501,6 +501,9 @@ def test_a_prepared_directory_changed_after_preparation_is_one_line(prepared, to
      r"config key data.mixture.again.weight: a whole number of 309 digits is beyond float32's range"),
     ({"mixture": "{'docs': {'path': 'DOCS', 'weight': 1e308}}"},
      r"config key data.mixture.docs.weight: 1e\+308 is beyond float32's range"),
+    ({"mixture": "{'docs': {'path': 'DOCS', 'weight': 1}, ' ': {'path': 'DOCS', 'weight': 1}}"},  # (eval_loss/ )
+     r"data.mixture has a source named ' '; give each source a name for its metrics and messages, e.g. 'web' "
+     r"\(eval_loss/web\)$"),
 ])
 def test_bad_mixtures_and_lengths_are_one_line(prepared, tmp_path, capsys, change, message):
     key, value = next(iter(change.items()))
