@@ -9,6 +9,7 @@ import os
 import re
 import threading
 import time
+from typing import NoReturn
 
 
 MAX_JOIN_TIMEOUT_S = 86400  # (JAX takes its timeouts as 32-bit integers)
@@ -73,8 +74,19 @@ def _check_process_counts_agree(num_processes: int) -> None:
     client.wait_at_barrier("llama_jax_num_processes_read", timeout_in_ms=300_000)
     if len(set(counts)) > 1:
         given = ", ".join(f"process {p}: {n}" for p, n in enumerate(counts))
-        raise ValueError(f"the {jax.process_count()} processes that joined were given different --num-processes "
-                         f"({given}); give every process the same count")
+        refuse_together(ValueError(f"the {jax.process_count()} processes that joined were given different "
+                                   f"--num-processes ({given}); give every process the same count"))
+
+
+def refuse_together(error: Exception) -> NoReturn:
+    """Raise `error` in a process of a multi-process run that every process refuses at this point,
+    from the same exchanged values, after leaving the run with the others: JAX's shutdown barrier
+    keeps process 0's coordination service up until every process has left, where a process still
+    on its way out could find it gone and fail on that instead (its own line lost)."""
+    import jax
+
+    jax.distributed.shutdown()
+    raise error
 
 
 def _check_coordinator_port(coordinator: str) -> None:

@@ -247,19 +247,15 @@ def _document_pair(document, i: int) -> tuple[object, int]:
     return document[0], int(n_bytes)
 
 
-class TokenIdError(ValueError):
-    """Token ids that are not integers within the model's vocabulary."""
-
-
 def _checked_ids(tokens, vocab_size: int, what: str) -> np.ndarray:
-    """`tokens` as an int32 array; TokenIdError naming `what` unless they are integers in the
+    """`tokens` as an int32 array; ValueError naming `what` unless they are integers in the
     vocabulary (a bad id would read a NaN or clipped embedding row under jit)."""
     ids = np.asarray(tokens)
     if ids.ndim != 1 or ids.size and ids.dtype.kind not in "iu":
-        raise TokenIdError(f"{what}: token ids must be a sequence of integers, got {ids.dtype} of shape {ids.shape}")
+        raise ValueError(f"{what}: token ids must be a sequence of integers, got {ids.dtype} of shape {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = ids.min() if ids.min() < 0 else ids.max()
-        raise TokenIdError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
     return ids.astype(np.int32, copy=False)
 
 
@@ -272,12 +268,9 @@ def evaluate_splits(config: LLaMAConfig, params, splits: Mapping[str, object], s
 
     results = {}
     for name, split in splits.items():
-        try:
-            results[name] = evaluate_tokens(config, params, split_documents(split), seq_len, batch_size,
-                                            max_batches, mesh, context, progress, split.documents)
-        except TokenIdError as e:
-            raise ValueError(f"{split.directory}, split {split.name}: {e}; the prepared data is damaged (llama-jax "
-                             f"prepare-data --verify checks it): prepare it again") from None
+        # (token ids beyond the tokenizer's are damage the split reports as it reads them)
+        results[name] = evaluate_tokens(config, params, split_documents(split), seq_len, batch_size,
+                                        max_batches, mesh, context, progress, split.documents)
     return results
 
 

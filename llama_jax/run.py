@@ -43,6 +43,7 @@ from llama_jax.checkpoint import (ARCHITECTURE_FIELDS, TRAINED_WITH_FIELDS, Chec
                                   tree_paths)
 from llama_jax.config import LLaMAConfig
 from llama_jax.devices import computation_failed
+from llama_jax.distributed import refuse_together
 from llama_jax.eval_files import RUN_EVAL_FILE
 from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
@@ -792,9 +793,9 @@ def check_processes_agree(config, workdir: Path, resume_from: int | None) -> Non
     held = collections.Counter(d.process_index for d in jax.devices())  # (every process sees every device)
     if len(set(held.values())) > 1:
         counts = ", ".join(f"process {p}: {n}" for p, n in sorted(held.items()))
-        raise RunError(f"the {jax.process_count()} processes hold different numbers of devices ({counts}); every "
-                       f"process must hold as many (check each one's device visibility, e.g. CUDA_VISIBLE_DEVICES or "
-                       f"XLA_FLAGS)")
+        refuse_together(RunError(f"the {jax.process_count()} processes hold different numbers of devices ({counts}); "
+                                 f"every process must hold as many (check each one's device visibility, e.g. "
+                                 f"CUDA_VISIBLE_DEVICES or XLA_FLAGS)"))
     import hashlib
 
     given = {"config": config.to_json_best_effort(), "--workdir": str(workdir), "--resume-from": repr(resume_from)}
@@ -803,9 +804,9 @@ def check_processes_agree(config, workdir: Path, resume_from: int | None) -> Non
     for i, name in enumerate(given):
         differing = [p for p in range(len(every)) if not np.array_equal(every[p, i], every[0, i])]
         if differing:
-            raise RunError(f"the {len(every)} processes were started with different {name} (process "
-                           f"{differing[0]}'s differs from process 0's); start every process with the same "
-                           "command and config, only --process-id differing")
+            refuse_together(RunError(f"the {len(every)} processes were started with different {name} (process "
+                                     f"{differing[0]}'s differs from process 0's); start every process with the same "
+                                     "command and config, only --process-id differing"))
 
 
 def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devices=None,

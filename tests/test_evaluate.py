@@ -391,8 +391,9 @@ def test_eval_of_a_run_equals_eval_of_its_export(model_dirs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--workdir", str(damaged)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and re.search(r"damaged/data, split held_out: document 0: token id \d+ is outside the "
-                                          r"vocabulary \[0, 512\); the prepared data is damaged", err), err
+    assert "\n" not in err and re.search(r"damaged/data/held_out-00000.tokens.bin is damaged: it holds the token id "
+                                          r"65535, outside the tokenizer's 512 ids; remove \S+/damaged/data and "
+                                          r"prepare it again", err), err
     assert (damaged / "eval-1.json").read_text() == own
     # the export's eval.json is a result of the model it scored: exporting again over it replaces both, but
     # not a file of the user's that only looks like one
