@@ -177,16 +177,21 @@ def read_documents(paths: Sequence[str] | str, text_key: str = "text",
     yield from read_files(expand_files(paths), text_key, key_option)
 
 
+def check_not_special(path: str) -> None:
+    """ValueError when `path` is there but is no regular file to read: a directory, a symbolic link to
+    nothing, or a pipe, socket or device (a FIFO would block the reader until written to)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; give the files in it, e.g. {os.path.join(path, '*.txt')}")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; give readable files")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{path}: not a regular file (a pipe, socket or device); give readable files")
+
+
 def read_files(files: Iterable[str], text_key: str = "text", key_option: str = "data.text_key") -> Iterator[str]:
     """The documents of `files` (paths, not patterns), as `read_documents` streams them."""
     for path in files:
-        if os.path.isdir(path):
-            raise ValueError(f"{path}: is a directory; give the files in it, e.g. {os.path.join(path, '*.txt')}")
-        if os.path.islink(path) and not os.path.exists(path):
-            raise ValueError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; give readable "
-                             f"files")
-        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the run until written to
-            raise ValueError(f"{path}: not a regular file (a pipe, socket or device); give readable files")
+        check_not_special(path)
         if path.endswith(".txt"):
             yield _read_txt(path)
         elif path.endswith(".jsonl"):

@@ -327,11 +327,16 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
     (model / "model_config.json").write_text("{}")
     (tmp_path / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "a lone \\ud800"}\n')
     (tmp_path / "latin1.dat").write_bytes("fine\ncafé\n".encode("latin-1"))
+    fifo = tmp_path / "fifo.txt"  # (a device such as /dev/null alike: --overwrite put a file in its place)
+    os.mkfifo(fifo)
     for args, message in [
         (["--input", str(tmp_path / "surrogate.jsonl")],
          "surrogate.jsonl:2: field 'text' is not valid Unicode (a lone surrogate \\ud800 at character 7)"),
         (["--input", str(tmp_path / "latin1.dat")], "latin1.dat:2: not UTF-8 text (byte 0xe9 at offset 3"),
         (["--input", str(tmp_path / "nothing.txt")], "nothing.txt: no such file"),
+        (["--input", str(fifo)], f"{fifo}: not a regular file (a pipe, socket or device); give readable files"),
+        (["--input", text, "--output", str(fifo), "--overwrite"],
+         f"--output {fifo} is not a regular file (a pipe, socket or device); give the path of the file to write"),
         (["--input", ""], "--input is empty; give a file or a glob pattern, e.g. 'corpus/*.txt'"),  # (": is a dir")
         (["--input", text, "--output", " "], "--output is empty; give the path of the file to write"),
         (["--input", str(tmp_path)], f"{tmp_path}: is a directory; give the files in it, e.g. {tmp_path}/*.txt"),
@@ -362,6 +367,7 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
         assert run.stderr.startswith("train_tokenizer.py: error: ")  # argparse's prefix, and the tool's own alike
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+        assert fifo.is_fifo()
     # a folder that takes no files, even from root (for whom os.access allows any write): found by
     # trying, before training, and said of --output, not of the temporary file a write would start with
     for output in ("/proc/x.model", "/proc/sub/x.model"):

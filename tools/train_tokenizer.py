@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llama_jax.cli import OneLineParser, _error_text, int_at_least
-from llama_jax.data import each_file_once, jsonl_texts, utf8_text
+from llama_jax.data import check_not_special, each_file_once, jsonl_texts, utf8_text
 from llama_jax.safe_io import cannot_write, check_outside_runs_and_models, check_writable, real_path
 from llama_jax.tokenizer import check_piece_count, load_tokenizer, train_sentencepiece
 
@@ -34,8 +34,8 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
         is_glob = glob.has_magic(pattern)
         names = sorted(glob.glob(pattern, recursive=True)) if is_glob else [pattern]
         matches = [m for m in names if Path(m).is_file()]
-        if not is_glob and Path(pattern).is_dir():
-            raise ValueError(f"{pattern}: is a directory; give the files in it, e.g. {Path(pattern) / '*.txt'}")
+        if not is_glob:
+            check_not_special(pattern)
         if not matches:
             raise ValueError(f"{pattern}: matches no file" if is_glob else f"{pattern}: no such file")
         files += matches
@@ -89,6 +89,9 @@ def check_arguments(args, inputs: list[Path]) -> None:
         what = "is a directory" if output.is_dir() else "names a directory (it ends in /)"
         raise ValueError(f"--output {args.output} {what}; give the path of the file to write, "
                          f"e.g. {output / 'tokenizer.model'}")
+    if output.exists() and not output.is_file():  # (--overwrite would put a file in place of the device or pipe)
+        raise ValueError(f"--output {args.output} is not a regular file (a pipe, socket or device); give the path "
+                         f"of the file to write")
     if any(real_path(output) == real_path(path) for path in inputs):
         raise ValueError(f"--output {output} is one of the --input files; give another path")
     check_outside_runs_and_models(output, "--output")
