@@ -32,6 +32,17 @@ data=${data//\'/\\\'}
 here=$(cd "$(dirname "$0")/.." && pwd)
 
 if [ ! -d "$run/init" ]; then
+    if [[ -d $hf_dir && $run -ef $hf_dir ]]; then  # (the conversion went into the model, then training refused)
+        echo "$(basename "$0"): error: RUN_DIR $run is HF_DIR, the Hugging Face model; give a new directory" \
+             "for the run" >&2
+        exit 2
+    fi
+    if [[ -d $hf_dir && ! -f $hf_dir/tokenizer.model ]]; then  # (the run reads it from RUN_DIR/init, made once)
+        echo "$(basename "$0"): error: $hf_dir/tokenizer.model: no such file; the run reads its tokenizer from" \
+             "the converted model: copy the model's tokenizer.model into $hf_dir (LLaMA 3 repositories keep it" \
+             "under original/)" >&2
+        exit 2
+    fi
     "$llama_jax" convert --from hf --to jax --verify "$hf_dir" "$run/init"
 fi
 "$llama_jax" train --config "$here/configs/finetune.py" --workdir "$run" \

@@ -1084,6 +1084,28 @@ def test_finetune_experiment_passes_an_override_and_its_value_given_apart(tmp_pa
     assert train.startswith("train ") and train.endswith(" --config.train.steps 3 --config.train.seed=1")
 
 
+def test_finetune_experiment_refuses_a_model_without_its_tokenizer_or_the_model_as_run_dir(tmp_path):
+    """A model without tokenizer.model was converted, then training failed on RUN_DIR/init's, and a
+    rerun with it copied in skipped the conversion and failed alike; RUN_DIR = HF_DIR had the
+    conversion written into the model before training refused the directory. (Commands recorded.)"""
+    calls = tmp_path / "calls"
+    command = tmp_path / "llama-jax"
+    command.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{calls}'\n")
+    command.chmod(0o755)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    for run_dir, message in [
+        ("run", "hf/tokenizer.model: no such file; the run reads its tokenizer from the converted model: copy the "
+                "model's tokenizer.model into hf (LLaMA 3 repositories keep it under original/)"),
+        ("hf/", "RUN_DIR hf/ is HF_DIR, the Hugging Face model; give a new directory for the run")]:
+        done = subprocess.run([str(ROOT / "experiments" / "finetune_hf.sh"), "hf", "data/*.jsonl", run_dir],
+                              cwd=tmp_path, env=dict(os.environ, LLAMA_JAX=str(command)), capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr == f"finetune_hf.sh: error: {message}\n", done.stderr
+        (tmp_path / "hf" / "tokenizer.model").write_bytes(b"")  # (for the second case)
+    assert not calls.exists() and not (tmp_path / "run").exists()
+
+
 def test_export_of_an_unscanned_run(tmp_path):
     overrides = ["model.scan_layers=False", "train.steps=2", "optimizer.warmup_steps=1", "checkpoint.every=2"]
     config = load_config(TINY, overrides)
