@@ -1,6 +1,10 @@
 # Sourced by the experiment scripts: sets $llama_jax, the llama-jax command they run. LLAMA_JAX
 # names it; else llama-jax on PATH; else this checkout's .venv/bin/llama-jax (what `make install`
 # makes); else one line saying what to do, exit 2.
+if [ -z "${BASH_VERSION:-}" ]; then  # (with sh, the bash below failed on its first line, saying nothing of why)
+    echo "$(basename "$0"): error: this is a bash script; run it as $0, or with bash $0, not sh" >&2
+    exit 2
+fi
 llama_jax_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [[ -n ${LLAMA_JAX:-} ]]; then
     if ! command -v "$LLAMA_JAX" > /dev/null; then

@@ -11,8 +11,8 @@
 # Rerunning the same command after a preemption skips the conversion if RUN_DIR/init exists and
 # resumes training from the latest checkpoint. The --config.* arguments go to `llama-jax train`.
 # LLAMA_JAX names the llama-jax command to run (default: llama-jax on PATH, else this checkout's .venv).
+. "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)
 set -euo pipefail
-source "$(dirname "$0")/command.sh"
 
 if [ $# -lt 3 ]; then
     sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2

@@ -12,8 +12,8 @@
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch tpu`, e.g.
 # --dry-run (print the gcloud commands), --spot, --project P, --max-restarts N, --zone Z.
 # Environment: NAME, ZONE, WORKDIR override the defaults below; LLAMA_JAX the llama-jax command.
+. "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)
 set -euo pipefail
-source "$(dirname "$0")/command.sh"
 
 NAME=${NAME:-llama2-7b-v4-32}
 ZONE=${ZONE:-us-central2-b}

@@ -13,8 +13,8 @@
 #
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch tpu` (--dry-run
 # prints the gcloud commands). Environment: NAME, ZONE, WORKDIR, LLAMA_JAX.
+. "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)
 set -euo pipefail
-source "$(dirname "$0")/command.sh"
 
 NAME=${NAME:-llama3-8b-v5p}
 ZONE=${ZONE:-us-east5-a}

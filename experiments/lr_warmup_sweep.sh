@@ -9,8 +9,8 @@
 #
 # Rerunning the same command skips finished trials and resumes interrupted ones. LLAMA_JAX names
 # the llama-jax command to run (default: llama-jax on PATH, else this checkout's .venv).
+. "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)
 set -euo pipefail
-source "$(dirname "$0")/command.sh"
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 workdir=runs/lr-warmup-sweep

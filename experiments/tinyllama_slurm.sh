@@ -13,8 +13,8 @@
 # --dry-run (write and print the sbatch script), --partition P, --account A, --time-min M.
 # Environment: WORKDIR (default: runs/tinyllama in this checkout; a relative one is read from
 # where the script starts), LLAMA_JAX.
+. "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)
 set -euo pipefail
-source "$(dirname "$0")/command.sh"
 if [[ -n ${WORKDIR:-} && $WORKDIR != /* ]]; then
     WORKDIR=$PWD/$WORKDIR  # a WORKDIR given relative: to the directory the script was started in
 fi

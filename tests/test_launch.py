@@ -1057,6 +1057,16 @@ def test_slurm_experiment_script_dry_run(script_env, tmp_path):
             f"--config.train.log_every=7" in script)
 
 
+def test_experiment_scripts_run_with_sh_say_they_need_bash(tmp_path):
+    """`sh script.sh` (dash, Debian's sh) stopped at once on `set: Illegal option -o pipefail`."""
+    for script in sorted((ROOT / "experiments").glob("*_*.sh")):
+        done = subprocess.run(["dash", str(script), "--dry-run"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2 and done.stderr == (
+            f"{script.name}: error: this is a bash script; run it as {script}, or with bash {script}, not sh\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_slurm_task_count_that_is_not_a_number_is_named(monkeypatch, capsys, tmp_path):
     """Inside a SLURM job, `train` joins the job's processes when SLURM_NTASKS > 1: a value that is
     not a count was a bare `invalid literal for int()` line."""
