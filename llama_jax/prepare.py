@@ -61,7 +61,7 @@ from llama_jax.data import DOCUMENT_SOURCES, expand_files, make_source, read_fil
 from llama_jax.safe_io import (DirectoryBusy, DirectoryLock, check_writable, file_in_the_way,
                                finish_for_dead_processes, owned_temp_directory, scratch_path, sha256_file,
                                signals_held, write_json_atomic)
-from llama_jax.tokenizer import check_piece_count, load_tokenizer, tokenizer_file, train_sentencepiece
+from llama_jax.tokenizer import check_trainable_size, load_tokenizer, tokenizer_file, train_sentencepiece
 
 FORMAT = "llama_jax/prepared-v1"
 DEFAULT_SHARD_TOKENS = 2**26
@@ -259,7 +259,7 @@ def requested_tokenizer(data_config) -> TokenizerChoice:
     given = data_config.get("tokenizer") or ""
     if given == "train":
         vocab_size = data_config.get("tokenizer_vocab_size")
-        check_piece_count(vocab_size, "data.tokenizer_vocab_size")
+        check_trainable_size(vocab_size, "data.tokenizer_vocab_size")
         return TokenizerChoice(None, vocab_size)
     if not given:
         raise ValueError("data.tokenizer is empty; give a tokenizer.model path (or 'train' to train one "

@@ -281,6 +281,20 @@ def check_piece_count(value: object, name: str = "vocab_size") -> None:
         raise ValueError(f"{name} must be a positive integer below 2**31, got {value!r}")
 
 
+def check_trainable_size(vocab_size: object, name: str = "vocab_size", byte_fallback: bool = True, unk_id: int = 0,
+                         bos_id: int = 1, eos_id: int = 2, pad_id: int = -1, **_: Any) -> None:
+    """ValueError unless `train_sentencepiece` (its settings as keywords) can train `vocab_size`
+    pieces: a count SentencePiece takes, with room for the special pieces (it fails without a reason
+    below that); `name` is the setting's, for the message."""
+    check_piece_count(vocab_size, name)
+    specials = [name for name, id_ in zip(("unk", "bos", "eos", "pad"), (unk_id, bos_id, eos_id, pad_id)) if id_ >= 0]
+    if vocab_size < len(specials):
+        byte_pieces = " and the 256 byte pieces" if byte_fallback else ""
+        raise ValueError(f"a vocabulary of {vocab_size} piece{'s' if vocab_size != 1 else ''} cannot hold the "
+                         f"{len(specials)} special pieces ({', '.join(specials)}){byte_pieces}, let alone the corpus's "
+                         f"characters; give a vocabulary size of at least {len(specials) + 256 * byte_fallback + 1}")
+
+
 class _Lines:
     """The non-empty lines of `texts`, for sentencepiece's trainer.
 
@@ -349,13 +363,7 @@ def train_sentencepiece(
         minloglevel=2,
     )
     flags.update(options)
-    check_piece_count(vocab_size)
-    specials = [name for name in ("unk", "bos", "eos", "pad") if flags[f"{name}_id"] >= 0]
-    if vocab_size < len(specials):  # (sentencepiece fails there without a reason)
-        byte_pieces = " and the 256 byte pieces" if flags["byte_fallback"] else ""
-        raise ValueError(f"a vocabulary of {vocab_size} pieces cannot hold the {len(specials)} special pieces "
-                         f"({', '.join(specials)}){byte_pieces}, let alone the corpus's characters; give a vocabulary "
-                         f"size of at least {len(specials) + (256 if flags['byte_fallback'] else 0) + 1}")
+    check_trainable_size(**flags)
     lines = _Lines(texts, flags["max_sentence_length"])
     model = io.BytesIO()
     try:

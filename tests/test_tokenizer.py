@@ -264,8 +264,9 @@ def test_training_bad_input(tmp_path):
     for size in (2**31, 3.5, None, 0):  # SentencePiece failed with "cannot parse ... as int" for the first three
         with pytest.raises(ValueError, match=rf"^vocab_size must be a positive integer below 2\*\*31, got {size}$"):
             train_sentencepiece(CORPUS, tmp_path / "x.model", size)
-    for size in (1, 2):  # fewer than the special pieces: sentencepiece's own failure named no size
-        with pytest.raises(ValueError, match=rf"^a vocabulary of {size} pieces cannot hold the 3 special pieces \(unk, "
+    for size, pieces in [(1, "piece"), (2, "pieces")]:  # fewer than the special pieces: sentencepiece's own
+        # failure named no size
+        with pytest.raises(ValueError, match=rf"^a vocabulary of {size} {pieces} cannot hold the 3 special pieces \(unk, "
                                              r"bos, eos\) and the 256 byte pieces, let alone the corpus's characters; "
                                              r"give a vocabulary size of at least 260$"):
             train_sentencepiece(CORPUS, tmp_path / "x.model", size)
@@ -370,6 +371,8 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         assert fifo.is_fifo()
     # a folder that takes no files, even from root (for whom os.access allows any write): found by
     # trying, before training, and said of --output, not of the temporary file a write would start with
+    run = _cli("--input", text, "--vocab-size", "2", "--output", str(tmp_path / "bad.model"))
+    assert run.returncode == 2 and run.stdout == "" and "a vocabulary of 2 pieces cannot hold the 3 special" in run.stderr
     for output in ("/proc/x.model", "/proc/sub/x.model"):
         run = _cli("--input", text, "--vocab-size", str(VOCAB), "--output", output)
         assert run.returncode == 2 and run.stdout == ""  # (no "training a ..." line)

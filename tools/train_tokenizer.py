@@ -22,7 +22,7 @@ from pathlib import Path
 from llama_jax.cli import OneLineParser, _error_text, int_at_least
 from llama_jax.data import check_not_special, each_file_once, jsonl_texts, utf8_text
 from llama_jax.safe_io import cannot_write, check_outside_runs_and_models, check_writable, real_path
-from llama_jax.tokenizer import check_piece_count, load_tokenizer, train_sentencepiece
+from llama_jax.tokenizer import check_trainable_size, load_tokenizer, train_sentencepiece
 
 
 def resolve_inputs(patterns: list[str]) -> list[Path]:
@@ -78,7 +78,7 @@ def _text_lines(path: Path) -> Iterator[str]:
 def check_arguments(args, inputs: list[Path]) -> None:
     """ValueError for a setting training would refuse late or obscurely, or an --output that would
     replace a file not meant to be replaced (an input, or any file without --overwrite)."""
-    check_piece_count(args.vocab_size, "--vocab-size")
+    check_trainable_size(args.vocab_size, "--vocab-size")
     if args.jsonl_key is not None and not any(path.suffix == ".jsonl" for path in inputs):
         raise ValueError(f"--jsonl-key {args.jsonl_key} names a field of .jsonl files, and no --input is one; "
                          f"leave it out, or give the .jsonl files")
