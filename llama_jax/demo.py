@@ -121,6 +121,9 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
     from llama_jax.experiment import apply_overrides, check_experiment
 
     config = apply_overrides(get_config(), overrides)
+    if config.data.source == "synthetic":  # its export would have no tokenizer to generate text with
+        raise ValueError("data.source=synthetic draws random tokens without a tokenizer, and the demo ends by "
+                         "generating text from its export; give it documents (its default: data.source=stdlib)")
     check_experiment(config)  # before importing JAX: a bad override fails at once
     import jax
 

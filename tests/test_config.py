@@ -630,6 +630,18 @@ def test_demo_and_trainer_check_the_same_way(tmp_path, capsys):
         build_trainer(config)
 
 
+def test_the_demo_refuses_synthetic_data_before_it_trains(tmp_path, capsys):
+    """The demo ends by generating text from its export; on random tokens there is no tokenizer for
+    that, and it failed there, once trained, with generate's "pass --tokenizer PATH"."""
+    workdir = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(workdir), "--config.data.source=synthetic", "--config.train.eval_every=0",
+                 "--config.train.sample_every=0"]) == 2
+    assert one_line_error(capsys) == (
+        "llama-jax demo: error: data.source=synthetic draws random tokens without a tokenizer, and the demo ends by "
+        "generating text from its export; give it documents (its default: data.source=stdlib)")
+    assert not workdir.exists()
+
+
 def test_init_from_preset_takes_the_model_but_not_its_storage_dtype(tmp_path):
     """A converted bfloat16 checkpoint stores bfloat16 parameters; fine-tuned with its model as the
     preset, the master weights (and Adam's moments) must not become bfloat16 too."""
