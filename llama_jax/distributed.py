@@ -13,6 +13,7 @@ from typing import NoReturn
 
 
 MAX_JOIN_TIMEOUT_S = 86400  # (JAX takes its timeouts as 32-bit integers)
+MAX_PROCESSES = 2**20  # process 0's coordination service keeps state per process: 2**31 of them fill the memory
 
 
 def check_process_flags(args) -> None:
@@ -20,8 +21,8 @@ def check_process_flags(args) -> None:
     coordinator HOST:PORT and 0 <= I < N, or a single process (N of 1 or not given, and then
     neither of the others: a lone process would train the shared workdir as process 0)."""
     n, coordinator, process_id = args.num_processes, args.coordinator, args.process_id
-    if n is not None and n < 1:
-        raise ValueError(f"--num-processes must be a positive integer, got {n}")
+    if n is not None and not 1 <= n <= MAX_PROCESSES:
+        raise ValueError(f"--num-processes must be a positive integer up to 2**20 ({MAX_PROCESSES:,}), got {n}")
     if (n is None or n == 1) and (coordinator is not None or process_id is not None):
         flags = " and ".join(flag for flag, value in (("--coordinator", coordinator), ("--process-id", process_id))
                              if value is not None)

@@ -148,7 +148,10 @@ CASES = [
     Case("train-processes-without-coordinator", NEW_RUN + " --num-processes 2",
          r"--num-processes 2 needs --coordinator HOST:PORT and --process-id"),
     Case("train-processes-not-positive", NEW_RUN + " --num-processes 0 --coordinator 127.0.0.1:1234 --process-id 0",
-         r"--num-processes must be a positive integer, got 0"),
+         r"--num-processes must be a positive integer up to 2\*\*20 \(1,048,576\), got 0"),
+    Case("train-processes-beyond-2**20",  # JAX's coordination service failed with a TypeError, or filled the memory
+         NEW_RUN + " --num-processes 99999999999999999999 --coordinator 127.0.0.1:1234 --process-id 0",
+         r"--num-processes must be a positive integer up to 2\*\*20 \(1,048,576\), got 99999999999999999999$"),
     Case("train-process-id-without-processes", NEW_RUN + " --coordinator 127.0.0.1:1234 --process-id 1",
          r"--coordinator and --process-id join a multi-process run, and are given without --num-processes; give "
          r"--num-processes N > 1"),
