@@ -362,6 +362,12 @@ class Scorer:
         multiple = self.forward.row_multiple()
         self.batch_size = -(-batch_size // multiple) * multiple
 
+    def rows_for(self, n: int) -> int:
+        """The rows of each batch of `n` requests: batch_size, or fewer for fewer requests (rounded up
+        to the mesh's multiple), so that a batch size far above the requests costs no memory."""
+        multiple = self.forward.row_multiple()
+        return min(self.batch_size, -(-max(n, 1) // multiple) * multiple)
+
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                       progress: bool = False) -> list[tuple[float, bool]]:
         rows, truncated, requests = [], 0, _request_pairs(requests)
@@ -415,7 +421,7 @@ class Scorer:
     def _score(self, rows: list[tuple[list[int], int]], progress: bool) -> list[tuple[float, bool]]:
         """Longest first, in batches of batch_size rows right-padded to their length bucket."""
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        B = self.batch_size
+        B = self.rows_for(len(rows))
 
         def batches():
             for start in range(0, len(order), B):

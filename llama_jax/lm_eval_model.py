@@ -232,7 +232,7 @@ class LlamaJaxLM(TemplateLM):
                 warnings.warn(f"{cut} prompts are longer than the model's context leaves room for "
                               f"({room} tokens + {new_tokens} new); they were truncated from the left", stacklevel=2)
             order = sorted(indices, key=lambda i: -len(prompts[i]))
-            B = self.batch_size
+            B = self.scorer.rows_for(len(order))
             for start in range(0, len(order), B):
                 chosen = order[start:start + B]
                 batch = [prompts[i] for i in chosen]

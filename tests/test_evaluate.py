@@ -635,6 +635,18 @@ def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
                        "tasks it knows (tasks of your own: --include-path DIR of task YAML files)")
 
 
+def test_an_lm_eval_batch_size_far_above_the_requests_costs_no_memory(model_dirs, tmp_path, capsys, offline):
+    """Batches hold as many rows as there are requests when that is fewer than --batch-size (as eval's
+    do): a batch size of 10**11 stopped lm-eval with a traceback, NumPy unable to allocate 23 TiB."""
+    write_tasks(tmp_path / "tasks", long_context="Loops")
+    out = tmp_path / "results.json"
+    assert main(["lm-eval", str(model_dirs[1]), "--tasks", "tiny_mc,tiny_gen", "--include-path", str(tmp_path / "tasks"),
+                 "--limit", "2", "--batch-size", str(10**11), "--output", str(out)]) == 0
+    capsys.readouterr()
+    results = json.loads(out.read_text())["results"]
+    assert 0 <= results["tiny_mc"]["acc,none"] <= 1 and "exact_match,none" in results["tiny_gen"]
+
+
 def test_the_harness_s_tasks_are_indexed_only_when_a_name_may_need_them(tmp_path):
     """Tasks of one's own alone are looked up in their own directory; a group of one's own, which
     may list the harness's tasks, is looked up with the harness's tasks beside them."""
