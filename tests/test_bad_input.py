@@ -460,6 +460,8 @@ CASES = [
          r"argument --max-gen-toks: invalid integer 'many'"),
     Case("lm-eval-limit-not-whole", "lm-eval {model} --tasks tiny_mc --limit 2.5",
          r"argument --limit: expected a whole number of examples or a fraction below 1, got '2.5'"),
+    Case("lm-eval-limit-beyond-2**40", "lm-eval {model} --tasks tiny_mc --limit 1e30",  # failed in islice()
+         r"argument --limit: must be at most 2\*\*40 examples, got '1e30'; leave --limit out to run every example"),
     # ---- export ----
     Case("export-not-a-run", "export --workdir {readme_dir} out",
          r"readme holds no committed checkpoint \(checkpoints/<step>/\)"),
