@@ -133,6 +133,26 @@ def test_positions_offset_matches_transformers():
     np.testing.assert_allclose(np.asarray(logits), expected, atol=PARITY_TOL, rtol=0)
 
 
+def test_linear_rope_scaling_matches_transformers():
+    """Linear rotary scaling (every frequency divided by `factor`), read from either config.json
+    style, at positions past those the unscaled frequencies were trained for."""
+    import torch
+
+    scaling = dict(rope_type="linear", factor=4.0)
+    v4 = dict(hf_config_dict("mha", "v4"), rope_scaling=scaling)
+    v5 = dict(hf_config_dict("mha", "v5"), rope_parameters=dict(scaling, rope_theta=10000.0))
+    hf_model = make_hf_model(v5, seed=4)
+    tokens = _tokens(256, batch=1, seq=16)
+    positions = np.arange(300, 316, dtype=np.int32)[None]
+    with torch.no_grad():
+        expected = hf_model(torch.as_tensor(tokens, dtype=torch.long),
+                            position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+    for hf_config in (v4, v5):
+        cfg, params = from_hf_state_dict(state_dict_numpy(hf_model), hf_config)
+        logits = LLaMA(cfg).apply({"params": params}, tokens, positions=positions)
+        np.testing.assert_allclose(np.asarray(logits), expected, atol=PARITY_TOL, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def gqa():
     cfg = LLaMAConfig.from_hf(hf_config_dict("gqa_llama3"))
