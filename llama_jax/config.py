@@ -235,6 +235,7 @@ def _check_field_names(names) -> None:
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # settings are used in float32: larger ones become inf there
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # its smallest normal number: XLA flushes smaller ones to 0
 MAX_SIZE = 2**31 - 1  # model sizes index arrays in int32
 
 

@@ -23,8 +23,8 @@ from typing import Any, Iterator, Sequence
 
 import ml_collections
 
-from llama_jax.config import (COMPUTE_FIELDS, FLOAT32_MAX, LLaMAConfig, RopeScaling, check_flag, check_seed,
-                              field_names, in_float32_range)
+from llama_jax.config import (COMPUTE_FIELDS, FLOAT32_MAX, FLOAT32_TINY, LLaMAConfig, RopeScaling, check_flag,
+                              check_seed, field_names, in_float32_range)
 from llama_jax.safe_io import describe_value, read_json_object
 from llama_jax.tokenizer import unicode_problem
 
@@ -319,8 +319,9 @@ def value_at(config: ml_collections.ConfigDict, key: str) -> Any:
 
 
 def check_finite(config: ml_collections.ConfigDict) -> None:
-    """ValueError naming the first key (dotted) whose value is a NaN or infinite number, or a
-    number beyond float32's range (training computes in float32)."""
+    """ValueError naming the first key (dotted) whose value is a NaN or infinite number, a number
+    beyond float32's range, or one so near 0 that float32 holds it as 0 (training computes in float32:
+    an optimizer.eps of 1e-40 is a division by 0, a clip_norm of 1e-40 clips every update to 0)."""
     for key, value in _leaves(config, ""):
         if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not in_float32_range(value):
             raise _huge_whole_number(key, value)  # (math.isfinite cannot take it)
@@ -328,6 +329,10 @@ def check_finite(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config key {key}: {value} is not a finite number")
         if isinstance(value, float) and not in_float32_range(value):
             raise ValueError(f"config key {key}: {value} is beyond float32's range (|x| <= {FLOAT32_MAX:.1e}); give a "
+                             "value of a usual size")
+        if isinstance(value, float) and 0 < abs(value) < FLOAT32_TINY:
+            raise ValueError(f"config key {key}: {value} is below float32's smallest normal number "
+                             f"({FLOAT32_TINY:.1e}), so training would compute with 0; give 0 if that is meant, or a "
                              "value of a usual size")
 
 
