@@ -92,6 +92,25 @@ def validate(cfg: ConfigDict, total_steps: int) -> None:
               f"warmup steps; valid: at most {(total_steps - warmup) / total_steps:g}")
 
 
+def check_param_dtype(cfg: ConfigDict, param_dtype: str) -> None:
+    """ValueError where the optimizer cannot update parameters of `param_dtype` (a validated `cfg`).
+    AdamW and Adafactor keep their second moments in the parameters' dtype and divide by them plus
+    an epsilon, which float16 holds as 0 when below its smallest number (6e-08; Adafactor's is a fixed
+    1e-30): a parameter whose gradient is 0 (the embedding of a token absent from the batch) becomes
+    0/0 = NaN at the first step."""
+    import numpy as np
+
+    if param_dtype != "float16":
+        return
+    also = "; or model.param_dtype=float32 or bfloat16 (model.dtype=float16 still computes in float16)"
+    if cfg.name == "adafactor":
+        _fail("name", f"adafactor's epsilon (1e-30) is 0 in model.param_dtype=float16, so the first step makes "
+              f"parameters NaN; use adamw or lion{also}")
+    if cfg.name == "adamw" and np.float16(cfg.eps) == 0:
+        _fail("eps", f"{cfg.eps} is 0 in model.param_dtype=float16, so the first step makes parameters NaN (0/0); "
+              f"valid with float16 parameters: at least {np.finfo(np.float16).smallest_subnormal:.0e}{also}")
+
+
 def _wsd_decay_steps(cfg: ConfigDict, total_steps: int) -> int:
     return round(cfg.decay_fraction * total_steps)
 

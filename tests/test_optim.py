@@ -2,6 +2,7 @@
 
 import functools
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,10 @@ import optax
 import pytest
 
 from llama_jax import LLaMAConfig, init_params
+from llama_jax.experiment import check_experiment, load_config
 from llama_jax.optim import decay_mask, default_config, make_optimizer, make_schedule, validate
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 
 LR, WARMUP, TOTAL, RATIO = 1e-3, 10, 110, 0.1  # 100 steps after warmup
 
@@ -211,3 +215,24 @@ def test_unknown_key_is_reported():
     cfg.learning_rate = 1e-3  # a typo for `lr` must not pass silently
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
         validate(cfg, 100)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("adamw", r"^optimizer.eps: 1e-08 is 0 in model.param_dtype=float16, so the first step makes parameters NaN "
+              r"\(0/0\); valid with float16 parameters: at least 6e-08; or model.param_dtype=float32 or bfloat16 "
+              r"\(model.dtype=float16 still computes in float16\)$"),
+    ("adafactor", r"^optimizer.name: adafactor's epsilon \(1e-30\) is 0 in model.param_dtype=float16, so the first "
+                  r"step makes parameters NaN; use adamw or lion; or model.param_dtype=float32 or bfloat16"),
+])
+def test_float16_parameters_whose_epsilon_float16_holds_as_0_are_refused(name, message):
+    config = load_config(TINY, ["model.param_dtype=float16", f"optimizer.name={name}"])
+    # what such a run did: a parameter whose gradient is 0 (the embedding of a token absent from the
+    # batch) became NaN at the first step
+    opt = make_optimizer(config.optimizer, config.train.steps)
+    params = {"embedding": jnp.ones((4, 8), jnp.float16)}
+    updates, _ = opt.update({"embedding": jnp.zeros((4, 8), jnp.float16)}, opt.init(params), params)
+    assert jnp.isnan(updates["embedding"]).all()
+    with pytest.raises(ValueError, match=message):
+        check_experiment(config)
+    for fine in ("optimizer.name=lion", "model.param_dtype=bfloat16", *(["optimizer.eps=1e-6"] * (name == "adamw"))):
+        check_experiment(load_config(TINY, ["model.param_dtype=float16", f"optimizer.name={name}", fine]))
