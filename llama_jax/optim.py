@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import numpy as np
 from ml_collections import ConfigDict
 
 from llama_jax.config import is_int
@@ -98,8 +99,6 @@ def check_param_dtype(cfg: ConfigDict, param_dtype: str) -> None:
     an epsilon, which float16 holds as 0 when below its smallest number (6e-08; Adafactor's is a fixed
     1e-30): a parameter whose gradient is 0 (the embedding of a token absent from the batch) becomes
     0/0 = NaN at the first step."""
-    import numpy as np
-
     if param_dtype != "float16":
         return
     also = "; or model.param_dtype=float32 or bfloat16 (model.dtype=float16 still computes in float16)"
