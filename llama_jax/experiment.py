@@ -332,8 +332,7 @@ def check_finite(config: ml_collections.ConfigDict) -> None:
                              "value of a usual size")
         if isinstance(value, float) and 0 < abs(value) < FLOAT32_TINY:
             raise ValueError(f"config key {key}: {value} is below float32's smallest normal number "
-                             f"({FLOAT32_TINY:.1e}), so training would compute with 0; give 0 if that is meant, or a "
-                             "value of a usual size")
+                             f"({FLOAT32_TINY:.1e}), so training would compute with 0; give a value of a usual size")
 
 
 def _huge_whole_number(key: str, value: int) -> ValueError:

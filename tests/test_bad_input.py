@@ -328,8 +328,11 @@ CASES = [
          "--rope-scaling-factor 1e-320",  # 0 in float32: the model's rotary frequencies were inf, its text empty
          r"--rope-scaling-factor 1e-320: rope_scaling.factor must be at least 1 \(the rotary frequencies are divided "
          r"by it\), got 1e-320$"),
-    Case("plan-rope-theta-near-0", "plan --config {tiny} --config.model.rope_theta=1e-320",
-         r"model.rope_theta must be at least 1 \(the rotary frequencies are divided by it\), got 1e-320$"),
+    Case("plan-rope-theta-near-0", "plan --config {tiny} --config.model.rope_theta=1e-30",
+         r"model.rope_theta must be at least 1 \(the rotary frequencies are divided by it\), got 1e-30$"),
+    Case("plan-rope-theta-float32-0", "plan --config {tiny} --config.model.rope_theta=1e-320",  # (any key alike)
+         r"config key model.rope_theta: 1e-320 is below float32's smallest normal number \(1.2e-38\), so training "
+         r"would compute with 0; give a value of a usual size$"),
     Case("convert-rope-scaling-factor-unscaled", "convert --from meta --to jax {meta} out --rope-scaling-factor 32",
          r"--rope-scaling-factor 32: .*params.json does not set use_scaled_rope, so the model has no rope scaling"),
     Case("convert-shards-to-hf", "convert --from hf --to hf {hf} out --shards 2",

@@ -598,11 +598,11 @@ def test_prepared_data_may_keep_the_settings_of_the_source_it_came_from():
     ("optimizer.lr=1e-400", "config key 'optimizer.lr': 1e-400 is too small for a float (it would be 0.0); give 0 if "
                             "that is meant"),  # (was a learning rate of 0, without a word)
     ("optimizer.eps=1e-40", "config key optimizer.eps: 1e-40 is below float32's smallest normal number (1.2e-38), so "
-                            "training would compute with 0; give 0 if that is meant, or a value of a usual size"),
+                            "training would compute with 0; give a value of a usual size"),
     # (was a NaN loss from the second step: 0/0 on the parameters whose gradient is 0)
     ("optimizer.clip_norm=1e-40", "config key optimizer.clip_norm: 1e-40 is below float32's smallest normal number "
-                                  "(1.2e-38), so training would compute with 0; give 0 if that is meant, or a value of "
-                                  "a usual size"),  # (was every update clipped to 0: a run that trained nothing)
+                                  "(1.2e-38), so training would compute with 0; give a value of a usual size"),
+    # (was every update clipped to 0: a run that trained nothing)
 ])
 def test_nonfinite_override_names_the_key(override, message, tmp_path, capsys):
     with pytest.raises(ValueError) as err:
