@@ -601,6 +601,10 @@ CASES = [
     Case("prepare-data-tokenizer-vocab-beyond-int32", "prepare-data --config {tiny} --output new "
          "--config.data.source=embedded --config.data.tokenizer=train --config.data.tokenizer_vocab_size=3000000000",
          r"data.tokenizer_vocab_size must be a positive integer below 2\*\*31, got 3000000000$"),
+    Case("prepare-data-tokenizer-vocab-below-the-special-pieces", "prepare-data --config {tiny} --output new "
+         "--config.data.source=embedded --config.data.tokenizer=train --config.data.tokenizer_vocab_size=2",
+         r"a vocabulary of 2 pieces cannot hold the 3 special pieces \(unk, bos, eos\) and the 256 byte pieces, let "
+         r"alone the corpus's characters; give a vocabulary size of at least 260$"),  # (was once the corpus was read)
     Case("prepare-data-zero-workers", "prepare-data --config {tiny} --output new --workers 0",
          r"argument --workers: must be at least 1, got 0"),
     Case("prepare-data-shard-tokens-not-an-integer", "prepare-data --config {tiny} --output new --shard-tokens lots",
