@@ -163,6 +163,37 @@ def test_hf_config_names_the_tokenizers_special_ids(tmp_path):
     assert not (tmp_path / "hf2").exists()
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece", "tiktoken"])
+def test_hf_output_tokenizer_encodes_as_the_models_own(tmp_path, kind):
+    """A tokenizer.model alone (as Meta ships it, or as training makes it) goes to a Hugging Face
+    directory with a tokenizer_config.json: without one, AutoTokenizer adds no BOS."""
+    import llama_jax
+    from llama_jax import LLaMAConfig
+    from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+    from tests.test_tokenizer import _tiktoken_file, _toy_ranks
+
+    path = tmp_path / "tokenizer.model"
+    if kind == "sentencepiece":  # LLaMA-2's settings: BPE, byte fallback
+        corpus = EmbeddedCorpus()
+        train_sentencepiece((corpus[i] for i in range(len(corpus))), path, 400)
+    else:
+        path.write_bytes(_tiktoken_file(_toy_ranks()))
+    tokenizer = load_tokenizer(path)
+    cfg = LLaMAConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=64)
+    llama_jax.save_model(tmp_path / "jax", cfg, llama_jax.init_params(cfg, rng=0), tokenizer=path)
+    assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf.bos_token_id, hf.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
+    for text in ("The cat sits on the mat.", "the thing's 12345\n\nend", "héllo wörld 日本", ""):
+        ids = tokenizer.encode(text)
+        assert hf(text).input_ids == ids, text
+        assert hf.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids), text
+    # a tokenizer_config.json of the source's own is carried as it is
+    (tmp_path / "jax" / "tokenizer_config.json").write_text('{"add_bos_token": false}')
+    assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "hf2")]) == 0
+    assert (tmp_path / "hf2" / "tokenizer_config.json").read_text() == '{"add_bos_token": false}'
+
+
 def test_bfloat16_output_and_verify(tmp_path, capsys):
     config_dict = hf_config_dict("gqa_llama3", "v4")
     src = write_hf_dir(tmp_path / "hf", make_hf_model(config_dict), config_dict, "safetensors")

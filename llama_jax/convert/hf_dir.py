@@ -185,3 +185,26 @@ def special_token_ids(directory: Path) -> dict:
             return ids
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, **ids}
     return ids
+
+
+def write_tokenizer_config(directory: Path) -> None:
+    """A tokenizer_config.json for DIRECTORY's tokenizer.model when it has neither that file nor a
+    tokenizer.json: without one, transformers' AutoTokenizer loads the file as a generic tokenizer
+    that adds no BOS (and knows no BOS or EOS for a LLaMA-3 file), so its ids are not the model's."""
+    from llama_jax.tokenizer import LLAMA3_SPECIAL_TOKENS, SentencePieceTokenizer, load_tokenizer
+
+    if not (directory / "tokenizer.model").is_file() or any(
+            (directory / name).exists() for name in ("tokenizer_config.json", "tokenizer.json")):
+        return
+    tokenizer = load_tokenizer(directory / "tokenizer.model")  # (checked before anything was written)
+    if isinstance(tokenizer, SentencePieceTokenizer):  # (converted by LLaMA's own rules only under this class)
+        def piece(i):  # (a model may have no BOS, EOS or unknown piece: id -1)
+            return tokenizer.sp.id_to_piece(i) if i >= 0 else None
+
+        settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tokenizer.bos_id),
+                    "eos_token": piece(tokenizer.eos_id), "unk_token": piece(tokenizer.sp.unk_id())}
+    else:  # LLaMA 3's tiktoken ranks: the special tokens follow them, as the tokenizer's ids do
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": LLAMA3_SPECIAL_TOKENS,
+                    "bos_token": LLAMA3_SPECIAL_TOKENS[0], "eos_token": LLAMA3_SPECIAL_TOKENS[1]}
+    settings.update(add_bos_token=tokenizer.bos_id >= 0, add_eos_token=False)
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")

@@ -161,6 +161,8 @@ def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype:
                 written = write_jax_dir(tmp, config, load)
             if source.files_dir is not None:
                 copy_tokenizer_files(source.files_dir, tmp)
+            if dst_fmt == "hf":
+                hf_dir.write_tokenizer_config(tmp)
             report = None
             if verify:
                 from llama_jax.convert.verify import verify_conversion
