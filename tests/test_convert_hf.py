@@ -163,6 +163,20 @@ def test_hf_config_names_the_tokenizers_special_ids(tmp_path):
     assert not (tmp_path / "hf2").exists()
 
 
+@pytest.mark.parametrize("with_tokenizer", [False, True])
+def test_hf_to_hf_keeps_the_source_configs_special_ids(tmp_path, with_tokenizer):
+    """Without a generation_config.json, a Hugging Face source's config.json says which ids begin and
+    end text (over its tokenizer.model's); transformers would otherwise take 1 and 2."""
+    config_dict = {**hf_config_dict("mha"), "bos_token_id": 5, "eos_token_id": [6, 7]}
+    src = write_hf_dir(tmp_path / "hf", make_hf_model(config_dict), config_dict, "safetensors")
+    (src / "generation_config.json").unlink()
+    if not with_tokenizer:
+        (src / "tokenizer.model").unlink()
+    assert main(["convert", "--from", "hf", "--to", "hf", str(src), str(tmp_path / "out")]) == 0
+    written = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert (written.bos_token_id, written.eos_token_id) == (5, [6, 7])
+
+
 @pytest.mark.parametrize("kind", ["sentencepiece", "tiktoken"])
 def test_hf_output_tokenizer_encodes_as_the_models_own(tmp_path, kind):
     """A tokenizer.model alone (as Meta ships it, or as training makes it) goes to a Hugging Face

@@ -168,16 +168,22 @@ def write_hf_dir(dst: Path, config: LLaMAConfig, load: Callable[[str], np.ndarra
     return index["metadata"]["total_size"]
 
 
-def special_token_ids(directory: Path) -> dict:
+def special_token_ids(directory: Path, hf_source: bool = False) -> dict:
     """The beginning- and end-of-text ids for a config.json, from DIRECTORY's generation_config.json
-    where it has them, else from its tokenizer.model: without them transformers assumes 1 and 2
-    (LLaMA-2's SentencePiece ids; LLaMA-3's are 128000 and 128001)."""
+    where it has them, else (`hf_source`: DIRECTORY is a Hugging Face model directory) from its
+    config.json, else from its tokenizer.model: without them transformers assumes 1 and 2 (LLaMA-2's
+    SentencePiece ids; LLaMA-3's are 128000 and 128001)."""
     from llama_jax.tokenizer import load_tokenizer
 
     ids = {}
-    if (directory / "generation_config.json").is_file():  # the model's own word first (e.g. several EOS ids)
-        generation = read_json(directory / "generation_config.json", "generation settings")
-        ids = {key: generation[key] for key in ("bos_token_id", "eos_token_id") if key in generation}
+    files = {"generation_config.json": "generation settings"}
+    if hf_source:
+        files["config.json"] = "model settings"
+    for name, holds in files.items():  # the model's own word first (e.g. several EOS ids); an earlier file's wins
+        if (directory / name).is_file():
+            settings = read_json(directory / name, holds)
+            found = {key: settings[key] for key in ("bos_token_id", "eos_token_id") if settings.get(key) is not None}
+            ids = {**found, **ids}
     if len(ids) < 2 and (directory / "tokenizer.model").is_file():
         try:
             tokenizer = load_tokenizer(directory / "tokenizer.model")

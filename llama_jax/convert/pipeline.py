@@ -153,7 +153,8 @@ def convert(src_fmt: str, src: str | Path, dst_fmt: str, dst: str | Path, dtype:
                 return narrowed(name, source.load(name), out_dtype)
 
             if dst_fmt == "hf":
-                token_ids = hf_dir.special_token_ids(source.files_dir) if source.files_dir is not None else {}
+                token_ids = ({} if source.files_dir is None
+                             else hf_dir.special_token_ids(source.files_dir, hf_source=src_fmt == "hf"))
                 written = hf_dir.write_hf_dir(tmp, config, load, max_shard_bytes, token_ids)
             elif dst_fmt == "meta":
                 written = meta.write_meta(tmp, config, load, shards)
