@@ -423,9 +423,10 @@ def cmd_eval(args) -> None:
     def shown(key: str, form: str) -> str:  # (null: a model whose outputs are not finite)
         return "n/a" if record[key] is None else format(record[key], form)
 
+    documents = f"{record['documents']:,} document{'s' * (record['documents'] != 1)}"
     print(f"held-out: loss {shown('loss', '.4f')} nats/token, perplexity {shown('perplexity', '.2f')}, "
           f"{shown('bits_per_byte', '.4f')} bits/byte, accuracy {shown('accuracy', '.1%')} over {record['tokens']:,} "
-          f"tokens of {record['documents']:,} documents; written to {output}", file=sys.stderr)
+          f"tokens of {documents}; written to {output}", file=sys.stderr)
 
 
 def _check_lm_eval_arguments(args) -> None:

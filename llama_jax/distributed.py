@@ -27,9 +27,10 @@ def check_process_flags(args) -> None:
         flags = " and ".join(flag for flag, value in (("--coordinator", coordinator), ("--process-id", process_id))
                              if value is not None)
         given = "without --num-processes" if n is None else "with --num-processes 1"
-        raise ValueError(f"{flags} join a multi-process run, and {'are' if ' and ' in flags else 'is'} given {given}; "
-                         f"give --num-processes N > 1 with --coordinator and --process-id (or drop {flags} for a "
-                         f"single process)")
+        both = " and " in flags
+        raise ValueError(f"{flags} {'join' if both else 'joins'} a multi-process run, and {'are' if both else 'is'} "
+                         f"given {given}; give --num-processes N > 1 with --coordinator and --process-id (or drop "
+                         f"{flags} for a single process)")
     if n is not None and (n > 1 and (coordinator is None or process_id is None)
                           or process_id is not None and not 0 <= process_id < n):
         raise ValueError(f"--num-processes {n} needs --coordinator HOST:PORT and --process-id I with 0 <= I < {n}, "

@@ -1015,6 +1015,11 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     return RunResult(logged, step, False, eval_metrics, text, data)
 
 
+def _records_of_steps(steps: list[int]) -> str:
+    return (f"the metrics record of step {steps[0]}" if len(steps) == 1
+            else f"the {len(steps)} metrics records of steps {steps[0]}-{steps[-1]}")
+
+
 def _set_aside_later_steps(workdir: Path, start: int, resume_from: int | None) -> None:
     """Move into WORKDIR/checkpoints-set-aside/ what comes after `start`, the step the run continues
     from: the checkpoints after a --resume-from step, and the metrics records and eval results of
@@ -1026,7 +1031,7 @@ def _set_aside_later_steps(workdir: Path, start: int, resume_from: int | None) -
     moved = set_aside_metrics_after(workdir, start)
     if moved:
         print(f"{'no checkpoint: starting from step 0' if start == 0 else f'resuming from step {start}'}; "
-              f"the {len(moved)} metrics records of steps {moved[0]}-{moved[-1]} logged after it moved to "
+              f"{_records_of_steps(moved)} logged after it moved to "
               f"{workdir / SET_ASIDE_DIR / METRICS_FILE}")
     results = set_aside_results_after(workdir, start)
     if results:

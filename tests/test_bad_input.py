@@ -156,7 +156,7 @@ CASES = [
          r"--coordinator and --process-id join a multi-process run, and are given without --num-processes; give "
          r"--num-processes N > 1"),
     Case("train-coordinator-with-one-process", NEW_RUN + " --num-processes 1 --coordinator 127.0.0.1:1234",
-         r"--coordinator join a multi-process run, and is given with --num-processes 1; give --num-processes N > 1 "
+         r"--coordinator joins a multi-process run, and is given with --num-processes 1; give --num-processes N > 1 "
          r"with --coordinator and --process-id \(or drop --coordinator for a single process\)$"),
     Case("train-coordinator-without-port", NEW_RUN + " --num-processes 2 --coordinator 127.0.0.1 --process-id 0",
          r"--coordinator 127.0.0.1: expected HOST:PORT with a port in 1..65535"),
