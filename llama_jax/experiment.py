@@ -340,6 +340,7 @@ def _huge_whole_number(key: str, value: int) -> ValueError:
                       f"(|x| <= {FLOAT32_MAX:.1e}); give a value of a usual size")
 
 
+MAX_STEPS = 2**31 - 1  # the train state's step counter (and optax's) is int32, as JAX keeps integers without x64
 MAX_TOKENS_PER_STEP = 2**31  # tokens per step: far above any real run (LLaMA 3 405B: 16M); catches a typo early
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite: what a step with a non-finite loss or gradient does
 
@@ -495,6 +496,9 @@ def check_train_section(t: ml_collections.ConfigDict) -> None:
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
         if not _is_int(t[key]) or t[key] < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {t[key]!r}")
+    if t.steps > MAX_STEPS:
+        raise ValueError(f"train.steps={t.steps:,} is more than the step counter holds (int32 on the devices); "
+                         f"valid: at most 2**31 - 1 = {MAX_STEPS:,}")
     check_seed(t.seed, "train.seed")
     if isinstance(t.z_loss, bool) or not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
         raise ValueError(f"train.z_loss must be a number >= 0 (0: no z-loss), got {t.z_loss!r}")

@@ -100,6 +100,9 @@ CASES = [
     Case("train-state-beyond-memory", NEW_RUN + " --config.model.ffn_dim=1000000000",
          r"the train state \(4,291.5 GiB of parameters and optimizer state\) does not fit in the memory of 1 CPU "
          r"device\(s\) \(RESOURCE_EXHAUSTED: .*\); train a smaller model"),
+    Case("train-steps-beyond-int32", NEW_RUN + " --config.train.steps=3000000000",
+         r"train.steps=3,000,000,000 is more than the step counter holds \(int32 on the devices\); valid: at most "
+         r"2\*\*31 - 1 = 2,147,483,647$"),
     Case("train-negative-steps", NEW_RUN + " --config.train.steps=-3",
          r"train.steps must be a positive integer, got -3"),
     Case("train-batch-not-divisible", NEW_RUN + " --config.train.grad_accum=3",
