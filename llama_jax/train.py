@@ -113,9 +113,11 @@ class Trainer:
         weight = aux["tokens"] / total_tokens
         out = {k: aux[k] if k == "tokens" else aux[k] * weight for k in AUX_KEYS}
         if per_source:
+            # summed, not multiplied by the one-hot as matrices: GPUs and TPUs compute a float32 matmul in
+            # TF32 or bfloat16 by default, which rounds a row's 4093 targets to 4096
             one_hot_BxN = (micro["source"][:, None] == jnp.arange(len(self.sources))).astype(jnp.float32)
-            out["source_nll"] = aux["row_nll"] @ one_hot_BxN
-            out["source_tokens"] = aux["row_tokens"] @ one_hot_BxN
+            out["source_nll"] = jnp.sum(aux["row_nll"][:, None] * one_hot_BxN, axis=0)
+            out["source_tokens"] = jnp.sum(aux["row_tokens"][:, None] * one_hot_BxN, axis=0)
         return mean_loss * weight, out
 
     def loss_and_grads(self, params, batch, total_tokens):

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -227,6 +228,32 @@ def test_per_source_losses_are_each_sources_own_loss(grad_accum):
                       "nll/b": pytest.approx(by_source[0][1] / by_source[1][1])}
     assert per_source_nll(trainer.sources, {"source_nll": np.array([1.0, 0.0]),
                                             "source_tokens": np.array([2.0, 0.0])}) == {"nll/a": 0.5}
+
+
+def _dot_output_shapes(jaxpr):
+    """Output shapes of every matrix product in `jaxpr`, its sub-programs (jit, shard_map, scan) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield tuple(eqn.outvars[0].aval.shape)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _dot_output_shapes(inner)
+
+
+def test_per_source_sums_are_not_matrix_products():
+    """A mixture's per-source token losses and target counts are plain float32 sums: as a matmul with
+    the one-hot of the sources, a GPU (TF32) or TPU (bfloat16) rounds them by default (4093 targets
+    of a row of 4096 count as 4096), which the exact float32 products on CPU do not show."""
+    config = tiny_config()
+    trainer = dataclasses.replace(build_trainer(config), sources=("a", "b", "c"))
+    rows = dict(local_batch(config, 0, trainer.model_config), source=np.arange(16, dtype=np.int32) % 3)
+    params = nn.meta.unbox(trainer.abstract_state.params)  # shapes only: tracing needs no values
+    with trainer.context():
+        jaxpr = jax.make_jaxpr(trainer.gradients)(params, rows)
+    shapes = list(_dot_output_shapes(jaxpr.jaxpr))
+    assert shapes and (3,) not in shapes, shapes
 
 
 def test_shardings_follow_the_rules():
