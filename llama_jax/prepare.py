@@ -73,7 +73,7 @@ CHUNK_CHARS = 1 << 18  # characters of text sent to a worker at a time (a chunk 
 CHUNK_DOCUMENTS = 4096  # most documents in one chunk
 CHUNKS_PER_WORKER = 2  # chunks in flight per worker: the main process reads no further ahead than this
 PAUSE_ENV = "LLAMA_JAX_PREPARE_SHARD_PAUSE"
-_SHARD_FILE = re.compile(r"(train|held_out)-\d{5}\.(tokens\.bin|index\.npy|json)(\.tmp)?")
+_SHARD_FILE = re.compile(r"(train|held_out)-\d{5,}\.(tokens\.bin|index\.npy|json)(\.tmp)?")
 _ATOMIC_TEMP = re.compile(r"\.(.+?)\.tmp-(?:.+-\d+-)?[0-9a-f]{8}")  # `safe_io.atomic_file`'s (older: no HOST-PID-)
 _DOCUMENT_KEYS = {"text": ("files", "text_key"), "jsonl": ("files", "text_key"),
                   "tfds": ("tfds_name", "tfds_split", "tfds_eval_split", "data_dir", "text_key")}

@@ -316,6 +316,18 @@ def test_killed_preparation_resumes_to_the_same_files(inputs, reference, tmp_pat
     assert snapshot(out) == before
 
 
+def test_a_resume_removes_what_a_kill_left_of_shards_past_99999(inputs, reference, tmp_path):
+    """Shard names have five digits up to shard 99,999 and more after it (a corpus of 10**8 documents
+    in shards of 2**16 tokens has more): a resume removes the unfinished files of those too."""
+    out = tmp_path / "many"
+    shutil.copytree(reference, out)
+    (out / "manifest.json").unlink()  # as a preparation killed before its end leaves it
+    (out / "train-100000.tokens.bin.tmp").write_bytes(b"\x01\x02" * 7)  # as a kill mid-shard leaves it
+    (out / ".train-100000.json.tmp-0123abcd").write_text("{")
+    prepare(load_config(inputs["config"]).data, out, workers=1, progress=False)
+    assert file_contents(out) == file_contents(reference)
+
+
 def test_a_second_preparation_of_the_same_output_is_refused(inputs, reference, tmp_path, capsys):
     """Two prepare-data writing one --output would write over each other's shards: the second,
     started while the first runs, is refused in one line, and the first finishes unharmed."""
