@@ -304,6 +304,9 @@ def cmd_train(args) -> None:
 
     join_run(args)
     result = train_and_evaluate(config, args.workdir, resume_from=args.resume_from)
+    # trained, or preempted and saved: a signal now would only misreport how the run ended (the
+    # handlers `raising_signals` installed are replaced, and it puts back what was there before)
+    ignore_signals(tuple(RAISING))
     import jax
 
     # only process 0 writes the run's metrics; the others say so rather than name a file they did not write

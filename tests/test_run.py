@@ -188,13 +188,18 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer
                                                              capsys):
     _, expected = straight_run
     workdir, overrides = tmp_path / "run", run_overrides(tokenizer_path)
-    original = metrics_lib.MetricsWriter.write
+    original, close = metrics_lib.MetricsWriter.write, metrics_lib.MetricsWriter.close
 
     def write_then_preempt(self, step, record):  # the preemption notice arrives during step 6
         original(self, step, record)
         if step == 6:
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def preempt_then_close(self):  # another notice as the run closes its log, its step saved (or its steps done)
+        os.kill(os.getpid(), signal.SIGTERM)
+        close(self)
+
+    monkeypatch.setattr(metrics_lib.MetricsWriter, "close", preempt_then_close)
     with monkeypatch.context() as m:
         m.setattr(metrics_lib.MetricsWriter, "write", write_then_preempt)
         assert main(train_args(workdir, overrides)) == 0
@@ -203,8 +208,9 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
 
     # the resume, preempted again during its last step and once that step is done (while it draws
-    # the loss plot): it ends as a finished run does, with its closing line and its plot, and exits 0
-    seen, plot = n_lines(workdir / "metrics.jsonl"), run_lib.plot_losses
+    # the loss plot, closes its log and says its closing line): it ends as a finished run does, with
+    # its closing line and its plot, and exits 0
+    seen, plot, say = n_lines(workdir / "metrics.jsonl"), run_lib.plot_losses, run_lib.log_line
 
     def write_last_then_preempt(self, step, record):
         original(self, step, record)
@@ -215,6 +221,11 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer
         os.kill(os.getpid(), signal.SIGTERM)
         plot(*args)
 
+    def preempt_then_say(step, record):  # (the last step's line is the closing one)
+        if step == STEPS:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return say(step, record)
+
     evaluate, recorded_at_evaluation = run_lib.evaluate, []
 
     def evaluate_noting_progress(*args, **kwargs):  # the last checkpoint is committed before the closing work
@@ -224,6 +235,7 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer
     with monkeypatch.context() as m:
         m.setattr(metrics_lib.MetricsWriter, "write", write_last_then_preempt)
         m.setattr(run_lib, "plot_losses", preempt_then_plot)
+        m.setattr(run_lib, "log_line", preempt_then_say)
         m.setattr(run_lib, "evaluate", evaluate_noting_progress)
         assert main(train_args(workdir, overrides)) == 0
     closing = capsys.readouterr().out.splitlines()[-1]
