@@ -1001,17 +1001,19 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         abandon_save = jax.process_count() > 1 and computation_failed(error) and not _every_process_here()
         raise
     finally:  # SIGTERM stays a flag through here: once the steps are done, the run ends as it would have
-        if trace:
-            trace.close(cut_short=True)  # (only a trace still running: the run ended inside its window)
-        bar.close()
-        prefetch.close()
-        writer.close()
-        if not abandon_save:
-            checkpoints.wait()
-            checkpoints.close()
-        with contextlib.suppress(OSError):  # also when an error ends the run (which this must not hide)
-            record_progress(workdir, recorded)
-        preemption.restore()
+        try:
+            if trace:
+                trace.close(cut_short=True)  # (only a trace still running: the run ended inside its window)
+            bar.close()
+            prefetch.close()
+            writer.close()
+            if not abandon_save:
+                checkpoints.wait()
+                checkpoints.close()
+            with contextlib.suppress(OSError):  # also when an error ends the run (which this must not hide)
+                record_progress(workdir, recorded)
+        finally:  # (a save that failed in the wait above still leaves the command's own handlers in place)
+            preemption.restore()
     return RunResult(logged, step, False, eval_metrics, text, data)
 
 
