@@ -117,17 +117,22 @@ def test_norm_and_swiglu_gradients_equal_differentiating_their_formulas(dtype):
             assert error.max() <= tol * np.abs(np.asarray(want)).max(), (fn, error.max())
 
 
-def test_positions_offset_matches_transformers():
-    """Explicit rotary positions (as in decoding past position 0) agree with the reference."""
+def _hf_logits_at(hf_model, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of one row as long as `positions` [1, S], and transformers' logits for them there."""
     import torch
 
+    tokens = _tokens(256, batch=1, seq=positions.shape[1])
+    with torch.no_grad():
+        return tokens, hf_model(torch.as_tensor(tokens, dtype=torch.long),
+                                position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+
+
+def test_positions_offset_matches_transformers():
+    """Explicit rotary positions (as in decoding past position 0) agree with the reference."""
     hf_config = hf_config_dict("gqa_llama3")
     hf_model = make_hf_model(hf_config, seed=1)
-    tokens = _tokens(256, batch=1, seq=16)
     positions = np.arange(100, 116, dtype=np.int32)[None]
-    with torch.no_grad():
-        expected = hf_model(torch.as_tensor(tokens, dtype=torch.long),
-                            position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+    tokens, expected = _hf_logits_at(hf_model, positions)
     cfg, params = from_hf_state_dict(state_dict_numpy(hf_model), hf_config)
     logits = LLaMA(cfg).apply({"params": params}, tokens, positions=positions)
     np.testing.assert_allclose(np.asarray(logits), expected, atol=PARITY_TOL, rtol=0)
@@ -136,17 +141,12 @@ def test_positions_offset_matches_transformers():
 def test_linear_rope_scaling_matches_transformers():
     """Linear rotary scaling (every frequency divided by `factor`), read from either config.json
     style, at positions past those the unscaled frequencies were trained for."""
-    import torch
-
     scaling = dict(rope_type="linear", factor=4.0)
     v4 = dict(hf_config_dict("mha", "v4"), rope_scaling=scaling)
     v5 = dict(hf_config_dict("mha", "v5"), rope_parameters=dict(scaling, rope_theta=10000.0))
     hf_model = make_hf_model(v5, seed=4)
-    tokens = _tokens(256, batch=1, seq=16)
     positions = np.arange(300, 316, dtype=np.int32)[None]
-    with torch.no_grad():
-        expected = hf_model(torch.as_tensor(tokens, dtype=torch.long),
-                            position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+    tokens, expected = _hf_logits_at(hf_model, positions)
     for hf_config in (v4, v5):
         cfg, params = from_hf_state_dict(state_dict_numpy(hf_model), hf_config)
         logits = LLaMA(cfg).apply({"params": params}, tokens, positions=positions)
