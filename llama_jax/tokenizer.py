@@ -287,7 +287,7 @@ def check_trainable_size(vocab_size: object, name: str = "vocab_size", byte_fall
     pieces: a count SentencePiece takes, with room for the special pieces (it fails without a reason
     below that); `name` is the setting's, for the message."""
     check_piece_count(vocab_size, name)
-    specials = [name for name, id_ in zip(("unk", "bos", "eos", "pad"), (unk_id, bos_id, eos_id, pad_id)) if id_ >= 0]
+    specials = [piece for piece, id_ in zip(("unk", "bos", "eos", "pad"), (unk_id, bos_id, eos_id, pad_id)) if id_ >= 0]
     if vocab_size < len(specials):
         byte_pieces = " and the 256 byte pieces" if byte_fallback else ""
         raise ValueError(f"a vocabulary of {vocab_size} piece{'s' if vocab_size != 1 else ''} cannot hold the "
