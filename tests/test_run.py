@@ -1096,6 +1096,15 @@ def test_finetune_experiment_passes_an_override_and_its_value_given_apart(tmp_pa
     assert train.startswith("train ") and train.endswith(" --config.train.steps 3 --config.train.seed=1")
 
 
+def test_finetune_experiment_help_prints_its_usage(tmp_path):
+    """--help was taken as a first argument of three and said "error: expected HF_DIR DATA RUN_DIR"."""
+    done = subprocess.run([str(ROOT / "experiments" / "finetune_hf.sh"), "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "" and list(tmp_path.iterdir()) == []
+    assert done.stdout.startswith("Fine-tune a Hugging Face LLaMA checkpoint")
+    assert "RUN_DIR -> RUN_DIR/hf" in done.stdout
+
+
 def test_finetune_experiment_refuses_a_model_without_its_tokenizer_or_the_model_as_run_dir(tmp_path):
     """A model without tokenizer.model was converted, then training failed on RUN_DIR/init's, and a
     rerun with it copied in skipped the conversion and failed alike; RUN_DIR = HF_DIR had the
