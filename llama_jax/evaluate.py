@@ -92,6 +92,10 @@ class _Forward:
 
         return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
 
+    def rows(self, n: int) -> int:
+        """`n` rows rounded up to a multiple of `row_multiple`."""
+        return -(-n // self.row_multiple()) * self.row_multiple()
+
     def _place(self, batch: dict[str, np.ndarray]):
         """Every process holds the whole batch; each puts its devices' rows in place."""
         if self.mesh is None:
@@ -207,7 +211,7 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
     if max_batches is not None and (not is_int(max_batches) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive integer or None (all), got {max_batches!r}")
     forward = _Forward(config, params, mesh, context)
-    rows_per_batch = -(-batch_size // forward.row_multiple()) * forward.row_multiple()
+    rows_per_batch = forward.rows(batch_size)
     result = EvalResult()
     bar = _progress(progress, total, "documents")
 
@@ -359,14 +363,12 @@ class Scorer:
         self.config = config
         self.max_length = config.max_seq_len if max_length is None else int(max_length)
         self.forward = _Forward(config, params, mesh, context)
-        multiple = self.forward.row_multiple()
-        self.batch_size = -(-batch_size // multiple) * multiple
+        self.batch_size = self.forward.rows(batch_size)
 
     def rows_for(self, n: int) -> int:
         """The rows of each batch of `n` requests: batch_size, or fewer for fewer requests (rounded up
         to the mesh's multiple), so that a batch size far above the requests costs no memory."""
-        multiple = self.forward.row_multiple()
-        return min(self.batch_size, -(-max(n, 1) // multiple) * multiple)
+        return min(self.batch_size, self.forward.rows(max(n, 1)))
 
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                       progress: bool = False) -> list[tuple[float, bool]]:
