@@ -587,8 +587,9 @@ def check_params_as_laid_out(cfg: LLaMAConfig, params, joined_qkv: bool = False)
 
 
 def check_params(cfg: LLaMAConfig, params, joined_qkv: bool = False) -> None:
-    """Raise ValueError naming the first parameter whose path or shape does not fit `cfg`
-    (`joined_qkv`: in decoding's layout, unrolled layers with q/k/v joined, `join_qkv`)."""
+    """Raise ValueError naming the first parameter whose path or shape does not fit `cfg`, or that is
+    not floating point (`joined_qkv`: in decoding's layout, unrolled layers with q/k/v joined,
+    `join_qkv`); TypeError when `params` is not a dict of parameter arrays."""
     check_model_config(cfg, "cfg")
     if isinstance(params, Mapping) and set(params) == {"params"}:
         raise ValueError("got Flax's variables ({'params': ...}); pass the parameter tree inside, variables['params']")

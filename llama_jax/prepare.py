@@ -720,8 +720,8 @@ def is_relative(value: Any) -> bool:
 
 def _check_partial(out: Path, data_config, request: TokenizerChoice, corpus: Corpus,
                    shard_tokens: int | None) -> dict:
-    """The record of an unfinished preparation, if it can be resumed with these settings (None:
-    its own shard size)."""
+    """The record of an unfinished preparation, if it can be resumed with these settings
+    (`shard_tokens` None: its own shard size); else a ValueError saying why not."""
     record = _read_json(out / PREPARING)
     try:
         settings, tokenizer = record["documents"], record["tokenizer"]

@@ -569,7 +569,7 @@ def state_from_model(path: str, trainer: Trainer) -> TrainState:
 def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, overwrite: bool = False) -> tuple:
     """Write the parameters of a run's checkpoint (default: the latest) as a model directory
     (`save_model`), with the tokenizer the run used; `llama-jax convert --from jax` takes it on
-    to Hugging Face or Meta format. Returns (path, step, config)."""
+    to Hugging Face or Meta format. Returns (path, step, the model's LLaMAConfig)."""
     from llama_jax.model_dir import MODEL_DIR
 
     workdir = Path(workdir).absolute()
@@ -785,9 +785,10 @@ class RunResult:
 
 
 def check_processes_agree(config, workdir: Path, resume_from: int | None) -> None:
-    """RunError, in every process of a multi-process run, unless all were started with the same
-    resolved config, --workdir and --resume-from: otherwise each would train with its own settings
-    the shards it holds, or write its shards of a checkpoint where the others never commit them."""
+    """RunError, in every process of a multi-process run, unless all hold as many devices and were
+    started with the same resolved config, --workdir and --resume-from: otherwise each would train
+    with its own settings the shards it holds, or write its shards of a checkpoint where the others
+    never commit them."""
     if jax.process_count() == 1:
         return
     held = collections.Counter(d.process_index for d in jax.devices())  # (every process sees every device)

@@ -57,7 +57,7 @@ class RunData:
         """Move data prepared for the run to WORKDIR/data and keep its tokenizer as
         WORKDIR/tokenizer.model (process 0; the others wait, and move their own copy there when they
         do not see the workdir's); the data is read from there from now on. Returns the tokenizer's
-        SHA-256."""
+        SHA-256, or None (doing nothing) where the run has no tokenizer (synthetic data)."""
         if self.tokenizer_file is None:
             return None
         digest = sha256_file(self.tokenizer_file)

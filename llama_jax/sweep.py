@@ -1206,7 +1206,7 @@ def submit_to_slurm(spec: SweepSpec, axes: dict, listed: list[Trial], workdir: s
                     dry_run: bool = False) -> str:
     """Submit the unfinished trials as one SLURM job array (a job per trial); returns what to tell the
     user. `job`: the keywords of `launch.slurm.submit_array` (nodes, gpus_per_node, ...). A dry run
-    prints the array's sbatch script and writes nothing."""
+    submits and writes nothing; what it returns holds the array's sbatch script."""
     from llama_jax.launch import slurm
 
     if spec.search == "optuna":
