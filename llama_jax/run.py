@@ -379,9 +379,13 @@ def record_progress(workdir: Path, last_recorded: int | None) -> int | None:
     """Write the newest committed step to WORKDIR/progress.json when it changed; return it."""
     steps = committed_steps(workdir)
     if jax.process_index() == 0 and steps and steps[-1] != last_recorded:
-        write_text_atomic(workdir / PROGRESS_FILE, json.dumps({"committed_step": steps[-1]}) + "\n")
+        _write_progress(workdir, steps[-1])
         return steps[-1]
     return last_recorded
+
+
+def _write_progress(workdir: Path, step: int) -> None:
+    write_text_atomic(workdir / PROGRESS_FILE, json.dumps({"committed_step": step}) + "\n")
 
 
 def set_aside_metrics_after(workdir: Path, step: int) -> list[int]:
@@ -439,10 +443,12 @@ def _move_aside(workdir: Path, path: Path) -> Path:
 
 def set_aside_after(workdir: Path, step: int) -> list[Path]:
     """Move the checkpoints after `step` into WORKDIR/checkpoints-set-aside/ (nothing is deleted:
-    a step already set aside once gets a `+`); where they went."""
+    a step already set aside once gets a `+`); where they went. progress.json names `step` first: a
+    run stopped before its next save then resumes from it, not refused for a latest step gone."""
     later = [s for s in committed_steps(workdir) if s > step]
     if not later or jax.process_index() != 0:
         return []
+    _write_progress(workdir, step)
     return [_move_aside(workdir, workdir / "checkpoints" / str(s)) for s in later]
 
 

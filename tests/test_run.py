@@ -763,6 +763,28 @@ def test_the_steps_a_resume_deletes_are_those_up_to_its_resume_from(tmp_path, mo
         run_lib._check_run_writable(tmp_path, checkpoint)
 
 
+def test_a_run_stopped_once_its_resume_from_set_steps_aside_resumes_from_that_step(tmp_path, tokenizer_path,
+                                                                                     straight_run, monkeypatch):
+    """A --resume-from run preempted after moving the later checkpoints aside, before its first save:
+    the plain command then continues from the step resumed from (it said the step moved aside was
+    missing, and to resume from the step that was just resumed from)."""
+    straight, expected = straight_run
+    workdir, overrides = tmp_path / "run", run_overrides(tokenizer_path)
+    shutil.copytree(straight, workdir)
+
+    def preempted(*args):
+        raise KeyboardInterrupt  # (where a preemption's SIGKILL would stop the process)
+
+    with monkeypatch.context() as m:
+        m.setattr(run_lib, "_write_run_config", preempted)
+        with pytest.raises(KeyboardInterrupt):
+            run_lib.train_and_evaluate(load_config(TINY, overrides), workdir, progress=False, resume_from=4)
+    assert committed_steps(workdir / "checkpoints") == [4]
+    assert main(train_args(workdir, overrides)) == 0
+    assert logged_steps(workdir) == list(range(1, STEPS + 1))
+    assert logged_losses(workdir) == expected
+
+
 def test_a_run_this_user_may_not_write_is_refused_before_training(tokenizer_path, straight_run):
     """Permissions, as an unprivileged user (root may write anything): a resume that could not save
     its checkpoints, or delete the old ones, is refused before a step is trained; a checkpoint it
