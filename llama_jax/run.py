@@ -675,7 +675,13 @@ def read_checkpoint_params(workdir: Path, step: int | None = None,
             if not (other_step or _being_removed(workdir, chosen)):
                 raise
             attempts -= 1
-            if not attempts or step is not None and not other_step:
+            if not attempts and step is None:  # every read lost: it would lose again at once
+                raise RunError(f"the latest checkpoint of {workdir} was removed while it was read, {READ_ATTEMPTS} "
+                               f"times in a row (the run training there saves a newer one before it can be read, "
+                               f"keeping only the latest checkpoint.max_to_keep); read it once the run has "
+                               f"finished (its last step is kept), or train with a larger checkpoint.every or "
+                               f"max_to_keep") from None
+            if step is not None and (not other_step or not attempts):
                 kept = ", ".join(map(str, committed_steps(workdir)))
                 raise RunError(f"checkpoint {chosen} of {workdir} was removed while it was read (the run training "
                                f"there keeps the latest checkpoint.max_to_keep); kept now: {kept}") from None

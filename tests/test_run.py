@@ -1042,6 +1042,32 @@ def test_export_while_the_run_is_deleting_the_step_it_reads(tmp_path, straight_r
     assert removed == [12] and f"exported step 16 of {workdir}" in capsys.readouterr().out
 
 
+def test_eval_of_a_run_that_removes_every_latest_checkpoint_before_it_is_read(tmp_path, straight_run,
+                                                                            monkeypatch, capsys):
+    """checkpoint.every=1 with max_to_keep=1 on a fast run: each step is removed before a read of it
+    ends, however often the read starts again; the error says so, rather than naming the last step
+    read as if it were an accident of that step."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    checkpoints, restore = workdir / "checkpoints", run_lib.RunCheckpoints.restore_params
+
+    def overtaken(self, step, *args, **kwargs):  # the next step committed, then the one being read deleted
+        shutil.copytree(checkpoints / str(step), checkpoints / str(step + 1))
+        (workdir / run_lib.PROGRESS_FILE).write_text(json.dumps({"committed_step": step + 1}))
+        shutil.rmtree(checkpoints / str(step))
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(run_lib.RunCheckpoints, "restore_params", overtaken)
+    assert main(["eval", "--workdir", str(workdir)]) == 2
+    assert capsys.readouterr().err == (
+        f"llama-jax eval: error: the latest checkpoint of {workdir} was removed while it was read, "
+        f"{run_lib.READ_ATTEMPTS} times in a row (the run training there saves a newer one before it can be read, "
+        f"keeping only the latest checkpoint.max_to_keep); read it once the run has finished (its last step is kept), "
+        f"or train with a larger checkpoint.every or max_to_keep\n")
+    assert committed_steps(checkpoints)[-1] == STEPS + run_lib.READ_ATTEMPTS
+    assert not list(workdir.glob("eval-*.json"))
+
+
 def test_finetune_experiment_round_trips_through_hugging_face(tmp_path, tokenizer_path, capsys):
     """experiments/finetune_hf.sh: HF checkpoint -> fine-tuned run -> HF checkpoint that transformers loads."""
     import torch
