@@ -186,7 +186,7 @@ def plot(workdir: Path, keys: list[str], rows: list[dict], objective_label: str)
 
     written = []
     for stale in workdir.glob(f"{objective_label.replace(' ', '_')}_vs_*.png"):  # a key may have no plot now
-        stale.unlink()
+        stale.unlink(missing_ok=True)  # (or by another report rebuilding them at once)
     finished = [r for r in rows if r["status"] == "done"  # a pruned, failed or interrupted run's last loss is not final
                 and isinstance(r["objective"], (int, float)) and math.isfinite(r["objective"])]
     for key in keys:

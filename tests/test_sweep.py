@@ -681,6 +681,25 @@ def test_only_finished_runs_are_plotted_as_final(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_curves.png"]  # the earlier plot does not linger
 
 
+def test_plots_rebuilt_by_two_reports_at_once(tmp_path, monkeypatch):
+    """`sweep --report` while the sweep (or another --report) rebuilds the same plots: an earlier
+    plot both remove as stale is gone for the one that comes second, which goes on."""
+    from llama_jax.results import plot
+
+    row = {"run": "a", "optimizer.lr": 1e-3, "status": "done", "objective": 3.0, "curve": [(1, 5.0), (2, 3.0)]}
+    plot(tmp_path, ["optimizer.lr"], [row], "final train loss")
+    unlink = Path.unlink
+
+    def removed_by_the_other_report_first(self, missing_ok=False):
+        if self.suffix == ".png" and self.exists():
+            unlink(self)
+        return unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", removed_by_the_other_report_first)
+    assert [p.name for p in plot(tmp_path, ["optimizer.lr"], [row], "final train loss")] \
+        == ["final_train_loss_vs_optimizer.lr.png", "loss_curves.png"]
+
+
 def test_a_resumed_optuna_study_does_not_propose_its_first_points_again(tmp_path):
     """Each run of a sweep reloads its study; the sampler's first draws are random (TPE's start-up
     trials), so one seeded as in the first run would repeat what that run proposed."""
