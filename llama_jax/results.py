@@ -35,11 +35,14 @@ def run_outcome(directory: Path, objective: str = "eval_loss") -> dict[str, Any]
     """What a run's files say: steps done, losses, throughput (the median of the logged tokens/s),
     whether it reached train.steps, `final` (the last value of `objective`, what a sweep minimises)
     and `loss_curve`, the logged (step, training loss) pairs."""
+    # progress.json before the log: a run records its last step there only once the log holds that
+    # step's records, so a run finishing between the two reads is read as not finished yet (read the
+    # other way round, as finished with its closing records missing)
+    committed = _json(directory / "progress.json").get("committed_step")
+    committed = committed if type(committed) is int else None  # (a damaged record counts as none)
     records = read_metrics(directory / "metrics.jsonl")
     train, evals = last_per_step(records, "loss"), last_per_step(records, "eval_loss")
     speed = last_per_step(records, "tokens_per_second")
-    committed = _json(directory / "progress.json").get("committed_step")
-    committed = committed if type(committed) is int else None  # (a damaged record counts as none)
     train_config = _json(directory / "config.json").get("train")
     target = train_config.get("steps") if isinstance(train_config, dict) else None
     steps = max([s for s, _ in train] + [committed or 0])

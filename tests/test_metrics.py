@@ -180,6 +180,32 @@ def test_a_log_read_back_holds_no_nonfinite_number(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == [] and run_outcome(tmp_path)["steps"] == 0
 
 
+def test_a_run_finishing_while_its_outcome_is_read_is_read_as_not_finished_yet(tmp_path, monkeypatch):
+    """A sweep's report while a trial writes its closing evaluation, then progress.json: read in the
+    wrong order, the trial was finished with its closing record missing (log damage, no objective)."""
+    from llama_jax import results
+    from llama_jax.metrics import read_metrics
+
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"steps": 4}}))
+    (tmp_path / "progress.json").write_text(json.dumps({"committed_step": 2}))
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 5.0 - s, **({"eval_loss": 4.0} if s == 2 else {})}) + "\n" for s in range(1, 5)))
+
+    def read_then_the_run_finishes(path):
+        records = read_metrics(path)
+        with open(path, "a") as log:
+            log.write(json.dumps({"step": 4, "eval_loss": 3.5}) + "\n")
+        (tmp_path / "progress.json").write_text(json.dumps({"committed_step": 4}))
+        return records
+
+    with monkeypatch.context() as m:
+        m.setattr(results, "read_metrics", read_then_the_run_finishes)
+        outcome = results.run_outcome(tmp_path)
+    assert (outcome["complete"], outcome["log_damage"], outcome["steps"]) == (False, None, 4)
+    outcome = results.run_outcome(tmp_path)  # read again, once finished
+    assert (outcome["complete"], outcome["log_damage"], outcome["final"]) == (True, None, 3.5)
+
+
 def strict_json(constant: str):
     raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
 
