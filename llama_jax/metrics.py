@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -163,6 +164,7 @@ def _import_tensorboardx():
 
 
 TENSORBOARD_CLOSE_S = 10.0  # longest a run waits for TensorBoard's writer thread to finish
+_WRITERS_MADE = itertools.count(1)  # (numbers each TensorBoard event file a process makes)
 
 
 class MetricsWriter:
@@ -191,7 +193,11 @@ class MetricsWriter:
         """The TensorBoard writer, made at the first record (a run that logs nothing, such as one
         given again once finished, leaves no empty event file), or None without tensorboardX."""
         if self._tb is None and self._tensorboardx is not None:
-            self._tb = self._tensorboardx.SummaryWriter(**self._tb_settings)
+            # tensorboardX names the file by the second it is made in: without a suffix of its own, a
+            # writer made in the same second (a run resumed at once in one process) writes over the
+            # other's events; TensorBoard reads a directory's files in name order, as they were made
+            suffix = f".{os.getpid()}.{next(_WRITERS_MADE):06d}"
+            self._tb = self._tensorboardx.SummaryWriter(**self._tb_settings, filename_suffix=suffix)
         return self._tb
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:

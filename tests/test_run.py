@@ -633,6 +633,20 @@ def tensorboard_shows(workdir: Path, tag: str) -> list[tuple[int, float]]:
     return shown
 
 
+def test_a_run_resumed_within_the_same_second_keeps_the_first_ones_tensorboard_events(tmp_path, monkeypatch):
+    """TensorBoard event files are named by the second they are made in: the writer of a run resumed
+    in that same second (in one process) wrote over the first writer's file, losing its steps."""
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)  # both writers made in one second
+    with metrics_lib.MetricsWriter(tmp_path) as writer:
+        writer.write(1, {"loss": 2.0})
+        writer.write(2, {"loss": 1.5})
+    with metrics_lib.MetricsWriter(tmp_path, first_step=2) as writer:  # resumed from step 1
+        writer.write(2, {"loss": 1.25})
+    monkeypatch.undo()
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    assert tensorboard_shows(tmp_path, "loss") == [(1, 2.0), (2, 1.25)]
+
+
 def test_demo_runs_resumes_and_reports(tmp_path, capsys):
     """A shortened demo end to end: every artifact exists and loads, the closing summary's figures
     are those of metrics.jsonl, and the exported Hugging Face directory computes the same logits."""
