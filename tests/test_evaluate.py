@@ -109,12 +109,16 @@ def test_scoring_equals_full_forward_and_padding_changes_nothing(model):
 
 
 def test_generation_padded_to_a_bucket_is_unchanged(model):
-    """generate(pad_to=...), as the lm-eval model batches prompts, gives what unpadded prompts give."""
-    from llama_jax.generate import generate
+    """generate(pad_to=...), as the lm-eval model batches prompts, gives what unpadded prompts give,
+    and prompts of other lengths padded to the same bucket reuse the compiled prefill."""
+    from llama_jax.generate import _prefill, generate
 
     cfg, params, _ = model
     prompts = [[1, 40, 50, 60], [1, 70]]
     assert generate(cfg, params, prompts, 6, pad_to=16) == generate(cfg, params, prompts, 6)
+    compiled = _prefill._cache_size()
+    generate(cfg, params, [[1, 80, 90], [1, 40, 50, 60, 70, 80]], 6, pad_to=16)
+    assert _prefill._cache_size() == compiled  # the same shape: the prompts were padded to 16
 
 
 @pytest.mark.parametrize("n", [0, 1, CONTEXT - 1, CONTEXT, CONTEXT + 1, 3 * CONTEXT + 7])
