@@ -251,7 +251,8 @@ def test_per_source_sums_are_not_matrix_products():
     rows = dict(local_batch(config, 0, trainer.model_config), source=np.arange(16, dtype=np.int32) % 3)
     params = nn.meta.unbox(trainer.abstract_state.params)  # shapes only: tracing needs no values
     with trainer.context():
-        jaxpr = jax.make_jaxpr(trainer.gradients)(params, rows)
+        jaxpr, (_, aux, _) = jax.make_jaxpr(trainer.gradients, return_shape=True)(params, rows)
+    assert aux["source_nll"].shape == aux["source_tokens"].shape == (3,)  # the sums are computed
     shapes = list(_dot_output_shapes(jaxpr.jaxpr))
     assert shapes and (3,) not in shapes, shapes
 
