@@ -24,7 +24,8 @@ def raising_signals():
     taken for damaged files). A signal that arrives while a module is being imported waits until
     the import is done, for up to IMPORT_WAIT_S: an extension module (jaxlib's) whose
     initialisation is interrupted crashes the interpreter when it is freed; so does one that arrives
-    inside `safe_io.signals_held`. The previous handlers are back afterwards."""
+    inside `safe_io.signals_held`. The previous handlers are back afterwards, and the signal noted
+    is forgotten."""
     from llama_jax.safe_io import holding_signals, note_signal
 
     held_since: dict[int, float] = {}  # signal -> when first held back for an import or by `signals_held`
@@ -58,6 +59,7 @@ def raising_signals():
         RAISING.clear()
         for s, handler in previous.items():
             signal.signal(s, handler)
+        note_signal(None)  # (a failed read after the block, a later call's, is not this signal's doing)
 
 
 RAISING: set[int] = set()  # the signals `raising_signals` handles while it is active

@@ -347,6 +347,34 @@ def test_a_damaged_model_is_one_error_with_nothing_printed_after_it(tmp_path, mo
     assert "Traceback" not in run.stderr and "Event loop is closed" not in run.stderr, run.stderr
 
 
+def test_a_damaged_model_loaded_after_a_command_stopped_by_ctrl_c_is_named_damaged(tmp_path, model, monkeypatch,
+                                                                                  capsys):
+    """In one process (a notebook, a script calling `main`), a command stopped by Ctrl-C left its
+    signal noted: a later load_model of a damaged model raised KeyboardInterrupt instead, its failed
+    read taken for one that the Ctrl-C had interrupted."""
+    import os
+    import signal
+    import time
+
+    from llama_jax import cli
+
+    def interrupted(args):  # Ctrl-C while the command runs
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)
+
+    monkeypatch.setattr(cli, "cmd_presets", interrupted)
+    assert main(["presets"]) == 130
+    assert capsys.readouterr().err == "llama-jax presets: interrupted\n"
+    cfg, params = model
+    save_model(tmp_path / "m", cfg, params)
+    [data] = (tmp_path / "m" / "params" / "d").iterdir()
+    data.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"^model directory {tmp_path / 'm'} is damaged or incomplete"):
+        try:
+            load_model(tmp_path / "m")
+        except KeyboardInterrupt:  # (not let through: it would stop the test session)
+            pytest.fail("load_model raised the KeyboardInterrupt of the earlier command")
+
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(ValueError, match="not a llama_jax model directory"):
         load_model(tmp_path)
