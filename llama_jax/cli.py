@@ -924,16 +924,36 @@ def _check_plan_arguments(args) -> None:
                         f"(XLA takes minutes and gigabytes to create more), got {args.devices}")
 
 
+def _virtual_cpu_devices(n: int, own_process: bool) -> list:
+    """`n` of this process's CPU devices, for `plan --devices n`. The `llama-jax` program
+    (`own_process`) starts JAX with `n` virtual CPU devices (XLA_FLAGS and JAX_PLATFORMS, set before
+    its backends start). Called in another program (a notebook, a script calling `main`), it takes
+    them from the CPU devices that program's JAX has, and changes nothing of the process: JAX makes
+    its devices once per process, and the environment is its own and its later processes'. Too few
+    of them is a UserError."""
+    if own_process:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={n}").strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    try:
+        cpus = jax.devices("cpu")
+    except RuntimeError:  # a process whose JAX runs without its CPU backend
+        cpus = []
+    if len(cpus) < n:
+        raise UserError(f"--devices {n}: this process's JAX has {len(cpus)} CPU device(s), and makes its devices "
+                        f"once per process; run `llama-jax plan --devices {n}` as a command of its own")
+    return cpus[:n]
+
+
 def cmd_plan(args) -> None:
     _check_plan_arguments(args)
-    if args.devices:  # virtual CPU devices; must be set before JAX initialises its backends
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
-        os.environ["JAX_PLATFORMS"] = "cpu"
     from llama_jax.experiment import check_experiment, load_config
 
     config = load_config(args.config, args.overrides)
     check_experiment(config)  # before importing JAX: a bad config fails at once
+    devices = _virtual_cpu_devices(args.devices, args.own_process) if args.devices else None
     from llama_jax.plan import check_new_run, format_plan, plan, runnable_config
     from llama_jax.train import validate_config
 
@@ -941,7 +961,7 @@ def cmd_plan(args) -> None:
     if args.devices:  # the mesh checked before anything is compiled (for the kernel planned here)
         validate_config(runnable_config(config), args.devices)
 
-    print(format_plan(plan(config)))
+    print(format_plan(plan(config, devices)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1416,7 +1436,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"llama-jax: error: {e}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(_attach_mesh_values(rest))
-    args.overrides = overrides
+    args.overrides, args.own_process = overrides, argv is None
     try:
         with raising_signals():
             _check_command_reads_overrides(args)

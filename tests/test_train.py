@@ -283,7 +283,20 @@ def _argument_bytes(config, devices):
     return plan(config, devices)["arguments"]
 
 
-def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys, monkeypatch):
+def test_plan_for_virtual_devices_called_in_another_program(capsys):
+    """`plan --devices N` called in another program (a notebook, a script calling `main`) set XLA_FLAGS
+    and JAX_PLATFORMS for the rest of that process and the processes it starts; JAX, already running
+    there or started by it, kept the devices it had: the plan was for all of them, not N."""
+    environ = dict(os.environ)
+    assert main(["plan", "--config", TINY, "--devices", "4"]) == 0
+    assert capsys.readouterr().out.startswith("mesh data=1 x fsdp=4 x tensor=1 (4 cpu devices)")
+    assert main(["plan", "--config", TINY, "--devices", "16"]) == 2  # the process has 8 (tests/conftest.py)
+    assert capsys.readouterr().err == (
+        "llama-jax plan: error: --devices 16: this process's JAX has 8 CPU device(s), and makes its devices once "
+        "per process; run `llama-jax plan --devices 16` as a command of its own\n")
+    assert dict(os.environ) == environ and jax.device_count() == 8
+
+def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys):
     from llama_jax.plan import format_plan, plan
 
     assert main(["plan", "--config", TINY]) == 0
@@ -299,8 +312,6 @@ def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys, monkeypat
         "compiled for CPU devices, attention `xla` (in place of cudnn, which needs a GPU): on a GPU `cudnn` runs, "
         "which keeps no")  # (it spoke of `auto`, which the config did not set)
     # with the mesh checked first (--devices): the kernel planned is checked, not the GPU's (it was refused)
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # (cmd_plan sets both for a fresh process)
-    monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
     assert main(["plan", "--config", TINY, "--config.model.attention_impl=cudnn", "--devices", "8"]) == 0
     assert "(in place of cudnn, which needs a GPU)" in capsys.readouterr().out.splitlines()[-1]
     figures = plan(tiny_config())
