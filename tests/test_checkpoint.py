@@ -375,6 +375,7 @@ def test_a_damaged_model_loaded_after_a_command_stopped_by_ctrl_c_is_named_damag
         except KeyboardInterrupt:  # (not let through: it would stop the test session)
             pytest.fail("load_model raised the KeyboardInterrupt of the earlier command")
 
+
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(ValueError, match="not a llama_jax model directory"):
         load_model(tmp_path)

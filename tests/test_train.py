@@ -296,6 +296,7 @@ def test_plan_for_virtual_devices_called_in_another_program(capsys):
         "per process; run `llama-jax plan --devices 16` as a command of its own\n")
     assert dict(os.environ) == environ and jax.device_count() == 8
 
+
 def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys):
     from llama_jax.plan import format_plan, plan
 
