@@ -850,7 +850,8 @@ def cmd_data_inspect(args) -> None:
                 lines = coverage_lines(data.train)
             else:
                 index = args.step - 1  # the run's step 1 trains on batch 0
-                lines = [f"step {args.step}: {config.train.batch_size} rows of {config.train.seq_len} tokens"]
+                rows = config.train.batch_size
+                lines = [f"step {args.step}: {rows} row{'s' if rows != 1 else ''} of {config.train.seq_len} tokens"]
                 lines += describe_step(data.train, index, data.tokenizer, args.rows)
                 lines += [f"tokens seen before this step: {data.train.progress(index)['tokens_seen']:,.0f}"]
         finally:

@@ -230,6 +230,8 @@ def test_inspect_shows_a_step_and_covers_an_epoch(prepared, capsys):
                           out, re.M)) == 3
     assert re.search(r"^  document \d+ \(source index \d+\), tokens \[\d+, \d+\)$", out, re.M)
     assert "tokens seen before this step: 512" in out  # steps 1 and 2, of 8 rows of 32
+    assert main([*base, "--config.train.batch_size=1", "--step", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"step 1: 1 row of {L} tokens\n")
     assert main(base + ["--epoch"]) == 0
     assert re.search(r"of its ([\d,]+) tokens in whole rows \1 \(100\.00%\) seen once, 0 \(0\.00%\) more than once, "
                      r"0 \(0\.00%\) never", capsys.readouterr().out)
