@@ -294,6 +294,12 @@ def _legacy_order(info: dict) -> bool:
     return bool(info) and not any("order" in entry for entry in info.get("data_stream") or [])
 
 
+def reads_earlier_order(info: dict) -> bool:
+    """Whether the run whose newest readable checkpoint records `info` draws its rows in the order of
+    a release before `packed.ORDER` (`_legacy_order`); synthetic data has no order to keep."""
+    return _legacy_order(info) and info.get("config", {}).get("data", {}).get("source") != "synthetic"
+
+
 def _check_kept_tokenizer(kept: Path, kept_sha256: str | None, info: dict) -> None:
     """RunError when the run's copy of its tokenizer (`kept`, of SHA-256 `kept_sha256`; None: none
     kept) is not the one its checkpoints record (`info`): changed or damaged since, it would be

@@ -930,10 +930,31 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
     if search == "optuna":
         check_study_kept(workdir)
     _check_trial_paths(workdir, axes, listed, numbered=search != "grid")
+    _check_one_row_order(workdir, spec, axes, listed, started)
     if saved and trials_started(workdir):  # where its trials started stays the record (none: an earlier release's),
         # and so does its config file's path (`check_workdir`: the same file, perhaps named otherwise now)
         spec = dataclasses.replace(spec, directory=saved.get("directory", ""), config=saved.get("config", spec.config))
     return spec, axes, listed
+
+
+def _check_one_row_order(workdir: Path, spec: SweepSpec, axes: dict, listed: list[Trial],
+                         started: Mapping[str, Path]) -> None:
+    """SweepError when trials trained by a release before the current row orders (`packed.ORDER`)
+    would be joined by trials that begin now, in the current orders: their losses would not be
+    measured on the same data order."""
+    from llama_jax.run import readable_run_info
+    from llama_jax.run_data import reads_earlier_order
+
+    infos = {name: readable_run_info(path) for name, path in started.items()}
+    earlier = sorted(name for name, info in infos.items() if reads_earlier_order(info))
+    begun = {name for name, info in infos.items() if info}
+    names = {trial.name(axes, spec.search != "grid") for trial in listed}
+    waiting = len(names - begun) if spec.search != "optuna" else max(spec.trials - len(begun), 0)
+    if earlier and waiting:
+        raise SweepError(f"{workdir}: {', '.join(earlier)} trained with an earlier release, which orders each "
+                         f"epoch's rows otherwise; the {waiting} trial(s) still to begin would draw theirs in this "
+                         f"release's order, not comparable; finish the sweep with the release that started it, or "
+                         f"run it again in a new --workdir (--report reports this one as it is)")
 
 
 def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str], search: str = "grid",

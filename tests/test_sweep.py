@@ -168,6 +168,32 @@ def test_a_raw_source_is_prepared_once_for_every_trial(tmp_path, capsys):
     assert "prepared once" not in out and "data.source=prepared" not in out and "eval_fraction=0.2" in out
 
 
+def test_trials_of_an_earlier_row_order_are_not_joined_by_trials_in_the_current_one(tmp_path, capsys):
+    """A sweep whose begun trials were trained by a release before hashed row orders (their
+    checkpoints record no order) is refused, before anything is written, where trials would begin
+    now in the current orders; once every trial has begun, a re-run and --report go on."""
+    workdir = tmp_path / "sweep"
+    args = sweep_args(workdir, "--sweep", "optimizer.lr=[1e-3,3e-3]", "--config.data.source=embedded",
+                      "--config.data.tokenizer=train", "--config.data.tokenizer_vocab_size=512",
+                      "--config.model.vocab_size=512", "--config.train.steps=2")
+    assert main(args) == 0
+    for metadata in (workdir / "lr=0.001").glob("checkpoints/*/run/metadata"):  # as an earlier release saved it
+        info = json.loads(metadata.read_text())
+        info["data_stream"] = [{k: v for k, v in entry.items() if k != "order"} for entry in info["data_stream"]]
+        metadata.write_text(json.dumps(info))
+    assert main(args) == 0  # every trial has begun (and finished)
+    shutil.rmtree(workdir / "lr=0.003")  # not begun when the earlier release stopped
+    files = sorted(p for p in workdir.rglob("*"))
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{workdir}: lr=0.001 trained with an earlier release, which orders each epoch's rows otherwise; the 1 "
+        f"trial(s) still to begin would draw theirs in this release's order, not comparable; finish the sweep with "
+        f"the release that started it, or run it again in a new --workdir (--report reports this one as it is)")
+    assert sorted(p for p in workdir.rglob("*")) == files
+    assert main(["sweep", "--workdir", str(workdir), "--report"]) == 0
+
+
 def test_a_trial_killed_by_a_signal_says_so_and_its_log_follows_the_run(tmp_path):
     workdir = tmp_path / "sweep"
     run = workdir / "seed=0"
