@@ -511,6 +511,7 @@ def test_harness_matches_its_hugging_face_backend(model_dirs, tmp_path, offline)
                 assert a["resps"] == b["resps"]
                 assert all(r[0] for r in b["resps"])  # something was generated
             else:
+                assert len(a["resps"]) == len(b["resps"]) > 0
                 for x, y in zip(a["resps"], b["resps"]):
                     if task == "tiny_mc":
                         assert y[0][0] == pytest.approx(x[0][0], abs=1e-4) and y[0][1] == x[0][1]
