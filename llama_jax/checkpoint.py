@@ -8,12 +8,14 @@ failed save never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax
 import flax.linen as nn
@@ -260,6 +262,21 @@ def check_step_names(directory: Path, saves: bool) -> None:
                          f"out of {directory}")
 
 
+@contextlib.contextmanager
+def _without_orbax_notice(start: str) -> Iterator[None]:
+    """Orbax's absl log records that begin with `start` dropped inside the block."""
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith(start)
+
+    absl, drop = logging.getLogger("absl"), Drop()
+    absl.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl.removeFilter(drop)
+
+
 class RunCheckpoints:
     """Checkpoints of a training run: Orbax `CheckpointManager` with async saves and retention.
 
@@ -276,14 +293,16 @@ class RunCheckpoints:
         self.every = every
         self.directory = Path(directory).absolute()
         check_step_names(self.directory, saves=not read_only)
+        # a reader sets none of the saving options: Orbax would turn each off with a warning of its own
+        saving = {} if read_only else dict(max_to_keep=max_to_keep, keep_period=keep_every or None)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, keep_period=keep_every or None,
-            enable_async_checkpointing=async_save, create=not read_only,
-            cleanup_tmp_directories=not read_only, read_only=read_only)
+            **saving, save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
+            create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only)
         # uncompressed: zstd took three quarters of a save's CPU time for 8% less disk, and an
         # async save competes with the train step for the host's cores (benchmarks/README.md)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.PyTreeCheckpointHandler(use_compression=False), "run": ocp.JsonCheckpointHandler()})
+        with _without_orbax_notice("Given directory is read only"):  # (a reader's, every time)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(use_compression=False), "run": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -1,6 +1,7 @@
 """save_model / load_model: a self-describing Orbax model directory."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,16 @@ def test_only_a_folder_spelled_as_a_step_differently_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoints/08 is no checkpoint of this run \(a step's folder is named by "
                                          r"its number alone, as 8\) but would be read as step 8"):
         RunCheckpoints(checkpoints, 2, read_only=True)
+
+
+def test_a_reader_of_a_runs_checkpoints_says_nothing(tmp_path, caplog):
+    """Reading a run's checkpoints (a resume's checks, eval, export) through the Python API printed
+    Orbax's warnings that each saving option is turned off for a read-only manager, three per reader."""
+    from llama_jax.checkpoint import RunCheckpoints
+
+    with caplog.at_level(logging.INFO):
+        RunCheckpoints(tmp_path / "checkpoints", 2, max_to_keep=3, keep_every=10, read_only=True).close()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 KILLED_WRITER = """
