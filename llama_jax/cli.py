@@ -1206,11 +1206,15 @@ class _LibraryNoise:
     threads, which then hit a closed event loop and print tracebacks of their own: never shown.
     """
 
+    # the loggers' levels while a command runs (asyncio: "Future exception was never retrieved")
+    QUIETED = {"absl": logging.ERROR, "asyncio": logging.CRITICAL}
+
     def __init__(self):
         self.held: list[logging.LogRecord] = []
         self.mode = "hold"  # "hold" while the command runs, then "show" or "drop"
         self.installed = False
         self.depth = 0  # commands running: the demo runs others inside itself, which leave it to decide
+        self.levels: dict[str, int] = {}  # the loggers' own levels, before the command quieted them
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.mode == "hold":
@@ -1220,15 +1224,22 @@ class _LibraryNoise:
     def start(self) -> None:
         if not self.depth:
             self.held, self.mode = [], "hold"
+            self.levels = {name: logging.getLogger(name).level for name in self.QUIETED}
+            for name, level in self.QUIETED.items():
+                logging.getLogger(name).setLevel(level)
         self.depth += 1
 
     def end(self, succeeded: bool, exiting: bool = True) -> None:
         """Show or drop what was held; until the process exits (`exiting`), so are later errors.
-        A caller that goes on after the command (not `exiting`) sees its later errors. The end of
+        A caller that goes on after the command (not `exiting`) sees its later errors, and its
+        loggers have their own levels again (a notebook's asyncio errors too). The end of
         a command run inside another leaves what was held to the outer one's end."""
         self.depth = max(self.depth - 1, 0)
         if self.depth:
             return
+        if not exiting:  # a program that called the command goes on with its own logging
+            for name, level in self.levels.items():
+                logging.getLogger(name).setLevel(level)
         held, self.held, self.mode = self.held, [], "show" if succeeded or not exiting else "drop"
         for record in held if succeeded else ():
             logging.getLogger(record.name).handle(record)
@@ -1238,10 +1249,7 @@ class _LibraryNoise:
         if self.installed:
             return
         self.installed = True
-        absl = logging.getLogger("absl")
-        absl.setLevel(logging.ERROR)
-        absl.addFilter(self)
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Future exception was never retrieved"
+        logging.getLogger("absl").addFilter(self)
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         quiet_abandoned_reads()
 

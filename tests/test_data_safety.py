@@ -5,6 +5,7 @@ inputs, and a run keeps the tokenizer it started with."""
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -896,6 +897,20 @@ def test_library_errors_wait_for_the_commands_outcome(caplog):
         cli._NOISE.end(succeeded=True)
     assert "a checkpoint write failed" in caplog.text
     cli._NOISE.end(succeeded=True)  # as after a command that succeeded: later records are shown
+
+
+def test_a_program_calling_a_command_gets_its_loggers_back():
+    """`main` quiets absl and asyncio while a command runs; a program that called it (a notebook,
+    whose own event loop logs through asyncio) kept them quiet for good, its own errors unseen."""
+    script = """if True:
+        import logging
+        from llama_jax.cli import main
+        logging.getLogger("absl").setLevel(logging.INFO)
+        assert main(["presets"]) == 0
+        print(logging.getLogger("absl").level, logging.getLogger("asyncio").level)
+    """
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.stdout.split()[-2:] == [str(logging.INFO), str(logging.NOTSET)], (result.stdout, result.stderr)
 
 
 def test_a_signal_raised_where_python_cannot_raise_it_still_stops_the_command():
