@@ -303,6 +303,18 @@ def readable_run_info(workdir: Path, newest_only: bool = False) -> dict:
     return {}
 
 
+def run_info_file(workdir: Path) -> dict:
+    """What the newest committed checkpoint of the run in `workdir` whose run info reads as JSON
+    records of the run, {} when there is none: read from the file itself, not through Orbax, which
+    starts JAX's backend (a sweep's driver would then fork its trials from a multithreaded process)."""
+    for step in reversed(committed_steps(workdir)):
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads((workdir / "checkpoints" / str(step) / "run" / "metadata").read_bytes())
+            if isinstance(info, dict) and {"config", "model"} <= set(info):
+                return info
+    return {}
+
+
 def _same_stream(recorded: list, stream: list) -> bool:
     """The same training sources, of the same documents and tokens (however sharded, wherever they
     are: by their counts, and by their corpus fingerprint where both streams have one), in the same

@@ -942,10 +942,10 @@ def _check_one_row_order(workdir: Path, spec: SweepSpec, axes: dict, listed: lis
     """SweepError when trials trained by a release before the current row orders (`packed.ORDER`)
     would be joined by trials that begin now, in the current orders: their losses would not be
     measured on the same data order."""
-    from llama_jax.run import readable_run_info
+    from llama_jax.run import run_info_file
     from llama_jax.run_data import reads_earlier_order
 
-    infos = {name: readable_run_info(path) for name, path in started.items()}
+    infos = {name: run_info_file(path) for name, path in started.items()}
     earlier = sorted(name for name, info in infos.items() if reads_earlier_order(info))
     begun = {name for name, info in infos.items() if info}
     names = {trial.name(axes, spec.search != "grid") for trial in listed}
