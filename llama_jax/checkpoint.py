@@ -201,6 +201,14 @@ def tree_metadata(directory: Path):
     return ocp.PyTreeCheckpointHandler().metadata(directory).tree
 
 
+RUN_INFO_FILE = Path("run") / "metadata"  # a step's run info, as Orbax's JSON handler writes it
+
+
+def holds_run_info(info: object) -> bool:
+    """Whether `info`, read from a checkpoint's run item, is the run info a run saves."""
+    return isinstance(info, dict) and {"config", "model"} <= set(info)
+
+
 class CheckpointDamaged(ValueError):
     """A committed checkpoint step whose files cannot be read back."""
 
@@ -347,7 +355,7 @@ class RunCheckpoints:
     def run_info(self, step: int) -> dict:
         info = self._read(step, "run info", lambda: self.manager.restore(
             step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"])
-        if not isinstance(info, dict) or not {"config", "model"} <= set(info):
+        if not holds_run_info(info):
             raise CheckpointDamaged(step, f"checkpoint {step} ({self.step_dir(step)}) is damaged: its run info "
                                           f"lacks the config and model")
         return info

@@ -38,9 +38,9 @@ from orbax.checkpoint import utils as ocp_utils
 
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
-from llama_jax.checkpoint import (ARCHITECTURE_FIELDS, TRAINED_WITH_FIELDS, CheckpointDamaged, RunCheckpoints,
-                                  check_same_architecture, check_step_names, load_model, retention_deletes, save_model,
-                                  tree_paths)
+from llama_jax.checkpoint import (ARCHITECTURE_FIELDS, RUN_INFO_FILE, TRAINED_WITH_FIELDS, CheckpointDamaged,
+                                  RunCheckpoints, check_same_architecture, check_step_names, holds_run_info, load_model,
+                                  retention_deletes, save_model, tree_paths)
 from llama_jax.config import LLaMAConfig
 from llama_jax.devices import computation_failed
 from llama_jax.distributed import refuse_together
@@ -309,8 +309,8 @@ def run_info_file(workdir: Path) -> dict:
     starts JAX's backend (a sweep's driver would then fork its trials from a multithreaded process)."""
     for step in reversed(committed_steps(workdir)):
         with contextlib.suppress(OSError, ValueError):
-            info = json.loads((workdir / "checkpoints" / str(step) / "run" / "metadata").read_bytes())
-            if isinstance(info, dict) and {"config", "model"} <= set(info):
+            info = json.loads((workdir / "checkpoints" / str(step) / RUN_INFO_FILE).read_bytes())
+            if holds_run_info(info):
                 return info
     return {}
 
