@@ -320,7 +320,8 @@ class Attention(nn.Module):
         else:  # write this layer's new slots into the cache, attend over its filled slots
             cache_k, cache_v = kv
             new_k, new_v = (a.transpose(0, 2, 1, 3).astype(cache_k.dtype) for a in (k, v))  # [B, K, S, Dh]
-            at = (0, 0, view.index, 0)
+            zero = jnp.zeros_like(view.index)  # indices of one type: a Python 0 is int64 under JAX_ENABLE_X64
+            at = (zero, zero, view.index, zero)
             if layer is not None:  # the stacked cache of scanned layers
                 new_k, new_v, at = new_k[None], new_v[None], (layer, *at)
             elif cache_k.ndim == 3:  # a batch of one, stored without its batch dimension
@@ -488,7 +489,8 @@ class LLaMA(nn.Module):
             mask = attention_mask(slots_BxS, segment_ids, segment_ids)
         else:
             kv, mask = (cache.k, cache.v), None
-            view = CacheView(slots_BxS, jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start)),
+            zero = jnp.zeros_like(start)  # (of the index's type, as in Attention)
+            view = CacheView(slots_BxS, jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (zero, start)),
                              start)
         sin, cos = rotary_sin_cos(positions, cfg)
 

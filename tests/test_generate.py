@@ -502,3 +502,16 @@ def test_unknown_arguments_are_reported_by_the_subcommand(args, prog, capsys):
     assert exit_.value.code == 2
     unknown = " ".join(args[-2:])
     assert capsys.readouterr().err == f"{prog}: error: unrecognized arguments: {unknown} (see {prog} --help)\n"
+
+
+@pytest.mark.parametrize("layout", ["scanned", "unscanned"])
+def test_decoding_under_64_bit_jax_gives_the_same_tokens(gqa, layout):
+    """JAX_ENABLE_X64=1 (a common global setting) makes Python's integers int64 in JAX: the cache's
+    writes once mixed them with its int32 index and failed (a TypeError from dynamic_update_slice)."""
+    cfg, params = gqa
+    if layout == "unscanned":
+        cfg, params = cfg.replace(scan_layers=False), unstack_layers(params, cfg.n_layers)
+    expected = [generate(cfg, params, prompts, STEPS, temperature=1.0, seed=3) for prompts in (PROMPTS, PROMPTS[:1])]
+    with jax.enable_x64(True):
+        assert [generate(cfg, params, prompts, STEPS, temperature=1.0, seed=3)
+                for prompts in (PROMPTS, PROMPTS[:1])] == expected
