@@ -1387,12 +1387,20 @@ def _check_not_empty(args) -> None:
             raise UserError(f"{name} is empty; give a value")
 
 
+# Global settings of JAX's number types, which the program does not follow: it computes in 32 bits
+# with JAX's standard promotion, as without them (64-bit Python numbers made a run's learning rates
+# float64, its results not those of the same run without the setting).
+JAX_NUMERICS_ENV = ("JAX_ENABLE_X64", "JAX_NUMPY_DTYPE_PROMOTION")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `llama-jax` command; `argv` None: this process's own arguments (run as a program)."""
     if argv is None:  # a program of its own: restart once, before JAX is imported, if that helps
         from llama_jax.backend_tuning import restart_with_huge_pages
 
         restart_with_huge_pages()
+        for name in JAX_NUMERICS_ENV:
+            os.environ.pop(name, None)
     _NOISE.install()
     status = 1
     try:

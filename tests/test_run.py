@@ -119,6 +119,23 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tokenizer_path, straight_run)
     assert [loss for _, loss in shown] == pytest.approx([expected[s] for s in range(1, STEPS + 1)], rel=1e-6)
 
 
+def test_global_jax_number_settings_leave_a_run_as_it_is(tmp_path, tokenizer_path, straight_run):
+    """JAX_ENABLE_X64=1 (a common global setting on TPU VMs) and strict dtype promotion are not the
+    program's: its run is bitwise the run without them. With x64 the learning-rate schedule was
+    computed in float64 (rates, then parameters and losses, apart in their last bits); strict
+    promotion failed the first step on an opaque line."""
+    def rates(workdir: Path) -> dict[int, float]:
+        records = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["learning_rate"] for r in records if "learning_rate" in r}
+
+    workdir, expected = straight_run
+    env = dict(os.environ, JAX_ENABLE_X64="1", JAX_NUMPY_DTYPE_PROMOTION="strict")
+    out = subprocess.run([sys.executable, "-m", "llama_jax.cli", *train_args(tmp_path, run_overrides(tokenizer_path))],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert rates(tmp_path) == rates(workdir) and logged_losses(tmp_path) == expected
+
+
 def test_a_killed_run_has_recorded_its_latest_checkpoint(tmp_path, tokenizer_path, capsys):
     """progress.json names an async save's step once it is committed, not only when the next save
     starts: after a SIGKILL a lost latest checkpoint is noticed, not silently trained again."""
