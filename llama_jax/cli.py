@@ -1401,6 +1401,7 @@ def main(argv: list[str] | None = None) -> int:
         restart_with_huge_pages()
         for name in JAX_NUMERICS_ENV:
             os.environ.pop(name, None)
+        sys.stdout.reconfigure(errors="backslashreplace")  # (as stderr): text the encoding lacks is escaped
     _NOISE.install()
     status = 1
     try:

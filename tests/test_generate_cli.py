@@ -2,7 +2,10 @@
 
 import io
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -17,6 +20,7 @@ from llama_jax.prompts import STREAM_CHUNK, chat_ids, complete, cut_at_stop, end
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 from tests.test_tokenizer import _tiktoken_file, _toy_ranks
 
+ROOT = Path(__file__).parents[1]
 PROMPTS = ["The for statement", "Class definitions are"]
 
 
@@ -344,3 +348,16 @@ def test_converted_hugging_face_directory_generates_what_transformers_generates(
                  "--max-new-tokens", str(steps)]) == 0
     assert end not in hf_tokenizer.all_special_ids
     assert capsys.readouterr().out == hf_tokenizer.decode(stopped[0], skip_special_tokens=True) + "\n"
+
+
+def test_text_the_output_encoding_lacks_is_escaped(sp_model, tmp_path):
+    """With an ASCII standard output (PYTHONIOENCODING=ascii) a prompt or continuation of other
+    characters is printed escaped, as Python's stderr prints it; the command once failed on it
+    ("'ascii' codec can't encode character"), as did `train`'s sample after its last step."""
+    path, cfg, params, tok = sp_model
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    out = subprocess.run([sys.executable, "-m", "llama_jax.cli", "generate", str(path), "--prompt", "Caf\u00e9 \u65e5",
+                          "--max-new-tokens", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**env, "PYTHONIOENCODING": "ascii", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.startswith("Caf\\xe9 \\u65e5")
