@@ -436,8 +436,20 @@ def _check_lm_eval_arguments(args) -> None:
     """What lm-eval refuses of its arguments alone, also checked by a launcher."""
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise UserError(f"--num-fewshot {args.num_fewshot}: valid: 0 or more examples per question")
-    if not any(t.strip() for t in args.tasks.split(",")):
+    _task_names(args.tasks)
+
+
+def _task_names(text: str) -> list[str]:
+    """The task names of `--tasks A,B,...`; UserError for none, an empty one or one given twice."""
+    names = [t.strip() for t in text.split(",")]
+    if not any(names):
         raise UserError("no task given; pass --tasks NAME[,NAME...] (`lm-eval ls tasks` lists them)")
+    if "" in names:
+        raise UserError(f"--tasks: empty task name in {text!r}; give names separated by single commas")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise UserError(f"--tasks: {twice!r} given twice in {text!r}; name each task once")
+    return names
 
 
 LM_EVAL_REQUIREMENT = "lm-eval>=0.4.12"  # as setup.py's `eval` extra: the harness's task index and TaskManager.load
@@ -474,8 +486,7 @@ def cmd_lm_eval(args) -> None:
         raise UserError(f"lm-eval is not installed; pip install -e '.[eval]' (or '{LM_EVAL_REQUIREMENT}')") from None
     from lm_eval.utils import handle_non_serializable, make_table
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    results = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+    results = evaluate_tasks(args.model, _task_names(args.tasks), num_fewshot=args.num_fewshot, limit=args.limit,
                              batch_size=args.batch_size, include_path=args.include_path, max_length=args.max_length,
                              dtype=args.dtype, mesh=args.mesh, max_gen_toks=args.max_gen_toks)
     kept = {k: results[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",

@@ -468,6 +468,10 @@ CASES = [
          r"argument --limit: expected a whole number of examples or a fraction below 1, got '2.5'"),
     Case("lm-eval-limit-beyond-2**40", "lm-eval {model} --tasks tiny_mc --limit 1e30",  # failed in islice()
          r"argument --limit: must be at most 2\*\*40 examples, got '1e30'; leave --limit out to run every example"),
+    Case("lm-eval-empty-task-name", "lm-eval {model} --tasks tiny_mc,,tiny_gen",  # (it was dropped without a word)
+         r"--tasks: empty task name in 'tiny_mc,,tiny_gen'; give names separated by single commas$"),
+    Case("lm-eval-task-given-twice", "lm-eval {model} --tasks tiny_mc,tiny_gen,tiny_mc",
+         r"--tasks: 'tiny_mc' given twice in 'tiny_mc,tiny_gen,tiny_mc'; name each task once$"),
     # ---- export ----
     Case("export-not-a-run", "export --workdir {readme_dir} out",
          r"readme holds no committed checkpoint \(checkpoints/<step>/\)"),
