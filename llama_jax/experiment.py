@@ -12,6 +12,7 @@ import ast
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import math
 import numbers
 import os
@@ -227,8 +228,31 @@ def _failure(path: Path, stage: str, e: Exception) -> str:
 
 
 def _json_config(path: Path) -> ml_collections.ConfigDict:
-    """A ConfigDict of the JSON object in `path` (a run's config.json)."""
-    return ml_collections.ConfigDict(read_json_object(path, "config sections (a run's config.json)"))
+    """A ConfigDict of the JSON object in `path` (a run's config.json); ValueError for a key given twice."""
+    config = read_json_object(path, "config sections (a run's config.json)")
+    _check_keys_once(json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_Pairs), path)
+    return ml_collections.ConfigDict(config)
+
+
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs in order (json's object_pairs_hook), for `_check_keys_once`."""
+
+
+def _check_keys_once(value, path: Path, where: str = "") -> None:
+    """ValueError naming the first key that an object in `value` (JSON read as _Pairs) gives twice: a JSON
+    reader takes the last of its values without a word, so an edited config.json would set another value
+    than the one its reader sees first."""
+    if isinstance(value, _Pairs):
+        keys = [key for key, _ in value]
+        twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+        if twice is not None:
+            raise ValueError(f"{path}: key '{where}{twice}' is given twice (JSON keeps the last without a word); "
+                             f"give each key once")
+        for key, item in value:
+            _check_keys_once(item, path, f"{where}{key}.")
+    elif isinstance(value, list):
+        for item in value:
+            _check_keys_once(item, path, where)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:

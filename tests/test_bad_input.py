@@ -61,6 +61,8 @@ CASES = [
          r"typo.py: unknown config key 'train.stpes'; valid keys there: .*steps"),
     Case("train-run-config-json-sets-unknown-key", "train --config {typo_json} --workdir new",
          r"typo.json: unknown config key 'train.stpes'; valid keys there: .*steps"),  # no release wrote it
+    Case("train-run-config-json-sets-a-key-twice", "train --config {twice_json} --workdir new",  # (the last was read)
+         r"twice.json: key 'train.steps' is given twice \(JSON keeps the last without a word\); give each key once$"),
     Case("train-get_config-returns-none", "train --config {none_py} --workdir new",
          r"none.py: get_config\(\) returned None; expected an ml_collections.ConfigDict"),
     Case("train-config-json-garbage", "train --config {garbage_json} --workdir new", r"garbage.json: not valid JSON"),
@@ -683,6 +685,8 @@ def make_inputs(root: Path) -> dict[str, Path]:
     saved = json.loads((p["run"] / "config.json").read_text())
     p["typo_json"] = inputs / "configs" / "typo.json"
     p["typo_json"].write_text(json.dumps({**saved, "train": {**saved["train"], "stpes": 5}}))
+    p["twice_json"] = inputs / "configs" / "twice.json"  # edited by hand: a key added where it was already
+    p["twice_json"].write_text(json.dumps(saved).replace('"train": {', '"train": {"steps": 2, ', 1))
     p["bad_config_model"], p["paramless_model"] = inputs / "bad_config_model", inputs / "paramless_model"
     shutil.copytree(p["model"], p["bad_config_model"])
     (p["bad_config_model"] / "model_config.json").write_text("{oops")
