@@ -75,6 +75,11 @@ def validate(cfg: ConfigDict, total_steps: int) -> None:
     _check_range(cfg, "b2", 0, 1, hi_open=True)
     _check_range(cfg, "eps", 0, math.inf, lo_open=True, hi_open=True)  # 0 gives 0/0 on zero gradients
     _check_range(cfg, "weight_decay", 0, math.inf, hi_open=True)
+    if cfg.lr * cfg.weight_decay >= 1:  # each step multiplies the decayed parameters by 1 - lr(t) * weight_decay
+        _fail("weight_decay", f"{cfg.weight_decay:g} with optimizer.lr={cfg.lr:g}: the decoupled decay multiplies "
+              f"the decayed parameters by 1 - lr x weight_decay = {1 - cfg.lr * cfg.weight_decay:g} at the peak "
+              f"learning rate, which zeroes them or flips their sign; valid: lr x weight_decay below 1 (with this "
+              f"lr: weight_decay below {1 / cfg.lr:g})")
     _check_range(cfg, "min_lr_ratio", 0, 1)
     _check_range(cfg, "decay_fraction", 0, 1)
     if cfg.clip_norm is not None:

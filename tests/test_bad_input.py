@@ -563,6 +563,10 @@ CASES = [
     Case("plan-mixture-entry-misspelt", "plan --config {tiny} --config.data.source=prepared "
          "\"--config.data.mixture={'a': {'path': '{run}/data', 'wieght': 1}}\"",
          r"data.mixture.a has no setting 'wieght'; valid: path, weight$"),
+    Case("plan-weight-decay-times-lr-above-1", "plan --config {tiny} --config.optimizer.weight_decay=400",
+         r"optimizer.weight_decay: 400 with optimizer.lr=0.003: the decoupled decay multiplies the decayed parameters "
+         r"by 1 - lr x weight_decay = -0.2 at the peak learning rate, which zeroes them or flips their sign; valid: "
+         r"lr x weight_decay below 1 \(with this lr: weight_decay below 333.333\)$"),
     Case("plan-config-not-a-file", "plan --config /dev/null", r"config file /dev/null is not a regular file"),
     Case("plan-ffn-beyond-int32", "plan --config {tiny} --config.model.ffn_dim=9223372036854775808",
          r"model.ffn_dim must be a positive integer up to 2\*\*31 - 1"),
@@ -626,6 +630,10 @@ CASES = [
     Case("sweep-seed-beyond-32-bits", "sweep --config {tiny} --workdir new --search optuna --trials 1 "
          "--seed 4294967296 --sweep optimizer.lr=loguniform(1e-4,1e-2)",
          r"--seed 4294967296: Optuna's sampler takes seeds below 2\*\*32 \(4294967296\)"),
+    Case("sweep-weight-decay-times-lr-of-a-trial-1", "sweep --config {tiny} --workdir new --dry-run "
+         "--config.optimizer.lr=0.01 --sweep optimizer.weight_decay=[0.1,100]",
+         r"trial weight_decay=100: optimizer.weight_decay: 100 with optimizer.lr=0.01: .*= 0 at the peak learning "
+         r"rate"),
     # ---- demo ----
     Case("demo-unknown-key", "demo --workdir new --config.train.stepz=5", r"unknown config key 'train.stepz'"),
     Case("demo-nan", "demo --workdir new --config.optimizer.lr=nan",

@@ -200,6 +200,12 @@ def test_the_shortest_decay_suggested_is_accepted(total):
     ({"weight_decay": float("nan")}, 100, "optimizer.weight_decay", "got nan"),
     ({"decay_fraction": float("nan")}, 100, "optimizer.decay_fraction", "got nan; valid: a number in [0, 1]"),
     ({}, 0, "total_steps", "positive integer"),
+    # decoupled decay multiplies parameters by 1 - lr * weight_decay: 0 or below ruins them at every step
+    *[({"name": name, "lr": 0.5, "weight_decay": 2.0}, 100, "optimizer.weight_decay",
+       "2 with optimizer.lr=0.5: the decoupled decay multiplies the decayed parameters by 1 - lr x weight_decay = 0 "
+       "at the peak learning rate, which zeroes them or flips their sign; valid: lr x weight_decay below 1 (with this "
+       "lr: weight_decay below 2)") for name in ("adamw", "adafactor", "lion")],
+    ({"lr": 3e-3, "weight_decay": 500.0}, 100, "optimizer.weight_decay", "= -0.5 at the peak learning rate"),
 ])
 def test_bad_config_names_the_key(changes, total, key, valid):
     cfg = default_config()
