@@ -201,6 +201,18 @@ def test_throughput_counts_training_only(tmp_path, tokenizer_path, monkeypatch, 
     assert re.search(r"^step 1: loss \d+\.\d{4}$", capsys.readouterr().out, re.M)
 
 
+def test_a_run_holds_only_its_last_logged_step_in_memory(tmp_path, tokenizer_path):
+    """Every step logged goes to metrics.jsonl; the run's result holds the records of its last one
+    (training and closing evaluation), not a list of every record, which grew by about 1.5 KB per
+    logged step for the run's life."""
+    workdir = tmp_path / "run"
+    result = run_lib.train_and_evaluate(load_config(TINY, run_overrides(tokenizer_path, "train.eval_batches=1")),
+                                        workdir, progress=False)
+    assert logged_steps(workdir) == list(range(1, STEPS + 1))
+    assert [r["step"] for r in result.logged] == [STEPS, STEPS]
+    assert "loss" in result.logged[0] and "eval_loss" in result.logged[1]
+
+
 def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer_path, straight_run, monkeypatch,
                                                              capsys):
     _, expected = straight_run
