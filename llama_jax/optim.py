@@ -174,13 +174,34 @@ def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def clip_by_layer_rms(threshold: float) -> optax.GradientTransformation:
+    """`optax.clip_by_block_rms` (Adafactor's update clipping: each parameter's update scaled down to an
+    RMS of at most `threshold`) with each layer of a scanned stack (`layers`, layer axis first) a block of
+    its own, as it is for unscanned layers (`layers_N`): one layer's large update does not scale down
+    every layer's."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def clip(path, u):
+        scanned = u.ndim > 1 and any(_key_name(k) == "layers" for k in path)
+        rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=tuple(range(1, u.ndim)) if scanned else None, keepdims=True))
+        return u / jnp.maximum(1.0, rms / threshold)
+
+    def update(updates, state, params=None):
+        return jax.tree_util.tree_map_with_path(clip, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(cfg: ConfigDict, total_steps: int) -> optax.GradientTransformation:
     """Validated config -> `clip_by_global_norm` (if enabled) chained with the optimizer.
 
-    Adafactor: factored second moments with optax's own decay schedule (b1, b2 and eps are not used,
-    no first moment), `multiply_by_parameter_scale=False` so `lr` is an absolute step size as for
-    AdamW and Lion, and weight decay multiplied by the schedule so it is decoupled decay
-    `lr(t) * weight_decay * param` like the other two (optax adds Adafactor's decay after the lr).
+    Adafactor: `optax.adafactor`'s chain: factored second moments with optax's own decay schedule (b1,
+    b2 and eps are not used, no first moment) and update clipping at RMS 1, per parameter and per layer
+    of a scanned stack (`clip_by_layer_rms`); no `multiply_by_parameter_scale`, so `lr` is an absolute
+    step size as for AdamW and Lion; and weight decay multiplied by the schedule so it is decoupled
+    decay `lr(t) * weight_decay * param` like the other two (optax adds Adafactor's decay after the lr).
     """
     import optax
 
@@ -195,9 +216,10 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> optax.GradientTransform
         opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=mask)
     elif cfg.name == "lion":
         opt = optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=mask)
-    else:
-        opt = optax.adafactor(schedule, multiply_by_parameter_scale=False,
-                              weight_decay_rate=lambda step: wd * schedule(step), weight_decay_mask=mask)
+    else:  # optax.adafactor's chain, with its update clipping per layer of a scanned stack
+        opt = optax.chain(optax.scale_by_factored_rms(), clip_by_layer_rms(1.0),
+                          optax.scale_by_learning_rate(schedule, flip_sign=False),
+                          optax.add_decayed_weights(lambda step: wd * schedule(step), mask), optax.scale(-1))
     if cfg.clip_norm:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     return opt

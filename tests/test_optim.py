@@ -141,6 +141,30 @@ def test_global_norm_clipping_precedes_adamw(clip_norm, scale):
     assert float(updates["b"][0]) == pytest.approx(-g_b / (g_b + 1.0), rel=1e-5)
 
 
+def test_adafactor_clips_each_layer_of_a_scanned_stack_on_its_own():
+    """Adafactor scales each parameter's update down to an RMS of at most 1. A gradient that jumps
+    in layer 1 only gives layer 1 an update of RMS above 1 at the second step; in a scanned stack
+    (`layers`, one array for both layers) layer 0's update must still be what it is as `layers_0`,
+    not scaled down with layer 1's."""
+    cfg = config(name="adafactor", lr=1.0, weight_decay=0.0, warmup_steps=0, schedule="constant", clip_norm=None)
+    opt = make_optimizer(cfg, 10)
+    grads = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    steps = [grads, grads.at[1].multiply(100.0)]
+
+    def updates(params, to_tree):
+        state = opt.init(params)
+        for g in steps:
+            out, state = opt.update(to_tree(g), state, params)
+        return out
+
+    stacked = updates({"layers": {"w": jnp.zeros((2, 3, 4))}}, lambda g: {"layers": {"w": g}})["layers"]["w"]
+    unstacked = updates({f"layers_{i}": {"w": jnp.zeros((3, 4))} for i in (0, 1)},
+                        lambda g: {f"layers_{i}": {"w": g[i]} for i in (0, 1)})
+    assert float(jnp.sqrt(jnp.mean(unstacked["layers_0"]["w"] ** 2))) == pytest.approx(1.0, rel=0.05)  # unclipped
+    for i in (0, 1):
+        np.testing.assert_allclose(stacked[i], unstacked[f"layers_{i}"]["w"], rtol=1e-6)
+
+
 # ---- every optimizer trains ----------------------------------------------------------------
 
 
