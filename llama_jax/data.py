@@ -428,8 +428,12 @@ def split_indices(n: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction={eval_fraction} is out of range; valid: 0 <= eval_fraction < 1")
     mask = held_out(index_hashes(n), eval_fraction)
-    if mask.all():
-        raise ValueError(f"eval_fraction={eval_fraction} holds out all {n} documents; lower it or add documents")
+    if mask.all():  # any fraction above 0 holds out at least one document
+        if n == 1:
+            raise ValueError(f"data.eval_fraction={eval_fraction} holds out the corpus's only document (any value "
+                             f"above 0 holds out at least one); set data.eval_fraction=0 or add documents")
+        raise ValueError(f"data.eval_fraction={eval_fraction} holds out all {n} documents (it holds out "
+                         f"ceil(eval_fraction x {n})); valid: 0 <= eval_fraction <= {n - 1}/{n}, or add documents")
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 

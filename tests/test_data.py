@@ -253,6 +253,11 @@ def test_a_double_star_pattern_matches_files_at_any_depth(tmp_path):
     ("jsonl not utf-8", r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 13"),
     ("file type", r"\.csv: unsupported file type; valid: .txt"),
     ("eval_fraction", r"eval_fraction=1.0 is out of range"),
+    # "lower it" was the advice, but every value above 0 holds out one of one document
+    ("eval_fraction of one document", r"data.eval_fraction=0.0001 holds out the corpus's only document \(any value "
+                                      r"above 0 holds out at least one\); set data.eval_fraction=0 or add documents$"),
+    ("eval_fraction of all", r"data.eval_fraction=0.7 holds out all 3 documents \(it holds out ceil\(eval_fraction "
+                             r"x 3\)\); valid: 0 <= eval_fraction <= 2/3, or add documents$"),
 ])
 def test_bad_input_is_named(case, message, tmp_path, tokenizer):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text key"}\n')
@@ -281,6 +286,8 @@ def test_bad_input_is_named(case, message, tmp_path, tokenizer):
         "jsonl not utf-8": lambda: TextFiles(str(tmp_path / "latin1.jsonl")),
         "file type": lambda: TextFiles(str(tmp_path / "x.csv")),
         "eval_fraction": lambda: split_indices(10, 1.0),
+        "eval_fraction of one document": lambda: split_indices(1, 0.0001),
+        "eval_fraction of all": lambda: split_indices(3, 0.7),
     }[case]
     with pytest.raises(ValueError, match=message) as error:
         make()
