@@ -136,8 +136,9 @@ def restart_with_huge_pages() -> None:
     environ = huge_pages_environment(os.environ, transparent_huge_pages_mode(), _glibc_at_least((2, 35)))
     if environ is None:
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # (None: the program was started without it)
+            stream.flush()
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
     except OSError:

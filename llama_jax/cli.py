@@ -1404,11 +1404,29 @@ def _check_not_empty(args) -> None:
 JAX_NUMERICS_ENV = ("JAX_ENABLE_X64", "JAX_NUMPY_DTYPE_PROMOTION")
 
 
+def _open_closed_standard_streams() -> None:
+    """Open the null device as each standard stream the program was started without (`>&-`): Python
+    leaves sys.stdout None there (the command failed on a traceback at its first flush), and the
+    first file the program opened would take the stream's number, so that whatever wrote to the
+    stream (a child process, say) would write into that file."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one, or a lower closed one's
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `llama-jax` command; `argv` None: this process's own arguments (run as a program)."""
     if argv is None:  # a program of its own: restart once, before JAX is imported, if that helps
         from llama_jax.backend_tuning import restart_with_huge_pages
 
+        _open_closed_standard_streams()
         restart_with_huge_pages()
         for name in JAX_NUMERICS_ENV:
             os.environ.pop(name, None)

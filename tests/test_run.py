@@ -119,19 +119,21 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tokenizer_path, straight_run)
     assert [loss for _, loss in shown] == pytest.approx([expected[s] for s in range(1, STEPS + 1)], rel=1e-6)
 
 
-def test_global_jax_number_settings_leave_a_run_as_it_is(tmp_path, tokenizer_path, straight_run):
+def test_global_jax_number_settings_and_closed_streams_leave_a_run_as_it_is(tmp_path, tokenizer_path, straight_run):
     """JAX_ENABLE_X64=1 (a common global setting on TPU VMs) and strict dtype promotion are not the
     program's: its run is bitwise the run without them. With x64 the learning-rate schedule was
     computed in float64 (rates, then parameters and losses, apart in their last bits); strict
-    promotion failed the first step on an opaque line."""
+    promotion failed the first step on an opaque line. Started without standard input and output
+    (`<&- >&-`), the command failed on a traceback before doing anything."""
     def rates(workdir: Path) -> dict[int, float]:
         records = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
         return {r["step"]: r["learning_rate"] for r in records if "learning_rate" in r}
 
     workdir, expected = straight_run
     env = dict(os.environ, JAX_ENABLE_X64="1", JAX_NUMPY_DTYPE_PROMOTION="strict")
-    out = subprocess.run([sys.executable, "-m", "llama_jax.cli", *train_args(tmp_path, run_overrides(tokenizer_path))],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "llama_jax.cli", *train_args(tmp_path, run_overrides(tokenizer_path))]
+    out = subprocess.run(["sh", "-c", 'exec "$@" <&- >&-', "sh", *command], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert rates(tmp_path) == rates(workdir) and logged_losses(tmp_path) == expected
 
