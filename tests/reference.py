@@ -6,8 +6,9 @@ import numpy as np
 import torch
 import transformers
 
-# Three shapes that cover the architecture's variants. Head dim 16 with rope_theta 500000 and an
-# original context of 64 puts rotary frequencies in all three LLaMA-3 scaling bands.
+# Shapes that cover the architecture's variants. Each LLaMA-3 scaling puts rotary frequencies in all
+# three of its bands: head dim 16 with rope_theta 500000 and an original context of 64 (gqa_llama3) or
+# of 128 with other band edges (mha_llama3), head dim 32 with LLaMA 3.2's own scaling (gqa_llama32_tied).
 VARIANTS = {
     "mha": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
@@ -16,6 +17,16 @@ VARIANTS = {
                        num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                          high_freq_factor=4.0, original_max_position_embeddings=64),
+                       tie_word_embeddings=False),
+    "gqa_llama32_tied": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
+                             rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=8192),
+                             max_position_embeddings=131072, tie_word_embeddings=True),
+    "mha_llama3": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=2.0,
+                                         high_freq_factor=8.0, original_max_position_embeddings=128),
                        tie_word_embeddings=False),
     "mqa_tied": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,

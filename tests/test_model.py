@@ -127,11 +127,16 @@ def _hf_logits_at(hf_model, positions: np.ndarray) -> tuple[np.ndarray, np.ndarr
                                 position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
 
 
-def test_positions_offset_matches_transformers():
-    """Explicit rotary positions (as in decoding past position 0) agree with the reference."""
-    hf_config = hf_config_dict("gqa_llama3")
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_positions_offset_matches_transformers(variant):
+    """Explicit rotary positions (as in decoding past position 0) agree with the reference. They
+    spread past twice the original context: RoPE sees only the distances between positions, and
+    LLaMA-3 scaling changes the slow frequencies, which turn noticeably only over such distances."""
+    hf_config = hf_config_dict(variant)
     hf_model = make_hf_model(hf_config, seed=1)
-    positions = np.arange(100, 116, dtype=np.int32)[None]
+    context = (hf_config["rope_scaling"] or {}).get("original_max_position_embeddings",
+                                                    hf_config["max_position_embeddings"])
+    positions = np.linspace(100, 100 + 2 * context, 16).astype(np.int32)[None]
     tokens, expected = _hf_logits_at(hf_model, positions)
     cfg, params = from_hf_state_dict(state_dict_numpy(hf_model), hf_config)
     logits = LLaMA(cfg).apply({"params": params}, tokens, positions=positions)
