@@ -97,6 +97,19 @@ def test_greedy_matches_cache_free_loop(gqa, layout):
     assert generate(cfg, params, PROMPTS, STEPS) == expected
 
 
+def test_prompt_and_new_tokens_may_fill_max_seq_len_exactly(gqa):
+    """The longest prompt and its continuation filling max_seq_len to the last position decode as
+    the cache-free loop does (the shorter prompt left-padded); one token more is refused."""
+    cfg, params = gqa
+    expected = naive_greedy(cfg, params, PROMPTS, STEPS)
+    full = cfg.replace(max_seq_len=len(PROMPTS[1]) + STEPS)
+    assert generate(full, params, PROMPTS, STEPS) == expected
+    n = full.max_seq_len
+    with pytest.raises(ValueError, match=rf"^longest prompt \(11\) \+ max_new_tokens \({STEPS + 1}\) = {n + 1} "
+                                         rf"exceeds the model's max_seq_len \({n}\)$"):
+        generate(full, params, PROMPTS, STEPS + 1)
+
+
 def test_decoding_params_put_host_arrays_on_the_device_once(gqa):
     """NumPy params (as the converters give them) are copied to the device by `decoding_params`,
     not again by each compiled call of `generate`; params already there are not copied."""
