@@ -254,11 +254,15 @@ def test_dot_product_attention_impl_matches_xla(gqa):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("scan,block,batch", [(True, None, 2), (False, None, 2), (False, 12, 2), (False, 12, 1)])
-def test_kv_cache_decoding_matches_full_forward(gqa, scan, block, batch, monkeypatch):
+@pytest.mark.parametrize("scan,block,batch,packed", [(True, None, 2, False), (False, None, 2, False),
+                                                     (False, 12, 2, False), (False, 12, 1, False),
+                                                     (True, None, 2, True), (False, 12, 2, True)])
+def test_kv_cache_decoding_matches_full_forward(gqa, scan, block, batch, packed, monkeypatch):
     """block None: prefill and decoding each attend over the whole cache in one block. block 12:
     the cache (20 slots) is read in blocks of 12, the second overlapping the first. batch 1:
-    unrolled layers keep a batch of one without its batch dimension."""
+    unrolled layers keep a batch of one without its batch dimension. packed: row 0 holds three
+    documents (the third begun while decoding), row 1 starts with three padding slots; their
+    positions and segment ids go into the prefill and each decoding step."""
     if block:
         monkeypatch.setattr(attention, "cache_block", lambda queries, slots: block)
     cfg, params = gqa
@@ -266,13 +270,15 @@ def test_kv_cache_decoding_matches_full_forward(gqa, scan, block, batch, monkeyp
     params = params if scan else unstack_layers(params, cfg.n_layers)
     model = LLaMA(cfg)
     tokens = _tokens(cfg.vocab_size, batch=batch, seq=16, seed=10)
-    full = np.asarray(model.apply({"params": params}, tokens))
+    rows = dict(positions=np.array([[*range(6), *range(6), *range(4)], [0] * 3 + list(range(13))], np.int32),
+                segment_ids=np.array([[1] * 6 + [2] * 6 + [3] * 4, [0] * 3 + [1] * 13], np.int32)) if packed else {}
+    full = np.asarray(model.apply({"params": params}, tokens, **rows))
     cache = KVCache.create(cfg, batch=batch, max_len=20 if block else 32)
-    step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
-    logits, cache = step(params, tokens[:, :10], cache)  # prefill
+    step = jax.jit(lambda p, t, c, kw: model.apply({"params": p}, t, cache=c, **kw))
+    logits, cache = step(params, tokens[:, :10], cache, {k: v[:, :10] for k, v in rows.items()})  # prefill
     pieces = [logits]
     for i in range(10, 16):
-        logits, cache = step(params, tokens[:, i:i + 1], cache)
+        logits, cache = step(params, tokens[:, i:i + 1], cache, {k: v[:, i:i + 1] for k, v in rows.items()})
         pieces.append(logits)
     assert int(cache.index) == 16
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5, rtol=0)
