@@ -688,3 +688,18 @@ def test_what_stops_a_shard_write_is_raised_as_itself(tmp_path, monkeypatch, sto
     monkeypatch.setattr(torch_io, "open", StoppingFile, raising=False)
     with pytest.raises(type(stop)):
         torch_io.save_torch_file({"a": torch.zeros(4096), "b": torch.ones(4096)}, tmp_path / "x.pth")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("sliding_window", 16),  # another model's (Mistral's) attention window: reading it as LLaMA drops it
+    ("rope_high_freq_factor", 2.0),  # scaled rope with other frequencies than the ones read here
+    ("use_scaled_rop", True),  # misspelt: read as unscaled
+])
+def test_a_params_key_the_converter_cannot_apply_is_refused(tmp_path, capsys, key, value):
+    make_meta_dir(tmp_path / "src", "llama2", 2, {key: value})
+    message = (f"{tmp_path / 'src' / 'params.json'}: unknown key {key!r}, which this converter cannot apply; valid: "
+               f"dim, n_layers, n_heads, n_kv_heads, vocab_size, multiple_of, ffn_dim_multiplier, norm_eps, "
+               f"rope_theta, use_scaled_rope, max_seq_len, rope_scaling_factor, max_batch_size")
+    assert main(["convert", "--from", "meta", "--to", "hf", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
+    assert capsys.readouterr().err == f"llama-jax convert: error: {message}\n"
+    assert not (tmp_path / "dst").exists()

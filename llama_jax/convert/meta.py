@@ -10,7 +10,8 @@ same K/V heads.
 Meta rotates interleaved pairs (dims 2i, 2i+1 of a head); Hugging Face rotates halves (dims i,
 i + Dh/2). Converting reorders the rows of wq and wk within each head; nothing else changes.
 
-`params.json` does not store everything a LLaMAConfig holds, so reading fills gaps:
+`params.json` does not store everything a LLaMAConfig holds, so reading fills gaps (a key it
+does not know is refused: another model's setting or a misspelt one, ignored, would misread it):
 - `vocab_size: -1` (LLaMA-1/2): taken from the embedding's shape.
 - the FFN width is computed with Meta's formula from `multiple_of` / `ffn_dim_multiplier`.
 - `use_scaled_rope: true` means LLaMA-3.1 scaling with low/high frequency factors 1/4 and an
@@ -66,6 +67,10 @@ _DEFAULT_ROPE_FACTOR = 8.0
 _DTYPES = ("float32", "bfloat16", "float16")
 _VOCAB_SPLIT_FROM = 128000  # LLaMA-3's 128K vocabulary: embedding split on the vocab, not the model dim
 _CODE_LLAMA_THETA = 1e6  # with a LLaMA-2-sized vocabulary: Code Llama, trained to a 16384 context
+_PARAMS_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                "norm_eps", "rope_theta", "use_scaled_rope",
+                "max_seq_len", "rope_scaling_factor",  # written here by earlier releases of write_meta
+                "max_batch_size")  # how Meta's code batches, not what the model is
 
 # (Hugging Face name, or suffix after "model.layers.N."; Meta name or suffix after "layers.N.";
 #  model-parallel split axis of the [out, in] weight, None: replicated on every shard)
@@ -300,6 +305,10 @@ def _read_params(path: Path) -> dict:
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise ConversionError(f"{path}: missing required key {key!r}")
+    unknown = sorted(set(params) - set(_PARAMS_KEYS))
+    if unknown:  # (another model's setting, e.g. Mistral's sliding_window, or a misspelt one: ignoring it misreads)
+        raise ConversionError(f"{path}: unknown key {unknown[0]!r}, which this converter cannot apply; valid: "
+                              f"{', '.join(_PARAMS_KEYS)}")
     return params
 
 
