@@ -161,6 +161,7 @@ class LlamaJaxLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Scores of the requests' continuation tokens; an empty continuation scores (0.0, True),
         the empty sum."""
+        self._check_continuations(requests)
         scored = [i for i, (_, _, continuation) in enumerate(requests) if continuation]
         results = [(0.0, True)] * len(requests)
         answers = self.scorer.loglikelihood([requests[i][1:] for i in scored], progress=not disable_tqdm)
@@ -170,6 +171,18 @@ class LlamaJaxLM(TemplateLM):
             if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, answer)
         return results
+
+    def _check_continuations(self, requests) -> None:
+        """ValueError for a continuation longer than max_length, which no window scores, naming the
+        request (in the harness's order) and the max_length that would score it."""
+        for i, (strings, _, continuation) in enumerate(requests):
+            n, most = len(continuation), self.config.max_seq_len
+            if n > self.max_length:
+                text = f" {strings[1][:40]!r}{'...' if len(strings[1]) > 40 else ''}" if strings else ""
+                valid = (f"max_length (--max-length) of at least {n}, up to the model's max_seq_len ({most})"
+                         if n <= most else f"none: the model's max_seq_len is {most}")
+                raise ValueError(f"loglikelihood request {i}: its continuation{text} has {n} tokens, more than "
+                                 f"max_length={self.max_length} scores in one window; valid: {valid}")
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each text's tokens (BOS first, as `hf` encodes them) scored after the prefix token,

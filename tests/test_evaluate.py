@@ -932,6 +932,23 @@ def test_a_continuation_merged_into_the_context_is_scored_as_the_pieces_it_chang
     assert ours[1] == (0.0, True)
 
 
+def test_a_continuation_longer_than_max_length_is_named_in_the_harness_s_order(model_dirs):
+    """A continuation no window of max_length scores: the error names its request as the harness
+    numbers them (an empty continuation before it counts) and the max_length that would score it."""
+    from lm_eval.api.instance import Instance
+
+    from llama_jax.lm_eval_model import LlamaJaxLM
+
+    lm = LlamaJaxLM(str(model_dirs[1]), batch_size=2, max_length=6)
+    pairs = [("The for", ""), ("The for", " statement"), ("The for", " statement is used to iterate over a sequence")]
+    n = len(lm.tok_encode("The for" + pairs[2][1])) - len(lm.tok_encode("The for"))
+    with pytest.raises(ValueError, match=rf"^loglikelihood request 2: its continuation ' statement is used to "
+                                         rf"iterate over a seq'\.\.\. has {n} tokens, more than max_length=6 scores "
+                                         rf"in one window; valid: max_length \(--max-length\) of at least {n}, up to "
+                                         rf"the model's max_seq_len \({CONTEXT}\)$"):
+        lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+
+
 def test_lm_eval_not_installed(model_dirs, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails as if it were not installed
     monkeypatch.delitem(sys.modules, "llama_jax.lm_eval_model", raising=False)
