@@ -26,7 +26,7 @@ import lm_eval.models  # noqa: F401  (the harness fills its registry with its ow
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
-from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from llama_jax.evaluate import Scorer, length_bucket
 
@@ -116,6 +116,15 @@ class LlamaJaxLM(TemplateLM):
         return self.tokenizer.bos_id
 
     @property
+    def _eos_text(self) -> str | None:
+        """The EOS token's text ("</s>", "<|end_of_text|>"), which the `hf` backend adds to every
+        request's stop sequences: a model that writes it as ordinary pieces ends there."""
+        eos = self.tokenizer.eos_id
+        if hasattr(self.tokenizer, "sp"):  # SentencePiece (a model without EOS has id -1)
+            return self.tokenizer.sp.id_to_piece(eos) if eos >= 0 else None
+        return next((text for text, i in getattr(self.tokenizer, "special_tokens", {}).items() if i == eos), None)
+
+    @property
     def max_length(self) -> int:
         return self.scorer.max_length
 
@@ -199,8 +208,9 @@ class LlamaJaxLM(TemplateLM):
 
         Requests with the same generation settings run together, longest prompt first, in
         batches of batch_size prompts left-padded to a length bucket (one compiled shape each).
-        A batch stops decoding once every row has reached EOS or one of its stop sequences. A row
-        also ends at any other end-of-text id the model's generation_config.json lists, as in
+        A batch stops decoding once every row has reached EOS or one of its stop sequences, which,
+        as the `hf` backend's, include the EOS token's text ("</s>" written as ordinary pieces). A
+        row also ends at any other end-of-text id the model's generation_config.json lists, as in
         transformers' `generate` (LLaMA 3 instruct models: <|eot_id|>).
         """
         from tqdm import tqdm
@@ -217,7 +227,7 @@ class LlamaJaxLM(TemplateLM):
         bar = tqdm(total=len(requests), desc="generate_until", disable=None if not disable_tqdm else True)
         for indices in groups.values():
             kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
-            until = [s for s in kwargs.pop("until", None) or [] if s]
+            until = [s for s in handle_stop_sequences(kwargs.pop("until", None), eos=self._eos_text) if s]
             new_tokens = kwargs.pop("max_gen_toks")
             sampled = bool(kwargs.pop("do_sample", False))
             temperature, top_k, top_p = (kwargs.pop(k, None) for k in ("temperature", "top_k", "top_p"))

@@ -571,6 +571,41 @@ def test_generation_ends_at_every_end_id_of_the_generation_config(model_dirs, tm
         LlamaJaxLM(str(model_dir))
 
 
+def test_generation_ends_where_the_model_writes_the_eos_text_as_the_hugging_face_backend_ends(model_dirs, tmp_path):
+    """The `hf` backend adds the EOS token's text to every request's stop sequences: a model that
+    writes "</s>" as ordinary pieces ("<", "/", "s", ">") ends there. A model that, whatever its
+    context, follows each piece of "▁The</s>x" with the next (blocks that add nothing, and output
+    rows that are the previous piece's embedding) writes it over and over."""
+    import transformers
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from llama_jax.lm_eval_model import LlamaJaxLM
+
+    hf_dir, jax_dir = model_dirs
+    tokenizer = load_tokenizer(jax_dir)
+    chain = [tokenizer.sp.piece_to_id(piece) for piece in ["▁The", "<", "/", "s", ">", "x"]]
+    assert 0 not in chain  # (no piece is unknown)
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        embedding = model.model.embed_tokens.weight
+        for piece, following in zip(chain, chain[1:] + chain[:1]):
+            model.lm_head.weight[following] = 50 * embedding[piece] / embedding[piece].norm()
+    model.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(hf_dir / name, tmp_path / "hf")
+    assert main(["convert", "--from", "hf", "--to", "jax", str(tmp_path / "hf"), str(tmp_path / "jax")]) == 0
+    requests = [Instance("generate_until", {}, (prompt, {"until": ["\n\n"], "max_gen_toks": 12}), i)
+                for i, prompt in enumerate(["The", "x"])]
+    hf = HFLM(pretrained=str(tmp_path / "hf"), dtype="float32", batch_size=3, device="cpu").generate_until(requests)
+    assert hf == ["", "The"]
+    assert LlamaJaxLM(str(tmp_path / "jax"), batch_size=3).generate_until(requests) == hf
+
+
 def test_sampled_repeats_are_independent_samples(model_dirs):
     """The harness asks for a task's repeats as copies of one request: each copy, in one batch or in
     several, is a sample of its own (one key per row and per batch), and the run is reproducible."""
