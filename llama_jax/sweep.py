@@ -973,6 +973,8 @@ def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str]
         raise SweepError(f"--search {search} needs --trials N (1 <= N <= {MAX_TRIALS:,})")
     axes = axes_from(config, axis_texts)
     _check_not_swept(overrides, axes)
+    if search == "optuna":
+        _check_told_apart(axes)
     if set(saved_axes) == set(axes):  # the order its trials were named and drawn in
         axes = {key: axes[key] for key in saved_axes}
     settings = settings_sha256(load_config(config) if overrides else base)  # the file's own
@@ -983,6 +985,18 @@ def plan_trials(config: str, axis_texts: Sequence[str], overrides: Sequence[str]
     check_names([widest_trial(axes, trials)] if search == "optuna" else listed, axes, numbered=search != "grid")
     check_overrides(spec, listed, axes, read_init_from, started, n_devices)
     return spec, axes, listed
+
+
+def _check_told_apart(axes: dict[str, Space]) -> None:
+    """SweepError for a list of an Optuna search holding values Python compares equal (1, 1.0, True):
+    the study records a suggested value as the first choice equal to it, so a trial run with 1.0
+    would be held as 1 (and resumed as 1, in another directory)."""
+    for key, space in axes.items():
+        values = space.values if isinstance(space, Grid) else ()
+        twins = [(a, b) for i, b in enumerate(values) for a in values[:i] if a == b]
+        if twins:
+            raise SweepError(f"--search optuna: {key} lists {twins[0][0]!r} and {twins[0][1]!r}, which Optuna holds "
+                             f"as one value (they compare equal); list one of them")
 
 
 def settings_sha256(config) -> str:

@@ -820,6 +820,8 @@ def test_a_random_search_is_checked_at_its_draws_not_its_ends():
      r"trial fsdp=2: mesh: data x fsdp x tensor = 1 x 2 x 1 = 2, but the device count is 4"),
     # every trial gets a directory of its own, and a sweep lists its trials before it starts
     (["--sweep", "optimizer.lr=[1e-3,0.001]"], "grid: 0.001 is listed twice; give each value once"),
+    (["--sweep", "optimizer.lr=[1,1.0]", "--search", "optuna", "--trials", "2"],  # the study would hold 1.0 as 1
+     r"--search optuna: optimizer.lr lists 1 and 1.0, which Optuna holds as one value"),
     (["--sweep", "train.seed=[{[]},2]"], r"trial seed=\{\[\]\}: config key 'train.seed' is int, got '\{\[\]\}'"),
     (["--sweep", "train.sample_prompt=['a\\x00b','c']"], r"grid: 'a\\x00b' holds a NUL character; remove it"),
     (["--sweep", "data.text_key=[a/b,a_b]"], "trials {'data.text_key': 'a/b'} and {'data.text_key': 'a_b'} would "
