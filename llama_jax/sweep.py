@@ -713,7 +713,9 @@ class Sweep:
             running[slot] = Running(trial, directory, process, started, optuna_trial, reported)
 
     def _report(self, active: Running) -> None:
-        """Feed the run's new losses to the Optuna pruner; stop the run if it says so."""
+        """Feed the run's new losses to the Optuna pruner; stop the run if it says so, once the run
+        is past its learning-rate warmup (`optimizer.warmup_steps` of its config.json): until then a
+        trial of a lower peak rate is behind by design, not worse."""
         from llama_jax.metrics import read_metrics
 
         records = read_metrics(active.directory / "metrics.jsonl")
@@ -723,7 +725,9 @@ class Sweep:
                 active.optuna_trial.report(value, record["step"])
                 active.reported_steps.add(record["step"])
         active.metrics_offset = len(records)
-        if not active.pruned and active.metrics_offset and active.optuna_trial.should_prune():
+        warmup = saved_run_setting(active.directory, "optimizer", "warmup_steps")
+        past_warmup = max(active.reported_steps, default=0) > (warmup if isinstance(warmup, int) else 0)
+        if not active.pruned and active.metrics_offset and past_warmup and active.optuna_trial.should_prune():
             active.pruned = True
             active.process.send_signal(signal.SIGTERM)  # the run saves its step and exits
 

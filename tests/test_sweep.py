@@ -617,6 +617,32 @@ def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
     assert all(reported()[step] == value for step, value in before.items())
 
 
+def test_the_pruner_stops_a_trial_only_after_its_learning_rate_warmup(tmp_path):
+    """Within its warmup a trial of a lower peak rate is behind by design: the median pruner, told
+    each step's loss, stops a worse trial only at its first step past optimizer.warmup_steps."""
+    import types
+
+    import optuna
+
+    study = optuna.create_study(direction="minimize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    finished = study.ask()
+    for step in range(1, 7):
+        finished.report(1.0, step)
+    study.tell(finished, 1.0)
+    run = tmp_path / "t001"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"optimizer": {"warmup_steps": 3}}))
+    signals = []
+    active = sweep_lib.Running(sweep_lib.Trial(1, {}), run, types.SimpleNamespace(send_signal=signals.append), 0.0,
+                               study.ask())
+    for step in range(1, 5):  # twice the finished trial's loss at every step
+        with open(run / "metrics.jsonl", "a") as log:
+            log.write(json.dumps({"step": step, "loss": 2.0}) + "\n")
+        sweep_lib.Sweep._report(types.SimpleNamespace(objective="loss"), active)
+        assert signals == ([signal.SIGTERM] if step == 4 else []), step
+    assert active.pruned
+
+
 @pytest.mark.parametrize("committed, returncode, status", [
     (4, 0, "done"),  # the pruner spoke after the run's last step: it finished (it was recorded pruned)
     (2, 0, "pruned"),  # stopped by the pruner: saved its step and exited
