@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from orbax.checkpoint import utils as ocp_utils
+import orbax.checkpoint as ocp
 
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
@@ -359,10 +359,14 @@ def _reader(workdir: Path):
 
 
 def committed_steps(workdir: Path) -> list[int]:
+    """The run's committed checkpoint steps, listed as its CheckpointManager lists them (a folder
+    named by its step alone): Orbax's `utils.checkpoint_steps` also takes a folder such as
+    `backup_6` for step 6, which the manager then looks for at `6`."""
     directory, attempts = workdir / "checkpoints", 4
     while True:
         try:
-            return sorted(ocp_utils.checkpoint_steps(directory)) if directory.is_dir() else []
+            found = ocp.step.standard_name_format().find_all(directory) if directory.is_dir() else []
+            return sorted(metadata.step for metadata in found)
         except FileNotFoundError:  # a step removed while it was listed, by a run training there
             attempts -= 1
             if not attempts:

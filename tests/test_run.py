@@ -290,6 +290,18 @@ def test_a_closing_evaluation_that_fails_loses_no_step(tmp_path, tokenizer_path,
     assert committed_steps(workdir / "checkpoints") == [4, 6]
 
 
+def test_a_copy_of_a_step_named_with_a_prefix_is_left_alone(tmp_path, tokenizer_path, capsys):
+    """A folder such as checkpoints/backup_8 (a copy made by hand) was listed as step 8, which the
+    run's CheckpointManager looked for at checkpoints/8: the resume called checkpoint 8 damaged."""
+    workdir = tmp_path / "run"
+    assert main(train_args(workdir, run_overrides(tokenizer_path, f"train.steps={EVERY}"))) == 0
+    shutil.copytree(workdir / "checkpoints" / str(EVERY), workdir / "checkpoints" / f"backup_{2 * EVERY}")
+    assert main(train_args(workdir, run_overrides(tokenizer_path, f"train.steps={2 * EVERY}"))) == 0, \
+        capsys.readouterr().err
+    assert committed_steps(workdir / "checkpoints") == [EVERY, 2 * EVERY]
+    assert (workdir / "checkpoints" / f"backup_{2 * EVERY}" / "state").is_dir()
+
+
 def next_batch_loss(config, workdir: Path, step: int, devices) -> tuple[float, object]:
     """Restore `step` from `workdir` onto a mesh of `devices`; the loss on the batch of the step after."""
     trainer = build_trainer(config, devices)
