@@ -361,13 +361,14 @@ def test_a_failed_trial_is_recorded_and_the_others_complete(tmp_path, capsys):
 
     capsys.readouterr()  # a trial whose loss ends non-finite, its steps skipped, has diverged: finished, ranked last
     diverging = tmp_path / "diverging"
-    args = sweep_args(diverging, "--sweep", "optimizer.lr=[1e-3,1e6]", "--config.train.on_nonfinite=skip",
-                      "--config.optimizer.warmup_steps=0", "--config.optimizer.clip_norm=0")
+    args = sweep_args(diverging, "--sweep", "optimizer.lr=[1e-3,1e30]", "--config.train.on_nonfinite=skip",
+                      "--config.optimizer.warmup_steps=0", "--config.optimizer.clip_norm=0",
+                      "--config.optimizer.weight_decay=0")  # (lr x weight_decay of 1 or more is refused)
     assert main(args) == 0
-    assert [(r["run"], r["status"], r["final_train_loss"]) for r in rows(diverging)][1] == ("lr=1e+06", "diverged",
+    assert [(r["run"], r["status"], r["final_train_loss"]) for r in rows(diverging)][1] == ("lr=1e+30", "diverged",
                                                                                              "nan")
     assert rows(diverging)[0]["status"] == "done" and math.isfinite(float(rows(diverging)[0]["final_train_loss"]))
-    assert "[1] diverged lr=1e+06" in capsys.readouterr().out
+    assert "[1] diverged lr=1e+30" in capsys.readouterr().out
     assert main(args) == 0
     assert "2 of 2 trials already finished" in capsys.readouterr().out
 
