@@ -1196,7 +1196,7 @@ def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=d["nodes"], metavar="N")
     p.add_argument("--gpus-per-node", type=int, default=d["gpus_per_node"], metavar="G")
     p.add_argument("--cpus-per-node", type=int, default=d["cpus_per_node"], metavar="C",
-                   help="CPUs of the task on each node (default: SLURM's)")
+                   help="CPUs of the task on each node (default: SLURM's, often 1)")
     p.add_argument("--partition", default=d["partition"], metavar="P")
     p.add_argument("--time-min", type=int, default=d["time_min"], metavar="M",
                    help=f"time limit in minutes, at least {MIN_TIME_MIN} (default {d['time_min']}); at the limit the "

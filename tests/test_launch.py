@@ -500,6 +500,16 @@ def test_slurm_dry_run_two_nodes_of_eight_gpus(capsys, tmp_path):
     assert sorted(os.listdir(workdir)) == ["slurm"] and os.listdir(workdir / "slurm") == [slurm.DRY_RUN_SCRIPT]
 
 
+def test_the_cpus_per_node_reach_the_task(capsys, tmp_path):
+    """srun of Slurm 22.05 to 23.02 does not take the job's --cpus-per-task: the task, all of a node's
+    GPUs and their input pipeline, ran on one CPU unless srun is given the count too."""
+    assert cli.main(["launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-node", "32", "--dry-run",
+                     "--", "train", "--config", "configs/tinyllama_1b_8gpu.py", "--workdir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    [srun] = [shlex.split(line) for line in lines if line.startswith("srun ")]
+    assert "#SBATCH --cpus-per-task=32" in lines and "--cpus-per-task=32" in srun
+
+
 def test_a_launched_sweep_is_checked_and_passed_on_as_given(capsys, tmp_path, monkeypatch):
     """Its axes and every trial's config are checked here; the workdir is the sweep's to write there."""
     monkeypatch.chdir(ROOT)
