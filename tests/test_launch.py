@@ -176,6 +176,32 @@ def test_runtime_version_override(capsys):
     assert flag(commands[0], "--zone") == "us-central1-ai1a"  # (an AI zone's suffix is longer than a letter)
 
 
+def bash_words(line: str) -> list[str]:
+    """The words bash makes of a command line (what `line` runs with, had it been typed)."""
+    done = subprocess.run(["bash", "-c", "printf '%s\\0' " + line], capture_output=True, text=True, check=True)
+    return done.stdout.split("\0")[:-1]
+
+
+def test_the_command_reaches_every_worker_as_given(capsys, tmp_path):
+    """Typed from the dry run's line, the remote shell runs the launched command with its arguments
+    exactly as given: spaces, quotes, brackets, $, backquotes, backslashes and globs untouched."""
+    command = ["train", "--config", "configs/tiny.py", "--workdir", "/mnt/gcs/runs/a b", "--config.data.source=text",
+               """--config.data.files=['a b.txt', "it's $HOME `id` \\\\ *.txt"]""", "--config.train.seed", "3"]
+    out, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", *ZONE, "--accelerator", "v4-8", "--dry-run",
+                                     "--", *command])
+    [line] = [line for line in out.splitlines() if "llama_jax.cli" in line]
+    remote = flag(bash_words(line), "--command")
+    assert remote == flag(commands[-1], "--command")
+    worker, bin_dir = tmp_path / "home", tmp_path / "bin"  # a worker's home and a python3 saying what it got
+    (worker / tpu.REMOTE_DIR).mkdir(parents=True)
+    bin_dir.mkdir()
+    write_fake(bin_dir / "python3", f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
+                                    f"'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\"\n")
+    done = subprocess.run(["bash", "-c", remote], cwd=worker, capture_output=True, text=True, check=True,
+                          env=dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"))
+    assert json.loads(done.stdout) == ["-m", "llama_jax.cli", *command]
+
+
 # ---- TPU: the real code path against a fake gcloud ----------------------------------------------
 
 FAKE_GCLOUD = """#!{python}
