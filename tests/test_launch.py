@@ -77,9 +77,11 @@ def test_tpu_dry_run_v4_32(capsys):
     assert all(flag(c, "--zone") == "us-central2-b" for c in commands)
     assert upload[3:5] == ["tpu-vm", "scp"] and "--worker=all" in upload
     assert install[3:5] == ["tpu-vm", "ssh"] and "--worker=all" in install
-    assert "pip install -q -e ." in flag(install, "--command")
+    assert flag(install, "--command").endswith('; python3 -m uv venv -q --allow-existing --python 3.11 .venv; '
+                                               'python3 -m uv pip install -q --python .venv/bin/python -e . '
+                                               '"jax[tpu]"')  # (the images' python3 is 3.10)
     assert run[3:6] == ["tpu-vm", "ssh", "llama2-7b"] and "--worker=all" in run
-    assert flag(run, "--command") == ("cd llama-jax && python3 -m llama_jax.cli train --config "
+    assert flag(run, "--command") == ("cd llama-jax && .venv/bin/python -m llama_jax.cli train --config "
                                       "configs/llama2_7b_v4_32.py --workdir /mnt/gcs/runs/llama2-7b "
                                       "--config.train.log_every=10")  # overrides after -- belong to the command
 
@@ -153,7 +155,7 @@ def test_tpu_dry_run_v5p_128_spot_copy_back_delete(capsys):
     assert flag(create, "--runtime-version") == "v2-alpha-tpuv5"
     assert "--spot" in create
     assert all(flag(c, "--zone") == "us-east5-a" and flag(c, "--project") == "my-proj" for c in commands)
-    assert "--worker=all" in run and "python3 -m llama_jax.cli train" in flag(run, "--command")
+    assert "--worker=all" in run and ".venv/bin/python -m llama_jax.cli train" in flag(run, "--command")
     assert copy_back[3:6] == ["tpu-vm", "scp", "--recurse"] and "--worker=0" in copy_back
     assert copy_back[6:8] == ["cpt:/mnt/gcs/runs/llama2-7b", "runs/back"]
     assert delete[3:6] == ["queued-resources", "delete", "cpt"] and "--force" in delete and "--quiet" in delete
@@ -192,13 +194,12 @@ def test_the_command_reaches_every_worker_as_given(capsys, tmp_path):
     [line] = [line for line in out.splitlines() if "llama_jax.cli" in line]
     remote = flag(bash_words(line), "--command")
     assert remote == flag(commands[-1], "--command")
-    worker, bin_dir = tmp_path / "home", tmp_path / "bin"  # a worker's home and a python3 saying what it got
-    (worker / tpu.REMOTE_DIR).mkdir(parents=True)
-    bin_dir.mkdir()
-    write_fake(bin_dir / "python3", f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
-                                    f"'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\"\n")
-    done = subprocess.run(["bash", "-c", remote], cwd=worker, capture_output=True, text=True, check=True,
-                          env=dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"))
+    worker = tmp_path / "home"  # a worker's home, its environment's python saying what it got
+    python = worker / tpu.REMOTE_DIR / tpu.REMOTE_PYTHON
+    python.parent.mkdir(parents=True)
+    write_fake(python, f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
+                       f"'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\"\n")
+    done = subprocess.run(["bash", "-c", remote], cwd=worker, capture_output=True, text=True, check=True)
     assert json.loads(done.stdout) == ["-m", "llama_jax.cli", *command]
 
 
@@ -297,8 +298,9 @@ def test_existing_active_resource_is_reused(fake_gcloud, capfd, tmp_path):
     upload, install, run = calls()[1:4]
     assert "llama_jax/cli.py" in upload[2] and "configs/tiny.py" in upload[2] and ".venv" not in str(upload[2])
     assert "pip install" in install[2]
-    assert install[2].index("sys.version_info < (3, 11)") < install[2].index("pip install")  # Python checked first
-    assert run[2].endswith("python3 -m llama_jax.cli train --config configs/tiny.py --workdir /mnt/gcs/runs/tiny")
+    assert install[2].index("uv venv") < install[2].index("uv pip install")  # into a Python 3.11 environment
+    assert run[2].endswith(".venv/bin/python -m llama_jax.cli train --config configs/tiny.py --workdir "
+                           "/mnt/gcs/runs/tiny")
     assert "step 10: loss 1.2345" in capfd.readouterr().out  # the workers' output streams through
     assert not list(tmp_path.glob("llama-jax-*.tar.gz"))  # the shipped tarball is cleaned up
 
@@ -990,8 +992,8 @@ def test_a_dry_run_outside_a_git_checkout_prints_the_plan(tmp_path):
     lines = done.stdout.splitlines()
     assert lines[1] == (f"# NOT READY: a launch from here stops before anything runs: cannot list the files of {copy} "
                         f"with git: fatal: not a git repository (or any of the parent directories): .git")
-    assert lines[-1].startswith("gcloud compute tpus tpu-vm ssh n --worker=all --command 'cd llama-jax && python3 -m "
-                                "llama_jax.cli train --config configs/tiny.py")
+    assert lines[-1].startswith("gcloud compute tpus tpu-vm ssh n --worker=all --command 'cd llama-jax && "
+                                ".venv/bin/python -m llama_jax.cli train --config configs/tiny.py")
 
 
 def test_a_launch_without_git_stops_before_the_slice_is_made(fake_gcloud, capsys, tmp_path, monkeypatch):

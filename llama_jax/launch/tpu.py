@@ -67,12 +67,14 @@ QUEUED_RESOURCE_STATES = {
 POLL_SECONDS = 30
 REMOTE_DIR = "llama-jax"  # the checkout on every worker, relative to the ssh user's home
 REMOTE_TARBALL = "llama-jax.tar.gz"
-REMOTE_INSTALL = 'python3 -m pip install -q -e . "jax[tpu]"'
-REMOTE_PYTHON = "python3"
-# jax 0.10 needs Python 3.11: a worker whose python3 is older says so in one line before pip tries.
-REMOTE_PYTHON_CHECK = ("python3 -c 'import sys; sys.exit(sys.version_info < (3, 11) and \"llama-jax needs Python "
-                       "3.11 or newer (as jax 0.10 does), and python3 on this TPU VM is \" + sys.version.split()[0] "
-                       "+ \": choose a --runtime-version whose image has it\")'")
+# jax 0.10 needs Python 3.11, and the TPU VM images (Ubuntu 22.04) have 3.10: each worker gets a
+# virtual environment of Python 3.11 inside the checkout, made by uv (which fetches that Python
+# when the image lacks it) and kept across launches; the run uses its interpreter.
+REMOTE_PYTHON_VERSION = "3.11"
+REMOTE_PYTHON = ".venv/bin/python"  # relative to REMOTE_DIR
+REMOTE_INSTALL = ("python3 -m pip install -q uv",
+                  f"python3 -m uv venv -q --allow-existing --python {REMOTE_PYTHON_VERSION} .venv",
+                  f'python3 -m uv pip install -q --python {REMOTE_PYTHON} -e . "jax[tpu]"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,9 +245,10 @@ def _make_directory(path: Path) -> None:
 
 
 def install_shell(tpu: TpuLaunch) -> str:
-    """Unpack the shipped checkout over the previous one (a relative workdir inside it survives) and install it."""
+    """Unpack the shipped checkout over the previous one (a relative workdir and the Python environment
+    inside it survive) and install it into that environment (`REMOTE_INSTALL`)."""
     steps = [f"mkdir -p {REMOTE_DIR}", f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}", f"rm {REMOTE_TARBALL}",
-             f"cd {REMOTE_DIR}", REMOTE_PYTHON_CHECK, REMOTE_INSTALL]
+             f"cd {REMOTE_DIR}", *REMOTE_INSTALL]
     return "set -e; " + "; ".join(steps + ([tpu.setup] if tpu.setup else []))
 
 
