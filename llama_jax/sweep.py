@@ -453,6 +453,7 @@ class Running:
     reported_steps: set[int] = dataclasses.field(default_factory=set)  # what the study holds for the trial
     metrics_offset: int = 0
     pruned: bool = False
+    warmup_steps: int | None = None  # the run's optimizer.warmup_steps, once its config.json has been read
 
 
 def trial_command(spec: SweepSpec, trial: Trial, directory: Path, program: Sequence[str] | None = None,
@@ -725,8 +726,10 @@ class Sweep:
                 active.optuna_trial.report(value, record["step"])
                 active.reported_steps.add(record["step"])
         active.metrics_offset = len(records)
-        warmup = saved_run_setting(active.directory, "optimizer", "warmup_steps")
-        past_warmup = max(active.reported_steps, default=0) > (warmup if isinstance(warmup, int) else 0)
+        if active.warmup_steps is None:  # (read once the run has written it, not at every poll)
+            warmup = saved_run_setting(active.directory, "optimizer", "warmup_steps")
+            active.warmup_steps = warmup if isinstance(warmup, int) else None
+        past_warmup = max(active.reported_steps, default=0) > (active.warmup_steps or 0)
         if not active.pruned and active.metrics_offset and past_warmup and active.optuna_trial.should_prune():
             active.pruned = True
             active.process.send_signal(signal.SIGTERM)  # the run saves its step and exits
