@@ -158,11 +158,11 @@ class TrainRows:
         from the start of training (epoch n // rows, row order[n])."""
         slots = self.mixture.slot_sources(step)
         before = self.mixture.rows_before(step)
-        out = []
-        for r in rows:
-            i = int(slots[r])
-            out.append((i, int(before[i] + np.count_nonzero(slots[:r] == i))))
-        return out
+        rank = np.empty(len(slots), np.int64)  # each slot's place among the batch's slots of its source
+        for i in np.unique(slots):
+            of_i = slots == i
+            rank[of_i] = np.arange(np.count_nonzero(of_i))
+        return [(int(slots[r]), int(before[slots[r]] + rank[r])) for r in rows]
 
     def row_of(self, source: int, n: int) -> int:
         return int(self.sources[source].order[n])
