@@ -194,8 +194,35 @@ def clip_by_layer_rms(threshold: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def global_norm(tree: Any):
+    """The global L2 norm of a tree of arrays, each squared and summed in float32 whatever its dtype
+    (the one norm training logs as `grad_norm` and clips by). `optax.tree.norm` sums in the leaves'
+    dtype: in float16 a norm above 256 (a sum of squares above 65504) is inf, so a step with finite
+    gradients was skipped as non-finite instead of clipped, and bfloat16 keeps 3 significant digits."""
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (the same numbers on float32 gradients, and the same empty state)
+    with the norm of `global_norm`: updates scaled by max_norm / norm where norm >= max_norm."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def update(updates, state, params=None):
+        norm = global_norm(updates)
+        keep = norm < max_norm
+        return jax.tree.map(lambda u: jnp.where(keep, u, (u.astype(jnp.float32) / norm * max_norm).astype(u.dtype)),
+                            updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(cfg: ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """Validated config -> `clip_by_global_norm` (if enabled) chained with the optimizer.
+    """Validated config -> `clip_by_global_norm` (if enabled; the norm in float32) chained with the optimizer.
 
     Adafactor: `optax.adafactor`'s chain: factored second moments with optax's own decay schedule (b1,
     b2 and eps are not used, no first moment) and update clipping at RMS 1, per parameter and per layer
@@ -221,5 +248,5 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> optax.GradientTransform
                           optax.scale_by_learning_rate(schedule, flip_sign=False),
                           optax.add_decayed_weights(lambda step: wd * schedule(step), mask), optax.scale(-1))
     if cfg.clip_norm:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+        return optax.chain(clip_by_global_norm(cfg.clip_norm), opt)
     return opt

@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import loss as loss_lib
+from llama_jax import optim
 from llama_jax import backend_tuning
 from llama_jax.config import LLaMAConfig, check_seed
 from llama_jax.model import LLaMA, check_params, initial_params
@@ -153,7 +154,7 @@ class Trainer:
 
     def apply_gradients(self, state: TrainState, loss, aux: dict, grads) -> tuple[TrainState, dict]:
         """The optimizer update, and the step's metrics."""
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optim.global_norm(grads)  # (in float32, as clipping measures it)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient leaves parameters and optimizer state as they were, so the
@@ -286,7 +287,6 @@ def build_trainer(config, devices=None, run_model: LLaMAConfig | None = None) ->
     resumed, which stands for a `model.preset=init_from` directory (`experiment.model_config`)."""
     import ml_collections
 
-    from llama_jax import optim
     from llama_jax.sharding import check_divisible, make_mesh
 
     if not isinstance(config, ml_collections.ConfigDict):

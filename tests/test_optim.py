@@ -12,7 +12,7 @@ import pytest
 
 from llama_jax import LLaMAConfig, init_params
 from llama_jax.experiment import check_experiment, load_config
-from llama_jax.optim import decay_mask, default_config, make_optimizer, make_schedule, validate
+from llama_jax.optim import decay_mask, default_config, global_norm, make_optimizer, make_schedule, validate
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 
@@ -139,6 +139,25 @@ def test_global_norm_clipping_precedes_adamw(clip_norm, scale):
     g_a, g_b = 6.0 * scale, 8.0 * scale
     assert float(updates["a"][0]) == pytest.approx(-g_a / (g_a + 1.0), rel=1e-5)
     assert float(updates["b"][0]) == pytest.approx(-g_b / (g_b + 1.0), rel=1e-5)
+
+
+def test_global_norm_and_clipping_measure_in_float32():
+    """Gradients of float16 parameters with a global norm of 1000: every entry is finite, but their
+    sum of squares (1e6) is not in float16, whose largest number is 65504. The norm is 1000 still,
+    and clipping to 1 scales them by 1e-3 (optax's own norm gave inf, and clipping then zeroed
+    them). As in the test above, AdamW's first update with eps = 1 shows the clipped gradient."""
+    grads = {"a": jnp.full((100,), 60.0, jnp.float16), "b": jnp.full((100,), 80.0, jnp.float16)}  # norm 10 x 100
+    assert float(global_norm(grads)) == pytest.approx(1000.0, rel=1e-6)
+    cfg = config(lr=1.0, eps=1.0, weight_decay=0.0, warmup_steps=0, schedule="constant", clip_norm=1.0)
+    opt = make_optimizer(cfg, 10)
+    params = jax.tree.map(jnp.zeros_like, grads)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert updates["a"].dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(updates["a"], np.float32), -0.06 / 1.06, rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(updates["b"], np.float32), -0.08 / 1.08, rtol=1e-2)
+    # bfloat16 holds every integer up to 256, not 257: a sum in it of 300 squares of 1 stops at 256
+    ones = [jnp.ones((1,), jnp.bfloat16)] * 300
+    assert float(global_norm(ones)) == pytest.approx(math.sqrt(300), rel=1e-6)
 
 
 def test_adafactor_clips_each_layer_of_a_scanned_stack_on_its_own():

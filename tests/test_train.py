@@ -200,6 +200,26 @@ def test_nonfinite_step_leaves_the_state_unchanged():
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(clean.params))
 
 
+def test_float16_gradients_of_a_large_norm_are_clipped_not_skipped():
+    """Finite float16 gradients whose global norm (1000) squared is beyond float16's range: the
+    step logs that norm and applies the clipped update; it is not skipped as non-finite."""
+    config = tiny_config("model.param_dtype=float16", "optimizer.name=lion", "optimizer.warmup_steps=0",
+                         "mesh.fsdp=4", "mesh.tensor=2")
+    trainer = build_trainer(config)
+    state = trainer.init_state(0)
+    before = jax.device_get(state.params)
+    leaves = jax.tree.leaves(before)
+    per_entry = 1000.0 / math.sqrt(sum(x.size for x in leaves))
+    grads = jax.tree.map(lambda p: np.full(p.shape, per_entry, p.dtype), before)
+    aux = {k: np.float32(1.0) for k in ("nll", "z_loss", "tokens", "accuracy")}
+    with trainer.context():
+        state, metrics = trainer.jit_apply_gradients(state, np.float32(2.0), aux, grads)
+    assert int(state.skipped) == 0
+    assert float(metrics["grad_norm"]) == pytest.approx(1000.0, rel=1e-3)
+    after = jax.tree.leaves(jax.device_get(state.params))
+    assert any(np.any(a != b) for a, b in zip(after, leaves))
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_per_source_losses_are_each_sources_own_loss(grad_accum):
     """A mixture's step also sums each source's token losses and targets (vocabulary split over
