@@ -754,14 +754,16 @@ def sample(config, trainer: Trainer, params, tokenizer, step: int, write) -> str
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Training (and eval) loss against step, from the whole metrics.jsonl (resumed runs included)."""
+    """Training (and eval) cross-entropy against step, from the whole metrics.jsonl (resumed runs
+    included): the training curve is `nll`, as the held-out loss is, not `loss`, which adds the
+    z-loss term of train.z_loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = metrics_lib.read_metrics(metrics_path)
-    train, evals = metrics_lib.last_per_step(records, "loss"), metrics_lib.last_per_step(records, "eval_loss")
+    train, evals = metrics_lib.last_per_step(records, "nll"), metrics_lib.last_per_step(records, "eval_loss")
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")

@@ -203,6 +203,30 @@ def test_throughput_counts_training_only(tmp_path, tokenizer_path, monkeypatch, 
     assert re.search(r"^step 1: loss \d+\.\d{4}$", capsys.readouterr().out, re.M)
 
 
+def test_the_loss_plot_draws_what_its_axis_says(tmp_path, monkeypatch):
+    """loss.png's axis says cross-entropy: the training curve is each step's `nll` (the held-out loss
+    is one too), not `loss`, which adds train.z_loss's term; a step logged twice (a resume) draws its
+    last record."""
+    import matplotlib.axes
+    import matplotlib.pyplot
+
+    drawn, plot = {}, matplotlib.axes.Axes.plot
+
+    def noting_plot(ax, x, y, *args, label=None, **kwargs):
+        drawn[label] = [list(x), list(y)]
+        return plot(ax, x, y, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", noting_plot)
+    with metrics_lib.MetricsWriter(tmp_path) as writer:
+        writer.write(1, {"loss": 5.5, "nll": 5.0, "z_loss": 0.5})
+        writer.write(2, {"loss": 4.9, "nll": 4.6, "z_loss": 0.3})
+        writer.write(2, {"loss": 4.8, "nll": 4.5, "z_loss": 0.3, "eval_loss": 4.7})
+    run_lib.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert drawn["train loss"] == [[1, 2], [5.0, 4.5]]
+    assert drawn["eval loss"] == [[2], [4.7]]
+    assert matplotlib.pyplot.imread(tmp_path / "loss.png").ndim == 3
+
+
 def test_a_run_holds_only_its_last_logged_step_in_memory(tmp_path, tokenizer_path):
     """Every step logged goes to metrics.jsonl; the run's result holds the records of its last one
     (training and closing evaluation), not a list of every record, which grew by about 1.5 KB per
