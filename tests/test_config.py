@@ -680,3 +680,19 @@ def test_the_plan_command_in_a_config_docstring_runs_and_agrees_with_it(name):
     tokens = int(re.search(r"([\d,]+) tokens per step", done.stdout).group(1).replace(",", ""))
     claimed = re.search(r"\((\d+)M tokens/step", text)
     assert claimed and int(claimed.group(1)) == round(tokens / 2**20), (claimed, tokens)
+
+
+def test_the_llama2_v4_config_keeps_activations_a_v4_chip_holds():
+    """remat_policy=dots_no_batch keeps every projection's output (q, k, v, o, gate, up, down) of
+    every layer for the backward. At 4 micro-batches the config gave each of the v4-32's 16 chips 16
+    rows of 4,096 tokens: 166 GiB kept in bf16, on chips of 32 GiB (a plan on CPU devices said 455
+    GiB, taken for the CPU's attention kernel). The docstring's figure: 10.4 GiB at one row per chip."""
+    path = Path(TINY).parent / "llama2_7b_v4_32.py"
+    config = load_config(path)
+    model, t = model_config(config.model), config.train
+    assert (model.remat_policy, model.dtype) == ("dots_no_batch", "bfloat16")
+    tokens_per_chip = t.batch_size // t.grad_accum // 16 * t.seq_len
+    outputs = model.head_dim * (model.n_heads + 2 * model.n_kv_heads) + 2 * model.dim + 2 * model.ffn_dim
+    kept = tokens_per_chip * outputs * 2 * model.n_layers
+    assert round(kept / 2**30, 1) == 10.4 and "10.4 GiB per chip" in path.read_text()
+    assert kept < 32 * 2**30 / 2  # half a v4 chip: the state, gradients and logits need the rest
