@@ -25,6 +25,24 @@ case $llama_jax in
     */*) llama_jax=$(cd "$(dirname "$llama_jax")" && pwd)/$(basename "$llama_jax") ;;  # (scripts may cd)
 esac
 
+script_file=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")  # (scripts may cd)
+
+# script_usage: the script's header comment (its usage), without the comment signs.
+script_usage() {
+    sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$script_file"
+}
+
+# usage_if_asked ARG...: the script's usage, and exit 0, when an argument is -h or --help.
+usage_if_asked() {
+    local arg
+    for arg in "$@"; do
+        if [[ $arg == -h || $arg == --help ]]; then
+            script_usage
+            exit 0
+        fi
+    done
+}
+
 # split_arguments ARG...: the --config.* overrides among them (--config.key=value, or --config.key value as
 # llama-jax takes it) into the array train_args, the others into launch_args.
 split_arguments() {

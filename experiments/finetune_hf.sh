@@ -15,11 +15,11 @@
 set -euo pipefail
 
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    script_usage
     exit 0
 fi
 if [ $# -lt 3 ]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    script_usage >&2
     echo "$(basename "$0"): error: expected HF_DIR DATA RUN_DIR [--config.key=value ...], got $# argument(s)" >&2
     exit 2
 fi

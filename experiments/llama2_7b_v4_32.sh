@@ -10,8 +10,9 @@
 # resumes from the latest checkpoint in $WORKDIR.
 #
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch tpu`, e.g.
-# --dry-run (print the gcloud commands), --spot, --project P, --max-restarts N, --zone Z.
-# Environment: NAME, ZONE, WORKDIR override the defaults below; LLAMA_JAX the llama-jax command.
+# --dry-run (print the gcloud commands), --spot, --project P, --max-restarts N, --zone Z
+# (`llama-jax launch tpu --help` lists them). Environment: NAME (default llama2-7b-v4-32), ZONE
+# (us-central2-b), WORKDIR (/mnt/gcs/runs/llama2-7b); LLAMA_JAX the llama-jax command.
 . "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)
 set -euo pipefail
 
@@ -20,6 +21,7 @@ ZONE=${ZONE:-us-central2-b}
 WORKDIR=${WORKDIR:-/mnt/gcs/runs/llama2-7b}
 
 split_arguments "$@"
+usage_if_asked ${launch_args[@]+"${launch_args[@]}"}  # (the launcher's usage asks for flags given here)
 
 exec "$llama_jax" launch tpu --name "$NAME" --zone "$ZONE" --accelerator v4-32 \
     ${launch_args[@]+"${launch_args[@]}"} \

@@ -12,7 +12,8 @@
 # (init_from only seeds a new run). With --spot and --max-restarts N it re-launches by itself.
 #
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch tpu` (--dry-run
-# prints the gcloud commands). Environment: NAME, ZONE, WORKDIR, LLAMA_JAX.
+# prints the gcloud commands; `llama-jax launch tpu --help` lists them). Environment: NAME
+# (default llama3-8b-v5p), ZONE (us-east5-a), WORKDIR (/mnt/gcs/runs/llama3-8b-cpt), LLAMA_JAX.
 . "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)
 set -euo pipefail
 
@@ -21,6 +22,7 @@ ZONE=${ZONE:-us-east5-a}
 WORKDIR=${WORKDIR:-/mnt/gcs/runs/llama3-8b-cpt}
 
 split_arguments "$@"
+usage_if_asked ${launch_args[@]+"${launch_args[@]}"}  # (the launcher's usage asks for flags given here)
 
 exec "$llama_jax" launch tpu --name "$NAME" --zone "$ZONE" --accelerator v5p-64 \
     ${launch_args[@]+"${launch_args[@]}"} \

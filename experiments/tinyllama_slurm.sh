@@ -10,7 +10,8 @@
 # installed with its launch extra (pip install -e '.[launch]') on storage the nodes share.
 #
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch slurm`, e.g.
-# --dry-run (write and print the sbatch script), --partition P, --account A, --time-min M.
+# --dry-run (write and print the sbatch script), --partition P, --account A, --time-min M
+# (`llama-jax launch slurm --help` lists them).
 # Environment: WORKDIR (default: runs/tinyllama in this checkout; a relative one is read from
 # where the script starts), LLAMA_JAX.
 . "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)
@@ -23,6 +24,7 @@ cd "$(dirname "$0")/.."  # the job runs where it was submitted: configs/ and rel
 WORKDIR=${WORKDIR:-runs/tinyllama}  # (the default: in this checkout)
 
 split_arguments "$@"
+usage_if_asked ${launch_args[@]+"${launch_args[@]}"}  # (the launcher's usage asks for flags given here)
 
 exec "$llama_jax" launch slurm --nodes 2 --gpus-per-node 8 --time-min 1440 \
     ${launch_args[@]+"${launch_args[@]}"} \

@@ -1095,6 +1095,19 @@ def test_slurm_experiment_script_dry_run(script_env, tmp_path):
             f"--config.train.log_every=7" in script)
 
 
+@pytest.mark.parametrize("script", ["llama2_7b_v4_32.sh", "llama3_8b_v5p.sh", "tinyllama_slurm.sh"])
+def test_launch_experiment_scripts_help_is_their_own_usage(script, script_env, tmp_path):
+    """--help went to the launcher, whose usage asks for the --name, --zone and --accelerator (or
+    --nodes) the script gives it, and says nothing of the --config.* split or the environment."""
+    for args in (["--help"], ["--dry-run", "--config.train.seed", "3", "-h"]):
+        done = subprocess.run([f"./{script}", *args], env=script_env, cwd=ROOT / "experiments", capture_output=True,
+                              text=True, timeout=120)  # (a path relative to a directory tinyllama_slurm.sh leaves)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert f"experiments/{script} [launch flags ...] [--config.key=value ...]" in done.stdout
+        assert "Environment: " in done.stdout and "usage: llama-jax" not in done.stdout
+    assert not (tmp_path / "gcloud-was-called").exists() and not (tmp_path / "run").exists()
+
+
 def test_experiment_scripts_run_with_sh_say_they_need_bash(tmp_path):
     """`sh script.sh` (dash, Debian's sh) stopped at once on `set: Illegal option -o pipefail`."""
     for script in sorted((ROOT / "experiments").glob("*_*.sh")):
