@@ -418,7 +418,7 @@ def _config(params: dict, path: Path, settings: dict, vocab: int, ffn_rows: int,
     elif vocab >= _VOCAB_SPLIT_FROM:
         max_seq_len = 131072 if scaled else 8192  # LLaMA-3.1+ / LLaMA-3
     elif rope_theta == _CODE_LLAMA_THETA:
-        max_seq_len = 16384  # Code Llama: LLaMA-2's vocabulary (32016; 32000 for 70B) with theta 1e6
+        max_seq_len = 16384  # Code Llama: LLaMA-2's vocabulary (32016; 34B: 32000) with theta 1e6
     else:
         max_seq_len = 2048 if norm_eps == 1e-6 else 4096  # LLaMA-1 / LLaMA-2
     n_heads, n_layers = setting("n_heads", "count"), setting("n_layers", "count")
