@@ -591,8 +591,9 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
             f"{tokens_per_s:,.0f} tokens/s, {result['tflops_per_s']:.0f} TFLOP/s, MFU {result['mfu']:.1%}")
         if part.startswith("b"):
             SHARED.update(params=state.params, model_config=cfg, mfu_choice=(batch, remat), mfu_result=result)
-        elif SHARED.get("mfu_result"):
-            rec.put(part, "cudnn_over_xla_tokens_per_s", SHARED["mfu_result"]["tokens_per_s"] / tokens_per_s)
+        elif SHARED.get("mfu_result"):  # b's tokens/s over this part's (d: xla, e: cudnn_packed)
+            rec.put(part, f"cudnn_over_{attention_impl}_tokens_per_s",
+                    SHARED["mfu_result"]["tokens_per_s"] / tokens_per_s)
         state = data = compiled = None  # free the device memory before the next part
         gc.collect()
         return

@@ -120,6 +120,11 @@ def test_gpu_script_dry_run_measures_every_part(tmp_path):
         assert sum(kind["share"] for kind in summary["by_kind"].values()) == pytest.approx(1.0)
         assert sum(top["us"] for top in summary["top"]) <= summary["kernel_us"] * (1 + 1e-9)
     assert "HloModule" in (profile / "b_mfu_cudnn" / "hlo.txt").read_text()[:200]
+    cudnn_rate = results["b_mfu_cudnn"]["result"]["tokens_per_s"]
+    for name, impl in (("d_mfu_xla_reference", "xla"), ("e_mfu_cudnn_packed", "cudnn_packed")):  # b over each
+        ratios = {key: value for key, value in results[name].items() if key.startswith("cudnn_over_")}
+        assert ratios == {f"cudnn_over_{impl}_tokens_per_s": pytest.approx(
+            cudnn_rate / results[name]["result"]["tokens_per_s"])}, (name, ratios)
     variants = {name: row for name, row in results["a_attention"].items()
                 if isinstance(row, dict) and "vs_xla_f32" in row}
     assert len(variants) == 5, results["a_attention"]  # the packed-offsets calls need CUDA and record why not
