@@ -38,7 +38,9 @@ a. Attention kernels of `llama_jax.attention`, bf16, B=4, S=2048, H=16 query / K
    (GQA), head dim 128, on packed rows (2-5 documents per row, segment ids as training uses).
    Correctness: max |difference| of the outputs and of the gradients (dq, dk, dv of a fixed
    random cotangent) of `cudnn` against `xla`, each also against a float32 `xla` reference.
-   Speed, forward + backward (median of `--repeats` after warm-up; compile apart):
+   Speed, forward + backward (median of `--repeats-attention` after warm-up; compile apart), and
+   model TFLOP/s: the causal attention FLOPs of full rows as part b's MFU counts them
+   (`llama_jax.metrics.attention_flops_per_token`, backward 2 x forward), whatever the packing:
      xla                      the project's `xla` kernel (einsums) with the dense [B,S,T] mask;
      cudnn, is_causal + dense mask  `jax.nn.dot_product_attention(implementation="cudnn",
                               is_causal=True)` with the [B,1,S,T] boolean mask (cuDNN receives it
@@ -284,6 +286,7 @@ def part_attention(args, rec: Recorder) -> None:
     import jax
     import jax.numpy as jnp
 
+    from llama_jax import metrics
     from llama_jax.attention import PACKED_DOCUMENTS, KERNELS, attention_mask, cudnn_packed_attention, xla_attention
 
     P = "a_attention"
@@ -358,8 +361,8 @@ def part_attention(args, rec: Recorder) -> None:
                                          for n, a, b in zip(("out", "dq", "dk", "dv"), result, ref)}
         return out
 
-    def flops_fwd_bwd():  # causal full rows; backward counted as 2.5 x forward, as FlashAttention does
-        return 3.5 * 4 * B * H * S * S * Dh / 2
+    def flops_fwd_bwd():  # causal full rows, as part b's MFU counts attention (backward 2 x forward)
+        return metrics.attention_flops_per_token(S, H, Dh) * B * S
 
     def measure(name, fn, sem):
         step = loss_and_grads(fn)
@@ -371,7 +374,7 @@ def part_attention(args, rec: Recorder) -> None:
         del out, grads
         median, times = timed(lambda: jax.block_until_ready(step(q, k, v)), args.repeats_attention, warmup=2)
         entry.update(fwd_bwd_ms=median * 1e3, fwd_bwd_ms_all=[t * 1e3 for t in times],
-                     tflops_causal=flops_fwd_bwd() / median / 1e12)
+                     model_tflops_per_s=flops_fwd_bwd() / median / 1e12)
         rec.put(P, name, entry)
         log(f"  a. {name}: {median * 1e3:.2f} ms fwd+bwd; max|d out| vs xla bf16 "
             f"{entry['vs_xla_bf16']['out']:.3g}, vs f32 {entry['vs_xla_f32']['out']:.3g}; "

@@ -64,13 +64,21 @@ def flops_per_token(cfg: LLaMAConfig, seq_len: int, causal: bool = True, trainin
     D, L, H, K, Dh, F, V = (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                             cfg.ffn_dim, cfg.vocab_size)
     projections = 2 * D * (H + 2 * K) * Dh + 2 * H * Dh * D + 3 * 2 * D * F
-    # Convention (as MaxText, unlike Levanter): with a causal mask each query sees on average half
-    # the sequence, so QK^T and AV are counted as half of the full S x S products.
-    attention = 2 * 2 * seq_len * H * Dh
-    if causal:
-        attention /= 2
+    attention = attention_flops_per_token(seq_len, H, Dh, causal, training=False)
     forward = L * (projections + attention) + 2 * D * V
     return float(3 * forward if training else forward)
+
+
+def attention_flops_per_token(seq_len: int, n_heads: int, head_dim: int, causal: bool = True,
+                              training: bool = True) -> float:
+    """FLOPs per token of one layer's attention products QK^T and AV over `seq_len` positions, as
+    `flops_per_token` counts them (forward, or forward + backward = 3x forward)."""
+    attention = 2 * 2 * seq_len * n_heads * head_dim
+    # Convention (as MaxText, unlike Levanter): with a causal mask each query sees on average half
+    # the sequence, so QK^T and AV are counted as half of the full S x S products.
+    if causal:
+        attention /= 2
+    return float(3 * attention if training else attention)
 
 
 def tflops_per_device(tokens_per_second_per_device: float, cfg: LLaMAConfig, seq_len: int) -> float:

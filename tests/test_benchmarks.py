@@ -128,8 +128,12 @@ def test_gpu_script_dry_run_measures_every_part(tmp_path):
     variants = {name: row for name, row in results["a_attention"].items()
                 if isinstance(row, dict) and "vs_xla_f32" in row}
     assert len(variants) == 5, results["a_attention"]  # the packed-offsets calls need CUDA and record why not
+    shape = results["a_attention"]["shape"]
+    B, S, H, Dh = (shape[k] for k in ("B", "S", "H", "Dh"))
+    model_flops = 3 * 2 * 2 * B * S * S * H * Dh / 2  # as MFU counts attention: causal half, backward 2 x forward
     for name, row in variants.items():  # bf16 against float32: within bf16's rounding of values up to ~8
         assert max(row["vs_xla_f32"].values()) < 0.05, (name, row["vs_xla_f32"])
+        assert row["model_tflops_per_s"] == pytest.approx(model_flops / (row["fwd_bwd_ms"] / 1e3) / 1e12), name
     assert results["c_decode"]["result"], results["c_decode"]
 
 
