@@ -49,9 +49,11 @@ a. Attention kernels of `llama_jax.attention`, bf16, B=4, S=2048, H=16 query / K
                               its fallback for rows of more documents than it makes room for;
      cudnn, dense mask only   the same call without `is_causal` (the project's form before
                               it passed `is_causal`): cuDNN computes every block;
-     cudnn, project kernel    `llama_jax.attention.cudnn_attention`: the packed layout built from
-                              the segment ids on the device, with room for 32 documents per row
-                              (behind a `lax.cond` to the dense form) and for S (no cond);
+     cudnn, project kernel    `llama_jax.attention.cudnn_packed_attention`: the packed layout built
+                              from the segment ids on the device, with room for 32 documents per
+                              row (behind a `lax.cond` to the dense form); where it would run the
+                              dense form (a jax without the packed entry point, rows of more
+                              documents), it records why instead of timing that under its name;
      cudnn, is_causal         the same call with `is_causal=True` and no mask: one document
                               per row, no packing (the kernel's best case);
      cudnn, is_causal + seq lengths  `query_seq_lengths`/`key_value_seq_lengths`, if the
@@ -84,6 +86,7 @@ c. Batch-1 greedy decoding of the same model (the parameters part b trained, cas
 d. Reference for b: the same train step with `attention_impl="xla"` (first fitting candidate).
 e. The same train step with `attention_impl="cudnn_packed"` (cuDNN's packed layout; its
    compiled peak memory is recorded beside b's: without remat it keeps both forms' residuals).
+   The part fails, saying why, where the kernel would run its dense fallback instead.
 
 The train steps use scanned layers, the project's default; `--scan-layers false` unrolls them
 (on an H200, 1.07 x the scanned step: the scan copies each layer's slices). `--profile DIR`
@@ -262,6 +265,22 @@ def packed_offsets(lengths: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return seqlen, offsets
 
 
+def packed_fallback(segment_ids: np.ndarray) -> str | None:
+    """Why `llama_jax.attention.cudnn_packed_attention` would run these rows [B, S] through its
+    fallback, the dense-mask `cudnn` form, instead of cuDNN's packed layout; None when it would
+    not. Timed under the packed kernel's name, the fallback's figures would pass for its own."""
+    from llama_jax.attention import PACKED_DOCUMENTS, _cudnn_packed_entry
+
+    if _cudnn_packed_entry() is None:
+        return ("this jax has no cuDNN packed-layout entry point (jax._src.cudnn.fused_attention_stablehlo"
+                ".dot_product_attention with q_offsets/kv_offsets), so cudnn_packed runs the dense cudnn form")
+    documents = int((segment_ids[:, 1:] != segment_ids[:, :-1]).sum(axis=1).max()) + 1
+    if documents > min(PACKED_DOCUMENTS, segment_ids.shape[1]):
+        return (f"a row holds {documents} documents, more than the {PACKED_DOCUMENTS} cudnn_packed makes room "
+                f"for, so it runs the dense cudnn form")
+    return None
+
+
 def segments_from_offsets(seqlen: np.ndarray, offsets: np.ndarray, S: int) -> np.ndarray:
     """The segment ids the packed-layout arguments describe (1-based, 0 for uncovered slots)."""
     seg = np.zeros((seqlen.shape[0], S), np.int32)
@@ -394,6 +413,9 @@ def part_attention(args, rec: Recorder) -> None:
     # memory on 12-04: cuDNN's workspace grows with the room)
     name = PACKED_FORM.format(PACKED_DOCUMENTS)
     try:
+        fallback = packed_fallback(seg_np)
+        if fallback is not None:
+            raise RuntimeError(fallback)
         results[name] = measure(name, lambda q, k, v: cudnn_packed_attention(q, k, v, seg), "packed")
     except Exception as e:  # (--dry-run: it needs CUDA and cuDNN)
         rec.put(P, name, {"error": f"{type(e).__name__}: {e}"[:2000]})
@@ -519,6 +541,10 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
                              attention_impl=impl, remat_policy=remat, scan_layers=args.scan_layers)
         config.train.update(batch_size=batch, seq_len=S, steps=1000)
         config.optimizer.update(warmup_steps=0)
+        rows = synthetic_batch(0, 0, range(batch), S, config.model.vocab_size)
+        fallback = packed_fallback(rows["segment_ids"]) if attention_impl == "cudnn_packed" else None
+        if fallback is not None:  # its figures would be the dense form's, under the packed kernel's name
+            raise RuntimeError(fallback)
         trainer = build_trainer(config)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 nn.meta.unbox(trainer.abstract_state), trainer.state_shardings)
@@ -550,7 +576,7 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
         state = None
         try:
             state = trainer.init_state(0)
-            data = global_batch(trainer.mesh, synthetic_batch(0, 0, range(batch), S, config.model.vocab_size))
+            data = global_batch(trainer.mesh, rows)
             losses = []
 
             def step():

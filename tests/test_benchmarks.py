@@ -195,3 +195,19 @@ def test_benchmarks_delete_only_their_own_directory_in_workdir(name, script, tmp
     with scratch_dir(str(tmp_path / "new" / "folder")) as work:  # a --workdir that does not exist yet is made
         (work / "out").write_text("x")
     assert list((tmp_path / "new" / "folder").iterdir()) == []
+
+
+def test_gpu_script_does_not_time_the_packed_kernels_fallback_under_its_name(script, monkeypatch):
+    """`cudnn_packed` runs the dense `cudnn` form where jax lacks cuDNN's packed entry point or a
+    row holds more documents than it makes room for: gpu.py then says so (part a's variant and
+    part e fail with this line) instead of timing the dense form under the packed kernel's name."""
+    from llama_jax import attention
+
+    packed_fallback = script("gpu").packed_fallback
+    five = np.repeat(np.arange(1, 6), 8)[None].repeat(2, axis=0)  # rows of 5 documents, 40 slots
+    forty = np.arange(1, 41)[None].repeat(2, axis=0)  # rows of 40 one-token documents
+    monkeypatch.setattr(attention, "_cudnn_packed_entry", lambda: print)  # a jax with the entry point
+    assert packed_fallback(five) is None
+    assert packed_fallback(forty).startswith("a row holds 40 documents, more than the 32 cudnn_packed makes room for")
+    monkeypatch.setattr(attention, "_cudnn_packed_entry", lambda: None)  # a jax without it
+    assert "this jax has no cuDNN packed-layout entry point" in packed_fallback(five)
