@@ -16,13 +16,15 @@ rate): "x product bound".
     python benchmarks/decode.py [--batch 1 8] [--new-tokens 128] [--repeats 5] [--scan both]
 
 Reported: tokens/s (batch x new tokens / seconds, median of the repeats after one warm-up call
-that includes compilation, whose time is reported apart), and the ratios to transformers and to
-the roofline. Each repeat is a round that measures the streaming rate and calls every
-implementation in turn (a timed call after an untimed one: the first call after other work finds
-the weights out of the caches, and the streaming rate it is compared with is measured warm too),
-so that the machine's slow spells (this kind of VM has them) fall on all of them alike and the
-ratios stay comparable. The two implementations' greedy tokens are compared too (they match
-unless a near tie in the logits rounds differently).
+that includes compilation, whose time is reported apart), and the ratios of those medians to
+transformers' median and to the roofline of the median streaming rate (ratios of medians, not, as
+`train_step.py` reports, medians of each round's ratios). Each repeat is a round that measures
+the streaming rate and calls every implementation in turn (a timed call after an untimed one: the
+first call after other work finds the weights out of the caches, and the streaming rate it is
+compared with is measured warm too), so that the machine's slow spells (this kind of VM has them)
+fall on all of them alike and the ratios stay comparable. The two implementations' greedy tokens
+are compared too (the share identical is reported; they match unless a near tie in the logits
+rounds differently).
 """
 
 from __future__ import annotations
