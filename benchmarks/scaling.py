@@ -136,6 +136,16 @@ def check_devices(parser, devices: list[int], batch: int) -> None:
                 parser.error(f"--devices {n} does not divide {what}; FSDP splits it over the devices")
 
 
+def check_dims(parser, dims: list[int]) -> None:
+    """One line, before any work, for a dim the dim series cannot build a model of: it gives a
+    model of dim D max(1, D // 64) heads, which must divide D into an even head dim."""
+    for dim in dims:
+        heads = model_fields(dim, 1, 1)["n_heads"]
+        if dim % heads or dim // heads % 2:
+            parser.error(f"--dims {dim}: the dim series gives it {heads} heads (dim // 64), which do not divide it "
+                         f"into an even head dim; give multiples of 64 (or even dims below 128)")
+
+
 def memory_table(memory: list[dict]) -> list[str]:
     """Markdown rows of the memory plans, each against the plan for one device (wherever it is in
     the list)."""
@@ -172,6 +182,8 @@ def main(argv=None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     check_devices(parser, args.devices, args.memory_batch)
+    if "dim" in args.series:
+        check_dims(parser, args.dims)
 
     import jax
 

@@ -56,6 +56,9 @@ def script(monkeypatch):
     ("scaling.py", ["--devices", "1", "3"], "--devices 3 does not divide --memory-batch 8"),
     ("scaling.py", ["--devices", "1", "1024", "--memory-batch", "1024"],
      "--devices 1024 does not divide the model's dim 512"),
+    ("scaling.py", ["--dims", "256", "200"], "--dims 200: the dim series gives it 3 heads (dim // 64), which do not "
+                                             "divide it into an even head dim"),
+    ("scaling.py", ["--dims", "130"], "--dims 130: the dim series gives it 2 heads"),  # head dim 65: odd
     ("trace_summary.py", ["."], ".: no perfetto_trace.json.gz under .; trace with jax.profiler.trace(dir, "
      "create_perfetto_trace=True)"),
     ("trace_summary.py", [".", "--per", "0"], "argument --per: must be at least 1, got 0"),
