@@ -80,9 +80,10 @@ c. Batch-1 greedy decoding of the same model (the parameters part b trained, cas
    (prefill included) and of decoding alone (the 256-token call minus a 1-token call), against
    the HBM roofline (bytes read per token: the bf16 weights, all but one row of the input
    embedding table, and the whole bf16 K/V cache of prompt + new tokens slots, as `decode.py`
-   counts them): at the datasheet 4.8 TB/s and at the bandwidth measured in the same run (a
-   4 GiB device-to-device `x + 1`, read + write bytes, and a bf16 matrix-vector product over
-   2 GiB, read bytes).
+   counts them): at the datasheet bandwidth (`llama_jax.metrics.hbm_bandwidth_for_kind`, H200:
+   4.8 TB/s; `--hbm-tbps` for a device not in its table) and at the bandwidth measured in the
+   same run (a 4 GiB device-to-device `x + 1`, read + write bytes, and a bf16 matrix-vector
+   product over 2 GiB, read bytes).
 d. Reference for b: the same train step with `attention_impl="xla"` (first fitting candidate).
 e. The same train step with `attention_impl="cudnn_packed"` (cuDNN's packed layout; its
    compiled peak memory is recorded beside b's: without remat it keeps both forms' residuals).
@@ -649,6 +650,16 @@ def bandwidth(sizes: dict, repeats: int) -> tuple[float, float]:
     return 2 * x.nbytes / copy_s, m.nbytes / matvec_s
 
 
+def datasheet_bandwidth(device_kind: str, hbm_tbps: float) -> tuple[float, str]:
+    """(bytes/s, where from) of the device's HBM: `llama_jax.metrics`' table, else `hbm_tbps`."""
+    from llama_jax import metrics
+
+    known = metrics.hbm_bandwidth_for_kind(device_kind)
+    if known is not None:
+        return known, f"llama_jax.metrics table for {device_kind!r}"
+    return hbm_tbps * 1e12, f"--hbm-tbps {hbm_tbps} (device_kind {device_kind!r} is not in llama_jax.metrics.HBM_TBPS)"
+
+
 def part_decode(args, rec: Recorder) -> None:
     import jax
     import jax.numpy as jnp
@@ -678,9 +689,9 @@ def part_decode(args, rec: Recorder) -> None:
     rec.put(P, "streamed_bytes_per_token", read_bytes)
 
     copy_rate, matvec_rate = bandwidth(sizes, max(3, repeats * 4))
-    datasheet = args.hbm_tbps * 1e12
+    datasheet, source = datasheet_bandwidth(jax.devices()[0].device_kind, args.hbm_tbps)
     rec.put(P, "bandwidth", {"copy_read_plus_write_bytes_per_s": copy_rate, "matvec_read_bytes_per_s": matvec_rate,
-                             "datasheet_bytes_per_s": datasheet})
+                             "datasheet_bytes_per_s": datasheet, "datasheet_source": source})
     log(f"  c. bandwidth: copy {copy_rate / 1e12:.2f} TB/s (read + write), bf16 matvec {matvec_rate / 1e12:.2f} TB/s, "
         f"datasheet {datasheet / 1e12:.1f} TB/s; read per token {read_bytes / 1e9:.2f} GB (K/V cache "
         f"{read['kv_cache'] / 1e9:.3f} GB of it)")
@@ -736,7 +747,8 @@ def main(argv=None) -> int:
                         help="batch:remat_policy pairs tried in order until one fits")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="dense bf16 peak, used only if llama_jax.metrics does not know the device")
-    parser.add_argument("--hbm-tbps", type=float, default=4.8, help="datasheet HBM bandwidth (H200: 4.8 TB/s)")
+    parser.add_argument("--hbm-tbps", type=float, default=4.8,
+                        help="datasheet HBM bandwidth, TB/s, used only if llama_jax.metrics does not know the device")
     parser.add_argument("--scan-layers", type=_yes_no, default=True, metavar="{true,false}",
                         help="train steps with scanned layers (the project's default) or unrolled ones")
     parser.add_argument("--profile", metavar="DIR", help="also trace each train step and decoding part into "

@@ -39,6 +39,17 @@ PEAK_TFLOPS: dict[str, float] = {
     "H200": 989.0,
 }
 
+# HBM bandwidth per chip, TB/s (datasheets), for the decoding rooflines; a chip missing here is unknown.
+HBM_TBPS: dict[str, float] = {
+    "TPU v4": 1.2,
+    "TPU v5e": 0.82,
+    "TPU v5p": 2.77,
+    "TPU v6e": 1.64,
+    "A100": 2.0,
+    "H100": 3.35,
+    "H200": 4.8,
+}
+
 # Substrings of `device.device_kind` (lower-cased) -> PEAK_TFLOPS key. Order matters: "TPU v5 lite"
 # (v5e) also contains "v5", which alone means v5p.
 _KIND_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -91,13 +102,22 @@ def mfu(tokens_per_second_per_device: float, cfg: LLaMAConfig, seq_len: int, pea
     return tflops_per_device(tokens_per_second_per_device, cfg, seq_len) * 1e12 / peak_flops
 
 
+def _chip(device_kind: str) -> str | None:
+    """The PEAK_TFLOPS key of a `device_kind` string such as "TPU v5 lite", or None if unknown."""
+    kind = device_kind.lower()
+    return next((name for patterns, name in _KIND_PATTERNS if any(p in kind for p in patterns)), None)
+
+
 def peak_flops_for_kind(device_kind: str) -> float | None:
     """Datasheet peak FLOP/s for a `device_kind` string such as "TPU v5 lite", or None if unknown."""
-    kind = device_kind.lower()
-    for patterns, name in _KIND_PATTERNS:
-        if any(p in kind for p in patterns):
-            return PEAK_TFLOPS[name] * 1e12
-    return None
+    chip = _chip(device_kind)
+    return None if chip is None else PEAK_TFLOPS[chip] * 1e12
+
+
+def hbm_bandwidth_for_kind(device_kind: str) -> float | None:
+    """Datasheet HBM bandwidth in bytes/s for a `device_kind` string, or None if unknown."""
+    chip = _chip(device_kind)
+    return None if chip not in HBM_TBPS else HBM_TBPS[chip] * 1e12
 
 
 def peak_flops_per_device(device: Any = None) -> float:

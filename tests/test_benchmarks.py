@@ -214,3 +214,15 @@ def test_gpu_script_does_not_time_the_packed_kernels_fallback_under_its_name(scr
     assert packed_fallback(forty).startswith("a row holds 40 documents, more than the 32 cudnn_packed makes room for")
     monkeypatch.setattr(attention, "_cudnn_packed_entry", lambda: None)  # a jax without it
     assert "this jax has no cuDNN packed-layout entry point" in packed_fallback(five)
+
+
+@pytest.mark.parametrize("kind, tbps", [("NVIDIA H100 80GB HBM3", 3.35), ("NVIDIA H200", 4.8),
+                                        ("NVIDIA A100-SXM4-80GB", 2.0), ("TPU v5 lite", 0.82)])
+def test_gpu_decode_roofline_uses_the_devices_own_bandwidth(script, kind, tbps):
+    """The datasheet roofline of part c is the device's HBM bandwidth (REFERENCE figures, in
+    `llama_jax.metrics`), not the H200's 4.8 TB/s default of --hbm-tbps, which only a device
+    missing from the table gets."""
+    datasheet_bandwidth = script("gpu").datasheet_bandwidth
+    assert datasheet_bandwidth(kind, 4.8) == (tbps * 1e12, f"llama_jax.metrics table for {kind!r}")
+    rate, source = datasheet_bandwidth("cpu", 4.8)
+    assert rate == 4.8e12 and source.startswith("--hbm-tbps 4.8 (device_kind 'cpu' is not in")
