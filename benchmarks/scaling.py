@@ -14,9 +14,10 @@ the model doubles against its FLOPs.
    (default 8 x 64 tokens) as the model doubles, in two series from the same base model:
    layers 4 -> 8 -> 16 (dim 512) and dim 256 -> 512 -> 1024 (8 layers; heads keep a head dim of
    64, FFN = 2.75 x dim). One process builds every model, compiles it and runs one warm-up
-   step, then times `--repeats` rounds of one step of each model in turn (round-robin, so that
-   load from other processes falls on all models alike); the median per model. Reported: the
-   measured time ratio to the series' first point against the model-FLOPs ratio
+   step, then times `--repeats` rounds of each model in turn (round-robin, so that load from
+   other processes falls on all models alike; in each round an untimed step of the model, then a
+   timed one: the first step after another model's re-faults memory); the median per model.
+   Reported: the measured time ratio to the series' first point against the model-FLOPs ratio
    (`llama_jax.metrics.flops_per_token`) and the parameter ratio.
 
     python benchmarks/scaling.py [--devices 1 2 4 8] [--series layers dim] [--repeats 5] [--json FILE]
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 from llama_jax.cli import OneLineParser, positive_int
+from timing import median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(dim=512, n_layers=8, n_heads=8, ffn_dim=1408, vocab_size=8000)
@@ -77,8 +79,8 @@ def worker(point: dict) -> dict:
     from llama_jax.model import param_count
     from llama_jax.train import build_trainer, global_batch
 
-    # every model built, compiled and warmed up first; then the steps are timed round-robin, one
-    # step of each model per round, so that load from other processes falls on all of them alike
+    # every model built, compiled and warmed up first; then the steps are timed round-robin
+    # (`round_robin`), so that load from other processes falls on all of them alike
     models = []
     for fields in point["models"]:
         config = make_config({**point, "model": fields})
@@ -99,14 +101,22 @@ def worker(point: dict) -> dict:
         models.append({"step": step, "times": [], "compile_and_first_step_seconds": first,
                        "flops_per_step": flops_per_token(cfg, point["seq_len"]) * point["batch"] * point["seq_len"],
                        "param_count": param_count(cfg)})
-    for _ in range(point["repeats"]):
-        for m in models:
-            start = time.perf_counter()
-            m["step"]()
-            m["times"].append(time.perf_counter() - start)
+    for m, times in zip(models, round_robin([m["step"] for m in models], point["repeats"])):
+        m["times"] = times
     return [{"step_seconds": statistics.median(m["times"]), "step_times": m["times"],
              **{k: m[k] for k in ("compile_and_first_step_seconds", "flops_per_step", "param_count")}}
             for m in models]
+
+
+def round_robin(steps: list, repeats: int) -> list[list[float]]:
+    """Seconds of each of `steps` in each of `repeats` rounds, every step in turn, each timed call
+    after an untimed one of the same step: the first step after another model's re-faults the
+    memory that one left (train_step.py measured a step timed so at 0.65 x its speed alone)."""
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, seconds in zip(steps, times):
+            seconds.append(median_seconds(step, 1, warmup=1))
+    return times
 
 
 def run_point(point: dict) -> dict:

@@ -181,6 +181,16 @@ def test_scaling_ratios_are_to_one_device_wherever_it_is_listed(script):
     assert one == "| 1 | 300.0 | 1.000 | 1.000 | 40.0 | 1.00 | 340.0 | 1.00 |"
 
 
+def test_scaling_times_each_step_after_an_untimed_one_of_the_same_model(script):
+    """Round-robin over the models, as train_step.py: the first step after another model's
+    re-faults the memory that one left, so each timed step follows an untimed one of its own."""
+    calls = []
+    steps = [lambda name=name: calls.append(name) for name in ("small", "large")]
+    times = script("scaling").round_robin(steps, 3)
+    assert calls == ["small", "small", "large", "large"] * 3
+    assert [len(t) for t in times] == [3, 3] and all(s >= 0 for t in times for s in t)
+
+
 @pytest.mark.parametrize("name", ["convert_memory", "prepare_data"])
 def test_benchmarks_delete_only_their_own_directory_in_workdir(name, script, tmp_path):
     """--workdir may be a folder of the user's: the benchmark works in a new directory inside it
