@@ -84,7 +84,8 @@ c. Batch-1 greedy decoding of the same model (the parameters part b trained, cas
    4.8 TB/s; `--hbm-tbps` for a device not in its table) and at the bandwidth measured in the
    same run (a 4 GiB device-to-device `x + 1`, read + write bytes, and a bf16 matrix-vector
    product over 2 GiB, read bytes).
-d. Reference for b: the same train step with `attention_impl="xla"` (first fitting candidate).
+d. Reference for b: the same train step with `attention_impl="xla"` (first fitting candidate,
+   from b's on); b's tokens/s over d's (and over e's) only where both ran the same candidate.
 e. The same train step with `attention_impl="cudnn_packed"` (cuDNN's packed layout; its
    compiled peak memory is recorded beside b's: without remat it keeps both forms' residuals).
    The part fails, saying why, where the kernel would run its dense fallback instead.
@@ -501,6 +502,17 @@ def _candidates(text: str) -> list[tuple[int, str]]:
     return out
 
 
+def against_b(b: dict, result: dict, attention_impl: str) -> dict:
+    """Part b's tokens/s over a later part's (d: xla, e: cudnn_packed), the attention kernels'
+    ratio: only when both ran the same batch and remat policy (a part whose first candidate did not
+    fit runs another), else a note of why there is none."""
+    ran = [(r["batch"], r["remat_policy"]) for r in (b, result)]
+    if ran[0] != ran[1]:
+        return {f"cudnn_over_{attention_impl}_note": f"not compared: part b ran batch {ran[0][0]}, remat "
+                                                     f"{ran[0][1]}; this part batch {ran[1][0]}, remat {ran[1][1]}"}
+    return {f"cudnn_over_{attention_impl}_tokens_per_s": b["tokens_per_s"] / result["tokens_per_s"]}
+
+
 def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
     import flax.linen as nn
     import jax
@@ -621,9 +633,9 @@ def part_mfu(args, rec: Recorder, attention_impl: str, part: str) -> None:
             f"{tokens_per_s:,.0f} tokens/s, {result['tflops_per_s']:.0f} TFLOP/s, MFU {result['mfu']:.1%}")
         if part.startswith("b"):
             SHARED.update(params=state.params, model_config=cfg, mfu_choice=(batch, remat), mfu_result=result)
-        elif SHARED.get("mfu_result"):  # b's tokens/s over this part's (d: xla, e: cudnn_packed)
-            rec.put(part, f"cudnn_over_{attention_impl}_tokens_per_s",
-                    SHARED["mfu_result"]["tokens_per_s"] / tokens_per_s)
+        elif SHARED.get("mfu_result"):
+            for key, value in against_b(SHARED["mfu_result"], result, attention_impl).items():
+                rec.put(part, key, value)
         state = data = compiled = None  # free the device memory before the next part
         gc.collect()
         return

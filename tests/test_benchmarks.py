@@ -236,3 +236,14 @@ def test_gpu_decode_roofline_uses_the_devices_own_bandwidth(script, kind, tbps):
     assert datasheet_bandwidth(kind, 4.8) == (tbps * 1e12, f"llama_jax.metrics table for {kind!r}")
     rate, source = datasheet_bandwidth("cpu", 4.8)
     assert rate == 4.8e12 and source.startswith("--hbm-tbps 4.8 (device_kind 'cpu' is not in")
+
+
+def test_gpu_script_compares_kernels_only_at_the_same_batch_and_remat(script):
+    """Part d or e starts at part b's batch and remat policy but runs a later candidate where that
+    one does not fit: b's tokens/s over its own would then compare configurations, not kernels."""
+    against_b = script("gpu").against_b
+    b = {"batch": 16, "remat_policy": "none", "tokens_per_s": 3000.0}
+    assert against_b(b, {"batch": 16, "remat_policy": "none", "tokens_per_s": 2000.0}, "xla") == {
+        "cudnn_over_xla_tokens_per_s": 1.5}
+    assert against_b(b, {"batch": 8, "remat_policy": "dots", "tokens_per_s": 2000.0}, "cudnn_packed") == {
+        "cudnn_over_cudnn_packed_note": "not compared: part b ran batch 16, remat none; this part batch 8, remat dots"}
