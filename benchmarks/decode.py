@@ -24,7 +24,7 @@ first call after other work finds the weights out of the caches, and the streami
 compared with is measured warm too), so that the machine's slow spells (this kind of VM has them)
 fall on all of them alike and the ratios stay comparable. The two implementations' greedy tokens
 are compared too (the share identical is reported; they match unless a near tie in the logits
-rounds differently).
+rounds differently): where they differ, the script says so on stderr and exits with status 1.
 """
 
 from __future__ import annotations
@@ -202,6 +202,12 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"weight_bytes": weight_bytes, "streamed_bytes": streamed_bytes, "streamed_weight_bytes":
                        read["weights"], "kv_cache_bytes": read["kv_cache"], "rows": rows}, f, indent=1)
+    differ = [f"batch {row['batch']} {key} {row[f'{key}_same_tokens']:.0%}" for row in rows
+              for key in llama_jax_rows if row[f"{key}_same_tokens"] < 1]
+    if differ:  # the figures stand, but they time two different decodings
+        print(f"decode.py: greedy tokens differ from transformers' (share the same: {', '.join(differ)}): a near "
+              f"tie in the logits, or a decoding bug", file=sys.stderr)
+        return 1
     return 0
 
 

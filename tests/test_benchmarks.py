@@ -247,3 +247,18 @@ def test_gpu_script_compares_kernels_only_at_the_same_batch_and_remat(script):
         "cudnn_over_xla_tokens_per_s": 1.5}
     assert against_b(b, {"batch": 8, "remat_policy": "dots", "tokens_per_s": 2000.0}, "cudnn_packed") == {
         "cudnn_over_cudnn_packed_note": "not compared: part b ran batch 16, remat none; this part batch 8, remat dots"}
+
+
+def test_decode_fails_loudly_when_greedy_tokens_differ(script, monkeypatch, capsys):
+    """The figures are printed either way, but a llama-jax decoding that differs from transformers'
+    is said on stderr and makes the exit status 1 (here a generate that always emits token 3)."""
+    import llama_jax.generate
+
+    decode = script("decode")
+    tiny = ["--dim", "16", "--layers", "1", "--heads", "2", "--ffn", "32", "--vocab", "64", "--prompt-len", "4",
+            "--new-tokens", "3", "--batch", "2", "--repeats", "1", "--scan", "yes"]
+    assert decode.main(tiny) == 0 and capsys.readouterr().err == ""
+    monkeypatch.setattr(llama_jax.generate, "generate", lambda cfg, params, prompts, n: [[3] * n for _ in prompts])
+    assert decode.main(tiny) == 1
+    err = capsys.readouterr().err
+    assert "decode.py: greedy tokens differ from transformers' (share the same: batch 2 scanned" in err, err
