@@ -1,4 +1,4 @@
-"""Training throughput accounting (model FLOPs, MFU, peak FLOP/s per chip) and a metrics writer.
+"""Throughput accounting (model FLOPs, MFU, peak FLOP/s and HBM bandwidth per chip) and a metrics writer.
 
 MFU here is model FLOPs utilisation: the FLOPs the model needs per token (matmuls only, no
 rematerialisation) times tokens per second, over the chip's dense bf16 peak. On CPU, and on any
