@@ -88,6 +88,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     """A (data, fsdp, tensor) mesh over `devices` (default: all).
 
     On multi-slice TPU the data axis spans slices (DCN) and fsdp x tensor stay within a slice (ICI).
+    A TPU mesh axis is laid along whole axes of the chips' torus where their sizes allow, else
+    along part of one (tensor=2 on a 4x4 v5e-16 or a 4x4x4 v5p-128, which have no axis of 2).
     """
     devices = jax.devices() if devices is None else list(devices)
     shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
@@ -98,11 +100,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
         if shape[0] % n_slices:
             raise ValueError(f"mesh.data={shape[0]} must be a multiple of the {n_slices} TPU slices")
         device_array = mesh_utils.create_hybrid_device_mesh(
-            (shape[0] // n_slices, shape[1], shape[2]), (n_slices, 1, 1), devices)
+            (shape[0] // n_slices, shape[1], shape[2]), (n_slices, 1, 1), devices, allow_split_physical_axes=True)
     elif devices[0].platform == "cpu":
         device_array = np.array(devices).reshape(shape)
     else:
-        device_array = mesh_utils.create_device_mesh(shape, devices)
+        device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(device_array, MESH_AXES)
 
 

@@ -699,3 +699,20 @@ def test_multi_slice_mesh_puts_the_data_axis_across_slices():
     assert (slices[0] == 0).all() and (slices[1] == 1).all()  # fsdp x tensor stay inside a slice (ICI)
     with pytest.raises(ValueError, match="mesh.data=1 must be a multiple of the 2 TPU slices"):
         make_mesh(1, -1, 2, chips)
+
+
+@pytest.mark.parametrize("slices", [1, 2])
+def test_a_tpu_mesh_axis_that_no_torus_axis_matches_is_laid_out(slices):
+    """tensor=2 on slices of 4x4 chips (v5e-16; v5p-128 is 4x4x4), whose torus has no axis of 2:
+    JAX's layout refused it (NotImplementedError, a traceback), though any mesh of the chips' count
+    runs; it now lays the axis along part of one. Whole torus axes are still used where they fit."""
+    from llama_jax.sharding import make_mesh
+
+    chips = [FakeTpuChip(s * 16 + i, s, (i % 4, i // 4, 0)) for s in range(slices) for i in range(16)]
+    mesh = make_mesh(slices, -1, 2, chips)
+    assert mesh.devices.shape == (slices, 8, 2) and len({d.id for d in mesh.devices.flat}) == 16 * slices
+    for pair in mesh.devices.reshape(-1, 2):  # tensor neighbours are torus neighbours, in one slice
+        (x0, y0, _), (x1, y1, _) = pair[0].coords, pair[1].coords
+        assert pair[0].slice_index == pair[1].slice_index and abs(x0 - x1) + abs(y0 - y1) == 1
+    whole = make_mesh(1, -1, 4, chips[:16])  # (an axis of 4: one torus axis, as before)
+    assert all(len({d.coords[1] for d in row}) == 1 for row in whole.devices.reshape(-1, 4))
