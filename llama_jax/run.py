@@ -49,7 +49,7 @@ from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import RUN_TOKENIZER, RunData, RunError, build_data, evaluate, prepared_dirs
-from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, SET_ASIDE_DIR, DirectoryLock, atomic_file,
+from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, SET_ASIDE_DIR, DirectoryBusy, DirectoryLock, atomic_file,
                                check_destination, check_outside_runs_and_models, check_run_config, check_writable,
                                file_in_the_way, holds_lock, holds_no_run, holds_run, non_utf8_path,
                                run_directory_problem, sha256_file, write_text_atomic)
@@ -860,13 +860,29 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     lock = DirectoryLock(workdir, f"--workdir {workdir} is in use: another llama-jax train is running there (it "
                                   "holds the directory's lock); wait for it to end, stop it, or use another --workdir")
     try:  # one run at a time in a workdir: two would write over each other's checkpoints and logs
-        if workdir.exists() and jax.process_index() == 0:
-            lock.acquire()
+        _lock_together(lock, workdir)
         if holds_run(workdir):  # (once locked: a run training there would be changing it)
             _check_run_writable(workdir, config.checkpoint, resume_from)
         return _train_and_evaluate(config, workdir, lock, progress, devices, resume_from)
     finally:
         lock.release()
+
+
+def _lock_together(lock: DirectoryLock, workdir: Path) -> None:
+    """Process 0 takes the lock of an existing `workdir`; where another run holds it, every process
+    of a multi-process run refuses with its DirectoryBusy (the others went on alone into the first
+    computation, and failed there on a peer gone without a word of why)."""
+    busy = None
+    if workdir.exists() and jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except DirectoryBusy as e:
+            busy = e
+    if jax.process_count() == 1:
+        if busy is not None:
+            raise busy
+    elif multihost_utils.broadcast_one_to_all(np.int32(busy is not None)):
+        refuse_together(busy or DirectoryBusy(lock.busy_message))
 
 
 def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bool, devices,

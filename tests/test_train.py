@@ -530,6 +530,35 @@ def test_processes_started_differently_are_refused_by_each(tmp_path, differing):
     assert not any(w.exists() for w in workdirs)
 
 
+def test_processes_of_a_run_where_another_trains_all_say_so(tmp_path):
+    """Process 0 takes the workdir's lock; where another run held it, process 0 alone refused and
+    the others went on into the first computation, failing there on a lost peer ("the computation
+    failed: ... another process may have stopped first"). Every process now gives the lock's line."""
+    import fcntl
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--config.train.steps=2",
+           "--config.optimizer.warmup_steps=1", "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{port}",
+           "--num-processes", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    held = os.open(workdir, os.O_RDONLY)  # as a run training there holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        os.close(held)
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-3000:]
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+            f"llama-jax train: error: --workdir {workdir} is in use: another llama-jax train is running there (it "
+            f"holds the directory's lock); wait for it to end, stop it, or use another --workdir"), err[-3000:]
+    assert sorted(p.name for p in workdir.iterdir()) == []
+
+
 def test_sigterm_while_waiting_for_the_other_processes_stops_the_command(tmp_path):
     """jax.distributed.initialize waits up to 5 minutes for every process; a signal cannot interrupt
     the native call, so the command waits for it in a thread and stays stoppable."""
