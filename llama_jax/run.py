@@ -840,6 +840,38 @@ def check_processes_agree(config, workdir: Path, resume_from: int | None) -> Non
                                      "command and config, only --process-id differing"))
 
 
+SHARED_PROBE = ".llama-jax-shared-"  # (+ a number) the file process 0 writes for `check_workdir_shared`
+
+
+def check_workdir_shared(workdir: Path) -> None:
+    """RunError, in every process of a multi-process run, unless each one sees a file process 0
+    writes where the run lives (`workdir`, or its nearest existing ancestor for a new run): every
+    process writes its part of each checkpoint there, and on disks of their own (a node-local path)
+    the first save waited for good, without a word. The file's name is new to every process, so
+    no file system (gcsfuse) has it cached as missing; it is removed once all have looked."""
+    if jax.process_count() == 1:
+        return
+    number = int(multihost_utils.broadcast_one_to_all(np.int32(int.from_bytes(os.urandom(4), "little") >> 1)))
+    where = next(p for p in (workdir, *workdir.parents) if p.is_dir())
+    probe = where / f"{SHARED_PROBE}{number}"
+    written = True
+    if jax.process_index() == 0:
+        try:
+            probe.write_bytes(b"")
+        except OSError:  # (not writable: the run's own first write says so)
+            written = False
+    written = bool(multihost_utils.broadcast_one_to_all(np.int32(written)))  # (also: the file is in place)
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(probe.exists()))) if written else []
+    if jax.process_index() == 0 and written:
+        probe.unlink(missing_ok=True)
+    missing = [p for p, here in enumerate(seen) if not here]
+    if missing:
+        refuse_together(RunError(f"--workdir {workdir} is not one directory every process shares: process "
+                                 f"{missing[0]} does not see the file process 0 wrote in {where}; a multi-process run "
+                                 f"needs its workdir on storage all its hosts mount (each writes its part of every "
+                                 f"checkpoint there), not a path on each host's own disk"))
+
+
 def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devices=None,
                        resume_from: int | None = None) -> RunResult:
     """Train `config.train.steps` steps in `workdir`, resuming if it holds checkpoints.
@@ -855,6 +887,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     check_run_settings(config)
     workdir = Path(workdir).absolute()
     check_processes_agree(config, workdir, resume_from)
+    check_workdir_shared(workdir)
     check_workdir(workdir)
     check_trial_settings(workdir, config)
     lock = DirectoryLock(workdir, f"--workdir {workdir} is in use: another llama-jax train is running there (it "

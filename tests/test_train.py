@@ -559,6 +559,31 @@ def test_processes_of_a_run_where_another_trains_all_say_so(tmp_path):
     assert sorted(p.name for p in workdir.iterdir()) == []
 
 
+def test_processes_that_do_not_share_the_workdir_are_refused_by_each(tmp_path):
+    """On disks of their own (a node-local --workdir), process 0 committed each checkpoint while
+    the others wrote their parts elsewhere: the run waited at its first save for good, without a
+    word. Each process now refuses before anything is written. (Process 1 looks for the file
+    process 0 writes under another name, as a host that does not see process 0's disk finds none.)"""
+    port = _free_port()
+    args = ["train", "--config", TINY, "--config.train.steps=2", "--config.optimizer.warmup_steps=1",
+            "--workdir", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    own_disk = ("import sys; import llama_jax.run as run; run.SHARED_PROBE = '.elsewhere-'; "
+                "from llama_jax.cli import main; sys.exit(main(sys.argv[1:]))")
+    procs = [subprocess.Popen([sys.executable, *(["-c", own_disk] if i else ["-m", "llama_jax.cli"]), *args,
+                               "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-3000:]
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+            f"llama-jax train: error: --workdir {tmp_path / 'run'} is not one directory every process shares: process "
+            f"1 does not see the file process 0 wrote in {tmp_path}; a multi-process run needs its workdir on storage "
+            f"all its hosts mount (each writes its part of every checkpoint there), not a path on each host's own "
+            f"disk"), err[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_sigterm_while_waiting_for_the_other_processes_stops_the_command(tmp_path):
     """jax.distributed.initialize waits up to 5 minutes for every process; a signal cannot interrupt
     the native call, so the command waits for it in a thread and stays stoppable."""
