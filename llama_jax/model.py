@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import attention, attention_mask, cached_attention, sharded_attention
 from llama_jax.config import LLaMAConfig, check_model_config, check_seed, is_int
+from llama_jax.sharding import ambient_mesh
 
 Array = jax.Array
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -335,6 +336,14 @@ class Attention(nn.Module):
         return out, kv
 
 
+def shard_as(x, logical_axes: tuple[str | None, ...]):
+    """`x` constrained to the sharding the logical-axis rules give `logical_axes` on the mesh of the
+    enclosing `with mesh:` (`sharding.mesh_context`); outside one, `x` as it is. (Flax 0.12's
+    `nn.with_logical_constraint` finds no mesh under a classic `with mesh:` and did nothing.)"""
+    mesh = ambient_mesh()
+    return x if mesh is None else nn.with_logical_constraint(x, logical_axes, mesh=mesh)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -345,7 +354,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         gate = _dense(cfg, cfg.ffn_dim, ("embed", "mlp"), "gate")(x_BxSxD)
         up = _dense(cfg, cfg.ffn_dim, ("embed", "mlp"), "up")(x_BxSxD)
-        h_BxSxF = nn.with_logical_constraint(swiglu(gate, up), ("batch", "length", "mlp"))
+        h_BxSxF = shard_as(swiglu(gate, up), ("batch", "length", "mlp"))
         return _dense(cfg, cfg.dim, ("mlp", "embed"), "down")(h_BxSxF)
 
 
@@ -363,7 +372,7 @@ class Block(nn.Module):
             RMSNorm(self.cfg, name="attn_norm")(x_BxSxD), sin, cos, mask_BxSxT, segment_ids, kv, view, layer)
         x_BxSxD = x_BxSxD + attn_out
         x_BxSxD = x_BxSxD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxSxD))
-        return (nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed")), kv), None
+        return (shard_as(x_BxSxD, ("batch", "length", "embed")), kv), None
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -497,7 +506,7 @@ class LLaMA(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.dim, dtype=jnp.dtype(cfg.dtype),
                          param_dtype=jnp.dtype(cfg.param_dtype),
                          embedding_init=_param(_INIT, "vocab", "embed"), name="embed")
-        x = nn.with_logical_constraint(embed(tokens_BxS), ("batch", "length", "embed"))
+        x = shard_as(embed(tokens_BxS), ("batch", "length", "embed"))
 
         block = Block
         if cfg.remat_policy != "none":
@@ -523,7 +532,7 @@ class LLaMA(nn.Module):
             out_DxV = self.param("lm_head", _param(_INIT, "embed", "vocab"), (cfg.dim, cfg.vocab_size),
                                  jnp.dtype(cfg.param_dtype))
             logits = project(x, out_DxV.astype(x.dtype), 1, preferred_element_type=jnp.float32)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        logits = shard_as(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits
         return logits, KVCache(kv[0], kv[1], view.kv_segment_ids, start + S)
