@@ -1151,7 +1151,8 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
                            "every worker", description="Example: llama-jax launch tpu --name llama2-7b "
                            f"--zone us-central2-b --accelerator v4-32 {example}")
     t.add_argument("--name", required=True, help="queued resource and TPU VM name; launching again with the same "
-                   "name reuses it, or re-creates it if it was preempted")
+                   "name reuses it, or re-creates it if it was preempted, and follows a command of that name "
+                   "still running there instead of starting another")
     t.add_argument("--zone", required=True)
     t.add_argument("--accelerator", required=True, metavar="TYPE",
                    help="v4-N, v5p-N (N TensorCores), v5litepod-N, v6e-N (N chips), e.g. v4-32")

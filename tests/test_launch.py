@@ -13,6 +13,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import submitit  # noqa: F401  (imported before any test captures output, see below)
@@ -81,9 +82,10 @@ def test_tpu_dry_run_v4_32(capsys):
                                                'python3 -m uv pip install -q --python .venv/bin/python -e . '
                                                '"jax[tpu]"')  # (the images' python3 is 3.10)
     assert run[3:6] == ["tpu-vm", "ssh", "llama2-7b"] and "--worker=all" in run
-    assert flag(run, "--command") == ("cd llama-jax && .venv/bin/python -m llama_jax.cli train --config "
-                                      "configs/llama2_7b_v4_32.py --workdir /mnt/gcs/runs/llama2-7b "
-                                      "--config.train.log_every=10")  # overrides after -- belong to the command
+    assert " setsid sh -c 'echo " in flag(run, "--command")  # detached (see test_a_dropped_connection_...)
+    assert (".id; .venv/bin/python -m llama_jax.cli train --config configs/llama2_7b_v4_32.py --workdir "
+            "/mnt/gcs/runs/llama2-7b --config.train.log_every=10 & " in flag(run, "--command"))  # (overrides after --)
+    assert "detached from the ssh session, output logged to ~/llama-jax/.launch/llama2-7b.log there" in out
 
 
 def test_a_config_the_workers_copy_of_the_checkout_lacks_is_refused(tmp_path, monkeypatch, capsys):
@@ -200,7 +202,7 @@ def test_the_command_reaches_every_worker_as_given(capsys, tmp_path):
     write_fake(python, f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
                        f"'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\"\n")
     done = subprocess.run(["bash", "-c", remote], cwd=worker, capture_output=True, text=True, check=True)
-    assert json.loads(done.stdout) == ["-m", "llama_jax.cli", *command]
+    assert json.loads(done.stdout.splitlines()[-1]) == ["-m", "llama_jax.cli", *command]  # (after a log's header)
 
 
 # ---- TPU: the real code path against a fake gcloud ----------------------------------------------
@@ -232,6 +234,9 @@ elif verb == "create":
     open(state_file, "w").write(env.get("FAKE_CREATED_STATE", "ACTIVE"))
 elif verb == "delete":
     os.remove(state_file)
+    if env.get("FAKE_WORKER"):  # whether the launched command had ended by then
+        ended = os.path.exists(os.path.join(env["FAKE_WORKER"], "llama-jax", ".launch", "run.status"))
+        entry.append("after the command" if ended else "WHILE THE COMMAND RUNS")
 elif verb == "scp" and args[4].endswith(".tar.gz"):
     entry.append(sorted(tarfile.open(args[4]).getnames()))
 elif verb == "ssh":
@@ -247,6 +252,27 @@ elif verb == "ssh":
             with open(log, "a") as f:
                 f.write(json.dumps(entry) + "\\n")
             sys.exit(int(env.get("FAKE_PREEMPTED_STATUS", "255")))  # 0: the run saved and exited cleanly
+        if env.get("FAKE_WORKER"):  # a worker's shell runs the command line, as sshd would
+            import signal, subprocess
+            shell = subprocess.Popen(["bash", "-c", command], cwd=env["FAKE_WORKER"], stdout=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+            drops_file = state_file + ".drops"  # how many connections drop yet
+            drops = int(open(drops_file).read()) if os.path.exists(drops_file) else 0
+            if drops:  # a line of output, then the connection is gone: sshd's side of the session with it
+                open(drops_file, "w").write(str(drops - 1))
+                print(shell.stdout.readline(), end="", flush=True)
+                os.killpg(shell.pid, signal.SIGKILL)
+                shell.wait()
+                status, note = 255, "dropped"
+            else:
+                open(os.path.join(env["FAKE_WORKER"], "release"), "w").close()  # the command may end now
+                for line in shell.stdout:
+                    print(line, end="", flush=True)
+                status = shell.wait()
+                note = "exit %d" % status
+            with open(log, "a") as f:
+                f.write(json.dumps(entry[:2] + [note]) + "\\n")
+            sys.exit(status)
         print("step 10: loss 1.2345 (from the workers)")
 with open(log, "a") as f:
     f.write(json.dumps(entry) + "\\n")
@@ -299,8 +325,8 @@ def test_existing_active_resource_is_reused(fake_gcloud, capfd, tmp_path):
     assert "llama_jax/cli.py" in upload[2] and "configs/tiny.py" in upload[2] and ".venv" not in str(upload[2])
     assert "pip install" in install[2]
     assert install[2].index("uv venv") < install[2].index("uv pip install")  # into a Python 3.11 environment
-    assert run[2].endswith(".venv/bin/python -m llama_jax.cli train --config configs/tiny.py --workdir "
-                           "/mnt/gcs/runs/tiny")
+    assert ".id; .venv/bin/python -m llama_jax.cli train --config configs/tiny.py --workdir /mnt/gcs/runs/tiny & " \
+           in run[2]
     assert "step 10: loss 1.2345" in capfd.readouterr().out  # the workers' output streams through
     assert not list(tmp_path.glob("llama-jax-*.tar.gz"))  # the shipped tarball is cleaned up
 
@@ -492,6 +518,106 @@ def test_resource_failing_right_after_creation_is_one_error(fake_gcloud, monkeyp
     assert cli.main(launch_args("--delete-after")) == 2  # (FAILED: deleted, created again, FAILED)
     assert verbs(calls()) == ["queued-resources describe FAILED", "queued-resources delete", "queued-resources describe",
                               "queued-resources create", "queued-resources describe FAILED", "queued-resources delete"]
+
+
+@pytest.fixture
+def fake_worker(fake_gcloud, tmp_path, monkeypatch):
+    """fake_gcloud whose ssh runs a launched command's remote shell here, in a worker's home whose
+    environment's python stands for the command: it prints a step, waits until the fake ssh lets it
+    end (the connection that does not drop), prints another and exits 3. Returns (drop, starts): drop(n)
+    makes the next n connections drop after a line of output; starts() counts the commands started."""
+    worker = tmp_path / "worker"
+    python = worker / tpu.REMOTE_DIR / tpu.REMOTE_PYTHON
+    python.parent.mkdir(parents=True)
+    write_fake(python, "#!/bin/sh\necho started >> ../starts\necho 'step 1'\n"
+                       "i=0; while [ ! -e ../release ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n"
+                       "echo 'step 2'\nexit 3\n")
+    monkeypatch.setenv("FAKE_WORKER", str(worker))
+    fake_gcloud[0]("ACTIVE")
+
+    def drop(n):
+        Path(os.environ["FAKE_STATE"] + ".drops").write_text(str(n))
+
+    def starts():
+        return len((worker / "starts").read_text().splitlines()) if (worker / "starts").exists() else 0
+
+    return drop, starts
+
+
+def test_a_dropped_connection_re_attaches_to_the_running_command(fake_gcloud, fake_worker, monkeypatch, capfd):
+    """The command ran in the ssh session, and a dropped connection (ssh exit status 255) ended it and
+    was taken for its failure: reported, and --delete-after deleted the slice. It runs detached
+    now: the launcher re-attaches, gets the command's own status, and deletes only after it ended."""
+    _, calls = fake_gcloud
+    drop, starts = fake_worker
+    drop(2)
+    waits = []
+    monkeypatch.setattr(tpu.time, "sleep", waits.append)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(launch_args("--delete-after"))
+    assert exit_.value.code == 3
+    assert starts() == 1  # started once, followed three times
+    assert waits == [10, 20]
+    out, err = capfd.readouterr()
+    assert "step 2" in out
+    assert "llama-jax launch: lost the connection to the workers (ssh exit status 255); the command goes on there; " \
+           "re-attaching in 20s (2 of 5)" in err
+    assert "llama-jax launch: the command exited with status 3 on the TPU" in err
+    assert [c for c in calls() if c[:2] == ["tpu-vm", "ssh"]][1:] == [["tpu-vm", "ssh", "dropped"]] * 2 + [
+        ["tpu-vm", "ssh", "exit 3"]]
+    assert calls()[-1] == ["queued-resources", "delete", "after the command"]
+
+
+def test_lost_connections_are_counted_in_a_row(fake_gcloud, fake_worker, monkeypatch):
+    """A run of days loses its connection more often than RECONNECTS times: only lost connections
+    in a row (none lasting CONNECTED_S) make the launcher give up."""
+    drop, starts = fake_worker
+    drop(tpu.RECONNECTS + 2)
+    clock, waits = iter(range(0, 10**6, tpu.CONNECTED_S)), []  # each connection lasts CONNECTED_S
+    monkeypatch.setattr(tpu, "time", SimpleNamespace(sleep=waits.append, monotonic=lambda: next(clock)))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(launch_args())
+    assert exit_.value.code == 3 and starts() == 1
+    assert waits == [tpu.RECONNECT_WAIT_S] * (tpu.RECONNECTS + 2)
+
+
+def test_a_launcher_that_cannot_reconnect_leaves_the_command_running(fake_gcloud, fake_worker, monkeypatch,
+                                                                     capsys, tmp_path):
+    """After RECONNECTS lost connections in a row the launcher gives up without a word of failure for
+    the command, copying back or deleting anything; launched again, it follows the command still
+    running instead of starting another."""
+    _, calls = fake_gcloud
+    drop, starts = fake_worker
+    drop(99)
+    monkeypatch.setattr(tpu.time, "sleep", lambda seconds: None)
+    launch = launch_args("--delete-after", "--copy-back", str(tmp_path / "back"))
+    assert cli.main(launch) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("llama-jax launch: error: lost the connection to the workers 6 times in a "
+                                           "row (ssh exit status 255); the command is left running on the workers "
+                                           "(output: ~/llama-jax/.launch/run.log on each): launch again with the same "
+                                           "command to follow it, or stop it (a train saves first): `gcloud compute "
+                                           "tpus tpu-vm ssh run --worker=all --command 'kill -TERM $(cat "
+                                           "llama-jax/.launch/run.pid)'")
+    assert "llama-jax launch: the command exited with status" not in err
+    assert verbs(calls()).count("tpu-vm scp") == 1 and "queued-resources delete" not in verbs(calls())  # the upload
+    for _ in range(100):  # (the detached command starts on its own time)
+        if starts():
+            break
+        time.sleep(0.1)
+    assert starts() == 1 and not (Path(os.environ["FAKE_WORKER"]) / "llama-jax/.launch/run.status").exists()
+    worker = Path(os.environ["FAKE_WORKER"])  # a second launch's ship leaves the running command's checkout alone
+    (worker / tpu.REMOTE_TARBALL).write_text("not a tarball")
+    spec = tpu.TpuLaunch(name="run", zone=ZONE[1], slice=tpu.tpu_slice("v4-32"), command=tuple(TRAIN_TINY))
+    done = subprocess.run(["bash", "-c", tpu.install_shell(spec)], cwd=worker, capture_output=True, text=True)
+    assert done.returncode == 0 and "still running here: its checkout is left as it is" in done.stderr
+    assert not (worker / tpu.REMOTE_TARBALL).exists()
+    drop(0)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(launch)
+    assert exit_.value.code == 3 and starts() == 1
+    assert "the command of launch run was started here already: following it" in capsys.readouterr().err
+    assert calls()[-1] == ["queued-resources", "delete", "after the command"]
 
 
 # ---- SLURM --------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Run a llama-jax command on every worker of a Cloud TPU VM slice, through the gcloud CLI.
 
 A launch: create the slice as a queued resource (or reuse it), wait until it is ACTIVE, ship
-this checkout to every worker and install it, run the command on all workers at once (output
-streams back through ssh), then optionally copy the workdir back and delete the slice. The
+this checkout to every worker and install it, run the command on all workers at once (detached
+from the ssh session, its output logged there and followed here: a dropped connection re-attaches,
+the run goes on), then optionally copy the workdir back and delete the slice. The
 training engine joins the workers into one JAX program by itself on TPU VMs.
 
 Launching again after a preemption is the same command: a queued resource that lost its TPUs
@@ -23,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import uuid
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
@@ -72,6 +74,12 @@ REMOTE_TARBALL = "llama-jax.tar.gz"
 # when the image lacks it) and kept across launches; the run uses its interpreter.
 REMOTE_PYTHON_VERSION = "3.11"
 REMOTE_PYTHON = ".venv/bin/python"  # relative to REMOTE_DIR
+LAUNCH_DIR = ".launch"  # relative to REMOTE_DIR: each launch NAME's NAME.log, .status, .pid, .id, .lock
+SSH_LOST = 255  # gcloud's exit status when the ssh connection failed or dropped (a command's own 255 comes as 1)
+RECONNECTS = 5  # re-attaches in a row after lost connections before the launcher gives up (the run goes on)
+RECONNECT_WAIT_S = 10  # before the first; doubled each time
+CONNECTED_S = 300  # a connection that lasted this long worked: the next lost one is the first in a row
+REATTACH_LINES = 20  # of the log shown again when following a command started earlier
 REMOTE_INSTALL = ("python3 -m pip install -q uv",
                   f"python3 -m uv venv -q --allow-existing --python {REMOTE_PYTHON_VERSION} .venv",
                   f'python3 -m uv pip install -q --python {REMOTE_PYTHON} -e . "jax[tpu]"')
@@ -133,6 +141,8 @@ class TpuLaunch:
     copy_back: str | None = None  # local directory receiving worker 0's workdir
     delete_after: bool = False
     max_restarts: int = 0  # re-launches after a preemption during the run
+    # tells this launch's command on the workers from an earlier launch's of the same name
+    launch_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12], compare=False)
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", self.name):
@@ -246,14 +256,42 @@ def _make_directory(path: Path) -> None:
 
 def install_shell(tpu: TpuLaunch) -> str:
     """Unpack the shipped checkout over the previous one (a relative workdir and the Python environment
-    inside it survive) and install it into that environment (`REMOTE_INSTALL`)."""
-    steps = [f"mkdir -p {REMOTE_DIR}", f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}", f"rm {REMOTE_TARBALL}",
+    inside it survive) and install it into that environment (`REMOTE_INSTALL`); a worker where this
+    launch name's command is still running keeps the checkout it runs from (`run_shell` follows it)."""
+    lock = f"{REMOTE_DIR}/{LAUNCH_DIR}/{tpu.name}.lock"
+    running = (f"if [ -e {lock} ] && ! flock -n -s {lock} true; then echo \"llama-jax launch: $(hostname): the "
+               f"command of launch {tpu.name} is still running here: its checkout is left as it is\" >&2; "
+               f"rm -f {REMOTE_TARBALL}; exit 0; fi")
+    steps = [running, f"mkdir -p {REMOTE_DIR}", f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}", f"rm {REMOTE_TARBALL}",
              f"cd {REMOTE_DIR}", *REMOTE_INSTALL]
     return "set -e; " + "; ".join(steps + ([tpu.setup] if tpu.setup else []))
 
 
 def run_shell(tpu: TpuLaunch) -> str:
-    return f"cd {REMOTE_DIR} && {REMOTE_PYTHON} -m llama_jax.cli {shlex.join(tpu.command)}"
+    """Start the command on the worker detached from the ssh session (its own session, stdin from
+    /dev/null, output appended to LAUNCH_DIR/NAME.log, exit status to NAME.status when it ends; it
+    holds NAME.lock while it runs), unless this launch started it there already or a command of
+    this name is still running there; then follow the log until the command ends and exit with its
+    status. Run again after a dropped connection, it re-attaches: it never starts a second copy."""
+    f = f"{LAUNCH_DIR}/{tpu.name}"
+    command = f"{REMOTE_PYTHON} -m llama_jax.cli {shlex.join(tpu.command)}"
+    # (the id is written once detached: a start cut short with its session is started again on re-attaching)
+    detached = f"echo {tpu.launch_id} > {f}.id; {command} & echo $! > {f}.pid; wait $!; echo $? > {f}.status"
+    start = (f"rm -f {f}.status; touch {f}.log; "
+             f'from="-c +$(($(wc -c < {f}.log) + 1))"; '
+             f'echo "==== llama-jax launch {tpu.name} ({tpu.launch_id}), $(date -u)" >> {f}.log; '
+             f"setsid sh -c {shlex.quote(detached)} < /dev/null >> {f}.log 2>&1 &")
+    attach = (f'echo "llama-jax launch: $(hostname): the command of launch {tpu.name} was started here already: '
+              f'following it (~/{REMOTE_DIR}/{f}.log), from its last {REATTACH_LINES} lines" >&2; '
+              f'from="-n {REATTACH_LINES}"')
+    follow = (f"exec 9>&-; flock -s {f}.lock true & tail $from -f --pid=$! {f}.log; "
+              f'if [ -e {f}.status ]; then s=$(cat {f}.status); [ "$s" != {SSH_LOST} ] && exit "$s"; '
+              f'echo "llama-jax launch: $(hostname): the command exited with status {SSH_LOST}, ssh\'s own: exiting '
+              f'with 1" >&2; exit 1; fi; '
+              f'echo "llama-jax launch: $(hostname): the command ended without recording its exit status" >&2; exit 1')
+    return (f"cd {REMOTE_DIR} && mkdir -p {LAUNCH_DIR} && exec 9>> {f}.lock && "
+            f'if flock -n 9 && [ "$(cat {f}.id 2>/dev/null)" != {tpu.launch_id} ]; then {start} '
+            f"else {attach}; fi; {follow}")
 
 
 def remote_workdir(tpu: TpuLaunch) -> str:
@@ -285,7 +323,11 @@ def dry_run_lines(tpu: TpuLaunch, unlisted: str | None = None) -> list[str]:
               "# (the upload: the checkout's tarball cannot be built here, see NOT READY)" if unlisted
               else shlex.join(upload_command(tpu)),
               shlex.join(ssh_command(tpu, install_shell(tpu))),
-              f"# run on {f'all {s.workers} workers' if s.workers > 1 else 'its one worker'}; output streams here",
+              f"# run on {f'all {s.workers} workers' if s.workers > 1 else 'its one worker'}, detached from the ssh "
+              f"session, output logged to ~/{REMOTE_DIR}/{LAUNCH_DIR}/{tpu.name}.log there and followed here",
+              f"# (run again after a dropped connection, ssh exit status {SSH_LOST}, up to {RECONNECTS} times in a "
+              f"row, it re-attaches ({tpu.launch_id}: this launch's own id); a command of this name still running "
+              f"there is followed, not started again)",
               shlex.join(ssh_command(tpu, run_shell(tpu)))]
     if tpu.max_restarts:
         lines.append(f"# if the TPU was preempted during the run: up to {tpu.max_restarts} more times, "
@@ -357,17 +399,49 @@ def _run_until_done(tpu: TpuLaunch, poll_seconds: float) -> tuple[int, bool]:
             if tpu.delete_after and made:
                 _run(delete_command(tpu), check=False)
             raise
-        status = _run(ssh_command(tpu, run_shell(tpu)), check=False)
-        try:  # also after a clean exit: a preempted train saves and exits 0
-            preempted = describe_state(tpu) != "ACTIVE"
-        except LaunchError as e:
-            _note(f"{e}; taking the slice as still there")
-            preempted = False
+        status, preempted = _run_and_follow(tpu)
         if not preempted:
             break
         if attempt < tpu.max_restarts:
             _note(f"the TPU was preempted during the run; re-launching ({attempt + 1} of {tpu.max_restarts})")
     return status, preempted
+
+
+def _run_and_follow(tpu: TpuLaunch) -> tuple[int, bool]:
+    """Run the command on the workers (`run_shell`), re-attaching after a lost connection while the
+    slice is ACTIVE; (its exit status, whether the slice was preempted). Gives up, leaving the
+    command running (nothing copied back or deleted), after RECONNECTS lost connections in a row."""
+    lost = 0
+    try:
+        while True:
+            started = time.monotonic()
+            status = _run(ssh_command(tpu, run_shell(tpu)), check=False)
+            try:  # also after a clean exit: a preempted train saves and exits 0
+                preempted = describe_state(tpu) != "ACTIVE"
+            except LaunchError as e:
+                _note(f"{e}; taking the slice as still there")
+                preempted = False
+            if status != SSH_LOST or preempted:
+                return status, preempted
+            if time.monotonic() - started >= CONNECTED_S:
+                lost = 0
+            if lost == RECONNECTS:
+                raise LaunchError(f"lost the connection to the workers {lost + 1} times in a row (ssh exit status "
+                                  f"{SSH_LOST}); {_left_running(tpu)}")
+            wait = RECONNECT_WAIT_S * 2 ** lost
+            lost += 1
+            _note(f"lost the connection to the workers (ssh exit status {SSH_LOST}); the command goes on there; "
+                  f"re-attaching in {wait}s ({lost} of {RECONNECTS})")
+            time.sleep(wait)
+    except (KeyboardInterrupt, Terminated):
+        _note(f"interrupted; {_left_running(tpu)}")
+        raise
+
+
+def _left_running(tpu: TpuLaunch) -> str:
+    return (f"the command is left running on the workers (output: ~/{REMOTE_DIR}/{LAUNCH_DIR}/{tpu.name}.log on each): "
+            f"launch again with the same command to follow it, or stop it (a train saves first): "
+            f"`{shlex.join(ssh_command(tpu, f'kill -TERM $(cat {REMOTE_DIR}/{LAUNCH_DIR}/{tpu.name}.pid)'))}`")
 
 
 def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS, made: list | None = None) -> bool:
