@@ -406,3 +406,19 @@ def test_apply_refuses_params_of_another_model():
 def test_model_api_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call(LLaMAConfig.from_preset("debug", vocab_size=64, max_seq_len=32))
+
+
+def test_activations_are_laid_out_as_the_model_declares_under_a_mesh():
+    """Under a mesh, the logits come out as the model's constraint lays them: rows over the batch
+    axes, the vocabulary over tensor. (Flax 0.12's `nn.with_logical_constraint` finds no mesh under
+    the classic `with mesh:` the project enters, so every constraint did nothing and each device
+    held whole-vocabulary logits.)"""
+    from llama_jax.sharding import make_mesh, mesh_context
+
+    cfg = LLaMAConfig.from_preset("debug")
+    mesh = make_mesh(1, 4, 2)
+    tokens = jnp.asarray(_tokens(cfg.vocab_size, batch=8, seq=16))
+    with mesh_context(mesh):
+        params = LLaMA(cfg).init(jax.random.key(0), tokens)
+        logits = jax.jit(LLaMA(cfg).apply)(params, tokens)
+    assert logits.sharding.spec == P("fsdp", None, "tensor")
