@@ -150,7 +150,8 @@ def test_a_launched_lm_eval_include_path_is_checked_where_it_will_run(tmp_path, 
 def test_tpu_dry_run_v5p_128_spot_copy_back_delete(capsys):
     out, commands = dry_run(capsys, ["launch", "tpu", "--name", "cpt", "--zone", "us-east5-a", "--accelerator",
                                      "v5p-128", "--spot", "--project", "my-proj", "--copy-back", "runs/back",
-                                     "--delete-after", "--max-restarts", "3", "--dry-run", "--", *TRAIN_7B])
+                                     "--delete-after", "--max-restarts", "3", "--dry-run", "--", *TRAIN_7B,
+                                     "--config.train.grad_accum=16"])  # (64 chips: 16 rows of the 1,024 each)
     assert "v5p-128: 64 chips on 16 workers" in out and "up to 3 more times" in out
     create, describe, upload, install, run, copy_back, delete = commands
     assert flag(create, "--accelerator-type") == "v5p-128"
