@@ -285,13 +285,71 @@ def _without_orbax_notice(start: str) -> Iterator[None]:
         absl.removeFilter(drop)
 
 
+MOUNTS_FILE = Path("/proc/mounts")
+# FUSE file systems over an object store, where renaming a directory copies its objects one by one
+OBJECT_STORE_FUSE = ("fuse.gcsfuse", "fuse.s3fs", "fuse.rclone")
+COMMIT_MARKER = ocp.path.atomicity.COMMIT_SUCCESS_FILE  # commit_success.txt
+
+
+def on_object_store_mount(path: str | os.PathLike) -> bool:
+    """Whether `path` lies on a FUSE mount of an object store (a bucket mounted with gcsfuse), as
+    the mount table MOUNTS_FILE says: its innermost mount point above `path` is of a type in
+    OBJECT_STORE_FUSE. (No mount table, as off Linux: False.)"""
+    try:
+        table = os.fsdecode(MOUNTS_FILE.read_bytes())
+    except OSError:
+        return False
+    real, found, fstype = os.path.realpath(path), "", ""
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # \040 is a space
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(found):  # the innermost; of one point mounted twice, the later
+            found, fstype = point, fields[2]
+    return fstype in OBJECT_STORE_FUSE
+
+
+def atomicity_options(directory: str | os.PathLike) -> ocp.options.AtomicityOptions | None:
+    """How Orbax commits the steps of a checkpoints `directory`. On local and network disks (None:
+    Orbax's default) a step is written under a temporary name and renamed into place. On an object
+    store's FUSE mount (where Orbax's default is still the rename) renaming a directory copies each
+    object and then deletes it (gcsfuse, on a bucket without hierarchical namespace), so a process
+    killed meanwhile left a step under its final name holding part of its files, which was then
+    listed and resumed as committed. There a step is written in place and committed by its
+    COMMIT_MARKER, written last; a step without one is not a checkpoint. Steps committed by rename
+    hold the marker too (Orbax writes it before the rename), so a run saved before reads on."""
+    if not on_object_store_mount(directory):
+        return None
+    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+
+
+def remove_unfinished_steps(directory: Path) -> None:
+    """Remove what saves committed by marker left unfinished in a checkpoints `directory`: a step's
+    folder without its marker (the step's next save is written there) and Orbax's temporary
+    folders. (Orbax's own clean-up in that mode removes every folder without the marker, folders of
+    your own too.)"""
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        step_named = re.fullmatch("[0-9]+", path.name) and not (path / COMMIT_MARKER).exists()
+        if (step_named or ocp.path.atomicity.TMP_DIR_SUFFIX in path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+
+
+def step_name_format(directory: str | os.PathLike):
+    """The Orbax name format that lists the committed steps of a checkpoints `directory` (a
+    folder named by its step alone, committed as `atomicity_options` says)."""
+    return ocp.step.standard_name_format(atomicity_options=atomicity_options(directory))
+
+
 class RunCheckpoints:
     """Checkpoints of a training run: Orbax `CheckpointManager` with async saves and retention.
 
     Each step directory holds `state` (params, optimizer state, step, skipped steps) and `run` (JSON: the
     resolved config, the model config and the data position). Saves are written to a temporary
-    directory and committed by rename, so a run killed mid-save leaves the previous checkpoint
-    as the latest one; only committed steps are ever listed or restored.
+    directory and committed by rename, or, on an object store's FUSE mount, written in place and
+    committed by a marker file written last (`atomicity_options`), so a run killed mid-save leaves
+    the previous checkpoint as the latest one; only committed steps are ever listed or restored.
     """
 
     def __init__(self, directory: str | os.PathLike, every: int, max_to_keep: int | None = 3,
@@ -303,9 +361,14 @@ class RunCheckpoints:
         check_step_names(self.directory, saves=not read_only)
         # a reader sets none of the saving options: Orbax would turn each off with a warning of its own
         saving = {} if read_only else dict(max_to_keep=max_to_keep, keep_period=keep_every or None)
+        self.atomicity = atomicity_options(self.directory)
+        by_marker = self.atomicity is not None
+        if by_marker and not read_only and jax.process_index() == 0:  # (before any save: each waits for process 0)
+            remove_unfinished_steps(self.directory)
         options = ocp.CheckpointManagerOptions(
             **saving, save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
-            create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only)
+            create=not read_only, cleanup_tmp_directories=not (read_only or by_marker), read_only=read_only,
+            atomicity_options=self.atomicity)
         # uncompressed: zstd took three quarters of a save's CPU time for 8% less disk, and an
         # async save competes with the train step for the host's cores (benchmarks/README.md)
         with _without_orbax_notice("Given directory is read only"):  # (a reader's, every time)
@@ -330,10 +393,11 @@ class RunCheckpoints:
             state=ocp.args.PyTreeSave(state), run=ocp.args.JsonSave(run_info)), force=True)
 
     def in_place(self, step: int) -> bool:
-        """Whether the directory of `step` is in place, as an async save's commit renames it. (Not
-        Orbax's is_saving_in_progress: its lock is held while the saving thread waits for the other
-        processes, so a process would hang there once a peer died.)"""
-        return self.step_dir(step).is_dir()
+        """Whether `step` is committed: its directory in place, as an async save's commit renames it,
+        or, committed by marker, holding its marker. (Not Orbax's is_saving_in_progress: its lock is
+        held while the saving thread waits for the other processes, so a process would hang there
+        once a peer died.)"""
+        return ocp.step.is_path_finalized(self.step_dir(step), atomicity_options=self.atomicity)
 
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)

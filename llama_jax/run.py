@@ -34,13 +34,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-import orbax.checkpoint as ocp
 
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax.checkpoint import (ARCHITECTURE_FIELDS, RUN_INFO_FILE, TRAINED_WITH_FIELDS, CheckpointDamaged,
                                   RunCheckpoints, check_same_architecture, check_step_names, holds_run_info, load_model,
-                                  retention_deletes, save_model, tree_paths)
+                                  retention_deletes, save_model, step_name_format, tree_paths)
 from llama_jax.config import LLaMAConfig
 from llama_jax.devices import computation_failed
 from llama_jax.distributed import refuse_together
@@ -360,12 +359,13 @@ def _reader(workdir: Path):
 
 def committed_steps(workdir: Path) -> list[int]:
     """The run's committed checkpoint steps, listed as its CheckpointManager lists them (a folder
-    named by its step alone): Orbax's `utils.checkpoint_steps` also takes a folder such as
-    `backup_6` for step 6, which the manager then looks for at `6`."""
+    named by its step alone, committed as `checkpoint.atomicity_options` says): Orbax's
+    `utils.checkpoint_steps` also takes a folder such as `backup_6` for step 6, which the manager
+    then looks for at `6`."""
     directory, attempts = workdir / "checkpoints", 4
     while True:
         try:
-            found = ocp.step.standard_name_format().find_all(directory) if directory.is_dir() else []
+            found = step_name_format(directory).find_all(directory) if directory.is_dir() else []
             return sorted(metadata.step for metadata in found)
         except FileNotFoundError:  # a step removed while it was listed, by a run training there
             attempts -= 1

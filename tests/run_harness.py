@@ -8,6 +8,10 @@ Environment:
     KILL_AFTER_COMMIT=s  SIGKILL when the second step after the first one logged once checkpoint s
                          is committed is logged (the run has passed the end of a step twice since);
                          the first step logged after s waits for that commit
+    KILL_BEFORE_MARKER=s SIGKILL when the save of step s, committed by marker file, is written in
+                         full and its marker is not
+    MOUNTS_FILE=path     the mount table read in place of /proc/mounts (a checkpoints directory
+                         it lists on a gcsfuse mount is committed by marker file)
 Without either it is exactly `llama-jax`.
 """
 
@@ -77,13 +81,33 @@ def _kill_during_save(step_to_kill: int) -> None:
     checkpoint.RunCheckpoints.save = save
 
 
+def _kill_before_marker(step_to_kill: int) -> None:
+    import orbax.checkpoint as ocp
+
+    commit = ocp.path.atomicity.CommitFileTemporaryPath
+    original = commit.finalize
+
+    async def finalize(self):  # (in Orbax's saving thread, once every item of the step is written)
+        if self.get_final().name == str(step_to_kill):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await original(self)
+
+    commit.finalize = finalize
+
+
 if __name__ == "__main__":
+    if os.environ.get("MOUNTS_FILE"):
+        from llama_jax import checkpoint
+
+        checkpoint.MOUNTS_FILE = Path(os.environ["MOUNTS_FILE"])
     if os.environ.get("KILL_AFTER_STEP"):
         _kill_after_step(int(os.environ["KILL_AFTER_STEP"]))
     if os.environ.get("KILL_AFTER_COMMIT"):
         _kill_after_commit(int(os.environ["KILL_AFTER_COMMIT"]))
     if os.environ.get("KILL_DURING_SAVE"):
         _kill_during_save(int(os.environ["KILL_DURING_SAVE"]))
+    if os.environ.get("KILL_BEFORE_MARKER"):
+        _kill_before_marker(int(os.environ["KILL_BEFORE_MARKER"]))
     from llama_jax.cli import main
 
     sys.exit(main(sys.argv[1:]))

@@ -210,6 +210,95 @@ def test_a_reader_of_a_runs_checkpoints_says_nothing(tmp_path, caplog):
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_the_mount_table_says_which_checkpoints_lie_on_an_object_store(tmp_path, monkeypatch):
+    """A path is on an object store's FUSE mount (gcsfuse, s3fs, rclone) when the innermost mount
+    point above it, as /proc/mounts lists them, is one: not a disk mounted inside the bucket's
+    mount, nor a name that only begins as the mount point does; a space is written \040 there, and
+    of one point mounted twice the later counts. A link is taken where it leads."""
+    from llama_jax import checkpoint
+
+    table = tmp_path / "mounts"
+    table.write_text("/dev/root / ext4 rw,relatime 0 0\n"
+                     "bucket /mnt/gcs fuse.gcsfuse rw,nosuid,nodev,relatime,user_id=0,group_id=0 0 0\n"
+                     "/dev/sdb /mnt/gcs/scratch ext4 rw 0 0\n"
+                     "other /mnt/my\\040bucket fuse.gcsfuse rw 0 0\n"
+                     "tmpfs /mnt/over tmpfs rw 0 0\n"
+                     "bucket2 /mnt/over fuse.gcsfuse rw 0 0\n"
+                     "remote: /mnt/s3 fuse.rclone rw 0 0\n"
+                     "host: /mnt/ssh fuse.sshfs rw 0 0\n")
+    monkeypatch.setattr(checkpoint, "MOUNTS_FILE", table)
+    on = checkpoint.on_object_store_mount
+    assert all(on(p) for p in ("/mnt/gcs", "/mnt/gcs/runs/llama2-7b/checkpoints", "/mnt/my bucket/run",
+                               "/mnt/over/run", "/mnt/s3/run"))
+    assert not any(on(p) for p in ("/", "/home/run", "/mnt/gcsx/run", "/mnt/gcs/scratch/run", "/mnt/ssh/run",
+                                   "/mnt/my"))
+    (tmp_path / "link").symlink_to("/mnt/gcs/runs")
+    assert on(tmp_path / "link" / "run") and not on(tmp_path / "run")
+    assert checkpoint.atomicity_options("/mnt/gcs/run").mode == "commit_file"
+    assert checkpoint.atomicity_options("/home/run") is None  # Orbax's default: the rename
+    monkeypatch.setattr(checkpoint, "MOUNTS_FILE", tmp_path / "none")  # no mount table
+    assert not on("/mnt/gcs/run")
+
+
+def test_on_an_object_store_mount_a_step_without_its_marker_is_no_checkpoint(tmp_path, monkeypatch):
+    """On a gcsfuse mount renaming a directory copies it object by object, so a step committed by
+    rename could be left under its final name half copied, and was then listed and resumed as
+    committed. There a step is written in place and committed by its marker, written last: a step
+    whose save stopped before the marker (its directory in place, part of its files written) is
+    neither listed, nor latest, nor in place, and the next run removes it and saves that step
+    again (folders of your own left alone); a step committed by rename before (a run saved before
+    this) reads on, bit for bit."""
+    import shutil
+
+    from llama_jax import checkpoint
+    from llama_jax.checkpoint import COMMIT_MARKER, RunCheckpoints
+    from llama_jax.run import committed_steps
+
+    def state(step):
+        return {"w": jnp.arange(4096, dtype=jnp.float32) * step, "step": jnp.int32(step)}
+
+    def restored(checkpoints, step):
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state(step))
+        return checkpoints.restore_state(step, target)
+
+    def same(a, b) -> bool:
+        return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool((np.asarray(x) == np.asarray(y)).all()), a, b)))
+
+    def opened(**kwargs):
+        return RunCheckpoints(tmp_path / "checkpoints", every=1, async_save=False, **kwargs)
+
+    table = tmp_path / "mounts"
+    table.write_text("/dev/root / ext4 rw 0 0\n")
+    monkeypatch.setattr(checkpoint, "MOUNTS_FILE", table)
+    checkpoints = opened()
+    checkpoints.save(1, state(1), {"step": 1})  # committed by rename, as on a local disk
+    checkpoints.close()
+    table.write_text(f"/dev/root / ext4 rw 0 0\nbucket {tmp_path} fuse.gcsfuse rw 0 0\n")
+    checkpoints = opened()
+    checkpoints.save(2, state(2), {"step": 2})
+    checkpoints.close()
+    step_2 = tmp_path / "checkpoints" / "2"
+    assert (step_2 / COMMIT_MARKER).is_file() and committed_steps(tmp_path) == [1, 2]
+
+    (step_2 / COMMIT_MARKER).unlink()  # the save of step 2 stopped before its marker, with part of its files
+    shutil.rmtree(step_2 / "state" / "ocdbt.process_0")
+    assert committed_steps(tmp_path) == [1]
+    reader = opened(read_only=True)
+    assert reader.all_steps() == [1] and reader.latest_step() == 1
+    assert reader.in_place(1) and not reader.in_place(2)
+    assert same(restored(reader, 1), state(1))
+    reader.close()
+    assert step_2.is_dir()  # (a reader removes nothing)
+
+    (tmp_path / "checkpoints" / "notes").mkdir()  # a folder of your own, which Orbax's clean-up there removes
+    checkpoints = opened()  # a run resuming from step 1: the unfinished step 2 is removed, then saved again
+    assert not step_2.exists() and (tmp_path / "checkpoints" / "notes").is_dir()
+    checkpoints.save(2, state(2), {"step": 2})
+    assert committed_steps(tmp_path) == [1, 2] and checkpoints.in_place(2)
+    assert same(restored(checkpoints, 2), state(2))
+    checkpoints.close()
+
+
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path

@@ -119,6 +119,40 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, tokenizer_path, straight_run)
     assert [loss for _, loss in shown] == pytest.approx([expected[s] for s in range(1, STEPS + 1)], rel=1e-6)
 
 
+def test_on_a_gcsfuse_mount_a_save_killed_before_its_marker_is_not_resumed(tmp_path, tokenizer_path, straight_run,
+                                                                            monkeypatch):
+    """A workdir on a bucket mounted with gcsfuse (here a mount table saying so): a directory rename
+    there copies object by object, so a step is written in place under its final name and committed
+    by a marker written last. A run killed once the step-8 checkpoint is written but its marker is
+    not leaves step 8 in place without it: the resume takes step 4, the latest committed, and
+    continues bit for bit, each checkpoint ending with its marker."""
+    from llama_jax import checkpoint
+    from llama_jax.checkpoint import COMMIT_MARKER
+
+    _, expected = straight_run
+    workdir, overrides = tmp_path / "run", run_overrides(tokenizer_path)
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/root / ext4 rw 0 0\nbucket {tmp_path} fuse.gcsfuse rw,nosuid,nodev 0 0\n")
+    monkeypatch.setattr(checkpoint, "MOUNTS_FILE", mounts)  # here as in the run's processes
+
+    killed = harness(workdir, overrides, KILL_BEFORE_MARKER=8, MOUNTS_FILE=mounts)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    step_8 = workdir / "checkpoints" / "8"
+    assert (step_8 / "state" / "_METADATA").is_file() and not (step_8 / COMMIT_MARKER).exists()  # not committed
+    assert run_lib.committed_steps(workdir) == [4]
+    assert json.loads((workdir / run_lib.PROGRESS_FILE).read_text()) == {"committed_step": 4}
+    trained = logged_steps(workdir)[-1]  # (the save's last part runs while training goes on)
+
+    resumed = harness(workdir, overrides, MOUNTS_FILE=mounts)
+    assert resumed.returncode == 0, resumed.stderr
+    assert logged_steps(workdir) == list(range(1, STEPS + 1))
+    assert logged_losses(workdir) == expected
+    assert logged_losses(workdir / "checkpoints-set-aside") == {s: expected[s] for s in range(5, trained + 1)}
+    assert run_lib.committed_steps(workdir) == [4, 8, 12]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "4", "8"]
+    assert all((workdir / "checkpoints" / step / COMMIT_MARKER).is_file() for step in ("4", "8", "12"))
+
+
 def test_global_jax_number_settings_and_closed_streams_leave_a_run_as_it_is(tmp_path, tokenizer_path, straight_run):
     """JAX_ENABLE_X64=1 (a common global setting on TPU VMs) and strict dtype promotion are not the
     program's: its run is bitwise the run without them. With x64 the learning-rate schedule was
