@@ -344,6 +344,32 @@ def shard_as(x, logical_axes: tuple[str | None, ...]):
     return x if mesh is None else nn.with_logical_constraint(x, logical_axes, mesh=mesh)
 
 
+def lookup_table(table_VxD: Array) -> Array:
+    """The embedding table as the token lookup reads it: gathered over the mesh axes of its embed
+    dimension (as FSDP reads every weight) where the batch is split over those axes and others
+    (data x fsdp); elsewhere as it is.
+
+    On data x fsdp meshes XLA's partitioner compiled that lookup unasked, but first tried the
+    gather's (and its gradient's scatter-add's) other strategies in dry runs, whose reshards of
+    the output between the embed dimension's split and the batch's logged "Involuntary full
+    rematerialization" (the compiled program made none). Under fsdp alone XLA moves the lookup's
+    output by all-to-all instead, less than the table for a large vocabulary: left to it there."""
+    mesh = ambient_mesh()
+    if mesh is None:
+        return table_VxD
+    batch_axes, embed_axes = (_mesh_axes(name) for name in ("batch", "embed"))
+    split = [axis for axis in batch_axes if mesh.shape[axis] > 1]
+    if any(axis in embed_axes for axis in split) and any(axis not in embed_axes for axis in split):
+        return shard_as(table_VxD, ("vocab", None))
+    return table_VxD
+
+
+def _mesh_axes(logical: str) -> tuple[str, ...]:
+    """The mesh axes the active logical-axis rules map `logical` to."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -506,7 +532,8 @@ class LLaMA(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.dim, dtype=jnp.dtype(cfg.dtype),
                          param_dtype=jnp.dtype(cfg.param_dtype),
                          embedding_init=_param(_INIT, "vocab", "embed"), name="embed")
-        x = shard_as(embed(tokens_BxS), ("batch", "length", "embed"))
+        table_VxD = lookup_table(embed.embedding.astype(jnp.dtype(cfg.dtype)))  # (cast as nn.Embed casts it)
+        x = shard_as(jnp.take(table_VxD, tokens_BxS, axis=0), ("batch", "length", "embed"))
 
         block = Block
         if cfg.remat_policy != "none":

@@ -117,11 +117,10 @@ def test_cpu_tuning_is_applied_and_changes_only_rounding(single_device_run, monk
 
 
 def test_data_by_fsdp_mesh_moves_no_activation_beyond_a_devices_own():
-    """On a data 2 x fsdp 4 mesh XLA's partitioner logs "Involuntary full rematerialization" for an
-    activation while it weighs strategies for a weight gradient's product. The program it compiles
-    moves weights (all-gathers), partial weight gradients (reductions), token ids and the embedding's
-    output (an all-to-all) between devices; no activation it moves is larger than one device's own
-    share of the embedding's output, as gathering one over a data group or the whole batch would be."""
+    """On a data 2 x fsdp 4 mesh the compiled gradients program moves weights (all-gathers), partial
+    weight gradients (reductions) and token ids between devices; no activation it moves is larger
+    than one device's own share of the embedding's output, as gathering one over a data group or the
+    whole batch would be."""
     # rows and length whose multiples no parameter's dimensions are
     config = tiny_config("mesh.data=2", "mesh.fsdp=4", "train.batch_size=24", "train.seq_len=48")
     trainer = build_trainer(config)
@@ -153,6 +152,25 @@ def test_data_by_fsdp_mesh_moves_no_activation_beyond_a_devices_own():
         gather = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(trainer.mesh, target))
         moved = moved_activations(gather.lower(activation).compile().as_text())
         assert any(math.prod(dims) > own_share for dims, _ in moved)
+
+
+@pytest.mark.parametrize("mesh", [(2, 4, 1), (2, 2, 2)])
+def test_data_by_fsdp_step_compiles_without_involuntary_rematerialization(capfd, mesh):
+    """On data x fsdp meshes XLA logged "Involuntary full rematerialization" from dry runs of the
+    embedding lookup's other strategies (`model.lookup_table`); the step compiles without it. The
+    step is compiled here, not read from the compilation cache, so that XLA's log shows."""
+    from llama_jax.plan import plan
+
+    data, fsdp, tensor = mesh
+    config = tiny_config(f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}")
+    cached = jax.config.jax_enable_compilation_cache
+    capfd.readouterr()
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        plan(config)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
 
 
 def test_a_train_state_and_its_params_given_for_one_another_are_named(tmp_path):
