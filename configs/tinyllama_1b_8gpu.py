@@ -1,7 +1,10 @@
 """TinyLlama-1.1B pre-training on one 8-GPU host: data parallel x FSDP with gradient accumulation.
 
 TinyLlama's recipe: global batch 1024 x 2048 tokens (2M tokens/step), lr 4e-4 cosine to 4e-5,
-2000 warmup steps, weight decay 0.1. Here 2 replicas x 4-way FSDP, 8 micro-batches per step.
+2000 warmup steps, weight decay 0.1. Here 2 replicas x 4-way FSDP, 8 micro-batches per step:
+16 rows of 2048 tokens per GPU, for which remat_policy=dots_no_batch keeps 17,920 values per token
+and layer for the backward, about 24 GiB in bf16 over the 22 layers (by count, not measured on a
+GPU), so 80 GB GPUs; on 40 GB ones, train.grad_accum=16 halves it.
 
     llama-jax plan --config configs/tinyllama_1b_8gpu.py --devices 8
 
