@@ -349,11 +349,11 @@ def lookup_table(table_VxD: Array) -> Array:
     dimension (as FSDP reads every weight) where the batch is split over those axes and others
     (data x fsdp); elsewhere as it is.
 
-    On data x fsdp meshes XLA's partitioner compiled that lookup unasked, but first tried the
-    gather's (and its gradient's scatter-add's) other strategies in dry runs, whose reshards of
-    the output between the embed dimension's split and the batch's logged "Involuntary full
-    rematerialization" (the compiled program made none). Under fsdp alone XLA moves the lookup's
-    output by all-to-all instead, less than the table for a large vocabulary: left to it there."""
+    On data x fsdp meshes the lookup of the table as sharded gave its output split along embed,
+    which the layers' constraint (`shard_as`) then gathered over a data group to split it by rows,
+    and XLA's partitioner, weighing the gather's (and its gradient's scatter-add's) strategies,
+    logged "Involuntary full rematerialization". Under fsdp alone XLA moves the lookup's output by
+    all-to-all instead, less than the table for a large vocabulary: left to it there."""
     mesh = ambient_mesh()
     if mesh is None:
         return table_VxD
