@@ -271,13 +271,14 @@ def packed_fallback(segment_ids: np.ndarray) -> str | None:
     """Why `llama_jax.attention.cudnn_packed_attention` would run these rows [B, S] through its
     fallback, the dense-mask `cudnn` form, instead of cuDNN's packed layout; None when it would
     not. Timed under the packed kernel's name, the fallback's figures would pass for its own."""
-    from llama_jax.attention import PACKED_DOCUMENTS, _cudnn_packed_entry
+    from llama_jax.attention import PACKED_DOCUMENTS, _cudnn_packed_entry, packed_layout
 
     if _cudnn_packed_entry() is None:
         return ("this jax has no cuDNN packed-layout entry point (jax._src.cudnn.fused_attention_stablehlo"
                 ".dot_product_attention with q_offsets/kv_offsets), so cudnn_packed runs the dense cudnn form")
-    documents = int((segment_ids[:, 1:] != segment_ids[:, :-1]).sum(axis=1).max()) + 1
-    if documents > min(PACKED_DOCUMENTS, segment_ids.shape[1]):
+    room = min(PACKED_DOCUMENTS, segment_ids.shape[1])
+    documents = int(packed_layout(segment_ids, room)[2].max())  # (the kernel's own count)
+    if documents > room:
         return (f"a row holds {documents} documents, more than the {PACKED_DOCUMENTS} cudnn_packed makes room "
                 f"for, so it runs the dense cudnn form")
     return None
