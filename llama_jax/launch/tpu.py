@@ -254,11 +254,17 @@ def _make_directory(path: Path) -> None:
         raise LaunchError(f"--copy-back {path}: cannot make the directory ({e.strerror or e})") from None
 
 
+def launch_file(tpu: TpuLaunch) -> str:
+    """The path, relative to REMOTE_DIR, that this launch name's files on a worker share, each with
+    its own suffix (.log, .status, .pid, .id, .lock)."""
+    return f"{LAUNCH_DIR}/{tpu.name}"
+
+
 def install_shell(tpu: TpuLaunch) -> str:
     """Unpack the shipped checkout over the previous one (a relative workdir and the Python environment
     inside it survive) and install it into that environment (`REMOTE_INSTALL`); a worker where this
     launch name's command is still running keeps the checkout it runs from (`run_shell` follows it)."""
-    lock = f"{REMOTE_DIR}/{LAUNCH_DIR}/{tpu.name}.lock"
+    lock = f"{REMOTE_DIR}/{launch_file(tpu)}.lock"
     running = (f"if [ -e {lock} ] && ! flock -n -s {lock} true; then echo \"llama-jax launch: $(hostname): the "
                f"command of launch {tpu.name} is still running here: its checkout is left as it is\" >&2; "
                f"rm -f {REMOTE_TARBALL}; exit 0; fi")
@@ -273,7 +279,7 @@ def run_shell(tpu: TpuLaunch) -> str:
     holds NAME.lock while it runs), unless this launch started it there already or a command of
     this name is still running there; then follow the log until the command ends and exit with its
     status. Run again after a dropped connection, it re-attaches: it never starts a second copy."""
-    f = f"{LAUNCH_DIR}/{tpu.name}"
+    f = launch_file(tpu)
     command = f"{REMOTE_PYTHON} -m llama_jax.cli {shlex.join(tpu.command)}"
     # (the id is written once detached: a start cut short with its session is started again on re-attaching)
     detached = f"echo {tpu.launch_id} > {f}.id; {command} & echo $! > {f}.pid; wait $!; echo $? > {f}.status"
@@ -324,7 +330,7 @@ def dry_run_lines(tpu: TpuLaunch, unlisted: str | None = None) -> list[str]:
               else shlex.join(upload_command(tpu)),
               shlex.join(ssh_command(tpu, install_shell(tpu))),
               f"# run on {f'all {s.workers} workers' if s.workers > 1 else 'its one worker'}, detached from the ssh "
-              f"session, output logged to ~/{REMOTE_DIR}/{LAUNCH_DIR}/{tpu.name}.log there and followed here",
+              f"session, output logged to ~/{REMOTE_DIR}/{launch_file(tpu)}.log there and followed here",
               f"# (run again after a dropped connection, ssh exit status {SSH_LOST}, up to {RECONNECTS} times in a "
               f"row, it re-attaches ({tpu.launch_id}: this launch's own id); a command of this name still running "
               f"there is followed, not started again)",
@@ -439,9 +445,9 @@ def _run_and_follow(tpu: TpuLaunch) -> tuple[int, bool]:
 
 
 def _left_running(tpu: TpuLaunch) -> str:
-    return (f"the command is left running on the workers (output: ~/{REMOTE_DIR}/{LAUNCH_DIR}/{tpu.name}.log on each): "
+    return (f"the command is left running on the workers (output: ~/{REMOTE_DIR}/{launch_file(tpu)}.log on each): "
             f"launch again with the same command to follow it, or stop it (a train saves first): "
-            f"`{shlex.join(ssh_command(tpu, f'kill -TERM $(cat {REMOTE_DIR}/{LAUNCH_DIR}/{tpu.name}.pid)'))}`")
+            f"`{shlex.join(ssh_command(tpu, f'kill -TERM $(cat {REMOTE_DIR}/{launch_file(tpu)}.pid)'))}`")
 
 
 def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS, made: list | None = None) -> bool:
