@@ -240,6 +240,9 @@ elif verb == "delete":
         entry.append("after the command" if ended else "WHILE THE COMMAND RUNS")
 elif verb == "scp" and args[4].endswith(".tar.gz"):
     entry.append(sorted(tarfile.open(args[4]).getnames()))
+    if env.get("FAKE_WORKER"):  # the upload lands in the worker's home
+        import shutil
+        shutil.copy(args[4], os.path.join(env["FAKE_WORKER"], args[5].partition(":")[2]))
 elif verb == "ssh":
     command = args[args.index("--command") + 1]
     entry.append(command)
@@ -275,6 +278,15 @@ elif verb == "ssh":
                 f.write(json.dumps(entry[:2] + [note]) + "\\n")
             sys.exit(status)
         print("step 10: loss 1.2345 (from the workers)")
+    elif env.get("FAKE_WORKER"):  # the install, run by the worker's shell, its python3 a stand-in (FAKE_WORKER-bin)
+        import subprocess
+        path = env["FAKE_WORKER"] + "-bin" + os.pathsep + env["PATH"]
+        status = subprocess.run(["bash", "-c", command], cwd=env["FAKE_WORKER"], env=dict(env, PATH=path)).returncode
+        if status:
+            entry.append("exit %d" % status)
+            with open(log, "a") as f:
+                f.write(json.dumps(entry) + "\\n")
+            sys.exit(status)
 with open(log, "a") as f:
     f.write(json.dumps(entry) + "\\n")
 """
@@ -533,6 +545,8 @@ def fake_worker(fake_gcloud, tmp_path, monkeypatch):
     write_fake(python, "#!/bin/sh\necho started >> ../starts\necho 'step 1'\n"
                        "i=0; while [ ! -e ../release ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n"
                        "echo 'step 2'\nexit 3\n")
+    (tmp_path / "worker-bin").mkdir()
+    write_fake(tmp_path / "worker-bin" / "python3", "#!/bin/sh\n")  # the install's pip and uv: done
     monkeypatch.setenv("FAKE_WORKER", str(worker))
     fake_gcloud[0]("ACTIVE")
 
@@ -619,6 +633,38 @@ def test_a_launcher_that_cannot_reconnect_leaves_the_command_running(fake_gcloud
     assert exit_.value.code == 3 and starts() == 1
     assert "the command of launch run was started here already: following it" in capsys.readouterr().err
     assert calls()[-1] == ["queued-resources", "delete", "after the command"]
+
+
+def test_a_file_deleted_or_renamed_here_since_the_last_launch_leaves_the_workers(fake_gcloud, fake_worker,
+                                                                                 monkeypatch, tmp_path):
+    """Each ship unpacked the checkout over the last one, so a config, module or test deleted or
+    renamed here stayed on the workers; it is removed now, and nothing else is: the environment, a
+    relative workdir, the launches' files, and files the launcher never shipped."""
+    root = tmp_path / "checkout"  # what is shipped: untracked files not ignored count too
+    files = ["setup.py", "configs/a.py", "configs/old one.py", "configs/é.py", "llama_jax/x.py", "tests/test_x.py"]
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"# {name}\n")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    monkeypatch.setattr(tpu, "source_root", lambda: root)
+    worker = Path(os.environ["FAKE_WORKER"]) / tpu.REMOTE_DIR
+    for name in ["runs/demo/metrics.jsonl", "configs/mine.py"]:  # a relative workdir; a file put there by hand
+        (worker / name).parent.mkdir(parents=True, exist_ok=True)
+        (worker / name).write_text("kept\n")
+
+    def launch():
+        spec = tpu.TpuLaunch(name="run", zone=ZONE[1], slice=tpu.tpu_slice("v4-8"), command=tuple(TRAIN_TINY))
+        assert tpu.launch(spec) == 3  # (the stand-in command's status)
+        return sorted(str(path.relative_to(worker)) for path in worker.rglob("*") if path.is_file())
+
+    kept = [".launch/.shipped", *(f".launch/run.{suffix}" for suffix in ("id", "lock", "log", "pid", "status")),
+            ".venv/bin/python", "configs/mine.py", "runs/demo/metrics.jsonl"]
+    assert launch() == sorted(files + kept)
+    for name in ["configs/old one.py", "configs/é.py", "tests/test_x.py"]:
+        (root / name).unlink()
+    (root / "llama_jax/x.py").rename(root / "llama_jax/y.py")
+    assert launch() == sorted(["setup.py", "configs/a.py", "llama_jax/y.py"] + kept)
+    assert (worker / tpu.SHIPPED).read_bytes() == b"configs/a.py\0llama_jax/y.py\0setup.py\0"
 
 
 # ---- SLURM --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ the VMs (a gcsfuse-mounted bucket).
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 import shlex
@@ -75,6 +76,9 @@ REMOTE_TARBALL = "llama-jax.tar.gz"
 REMOTE_PYTHON_VERSION = "3.11"
 REMOTE_PYTHON = ".venv/bin/python"  # relative to REMOTE_DIR
 LAUNCH_DIR = ".launch"  # relative to REMOTE_DIR: each launch NAME's NAME.log, .status, .pid, .id, .lock
+# relative to REMOTE_DIR: the files the last ship unpacked there, NUL-separated and sorted byte by byte (a name
+# no launch's files take); each ship brings its own as SHIPPED.new and removes the files the last one lacks
+SHIPPED = f"{LAUNCH_DIR}/.shipped"
 SSH_LOST = 255  # gcloud's exit status when the ssh connection failed or dropped (a command's own 255 comes as 1)
 RECONNECTS = 5  # re-attaches in a row after lost connections before the launcher gives up (the run goes on)
 RECONNECT_WAIT_S = 10  # before the first; doubled each time
@@ -261,15 +265,19 @@ def launch_file(tpu: TpuLaunch) -> str:
 
 
 def install_shell(tpu: TpuLaunch) -> str:
-    """Unpack the shipped checkout over the previous one (a relative workdir and the Python environment
-    inside it survive) and install it into that environment (`REMOTE_INSTALL`); a worker where this
-    launch name's command is still running keeps the checkout it runs from (`run_shell` follows it)."""
+    """Unpack the shipped checkout over the previous one, remove the files the previous ship unpacked
+    that this one lacks (deleted or renamed here since: `SHIPPED`; what else is there, a relative
+    workdir, the Python environment, the launches' files, stays) and install it into that environment
+    (`REMOTE_INSTALL`); a worker where this launch name's command is still running keeps the checkout
+    it runs from (`run_shell` follows it)."""
     lock = f"{REMOTE_DIR}/{launch_file(tpu)}.lock"
     running = (f"if [ -e {lock} ] && ! flock -n -s {lock} true; then echo \"llama-jax launch: $(hostname): the "
                f"command of launch {tpu.name} is still running here: its checkout is left as it is\" >&2; "
                f"rm -f {REMOTE_TARBALL}; exit 0; fi")
+    prune = (f"if [ -e {SHIPPED} ]; then LC_ALL=C comm -z -23 {SHIPPED} {SHIPPED}.new | xargs -0 -r rm -f --; fi; "
+             f"mv {SHIPPED}.new {SHIPPED}")
     steps = [running, f"mkdir -p {REMOTE_DIR}", f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}", f"rm {REMOTE_TARBALL}",
-             f"cd {REMOTE_DIR}", *REMOTE_INSTALL]
+             f"cd {REMOTE_DIR}", prune, *REMOTE_INSTALL]
     return "set -e; " + "; ".join(steps + ([tpu.setup] if tpu.setup else []))
 
 
@@ -562,11 +570,15 @@ def check_shipped(root: Path, flag: str, path: str, shipped: Sequence[str] | Non
 
 
 def pack_checkout(root: Path, tarball: Path) -> int:
-    """Write root's `shipped_files` as a .tar.gz."""
+    """Write root's `shipped_files` as a .tar.gz, with their list as `SHIPPED`.new; the number of files."""
     files = shipped_files(root)
+    listing = b"".join(name + b"\0" for name in sorted(map(os.fsencode, files)))  # (as `comm` compares them)
+    listed = tarfile.TarInfo(f"{SHIPPED}.new")
+    listed.size = len(listing)
     with tarfile.open(tarball, "w:gz") as tar:
         for name in files:
             tar.add(root / name, arcname=name)
+        tar.addfile(listed, io.BytesIO(listing))
     return len(files)
 
 
