@@ -68,13 +68,14 @@ def test_tpu_dry_run_v4_32(capsys):
                                      "--accelerator", "v4-32", "--dry-run", "--", *TRAIN_7B,
                                      "--config.train.log_every=10"])
     assert "v4-32: 16 chips on 4 workers" in out
-    create, describe, upload, install, run = commands
+    create, describe, node, upload, install, run = commands
     assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "llama2-7b"]
     assert flag(create, "--node-id") == "llama2-7b"
     assert flag(create, "--accelerator-type") == "v4-32"
     assert flag(create, "--runtime-version") == "tpu-ubuntu2204-base"
     assert "--spot" not in create and "--project" not in create
     assert describe[3:5] == ["queued-resources", "describe"] and "--format=value(state.state)" in describe
+    assert node[3:6] == ["tpu-vm", "describe", "llama2-7b"] and "--format=value(state)" in node
     assert all(flag(c, "--zone") == "us-central2-b" for c in commands)
     assert upload[3:5] == ["tpu-vm", "scp"] and "--worker=all" in upload
     assert install[3:5] == ["tpu-vm", "ssh"] and "--worker=all" in install
@@ -153,7 +154,7 @@ def test_tpu_dry_run_v5p_128_spot_copy_back_delete(capsys):
                                      "--delete-after", "--max-restarts", "3", "--dry-run", "--", *TRAIN_7B,
                                      "--config.train.grad_accum=16"])  # (64 chips: 16 rows of the 1,024 each)
     assert "v5p-128: 64 chips on 16 workers" in out and "up to 3 more times" in out
-    create, describe, upload, install, run, copy_back, delete = commands
+    create, describe, node, upload, install, run, copy_back, delete = commands
     assert flag(create, "--accelerator-type") == "v5p-128"
     assert flag(create, "--runtime-version") == "v2-alpha-tpuv5"
     assert "--spot" in create
@@ -209,10 +210,12 @@ def test_the_command_reaches_every_worker_as_given(capsys, tmp_path):
 # ---- TPU: the real code path against a fake gcloud ----------------------------------------------
 
 FAKE_GCLOUD = """#!{python}
-# A stand-in for gcloud: logs its arguments; one queued resource whose state lives in a file.
+# A stand-in for gcloud: logs its arguments; one queued resource whose state lives in a file, and its
+# TPU VM's in another (READY when there is none).
 import json, os, sys, tarfile
 args, env = sys.argv[1:], os.environ
 state_file, log = env["FAKE_STATE"], env["FAKE_LOG"]
+node_file = state_file + ".node"
 group, verb = args[2], args[3]
 entry = [group, verb]
 failing_verb, _, failing_text = env.get("FAKE_FAIL", ":").partition(":")  # e.g. ssh:pip install
@@ -227,14 +230,21 @@ if verb == "describe":
         print("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Requested entity was not found.",
               file=sys.stderr)
         sys.exit(1)
-    states = open(state_file).read().split()
-    print(states[0])  # the first state; later describes see the next ones, if any
-    open(state_file, "w").write("\\n".join(states[1:] or states))
-    entry.append(states[0])
+    if group == "tpu-vm":
+        node = open(node_file).read() if os.path.exists(node_file) else "READY"
+        print(node)
+        entry.append(node)
+    else:
+        states = open(state_file).read().split()
+        print(states[0])  # the first state; later describes see the next ones, if any
+        open(state_file, "w").write("\\n".join(states[1:] or states))
+        entry.append(states[0])
 elif verb == "create":
     open(state_file, "w").write(env.get("FAKE_CREATED_STATE", "ACTIVE"))
 elif verb == "delete":
     os.remove(state_file)
+    if os.path.exists(node_file):
+        os.remove(node_file)
     if env.get("FAKE_WORKER"):  # whether the launched command had ended by then
         ended = os.path.exists(os.path.join(env["FAKE_WORKER"], "llama-jax", ".launch", "run.status"))
         entry.append("after the command" if ended else "WHILE THE COMMAND RUNS")
@@ -251,8 +261,10 @@ elif verb == "ssh":
         count_file = state_file + ".runs"
         runs = int(open(count_file).read()) if os.path.exists(count_file) else 0
         open(count_file, "w").write(str(runs + 1))
-        if runs < preempt:
-            open(state_file, "w").write("SUSPENDED")
+        if runs < preempt:  # the queued resource SUSPENDED, or (FAKE_PREEMPTED_QR=ACTIVE) not yet: its TPU VM
+            open(state_file, "w").write(env.get("FAKE_PREEMPTED_QR", "SUSPENDED"))
+            if env.get("FAKE_PREEMPTED_QR") == "ACTIVE":  # PREEMPTED
+                open(node_file, "w").write("PREEMPTED")
             with open(log, "a") as f:
                 f.write(json.dumps(entry) + "\\n")
             sys.exit(int(env.get("FAKE_PREEMPTED_STATUS", "255")))  # 0: the run saved and exited cleanly
@@ -326,15 +338,16 @@ def verbs(calls):
 
 
 SHIP_AND_RUN = ["tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh"]
-RAN = [*SHIP_AND_RUN, "queued-resources describe ACTIVE"]  # a run, then the slice's state: still ACTIVE
+ACTIVE = ["queued-resources describe ACTIVE", "tpu-vm describe READY"]  # its TPU VM asked too
+RAN = [*SHIP_AND_RUN, *ACTIVE]  # a run, then the slice's state: still ACTIVE
 
 
 def test_existing_active_resource_is_reused(fake_gcloud, capfd, tmp_path):
     set_state, calls = fake_gcloud
     set_state("ACTIVE")
     assert cli.main(launch_args()) == 0
-    assert verbs(calls()) == ["queued-resources describe ACTIVE", *RAN]
-    upload, install, run = calls()[1:4]
+    assert verbs(calls()) == [*ACTIVE, *RAN]
+    upload, install, run = calls()[2:5]
     assert "llama_jax/cli.py" in upload[2] and "configs/tiny.py" in upload[2] and ".venv" not in str(upload[2])
     assert "pip install" in install[2]
     assert install[2].index("uv venv") < install[2].index("uv pip install")  # into a Python 3.11 environment
@@ -373,7 +386,7 @@ def test_ctrl_c_while_packing_the_checkout_leaves_no_tarball(fake_gcloud, monkey
     monkeypatch.setattr(tarfile.TarFile, "add", add_then_ctrl_c)
     assert cli.main(launch_args()) == 130
     assert capsys.readouterr().err.endswith("llama-jax launch: interrupted\n")
-    assert verbs(calls()) == ["queued-resources describe ACTIVE"]  # nothing was uploaded
+    assert verbs(calls()) == ACTIVE  # nothing was uploaded
     assert not list(tmp_path.glob("llama-jax-*"))
 
 
@@ -397,7 +410,7 @@ def test_missing_resource_is_created(fake_gcloud):
     set_state, calls = fake_gcloud
     assert cli.main(launch_args("--spot")) == 0
     assert verbs(calls()) == ["queued-resources describe", "queued-resources create",
-                              "queued-resources describe ACTIVE", *RAN]
+                              *ACTIVE, *RAN]
 
 
 @pytest.mark.parametrize("state", ["SUSPENDED", "FAILED", "PREEMPTED"])
@@ -407,7 +420,7 @@ def test_preempted_resource_is_deleted_and_recreated(fake_gcloud, state):
     assert cli.main(launch_args()) == 0
     assert verbs(calls()) == [f"queued-resources describe {state}", "queued-resources delete",
                               "queued-resources describe", "queued-resources create",
-                              "queued-resources describe ACTIVE", *RAN]
+                              *ACTIVE, *RAN]
 
 
 def test_pending_resource_is_waited_for(fake_gcloud):
@@ -416,8 +429,7 @@ def test_pending_resource_is_waited_for(fake_gcloud):
     spec = tpu.TpuLaunch(name="run", zone=ZONE[1], slice=tpu.tpu_slice("v4-8"), command=tuple(TRAIN_TINY))
     assert tpu.launch(spec, poll_seconds=0) == 0
     assert verbs(calls()) == ["queued-resources describe WAITING_FOR_RESOURCES",
-                              "queued-resources describe PROVISIONING", "queued-resources describe ACTIVE",
-                              *RAN]
+                              "queued-resources describe PROVISIONING", *ACTIVE, *RAN]
 
 
 def test_preemption_during_the_run_relaunches(fake_gcloud, monkeypatch):
@@ -425,11 +437,11 @@ def test_preemption_during_the_run_relaunches(fake_gcloud, monkeypatch):
     set_state("ACTIVE")
     monkeypatch.setenv("FAKE_PREEMPTIONS", "1")
     assert cli.main(launch_args("--max-restarts", "1", "--delete-after")) == 0
-    assert verbs(calls()) == ["queued-resources describe ACTIVE", *SHIP_AND_RUN,
+    assert verbs(calls()) == [*ACTIVE, *SHIP_AND_RUN,
                               "queued-resources describe SUSPENDED",  # after the failed run: preempted?
                               "queued-resources describe SUSPENDED", "queued-resources delete",
                               "queued-resources describe", "queued-resources create",
-                              "queued-resources describe ACTIVE", *RAN, "queued-resources delete"]
+                              *ACTIVE, *RAN, "queued-resources delete"]
 
 
 def test_preemption_without_restarts_reports_and_exits_with_the_status(fake_gcloud, monkeypatch, capfd, tmp_path):
@@ -456,6 +468,33 @@ def test_a_preempted_run_that_exits_cleanly_is_relaunched(fake_gcloud, monkeypat
     assert "launch again with the same command to resume" in capfd.readouterr().err
     set_state("ACTIVE")
     assert cli.main(launch_args("--max-restarts", "1")) == 0  # the third run finishes
+
+
+def test_a_preempted_tpu_vm_whose_queued_resource_is_still_active_is_not_done(fake_gcloud, monkeypatch, capfd,
+                                                                              tmp_path):
+    """A preempted TPU VM is PREEMPTED while its queued resource may still say ACTIVE: the run, which
+    exited 0 (a preempted train saves and exits 0), was taken for done, and the slice, without its
+    TPUs, reused. The TPU VM's state is asked too now."""
+    set_state, calls = fake_gcloud
+    set_state("ACTIVE")
+    monkeypatch.setenv("FAKE_PREEMPTIONS", "1")
+    monkeypatch.setenv("FAKE_PREEMPTED_STATUS", "0")
+    monkeypatch.setenv("FAKE_PREEMPTED_QR", "ACTIVE")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(launch_args("--copy-back", str(tmp_path / "back")))  # (nothing copied back)
+    assert exit_.value.code == 1 and "launch again with the same command to resume" in capfd.readouterr().err
+    preempted = ["queued-resources describe ACTIVE", "tpu-vm describe PREEMPTED"]
+    assert verbs(calls()) == [*ACTIVE, *SHIP_AND_RUN, *preempted]
+    Path(os.environ["FAKE_LOG"]).unlink()  # launched again: re-created, not reused
+    assert cli.main(launch_args()) == 0
+    assert "queued resource run: ACTIVE, its TPU VM PREEMPTED\n" in capfd.readouterr().err
+    assert verbs(calls()) == [*preempted, "queued-resources delete", "queued-resources describe",
+                              "queued-resources create", *ACTIVE, *RAN]
+    Path(os.environ["FAKE_LOG"]).unlink()  # with --max-restarts, within the launch
+    Path(os.environ["FAKE_STATE"] + ".runs").unlink()
+    assert cli.main(launch_args("--max-restarts", "1")) == 0
+    assert verbs(calls()) == [*ACTIVE, *SHIP_AND_RUN, *preempted, *preempted, "queued-resources delete",
+                              "queued-resources describe", "queued-resources create", *ACTIVE, *RAN]
 
 
 def test_copy_back_and_delete_after_a_run(fake_gcloud, tmp_path, capsys):
@@ -501,7 +540,7 @@ def test_delete_after_a_failed_install_and_not_after_a_failed_copy_back(fake_gcl
     monkeypatch.setenv("FAKE_FAIL", "ssh:pip install")
     assert cli.main(launch_args("--delete-after")) == 2
     assert verbs(calls()) == ["queued-resources describe", "queued-resources create",
-                              "queued-resources describe ACTIVE", "tpu-vm scp", "tpu-vm ssh", "queued-resources delete"]
+                              *ACTIVE, "tpu-vm scp", "tpu-vm ssh", "queued-resources delete"]
     assert capsys.readouterr().err.splitlines()[-1].endswith("tpu-vm ssh ...` failed with exit status 1")
     set_state("ACTIVE")
     assert cli.main(launch_args("--delete-after")) == 2

@@ -59,13 +59,16 @@ TPU_FAMILIES = (
               runtime_version="v2-alpha-tpuv6e", chip_counts=(1, 4, 8, 16, 32, 64, 128, 256)),
 )
 
+# The states of a TPU VM (the API's Node.State values) whose TPUs are gone; its queued resource leaves
+# ACTIVE only once the service suspends it, so an ACTIVE one's TPU VM is asked too (`describe_state`).
+NODE_LOST_STATES = ("PREEMPTED", "TERMINATED")
 # What a launch does with a queued resource in each state (the API's QueuedResource.State values,
-# plus PREEMPTED, a node state, in case it shows through).
+# plus those of NODE_LOST_STATES, which `describe_state` gives for an ACTIVE one whose node is in one).
 QUEUED_RESOURCE_STATES = {
     "ACTIVE": "use",
     "CREATING": "wait", "ACCEPTED": "wait", "PROVISIONING": "wait", "WAITING_FOR_RESOURCES": "wait",
     "SUSPENDING": "wait", "DELETING": "wait",
-    "SUSPENDED": "recreate", "FAILED": "recreate", "PREEMPTED": "recreate",
+    "SUSPENDED": "recreate", "FAILED": "recreate", **dict.fromkeys(NODE_LOST_STATES, "recreate"),
 }
 POLL_SECONDS = 30
 REMOTE_DIR = "llama-jax"  # the checkout on every worker, relative to the ssh user's home
@@ -196,6 +199,10 @@ def create_command(tpu: TpuLaunch) -> list[str]:
 
 def describe_command(tpu: TpuLaunch) -> list[str]:
     return _gcloud(tpu, "queued-resources", "describe", tpu.name, "--format=value(state.state)")
+
+
+def node_describe_command(tpu: TpuLaunch) -> list[str]:
+    return _gcloud(tpu, "tpu-vm", "describe", tpu.name, "--format=value(state)")
 
 
 def delete_command(tpu: TpuLaunch) -> list[str]:
@@ -329,10 +336,12 @@ def dry_run_lines(tpu: TpuLaunch, unlisted: str | None = None) -> list[str]:
         lines += [f"# NOT READY: a launch from here stops before anything runs: {unlisted}",
                   "# (so which files the workers would get, --config among them, is not checked here)"]
     lines += ["# create the queued resource (skipped if it exists; deleted and re-created first if SUSPENDED, "
-              "FAILED or PREEMPTED)",
+              "FAILED, or ACTIVE with its TPU VM PREEMPTED or TERMINATED)",
               shlex.join(create_command(tpu)),
-              f"# poll every {POLL_SECONDS}s until ACTIVE",
+              f"# poll every {POLL_SECONDS}s until ACTIVE, then ask its TPU VM's state (also after the run: the "
+              "run is done only if neither lost its TPUs)",
               shlex.join(describe_command(tpu)),
+              shlex.join(node_describe_command(tpu)),
               "# ship this checkout (git ls-files: tracked and untracked, not ignored) to every worker, install it",
               "# (the upload: the checkout's tarball cannot be built here, see NOT READY)" if unlisted
               else shlex.join(upload_command(tpu)),
@@ -466,7 +475,8 @@ def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS, made: list
     while True:
         state = describe_state(tpu)
         if state != last:
-            _note(f"queued resource {tpu.name}: {state or 'does not exist'}")
+            shown = f"ACTIVE, its TPU VM {state}" if state in NODE_LOST_STATES else state or "does not exist"
+            _note(f"queued resource {tpu.name}: {shown}")
         last = state
         action = "create" if state is None else QUEUED_RESOURCE_STATES.get(state)
         if action == "use":
@@ -489,14 +499,24 @@ def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS, made: list
 
 
 def describe_state(tpu: TpuLaunch) -> str | None:
-    """The queued resource's state, or None if it does not exist."""
-    done = subprocess.run(describe_command(tpu), capture_output=True, text=True)
+    """The queued resource's state, or None if it does not exist; for an ACTIVE one whose TPU VM
+    is PREEMPTED or TERMINATED (`NODE_LOST_STATES`), the TPU VM's: its queued resource may still
+    say ACTIVE, until the service suspends it."""
+    state = _describe(describe_command(tpu), f"queued resource {tpu.name}")
+    if state != "ACTIVE":
+        return state
+    node = _describe(node_describe_command(tpu), f"TPU VM {tpu.name}")
+    return node if node in NODE_LOST_STATES else state
+
+
+def _describe(argv: list[str], what: str) -> str | None:
+    """The state a gcloud describe command prints, or None if the resource does not exist."""
+    done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode == 0:
         return done.stdout.strip()
     if "NOT_FOUND" in done.stderr or "not found" in done.stderr.lower():
         return None
-    raise LaunchError(f"gcloud could not describe queued resource {tpu.name}: "
-                      f"{gcloud_error(done.stderr, done.returncode)}")
+    raise LaunchError(f"gcloud could not describe {what}: {gcloud_error(done.stderr, done.returncode)}")
 
 
 def gcloud_error(stderr: str, returncode: int) -> str:
