@@ -767,7 +767,8 @@ def cmd_launch_tpu(args) -> None:
     spec = tpu.TpuLaunch(name=args.name, zone=args.zone, slice=tpu_slice,
                          command=tuple(command), runtime_version=args.runtime_version, spot=args.spot,
                          project=args.project, setup=args.setup, copy_back=args.copy_back,
-                         delete_after=args.delete_after, max_restarts=args.max_restarts)
+                         delete_after=args.delete_after, max_restarts=args.max_restarts,
+                         internal_ip=args.internal_ip)
     if spec.copy_back:
         tpu.check_copy_back(spec)
     if args.dry_run:
@@ -1159,6 +1160,9 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--runtime-version", default=None, metavar="V", help="TPU VM image (default: the generation's)")
     t.add_argument("--spot", action="store_true", help="Spot TPUs: cheaper, preemptible")
     t.add_argument("--project", default=None, metavar="P", help="Google Cloud project (default: gcloud's)")
+    t.add_argument("--internal-ip", action="store_true",
+                   help="ssh and scp to the workers' internal IP addresses (gcloud's tpu-vm ssh/scp --internal-ip), "
+                        "from a machine in the slice's VPC network")
     t.add_argument("--setup", default=None, metavar="SHELL",
                    help="shell run on every worker after installing (e.g. mount the workdir's bucket)")
     t.add_argument("--max-restarts", type=int, default=0, metavar="N",

@@ -165,6 +165,20 @@ def test_tpu_dry_run_v5p_128_spot_copy_back_delete(capsys):
     assert delete[3:6] == ["queued-resources", "delete", "cpt"] and "--force" in delete and "--quiet" in delete
 
 
+def test_internal_ip_reaches_every_ssh_and_scp(capsys):
+    """Workers without external IP addresses (or behind a firewall that only lets the VPC in) are
+    reached at their internal ones: gcloud's tpu-vm ssh and scp both take --internal-ip."""
+    out, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", *ZONE, "--accelerator", "v4-8", "--internal-ip",
+                                     "--copy-back", "runs/back", "--delete-after", "--dry-run", "--", *TRAIN_TINY])
+    reaching = [c for c in commands if c[3] == "tpu-vm" and c[4] in ("ssh", "scp")]
+    assert [c[4] for c in reaching] == ["scp", "ssh", "ssh", "scp"]  # upload, install, run, copy back
+    assert all("--internal-ip" in c for c in reaching)
+    assert not any("--internal-ip" in c for c in commands if c not in reaching)  # create, describe, delete
+    _, commands = dry_run(capsys, ["launch", "tpu", "--name", "t", *ZONE, "--accelerator", "v4-8", "--dry-run", "--",
+                                   *TRAIN_TINY])
+    assert not any("--internal-ip" in c for c in commands)
+
+
 def test_a_config_only_on_the_slice_is_left_to_it(capsys):
     """An absolute --config that does not exist here (a run's config.json on the slice's bucket) is
     not checked here; a relative one is loaded and its overrides checked before anything is launched."""

@@ -148,6 +148,7 @@ class TpuLaunch:
     copy_back: str | None = None  # local directory receiving worker 0's workdir
     delete_after: bool = False
     max_restarts: int = 0  # re-launches after a preemption during the run
+    internal_ip: bool = False  # ssh and scp to the workers' internal IP addresses (from inside their VPC network)
     # tells this launch's command on the workers from an earlier launch's of the same name
     launch_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12], compare=False)
 
@@ -210,17 +211,23 @@ def delete_command(tpu: TpuLaunch) -> list[str]:
     return _gcloud(tpu, "queued-resources", "delete", tpu.name, "--force", "--quiet")
 
 
+def _connect(tpu: TpuLaunch) -> list[str]:
+    """What `tpu-vm ssh` and `tpu-vm scp` take to reach the workers."""
+    return ["--internal-ip"] if tpu.internal_ip else []
+
+
 def ssh_command(tpu: TpuLaunch, shell: str, worker: str = "all") -> list[str]:
-    return _gcloud(tpu, "tpu-vm", "ssh", tpu.name, f"--worker={worker}", "--command", shell)
+    return _gcloud(tpu, "tpu-vm", "ssh", tpu.name, f"--worker={worker}", *_connect(tpu), "--command", shell)
 
 
 def upload_command(tpu: TpuLaunch) -> list[str]:
-    return _gcloud(tpu, "tpu-vm", "scp", str(tpu.tarball), f"{tpu.name}:{REMOTE_TARBALL}", "--worker=all")
+    return _gcloud(tpu, "tpu-vm", "scp", str(tpu.tarball), f"{tpu.name}:{REMOTE_TARBALL}", "--worker=all",
+                   *_connect(tpu))
 
 
 def copy_back_command(tpu: TpuLaunch) -> list[str]:
     return _gcloud(tpu, "tpu-vm", "scp", "--recurse", f"{tpu.name}:{remote_workdir(tpu)}", str(tpu.copy_back),
-                   "--worker=0")
+                   "--worker=0", *_connect(tpu))
 
 
 def copy_back_target(tpu: TpuLaunch) -> Path:
