@@ -5,9 +5,10 @@
 #
 # Submits one job with one task per node through `llama-jax launch slurm` (submitit); the two
 # processes join one JAX program (16 GPUs: the config's 2 data-parallel replicas become 8-way FSDP
-# each). At the time limit or on preemption the job is requeued and resumes from the latest
-# checkpoint in $WORKDIR. Run it from a login node, in an environment where llama-jax is
-# installed with its launch extra (pip install -e '.[launch]') on storage the nodes share.
+# each). At the time limit, and on preemption where the cluster requeues preempted jobs, the job
+# is requeued and resumes from the latest checkpoint in $WORKDIR (see README's Launching). Run it
+# from a login node, in an environment where llama-jax is installed with its launch extra
+# (pip install -e '.[launch]') on storage the nodes share.
 #
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch slurm`, e.g.
 # --dry-run (write and print the sbatch script), --partition P, --account A, --time-min M

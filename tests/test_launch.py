@@ -764,6 +764,17 @@ def test_the_cpus_per_node_reach_the_task(capsys, tmp_path):
     assert "#SBATCH --cpus-per-task=32" in lines and "--cpus-per-task=32" in srun
 
 
+def test_the_job_is_warned_before_its_limit_and_may_be_requeued(tmp_path):
+    """submitit requeues a job with `scontrol requeue`, which SLURM refuses for a job that is not
+    requeueable (a cluster's JobRequeue=0 makes that every job's default, and a preempted one is
+    then cancelled instead of requeued): the script asks for --requeue. The warning's lead is the
+    one the command's save window is measured against."""
+    [path] = slurm.submit_array([["llama-jax", "demo"]], tmp_path / "jobs", dry_run=True)
+    lines = Path(path).read_text().splitlines()
+    assert "#SBATCH --requeue" in lines
+    assert f"#SBATCH --signal=USR2@{slurm.SIGNAL_DELAY_S}" in lines and slurm.SAVE_WAIT_S < slurm.SIGNAL_DELAY_S
+
+
 def test_a_launched_sweep_is_checked_and_passed_on_as_given(capsys, tmp_path, monkeypatch):
     """Its axes and every trial's config are checked here; the workdir is the sweep's to write there."""
     monkeypatch.chdir(ROOT)

@@ -6,13 +6,18 @@ detection (`jax.distributed.initialize()` when SLURM_NTASKS > 1). JAX's SLURM de
 each process one GPU, its local task index, unless JAX_LOCAL_DEVICE_IDS says otherwise, so the
 sbatch script exports the node's GPU indices there.
 
-A job stopped by its time limit or by preemption is requeued by submitit with the same command
-line, and the run resumes from the checkpoints in its workdir: SLURM warns the job 90 s before
-its time limit (USR2); submitit's handler on the first task asks the job for a checkpoint, which
-here sends the command SIGTERM (a llama-jax run saves and stops, every process at the same step)
-and waits for it, then requeues the job. A job is requeued after up to MAX_TIMEOUT_REQUEUES time
-limits (and after any number of preemptions). Dry runs write the sbatch script submitit would
-submit, rendered by submitit itself, and submit nothing.
+A job stopped by its time limit is requeued by submitit with the same command line, and the run
+resumes from the checkpoints in its workdir: SLURM warns the job SIGNAL_DELAY_S before its time
+limit (USR2, `--signal`); submitit's handler on the first task asks the job for a checkpoint,
+which here sends the command SIGTERM (a llama-jax run saves and stops, every process at the same
+step) and waits for it, then requeues the job (`scontrol requeue`, which SLURM refuses for a job
+that is not requeueable: the script asks for `--requeue`, which a cluster's JobRequeue=0 would
+otherwise withhold). A job is requeued after up to MAX_TIMEOUT_REQUEUES time limits. A preempted
+job gets SIGTERM from SLURM (the command saves and stops) or, where the cluster sets
+PreemptParameters=send_user_signal, the USR2 of a time limit; it is requeued where the cluster's
+PreemptMode is REQUEUE or it gets USR2, and with PreemptMode=CANCEL it ends, saved: submitting
+the same command again resumes it. Dry runs write the sbatch script submitit would submit,
+rendered by submitit itself, and submit nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ DEFAULT_TIME_MIN = 60
 MIN_TIME_MIN = 3  # SLURM warns a job 90 s before its limit, and it saves and requeues then: at least 90 s of work
 WORKDIR_FOLDER = "slurm"  # submitit's folder (sbatch script, logs) inside the workdir of the command it runs
 MAX_TIMEOUT_REQUEUES = 1000  # submitit's default, 3, would end a run of 1-hour jobs after 4 hours
-SAVE_WAIT_S = 80  # how long a requeue waits for the command to save: SLURM's warning comes 90 s before the limit
+SIGNAL_DELAY_S = 90  # SLURM's warning (USR2) comes this long before the time limit (or up to 60 s earlier)
+SAVE_WAIT_S = SIGNAL_DELAY_S - 10  # how long a requeue waits for the command to save, before `scontrol requeue`
 DRY_RUN_SCRIPT = "dry_run_submission.sh"
 INSTALL_HINT = "pip install 'submitit>=1.5' (in a checkout: pip install -e '.[launch]')"
 
@@ -167,6 +173,7 @@ def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node:
     srun_args = [f"--cpus-per-task={cpus_per_node}"] if cpus_per_node is not None else None
     return dict(job_name=job_name, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node, time=time_min,
                 partition=partition, account=account, cpus_per_task=cpus_per_node, srun_args=srun_args,
+                signal_delay_s=SIGNAL_DELAY_S, additional_parameters={"requeue": True},
                 setup=_setup_lines(commands, gpus_per_node))
 
 
