@@ -11,8 +11,10 @@
 # (pip install -e '.[launch]') on storage the nodes share.
 #
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch slurm`, e.g.
-# --dry-run (write and print the sbatch script), --partition P, --account A, --time-min M
-# (`llama-jax launch slurm --help` lists them).
+# --dry-run (write and print the sbatch script), --partition P, --account A, --time-min M,
+# --exclusive, --mem-gb GB (this script asks for 0: all of each node's memory, as a job holding
+# all of a node's GPUs needs; a later --mem-gb replaces it) (`llama-jax launch slurm --help`
+# lists them).
 # Environment: WORKDIR (default: runs/tinyllama in this checkout; a relative one is read from
 # where the script starts), LLAMA_JAX.
 . "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)
@@ -27,6 +29,6 @@ WORKDIR=${WORKDIR:-runs/tinyllama}  # (the default: in this checkout)
 split_arguments "$@"
 usage_if_asked ${launch_args[@]+"${launch_args[@]}"}  # (the launcher's usage asks for flags given here)
 
-exec "$llama_jax" launch slurm --nodes 2 --gpus-per-node 8 --time-min 1440 \
+exec "$llama_jax" launch slurm --nodes 2 --gpus-per-node 8 --mem-gb 0 --time-min 1440 \
     ${launch_args[@]+"${launch_args[@]}"} \
     -- train --config configs/tinyllama_1b_8gpu.py --workdir "$WORKDIR" ${train_args[@]+"${train_args[@]}"}

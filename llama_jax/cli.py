@@ -586,7 +586,8 @@ def _check_sweep_arguments(args) -> dict:
 def _slurm_job(args) -> dict:
     """The SLURM job options given to `sweep` or `launch slurm`, by destination."""
     return dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
-                account=args.account, cpus_per_node=args.cpus_per_node, job_name=args.job_name)
+                account=args.account, qos=args.qos, constraint=args.constraint, cpus_per_node=args.cpus_per_node,
+                mem_gb=args.mem_gb, exclusive=args.exclusive, job_name=args.job_name)
 
 
 def _changed_slurm_options(args) -> list[str]:
@@ -1189,8 +1190,8 @@ def slurm_job_defaults() -> dict:
     """The SLURM job options' defaults, by destination."""
     from llama_jax.launch.slurm import DEFAULT_TIME_MIN
 
-    return dict(nodes=1, gpus_per_node=1, cpus_per_node=None, partition=None, time_min=DEFAULT_TIME_MIN, account=None,
-                job_name="llama-jax")
+    return dict(nodes=1, gpus_per_node=1, cpus_per_node=None, mem_gb=None, exclusive=False, partition=None,
+                time_min=DEFAULT_TIME_MIN, account=None, qos=None, constraint=None, job_name="llama-jax")
 
 
 def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -1202,11 +1203,19 @@ def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, default=d["gpus_per_node"], metavar="G")
     p.add_argument("--cpus-per-node", type=int, default=d["cpus_per_node"], metavar="C",
                    help="CPUs of the task on each node (default: SLURM's, often 1)")
+    p.add_argument("--mem-gb", type=int, default=d["mem_gb"], metavar="GB",
+                   help="memory the job gets on each node, in GB; 0 for all of it (default: SLURM's, often a few "
+                        "GB per CPU, beyond which the job is killed)")
+    p.add_argument("--exclusive", action="store_true", help="whole nodes, shared with no other job (with --mem-gb 0: "
+                   "all of their memory too)")
     p.add_argument("--partition", default=d["partition"], metavar="P")
     p.add_argument("--time-min", type=int, default=d["time_min"], metavar="M",
                    help=f"time limit in minutes, at least {MIN_TIME_MIN} (default {d['time_min']}); at the limit the "
                         f"job is requeued and the run resumes")
     p.add_argument("--account", default=d["account"], metavar="A")
+    p.add_argument("--qos", default=d["qos"], metavar="Q")
+    p.add_argument("--constraint", default=d["constraint"], metavar="FEATURES",
+                   help="node features the job needs, e.g. a100 or 'a100&ib'")
     p.add_argument("--job-name", default=d["job_name"], metavar="NAME")
 
 

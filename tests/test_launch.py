@@ -764,6 +764,24 @@ def test_the_cpus_per_node_reach_the_task(capsys, tmp_path):
     assert "#SBATCH --cpus-per-task=32" in lines and "--cpus-per-task=32" in srun
 
 
+def test_memory_whole_nodes_qos_and_features_are_requested(capsys, tmp_path):
+    """A job without a memory request gets the cluster's default, often a few GB per CPU, and a
+    training process beyond it is killed by its cgroup: --mem-gb asks for memory per node (0: all
+    of it, SLURM's spelling of a whole node's memory), --exclusive for whole nodes; --qos and
+    --constraint reach the script too. None of them is asked for unless given."""
+    def script(*options):
+        assert cli.main(["launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", *options, "--dry-run", "--",
+                         "train", "--config", "configs/tinyllama_1b_8gpu.py", "--workdir", str(tmp_path)]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    lines = script("--mem-gb", "0", "--exclusive", "--qos", "high", "--constraint", "a100&ib")
+    for line in ["#SBATCH --mem=0G", "#SBATCH --exclusive", "#SBATCH --qos=high", "#SBATCH --constraint='a100&ib'"]:
+        assert line in lines
+    assert "#SBATCH --mem=480G" in script("--mem-gb", "480")
+    assert not [line for line in script() if line.split("=")[0] in (
+        "#SBATCH --mem", "#SBATCH --exclusive", "#SBATCH --qos", "#SBATCH --constraint")]
+
+
 def test_the_job_is_warned_before_its_limit_and_may_be_requeued(tmp_path):
     """submitit requeues a job with `scontrol requeue`, which SLURM refuses for a job that is not
     requeueable (a cluster's JobRequeue=0 makes that every job's default, and a preempted one is
@@ -974,6 +992,12 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     (["slurm", "--partition", "gpu\n#SBATCH --account=x", "--dry-run", "--", *TRAIN_IN_TMP],
      "--partition 'gpu\\n#SBATCH --account=x': use letters, digits and . _ + - ,"),
     (["slurm", "--account", "a b", "--dry-run", "--", *TRAIN_IN_TMP], "--account 'a b': use letters, digits"),
+    (["slurm", "--qos", "a b", "--dry-run", "--", *TRAIN_IN_TMP], "--qos 'a b': use letters, digits"),
+    (["slurm", "--constraint", "a100\n#SBATCH --qos=x", "--dry-run", "--", *TRAIN_IN_TMP],
+     "--constraint 'a100\\n#SBATCH --qos=x': use node feature names (letters, digits and . _ + -) and SLURM's "
+     "operators & | [ ] ( ) *"),
+    (["slurm", "--mem-gb", "-1", "--dry-run", "--", *TRAIN_IN_TMP],
+     "--mem-gb must be at least 0 (0: all of each node's memory), got -1"),
     # the launched command's config and values, checked before anything is launched
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", *TRAIN_TINY,
       "--config.train.stepz=3"], "unknown config key 'train.stepz'"),
@@ -1328,7 +1352,7 @@ def test_slurm_experiment_script_dry_run(script_env, tmp_path):
     assert done.returncode == 0, done.stderr
     script = (tmp_path / "run" / "slurm" / slurm.DRY_RUN_SCRIPT).read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
-    assert "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --mem=0G" in script  # whole nodes' memory
     assert (f"train --config configs/tinyllama_1b_8gpu.py --workdir {tmp_path / 'run'} --config.train.seed 3 "
             f"--config.train.log_every=7" in script)
 

@@ -101,8 +101,9 @@ def submit(command: Sequence[str], folder: str | Path, **options: Any) -> str:
 
 def submit_array(commands: list[list[str]], folder: str | Path, *, dry_run: bool = False, **options: Any) -> list[str]:
     """Submit one job per command line, as one job array (a plain job for a single command).
-    `options`: nodes, gpus_per_node, partition, time_min (minutes), account, cpus_per_node,
-    job_name (defaults in `_job_parameters`).
+    `options`: nodes, gpus_per_node, partition, time_min (minutes), account, qos, constraint,
+    cpus_per_node, mem_gb (per node; 0: all of its memory), exclusive, job_name (defaults in
+    `_job_parameters`).
 
     Returns the job ids; with dry_run, writes the sbatch script into `folder` instead and returns
     its path as a one-element list. Commands are full argv lists, run as given on the nodes."""
@@ -157,12 +158,18 @@ def array_script(commands: list[list[str]], folder: str | Path, **options: Any) 
 
 
 def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node: int = 1, partition: str | None = None,
-                    time_min: int = DEFAULT_TIME_MIN, account: str | None = None, cpus_per_node: int | None = None,
-                    job_name: str = "llama-jax") -> dict[str, Any]:
+                    time_min: int = DEFAULT_TIME_MIN, account: str | None = None, qos: str | None = None,
+                    constraint: str | None = None, cpus_per_node: int | None = None, mem_gb: int | None = None,
+                    exclusive: bool = False, job_name: str = "llama-jax") -> dict[str, Any]:
     """The executor parameters of `submit_array`'s options, once they are checked."""
     _check(commands, nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, cpus_per_node=cpus_per_node)
+    if mem_gb is not None and mem_gb < 0:
+        raise LaunchError(f"--mem-gb must be at least 0 (0: all of each node's memory), got {mem_gb}")
+    if constraint is not None and not re.fullmatch(r"[\w.+&|\[\]()*-]+", constraint):
+        raise LaunchError(f"--constraint {constraint!r}: use node feature names (letters, digits and . _ + -) and "
+                          f"SLURM's operators & | [ ] ( ) * (it is written into the sbatch script)")
     for flag, value, extra in (("--job-name", job_name, ""), ("--partition", partition, ","),
-                               ("--account", account, "")):
+                               ("--account", account, ""), ("--qos", qos, "")):
         if value is not None and not re.fullmatch(rf"[\w.+{extra}-]+", value):  # each is a line of the sbatch script
             raise LaunchError(f"{flag} {value!r}: use letters, digits and . _ + -{' ,' if extra else ''} (it is "
                               f"written into the sbatch script)")
@@ -172,7 +179,8 @@ def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node:
     # srun of Slurm 22.05 to 23.02 does not take the job's --cpus-per-task: without its own, the task gets one CPU
     srun_args = [f"--cpus-per-task={cpus_per_node}"] if cpus_per_node is not None else None
     return dict(job_name=job_name, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node, time=time_min,
-                partition=partition, account=account, cpus_per_task=cpus_per_node, srun_args=srun_args,
+                partition=partition, account=account, qos=qos, constraint=constraint, cpus_per_task=cpus_per_node,
+                mem=None if mem_gb is None else f"{mem_gb}G", exclusive=exclusive or None, srun_args=srun_args,
                 signal_delay_s=SIGNAL_DELAY_S, additional_parameters={"requeue": True},
                 setup=_setup_lines(commands, gpus_per_node))
 
