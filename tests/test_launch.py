@@ -782,6 +782,14 @@ def test_memory_whole_nodes_qos_and_features_are_requested(capsys, tmp_path):
         "#SBATCH --mem", "#SBATCH --exclusive", "#SBATCH --qos", "#SBATCH --constraint")]
 
 
+def test_the_job_keeps_the_users_own_wckey(tmp_path):
+    """submitit books every job to the wckey "submitit": where the cluster tracks wckeys (TrackWCKey)
+    the job's usage went there instead of the user's default wckey, and where it enforces them
+    (AccountingStorageEnforce=wckeys) sbatch refused a user without that wckey."""
+    [path] = slurm.submit_array([["llama-jax", "demo"]], tmp_path / "jobs", dry_run=True)
+    assert "--wckey" not in Path(path).read_text()
+
+
 def test_the_job_is_warned_before_its_limit_and_may_be_requeued(tmp_path):
     """submitit requeues a job with `scontrol requeue`, which SLURM refuses for a job that is not
     requeueable (a cluster's JobRequeue=0 makes that every job's default, and a preempted one is

@@ -182,6 +182,7 @@ def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node:
                 partition=partition, account=account, qos=qos, constraint=constraint, cpus_per_task=cpus_per_node,
                 mem=None if mem_gb is None else f"{mem_gb}G", exclusive=exclusive or None, srun_args=srun_args,
                 signal_delay_s=SIGNAL_DELAY_S, additional_parameters={"requeue": True},
+                wckey=None,  # (submitit's "submitit": jobs booked to it, or refused where wckeys are enforced)
                 setup=_setup_lines(commands, gpus_per_node))
 
 
