@@ -12,9 +12,10 @@
 #
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch slurm`, e.g.
 # --dry-run (write and print the sbatch script), --partition P, --account A, --time-min M,
-# --exclusive, --mem-gb GB (this script asks for 0: all of each node's memory, as a job holding
-# all of a node's GPUs needs; a later --mem-gb replaces it) (`llama-jax launch slurm --help`
-# lists them).
+# --exclusive (`llama-jax launch slurm --help` lists them). This script asks for all of each
+# node's memory (--mem-gb 0) and 32 CPUs (--cpus-per-node 32: without it the task, all 8 GPUs of
+# a node, gets the cluster's default, often one CPU); a later --mem-gb or --cpus-per-node replaces
+# them.
 # Environment: WORKDIR (default: runs/tinyllama in this checkout; a relative one is read from
 # where the script starts), LLAMA_JAX.
 . "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)
@@ -29,6 +30,6 @@ WORKDIR=${WORKDIR:-runs/tinyllama}  # (the default: in this checkout)
 split_arguments "$@"
 usage_if_asked ${launch_args[@]+"${launch_args[@]}"}  # (the launcher's usage asks for flags given here)
 
-exec "$llama_jax" launch slurm --nodes 2 --gpus-per-node 8 --mem-gb 0 --time-min 1440 \
+exec "$llama_jax" launch slurm --nodes 2 --gpus-per-node 8 --mem-gb 0 --cpus-per-node 32 --time-min 1440 \
     ${launch_args[@]+"${launch_args[@]}"} \
     -- train --config configs/tinyllama_1b_8gpu.py --workdir "$WORKDIR" ${train_args[@]+"${train_args[@]}"}

@@ -1361,6 +1361,7 @@ def test_slurm_experiment_script_dry_run(script_env, tmp_path):
     script = (tmp_path / "run" / "slurm" / slurm.DRY_RUN_SCRIPT).read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
     assert "#SBATCH --partition=gpu" in script and "#SBATCH --mem=0G" in script  # whole nodes' memory
+    assert "#SBATCH --cpus-per-task=32" in script  # (SLURM's default is often one CPU for the 8 GPUs)
     assert (f"train --config configs/tinyllama_1b_8gpu.py --workdir {tmp_path / 'run'} --config.train.seed 3 "
             f"--config.train.log_every=7" in script)
 
