@@ -878,6 +878,19 @@ def test_job_command_outlives_the_requeue_signal():
     slurm.JobCommand([sys.executable, "-c", code])()  # raises CalledProcessError if the signal killed it
 
 
+def test_job_command_outlives_the_requeue_signal_submitit_is_told_to_use(monkeypatch, tmp_path):
+    """submitit's SUBMITIT_PREEMPT_SIGNAL (read when it is imported) changes the signal the script
+    asks SLURM for and the one submitit acts on: the command ignored USR2 alone, and the other
+    signal killed it unsaved at every time limit."""
+    from submitit.core.job_environment import JobEnvironment
+
+    monkeypatch.setattr(JobEnvironment, "USR_SIG", "HUP")
+    [path] = slurm.submit_array([["llama-jax", "demo"]], tmp_path / "jobs", dry_run=True)
+    assert f"#SBATCH --signal=HUP@{slurm.SIGNAL_DELAY_S}" in Path(path).read_text().splitlines()
+    code = "import os, signal; os.kill(os.getpid(), signal.SIGHUP); print('still running')"
+    slurm.JobCommand([sys.executable, "-c", code])()
+
+
 def test_a_requeue_lets_the_command_save_first(tmp_path):
     """submitit asks the job for its checkpoint before it requeues it (and then exits, killing what
     still runs): the command gets SIGTERM, as a preempted run does, and the time to save."""

@@ -59,7 +59,7 @@ class JobCommand:
 
     def __call__(self) -> None:
         global _running
-        _running = subprocess.Popen(self.argv, preexec_fn=_ignore_requeue_signal)
+        _running = subprocess.Popen(self.argv, preexec_fn=_ignoring(_requeue_signal()))
         while True:  # waits of a second: an untimed wait would keep `checkpoint` (run inside it) from reaping
             try:
                 status = _running.wait(timeout=1)
@@ -87,10 +87,18 @@ class JobCommand:
 _running: subprocess.Popen | None = None  # the command of this task's JobCommand, while it runs
 
 
-def _ignore_requeue_signal() -> None:
-    """In the command's process: SLURM signals every process of the job before its time limit; that
-    signal is submitit's cue to requeue, and the command runs on until the requeue stops it."""
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+def _requeue_signal() -> signal.Signals:
+    """The signal SLURM sends every process of the job before its time limit (the script's
+    `--signal`), submitit's cue to requeue: USR2, or the one submitit's SUBMITIT_PREEMPT_SIGNAL names."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    return SlurmJobEnvironment._usr_sig()
+
+
+def _ignoring(signum: signal.Signals):
+    """What the command's process runs first: the requeue signal is submitit's, and the command
+    runs on until the requeue stops it."""
+    return lambda: signal.signal(signum, signal.SIG_IGN)
 
 
 def submit(command: Sequence[str], folder: str | Path, **options: Any) -> str:
