@@ -288,10 +288,13 @@ def install_shell(tpu: TpuLaunch) -> str:
     running = (f"if [ -e {lock} ] && ! flock -n -s {lock} true; then echo \"llama-jax launch: $(hostname): the "
                f"command of launch {tpu.name} is still running here: its checkout is left as it is\" >&2; "
                f"rm -f {REMOTE_TARBALL}; exit 0; fi")
-    prune = (f"if [ -e {SHIPPED} ]; then LC_ALL=C comm -z -23 {SHIPPED} {SHIPPED}.new | xargs -0 -r rm -f --; fi; "
-             f"mv {SHIPPED}.new {SHIPPED}")
-    steps = [running, f"mkdir -p {REMOTE_DIR}", f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}", f"rm {REMOTE_TARBALL}",
-             f"cd {REMOTE_DIR}", prune, *REMOTE_INSTALL]
+    # the new list first, the files it lacks removed before unpacking: a file that became a folder (or
+    # the reverse) unpacks then; a listed name that is now a folder someone made there is left alone
+    prune = (f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR} {SHIPPED}.new; (cd {REMOTE_DIR} && "
+             f"if [ -e {SHIPPED} ]; then LC_ALL=C comm -z -23 {SHIPPED} {SHIPPED}.new | "
+             "xargs -0 -r sh -c 'for f do [ -d \"$f\" ] || rm -f -- \"$f\"; done' prune; fi)")
+    steps = [running, f"mkdir -p {REMOTE_DIR}", prune, f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}",
+             f"rm {REMOTE_TARBALL}", f"cd {REMOTE_DIR}", f"mv {SHIPPED}.new {SHIPPED}", *REMOTE_INSTALL]
     return "set -e; " + "; ".join(steps + ([tpu.setup] if tpu.setup else []))
 
 
