@@ -29,6 +29,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -832,12 +833,22 @@ def open_study(workdir: Path, seed: int):
     with study_errors(workdir):
         storage = optuna.storages.RDBStorage("sqlite:///", engine_kwargs={"creator": lambda: sqlite3.connect(path)})
         study = optuna.create_study(study_name="llama-jax", storage=storage, direction="minimize",
-                                    load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed),
+                                    load_if_exists=True, sampler=_sampler(optuna, seed),
                                     pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
     if study.trials:  # resumed: a sampler seeded as before would propose its first points again
         resumed_seed = int(np.random.SeedSequence([seed, len(study.trials)]).generate_state(1)[0])
-        study.sampler = optuna.samplers.TPESampler(seed=resumed_seed)
+        study.sampler = _sampler(optuna, resumed_seed)
     return study
+
+
+def _sampler(optuna, seed: int):
+    """TPE seeded by `seed`, with the constant liar: a trial asked while others run (`--parallel`)
+    counts their points as bad ones, so it is not proposed beside them (without it TPE knows nothing
+    of running trials). Optuna's default from version 5, given here for Optuna 4, which warns that
+    the option is experimental; a trial asked while none runs is proposed as without it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def optuna_trials(study, axes: dict[str, Space], n: int) -> Iterator[Trial]:

@@ -766,6 +766,39 @@ def test_a_resumed_optuna_study_does_not_propose_its_first_points_again(tmp_path
     assert len(set(proposed)) == 3, proposed
 
 
+@pytest.mark.parametrize("resumed", [False, True])
+def test_an_optuna_trial_asked_while_another_runs_is_not_proposed_beside_it(tmp_path, monkeypatch, resumed):
+    """With --parallel N the study is asked for a trial while others run. TPE without the constant
+    liar (Optuna 4's default, stood in for here) ignores running trials, so it proposes the same
+    point whatever they are; the sweep's sampler, new or reloaded, steers away from a running one."""
+    import functools
+
+    import optuna
+
+    monkeypatch.setattr(optuna.samplers, "TPESampler", functools.partial(optuna.samplers.TPESampler,
+                                                                        constant_liar=False))
+    axes = {"optimizer.lr": sweep_lib.loguniform(1e-4, 1e-2)}
+    space = {"optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+
+    def second_while_first_runs(directory: Path, first: float) -> float:
+        directory.mkdir()
+        study = sweep_lib.open_study(directory, seed=0)
+        for i in range(10):  # past TPE's 10 start-up trials, the best at 1e-3
+            lr = 10 ** (-4 + 2 * i / 9)
+            study.add_trial(optuna.trial.create_trial(params={"optimizer.lr": lr}, distributions=space,
+                                                      value=abs(math.log10(lr) + 3)))
+        if resumed:
+            study = sweep_lib.open_study(directory, seed=0)
+        study.enqueue_trial({"optimizer.lr": first})
+        trials = sweep_lib.optuna_trials(study, axes, 12)
+        assert next(trials).overrides == {"optimizer.lr": first}  # running while the next is asked
+        return next(trials).overrides["optimizer.lr"]
+
+    alone = second_while_first_runs(tmp_path / "far", 1e-2)  # (a running trial far away)
+    beside = second_while_first_runs(tmp_path / "near", alone)  # one running where it would go
+    assert beside != alone
+
+
 def test_an_optuna_trial_asked_but_not_given_its_parameters_is_resumed_with_them(tmp_path):
     """A sweep stopped between the study's ask (a RUNNING trial, committed) and the suggestion of its
     parameters left a trial without them; every later run of the sweep failed with a KeyError."""
