@@ -717,12 +717,16 @@ class Sweep:
     def _report(self, active: Running) -> None:
         """Feed the run's new losses to the Optuna pruner; stop the run if it says so, once the run
         is past its learning-rate warmup (`optimizer.warmup_steps` of its config.json): until then a
-        trial of a lower peak rate is behind by design, not worse."""
+        trial of a lower peak rate is behind by design, not worse. A non-finite loss (logged as null:
+        a step `train.on_nonfinite=skip` passed over) is told as NaN; the pruner stops a trial whose
+        every loss so far is."""
         from llama_jax.metrics import read_metrics
 
         records = read_metrics(active.directory / "metrics.jsonl")
         for record in records[active.metrics_offset:]:
             value = record.get(self.objective)
+            if value is None and self.objective in record:  # (null: non-finite)
+                value = math.nan
             if isinstance(value, (int, float)) and record["step"] not in active.reported_steps:
                 active.optuna_trial.report(value, record["step"])
                 active.reported_steps.add(record["step"])

@@ -644,6 +644,34 @@ def test_the_pruner_stops_a_trial_only_after_its_learning_rate_warmup(tmp_path):
     assert active.pruned
 
 
+def test_the_pruner_stops_a_trial_whose_every_loss_is_non_finite(tmp_path):
+    """With train.on_nonfinite=skip a run logs a non-finite loss as null and goes on. Left out of
+    what the pruner was told, a trial diverged from its first steps ran to the end; told as NaN,
+    it is stopped at its first step past warmup."""
+    import types
+
+    import optuna
+
+    study = optuna.create_study(direction="minimize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    finished = study.ask()
+    for step in range(1, 7):
+        finished.report(1.0, step)
+    study.tell(finished, 1.0)
+    run = tmp_path / "t001"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"optimizer": {"warmup_steps": 1}}))
+    signals = []
+    active = sweep_lib.Running(sweep_lib.Trial(1, {}), run, types.SimpleNamespace(send_signal=signals.append), 0.0,
+                               study.ask())
+    for step in range(1, 4):
+        with open(run / "metrics.jsonl", "a") as log:
+            log.write(json.dumps({"step": step, "loss": None}) + "\n")
+        sweep_lib.Sweep._report(types.SimpleNamespace(objective="loss"), active)
+        assert signals == ([signal.SIGTERM] if step >= 2 else []), step
+    assert active.pruned
+    assert all(math.isnan(v) for v in study.trials[1].intermediate_values.values())
+
+
 @pytest.mark.parametrize("committed, returncode, status", [
     (4, 0, "done"),  # the pruner spoke after the run's last step: it finished (it was recorded pruned)
     (2, 0, "pruned"),  # stopped by the pruner: saved its step and exited
