@@ -907,8 +907,12 @@ def rewrite_lost_records(study, sweep: Sweep) -> None:
         if not directory.is_dir() or read_trial(directory):
             continue
         outcome = run_outcome(directory, sweep.objective)
-        status = {states.COMPLETE: "done", states.PRUNED: "pruned"}.get(frozen.state) or (
-            finished_status(outcome) if outcome["complete"] else "failed")  # (the study fails diverged trials too)
+        if frozen.state == states.COMPLETE:
+            status = "done"
+        elif outcome["complete"]:  # diverged (pruned in the study; failed in one of an earlier release)
+            status = finished_status(outcome)
+        else:
+            status = "pruned" if frozen.state == states.PRUNED else "failed"
         write_trial(directory, trial, status, sweep.spec)
 
 
@@ -921,10 +925,13 @@ def study_trial(study, trial: Trial) -> tuple[Any, set[int]]:
 
 
 def tell(study, optuna_trial, status: str, final: float | None) -> None:
+    """Tell the study how a trial ended. A diverged one is told pruned: TPE counts a pruned trial's
+    point as a bad one (after every complete trial), while it leaves failed trials out, and would
+    go on proposing points beside it."""
     import optuna
 
     states = optuna.trial.TrialState
-    if status == "pruned":
+    if status in ("pruned", "diverged"):
         study.tell(optuna_trial, state=states.PRUNED)
     elif status == "done" and final is not None and math.isfinite(final):
         study.tell(optuna_trial, final)

@@ -827,6 +827,48 @@ def test_an_optuna_trial_asked_while_another_runs_is_not_proposed_beside_it(tmp_
     assert beside != alone
 
 
+def test_diverged_optuna_trials_count_against_their_point(tmp_path):
+    """A trial whose objective ended non-finite was told failed, and TPE leaves failed trials out:
+    what it proposed next was the same wherever trials diverged. Told pruned, their point counts as
+    a bad one; a diverged trial's record, lost since, is written again as diverged."""
+    import types
+
+    import optuna
+
+    axes = {"optimizer.lr": sweep_lib.loguniform(1e-4, 1e-2)}
+    space = {"optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+
+    def next_after_diverged(directory: Path, diverged_lr: float):
+        directory.mkdir()
+        study = sweep_lib.open_study(directory, seed=0)
+        for i in range(10):  # past TPE's 10 start-up trials, the best at 1e-3
+            lr = 10 ** (-4 + 2 * i / 9)
+            study.add_trial(optuna.trial.create_trial(params={"optimizer.lr": lr}, distributions=space,
+                                                      value=abs(math.log10(lr) + 3)))
+        for _ in range(3):
+            study.enqueue_trial({"optimizer.lr": diverged_lr})
+        trials = sweep_lib.optuna_trials(study, axes, 14)
+        for _ in range(3):
+            diverged = next(trials)
+            sweep_lib.tell(study, sweep_lib.study_trial(study, diverged)[0], "diverged", math.nan)
+        return study, diverged, next(trials).overrides["optimizer.lr"]
+
+    _, _, proposed = next_after_diverged(tmp_path / "far", 1e-2)
+    study, diverged, beside = next_after_diverged(tmp_path / "near", proposed)  # diverged where it goes
+    assert beside != proposed
+
+    spec = sweep_lib.SweepSpec("experiment.py", (), {"optimizer.lr": repr(axes["optimizer.lr"])}, "optuna", 14, 0)
+    sweep = types.SimpleNamespace(axes=axes, objective="loss", spec=spec,
+                                  directory=lambda t: tmp_path / "near" / t.name(axes, numbered=True))
+    run = sweep.directory(diverged)
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"steps": 2}}))
+    (run / "progress.json").write_text(json.dumps({"committed_step": 2}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": null}\n')
+    sweep_lib.rewrite_lost_records(study, sweep)
+    assert trial(run)["status"] == "diverged"
+
+
 def test_an_optuna_trial_asked_but_not_given_its_parameters_is_resumed_with_them(tmp_path):
     """A sweep stopped between the study's ask (a RUNNING trial, committed) and the suggestion of its
     parameters left a trial without them; every later run of the sweep failed with a KeyError."""
