@@ -367,6 +367,7 @@ def _huge_whole_number(key: str, value: int) -> ValueError:
 MAX_STEPS = 2**31 - 1  # the train state's step counter (and optax's) is int32, as JAX keeps integers without x64
 MAX_TOKENS_PER_STEP = 2**31  # tokens per step: far above any real run (LLaMA 3 405B: 16M); catches a typo early
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite: what a step with a non-finite loss or gradient does
+NONFINITE_STOP = "loss or gradient became NaN/Inf"  # how the error of a run it stopped begins (a sweep reads it)
 
 
 def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True,

@@ -44,7 +44,7 @@ from llama_jax.config import LLaMAConfig
 from llama_jax.devices import computation_failed
 from llama_jax.distributed import refuse_together
 from llama_jax.eval_files import RUN_EVAL_FILE
-from llama_jax.experiment import INIT_FROM_PRESET, check_run_settings
+from llama_jax.experiment import INIT_FROM_PRESET, NONFINITE_STOP, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import RUN_TOKENIZER, RunData, RunError, build_data, evaluate, prepared_dirs
@@ -1216,7 +1216,7 @@ def _check_finite(state: TrainState, skipped_seen: int, step: int, on_nonfinite:
     if skipped > skipped_seen:
         if on_nonfinite == "stop":
             latest = checkpoints.latest_step()
-            raise RunError(f"loss or gradient became NaN/Inf in {skipped - skipped_seen} step(s) up to step {step}; "
+            raise RunError(f"{NONFINITE_STOP} in {skipped - skipped_seen} step(s) up to step {step}; "
                            f"stopped (train.on_nonfinite=stop). No such step was applied to the state; latest "
                            f"checkpoint: {latest if latest is not None else 'none'}")
         bar.write(f"step {step}: skipped {skipped - skipped_seen} step(s) with a non-finite loss or gradient")

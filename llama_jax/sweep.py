@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from llama_jax.experiment import (LATER_KEYS, NOT_A_LITERAL, _failure, _parse, apply_override, check_experiment,
-                                  config_module, load_config, value_at)
+from llama_jax.experiment import (LATER_KEYS, NONFINITE_STOP, NOT_A_LITERAL, _failure, _parse, apply_override,
+                                  check_experiment, config_module, load_config, value_at)
 from llama_jax.safe_io import (DirectoryLock, check_outside_runs_and_models, check_writable, holds_lock, holds_run,
                                real_path, saved_run_setting, signals_held, write_json_atomic, write_text_atomic)
 
@@ -758,7 +758,7 @@ class Sweep:
         self.out(f"[{active.trial.number}] {status} {active.directory.name}"
                  + (f": {extra['error']}" if status == "failed" else ""))
         if study is not None:
-            tell(study, active.optuna_trial, status, outcome["final"])
+            tell(study, active.optuna_trial, status, outcome["final"], extra.get("error", ""))
 
 
 def killed_by(returncode: int) -> str | None:
@@ -887,10 +887,10 @@ def tell_recorded_outcomes(study, sweep: Sweep) -> None:
 
     for frozen, trial in _study_trials(study, sweep.axes, (optuna.trial.TrialState.RUNNING,)):
         directory = sweep.directory(trial)
-        status = read_trial(directory).get("status")
-        if status in (*FINISHED, "failed"):
-            tell(study, optuna.trial.Trial(study, frozen._trial_id), status,
-                 run_outcome(directory, sweep.objective)["final"])
+        record = read_trial(directory)
+        if record.get("status") in (*FINISHED, "failed"):
+            tell(study, optuna.trial.Trial(study, frozen._trial_id), record["status"],
+                 run_outcome(directory, sweep.objective)["final"], record.get("error", ""))
 
 
 def rewrite_lost_records(study, sweep: Sweep) -> None:
@@ -906,14 +906,16 @@ def rewrite_lost_records(study, sweep: Sweep) -> None:
         directory = sweep.directory(trial)
         if not directory.is_dir() or read_trial(directory):
             continue
-        outcome = run_outcome(directory, sweep.objective)
+        outcome, extra = run_outcome(directory, sweep.objective), {}
         if frozen.state == states.COMPLETE:
             status = "done"
         elif outcome["complete"]:  # diverged (pruned in the study; failed in one of an earlier release)
             status = finished_status(outcome)
-        else:
-            status = "pruned" if frozen.state == states.PRUNED else "failed"
-        write_trial(directory, trial, status, sweep.spec)
+        else:  # (a run stopped at a non-finite loss is pruned in the study, and failed)
+            error = last_error_line(directory / LOG_FILE)
+            status = "failed" if frozen.state == states.FAIL or NONFINITE_STOP in error else "pruned"
+            extra = {"error": error} if status == "failed" else {}
+        write_trial(directory, trial, status, sweep.spec, **extra)
 
 
 def study_trial(study, trial: Trial) -> tuple[Any, set[int]]:
@@ -924,14 +926,15 @@ def study_trial(study, trial: Trial) -> tuple[Any, set[int]]:
     return optuna.trial.Trial(study, frozen._trial_id), set(frozen.intermediate_values)
 
 
-def tell(study, optuna_trial, status: str, final: float | None) -> None:
-    """Tell the study how a trial ended. A diverged one is told pruned: TPE counts a pruned trial's
-    point as a bad one (after every complete trial), while it leaves failed trials out, and would
-    go on proposing points beside it."""
+def tell(study, optuna_trial, status: str, final: float | None, error: str = "") -> None:
+    """Tell the study how a trial ended (`error`: a failed one's error line). A diverged one, and
+    one that failed as its run stopped at a non-finite loss (`train.on_nonfinite=stop`), are told
+    pruned: TPE counts a pruned trial's point as a bad one (after every complete trial), while it
+    leaves failed trials out, and would go on proposing points beside them."""
     import optuna
 
     states = optuna.trial.TrialState
-    if status in ("pruned", "diverged"):
+    if status in ("pruned", "diverged") or status == "failed" and NONFINITE_STOP in error:
         study.tell(optuna_trial, state=states.PRUNED)
     elif status == "done" and final is not None and math.isfinite(final):
         study.tell(optuna_trial, final)

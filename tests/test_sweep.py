@@ -827,16 +827,22 @@ def test_an_optuna_trial_asked_while_another_runs_is_not_proposed_beside_it(tmp_
     assert beside != alone
 
 
-def test_diverged_optuna_trials_count_against_their_point(tmp_path):
-    """A trial whose objective ended non-finite was told failed, and TPE leaves failed trials out:
-    what it proposed next was the same wherever trials diverged. Told pruned, their point counts as
-    a bad one; a diverged trial's record, lost since, is written again as diverged."""
+@pytest.mark.parametrize("status", ["diverged", "failed"])
+def test_diverged_optuna_trials_count_against_their_point(tmp_path, status):
+    """A trial whose objective ended non-finite (diverged, with train.on_nonfinite=skip), or whose
+    run stopped at a non-finite loss (failed, with the default stop), was told failed, and TPE
+    leaves failed trials out: what it proposed next was the same wherever trials diverged. Told
+    pruned, their point counts as a bad one; such a trial's record, lost since, is written again
+    as it was."""
     import types
 
     import optuna
 
     axes = {"optimizer.lr": sweep_lib.loguniform(1e-4, 1e-2)}
     space = {"optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    error = "" if status == "diverged" else ("llama-jax train: error: loss or gradient became NaN/Inf in 1 step(s) up "
+                                             "to step 2; stopped (train.on_nonfinite=stop). No such step was applied "
+                                             "to the state; latest checkpoint: none")
 
     def next_after_diverged(directory: Path, diverged_lr: float):
         directory.mkdir()
@@ -850,7 +856,7 @@ def test_diverged_optuna_trials_count_against_their_point(tmp_path):
         trials = sweep_lib.optuna_trials(study, axes, 14)
         for _ in range(3):
             diverged = next(trials)
-            sweep_lib.tell(study, sweep_lib.study_trial(study, diverged)[0], "diverged", math.nan)
+            sweep_lib.tell(study, sweep_lib.study_trial(study, diverged)[0], status, math.nan, error)
         return study, diverged, next(trials).overrides["optimizer.lr"]
 
     _, _, proposed = next_after_diverged(tmp_path / "far", 1e-2)
@@ -863,10 +869,14 @@ def test_diverged_optuna_trials_count_against_their_point(tmp_path):
     run = sweep.directory(diverged)
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"train": {"steps": 2}}))
-    (run / "progress.json").write_text(json.dumps({"committed_step": 2}))
-    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": null}\n')
+    if status == "diverged":  # it ran to the end
+        (run / "progress.json").write_text(json.dumps({"committed_step": 2}))
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": null}\n')
+    else:
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+        (run / sweep_lib.LOG_FILE).write_text(f"{error}\n")
     sweep_lib.rewrite_lost_records(study, sweep)
-    assert trial(run)["status"] == "diverged"
+    assert trial(run)["status"] == status and trial(run).get("error", "") == error
 
 
 def test_an_optuna_trial_asked_but_not_given_its_parameters_is_resumed_with_them(tmp_path):
