@@ -51,22 +51,29 @@ def _param(init, *axes):
 
 
 def rope_inv_freq(cfg: LLaMAConfig) -> np.ndarray:
-    """Inverse frequencies [Dh/2] in float32, with LLaMA-3 or linear scaling applied."""
+    """Inverse frequencies [Dh/2] in float32, with LLaMA-3 or linear scaling applied.
+
+    Rounded as transformers rounds them, since one float32 ulp of a frequency near 1 turns its angle
+    at position 131072 by 0.008 rad: each power theta^(2i/Dh) is rounded once to float32 (PyTorch's
+    float32 power is within an ulp of that, NumPy's is an ulp off for a sixth of the frequencies), and
+    a number divided by an array is PyTorch's reciprocal of the array times the number. (A Python
+    number and a float32 array compute in float32.)"""
     dh = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float32) / dh))
+    exponents = (np.arange(0, dh, 2, dtype=np.float32) / dh).astype(np.float64)
+    inv_freq = 1 / (cfg.rope_theta ** exponents).astype(np.float32)
     scaling = cfg.rope_scaling
     if scaling is None:
-        return inv_freq.astype(np.float32)
+        return inv_freq
     if scaling.rope_type == "linear":
-        return (inv_freq / scaling.factor).astype(np.float32)
+        return inv_freq / scaling.factor
     # LLaMA-3.1: keep short wavelengths, divide long ones by `factor`, interpolate in between.
     f, lo, hi, ctx = (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
                       scaling.original_max_position_embeddings)
-    wavelen = 2 * np.pi / inv_freq
-    smooth = (ctx / wavelen - lo) / (hi - lo)
+    wavelen = (1 / inv_freq) * (2 * np.pi)
+    smooth = ((1 / wavelen) * ctx - lo) / (hi - lo)
     smoothed = (1 - smooth) * inv_freq / f + smooth * inv_freq
     scaled = np.where(wavelen > ctx / lo, inv_freq / f, smoothed)
-    return np.where(wavelen < ctx / hi, inv_freq, scaled).astype(np.float32)
+    return np.where(wavelen < ctx / hi, inv_freq, scaled)
 
 
 def rotary_sin_cos(positions_BxS: Array, cfg: LLaMAConfig) -> tuple[Array, Array]:

@@ -8,7 +8,8 @@ import pytest
 
 from llama_jax import (KVCache, LLaMA, LLaMAConfig, attention, from_hf_state_dict, init_params, param_count,
                        to_hf_state_dict)
-from llama_jax.model import logical_axes, project, rms_norm, stack_layers, swiglu, unstack_layers
+from llama_jax.model import (logical_axes, project, rms_norm, rotary_sin_cos, stack_layers, swiglu,
+                             unstack_layers)
 from tests.reference import VARIANTS, hf_config_dict, hf_logits, make_hf_model, state_dict_numpy
 
 PARITY_TOL = 1e-4
@@ -156,6 +157,76 @@ def test_linear_rope_scaling_matches_transformers():
         cfg, params = from_hf_state_dict(state_dict_numpy(hf_model), hf_config)
         logits = LLaMA(cfg).apply({"params": params}, tokens, positions=positions)
         np.testing.assert_allclose(np.asarray(logits), expected, atol=PARITY_TOL, rtol=0)
+
+
+_LLAMA31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=8192)
+# The releases' rotary settings (LLaMA 3.2's head dim 64 is its 1B model's), linear scaling, and
+# LLaMA-3 scaling of a short original context, which puts fast frequencies in its interpolated band.
+_ROTARY = {  # rope_theta, rope_scaling, head dim, context
+    "llama2": (10000.0, None, 128, 4096),
+    "code_llama": (1e6, None, 128, 16384),
+    "llama31": (500000.0, _LLAMA31, 128, 131072),
+    "llama32": (500000.0, dict(_LLAMA31, factor=32.0), 64, 131072),
+    "linear": (10000.0, dict(rope_type="linear", factor=4.0), 128, 16384),
+    "llama3_short_context": (10000.0, dict(_LLAMA31, original_max_position_embeddings=128), 128, 131072),
+}
+
+
+def _rotary_hf_config(theta, scaling, head_dim, context, heads=1):
+    return dict(hf_config_dict("mha"), hidden_size=heads * head_dim, num_attention_heads=heads,
+                num_key_value_heads=heads, rope_theta=theta, rope_scaling=dict(scaling) if scaling else None,
+                max_position_embeddings=context)
+
+
+@pytest.mark.parametrize("setting", sorted(_ROTARY))
+def test_rotary_tables_match_transformers_at_long_positions(setting):
+    """The sines and cosines of the last 64 positions of the context against transformers' rotary
+    embedding. An inverse frequency one float32 ulp from transformers' turns the angle at position
+    100000 by an ulp of the angle (0.008 rad): NumPy's float32 power gave such frequencies, and
+    tables 8e-3 apart; LLaMA-3 scaling computed in another order, 4e-3 apart (short context)."""
+    import torch
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf_config = _rotary_hf_config(*_ROTARY[setting])
+    context = hf_config["max_position_embeddings"]
+    positions = np.arange(context - 64, context, dtype=np.int32)[None]
+    reference = LlamaRotaryEmbedding(transformers.LlamaConfig(**hf_config))
+    with torch.no_grad():
+        cos_hf, sin_hf = reference(torch.zeros(1), torch.as_tensor(positions, dtype=torch.long))
+    sin, cos = rotary_sin_cos(jnp.asarray(positions), LLaMAConfig.from_hf(hf_config))
+    np.testing.assert_allclose(np.asarray(sin), sin_hf.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(cos), cos_hf.numpy(), atol=1e-6, rtol=0)
+
+
+def test_logits_match_transformers_at_long_positions():
+    """LLaMA 3.1's rotary settings: 32 tokens at positions 100000 on, in one call and through the KV
+    cache (prefilled, then decoded a token at a time), against transformers there, as closely as
+    at position 0. The
+    attention weights are scaled up so that the rotation matters to the logits: with frequencies
+    an ulp off transformers' they were 2e-4 apart at 100000, 4e-7 at position 0."""
+    import torch
+
+    hf_config = _rotary_hf_config(*_ROTARY["llama31"])
+    hf_model = make_hf_model(hf_config, seed=5)
+    with torch.no_grad():
+        for layer in hf_model.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, name).weight.mul_(3.0)
+    positions = np.arange(100000, 100032, dtype=np.int32)[None]
+    tokens, expected = _hf_logits_at(hf_model, positions)
+    cfg, params = from_hf_state_dict(state_dict_numpy(hf_model), hf_config)
+    model = LLaMA(cfg)
+    full = jax.jit(lambda p, t, pos: model.apply({"params": p}, t, positions=pos))
+    np.testing.assert_allclose(full(params, tokens, positions), expected, atol=1e-5, rtol=0)
+    step = jax.jit(lambda p, t, pos, c: model.apply({"params": p}, t, positions=pos, cache=c))
+    logits, cache = step(params, tokens[:, :28], positions[:, :28], KVCache.create(cfg, batch=1, max_len=32))
+    pieces = [logits]
+    for i in range(28, 32):
+        logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), expected, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
