@@ -200,12 +200,10 @@ def test_rotary_tables_match_transformers_at_long_positions(setting):
     np.testing.assert_allclose(np.asarray(cos), cos_hf.numpy(), atol=1e-6, rtol=0)
 
 
-def test_logits_match_transformers_at_long_positions():
-    """LLaMA 3.1's rotary settings: 32 tokens at positions 100000 on, in one call and through the KV
-    cache (prefilled, then decoded a token at a time), against transformers there, as closely as
-    at position 0. The
-    attention weights are scaled up so that the rotation matters to the logits: with frequencies
-    an ulp off transformers' they were 2e-4 apart at 100000, 4e-7 at position 0."""
+@pytest.fixture(scope="module")
+def long_context():
+    """A transformers model with LLaMA 3.1's rotary settings, its attention weights scaled up so
+    that the rotation matters to the logits, and the same model here (config, params)."""
     import torch
 
     hf_config = _rotary_hf_config(*_ROTARY["llama31"])
@@ -214,9 +212,16 @@ def test_logits_match_transformers_at_long_positions():
         for layer in hf_model.model.layers:
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 getattr(layer.self_attn, name).weight.mul_(3.0)
+    return (hf_model, *from_hf_state_dict(state_dict_numpy(hf_model), hf_config))
+
+
+def test_logits_match_transformers_at_long_positions(long_context):
+    """32 tokens at positions 100000 on, in one call and through the KV cache (prefilled, then
+    decoded a token at a time), against transformers there, as closely as at position 0: with
+    frequencies an ulp off transformers' they were 2e-4 apart at 100000, 4e-7 at position 0."""
+    hf_model, cfg, params = long_context
     positions = np.arange(100000, 100032, dtype=np.int32)[None]
     tokens, expected = _hf_logits_at(hf_model, positions)
-    cfg, params = from_hf_state_dict(state_dict_numpy(hf_model), hf_config)
     model = LLaMA(cfg)
     full = jax.jit(lambda p, t, pos: model.apply({"params": p}, t, positions=pos))
     np.testing.assert_allclose(full(params, tokens, positions), expected, atol=1e-5, rtol=0)
@@ -227,6 +232,19 @@ def test_logits_match_transformers_at_long_positions():
         logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
         pieces.append(logits)
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), expected, atol=1e-5, rtol=0)
+
+
+def test_bf16_compute_at_long_positions_agrees_with_fp32(long_context):
+    """bfloat16 compute keeps the rotary angles in float32: at positions 100000 on its logits are
+    within 2e-2 of float32's (7e-3, as at position 0). Angles in bfloat16 (8 significant bits: steps
+    of 512 positions there) put them 0.14 apart."""
+    _, cfg, params = long_context
+    tokens = _tokens(cfg.vocab_size, batch=1, seq=32, seed=7)
+    positions = np.arange(100000, 100032, dtype=np.int32)[None]
+    f32, bf16 = (jax.jit(lambda p, t, pos, c=c: LLaMA(c).apply({"params": p}, t, positions=pos))
+                 for c in (cfg, cfg.replace(dtype="bfloat16")))
+    error = np.abs(np.asarray(bf16(params, tokens, positions)) - np.asarray(f32(params, tokens, positions))).max()
+    assert error < 2e-2, error
 
 
 @pytest.fixture(scope="module")
