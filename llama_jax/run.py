@@ -953,7 +953,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             lock.acquire()  # a workdir that did not exist before is locked once created
             _set_aside_later_steps(workdir, start, resume_from)
             _say_init_from_differs(config, differences, other_tokenizer)
-            _write_run_config(config, cfg, workdir, start, resumed)
+            _write_run_config(config, cfg, workdir, start, resumed, bool(data.eval_sets and t.eval_batches))
         tokenizer_sha256 = data.adopt(workdir)
         if main_process and start == 0:
             keep_model_tokenizer_files("" if other_tokenizer else config.checkpoint.init_from, workdir,
@@ -1145,10 +1145,12 @@ def _say_init_from_differs(config, differences: dict[str, str], other_tokenizer:
               f"to fine-tune it on its own vocabulary, give data.tokenizer={own}")
 
 
-def _write_run_config(config, model: LLaMAConfig, workdir: Path, start: int, resumed: dict | None) -> None:
+def _write_run_config(config, model: LLaMAConfig, workdir: Path, start: int, resumed: dict | None,
+                      evaluates: bool = False) -> None:
     """Write the config the run continues with as WORKDIR/config.json, unless nothing is left to
     train, after saying which settings changed since checkpoint `start` (`resumed`: the run
-    information saved with it; None for a new run) and keeping the run's checkpoint.init_from."""
+    information saved with it; None for a new run) and keeping the run's checkpoint.init_from.
+    `evaluates`: the run logs held-out evaluations (whose subset a change may have changed)."""
     if resumed:
         _keep_weights_source(config, resumed["config"], start)
     changed = changed_settings(resumed["config"], config, resumed.get("model"),
@@ -1157,12 +1159,35 @@ def _write_run_config(config, model: LLaMAConfig, workdir: Path, start: int, res
         print(f"resuming from checkpoint {start} with settings changed since it was saved: "
               f"{', '.join(changed)}" + ("; the learning-rate schedule is recomputed over the new "
                                           "train.steps" if any(c.startswith("train.steps") for c in changed)
-                                         else ""))
+                                         else "") + (_held_out_change(resumed["config"], config) if evaluates else ""))
     elif changed:  # nothing left to train: the run's config stays the one it ran with
         print(f"nothing is left to train, so config.json keeps the settings the run ran with, not these "
               f"changed since checkpoint {start}: {', '.join(changed)}")
     if start < config.train.steps:
         write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+
+
+def _held_out_change(saved: dict, config) -> str:
+    """The end of the resume line when the held-out evaluations cover another number of windows
+    than the run's earlier ones (`saved`: the checkpoint's config): train.eval_batches counts
+    micro-batches, so another train.grad_accum (to fit another slice's memory, say) changes the
+    subset, and the losses evaluated before and after are not of the same windows."""
+    def windows(t) -> int | None:  # at most this many (None: all of them)
+        return None if t["eval_batches"] == -1 else t["eval_batches"] * (t["batch_size"] // t["grad_accum"])
+
+    def cover(n: int | None) -> str:
+        return "all" if n is None else f"up to {n}"
+
+    was, now = saved.get("train", {}), config.train
+    if not {"eval_batches", "batch_size", "grad_accum"} <= set(was) or not was["eval_batches"] \
+            or windows(was) == windows(now):
+        return ""
+    micro, before = now.batch_size // now.grad_accum, windows(was)
+    keep = f"; train.eval_batches={before // micro} keeps the run's {before}" \
+        if before is not None and before % micro == 0 else ""
+    return (f"; held-out evaluations now cover {cover(windows(now))} held-out windows, not {cover(before)} "
+            f"(train.eval_batches micro-batches of train.batch_size / train.grad_accum rows), so their losses are "
+            f"of another subset than the earlier ones{keep}")
 
 
 FAILED_RUN_BARRIER_S = 10  # how long a failed process of a multi-process run waits for the others

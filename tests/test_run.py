@@ -986,6 +986,35 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer
             in capsys.readouterr().out)
 
 
+def test_a_resume_on_another_mesh_with_more_grad_accum_continues_the_run_and_names_its_held_out_subset(
+        tmp_path, tokenizer_path, straight_run, capsys):
+    """A resume on another mesh (8-way fsdp -> fsdp 4 x tensor 2) with grad_accum 2, as on a
+    slice with less memory: the same batches, learning rates and losses up to float rounding; its
+    held-out evaluations (train.eval_batches micro-batches) cover half the windows, and it says so."""
+    straight, expected = straight_run
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    overrides = run_overrides(tokenizer_path, "mesh.fsdp=4", "mesh.tensor=2", "train.grad_accum=2")
+    capsys.readouterr()
+    assert main([*train_args(workdir, overrides), "--resume-from", "8"]) == 0
+    assert ("train.grad_accum 1 -> 2; held-out evaluations now cover up to 16 held-out windows, not up to 32 "
+            "(train.eval_batches micro-batches of train.batch_size / train.grad_accum rows), so their losses are of "
+            "another subset than the earlier ones; train.eval_batches=8 keeps the run's 32") in capsys.readouterr().out
+    resumed = logged_losses(workdir)
+    np.testing.assert_allclose([resumed[s] for s in range(9, STEPS + 1)], [expected[s] for s in range(9, STEPS + 1)],
+                               rtol=1e-5)
+    evaluated = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_tokens"] for r in evaluated if "eval_tokens" in r] == [16 * 64]  # 16 windows of 64 targets
+    assert json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])["eval_tokens"] == 32 * 64
+
+    # the same subset as before (eval_batches raised with grad_accum), or the whole held-out set: nothing to say
+    config = load_config(TINY, [*overrides, "train.eval_batches=8"])
+    saved = json.loads(load_config(TINY, run_overrides(tokenizer_path)).to_json_best_effort())
+    assert run_lib._held_out_change(saved, config) == ""
+    saved["train"]["eval_batches"] = -1
+    assert run_lib._held_out_change(saved, load_config(TINY, [*overrides, "train.eval_batches=-1"])) == ""
+
+
 def test_a_setting_changed_to_or_from_a_dict_is_named():
     """A dict is compared by its entries; one on a single side (None <-> {...}) matched no entry of
     the other, and a resume that changed model.rope_scaling said nothing."""
