@@ -76,10 +76,18 @@ def check_mesh_and_batch(config, n_devices: int, model: LLaMAConfig | None = Non
     """ValueError unless an experiment config's mesh fits `n_devices`, each data-parallel shard
     of a micro-batch gets whole rows and, given the `model`, the mesh divides its sharded dimensions."""
     data, fsdp, tensor = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, n_devices)
-    micro = config.train.batch_size // config.train.grad_accum
-    if micro % (data * fsdp):
+    batch, shards = config.train.batch_size, data * fsdp
+    micro = batch // config.train.grad_accum
+    if micro % shards:
+        if batch % shards:
+            valid = f"a train.batch_size that is a multiple of {shards}"
+        elif batch == shards:
+            valid = "train.grad_accum=1"
+        else:  # grad_accum g fits where batch / g is a multiple of shards: g divides batch / shards
+            valid = f"a train.grad_accum that divides {batch // shards}"
         raise ValueError(f"micro-batch train.batch_size / train.grad_accum = {micro} is not divisible by "
-                         f"mesh.data x mesh.fsdp = {data * fsdp} (each data-parallel shard needs whole rows)")
+                         f"mesh.data x mesh.fsdp = {shards} (each data-parallel shard needs whole rows); valid: "
+                         f"{valid}, or a mesh whose data x fsdp divides {micro}")
     if model is not None:
         _check_divisible_sizes(model, dict(zip(MESH_AXES, (data, fsdp, tensor))), LOGICAL_AXIS_RULES)
 

@@ -447,7 +447,13 @@ def test_z_loss_and_clipping_change_what_they_claim():
 @pytest.mark.parametrize("overrides, message", [
     (["--config.mesh.data=3", "--config.mesh.fsdp=1"],
      "mesh: data x fsdp x tensor = 3 x 1 x 1 = 3, but the device count is 8"),
-    (["--config.train.batch_size=12"], "train.batch_size / train.grad_accum = 12 is not divisible by mesh.data x mesh.fsdp = 8"),
+    (["--config.train.batch_size=12"], "train.batch_size / train.grad_accum = 12 is not divisible by mesh.data x "
+     "mesh.fsdp = 8 (each data-parallel shard needs whole rows); valid: a train.batch_size that is a multiple of 8, or "
+     "a mesh whose data x fsdp divides 12"),
+    # (a resume on a larger slice with the grad_accum of a smaller one, say)
+    (["--config.train.grad_accum=4"], "train.batch_size / train.grad_accum = 4 is not divisible by mesh.data x "
+     "mesh.fsdp = 8 (each data-parallel shard needs whole rows); valid: a train.grad_accum that divides 2, or a mesh "
+     "whose data x fsdp divides 4"),
     (["--config.mesh.tensor=8", "--config.mesh.fsdp=1"], "model.n_heads=4 is not divisible by mesh.tensor=8"),
     (["--config.optimizer.name=sgdd"], "optimizer.name"),
     (["--config.optimizer.schedule=triangle"], "optimizer.schedule"),
