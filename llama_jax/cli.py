@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 
-from llama_jax.distributed import MAX_JOIN_TIMEOUT_S, check_process_flags, join_run
+from llama_jax.distributed import MAX_JOIN_TIMEOUT_S, check_process_flags, join_run, joins_others
 from llama_jax.safe_io import (RUN_DATA_DIR, check_folder, check_outside_runs_and_models, check_results_file,
                                check_run_config, check_writable, enclosing_run_or_model, holds_lock, holds_run,
                                quiet_abandoned_reads, run_directory_problem, saved_run_setting, write_json_atomic)
@@ -295,11 +295,14 @@ def _attach_mesh_values(argv: list[str]) -> list[str]:
 
 def cmd_train(args) -> None:
     from llama_jax.experiment import check_experiment, load_config
+    from llama_jax.run_files import check_train_workdir
 
     check_process_flags(args)
     config = load_config(args.config, args.overrides)
     # before importing JAX: a bad config fails at once (a resume takes an init_from model from its checkpoints)
     check_experiment(config, read_init_from=not holds_run(args.workdir))
+    if not joins_others(args):  # and a bad --workdir (the processes of a multi-process run check it once joined)
+        check_train_workdir(Path(args.workdir).absolute(), config)
     from llama_jax.run import log_line, train_and_evaluate
 
     join_run(args)
@@ -324,6 +327,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_export(args) -> None:
+    problem = run_directory_problem(Path(args.workdir).absolute())  # before importing JAX: refused at once
+    if problem is not None:
+        raise UserError(problem)
     from llama_jax import param_count
     from llama_jax.run import export_model
 
@@ -806,7 +812,7 @@ def cmd_launch_slurm(args) -> None:
     _check_launched_config(command, launched, Path.cwd(), args.nodes * args.gpus_per_node, args.nodes, "gpu")
     workdir = option_value(command, "--workdir")
     if command[0] == "train" and workdir and args.folder is None:  # the job's folder goes inside it: seen here
-        from llama_jax.run import check_workdir
+        from llama_jax.run_files import check_workdir
 
         try:
             check_workdir(Path(workdir).absolute())  # (probed: a dry run too writes its script there)

@@ -119,18 +119,22 @@ def _exported_after(workdir: Path, step: int) -> bool:
 def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
     """The demo; returns its exit status (that of the closing `generate`, which reports its own errors)."""
     from llama_jax.experiment import apply_overrides, check_experiment
+    from llama_jax.run_files import check_train_workdir
 
     config = apply_overrides(get_config(), overrides)
     if config.data.source == "synthetic":  # its export would have no tokenizer to generate text with
         raise ValueError("data.source=synthetic draws random tokens without a tokenizer, and the demo ends by "
                          "generating text from its export; give it documents (its default: data.source=stdlib)")
     check_experiment(config)  # before importing JAX: a bad override fails at once
+    workdir = Path(workdir).absolute()
+    if not (workdir / "checkpoints").is_dir():  # no run there yet, so the exports will be written: a bad --workdir
+        check_exports(workdir)  # too is refused before JAX is imported, in the order of the checks below
+        check_train_workdir(workdir, config)
     import jax
 
     from llama_jax.cli import main as cli
     from llama_jax.run import LOSS_PLOT, committed_steps, train_and_evaluate
 
-    workdir = Path(workdir).absolute()
     steps = committed_steps(workdir) if workdir.is_dir() else []
     if not (steps and steps[-1] >= config.train.steps and _exported_after(workdir, steps[-1])):
         check_exports(workdir)  # the exports will be written: refused before the run trains, not once it is done

@@ -42,13 +42,25 @@ def check_process_flags(args) -> None:
                              f"10.0.0.2:1234 (process 0's host)")
 
 
-def join_run(args) -> None:
-    """Join a multi-process run: explicitly from flags, or automatically on TPU VMs and SLURM
-    (unless LLAMA_JAX_SINGLE_PROCESS is set, as a sweep does for trials sharing one host)."""
-    import jax
-
+def joins_others(args) -> bool:
+    """Whether `join_run` joins this process to others: explicitly from flags, or automatically on
+    TPU VMs and in SLURM jobs of several tasks (unless LLAMA_JAX_SINGLE_PROCESS is set, as a sweep
+    does for trials sharing one host). Imports no JAX."""
     from llama_jax.devices import on_tpu_vm
 
+    if args.num_processes is not None and args.num_processes > 1:
+        return True
+    if os.environ.get("LLAMA_JAX_SINGLE_PROCESS"):
+        return False
+    return on_tpu_vm() or bool(os.environ.get("SLURM_JOB_ID")) and _slurm_tasks() > 1
+
+
+def join_run(args) -> None:
+    """Join a multi-process run, where `joins_others` says this process is one of several."""
+    import jax
+
+    if not joins_others(args):
+        return
     if args.num_processes is not None and args.num_processes > 1:
         if args.process_id == 0 and not os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):  # (else JAX binds that)
             _check_coordinator_port(args.coordinator)
@@ -56,9 +68,7 @@ def join_run(args) -> None:
         _join_processes(args.join_timeout, coordinator_address=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id)
         _check_process_counts_agree(args.num_processes)
-    elif os.environ.get("LLAMA_JAX_SINGLE_PROCESS"):
-        return
-    elif on_tpu_vm() or os.environ.get("SLURM_JOB_ID") and _slurm_tasks() > 1:
+    else:
         _join_processes(args.join_timeout)  # JAX reads the topology from the TPU metadata server or SLURM
 
 

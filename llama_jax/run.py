@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import fnmatch
 import json
 import math
 import os
@@ -47,18 +46,15 @@ from llama_jax.eval_files import RUN_EVAL_FILE
 from llama_jax.experiment import INIT_FROM_PRESET, NONFINITE_STOP, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
-from llama_jax.run_data import RUN_TOKENIZER, RunData, RunError, build_data, evaluate, prepared_dirs
+from llama_jax.run_data import RunData, build_data, evaluate, prepared_dirs
+from llama_jax.run_files import (LOSS_PLOT, METRICS_FILE, MODEL_TOKENIZER_DIR, PROGRESS_FILE, RUN_TOKENIZER, RunError,
+                                 check_train_workdir)
 from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, SET_ASIDE_DIR, DirectoryBusy, DirectoryLock, atomic_file,
-                               check_destination, check_outside_runs_and_models, check_run_config, check_writable,
-                               file_in_the_way, holds_lock, holds_no_run, holds_run, non_utf8_path,
-                               run_directory_problem, sha256_file, write_text_atomic)
+                               check_destination, holds_lock, holds_run, run_directory_problem, sha256_file,
+                               write_text_atomic)
 from llama_jax.sharding import process_rows, tree_shardings
-from llama_jax.sweep import SPEC_FILE, check_trial_settings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
-PROGRESS_FILE = "progress.json"  # {"committed_step": N}: the newest checkpoint the run saw committed
-METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
 # Steps the loop may dispatch ahead of the computation. JAX's asynchronous dispatch would otherwise
 # let it run tens of steps ahead between logged steps, and a SIGTERM (a preemption notice) would
 # then save only once all of those were computed.
@@ -468,51 +464,6 @@ def set_aside_after(workdir: Path, step: int) -> list[Path]:
     return [_move_aside(workdir, workdir / "checkpoints" / str(s)) for s in later]
 
 
-# The tokenizer and generation files of the model a fine-tune started from (its end-of-sequence ids,
-# Hugging Face tokenizer settings), which `export` writes with the run's parameters.
-MODEL_TOKENIZER_DIR = "tokenizer_files"
-RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, LOSS_PLOT, PROGRESS_FILE, RUN_DATA_DIR,
-             MODEL_TOKENIZER_DIR, RUN_DATA_DIR + PARTIAL_SUFFIX, MODEL_TOKENIZER_DIR + PARTIAL_SUFFIX)
-MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
-
-
-def check_workdir(workdir: Path) -> None:
-    """RunError unless `workdir` is new, a run's, or a directory holding nothing the run would write
-    over and no model (sub-directories of one's own, such as RUN/init, are fine)."""
-    problem = non_utf8_path(workdir, "--workdir")
-    if problem is not None:
-        raise RunError(problem)
-    blocking = file_in_the_way(workdir)
-    if blocking is not None:
-        raise RunError(f"--workdir {workdir}: {blocking} is a file, not a directory")
-    check_writable(workdir, "--workdir", into=True)
-    check_outside_runs_and_models(workdir, "--workdir")
-    if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
-        raise RunError(f"--workdir {workdir}: {workdir / 'checkpoints'} is a file; a run keeps its checkpoints in "
-                       f"that directory, so move the file away or use another --workdir")
-    for name, use in ((METRICS_FILE, "appends its metrics"), (LOSS_PLOT, "plots its losses"),
-                      (PROGRESS_FILE, "records its progress")):  # (before the run, not once it has trained)
-        if (workdir / name).exists() and not (workdir / name).is_file():
-            raise RunError(f"--workdir {workdir}: {workdir / name} is not a file; a run {use} there, so move it away "
-                           f"or use another --workdir")
-    aside = workdir / SET_ASIDE_DIR  # (a link to nothing as well: the resume failed on it with a raw errno line)
-    for path, kind, fits in ((aside, "a directory", Path.is_dir), (aside / METRICS_FILE, "a file", Path.is_file)):
-        if (path.exists() or path.is_symlink()) and not fits(path):
-            raise RunError(f"--workdir {workdir}: {path} is not {kind}; a resume moves there what the run no longer "
-                           f"continues from (the checkpoints after a --resume-from step, the metrics and eval results "
-                           f"after the checkpoint), so move it away or use another --workdir")
-    if not workdir.exists() or holds_run(workdir):
-        return
-    if (workdir / SPEC_FILE).exists():
-        raise RunError(f"--workdir {workdir} holds a sweep ({SPEC_FILE}; its trials run in directories of their own "
-                       f"inside it); use a new or empty directory")
-    check_run_config(workdir, "use another --workdir")
-    clash = sorted(p.name for p in workdir.iterdir()
-                   if p.name in RUN_FILES or any(fnmatch.fnmatchcase(p.name, m) for m in MODEL_FILES))
-    if clash:
-        raise RunError(f"{holds_no_run(workdir, clash[0])}; use a new or empty directory")
-
-
 def _check_run_writable(workdir: Path, checkpoint, resume_from: int | None = None) -> None:
     """RunError naming what of a run a resume must write but may not: its checkpoints/ directory,
     its metrics log (appended to), a step directory the next save's retention deletes
@@ -888,8 +839,7 @@ def train_and_evaluate(config, workdir: str | Path, progress: bool = True, devic
     workdir = Path(workdir).absolute()
     check_processes_agree(config, workdir, resume_from)
     check_workdir_shared(workdir)
-    check_workdir(workdir)
-    check_trial_settings(workdir, config)
+    check_train_workdir(workdir, config)
     lock = DirectoryLock(workdir, f"--workdir {workdir} is in use: another llama-jax train is running there (it "
                                   "holds the directory's lock); wait for it to end, stop it, or use another --workdir")
     try:  # one run at a time in a workdir: two would write over each other's checkpoints and logs

@@ -29,16 +29,12 @@ from llama_jax import data as data_lib
 from llama_jax.config import LLaMAConfig
 from llama_jax.packed import ORDER, Source, TrainRows, order_seed
 from llama_jax.prepare import MANIFEST, open_prepared, read_from
+from llama_jax.run_files import RUN_TOKENIZER, RunError
 from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, copy_file_atomic, owned_temp_directory, saved_run_setting,
                                sha256_file, signals_held)
 from llama_jax.tokenizer import check_fits, load_tokenizer, tokenizer_file
 
-RUN_TOKENIZER = "tokenizer.model"  # the run's own copy of its tokenizer
 STAGING_PREFIX = "llama-jax-data-"  # temporary directory of data prepared for a run that has not started
-
-
-class RunError(ValueError):
-    """A problem with the run's inputs or workdir: reported as one line."""
 
 
 @dataclasses.dataclass

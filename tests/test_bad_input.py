@@ -871,6 +871,23 @@ def test_bad_input(case: Case, outcomes):
     assert not out.changed, f"changed by the command: {out.changed}"
 
 
+@pytest.mark.parametrize("case_id", ["train-workdir-is-a-file", "demo-workdir-is-a-file", "export-workdir-missing"])
+def test_a_bad_workdir_is_refused_before_jax_is_imported(case_id, tmp_path, monkeypatch):
+    """Importing JAX, Flax and Orbax takes seconds: a --workdir that train, demo or export cannot use is
+    refused before (the modules the process imported, as Python's -X importtime lists them)."""
+    case = next(c for c in CASES if c.id == case_id)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a regular file\n")
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # (-X importtime, to the process `cli` starts)
+    result = cli(argv(case.command, {"tiny": ROOT / "configs" / "tiny.py", "notes": notes}), tmp_path)
+    lines = result.stderr.splitlines()
+    imported = [line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")]
+    errors = [line for line in lines if not line.startswith("import time:")]
+    assert result.returncode == 2 and len(errors) == 1 and re.search(case.error, errors[0]), result.stderr[-2000:]
+    assert "llama_jax.safe_io" in imported  # (the listing is the command's)
+    assert not [m for m in imported if m.split(".")[0] in ("jax", "flax", "orbax")], errors[0]
+
+
 def _closed_pipe():
     """The write end of a pipe whose reader has gone, line-buffered: writing a line raises BrokenPipeError."""
     read, write = os.pipe()
