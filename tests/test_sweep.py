@@ -618,9 +618,9 @@ def test_a_resumed_optuna_trial_reports_each_step_once(tmp_path):
     assert all(reported()[step] == value for step, value in before.items())
 
 
-def test_the_pruner_stops_a_trial_only_after_its_learning_rate_warmup(tmp_path):
-    """Within its warmup a trial of a lower peak rate is behind by design: the median pruner, told
-    each step's loss, stops a worse trial only at its first step past optimizer.warmup_steps."""
+def _trial_beside_a_finished_one(tmp_path, warmup_steps: int):
+    """An Optuna study (median pruner) with one finished trial of loss 1.0 at steps 1-6, and a second
+    trial running in tmp_path/t001 with `warmup_steps`: (study, run directory, Running, signals sent)."""
     import types
 
     import optuna
@@ -632,10 +632,19 @@ def test_the_pruner_stops_a_trial_only_after_its_learning_rate_warmup(tmp_path):
     study.tell(finished, 1.0)
     run = tmp_path / "t001"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"optimizer": {"warmup_steps": 3}}))
+    (run / "config.json").write_text(json.dumps({"optimizer": {"warmup_steps": warmup_steps}}))
     signals = []
     active = sweep_lib.Running(sweep_lib.Trial(1, {}), run, types.SimpleNamespace(send_signal=signals.append), 0.0,
                                study.ask())
+    return study, run, active, signals
+
+
+def test_the_pruner_stops_a_trial_only_after_its_learning_rate_warmup(tmp_path):
+    """Within its warmup a trial of a lower peak rate is behind by design: the median pruner, told
+    each step's loss, stops a worse trial only at its first step past optimizer.warmup_steps."""
+    import types
+
+    study, run, active, signals = _trial_beside_a_finished_one(tmp_path, warmup_steps=3)
     for step in range(1, 5):  # twice the finished trial's loss at every step
         with open(run / "metrics.jsonl", "a") as log:
             log.write(json.dumps({"step": step, "loss": 2.0}) + "\n")
@@ -650,19 +659,7 @@ def test_the_pruner_stops_a_trial_whose_every_loss_is_non_finite(tmp_path):
     it is stopped at its first step past warmup."""
     import types
 
-    import optuna
-
-    study = optuna.create_study(direction="minimize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
-    finished = study.ask()
-    for step in range(1, 7):
-        finished.report(1.0, step)
-    study.tell(finished, 1.0)
-    run = tmp_path / "t001"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"optimizer": {"warmup_steps": 1}}))
-    signals = []
-    active = sweep_lib.Running(sweep_lib.Trial(1, {}), run, types.SimpleNamespace(send_signal=signals.append), 0.0,
-                               study.ask())
+    study, run, active, signals = _trial_beside_a_finished_one(tmp_path, warmup_steps=1)
     for step in range(1, 4):
         with open(run / "metrics.jsonl", "a") as log:
             log.write(json.dumps({"step": step, "loss": None}) + "\n")
