@@ -791,6 +791,21 @@ def test_a_resumed_optuna_study_does_not_propose_its_first_points_again(tmp_path
     assert len(set(proposed)) == 3, proposed
 
 
+def _study_past_its_start_up(directory: Path):
+    """The sweep's study in `directory` (made here), holding 10 finished trials of optimizer.lr over
+    [1e-4, 1e-2] (TPE's start-up trials: it proposes from them after these), the best at 1e-3."""
+    import optuna
+
+    directory.mkdir()
+    study = sweep_lib.open_study(directory, seed=0)
+    space = {"optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    for i in range(10):
+        lr = 10 ** (-4 + 2 * i / 9)
+        study.add_trial(optuna.trial.create_trial(params={"optimizer.lr": lr}, distributions=space,
+                                                  value=abs(math.log10(lr) + 3)))
+    return study
+
+
 @pytest.mark.parametrize("resumed", [False, True])
 def test_an_optuna_trial_asked_while_another_runs_is_not_proposed_beside_it(tmp_path, monkeypatch, resumed):
     """With --parallel N the study is asked for a trial while others run. TPE without the constant
@@ -803,15 +818,9 @@ def test_an_optuna_trial_asked_while_another_runs_is_not_proposed_beside_it(tmp_
     monkeypatch.setattr(optuna.samplers, "TPESampler", functools.partial(optuna.samplers.TPESampler,
                                                                         constant_liar=False))
     axes = {"optimizer.lr": sweep_lib.loguniform(1e-4, 1e-2)}
-    space = {"optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
 
     def second_while_first_runs(directory: Path, first: float) -> float:
-        directory.mkdir()
-        study = sweep_lib.open_study(directory, seed=0)
-        for i in range(10):  # past TPE's 10 start-up trials, the best at 1e-3
-            lr = 10 ** (-4 + 2 * i / 9)
-            study.add_trial(optuna.trial.create_trial(params={"optimizer.lr": lr}, distributions=space,
-                                                      value=abs(math.log10(lr) + 3)))
+        study = _study_past_its_start_up(directory)
         if resumed:
             study = sweep_lib.open_study(directory, seed=0)
         study.enqueue_trial({"optimizer.lr": first})
@@ -833,21 +842,13 @@ def test_diverged_optuna_trials_count_against_their_point(tmp_path, status):
     as it was."""
     import types
 
-    import optuna
-
     axes = {"optimizer.lr": sweep_lib.loguniform(1e-4, 1e-2)}
-    space = {"optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
     error = "" if status == "diverged" else ("llama-jax train: error: loss or gradient became NaN/Inf in 1 step(s) up "
                                              "to step 2; stopped (train.on_nonfinite=stop). No such step was applied "
                                              "to the state; latest checkpoint: none")
 
     def next_after_diverged(directory: Path, diverged_lr: float):
-        directory.mkdir()
-        study = sweep_lib.open_study(directory, seed=0)
-        for i in range(10):  # past TPE's 10 start-up trials, the best at 1e-3
-            lr = 10 ** (-4 + 2 * i / 9)
-            study.add_trial(optuna.trial.create_trial(params={"optimizer.lr": lr}, distributions=space,
-                                                      value=abs(math.log10(lr) + 3)))
+        study = _study_past_its_start_up(directory)
         for _ in range(3):
             study.enqueue_trial({"optimizer.lr": diverged_lr})
         trials = sweep_lib.optuna_trials(study, axes, 14)
