@@ -131,19 +131,24 @@ LLAMA3_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# LLaMA 3's 256 special tokens in Meta's order; their ids follow the last rank.
+# LLaMA 3's 256 special tokens; their ids follow the last rank. The names are LLaMA 3.1's, as the
+# Hugging Face tokenizer.json of LLaMA 3.1, 3.2 and 3.3 (and transformers' converter) gives them; 3.1
+# named some ids that LLaMA 3.0 reserved and renumbered the reserved ones. Every 3.x has the same rank
+# file, and 3.0 models were not trained on those ids, so this one table serves them all. (Meta's code
+# calls 128005 <|step_id|> and, from 3.2 on, 128011 <|image|>: reserved here, as in transformers.)
 LLAMA3_SPECIAL_TOKENS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
     "<|reserved_special_token_0|>",
     "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
     "<|reserved_special_token_2|>",
-    "<|reserved_special_token_3|>",
     "<|start_header_id|>",
     "<|end_header_id|>",
-    "<|reserved_special_token_4|>",
-    "<|eot_id|>",
-    *(f"<|reserved_special_token_{i}|>" for i in range(5, 251)),
+    "<|eom_id|>",  # end of message: ends a 3.1 instruct model's tool call
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+    *(f"<|reserved_special_token_{i}|>" for i in range(3, 248)),
 ]
 
 # Meta encodes long text piecewise: tiktoken gets at most 400k characters at a time, and runs of

@@ -139,6 +139,31 @@ def test_llama3_chat_template_and_end_of_turn(tmp_path, capsys):
         assert capsys.readouterr().out.split("\n\n-----\n\n")[0].rstrip("\n") == reply[0]
 
 
+def test_llama3_1_stop_names_end_of_message(tmp_path, capsys):
+    """LLaMA 3.1's <|eom_id|> (end of message, the 9th special token: id 128008 after 128000 ranks) is
+    a stop a user can name: `--stop "<|eom_id|>"` ends the row at that token, which is no text."""
+    ranks = _toy_ranks()
+    n = len(ranks)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(_tiktoken_file(ranks))
+    tok = load_tokenizer(tmp_path / "tok")
+    eom = n + 8
+    assert end_ids(tok, False, (), ["<|eom_id|>"]) == [tok.eos_id, eom]
+    cfg = LLaMAConfig.from_preset("debug", vocab_size=tok.vocab_size)
+    params = _sharp(cfg)
+    params = dict(params, lm_head=params["lm_head"].at[:, n:].set(0.0))  # special tokens: logit 0
+    prompt = tok.encode("the thing")
+    plain = generate(cfg, params, [prompt], 8, n_tokens=tok.vocab_size)[0]
+    assert max(plain) < n
+    # <|eom_id|> becomes the greedy pick by step 3 at the latest (as <|eot_id|> in the test above)
+    params = dict(params, lm_head=params["lm_head"].at[:, eom].set(2 * params["lm_head"][:, plain[3]]))
+    raw = generate(cfg, params, [prompt], 8, n_tokens=tok.vocab_size)[0]
+    assert eom in raw[:4] and len(raw) == 8
+    save_model(tmp_path / "model", cfg, params, tokenizer=tmp_path / "tok")
+    assert main(["generate", str(tmp_path / "model"), "--prompt", "the thing", "--stop", "<|eom_id|>",
+                 "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == tok.decode(prompt + raw[:raw.index(eom)]) + "\n"
+
 def test_prompts_file(sp_model, tmp_path, capsys, monkeypatch):
     path, cfg, params, tok = sp_model
     (tmp_path / "p.txt").write_text("first prompt\n\n  second one\n")

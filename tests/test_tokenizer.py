@@ -148,6 +148,16 @@ def _tiktoken_file(ranks: dict[bytes, int]) -> bytes:
     return b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in ranks.items())
 
 
+# Ids (after the last rank, 128000 in LLaMA 3.x) that Hugging Face's tokenizer.json of LLaMA 3.1, 3.2 and
+# 3.3 gives some of its special tokens; the rest are <|reserved_special_token_3|> to _247|>, in order.
+LLAMA31_NAMED = {
+    "<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|reserved_special_token_0|>": 2,
+    "<|reserved_special_token_1|>": 3, "<|finetune_right_pad_id|>": 4, "<|reserved_special_token_2|>": 5,
+    "<|start_header_id|>": 6, "<|end_header_id|>": 7, "<|eom_id|>": 8, "<|eot_id|>": 9, "<|python_tag|>": 10,
+    "<|reserved_special_token_3|>": 11, "<|reserved_special_token_4|>": 12, "<|reserved_special_token_247|>": 255,
+}
+
+
 def test_llama3_tiktoken_format(tmp_path):
     import tiktoken
 
@@ -158,9 +168,13 @@ def test_llama3_tiktoken_format(tmp_path):
     tok = load_tokenizer(path)
     assert isinstance(tok, TiktokenTokenizer) and isinstance(tok, Tokenizer)
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (n + 256, n, n + 1, -1)
-    assert len(set(LLAMA3_SPECIAL_TOKENS)) == 256
-    assert tok.special_tokens["<|start_header_id|>"] == n + 6 and tok.special_tokens["<|eot_id|>"] == n + 9
-    assert tok.special_tokens["<|reserved_special_token_250|>"] == n + 255
+    assert len(set(LLAMA3_SPECIAL_TOKENS)) == 256 and set(tok.special_tokens.values()) == set(range(n, n + 256))
+    for name, offset in LLAMA31_NAMED.items():
+        assert tok.special_tokens[name] == n + offset, name
+        assert tok.decode([n + offset]) == ("" if offset < 2 else name)
+        # tiktoken reads the name as that token where special tokens are allowed (the chat template)
+        assert tok.encoding.encode(f"a{name}", allowed_special="all") == [ord("a"), n + offset]
+    assert "<|reserved_special_token_248|>" not in tok.special_tokens  # LLaMA 3.0's names went to 250
 
     reference = tiktoken.Encoding("toy", pat_str=LLAMA3_REGEX, mergeable_ranks=ranks, special_tokens={})
     texts = TEXTS + ["the theme: the thing's 12345 inner\n\nthere", "<|begin_of_text|>hi<|eot_id|>"]
