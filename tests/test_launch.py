@@ -695,7 +695,7 @@ def test_a_file_deleted_or_renamed_here_since_the_last_launch_leaves_the_workers
     relative workdir, the launches' files, and files the launcher never shipped."""
     root = tmp_path / "checkout"  # what is shipped: untracked files not ignored count too
     files = ["setup.py", "configs/a.py", "configs/old one.py", "configs/é.py", "llama_jax/x.py", "tests/test_x.py",
-             "docs/notes/a.md"]
+             "docs/notes/a.md", "docs/notes/old/b.md"]
     for name in files:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(f"# {name}\n")
@@ -717,8 +717,8 @@ def test_a_file_deleted_or_renamed_here_since_the_last_launch_leaves_the_workers
     for name in ["configs/old one.py", "configs/é.py", "tests/test_x.py"]:
         (root / name).unlink()
     (root / "llama_jax/x.py").rename(root / "llama_jax/y.py")
-    shutil.rmtree(root / "docs/notes")  # a folder that became a file: unpacked once the folder's files are gone
-    (root / "docs/notes").write_text("# notes\n")
+    shutil.rmtree(root / "docs/notes")  # a folder (of folders) that became a file: unpacked once the folders' files
+    (root / "docs/notes").write_text("# notes\n")  # and the folders they leave empty are gone
     assert launch() == sorted(["setup.py", "configs/a.py", "docs/notes", "llama_jax/y.py"] + kept)
     assert (worker / tpu.SHIPPED).read_bytes() == b"configs/a.py\0docs/notes\0llama_jax/y.py\0setup.py\0"
 

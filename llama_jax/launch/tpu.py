@@ -280,19 +280,21 @@ def launch_file(tpu: TpuLaunch) -> str:
 
 def install_shell(tpu: TpuLaunch) -> str:
     """Unpack the shipped checkout over the previous one, remove the files the previous ship unpacked
-    that this one lacks (deleted or renamed here since: `SHIPPED`; what else is there, a relative
-    workdir, the Python environment, the launches' files, stays) and install it into that environment
-    (`REMOTE_INSTALL`); a worker where this launch name's command is still running keeps the checkout
-    it runs from (`run_shell` follows it)."""
+    that this one lacks (deleted or renamed here since: `SHIPPED`) and the folders that leaves empty
+    (what else is there, a relative workdir, the Python environment, the launches' files, stays) and
+    install it into that environment (`REMOTE_INSTALL`); a worker where this launch name's command is
+    still running keeps the checkout it runs from (`run_shell` follows it)."""
     lock = f"{REMOTE_DIR}/{launch_file(tpu)}.lock"
     running = (f"if [ -e {lock} ] && ! flock -n -s {lock} true; then echo \"llama-jax launch: $(hostname): the "
                f"command of launch {tpu.name} is still running here: its checkout is left as it is\" >&2; "
                f"rm -f {REMOTE_TARBALL}; exit 0; fi")
-    # the new list first, the files it lacks removed before unpacking: a file that became a folder (or
-    # the reverse) unpacks then; a listed name that is now a folder someone made there is left alone
+    # the new list first, the files it lacks removed before unpacking, and the folders they leave empty:
+    # a file that became a folder (or the reverse, at any depth) unpacks then; a listed name that is now
+    # a folder someone made there is left alone
     prune = (f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR} {SHIPPED}.new; (cd {REMOTE_DIR} && "
              f"if [ -e {SHIPPED} ]; then LC_ALL=C comm -z -23 {SHIPPED} {SHIPPED}.new | "
-             "xargs -0 -r sh -c 'for f do [ -d \"$f\" ] || rm -f -- \"$f\"; done' prune; fi)")
+             "xargs -0 -r sh -c 'for f do [ -d \"$f\" ] || rm -f -- \"$f\"; d=${f%/*}; [ \"$d\" = \"$f\" ] || "
+             "[ ! -d \"$d\" ] || rmdir -p --ignore-fail-on-non-empty -- \"$d\"; done' prune; fi)")
     steps = [running, f"mkdir -p {REMOTE_DIR}", prune, f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}",
              f"rm {REMOTE_TARBALL}", f"cd {REMOTE_DIR}", f"mv {SHIPPED}.new {SHIPPED}", *REMOTE_INSTALL]
     return "set -e; " + "; ".join(steps + ([tpu.setup] if tpu.setup else []))
