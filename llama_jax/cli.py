@@ -1024,8 +1024,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None,
                    help="end each row's text before this string (repeatable; rows stop independently)")
     p.add_argument("--chat", action="store_true",
-                   help="format each prompt as one user turn of the tokenizer's chat template (LLaMA 2 [INST], "
-                        "LLaMA 3 headers) and stop at the end of the turn; prints the reply")
+                   help="format each prompt as one user turn of the tokenizer's chat template (LLaMA-2 [INST], "
+                        "LLaMA-3 headers) and stop at the end of the turn; prints the reply")
     p.add_argument("--no-stream", action="store_true",
                    help="with a single prompt, print the text at the end instead of as it is produced "
                         "(the text is the same either way)")
