@@ -7,9 +7,9 @@ the run goes on), then optionally copy the workdir back and delete the slice. Th
 training engine joins the workers into one JAX program by itself on TPU VMs.
 
 Launching again after a preemption is the same command: a queued resource that lost its TPUs
-(SUSPENDED, FAILED) is deleted and re-created, and `llama-jax train` resumes from the latest
-checkpoint in its workdir, which must therefore be on storage every worker sees and that outlives
-the VMs (a gcsfuse-mounted bucket).
+(SUSPENDED, FAILED, or ACTIVE with its TPU VM PREEMPTED or TERMINATED) is deleted and
+re-created, and `llama-jax train` resumes from the latest checkpoint in its workdir, which must
+therefore be on storage every worker sees and that outlives the VMs (a gcsfuse-mounted bucket).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ REMOTE_PYTHON_VERSION = "3.11"
 REMOTE_PYTHON = ".venv/bin/python"  # relative to REMOTE_DIR
 LAUNCH_DIR = ".launch"  # relative to REMOTE_DIR: each launch NAME's NAME.log, .status, .pid, .id, .lock
 # relative to REMOTE_DIR: the files the last ship unpacked there, NUL-separated and sorted byte by byte (a name
-# no launch's files take); each ship brings its own as SHIPPED.new and removes the files the last one lacks
+# no launch's files take); each ship brings its own as SHIPPED.new and removes the last one's files it lacks
 SHIPPED = f"{LAUNCH_DIR}/.shipped"
 SSH_LOST = 255  # gcloud's exit status when the ssh connection failed or dropped (a command's own 255 comes as 1)
 RECONNECTS = 5  # re-attaches in a row after lost connections before the launcher gives up (the run goes on)
