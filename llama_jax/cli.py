@@ -240,11 +240,11 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--verify", action="store_true",
                    help="compare source and converted logits on a probe batch; fail beyond tolerance")
-    p.add_argument("--shards", type=int, default=None,
+    p.add_argument("--shards", type=int, default=None, metavar="N",
                    help="number of consolidated.NN.pth files for --to meta (default 1)")
     p.add_argument("--max-shard-size", type=parse_size, default=None,
                    help="largest safetensors file for --to hf (default 5GB)")
-    p.add_argument("--rope-scaling-factor", type=finite_float, default=None,
+    p.add_argument("--rope-scaling-factor", type=finite_float, default=None, metavar="F",
                    help="LLaMA-3 rope scaling factor for Meta checkpoints with use_scaled_rope "
                         "(default: the factor a conversion to meta recorded in llama_jax.json, or in params.json "
                         "in earlier versions, else 8; LLaMA-3.2 1B/3B use 32)")
@@ -1015,13 +1015,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="a llama_jax model directory (convert --to jax, or export); or give --workdir")
     p.add_argument("--workdir", default=None, help="a training run: generate from its checkpoint (no export)")
-    p.add_argument("--step", type=int, default=None, help="with --workdir: the checkpoint step (default: latest)")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="with --workdir: the checkpoint step (default: latest)")
     p.add_argument("--prompt", action="append", default=None,
                    help="text to continue; repeat for a batch of prompts")
-    p.add_argument("--prompts-file", action="append", default=None,
+    p.add_argument("--prompts-file", action="append", default=None, metavar="FILE",
                    help="more prompts: one per non-blank line (.txt; - reads standard input), or a .jsonl file's "
                         "\"prompt\" (or \"text\") fields; they follow the --prompt ones (repeatable, in order)")
-    p.add_argument("--stop", action="append", default=None,
+    p.add_argument("--stop", action="append", default=None, metavar="STR",
                    help="end each row's text before this string (repeatable; rows stop independently)")
     p.add_argument("--chat", action="store_true",
                    help="format each prompt as one user turn of the tokenizer's chat template (LLaMA-2 [INST], "
@@ -1031,10 +1032,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the text is the same either way)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=finite_float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in the model directory)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K")
+    p.add_argument("--top-p", type=finite_float, default=None, metavar="P")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.model (default: the one in the model directory)")
     p.add_argument("--mesh", type=mesh_sizes, default=None, metavar="DATA,FSDP,TENSOR",
                    help="shard the model and the KV cache over a device mesh, for models larger than one "
                    "device (-1 takes the remaining devices); default: the first device")
@@ -1042,7 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a training run's checkpoint as a model directory (--from jax)")
     p.add_argument("--workdir", required=True, help="the run directory")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the latest)")
     p.add_argument("dst", help="model directory to write (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.set_defaults(func=cmd_export)
@@ -1051,13 +1053,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "a run's checkpoint")
     p.add_argument("model", nargs="?", default=None, help="a llama_jax model directory (or give --workdir)")
     p.add_argument("--workdir", default=None, help="a training run: evaluate its checkpoint (the latest by default)")
-    p.add_argument("--step", type=int, default=None, help="with --workdir: the checkpoint step")
-    p.add_argument("--config", default=None, help="the training config whose data settings define the held-out "
+    p.add_argument("--step", type=int, default=None, metavar="N", help="with --workdir: the checkpoint step")
+    p.add_argument("--config", default=None, metavar="C",
+                   help="the training config whose data settings define the held-out "
                    "documents (default with --workdir: its config.json); override as --config.data.key=value")
-    p.add_argument("--seq-len", type=positive_int, default=None, help="window length (default: train.seq_len)")
-    p.add_argument("--batch-size", type=positive_int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=None, metavar="N",
+                   help="window length (default: train.seq_len)")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="B",
                    help="rows per batch (default: the config's train.batch_size / train.grad_accum)")
-    p.add_argument("--output", default=None, help="JSON file to write (default: MODEL/eval.json, MODEL/eval-TAG.json "
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="JSON file to write (default: MODEL/eval.json, MODEL/eval-TAG.json "
                    "when that holds a score of other data settings or --seq-len; or WORKDIR/eval-STEP.json, "
                    "WORKDIR/eval-STEP-TAG.json for data settings or a --seq-len other than the run's)")
     p.set_defaults(func=cmd_eval)
@@ -1065,21 +1070,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a model directory (needs .[eval])")
     p.add_argument("model", help="a llama_jax model directory with its tokenizer.model")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")
-    p.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
-    p.add_argument("--limit", type=limit_number, default=None,
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                   help="examples in each prompt (default: the task's)")
+    p.add_argument("--limit", type=limit_number, default=None, metavar="N",
                    help="examples per task (a number below 1: that fraction of them); for quick checks")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="requests per batch (default 8)")
-    p.add_argument("--max-length", type=positive_int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="requests per batch (default 8)")
+    p.add_argument("--max-length", type=positive_int, default=None, metavar="L",
                    help="context length in tokens (default: the model's max_seq_len)")
-    p.add_argument("--max-gen-toks", type=positive_int, default=None,
+    p.add_argument("--max-gen-toks", type=positive_int, default=None, metavar="N",
                    help="new tokens of generation tasks whose settings do not give max_gen_toks (default 256)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the model's)")
-    p.add_argument("--include-path", default=None, help="a directory of task YAML files of your own")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="a directory of task YAML files of your own")
     p.add_argument("--mesh", type=mesh_sizes, default=(1, -1, 1), metavar="DATA,FSDP,TENSOR",
                    help="device mesh the model is sharded over; -1 takes the remaining devices "
                    "(default 1,-1,1: FSDP over all of them)")
-    p.add_argument("--output", default=None, help="JSON file of the results (default: MODEL/lm_eval.json)")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="JSON file of the results (default: MODEL/lm_eval.json)")
     p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("prepare-data", help="tokenize a config's corpus once into token shards for training")
@@ -1087,7 +1094,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the tokenizer; override as --config.data.key=value")
     p.add_argument("--output", required=True, help="directory to write; rerunning resumes an interrupted "
                    "preparation, and a finished one is left as it is")
-    p.add_argument("--workers", type=int_at_least(1, 1024), default=None,
+    p.add_argument("--workers", type=int_at_least(1, 1024), default=None, metavar="N",
                    help="tokenizer processes (default: the number of CPU cores)")
     p.add_argument("--shard-tokens", type=int_at_least(1, 2**40, "2**40"), default=None, metavar="N",
                    help="a shard closes once it holds N tokens (default 2**26; a resumed or finished --output "
@@ -1102,10 +1109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="experiment config (default: RUN/config.json of --workdir); "
                    "override as --config.key=value")
     p.add_argument("--workdir", default=None, help="a run's workdir: its config and the data prepared for it")
-    p.add_argument("--step", type=int_at_least(1, 2**40, "2**40"), default=None,
+    p.add_argument("--step", type=int_at_least(1, 2**40, "2**40"), default=None, metavar="N",
                    help="the step whose global batch to show, counted as the run's logs and checkpoints count "
                         "(its first step is 1)")
-    p.add_argument("--rows", type=positive_int, default=None, help="show only the first N rows of the batch")
+    p.add_argument("--rows", type=positive_int, default=None, metavar="N",
+                   help="show only the first N rows of the batch")
     p.add_argument("--epoch", action="store_true",
                    help="walk one epoch of every source without the model and report how often each token is seen")
     p.set_defaults(func=cmd_data_inspect)
@@ -1113,7 +1121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="compile the train step ahead of time; report per-device memory and FLOPs")
     p.add_argument("--config", required=True, help="the experiment config (a Python file or a run's config.json); "
                    "--config.section.key=value overrides a key")
-    p.add_argument("--devices", type=int, default=None,
+    p.add_argument("--devices", type=int, default=None, metavar="N",
                    help=f"plan for N virtual CPU devices (1 to {MAX_PLAN_DEVICES})")
     p.set_defaults(func=cmd_plan)
 
@@ -1127,9 +1135,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "choice(v1,v2,...); repeat for more axes")
     p.add_argument("--search", default="grid", choices=("grid", "random", "optuna"),
                    help="grid: every combination of the lists; random: --trials draws; optuna: TPE with pruning")
-    p.add_argument("--trials", type=int, default=None, help="number of trials for random and optuna searches")
+    p.add_argument("--trials", type=int, default=None, metavar="N",
+                   help="number of trials for random and optuna searches")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random and optuna searches")
-    p.add_argument("--parallel", type=positive_int, default=1, help="trials running at once on this host")
+    p.add_argument("--parallel", type=positive_int, default=1, metavar="N", help="trials running at once on this host")
     p.add_argument("--devices-per-run", type=positive_int, default=None, metavar="K",
                    help="give each running trial its own K accelerators (K virtual devices on CPU)")
     p.add_argument("--dry-run", action="store_true", help="print the trials and their commands; run nothing")
