@@ -327,9 +327,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_export(args) -> None:
-    problem = run_directory_problem(Path(args.workdir).absolute())  # before importing JAX: refused at once
-    if problem is not None:
-        raise UserError(problem)
+    from llama_jax.run_files import check_export
+
+    check_export(Path(args.workdir).absolute(), args.dst, args.overwrite)  # before importing JAX: refused at once
     from llama_jax import param_count
     from llama_jax.run import export_model
 

@@ -48,10 +48,9 @@ from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import RunData, build_data, evaluate, prepared_dirs
 from llama_jax.run_files import (LOSS_PLOT, METRICS_FILE, MODEL_TOKENIZER_DIR, PROGRESS_FILE, RUN_TOKENIZER, RunError,
-                                 check_train_workdir)
+                                 check_export, check_train_workdir)
 from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, SET_ASIDE_DIR, DirectoryBusy, DirectoryLock, atomic_file,
-                               check_destination, holds_lock, holds_run, run_directory_problem, sha256_file,
-                               write_text_atomic)
+                               holds_lock, holds_run, run_directory_problem, sha256_file, write_text_atomic)
 from llama_jax.sharding import process_rows, tree_shardings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
@@ -543,11 +542,8 @@ def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, 
     """Write the parameters of a run's checkpoint (default: the latest) as a model directory
     (`save_model`), with the tokenizer the run used; `llama-jax convert --from jax` takes it on
     to Hugging Face or Meta format. Returns (path, step, the model's LLaMAConfig)."""
-    from llama_jax.model_dir import MODEL_DIR
-
     workdir = Path(workdir).absolute()
-    checkpoint_step(workdir, step)  # a run holding that step, before the destination is looked at
-    check_destination(dst, MODEL_DIR, overwrite, [workdir])  # before reading gigabytes
+    check_export(workdir, dst, overwrite)  # before reading gigabytes
     step, info, model, params = read_checkpoint_params(workdir, step)
     tokenizer = model_tokenizer(workdir, run_tokenizer(workdir, info))
     return save_model(dst, model, params, tokenizer=tokenizer, overwrite=overwrite), step, model

@@ -1,16 +1,18 @@
-"""A run's directory without JAX: the files a run writes there, and what `llama-jax train` refuses
-of its --workdir. The command checks it before importing JAX (a bad --workdir is refused at once),
-and `run.train_and_evaluate` checks it again, for the Python API and for the processes of a
-multi-process run, which check it once they have joined."""
+"""A run's directory without JAX: the files a run writes there, what `llama-jax train` refuses of
+its --workdir, and what `llama-jax export` refuses of its --workdir and destination. The commands
+check these before importing JAX (a bad path is refused at once); `run.train_and_evaluate` checks
+the --workdir again, for the Python API and for the processes of a multi-process run, which check
+it once they have joined, and `run.export_model` the export's paths, for the Python API."""
 
 from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
 
-from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, SET_ASIDE_DIR, check_outside_runs_and_models,
-                               check_run_config, check_writable, file_in_the_way, holds_no_run, holds_run,
-                               non_utf8_path)
+from llama_jax.model_dir import MODEL_DIR
+from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, SET_ASIDE_DIR, check_destination,
+                               check_outside_runs_and_models, check_run_config, check_writable, file_in_the_way,
+                               holds_no_run, holds_run, non_utf8_path, run_directory_problem)
 from llama_jax.sweep import SPEC_FILE, check_trial_settings
 
 
@@ -73,3 +75,14 @@ def check_train_workdir(workdir: Path, config) -> None:
     change (`sweep.check_trial_settings`)."""
     check_workdir(workdir)
     check_trial_settings(workdir, config)
+
+
+def check_export(workdir: Path, dst, overwrite: bool) -> None:
+    """What `llama-jax export` refuses before it reads the run's checkpoints: a --workdir (`workdir`,
+    absolute) that is no run's directory, and a destination `dst` where writing a model directory
+    would lose something (`safe_io.check_destination`). Whether the run holds the step to export is
+    checked after, through Orbax."""
+    problem = run_directory_problem(workdir)
+    if problem is not None:
+        raise RunError(problem)
+    check_destination(dst, MODEL_DIR, overwrite, [workdir])

@@ -871,15 +871,20 @@ def test_bad_input(case: Case, outcomes):
     assert not out.changed, f"changed by the command: {out.changed}"
 
 
-@pytest.mark.parametrize("case_id", ["train-workdir-is-a-file", "demo-workdir-is-a-file", "export-workdir-missing"])
+@pytest.mark.parametrize("case_id", ["train-workdir-is-a-file", "demo-workdir-is-a-file", "export-workdir-missing",
+                                     "export-dst-link-loop"])
 def test_a_bad_workdir_is_refused_before_jax_is_imported(case_id, tmp_path, monkeypatch):
-    """Importing JAX, Flax and Orbax takes seconds: a --workdir that train, demo or export cannot use is
-    refused before (the modules the process imported, as Python's -X importtime lists them)."""
+    """Importing JAX, Flax and Orbax takes seconds: a --workdir that train, demo or export cannot use, and
+    an export's destination, are refused before (the modules the process imported, as Python's -X
+    importtime lists them)."""
     case = next(c for c in CASES if c.id == case_id)
-    notes = tmp_path / "notes.txt"
-    notes.write_text("a regular file\n")
+    paths = {"tiny": ROOT / "configs" / "tiny.py", "notes": tmp_path / "notes.txt", "loop_link": tmp_path / "loop_link",
+             "run": tmp_path / "run"}
+    paths["notes"].write_text("a regular file\n")
+    paths["loop_link"].symlink_to("loop_link")
+    paths["run"].mkdir()  # (a run's directory as far as these checks go: its checkpoints are read after them)
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # (-X importtime, to the process `cli` starts)
-    result = cli(argv(case.command, {"tiny": ROOT / "configs" / "tiny.py", "notes": notes}), tmp_path)
+    result = cli(argv(case.command, paths), tmp_path)
     lines = result.stderr.splitlines()
     imported = [line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")]
     errors = [line for line in lines if not line.startswith("import time:")]
