@@ -533,10 +533,12 @@ def limit_number(text: str) -> int | float:
 
 
 def cmd_sweep(args) -> None:
-    from llama_jax import results, sweep
+    from llama_jax import sweep
 
     if args.report:
         _check_report_arguments(args)
+        from llama_jax import results  # (imports JAX, through metrics.py: after the checks)
+
         print(results.report(args.workdir), end="")
         return
     job = _check_sweep_arguments(args)
@@ -546,7 +548,7 @@ def cmd_sweep(args) -> None:
 
 
 def _sweep(args, job: dict) -> None:
-    from llama_jax import results, sweep
+    from llama_jax import sweep
     from llama_jax.devices import devices_per_trial, local_accelerators
 
     if args.on == "slurm":  # a job per trial (job options out of range: refused when the jobs are made)
@@ -563,6 +565,8 @@ def _sweep(args, job: dict) -> None:
         print("\n".join(sweep.describe(spec, axes, listed, args.workdir)))
         return
     sweep.run_sweep(spec, axes, listed, args.workdir, args.parallel, args.devices_per_run)
+    from llama_jax import results
+
     print(results.report(args.workdir), end="")
     print(f"results: {args.workdir}/results.md, results.csv and *.png")
     statuses = sweep.trial_statuses(args.workdir)

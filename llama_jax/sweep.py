@@ -952,13 +952,14 @@ def prepare(config: str, workdir: str | os.PathLike, axis_texts: Sequence[str], 
     `probe`: whether WORKDIR is written to learn that it may be (`check_writable`; False for a dry run);
     `n_devices`: the devices each trial runs on, to check its mesh against (`check_overrides`)."""
     workdir = Path(workdir).absolute()
+    check_workdir_path(workdir, probe)  # first: the trials' mesh checks import JAX (seconds), this needs none
     saved = saved_spec(workdir, out)
     started = {p.name: p for p in workdir.iterdir() if holds_run(p)} if saved else {}
     spec, axes, listed = plan_trials(config, axis_texts, overrides, search, trials, seed, saved.get("axes", ()),
                                      started=started, n_devices=n_devices)
     if search == "optuna":
         _import_optuna()
-    check_workdir(workdir, spec, saved, probe)
+    check_workdir(workdir, spec, saved)
     if search == "optuna":
         check_study_kept(workdir)
     _check_trial_paths(workdir, axes, listed, numbered=search != "grid")
@@ -1156,16 +1157,23 @@ def _check_trial_paths(workdir: Path, axes: dict, listed: list[Trial], numbered:
             raise SweepError(f"{path} is {what}, where the directory of trial {path.name} goes; move it away")
 
 
-def check_workdir(workdir: Path, spec: SweepSpec, saved: dict, probe: bool = True) -> None:
-    """SweepError unless `workdir` is new, empty, holds this same sweep (`saved`, its sweep.json), or
-    holds a sweep none of whose trials has started (a sweep that stopped at a check or while
-    preparing its data may be given again with other arguments). `probe`: as `check_writable`'s."""
-    from llama_jax.launch.slurm import WORKDIR_FOLDER
-
+def check_workdir_path(workdir: Path, probe: bool = True) -> None:
+    """SweepError or ValueError unless a sweep may write in `workdir` (absolute): no file there, a
+    folder this process may write (`probe`: as `check_writable`'s), and not inside a run's
+    checkpoints or a model's parameters."""
     if workdir.exists() and not workdir.is_dir():
         raise SweepError(f"--workdir {workdir} is a file, not a directory")
     check_writable(workdir, "--workdir", into=True, probe=probe)
     check_outside_runs_and_models(workdir, "--workdir")
+
+
+def check_workdir(workdir: Path, spec: SweepSpec, saved: dict) -> None:
+    """SweepError unless `workdir` (where `check_workdir_path` found nothing wrong) is new, empty,
+    holds this same sweep (`saved`, its sweep.json), or holds a sweep none of whose trials has started
+    (a sweep that stopped at a check or while preparing its data may be given again with other
+    arguments)."""
+    from llama_jax.launch.slurm import WORKDIR_FOLDER
+
     if saved:
         mine = json.loads(spec.to_json())
         # a field this version adds is compared only where the sweep recorded it; the directory it runs
