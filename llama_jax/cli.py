@@ -126,6 +126,9 @@ def cmd_generate(args) -> None:
 
         mesh = make_mesh(*args.mesh)
     if args.workdir is not None:
+        problem = run_directory_problem(Path(args.workdir).absolute())  # before importing JAX: refused at once
+        if problem is not None:
+            raise UserError(problem)
         from llama_jax.evaluate import load_run
 
         from llama_jax.run import model_tokenizer
@@ -386,10 +389,9 @@ def _check_config_mesh_fits(config, config_file, overrides: list[str]) -> None:
 
 
 def cmd_eval(args) -> None:
-    from llama_jax.evaluate import evaluate_held_out, held_out_seq_len
     from llama_jax.eval_files import model_eval_file, run_eval_file_name
     from llama_jax.experiment import check_train_section, load_config
-    from llama_jax.metrics import nonfinite_as_null
+    from llama_jax.model_dir import broken_model_link
 
     _check_model_or_run(args)
     if args.output is not None:  # before anything is read: a result that could not be written is refused first
@@ -397,6 +399,8 @@ def cmd_eval(args) -> None:
     if args.workdir is not None:
         _check_run_directory(args.workdir, args.config,
                              f"llama-jax eval {args.workdir} --config CONFIG evaluates a model")
+    elif (problem := broken_model_link(args.model)) is not None:  # (the model itself is read after the data checks)
+        raise UserError(problem)
     config_file = args.config or (Path(args.workdir) / "config.json" if args.workdir else None)
     if config_file is None:
         raise UserError("--config is required with a model directory: the training config whose data settings "
@@ -405,7 +409,10 @@ def cmd_eval(args) -> None:
                                  "the model is the directory's or the checkpoint's own")
     config = load_config(config_file, args.overrides)
     check_train_section(config.train)  # its batch is the default batch
-    _check_config_mesh_fits(config, config_file, args.overrides)
+    _check_config_mesh_fits(config, config_file, args.overrides)  # (imports JAX: after the checks that need none)
+    from llama_jax.evaluate import evaluate_held_out, held_out_seq_len
+    from llama_jax.metrics import nonfinite_as_null
+
     own_data = _runs_own_data(args, config)
     # before the model is read: the file the result goes to (beside a model: decided by the data settings and
     # seq_len), or for a run (its name waits for the step) the run's directory

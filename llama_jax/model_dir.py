@@ -76,12 +76,19 @@ RECORDED_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ff
                    "rope_scaling", "max_seq_len", "tie_embeddings", "param_dtype")  # in every release's model_config
 
 
+def broken_model_link(path: str | os.PathLike) -> str | None:
+    """The error for a model directory's `path` through a symbolic link that leads nowhere (to
+    nothing, or back to itself: `safe_io.broken_link`), or None. Needs no JAX, so `eval` asks first."""
+    leads_nowhere = broken_link(path)
+    return f"{leads_nowhere}; give a llama_jax model directory" if leads_nowhere else None
+
+
 def load_config(path: str | os.PathLike) -> LLaMAConfig:
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
-        leads_nowhere = broken_link(path)
-        if leads_nowhere:
-            raise ValueError(f"{leads_nowhere}; give a llama_jax model directory")
+        problem = broken_model_link(path)
+        if problem:
+            raise ValueError(problem)
         hint = ""
         if (Path(path) / "checkpoints").is_dir() or holds_run(path):
             hint = f"; it holds a training run: llama-jax export --workdir {path} DST writes a model directory of it"
