@@ -294,8 +294,9 @@ elif verb == "ssh":
                 os.killpg(shell.pid, signal.SIGKILL)
                 shell.wait()
                 status, note = 255, "dropped"
-            else:
-                open(os.path.join(env["FAKE_WORKER"], "release"), "w").close()  # the command may end now
+            else:  # the command may end once the shell follows its log (its first line: started or re-attached)
+                print(shell.stdout.readline(), end="", flush=True)
+                open(os.path.join(env["FAKE_WORKER"], "release"), "w").close()
                 for line in shell.stdout:
                     print(line, end="", flush=True)
                 status = shell.wait()
