@@ -15,7 +15,10 @@
 # --exclusive (`llama-jax launch slurm --help` lists them). This script asks for all of each
 # node's memory (--mem-gb 0) and 32 CPUs (--cpus-per-node 32: without it the task, all 8 GPUs of
 # a node, gets the cluster's default, often one CPU); a later --mem-gb or --cpus-per-node replaces
-# them.
+# them. At each time limit the run saves its state (1.1B parameters and Adam's two moments, in
+# float32: about 13 GB) before the requeue, within --save-time-s S (default 80 s: about 170 MB/s
+# to the shared storage); on slower storage give more, e.g. --save-time-s 300, or the save is
+# killed and the steps since the previous checkpoint are lost.
 # Environment: WORKDIR (default: runs/tinyllama in this checkout; a relative one is read from
 # where the script starts), LLAMA_JAX.
 . "$(dirname "$0")/command.sh"  # (first: it refuses a shell other than bash)

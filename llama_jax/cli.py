@@ -604,7 +604,7 @@ def _slurm_job(args) -> dict:
     """The SLURM job options given to `sweep` or `launch slurm`, by destination."""
     return dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
                 account=args.account, qos=args.qos, constraint=args.constraint, cpus_per_node=args.cpus_per_node,
-                mem_gb=args.mem_gb, exclusive=args.exclusive, job_name=args.job_name)
+                mem_gb=args.mem_gb, exclusive=args.exclusive, job_name=args.job_name, save_time_s=args.save_time_s)
 
 
 def _changed_slurm_options(args) -> list[str]:
@@ -1214,15 +1214,16 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
 
 def slurm_job_defaults() -> dict:
     """The SLURM job options' defaults, by destination."""
-    from llama_jax.launch.slurm import DEFAULT_TIME_MIN
+    from llama_jax.launch.slurm import DEFAULT_TIME_MIN, SAVE_TIME_S
 
     return dict(nodes=1, gpus_per_node=1, cpus_per_node=None, mem_gb=None, exclusive=False, partition=None,
-                time_min=DEFAULT_TIME_MIN, account=None, qos=None, constraint=None, job_name="llama-jax")
+                time_min=DEFAULT_TIME_MIN, account=None, qos=None, constraint=None, job_name="llama-jax",
+                save_time_s=SAVE_TIME_S)
 
 
 def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
     """The shape of a SLURM job: for `launch slurm` and for sweeps run as a job array."""
-    from llama_jax.launch.slurm import MIN_TIME_MIN
+    from llama_jax.launch.slurm import MIN_SAVE_TIME_S, REQUEUE_S, min_time_min
 
     d = slurm_job_defaults()
     p.add_argument("--nodes", type=int, default=d["nodes"], metavar="N")
@@ -1236,8 +1237,12 @@ def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
                    "all of their memory too)")
     p.add_argument("--partition", default=d["partition"], metavar="P")
     p.add_argument("--time-min", type=int, default=d["time_min"], metavar="M",
-                   help=f"time limit in minutes, at least {MIN_TIME_MIN} (default {d['time_min']}); at the limit the "
-                        f"job is requeued and the run resumes")
+                   help=f"time limit in minutes, at least {min_time_min(d['save_time_s'])} (default {d['time_min']}; "
+                        f"more with a longer --save-time-s); at the limit the job is requeued and the run resumes")
+    p.add_argument("--save-time-s", type=int, default=d["save_time_s"], metavar="S",
+                   help=f"seconds the command has to save before a requeue, at least {MIN_SAVE_TIME_S} (default "
+                        f"{d['save_time_s']}): SLURM warns the job S + {REQUEUE_S} s before its time limit; give a "
+                        f"large model's save on shared storage what it needs, or it is killed mid-save")
     p.add_argument("--account", default=d["account"], metavar="A")
     p.add_argument("--qos", default=d["qos"], metavar="Q")
     p.add_argument("--constraint", default=d["constraint"], metavar="FEATURES",

@@ -797,12 +797,26 @@ def test_the_job_keeps_the_users_own_wckey(tmp_path):
 def test_the_job_is_warned_before_its_limit_and_may_be_requeued(tmp_path):
     """submitit requeues a job with `scontrol requeue`, which SLURM refuses for a job that is not
     requeueable (a cluster's JobRequeue=0 makes that every job's default, and a preempted one is
-    then cancelled instead of requeued): the script asks for --requeue. The warning's lead is the
-    one the command's save window is measured against."""
+    then cancelled instead of requeued): the script asks for --requeue. The warning comes the
+    command's time to save, and the requeue's, before the limit."""
     [path] = slurm.submit_array([["llama-jax", "demo"]], tmp_path / "jobs", dry_run=True)
     lines = Path(path).read_text().splitlines()
     assert "#SBATCH --requeue" in lines
-    assert f"#SBATCH --signal=USR2@{slurm.SIGNAL_DELAY_S}" in lines and slurm.SAVE_WAIT_S < slurm.SIGNAL_DELAY_S
+    assert "#SBATCH --signal=USR2@90" in lines and slurm.SAVE_TIME_S + slurm.REQUEUE_S == 90
+
+
+def test_a_large_models_save_gets_the_time_asked_for(capsys, tmp_path, monkeypatch):
+    """A requeue gave every command 80 s to save: the state of a large model on shared storage (tens
+    to hundreds of GB) took longer, so the job was killed mid-save at each time limit and lost the
+    work since its previous checkpoint. --save-time-s S moves SLURM's warning to S + 10 s before
+    the limit, and the job's pickled command waits S for the save."""
+    monkeypatch.chdir(ROOT)
+    argv = ["launch", "slurm", "--save-time-s", "600", "--time-min", "21", "--folder", str(tmp_path / "jobs"),
+            "--dry-run", "--", "train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run")]
+    assert cli.main(argv) == 0
+    assert "#SBATCH --signal=USR2@610" in capsys.readouterr().out.splitlines()
+    [path] = slurm.submit_array([["llama-jax", "demo"]] * 2, tmp_path / "array", save_time_s=300, dry_run=True)
+    assert "#SBATCH --signal=USR2@310" in Path(path).read_text().splitlines()
 
 
 def test_a_launched_sweep_is_checked_and_passed_on_as_given(capsys, tmp_path, monkeypatch):
@@ -874,6 +888,36 @@ def test_dry_run_shows_exactly_what_is_submitted(fake_slurm, tmp_path, count):
     job.result()
     assert (tmp_path / f"ran{count - 1}").read_text() == "yes"
     assert job.function.checkpoint().function.argv == commands[-1]  # requeued unchanged
+    assert job.function.save_time_s == slurm.SAVE_TIME_S
+
+
+def test_a_submitted_job_waits_for_the_save_time_asked_for(fake_slurm, tmp_path):
+    """The pickled command carries --save-time-s to the node, where submitit's requeue handler
+    waits that long for the save (and requeues a command that keeps it)."""
+    from submitit.core.utils import DelayedSubmission
+
+    [job_id] = slurm.submit_array([["true"]], tmp_path / "jobs", save_time_s=600, time_min=21)
+    job = DelayedSubmission.load(tmp_path / "jobs" / f"{job_id}_submitted.pkl").function
+    assert job.save_time_s == 600 and job.checkpoint().function.save_time_s == 600
+
+
+def test_a_requeue_waits_the_save_time_for_a_command_still_saving():
+    """A command still saving after save_time_s is left to the time limit: the requeue waited that
+    long, not a fixed 80 s."""
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    job = slurm.JobCommand([sys.executable, "-c", code], save_time_s=2)
+    slurm._running = subprocess.Popen(job.argv)
+    try:
+        time.sleep(1)  # (its SIGTERM handler set)
+        began = time.monotonic()
+        again = job.checkpoint().function
+        waited = time.monotonic() - began
+        assert slurm._running.poll() is None  # still saving: it was not killed
+    finally:
+        slurm._running.send_signal(signal.SIGKILL)
+        slurm._running.wait()
+        slurm._running = None
+    assert 2 <= waited < 10 and again.save_time_s == 2
 
 
 def test_job_command_outlives_the_requeue_signal():
@@ -890,7 +934,7 @@ def test_job_command_outlives_the_requeue_signal_submitit_is_told_to_use(monkeyp
 
     monkeypatch.setattr(JobEnvironment, "USR_SIG", "HUP")
     [path] = slurm.submit_array([["llama-jax", "demo"]], tmp_path / "jobs", dry_run=True)
-    assert f"#SBATCH --signal=HUP@{slurm.SIGNAL_DELAY_S}" in Path(path).read_text().splitlines()
+    assert "#SBATCH --signal=HUP@90" in Path(path).read_text().splitlines()
     code = "import os, signal; os.kill(os.getpid(), signal.SIGHUP); print('still running')"
     slurm.JobCommand([sys.executable, "-c", code])()
 
@@ -928,7 +972,7 @@ def test_a_requeue_lets_the_command_save_first(tmp_path):
         signal.signal(signal.SIGUSR2, previous)
     (again, waited), = requeued
     assert saved.read_text() == "saved" and again.function.argv == job.argv
-    assert waited < slurm.SAVE_WAIT_S / 4  # reaped as soon as it exited, not after the whole allowance
+    assert waited < slurm.SAVE_TIME_S / 4  # reaped as soon as it exited, not after the whole allowance
     assert slurm._executor(slurm._import_submitit(), tmp_path, dry_run=True).max_num_timeout == \
         slurm.MAX_TIMEOUT_REQUEUES  # not submitit's default of 3 time limits
 
@@ -1083,6 +1127,13 @@ def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
      "--time-min must be at least 3, got 2: SLURM warns a job 90 s before its limit"),
     (["slurm", "--time-min", "-5", "--dry-run", "--", *TRAIN_IN_TMP],  # (not "at least 1")
      "--time-min must be at least 3, got -5: SLURM warns a job 90 s before its limit"),
+    # a job that saves for S s is warned S + 10 s before its limit, and works at least as long
+    (["slurm", "--save-time-s", "600", "--time-min", "20", "--dry-run", "--", *TRAIN_IN_TMP],
+     "--time-min must be at least 21, got 20: SLURM warns a job 610 s before its limit (--save-time-s 600 + 10)"),
+    (["slurm", "--save-time-s", "5", "--dry-run", "--", *TRAIN_IN_TMP],
+     "--save-time-s must be from 10 to 65525, got 5: the command needs time to save"),
+    (["slurm", "--save-time-s", "65526", "--time-min", "5000", "--dry-run", "--", *TRAIN_IN_TMP],
+     "--save-time-s must be from 10 to 65525, got 65526"),
     # what the other commands refuse of their arguments alone (a slice was made, and everything installed on it,
     # for a command that failed there at once)
     (["tpu", "--name", "n", *ZONE, "--accelerator", "v4-8", "--dry-run", "--", "generate", "--prompt", "hi"],

@@ -1361,6 +1361,8 @@ def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys
     assert "#SBATCH --array=0-2%3" in script and "#SBATCH --gpus-per-node=4" in script
     assert f"--workdir {workdir / 'seed=2'} " in script and f"{workdir / 'slurm'}/%A_%a_0_log.out" in script
     assert not workdir.exists()
+    assert main([*args, "--save-time-s", "300", "--time-min", "11", "--dry-run"]) == 0  # (launch slurm's option)
+    assert "#SBATCH --signal=USR2@310" in capsys.readouterr().out.splitlines()
     quoted = tmp_path / "it's a sweep"  # the script shown is valid shell, as the one submitted
     assert main([*sweep_args(quoted, "--sweep", "train.seed=[0,1]", "--on", "slurm"), "--dry-run"]) == 0
     srun = shlex.split(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("srun ")))

@@ -7,22 +7,23 @@ each process one GPU, its local task index, unless JAX_LOCAL_DEVICE_IDS says oth
 sbatch script exports the node's GPU indices there.
 
 A job stopped by its time limit is requeued by submitit with the same command line, and the run
-resumes from the checkpoints in its workdir: SLURM warns the job SIGNAL_DELAY_S before its time
-limit (USR2, `--signal`); submitit's handler on the first task asks the job for a checkpoint,
-which here sends the command SIGTERM (a llama-jax run saves and stops, every process at the same
-step) and waits for it, then requeues the job (`scontrol requeue`, which SLURM refuses for a job
-that is not requeueable: the script asks for `--requeue`, which a cluster's JobRequeue=0 would
-otherwise withhold). A job is requeued after up to MAX_TIMEOUT_REQUEUES time limits. A preempted
-job gets SIGTERM from SLURM (the command saves and stops) or, where the cluster sets
-PreemptParameters=send_user_signal, the USR2 of a time limit; it is requeued where the cluster's
-PreemptMode is REQUEUE or it gets USR2, and with PreemptMode=CANCEL it ends, saved: submitting
-the same command again resumes it. Dry runs write the sbatch script submitit would submit,
-rendered by submitit itself, and submit nothing.
+resumes from the checkpoints in its workdir: SLURM warns the job save_time_s + REQUEUE_S before
+its time limit (USR2, `--signal`); submitit's handler on the first task asks the job for a
+checkpoint, which here sends the command SIGTERM (a llama-jax run saves and stops, every process
+at the same step) and waits up to save_time_s for it, then requeues the job (`scontrol requeue`,
+which SLURM refuses for a job that is not requeueable: the script asks for `--requeue`, which a
+cluster's JobRequeue=0 would otherwise withhold). A job is requeued after up to
+MAX_TIMEOUT_REQUEUES time limits. A preempted job gets SIGTERM from SLURM (the command saves and
+stops) or, where the cluster sets PreemptParameters=send_user_signal, the USR2 of a time limit;
+it is requeued where the cluster's PreemptMode is REQUEUE or it gets USR2, and with
+PreemptMode=CANCEL it ends, saved: submitting the same command again resumes it. Dry runs write
+the sbatch script submitit would submit, rendered by submitit itself, and submit nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shlex
 import shutil
@@ -36,11 +37,12 @@ from llama_jax.launch import LaunchError
 from llama_jax.safe_io import shown_as_utf8
 
 DEFAULT_TIME_MIN = 60
-MIN_TIME_MIN = 3  # SLURM warns a job 90 s before its limit, and it saves and requeues then: at least 90 s of work
 WORKDIR_FOLDER = "slurm"  # submitit's folder (sbatch script, logs) inside the workdir of the command it runs
 MAX_TIMEOUT_REQUEUES = 1000  # submitit's default, 3, would end a run of 1-hour jobs after 4 hours
-SIGNAL_DELAY_S = 90  # SLURM's warning (USR2) comes this long before the time limit (or up to 60 s earlier)
-SAVE_WAIT_S = SIGNAL_DELAY_S - 10  # how long a requeue waits for the command to save, before `scontrol requeue`
+SAVE_TIME_S = 80  # how long a requeue waits for the command to save, before `scontrol requeue` (--save-time-s)
+MIN_SAVE_TIME_S = 10
+REQUEUE_S = 10  # SLURM's warning (USR2) comes save_time_s + this before the time limit (or up to 60 s earlier)
+MAX_SIGNAL_DELAY_S = 65535  # the longest warning sbatch's --signal takes
 DRY_RUN_SCRIPT = "dry_run_submission.sh"
 INSTALL_HINT = "pip install 'submitit>=1.5' (in a checkout: pip install -e '.[launch]')"
 
@@ -56,6 +58,7 @@ class JobCommand:
     preemption (it has `checkpoint`); a llama-jax run then resumes from its checkpoints."""
 
     argv: list[str]
+    save_time_s: int = SAVE_TIME_S  # how long the command is given to save before a requeue
 
     def __call__(self) -> None:
         global _running
@@ -71,17 +74,17 @@ class JobCommand:
 
     def checkpoint(self) -> Any:
         """Called by submitit (on the job's first task) before it requeues the job: the command is
-        sent SIGTERM and given SAVE_WAIT_S to save and stop, so that the requeued job resumes from
+        sent SIGTERM and given save_time_s to save and stop, so that the requeued job resumes from
         the step it reached (submitit then exits, which would kill a command still running)."""
         from submitit.helpers import DelayedSubmission
 
         if _running is not None and _running.poll() is None:
             _running.terminate()
             try:
-                _running.wait(timeout=SAVE_WAIT_S)
+                _running.wait(timeout=self.save_time_s)
             except subprocess.TimeoutExpired:
                 pass  # the job ends at its time limit; the requeued one resumes from the last checkpoint
-        return DelayedSubmission(JobCommand(list(self.argv)))
+        return DelayedSubmission(JobCommand(list(self.argv), self.save_time_s))
 
 
 _running: subprocess.Popen | None = None  # the command of this task's JobCommand, while it runs
@@ -110,8 +113,8 @@ def submit(command: Sequence[str], folder: str | Path, **options: Any) -> str:
 def submit_array(commands: list[list[str]], folder: str | Path, *, dry_run: bool = False, **options: Any) -> list[str]:
     """Submit one job per command line, as one job array (a plain job for a single command).
     `options`: nodes, gpus_per_node, partition, time_min (minutes), account, qos, constraint,
-    cpus_per_node, mem_gb (per node; 0: all of its memory), exclusive, job_name (defaults in
-    `_job_parameters`).
+    cpus_per_node, mem_gb (per node; 0: all of its memory), exclusive, job_name, save_time_s
+    (seconds the command has to save before a requeue; defaults in `_job_parameters`).
 
     Returns the job ids; with dry_run, writes the sbatch script into `folder` instead and returns
     its path as a one-element list. Commands are full argv lists, run as given on the nodes."""
@@ -128,12 +131,13 @@ def submit_array(commands: list[list[str]], folder: str | Path, *, dry_run: bool
             raise LaunchError(f"{tool} not found on PATH: submit from a SLURM login node, or use --dry-run")
     executor = _executor(submitit, folder, dry_run=False)
     executor.update_parameters(**parameters)
+    save_time_s = parameters["signal_delay_s"] - REQUEUE_S  # (the warning's lead leaves the command this to save)
     before = set(Path(folder).iterdir()) if Path(folder).is_dir() else set()
     jobs = []
     try:
         with executor.batch():
             for argv in commands:
-                jobs.append(executor.submit(JobCommand(list(argv))))
+                jobs.append(executor.submit(JobCommand(list(argv), save_time_s)))
     except submitit.core.utils.FailedJobError as e:
         for left in set(Path(folder).iterdir()) - before:  # the jobs' pickles and script, for no job
             if left.is_file():
@@ -168,9 +172,11 @@ def array_script(commands: list[list[str]], folder: str | Path, **options: Any) 
 def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node: int = 1, partition: str | None = None,
                     time_min: int = DEFAULT_TIME_MIN, account: str | None = None, qos: str | None = None,
                     constraint: str | None = None, cpus_per_node: int | None = None, mem_gb: int | None = None,
-                    exclusive: bool = False, job_name: str = "llama-jax") -> dict[str, Any]:
+                    exclusive: bool = False, job_name: str = "llama-jax",
+                    save_time_s: int = SAVE_TIME_S) -> dict[str, Any]:
     """The executor parameters of `submit_array`'s options, once they are checked."""
-    _check(commands, nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min, cpus_per_node=cpus_per_node)
+    _check(commands, save_time_s, nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min,
+           cpus_per_node=cpus_per_node)
     if mem_gb is not None and mem_gb < 0:
         raise LaunchError(f"--mem-gb must be at least 0 (0: all of each node's memory), got {mem_gb}")
     if constraint is not None and not re.fullmatch(r"[\w.+&|\[\]()*-]+", constraint):
@@ -189,7 +195,7 @@ def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node:
     return dict(job_name=job_name, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node, time=time_min,
                 partition=partition, account=account, qos=qos, constraint=constraint, cpus_per_task=cpus_per_node,
                 mem=None if mem_gb is None else f"{mem_gb}G", exclusive=exclusive or None, srun_args=srun_args,
-                signal_delay_s=SIGNAL_DELAY_S, additional_parameters={"requeue": True},
+                signal_delay_s=save_time_s + REQUEUE_S, additional_parameters={"requeue": True},
                 wckey=None,  # (submitit's "submitit": jobs booked to it, or refused where wckeys are enforced)
                 setup=_setup_lines(commands, gpus_per_node))
 
@@ -210,13 +216,25 @@ def queued_or_running(job_ids: Sequence[str]) -> set[str]:
     return set(job_ids) & set(listed)
 
 
-def _check(commands: list[list[str]], **counts: int | None) -> None:
+def min_time_min(save_time_s: int) -> int:
+    """The shortest time limit (minutes) for a job given save_time_s to save: it leaves as long for
+    work as the warning's lead (SLURM's USR2 there starts the save and the requeue)."""
+    return math.ceil(2 * (save_time_s + REQUEUE_S) / 60)
+
+
+def _check(commands: list[list[str]], save_time_s: int, **counts: int | None) -> None:
     if not commands or any(not list(argv) for argv in commands):
         raise LaunchError("nothing to submit: give at least one non-empty command line")
-    if counts.get("time_min") is not None and counts["time_min"] < MIN_TIME_MIN:  # (before the check of 1 below)
-        raise LaunchError(f"--time-min must be at least {MIN_TIME_MIN}, got {counts['time_min']}: SLURM warns a job 90 "
-                          f"s before its limit, where it saves and is requeued, so a shorter job would be requeued "
-                          f"again and again before it trained")
+    most = MAX_SIGNAL_DELAY_S - REQUEUE_S
+    if not MIN_SAVE_TIME_S <= save_time_s <= most:
+        raise LaunchError(f"--save-time-s must be from {MIN_SAVE_TIME_S} to {most}, got {save_time_s}: the command "
+                          f"needs time to save, and SLURM's warning comes at most {MAX_SIGNAL_DELAY_S} s before the "
+                          f"time limit (--save-time-s + {REQUEUE_S} to requeue)")
+    least, lead = min_time_min(save_time_s), save_time_s + REQUEUE_S
+    if counts.get("time_min") is not None and counts["time_min"] < least:  # (before the check of 1 below)
+        raise LaunchError(f"--time-min must be at least {least}, got {counts['time_min']}: SLURM warns a job {lead} "
+                          f"s before its limit (--save-time-s {save_time_s} + {REQUEUE_S}), where it saves and is "
+                          f"requeued, so a shorter job would be requeued again and again before it trained")
     for name, value in counts.items():
         if value is not None and value < 1:
             raise LaunchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
