@@ -384,8 +384,9 @@ def _check_config_mesh_fits(config, config_file, overrides: list[str]) -> None:
     try:
         resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, jax.device_count())
     except ValueError as e:
+        here = _devices(jax.device_count())
         raise UserError(f"{e}; that is the mesh {config_file} sets: --config.mesh.data=1 --config.mesh.fsdp=-1 "
-                        f"--config.mesh.tensor=1 shards the model over the {_devices(jax.device_count())} here") from None
+                        f"--config.mesh.tensor=1 shards the model over the {here} here") from None
 
 
 def _devices(n: int) -> str:
