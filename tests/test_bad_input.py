@@ -634,6 +634,13 @@ CASES = [
          "--config.optimizer.lr=0.01 --sweep optimizer.weight_decay=[0.1,100]",
          r"trial weight_decay=100: optimizer.weight_decay: 100 with optimizer.lr=0.01: .*= 0 at the peak learning "
          r"rate"),
+    Case("sweep-slurm-save-time-not-an-integer", "sweep --config {tiny} --workdir new --on slurm --dry-run "
+         "--save-time-s nan --sweep train.seed=[0,1]", r"argument --save-time-s: invalid int value: 'nan'"),
+    # ---- launch (its other cases are in tests/test_launch.py, which runs main() in process) ----
+    Case("launch-slurm-mem-gb-not-an-integer", "launch slurm --mem-gb lots --dry-run -- train --config {tiny} "
+         "--workdir new", r"argument --mem-gb: invalid int value: 'lots'"),
+    Case("launch-slurm-save-time-not-an-integer", "launch slurm --save-time-s 1.5 --dry-run -- train --config {tiny} "
+         "--workdir new", r"argument --save-time-s: invalid int value: '1.5'"),
     # ---- demo ----
     Case("demo-unknown-key", "demo --workdir new --config.train.stepz=5", r"unknown config key 'train.stepz'"),
     Case("demo-nan", "demo --workdir new --config.optimizer.lr=nan",
