@@ -246,8 +246,14 @@ if verb == "describe":
         sys.exit(1)
     if group == "tpu-vm":
         node = open(node_file).read() if os.path.exists(node_file) else "READY"
-        print(node)
         entry.append(node)
+        if node == "NOT_FOUND":  # deleted
+            with open(log, "a") as f:
+                f.write(json.dumps(entry) + "\\n")
+            print("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Requested entity was not found.",
+                  file=sys.stderr)
+            sys.exit(1)
+        print(node)
     else:
         states = open(state_file).read().split()
         print(states[0])  # the first state; later describes see the next ones, if any
@@ -277,8 +283,8 @@ elif verb == "ssh":
         open(count_file, "w").write(str(runs + 1))
         if runs < preempt:  # the queued resource SUSPENDED, or (FAKE_PREEMPTED_QR=ACTIVE) not yet: its TPU VM
             open(state_file, "w").write(env.get("FAKE_PREEMPTED_QR", "SUSPENDED"))
-            if env.get("FAKE_PREEMPTED_QR") == "ACTIVE":  # PREEMPTED
-                open(node_file, "w").write("PREEMPTED")
+            if env.get("FAKE_PREEMPTED_QR") == "ACTIVE":  # PREEMPTED, or (FAKE_PREEMPTED_NODE=NOT_FOUND) gone
+                open(node_file, "w").write(env.get("FAKE_PREEMPTED_NODE", "PREEMPTED"))
             with open(log, "a") as f:
                 f.write(json.dumps(entry) + "\\n")
             sys.exit(int(env.get("FAKE_PREEMPTED_STATUS", "255")))  # 0: the run saved and exited cleanly
@@ -485,24 +491,27 @@ def test_a_preempted_run_that_exits_cleanly_is_relaunched(fake_gcloud, monkeypat
     assert cli.main(launch_args("--max-restarts", "1")) == 0  # the third run finishes
 
 
+@pytest.mark.parametrize("node", ["PREEMPTED", "NOT_FOUND"])
 def test_a_preempted_tpu_vm_whose_queued_resource_is_still_active_is_not_done(fake_gcloud, monkeypatch, capfd,
-                                                                              tmp_path):
-    """A preempted TPU VM is PREEMPTED while its queued resource may still say ACTIVE: the run, which
-    exited 0 (a preempted train saves and exits 0), was taken for done, and the slice, without its
-    TPUs, reused. The TPU VM's state is asked too now."""
+                                                                              tmp_path, node):
+    """A preempted TPU VM is PREEMPTED, or already deleted (NOT_FOUND), while its queued resource may
+    still say ACTIVE: the run, which exited 0 (a preempted train saves and exits 0), was taken for
+    done, and the slice, without its TPUs, reused. The TPU VM's state is asked too now, and a missing
+    one was taken for a usable slice: it is lost as a PREEMPTED one is."""
     set_state, calls = fake_gcloud
     set_state("ACTIVE")
     monkeypatch.setenv("FAKE_PREEMPTIONS", "1")
     monkeypatch.setenv("FAKE_PREEMPTED_STATUS", "0")
     monkeypatch.setenv("FAKE_PREEMPTED_QR", "ACTIVE")
+    monkeypatch.setenv("FAKE_PREEMPTED_NODE", node)
     with pytest.raises(SystemExit) as exit_:
         cli.main(launch_args("--copy-back", str(tmp_path / "back")))  # (nothing copied back)
     assert exit_.value.code == 1 and "launch again with the same command to resume" in capfd.readouterr().err
-    preempted = ["queued-resources describe ACTIVE", "tpu-vm describe PREEMPTED"]
+    preempted = ["queued-resources describe ACTIVE", f"tpu-vm describe {node}"]
     assert verbs(calls()) == [*ACTIVE, *SHIP_AND_RUN, *preempted]
     Path(os.environ["FAKE_LOG"]).unlink()  # launched again: re-created, not reused
     assert cli.main(launch_args()) == 0
-    assert "queued resource run: ACTIVE, its TPU VM PREEMPTED\n" in capfd.readouterr().err
+    assert f"queued resource run: ACTIVE, its TPU VM {node}\n" in capfd.readouterr().err
     assert verbs(calls()) == [*preempted, "queued-resources delete", "queued-resources describe",
                               "queued-resources create", *ACTIVE, *RAN]
     Path(os.environ["FAKE_LOG"]).unlink()  # with --max-restarts, within the launch

@@ -7,7 +7,7 @@ the run goes on), then optionally copy the workdir back and delete the slice. Th
 training engine joins the workers into one JAX program by itself on TPU VMs.
 
 Launching again after a preemption is the same command: a queued resource that lost its TPUs
-(SUSPENDED, FAILED, or ACTIVE with its TPU VM PREEMPTED or TERMINATED) is deleted and
+(SUSPENDED, FAILED, or ACTIVE with its TPU VM PREEMPTED, TERMINATED or gone) is deleted and
 re-created, and `llama-jax train` resumes from the latest checkpoint in its workdir, which must
 therefore be on storage every worker sees and that outlives the VMs (a gcsfuse-mounted bucket).
 """
@@ -59,9 +59,10 @@ TPU_FAMILIES = (
               runtime_version="v2-alpha-tpuv6e", chip_counts=(1, 4, 8, 16, 32, 64, 128, 256)),
 )
 
-# The states of a TPU VM (the API's Node.State values) whose TPUs are gone; its queued resource leaves
-# ACTIVE only once the service suspends it, so an ACTIVE one's TPU VM is asked too (`describe_state`).
-NODE_LOST_STATES = ("PREEMPTED", "TERMINATED")
+# The states of a TPU VM (the API's Node.State values) whose TPUs are gone, and NOT_FOUND for one that is
+# gone itself (deleted: a queued resource's TPU VM exists from its provisioning on); its queued resource
+# leaves ACTIVE only once the service suspends it, so an ACTIVE one's TPU VM is asked too (`describe_state`).
+NODE_LOST_STATES = ("PREEMPTED", "TERMINATED", "NOT_FOUND")
 # What a launch does with a queued resource in each state (the API's QueuedResource.State values,
 # plus those of NODE_LOST_STATES, which `describe_state` gives for an ACTIVE one whose node is in one).
 QUEUED_RESOURCE_STATES = {
@@ -348,7 +349,7 @@ def dry_run_lines(tpu: TpuLaunch, unlisted: str | None = None) -> list[str]:
         lines += [f"# NOT READY: a launch from here stops before anything runs: {unlisted}",
                   "# (so which files the workers would get, --config among them, is not checked here)"]
     lines += ["# create the queued resource (skipped if it exists; deleted and re-created first if SUSPENDED, "
-              "FAILED, or ACTIVE with its TPU VM PREEMPTED or TERMINATED)",
+              "FAILED, or ACTIVE with its TPU VM PREEMPTED, TERMINATED or NOT_FOUND)",
               shlex.join(create_command(tpu)),
               f"# poll every {POLL_SECONDS}s until ACTIVE, then ask its TPU VM's state (also after the run: the "
               "run is done only if neither lost its TPUs)",
@@ -512,12 +513,12 @@ def ensure_active(tpu: TpuLaunch, poll_seconds: float = POLL_SECONDS, made: list
 
 def describe_state(tpu: TpuLaunch) -> str | None:
     """The queued resource's state, or None if it does not exist; for an ACTIVE one whose TPU VM
-    is PREEMPTED or TERMINATED (`NODE_LOST_STATES`), the TPU VM's: its queued resource may still
-    say ACTIVE, until the service suspends it."""
+    is PREEMPTED or TERMINATED, or does not exist (NOT_FOUND), that (`NODE_LOST_STATES`): its
+    queued resource may still say ACTIVE, until the service suspends it."""
     state = _describe(describe_command(tpu), f"queued resource {tpu.name}")
     if state != "ACTIVE":
         return state
-    node = _describe(node_describe_command(tpu), f"TPU VM {tpu.name}")
+    node = _describe(node_describe_command(tpu), f"TPU VM {tpu.name}") or "NOT_FOUND"
     return node if node in NODE_LOST_STATES else state
 
 
