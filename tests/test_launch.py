@@ -727,10 +727,56 @@ def test_a_file_deleted_or_renamed_here_since_the_last_launch_leaves_the_workers
     for name in ["configs/old one.py", "configs/é.py", "tests/test_x.py"]:
         (root / name).unlink()
     (root / "llama_jax/x.py").rename(root / "llama_jax/y.py")
-    shutil.rmtree(root / "docs/notes")  # a folder (of folders) that became a file: unpacked once the folders' files
-    (root / "docs/notes").write_text("# notes\n")  # and the folders they leave empty are gone
+    shutil.rmtree(root / "docs/notes")  # a folder (of folders) that became a file: unpacked once the folders' files,
+    (root / "docs/notes").write_text("# notes\n")  # Python's caches and the folders they leave empty are gone
+    for cache in ["docs/notes/__pycache__/a.cpython-311.pyc", "docs/notes/old/__pycache__/b.cpython-311.pyc"]:
+        (worker / cache).parent.mkdir(parents=True)
+        (worker / cache).write_bytes(b"\0")
     assert launch() == sorted(["setup.py", "configs/a.py", "docs/notes", "llama_jax/y.py"] + kept)
     assert (worker / tpu.SHIPPED).read_bytes() == b"configs/a.py\0docs/notes\0llama_jax/y.py\0setup.py\0"
+
+
+def test_what_no_launch_shipped_in_the_way_of_a_folder_or_file_stops_the_install(fake_gcloud, fake_worker,
+                                                                                 monkeypatch, tmp_path, capfd):
+    """A folder that became a file here, or a file that became a folder, stopped the install with
+    tar's "Cannot open: File exists" when the worker's folder held files no launch shipped: even
+    Python's caches of the shipped code. Those go now; a file the user keeps there (a run's workdir)
+    stops the install with a line naming it, before anything on the worker changed."""
+    root = tmp_path / "checkout"
+    for name in ["setup.py", "llama_jax/data/__init__.py", "configs/a.py"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"# {name}\n")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    monkeypatch.setattr(tpu, "source_root", lambda: root)
+    worker = Path(os.environ["FAKE_WORKER"]) / tpu.REMOTE_DIR
+    spec = tpu.TpuLaunch(name="run", zone=ZONE[1], slice=tpu.tpu_slice("v4-8"), command=tuple(TRAIN_TINY))
+
+    def tree():
+        return {str(path.relative_to(worker)): path.read_bytes() for path in worker.rglob("*") if path.is_file()}
+
+    assert tpu.launch(spec) == 3
+    users = ["llama_jax/data/runs/r1/metrics.jsonl", "configs/mine"]  # a workdir; a file put there by hand
+    for name in [*users, "llama_jax/data/__pycache__/__init__.cpython-311.pyc"]:
+        (worker / name).parent.mkdir(parents=True, exist_ok=True)
+        (worker / name).write_text("kept\n")
+    shutil.rmtree(root / "llama_jax/data")  # a folder that became a file, a file (on the worker) a folder
+    (root / "llama_jax/data").write_text("# data\n")
+    (root / "configs/mine").mkdir()
+    (root / "configs/mine/b.py").write_text("# b\n")
+    before = tree()
+    capfd.readouterr()
+    with pytest.raises(tpu.LaunchError, match="tpu-vm ssh"):
+        tpu.launch(spec)
+    assert ": 2 file(s) in ~/llama-jax that no launch shipped stand where this launch's files go (a folder of the " \
+           "checkout became a file, or a file a folder): configs/mine llama_jax/data/runs/r1/metrics.jsonl; move " \
+           "them out of ~/llama-jax, then launch again (the checkout there is left as it was)\n" \
+           in capfd.readouterr().err
+    assert tree() == before and not (worker.parent / tpu.REMOTE_TARBALL).exists()
+    for name in users:  # moved away
+        (worker / name).unlink()
+    assert tpu.launch(spec) == 3
+    assert (worker / "llama_jax/data").read_text() == "# data\n" and (worker / "configs/mine/b.py").is_file()
+    assert (worker / tpu.SHIPPED).read_bytes() == b"configs/a.py\0configs/mine/b.py\0llama_jax/data\0setup.py\0"
 
 
 # ---- SLURM --------------------------------------------------------------------------------------

@@ -284,20 +284,43 @@ def install_shell(tpu: TpuLaunch) -> str:
     that this one lacks (deleted or renamed here since: `SHIPPED`) and the folders that leaves empty
     (what else is there, a relative workdir, the Python environment, the launches' files, stays) and
     install it into that environment (`REMOTE_INSTALL`); a worker where this launch name's command is
-    still running keeps the checkout it runs from (`run_shell` follows it)."""
+    still running keeps the checkout it runs from (`run_shell` follows it).
+    Where a shipped path changed type (a folder became a file, or a file a folder), what stands in its
+    way goes only if the previous ship unpacked it or it is Python's cache of that code (__pycache__):
+    anything else there (say a run's workdir) stops the install, on that worker, before it changes
+    anything, with a line naming it."""
     lock = f"{REMOTE_DIR}/{launch_file(tpu)}.lock"
     running = (f"if [ -e {lock} ] && ! flock -n -s {lock} true; then echo \"llama-jax launch: $(hostname): the "
                f"command of launch {tpu.name} is still running here: its checkout is left as it is\" >&2; "
                f"rm -f {REMOTE_TARBALL}; exit 0; fi")
-    # the new list first, the files it lacks removed before unpacking, and the folders they leave empty:
-    # a file that became a folder (or the reverse, at any depth) unpacks then; a listed name that is now
-    # a folder someone made there is left alone
-    prune = (f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR} {SHIPPED}.new; (cd {REMOTE_DIR} && "
-             f"if [ -e {SHIPPED} ]; then LC_ALL=C comm -z -23 {SHIPPED} {SHIPPED}.new | "
+    new, here = f"{SHIPPED}.new", f"~/{REMOTE_DIR}"
+    # what stands where the new list's files go: each file under a folder where a file goes (not a link to
+    # one, which tar replaces) and anything not a folder where a folder goes; less Python's caches and
+    # the files the previous ship listed (pruned below): what is left, no launch put there
+    in_the_way = ("xargs -0 -r sh -c 'for f do [ ! -d \"$f\" ] || [ -L \"$f\" ] || find \"$f\" ! -type d -print0; "
+                  "p=$f; while [ \"${p%/*}\" != \"$p\" ]; do p=${p%/*}; if [ -e \"$p\" ] || [ -L \"$p\" ]; then "
+                  "[ -d \"$p\" ] || find \"$p\" -maxdepth 0 -print0; fi; done; done' in_the_way < " + new +
+                  " | grep -zv /__pycache__/ | LC_ALL=C sort -zu | "
+                  f"if [ -e {SHIPPED} ]; then LC_ALL=C comm -z -23 - {SHIPPED}; else cat; fi")
+    check = (f"(cd {REMOTE_DIR} && blocking=$({in_the_way} | tr '\\0' '\\n') && if [ -n \"$blocking\" ]; then "
+             f"echo \"llama-jax launch: $(hostname): $(echo \"$blocking\" | wc -l) file(s) in {here} that no launch "
+             f"shipped stand where this launch's files go (a folder of the checkout became a file, or a file a "
+             f"folder): $(echo \"$blocking\" | head -n 3 | paste -sd ' ')$([ $(echo \"$blocking\" | wc -l) -le 3 ] "
+             f"|| echo ' ...'); move them out of {here}, then launch again (the checkout there is left as it "
+             f"was)\" >&2; exit 1; fi) || {{ rm -f {REMOTE_TARBALL} {REMOTE_DIR}/{new}; exit 1; }}")
+    # the files the previous list has and the new one lacks removed before unpacking, and the folders they
+    # leave empty: a file that became a folder (or the reverse, at any depth) unpacks then; a listed name
+    # that is now a folder someone made there is left alone
+    prune = (f"(cd {REMOTE_DIR} && if [ -e {SHIPPED} ]; then LC_ALL=C comm -z -23 {SHIPPED} {new} | "
              "xargs -0 -r sh -c 'for f do [ -d \"$f\" ] || rm -f -- \"$f\"; d=${f%/*}; [ \"$d\" = \"$f\" ] || "
              "[ ! -d \"$d\" ] || rmdir -p --ignore-fail-on-non-empty -- \"$d\"; done' prune; fi)")
-    steps = [running, f"mkdir -p {REMOTE_DIR}", prune, f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}",
-             f"rm {REMOTE_TARBALL}", f"cd {REMOTE_DIR}", f"mv {SHIPPED}.new {SHIPPED}", *REMOTE_INSTALL]
+    # a folder where a file goes holds at most Python's caches and empty folders now (the check): removed
+    make_room = (f"(cd {REMOTE_DIR} && xargs -0 -r sh -c 'for f do if [ -d \"$f\" ] && [ ! -L \"$f\" ]; then "
+                 "find \"$f\" -type d -name __pycache__ -prune -exec rm -rf -- {} +; "
+                 f"find \"$f\" -depth -type d -empty -delete; fi; done' make_room < {new})")
+    steps = [running, f"mkdir -p {REMOTE_DIR}", f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR} {new}", check, prune,
+             make_room, f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}", f"rm {REMOTE_TARBALL}", f"cd {REMOTE_DIR}",
+             f"mv {new} {SHIPPED}", *REMOTE_INSTALL]
     return "set -e; " + "; ".join(steps + ([tpu.setup] if tpu.setup else []))
 
 
