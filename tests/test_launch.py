@@ -767,16 +767,43 @@ def test_what_no_launch_shipped_in_the_way_of_a_folder_or_file_stops_the_install
     capfd.readouterr()
     with pytest.raises(tpu.LaunchError, match="tpu-vm ssh"):
         tpu.launch(spec)
-    assert ": 2 file(s) in ~/llama-jax that no launch shipped stand where this launch's files go (a folder of the " \
-           "checkout became a file, or a file a folder): configs/mine llama_jax/data/runs/r1/metrics.jsonl; move " \
-           "them out of ~/llama-jax, then launch again (the checkout there is left as it was)\n" \
-           in capfd.readouterr().err
+    assert ": 2 file(s) in ~/llama-jax that no launch listed as shipped (.launch/.shipped) stand where this " \
+           "launch's files go (a folder of the checkout became a file, or a file a folder): configs/mine " \
+           "llama_jax/data/runs/r1/metrics.jsonl; move them out of ~/llama-jax, then launch again (the checkout " \
+           "there is left as it was)\n" in capfd.readouterr().err
     assert tree() == before and not (worker.parent / tpu.REMOTE_TARBALL).exists()
     for name in users:  # moved away
         (worker / name).unlink()
     assert tpu.launch(spec) == 3
     assert (worker / "llama_jax/data").read_text() == "# data\n" and (worker / "configs/mine/b.py").is_file()
     assert (worker / tpu.SHIPPED).read_bytes() == b"configs/a.py\0configs/mine/b.py\0llama_jax/data\0setup.py\0"
+
+
+def test_a_checkout_shipped_before_the_files_were_listed_is_left_with_a_note(fake_gcloud, fake_worker, monkeypatch,
+                                                                            tmp_path, capfd):
+    """A worker's checkout from a launch that listed no files (.launch/.shipped) cannot tell the files
+    that launch shipped from the user's: none is removed, and the launch said nothing of the stale
+    ones left; it says so now, once, and how to get a clean copy."""
+    root = tmp_path / "checkout"
+    for name in ["setup.py", "configs/a.py"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"# {name}\n")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    monkeypatch.setattr(tpu, "source_root", lambda: root)
+    worker = Path(os.environ["FAKE_WORKER"]) / tpu.REMOTE_DIR
+    for name in ["setup.py", "configs/old.py"]:  # shipped by a launch that kept no list, or the user's: kept
+        (worker / name).parent.mkdir(parents=True, exist_ok=True)
+        (worker / name).write_text("# before\n")
+    spec = tpu.TpuLaunch(name="run", zone=ZONE[1], slice=tpu.tpu_slice("v4-8"), command=tuple(TRAIN_TINY))
+    note = ": ~/llama-jax has no list of the files a launch shipped there (.launch/.shipped; older launches " \
+           "wrote none), so files deleted or renamed in the checkout since stay there (only listed ones are " \
+           "removed: others may be yours); for a clean copy, remove all of ~/llama-jax but .venv and any workdir " \
+           "before the next launch\n"
+    assert tpu.launch(spec) == 3
+    assert note in capfd.readouterr().err
+    assert (worker / "configs/old.py").is_file() and (worker / "setup.py").read_text() == "# setup.py\n"
+    assert tpu.launch(spec) == 3
+    assert note not in capfd.readouterr().err and (worker / "configs/old.py").is_file()  # (the echoed ssh has it)
 
 
 # ---- SLURM --------------------------------------------------------------------------------------

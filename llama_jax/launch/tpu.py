@@ -282,7 +282,8 @@ def launch_file(tpu: TpuLaunch) -> str:
 def install_shell(tpu: TpuLaunch) -> str:
     """Unpack the shipped checkout over the previous one, remove the files the previous ship unpacked
     that this one lacks (deleted or renamed here since: `SHIPPED`) and the folders that leaves empty
-    (what else is there, a relative workdir, the Python environment, the launches' files, stays) and
+    (what else is there, a relative workdir, the Python environment, the launches' files, stays; a
+    checkout an older launch shipped without the list has nothing removed, and the worker says so) and
     install it into that environment (`REMOTE_INSTALL`); a worker where this launch name's command is
     still running keeps the checkout it runs from (`run_shell` follows it).
     Where a shipped path changed type (a folder became a file, or a file a folder), what stands in its
@@ -296,24 +297,28 @@ def install_shell(tpu: TpuLaunch) -> str:
     new, here = f"{SHIPPED}.new", f"~/{REMOTE_DIR}"
     # what stands where the new list's files go: each file under a folder where a file goes (not a link to
     # one, which tar replaces) and anything not a folder where a folder goes; less Python's caches and
-    # the files the previous ship listed (pruned below): what is left, no launch put there
+    # the files the previous ship listed (pruned below): what is left, no launch listed as its own
     in_the_way = ("xargs -0 -r sh -c 'for f do [ ! -d \"$f\" ] || [ -L \"$f\" ] || find \"$f\" ! -type d -print0; "
                   "p=$f; while [ \"${p%/*}\" != \"$p\" ]; do p=${p%/*}; if [ -e \"$p\" ] || [ -L \"$p\" ]; then "
                   "[ -d \"$p\" ] || find \"$p\" -maxdepth 0 -print0; fi; done; done' in_the_way < " + new +
                   " | grep -zv /__pycache__/ | LC_ALL=C sort -zu | "
                   f"if [ -e {SHIPPED} ]; then LC_ALL=C comm -z -23 - {SHIPPED}; else cat; fi")
-    check = (f"(cd {REMOTE_DIR} && blocking=$({in_the_way} | tr '\\0' '\\n') && if [ -n \"$blocking\" ]; then "
-             f"echo \"llama-jax launch: $(hostname): $(echo \"$blocking\" | wc -l) file(s) in {here} that no launch "
-             f"shipped stand where this launch's files go (a folder of the checkout became a file, or a file a "
-             f"folder): $(echo \"$blocking\" | head -n 3 | paste -sd ' ')$([ $(echo \"$blocking\" | wc -l) -le 3 ] "
-             f"|| echo ' ...'); move them out of {here}, then launch again (the checkout there is left as it "
-             f"was)\" >&2; exit 1; fi) || {{ rm -f {REMOTE_TARBALL} {REMOTE_DIR}/{new}; exit 1; }}")
+    check = (f"(cd {REMOTE_DIR} && blocking=$({in_the_way} | tr '\\0' '\\n') && n=$(echo \"$blocking\" | wc -l) && "
+             f"if [ -n \"$blocking\" ]; then echo \"llama-jax launch: $(hostname): $n file(s) in {here} that no launch "
+             f"listed as shipped ({SHIPPED}) stand where this launch's files go (a folder of the checkout became "
+             f"a file, or a file a folder): $(echo \"$blocking\" | head -n 3 | paste -sd ' ')$([ $n -le 3 ] || "
+             f"echo ' ...'); move them out of {here}, then launch again (the checkout there is left as it was)\" >&2; "
+             f"exit 1; fi) || {{ rm -f {REMOTE_TARBALL} {REMOTE_DIR}/{new}; exit 1; }}")
     # the files the previous list has and the new one lacks removed before unpacking, and the folders they
     # leave empty: a file that became a folder (or the reverse, at any depth) unpacks then; a listed name
     # that is now a folder someone made there is left alone
     prune = (f"(cd {REMOTE_DIR} && if [ -e {SHIPPED} ]; then LC_ALL=C comm -z -23 {SHIPPED} {new} | "
              "xargs -0 -r sh -c 'for f do [ -d \"$f\" ] || rm -f -- \"$f\"; d=${f%/*}; [ \"$d\" = \"$f\" ] || "
-             "[ ! -d \"$d\" ] || rmdir -p --ignore-fail-on-non-empty -- \"$d\"; done' prune; fi)")
+             "[ ! -d \"$d\" ] || rmdir -p --ignore-fail-on-non-empty -- \"$d\"; done' prune; "
+             f"elif [ -e setup.py ]; then echo \"llama-jax launch: $(hostname): {here} has no list of the files a "
+             f"launch shipped there ({SHIPPED}; older launches wrote none), so files deleted or renamed in the "
+             f"checkout since stay there (only listed ones are removed: others may be yours); for a clean copy, "
+             f"remove all of {here} but .venv and any workdir before the next launch\" >&2; fi)")
     # a folder where a file goes holds at most Python's caches and empty folders now (the check): removed
     make_room = (f"(cd {REMOTE_DIR} && xargs -0 -r sh -c 'for f do if [ -d \"$f\" ] && [ ! -L \"$f\" ]; then "
                  "find \"$f\" -type d -name __pycache__ -prune -exec rm -rf -- {} +; "
