@@ -850,6 +850,19 @@ def test_the_cpus_per_node_reach_the_task(capsys, tmp_path):
     assert "#SBATCH --cpus-per-task=32" in lines and "--cpus-per-task=32" in srun
 
 
+def test_a_task_that_fails_ends_the_jobs_other_tasks(capsys, tmp_path):
+    """srun leaves a job's other tasks running when one exits with an error (unless the cluster sets
+    KillOnBadExit): they waited in a collective for the lost process, holding every node, until JAX's
+    heartbeat timeout aborted them. srun is told to end them at once, with or without --cpus-per-node."""
+    for options in ([], ["--cpus-per-node", "32"]):
+        assert cli.main(["launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", *options, "--dry-run", "--",
+                         "train", "--config", "configs/tinyllama_1b_8gpu.py", "--workdir", str(tmp_path)]) == 0
+        [srun] = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("srun ")]
+        assert "--kill-on-bad-exit=1" in srun
+    [path] = slurm.submit_array([["llama-jax", "demo"]] * 2, tmp_path / "array", dry_run=True)  # (a sweep's trials)
+    assert "--kill-on-bad-exit=1" in Path(path).read_text()
+
+
 def test_memory_whole_nodes_qos_and_features_are_requested(capsys, tmp_path):
     """A job without a memory request gets the cluster's default, often a few GB per CPU, and a
     training process beyond it is killed by its cgroup: --mem-gb asks for memory per node (0: all

@@ -190,8 +190,10 @@ def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node:
         if value is not None and extra and "" in value.split(extra):
             raise LaunchError(f"{flag} {value!r} has an empty name in its list; give names separated by single "
                               f"commas, e.g. gpu,gpu-large")
+    # a task that fails ends the job's other tasks at once (srun's default, a cluster's KillOnBadExit=0, leaves them
+    # waiting in a collective for the lost process until JAX's heartbeat timeout aborts them);
     # srun of Slurm 22.05 to 23.02 does not take the job's --cpus-per-task: without its own, the task gets one CPU
-    srun_args = [f"--cpus-per-task={cpus_per_node}"] if cpus_per_node is not None else None
+    srun_args = ["--kill-on-bad-exit=1", *([f"--cpus-per-task={cpus_per_node}"] if cpus_per_node is not None else [])]
     return dict(job_name=job_name, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node, time=time_min,
                 partition=partition, account=account, qos=qos, constraint=constraint, cpus_per_task=cpus_per_node,
                 mem=None if mem_gb is None else f"{mem_gb}G", exclusive=exclusive or None, srun_args=srun_args,
