@@ -12,7 +12,8 @@
 #
 # --config.* arguments go to `llama-jax train`; the others to `llama-jax launch slurm`, e.g.
 # --dry-run (write and print the sbatch script), --partition P, --account A, --time-min M,
-# --exclusive (`llama-jax launch slurm --help` lists them). This script asks for all of each
+# --exclusive, --gpus-by-gres (the GPUs as --gres=gpu:8, for a cluster without select/cons_tres)
+# (`llama-jax launch slurm --help` lists them). This script asks for all of each
 # node's memory (--mem-gb 0) and 32 CPUs (--cpus-per-node 32: without it the task, all 8 GPUs of
 # a node, gets the cluster's default, often one CPU); a later --mem-gb or --cpus-per-node replaces
 # them. At each time limit the run saves its state (1.1B parameters and Adam's two moments, in

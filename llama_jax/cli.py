@@ -609,7 +609,8 @@ def _slurm_job(args) -> dict:
     """The SLURM job options given to `sweep` or `launch slurm`, by destination."""
     return dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time_min=args.time_min,
                 account=args.account, qos=args.qos, constraint=args.constraint, cpus_per_node=args.cpus_per_node,
-                mem_gb=args.mem_gb, exclusive=args.exclusive, job_name=args.job_name, save_time_s=args.save_time_s)
+                mem_gb=args.mem_gb, exclusive=args.exclusive, job_name=args.job_name, save_time_s=args.save_time_s,
+                gpus_by_gres=args.gpus_by_gres)
 
 
 def _changed_slurm_options(args) -> list[str]:
@@ -1223,7 +1224,7 @@ def slurm_job_defaults() -> dict:
 
     return dict(nodes=1, gpus_per_node=1, cpus_per_node=None, mem_gb=None, exclusive=False, partition=None,
                 time_min=DEFAULT_TIME_MIN, account=None, qos=None, constraint=None, job_name="llama-jax",
-                save_time_s=SAVE_TIME_S)
+                save_time_s=SAVE_TIME_S, gpus_by_gres=False)
 
 
 def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -1233,6 +1234,8 @@ def add_slurm_job_arguments(p: argparse.ArgumentParser) -> None:
     d = slurm_job_defaults()
     p.add_argument("--nodes", type=int, default=d["nodes"], metavar="N")
     p.add_argument("--gpus-per-node", type=int, default=d["gpus_per_node"], metavar="G")
+    p.add_argument("--gpus-by-gres", action="store_true", help="request the GPUs as --gres=gpu:G, which clusters "
+                   "without SelectType=select/cons_tres take, instead of --gpus-per-node=G")
     p.add_argument("--cpus-per-node", type=int, default=d["cpus_per_node"], metavar="C",
                    help="CPUs of the task on each node (default: SLURM's, often 1)")
     p.add_argument("--mem-gb", type=int, default=d["mem_gb"], metavar="GB",

@@ -863,6 +863,20 @@ def test_a_task_that_fails_ends_the_jobs_other_tasks(capsys, tmp_path):
     assert "--kill-on-bad-exit=1" in Path(path).read_text()
 
 
+def test_the_gpus_may_be_requested_as_a_generic_resource(capsys, tmp_path):
+    """--gpus-per-node needs SLURM's select/cons_tres (sbatch refuses it elsewhere): --gpus-by-gres asks
+    for the same GPUs as --gres=gpu:G, which clusters with select/cons_res or select/linear take too;
+    the tasks still see the node's G GPUs."""
+    def script(*options):
+        assert cli.main(["launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", *options, "--dry-run", "--",
+                         "train", "--config", "configs/tinyllama_1b_8gpu.py", "--workdir", str(tmp_path)]) == 0
+        return [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith(("#SBATCH --gpus", "#SBATCH --gres", "export JAX_LOCAL_DEVICE_IDS"))]
+
+    assert script("--gpus-by-gres") == ["#SBATCH --gres=gpu:8", "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"]
+    assert script() == ["#SBATCH --gpus-per-node=8", "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"]
+
+
 def test_memory_whole_nodes_qos_and_features_are_requested(capsys, tmp_path):
     """A job without a memory request gets the cluster's default, often a few GB per CPU, and a
     training process beyond it is killed by its cgroup: --mem-gb asks for memory per node (0: all

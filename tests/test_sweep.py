@@ -933,6 +933,8 @@ def test_a_random_search_is_checked_at_its_draws_not_its_ends():
       "model.rope_scaling.factor=[4.0,8.0]"], "model.rope_scaling.factor is swept inside the swept model.rope_scaling"),
     (["--sweep", "train.seed=[0,1]", "--trials", "3"], "--trials applies to --search random and optuna"),
     (["--sweep", "train.seed=[0,1]", "--nodes", "2"], "--nodes shapes SLURM jobs; it applies with --on slurm only"),
+    (["--sweep", "train.seed=[0,1]", "--gpus-by-gres"], "--gpus-by-gres shapes SLURM jobs; it applies with --on "
+                                                         "slurm only"),
     # a base override that every trial's value would replace
     (["--sweep", "optimizer.lr=[1e-3,2e-3]", "--config.optimizer.lr=5e-3"],
      r"--config.optimizer.lr=5e-3 sets the swept key optimizer.lr, .* drop the override or the axis"),
@@ -1363,6 +1365,9 @@ def test_a_sweep_submitted_to_slurm_as_a_job_array(tmp_path, monkeypatch, capsys
     assert not workdir.exists()
     assert main([*args, "--save-time-s", "300", "--time-min", "11", "--dry-run"]) == 0  # (launch slurm's option)
     assert "#SBATCH --signal=USR2@310" in capsys.readouterr().out.splitlines()
+    assert main([*args, "--gpus-by-gres", "--dry-run"]) == 0  # (launch slurm's option)
+    lines = capsys.readouterr().out.splitlines()
+    assert "#SBATCH --gres=gpu:4" in lines and not [line for line in lines if "gpus-per-node" in line]
     quoted = tmp_path / "it's a sweep"  # the script shown is valid shell, as the one submitted
     assert main([*sweep_args(quoted, "--sweep", "train.seed=[0,1]", "--on", "slurm"), "--dry-run"]) == 0
     srun = shlex.split(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("srun ")))

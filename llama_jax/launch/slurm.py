@@ -114,7 +114,8 @@ def submit_array(commands: list[list[str]], folder: str | Path, *, dry_run: bool
     """Submit one job per command line, as one job array (a plain job for a single command).
     `options`: nodes, gpus_per_node, partition, time_min (minutes), account, qos, constraint,
     cpus_per_node, mem_gb (per node; 0: all of its memory), exclusive, job_name, save_time_s
-    (seconds the command has to save before a requeue; defaults in `_job_parameters`).
+    (seconds the command has to save before a requeue), gpus_by_gres (the GPUs requested as
+    `--gres=gpu:G`, not `--gpus-per-node=G`); defaults in `_job_parameters`.
 
     Returns the job ids; with dry_run, writes the sbatch script into `folder` instead and returns
     its path as a one-element list. Commands are full argv lists, run as given on the nodes."""
@@ -172,8 +173,8 @@ def array_script(commands: list[list[str]], folder: str | Path, **options: Any) 
 def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node: int = 1, partition: str | None = None,
                     time_min: int = DEFAULT_TIME_MIN, account: str | None = None, qos: str | None = None,
                     constraint: str | None = None, cpus_per_node: int | None = None, mem_gb: int | None = None,
-                    exclusive: bool = False, job_name: str = "llama-jax",
-                    save_time_s: int = SAVE_TIME_S) -> dict[str, Any]:
+                    exclusive: bool = False, job_name: str = "llama-jax", save_time_s: int = SAVE_TIME_S,
+                    gpus_by_gres: bool = False) -> dict[str, Any]:
     """The executor parameters of `submit_array`'s options, once they are checked."""
     _check(commands, save_time_s, nodes=nodes, gpus_per_node=gpus_per_node, time_min=time_min,
            cpus_per_node=cpus_per_node)
@@ -194,7 +195,9 @@ def _job_parameters(commands: list[list[str]], *, nodes: int = 1, gpus_per_node:
     # waiting in a collective for the lost process until JAX's heartbeat timeout aborts them);
     # srun of Slurm 22.05 to 23.02 does not take the job's --cpus-per-task: without its own, the task gets one CPU
     srun_args = ["--kill-on-bad-exit=1", *([f"--cpus-per-task={cpus_per_node}"] if cpus_per_node is not None else [])]
-    return dict(job_name=job_name, nodes=nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node, time=time_min,
+    # --gpus-per-node needs SelectType=select/cons_tres; a generic resource (gres) request works on more clusters
+    gpus = dict(gres=f"gpu:{gpus_per_node}") if gpus_by_gres else dict(gpus_per_node=gpus_per_node)
+    return dict(job_name=job_name, nodes=nodes, ntasks_per_node=1, **gpus, time=time_min,
                 partition=partition, account=account, qos=qos, constraint=constraint, cpus_per_task=cpus_per_node,
                 mem=None if mem_gb is None else f"{mem_gb}G", exclusive=exclusive or None, srun_args=srun_args,
                 signal_delay_s=save_time_s + REQUEUE_S, additional_parameters={"requeue": True},
