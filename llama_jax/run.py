@@ -386,9 +386,11 @@ def recorded_step(workdir: Path) -> int | None:
     return step
 
 
-def record_progress(workdir: Path, last_recorded: int | None) -> int | None:
-    """Write the newest committed step to WORKDIR/progress.json when it changed; return it."""
-    steps = committed_steps(workdir)
+def record_progress(workdir: Path, last_recorded: int | None, held_back: int | None = None) -> int | None:
+    """Write the newest committed step to WORKDIR/progress.json when it changed; return it.
+    `held_back`: a committed step left unrecorded (unless recorded already): the last step until the
+    log holds its closing evaluation, as progress.json's last step tells a sweep the run is finished."""
+    steps = [s for s in committed_steps(workdir) if s != held_back or s == last_recorded]
     if jax.process_index() == 0 and steps and steps[-1] != last_recorded:
         _write_progress(workdir, steps[-1])
         return steps[-1]
@@ -911,7 +913,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         multihost_utils.sync_global_devices("llama_jax: workdir ready")
     checkpoints = RunCheckpoints(workdir / "checkpoints", config.checkpoint.every, config.checkpoint.max_to_keep,
                                  config.checkpoint.keep_every, config.checkpoint.async_save)
-    recorded = record_progress(workdir, recorded_step(workdir))
+    evaluates, samples = bool(data.eval_sets and t.eval_batches), bool(data.tokenizer and t.sample_tokens)
+    unlogged = t.steps if evaluates else None  # the last step, until the log holds its closing evaluation
+    recorded = record_progress(workdir, recorded_step(workdir), unlogged)
     run_info = {"config": json.loads(config.to_json_best_effort()), "model": cfg.to_dict(),
                 "tokenizer_sha256": tokenizer_sha256, "mesh": dict(trainer.mesh.shape)}
     if data.corpus_sha256:
@@ -926,7 +930,6 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                disable=None if progress and main_process else True)
     show = bar.write if main_process else None  # the samples' lines
     logged, eval_metrics, text, skipped_seen = [], None, None, int(state.skipped)
-    evaluates, samples = bool(data.eval_sets and t.eval_batches), bool(data.tokenizer and t.sample_tokens)
     evaluated_at = sampled_at = None
     window_start, window_tokens, step, saved_step = time.perf_counter(), 0, start, start
     in_flight = collections.deque()  # metrics of the steps dispatched and perhaps not yet computed
@@ -976,6 +979,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if record:
                 writer.write(step, record)
                 keep_last_step(logged, step, record)
+                if evaluated_at == t.steps:
+                    unlogged = None
                 if progress and main_process and bar.disable and step != t.steps:  # no terminal: a log line
                     print(log_line(step, record), flush=True)  # (the command's closing line tells the last)
             if step == start + 1:  # leave compilation out of the throughput figures
@@ -985,16 +990,16 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 skipped_seen = _check_finite(state, skipped_seen, step, t.on_nonfinite, checkpoints, bar)
             if checkpoints.save(step, state, {**run_info, "step": step}):
                 saved_step = step
-                recorded = record_progress(workdir, recorded)  # the previous save, committed by now
+                recorded = record_progress(workdir, recorded, unlogged)  # the previous save, committed by now
             elif main_process and saved_step > (recorded or 0) and checkpoints.in_place(saved_step):  # committed
-                recorded = record_progress(workdir, recorded)
+                recorded = record_progress(workdir, recorded, unlogged)
             # after the last step, a SIGTERM lets the run end as usual (evaluation, plot, closing line)
             if (preemption.requested or checkpoints.reached_preemption(step)) and step < t.steps:
                 if saved_step != step:  # (checked first: a save between checks must not pass a skipped step)
                     skipped_seen = _check_finite(state, skipped_seen, step, t.on_nonfinite, checkpoints, bar)
                     checkpoints.save(step, state, {**run_info, "step": step}, force=True)
                 checkpoints.wait()
-                recorded = record_progress(workdir, recorded)
+                recorded = record_progress(workdir, recorded, unlogged)
                 bar.write(f"preempted: checkpoint saved at step {step}; run the same command again to resume")
                 return RunResult(logged, step, True, eval_metrics, text, data)
         if saved_step != step:
@@ -1002,7 +1007,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             checkpoints.save(step, state, {**run_info, "step": step}, force=True)
         if preemption.requested:  # during the last step: the checkpoint committed before the closing work
             checkpoints.wait()
-            recorded = record_progress(workdir, recorded)
+            recorded = record_progress(workdir, recorded, unlogged)
         # the final parameters, unless just evaluated: after the final save, so that an evaluation that
         # fails loses no step; a record of its own for the last step
         if evaluates and evaluated_at != step:
@@ -1013,6 +1018,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 eval_metrics = evaluate(config, trainer, state.params, data)
                 writer.write(step, eval_metrics)
                 keep_last_step(logged, step, eval_metrics)
+        unlogged = None
         if samples and sampled_at != step:
             text = sample(config, trainer, state.params, data.tokenizer, step, show)  # (before the closing line)
         checkpoints.wait()
@@ -1037,7 +1043,7 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 checkpoints.wait()
                 checkpoints.close()
             with contextlib.suppress(OSError):  # also when an error ends the run (which this must not hide)
-                record_progress(workdir, recorded)
+                record_progress(workdir, recorded, unlogged)
         finally:  # (a save that failed in the wait above still leaves the command's own handlers in place)
             preemption.restore()
     return RunResult(logged, step, False, eval_metrics, text, data)

@@ -1086,6 +1086,80 @@ def test_a_requeue_lets_the_command_save_first(tmp_path):
         slurm.MAX_TIMEOUT_REQUEUES  # not submitit's default of 3 time limits
 
 
+# `llama-jax train` whose last step's training record waits a moment (SLURM's warning lands there) and
+# whose closing evaluation outlasts the requeue's wait
+SLOW_CLOSING = """
+import pathlib, sys, time
+import llama_jax.run as run
+from llama_jax import cli, metrics
+warned, last, write = pathlib.Path(sys.argv.pop(1)), int(sys.argv.pop(1)), metrics.MetricsWriter.write
+
+def write_then_wait(self, step, record):
+    write(self, step, record)
+    if step == last and "loss" in record:
+        warned.touch()
+        time.sleep(1)
+
+metrics.MetricsWriter.write = write_then_wait
+run.evaluate = lambda *args, **kwargs: time.sleep(600)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_run_requeued_during_its_closing_evaluation_is_not_finished_until_it_is_logged(tmp_path, monkeypatch):
+    """SLURM's warning lands in a real `llama-jax train`'s last step: the requeue's SIGTERM lets the run
+    go on into its closing evaluation (saved first), the requeue stops waiting after --save-time-s, and
+    the job's end kills the run mid-evaluation. Its progress.json recorded the last step before the
+    evaluation, so the run read as finished without its final held-out loss: `sweep --on slurm` never
+    submitted the trial again (where the job was not requeued: a preemption with PreemptMode=CANCEL)
+    and its report ranked it `done` with no objective. The last step is recorded once its evaluation
+    is logged; the requeued job, the same command, evaluates and finishes the run."""
+    from llama_jax.data import EmbeddedCorpus
+    from llama_jax.results import run_outcome
+    from llama_jax.tokenizer import train_sentencepiece
+
+    corpus = EmbeddedCorpus()
+    tokenizer = train_sentencepiece((corpus[i] for i in range(len(corpus))), tmp_path / "tokenizer.model", 512)
+    workdir, warned = tmp_path / "run", tmp_path / "warned"
+    train = ["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir),
+             *[f"--config.{o}" for o in ("data.source=embedded", f"data.tokenizer={tokenizer}", "model.vocab_size=512",
+                                         "train.steps=4", "train.batch_size=8", "train.log_every=1",
+                                         "optimizer.warmup_steps=1", "checkpoint.every=2", "train.sample_tokens=0")]]
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # (the commands' environment)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    job = slurm.JobCommand([sys.executable, "-c", SLOW_CLOSING, str(warned), "4", *train], save_time_s=10)
+
+    def on_usr2(signum, frame):  # submitit's handler: the checkpoint, then the requeue, which ends the job
+        job.checkpoint()
+        slurm._running.kill()
+
+    def warn_in_the_last_step():
+        deadline = time.monotonic() + 240
+        while not warned.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    import threading
+
+    previous = signal.signal(signal.SIGUSR2, on_usr2)
+    try:
+        threading.Thread(target=warn_in_the_last_step, daemon=True).start()
+        with pytest.raises(subprocess.CalledProcessError) as killed:
+            job()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        slurm._running = None
+    assert killed.value.returncode == -signal.SIGKILL
+    assert "4" in os.listdir(workdir / "checkpoints")  # the last step saved before the evaluation
+    outcome = run_outcome(workdir)
+    assert not outcome["complete"] and outcome["final_eval_loss"] is None, outcome
+
+    slurm.JobCommand([sys.executable, "-m", "llama_jax.cli", *train])()  # the requeued job
+    outcome = run_outcome(workdir)
+    assert outcome["complete"] and outcome["final_eval_loss"] is not None, outcome
+    assert json.loads((workdir / "progress.json").read_text()) == {"committed_step": 4}
+
+
 def test_slurm_cli_submits(fake_slurm, tmp_path, capsys):
     argv = ["launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--folder", str(tmp_path / "jobs"), "--",
             "llama-jax", "train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run")]

@@ -317,8 +317,10 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer
 
     evaluate, recorded_at_evaluation = run_lib.evaluate, []
 
-    def evaluate_noting_progress(*args, **kwargs):  # the last checkpoint is committed before the closing work
-        recorded_at_evaluation.append(json.loads((workdir / run_lib.PROGRESS_FILE).read_text()))
+    def evaluate_noting_progress(*args, **kwargs):  # the last checkpoint is committed before the closing work,
+        # and recorded once its evaluation is logged (progress.json's last step: the run has finished)
+        recorded_at_evaluation.append((committed_steps(workdir / "checkpoints")[-1],
+                                       json.loads((workdir / run_lib.PROGRESS_FILE).read_text())))
         return evaluate(*args, **kwargs)
 
     with monkeypatch.context() as m:
@@ -331,7 +333,8 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, tokenizer
     assert re.fullmatch(rf"step {STEPS}: loss \d+\.\d{{4}}, [\d,]+ tokens/s, MFU \d+\.\d%; held-out loss \d+\.\d{{4}}; "
                         rf"metrics in {re.escape(str(workdir))}/metrics.jsonl", closing), closing
     assert (workdir / "loss.png").is_file()
-    assert recorded_at_evaluation == [{"committed_step": STEPS}]
+    assert recorded_at_evaluation == [(STEPS, {"committed_step": STEPS - EVERY})]
+    assert json.loads((workdir / run_lib.PROGRESS_FILE).read_text()) == {"committed_step": STEPS}
     assert logged_losses(workdir, seen) == {s: expected[s] for s in range(7, STEPS + 1)}
 
 
