@@ -324,9 +324,10 @@ def cmd_train(args) -> None:
         of_last_step = {k: v for r in result.logged if r["step"] == last["step"] for k, v in r.items()}
         print(f"{log_line(last['step'], of_last_step)}; {metrics}")  # with the closing evaluation's record
     elif not result.preempted and result.final_step == config.train.steps:
+        held_out = f"held-out loss {result.eval['eval_loss']:.4f}; " if result.eval else ""  # logged, or made now
         print(f"{args.workdir} already holds step {result.final_step} of train.steps={config.train.steps}: nothing "
               f"left to train (a larger train.steps continues it, the learning-rate schedule recomputed over the new "
-              f"total); {metrics}")
+              f"total); {held_out}{metrics}")
 
 
 def cmd_export(args) -> None:
