@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -316,6 +317,23 @@ def test_training_bad_input(tmp_path):
 def _cli(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "tools" / "train_tokenizer.py"), *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("signum, status, line", [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_train_tokenizer_cli_stopped_by_a_signal(tmp_path, signum, status, line):
+    """Ctrl-C while the tool trained gave a Python traceback, and SIGTERM ended it without a word:
+    either is one line and its exit status, and leaves no --output, not even a temporary one."""
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS) * 8)  # (a few seconds of reading and training)
+    out = tmp_path / "out" / "tokenizer.model"
+    process = subprocess.Popen([sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input",
+                                str(tmp_path / "corpus.txt"), "--vocab-size", "4000", "--output", str(out)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("training a 4000-piece bpe tokenizer")  # (the corpus not read yet)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert (process.returncode, err) == (status, f"train_tokenizer.py: {line}\n")
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
 def test_train_tokenizer_cli(sp_model, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 from llama_jax.cli import OneLineParser, _error_text, int_at_least
 from llama_jax.data import check_not_special, each_file_once, jsonl_texts, utf8_text
 from llama_jax.safe_io import cannot_write, check_outside_runs_and_models, check_writable, real_path
+from llama_jax.signals import Terminated, raising_signals
 from llama_jax.tokenizer import check_trainable_size, load_tokenizer, train_sentencepiece
 
 
@@ -120,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
 
+    try:
+        with raising_signals():  # Ctrl-C and SIGTERM: one line, and no --output (it is written whole or not at all)
+            return _train(args, parser.prog)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{parser.prog}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+def _train(args, prog: str) -> int:
     start = time.time()
     try:
         corpus = Corpus(resolve_inputs(args.input), "text" if args.jsonl_key is None else args.jsonl_key)
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(unwritable(Path(args.output), e)) from None
         vocab_size = load_tokenizer(output).vocab_size
     except (ValueError, OSError) as e:
-        print(f"{parser.prog}: error: {_error_text(e, args)}", file=sys.stderr)  # (a full disk names --output)
+        print(f"{prog}: error: {_error_text(e, args)}", file=sys.stderr)  # (a full disk names --output)
         return 2
     fewer = f" (fewer than --vocab-size {args.vocab_size}: the corpus supports no more)" \
         if vocab_size < args.vocab_size else ""
