@@ -593,3 +593,35 @@ def test_tools_script_is_the_same_command(tmp_path, good_src):
                           str(tmp_path / "k")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("no such directory")
     assert "Traceback" not in bad.stderr
+
+
+SIGNAL_WHILE_WRITING = """
+import atexit, os, runpy, signal, sys
+import orbax.checkpoint as ocp
+
+atexit.register(print, "interpreter teardown", file=sys.stderr)  # as Orbax's and TensorStore's threads print there
+original = ocp.Checkpointer.save
+def save(self, *args, **kwargs):  # Ctrl-C while the parameters are written
+    os.kill(os.getpid(), signal.SIGINT)
+    return original(self, *args, **kwargs)
+ocp.Checkpointer.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_tools_script_stopped_by_a_signal_ends_as_the_command_does(tmp_path, good_src):
+    """tools/convert_weights.py called main() as a library would, so a signal was followed by the
+    interpreter's teardown, racing the writes that threads still finished: tracebacks after the
+    "interrupted" line, and a temporary directory written into again after its removal. It ends as
+    `llama-jax` does: the one line, and no teardown."""
+    import subprocess
+    import sys
+
+    wrapper = tmp_path / "signal_while_writing.py"
+    wrapper.write_text(SIGNAL_WHILE_WRITING)
+    script = Path(__file__).parents[1] / "tools" / "convert_weights.py"
+    run = subprocess.run([sys.executable, str(wrapper), str(script), "--from", "hf", "--to", "jax", str(good_src),
+                          str(tmp_path / "out" / "j")], capture_output=True, text=True)
+    assert (run.returncode, run.stderr) == (130, "llama-jax convert: interrupted\n")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -10,4 +10,8 @@ import sys
 from llama_jax.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["convert", *sys.argv[1:]]))
+    # as the llama-jax program itself (main() without argv), which a signal leaves without the
+    # interpreter's teardown: that raced the writes still finishing in threads (tracebacks, and a
+    # temporary directory written into again after its removal)
+    sys.argv[1:1] = ["convert"]
+    sys.exit(main())
