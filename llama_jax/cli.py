@@ -92,6 +92,7 @@ def _check_model_or_run(args) -> None:
 def _check_generate_arguments(args) -> None:
     """What generate refuses of its arguments alone (no file read), also checked by a launcher."""
     from llama_jax.config import check_sampling
+    from llama_jax.mesh_axes import check_mesh_sizes
     from llama_jax.tokenizer import unicode_problem
 
     _check_model_or_run(args)
@@ -108,6 +109,8 @@ def _check_generate_arguments(args) -> None:
     if (args.prompts_file or []).count("-") > 1:  # the second read would find it empty
         raise UserError("--prompts-file - is given more than once; standard input is read once, so give it once")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
+    if args.mesh is not None:  # what holds of the sizes whatever the device count
+        check_mesh_sizes(*args.mesh)
 
 
 def cmd_generate(args) -> None:
@@ -121,7 +124,7 @@ def cmd_generate(args) -> None:
         raise UserError("no prompts: the --prompts-file files hold none")
 
     mesh = None
-    if args.mesh is not None:  # a bad mesh fails before anything is read
+    if args.mesh is not None:  # a mesh the devices cannot hold fails before anything is read
         from llama_jax.sharding import make_mesh
 
         mesh = make_mesh(*args.mesh)
@@ -378,7 +381,7 @@ def _check_config_mesh_fits(config, config_file, overrides: list[str]) -> None:
     the overrides that shard the model over the devices here."""
     import jax
 
-    from llama_jax.sharding import resolve_mesh_shape
+    from llama_jax.mesh_axes import resolve_mesh_shape
 
     if any(o.startswith("mesh.") for o in overrides):  # a mesh given here: its own error says it all
         return
@@ -736,7 +739,7 @@ def _check_launched_config(command: list[str], launched: argparse.Namespace, bas
             plan_trials(str(Path(base) / path), launched.sweep or [], launched.overrides, launched.search,
                         launched.trials, launched.seed, read_init_from=False, n_devices=per_trial)
         if command[0] == "train":
-            from llama_jax.sharding import check_mesh_and_batch
+            from llama_jax.mesh_axes import check_mesh_and_batch
 
             model = check_experiment(config, read_init_from=False)  # its files are where the command runs
             if n_devices >= 1:  # else the launcher's own check of --nodes / --gpus-per-node says so

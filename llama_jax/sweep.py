@@ -415,7 +415,7 @@ def check_overrides(spec: SweepSpec, trials: Sequence[Trial], axes: dict[str, Sp
             if name in started:
                 check_trained_with(saved_run_setting(started[name]), config, axes, str(started[name]))
             if n_devices is not None:
-                from llama_jax.sharding import check_mesh_and_batch
+                from llama_jax.mesh_axes import check_mesh_and_batch
 
                 check_mesh_and_batch(config, n_devices, model)
         except ValueError as e:

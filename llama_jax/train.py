@@ -269,7 +269,7 @@ def validate_config(config, n_devices: int, run_model: LLaMAConfig | None = None
     `experiment.model_config`). Returns the model's config."""
     from llama_jax.attention import check_available, check_splash_length, resolve
     from llama_jax.experiment import check_config
-    from llama_jax.sharding import check_mesh_and_batch
+    from llama_jax.mesh_axes import check_mesh_and_batch
 
     model = check_config(config, run_model=run_model)
     try:
