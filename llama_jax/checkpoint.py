@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llama_jax.checkpoint_steps import COMMIT_MARKER, check_step_names, on_object_store_mount
 from llama_jax.config import DTYPES, LLaMAConfig, check_flag, check_model_config
 from llama_jax.model import abstract_params, check_params_as_laid_out, stack_layers, unstack_layers
 from llama_jax.model_dir import (CONFIG_FILE, MODEL_DIR, PARAMS_DIR, TOKENIZER_FILES, check_tokenizer_file,
@@ -250,26 +251,6 @@ def retention_deletes(steps: Sequence[int], max_to_keep: int | None, keep_every:
     return [s for s in steps[:max(0, len(steps) + saves - max_to_keep)] if not (keep_every and s % keep_every == 0)]
 
 
-def check_step_names(directory: Path, saves: bool) -> None:
-    """ValueError for a folder named as a step but not as Orbax names one (`08`, a copy made by
-    hand): Orbax reads it as step 8 and looks for it at `8`, so the run could neither resume nor set
-    it aside; and, for a run that `saves`, for a file or a link to nothing named as a step (`8`):
-    the save of step 8 replaced the file without a word, and failed on the link once the step was
-    trained."""
-    entries = sorted(directory.iterdir(), key=lambda p: p.name) if directory.is_dir() else []
-    steps = [p for p in entries if re.fullmatch("[0-9]+", p.name)]
-    odd = [p.name for p in steps if p.name != str(int(p.name)) and p.is_dir()]
-    if odd:
-        raise ValueError(f"{directory / odd[0]} is no checkpoint of this run (a step's folder is named by its number "
-                         f"alone, as {int(odd[0])}) but would be read as step {int(odd[0])}; move it out of "
-                         f"{directory}")
-    blocking = next((p for p in steps if p.name == str(int(p.name)) and not p.is_dir()), None) if saves else None
-    if blocking is not None:
-        what = "a link to nothing" if blocking.is_symlink() and not blocking.exists() else "a file"
-        raise ValueError(f"{blocking} is {what}, not a checkpoint, where the run saves step {blocking.name}; move it "
-                         f"out of {directory}")
-
-
 @contextlib.contextmanager
 def _without_orbax_notice(start: str) -> Iterator[None]:
     """Orbax's absl log records that begin with `start` dropped inside the block."""
@@ -283,32 +264,6 @@ def _without_orbax_notice(start: str) -> Iterator[None]:
         yield
     finally:
         absl.removeFilter(drop)
-
-
-MOUNTS_FILE = Path("/proc/mounts")
-# FUSE file systems over an object store, where renaming a directory copies its objects one by one
-OBJECT_STORE_FUSE = ("fuse.gcsfuse", "fuse.s3fs", "fuse.rclone")
-COMMIT_MARKER = ocp.path.atomicity.COMMIT_SUCCESS_FILE  # commit_success.txt
-
-
-def on_object_store_mount(path: str | os.PathLike) -> bool:
-    """Whether `path` lies on a FUSE mount of an object store (a bucket mounted with gcsfuse), as
-    the mount table MOUNTS_FILE says: its innermost mount point above `path` is of a type in
-    OBJECT_STORE_FUSE. (No mount table, as off Linux: False.)"""
-    try:
-        table = os.fsdecode(MOUNTS_FILE.read_bytes())
-    except OSError:
-        return False
-    real, found, fstype = os.path.realpath(path), "", ""
-    for line in table.splitlines():
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # \040 is a space
-        inside = real == point or real.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(found):  # the innermost; of one point mounted twice, the later
-            found, fstype = point, fields[2]
-    return fstype in OBJECT_STORE_FUSE
 
 
 def atomicity_options(directory: str | os.PathLike) -> ocp.options.AtomicityOptions | None:
@@ -334,12 +289,6 @@ def remove_unfinished_steps(directory: Path) -> None:
         step_named = re.fullmatch("[0-9]+", path.name) and not (path / COMMIT_MARKER).exists()
         if (step_named or ocp.path.atomicity.TMP_DIR_SUFFIX in path.name) and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-
-
-def step_name_format(directory: str | os.PathLike):
-    """The Orbax name format that lists the committed steps of a checkpoints `directory` (a
-    folder named by its step alone, committed as `atomicity_options` says)."""
-    return ocp.step.standard_name_format(atomicity_options=atomicity_options(directory))
 
 
 class RunCheckpoints:

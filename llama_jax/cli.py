@@ -336,7 +336,7 @@ def cmd_train(args) -> None:
 def cmd_export(args) -> None:
     from llama_jax.run_files import check_export
 
-    check_export(Path(args.workdir).absolute(), args.dst, args.overwrite)  # before importing JAX: refused at once
+    check_export(Path(args.workdir).absolute(), args.dst, args.overwrite, args.step)  # before importing JAX
     from llama_jax import param_count
     from llama_jax.run import export_model
 

@@ -37,8 +37,9 @@ from jax.experimental import multihost_utils
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax.checkpoint import (ARCHITECTURE_FIELDS, RUN_INFO_FILE, TRAINED_WITH_FIELDS, CheckpointDamaged,
-                                  RunCheckpoints, check_same_architecture, check_step_names, holds_run_info, load_model,
-                                  retention_deletes, save_model, step_name_format, tree_paths)
+                                  RunCheckpoints, check_same_architecture, holds_run_info, load_model,
+                                  retention_deletes, save_model, tree_paths)
+from llama_jax.checkpoint_steps import check_step_names, committed_steps
 from llama_jax.config import LLaMAConfig
 from llama_jax.devices import computation_failed
 from llama_jax.distributed import refuse_together
@@ -47,10 +48,11 @@ from llama_jax.experiment import INIT_FROM_PRESET, NONFINITE_STOP, check_run_set
 from llama_jax.model import abstract_params, params_in_layout
 from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import RunData, build_data, evaluate, prepared_dirs
-from llama_jax.run_files import (LOSS_PLOT, METRICS_FILE, MODEL_TOKENIZER_DIR, PROGRESS_FILE, RUN_TOKENIZER, RunError,
-                                 check_export, check_train_workdir)
+from llama_jax.run_files import (LOSS_PLOT, METRICS_FILE, MODEL_TOKENIZER_DIR, PROGRESS_FILE, REMOVAL_WAIT_S,
+                                 RUN_TOKENIZER, RunError, check_export, check_train_workdir, checkpoint_step,
+                                 latest_missing, recorded_step)
 from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, SET_ASIDE_DIR, DirectoryBusy, DirectoryLock, atomic_file,
-                               holds_lock, holds_run, run_directory_problem, sha256_file, write_text_atomic)
+                               holds_lock, holds_run, sha256_file, write_text_atomic)
 from llama_jax.sharding import process_rows, tree_shardings
 from llama_jax.train import Trainer, TrainState, build_trainer, global_batch, per_source_nll
 
@@ -85,7 +87,7 @@ def initial_state(config, trainer: Trainer, workdir: Path, resume_from: int | No
         state, info = _restore(config, trainer, workdir, resume_from, stream)
         return state, resume_from, info
     if recorded is not None and (not steps or steps[-1] < recorded):
-        raise RunError(_latest_missing(workdir, recorded) + _intact_hint(config, trainer, workdir, steps, stream))
+        raise RunError(latest_missing(workdir, recorded) + _intact_hint(config, trainer, workdir, steps, stream))
     if steps:
         try:
             state, info = _restore(config, trainer, workdir, steps[-1], stream)
@@ -352,40 +354,6 @@ def _reader(workdir: Path):
         checkpoints.close()
 
 
-def committed_steps(workdir: Path) -> list[int]:
-    """The run's committed checkpoint steps, listed as its CheckpointManager lists them (a folder
-    named by its step alone, committed as `checkpoint.atomicity_options` says): Orbax's
-    `utils.checkpoint_steps` also takes a folder such as `backup_6` for step 6, which the manager
-    then looks for at `6`."""
-    directory, attempts = workdir / "checkpoints", 4
-    while True:
-        try:
-            found = step_name_format(directory).find_all(directory) if directory.is_dir() else []
-            return sorted(metadata.step for metadata in found)
-        except FileNotFoundError:  # a step removed while it was listed, by a run training there
-            attempts -= 1
-            if not attempts:
-                raise
-
-
-def recorded_step(workdir: Path) -> int | None:
-    """The latest step the run saw committed, from WORKDIR/progress.json (None: none yet)."""
-    path = workdir / PROGRESS_FILE
-    if not path.is_file():
-        return None
-    try:
-        step = json.loads(path.read_text())["committed_step"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        step = None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        present = committed_steps(workdir)
-        fix = (f"write {{\"committed_step\": {present[-1]}}} into it if checkpoint {present[-1]} is the run's latest"
-               if present else "remove it if the run never saved a checkpoint")
-        raise RunError(f"{path} is damaged (expected {{\"committed_step\": N}}, the run's latest checkpoint); "
-                       f"{fix}, or use a new --workdir")
-    return step
-
-
 def record_progress(workdir: Path, last_recorded: int | None, held_back: int | None = None) -> int | None:
     """Write the newest committed step to WORKDIR/progress.json when it changed; return it.
     `held_back`: a committed step left unrecorded (unless recorded already): the last step until the
@@ -545,7 +513,7 @@ def export_model(workdir: str | Path, dst: str | Path, step: int | None = None, 
     (`save_model`), with the tokenizer the run used; `llama-jax convert --from jax` takes it on
     to Hugging Face or Meta format. Returns (path, step, the model's LLaMAConfig)."""
     workdir = Path(workdir).absolute()
-    check_export(workdir, dst, overwrite)  # before reading gigabytes
+    check_export(workdir, dst, overwrite, step)  # before reading gigabytes
     step, info, model, params = read_checkpoint_params(workdir, step)
     tokenizer = model_tokenizer(workdir, run_tokenizer(workdir, info))
     return save_model(dst, model, params, tokenizer=tokenizer, overwrite=overwrite), step, model
@@ -590,34 +558,6 @@ def keep_model_tokenizer_files(model_dir: str, workdir: Path, tokenizer_file: Pa
         raise
 
 
-def _latest_missing(workdir: Path, recorded: int) -> str:
-    """The start of the error for a run whose latest committed checkpoint, as progress.json records it, is gone."""
-    return f"checkpoint {recorded} of {workdir} is missing (recorded in {PROGRESS_FILE} as the latest committed step); "
-
-
-def checkpoint_step(workdir: Path, step: int | None = None) -> int:
-    """`step` (default: the latest) if `workdir` holds it as a committed checkpoint; RunError otherwise."""
-    workdir, problem = Path(workdir), run_directory_problem(workdir)
-    if problem is not None:
-        raise RunError(problem)
-    steps, deadline = committed_steps(workdir), time.monotonic() + REMOVAL_WAIT_S
-    while not steps and holds_lock(workdir) and time.monotonic() < deadline:  # a run training there may be
-        time.sleep(0.1)  # between removing its only checkpoint and committing the next (max_to_keep=1)
-        steps = committed_steps(workdir)
-    if not steps:
-        raise RunError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
-    recorded = recorded_step(workdir)
-    if step is None and recorded is not None and steps[-1] < recorded:
-        raise RunError(_latest_missing(workdir, recorded) + f"--step {steps[-1]} reads the latest one present")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        aside = sorted(p for p in (workdir / SET_ASIDE_DIR).glob(f"{step}*") if p.name.rstrip("+") == str(step))
-        where = (f" (a --resume-from of an earlier step moved step {step} to {', '.join(map(str, aside))}, out of "
-                 f"the run)" if aside else "")  # (set aside again: `4+`, `4++`, ...)
-        raise RunError(f"{workdir} has no checkpoint of step {step}; valid: {', '.join(map(str, steps))}{where}")
-    return step
-
-
 def read_checkpoint_params(workdir: Path, step: int | None = None,
                            mesh=None) -> tuple[int, dict, LLaMAConfig, dict]:
     """(step, run info, model config, params) of checkpoint `step` (default: the latest), reading
@@ -653,7 +593,6 @@ def read_checkpoint_params(workdir: Path, step: int | None = None,
 
 
 READ_ATTEMPTS = 10  # reads of a live run's latest checkpoint before giving up (each lost to a removal)
-REMOVAL_WAIT_S = 10.0  # how long a step that failed to read may take to disappear before it is called damaged
 
 
 def _being_removed(workdir: Path, step: int) -> bool:

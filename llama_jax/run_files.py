@@ -1,18 +1,22 @@
 """A run's directory without JAX: the files a run writes there, what `llama-jax train` refuses of
-its --workdir, and what `llama-jax export` refuses of its --workdir and destination. The commands
-check these before importing JAX (a bad path is refused at once); `run.train_and_evaluate` checks
-the --workdir again, for the Python API and for the processes of a multi-process run, which check
-it once they have joined, and `run.export_model` the export's paths, for the Python API."""
+its --workdir, and what `llama-jax export` refuses of its --workdir, destination and step (the
+run's committed checkpoints, `checkpoint_steps.committed_steps`). The commands check these before
+importing JAX (a bad path is refused at once); `run.train_and_evaluate` checks the --workdir
+again, for the Python API and for the processes of a multi-process run, which check it once they
+have joined, and `run.export_model` the export's paths and step, for the Python API."""
 
 from __future__ import annotations
 
 import fnmatch
+import json
+import time
 from pathlib import Path
 
+from llama_jax.checkpoint_steps import check_step_names, committed_steps
 from llama_jax.model_dir import MODEL_DIR
 from llama_jax.safe_io import (PARTIAL_SUFFIX, RUN_DATA_DIR, SET_ASIDE_DIR, check_destination,
                                check_outside_runs_and_models, check_run_config, check_writable, file_in_the_way,
-                               holds_no_run, holds_run, non_utf8_path, run_directory_problem)
+                               holds_lock, holds_no_run, holds_run, non_utf8_path, run_directory_problem)
 from llama_jax.sweep import SPEC_FILE, check_trial_settings
 
 
@@ -30,6 +34,7 @@ MODEL_TOKENIZER_DIR = "tokenizer_files"
 RUN_FILES = ("config.json", METRICS_FILE, "checkpoints", RUN_TOKENIZER, LOSS_PLOT, PROGRESS_FILE, RUN_DATA_DIR,
              MODEL_TOKENIZER_DIR, RUN_DATA_DIR + PARTIAL_SUFFIX, MODEL_TOKENIZER_DIR + PARTIAL_SUFFIX)
 MODEL_FILES = ("model_config.json", "params.json", "consolidated.*.pth", "*.safetensors", "pytorch_model*.bin")
+REMOVAL_WAIT_S = 10.0  # how long a step that failed to read may take to disappear before it is called damaged
 
 
 def check_workdir(workdir: Path) -> None:
@@ -77,12 +82,60 @@ def check_train_workdir(workdir: Path, config) -> None:
     check_trial_settings(workdir, config)
 
 
-def check_export(workdir: Path, dst, overwrite: bool) -> None:
+def check_export(workdir: Path, dst, overwrite: bool, step: int | None = None) -> None:
     """What `llama-jax export` refuses before it reads the run's checkpoints: a --workdir (`workdir`,
-    absolute) that is no run's directory, and a destination `dst` where writing a model directory
-    would lose something (`safe_io.check_destination`). Whether the run holds the step to export is
-    checked after, through Orbax."""
+    absolute) that is no run's directory, a destination `dst` where writing a model directory
+    would lose something (`safe_io.check_destination`), and a run that does not hold checkpoint
+    `step` (default: the latest; `checkpoint_step`) or holds a step's folder it could not read."""
     problem = run_directory_problem(workdir)
     if problem is not None:
         raise RunError(problem)
     check_destination(dst, MODEL_DIR, overwrite, [workdir])
+    checkpoint_step(workdir, step)
+    check_step_names(workdir / "checkpoints", saves=False)
+
+
+def recorded_step(workdir: Path) -> int | None:
+    """The latest step the run saw committed, from WORKDIR/progress.json (None: none yet)."""
+    path = workdir / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        step = json.loads(path.read_text())["committed_step"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        step = None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        present = committed_steps(workdir)
+        fix = (f"write {{\"committed_step\": {present[-1]}}} into it if checkpoint {present[-1]} is the run's latest"
+               if present else "remove it if the run never saved a checkpoint")
+        raise RunError(f"{path} is damaged (expected {{\"committed_step\": N}}, the run's latest checkpoint); "
+                       f"{fix}, or use a new --workdir")
+    return step
+
+
+def latest_missing(workdir: Path, recorded: int) -> str:
+    """The start of the error for a run whose latest committed checkpoint, as progress.json records it, is gone."""
+    return f"checkpoint {recorded} of {workdir} is missing (recorded in {PROGRESS_FILE} as the latest committed step); "
+
+
+def checkpoint_step(workdir: Path, step: int | None = None) -> int:
+    """`step` (default: the latest) if `workdir` holds it as a committed checkpoint; RunError otherwise."""
+    workdir, problem = Path(workdir), run_directory_problem(workdir)
+    if problem is not None:
+        raise RunError(problem)
+    steps, deadline = committed_steps(workdir), time.monotonic() + REMOVAL_WAIT_S
+    while not steps and holds_lock(workdir) and time.monotonic() < deadline:  # a run training there may be
+        time.sleep(0.1)  # between removing its only checkpoint and committing the next (max_to_keep=1)
+        steps = committed_steps(workdir)
+    if not steps:
+        raise RunError(f"{workdir} holds no committed checkpoint (checkpoints/<step>/); give a run's --workdir")
+    recorded = recorded_step(workdir)
+    if step is None and recorded is not None and steps[-1] < recorded:
+        raise RunError(latest_missing(workdir, recorded) + f"--step {steps[-1]} reads the latest one present")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        aside = sorted(p for p in (workdir / SET_ASIDE_DIR).glob(f"{step}*") if p.name.rstrip("+") == str(step))
+        where = (f" (a --resume-from of an earlier step moved step {step} to {', '.join(map(str, aside))}, out of "
+                 f"the run)" if aside else "")  # (set aside again: `4+`, `4++`, ...)
+        raise RunError(f"{workdir} has no checkpoint of step {step}; valid: {', '.join(map(str, steps))}{where}")
+    return step

@@ -97,9 +97,9 @@ def _kill_before_marker(step_to_kill: int) -> None:
 
 if __name__ == "__main__":
     if os.environ.get("MOUNTS_FILE"):
-        from llama_jax import checkpoint
+        from llama_jax import checkpoint_steps
 
-        checkpoint.MOUNTS_FILE = Path(os.environ["MOUNTS_FILE"])
+        checkpoint_steps.MOUNTS_FILE = Path(os.environ["MOUNTS_FILE"])
     if os.environ.get("KILL_AFTER_STEP"):
         _kill_after_step(int(os.environ["KILL_AFTER_STEP"]))
     if os.environ.get("KILL_AFTER_COMMIT"):

@@ -215,7 +215,7 @@ def test_the_mount_table_says_which_checkpoints_lie_on_an_object_store(tmp_path,
     point above it, as /proc/mounts lists them, is one: not a disk mounted inside the bucket's
     mount, nor a name that only begins as the mount point does; a space is written \040 there, and
     of one point mounted twice the later counts. A link is taken where it leads."""
-    from llama_jax import checkpoint
+    from llama_jax import checkpoint, checkpoint_steps
 
     table = tmp_path / "mounts"
     table.write_text("/dev/root / ext4 rw,relatime 0 0\n"
@@ -226,7 +226,7 @@ def test_the_mount_table_says_which_checkpoints_lie_on_an_object_store(tmp_path,
                      "bucket2 /mnt/over fuse.gcsfuse rw 0 0\n"
                      "remote: /mnt/s3 fuse.rclone rw 0 0\n"
                      "host: /mnt/ssh fuse.sshfs rw 0 0\n")
-    monkeypatch.setattr(checkpoint, "MOUNTS_FILE", table)
+    monkeypatch.setattr(checkpoint_steps, "MOUNTS_FILE", table)
     on = checkpoint.on_object_store_mount
     assert all(on(p) for p in ("/mnt/gcs", "/mnt/gcs/runs/llama2-7b/checkpoints", "/mnt/my bucket/run",
                                "/mnt/over/run", "/mnt/s3/run"))
@@ -236,7 +236,7 @@ def test_the_mount_table_says_which_checkpoints_lie_on_an_object_store(tmp_path,
     assert on(tmp_path / "link" / "run") and not on(tmp_path / "run")
     assert checkpoint.atomicity_options("/mnt/gcs/run").mode == "commit_file"
     assert checkpoint.atomicity_options("/home/run") is None  # Orbax's default: the rename
-    monkeypatch.setattr(checkpoint, "MOUNTS_FILE", tmp_path / "none")  # no mount table
+    monkeypatch.setattr(checkpoint_steps, "MOUNTS_FILE", tmp_path / "none")  # no mount table
     assert not on("/mnt/gcs/run")
 
 
@@ -250,7 +250,7 @@ def test_on_an_object_store_mount_a_step_without_its_marker_is_no_checkpoint(tmp
     this) reads on, bit for bit."""
     import shutil
 
-    from llama_jax import checkpoint
+    from llama_jax import checkpoint_steps
     from llama_jax.checkpoint import COMMIT_MARKER, RunCheckpoints
     from llama_jax.run import committed_steps
 
@@ -269,7 +269,7 @@ def test_on_an_object_store_mount_a_step_without_its_marker_is_no_checkpoint(tmp
 
     table = tmp_path / "mounts"
     table.write_text("/dev/root / ext4 rw 0 0\n")
-    monkeypatch.setattr(checkpoint, "MOUNTS_FILE", table)
+    monkeypatch.setattr(checkpoint_steps, "MOUNTS_FILE", table)
     checkpoints = opened()
     checkpoints.save(1, state(1), {"step": 1})  # committed by rename, as on a local disk
     checkpoints.close()
@@ -297,6 +297,37 @@ def test_on_an_object_store_mount_a_step_without_its_marker_is_no_checkpoint(tmp
     assert committed_steps(tmp_path) == [1, 2] and checkpoints.in_place(2)
     assert same(restored(checkpoints, 2), state(2))
     checkpoints.close()
+
+
+@pytest.mark.parametrize("by_marker", [False, True])
+def test_committed_steps_are_the_ones_orbax_lists(tmp_path, monkeypatch, by_marker):
+    """`checkpoint_steps.committed_steps`, which reads no JAX (export checks its step before it
+    imports JAX), lists what the run's Orbax CheckpointManager lists, committed by rename or, on an
+    object store's mount, by marker: a step's folder (or a link to one), not a file, a link to
+    nothing, a temporary folder, a folder of your own or one named `backup_6`."""
+    import orbax.checkpoint as ocp
+
+    from llama_jax import checkpoint_steps
+    from llama_jax.checkpoint import RunCheckpoints
+    from llama_jax.checkpoint_steps import COMMIT_MARKER, committed_steps
+
+    table = tmp_path / "mounts"
+    table.write_text("/dev/root / ext4 rw 0 0\n" + (f"bucket {tmp_path} fuse.gcsfuse rw 0 0\n" if by_marker else ""))
+    monkeypatch.setattr(checkpoint_steps, "MOUNTS_FILE", table)
+    directory = tmp_path / "run" / "checkpoints"
+    for name in ("0", "2", "4", "10", "12", "backup_6", "notes", "14.orbax-checkpoint-tmp-1234", "elsewhere/16"):
+        (directory / name).mkdir(parents=True)
+    for step in ("0", "2", "10", "elsewhere/16"):  # 4 and 12: a save stopped before its marker (where one counts)
+        (directory / step / COMMIT_MARKER).write_text("")
+    (directory / "16").symlink_to(directory / "elsewhere" / "16")
+    (directory / "18").symlink_to(tmp_path / "gone")
+    (directory / "20").write_text("a file\n")
+    reader = RunCheckpoints(directory, every=1, read_only=True)
+    assert committed_steps(tmp_path / "run") == reader.all_steps() == ([0, 2, 10, 16] if by_marker else
+                                                                      [0, 2, 4, 10, 12, 16])
+    reader.close()
+    assert COMMIT_MARKER == ocp.path.atomicity.COMMIT_SUCCESS_FILE
+    assert committed_steps(tmp_path / "nowhere") == committed_steps(table) == []  # no run, or a file
 
 
 KILLED_WRITER = """

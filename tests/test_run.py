@@ -126,14 +126,14 @@ def test_on_a_gcsfuse_mount_a_save_killed_before_its_marker_is_not_resumed(tmp_p
     by a marker written last. A run killed once the step-8 checkpoint is written but its marker is
     not leaves step 8 in place without it: the resume takes step 4, the latest committed, and
     continues bit for bit, each checkpoint ending with its marker."""
-    from llama_jax import checkpoint
-    from llama_jax.checkpoint import COMMIT_MARKER
+    from llama_jax import checkpoint_steps
+    from llama_jax.checkpoint_steps import COMMIT_MARKER
 
     _, expected = straight_run
     workdir, overrides = tmp_path / "run", run_overrides(tokenizer_path)
     mounts = tmp_path / "mounts"
     mounts.write_text(f"/dev/root / ext4 rw 0 0\nbucket {tmp_path} fuse.gcsfuse rw,nosuid,nodev 0 0\n")
-    monkeypatch.setattr(checkpoint, "MOUNTS_FILE", mounts)  # here as in the run's processes
+    monkeypatch.setattr(checkpoint_steps, "MOUNTS_FILE", mounts)  # here as in the run's processes
 
     killed = harness(workdir, overrides, KILL_BEFORE_MARKER=8, MOUNTS_FILE=mounts)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
