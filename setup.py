@@ -19,7 +19,7 @@ setup(
         "safetensors>=0.4",
         "sentencepiece>=0.2",
         "tiktoken>=0.7",
-        "tensorflow-datasets>=4.9",
+        "tensorflow-datasets>=4.9.10",
         "array_record>=0.5",
         "grain>=0.2.18",
         "tensorboardX>=2.6",
