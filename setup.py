@@ -22,7 +22,7 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "array_record>=0.5",
         "grain>=0.2.18",
-        "tensorboardX>=2.6",
+        "tensorboardX>=2.6.2.2",
         "matplotlib>=3.8",
         "tqdm",
     ],
