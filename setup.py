@@ -23,7 +23,7 @@ setup(
         "array_record>=0.5",
         "grain>=0.2.18",
         "tensorboardX>=2.6.2.2",
-        "matplotlib>=3.8",
+        "matplotlib>=3.8.4",
         "tqdm",
     ],
     extras_require={
