@@ -13,7 +13,7 @@ setup(
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8,<0.13",
-        "numpy>=1.26",
+        "numpy>=2.0",  # as jax 0.10 requires
         "ml_dtypes",
         "ml_collections>=1.0",
         "safetensors>=0.4",
