@@ -18,7 +18,7 @@ setup(
         "ml_collections>=1.0",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
-        "tiktoken>=0.7",
+        "tiktoken>=0.12",
         "tensorflow-datasets>=4.9.10",
         "array_record>=0.5",
         "grain>=0.2.18",
