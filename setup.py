@@ -17,7 +17,7 @@ setup(
         "ml_dtypes",
         "ml_collections>=1.0",
         "safetensors>=0.4",
-        "sentencepiece>=0.2",
+        "sentencepiece>=0.2.2",
         "tiktoken>=0.12",
         "tensorflow-datasets>=4.9.10",
         "array_record>=0.5",
