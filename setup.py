@@ -30,7 +30,7 @@ setup(
         # PyTorch is pinned to 2.13.0 (the Makefile installs it first; TORCH_PIP_OPTIONS can point pip at its CPU
         # build); transformers is only the reference oracle in tests. pytest-xdist runs the test files on
         # several processes (`make test TEST_WORKERS=N`).
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "transformers>=5.0,<6", "optuna>=4",
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "transformers>=5.24,<6", "optuna>=4",
                  "submitit>=1.5", "lm-eval>=0.4.12", "accelerate", "protobuf"],
         # Model-based sweeps (llama-jax sweep --search optuna); grid and random searches need nothing.
         "sweep": ["optuna>=4"],
