@@ -455,6 +455,7 @@ class Running:
     metrics_offset: int = 0
     pruned: bool = False
     warmup_steps: int | None = None  # the run's optimizer.warmup_steps, once its config.json has been read
+    on_nonfinite: str | None = None  # the run's train.on_nonfinite, likewise
 
 
 def trial_command(spec: SweepSpec, trial: Trial, directory: Path, program: Sequence[str] | None = None,
@@ -719,7 +720,9 @@ class Sweep:
         is past its learning-rate warmup (`optimizer.warmup_steps` of its config.json): until then a
         trial of a lower peak rate is behind by design, not worse. A non-finite loss (logged as null:
         a step `train.on_nonfinite=skip` passed over) is told as NaN; the pruner stops a trial whose
-        every loss so far is."""
+        every loss so far is. A run that skips such steps is stopped, warmup or not, as soon as its
+        latest loss is non-finite: the median pruner, judging it by its best loss so far, would let a
+        run diverged after a good start go on to the end (a run stopping at such steps stops itself)."""
         from llama_jax.metrics import read_metrics
 
         records = read_metrics(active.directory / "metrics.jsonl")
@@ -734,8 +737,13 @@ class Sweep:
         if active.warmup_steps is None:  # (read once the run has written it, not at every poll)
             warmup = saved_run_setting(active.directory, "optimizer", "warmup_steps")
             active.warmup_steps = warmup if isinstance(warmup, int) else None
+        if active.on_nonfinite is None:
+            active.on_nonfinite = saved_run_setting(active.directory, "train", "on_nonfinite")
+        latest = next((record[self.objective] for record in reversed(records) if self.objective in record), 0.0)
+        nonfinite = active.on_nonfinite == "skip" and not (isinstance(latest, (int, float)) and math.isfinite(latest))
         past_warmup = max(active.reported_steps, default=0) > (active.warmup_steps or 0)
-        if not active.pruned and active.metrics_offset and past_warmup and active.optuna_trial.should_prune():
+        if not active.pruned and active.metrics_offset and (nonfinite or past_warmup
+                                                             and active.optuna_trial.should_prune()):
             active.pruned = True
             active.process.send_signal(signal.SIGTERM)  # the run saves its step and exits
 
