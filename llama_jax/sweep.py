@@ -919,9 +919,9 @@ def rewrite_lost_records(study, sweep: Sweep) -> None:
             status = "done"
         elif outcome["complete"]:  # diverged (pruned in the study; failed in one of an earlier release)
             status = finished_status(outcome)
-        else:  # (a run stopped at a non-finite loss is pruned in the study, and failed)
+        else:  # (a run that failed at its point, `failed_at_its_point`, is pruned in the study, and failed)
             error = last_error_line(directory / LOG_FILE)
-            status = "failed" if frozen.state == states.FAIL or NONFINITE_STOP in error else "pruned"
+            status = "failed" if frozen.state == states.FAIL or failed_at_its_point(error) else "pruned"
             extra = {"error": error} if status == "failed" else {}
         write_trial(directory, trial, status, sweep.spec, **extra)
 
@@ -934,15 +934,29 @@ def study_trial(study, trial: Trial) -> tuple[Any, set[int]]:
     return optuna.trial.Trial(study, frozen._trial_id), set(frozen.intermediate_values)
 
 
+# How the error line of a run begins or holds what failed at the trial's point: a non-finite loss
+# (`train.on_nonfinite=stop`); memory its devices lack, as XLA says it (RESOURCE_EXHAUSTED: on a GPU or
+# TPU, and for a state that does not fit; "INTERNAL: ... Out of memory allocating N bytes." for a step
+# on CPU). Not a SIGKILL, which the out-of-memory killer sends but so does kill -9.
+FAILED_AT_ITS_POINT = (NONFINITE_STOP, "RESOURCE_EXHAUSTED", "Out of memory")
+
+
+def failed_at_its_point(error: str) -> bool:
+    """Whether a failed trial's error line (`last_error_line`) says its point failed it, not the run
+    around it: a non-finite loss or an out-of-memory error (`FAILED_AT_ITS_POINT`)."""
+    return any(marker in error for marker in FAILED_AT_ITS_POINT)
+
+
 def tell(study, optuna_trial, status: str, final: float | None, error: str = "") -> None:
     """Tell the study how a trial ended (`error`: a failed one's error line). A diverged one, and
-    one that failed as its run stopped at a non-finite loss (`train.on_nonfinite=stop`), are told
-    pruned: TPE counts a pruned trial's point as a bad one (after every complete trial), while it
-    leaves failed trials out, and would go on proposing points beside them."""
+    one that failed at its point (`failed_at_its_point`: its run stopped at a non-finite loss, or
+    ran out of device memory), are told pruned: TPE counts a pruned trial's point as a bad one
+    (after every complete trial), while it leaves failed trials out, and would go on proposing
+    points beside them (ever larger batches, say, each of them out of memory)."""
     import optuna
 
     states = optuna.trial.TrialState
-    if status in ("pruned", "diverged") or status == "failed" and NONFINITE_STOP in error:
+    if status in ("pruned", "diverged") or status == "failed" and failed_at_its_point(error):
         study.tell(optuna_trial, state=states.PRUNED)
     elif status == "done" and final is not None and math.isfinite(final):
         study.tell(optuna_trial, final)

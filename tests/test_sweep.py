@@ -852,19 +852,32 @@ def test_an_optuna_trial_asked_while_another_runs_is_not_proposed_beside_it(tmp_
     assert beside != alone
 
 
-@pytest.mark.parametrize("status", ["diverged", "failed"])
-def test_diverged_optuna_trials_count_against_their_point(tmp_path, status):
-    """A trial whose objective ended non-finite (diverged, with train.on_nonfinite=skip), or whose
-    run stopped at a non-finite loss (failed, with the default stop), was told failed, and TPE
-    leaves failed trials out: what it proposed next was the same wherever trials diverged. Told
-    pruned, their point counts as a bad one; such a trial's record, lost since, is written again
-    as it was."""
+# what `llama-jax train` prints when its run stops at a non-finite loss, or runs out of memory (as
+# XLA says it on CPU: in a step, under `ulimit -v 6000000` with train.batch_size=8192; for a state that
+# does not fit, model.ffn_dim=1000000000; and on a GPU, BFC allocator's wording)
+NONFINITE_LINE = ("llama-jax train: error: loss or gradient became NaN/Inf in 1 step(s) up to step 2; stopped "
+                  "(train.on_nonfinite=stop). No such step was applied to the state; latest checkpoint: none")
+OUT_OF_MEMORY_LINES = [
+    "llama-jax train: error: the computation failed: INTERNAL: Error dispatching computation: Out of memory "
+    "allocating 20761945552 bytes.; a run resumes from its last committed checkpoint",
+    "llama-jax train: error: the train state (4,291.5 GiB of parameters and optimizer state) does not fit in the "
+    "memory of 1 CPU device(s) (RESOURCE_EXHAUSTED: Out of memory allocating 512000000000 bytes); train a smaller "
+    "model, or shard the state over more devices (mesh.fsdp)",
+    "llama-jax train: error: the computation failed: RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+    "33762398024 bytes.; a run resumes from its last committed checkpoint"]
+
+
+@pytest.mark.parametrize("status, error", [("diverged", ""), ("failed", NONFINITE_LINE),
+                                           *(("failed", line) for line in OUT_OF_MEMORY_LINES)])
+def test_optuna_trials_that_diverged_or_ran_out_of_memory_count_against_their_point(tmp_path, status, error):
+    """A trial whose objective ended non-finite (diverged, with train.on_nonfinite=skip), whose run
+    stopped at a non-finite loss (failed, with the default stop), or ran out of memory, was told
+    failed, and TPE leaves failed trials out: what it proposed next was the same wherever trials
+    diverged (or ran out of memory: a larger batch beside them, say). Told pruned, their point
+    counts as a bad one; such a trial's record, lost since, is written again as it was."""
     import types
 
     axes = {"optimizer.lr": sweep_lib.loguniform(1e-4, 1e-2)}
-    error = "" if status == "diverged" else ("llama-jax train: error: loss or gradient became NaN/Inf in 1 step(s) up "
-                                             "to step 2; stopped (train.on_nonfinite=stop). No such step was applied "
-                                             "to the state; latest checkpoint: none")
 
     def next_after_diverged(directory: Path, diverged_lr: float):
         study = _study_past_its_start_up(directory)
@@ -894,6 +907,18 @@ def test_diverged_optuna_trials_count_against_their_point(tmp_path, status):
         (run / sweep_lib.LOG_FILE).write_text(f"{error}\n")
     sweep_lib.rewrite_lost_records(study, sweep)
     assert trial(run)["status"] == status and trial(run).get("error", "") == error
+
+
+@pytest.mark.parametrize("error", ["killed by SIGKILL (the system's out-of-memory killer sends it, as does kill -9)",
+                                   "llama-jax train: error: the computation failed: INTERNAL: device lost"])
+def test_an_optuna_trial_that_failed_otherwise_is_told_failed(error):
+    """A trial killed (by the out-of-memory killer, or by hand) or failing for another reason says
+    nothing against its point: the study holds it failed."""
+    import optuna
+
+    study = optuna.create_study()
+    sweep_lib.tell(study, study.ask(), "failed", None, error)
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
 
 
 def test_an_optuna_trial_asked_but_not_given_its_parameters_is_resumed_with_them(tmp_path):
