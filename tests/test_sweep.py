@@ -669,12 +669,14 @@ def test_the_pruner_stops_a_trial_whose_every_loss_is_non_finite(tmp_path):
     assert all(math.isnan(v) for v in study.trials[1].intermediate_values.values())
 
 
-@pytest.mark.parametrize("on_nonfinite", ["skip", "stop"])
-def test_a_run_that_skips_non_finite_steps_is_stopped_at_its_first_non_finite_loss(tmp_path, on_nonfinite):
-    """A trial ahead of the finished one (loss 0.5 against 1.0) whose loss turns non-finite: the
-    median pruner judges it by its best loss so far, so with train.on_nonfinite=skip it ran to the
-    end, skipping every step; it is stopped at that step. A run that stops at such a step stops
-    itself, and is left to."""
+@pytest.mark.parametrize("on_nonfinite, objective", [("skip", "loss"), ("skip", "eval_loss"), ("stop", "loss")])
+def test_a_run_that_skips_non_finite_steps_is_stopped_at_its_first_non_finite_loss(tmp_path, on_nonfinite,
+                                                                                   objective):
+    """A trial ahead of the finished one (loss 0.5 against 1.0) whose training loss turns
+    non-finite: the median pruner judges it by its best loss so far, so with
+    train.on_nonfinite=skip it ran to the end, skipping every step; it is stopped at that step,
+    also when ranked by its held-out loss, which stays finite (no skipped step changes the
+    parameters). A run that stops at such a step stops itself, and is left to."""
     import types
 
     study, run, active, signals = _trial_beside_a_finished_one(tmp_path, warmup_steps=1)
@@ -682,8 +684,8 @@ def test_a_run_that_skips_non_finite_steps_is_stopped_at_its_first_non_finite_lo
                                                  "train": {"on_nonfinite": on_nonfinite}}))
     for step, loss in enumerate([0.5, 0.5, None, None], start=1):
         with open(run / "metrics.jsonl", "a") as log:
-            log.write(json.dumps({"step": step, "loss": loss}) + "\n")
-        sweep_lib.Sweep._report(types.SimpleNamespace(objective="loss"), active)
+            log.write(json.dumps({"step": step, "loss": loss, "eval_loss": 0.5}) + "\n")
+        sweep_lib.Sweep._report(types.SimpleNamespace(objective=objective), active)
         assert signals == ([signal.SIGTERM] if step >= 3 and on_nonfinite == "skip" else []), step
     assert active.pruned == (on_nonfinite == "skip")
 
