@@ -21,6 +21,7 @@ from llama_jax.attention import sharded_attention
 from llama_jax.config import LLaMAConfig
 from llama_jax.mesh_axes import BATCH_AXES, LOGICAL_AXIS_RULES, MESH_AXES, check_divisible_sizes, resolve_mesh_shape
 
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all).
 
