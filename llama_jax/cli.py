@@ -993,13 +993,17 @@ def cmd_plan(args) -> None:
     from llama_jax.experiment import check_experiment, load_config
 
     config = load_config(args.config, args.overrides)
-    check_experiment(config)  # before importing JAX: a bad config fails at once
+    model = check_experiment(config)  # before importing JAX: a bad config fails at once
+    if args.devices:  # and a mesh that does not fit the devices, the batch or the model
+        from llama_jax.mesh_axes import check_mesh_and_batch
+
+        check_mesh_and_batch(config, args.devices, model)
     devices = _virtual_cpu_devices(args.devices, args.own_process) if args.devices else None
     from llama_jax.plan import check_new_run, format_plan, plan, runnable_config
     from llama_jax.train import validate_config
 
     check_new_run(config)  # what train refuses of it before reading the data
-    if args.devices:  # the mesh checked before anything is compiled (for the kernel planned here)
+    if args.devices:  # the attention kernel planned here checked before anything is compiled
         validate_config(runnable_config(config), args.devices)
 
     print(format_plan(plan(config, devices)))

@@ -882,12 +882,13 @@ def test_bad_input(case: Case, outcomes):
 @pytest.mark.parametrize("case_id", ["train-workdir-is-a-file", "demo-workdir-is-a-file", "export-workdir-missing",
                                      "export-dst-link-loop", "sweep-workdir-link-loop", "eval-output-link-loop",
                                      "eval-model-link-loop", "generate-workdir-link-loop", "generate-mesh-zero",
-                                     "generate-mesh-two-free-axes", "export-step-missing"])
+                                     "generate-mesh-two-free-axes", "export-step-missing", "plan-mesh-does-not-fit",
+                                     "plan-batch-not-divisible-by-devices", "plan-kv-heads-not-divisible"])
 def test_refused_before_jax_is_imported(case_id, tmp_path, monkeypatch):
     """Importing JAX, Flax and Orbax takes seconds: a --workdir that train, demo, export, sweep or
     generate cannot use, an export's destination and step, eval's --output, a model path that leads
-    nowhere and generate's --mesh sizes are refused before (the modules the process imported, as
-    Python's -X importtime lists them)."""
+    nowhere, generate's --mesh sizes and a plan's mesh that does not fit its --devices, batch or
+    model are refused before (the modules the process imported, as Python's -X importtime lists them)."""
     case = next(c for c in CASES if c.id == case_id)
     paths = {"tiny": ROOT / "configs" / "tiny.py", "notes": tmp_path / "notes.txt", "loop_link": tmp_path / "loop_link",
              "run": tmp_path / "run", "model": tmp_path / "model"}
