@@ -235,12 +235,6 @@ def _empty(leaf) -> bool:
     return leaf is None or (isinstance(leaf, (dict, list, tuple)) and not leaf)
 
 
-ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
-# what a model's weights were trained with beyond their shapes; a fine-tune may choose them anew
-# (a larger rope_theta or a rope_scaling to extend the context), so they are reported, not required
-TRAINED_WITH_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
-
-
 def retention_deletes(steps: Sequence[int], max_to_keep: int | None, keep_every: int | None,
                       saves: int = 1) -> list[int]:
     """Which of a run's checkpoint `steps` (ascending) Orbax's retention has deleted once `saves`
@@ -410,13 +404,3 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def check_same_architecture(saved: dict, config: LLaMAConfig, where: str,
-                            advice: str = "use another --workdir or the matching config") -> None:
-    """ValueError naming the first architecture field where a saved model differs from `config`."""
-    current = config.to_dict()  # rope_scaling as a dict, as saved
-    for field in ARCHITECTURE_FIELDS:
-        if saved.get(field) != current[field]:
-            raise ValueError(f"{where} holds a model with {field}={saved.get(field)}, but the config asks for "
-                             f"{field}={current[field]}; {advice}")

@@ -120,12 +120,14 @@ def run_demo(workdir: str | Path, overrides: list[str] = ()) -> int:
     """The demo; returns its exit status (that of the closing `generate`, which reports its own errors)."""
     from llama_jax.experiment import apply_overrides, check_experiment
     from llama_jax.run_files import check_train_workdir
+    from llama_jax.safe_io import holds_run
 
     config = apply_overrides(get_config(), overrides)
     if config.data.source == "synthetic":  # its export would have no tokenizer to generate text with
         raise ValueError("data.source=synthetic draws random tokens without a tokenizer, and the demo ends by "
                          "generating text from its export; give it documents (its default: data.source=stdlib)")
-    check_experiment(config)  # before importing JAX: a bad override fails at once
+    # before importing JAX: a bad override fails at once (a resume takes an init_from model from its checkpoints)
+    check_experiment(config, read_init_from=not holds_run(workdir))
     workdir = Path(workdir).absolute()
     if not (workdir / "checkpoints").is_dir():  # no run there yet, so the exports will be written: a bad --workdir
         check_exports(workdir)  # too is refused before JAX is imported, in the order of the checks below

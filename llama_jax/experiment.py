@@ -397,10 +397,16 @@ def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True,
 
 def check_experiment(config: ml_collections.ConfigDict, read_init_from: bool = True) -> LLaMAConfig | None:
     """ValueError for anything `llama-jax train` would refuse in `config` before it needs devices:
-    `check_config` and `check_run_settings`. Imports no JAX. Returns the model's config (None
-    when not read, as `check_config`)."""
+    `check_config`, `check_run_settings` and, with `read_init_from` (a new run), a
+    `checkpoint.init_from` that is no model directory of the config's model
+    (`model_dir.check_init_from`). Imports no JAX. Returns the model's config (None when not read,
+    as `check_config`)."""
+    from llama_jax.model_dir import check_init_from
+
     model = check_config(config, read_init_from)
     check_run_settings(config)
+    if read_init_from and config.checkpoint.init_from:
+        check_init_from(config.checkpoint.init_from, model, config.model)
     return model
 
 

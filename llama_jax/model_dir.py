@@ -75,6 +75,11 @@ def check_tokenizer_file(file: str | os.PathLike, config: LLaMAConfig, remedy: s
 RECORDED_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
                    "rope_scaling", "max_seq_len", "tie_embeddings", "param_dtype")  # in every release's model_config
 
+ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
+# what a model's weights were trained with beyond their shapes; a fine-tune may choose them anew
+# (a larger rope_theta or a rope_scaling to extend the context), so they are reported, not required
+TRAINED_WITH_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")
+
 
 def broken_model_link(path: str | os.PathLike) -> str | None:
     """The error for a model directory's `path` through a symbolic link that leads nowhere (to
@@ -148,3 +153,37 @@ def load_tokenizer_for(path: str | os.PathLike, missing: str, tokenizer: str | o
     loaded = load_tokenizer(tokenizer)
     check_fits(loaded, config.vocab_size)
     return config, loaded
+
+
+def check_same_architecture(saved: dict, config: LLaMAConfig, where: str,
+                            advice: str = "use another --workdir or the matching config") -> None:
+    """ValueError naming the first architecture field where a saved model differs from `config`."""
+    current = config.to_dict()  # rope_scaling as a dict, as saved
+    for field in ARCHITECTURE_FIELDS:
+        if saved.get(field) != current[field]:
+            raise ValueError(f"{where} holds a model with {field}={saved.get(field)}, but the config asks for "
+                             f"{field}={current[field]}; {advice}")
+
+
+def check_init_from(path: str, model: LLaMAConfig, section=None) -> dict[str, str]:
+    """ValueError unless `path` is a model directory with the architecture of `model` (made from the
+    config's `model` section, whose fields override even the init_from preset) whose tokenizer and
+    generation files such a model can use (`check_tokenizer_files`). Returns, by field,
+    `field=saved (this run: value)` for the rotary and norm settings the model was trained with
+    where this run's differ (a fine-tune extending the context chooses them anew)."""
+    from llama_jax.experiment import INIT_FROM_PRESET
+
+    try:
+        saved = load_config(path)
+        check_tokenizer_files(path, saved, NOT_ITS_OWN)  # the run keeps them for export, which would refuse them
+    except (ValueError, OSError) as e:
+        raise ValueError(f"checkpoint.init_from: {e}") from None
+    advice = "set model.preset=init_from to take its architecture, or give a model of this one"
+    set_here = [f for f in ARCHITECTURE_FIELDS if section is not None and section.get(f) is not None]
+    if section is not None and section.get("preset") == INIT_FROM_PRESET and set_here:
+        advice = (f"model.preset=init_from is set, but the config also sets {', '.join(f'model.{f}' for f in set_here)}"
+                  f", which override the model's; set them to None (e.g. --config.model.{set_here[0]}=None)")
+    check_same_architecture(saved.to_dict(), model, f"checkpoint.init_from={path}", advice)
+    before, now = saved.to_dict(), model.to_dict()
+    return {field: f"{field}={before[field]} (this run: {now[field]})" for field in TRAINED_WITH_FIELDS
+            if before.get(field) != now[field]}

@@ -41,16 +41,11 @@ def check_new_run(config) -> None:
     """ValueError for what `llama-jax train` refuses in a new run of `config` beyond
     `experiment.check_experiment`, with the checks train runs, short of opening the data (plan
     compiles the step, and the data may be only where the run will run): the entries of a prepared
-    `data.mixture`, and a `checkpoint.init_from` that is no model directory of the config's model."""
-    from llama_jax.experiment import model_config
-    from llama_jax.run import check_init_from
+    `data.mixture`."""
     from llama_jax.run_data import prepared_dirs
 
     if config.data.source == "prepared":
         prepared_dirs(config.data)
-    if config.checkpoint.init_from:
-        init_from = config.checkpoint.init_from
-        check_init_from(init_from, model_config(config.model, init_from), config.model)
 
 
 def plan(config, devices=None) -> dict:

@@ -36,8 +36,7 @@ from jax.experimental import multihost_utils
 
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
-from llama_jax.checkpoint import (ARCHITECTURE_FIELDS, RUN_INFO_FILE, TRAINED_WITH_FIELDS, CheckpointDamaged,
-                                  RunCheckpoints, check_same_architecture, holds_run_info, load_model,
+from llama_jax.checkpoint import (RUN_INFO_FILE, CheckpointDamaged, RunCheckpoints, holds_run_info, load_model,
                                   retention_deletes, save_model, tree_paths)
 from llama_jax.checkpoint_steps import check_step_names, committed_steps
 from llama_jax.config import LLaMAConfig
@@ -46,6 +45,7 @@ from llama_jax.distributed import refuse_together
 from llama_jax.eval_files import RUN_EVAL_FILE
 from llama_jax.experiment import INIT_FROM_PRESET, NONFINITE_STOP, check_run_settings
 from llama_jax.model import abstract_params, params_in_layout
+from llama_jax.model_dir import check_init_from, check_same_architecture
 from llama_jax.profiling import PROFILE_DIR, StepTrace
 from llama_jax.run_data import RunData, build_data, evaluate, prepared_dirs
 from llama_jax.run_files import (LOSS_PLOT, METRICS_FILE, MODEL_TOKENIZER_DIR, PROGRESS_FILE, REMOVAL_WAIT_S,
@@ -454,30 +454,6 @@ def _check_run_writable(workdir: Path, checkpoint, resume_from: int | None = Non
     if blocked is not None:
         raise RunError(f"--workdir {workdir}: no permission to write {blocked}, which the run writes or deletes "
                        f"when it continues; fix its permissions (e.g. chmod -R u+w {workdir}) or use another --workdir")
-
-
-def check_init_from(path: str, model: LLaMAConfig, section=None) -> dict[str, str]:
-    """RunError unless `path` is a model directory with the architecture of `model` (made from the
-    config's `model` section, whose fields override even the init_from preset) whose tokenizer and
-    generation files such a model can use (`model_dir.check_tokenizer_files`). Returns, by field,
-    `field=saved (this run: value)` for the rotary and norm settings the model was trained with
-    where this run's differ (a fine-tune extending the context chooses them anew)."""
-    from llama_jax.model_dir import NOT_ITS_OWN, check_tokenizer_files, load_config
-
-    try:
-        saved = load_config(path)
-        check_tokenizer_files(path, saved, NOT_ITS_OWN)  # the run keeps them for export, which would refuse them
-    except (ValueError, OSError) as e:
-        raise RunError(f"checkpoint.init_from: {e}") from None
-    advice = "set model.preset=init_from to take its architecture, or give a model of this one"
-    set_here = [f for f in ARCHITECTURE_FIELDS if section is not None and section.get(f) is not None]
-    if section is not None and section.get("preset") == INIT_FROM_PRESET and set_here:
-        advice = (f"model.preset=init_from is set, but the config also sets {', '.join(f'model.{f}' for f in set_here)}"
-                  f", which override the model's; set them to None (e.g. --config.model.{set_here[0]}=None)")
-    check_same_architecture(saved.to_dict(), model, f"checkpoint.init_from={path}", advice)
-    before, now = saved.to_dict(), model.to_dict()
-    return {field: f"{field}={before[field]} (this run: {now[field]})" for field in TRAINED_WITH_FIELDS
-            if before.get(field) != now[field]}
 
 
 def _other_tokenizer(model_dir: str, tokenizer_file: Path | None) -> bool:

@@ -883,16 +883,24 @@ def test_bad_input(case: Case, outcomes):
                                      "export-dst-link-loop", "sweep-workdir-link-loop", "eval-output-link-loop",
                                      "eval-model-link-loop", "generate-workdir-link-loop", "generate-mesh-zero",
                                      "generate-mesh-two-free-axes", "export-step-missing", "plan-mesh-does-not-fit",
-                                     "plan-batch-not-divisible-by-devices", "plan-kv-heads-not-divisible"])
+                                     "plan-batch-not-divisible-by-devices", "plan-kv-heads-not-divisible",
+                                     "train-init-from-missing", "train-init-from-a-run", "train-init-from-other-shape",
+                                     "plan-init-from-other-shape"])
 def test_refused_before_jax_is_imported(case_id, tmp_path, monkeypatch):
     """Importing JAX, Flax and Orbax takes seconds: a --workdir that train, demo, export, sweep or
     generate cannot use, an export's destination and step, eval's --output, a model path that leads
-    nowhere, generate's --mesh sizes and a plan's mesh that does not fit its --devices, batch or
-    model are refused before (the modules the process imported, as Python's -X importtime lists them)."""
+    nowhere, generate's --mesh sizes, a plan's mesh that does not fit its --devices, batch or model
+    and a new run's checkpoint.init_from that is no model directory of the config's model are
+    refused before (the modules the process imported, as Python's -X importtime lists them)."""
+    from llama_jax.experiment import load_config, model_config
+
     case = next(c for c in CASES if c.id == case_id)
     paths = {"tiny": ROOT / "configs" / "tiny.py", "notes": tmp_path / "notes.txt", "loop_link": tmp_path / "loop_link",
-             "run": tmp_path / "run", "model": tmp_path / "model"}
+             "run": tmp_path / "run", "model": tmp_path / "model", "inputs": tmp_path}
     paths["notes"].write_text("a regular file\n")
+    paths["model"].mkdir()  # (a model directory as far as these checks go: its parameters are read after them)
+    tiny = model_config(load_config(paths["tiny"]).model)
+    (paths["model"] / "model_config.json").write_text(tiny.replace(vocab_size=512).to_json())
     paths["loop_link"].symlink_to("loop_link")
     for step in (2, 4):  # (a run's directory as far as these checks go: its checkpoints are read after them)
         (paths["run"] / "checkpoints" / str(step)).mkdir(parents=True)
