@@ -811,6 +811,26 @@ def test_demo_runs_resumes_and_reports(tmp_path, capsys):
     assert not np.array_equal(load_model(workdir / "model")[1]["final_norm"]["scale"], params["final_norm"]["scale"])
 
 
+def test_a_resumed_demo_does_not_read_its_init_from_directory(tmp_path, monkeypatch):
+    """As with train, a demo's checkpoint.init_from is read to start its run, not to resume it: a
+    resume gets past the config check when the directory is gone."""
+    from llama_jax.demo import run_demo
+
+    workdir = tmp_path / "demo"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"model": {}, "train": {}, "checkpoint": {}}))  # a run's
+
+    class Resumed(Exception):
+        pass
+
+    def resume(*args, **kwargs):
+        raise Resumed
+
+    monkeypatch.setattr(run_lib, "train_and_evaluate", resume)
+    with pytest.raises(Resumed):
+        run_demo(workdir, [f"checkpoint.init_from={tmp_path / 'gone'}"])
+
+
 def test_the_demo_fits_its_greedy_continuation_and_reports_its_failure(tmp_path, monkeypatch, capsys):
     """A model whose context has no room for 64 new tokens after the prompt gets fewer (the demo
     used to ask for 64 and, when generate refused, still exit 0); a failing generate fails the demo."""
