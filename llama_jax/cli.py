@@ -27,7 +27,7 @@ from llama_jax.distributed import MAX_JOIN_TIMEOUT_S, check_process_flags, join_
 from llama_jax.safe_io import (RUN_DATA_DIR, check_folder, check_outside_runs_and_models, check_results_file,
                                check_run_config, check_writable, enclosing_run_or_model, holds_lock, holds_run,
                                quiet_abandoned_reads, run_directory_problem, saved_run_setting, write_json_atomic)
-from llama_jax.signals import RAISING, Terminated, ignore_signals, raising_signals, signal_again
+from llama_jax.signals import RAISING, Terminated, ignore_signals, raising_signals, signal_again, stopped_status
 
 
 class UserError(Exception):
@@ -1579,12 +1579,8 @@ def _run(argv: list[str] | None) -> int:
             raise
         print(f"llama-jax {command}: error: {_error_text(e, args)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"llama-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"llama-jax {args.command}: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except (KeyboardInterrupt, Terminated) as e:
+        return stopped_status(f"llama-jax {args.command}", e)
     return status or 0
 
 

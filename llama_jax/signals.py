@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -60,6 +61,16 @@ def raising_signals():
         for s, handler in previous.items():
             signal.signal(s, handler)
         note_signal(None)  # (a failed read after the block, a later call's, is not this signal's doing)
+
+
+def stopped_status(prog: str, error: BaseException) -> int:
+    """Say in one line that `prog` was stopped by Ctrl-C (KeyboardInterrupt) or SIGTERM (`Terminated`),
+    as `raising_signals` raised it, and return the exit status a shell gives such a stop."""
+    if isinstance(error, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+    return 128 + signal.SIGTERM
 
 
 RAISING: set[int] = set()  # the signals `raising_signals` handles while it is active

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from pathlib import Path
 from llama_jax.cli import OneLineParser, _error_text, int_at_least
 from llama_jax.data import check_not_special, each_file_once, jsonl_texts, utf8_text
 from llama_jax.safe_io import cannot_write, check_outside_runs_and_models, check_writable, real_path
-from llama_jax.signals import Terminated, raising_signals
+from llama_jax.signals import Terminated, raising_signals, stopped_status
 from llama_jax.tokenizer import check_trainable_size, load_tokenizer, train_sentencepiece
 
 
@@ -125,12 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with raising_signals():  # Ctrl-C and SIGTERM: one line, and no --output (it is written whole or not at all)
             return _train(args, parser.prog)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{parser.prog}: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except (KeyboardInterrupt, Terminated) as e:
+        return stopped_status(parser.prog, e)
 
 
 def _train(args, prog: str) -> int:
