@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -122,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        with raising_signals():  # Ctrl-C and SIGTERM: one line, and no --output (it is written whole or not at all)
+        with raising_signals():  # Ctrl-C: one line, and no --output (it is written whole or not at all)
+            # SIGTERM ends the tool at once, as by default: SentencePiece trains in native code, where a
+            # handler would run only once training is done (minutes on a large corpus); a Ctrl-C waits for it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             return _train(args, parser.prog)
     except (KeyboardInterrupt, Terminated) as e:
         return stopped_status(parser.prog, e)
