@@ -720,15 +720,16 @@ class Sweep:
         is past its learning-rate warmup (`optimizer.warmup_steps` of its config.json): until then a
         trial of a lower peak rate is behind by design, not worse. A non-finite loss (logged as null:
         a step `train.on_nonfinite=skip` passed over) is told as NaN; the pruner stops a trial whose
-        every loss so far is. A run that skips such steps is stopped, warmup or not, as soon as its
-        latest training loss or objective is non-finite: the median pruner, judging it by its best
-        loss so far, would let a run diverged after a good start go on to the end, skipping steps (its
-        held-out loss, of parameters no skipped step changes, may well stay finite); a run stopping
-        at such steps stops itself."""
+        every loss so far is. A run that skips such steps is stopped, warmup or not, at its first
+        logged non-finite training loss or objective (in any record since the last poll, not only
+        the latest): the median pruner, judging it by its best loss so far, would let a run diverged
+        after a good start go on to the end, skipping steps (its held-out loss, of parameters no
+        skipped step changes, may well stay finite); a run stopping at such steps stops itself."""
         from llama_jax.metrics import read_metrics
 
         records = read_metrics(active.directory / "metrics.jsonl")
-        for record in records[active.metrics_offset:]:
+        new = records[active.metrics_offset:]
+        for record in new:
             value = record.get(self.objective)
             if value is None and self.objective in record:  # (null: non-finite)
                 value = math.nan
@@ -741,10 +742,9 @@ class Sweep:
             active.warmup_steps = warmup if isinstance(warmup, int) else None
         if active.on_nonfinite is None:
             active.on_nonfinite = saved_run_setting(active.directory, "train", "on_nonfinite")
-        latest = [next((record[key] for record in reversed(records) if key in record), 0.0)
-                  for key in ("loss", self.objective)]
+        logged = [record[key] for record in new for key in {"loss", self.objective} if key in record]
         nonfinite = active.on_nonfinite == "skip" and not all(isinstance(v, (int, float)) and math.isfinite(v)
-                                                              for v in latest)
+                                                              for v in logged)
         past_warmup = max(active.reported_steps, default=0) > (active.warmup_steps or 0)
         if not active.pruned and active.metrics_offset and (nonfinite or past_warmup
                                                              and active.optuna_trial.should_prune()):

@@ -690,6 +690,22 @@ def test_a_run_that_skips_non_finite_steps_is_stopped_at_its_first_non_finite_lo
     assert active.pruned == (on_nonfinite == "skip")
 
 
+def test_a_skipping_run_is_stopped_at_a_non_finite_loss_logged_between_two_polls(tmp_path):
+    """The sweep polls a run's log while the run goes on: a non-finite training loss followed by a
+    finite one before the next poll is the run's first non-finite loss all the same (read as the
+    latest record alone, it was seen or missed by when the poll came)."""
+    import types
+
+    study, run, active, signals = _trial_beside_a_finished_one(tmp_path, warmup_steps=1)
+    (run / "config.json").write_text(json.dumps({"optimizer": {"warmup_steps": 1},
+                                                 "train": {"on_nonfinite": "skip"}}))
+    with open(run / "metrics.jsonl", "a") as log:
+        for step, loss in enumerate([0.5, None, 0.5], start=1):
+            log.write(json.dumps({"step": step, "loss": loss}) + "\n")
+    sweep_lib.Sweep._report(types.SimpleNamespace(objective="loss"), active)
+    assert signals == [signal.SIGTERM] and active.pruned
+
+
 @pytest.mark.parametrize("committed, returncode, status", [
     (4, 0, "done"),  # the pruner spoke after the run's last step: it finished (it was recorded pruned)
     (2, 0, "pruned"),  # stopped by the pruner: saved its step and exited
