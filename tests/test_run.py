@@ -978,7 +978,8 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer
     assert main(train_args(workdir, run_overrides(tokenizer_path))) == 0
     out = capsys.readouterr().out
     assert f"{workdir} already holds step {STEPS} of train.steps={STEPS}: nothing left to train" in out
-    held_out = next(r["eval_loss"] for r in map(json.loads, log.splitlines()) if r["step"] == STEPS and "eval_loss" in r)
+    held_out = next(r["eval_loss"] for r in map(json.loads, log.splitlines())
+                    if r["step"] == STEPS and "eval_loss" in r)
     assert f"; held-out loss {held_out:.4f}; metrics in " in out  # the closing evaluation the log holds
     assert (workdir / "metrics.jsonl").read_text() == log
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
