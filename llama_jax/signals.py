@@ -18,9 +18,11 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def raising_signals():
+def raising_signals(terminate: bool = True):
     """While active, SIGTERM raises `Terminated` in the main thread instead of ending the process
-    on the spot, and Ctrl-C raises KeyboardInterrupt as usual; both are noted first
+    on the spot (unless not `terminate`: then it keeps its handler, for work that spends long in
+    native code, where a Python handler runs only once that code returns), and Ctrl-C raises
+    KeyboardInterrupt as usual; both are noted first
     (`safe_io.note_signal`: a library that turns them into errors of its own must not have them
     taken for damaged files). A signal that arrives while a module is being imported waits until
     the import is done, for up to IMPORT_WAIT_S: an extension module (jaxlib's) whose
@@ -45,7 +47,7 @@ def raising_signals():
         return raise_noted
 
     note_signal(None)
-    handled = [(signal.SIGTERM, Terminated)]
+    handled = [(signal.SIGTERM, Terminated)] if terminate else []
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
         handled.append((signal.SIGINT, KeyboardInterrupt))
     try:
