@@ -2,6 +2,7 @@
 `sbatch` and `srun` executables that log what they are asked to do. Nothing touches the network:
 every test that could reach gcloud puts a fake one first on PATH."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -1048,13 +1049,29 @@ def test_job_command_outlives_the_requeue_signal_submitit_is_told_to_use(monkeyp
     slurm.JobCommand([sys.executable, "-c", code])()
 
 
+@contextlib.contextmanager
+def _warned_once(appears: Path, on_usr2, within_s: float):
+    """Inside the block, SLURM's warning (USR2) reaches this process once `appears` exists (or after
+    `within_s`), handled by `on_usr2` as submitit's handler would be; the previous handler after."""
+    import threading
+
+    def warn():
+        deadline = time.monotonic() + within_s
+        while not appears.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, on_usr2)
+    try:
+        threading.Thread(target=warn, daemon=True).start()
+        yield
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
 def test_a_requeue_lets_the_command_save_first(tmp_path):
     """submitit asks the job for its checkpoint before it requeues it (and then exits, killing what
     still runs): the command gets SIGTERM, as a preempted run does, and the time to save."""
-    import threading
-
-    import signal
-
     code = ("import pathlib, signal, sys, time\n"
             "signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path(sys.argv[1]).write_text('saved'), sys.exit(0)))\n"
             "pathlib.Path(sys.argv[2]).touch()\n"
@@ -1067,18 +1084,8 @@ def test_a_requeue_lets_the_command_save_first(tmp_path):
         began = time.monotonic()
         requeued.append((job.checkpoint(), time.monotonic() - began))
 
-    def warn_when_started():  # SLURM's warning before the time limit
-        deadline = time.monotonic() + 60
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGUSR2)
-
-    previous = signal.signal(signal.SIGUSR2, on_usr2)
-    try:
-        threading.Thread(target=warn_when_started, daemon=True).start()
+    with _warned_once(started, on_usr2, within_s=60):  # SLURM's warning before the time limit
         job()  # returns once the command has saved and exited 0
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
     (again, waited), = requeued
     assert saved.read_text() == "saved" and again.function.argv == job.argv
     assert waited < slurm.SAVE_TIME_S / 4  # reaped as soon as it exited, not after the whole allowance
@@ -1133,21 +1140,10 @@ def test_a_run_requeued_during_its_closing_evaluation_is_not_finished_until_it_i
         job.checkpoint()
         slurm._running.kill()
 
-    def warn_in_the_last_step():
-        deadline = time.monotonic() + 240
-        while not warned.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGUSR2)
-
-    import threading
-
-    previous = signal.signal(signal.SIGUSR2, on_usr2)
     try:
-        threading.Thread(target=warn_in_the_last_step, daemon=True).start()
-        with pytest.raises(subprocess.CalledProcessError) as killed:
-            job()
+        with _warned_once(warned, on_usr2, within_s=240), pytest.raises(subprocess.CalledProcessError) as killed:
+            job()  # warned in the last step
     finally:
-        signal.signal(signal.SIGUSR2, previous)
         slurm._running = None
     assert killed.value.returncode == -signal.SIGKILL
     assert "4" in os.listdir(workdir / "checkpoints")  # the last step saved before the evaluation
