@@ -12,7 +12,7 @@ stays quick.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from ml_collections import ConfigDict
 
@@ -89,17 +89,39 @@ def validate(cfg: ConfigDict, total_steps: int) -> None:
     warmup = cfg.warmup_steps
     if not is_int(warmup) or not 0 <= warmup <= total_steps:
         _fail("warmup_steps", f"got {warmup!r}; valid: an integer in [0, total_steps={total_steps}]")
-    # the decay reaches its end at total_steps, after the last update: one decay step changes no update
-    if cfg.schedule == "wsd" and cfg.decay_fraction > 0 and _wsd_decay_steps(cfg, total_steps) < 2:
-        _fail("decay_fraction", f"{cfg.decay_fraction} of {total_steps} steps rounds to fewer than 2 decay steps, "
-              f"so no update would use a decayed rate; valid: 0 (none) or at least {2 / total_steps:g}")
-    if cfg.schedule == "wsd" and warmup + _wsd_decay_steps(cfg, total_steps) > total_steps:
-        _fail("decay_fraction", f"{cfg.decay_fraction} of {total_steps} steps overlaps the {warmup} "
-              f"warmup steps; valid: at most {(total_steps - warmup) / total_steps:g}")
+    if cfg.schedule == "wsd":
+        _check_wsd_decay(cfg.decay_fraction, warmup, total_steps)
 
 
-def _wsd_decay_steps(cfg: ConfigDict, total_steps: int) -> int:
-    return round(cfg.decay_fraction * total_steps)
+def _check_wsd_decay(fraction: float, warmup: int, total_steps: int) -> None:
+    """The wsd decay: none (0), or at least 2 steps (it reaches its end at total_steps, after the last
+    update: one decay step changes no update) after the warmup. A suggested bound is printed to as
+    many digits as it takes to be accepted (6 were too few for some runs of over a million steps)."""
+    decay, room = _wsd_decay_steps(fraction, total_steps), total_steps - warmup
+    if fraction == 0 or 2 <= decay <= room:
+        return
+    what = (f"{fraction} of {total_steps} steps rounds to fewer than 2 decay steps, so no update would use a "
+            f"decayed rate" if decay < 2 else f"{fraction} of {total_steps} steps overlaps the {warmup} warmup steps")
+    if total_steps < 2:
+        valid = f"0 (none); a run of {total_steps} step has no room for 2"
+    elif room < 2:
+        valid = (f"0 (none); the {warmup} warmup steps leave fewer than 2 of the {total_steps} steps to decay over "
+                 f"(warmup_steps={total_steps - 2} would leave 2)")
+    elif decay < 2:
+        valid = f"0 (none) or at least {_printed(2 / total_steps, lambda f: _wsd_decay_steps(f, total_steps) >= 2)}"
+    else:
+        valid = f"at most {_printed(room / total_steps, lambda f: _wsd_decay_steps(f, total_steps) <= room)}"
+    _fail("decay_fraction", f"{what}; valid: {valid}")
+
+
+def _printed(value: float, accepted: Callable[[float], bool]) -> str:
+    """`value` to 6 significant digits, or to more where the number printed would not be `accepted`
+    (at 17 it is `value` itself)."""
+    return next(text for text in (f"{value:.{digits}g}" for digits in range(6, 18)) if accepted(float(text)))
+
+
+def _wsd_decay_steps(fraction: float, total_steps: int) -> int:
+    return round(fraction * total_steps)
 
 
 def make_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
@@ -121,7 +143,7 @@ def make_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
     elif cfg.schedule == "constant":
         rest = optax.constant_schedule(lr)
     else:  # wsd
-        decay = _wsd_decay_steps(cfg, total_steps)
+        decay = _wsd_decay_steps(cfg.decay_fraction, total_steps)
         rest = optax.join_schedules(
             [optax.constant_schedule(lr), optax.linear_schedule(lr, final_lr, max(decay, 1))],
             [total_steps - warmup - decay])

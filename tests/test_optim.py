@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -212,14 +213,18 @@ def test_each_optimizer_minimises_a_quadratic(name):
 # ---- bad configs ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("total", [10, 18, 47, 94, 99_999])
-def test_the_shortest_decay_suggested_is_accepted(total):
-    """(1.5 / total_steps printed to 6 digits was below the bound for most totals, and refused.)"""
+@pytest.mark.parametrize("total, warmup, fraction", [
+    *[(total, 0, 0.5 / total) for total in (10, 18, 47, 94, 99_999)],  # too short a decay
+    (1000, 100, 0.95), (1_001_002, 500, 1.0), (1_005_279, 2000, 1.0)])  # overlapping the warmup
+def test_the_decay_bound_suggested_is_accepted(total, warmup, fraction):
+    """(1.5 / total_steps printed to 6 digits was below the bound for most totals, and refused; past a
+    million steps, 6 digits of the largest fraction after the warmup could round up into the warmup:
+    "0.999501 of 1001002 steps overlaps the 500 warmup steps; valid: at most 0.999501".)"""
     cfg = default_config()
-    cfg.update(schedule="wsd", decay_fraction=0.5 / total, warmup_steps=0)
+    cfg.update(schedule="wsd", decay_fraction=fraction, warmup_steps=warmup)
     with pytest.raises(ValueError) as err:
         make_optimizer(cfg, total)
-    cfg.update(decay_fraction=float(str(err.value).rsplit("at least ", 1)[1]))
+    cfg.update(decay_fraction=float(re.split("at least |at most ", str(err.value))[-1]))
     make_optimizer(cfg, total)
 
 
@@ -235,6 +240,10 @@ def test_the_shortest_decay_suggested_is_accepted(total):
      "rounds to fewer than 2 decay steps, so no update would use a decayed rate; valid: 0 (none) or at least 0.2"),
     ({"schedule": "wsd", "decay_fraction": 0.1, "warmup_steps": 0}, 10, "optimizer.decay_fraction",
      "0.1 of 10 steps rounds to fewer than 2 decay steps"),
+    # no room for 2 decay steps after the warmup: each bound suggested alone was refused by the other check
+    *[({"schedule": "wsd", "decay_fraction": fraction, "warmup_steps": 9}, 10, "optimizer.decay_fraction",
+       "valid: 0 (none); the 9 warmup steps leave fewer than 2 of the 10 steps to decay over (warmup_steps=8 would "
+       "leave 2)") for fraction in (0.1, 0.2)],
     ({"b2": 1.0}, 100, "optimizer.b2", "[0, 1)"),
     ({"b1": -0.1}, 100, "optimizer.b1", "[0, 1)"),
     ({"lr": float("nan")}, 100, "optimizer.lr", "got nan; valid: a number in [0, inf)"),
