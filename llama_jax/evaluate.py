@@ -21,6 +21,7 @@ nothing from the training loop.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -214,11 +215,15 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
     rows_per_batch = forward.rows(batch_size)
     result = EvalResult()
     bar = _progress(progress, total, "documents")
+    first_targets: list[int] = []  # each document's first target, counted over all of the documents' targets
 
     def counted() -> Iterator[np.ndarray]:
+        targets = 0
         for document in documents:
             tokens, n_bytes = _document_pair(document, result.documents)
             ids = _checked_ids(tokens, config.vocab_size, f"document {result.documents}")
+            first_targets.append(targets)
+            targets += max(len(ids) - 1, 0)
             result.documents += 1
             result.bytes += n_bytes
             bar.update(1)
@@ -236,6 +241,9 @@ def evaluate_tokens(config: LLaMAConfig, params, documents: Iterable[tuple[Seque
         raise ValueError(f"nothing to evaluate: {result.documents} documents with no target (a document "
                          f"of n >= 2 tokens has n - 1 targets)")
     if max_batches is not None:
+        # The batches hold the first result.tokens targets, in order; a row is known to be full only once
+        # the next window is read, so the last document read may be one none of whose targets they hold.
+        result.documents = bisect.bisect_left(first_targets, result.tokens)
         result.bytes = None
     return result
 

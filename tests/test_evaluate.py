@@ -248,8 +248,13 @@ def test_exact_evaluation_counts_every_target_once(model):
 
     rows = list(packed_rows((np.asarray(tok.encode(t, bos=True, eos=True)) for t in docs), seq_len))
     assert sum(r["loss_mask"].sum() for r in rows) == tokens  # packing drops nothing
-    first = evaluate_documents(cfg, params, docs, tok, seq_len, batch_size=3, max_batches=1)
-    assert first.tokens == sum(r["loss_mask"].sum() for r in rows[:3]) and first.bytes is None
+    first = evaluate_documents(cfg, params, docs, tok, seq_len, batch_size=4, max_batches=1)
+    assert first.tokens == sum(r["loss_mask"].sum() for r in rows[:4]) and first.bytes is None
+    # the documents begun: those whose first window (the one starting with BOS) is in the batch; the one
+    # read to find the fourth row full, none of whose windows it holds, was counted too
+    begun = sum(int(np.sum((r["positions"] == 0) & (r["tokens"] == tok.bos_id) & (r["loss_mask"] > 0)))
+                for r in rows[:4])
+    assert 0 < begun < len(docs) and first.documents == begun
     # a batch size far above the data: one batch of the rows it makes (padded to it, hundreds of GB)
     whole = evaluate_documents(cfg, params, docs, tok, seq_len, batch_size=10**9)
     assert (whole.tokens, whole.correct) == (tokens, correct) and whole.nll == pytest.approx(nll, rel=1e-5)
