@@ -43,7 +43,8 @@ BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
 
 @contextlib.contextmanager
 def sharded_attention(mesh):
-    """Run attention kernels per device over `mesh` while the context is active."""
+    """Run attention kernels per device over `mesh` while the context is active (with None: not per
+    device, also where an enclosing context asked for it)."""
     token = _MESH.set(mesh)
     try:
         yield

@@ -125,11 +125,7 @@ def mesh_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES, per_device_attention: boo
         warnings.filterwarnings("ignore", "`with mesh:`", DeprecationWarning)
         mesh.__enter__()
     try:
-        with nn.logical_axis_rules(rules):
-            if per_device_attention:
-                with sharded_attention(mesh):
-                    yield
-            else:
-                yield
+        with nn.logical_axis_rules(rules), sharded_attention(mesh if per_device_attention else None):
+            yield
     finally:
         mesh.__exit__(None, None, None)

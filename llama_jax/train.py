@@ -72,8 +72,11 @@ class Trainer:
 
     @functools.cached_property
     def abstract_state(self):
-        """The boxed (logically partitioned) abstract state; nothing is allocated."""
-        return jax.eval_shape(self._init, jax.random.key(0))
+        """The boxed (logically partitioned) abstract state; nothing is allocated. Traced as `init_state`
+        runs it, whatever context it is first asked for in (inside `context()`, per-device attention
+        would be given the 1-token dummy batch, which the batch axes cannot divide)."""
+        with self.context(per_device_attention=False):
+            return jax.eval_shape(self._init, jax.random.key(0))
 
     @functools.cached_property
     def state_shardings(self):
