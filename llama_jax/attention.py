@@ -285,6 +285,17 @@ def runnable_here(impl: str) -> str:
     return impl
 
 
+def runnable_at_length(impl: str, S: int) -> str:
+    """`impl`, or `xla` where `impl` runs `splash` here and S is a length splash does not take (not
+    a multiple of 128, of 512 above 512): for scoring, whose rows are as long as the requests need."""
+    if resolve(impl) == "splash":
+        try:
+            check_splash_length(S)
+        except ValueError:
+            return "xla"
+    return impl
+
+
 def attention(q, k, v, mask_BxSxT, segment_ids_BxS, impl: str) -> Array:
     """Dispatch to a kernel; per device under `shard_map` inside `sharded_attention`."""
     check_available(impl)

@@ -49,8 +49,10 @@ MIN_BUCKET = 16  # shortest padded length of a scoring batch
 
 def _token_scores(params, tokens_BxS, targets_BxS, positions_BxS, segment_ids_BxS, cfg: LLaMAConfig):
     """(log p(target) [B, S] float32, argmax == target [B, S] bool) of every slot."""
+    from llama_jax.attention import runnable_at_length
     from llama_jax.model import LLaMA
 
+    cfg = cfg.replace(attention_impl=runnable_at_length(cfg.attention_impl, tokens_BxS.shape[1]))
     logits = LLaMA(cfg).apply({"params": params}, tokens_BxS, positions=positions_BxS,
                               segment_ids=segment_ids_BxS).astype(jnp.float32)
     lse_BxS = jax.nn.logsumexp(logits, axis=-1)

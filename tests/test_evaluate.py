@@ -108,6 +108,22 @@ def test_scoring_equals_full_forward_and_padding_changes_nothing(model):
     assert Scorer(cfg.replace(attention_impl="cudnn"), params, batch_size=4).loglikelihood(requests) == batched
 
 
+def test_splash_scores_lengths_it_does_not_take_with_the_xla_kernel(model):
+    """`auto` is splash on TPU, which takes lengths that are multiples of 128 only, while scoring
+    pads requests to 16, 32, ... tokens and held-out windows may be any length (here 32): such
+    shapes are scored with `xla`, so the numbers are its own (each was splash's length error; on
+    CPU splash runs in Pallas' interpreter, with the check it has on TPU)."""
+    cfg, params, tok = model
+    splash = cfg.replace(attention_impl="splash")
+    requests = [([1, 5, 9], [6, 7]), (list(range(3, 60)), [8])]
+    assert Scorer(splash, params, batch_size=2).loglikelihood(requests) == \
+        Scorer(cfg, params, batch_size=2).loglikelihood(requests)
+    assert Scorer(splash, params).loglikelihood_rolling([[5, 6, 7]], 1) == \
+        Scorer(cfg, params).loglikelihood_rolling([[5, 6, 7]], 1)
+    docs = documents()[:3]
+    assert evaluate_documents(splash, params, docs, tok, 32) == evaluate_documents(cfg, params, docs, tok, 32)
+
+
 def test_generation_padded_to_a_bucket_is_unchanged(model):
     """generate(pad_to=...), as the lm-eval model batches prompts, gives what unpadded prompts give,
     and prompts of other lengths padded to the same bucket reuse the compiled prefill."""
