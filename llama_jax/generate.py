@@ -223,6 +223,9 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     Temperature 0 is greedy. `n_tokens`: only ids below it are produced (a tokenizer smaller than
     the model's padded vocabulary; default: the whole vocabulary). A row stops after emitting
     `eos_id`; its result ends with that EOS, as in transformers' `generate`.
+    Sampled, a row's tokens depend on `seed` and on the row's place in the batch, not on the other
+    prompts: each step draws the whole batch's noise from one key, and row i's comes from the same
+    random bits whatever the batch holds (JAX's default, partitionable, threefry bits).
     Params may be scanned or unscanned, whatever `config.scan_layers` says.
     `pad_to`: left-pad the prompts to at least this length, so that batches of prompts of nearby
     lengths share one compiled shape (the results do not depend on it).

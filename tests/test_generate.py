@@ -170,6 +170,21 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(gqa):
     assert generate(cfg, params, PROMPTS, STEPS, temperature=1.0, top_k=1, seed=3) == greedy
 
 
+
+def test_a_sampled_row_depends_on_its_place_in_the_batch_not_on_the_other_prompts(gqa):
+    """As the README says: row 0 samples what its prompt alone does, row 1 the same tokens beside
+    another prompt (a longer one: more left padding), and the same prompt in the other place
+    draws other tokens. (With JAX's threefry bits not partitionable, row 0 of a batch of two drew
+    other tokens than its prompt alone.)"""
+    cfg, params = gqa
+    a, b = PROMPTS
+    longer = np.random.default_rng(1).integers(3, 256, 14).tolist()
+    sample = functools.partial(generate, cfg, params, max_new_tokens=8, temperature=1.0, seed=5)
+    pair = sample([a, b])
+    assert pair[0] == sample([a])[0]
+    assert pair[1] == sample([longer, b])[1]
+    assert sample([b, a])[0] != pair[1]
+
 def filtered_probs(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
     """softmax(logits / T), cut to the top k, then to the nucleus of mass top_p, renormalised."""
     z = logits.astype(np.float64) / temperature
