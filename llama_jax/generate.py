@@ -70,22 +70,11 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
     top_k = V if top_k is None else top_k
     top_p = 1.0 if top_p is None else top_p  # None: no filter, as in `generate`
 
-    def filtered(scaled):
-        sorted_desc = jnp.sort(scaled, axis=-1)[:, ::-1]
-        kth = jax.lax.dynamic_index_in_dim(sorted_desc, jnp.minimum(top_k, V) - 1, axis=1)  # [B, 1]
-        in_top_k = sorted_desc >= kth  # the k most likely and those tied with the k-th, as transformers keeps
-        sorted_desc = jnp.where(in_top_k, sorted_desc, -jnp.inf)  # top-p's mass is over all of them
-        probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
-        mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
-        most_likely = jnp.arange(V) == 0  # kept even where top_p is 0 in float32 (1e-300)
-        keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0) | most_likely)
-        smallest_kept = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        return jnp.where(scaled < smallest_kept, -jnp.inf, scaled)
-
     def draw(logits):  # (the best logit at 0 first: a tiny temperature then sends the others to -inf, where
         # dividing the logits themselves made every positive one +inf, and the first of them was drawn)
         scaled = (logits - logits.max(axis=-1, keepdims=True)) / temperature
-        scaled = jax.lax.cond((top_k < V) | (top_p < 1.0), filtered, lambda x: x, scaled)
+        scaled = jax.lax.cond((top_k < V) | (top_p < 1.0), lambda x: _filtered(x, top_k, top_p), lambda x: x,
+                              scaled)
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
     def greedy(logits):  # argmax's first index of the maximum (of a NaN, if any), as plain reductions:
@@ -97,6 +86,23 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
         return jnp.min(jnp.where(at_best, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
     return jax.lax.cond(temperature > 0, draw, greedy, logits)
+
+
+def _filtered(scaled_BxV: Array, top_k: Array | int, top_p: Array | float) -> Array:
+    """`scaled_BxV` with -inf for the tokens top-k and then top-p remove (`sample_logits`)."""
+    V = scaled_BxV.shape[-1]
+    sorted_desc = jnp.sort(scaled_BxV, axis=-1)[:, ::-1]
+    kth = jax.lax.dynamic_index_in_dim(sorted_desc, jnp.minimum(top_k, V) - 1, axis=1)  # [B, 1]
+    in_top_k = sorted_desc >= kth  # the k most likely and those tied with the k-th, as transformers keeps
+    sorted_desc = jnp.where(in_top_k, sorted_desc, -jnp.inf)  # top-p's mass is over all of them
+    probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
+    # each token's mass with that of every less likely one, summed from the least likely up, as transformers
+    # sums it: summed from the most likely down, float32 lost 1e-5 of the mass over 32,000 tokens
+    mass_from = jax.lax.cumsum(probs_sorted, axis=1, reverse=True)
+    most_likely = jnp.arange(V) == 0  # kept even where top_p is 0 in float32 (1e-300)
+    keep = in_top_k & ((mass_from > 1.0 - top_p) | (top_p >= 1.0) | most_likely)
+    smallest_kept = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(scaled_BxV < smallest_kept, -jnp.inf, scaled_BxV)
 
 
 class _Sampler(NamedTuple):

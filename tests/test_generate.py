@@ -15,7 +15,7 @@ from pydoc_data.topics import topics
 
 from llama_jax import LLaMA, LLaMAConfig, from_hf_state_dict, init_params, save_model
 from llama_jax.cli import main
-from llama_jax.generate import decoding_params, generate, generate_text, sample_logits
+from llama_jax.generate import _filtered, decoding_params, generate, generate_text, sample_logits
 from llama_jax.prompts import complete
 from llama_jax.model import KVCache, unstack_layers
 from llama_jax.tokenizer import SentencePieceTokenizer
@@ -368,6 +368,24 @@ def test_top_p_after_top_k_weighs_every_token_tied_with_the_k_th():
     assert np.all(freq[p == 0] == 0)
     np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1 / n)
 
+
+
+def test_top_p_keeps_the_tokens_transformers_keeps_over_a_large_vocabulary():
+    """32,000 tokens: token 0 holds 0.9 of the mass, the others fall off smoothly. top_p 0.99 keeps
+    26,927 of them, in float64 and in transformers' TopPLogitsWarper (which sums the mass from the
+    least likely token up); summed from the most likely down in float32, the mass before token
+    26,926 reached 0.99 and it was cut."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    tail = np.linspace(0.0, -1.0, 31999)
+    logits = np.r_[np.log(9 * np.exp(tail).sum()), tail].astype(np.float32)[None]
+    p = np.exp(logits[0].astype(np.float64))
+    p /= p.sum()
+    kept = int((np.cumsum(p) - p < 0.99).sum())
+    assert kept == 26927
+    assert int(torch.isfinite(TopPLogitsWarper(0.99)(None, torch.tensor(logits))).sum()) == kept
+    filtered = np.asarray(_filtered(jnp.asarray(logits), 32000, jnp.float32(0.99)))
+    np.testing.assert_array_equal(np.isfinite(filtered[0]), np.arange(32000) < kept)
 
 def test_a_top_p_below_float32s_smallest_keeps_the_most_likely_token():
     """top_p = 1e-300 is 0 in float32, where no token's preceding mass is below it: the most
