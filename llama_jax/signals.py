@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 
 class Terminated(BaseException):
@@ -18,11 +19,9 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def raising_signals(terminate: bool = True):
+def raising_signals():
     """While active, SIGTERM raises `Terminated` in the main thread instead of ending the process
-    on the spot (unless not `terminate`: then it keeps its handler, for work that spends long in
-    native code, where a Python handler runs only once that code returns), and Ctrl-C raises
-    KeyboardInterrupt as usual; both are noted first
+    on the spot, and Ctrl-C raises KeyboardInterrupt as usual; both are noted first
     (`safe_io.note_signal`: a library that turns them into errors of its own must not have them
     taken for damaged files). A signal that arrives while a module is being imported waits until
     the import is done, for up to IMPORT_WAIT_S: an extension module (jaxlib's) whose
@@ -47,7 +46,7 @@ def raising_signals(terminate: bool = True):
         return raise_noted
 
     note_signal(None)
-    handled = [(signal.SIGTERM, Terminated)] if terminate else []
+    handled = [(signal.SIGTERM, Terminated)]
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
         handled.append((signal.SIGINT, KeyboardInterrupt))
     try:
@@ -96,6 +95,33 @@ def signal_again(signum: int, after: float, unless=lambda: False) -> None:
         if not unless():
             os.kill(os.getpid(), signum)
     threading.Timer(after, send).start()
+
+
+def child_setup() -> Callable[[], None]:
+    """What a child process of the command runs before its program (`subprocess.Popen`'s
+    `preexec_fn`): it ignores Ctrl-C, which a terminal sends the whole process group (the command
+    stops its children its own way), takes SIGTERM's default action (not the command's handler,
+    which the fork copied and which may hold it back), and gets SIGTERM when the command's process
+    dies, so that a killed command leaves no orphan running. libc is loaded here, in the parent:
+    loading a library in the forked child of a process with threads can deadlock. The last is
+    skipped where libc has no prctl."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        prctl = None
+
+    parent_pid = os.getpid()
+
+    def setup():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent_pid:  # the parent died before that call: no SIGTERM would come
+                os.kill(os.getpid(), signal.SIGTERM)
+    return setup
 
 
 def _importing(frame) -> bool:

@@ -40,6 +40,7 @@ from llama_jax.experiment import (LATER_KEYS, NONFINITE_STOP, NOT_A_LITERAL, _fa
                                   check_experiment, config_module, load_config, value_at)
 from llama_jax.safe_io import (DirectoryLock, check_outside_runs_and_models, check_writable, holds_lock, holds_run,
                                real_path, saved_run_setting, signals_held, write_json_atomic, write_text_atomic)
+from llama_jax.signals import child_setup
 
 SEARCHES = ("grid", "random", "optuna")
 SPEC_FILE = "sweep.json"  # what the sweep is: a workdir holds one sweep
@@ -574,34 +575,6 @@ def write_trial(directory: Path, trial: Trial, status: str, spec: SweepSpec, **e
     write_json_atomic(directory / TRIAL_FILE, record)
 
 
-def _trial_setup() -> Callable[[], None]:
-    """What a trial runs in the child before its command.
-    - Ignore SIGINT: Ctrl-C in the sweep's terminal reaches its whole process group, trials too,
-      and a run stops on SIGINT without saving; the sweep then sends its trials SIGTERM, on which
-      a run saves its step and exits.
-    - Receive SIGTERM when the sweep process dies, so a killed sweep leaves no orphan trial
-      running (it saves a checkpoint and exits; a re-run resumes it). libc is loaded here, in the
-      parent: loading a library in the forked child of a process with threads can deadlock.
-      Skipped where libc has no prctl."""
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        prctl = None
-
-    sweep_pid = os.getpid()
-
-    def setup():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command line's handler, which may hold it back
-        if prctl is not None:
-            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-            if os.getppid() != sweep_pid:  # the sweep died before that call: no SIGTERM would come
-                os.kill(os.getpid(), signal.SIGTERM)
-    return setup
-
-
 def objective_key(config) -> str:
     """What a sweep minimises: held-out loss when the runs evaluate, else training loss."""
     evaluates = config.data.source != "synthetic" and config.train.eval_every > 0 and config.train.eval_batches != 0
@@ -709,10 +682,13 @@ class Sweep:
         started = time.time()
         write_trial(directory, trial, "running", self.spec, started=started)
         self.out(f"[{trial.number}] started {directory.name}")
-        # signals held: a trial whose process has started is in `running`, for the `finally` of `run` to stop
+        # The trial ignores Ctrl-C, which reaches the sweep's whole process group, and a run stops on SIGINT without
+        # saving: the sweep sends its trials SIGTERM instead, on which a run saves its step and exits; it gets SIGTERM
+        # too when the sweep dies (a re-run resumes it). Signals held: a trial whose process has started is in
+        # `running`, for the `finally` of `run` to stop
         with open(directory / LOG_FILE, "ab") as log, signals_held():
             process = subprocess.Popen(trial_command(self.spec, trial, directory, data=self.data), stdout=log,
-                                       stderr=subprocess.STDOUT, env=env, preexec_fn=_trial_setup())
+                                       stderr=subprocess.STDOUT, env=env, preexec_fn=child_setup())
             running[slot] = Running(trial, directory, process, started, optuna_trial, reported)
 
     def _report(self, active: Running) -> None:

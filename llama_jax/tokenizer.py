@@ -12,10 +12,14 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import contextlib
 import functools
-import io
+import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -23,7 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 import sentencepiece as spm
 
 from llama_jax.config import check_flag, is_int
-from llama_jax.safe_io import atomic_file
+from llama_jax.safe_io import atomic_file, signals_held
+from llama_jax.signals import child_setup
 
 
 @runtime_checkable
@@ -301,33 +306,60 @@ def check_trainable_size(vocab_size: object, name: str = "vocab_size", byte_fall
 
 
 class _Lines:
-    """The non-empty lines of `texts`, for sentencepiece's trainer.
-
-    The trainer turns an exception from the iterator into a RuntimeError holding only its
-    text; keeping the original lets `train_sentencepiece` raise it as it was. That includes
-    Ctrl-C and the `llama-jax` command's SIGTERM, which arrive in the iterator when the trainer
-    is reading the texts.
-    """
+    """The non-empty lines of `texts`, UTF-8, each ended by a newline, for SentencePiece's trainer."""
 
     def __init__(self, texts: Iterable[str], max_bytes: int):
         self.texts = iter(texts)
-        self.error: BaseException | None = None
         self.count = self.long = 0  # lines given, and those of them the trainer skips for their length
         self.max_bytes = max_bytes
 
-    def __iter__(self) -> Iterator[str]:
-        try:
-            for text in self.texts:
-                for line in text.split("\n"):
-                    if line:
-                        self.count += 1
-                        self.long += len(line) > self.max_bytes // 4 and len(line.encode()) > self.max_bytes
-                        yield line
-        except GeneratorExit:  # closed by the trainer: not an error
-            raise
-        except BaseException as e:
-            self.error = e
-            raise
+    def __iter__(self) -> Iterator[bytes]:
+        for text in self.texts:
+            for line in text.split("\n"):
+                if line:
+                    try:
+                        data = line.encode()
+                    except UnicodeEncodeError:
+                        raise ValueError(f"line {self.count + 1} of the text is no Unicode text: it holds "
+                                         f"{unicode_problem(line)}") from None
+                    self.count += 1
+                    self.long += len(data) > self.max_bytes
+                    yield data + b"\n"
+
+
+def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
+    """The model SentencePiece trains on `lines` with `flags`, trained in a child process
+    (llama_jax/spm_trainer.py) that this one feeds and waits for: the training runs in native code,
+    where Ctrl-C or the `llama-jax` command's SIGTERM would be raised only once it is done (minutes
+    on a large corpus); here they are raised at once, and the child is stopped. RuntimeError:
+    SentencePiece's message, or how the child ended."""
+    # the flags as text, as SentencePiece's Python wrapper gives them to its trainer (a list: its items)
+    text_flags = {key: [str(v) for v in value] if isinstance(value, list) else str(value)
+                  for key, value in flags.items()}
+    trainer = [sys.executable, "-P", str(Path(__file__).with_name("spm_trainer.py")), json.dumps(text_flags)]
+    with signals_held():  # (a child started is one the `finally` below stops)
+        child = subprocess.Popen(trainer, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1 << 20,
+                                 preexec_fn=child_setup())
+    try:
+        with contextlib.suppress(BrokenPipeError):  # the trainer stopped reading: it failed, and says why
+            for line in lines:
+                child.stdin.write(line)
+            child.stdin.close()
+        output = child.stdout.read()
+        status = child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        with contextlib.suppress(BrokenPipeError):  # (what stayed in the buffer of a trainer that stopped)
+            child.stdin.close()
+        child.stdout.close()
+        child.wait()
+    if status == 0:
+        return output
+    if status == 1:
+        raise RuntimeError(output.decode())
+    raise RuntimeError(f"its process ended with status {status}" if status > 0 else
+                       f"its process was ended by {signal.Signals(-status).name}")
 
 
 def train_sentencepiece(
@@ -349,7 +381,8 @@ def train_sentencepiece(
     (which the bytes record), for a unigram model only with the same `num_threads` (its pieces'
     ids and scores depend on how the trainer splits its work). `options` are further trainer flags
     (e.g. `input_sentence_size`, `user_defined_symbols`, `minloglevel=0` for the trainer's log).
-    The file is written atomically. Returns its path.
+    The training runs in a child process, stopped when Ctrl-C or SIGTERM is raised here. The file
+    is written atomically. Returns its path.
     """
     flags: dict[str, Any] = dict(
         model_type=model_type,
@@ -370,12 +403,9 @@ def train_sentencepiece(
     flags.update(options)
     check_trainable_size(**flags)
     lines = _Lines(texts, flags["max_sentence_length"])
-    model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **flags)
+        model = _trained_model(lines, flags)
     except RuntimeError as e:
-        if lines.error is not None:
-            raise lines.error from None
         if lines.count == 0:
             raise ValueError("no text to train the tokenizer on") from None
         if lines.long == lines.count:
@@ -398,7 +428,7 @@ def train_sentencepiece(
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(output) as tmp, open(tmp, "wb") as f:
-        f.write(model.getvalue())
+        f.write(model)
         f.flush()
         os.fsync(f.fileno())
     return output

@@ -1309,7 +1309,7 @@ def test_a_trial_forked_as_its_sweep_dies_stops(monkeypatch):
 
     with monkeypatch.context() as patched:
         patched.setattr(os, "getpid", lambda: 1)  # the pid the setup takes for the sweep's
-        setup = sweep_lib._trial_setup()
+        setup = signals.child_setup()
     with signals.raising_signals(), signals_held():
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10)"], preexec_fn=setup)
     assert child.wait(timeout=60) == -signal.SIGTERM

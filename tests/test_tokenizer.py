@@ -3,6 +3,7 @@ against sentencepiece and transformers; a toy LLaMA-3 (tiktoken) file checked ag
 bad files; and the training CLI."""
 
 import base64
+import contextlib
 import json
 import os
 import pickle
@@ -10,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -319,22 +321,50 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
 @pytest.mark.parametrize("signum, status, line", [(signal.SIGINT, 130, "train_tokenizer.py: interrupted\n"),
-                                                  (signal.SIGTERM, -signal.SIGTERM, "")])
-def test_train_tokenizer_cli_stopped_by_a_signal(tmp_path, signum, status, line):
-    """Ctrl-C while the tool trained gave a Python traceback: it is one line and its exit status.
-    SIGTERM ends it at once, as by default (a handler would wait for SentencePiece's native training
-    to end). Either leaves no --output, not even a temporary one."""
-    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS) * 8)  # (a few seconds of reading and training)
-    out = tmp_path / "out" / "tokenizer.model"
+                                                  (signal.SIGTERM, 143, "train_tokenizer.py: terminated (SIGTERM)\n")])
+def test_train_tokenizer_cli_stopped_by_a_signal_while_sentencepiece_trains(tmp_path, signum, status, line):
+    """SentencePiece trains in native code, where a Python handler runs only once it returns (Ctrl-C
+    was acted on only when training was done, minutes on a large corpus, and SIGTERM kept its default
+    action, with no line): it trains in a child process, which the tool stops. One line at once, the
+    exit status, no --output (not even a temporary one) and no trainer left running. Ctrl-C as a
+    terminal sends it, to the whole process group; SIGTERM to the tool alone."""
+    rng = np.random.default_rng(0)
+    words = ["".join(w) for w in rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=(120_000, 8))]
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(words[i:i + 12]) for i in range(0, len(words), 12)))
+    out = tmp_path / "out" / "tokenizer.model"  # (a unigram model of 8000 pieces: about 10 s of training)
     process = subprocess.Popen([sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input",
-                                str(tmp_path / "corpus.txt"), "--vocab-size", "4000", "--output", str(out)],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline().startswith("training a 4000-piece bpe tokenizer")  # (the corpus not read yet)
-    process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+                                str(tmp_path / "corpus.txt"), "--vocab-size", "8000", "--model-type", "unigram",
+                                "--output", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    trainers = []
+    try:
+        assert process.stdout.readline().startswith("training a 8000-piece unigram tokenizer")
+        time.sleep(1.5)  # (the corpus read by then: training has begun)
+        trainers = _children(process.pid)
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        _, err = process.communicate(timeout=3)  # (training would go on for some 10 s)
+    finally:
+        for pid in [process.pid] + trainers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert (process.returncode, err) == (status, line)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    assert not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]
 
 
 def test_train_tokenizer_cli(sp_model, tmp_path):

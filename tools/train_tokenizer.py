@@ -22,7 +22,7 @@ from pathlib import Path
 from llama_jax.cli import OneLineParser, _error_text, int_at_least
 from llama_jax.data import check_not_special, each_file_once, jsonl_texts, utf8_text
 from llama_jax.safe_io import cannot_write, check_outside_runs_and_models, check_writable, real_path
-from llama_jax.signals import raising_signals, stopped_status
+from llama_jax.signals import Terminated, raising_signals, stopped_status
 from llama_jax.tokenizer import check_trainable_size, load_tokenizer, train_sentencepiece
 
 
@@ -122,12 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        # Ctrl-C: one line, and no --output (it is written whole or not at all). SIGTERM ends the tool at
-        # once, as by default: SentencePiece trains in native code, where a handler would run only once
-        # training is done (minutes on a large corpus); a Ctrl-C waits for it
-        with raising_signals(terminate=False):
+        with raising_signals():  # Ctrl-C, SIGTERM: one line, and no --output (it is written whole or not at all)
             return _train(args, parser.prog)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, Terminated) as e:
         return stopped_status(parser.prog, e)
 
 
