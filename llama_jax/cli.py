@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
+from llama_jax.signals import interrupt_at_once
+
+if __name__ == "__main__" or sys.argv[0].rpartition("/")[2] == "llama-jax":  # the program (its console script)
+    interrupt_at_once("llama-jax")  # before the imports below, which take a while
+
 import argparse
 import contextlib
 import errno
@@ -15,7 +22,6 @@ import resource
 import select
 import shlex
 import signal
-import sys
 import tempfile
 import threading
 import traceback

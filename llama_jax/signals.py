@@ -47,7 +47,8 @@ def raising_signals():
 
     note_signal(None)
     handled = [(signal.SIGTERM, Terminated)]
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
+    # (Python's handler, or a program's while it started: not when started with Ctrl-C ignored)
+    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupted_at_once):
         handled.append((signal.SIGINT, KeyboardInterrupt))
     try:
         previous = {s: signal.signal(s, handle(e)) for s, e in handled}
@@ -72,6 +73,25 @@ def stopped_status(prog: str, error: BaseException) -> int:
         return 130
     print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
     return 128 + signal.SIGTERM
+
+
+def interrupt_at_once(prog: str) -> None:
+    """For a program starting up: until `raising_signals` takes Ctrl-C, it ends the program at once
+    with `stopped_status`'s line (`prog: interrupted`) and exit status, without the interpreter's
+    teardown. A KeyboardInterrupt in the imports ended in a traceback, and there is nothing yet to
+    clean up. Not where Ctrl-C is ignored (the program was started so)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        _AT_ONCE[0] = prog
+        signal.signal(signal.SIGINT, _interrupted_at_once)
+
+
+def _interrupted_at_once(signum, frame) -> None:
+    status = stopped_status(_AT_ONCE[0], KeyboardInterrupt())
+    sys.stderr.flush()
+    os._exit(status)
+
+
+_AT_ONCE = [""]  # the program `interrupt_at_once` names
 
 
 RAISING: set[int] = set()  # the signals `raising_signals` handles while it is active

@@ -974,6 +974,29 @@ def test_a_signal_during_an_import_waits_for_the_import(tmp_path):
     assert result.stdout.splitlines() == ["interrupted after the whole import", "interrupted in the import"], result
 
 
+def test_ctrl_c_while_the_command_is_imported_is_one_line(tmp_path):
+    """Ctrl-C in the first fraction of a second of `llama-jax` (while llama_jax.cli, imported by its
+    console script, imports what it needs) printed a KeyboardInterrupt traceback: the command
+    takes it from the top of that import on, with its one line and exit status. The script here is
+    the console script, except that it sends itself SIGINT as the command's modules are imported."""
+    script = tmp_path / "llama-jax"  # (the name the program is known by)
+    script.write_text("""if True:
+        import os, signal, sys
+
+        class InterruptOnImport:  # Ctrl-C as llama_jax.cli imports the package's modules
+            def find_spec(self, name, path=None, target=None):
+                if name == "llama_jax.distributed":
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        sys.meta_path.insert(0, InterruptOnImport())
+        from llama_jax.cli import main
+        sys.exit(main())
+    """)
+    result = subprocess.run([sys.executable, str(script), "presets"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "llama-jax: interrupted\n"), result
+
+
 def test_a_signal_inside_signals_held_waits_for_its_end():
     """A temporary directory made and handed to the code that removes it when the command stops:
     a SIGTERM in between left it behind (seen in test_sigterm_while_preparing_data_leaves_nothing_behind).
