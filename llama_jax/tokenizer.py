@@ -332,7 +332,7 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
     (llama_jax/spm_trainer.py) that this one feeds and waits for: the training runs in native code,
     where Ctrl-C or the `llama-jax` command's SIGTERM would be raised only once it is done (minutes
     on a large corpus); here they are raised at once, and the child is stopped. RuntimeError:
-    SentencePiece's message, or how the child ended."""
+    SentencePiece's message, or how the child ended (a Python error of its own: after its traceback)."""
     # the flags as text, as SentencePiece's Python wrapper gives them to its trainer (a list: its items)
     text_flags = {key: [str(v) for v in value] if isinstance(value, list) else str(value)
                   for key, value in flags.items()}
@@ -356,7 +356,7 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
         child.wait()
     if status == 0:
         return output
-    if status == 1:
+    if status == 1 and output:
         raise RuntimeError(output.decode())
     raise RuntimeError(f"its process ended with status {status}" if status > 0 else
                        f"its process was ended by {signal.Signals(-status).name}")

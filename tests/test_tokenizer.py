@@ -442,3 +442,12 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
         assert re.fullmatch(rf"train_tokenizer.py: error: --output {output}: cannot write a file into /proc \([^)]+\); "
                             rf"choose another --output, in a folder this user may write\n", run.stderr), run.stderr
     assert _cli("--input", text, "--vocab-size", str(VOCAB), "--output", str(out), "--overwrite").returncode == 0
+
+
+def test_a_trainer_process_that_fails_without_a_message_is_said_by_its_status(tmp_path, monkeypatch):
+    """The trainer's process failing on its own (a Python error: exit status 1 after its traceback,
+    no message) read "sentencepiece training failed: RuntimeError('')"; it names the exit status."""
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # (exits with status 1 at once)
+    with pytest.raises(ValueError, match=r"^sentencepiece training failed: its process ended with status 1$"):
+        train_sentencepiece(CORPUS, tmp_path / "x.model", VOCAB)
+    assert list(tmp_path.iterdir()) == []
