@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -340,20 +341,38 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
     with signals_held():  # (a child started is one the `finally` below stops)
         child = subprocess.Popen(trainer, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1 << 20,
                                  preexec_fn=child_setup())
+    feeding_error: list[BaseException] = []
+
+    def feed():
+        """The lines to the trainer, from a thread of their own: the trainer may stop reading before
+        they end (it failed, or it has the sample it wanted) and write a model larger than the pipe
+        holds, which this thread's writes must not keep it from. A failing iterator stops the trainer
+        (its model would be of part of the text)."""
+        try:
+            with contextlib.suppress(BrokenPipeError):  # the trainer stopped reading
+                for line in lines:
+                    child.stdin.write(line)
+                child.stdin.flush()
+        except BaseException as e:
+            feeding_error.append(e)
+            child.kill()
+        finally:
+            with contextlib.suppress(BrokenPipeError):  # (what stayed in the buffer of a trainer that stopped)
+                child.stdin.close()
+
+    feeder = threading.Thread(target=feed, name="sentencepiece-lines", daemon=True)
+    feeder.start()
     try:
-        with contextlib.suppress(BrokenPipeError):  # the trainer stopped reading: it failed, and says why
-            for line in lines:
-                child.stdin.write(line)
-            child.stdin.close()
         output = child.stdout.read()
         status = child.wait()
+        feeder.join()
     finally:
         if child.poll() is None:
             child.kill()
-        with contextlib.suppress(BrokenPipeError):  # (what stayed in the buffer of a trainer that stopped)
-            child.stdin.close()
         child.stdout.close()
         child.wait()
+    if feeding_error:
+        raise feeding_error[0]
     if status == 0:
         return output
     if status == 1 and output:

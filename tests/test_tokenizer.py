@@ -367,6 +367,24 @@ def test_train_tokenizer_cli_stopped_by_a_signal_while_sentencepiece_trains(tmp_
     assert not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]
 
 
+def test_a_trainer_that_stops_reading_early_is_not_kept_waiting(tmp_path):
+    """Without shuffling, SentencePiece reads only its input_sentence_size lines and trains: the lines
+    after them must not block the trainer's model (larger than a pipe holds) from coming back (the
+    call waited forever). A process of its own, so that a hang fails the test."""
+    code = f"""
+import numpy as np
+from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+rng = np.random.default_rng(0)
+words = ["".join(w) for w in rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=(3000, 6))]
+lines = (" ".join(rng.choice(words, 20)) for _ in range(40_000))  # 2.8 MB, well past the pipe's buffers
+path = train_sentencepiece(lines, {str(tmp_path / "t.model")!r}, 8000, shuffle_input_sentence=False,
+                           input_sentence_size=10_000)
+assert path.stat().st_size > 1 << 16 and load_tokenizer(path).vocab_size == 8000
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+
+
 def test_train_tokenizer_cli(sp_model, tmp_path):
     (tmp_path / "a.txt").write_text("\n".join(CORPUS[:30]), encoding="utf-8-sig")  # byte-order marks: not text
     with open(tmp_path / "b.jsonl", "w", encoding="utf-8-sig") as f:
