@@ -99,6 +99,7 @@ def _check_generate_arguments(args) -> None:
     """What generate refuses of its arguments alone (no file read), also checked by a launcher."""
     from llama_jax.config import check_sampling
     from llama_jax.mesh_axes import check_mesh_sizes
+    from llama_jax.prompts import check_infill_prompt
     from llama_jax.tokenizer import unicode_problem
 
     _check_model_or_run(args)
@@ -112,6 +113,11 @@ def _check_generate_arguments(args) -> None:
                 raise UserError(f"{option}: not UTF-8 text ({problem})")
     if not args.prompt and not args.prompts_file:
         raise UserError("no prompts; give --prompt TEXT (repeatable) and/or --prompts-file FILE")
+    if args.infill and args.chat:
+        raise UserError("--infill and --chat exclude each other: a prompt is an infilling problem or a user turn")
+    if args.infill:
+        for prompt in args.prompt or ():
+            check_infill_prompt(prompt)
     if (args.prompts_file or []).count("-") > 1:  # the second read would find it empty
         raise UserError("--prompts-file - is given more than once; standard input is read once, so give it once")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
@@ -121,13 +127,16 @@ def _check_generate_arguments(args) -> None:
 
 def cmd_generate(args) -> None:
     from llama_jax.model_dir import generation_end_ids, load_tokenizer_for
-    from llama_jax.prompts import complete, read_prompts_file
+    from llama_jax.prompts import check_infill_prompt, complete, infill_pieces, read_prompts_file
     from llama_jax.tokenizer import check_fits, load_tokenizer
 
     _check_generate_arguments(args)
     prompts = list(args.prompt or []) + [p for file in args.prompts_file or [] for p in read_prompts_file(file)]
     if not prompts:
         raise UserError("no prompts: the --prompts-file files hold none")
+    if args.infill:  # (the --prompt ones were checked with the arguments)
+        for prompt in prompts[len(args.prompt or ()):]:
+            check_infill_prompt(prompt)
 
     mesh = None
     if args.mesh is not None:  # a mesh the devices cannot hold fails before anything is read
@@ -149,15 +158,17 @@ def cmd_generate(args) -> None:
         end_tokens = generation_end_ids(files, config.vocab_size) if files.is_dir() else []
     else:
         config, tokenizer = load_tokenizer_for(args.model, "pass --tokenizer PATH", args.tokenizer)
+        if args.infill:  # before the parameters are read
+            infill_pieces(tokenizer)
         end_tokens = generation_end_ids(args.model, config.vocab_size)
         from llama_jax.checkpoint import load_model  # imports JAX: after the checks that need none
 
         config, params = load_model(args.model, mesh=mesh)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop or (), chat=args.chat, mesh=mesh,
-                   end_tokens=end_tokens)
-    # Plain prompts print as prompt + continuation; --chat prints the reply alone.
-    heads = [""] * len(prompts) if args.chat else prompts
+                   end_tokens=end_tokens, infill=args.infill)
+    # Plain prompts print as prompt + continuation; --chat prints the reply alone, --infill the filling.
+    heads = [""] * len(prompts) if args.chat or args.infill else prompts
     if len(prompts) == 1 and not args.no_stream:
         started = False
 
@@ -1058,6 +1069,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="format each prompt as one user turn of the tokenizer's chat template (LLaMA-2 [INST], "
                         "LLaMA-3 headers) and stop at the end of the turn; prints the reply")
+    p.add_argument("--infill", action="store_true",
+                   help="Code Llama infilling: each prompt holds one <FILL_ME>, the text before it the prefix, "
+                        "after it the suffix; generates what goes there (until <EOT>) and prints it. Needs a "
+                        "Code Llama tokenizer (its <PRE>, <SUF>, <MID> and <EOT> pieces)")
     p.add_argument("--no-stream", action="store_true",
                    help="with a single prompt, print the text at the end instead of as it is produced "
                         "(the text is the same either way)")

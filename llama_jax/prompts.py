@@ -8,14 +8,17 @@ as text) and each piece encoded on its own, as Meta's `ChatFormat` does. The pro
 surrounding whitespace in both. The reply ends at the family's end-of-turn token: `<|eot_id|>`
 (or `<|end_of_text|>`) for LLaMA 3, EOS for LLaMA 2.
 
-`complete` is what the command runs: it encodes the prompts (plain or chat), decodes them with
-`generate`, cuts each row at its end token and at the first stop string, and can stream a single
-prompt. A plain prompt's continuation is decoded in the context of the prompt (`continuation_text`),
-so that prompt + continuation reads as transformers decodes the whole sequence. With stop strings,
-a second end token or a stream, `generate` hands over the tokens every `STREAM_CHUNK` steps:
-rows whose text holds a stop string are finished there (they stop early, and the batch ends once
-every row has), and the stream prints what cannot change any more. The tokens are those of one
-uninterrupted call, sampled or greedy.
+`infill_ids` formats a Code Llama infilling problem (a prompt with one `<FILL_ME>`) as Meta's
+`infilling_prompt_tokens` does (prefix-suffix-middle); the filling ends at `▁<EOT>`.
+
+`complete` is what the command runs: it encodes the prompts (plain, chat or infilling), decodes
+them with `generate`, cuts each row at its end token and at the first stop string, and can stream a
+single prompt. A plain prompt's continuation is decoded in the context of the prompt
+(`continuation_text`), so that prompt + continuation reads as transformers decodes the whole
+sequence. With stop strings, a second end token or a stream, `generate` hands over the tokens
+every `STREAM_CHUNK` steps: rows whose text holds a stop string are finished there (they stop
+early, and the batch ends once every row has), and the stream prints what cannot change any more.
+The tokens are those of one uninterrupted call, sampled or greedy.
 """
 
 from __future__ import annotations
@@ -68,6 +71,45 @@ def chat_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
                      f"not {type(tokenizer).__name__}")
 
 
+FILL_MARK = "<FILL_ME>"  # where an infilling prompt's filling goes (transformers' CodeLlamaTokenizer's marker)
+INFILL_PIECES = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")  # Code Llama's (ids 32007-32010 in its tokenizer.model)
+
+
+def infill_pieces(tokenizer: Tokenizer) -> list[int]:
+    """Ids of Code Llama's ▁<PRE>, ▁<SUF>, ▁<MID> and ▁<EOT> pieces; ValueError naming those the
+    tokenizer lacks (a LLaMA 3 tokenizer has none)."""
+    needed = f"infilling needs a Code Llama tokenizer.model, which holds {', '.join(INFILL_PIECES)}"
+    if not isinstance(tokenizer, SentencePieceTokenizer):
+        kind = "LLaMA 3 (tiktoken)" if isinstance(tokenizer, TiktokenTokenizer) else type(tokenizer).__name__
+        raise ValueError(f"a {kind} tokenizer cannot infill; {needed}")
+    sp = tokenizer.sp
+    missing = [piece for piece in INFILL_PIECES if sp.id_to_piece(sp.piece_to_id(piece)) != piece]  # else unk's id
+    if missing:
+        raise ValueError(f"this tokenizer cannot infill: it lacks {', '.join(missing)}; {needed}")
+    return [sp.piece_to_id(piece) for piece in INFILL_PIECES]
+
+
+def check_infill_prompt(prompt: str) -> None:
+    """ValueError unless `prompt` holds exactly one FILL_MARK."""
+    count = prompt.count(FILL_MARK)
+    if count != 1:
+        held = f"it {count} times" if count else "none"
+        raise ValueError(f"an infilling prompt holds {FILL_MARK} once, where the filling goes (the text before it is "
+                         f"the prefix, after it the suffix); this one holds {held}: {prompt[:60]!r}")
+
+
+def infill_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Token ids of `prompt` (prefix FILL_MARK suffix) as a Code Llama infilling problem, in Meta's
+    prefix-suffix-middle format: BOS ▁<PRE> prefix ▁<SUF> suffix ▁<MID>, the prefix encoded as any
+    text (the space SentencePiece puts first included), the suffix without that space, as it
+    continues the filling. The filling that follows ends at ▁<EOT>."""
+    check_infill_prompt(prompt)
+    prefix, suffix = prompt.split(FILL_MARK)
+    pre, suf, mid, _ = infill_pieces(tokenizer)
+    return ([tokenizer.bos_id, pre] + tokenizer.encode(prefix, bos=False) + [suf] + tokenizer.encode_infilling(suffix)
+            + [mid])
+
+
 def _string_list(value: object, name: str) -> list[str]:
     """`value` as a list of strings: an iterable of them (a lone string is one)."""
     if isinstance(value, str):
@@ -86,11 +128,15 @@ def _id_list(value: object, name: str, vocab_size: int) -> list[int]:
     return [int(v) for v in items]
 
 
-def end_ids(tokenizer: Tokenizer, chat: bool, listed: Sequence[int] = (), stop: Sequence[str] = ()) -> list[int]:
+def end_ids(tokenizer: Tokenizer, chat: bool, listed: Sequence[int] = (), stop: Sequence[str] = (),
+            infill: bool = False) -> list[int]:
     """Ids that end a row: the first is the one the decode loop stops at. `listed`: more of them,
     from the model's generation config (`model_dir.generation_end_ids`); a `stop` string that is a
-    special token's text (`<|eot_id|>`) ends a row as that token, since special pieces are no text."""
-    if chat and isinstance(tokenizer, TiktokenTokenizer):
+    special token's text (`<|eot_id|>`) ends a row as that token, since special pieces are no text.
+    `infill`: a filling ends at ▁<EOT> (or EOS)."""
+    if infill:
+        ends = [infill_pieces(tokenizer)[3], tokenizer.eos_id]
+    elif chat and isinstance(tokenizer, TiktokenTokenizer):
         ends = [tokenizer.special_tokens["<|eot_id|>"], tokenizer.eos_id]
     else:
         ends = [tokenizer.eos_id]
@@ -193,13 +239,16 @@ def _stream_safe(text: str, stop: Sequence[str]) -> int:
 def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts: Sequence[str],
              max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop: Sequence[str] = (), chat: bool = False,
-             stream: Callable[[str], None] | None = None, mesh=None, end_tokens: Sequence[int] = ()) -> list[str]:
-    """Continuations (chat: replies) of `prompts`, each cut at its end token and first stop string.
+             stream: Callable[[str], None] | None = None, mesh=None, end_tokens: Sequence[int] = (),
+             infill: bool = False) -> list[str]:
+    """Continuations (chat: replies; infill: fillings) of `prompts`, each cut at its end token and
+    first stop string.
 
     `stream`: with a single prompt, called with each new piece of text as it is produced; the
     pieces join to the returned text. `mesh`: decode sharded over it (`generate`'s `mesh`).
     `end_tokens`: ids that end a row besides the tokenizer's (`model_dir.generation_end_ids`).
-    `stop`: a list of strings (a lone string is one stop string).
+    `stop`: a list of strings (a lone string is one stop string). `infill`: each prompt holds one
+    FILL_MARK; the text returned is what goes there (`infill_ids`; a Code Llama tokenizer).
     """
     from llama_jax.generate import generate
 
@@ -207,6 +256,9 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
     check_tokenizer(tokenizer)
     check_fits(tokenizer, config.vocab_size)  # (else a prompt's id past the model's was the error)
     check_flag(chat, "chat")
+    check_flag(infill, "infill")
+    if chat and infill:
+        raise ValueError("chat and infill exclude each other: a prompt is a user turn or an infilling problem")
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function called with each new piece of text, or None; got {stream!r}")
     stop, end_tokens = _string_list(stop, "stop"), _id_list(end_tokens, "end_tokens", config.vocab_size)
@@ -222,14 +274,23 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
     bad = next((p for p in prompts if not isinstance(p, str)), None)
     if bad is not None:
         raise ValueError(f"prompts must be strings (for token ids, use llama_jax.generate.generate), got {bad!r}"[:200])
-    ids = [chat_ids(tokenizer, p) if chat else tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    ends = end_ids(tokenizer, chat, end_tokens, stop)
+
+    def encode(prompt: str) -> list[int]:
+        if infill:
+            return infill_ids(tokenizer, prompt)
+        return chat_ids(tokenizer, prompt) if chat else tokenizer.encode(prompt, bos=True, eos=False)
+
+    ids = [encode(p) for p in prompts]
+    ends = end_ids(tokenizer, chat, end_tokens, stop, infill)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=ends[0], n_tokens=tokenizer.vocab_size,
                    mesh=mesh)
 
     def text_of(prompt_ids: Sequence[int], new: Sequence[int]) -> str:
+        new = through_end(new, ends)
+        if infill:  # the filling ends before ▁<EOT> (an ordinary piece), and starts with its own space
+            return tokenizer.decode_infilling([t for t in new if t not in tokenizer.special_ids and t not in ends])
         # special pieces (EOS, unknown, chat markers) are no text, as transformers' skip_special_tokens has it
-        new = [t for t in through_end(new, ends) if t not in tokenizer.special_ids]
+        new = [t for t in new if t not in tokenizer.special_ids]
         return tokenizer.decode(new) if chat else continuation_text(tokenizer, prompt_ids, new)
 
     def finish(prompt_ids: Sequence[int], new: Sequence[int]) -> str:
@@ -261,5 +322,6 @@ def complete(config: LLaMAConfig, params: Mapping, tokenizer: Tokenizer, prompts
     return texts
 
 
-__all__ = ["STREAM_CHUNK", "chat_ids", "complete", "continuation_text", "cut_at_stop", "end_ids", "read_prompts_file",
+__all__ = ["FILL_MARK", "INFILL_PIECES", "STREAM_CHUNK", "chat_ids", "check_infill_prompt", "complete",
+           "continuation_text", "cut_at_stop", "end_ids", "infill_ids", "infill_pieces", "read_prompts_file",
            "through_end"]

@@ -130,6 +130,25 @@ class SentencePieceTokenizer:
         """Text of `ids` without BOS/EOS/pad; bytes that are not valid UTF-8 become U+FFFD."""
         return self.sp.decode(_checked_ids(ids, self.vocab_size, {self.bos_id, self.eos_id, self.pad_id}))
 
+    @functools.cached_property
+    def _without_dummy_prefix(self) -> spm.SentencePieceProcessor:
+        """This model with its normalizer's add_dummy_prefix off: it puts no space before a text it
+        encodes, and takes none off the start of a text it decodes."""
+        # A second normalizer_spec (ModelProto field 3) holding add_dummy_prefix (its field 3) = false:
+        # protobuf merges it into the first, as the model's own spec with that one setting changed.
+        return spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00")
+
+    def encode_infilling(self, text: str) -> list[int]:
+        """Ids of `text` without the space SentencePiece puts before it: a text that continues
+        another (Meta's Code Llama `encode_infilling`, which encodes "☺" + text and drops "▁☺")."""
+        return self._without_dummy_prefix.encode(_checked_text(text))
+
+    def decode_infilling(self, ids: Sequence[int]) -> str:
+        """Text of `ids` that continues another: the first piece's leading space is kept (Meta's
+        Code Llama `decode_infilling`); without BOS/EOS/pad, as `decode`."""
+        return self._without_dummy_prefix.decode(_checked_ids(ids, self.vocab_size,
+                                                              {self.bos_id, self.eos_id, self.pad_id}))
+
 
 # LLaMA 3's pre-tokenizer regex, as published with Meta's llama3 tokenizer.
 LLAMA3_PATTERN = (

@@ -446,6 +446,18 @@ CASES = [
          r"\S+/nope.txt: no such file"),
     Case("generate-prompts-file-a-directory", "generate {model} --prompts-file {corpus}",
          r"\S+/corpus: is a directory; give a text file \(one prompt per line\) or a .jsonl file"),
+    Case("generate-infill-with-chat", "generate {model} --prompt 'a<FILL_ME>b' --infill --chat",
+         r"--infill and --chat exclude each other"),
+    Case("generate-infill-prompt-without-fill-me", "generate {model} --prompt Hi --infill",
+         r"an infilling prompt holds <FILL_ME> once, where the filling goes \(the text before it is the prefix, after "
+         r"it the suffix\); this one holds none: 'Hi'$"),
+    Case("generate-infill-prompt-with-two", "generate {model} --prompt 'a<FILL_ME>b<FILL_ME>' --infill",
+         r"this one holds it 2 times: 'a<FILL_ME>b<FILL_ME>'$"),
+    Case("generate-infill-prompts-file-without-fill-me", "generate {model} --prompts-file {corpus}/doc0.txt --infill",
+         r"an infilling prompt holds <FILL_ME> once, .*; this one holds none: "),
+    Case("generate-infill-tokenizer-without-the-pieces", "generate {model} --prompt 'a<FILL_ME>b' --infill",
+         r"this tokenizer cannot infill: it lacks .<PRE>, .<SUF>, .<MID>, .<EOT>; infilling needs a Code Llama "
+         r"tokenizer.model, which holds .<PRE>, .<SUF>, .<MID>, .<EOT>$"),
     Case("generate-stop-starting-with-a-dash", "generate {model} --prompt Hi --stop -x",  # argparse: an option
          r"argument --stop: expected one argument; give a value that starts with '-' as --stop=VALUE"),
     Case("generate-model-link-to-nothing", "generate {dangling_link} --prompt Hi",
@@ -882,6 +894,7 @@ def test_bad_input(case: Case, outcomes):
 @pytest.mark.parametrize("case_id", ["train-workdir-is-a-file", "demo-workdir-is-a-file", "export-workdir-missing",
                                      "export-dst-link-loop", "sweep-workdir-link-loop", "eval-output-link-loop",
                                      "eval-model-link-loop", "generate-workdir-link-loop", "generate-mesh-zero",
+                                     "generate-infill-with-chat", "generate-infill-prompt-without-fill-me",
                                      "generate-mesh-two-free-axes", "export-step-missing", "plan-mesh-does-not-fit",
                                      "plan-batch-not-divisible-by-devices", "plan-kv-heads-not-divisible",
                                      "train-init-from-missing", "train-init-from-a-run", "train-init-from-other-shape",

@@ -386,3 +386,129 @@ def test_text_the_output_encoding_lacks_is_escaped(sp_model, tmp_path):
                          env={**env, "PYTHONIOENCODING": "ascii", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0 and out.stderr == "", out.stderr
     assert out.stdout.startswith("Caf\\xe9 \\u65e5")
+
+
+# ---- Code Llama infilling ----
+
+INFILL = ["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"]
+
+
+@pytest.fixture(scope="module")
+def code_llama(tmp_path_factory):
+    """(tokenizer directory, tokenizer, sentencepiece processor) of a tokenizer with Code Llama's four
+    infilling pieces, user-defined pieces as transformers' converter takes them. "☺" is a piece of its
+    own too, as in Code Llama's vocabulary, on which Meta's encode_infilling relies."""
+    root = tmp_path_factory.mktemp("code_llama")
+    corpus = EmbeddedCorpus()
+    train_sentencepiece((corpus[i] for i in range(len(corpus))), root / "tok" / "tokenizer.model", 512,
+                        user_defined_symbols=INFILL + ["☺"])
+    sp = spm.SentencePieceProcessor(model_file=str(root / "tok" / "tokenizer.model"))
+    assert sp.encode("☺") == [sp.piece_to_id("▁"), sp.piece_to_id("☺")]  # what Meta drops
+    return root / "tok", load_tokenizer(root / "tok"), sp
+
+
+def _meta_infill_ids(sp, prefix: str, suffix: str) -> list[int]:
+    """Meta's codellama infilling_prompt_tokens (prefix-suffix-middle), written out again."""
+    pre, suf, mid = (sp.piece_to_id(p) for p in INFILL[:3])
+    return [sp.bos_id(), pre] + sp.encode(prefix) + [suf] + sp.encode("☺" + suffix)[2:] + [mid]
+
+
+def _meta_decode_infilling(sp, ids: list[int]) -> str:
+    return sp.decode([sp.piece_to_id("☺")] + ids)[1:]
+
+
+INFILL_CASES = [("def add(a, b):\n    ", "\n    return c\n"), ("", "    return x\n"), ("x = [1, 2", ""),
+                ("", ""), ("s = 'héllo", " wörld ☺ 日本'\n"), ("if a:", "  b()\n"), ("a =", "\n\nb = 2")]
+
+
+def test_infill_prompt_ids_are_metas(code_llama):
+    """The ids are Meta's infilling_prompt_tokens: the suffix without a leading space. transformers
+    5's CodeLlamaTokenizer agrees where the prefix is not empty and the suffix starts with a space;
+    elsewhere its Metaspace pre-tokenizer, left on for the infilling pair, puts a "▁" piece first
+    (before an empty prefix, or a suffix that starts otherwise), which Meta's format has not; and an
+    empty suffix it does not format as infilling at all."""
+    import transformers
+
+    tok_dir, tok, sp = code_llama
+    hf = transformers.CodeLlamaTokenizer.from_pretrained(tok_dir)
+    space = sp.piece_to_id("▁")
+    for prefix, suffix in INFILL_CASES:
+        ids = prompts_lib.infill_ids(tok, prefix + "<FILL_ME>" + suffix)
+        assert ids == _meta_infill_ids(sp, prefix, suffix), (prefix, suffix)
+        if suffix:
+            at_suffix = ids.index(hf.suffix_id) + 1
+            theirs = ids[:at_suffix] + [space] * (not suffix.startswith(" ")) + ids[at_suffix:]
+            theirs = theirs[:2] + [space] * (prefix == "") + theirs[2:]
+            assert hf(prefix + "<FILL_ME>" + suffix)["input_ids"] == theirs, (prefix, suffix)
+    assert [hf.prefix_id, hf.suffix_id, hf.middle_id, hf.eot_id] == prompts_lib.infill_pieces(tok)
+    suffix = " wörld ☺ 日本'\n"  # decoded as what continues a text: its leading space kept
+    suffix_ids = tok.encode_infilling(suffix)
+    assert tok.decode_infilling(suffix_ids) == _meta_decode_infilling(sp, suffix_ids) == suffix
+    assert tok.decode(suffix_ids) == suffix[1:]
+
+
+def test_infill_is_refused_without_the_pieces(sp_model, tmp_path):
+    (tmp_path / "toy3.model").write_bytes(_tiktoken_file(_toy_ranks()))
+    with pytest.raises(ValueError, match=r"^this tokenizer cannot infill: it lacks ▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT>; "):
+        prompts_lib.infill_ids(sp_model[3], "a<FILL_ME>b")
+    with pytest.raises(ValueError, match=r"^a LLaMA 3 \(tiktoken\) tokenizer cannot infill; infilling needs a Code"):
+        prompts_lib.infill_ids(load_tokenizer(tmp_path / "toy3.model"), "a<FILL_ME>b")
+    for prompt, held in (("ab", "none"), ("a<FILL_ME>b<FILL_ME>", "it 2 times")):
+        with pytest.raises(ValueError, match=f"holds <FILL_ME> once, .*; this one holds {held}: "):
+            prompts_lib.infill_ids(sp_model[3], prompt)
+    path, cfg, params, tok = sp_model
+    with pytest.raises(ValueError, match="chat and infill exclude each other"):
+        complete(cfg, params, tok, ["a<FILL_ME>b"], chat=True, infill=True)
+
+
+def test_greedy_infill_equals_transformers(code_llama, tmp_path, capsys):
+    """`generate --infill` of a Code Llama converted from Hugging Face: the filling is transformers'
+    greedy generate on the same ids, up to ▁<EOT>, decoded as Meta's decode_infilling (its own
+    leading space kept); batches, stop strings and the stream keep working."""
+    import shutil
+
+    import torch
+
+    from tests.reference import hf_config_dict, make_hf_model
+
+    tok_dir, tok, sp = code_llama
+    hf, eot = tmp_path / "hf", sp.piece_to_id("▁<EOT>")
+    model = make_hf_model(hf_config_dict("gqa_llama3", vocab_size=512))
+    prompts = ["for i in<FILL_ME>:\n    pass\n", "<FILL_ME> = 1"]
+    ids = [prompts_lib.infill_ids(tok, p) for p in prompts]
+
+    def hf_greedy(row: list[int], steps: int) -> list[int]:
+        out = model.generate(torch.tensor([row]), max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                             eos_token_id=[eot, 2])
+        return out[0, len(row):].tolist()
+
+    with torch.no_grad():
+        for p in model.parameters():  # sharper logits: few near-ties
+            if p.ndim > 1:
+                p.mul_(8)
+        model.lm_head.weight[[i for i in range(512) if sp.is_byte(i)]] = 0  # no stray bytes: U+FFFD
+        free = hf_greedy(ids[0], 16)
+        k = next(k for k, t in enumerate(free) if k >= 4 and t not in free[:k])
+        model.lm_head.weight[eot] = model.lm_head.weight[free[k]] * 1.01  # ▁<EOT> where free[k] was chosen
+        fillings = [hf_greedy(row, 16) for row in ids]
+    model.save_pretrained(hf)
+    shutil.copy(tok_dir / "tokenizer.model", hf / "tokenizer.model")
+    assert fillings[0] == free[:k] + [eot]
+    expected = [_meta_decode_infilling(sp, [t for t in f if t != eot]) for f in fillings]
+    assert expected[0].startswith(" ") and "<EOT>" not in expected[0], expected  # (its leading space is the filling's)
+
+    assert main(["convert", "--from", "hf", "--to", "jax", str(hf), str(tmp_path / "jax")]) == 0
+    capsys.readouterr()
+    command = ["generate", str(tmp_path / "jax"), "--infill", "--temperature", "0", "--max-new-tokens", "16"]
+    assert main(command + ["--prompt", prompts[0]]) == 0  # streamed
+    assert capsys.readouterr().out == expected[0] + "\n"
+    assert main(command + ["--prompt", prompts[0], "--prompt", prompts[1]]) == 0  # a batch
+    assert capsys.readouterr().out == "\n\n-----\n\n".join(expected) + "\n"
+    stop = expected[0][2:4]
+    assert main(command + ["--prompt", prompts[0], "--stop", stop]) == 0
+    assert capsys.readouterr().out == expected[0][:expected[0].index(stop)] + "\n"
+    sampled = command[:3] + ["--temperature", "0.9", "--seed", "3", "--prompt", prompts[1]]
+    assert main(sampled) == 0
+    streamed = capsys.readouterr().out
+    assert main(sampled + ["--no-stream"]) == 0
+    assert capsys.readouterr().out == streamed != expected[1] + "\n"
