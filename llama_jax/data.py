@@ -303,18 +303,26 @@ def _joined_lines(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def _slice_reversed(split: str, splits) -> bool:
-    """Whether a TFDS split spec holds a slice whose start is not before its end (`train[3:1]`, `train[50%:10%]`):
-    TFDS reads other records for one (`train[2:1]` of 3 records reads record 2), or fails on a negative count."""
+def _record_ranges(split: str, splits) -> list[tuple[str, int, int, bool]]:
+    """(split name, first record, end, whether it is the whole split) of each part of a TFDS split spec."""
     import tensorflow_datasets as tfds
 
-    for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits):
-        if part.from_ is None and part.to is None:  # a whole split, empty or not
-            continue
-        end = splits[part.splitname].num_examples if part.to is None else part.to
-        if (part.from_ or 0) >= end:
-            return True
-    return False
+    return [(part.splitname, part.from_ or 0, splits[part.splitname].num_examples if part.to is None else part.to,
+             part.from_ is None and part.to is None)
+            for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)]
+
+
+def _slice_reversed(ranges: list[tuple[str, int, int, bool]]) -> bool:
+    """Whether a TFDS split spec's `_record_ranges` hold a slice whose start is not before its end (`train[3:1]`,
+    `train[50%:10%]`): TFDS reads other records for one (`train[2:1]` of 3 records reads record 2), or fails on a
+    negative count. (A whole split may be empty.)"""
+    return any(start >= end and not whole for _, start, end, whole in ranges)
+
+
+def _shared_records(ranges: list[tuple[str, int, int, bool]], others: list[tuple[str, int, int, bool]]) -> int:
+    """How many records two TFDS split specs' `_record_ranges` both read."""
+    return sum(max(0, min(end, other_end) - max(start, other_start))
+               for name, start, end, _ in ranges for other, other_start, other_end, _ in others if name == other)
 
 
 def _feature_kind(feature) -> tuple | None:
@@ -352,7 +360,8 @@ class TfdsSource:
                              f"({tfds.__version__}) or is damaged: build the dataset again with this one") from None
         except (ValueError, AssertionError) as e:  # a bad name, version or split, often in several lines
             raise ValueError(f"{self._where}: {_joined_lines(e)}") from None
-        if _slice_reversed(split, self._records.dataset_info.splits):
+        self.ranges = _record_ranges(split, self._records.dataset_info.splits)
+        if _slice_reversed(self.ranges):
             raise ValueError(f"{self._where}: a slice whose start is not before its end selects no records; give "
                              f"slices that do, e.g. 'train[:90%]'")
         features = self._records.dataset_info.features
@@ -401,9 +410,17 @@ def make_source(data_config) -> tuple[Sequence[str] | None, Sequence[str] | None
         name, data_dir = data_config.get("tfds_name"), data_config.get("data_dir")
         if not name:
             raise ValueError("data.tfds_name is empty; give the TFDS dataset name for source=tfds")
-        train = TfdsSource(name, data_config.get("tfds_split") or "train", data_dir, text_key)
-        eval_split = data_config.get("tfds_eval_split")
-        return train, TfdsSource(name, eval_split, data_dir, text_key, "data.tfds_eval_split") if eval_split else None
+        split, eval_split = data_config.get("tfds_split") or "train", data_config.get("tfds_eval_split")
+        train = TfdsSource(name, split, data_dir, text_key)
+        if not eval_split:
+            return train, None
+        held = TfdsSource(name, eval_split, data_dir, text_key, "data.tfds_eval_split")
+        shared = _shared_records(train.ranges, held.ranges)
+        if shared:  # held-out documents would be trained on
+            raise ValueError(f"data.tfds_eval_split={eval_split!r} reads {shared} of the records data.tfds_split="
+                             f"{split!r} trains on; give splits with no record in common (e.g. 'train[:90%]' and "
+                             f"'train[90%:]', or the dataset's validation split)")
+        return train, held
     if source == "synthetic":
         return None, None
     raise ValueError(f"data.source={source!r} is not supported; valid: {', '.join(SOURCES)}")

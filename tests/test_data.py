@@ -101,6 +101,16 @@ def test_text_files_and_tfds_round_trip(tmp_path, tokenizer, monkeypatch):
             make_source(ConfigDict({**config.to_dict(), key: split}))
         assert re.fullmatch(rf"data.tfds_name='{name}' with data.{key}='{re.escape(split)}': [^\n]*split[^\n]*",
                             str(error.value)), str(error.value)
+    # held-out records the training split also reads would be trained on
+    for split, eval_split, shared in (("train", "train", 6), ("train[:60%]", "train[50%:]", 1),
+                                      ("train+validation", "validation", 3)):
+        with pytest.raises(ValueError, match=rf"^data.tfds_eval_split='{re.escape(eval_split)}' reads {shared} of the "
+                                             rf"records data.tfds_split='{re.escape(split)}' trains on; give splits "
+                                             rf"with no record in common \(e.g. "):
+            make_source(ConfigDict({**config.to_dict(), "tfds_split": split, "tfds_eval_split": eval_split}))
+    train, held = make_source(ConfigDict({**config.to_dict(), "tfds_split": "train[:50%]", "tfds_eval_split":
+                                          "train[-50%:]+validation"}))
+    assert list(train) + list(held) == splits["train"] + splits["validation"]
     assert list(make_source(ConfigDict(dict(source="jsonl", files=[str(tmp_path / "*.jsonl")])))[0]) == docs[:8]
     assert make_source(ConfigDict(dict(source="synthetic"))) == (None, None)
     assert "tensorflow" not in sys.modules  # built and read without TensorFlow
