@@ -24,6 +24,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -433,10 +434,12 @@ def held_out(hashes: np.ndarray, fraction: float) -> np.ndarray:
     """Mask of the documents held out for evaluation: the ceil(fraction * n) smallest hashes.
 
     Ranking rather than comparing each hash with `fraction` guarantees a small corpus at least
-    one eval document; a document's assignment depends only on its hash and the corpus size."""
+    one eval document; a document's assignment depends only on its hash and the corpus size. The
+    product is exact for the fraction as written (0.07 of 100 documents is 7, where the float
+    product, 7.000000000000001, would round up to 8)."""
     if fraction == 0 or len(hashes) == 0:
         return np.zeros(len(hashes), bool)
-    k = math.ceil(fraction * len(hashes))
+    k = math.ceil(Fraction(str(fraction)) * len(hashes))
     return hashes <= np.partition(hashes, k - 1)[k - 1]
 
 

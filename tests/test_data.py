@@ -350,6 +350,13 @@ def test_prefetcher_matches_direct_calls_and_closes():
             prefetcher.next(2)
 
 
+def test_eval_fraction_holds_out_its_share_of_documents_as_written():
+    """ceil(eval_fraction x n) documents, the product exact: 0.07 x 100 is 7 (as floats it is 7.000000000000001)."""
+    for n, fraction, count in ((100, 0.07, 7), (300, 0.07, 21), (101, 0.07, 8), (10, 0.9, 9), (3, 2 / 3, 2)):
+        train, held = split_indices(n, fraction)
+        assert len(held) == count and sorted([*train, *held]) == list(range(n))
+
+
 def test_unigram_perplexity_by_hand():
     # Add-one smoothing over 3 ids with counts 3, 1, 0: p = 4/7, 2/7, 1/7. Targets 0, 1, 2 count,
     # the last is masked: perplexity = (7/4 * 7/2 * 7/1) ** (1/3) = 7/2.
