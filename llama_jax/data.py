@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -98,14 +99,26 @@ class DocumentList:
         return self._documents[i]
 
 
+def named_documents_sha256(named: Iterable[tuple[str, str]]) -> str:
+    """The fingerprint of a corpus of (name, text) documents, in order: names, lengths and texts."""
+    digest = hashlib.sha256()
+    for name, text in named:
+        digest.update(f"{name}\0{len(text)}\0".encode())
+        digest.update(text.encode("utf-8"))
+    return digest.hexdigest()
+
+
 class EmbeddedCorpus(DocumentList):
     """The English help texts that ship with every CPython (`pydoc_data.topics`): about 80
-    documents, 0.5 MB, one per help topic, in the order of their sorted topic names."""
+    documents, 0.5 MB, one per help topic, in the order of their sorted topic names. `sha256`
+    fingerprints the corpus (topic names and texts): another Python release may give other texts."""
 
     def __init__(self):
         from pydoc_data.topics import topics
 
-        super().__init__([topics[name] for name in sorted(topics)], "pydoc_data.topics")
+        names = sorted(topics)
+        self.sha256 = named_documents_sha256((name, topics[name]) for name in names)
+        super().__init__([topics[name] for name in names], "pydoc_data.topics")
 
 
 class StdlibCorpus(DocumentList):
@@ -118,24 +131,19 @@ class StdlibCorpus(DocumentList):
     SKIPPED = frozenset({"site-packages", "test", "tests", "idle_test"})
 
     def __init__(self):
-        import hashlib
         import sysconfig
 
         root = Path(sysconfig.get_paths()["stdlib"])
         paths = sorted((p for p in root.rglob("*.py") if not self.SKIPPED & set(p.relative_to(root).parts[:-1])),
                        key=lambda p: p.relative_to(root).as_posix())
-        digest, documents = hashlib.sha256(), []
+        named = []
         for path in paths:
             try:
-                text = path.read_text(encoding="utf-8")
+                named.append((path.relative_to(root).as_posix(), path.read_text(encoding="utf-8")))
             except (UnicodeDecodeError, OSError):
                 continue  # not UTF-8 or unreadable: not part of the corpus on this interpreter
-            relative = path.relative_to(root).as_posix()
-            digest.update(f"{relative}\0{len(text)}\0".encode())
-            digest.update(text.encode("utf-8"))
-            documents.append(text)
-        self.root, self.sha256 = root, digest.hexdigest()
-        super().__init__(documents, f"the standard library at {root}")
+        self.root, self.sha256 = root, named_documents_sha256(named)
+        super().__init__([text for _, text in named], f"the standard library at {root}")
 
 
 class TextFiles(DocumentList):

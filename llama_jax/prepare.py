@@ -15,8 +15,8 @@ first and EOS last, in worker processes, and writes them to DIR (format `llama_j
     manifest.json                 written last: tokenizer, token dtype, shard size, data section, its
                                   document settings (`document_settings`), per-split counts and shards
                                   (and the corpus sha256 of a source that has one: text and JSONL files,
-                                  stdlib; over each document's length and UTF-8 text, in order, and for
-                                  stdlib each file's relative path too)
+                                  stdlib, embedded; over each document's length and UTF-8 text, in order,
+                                  and for stdlib and embedded each one's name too: relative path, topic)
 
 The held-out split is the source's eval split when it has one, else `split_indices(n, eval_fraction)`.
 A shard closes once it holds `shard_tokens` tokens; documents are never split. The files depend only
@@ -101,7 +101,7 @@ class Corpus:
 
     indices: dict[str, np.ndarray]
     read: Callable[[str, int], Iterator[tuple[int, str]]]
-    sha256: str | None = None  # fingerprint of the documents, for sources that have one (files, stdlib)
+    sha256: str | None = None  # fingerprint of the documents, for sources that have one (files, stdlib, embedded)
 
     def documents(self, split: str, start: int = 0) -> Iterator[tuple[int, str]]:
         return self.read(split, start)

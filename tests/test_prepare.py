@@ -400,6 +400,25 @@ def test_an_interrupted_preparation_does_not_resume_on_edited_files(tmp_path, ca
         prepare(data, finished, workers=1, shard_tokens=SHARD_TOKENS, progress=False)
 
 
+def test_an_interrupted_preparation_of_the_help_texts_does_not_resume_on_another_releases(inputs, tmp_path,
+                                                                                          monkeypatch):
+    """pydoc_data.topics changes between Python releases (as many topics, other words): shards already
+    written hold the texts the preparation started with, so a resume on others is refused."""
+    from pydoc_data import topics
+
+    data = base_config().data
+    data.update(source="embedded", tokenizer=str(inputs["tokenizer"]), eval_fraction=EVAL_FRACTION)
+    out = tmp_path / "prepared"
+    started = prepare(data, out, workers=1, shard_tokens=50_000, progress=False)
+    assert started["corpus_sha256"] == EmbeddedCorpus().sha256
+    (out / "manifest.json").unlink()  # as if it had been stopped before its last shard
+    first = sorted(topics.topics)[0]
+    monkeypatch.setitem(topics.topics, first, topics.topics[first].upper())
+    with pytest.raises(ValueError, match=rf"^{out} was started on other documents \(corpus sha256 "
+                                         rf"{started['corpus_sha256'][:12]}, now \w{{12}}\): the corpus changed"):
+        prepare(data, out, workers=1, progress=False)
+
+
 def test_reader_streams_across_shards(inputs, reference):
     tokenizer = load_tokenizer(inputs["tokenizer"])
     train = expected_splits(inputs)["train"]
