@@ -824,6 +824,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
     except BaseException:
         data.discard()
         raise
+    if resumed and start == t.steps:  # nothing left to train: its closing evaluation is made as the run's own
+        config = _run_evaluation_settings(config, resumed["config"])
+        t = config.train
     if jax.process_count() > 1:  # the others start saving only once process 0 has set the workdir up
         multihost_utils.sync_global_devices("llama_jax: workdir ready")
     checkpoints = RunCheckpoints(workdir / "checkpoints", config.checkpoint.every, config.checkpoint.max_to_keep,
@@ -1032,6 +1035,19 @@ def _write_run_config(config, model: LLaMAConfig, workdir: Path, start: int, res
               f"changed since checkpoint {start}: {', '.join(changed)}")
     if start < config.train.steps:
         write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+
+
+def _run_evaluation_settings(config, saved: dict):
+    """`config` with the settings that decide a held-out evaluation (train.eval_batches, and the
+    micro-batch rows of train.grad_accum) taken from `saved`, the config of the checkpoint a rerun
+    with nothing left to train ends at: the closing evaluation it logs (one that was not logged yet,
+    or none for a run that did not evaluate) is then the run's, as config.json keeps the run's
+    settings; with the rerun's, the log held an evaluation of another subset than config.json says."""
+    config = config.copy_and_resolve_references()
+    for key in ("eval_batches", "grad_accum"):
+        if key in saved.get("train", {}):
+            config.train[key] = saved["train"][key]
+    return config
 
 
 def _held_out_change(saved: dict, config) -> str:

@@ -1013,6 +1013,22 @@ def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, tokenizer
             in capsys.readouterr().out)
 
 
+def test_a_closing_evaluation_made_with_nothing_left_to_train_is_the_runs_own(tmp_path, tokenizer_path,
+                                                                              straight_run, capsys):
+    """A run stopped after its last checkpoint, before its closing evaluation was logged, rerun with
+    other held-out settings: config.json keeps the run's, and so does the evaluation the rerun logs
+    (it covered the rerun's train.eval_batches, 8 windows of the run's 32)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    log = (workdir / "metrics.jsonl").read_text()
+    (workdir / "metrics.jsonl").write_text("".join(log.splitlines(keepends=True)[:-1]))
+    capsys.readouterr()
+    assert main(train_args(workdir, run_overrides(tokenizer_path, "train.eval_batches=1"))) == 0
+    assert "config.json keeps the settings the run ran with, not these changed since checkpoint 12: " \
+        "train.eval_batches 4 -> 1" in capsys.readouterr().out
+    assert (workdir / "metrics.jsonl").read_text() == log
+
+
 def test_a_resume_on_another_mesh_with_more_grad_accum_continues_the_run_and_names_its_held_out_subset(
         tmp_path, tokenizer_path, straight_run, capsys):
     """A resume on another mesh (8-way fsdp -> fsdp 4 x tensor 2) with grad_accum 2, as on a
