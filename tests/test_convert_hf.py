@@ -86,6 +86,23 @@ def test_hf_to_jax_matches_transformers(tmp_path, variant, style, layout, drop_l
     assert (tmp_path / "jax" / "generation_config.json").is_file()
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_single_weights_file_is_read_before_an_index_beside_it(tmp_path, fmt):
+    """transformers loads `model.safetensors` (`pytorch_model.bin`) when the directory also holds an
+    index and its shards, of other weights: the conversion is of the model transformers loads."""
+    config_dict = hf_config_dict("mha", "v4")
+    single, sharded = make_hf_model(config_dict, seed=1), make_hf_model(config_dict, seed=2)
+    src = write_hf_dir(tmp_path / "hf", sharded, config_dict, f"{fmt}-sharded")
+    write_hf_dir(tmp_path / "single", single, config_dict, fmt)
+    name = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin"}[fmt]
+    (src / name).write_bytes((tmp_path / "single" / name).read_bytes())
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "jax")]) == 0
+    cfg, params = load_model(tmp_path / "jax")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(src, attn_implementation="eager").eval()
+    np.testing.assert_allclose(np.asarray(LLaMA(cfg).apply({"params": params}, TOKENS)), hf_logits(loaded, TOKENS),
+                               atol=TOL, rtol=0)
+
+
 def test_a_top_level_original_context_is_read_as_transformers_reads_it(tmp_path, capsys):
     """Some files keep llama3's original_max_position_embeddings beside the scaling object;
     transformers 5 takes it over the object's own, and 4.x reads only the object's: the model is

@@ -1,8 +1,9 @@
 """Hugging Face model directories on disk: config.json plus safetensors or PyTorch .bin weights.
 
 Reads `model.safetensors`, sharded safetensors with `model.safetensors.index.json`,
-`pytorch_model.bin` and sharded `.bin` with `pytorch_model.bin.index.json`; writes config.json
-and sharded safetensors with an index, as `transformers.LlamaForCausalLM.from_pretrained` expects.
+`pytorch_model.bin` and sharded `.bin` with `pytorch_model.bin.index.json` (the first found, in this
+order, as transformers loads them); writes config.json and sharded safetensors with an index, as
+`transformers.LlamaForCausalLM.from_pretrained` expects.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from llama_jax.convert.source import ConversionError, Source, stored_dtype
 from llama_jax.convert.torch_io import load_torch_file, tensor_to_numpy, weight_dtype
 from llama_jax.safe_io import read_json_object
 
-WEIGHT_LAYOUTS = (  # (single file, index file), in order of preference
+WEIGHT_LAYOUTS = (  # (single file, index file), in transformers' order of preference
     ("model.safetensors", "model.safetensors.index.json"),
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
 )
@@ -37,8 +38,11 @@ def read_json(path: Path, holds: str) -> dict:
 
 
 def _weight_map(src: Path) -> dict[str, str]:
-    """Tensor name -> file name, from an index or from the single weights file."""
+    """Tensor name -> file name, from the single weights file or an index, in transformers' order:
+    a single file before an index of the same format (a directory may hold both)."""
     for single, index in WEIGHT_LAYOUTS:
+        if (src / single).is_file():
+            return {name: single for name in _open(src / single).keys()}
         if (src / index).is_file():
             weight_map = read_json(src / index, "tensor names and files").get("weight_map")
             if not isinstance(weight_map, dict):
@@ -55,8 +59,6 @@ def _weight_map(src: Path) -> dict[str, str]:
                     problem = "is a directory, not a file" if (src / file_name).is_dir() else "is absent"
                     raise ConversionError(f"{src / file_name}: shard named in {index} {problem}")
             return weight_map
-        if (src / single).is_file():
-            return {name: single for name in _open(src / single).keys()}
     raise ConversionError(f"{src}: no weights found; expected one of "
                           + ", ".join(name for pair in WEIGHT_LAYOUTS for name in pair))
 
