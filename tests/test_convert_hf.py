@@ -103,6 +103,32 @@ def test_a_single_weights_file_is_read_before_an_index_beside_it(tmp_path, fmt):
                                atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("named", ["other.safetensors", "other.safetensors.index.json"])
+def test_the_weights_config_json_names_are_read(tmp_path, capsys, named):
+    """transformers loads the file config.json's transformers_weights names, not model.safetensors
+    beside it; a name of another kind is refused."""
+    config_dict = hf_config_dict("mha", "v4")
+    default, other = make_hf_model(config_dict, seed=1), make_hf_model(config_dict, seed=2)
+    src = write_hf_dir(tmp_path / "hf", default, config_dict, "safetensors")
+    layout = "safetensors-sharded" if named.endswith(".index.json") else "safetensors"
+    written = write_hf_dir(tmp_path / "other", other, config_dict, layout)
+    for path in written.glob("model*.safetensors*"):
+        (src / path.name.replace("model", "other", 1)).write_bytes(path.read_bytes())
+    if layout == "safetensors-sharded":  # the index names the renamed shards
+        (src / named).write_text((src / named).read_text().replace('"model-', '"other-'))
+    (src / "config.json").write_text(json.dumps({**config_dict, "transformers_weights": named}))
+    assert main(["convert", "--from", "hf", "--to", "jax", str(src), str(tmp_path / "jax")]) == 0
+    cfg, params = load_model(tmp_path / "jax")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(src, attn_implementation="eager").eval()
+    np.testing.assert_allclose(np.asarray(LLaMA(cfg).apply({"params": params}, TOKENS)), hf_logits(loaded, TOKENS),
+                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(hf_logits(loaded, TOKENS), hf_logits(other, TOKENS), atol=TOL, rtol=0)
+    (src / "config.json").write_text(json.dumps({**config_dict, "transformers_weights": "pytorch_model.bin"}))
+    capsys.readouterr()
+    _fails(tmp_path, capsys, src, "config.json: transformers_weights='pytorch_model.bin' is not supported; valid: the "
+                                  "name of a .safetensors file or a .safetensors.index.json in")
+
+
 def test_a_top_level_original_context_is_read_as_transformers_reads_it(tmp_path, capsys):
     """Some files keep llama3's original_max_position_embeddings beside the scaling object;
     transformers 5 takes it over the object's own, and 4.x reads only the object's: the model is

@@ -2,8 +2,9 @@
 
 Reads `model.safetensors`, sharded safetensors with `model.safetensors.index.json`,
 `pytorch_model.bin` and sharded `.bin` with `pytorch_model.bin.index.json` (the first found, in this
-order, as transformers loads them); writes config.json and sharded safetensors with an index, as
-`transformers.LlamaForCausalLM.from_pretrained` expects.
+order, as transformers loads them), or the one config.json's `transformers_weights` names; writes
+config.json and sharded safetensors with an index, as `transformers.LlamaForCausalLM.from_pretrained`
+expects.
 """
 
 from __future__ import annotations
@@ -37,21 +38,23 @@ def read_json(path: Path, holds: str) -> dict:
         raise ConversionError(str(e)) from None
 
 
-def _weight_map(src: Path) -> dict[str, str]:
+def _weight_map(src: Path, named: object = None) -> dict[str, str]:
     """Tensor name -> file name, from the single weights file or an index, in transformers' order:
-    a single file before an index of the same format (a directory may hold both)."""
-    for single, index in WEIGHT_LAYOUTS:
-        if (src / single).is_file():
+    a single file before an index of the same format (a directory may hold both); or from `named`,
+    config.json's `transformers_weights`, the one file (a .safetensors file or index) that
+    transformers then loads."""
+    layouts = WEIGHT_LAYOUTS if named is None else [_named_layout(src, named)]
+    for single, index in layouts:
+        if single is not None and (src / single).is_file():
             return {name: single for name in _open(src / single).keys()}
-        if (src / index).is_file():
+        if index is not None and (src / index).is_file():
             weight_map = read_json(src / index, "tensor names and files").get("weight_map")
             if not isinstance(weight_map, dict):
                 found = "no 'weight_map'" if weight_map is None else f"'weight_map' is a {type(weight_map).__name__}"
                 raise ConversionError(f"{src / index}: {found}; valid: an object of tensor names and the weights files "
                                       f"that hold them")
             for name, file_name in weight_map.items():
-                if not isinstance(file_name, str) or not file_name or Path(file_name).is_absolute() \
-                        or ".." in Path(file_name).parts:  # (a name outside SRC)
+                if not _is_file_name(file_name):
                     raise ConversionError(f"{src / index}: weight_map[{name!r}] is {file_name!r}; valid: the name of "
                                           f"the weights file in {src} that holds the tensor")
             for file_name in sorted(set(weight_map.values())):
@@ -59,8 +62,24 @@ def _weight_map(src: Path) -> dict[str, str]:
                     problem = "is a directory, not a file" if (src / file_name).is_dir() else "is absent"
                     raise ConversionError(f"{src / file_name}: shard named in {index} {problem}")
             return weight_map
+    if named is not None:
+        raise ConversionError(f"{src / named}: not found; config.json names it as transformers_weights, the weights "
+                              f"to load")
     raise ConversionError(f"{src}: no weights found; expected one of "
                           + ", ".join(name for pair in WEIGHT_LAYOUTS for name in pair))
+
+
+def _named_layout(src: Path, named: object) -> tuple[str | None, str | None]:
+    """(single file, index file) for config.json's `transformers_weights`, one of them None."""
+    if not (_is_file_name(named) and named.endswith((".safetensors", ".safetensors.index.json"))):
+        raise ConversionError(f"{src / 'config.json'}: transformers_weights={named!r} is not supported; valid: the "
+                              f"name of a .safetensors file or a .safetensors.index.json in {src}, or null")
+    return (None, named) if named.endswith(".index.json") else (named, None)
+
+
+def _is_file_name(name: object) -> bool:
+    """Whether `name` names a file inside the model directory (not an absolute path, nor one with '..')."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 class _TorchFile:
@@ -104,7 +123,7 @@ def read_hf_dir(src: str | Path) -> Source:
         raise
     except ValueError as e:  # from_hf's messages start with "config.json: ", which config_path already names
         raise ConversionError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from None
-    weight_map = _weight_map(src)
+    weight_map = _weight_map(src, hf.get("transformers_weights"))
     try:
         check_names(config, set(weight_map))
     except ValueError as e:
