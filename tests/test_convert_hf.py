@@ -495,12 +495,19 @@ def test_tensor_problems_are_named(tmp_path, capsys, edit, expected):
     _fails(tmp_path, capsys, src, expected)
 
 
-def test_a_tensor_a_shard_holds_beyond_its_index_is_named(tmp_path, capsys, good_src):
+@pytest.mark.parametrize("name, shape, expected", [
+    ("model.layers.1.mlp.stray", (3,), "unexpected tensor model.layers.1.mlp.stray"),
+    # another copy of a tensor the index places in the second shard: transformers would load either
+    ("model.norm.weight", (64,), "model-00001-of-00002.safetensors: tensor model.norm.weight, which the index places "
+                                 "in model-00002-of-00002.safetensors, is in this file too; give each tensor one file"),
+])
+def test_a_tensor_a_shard_holds_beyond_its_index_is_named(tmp_path, capsys, good_src, name, shape, expected):
     shard = good_src / "model-00001-of-00002.safetensors"
     state = safetensors.torch.load_file(shard)
-    state["model.layers.1.mlp.stray"] = torch.zeros(3)  # in the file, not in the index
+    assert name not in state
+    state[name] = torch.zeros(shape)  # in the file, not in the index
     safetensors.torch.save_file(state, shard)
-    _fails(tmp_path, capsys, good_src, "unexpected tensor model.layers.1.mlp.stray")
+    _fails(tmp_path, capsys, good_src, expected)
 
 
 def test_same_values_compares_block_by_block_across_dtypes():

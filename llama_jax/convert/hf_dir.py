@@ -159,16 +159,22 @@ def read_hf_dir(src: str | Path) -> Source:
 def _checked_tensors(src: Path, config: LLaMAConfig, weight_map: dict[str, str], files: dict) -> dict:
     """The config's tensors by name, once every file holds those its index names, in the config's
     shapes, and no other (a tensor a shard holds beyond those its index lists is unexpected, as
-    transformers reports it); ConversionError naming the file otherwise."""
+    transformers reports it; one that another shard holds as well is refused: transformers loads
+    every shard whole, the copy in the shard last by name); ConversionError naming the file otherwise."""
+    held = {file_name: set(f.keys()) for file_name, f in files.items()}
     try:
-        check_names(config, set(weight_map).union(*(f.keys() for f in files.values())))
+        check_names(config, set(weight_map).union(*held.values()))
     except ValueError as e:
         raise ConversionError(f"{src}: {e}") from None
     specs = {spec.hf_name: spec for spec in tensor_specs(config)}
     for name, spec in specs.items():  # every shape checked before anything is written
         f = files[weight_map[name]]
-        if name not in f.keys():
+        if name not in held[weight_map[name]]:
             raise ConversionError(f"{f.path}: tensor {name} named in the index is absent from this file")
+        if others := sorted(file_name for file_name, keys in held.items() if name in keys
+                            and file_name != weight_map[name]):
+            raise ConversionError(f"{src / others[0]}: tensor {name}, which the index places in {weight_map[name]}, is "
+                                  f"in this file too; give each tensor one file")
         try:
             check_shape(spec, f.shape(name))
         except ValueError as e:
