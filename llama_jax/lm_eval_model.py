@@ -211,13 +211,15 @@ class LlamaJaxLM(TemplateLM):
         A batch stops decoding once every row has reached EOS or one of its stop sequences, which,
         as the `hf` backend's, include the EOS token's text ("</s>" written as ordinary pieces). A
         row also ends at any other end-of-text id the model's generation_config.json lists, as in
-        transformers' `generate` (LLaMA 3 instruct models: <|eot_id|>).
+        transformers' `generate` (LLaMA 3 instruct models: <|eot_id|>), and at a stop sequence
+        that is a special token's text (`until: ["<|eot_id|>"]`) where the model emits that token:
+        special tokens are no text, and the `hf` backend's stop check reads them as their text.
         """
         from tqdm import tqdm
 
         from llama_jax.config import check_sampling
         from llama_jax.generate import decoding_params, generate
-        from llama_jax.prompts import through_end
+        from llama_jax.prompts import end_ids, through_end
 
         params = decoding_params(self.config, self.params, self.mesh, batch_size=self.batch_size)  # once, not per batch
         groups: dict[str, list[int]] = {}
@@ -228,6 +230,7 @@ class LlamaJaxLM(TemplateLM):
         for indices in groups.values():
             kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
             until = [s for s in handle_stop_sequences(kwargs.pop("until", None), eos=self._eos_text) if s]
+            ends = end_ids(self.tokenizer, chat=False, listed=self.end_ids, stop=until)  # EOS first
             new_tokens = kwargs.pop("max_gen_toks")
             sampled = bool(kwargs.pop("do_sample", False))
             temperature, top_k, top_p = (kwargs.pop(k, None) for k in ("temperature", "top_k", "top_p"))
@@ -262,17 +265,17 @@ class LlamaJaxLM(TemplateLM):
                 batch += [[self.prefix_token_id]] * (B - len(batch))  # one batch shape for every batch
 
                 def finished(rows, real=len(chosen)):  # filler rows, and rows that reached an end or stop sequence
-                    return [k >= real or any(e in row for e in self.end_ids[1:])
+                    return [k >= real or any(e in row for e in ends[1:])
                             or any(s in self.tok_decode(row) for s in until) for k, row in enumerate(rows)]
 
                 outputs = generate(self.config, params, batch, new_tokens, temperature=temperature,
                                    top_k=top_k, top_p=top_p, seed=self._sampling_seed(temperature),
-                                   eos_id=self.end_ids[0],
+                                   eos_id=ends[0],
                                    n_tokens=self.tokenizer.vocab_size, on_tokens=finished,
                                    pad_to=length_bucket(len(batch[0]), room), mesh=self.mesh)
                 for i, ids in zip(chosen, outputs):
                     # (an end id that is an ordinary piece is text, as the `hf` backend's decode keeps it)
-                    text = postprocess_generated_text(self.tok_decode(through_end(ids, self.end_ids)), until, None)
+                    text = postprocess_generated_text(self.tok_decode(through_end(ids, ends)), until, None)
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chosen))

@@ -627,6 +627,39 @@ def test_generation_ends_where_the_model_writes_the_eos_text_as_the_hugging_face
     assert LlamaJaxLM(str(tmp_path / "jax"), batch_size=3).generate_until(requests) == hf
 
 
+def test_a_stop_sequence_that_is_a_special_token_s_text_ends_the_row_at_that_token(tmp_path):
+    """A LLaMA-3 task's `until: ["<|eot_id|>"]`: special tokens are no text, so the row ends where
+    the model emits that token, as under the `hf` backend for a row alone in its batch (its stop
+    check reads the tokens' text with the special ones written out). The model is a random one
+    whose embedding and output rows of <|eot_id|> and of the first special token it emits are
+    swapped: it emits <|eot_id|> there and goes on as before."""
+    import llama_jax
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from llama_jax.generate import generate
+    from llama_jax.lm_eval_model import LlamaJaxLM
+    from tests.test_tokenizer import _tiktoken_file, _toy_ranks
+
+    (tmp_path / "tokenizer.model").write_bytes(_tiktoken_file(_toy_ranks()))
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.model")
+    cfg = llama_jax.LLaMAConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, ffn_dim=128,
+                                max_seq_len=64)
+    params = jax.tree_util.tree_map(np.array, llama_jax.init_params(cfg, rng=0))
+    prompt, eot = "the thing", tokenizer.special_tokens["<|eot_id|>"]
+    free = generate(cfg, params, [tokenizer.encode(prompt)], 10)[0]
+    special = next(t for t in free if t in tokenizer.special_ids and t != tokenizer.eos_id)
+    for rows in (params["embed"]["embedding"], params["lm_head"].T):
+        rows[[special, eot]] = rows[[eot, special]]
+    save_model(tmp_path / "jax", cfg, params, tokenizer=tmp_path / "tokenizer.model")
+    assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "hf")]) == 0
+    requests = [Instance("generate_until", {}, (prompt, {"until": until, "max_gen_toks": 10}), i)
+                for i, until in enumerate([["\x00"], ["<|eot_id|>"]])]
+    hf = HFLM(pretrained=str(tmp_path / "hf"), dtype="float32", batch_size=2, device="cpu").generate_until(requests)
+    assert hf[0].startswith(hf[1]) and len(hf[1]) < len(hf[0])  # the stop ended the second row early
+    assert LlamaJaxLM(str(tmp_path / "jax"), batch_size=2).generate_until(requests) == hf
+
+
 def test_sampled_repeats_are_independent_samples(model_dirs):
     """The harness asks for a task's repeats as copies of one request: each copy, in one batch or in
     several, is a sample of its own (one key per row and per batch), and the run is reproducible."""
