@@ -140,6 +140,13 @@ class LlamaJaxLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.pretrained
 
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Refused: requests are encoded as plain text (special-token text in them stays text, as in
+        Meta's code), so a chat template's markers would not be the model's marker tokens."""
+        raise ValueError("llama_jax does not apply chat templates (lm-eval's apply_chat_template, with or without "
+                         "fewshot_as_multiturn): it encodes requests as plain text; valid: evaluate without "
+                         "apply_chat_template (a system_instruction alone is put before each prompt as text)")
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
         """Ids of `string`, BOS first unless add_special_tokens is False (as `hf` with a LLaMA tokenizer)."""

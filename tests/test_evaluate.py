@@ -679,6 +679,22 @@ def test_sampled_repeats_are_independent_samples(model_dirs):
         LlamaJaxLM(str(model_dirs[1])).generate_until([bad])
 
 
+def test_a_chat_template_is_refused_in_one_line(model_dirs, tmp_path, offline):
+    """lm-eval's apply_chat_template asks the model to format each prompt as a chat: refused with
+    what would be valid, not the harness's NotImplementedError asking to implement it."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from llama_jax.lm_eval_model import LlamaJaxLM
+
+    write_tasks(tmp_path / "tasks", long_context="Loops")
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    with pytest.raises(ValueError, match=r"^llama_jax does not apply chat templates \(lm-eval's apply_chat_template, "
+                                         r"with or without fewshot_as_multiturn\): .*; valid: evaluate without"):
+        lm_eval.simple_evaluate(model=LlamaJaxLM(str(model_dirs[1])), tasks=["tiny_mc"], limit=1,
+                                task_manager=manager, apply_chat_template=True)
+
+
 def test_lm_eval_command(model_dirs, tmp_path, capsys, offline):
     write_tasks(tmp_path / "tasks", long_context="Loops")
     out = tmp_path / "results.json"
