@@ -32,6 +32,8 @@ from llama_jax.evaluate import Scorer, length_bucket
 
 NAME = "llama_jax"
 DEFAULT_BATCH_SIZE = 8
+# A generation task's settings of its number of new tokens, in the order lm-eval (normalize_gen_kwargs) prefers them
+NEW_TOKEN_SETTINGS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 
 
 def _batch_size(value) -> int:
@@ -252,10 +254,13 @@ class LlamaJaxLM(TemplateLM):
                               stacklevel=2)
             room = self.max_length - new_tokens
             if room < 1:
-                given = ("the task's generation_kwargs set it" if "max_gen_toks" in requests[indices[0]].args[1]
+                setting = next((k for k in NEW_TOKEN_SETTINGS if requests[indices[0]].args[1].get(k) is not None),
+                               None)  # (the one the harness took)
+                given = ("the task's generation_kwargs set it" if setting
                          else "llama-jax lm-eval --max-gen-toks N, or model arg max_gen_toks=N, sets it")
-                raise ValueError(f"max_gen_toks={new_tokens} leaves no room for a prompt in the model's context "
-                                 f"of {self.max_length} tokens; valid: below {self.max_length} ({given})")
+                raise ValueError(f"{setting or 'max_gen_toks'}={new_tokens} leaves no room for a prompt in the "
+                                 f"model's context of {self.max_length} tokens; valid: below {self.max_length} "
+                                 f"({given})")
             prompts, cut = {}, 0
             for i in indices:
                 ids = self.tok_encode(requests[i].args[0])

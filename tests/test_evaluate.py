@@ -679,6 +679,21 @@ def test_sampled_repeats_are_independent_samples(model_dirs):
         LlamaJaxLM(str(model_dirs[1])).generate_until([bad])
 
 
+def test_new_tokens_that_leave_no_room_name_the_task_s_setting(model_dirs):
+    """A task may give its number of new tokens under any name the harness takes (max_new_tokens,
+    max_tokens, ...): too many for the context is refused naming that setting of the task's, not
+    llama-jax's --max-gen-toks, which the task's setting overrides."""
+    from lm_eval.api.instance import Instance
+
+    from llama_jax.lm_eval_model import LlamaJaxLM
+
+    request = Instance("generate_until", {}, ("The try statement", {"until": [], "max_new_tokens": 100}), 0)
+    with pytest.raises(ValueError, match=rf"^max_new_tokens=100 leaves no room for a prompt in the model's context of "
+                                         rf"{CONTEXT} tokens; valid: below {CONTEXT} \(the task's generation_kwargs "
+                                         rf"set it\)$"):
+        LlamaJaxLM(str(model_dirs[1])).generate_until([request])
+
+
 def test_a_chat_template_is_refused_in_one_line(model_dirs, tmp_path, offline):
     """lm-eval's apply_chat_template asks the model to format each prompt as a chat: refused with
     what would be valid, not the harness's NotImplementedError asking to implement it."""
