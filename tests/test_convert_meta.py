@@ -466,6 +466,19 @@ def test_missing_tensor(tmp_path):
         read_meta(tmp_path)
 
 
+@pytest.mark.parametrize("tie_recorded", [False, True])
+def test_an_output_layer_missing_from_some_shards_is_named(tmp_path, tie_recorded):
+    """Only a checkpoint without output.weight in any shard is a tied model; one that lost shard 00's
+    piece was read as tied, dropping the other shards' pieces of the output layer without a word."""
+    make_meta_dir(tmp_path, "llama2", 2)
+    if tie_recorded:
+        (tmp_path / "llama_jax.json").write_text('{"tie_embeddings": true}')
+    rewrite_shard(tmp_path / "consolidated.00.pth", lambda s: s.pop("output.weight"))
+    with pytest.raises(ConversionError) as error:
+        read_meta(tmp_path)
+    assert str(error.value) == f"{tmp_path / 'consolidated.00.pth'}: missing tensor output.weight"
+
+
 def test_unexpected_tensor(tmp_path):
     make_meta_dir(tmp_path, "llama2", 1)
     rewrite_shard(tmp_path / "consolidated.00.pth", lambda s: s.update({"layers.0.attention.wq.bias": torch.zeros(64)}))

@@ -197,7 +197,10 @@ def read_meta(src_dir: Path, rope_scaling_factor: float | None = None, hf_rotary
     embed_axis = 0 if len(shards) == 1 or emb_shape[1] == params["dim"] else 1
     vocab = emb_shape[0] * (len(shards) if embed_axis == 0 else 1)
     ffn_rows = same_shape("layers.0.feed_forward.w1.weight", 2)[0] * len(shards)
-    tied = _tied(settings, src_dir / EXTRA_FILE) or _OUTPUT not in shards[0]
+    outputs = [_OUTPUT in shard for shard in shards]
+    if any(outputs) and not all(outputs):  # a piece lost, not the absent output layer of a tied model
+        raise ConversionError(f"{paths[outputs.index(False)]}: missing tensor {_OUTPUT}")
+    tied = _tied(settings, src_dir / EXTRA_FILE) or not any(outputs)
     cfg = _config(params, params_path, settings, vocab, ffn_rows, tied, rope_scaling_factor)
     tensors = _tensors(cfg, embed_axis)
 
