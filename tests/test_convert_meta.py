@@ -173,7 +173,8 @@ def load_all(source) -> dict[str, np.ndarray]:
 def test_logits_match_transformers(tmp_path, case, n_shards):
     hf_config, model, state = reference(case)
     source = read_meta(make_meta_dir(tmp_path, case, n_shards), rope_scaling_factor=16 if case == "llama3" else None)
-    guessed_len = 2048 if case in ("llama1", "mqa_tied") else 4096  # norm_eps 1e-6 reads as LLaMA-1
+    # use_scaled_rope reads as LLaMA-3.1+, norm_eps 1e-6 as LLaMA-1
+    guessed_len = {"llama3": 131072, "llama1": 2048, "mqa_tied": 2048}.get(case, 4096)
     assert source.config == LLaMAConfig.from_hf(hf_config, max_seq_len=guessed_len)
     assert source.dtype == "float32" and source.files_dir == tmp_path
 
@@ -212,6 +213,8 @@ def save_tiny_meta_dir(directory, vocab: int, extra: dict) -> None:
     (128256, dict(use_scaled_rope=True), 131072),  # LLaMA-3.1
     (128256, dict(), 8192),  # LLaMA-3
     (128256, dict(rope_theta=1e6), 8192),  # a LLaMA-3 vocabulary is not Code Llama's
+    (32000, dict(use_scaled_rope=True, rope_theta=5e5), 131072),  # scaled rope is LLaMA-3.1+'s (it was 4096,
+    # below the context of 8192 the scaling starts from)
     (-1, dict(norm_eps=1e-6), 2048),  # LLaMA-1
     (-1, dict(norm_eps=1e-5), 4096),  # LLaMA-2
     (32016, dict(norm_eps=1e-5, rope_theta=1000000), 16384),  # Code Llama 7B-34B (an integer theta in its file)

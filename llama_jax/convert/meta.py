@@ -18,11 +18,11 @@ does not know is refused: another model's setting or a misspelt one, ignored, wo
   original context of 8192; the factor (8 for 3.1, 32 for 3.2) is not in Meta's files, so it
   comes from the caller, else a `rope_scaling_factor` setting (written by `write_meta`), else 8.
 - `max_seq_len`, unless `llama_jax.json` records it (or a params.json written by an earlier
-  release of `write_meta`), is guessed from the release's fingerprint: a 128K vocabulary means
-  LLaMA-3 (131072 with scaled rope, else 8192); a smaller one with rope_theta 1e6 means Code
-  Llama (16384, as transformers' converter takes it); norm_eps 1e-6 means LLaMA-1 (2048);
-  anything else is taken as LLaMA-2 (4096). To set another length, write
-  `{"max_seq_len": N}` to `llama_jax.json` beside params.json.
+  release of `write_meta`), is guessed from the release's fingerprint: use_scaled_rope means
+  LLaMA-3.1+ (131072), whatever the vocabulary; else a 128K vocabulary means LLaMA-3 (8192); a
+  smaller one with rope_theta 1e6 means Code Llama (16384, as transformers' converter takes it);
+  norm_eps 1e-6 means LLaMA-1 (2048); anything else is taken as LLaMA-2 (4096). To set another
+  length, write `{"max_seq_len": N}` to `llama_jax.json` beside params.json.
 - tied embeddings: recorded by `write_meta` (below); otherwise a checkpoint without
   `output.weight` is read as tied.
 
@@ -418,8 +418,10 @@ def _config(params: dict, path: Path, settings: dict, vocab: int, ffn_rows: int,
     rope_theta = float(setting("rope_theta", "number", 10000.0))
     if "max_seq_len" in params or "max_seq_len" in settings:
         max_seq_len = setting("max_seq_len", "count")
+    elif scaled:  # only LLaMA-3.1+ code has it, whatever the vocabulary; it scales an original context of 8192
+        max_seq_len = 131072
     elif vocab >= _VOCAB_SPLIT_FROM:
-        max_seq_len = 131072 if scaled else 8192  # LLaMA-3.1+ / LLaMA-3
+        max_seq_len = 8192  # LLaMA-3
     elif rope_theta == _CODE_LLAMA_THETA:
         max_seq_len = 16384  # Code Llama: LLaMA-2's vocabulary (32016; 34B: 32000) with theta 1e6
     else:
