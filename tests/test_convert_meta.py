@@ -529,6 +529,8 @@ def test_dim_that_is_not_an_integer(tmp_path):
     (dict(norm_eps=10 ** 400), f"norm_eps must be a positive number, got {10 ** 400}"),  # past a float's range
     (dict(use_scaled_rope=True, rope_scaling_factor="8"), "rope_scaling_factor must be a positive number, got '8'"),
     (dict(dim=64.0), "dim must be a positive integer, got 64.0"),
+    (dict(ffn_dim_multiplier=1e308), "multiple_of=32, ffn_dim_multiplier=1e+308 give an FFN width of inf, but "
+                                     "layers.0.feed_forward.w1.weight has 192 rows"),  # (was an OverflowError)
 ])
 def test_params_of_the_wrong_kind_are_named(tmp_path, change, message):
     make_meta_dir(tmp_path, "llama2", 1, change)

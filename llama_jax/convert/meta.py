@@ -135,10 +135,12 @@ def _hf_to_meta_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
 # ---- FFN width -------------------------------------------------------------------------------
 
 
-def _meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """FFN width exactly as Meta's FeedForward computes it."""
+def _meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int | float:
+    """FFN width exactly as Meta's FeedForward computes it (inf: a multiplier beyond a float's range)."""
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
+        if not math.isfinite(ffn_dim_multiplier * hidden):
+            return math.inf
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
