@@ -321,6 +321,9 @@ def test_params_json_has_n_kv_heads_only_for_fewer_kv_heads(tmp_path, n_kv_heads
     ("{not json", r"llama_jax.json: not valid JSON"),
     ('{"max_seq_len": "8192"}', r"llama_jax.json: max_seq_len must be a positive integer, got '8192'"),
     ('{"tie_embeddings": "yes"}', r"llama_jax.json: tie_embeddings must be true or false, got 'yes'"),
+    # misspelt by hand: the guessed length stayed without a word
+    ('{"max_seq_length": 100000}', r"llama_jax.json: unknown key 'max_seq_length'; valid: max_seq_len, "
+                                   r"rope_scaling_factor, tie_embeddings$"),
     # (was "--rope-scaling-factor must be a positive number", an option not given)
     ('{"rope_scaling_factor": 1e39}', r"llama_jax.json: rope_scaling_factor 1e\+39: rope_scaling.factor must be "
                                       r"within float32's range"),

@@ -22,7 +22,8 @@ does not know is refused: another model's setting or a misspelt one, ignored, wo
   LLaMA-3.1+ (131072), whatever the vocabulary; else a 128K vocabulary means LLaMA-3 (8192); a
   smaller one with rope_theta 1e6 means Code Llama (16384, as transformers' converter takes it);
   norm_eps 1e-6 means LLaMA-1 (2048); anything else is taken as LLaMA-2 (4096). To set another
-  length, write `{"max_seq_len": N}` to `llama_jax.json` beside params.json.
+  length, write `{"max_seq_len": N}` to `llama_jax.json` beside params.json (a key that file
+  does not know is refused, as in params.json).
 - tied embeddings: recorded by `write_meta` (below); otherwise a checkpoint without
   `output.weight` is read as tied.
 
@@ -55,6 +56,7 @@ from llama_jax.safe_io import read_json_object
 
 PARAMS_FILE = "params.json"
 EXTRA_FILE = "llama_jax.json"  # what params.json has no key for: max_seq_len, rope scaling factor, tie
+_EXTRA_KEYS = ("max_seq_len", "rope_scaling_factor", "tie_embeddings")
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 _EMBED = "tok_embeddings.weight"
 _OUTPUT = "output.weight"
@@ -322,9 +324,13 @@ def _read_extra(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return read_json_object(path, "settings params.json has no key for")
+        settings = read_json_object(path, "settings params.json has no key for")
     except ValueError as e:
         raise ConversionError(str(e)) from None
+    unknown = sorted(set(settings) - set(_EXTRA_KEYS))
+    if unknown:  # (a misspelt one, e.g. max_seq_length written by hand, would leave the guess in place unsaid)
+        raise ConversionError(f"{path}: unknown key {unknown[0]!r}; valid: {', '.join(_EXTRA_KEYS)}")
+    return settings
 
 
 def _tied(settings: dict, path: Path) -> bool:
