@@ -253,6 +253,13 @@ def test_rope_scaling_factor_is_refused_without_scaled_rope(tmp_path):
     with pytest.raises(ConversionError, match=f"--rope-scaling-factor 32: {tmp_path / 'params.json'} does not set "
                                               f"use_scaled_rope, so the model has no rope scaling; drop the option"):
         read_meta(tmp_path, rope_scaling_factor=32)
+    # nor is a factor written beside it (by hand: write_meta records one only for scaled rope), which was ignored
+    (tmp_path / "llama_jax.json").write_text('{"rope_scaling_factor": 32}')
+    with pytest.raises(ConversionError) as error:
+        read_meta(tmp_path)
+    assert str(error.value) == (f"{tmp_path / 'llama_jax.json'}: rope_scaling_factor is set, but "
+                                f"{tmp_path / 'params.json'} does not set use_scaled_rope, so the model has no rope "
+                                f"scaling; remove rope_scaling_factor")
 
 
 # ---- writing -----------------------------------------------------------------------------------

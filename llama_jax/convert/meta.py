@@ -17,6 +17,7 @@ does not know is refused: another model's setting or a misspelt one, ignored, wo
 - `use_scaled_rope: true` means LLaMA-3.1 scaling with low/high frequency factors 1/4 and an
   original context of 8192; the factor (8 for 3.1, 32 for 3.2) is not in Meta's files, so it
   comes from the caller, else a `rope_scaling_factor` setting (written by `write_meta`), else 8.
+  A factor, given or set, for a checkpoint without `use_scaled_rope` is refused.
 - `max_seq_len`, unless `llama_jax.json` records it (or a params.json written by an earlier
   release of `write_meta`), is guessed from the release's fingerprint: use_scaled_rope means
   LLaMA-3.1+ (131072), whatever the vocabulary; else a 128K vocabulary means LLaMA-3 (8192); a
@@ -411,6 +412,9 @@ def _config(params: dict, path: Path, settings: dict, vocab: int, ffn_rows: int,
     if rope_scaling_factor is not None and not scaled:
         raise ConversionError(f"--rope-scaling-factor {rope_scaling_factor:g}: {path} does not set use_scaled_rope, so "
                               f"the model has no rope scaling; drop the option")
+    if not scaled and ("rope_scaling_factor" in params or "rope_scaling_factor" in settings):
+        raise ConversionError(f"{source_of('rope_scaling_factor')[1]}: rope_scaling_factor is set, but {path} does not "
+                              f"set use_scaled_rope, so the model has no rope scaling; remove rope_scaling_factor")
     rope_scaling = None
     if scaled:
         factor, given = rope_scaling_factor, "--rope-scaling-factor"
