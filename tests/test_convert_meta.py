@@ -284,7 +284,8 @@ def test_write_read_round_trip_is_bit_exact(tmp_path, case, n_shards, dtype):
     # LLaMA-2's ModelArgs, and the fields later releases added where their files carry them:
     allowed = {"dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps"} | \
         ({"n_kv_heads"} if cfg.n_kv_heads != cfg.n_heads else set()) | \
-        ({"rope_theta"} if cfg.rope_theta != 10000 else set()) | ({"use_scaled_rope"} if cfg.rope_scaling else set())
+        ({"rope_theta"} if cfg.rope_theta != 10000 or cfg.rope_scaling else set()) | \
+        ({"use_scaled_rope"} if cfg.rope_scaling else set())
     assert set(json.loads((tmp_path / "out" / "params.json").read_text())) <= allowed
     source = read_meta(tmp_path / "out")
     assert source.config == cfg and source.dtype == dtype
@@ -354,6 +355,19 @@ def test_llama3_sized_vocabulary_is_split_along_the_vocabulary(tmp_path):
     assert source.config == cfg
     for name, w in state.items():
         np.testing.assert_array_equal(source.load(name), w, err_msg=name)
+
+
+@pytest.mark.parametrize("vocab, scaled", [(128256, False), (256, True)])
+def test_a_model_for_llama3s_code_is_written_with_its_rope_theta_of_10000(tmp_path, vocab, scaled):
+    """LLaMA-3's code (VocabParallelEmbedding; the only one with use_scaled_rope) defaults rope_theta
+    to 500000: a theta of 10000 left out, as LLaMA-1/2's files do, was read there as 500000."""
+    cfg = LLaMAConfig(vocab_size=vocab, dim=16, n_layers=1, n_heads=2, ffn_dim=48,
+                      rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192) if scaled else None)
+    write_meta(tmp_path, cfg, tiny_state(cfg).__getitem__, 2)
+    assert json.loads((tmp_path / "params.json").read_text())["rope_theta"] == 10000.0
+    shard = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    assert tuple(shard["tok_embeddings.weight"].shape) == (vocab // 2, 16)  # split along the vocabulary
+    assert read_meta(tmp_path).config == cfg
 
 
 @pytest.mark.parametrize("case,n_shards", [("llama2", 2), ("llama2", 4), ("mqa_tied", 4)])

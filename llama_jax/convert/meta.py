@@ -29,11 +29,13 @@ does not know is refused: another model's setting or a misspelt one, ignored, wo
   `output.weight` is read as tied.
 
 `write_meta` writes params.json with the keys Meta's releases use, each only where Meta's files
-have it (`n_kv_heads` when not n_heads, `rope_theta` when not 10000, `use_scaled_rope` when
-true), since Meta's loaders take its keys as `ModelArgs` fields and refuse any other; the rope
-scaling factor and `max_seq_len`, which those loaders take from elsewhere, go to `llama_jax.json`
-beside it, so that reading back gives an equal config (params.json files of earlier releases,
-which held them, still read). Meta's files always have an `output.weight`: a tied model is
+have it (`n_kv_heads` when not n_heads, `rope_theta` when not 10000 or when written for LLaMA-3's
+code, whose default is 500000, `use_scaled_rope` when true), since Meta's loaders take its keys
+as `ModelArgs` fields and refuse any other; the rope scaling factor and `max_seq_len`, which those
+loaders take from elsewhere, go to `llama_jax.json` beside it, so that reading back gives an equal
+config (params.json files of earlier releases, which held them, still read). A model with a 128K
+vocabulary or scaled rope is written for LLaMA-3's code (embedding split along the vocabulary),
+any other for LLaMA-1/2's. Meta's files always have an `output.weight`: a tied model is
 written with its embedding there as well and `tie_embeddings` in `llama_jax.json`; a checkpoint
 without `output.weight` (as earlier releases wrote tied models) is read as tied too.
 """
@@ -494,7 +496,7 @@ def check_writable(config: LLaMAConfig, n_shards: int) -> tuple[dict, dict[str, 
     """ConversionError unless `config` can be written as `n_shards` Meta shards (checked before the
     destination is created); returns its params.json and tensors."""
     params = _params_json(config)
-    tensors = _tensors(config.replace(tie_embeddings=False), 1 if config.vocab_size < _VOCAB_SPLIT_FROM else 0)
+    tensors = _tensors(config.replace(tie_embeddings=False), 0 if _for_llama3_code(config) else 1)
     problem = _split_problem(config, tensors, n_shards)
     if problem:
         valid = [n for n in range(1, config.n_heads + 1) if _split_problem(config, tensors, n) is None]
@@ -541,11 +543,17 @@ def _params_json(cfg: LLaMAConfig) -> dict:
     if multiplier is not None:
         params["ffn_dim_multiplier"] = multiplier
     params["norm_eps"] = cfg.norm_eps
-    if cfg.rope_theta != 10000.0:  # LLaMA-1/2's, built into their code: their ModelArgs has no such field
-        params["rope_theta"] = cfg.rope_theta
+    if cfg.rope_theta != 10000.0 or _for_llama3_code(cfg):  # LLaMA-1/2's ModelArgs has no such field (their
+        params["rope_theta"] = cfg.rope_theta  # code has 10000 built in); LLaMA-3's defaults it to 500000
     if scaling is not None:
         params["use_scaled_rope"] = True
     return params
+
+
+def _for_llama3_code(cfg: LLaMAConfig) -> bool:
+    """Whether `cfg` is written for LLaMA-3's code (a 128K vocabulary, or use_scaled_rope, which only
+    that code reads): its embedding is split along the vocabulary and its rope_theta defaults to 500000."""
+    return cfg.vocab_size >= _VOCAB_SPLIT_FROM or cfg.rope_scaling is not None
 
 
 def _extra_json(cfg: LLaMAConfig) -> dict:
