@@ -95,9 +95,9 @@ def _checked_ids(ids: Sequence[int], vocab_size: int, drop: set[int]) -> list[in
         raise ValueError(f"ids to decode must be one sequence of token ids (a list or 1-D array of integers), got "
                          f"{_describe(ids)}")
     ids = list(ids)  # (an iterator is read once)
-    bad = next((i for i in ids if not is_int(i)), None)
-    if bad is not None:
-        raise ValueError(f"ids to decode must be integers, got {bad!r}")
+    bad = [i for i in ids if not is_int(i)]
+    if bad:
+        raise ValueError(f"ids to decode must be integers, got {bad[0]!r}")
     out = [int(i) for i in ids]
     bad = [i for i in out if not 0 <= i < vocab_size]
     if bad:

@@ -193,6 +193,13 @@ def test_llama3_tiktoken_format(tmp_path):
         tok.encode("ab\udcffcd")
 
 
+def test_a_none_among_ids_to_decode_is_named(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(_tiktoken_file(_toy_ranks()))
+    with pytest.raises(ValueError, match=r"^ids to decode must be integers, got None$"):  # was int(None)'s TypeError
+        load_tokenizer(path).decode([5, None])
+
+
 def test_long_runs_are_cut_like_meta():
     text = "x" * 60_000 + " " * 30_000 + "end"
     pieces = list(_pieces(text))
