@@ -389,15 +389,15 @@ def evaluate(config, trainer, params, data: RunData) -> dict[str, float]:
     """Held-out loss, perplexity and next-token accuracy of `params`, by the code of `llama-jax eval`
     (`evaluate_splits`): each source's held-out documents in consecutive windows, each target
     counted once, over the first train.eval_batches micro-batches of them (a fixed subset) or all of
-    them (-1, which also gives bits per byte). With several sources: per source (`eval_loss/NAME`,
-    ...) and over all of them together."""
+    them (-1, which also gives bits per byte). With several sources: per source that holds out
+    documents (`eval_loss/NAME`, ...) and over all of them together."""
     from llama_jax.evaluate import EvalResult, evaluate_splits
 
     t = config.train
     results = evaluate_splits(trainer.model_config, params, data.eval_sets, t.seq_len, t.batch_size // t.grad_accum,
                               eval_max_batches(t), mesh=trainer.mesh, context=trainer.context)
     out = _eval_metrics(sum(results.values(), EvalResult()))
-    if len(results) > 1:
+    if len(data.train.sources) > 1:  # a mixture: each source with held-out documents by name, even if only one has
         out.update({f"{k}/{name}": v for name, r in results.items() for k, v in _eval_metrics(r).items()})
     return out
 

@@ -221,6 +221,25 @@ def test_a_mixture_reports_each_source(prepared, tmp_path, capsys):
     assert main([*args, "--config.train.steps=3", "--config.train.eval_every=0", *doubled]) == 0
 
 
+def test_a_mixture_source_without_held_out_documents_leaves_the_others_named(prepared, tokenizer_path, tmp_path):
+    """With one of two sources holding out nothing, the other's held-out loss was logged only as
+    `eval_loss`, not `eval_loss/NAME` as every source with held-out documents is."""
+    texts = prepared[1].parent / "texts"
+    none_held = tmp_path / "none-held-out"
+    prepare(data_config(tokenizer_path, source="text", files=[str(texts / "*.txt")], eval_fraction=0.0), none_held,
+            workers=1, progress=False)
+    config = mixture_config(tmp_path, f"{{'docs': {{'path': '{prepared[0]}', 'weight': 1}}, "
+                                      f"'texts': {{'path': '{none_held}', 'weight': 1}}}}")
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--workdir", str(workdir), "--config.model.vocab_size=512",
+                 f"--config.train.batch_size={B}", f"--config.train.seq_len={L}", "--config.train.steps=1",
+                 "--config.train.eval_every=1", "--config.checkpoint.async_save=False",
+                 "--config.optimizer.warmup_steps=0"]) == 0
+    last = records(workdir)[-1]
+    assert last["eval_loss/docs"] == last["eval_loss"] > 0 and last["eval_tokens/docs"] == last["eval_tokens"]
+    assert not any(key.endswith("/texts") for key in last if key.startswith("eval_"))
+
+
 def test_inspect_shows_a_step_and_covers_an_epoch(prepared, capsys):
     base = ["data", "inspect", "--config", TINY, "--config.data.source=prepared", f"--config.data.path={prepared[1]}",
             f"--config.train.batch_size={B}", f"--config.train.seq_len={L}"]
