@@ -13,8 +13,11 @@ Order. The rows of a split are visited in a fresh permutation every epoch:
 `grain.MapDataset.range(rows).shuffle(base).repeat()`, whose element n is row pi_e(n mod rows)
 of epoch e = n // rows, with pi_e a permutation computed per index, with no state, that Grain
 seeds with (base + e) mod 2**32; base is a hash of the run's train.seed and the source's place in
-the mixture (`order_seed`). So the rows of step s are a pure function of (data, seed, s): each
-process builds only its own rows, and a resumed run needs nothing but the step. Grain's worker
+the mixture (`order_seed`). Grain's cipher permutes [0, 2**b), b = ceil(log2(rows - 1)) rounded
+up to even and at least 16, so where rows - 1 is 2**b itself (65,537 rows, 262,145, ...) its last
+place in an epoch repeats the first place's row and row rows - 1 is never read: that place reads
+row rows - 1 instead. So the rows of step s are a pure function of (data, seed, s): each process
+builds only its own rows, and a resumed run needs nothing but the step. Grain's worker
 processes are not used: building a row is a memory-mapped slice and a few searches, far cheaper
 than a train step (`benchmarks/data_loading.py`).
 
@@ -93,6 +96,8 @@ class Source:
             raise ValueError(f"data source {name!r} has {split.tokens} training tokens, fewer than one row of "
                              f"train.seq_len={seq_len} needs ({seq_len + 1}); lower seq_len or add documents")
         order = grain.MapDataset.range(rows).shuffle(seed=seed).repeat()
+        if rows > 1 and order[rows - 1] == order[0]:  # Grain misses the last row (module docstring)
+            order = order.map_with_index(lambda n, row: rows - 1 if n % rows == rows - 1 else row)
         return cls(name, split, weight, rows, order)
 
 

@@ -88,6 +88,18 @@ def test_one_epoch_visits_every_row_once_and_the_next_epoch_reorders():
     assert train.progress(0) == {"tokens_seen": 0.0, "epoch": 0.0}
 
 
+def test_every_row_once_where_grains_cipher_is_one_row_short():
+    """Grain's cipher permutes [0, 2**b), b = ceil(log2(rows - 1)) rounded up to even, at least 16:
+    with 65,537 rows (rows - 1 = 2**16), the last place of each epoch read the first place's row
+    again, and row 65,536 was never read."""
+    rows = 2**16 + 1
+    train = TrainRows([Source.create("data", MemorySplit([[BOS, *[5] * (rows - 1), EOS]]), 1.0, 1, 7)], 1, 8)
+    assert train.sources[0].rows == rows
+    for epoch in (0, 1):
+        order = [train.row_of(0, n) for n in range(epoch * rows, (epoch + 1) * rows)]
+        assert sorted(order) == list(range(rows))
+
+
 def test_a_seed_sweeps_runs_do_not_share_their_epochs_orders():
     """Grain seeds epoch e with base + e: with the run's seed as the base, seed 1's first epoch was
     seed 0's second, and so on (`order_seed` hashes it; the legacy base is kept for old runs)."""
