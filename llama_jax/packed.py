@@ -24,11 +24,12 @@ than a train step (`benchmarks/data_loading.py`).
 Mixtures. With several sources of weights w_i (p_i = w_i / sum w), slot j of global batch s
 (B rows) belongs to the source i whose interval [P_i, P_i+1) of the cumulative weights holds
 frac(j / B + u_s), u_s = ((s * 389) mod 1024) / (1024 B). Each batch then has, for every source,
-ceil(B (P_i+1 - u_s)) - ceil(B (P_i - u_s)) rows: within one row of B p_i. Averaged over 1024
-consecutive batches the offsets u_s cover a regular grid of [0, 1/B), so the proportions hold over a
-run to within a row per 1024 batches. Every source walks its own rows in its own epochs; a source's
-rows before batch s are known in closed form (the counts repeat every 1024 batches), so random
-access stays O(1).
+ceil(B (P_i+1 - u_s)) - ceil(B (P_i - u_s)) rows: within one row of B p_i. Any 1024 consecutive
+batches cover the regular grid of 1024 offsets u_s of [0, 1/B) once, so they hold each source's
+share of their rows to within one row; the first s batches of a run stray from theirs by up to a
+few rows, plus less than one per 1024 batches. Every source walks its own rows in its own epochs;
+a source's rows before batch s are known in closed form (the counts repeat every 1024 batches), so
+random access stays O(1).
 """
 
 from __future__ import annotations
