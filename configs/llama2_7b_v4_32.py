@@ -4,7 +4,7 @@ Global batch 1024 x 4096 tokens (4M tokens/step, as in the LLaMA-2 paper) in 64 
 16 rows, one row per chip: remat_policy=dots_no_batch keeps every projection's output for the
 backward, 42,496 values per token and layer (85 KB in bf16), 10.4 GiB per chip for one row of
 4,096 tokens over 32 layers, of a v4 chip's 32 GiB (16 rows per chip would keep 166 GiB; the plan
-below, on CPU devices, puts the peak at 41 GiB, as the CPU program keeps those outputs as float32).
+below, on CPU devices, puts the peak at 34 GiB, as the CPU program keeps those outputs as float32).
 AdamW with the paper's betas and epsilon, cosine decay to 10% over 500k steps (2.1T tokens) with
 2000 warmup steps. Not yet run on a TPU.
 

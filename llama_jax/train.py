@@ -187,11 +187,13 @@ class Trainer:
     @functools.cached_property
     def jit_train_step(self):
         """`train_step` under jit with explicit shardings and the state donated (pjit): the whole
-        step as one program, compiled with `compiler_options`."""
+        step as one program, compiled with XLA's defaults, as a backend without `compiler_options`
+        (GPU, TPU) runs it; where there are options (CPU), `step` runs two programs instead, and
+        `llama-jax plan` compiles this one for the accelerator's figures (with the CPU's options,
+        which `step` keeps off the optimizer update, it planned temporaries no accelerator holds)."""
         return jax.jit(self.train_step,
                        in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
-                       out_shardings=(self.state_shardings, self._replicated),
-                       donate_argnums=0, compiler_options=self.compiler_options)
+                       out_shardings=(self.state_shardings, self._replicated), donate_argnums=0)
 
     @functools.cached_property
     def jit_gradients(self):
