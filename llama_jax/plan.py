@@ -76,6 +76,7 @@ def plan(config, devices=None) -> dict:
         "platform": device.platform,
         "device_memory": limit,
         "attention": resolve(cfg.attention_impl),
+        "dtype": cfg.dtype,  # the compute dtype; the CPU program keeps bfloat16 and float16 activations as float32
         "attention_stands_in": standing_in,  # for an explicit cudnn on a backend without a GPU
         "attention_configured": asked if standing_in else cfg.attention_impl,  # what runs it on the target
         "params": _per_device_bytes(state.params),
@@ -123,7 +124,10 @@ def _verdict(p: dict, peak: int) -> str:
         configured, here = p.get("attention_configured"), f"compiled for CPU devices, attention `{p['attention']}`"
         keeps_none = "no [seq, seq] attention probabilities for the backward"
         if configured in ("xla", "dot_product"):
-            return (f"{here}, the config's kernel on every backend: these temporaries are a TPU's or GPU's too "
+            theirs = ("a TPU's or GPU's too" if p["dtype"] == "float32" else
+                      f"an upper bound of a TPU's or GPU's, which keep a {p['dtype']} model's activations in "
+                      f"{p['dtype']}, not in float32 as the CPU program does")
+            return (f"{here}, the config's kernel on every backend: these temporaries are {theirs} "
                     f"(model.attention_impl=auto runs splash on TPU and cudnn on GPU, which keep {keeps_none})")
         if configured == "splash":
             return (f"{here}, the TPU kernel run by Pallas' interpreter: a TPU's temporaries differ; run plan on the "

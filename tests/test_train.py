@@ -351,7 +351,13 @@ def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("mesh data=1 x fsdp=8 x tensor=1 (8 cpu devices)")
     assert out[2].strip().startswith("parameters") and out[2].endswith(" MiB")  # a tiny model's state, not 0.000 GiB
-    assert out[-1].startswith("compiled for CPU devices, attention `xla`, the config's kernel on every backend")
+    assert out[-1].startswith("compiled for CPU devices, attention `xla`, the config's kernel on every backend: "
+                              "these temporaries are a TPU's or GPU's too")
+    # the CPU program keeps a bfloat16 model's activations as float32 (it said they were an accelerator's too)
+    assert main(["plan", "--config", TINY, "--config.model.dtype=bfloat16"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        "compiled for CPU devices, attention `xla`, the config's kernel on every backend: these temporaries are an "
+        "upper bound of a TPU's or GPU's, which keep a bfloat16 model's activations in bfloat16, not in float32")
     assert main(["plan", "--config", TINY, "--config.model.attention_impl=auto"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith(
         "compiled for CPU devices, attention `xla`: on TPU `auto` is splash")
