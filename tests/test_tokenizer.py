@@ -24,6 +24,7 @@ from llama_jax.tokenizer import (
     LLAMA3_SPECIAL_TOKENS, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, _pieces, load_tokenizer,
     train_sentencepiece, unicode_problem,
 )
+from tests.test_prepare import _children
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = [topics[k] for k in sorted(topics)]
@@ -326,17 +327,6 @@ def test_training_bad_input(tmp_path):
 def _cli(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "tools" / "train_tokenizer.py"), *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    return found
 
 
 @pytest.mark.parametrize("signum, status, line", [(signal.SIGINT, 130, "train_tokenizer.py: interrupted\n"),
