@@ -347,12 +347,17 @@ class _Lines:
                     yield data + b"\n"
 
 
+class _TrainerFailed(Exception):
+    """SentencePiece's trainer failed (`_trained_model`), not the training lines' iterator."""
+
+
 def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
     """The model SentencePiece trains on `lines` with `flags`, trained in a child process
     (llama_jax/spm_trainer.py) that this one feeds and waits for: the training runs in native code,
     where Ctrl-C or the `llama-jax` command's SIGTERM would be raised only once it is done (minutes
-    on a large corpus); here they are raised at once, and the child is stopped. RuntimeError:
-    SentencePiece's message, or how the child ended (a Python error of its own: after its traceback)."""
+    on a large corpus); here they are raised at once, and the child is stopped. `_TrainerFailed`:
+    SentencePiece's message, or how the child ended (a Python error of its own: after its traceback);
+    an error of the lines' iterator is raised as it was."""
     # the flags as text, as SentencePiece's Python wrapper gives them to its trainer (a list: its items)
     text_flags = {key: [str(v) for v in value] if isinstance(value, list) else str(value)
                   for key, value in flags.items()}
@@ -395,9 +400,9 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
     if status == 0:
         return output
     if status == 1 and output:
-        raise RuntimeError(output.decode())
-    raise RuntimeError(f"its process ended with status {status}" if status > 0 else
-                       f"its process was ended by {signal.Signals(-status).name}")
+        raise _TrainerFailed(output.decode())
+    raise _TrainerFailed(f"its process ended with status {status}" if status > 0 else
+                         f"its process was ended by {signal.Signals(-status).name}")
 
 
 def train_sentencepiece(
@@ -443,7 +448,7 @@ def train_sentencepiece(
     lines = _Lines(texts, flags["max_sentence_length"])
     try:
         model = _trained_model(lines, flags)
-    except RuntimeError as e:
+    except _TrainerFailed as e:
         if lines.count == 0:
             raise ValueError("no text to train the tokenizer on") from None
         if lines.long == lines.count:

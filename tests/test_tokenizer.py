@@ -315,6 +315,14 @@ def test_training_bad_input(tmp_path):
     with pytest.raises(KeyError, match="own error"):
         train_sentencepiece(failing(), tmp_path / "x.model", VOCAB)
 
+    def failing_at(n):  # a RuntimeError of the reader's own (read as SentencePiece's failure: "no text to train
+        yield from CORPUS[:n]  # the tokenizer on", or "sentencepiece training failed: ...")
+        raise RuntimeError("the reader's own error")
+
+    for n in (0, 3):
+        with pytest.raises(RuntimeError, match="^the reader's own error$"):
+            train_sentencepiece(failing_at(n), tmp_path / "x.model", VOCAB)
+
     def interrupted():  # Ctrl-C (or the command's SIGTERM) while the trainer reads the texts
         yield "some text"
         raise KeyboardInterrupt
