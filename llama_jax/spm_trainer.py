@@ -1,10 +1,11 @@
 """SentencePiece's training in a process of its own, for `tokenizer.train_sentencepiece`, which runs
 
-    python -P llama_jax/spm_trainer.py FLAGS_JSON
+    python -P llama_jax/spm_trainer.py
 
-The training sentences come on standard input, one a line (UTF-8, each ended by a newline); the
-trained model goes to standard output (exit status 0), or SentencePiece's error message does (exit
-status 1). It imports nothing of the package, so that it starts in a fraction of a second.
+Standard input holds the trainer's flags, as one line of JSON, then the training sentences, one a
+line (UTF-8, each ended by a newline); the trained model goes to standard output (exit status 0),
+or SentencePiece's error message does (exit status 1). It imports nothing of the package, so that
+it starts in a fraction of a second.
 """
 
 import io
@@ -16,9 +17,10 @@ import sentencepiece as spm
 
 def main() -> int:
     model = io.BytesIO()
+    flags = json.loads(sys.stdin.buffer.readline())
     sentences = (line.removesuffix(b"\n") for line in sys.stdin.buffer)
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_writer=model, **json.loads(sys.argv[1]))
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_writer=model, **flags)
     except Exception as e:  # (SentencePiece's are RuntimeError, or ValueError for a setting it refuses)
         sys.stdout.buffer.write((str(e) or repr(e)).encode("utf-8", "backslashreplace"))
         return 1

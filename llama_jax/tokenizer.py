@@ -361,7 +361,7 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
     # the flags as text, as SentencePiece's Python wrapper gives them to its trainer (a list: its items)
     text_flags = {key: [str(v) for v in value] if isinstance(value, list) else str(value)
                   for key, value in flags.items()}
-    trainer = [sys.executable, "-P", str(Path(__file__).with_name("spm_trainer.py")), json.dumps(text_flags)]
+    trainer = [sys.executable, "-P", str(Path(__file__).with_name("spm_trainer.py"))]
     with signals_held():  # (a child started is one the `finally` below stops)
         child = subprocess.Popen(trainer, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1 << 20,
                                  preexec_fn=child_setup())
@@ -371,9 +371,11 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
         """The lines to the trainer, from a thread of their own: the trainer may stop reading before
         they end (it failed, or it has the sample it wanted) and write a model larger than the pipe
         holds, which this thread's writes must not keep it from. A failing iterator stops the trainer
-        (its model would be of part of the text)."""
+        (its model would be of part of the text). The flags go first, as one line of JSON (not as an
+        argument: a long user_defined_symbols list was more than an argument may hold)."""
         try:
             with contextlib.suppress(BrokenPipeError):  # the trainer stopped reading
+                child.stdin.write(json.dumps(text_flags).encode() + b"\n")
                 for line in lines:
                     child.stdin.write(line)
                 child.stdin.flush()

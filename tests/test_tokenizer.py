@@ -467,6 +467,15 @@ def test_train_tokenizer_cli(sp_model, tmp_path):
     assert _cli("--input", text, "--vocab-size", str(VOCAB), "--output", str(out), "--overwrite").returncode == 0
 
 
+def test_a_long_list_of_user_defined_symbols_is_given_to_the_trainer(tmp_path):
+    """The trainer's flags went to its process as one command-line argument, which holds at most
+    128 KiB: 20,000 user_defined_symbols failed with OSError "Argument list too long"."""
+    symbols = [f"<sym{i:05d}>" for i in range(20_000)]
+    path = train_sentencepiece(CORPUS, tmp_path / "x.model", 20_000 + VOCAB, user_defined_symbols=symbols)
+    sp = load_tokenizer(path).sp
+    assert [sp.id_to_piece(sp.piece_to_id(s)) for s in (symbols[0], symbols[-1])] == [symbols[0], symbols[-1]]
+
+
 def test_a_trainer_process_that_fails_without_a_message_is_said_by_its_status(tmp_path, monkeypatch):
     """The trainer's process failing on its own (a Python error: exit status 1 after its traceback,
     no message) read "sentencepiece training failed: RuntimeError('')"; it names the exit status."""
