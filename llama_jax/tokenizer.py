@@ -362,9 +362,7 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
     text_flags = {key: [str(v) for v in value] if isinstance(value, list) else str(value)
                   for key, value in flags.items()}
     trainer = [sys.executable, "-P", str(Path(__file__).with_name("spm_trainer.py"))]
-    with signals_held():  # (a child started is one the `finally` below stops)
-        child = subprocess.Popen(trainer, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1 << 20,
-                                 preexec_fn=child_setup())
+    child: subprocess.Popen | None = None
     feeding_error: list[BaseException] = []
 
     def feed():
@@ -386,17 +384,21 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
             with contextlib.suppress(BrokenPipeError):  # (what stayed in the buffer of a trainer that stopped)
                 child.stdin.close()
 
-    feeder = threading.Thread(target=feed, name="sentencepiece-lines", daemon=True)
-    feeder.start()
     try:
+        with signals_held():  # (a child started is one the `finally` below stops)
+            child = subprocess.Popen(trainer, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1 << 20,
+                                     preexec_fn=child_setup())
+        feeder = threading.Thread(target=feed, name="sentencepiece-lines", daemon=True)
+        feeder.start()
         output = child.stdout.read()
         status = child.wait()
         feeder.join()
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.stdout.close()
-        child.wait()
+        if child is not None:
+            if child.poll() is None:
+                child.kill()
+            child.stdout.close()
+            child.wait()
     if feeding_error:
         raise feeding_error[0]
     if status == 0:
