@@ -358,9 +358,9 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
     on a large corpus); here they are raised at once, and the child is stopped. `_TrainerFailed`:
     SentencePiece's message, or how the child ended (a Python error of its own: after its traceback);
     an error of the lines' iterator is raised as it was."""
-    # the flags as text, as SentencePiece's Python wrapper gives them to its trainer (a list: its items)
-    text_flags = {key: [str(v) for v in value] if isinstance(value, list) else str(value)
-                  for key, value in flags.items()}
+    # (as they are, for the trainer's Python wrapper to read as in this process; a value JSON has no form
+    # for, a path say, as its text)
+    flags_line = json.dumps(flags, default=str).encode() + b"\n"
     trainer = [sys.executable, "-P", str(Path(__file__).with_name("spm_trainer.py"))]
     child: subprocess.Popen | None = None
     feeding_error: list[BaseException] = []
@@ -373,7 +373,7 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
         argument: a long user_defined_symbols list was more than an argument may hold)."""
         try:
             with contextlib.suppress(BrokenPipeError):  # the trainer stopped reading
-                child.stdin.write(json.dumps(text_flags).encode() + b"\n")
+                child.stdin.write(flags_line)
                 for line in lines:
                     child.stdin.write(line)
                 child.stdin.flush()
