@@ -1076,8 +1076,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true",
                    help="with a single prompt, print the text at the end instead of as it is produced "
                         "(the text is the same either way)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="(default 64)")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, metavar="K")
     p.add_argument("--top-p", type=finite_float, default=None, metavar="P")
     p.add_argument("--seed", type=int, default=0, metavar="S")
@@ -1180,11 +1180,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an axis: KEY=[v1,v2,...] or KEY=uniform(a,b) | loguniform(a,b) | int(a,b) | "
                         "choice(v1,v2,...); repeat for more axes")
     p.add_argument("--search", default="grid", choices=("grid", "random", "optuna"),
-                   help="grid: every combination of the lists; random: --trials draws; optuna: TPE with pruning")
+                   help="grid (default): every combination of the lists; random: --trials draws; optuna: TPE "
+                        "with pruning")
     p.add_argument("--trials", type=int, default=None, metavar="N",
                    help="number of trials for random and optuna searches")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random and optuna searches")
-    p.add_argument("--parallel", type=positive_int, default=1, metavar="N", help="trials running at once on this host")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random and optuna searches (default 0)")
+    p.add_argument("--parallel", type=positive_int, default=1, metavar="N",
+                   help="trials running at once on this host (default 1)")
     p.add_argument("--devices-per-run", type=positive_int, default=None, metavar="K",
                    help="give each running trial its own K accelerators (K virtual devices on CPU)")
     p.add_argument("--dry-run", action="store_true", help="print the trials and their commands; run nothing")

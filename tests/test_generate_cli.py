@@ -512,3 +512,10 @@ def test_greedy_infill_equals_transformers(code_llama, tmp_path, capsys):
     streamed = capsys.readouterr().out
     assert main(sampled + ["--no-stream"]) == 0
     assert capsys.readouterr().out == streamed != expected[1] + "\n"
+
+
+def test_help_states_the_sampling_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS (default 64)" in shown and "0 is greedy (default 0.8)" in shown

@@ -1556,3 +1556,11 @@ def test_a_finished_trial_whose_log_lost_its_last_step_is_not_ranked_by_an_earli
         (tmp_path / "c" / name).write_text(text)  # c: its committed step or its target unknown, so its steps
         row = next(r for r in collect(tmp_path, spec)[1] if r["run"] == "c")  # are those its log holds
         assert (row["status"], row["steps"]) == ("done", 3), name
+
+
+def test_help_states_the_search_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "grid (default): every combination" in shown and "random and optuna searches (default 0)" in shown
+    assert "at once on this host (default 1)" in shown

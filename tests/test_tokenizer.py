@@ -483,3 +483,9 @@ def test_a_trainer_process_that_fails_without_a_message_is_said_by_its_status(tm
     with pytest.raises(ValueError, match=r"^sentencepiece training failed: its process ended with status 1$"):
         train_sentencepiece(CORPUS, tmp_path / "x.model", VOCAB)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_tokenizer_help_states_its_defaults():
+    run = _cli("--help")
+    shown = " ".join(run.stdout.split())
+    assert run.returncode == 0 and "{bpe,unigram} (default bpe)" in shown and "1 to 1024 (default 2)" in shown

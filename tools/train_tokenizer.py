@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jsonl-key", help="field holding the text in .jsonl files (default: text)")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--output", required=True, help="where to write tokenizer.model")
-    parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="(default bpe)")
     parser.add_argument("--num-threads", type=int_at_least(1, 1024), default=2,  # (SentencePiece's limits)
-                        help="training threads, 1 to 1024")
+                        help="training threads, 1 to 1024 (default 2)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
 
