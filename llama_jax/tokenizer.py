@@ -29,7 +29,6 @@ import sentencepiece as spm
 
 from llama_jax.config import check_flag, is_int
 from llama_jax.safe_io import atomic_file, signals_held
-from llama_jax.signals import child_setup
 
 
 @runtime_checkable
@@ -361,7 +360,7 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
     # (as they are, for the trainer's Python wrapper to read as in this process; a value JSON has no form
     # for, a path say, as its text)
     flags_line = json.dumps(flags, default=str).encode() + b"\n"
-    trainer = [sys.executable, "-P", str(Path(__file__).with_name("spm_trainer.py"))]
+    trainer = [sys.executable, "-P", str(Path(__file__).with_name("spm_trainer.py")), str(os.getpid())]
     child: subprocess.Popen | None = None
     feeding_error: list[BaseException] = []
 
@@ -386,8 +385,7 @@ def _trained_model(lines: _Lines, flags: dict[str, Any]) -> bytes:
 
     try:
         with signals_held():  # (a child started is one the `finally` below stops)
-            child = subprocess.Popen(trainer, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1 << 20,
-                                     preexec_fn=child_setup())
+            child = subprocess.Popen(trainer, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1 << 20)
         feeder = threading.Thread(target=feed, name="sentencepiece-lines", daemon=True)
         feeder.start()
         output = child.stdout.read()
