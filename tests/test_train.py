@@ -384,8 +384,7 @@ def test_plan_compiles_the_step_as_an_accelerator_does_without_the_cpus_options(
     from llama_jax import backend_tuning
     from llama_jax.plan import plan
 
-    if not backend_tuning.compiler_options("cpu"):
-        pytest.skip("this jaxlib has no CPU train options")
+    assert backend_tuning.compiler_options("cpu"), "the CPU's train options (the premise; test_backend_tuning too)"
     figures = plan(tiny_config())
     monkeypatch.setenv(backend_tuning.DISABLE_ENV, "0")
     assert figures == plan(tiny_config())
