@@ -223,7 +223,8 @@ def test_hf_to_hf_keeps_the_source_configs_special_ids(tmp_path, with_tokenizer)
 @pytest.mark.parametrize("kind", ["sentencepiece", "tiktoken"])
 def test_hf_output_tokenizer_encodes_as_the_models_own(tmp_path, kind):
     """A tokenizer.model alone (as Meta ships it, or as training makes it) goes to a Hugging Face
-    directory with a tokenizer_config.json: without one, AutoTokenizer adds no BOS."""
+    directory with a tokenizer_config.json: without one, AutoTokenizer adds no BOS. Leading and
+    repeated spaces (code's indents) encode as SentencePiece does: transformers 5's LlamaTokenizer did not."""
     import llama_jax
     from llama_jax import LLaMAConfig
     from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
@@ -241,7 +242,9 @@ def test_hf_output_tokenizer_encodes_as_the_models_own(tmp_path, kind):
     assert main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "jax"), str(tmp_path / "hf")]) == 0
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert (hf.bos_token_id, hf.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
-    for text in ("The cat sits on the mat.", "the thing's 12345\n\nend", "héllo wörld 日本", ""):
+    assert hf.padding_side == ("left" if kind == "sentencepiece" else "right")
+    for text in ("The cat sits on the mat.", "the thing's 12345\n\nend", "héllo wörld 日本", "",
+                 " one leading space", "a  double   gap ", "def f():\n    return 1\n"):
         ids = tokenizer.encode(text)
         assert hf(text).input_ids == ids, text
         assert hf.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids), text

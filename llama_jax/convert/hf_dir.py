@@ -223,7 +223,9 @@ def special_token_ids(directory: Path, hf_source: bool = False) -> dict:
 def write_tokenizer_config(directory: Path) -> None:
     """A tokenizer_config.json for DIRECTORY's tokenizer.model when it has neither that file nor a
     tokenizer.json: without one, transformers' AutoTokenizer loads the file as a generic tokenizer
-    that adds no BOS (and knows no BOS or EOS for a LLaMA-3 file), so its ids are not the model's."""
+    that adds no BOS (and knows no BOS or EOS for a LLaMA-3 file), so its ids are not the model's.
+    A SentencePiece file is named a generic fast tokenizer too, not a LlamaTokenizer: transformers 5's
+    LlamaTokenizer splits leading and repeated spaces otherwise than SentencePiece (" a", code's indents)."""
     from llama_jax.tokenizer import LLAMA3_SPECIAL_TOKENS, SentencePieceTokenizer, load_tokenizer
 
     if not (directory / "tokenizer.model").is_file() or any(
@@ -234,8 +236,9 @@ def write_tokenizer_config(directory: Path) -> None:
         def piece(i):  # (a model may have no BOS, EOS or unknown piece: id -1)
             return tokenizer.sp.id_to_piece(i) if i >= 0 else None
 
-        settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tokenizer.bos_id),
-                    "eos_token": piece(tokenizer.eos_id), "unk_token": piece(tokenizer.sp.unk_id())}
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": piece(tokenizer.bos_id),
+                    "eos_token": piece(tokenizer.eos_id), "unk_token": piece(tokenizer.sp.unk_id()),
+                    "padding_side": "left"}  # (LlamaTokenizer's: batched generation pads on the left)
     else:  # LLaMA 3's tiktoken ranks: the special tokens follow them, as the tokenizer's ids do
         settings = {"tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": LLAMA3_SPECIAL_TOKENS,
                     "bos_token": LLAMA3_SPECIAL_TOKENS[0], "eos_token": LLAMA3_SPECIAL_TOKENS[1]}
