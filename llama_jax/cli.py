@@ -1005,7 +1005,7 @@ def _virtual_cpu_devices(n: int, own_process: bool) -> list:
     return cpus[:n]
 
 
-def cmd_plan(args) -> None:
+def cmd_plan(args) -> int:
     _check_plan_arguments(args)
     from llama_jax.experiment import check_experiment, load_config
 
@@ -1016,14 +1016,16 @@ def cmd_plan(args) -> None:
 
         check_mesh_and_batch(config, args.devices, model)
     devices = _virtual_cpu_devices(args.devices, args.own_process) if args.devices else None
-    from llama_jax.plan import check_new_run, format_plan, plan, runnable_config
+    from llama_jax.plan import check_new_run, does_not_fit, format_plan, plan, runnable_config
     from llama_jax.train import validate_config
 
     check_new_run(config)  # what train refuses of it before reading the data
     if args.devices:  # the attention kernel planned here checked before anything is compiled
         validate_config(runnable_config(config), args.devices)
 
-    print(format_plan(plan(config, devices)))
+    figures = plan(config, devices)
+    print(format_plan(figures))
+    return 1 if does_not_fit(figures) else 0  # (a script that checks a config before renting stops there)
 
 
 def build_parser() -> argparse.ArgumentParser:

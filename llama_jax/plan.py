@@ -96,8 +96,19 @@ def _size(n: int) -> str:
     return f"{n / 2**30:10.3f} GiB" if n >= 2**30 else f"{n / 2**20:10.3f} MiB"
 
 
+def estimated_peak(p: dict) -> int:
+    """Bytes one device holds at the step's peak: what it is given and returns (less what it donates)
+    and its temporaries."""
+    return p["arguments"] + p["outputs"] - p["aliased"] + p["temporaries"]
+
+
+def does_not_fit(p: dict) -> bool:
+    """Whether the device, where its backend reports its memory, holds less than the estimated peak."""
+    return bool(p["device_memory"]) and estimated_peak(p) > p["device_memory"]
+
+
 def format_plan(p: dict) -> str:
-    peak = p["arguments"] + p["outputs"] - p["aliased"] + p["temporaries"]
+    peak = estimated_peak(p)
     mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
     return "\n".join([
         f"mesh {mesh} ({p['devices']} {p['platform']} devices); {p['param_count']:,} parameters; "
@@ -118,7 +129,7 @@ def _verdict(p: dict, peak: int) -> str:
     """Whether the step fits the device's memory, where the backend says how much it has; on CPU,
     what the figures stand for."""
     if p["device_memory"]:
-        fits = "fits" if peak <= p["device_memory"] else "does NOT fit"
+        fits = "does NOT fit" if does_not_fit(p) else "fits"
         return f"{fits}: estimated peak {_size(peak).strip()} of the {_size(p['device_memory']).strip()} a device holds"
     if p["platform"] == "cpu":
         configured, here = p.get("attention_configured"), f"compiled for CPU devices, attention `{p['attention']}`"

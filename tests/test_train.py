@@ -345,7 +345,7 @@ def test_plan_for_virtual_devices_called_in_another_program(capsys):
 
 
 def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys):
-    from llama_jax.plan import format_plan, plan
+    from llama_jax.plan import estimated_peak, format_plan, plan
 
     assert main(["plan", "--config", TINY]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -369,12 +369,29 @@ def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys):
     assert main(["plan", "--config", TINY, "--config.model.attention_impl=cudnn", "--devices", "8"]) == 0
     assert "(in place of cudnn, which needs a GPU)" in capsys.readouterr().out.splitlines()[-1]
     figures = plan(tiny_config())
-    peak = figures["arguments"] + figures["outputs"] - figures["aliased"] + figures["temporaries"]
+    peak = estimated_peak(figures)
     assert format_plan({**figures, "attention": "splash", "attention_configured": "splash"}).splitlines()[-1] == (
         "compiled for CPU devices, attention `splash`, the TPU kernel run by Pallas' interpreter: a TPU's temporaries "
         "differ; run plan on the target for its figures and whether they fit")  # (it said GPUs ran splash)
     for memory, verdict in ((peak, "fits"), (peak - 1, "does NOT fit")):  # as a GPU or TPU reports its memory
         assert format_plan({**figures, "device_memory": memory}).splitlines()[-1].startswith(f"{verdict}: estimated")
+
+
+@pytest.mark.parametrize("spare, status", [(0, 0), (-1, 1)])
+def test_plan_exits_1_where_the_device_holds_less_than_the_peak(monkeypatch, capsys, spare, status):
+    """A script that plans a config before renting the machines stops at a plan that does not fit (the
+    command said so and exited 0). The device's memory is what a GPU or TPU reports; CPUs report none."""
+    from llama_jax import plan as plan_lib
+
+    planned = plan_lib.plan
+
+    def on_a_device_of_that_memory(*args):
+        figures = planned(*args)
+        return {**figures, "device_memory": plan_lib.estimated_peak(figures) + spare}
+
+    monkeypatch.setattr(plan_lib, "plan", on_a_device_of_that_memory)
+    assert main(["plan", "--config", TINY]) == status
+    assert capsys.readouterr().out.splitlines()[-1].startswith(("fits", "does NOT fit")[status] + ": estimated peak")
 
 
 def test_plan_compiles_the_step_as_an_accelerator_does_without_the_cpus_options(monkeypatch):
