@@ -120,6 +120,11 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
     if problem := non_utf8_path(path, "model directory"):
         raise ValueError(problem)
     abstract = nn.meta.unbox(abstract_params(config.replace(scan_layers=True)))
+    saved_abstract = nn.meta.unbox(abstract_params(saved.replace(scan_layers=True))) if config_overrides else abstract
+    if change := _config_mismatch(abstract, saved_abstract, f"the directory's {CONFIG_FILE}"):
+        given = ", ".join(f"{key}={value!r}" for key, value in config_overrides.items())
+        raise ValueError(f"{path}: load_model({given}) {change}; an override may change how the model computes, "
+                         "not the shapes of its parameters")
     if as_numpy:
         restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), abstract)
     else:
@@ -151,19 +156,19 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
     return config, params
 
 
-def _config_mismatch(abstract, stored) -> str | None:
-    """How the parameters a config makes (`abstract`) differ from those stored, if they do: the
-    first parameter only one side has, or whose shapes differ."""
+def _config_mismatch(abstract, stored, holder: str = f"{PARAMS_DIR}/") -> str | None:
+    """How the parameters a config makes (`abstract`) differ from those stored (in `holder`), if
+    they do: the first parameter only one side has, or whose shapes differ."""
     wanted, stored = flax.traverse_util.flatten_dict(abstract), flax.traverse_util.flatten_dict(stored)
     for key in sorted(wanted.keys() | stored.keys()):
         name = ".".join(key)
         if key not in stored:
-            return f"makes {name}, but {PARAMS_DIR}/ does not hold it"
+            return f"makes {name}, but {holder} does not hold it"
         if key not in wanted:
-            return f"has no place for {name}, which {PARAMS_DIR}/ holds"
+            return f"has no place for {name}, which {holder} holds"
         shape = tuple(getattr(stored[key], "shape", ()) or ())
         if shape != tuple(wanted[key].shape):
-            return f"makes {name} of shape {tuple(wanted[key].shape)}, but {PARAMS_DIR}/ holds it as {shape}"
+            return f"makes {name} of shape {tuple(wanted[key].shape)}, but {holder} holds it as {shape}"
     return None
 
 

@@ -535,6 +535,20 @@ def test_a_config_that_does_not_describe_the_stored_params(tmp_path, capsys, mod
     assert not (tmp_path / "hf").exists()
 
 
+def test_an_override_that_reshapes_the_params_is_named(tmp_path, model):
+    """load_model(path, n_kv_heads=4) blamed the directory's model_config.json ("the config does not
+    describe these parameters") for what the caller's override changed; a numerics one still loads."""
+    cfg, params = model
+    save_model(tmp_path / "m", cfg, params)
+    with pytest.raises(ValueError) as error:
+        load_model(tmp_path / "m", n_kv_heads=4, dtype="bfloat16")
+    assert str(error.value) == (
+        f"{tmp_path / 'm'}: load_model(n_kv_heads=4, dtype='bfloat16') makes layers.attn.k.kernel of shape "
+        "(2, 64, 4, 16), but the directory's model_config.json holds it as (2, 64, 2, 16); an override may change "
+        "how the model computes, not the shapes of its parameters")
+    assert load_model(tmp_path / "m", dtype="bfloat16", rope_theta=5e5)[0].rope_theta == 5e5
+
+
 @pytest.mark.parametrize("max_to_keep, keep_every", [(2, 2), (3, 0), (1, 4), (None, 0)])
 def test_the_retention_model_is_orbax_s(tmp_path, max_to_keep, keep_every):
     """`retention_deletes`, which resume checks rely on, names what Orbax itself has deleted of a
