@@ -1080,9 +1080,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the text is the same either way)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="(default 64)")
     p.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K")
-    p.add_argument("--top-p", type=finite_float, default=None, metavar="P")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample among the K most likely tokens and those tied with the K-th (default: all)")
+    p.add_argument("--top-p", type=finite_float, default=None, metavar="P",
+                   help="sample among the fewest most likely tokens whose probabilities add up to P or more "
+                        "(0 < P <= 1), after --top-k (default: all)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed, 0 <= S < 2**32 (default 0)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.model (default: the one in the model directory)")
     p.add_argument("--mesh", type=mesh_sizes, default=None, metavar="DATA,FSDP,TENSOR",

@@ -519,3 +519,5 @@ def test_help_states_the_sampling_defaults(capsys):
         main(["generate", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "--max-new-tokens MAX_NEW_TOKENS (default 64)" in shown and "0 is greedy (default 0.8)" in shown
+    assert "with the K-th (default: all)" in shown and "after --top-k (default: all)" in shown
+    assert "--seed S sampling seed, 0 <= S < 2**32 (default 0)" in shown
