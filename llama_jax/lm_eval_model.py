@@ -408,8 +408,9 @@ def _check_fewshot(tasks: dict, num_fewshot: int | None) -> None:
     """ValueError for a task that would be asked for more few-shot examples than its few-shot
     documents hold (the harness finds it as it builds the prompts, after the model is read). The
     number is `num_fewshot` unless the task's config sets 0 (the harness keeps that) or, without
-    it, the task's own; where the few-shot documents are the task's test documents, each question
-    is left out of its own examples, so one more document is needed."""
+    it, the task's own; where the task's few-shot split is its test split, each question is left
+    out of its own examples, so one more document is needed (a task that falls back on its test
+    documents for want of others keeps each question among them, as the harness samples them)."""
     for task in tasks.values():
         own = task.get_config("num_fewshot")
         shots = (own if num_fewshot is None or own == 0 else num_fewshot) or 0
@@ -465,7 +466,7 @@ def _task_errors(tasks: list[str], include_path: str | None, num_fewshot: int | 
         where = f" (tasks of your own: check their files under --include-path {include_path})" if include_path else ""
         if num_fewshot and isinstance(e, ValueError) and str(e).startswith("Sample larger than population"):
             where = (f" (--num-fewshot {num_fewshot} asks for more examples than a task's few-shot documents "
-                     f"hold, one fewer when they are its own test documents; give fewer)")  # random.sample's error
+                     f"hold, one fewer when its fewshot_split is its test split; give fewer)")  # random.sample's error
         raise ValueError(f"lm-eval failed on the task(s) {', '.join(tasks)}: {_causes(e)}{where}") from e
 
 
