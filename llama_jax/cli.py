@@ -293,8 +293,10 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             item = arg[len("--config."):]
             if "=" not in item:
                 value = next(it, None)
-                if value is None or value.startswith("--config."):  # forgotten, not the next override's text
-                    raise UserError(f"{arg}: missing value")
+                # forgotten, not the next option taken as its text (--config.k --dry-run: a sweep that ran)
+                if value is None or value == "--" or re.match(r"--[A-Za-z]", value):
+                    hint = f"; give a value that starts with '--' as {arg}=VALUE" if value else ""
+                    raise UserError(f"{arg}: missing value{hint}")
                 item = f"{item}={value}"
             overrides.append(item)
         else:

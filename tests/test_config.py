@@ -584,6 +584,22 @@ def test_values_of_the_wrong_kind_are_refused_before_the_run(override, message, 
     assert not (tmp_path / "w").exists()
 
 
+def test_an_override_without_its_value_does_not_take_the_next_option(tmp_path, capsys):
+    """`--config.KEY VALUE` took the next option as the value: `--config.train.sample_prompt --dry-run`
+    set the prompt to "--dry-run" and the sweep ran its trials instead of printing them."""
+    command = ["sweep", "--config", TINY, "--workdir", str(tmp_path / "w"), "--sweep", "optimizer.lr=[1e-3]",
+               "--config.train.sample_prompt", "--dry-run"]
+    assert main(command) == 2
+    assert one_line_error(capsys) == ("llama-jax: error: --config.train.sample_prompt: missing value; give a value "
+                                      "that starts with '--' as --config.train.sample_prompt=VALUE")
+    assert not (tmp_path / "w").exists()
+    assert main(["plan", "--config", TINY, "--config.train.sample_prompt", "--"]) == 2  # (launch's separator)
+    assert one_line_error(capsys).startswith("llama-jax: error: --config.train.sample_prompt: missing value")
+    assert main(["plan", "--config", TINY, "--config.train.sample_prompt=--dry-run", "--config.mesh.fsdp", "-1",
+                 "--config.train.sample_prompt", "-x"]) == 0  # given with '=', or not an option: a value
+    capsys.readouterr()
+
+
 def test_prepared_data_may_keep_the_settings_of_the_source_it_came_from():
     """A config whose raw source was prepared (as a sweep does) trains on the prepared directory."""
     check_run_source(load_config(TINY, ["data.source=prepared", "data.path=/d", "data.files=['a.txt']",
