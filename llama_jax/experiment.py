@@ -283,6 +283,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
                              f"(get_ref), so --config.{item} cannot hold; give only one of them")
     _check_mapping_names(config)  # (first: a mapping whose names are of several kinds cannot list its keys)
     _check_linked_values(config)
+    check_recordable(config)
     check_finite(config)
     return config
 
@@ -342,6 +343,18 @@ def value_at(config: ml_collections.ConfigDict, key: str) -> Any:
     return node
 
 
+def check_recordable(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the first key (dotted) whose value the run's config.json cannot record as it
+    is: a NumPy scalar (np.float32(1e-5)), a set or another object was written there as text
+    ("unserializable object: 1e-05"), which `--config DIR/config.json` then refused. A RopeScaling
+    (model.rope_scaling) is written as its dict."""
+    for key, value in _leaves(config, ""):
+        if value is not None and not isinstance(value, (str, int, float, RopeScaling)):  # (bool: an int)
+            raise ValueError(f"config key {key} holds {describe_value(value)}, which the run's config.json cannot "
+                             f"record; give a Python value (int(x), float(x), bool(x), a string, or a list or dict "
+                             f"of them)")
+
+
 def check_finite(config: ml_collections.ConfigDict) -> None:
     """ValueError naming the first key (dotted) whose value is a NaN or infinite number, a number
     beyond float32's range, or one so near 0 that float32 holds it as 0 (training computes in float32:
@@ -380,6 +393,7 @@ def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True,
     read)."""
     from llama_jax import optim
 
+    check_recordable(config)
     check_finite(config)
     check_train_section(config.train)
     check_data_section(config.data)

@@ -485,6 +485,34 @@ def test_a_config_files_own_forms(tmp_path):
     assert str(tmp_path) not in sys.path
 
 
+def test_a_value_config_json_cannot_record_is_refused(tmp_path, capsys):
+    """A NumPy scalar set by a config file trained, but the run's config.json recorded it as text
+    ("unserializable object: 1e-05"), so `--config DIR/config.json` refused the run it wrote."""
+    head = ("import numpy as np\nfrom llama_jax.config import RopeScaling\n"
+            "from llama_jax.experiment import base_config\n")
+    for name, line, message in (
+            ("eps.py", "config.model.norm_eps = np.float32(1e-5)",
+             "config key model.norm_eps holds a float32 (np.float32(1e-05)), which the run's config.json cannot "
+             "record; give a Python value (int(x), float(x), bool(x), a string, or a list or dict of them)"),
+            ("tied.py", "config.model.tie_embeddings = np.bool_(True)", "config key model.tie_embeddings holds a bool"),
+            ("files.py", "config.data.files = ['a.txt', np.str_('b.txt'), {'c.txt'}]",
+             "config key data.files[2] holds a set ({'c.txt'})")):
+        (tmp_path / name).write_text(f"{head}\n\ndef get_config():\n    config = base_config('tiny')\n    {line}\n"
+                                     f"    return config\n")
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            load_config(tmp_path / name)
+    assert main(["train", "--config", str(tmp_path / "eps.py"), "--workdir", str(tmp_path / "w")]) == 2
+    assert one_line_error(capsys).startswith("llama-jax train: error: config key model.norm_eps holds a float32")
+    assert not (tmp_path / "w").exists()
+    # what config.json records as it is: a NumPy float64 (a float), a RopeScaling (as its dict)
+    (tmp_path / "fine.py").write_text(f"{head}\n\ndef get_config():\n    config = base_config('tiny')\n"
+                                      f"    config.model.rope_scaling = RopeScaling('linear', 2.0)\n"
+                                      f"    config.model.rope_theta = np.float64(5e5)\n    return config\n")
+    config = load_config(tmp_path / "fine.py")
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    assert model_config(load_config(tmp_path / "config.json").model) == model_config(config.model)
+
+
 def test_experiment_api_arguments_of_the_wrong_kind_are_refused():
     import jax
     import numpy as np
