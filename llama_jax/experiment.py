@@ -613,6 +613,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
         _check_names(key, value)
         current = value = ml_collections.ConfigDict(value)  # the whole dict, replaced
     if current is not None and value is not None:
+        if isinstance(current, ml_collections.ConfigDict) and key not in DICT_KEYS:  # (optimizer=adamw)
+            raise ValueError(f"config key {key!r} is a section of keys ({', '.join(sorted(current.keys()))}), not a "
+                             f"setting; set one of them: --config.{key}.KEY=VALUE")
         if isinstance(current, bool) != isinstance(value, bool) or not isinstance(value, _compatible(current)):
             hint = ""
             if isinstance(current, (list, tuple)) and isinstance(value, str):

@@ -582,6 +582,9 @@ def test_string_and_mapping_overrides():
                                  "quote it: \"--config.train.sample_prompt='None'\")"),
     ("model=None", "config key 'model' is a section and cannot be None; set its keys (--config.model.KEY=VALUE)"),
     ("data=null", "config key 'data' is a section and cannot be None; set its keys (--config.data.KEY=VALUE)"),
+    # (it said "config key 'mesh' is ConfigDict, got '8' (int)", naming nothing a user could set)
+    ("mesh=8", "config key 'mesh' is a section of keys (data, fsdp, tensor), not a setting; set one of them: "
+               "--config.mesh.KEY=VALUE"),
     ("data.files=[1,2]", "data.files must be a list of paths or glob patterns (strings), got [1, 2]"),
     ("train.steps=1e3", "config key 'train.steps' is int, got '1e3' (float); give a whole number: "
                         "--config.train.steps=1000"),
