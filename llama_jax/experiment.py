@@ -612,6 +612,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> Any:
     if key in DICT_KEYS and isinstance(value, dict):
         _check_names(key, value)
         current = value = ml_collections.ConfigDict(value)  # the whole dict, replaced
+    elif key in DICT_KEYS and current is None and value is not None:  # (model.rope_scaling's default)
+        raise ValueError(f"config key {key!r} takes a Python dict or None, got {text!r} ({type(value).__name__}); "
+                         f"give a Python dict: \"--config.{key}={DICT_KEYS[key]}\"")
     if current is not None and value is not None:
         if isinstance(current, ml_collections.ConfigDict) and key not in DICT_KEYS:  # (optimizer=adamw)
             raise ValueError(f"config key {key!r} is a section of keys ({', '.join(sorted(current.keys()))}), not a "

@@ -593,6 +593,10 @@ def test_string_and_mapping_overrides():
      "model.rope_scaling: every name must be a string (quote it, e.g. {'2': ...}), got 1"),
     ("model.rope_scaling={'rope_type': 'linear', 'factor': 2.0, 'a.b': 2}",
      "model.rope_scaling: a name may not contain a dot (it would read as a key inside it), got 'a.b'"),
+    # (it said "model.rope_scaling must be a RopeScaling, a dict or None", a type no override gives)
+    ("model.rope_scaling={'rope_type': 'linear', 'factor': 2.0",
+     "config key 'model.rope_scaling' takes a Python dict or None, got \"{'rope_type': 'linear', 'factor': 2.0\" "
+     "(str); give a Python dict: \"--config.model.rope_scaling={'rope_type': 'linear', 'factor': 2.0}\""),
     ("data.eval_fraction=None", "data.eval_fraction must be a number with 0 <= eval_fraction < 1, got None"),
     ("data.tokenizer=None", "data.tokenizer must be a string, got None ('' for none; for the text None, quote it: "
                             "\"--config.data.tokenizer='None'\")"),
