@@ -76,6 +76,7 @@ def base_config(preset: str = "tiny", **model_fields) -> ml_collections.ConfigDi
 
 
 INIT_FROM_PRESET = "init_from"
+DEFAULTS = base_config().to_dict()  # every section's keys with their default values
 
 # Keys added to `base_config` since sweeps began recording a hash of their config's settings, with
 # their defaults: the hash leaves them out while they hold those (`llama_jax.sweep.settings_sha256`),
@@ -650,13 +651,16 @@ DICT_KEYS = {**MAPPING_KEYS, "model.rope_scaling": "{'rope_type': 'linear', 'fac
 
 
 def _decimal_field(key: str) -> bool:
-    """Whether `key` holds a real number even when a whole one was given: the fields `LLaMAConfig`
-    and `RopeScaling` type float, and mixture weights."""
+    """Whether `key` holds a real number even when a whole one was given: a key whose default is a
+    float (a run's config.json edited to `"weight_decay": 0`), the fields `LLaMAConfig` and
+    `RopeScaling` type float, and mixture weights."""
     parts = key.split(".")
     if parts[:2] == ["model", "rope_scaling"] and len(parts) == 3:
         return parts[2] in _float_fields(RopeScaling)
     if parts[0] == "model" and len(parts) == 2:
         return parts[1] in _float_fields(LLaMAConfig)
+    if len(parts) == 2 and parts[0] in DEFAULTS:
+        return isinstance(DEFAULTS[parts[0]].get(parts[1]), float)
     return parts[:2] == ["data", "mixture"] and len(parts) == 4 and parts[3] == "weight"
 
 

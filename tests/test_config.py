@@ -442,6 +442,16 @@ def test_an_older_runs_config_json_takes_the_defaults_of_keys_added_since(tmp_pa
     check_run_settings(loaded)
 
 
+def test_a_decimal_key_a_config_json_gives_as_a_whole_number_takes_a_decimal(tmp_path):
+    """A run's config.json edited to `"weight_decay": 0` (JSON's whole number): the override
+    --config.optimizer.weight_decay=0.1 was refused ("config key 'optimizer.weight_decay' is int")."""
+    saved = load_config(TINY).to_dict()
+    saved["optimizer"]["weight_decay"], saved["train"]["z_loss"] = 0, 0
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = load_config(tmp_path / "config.json", ["optimizer.weight_decay=0.1", "train.z_loss=1e-4"])
+    assert (loaded.optimizer.weight_decay, loaded.train.z_loss) == (0.1, 1e-4)
+
+
 def test_a_config_files_own_forms(tmp_path):
     """What a Python config file may do: link keys (an override of one sets both, and overrides
     that cannot both hold are refused), return a FrozenConfigDict, import a module beside it."""
