@@ -182,12 +182,14 @@ def _check_file(path: Path) -> None:
 @contextlib.contextmanager
 def config_module(path: Path, name: str) -> Iterator[Any]:
     """The config file `path` run as module `name`, its folder on sys.path while the block runs (as
-    for a script: modules beside the file import, from its functions too); ValueError naming the
-    file where running it fails."""
+    for a script: modules beside the file import, from its functions too) and the module in
+    sys.modules (as an import puts it: a dataclass defined in the file looks its module up there);
+    ValueError naming the file where running it fails."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     folder = str(path.absolute().parent)
     sys.path.insert(0, folder)
+    sys.modules[name] = module
     try:
         try:
             spec.loader.exec_module(module)
@@ -195,6 +197,8 @@ def config_module(path: Path, name: str) -> Iterator[Any]:
             raise ValueError(_failure(path, "running it", e)) from None
         yield module
     finally:
+        if sys.modules.get(name) is module:
+            del sys.modules[name]
         if folder in sys.path:
             sys.path.remove(folder)
 

@@ -492,7 +492,14 @@ def test_a_config_files_own_forms(tmp_path):
     with pytest.raises(ValueError, match=r"^unknown config key 'optimizer.warmup' \(in override "
                                          r"'optimizer.warmup.x=1'\); valid sections of optimizer: none$"):
         load_config(tmp_path / "computed.py", ["train.grad_accum=0", "optimizer.warmup.x=1"])
-    assert str(tmp_path) not in sys.path
+    # a dataclass of the file's own, annotations postponed: dataclasses look the module up in sys.modules, where
+    # it was not ("line 8: AttributeError while running it: 'NoneType' object has no attribute '__dict__'")
+    (tmp_path / "sizes.py").write_text(
+        "from __future__ import annotations\n\nimport dataclasses\n\nfrom llama_jax.experiment import base_config\n"
+        "\n\n@dataclasses.dataclass\nclass Size:\n    dim: int\n\n\ndef get_config():\n"
+        "    return base_config('debug', dim=Size(32).dim)\n")
+    assert load_config(tmp_path / "sizes.py").model.dim == 32
+    assert str(tmp_path) not in sys.path and "llama_jax_config_sizes" not in sys.modules
 
 
 def test_a_value_config_json_cannot_record_is_refused(tmp_path, capsys):
