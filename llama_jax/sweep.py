@@ -362,8 +362,10 @@ def _longest_candidates(space: Space) -> tuple:
 
 
 def override_text(key: str, value: Any) -> str:
-    """`key=value` as `--config.` takes it (floats written exactly)."""
-    return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
+    """`key=value` as `--config.` takes it (floats written exactly; a string that would read as
+    another value, 'None' or 'nan', quoted)."""
+    quoted = isinstance(value, float) or isinstance(value, str) and _parse(value) != value
+    return f"{key}={value!r}" if quoted else f"{key}={value}"
 
 
 def grid_trials(axes: dict[str, Space]) -> list[Trial]:

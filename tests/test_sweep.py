@@ -974,6 +974,13 @@ def test_a_random_search_is_checked_at_its_draws_not_its_ends():
     assert len(trials) == 3 and all(0.95 <= t.overrides["optimizer.b2"] < 1.0 for t in trials)
 
 
+def test_a_string_value_reaches_its_trial_as_that_string():
+    """A trial's override was `key=value` as written: the string 'None' of --sweep
+    "train.sample_prompt=['None']" reached the trial as None, refused with "quote it"."""
+    for text in ("None", "null", "nan", "1984", "a=b", "[1]", "x"):
+        assert load_config(TINY, [sweep_lib.override_text("train.sample_prompt", text)]).train.sample_prompt == text
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--sweep", "optimizer.nope=[1,2]"], "unknown config key 'optimizer.nope'"),
     (["--sweep", "optimizer.lr=[1e-3,fast]"], "config key 'optimizer.lr' is float, got 'fast'"),
