@@ -154,7 +154,9 @@ _DISTRIBUTIONS = {"uniform": Uniform, "loguniform": LogUniform, "int": IntRange,
 
 
 def _checked(kind: str, args: tuple) -> Space:
-    """The space of `kind(*args)`, or SweepError saying what would be valid."""
+    """The space of `kind(*args)`, or SweepError saying what would be valid. NumPy scalars (the
+    values of np.logspace, np.arange) are taken as Python's: a trial's command line writes its values."""
+    args = tuple(a.item() if isinstance(a, np.generic) else a for a in args)
     if kind in ("grid", "choice"):
         if not args:
             raise SweepError(f"{kind}: no values, so the sweep would be empty; give at least one value")

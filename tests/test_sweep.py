@@ -974,6 +974,18 @@ def test_a_random_search_is_checked_at_its_draws_not_its_ends():
     assert len(trials) == 3 and all(0.95 <= t.overrides["optimizer.b2"] < 1.0 for t in trials)
 
 
+def test_numpy_values_of_get_sweep_are_taken_as_pythons():
+    """get_sweep() returning np.logspace(-4, -2, 3) failed every trial: its override read
+    "optimizer.lr=np.float64(0.0001)", refused as text ("is float, got 'np.float64(0.0001)' (str)")."""
+    import numpy as np
+
+    rates, seeds = sweep_lib.grid(*np.logspace(-4, -2, 3)), sweep_lib.grid(*np.arange(2))
+    config = load_config(TINY, [sweep_lib.override_text("optimizer.lr", rates.values[0]),
+                                sweep_lib.override_text("train.seed", seeds.values[1])])
+    assert (config.optimizer.lr, config.train.seed) == (1e-4, 1)
+    assert sweep_lib.int_range(np.int64(0), np.int64(200)) == sweep_lib.int_range(0, 200)  # ("needs two numbers")
+
+
 def test_a_string_value_reaches_its_trial_as_that_string():
     """A trial's override was `key=value` as written: the string 'None' of --sweep
     "train.sample_prompt=['None']" reached the trial as None, refused with "quote it"."""
