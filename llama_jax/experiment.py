@@ -215,7 +215,7 @@ def _python_config(path: Path) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ValueError(f"{path}: get_config() returned {describe_value(config)}; expected an "
                          "ml_collections.ConfigDict (start from llama_jax.experiment.base_config())")
-    return ml_collections.ConfigDict(config) if isinstance(config, ml_collections.FrozenConfigDict) else config
+    return ml_collections.ConfigDict(config)  # (FrozenConfigDicts in it, at any depth, thawed: overrides set them)
 
 
 def _failure(path: Path, stage: str, e: Exception) -> str:

@@ -499,6 +499,12 @@ def test_a_config_files_own_forms(tmp_path):
         "\n\n@dataclasses.dataclass\nclass Size:\n    dim: int\n\n\ndef get_config():\n"
         "    return base_config('debug', dim=Size(32).dim)\n")
     assert load_config(tmp_path / "sizes.py").model.dim == 32
+    # a section the file froze takes overrides (a traceback: "FrozenConfigDict is immutable"), its links kept
+    (tmp_path / "frozen_section.py").write_text(
+        "import ml_collections\nfrom mine import get_config as mine\n\n\ndef get_config():\n    config = mine()\n"
+        "    config.model = ml_collections.FrozenConfigDict(config.model)\n    return config\n")
+    thawed = load_config(tmp_path / "frozen_section.py", ["model.dim=32", "train.steps=100"])
+    assert (thawed.model.dim, thawed.checkpoint.every) == (32, 100)
     assert str(tmp_path) not in sys.path and "llama_jax_config_sizes" not in sys.modules
 
 
