@@ -289,6 +289,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     _check_mapping_names(config)  # (first: a mapping whose names are of several kinds cannot list its keys)
     _check_linked_values(config)
     check_recordable(config)
+    check_settings(config)
     check_finite(config)
     return config
 
@@ -360,6 +361,24 @@ def check_recordable(config: ml_collections.ConfigDict) -> None:
                              f"of them)")
 
 
+def check_settings(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the first setting that holds a section of keys (a file's section replaced
+    by a dict giving `'lr': {'a': 1}`: the messages about it printed the keys over several lines), or
+    a checkpoint.init_from that is no path (an int was a traceback)."""
+    for section, defaults in DEFAULTS.items():
+        node = config.get(section)
+        for key, default in defaults.items() if isinstance(node, (dict, ml_collections.ConfigDict)) else ():
+            value = node.get(key)
+            if (isinstance(value, (dict, ml_collections.ConfigDict)) and not isinstance(default, dict)
+                    and f"{section}.{key}" not in DICT_KEYS):
+                shown = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+                raise ValueError(f"config key {section}.{key} is a setting, not a section of keys; got {shown!r}")
+    init_from = config.checkpoint.get("init_from") if "checkpoint" in config else None
+    if init_from is not None and not isinstance(init_from, str):
+        raise ValueError(f"checkpoint.init_from must be a model directory's path (a string; '' for none), got "
+                         f"{describe_value(init_from)}")
+
+
 def check_finite(config: ml_collections.ConfigDict) -> None:
     """ValueError naming the first key (dotted) whose value is a NaN or infinite number, a number
     beyond float32's range, or one so near 0 that float32 holds it as 0 (training computes in float32:
@@ -399,6 +418,7 @@ def check_config(config: ml_collections.ConfigDict, read_init_from: bool = True,
     from llama_jax import optim
 
     check_recordable(config)
+    check_settings(config)
     check_finite(config)
     check_train_section(config.train)
     check_data_section(config.data)

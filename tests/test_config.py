@@ -395,6 +395,19 @@ def test_a_mesh_size_of_true_in_a_file_is_refused(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("line, message", [
+    ("config.checkpoint = {**config.checkpoint.to_dict(), 'init_from': 5}",  # (a TypeError traceback)
+     "checkpoint.init_from must be a model directory's path (a string; '' for none), got an int (5)"),
+    ("config.optimizer = {**config.optimizer.to_dict(), 'lr': {'warmup': 1e-4, 'peak': 3e-4}}",  # (in two lines)
+     "config key optimizer.lr is a setting, not a section of keys; got {'peak': 0.0003, 'warmup': 0.0001}")])
+def test_a_file_setting_of_the_wrong_kind_is_one_line(line, message, tmp_path, capsys):
+    (tmp_path / "kind.py").write_text(f"from llama_jax.experiment import base_config\n\n\ndef get_config():\n"
+                                      f"    config = base_config('tiny')\n    {line}\n    return config\n")
+    assert main(["train", "--config", str(tmp_path / "kind.py"), "--workdir", str(tmp_path / "w")]) == 2
+    assert one_line_error(capsys) == f"llama-jax train: error: {message}"
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_mixture_that_is_not_a_dict_is_named(tmp_path, capsys):
     """A file's data section set whole, its mixture a list: the line took the list's first item
     for a name that is not a string."""
