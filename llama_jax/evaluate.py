@@ -38,7 +38,7 @@ import numpy as np
 from llama_jax.config import LLaMAConfig, check_model_config, is_int
 from llama_jax.data import pack_row, stack_rows
 from llama_jax.model import check_params_as_laid_out, params_in_layout
-from llama_jax.sharding import check_mesh, make_mesh, mesh_context
+from llama_jax.sharding import check_divisible, make_mesh, mesh_context
 from llama_jax.tokenizer import check_tokenizer
 
 MIN_BUCKET = 16  # shortest padded length of a scoring batch
@@ -79,8 +79,8 @@ class _Forward:
         from llama_jax.attention import runnable_here
 
         check_model_config(config)
-        if mesh is not None:
-            check_mesh(mesh)
+        if mesh is not None:  # (refused here, not as a shard_map error in the first compile)
+            check_divisible(config, mesh)
         config = config.replace(attention_impl=runnable_here(config.attention_impl))  # a GPU run's model, here
         check_params_as_laid_out(config, params)
         self.config, self.params, self.mesh = config, params_in_layout(config, params), mesh

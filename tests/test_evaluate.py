@@ -296,6 +296,23 @@ def test_evaluation_on_a_mesh_equals_one_device(model, model_dirs):
     assert many.nll == pytest.approx(one.nll, rel=1e-5)
 
 
+def test_evaluation_on_a_mesh_that_does_not_divide_the_heads_is_refused():
+    """A mesh whose tensor axis does not divide the K/V heads is refused in one line naming both, as
+    `generate` and `load_model` refuse it, before the first compile (the per-device attention's
+    shard_map raised a many-line error there)."""
+    from llama_jax import LLaMAConfig, init_params
+    from llama_jax.sharding import make_mesh, mesh_context
+
+    cfg = LLaMAConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+    params = init_params(cfg, 0)
+    mesh = make_mesh(1, 2, 4, jax.devices())
+    documents = [(np.arange(1, 20, dtype=np.int32), 19)]
+    for score in (lambda: evaluate_tokens(cfg, params, documents, 16, 4, mesh=mesh, context=lambda: mesh_context(mesh)),
+                  lambda: Scorer(cfg, params, mesh=mesh, context=lambda: mesh_context(mesh))):
+        with pytest.raises(ValueError, match=r"^model.n_kv_heads=2 is not divisible by mesh.tensor=4; choose a mesh"):
+            score()
+
+
 def test_document_windows_overlap_by_one():
     tokens = np.arange(10)
     assert [w.tolist() for w in document_windows(tokens, 4)] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9]]
