@@ -30,6 +30,7 @@ once per token:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -42,7 +43,7 @@ import numpy as np
 from llama_jax import backend_tuning
 from llama_jax.config import LLaMAConfig, check_model_config, check_sample_filters, check_sampling, is_int
 from llama_jax.model import KVCache, LLaMA, abstract_params, check_params_as_laid_out, join_qkv, unstack_layers
-from llama_jax.sharding import ambient_mesh, check_divisible, tree_shardings
+from llama_jax.sharding import ambient_mesh, check_divisible, mesh_context, tree_shardings
 from llama_jax.tokenizer import Tokenizer
 
 Array = jax.Array
@@ -238,8 +239,9 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     `mesh`: decode sharded over a (data, fsdp, tensor) mesh (`llama_jax.sharding.make_mesh`) with
     the project's logical-axis rules: params are placed as in training (a no-op for params already
     loaded with those shardings, e.g. `load_model(path, shardings=...)` or a trainer's state), the
-    KV cache split over data x fsdp (batch) and tensor (K/V heads). Default: the mesh of an
-    enclosing `with mesh:` such as `trainer.context(...)`, if any.
+    activations as in training (in the mesh's `sharding.mesh_context`, unless it is the enclosing
+    one), the KV cache split over data x fsdp (batch) and tensor (K/V heads). Default: the mesh of
+    an enclosing `with mesh:` such as `trainer.context(...)`, if any.
     `on_tokens`: called with every row's new ids so far, after the first token and then after
     each `chunk` more; it returns one flag per row, true for rows that are finished (e.g. a stop
     string appeared). Finished rows emit EOS from then on (without `eos_id`, they end where they
@@ -282,7 +284,8 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
                        jnp.int32(-1 if eos_id is None else eos_id),
                        jnp.int32(min(n_tokens or config.vocab_size, config.vocab_size)))
 
-    state = _prefill(params, tokens, pad, sampler, cfg=config, max_len=P + max_new_tokens, mesh=mesh)
+    with _on_mesh(mesh):
+        state = _prefill(params, tokens, pad, sampler, cfg=config, max_len=P + max_new_tokens, mesh=mesh)
     decode = _decode_for(jax.default_backend() if mesh is None else mesh.devices.flat[0].platform)
     rows = [[t] for t in np.asarray(state.last_B).tolist()]
     chunk = max_new_tokens - 1 if on_tokens is None else min(chunk, max_new_tokens - 1)
@@ -296,8 +299,9 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
             state = state._replace(done_B=state.done_B | finished)
         if len(rows[0]) == max_new_tokens or finished.all() or bool(jnp.all(state.done_B)):
             break
-        state, out, steps = decode(params, state, pad, sampler, jnp.int32(max_new_tokens), cfg=config, chunk=chunk,
-                                   mesh=mesh)
+        with _on_mesh(mesh):
+            state, out, steps = decode(params, state, pad, sampler, jnp.int32(max_new_tokens), cfg=config,
+                                       chunk=chunk, mesh=mesh)
         for row, new in zip(rows, np.asarray(out)[:, :int(steps)].tolist()):
             row += new
     if eos_id is not None:
@@ -305,6 +309,16 @@ def generate(config: LLaMAConfig, params: Mapping, prompts: list[list[int]], max
     else:  # no EOS to emit: a finished row ends where it finished
         rows = [row[:n] for row, n in zip(rows, finished_at)]  # (row[:None]: the whole row)
     return rows
+
+
+def _on_mesh(mesh):
+    """The context of `mesh` (`sharding.mesh_context`) unless it is the enclosing one already, so that
+    the model's activations are sharded by the logical-axis rules as in training: without it, a mesh
+    passed as an argument placed the parameters and the KV cache alone, and XLA laid out the rest
+    (e.g. logged "Involuntary full rematerialization" for 5 prompts on data 2 x fsdp 4)."""
+    if mesh is None or mesh == ambient_mesh():
+        return contextlib.nullcontext()
+    return mesh_context(mesh, per_device_attention=False)
 
 
 def _row_flags(flags, n_rows: int) -> list:
