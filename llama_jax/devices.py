@@ -40,12 +40,13 @@ def local_accelerators() -> tuple[str, int]:
 
 def _virtual_cpu_devices() -> int | None:
     """The CPU devices JAX will make as this environment asks (JAX_NUM_CPU_DEVICES, else XLA_FLAGS'
-    --xla_force_host_platform_device_count); None where it asks for none (JAX's default: one)."""
+    --xla_force_host_platform_device_count, whose last value counts, as XLA reads it); None where it
+    asks for none (JAX's default: one)."""
     number = os.environ.get("JAX_NUM_CPU_DEVICES", "").strip()
     if number.isdigit() and int(number) >= 1:
         return int(number)
-    match = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
-    return int(match.group(1)) if match else None
+    counts = re.findall(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return int(counts[-1]) if counts else None
 
 
 def devices_per_trial(platform: str, n_devices: int, devices_per_run: int | None) -> int:

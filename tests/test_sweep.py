@@ -966,6 +966,18 @@ def test_parallel_trials_each_get_their_own_devices(tmp_path):
         checkpoints.close()
 
 
+def test_the_cpu_device_count_is_the_last_one_xla_flags_gives(tmp_path, capsys, monkeypatch):
+    """XLA reads the last --xla_force_host_platform_device_count of XLA_FLAGS (the test setup appends
+    its 8 to any the environment gives): the host's count a sweep checks its trials against was the
+    first one's."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
+                                    "--xla_force_host_platform_device_count=8")
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    assert main(sweep_args(tmp_path / "sweep", "--sweep", "train.seed=[0,1]", "--devices-per-run", "64",
+                           "--dry-run")) == 2
+    assert "--devices-per-run 64: this host has 8 cpu device(s); valid: 1 to 8" in capsys.readouterr().err
+
+
 def test_a_random_search_is_checked_at_its_draws_not_its_ends():
     """Every trial of a random search is drawn and checked before any runs, and a draw never reaches a
     range's upper end: optimizer.b2 in [0, 1) swept as uniform(0.95, 1.0) is a valid search."""
