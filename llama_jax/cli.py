@@ -986,15 +986,15 @@ def _check_plan_arguments(args) -> None:
 
 def _virtual_cpu_devices(n: int, own_process: bool) -> list:
     """`n` of this process's CPU devices, for `plan --devices n`. The `llama-jax` program
-    (`own_process`) starts JAX with `n` virtual CPU devices (XLA_FLAGS and JAX_PLATFORMS, set before
-    its backends start). Called in another program (a notebook, a script calling `main`), it takes
-    them from the CPU devices that program's JAX has, and changes nothing of the process: JAX makes
-    its devices once per process, and the environment is its own and its later processes'. Too few
-    of them is a UserError."""
+    (`own_process`) starts JAX with `n` virtual CPU devices (`devices.set_cpu_devices` sets its
+    environment before its backends start). Called in another program (a notebook, a script calling
+    `main`), it takes them from the CPU devices that program's JAX has, and changes nothing of the
+    process: JAX makes its devices once per process, and the environment is its own and its later
+    processes'. Too few of them is a UserError."""
     if own_process:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={n}").strip()
-        os.environ["JAX_PLATFORMS"] = "cpu"
+        from llama_jax.devices import set_cpu_devices
+
+        set_cpu_devices(os.environ, n)
     import jax
 
     try:

@@ -75,12 +75,18 @@ def subset_env(platform: str, ids: list[int], slot: int, env: dict[str, str] | N
         env.update(TPU_VISIBLE_CHIPS=",".join(map(str, ids)), TPU_CHIPS_PER_PROCESS_BOUNDS=_TPU_CHIP_BOUNDS[len(ids)],
                    TPU_PROCESS_BOUNDS="1,1,1", TPU_PROCESS_PORT=str(8476 + slot), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     else:
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={len(ids)}".strip()
-        env["JAX_PLATFORMS"] = "cpu"
-        env.pop("JAX_NUM_CPU_DEVICES", None)  # (it would take precedence over the count above)
+        set_cpu_devices(env, len(ids))
     env["LLAMA_JAX_SINGLE_PROCESS"] = "1"  # a trial on part of one host never joins a multi-host job
     return env
+
+
+def set_cpu_devices(env, n: int) -> None:
+    """Sets the environment `env` (a dict, or os.environ) so that JAX started with it makes `n` CPU
+    devices and runs on them."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_NUM_CPU_DEVICES", None)  # (it would take precedence over the count above)
 
 
 def computation_failed(error: BaseException) -> bool:

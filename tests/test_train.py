@@ -344,6 +344,15 @@ def test_plan_for_virtual_devices_called_in_another_program(capsys):
     assert dict(os.environ) == environ and jax.device_count() == 8
 
 
+def test_plan_for_virtual_devices_where_the_environment_sets_jax_num_cpu_devices():
+    """JAX_NUM_CPU_DEVICES takes precedence over XLA_FLAGS' device count: `llama-jax plan --devices 2`
+    run as a command of its own, with it set to 1, was refused as if called in another program."""
+    run = subprocess.run([sys.executable, "-m", "llama_jax.cli", "plan", "--config", TINY, "--devices", "2"],
+                         env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("mesh data=1 x fsdp=2 x tensor=1 (2 cpu devices)")
+
+
 def test_plan_reports_per_device_memory_and_what_it_stands_for(capsys):
     from llama_jax.plan import estimated_peak, format_plan, plan
 
