@@ -38,7 +38,7 @@ import numpy as np
 from llama_jax.config import LLaMAConfig, check_model_config, is_int
 from llama_jax.data import pack_row, stack_rows
 from llama_jax.model import check_params_as_laid_out, params_in_layout
-from llama_jax.sharding import check_divisible, make_mesh, mesh_context
+from llama_jax.sharding import ambient_mesh, check_divisible, make_mesh, mesh_context
 from llama_jax.tokenizer import check_tokenizer
 
 MIN_BUCKET = 16  # shortest padded length of a scoring batch
@@ -71,20 +71,23 @@ def _jitted_scores(cfg: LLaMAConfig, mesh):
 
 
 class _Forward:
-    """Runs `_token_scores` on numpy batches: placed on `mesh` (rows split over data x fsdp) when
-    given, inside `context()` (e.g. a trainer's mesh and logical-axis rules), one batch in flight
-    while the next is prepared."""
+    """Runs `_token_scores` on numpy batches: placed on `mesh` (rows split over data x fsdp; default:
+    the mesh `context()` enters, or that of an enclosing `with mesh:`, if any), inside `context()`
+    (e.g. a trainer's mesh and logical-axis rules), one batch in flight while the next is prepared."""
 
     def __init__(self, config: LLaMAConfig, params, mesh=None, context: Callable | None = None):
         from llama_jax.attention import runnable_here
 
         check_model_config(config)
+        self.context = context or contextlib.nullcontext
+        if mesh is None:  # (a trainer's context alone gave rows that its batch axes do not divide)
+            with self.context():
+                mesh = ambient_mesh()
         if mesh is not None:  # (refused here, not as a shard_map error in the first compile)
             check_divisible(config, mesh)
         config = config.replace(attention_impl=runnable_here(config.attention_impl))  # a GPU run's model, here
         check_params_as_laid_out(config, params)
         self.config, self.params, self.mesh = config, params_in_layout(config, params), mesh
-        self.context = context or contextlib.nullcontext
         self.scores = _jitted_scores(config, mesh)
 
     def row_multiple(self) -> int:

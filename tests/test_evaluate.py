@@ -296,15 +296,38 @@ def test_evaluation_on_a_mesh_equals_one_device(model, model_dirs):
     assert many.nll == pytest.approx(one.nll, rel=1e-5)
 
 
+def _small_model():
+    from llama_jax import LLaMAConfig, init_params
+
+    cfg = LLaMAConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+    return cfg, init_params(cfg, 0)
+
+
+def test_evaluation_in_a_trainers_context_without_its_mesh_equals_one_device():
+    """Given a trainer's context (or inside one) and no mesh, batch rows are split over that context's
+    mesh: they were not rounded up to its data x fsdp, and its per-device attention's shard_map failed."""
+    from llama_jax.sharding import make_mesh, mesh_context
+
+    cfg, params = _small_model()
+    rng = np.random.default_rng(0)
+    documents = [(rng.integers(1, 64, n).astype(np.int32), n) for n in (40, 17, 5, 33, 12)]
+    one = evaluate_tokens(cfg, params, documents, 16, 5)
+    mesh = make_mesh(2, 4, 1, jax.devices())
+    given = evaluate_tokens(cfg, params, documents, 16, 5, context=lambda: mesh_context(mesh))
+    with mesh_context(mesh):
+        inside = evaluate_tokens(cfg, params, documents, 16, 5)
+    for many in (given, inside):
+        assert (many.tokens, many.correct, many.documents) == (one.tokens, one.correct, one.documents)
+        assert many.nll == pytest.approx(one.nll, rel=1e-5)
+
+
 def test_evaluation_on_a_mesh_that_does_not_divide_the_heads_is_refused():
     """A mesh whose tensor axis does not divide the K/V heads is refused in one line naming both, as
     `generate` and `load_model` refuse it, before the first compile (the per-device attention's
     shard_map raised a many-line error there)."""
-    from llama_jax import LLaMAConfig, init_params
     from llama_jax.sharding import make_mesh, mesh_context
 
-    cfg = LLaMAConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
-    params = init_params(cfg, 0)
+    cfg, params = _small_model()
     mesh = make_mesh(1, 2, 4, jax.devices())
     documents = [(np.arange(1, 20, dtype=np.int32), 19)]
     for score in (lambda: evaluate_tokens(cfg, params, documents, 16, 4, mesh=mesh, context=lambda: mesh_context(mesh)),
