@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from llama_jax.config import LLaMAConfig
+from llama_jax.config import LLaMAConfig, is_int
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -46,7 +46,7 @@ def check_mesh_sizes(data: int, fsdp: int, tensor: int) -> None:
     holds whatever the device count)."""
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for name, size in sizes.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:  # (True is an int)
+        if not is_int(size) or size == 0 or size < -1:  # (a NumPy integer too; not True, which is an int)
             raise ValueError(f"mesh.{name}={size!r}: must be a positive integer or -1 (all remaining devices)")
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
@@ -56,7 +56,7 @@ def check_mesh_sizes(data: int, fsdp: int, tensor: int) -> None:
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
     """Mesh sizes with a single -1 replaced by the remaining devices; ValueError if they don't fit."""
     check_mesh_sizes(data, fsdp, tensor)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}
     free = [name for name, size in sizes.items() if size == -1]
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:

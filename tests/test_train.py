@@ -812,6 +812,15 @@ class FakeTpuChip:
     core_on_chip: int = 0
 
 
+def test_mesh_sizes_may_be_numpy_integers():
+    """As other integer arguments may: a NumPy size was refused as not "a positive integer"."""
+    from llama_jax.sharding import make_mesh
+
+    assert dict(make_mesh(np.int64(2), np.int64(-1), np.int32(2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match=r"^mesh.tensor=np.int64\(0\): must be a positive integer or -1"):
+        make_mesh(1, -1, np.int64(0))
+
+
 def test_multi_slice_mesh_puts_the_data_axis_across_slices():
     from llama_jax.sharding import make_mesh
 
