@@ -1051,11 +1051,12 @@ def _run_evaluation_settings(config, saved: dict):
 
 
 def _held_out_change(saved: dict, config) -> str:
-    """The end of the resume line when the held-out evaluations cover another number of windows
-    than the run's earlier ones (`saved`: the checkpoint's config): train.eval_batches counts
+    """The end of the resume line when the held-out evaluations cover another number of rows than
+    the run's earlier ones (`saved`: the checkpoint's config): train.eval_batches counts
     micro-batches, so another train.grad_accum (to fit another slice's memory, say) changes the
-    subset, and the losses evaluated before and after are not of the same windows."""
-    def windows(t) -> int | None:  # at most this many (None: all of them)
+    subset, and the losses evaluated before and after are not of the same windows. (Rows, not
+    windows: a row holds as many whole windows as fit, several of short documents.)"""
+    def rows(t) -> int | None:  # at most this many (None: all of them)
         return None if t["eval_batches"] == -1 else t["eval_batches"] * (t["batch_size"] // t["grad_accum"])
 
     def cover(n: int | None) -> str:
@@ -1063,12 +1064,12 @@ def _held_out_change(saved: dict, config) -> str:
 
     was, now = saved.get("train", {}), config.train
     if not {"eval_batches", "batch_size", "grad_accum"} <= set(was) or not was["eval_batches"] \
-            or windows(was) == windows(now):
+            or rows(was) == rows(now):
         return ""
-    micro, before = now.batch_size // now.grad_accum, windows(was)
+    micro, before = now.batch_size // now.grad_accum, rows(was)
     keep = f"; train.eval_batches={before // micro} keeps the run's {before}" \
         if before is not None and before % micro == 0 else ""
-    return (f"; held-out evaluations now cover {cover(windows(now))} held-out windows, not {cover(before)} "
+    return (f"; held-out evaluations now cover {cover(rows(now))} rows of held-out windows, not {cover(before)} "
             f"(train.eval_batches micro-batches of train.batch_size / train.grad_accum rows), so their losses are "
             f"of another subset than the earlier ones{keep}")
 

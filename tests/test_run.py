@@ -1033,14 +1033,14 @@ def test_a_resume_on_another_mesh_with_more_grad_accum_continues_the_run_and_nam
         tmp_path, tokenizer_path, straight_run, capsys):
     """A resume on another mesh (8-way fsdp -> fsdp 4 x tensor 2) with grad_accum 2, as on a
     slice with less memory: the same batches, learning rates and losses up to float rounding; its
-    held-out evaluations (train.eval_batches micro-batches) cover half the windows, and it says so."""
+    held-out evaluations (train.eval_batches micro-batches) cover half the rows, and it says so."""
     straight, expected = straight_run
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
     overrides = run_overrides(tokenizer_path, "mesh.fsdp=4", "mesh.tensor=2", "train.grad_accum=2")
     capsys.readouterr()
     assert main([*train_args(workdir, overrides), "--resume-from", "8"]) == 0
-    assert ("train.grad_accum 1 -> 2; held-out evaluations now cover up to 16 held-out windows, not up to 32 "
+    assert ("train.grad_accum 1 -> 2; held-out evaluations now cover up to 16 rows of held-out windows, not up to 32 "
             "(train.eval_batches micro-batches of train.batch_size / train.grad_accum rows), so their losses are of "
             "another subset than the earlier ones; train.eval_batches=8 keeps the run's 32") in capsys.readouterr().out
     resumed = logged_losses(workdir)
