@@ -12,8 +12,9 @@ Scoring (`Scorer`): the log-likelihood of a continuation given a context (sum of
 and whether greedy decoding would produce it), and the rolling log-likelihood of a whole text in
 windows of the model's context, as the lm-evaluation-harness defines them. Requests are sorted by
 length and right-padded to a length bucket (powers of two up to max_seq_len) in batches of a fixed
-size: one compiled shape per bucket. A context too long for the model is truncated from the left
-with a warning, as the harness does.
+size (for fewer requests, the next power of two rows): one compiled shape per bucket and batch
+size. A context too long for the model is truncated from the left with a warning, as the harness
+does.
 
 Everything here takes a model config and parameters (on one device, or sharded with `mesh`) and
 nothing from the training loop.
@@ -379,9 +380,10 @@ class Scorer:
         self.batch_size = self.forward.rows(batch_size)
 
     def rows_for(self, n: int) -> int:
-        """The rows of each batch of `n` requests: batch_size, or fewer for fewer requests (rounded up
-        to the mesh's multiple), so that a batch size far above the requests costs no memory."""
-        return min(self.batch_size, self.forward.rows(max(n, 1)))
+        """The rows of each batch of `n` requests: batch_size, or for fewer requests the next power of
+        two (rounded up to the mesh's multiple), so that a batch size far above the requests costs
+        no memory and calls of other small numbers of requests share a few compiled shapes."""
+        return min(self.batch_size, self.forward.rows(1 << (max(n, 1) - 1).bit_length()))
 
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                       progress: bool = False) -> list[tuple[float, bool]]:

@@ -216,7 +216,8 @@ class LlamaJaxLM(TemplateLM):
         """Greedy (or, with do_sample, sampled) continuations, cut at the first stop sequence.
 
         Requests with the same generation settings run together, longest prompt first, in
-        batches of batch_size prompts left-padded to a length bucket (one compiled shape each).
+        batches of batch_size prompts (fewer requests: `Scorer.rows_for`) left-padded to a length
+        bucket (one compiled shape each).
         A batch stops decoding once every row has reached EOS or one of its stop sequences, which,
         as the `hf` backend's, include the EOS token's text ("</s>" written as ordinary pieces). A
         row also ends at any other end-of-text id the model's generation_config.json lists, as in

@@ -137,6 +137,22 @@ def test_generation_padded_to_a_bucket_is_unchanged(model):
     assert _prefill._cache_size() == compiled  # the same shape: the prompts were padded to 16
 
 
+def test_calls_with_fewer_requests_than_a_batch_share_compiled_shapes():
+    """A call with fewer requests than batch_size gets a batch of the next power of two rows, so
+    calls of 5 to 8 requests (of one length bucket) share one compiled shape: each count was a
+    shape of its own, compiled anew. Their scores are those of the requests scored alone."""
+    from llama_jax import LLaMAConfig, init_params
+
+    cfg = LLaMAConfig(vocab_size=96, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=40)  # its own compiles
+    scorer = Scorer(cfg, init_params(cfg, 0), batch_size=64)
+    requests = [([1, 5 + i, 9], [6, 7]) for i in range(8)]
+    alone = [scorer.loglikelihood([r])[0] for r in requests]
+    compiled = scorer.forward.scores._cache_size()
+    for n in range(5, 9):
+        assert scorer.loglikelihood(requests[:n]) == alone[:n]
+    assert scorer.forward.scores._cache_size() == compiled + 1
+
+
 @pytest.mark.parametrize("n", [0, 1, CONTEXT - 1, CONTEXT, CONTEXT + 1, 3 * CONTEXT + 7])
 def test_rolling_windows_are_the_harness_windows(n):
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
