@@ -82,6 +82,25 @@ def test_trainer_context_shards_without_mesh_argument(model_dir):
         assert generate(CFG, params, PROMPTS, STEPS, **SAMPLING[1]) == expected[1]
 
 
+def test_repeated_generation_on_a_mesh_traces_the_initialiser_once(model_dir, monkeypatch):
+    """Params are placed on the mesh with shardings found by tracing the model's initialiser
+    (`abstract_params`): once per config and mesh, not on every call, as lm-eval's generate_until
+    calls generate once per batch (it took 0.6 s a call for 32 unrolled layers). Same tokens."""
+    import llama_jax.generate as generate_lib
+
+    path, expected = model_dir
+    traced = []
+    monkeypatch.setattr(generate_lib, "abstract_params", lambda cfg: traced.append(cfg) or abstract_params(cfg))
+    mesh = make_mesh(fsdp=4, tensor=2)
+    cfg, params = load_model(path, mesh=mesh)
+    unrolled = decoding_params(cfg, params, mesh)
+    assert generate(cfg, unrolled, PROMPTS, STEPS, mesh=mesh) == expected[0]
+    once = len(traced)
+    assert [generate(cfg, unrolled, PROMPTS, STEPS, mesh=mesh, **kw) for kw in SAMPLING] == expected
+    assert generate(cfg, params, PROMPTS, STEPS, mesh=mesh) == expected[0]  # scanned, as decoding_params had them
+    assert len(traced) == once
+
+
 def test_mesh_argument_shards_activations_as_the_trainer_context_does(capfd):
     """A mesh passed as the argument shards the model's activations by the rules, as inside a
     trainer's context: without them, 5 prompts on data 2 x fsdp 4 had XLA log "Involuntary full
