@@ -61,15 +61,25 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
     vocabulary is sorted only when top-k or top-p filters.
     Settings out of range are refused (`config.check_sample_filters`), except traced ones, taken as
     they are: a top_p that float32 rounds to 0 (`generate` checked it as given) keeps the most
-    likely token.
+    likely token. The settings are traced values (float32 and int32), so calling it again with
+    others reuses the compiled code (once per shape of the logits).
     """
     if getattr(logits_BxV, "ndim", None) != 2:
         raise ValueError(f"logits must be an array [batch, vocab], got shape {getattr(logits_BxV, 'shape', None)}")
     check_sample_filters(temperature, top_k, top_p)
+    V = logits_BxV.shape[-1]
+    top_k = V if top_k is None else top_k if isinstance(top_k, jax.core.Tracer) else min(int(top_k), V)  # (int32)
+    top_p = 1.0 if top_p is None else top_p  # None: no filter, as in `generate`
+    return _sample(logits_BxV, key, jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+                   jnp.asarray(top_p, jnp.float32))
+
+
+@jax.jit
+def _sample(logits_BxV: Array, key: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
+    """`sample_logits` of checked settings, compiled: its branches, traced anew on every call outside
+    jit, compiled again each time (1.5 s a call for 256 logits on CPU)."""
     logits = logits_BxV.astype(jnp.float32)
     V = logits.shape[-1]
-    top_k = V if top_k is None else top_k
-    top_p = 1.0 if top_p is None else top_p  # None: no filter, as in `generate`
 
     def draw(logits):  # (the best logit at 0 first: a tiny temperature then sends the others to -inf, where
         # dividing the logits themselves made every positive one +inf, and the first of them was drawn)
