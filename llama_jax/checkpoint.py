@@ -223,6 +223,19 @@ class CheckpointDamaged(ValueError):
         self.step = step
 
 
+def _first_failure(step: int, failure: CheckpointDamaged | PermissionError | None
+                   ) -> CheckpointDamaged | PermissionError | None:
+    """The failure to read checkpoint `step` of the first process of the run that met one (None:
+    every process read it), the same in every process: where one process alone found its files
+    damaged, it stopped while the others went on to train, waiting for it until JAX aborted them."""
+    from llama_jax.distributed import exchange
+
+    sent = json.dumps(failure and [isinstance(failure, CheckpointDamaged), str(failure)])
+    for damaged, message in filter(None, map(json.loads, exchange(sent))):
+        return CheckpointDamaged(step, message) if damaged else PermissionError(message)
+    return None
+
+
 def tree_paths(tree) -> set[tuple[str, ...]]:
     """Leaf paths of a pytree as tuples of plain names, so dicts, dataclasses and namedtuples compare."""
     def name(key) -> str:
@@ -382,9 +395,23 @@ class RunCheckpoints:
         """The state of `step` laid out as `abstract_state` (ShapeDtypeStructs with shardings):
         restoring onto another mesh or device count is a matter of passing its shardings."""
         shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-        return self._read(step, "state", lambda: self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=abstract_state,
-                                         restore_args=array_restore_args(abstract_state, shardings))))["state"])
+        state, failure = None, None
+        try:
+            state = self._read(step, "state", lambda: self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=abstract_state,
+                                             restore_args=array_restore_args(abstract_state, shardings))))["state"])
+        except (CheckpointDamaged, PermissionError) as e:
+            failure = e
+        if jax.process_count() > 1:  # each process reads the files of its own shards: all stop where one cannot
+            if failure is not None:  # the others wait for this one at the end of Orbax's restore
+                checkpointer = self.manager._checkpointer
+                ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key(
+                    "Checkpointer:restore", prefix=checkpointer._barrier_sync_key_prefix),
+                    processes=checkpointer._active_processes)
+            failure = _first_failure(step, failure)
+        if failure is not None:
+            raise failure
+        return state
 
     def restore_params(self, step: int, config: LLaMAConfig, mesh=None):
         """Only the parameters of `step` (in the layer layout of the run's `config`), without reading

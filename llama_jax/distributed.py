@@ -5,6 +5,7 @@ anything, and a process that cannot (a port taken, a peer missing) says so in on
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import threading
@@ -77,17 +78,28 @@ def _check_process_counts_agree(num_processes: int) -> None:
     0's count is the run's, and one told another count joined it without a word."""
     import jax
 
-    # through the coordination service's key-value store (processes of unlike device counts cannot gather
-    # arrays: that is found later); every process reads every count before any of them can stop
-    client = jax._src.distributed.global_state.client
-    client.key_value_set(f"llama_jax_num_processes/{jax.process_index()}", str(num_processes))
-    counts = [int(client.blocking_key_value_get(f"llama_jax_num_processes/{p}", 300_000))
-              for p in range(jax.process_count())]
-    client.wait_at_barrier("llama_jax_num_processes_read", timeout_in_ms=300_000)
+    counts = [int(count) for count in exchange(str(num_processes))]
     if len(set(counts)) > 1:
         given = ", ".join(f"process {p}: {n}" for p, n in enumerate(counts))
         refuse_together(ValueError(f"the {jax.process_count()} processes that joined were given different "
                                    f"--num-processes ({given}); give every process the same count"))
+
+
+_exchanges = itertools.count()
+
+
+def exchange(text: str) -> list[str]:
+    """Every process's non-empty `text`, in process order, through the coordination service's
+    key-value store (processes of unlike device counts cannot gather arrays). Every process calls it
+    at the same points, and each reads every text before any of them goes on (and may stop)."""
+    import jax
+
+    client = jax._src.distributed.global_state.client
+    name = f"llama_jax_exchange/{next(_exchanges)}"
+    client.key_value_set(f"{name}/{jax.process_index()}", text)
+    texts = [client.blocking_key_value_get(f"{name}/{p}", 300_000) for p in range(jax.process_count())]
+    client.wait_at_barrier(f"{name}/read", timeout_in_ms=300_000)
+    return texts
 
 
 def refuse_together(error: Exception) -> NoReturn:

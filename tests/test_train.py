@@ -799,6 +799,41 @@ def test_processes_that_all_fail_keep_their_save_in_flight(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["20"]
 
 
+def test_a_checkpoint_damaged_where_one_process_reads_is_one_line_from_each(tmp_path):
+    """Each process reads the files of its own shards: where only process 1's were damaged, it
+    stopped (in a traceback, as the intact checkpoint it looked for next met the others elsewhere)
+    while process 0 waited for it at the end of Orbax's restore, until JAX aborted both 5 minutes
+    later. Every process now gives the damaged checkpoint's line, naming the intact one."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "llama_jax.cli", "train", "--config", TINY, "--workdir", str(run),
+           "--config.train.steps=2", "--config.optimizer.warmup_steps=1", "--config.checkpoint.every=1",
+           "--num-processes", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+    def both(*args):
+        port = _free_port()
+        procs = [subprocess.Popen([*cmd, *args, "--coordinator", f"127.0.0.1:{port}", "--process-id", str(i)],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        try:
+            return [(p.communicate(timeout=120)[1], p.returncode) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+
+    assert [status for _, status in both()] == [0, 0]
+    for shard in (run / "checkpoints" / "2" / "state" / "ocdbt.process_1" / "d").iterdir():  # (fsdp over both)
+        shard.write_bytes(b"")
+    for err, status in both("--config.train.steps=3"):
+        assert status == 2 and "Traceback" not in err, err[-3000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"llama-jax train: error: checkpoint 2 ({run / 'checkpoints' / '2'}) is damaged: "
+                               f"cannot read its state: ") and "empty file(s): state/ocdbt.process_1/d/" in line, line
+        assert line.endswith(f"; checkpoint 1 is intact: rerun with --resume-from 1 to continue from it (later "
+                             f"checkpoints are moved to {run / 'checkpoints-set-aside'})"), line
+
+
 @dataclasses.dataclass(frozen=True)
 class FakeTpuChip:
     """What jax's mesh_utils reads of a multi-slice TPU device (no TPU needed to lay out a mesh)."""
