@@ -403,7 +403,9 @@ class RunCheckpoints:
         except (CheckpointDamaged, PermissionError) as e:
             failure = e
         if jax.process_count() > 1:  # each process reads the files of its own shards: all stop where one cannot
-            if failure is not None:  # the others wait for this one at the end of Orbax's restore
+            if failure is not None:  # the others wait for this one at the end of Orbax's restore (the
+                # barrier's key as Orbax's Checkpointer forms it, from its private fields; the test of a
+                # shard damaged in one process's files fails where another Orbax forms it otherwise)
                 checkpointer = self.manager._checkpointer
                 ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key(
                     "Checkpointer:restore", prefix=checkpointer._barrier_sync_key_prefix),
