@@ -37,6 +37,8 @@ PEAK_TFLOPS: dict[str, float] = {
     "H100 PCIe": 756.0,
     "H100 NVL": 835.0,
     "H200": 989.0,
+    "H200 NVL": 835.0,
+    "GH200": 989.0,  # its GPU is an H100 SXM's; HBM3 or HBM3e by model, so no bandwidth below
 }
 
 # HBM bandwidth per chip, TB/s (datasheets), for the decoding rooflines; a chip missing here is unknown.
@@ -48,10 +50,11 @@ HBM_TBPS: dict[str, float] = {
     "A100": 2.0,
     "H100": 3.35,
     "H200": 4.8,
+    "H200 NVL": 4.8,
 }
 
 # Substrings of `device.device_kind` (lower-cased) -> PEAK_TFLOPS key. Order matters: "TPU v5 lite"
-# (v5e) also contains "v5", which alone means v5p.
+# (v5e) also contains "v5", which alone means v5p; "NVIDIA H200 NVL" and "NVIDIA GH200 ..." contain "h200".
 _KIND_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("v5 lite", "v5e"), "TPU v5e"),
     (("v5p", "v5"), "TPU v5p"),
@@ -61,6 +64,8 @@ _KIND_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("h100 pcie",), "H100 PCIe"),
     (("h100 nvl",), "H100 NVL"),
     (("h100",), "H100"),
+    (("h200 nvl",), "H200 NVL"),
+    (("gh200",), "GH200"),
     (("h200",), "H200"),
 )
 

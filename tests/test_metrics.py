@@ -11,8 +11,8 @@ import pytest
 
 from llama_jax import LLaMA, LLaMAConfig, init_params
 from llama_jax.attention import query_blocks
-from llama_jax.metrics import (MetricsWriter, flops_per_token, mfu, peak_flops_for_kind, peak_flops_per_device,
-                               tflops_per_device)
+from llama_jax.metrics import (MetricsWriter, flops_per_token, hbm_bandwidth_for_kind, mfu, peak_flops_for_kind,
+                               peak_flops_per_device, tflops_per_device)
 
 # Matmuls dominate this shape; GQA (4 query heads on 2 K/V heads) exercises the K term. Unscanned
 # layers because XLA's cost analysis counts a while-loop (scan) body once, not once per layer.
@@ -97,11 +97,22 @@ def test_mfu_and_tflops():
 @pytest.mark.parametrize("kind, tflops", [
     ("TPU v4", 275), ("TPU v5 lite", 197), ("TPU v5e", 197), ("TPU v5p", 459), ("TPU v5", 459),
     ("TPU v6 lite", 918), ("TPU v6e", 918), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 80GB HBM3", 989),
-    ("NVIDIA H200", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
+    ("NVIDIA H200", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200 NVL", 835),
+    ("NVIDIA GH200 480GB", 989),
 ])
 def test_peak_by_device_kind(kind, tflops):
     assert peak_flops_for_kind(kind) == tflops * 1e12
     assert peak_flops_per_device(types.SimpleNamespace(device_kind=kind)) == tflops * 1e12
+
+
+@pytest.mark.parametrize("kind, tb_per_s", [
+    ("TPU v4", 1.2), ("TPU v5 lite", 0.82), ("TPU v5", 2.77), ("TPU v6 lite", 1.64), ("NVIDIA A100-SXM4-80GB", 2.0),
+    ("NVIDIA H100 80GB HBM3", 3.35), ("NVIDIA H200", 4.8), ("NVIDIA H200 NVL", 4.8),
+    ("NVIDIA H100 PCIe", None), ("NVIDIA GH200 480GB", None), ("cpu", None),
+])
+def test_hbm_bandwidth_by_device_kind(kind, tb_per_s):
+    """Datasheet HBM bandwidth for the decoding roofline; a chip whose bandwidth the table lacks is unknown."""
+    assert hbm_bandwidth_for_kind(kind) == (None if tb_per_s is None else tb_per_s * 1e12)
 
 
 def test_cpu_peak_is_measured_once():
