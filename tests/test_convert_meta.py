@@ -210,8 +210,8 @@ def save_tiny_meta_dir(directory, vocab: int, extra: dict) -> None:
 
 
 @pytest.mark.parametrize("vocab,extra,expected", [
-    (128256, dict(use_scaled_rope=True), 131072),  # LLaMA-3.1
-    (128256, dict(), 8192),  # LLaMA-3
+    (128256, dict(use_scaled_rope=True, rope_theta=5e5), 131072),  # LLaMA-3.1
+    (128256, dict(rope_theta=5e5), 8192),  # LLaMA-3
     (128256, dict(rope_theta=1e6), 8192),  # a LLaMA-3 vocabulary is not Code Llama's
     (32000, dict(use_scaled_rope=True, rope_theta=5e5), 131072),  # scaled rope is LLaMA-3.1+'s (it was 4096,
     # below the context of 8192 the scaling starts from)
@@ -219,12 +219,29 @@ def save_tiny_meta_dir(directory, vocab: int, extra: dict) -> None:
     (-1, dict(norm_eps=1e-5), 4096),  # LLaMA-2
     (32016, dict(norm_eps=1e-5, rope_theta=1000000), 16384),  # Code Llama 7B-34B (an integer theta in its file)
     (32000, dict(norm_eps=1e-5, rope_theta=1e6), 16384),  # Code Llama 70B
-    (128256, dict(max_seq_len=1000), 1000),
+    (128256, dict(max_seq_len=1000, rope_theta=5e5), 1000),
 ])
 def test_max_seq_len_guess(tmp_path, vocab, extra, expected):
     save_tiny_meta_dir(tmp_path, vocab, extra)
     source = read_meta(tmp_path)
     assert source.config.max_seq_len == expected and source.dtype == "float16"
+
+
+@pytest.mark.parametrize("vocab, extra, why", [(128256, {}, "a vocabulary of 128256"),
+                                               (-1, dict(use_scaled_rope=True), "use_scaled_rope")])
+def test_a_file_for_llama3s_code_without_rope_theta_is_refused(tmp_path, capsys, vocab, extra, why):
+    """LLaMA-3's code reads a missing rope_theta as 500000, LLaMA-1/2's as 10000: such a file was read
+    with 10000 (while its context was guessed as LLaMA-3's), a model of theta 500000 rotated wrongly."""
+    save_tiny_meta_dir(tmp_path / "src", vocab, extra)
+    message = (f"{tmp_path / 'src' / 'params.json'}: no rope_theta, which a checkpoint for LLaMA-3's code ({why}) "
+               f"must give, since that code reads a missing one as 500000 and LLaMA-1/2's as 10000; add the model's "
+               f"(Meta's LLaMA-3 releases give \"rope_theta\": 500000.0)")
+    assert main(["convert", "--from", "meta", "--to", "jax", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
+    assert capsys.readouterr().err == f"llama-jax convert: error: {message}\n"
+    assert not (tmp_path / "dst").exists()
+    params = json.loads((tmp_path / "src" / "params.json").read_text())
+    (tmp_path / "src" / "params.json").write_text(json.dumps({**params, "rope_theta": 5e5}))
+    assert read_meta(tmp_path / "src").config.rope_theta == 5e5
 
 
 def test_max_seq_len_in_llama_jax_json_overrides_the_guess(tmp_path):

@@ -14,6 +14,9 @@ i + Dh/2). Converting reorders the rows of wq and wk within each head; nothing e
 does not know is refused: another model's setting or a misspelt one, ignored, would misread it):
 - `vocab_size: -1` (LLaMA-1/2): taken from the embedding's shape.
 - the FFN width is computed with Meta's formula from `multiple_of` / `ffn_dim_multiplier`.
+- `rope_theta`, absent from LLaMA-1/2's files (their code has 10000 built in), is 10000; a
+  checkpoint for LLaMA-3's code (a 128K vocabulary or use_scaled_rope) without it is refused:
+  that code reads a missing one as 500000, so the file means 10000 or 500000 by the code reading it.
 - `use_scaled_rope: true` means LLaMA-3.1 scaling with low/high frequency factors 1/4 and an
   original context of 8192; the factor (8 for 3.1, 32 for 3.2) is not in Meta's files, so it
   comes from the caller, else a `rope_scaling_factor` setting (written by `write_meta`), else 8.
@@ -429,6 +432,11 @@ def _config(params: dict, path: Path, settings: dict, vocab: int, ffn_rows: int,
         except (ValueError, TypeError) as e:
             raise ConversionError(f"{given} {factor!r}: {e}") from None
     norm_eps = setting("norm_eps", "number", 1e-5)
+    if "rope_theta" not in params and _for_llama3_code(vocab, scaled):  # no default is safe: the codes differ
+        why = "use_scaled_rope" if scaled else f"a vocabulary of {vocab}"
+        raise ConversionError(f"{path}: no rope_theta, which a checkpoint for LLaMA-3's code ({why}) must give, "
+                              f"since that code reads a missing one as 500000 and LLaMA-1/2's as 10000; add the "
+                              f"model's (Meta's LLaMA-3 releases give \"rope_theta\": 500000.0)")
     rope_theta = float(setting("rope_theta", "number", 10000.0))
     if "max_seq_len" in params or "max_seq_len" in settings:
         max_seq_len = setting("max_seq_len", "count")
@@ -496,7 +504,8 @@ def check_writable(config: LLaMAConfig, n_shards: int) -> tuple[dict, dict[str, 
     """ConversionError unless `config` can be written as `n_shards` Meta shards (checked before the
     destination is created); returns its params.json and tensors."""
     params = _params_json(config)
-    tensors = _tensors(config.replace(tie_embeddings=False), 0 if _for_llama3_code(config) else 1)
+    embed_axis = 0 if _for_llama3_code(config.vocab_size, config.rope_scaling is not None) else 1
+    tensors = _tensors(config.replace(tie_embeddings=False), embed_axis)
     problem = _split_problem(config, tensors, n_shards)
     if problem:
         valid = [n for n in range(1, config.n_heads + 1) if _split_problem(config, tensors, n) is None]
@@ -543,17 +552,18 @@ def _params_json(cfg: LLaMAConfig) -> dict:
     if multiplier is not None:
         params["ffn_dim_multiplier"] = multiplier
     params["norm_eps"] = cfg.norm_eps
-    if cfg.rope_theta != 10000.0 or _for_llama3_code(cfg):  # LLaMA-1/2's ModelArgs has no such field (their
-        params["rope_theta"] = cfg.rope_theta  # code has 10000 built in); LLaMA-3's defaults it to 500000
+    # LLaMA-1/2's ModelArgs has no such field (their code has 10000 built in); LLaMA-3's defaults it to 500000
+    if cfg.rope_theta != 10000.0 or _for_llama3_code(cfg.vocab_size, scaling is not None):
+        params["rope_theta"] = cfg.rope_theta
     if scaling is not None:
         params["use_scaled_rope"] = True
     return params
 
 
-def _for_llama3_code(cfg: LLaMAConfig) -> bool:
-    """Whether `cfg` is written for LLaMA-3's code (a 128K vocabulary, or use_scaled_rope, which only
+def _for_llama3_code(vocab_size: int, scaled_rope: bool) -> bool:
+    """Whether a checkpoint is for LLaMA-3's code (a 128K vocabulary, or use_scaled_rope, which only
     that code reads): its embedding is split along the vocabulary and its rope_theta defaults to 500000."""
-    return cfg.vocab_size >= _VOCAB_SPLIT_FROM or cfg.rope_scaling is not None
+    return vocab_size >= _VOCAB_SPLIT_FROM or scaled_rope
 
 
 def _extra_json(cfg: LLaMAConfig) -> dict:
