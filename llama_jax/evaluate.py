@@ -71,10 +71,25 @@ def _jitted_scores(cfg: LLaMAConfig, mesh):
     return jax.jit(functools.partial(_token_scores, cfg=cfg), out_shardings=(replicated, replicated))
 
 
+def _placed(config: LLaMAConfig, params, mesh):
+    """`params` on `mesh`'s devices, where the batches go: as they are where every array is there
+    already (a trainer's state, `load_model(path, shardings=...)`), else placed as training shards
+    them, as `generate` places them (a jitted call refused params on one device, as `load_model`
+    without shardings gives them, with "incompatible devices", also inside an enclosing mesh)."""
+    from llama_jax.checkpoint import mesh_shardings
+
+    devices = set() if mesh is None else set(mesh.devices.flat)
+    if mesh is None or all(isinstance(x, jax.Array) and x.sharding.device_set == devices
+                           for x in jax.tree.leaves(params)):
+        return params
+    return jax.device_put(params, mesh_shardings(config, mesh))
+
+
 class _Forward:
     """Runs `_token_scores` on numpy batches: placed on `mesh` (rows split over data x fsdp; default:
     the mesh `context()` enters, or that of an enclosing `with mesh:`, if any), inside `context()`
-    (e.g. a trainer's mesh and logical-axis rules), one batch in flight while the next is prepared."""
+    (e.g. a trainer's mesh and logical-axis rules), one batch in flight while the next is prepared; the
+    params are placed on that mesh (`_placed`)."""
 
     def __init__(self, config: LLaMAConfig, params, mesh=None, context: Callable | None = None):
         from llama_jax.attention import runnable_here
@@ -88,7 +103,7 @@ class _Forward:
             check_divisible(config, mesh)
         config = config.replace(attention_impl=runnable_here(config.attention_impl))  # a GPU run's model, here
         check_params_as_laid_out(config, params)
-        self.config, self.params, self.mesh = config, params_in_layout(config, params), mesh
+        self.config, self.params, self.mesh = config, _placed(config, params_in_layout(config, params), mesh), mesh
         self.scores = _jitted_scores(config, mesh)
 
     def row_multiple(self) -> int:

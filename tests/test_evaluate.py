@@ -337,6 +337,26 @@ def test_evaluation_in_a_trainers_context_without_its_mesh_equals_one_device():
         assert many.nll == pytest.approx(one.nll, rel=1e-5)
 
 
+def test_params_on_one_device_are_evaluated_on_a_mesh():
+    """Parameters committed to one device (as `load_model` without shardings gives them) are placed
+    on the mesh the batches go to, given as mesh= or enclosing the call: the jitted call refused
+    them ("incompatible devices"), inside an enclosing `with mesh:` too, which worked before the
+    batches took that mesh. The scores equal one device's."""
+    from llama_jax.sharding import make_mesh, mesh_context
+
+    cfg, params = _small_model()
+    params = jax.device_put(params, jax.devices()[0])
+    documents = [(np.arange(1, 30, dtype=np.int32) % 64, 29), (np.arange(3, 12, dtype=np.int32), 9)]
+    one = evaluate_tokens(cfg, params, documents, 16, 2)
+    mesh = make_mesh(2, 1, 1, jax.devices()[:2])
+    given = evaluate_tokens(cfg, params, documents, 16, 2, mesh=mesh)
+    with mesh_context(mesh):
+        inside = evaluate_tokens(cfg, params, documents, 16, 2)
+    for many in (given, inside):
+        assert (many.tokens, many.correct, many.documents) == (one.tokens, one.correct, one.documents)
+        assert many.nll == pytest.approx(one.nll, rel=1e-5)
+
+
 def test_evaluation_on_a_mesh_that_does_not_divide_the_heads_is_refused():
     """A mesh whose tensor axis does not divide the K/V heads is refused in one line naming both, as
     `generate` and `load_model` refuse it, before the first compile (the per-device attention's
