@@ -244,6 +244,18 @@ def test_a_file_for_llama3s_code_without_rope_theta_is_refused(tmp_path, capsys,
     assert read_meta(tmp_path / "src").config.rope_theta == 5e5
 
 
+@pytest.mark.parametrize("vocab, extra, settings", [(128256, {}, {"max_seq_len": 64}),
+                                                    (-1, dict(use_scaled_rope=True),
+                                                     {"max_seq_len": 64, "rope_scaling_factor": 8.0})])
+def test_a_directory_write_meta_wrote_without_rope_theta_reads_as_10000(tmp_path, vocab, extra, settings):
+    """Earlier releases of write_meta left a rope_theta of 10000 out of params.json also for LLaMA-3's
+    code, with llama_jax.json beside it; such a directory read back as 10000, then was refused."""
+    save_tiny_meta_dir(tmp_path, vocab, extra)
+    (tmp_path / "llama_jax.json").write_text(json.dumps(settings))
+    config = read_meta(tmp_path).config
+    assert config.rope_theta == 10000.0 and config.max_seq_len == 64
+
+
 def test_max_seq_len_in_llama_jax_json_overrides_the_guess(tmp_path):
     """The way to give a checkpoint Meta released without its context length another one."""
     save_tiny_meta_dir(tmp_path, 32016, dict(rope_theta=1e6))

@@ -17,6 +17,8 @@ does not know is refused: another model's setting or a misspelt one, ignored, wo
 - `rope_theta`, absent from LLaMA-1/2's files (their code has 10000 built in), is 10000; a
   checkpoint for LLaMA-3's code (a 128K vocabulary or use_scaled_rope) without it is refused:
   that code reads a missing one as 500000, so the file means 10000 or 500000 by the code reading it.
+  Not so beside a `llama_jax.json` giving max_seq_len, as `write_meta` writes it: its earlier
+  releases left a theta of 10000 out of params.json for LLaMA-3's code too, so there it is 10000.
 - `use_scaled_rope: true` means LLaMA-3.1 scaling with low/high frequency factors 1/4 and an
   original context of 8192; the factor (8 for 3.1, 32 for 3.2) is not in Meta's files, so it
   comes from the caller, else a `rope_scaling_factor` setting (written by `write_meta`), else 8.
@@ -432,7 +434,9 @@ def _config(params: dict, path: Path, settings: dict, vocab: int, ffn_rows: int,
         except (ValueError, TypeError) as e:
             raise ConversionError(f"{given} {factor!r}: {e}") from None
     norm_eps = setting("norm_eps", "number", 1e-5)
-    if "rope_theta" not in params and _for_llama3_code(vocab, scaled):  # no default is safe: the codes differ
+    # no default is safe where the codes differ, but in a directory `write_meta` wrote (its llama_jax.json
+    # records max_seq_len), whose earlier releases left a theta of 10000 out also for LLaMA-3's code
+    if "rope_theta" not in params and _for_llama3_code(vocab, scaled) and "max_seq_len" not in settings:
         why = "use_scaled_rope" if scaled else f"a vocabulary of {vocab}"
         raise ConversionError(f"{path}: no rope_theta, which a checkpoint for LLaMA-3's code ({why}) must give, "
                               f"since that code reads a missing one as 500000 and LLaMA-1/2's as 10000; add the "
