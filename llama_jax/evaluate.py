@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,7 +83,7 @@ def _placed(config: LLaMAConfig, params, mesh):
     if mesh is None or all(isinstance(x, jax.Array) and x.sharding.device_set == devices
                            for x in jax.tree.leaves(params)):
         return params
-    return jax.device_put(params, mesh_shardings(config, mesh))
+    return jax.device_put(flax.core.unfreeze(params), mesh_shardings(config, mesh))  # (a FrozenDict: dicts)
 
 
 class _Forward:

@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -341,7 +342,7 @@ def test_params_on_one_device_are_evaluated_on_a_mesh():
     """Parameters committed to one device (as `load_model` without shardings gives them) are placed
     on the mesh the batches go to, given as mesh= or enclosing the call: the jitted call refused
     them ("incompatible devices"), inside an enclosing `with mesh:` too, which worked before the
-    batches took that mesh. The scores equal one device's."""
+    batches took that mesh. NumPy arrays in a FrozenDict are placed too. The scores equal one device's."""
     from llama_jax.sharding import make_mesh, mesh_context
 
     cfg, params = _small_model()
@@ -352,7 +353,8 @@ def test_params_on_one_device_are_evaluated_on_a_mesh():
     given = evaluate_tokens(cfg, params, documents, 16, 2, mesh=mesh)
     with mesh_context(mesh):
         inside = evaluate_tokens(cfg, params, documents, 16, 2)
-    for many in (given, inside):
+    frozen = evaluate_tokens(cfg, flax.core.freeze(jax.tree.map(np.asarray, params)), documents, 16, 2, mesh=mesh)
+    for many in (given, inside, frozen):
         assert (many.tokens, many.correct, many.documents) == (one.tokens, one.correct, one.documents)
         assert many.nll == pytest.approx(one.nll, rel=1e-5)
 
