@@ -42,8 +42,8 @@ import numpy as np
 
 from llama_jax import backend_tuning
 from llama_jax.config import LLaMAConfig, check_model_config, check_sample_filters, check_sampling, is_int
-from llama_jax.model import KVCache, LLaMA, abstract_params, check_params_as_laid_out, join_qkv, unstack_layers
-from llama_jax.sharding import ambient_mesh, check_divisible, mesh_context, tree_shardings
+from llama_jax.model import KVCache, LLaMA, check_params_as_laid_out, join_qkv, unstack_layers
+from llama_jax.sharding import ambient_mesh, check_divisible, mesh_context
 from llama_jax.tokenizer import Tokenizer
 
 Array = jax.Array
@@ -367,7 +367,9 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
     if mesh is None:  # host arrays (NumPy's, from a converter) go to the device once, not on every compiled call
         params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     if mesh is not None and not joined:
-        params = jax.device_put(params, _param_shardings(config.replace(scan_layers=stacked), mesh))
+        from llama_jax.checkpoint import mesh_shardings
+
+        params = jax.device_put(params, mesh_shardings(config.replace(scan_layers=stacked), mesh))
     join = batch_size == 1 and (mesh is None or mesh.size == 1) and not joined
     if stacked:
         layers = _split_layers(params["layers"], config.n_layers, join)
@@ -377,13 +379,6 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
         return params
     rest = {name: sub for name, sub in params.items() if name != "layers" and not name.startswith("layers_")}
     return {**rest, **{f"layers_{i}": layer for i, layer in enumerate(layers)}}
-
-
-@functools.cache
-def _param_shardings(config: LLaMAConfig, mesh: jax.sharding.Mesh):
-    """The training shardings of the params of `config` on `mesh`, found once: tracing the model's
-    initialiser for them took about 0.6 s for 32 unrolled layers, on every `generate` call."""
-    return tree_shardings(mesh, abstract_params(config))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -86,11 +86,11 @@ def test_repeated_generation_on_a_mesh_traces_the_initialiser_once(model_dir, mo
     """Params are placed on the mesh with shardings found by tracing the model's initialiser
     (`abstract_params`): once per config and mesh, not on every call, as lm-eval's generate_until
     calls generate once per batch (it took 0.6 s a call for 32 unrolled layers). Same tokens."""
-    import llama_jax.generate as generate_lib
+    import llama_jax.checkpoint as checkpoint_lib
 
     path, expected = model_dir
     traced = []
-    monkeypatch.setattr(generate_lib, "abstract_params", lambda cfg: traced.append(cfg) or abstract_params(cfg))
+    monkeypatch.setattr(checkpoint_lib, "abstract_params", lambda cfg: traced.append(cfg) or abstract_params(cfg))
     mesh = make_mesh(fsdp=4, tensor=2)
     cfg, params = load_model(path, mesh=mesh)
     unrolled = decoding_params(cfg, params, mesh)
