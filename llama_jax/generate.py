@@ -35,6 +35,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -358,7 +359,8 @@ def decoding_params(config: LLaMAConfig, params: Mapping, mesh: jax.sharding.Mes
     if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer (the rows decoded together) or None, "
                          f"got {batch_size!r}")
-    params = nn.meta.unbox(params)  # params straight from `LLaMA(cfg).init` carry their axis names
+    params = flax.core.unfreeze(nn.meta.unbox(params))  # from `LLaMA(cfg).init`: axis names; a FrozenDict: dicts,
+    # which the shardings below are (device_put refused a FrozenDict on a mesh)
     joined = isinstance(params, Mapping) and "qkv" in params.get("layers_0", {}).get("attn", {})
     if joined and mesh is not None and mesh.size > 1:
         raise ValueError(f"these params have their q/k/v kernels joined for one device (decoding_params with "

@@ -3,6 +3,7 @@ cache are really sharded (the cache's per-device shape in the compiled loop), ba
 
 import re
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +54,8 @@ def test_sharded_tokens_equal_single_device(model_dir, shape):
     assert "qkv" not in decoding_params(cfg, params, mesh, batch_size=1)["layers_0"]["attn"]
     with pytest.raises(ValueError, match="joined for one device"):
         decoding_params(cfg, decoding_params(cfg, params, batch_size=1), mesh)
+    # host arrays in a FrozenDict (as older Flax's init returns them) are placed too (device_put refused them)
+    assert generate(cfg, flax.core.freeze(jax.tree.map(np.asarray, params)), PROMPTS, STEPS, mesh=mesh) == expected[0]
 
 
 @pytest.mark.parametrize("shape", MESHES.values(), ids=MESHES.keys())
