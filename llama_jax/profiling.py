@@ -166,13 +166,14 @@ PROFILE_DIR = "profile"
 class StepTrace:
     """Trace steps [start, start + count) of a run with `jax.profiler` into `directory`, on this
     process only (each process would write its own trace; the run loop makes one for process 0).
-    `before(step, state)` and `after(step, state)` are called around each step's dispatch; the
-    first traced step waits for the steps before it and the last one for itself. Once the trace
-    ends, `directory/summary-A-B.json` (`summarize` of the trace just written, per step) is written
-    and `say` gets one line saying where it all is. A trace that cannot start, be written or be
-    summarized is said in one line too; the run goes on either way. `first`: the process's first
-    step, which compiles (step 1, or the one a resume starts at); a window holding it is not traced
-    (said in one line), nor one that ended before it (an earlier process's)."""
+    `before(step, state)` is called before each step's dispatch and `after(step, state)` after its
+    evaluation, sample and checkpoint save, if due (so those of the last traced step are in the
+    trace too); the first traced step waits for the steps before it and the last one for itself.
+    Once the trace ends, `directory/summary-A-B.json` (`summarize` of the trace just written, per
+    step) is written and `say` gets one line saying where it all is. A trace that cannot start, be
+    written or be summarized is said in one line too; the run goes on either way. `first`: the
+    process's first step, which compiles (step 1, or the one a resume starts at); a window holding
+    it is not traced (said in one line), nor one that ended before it (an earlier process's)."""
 
     def __init__(self, directory: Path, start: int, count: int, say, first: int = 1):
         self.directory, self.start, self.stop, self._say = Path(directory), start, start + count - 1, say

@@ -864,8 +864,6 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
             if len(in_flight) > STEPS_AHEAD:  # a SIGTERM then saves a step computed moments later
                 jax.block_until_ready(in_flight.popleft())
             window_tokens += t.batch_size * t.seq_len
-            if trace and trace.after(step, state):  # ended: the next figure starts from here
-                window_start, window_tokens = time.perf_counter(), 0
             bar.update(1)
             record = {}
             if step % t.log_every == 0 or step == t.steps:
@@ -911,6 +909,9 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
                 recorded = record_progress(workdir, recorded, unlogged)  # the previous save, committed by now
             elif main_process and saved_step > (recorded or 0) and checkpoints.in_place(saved_step):  # committed
                 recorded = record_progress(workdir, recorded, unlogged)
+            # ended once the step's evaluation, sample and checkpoint save (due in the window: traced) are done
+            if trace and trace.after(step, state):  # the next figure starts from here
+                window_start, window_tokens = time.perf_counter(), 0
             # after the last step, a SIGTERM lets the run end as usual (evaluation, plot, closing line)
             if (preemption.requested or checkpoints.reached_preemption(step)) and step < t.steps:
                 if saved_step != step:  # (checked first: a save between checks must not pass a skipped step)

@@ -226,3 +226,25 @@ def test_a_run_preempted_inside_the_window_keeps_the_trace_so_far(tmp_path, caps
                      f"(no summary)"]
     assert list((workdir / "profile").glob("plugins/profile/*/perfetto_trace.json.gz"))
     assert not list((workdir / "profile").glob("summary-*.json"))
+
+
+def test_a_checkpoint_save_due_at_the_window_s_last_step_is_in_the_trace(tmp_path, monkeypatch):
+    """As an evaluation, a sample or a save due at its other steps (the trace ended once its last
+    step was computed, before that step's evaluation, sample and save)."""
+    from llama_jax import run as run_lib
+
+    save = run_lib.RunCheckpoints.save
+
+    def save_checking_due(self, step, *args, **kwargs):
+        def a_due_save():
+            return save(self, step, *args, **kwargs)
+        return a_due_save() if self.due(step) else save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(run_lib.RunCheckpoints, "save", save_checking_due)
+    workdir = tmp_path / "run"
+    assert main(train(workdir, 4, "--config.train.profile_steps=2", "--config.train.profile_start=2",
+                      "--config.checkpoint.every=3")) == 0
+    [trace] = (workdir / "profile").glob("plugins/profile/*/perfetto_trace.json.gz")
+    with gzip.open(trace) as f:
+        names = {e.get("name", "") for e in json.load(f)["traceEvents"]}
+    assert any(name.endswith(" a_due_save") for name in names), sorted(names)[:50]
