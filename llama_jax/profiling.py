@@ -101,15 +101,16 @@ def kernel_events(events: list[dict]) -> tuple[list[dict], str]:
 
 def _self_times(events: list[dict]) -> list[dict]:
     """Copies of one thread's events with each duration less its nested events' (an XLA CPU
-    thread's operations nest: a while loop holds its body's, the executor holds them all)."""
+    thread's operations nest: a while loop holds its body's, the executor holds them all), each
+    with its own end ("end", for the span)."""
     out, open_events = [], []  # open_events: (end, copy) of the events enclosing the current one
     for e in sorted(events, key=lambda e: (e["ts"], -e["dur"])):
         while open_events and open_events[-1][0] <= e["ts"]:
             open_events.pop()
         if open_events:
             open_events[-1][1]["dur"] -= e["dur"]
-        copy = dict(e)
-        open_events.append((e["ts"] + e["dur"], copy))
+        copy = {**e, "end": e["ts"] + e["dur"]}
+        open_events.append((copy["end"], copy))
         out.append(copy)
     return out
 
@@ -144,10 +145,11 @@ def summarize(trace: str | Path, top: int = 25, per: float = 1.0) -> dict:
 
 
 def _span(events: list[dict]) -> float:
-    """Microseconds from the first kernel's start to the last one's end."""
+    """Microseconds from the first kernel's start to the last one's end (a self time's copy keeps its
+    event's end)."""
     if not events:
         return 0.0
-    return max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+    return max(e.get("end", e["ts"] + e["dur"]) for e in events) - min(e["ts"] for e in events)
 
 
 def render(summary: dict) -> str:

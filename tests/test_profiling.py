@@ -90,6 +90,17 @@ def test_a_cpu_trace_s_operations_count_their_self_time(tmp_path):
     assert summary["by_kind"]["collective / wait"]["us"] == 10  # (not a reduction for its name's "reduce")
 
 
+def test_a_cpu_trace_s_span_ends_where_its_last_operation_ends(tmp_path):
+    """An operation that holds others (a loop) and ends last ends the span at its own end, not at
+    its start plus its self time (90 us here, where it ends at 100)."""
+    events = [{"ph": "M", "pid": 1, "tid": 5, "name": "thread_name", "args": {"name": "tf_XLAEigen/77"}},
+              {"ph": "X", "pid": 1, "tid": 5, "ts": 0, "dur": 100, "name": "while.1"},
+              {"ph": "X", "pid": 1, "tid": 5, "ts": 10, "dur": 10, "name": "dot.2"}]
+    (tmp_path / "perfetto_trace.json.gz").write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    summary = summarize(tmp_path / "perfetto_trace.json.gz")
+    assert summary["kernel_us"] == 100 and summary["span_us"] == 100
+
+
 def test_a_run_traces_the_steps_it_is_asked_to_and_computes_the_same(tmp_path, capsys):
     """Steps 3-4 of a 5-step run traced into RUN/profile (a TensorBoard trace, a Perfetto one and a
     summary); the losses are those of the same run untraced, and the traced steps get no speed figure."""
