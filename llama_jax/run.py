@@ -805,8 +805,8 @@ def _train_and_evaluate(config, workdir: Path, lock: DirectoryLock, progress: bo
         if start > t.steps:
             raise RunError(f"{workdir} holds checkpoint {start}, past train.steps={t.steps}; raise train.steps to "
                            f"at least {start} or use --resume-from an earlier step")
-        if t.profile_steps and start < t.steps and (workdir / PROFILE_DIR).exists() \
-                and not (workdir / PROFILE_DIR).is_dir():
+        if t.profile_steps and t.profile_start > start + 1 and (workdir / PROFILE_DIR).exists() \
+                and not (workdir / PROFILE_DIR).is_dir():  # (a window after this process's first step: traced)
             raise RunError(f"--workdir {workdir}: {workdir / PROFILE_DIR} is a file; train.profile_steps writes its "
                            f"traces into that directory, so move the file away or set train.profile_steps=0")
         # ---- the first write: everything above only read ----

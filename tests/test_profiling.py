@@ -259,3 +259,15 @@ def test_a_checkpoint_save_due_at_the_window_s_last_step_is_in_the_trace(tmp_pat
     with gzip.open(trace) as f:
         names = {e.get("name", "") for e in json.load(f)["traceEvents"]}
     assert any(name.endswith(" a_due_save") for name in names), sorted(names)[:50]
+
+
+def test_a_resume_after_the_window_trains_beside_a_file_named_profile(tmp_path, capsys):
+    """A file at RUN/profile is refused only where the run would trace into it (it was refused also
+    for a window this process does not trace)."""
+    workdir = tmp_path / "run"
+    assert main(train(workdir, 2, "--config.checkpoint.every=1")) == 0
+    (workdir / "profile").write_text("notes\n")
+    window = ("--config.train.profile_steps=1", "--config.train.profile_start=2")
+    assert main(train(workdir, 3, *window)) == 0  # resumes at 3: the window (step 2) is behind
+    assert profile_lines(capsys) == [] and (workdir / "profile").read_text() == "notes\n"
+    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r] == [1, 2, 3]

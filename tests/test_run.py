@@ -633,7 +633,8 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, tokenizer_
         "sample longer than the model": ["train.sample_tokens=127", "train.sample_prompt=def"],
         "metrics log a directory": [],
         "loss plot a directory": [f"train.steps={STEPS + 2}"],  # steps left to train
-        "profile directory a file": ["train.profile_steps=2", f"train.steps={STEPS + 2}"],  # steps left to train
+        "profile directory a file": ["train.profile_steps=2", f"train.profile_start={STEPS + 2}",
+                                     f"train.steps={STEPS + 3}"],  # a window to trace after the first step
         "workdir path not UTF-8": [f"train.steps={STEPS + 2}"],
         "new workdir path not UTF-8": [],  # (it trained, then its first save failed with a traceback)
     }[case]
