@@ -121,11 +121,12 @@ def load_model(path: str | os.PathLike, shardings=None, as_numpy: bool = False, 
     if problem := non_utf8_path(path, "model directory"):
         raise ValueError(problem)
     abstract = nn.meta.unbox(abstract_params(config.replace(scan_layers=True)))
-    saved_abstract = nn.meta.unbox(abstract_params(saved.replace(scan_layers=True))) if config_overrides else abstract
-    if change := _config_mismatch(abstract, saved_abstract, f"the directory's {CONFIG_FILE}"):
-        given = ", ".join(f"{key}={value!r}" for key, value in config_overrides.items())
-        raise ValueError(f"{path}: load_model({given}) {change}; an override may change how the model computes, "
-                         "not the shapes of its parameters")
+    if config_overrides:  # (the directory's own config is checked against its params below)
+        saved_abstract = nn.meta.unbox(abstract_params(saved.replace(scan_layers=True)))
+        if change := _config_mismatch(abstract, saved_abstract, f"the directory's {CONFIG_FILE}"):
+            given = ", ".join(f"{key}={value!r}" for key, value in config_overrides.items())
+            raise ValueError(f"{path}: load_model({given}) {change}; an override may change how the model "
+                             "computes, not the shapes of its parameters")
     if as_numpy:
         restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), abstract)
     else:

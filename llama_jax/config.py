@@ -259,7 +259,7 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_traced(value: object) -> bool:
+def is_traced(value: object) -> bool:
     """A value JAX is tracing (under jit), whose number is not known yet; none before JAX is imported."""
     jax = sys.modules.get("jax")
     return jax is not None and isinstance(value, jax.core.Tracer)
@@ -268,13 +268,13 @@ def _is_traced(value: object) -> bool:
 def check_sample_filters(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError naming the first of temperature, top_k and top_p out of range or of the wrong
     kind (None: no top-k or top-p filter). A traced value is taken as it is (`sample_logits` under jit)."""
-    if not _is_traced(temperature) and not (_is_real(temperature) and 0 <= temperature < math.inf):  # (NaN: False)
+    if not is_traced(temperature) and not (_is_real(temperature) and 0 <= temperature < math.inf):  # (NaN: False)
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if not _is_traced(temperature) and not in_float32_range(temperature):  # logits are divided by it in float32
+    if not is_traced(temperature) and not in_float32_range(temperature):  # logits are divided by it in float32
         raise ValueError(f"temperature must be at most {FLOAT32_MAX:.1e} (float32's range), got {temperature!r}")
-    if top_k is not None and not _is_traced(top_k) and not (is_int(top_k) and int(top_k) >= 1):
+    if top_k is not None and not is_traced(top_k) and not (is_int(top_k) and int(top_k) >= 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not _is_traced(top_p) and not (_is_real(top_p) and 0 < float(top_p) <= 1):
+    if top_p is not None and not is_traced(top_p) and not (_is_real(top_p) and 0 < float(top_p) <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import backend_tuning
-from llama_jax.config import LLaMAConfig, check_model_config, check_sample_filters, check_sampling, is_int
+from llama_jax.config import LLaMAConfig, check_model_config, check_sample_filters, check_sampling, is_int, is_traced
 from llama_jax.model import KVCache, LLaMA, check_params_as_laid_out, join_qkv, unstack_layers
 from llama_jax.sharding import ambient_mesh, check_divisible, mesh_context
 from llama_jax.tokenizer import Tokenizer
@@ -69,7 +69,7 @@ def sample_logits(logits_BxV: Array, key: Array, temperature: Array | float = 1.
         raise ValueError(f"logits must be an array [batch, vocab], got shape {getattr(logits_BxV, 'shape', None)}")
     check_sample_filters(temperature, top_k, top_p)
     V = logits_BxV.shape[-1]
-    top_k = V if top_k is None else top_k if isinstance(top_k, jax.core.Tracer) else min(int(top_k), V)  # (int32)
+    top_k = V if top_k is None else top_k if is_traced(top_k) else min(int(top_k), V)  # (int32)
     top_p = 1.0 if top_p is None else top_p  # None: no filter, as in `generate`
     return _sample(logits_BxV, key, jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
                    jnp.asarray(top_p, jnp.float32))
